@@ -1,0 +1,39 @@
+// Definitions of the C++ API in attnkit/ops.h: typed dispatcher calls, nothing else.
+#include "attnkit/ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace attnkit {
+namespace {
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+}  // namespace
+
+at::Tensor gdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                    int64_t max_seq_len_q, int64_t max_seq_len_kv, const std::string& activation,
+                    double qk_scale, double pre_scale, bool causal) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                        c10::SymInt, c10::string_view, double, double, bool)>(
+      "attnkit::gdpa_fwd");
+  return op.call(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation,
+                 qk_scale, pre_scale, causal);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, int64_t max_seq_len_q,
+    int64_t max_seq_len_kv, const std::string& activation, double qk_scale, double pre_scale,
+    bool causal) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, c10::string_view, double,
+      double, bool)>("attnkit::gdpa_bwd");
+  return op.call(grad_out, q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
+                 activation, qk_scale, pre_scale, causal);
+}
+
+}  // namespace attnkit

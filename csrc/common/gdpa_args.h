@@ -1,0 +1,72 @@
+// GDPA argument parsing and input checks, shared by the CPU, CUDA and Meta kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string_view>
+
+#include "common/check.h"
+#include "kernels/gdpa/activation.h"
+
+namespace attnkit {
+namespace gdpa {
+
+constexpr const char* kActivationNames[kNumActivations] = {
+    "raw", "gelu", "gelu_approx", "fast_gelu", "leaky_relu",
+    "relu", "silu", "fast_silu", "hardswish", "relu_square"};
+
+inline Activation parse_activation(std::string_view name) {
+  for (int i = 0; i < kNumActivations; ++i) {
+    if (name == kActivationNames[i]) return static_cast<Activation>(i);
+  }
+  std::string list;
+  for (int i = 0; i < kNumActivations; ++i) list += std::string(i ? ", " : "") + kActivationNames[i];
+  ATTNKIT_CHECK(false, "activation: unknown name '", std::string(name), "'; valid names: ", list);
+  return Activation::kRaw;
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// Shapes, dtypes and devices of q/k/v/offsets. No tensor values are read and sizes are compared
+// as SymInts, so the same checks serve the Meta kernel under torch.compile and CUDA without a
+// host sync. Offsets' values are checked by the CPU kernel; CUDA kernels clamp them.
+inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                         const c10::SymInt& max_seq_len_q, const c10::SymInt& max_seq_len_kv) {
+  check_dim(q, "q", 3);
+  check_dim(k, "k", 3);
+  check_dim(v, "v", 3);
+  check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble});
+  check_same_dtype(q, "q", k, "k");
+  check_same_dtype(q, "q", v, "v");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", v, "v");
+  const c10::SymInt D = q.sym_size(2);
+  ATTNKIT_CHECK(D >= 1 && D <= kMaxHeadDim, "q: expected head dim in [1, ", kMaxHeadDim, "], got ", D);
+  ATTNKIT_CHECK(k.sym_size(2) == D, "k: expected head dim ", D, " (same as q), got shape ", k.sym_sizes());
+  ATTNKIT_CHECK(v.sym_size(2) == D, "v: expected head dim ", D, " (same as q), got shape ", v.sym_sizes());
+  ATTNKIT_CHECK(k.sym_size(0) == v.sym_size(0), "v: expected ", k.sym_size(0),
+                " rows (same as k), got shape ", v.sym_sizes());
+  ATTNKIT_CHECK(k.sym_size(1) == v.sym_size(1), "v: expected ", k.sym_size(1),
+                " kv heads (same as k), got shape ", v.sym_sizes());
+  ATTNKIT_CHECK(k.sym_size(1) >= 1 && q.sym_size(1) % k.sym_size(1) == 0,
+                "k: expected the number of kv heads to divide the ", q.sym_size(1),
+                " query heads, got ", k.sym_size(1));
+  check_offsets_tensor(q_offsets, "q_offsets", q, "q");
+  check_offsets_tensor(kv_offsets, "kv_offsets", q, "q");
+  ATTNKIT_CHECK(q_offsets.sym_size(0) == kv_offsets.sym_size(0), "kv_offsets: expected ",
+                q_offsets.sym_size(0), " entries (same as q_offsets), got ", kv_offsets.sym_size(0));
+  ATTNKIT_CHECK(max_seq_len_q >= 0, "max_seq_len_q: expected >= 0, got ", max_seq_len_q);
+  ATTNKIT_CHECK(max_seq_len_kv >= 0, "max_seq_len_kv: expected >= 0, got ", max_seq_len_kv);
+}
+
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
+  check_dim(grad_out, "grad_out", 3);
+  check_same_dtype(q, "q", grad_out, "grad_out");
+  check_same_device(q, "q", grad_out, "grad_out");
+  ATTNKIT_CHECK(grad_out.sym_sizes() == q.sym_sizes(), "grad_out: expected shape ",
+                q.sym_sizes(), " (same as q), got ", grad_out.sym_sizes());
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

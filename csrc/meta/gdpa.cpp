@@ -1,0 +1,40 @@
+// GDPA shape-only kernels for FakeTensor / torch.compile: the same checks as the real kernels,
+// outputs with the real kernels' (contiguous) layout.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/gdpa_args.h"
+
+namespace attnkit {
+namespace gdpa {
+namespace {
+
+at::Tensor gdpa_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                         c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                         c10::string_view activation, double, double, bool) {
+  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  parse_activation(activation);
+  return at::empty_symint(q.sym_sizes(), q.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double, double, bool) {
+  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  check_grad_out(grad_out, q);
+  parse_activation(activation);
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
+  m.impl("gdpa_fwd", &gdpa_fwd_meta);
+  m.impl("gdpa_bwd", &gdpa_bwd_meta);
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,17 @@
+"""attnkit: attention and routing kernels for PyTorch.
+
+Importing this package loads the compiled op library, which registers every op under
+``torch.ops.attnkit``; the functions below are thin, documented wrappers with drop-in signatures.
+"""
+import torch  # noqa: F401  (the op library links against torch's libraries)
+
+from . import _C  # noqa: F401  registers torch.ops.attnkit.*
+
+from .gdpa import gdpa, GDPA_ACTIVATIONS
+
+__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda"]
+
+
+def built_with_cuda() -> bool:
+    """True when the op library was compiled with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("attnkit::gdpa_fwd", "CUDA")

@@ -1,0 +1,77 @@
+"""Build of attnkit's op library (attnkit._C).
+
+CUDA sources are compiled whenever torch has CUDA and nvcc is found, also on a machine without a
+GPU; ATTNKIT_CUDA_ARCHS picks the targets (default "8.0;9.0a"); ATTNKIT_CPU_ONLY=1 skips CUDA.
+Sources are found by folder (DESIGN §1), so a new family only adds files.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _sources(pattern):
+    return sorted(glob.glob(os.path.join(CSRC, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("ATTNKIT_CPU_ONLY", "0") == "1":
+        return False
+    if torch.version.hip is not None:
+        return True  # torch's hipify turns the .cu launchers into HIP (docs/rocm.md)
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = (
+        _sources("ops.cpp")
+        + _sources("python_module.cpp")
+        + _sources("cpu/*.cpp")
+        + _sources("autograd/*.cpp")
+        + _sources("meta/*.cpp")
+        + _sources("attnkit/*.cpp")
+    )
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DATTNKIT_WITH_OPENMP"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = []
+    if not with_cuda:
+        return CppExtension(
+            "attnkit._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True,
+        )
+    archs = os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a")
+    if torch.version.hip is not None:
+        os.environ.setdefault("PYTORCH_ROCM_ARCH", os.environ.get("ATTNKIT_ROCM_ARCHS", "gfx90a;gfx942"))
+    else:
+        # torch's build helper reads TORCH_CUDA_ARCH_LIST; without it, on a machine with no GPU it
+        # would compile for every architecture torch itself was built for.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
+    nvcc = [
+        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        f"--threads={os.environ.get('ATTNKIT_NVCC_THREADS', '2')}",
+    ]
+    return CUDAExtension(
+        "attnkit._C", sources + _sources("cuda/*.cu"), include_dirs=include_dirs,
+        define_macros=define_macros + [("ATTNKIT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+
+
+setup(
+    name="attnkit",
+    version="0.1.0",
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
