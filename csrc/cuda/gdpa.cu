@@ -1,0 +1,197 @@
+// GDPA CUDA launchers: checks -> device guard -> current stream -> dispatch -> launch.
+// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh) with the head dim padded up to
+// 64, 128 or 256 inside the kernel; fp32 runs the portable CUDA-core kernels (simple.cuh).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/gdpa_args.h"
+#include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/fwd_mma.cuh"
+#include "kernels/gdpa/simple.cuh"
+
+namespace attnkit {
+namespace gdpa {
+namespace {
+
+// The kernels need a contiguous last dim, 16-byte aligned rows and D % 8 == 0. Anything else is
+// copied once: to a contiguous tensor, padded with zero columns up to a multiple of 8 when needed.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const int64_t D = t.size(2);
+  const int64_t Dp = (D + 7) / 8 * 8;
+  const bool aligned = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (Dp == D && aligned) return t;
+  if (Dp == D) return t.contiguous();
+  return at::constant_pad_nd(t, {0, Dp - D}, 0).contiguous();
+}
+
+void check_cuda(const at::Tensor& q) {
+  ATTNKIT_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.device());
+  check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+}
+
+bool use_tensor_cores(const at::Tensor& q) {
+  return q.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// Runs f(T{}) with T the kernel element type of `dtype`.
+template <typename F>
+cudaError_t with_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) return f(__nv_bfloat16{});
+  if (dtype == at::kHalf) return f(__half{});
+  return f(float{});
+}
+
+void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& qo, const at::Tensor& ko,
+              Activation act, double qk_scale, double pre_scale, bool causal) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.q_offsets = qo.data_ptr<int32_t>();
+  p.kv_offsets = ko.data_ptr<int32_t>();
+  p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
+  p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
+  p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
+  p.o_row_stride = out.stride(0), p.o_head_stride = out.stride(1);
+  p.B = static_cast<int32_t>(qo.size(0) - 1);
+  p.H = static_cast<int32_t>(q.size(1));
+  p.Hkv = static_cast<int32_t>(k.size(1));
+  p.D = static_cast<int32_t>(q.size(2));
+  p.Tq = static_cast<int32_t>(q.size(0));
+  p.Tk = static_cast<int32_t>(k.size(0));
+  p.pre_scale = static_cast<float>(pre_scale);
+  p.qk_scale = static_cast<float>(qk_scale);
+  p.act = act;
+  p.causal = causal;
+}
+
+// Calls f.template operator()<D>() with the padded head dim as a compile-time constant.
+template <typename F>
+cudaError_t with_head_dim(int64_t D, F&& f) {
+  if (D <= 64) return f(std::integral_constant<int, 64>{});
+  if (D <= 128) return f(std::integral_constant<int, 128>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
+// Offsets as int32 on the device: a no-sync cast. Rows fit in int32 (T·H·D elements would not
+// fit in memory otherwise); the kernels clamp every value into [0, T].
+at::Tensor offsets_i32(const at::Tensor& off) { return off.to(at::kInt).contiguous(); }
+
+void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
+  ATTNKIT_CHECK(q.size(0) < INT32_MAX && k.size(0) < INT32_MAX, "q: at most 2^31-1 rows supported, got ",
+                q.size(0), " (q) and ", k.size(0), " (k)");
+  ATTNKIT_CHECK(B < INT32_MAX, "q_offsets: at most 2^31-2 sequences, got ", B);
+}
+
+at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                         c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                         c10::string_view activation, double qk_scale, double pre_scale,
+                         bool causal) {
+  check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  check_cuda(q_in);
+  const Activation act = parse_activation(activation);
+  const int64_t B = q_offsets.size(0) - 1, D = q_in.size(2);
+  check_sizes_fit(q_in, k_in, B);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  // Rows outside every sequence are defined as 0, so the output starts zeroed.
+  auto out = at::zeros(q_in.sizes(), q_in.options());
+  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return out;
+
+  const bool tc = use_tensor_cores(q_in);
+  auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
+  auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
+  auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
+  auto o = q.size(2) == D ? out : at::zeros(q.sizes(), q.options());
+  const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
+  FwdParams p{};
+  fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal);
+  const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return launch_gdpa_fwd_simple<T>(p, mq, stream);
+    } else {
+      if (!tc) return launch_gdpa_fwd_simple<T>(p, mq, stream);
+      return with_head_dim(p.D, [&](auto d) { return launch_gdpa_fwd_mma<T, decltype(d)::value>(p, mq, stream); });
+    }
+  });
+  C10_CUDA_CHECK(err);
+  if (o.size(2) != D) out.copy_(o.narrow(2, 0, D));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+    c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
+    double qk_scale, double pre_scale, bool causal) {
+  check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  check_grad_out(grad_out, q_in);
+  check_cuda(q_in);
+  const Activation act = parse_activation(activation);
+  const int64_t B = q_offsets.size(0) - 1, D = q_in.size(2);
+  check_sizes_fit(q_in, k_in, B);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  auto dq = at::zeros(q_in.sizes(), q_in.options());
+  auto dk = at::zeros(k_in.sizes(), k_in.options());
+  auto dv = at::zeros(v_in.sizes(), v_in.options());
+  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return {dq, dk, dv};
+
+  const bool tc = use_tensor_cores(q_in);
+  auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
+  auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
+  auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
+  auto dout = tc ? kernel_layout(grad_out) : grad_out.contiguous();
+  const bool padded = q.size(2) != D;
+  auto dq_k = padded ? at::zeros(q.sizes(), q.options()) : dq;
+  auto dk_k = padded ? at::zeros(k.sizes(), k.options()) : dk;
+  auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
+  const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
+  BwdParams p{};
+  fill_fwd(p, q, k, v, dq_k, qo, ko, act, qk_scale, pre_scale, causal);
+  p.dout = dout.data_ptr();
+  p.do_row_stride = dout.stride(0), p.do_head_stride = dout.stride(1);
+  p.dq = dq_k.data_ptr();
+  p.dq_row_stride = dq_k.stride(0), p.dq_head_stride = dq_k.stride(1);
+  p.dk = dk_k.data_ptr();
+  p.dv = dv_k.data_ptr();
+  p.dkv_row_stride = dk_k.stride(0), p.dkv_head_stride = dk_k.stride(1);
+  const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
+  const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
+    } else {
+      if (!tc) return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
+      return with_head_dim(p.D, [&](auto d) { return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream); });
+    }
+  });
+  C10_CUDA_CHECK(err);
+  if (padded) {
+    dq.copy_(dq_k.narrow(2, 0, D));
+    dk.copy_(dk_k.narrow(2, 0, D));
+    dv.copy_(dv_k.narrow(2, 0, D));
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("gdpa_fwd", &gdpa_fwd_cuda);
+  m.impl("gdpa_bwd", &gdpa_bwd_cuda);
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

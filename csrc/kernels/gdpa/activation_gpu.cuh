@@ -1,0 +1,136 @@
+// GPU forms of the GDPA activations, applied to whole register tiles with one switch per tile
+// (the activation is uniform across the launch, so the branch never diverges).
+#pragma once
+
+#include "kernels/common/mma.cuh"
+#include "kernels/gdpa/activation.h"
+
+namespace attnkit {
+namespace gdpa {
+
+// kApprox: use the hardware tanh / fast exp for the "fast_" activations (tensor-core path, whose
+// 16-bit tolerance absorbs their error). The fp32 path keeps the exact forms so it meets 1e-5.
+template <Activation A, bool kApprox = true>
+ATTNKIT_DEVICE ATTNKIT_INLINE float act_fwd_gpu(float x) {
+#if ATTNKIT_HAS_MMA_SM80
+  if constexpr (kApprox && A == Activation::kFastGelu) {
+    // DESIGN §3.1 allows the hardware tanh for fast_gelu.
+    const float t = mma::tanh_approx(kSqrt2OverPi * x * (1.f + kGeluCubic * x * x));
+    return 0.5f * x * (1.f + t);
+  }
+#endif
+  if constexpr (kApprox && A == Activation::kFastSilu) {
+    return x / (1.f + __expf(-x));
+  } else {
+    return act_fwd<A, float>(x);
+  }
+}
+
+template <Activation A, bool kApprox = true>
+ATTNKIT_DEVICE ATTNKIT_INLINE float act_bwd_gpu(float x) {
+#if ATTNKIT_HAS_MMA_SM80
+  if constexpr (kApprox && A == Activation::kFastGelu) {
+    const float x2 = x * x;
+    const float t = mma::tanh_approx(kSqrt2OverPi * x * (1.f + kGeluCubic * x2));
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * (kSqrt2OverPi + kGeluCubicD * x2);
+  }
+#endif
+  if constexpr (kApprox && A == Activation::kFastSilu) {
+    const float s = 1.f / (1.f + __expf(-x));
+    return s * (1.f + x * (1.f - s));
+  } else {
+    return act_bwd<A, float>(x);
+  }
+}
+
+// s <- φ(pre · s) over an [N][4] accumulator tile.
+template <Activation A, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], float pre) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[i][e] = act_fwd_gpu<A>(s[i][e] * pre);
+}
+
+// p <- φ(pre · s), ds <- ds_scale · φ′(pre · s) · dp (in place over s and dp).
+template <Activation A, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N][4], float pre,
+                                                float ds_scale) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float x = s[i][e] * pre;
+      s[i][e] = act_fwd_gpu<A>(x);
+      dp[i][e] *= ds_scale * act_bwd_gpu<A>(x);
+    }
+}
+
+#define ATTNKIT_GDPA_ACT_CASES(CALL)        \
+  switch (a) {                              \
+    case Activation::kRaw:                  \
+      CALL(Activation::kRaw);               \
+      break;                                \
+    case Activation::kGelu:                 \
+      CALL(Activation::kGelu);              \
+      break;                                \
+    case Activation::kGeluApprox:           \
+      CALL(Activation::kGeluApprox);        \
+      break;                                \
+    case Activation::kFastGelu:             \
+      CALL(Activation::kFastGelu);          \
+      break;                                \
+    case Activation::kLeakyRelu:            \
+      CALL(Activation::kLeakyRelu);         \
+      break;                                \
+    case Activation::kRelu:                 \
+      CALL(Activation::kRelu);              \
+      break;                                \
+    case Activation::kSilu:                 \
+      CALL(Activation::kSilu);              \
+      break;                                \
+    case Activation::kFastSilu:             \
+      CALL(Activation::kFastSilu);          \
+      break;                                \
+    case Activation::kHardswish:            \
+      CALL(Activation::kHardswish);         \
+      break;                                \
+    default:                                \
+      CALL(Activation::kReluSquare);        \
+      break;                                \
+  }
+
+template <int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], Activation a, float pre) {
+#define ATTNKIT_CALL(A) act_fwd_tile<A, N>(s, pre)
+  ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
+#undef ATTNKIT_CALL
+}
+
+template <int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N][4], Activation a,
+                                                float pre, float ds_scale) {
+#define ATTNKIT_CALL(A) act_bwd_tile<A, N>(s, dp, pre, ds_scale)
+  ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
+#undef ATTNKIT_CALL
+}
+
+// Scalar dispatch with the exact forms, for the portable (fp32) kernels.
+ATTNKIT_DEVICE ATTNKIT_INLINE float act_fwd_exact(Activation a, float x) {
+  float r = 0.f;
+#define ATTNKIT_CALL(A) r = act_fwd_gpu<A, false>(x)
+  ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
+#undef ATTNKIT_CALL
+  return r;
+}
+
+ATTNKIT_DEVICE ATTNKIT_INLINE float act_bwd_exact(Activation a, float x) {
+  float r = 0.f;
+#define ATTNKIT_CALL(A) r = act_bwd_gpu<A, false>(x)
+  ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
+#undef ATTNKIT_CALL
+  return r;
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,228 @@
+// GDPA backward on tensor cores (bf16 / fp16, sm_80+). Two kernels, no atomics, so gradients are
+// bit-identical run to run:
+//   dq kernel:   one CTA per (sequence, query tile, head); recomputes S = Q·Kᵀ and dP = dO·Vᵀ
+//                tile by tile and accumulates dQ = dS·K in registers.
+//   dkdv kernel: one CTA per (sequence, key tile, kv head, head-dim slice); loops over the G query
+//                heads of its kv head and their query tiles, recomputes Sᵀ = K·Qᵀ and
+//                dPᵀ = V·dOᵀ, and accumulates dV = qk·Pᵀ·dO and dK = dSᵀ·Q in registers.
+// dS = qk_scale · pre_scale · φ′(pre·S) ⊙ dP, masked entries 0.
+#pragma once
+
+#include "kernels/gdpa/activation_gpu.cuh"
+#include "kernels/gdpa/params.h"
+#include "kernels/gdpa/tile.cuh"
+
+namespace attnkit {
+namespace gdpa {
+
+template <int D>
+struct BwdDqTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
+};
+
+template <int D>
+struct BwdDkdvTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockN = 16 * kWarps;           // key rows per CTA
+  static constexpr int kBlockM = D <= 64 ? 64 : (D <= 128 ? 32 : 16);  // query rows per step
+  static constexpr int kSliceD = D <= 128 ? D : 128;    // dK/dV columns per CTA (register bound)
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSmemBytes = (2 * kBlockN * D + 4 * kBlockM * D) * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kernel(const BwdParams p) {
+#if ATTNKIT_HAS_MMA_SM80
+  using Tr = BwdDqTraits<D>;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sdo = sq + BM * D;
+  T* sk = sdo + BM * D;     // [2][BN][D]
+  T* sv = sk + 2 * BN * D;  // [2][BN][D]
+
+  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x / 32;
+  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
+  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride + h * p.do_head_stride;
+  const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + ks.begin * p.v_row_stride + hk * p.v_head_stride;
+  T* dq = static_cast<T*>(p.dq) + qs.begin * p.dq_row_stride + h * p.dq_head_stride;
+  const T* fallback = static_cast<const T*>(p.q);
+  const float ds_scale = p.qk_scale * p.pre_scale;
+
+  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+    const int i0 = tile * BM;
+    const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+    const int n_tiles = (kv_end + BN - 1) / BN;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
+    load_tile<BM, D, NT>(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, qs.len - i0, p.D, fallback);
+    load_tile<BN, D, NT>(sk, k, p.k_row_stride, kv_end, p.D, fallback);
+    mma::cp_async_commit();
+    load_tile<BN, D, NT>(sv, v, p.v_row_stride, kv_end, p.D, fallback);
+    mma::cp_async_commit();
+
+    for (int j = 0; j < n_tiles; ++j) {
+      const int j0 = j * BN;
+      const T* skj = sk + (j & 1) * BN * D;
+      const T* svj = sv + (j & 1) * BN * D;
+      mma::cp_async_wait<1>();
+      __syncthreads();
+      float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      warp_gemm_nt<T, BN, D>(s, sq, warp * 16, skj, p.D);
+      if (j + 1 < n_tiles) {
+        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, k + (j0 + BN) * p.k_row_stride,
+                             p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
+      }
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+      __syncthreads();
+      warp_gemm_nt<T, BN, D>(dp, sdo, warp * 16, svj, p.D);
+      act_bwd_tile<BN / 8>(s, dp, p.act, p.pre_scale, ds_scale);  // dp <- dS
+      if (p.causal && j0 + BN - 1 > i0 + warp * 16) causal_mask<false>(dp, i0 + warp * 16, j0);
+      uint32_t dsa[BN / 16][4];
+      pack_a<T, BN>(dsa, dp);
+      warp_gemm_rn<T, BN, D, D>(acc, dsa, skj, 0, p.D);
+      if (j + 1 < n_tiles) {
+        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, v + (j0 + BN) * p.v_row_stride,
+                             p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
+      }
+      mma::cp_async_commit();
+    }
+    mma::cp_async_wait<0>();
+    store_rows<T, D>(dq + i0 * p.dq_row_stride, p.dq_row_stride, warp * 16, qs.len - i0, 0, p.D,
+                     acc, 1.f);
+    __syncthreads();
+  }
+#endif
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
+    gdpa_bwd_dkdv_mma_kernel(const BwdParams p) {
+#if ATTNKIT_HAS_MMA_SM80
+  using Tr = BwdDkdvTraits<D>;
+  constexpr int BN = Tr::kBlockN, BM = Tr::kBlockM, DS = Tr::kSliceD, NT = Tr::kThreads;
+  constexpr int kSlices = D / DS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sk = reinterpret_cast<T*>(smem_raw);
+  T* sv = sk + BN * D;
+  T* sq = sv + BN * D;       // [2][BM][D]
+  T* sdo = sq + 2 * BM * D;  // [2][BM][D]
+
+  const int b = blockIdx.x;
+  const int hk = blockIdx.z / kSlices, d0 = (blockIdx.z % kSlices) * DS;
+  const int G = p.H / p.Hkv;
+  const int warp = threadIdx.x / 32;
+  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
+  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + ks.begin * p.v_row_stride + hk * p.v_head_stride;
+  const T* q0 = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride;
+  const T* do0 = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride;
+  T* dk = static_cast<T*>(p.dk) + ks.begin * p.dkv_row_stride + hk * p.dkv_head_stride;
+  T* dv = static_cast<T*>(p.dv) + ks.begin * p.dkv_row_stride + hk * p.dkv_head_stride;
+  const T* fallback = static_cast<const T*>(p.q);
+  const float ds_scale = p.qk_scale * p.pre_scale;
+
+  for (int tile = blockIdx.y; tile * BN < ks.len; tile += gridDim.y) {
+    const int j0 = tile * BN;
+    // Causal: queries before j0 see no key of this tile.
+    const int q_start = p.causal ? (j0 / BM) * BM : 0;
+    const int nq = qs.len > q_start ? (qs.len - q_start + BM - 1) / BM : 0;
+    const int steps = G * nq;
+    float acc_dk[DS / 8][4], acc_dv[DS / 8][4];
+#pragma unroll
+    for (int i = 0; i < DS / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+    auto load_step = [&](int st, int buf) {
+      const int h = hk * G + st / nq, i0 = q_start + (st % nq) * BM;
+      load_tile<BM, D, NT>(sq + buf * BM * D, q0 + h * p.q_head_stride + i0 * p.q_row_stride,
+                           p.q_row_stride, qs.len - i0, p.D, fallback);
+      load_tile<BM, D, NT>(sdo + buf * BM * D, do0 + h * p.do_head_stride + i0 * p.do_row_stride,
+                           p.do_row_stride, qs.len - i0, p.D, fallback);
+    };
+    load_tile<BN, D, NT>(sk, k + j0 * p.k_row_stride, p.k_row_stride, ks.len - j0, p.D, fallback);
+    load_tile<BN, D, NT>(sv, v + j0 * p.v_row_stride, p.v_row_stride, ks.len - j0, p.D, fallback);
+    if (steps > 0) load_step(0, 0);
+    mma::cp_async_commit();
+
+    for (int st = 0; st < steps; ++st) {
+      const int buf = st & 1;
+      const int i0 = q_start + (st % nq) * BM;
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      // Buffer buf^1 was read in step st-1, which every warp finished before the barrier.
+      if (st + 1 < steps) load_step(st + 1, buf ^ 1);
+      mma::cp_async_commit();
+      const T* sqs = sq + buf * BM * D;
+      const T* sdos = sdo + buf * BM * D;
+      float s[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+      for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      warp_gemm_nt<T, BM, D>(s, sk, warp * 16, sqs, p.D);    // Sᵀ: rows keys, cols queries
+      warp_gemm_nt<T, BM, D>(dp, sv, warp * 16, sdos, p.D);  // dPᵀ
+      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ
+      if (p.causal && j0 + warp * 16 + 15 > i0) {
+        causal_mask<true>(s, j0 + warp * 16, i0);
+        causal_mask<true>(dp, j0 + warp * 16, i0);
+      }
+      uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+      pack_a<T, BM>(pa, s);  // P rounded to the value type, as in the forward
+      pack_a<T, BM>(dsa, dp);
+      warp_gemm_rn<T, BM, DS, D>(acc_dv, pa, sdos, d0, p.D);
+      warp_gemm_rn<T, BM, DS, D>(acc_dk, dsa, sqs, d0, p.D);
+    }
+    mma::cp_async_wait<0>();
+    store_rows<T, DS>(dk + j0 * p.dkv_row_stride, p.dkv_row_stride, warp * 16, ks.len - j0, d0,
+                      p.D, acc_dk, 1.f);
+    store_rows<T, DS>(dv + j0 * p.dkv_row_stride, p.dkv_row_stride, warp * 16, ks.len - j0, d0,
+                      p.D, acc_dv, p.qk_scale);
+    __syncthreads();
+  }
+#endif
+}
+
+template <typename T, int D>
+cudaError_t launch_gdpa_bwd_mma(const BwdParams& p, int max_seq_len_q, int max_seq_len_kv,
+                                cudaStream_t stream) {
+  using Dq = BwdDqTraits<D>;
+  using Dkv = BwdDkdvTraits<D>;
+  auto dq_kernel = gdpa_bwd_dq_mma_kernel<T, D>;
+  auto dkdv_kernel = gdpa_bwd_dkdv_mma_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Dq::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Dkv::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int q_tiles = max(1, min(65535, (max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM));
+  dq_kernel<<<dim3(p.B, q_tiles, p.H), Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int kv_tiles = max(1, min(65535, (max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN));
+  dkdv_kernel<<<dim3(p.B, kv_tiles, p.Hkv * (D / Dkv::kSliceD)), Dkv::kThreads, Dkv::kSmemBytes,
+                stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,113 @@
+// GDPA forward on tensor cores (bf16 / fp16, sm_80+): one CTA per (sequence, query tile, head).
+// Each warp owns 16 query rows. K/V tiles stream through double-buffered shared memory with
+// cp.async; S = Q·Kᵀ stays in registers, becomes P = φ(pre·S) (masked, rounded to the value type)
+// and feeds O += P·V straight from the accumulators. Scores never reach global memory.
+#pragma once
+
+#include "kernels/gdpa/activation_gpu.cuh"
+#include "kernels/gdpa/params.h"
+#include "kernels/gdpa/tile.cuh"
+
+namespace attnkit {
+namespace gdpa {
+
+// Tile shapes per padded head dim: (warps, key rows per tile). Query rows per CTA = 16 · warps.
+template <int D>
+struct FwdTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSmemBytes = (kBlockM * D + 4 * kBlockN * D) * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdTraits<D>::kThreads)
+    gdpa_fwd_mma_kernel(const FwdParams p) {
+#if ATTNKIT_HAS_MMA_SM80
+  using Tr = FwdTraits<D>;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + BM * D;      // [2][BN][D]
+  T* sv = sk + 2 * BN * D;  // [2][BN][D]
+
+  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x / 32;
+  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
+  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + ks.begin * p.v_row_stride + hk * p.v_head_stride;
+  T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
+  const T* fallback = static_cast<const T*>(p.q);
+
+  // Hints only size the grid: a longer sequence is covered by striding over its tiles.
+  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+    const int i0 = tile * BM;
+    const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+    const int n_tiles = (kv_end + BN - 1) / BN;
+    float acc_o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+
+    load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
+    load_tile<BN, D, NT>(sk, k, p.k_row_stride, kv_end, p.D, fallback);
+    mma::cp_async_commit();
+    load_tile<BN, D, NT>(sv, v, p.v_row_stride, kv_end, p.D, fallback);
+    mma::cp_async_commit();
+
+    for (int j = 0; j < n_tiles; ++j) {
+      const int j0 = j * BN;
+      const T* skj = sk + (j & 1) * BN * D;
+      const T* svj = sv + (j & 1) * BN * D;
+      mma::cp_async_wait<1>();  // K[j] (and Q) landed; V[j] may still be in flight
+      __syncthreads();
+      float s[BN / 8][4];
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      warp_gemm_nt<T, BN, D>(s, sq, warp * 16, skj, p.D);
+      // Buffer (j+1)&1 held K[j-1], which every warp finished before the barrier above.
+      if (j + 1 < n_tiles) {
+        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, k + (j0 + BN) * p.k_row_stride,
+                             p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
+      }
+      mma::cp_async_commit();  // possibly empty: keeps the group count uniform for the waits
+
+      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+      if (p.causal && j0 + BN - 1 > i0 + warp * 16) causal_mask<false>(s, i0 + warp * 16, j0);
+      uint32_t pa[BN / 16][4];
+      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
+
+      mma::cp_async_wait<1>();  // V[j] landed
+      __syncthreads();
+      warp_gemm_rn<T, BN, D, D>(acc_o, pa, svj, 0, p.D);
+      if (j + 1 < n_tiles) {
+        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, v + (j0 + BN) * p.v_row_stride,
+                             p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
+      }
+      mma::cp_async_commit();
+    }
+    mma::cp_async_wait<0>();
+    store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp * 16, qs.len - i0, 0, p.D,
+                     acc_o, p.qk_scale);
+    __syncthreads();  // the next tile reuses every shared buffer
+  }
+#endif
+}
+
+template <typename T, int D>
+cudaError_t launch_gdpa_fwd_mma(const FwdParams& p, int max_seq_len_q, cudaStream_t stream) {
+  using Tr = FwdTraits<D>;
+  auto kernel = gdpa_fwd_mma_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int tiles = max(1, min(65535, (max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM));
+  dim3 grid(p.B, tiles, p.H);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,53 @@
+// Arguments of the GDPA GPU kernels: raw pointers, sizes and element strides (torch-free).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/gdpa/activation.h"
+
+namespace attnkit {
+namespace gdpa {
+
+struct FwdParams {
+  const void* q;  // [Tq, H, D], last dim contiguous
+  const void* k;  // [Tk, Hkv, D]
+  const void* v;  // [Tk, Hkv, D]
+  void* out;      // [Tq, H, D]
+  const int32_t* q_offsets;   // [B+1]; values clamped into [0, Tq] by the kernels
+  const int32_t* kv_offsets;  // [B+1]; values clamped into [0, Tk]
+  int64_t q_row_stride, q_head_stride;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int64_t o_row_stride, o_head_stride;
+  int32_t B, H, Hkv, D;  // D: the real head dim (the kernel's template dim may be larger)
+  int32_t Tq, Tk;
+  float pre_scale, qk_scale;
+  Activation act;
+  bool causal;
+};
+
+struct BwdParams : FwdParams {
+  const void* dout;  // [Tq, H, D], strides of out
+  void* dq;          // [Tq, H, D], strides of out
+  void* dk;          // [Tk, Hkv, D], contiguous
+  void* dv;          // [Tk, Hkv, D], contiguous
+  int64_t do_row_stride, do_head_stride;
+  int64_t dq_row_stride, dq_head_stride;
+  int64_t dkv_row_stride, dkv_head_stride;
+};
+
+// Rows [begin, begin + len) of sequence b, with the offsets clamped so that no value can make a
+// kernel read or write outside [0, total).
+struct SeqRange {
+  int32_t begin, len;
+};
+
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE SeqRange seq_range(const int32_t* off, int32_t b, int32_t total) {
+  int32_t lo = off[b], hi = off[b + 1];
+  lo = lo < 0 ? 0 : (lo > total ? total : lo);
+  hi = hi < lo ? lo : (hi > total ? total : hi);
+  return {lo, hi - lo};
+}
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,139 @@
+// Shared-memory tiles and warp-level products for the GDPA tensor-core kernels (sm_80+).
+//
+// Every tile is [rows][D] 16-bit elements stored in 16-byte chunks whose index is XOR-swizzled by
+// (row % 8): the 8 row addresses of one ldmatrix then fall in 8 different bank groups. A warp
+// always owns 16 rows of the left operand; accumulators follow the m16n8k16 C layout
+// (acc[n8 tile][4], see kernels/common/mma.cuh).
+#pragma once
+
+#include "kernels/common/mma.cuh"
+
+namespace attnkit {
+namespace gdpa {
+
+#if ATTNKIT_HAS_MMA_SM80
+
+template <int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE int swizzled(int row, int col) {  // col: a multiple of 8
+  static_assert(D % 64 == 0, "swizzle needs at least 8 chunks per row");
+  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
+}
+
+// Asynchronously copies rows [0, rows) x cols [0, d_valid) of a strided global tile into a
+// swizzled shared tile; rows >= rows_valid and cols >= d_valid are zero-filled without reading.
+// `fallback` is any readable address (cp.async with 0 source bytes still takes one).
+template <int ROWS, int D, int THREADS, typename T>
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile(T* smem, const T* gmem, int64_t row_stride,
+                                             int rows_valid, int d_valid, const T* fallback) {
+  constexpr int kChunksPerRow = D / 8;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+  for (int c = threadIdx.x; c < kChunks; c += THREADS) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool ok = row < rows_valid && col < d_valid;
+    mma::cp_async_16(smem + swizzled<D>(row, col), ok ? gmem + row * row_stride + col : fallback,
+                     ok ? 16 : 0);
+  }
+}
+
+// acc[N/8][4] += A[a_row0 + 0..16)[0..D) · B[0..N)[0..D)ᵀ, with A and B swizzled shared tiles.
+// Used for S = Q·Kᵀ, dP = dO·Vᵀ and their transposes.
+template <typename T, int N, int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_nt(float (&acc)[N / 8][4], const T* a, int a_row0,
+                                                const T* b, int d_valid) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    if (kk * 16 >= d_valid) break;  // padded head dims: the rest is zeros
+    uint32_t af[4];
+    mma::ldmatrix_x4(af, a + swizzled<D>(a_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                         kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, b + swizzled<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
+                                           kk * 16 + ((lane >> 3) & 1) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(acc[2 * np], af, b0);
+      mma::mma_16816<T>(acc[2 * np + 1], af, b1);
+    }
+  }
+}
+
+// acc[DN/8][4] += A · B[0..K)[d0 .. d0 + DN): A (16 x K) in registers as m16n8k16 A fragments,
+// B a swizzled [K][D] shared tile read transposed. Used for O = P·V, dV = Pᵀ·dO, dK = dSᵀ·Q,
+// dQ = dS·K.
+template <typename T, int K, int DN, int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_rn(float (&acc)[DN / 8][4],
+                                                const uint32_t (&a)[K / 16][4], const T* b, int d0,
+                                                int d_valid) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < DN / 16; ++dp) {
+      if (d0 + dp * 16 >= d_valid) break;
+      uint32_t bf[4];
+      mma::ldmatrix_x4_trans(bf, b + swizzled<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                 d0 + dp * 16 + (lane >> 4) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(acc[2 * dp], a[kk], b0);
+      mma::mma_16816<T>(acc[2 * dp + 1], a[kk], b1);
+    }
+  }
+}
+
+// Two adjacent n8 accumulator tiles are one A fragment of the next product (k = their columns).
+template <typename T, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void pack_a(uint32_t (&a)[N / 16][4], const float (&c)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = mma::pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = mma::pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = mma::pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = mma::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// Zeroes accumulator entries whose (row, col) is masked: row index `r0 + row`, column `c0 + col`,
+// masked when col_index > row_index ("key after query"), or the transpose when kRowIsKey.
+template <bool kRowIsKey, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + (e >> 1) * 8;
+      const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+      const bool masked = kRowIsKey ? row > col : col > row;
+      if (masked) c[nt][e] = 0.f;
+    }
+}
+
+// Stores a warp's 16 x DN accumulator tile (times `scale`) to rows [row0, row0 + 16) of a
+// strided global tensor, skipping rows >= rows_valid and cols >= d_valid.
+template <typename T, int DN>
+ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows(T* out, int64_t row_stride, int row0, int rows_valid,
+                                              int d0, int d_valid, const float (&c)[DN / 8][4],
+                                              float scale) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < DN / 8; ++nt) {
+    const int col = d0 + nt * 8 + (lane & 3) * 2;
+    if (col >= d_valid) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + (lane >> 2) + half * 8;
+      if (row < rows_valid) {
+        *reinterpret_cast<uint32_t*>(out + row * row_stride + col) =
+            mma::pack2<T>(c[nt][2 * half] * scale, c[nt][2 * half + 1] * scale);
+      }
+    }
+  }
+}
+
+#endif  // ATTNKIT_HAS_MMA_SM80
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU machine's one script: build attnkit, run the whole test suite (CUDA tests included),
+# compute-sanitizer memcheck on a quick CUDA subset, the main job and the benchmarks, then print a
+# short summary table last. Logs and CSV/PNG files go to $OUT (the device tool fetches them).
+#
+#   bash scripts/gpu_check.sh                 # everything
+#   STEPS="build tests" bash scripts/gpu_check.sh
+#   TESTS="tests/test_gdpa.py" BENCHES="gdpa" bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/attnkit_out}
+mkdir -p "$OUT"
+export ATTNKIT_CUDA_ARCHS=${ATTNKIT_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+export ATTNKIT_NVCC_THREADS=${ATTNKIT_NVCC_THREADS:-4} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python
+PY=${PY:-python3}
+STEPS=${STEPS:-"build tests sanitizer main bench"}
+TESTS=${TESTS:-tests}
+SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside)"}
+BENCHES=${BENCHES:-"gdpa"}
+BENCH_ARGS=${BENCH_ARGS:-"--iters 30 --warmup 5"}
+declare -a SUMMARY
+
+run_step() {  # name, log file, command...
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-28s %-6s %5ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$log" | cut -c1-90)")")
+  echo "=== $name: rc=$rc ($((SECONDS - t0))s)"; tail -n ${TAIL:-15} "$OUT/$log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+
+for step in $STEPS; do
+  case $step in
+    build) run_step build build.log $PY setup.py build_ext --inplace || { printf '%s\n' "${SUMMARY[@]}"; exit 1; } ;;
+    tests) run_step "pytest $TESTS" tests.log $PY -m pytest $TESTS -q -n ${PYTEST_WORKERS:-8} -rfEs ;;
+    sanitizer)
+      file=${SANITIZE%% -k *}; expr=${SANITIZE#* -k }
+      run_step "memcheck ${file##*/}" sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 20 $PY -m pytest $file -k "$expr" -q -p no:xdist ;;
+    main) run_step "python -m attnkit" main.log $PY -m attnkit ;;
+    bench)
+      for b in $BENCHES; do
+        run_step "bench_$b" "bench_$b.log" $PY benchmarks/bench_$b.py $BENCH_ARGS --csv "$OUT/bench_$b.csv" --plot "$OUT/bench_$b.png"
+      done ;;
+  esac
+done
+echo
+echo "================ summary ($(head -n1 "$OUT/device.txt")) ================"
+printf '%s\n' "${SUMMARY[@]}"

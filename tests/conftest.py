@@ -1,0 +1,28 @@
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+import attnkit  # noqa: E402,F401  registers torch.ops.attnkit
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test, printed so a failure can be replayed (ATTNKIT_SEED fixes it)."""
+    s = int(os.environ.get("ATTNKIT_SEED", random.randrange(1 << 30)))
+    torch.manual_seed(s)
+    print(f"[seed {s}] {request.node.name}")
+    return s
+
+
+def poison_allocator(device, nbytes=64 << 20):
+    """Leaves NaN bytes in memory the next allocations are likely to reuse, so an output element
+    a kernel forgets to write shows up as NaN instead of a lucky zero."""
+    junk = torch.full((nbytes // 4,), float("nan"), device=device)
+    del junk
