@@ -16,10 +16,11 @@ namespace attnkit {
 namespace gdpa {
 
 template <int D>
-struct BwdDqTraits {
+struct BwdDqTraits {  // as FwdTraits: two m16 tiles per warp where registers allow
   static constexpr int kWarps = 4;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
-  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kMTiles = D <= 128 ? 2 : 1;
+  static constexpr int kBlockN = 32;
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
 };
@@ -38,7 +39,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kernel(const BwdParams p) {
 #if ATTNKIT_HAS_MMA_SM80
   using Tr = BwdDqTraits<D>;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads, MT = Tr::kMTiles;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sdo = sq + BM * D;
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
 
   const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
-  const int warp = threadIdx.x / 32;
+  const int warp_row0 = (threadIdx.x / 32) * 16 * MT;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
   const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
@@ -61,9 +62,11 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
     const int i0 = tile * BM;
     const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
     const int n_tiles = (kv_end + BN - 1) / BN;
-    float acc[D / 8][4];
+    float acc[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) acc[m][i][0] = acc[m][i][1] = acc[m][i][2] = acc[m][i][3] = 0.f;
 
     load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
     load_tile<BM, D, NT>(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, qs.len - i0, p.D, fallback);
@@ -78,12 +81,14 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
       const T* svj = sv + (j & 1) * BN * D;
       mma::cp_async_wait<1>();
       __syncthreads();
-      float s[BN / 8][4], dp[BN / 8][4];
+      float s[MT][BN / 8][4], dp[MT][BN / 8][4];
 #pragma unroll
-      for (int i = 0; i < BN / 8; ++i)
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      warp_gemm_nt<T, BN, D>(s, sq, warp * 16, skj, p.D);
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[m][i][e] = dp[m][i][e] = 0.f;
+      warp_gemm_nt<T, MT, BN, D>(s, sq, warp_row0, skj, p.D);
       if (j + 1 < n_tiles) {
         load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, k + (j0 + BN) * p.k_row_stride,
                              p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
@@ -91,12 +96,16 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
       mma::cp_async_commit();
       mma::cp_async_wait<1>();
       __syncthreads();
-      warp_gemm_nt<T, BN, D>(dp, sdo, warp * 16, svj, p.D);
-      act_bwd_tile<BN / 8>(s, dp, p.act, p.pre_scale, ds_scale);  // dp <- dS
-      if (p.causal && j0 + BN - 1 > i0 + warp * 16) causal_mask<false>(dp, i0 + warp * 16, j0);
-      uint32_t dsa[BN / 16][4];
-      pack_a<T, BN>(dsa, dp);
-      warp_gemm_rn<T, BN, D, D>(acc, dsa, skj, 0, p.D);
+      warp_gemm_nt<T, MT, BN, D>(dp, sdo, warp_row0, svj, p.D);
+      uint32_t dsa[MT][BN / 16][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        act_bwd_tile<BN / 8>(s[m], dp[m], p.act, p.pre_scale, ds_scale);  // dp <- dS
+        const int r0 = i0 + warp_row0 + m * 16;
+        if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(dp[m], r0, j0);
+        pack_a<T, BN>(dsa[m], dp[m]);
+      }
+      warp_gemm_rn<T, MT, BN, D, D>(acc, dsa, skj, 0, p.D);
       if (j + 1 < n_tiles) {
         load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, v + (j0 + BN) * p.v_row_stride,
                              p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
@@ -104,8 +113,11 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
       mma::cp_async_commit();
     }
     mma::cp_async_wait<0>();
-    store_rows<T, D>(dq + i0 * p.dq_row_stride, p.dq_row_stride, warp * 16, qs.len - i0, 0, p.D,
-                     acc, 1.f);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      store_rows<T, D>(dq + i0 * p.dq_row_stride, p.dq_row_stride, warp_row0 + m * 16, qs.len - i0,
+                       0, p.D, acc[m], 1.f);
+    }
     __syncthreads();
   }
 #endif
@@ -145,11 +157,11 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
     const int q_start = p.causal ? (j0 / BM) * BM : 0;
     const int nq = qs.len > q_start ? (qs.len - q_start + BM - 1) / BM : 0;
     const int steps = G * nq;
-    float acc_dk[DS / 8][4], acc_dv[DS / 8][4];
+    float acc_dk[1][DS / 8][4], acc_dv[1][DS / 8][4];
 #pragma unroll
     for (int i = 0; i < DS / 8; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+      for (int e = 0; e < 4; ++e) acc_dk[0][i][e] = acc_dv[0][i][e] = 0.f;
 
     auto load_step = [&](int st, int buf) {
       const int h = hk * G + st / nq, i0 = q_start + (st % nq) * BM;
@@ -173,29 +185,29 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
       mma::cp_async_commit();
       const T* sqs = sq + buf * BM * D;
       const T* sdos = sdo + buf * BM * D;
-      float s[BM / 8][4], dp[BM / 8][4];
+      float s[1][BM / 8][4], dp[1][BM / 8][4];
 #pragma unroll
       for (int i = 0; i < BM / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      warp_gemm_nt<T, BM, D>(s, sk, warp * 16, sqs, p.D);    // Sᵀ: rows keys, cols queries
-      warp_gemm_nt<T, BM, D>(dp, sv, warp * 16, sdos, p.D);  // dPᵀ
-      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ
+        for (int e = 0; e < 4; ++e) s[0][i][e] = dp[0][i][e] = 0.f;
+      warp_gemm_nt<T, 1, BM, D>(s, sk, warp * 16, sqs, p.D);    // Sᵀ: rows keys, cols queries
+      warp_gemm_nt<T, 1, BM, D>(dp, sv, warp * 16, sdos, p.D);  // dPᵀ
+      act_bwd_tile<BM / 8>(s[0], dp[0], p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ
       if (p.causal && j0 + warp * 16 + 15 > i0) {
-        causal_mask<true>(s, j0 + warp * 16, i0);
-        causal_mask<true>(dp, j0 + warp * 16, i0);
+        causal_mask<true>(s[0], j0 + warp * 16, i0);
+        causal_mask<true>(dp[0], j0 + warp * 16, i0);
       }
-      uint32_t pa[BM / 16][4], dsa[BM / 16][4];
-      pack_a<T, BM>(pa, s);  // P rounded to the value type, as in the forward
-      pack_a<T, BM>(dsa, dp);
-      warp_gemm_rn<T, BM, DS, D>(acc_dv, pa, sdos, d0, p.D);
-      warp_gemm_rn<T, BM, DS, D>(acc_dk, dsa, sqs, d0, p.D);
+      uint32_t pa[1][BM / 16][4], dsa[1][BM / 16][4];
+      pack_a<T, BM>(pa[0], s[0]);  // P rounded to the value type, as in the forward
+      pack_a<T, BM>(dsa[0], dp[0]);
+      warp_gemm_rn<T, 1, BM, DS, D>(acc_dv, pa, sdos, d0, p.D);
+      warp_gemm_rn<T, 1, BM, DS, D>(acc_dk, dsa, sqs, d0, p.D);
     }
     mma::cp_async_wait<0>();
     store_rows<T, DS>(dk + j0 * p.dkv_row_stride, p.dkv_row_stride, warp * 16, ks.len - j0, d0,
-                      p.D, acc_dk, 1.f);
+                      p.D, acc_dk[0], 1.f);
     store_rows<T, DS>(dv + j0 * p.dkv_row_stride, p.dkv_row_stride, warp * 16, ks.len - j0, d0,
-                      p.D, acc_dv, p.qk_scale);
+                      p.D, acc_dv[0], p.qk_scale);
     __syncthreads();
   }
 #endif

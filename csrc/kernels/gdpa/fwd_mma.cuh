@@ -11,12 +11,15 @@
 namespace attnkit {
 namespace gdpa {
 
-// Tile shapes per padded head dim: (warps, key rows per tile). Query rows per CTA = 16 · warps.
+// Tile shapes per padded head dim. A warp owns kMTiles m16 tiles (32 query rows for D <= 128): each
+// K/V fragment read from shared memory then feeds two products, halving shared-memory traffic per
+// FLOP; D = 256 keeps one tile per warp to stay within 255 registers.
 template <int D>
 struct FwdTraits {
   static constexpr int kWarps = 4;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
-  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kMTiles = D <= 128 ? 2 : 1;
+  static constexpr int kBlockN = 32;
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kSmemBytes = (kBlockM * D + 4 * kBlockN * D) * 2;
 };
@@ -26,14 +29,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads)
     gdpa_fwd_mma_kernel(const FwdParams p) {
 #if ATTNKIT_HAS_MMA_SM80
   using Tr = FwdTraits<D>;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads, MT = Tr::kMTiles;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sk = sq + BM * D;      // [2][BN][D]
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
 
   const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
-  const int warp = threadIdx.x / 32;
+  const int warp_row0 = (threadIdx.x / 32) * 16 * MT;  // the warp's first query row in the tile
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
   const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
@@ -47,9 +50,11 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads)
     const int i0 = tile * BM;
     const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
     const int n_tiles = (kv_end + BN - 1) / BN;
-    float acc_o[D / 8][4];
+    float acc_o[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) acc_o[m][i][0] = acc_o[m][i][1] = acc_o[m][i][2] = acc_o[m][i][3] = 0.f;
 
     load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
     load_tile<BN, D, NT>(sk, k, p.k_row_stride, kv_end, p.D, fallback);
@@ -63,10 +68,12 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads)
       const T* svj = sv + (j & 1) * BN * D;
       mma::cp_async_wait<1>();  // K[j] (and Q) landed; V[j] may still be in flight
       __syncthreads();
-      float s[BN / 8][4];
+      float s[MT][BN / 8][4];
 #pragma unroll
-      for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      warp_gemm_nt<T, BN, D>(s, sq, warp * 16, skj, p.D);
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[m][i][0] = s[m][i][1] = s[m][i][2] = s[m][i][3] = 0.f;
+      warp_gemm_nt<T, MT, BN, D>(s, sq, warp_row0, skj, p.D);
       // Buffer (j+1)&1 held K[j-1], which every warp finished before the barrier above.
       if (j + 1 < n_tiles) {
         load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, k + (j0 + BN) * p.k_row_stride,
@@ -74,14 +81,18 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads)
       }
       mma::cp_async_commit();  // possibly empty: keeps the group count uniform for the waits
 
-      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
-      if (p.causal && j0 + BN - 1 > i0 + warp * 16) causal_mask<false>(s, i0 + warp * 16, j0);
-      uint32_t pa[BN / 16][4];
-      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
+      uint32_t pa[MT][BN / 16][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        act_fwd_tile<BN / 8>(s[m], p.act, p.pre_scale);
+        const int r0 = i0 + warp_row0 + m * 16;
+        if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s[m], r0, j0);
+        pack_a<T, BN>(pa[m], s[m]);  // P rounded to the value type (DESIGN §3.1)
+      }
 
       mma::cp_async_wait<1>();  // V[j] landed
       __syncthreads();
-      warp_gemm_rn<T, BN, D, D>(acc_o, pa, svj, 0, p.D);
+      warp_gemm_rn<T, MT, BN, D, D>(acc_o, pa, svj, 0, p.D);
       if (j + 1 < n_tiles) {
         load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, v + (j0 + BN) * p.v_row_stride,
                              p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
@@ -89,8 +100,11 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads)
       mma::cp_async_commit();
     }
     mma::cp_async_wait<0>();
-    store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp * 16, qs.len - i0, 0, p.D,
-                     acc_o, p.qk_scale);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp_row0 + m * 16, qs.len - i0,
+                       0, p.D, acc_o[m], p.qk_scale);
+    }
     __syncthreads();  // the next tile reuses every shared buffer
   }
 #endif

@@ -36,37 +36,44 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile(T* smem, const T* gmem, int64_t row
   }
 }
 
-// acc[N/8][4] += A[a_row0 + 0..16)[0..D) · B[0..N)[0..D)ᵀ, with A and B swizzled shared tiles.
-// Used for S = Q·Kᵀ, dP = dO·Vᵀ and their transposes.
-template <typename T, int N, int D>
-ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_nt(float (&acc)[N / 8][4], const T* a, int a_row0,
+// acc[m][N/8][4] += A[a_row0 + 16m + 0..16)[0..D) · B[0..N)[0..D)ᵀ for m < M, with A and B
+// swizzled shared tiles; each B fragment feeds M products. Used for S = Q·Kᵀ, dP = dO·Vᵀ and
+// their transposes.
+template <typename T, int M, int N, int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_nt(float (&acc)[M][N / 8][4], const T* a, int a_row0,
                                                 const T* b, int d_valid) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     if (kk * 16 >= d_valid) break;  // padded head dims: the rest is zeros
-    uint32_t af[4];
-    mma::ldmatrix_x4(af, a + swizzled<D>(a_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                         kk * 16 + (lane >> 4) * 8));
+    uint32_t af[M][4];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      mma::ldmatrix_x4(af[m], a + swizzled<D>(a_row0 + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                              kk * 16 + (lane >> 4) * 8));
+    }
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t bf[4];
       mma::ldmatrix_x4(bf, b + swizzled<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
                                            kk * 16 + ((lane >> 3) & 1) * 8));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma::mma_16816<T>(acc[2 * np], af, b0);
-      mma::mma_16816<T>(acc[2 * np + 1], af, b1);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        mma::mma_16816<T>(acc[m][2 * np], af[m], b0);
+        mma::mma_16816<T>(acc[m][2 * np + 1], af[m], b1);
+      }
     }
   }
 }
 
-// acc[DN/8][4] += A · B[0..K)[d0 .. d0 + DN): A (16 x K) in registers as m16n8k16 A fragments,
-// B a swizzled [K][D] shared tile read transposed. Used for O = P·V, dV = Pᵀ·dO, dK = dSᵀ·Q,
-// dQ = dS·K.
-template <typename T, int K, int DN, int D>
-ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_rn(float (&acc)[DN / 8][4],
-                                                const uint32_t (&a)[K / 16][4], const T* b, int d0,
-                                                int d_valid) {
+// acc[m][DN/8][4] += A[m] · B[0..K)[d0 .. d0 + DN) for m < M: A[m] (16 x K) in registers as
+// m16n8k16 A fragments, B a swizzled [K][D] shared tile read transposed; each B fragment feeds M
+// products. Used for O = P·V, dV = Pᵀ·dO, dK = dSᵀ·Q, dQ = dS·K.
+template <typename T, int M, int K, int DN, int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_rn(float (&acc)[M][DN / 8][4],
+                                                const uint32_t (&a)[M][K / 16][4], const T* b,
+                                                int d0, int d_valid) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
@@ -77,8 +84,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void warp_gemm_rn(float (&acc)[DN / 8][4],
       mma::ldmatrix_x4_trans(bf, b + swizzled<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                  d0 + dp * 16 + (lane >> 4) * 8));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma::mma_16816<T>(acc[2 * dp], a[kk], b0);
-      mma::mma_16816<T>(acc[2 * dp + 1], a[kk], b1);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        mma::mma_16816<T>(acc[m][2 * dp], a[m][kk], b0);
+        mma::mma_16816<T>(acc[m][2 * dp + 1], a[m][kk], b1);
+      }
     }
   }
 }

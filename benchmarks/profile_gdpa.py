@@ -1,0 +1,26 @@
+"""One forward and one backward of the bench_gdpa shape, for `ncu` (no timing, no peers).
+
+  ncu --clock-control none --kernel-name regex:gdpa_ --section SpeedOfLight python3 benchmarks/profile_gdpa.py
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import attnkit  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int, default=1152)
+p.add_argument("--heads", type=int, default=4)
+p.add_argument("--head-dim", type=int, default=128)
+p.add_argument("--max-len", type=int, default=1024)
+p.add_argument("--activation", default="fast_gelu")
+a = p.parse_args()
+T = a.batch * a.max_len
+q, k, v = (torch.randn(T, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+off = torch.arange(0, T + 1, a.max_len, device="cuda")
+o = attnkit.gdpa(q, k, v, off, off, a.max_len, a.max_len, a.activation)
+torch.ops.attnkit.gdpa_bwd(torch.randn_like(o), q, k, v, off, off, a.max_len, a.max_len, a.activation, 1.0)
+torch.cuda.synchronize()
