@@ -13,6 +13,9 @@ mkdir -p "$OUT"
 export ATTNKIT_CUDA_ARCHS=${ATTNKIT_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 export ATTNKIT_NVCC_THREADS=${ATTNKIT_NVCC_THREADS:-4} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python
 PY=${PY:-python3}
+# The GPU image's default CXX is a wrapper that links libstdc++ statically into extensions, which
+# crashes when an error message formats a number (seen 2026-11-22); build with the system compiler.
+export CC=${ATTNKIT_CC:-gcc} CXX=${ATTNKIT_CXX:-g++}
 STEPS=${STEPS:-"build tests sanitizer main bench"}
 TESTS=${TESTS:-tests}
 SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside)"}
