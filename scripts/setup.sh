@@ -16,5 +16,8 @@ fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "attnkit setup: building attnkit (CUDA archs: ${ATTNKIT_CUDA_ARCHS:-8.0;9.0a}, CPU only: ${ATTNKIT_CPU_ONLY:-0}, jobs: $MAX_JOBS)"
 start=$SECONDS
-$PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^\s*$" | grep -iv "warning: \|^  " || true
+log=$(mktemp)
+if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$log" 2>&1; then
+  tail -n 60 "$log"; echo "attnkit setup: build FAILED (full log: $log)"; exit 1
+fi
 $PY -c "import attnkit; print('attnkit setup: built in', $SECONDS - $start, 's; CUDA kernels:', attnkit.built_with_cuda())"

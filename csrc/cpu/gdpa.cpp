@@ -15,17 +15,39 @@ namespace attnkit {
 namespace gdpa {
 namespace {
 
-constexpr int64_t kBlockM = 32;  // query rows per tile
+constexpr int64_t kBlockM = 64;  // query rows per tile
 constexpr int64_t kBlockN = 64;  // key rows per tile
+
+// Tile products through ATen's CPU matmul (MKL/OpenBLAS): row-major acc_t tiles wrapped without
+// copies. Called from inside at::parallel_for, where ATen runs them single-threaded.
+template <typename acc_t>
+inline at::Tensor wrap(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+// C[m][n] = A[m][k] · B[n][k]ᵀ
+template <typename acc_t>
+inline void gemm_nt(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                    int64_t m, int64_t n, int64_t k) {
+  auto out = wrap(c, m, n, ldc);
+  at::mm_out(out, wrap(a, m, k, lda), wrap(b, n, k, ldb).t());
+}
+// C[m][n] += A[m][k] · B[k][n]
+template <typename acc_t>
+inline void gemm_nn(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                    int64_t m, int64_t n, int64_t k) {
+  wrap(c, m, n, ldc).addmm_(wrap(a, m, k, lda), wrap(b, k, n, ldb));
+}
+// C[m][n] += A[k][m]ᵀ · B[k][n]
+template <typename acc_t>
+inline void gemm_tn(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                    int64_t m, int64_t n, int64_t k) {
+  wrap(c, m, n, ldc).addmm_(wrap(a, k, m, lda).t(), wrap(b, k, n, ldb));
+}
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// P is rounded to the value dtype before P·V (DESIGN §3.1); a no-op for fp32 / fp64.
-template <typename scalar_t, typename acc_t>
-inline acc_t round_to(acc_t x) {
-  return static_cast<acc_t>(static_cast<scalar_t>(x));
-}
 
 template <typename index_t>
 struct Seq {
@@ -53,28 +75,72 @@ inline void load_rows(acc_t* dst, const scalar_t* src, int64_t row0, int64_t row
   }
 }
 
-// Scores of one tile: s[i][j] = pre_scale · q_i·k_j, then φ and the causal mask. Also returns
-// φ′ in `dphi` when it is non-null (backward).
-template <Activation A, typename acc_t>
-inline void scores_tile(acc_t* p, acc_t* dphi, const acc_t* q, const acc_t* k, int64_t bm,
-                        int64_t bn, int64_t D, acc_t pre_scale, bool causal, int64_t i0,
-                        int64_t j0) {
-  for (int64_t i = 0; i < bm; ++i) {
-    const acc_t* qi = q + i * D;
-    for (int64_t j = 0; j < bn; ++j) {
-      const acc_t* kj = k + j * D;
-      acc_t s = 0;
-      for (int64_t c = 0; c < D; ++c) s += qi[c] * kj[c];
-      s *= pre_scale;
-      const bool masked = causal && (j0 + j > i0 + i);
-      p[i * bn + j] = masked ? acc_t(0) : act_fwd<A>(s);
-      if (dphi) dphi[i * bn + j] = masked ? acc_t(0) : act_bwd<A>(s);
+// φ and φ′ over a whole tile with ATen's vectorised CPU ops (same formulas as the scalar forms in
+// activation.h; the ties at kinks follow DESIGN §3.1, hence the explicit where() calls).
+inline at::Tensor act_fwd_tensor(Activation a, const at::Tensor& x) {
+  switch (a) {
+    case Activation::kRaw: return x;
+    case Activation::kGelu: return at::gelu(x, "none");
+    case Activation::kGeluApprox:
+    case Activation::kFastGelu: return at::gelu(x, "tanh");
+    case Activation::kLeakyRelu: return at::leaky_relu(x, 0.01);
+    case Activation::kRelu: return at::relu(x);
+    case Activation::kSilu:
+    case Activation::kFastSilu: return at::silu(x);
+    case Activation::kHardswish: return at::hardswish(x);
+    default: return at::relu(x).square();
+  }
+}
+
+inline at::Tensor act_bwd_tensor(Activation a, const at::Tensor& x) {
+  const auto one = at::ones_like(x);
+  switch (a) {
+    case Activation::kRaw: return one;
+    case Activation::kGelu: return at::gelu_backward(one, x, "none");
+    case Activation::kGeluApprox:
+    case Activation::kFastGelu: return at::gelu_backward(one, x, "tanh");
+    case Activation::kLeakyRelu: return at::where(x >= 0, one, one * 0.01);
+    case Activation::kRelu: return (x > 0).to(x.scalar_type());
+    case Activation::kSilu:
+    case Activation::kFastSilu: return at::silu_backward(one, x);
+    case Activation::kHardswish:
+      return at::where(x >= 3, one, at::where(x <= -3, at::zeros_like(x), x / 3 + 0.5));
+    default: return 2 * at::relu(x);
+  }
+}
+
+// Scores of one tile: p[i][j] = φ(pre_scale · q_i·k_j) with the causal mask applied, and φ′ in
+// `dphi` when it is non-null (backward). q [bm][D] and k [bn][D] are acc_t tiles.
+template <typename acc_t>
+inline void scores_tile(Activation act, acc_t* p, acc_t* dphi, const acc_t* q, const acc_t* k,
+                        int64_t bm, int64_t bn, int64_t D, acc_t pre_scale, bool causal,
+                        int64_t i0, int64_t j0) {
+  gemm_nt(p, bn, q, D, k, D, bm, bn, D);
+  auto s = wrap(p, bm, bn, bn);
+  s.mul_(pre_scale);
+  if (dphi) wrap(dphi, bm, bn, bn).copy_(act_bwd_tensor(act, s));
+  if (act != Activation::kRaw) s.copy_(act_fwd_tensor(act, s));
+  if (causal && j0 + bn - 1 > i0) {  // the tile crosses the diagonal: key j visible iff j <= i
+    for (int64_t i = 0; i < bm; ++i) {
+      for (int64_t j = std::max<int64_t>(0, i0 + i - j0 + 1); j < bn; ++j) {
+        p[i * bn + j] = acc_t(0);
+        if (dphi) dphi[i * bn + j] = acc_t(0);
+      }
     }
   }
 }
 
-template <Activation A, typename scalar_t, typename index_t>
-void fwd_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// P rounded to the value dtype over a tile (a no-op for fp32 / fp64).
+template <typename scalar_t, typename acc_t>
+inline void round_tile(acc_t* p, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    auto t = wrap(p, 1, n, n);
+    t.copy_(t.to(c10::CppTypeToScalarType<scalar_t>::value));
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const index_t* qo, const index_t* ko, int64_t B, double qk_scale, double pre_scale,
               bool causal) {
   using acc_t = acc_type_t<scalar_t>;
@@ -108,17 +174,10 @@ void fwd_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const a
         const int64_t bn = std::min(kBlockN, kv_end - j0);
         load_rows(kt.data(), kp, s.k0 + j0, bn, bn, Hkv, hk, D);
         load_rows(vt.data(), vp, s.k0 + j0, bn, bn, Hkv, hk, D);
-        scores_tile<A>(pt.data(), static_cast<acc_t*>(nullptr), qt.data(), kt.data(), bm, bn, D,
-                       acc_t(pre_scale), causal, i0, j0);
-        for (int64_t i = 0; i < bm; ++i) {
-          acc_t* ai = acc.data() + i * D;
-          for (int64_t j = 0; j < bn; ++j) {
-            const acc_t pij = round_to<scalar_t>(pt[i * bn + j]);
-            if (pij == acc_t(0)) continue;
-            const acc_t* vj = vt.data() + j * D;
-            for (int64_t c = 0; c < D; ++c) ai[c] += pij * vj[c];
-          }
-        }
+        scores_tile(act, pt.data(), static_cast<acc_t*>(nullptr), qt.data(), kt.data(), bm, bn, D,
+                    acc_t(pre_scale), causal, i0, j0);
+        round_tile<scalar_t>(pt.data(), bm * bn);
+        gemm_nn(acc.data(), D, pt.data(), bn, vt.data(), D, bm, D, bn);
       }
       for (int64_t i = 0; i < bm; ++i) {
         scalar_t* o = op + ((s.q0 + i0 + i) * H + h) * D;
@@ -128,8 +187,8 @@ void fwd_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const a
   });
 }
 
-template <Activation A, typename scalar_t, typename index_t>
-void bwd_impl(at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv32, const at::Tensor& dout,
+template <typename scalar_t, typename index_t>
+void bwd_impl(Activation act, at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv32, const at::Tensor& dout,
               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* qo,
               const index_t* ko, int64_t B, double qk_scale, double pre_scale, bool causal) {
   using acc_t = acc_type_t<scalar_t>;
@@ -161,38 +220,19 @@ void bwd_impl(at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv32, const at::Te
             const int64_t bm = std::min(kBlockM, s.lq - i0);
             load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
             load_rows(dot.data(), dop, s.q0 + i0, bm, bm, H, h, D);
-            scores_tile<A>(pt.data(), dphi.data(), qt.data(), kt.data(), bm, bn, D,
-                           acc_t(pre_scale), causal, i0, j0);
+            scores_tile(act, pt.data(), dphi.data(), qt.data(), kt.data(), bm, bn, D,
+                        acc_t(pre_scale), causal, i0, j0);
+            round_tile<scalar_t>(pt.data(), bm * bn);
             // dS = qk_scale·pre_scale·φ′(S)⊙(dO·Vᵀ); dV += qk_scale·round(P)ᵀ·dO.
-            for (int64_t i = 0; i < bm; ++i) {
-              const acc_t* doi = dot.data() + i * D;
-              for (int64_t j = 0; j < bn; ++j) {
-                const acc_t* vj = vt.data() + j * D;
-                acc_t dp = 0;
-                for (int64_t c = 0; c < D; ++c) dp += doi[c] * vj[c];
-                ds[i * bn + j] = ds_scale * dphi[i * bn + j] * dp;
-                const acc_t p = round_to<scalar_t>(pt[i * bn + j]) * acc_t(qk_scale);
-                if (p != acc_t(0)) {
-                  acc_t* dvj = dv + j * Hkv * D;
-                  for (int64_t c = 0; c < D; ++c) dvj[c] += p * doi[c];
-                }
-              }
+            gemm_nt(ds.data(), bn, dot.data(), D, vt.data(), D, bm, bn, D);
+            for (int64_t e = 0; e < bm * bn; ++e) {
+              ds[e] *= ds_scale * dphi[e];
+              pt[e] *= acc_t(qk_scale);
             }
-            // dQ += dS·K; dK += dSᵀ·Q.
-            for (int64_t i = 0; i < bm; ++i) {
-              acc_t* dqi = dqp + ((s.q0 + i0 + i) * H + h) * D;
-              const acc_t* qi = qt.data() + i * D;
-              for (int64_t j = 0; j < bn; ++j) {
-                const acc_t d = ds[i * bn + j];
-                if (d == acc_t(0)) continue;
-                const acc_t* kj = kt.data() + j * D;
-                acc_t* dkj = dk + j * Hkv * D;
-                for (int64_t c = 0; c < D; ++c) {
-                  dqi[c] += d * kj[c];
-                  dkj[c] += d * qi[c];
-                }
-              }
-            }
+            gemm_tn(dv, Hkv * D, pt.data(), bn, dot.data(), D, bn, D, bm);
+            // dK += dSᵀ·Q; dQ += dS·K.
+            gemm_tn(dk, Hkv * D, ds.data(), bn, qt.data(), D, bn, D, bm);
+            gemm_nn(dqp + ((s.q0 + i0) * H + h) * D, H * D, ds.data(), bn, kt.data(), D, bm, D, bn);
           }
         }
       }
@@ -223,11 +263,8 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
   if (B <= 0 || q.numel() == 0) return out;
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_fwd_cpu", [&] {
     ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
-      visit_activation(act, [&](auto a) {
-        fwd_impl<decltype(a)::value, scalar_t, index_t>(out, q, k, v, qo.data_ptr<index_t>(),
-                                                        ko.data_ptr<index_t>(), B, qk_scale,
-                                                        pre_scale, causal);
-      });
+      fwd_impl<scalar_t, index_t>(act, out, q, k, v, qo.data_ptr<index_t>(),
+                                  ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal);
     });
   });
   return out;
@@ -253,12 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
   if (B > 0 && q.numel() > 0 && k.numel() > 0) {
     ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_bwd_cpu", [&] {
       ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
-        visit_activation(act, [&](auto a) {
-          bwd_impl<decltype(a)::value, scalar_t, index_t>(dq, dk, dv, dout, q, k, v,
-                                                          qo.data_ptr<index_t>(),
-                                                          ko.data_ptr<index_t>(), B, qk_scale,
-                                                          pre_scale, causal);
-        });
+        bwd_impl<scalar_t, index_t>(act, dq, dk, dv, dout, q, k, v, qo.data_ptr<index_t>(),
+                                    ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal);
       });
     });
   }
