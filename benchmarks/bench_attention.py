@@ -172,13 +172,14 @@ def main(argv=None):
           f"window={args.window} {args.dtype}")
     rows = []
     for S in [int(s) for s in args.seq_lengths.split(",")]:
-        rows += run_one(args, S, args.causal, args.window, dtype)
+        win = run_one(args, S, args.causal, args.window, dtype)
+        rows += win
         if args.window >= 0:  # the same shape at full (causal) attention, for the window speedup
             full = run_one(args, S, args.causal, -1, dtype)
-            for r, f in zip(rows[-2 * len(args.passes):-len(args.passes)], full):
+            for r, f in zip(win, full):
                 if isinstance(r.get("attnkit_ms"), float) and isinstance(f.get("attnkit_ms"), float):
                     r["window_speedup_vs_full"] = f["attnkit_ms"] / r["attnkit_ms"]
-            rows += [dict(f, pass_=f["pass"], **{"pass": f["pass"] + "_full"}) for f in full]
+            rows += [dict(f, **{"pass": f["pass"] + "_full"}) for f in full]
     cols = ["seq_len", "pass"] + IMPLS + ["attnkit/sdpa_flash", "attnkit/sdpa_cudnn"]
     if args.window >= 0:
         cols.append("window_speedup_vs_full")
