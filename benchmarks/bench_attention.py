@@ -110,7 +110,7 @@ def run_one(args, S, causal, window, dtype):
     rows = {p: {"seq_len": S, "pass": p} for p in args.passes}
     for name in IMPLS:
         fn = impls.get(name)
-        if fn is None or (name == "eager" and not small):
+        if fn is None or (name in ("eager", "compile") and not small):
             continue
         try:
             out = fn(q, k, v)

@@ -7,10 +7,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
 #include "common/flash_args.h"
+#include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
 
@@ -63,6 +66,16 @@ T* mptr(at::Tensor& t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ATTNKIT_FLASH_SIMT=1 forces the portable kernels everywhere: an A/B switch for debugging the
+// tensor-core paths on a GPU machine (read once).
+bool force_simt() {
+  static const bool v = [] {
+    const char* e = std::getenv("ATTNKIT_FLASH_SIMT");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return v;
+}
+
 // A cached host-side property query (no device synchronisation).
 int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
 
@@ -108,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+      if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
         mma::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
                                   mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
@@ -170,6 +183,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
       simt::bwd_delta_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
           p, cptr<scalar_t>(dout), cptr<scalar_t>(out), mptr<float>(delta));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (!force_simt() && k.numel() > 0 &&
+            mma::bwd_supported(p, dout.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(),
+                               v.const_data_ptr(), out.const_data_ptr(), dq.const_data_ptr(),
+                               dk.const_data_ptr(), dv.const_data_ptr(), sm_major(q))) {
+          mma::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
+                                    cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
+                                    mptr<scalar_t>(dq), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
+                                    rows_q, rows_k, stream);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       simt::bwd_dq_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
           p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
           cptr<float>(lse), cptr<float>(delta), mptr<scalar_t>(dq));
