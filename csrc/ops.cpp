@@ -16,6 +16,18 @@ TORCH_LIBRARY(attnkit, m) {
   // ---- paged decode attention, DESIGN §3.2 ----
 
   // ---- flash attention, DESIGN §3.3 ----
+  // Batched q [B, Sq, H, D], k/v [B, Sk, Hkv, D]; or varlen [T, H, D] with cu_seqlens [B+1].
+  // lse is [B, H, Sq] (varlen [H, Tq]), fp32 (fp64 for fp64 inputs), natural log.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float? softmax_scale=None, bool causal=False, int window_left=-1, int window_right=-1, "
+      "float softcap=0.0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+      "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) -> (Tensor, Tensor, Tensor)");
 
   // ---- MoE routing, DESIGN §3.4 ----
 }

@@ -21,4 +21,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     int64_t max_seq_len_kv, const std::string& activation, double qk_scale,
     double pre_scale = 1.0, bool causal = false);
 
+// Flash attention (DESIGN §3.3). Batched q [B, Sq, H, D] or varlen [T, H, D] with cu_seqlens.
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale = std::nullopt, bool causal = false,
+    int64_t window_left = -1, int64_t window_right = -1, double softcap = 0.0,
+    const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
+    const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
+    std::optional<int64_t> max_seqlen_q = std::nullopt,
+    std::optional<int64_t> max_seqlen_k = std::nullopt);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    std::optional<double> softmax_scale = std::nullopt, bool causal = false,
+    int64_t window_left = -1, int64_t window_right = -1, double softcap = 0.0,
+    const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
+    const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
+    std::optional<int64_t> max_seqlen_q = std::nullopt,
+    std::optional<int64_t> max_seqlen_k = std::nullopt);
+
 }  // namespace attnkit

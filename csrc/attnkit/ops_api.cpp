@@ -36,4 +36,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
                  activation, qk_scale, pre_scale, causal);
 }
 
+namespace {
+using OptTensor = std::optional<at::Tensor>;
+using OptSymInt = std::optional<c10::SymInt>;
+
+OptSymInt sym_of(std::optional<int64_t> x) {
+  return x.has_value() ? OptSymInt(c10::SymInt(*x)) : std::nullopt;
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, bool,
+      int64_t, int64_t, double, const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>(
+      "attnkit::flash_attn_fwd");
+  return op.call(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                 cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, std::optional<double>, bool, int64_t, int64_t, double,
+      const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>("attnkit::flash_attn_bwd");
+  return op.call(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
+                 softcap, cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+}
+
 }  // namespace attnkit

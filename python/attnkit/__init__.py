@@ -8,8 +8,9 @@ import torch  # noqa: F401  (the op library links against torch's libraries)
 from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
 from .gdpa import gdpa, GDPA_ACTIVATIONS
+from .flash import flash_attn_func, flash_attn_varlen_func
 
-__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda"]
+__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda", "flash_attn_func", "flash_attn_varlen_func"]
 
 
 def built_with_cuda() -> bool:

@@ -86,3 +86,79 @@ def gdpa_padded_ref(q, k, v, activation="fast_gelu", qk_scale=1.0, pre_scale=1.0
         L, S = s.shape[-2], s.shape[-1]
         p = p.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), 0.0)
     return qk_scale * torch.matmul(p.to(v.dtype), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash attention (DESIGN §3.3)
+# ---------------------------------------------------------------------------------------------
+def flash_window_mask(lq, lk, causal=False, window_left=-1, window_right=-1, device=None):
+    """``[lq, lk]`` bool, True where query i sees key j (FlashAttention-2 window convention:
+    ``i + lk - lq - left <= j <= i + lk - lq + right``, negative = unbounded, causal = right 0)."""
+    if causal:
+        window_right = 0
+    i = torch.arange(lq, device=device).unsqueeze(1)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    diag = i + lk - lq
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        mask &= j >= diag - window_left
+    if window_right >= 0:
+        mask &= j <= diag + window_right
+    return mask
+
+
+def _flash_dense(q, k, v, scale, causal, wl, wr, softcap):
+    """One sequence: q ``[H, Lq, D]``, k/v ``[H, Lk, D]`` (kv heads already repeated)."""
+    s = scale * (q @ k.transpose(-1, -2))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    mask = flash_window_mask(q.shape[-2], k.shape[-2], causal, wl, wr, q.device)
+    lse = torch.logsumexp(s.detach().masked_fill(~mask, float("-inf")), dim=-1)
+    # A finite fill keeps fully masked rows NaN-free (their p is then zeroed by the mask).
+    p = torch.softmax(s.masked_fill(~mask, torch.finfo(s.dtype).min), dim=-1) * mask
+    return p @ v, lse
+
+
+def flash_attn_ref(q, k, v, softmax_scale=None, causal=False, window_left=-1, window_right=-1,
+                   softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None, compute_dtype=None):
+    """Explicit-mask softmax attention in ``compute_dtype`` (fp32, or fp64 for fp64 inputs).
+
+    Batched ``[B, S, H, D]`` or varlen ``[T, H, D]`` with cu_seqlens. Returns ``(out, lse)``:
+    out in the compute dtype (differentiable in q, k, v), lse ``[B, H, Sq]`` / ``[H, Tq]``.
+    Rows that see no key give out 0 and lse -inf; varlen rows outside every sequence likewise.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    G = q.shape[-2] // k.shape[-2]
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    if cu_seqlens_q is None:
+        out, lse = _flash_dense(qc.transpose(1, 2), kc.transpose(1, 2).repeat_interleave(G, 1),
+                                vc.transpose(1, 2).repeat_interleave(G, 1), scale, causal,
+                                window_left, window_right, softcap)
+        return out.transpose(1, 2), lse
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=compute_dtype, device=q.device)
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b]:
+            continue
+        qb = qc[cq[b]:cq[b + 1]].transpose(0, 1)
+        kb = kc[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(G, 0)
+        vb = vc[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(G, 0)
+        ob, lb = _flash_dense(qb, kb, vb, scale, causal, window_left, window_right, softcap)
+        idx = torch.arange(cq[b], cq[b + 1], device=q.device)
+        out = out.index_put((idx,), ob.transpose(0, 1))
+        lse[:, cq[b]:cq[b + 1]] = lb
+    return out, lse
+
+
+def attention_eager(q, k, v, causal=False, softmax_scale=None):
+    """The benchmark's eager peer on ``[B, H, S, D]``: materialised scores, softmax in fp32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if causal:
+        Lq, Lk = s.shape[-2], s.shape[-1]
+        s = s.masked_fill(~flash_window_mask(Lq, Lk, True, device=q.device), float("-inf"))
+    return (torch.softmax(s, dim=-1).to(v.dtype) @ v)

@@ -1,0 +1,156 @@
+// Flash attention argument parsing and input checks, shared by the CPU, CUDA and Meta kernels
+// (DESIGN §3.3). Shapes are compared as SymInts and no tensor value is read here, so the same
+// checks serve the Meta kernel under torch.compile and CUDA without a host sync.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+
+#include "common/check.h"
+#include "kernels/flash/params.h"
+
+namespace attnkit {
+namespace flash {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+struct Options {
+  std::optional<double> softmax_scale;
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+};
+
+inline bool is_varlen(const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k) {
+  const bool hq = cu_q.has_value() && cu_q->defined();
+  const bool hk = cu_k.has_value() && cu_k->defined();
+  ATTNKIT_CHECK(hq == hk, "cu_seqlens_k: expected cu_seqlens_q and cu_seqlens_k to be both given "
+                "(varlen) or both None (batched), got cu_seqlens_q ", hq ? "given" : "None",
+                " and cu_seqlens_k ", hk ? "given" : "None");
+  return hq;
+}
+
+// q [B, Sq, H, D] / k, v [B, Sk, Hkv, D], or varlen q [Tq, H, D] / k, v [Tk, Hkv, D].
+inline bool check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const Options& o, const std::optional<at::Tensor>& cu_q,
+                         const std::optional<at::Tensor>& cu_k) {
+  const bool varlen = is_varlen(cu_q, cu_k);
+  const int64_t rank = varlen ? 3 : 4;
+  check_dim(q, "q", rank);
+  check_dim(k, "k", rank);
+  check_dim(v, "v", rank);
+  check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble});
+  check_same_dtype(q, "q", k, "k");
+  check_same_dtype(q, "q", v, "v");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", v, "v");
+  const int64_t hd = rank - 2, dd = rank - 1;  // head and head-dim axes
+  const c10::SymInt D = q.sym_size(dd);
+  ATTNKIT_CHECK(D >= 1 && D <= kMaxHeadDim, "q: expected head dim in [1, ", kMaxHeadDim, "], got ", D);
+  ATTNKIT_CHECK(k.sym_size(dd) == D, "k: expected head dim ", D, " (same as q), got shape ", k.sym_sizes());
+  ATTNKIT_CHECK(v.sym_size(dd) == D, "v: expected head dim ", D, " (same as q), got shape ", v.sym_sizes());
+  ATTNKIT_CHECK(k.sym_sizes() == v.sym_sizes(), "v: expected shape ", k.sym_sizes(),
+                " (same as k), got ", v.sym_sizes());
+  if (!varlen) {
+    ATTNKIT_CHECK(k.sym_size(0) == q.sym_size(0), "k: expected batch size ", q.sym_size(0),
+                  " (same as q), got shape ", k.sym_sizes());
+  }
+  ATTNKIT_CHECK(k.sym_size(hd) >= 1 && q.sym_size(hd) % k.sym_size(hd) == 0,
+                "k: expected the number of kv heads to divide the ", q.sym_size(hd),
+                " query heads, got ", k.sym_size(hd));
+  if (varlen) {
+    check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
+    check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+    ATTNKIT_CHECK(cu_q->sym_size(0) == cu_k->sym_size(0), "cu_seqlens_k: expected ",
+                  cu_q->sym_size(0), " entries (same as cu_seqlens_q), got ", cu_k->sym_size(0));
+    ATTNKIT_CHECK(cu_q->scalar_type() == cu_k->scalar_type(), "cu_seqlens_k: expected dtype ",
+                  cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
+  }
+  if (o.softmax_scale.has_value()) {
+    ATTNKIT_CHECK(std::isfinite(*o.softmax_scale), "softmax_scale: expected a finite value, got ",
+                  *o.softmax_scale);
+  }
+  ATTNKIT_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0,
+                "softcap: expected a finite value >= 0 (0 = off), got ", o.softcap);
+  return varlen;
+}
+
+// lse: fp32 (fp64 when the inputs are fp64, so that CPU gradcheck sees exact statistics).
+inline at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline std::vector<c10::SymInt> lse_shape(const at::Tensor& q, bool varlen) {
+  if (varlen) return {q.sym_size(1), q.sym_size(0)};
+  return {q.sym_size(0), q.sym_size(2), q.sym_size(1)};
+}
+
+inline void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                             const at::Tensor& out, const at::Tensor& lse, bool varlen) {
+  check_defined(grad_out, "grad_out");
+  check_defined(out, "out");
+  check_defined(lse, "lse");
+  check_same_dtype(q, "q", grad_out, "grad_out");
+  check_same_dtype(q, "q", out, "out");
+  check_same_device(q, "q", grad_out, "grad_out");
+  check_same_device(q, "q", out, "out");
+  check_same_device(q, "q", lse, "lse");
+  ATTNKIT_CHECK(grad_out.sym_sizes() == q.sym_sizes(), "grad_out: expected shape ", q.sym_sizes(),
+                " (same as q), got ", grad_out.sym_sizes());
+  ATTNKIT_CHECK(out.sym_sizes() == q.sym_sizes(), "out: expected shape ", q.sym_sizes(),
+                " (same as q), got ", out.sym_sizes());
+  check_dtype(lse, "lse", {lse_dtype(q)});
+  const auto shape = lse_shape(q, varlen);
+  ATTNKIT_CHECK(lse.sym_sizes() == c10::SymIntArrayRef(shape), "lse: expected shape ",
+                c10::SymIntArrayRef(shape), ", got ", lse.sym_sizes());
+}
+
+// The head dim must be contiguous for the kernels; any other strides are honoured. A view whose
+// last dim is strided (e.g. a (b, h, d, s) tensor permuted to (b, s, h, d)) is copied once here.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+inline Strides strides_of(const at::Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(0), t.stride(1)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Everything but the gradient pointers/strides, which the backward fills in.
+inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& lse, const Options& o,
+                          const std::optional<at::Tensor>& cu_q,
+                          const std::optional<at::Tensor>& cu_k, bool varlen) {
+  Params p;
+  p.D = q.size(-1);
+  p.H = q.size(-2);
+  p.Hkv = k.size(-2);
+  if (varlen) {
+    p.B = cu_q->size(0) - 1;
+    p.seqlen_q = q.size(0);
+    p.seqlen_k = k.size(0);
+    p.cu_q = cu_q->data_ptr();
+    p.cu_k = cu_k->data_ptr();
+    p.cu_int64 = cu_q->scalar_type() == at::kLong;
+    p.lse = {0, 1, lse.stride(0)};
+  } else {
+    p.B = q.size(0);
+    p.seqlen_q = q.size(1);
+    p.seqlen_k = k.size(1);
+    p.lse = {lse.stride(0), 1, lse.stride(1)};
+  }
+  p.q = strides_of(q, varlen);
+  p.k = strides_of(k, varlen);
+  p.v = strides_of(v, varlen);
+  p.o = strides_of(out, varlen);
+  p.scale = o.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(p.D)));
+  p.softcap = o.softcap;
+  p.window_left = o.window_left < 0 ? -1 : o.window_left;
+  p.window_right = o.causal ? 0 : (o.window_right < 0 ? -1 : o.window_right);
+  return p;
+}
+
+}  // namespace flash
+}  // namespace attnkit

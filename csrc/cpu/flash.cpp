@@ -1,0 +1,278 @@
+// Flash attention CPU kernels (DESIGN §3.3): tiled online softmax with O(N) memory. Forward is
+// parallel over (sequence, head, query tile). Backward is parallel over (sequence, kv head): a
+// task owns dK/dV of its kv head and dQ of the query heads that read it, so there are no atomics
+// and the result is deterministic. Only the key tiles a query tile can see are visited, so a
+// sliding window costs O(window), not O(sequence).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/flash_args.h"
+
+namespace attnkit {
+namespace flash {
+namespace {
+
+constexpr int64_t kBlockM = 32;  // query rows per tile
+constexpr int64_t kBlockN = 64;  // key rows per tile
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename scalar_t, typename acc_t>
+inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int64_t rows,
+                      int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = base + r * row_stride;
+    for (int64_t c = 0; c < D; ++c) dst[r * D + c] = static_cast<acc_t>(s[c]);
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s = 0;
+  for (int64_t c = 0; c < D; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// Query tiles per sequence, from the real lengths.
+inline std::vector<int64_t> tile_starts(const Params& p) {
+  std::vector<int64_t> start(p.B + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    start[b + 1] = start[b] + (seq_range(p, b).lq + kBlockM - 1) / kBlockM;
+  }
+  return start;
+}
+
+template <typename scalar_t>
+void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+              scalar_t* o, acc_type_t<scalar_t>* lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.D, H = p.H, G = p.H / p.Hkv;
+  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const auto start = tile_starts(p);
+
+  at::parallel_for(0, start[p.B] * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(kBlockM * D), kt(kBlockN * D), vt(kBlockN * D), acc(kBlockM * D),
+        st(kBlockN), m(kBlockM), l(kBlockM);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w % H, tile = w / H, hk = h / G;
+      const int64_t b = std::upper_bound(start.begin(), start.end(), tile) - start.begin() - 1;
+      const SeqRange s = seq_range(p, b);
+      const int64_t i0 = (tile - start[b]) * kBlockM, bm = std::min(kBlockM, s.lq - i0);
+      load_rows(qt.data(), q + b * p.q.batch + (s.q0 + i0) * p.q.row + h * p.q.head, p.q.row, bm, D);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+      // Key rows any query of the tile can see (both window ends grow with the query index).
+      const int64_t lo = key_range(p, i0, s.lq, s.lk).lo, hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
+      for (int64_t j0 = lo; j0 <= hi; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, hi - j0 + 1);
+        load_rows(kt.data(), k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
+        load_rows(vt.data(), v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head, p.v.row, bn, D);
+        for (int64_t i = 0; i < bm; ++i) {
+          const KeyRange kr = key_range(p, i0 + i, s.lq, s.lk);
+          acc_t tile_max = neg_inf;
+          for (int64_t j = 0; j < bn; ++j) {
+            const int64_t jj = j0 + j;
+            acc_t x = neg_inf;
+            if (jj >= kr.lo && jj <= kr.hi) {
+              x = scale * dot(qt.data() + i * D, kt.data() + j * D, D);
+              if (cap > 0) x = cap * std::tanh(x / cap);
+            }
+            st[j] = x;
+            tile_max = std::max(tile_max, x);
+          }
+          if (tile_max == neg_inf) continue;  // nothing visible in this tile for row i
+          const acc_t m_new = std::max(m[i], tile_max);
+          const acc_t corr = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first visible tile
+          acc_t* ai = acc.data() + i * D;
+          acc_t row_sum = 0;
+          for (int64_t c = 0; c < D; ++c) ai[c] *= corr;
+          for (int64_t j = 0; j < bn; ++j) {
+            if (st[j] == neg_inf) continue;
+            const acc_t pj = std::exp(st[j] - m_new);
+            row_sum += pj;
+            const acc_t* vj = vt.data() + j * D;
+            for (int64_t c = 0; c < D; ++c) ai[c] += pj * vj[c];
+          }
+          l[i] = l[i] * corr + row_sum;
+          m[i] = m_new;
+        }
+      }
+      for (int64_t i = 0; i < bm; ++i) {
+        scalar_t* oi = o + b * p.o.batch + (s.q0 + i0 + i) * p.o.row + h * p.o.head;
+        // A row that sees no key has l = 0: output 0 and lse = -inf (DESIGN §3.3).
+        const acc_t inv = l[i] > 0 ? acc_t(1) / l[i] : acc_t(0);
+        for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[i * D + c] * inv);
+        lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i0 + i) * p.lse.row] =
+            l[i] > 0 ? m[i] + std::log(l[i]) : neg_inf;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+              const scalar_t* v, const scalar_t* o, const acc_type_t<scalar_t>* lse, scalar_t* dq,
+              scalar_t* dk, scalar_t* dv) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.D, G = p.H / p.Hkv;
+  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
+
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(kBlockM * D), dot_(kBlockM * D), kt(kBlockN * D), vt(kBlockN * D),
+        dqa(kBlockM * D), di(kBlockM), lse_t(kBlockM), dka, dva;
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / p.Hkv, hk = w % p.Hkv;
+      const SeqRange s = seq_range(p, b);
+      dka.assign(s.lk * D, acc_t(0));
+      dva.assign(s.lk * D, acc_t(0));
+      const scalar_t* kb = k + b * p.k.batch + s.k0 * p.k.row + hk * p.k.head;
+      const scalar_t* vb = v + b * p.v.batch + s.k0 * p.v.row + hk * p.v.head;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockM) {
+          const int64_t bm = std::min(kBlockM, s.lq - i0);
+          const int64_t row0 = s.q0 + i0;
+          load_rows(qt.data(), q + b * p.q.batch + row0 * p.q.row + h * p.q.head, p.q.row, bm, D);
+          load_rows(dot_.data(), dout + b * p.dout.batch + row0 * p.dout.row + h * p.dout.head,
+                    p.dout.row, bm, D);
+          // D_i = rowsum(dO ⊙ O): the softmax Jacobian's correction term.
+          for (int64_t i = 0; i < bm; ++i) {
+            const scalar_t* oi = o + b * p.o.batch + (row0 + i) * p.o.row + h * p.o.head;
+            acc_t sum = 0;
+            for (int64_t c = 0; c < D; ++c) sum += static_cast<acc_t>(oi[c]) * dot_[i * D + c];
+            di[i] = sum;
+            lse_t[i] = lse[b * p.lse.batch + h * p.lse.head + (row0 + i) * p.lse.row];
+          }
+          std::fill(dqa.begin(), dqa.end(), acc_t(0));
+          const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
+          const int64_t hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
+          for (int64_t j0 = lo; j0 <= hi; j0 += kBlockN) {
+            const int64_t bn = std::min(kBlockN, hi - j0 + 1);
+            load_rows(kt.data(), kb + j0 * p.k.row, p.k.row, bn, D);
+            load_rows(vt.data(), vb + j0 * p.v.row, p.v.row, bn, D);
+            for (int64_t i = 0; i < bm; ++i) {
+              const KeyRange kr = key_range(p, i0 + i, s.lq, s.lk);
+              const acc_t* qi = qt.data() + i * D;
+              const acc_t* doi = dot_.data() + i * D;
+              acc_t* dqi = dqa.data() + i * D;
+              for (int64_t j = std::max<int64_t>(0, kr.lo - j0); j < bn && j0 + j <= kr.hi; ++j) {
+                const acc_t* kj = kt.data() + j * D;
+                const acc_t* vj = vt.data() + j * D;
+                acc_t x = scale * dot(qi, kj, D), dx = scale;
+                if (cap > 0) {
+                  const acc_t t = std::tanh(x / cap);
+                  x = cap * t;
+                  dx = scale * (acc_t(1) - t * t);
+                }
+                const acc_t pij = std::exp(x - lse_t[i]);
+                const acc_t ds = pij * (dot(doi, vj, D) - di[i]) * dx;
+                acc_t* dkj = dka.data() + (j0 + j) * D;
+                acc_t* dvj = dva.data() + (j0 + j) * D;
+                for (int64_t c = 0; c < D; ++c) {
+                  dvj[c] += pij * doi[c];
+                  dkj[c] += ds * qi[c];
+                  dqi[c] += ds * kj[c];
+                }
+              }
+            }
+          }
+          for (int64_t i = 0; i < bm; ++i) {
+            scalar_t* d = dq + b * p.dq.batch + (row0 + i) * p.dq.row + h * p.dq.head;
+            for (int64_t c = 0; c < D; ++c) d[c] = static_cast<scalar_t>(dqa[i * D + c]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < s.lk; ++j) {
+        scalar_t* dkj = dk + b * p.dk.batch + (s.k0 + j) * p.dk.row + hk * p.dk.head;
+        scalar_t* dvj = dv + b * p.dv.batch + (s.k0 + j) * p.dv.row + hk * p.dv.head;
+        for (int64_t c = 0; c < D; ++c) {
+          dkj[c] = static_cast<scalar_t>(dka[j * D + c]);
+          dvj[c] = static_cast<scalar_t>(dva[j * D + c]);
+        }
+      }
+    }
+  });
+}
+
+void check_cu_values(const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                     const at::Tensor& q, const at::Tensor& k) {
+  check_offsets_values_cpu(*cu_q, q.size(0), "cu_seqlens_q");
+  check_offsets_values_cpu(*cu_k, k.size(0), "cu_seqlens_k");
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+  const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
+  if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in);
+  // Varlen rows outside every sequence are never visited: they keep these fill values.
+  auto out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::full_symint(lse_shape(q, varlen),
+                      -std::numeric_limits<double>::infinity(), q.options().dtype(lse_dtype(q)));
+  const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
+  const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
+  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (out.numel() == 0 || p.B == 0) return {out, lse};
+  ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_fwd_cpu", [&] {
+    fwd_impl<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), lse.data_ptr<acc_type_t<scalar_t>>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+  const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
+  check_bwd_inputs(grad_out_in, q_in, out_in, lse, varlen);
+  if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in), out = last_dim_contiguous(out_in),
+             dout = last_dim_contiguous(grad_out_in);
+  auto dq = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dk = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
+  const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
+  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  p.dout = strides_of(dout, varlen);
+  p.dq = strides_of(dq, varlen);
+  p.dk = strides_of(dk, varlen);
+  p.dv = strides_of(dv, varlen);
+  if (q.numel() == 0 || k.numel() == 0 || p.B == 0) return {dq, dk, dv};
+  ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_bwd_cpu", [&] {
+    bwd_impl<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                       k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                       lse.data_ptr<acc_type_t<scalar_t>>(), dq.data_ptr<scalar_t>(),
+                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
+}
+
+}  // namespace flash
+}  // namespace attnkit

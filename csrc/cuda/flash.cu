@@ -1,0 +1,222 @@
+// Flash attention CUDA launchers (DESIGN §3.3): checks -> device guard -> current stream ->
+// dispatch -> launch. No host synchronisation: cu_seqlens are clamped inside the kernels, and
+// the varlen grid is sized from max_seqlen_* (or the total row count when not given); kernels
+// loop over query tiles, so a hint below a real length still computes that sequence in full.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "common/flash_args.h"
+#include "kernels/flash/mma_bwd.cuh"
+#include "kernels/flash/mma_fwd.cuh"
+#include "kernels/flash/simt.cuh"
+
+namespace attnkit {
+namespace flash {
+namespace {
+
+// at::Half / at::BFloat16 -> the kernels' 16-bit types; float stays float.
+template <typename T>
+struct KernelType {
+  using type = T;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = fp16_t;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = bf16_t;
+};
+
+#define ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(TYPE, ...)                                            \
+  [&] {                                                                                          \
+    switch (TYPE) {                                                                              \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                         \
+      case at::kHalf: { using scalar_t = fp16_t; return __VA_ARGS__(); }                         \
+      case at::kBFloat16: { using scalar_t = bf16_t; return __VA_ARGS__(); }                     \
+      default:                                                                                   \
+        ATTNKIT_CHECK(false, "q: expected dtype in {BFloat16, Half, Float} on CUDA, got ", TYPE); \
+    }                                                                                            \
+  }()
+
+// Head dim -> lanes' register chunks of the portable kernels (bounded instantiations).
+#define ATTNKIT_DISPATCH_FLASH_CHUNKS(D, ...)                                   \
+  [&] {                                                                         \
+    if ((D) <= 64) { constexpr int kChunks = 2; return __VA_ARGS__(); }         \
+    if ((D) <= 128) { constexpr int kChunks = 4; return __VA_ARGS__(); }        \
+    if ((D) <= 256) { constexpr int kChunks = 8; return __VA_ARGS__(); }        \
+    ATTNKIT_CHECK(false, "q: expected head dim <= 256, got ", D);               \
+  }()
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ATTNKIT_FLASH_SIMT=1 forces the portable kernels everywhere: an A/B switch for debugging the
+// tensor-core paths on a GPU machine (read once).
+bool force_simt() {
+  static const bool v = [] {
+    const char* e = std::getenv("ATTNKIT_FLASH_SIMT");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return v;
+}
+
+// A cached host-side property query (no device synchronisation).
+int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
+
+// Rows the grid is sized for: the batched length, or the varlen hint clamped to [1, total].
+int64_t grid_rows(bool varlen, int64_t total, const std::optional<c10::SymInt>& hint) {
+  if (!varlen || !hint.has_value()) return total;
+  const int64_t h = hint->guard_int(__FILE__, __LINE__);
+  return std::max<int64_t>(1, std::min(h, total));
+}
+
+dim3 grid_of(int64_t rows, int64_t rows_per_cta, int64_t heads, int64_t batch) {
+  ATTNKIT_CHECK(heads <= 65535, "q: expected at most 65535 heads, got ", heads);
+  ATTNKIT_CHECK(batch <= 65535, "q: expected at most 65535 sequences, got ", batch);
+  const int64_t x = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, rows_per_cta), 1 << 30));
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>) {
+  const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
+  check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in);
+  const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
+  // Varlen rows outside every sequence are never visited, so they are filled here.
+  auto out = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
+  const auto lse_opts = q.options().dtype(at::kFloat);
+  auto lse = varlen ? at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(), lse_opts)
+                    : at::empty({q.size(0), q.size(2), q.size(1)}, lse_opts);
+  if (out.numel() == 0) return {out, lse};
+  const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
+  const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
+  const Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (p.B == 0) return {out, lse};
+  const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
+  grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
+
+  ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+                             out.const_data_ptr(), sm_major(q))) {
+        mma::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
+                                  mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
+      const dim3 grid = grid_of(rows, simt::kRows, p.H, p.B);
+      simt::fwd_kernel<scalar_t, kChunks><<<grid, simt::kThreads, 0, stream>>>(
+          p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v), mptr<scalar_t>(out),
+          mptr<float>(lse));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k) {
+  const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
+  check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+  check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in), out = last_dim_contiguous(out_in),
+             dout = last_dim_contiguous(grad_out_in);
+  // delta shares lse's (contiguous) layout and index arithmetic.
+  const auto lse = lse_in.contiguous();
+  const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dq = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
+  auto dk = varlen ? at::zeros(k.sizes(), contig) : at::empty(k.sizes(), contig);
+  auto dv = varlen ? at::zeros(v.sizes(), contig) : at::empty(v.sizes(), contig);
+  if (q.numel() == 0) {
+    // No query rows: nothing reads k or v.
+    return {dq, dk.zero_(), dv.zero_()};
+  }
+  const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
+  const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
+  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (p.B == 0) return {dq, dk, dv};
+  p.dout = strides_of(dout, varlen);
+  p.dq = strides_of(dq, varlen);
+  p.dk = strides_of(dk, varlen);
+  p.dv = strides_of(dv, varlen);
+  auto delta = at::empty_like(lse);
+  const int64_t rows_q = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
+  const int64_t rows_k = grid_rows(varlen, p.seqlen_k, max_seqlen_k);
+
+  ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
+    ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
+      const dim3 grid_q = grid_of(rows_q, simt::kRows, p.H, p.B);
+      simt::bwd_delta_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
+          p, cptr<scalar_t>(dout), cptr<scalar_t>(out), mptr<float>(delta));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (!force_simt() && k.numel() > 0 &&
+            mma::bwd_supported(p, dout.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(),
+                               v.const_data_ptr(), out.const_data_ptr(), dq.const_data_ptr(),
+                               dk.const_data_ptr(), dv.const_data_ptr(), sm_major(q))) {
+          mma::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
+                                    cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
+                                    mptr<scalar_t>(dq), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
+                                    rows_q, rows_k, stream);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+      simt::bwd_dq_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
+          p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
+          cptr<float>(lse), cptr<float>(delta), mptr<scalar_t>(dq));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (k.numel() == 0) return;
+      const dim3 grid_k = grid_of(rows_k, simt::kRows, p.Hkv, p.B);
+      simt::bwd_dkdv_kernel<scalar_t, kChunks><<<grid_k, simt::kThreads, 0, stream>>>(
+          p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
+          cptr<float>(lse), cptr<float>(delta), mptr<scalar_t>(dk), mptr<scalar_t>(dv));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cuda);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cuda);
+}
+
+}  // namespace flash
+}  // namespace attnkit

@@ -1,0 +1,514 @@
+"""Flash attention tests (DESIGN §3.3, §4): every causal x window combination against the
+reference, Sq != Sk, rows with no visible key, GQA, varlen with empty sequences, strided views,
+gradients, opcheck, torch.compile, bad inputs; env-gated repro and stress suites."""
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import flash_attn_func, flash_attn_varlen_func
+from attnkit.reference import flash_attn_ref, flash_window_mask
+from attnkit.testing import TOLERANCE, rel_err
+
+# The flash family's own CUDA kernels (attnkit.built_with_cuda() looks at another family).
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "attnkit::flash_attn_fwd", "CUDA")
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CAUSAL = [False, True]
+WINDOWS = [-1, 0, 5]
+SEQ_PAIRS = [(37, 53), (53, 37), (64, 64)]
+GQA = [1, 4, 8]
+HEAD_DIMS = [32, 40, 64, 96, 128, 256]
+FWD = torch.ops.attnkit.flash_attn_fwd
+BWD = torch.ops.attnkit.flash_attn_bwd
+
+REPRO = os.environ.get("ATTNKIT_RUN_REPRO_SHAPES") == "1"
+STRESS = os.environ.get("ATTNKIT_RUN_STRESS") == "1"
+LOG_MORE = os.environ.get("ATTNKIT_LOG_MORE") == "1"
+
+
+def seed_everything():
+    seed = random.randrange(1 << 31)
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    return seed
+
+
+def poison_allocator(device):
+    """Fill freed cached memory with NaN so an output element the kernel forgets shows up."""
+    if device == "cuda":
+        torch.empty(64 << 20, device=device).fill_(float("nan"))
+
+
+def rand(*shape, device, dtype):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def check_close(out, ref, dtype, what):
+    e = rel_err(out, ref)
+    assert e <= TOLERANCE[dtype], f"{what}: rel_err {e:.3e} > {TOLERANCE[dtype]:.0e}"
+
+
+def check_lse(lse, ref_lse, dtype):
+    """-inf exactly where the reference is -inf (rows with no key), close elsewhere."""
+    assert not torch.isnan(lse).any(), "lse has NaN"
+    inf_ref = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), inf_ref), "lse: -inf pattern differs from the reference"
+    if (~inf_ref).any():
+        check_close(lse[~inf_ref], ref_lse[~inf_ref], dtype, "lse")
+
+
+def skip_unsupported(device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 on the CPU is covered by the bf16 cases (same code path)")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("window_left", WINDOWS)
+@pytest.mark.parametrize("window_right", WINDOWS)
+@pytest.mark.parametrize("seqlens", SEQ_PAIRS)
+def test_window_matrix(device, dtype, causal, window_left, window_right, seqlens):
+    """The original's failing class: every causal x window_left x window_right, Sq != Sk."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    Sq, Sk = seqlens
+    q = rand(2, Sq, 4, 64, device=device, dtype=dtype)
+    k, v = (rand(2, Sk, 2, 64, device=device, dtype=dtype) for _ in range(2))
+    poison_allocator(device)
+    out, lse = FWD(q, k, v, None, causal, window_left, window_right)
+    ref, ref_lse = flash_attn_ref(q, k, v, None, causal, window_left, window_right)
+    assert out.shape == q.shape and lse.shape == (2, 4, Sq) and lse.dtype == torch.float32
+    check_close(out, ref, dtype, "out")
+    check_lse(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_keys(device, dtype):
+    """Sq > Sk with a right bound of 0: the first Sq - Sk rows see no key: output 0, lse -inf."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(1, 40, 2, 64, device=device, dtype=dtype)
+    k, v = (rand(1, 16, 2, 64, device=device, dtype=dtype) for _ in range(2))
+    for kw in (dict(causal=True), dict(window_left=2, window_right=0)):
+        poison_allocator(device)
+        out, lse = FWD(q, k, v, None, kw.get("causal", False), kw.get("window_left", -1),
+                       kw.get("window_right", -1))
+        mask = flash_window_mask(40, 16, kw.get("causal", False), kw.get("window_left", -1),
+                                 kw.get("window_right", -1), device)
+        empty = ~mask.any(1)
+        assert empty.any()
+        assert (out[0, empty] == 0).all() and torch.isinf(lse[0][:, empty]).all()
+        assert (lse[0][:, empty] < 0).all() and torch.isfinite(out).all()
+        check_close(out, flash_attn_ref(q, k, v, None, **kw)[0], dtype, "out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GQA)
+def test_gqa(device, dtype, group):
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(2, 70, 8, 64, device=device, dtype=dtype)
+    k, v = (rand(2, 70, 8 // group, 64, device=device, dtype=dtype) for _ in range(2))
+    out, lse = FWD(q, k, v, 0.3, True)
+    ref, ref_lse = flash_attn_ref(q, k, v, 0.3, True)
+    check_close(out, ref, dtype, "out")
+    check_lse(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_head_dims_and_softcap(device, dtype, head_dim, softcap):
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(1, 77, 2, head_dim, device=device, dtype=dtype)
+    k, v = (rand(1, 65, 1, head_dim, device=device, dtype=dtype) for _ in range(2))
+    poison_allocator(device)
+    out, lse = FWD(q, k, v, None, False, 20, 3, softcap)
+    ref, ref_lse = flash_attn_ref(q, k, v, None, False, 20, 3, softcap)
+    check_close(out, ref, dtype, "out")
+    check_lse(lse, ref_lse, dtype)
+
+
+def varlen_inputs(device, dtype, lens_q, lens_k, H=4, Hkv=2, D=64, extra_rows=3,
+                  index_dtype=torch.int32, requires_grad=False):
+    """Packed sequences plus `extra_rows` rows after the last one that no sequence covers."""
+    cu_q = torch.tensor([0] + lens_q, dtype=index_dtype).cumsum(0).to(index_dtype).to(device)
+    cu_k = torch.tensor([0] + lens_k, dtype=index_dtype).cumsum(0).to(index_dtype).to(device)
+    q = rand(sum(lens_q) + extra_rows, H, D, device=device, dtype=dtype)
+    k, v = (rand(sum(lens_k) + extra_rows, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, cu_q, cu_k
+
+
+VARLEN_LENS = [([37, 0, 1, 64, 100], [50, 7, 0, 64, 90]), ([5], [5]), ([0, 0], [3, 0])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", VARLEN_LENS)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_varlen(device, dtype, lens, causal, index_dtype):
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q, k, v, cu_q, cu_k = varlen_inputs(device, dtype, *lens, index_dtype=index_dtype)
+    poison_allocator(device)
+    # Hints below the real lengths must not change the result (they only size the GPU grid).
+    for mq, mk in ((max(lens[0]), max(lens[1])), (1, 1), (None, None)):
+        out, lse = FWD(q, k, v, None, causal, 16, -1, 0.0, cu_q, cu_k, mq, mk)
+        ref, ref_lse = flash_attn_ref(q, k, v, None, causal, 16, -1, 0.0, cu_q, cu_k)
+        assert lse.shape == (4, q.shape[0])
+        check_close(out, ref, dtype, "out")
+        check_lse(lse, ref_lse, dtype)
+    out2 = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens[0]), max(lens[1]), causal=causal,
+                                  window_size=(16, -1))
+    check_close(out2, ref, dtype, "flash_attn_varlen_func")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views(device, dtype):
+    """(b, h, d, s) tensors from other frameworks passed as permuted views, and (b, h, s, d)
+    transposed views whose head dim stays contiguous (used in place, no copy)."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    B, H, S, D = 2, 4, 48, 64
+    q_bhds = rand(B, H, D, S, device=device, dtype=dtype)
+    k_bhsd = rand(B, H, S, D, device=device, dtype=dtype)
+    v_bhds = rand(B, H, D, S, device=device, dtype=dtype)
+    q, k, v = q_bhds.permute(0, 3, 1, 2), k_bhsd.transpose(1, 2), v_bhds.permute(0, 3, 1, 2)
+    assert q.stride(-1) != 1 and k.stride(-1) == 1 and not k.is_contiguous()
+    out = flash_attn_func(q, k, v, causal=True, window_size=(S, -1))
+    ref, _ = flash_attn_ref(q.contiguous(), k.contiguous(), v.contiguous(), None, True, S, -1)
+    check_close(out, ref, dtype, "out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_unaligned_views(device, dtype, head_dim):
+    """Views with odd row strides and offsets (not 16-byte aligned): on CUDA these leave the
+    tensor-core path for the portable kernels, which must give the same result."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    base_q = rand(2, 50, 4, head_dim + 1, device=device, dtype=dtype)
+    base_kv = rand(2, 40, 2, 3, head_dim + 1, device=device, dtype=dtype)
+    q = base_q[..., 1:]
+    k, v = base_kv[:, :, :, 0, 1:], base_kv[:, :, :, 2, :-1]
+    out, lse = FWD(q, k, v, None, True, 7, -1)
+    ref, ref_lse = flash_attn_ref(q, k, v, None, True, 7, -1)
+    check_close(out, ref, dtype, "out")
+    check_lse(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    for qs, ks in (((0, 5, 2, 32), (0, 5, 2, 32)), ((2, 0, 2, 32), (2, 5, 2, 32)),
+                   ((2, 5, 2, 32), (2, 0, 2, 32))):
+        q, k = torch.randn(qs, device=device), torch.randn(ks, device=device)
+        out, lse = FWD(q, k, k.clone())
+        assert out.shape == qs and lse.shape == (qs[0], qs[2], qs[1])
+        assert (out == 0).all() and (torch.isinf(lse) & (lse < 0)).all()
+        dq, dk, dv = BWD(torch.randn_like(out), q, k, k.clone(), out, lse)
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+GRAD_CASES = [
+    dict(causal=False), dict(causal=True), dict(window_left=2, window_right=1),
+    dict(causal=True, window_left=3, softcap=2.0), dict(window_left=0, window_right=0),
+]
+
+
+@pytest.mark.parametrize("kw", GRAD_CASES, ids=lambda kw: ",".join(f"{a}={b}" for a, b in kw.items()))
+@pytest.mark.parametrize("seqlens", [(5, 7), (7, 5)])
+def test_gradcheck_cpu(kw, seqlens):
+    seed_everything()
+    Sq, Sk = seqlens
+    q = torch.randn(1, Sq, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, Sk, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, Sk, 2, 8, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, v: flash_attn_func(q, k, v, softmax_scale=0.4, causal=kw.get("causal", False),
+                                        window_size=(kw.get("window_left", -1), kw.get("window_right", -1)),
+                                        softcap=kw.get("softcap", 0.0))
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_gradcheck_cpu_varlen():
+    seed_everything()
+    q, k, v, cu_q, cu_k = varlen_inputs("cpu", torch.float64, [4, 0, 3], [3, 2, 5], H=2, Hkv=1, D=8,
+                                        extra_rows=1, requires_grad=True)
+    f = lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, causal=True)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", GRAD_CASES, ids=lambda kw: ",".join(f"{a}={b}" for a, b in kw.items()))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_grads_vs_reference(device, dtype, kw, head_dim):
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(2, 45, 4, head_dim, device=device, dtype=dtype).requires_grad_()
+    k = rand(2, 61, 1, head_dim, device=device, dtype=dtype).requires_grad_()
+    v = rand(2, 61, 1, head_dim, device=device, dtype=dtype).requires_grad_()
+    g = rand(2, 45, 4, head_dim, device=device, dtype=dtype)
+    args = (None, kw.get("causal", False), kw.get("window_left", -1), kw.get("window_right", -1),
+            kw.get("softcap", 0.0))
+    grads = torch.autograd.grad(FWD(q, k, v, *args)[0], (q, k, v), g)
+    ref_grads = torch.autograd.grad(flash_attn_ref(q, k, v, *args)[0], (q, k, v), g.float())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert a.dtype == dtype
+        check_close(a, b, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (100, 0), (50, 70)])
+def test_multi_tile_fwd_bwd(device, dtype, window):
+    """Several 64-row tiles on both sides (first, interior, ragged last), so the GPU kernels'
+    tile loops, tile skipping and boundary masks all run, forward and backward."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(1, 333, 4, 64, device=device, dtype=dtype).requires_grad_()
+    k = rand(1, 301, 2, 64, device=device, dtype=dtype).requires_grad_()
+    v = rand(1, 301, 2, 64, device=device, dtype=dtype).requires_grad_()
+    g = rand(1, 333, 4, 64, device=device, dtype=dtype)
+    out, lse = FWD(q, k, v, None, False, *window)
+    ref, ref_lse = flash_attn_ref(q, k, v, None, False, *window)
+    check_close(out, ref, dtype, "out")
+    check_lse(lse.detach(), ref_lse, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        check_close(a, b, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grads_varlen(device, dtype):
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q, k, v, cu_q, cu_k = varlen_inputs(device, dtype, *VARLEN_LENS[0], requires_grad=True)
+    g = torch.randn_like(q)
+    grads = torch.autograd.grad(flash_attn_varlen_func(q, k, v, cu_q, cu_k, 100, 90, causal=True), (q, k, v), g)
+    ref = flash_attn_ref(q, k, v, None, True, -1, -1, 0.0, cu_q, cu_k)[0]
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        check_close(a, b, dtype, f"d{name}")
+    # Rows no sequence covers get exactly zero gradient.
+    assert (grads[0][-3:] == 0).all() and (grads[1][-3:] == 0).all()
+
+
+def test_double_backward_is_a_clear_error():
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = flash_attn_func(q, k, v)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ---------------------------------------------------------------------------------------------
+def sample_inputs(device, requires_grad=False):
+    dt = torch.float32
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dt, requires_grad=requires_grad)
+    yield (mk(2, 9, 4, 32), mk(2, 11, 2, 32), mk(2, 11, 2, 32)), {}
+    yield (mk(2, 9, 4, 32), mk(2, 11, 2, 32), mk(2, 11, 2, 32)), dict(causal=True, window_left=3, softcap=1.5)
+    q, k, v, cu_q, cu_k = varlen_inputs(device, dt, [4, 0, 6], [5, 2, 6], D=32, requires_grad=requires_grad)
+    yield (q, k, v), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=6,
+                          softmax_scale=0.2, window_right=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    seed_everything()
+    for args, kw in sample_inputs(device, requires_grad=True):
+        torch.library.opcheck(FWD, args, kw)
+        out, lse = FWD(*args, **kw)
+        bwd_args = (torch.randn_like(out),) + tuple(a.detach() for a in args) + (out.detach(), lse)
+        torch.library.opcheck(BWD, bwd_args, kw)
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, dim=64, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.hd)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.hd)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        return flash_attn_func(q, k, v, causal=True, window_size=(8, -1)).flatten(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    seed_everything()
+    torch._dynamo.reset()
+    m = TinyAttention().to(device)
+    x = torch.randn(2, 24, 64, device=device, requires_grad=True)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    (gx,) = torch.autograd.grad(compiled.sum(), x)
+    (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: each a RuntimeError naming the argument
+# ---------------------------------------------------------------------------------------------
+def bad_cases(device):
+    f32 = dict(device=device, dtype=torch.float32)
+    q, k = torch.randn(1, 8, 4, 32, **f32), torch.randn(1, 8, 2, 32, **f32)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=device)
+    qv, kv_ = torch.randn(8, 4, 32, **f32), torch.randn(8, 2, 32, **f32)
+    yield "q", lambda: FWD(q.to(torch.int32), k, k)
+    yield "k", lambda: FWD(q, k.double(), k)
+    yield "k", lambda: FWD(q, torch.randn(1, 8, 3, 32, **f32), torch.randn(1, 8, 3, 32, **f32))
+    yield "q", lambda: FWD(q[0], k, k)
+    yield "k", lambda: FWD(q, k[0], k)
+    yield "v", lambda: FWD(q, k, torch.randn(1, 9, 2, 32, **f32))
+    yield "k", lambda: FWD(q, torch.randn(1, 8, 2, 16, **f32), torch.randn(1, 8, 2, 16, **f32))
+    yield "k", lambda: FWD(q, torch.randn(2, 8, 2, 32, **f32), torch.randn(2, 8, 2, 32, **f32))
+    yield "q", lambda: FWD(torch.randn(1, 8, 4, 300, **f32), torch.randn(1, 8, 2, 300, **f32),
+                           torch.randn(1, 8, 2, 300, **f32))
+    yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, -1.0)
+    yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu)
+    yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
+    yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])
+    yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.view(1, 3), cu_seqlens_k=cu)
+    yield "dropout_p", lambda: flash_attn_func(q, k, k, dropout_p=0.1)
+    yield "grad_out", lambda: BWD(q[:, :4], q, k, k, q, torch.zeros(1, 4, 8, **f32))
+    yield "lse", lambda: BWD(q, q, k, k, q, torch.zeros(1, 4, 9, **f32))
+    yield "lse", lambda: BWD(q, q, k, k, q, torch.zeros(1, 4, 8, device=device, dtype=torch.float64))
+    if device == "cpu":
+        # Offsets' values are validated on the CPU; CUDA clamps them (no host sync).
+        bad = torch.tensor([0, 6, 4], dtype=torch.int32)
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=bad, cu_seqlens_k=cu)
+        big = torch.tensor([0, 4, 9], dtype=torch.int32)
+        yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=big)
+        neg = torch.tensor([-1, 4, 8], dtype=torch.int32)
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=neg, cu_seqlens_k=cu)
+    if HAS_CUDA:
+        other = "cpu" if device == "cuda" else "cuda"
+        yield "k", lambda: FWD(q, k.to(other), k.to(other))
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.to(other), cu_seqlens_k=cu)
+    if device == "cuda":
+        yield "q", lambda: FWD(q.double(), k.double(), k.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    for i, (name, call) in enumerate(bad_cases(device)):
+        with pytest.raises(RuntimeError, match=name) as e:
+            call()
+        if LOG_MORE:
+            print(i, e.value)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA clamping of bad offsets needs a GPU")
+def test_cuda_bad_offsets_are_clamped():
+    """Offsets out of range on CUDA cannot be checked without a host sync: they are clamped, so
+    the call must not fault (compute-sanitizer checks the accesses)."""
+    qv, kv_ = torch.randn(8, 4, 32, device="cuda"), torch.randn(8, 2, 32, device="cuda")
+    for bad in ([0, 100, 4], [-5, 4, 1 << 30], [7, 3, 8]):
+        cu = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        out, lse = FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
+        BWD(torch.randn_like(out), qv, kv_, kv_, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# env-gated suites (DESIGN §4)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not REPRO, reason="set ATTNKIT_RUN_REPRO_SHAPES=1")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [(-1, -1), (2048, -1), (256, 0)])
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_repro_neuron_shapes(device, window, causal):
+    """The original's shapes: B=2, H=8, D=64, S=2048, Q/K as (b, h, d, s), V as (b, h, s, d);
+    the default window (-1, -1) was the call that failed there."""
+    seed_everything()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, H, D, S = 2, 8, 64, 2048
+    Q = rand(B, H, D, S, device=device, dtype=dtype)
+    K = rand(B, H, D, S, device=device, dtype=dtype)
+    V = rand(B, H, S, D, device=device, dtype=dtype)
+    q, k, v = Q.permute(0, 3, 1, 2), K.permute(0, 3, 1, 2), V.transpose(1, 2)
+    out = flash_attn_func(q, k, v, softmax_scale=1 / math.sqrt(D), causal=causal, window_size=window)
+    ref, _ = flash_attn_ref(q, k, v, 1 / math.sqrt(D), causal, *window)
+    assert out.transpose(1, 2).shape == (B, H, S, D)
+    check_close(out, ref, dtype, "out")
+    if os.environ.get("ATTNKIT_REPRO_PERF") == "1" and device == "cuda":
+        from attnkit.testing import time_ms
+        from attnkit.reference import attention_eager
+        fns = {"attnkit": lambda: flash_attn_func(q, k, v, causal=causal, window_size=window)}
+        if window == (-1, -1):
+            fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+            fns["eager"] = lambda: attention_eager(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
+        times = {n: time_ms(f, device) * 1e3 for n, f in fns.items()}
+        for n, t in times.items():
+            print(f"{n} avg_us/iter={t:.1f}")
+        print(f"winner={min(times, key=times.get)}")
+
+
+@pytest.mark.skipif(not STRESS, reason="set ATTNKIT_RUN_STRESS=1")
+@pytest.mark.parametrize("device", DEVICES)
+def test_stress_random(device):
+    trials = int(os.environ.get("ATTNKIT_STRESS_TRIALS", "25"))
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    for t in range(trials):
+        seed = seed_everything()
+        rng = random.Random(seed)
+        dtype = rng.choice(dtypes)
+        D = rng.choice([32, 64, 96, 128, 256, 40])
+        Hkv = rng.choice([1, 2]); H = Hkv * rng.choice(GQA)
+        causal = rng.random() < 0.5
+        wl, wr = rng.choice([-1, 0, rng.randrange(1, 200)]), rng.choice([-1, 0, rng.randrange(1, 200)])
+        softcap = rng.choice([0.0, 0.0, 10.0])
+        if rng.random() < 0.5:
+            Sq, Sk = rng.randrange(1, 700), rng.randrange(1, 700)
+            q = rand(rng.randrange(1, 3), Sq, H, D, device=device, dtype=dtype)
+            k, v = (rand(q.shape[0], Sk, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+            extra = (None, None)
+        else:
+            n = rng.randrange(1, 6)
+            lq = [rng.choice([0, 1, rng.randrange(1, 400)]) for _ in range(n)]
+            lk = [rng.choice([0, 1, rng.randrange(1, 400)]) for _ in range(n)]
+            q, k, v, cu_q, cu_k = varlen_inputs(device, dtype, lq, lk, H=H, Hkv=Hkv, D=D)
+            extra = (cu_q, cu_k)
+        if LOG_MORE:
+            print(f"trial {t}: {dtype} D={D} H={H}/{Hkv} causal={causal} window=({wl},{wr}) "
+                  f"softcap={softcap} q={tuple(q.shape)} k={tuple(k.shape)} varlen={extra[0] is not None}")
+        q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
+        args = (None, causal, wl, wr, softcap) + extra
+        out, lse = FWD(q, k, v, *args)
+        ref, ref_lse = flash_attn_ref(q, k, v, *args)
+        check_close(out, ref, dtype, f"trial {t} out")
+        check_lse(lse, ref_lse, dtype)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+        for name, a, b in zip("qkv", grads, ref_grads):
+            check_close(a, b, dtype, f"trial {t} d{name}")
