@@ -21,4 +21,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     int64_t max_seq_len_kv, const std::string& activation, double qk_scale,
     double pre_scale = 1.0, bool causal = false);
 
+// ---- MoE routing (DESIGN §3.4) ----
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& gating_logits, int64_t k,
+                                                    bool renormalize = false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x,
+                                                           const at::Tensor& topk_ids,
+                                                           int64_t num_experts);
+at::Tensor moe_unpermute(const at::Tensor& permuted_out, const at::Tensor& row_map,
+                         const at::Tensor& topk_weights);
+at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& expert_offsets);
+at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor expert_load_balance(const at::Tensor& expert_loads, int64_t world_size);
+
 }  // namespace attnkit
