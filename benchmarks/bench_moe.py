@@ -46,7 +46,8 @@ def eager_moe(x, gate, w1, w2, k):
         if tok.numel() == 0:
             continue
         h = x[tok] @ w1[e]
-        y = attnkit.silu_and_mul(h) @ w2[e]
+        g, u = h.chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(g) * u) @ w2[e]
         out.index_add_(0, tok, (w[tok, slot].unsqueeze(-1) * y.float()).to(x.dtype))
     return out
 
@@ -112,7 +113,8 @@ def main(argv=None):
                              TOL[dtype])
                 t = time_ms(lambda: attnkit.grouped_gemm(perm, w1, off), dev, **kw)
                 row["gemm_TFLOPs"] = flops / t / 1e9
-                if dev.startswith("cuda") and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
+                on_gpu = dev.startswith("cuda")
+                if on_gpu and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
                     ends = off[1:].contiguous()
                     try:
                         torch._grouped_mm(perm, w1, ends)

@@ -24,7 +24,8 @@ using Perm3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 
 Perm3 call_permute(const at::Tensor& x, const at::Tensor& ids, int64_t E) {
-  static auto op = op_handle<Perm3(const at::Tensor&, const at::Tensor&, int64_t)>("attnkit::moe_permute");
+  static auto op =
+      op_handle<Perm3(const at::Tensor&, const at::Tensor&, int64_t)>("attnkit::moe_permute");
   return op.call(x, ids, E);
 }
 
@@ -108,7 +109,7 @@ class GroupedGemmFunction : public torch::autograd::Function<GroupedGemmFunction
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
     const auto g = grads[0].contiguous();
-    // dA = dC · W[e]ᵀ row block by row block (a transposed view: no copy of W); dW[e] = A_eᵀ dC_e.
+    // dA = dC · W[e]ᵀ per row block (W transposed as a view, no copy); dW[e] = A_eᵀ dC_e.
     auto grad_a = call_grouped_gemm(g, s[1].transpose(1, 2), s[2]);
     auto grad_w = call_wgrad(s[0], g, s[2]);
     return {grad_a, grad_w, at::Tensor()};
@@ -161,7 +162,8 @@ class WgradFunction : public torch::autograd::Function<WgradFunction> {
     return call_wgrad(a, g, off);
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "attnkit: double backward of grouped_gemm's weight gradient is not supported");
+    TORCH_CHECK(false,
+                "attnkit: double backward of grouped_gemm's weight gradient is not supported");
   }
 };
 

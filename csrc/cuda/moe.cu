@@ -203,7 +203,8 @@ bool grouped_mm_applies(const at::Tensor& a, const at::Tensor& w, int64_t M, int
   return aligned16({a.data_ptr(), w.data_ptr()});
 }
 
-at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& off_in) {
+at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
+                             const at::Tensor& off_in) {
   check_grouped_gemm(a_in, w, off_in);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

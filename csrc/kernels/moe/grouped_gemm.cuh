@@ -42,7 +42,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void fma_tile(A (*As)[kGemmBM], A (*Bs)[kGemmBN],
 }
 
 // out[r] = a[r] · W[e] for r in [S(e), S(e+1)); rows outside [S(0), S(E)) are zero.
-// Grid: (M tiles, N tiles): M (= tokens·k) may exceed gridDim.y's limit. a is row-major with leading dimension K; out row-major [M, N].
+// Grid: (M tiles, N tiles): M (= tokens·k) may exceed gridDim.y's limit. a is row-major with
+// leading dimension K; out row-major [M, N].
 template <typename T, typename index_t>
 __global__ void grouped_gemm_kernel(const T* __restrict__ a, const T* __restrict__ w,
                                     int64_t w_se, int64_t w_sk, int64_t w_sn,
@@ -130,7 +131,7 @@ void launch_grouped_gemm(const T* a, const T* w, int64_t w_se, int64_t w_sk, int
                                                                      E, M, K, N, out);
 }
 
-// dW[e] = A[S(e):S(e+1)]ᵀ · G[S(e):S(e+1)], a [E, K, N] row-major output (zero for empty experts).
+// dW[e] = A[S(e):S(e+1)]ᵀ · G[S(e):S(e+1)]: a row-major [E, K, N] output, zero for empty experts.
 // Grid: (N tiles, K tiles, E). The reduction over rows runs in a fixed order: deterministic.
 template <typename T, typename index_t>
 __global__ void grouped_gemm_wgrad_kernel(const T* __restrict__ a, const T* __restrict__ g,
@@ -195,17 +196,20 @@ void launch_grouped_gemm_wgrad(const T* a, const T* g, const index_t* off, int E
 // After at::_grouped_mm (whose first group starts at row 0 and which leaves rows past the last
 // offset unspecified): zero rows outside [S(0), S(E)). `sanitized` holds S(0..E) on the device.
 template <typename T>
-__global__ void zero_rows_outside_kernel(const int32_t* __restrict__ sanitized, int E, int64_t N,
-                                         T* __restrict__ out) {
-  const int64_t r = blockIdx.x;
-  if (r >= sanitized[0] && r < sanitized[E]) return;
-  for (int64_t c = threadIdx.x; c < N; c += blockDim.x) out[r * N + c] = from_acc<T>(acc_t<T>(0));
+__global__ void zero_rows_outside_kernel(const int32_t* __restrict__ sanitized, int E, int64_t M,
+                                         int64_t N, T* __restrict__ out) {
+  const int64_t lo = sanitized[0], hi = sanitized[E];
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {  // a grid-stride loop: few idle blocks
+    if (r >= lo && r < hi) continue;
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) out[r * N + c] = from_acc<T>(acc_t<T>(0));
+  }
 }
 
 template <typename T>
 void launch_zero_rows_outside(const int32_t* sanitized, int E, int64_t M, int64_t N, T* out,
                               cudaStream_t stream) {
-  zero_rows_outside_kernel<T><<<M, 128, 0, stream>>>(sanitized, E, N, out);
+  const int64_t blocks = M < 1024 ? M : 1024;
+  zero_rows_outside_kernel<T><<<blocks, 128, 0, stream>>>(sanitized, E, M, N, out);
 }
 
 }  // namespace moe

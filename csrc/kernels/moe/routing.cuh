@@ -295,7 +295,7 @@ void launch_silu_and_mul(const T* x, int64_t rows, int64_t I, T* out, cudaStream
   silu_and_mul_kernel<T, VEC><<<rows, kRowThreads, 0, stream>>>(x, I, out);
 }
 
-// ---- expert load balance: one block --------------------------------------------------------------
+// ---- expert load balance: one block -------------------------------------------------------------
 // order[p] = the expert at position p of (load descending, id ascending), a strict total order
 // (the caller maps NaN loads to 0) so `order` is a permutation; then one thread runs the greedy
 // LPT assignment (E·W steps; E and W are small) with the rank loads in shared memory.
