@@ -13,10 +13,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "common/dispatch.h"
 #include "common/moe_args.h"
 #include "kernels/moe/grouped_gemm.cuh"
+#include "kernels/moe/grouped_gemm_mma.cuh"
 #include "kernels/moe/routing.cuh"
 
 // at:: dtypes -> the kernels' device types (fp64 included: gradient checks and exact tests).
@@ -225,8 +227,22 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
   }
   auto out = at::empty({M, N}, a.options());
   if (out.numel() == 0) return out;
+  // Tensor cores (mma.sync, sm80+) for 16-bit types when rows and pointers allow 16-byte loads
+  // and W is row-major; the FMA kernel for everything else (fp32 / fp64, W transposed, odd K/N).
+  const bool mma_ok = at::cuda::getCurrentDeviceProperties()->major >= 8 && K % 8 == 0 &&
+                      N % 8 == 0 && w.is_contiguous() &&
+                      aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()});
   ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
     ATTNKIT_DISPATCH_MOE_CUDA(a.scalar_type(), "a", [&] {
+      if constexpr (std::is_same_v<scalar_t, bf16_t> || std::is_same_v<scalar_t, fp16_t>) {
+        if (mma_ok) {
+          launch_grouped_gemm_mma<scalar_t, index_t>(ptr<const scalar_t>(a),
+                                                     ptr<const scalar_t>(w),
+                                                     ptr<const index_t>(off), int(E), M, K, N,
+                                                     ptr<scalar_t>(out), stream);
+          return;
+        }
+      }
       launch_grouped_gemm<scalar_t, index_t>(ptr<const scalar_t>(a), ptr<const scalar_t>(w),
                                              w.stride(0), w.stride(1), w.stride(2),
                                              ptr<const index_t>(off), int(E), M, K, N,

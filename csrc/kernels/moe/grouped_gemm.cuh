@@ -23,6 +23,35 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int64_t clamp_offset(index_t v, int64_t M) {
   return x < 0 ? 0 : (x > M ? M : x);
 }
 
+// Thread 0 of a tile: the experts whose (sanitised) rows meet [m0, m1) (at most 64 non-empty
+// ones), clipped to the tile, and the rows [cover_lo, cover_hi) that belong to some expert.
+template <typename index_t>
+ATTNKIT_DEVICE ATTNKIT_INLINE void find_segments(const index_t* off, int E, int64_t M, int64_t m0,
+                                                 int64_t m1, int64_t* seg_lo, int64_t* seg_hi,
+                                                 int* seg_e, int* nseg, int64_t* cover_lo,
+                                                 int64_t* cover_hi) {
+  int cnt = 0;
+  int64_t prev = clamp_offset(off[0], M);
+  *cover_lo = prev;
+  for (int e = 0; e < E; ++e) {
+    int64_t hi = clamp_offset(off[e + 1], M);
+    hi = hi < prev ? prev : hi;
+    const int64_t lo = prev > m0 ? prev : m0, h = hi < m1 ? hi : m1;
+    if (h > lo && cnt < kGemmMaxSegs) {
+      seg_lo[cnt] = lo;
+      seg_hi[cnt] = h;
+      seg_e[cnt] = e;
+      ++cnt;
+    }
+    prev = hi;
+    if (prev >= m1) break;  // later experts start at or past the tile's end
+  }
+  *nseg = cnt;
+  // `prev` is S(E), or an end at or past m1 when the loop stopped early: either way every row of
+  // the tile in [cover_lo, prev) belongs to an expert.
+  *cover_hi = prev;
+}
+
 // Each thread owns a 4x4 block of the 64x64 tile at rows ty + 16i, cols tx + 16j.
 template <typename T, typename A>
 ATTNKIT_DEVICE ATTNKIT_INLINE void fma_tile(A (*As)[kGemmBM], A (*Bs)[kGemmBN],
@@ -59,30 +88,8 @@ __global__ void grouped_gemm_kernel(const T* __restrict__ a, const T* __restrict
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = int64_t(blockIdx.x) * kGemmBM, n0 = int64_t(blockIdx.y) * kGemmBN;
   const int64_t m1 = m0 + kGemmBM < M ? m0 + kGemmBM : M;
-  if (tid == 0) {
-    // The experts whose (sanitised) rows meet [m0, m1). At most 64 are non-empty there.
-    int cnt = 0;
-    int64_t prev = clamp_offset(off[0], M);
-    const int64_t first = prev;
-    for (int e = 0; e < E; ++e) {
-      int64_t hi = clamp_offset(off[e + 1], M);
-      hi = hi < prev ? prev : hi;
-      const int64_t lo = prev > m0 ? prev : m0, h = hi < m1 ? hi : m1;
-      if (h > lo && cnt < kGemmMaxSegs) {
-        seg_lo[cnt] = lo;
-        seg_hi[cnt] = h;
-        seg_e[cnt] = e;
-        ++cnt;
-      }
-      prev = hi;
-      if (prev >= m1) break;
-    }
-    nseg = cnt;
-    // Rows [first, last) are covered by experts; `prev` is the last sanitised end seen, which
-    // equals S(E) unless the loop stopped early at or past m1 (then the tile is covered to m1).
-    cover_lo = first;
-    cover_hi = prev;
-  }
+  if (tid == 0)
+    find_segments(off, E, M, m0, m1, seg_lo, seg_hi, seg_e, &nseg, &cover_lo, &cover_hi);
   __syncthreads();
   for (int s = 0; s < nseg; ++s) {
     const int64_t lo = seg_lo[s], hi = seg_hi[s];
