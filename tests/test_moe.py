@@ -196,7 +196,17 @@ def test_grouped_gemm_own_kernel(device, dtype, sizes, K, N, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_gemm_strided_w(device, dtype):
+    _seed()
+    a, w, off = _gemm_inputs([9, 0, 70, 4], 48, 32, dtype, device, 1, 2)
+    wt = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major per expert
+    assert not wt.is_contiguous()
+    _check(attnkit.grouped_gemm(a, wt, off), ref.grouped_gemm_ref(a, w, off), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_gemm_backward(device, dtype):
     _seed()
     a, w, off = _gemm_inputs([7, 0, 12, 5], 24, 40, dtype, device, 2, 1, torch.int64)
