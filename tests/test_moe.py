@@ -13,6 +13,12 @@ from attnkit.testing import TOLERANCE, rel_err
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ID_DTYPES = [torch.int32, torch.int64]
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _id(v):  # readable test ids, so -k can pick dtypes (e.g. the compute-sanitizer subset)
+    return _NAMES.get(v) if isinstance(v, torch.dtype) else None
 # (tokens, experts, k): zero tokens, one token, k = 1, k = E, many experts with few tokens.
 ROUTING = [(0, 4, 2), (1, 4, 1), (1, 8, 8), (37, 8, 2), (64, 16, 4), (5, 64, 3), (33, 6, 6)]
 HIDDEN = [8, 100, 256]
@@ -50,7 +56,7 @@ def _check(out, expect, dtype):
 
 # ---- moe_topk_softmax --------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("T,E,k", ROUTING)
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_topk_softmax(device, dtype, T, E, k, renormalize):
@@ -73,8 +79,8 @@ def test_topk_softmax_ties_lower_id_first(device):
 
 # ---- moe_permute / moe_unpermute ---------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("id_dtype", ID_DTYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("T,E,k", ROUTING)
 @pytest.mark.parametrize("H", HIDDEN)
 def test_permute(device, id_dtype, dtype, T, E, k, H):
@@ -90,7 +96,7 @@ def test_permute(device, id_dtype, dtype, T, E, k, H):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("T,E,k", ROUTING)
 @pytest.mark.parametrize("H", HIDDEN)
 @pytest.mark.parametrize("weight_dtype", ["fp32", "same"])
@@ -112,7 +118,7 @@ def test_unpermute(device, dtype, T, E, k, H, weight_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("H", [16384])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)
 def test_permute_unpermute_hidden_16384(device, H, dtype):
     _seed()
     T, E, k = 9, 4, 2
@@ -126,7 +132,7 @@ def test_permute_unpermute_hidden_16384(device, H, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=_id)
 def test_out_of_range_ids(device, id_dtype):
     _seed()
     T, E, k, H = 11, 4, 3, 24
@@ -171,7 +177,7 @@ def _gemm_inputs(sizes, K, N, dtype, device, lead=0, tail=0, id_dtype=torch.int3
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("sizes,K,N", GEMM)
 @pytest.mark.parametrize("lead,tail", [(0, 0), (3, 5)])
 def test_grouped_gemm(device, dtype, sizes, K, N, lead, tail):
@@ -184,7 +190,7 @@ def test_grouped_gemm(device, dtype, sizes, K, N, lead, tail):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("sizes,K,N", GEMM)
 def test_grouped_gemm_own_kernel(device, dtype, sizes, K, N, monkeypatch):
     # On sm90 bf16 goes to torch._grouped_mm; this forces attnkit's own kernel for the same cases.
@@ -196,7 +202,7 @@ def test_grouped_gemm_own_kernel(device, dtype, sizes, K, N, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_grouped_gemm_strided_w(device, dtype):
     _seed()
     a, w, off = _gemm_inputs([9, 0, 70, 4], 48, 32, dtype, device, 1, 2)
@@ -206,7 +212,7 @@ def test_grouped_gemm_strided_w(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_grouped_gemm_backward(device, dtype):
     _seed()
     a, w, off = _gemm_inputs([7, 0, 12, 5], 24, 40, dtype, device, 2, 1, torch.int64)
@@ -222,7 +228,7 @@ def test_grouped_gemm_backward(device, dtype):
 
 # ---- silu_and_mul, expert_load_balance ---------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shape", [(0, 8), (1, 2), (37, 200), (3, 5, 64), (4, 16384 * 2)])
 def test_silu_and_mul(device, dtype, shape):
     _seed()
@@ -238,7 +244,7 @@ def test_silu_and_mul(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("E,W", [(1, 1), (8, 2), (64, 8), (128, 16), (5, 8), (0, 3)])
-@pytest.mark.parametrize("load_dtype", [torch.int64, torch.int32, torch.float32])
+@pytest.mark.parametrize("load_dtype", [torch.int64, torch.int32, torch.float32], ids=_id)
 def test_expert_load_balance(device, E, W, load_dtype):
     _seed()
     loads = torch.randint(0, 50, (E,)).to(load_dtype).to(device)  # small ints: many ties
@@ -327,7 +333,7 @@ def _block(device, dtype, T=24, H=32, I=48, E=6, k=2):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
 @pytest.mark.parametrize("T,E,k", [(24, 6, 2), (1, 4, 4), (0, 4, 1), (40, 8, 1)])
 def test_moe_block_matches_eager_loop(device, dtype, T, E, k):
     if device == "cuda" and dtype == torch.float64:
