@@ -1,5 +1,5 @@
-"""MoE routing benchmark (issue 5, DESIGN §5/§6): permute / unpermute GB/s against the device
-copy bandwidth measured in the same run, grouped_gemm TFLOP/s against torch._grouped_mm and a
+"""MoE routing benchmark (issue 5, DESIGN §5/§6): permute / unpermute GB/s (unique bytes: rows
+read once plus rows written) against the device copy bandwidth measured in the same run, grouped_gemm TFLOP/s against torch._grouped_mm and a
 per-expert loop, and the whole MoE block against an eager loop over experts.
 
 Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
@@ -95,7 +95,9 @@ def main(argv=None):
                 ok &= good
                 t = time_ms(lambda: attnkit.moe_permute(x, ids, E), dev, **kw)
                 row["permute_ms"] = t
-                row["permute_GBs"] = 2 * n * H * elem / t / 1e6
+                # Unique bytes: x read once (its k copies are neighbours, so re-reads hit L2) and
+                # T*k rows written; the copy reference moves a buffer of the permuted size.
+                row["permute_GBs"] = (T + n) * H * elem / t / 1e6
                 row["permute_vs_copy"] = row["permute_GBs"] / copy_gbs
             if "unpermute" in ops:
                 ok &= verify(f"moe_unpermute E={E} k={k}", attnkit.moe_unpermute(perm, rm, topw),
