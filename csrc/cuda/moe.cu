@@ -219,11 +219,21 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
     const auto sanitized =
         std::get<0>(at::cummax(off.to(at::kLong).clamp(0, M), 0)).to(at::kInt).contiguous();
     const auto ends = sanitized.narrow(0, 1, E).clone();
-    auto out = at::_grouped_mm(a, w, ends).contiguous();
-    launch_zero_rows_outside<bf16_t>(ptr<const int32_t>(sanitized), int(E), M, N, ptr<bf16_t>(out),
-                                     stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
+    // _grouped_mm's own argument checks run on the host before it launches anything; should a
+    // torch version reject a layout we accept, fall back to our kernel instead of failing.
+    at::Tensor out;
+    try {
+      out = at::_grouped_mm(a, w, ends).contiguous();
+    } catch (const c10::Error& e) {
+      TORCH_WARN_ONCE("attnkit: grouped_gemm: at::_grouped_mm rejected the inputs (",
+                      e.what_without_backtrace(), "); using attnkit's kernel");
+    }
+    if (out.defined()) {
+      launch_zero_rows_outside<bf16_t>(ptr<const int32_t>(sanitized), int(E), M, N,
+                                       ptr<bf16_t>(out), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return out;
+    }
   }
   auto out = at::empty({M, N}, a.options());
   if (out.numel() == 0) return out;
