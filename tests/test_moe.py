@@ -77,6 +77,17 @@ def test_topk_softmax_ties_lower_id_first(device):
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_softmax_masked_experts(device):
+    # -inf logits (masked experts) are still ranked (last, lower id first) when k needs them.
+    inf = float("inf")
+    logits = torch.tensor([[0.5, -inf, 2.0, -inf], [-inf, -inf, -inf, 1.0]], device=device)
+    w, ids = attnkit.moe_topk_softmax(logits, 4)
+    rw, rids = ref.moe_topk_softmax_ref(logits, 4)
+    assert ids.tolist() == [[2, 0, 1, 3], [3, 0, 1, 2]] and torch.equal(ids, rids)
+    _check(w, rw, torch.float32)
+
+
 # ---- moe_permute / moe_unpermute ---------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=_id)

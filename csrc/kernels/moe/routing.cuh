@@ -40,19 +40,21 @@ __global__ void topk_softmax_kernel(const T* __restrict__ logits, int64_t tokens
   const int lane = threadIdx.x % kWarpSize;
   if (t >= tokens) return;
   const T* x = logits + t * E;
-  float mx = -FLT_MAX;
+  float mx = -INFINITY;
   for (int e = lane; e < E; e += kWarpSize) mx = fmaxf(mx, to_float(x[e]));
   for (int o = kWarpSize / 2; o > 0; o >>= 1) mx = fmaxf(mx, shfl_xor(mx, o));
   float sum = 0.f;
   for (int e = lane; e < E; e += kWarpSize) sum += expf(to_float(x[e]) - mx);
   for (int o = kWarpSize / 2; o > 0; o >>= 1) sum += shfl_xor(sum, o);
   // Selection j takes the best expert that ranks after selection j-1: no "taken" set needed.
-  float prev_v = FLT_MAX;
+  float prev_v = INFINITY;
   int prev_i = -1;
   bool first = true;
   float selected = 0.f;
   for (int j = 0; j < k; ++j) {
-    float bv = -FLT_MAX;
+    // -inf start with id "infinity": a -inf logit (a masked expert) can still be chosen, as on
+    // the CPU; only NaN never is.
+    float bv = -INFINITY;
     int bi = INT32_MAX;
     for (int e = lane; e < E; e += kWarpSize) {
       const float v = to_float(x[e]);
