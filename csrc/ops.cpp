@@ -30,4 +30,19 @@ TORCH_LIBRARY(attnkit, m) {
       "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) -> (Tensor, Tensor, Tensor)");
 
   // ---- MoE routing, DESIGN §3.4 ----
+  m.def(
+      "moe_topk_softmax(Tensor gating_logits, int k, bool renormalize=False) -> "
+      "(Tensor weights, Tensor ids)");
+  m.def(
+      "moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> "
+      "(Tensor permuted, Tensor expert_offsets, Tensor row_map)");
+  m.def("moe_unpermute(Tensor permuted_out, Tensor row_map, Tensor topk_weights) -> Tensor");
+  m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
+  // Backward ops of moe_unpermute and grouped_gemm (first-class, with their own kernels).
+  m.def(
+      "_moe_unpermute_bwd(Tensor grad_out, Tensor permuted_out, Tensor row_map, "
+      "Tensor topk_weights) -> (Tensor grad_permuted, Tensor grad_weights)");
+  m.def("_grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor expert_offsets) -> Tensor");
 }

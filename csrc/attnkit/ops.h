@@ -40,5 +40,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
     std::optional<int64_t> max_seqlen_q = std::nullopt,
     std::optional<int64_t> max_seqlen_k = std::nullopt);
+// ---- MoE routing (DESIGN §3.4) ----
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& gating_logits, int64_t k,
+                                                    bool renormalize = false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x,
+                                                           const at::Tensor& topk_ids,
+                                                           int64_t num_experts);
+at::Tensor moe_unpermute(const at::Tensor& permuted_out, const at::Tensor& row_map,
+                         const at::Tensor& topk_weights);
+at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& expert_offsets);
+at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor expert_load_balance(const at::Tensor& expert_loads, int64_t world_size);
 
 }  // namespace attnkit

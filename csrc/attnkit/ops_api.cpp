@@ -70,6 +70,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
       const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>("attnkit::flash_attn_bwd");
   return op.call(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
                  softcap, cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+// ---- MoE routing (DESIGN §3.4) ----
+using CT = const at::Tensor&;
+
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(CT gating_logits, int64_t k, bool renormalize) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(CT, int64_t, bool)>(
+      "attnkit::moe_topk_softmax");
+  return op.call(gating_logits, k, renormalize);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(CT x, CT topk_ids, int64_t num_experts) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(CT, CT, int64_t)>(
+      "attnkit::moe_permute");
+  return op.call(x, topk_ids, num_experts);
+}
+
+at::Tensor moe_unpermute(CT permuted_out, CT row_map, CT topk_weights) {
+  static auto op = op_handle<at::Tensor(CT, CT, CT)>("attnkit::moe_unpermute");
+  return op.call(permuted_out, row_map, topk_weights);
+}
+
+at::Tensor grouped_gemm(CT a, CT w, CT expert_offsets) {
+  static auto op = op_handle<at::Tensor(CT, CT, CT)>("attnkit::grouped_gemm");
+  return op.call(a, w, expert_offsets);
+}
+
+at::Tensor silu_and_mul(CT x) {
+  static auto op = op_handle<at::Tensor(CT)>("attnkit::silu_and_mul");
+  return op.call(x);
+}
+
+at::Tensor expert_load_balance(CT expert_loads, int64_t world_size) {
+  static auto op = op_handle<at::Tensor(CT, int64_t)>("attnkit::expert_load_balance");
+  return op.call(expert_loads, world_size);
 }
 
 }  // namespace attnkit

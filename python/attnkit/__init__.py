@@ -10,7 +10,12 @@ from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 from .gdpa import gdpa, GDPA_ACTIVATIONS
 from .flash import flash_attn_func, flash_attn_varlen_func
 
+from .moe import (MoE, expert_load_balance, grouped_gemm, moe, moe_permute, moe_topk_softmax,
+                  moe_unpermute, silu_and_mul)
+
 __all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda", "flash_attn_func", "flash_attn_varlen_func"]
+__all__ += ["moe", "MoE", "moe_topk_softmax", "moe_permute", "moe_unpermute", "grouped_gemm",
+            "silu_and_mul", "expert_load_balance"]
 
 
 def built_with_cuda() -> bool:

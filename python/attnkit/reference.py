@@ -162,3 +162,97 @@ def attention_eager(q, k, v, causal=False, softmax_scale=None):
         Lq, Lk = s.shape[-2], s.shape[-1]
         s = s.masked_fill(~flash_window_mask(Lq, Lk, True, device=q.device), float("-inf"))
     return (torch.softmax(s, dim=-1).to(v.dtype) @ v)
+# MoE routing (DESIGN §3.4)
+# ---------------------------------------------------------------------------------------------
+def moe_topk_softmax_ref(gating_logits, k, renormalize=False):
+    """fp32 softmax; top-k by logit, lower expert id first on ties (a stable descending sort)."""
+    x = gating_logits.float()
+    probs = torch.softmax(x, dim=-1)
+    ids = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = probs.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids.to(torch.int32)
+
+
+def moe_permute_ref(x, topk_ids, num_experts):
+    """Stable sort of (token, slot) pairs by (expert, token, slot); ids outside [0, E) dropped
+    (row_map -1, zero rows at the end): the CUDA behaviour, the CPU kernel raises instead."""
+    T, k = topk_ids.shape
+    ids = topk_ids.long().flatten().cpu()
+    valid = (ids >= 0) & (ids < num_experts)
+    key = torch.where(valid, ids, torch.full_like(ids, num_experts))
+    order = torch.sort(key, stable=True).indices  # flat (t, s) index in (expert, t, s) order
+    row_map = torch.empty(T * k, dtype=torch.long)
+    row_map[order] = torch.arange(T * k)
+    row_map = torch.where(valid, row_map, torch.full_like(row_map, -1))
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    permuted = torch.zeros(T * k, x.shape[1], dtype=x.dtype, device=x.device)
+    src = (order // k).to(x.device)
+    n_valid = int(offsets[-1])
+    permuted[:n_valid] = x[src[:n_valid]]
+    dev = topk_ids.device
+    return permuted, offsets.to(torch.int32).to(dev), row_map.view(T, k).to(torch.int32).to(dev)
+
+
+def moe_unpermute_ref(permuted_out, row_map, topk_weights):
+    """Weighted sum of each token's k rows in fp32 (fp64 for fp64); -1 rows contribute 0."""
+    cd = torch.float64 if permuted_out.dtype == torch.float64 else torch.float32
+    rm = row_map.long()
+    valid = rm >= 0
+    rows = permuted_out.to(cd)[rm.clamp(min=0)]                       # [T, k, H]
+    w = torch.where(valid, topk_weights.to(cd), torch.zeros((), dtype=cd, device=rm.device))
+    return (w.unsqueeze(-1) * rows).sum(1)
+
+
+def grouped_gemm_ref(a, w, expert_offsets):
+    """Per-expert loop of matrix products in fp32 (fp64 for fp64); rows outside experts 0."""
+    cd = torch.float64 if a.dtype == torch.float64 else torch.float32
+    off = expert_offsets.tolist()
+    out = torch.zeros(a.shape[0], w.shape[2], dtype=cd, device=a.device)
+    for e in range(len(off) - 1):
+        if off[e + 1] > off[e]:
+            out[off[e]:off[e + 1]] = a[off[e]:off[e + 1]].to(cd) @ w[e].to(cd)
+    return out
+
+
+def silu_and_mul_ref(x):
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a, b = x.to(cd).chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+def expert_load_balance_ref(expert_loads, world_size):
+    """Greedy LPT in plain Python: largest load first (lower id on ties) to the least-loaded rank
+    (lower rank on ties)."""
+    loads = [float(v) for v in expert_loads.tolist()]
+    order = sorted(range(len(loads)), key=lambda e: (-loads[e], e))
+    rank_load = [0.0] * world_size
+    out = [0] * len(loads)
+    for e in order:
+        r = min(range(world_size), key=lambda i: (rank_load[i], i))
+        out[e] = r
+        rank_load[r] += loads[e]
+    return torch.tensor(out, dtype=torch.long, device=expert_loads.device)
+
+
+def moe_ref(x, gate_weight, w1, w2, k, renormalize=True):
+    """The MoE block as an eager loop over experts (torch autograd for gradients)."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = x @ gate_weight
+    probs = torch.softmax(logits.to(cd), dim=-1)
+    ids = torch.sort(logits.detach().float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    w = probs.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    out = torch.zeros(x.shape, dtype=cd, device=x.device)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok].to(cd) @ w1[e].to(cd)
+        a, b = h.chunk(2, dim=-1)
+        y = (F.silu(a) * b) @ w2[e].to(cd)
+        out = out.index_add(0, tok, w[tok, slot].unsqueeze(-1) * y)
+    return out

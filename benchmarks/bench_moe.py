@@ -1,0 +1,162 @@
+"""MoE routing benchmark (issue 5, DESIGN §5/§6): permute / unpermute GB/s (unique bytes: rows
+read once plus rows written) against the device copy bandwidth measured in the same run, grouped_gemm TFLOP/s against torch._grouped_mm and a
+per-expert loop, and the whole MoE block against an eager loop over experts.
+
+Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
+Small CPU run:  python benchmarks/bench_moe.py --tokens 512 --hidden 256 --inter 128 --experts 8
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import add_common_args, plot, print_table, time_ms, verify, write_csv  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit import reference as ref  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def eager_loop_gemm(a, w, offs_host):
+    out = torch.zeros(a.shape[0], w.shape[2], device=a.device, dtype=a.dtype)
+    for e in range(w.shape[0]):
+        lo, hi = offs_host[e], offs_host[e + 1]
+        if hi > lo:
+            out[lo:hi] = a[lo:hi] @ w[e]
+    return out
+
+
+def eager_moe(x, gate, w1, w2, k):
+    """The eager baseline: routing with torch ops, a Python loop over experts in x's dtype."""
+    logits = x @ gate
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, ids = probs.topk(k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ w1[e]
+        g, u = h.chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(g) * u) @ w2[e]
+        out.index_add_(0, tok, (w[tok, slot].unsqueeze(-1) * y.float()).to(x.dtype))
+    return out
+
+
+def main(argv=None):
+    p = add_common_args(argparse.ArgumentParser(description=__doc__))
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--inter", type=int, default=1024, help="expert intermediate size I")
+    p.add_argument("--experts", default="8,64,128")
+    p.add_argument("--topk", default="2,8")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--ops", default="permute,unpermute,gemm,block")
+    args = p.parse_args(argv)
+    dev, dtype = args.device, DTYPES[args.dtype]
+    ops = set(args.ops.split(","))
+    T, H, I = args.tokens, args.hidden, args.inter
+    torch.manual_seed(0)
+    kw = dict(warmup=args.warmup, iters=args.iters)
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
+    print(f"bench_moe on {name}, torch {torch.__version__}, {args.dtype}, T={T} H={H} I={I}")
+
+    x = torch.randn(T, H, device=dev, dtype=dtype)
+    rows, ok = [], True
+    copy_cache = {}
+    for E in _ints(args.experts):
+        for k in _ints(args.topk):
+            n = T * k
+            elem = x.element_size()
+            if n not in copy_cache:  # device copy bandwidth for a buffer of the permuted size
+                src = torch.empty(n, H, device=dev, dtype=dtype)
+                dst = torch.empty_like(src)
+                t = time_ms(lambda: dst.copy_(src), dev, **kw)
+                copy_cache[n] = 2 * src.numel() * elem / t / 1e6
+                del src, dst
+            copy_gbs = copy_cache[n]
+            logits = torch.randn(T, E, device=dev, dtype=torch.float32)
+            topw, ids = attnkit.moe_topk_softmax(logits, k, True)
+            row = dict(E=E, k=k, copy_GBs=copy_gbs)
+            perm, off, rm = attnkit.moe_permute(x, ids, E)
+            if "permute" in ops:
+                rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
+                good = torch.equal(perm, rp) and torch.equal(off, roff) and torch.equal(rm, rrm)
+                print(f"  verify moe_permute E={E} k={k}: {'ok' if good else 'FAIL'}")
+                ok &= good
+                t = time_ms(lambda: attnkit.moe_permute(x, ids, E), dev, **kw)
+                row["permute_ms"] = t
+                # Unique bytes: x read once (its k copies are neighbours, so re-reads hit L2) and
+                # T*k rows written; the copy reference moves a buffer of the permuted size.
+                row["permute_GBs"] = (T + n) * H * elem / t / 1e6
+                row["permute_vs_copy"] = row["permute_GBs"] / copy_gbs
+            if "unpermute" in ops:
+                ok &= verify(f"moe_unpermute E={E} k={k}", attnkit.moe_unpermute(perm, rm, topw),
+                             ref.moe_unpermute_ref(perm, rm, topw), TOL[dtype])
+                t = time_ms(lambda: attnkit.moe_unpermute(perm, rm, topw), dev, **kw)
+                row["unpermute_ms"] = t
+                row["unpermute_GBs"] = (n + T) * H * elem / t / 1e6
+                row["unpermute_vs_copy"] = row["unpermute_GBs"] / copy_gbs
+            if "gemm" in ops or "block" in ops:
+                w1 = torch.randn(E, H, 2 * I, device=dev, dtype=dtype) / H ** 0.5
+            if "gemm" in ops:
+                flops = 2.0 * n * H * 2 * I
+                ours = attnkit.grouped_gemm(perm, w1, off)
+                ok &= verify(f"grouped_gemm E={E} k={k}", ours, ref.grouped_gemm_ref(perm, w1, off),
+                             TOL[dtype])
+                t = time_ms(lambda: attnkit.grouped_gemm(perm, w1, off), dev, **kw)
+                row["gemm_TFLOPs"] = flops / t / 1e9
+                on_gpu = dev.startswith("cuda")
+                if on_gpu and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
+                    ends = off[1:].contiguous()
+                    try:
+                        torch._grouped_mm(perm, w1, ends)
+                        t = time_ms(lambda: torch._grouped_mm(perm, w1, ends), dev, **kw)
+                        row["grouped_mm_TFLOPs"] = flops / t / 1e9
+                        row["gemm_vs_grouped_mm"] = row["gemm_TFLOPs"] / row["grouped_mm_TFLOPs"]
+                    except RuntimeError as e:
+                        print(f"  torch._grouped_mm unavailable: {str(e).splitlines()[0]}")
+                if not args.skip_eager:
+                    offs_host = off.tolist()
+                    t = time_ms(lambda: eager_loop_gemm(perm, w1, offs_host), dev, **kw)
+                    row["loop_TFLOPs"] = flops / t / 1e9
+            if "block" in ops:
+                gate = torch.randn(H, E, device=dev, dtype=dtype) / H ** 0.5
+                w2 = torch.randn(E, I, H, device=dev, dtype=dtype) / I ** 0.5
+                with torch.no_grad():
+                    ok &= verify(f"moe block E={E} k={k}", attnkit.moe(x, gate, w1, w2, k),
+                                 ref.moe_ref(x, gate, w1, w2, k), 4 * TOL[dtype])
+                    t = time_ms(lambda: attnkit.moe(x, gate, w1, w2, k), dev, **kw)
+                    row["block_ms"] = t
+                    if not args.skip_eager:
+                        te = time_ms(lambda: eager_moe(x, gate, w1, w2, k), dev, **kw)
+                        row["eager_block_ms"] = te
+                        row["block_speedup"] = te / t
+                del gate, w2
+            rows.append(row)
+            del perm, off, rm
+            if dev.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    cols = ["E", "k", "copy_GBs", "permute_ms", "permute_GBs", "permute_vs_copy", "unpermute_ms",
+            "unpermute_GBs", "unpermute_vs_copy", "gemm_TFLOPs", "grouped_mm_TFLOPs",
+            "gemm_vs_grouped_mm", "loop_TFLOPs", "block_ms", "eager_block_ms", "block_speedup"]
+    print_table(rows, cols, title=f"MoE routing, {args.dtype}, T={T} H={H} I={I} on {name}")
+    write_csv(rows, cols, args.csv)
+    plot(rows, "E", ["permute_vs_copy", "unpermute_vs_copy", "gemm_vs_grouped_mm"], args.plot,
+         ylabel="ratio", title="MoE", group="k")
+    print("verification: " + ("all ok" if ok else "FAILURES above"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

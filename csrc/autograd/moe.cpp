@@ -1,0 +1,207 @@
+// MoE routing autograd (torchvision's pattern, as for GDPA). moe_permute's backward is
+// moe_unpermute with unit weights (a gather, so no atomics); moe_unpermute's and grouped_gemm's
+// backwards are first-class ops with their own kernels; silu_and_mul's backward is a few
+// elementwise ATen ops. Every backward goes through the dispatcher so it runs on any device and
+// under FakeTensor. The two backward-only ops refuse double backward clearly.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace attnkit {
+namespace moe {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using Perm3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+
+Perm3 call_permute(const at::Tensor& x, const at::Tensor& ids, int64_t E) {
+  static auto op =
+      op_handle<Perm3(const at::Tensor&, const at::Tensor&, int64_t)>("attnkit::moe_permute");
+  return op.call(x, ids, E);
+}
+
+at::Tensor call_unpermute(const at::Tensor& p, const at::Tensor& rm, const at::Tensor& w) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "attnkit::moe_unpermute");
+  return op.call(p, rm, w);
+}
+
+Pair call_unpermute_bwd(const at::Tensor& g, const at::Tensor& p, const at::Tensor& rm,
+                        const at::Tensor& w) {
+  static auto op = op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&)>("attnkit::_moe_unpermute_bwd");
+  return op.call(g, p, rm, w);
+}
+
+at::Tensor call_grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "attnkit::grouped_gemm");
+  return op.call(a, w, off);
+}
+
+at::Tensor call_wgrad(const at::Tensor& a, const at::Tensor& g, const at::Tensor& off) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "attnkit::_grouped_gemm_wgrad");
+  return op.call(a, g, off);
+}
+
+at::Tensor call_silu_and_mul(const at::Tensor& x) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&)>("attnkit::silu_and_mul");
+  return op.call(x);
+}
+
+class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& ids,
+                               int64_t num_experts) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [permuted, offsets, row_map] = call_permute(x, ids, num_experts);
+    ctx->save_for_backward({row_map});
+    ctx->mark_non_differentiable({offsets, row_map});
+    return {permuted, offsets, row_map};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto row_map = ctx->get_saved_variables()[0];
+    // Each token row went to k permuted rows: its gradient is their sum, i.e. an unpermute.
+    auto ones = at::ones_symint(row_map.sym_sizes(), row_map.options().dtype(at::kFloat));
+    return {call_unpermute(grads[0], row_map, ones), at::Tensor(), at::Tensor()};
+  }
+};
+
+class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& perm,
+                            const at::Tensor& row_map, const at::Tensor& w) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({perm, row_map, w});
+    return call_unpermute(perm, row_map, w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    auto [grad_perm, grad_w] = call_unpermute_bwd(grads[0], s[0], s[1], s[2]);
+    return {grad_perm, at::Tensor(), grad_w};
+  }
+};
+
+class GroupedGemmFunction : public torch::autograd::Function<GroupedGemmFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& w,
+                            const at::Tensor& off) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({a, w, off});
+    return call_grouped_gemm(a, w, off);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const auto g = grads[0].contiguous();
+    // dA = dC · W[e]ᵀ per row block (W transposed as a view, no copy); dW[e] = A_eᵀ dC_e.
+    auto grad_a = call_grouped_gemm(g, s[1].transpose(1, 2), s[2]);
+    auto grad_w = call_wgrad(s[0], g, s[2]);
+    return {grad_a, grad_w, at::Tensor()};
+  }
+};
+
+class SiluAndMulFunction : public torch::autograd::Function<SiluAndMulFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x});
+    return call_silu_and_mul(x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor()};
+    const auto x = ctx->get_saved_variables()[0];
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto xf = x.to(acc);
+    const auto g = grads[0].to(acc);
+    auto halves = xf.chunk(2, -1);
+    const auto& a = halves[0];
+    const auto& b = halves[1];
+    const auto sig = at::sigmoid(a);
+    // d silu(a)/da = σ(a)(1 + a(1 − σ(a))).
+    auto da = g * b * sig * (1 + a * (1 - sig));
+    auto db = g * a * sig;
+    return {at::cat({da, db}, -1).to(x.scalar_type())};
+  }
+};
+
+class UnpermuteBwdFunction : public torch::autograd::Function<UnpermuteBwdFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& g, const at::Tensor& p,
+                               const at::Tensor& rm, const at::Tensor& w) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gp, gw] = call_unpermute_bwd(g, p, rm, w);
+    return {gp, gw};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "attnkit: double backward of moe_unpermute is not supported");
+  }
+};
+
+class WgradFunction : public torch::autograd::Function<WgradFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const at::Tensor& a, const at::Tensor& g,
+                            const at::Tensor& off) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_wgrad(a, g, off);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "attnkit: double backward of grouped_gemm's weight gradient is not supported");
+  }
+};
+
+Perm3 moe_permute_autograd(const at::Tensor& x, const at::Tensor& ids, int64_t E) {
+  auto r = PermuteFunction::apply(x, ids, E);
+  return {r[0], r[1], r[2]};
+}
+
+at::Tensor moe_unpermute_autograd(const at::Tensor& p, const at::Tensor& rm, const at::Tensor& w) {
+  return UnpermuteFunction::apply(p, rm, w);
+}
+
+Pair moe_unpermute_bwd_autograd(const at::Tensor& g, const at::Tensor& p, const at::Tensor& rm,
+                                const at::Tensor& w) {
+  auto r = UnpermuteBwdFunction::apply(g, p, rm, w);
+  return {r[0], r[1]};
+}
+
+at::Tensor grouped_gemm_autograd(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
+  return GroupedGemmFunction::apply(a, w, off);
+}
+
+at::Tensor wgrad_autograd(const at::Tensor& a, const at::Tensor& g, const at::Tensor& off) {
+  return WgradFunction::apply(a, g, off);
+}
+
+at::Tensor silu_and_mul_autograd(const at::Tensor& x) { return SiluAndMulFunction::apply(x); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
+  m.impl("moe_permute", &moe_permute_autograd);
+  m.impl("moe_unpermute", &moe_unpermute_autograd);
+  m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_autograd);
+  m.impl("grouped_gemm", &grouped_gemm_autograd);
+  m.impl("_grouped_gemm_wgrad", &wgrad_autograd);
+  m.impl("silu_and_mul", &silu_and_mul_autograd);
+}
+
+}  // namespace moe
+}  // namespace attnkit

@@ -1,0 +1,118 @@
+// MoE routing argument checks (DESIGN §3.4), shared by the CPU, CUDA and Meta kernels. Only
+// shapes, dtypes and devices are checked here (as SymInts, so Meta works under torch.compile);
+// index values (expert ids, row maps, offsets) are checked by the CPU kernels and made harmless
+// on CUDA (dropped or clamped), because reading them on the host would need a sync.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "common/check.h"
+
+namespace attnkit {
+namespace moe {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  check_dtype(t, name, {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble});
+}
+
+inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
+  check_dim(logits, "gating_logits", 2);
+  check_float(logits, "gating_logits");
+  ATTNKIT_CHECK(k >= 1 && logits.sym_size(1) >= k, "k: expected 1 <= k <= num_experts (",
+                logits.sym_size(1), "), got ", k);
+}
+
+// row_map and expert_offsets are int32 (what at::_grouped_mm takes), so T·k must fit.
+inline void check_permute(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts) {
+  check_dim(x, "x", 2);
+  check_float(x, "x");
+  check_dim(ids, "topk_ids", 2);
+  check_dtype(ids, "topk_ids", {at::kInt, at::kLong});
+  check_same_device(x, "x", ids, "topk_ids");
+  ATTNKIT_CHECK(ids.sym_size(0) == x.sym_size(0), "topk_ids: expected ", x.sym_size(0),
+                " rows (tokens of x), got shape ", ids.sym_sizes());
+  ATTNKIT_CHECK(ids.sym_size(1) >= 1, "topk_ids: expected k >= 1 columns, got shape ",
+                ids.sym_sizes());
+  ATTNKIT_CHECK(num_experts >= 1 && num_experts < (int64_t(1) << 24),
+                "num_experts: expected in [1, 2^24), got ", num_experts);
+  ATTNKIT_CHECK(ids.sym_numel() <= std::numeric_limits<int32_t>::max(),
+                "topk_ids: expected tokens*k <= 2^31-1 (int32 row_map), got ", ids.sym_numel());
+}
+
+inline void check_unpermute(const at::Tensor& permuted, const at::Tensor& row_map,
+                            const at::Tensor& weights) {
+  check_dim(permuted, "permuted_out", 2);
+  check_float(permuted, "permuted_out");
+  check_dim(row_map, "row_map", 2);
+  check_dtype(row_map, "row_map", {at::kInt});
+  check_dim(weights, "topk_weights", 2);
+  check_float(weights, "topk_weights");
+  check_same_device(permuted, "permuted_out", row_map, "row_map");
+  check_same_device(permuted, "permuted_out", weights, "topk_weights");
+  ATTNKIT_CHECK(weights.sym_sizes() == row_map.sym_sizes(), "topk_weights: expected shape ",
+                row_map.sym_sizes(), " (same as row_map), got ", weights.sym_sizes());
+}
+
+inline void check_unpermute_bwd(const at::Tensor& grad_out, const at::Tensor& permuted,
+                                const at::Tensor& row_map, const at::Tensor& weights) {
+  check_unpermute(permuted, row_map, weights);
+  check_dim(grad_out, "grad_out", 2);
+  check_same_dtype(permuted, "permuted_out", grad_out, "grad_out");
+  check_same_device(permuted, "permuted_out", grad_out, "grad_out");
+  ATTNKIT_CHECK(grad_out.sym_size(0) == row_map.sym_size(0) &&
+                    grad_out.sym_size(1) == permuted.sym_size(1),
+                "grad_out: expected shape [", row_map.sym_size(0), ", ", permuted.sym_size(1),
+                "], got ", grad_out.sym_sizes());
+}
+
+inline void check_expert_offsets(const at::Tensor& off, const at::Tensor& a) {
+  check_dim(off, "expert_offsets", 1);
+  check_dtype(off, "expert_offsets", {at::kInt, at::kLong});
+  check_same_device(a, "a", off, "expert_offsets");
+  ATTNKIT_CHECK(off.sym_size(0) >= 2, "expert_offsets: expected E+1 >= 2 entries, got ",
+                off.sym_size(0));
+}
+
+inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
+  check_dim(a, "a", 2);
+  check_float(a, "a");
+  check_dim(w, "w", 3);
+  check_same_dtype(a, "a", w, "w");
+  check_same_device(a, "a", w, "w");
+  ATTNKIT_CHECK(w.sym_size(1) == a.sym_size(1), "w: expected shape [E, ", a.sym_size(1),
+                ", N] (K of a), got ", w.sym_sizes());
+  check_expert_offsets(off, a);
+  ATTNKIT_CHECK(off.sym_size(0) == w.sym_size(0) + 1, "expert_offsets: expected ",
+                w.sym_size(0) + 1, " entries (E+1, E from w), got ", off.sym_size(0));
+}
+
+inline void check_grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& g,
+                                     const at::Tensor& off) {
+  check_dim(a, "a", 2);
+  check_float(a, "a");
+  check_dim(g, "grad_out", 2);
+  check_same_dtype(a, "a", g, "grad_out");
+  check_same_device(a, "a", g, "grad_out");
+  ATTNKIT_CHECK(g.sym_size(0) == a.sym_size(0), "grad_out: expected ", a.sym_size(0),
+                " rows (same as a), got shape ", g.sym_sizes());
+  check_expert_offsets(off, a);
+}
+
+inline void check_silu_and_mul(const at::Tensor& x) {
+  check_defined(x, "x");
+  check_float(x, "x");
+  ATTNKIT_CHECK(x.dim() >= 1 && x.sym_size(-1) % 2 == 0,
+                "x: expected at least 1 dim with an even last dim [..., 2*I], got shape ",
+                x.sym_sizes());
+}
+
+inline void check_load_balance(const at::Tensor& loads, int64_t world_size) {
+  check_dim(loads, "expert_loads", 1);
+  check_dtype(loads, "expert_loads", {at::kInt, at::kLong, at::kFloat, at::kDouble});
+  ATTNKIT_CHECK(world_size >= 1, "world_size: expected >= 1, got ", world_size);
+}
+
+}  // namespace moe
+}  // namespace attnkit

@@ -1,0 +1,346 @@
+// MoE routing CUDA launchers (DESIGN §3.4), each: checks -> device guard -> current stream ->
+// dispatch -> launch -> launch check. No host synchronisation: every output size follows from
+// shapes, index values are never read on the host (out-of-range expert ids are dropped by the
+// permutation, row_map entries outside [0, M) contribute nothing, offsets are clamped), and
+// workspaces come from the caching allocator.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <type_traits>
+
+#include "common/dispatch.h"
+#include "common/moe_args.h"
+#include "kernels/moe/grouped_gemm.cuh"
+#include "kernels/moe/grouped_gemm_mma.cuh"
+#include "kernels/moe/routing.cuh"
+
+// at:: dtypes -> the kernels' device types (fp64 included: gradient checks and exact tests).
+#define ATTNKIT_DISPATCH_MOE_CUDA(TYPE, NAME, ...)                                             \
+  [&] {                                                                                        \
+    switch (TYPE) {                                                                            \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                       \
+      case at::kHalf: { using scalar_t = attnkit::fp16_t; return __VA_ARGS__(); }              \
+      case at::kBFloat16: { using scalar_t = attnkit::bf16_t; return __VA_ARGS__(); }          \
+      case at::kDouble: { using scalar_t = double; return __VA_ARGS__(); }                     \
+      default:                                                                                 \
+        ATTNKIT_CHECK(false, NAME, ": expected dtype in {Float, Half, BFloat16, Double}, got ", \
+                      TYPE);                                                                   \
+    }                                                                                          \
+  }()
+
+namespace attnkit {
+namespace moe {
+namespace {
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// 16-byte vectors when the row length and every pointer allow them, else one element at a time.
+template <typename T>
+bool use_vec(int64_t row_len, std::initializer_list<const void*> ptrs) {
+  return row_len % (16 / int64_t(sizeof(T))) == 0 && aligned16(ptrs);
+}
+
+at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits_in, int64_t k,
+                                                         bool renormalize) {
+  check_topk_softmax(logits_in, k);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  ATTNKIT_CHECK(E <= INT32_MAX, "gating_logits: expected at most 2^31-1 experts, got ", E);
+  auto weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
+  auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  if (T == 0) return {weights, ids};
+  ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "gating_logits", [&] {
+    launch_topk_softmax<scalar_t>(ptr<const scalar_t>(logits), T, int(E), int(k), renormalize,
+                                  ptr<float>(weights), ptr<int32_t>(ids), stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& x_in,
+                                                                const at::Tensor& ids_in,
+                                                                int64_t num_experts) {
+  check_permute(x_in, ids_in, num_experts);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto x = x_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), n = T * k, E = num_experts;
+  auto permuted = at::empty({n, H}, x.options());
+  auto offsets = at::empty({E + 1}, ids.options().dtype(at::kInt));
+  auto row_map = at::empty({T, k}, ids.options().dtype(at::kInt));
+  if (n == 0) {
+    offsets.zero_();
+    return {permuted, offsets, row_map};
+  }
+  const int64_t chunks = permute_chunks(n);
+  ATTNKIT_CHECK(chunks * (E + 1) <= (int64_t(1) << 28), "num_experts: expected (tokens*k/",
+                kChunk, ") * (num_experts+1) <= 2^28 (CUDA workspace), got num_experts=", E,
+                " with tokens*k=", n);
+  const auto i32 = ids.options().dtype(at::kInt);
+  auto rank = at::empty({n}, i32);
+  auto counts = at::zeros({chunks * (E + 1)}, i32);
+  auto totals = at::empty({E + 1}, i32);
+  auto starts = at::empty({E + 1}, i32);
+  const int64_t row_bytes = H * x.element_size();
+  ATTNKIT_DISPATCH_INDEX(ids.scalar_type(), "topk_ids", [&] {
+    auto run = [&](auto word) {
+      using Word = decltype(word);
+      launch_permute<Word, index_t>(ptr<const Word>(x), ptr<const index_t>(ids), T, int(k), int(E),
+                                    row_bytes / int64_t(sizeof(Word)), ptr<Word>(permuted),
+                                    ptr<int32_t>(offsets), ptr<int32_t>(row_map),
+                                    ptr<int32_t>(rank), ptr<int32_t>(counts),
+                                    ptr<int32_t>(totals), ptr<int32_t>(starts), stream);
+    };
+    if (row_bytes % 16 == 0 && aligned16({x.data_ptr(), permuted.data_ptr()})) {
+      run(uint4{});
+    } else if (x.element_size() == 8) {
+      run(uint64_t{});
+    } else if (x.element_size() == 4) {
+      run(uint32_t{});
+    } else {
+      run(uint16_t{});
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {permuted, offsets, row_map};
+}
+
+at::Tensor moe_unpermute_cuda(const at::Tensor& perm_in, const at::Tensor& row_map_in,
+                              const at::Tensor& w_in) {
+  check_unpermute(perm_in, row_map_in, w_in);
+  const c10::cuda::CUDAGuard guard(perm_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto perm = perm_in.contiguous();
+  const auto row_map = row_map_in.contiguous();
+  const auto w = w_in.to(acc_dtype(perm)).contiguous();
+  const int64_t T = row_map.size(0), k = row_map.size(1), M = perm.size(0), H = perm.size(1);
+  auto out = at::empty({T, H}, perm.options());
+  if (out.numel() == 0) return out;
+  ATTNKIT_DISPATCH_MOE_CUDA(perm.scalar_type(), "permuted_out", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    auto* p = ptr<const scalar_t>(perm);
+    auto* o = ptr<scalar_t>(out);
+    if (use_vec<scalar_t>(H, {p, o})) {
+      launch_unpermute<scalar_t, V>(p, ptr<const int32_t>(row_map), ptr<const A>(w), T, M, int(k),
+                                    H, o, stream);
+    } else {
+      launch_unpermute<scalar_t, 1>(p, ptr<const int32_t>(row_map), ptr<const A>(w), T, M, int(k),
+                                    H, o, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad_in,
+                                                          const at::Tensor& perm_in,
+                                                          const at::Tensor& row_map_in,
+                                                          const at::Tensor& w_in) {
+  check_unpermute_bwd(grad_in, perm_in, row_map_in, w_in);
+  const c10::cuda::CUDAGuard guard(perm_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto grad = grad_in.contiguous();
+  const auto perm = perm_in.contiguous();
+  const auto row_map = row_map_in.contiguous();
+  const auto w = w_in.to(acc_dtype(perm)).contiguous();
+  const int64_t T = row_map.size(0), k = row_map.size(1), M = perm.size(0), H = perm.size(1);
+  // Rows no token reads get no gradient. A row_map naming a row twice (never produced by
+  // moe_permute) makes those writes race: in bounds, but the survivor is unspecified.
+  auto grad_perm = at::zeros({M, H}, perm.options());
+  auto grad_w = at::zeros({T, k}, w.options());
+  if (T == 0 || k == 0) return {grad_perm, grad_w.to(w_in.scalar_type())};
+  ATTNKIT_DISPATCH_MOE_CUDA(perm.scalar_type(), "permuted_out", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    auto* g = ptr<const scalar_t>(grad);
+    auto* p = ptr<const scalar_t>(perm);
+    auto* gp = ptr<scalar_t>(grad_perm);
+    if (use_vec<scalar_t>(H, {g, p, gp})) {
+      launch_unpermute_bwd<scalar_t, V>(g, p, ptr<const int32_t>(row_map), ptr<const A>(w), T, M,
+                                        int(k), H, gp, ptr<A>(grad_w), stream);
+    } else {
+      launch_unpermute_bwd<scalar_t, 1>(g, p, ptr<const int32_t>(row_map), ptr<const A>(w), T, M,
+                                        int(k), H, gp, ptr<A>(grad_w), stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_perm, grad_w.to(w_in.scalar_type())};
+}
+
+// at::_grouped_mm where it applies: sm90, bf16, 16-byte aligned rows and pointers, W row- or
+// column-major per expert. ATTNKIT_MOE_GROUPED_MM=0 forces attnkit's own kernel (tests use it).
+bool grouped_mm_applies(const at::Tensor& a, const at::Tensor& w, int64_t M, int64_t K,
+                        int64_t N) {
+  const char* env = std::getenv("ATTNKIT_MOE_GROUPED_MM");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (a.scalar_type() != at::kBFloat16 || M == 0 || K == 0 || N == 0) return false;
+  if (K % 8 != 0 || N % 8 != 0) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;
+  if (!(w.is_contiguous() || w.transpose(1, 2).is_contiguous())) return false;
+  return aligned16({a.data_ptr(), w.data_ptr()});
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
+                             const at::Tensor& off_in) {
+  check_grouped_gemm(a_in, w, off_in);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto a = a_in.contiguous();
+  const auto off = off_in.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(2), E = w.size(0);
+  if (grouped_mm_applies(a, w, M, K, N)) {
+    // _grouped_mm takes int32 group ends (the first group starts at row 0): pass the sanitised
+    // ends S(1..E), then zero the rows before S(0) and from S(E) on. All on the device.
+    const auto sanitized =
+        std::get<0>(at::cummax(off.to(at::kLong).clamp(0, M), 0)).to(at::kInt).contiguous();
+    const auto ends = sanitized.narrow(0, 1, E).clone();
+    // _grouped_mm's own argument checks run on the host before it launches anything; should a
+    // torch version reject a layout we accept, fall back to our kernel instead of failing.
+    at::Tensor out;
+    try {
+      out = at::_grouped_mm(a, w, ends).contiguous();
+    } catch (const c10::Error& e) {
+      TORCH_WARN_ONCE("attnkit: grouped_gemm: at::_grouped_mm rejected the inputs (",
+                      e.what_without_backtrace(), "); using attnkit's kernel");
+    }
+    if (out.defined()) {
+      launch_zero_rows_outside<bf16_t>(ptr<const int32_t>(sanitized), int(E), M, N,
+                                       ptr<bf16_t>(out), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return out;
+    }
+  }
+  auto out = at::empty({M, N}, a.options());
+  if (out.numel() == 0) return out;
+  // Tensor cores (mma.sync, sm80+) for 16-bit types when rows and pointers allow 16-byte loads
+  // and W is row-major; the FMA kernel for everything else (fp32 / fp64, W transposed, odd K/N).
+  const bool mma_ok = at::cuda::getCurrentDeviceProperties()->major >= 8 && K % 8 == 0 &&
+                      N % 8 == 0 && w.is_contiguous() &&
+                      aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()});
+  ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
+    ATTNKIT_DISPATCH_MOE_CUDA(a.scalar_type(), "a", [&] {
+      if constexpr (std::is_same_v<scalar_t, bf16_t> || std::is_same_v<scalar_t, fp16_t>) {
+        if (mma_ok) {
+          launch_grouped_gemm_mma<scalar_t, index_t>(ptr<const scalar_t>(a),
+                                                     ptr<const scalar_t>(w),
+                                                     ptr<const index_t>(off), int(E), M, K, N,
+                                                     ptr<scalar_t>(out), stream);
+          return;
+        }
+      }
+      launch_grouped_gemm<scalar_t, index_t>(ptr<const scalar_t>(a), ptr<const scalar_t>(w),
+                                             w.stride(0), w.stride(1), w.stride(2),
+                                             ptr<const index_t>(off), int(E), M, K, N,
+                                             ptr<scalar_t>(out), stream);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
+                                   const at::Tensor& off_in) {
+  check_grouped_gemm_wgrad(a_in, g_in, off_in);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto a = a_in.contiguous();
+  const auto g = g_in.contiguous();
+  const auto off = off_in.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = g.size(1), E = off.size(0) - 1;
+  ATTNKIT_CHECK(E <= 65535, "expert_offsets: expected at most 65536 entries on CUDA, got ", E + 1);
+  auto dw = at::empty({E, K, N}, a.options());
+  if (dw.numel() == 0) return dw;
+  ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
+    ATTNKIT_DISPATCH_MOE_CUDA(a.scalar_type(), "a", [&] {
+      launch_grouped_gemm_wgrad<scalar_t, index_t>(ptr<const scalar_t>(a), ptr<const scalar_t>(g),
+                                                   ptr<const index_t>(off), int(E), M, K, N,
+                                                   ptr<scalar_t>(dw), stream);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dw;
+}
+
+at::Tensor silu_and_mul_cuda(const at::Tensor& x_in) {
+  check_silu_and_mul(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto x = x_in.contiguous();
+  const int64_t I = x.size(-1) / 2;
+  auto sizes = x.sizes().vec();
+  sizes.back() = I;
+  auto out = at::empty(sizes, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t rows = out.numel() / I;
+  ATTNKIT_DISPATCH_MOE_CUDA(x.scalar_type(), "x", [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    auto* xp = ptr<const scalar_t>(x);
+    auto* o = ptr<scalar_t>(out);
+    if (use_vec<scalar_t>(I, {xp, o})) {
+      launch_silu_and_mul<scalar_t, V>(xp, rows, I, o, stream);
+    } else {
+      launch_silu_and_mul<scalar_t, 1>(xp, rows, I, o, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor expert_load_balance_cuda(const at::Tensor& loads_in, int64_t world_size) {
+  check_load_balance(loads_in, world_size);
+  ATTNKIT_CHECK(world_size <= 4096, "world_size: expected <= 4096 on CUDA, got ", world_size);
+  const c10::cuda::CUDAGuard guard(loads_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // NaN -> 0 keeps the order a strict total order (the CPU rejects NaN instead).
+  const auto loads = at::nan_to_num(loads_in.to(at::kDouble), 0.0).contiguous();
+  const int64_t E = loads.size(0);
+  ATTNKIT_CHECK(E <= INT32_MAX, "expert_loads: expected at most 2^31-1 experts, got ", E);
+  auto assign = at::empty({E}, loads.options().dtype(at::kLong));
+  if (E == 0) return assign;
+  auto order = at::empty({E}, loads.options().dtype(at::kInt));
+  launch_load_balance(ptr<const double>(loads), int(E), int(world_size), ptr<int32_t>(order),
+                      ptr<int64_t>(assign), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return assign;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("moe_topk_softmax", &moe_topk_softmax_cuda);
+  m.impl("moe_permute", &moe_permute_cuda);
+  m.impl("moe_unpermute", &moe_unpermute_cuda);
+  m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_cuda);
+  m.impl("grouped_gemm", &grouped_gemm_cuda);
+  m.impl("_grouped_gemm_wgrad", &grouped_gemm_wgrad_cuda);
+  m.impl("silu_and_mul", &silu_and_mul_cuda);
+  m.impl("expert_load_balance", &expert_load_balance_cuda);
+}
+
+}  // namespace moe
+}  // namespace attnkit

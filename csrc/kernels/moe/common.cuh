@@ -1,0 +1,79 @@
+// Small device helpers of the MoE kernels (torch-free): conversions that also cover fp64, a
+// 16-byte vector of elements, and block-wide scans / reductions over int32 and float.
+#pragma once
+
+#include "common/portability.h"
+
+namespace attnkit {
+namespace moe {
+
+template <typename T>
+struct AccType { using type = float; };
+template <>
+struct AccType<double> { using type = double; };
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+template <typename A, typename T>
+ATTNKIT_DEVICE ATTNKIT_INLINE A to_acc(T x) { return static_cast<A>(to_float(x)); }
+template <>
+ATTNKIT_DEVICE ATTNKIT_INLINE double to_acc<double, double>(double x) { return x; }
+
+template <typename T, typename A>
+ATTNKIT_DEVICE ATTNKIT_INLINE T from_acc(A x) { return from_float<T>(static_cast<float>(x)); }
+template <>
+ATTNKIT_DEVICE ATTNKIT_INLINE double from_acc<double, double>(double x) { return x; }
+
+// VEC elements moved as one load/store (16 bytes when VEC = 16 / sizeof(T)); callers only pick
+// VEC > 1 when the row length and every row pointer are multiples of the vector size.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+ATTNKIT_DEVICE ATTNKIT_INLINE Vec<T, VEC> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+template <typename T, int VEC>
+ATTNKIT_DEVICE ATTNKIT_INLINE void store_vec(T* p, const Vec<T, VEC>& v) {
+  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+// Exclusive scan of one int32 per thread over the block (Hillis-Steele in shared memory, a fixed
+// order: deterministic). `smem` holds blockDim.x ints. Returns the thread's exclusive prefix and
+// the block total in `*total`. Every thread of the block must call it.
+ATTNKIT_DEVICE ATTNKIT_INLINE int32_t block_exclusive_scan(int32_t v, int32_t* smem,
+                                                           int32_t* total) {
+  const int tid = threadIdx.x, n = blockDim.x;
+  smem[tid] = v;
+  __syncthreads();
+  for (int d = 1; d < n; d <<= 1) {
+    const int32_t add = tid >= d ? smem[tid - d] : 0;
+    __syncthreads();
+    smem[tid] += add;
+    __syncthreads();
+  }
+  const int32_t inclusive = smem[tid];
+  *total = smem[n - 1];
+  __syncthreads();
+  return inclusive - v;
+}
+
+// Sum of one value per thread over the block, in a fixed tree order; every thread gets it.
+// `smem` holds blockDim.x / kWarpSize values.
+template <typename A>
+ATTNKIT_DEVICE ATTNKIT_INLINE A block_sum(A v, A* smem) {
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  A s = 0;
+  for (int i = 0; i < warps; ++i) s += smem[i];
+  return s;
+}
+
+}  // namespace moe
+}  // namespace attnkit

@@ -1,0 +1,55 @@
+"""MoE routing self-check cases: fresh random routing, every op against its eager reference."""
+import torch
+
+from ..moe import (expert_load_balance, grouped_gemm, moe, moe_permute, moe_topk_softmax,
+                   moe_unpermute, silu_and_mul)
+from ..reference import (expert_load_balance_ref, grouped_gemm_ref, moe_permute_ref, moe_ref,
+                         moe_topk_softmax_ref, moe_unpermute_ref, silu_and_mul_ref)
+from . import Case
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def cases(device):
+    dtypes = [torch.bfloat16, torch.float32]
+    if device == "cpu":
+        dtypes.reverse()
+    T, H, I, E, k = (4096, 1024, 512, 16, 2) if device == "cuda" else (256, 128, 96, 8, 2)
+    out = []
+    for dtype in dtypes:
+        tag = str(dtype)[6:]
+        timed = dtype == dtypes[0]
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        logits = torch.randn(T, E, device=device, dtype=dtype)
+        _, ids = moe_topk_softmax_ref(logits, k, True)
+        out.append(Case(f"moe_topk_softmax {tag}",
+                        run=lambda l=logits: moe_topk_softmax(l, k, True),
+                        reference=lambda l=logits: moe_topk_softmax_ref(l, k, True),
+                        tol=1e-5, timed=timed))
+        # Permutation results are bit copies: the ids and rows must match exactly (tol 0).
+        out.append(Case(f"moe_permute {tag}", run=lambda x=x, i=ids: moe_permute(x, i, E),
+                        reference=lambda x=x, i=ids: moe_permute_ref(x, i, E), tol=0.0,
+                        timed=timed))
+        p, off, rm = moe_permute_ref(x, ids, E)
+        w = torch.rand(T, k, device=device)
+        y = torch.randn_like(p)
+        out.append(Case(f"moe_unpermute {tag}", run=lambda y=y, r=rm, w=w: moe_unpermute(y, r, w),
+                        reference=lambda y=y, r=rm, w=w: moe_unpermute_ref(y, r, w),
+                        tol=TOL[dtype], timed=timed))
+        w1 = torch.randn(E, H, 2 * I, device=device, dtype=dtype) / H ** 0.5
+        out.append(Case(f"grouped_gemm {tag}", run=lambda p=p, w=w1, o=off: grouped_gemm(p, w, o),
+                        reference=lambda p=p, w=w1, o=off: grouped_gemm_ref(p, w, o),
+                        tol=TOL[dtype], timed=timed))
+        h = torch.randn(T * k, 2 * I, device=device, dtype=dtype)
+        out.append(Case(f"silu_and_mul {tag}", run=lambda h=h: silu_and_mul(h),
+                        reference=lambda h=h: silu_and_mul_ref(h), tol=TOL[dtype], timed=timed))
+        gate = torch.randn(H, E, device=device, dtype=dtype) / H ** 0.5
+        w2 = torch.randn(E, I, H, device=device, dtype=dtype) / I ** 0.5
+        blk_tol = TOL[dtype] * (4 if dtype == torch.bfloat16 else 1)
+        out.append(Case(f"moe block {tag}", run=lambda a=(x, gate, w1, w2): moe(*a, k),
+                        reference=lambda a=(x, gate, w1, w2): moe_ref(*a, k), tol=blk_tol,
+                        timed=timed))
+    loads = torch.randint(0, 1000, (64,), device=device)
+    out.append(Case("expert_load_balance", run=lambda: expert_load_balance(loads, 8),
+                    reference=lambda: expert_load_balance_ref(loads.cpu(), 8).to(device), tol=0.0))
+    return out
