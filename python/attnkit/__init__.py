@@ -8,8 +8,12 @@ import torch  # noqa: F401  (the op library links against torch's libraries)
 from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
 from .gdpa import gdpa, GDPA_ACTIVATIONS
+from .paged import (pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
+                    reshape_and_cache_with_pertoken_quant)
 
-__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda"]
+__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda",
+           "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
+           "reshape_and_cache_with_pertoken_quant"]
 
 
 def built_with_cuda() -> bool:
