@@ -475,7 +475,7 @@ def test_decode_step_in_cuda_graph():
     """A decode step (cache write + both attention ops) captured once, replayed with new inputs:
     nothing in it may synchronise with the host."""
     _seed()
-    dtype, hq, hkv, d, bs, nb = torch.bfloat16, 32, 8, 128, 16, 600
+    dtype, hq, hkv, d, bs, nb = torch.bfloat16, 32, 8, 128, 16, 1100
     lengths = [100, 4000, 1, 777]
     kc, vc = make_caches(nb, hkv, d, bs, dtype, "asm", "cuda")
     bt, lens = make_tables(lengths, bs, nb, "cuda", extra_cols=2)

@@ -17,7 +17,8 @@ ScaleLike = Union[torch.Tensor, float]
 def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
     if isinstance(s, torch.Tensor):
         return s
-    return torch.tensor([1.0 if s is None else float(s)], dtype=torch.float32, device=device)
+    # A fill kernel, not a host-to-device copy: stays legal inside CUDA-graph capture.
+    return torch.full((1,), 1.0 if s is None else float(s), dtype=torch.float32, device=device)
 
 
 def paged_attention_v1(
