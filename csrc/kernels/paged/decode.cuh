@@ -28,6 +28,9 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxDimPerThread = kMaxHeadDim / kThreads;  // value dims one thread accumulates
 constexpr int kLoadsInFlight = 4;
+// The group reduction reuses the logits buffer: groups * ROWS * D <= kThreads * ROWS floats.
+static_assert(kThreads * kMaxDimPerThread <= kPartition, "reduction buffer too small");
+static_assert(kPartition % 32 == 0 && kPartition / 8 >= kPartition / 32, "partition vs block sizes");
 
 template <typename scalar_t, CacheKind K>
 struct CacheTraits {
@@ -109,6 +112,7 @@ __global__ void __launch_bounds__(kThreads)
   using CT = CacheTraits<scalar_t, K>;
   using storage = typename CT::storage;
   constexpr int X = CT::kX, VC = CT::kVC;
+  static_assert(X % 4 == 0 && VC % 4 == 0, "float4 reads of q_s / logit_s need multiples of 4");
 
   __shared__ __align__(16) float q_s[ROWS][kMaxHeadDim];
   __shared__ __align__(16) float logit_s[ROWS][kPartition];
@@ -303,9 +307,14 @@ __global__ void __launch_bounds__(kThreads)
             }
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
+              // tl is a multiple of VC (4 or 8): 16-byte shared loads of the probabilities.
+              const float4* pv = reinterpret_cast<const float4*>(&logit_s[r][tl]);
               float s = 0.0f;
 #pragma unroll
-              for (int j = 0; j < VC; ++j) s += logit_s[r][tl + j] * vf[j];
+              for (int j = 0; j < VC / 4; ++j) {
+                const float4 pp = pv[j];
+                s += pp.x * vf[4 * j] + pp.y * vf[4 * j + 1] + pp.z * vf[4 * j + 2] + pp.w * vf[4 * j + 3];
+              }
               acc[r][k] += s;
             }
           }
