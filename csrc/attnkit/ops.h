@@ -51,5 +51,35 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_out, const at::Tensor& row_m
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& expert_offsets);
 at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor expert_load_balance(const at::Tensor& expert_loads, int64_t world_size);
+// ---- paged decode attention (DESIGN §3.2) ----
+void paged_attention_v1(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                        int64_t block_size, int64_t max_seq_len,
+                        const c10::optional<at::Tensor>& alibi_slopes,
+                        const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                        const at::Tensor& v_scale, double logits_soft_cap = 0.0,
+                        int64_t sliding_window = -1);
+
+// Returns the output, or an empty tensor when `out` is given (the result is then in `out`).
+at::Tensor pa_fwd(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                  int64_t block_tables_stride0, int64_t max_qlen = 1,
+                  const c10::optional<at::Tensor>& K_QScale = c10::nullopt,
+                  const c10::optional<at::Tensor>& V_QScale = c10::nullopt,
+                  const c10::optional<at::Tensor>& out = c10::nullopt,
+                  const c10::optional<at::Tensor>& qo_indptr = c10::nullopt,
+                  int64_t high_precision = 1);
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                       const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                       const at::Tensor& v_scale);
+
+void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tensor& value,
+                                           at::Tensor& key_cache, at::Tensor& value_cache,
+                                           at::Tensor& k_dequant_scales,
+                                           at::Tensor& v_dequant_scales,
+                                           const at::Tensor& slot_mapping);
 
 }  // namespace attnkit

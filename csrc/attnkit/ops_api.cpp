@@ -103,6 +103,61 @@ at::Tensor silu_and_mul(CT x) {
 at::Tensor expert_load_balance(CT expert_loads, int64_t world_size) {
   static auto op = op_handle<at::Tensor(CT, int64_t)>("attnkit::expert_load_balance");
   return op.call(expert_loads, world_size);
+// ---- paged decode attention ----
+void paged_attention_v1(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                        int64_t block_size, int64_t max_seq_len,
+                        const c10::optional<at::Tensor>& alibi_slopes,
+                        const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                        const at::Tensor& v_scale, double logits_soft_cap,
+                        int64_t sliding_window) {
+  static auto op = op_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, int64_t, double, const at::Tensor&,
+                                  const at::Tensor&, int64_t, int64_t,
+                                  const c10::optional<at::Tensor>&, c10::string_view,
+                                  const at::Tensor&, const at::Tensor&, double, int64_t)>(
+      "attnkit::paged_attention_v1");
+  op.call(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+          block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+          logits_soft_cap, sliding_window);
+}
+
+at::Tensor pa_fwd(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                  int64_t block_tables_stride0, int64_t max_qlen,
+                  const c10::optional<at::Tensor>& K_QScale,
+                  const c10::optional<at::Tensor>& V_QScale,
+                  const c10::optional<at::Tensor>& out,
+                  const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision) {
+  static auto op = op_handle<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, int64_t, int64_t, const c10::optional<at::Tensor>&,
+      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+      const c10::optional<at::Tensor>&, int64_t)>("attnkit::pa_fwd");
+  return op.call(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
+                 V_QScale, out, qo_indptr, high_precision);
+}
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                       const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                       const at::Tensor& v_scale) {
+  static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                  const at::Tensor&, c10::string_view, const at::Tensor&,
+                                  const at::Tensor&)>("attnkit::reshape_and_cache");
+  op.call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale);
+}
+
+void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tensor& value,
+                                           at::Tensor& key_cache, at::Tensor& value_cache,
+                                           at::Tensor& k_dequant_scales,
+                                           at::Tensor& v_dequant_scales,
+                                           const at::Tensor& slot_mapping) {
+  static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                  at::Tensor&, at::Tensor&, const at::Tensor&)>(
+      "attnkit::reshape_and_cache_with_pertoken_quant");
+  op.call(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping);
 }
 
 }  // namespace attnkit

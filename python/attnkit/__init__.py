@@ -7,15 +7,26 @@ import torch  # noqa: F401  (the op library links against torch's libraries)
 
 from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
-from .gdpa import gdpa, GDPA_ACTIVATIONS
+from .gdpa import GDPA_ACTIVATIONS, gdpa
 from .flash import flash_attn_func, flash_attn_varlen_func
-
 from .moe import (MoE, expert_load_balance, grouped_gemm, moe, moe_permute, moe_topk_softmax,
                   moe_unpermute, silu_and_mul)
+from .paged import (pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
+                    reshape_and_cache_with_pertoken_quant)
 
-__all__ = ["gdpa", "GDPA_ACTIVATIONS", "built_with_cuda", "flash_attn_func", "flash_attn_varlen_func"]
-__all__ += ["moe", "MoE", "moe_topk_softmax", "moe_permute", "moe_unpermute", "grouped_gemm",
-            "silu_and_mul", "expert_load_balance"]
+__all__ = [
+    "built_with_cuda",
+    # GDPA
+    "gdpa", "GDPA_ACTIVATIONS",
+    # flash attention
+    "flash_attn_func", "flash_attn_varlen_func",
+    # MoE routing
+    "moe", "MoE", "moe_topk_softmax", "moe_permute", "moe_unpermute", "grouped_gemm",
+    "silu_and_mul", "expert_load_balance",
+    # paged decode attention
+    "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
+    "reshape_and_cache_with_pertoken_quant",
+]
 
 
 def built_with_cuda() -> bool:

@@ -1,0 +1,458 @@
+// Paged decode attention: argument parsing and input checks shared by the CPU, CUDA and Meta
+// kernels (DESIGN §3.2). Only shapes, dtypes and devices are checked here, so no tensor value is
+// read (no host sync on CUDA); the CPU kernels check values, the CUDA kernels clamp or skip.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+#include <string_view>
+
+#include "common/check.h"
+#include "kernels/paged/params.h"
+
+namespace attnkit {
+namespace paged {
+
+inline CacheKind parse_kv_cache_dtype(std::string_view s) {
+  if (s == "auto") return CacheKind::kSame;
+  if (s == "fp8" || s == "fp8_e4m3") return CacheKind::kFp8E4M3;
+  if (s == "fp8_e5m2") return CacheKind::kFp8E5M2;
+  ATTNKIT_CHECK(false, "kv_cache_dtype: expected one of auto, fp8, fp8_e4m3, fp8_e5m2, got '",
+                std::string(s), "'");
+  return CacheKind::kSame;
+}
+
+// The storage dtypes a cache of `kind` may have next to a `q_dtype` query.
+inline void check_cache_dtype(const at::Tensor& c, const char* name, CacheKind kind,
+                              at::ScalarType q_dtype) {
+  switch (kind) {
+    case CacheKind::kSame:
+      ATTNKIT_CHECK(c.scalar_type() == q_dtype, name, ": expected dtype ", q_dtype,
+                    " (the query dtype, kv_cache_dtype 'auto'), got ", c.scalar_type());
+      return;
+    case CacheKind::kFp8E4M3:
+      check_dtype(c, name, {at::kByte, at::kFloat8_e4m3fn});
+      return;
+    case CacheKind::kFp8E5M2:
+      check_dtype(c, name, {at::kByte, at::kFloat8_e5m2});
+      return;
+    case CacheKind::kInt8:
+      check_dtype(c, name, {at::kChar});
+      return;
+  }
+}
+
+// Shapes of key_cache [nb, Hkv, D/x, bs, x] and value_cache (4D vLLM [nb, Hkv, D, bs] or 5D ASM
+// [nb, Hkv, bs/x, D, x]) against the head counts and sizes the op was given.
+inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                         const at::Tensor& query, int64_t Hkv, int64_t D, int64_t bs) {
+  check_dim(key_cache, "key_cache", 5);
+  check_defined(value_cache, "value_cache");
+  ATTNKIT_CHECK(value_cache.dim() == 4 || value_cache.dim() == 5,
+                "value_cache: expected a 4-D (vLLM) or 5-D (ASM) tensor, got ", value_cache.dim(),
+                "-D with shape ", value_cache.sym_sizes());
+  check_same_device(query, "query", key_cache, "key_cache");
+  check_same_device(query, "query", value_cache, "value_cache");
+  ATTNKIT_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "value_cache: expected dtype ",
+                key_cache.scalar_type(), " (same as key_cache), got ", value_cache.scalar_type());
+  const int64_t x = 16 / key_cache.element_size();
+  const auto nb = key_cache.sym_size(0);
+  ATTNKIT_CHECK(key_cache.sym_size(1) == Hkv && key_cache.sym_size(2) * x == D &&
+                    key_cache.sym_size(3) == bs && key_cache.sym_size(4) == x,
+                "key_cache: expected shape [num_blocks, ", Hkv, ", ", D / x, ", ", bs, ", ", x,
+                "] (x = 16 bytes / element size), got ", key_cache.sym_sizes());
+  if (value_cache.dim() == 4) {
+    ATTNKIT_CHECK(value_cache.sym_size(0) == nb && value_cache.sym_size(1) == Hkv &&
+                      value_cache.sym_size(2) == D && value_cache.sym_size(3) == bs,
+                  "value_cache: expected shape [", nb, ", ", Hkv, ", ", D, ", ", bs,
+                  "] (vLLM layout), got ", value_cache.sym_sizes());
+  } else {
+    ATTNKIT_CHECK(bs % x == 0 && value_cache.sym_size(0) == nb &&
+                      value_cache.sym_size(1) == Hkv && value_cache.sym_size(2) * x == bs &&
+                      value_cache.sym_size(3) == D && value_cache.sym_size(4) == x,
+                  "value_cache: expected shape [", nb, ", ", Hkv, ", ", bs / x, ", ", D, ", ", x,
+                  "] (ASM layout, block_size a multiple of x = ", x, "), got ",
+                  value_cache.sym_sizes());
+  }
+  check_last_dim_contiguous(key_cache, "key_cache");
+  check_last_dim_contiguous(value_cache, "value_cache");
+}
+
+inline void check_table_and_lens(const at::Tensor& block_tables, const char* bt_name,
+                                 const at::Tensor& lens, const char* lens_name,
+                                 const at::Tensor& query) {
+  check_dim(block_tables, bt_name, 2);
+  check_dtype(block_tables, bt_name, {at::kInt});
+  check_same_device(query, "query", block_tables, bt_name);
+  check_dim(lens, lens_name, 1);
+  check_dtype(lens, lens_name, {at::kInt});
+  check_same_device(query, "query", lens, lens_name);
+  ATTNKIT_CHECK(lens.sym_size(0) == block_tables.sym_size(0), lens_name, ": expected ",
+                block_tables.sym_size(0), " entries (one per row of ", bt_name, "), got ",
+                lens.sym_size(0));
+  ATTNKIT_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1, bt_name,
+                ": expected contiguous rows (stride 1 in dim 1), got strides ",
+                block_tables.strides());
+}
+
+inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::Tensor& query) {
+  check_defined(s, name);
+  check_dtype(s, name, {at::kFloat});
+  check_same_device(query, "query", s, name);
+  ATTNKIT_CHECK(s.sym_numel() >= 1, name, ": expected a per-tensor scale (>= 1 element), got shape ",
+                s.sym_sizes());
+}
+
+struct V1Config {
+  CacheKind kind;
+  int64_t Hq, Hkv, D, bs;
+};
+
+inline V1Config check_paged_attention_v1(
+    const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+    const at::Tensor& value_cache, int64_t num_kv_heads, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, int64_t block_size, int64_t max_seq_len,
+    const c10::optional<at::Tensor>& alibi_slopes, std::string_view kv_cache_dtype,
+    const at::Tensor& k_scale, const at::Tensor& v_scale, double logits_soft_cap) {
+  V1Config c;
+  c.kind = parse_kv_cache_dtype(kv_cache_dtype);
+  check_dim(query, "query", 3);
+  check_dtype(query, "query", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(out, "out", 3);
+  check_same_dtype(query, "query", out, "out");
+  check_same_device(query, "query", out, "out");
+  ATTNKIT_CHECK(out.sym_sizes() == query.sym_sizes(), "out: expected shape ", query.sym_sizes(),
+                " (same as query), got ", out.sym_sizes());
+  c.Hq = query.size(1);
+  c.D = query.size(2);
+  c.Hkv = num_kv_heads;
+  c.bs = block_size;
+  ATTNKIT_CHECK(num_kv_heads >= 1 && c.Hq % num_kv_heads == 0, "num_kv_heads: expected a divisor of the ",
+                c.Hq, " query heads, got ", num_kv_heads);
+  ATTNKIT_CHECK(c.D >= 32 && c.D <= kMaxHeadDim && c.D % 8 == 0,
+                "query: expected head size a multiple of 8 in [32, 256], got ", c.D);
+  ATTNKIT_CHECK(block_size == 8 || block_size == 16 || block_size == 32,
+                "block_size: expected 8, 16 or 32, got ", block_size);
+  ATTNKIT_CHECK(max_seq_len >= 0, "max_seq_len: expected >= 0, got ", max_seq_len);
+  ATTNKIT_CHECK(logits_soft_cap >= 0.0, "logits_soft_cap: expected >= 0, got ", logits_soft_cap);
+  check_cache_dtype(key_cache, "key_cache", c.kind, query.scalar_type());
+  check_caches(key_cache, value_cache, query, c.Hkv, c.D, c.bs);
+  check_table_and_lens(block_tables, "block_tables", seq_lens, "seq_lens", query);
+  ATTNKIT_CHECK(seq_lens.sym_size(0) == query.sym_size(0), "seq_lens: expected ", query.sym_size(0),
+                " entries (one per query row), got ", seq_lens.sym_size(0));
+  if (alibi_slopes.has_value()) {
+    const auto& a = *alibi_slopes;
+    check_dim(a, "alibi_slopes", 1);
+    check_dtype(a, "alibi_slopes", {at::kFloat});
+    check_same_device(query, "query", a, "alibi_slopes");
+    ATTNKIT_CHECK(a.sym_size(0) == c.Hq, "alibi_slopes: expected ", c.Hq,
+                  " slopes (one per query head), got shape ", a.sym_sizes());
+  }
+  check_scale_tensor(k_scale, "k_scale", query);
+  check_scale_tensor(v_scale, "v_scale", query);
+  return c;
+}
+
+constexpr int64_t kPaFwdHeadDim = 128;
+constexpr int64_t kPaFwdBlockSize = 16;
+constexpr int64_t kPaFwdMaxGqa = 16;
+
+struct PaFwdConfig {
+  CacheKind kind;
+  int64_t Hq, Hkv, D, bs;
+};
+
+inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                int64_t block_tables_stride0, int64_t max_qlen,
+                                const c10::optional<at::Tensor>& K_QScale,
+                                const c10::optional<at::Tensor>& V_QScale,
+                                const c10::optional<at::Tensor>& out,
+                                const c10::optional<at::Tensor>& qo_indptr,
+                                int64_t high_precision) {
+  PaFwdConfig c;
+  check_dim(Q, "Q", 3);
+  check_dtype(Q, "Q", {at::kBFloat16, at::kHalf});
+  check_dim(K, "K", 5);
+  check_dim(V, "V", 5);
+  c.Hq = Q.size(1);
+  c.D = Q.size(2);
+  c.Hkv = K.size(1);
+  c.bs = K.size(3);
+  ATTNKIT_CHECK(c.D == kPaFwdHeadDim, "Q: expected head size ", kPaFwdHeadDim, ", got ", c.D);
+  ATTNKIT_CHECK(c.bs == kPaFwdBlockSize, "K: expected block size ", kPaFwdBlockSize,
+                " (dim 3), got shape ", K.sym_sizes());
+  ATTNKIT_CHECK(c.Hkv >= 1 && c.Hq % c.Hkv == 0, "K: expected the number of kv heads (dim 1) to divide the ",
+                c.Hq, " query heads, got ", c.Hkv);
+  ATTNKIT_CHECK(c.Hq / c.Hkv <= kPaFwdMaxGqa, "Q: expected a GQA ratio (query heads / kv heads) <= ",
+                kPaFwdMaxGqa, ", got ", c.Hq, "/", c.Hkv, " = ", c.Hq / c.Hkv,
+                "; use paged_attention_v1 for larger ratios");
+  const bool quant = K.scalar_type() != Q.scalar_type();
+  if (!quant) {
+    c.kind = CacheKind::kSame;
+  } else {
+    check_dtype(K, "K", {Q.scalar_type(), at::kChar, at::kFloat8_e4m3fn});
+    c.kind = K.scalar_type() == at::kChar ? CacheKind::kInt8 : CacheKind::kFp8E4M3;
+  }
+  if (quant) {
+    ATTNKIT_CHECK(K_QScale.has_value() && V_QScale.has_value(), "K_QScale: expected per-token scales [",
+                  K.sym_size(0), ", ", c.Hkv, ", ", c.bs, "] for an ", K.scalar_type(), " cache, got None");
+  }
+  check_caches(K, V, Q, c.Hkv, c.D, c.bs);
+  for (auto [s, name] : {std::pair{&K_QScale, "K_QScale"}, std::pair{&V_QScale, "V_QScale"}}) {
+    if (!s->has_value()) continue;
+    ATTNKIT_CHECK(quant, name, ": expected None for a cache in the query dtype ", Q.scalar_type());
+    const auto& t = **s;
+    check_dim(t, name, 3);
+    check_dtype(t, name, {at::kFloat});
+    check_same_device(Q, "Q", t, name);
+    ATTNKIT_CHECK(t.sym_size(0) == K.sym_size(0) && t.sym_size(1) == c.Hkv && t.sym_size(2) == c.bs,
+                  name, ": expected shape [", K.sym_size(0), ", ", c.Hkv, ", ", c.bs, "], got ",
+                  t.sym_sizes());
+    check_last_dim_contiguous(t, name);
+  }
+  check_table_and_lens(block_tables, "block_tables", context_lens, "context_lens", Q);
+  ATTNKIT_CHECK(block_tables_stride0 == block_tables.stride(0),
+                "block_tables_stride0: expected block_tables.stride(0) = ", block_tables.stride(0),
+                ", got ", block_tables_stride0);
+  ATTNKIT_CHECK(max_qlen >= 1, "max_qlen: expected >= 1, got ", max_qlen);
+  ATTNKIT_CHECK(high_precision >= 0 && high_precision <= 2,
+                "high_precision: expected 0, 1 or 2, got ", high_precision);
+  if (qo_indptr.has_value()) {
+    const auto& qi = *qo_indptr;
+    check_dim(qi, "qo_indptr", 1);
+    check_dtype(qi, "qo_indptr", {at::kInt});
+    check_same_device(Q, "Q", qi, "qo_indptr");
+    ATTNKIT_CHECK(qi.sym_size(0) == context_lens.sym_size(0) + 1, "qo_indptr: expected ",
+                  context_lens.sym_size(0) + 1, " entries (sequences + 1), got ", qi.sym_size(0));
+  } else {
+    ATTNKIT_CHECK(max_qlen == 1, "qo_indptr: expected a tensor when max_qlen > 1 (got max_qlen ",
+                  max_qlen, " and None)");
+    ATTNKIT_CHECK(Q.sym_size(0) == context_lens.sym_size(0), "Q: expected ", context_lens.sym_size(0),
+                  " rows (one per sequence of context_lens), got shape ", Q.sym_sizes());
+  }
+  if (out.has_value()) {
+    check_same_dtype(Q, "Q", *out, "out");
+    check_same_device(Q, "Q", *out, "out");
+    ATTNKIT_CHECK(out->sym_sizes() == Q.sym_sizes(), "out: expected shape ", Q.sym_sizes(),
+                  " (same as Q), got ", out->sym_sizes());
+  }
+  return c;
+}
+
+struct CacheWriteConfig {
+  CacheKind kind;
+  int64_t T, Hkv, D, bs;
+};
+
+// key/value [T, Hkv, D] and the slot mapping [T]; the caches' shapes follow from them.
+inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tensor& value,
+                                          const at::Tensor& key_cache,
+                                          const at::Tensor& value_cache,
+                                          const at::Tensor& slot_mapping) {
+  CacheWriteConfig c;
+  check_dim(key, "key", 3);
+  check_dim(value, "value", 3);
+  check_dtype(key, "key", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_same_dtype(key, "key", value, "value");
+  check_same_device(key, "key", value, "value");
+  ATTNKIT_CHECK(value.sym_sizes() == key.sym_sizes(), "value: expected shape ", key.sym_sizes(),
+                " (same as key), got ", value.sym_sizes());
+  check_last_dim_contiguous(key, "key");
+  check_last_dim_contiguous(value, "value");
+  c.T = key.size(0);
+  c.Hkv = key.size(1);
+  c.D = key.size(2);
+  check_dim(key_cache, "key_cache", 5);
+  c.bs = key_cache.size(3);
+  check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
+  check_dim(slot_mapping, "slot_mapping", 1);
+  check_dtype(slot_mapping, "slot_mapping", {at::kInt, at::kLong});
+  check_same_device(key, "key", slot_mapping, "slot_mapping");
+  ATTNKIT_CHECK(slot_mapping.sym_size(0) == c.T, "slot_mapping: expected ", c.T,
+                " entries (one per token of key), got ", slot_mapping.sym_size(0));
+  return c;
+}
+
+inline CacheWriteConfig check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                                                const at::Tensor& key_cache,
+                                                const at::Tensor& value_cache,
+                                                const at::Tensor& slot_mapping,
+                                                std::string_view kv_cache_dtype,
+                                                const at::Tensor& k_scale,
+                                                const at::Tensor& v_scale) {
+  const CacheKind kind = parse_kv_cache_dtype(kv_cache_dtype);
+  check_defined(key, "key");
+  check_defined(key_cache, "key_cache");
+  check_cache_dtype(key_cache, "key_cache", kind, key.scalar_type());
+  auto c = check_cache_write(key, value, key_cache, value_cache, slot_mapping);
+  c.kind = kind;
+  check_scale_tensor(k_scale, "k_scale", key);
+  check_scale_tensor(v_scale, "v_scale", key);
+  return c;
+}
+
+inline CacheWriteConfig check_pertoken_quant(const at::Tensor& key, const at::Tensor& value,
+                                             const at::Tensor& key_cache,
+                                             const at::Tensor& value_cache,
+                                             const at::Tensor& k_dequant_scales,
+                                             const at::Tensor& v_dequant_scales,
+                                             const at::Tensor& slot_mapping) {
+  check_defined(key_cache, "key_cache");
+  check_dtype(key_cache, "key_cache", {at::kChar, at::kFloat8_e4m3fn});
+  check_defined(key, "key");
+  check_dtype(key, "key", {at::kHalf, at::kBFloat16});  // pa_fwd's query dtypes
+  auto c = check_cache_write(key, value, key_cache, value_cache, slot_mapping);
+  c.kind = key_cache.scalar_type() == at::kChar ? CacheKind::kInt8 : CacheKind::kFp8E4M3;
+  for (auto [t, name] : {std::pair{&k_dequant_scales, "k_dequant_scales"},
+                         std::pair{&v_dequant_scales, "v_dequant_scales"}}) {
+    check_dim(*t, name, 3);
+    check_dtype(*t, name, {at::kFloat});
+    check_same_device(key, "key", *t, name);
+    ATTNKIT_CHECK(t->sym_size(0) == key_cache.sym_size(0) && t->sym_size(1) == c.Hkv &&
+                      t->sym_size(2) == c.bs,
+                  name, ": expected shape [", key_cache.sym_size(0), ", ", c.Hkv, ", ", c.bs,
+                  "], got ", t->sym_sizes());
+    check_last_dim_contiguous(*t, name);
+  }
+  return c;
+}
+
+// Strides of the caches in the form the kernels take.
+inline CacheStrides cache_strides(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  CacheStrides s;
+  s.x = static_cast<int32_t>(16 / key_cache.element_size());
+  s.k_sb = key_cache.stride(0);
+  s.k_sh = key_cache.stride(1);
+  s.k_sdc = key_cache.stride(2);
+  s.k_st = key_cache.stride(3);
+  s.v_sb = value_cache.stride(0);
+  s.v_sh = value_cache.stride(1);
+  if (value_cache.dim() == 4) {
+    s.v_tx = static_cast<int32_t>(value_cache.size(3));
+    s.v_stc = 0;
+    s.v_sd = value_cache.stride(2);
+  } else {
+    s.v_tx = s.x;
+    s.v_stc = value_cache.stride(2);
+    s.v_sd = value_cache.stride(3);
+  }
+  return s;
+}
+
+// DecodeParams of paged_attention_v1. Index tensors must be the contiguous ones the caller keeps
+// alive for the duration of the launch.
+inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& query,
+                                   const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const V1Config& c, const at::Tensor& block_tables,
+                                   const at::Tensor& seq_lens,
+                                   const c10::optional<at::Tensor>& alibi, const at::Tensor& k_scale,
+                                   const at::Tensor& v_scale, double scale, double softcap,
+                                   int64_t window) {
+  DecodeParams p{};
+  p.q = query.data_ptr();
+  p.q_st = query.stride(0), p.q_sh = query.stride(1), p.q_sd = query.stride(2);
+  p.out = out.data_ptr();
+  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  p.k_cache = key_cache.data_ptr();
+  p.v_cache = value_cache.data_ptr();
+  p.cs = cache_strides(key_cache, value_cache);
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.bt_stride = block_tables.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.qo_indptr = nullptr;
+  p.alibi = alibi.has_value() ? alibi->data_ptr<float>() : nullptr;
+  // vLLM ignores the scales of an 'auto' cache; so do we.
+  const bool fp8 = c.kind != CacheKind::kSame;
+  p.k_scale = fp8 ? k_scale.data_ptr<float>() : nullptr;
+  p.v_scale = fp8 ? v_scale.data_ptr<float>() : nullptr;
+  p.per_token_scale = false;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window = window > 0 ? static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)) : -1;
+  p.S = static_cast<int32_t>(query.size(0));
+  p.Hq = static_cast<int32_t>(c.Hq), p.Hkv = static_cast<int32_t>(c.Hkv);
+  p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
+  p.num_blocks = static_cast<int32_t>(key_cache.size(0));
+  p.max_blocks = static_cast<int32_t>(block_tables.size(1));
+  p.max_qlen = 1;
+  p.Tq = p.S;
+  return p;
+}
+
+inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& Q,
+                                       const at::Tensor& K, const at::Tensor& V,
+                                       const PaFwdConfig& c, const at::Tensor& block_tables,
+                                       const at::Tensor& context_lens,
+                                       const c10::optional<at::Tensor>& qo_indptr,
+                                       const c10::optional<at::Tensor>& K_QScale,
+                                       const c10::optional<at::Tensor>& V_QScale,
+                                       int64_t max_qlen) {
+  DecodeParams p{};
+  p.q = Q.data_ptr();
+  p.q_st = Q.stride(0), p.q_sh = Q.stride(1), p.q_sd = Q.stride(2);
+  p.out = out.data_ptr();
+  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  p.k_cache = K.data_ptr();
+  p.v_cache = V.data_ptr();
+  p.cs = cache_strides(K, V);
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.bt_stride = block_tables.stride(0);
+  p.seq_lens = context_lens.data_ptr<int32_t>();
+  p.qo_indptr = qo_indptr.has_value() ? qo_indptr->data_ptr<int32_t>() : nullptr;
+  p.alibi = nullptr;
+  p.per_token_scale = c.kind != CacheKind::kSame;
+  if (p.per_token_scale) {
+    p.k_scale = K_QScale->data_ptr<float>();
+    p.v_scale = V_QScale->data_ptr<float>();
+    p.ks_sb = K_QScale->stride(0), p.ks_sh = K_QScale->stride(1);
+    p.vs_sb = V_QScale->stride(0), p.vs_sh = V_QScale->stride(1);
+  }
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
+  p.softcap = 0.0f;
+  p.window = -1;
+  p.S = static_cast<int32_t>(context_lens.size(0));
+  p.Hq = static_cast<int32_t>(c.Hq), p.Hkv = static_cast<int32_t>(c.Hkv);
+  p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
+  p.num_blocks = static_cast<int32_t>(K.size(0));
+  p.max_blocks = static_cast<int32_t>(block_tables.size(1));
+  p.max_qlen = static_cast<int32_t>(max_qlen);
+  p.Tq = static_cast<int32_t>(Q.size(0));
+  return p;
+}
+
+inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at::Tensor& value,
+                                                const at::Tensor& key_cache,
+                                                const at::Tensor& value_cache,
+                                                const at::Tensor& slots,
+                                                const CacheWriteConfig& c) {
+  CacheWriteParams p{};
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.k_st = key.stride(0), p.k_sh = key.stride(1);
+  p.v_st = value.stride(0), p.v_sh = value.stride(1);
+  p.k_cache = key_cache.data_ptr();
+  p.v_cache = value_cache.data_ptr();
+  p.cs = cache_strides(key_cache, value_cache);
+  p.slots = slots.data_ptr();
+  p.slots_int64 = slots.scalar_type() == at::kLong;
+  p.T = static_cast<int32_t>(c.T), p.Hkv = static_cast<int32_t>(c.Hkv);
+  p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
+  p.num_blocks = static_cast<int32_t>(key_cache.size(0));
+  return p;
+}
+
+// Split-K partitions per (sequence, kv head): from a host-side bound of the context length,
+// never from tensor values (no host sync). Longer sequences are still computed in full: a split
+// then walks several partitions (grid-stride).
+inline int32_t num_splits(int64_t max_len_bound) {
+  const int64_t n = (std::max<int64_t>(max_len_bound, 1) + kPartition - 1) / kPartition;
+  return static_cast<int32_t>(std::min<int64_t>(n, kMaxSplits));
+}
+
+}  // namespace paged
+}  // namespace attnkit

@@ -1,0 +1,221 @@
+// Paged decode attention CUDA launchers (DESIGN §3.2): checks -> device guard -> current stream
+// -> dispatch -> launch. No host synchronisation: the split count comes from host-side sizes, the
+// split-K workspace from the caching allocator, so a decode step can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "common/paged_args.h"
+#include "kernels/paged/cache_write.cuh"
+#include "kernels/paged/decode.cuh"
+
+namespace attnkit {
+namespace paged {
+namespace {
+
+// Query / key dtype -> device scalar type; an explicit list with an erroring default.
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(fp16_t{});
+    case at::kBFloat16: return f(bf16_t{});
+    default: ATTNKIT_CHECK(false, name, ": expected dtype float32, float16 or bfloat16, got ", t);
+  }
+}
+
+// int8 caches exist only next to 16-bit queries (pa_fwd), so fp32 never instantiates them.
+template <typename scalar_t, typename F>
+void dispatch_kind(CacheKind k, F&& f) {
+  using C = CacheKind;
+  switch (k) {
+    case C::kSame: return f(std::integral_constant<C, C::kSame>{});
+    case C::kFp8E4M3: return f(std::integral_constant<C, C::kFp8E4M3>{});
+    case C::kFp8E5M2: return f(std::integral_constant<C, C::kFp8E5M2>{});
+    case C::kInt8:
+      if constexpr (!std::is_same_v<scalar_t, float>) return f(std::integral_constant<C, C::kInt8>{});
+      break;
+  }
+  ATTNKIT_CHECK(false, "key_cache: unsupported cache kind ", int(k), " for this query dtype");
+}
+
+template <typename F>
+void dispatch_rows(int64_t rows, F&& f) {
+  if (rows <= 1) return f(std::integral_constant<int, 1>{});
+  if (rows <= 4) return f(std::integral_constant<int, 4>{});
+  if (rows <= 8) return f(std::integral_constant<int, 8>{});
+  return f(std::integral_constant<int, kMaxRows>{});
+}
+
+bool aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// The kernels read keys 16 bytes and values kVC tokens at a time: every stride that moves such a
+// load must keep it aligned.
+void check_vector_alignment(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  const auto cs = cache_strides(key_cache, value_cache);
+  const int64_t es = key_cache.element_size();
+  const int64_t vc = std::min<int64_t>(cs.x, 8);
+  ATTNKIT_CHECK(aligned(key_cache.data_ptr(), 16) && cs.k_sb % cs.x == 0 && cs.k_sh % cs.x == 0 &&
+                    cs.k_sdc % cs.x == 0 && cs.k_st % cs.x == 0,
+                "key_cache: expected a 16-byte aligned pointer and strides multiples of x = ", cs.x,
+                " elements (16-byte loads), got strides ", key_cache.strides());
+  ATTNKIT_CHECK(aligned(value_cache.data_ptr(), vc * es) && cs.v_sb % vc == 0 && cs.v_sh % vc == 0 &&
+                    cs.v_stc % vc == 0 && cs.v_sd % vc == 0,
+                "value_cache: expected a ", vc * es, "-byte aligned pointer and strides multiples of ",
+                vc, " elements (vector loads), got strides ", value_cache.strides());
+}
+
+void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_t len_bound,
+                   const at::Tensor& like) {
+  const int64_t G = p.Hq / p.Hkv, rows = G * p.max_qlen;
+  const int32_t splits = num_splits(len_bound);
+  at::Tensor ws;
+  if (splits > 1) {
+    const int64_t n = int64_t(p.Tq) * p.Hq * splits;
+    ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
+    p.ws_out = ws.data_ptr<float>();
+    p.ws_ml = p.ws_out + n * p.D;
+  }
+  p.splits = splits;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(qtype, "query", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_kind<scalar_t>(kind, [&](auto kc) {
+      constexpr CacheKind K = decltype(kc)::value;
+      dispatch_rows(rows, [&](auto rc) {
+        constexpr int ROWS = decltype(rc)::value;
+        const int64_t row_chunks = (rows + ROWS - 1) / ROWS;
+        const int64_t gx = int64_t(p.S) * p.Hkv * row_chunks;
+        ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
+        paged_decode_kernel<scalar_t, K, ROWS>
+            <<<dim3(unsigned(gx), unsigned(splits)), kThreads, 0, stream>>>(p, int32_t(row_chunks));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    if (splits > 1) {
+      paged_combine_kernel<scalar_t>
+          <<<dim3(unsigned(int64_t(p.S) * p.max_qlen), unsigned(p.Hq)), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                             int64_t block_size, int64_t max_seq_len,
+                             const c10::optional<at::Tensor>& alibi_slopes,
+                             c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale, double logits_soft_cap,
+                             int64_t sliding_window) {
+  const auto c = check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads,
+                                          block_tables, seq_lens, block_size, max_seq_len,
+                                          alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+                                          logits_soft_cap);
+  if (out.numel() == 0) return;
+  check_vector_alignment(key_cache, value_cache);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto bt = block_tables.contiguous(), lens = seq_lens.contiguous();
+  c10::optional<at::Tensor> alibi;
+  if (alibi_slopes.has_value()) alibi = alibi_slopes->contiguous();
+  auto p = make_v1_params(out, query, key_cache, value_cache, c, bt, lens, alibi, k_scale, v_scale,
+                          scale, logits_soft_cap, sliding_window);
+  // max_seq_len only sizes the split count; longer sequences are still computed in full.
+  const int64_t bound = std::min<int64_t>(max_seq_len, int64_t(p.max_blocks) * p.block_size);
+  launch_decode(p, query.scalar_type(), c.kind, bound, query);
+}
+
+at::Tensor pa_fwd_cuda(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens,
+                       int64_t block_tables_stride0, int64_t max_qlen,
+                       const c10::optional<at::Tensor>& K_QScale,
+                       const c10::optional<at::Tensor>& V_QScale,
+                       const c10::optional<at::Tensor>& out_opt,
+                       const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision) {
+  const auto c = check_pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen,
+                              K_QScale, V_QScale, out_opt, qo_indptr, high_precision);
+  const c10::cuda::CUDAGuard guard(Q.device());
+  at::Tensor out = out_opt.has_value() ? *out_opt : at::empty(Q.sizes(), Q.options());
+  // Query rows outside every sequence's qo_indptr range are defined as 0.
+  if (qo_indptr.has_value()) out.zero_();
+  at::Tensor ret = out_opt.has_value() ? at::empty({0}, Q.options()) : out;
+  if (out.numel() == 0 || context_lens.numel() == 0) return ret;
+  check_vector_alignment(K, V);
+  c10::optional<at::Tensor> qi;
+  if (qo_indptr.has_value()) qi = qo_indptr->contiguous();
+  const auto lens = context_lens.contiguous();
+  auto p = make_pa_fwd_params(out, Q, K, V, c, block_tables, lens, qi, K_QScale, V_QScale, max_qlen);
+  launch_decode(p, Q.scalar_type(), c.kind, int64_t(p.max_blocks) * p.block_size, Q);
+  return ret;
+}
+
+void launch_write(const CacheWriteParams& p, at::ScalarType dtype, CacheKind kind, bool per_token) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(dtype, "key", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_kind<scalar_t>(kind, [&](auto kc) {
+      constexpr CacheKind K = decltype(kc)::value;
+      if (per_token) {
+        if constexpr (K == CacheKind::kInt8 || K == CacheKind::kFp8E4M3) {
+          pertoken_quant_kernel<scalar_t, K><<<unsigned(p.T), kWriteThreads, 0, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else if constexpr (K != CacheKind::kInt8) {
+        reshape_and_cache_kernel<scalar_t, K><<<unsigned(p.T), kWriteThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+}
+
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                            c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                            const at::Tensor& v_scale) {
+  const auto c = check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                                         kv_cache_dtype, k_scale, v_scale);
+  if (c.T == 0 || c.Hkv == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto slots = slot_mapping.contiguous();
+  auto p = make_cache_write_params(key, value, key_cache, value_cache, slots, c);
+  if (c.kind != CacheKind::kSame) {
+    p.k_scale = k_scale.data_ptr<float>();
+    p.v_scale = v_scale.data_ptr<float>();
+  }
+  launch_write(p, key.scalar_type(), c.kind, false);
+}
+
+void reshape_and_cache_with_pertoken_quant_cuda(const at::Tensor& key, const at::Tensor& value,
+                                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                                at::Tensor& k_dequant_scales,
+                                                at::Tensor& v_dequant_scales,
+                                                const at::Tensor& slot_mapping) {
+  const auto c = check_pertoken_quant(key, value, key_cache, value_cache, k_dequant_scales,
+                                      v_dequant_scales, slot_mapping);
+  if (c.T == 0 || c.Hkv == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto slots = slot_mapping.contiguous();
+  auto p = make_cache_write_params(key, value, key_cache, value_cache, slots, c);
+  p.k_tok_scale = k_dequant_scales.data_ptr<float>();
+  p.v_tok_scale = v_dequant_scales.data_ptr<float>();
+  p.ks_sb = k_dequant_scales.stride(0), p.ks_sh = k_dequant_scales.stride(1);
+  p.vs_sb = v_dequant_scales.stride(0), p.vs_sh = v_dequant_scales.stride(1);
+  launch_write(p, key.scalar_type(), c.kind, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("paged_attention_v1", &paged_attention_v1_cuda);
+  m.impl("pa_fwd", &pa_fwd_cuda);
+  m.impl("reshape_and_cache", &reshape_and_cache_cuda);
+  m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cuda);
+}
+
+}  // namespace paged
+}  // namespace attnkit

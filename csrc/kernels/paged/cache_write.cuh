@@ -1,0 +1,95 @@
+// Cache writers on the GPU (torch-free): reshape_and_cache (plain or per-tensor fp8) and the
+// per-token-per-head quantising writer that pa_fwd's int8 / fp8 caches come from. One thread
+// block per new token. Slots outside [0, num_blocks * block_size) are skipped (the CPU raises
+// for any slot other than -1 there; a check here would need a host sync).
+#pragma once
+
+#include <cstdint>
+
+#include "common/portability.h"
+#include "kernels/paged/params.h"
+
+namespace attnkit {
+namespace paged {
+
+constexpr int kWriteThreads = 128;
+
+template <typename scalar_t, CacheKind K>
+ATTNKIT_DEVICE ATTNKIT_INLINE void store_cache_elem(void* base, int64_t off, float x, float inv) {
+  if constexpr (K == CacheKind::kSame) {
+    static_cast<scalar_t*>(base)[off] = from_float<scalar_t>(x);
+  } else if constexpr (K == CacheKind::kFp8E4M3) {
+    static_cast<uint8_t*>(base)[off] = float_to_fp8<4, 3>(x * inv);
+  } else if constexpr (K == CacheKind::kFp8E5M2) {
+    static_cast<uint8_t*>(base)[off] = float_to_fp8<5, 2>(x * inv);
+  } else {
+    const float r = fminf(kInt8Max, fmaxf(-kInt8Max, rintf(x * inv)));
+    static_cast<int8_t*>(base)[off] = static_cast<int8_t>(r);
+  }
+}
+
+ATTNKIT_DEVICE ATTNKIT_INLINE int64_t checked_slot(const CacheWriteParams& p, int64_t t) {
+  const int64_t s = p.slots_int64 ? static_cast<const int64_t*>(p.slots)[t]
+                                  : static_cast<const int32_t*>(p.slots)[t];
+  return (s >= 0 && s < int64_t(p.num_blocks) * p.block_size) ? s : -1;
+}
+
+// grid: T. Per-tensor scales (fp8) divide; kSame copies.
+template <typename scalar_t, CacheKind K>
+__global__ void __launch_bounds__(kWriteThreads) reshape_and_cache_kernel(const CacheWriteParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t s = checked_slot(p, t);
+  if (s < 0) return;
+  const int64_t blk = s / p.block_size, tin = s % p.block_size;
+  const float kinv = p.k_scale ? 1.0f / p.k_scale[0] : 1.0f;
+  const float vinv = p.v_scale ? 1.0f / p.v_scale[0] : 1.0f;
+  const scalar_t* key = static_cast<const scalar_t*>(p.key);
+  const scalar_t* value = static_cast<const scalar_t*>(p.value);
+  for (int64_t idx = threadIdx.x; idx < int64_t(p.Hkv) * p.D; idx += kWriteThreads) {
+    const int64_t h = idx / p.D, d = idx % p.D;
+    store_cache_elem<scalar_t, K>(p.k_cache, key_offset(p.cs, blk, h, tin, d),
+                                  to_float(key[t * p.k_st + h * p.k_sh + d]), kinv);
+    store_cache_elem<scalar_t, K>(p.v_cache, value_offset(p.cs, blk, h, tin, d),
+                                  to_float(value[t * p.v_st + h * p.v_sh + d]), vinv);
+  }
+}
+
+// grid: T; one warp per (token, head): amax over the head dim -> scale = amax / range.
+template <typename scalar_t, CacheKind K>
+__global__ void __launch_bounds__(kWriteThreads) pertoken_quant_kernel(const CacheWriteParams p) {
+  constexpr float kRange = K == CacheKind::kInt8 ? kInt8Max : kFp8E4M3Max;
+  const int64_t t = blockIdx.x;
+  const int64_t s = checked_slot(p, t);
+  if (s < 0) return;
+  const int64_t blk = s / p.block_size, tin = s % p.block_size;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const scalar_t* key = static_cast<const scalar_t*>(p.key);
+  const scalar_t* value = static_cast<const scalar_t*>(p.value);
+  for (int64_t h = warp; h < p.Hkv; h += kWriteThreads / kWarpSize) {
+    const scalar_t* kr = key + t * p.k_st + h * p.k_sh;
+    const scalar_t* vr = value + t * p.v_st + h * p.v_sh;
+    float ka = 0.0f, va = 0.0f;
+    for (int d = lane; d < p.D; d += kWarpSize) {
+      ka = fmaxf(ka, fabsf(to_float(kr[d])));
+      va = fmaxf(va, fabsf(to_float(vr[d])));
+    }
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+      ka = fmaxf(ka, shfl_xor(ka, o));
+      va = fmaxf(va, shfl_xor(va, o));
+    }
+    const float ks = ka / kRange, vs = va / kRange;
+    const float kinv = ks > 0.0f ? 1.0f / ks : 0.0f, vinv = vs > 0.0f ? 1.0f / vs : 0.0f;
+    if (lane == 0) {
+      p.k_tok_scale[blk * p.ks_sb + h * p.ks_sh + tin] = ks;
+      p.v_tok_scale[blk * p.vs_sb + h * p.vs_sh + tin] = vs;
+    }
+    for (int d = lane; d < p.D; d += kWarpSize) {
+      store_cache_elem<scalar_t, K>(p.k_cache, key_offset(p.cs, blk, h, tin, d), to_float(kr[d]), kinv);
+      store_cache_elem<scalar_t, K>(p.v_cache, value_offset(p.cs, blk, h, tin, d), to_float(vr[d]), vinv);
+    }
+  }
+}
+
+}  // namespace paged
+}  // namespace attnkit

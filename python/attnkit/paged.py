@@ -1,0 +1,155 @@
+"""Paged decode attention (DESIGN §3.2): paged_attention_v1 (vLLM), pa_fwd (AITER's pa_fwd_asm)
+and the cache writers.
+
+Cache layouts (x = 16 bytes / element size: 8 for 16-bit caches, 16 for 8-bit ones):
+    key_cache    [num_blocks, Hkv, D/x, block_size, x]
+    value_cache  [num_blocks, Hkv, D, block_size]          (vLLM, 4-D)
+             or  [num_blocks, Hkv, block_size/x, D, x]     (ASM, 5-D: token t, dim d at
+                                                            [blk, h, t // x, d, t % x])
+"""
+from typing import Optional, Union
+
+import torch
+
+ScaleLike = Union[torch.Tensor, float]
+
+
+def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
+    if isinstance(s, torch.Tensor):
+        return s
+    # A fill kernel, not a host-to-device copy: stays legal inside CUDA-graph capture.
+    return torch.full((1,), 1.0 if s is None else float(s), dtype=torch.float32, device=device)
+
+
+def paged_attention_v1(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    num_kv_heads: int,
+    scale: float,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    max_seq_len: int,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    kv_cache_dtype: str = "auto",
+    k_scale: ScaleLike = 1.0,
+    v_scale: ScaleLike = 1.0,
+    tp_rank: int = 0,
+    blocksparse_local_blocks: int = 0,
+    blocksparse_vert_stride: int = 0,
+    blocksparse_block_size: int = 64,
+    blocksparse_head_sliding_step: int = 0,
+    *,
+    logits_soft_cap: float = 0.0,
+    sliding_window: int = -1,
+) -> None:
+    """vLLM's paged_attention_v1 (argument order kept), writing ``out`` in place.
+
+    For each sequence b (``seq_lens[b]`` tokens, read through ``block_tables[b]``) and query head
+    h (kv head ``h // (Hq / num_kv_heads)``)::
+
+        s = scale * q·k;  s = cap * tanh(s / cap) if logits_soft_cap > 0
+        s += alibi_slopes[h] * (pos - len + 1);  keys older than sliding_window masked
+        out = softmax(s) @ V      (fp32 accumulation, zeros for an empty sequence)
+
+    Args:
+        out, query: ``[S, Hq, D]`` fp32 / fp16 / bf16, D a multiple of 8 in [32, 256].
+        key_cache, value_cache: layouts in the module docstring (value 4-D or 5-D), in the query
+            dtype (``kv_cache_dtype="auto"``) or fp8 bytes (uint8 / torch float8) with
+            ``kv_cache_dtype`` "fp8" / "fp8_e4m3" / "fp8_e5m2" and per-tensor ``k_scale``,
+            ``v_scale`` (fp32 tensors or floats). Any strides (a block stride of 0 works).
+        block_tables: ``[S, max_blocks]`` int32; seq_lens: ``[S]`` int32.
+        block_size: 8, 16 or 32. max_seq_len: a sizing hint for the split-K partitioning only.
+        tp_rank, blocksparse_*: accepted for vLLM call sites; block-sparse attention is not
+            supported (``blocksparse_vert_stride > 1`` raises).
+
+    Long contexts are split across thread blocks and combined by the op itself. On CUDA no host
+    synchronisation happens (CUDA-graph capturable); block ids outside ``[0, num_blocks)`` mask
+    their tokens instead of being read (the CPU raises instead).
+    """
+    if blocksparse_vert_stride > 1:
+        raise ValueError("attnkit.paged_attention_v1: block-sparse attention is not supported "
+                         f"(blocksparse_vert_stride={blocksparse_vert_stride})")
+    torch.ops.attnkit.paged_attention_v1(
+        out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+        block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
+        _scale_tensor(k_scale, query.device), _scale_tensor(v_scale, query.device),
+        logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
+    )
+
+
+def pa_fwd(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables_stride0: int,
+    max_qlen: int = 1,
+    K_QScale: Optional[torch.Tensor] = None,
+    V_QScale: Optional[torch.Tensor] = None,
+    out_: Optional[torch.Tensor] = None,
+    qo_indptr: Optional[torch.Tensor] = None,
+    high_precision: int = 1,
+    kernelName: Optional[str] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """AITER's ``pa_fwd_asm`` (argument order kept): paged decode on the ASM layouts.
+
+    Q ``[S, Hq, 128]`` bf16/fp16 (or ``[total_q, Hq, 128]`` with ``qo_indptr`` ``[S+1]`` int32
+    and ``max_qlen > 1``: the new tokens of a sequence attend causally among themselves); K
+    ``[num_blocks, Hkv, 16, 16, 8]``-style 5-D key cache, V the 5-D ASM value cache, block size
+    16, Hq / Hkv <= 16. KV in Q's dtype, or int8 / float8_e4m3fn with per-token-per-head fp32
+    scales ``K_QScale``, ``V_QScale`` ``[num_blocks, Hkv, 16]``. Softmax scale 1/sqrt(128).
+    ``block_tables_stride0`` must equal ``block_tables.stride(0)``. ``high_precision`` (0-2) is
+    accepted for compatibility; accumulation is always fp32. ``kernelName`` is ignored.
+
+    Returns the output; when ``out_`` (or ``out``) is given it is written and returned.
+    """
+    dst = out if out is not None else out_
+    res = torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0,
+                                   max_qlen, K_QScale, V_QScale, dst, qo_indptr, high_precision)
+    return dst if dst is not None else res
+
+
+pa_fwd_asm = pa_fwd
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: ScaleLike = 1.0,
+    v_scale: ScaleLike = 1.0,
+) -> None:
+    """Writes key/value ``[T, Hkv, D]`` into the caches at ``slot_mapping[t]`` (= block *
+    block_size + offset; negative = skip), into either value layout (told apart by rank).
+    With an fp8 ``kv_cache_dtype`` the values are stored as fp8(x / scale), saturated."""
+    torch.ops.attnkit.reshape_and_cache(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+        _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
+
+
+def reshape_and_cache_with_pertoken_quant(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_dequant_scales: torch.Tensor,
+    v_dequant_scales: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    asm_layout: Optional[bool] = None,
+) -> None:
+    """Per-token-per-head quantising writer for pa_fwd: int8 or float8_e4m3fn caches, scales
+    ``[num_blocks, Hkv, block_size]`` fp32 = amax(|x|) / (127 or 448) of each (token, head).
+    ``asm_layout`` (AITER's flag) must agree with the value cache's rank when given."""
+    if asm_layout is not None and bool(asm_layout) != (value_cache.dim() == 5):
+        raise ValueError(f"attnkit: asm_layout={asm_layout} but value_cache is {value_cache.dim()}-D")
+    torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(
+        key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping)
