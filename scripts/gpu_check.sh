@@ -18,8 +18,12 @@ PY=${PY:-python3}
 export CC=${ATTNKIT_CC:-gcc} CXX=${ATTNKIT_CXX:-g++}
 STEPS=${STEPS:-"build tests sanitizer main bench"}
 TESTS=${TESTS:-tests}
-SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside)"}
-BENCHES=${BENCHES:-"gdpa"}
+# compute-sanitizer selections, ';'-separated, each "FILE -k EXPRESSION".
+SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside);\
+tests/test_paged.py -k cuda and (out_of_range or graph or strided or pertoken or matches);\
+tests/test_flash.py -k cuda and (multi_tile or varlen or bad_offsets or unaligned or rows_without_keys or empty);\
+tests/test_moe.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance) and not compile and not trains and not stress and not opcheck"}
+BENCHES=${BENCHES:-"gdpa paged attention moe"}
 BENCH_ARGS=${BENCH_ARGS:-"--iters 30 --warmup 5"}
 declare -a SUMMARY
 
@@ -41,9 +45,13 @@ for step in $STEPS; do
     build) run_step build build.log $PY setup.py build_ext --inplace || { printf '%s\n' "${SUMMARY[@]}"; exit 1; } ;;
     tests) run_step "pytest $TESTS" tests.log $PY -m pytest $TESTS -q -n ${PYTEST_WORKERS:-8} -rfEs ;;
     sanitizer)
-      file=${SANITIZE%% -k *}; expr=${SANITIZE#* -k }
-      run_step "memcheck ${file##*/}" sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 \
-        --print-limit 20 $PY -m pytest $file -k "$expr" -q -p no:xdist ;;
+      IFS=';' read -ra specs <<< "$SANITIZE"
+      for spec in "${specs[@]}"; do
+        file=$(echo "${spec%% -k *}" | xargs); expr=${spec#* -k }
+        name=$(basename "$file" .py)
+        run_step "memcheck $name" "sanitizer_$name.log" compute-sanitizer --tool memcheck \
+          --error-exitcode 1 --print-limit 20 $PY -m pytest "$file" -k "$expr" -q -p no:xdist
+      done ;;
     main) run_step "python -m attnkit" main.log $PY -m attnkit ;;
     bench)
       for b in $BENCHES; do
