@@ -70,6 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
       const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>("attnkit::flash_attn_bwd");
   return op.call(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
                  softcap, cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+}
+
 // ---- MoE routing (DESIGN §3.4) ----
 using CT = const at::Tensor&;
 
@@ -103,6 +105,8 @@ at::Tensor silu_and_mul(CT x) {
 at::Tensor expert_load_balance(CT expert_loads, int64_t world_size) {
   static auto op = op_handle<at::Tensor(CT, int64_t)>("attnkit::expert_load_balance");
   return op.call(expert_loads, world_size);
+}
+
 // ---- paged decode attention ----
 void paged_attention_v1(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                         const at::Tensor& value_cache, int64_t num_kv_heads, double scale,

@@ -407,8 +407,10 @@ def reshape_and_cache_pertoken_ref(key, value, key_cache, value_cache, k_scales,
     rng = 127.0 if key_cache.dtype == torch.int8 else 448.0
     qs = []
     for x, scales in ((key[keep].float(), k_scales), (value[keep].float(), v_scales)):
-        s = x.abs().amax(-1) / rng                                     # [T, Hkv]
-        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        # fp32 IEEE quotients on every device: torch's CUDA `tensor / scalar` multiplies by the
+        # reciprocal, so divide in fp64 and round once (exact for fp32 operands).
+        s = (x.abs().amax(-1).double() / rng).float()                  # [T, Hkv]
+        inv = torch.where(s > 0, (1.0 / s.double()).float(), torch.zeros_like(s))
         scales[blk, :, off] = s
         qs.append(quantize_to_cache(x, key_cache.dtype, inv[..., None]))
     _write_cache(key_cache, value_cache, qs[0], qs[1], blk, off)
