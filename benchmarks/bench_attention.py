@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +144,11 @@ def run_one(args, S, causal, window, dtype):
         if isinstance(r.get("attnkit"), float) and isinstance(r.get("sdpa_cudnn"), float):
             r["attnkit/sdpa_cudnn"] = r["attnkit"] / r["sdpa_cudnn"]
     return list(rows.values())
+
+
+# The benchmark times backward repeatedly from one forward graph (retain_graph=True), which
+# torch.compile's donated buffers forbid.
+torch._functorch.config.donated_buffer = False
 
 
 def main(argv=None):
