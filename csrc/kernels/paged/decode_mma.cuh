@@ -130,10 +130,20 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     return (id >= 0 && id < p.num_blocks) ? id : -1;
   };
 
-  auto issue = [&](int n) {
+  // Block ids of the warp's tiles come 32 at a time (lane i holds tile 32k + i's), so issuing a
+  // tile never waits on a dependent global load; the compute step reads its tile's validity back
+  // from a per-warp ring in shared memory.
+  __shared__ int32_t ok_ring[Tr::kWarps][NST];
+  int32_t ids = -1;
+  auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
     const int64_t ts = tile_start(n);
     if (hi <= lo || ts >= hi) return;
-    const int32_t id = block_of(ts);
+    if ((n & 31) == 0) {
+      const int64_t tl = tile_start(n + lane);
+      ids = tl < hi ? block_of(tl) : -1;
+    }
+    const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
+    if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
     const int in_off = int(ts % BS);
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
@@ -179,7 +189,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     __syncwarp();
 
     const int64_t ts = tile_start(n);
-    const bool blk_ok = block_of(ts) >= 0;
+    const bool blk_ok = ok_ring[warp][n % NST] != 0;
     const T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     const T* vs = ks + Tr::kTileElems;
 
