@@ -89,6 +89,20 @@ bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
          at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt();
 }
 
+// Splits of the tensor-core path: its CTAs hold ~100 KB of cp.async ring (2 per SM), so a CTA
+// should stream more than one partition to amortise its start (Q load, pipeline fill) and end
+// (merge, workspace): aim at ~8 waves of CTAs, with as many partitions per split as that allows,
+// then even out the partitions per split. 1 x 32k keeps one partition per split.
+int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
+  const int64_t parts = num_splits(len_bound);
+  const int64_t pairs = std::max<int64_t>(int64_t(p.S) * p.Hkv, 1);
+  const int64_t target = 16 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int64_t splits = std::min<int64_t>(parts, std::max<int64_t>((target + pairs - 1) / pairs, 1));
+  const int64_t per = (parts + splits - 1) / splits;
+  splits = (parts + per - 1) / per;
+  return static_cast<int32_t>(splits);
+}
+
 template <typename T, int D, int BS>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
@@ -103,7 +117,8 @@ void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t strea
 void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_t len_bound,
                    const at::Tensor& like) {
   const int64_t G = p.Hq / p.Hkv, rows = G * p.max_qlen;
-  const int32_t splits = num_splits(len_bound);
+  const bool mma_path = use_mma_path(p, qtype, kind);
+  const int32_t splits = mma_path ? mma_splits(p, len_bound) : num_splits(len_bound);
   at::Tensor ws;
   if (splits > 1) {
     const int64_t n = int64_t(p.Tq) * p.Hq * splits;
@@ -113,7 +128,6 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
   }
   p.splits = splits;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool mma_path = use_mma_path(p, qtype, kind);
   dispatch_float(qtype, "query", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
