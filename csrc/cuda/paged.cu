@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -107,7 +108,15 @@ template <typename T, int D, int BS>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
   auto kernel = paged_decode_mma_kernel<T, D, BS>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  // Once per device and instantiation, so a decode step captured in a CUDA graph (after a warm-up
+  // call, as graph capture requires anyway) makes no attribute call inside the capture.
+  static std::atomic<uint64_t> done_mask{0};
+  const int dev = c10::cuda::current_device();
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    done_mask.fetch_or(bit, std::memory_order_release);
+  }
   const int64_t gx = int64_t(p.S) * p.Hkv;
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
   kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
