@@ -290,6 +290,148 @@ def test_pertoken_quant_writer(device, dtype, qdtype, layout):
         _check(out, ref.pa_fwd_ref(q, kc, vc, bt, lens, 1, ksc, vsc), dtype)
 
 
+# ---- tensor-core GQA decode path vs the CUDA-core kernel ----------------------------------------
+# 16-bit query, 'auto' cache, head size 64/128, block size 16/32, G = Hq/Hkv in [2, 16] and one
+# query token take the mma.sync kernel (decode_mma.cuh); ATTNKIT_PAGED_SIMT=1 forces the old one.
+# Every test runs both on the same inputs.
+PATHS = ["mma", "simt"]
+MMA_GQA = [2, 4, 8, 16]
+
+
+def _set_path(monkeypatch, path):
+    monkeypatch.setenv("ATTNKIT_PAGED_SIMT", "1" if path == "simt" else "0")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_paths(monkeypatch, path, gqa, head_size, block_size, layout):
+    _seed()
+    _set_path(monkeypatch, path)
+    dtype, hkv = torch.bfloat16, 2
+    hq = gqa * hkv
+    lengths = [0, 1, 2, 15, 16, 17, block_size * 7 + 3, 301, 1000, 5000]   # 5000: 20 splits
+    nb = 4096   # room for disjoint tables: the poisoned tails below belong to one sequence only
+    kc, vc = make_caches(nb, hkv, head_size, block_size, dtype, layout, "cuda")
+    bt, lens = make_tables(lengths, block_size, nb, "cuda")
+    # Poison the tokens past each length in their last block: they must never be multiplied in.
+    for b, L in enumerate(lengths):
+        if L % block_size:
+            blk = int(bt[b, L // block_size])
+            gather = torch.arange(L % block_size, block_size, device="cuda")
+            x = _x(dtype)
+            kc[blk, :, :, gather, :] = float("nan")
+            if layout == "vllm":
+                vc[blk, :, :, gather] = float("nan")
+            else:
+                vc[blk, :, gather // x, :, gather % x] = float("nan")
+    query = torch.randn(len(lengths), hq, head_size, device="cuda", dtype=dtype)
+    scale = 1.0 / math.sqrt(head_size)
+    out = _run_v1(query, kc, vc, hkv, scale, bt, lens, block_size)
+    _check(out, ref.paged_attention_ref(query, kc, vc, bt, lens, scale), dtype)
+    assert (out[0] == 0).all(), "a zero-length sequence must give zeros"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("feature", ["alibi", "softcap", "window", "all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_paths_features(monkeypatch, path, dtype, gqa, feature, layout):
+    _seed()
+    _set_path(monkeypatch, path)
+    hkv, d, bs = 2, 128, 16
+    hq = gqa * hkv
+    lengths = [50, 1, 0, 129, 2000, 777, 4099]
+    kc, vc = make_caches(1024, hkv, d, bs, dtype, layout, "cuda")
+    bt, lens = make_tables(lengths, bs, 1024, "cuda")
+    query = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype) * 2
+    kw = {}
+    if feature in ("alibi", "all"):
+        kw["alibi_slopes"] = torch.rand(hq, device="cuda") * 0.1
+    if feature in ("softcap", "all"):
+        kw["logits_soft_cap"] = 3.0
+    if feature in ("window", "all"):
+        kw["sliding_window"] = 40 if feature == "window" else 333
+    out = _run_v1(query, kc, vc, hkv, 0.3, bt, lens, bs, **dict(kw))
+    _check(out, ref.paged_attention_ref(query, kc, vc, bt, lens, 0.3, **kw), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_gqa_paths_bad_block_ids(monkeypatch, path, gqa, layout, block_size):
+    """Block ids outside [0, num_blocks) mask their tokens and are never read (sanitizer)."""
+    _seed()
+    _set_path(monkeypatch, path)
+    dtype, hkv, d, nb = torch.bfloat16, 2, 128, 16
+    hq = gqa * hkv
+    L = 3 * block_size
+    kc, vc = make_caches(nb, hkv, d, block_size, dtype, layout, "cuda")
+    bt, lens = make_tables([L, L, L], block_size, nb, "cuda", extra_cols=0)
+    good = bt.clone()
+    bt[0, 1] = nb
+    bt[1, 1] = -7
+    bt[2, 1] = 2**31 - 1
+    q = torch.randn(3, hq, d, device="cuda", dtype=dtype)
+    out = _run_v1(q, kc, vc, hkv, 0.1, bt, lens, block_size)
+    kept = torch.stack([good[:, 0], good[:, 2]], 1).contiguous()
+    _check(out, ref.paged_attention_ref(q, kc, vc, kept, lens - block_size, 0.1), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+def test_paged_gqa_paths_strided_and_aliased(monkeypatch, path):
+    """Block stride 0, strided query/out, a length hint below the real length (splits walk
+    several partitions), a long context, both ops."""
+    _seed()
+    _set_path(monkeypatch, path)
+    hq, hkv, d, bs, dtype = 16, 2, 128, 16, torch.bfloat16
+    kb, vb = make_caches(1, hkv, d, bs, dtype, "asm", "cuda")
+    nb = 8192
+    kc = kb.expand(nb, *kb.shape[1:])
+    vc = vb.expand(nb, *vb.shape[1:])
+    lengths = [5, 3000, 32768]
+    bt, lens = make_tables(lengths, bs, nb, "cuda")
+    big = torch.randn(len(lengths), hq, 2 * d, device="cuda", dtype=dtype)
+    query = big[:, :, ::2]
+    out_big = torch.full((len(lengths), 2 * hq, d), float("nan"), device="cuda", dtype=dtype)
+    out = out_big[:, ::2]
+    attnkit.paged_attention_v1(out, query, kc, vc, hkv, 0.1, bt, lens, bs, 256, None, "auto", 1.0, 1.0)
+    _check(out, ref.paged_attention_ref(query, kc, vc, bt, lens, 0.1), dtype)
+    assert torch.isnan(out_big[:, 1::2]).all(), "rows outside the out view were written"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("indptr", [False, True])
+def test_pa_fwd_gqa_paths(monkeypatch, path, dtype, gqa, indptr):
+    _seed()
+    _set_path(monkeypatch, path)
+    hkv = 2
+    hq = gqa * hkv
+    lengths = [17, 0, 64, 5, 1111, 4097, 1]
+    q, kc, vc, bt, lens, *_ = make_pa_inputs("cuda", dtype, hq, hkv, lengths)
+    qo = None
+    if indptr:   # max_qlen = 1 with qo_indptr: one or zero query rows per sequence
+        qlens = [random.randint(0, 1) for _ in lengths]
+        qo = torch.tensor([0] + qlens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+        q = torch.randn(int(qo[-1]) + 1, hq, 128, device="cuda", dtype=dtype)
+    out = attnkit.pa_fwd(q, kc, vc, bt, lens, bt.stride(0), 1, None, None, qo_indptr=qo)
+    _check(out, ref.pa_fwd_ref(q, kc, vc, bt, lens, 1, None, None, qo), dtype)
+    if not indptr:
+        b = _run_v1(q, kc, vc, hkv, 1.0 / math.sqrt(128), bt, lens, 16)
+        _check(out, b.float(), dtype)
+
+
 # ---- bounds, opcheck, bad inputs ---------------------------------------------------------------------
 def test_out_of_range_block_ids_cpu_raise():
     _seed()

@@ -6,11 +6,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/paged_args.h"
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
+#include "kernels/paged/decode_mma.cuh"
 
 namespace attnkit {
 namespace paged {
@@ -70,10 +74,60 @@ void check_vector_alignment(const at::Tensor& key_cache, const at::Tensor& value
                 vc, " elements (vector loads), got strides ", value_cache.strides());
 }
 
+// ATTNKIT_PAGED_SIMT=1 forces the CUDA-core kernel everywhere (A/B comparisons, bisecting).
+bool force_simt() {
+  const char* e = std::getenv("ATTNKIT_PAGED_SIMT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+// The tensor-core GQA path (decode_mma.cuh): 16-bit query, cache in the query dtype, one query
+// token per sequence, 2 <= G <= 16, head size 64/128, block size 16/32, sm_80+.
+bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
+  const int64_t G = p.Hq / p.Hkv;
+  return (qtype == at::kHalf || qtype == at::kBFloat16) && kind == CacheKind::kSame &&
+         p.max_qlen == 1 && G >= 2 && G <= 16 && (p.D == 64 || p.D == 128) &&
+         (p.block_size == 16 || p.block_size == 32) &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt();
+}
+
+// Splits of the tensor-core path: its CTAs hold ~100 KB of cp.async ring (2 per SM), so a CTA
+// should stream more than one partition to amortise its start (Q load, pipeline fill) and end
+// (merge, workspace): aim at ~8 waves of CTAs, with as many partitions per split as that allows,
+// then even out the partitions per split. 1 x 32k keeps one partition per split.
+int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
+  const int64_t parts = num_splits(len_bound);
+  const int64_t pairs = std::max<int64_t>(int64_t(p.S) * p.Hkv, 1);
+  const int64_t target = 16 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int64_t splits = std::min<int64_t>(parts, std::max<int64_t>((target + pairs - 1) / pairs, 1));
+  const int64_t per = (parts + splits - 1) / splits;
+  splits = (parts + per - 1) / per;
+  return static_cast<int32_t>(splits);
+}
+
+template <typename T, int D, int BS>
+void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
+  constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
+  auto kernel = paged_decode_mma_kernel<T, D, BS>;
+  // Once per device and instantiation, so a decode step captured in a CUDA graph (after a warm-up
+  // call, as graph capture requires anyway) makes no attribute call inside the capture.
+  static std::atomic<uint64_t> done_mask{0};
+  const int dev = c10::cuda::current_device();
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    done_mask.fetch_or(bit, std::memory_order_release);
+  }
+  const int64_t gx = int64_t(p.S) * p.Hkv;
+  ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
+  kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_t len_bound,
                    const at::Tensor& like) {
   const int64_t G = p.Hq / p.Hkv, rows = G * p.max_qlen;
-  const int32_t splits = num_splits(len_bound);
+  const bool mma_path = use_mma_path(p, qtype, kind);
+  const int32_t splits = mma_path ? mma_splits(p, len_bound) : num_splits(len_bound);
   at::Tensor ws;
   if (splits > 1) {
     const int64_t n = int64_t(p.Tq) * p.Hq * splits;
@@ -85,7 +139,16 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(qtype, "query", [&](auto tag) {
     using scalar_t = decltype(tag);
-    dispatch_kind<scalar_t>(kind, [&](auto kc) {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (mma_path) {
+        const bool d64 = p.D == 64, b16 = p.block_size == 16;
+        if (d64 && b16) launch_decode_mma<scalar_t, 64, 16>(p, splits, stream);
+        else if (d64) launch_decode_mma<scalar_t, 64, 32>(p, splits, stream);
+        else if (b16) launch_decode_mma<scalar_t, 128, 16>(p, splits, stream);
+        else launch_decode_mma<scalar_t, 128, 32>(p, splits, stream);
+      }
+    }
+    if (!mma_path) dispatch_kind<scalar_t>(kind, [&](auto kc) {
       constexpr CacheKind K = decltype(kc)::value;
       dispatch_rows(rows, [&](auto rc) {
         constexpr int ROWS = decltype(rc)::value;

@@ -1,0 +1,318 @@
+// Tensor-core paged decode for grouped-query attention (sm_80+, torch-free).
+//
+// With G = Hq / Hkv >= 2 query heads per kv head, the CUDA-core kernel (decode.cuh) spends G fp32
+// FMAs per K and V element and becomes issue bound. Here the G query rows of a kv head are padded
+// to one m16 tile (rows >= G hold zeros and are never stored) and both products run on mma.sync:
+//   S[16 x 16 tokens] = Q·Kᵀ      A = Q fragments (registers), B = K tile [16 tok][D] (ldmatrix)
+//   O[16 x D]        += P·V       A = P (the S accumulators, packed), B = V tile [D][16 tok]
+// Served: 16-bit query with the cache in the query dtype, head size 64 or 128, block size 16 or
+// 32, one query token per sequence (paged_attention_v1, pa_fwd with max_qlen = 1), both value
+// layouts, any cache strides (block stride 0 included).
+//
+// Work split: CTA = (sequence, kv head, split) with 4 warps. A split owns the partitions
+// split, split + splits, ... of kPartition tokens (the same split-K grid and workspace as
+// decode.cuh, so paged_combine_kernel finishes); each partition is 16 tiles of 16 tokens and the
+// warps take the split's tiles round-robin. Each warp streams its tiles through its own
+// kStages-deep cp.async ring (warp-local: only __syncwarp between stages), keeps a running
+// (max, sum, O) in registers, and the 4 warps merge through shared memory at the end.
+//
+// Masking: a tile's token is visible when its block id is in [0, num_blocks) and it lies in the
+// row window [lo, hi). K rows of invisible tokens and V token chunks past hi (or wholly before lo,
+// or of an invalid block) are zero-filled by cp.async without being read: tokens past the length
+// may hold anything (even NaN) and must never be multiplied in.
+#pragma once
+
+#include <cstdint>
+
+#include "common/portability.h"
+#include "kernels/common/mma.cuh"
+#include "kernels/paged/decode.cuh"
+#include "kernels/paged/params.h"
+
+namespace attnkit {
+namespace paged {
+
+template <int D>
+struct MmaDecodeTraits {
+  static_assert(D == 64 || D == 128, "tensor-core decode: head size 64 or 128");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTile = 16;                              // tokens per tile
+  static constexpr int kTilesPerPart = kPartition / kTile;      // 16
+  static constexpr int kStages = D == 64 ? 4 : 3;               // per-warp cp.async ring depth
+  static constexpr int kTileElems = kTile * D;                  // K tile = V tile elements
+  static constexpr int kStageElems = 2 * kTileElems;            // K + V
+  static constexpr int kQElems = 16 * D;
+  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
+  // The final merge reuses the pipeline buffers: O [4][16][D] floats + (m, l) [4][16][2].
+  static constexpr int kMergeBytes = (kWarps * 16 * D + kWarps * 16 * 2) * 4;
+  static constexpr int kSmemBytes =
+      kQElems * 2 + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
+};
+
+#if ATTNKIT_HAS_MMA_SM80
+namespace mmadec {
+
+// [16 rows][D] 16-bit tile, 16-byte chunks XOR-swizzled by row % 8 (gdpa/tile.cuh's layout).
+template <int D>
+ATTNKIT_DEVICE ATTNKIT_INLINE int kswz(int row, int col) {  // col: a multiple of 8
+  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
+}
+
+// [D rows][16 tokens] 16-bit tile: 2 chunks per row, chunk index XOR (row / 4) % 2, so the 8 row
+// addresses of one ldmatrix (8 consecutive rows, one logical chunk) hit 8 distinct 16-byte bank
+// groups.
+ATTNKIT_DEVICE ATTNKIT_INLINE int vswz(int row, int chunk) {
+  return row * 16 + ((chunk ^ (row >> 2)) & 1) * 8;
+}
+
+}  // namespace mmadec
+#endif
+
+// grid: x = S * Hkv, y = splits; block: 128 threads; dynamic smem MmaDecodeTraits<D>::kSmemBytes.
+template <typename T, int D, int BS>
+__global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
+    paged_decode_mma_kernel(const DecodeParams p) {
+#if ATTNKIT_HAS_MMA_SM80
+  using Tr = MmaDecodeTraits<D>;
+  constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
+  constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* pipe = q_s + Tr::kQElems;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = p.Hq / p.Hkv;
+  const int64_t hk = blockIdx.x % p.Hkv;
+  const int64_t b = blockIdx.x / p.Hkv;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const SeqQuery sq = seq_query(p, b);
+  if (sq.qlen <= 0) return;  // no query row (pa_fwd with an empty qo_indptr range)
+  const RowWindow w = row_window(sq.L, 1, 0, p.window);
+  const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
+
+  // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
+  {
+    const T* q = static_cast<const T*>(p.q) + sq.q0 * p.q_st + hk * G * p.q_sh;
+    for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
+      const int r = idx / D, d = idx % D;
+      q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
+    }
+  }
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    mma::ldmatrix_x4(qf[kk], q_s + mmadec::kswz<D>((lane & 7) + ((lane >> 3) & 1) * 8,
+                                                  kk * 16 + (lane >> 4) * 8));
+
+  // The two rows this thread's accumulators sit on: g and g + 8.
+  const int r0 = lane >> 2, r1 = r0 + 8;
+  const float slope0 = (p.alibi && r0 < G) ? p.alibi[hk * G + r0] : 0.0f;
+  const float slope1 = (p.alibi && r1 < G) ? p.alibi[hk * G + r1] : 0.0f;
+
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kh = kc + hk * p.cs.k_sh;
+  const T* vh = vc + hk * p.cs.v_sh;
+  const int32_t* bt = p.block_tables + b * p.bt_stride;
+  T* my_pipe = pipe + warp * NST * Tr::kStageElems;
+
+  // The warp's n-th tile starts at token tile_start(n); tiles are increasing in n.
+  const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
+  auto tile_start = [&](int n) -> int64_t {
+    const int g = n * Tr::kWarps + warp;
+    return (part0 + int64_t(g / TPP) * splits) * kPartition + int64_t(g % TPP) * TILE;
+  };
+  auto block_of = [&](int64_t ts) -> int32_t {
+    const int32_t id = bt[ts / BS];
+    return (id >= 0 && id < p.num_blocks) ? id : -1;
+  };
+
+  // Block ids of the warp's tiles come 32 at a time (lane i holds tile 32k + i's), so issuing a
+  // tile never waits on a dependent global load; the compute step reads its tile's validity back
+  // from a per-warp ring in shared memory.
+  __shared__ int32_t ok_ring[Tr::kWarps][NST];
+  int32_t ids = -1;
+  auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
+    const int64_t ts = tile_start(n);
+    if (hi <= lo || ts >= hi) return;
+    if ((n & 31) == 0) {
+      const int64_t tl = tile_start(n + lane);
+      ids = tl < hi ? block_of(tl) : -1;
+    }
+    const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
+    if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
+    const int in_off = int(ts % BS);
+    T* ks = my_pipe + (n % NST) * Tr::kStageElems;
+    T* vs = ks + Tr::kTileElems;
+    const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
+    const T* vb = vh + int64_t(id < 0 ? 0 : id) * p.cs.v_sb;
+    // K: chunk c (dims 8c..8c+7) of token t; lanes walk tokens first (16-byte runs per chunk).
+#pragma unroll
+    for (int i = 0; i < TILE * D / 8 / 32; ++i) {
+      const int idx = i * 32 + lane, t = idx % TILE, c = idx / TILE;
+      const int64_t tok = ts + t;
+      const bool ok = id >= 0 && tok >= lo && tok < hi;
+      const T* src = ok ? kb + c * p.cs.k_sdc + (in_off + t) * p.cs.k_st : kc;
+      mma::cp_async_16(ks + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
+    }
+    // V: row d, token chunk c (tokens 8c..8c+7 of the tile); only tokens < hi are read.
+#pragma unroll
+    for (int i = 0; i < 2 * D / 32; ++i) {
+      const int idx = i * 32 + lane, d = idx >> 1, c = idx & 1;
+      const int64_t tok0 = ts + 8 * c;
+      int64_t nv = hi - tok0;
+      nv = nv < 0 ? 0 : (nv > 8 ? 8 : nv);
+      if (id < 0 || tok0 + 8 <= lo) nv = 0;
+      const int tin = in_off + 8 * c;
+      const T* src = nv > 0 ? vb + (tin / p.cs.v_tx) * p.cs.v_stc + d * p.cs.v_sd + tin % p.cs.v_tx : vc;
+      mma::cp_async_16(vs + mmadec::vswz(d, c), src, int(nv) * 2);
+    }
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // log2 domain
+
+#pragma unroll
+  for (int s = 0; s < NST - 1; ++s) {
+    issue(s);
+    mma::cp_async_commit();
+  }
+  for (int n = 0; hi > lo && tile_start(n) < hi; ++n) {
+    issue(n + NST - 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<NST - 1>();
+    __syncwarp();
+
+    const int64_t ts = tile_start(n);
+    const bool blk_ok = ok_ring[warp][n % NST] != 0;
+    const T* ks = my_pipe + (n % NST) * Tr::kStageElems;
+    const T* vs = ks + Tr::kTileElems;
+
+    float sacc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, ks + mmadec::kswz<D>((lane & 7) + (lane >> 4) * 8,
+                                                kk * 16 + ((lane >> 3) & 1) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(sacc[0], qf[kk], b0);
+      mma::mma_16816<T>(sacc[1], qf[kk], b1);
+    }
+
+    // Logits (scale, soft-cap, ALiBi, masks) in the C layout, then the running softmax.
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t tok = ts + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const bool vis = blk_ok && tok >= lo && tok < hi;
+        const float sl = e < 2 ? slope0 : slope1;
+        const float s = vis ? finish_logit(sacc[nt][e], p.scale, p.softcap, sl, tok, qpos) * kLog2e
+                            : -INFINITY;
+        sacc[nt][e] = s;
+        if (e < 2) mx0 = fmaxf(mx0, s);
+        else mx1 = fmaxf(mx1, s);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+    const float f0 = exp2f(m0 - base0), f1 = exp2f(m1 - base1);  // m = -inf -> 0
+    m0 = mn0, m1 = mn1;
+    float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      sacc[nt][0] = exp2f(sacc[nt][0] - base0);
+      sacc[nt][1] = exp2f(sacc[nt][1] - base0);
+      sacc[nt][2] = exp2f(sacc[nt][2] - base1);
+      sacc[nt][3] = exp2f(sacc[nt][3] - base1);
+      ps0 += sacc[nt][0] + sacc[nt][1];
+      ps1 += sacc[nt][2] + sacc[nt][3];
+    }
+    l0 = l0 * f0 + ps0;
+    l1 = l1 * f1 + ps1;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] *= f0, o[i][1] *= f0, o[i][2] *= f1, o[i][3] *= f1;
+
+    uint32_t pa[4];
+    pa[0] = mma::pack2<T>(sacc[0][0], sacc[0][1]);
+    pa[1] = mma::pack2<T>(sacc[0][2], sacc[0][3]);
+    pa[2] = mma::pack2<T>(sacc[1][0], sacc[1][1]);
+    pa[3] = mma::pack2<T>(sacc[1][2], sacc[1][3]);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, vs + mmadec::vswz(np * 16 + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(o[2 * np], pa, b0);
+      mma::mma_16816<T>(o[2 * np + 1], pa, b1);
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  mma::cp_async_wait<0>();
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  __syncthreads();  // every warp is out of its ring: the buffers become the merge area
+
+  float* red_o = reinterpret_cast<float*>(pipe);        // [4][16][D]
+  float* red_ml = red_o + Tr::kWarps * 16 * D;          // [4][16][2]
+  {
+    float* ow = red_o + warp * 16 * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = i * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(ow + r0 * D + col) = make_float2(o[i][0], o[i][1]);
+      *reinterpret_cast<float2*>(ow + r1 * D + col) = make_float2(o[i][2], o[i][3]);
+    }
+    if ((lane & 3) == 0) {
+      float* mlw = red_ml + warp * 32;
+      mlw[r0 * 2] = m0, mlw[r0 * 2 + 1] = l0;
+      mlw[r1 * 2] = m1, mlw[r1 * 2 + 1] = l1;
+    }
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.out);
+  const int64_t tok = sq.q0;
+  for (int idx = tid; idx < G * D; idx += Tr::kThreads) {
+    const int r = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int wi = 0; wi < Tr::kWarps; ++wi) M = fmaxf(M, red_ml[wi * 32 + r * 2]);
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < Tr::kWarps; ++wi) {
+      const float mw = red_ml[wi * 32 + r * 2];
+      const float f = mw == -INFINITY ? 0.0f : exp2f(mw - M);
+      l += f * red_ml[wi * 32 + r * 2 + 1];
+      acc += f * red_o[(wi * 16 + r) * D + d];
+    }
+    const int64_t h = hk * G + r;
+    if (splits == 1) {
+      out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
+    } else {
+      const int64_t ws_row = (tok * p.Hq + h) * splits + split;
+      p.ws_out[ws_row * D + d] = acc;
+      if (d == 0) {
+        p.ws_ml[ws_row * 2] = M == -INFINITY ? -INFINITY : M * (1.0f / kLog2e);  // natural log
+        p.ws_ml[ws_row * 2 + 1] = l;
+      }
+    }
+  }
+#endif  // ATTNKIT_HAS_MMA_SM80
+}
+
+}  // namespace paged
+}  // namespace attnkit
