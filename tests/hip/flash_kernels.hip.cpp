@@ -16,9 +16,10 @@ namespace simt {
                                                const float*, const float*, T*);                   \
   template __global__ void bwd_dkdv_kernel<T, C>(Params, const T*, const T*, const T*, const T*,  \
                                                  const float*, const float*, T*, T*);
-ATTNKIT_FLASH_SIMT(float, 2)
-ATTNKIT_FLASH_SIMT(fp16_t, 4)
-ATTNKIT_FLASH_SIMT(bf16_t, 2)
+// kChunks as csrc/cuda/flash.cu picks it: head dims <= 64, <= 128, <= 256.
+ATTNKIT_FLASH_SIMT(float, 64 / kWarpSize)
+ATTNKIT_FLASH_SIMT(fp16_t, 128 / kWarpSize)
+ATTNKIT_FLASH_SIMT(bf16_t, 256 / kWarpSize)
 #undef ATTNKIT_FLASH_SIMT
 
 }  // namespace simt
