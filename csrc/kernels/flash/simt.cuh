@@ -1,12 +1,11 @@
 // Portable flash attention kernels (CUDA and HIP, any dtype, head dim <= kWarpSize * kChunks):
-// plain FMA, fp32 math. They serve fp32, head dims without a tensor-core path, pre-sm80 targets and HIP, and
-// are the correctness baseline of the tensor-core kernels.
+// plain FMA, fp32 math. They serve fp32, head dims without a tensor-core path, pre-sm80 targets
+// and HIP, and are the correctness baseline of the tensor-core kernels.
 //
-// One shape for all four kernels: a CTA owns kRows rows (kWarps warps x kRowsPerWarp rows, one row
-// per warp at a time, lane l holding elements l, l + kWarpSize, ... of the head dim in registers)
-// and
-// streams the rows of the other side through shared memory in tiles of kTile rows, converted to
-// fp32 once. Only the tiles the window lets a row see are visited. Torch-free.
+// One shape for all four kernels: a CTA owns kRows rows (kWarps warps x kRowsPerWarp rows, one
+// row per warp at a time, lane l holding elements l, l + kWarpSize, ... of the head dim in
+// registers) and streams the rows of the other side through shared memory in tiles of kTile rows,
+// converted to fp32 once. Only the tiles the window lets a row see are visited. Torch-free.
 #pragma once
 
 #include <cstdint>
