@@ -2,6 +2,8 @@
 
 CUDA sources are compiled whenever torch has CUDA and nvcc is found, also on a machine without a
 GPU; ATTNKIT_CUDA_ARCHS picks the targets (default "8.0;9.0a"); ATTNKIT_CPU_ONLY=1 skips CUDA.
+With a ROCm torch (torch.version.hip) the same sources go through torch's hipify and hipcc for
+PYTORCH_ROCM_ARCH / ATTNKIT_ROCM_ARCHS (default "gfx90a;gfx942"); see docs/rocm.md.
 Sources are found by folder (DESIGN §1), so a new family only adds files.
 """
 import glob
@@ -47,17 +49,23 @@ def _extension():
         )
     archs = os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a")
     if torch.version.hip is not None:
+        # ROCm torch: CUDAExtension runs torch's hipify over csrc/cuda/*.cu and the headers they
+        # include, then compiles with hipcc for PYTORCH_ROCM_ARCH (docs/rocm.md). An explicit
+        # PYTORCH_ROCM_ARCH wins; else ATTNKIT_ROCM_ARCHS; else MI200 + MI300.
         os.environ.setdefault("PYTORCH_ROCM_ARCH", os.environ.get("ATTNKIT_ROCM_ARCHS", "gfx90a;gfx942"))
+        # The "nvcc" flags go to hipcc (clang) there: no nvcc-only options. torch defines
+        # __HIP_NO_HALF_{OPERATORS,CONVERSIONS}__; undefine them as the CUDA build does for CUDA.
+        nvcc = ["-O3", "-std=c++17", "-U__HIP_NO_HALF_OPERATORS__", "-U__HIP_NO_HALF_CONVERSIONS__"]
     else:
         # torch's build helper reads TORCH_CUDA_ARCH_LIST; without it, on a machine with no GPU it
         # would compile for every architecture torch itself was built for.
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
-    nvcc = [
-        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        f"--threads={os.environ.get('ATTNKIT_NVCC_THREADS', '2')}",
-    ]
+        nvcc = [
+            "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"--threads={os.environ.get('ATTNKIT_NVCC_THREADS', '2')}",
+        ]
     return CUDAExtension(
         "attnkit._C", sources + _sources("cuda/*.cu"), include_dirs=include_dirs,
         define_macros=define_macros + [("ATTNKIT_WITH_CUDA", None)],

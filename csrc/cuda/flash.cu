@@ -46,13 +46,15 @@ struct KernelType<at::BFloat16> {
     }                                                                                            \
   }()
 
-// Head dim -> lanes' register chunks of the portable kernels (bounded instantiations).
-#define ATTNKIT_DISPATCH_FLASH_CHUNKS(D, ...)                                   \
-  [&] {                                                                         \
-    if ((D) <= 64) { constexpr int kChunks = 2; return __VA_ARGS__(); }         \
-    if ((D) <= 128) { constexpr int kChunks = 4; return __VA_ARGS__(); }        \
-    if ((D) <= 256) { constexpr int kChunks = 8; return __VA_ARGS__(); }        \
-    ATTNKIT_CHECK(false, "q: expected head dim <= 256, got ", D);               \
+// Head dim -> lanes' register chunks of the portable kernels (bounded instantiations). A warp
+// covers kChunks * kWarpSize head-dim columns: the same head dims (and shared memory) with HIP's
+// 64-lane warps as with 32.
+#define ATTNKIT_DISPATCH_FLASH_CHUNKS(D, ...)                                             \
+  [&] {                                                                                   \
+    if ((D) <= 64) { constexpr int kChunks = 64 / kWarpSize; return __VA_ARGS__(); }      \
+    if ((D) <= 128) { constexpr int kChunks = 128 / kWarpSize; return __VA_ARGS__(); }    \
+    if ((D) <= 256) { constexpr int kChunks = 256 / kWarpSize; return __VA_ARGS__(); }    \
+    ATTNKIT_CHECK(false, "q: expected head dim <= 256, got ", D);                         \
   }()
 
 template <typename T>

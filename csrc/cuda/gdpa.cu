@@ -34,7 +34,8 @@ void check_cuda(const at::Tensor& q) {
 }
 
 bool use_tensor_cores(const at::Tensor& q) {
-  return q.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8;
+  return mma::kTensorCoreKernels && q.scalar_type() != at::kFloat &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
 // Runs f(T{}) with T the kernel element type of `dtype`.

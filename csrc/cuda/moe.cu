@@ -239,7 +239,8 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
   if (out.numel() == 0) return out;
   // Tensor cores (mma.sync, sm80+) for 16-bit types when rows and pointers allow 16-byte loads
   // and W is row-major; the FMA kernel for everything else (fp32 / fp64, W transposed, odd K/N).
-  const bool mma_ok = at::cuda::getCurrentDeviceProperties()->major >= 8 && K % 8 == 0 &&
+  const bool mma_ok = mma::kTensorCoreKernels &&
+                      at::cuda::getCurrentDeviceProperties()->major >= 8 && K % 8 == 0 &&
                       N % 8 == 0 && w.is_contiguous() &&
                       aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()});
   ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {

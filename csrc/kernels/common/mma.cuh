@@ -17,6 +17,15 @@
 namespace attnkit {
 namespace mma {
 
+// Host side: whether this build has the sm80 tensor-core kernels at all. Under HIP they compile to
+// empty bodies (and an AMD device's "major" version says nothing about mma.sync), so launchers
+// that pick them by compute capability must check this first and take the portable kernels.
+#if defined(__HIPCC__)
+constexpr bool kTensorCoreKernels = false;
+#else
+constexpr bool kTensorCoreKernels = true;
+#endif
+
 #if ATTNKIT_HAS_MMA_SM80
 
 // Fragment registers of m16n8k16 (PTX ISA "Matrix Fragments for mma.m16n8k16"):

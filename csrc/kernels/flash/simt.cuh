@@ -1,11 +1,11 @@
-// Portable flash attention kernels (CUDA and HIP, any dtype, head dim <= 32 * kChunks): plain FMA,
-// fp32 math. They serve fp32, head dims without a tensor-core path, pre-sm80 targets and HIP, and
-// are the correctness baseline of the tensor-core kernels.
+// Portable flash attention kernels (CUDA and HIP, any dtype, head dim <= kWarpSize * kChunks):
+// plain FMA, fp32 math. They serve fp32, head dims without a tensor-core path, pre-sm80 targets
+// and HIP, and are the correctness baseline of the tensor-core kernels.
 //
-// One shape for all four kernels: a CTA owns kRows rows (kWarps warps x kRowsPerWarp rows, one row
-// per warp at a time, lane l holding elements l, l + 32, ... of the head dim in registers) and
-// streams the rows of the other side through shared memory in tiles of kTile rows, converted to
-// fp32 once. Only the tiles the window lets a row see are visited. Torch-free.
+// One shape for all four kernels: a CTA owns kRows rows (kWarps warps x kRowsPerWarp rows, one
+// row per warp at a time, lane l holding elements l, l + kWarpSize, ... of the head dim in
+// registers) and streams the rows of the other side through shared memory in tiles of kTile rows,
+// converted to fp32 once. Only the tiles the window lets a row see are visited. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -50,8 +50,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE const T* row_ptr(const T* base, const Strides& s, 
   return base + b * s.batch + row * s.row + head * s.head;
 }
 
-// Loads rows [0, n) of a tile (row r at base + r * row_stride) into dst[kTile][kChunks * 32] as
-// fp32; rows >= n and columns >= D are zero so they contribute nothing.
+// Loads rows [0, n) of a tile (row r at base + r * row_stride) into dst[kTile][kChunks * kWarpSize]
+// as fp32; rows >= n and columns >= D are zero so they contribute nothing.
 template <typename T, int kChunks>
 ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile(float* dst, const T* base, int64_t row_stride,
                                              int64_t n, int64_t D) {

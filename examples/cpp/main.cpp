@@ -1,0 +1,204 @@
+// attnkit from C++: calls gdpa_fwd, paged_attention_v1, flash_attn_fwd and moe_permute through the
+// C++ API (csrc/attnkit/ops.h -> the dispatcher -> the CPU kernels of the linked op library) and
+// checks each against naive loops on small random inputs. Exits non-zero on the first mismatch.
+#include <attnkit/ops.h>
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+int g_failures = 0;
+
+// Max |a - b| / (1 + |b|) over all elements; both fp32 CPU tensors of the same shape.
+void expect_close(const char* what, const at::Tensor& got, const at::Tensor& want, double tol = 1e-4) {
+  if (got.sizes() != want.sizes()) {
+    std::fprintf(stderr, "FAIL %s: shape mismatch\n", what);
+    ++g_failures;
+    return;
+  }
+  const auto g = got.to(at::kFloat).contiguous(), w = want.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  double worst = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    if (std::isinf(wp[i]) && gp[i] == wp[i]) continue;
+    const double e = std::abs(double(gp[i]) - double(wp[i])) / (1.0 + std::abs(double(wp[i])));
+    if (!(e <= worst)) worst = e;  // NaN propagates as a failure
+  }
+  const bool ok = worst <= tol;
+  std::printf("%s %s: max rel err %.3e (tol %.0e, %lld elements)\n", ok ? "ok  " : "FAIL", what, worst,
+              tol, static_cast<long long>(g.numel()));
+  if (!ok) ++g_failures;
+}
+
+void expect_equal(const char* what, const at::Tensor& got, const std::vector<int64_t>& want) {
+  const auto g = got.to(at::kLong).contiguous().view(-1);
+  bool ok = g.numel() == int64_t(want.size());
+  for (int64_t i = 0; ok && i < g.numel(); ++i) ok = g.data_ptr<int64_t>()[i] == want[i];
+  std::printf("%s %s: %lld values\n", ok ? "ok  " : "FAIL", what, static_cast<long long>(want.size()));
+  if (!ok) ++g_failures;
+}
+
+// ---- gdpa_fwd (DESIGN §3.1), activation gelu_approx, causal, GQA ------------------------------
+float gelu_approx(float x) {
+  const float u = 0.7978845608f * x * (1.f + 0.044715f * x * x);
+  return 0.5f * x * (1.f + std::tanh(u));
+}
+
+void check_gdpa() {
+  const int64_t H = 4, Hkv = 2, D = 12, G = H / Hkv;
+  const std::vector<int64_t> qoff{0, 3, 3, 8}, koff{0, 4, 6, 11};  // the middle sequence has no queries
+  const int64_t Tq = qoff.back(), Tk = koff.back();
+  const auto q = at::randn({Tq, H, D}), k = at::randn({Tk, Hkv, D}), v = at::randn({Tk, Hkv, D});
+  const auto qo = at::tensor(qoff, at::kLong), ko = at::tensor(koff, at::kLong);
+  const double qk_scale = 0.5, pre_scale = 0.25;
+  const auto out = attnkit::gdpa_fwd(q, k, v, qo, ko, 5, 5, "gelu_approx", qk_scale, pre_scale, /*causal=*/true);
+
+  auto ref = at::zeros({Tq, H, D});
+  auto Q = q.accessor<float, 3>(), K = k.accessor<float, 3>(), V = v.accessor<float, 3>();
+  auto R = ref.accessor<float, 3>();
+  for (size_t b = 0; b + 1 < qoff.size(); ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < qoff[b + 1] - qoff[b]; ++i)
+        for (int64_t j = 0; j < koff[b + 1] - koff[b] && j <= i; ++j) {
+          float s = 0;
+          for (int64_t d = 0; d < D; ++d) s += Q[qoff[b] + i][h][d] * K[koff[b] + j][h / G][d];
+          const float p = gelu_approx(float(pre_scale) * s);
+          for (int64_t d = 0; d < D; ++d) R[qoff[b] + i][h][d] += float(qk_scale) * p * V[koff[b] + j][h / G][d];
+        }
+  expect_close("gdpa_fwd (gelu_approx, causal, GQA 2, D 12)", out, ref);
+}
+
+// ---- paged_attention_v1 (DESIGN §3.2), vLLM layout, fp32 cache (x = 4) --------------------------
+void check_paged() {
+  const int64_t S = 3, Hq = 4, Hkv = 2, D = 64, bs = 16, x = 16 / 4, num_blocks = 6, max_blocks = 3;
+  const std::vector<int32_t> lens{1, 20, 37};
+  const std::vector<int32_t> table{5, 0, 0, 2, 4, 0, 1, 3, 0};  // [S, max_blocks]
+  const auto query = at::randn({S, Hq, D});
+  const auto kc = at::randn({num_blocks, Hkv, D / x, bs, x});
+  const auto vc = at::randn({num_blocks, Hkv, D, bs});
+  const auto bt = at::tensor(std::vector<int64_t>(table.begin(), table.end()), at::kLong).to(at::kInt).view({S, max_blocks});
+  const auto sl = at::tensor(std::vector<int64_t>(lens.begin(), lens.end()), at::kLong).to(at::kInt);
+  const auto one = at::ones({1});
+  const double scale = 1.0 / std::sqrt(double(D));
+  auto out = at::full({S, Hq, D}, std::numeric_limits<float>::quiet_NaN());
+  attnkit::paged_attention_v1(out, query, kc, vc, Hkv, scale, bt, sl, bs, 37, c10::nullopt, "auto", one, one);
+
+  auto ref = at::zeros({S, Hq, D});
+  auto Qa = query.accessor<float, 3>();
+  auto Ka = kc.accessor<float, 5>();
+  auto Va = vc.accessor<float, 4>();
+  auto R = ref.accessor<float, 3>();
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t kh = h / (Hq / Hkv), L = lens[s];
+      std::vector<double> logit(L);
+      double mx = -INFINITY, sum = 0;
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t blk = table[s * max_blocks + t / bs], off = t % bs;
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(Qa[s][h][d]) * Ka[blk][kh][d / x][off][d % x];
+        logit[t] = scale * dot;
+        mx = std::max(mx, logit[t]);
+      }
+      for (int64_t t = 0; t < L; ++t) sum += (logit[t] = std::exp(logit[t] - mx));
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t blk = table[s * max_blocks + t / bs], off = t % bs;
+        for (int64_t d = 0; d < D; ++d) R[s][h][d] += float(logit[t] / sum * Va[blk][kh][d][off]);
+      }
+    }
+  expect_close("paged_attention_v1 (GQA 2, D 64, block 16, 3 sequences)", out, ref);
+}
+
+// ---- flash_attn_fwd (DESIGN §3.3), batched, causal with Sk > Sq (bottom-right aligned) ---------
+void check_flash() {
+  const int64_t B = 2, Sq = 5, Sk = 7, H = 4, Hkv = 1, D = 32;
+  const auto q = at::randn({B, Sq, H, D}), k = at::randn({B, Sk, Hkv, D}), v = at::randn({B, Sk, Hkv, D});
+  const auto res = attnkit::flash_attn_fwd(q, k, v, c10::nullopt, /*causal=*/true);
+  const auto& out = std::get<0>(res);
+  const auto& lse = std::get<1>(res);
+
+  auto ref = at::zeros({B, Sq, H, D});
+  auto ref_lse = at::zeros({B, H, Sq});
+  auto Q = q.accessor<float, 4>(), K = k.accessor<float, 4>(), V = v.accessor<float, 4>();
+  auto R = ref.accessor<float, 4>();
+  auto RL = ref_lse.accessor<float, 3>();
+  const double scale = 1.0 / std::sqrt(double(D));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Sq; ++i) {
+        const int64_t last = i + Sk - Sq;  // keys j <= last are visible
+        std::vector<double> s(last + 1);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j <= last; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += double(Q[b][i][h][d]) * K[b][j][0][d];
+          s[j] = scale * dot;
+          mx = std::max(mx, s[j]);
+        }
+        for (int64_t j = 0; j <= last; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        RL[b][h][i] = float(mx + std::log(sum));
+        for (int64_t j = 0; j <= last; ++j)
+          for (int64_t d = 0; d < D; ++d) R[b][i][h][d] += float(s[j] / sum * V[b][j][0][d]);
+      }
+  expect_close("flash_attn_fwd out (causal, Sq 5 < Sk 7, MQA)", out, ref);
+  expect_close("flash_attn_fwd lse", lse, ref_lse);
+}
+
+// ---- moe_permute (DESIGN §3.4): stable by (expert, token, slot) ------------------------------
+void check_moe() {
+  const int64_t T = 6, k = 2, E = 4, Hd = 8;
+  const std::vector<int64_t> ids{3, 1, 0, 3, 1, 2, 1, 0, 3, 0, 2, 1};  // [T, k]; every expert used
+  const auto x = at::randn({T, Hd});
+  const auto topk = at::tensor(ids, at::kLong).to(at::kInt).view({T, k});
+  const auto res = attnkit::moe_permute(x, topk, E);
+  const auto& permuted = std::get<0>(res);
+  const auto& offsets = std::get<1>(res);
+  const auto& row_map = std::get<2>(res);
+
+  std::vector<int64_t> want_off(E + 1, 0), want_map(T * k);
+  auto want_perm = at::zeros({T * k, Hd});
+  int64_t row = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < k; ++s)
+        if (ids[t * k + s] == e) {
+          want_map[t * k + s] = row;
+          want_perm[row++].copy_(x[t]);
+        }
+    want_off[e + 1] = row;
+  }
+  expect_equal("moe_permute expert_offsets", offsets, want_off);
+  expect_equal("moe_permute row_map", row_map, want_map);
+  expect_close("moe_permute permuted rows", permuted, want_perm, 0.0);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  const std::vector<std::pair<const char*, void (*)()>> checks{
+      {"gdpa_fwd", check_gdpa}, {"paged_attention_v1", check_paged},
+      {"flash_attn_fwd", check_flash}, {"moe_permute", check_moe}};
+  for (const auto& c : checks) {
+    try {
+      c.second();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "FAIL %s threw: %s\n", c.first, e.what());
+      ++g_failures;
+    }
+  }
+  if (g_failures) {
+    std::fprintf(stderr, "attnkit C++ API check: %d FAILURE(S)\n", g_failures);
+    return EXIT_FAILURE;
+  }
+  std::printf("attnkit C++ API check: all passed\n");
+  return EXIT_SUCCESS;
+}

@@ -1,0 +1,36 @@
+// HIP compile check of the flash kernel layer (scripts/hip_check.sh): the portable (SIMT) kernels
+// csrc/cuda/flash.cu launches, and the tensor-core launchers (empty kernel bodies under HIP;
+// mma::fwd_supported() is false there, so the launcher never takes them).
+#include "kernels/flash/mma_bwd.cuh"
+#include "kernels/flash/mma_fwd.cuh"
+#include "kernels/flash/simt.cuh"
+
+namespace attnkit {
+namespace flash {
+namespace simt {
+
+#define ATTNKIT_FLASH_SIMT(T, C)                                                                    \
+  template __global__ void fwd_kernel<T, C>(Params, const T*, const T*, const T*, T*, float*);    \
+  template __global__ void bwd_delta_kernel<T, C>(Params, const T*, const T*, float*);            \
+  template __global__ void bwd_dq_kernel<T, C>(Params, const T*, const T*, const T*, const T*,    \
+                                               const float*, const float*, T*);                   \
+  template __global__ void bwd_dkdv_kernel<T, C>(Params, const T*, const T*, const T*, const T*,  \
+                                                 const float*, const float*, T*, T*);
+// kChunks as csrc/cuda/flash.cu picks it: head dims <= 64, <= 128, <= 256.
+ATTNKIT_FLASH_SIMT(float, 64 / kWarpSize)
+ATTNKIT_FLASH_SIMT(fp16_t, 128 / kWarpSize)
+ATTNKIT_FLASH_SIMT(bf16_t, 256 / kWarpSize)
+#undef ATTNKIT_FLASH_SIMT
+
+}  // namespace simt
+
+namespace mma {
+template void launch_fwd<bf16_t>(const Params&, const bf16_t*, const bf16_t*, const bf16_t*, bf16_t*,
+                                 float*, int64_t, cudaStream_t);
+template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, const fp16_t*,
+                                 const fp16_t*, const float*, const float*, fp16_t*, fp16_t*, fp16_t*,
+                                 int64_t, int64_t, cudaStream_t);
+}  // namespace mma
+
+}  // namespace flash
+}  // namespace attnkit

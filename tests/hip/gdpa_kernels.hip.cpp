@@ -1,0 +1,22 @@
+// HIP compile check of the gdpa kernel layer (scripts/hip_check.sh): the launchers csrc/cuda/gdpa.cu
+// uses, explicitly instantiated for a bounded set of dtypes and head dims. Compile only; the
+// tensor-core kernels (ATTNKIT_HAS_MMA_SM80) compile to empty bodies under HIP, and the launcher
+// in csrc/cuda/gdpa.cu takes the portable kernels there.
+#include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/fwd_mma.cuh"
+#include "kernels/gdpa/simple.cuh"
+
+namespace attnkit {
+namespace gdpa {
+
+template cudaError_t launch_gdpa_fwd_simple<float>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_fwd_simple<fp16_t>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_fwd_simple<bf16_t>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_bwd_simple<float>(const BwdParams&, int, int, cudaStream_t);
+template cudaError_t launch_gdpa_bwd_simple<bf16_t>(const BwdParams&, int, int, cudaStream_t);
+template cudaError_t launch_gdpa_fwd_mma<bf16_t, 64>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_fwd_mma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_bwd_mma<bf16_t, 128>(const BwdParams&, int, int, cudaStream_t);
+
+}  // namespace gdpa
+}  // namespace attnkit

@@ -1,0 +1,24 @@
+// HIP compile check of the paged kernel layer (scripts/hip_check.sh): the decode, combine and
+// cache-write kernels csrc/cuda/paged.cu launches, for a bounded set of query dtypes, cache kinds
+// and row counts.
+#include "kernels/paged/cache_write.cuh"
+#include "kernels/paged/decode.cuh"
+
+namespace attnkit {
+namespace paged {
+
+using C = CacheKind;
+template __global__ void paged_decode_kernel<float, C::kSame, 1>(const DecodeParams, const int32_t);
+template __global__ void paged_decode_kernel<fp16_t, C::kSame, 4>(const DecodeParams, const int32_t);
+template __global__ void paged_decode_kernel<bf16_t, C::kFp8E4M3, kMaxRows>(const DecodeParams, const int32_t);
+template __global__ void paged_decode_kernel<bf16_t, C::kInt8, 8>(const DecodeParams, const int32_t);
+template __global__ void paged_decode_kernel<fp16_t, C::kFp8E5M2, 1>(const DecodeParams, const int32_t);
+template __global__ void paged_combine_kernel<float>(const DecodeParams);
+template __global__ void paged_combine_kernel<bf16_t>(const DecodeParams);
+template __global__ void reshape_and_cache_kernel<bf16_t, C::kSame>(const CacheWriteParams);
+template __global__ void reshape_and_cache_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
+template __global__ void pertoken_quant_kernel<bf16_t, C::kInt8>(const CacheWriteParams);
+template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
+
+}  // namespace paged
+}  // namespace attnkit
