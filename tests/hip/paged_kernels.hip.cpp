@@ -3,6 +3,7 @@
 // and row counts.
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
+#include "kernels/paged/decode_mma.cuh"  // tensor-core GQA decode: compiled out under HIP (sm_80 guard)
 
 namespace attnkit {
 namespace paged {
@@ -19,6 +20,7 @@ template __global__ void reshape_and_cache_kernel<bf16_t, C::kSame>(const CacheW
 template __global__ void reshape_and_cache_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
 template __global__ void pertoken_quant_kernel<bf16_t, C::kInt8>(const CacheWriteParams);
 template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
+template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16>(const DecodeParams);  // empty body under HIP
 
 }  // namespace paged
 }  // namespace attnkit
