@@ -14,13 +14,43 @@
 
 #include "common/dispatch.h"
 #include "common/flash_args.h"
+#include "cpu/tile_gemm.h"
 
 namespace attnkit {
 namespace flash {
 namespace {
 
-constexpr int64_t kBlockM = 32;  // query rows per tile
+constexpr int64_t kBlockM = 64;  // query rows per tile
 constexpr int64_t kBlockN = 64;  // key rows per tile
+
+using cpu::gemm_nn;
+using cpu::gemm_nt;
+using cpu::gemm_tn;
+using cpu::wrap;
+
+// Scores of one tile, s = scale · Q Kᵀ (soft-capped), with every key outside a query's window set
+// to -inf. With `tcap` non-null it also keeps tanh(s / cap) for the backward's chain rule.
+template <typename acc_t>
+void scores_tile(const Params& p, acc_t* st, acc_t* tcap, const acc_t* qt, const acc_t* kt,
+                 int64_t bm, int64_t bn, int64_t D, int64_t i0, int64_t j0, int64_t lq,
+                 int64_t lk) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  gemm_nt(st, bn, qt, D, kt, D, bm, bn, D);
+  auto S = wrap(st, bm, bn, bn);
+  S.mul_(static_cast<acc_t>(p.scale));
+  if (cap > 0) {
+    S.div_(cap).tanh_();
+    if (tcap) wrap(tcap, bm, bn, bn).copy_(S);
+    S.mul_(cap);
+  }
+  for (int64_t i = 0; i < bm; ++i) {
+    const KeyRange kr = key_range(p, i0 + i, lq, lk);
+    for (int64_t j = 0; j < bn; ++j) {
+      if (j0 + j < kr.lo || j0 + j > kr.hi) st[i * bn + j] = neg_inf;
+    }
+  }
+}
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -55,13 +85,12 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
               scalar_t* o, acc_type_t<scalar_t>* lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.D, H = p.H, G = p.H / p.Hkv;
-  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const auto start = tile_starts(p);
 
   at::parallel_for(0, start[p.B] * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(kBlockM * D), kt(kBlockN * D), vt(kBlockN * D), acc(kBlockM * D),
-        st(kBlockN), m(kBlockM), l(kBlockM);
+        st(kBlockM * kBlockN), m(kBlockM), l(kBlockM), corr(kBlockM), sub(kBlockM);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t h = w % H, tile = w / H, hk = h / G;
       const int64_t b = std::upper_bound(start.begin(), start.end(), tile) - start.begin() - 1;
@@ -77,35 +106,28 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
         const int64_t bn = std::min(kBlockN, hi - j0 + 1);
         load_rows(kt.data(), k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
         load_rows(vt.data(), v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head, p.v.row, bn, D);
+        scores_tile(p, st.data(), static_cast<acc_t*>(nullptr), qt.data(), kt.data(), bm, bn, D,
+                    i0, j0, s.lq, s.lk);
+        // Online softmax: new row max, rescale of what was accumulated, P = exp(s - max).
         for (int64_t i = 0; i < bm; ++i) {
-          const KeyRange kr = key_range(p, i0 + i, s.lq, s.lk);
           acc_t tile_max = neg_inf;
-          for (int64_t j = 0; j < bn; ++j) {
-            const int64_t jj = j0 + j;
-            acc_t x = neg_inf;
-            if (jj >= kr.lo && jj <= kr.hi) {
-              x = scale * dot(qt.data() + i * D, kt.data() + j * D, D);
-              if (cap > 0) x = cap * std::tanh(x / cap);
-            }
-            st[j] = x;
-            tile_max = std::max(tile_max, x);
-          }
-          if (tile_max == neg_inf) continue;  // nothing visible in this tile for row i
+          for (int64_t j = 0; j < bn; ++j) tile_max = std::max(tile_max, st[i * bn + j]);
           const acc_t m_new = std::max(m[i], tile_max);
-          const acc_t corr = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first visible tile
-          acc_t* ai = acc.data() + i * D;
-          acc_t row_sum = 0;
-          for (int64_t c = 0; c < D; ++c) ai[c] *= corr;
-          for (int64_t j = 0; j < bn; ++j) {
-            if (st[j] == neg_inf) continue;
-            const acc_t pj = std::exp(st[j] - m_new);
-            row_sum += pj;
-            const acc_t* vj = vt.data() + j * D;
-            for (int64_t c = 0; c < D; ++c) ai[c] += pj * vj[c];
-          }
-          l[i] = l[i] * corr + row_sum;
+          // exp(-inf) = 0 on a row's first visible tile; a row with nothing visible yet keeps
+          // m = -inf and subtracts 0, so its masked scores stay exp(-inf) = 0 (never NaN).
+          corr[i] = m_new == neg_inf ? acc_t(1) : std::exp(m[i] - m_new);
+          sub[i] = m_new == neg_inf ? acc_t(0) : m_new;
           m[i] = m_new;
         }
+        auto P = wrap(st.data(), bm, bn, bn);
+        P.sub_(wrap(sub.data(), bm, 1, 1)).exp_();
+        for (int64_t i = 0; i < bm; ++i) {
+          acc_t row_sum = 0;
+          for (int64_t j = 0; j < bn; ++j) row_sum += st[i * bn + j];
+          l[i] = l[i] * corr[i] + row_sum;
+          for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= corr[i];
+        }
+        gemm_nn(acc.data(), D, st.data(), bn, vt.data(), D, bm, D, bn);
       }
       for (int64_t i = 0; i < bm; ++i) {
         scalar_t* oi = o + b * p.o.batch + (s.q0 + i0 + i) * p.o.row + h * p.o.head;

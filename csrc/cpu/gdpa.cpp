@@ -10,6 +10,7 @@
 
 #include "common/dispatch.h"
 #include "common/gdpa_args.h"
+#include "cpu/tile_gemm.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -18,32 +19,10 @@ namespace {
 constexpr int64_t kBlockM = 64;  // query rows per tile
 constexpr int64_t kBlockN = 64;  // key rows per tile
 
-// Tile products through ATen's CPU matmul (MKL/OpenBLAS): row-major acc_t tiles wrapped without
-// copies. Called from inside at::parallel_for, where ATen runs them single-threaded.
-template <typename acc_t>
-inline at::Tensor wrap(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-// C[m][n] = A[m][k] · B[n][k]ᵀ
-template <typename acc_t>
-inline void gemm_nt(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-                    int64_t m, int64_t n, int64_t k) {
-  auto out = wrap(c, m, n, ldc);
-  at::mm_out(out, wrap(a, m, k, lda), wrap(b, n, k, ldb).t());
-}
-// C[m][n] += A[m][k] · B[k][n]
-template <typename acc_t>
-inline void gemm_nn(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-                    int64_t m, int64_t n, int64_t k) {
-  wrap(c, m, n, ldc).addmm_(wrap(a, m, k, lda), wrap(b, k, n, ldb));
-}
-// C[m][n] += A[k][m]ᵀ · B[k][n]
-template <typename acc_t>
-inline void gemm_tn(acc_t* c, int64_t ldc, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-                    int64_t m, int64_t n, int64_t k) {
-  wrap(c, m, n, ldc).addmm_(wrap(a, k, m, lda).t(), wrap(b, k, n, ldb));
-}
+using cpu::gemm_nn;
+using cpu::gemm_nt;
+using cpu::gemm_tn;
+using cpu::wrap;
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
