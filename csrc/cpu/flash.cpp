@@ -25,7 +25,7 @@ constexpr int64_t kBlockN = 64;  // key rows per tile
 
 using cpu::gemm_nn;
 using cpu::gemm_nt;
-using cpu::gemm_tn;
+using cpu::acc_type_t;
 using cpu::wrap;
 
 // Scores of one tile, s = scale · Q Kᵀ (soft-capped), with every key outside a query's window set
@@ -51,9 +51,6 @@ void scores_tile(const Params& p, acc_t* st, acc_t* tcap, const acc_t* qt, const
     }
   }
 }
-
-template <typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename scalar_t, typename acc_t>
 inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int64_t rows,

@@ -22,10 +22,8 @@ constexpr int64_t kBlockN = 64;  // key rows per tile
 using cpu::gemm_nn;
 using cpu::gemm_nt;
 using cpu::gemm_tn;
+using cpu::acc_type_t;
 using cpu::wrap;
-
-template <typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 
 template <typename index_t>

@@ -5,8 +5,14 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace attnkit {
 namespace cpu {
+
+// Accumulation type of the CPU kernels: fp64 for fp64 inputs (gradcheck), fp32 otherwise.
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // A row-major [rows][cols] acc_t tile with leading dimension ld, as a tensor (no copy).
 template <typename acc_t>
