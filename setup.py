@@ -66,6 +66,9 @@ def _extension():
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={os.environ.get('ATTNKIT_NVCC_THREADS', '2')}",
         ]
+        if "9.0a" in archs.replace(",", ";").split(";"):
+            # Host code may pick the Hopper-only (wgmma) kernels: kernels/common/wgmma.cuh.
+            nvcc.append("-DATTNKIT_SM90A_TARGET")
     return CUDAExtension(
         "attnkit._C", sources + _sources("cuda/*.cu"), include_dirs=include_dirs,
         define_macros=define_macros + [("ATTNKIT_WITH_CUDA", None)],

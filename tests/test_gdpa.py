@@ -85,6 +85,21 @@ def test_long_sequences_cross_tiles(device, causal, seed):
     run_and_check(device, torch.bfloat16, "silu", causal, lens, H=4, Hkv=1, D=64)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["default", "mma_sync"])
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch):
+    """Both CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, and the
+    mma.sync kernel forced by ATTNKIT_GDPA_WGMMA=0) on several 128-row and 128-key tiles."""
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
+    lens = [300, 129, 0, 1, 640, 127, 1000]
+    run_and_check("cuda", dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
+    run_and_check("cuda", dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,9 +7,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
+#include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/simple.cuh"
 
 namespace attnkit {
@@ -31,6 +35,16 @@ at::Tensor kernel_layout(const at::Tensor& t) {
 void check_cuda(const at::Tensor& q) {
   ATTNKIT_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.device());
   check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+}
+
+// The Hopper forward (fwd_wgmma.cuh): built for sm_90a, run on a 9.0 device, head dim <= 128.
+// ATTNKIT_GDPA_WGMMA=0 forces the mma.sync kernel (A/B comparisons, tests of both paths).
+bool use_wgmma(int64_t D) {
+  if (!wgmma::kBuilt || D > 128) return false;
+  const char* e = std::getenv("ATTNKIT_GDPA_WGMMA");
+  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
 }
 
 bool use_tensor_cores(const at::Tensor& q) {
@@ -121,6 +135,10 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       return launch_gdpa_fwd_simple<T>(p, mq, stream);
     } else {
       if (!tc) return launch_gdpa_fwd_simple<T>(p, mq, stream);
+      if (use_wgmma(p.D)) {
+        if (p.D <= 64) return launch_gdpa_fwd_wgmma<T, 64>(p, mq, stream);
+        return launch_gdpa_fwd_wgmma<T, 128>(p, mq, stream);
+      }
       return with_head_dim(p.D, [&](auto d) { return launch_gdpa_fwd_mma<T, decltype(d)::value>(p, mq, stream); });
     }
   });

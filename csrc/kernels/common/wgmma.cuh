@@ -1,0 +1,117 @@
+// Hopper (sm_90a) warpgroup tensor-core building blocks shared by the attention kernels: the
+// shared-memory tile layout wgmma reads, its matrix descriptors, and the fence / commit / wait
+// protocol. Torch-free. Compiled only for sm_90a device code (ATTNKIT_HAS_WGMMA); launchers pick
+// these kernels only when the build targets sm_90a (ATTNKIT_SM90A_TARGET) and the device is 9.0.
+//
+// Tile layout ("sw128"): a [ROWS][C] tile of 16-bit elements is stored as C / 64 column blocks,
+// each [ROWS][64] with 128-byte rows; inside every 8-row, 1024-byte atom the 16-byte chunk index
+// is XOR-ed with (row % 8) (the hardware's 128-byte swizzle). One layout serves every operand:
+//   - K-major (rows = M or N, columns = the reduction dim): Q and K in S = Q·Kᵀ;
+//   - N-major (rows = the reduction dim, columns = N): V in O = P·V.
+// Every tile must start 1024-byte aligned (the swizzle is applied to absolute address bits).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/mma.cuh"
+
+#if defined(__CUDACC__) && !defined(__HIPCC__) && \
+    (!defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define ATTNKIT_HAS_WGMMA 1
+#else
+#define ATTNKIT_HAS_WGMMA 0
+#endif
+
+namespace attnkit {
+namespace wgmma {
+
+// Host side: whether this build carries sm_90a code at all (setup.py defines
+// ATTNKIT_SM90A_TARGET when ATTNKIT_CUDA_ARCHS names 9.0a).
+#if defined(ATTNKIT_SM90A_TARGET) && !defined(__HIPCC__)
+constexpr bool kBuilt = true;
+#else
+constexpr bool kBuilt = false;
+#endif
+
+// Byte offset of element (row, col) in a sw128 tile of ROWS rows; col a multiple of 8.
+template <int ROWS>
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE uint32_t sw128_offset(int row, int col) {
+  return uint32_t((col >> 6) * ROWS * 128 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4));
+}
+
+#if ATTNKIT_HAS_WGMMA
+
+template <typename T, int N>
+struct Wgmma;
+#include "kernels/common/wgmma_ops.inc"
+
+// Matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address, leading and stride byte
+// offsets (all >> 4) and the swizzle mode (1 = 128-byte).
+ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t descriptor(uint32_t smem_addr, uint32_t lead_bytes,
+                                                  uint32_t stride_bytes) {
+  return uint64_t((smem_addr & 0x3FFFF) >> 4) | (uint64_t((lead_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+// K-major operand, k-step kk (16 elements of the reduction dim) of a sw128 tile with ROWS rows,
+// starting at row `row0` (a multiple of 8): 8-row groups are 1024 bytes apart; within a column
+// block, stepping 16 elements moves the start 32 bytes (the hardware swizzles the rest).
+template <int ROWS>
+ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t desc_k_major(uint32_t tile, int row0, int kk) {
+  return descriptor(tile + (kk >> 2) * ROWS * 128 + row0 * 128 + (kk & 3) * 32, 16, 1024);
+}
+
+// N-major operand (B = tile rows kk*16 .. +16 as the reduction dim, all columns as N): column
+// blocks of 64 are ROWS * 128 bytes apart (leading offset), 8-row groups 1024 (stride offset).
+template <int ROWS>
+ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t desc_n_major(uint32_t tile, int kk) {
+  return descriptor(tile + kk * 16 * 128, ROWS * 128, 1024);
+}
+
+ATTNKIT_DEVICE ATTNKIT_INLINE void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+ATTNKIT_DEVICE ATTNKIT_INLINE void commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accesses of accumulator registers across the async window.
+template <int R>
+ATTNKIT_DEVICE ATTNKIT_INLINE void fence_regs(float (&d)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// Shared memory written by the generic proxy (st.shared, cp.async) must be fenced before the
+// tensor cores (async proxy) read it; each writing thread fences, then the CTA synchronises.
+ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Asynchronously copies rows [0, ROWS) x cols [0, C) of a strided global tile into a sw128 tile;
+// rows >= rows_valid and cols >= cols_valid are zero-filled without reading (cp.async with 0
+// source bytes), so no offset value can make it read outside the tensor.
+template <int ROWS, int C, int THREADS, typename T>
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile_sw128(unsigned char* tile, const T* gmem,
+                                                   int64_t row_stride, int rows_valid,
+                                                   int cols_valid, const T* fallback, int tid) {
+  constexpr int kChunksPerRow = C / 8;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+  static_assert(kChunks % THREADS == 0, "whole chunks per thread");
+#pragma unroll
+  for (int c = tid; c < kChunks; c += THREADS) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool ok = row < rows_valid && col < cols_valid;
+    mma::cp_async_16(tile + sw128_offset<ROWS>(row, col), ok ? gmem + row * row_stride + col : fallback,
+                     ok ? 16 : 0);
+  }
+}
+
+#endif  // ATTNKIT_HAS_WGMMA
+
+}  // namespace wgmma
+}  // namespace attnkit

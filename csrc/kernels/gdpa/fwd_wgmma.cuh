@@ -1,0 +1,141 @@
+// GDPA forward on Hopper warpgroup tensor cores (sm_90a, bf16 / fp16, padded head dim 64 or 128).
+//
+// CTA = (sequence, 128-row query tile, head) with two warpgroups of 64 query rows each. Q stays in
+// shared memory; K/V tiles of 128 keys stream through a two-stage cp.async ring in the sw128
+// layout (kernels/common/wgmma.cuh). Per key tile each warpgroup runs
+//   S[64 x 128] = Q·Kᵀ                 wgmma, A and B from shared memory (K-major)
+//   P = φ(pre·S), causal-masked, rounded to the value type (DESIGN §3.1), kept in registers
+//   O[64 x D]  += P·V                  wgmma, A = P from registers, B = V read N-major
+// so scores never leave registers, and the two warpgroups overlap one's activation with the
+// other's products. Keys past the sequence are zero-filled (K and V), so they add nothing.
+#pragma once
+
+#include "kernels/common/wgmma.cuh"
+#include "kernels/gdpa/activation_gpu.cuh"
+#include "kernels/gdpa/params.h"
+#include "kernels/gdpa/tile.cuh"
+
+namespace attnkit {
+namespace gdpa {
+
+template <int D>
+struct FwdWgmmaTraits {
+  static_assert(D == 64 || D == 128, "wgmma forward: padded head dim 64 or 128");
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBlockM = 64 * kWarpGroups;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kKVBytes = kBlockN * D * 2;  // one K or V tile
+  // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdWgmmaTraits<D>::kThreads, 1)
+    gdpa_fwd_wgmma_kernel(const FwdParams p) {
+#if ATTNKIT_HAS_WGMMA
+  using Tr = FwdWgmmaTraits<D>;
+  using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
+  using MmaO = wgmma::Wgmma<T, D>;           // O += P·V: N = head dim
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sq = smem;
+  unsigned char* sk = sq + Tr::kQBytes;                 // [kStages] K tiles
+  unsigned char* sv = sk + Tr::kStages * Tr::kKVBytes;  // [kStages] V tiles
+  const uint32_t sq_addr = mma::smem_addr(sq), sk_addr = mma::smem_addr(sk),
+                 sv_addr = mma::smem_addr(sv);
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int warp_row0 = wg * 64 + ((tid / 32) & 3) * 16;  // the warp's first row in the tile
+  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
+  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + ks.begin * p.v_row_stride + hk * p.v_head_stride;
+  T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
+  const T* fallback = static_cast<const T*>(p.q);
+
+  // Hints only size the grid: a longer sequence is covered by striding over its tiles.
+  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+    const int i0 = tile * BM;
+    const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+    const int n_tiles = (kv_end + BN - 1) / BN;
+    float acc_o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+
+    wgmma::load_tile_sw128<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0,
+                                      p.D, fallback, tid);
+    if (n_tiles > 0) {
+      wgmma::load_tile_sw128<BN, D, NT>(sk, k, p.k_row_stride, kv_end, p.D, fallback, tid);
+      wgmma::load_tile_sw128<BN, D, NT>(sv, v, p.v_row_stride, kv_end, p.D, fallback, tid);
+    }
+    mma::cp_async_commit();
+
+    for (int j = 0; j < n_tiles; ++j) {
+      const int j0 = j * BN, stage = j % Tr::kStages;
+      mma::cp_async_wait<0>();     // this thread's chunks of tile j (and Q) landed
+      wgmma::fence_async_smem();   // ... and are visible to the tensor cores
+      __syncthreads();             // everyone's chunks; everyone done with tile j - 1's stage
+      if (j + 1 < n_tiles) {
+        const int next = (j + 1) % Tr::kStages, rows = kv_end - j0 - BN;
+        wgmma::load_tile_sw128<BN, D, NT>(sk + next * Tr::kKVBytes, k + (j0 + BN) * p.k_row_stride,
+                                          p.k_row_stride, rows, p.D, fallback, tid);
+        wgmma::load_tile_sw128<BN, D, NT>(sv + next * Tr::kKVBytes, v + (j0 + BN) * p.v_row_stride,
+                                          p.v_row_stride, rows, p.D, fallback, tid);
+      }
+      mma::cp_async_commit();
+
+      float s[BN / 8][4];
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_addr, wg * 64, kk),
+                            wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kKVBytes, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_regs(s);
+
+      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+      const int r0 = i0 + warp_row0;
+      if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
+      uint32_t pa[BN / 16][4];
+      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
+
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        MmaO::template rs<1>(acc_o, pa[kk],
+                             wgmma::desc_n_major<BN>(sv_addr + stage * Tr::kKVBytes, kk), 1);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_regs(acc_o);
+    }
+    mma::cp_async_wait<0>();
+    store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp_row0, qs.len - i0, 0, p.D,
+                     acc_o, p.qk_scale);
+    __syncthreads();  // the next tile reuses every shared buffer
+  }
+#endif
+}
+
+template <typename T, int D>
+cudaError_t launch_gdpa_fwd_wgmma(const FwdParams& p, int max_seq_len_q, cudaStream_t stream) {
+  using Tr = FwdWgmmaTraits<D>;
+  auto kernel = gdpa_fwd_wgmma_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int tiles = max(1, min(65535, (max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM));
+  kernel<<<dim3(p.B, tiles, p.H), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gdpa
+}  // namespace attnkit
