@@ -300,6 +300,44 @@ def test_multi_tile_fwd_bwd(device, dtype, window):
         check_close(a, b, dtype, f"d{name}")
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["default", "mma_sync"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70), (0, 0)])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_cuda_forward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
+    """Both CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, and the
+    mma.sync kernel forced by ATTNKIT_FLASH_WGMMA=0) over several 128-row / 128-key tiles, Sq != Sk
+    both ways, and varlen with empty and one-row sequences."""
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_FLASH_WGMMA", "0")
+    seed_everything()
+    for sq, sk in [(700, 515), (515, 700), (129, 129)]:
+        q = rand(2, sq, 4, head_dim, device="cuda", dtype=dtype)
+        k = rand(2, sk, 2, head_dim, device="cuda", dtype=dtype)
+        v = rand(2, sk, 2, head_dim, device="cuda", dtype=dtype)
+        poison_allocator("cuda")
+        out, lse = FWD(q, k, v, None, False, *window, softcap)
+        ref, ref_lse = flash_attn_ref(q, k, v, None, False, *window, softcap)
+        check_close(out, ref, dtype, f"out {sq}x{sk}")
+        check_lse(lse, ref_lse, dtype)
+    lens = [300, 0, 1, 257, 128]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    q = rand(sum(lens), 4, head_dim, device="cuda", dtype=dtype)
+    k = rand(sum(lens), 1, head_dim, device="cuda", dtype=dtype)
+    v = rand(sum(lens), 1, head_dim, device="cuda", dtype=dtype)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=window == (-1, 0),
+                                 softcap=softcap)
+    for i, n in enumerate(lens):
+        a, b = int(cu[i]), int(cu[i + 1])
+        if n == 0:
+            continue
+        ref, _ = flash_attn_ref(q[None, a:b], k[None, a:b], v[None, a:b], None, window == (-1, 0),
+                                -1, -1, softcap)
+        check_close(out[a:b], ref[0], dtype, f"varlen out, sequence {i}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grads_varlen(device, dtype):

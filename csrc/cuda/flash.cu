@@ -15,6 +15,7 @@
 #include "common/flash_args.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
+#include "kernels/flash/wgmma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
 
 namespace attnkit {
@@ -78,6 +79,16 @@ bool force_simt() {
   return v;
 }
 
+// The Hopper forward (wgmma_fwd.cuh) where the build has sm_90a code and the device is 9.0, on the
+// same inputs as the mma.sync forward; ATTNKIT_FLASH_WGMMA=0 forces the mma.sync kernel.
+bool use_wgmma_fwd(const at::Tensor& q) {
+  if (!wgmma::kBuilt) return false;
+  const char* e = std::getenv("ATTNKIT_FLASH_WGMMA");
+  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
+  return prop->major == 9 && prop->minor == 0;
+}
+
 // A cached host-side property query (no device synchronisation).
 int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
 
@@ -125,8 +136,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
-        mma::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
-                                  mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
+        if (use_wgmma_fwd(q)) {
+          wg::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
+                                   mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
+        } else {
+          mma::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
+                                    mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }

@@ -1,13 +1,14 @@
 // GDPA forward on Hopper warpgroup tensor cores (sm_90a, bf16 / fp16, padded head dim 64 or 128).
 //
 // CTA = (sequence, 128-row query tile, head) with two warpgroups of 64 query rows each. Q stays in
-// shared memory; K/V tiles of 128 keys stream through a two-stage cp.async ring in the sw128
-// layout (kernels/common/wgmma.cuh). Per key tile each warpgroup runs
-//   S[64 x 128] = Q·Kᵀ                 wgmma, A and B from shared memory (K-major)
-//   P = φ(pre·S), causal-masked, rounded to the value type (DESIGN §3.1), kept in registers
-//   O[64 x D]  += P·V                  wgmma, A = P from registers, B = V read N-major
-// so scores never leave registers, and the two warpgroups overlap one's activation with the
-// other's products. Keys past the sequence are zero-filled (K and V), so they add nothing.
+// shared memory; K/V tiles of 128 keys stream through a three-stage cp.async ring in the sw128
+// layout (kernels/common/wgmma.cuh). Per key tile j each warpgroup issues, back to back,
+//   S_j[64 x 128] = Q·K_jᵀ               wgmma, A and B from shared memory (K-major)
+//   O[64 x D]   += P_{j-1}·V_{j-1}       wgmma, A = P from registers, B = V read N-major
+// then waits for S_j only and computes P_j = φ(pre·S_j) (causal-masked, rounded to the value type,
+// DESIGN §3.1) while the tensor cores still work on P_{j-1}·V_{j-1}: the activation hides behind
+// the second product, and the two warpgroups interleave besides. Scores never leave registers.
+// Keys past the sequence are zero-filled (K and V), so they add nothing.
 #pragma once
 
 #include "kernels/common/wgmma.cuh"
@@ -25,7 +26,7 @@ struct FwdWgmmaTraits {
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBlockM = 64 * kWarpGroups;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;  // P·V of tile j-1 reads its stage while tile j+1 loads
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;  // one K or V tile
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
@@ -76,11 +77,14 @@ __global__ void __launch_bounds__(FwdWgmmaTraits<D>::kThreads, 1)
     }
     mma::cp_async_commit();
 
+    uint32_t pa[BN / 16][4];  // P_{j-1}, the A operand of the delayed P·V
     for (int j = 0; j < n_tiles; ++j) {
       const int j0 = j * BN, stage = j % Tr::kStages;
       mma::cp_async_wait<0>();     // this thread's chunks of tile j (and Q) landed
       wgmma::fence_async_smem();   // ... and are visible to the tensor cores
-      __syncthreads();             // everyone's chunks; everyone done with tile j - 1's stage
+      // Everyone's chunks landed, and every warpgroup finished P·V of tile j - 2, whose stage
+      // (= (j + 1) % 3) the next load overwrites.
+      __syncthreads();
       if (j + 1 < n_tiles) {
         const int next = (j + 1) % Tr::kStages, rows = kv_end - j0 - BN;
         wgmma::load_tile_sw128<BN, D, NT>(sk + next * Tr::kKVBytes, k + (j0 + BN) * p.k_row_stride,
@@ -98,20 +102,32 @@ __global__ void __launch_bounds__(FwdWgmmaTraits<D>::kThreads, 1)
                             wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kKVBytes, 0, kk), kk > 0);
       }
       wgmma::commit();
-      wgmma::wait<0>();
+      if (j > 0) {
+        const uint32_t sv_prev = sv_addr + ((j - 1) % Tr::kStages) * Tr::kKVBytes;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+        }
+        wgmma::commit();
+        wgmma::wait<1>();  // S_j done; P_{j-1}·V_{j-1} may still run
+      } else {
+        wgmma::wait<0>();
+      }
       wgmma::fence_regs(s);
 
       act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
       const int r0 = i0 + warp_row0;
       if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
-      uint32_t pa[BN / 16][4];
+      wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: pa may be overwritten
+      wgmma::fence_regs(acc_o);
       pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
-
+    }
+    if (n_tiles > 0) {
+      const uint32_t sv_last = sv_addr + ((n_tiles - 1) % Tr::kStages) * Tr::kKVBytes;
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        MmaO::template rs<1>(acc_o, pa[kk],
-                             wgmma::desc_n_major<BN>(sv_addr + stage * Tr::kKVBytes, kk), 1);
+        MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_last, kk), 1);
       }
       wgmma::commit();
       wgmma::wait<0>();
