@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kNT = kBN / 8;  // n8 tiles of S
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
-  const int64_t h = blockIdx.x, b = blockIdx.y, hk = h / (p.H / p.Hkv);
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
   const float scale_log2 = scale * kLog2e;
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t ntiles = (s.lq + kBM - 1) / kBM;
 
   // Last tiles first: under a causal mask they see the most keys, so the longest CTAs start first.
-  for (int64_t tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+  for (int64_t tt = blockIdx.x; tt < ntiles; tt += gridDim.x) {
     const int64_t i0 = (ntiles - 1 - tt) * kBM;
     const int64_t rows = s.lq - i0 < kBM ? s.lq - i0 : kBM;
     const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
@@ -235,7 +235,8 @@ void launch_fwd(const Params& p, const T* q, const T* k, const T* v, T* o, float
                 int64_t grid_rows, cudaStream_t stream) {
   int64_t tiles = (grid_rows + kBM - 1) / kBM;
   tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
-  const dim3 grid(static_cast<unsigned>(p.H), static_cast<unsigned>(p.B), static_cast<unsigned>(tiles));
+  // Tiles fastest: the CTAs reading one (sequence, head)'s K/V run together and share it in L2.
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   // 48 KiB (D = 128) is the default dynamic shared-memory limit; the attribute keeps it explicit.
   if (p.D == 64) {
     cudaFuncSetAttribute(fwd_kernel<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_smem_bytes<64>());

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(256, 1)
 
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int warp_row0 = wg * 64 + ((tid / 32) & 3) * 16;
-  const int64_t h = blockIdx.x, b = blockIdx.y, hk = h / (p.H / p.Hkv);
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
   const float scale_log2 = scale * kLog2e;
   const SeqRange s = seq_range(p, b);
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(256, 1)
   const T* vbase = v + b * p.v.batch + s.k0 * p.v.row + hk * p.v.head;
 
   // Last tiles first: under a causal mask they see the most keys, so the longest CTAs start first.
-  for (int64_t tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+  for (int64_t tt = blockIdx.x; tt < ntiles; tt += gridDim.x) {
     const int64_t i0 = (ntiles - 1 - tt) * BM;
     const int64_t rows = s.lq - i0 < BM ? s.lq - i0 : BM;
     const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
@@ -225,7 +225,8 @@ void launch_fwd(const Params& p, const T* q, const T* k, const T* v, T* o, float
                 int64_t grid_rows, cudaStream_t stream) {
   int64_t tiles = (grid_rows + 127) / 128;
   tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
-  const dim3 grid(static_cast<unsigned>(p.H), static_cast<unsigned>(p.B), static_cast<unsigned>(tiles));
+  // Tiles fastest: the CTAs reading one (sequence, head)'s K/V run together and share it in L2.
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   if (p.D == 64) {
     constexpr int kSmem = FwdTraits<64>::kSmemBytes;
     cudaFuncSetAttribute(fwd_kernel<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

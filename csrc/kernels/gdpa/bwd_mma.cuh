@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
   T* sk = sdo + BM * D;     // [2][BN][D]
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
 
-  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const CtaItem it = cta_item(p.H, p.B);
+  const int b = it.b, h = it.z, hk = h / (p.H / p.Hkv);
   const int warp_row0 = (threadIdx.x / 32) * 16 * MT;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
   const T* fallback = static_cast<const T*>(p.q);
   const float ds_scale = p.qk_scale * p.pre_scale;
 
-  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+  for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
     const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
     const int n_tiles = (kv_end + BN - 1) / BN;
@@ -136,8 +137,9 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
   T* sq = sv + BN * D;       // [2][BM][D]
   T* sdo = sq + 2 * BM * D;  // [2][BM][D]
 
-  const int b = blockIdx.x;
-  const int hk = blockIdx.z / kSlices, d0 = (blockIdx.z % kSlices) * DS;
+  const CtaItem it = cta_item(p.Hkv * kSlices, p.B);
+  const int b = it.b;
+  const int hk = it.z / kSlices, d0 = (it.z % kSlices) * DS;
   const int G = p.H / p.Hkv;
   const int warp = threadIdx.x / 32;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
   const T* fallback = static_cast<const T*>(p.q);
   const float ds_scale = p.qk_scale * p.pre_scale;
 
-  for (int tile = blockIdx.y; tile * BN < ks.len; tile += gridDim.y) {
+  for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
     const int j0 = tile * BN;
     // Causal: queries before j0 see no key of this tile.
     const int q_start = p.causal ? (j0 / BM) * BM : 0;
@@ -226,13 +228,13 @@ cudaError_t launch_gdpa_bwd_mma(const BwdParams& p, int max_seq_len_q, int max_s
   err = cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              Dkv::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int q_tiles = max(1, min(65535, (max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM));
-  dq_kernel<<<dim3(p.B, q_tiles, p.H), Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
+  const unsigned dq_grid = cta_grid((max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM, p.H, p.B);
+  dq_kernel<<<dq_grid, Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int kv_tiles = max(1, min(65535, (max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN));
-  dkdv_kernel<<<dim3(p.B, kv_tiles, p.Hkv * (D / Dkv::kSliceD)), Dkv::kThreads, Dkv::kSmemBytes,
-                stream>>>(p);
+  const unsigned kv_grid =
+      cta_grid((max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN, p.Hkv * (D / Dkv::kSliceD), p.B);
+  dkdv_kernel<<<kv_grid, Dkv::kThreads, Dkv::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

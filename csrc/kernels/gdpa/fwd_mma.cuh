@@ -36,7 +36,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) gdpa_fwd_mma_kernel(co
   T* sk = sq + BM * D;      // [2][BN][D]
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
 
-  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const CtaItem it = cta_item(p.H, p.B);
+  const int b = it.b, h = it.z, hk = h / (p.H / p.Hkv);
   const int warp_row0 = (threadIdx.x / 32) * 16 * MT;  // the warp's first query row in the tile
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) gdpa_fwd_mma_kernel(co
   const T* fallback = static_cast<const T*>(p.q);
 
   // Hints only size the grid: a longer sequence is covered by striding over its tiles.
-  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+  for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
     const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
     const int n_tiles = (kv_end + BN - 1) / BN;
@@ -118,8 +119,7 @@ cudaError_t launch_gdpa_fwd_mma(const FwdParams& p, int max_seq_len_q, cudaStrea
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int tiles = max(1, min(65535, (max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM));
-  dim3 grid(p.B, tiles, p.H);
+  const unsigned grid = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

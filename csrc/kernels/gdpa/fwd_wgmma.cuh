@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(FwdWgmmaTraits<D>::kThreads, 1)
 
   const int tid = threadIdx.x, wg = tid / 128;
   const int warp_row0 = wg * 64 + ((tid / 32) & 3) * 16;  // the warp's first row in the tile
-  const int b = blockIdx.x, h = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const CtaItem it = cta_item(p.H, p.B);
+  const int b = it.b, h = it.z, hk = h / (p.H / p.Hkv);
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
   const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(FwdWgmmaTraits<D>::kThreads, 1)
   const T* fallback = static_cast<const T*>(p.q);
 
   // Hints only size the grid: a longer sequence is covered by striding over its tiles.
-  for (int tile = blockIdx.y; tile * BM < qs.len; tile += gridDim.y) {
+  for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
     const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
     const int n_tiles = (kv_end + BN - 1) / BN;
@@ -148,8 +149,8 @@ cudaError_t launch_gdpa_fwd_wgmma(const FwdParams& p, int max_seq_len_q, cudaStr
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int tiles = max(1, min(65535, (max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM));
-  kernel<<<dim3(p.B, tiles, p.H), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  const unsigned grid = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
