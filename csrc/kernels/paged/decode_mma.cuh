@@ -20,6 +20,14 @@
 // row window [lo, hi). K rows of invisible tokens and V token chunks past hi (or wholly before lo,
 // or of an invalid block) are zero-filled by cp.async without being read: tokens past the length
 // may hold anything (even NaN) and must never be multiplied in.
+//
+// Global reads: every cp.async instruction of a warp moves 512 bytes, and each group of 8 lanes
+// (what the memory pipeline serves together for 16-byte accesses) covers one whole 128-byte line
+// whenever the layout allows it. Keys [D/x, bs, x]: lanes walk tokens. vLLM values [D, bs]: lane
+// pairs take the two 8-token chunks of one dim (32 contiguous bytes at bs = 16). ASM values
+// [bs/x, D, x]: lanes walk dims inside one 8-token chunk, 16 bytes each, so 8 lanes read 128
+// contiguous bytes (with lane pairs per dim, as for vLLM, they would touch two lines half each and
+// double the requests for the same bytes).
 #pragma once
 
 #include <cstdint>
@@ -61,7 +69,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int kswz(int row, int col) {  // col: a multiple o
 
 // [D rows][16 tokens] 16-bit tile: 2 chunks per row, chunk index XOR (row / 4) % 2, so the 8 row
 // addresses of one ldmatrix (8 consecutive rows, one logical chunk) hit 8 distinct 16-byte bank
-// groups.
+// groups; so do 8 lanes of the ASM-order cp.async writes (same rows and chunk).
 ATTNKIT_DEVICE ATTNKIT_INLINE int vswz(int row, int chunk) {
   return row * 16 + ((chunk ^ (row >> 2)) & 1) * 8;
 }
@@ -135,6 +143,9 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   // from a per-warp ring in shared memory.
   __shared__ int32_t ok_ring[Tr::kWarps][NST];
   int32_t ids = -1;
+  // V lane roles (see the header): chunk-major (ASM) layouts walk dims, row-major (vLLM) ones
+  // take lane pairs per dim.
+  const bool v_chunk_major = p.cs.v_tx < TILE;
   auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
     const int64_t ts = tile_start(n);
     if (hi <= lo || ts >= hi) return;
@@ -158,17 +169,27 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
       const T* src = ok ? kb + c * p.cs.k_sdc + (in_off + t) * p.cs.k_st : kc;
       mma::cp_async_16(ks + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
     }
-    // V: row d, token chunk c (tokens 8c..8c+7 of the tile); only tokens < hi are read.
+    // V token chunk c (tile tokens 8c..8c+7): its offset inside the block and how many of its
+    // tokens may be read (only tokens < hi; none for an invalid block or a chunk before lo).
+    int64_t v_off[2];
+    int v_bytes[2];
 #pragma unroll
-    for (int i = 0; i < 2 * D / 32; ++i) {
-      const int idx = i * 32 + lane, d = idx >> 1, c = idx & 1;
+    for (int c = 0; c < 2; ++c) {
+      const int tin = in_off + 8 * c;
+      v_off[c] = int64_t(tin / p.cs.v_tx) * p.cs.v_stc + tin % p.cs.v_tx;
       const int64_t tok0 = ts + 8 * c;
       int64_t nv = hi - tok0;
       nv = nv < 0 ? 0 : (nv > 8 ? 8 : nv);
       if (id < 0 || tok0 + 8 <= lo) nv = 0;
-      const int tin = in_off + 8 * c;
-      const T* src = nv > 0 ? vb + (tin / p.cs.v_tx) * p.cs.v_stc + d * p.cs.v_sd + tin % p.cs.v_tx : vc;
-      mma::cp_async_16(vs + mmadec::vswz(d, c), src, int(nv) * 2);
+      v_bytes[c] = int(nv) * int(sizeof(T));
+    }
+#pragma unroll
+    for (int i = 0; i < 2 * D / 32; ++i) {
+      const int d = v_chunk_major ? (i * 32) % D + lane : i * 16 + (lane >> 1);
+      const int c = v_chunk_major ? (i * 32) / D : lane & 1;
+      const int nbytes = c ? v_bytes[1] : v_bytes[0];
+      const T* src = nbytes > 0 ? vb + (c ? v_off[1] : v_off[0]) + d * p.cs.v_sd : vc;
+      mma::cp_async_16(vs + mmadec::vswz(d, c), src, nbytes);
     }
   };
 
