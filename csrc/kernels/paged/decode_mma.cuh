@@ -28,6 +28,10 @@
 // [bs/x, D, x]: lanes walk dims inside one 8-token chunk, 16 bytes each, so 8 lanes read 128
 // contiguous bytes (with lane pairs per dim, as for vLLM, they would touch two lines half each and
 // double the requests for the same bytes).
+//
+// Start-up: the block ids of a warp's first tiles do not depend on the sequence length (without
+// a sliding window), so they are read together with seq_lens, and the first tiles are in flight
+// before the query is staged in shared memory.
 #pragma once
 
 #include <cstdint>
@@ -95,31 +99,6 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   const int64_t hk = blockIdx.x % p.Hkv;
   const int64_t b = blockIdx.x / p.Hkv;
   const int split = blockIdx.y, splits = gridDim.y;
-  const SeqQuery sq = seq_query(p, b);
-  if (sq.qlen <= 0) return;  // no query row (pa_fwd with an empty qo_indptr range)
-  const RowWindow w = row_window(sq.L, 1, 0, p.window);
-  const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
-
-  // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
-  {
-    const T* q = static_cast<const T*>(p.q) + sq.q0 * p.q_st + hk * G * p.q_sh;
-    for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
-      const int r = idx / D, d = idx % D;
-      q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
-    }
-  }
-  __syncthreads();
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    mma::ldmatrix_x4(qf[kk], q_s + mmadec::kswz<D>((lane & 7) + ((lane >> 3) & 1) * 8,
-                                                  kk * 16 + (lane >> 4) * 8));
-
-  // The two rows this thread's accumulators sit on: g and g + 8.
-  const int r0 = lane >> 2, r1 = r0 + 8;
-  const float slope0 = (p.alibi && r0 < G) ? p.alibi[hk * G + r0] : 0.0f;
-  const float slope1 = (p.alibi && r1 < G) ? p.alibi[hk * G + r1] : 0.0f;
-
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const T* kh = kc + hk * p.cs.k_sh;
@@ -127,32 +106,42 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   const int32_t* bt = p.block_tables + b * p.bt_stride;
   T* my_pipe = pipe + warp * NST * Tr::kStageElems;
 
-  // The warp's n-th tile starts at token tile_start(n); tiles are increasing in n.
-  const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
-  auto tile_start = [&](int n) -> int64_t {
+  // The warp's n-th tile starts at token tile_start(part0, n); tiles are increasing in n.
+  auto tile_start = [&](int64_t part0, int n) -> int64_t {
     const int g = n * Tr::kWarps + warp;
     return (part0 + int64_t(g / TPP) * splits) * kPartition + int64_t(g % TPP) * TILE;
   };
-  auto block_of = [&](int64_t ts) -> int32_t {
-    const int32_t id = bt[ts / BS];
+  // Block ids of the warp's tiles come 32 at a time (lane i holds tile n0 + i's), one batch ahead
+  // (ids: tiles n0.., ids_next: n0 + 32..), so only the first batch is ever waited for;
+  // -1 = invisible. Entries past the table's row are never read; those past the length are read
+  // (they are in the row) but their tokens are masked.
+  auto fetch_ids = [&](int64_t part0, int n0) -> int32_t {
+    const int64_t blk = tile_start(part0, n0 + lane) / BS;
+    if (blk >= p.max_blocks) return -1;
+    const int32_t id = bt[blk];
     return (id >= 0 && id < p.num_blocks) ? id : -1;
   };
+  // Without a window lo = 0, so the first partition is `split` whatever the length: read the
+  // first ids in parallel with seq_lens instead of after it.
+  int32_t ids = p.window > 0 ? -1 : fetch_ids(split, 0);
+  int32_t ids_next = p.window > 0 ? -1 : fetch_ids(split, 32);
 
-  // Block ids of the warp's tiles come 32 at a time (lane i holds tile 32k + i's), so issuing a
-  // tile never waits on a dependent global load; the compute step reads its tile's validity back
-  // from a per-warp ring in shared memory.
+  const SeqQuery sq = seq_query(p, b);
+  if (sq.qlen <= 0) return;  // no query row (pa_fwd with an empty qo_indptr range)
+  const RowWindow w = row_window(sq.L, 1, 0, p.window);
+  const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
+  const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
+  if (p.window > 0) ids = fetch_ids(part0, 0), ids_next = fetch_ids(part0, 32);
+
+  // The validity of each staged tile, read back by the compute step (per-warp ring).
   __shared__ int32_t ok_ring[Tr::kWarps][NST];
-  int32_t ids = -1;
   // V lane roles (see the header): chunk-major (ASM) layouts walk dims, row-major (vLLM) ones
   // take lane pairs per dim.
   const bool v_chunk_major = p.cs.v_tx < TILE;
   auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
-    const int64_t ts = tile_start(n);
+    const int64_t ts = tile_start(part0, n);
     if (hi <= lo || ts >= hi) return;
-    if ((n & 31) == 0) {
-      const int64_t tl = tile_start(n + lane);
-      ids = tl < hi ? block_of(tl) : -1;
-    }
+    if ((n & 31) == 0 && n > 0) ids = ids_next, ids_next = fetch_ids(part0, n + 32);
     const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
     if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
     const int in_off = int(ts % BS);
@@ -193,23 +182,45 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     }
   };
 
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // log2 domain
-
+  // Put the first tiles in flight, then stage Q while they travel.
 #pragma unroll
   for (int s = 0; s < NST - 1; ++s) {
     issue(s);
     mma::cp_async_commit();
   }
-  for (int n = 0; hi > lo && tile_start(n) < hi; ++n) {
+
+  // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
+  {
+    const T* q = static_cast<const T*>(p.q) + sq.q0 * p.q_st + hk * G * p.q_sh;
+    for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
+      const int r = idx / D, d = idx % D;
+      q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
+    }
+  }
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    mma::ldmatrix_x4(qf[kk], q_s + mmadec::kswz<D>((lane & 7) + ((lane >> 3) & 1) * 8,
+                                                  kk * 16 + (lane >> 4) * 8));
+
+  // The two rows this thread's accumulators sit on: g and g + 8.
+  const int r0 = lane >> 2, r1 = r0 + 8;
+  const float slope0 = (p.alibi && r0 < G) ? p.alibi[hk * G + r0] : 0.0f;
+  const float slope1 = (p.alibi && r1 < G) ? p.alibi[hk * G + r1] : 0.0f;
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // log2 domain
+
+  for (int n = 0; hi > lo && tile_start(part0, n) < hi; ++n) {
     issue(n + NST - 1);
     mma::cp_async_commit();
     mma::cp_async_wait<NST - 1>();
     __syncwarp();
 
-    const int64_t ts = tile_start(n);
+    const int64_t ts = tile_start(part0, n);
     const bool blk_ok = ok_ring[warp][n % NST] != 0;
     const T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     const T* vs = ks + Tr::kTileElems;
