@@ -432,6 +432,42 @@ def test_pa_fwd_gqa_paths(monkeypatch, path, dtype, gqa, indptr):
         _check(out, b.float(), dtype)
 
 
+_FORCED_SPLITS_SCRIPT = """
+import sys, torch, attnkit
+from attnkit import reference as ref
+sys.path.insert(0, {tests!r})
+from test_paged import make_caches, make_tables, _check, _run_v1
+torch.manual_seed({seed})
+hkv, hq, d, bs, dtype = 2, 8, 128, 16, torch.bfloat16
+lengths = [0, 1, 17, 301, 5000, 20000]
+for layout in ("vllm", "asm"):
+    kc, vc = make_caches(4096, hkv, d, bs, dtype, layout, "cuda")
+    bt, lens = make_tables(lengths, bs, 4096, "cuda")
+    q = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype)
+    for window in (-1, 333):
+        out = _run_v1(q, kc, vc, hkv, 0.1, bt, lens, bs, sliding_window=window)
+        _check(out, ref.paged_attention_ref(q, kc, vc, bt, lens, 0.1, sliding_window=window), dtype)
+    if layout == "asm":
+        _check(attnkit.pa_fwd(q, kc, vc, bt, lens, bt.stride(0)), ref.pa_fwd_ref(q, kc, vc, bt, lens), dtype)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("splits", [1, 3, 256])
+def test_paged_gqa_forced_splits(splits):
+    """ATTNKIT_PAGED_SPLITS (read once per process, hence a subprocess) fixes the tensor-core
+    path's split count: one split walking every partition, a few walking many, one per partition."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATTNKIT_PAGED_SPLITS=str(splits), ATTNKIT_PAGED_SIMT="0",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    script = _FORCED_SPLITS_SCRIPT.format(tests=tests, seed=_seed())
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
 # ---- bounds, opcheck, bad inputs ---------------------------------------------------------------------
 def test_out_of_range_block_ids_cpu_raise():
     _seed()

@@ -90,18 +90,60 @@ bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
          at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt();
 }
 
-// Splits of the tensor-core path: its CTAs hold ~100 KB of cp.async ring (2 per SM), so a CTA
-// should stream more than one partition to amortise its start (Q load, pipeline fill) and end
-// (merge, workspace): aim at ~8 waves of CTAs, with as many partitions per split as that allows,
-// then even out the partitions per split. 1 x 32k keeps one partition per split.
+// ATTNKIT_PAGED_SPLITS=<n> (n >= 1; read once per process) fixes the split count of the
+// tensor-core path, capped at the partition count, for A/B runs of the heuristic below.
+int32_t forced_mma_splits() {
+  static const int32_t forced = [] {
+    const char* e = std::getenv("ATTNKIT_PAGED_SPLITS");
+    const long n = e != nullptr ? std::strtol(e, nullptr, 10) : 0;
+    return n > 0 ? static_cast<int32_t>(std::min<long>(n, kMaxSplits)) : int32_t(0);
+  }();
+  return forced;
+}
+
+// CTAs of the tensor-core kernel resident on the device at once; shared memory decides (2 per SM
+// on sm_90 at head size 128, 1 on sm_80). The 1 KB is the runtime's per-CTA reservation on
+// sm_80/sm_90. HIP never takes this path (mma::kTensorCoreKernels), and its device properties
+// name the field differently.
+template <int D>
+int64_t resident_mma_ctas() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+#if defined(__HIPCC__)
+  return std::max<int64_t>(prop->multiProcessorCount, 1);
+#else
+  const int64_t per_sm = int64_t(prop->sharedMemPerMultiprocessor) / (MmaDecodeTraits<D>::kSmemBytes + 1024);
+  return std::max<int64_t>(int64_t(prop->multiProcessorCount) * std::max<int64_t>(per_sm, 1), 1);
+#endif
+}
+
+// Splits of the tensor-core path. Its CTAs are few and long-lived (66-100 KB of cp.async ring
+// each, so only 1-3 fit on an SM) and stream at the rate of their share of the device, so the time
+// is about (waves of CTAs) x (tokens one split streams + a start-up cost): Q, block ids and the
+// pipeline fill, worth ~kStartTokens tokens of streaming. A split shorter than that wastes its
+// SM; one wave more than needed costs a whole split's tokens. Each candidate split count is
+// priced that way (whole waves: a tail wave costs as much as a full one) and the cheapest wins,
+// the fewest splits on ties (less workspace and combine work). The model takes every sequence as
+// long as the longest (the host knows no lengths), so a split never streams more than
+// kMaxSplitTokens: in a ragged batch one long sequence among short ones would otherwise be left
+// to a few CTAs long after the rest finished. Examples on 132 SMs (264 resident CTAs), head size
+// 128: 1 x 32k with 8 kv heads -> 32 splits (256 CTAs, 1 wave of 4 partitions each); 16 x 16k -> 4
+// (512 CTAs, 2 waves); 64 x 4k and 256 x 1k -> 1 (no combine). Host sizes and the cached device
+// properties only: no sync, capturable.
+template <int D>
 int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
-  const int64_t parts = num_splits(len_bound);
+  constexpr int64_t kStartTokens = 64, kMaxSplitTokens = 4096;
+  const int64_t parts = num_splits(len_bound);  // partitions of the longest sequence (capped)
+  if (const int32_t forced = forced_mma_splits()) return static_cast<int32_t>(std::min<int64_t>(forced, parts));
+  const int64_t slots = resident_mma_ctas<D>();
   const int64_t pairs = std::max<int64_t>(int64_t(p.S) * p.Hkv, 1);
-  const int64_t target = 16 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  int64_t splits = std::min<int64_t>(parts, std::max<int64_t>((target + pairs - 1) / pairs, 1));
-  const int64_t per = (parts + splits - 1) / splits;
-  splits = (parts + per - 1) / per;
-  return static_cast<int32_t>(splits);
+  const int64_t min_splits = (parts * kPartition + kMaxSplitTokens - 1) / kMaxSplitTokens;
+  int64_t best = std::min(min_splits, parts), best_cost = INT64_MAX;
+  for (int64_t s = best; s <= parts; ++s) {
+    const int64_t waves = (pairs * s + slots - 1) / slots;
+    const int64_t cost = waves * (((parts + s - 1) / s) * kPartition + kStartTokens);
+    if (cost < best_cost) best = s, best_cost = cost;
+  }
+  return static_cast<int32_t>(best);
 }
 
 template <typename T, int D, int BS>
@@ -127,7 +169,9 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
                    const at::Tensor& like) {
   const int64_t G = p.Hq / p.Hkv, rows = G * p.max_qlen;
   const bool mma_path = use_mma_path(p, qtype, kind);
-  const int32_t splits = mma_path ? mma_splits(p, len_bound) : num_splits(len_bound);
+  const int32_t splits = !mma_path ? num_splits(len_bound)
+                         : p.D == 64 ? mma_splits<64>(p, len_bound)
+                                     : mma_splits<128>(p, len_bound);
   at::Tensor ws;
   if (splits > 1) {
     const int64_t n = int64_t(p.Tq) * p.Hq * splits;

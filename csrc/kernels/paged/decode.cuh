@@ -368,10 +368,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // Merges the splits of one (query token, head): out = sum_j w_j o_j / sum_j w_j l_j with
 // w_j = exp(m_j - max m). grid: x = S * max_qlen, y = Hq.
+// With few rows and many splits (one long sequence: a few dozen CTAs, up to kMaxSplits splits)
+// this kernel is latency bound, so the threads split the work over (4 dims, split group) and read
+// 16 bytes per load without a branch around it: the loads of one thread are independent and the
+// compiler can keep several in flight instead of paying one L2 round trip per split.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodeParams p) {
   __shared__ float w_s[kMaxSplits];
   __shared__ float inv_s;
+  __shared__ __align__(16) float part_s[4 * kThreads];  // [split group][D] partial sums
   const int64_t b = blockIdx.x / p.max_qlen, i = blockIdx.x % p.max_qlen, h = blockIdx.y;
   const SeqQuery sq = seq_query(p, b);
   if (i >= sq.qlen) return;
@@ -393,13 +398,34 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
     if (threadIdx.x == 0) inv_s = den > 0.0f ? 1.0f / den : 0.0f;
   }
   __syncthreads();
+
+  // Thread = (vector v of dims 4v..4v+3, split group sg): splits sg, sg + groups, ... The D % 8
+  // == 0 check and the workspace's allocator alignment keep the float4 loads aligned. Every
+  // split's row was written by the decode kernel, but a weight of 0 still selects 0, never w * x
+  // (a split without visible keys must not turn a stray value into NaN).
+  const int nvec = p.D / 4;
+  const int groups = kThreads / nvec;  // >= 2 for D <= 256
+  const int v = threadIdx.x % nvec, sg = threadIdx.x / nvec;
+  if (sg < groups) {
+    const float4* src = reinterpret_cast<const float4*>(p.ws_out + row0 * p.D) + v;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int j = sg; j < splits; j += groups) {
+      const float4 x = src[int64_t(j) * nvec];
+      const float w = w_s[j];
+      const bool use = w != 0.0f;
+      acc.x += use ? w * x.x : 0.0f;
+      acc.y += use ? w * x.y : 0.0f;
+      acc.z += use ? w * x.z : 0.0f;
+      acc.w += use ? w * x.w : 0.0f;
+    }
+    reinterpret_cast<float4*>(part_s + sg * p.D)[v] = acc;
+  }
+  __syncthreads();
   scalar_t* out = static_cast<scalar_t*>(p.out);
   for (int d = threadIdx.x; d < p.D; d += kThreads) {
     float o = 0.0f;
-    for (int j = 0; j < splits; ++j) {
-      const float w = w_s[j];
-      if (w != 0.0f) o += w * p.ws_out[(row0 + j) * p.D + d];
-    }
+    for (int g = 0; g < groups; ++g) o += part_s[g * p.D + d];
     out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<scalar_t>(o * inv_s);
   }
 }

@@ -20,6 +20,18 @@
 // row window [lo, hi). K rows of invisible tokens and V token chunks past hi (or wholly before lo,
 // or of an invalid block) are zero-filled by cp.async without being read: tokens past the length
 // may hold anything (even NaN) and must never be multiplied in.
+//
+// Global reads: every cp.async instruction of a warp moves 512 bytes, and each group of 8 lanes
+// (what the memory pipeline serves together for 16-byte accesses) covers one whole 128-byte line
+// whenever the layout allows it. Keys [D/x, bs, x]: lanes walk tokens. vLLM values [D, bs]: lane
+// pairs take the two 8-token chunks of one dim (32 contiguous bytes at bs = 16). ASM values
+// [bs/x, D, x]: lanes walk dims inside one 8-token chunk, 16 bytes each, so 8 lanes read 128
+// contiguous bytes (with lane pairs per dim, as for vLLM, they would touch two lines half each and
+// double the requests for the same bytes).
+//
+// Start-up: the block ids of a warp's first tiles do not depend on the sequence length (without
+// a sliding window), so they are read together with seq_lens, and the first tiles are in flight
+// before the query is staged in shared memory.
 #pragma once
 
 #include <cstdint>
@@ -61,7 +73,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int kswz(int row, int col) {  // col: a multiple o
 
 // [D rows][16 tokens] 16-bit tile: 2 chunks per row, chunk index XOR (row / 4) % 2, so the 8 row
 // addresses of one ldmatrix (8 consecutive rows, one logical chunk) hit 8 distinct 16-byte bank
-// groups.
+// groups; so do 8 lanes of the ASM-order cp.async writes (same rows and chunk).
 ATTNKIT_DEVICE ATTNKIT_INLINE int vswz(int row, int chunk) {
   return row * 16 + ((chunk ^ (row >> 2)) & 1) * 8;
 }
@@ -87,10 +99,95 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   const int64_t hk = blockIdx.x % p.Hkv;
   const int64_t b = blockIdx.x / p.Hkv;
   const int split = blockIdx.y, splits = gridDim.y;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kh = kc + hk * p.cs.k_sh;
+  const T* vh = vc + hk * p.cs.v_sh;
+  const int32_t* bt = p.block_tables + b * p.bt_stride;
+  T* my_pipe = pipe + warp * NST * Tr::kStageElems;
+
+  // The warp's n-th tile starts at token tile_start(part0, n); tiles are increasing in n.
+  auto tile_start = [&](int64_t part0, int n) -> int64_t {
+    const int g = n * Tr::kWarps + warp;
+    return (part0 + int64_t(g / TPP) * splits) * kPartition + int64_t(g % TPP) * TILE;
+  };
+  // Block ids of the warp's tiles come 32 at a time (lane i holds tile n0 + i's), one batch ahead
+  // (ids: tiles n0.., ids_next: n0 + 32..), so only the first batch is ever waited for;
+  // -1 = invisible. Entries past the table's row are never read; those past the length are read
+  // (they are in the row) but their tokens are masked.
+  auto fetch_ids = [&](int64_t part0, int n0) -> int32_t {
+    const int64_t blk = tile_start(part0, n0 + lane) / BS;
+    if (blk >= p.max_blocks) return -1;
+    const int32_t id = bt[blk];
+    return (id >= 0 && id < p.num_blocks) ? id : -1;
+  };
+  // Without a window lo = 0, so the first partition is `split` whatever the length: read the
+  // first ids in parallel with seq_lens instead of after it.
+  int32_t ids = p.window > 0 ? -1 : fetch_ids(split, 0);
+  int32_t ids_next = p.window > 0 ? -1 : fetch_ids(split, 32);
+
   const SeqQuery sq = seq_query(p, b);
   if (sq.qlen <= 0) return;  // no query row (pa_fwd with an empty qo_indptr range)
   const RowWindow w = row_window(sq.L, 1, 0, p.window);
   const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
+  const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
+  if (p.window > 0) ids = fetch_ids(part0, 0), ids_next = fetch_ids(part0, 32);
+
+  // The validity of each staged tile, read back by the compute step (per-warp ring).
+  __shared__ int32_t ok_ring[Tr::kWarps][NST];
+  // V lane roles (see the header): chunk-major (ASM) layouts walk dims, row-major (vLLM) ones
+  // take lane pairs per dim.
+  const bool v_chunk_major = p.cs.v_tx < TILE;
+  auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
+    const int64_t ts = tile_start(part0, n);
+    if (hi <= lo || ts >= hi) return;
+    if ((n & 31) == 0 && n > 0) ids = ids_next, ids_next = fetch_ids(part0, n + 32);
+    const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
+    if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
+    const int in_off = int(ts % BS);
+    T* ks = my_pipe + (n % NST) * Tr::kStageElems;
+    T* vs = ks + Tr::kTileElems;
+    const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
+    const T* vb = vh + int64_t(id < 0 ? 0 : id) * p.cs.v_sb;
+    // K: chunk c (dims 8c..8c+7) of token t; lanes walk tokens first (16-byte runs per chunk).
+#pragma unroll
+    for (int i = 0; i < TILE * D / 8 / 32; ++i) {
+      const int idx = i * 32 + lane, t = idx % TILE, c = idx / TILE;
+      const int64_t tok = ts + t;
+      const bool ok = id >= 0 && tok >= lo && tok < hi;
+      const T* src = ok ? kb + c * p.cs.k_sdc + (in_off + t) * p.cs.k_st : kc;
+      mma::cp_async_16(ks + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
+    }
+    // V token chunk c (tile tokens 8c..8c+7): its offset inside the block and how many of its
+    // tokens may be read (only tokens < hi; none for an invalid block or a chunk before lo).
+    int64_t v_off[2];
+    int v_bytes[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int tin = in_off + 8 * c;
+      v_off[c] = int64_t(tin / p.cs.v_tx) * p.cs.v_stc + tin % p.cs.v_tx;
+      const int64_t tok0 = ts + 8 * c;
+      int64_t nv = hi - tok0;
+      nv = nv < 0 ? 0 : (nv > 8 ? 8 : nv);
+      if (id < 0 || tok0 + 8 <= lo) nv = 0;
+      v_bytes[c] = int(nv) * int(sizeof(T));
+    }
+#pragma unroll
+    for (int i = 0; i < 2 * D / 32; ++i) {
+      const int d = v_chunk_major ? (i * 32) % D + lane : i * 16 + (lane >> 1);
+      const int c = v_chunk_major ? (i * 32) / D : lane & 1;
+      const int nbytes = c ? v_bytes[1] : v_bytes[0];
+      const T* src = nbytes > 0 ? vb + (c ? v_off[1] : v_off[0]) + d * p.cs.v_sd : vc;
+      mma::cp_async_16(vs + mmadec::vswz(d, c), src, nbytes);
+    }
+  };
+
+  // Put the first tiles in flight, then stage Q while they travel.
+#pragma unroll
+  for (int s = 0; s < NST - 1; ++s) {
+    issue(s);
+    mma::cp_async_commit();
+  }
 
   // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
   {
@@ -112,83 +209,18 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   const float slope0 = (p.alibi && r0 < G) ? p.alibi[hk * G + r0] : 0.0f;
   const float slope1 = (p.alibi && r1 < G) ? p.alibi[hk * G + r1] : 0.0f;
 
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
-  const T* kh = kc + hk * p.cs.k_sh;
-  const T* vh = vc + hk * p.cs.v_sh;
-  const int32_t* bt = p.block_tables + b * p.bt_stride;
-  T* my_pipe = pipe + warp * NST * Tr::kStageElems;
-
-  // The warp's n-th tile starts at token tile_start(n); tiles are increasing in n.
-  const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
-  auto tile_start = [&](int n) -> int64_t {
-    const int g = n * Tr::kWarps + warp;
-    return (part0 + int64_t(g / TPP) * splits) * kPartition + int64_t(g % TPP) * TILE;
-  };
-  auto block_of = [&](int64_t ts) -> int32_t {
-    const int32_t id = bt[ts / BS];
-    return (id >= 0 && id < p.num_blocks) ? id : -1;
-  };
-
-  // Block ids of the warp's tiles come 32 at a time (lane i holds tile 32k + i's), so issuing a
-  // tile never waits on a dependent global load; the compute step reads its tile's validity back
-  // from a per-warp ring in shared memory.
-  __shared__ int32_t ok_ring[Tr::kWarps][NST];
-  int32_t ids = -1;
-  auto issue = [&](int n) {  // n = 0, 1, 2, ... in order
-    const int64_t ts = tile_start(n);
-    if (hi <= lo || ts >= hi) return;
-    if ((n & 31) == 0) {
-      const int64_t tl = tile_start(n + lane);
-      ids = tl < hi ? block_of(tl) : -1;
-    }
-    const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
-    if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
-    const int in_off = int(ts % BS);
-    T* ks = my_pipe + (n % NST) * Tr::kStageElems;
-    T* vs = ks + Tr::kTileElems;
-    const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
-    const T* vb = vh + int64_t(id < 0 ? 0 : id) * p.cs.v_sb;
-    // K: chunk c (dims 8c..8c+7) of token t; lanes walk tokens first (16-byte runs per chunk).
-#pragma unroll
-    for (int i = 0; i < TILE * D / 8 / 32; ++i) {
-      const int idx = i * 32 + lane, t = idx % TILE, c = idx / TILE;
-      const int64_t tok = ts + t;
-      const bool ok = id >= 0 && tok >= lo && tok < hi;
-      const T* src = ok ? kb + c * p.cs.k_sdc + (in_off + t) * p.cs.k_st : kc;
-      mma::cp_async_16(ks + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
-    }
-    // V: row d, token chunk c (tokens 8c..8c+7 of the tile); only tokens < hi are read.
-#pragma unroll
-    for (int i = 0; i < 2 * D / 32; ++i) {
-      const int idx = i * 32 + lane, d = idx >> 1, c = idx & 1;
-      const int64_t tok0 = ts + 8 * c;
-      int64_t nv = hi - tok0;
-      nv = nv < 0 ? 0 : (nv > 8 ? 8 : nv);
-      if (id < 0 || tok0 + 8 <= lo) nv = 0;
-      const int tin = in_off + 8 * c;
-      const T* src = nv > 0 ? vb + (tin / p.cs.v_tx) * p.cs.v_stc + d * p.cs.v_sd + tin % p.cs.v_tx : vc;
-      mma::cp_async_16(vs + mmadec::vswz(d, c), src, int(nv) * 2);
-    }
-  };
-
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // log2 domain
 
-#pragma unroll
-  for (int s = 0; s < NST - 1; ++s) {
-    issue(s);
-    mma::cp_async_commit();
-  }
-  for (int n = 0; hi > lo && tile_start(n) < hi; ++n) {
+  for (int n = 0; hi > lo && tile_start(part0, n) < hi; ++n) {
     issue(n + NST - 1);
     mma::cp_async_commit();
     mma::cp_async_wait<NST - 1>();
     __syncwarp();
 
-    const int64_t ts = tile_start(n);
+    const int64_t ts = tile_start(part0, n);
     const bool blk_ok = ok_ring[warp][n % NST] != 0;
     const T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     const T* vs = ks + Tr::kTileElems;
