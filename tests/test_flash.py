@@ -281,15 +281,17 @@ def test_grads_vs_reference(device, dtype, kw, head_dim):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (100, 0), (50, 70)])
-def test_multi_tile_fwd_bwd(device, dtype, window):
-    """Several 64-row tiles on both sides (first, interior, ragged last), so the GPU kernels'
-    tile loops, tile skipping and boundary masks all run, forward and backward."""
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_multi_tile_fwd_bwd(device, dtype, window, head_dim):
+    """Several tiles on both sides (first, interior, ragged last; the backward's key tiles are
+    128 rows, its query steps 64), so the GPU kernels' tile loops, tile skipping and boundary
+    masks all run, forward and backward."""
     skip_unsupported(device, dtype)
     seed_everything()
-    q = rand(1, 333, 4, 64, device=device, dtype=dtype).requires_grad_()
-    k = rand(1, 301, 2, 64, device=device, dtype=dtype).requires_grad_()
-    v = rand(1, 301, 2, 64, device=device, dtype=dtype).requires_grad_()
-    g = rand(1, 333, 4, 64, device=device, dtype=dtype)
+    q = rand(1, 333, 4, head_dim, device=device, dtype=dtype).requires_grad_()
+    k = rand(1, 301, 2, head_dim, device=device, dtype=dtype).requires_grad_()
+    v = rand(1, 301, 2, head_dim, device=device, dtype=dtype).requires_grad_()
+    g = rand(1, 333, 4, head_dim, device=device, dtype=dtype)
     out, lse = FWD(q, k, v, None, False, *window)
     ref, ref_lse = flash_attn_ref(q, k, v, None, False, *window)
     check_close(out, ref, dtype, "out")
@@ -352,6 +354,59 @@ def test_grads_varlen(device, dtype):
         check_close(a, b, dtype, f"d{name}")
     # Rows no sequence covers get exactly zero gradient.
     assert (grads[0][-3:] == 0).all() and (grads[1][-3:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grads_rows_without_keys(device, dtype):
+    """Rows that see no key (lse = -inf) get exactly zero dQ, never NaN, and add nothing to
+    dK / dV."""
+    skip_unsupported(device, dtype)
+    seed_everything()
+    q = rand(1, 200, 4, 64, device=device, dtype=dtype).requires_grad_()
+    k = rand(1, 70, 2, 64, device=device, dtype=dtype).requires_grad_()
+    v = rand(1, 70, 2, 64, device=device, dtype=dtype).requires_grad_()
+    g = rand(1, 200, 4, 64, device=device, dtype=dtype)
+    for window in ((-1, 0), (3, 0)):
+        poison_allocator(device)
+        out, lse = FWD(q, k, v, None, False, *window)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        ref = flash_attn_ref(q, k, v, None, False, *window)[0]
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+        empty = ~flash_window_mask(200, 70, False, *window, device).any(1)
+        assert empty.any()
+        assert all(torch.isfinite(a).all() for a in grads)
+        assert (grads[0][0, empty] == 0).all()
+        for name, a, b in zip("qkv", grads, ref_grads):
+            check_close(a, b, dtype, f"d{name}")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the atomics-based dQ is a CUDA path")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_grads_deterministic_mode(dtype, head_dim):
+    """The tensor-core backward adds dQ over key tiles with atomics by default (close to the
+    reference, last bits may vary); torch.use_deterministic_algorithms(True) takes the separate
+    dQ kernel: same accuracy, bitwise equal run to run."""
+    seed_everything()
+    q = rand(2, 300, 8, head_dim, device="cuda", dtype=dtype).requires_grad_()
+    k = rand(2, 400, 2, head_dim, device="cuda", dtype=dtype).requires_grad_()
+    v = rand(2, 400, 2, head_dim, device="cuda", dtype=dtype).requires_grad_()
+    g = rand(2, 300, 8, head_dim, device="cuda", dtype=dtype)
+    args = (None, True, 150, -1, 0.0)
+    ref = flash_attn_ref(q, k, v, *args)[0]
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            runs = [torch.autograd.grad(FWD(q, k, v, *args)[0], (q, k, v), g) for _ in range(2)]
+            for name, a, b in zip("qkv", runs[0], ref_grads):
+                check_close(a, b, dtype, f"d{name} (deterministic={deterministic})")
+            if deterministic:
+                assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_double_backward_is_a_clear_error():

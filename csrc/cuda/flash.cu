@@ -91,6 +91,9 @@ bool use_wgmma_fwd(const at::Tensor& q) {
 
 // A cached host-side property query (no device synchronisation).
 int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
+int64_t smem_optin(const at::Tensor& t) {
+  return static_cast<int64_t>(at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin);
+}
 
 // Rows the grid is sized for: the batched length, or the varlen hint clamped to [1, total].
 int64_t grid_rows(bool varlen, int64_t total, const std::optional<c10::SymInt>& hint) {
@@ -194,6 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   auto delta = at::empty_like(lse);
   const int64_t rows_q = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   const int64_t rows_k = grid_rows(varlen, p.seqlen_k, max_seqlen_k);
+  // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
+  // run); torch.use_deterministic_algorithms(True) selects its separate dQ kernel instead.
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
@@ -205,12 +211,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
         if (!force_simt() && k.numel() > 0 &&
             mma::bwd_supported(p, dout.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(),
                                v.const_data_ptr(), out.const_data_ptr(), dq.const_data_ptr(),
-                               dk.const_data_ptr(), dv.const_data_ptr(), sm_major(q))) {
+                               dk.const_data_ptr(), dv.const_data_ptr(), sm_major(q),
+                               smem_optin(q))) {
+          // Zero-filled: key tiles add into it, and varlen rows outside every sequence stay 0.
+          // Same shape and (contiguous) layout as dq, so p.dq's strides index it.
+          at::Tensor dq_accum;
+          if (!deterministic) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
           mma::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
                                     cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
-                                    mptr<scalar_t>(dq), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
-                                    rows_q, rows_k, stream);
+                                    mptr<scalar_t>(dq),
+                                    deterministic ? nullptr : mptr<float>(dq_accum),
+                                    mptr<scalar_t>(dk), mptr<scalar_t>(dv), rows_q, rows_k, stream);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (!deterministic) dq.copy_(dq_accum);
           return;
         }
       }

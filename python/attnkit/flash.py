@@ -33,8 +33,10 @@ def flash_attn_func(
     to the scaled scores. Rows that see no key output 0. Any strided views are accepted.
 
     Returns ``out`` ``[B, Sq, H, D]``; with ``return_attn_probs`` ``(out, lse, None)`` where lse is
-    ``[B, H, Sq]`` fp32 (natural log). ``deterministic`` is accepted for compatibility: attnkit's
-    backward is always deterministic. Dropout and ALiBi are not supported (clear error).
+    ``[B, H, Sq]`` fp32 (natural log). ``deterministic`` is accepted for compatibility but does
+    not reach the backward: on CUDA (fp16/bf16, D 64 or 128) dQ is summed with atomics, so its last
+    bits can vary run to run, unless ``torch.use_deterministic_algorithms(True)`` is set. Dropout
+    and ALiBi are not supported (clear error).
     """
     _check_unsupported(dropout_p, alibi_slopes)
     out, lse = torch.ops.attnkit.flash_attn_fwd(

@@ -28,8 +28,8 @@ namespace mma {
 template void launch_fwd<bf16_t>(const Params&, const bf16_t*, const bf16_t*, const bf16_t*, bf16_t*,
                                  float*, int64_t, cudaStream_t);
 template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, const fp16_t*,
-                                 const fp16_t*, const float*, const float*, fp16_t*, fp16_t*, fp16_t*,
-                                 int64_t, int64_t, cudaStream_t);
+                                 const fp16_t*, const float*, const float*, fp16_t*, float*, fp16_t*,
+                                 fp16_t*, int64_t, int64_t, cudaStream_t);
 }  // namespace mma
 
 }  // namespace flash

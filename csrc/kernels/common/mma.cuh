@@ -92,6 +92,23 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// 4-byte global -> shared copy (cp.async.ca: .cg only takes 16 bytes); src_bytes 0 zero-fills.
+ATTNKIT_DEVICE ATTNKIT_INLINE void cp_async_4(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+// dst[0] += x, dst[1] += y in global memory without a return value (a reduction, not a
+// read-modify-write round trip); dst 8-byte aligned. sm90 has a paired form: half the requests.
+ATTNKIT_DEVICE ATTNKIT_INLINE void atomic_add2(float* dst, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
 // Two floats -> one b32 of two 16-bit values (low half = first).
 template <typename T>
 ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t pack2(float lo, float hi) {
