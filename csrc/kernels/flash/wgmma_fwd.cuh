@@ -32,6 +32,35 @@ struct FwdTraits {
 // Rows left to load, as an int (a tile never needs more than its own rows).
 ATTNKIT_DEVICE ATTNKIT_INLINE int clamp_rows(int64_t n) { return n > 4096 ? 4096 : int(n); }
 
+// Epilogue: quad-reduce the row sums, normalise, store the thread's two rows (inside the sequence).
+template <typename T, int kD>
+ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows_of_tile(const Params& p, T* o, float* lse, int64_t b,
+                                                      int64_t h, const SeqRange& s,
+                                                      const int64_t (&r_row)[2], int t4,
+                                                      const float (&acc)[kD / 8][4], float (&l)[2],
+                                                      const float (&m)[2]) {
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
+    const int64_t i = r_row[rh];
+    if (i >= s.lq) continue;
+    // A row that sees no key has l = 0: output 0, lse -inf (DESIGN §3.3).
+    const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+    T* orow = o + b * p.o.batch + (s.q0 + i) * p.o.row + h * p.o.head;
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
+          ::attnkit::mma::pack2<T>(acc[dt][rh * 2] * inv, acc[dt][rh * 2 + 1] * inv);
+    }
+    if (t4 == 0) {
+      lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i) * p.lse.row] =
+          l[rh] > 0.f ? m[rh] * kLn2 + logf(l[rh]) : -INFINITY;
+    }
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(256, 1)
     fwd_kernel(Params p, const T* __restrict__ q, const T* __restrict__ k,
@@ -41,7 +70,7 @@ __global__ void __launch_bounds__(256, 1)
   using MmaS = wgmma::Wgmma<T, Tr::kBN>;
   using MmaO = wgmma::Wgmma<T, kD>;
   constexpr int BM = Tr::kBM, BN = Tr::kBN, NT = Tr::kThreads, kNT = BN / 8, kDT = kD / 8;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (::attnkit::mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;
@@ -59,6 +88,12 @@ __global__ void __launch_bounds__(256, 1)
   const int64_t ntiles = (s.lq + BM - 1) / BM;
   const T* kbase = k + b * p.k.batch + s.k0 * p.k.row + hk * p.k.head;
   const T* vbase = v + b * p.v.batch + s.k0 * p.v.row + hk * p.v.head;
+
+  __shared__ uint64_t bars[2 * Tr::kStages];
+  const wgmma::CpAsyncRing<Tr::kStages> ring{bars, bars + Tr::kStages};
+  if (tid == 0) ring.init(NT);
+  __syncthreads();
+  uint32_t ring_base = 0;  // key tiles this CTA has streamed through the ring so far
 
   // Last tiles first: under a causal mask they see the most keys, so the longest CTAs start first.
   for (int64_t tt = blockIdx.x; tt < ntiles; tt += gridDim.x) {
@@ -83,31 +118,34 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
 
-    __syncthreads();  // the previous query tile is done with every shared buffer
-    if (n_tiles > 0) {
-      const T* qt = q + b * p.q.batch + (s.q0 + i0) * p.q.row + h * p.q.head;
-      wgmma::load_tile_sw128<BM, kD, NT>(sq, qt, p.q.row, int(rows), kD, qt, tid);
-      wgmma::load_tile_sw128<BN, kD, NT>(sk, kbase + lo * p.k.row, p.k.row, clamp_rows(hi - lo + 1), kD, kbase, tid);
-      wgmma::load_tile_sw128<BN, kD, NT>(sv, vbase + lo * p.v.row, p.v.row, clamp_rows(hi - lo + 1), kD, vbase, tid);
+    if (n_tiles == 0) {  // no visible key: output 0, lse -inf
+      store_rows_of_tile<T, kD>(p, o, lse, b, h, s, r_row, t4, acc, l, m);
+      continue;
     }
-    ::attnkit::mma::cp_async_commit();
+    // Key tile t -> ring slot ring_base + t (K and V; Q rides with t = 0).
+    const T* qt = q + b * p.q.batch + (s.q0 + i0) * p.q.row + h * p.q.head;
+    auto produce = [&](int t) {
+      const uint32_t slot = ring_base + t;
+      const int stage = slot % Tr::kStages;
+      const int64_t first = lo + int64_t(t) * BN;
+      ring.producer_acquire(slot);
+      if (t == 0) wgmma::load_tile_sw128<BM, kD, NT>(sq, qt, p.q.row, int(rows), kD, qt, tid);
+      wgmma::load_tile_sw128<BN, kD, NT>(sk + stage * Tr::kKVBytes, kbase + first * p.k.row, p.k.row,
+                                         clamp_rows(hi - first + 1), kD, kbase, tid);
+      wgmma::load_tile_sw128<BN, kD, NT>(sv + stage * Tr::kKVBytes, vbase + first * p.v.row, p.v.row,
+                                         clamp_rows(hi - first + 1), kD, vbase, tid);
+      ring.producer_commit(slot);
+    };
+    produce(0);
 
     uint32_t pa[BN / 16][4];  // P_{j-1}, the A operand of the delayed P·V
     for (int j = 0; j < n_tiles; ++j) {
       const int64_t j0 = lo + int64_t(j) * BN;
-      const int stage = j % Tr::kStages;
-      ::attnkit::mma::cp_async_wait<0>();
-      wgmma::fence_async_smem();
-      __syncthreads();  // tile j visible to all; P·V of tile j - 2 done, its stage is free
-      if (j + 1 < n_tiles) {
-        const int next = (j + 1) % Tr::kStages;
-        const int left = clamp_rows(hi - j0 - BN + 1);
-        wgmma::load_tile_sw128<BN, kD, NT>(sk + next * Tr::kKVBytes, kbase + (j0 + BN) * p.k.row,
-                                           p.k.row, left, kD, kbase, tid);
-        wgmma::load_tile_sw128<BN, kD, NT>(sv + next * Tr::kKVBytes, vbase + (j0 + BN) * p.v.row,
-                                           p.v.row, left, kD, vbase, tid);
-      }
-      ::attnkit::mma::cp_async_commit();
+      const uint32_t slot = ring_base + j;
+      const int stage = slot % Tr::kStages;
+      // Tile j + 1 goes into the stage tile j - 2 used, once both warpgroups released it.
+      if (j + 1 < n_tiles) produce(j + 1);
+      ring.consumer_wait(slot);
 
       float sc[kNT][4];
       wgmma::fence();
@@ -118,7 +156,7 @@ __global__ void __launch_bounds__(256, 1)
       }
       wgmma::commit();
       if (j > 0) {
-        const uint32_t sv_prev = sv_addr + ((j - 1) % Tr::kStages) * Tr::kKVBytes;
+        const uint32_t sv_prev = sv_addr + ((slot - 1) % Tr::kStages) * Tr::kKVBytes;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
@@ -170,6 +208,7 @@ __global__ void __launch_bounds__(256, 1)
       }
       wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: O may be rescaled, pa overwritten
       wgmma::fence_regs(acc);
+      if (j > 0) ring.consumer_release(slot - 1);
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         acc[dt][0] *= corr[0], acc[dt][1] *= corr[0];
@@ -183,39 +222,20 @@ __global__ void __launch_bounds__(256, 1)
         pa[kk][3] = ::attnkit::mma::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
       }
     }
-    if (n_tiles > 0) {
-      const uint32_t sv_last = sv_addr + ((n_tiles - 1) % Tr::kStages) * Tr::kKVBytes;
-      wgmma::fence();
+    const uint32_t last = ring_base + n_tiles - 1;
+    wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_last, kk), 1);
-      }
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_regs(acc);
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      MmaO::template rs<1>(acc, pa[kk],
+                           wgmma::desc_n_major<BN>(sv_addr + (last % Tr::kStages) * Tr::kKVBytes, kk), 1);
     }
-    ::attnkit::mma::cp_async_wait<0>();
-
-    // Epilogue: quad-reduce the row sums, normalise, store rows inside the sequence.
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
-      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
-      const int64_t i = r_row[rh];
-      if (i >= s.lq) continue;
-      // A row that sees no key has l = 0: output 0, lse -inf (DESIGN §3.3).
-      const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
-      T* orow = o + b * p.o.batch + (s.q0 + i) * p.o.row + h * p.o.head;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
-            ::attnkit::mma::pack2<T>(acc[dt][rh * 2] * inv, acc[dt][rh * 2 + 1] * inv);
-      }
-      if (t4 == 0) {
-        lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i) * p.lse.row] =
-            l[rh] > 0.f ? m[rh] * kLn2 + logf(l[rh]) : -INFINITY;
-      }
-    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc);
+    ring.consumer_release(last);
+    ring_base += n_tiles;
+    store_rows_of_tile<T, kD>(p, o, lse, b, h, s, r_row, t4, acc, l, m);
+    __syncthreads();  // the next query tile overwrites Q
   }
 #endif  // ATTNKIT_HAS_WGMMA
 }
