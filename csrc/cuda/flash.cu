@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
-        if (use_wgmma_fwd(q)) {
+        if (use_wgmma_fwd(q) && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
           wg::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
                                    mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
         } else {

@@ -14,6 +14,7 @@
 
 #include "common/portability.h"
 #include "kernels/common/wgmma.cuh"
+#include "kernels/flash/fast_math.cuh"
 #include "kernels/flash/params.h"
 
 namespace attnkit {
@@ -61,7 +62,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows_of_tile(const Params& p, T* o, flo
   }
 }
 
-template <typename T, int kD>
+// kSoftcap: scores go through cap·tanh(·/cap) (a compile-time switch: the per-element softmax is
+// the kernel's critical path, so the plain path must not carry the tanh even as a select).
+// Requires scale > 0 (the launcher checks): the row maximum is then taken on raw scores and the
+// scale folded into one FFMA per element, p = 2^(s·scale·log2e − m).
+template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(256, 1)
     fwd_kernel(Params p, const T* __restrict__ q, const T* __restrict__ k,
                const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse) {
@@ -83,7 +88,9 @@ __global__ void __launch_bounds__(256, 1)
   const int warp_row0 = wg * 64 + ((tid / 32) & 3) * 16;
   const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
-  const float scale_log2 = scale * kLog2e;
+  // y = the score in "max units": raw (scaled by factor later) or the capped log2 value.
+  const float factor = kSoftcap ? 1.f : scale * kLog2e;
+  const float scale_over_cap = kSoftcap ? scale / cap : 0.f, cap_log2 = cap * kLog2e;
   const SeqRange s = seq_range(p, b);
   const int64_t ntiles = (s.lq + BM - 1) / BM;
   const T* kbase = k + b * p.k.batch + s.k0 * p.k.row + hk * p.k.head;
@@ -178,7 +185,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float x = sc[nt][rh * 2 + e];
-            x = cap > 0.f ? cap * tanhf(x * scale / cap) * kLog2e : x * scale_log2;
+            if constexpr (kSoftcap) x = cap_log2 * tanh_fast(x * scale_over_cap);
             if (!full) {
               const int jj = j * BN + nt * 8 + 2 * t4 + e;
               if (jj < kr_lo[rh] || jj > kr_hi[rh]) x = -INFINITY;
@@ -189,17 +196,18 @@ __global__ void __launch_bounds__(256, 1)
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[rh], mx);
-        // A row with nothing visible so far keeps base 0: exp2(-inf - 0) = 0, never NaN.
+        // m is kept in the log2 domain; a row with nothing visible so far keeps base 0:
+        // 2^(-inf - 0) = 0, never NaN.
+        const float m_new = fmaxf(m[rh], mx == -INFINITY ? -INFINITY : mx * factor);
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        corr[rh] = exp2f(m[rh] - base);
+        corr[rh] = ex2_approx(m[rh] - base);
         m[rh] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pv = exp2f(sc[nt][rh * 2 + e] - base);
+            const float pv = ex2_approx(fmaf(sc[nt][rh * 2 + e], factor, -base));
             sc[nt][rh * 2 + e] = pv;
             sum += pv;
           }
@@ -247,14 +255,17 @@ void launch_fwd(const Params& p, const T* q, const T* k, const T* v, T* o, float
   tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
   // Tiles fastest: the CTAs reading one (sequence, head)'s K/V run together and share it in L2.
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
+  auto run = [&](auto kernel, int smem) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    kernel<<<grid, 256, smem, stream>>>(p, q, k, v, o, lse);
+  };
+  const bool cap = p.softcap > 0.0;
   if (p.D == 64) {
     constexpr int kSmem = FwdTraits<64>::kSmemBytes;
-    cudaFuncSetAttribute(fwd_kernel<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    fwd_kernel<T, 64><<<grid, 256, kSmem, stream>>>(p, q, k, v, o, lse);
+    cap ? run(fwd_kernel<T, 64, true>, kSmem) : run(fwd_kernel<T, 64, false>, kSmem);
   } else {
     constexpr int kSmem = FwdTraits<128>::kSmemBytes;
-    cudaFuncSetAttribute(fwd_kernel<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    fwd_kernel<T, 128><<<grid, 256, kSmem, stream>>>(p, q, k, v, o, lse);
+    cap ? run(fwd_kernel<T, 128, true>, kSmem) : run(fwd_kernel<T, 128, false>, kSmem);
   }
 }
 
