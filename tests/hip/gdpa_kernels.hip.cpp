@@ -4,6 +4,7 @@
 // in csrc/cuda/gdpa.cu takes the portable kernels there.
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
+#include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/simple.cuh"
 
 namespace attnkit {
@@ -17,6 +18,7 @@ template cudaError_t launch_gdpa_bwd_simple<bf16_t>(const BwdParams&, int, int, 
 template cudaError_t launch_gdpa_fwd_mma<bf16_t, 64>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_fwd_mma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_mma<bf16_t, 128>(const BwdParams&, int, int, cudaStream_t);
+template cudaError_t launch_gdpa_fwd_wgmma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 
 }  // namespace gdpa
 }  // namespace attnkit

@@ -33,6 +33,7 @@ struct FwdTraits {
 // Rows left to load, as an int (a tile never needs more than its own rows).
 ATTNKIT_DEVICE ATTNKIT_INLINE int clamp_rows(int64_t n) { return n > 4096 ? 4096 : int(n); }
 
+#if ATTNKIT_HAS_WGMMA
 // Epilogue: quad-reduce the row sums, normalise, store the thread's two rows (inside the sequence).
 template <typename T, int kD>
 ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows_of_tile(const Params& p, T* o, float* lse, int64_t b,
@@ -61,6 +62,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows_of_tile(const Params& p, T* o, flo
     }
   }
 }
+
+#endif  // ATTNKIT_HAS_WGMMA
 
 // kSoftcap: scores go through cap·tanh(·/cap) (a compile-time switch: the per-element softmax is
 // the kernel's critical path, so the plain path must not carry the tanh even as a select).
