@@ -224,7 +224,8 @@ void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const sc
           di[r] = dot(dot_t + r * D, ot + r * D, D);
           // A row that sees no key has lse = -inf; -lse = +inf would give exp(+inf), so it gets
           // -inf, and P = exp(-inf) = 0.
-          const acc_t l = lse[b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row];
+          const acc_t l =
+              lse[b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row];
           neg_lse[r] = l == -inf ? -inf : -l;
         }
         std::fill(dqa, dqa + rows * D, acc_t(0));
@@ -249,7 +250,9 @@ void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const sc
           } else {
             // -lse + scale · Q Kᵀ in one product; masked entries are zeroed after the exp (they
             // may overflow to +inf there, never to NaN, and are overwritten).
-            for (int64_t r = 0; r < nr; ++r) std::fill(st + r * bn, st + (r + 1) * bn, neg_lse[r0 + r]);
+            for (int64_t r = 0; r < nr; ++r) {
+              std::fill(st + r * bn, st + (r + 1) * bn, neg_lse[r0 + r]);
+            }
             P.addmm_(wrap(qr, nr, D, D), wrap(kt, bn, D, D).t(), 1, scale).exp_();
             for (int64_t r = 0; r < nr; ++r) {
               const KeyRange kr = key_range(p, i0 + first + r / G, s.lq, s.lk);
