@@ -1,8 +1,9 @@
-// Flash attention CPU kernels (DESIGN §3.3): tiled online softmax with O(N) memory. Forward is
-// parallel over (sequence, head, query tile). Backward is parallel over (sequence, kv head): a
-// task owns dK/dV of its kv head and dQ of the query heads that read it, so there are no atomics
-// and the result is deterministic. Only the key tiles a query tile can see are visited, so a
-// sliding window costs O(window), not O(sequence).
+// Flash attention CPU kernels (DESIGN §3.3): tiled online softmax with O(N) memory, every product
+// a tile GEMM (tile_gemm.h). Forward is parallel over (sequence, head, query tile). Backward is
+// parallel over (sequence, kv head): a task owns dK/dV of its kv head and dQ of the query heads
+// that read it, so there are no atomics and the result is deterministic; it recomputes P from the
+// saved lse tile by tile. Only the key tiles a query tile can see are visited, so a sliding window
+// costs O(window), not O(sequence).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -25,15 +27,17 @@ constexpr int64_t kBlockN = 64;  // key rows per tile
 
 using cpu::gemm_nn;
 using cpu::gemm_nt;
+using cpu::gemm_tn;
 using cpu::acc_type_t;
 using cpu::wrap;
 
 // Scores of one tile, s = scale · Q Kᵀ (soft-capped), with every key outside a query's window set
-// to -inf. With `tcap` non-null it also keeps tanh(s / cap) for the backward's chain rule.
+// to -inf. With `tcap` non-null it also keeps tanh(s / cap) for the backward's chain rule. Row i
+// of the tile is query position i0 + i / group (the backward stacks `group` heads per position).
 template <typename acc_t>
 void scores_tile(const Params& p, acc_t* st, acc_t* tcap, const acc_t* qt, const acc_t* kt,
                  int64_t bm, int64_t bn, int64_t D, int64_t i0, int64_t j0, int64_t lq,
-                 int64_t lk) {
+                 int64_t lk, int64_t group = 1) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t cap = static_cast<acc_t>(p.softcap);
   gemm_nt(st, bn, qt, D, kt, D, bm, bn, D);
@@ -45,7 +49,7 @@ void scores_tile(const Params& p, acc_t* st, acc_t* tcap, const acc_t* qt, const
     S.mul_(cap);
   }
   for (int64_t i = 0; i < bm; ++i) {
-    const KeyRange kr = key_range(p, i0 + i, lq, lk);
+    const KeyRange kr = key_range(p, i0 + i / group, lq, lk);
     for (int64_t j = 0; j < bn; ++j) {
       if (j0 + j < kr.lo || j0 + j > kr.hi) st[i * bn + j] = neg_inf;
     }
@@ -59,13 +63,6 @@ inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int6
     const scalar_t* s = base + r * row_stride;
     for (int64_t c = 0; c < D; ++c) dst[r * D + c] = static_cast<acc_t>(s[c]);
   }
-}
-
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
-  acc_t s = 0;
-  for (int64_t c = 0; c < D; ++c) s += a[c] * b[c];
-  return s;
 }
 
 // Query tiles per sequence, from the real lengths.
@@ -138,76 +135,167 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
   });
 }
 
+// Backward tiles stack the G query heads of a kv head: row r of a tile is query position
+// i0 + r / G of head hk·G + r % G. The heads share K, V and the mask, so one product serves all G.
+constexpr int64_t kBwdRows = 128;    // stacked query rows per tile (G positions' worth at least)
+constexpr int64_t kBwdBlockN = 128;  // key rows per tile
+
+// Rows of `pos` query positions × `heads` consecutive heads, position-major, converted to acc_t.
+template <typename scalar_t, typename acc_t>
+inline void load_head_rows(acc_t* dst, const scalar_t* base, int64_t row_stride,
+                           int64_t head_stride, int64_t pos, int64_t heads, int64_t D) {
+  for (int64_t i = 0; i < pos; ++i) {
+    load_rows(dst + i * heads * D, base + i * row_stride, head_stride, heads, D);
+  }
+}
+
+// Four interleaved partial sums (not one serial chain); a fixed order, so equal inputs give
+// bitwise equal results wherever it is called.
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s[4] = {0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 4 <= D; c += 4) {
+    for (int u = 0; u < 4; ++u) s[u] += a[c + u] * b[c + u];
+  }
+  for (; c < D; ++c) s[0] += a[c] * b[c];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Scratch whose alignment (ATen's 64 bytes) does not change from run to run, so the BLAS takes
+// the same code path, and sums in the same order, every time.
+template <typename T>
+inline T* scratch(std::vector<at::Tensor>& keep, int64_t n) {
+  keep.push_back(at::empty({std::max<int64_t>(n, 1)},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)));
+  return keep.back().template data_ptr<T>();
+}
+
 template <typename scalar_t>
 void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
               const scalar_t* v, const scalar_t* o, const acc_type_t<scalar_t>* lse, scalar_t* dq,
               scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t D = p.D, G = p.H / p.Hkv;
+  const int64_t D = p.D, G = p.H / p.Hkv, BN = kBwdBlockN;
+  const int64_t npos = std::max<int64_t>(1, kBwdRows / G), R = npos * G;  // positions, rows
   const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(kBlockM * D), dot_(kBlockM * D), kt(kBlockN * D), vt(kBlockN * D),
-        dqa(kBlockM * D), di(kBlockM), lse_t(kBlockM), dka, dva;
+    std::vector<at::Tensor> keep;
+    acc_t* qt = scratch<acc_t>(keep, R * D);
+    acc_t* dot_t = scratch<acc_t>(keep, R * D);
+    acc_t* ot = scratch<acc_t>(keep, R * D);
+    acc_t* dqa = scratch<acc_t>(keep, R * D);
+    acc_t* kt = scratch<acc_t>(keep, BN * D);
+    acc_t* vt = scratch<acc_t>(keep, BN * D);
+    acc_t* st = scratch<acc_t>(keep, R * BN);  // S, then P, then dS
+    acc_t* dpt = scratch<acc_t>(keep, R * BN);
+    acc_t* tcap = cap > 0 ? scratch<acc_t>(keep, R * BN) : nullptr;
+    acc_t* di = scratch<acc_t>(keep, R);
+    acc_t* neg_lse = scratch<acc_t>(keep, R);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / p.Hkv, hk = w % p.Hkv;
+      const int64_t b = w / p.Hkv, hk = w % p.Hkv, h0 = hk * G;
       const SeqRange s = seq_range(p, b);
-      dka.assign(s.lk * D, acc_t(0));
-      dva.assign(s.lk * D, acc_t(0));
+      std::vector<at::Tensor> keep_seq;  // dK, dV of the whole sequence: O(Lk·D)
+      acc_t* dka = scratch<acc_t>(keep_seq, s.lk * D);
+      acc_t* dva = scratch<acc_t>(keep_seq, s.lk * D);
+      std::fill(dka, dka + s.lk * D, acc_t(0));
+      std::fill(dva, dva + s.lk * D, acc_t(0));
       const scalar_t* kb = k + b * p.k.batch + s.k0 * p.k.row + hk * p.k.head;
       const scalar_t* vb = v + b * p.v.batch + s.k0 * p.v.row + hk * p.v.head;
-      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockM) {
-          const int64_t bm = std::min(kBlockM, s.lq - i0);
-          const int64_t row0 = s.q0 + i0;
-          load_rows(qt.data(), q + b * p.q.batch + row0 * p.q.row + h * p.q.head, p.q.row, bm, D);
-          load_rows(dot_.data(), dout + b * p.dout.batch + row0 * p.dout.row + h * p.dout.head,
-                    p.dout.row, bm, D);
+      // Query tiles of equal size (80 rows: 40 + 40, not 64 + 16), which under a causal mask
+      // leaves less of the diagonal tile masked out.
+      const int64_t ntiles = (s.lq + npos - 1) / npos;
+      const int64_t step = ntiles > 0 ? (s.lq + ntiles - 1) / ntiles : 1;  // <= npos
+      for (int64_t i0 = 0; i0 < s.lq; i0 += step) {
+        const int64_t bm = std::min(step, s.lq - i0), rows = bm * G, row0 = s.q0 + i0;
+        const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
+        const int64_t hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
+        if (lo > hi) continue;  // no row of the tile sees a key: dQ stays 0
+        load_head_rows(qt, q + b * p.q.batch + row0 * p.q.row + h0 * p.q.head, p.q.row, p.q.head,
+                       bm, G, D);
+        load_head_rows(dot_t, dout + b * p.dout.batch + row0 * p.dout.row + h0 * p.dout.head,
+                       p.dout.row, p.dout.head, bm, G, D);
+        load_head_rows(ot, o + b * p.o.batch + row0 * p.o.row + h0 * p.o.head, p.o.row, p.o.head,
+                       bm, G, D);
+        for (int64_t r = 0; r < rows; ++r) {
           // D_i = rowsum(dO ⊙ O): the softmax Jacobian's correction term.
-          for (int64_t i = 0; i < bm; ++i) {
-            const scalar_t* oi = o + b * p.o.batch + (row0 + i) * p.o.row + h * p.o.head;
-            acc_t sum = 0;
-            for (int64_t c = 0; c < D; ++c) sum += static_cast<acc_t>(oi[c]) * dot_[i * D + c];
-            di[i] = sum;
-            lse_t[i] = lse[b * p.lse.batch + h * p.lse.head + (row0 + i) * p.lse.row];
-          }
-          std::fill(dqa.begin(), dqa.end(), acc_t(0));
-          const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
-          const int64_t hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
-          for (int64_t j0 = lo; j0 <= hi; j0 += kBlockN) {
-            const int64_t bn = std::min(kBlockN, hi - j0 + 1);
-            load_rows(kt.data(), kb + j0 * p.k.row, p.k.row, bn, D);
-            load_rows(vt.data(), vb + j0 * p.v.row, p.v.row, bn, D);
-            for (int64_t i = 0; i < bm; ++i) {
-              const KeyRange kr = key_range(p, i0 + i, s.lq, s.lk);
-              const acc_t* qi = qt.data() + i * D;
-              const acc_t* doi = dot_.data() + i * D;
-              acc_t* dqi = dqa.data() + i * D;
-              for (int64_t j = std::max<int64_t>(0, kr.lo - j0); j < bn && j0 + j <= kr.hi; ++j) {
-                const acc_t* kj = kt.data() + j * D;
-                const acc_t* vj = vt.data() + j * D;
-                acc_t x = scale * dot(qi, kj, D), dx = scale;
-                if (cap > 0) {
-                  const acc_t t = std::tanh(x / cap);
-                  x = cap * t;
-                  dx = scale * (acc_t(1) - t * t);
-                }
-                const acc_t pij = std::exp(x - lse_t[i]);
-                const acc_t ds = pij * (dot(doi, vj, D) - di[i]) * dx;
-                acc_t* dkj = dka.data() + (j0 + j) * D;
-                acc_t* dvj = dva.data() + (j0 + j) * D;
-                for (int64_t c = 0; c < D; ++c) {
-                  dvj[c] += pij * doi[c];
-                  dkj[c] += ds * qi[c];
-                  dqi[c] += ds * kj[c];
-                }
-              }
+          di[r] = dot(dot_t + r * D, ot + r * D, D);
+          // A row that sees no key has lse = -inf; -lse = +inf would give exp(+inf), so it gets
+          // -inf, and P = exp(-inf) = 0.
+          const acc_t l =
+              lse[b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row];
+          neg_lse[r] = l == -inf ? -inf : -l;
+        }
+        std::fill(dqa, dqa + rows * D, acc_t(0));
+        for (int64_t j0 = lo; j0 <= hi; j0 += BN) {
+          const int64_t bn = std::min(BN, hi - j0 + 1);
+          // Only the positions that see a key of this tile take part (both window ends grow
+          // with the position): along a causal diagonal that halves the work of the tile.
+          int64_t first = 0, last = bm - 1;
+          while (first <= last && key_range(p, i0 + first, s.lq, s.lk).hi < j0) ++first;
+          while (last >= first && key_range(p, i0 + last, s.lq, s.lk).lo > j0 + bn - 1) --last;
+          if (first > last) continue;
+          const int64_t r0 = first * G, nr = (last - first + 1) * G;
+          const acc_t* qr = qt + r0 * D;
+          const acc_t* dor = dot_t + r0 * D;
+          load_rows(kt, kb + j0 * p.k.row, p.k.row, bn, D);
+          load_rows(vt, vb + j0 * p.v.row, p.v.row, bn, D);
+          // P = exp(s - lse), masked entries 0.
+          auto P = wrap(st, nr, bn, bn);
+          if (tcap) {
+            scores_tile(p, st, tcap, qr, kt, nr, bn, D, i0 + first, j0, s.lq, s.lk, G);
+            P.add_(wrap(neg_lse + r0, nr, 1, 1)).exp_();
+          } else {
+            // -lse + scale · Q Kᵀ in one product; masked entries are zeroed after the exp (they
+            // may overflow to +inf there, never to NaN, and are overwritten).
+            for (int64_t r = 0; r < nr; ++r) {
+              std::fill(st + r * bn, st + (r + 1) * bn, neg_lse[r0 + r]);
+            }
+            P.addmm_(wrap(qr, nr, D, D), wrap(kt, bn, D, D).t(), 1, scale).exp_();
+            for (int64_t r = 0; r < nr; ++r) {
+              const KeyRange kr = key_range(p, i0 + first + r / G, s.lq, s.lk);
+              acc_t* pr = st + r * bn;
+              const int64_t a = std::clamp<int64_t>(kr.lo - j0, 0, bn);
+              const int64_t z = std::clamp<int64_t>(kr.hi - j0 + 1, a, bn);
+              std::fill(pr, pr + a, acc_t(0));
+              std::fill(pr + z, pr + bn, acc_t(0));
             }
           }
-          for (int64_t i = 0; i < bm; ++i) {
-            scalar_t* d = dq + b * p.dq.batch + (row0 + i) * p.dq.row + h * p.dq.head;
-            for (int64_t c = 0; c < D; ++c) d[c] = static_cast<scalar_t>(dqa[i * D + c]);
+          gemm_tn(dva + j0 * D, D, st, bn, dor, D, bn, D, nr);  // dV += Pᵀ dO
+          gemm_nt(dpt, bn, dor, D, vt, D, nr, bn, D);           // dP = dO Vᵀ
+          // dS = P ⊙ (dP − D_i) ⊙ ∂s/∂(q·k), in place of P. Where one key holds most of a row's
+          // weight (P > 1/2: at most one per row), dP − D_i cancels: exactly so for a row that
+          // sees one key (P = 1, O_i = V_j, true gradient 0). The GEMM's dP and the dot's D_i sum
+          // in different orders, and the rounding residue, ~1e-7·|dP| times K, alone would break
+          // the fp32 tolerance on such rows, so that dP is recomputed by the same dot as D_i.
+          for (int64_t r = 0; r < nr; ++r) {
+            const acc_t* sr = st + r * bn;
+            acc_t* dpr = dpt + r * bn;
+            for (int64_t j = 0; j < bn; ++j) {
+              if (sr[j] > acc_t(0.5)) dpr[j] = dot(dor + r * D, vt + j * D, D);
+            }
           }
+          for (int64_t r = 0; r < nr; ++r) {
+            acc_t* sr = st + r * bn;
+            const acc_t* dpr = dpt + r * bn;
+            const acc_t dr = di[r0 + r];
+            if (tcap) {
+              const acc_t* tr = tcap + r * bn;
+              for (int64_t j = 0; j < bn; ++j) {
+                sr[j] = sr[j] * (dpr[j] - dr) * (scale * (acc_t(1) - tr[j] * tr[j]));
+              }
+            } else {
+              for (int64_t j = 0; j < bn; ++j) sr[j] = sr[j] * (dpr[j] - dr) * scale;
+            }
+          }
+          gemm_nn(dqa + r0 * D, D, st, bn, kt, D, nr, D, bn);  // dQ += dS K
+          gemm_tn(dka + j0 * D, D, st, bn, qr, D, bn, D, nr);  // dK += dSᵀ Q
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* d = dq + b * p.dq.batch + (row0 + r / G) * p.dq.row + (h0 + r % G) * p.dq.head;
+          for (int64_t c = 0; c < D; ++c) d[c] = static_cast<scalar_t>(dqa[r * D + c]);
         }
       }
       for (int64_t j = 0; j < s.lk; ++j) {
