@@ -22,9 +22,6 @@ namespace attnkit {
 namespace flash {
 namespace {
 
-constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // key rows per tile
-
 using cpu::gemm_nn;
 using cpu::gemm_nt;
 using cpu::gemm_tn;
@@ -65,80 +62,12 @@ inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int6
   }
 }
 
-// Query tiles per sequence, from the real lengths.
-inline std::vector<int64_t> tile_starts(const Params& p) {
-  std::vector<int64_t> start(p.B + 1, 0);
-  for (int64_t b = 0; b < p.B; ++b) {
-    start[b + 1] = start[b] + (seq_range(p, b).lq + kBlockM - 1) / kBlockM;
-  }
-  return start;
-}
-
-template <typename scalar_t>
-void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-              scalar_t* o, acc_type_t<scalar_t>* lse) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t D = p.D, H = p.H, G = p.H / p.Hkv;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const auto start = tile_starts(p);
-
-  at::parallel_for(0, start[p.B] * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(kBlockM * D), kt(kBlockN * D), vt(kBlockN * D), acc(kBlockM * D),
-        st(kBlockM * kBlockN), m(kBlockM), l(kBlockM), corr(kBlockM), sub(kBlockM);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t h = w % H, tile = w / H, hk = h / G;
-      const int64_t b = std::upper_bound(start.begin(), start.end(), tile) - start.begin() - 1;
-      const SeqRange s = seq_range(p, b);
-      const int64_t i0 = (tile - start[b]) * kBlockM, bm = std::min(kBlockM, s.lq - i0);
-      load_rows(qt.data(), q + b * p.q.batch + (s.q0 + i0) * p.q.row + h * p.q.head, p.q.row, bm, D);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), neg_inf);
-      std::fill(l.begin(), l.end(), acc_t(0));
-      // Key rows any query of the tile can see (both window ends grow with the query index).
-      const int64_t lo = key_range(p, i0, s.lq, s.lk).lo, hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
-      for (int64_t j0 = lo; j0 <= hi; j0 += kBlockN) {
-        const int64_t bn = std::min(kBlockN, hi - j0 + 1);
-        load_rows(kt.data(), k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
-        load_rows(vt.data(), v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head, p.v.row, bn, D);
-        scores_tile(p, st.data(), static_cast<acc_t*>(nullptr), qt.data(), kt.data(), bm, bn, D,
-                    i0, j0, s.lq, s.lk);
-        // Online softmax: new row max, rescale of what was accumulated, P = exp(s - max).
-        for (int64_t i = 0; i < bm; ++i) {
-          acc_t tile_max = neg_inf;
-          for (int64_t j = 0; j < bn; ++j) tile_max = std::max(tile_max, st[i * bn + j]);
-          const acc_t m_new = std::max(m[i], tile_max);
-          // exp(-inf) = 0 on a row's first visible tile; a row with nothing visible yet keeps
-          // m = -inf and subtracts 0, so its masked scores stay exp(-inf) = 0 (never NaN).
-          corr[i] = m_new == neg_inf ? acc_t(1) : std::exp(m[i] - m_new);
-          sub[i] = m_new == neg_inf ? acc_t(0) : m_new;
-          m[i] = m_new;
-        }
-        auto P = wrap(st.data(), bm, bn, bn);
-        P.sub_(wrap(sub.data(), bm, 1, 1)).exp_();
-        for (int64_t i = 0; i < bm; ++i) {
-          acc_t row_sum = 0;
-          for (int64_t j = 0; j < bn; ++j) row_sum += st[i * bn + j];
-          l[i] = l[i] * corr[i] + row_sum;
-          for (int64_t c = 0; c < D; ++c) acc[i * D + c] *= corr[i];
-        }
-        gemm_nn(acc.data(), D, st.data(), bn, vt.data(), D, bm, D, bn);
-      }
-      for (int64_t i = 0; i < bm; ++i) {
-        scalar_t* oi = o + b * p.o.batch + (s.q0 + i0 + i) * p.o.row + h * p.o.head;
-        // A row that sees no key has l = 0: output 0 and lse = -inf (DESIGN §3.3).
-        const acc_t inv = l[i] > 0 ? acc_t(1) / l[i] : acc_t(0);
-        for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[i * D + c] * inv);
-        lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i0 + i) * p.lse.row] =
-            l[i] > 0 ? m[i] + std::log(l[i]) : neg_inf;
-      }
-    }
-  });
-}
-
-// Backward tiles stack the G query heads of a kv head: row r of a tile is query position
-// i0 + r / G of head hk·G + r % G. The heads share K, V and the mask, so one product serves all G.
-constexpr int64_t kBwdRows = 128;    // stacked query rows per tile (G positions' worth at least)
-constexpr int64_t kBwdBlockN = 128;  // key rows per tile
+// Tiles stack the G query heads of a kv head: row r of a tile is query position i0 + r / G of
+// head hk·G + r % G. The heads share K, V and the mask, so one product serves all G.
+constexpr int64_t kFwdRows = 128;    // stacked query rows per forward tile (G positions at least)
+constexpr int64_t kFwdBlockN = 256;  // key rows per forward tile
+constexpr int64_t kBwdRows = 128;    // stacked query rows per backward tile
+constexpr int64_t kBwdBlockN = 128;  // key rows per backward tile
 
 // Rows of `pos` query positions × `heads` consecutive heads, position-major, converted to acc_t.
 template <typename scalar_t, typename acc_t>
@@ -147,6 +76,139 @@ inline void load_head_rows(acc_t* dst, const scalar_t* base, int64_t row_stride,
   for (int64_t i = 0; i < pos; ++i) {
     load_rows(dst + i * heads * D, base + i * row_stride, head_stride, heads, D);
   }
+}
+
+// Scratch whose alignment (ATen's 64 bytes) does not change from run to run, so the BLAS takes
+// the same code path, and sums in the same order, every time.
+template <typename T>
+inline T* scratch(std::vector<at::Tensor>& keep, int64_t n) {
+  keep.push_back(at::empty({std::max<int64_t>(n, 1)},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)));
+  return keep.back().template data_ptr<T>();
+}
+
+// Query positions per tile of a sequence of `lq`: equal tiles of at most `most` positions
+// (80 = 40 + 40, not 64 + 16), which under a causal mask leaves less of the diagonal masked out.
+inline int64_t tile_step(int64_t lq, int64_t most) {
+  const int64_t ntiles = (lq + most - 1) / most;
+  return ntiles > 0 ? (lq + ntiles - 1) / ntiles : 1;
+}
+
+// Row maximum with eight independent lanes, so the compiler vectorises it.
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t n) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t s[8] = {neg_inf, neg_inf, neg_inf, neg_inf, neg_inf, neg_inf, neg_inf, neg_inf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int u = 0; u < 8; ++u) s[u] = std::max(s[u], x[j + u]);
+  }
+  for (; j < n; ++j) s[0] = std::max(s[0], x[j]);
+  for (int u = 1; u < 8; ++u) s[0] = std::max(s[0], s[u]);
+  return s[0];
+}
+
+template <typename scalar_t>
+void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+              scalar_t* o, acc_type_t<scalar_t>* lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.D, G = p.H / p.Hkv, Dv = D + 1;
+  const int64_t npos = std::max<int64_t>(1, kFwdRows / G), R = npos * G;  // positions, rows
+  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Work items (sequence, kv head, query tile), numbered sequence-major.
+  std::vector<int64_t> start(p.B + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t lq = seq_range(p, b).lq;
+    start[b + 1] = start[b] + p.Hkv * (lq > 0 ? (lq + tile_step(lq, npos) - 1) / tile_step(lq, npos) : 0);
+  }
+
+  at::parallel_for(0, start[p.B], 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::Tensor> keep;
+    acc_t* qt = scratch<acc_t>(keep, R * D);
+    acc_t* kt = scratch<acc_t>(keep, kFwdBlockN * D);
+    // V with a column of ones after its D columns: P·[V 1] gives the row sums with the product.
+    acc_t* vt = scratch<acc_t>(keep, kFwdBlockN * Dv);
+    acc_t* acc = scratch<acc_t>(keep, R * Dv);  // O unnormalised | row sum l
+    acc_t* st = scratch<acc_t>(keep, R * kFwdBlockN);
+    acc_t* m = scratch<acc_t>(keep, R);
+    acc_t* sub = scratch<acc_t>(keep, R);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = std::upper_bound(start.begin(), start.end(), w) - start.begin() - 1;
+      const SeqRange s = seq_range(p, b);
+      const int64_t step = tile_step(s.lq, npos), hk = (w - start[b]) % p.Hkv, h0 = hk * G;
+      const int64_t i0 = (w - start[b]) / p.Hkv * step, bm = std::min(step, s.lq - i0);
+      const int64_t rows = bm * G, row0 = s.q0 + i0;
+      load_head_rows(qt, q + b * p.q.batch + row0 * p.q.row + h0 * p.q.head, p.q.row, p.q.head,
+                     bm, G, D);
+      std::fill(acc, acc + rows * Dv, acc_t(0));
+      std::fill(m, m + rows, neg_inf);
+      // Key rows any query of the tile can see (both window ends grow with the query index),
+      // cut into equal key tiles.
+      const int64_t lo = key_range(p, i0, s.lq, s.lk).lo;
+      const int64_t hi = key_range(p, i0 + bm - 1, s.lq, s.lk).hi;
+      const int64_t bn_step = hi >= lo ? tile_step(hi - lo + 1, kFwdBlockN) : 1;
+      for (int64_t j0 = lo; j0 <= hi; j0 += bn_step) {
+        const int64_t bn = std::min(bn_step, hi - j0 + 1);
+        // Only the positions that see a key of this tile take part.
+        int64_t first = 0, last = bm - 1;
+        while (first <= last && key_range(p, i0 + first, s.lq, s.lk).hi < j0) ++first;
+        while (last >= first && key_range(p, i0 + last, s.lq, s.lk).lo > j0 + bn - 1) --last;
+        if (first > last) continue;
+        const int64_t r0 = first * G, nr = (last - first + 1) * G;
+        load_rows(kt, k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
+        const scalar_t* vb = v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head;
+        for (int64_t j = 0; j < bn; ++j) {
+          load_rows(vt + j * Dv, vb + j * p.v.row, p.v.row, 1, D);
+          vt[j * Dv + D] = acc_t(1);
+        }
+        // s = scale · Q Kᵀ in one product (the scale as its alpha), soft-capped as
+        // cap · tanh(s / cap) with the 1 / cap folded into the same alpha.
+        auto S = wrap(st, nr, bn, bn);
+        at::addmm_out(S, S, wrap(qt + r0 * D, nr, D, D), wrap(kt, bn, D, D).t(), 0,
+                      cap > 0 ? scale / cap : scale);
+        if (cap > 0) S.tanh_().mul_(cap);
+        // Online softmax. Keys outside a row's window are set to -inf; only rows whose window
+        // edge falls inside the tile have any.
+        for (int64_t i = first; i <= last; ++i) {
+          const KeyRange kr = key_range(p, i0 + i, s.lq, s.lk);
+          const int64_t a = std::clamp<int64_t>(kr.lo - j0, 0, bn);
+          const int64_t z = std::clamp<int64_t>(kr.hi - j0 + 1, a, bn);
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = (i - first) * G + g;  // row of the tile S
+            acc_t* sr = st + r * bn;
+            if (a > 0 || z < bn) {
+              std::fill(sr, sr + a, neg_inf);
+              std::fill(sr + z, sr + bn, neg_inf);
+            }
+            acc_t* mr = m + r0 + r;
+            const acc_t m_new = std::max(*mr, row_max(sr + a, z - a));
+            // A row with nothing visible yet keeps m = -inf and subtracts 0, so its masked
+            // scores stay exp(-inf) = 0 (never NaN); on its first visible tile corr = 0.
+            if (m_new != *mr) {
+              const acc_t corr = *mr == neg_inf ? acc_t(0) : std::exp(*mr - m_new);
+              acc_t* ar = acc + (r0 + r) * Dv;
+              for (int64_t c = 0; c < Dv; ++c) ar[c] *= corr;
+              *mr = m_new;
+            }
+            sub[r] = m_new == neg_inf ? acc_t(0) : m_new;
+          }
+        }
+        S.sub_(wrap(sub, nr, 1, 1)).exp_();
+        gemm_nn(acc + r0 * Dv, Dv, st, bn, vt, Dv, nr, Dv, bn);  // [O | l] += P [V | 1]
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r / G, h = h0 + r % G;
+        scalar_t* oi = o + b * p.o.batch + (row0 + i) * p.o.row + h * p.o.head;
+        // A row that sees no key has l = 0: output 0 and lse = -inf (DESIGN §3.3).
+        const acc_t l = acc[r * Dv + D];
+        const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
+        for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[r * Dv + c] * inv);
+        lse[b * p.lse.batch + h * p.lse.head + (row0 + i) * p.lse.row] =
+            l > 0 ? m[r] + std::log(l) : neg_inf;
+      }
+    }
+  });
 }
 
 // Four interleaved partial sums (not one serial chain); a fixed order, so equal inputs give
@@ -162,14 +224,6 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// Scratch whose alignment (ATen's 64 bytes) does not change from run to run, so the BLAS takes
-// the same code path, and sums in the same order, every time.
-template <typename T>
-inline T* scratch(std::vector<at::Tensor>& keep, int64_t n) {
-  keep.push_back(at::empty({std::max<int64_t>(n, 1)},
-                           at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)));
-  return keep.back().template data_ptr<T>();
-}
 
 template <typename scalar_t>
 void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
