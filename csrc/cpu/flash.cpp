@@ -64,7 +64,10 @@ inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int6
 
 // Tiles stack the G query heads of a kv head: row r of a tile is query position i0 + r / G of
 // head hk·G + r % G. The heads share K, V and the mask, so one product serves all G.
-constexpr int64_t kFwdRows = 128;    // stacked query rows per forward tile (G positions at least)
+// Stacked query rows per forward tile (G positions at least): with a window or a causal mask,
+// smaller tiles leave less of the diagonal masked out; without one, larger tiles mean fewer calls.
+constexpr int64_t kFwdRowsMasked = 64;
+constexpr int64_t kFwdRowsFull = 256;
 constexpr int64_t kFwdBlockN = 256;  // key rows per forward tile
 constexpr int64_t kBwdRows = 128;    // stacked query rows per backward tile
 constexpr int64_t kBwdBlockN = 128;  // key rows per backward tile
@@ -108,12 +111,26 @@ inline acc_t row_max(const acc_t* x, int64_t n) {
   return s[0];
 }
 
+// Row sum with eight independent lanes (vectorised, in a fixed order).
+template <typename acc_t>
+inline acc_t row_sum(const acc_t* x, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int u = 0; u < 8; ++u) s[u] += x[j + u];
+  }
+  for (; j < n; ++j) s[0] += x[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 template <typename scalar_t>
 void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
               scalar_t* o, acc_type_t<scalar_t>* lse) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t D = p.D, G = p.H / p.Hkv, Dv = D + 1;
-  const int64_t npos = std::max<int64_t>(1, kFwdRows / G), R = npos * G;  // positions, rows
+  const int64_t D = p.D, G = p.H / p.Hkv;
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  const int64_t npos = std::max<int64_t>(1, (masked ? kFwdRowsMasked : kFwdRowsFull) / G);
+  const int64_t R = npos * G;  // positions, rows of a tile
   const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   // Work items (sequence, kv head, query tile), numbered sequence-major.
@@ -127,9 +144,9 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
     std::vector<at::Tensor> keep;
     acc_t* qt = scratch<acc_t>(keep, R * D);
     acc_t* kt = scratch<acc_t>(keep, kFwdBlockN * D);
-    // V with a column of ones after its D columns: P·[V 1] gives the row sums with the product.
-    acc_t* vt = scratch<acc_t>(keep, kFwdBlockN * Dv);
-    acc_t* acc = scratch<acc_t>(keep, R * Dv);  // O unnormalised | row sum l
+    acc_t* vt = scratch<acc_t>(keep, kFwdBlockN * D);
+    acc_t* acc = scratch<acc_t>(keep, R * D);  // O, unnormalised
+    acc_t* l = scratch<acc_t>(keep, R);        // softmax denominators
     acc_t* st = scratch<acc_t>(keep, R * kFwdBlockN);
     acc_t* m = scratch<acc_t>(keep, R);
     acc_t* sub = scratch<acc_t>(keep, R);
@@ -141,7 +158,8 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
       const int64_t rows = bm * G, row0 = s.q0 + i0;
       load_head_rows(qt, q + b * p.q.batch + row0 * p.q.row + h0 * p.q.head, p.q.row, p.q.head,
                      bm, G, D);
-      std::fill(acc, acc + rows * Dv, acc_t(0));
+      std::fill(acc, acc + rows * D, acc_t(0));
+      std::fill(l, l + rows, acc_t(0));
       std::fill(m, m + rows, neg_inf);
       // Key rows any query of the tile can see (both window ends grow with the query index),
       // cut into equal key tiles.
@@ -157,11 +175,7 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
         if (first > last) continue;
         const int64_t r0 = first * G, nr = (last - first + 1) * G;
         load_rows(kt, k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
-        const scalar_t* vb = v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head;
-        for (int64_t j = 0; j < bn; ++j) {
-          load_rows(vt + j * Dv, vb + j * p.v.row, p.v.row, 1, D);
-          vt[j * Dv + D] = acc_t(1);
-        }
+        load_rows(vt, v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head, p.v.row, bn, D);
         // s = scale · Q Kᵀ in one product (the scale as its alpha), soft-capped as
         // cap · tanh(s / cap) with the 1 / cap folded into the same alpha.
         auto S = wrap(st, nr, bn, bn);
@@ -185,27 +199,28 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
             const acc_t m_new = std::max(*mr, row_max(sr + a, z - a));
             // A row with nothing visible yet keeps m = -inf and subtracts 0, so its masked
             // scores stay exp(-inf) = 0 (never NaN); on its first visible tile corr = 0.
-            if (m_new != *mr) {
-              const acc_t corr = *mr == neg_inf ? acc_t(0) : std::exp(*mr - m_new);
-              acc_t* ar = acc + (r0 + r) * Dv;
-              for (int64_t c = 0; c < Dv; ++c) ar[c] *= corr;
-              *mr = m_new;
+            if (m_new != *mr && *mr != neg_inf) {
+              const acc_t corr = std::exp(*mr - m_new);
+              acc_t* ar = acc + (r0 + r) * D;
+              for (int64_t c = 0; c < D; ++c) ar[c] *= corr;
+              l[r0 + r] *= corr;
             }
+            *mr = m_new;
             sub[r] = m_new == neg_inf ? acc_t(0) : m_new;
           }
         }
         S.sub_(wrap(sub, nr, 1, 1)).exp_();
-        gemm_nn(acc + r0 * Dv, Dv, st, bn, vt, Dv, nr, Dv, bn);  // [O | l] += P [V | 1]
+        for (int64_t r = 0; r < nr; ++r) l[r0 + r] += row_sum(st + r * bn, bn);
+        gemm_nn(acc + r0 * D, D, st, bn, vt, D, nr, D, bn);  // O += P V
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r / G, h = h0 + r % G;
         scalar_t* oi = o + b * p.o.batch + (row0 + i) * p.o.row + h * p.o.head;
         // A row that sees no key has l = 0: output 0 and lse = -inf (DESIGN §3.3).
-        const acc_t l = acc[r * Dv + D];
-        const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-        for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[r * Dv + c] * inv);
+        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[r * D + c] * inv);
         lse[b * p.lse.batch + h * p.lse.head + (row0 + i) * p.lse.row] =
-            l > 0 ? m[r] + std::log(l) : neg_inf;
+            l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
       }
     }
   });
@@ -380,10 +395,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
   if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in);
-  // Varlen rows outside every sequence are never visited: they keep these fill values.
-  auto out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::full_symint(lse_shape(q, varlen),
-                      -std::numeric_limits<double>::infinity(), q.options().dtype(lse_dtype(q)));
+  // Batched, the kernel writes every row; varlen rows outside every sequence are never visited
+  // and keep these fill values.
+  const auto out_opt = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto out = varlen ? at::zeros(q.sizes(), out_opt) : at::empty(q.sizes(), out_opt);
+  auto lse = varlen ? at::full_symint(lse_shape(q, varlen), -std::numeric_limits<double>::infinity(),
+                                      q.options().dtype(lse_dtype(q)))
+                    : at::empty_symint(lse_shape(q, varlen), q.options().dtype(lse_dtype(q)));
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
