@@ -133,6 +133,10 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
   const int64_t R = npos * G;  // positions, rows of a tile
   const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Scores are kept in base 2, s · log2(e), so that P = 2^(s2 - m2): ATen's exp2 is ~3x faster
+  // than its exp on the CPU (vectorised, not the high-accuracy MKL VML), and the rounding is
+  // the same relative size.
+  const acc_t log2e = static_cast<acc_t>(1.4426950408889634), ln2 = static_cast<acc_t>(0.6931471805599453);
   // Work items (sequence, kv head, query tile), numbered sequence-major.
   std::vector<int64_t> start(p.B + 1, 0);
   for (int64_t b = 0; b < p.B; ++b) {
@@ -176,12 +180,12 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
         const int64_t r0 = first * G, nr = (last - first + 1) * G;
         load_rows(kt, k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
         load_rows(vt, v + b * p.v.batch + (s.k0 + j0) * p.v.row + hk * p.v.head, p.v.row, bn, D);
-        // s = scale · Q Kᵀ in one product (the scale as its alpha), soft-capped as
-        // cap · tanh(s / cap) with the 1 / cap folded into the same alpha.
+        // s2 = log2(e) · scale · Q Kᵀ in one product (the factors as its alpha); soft-capped,
+        // s2 = log2(e) · cap · tanh(scale · Q Kᵀ / cap), with the 1 / cap in the alpha.
         auto S = wrap(st, nr, bn, bn);
         at::addmm_out(S, S, wrap(qt + r0 * D, nr, D, D), wrap(kt, bn, D, D).t(), 0,
-                      cap > 0 ? scale / cap : scale);
-        if (cap > 0) S.tanh_().mul_(cap);
+                      cap > 0 ? scale / cap : scale * log2e);
+        if (cap > 0) S.tanh_().mul_(cap * log2e);
         // Online softmax. Keys outside a row's window are set to -inf; only rows whose window
         // edge falls inside the tile have any.
         for (int64_t i = first; i <= last; ++i) {
@@ -198,9 +202,9 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
             acc_t* mr = m + r0 + r;
             const acc_t m_new = std::max(*mr, row_max(sr + a, z - a));
             // A row with nothing visible yet keeps m = -inf and subtracts 0, so its masked
-            // scores stay exp(-inf) = 0 (never NaN); on its first visible tile corr = 0.
+            // scores stay 2^-inf = 0 (never NaN); before its first visible tile O and l are 0.
             if (m_new != *mr && *mr != neg_inf) {
-              const acc_t corr = std::exp(*mr - m_new);
+              const acc_t corr = std::exp2(*mr - m_new);
               acc_t* ar = acc + (r0 + r) * D;
               for (int64_t c = 0; c < D; ++c) ar[c] *= corr;
               l[r0 + r] *= corr;
@@ -209,7 +213,7 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
             sub[r] = m_new == neg_inf ? acc_t(0) : m_new;
           }
         }
-        S.sub_(wrap(sub, nr, 1, 1)).exp_();
+        S.sub_(wrap(sub, nr, 1, 1)).exp2_();
         for (int64_t r = 0; r < nr; ++r) l[r0 + r] += row_sum(st + r * bn, bn);
         gemm_nn(acc + r0 * D, D, st, bn, vt, D, nr, D, bn);  // O += P V
       }
@@ -220,7 +224,7 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
         const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
         for (int64_t c = 0; c < D; ++c) oi[c] = static_cast<scalar_t>(acc[r * D + c] * inv);
         lse[b * p.lse.batch + h * p.lse.head + (row0 + i) * p.lse.row] =
-            l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+            l[r] > 0 ? (m[r] + std::log2(l[r])) * ln2 : neg_inf;
       }
     }
   });
