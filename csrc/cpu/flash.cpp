@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -58,7 +59,11 @@ inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int6
                       int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = base + r * row_stride;
-    for (int64_t c = 0; c < D; ++c) dst[r * D + c] = static_cast<acc_t>(s[c]);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::memcpy(dst + r * D, s, D * sizeof(acc_t));  // libc's copy is wider than -O3's SSE
+    } else {
+      for (int64_t c = 0; c < D; ++c) dst[r * D + c] = static_cast<acc_t>(s[c]);
+    }
   }
 }
 
@@ -153,7 +158,6 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
     acc_t* l = scratch<acc_t>(keep, R);        // softmax denominators
     acc_t* st = scratch<acc_t>(keep, R * kFwdBlockN);
     acc_t* m = scratch<acc_t>(keep, R);
-    acc_t* sub = scratch<acc_t>(keep, R);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = std::upper_bound(start.begin(), start.end(), w) - start.begin() - 1;
       const SeqRange s = seq_range(p, b);
@@ -201,7 +205,7 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
             }
             acc_t* mr = m + r0 + r;
             const acc_t m_new = std::max(*mr, row_max(sr + a, z - a));
-            // A row with nothing visible yet keeps m = -inf and subtracts 0, so its masked
+            // A row with nothing visible yet keeps m = -inf and subtracts nothing, so its masked
             // scores stay 2^-inf = 0 (never NaN); before its first visible tile O and l are 0.
             if (m_new != *mr && *mr != neg_inf) {
               const acc_t corr = std::exp2(*mr - m_new);
@@ -210,10 +214,13 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
               l[r0 + r] *= corr;
             }
             *mr = m_new;
-            sub[r] = m_new == neg_inf ? acc_t(0) : m_new;
+            // s2 - m2 on the visible span while the row is in cache (masked keys stay -inf).
+            if (m_new != neg_inf) {
+              for (int64_t j = a; j < z; ++j) sr[j] -= m_new;
+            }
           }
         }
-        S.sub_(wrap(sub, nr, 1, 1)).exp2_();
+        S.exp2_();
         for (int64_t r = 0; r < nr; ++r) l[r0 + r] += row_sum(st + r * bn, bn);
         gemm_nn(acc + r0 * D, D, st, bn, vt, D, nr, D, bn);  // O += P V
       }
