@@ -69,10 +69,12 @@ inline void load_rows(acc_t* dst, const scalar_t* base, int64_t row_stride, int6
 
 // Tiles stack the G query heads of a kv head: row r of a tile is query position i0 + r / G of
 // head hk·G + r % G. The heads share K, V and the mask, so one product serves all G.
-// Stacked query rows per forward tile (G positions at least): with a window or a causal mask,
-// smaller tiles leave less of the diagonal masked out; without one, larger tiles mean fewer calls.
-constexpr int64_t kFwdRowsMasked = 64;
+// Stacked query rows per forward tile (G positions at least). Without a mask, larger tiles mean
+// fewer calls; under a mask, smaller ones leave less of the edge tiles masked out, and a band
+// (both window ends bounded) has two edges per row. Measured at D = 64, S = 80 to 1024.
 constexpr int64_t kFwdRowsFull = 256;
+constexpr int64_t kFwdRowsOneEdge = 96;
+constexpr int64_t kFwdRowsBand = 64;
 constexpr int64_t kFwdBlockN = 256;  // key rows per forward tile
 constexpr int64_t kBwdRows = 128;    // stacked query rows per backward tile
 constexpr int64_t kBwdBlockN = 128;  // key rows per backward tile
@@ -133,8 +135,9 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
               scalar_t* o, acc_type_t<scalar_t>* lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.D, G = p.H / p.Hkv;
-  const bool masked = p.window_left >= 0 || p.window_right >= 0;
-  const int64_t npos = std::max<int64_t>(1, (masked ? kFwdRowsMasked : kFwdRowsFull) / G);
+  const int edges = (p.window_left >= 0) + (p.window_right >= 0);
+  const int64_t most = edges == 0 ? kFwdRowsFull : edges == 1 ? kFwdRowsOneEdge : kFwdRowsBand;
+  const int64_t npos = std::max<int64_t>(1, most / G);
   const int64_t R = npos * G;  // positions, rows of a tile
   const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
