@@ -144,12 +144,14 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
   // Scores are kept in base 2, s · log2(e), so that P = 2^(s2 - m2): ATen's exp2 is ~3x faster
   // than its exp on the CPU (vectorised, not the high-accuracy MKL VML), and the rounding is
   // the same relative size.
-  const acc_t log2e = static_cast<acc_t>(1.4426950408889634), ln2 = static_cast<acc_t>(0.6931471805599453);
+  const acc_t log2e = static_cast<acc_t>(1.4426950408889634);
+  const acc_t ln2 = static_cast<acc_t>(0.6931471805599453);
   // Work items (sequence, kv head, query tile), numbered sequence-major.
   std::vector<int64_t> start(p.B + 1, 0);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t lq = seq_range(p, b).lq;
-    start[b + 1] = start[b] + p.Hkv * (lq > 0 ? (lq + tile_step(lq, npos) - 1) / tile_step(lq, npos) : 0);
+    const int64_t step = tile_step(lq, npos);
+    start[b + 1] = start[b] + p.Hkv * ((lq + step - 1) / step);
   }
 
   at::parallel_for(0, start[p.B], 1, [&](int64_t begin, int64_t end) {
