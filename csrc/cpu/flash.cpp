@@ -104,6 +104,20 @@ inline int64_t tile_step(int64_t lq, int64_t most) {
   return ntiles > 0 ? (lq + ntiles - 1) / ntiles : 1;
 }
 
+// Query positions [first, last] of the tile of `bm` positions at i0 that see some key of
+// [j0, j0 + bn); first > last when none does. Both window ends grow with the position, so the
+// span is contiguous; along a causal diagonal it halves the work of a tile.
+struct PositionSpan {
+  int64_t first, last;
+};
+inline PositionSpan positions_seeing(const Params& p, int64_t i0, int64_t bm, int64_t j0,
+                                     int64_t bn, int64_t lq, int64_t lk) {
+  int64_t first = 0, last = bm - 1;
+  while (first <= last && key_range(p, i0 + first, lq, lk).hi < j0) ++first;
+  while (last >= first && key_range(p, i0 + last, lq, lk).lo > j0 + bn - 1) --last;
+  return {first, last};
+}
+
 // Row maximum with eight independent lanes, so the compiler vectorises it.
 template <typename acc_t>
 inline acc_t row_max(const acc_t* x, int64_t n) {
@@ -182,9 +196,7 @@ void fwd_impl(const Params& p, const scalar_t* q, const scalar_t* k, const scala
       for (int64_t j0 = lo; j0 <= hi; j0 += bn_step) {
         const int64_t bn = std::min(bn_step, hi - j0 + 1);
         // Only the positions that see a key of this tile take part.
-        int64_t first = 0, last = bm - 1;
-        while (first <= last && key_range(p, i0 + first, s.lq, s.lk).hi < j0) ++first;
-        while (last >= first && key_range(p, i0 + last, s.lq, s.lk).lo > j0 + bn - 1) --last;
+        const auto [first, last] = positions_seeing(p, i0, bm, j0, bn, s.lq, s.lk);
         if (first > last) continue;
         const int64_t r0 = first * G, nr = (last - first + 1) * G;
         load_rows(kt, k + b * p.k.batch + (s.k0 + j0) * p.k.row + hk * p.k.head, p.k.row, bn, D);
@@ -316,11 +328,8 @@ void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const sc
         std::fill(dqa, dqa + rows * D, acc_t(0));
         for (int64_t j0 = lo; j0 <= hi; j0 += BN) {
           const int64_t bn = std::min(BN, hi - j0 + 1);
-          // Only the positions that see a key of this tile take part (both window ends grow
-          // with the position): along a causal diagonal that halves the work of the tile.
-          int64_t first = 0, last = bm - 1;
-          while (first <= last && key_range(p, i0 + first, s.lq, s.lk).hi < j0) ++first;
-          while (last >= first && key_range(p, i0 + last, s.lq, s.lk).lo > j0 + bn - 1) --last;
+          // Only the positions that see a key of this tile take part.
+          const auto [first, last] = positions_seeing(p, i0, bm, j0, bn, s.lq, s.lk);
           if (first > last) continue;
           const int64_t r0 = first * G, nr = (last - first + 1) * G;
           const acc_t* qr = qt + r0 * D;
