@@ -10,6 +10,7 @@
 #   paged_splits  bench_paged at 1 x 32k and 64 x 4k for ATTNKIT_PAGED_SPLITS in $SPLITS
 #   ncu_gdpa      ncu stall reasons and issue statistics of the GDPA forward (1024, B=264: 2 waves)
 #   ncu_flash     the same for the flash forward (D=128, 4k)
+#   ncu_paged     the same plus memory tables for paged decode, 64 x 4k 32/8, vLLM then ASM layout
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -19,7 +20,7 @@ PY=${PY:-python3}
 AB=${AB:-"gdpa flash paged_splits ncu_gdpa ncu_flash"}
 SPLITS=${SPLITS:-"0 8 16 32 64 128"}  # 0: the op's own choice
 ARGS="--iters ${ITERS:-20} --warmup ${WARMUP:-5} --skip-eager"
-NCU_SECTIONS="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy"
+NCU_SECTIONS="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis --section InstructionStats"
 
 table() { grep -A12 "TFLOP/s\|^max_len\|^case" "$1" | grep -v "^--$" | head -n 14; }
 
@@ -69,6 +70,13 @@ EOF
         $PY "$OUT/profile_flash.py" > "$OUT/ncu_flash.log" 2>&1
       grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued|Stall|Issued Warp|Achieved Occupancy|Registers" \
         "$OUT/ncu_flash.log" | head -n 30 ;;
+    ncu_paged)
+      echo "== ncu paged decode (vLLM layout first, then ASM)"
+      ncu --clock-control none --kernel-name regex:paged_decode --launch-count 2 $NCU_SECTIONS \
+        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section LaunchStats \
+        $PY benchmarks/profile_paged.py > "$OUT/ncu_paged.log" 2>&1
+      grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit|L1/TEX Hit|Warp Cycles Per Issued|Stall|Achieved Occupancy|Registers|Mem Busy|Max Bandwidth|Waves" \
+        "$OUT/ncu_paged.log" | head -n 40 ;;
     *) echo "gpu_ab: unknown part $part" ;;
   esac
 done
