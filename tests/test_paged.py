@@ -294,12 +294,16 @@ def test_pertoken_quant_writer(device, dtype, qdtype, layout):
 # 16-bit query, 'auto' cache, head size 64/128, block size 16/32, G = Hq/Hkv in [2, 16] and one
 # query token take the mma.sync kernel (decode_mma.cuh); ATTNKIT_PAGED_SIMT=1 forces the old one.
 # Every test runs both on the same inputs.
-PATHS = ["mma", "simt"]
-MMA_GQA = [2, 4, 8, 16]
+# On sm_90 the tensor-core kernel loads contiguous caches with bulk copies ("bulk"; whole tiles,
+# the tokens outside the window zeroed in shared memory afterwards); ATTNKIT_PAGED_BULK=0 keeps its
+# per-lane cp.async loads ("mma"). Elsewhere "bulk" runs the same kernel as "mma".
+PATHS = ["bulk", "mma", "simt"]
+MMA_GQA = [1, 2, 4, 8, 16]   # 1: the tensor-core path only with bulk loads
 
 
 def _set_path(monkeypatch, path):
     monkeypatch.setenv("ATTNKIT_PAGED_SIMT", "1" if path == "simt" else "0")
+    monkeypatch.setenv("ATTNKIT_PAGED_BULK", "0" if path == "mma" else "1")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

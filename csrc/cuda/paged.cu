@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/paged_args.h"
+#include "kernels/common/wgmma.cuh"
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
@@ -80,14 +81,33 @@ bool force_simt() {
   return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
-// The tensor-core GQA path (decode_mma.cuh): 16-bit query, cache in the query dtype, one query
-// token per sequence, 2 <= G <= 16, head size 64/128, block size 16/32, sm_80+.
+// Bulk (1-D TMA) tile loads in the tensor-core path (decode_mma.cuh): an sm_90 device, a build
+// with sm_90a code, and a cache whose 16-token tiles are contiguous runs: keys with token stride
+// x = 8 (256-byte runs per 8-dim chunk; one 4 KB run at block size 16), values in the ASM layout
+// with chunks [D][8] back to back, or in the vLLM layout at block size 16 with token-contiguous
+// rows. The alignment of every stride to 16 bytes was checked with the inputs.
+// ATTNKIT_PAGED_BULK=0 keeps the per-lane cp.async loads everywhere (A/B runs, tests).
+bool bulk_eligible(const DecodeParams& p) {
+  const char* e = std::getenv("ATTNKIT_PAGED_BULK");
+  if ((e != nullptr && std::strcmp(e, "0") == 0) || !wgmma::kBuilt || at::cuda::getCurrentDeviceProperties()->major != 9) return false;
+  const CacheStrides& c = p.cs;
+  const bool keys = c.x == 8 && c.k_st == 8;
+  const bool asm_values = c.v_tx == 8 && c.v_sd == 8 && c.v_stc == int64_t(p.D) * 8;
+  const bool vllm_values = c.v_tx == 16 && p.block_size == 16 && c.v_sd == 16;
+  return keys && (asm_values || vllm_values);
+}
+
+// The tensor-core path (decode_mma.cuh): 16-bit query, cache in the query dtype, one query token
+// per sequence, G <= 16, head size 64/128, block size 16/32, sm_80+. G = 1 (MHA) only with bulk
+// loads: its cost per cached byte is the same at any G, while the CUDA-core kernel, fine for MHA
+// on the H100 (~90% of copy bandwidth), keeps too few bytes in flight for the H200 (~68%).
 bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
   const int64_t G = p.Hq / p.Hkv;
   return (qtype == at::kHalf || qtype == at::kBFloat16) && kind == CacheKind::kSame &&
-         p.max_qlen == 1 && G >= 2 && G <= 16 && (p.D == 64 || p.D == 128) &&
+         p.max_qlen == 1 && G >= 1 && G <= 16 && (p.D == 64 || p.D == 128) &&
          (p.block_size == 16 || p.block_size == 32) &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt();
+         at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt() &&
+         (G >= 2 || bulk_eligible(p));
 }
 
 // ATTNKIT_PAGED_SPLITS=<n> (n >= 1; read once per process) fixes the split count of the
@@ -146,10 +166,10 @@ int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
   return static_cast<int32_t>(best);
 }
 
-template <typename T, int D, int BS>
+template <typename T, int D, int BS, bool kBulk>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-  auto kernel = paged_decode_mma_kernel<T, D, BS>;
+  auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk>;
   // Once per device and instantiation, so a decode step captured in a CUDA graph (after a warm-up
   // call, as graph capture requires anyway) makes no attribute call inside the capture.
   static std::atomic<uint64_t> done_mask{0};
@@ -186,10 +206,15 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (mma_path) {
         const bool d64 = p.D == 64, b16 = p.block_size == 16;
-        if (d64 && b16) launch_decode_mma<scalar_t, 64, 16>(p, splits, stream);
-        else if (d64) launch_decode_mma<scalar_t, 64, 32>(p, splits, stream);
-        else if (b16) launch_decode_mma<scalar_t, 128, 16>(p, splits, stream);
-        else launch_decode_mma<scalar_t, 128, 32>(p, splits, stream);
+        auto launch = [&](auto bulk) {
+          constexpr bool B = decltype(bulk)::value;
+          if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B>(p, splits, stream);
+          else if (d64) launch_decode_mma<scalar_t, 64, 32, B>(p, splits, stream);
+          else if (b16) launch_decode_mma<scalar_t, 128, 16, B>(p, splits, stream);
+          else launch_decode_mma<scalar_t, 128, 32, B>(p, splits, stream);
+        };
+        if (bulk_eligible(p)) launch(std::true_type{});
+        else launch(std::false_type{});
       }
     }
     if (!mma_path) dispatch_kind<scalar_t>(kind, [&](auto kc) {
