@@ -20,7 +20,8 @@ template __global__ void reshape_and_cache_kernel<bf16_t, C::kSame>(const CacheW
 template __global__ void reshape_and_cache_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
 template __global__ void pertoken_quant_kernel<bf16_t, C::kInt8>(const CacheWriteParams);
 template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
-template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16>(const DecodeParams);  // empty body under HIP
+template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false>(const DecodeParams);  // empty under HIP
+template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true>(const DecodeParams);   // bulk loads: too
 
 }  // namespace paged
 }  // namespace attnkit
