@@ -92,14 +92,9 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
   const int b = it.b, hk = it.z, G = p.H / p.Hkv;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
-  const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + ks.begin * p.v_row_stride + hk * p.v_head_stride;
-  const T* q0 = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride;
-  const T* do0 = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride;
-  T* dk = static_cast<T*>(p.dk) + ks.begin * p.dkv_row_stride + hk * p.dkv_head_stride;
-  T* dv = static_cast<T*>(p.dv) + ks.begin * p.dkv_row_stride + hk * p.dkv_head_stride;
+  // Pointers are formed where they are used (from p and the two ranges), so that they do not
+  // hold registers through the activation phase, where the kernel is closest to 255.
   const T* fallback = static_cast<const T*>(p.q);
-  const float ds_scale = p.qk_scale * p.pre_scale;
 
   __shared__ uint64_t bars[2 * Tr::kStages];
   const wgmma::CpAsyncRing<Tr::kStages> ring{bars, bars + Tr::kStages};
@@ -123,17 +118,21 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
       const int stage = slot % Tr::kStages;
       const int h = hk * G + st / nq, i0 = q_start + (st % nq) * BM;
       if (st == 0) {
-        wgmma::load_tile_sw128<BN, D, NT>(sk, k + j0 * p.k_row_stride, p.k_row_stride, ks.len - j0,
-                                          p.D, fallback, tid);
-        wgmma::load_tile_sw128<BN, D, NT>(sv, v + j0 * p.v_row_stride, p.v_row_stride, ks.len - j0,
-                                          p.D, fallback, tid);
+        const T* k = static_cast<const T*>(p.k) + (int64_t(ks.begin) + j0) * p.k_row_stride +
+                     hk * p.k_head_stride;
+        const T* v = static_cast<const T*>(p.v) + (int64_t(ks.begin) + j0) * p.v_row_stride +
+                     hk * p.v_head_stride;
+        wgmma::load_tile_sw128<BN, D, NT>(sk, k, p.k_row_stride, ks.len - j0, p.D, fallback, tid);
+        wgmma::load_tile_sw128<BN, D, NT>(sv, v, p.v_row_stride, ks.len - j0, p.D, fallback, tid);
       }
-      wgmma::load_tile_sw128<BM, D, NT>(sq + stage * Tr::kQBytes,
-                                        q0 + h * p.q_head_stride + i0 * p.q_row_stride,
-                                        p.q_row_stride, qs.len - i0, p.D, fallback, tid);
-      wgmma::load_tile_sw128<BM, D, NT>(sdo + stage * Tr::kQBytes,
-                                        do0 + h * p.do_head_stride + i0 * p.do_row_stride,
-                                        p.do_row_stride, qs.len - i0, p.D, fallback, tid);
+      const T* q = static_cast<const T*>(p.q) + (int64_t(qs.begin) + i0) * p.q_row_stride +
+                   h * p.q_head_stride;
+      const T* dout = static_cast<const T*>(p.dout) + (int64_t(qs.begin) + i0) * p.do_row_stride +
+                      h * p.do_head_stride;
+      wgmma::load_tile_sw128<BM, D, NT>(sq + stage * Tr::kQBytes, q, p.q_row_stride, qs.len - i0,
+                                        p.D, fallback, tid);
+      wgmma::load_tile_sw128<BM, D, NT>(sdo + stage * Tr::kQBytes, dout, p.do_row_stride,
+                                        qs.len - i0, p.D, fallback, tid);
       ring.producer_commit(slot);
     };
 
@@ -170,7 +169,7 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
       wgmma::fence_regs(s);
       wgmma::fence_regs(dp);
 
-      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ
+      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, p.qk_scale * p.pre_scale);  // s <- Pᵀ, dp <- dSᵀ
       const int key0 = j0 + warp_row0;
       if (p.causal && key0 + 15 > i0) {
         causal_mask<true>(s, key0, i0);
@@ -210,7 +209,16 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
         // Both halves of dS are written (and the other warpgroup finished reading this buffer two
         // steps ago: it waited for its dQ product before arriving here last step).
         named_barrier_sync(NT);
+      }
+      // dV and dK first (the barrier wait overlaps them): pa and dsa die before dQ's accumulator
+      // is live, which keeps the kernel within 255 registers.
+      wgmma::wait<0>();
+      wgmma::fence_regs(acc_dv);
+      wgmma::fence_regs(acc_dk);
+      ring.consumer_release(slot);
+      if constexpr (kFusedDq) {
         float dq[8][4];
+        wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaQ::template ss<1>(dq, wgmma::desc_k_major<BM>(sds_s, 0, kk),
@@ -218,10 +226,7 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
         }
         wgmma::commit();
         wgmma::wait<0>();
-        wgmma::fence_regs(acc_dv);
-        wgmma::fence_regs(acc_dk);
         wgmma::fence_regs(dq);
-        ring.consumer_release(slot);
         // dq: rows = queries i0 + (tid/32 & 3)*16 + lane/4 (+8), columns wg*64 + 8n + 2(lane%4).
         const int row0 = ((tid / 32) & 3) * 16 + (lane >> 2);
         float* dst = p.dq_accum + (int64_t(qs.begin) + i0) * p.dqa_row_stride +
@@ -239,18 +244,14 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
             }
           }
         }
-      } else {
-        wgmma::wait<0>();
-        wgmma::fence_regs(acc_dv);
-        wgmma::fence_regs(acc_dk);
-        ring.consumer_release(slot);
       }
     }
     g += steps;
-    store_rows<T, D>(dk + j0 * p.dkv_row_stride, p.dkv_row_stride, warp_row0, ks.len - j0, 0, p.D,
-                     acc_dk, 1.f);
-    store_rows<T, D>(dv + j0 * p.dkv_row_stride, p.dkv_row_stride, warp_row0, ks.len - j0, 0, p.D,
-                     acc_dv, p.qk_scale);
+    const int64_t kv_row = int64_t(ks.begin) + j0;
+    T* dk = static_cast<T*>(p.dk) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+    T* dv = static_cast<T*>(p.dv) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+    store_rows<T, D>(dk, p.dkv_row_stride, warp_row0, ks.len - j0, 0, p.D, acc_dk, 1.f);
+    store_rows<T, D>(dv, p.dkv_row_stride, warp_row0, ks.len - j0, 0, p.D, acc_dv, p.qk_scale);
     __syncthreads();  // the next key tile overwrites K and V
   }
 #endif
