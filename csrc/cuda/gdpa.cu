@@ -1,6 +1,7 @@
 // GDPA CUDA launchers: checks -> device guard -> current stream -> dispatch -> launch.
-// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh) with the head dim padded up to
-// 64, 128 or 256 inside the kernel; fp32 runs the portable CUDA-core kernels (simple.cuh).
+// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh, on Hopper {fwd,bwd}_wgmma.cuh)
+// with the head dim padded up to 64, 128 or 256 inside the kernel; fp32 runs the portable
+// CUDA-core kernels (simple.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
