@@ -56,7 +56,8 @@ def run_and_check(device, dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, 
     q, k, v, qo, ko, mq, mk = make_inputs(device, dtype, q_lens, kv_lens, H, Hkv, D,
                                           requires_grad=grads, index_dtype=index_dtype)
     poison_allocator(device)
-    with deterministic_algorithms(deterministic or torch.are_deterministic_algorithms_enabled()):
+    det = deterministic or torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(det):
         out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale,
                            causal=causal)
     ref = gdpa_ref(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
@@ -65,7 +66,7 @@ def run_and_check(device, dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, 
     if grads:
         g = torch.randn_like(out)
         poison_allocator(device)
-        with deterministic_algorithms(deterministic or torch.are_deterministic_algorithms_enabled()):
+        with deterministic_algorithms(det):
             got = torch.autograd.grad(out, (q, k, v), g)
         want = torch.autograd.grad(ref, (q, k, v), g.to(ref.dtype))
         for name, a, b in zip(("dq", "dk", "dv"), got, want):

@@ -55,8 +55,8 @@ struct BwdWgmmaTraits {
 // columns 2*(lane%4) + {0,1}) stored transposed: lane 8i + r gives the address of stored row r of
 // matrix i, which receives column r of the fragment (its 8 rows, contiguous).
 ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
 }
 
@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
       wgmma::fence_regs(s);
       wgmma::fence_regs(dp);
 
-      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, p.qk_scale * p.pre_scale);  // s <- Pᵀ, dp <- dSᵀ
+      // s <- Pᵀ, dp <- dSᵀ
+      act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, p.qk_scale * p.pre_scale);
       const int key0 = j0 + warp_row0;
       if (p.causal && key0 + 15 > i0) {
         causal_mask<true>(s, key0, i0);
