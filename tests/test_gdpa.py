@@ -344,10 +344,11 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
 
 def _same(a, b, name, deterministic):
     """Bit-identical, except dQ of the default CUDA backward on Hopper (fp32 atomics over key
-    tiles: last bits vary run to run); use_deterministic_algorithms(True) makes it exact too."""
+    tiles: the order varies run to run, so a few elements may round to the neighbouring bf16
+    value); use_deterministic_algorithms(True) makes it exact too."""
     if deterministic or name != "dq":
         return torch.equal(a, b)
-    return rel_err(a, b) <= 1e-5
+    return rel_err(a, b) <= 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
