@@ -1,4 +1,5 @@
 """GDPA forward/backward against python/attnkit/reference.py (DESIGN §3.1, §4)."""
+import contextlib
 import os
 import time
 
@@ -37,19 +38,36 @@ def assert_close(out, ref, dtype, what):
     assert err <= TOLERANCE[dtype], f"{what}: rel_err {err:.3e} > {TOLERANCE[dtype]:.0e}"
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """torch.use_deterministic_algorithms(enabled) inside the block (the reference's cuBLAS calls
+    stay outside: they would need CUBLAS_WORKSPACE_CONFIG)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def run_and_check(device, dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, D=16,
-                  grads=True, qk_scale=0.5, pre_scale=0.7, index_dtype=torch.int64):
+                  grads=True, qk_scale=0.5, pre_scale=0.7, index_dtype=torch.int64,
+                  deterministic=False):
     q, k, v, qo, ko, mq, mk = make_inputs(device, dtype, q_lens, kv_lens, H, Hkv, D,
                                           requires_grad=grads, index_dtype=index_dtype)
     poison_allocator(device)
-    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    det = deterministic or torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(det):
+        out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale,
+                           causal=causal)
     ref = gdpa_ref(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
     assert out.dtype == dtype
     assert_close(out, ref, dtype, f"out ({act}, causal={causal})")
     if grads:
         g = torch.randn_like(out)
         poison_allocator(device)
-        got = torch.autograd.grad(out, (q, k, v), g)
+        with deterministic_algorithms(det):
+            got = torch.autograd.grad(out, (q, k, v), g)
         want = torch.autograd.grad(ref, (q, k, v), g.to(ref.dtype))
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             assert a.dtype == dtype
@@ -98,6 +116,28 @@ def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch
     lens = [300, 129, 0, 1, 640, 127, 1000]
     run_and_check("cuda", dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
     run_and_check("cuda", dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic"])
+@pytest.mark.parametrize("act", ["fast_gelu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backward_paths_multi_tile(path, act, dtype, causal, seed, monkeypatch):
+    """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the sm_90a wgmma
+    kernel with fused atomic dQ (where the device has it), the same with the deterministic mma.sync
+    dQ kernel (torch.use_deterministic_algorithms), and the mma.sync pair forced by
+    ATTNKIT_GDPA_WGMMA_BWD=0. Empty and one-row sequences, query and key lengths that differ,
+    GQA, pre_scale != 1, padded head dims (80 -> 128)."""
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    det = path == "deterministic"
+    run_and_check("cuda", dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128,
+                  pre_scale=0.7, deterministic=det)
+    run_and_check("cuda", dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000],
+                  H=2, Hkv=1, D=128, qk_scale=0.3, pre_scale=1.3, deterministic=det)
+    run_and_check("cuda", dtype, act, causal, [200, 64], [130, 190], H=2, Hkv=2, D=80,
+                  deterministic=det)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -287,11 +327,12 @@ def test_bad_inputs_raise_clear_errors(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_garbage_offsets_stay_in_bounds():
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_garbage_offsets_stay_in_bounds(D):
     """On CUDA offsets are not checked (that needs a host sync): any values are clamped into the
     tensors, so garbage gives some finite result and never an out-of-bounds access
-    (compute-sanitizer runs this test)."""
-    q, k, v, *_ = make_inputs("cuda", torch.bfloat16, [40, 40], D=64)
+    (compute-sanitizer runs this test). D = 128 takes the wgmma kernels on Hopper."""
+    q, k, v, *_ = make_inputs("cuda", torch.bfloat16, [40, 40], D=D)
     for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1]):
         o = torch.tensor(off, device="cuda", dtype=torch.int64)
         out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
@@ -301,15 +342,31 @@ def test_cuda_garbage_offsets_stay_in_bounds():
             assert torch.isfinite(t).all()
 
 
+def _same(a, b, name, deterministic):
+    """Bit-identical, except dQ of the default CUDA backward on Hopper (fp32 atomics over key
+    tiles: the order varies run to run, so a few elements may round to the neighbouring bf16
+    value); use_deterministic_algorithms(True) makes it exact too."""
+    if deterministic or name != "dq":
+        return torch.equal(a, b)
+    return rel_err(a, b) <= 1e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_deterministic_and_graph_capturable(seed):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_deterministic_and_graph_capturable(deterministic, seed):
+    with deterministic_algorithms(deterministic):
+        _deterministic_and_graph_capturable(deterministic)
+
+
+def _deterministic_and_graph_capturable(deterministic):
     q, k, v, qo, ko, mq, mk = make_inputs("cuda", torch.bfloat16, [100, 7, 300], H=8, Hkv=2, D=128)
     g = torch.randn_like(q)
     run = lambda: (attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True),
                    *torch.ops.attnkit.gdpa_bwd(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True))
+    names = ("out", "dq", "dk", "dv")
     first, second = run(), run()
-    for a, b in zip(first, second):
-        assert torch.equal(a, b), "two runs differ"
+    for a, b, name in zip(first, second, names):
+        assert _same(a, b, name, deterministic), f"two runs differ ({name})"
     # No host sync on the path: the step can be captured and replayed with new inputs.
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -322,8 +379,8 @@ def test_cuda_deterministic_and_graph_capturable(seed):
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(captured, run()):
-        assert torch.equal(a, b), "graph replay differs from eager"
+    for a, b, name in zip(captured, run(), names):
+        assert _same(a, b, name, deterministic), f"graph replay differs from eager ({name})"
 
 
 # --- env-gated suites (DESIGN §4) ---------------------------------------------------------------

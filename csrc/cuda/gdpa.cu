@@ -1,6 +1,7 @@
 // GDPA CUDA launchers: checks -> device guard -> current stream -> dispatch -> launch.
-// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh) with the head dim padded up to
-// 64, 128 or 256 inside the kernel; fp32 runs the portable CUDA-core kernels (simple.cuh).
+// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh, on Hopper {fwd,bwd}_wgmma.cuh)
+// with the head dim padded up to 64, 128 or 256 inside the kernel; fp32 runs the portable
+// CUDA-core kernels (simple.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +13,7 @@
 
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/simple.cuh"
@@ -45,6 +47,14 @@ bool use_wgmma(int64_t D) {
   if (e != nullptr && std::strcmp(e, "0") == 0) return false;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;
+}
+
+// The Hopper backward (bwd_wgmma.cuh): where the wgmma forward runs, for padded head dim 128.
+// ATTNKIT_GDPA_WGMMA_BWD=0 (or ATTNKIT_GDPA_WGMMA=0) forces the mma.sync kernels.
+bool use_wgmma_bwd(int64_t D) {
+  if (D <= 64 || !use_wgmma(D)) return false;
+  const char* e = std::getenv("ATTNKIT_GDPA_WGMMA_BWD");
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
 bool use_tensor_cores(const at::Tensor& q) {
@@ -187,16 +197,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
+  // torch.use_deterministic_algorithms(True) keeps the mma.sync dQ kernel (no atomics) instead.
+  const bool wgmma_bwd = tc && use_wgmma_bwd(p.D);
+  const bool fused_dq = wgmma_bwd && !at::globalContext().deterministicAlgorithms();
+  // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
+  at::Tensor dq_accum;
+  if (fused_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float>) {
       return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
     } else {
       if (!tc) return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
+      if (wgmma_bwd) {
+        BwdWgmmaParams pw{};
+        static_cast<BwdParams&>(pw) = p;
+        if (fused_dq) {
+          pw.dq_accum = dq_accum.data_ptr<float>();
+          pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
+        }
+        return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
+      }
       return with_head_dim(p.D, [&](auto d) { return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream); });
     }
   });
   C10_CUDA_CHECK(err);
+  if (fused_dq) dq_k.copy_(dq_accum);
   if (padded) {
     dq.copy_(dq_k.narrow(2, 0, D));
     dk.copy_(dk_k.narrow(2, 0, D));

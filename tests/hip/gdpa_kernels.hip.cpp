@@ -3,6 +3,7 @@
 // tensor-core kernels (ATTNKIT_HAS_MMA_SM80) compile to empty bodies under HIP, and the launcher
 // in csrc/cuda/gdpa.cu takes the portable kernels there.
 #include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/simple.cuh"
@@ -19,6 +20,7 @@ template cudaError_t launch_gdpa_fwd_mma<bf16_t, 64>(const FwdParams&, int, cuda
 template cudaError_t launch_gdpa_fwd_mma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_mma<bf16_t, 128>(const BwdParams&, int, int, cudaStream_t);
 template cudaError_t launch_gdpa_fwd_wgmma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_bwd_wgmma<bf16_t>(const BwdWgmmaParams&, int, int, cudaStream_t);
 
 }  // namespace gdpa
 }  // namespace attnkit

@@ -216,26 +216,36 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
 }
 
 template <typename T, int D>
+cudaError_t launch_gdpa_bwd_dq_mma(const BwdParams& p, int max_seq_len_q, cudaStream_t stream) {
+  using Dq = BwdDqTraits<D>;
+  auto kernel = gdpa_bwd_dq_mma_kernel<T, D>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Dq::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = cta_grid((max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM, p.H, p.B);
+  kernel<<<grid, Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_gdpa_bwd_dkdv_mma(const BwdParams& p, int max_seq_len_kv, cudaStream_t stream) {
+  using Dkv = BwdDkdvTraits<D>;
+  auto kernel = gdpa_bwd_dkdv_mma_kernel<T, D>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Dkv::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const unsigned grid =
+      cta_grid((max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN, p.Hkv * (D / Dkv::kSliceD), p.B);
+  kernel<<<grid, Dkv::kThreads, Dkv::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
 cudaError_t launch_gdpa_bwd_mma(const BwdParams& p, int max_seq_len_q, int max_seq_len_kv,
                                 cudaStream_t stream) {
-  using Dq = BwdDqTraits<D>;
-  using Dkv = BwdDkdvTraits<D>;
-  auto dq_kernel = gdpa_bwd_dq_mma_kernel<T, D>;
-  auto dkdv_kernel = gdpa_bwd_dkdv_mma_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Dq::kSmemBytes);
+  const cudaError_t err = launch_gdpa_bwd_dq_mma<T, D>(p, max_seq_len_q, stream);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Dkv::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const unsigned dq_grid = cta_grid((max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM, p.H, p.B);
-  dq_kernel<<<dq_grid, Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const unsigned kv_grid =
-      cta_grid((max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN, p.Hkv * (D / Dkv::kSliceD), p.B);
-  dkdv_kernel<<<kv_grid, Dkv::kThreads, Dkv::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_gdpa_bwd_dkdv_mma<T, D>(p, max_seq_len_kv, stream);
 }
 
 }  // namespace gdpa
