@@ -46,12 +46,30 @@ struct BwdTraits {
 };
 
 #if ATTNKIT_HAS_WGMMA
+// load_tile_sw128 without unrolling: the copies run while dK / dV hold half the registers, and
+// an unrolled loop computes every 64-bit source address at once (as in mma_bwd.cuh's load_rows).
+template <int ROWS, int kD, int THREADS, typename T>
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_rows_sw128(unsigned char* tile, const T* gmem, int64_t row_stride,
+                                                   int rows_valid, int tid) {
+  constexpr int kChunksPerRow = kD / 8;
+  static_assert(ROWS * kChunksPerRow % THREADS == 0, "whole chunks per thread");
+#pragma unroll 1
+  for (int c = tid; c < ROWS * kChunksPerRow; c += THREADS) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool ok = row < rows_valid;
+    ::attnkit::mma::cp_async_16(tile + wgmma::sw128_offset<ROWS>(row, col),
+                                ok ? gmem + row * row_stride + col : gmem, ok ? 16 : 0);
+  }
+}
+
 ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 #endif
 
-template <typename T, int kD>
+// kSoftcap: scores go through cap·tanh(·/cap), a separate instantiation (as in the forward) so
+// that the plain one carries neither the tanh nor its registers.
+template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(256, 1)
     bwd_kernel(Params p, const T* __restrict__ dout, const T* __restrict__ q,
                const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,
@@ -117,22 +135,17 @@ __global__ void __launch_bounds__(256, 1)
       for (int e = 0; e < 4; ++e) dka[dt][e] = dva[dt][e] = 0.f;
 
     // Step n -> ring slot ring_base + n: query head hk * G + n / nq, rows from qlo + (n % nq) * BM.
-    // K and V ride with step 0.
     auto produce = [&](int n) {
       const uint32_t slot = ring_base + n;
       const int st = slot % kStages;
       ring.producer_acquire(slot);
-      if (n == 0) {
-        wgmma::load_tile_sw128<BN, kD, NT>(sk, k_seq + int64_t(j0) * p.k.row, p.k.row, krows, kD, k_seq, tid);
-        wgmma::load_tile_sw128<BN, kD, NT>(sv, v_seq + int64_t(j0) * p.v.row, p.v.row, krows, kD, v_seq, tid);
-      }
       const int h = hk * G + n / nq;
       const int i0 = qlo + (n % nq) * BM, rows = min(qhi - i0 + 1, BM);
-      wgmma::load_tile_sw128<BM, kD, NT>(sq + st * Tr::kQBytes, q_seq + int64_t(i0) * p.q.row + h * p.q.head,
-                                         p.q.row, rows, kD, q_seq, tid);
-      wgmma::load_tile_sw128<BM, kD, NT>(sdo + st * Tr::kQBytes,
-                                         do_seq + int64_t(i0) * p.dout.row + h * p.dout.head, p.dout.row,
-                                         rows, kD, do_seq, tid);
+      load_rows_sw128<BM, kD, NT>(sq + st * Tr::kQBytes, q_seq + int64_t(i0) * p.q.row + h * p.q.head,
+                                  p.q.row, rows, tid);
+      load_rows_sw128<BM, kD, NT>(sdo + st * Tr::kQBytes,
+                                  do_seq + int64_t(i0) * p.dout.row + h * p.dout.head, p.dout.row, rows,
+                                  tid);
       if (tid < BM) {  // rows past the tile read nothing and land as 0 (masked)
         const int r = tid;
         const int64_t li = lse_seq + h * p.lse.head + int64_t(i0 + r) * p.lse.row;
@@ -141,7 +154,13 @@ __global__ void __launch_bounds__(256, 1)
       }
       ring.producer_commit(slot);
     };
-    if (nsteps > 0) produce(0);
+    if (nsteps > 0) {
+      // K and V ride with step 0: its commit covers this thread's earlier copies too. (The
+      // previous key tile's readers are done: __syncthreads at the end of the loop.)
+      load_rows_sw128<BN, kD, NT>(sk, k_seq + int64_t(j0) * p.k.row, p.k.row, krows, tid);
+      load_rows_sw128<BN, kD, NT>(sv, v_seq + int64_t(j0) * p.v.row, p.v.row, krows, tid);
+      produce(0);
+    }
 
     for (int n = 0; n < nsteps; ++n) {
       const uint32_t slot = ring_base + n;
@@ -182,13 +201,8 @@ __global__ void __launch_bounds__(256, 1)
         col_lo[rh] = kj - rhi - 2 * t4;
         col_hi[rh] = (kj < krows ? min(rows - 1, kj - rlo) : -1) - 2 * t4;
       }
-      if (cap > 0.f) {
-        mma::probs_and_grads<true>(sc, dp, lse_s + st * BM, delta_s + st * BM, col_lo, col_hi, full,
-                                   scale, cap);
-      } else {
-        mma::probs_and_grads<false>(sc, dp, lse_s + st * BM, delta_s + st * BM, col_lo, col_hi, full,
-                                    scale, cap);
-      }
+      mma::probs_and_grads<kSoftcap>(sc, dp, lse_s + st * BM, delta_s + st * BM, col_lo, col_hi, full,
+                                     scale, cap);
       // P^T and dS^T (scale and softcap derivative included) as A fragments: k-step kk covers
       // queries kk*16 .. +15, the same packing as wgmma_fwd.cuh's P.
       uint32_t pa[BM / 16][4], da[BM / 16][4];
@@ -232,6 +246,12 @@ __global__ void __launch_bounds__(256, 1)
       // dS^T complete (both warpgroups' keys). Also: both finished step n - 1's dQ, so buffer
       // (slot + 1) % 2, which step n + 1 writes, is free (double buffering: one barrier a step).
       named_barrier_sync(1, NT);
+      // dV / dK done (they had the dS store and the barrier to finish): P^T / dS^T fragments die
+      // before the dQ accumulators are born, and the Q / dO stage goes back to the producer.
+      wgmma::wait<0>();
+      wgmma::fence_regs(dva);
+      wgmma::fence_regs(dka);
+      ring.consumer_release(slot);
 
       // dQ = dS K: A = dS [64 queries][128 keys] read M-major from dS^T, B = K [keys][cols] N-major.
       const bool dq_here = kD == 128 || wg == int(slot & 1);
@@ -246,11 +266,8 @@ __global__ void __launch_bounds__(256, 1)
         }
         wgmma::commit();
       }
-      wgmma::wait<0>();
-      wgmma::fence_regs(dva);
-      wgmma::fence_regs(dka);
-      ring.consumer_release(slot);  // this thread's products are done with Q / dO / lse / delta
       if (dq_here) {
+        wgmma::wait<0>();
         wgmma::fence_regs(dqa);
         const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
 #pragma unroll
@@ -300,10 +317,13 @@ void launch_bwd(const Params& p, const T* dout, const T* q, const T* k, const T*
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     kernel<<<grid, 256, smem, stream>>>(p, dout, q, k, v, lse, delta, dq_accum, dk, dv);
   };
+  const bool cap = p.softcap > 0.0;
   if (p.D == 64) {
-    run(bwd_kernel<T, 64>, BwdTraits<64>::kSmemBytes);
+    constexpr int kSmem = BwdTraits<64>::kSmemBytes;
+    cap ? run(bwd_kernel<T, 64, true>, kSmem) : run(bwd_kernel<T, 64, false>, kSmem);
   } else {
-    run(bwd_kernel<T, 128>, BwdTraits<128>::kSmemBytes);
+    constexpr int kSmem = BwdTraits<128>::kSmemBytes;
+    cap ? run(bwd_kernel<T, 128, true>, kSmem) : run(bwd_kernel<T, 128, false>, kSmem);
   }
 }
 
