@@ -76,13 +76,14 @@ __global__ void __launch_bounds__(256, 1)
                const float* __restrict__ delta, float* __restrict__ dq_accum, T* __restrict__ dk,
                T* __restrict__ dv) {
 #if ATTNKIT_HAS_WGMMA
+  namespace cm = ::attnkit::mma;  // the sm80 building blocks (pack2, cp.async, atomics)
   using Tr = BwdTraits<kD>;
   using Mma64 = wgmma::Wgmma<T, 64>;   // S^T, dP^T (N = 64 queries); dQ (N = 64 columns)
   using MmaD = wgmma::Wgmma<T, kD>;    // dV, dK (N = head dim)
   constexpr int BM = Tr::kBM, BN = Tr::kBN, NT = Tr::kThreads, kStages = Tr::kStages;
   constexpr int kNT = BM / 8, kDT = kD / 8;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (::attnkit::mma::smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = smem_raw + ((1024 - (cm::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sk = smem;                                // [BN][kD] sw128
   unsigned char* sv = sk + Tr::kKVBytes;                   // [BN][kD]
   unsigned char* sq = sv + Tr::kKVBytes;                   // [kStages][BM][kD]
@@ -90,9 +91,9 @@ __global__ void __launch_bounds__(256, 1)
   unsigned char* sds = sdo + kStages * Tr::kQBytes;        // [2][BN keys][BM queries]
   float* lse_s = reinterpret_cast<float*>(sds + 2 * Tr::kDsBytes);  // [kStages][BM]
   float* delta_s = lse_s + kStages * BM;                            // [kStages][BM]
-  const uint32_t sk_addr = ::attnkit::mma::smem_addr(sk), sv_addr = ::attnkit::mma::smem_addr(sv),
-                 sq_addr = ::attnkit::mma::smem_addr(sq), sdo_addr = ::attnkit::mma::smem_addr(sdo),
-                 sds_addr = ::attnkit::mma::smem_addr(sds);
+  const uint32_t sk_addr = cm::smem_addr(sk), sv_addr = cm::smem_addr(sv),
+                 sq_addr = cm::smem_addr(sq), sdo_addr = cm::smem_addr(sdo),
+                 sds_addr = cm::smem_addr(sds);
 
   const int tid = threadIdx.x, wg = tid / 128, warp4 = (tid / 32) & 3, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
@@ -101,12 +102,9 @@ __global__ void __launch_bounds__(256, 1)
   const SeqRange s = seq_range(p, b);
   // Row indices inside a sequence are ints, as in mma_bwd.cuh; pointer arithmetic stays int64.
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
-  const int rel_lo = p.window_left < 0
-                         ? -lq
-                         : static_cast<int>(mma::max_i64(lk - lq - mma::min_i64(p.window_left, lk + lq), -lq));
-  const int rel_hi = p.window_right < 0
-                         ? lk
-                         : static_cast<int>(mma::min_i64(lk - lq + mma::min_i64(p.window_right, lk + lq), lk));
+  const int64_t wl = mma::min_i64(p.window_left, lk + lq), wr = mma::min_i64(p.window_right, lk + lq);
+  const int rel_lo = p.window_left < 0 ? -lq : static_cast<int>(mma::max_i64(lk - lq - wl, -lq));
+  const int rel_hi = p.window_right < 0 ? lk : static_cast<int>(mma::min_i64(lk - lq + wr, lk));
   const T* q_seq = q + b * p.q.batch + s.q0 * p.q.row;
   const T* do_seq = dout + b * p.dout.batch + s.q0 * p.dout.row;
   const int64_t lse_seq = b * p.lse.batch + s.q0 * p.lse.row;  // delta shares lse's layout
@@ -149,8 +147,8 @@ __global__ void __launch_bounds__(256, 1)
       if (tid < BM) {  // rows past the tile read nothing and land as 0 (masked)
         const int r = tid;
         const int64_t li = lse_seq + h * p.lse.head + int64_t(i0 + r) * p.lse.row;
-        ::attnkit::mma::cp_async_4(lse_s + st * BM + r, r < rows ? lse + li : lse, r < rows ? 4 : 0);
-        ::attnkit::mma::cp_async_4(delta_s + st * BM + r, r < rows ? delta + li : delta, r < rows ? 4 : 0);
+        cm::cp_async_4(lse_s + st * BM + r, r < rows ? lse + li : lse, r < rows ? 4 : 0);
+        cm::cp_async_4(delta_s + st * BM + r, r < rows ? delta + li : delta, r < rows ? 4 : 0);
       }
       ring.producer_commit(slot);
     };
@@ -208,14 +206,14 @@ __global__ void __launch_bounds__(256, 1)
       uint32_t pa[BM / 16][4], da[BM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
-        pa[kk][0] = ::attnkit::mma::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-        pa[kk][1] = ::attnkit::mma::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-        pa[kk][2] = ::attnkit::mma::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-        pa[kk][3] = ::attnkit::mma::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        da[kk][0] = ::attnkit::mma::pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
-        da[kk][1] = ::attnkit::mma::pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
-        da[kk][2] = ::attnkit::mma::pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        da[kk][3] = ::attnkit::mma::pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        pa[kk][0] = cm::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[kk][1] = cm::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[kk][2] = cm::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = cm::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        da[kk][0] = cm::pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
+        da[kk][1] = cm::pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
+        da[kk][2] = cm::pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        da[kk][3] = cm::pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
       }
 
       // dV += P^T dO, dK += dS^T Q (B read N-major: reduction over the tile's query rows).
@@ -276,7 +274,9 @@ __global__ void __launch_bounds__(256, 1)
           if (r >= rows) continue;
           float* dst = dq_seq + int64_t(i0 + r) * p.dq.row + h * p.dq.head + c0;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) ::attnkit::mma::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
+          for (int i = 0; i < 8; ++i) {
+            cm::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
+          }
         }
       }
     }
@@ -290,8 +290,8 @@ __global__ void __launch_bounds__(256, 1)
       T* vrow = dv + b * p.dv.batch + (s.k0 + j0 + r) * p.dv.row + hk * p.dv.head + 2 * t4;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
-        *reinterpret_cast<uint32_t*>(krow + dt * 8) = ::attnkit::mma::pack2<T>(dka[dt][rh * 2], dka[dt][rh * 2 + 1]);
-        *reinterpret_cast<uint32_t*>(vrow + dt * 8) = ::attnkit::mma::pack2<T>(dva[dt][rh * 2], dva[dt][rh * 2 + 1]);
+        *reinterpret_cast<uint32_t*>(krow + dt * 8) = cm::pack2<T>(dka[dt][rh * 2], dka[dt][rh * 2 + 1]);
+        *reinterpret_cast<uint32_t*>(vrow + dt * 8) = cm::pack2<T>(dva[dt][rh * 2], dva[dt][rh * 2 + 1]);
       }
     }
     ring_base += nsteps;
