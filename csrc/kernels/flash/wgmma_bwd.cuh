@@ -62,6 +62,52 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_rows_sw128(unsigned char* tile, const T*
   }
 }
 
+// P^T in place of S^T (a warp's 16 keys x kNT * 8 queries, the m16n8 accumulator layout), no
+// softcap: mma::probs_and_grads<false>'s first half.
+template <int kNT>
+ATTNKIT_DEVICE ATTNKIT_INLINE void probs_t(float (&sc)[kNT][4], const float* lse_t, const int (&col_lo)[2],
+                                           const int (&col_hi)[2], bool full, float scale) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const float2 lse2 = *reinterpret_cast<const float2*>(lse_t + nt * 8 + 2 * t4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qc = nt * 8 + (e % 2);  // the query column, less 2 * t4
+      float pv = ex2_approx(sc[nt][e] * (scale * kLog2e) - (e % 2 ? lse2.y : lse2.x) * kLog2e);
+      // A select, not a product: a row that sees nothing has lse -inf (pv would be +inf).
+      if (!full && (qc < col_lo[e / 2] || qc > col_hi[e / 2])) pv = 0.f;
+      sc[nt][e] = pv;
+    }
+  }
+}
+
+// dS^T = P^T (dP^T - delta) scale in place of dP^T (masked elements have P = 0).
+template <int kNT>
+ATTNKIT_DEVICE ATTNKIT_INLINE void grads_t(float (&dp)[kNT][4], const float (&pt)[kNT][4],
+                                           const float* delta_t, float scale) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const float2 dlt = *reinterpret_cast<const float2*>(delta_t + nt * 8 + 2 * t4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp[nt][e] = pt[nt][e] * (dp[nt][e] - (e % 2 ? dlt.y : dlt.x)) * scale;
+  }
+}
+
+// fp32 accumulators (M = 64, N = 8 * K) -> the A fragments of K / 16 k-steps (as wgmma_fwd.cuh).
+template <typename T, int K>
+ATTNKIT_DEVICE ATTNKIT_INLINE void pack_frags(uint32_t (&a)[K][4], const float (&c)[2 * K][4]) {
+#pragma unroll
+  for (int kk = 0; kk < K; ++kk) {
+    a[kk][0] = ::attnkit::mma::pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = ::attnkit::mma::pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = ::attnkit::mma::pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = ::attnkit::mma::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
 ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -169,24 +215,6 @@ __global__ void __launch_bounds__(256, 1)
       ring.consumer_wait(slot);
       const uint32_t q_addr = sq_addr + st * Tr::kQBytes, do_addr = sdo_addr + st * Tr::kQBytes;
 
-      // S^T = K_w Q^T and dP^T = V_w dO^T (64 keys x 64 queries each).
-      float sc[kNT][4], dp[kNT][4];
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        Mma64::template ss<0>(sc, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
-                              wgmma::desc_k_major<BM>(q_addr, 0, kk), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        Mma64::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
-                              wgmma::desc_k_major<BM>(do_addr, 0, kk), kk > 0);
-      }
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_regs(sc);
-      wgmma::fence_regs(dp);
-
       // Masks as in mma_bwd.cuh: key - query bounds relative to (key j0, query i0) -> the query
       // columns each of this lane's two key rows sees, shifted by the lane's column 2 * t4.
       const int rlo = min(max(rel_lo - (j0 - i0), -BM), BN);
@@ -199,28 +227,57 @@ __global__ void __launch_bounds__(256, 1)
         col_lo[rh] = kj - rhi - 2 * t4;
         col_hi[rh] = (kj < krows ? min(rows - 1, kj - rlo) : -1) - 2 * t4;
       }
-      mma::probs_and_grads<kSoftcap>(sc, dp, lse_s + st * BM, delta_s + st * BM, col_lo, col_hi, full,
-                                     scale, cap);
-      // P^T and dS^T (scale and softcap derivative included) as A fragments: k-step kk covers
-      // queries kk*16 .. +15, the same packing as wgmma_fwd.cuh's P.
-      uint32_t pa[BM / 16][4], da[BM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        pa[kk][0] = cm::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-        pa[kk][1] = cm::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-        pa[kk][2] = cm::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-        pa[kk][3] = cm::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        da[kk][0] = cm::pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
-        da[kk][1] = cm::pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
-        da[kk][2] = cm::pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        da[kk][3] = cm::pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-      }
+      const float* lse_t = lse_s + st * BM;
+      const float* delta_t = delta_s + st * BM;
 
-      // dV += P^T dO, dK += dS^T Q (B read N-major: reduction over the tile's query rows).
+      // S^T = K_w Q^T and dP^T = V_w dO^T (64 keys x 64 queries each), one commit group each.
+      float sc[kNT][4], dp[kNT][4];
       wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        MmaD::template rs<1>(dva, pa[kk], wgmma::desc_n_major<BM>(do_addr, kk), 1);
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        Mma64::template ss<0>(sc, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
+                              wgmma::desc_k_major<BM>(q_addr, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        Mma64::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
+                              wgmma::desc_k_major<BM>(do_addr, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+
+      // P^T and dS^T (scale and softcap derivative included) as A fragments: k-step kk covers
+      // queries kk*16 .. +15, the same packing as wgmma_fwd.cuh's P. Then dV += P^T dO and
+      // dK += dS^T Q (B read N-major: the reduction runs over the tile's query rows).
+      uint32_t pa[BM / 16][4], da[BM / 16][4];
+      if constexpr (kSoftcap) {  // dS needs tanh' of each score: both passes at once
+        wgmma::wait<0>();
+        wgmma::fence_regs(sc);
+        wgmma::fence_regs(dp);
+        mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, full, scale, cap);
+        pack_frags<T>(pa, sc);
+        pack_frags<T>(da, dp);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          MmaD::template rs<1>(dva, pa[kk], wgmma::desc_n_major<BM>(do_addr, kk), 1);
+        }
+      } else {  // P while dP^T runs, dS while dV runs
+        wgmma::wait<1>();
+        wgmma::fence_regs(sc);
+        probs_t(sc, lse_t, col_lo, col_hi, full, scale);
+        pack_frags<T>(pa, sc);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          MmaD::template rs<1>(dva, pa[kk], wgmma::desc_n_major<BM>(do_addr, kk), 1);
+        }
+        wgmma::commit();
+        wgmma::wait<1>();  // dP^T done; dV may still run
+        wgmma::fence_regs(dp);
+        grads_t(dp, sc, delta_t, scale);
+        pack_frags<T>(da, dp);
+        wgmma::fence();
       }
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
