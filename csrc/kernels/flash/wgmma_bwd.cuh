@@ -7,9 +7,10 @@
 // the GQA group (mma_bwd.cuh's step order and window bounds); Q, dO, lse and delta of a step
 // stream through a two-stage cp.async ring (CpAsyncRing). Per step, per warpgroup:
 //   S^T  = K_w Q^T,  dP^T = V_w dO^T     ss, M = 64 keys, N = 64 queries, K = head dim
-//   P^T, dS^T elementwise                 (mma::probs_and_grads: masks, softcap, scale folded in)
+//   P^T, dS^T elementwise                 (masks, scale and softcap's derivative folded in)
 //   dV += P^T dO,  dK += dS^T Q           rs: P^T / dS^T packed from the accumulators into A
 //                                          fragments, B = dO / Q read N-major
+//   (without softcap P^T is computed while dP^T runs and dS^T while dV runs)
 //   dS^T -> shared [128 keys][64 queries] (double-buffered), named barrier over both warpgroups
 //   dQ[64 q, cols] = dS K                 ss, A = dS^T read M-major (transposed A), B = K N-major;
 //                                          D = 128: warpgroup w takes columns w*64 .. +63;
@@ -311,17 +312,16 @@ __global__ void __launch_bounds__(256, 1)
       // dQ = dS K: A = dS [64 queries][128 keys] read M-major from dS^T, B = K [keys][cols] N-major.
       const bool dq_here = kD == 128 || wg == int(slot & 1);
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);  // column block
+      const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
       float dqa[8][4];
       if (dq_here) {
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(sds_addr + (slot & 1) * Tr::kDsBytes, kk),
+          Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
                                    wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
         }
         wgmma::commit();
-      }
-      if (dq_here) {
         wgmma::wait<0>();
         wgmma::fence_regs(dqa);
         const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
