@@ -386,10 +386,10 @@ def test_cuda_backward_path_switch(monkeypatch):
     """ATTNKIT_FLASH_WGMMA_BWD=0 keeps the Hopper backward kernel off (the kernels launched are
     read from the profiler). Whether the default takes it on a 9.0 device depends on the build's
     targets, which Python cannot see: printed, not asserted."""
-    q = rand(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    k = rand(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    v = rand(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    g = rand(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
+    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    k = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    v = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
 
     def kernels():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
