@@ -32,6 +32,14 @@ namespace attnkit {
 namespace flash {
 namespace wg {
 
+// Debugging switch: -DATTNKIT_FLASH_WGMMA_BWD_DS_KMAJOR stores dS K-major ([queries][keys], 16-bit
+// stores) and reads it as a plain K-major A operand, instead of dS^T read as a transposed A.
+#ifdef ATTNKIT_FLASH_WGMMA_BWD_DS_KMAJOR
+constexpr bool kDsKMajor = true;
+#else
+constexpr bool kDsKMajor = false;
+#endif
+
 template <int kD>
 struct BwdTraits {
   static_assert(kD == 64 || kD == 128, "wgmma backward: head dim 64 or 128");
@@ -295,7 +303,15 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int row = wg * 64 + warp4 * 16 + g + (r % 2) * 8, col = kk * 16 + (r / 2) * 8;
-          *reinterpret_cast<uint32_t*>(ds_buf + wgmma::sw128_offset<BN>(row, col) + 4 * t4) = da[kk][r];
+          if constexpr (kDsKMajor) {  // [BM queries][BN keys]: the pair is two rows, one column
+            const int qc = col + 2 * t4;  // rows qc and qc + 1 swizzle differently
+            unsigned char* at0 = ds_buf + wgmma::sw128_offset<BM>(qc, row & ~7) + (row & 7) * 2;
+            unsigned char* at1 = ds_buf + wgmma::sw128_offset<BM>(qc + 1, row & ~7) + (row & 7) * 2;
+            *reinterpret_cast<uint16_t*>(at0) = static_cast<uint16_t>(da[kk][r] & 0xFFFFu);
+            *reinterpret_cast<uint16_t*>(at1) = static_cast<uint16_t>(da[kk][r] >> 16);
+          } else {
+            *reinterpret_cast<uint32_t*>(ds_buf + wgmma::sw128_offset<BN>(row, col) + 4 * t4) = da[kk][r];
+          }
         }
       }
       wgmma::fence_async_smem();
@@ -318,8 +334,13 @@ __global__ void __launch_bounds__(256, 1)
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
-                                   wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
+          if constexpr (kDsKMajor) {
+            Mma64::template ss<1, 0>(dqa, wgmma::desc_k_major<BM>(ds_addr, 0, kk),
+                                     wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
+          } else {
+            Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
+                                     wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
+          }
         }
         wgmma::commit();
         wgmma::wait<0>();
