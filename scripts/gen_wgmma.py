@@ -17,14 +17,15 @@ def method(form, ptx, n):
     if form == "ss":  # A and B from shared memory: ..., scale-a, scale-b, tnsp-a, tnsp-b
         args = "uint64_t desc_a, uint64_t desc_b, int accumulate"
         a_op, nxt = f"%{n_acc}", n_acc + 1
-        ins = '"l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransB)'
-        tail = f"p, 1, 1, 0, %{nxt + 2}"
+        ins = '"l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransB), "n"(kTransA)'
+        tail = f"p, 1, 1, %{nxt + 3}, %{nxt + 2}"
     else:  # A from registers: ..., scale-a, scale-b, tnsp-b
         args = "const uint32_t (&a)[4], uint64_t desc_b, int accumulate"
         a_op, nxt = "{" + ", ".join(f"%{n_acc + i}" for i in range(4)) + "}", n_acc + 4
         ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB)'
         tail = f"p, 1, 1, %{nxt + 2}"
-    return f"""  template <int kTransB>
+    tparams = "int kTransB, int kTransA = 0" if form == "ss" else "int kTransB"
+    return f"""  template <{tparams}>
   ATTNKIT_DEVICE ATTNKIT_INLINE static void {form}(float (&d)[{n // 8}][4], {args}) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nxt + 1}, 0;\\n"
@@ -42,6 +43,8 @@ def main():
         "// ss<kTransB>: d[64 x N] (+)= A[64 x 16] (shared, K-major) * B[16 x N] (shared);",
         "// rs<kTransB>: the same with A in registers (the m16n8k16 A fragment of each warp's 16 rows).",
         "// kTransB = 1 reads B N-major (e.g. V stored [keys][D] for P*V). accumulate = 0 overwrites d.",
+        "// ss<kTransB, kTransA>: kTransA = 1 reads A M-major (e.g. dS^T stored [keys][queries] for",
+        "// dQ = dS*K); the descriptor is then built like an N-major B (desc_n_major).",
         "",
     ]
     for ctype, ptx in TYPES.items():

@@ -15,6 +15,7 @@
 #include "common/flash_args.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
+#include "kernels/flash/wgmma_bwd.cuh"
 #include "kernels/flash/wgmma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
 
@@ -79,11 +80,13 @@ bool force_simt() {
   return v;
 }
 
-// The Hopper forward (wgmma_fwd.cuh) where the build has sm_90a code and the device is 9.0, on the
-// same inputs as the mma.sync forward; ATTNKIT_FLASH_WGMMA=0 forces the mma.sync kernel.
-bool use_wgmma_fwd(const at::Tensor& q) {
+// The Hopper kernels (wgmma_fwd.cuh, wgmma_bwd.cuh) where the build has sm_90a code and the
+// device is 9.0, on the same inputs as the mma.sync kernels. `env` set to "0"
+// (ATTNKIT_FLASH_WGMMA for the forward, ATTNKIT_FLASH_WGMMA_BWD for the backward) forces the
+// mma.sync kernel; read at every call, so tests can switch it per case.
+bool use_wgmma(const at::Tensor& q, const char* env) {
   if (!wgmma::kBuilt) return false;
-  const char* e = std::getenv("ATTNKIT_FLASH_WGMMA");
+  const char* e = std::getenv(env);
   if (e != nullptr && std::strcmp(e, "0") == 0) return false;
   const auto* prop = at::cuda::getDeviceProperties(q.device().index());
   return prop->major == 9 && prop->minor == 0;
@@ -139,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
-        if (use_wgmma_fwd(q) && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
+        if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
           wg::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
                                    mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
         } else {
@@ -217,6 +220,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
           // Same shape and (contiguous) layout as dq, so p.dq's strides index it.
           at::Tensor dq_accum;
           if (!deterministic) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+          // The Hopper backward (atomic dQ only): same inputs, its own shared-memory need.
+          if (!deterministic && use_wgmma(q, "ATTNKIT_FLASH_WGMMA_BWD") &&
+              smem_optin(q) >= wg::bwd_smem_bytes(p.D)) {
+            wg::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
+                                     cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
+                                     mptr<float>(dq_accum), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
+                                     rows_k, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            dq.copy_(dq_accum);
+            return;
+          }
           mma::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
                                     cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
                                     mptr<scalar_t>(dq),

@@ -4,6 +4,7 @@
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
+#include "kernels/flash/wgmma_bwd.cuh"
 #include "kernels/flash/wgmma_fwd.cuh"
 
 namespace attnkit {
@@ -36,6 +37,9 @@ template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, co
 namespace wg {  // Hopper-only: empty bodies under HIP (wgmma::kBuilt is false there)
 template void launch_fwd<bf16_t>(const Params&, const bf16_t*, const bf16_t*, const bf16_t*, bf16_t*,
                                  float*, int64_t, cudaStream_t);
+template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, const fp16_t*,
+                                 const fp16_t*, const float*, const float*, float*, fp16_t*, fp16_t*,
+                                 int64_t, cudaStream_t);
 }  // namespace wg
 
 }  // namespace flash
