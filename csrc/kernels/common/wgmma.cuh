@@ -86,6 +86,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void fence_regs(float (&d)[R][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads of the CTA (a multiple of 32),
+// e.g. the consumer warpgroups without a producer warp.
+ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Shared memory written by the generic proxy (st.shared, cp.async) must be fenced before the
 // tensor cores (async proxy) read it; each writing thread fences, then the CTA synchronises.
 ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {

@@ -116,10 +116,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void pack_frags(uint32_t (&a)[K][4], const float (
     a[kk][3] = ::attnkit::mma::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
   }
 }
-
-ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 #endif
 
 // kSoftcap: scores go through cap·tanh(·/cap), a separate instantiation (as in the forward) so
@@ -317,7 +313,7 @@ __global__ void __launch_bounds__(256, 1)
       wgmma::fence_async_smem();
       // dS^T complete (both warpgroups' keys). Also: both finished step n - 1's dQ, so buffer
       // (slot + 1) % 2, which step n + 1 writes, is free (double buffering: one barrier a step).
-      named_barrier_sync(1, NT);
+      wgmma::named_barrier_sync(1, NT);
       // dV / dK done (they had the dS store and the barrier to finish): P^T / dS^T fragments die
       // before the dQ accumulators are born, and the Q / dO stage goes back to the producer.
       wgmma::wait<0>();

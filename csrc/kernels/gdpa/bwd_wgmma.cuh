@@ -59,11 +59,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32
                ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
 }
-
-// Barrier of the kThreads threads of the CTA on hardware barrier 1 (0 is __syncthreads).
-ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int threads) {
-  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
-}
 #endif
 
 template <typename T, bool kFusedDq>
@@ -209,7 +204,7 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
       if constexpr (kFusedDq) {
         // Both halves of dS are written (and the other warpgroup finished reading this buffer two
         // steps ago: it waited for its dQ product before arriving here last step).
-        named_barrier_sync(NT);
+        wgmma::named_barrier_sync(1, NT);
       }
       // dV and dK first (the barrier wait overlaps them): pa and dsa die before dQ's accumulator
       // is live, which keeps the kernel within 255 registers.
