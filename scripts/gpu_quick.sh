@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A time-bounded subset of gpu_check.sh for one device call (~10 minutes): build, then each step
+# under its own timeout, so a slow step cannot eat the rest. Logs go to $OUT/quick/, packed into
+# $OUT/quick.tgz at the end (the device tool returns a handful of files per call); a short table
+# is printed last. Pick steps with QUICK (default: all, in this order):
+#
+#   QUICK="flash_tests flash_sanitize flash_bench window paged_env main" bash scripts/gpu_quick.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/attnkit_out}
+L=$OUT/quick
+mkdir -p "$L"
+export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+QUICK=${QUICK:-"flash_tests flash_sanitize flash_bench window paged_env main"}
+BENCH="--iters ${ITERS:-10} --warmup ${WARMUP:-3} --skip-eager --skip-compile"
+declare -a SUMMARY
+
+step() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$L/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-16s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$L/$name.log" | cut -c1-80)")")
+}
+
+STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
+for s in $QUICK; do
+  case $s in
+    flash_tests) step flash_tests 110 $PY -m pytest tests/test_flash.py -q -n 16 -k cuda -rfE ;;
+    flash_sanitize)
+      step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash.py -q -p no:xdist -k "backward_paths_multi_tile and default and bfloat16" ;;
+    flash_bench)
+      for a in "128" "128 --causal" "64" "64 --causal"; do
+        tag=d$(echo "$a" | tr -d ' -')
+        step "bench_$tag" 45 $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 $BENCH --head-dim $a
+      done ;;
+    window)
+      step window 30 $PY benchmarks/bench_attention.py --seq-lengths 16384 --batch 1 --head-dim 128 \
+        --causal --window 4096 $BENCH ;;
+    paged_env)
+      step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
+    main) step main 25 $PY -m attnkit ;;
+    *) echo "gpu_quick: unknown step $s" ;;
+  esac
+done
+for f in "$L"/bench_*.log "$L"/window.log; do  # the TFLOP/s tables, compactly
+  [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass" "$f" | head -n 10 | cut -c1-200; }
+done
+grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
+tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"
+printf '%s\n' "${SUMMARY[@]}"
