@@ -19,9 +19,9 @@ export CC=${ATTNKIT_CC:-gcc} CXX=${ATTNKIT_CXX:-g++}
 STEPS=${STEPS:-"build tests sanitizer main bench"}
 TESTS=${TESTS:-tests}
 # compute-sanitizer selections, ';'-separated, each "FILE -k EXPRESSION".
-SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside or forward_paths);\
+SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside or forward_paths or (backward_paths and fast_gelu and dtype0));\
 tests/test_paged.py -k (cuda and (out_of_range or graph or strided or pertoken or matches)) or gqa_paths_bad_block_ids or gqa_paths_strided or pa_fwd_gqa;\
-tests/test_flash.py -k cuda and (multi_tile or varlen or bad_offsets or unaligned or rows_without_keys or empty or forward_paths or deterministic);\
+tests/test_flash.py -k cuda and (multi_tile or backward_paths or varlen or bad_offsets or unaligned or rows_without_keys or empty or forward_paths or deterministic);\
 tests/test_moe.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance) and not compile and not trains and not stress and not opcheck"}
 BENCHES=${BENCHES:-"gdpa paged attention moe"}
 BENCH_ARGS=${BENCH_ARGS:-"--iters 30 --warmup 5"}
