@@ -587,13 +587,17 @@ def test_bad_inputs(device):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA clamping of bad offsets needs a GPU")
-def test_cuda_bad_offsets_are_clamped():
+@pytest.mark.parametrize("dtype,D,T", [(torch.float32, 32, 8), (torch.bfloat16, 64, 300),
+                                       (torch.bfloat16, 128, 300)])
+def test_cuda_bad_offsets_are_clamped(dtype, D, T):
     """Offsets out of range on CUDA cannot be checked without a host sync: they are clamped, so
-    the call must not fault (compute-sanitizer checks the accesses)."""
-    qv, kv_ = torch.randn(8, 4, 32, device="cuda"), torch.randn(8, 2, 32, device="cuda")
-    for bad in ([0, 100, 4], [-5, 4, 1 << 30], [7, 3, 8]):
+    the call must not fault (compute-sanitizer checks the accesses). The 16-bit cases take the
+    tensor-core kernels (the wgmma forward and backward on sm_90a) over several tiles."""
+    qv = torch.randn(T, 4, D, device="cuda", dtype=dtype)
+    kv_ = torch.randn(T, 2, D, device="cuda", dtype=dtype)
+    for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30]):
         cu = torch.tensor(bad, dtype=torch.int32, device="cuda")
-        out, lse = FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
+        out, lse = FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T)
         BWD(torch.randn_like(out), qv, kv_, kv_, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu)
     torch.cuda.synchronize()
 
