@@ -8,7 +8,8 @@
 #
 # Not in the default list: the opt-in warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
-# (gdpa_ws_bench runs bench_gdpa.py twice: the default forward, then ATTNKIT_GDPA_FWD_WS=require).
+# (gdpa_ws_bench runs bench_gdpa.py three times: the default forward, ATTNKIT_GDPA_FWD_WS=require,
+# and the same with ATTNKIT_GDPA_FWD_WS_PINGPONG=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -52,10 +53,12 @@ for s in $QUICK; do
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 env ATTNKIT_GDPA_FWD_WS=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa.py -q -p no:xdist \
-        -k "(forward_warp_specialised and dtype0 and 128 and False) or garbage_offsets" ;;
+        -k "(forward_warp_specialised and dtype0 and 128 and False and free) or garbage_offsets" ;;
     gdpa_ws_bench)
       step bench_gdpa_default 120 $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
-      step bench_gdpa_ws 120 env ATTNKIT_GDPA_FWD_WS=require $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0 ;;
+      step bench_gdpa_ws 120 env ATTNKIT_GDPA_FWD_WS=require $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
+      step bench_gdpa_ws_pp 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=1 \
+        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0 ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

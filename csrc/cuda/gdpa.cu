@@ -64,6 +64,12 @@ FwdWsMode fwd_ws_mode() {
   return FwdWsMode::kOff;
 }
 
+// ATTNKIT_GDPA_FWD_WS_PINGPONG=1: its consumer warpgroups take turns issuing products (FA3).
+bool fwd_ws_ping_pong() {
+  const char* e = std::getenv("ATTNKIT_GDPA_FWD_WS_PINGPONG");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
 // address them (misaligned base or strides: the caller keeps the cp.async kernel).
@@ -186,7 +192,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       if (ws_mode != FwdWsMode::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
-        return launch_gdpa_fwd_ws<T>(p, maps, mq, stream);
+        return launch_gdpa_fwd_ws<T>(p, maps, mq, fwd_ws_ping_pong(), stream);
       }
 #endif
       if (use_wgmma(p.D)) {

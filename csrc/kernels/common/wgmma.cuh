@@ -104,6 +104,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// This thread's arrival at barrier `id` without waiting: with named_barrier_sync on the same id
+// by other warps it hands a turn from one warpgroup to another (producer / consumer ordering).
+ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Shared memory written by the generic proxy (st.shared, cp.async) must be fenced before the
 // tensor cores (async proxy) read it; each writing thread fences, then the CTA synchronises.
 ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {

@@ -11,10 +11,16 @@
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
 //     and per key tile j issue S_j = Q·K_jᵀ (ss) and then O += P_{j-1}·V_{j-1} (rs), wait for S_j
 //     only, compute P_j = φ(pre·S_j) while the tensor cores run P_{j-1}·V_{j-1}, and pack P_j.
-//     The two consumer warpgroups are not explicitly ping-ponged (FA3's named-barrier
-//     scheduling): they only meet once per query tile (below), so they drift apart and their
-//     activations overlap the other's products on their own. Ping-pong is the next step if the
-//     profile shows them issuing in lockstep.
+//     kPingPong = false: the two consumer warpgroups are not scheduled; they only meet once per
+//     query tile (below), so they drift apart and their activations overlap the other's products
+//     on their own. kPingPong = true (ATTNKIT_GDPA_FWD_WS_PINGPONG=1): FA3's scheme, two named
+//     barriers (kTurnBar + warpgroup) pass a turn: a warpgroup issues its products for a key tile
+//     only after the other one has issued its own (bar.sync on its barrier, then bar.arrive on
+//     the other's), so the tensor cores alternate between the warpgroups while the one that just
+//     issued computes its activation. Warpgroup 1 starts by arriving on warpgroup 0's barrier; both
+//     take exactly one turn per key tile and one for the last P·V of a query tile, so the counts
+//     always match (the final arrival is left pending when the CTA exits, which is harmless).
+//     Which schedule is faster is for the GPU to say; both are tested.
 //
 // Barriers (mbarriers, kernels/common/bulk_copy.cuh): full_q / full_k[s] / full_v[s] complete
 // when the producer's expect_tx bytes landed (K and V apart, so S_j can start before V_j lands);
@@ -71,6 +77,9 @@ struct FwdWsTraits {
   static constexpr int kTileBytes = 2 * kBoxBytes;           // a 128 x 128 Q, K or V tile
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
+  // Named barriers (0 is __syncthreads): the last V tile's zero fill, then one turn per consumer.
+  static constexpr int kZeroBar = 1;
+  static constexpr int kTurnBar = 2;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
   static constexpr int kSmemBytes = 1024 + kTileBytes * (1 + 2 * kStages);
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
@@ -82,7 +91,7 @@ struct FwdWsMaps {
   CUtensorMap q, k, v;
 };
 
-template <typename T>
+template <typename T, bool kPingPong>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     gdpa_fwd_ws_kernel(const FwdParams p, const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
@@ -166,6 +175,15 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                  sv_addr = mma::smem_addr(sv);
   T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
   uint32_t g = 0, qn = 0;
+  constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
+  // Ping-pong: wait for this warpgroup's turn to issue products / hand the turn to the other.
+  auto take_turn = [&] {
+    if constexpr (kPingPong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kConsumerThreads);
+  };
+  auto pass_turn = [&] {
+    if constexpr (kPingPong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg ^ 1), kConsumerThreads);
+  };
+  if (kPingPong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
 
   for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
@@ -184,6 +202,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       bulk::wait(full_k + stage, (slot / S) & 1);
 
       float s[BN / 8][4];
+      take_turn();
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -200,8 +219,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
         }
         wgmma::commit();
+        pass_turn();
         wgmma::wait<1>();  // S_j done; P_{j-1}·V_{j-1} may still run
       } else {
+        pass_turn();
         wgmma::wait<0>();
       }
       wgmma::fence_regs(s);
@@ -227,14 +248,15 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       // column blocks, so the swizzle does not matter), then make the writes visible to the
       // tensor cores of both consumer warpgroups.
       const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
-      for (int c = ctid; c < chunks; c += 128 * Tr::kConsumerWarpGroups) {
+      for (int c = ctid; c < chunks; c += kConsumerThreads) {
         const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
         *reinterpret_cast<uint4*>(sv_last + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
             make_uint4(0, 0, 0, 0);
       }
       bulk::fence_proxy_async();
-      wgmma::named_barrier_sync(1, 128 * Tr::kConsumerWarpGroups);
+      wgmma::named_barrier_sync(Tr::kZeroBar, kConsumerThreads);
     }
+    take_turn();
     wgmma::fence();
     const uint32_t sv_l = sv_addr + ls * Tr::kTileBytes;
 #pragma unroll
@@ -242,6 +264,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
     }
     wgmma::commit();
+    pass_turn();
     wgmma::wait<0>();
     wgmma::fence_regs(acc_o);
     if (lane == 0) bulk::arrive(empty_kv + ls);
@@ -255,9 +278,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
 template <typename T>
 cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int max_seq_len_q,
-                               cudaStream_t stream) {
+                               bool ping_pong, cudaStream_t stream) {
   using Tr = FwdWsTraits;
-  auto kernel = gdpa_fwd_ws_kernel<T>;
+  auto kernel = ping_pong ? gdpa_fwd_ws_kernel<T, true> : gdpa_fwd_ws_kernel<T, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
