@@ -64,13 +64,13 @@ FwdWsMode fwd_ws_mode() {
   return FwdWsMode::kOff;
 }
 
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // ATTNKIT_GDPA_FWD_WS_PINGPONG=1: its consumer warpgroups take turns issuing products (FA3).
 bool fwd_ws_ping_pong() {
   const char* e = std::getenv("ATTNKIT_GDPA_FWD_WS_PINGPONG");
   return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
-#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
 // address them (misaligned base or strides: the caller keeps the cp.async kernel).
 bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
