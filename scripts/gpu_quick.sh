@@ -8,8 +8,8 @@
 #
 # Not in the default list: the opt-in warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
-# (gdpa_ws_bench runs bench_gdpa.py three times: the default forward, ATTNKIT_GDPA_FWD_WS=require,
-# and the same with ATTNKIT_GDPA_FWD_WS_PINGPONG=1).
+# (gdpa_ws_bench runs bench_gdpa.py four times: the default forward, ATTNKIT_GDPA_FWD_WS=require,
+# and the same with ATTNKIT_GDPA_FWD_WS_PINGPONG=1, then with ATTNKIT_GDPA_FWD_WS_PERSISTENT=0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -58,6 +58,8 @@ for s in $QUICK; do
       step bench_gdpa_default 120 $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
       step bench_gdpa_ws 120 env ATTNKIT_GDPA_FWD_WS=require $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
       step bench_gdpa_ws_pp 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=1 \
+        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
+      step bench_gdpa_ws_grid 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 \
         $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0 ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac

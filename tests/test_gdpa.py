@@ -155,19 +155,21 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
-@pytest.mark.parametrize("schedule", ["free", "pingpong"])
+@pytest.mark.parametrize("schedule", ["free", "pingpong", "grid"])
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeypatch):
     """The opt-in warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_GDPA_FWD_WS), with its
-    consumer warpgroups unscheduled or taking turns (ATTNKIT_GDPA_FWD_WS_PINGPONG=1). "require"
+    consumer warpgroups unscheduled or taking turns (ATTNKIT_GDPA_FWD_WS_PINGPONG=1), on its
+    persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
     makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
     follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
     last offset); lengths 0, 1, 77, 128, 129, 300, 1000, query and key lengths that differ, GQA 2;
     D = 80 is the padded head dim (columns past D land as zeros)."""
     monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
     monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "1" if schedule == "pingpong" else "0")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
     lens = [0, 1, 77, 128, 129, 300, 1000]
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
         for act in ["fast_gelu", "raw"]:

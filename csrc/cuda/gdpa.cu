@@ -65,10 +65,13 @@ FwdWsMode fwd_ws_mode() {
 }
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// ATTNKIT_GDPA_FWD_WS_PINGPONG=1: its consumer warpgroups take turns issuing products (FA3).
-bool fwd_ws_ping_pong() {
-  const char* e = std::getenv("ATTNKIT_GDPA_FWD_WS_PINGPONG");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+// Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=1, the
+// consumer warpgroups take turns issuing products (FA3); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one
+// CTA per work item instead of one per SM.
+bool env_flag(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  return std::strcmp(e, "0") != 0;
 }
 
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
@@ -192,7 +195,8 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       if (ws_mode != FwdWsMode::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
-        return launch_gdpa_fwd_ws<T>(p, maps, mq, fwd_ws_ping_pong(), stream);
+        return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", false),
+                                     env_flag("ATTNKIT_GDPA_FWD_WS_PERSISTENT", true), stream);
       }
 #endif
       if (use_wgmma(p.D)) {

@@ -37,9 +37,16 @@
 // before the last P·V), since 0 · NaN would still be NaN. Padded head dims (D < 128) are the
 // map's extent: columns past D land as zeros. Causal masking as fwd_wgmma.cuh.
 //
-// The grid and its order are fwd_wgmma.cuh's (cta_item: query tiles fastest, striding over the
-// tiles of sequences longer than the hint), so the CTAs that read one sequence's K/V run together.
+// Work items are fwd_wgmma.cuh's, in its order (cta_item: query tiles fastest, then heads, then
+// sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
+// read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
+// striding over the items with step gridDim.x; ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 launches one CTA
+// per item instead): the producer then loads the next item's Q, K and V while the consumers
+// finish the current one, instead of every short CTA paying its start-up latency (L = 256 is two
+// key tiles per item). Both roles walk the same items and tiles, so the barrier counts match.
 #pragma once
+
+#include <algorithm>
 
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
@@ -93,7 +100,8 @@ struct FwdWsMaps {
 
 template <typename T, bool kPingPong>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
-    gdpa_fwd_ws_kernel(const FwdParams p, const __grid_constant__ CUtensorMap map_q,
+    gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles,
+                       const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v) {
 #if ATTNKIT_HAS_WGMMA
@@ -104,8 +112,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;
-  unsigned char* sk = sq + Tr::kTileBytes;       // [kStages] K tiles
-  unsigned char* sv = sk + S * Tr::kTileBytes;   // [kStages] V tiles
+  unsigned char* sk = sq + Tr::kTileBytes;      // [kStages] K tiles
+  unsigned char* sv = sk + S * Tr::kTileBytes;  // [kStages] V tiles
 
   __shared__ uint64_t bars[2 + 3 * S];
   uint64_t* full_q = bars;
@@ -127,10 +135,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   }
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
-  const CtaItem it = cta_item(p.H, p.B);
-  const int b = it.b, h = it.z, hk = h / (p.H / p.Hkv);
-  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
-  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  const int64_t items = int64_t(q_tiles) * p.H * p.B;
+  const int group = p.H / p.Hkv;
 
   if (tid < 128) {  // producer warpgroup
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
@@ -139,30 +145,36 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     tma::prefetch_map(&map_k);
     tma::prefetch_map(&map_v);
     uint32_t g = 0, qn = 0;  // key tiles / query tiles this CTA has loaded so far
-    for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
-      const int i0 = tile * BM;
-      const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
-      const int n_tiles = (kv_end + BN - 1) / BN;
-      if (n_tiles == 0) continue;  // the consumers skip it too
-      if (qn > 0) bulk::wait(empty_q, (qn - 1) & 1);
-      bulk::arrive_expect_tx(full_q, Tr::kTileBytes);
-      tma::load_3d(sq, &map_q, 0, h, qs.begin + i0, full_q);
-      tma::load_3d(sq + Tr::kBoxBytes, &map_q, Tr::kBoxCols, h, qs.begin + i0, full_q);
-      ++qn;
-      for (int t = 0; t < n_tiles; ++t) {
-        const uint32_t slot = g + t, stage = slot % S;
-        if (slot >= S) bulk::wait(empty_kv + stage, (slot / S - 1) & 1);
-        const int row = ks.begin + t * BN;
-        unsigned char* k_dst = sk + stage * Tr::kTileBytes;
-        unsigned char* v_dst = sv + stage * Tr::kTileBytes;
-        bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
-        tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
-        tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
-        bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
-        tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
-        tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const CtaItem it = cta_item_at(item, q_tiles, p.H);
+      const int h = it.z, hk = h / group;
+      const SeqRange qs = seq_range(p.q_offsets, it.b, p.Tq);
+      const SeqRange ks = seq_range(p.kv_offsets, it.b, p.Tk);
+      for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
+        const int i0 = tile * BM;
+        const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+        const int n_tiles = (kv_end + BN - 1) / BN;
+        if (n_tiles == 0) continue;  // the consumers skip it too
+        if (qn > 0) bulk::wait(empty_q, (qn - 1) & 1);
+        bulk::arrive_expect_tx(full_q, Tr::kTileBytes);
+        tma::load_3d(sq, &map_q, 0, h, qs.begin + i0, full_q);
+        tma::load_3d(sq + Tr::kBoxBytes, &map_q, Tr::kBoxCols, h, qs.begin + i0, full_q);
+        ++qn;
+        for (int t = 0; t < n_tiles; ++t) {
+          const uint32_t slot = g + t, stage = slot % S;
+          if (slot >= S) bulk::wait(empty_kv + stage, (slot / S - 1) & 1);
+          const int row = ks.begin + t * BN;
+          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
+          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
+          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
+          tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
+          tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
+          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
+          tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
+          tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
+        }
+        g += n_tiles;
       }
-      g += n_tiles;
     }
     return;
   }
@@ -173,7 +185,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t sq_addr = mma::smem_addr(sq), sk_addr = mma::smem_addr(sk),
                  sv_addr = mma::smem_addr(sv);
-  T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
   uint32_t g = 0, qn = 0;
   constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
   // Ping-pong: wait for this warpgroup's turn to issue products / hand the turn to the other.
@@ -185,107 +196,124 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   };
   if (kPingPong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
 
-  for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
-    const int i0 = tile * BM;
-    const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
-    const int n_tiles = (kv_end + BN - 1) / BN;
-    if (n_tiles == 0) continue;  // no keys: the launcher zero-filled the output
-    float acc_o[D / 8][4];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const CtaItem it = cta_item_at(item, q_tiles, p.H);
+    const int h = it.z;
+    const SeqRange qs = seq_range(p.q_offsets, it.b, p.Tq);
+    const SeqRange ks = seq_range(p.kv_offsets, it.b, p.Tk);
+    T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
+    for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
+      const int i0 = tile * BM;
+      const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+      const int n_tiles = (kv_end + BN - 1) / BN;
+      if (n_tiles == 0) continue;  // no keys: the launcher zero-filled the output
+      float acc_o[D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+      for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
 
-    bulk::wait(full_q, qn & 1);
-    uint32_t pa[BN / 16][4];  // P_{j-1}, the A operand of the delayed P·V
-    for (int j = 0; j < n_tiles; ++j) {
-      const int j0 = j * BN;
-      const uint32_t slot = g + j, stage = slot % S;
-      bulk::wait(full_k + stage, (slot / S) & 1);
+      bulk::wait(full_q, qn & 1);
+      uint32_t pa[BN / 16][4];  // P_{j-1}, the A operand of the delayed P·V
+      for (int j = 0; j < n_tiles; ++j) {
+        const int j0 = j * BN;
+        const uint32_t slot = g + j, stage = slot % S;
+        bulk::wait(full_k + stage, (slot / S) & 1);
 
-      float s[BN / 8][4];
-      take_turn();
-      wgmma::fence();
+        float s[BN / 8][4];
+        take_turn();
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_addr, wg * 64, kk),
-                            wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk), kk > 0);
-      }
-      wgmma::commit();
-      if (j > 0) {
-        const uint32_t prev = (slot - 1) % S;
-        bulk::wait(full_v + prev, ((slot - 1) / S) & 1);
-        const uint32_t sv_prev = sv_addr + prev * Tr::kTileBytes;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_addr, wg * 64, kk),
+                              wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
+                              kk > 0);
         }
         wgmma::commit();
-        pass_turn();
-        wgmma::wait<1>();  // S_j done; P_{j-1}·V_{j-1} may still run
-      } else {
-        pass_turn();
-        wgmma::wait<0>();
-      }
-      wgmma::fence_regs(s);
-
-      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
-      const int r0 = i0 + warp_row0;
-      if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
-      if (j0 + BN > ks.len) mask_cols_from(s, ks.len - j0);  // keys of the next sequence
-      wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: pa may be overwritten, tile j - 1 released
-      wgmma::fence_regs(acc_o);
-      if (j > 0 && lane == 0) bulk::arrive(empty_kv + (slot - 1) % S);
-      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
-    }
-    // Every S of this query tile is done (the wait<0> above): Q may be replaced.
-    if (lane == 0) bulk::arrive(empty_q);
-
-    const uint32_t last = g + n_tiles - 1, ls = last % S;
-    bulk::wait(full_v + ls, (last / S) & 1);
-    unsigned char* sv_last = sv + ls * Tr::kTileBytes;
-    const int v_rows = ks.len - (n_tiles - 1) * BN;  // V rows of this sequence in the last tile
-    if (v_rows < BN) {
-      // Rows [v_rows, BN) came from the next sequence: zero them (whole 128-byte rows of both
-      // column blocks, so the swizzle does not matter), then make the writes visible to the
-      // tensor cores of both consumer warpgroups.
-      const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
-      for (int c = ctid; c < chunks; c += kConsumerThreads) {
-        const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
-        *reinterpret_cast<uint4*>(sv_last + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
-            make_uint4(0, 0, 0, 0);
-      }
-      bulk::fence_proxy_async();
-      wgmma::named_barrier_sync(Tr::kZeroBar, kConsumerThreads);
-    }
-    take_turn();
-    wgmma::fence();
-    const uint32_t sv_l = sv_addr + ls * Tr::kTileBytes;
+        if (j > 0) {
+          const uint32_t prev = (slot - 1) % S;
+          bulk::wait(full_v + prev, ((slot - 1) / S) & 1);
+          const uint32_t sv_prev = sv_addr + prev * Tr::kTileBytes;
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+          }
+          wgmma::commit();
+          pass_turn();
+          wgmma::wait<1>();  // S_j done; P_{j-1}·V_{j-1} may still run
+        } else {
+          pass_turn();
+          wgmma::wait<0>();
+        }
+        wgmma::fence_regs(s);
+
+        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+        const int r0 = i0 + warp_row0;
+        if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
+        if (j0 + BN > ks.len) mask_cols_from(s, ks.len - j0);  // keys of the next sequence
+        wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: pa may be overwritten, tile j - 1 released
+        wgmma::fence_regs(acc_o);
+        if (j > 0 && lane == 0) bulk::arrive(empty_kv + (slot - 1) % S);
+        pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
+      }
+      // Every S of this query tile is done (the wait<0> above): Q may be replaced.
+      if (lane == 0) bulk::arrive(empty_q);
+
+      const uint32_t last = g + n_tiles - 1, ls = last % S;
+      bulk::wait(full_v + ls, (last / S) & 1);
+      unsigned char* sv_last = sv + ls * Tr::kTileBytes;
+      const int v_rows = ks.len - (n_tiles - 1) * BN;  // V rows of this sequence in the last tile
+      if (v_rows < BN) {
+        // Rows [v_rows, BN) came from the next sequence: zero them (whole 128-byte rows of both
+        // column blocks, so the swizzle does not matter), then make the writes visible to the
+        // tensor cores of both consumer warpgroups.
+        const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
+        for (int c = ctid; c < chunks; c += kConsumerThreads) {
+          const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
+          *reinterpret_cast<uint4*>(sv_last + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
+              make_uint4(0, 0, 0, 0);
+        }
+        bulk::fence_proxy_async();
+        wgmma::named_barrier_sync(Tr::kZeroBar, kConsumerThreads);
+      }
+      take_turn();
+      wgmma::fence();
+      const uint32_t sv_l = sv_addr + ls * Tr::kTileBytes;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+      }
+      wgmma::commit();
+      pass_turn();
+      wgmma::wait<0>();
+      wgmma::fence_regs(acc_o);
+      if (lane == 0) bulk::arrive(empty_kv + ls);
+      g += n_tiles;
+      ++qn;
+      store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp_row0, qs.len - i0, 0, p.D,
+                       acc_o, p.qk_scale);
     }
-    wgmma::commit();
-    pass_turn();
-    wgmma::wait<0>();
-    wgmma::fence_regs(acc_o);
-    if (lane == 0) bulk::arrive(empty_kv + ls);
-    g += n_tiles;
-    ++qn;
-    store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp_row0, qs.len - i0, 0, p.D,
-                     acc_o, p.qk_scale);
   }
 #endif
 }
 
 template <typename T>
 cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int max_seq_len_q,
-                               bool ping_pong, cudaStream_t stream) {
+                               bool ping_pong, bool persistent, cudaStream_t stream) {
   using Tr = FwdWsTraits;
   auto kernel = ping_pong ? gdpa_fwd_ws_kernel<T, true> : gdpa_fwd_ws_kernel<T, false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Tr::kSmemBytes);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v);
+  const unsigned items = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
+  const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
+  unsigned grid = items;
+  if (persistent) {  // one CTA per SM (the shared memory allows no second one)
+    int dev = 0, sms = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return err;
+    grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
+  }
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, q_tiles, maps.q, maps.k, maps.v);
   return cudaGetLastError();
 }
 
