@@ -152,6 +152,7 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
     assert out.dtype == q.dtype
     assert_close(out, ref, q.dtype, f"{what} ({act}, causal={causal})")
     assert (out[qo[-1]:] == 0).all(), f"{what}: rows past the last sequence must be 0"
+    return out
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
@@ -174,7 +175,10 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeyp
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
         for act in ["fast_gelu", "raw"]:
             args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
-            check_forward(*args, act, causal, "poisoned jagged")
+            out = check_forward(*args, act, causal, "poisoned jagged")
+            # Hints below the lengths: each work item strides over its sequence's query tiles.
+            small = attnkit.gdpa(*args[:5], 1, 1, act, 0.5, pre_scale=0.7, causal=causal)
+            assert torch.equal(out, small), "hints changed the result"
     # Non-contiguous views the copy engine can address: q as [H, T, D] transposed, k and v as
     # column slices of wider rows.
     T = 700
@@ -184,6 +188,19 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeyp
     k = (torch.randn(T, 2, D + 64, device="cuda", dtype=dtype) * 0.5)[:, :, :D]
     v = (torch.randn(T, 2, D + 32, device="cuda", dtype=dtype) * 0.5)[:, :, 16:16 + D]
     check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views")
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
+    """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
+    bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    q, k, v, *_ = make_inputs("cuda", torch.bfloat16, [40, 40], D=128)
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+        o = torch.tensor(off, device="cuda", dtype=torch.int64)
+        out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
