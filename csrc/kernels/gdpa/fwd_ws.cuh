@@ -19,7 +19,7 @@
 //     the other's), so the tensor cores alternate between the warpgroups while the one that just
 //     issued computes its activation. Warpgroup 1 starts by arriving on warpgroup 0's barrier; both
 //     take exactly one turn per key tile and one for the last P·V of a query tile, so the counts
-//     always match (the final arrival is left pending when the CTA exits, which is harmless).
+//     always match; warpgroup 0 takes one more turn at the end to consume the last hand-over.
 //     Which schedule is faster is for the GPU to say; both are tested.
 //
 // Barriers (mbarriers, kernels/common/bulk_copy.cuh): full_q / full_k[s] / full_v[s] complete
@@ -292,6 +292,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                        acc_o, p.qk_scale);
     }
   }
+  // Ping-pong: warpgroup 1's last hand-over (or its first, when there was no work) is still
+  // pending on warpgroup 0's barrier; take it so that no barrier is left half-arrived at exit.
+  if (kPingPong && wg == 0) take_turn();
 #endif
 }
 
