@@ -5,6 +5,11 @@
 # is printed last. Pick steps with QUICK (default: all, in this order):
 #
 #   QUICK="flash_tests flash_sanitize flash_bench window paged_env main" bash scripts/gpu_quick.sh
+#
+# Not in the default list: the opt-in warp-specialised GDPA forward (fwd_ws.cuh),
+#   QUICK="gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
+# (gdpa_ws_bench runs bench_gdpa.py four times: the default forward, ATTNKIT_GDPA_FWD_WS=require,
+# and the same with ATTNKIT_GDPA_FWD_WS_PINGPONG=1, then with ATTNKIT_GDPA_FWD_WS_PERSISTENT=0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -42,12 +47,26 @@ for s in $QUICK; do
     paged_env)
       step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
     main) step main 25 $PY -m attnkit ;;
+    gdpa_ws_tests)
+      step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
+        -k "warp_specialised or (forward_paths and default)" ;;
+    gdpa_ws_sanitize)
+      step gdpa_ws_sanitize 90 env ATTNKIT_GDPA_FWD_WS=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa.py -q -p no:xdist \
+        -k "(forward_warp_specialised and dtype0 and 128 and False and free) or garbage_offsets" ;;
+    gdpa_ws_bench)
+      step bench_gdpa_default 120 $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
+      step bench_gdpa_ws 120 env ATTNKIT_GDPA_FWD_WS=require $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
+      step bench_gdpa_ws_pp 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=1 \
+        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
+      step bench_gdpa_ws_grid 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 \
+        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0 ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
 for f in "$L"/bench_*.log "$L"/window.log; do  # the TFLOP/s tables, compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass" "$f" | head -n 10 | cut -c1-200; }
 done
-grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
+grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
 tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"
 printf '%s\n' "${SUMMARY[@]}"

@@ -104,18 +104,119 @@ def test_long_sequences_cross_tiles(device, causal, seed):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("path", ["default", "mma_sync"])
+@pytest.mark.parametrize("path", ["default", "mma_sync", "warp_specialised"])
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch):
-    """Both CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, and the
-    mma.sync kernel forced by ATTNKIT_GDPA_WGMMA=0) on several 128-row and 128-key tiles."""
+    """The CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, the
+    mma.sync kernel forced by ATTNKIT_GDPA_WGMMA=0, and the opt-in warp-specialised kernel,
+    ATTNKIT_GDPA_FWD_WS=1, where it can run) on several 128-row and 128-key tiles."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
+    if path == "warp_specialised":
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
     lens = [300, 129, 0, 1, 640, 127, 1000]
     run_and_check("cuda", dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
     run_and_check("cuda", dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
+
+
+# The warp-specialised forward needs an sm_90 device and a build with sm_90a code (setup.py's
+# ATTNKIT_CUDA_ARCHS, default "8.0;9.0a", the same variable at build and test time).
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";").split(";"))
+
+
+def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
+    """Jagged inputs whose every real sequence is followed by `gap` NaN key/value rows (a filler
+    sequence with no queries) and whose q has `gap` NaN rows past the last offset: a kernel that
+    lets a neighbour's keys or values reach P·V, or stores a row outside its sequence, gives NaN."""
+    ql, kl, poison_kv = [], [], []
+    for lq, lk in zip(q_lens, kv_lens):
+        ql += [lq, 0]
+        kl += [lk, gap]
+        poison_kv += [False] * lk + [True] * gap
+    mk = lambda T, h: torch.randn(T, h, D, device="cuda", dtype=dtype) * 0.5
+    q, k, v = mk(sum(ql) + gap, H), mk(sum(kl), Hkv), mk(sum(kl), Hkv)
+    bad = torch.tensor(poison_kv, device="cuda")
+    k[bad] = float("nan")
+    v[bad] = float("nan")
+    q[sum(ql):] = float("nan")
+    return q, k, v, offsets_of(ql, "cuda"), offsets_of(kl, "cuda"), max(ql), max(kl)
+
+
+def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_scale=0.7):
+    poison_allocator("cuda")
+    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    ref = gdpa_ref(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    assert out.dtype == q.dtype
+    assert_close(out, ref, q.dtype, f"{what} ({act}, causal={causal})")
+    assert (out[qo[-1]:] == 0).all(), f"{what}: rows past the last sequence must be 0"
+    return out
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+@pytest.mark.parametrize("schedule", ["free", "pingpong", "grid"])
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeypatch):
+    """The opt-in warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_GDPA_FWD_WS), with its
+    consumer warpgroups unscheduled or taking turns (ATTNKIT_GDPA_FWD_WS_PINGPONG=1), on its
+    persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
+    makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
+    follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
+    last offset); lengths 0, 1, 77, 128, 129, 300, 1000, query and key lengths that differ, GQA 2;
+    D = 80 is the padded head dim (columns past D land as zeros)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "1" if schedule == "pingpong" else "0")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
+    lens = [0, 1, 77, 128, 129, 300, 1000]
+    for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
+        for act in ["fast_gelu", "raw"]:
+            args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
+            out = check_forward(*args, act, causal, "poisoned jagged")
+            # Hints below the lengths: each work item strides over its sequence's query tiles.
+            small = attnkit.gdpa(*args[:5], 1, 1, act, 0.5, pre_scale=0.7, causal=causal)
+            assert torch.equal(out, small), "hints changed the result"
+    # Non-contiguous views the copy engine can address: q as [H, T, D] transposed, k and v as
+    # column slices of wider rows.
+    T = 700
+    qo = offsets_of([300, 0, 129, 271], "cuda")
+    ko = offsets_of([257, 3, 200, 240], "cuda")
+    q = (torch.randn(4, T, D, device="cuda", dtype=dtype) * 0.5).transpose(0, 1)
+    k = (torch.randn(T, 2, D + 64, device="cuda", dtype=dtype) * 0.5)[:, :, :D]
+    v = (torch.randn(T, 2, D + 32, device="cuda", dtype=dtype) * 0.5)[:, :, 16:16 + D]
+    check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views")
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
+    """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
+    bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    q, k, v, *_ = make_inputs("cuda", torch.bfloat16, [40, 40], D=128)
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+        o = torch.tensor(off, device="cuda", dtype=torch.int64)
+        out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
+    """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
+    express, head dim 64) ATTNKIT_GDPA_FWD_WS=1 keeps the wgmma kernel with the same results, and
+    "require" says so."""
+    for D in (128, 64):
+        q, k, v, qo, ko, mq, mk = make_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2, D=D)
+        if D == 128:
+            k, v = k[:, :1].expand(-1, 2, -1), v[:, :1].expand(-1, 2, -1)  # head stride 0
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
+        check_forward(q, k, v, qo, ko, mq, mk, "fast_gelu", True, f"fallback D={D}")
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+        with pytest.raises(RuntimeError, match="ATTNKIT_GDPA_FWD_WS=require"):
+            attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,9 @@
 #include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
+#include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
+#include "tma_map.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -48,6 +50,46 @@ bool use_wgmma(int64_t D) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;
 }
+
+// The warp-specialised Hopper forward (fwd_ws.cuh), opt-in until validated on a GPU:
+// ATTNKIT_GDPA_FWD_WS=1 takes it wherever it can run (read at every call); "require" also makes
+// the call fail when it cannot, so tests and benchmarks know which kernel ran.
+enum class FwdWsMode { kOff, kOn, kRequire };
+
+FwdWsMode fwd_ws_mode() {
+  const char* e = std::getenv("ATTNKIT_GDPA_FWD_WS");
+  if (e == nullptr) return FwdWsMode::kOff;
+  if (std::strcmp(e, "1") == 0) return FwdWsMode::kOn;
+  if (std::strcmp(e, "require") == 0) return FwdWsMode::kRequire;
+  return FwdWsMode::kOff;
+}
+
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+// Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=1, the
+// consumer warpgroups take turns issuing products (FA3); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one
+// CTA per work item instead of one per SM.
+bool env_flag(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  return std::strcmp(e, "0") != 0;
+}
+
+// Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
+// address them (misaligned base or strides: the caller keeps the cp.async kernel).
+bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
+  using Tr = FwdWsTraits;
+  const uint32_t box[3] = {Tr::kBoxCols, 1, Tr::kBoxRows};
+  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
+                    int64_t row_stride, int64_t head_stride) {
+    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
+    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
+    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
+  };
+  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride) &&
+         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride) &&
+         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride);
+}
+#endif
 
 // The Hopper backward (bwd_wgmma.cuh): where the wgmma forward runs, for padded head dim 128.
 // ATTNKIT_GDPA_WGMMA_BWD=0 (or ATTNKIT_GDPA_WGMMA=0) forces the mma.sync kernels.
@@ -138,6 +180,8 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const FwdWsMode ws_mode = fwd_ws_mode();
+  bool ws_ran = false;
 
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
@@ -145,6 +189,16 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       return launch_gdpa_fwd_simple<T>(p, mq, stream);
     } else {
       if (!tc) return launch_gdpa_fwd_simple<T>(p, mq, stream);
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+      // Where the wgmma forward would run, for padded head dim 128, when the maps can be built.
+      FwdWsMaps maps;
+      if (ws_mode != FwdWsMode::kOff && p.D > 64 && use_wgmma(p.D) &&
+          fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
+        ws_ran = true;
+        return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", false),
+                                     env_flag("ATTNKIT_GDPA_FWD_WS_PERSISTENT", true), stream);
+      }
+#endif
       if (use_wgmma(p.D)) {
         if (p.D <= 64) return launch_gdpa_fwd_wgmma<T, 64>(p, mq, stream);
         return launch_gdpa_fwd_wgmma<T, 128>(p, mq, stream);
@@ -153,6 +207,11 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
     }
   });
   C10_CUDA_CHECK(err);
+  ATTNKIT_CHECK(ws_mode != FwdWsMode::kRequire || ws_ran,
+                "ATTNKIT_GDPA_FWD_WS=require: the warp-specialised forward cannot take this call "
+                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and q, k, v "
+                "with 16-byte aligned data and head/row strides); dtype ", q.scalar_type(),
+                ", head dim ", D);
   if (o.size(2) != D) out.copy_(o.narrow(2, 0, D));
   return out;
 }

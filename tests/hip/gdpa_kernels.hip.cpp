@@ -6,7 +6,12 @@
 #include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
+#include "kernels/gdpa/fwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
 #include "kernels/gdpa/simple.cuh"
+
+#if ATTNKIT_HAS_FWD_WS
+#error "fwd_ws.cuh must compile to nothing under HIP"
+#endif
 
 namespace attnkit {
 namespace gdpa {

@@ -57,6 +57,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void arrive_expect_tx(uint64_t* bar, uint32_t byte
                : "memory");
 }
 
+// A plain arrival (e.g. a consumer warp releasing a stage it has finished reading).
+ATTNKIT_DEVICE ATTNKIT_INLINE void arrive(uint64_t* bar) {
+  ATTNKIT_BULK_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mma::smem_addr(bar)) : "memory");
+}
+
 // Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) into shared memory, counted
 // off `bar`.
 ATTNKIT_DEVICE ATTNKIT_INLINE void copy(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar) {

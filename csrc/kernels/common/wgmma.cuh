@@ -92,6 +92,24 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Warp-specialised kernels: a warpgroup gives registers back (a producer that only issues copies)
+// or takes them (the math warpgroups), so that the CTA's launch-time share is redistributed.
+// Every thread of the warpgroup executes it; kRegs is a multiple of 8 in [24, 256].
+template <int kRegs>
+ATTNKIT_DEVICE ATTNKIT_INLINE void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+ATTNKIT_DEVICE ATTNKIT_INLINE void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// This thread's arrival at barrier `id` without waiting: with named_barrier_sync on the same id
+// by other warps it hands a turn from one warpgroup to another (producer / consumer ordering).
+ATTNKIT_DEVICE ATTNKIT_INLINE void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Shared memory written by the generic proxy (st.shared, cp.async) must be fenced before the
 // tensor cores (async proxy) read it; each writing thread fences, then the CTA synchronises.
 ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {

@@ -66,6 +66,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE CtaItem cta_item(int zs, int B) {
 }
 #endif
 
+// Work item x of the same enumeration, for kernels that stride over the items themselves
+// (persistent grids): `tiles` query tiles per (z, sequence).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE CtaItem cta_item_at(int64_t x, int tiles, int zs) {
+  return {int(x % tiles), int((x / tiles) % zs), int(x / tiles / zs), tiles};
+}
+
 // Grid size for cta_item: tiles x zs x B CTAs, the tile count clamped so the grid fits in x.
 inline unsigned cta_grid(int64_t tiles, int64_t zs, int64_t B) {
   const int64_t cap = (int64_t(1) << 31) - 1;

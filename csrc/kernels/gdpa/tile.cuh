@@ -121,6 +121,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0)
     }
 }
 
+// Zeroes accumulator entries of columns >= col_end (local column index of the tile), e.g. keys
+// past the sequence that a tensor-map copy brought in from the next one (possibly inf / NaN).
+template <int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void mask_cols_from(float (&c)[N][4], int col_end) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (nt * 8 + (lane & 3) * 2 + (e & 1) >= col_end) c[nt][e] = 0.f;
+    }
+}
+
 // Stores a warp's 16 x DN accumulator tile (times `scale`) to rows [row0, row0 + 16) of a
 // strided global tensor, skipping rows >= rows_valid and cols >= d_valid.
 template <typename T, int DN>
