@@ -48,10 +48,10 @@ for s in $QUICK; do
       step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
     main) step main 25 $PY -m attnkit ;;
     gdpa_ws_tests)
-      step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
+      step gdpa_ws_tests 120 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
         -k "warp_specialised or (forward_paths and default)" ;;
     gdpa_ws_sanitize)
-      step gdpa_ws_sanitize 90 env ATTNKIT_GDPA_FWD_WS=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      step gdpa_ws_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 ATTNKIT_GDPA_FWD_WS=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa.py -q -p no:xdist \
         -k "(forward_warp_specialised and dtype0 and 128 and False and free) or garbage_offsets" ;;
     gdpa_ws_bench)

@@ -115,6 +115,8 @@ def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
     if path == "warp_specialised":
+        if not EXPERIMENTAL:
+            pytest.skip(WS_WHY)
         monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
     lens = [300, 129, 0, 1, 640, 127, 1000]
     run_and_check("cuda", dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
@@ -125,6 +127,12 @@ def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch
 # ATTNKIT_CUDA_ARCHS, default "8.0;9.0a", the same variable at build and test time).
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";").split(";"))
+# Until it has run on a GPU once, its tests run only when asked (ATTNKIT_TEST_EXPERIMENTAL=1, as
+# `QUICK=gdpa_ws_tests bash scripts/gpu_quick.sh` does, under a timeout): a wrong barrier phase
+# hangs rather than fails, and must not stall the whole suite. Remove the gate once they pass.
+EXPERIMENTAL = os.environ.get("ATTNKIT_TEST_EXPERIMENTAL", "0") == "1"
+WS_READY = HOPPER and EXPERIMENTAL
+WS_WHY = "the opt-in warp-specialised forward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
 
 
 def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
@@ -155,7 +163,7 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
     return out
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("schedule", ["free", "pingpong", "grid"])
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -190,7 +198,7 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeyp
     check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views")
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
     """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
     bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
@@ -203,7 +211,7 @@ def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device (H100 / H200) and an sm_90a build")
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
     express, head dim 64) ATTNKIT_GDPA_FWD_WS=1 keeps the wgmma kernel with the same results, and
