@@ -64,8 +64,8 @@ for s in $QUICK; do
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
-for f in "$L"/bench_*.log "$L"/window.log; do  # the TFLOP/s tables, compactly
-  [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass" "$f" | head -n 10 | cut -c1-200; }
+for f in "$L"/bench_*.log "$L"/window.log; do  # the TFLOP/s tables (attention, GDPA), compactly
+  [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done
 grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
 tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"
