@@ -89,7 +89,10 @@ bool force_simt() {
 // ATTNKIT_PAGED_BULK=0 keeps the per-lane cp.async loads everywhere (A/B runs, tests).
 bool bulk_eligible(const DecodeParams& p) {
   const char* e = std::getenv("ATTNKIT_PAGED_BULK");
-  if ((e != nullptr && std::strcmp(e, "0") == 0) || !wgmma::kBuilt || at::cuda::getCurrentDeviceProperties()->major != 9) return false;
+  if ((e != nullptr && std::strcmp(e, "0") == 0) || !wgmma::kBuilt ||
+      at::cuda::getCurrentDeviceProperties()->major != 9) {
+    return false;
+  }
   const CacheStrides& c = p.cs;
   const bool keys = c.x == 8 && c.k_st == 8;
   const bool asm_values = c.v_tx == 8 && c.v_sd == 8 && c.v_stc == int64_t(p.D) * 8;

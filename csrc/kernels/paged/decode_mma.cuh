@@ -221,7 +221,9 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
           if (p.cs.k_sdc == TILE * 8) {
             bulk::copy(ks, k0, Tr::kTileElems * sizeof(T), bar);
           } else {
-            for (int c = 0; c < D / 8; ++c) bulk::copy(ks + c * TILE * 8, k0 + c * p.cs.k_sdc, TILE * 16, bar);
+            for (int c = 0; c < D / 8; ++c) {
+              bulk::copy(ks + c * TILE * 8, k0 + c * p.cs.k_sdc, TILE * 16, bar);
+            }
           }
           // ASM: token chunks in_off / 8 and the next are adjacent; vLLM (block size 16): the block.
           bulk::copy(vs, vb + int64_t(in_off / p.cs.v_tx) * p.cs.v_stc, Tr::kTileElems * sizeof(T), bar);
@@ -285,7 +287,9 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
         // anything, NaN included, and their zero probabilities must not meet them).
         for (int i = lane; i < TILE * D; i += 32) {
           const int t = i % TILE, d = i / TILE;
-          if (ts + t < lo || ts + t >= hi) vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+          if (ts + t < lo || ts + t >= hi) {
+            vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+          }
         }
         bulk::fence_proxy_async();  // these writes precede the copy engine's next refill
         __syncwarp();
