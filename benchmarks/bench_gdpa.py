@@ -45,6 +45,7 @@ def main():
     p.add_argument("--causal", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--chunk", type=int, default=128, help="batch chunk of the padded peers")
+    p.add_argument("--passes", default="fwd,bwd", help="which passes to time: fwd, bwd or both")
     args = p.parse_args()
     dev, dt = args.device, torch.bfloat16
     B, H, D, act = args.batch, args.heads, args.head_dim, args.activation
@@ -99,8 +100,9 @@ def main():
                         return F.scaled_dot_product_attention(*dense, is_causal=args.causal)
                 fwd[name] = (f, flops_d)
 
+            passes = args.passes.split(",")
             with torch.no_grad():
-                for name, (fn, fl) in fwd.items():
+                for name, (fn, fl) in (fwd.items() if "fwd" in passes else ()):
                     try:
                         ms = harness.time_ms(fn, dev, args.warmup, args.iters)
                         row[f"{name}_fwd"] = fl / ms / 1e9
@@ -113,7 +115,7 @@ def main():
                     with sdpa_kernel(backend):
                         return F.scaled_dot_product_attention(*dense, is_causal=args.causal)
                 bwd[name] = (f, dense, flops_d)
-            for name, (fn, inputs, fl) in bwd.items():
+            for name, (fn, inputs, fl) in (bwd.items() if "bwd" in passes else ()):
                 try:
                     o = fn()
                     go = torch.randn_like(o)

@@ -6,10 +6,11 @@
 #
 #   QUICK="flash_tests flash_sanitize flash_bench window paged_env main" bash scripts/gpu_quick.sh
 #
-# Not in the default list: the opt-in warp-specialised GDPA forward (fwd_ws.cuh),
-#   QUICK="gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
-# (gdpa_ws_bench runs bench_gdpa.py four times: the default forward, ATTNKIT_GDPA_FWD_WS=require,
-# and the same with ATTNKIT_GDPA_FWD_WS_PINGPONG=1, then with ATTNKIT_GDPA_FWD_WS_PERSISTENT=0).
+# Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
+#   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
+# (gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
+# then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, then ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
+# gdpa_bench is the whole bench_gdpa table (forward and backward, sparsity 1.0 and 0.5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -21,8 +22,12 @@ QUICK=${QUICK:-"flash_tests flash_sanitize flash_bench window paged_env main"}
 BENCH="--iters ${ITERS:-10} --warmup ${WARMUP:-3} --skip-eager --skip-compile"
 declare -a SUMMARY
 
+DEADLINE=${DEADLINE:-570}  # seconds from the start: a step that would begin later is skipped
 step() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then SUMMARY+=("$(printf '%-16s skipped (deadline)' "$name")"); return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" > "$L/$name.log" 2>&1
   local rc=$?
@@ -47,20 +52,24 @@ for s in $QUICK; do
     paged_env)
       step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
     main) step main 25 $PY -m attnkit ;;
+    gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE --durations=12 ;;
+    gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
+    flash_badoff_sanitize)
+      step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash.py -q -p no:xdist -k "bad_offsets and cuda" ;;
     gdpa_ws_tests)
-      step gdpa_ws_tests 120 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
+      step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
         -k "warp_specialised or (forward_paths and default)" ;;
     gdpa_ws_sanitize)
-      step gdpa_ws_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 ATTNKIT_GDPA_FWD_WS=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa.py -q -p no:xdist \
-        -k "(forward_warp_specialised and dtype0 and 128 and False and free) or garbage_offsets" ;;
-    gdpa_ws_bench)
-      step bench_gdpa_default 120 $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
-      step bench_gdpa_ws 120 env ATTNKIT_GDPA_FWD_WS=require $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
-      step bench_gdpa_ws_pp 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=1 \
-        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0
-      step bench_gdpa_ws_grid 120 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 \
-        $PY benchmarks/bench_gdpa.py --skip-compile --sparsity 1.0 ;;
+        -k "(forward_warp_specialised and dtype0 and 128 and False and not grid) or garbage_offsets" ;;
+    gdpa_ws_bench)  # forward only: the variants differ in the forward alone
+      G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
+      step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G
+      step bench_gdpa_ws 60 env ATTNKIT_GDPA_FWD_WS=require $G
+      step bench_gdpa_ws_free 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=0 $G
+      step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

@@ -104,20 +104,19 @@ def test_long_sequences_cross_tiles(device, causal, seed):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("path", ["default", "mma_sync", "warp_specialised"])
+@pytest.mark.parametrize("path", ["default", "wgmma_cp_async", "mma_sync"])
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch):
-    """The CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, the
-    mma.sync kernel forced by ATTNKIT_GDPA_WGMMA=0, and the opt-in warp-specialised kernel,
-    ATTNKIT_GDPA_FWD_WS=1, where it can run) on several 128-row and 128-key tiles."""
+    """The CUDA tensor-core forwards on several 128-row and 128-key tiles: the default (on an sm_90
+    device with an sm_90a build, the warp-specialised kernel for head dims 65..128 and the cp.async
+    wgmma kernel below), the cp.async wgmma kernel (ATTNKIT_GDPA_FWD_WS=0) and the mma.sync kernel
+    (ATTNKIT_GDPA_WGMMA=0)."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
-    if path == "warp_specialised":
-        if not EXPERIMENTAL:
-            pytest.skip(WS_WHY)
-        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
+    if path == "wgmma_cp_async":
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "0")
     lens = [300, 129, 0, 1, 640, 127, 1000]
     run_and_check("cuda", dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
     run_and_check("cuda", dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
@@ -127,12 +126,8 @@ def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, seed, monkeypatch
 # ATTNKIT_CUDA_ARCHS, default "8.0;9.0a", the same variable at build and test time).
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";").split(";"))
-# Until it has run on a GPU once, its tests run only when asked (ATTNKIT_TEST_EXPERIMENTAL=1, as
-# `QUICK=gdpa_ws_tests bash scripts/gpu_quick.sh` does, under a timeout): a wrong barrier phase
-# hangs rather than fails, and must not stall the whole suite. Remove the gate once they pass.
-EXPERIMENTAL = os.environ.get("ATTNKIT_TEST_EXPERIMENTAL", "0") == "1"
-WS_READY = HOPPER and EXPERIMENTAL
-WS_WHY = "the opt-in warp-specialised forward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
+WS_READY = HOPPER
+WS_WHY = "the warp-specialised forward needs an sm_90 device and an sm_90a build"
 
 
 def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
@@ -169,8 +164,8 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeypatch):
-    """The opt-in warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_GDPA_FWD_WS), with its
-    consumer warpgroups unscheduled or taking turns (ATTNKIT_GDPA_FWD_WS_PINGPONG=1), on its
+    """The warp-specialised Hopper forward (fwd_ws.cuh), with its consumer warpgroups unscheduled
+    (ATTNKIT_GDPA_FWD_WS_PINGPONG=0) or taking turns (the default), on its
     persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
     makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
     follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
@@ -214,7 +209,7 @@ def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
-    express, head dim 64) ATTNKIT_GDPA_FWD_WS=1 keeps the wgmma kernel with the same results, and
+    express, head dim 64) the default keeps the cp.async wgmma kernel with the same results, and
     "require" says so."""
     for D in (128, 64):
         q, k, v, qo, ko, mq, mk = make_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2, D=D)

@@ -46,6 +46,25 @@ ATTNKIT_DEVICE ATTNKIT_INLINE float act_bwd_gpu(float x) {
 // s <- φ(pre · s) over an [N][4] accumulator tile.
 template <Activation A, int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], float pre) {
+#if ATTNKIT_HAS_MMA_SM80
+  if (A == Activation::kFastGelu && fabsf(pre) < 1e9f) {  // (pre³ must stay finite)
+    // pre folded into the polynomial's constants: with x = pre·s, tanh's argument
+    // √(2/π)·x·(1 + k·x²) is s·(a + b·s²), and 0.5·x·(1 + t) is h + h·t with h = (0.5·pre)·s:
+    // 5 FP32 instructions and one MUFU per score instead of 8 (the forward is issue-bound).
+    const float a = kSqrt2OverPi * pre, b = kSqrt2OverPi * kGeluCubic * pre * pre * pre,
+                half_pre = 0.5f * pre;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = s[i][e];
+        const float t = mma::tanh_approx(x * fmaf(b, x * x, a));
+        const float h = half_pre * x;
+        s[i][e] = fmaf(h, t, h);
+      }
+    return;
+  }
+#endif
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll

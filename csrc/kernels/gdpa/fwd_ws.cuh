@@ -2,48 +2,49 @@
 // (ATTNKIT_GDPA_FWD_WS, csrc/cuda/gdpa.cu) until validated on a GPU; fwd_wgmma.cuh stays the
 // default. Same math as fwd_wgmma.cuh; what changes is who moves the data.
 //
-// CTA = (sequence, 128-row query tile, head), 384 threads = 3 warpgroups:
+// CTA = (sequence, 128-row query tile, head) units, 384 threads = 3 warpgroups:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24) and one thread issues
-//     every load as a tensor-map copy (kernels/common/tma.cuh): Q once per query tile, then K_j
-//     and V_j per key tile into a kStages ring. Each 128 x 128 tile is two boxes of
-//     [128 rows][1 head][64 cols] that land in the two 64-column blocks of the sw128 layout
-//     (the 128-byte hardware swizzle), so no thread computes a load address or spins per copy.
+//     every load as a tensor-map copy (kernels/common/tma.cuh): Q once per unit into a 2-stage
+//     ring, then K_j and V_j per key tile into 2-stage rings of their own. Each 128 x 128 tile is
+//     two boxes of [128 rows][1 head][64 cols] that land in the two 64-column blocks of the sw128
+//     layout (the 128-byte hardware swizzle), so no consumer thread computes a load address.
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
-//     and per key tile j issue S_j = Q·K_jᵀ (ss) and then O += P_{j-1}·V_{j-1} (rs), wait for S_j
-//     only, compute P_j = φ(pre·S_j) while the tensor cores run P_{j-1}·V_{j-1}, and pack P_j.
-//     kPingPong = false: the two consumer warpgroups are not scheduled; they only meet once per
-//     query tile (below), so they drift apart and their activations overlap the other's products
-//     on their own. kPingPong = true (ATTNKIT_GDPA_FWD_WS_PINGPONG=1): FA3's scheme, two named
-//     barriers (kTurnBar + warpgroup) pass a turn: a warpgroup issues its products for a key tile
-//     only after the other one has issued its own (bar.sync on its barrier, then bar.arrive on
-//     the other's), so the tensor cores alternate between the warpgroups while the one that just
-//     issued computes its activation. Warpgroup 1 starts by arriving on warpgroup 0's barrier; both
-//     take exactly one turn per key tile and one for the last P·V of a query tile, so the counts
-//     always match; warpgroup 0 takes one more turn at the end to consume the last hand-over.
-//     Which schedule is faster is for the GPU to say; both are tested.
+//     and per key tile g issue S_g = Q·K_gᵀ (ss) and then O += P_{g-1}·V_{g-1} (rs), wait for
+//     S_g only, compute P_g = φ(pre·S_g) while the tensor cores run P_{g-1}·V_{g-1}, and pack
+//     P_g. g counts the CTA's key tiles across units: a unit's last P·V is issued with the next
+//     unit's first S, and the finished output is stored after it, so short units do not drain
+//     the tensor cores between them.
+//     kPingPong = false: the two consumer warpgroups are never synchronised with each other; they
+//     drift apart and their activations overlap the other's products on their own.
+//     kPingPong = true (ATTNKIT_GDPA_FWD_WS_PINGPONG=1): FA3's scheme, two named barriers
+//     (kTurnBar + warpgroup) pass a turn: a warpgroup issues its products for a key tile only
+//     after the other one has issued its own (bar.sync on its barrier, then bar.arrive on the
+//     other's), so the tensor cores alternate between the warpgroups while the one that just
+//     issued computes its activation. Warpgroup 1 starts by arriving on warpgroup 0's barrier;
+//     both take one turn per key tile and one for the very last P·V, so the counts always
+//     match; warpgroup 0 takes one more turn at the end to consume the last hand-over.
 //
-// Barriers (mbarriers, kernels/common/bulk_copy.cuh): full_q / full_k[s] / full_v[s] complete
-// when the producer's expect_tx bytes landed (K and V apart, so S_j can start before V_j lands);
-// empty_q / empty_kv[s] complete when all 8 consumer warps released the tile (lane 0 of each
-// warp arrives after its wgmma reads are done). Completion k of a barrier has parity k & 1:
-// the consumers wait full[slot % kStages] with parity (slot / kStages) & 1; the producer waits
-// empty for slot g >= kStages with parity (g / kStages - 1) & 1. Q counts query tiles the same way.
+// Barriers (mbarriers, kernels/common/bulk_copy.cuh): full_q[s] / full_k[s] / full_v[s] complete
+// when the producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands);
+// empty_q[s] / empty_k[s] / empty_v[s] complete when all 8 consumer warps released the tile (lane
+// 0 of each warp arrives after its wgmma reads are done: K after S_g, V after the delayed P·V, Q
+// after the unit's last S). Completion k of a barrier has parity k & 1: the consumers wait
+// full[n % stages] with parity (n / stages) & 1; the producer refills a stage for use n >= stages
+// after completion n / stages - 1 of its empty barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
 // end are computed and never stored (store_rows clamps). Keys past the end may be inf / NaN: on
 // the last key tile P is zeroed for those columns after the activation, and the V rows are
-// zeroed in shared memory (both consumer warpgroups, then fence.proxy.async and a named barrier
-// before the last P·V), since 0 · NaN would still be NaN. Padded head dims (D < 128) are the
-// map's extent: columns past D land as zeros. Causal masking as fwd_wgmma.cuh.
+// zeroed in shared memory before the last P·V, since 0 · NaN would still be NaN. Padded head
+// dims (D < 128) are the map's extent: columns past D land as zeros. Causal masking as
+// fwd_wgmma.cuh.
 //
 // Work items are fwd_wgmma.cuh's, in its order (cta_item: query tiles fastest, then heads, then
 // sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
 // read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
 // striding over the items with step gridDim.x; ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 launches one CTA
-// per item instead): the producer then loads the next item's Q, K and V while the consumers
-// finish the current one, instead of every short CTA paying its start-up latency (L = 256 is two
-// key tiles per item). Both roles walk the same items and tiles, so the barrier counts match.
+// per item instead).
 #pragma once
 
 #include <algorithm>
@@ -77,18 +78,23 @@ struct FwdWsTraits {
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kBlockM = 64 * kConsumerWarpGroups;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 3;  // P·V of tile j-1 reads its stage while tile j+1 loads
+  // Two Q stages, so the next unit's Q lands while the current unit runs; two K and two V stages,
+  // released apart: K_j as soon as S_j is done, V_j after the delayed P_j·V_j, so each load has
+  // about a key tile of lead time.
+  static constexpr int kQStages = 2;
+  static constexpr int kStages = 2;
   static constexpr int kBoxRows = 128;
   static constexpr int kBoxCols = 64;                        // 128 bytes: one sw128 column block
   static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // what one copy counts off its barrier
   static constexpr int kTileBytes = 2 * kBoxBytes;           // a 128 x 128 Q, K or V tile
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
-  // Named barriers (0 is __syncthreads): the last V tile's zero fill, then one turn per consumer.
-  static constexpr int kZeroBar = 1;
-  static constexpr int kTurnBar = 2;
+  // Named barriers (0 is __syncthreads): one turn per consumer warpgroup (ping-pong), then one
+  // per consumer warpgroup for its zero fill of a V tail.
+  static constexpr int kTurnBar = 1;
+  static constexpr int kZeroBar = 3;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
-  static constexpr int kSmemBytes = 1024 + kTileBytes * (1 + 2 * kStages);
+  static constexpr int kSmemBytes = 1024 + kTileBytes * (kQStages + 2 * kStages);
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
 };
 
@@ -96,6 +102,53 @@ struct FwdWsTraits {
 // {64, 1, 128} with the 128-byte swizzle; built by the launcher's caller (csrc/cuda/tma_map.h).
 struct FwdWsMaps {
   CUtensorMap q, k, v;
+};
+
+// One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile.
+struct WsUnit {
+  int h, i0, n_tiles;
+  SeqRange qs, ks;
+};
+
+// Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (cta_item_at order), and in each item
+// its query tiles (strided by `tiles` when the sequence is longer than the hint). The producer
+// and the consumers run the same walk, so their barrier counts always match.
+struct WsCursor {
+  int64_t item;
+  int tile = 0;
+  bool in_item = false;
+  CtaItem it{};
+  SeqRange qs{}, ks{};
+
+#if defined(__CUDACC__)
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, int64_t items,
+                                          WsUnit& u) {
+    constexpr int BM = FwdWsTraits::kBlockM, BN = FwdWsTraits::kBlockN;
+    while (item < items) {
+      if (!in_item) {
+        it = cta_item_at(item, q_tiles, p.H);
+        qs = seq_range(p.q_offsets, it.b, p.Tq);
+        ks = seq_range(p.kv_offsets, it.b, p.Tk);
+        tile = it.tile;
+        in_item = true;
+      } else {
+        tile += it.tiles;
+      }
+      if (tile * BM >= qs.len) {
+        in_item = false;
+        item += gridDim.x;
+        continue;
+      }
+      const int i0 = tile * BM;
+      const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+      const int n_tiles = (kv_end + BN - 1) / BN;
+      if (n_tiles == 0) continue;  // no keys: the launcher zero-filled these output rows
+      u = {it.z, i0, n_tiles, qs, ks};
+      return true;
+    }
+    return false;
+  }
+#endif
 };
 
 template <typename T, bool kPingPong>
@@ -108,28 +161,33 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
-  constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages;
+  constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
+                QS = Tr::kQStages;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* sq = smem;
-  unsigned char* sk = sq + Tr::kTileBytes;      // [kStages] K tiles
-  unsigned char* sv = sk + S * Tr::kTileBytes;  // [kStages] V tiles
+  unsigned char* sq = smem;                     // [kQStages] Q tiles
+  unsigned char* sk = sq + QS * Tr::kTileBytes;  // [kStages] K tiles
+  unsigned char* sv = sk + S * Tr::kTileBytes;   // [kStages] V tiles
 
-  __shared__ uint64_t bars[2 + 3 * S];
+  __shared__ uint64_t bars[2 * QS + 4 * S];
   uint64_t* full_q = bars;
-  uint64_t* empty_q = bars + 1;
-  uint64_t* full_k = bars + 2;
+  uint64_t* empty_q = full_q + QS;
+  uint64_t* full_k = empty_q + QS;
   uint64_t* full_v = full_k + S;
-  uint64_t* empty_kv = full_v + S;
+  uint64_t* empty_k = full_v + S;
+  uint64_t* empty_v = empty_k + S;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
-    bulk::init(full_q, 1);
-    bulk::init(empty_q, Tr::kConsumerWarps);
+    for (int s = 0; s < QS; ++s) {
+      bulk::init(full_q + s, 1);
+      bulk::init(empty_q + s, Tr::kConsumerWarps);
+    }
     for (int s = 0; s < S; ++s) {
       bulk::init(full_k + s, 1);
       bulk::init(full_v + s, 1);
-      bulk::init(empty_kv + s, Tr::kConsumerWarps);
+      bulk::init(empty_k + s, Tr::kConsumerWarps);
+      bulk::init(empty_v + s, Tr::kConsumerWarps);
     }
     bulk::fence_init();
   }
@@ -137,6 +195,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
   const int64_t items = int64_t(q_tiles) * p.H * p.B;
   const int group = p.H / p.Hkv;
+  WsCursor cursor{int64_t(blockIdx.x)};
+  WsUnit u;
 
   if (tid < 128) {  // producer warpgroup
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
@@ -144,48 +204,43 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     tma::prefetch_map(&map_q);
     tma::prefetch_map(&map_k);
     tma::prefetch_map(&map_v);
-    uint32_t g = 0, qn = 0;  // key tiles / query tiles this CTA has loaded so far
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-      const CtaItem it = cta_item_at(item, q_tiles, p.H);
-      const int h = it.z, hk = h / group;
-      const SeqRange qs = seq_range(p.q_offsets, it.b, p.Tq);
-      const SeqRange ks = seq_range(p.kv_offsets, it.b, p.Tk);
-      for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
-        const int i0 = tile * BM;
-        const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
-        const int n_tiles = (kv_end + BN - 1) / BN;
-        if (n_tiles == 0) continue;  // the consumers skip it too
-        if (qn > 0) bulk::wait(empty_q, (qn - 1) & 1);
-        bulk::arrive_expect_tx(full_q, Tr::kTileBytes);
-        tma::load_3d(sq, &map_q, 0, h, qs.begin + i0, full_q);
-        tma::load_3d(sq + Tr::kBoxBytes, &map_q, Tr::kBoxCols, h, qs.begin + i0, full_q);
-        ++qn;
-        for (int t = 0; t < n_tiles; ++t) {
-          const uint32_t slot = g + t, stage = slot % S;
-          if (slot >= S) bulk::wait(empty_kv + stage, (slot / S - 1) & 1);
-          const int row = ks.begin + t * BN;
-          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
-          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
-          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
-          tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
-          tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
-          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
-          tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
-          tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
-        }
-        g += n_tiles;
+    uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
+    while (cursor.next(p, q_tiles, items, u)) {
+      const int hk = u.h / group;
+      const uint32_t qs = qn % QS;
+      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+      unsigned char* q_dst = sq + qs * Tr::kTileBytes;
+      bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
+      tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, full_q + qs);
+      tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0, full_q + qs);
+      ++qn;
+      for (int t = 0; t < u.n_tiles; ++t, ++g) {
+        const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
+        const int row = u.ks.begin + t * BN;
+        unsigned char* k_dst = sk + stage * Tr::kTileBytes;
+        unsigned char* v_dst = sv + stage * Tr::kTileBytes;
+        if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
+        bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
+        tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
+        tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
+        if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
+        bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
+        tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
+        tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
       }
     }
     return;
   }
 
-  // Consumer warpgroups.
+  // Consumer warpgroups. The delayed product O += P_{g-1}·V_{g-1} of a CTA's key tile g - 1 is
+  // issued with S_g whether or not tile g starts a new unit: a unit's last P·V runs under the next
+  // unit's first S and activation, and its output is stored (and acc_o cleared) right after, so
+  // the tensor cores do not drain between short units (L = 256 is two key tiles per unit).
   wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
-  const int ctid = tid - 128, wg = ctid / 128, lane = tid & 31;
+  const int ctid = tid - 128, wg = ctid / 128, wtid = ctid & 127, lane = tid & 31;
   const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t sq_addr = mma::smem_addr(sq), sk_addr = mma::smem_addr(sk),
                  sv_addr = mma::smem_addr(sv);
-  uint32_t g = 0, qn = 0;
   constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
   // Ping-pong: wait for this warpgroup's turn to issue products / hand the turn to the other.
   auto take_turn = [&] {
@@ -196,101 +251,118 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   };
   if (kPingPong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
 
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const CtaItem it = cta_item_at(item, q_tiles, p.H);
-    const int h = it.z;
-    const SeqRange qs = seq_range(p.q_offsets, it.b, p.Tq);
-    const SeqRange ks = seq_range(p.kv_offsets, it.b, p.Tk);
-    T* out = static_cast<T*>(p.out) + qs.begin * p.o_row_stride + h * p.o_head_stride;
-    for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
-      const int i0 = tile * BM;
-      const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
-      const int n_tiles = (kv_end + BN - 1) / BN;
-      if (n_tiles == 0) continue;  // no keys: the launcher zero-filled the output
-      float acc_o[D / 8][4];
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  // Before the P·V of a unit's last key tile (its V in stage `stage`): rows [v_rows, BN) hold the
+  // next sequence's values (maybe inf / NaN; past T the copy engine wrote zeros), and 0 · NaN is
+  // NaN, so they are zeroed: whole 128-byte rows of both column blocks, so the swizzle does not
+  // matter. Each consumer warpgroup zeroes the rows itself and syncs only itself (the other one
+  // writes the same zeros: a same-value overlap), so the warpgroups never wait for each other.
+  // What is left of a unit once its products are issued: where its output goes, and how many V
+  // rows of its last key tile are its own (fewer than BN: zero_v_tail).
+  struct Done {
+    int64_t out_off;
+    int rows_valid, v_rows;
+  };
+  auto zero_v_tail = [&](uint32_t stage, int v_rows) {
+    if (v_rows >= BN) return;
+    unsigned char* v = sv + stage * Tr::kTileBytes;
+    const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
+    for (int c = wtid; c < chunks; c += 128) {
+      const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
+      *reinterpret_cast<uint4*>(v + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+    bulk::fence_proxy_async();
+    wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+  };
+  auto store_unit = [&](const Done& w, const float(&acc)[D / 8][4]) {
+    store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0, w.rows_valid,
+                     0, p.D, acc, p.qk_scale);
+  };
 
-      bulk::wait(full_q, qn & 1);
-      uint32_t pa[BN / 16][4];  // P_{j-1}, the A operand of the delayed P·V
-      for (int j = 0; j < n_tiles; ++j) {
-        const int j0 = j * BN;
-        const uint32_t slot = g + j, stage = slot % S;
-        bulk::wait(full_k + stage, (slot / S) & 1);
-
-        float s[BN / 8][4];
-        take_turn();
-        wgmma::fence();
+  float acc_o[D / 8][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_addr, wg * 64, kk),
-                              wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
-                              kk > 0);
-        }
-        wgmma::commit();
-        if (j > 0) {
-          const uint32_t prev = (slot - 1) % S;
-          bulk::wait(full_v + prev, ((slot - 1) / S) & 1);
-          const uint32_t sv_prev = sv_addr + prev * Tr::kTileBytes;
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk) {
-            MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
-          }
-          wgmma::commit();
-          pass_turn();
-          wgmma::wait<1>();  // S_j done; P_{j-1}·V_{j-1} may still run
-        } else {
-          pass_turn();
-          wgmma::wait<0>();
-        }
-        wgmma::fence_regs(s);
-
-        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
-        const int r0 = i0 + warp_row0;
-        if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
-        if (j0 + BN > ks.len) mask_cols_from(s, ks.len - j0);  // keys of the next sequence
-        wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: pa may be overwritten, tile j - 1 released
-        wgmma::fence_regs(acc_o);
-        if (j > 0 && lane == 0) bulk::arrive(empty_kv + (slot - 1) % S);
-        pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
+  for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  uint32_t pa[BN / 16][4];  // P_{g-1}, the A operand of the delayed P·V
+  Done prev{};              // the unit whose last P·V is still to be issued (when g > 0)
+  uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
+  while (cursor.next(p, q_tiles, items, u)) {
+    const uint32_t qs = qn % QS;
+    const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
+    bulk::wait(full_q + qs, (qn / QS) & 1);
+    for (int j = 0; j < u.n_tiles; ++j, ++g) {
+      const int j0 = j * BN;
+      const uint32_t stage = g % S, pstage = (g - 1) % S;
+      bulk::wait(full_k + stage, (g / S) & 1);
+      if (g > 0) {
+        bulk::wait(full_v + pstage, ((g - 1) / S) & 1);
+        if (j == 0) zero_v_tail(pstage, prev.v_rows);
       }
-      // Every S of this query tile is done (the wait<0> above): Q may be replaced.
-      if (lane == 0) bulk::arrive(empty_q);
 
-      const uint32_t last = g + n_tiles - 1, ls = last % S;
-      bulk::wait(full_v + ls, (last / S) & 1);
-      unsigned char* sv_last = sv + ls * Tr::kTileBytes;
-      const int v_rows = ks.len - (n_tiles - 1) * BN;  // V rows of this sequence in the last tile
-      if (v_rows < BN) {
-        // Rows [v_rows, BN) came from the next sequence: zero them (whole 128-byte rows of both
-        // column blocks, so the swizzle does not matter), then make the writes visible to the
-        // tensor cores of both consumer warpgroups.
-        const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
-        for (int c = ctid; c < chunks; c += kConsumerThreads) {
-          const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
-          *reinterpret_cast<uint4*>(sv_last + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
-              make_uint4(0, 0, 0, 0);
-        }
-        bulk::fence_proxy_async();
-        wgmma::named_barrier_sync(Tr::kZeroBar, kConsumerThreads);
-      }
+      float s[BN / 8][4];
       take_turn();
       wgmma::fence();
-      const uint32_t sv_l = sv_addr + ls * Tr::kTileBytes;
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                            wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
+                            kk > 0);
       }
       wgmma::commit();
-      pass_turn();
-      wgmma::wait<0>();
-      wgmma::fence_regs(acc_o);
-      if (lane == 0) bulk::arrive(empty_kv + ls);
-      g += n_tiles;
-      ++qn;
-      store_rows<T, D>(out + i0 * p.o_row_stride, p.o_row_stride, warp_row0, qs.len - i0, 0, p.D,
-                       acc_o, p.qk_scale);
+      if (g > 0) {
+        const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+        }
+        wgmma::commit();
+        pass_turn();
+        wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
+      } else {
+        pass_turn();
+        wgmma::wait<0>();
+      }
+      wgmma::fence_regs(s);
+      if (lane == 0) {
+        bulk::arrive(empty_k + stage);                       // K_g has been read
+        if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
+      }
+
+      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+      const int r0 = u.i0 + warp_row0;
+      if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
+      if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
+      if (g > 0) {
+        wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
+        wgmma::fence_regs(acc_o);
+        if (lane == 0) bulk::arrive(empty_v + pstage);
+        if (j == 0) {  // that was the previous unit's last product: its output is complete
+          store_unit(prev, acc_o);
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+        }
+      }
+      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
     }
+    prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
+            u.qs.len - u.i0, u.ks.len - (u.n_tiles - 1) * BN};
+    ++qn;
+  }
+  if (g > 0) {  // the last unit's last P·V
+    const uint32_t pstage = (g - 1) % S;
+    bulk::wait(full_v + pstage, ((g - 1) / S) & 1);
+    zero_v_tail(pstage, prev.v_rows);
+    take_turn();
+    wgmma::fence();
+    const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+    }
+    wgmma::commit();
+    pass_turn();
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc_o);
+    store_unit(prev, acc_o);
   }
   // Ping-pong: warpgroup 1's last hand-over (or its first, when there was no work) is still
   // pending on warpgroup 0's barrier; take it so that no barrier is left half-arrived at exit.
