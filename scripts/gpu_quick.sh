@@ -9,7 +9,8 @@
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
-# then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, then ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
+# then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
+# ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
 # gdpa_bench is the whole bench_gdpa table (forward and backward, sparsity 1.0 and 0.5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +70,7 @@ for s in $QUICK; do
       step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G
       step bench_gdpa_ws 60 env ATTNKIT_GDPA_FWD_WS=require $G
       step bench_gdpa_ws_free 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=0 $G
+      step bench_gdpa_ws_1loader 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SPLIT=0 $G
       step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac

@@ -159,20 +159,22 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["free", "pingpong", "grid"])
+@pytest.mark.parametrize("schedule", ["free", "pingpong", "single_loader", "grid"])
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, seed, monkeypatch):
     """The warp-specialised Hopper forward (fwd_ws.cuh), with its consumer warpgroups unscheduled
-    (ATTNKIT_GDPA_FWD_WS_PINGPONG=0) or taking turns (the default), on its
+    (ATTNKIT_GDPA_FWD_WS_PINGPONG=0) or taking turns (the default), V loaded by a thread of its own
+    (the default) or by the Q/K thread (ATTNKIT_GDPA_FWD_WS_SPLIT=0), on its
     persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
     makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
     follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
     last offset); lengths 0, 1, 77, 128, 129, 300, 1000, query and key lengths that differ, GQA 2;
     D = 80 is the padded head dim (columns past D land as zeros)."""
     monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "1" if schedule == "pingpong" else "0")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_SPLIT", "0" if schedule == "single_loader" else "1")
     monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
     lens = [0, 1, 77, 128, 129, 300, 1000]
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:

@@ -68,7 +68,9 @@ FwdWsMode fwd_ws_mode() {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=0, the
 // consumer warpgroups do not take turns issuing products (FA3's ping-pong, on by default: 2-5%
-// faster on H200); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one CTA per work item instead of one per SM.
+// faster on H200); ATTNKIT_GDPA_FWD_WS_SPLIT=0, one thread loads Q, K and V (by default V has a
+// thread and a third stage of its own); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one CTA per work item
+// instead of one per SM.
 bool env_flag(const char* name, bool fallback) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0') return fallback;
@@ -197,6 +199,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
         return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", true),
+                                     env_flag("ATTNKIT_GDPA_FWD_WS_SPLIT", true),
                                      env_flag("ATTNKIT_GDPA_FWD_WS_PERSISTENT", true), stream);
       }
 #endif

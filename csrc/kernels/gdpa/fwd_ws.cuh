@@ -78,11 +78,15 @@ struct FwdWsTraits {
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kBlockM = 64 * kConsumerWarpGroups;
   static constexpr int kBlockN = 128;
-  // Two Q stages, so the next unit's Q lands while the current unit runs; two K and two V stages,
-  // released apart: K_j as soon as S_j is done, V_j after the delayed P_j·V_j, so each load has
-  // about a key tile of lead time.
+  // Two Q stages, so the next unit's Q lands while the current unit runs; two K stages and two or
+  // three V stages, released apart: K_g as soon as S_g is done, V_g after the delayed P_g·V_g.
+  // With one loading thread, K_{g+1} queues behind V_g, which waits for P_{g-2}·V_{g-2}: both
+  // land about 1.5 key tiles after their stage frees. kSplitLoads (the default) gives V its own
+  // thread and a third stage: K then has ~2 tiles of lead and V ~2.5, which the L = 256 shapes
+  // (HBM-heavy: ~2 TB/s at 260 TFLOP/s) need to hide the load latency.
   static constexpr int kQStages = 2;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 2;  // K
+  static constexpr int stages_v(bool split_loads) { return split_loads ? 3 : 2; }
   static constexpr int kBoxRows = 128;
   static constexpr int kBoxCols = 64;                        // 128 bytes: one sw128 column block
   static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // what one copy counts off its barrier
@@ -93,8 +97,10 @@ struct FwdWsTraits {
   // per consumer warpgroup for its zero fill of a V tail.
   static constexpr int kTurnBar = 1;
   static constexpr int kZeroBar = 3;
-  // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
-  static constexpr int kSmemBytes = 1024 + kTileBytes * (kQStages + 2 * kStages);
+  // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
+  static constexpr int smem_bytes(bool split_loads) {
+    return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads));
+  }
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
 };
 
@@ -151,7 +157,7 @@ struct WsCursor {
 #endif
 };
 
-template <typename T, bool kPingPong>
+template <typename T, bool kPingPong, bool kSplitLoads>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles,
                        const __grid_constant__ CUtensorMap map_q,
@@ -162,20 +168,20 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
   constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
-                QS = Tr::kQStages;
+                SV = Tr::stages_v(kSplitLoads), QS = Tr::kQStages;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;                     // [kQStages] Q tiles
   unsigned char* sk = sq + QS * Tr::kTileBytes;  // [kStages] K tiles
-  unsigned char* sv = sk + S * Tr::kTileBytes;   // [kStages] V tiles
+  unsigned char* sv = sk + S * Tr::kTileBytes;   // [SV] V tiles
 
-  __shared__ uint64_t bars[2 * QS + 4 * S];
+  __shared__ uint64_t bars[2 * (QS + S + SV)];
   uint64_t* full_q = bars;
   uint64_t* empty_q = full_q + QS;
   uint64_t* full_k = empty_q + QS;
-  uint64_t* full_v = full_k + S;
-  uint64_t* empty_k = full_v + S;
-  uint64_t* empty_v = empty_k + S;
+  uint64_t* empty_k = full_k + S;
+  uint64_t* full_v = empty_k + S;
+  uint64_t* empty_v = full_v + SV;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -185,8 +191,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     }
     for (int s = 0; s < S; ++s) {
       bulk::init(full_k + s, 1);
-      bulk::init(full_v + s, 1);
       bulk::init(empty_k + s, Tr::kConsumerWarps);
+    }
+    for (int s = 0; s < SV; ++s) {
+      bulk::init(full_v + s, 1);
       bulk::init(empty_v + s, Tr::kConsumerWarps);
     }
     bulk::fence_init();
@@ -198,35 +206,43 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   WsCursor cursor{int64_t(blockIdx.x)};
   WsUnit u;
 
-  if (tid < 128) {  // producer warpgroup
+  if (tid < 128) {  // producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    if (tid != 0) return;
-    tma::prefetch_map(&map_q);
-    tma::prefetch_map(&map_k);
-    tma::prefetch_map(&map_v);
+    const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
+    if (!loads_qk && !loads_v) return;
+    tma::prefetch_map(loads_qk ? &map_q : &map_v);
+    if (loads_qk) tma::prefetch_map(&map_k);
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.next(p, q_tiles, items, u)) {
       const int hk = u.h / group;
-      const uint32_t qs = qn % QS;
-      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
-      unsigned char* q_dst = sq + qs * Tr::kTileBytes;
-      bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
-      tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, full_q + qs);
-      tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0, full_q + qs);
+      if (loads_qk) {
+        const uint32_t qs = qn % QS;
+        if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+        unsigned char* q_dst = sq + qs * Tr::kTileBytes;
+        bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
+        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, full_q + qs);
+        tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
+                     full_q + qs);
+      }
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
-        const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
         const int row = u.ks.begin + t * BN;
-        unsigned char* k_dst = sk + stage * Tr::kTileBytes;
-        unsigned char* v_dst = sv + stage * Tr::kTileBytes;
-        if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
-        bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
-        tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
-        tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
-        if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
-        bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
-        tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
-        tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
+        if (loads_qk) {
+          const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
+          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
+          if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
+          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
+          tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
+          tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
+        }
+        if (loads_v) {
+          const uint32_t stage = g % SV, reuse = g / SV;
+          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
+          if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
+          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
+          tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
+          tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
+        }
       }
     }
     return;
@@ -291,10 +307,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     bulk::wait(full_q + qs, (qn / QS) & 1);
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = j * BN;
-      const uint32_t stage = g % S, pstage = (g - 1) % S;
+      const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
       if (g > 0) {
-        bulk::wait(full_v + pstage, ((g - 1) / S) & 1);
+        bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
         if (j == 0) zero_v_tail(pstage, prev.v_rows);
       }
 
@@ -348,8 +364,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     ++qn;
   }
   if (g > 0) {  // the last unit's last P·V
-    const uint32_t pstage = (g - 1) % S;
-    bulk::wait(full_v + pstage, ((g - 1) / S) & 1);
+    const uint32_t pstage = (g - 1) % SV;
+    bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
     zero_v_tail(pstage, prev.v_rows);
     take_turn();
     wgmma::fence();
@@ -372,11 +388,16 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
 template <typename T>
 cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int max_seq_len_q,
-                               bool ping_pong, bool persistent, cudaStream_t stream) {
+                               bool ping_pong, bool split_loads, bool persistent,
+                               cudaStream_t stream) {
   using Tr = FwdWsTraits;
-  auto kernel = ping_pong ? gdpa_fwd_ws_kernel<T, true> : gdpa_fwd_ws_kernel<T, false>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  // Unscheduled consumers (an A/B variant) run with the single loader only: three instances.
+  split_loads = split_loads && ping_pong;
+  auto kernel = !ping_pong    ? gdpa_fwd_ws_kernel<T, false, false>
+                : split_loads ? gdpa_fwd_ws_kernel<T, true, true>
+                              : gdpa_fwd_ws_kernel<T, true, false>;
+  const int smem = Tr::smem_bytes(split_loads);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned items = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
@@ -388,7 +409,7 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
       return err;
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, q_tiles, maps.q, maps.k, maps.v);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, maps.q, maps.k, maps.v);
   return cudaGetLastError();
 }
 
