@@ -55,6 +55,8 @@ for s in $QUICK; do
     main) step main 25 $PY -m attnkit ;;
     gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE --durations=12 ;;
     gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
+    gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
+      step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash.py -q -p no:xdist -k "bad_offsets and cuda" ;;

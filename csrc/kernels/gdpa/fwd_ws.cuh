@@ -117,8 +117,8 @@ struct WsUnit {
 };
 
 // Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (cta_item_at order), and in each item
-// its query tiles (strided by `tiles` when the sequence is longer than the hint). The producer
-// and the consumers run the same walk, so their barrier counts always match.
+// its query tiles (strided by `tiles` when the sequence is longer than the hint). The loading
+// threads run the walk; the consumers get its units through shared memory, in the same order.
 struct WsCursor {
   int64_t item;
   int tile = 0;
@@ -176,6 +176,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   unsigned char* sv = sk + S * Tr::kTileBytes;   // [SV] V tiles
 
   __shared__ uint64_t bars[2 * (QS + S + SV)];
+  // The unit each Q stage holds, written by the Q loader before the stage's expect_tx arrive
+  // (release) and read by the consumers after their wait (acquire): the consumers never load the
+  // offsets themselves, so no dependent global load sits between two units on their path.
+  // n_tiles == 0 (with a plain arrive) means there are no more units.
+  __shared__ WsUnit units[QS];
   uint64_t* full_q = bars;
   uint64_t* empty_q = full_q + QS;
   uint64_t* full_k = empty_q + QS;
@@ -203,11 +208,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
   const int64_t items = int64_t(q_tiles) * p.H * p.B;
   const int group = p.H / p.Hkv;
-  WsCursor cursor{int64_t(blockIdx.x)};
-  WsUnit u;
 
   if (tid < 128) {  // producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
+    WsCursor cursor{int64_t(blockIdx.x)};
+    WsUnit u;
     const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
     if (!loads_qk && !loads_v) return;
     tma::prefetch_map(loads_qk ? &map_q : &map_v);
@@ -218,6 +223,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       if (loads_qk) {
         const uint32_t qs = qn % QS;
         if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+        units[qs] = u;
         unsigned char* q_dst = sq + qs * Tr::kTileBytes;
         bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
         tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, full_q + qs);
@@ -244,6 +250,12 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
         }
       }
+    }
+    if (loads_qk) {  // the end of the walk, in the next Q stage
+      const uint32_t qs = qn % QS;
+      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+      units[qs].n_tiles = 0;
+      bulk::arrive(full_q + qs);
     }
     return;
   }
@@ -301,10 +313,12 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   uint32_t pa[BN / 16][4];  // P_{g-1}, the A operand of the delayed P·V
   Done prev{};              // the unit whose last P·V is still to be issued (when g > 0)
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
-  while (cursor.next(p, q_tiles, items, u)) {
+  while (true) {
     const uint32_t qs = qn % QS;
     const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
     bulk::wait(full_q + qs, (qn / QS) & 1);
+    const WsUnit u = units[qs];
+    if (u.n_tiles == 0) break;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = j * BN;
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
