@@ -128,7 +128,7 @@ bool fwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const v
   const uint32_t box[4] = {64, 1, 128, 1};
   auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
                     const Strides& st) {
-    if (rows >= std::numeric_limits<int32_t>::max()) return false;
+    if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernel's int32 row arithmetic
     const uint64_t dims[4] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows),
                               uint64_t(varlen ? 1 : p.B)};
     const int64_t el[3] = {st.head, st.row, st.batch};

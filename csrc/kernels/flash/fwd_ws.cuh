@@ -106,8 +106,9 @@ struct FwdWsMaps {
 };
 
 // One unit of a CTA's work, as the Q loader hands it to the consumers. Row counts and offsets
-// are int32: the launcher's caller takes this kernel only for q and k with < 2^31 rows (the
-// tensor map's coordinates are int32 as well), which keeps the producer's 24 registers enough.
+// are int32: the launcher's caller takes this kernel only for q and k with fewer than 2^31 - 1024
+// rows (the tensor map's coordinates are int32 as well), which keeps the producer's 24 registers
+// enough (its walk spills a little; the consumers spill nothing).
 struct WsUnit {
   int n_tiles;  // key tiles (>= 1); 0: no row of the tile sees a key (no loads); -1: the end
   int b, h;
@@ -362,6 +363,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
     const int rows_valid = u.lq - u.i0 < BM ? u.lq - u.i0 : BM;
     if (u.n_tiles == 0) {
       store_empty(o_off, l_off, rows_valid);
+      __syncwarp();  // every lane has read units[qs] before lane 0 frees the stage
       if (lane == 0) bulk::arrive(empty_q + qs);
       ++qn;
       continue;
