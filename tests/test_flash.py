@@ -619,10 +619,13 @@ WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
 def ws_schedule(monkeypatch, schedule):
-    """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches."""
+    """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches:
+    "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
+    CTAs: each walks many units, so the rings' phases wrap and units follow each other)."""
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule == "few" else "0")
 
 
 def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None, mk=None):
@@ -657,7 +660,7 @@ def test_cuda_forward_warp_specialised_is_opt_in(monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
@@ -702,12 +705,14 @@ def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("schedule", ["pingpong", "few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_forward_warp_specialised_rows_without_keys(D, dtype, monkeypatch):
+def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
     """Rows that see no key: whole query tiles (units with no key tile: no loads, the consumers
-    store 0 / -inf) and single rows inside tiles that see keys; output exactly 0, lse -inf."""
-    ws_schedule(monkeypatch, "pingpong")
+    store 0 / -inf; with "few" CTAs such units sit between units with key tiles, whose last P·V
+    is still pending) and single rows inside tiles that see keys; output exactly 0, lse -inf."""
+    ws_schedule(monkeypatch, schedule)
     seed_everything()
     q = rand(2, 600, 4, D, device="cuda", dtype=dtype)
     k = rand(2, 150, 2, D, device="cuda", dtype=dtype)
@@ -747,7 +752,7 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])

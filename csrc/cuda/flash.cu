@@ -111,11 +111,18 @@ FwdWsMode fwd_ws_mode() {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
-// work item instead of one per SM.
+// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0), at most n CTAs (a test
+// knob: one CTA walks many units).
 bool env_flag(const char* name, bool fallback) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0') return fallback;
   return std::strcmp(e, "0") != 0;
+}
+int env_int(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return 0;
+  const long v = std::strtol(e, nullptr, 10);
+  return v > 0 && v < (1L << 30) ? static_cast<int>(v) : 0;
 }
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
@@ -205,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
             C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(
                 p, maps, mptr<scalar_t>(out), mptr<float>(lse), rows,
                 env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true),
-                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true), stream));
+                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true),
+                env_int("ATTNKIT_FLASH_FWD_WS_CTAS"), stream));
             return;
           }
 #endif

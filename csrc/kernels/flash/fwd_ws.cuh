@@ -42,7 +42,8 @@
 // Units in order: query tiles of an item fastest (the last tile of a sequence first: under a
 // causal mask it sees the most keys), then heads, then sequences; an item strides over the tiles
 // of a sequence longer than the grid hint. The grid is persistent by default (one CTA per SM;
-// ATTNKIT_FLASH_FWD_WS_PERSISTENT=0 launches one CTA per item).
+// ATTNKIT_FLASH_FWD_WS_PERSISTENT=0 launches one CTA per item; ATTNKIT_FLASH_FWD_WS_CTAS=n caps
+// it at n CTAs, for tests).
 #pragma once
 
 #include <algorithm>
@@ -529,10 +530,13 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
 }
 
 // The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
-// hint); the kernel's items stride over the rest. Returns the launch's error (no sync).
+// hint); the kernel's items stride over the rest. max_ctas > 0 caps the grid (a test knob: a few
+// CTAs walk many units, so the rings' phases wrap and units follow each other in one CTA).
+// Returns the launch's error (no sync).
 template <typename T>
 cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
-                          int64_t grid_rows, bool ping_pong, bool persistent, cudaStream_t stream) {
+                          int64_t grid_rows, bool ping_pong, bool persistent, int max_ctas,
+                          cudaStream_t stream) {
   int64_t q_tiles = (grid_rows + 127) / 128;
   q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));
   const int64_t items = q_tiles * p.H * p.B;
@@ -545,6 +549,7 @@ cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* l
       return err;
     grid = std::min<int64_t>(grid, sms > 0 ? sms : 1);
   }
+  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
   auto run = [&](auto kernel, int smem, int threads) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
