@@ -608,7 +608,8 @@ def test_cuda_bad_offsets_are_clamped(dtype, D, T):
 # It needs an sm_90 device and a build with sm_90a code (setup.py's ATTNKIT_CUDA_ARCHS, default
 # "8.0;9.0a", the same variable at build and test time).
 HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";").split(";"))
+          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";")
+          .split(";"))
 # Until it has run on a GPU once, its tests run only when asked (ATTNKIT_TEST_EXPERIMENTAL=1, as
 # `QUICK=flash_ws_tests bash scripts/gpu_quick.sh` does, under a timeout): a wrong barrier phase
 # hangs rather than fails, and must not stall the whole suite. Remove the gate once they pass.
@@ -628,7 +629,8 @@ def ws_schedule(monkeypatch, schedule):
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule == "few" else "0")
 
 
-def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None, mk=None):
+def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
+              mk=None):
     poison_allocator("cuda")
     out, lse = FWD(q, k, v, None, causal, *window, softcap, cu_q, cu_k, mq, mk)
     ref, ref_lse = flash_attn_ref(q, k, v, None, causal, *window, softcap, cu_q, cu_k)

@@ -95,8 +95,8 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 }
 
 // The warp-specialised Hopper forward (fwd_ws.cuh) is OPT-IN until validated on a GPU:
-// ATTNKIT_FLASH_FWD_WS unset, empty or "0" keeps the cp.async wgmma kernel (the default, unchanged);
-// "1" (any other value) runs it where it can (sm_90a build, 9.0 device, bf16/fp16, head dim 64
+// ATTNKIT_FLASH_FWD_WS unset, empty or "0" keeps the cp.async wgmma kernel (the default,
+// unchanged); "1" (any other value) runs it where it can (sm_90a build, 9.0 device, bf16/fp16, head dim 64
 // or 128, a positive scale, tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus
 // the maps) and falls back to wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail,
 // so tests and benchmarks know which kernel ran. Read at every call.
@@ -238,8 +238,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   ATTNKIT_CHECK(ws_mode != FwdWsMode::kRequire || ws_ran,
                 "ATTNKIT_FLASH_FWD_WS=require: the warp-specialised forward cannot take this call "
                 "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, a "
-                "positive softmax scale, and q, k, v with 16-byte aligned data and nonzero head/row/"
-                "batch strides in multiples of 16 bytes); dtype ", q.scalar_type(), ", head dim ", p.D);
+                "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
+                "data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
+                q.scalar_type(), ", head dim ", p.D);
   return {out, lse};
 }
 

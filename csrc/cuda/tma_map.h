@@ -1,6 +1,6 @@
 // Host side of the tensor-map copies (kernels/common/tma.cuh): encodes a CUtensorMap for a strided
-// 3-D or 4-D tensor of 16-bit elements. cuTensorMapEncodeTiled is a driver API call; it is looked up at
-// run time through the runtime's driver entry point, so the extension does not link libcuda.
+// 3-D or 4-D tensor of 16-bit elements. cuTensorMapEncodeTiled is a driver API call; it is looked
+// up at run time through the runtime's driver entry point, so the extension does not link libcuda.
 // CUDA only (ATTNKIT_HAS_TMA_MAP): under HIP there is no tensor map and the callers keep the
 // cp.async kernels.
 #pragma once
@@ -54,8 +54,9 @@ inline EncodeTiledFn encode_tiled_fn() {
 // positive multiples of 16 below 2^40, extents in [1, 2^32], boxes in [1, 256]) or the driver
 // refuses.
 template <int kRank>
-inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base, const uint64_t (&dims)[kRank],
-                         const uint64_t (&strides)[kRank - 1], const uint32_t (&box)[kRank]) {
+inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
+                         const uint64_t (&dims)[kRank], const uint64_t (&strides)[kRank - 1],
+                         const uint32_t (&box)[kRank]) {
   static_assert(kRank >= 2 && kRank <= 5, "tiled tensor maps have rank 2..5 here");
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || box[0] * 2 != 128) return false;
   for (const uint64_t s : strides) {
@@ -74,8 +75,8 @@ inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base, const ui
     estride[i] = 1;
     if (i + 1 < kRank) gstride[i] = strides[i];
   }
-  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, kRank,
-                            const_cast<void*>(base), gdim, gstride, gbox, estride,
+  const auto dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r = encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
@@ -88,8 +89,9 @@ inline bool encode_3d_sw128(CUtensorMap* map, bool bf16, const void* base, const
 }
 
 // The 4-D case (flash's [B][S][H][D] maps, {D, H, S, B} innermost first).
-inline bool encode_4d_sw128(CUtensorMap* map, bool bf16, const void* base, const uint64_t (&dims)[4],
-                            const uint64_t (&strides)[3], const uint32_t (&box)[4]) {
+inline bool encode_4d_sw128(CUtensorMap* map, bool bf16, const void* base,
+                            const uint64_t (&dims)[4], const uint64_t (&strides)[3],
+                            const uint32_t (&box)[4]) {
   return encode_sw128<4>(map, bf16, base, dims, strides, box);
 }
 

@@ -379,7 +379,8 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
       kr_lo[rh] = kr.lo > u.hi ? u.n_tiles * BN : int(kr.lo < u.lo ? 0 : kr.lo - u.lo);
       kr_hi[rh] = kr.hi < u.lo ? -1 : int((kr.hi > u.hi ? int64_t(u.hi) : kr.hi) - u.lo);
     }
-    int full_lo, full_hi;  // key tile j (relative start j0) needs no mask iff full_lo <= j0, j0 + BN - 1 <= full_hi
+    // Key tile j (relative start j0) needs no element mask iff full_lo <= j0, j0 + BN - 1 <= full_hi.
+    int full_lo, full_hi;
     {
       const int64_t lo_last = key_range(p, u.i0 + rows_valid - 1, u.lq, u.lk).lo;
       const int64_t hi_first = key_range(p, u.i0, u.lq, u.lk).hi;
