@@ -12,6 +12,12 @@
 # then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
 # ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
 # gdpa_bench is the whole bench_gdpa table (forward and backward, sparsity 1.0 and 0.5).
+# Also not in the default list: the opt-in warp-specialised flash forward (flash/fwd_ws.cuh),
+#   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench" bash scripts/gpu_quick.sh
+# (flash_ws_tests runs its gated tests with ATTNKIT_TEST_EXPERIMENTAL=1 under a 120 s timeout, a
+# wrong barrier phase hangs; flash_ws_sanitize is memcheck over garbage offsets and poisoned
+# varlen; flash_ws_bench times the forward at D 64 and 128, causal and not, with the default
+# kernel and with ATTNKIT_FLASH_FWD_WS=require).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -74,6 +80,20 @@ for s in $QUICK; do
       step bench_gdpa_ws_free 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=0 $G
       step bench_gdpa_ws_1loader 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SPLIT=0 $G
       step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
+    flash_ws_tests)
+      step flash_ws_tests 120 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py -q \
+        -n 16 -rfE -k warp_specialised ;;
+    flash_ws_sanitize)
+      step flash_ws_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+        -k "warp_specialised and (garbage_offsets or (varlen and pingpong and bf16 and i32))" ;;
+    flash_ws_bench)  # forward only: the default kernel, then the warp-specialised one
+      for a in "64" "64 --causal" "128" "128 --causal"; do
+        tag=d$(echo "$a" | tr -d ' -')
+        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
+        step "bench_ws_default_$tag" 45 $F
+        step "bench_ws_$tag" 45 env ATTNKIT_FLASH_FWD_WS=require $F
+      done ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

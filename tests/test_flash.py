@@ -603,6 +603,223 @@ def test_cuda_bad_offsets_are_clamped(dtype, D, T):
 
 
 # ---------------------------------------------------------------------------------------------
+# the opt-in warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS)
+# ---------------------------------------------------------------------------------------------
+# It needs an sm_90 device and a build with sm_90a code (setup.py's ATTNKIT_CUDA_ARCHS, default
+# "8.0;9.0a", the same variable at build and test time).
+HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";")
+          .split(";"))
+# Until it has run on a GPU once, its tests run only when asked (ATTNKIT_TEST_EXPERIMENTAL=1, as
+# `QUICK=flash_ws_tests bash scripts/gpu_quick.sh` does, under a timeout): a wrong barrier phase
+# hangs rather than fails, and must not stall the whole suite. Remove the gate once they pass.
+EXPERIMENTAL = os.environ.get("ATTNKIT_TEST_EXPERIMENTAL", "0") == "1"
+WS_READY = HOPPER and EXPERIMENTAL
+WS_WHY = "the opt-in warp-specialised forward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
+WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
+
+
+def ws_schedule(monkeypatch, schedule):
+    """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches:
+    "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
+    CTAs: each walks many units, so the rings' phases wrap and units follow each other)."""
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule == "few" else "0")
+
+
+def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
+              mk=None):
+    poison_allocator("cuda")
+    out, lse = FWD(q, k, v, None, causal, *window, softcap, cu_q, cu_k, mq, mk)
+    ref, ref_lse = flash_attn_ref(q, k, v, None, causal, *window, softcap, cu_q, cu_k)
+    check_close(out, ref, dtype, what)
+    check_lse(lse, ref_lse, dtype)
+    return out, lse
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_forward_warp_specialised_is_opt_in(monkeypatch):
+    """Without ATTNKIT_FLASH_FWD_WS (or with it "0") the warp-specialised kernel never runs (the
+    kernels launched are read from the profiler); runs everywhere, since it launches only the
+    default kernels."""
+    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+
+    def kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            FWD(q, q, q, None, True, -1, -1)
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages()]
+
+    for value in (None, "", "0"):
+        if value is None:
+            monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
+        else:
+            monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", value)
+        names = kernels()
+        assert not any("fwd_ws_kernel" in n for n in names), names
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
+    """The opt-in warp-specialised Hopper forward, batched: every window of WS_WINDOWS (causal,
+    window_left = 0, window_right = 0, both, wide and narrow windows), also through causal=True,
+    softcap on and off, GQA 1 and 4, Sq != Sk both ways and a one-row query, against the
+    reference (out and lse) on a NaN-poisoned output allocation."""
+    ws_schedule(monkeypatch, schedule)
+    seed_everything()
+    for sq, sk in [(700, 515), (515, 700), (129, 129), (1, 300)]:
+        for hkv in (4, 1):
+            q = rand(2, sq, 4, D, device="cuda", dtype=dtype)
+            k = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            v = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            for window in WS_WINDOWS:
+                for softcap in (0.0, 5.0):
+                    check_fwd(q, k, v, False, window, softcap, dtype,
+                              f"out {sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
+            check_fwd(q, k, v, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
+            check_fwd(q, k, v, True, (64, -1), 0.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
+    """Batched views the copy engine can address (the 4-D maps take every stride): q as
+    [B, H, S, D] transposed (head stride above the row stride), k and v as column slices of wider
+    rows, a permuted batch, and B = 1 / H = 1 (extent-1 dims with any stride)."""
+    ws_schedule(monkeypatch, "pingpong")
+    seed_everything()
+    B, H, S = 3, 4, 300
+    q = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
+    k = rand(B, S, 2, D + 64, device="cuda", dtype=dtype)[..., :D]
+    v = rand(S, B, 2, D + 32, device="cuda", dtype=dtype)[..., 16:16 + D].transpose(0, 1)
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    for causal in (False, True):
+        check_fwd(q, k, v, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
+        check_fwd(q, k, v, False, (100, 3), 0.0, dtype, "views window")
+    check_fwd(q[:1], k[:1], v[:1], True, (-1, -1), 0.0, dtype, "B = 1")
+    check_fwd(q[:, :, :1], k[:, :, :1], v[:, :, :1], False, (-1, -1), 0.0, dtype, "H = 1")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("schedule", ["pingpong", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
+    """Rows that see no key: whole query tiles (units with no key tile: no loads, the consumers
+    store 0 / -inf; with "few" CTAs such units sit between units with key tiles, whose last P·V
+    is still pending) and single rows inside tiles that see keys; output exactly 0, lse -inf."""
+    ws_schedule(monkeypatch, schedule)
+    seed_everything()
+    q = rand(2, 600, 4, D, device="cuda", dtype=dtype)
+    k = rand(2, 150, 2, D, device="cuda", dtype=dtype)
+    v = rand(2, 150, 2, D, device="cuda", dtype=dtype)
+    # Causal with Sq > Sk: rows i < 450 see no key (tiles 0-2 entirely, tile 3 in part).
+    for causal, window in [(True, (-1, -1)), (False, (0, 0)), (False, (-1, 0)), (False, (3, -1))]:
+        out, lse = check_fwd(q, k, v, causal, window, 0.0, dtype, f"no keys {causal} {window}")
+        if window != (3, -1):
+            assert (out[:, :450] == 0).all(), "rows without keys must be 0"
+            assert torch.isinf(lse[:, :, :450]).all() and (lse[:, :, :450] < 0).all()
+    # Sk = 0 (no rows for a map: ATTNKIT_FLASH_FWD_WS=1 falls back); varlen sequences without
+    # keys (whole sequences of key-less units) are in test_cuda_forward_warp_specialised_varlen.
+    k0, v0 = k[:, :0], v[:, :0]
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "1")
+    out, lse = FWD(q, k0, v0, None, False, -1, -1)
+    assert (out == 0).all() and torch.isinf(lse).all()
+
+
+def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch.int32):
+    """Packed sequences each followed by a filler sequence of `gap` NaN key/value rows with no
+    queries, and `gap` NaN q rows past the last offset: a kernel that lets a neighbour's keys or
+    values reach P·V, or stores a row outside its sequence, gives NaN."""
+    ql, kl, poison = [], [], []
+    for lq, lk in zip(lens_q, lens_k):
+        ql += [lq, 0]
+        kl += [lk, gap]
+        poison += [False] * lk + [True] * gap
+    q = rand(sum(ql) + gap, H, D, device="cuda", dtype=dtype)
+    k = rand(sum(kl), Hkv, D, device="cuda", dtype=dtype)
+    v = rand(sum(kl), Hkv, D, device="cuda", dtype=dtype)
+    bad = torch.tensor(poison, device="cuda")
+    k[bad] = float("nan")
+    v[bad] = float("nan")
+    q[sum(ql):] = float("nan")
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(index_dtype).cuda()
+    return q, k, v, cu(ql), cu(kl), max(ql), max(kl)
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_cuda_forward_warp_specialised_varlen(schedule, D, dtype, index_dtype, monkeypatch):
+    """Varlen with zero-length and one-row sequences, query and key lengths that differ, GQA 4,
+    NaN-poisoned neighbours (the boxes read past every sequence's end), windows and softcap;
+    rows past the last offset stay 0 / -inf; hints below the lengths give the same result."""
+    ws_schedule(monkeypatch, schedule)
+    seed_everything()
+    lens_q = [0, 1, 77, 128, 129, 300, 1000, 5, 0]
+    lens_k = [5, 1, 129, 1000, 0, 77, 300, 1, 0]
+    q, k, v, cu_q, cu_k, mq, mk = poisoned_varlen(dtype, lens_q, lens_k, 4, 1, D,
+                                                  index_dtype=index_dtype)
+    for causal, window, softcap in [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
+                                    (False, (0, 0), 0.0), (False, (200, 0), 5.0),
+                                    (False, (130, 70), 0.0), (False, (0, -1), 5.0)]:
+        what = f"varlen causal={causal} window={window} softcap={softcap}"
+        out, lse = check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q, cu_k, mq, mk)
+        end = int(cu_q[-1])
+        assert (out[end:] == 0).all(), f"{what}: rows past the last sequence must be 0"
+        assert torch.isinf(lse[:, end:]).all(), f"{what}: lse past the last sequence must be -inf"
+        small, small_lse = FWD(q, k, v, None, causal, *window, softcap, cu_q, cu_k, 1, 1)
+        assert torch.equal(out, small) and torch.equal(lse, small_lse), "hints changed the result"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_forward_warp_specialised_garbage_offsets(D, monkeypatch):
+    """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
+    maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
+    ws_schedule(monkeypatch, "pingpong")
+    T = 300
+    q = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16)
+    for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30],
+                [5, 2, 80]):
+        for index_dtype in (torch.int32, torch.int64):
+            cu = torch.tensor(bad, dtype=index_dtype, device="cuda")
+            for causal in (False, True):
+                out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
+                torch.cuda.synchronize()
+                assert torch.isfinite(out).all(), bad
+                assert not torch.isnan(lse).any(), bad
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
+    """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
+    express; head dim 96) ATTNKIT_FLASH_FWD_WS=1 keeps the other kernels with the same results,
+    and "require" raises a RuntimeError that names the variable."""
+    seed_everything()
+    for D in (128, 64, 96):
+        q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
+        k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
+        v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
+        if D != 96:
+            k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
+        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "1")
+        check_fwd(q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
+        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
+        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_FWD_WS=require"):
+            FWD(q, k, v, None, True, -1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
 # env-gated suites (DESIGN §4)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not REPRO, reason="set ATTNKIT_RUN_REPRO_SHAPES=1")

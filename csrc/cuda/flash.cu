@@ -17,7 +17,9 @@
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/wgmma_bwd.cuh"
 #include "kernels/flash/wgmma_fwd.cuh"
+#include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
+#include "tma_map.h"
 
 namespace attnkit {
 namespace flash {
@@ -92,6 +94,62 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
   return prop->major == 9 && prop->minor == 0;
 }
 
+// The warp-specialised Hopper forward (fwd_ws.cuh) is OPT-IN until validated on a GPU:
+// ATTNKIT_FLASH_FWD_WS unset, empty or "0" keeps the cp.async wgmma kernel (the default,
+// unchanged); "1" (any other value) runs it where it can (sm_90a build, 9.0 device, bf16/fp16, head dim 64
+// or 128, a positive scale, tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus
+// the maps) and falls back to wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail,
+// so tests and benchmarks know which kernel ran. Read at every call.
+enum class FwdWsMode { kOff, kOn, kRequire };
+
+FwdWsMode fwd_ws_mode() {
+  const char* e = std::getenv("ATTNKIT_FLASH_FWD_WS");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "0") == 0) return FwdWsMode::kOff;
+  return std::strcmp(e, "require") == 0 ? FwdWsMode::kRequire : FwdWsMode::kOn;
+}
+
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+// Its A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
+// warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
+// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0), at most n CTAs (a test
+// knob: one CTA walks many units).
+bool env_flag(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  return std::strcmp(e, "0") != 0;
+}
+int env_int(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return 0;
+  const long v = std::strtol(e, nullptr, 10);
+  return v > 0 && v < (1L << 30) ? static_cast<int>(v) : 0;
+}
+
+// Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
+// kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
+// or not a multiple of 16 bytes, rows beyond int32 coordinates: the caller keeps wgmma_fwd.cuh).
+// A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
+// may report any stride there, and varlen's batch stride is 0).
+bool fwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
+                 const void* v, ws::FwdWsMaps* m) {
+  const uint32_t box[4] = {64, 1, 128, 1};
+  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
+                    const Strides& st) {
+    if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernel's int32 row arithmetic
+    const uint64_t dims[4] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows),
+                              uint64_t(varlen ? 1 : p.B)};
+    const int64_t el[3] = {st.head, st.row, st.batch};
+    uint64_t strides[3];
+    for (int i = 0; i < 3; ++i) {
+      strides[i] = dims[i + 1] == 1 ? uint64_t(p.D) * 2 : (el[i] < 0 ? 0 : uint64_t(el[i]) * 2);
+    }
+    return tma::encode_4d_sw128(map, bf16, base, dims, strides, box);
+  };
+  return encode(&m->q, q, p.seqlen_q, p.H, p.q) && encode(&m->k, k, p.seqlen_k, p.Hkv, p.k) &&
+         encode(&m->v, v, p.seqlen_k, p.Hkv, p.v);
+}
+#endif
+
 // A cached host-side property query (no device synchronisation).
 int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
 int64_t smem_optin(const at::Tensor& t) {
@@ -138,11 +196,27 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
+  const FwdWsMode ws_mode = fwd_ws_mode();
+  bool ws_ran = false;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
         if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+          ws::FwdWsMaps maps;
+          if (ws_mode != FwdWsMode::kOff &&
+              fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
+                          k.const_data_ptr(), v.const_data_ptr(), &maps)) {
+            ws_ran = true;
+            C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(
+                p, maps, mptr<scalar_t>(out), mptr<float>(lse), rows,
+                env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true),
+                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true),
+                env_int("ATTNKIT_FLASH_FWD_WS_CTAS"), stream));
+            return;
+          }
+#endif
           wg::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
                                    mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
         } else {
@@ -161,6 +235,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  ATTNKIT_CHECK(ws_mode != FwdWsMode::kRequire || ws_ran,
+                "ATTNKIT_FLASH_FWD_WS=require: the warp-specialised forward cannot take this call "
+                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, a "
+                "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
+                "data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
+                q.scalar_type(), ", head dim ", p.D);
   return {out, lse};
 }
 

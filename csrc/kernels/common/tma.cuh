@@ -4,9 +4,10 @@
 // and passed as `const __grid_constant__ CUtensorMap` kernel parameters, whose generic address is
 // what these helpers take.
 //
-// A tiled 3-D map describes a strided tensor {dim0 (innermost), dim1, dim2}; one copy moves the
-// box starting at the coordinates {c0, c1, c2} (innermost first, in elements). Elements outside
-// the map's extents are not read and land as zeros; the barrier still counts the whole box's bytes.
+// A tiled 3-D map describes a strided tensor {dim0 (innermost), dim1, dim2} (4-D: and dim3); one
+// copy moves the box starting at the coordinates {c0, c1, c2} (innermost first, in elements).
+// Elements outside the map's extents are not read and land as zeros; the barrier still counts the
+// whole box's bytes.
 // With CU_TENSOR_MAP_SWIZZLE_128B and a 128-byte inner box row, the box lands in exactly the
 // sw128 layout of kernels/common/wgmma.cuh (1024-byte aligned destination).
 #pragma once
@@ -39,6 +40,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_3d(void* smem, const void* map, int c0, 
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(mma::smem_addr(smem)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(mma::smem_addr(bar))
+      : "memory");
+}
+
+// One box of a 4-D tiled map (e.g. batched [B][S][H][D]: {D, H, S, B}), as load_3d.
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_4d(void* smem, const void* map, int c0, int c1, int c2,
+                                           int c3, uint64_t* bar) {
+  ATTNKIT_TMA_ASM(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(mma::smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(mma::smem_addr(bar))
       : "memory");
 }
 

@@ -1,0 +1,576 @@
+// Flash attention forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
+// OPT-IN (ATTNKIT_FLASH_FWD_WS, csrc/cuda/flash.cu) and not yet validated on a GPU; wgmma_fwd.cuh
+// stays the default. Same math as wgmma_fwd.cuh (online softmax in the log2 domain, the delayed
+// P·V, element masks only on tiles that cross a window edge or the end); what changes is who
+// moves the data, modeled on the GDPA forward (kernels/gdpa/fwd_ws.cuh, validated on H200).
+//
+// A unit is (sequence b, head h, 128-row query tile); the CTA strides over units. 384 threads =
+// 3 warpgroups:
+//   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 loads Q (one
+//     box per 64 head-dim columns, into a 2-stage ring) and K_j per key tile, thread 32 loads V_j,
+//     each into rings of their own (D = 128: 2 K / 3 V stages, 32 KB tiles; D = 64: 4 / 4, 16 KB
+//     tiles), every load a tensor-map copy (kernels/common/tma.cuh) of a 4-D map {D, H, S, B}:
+//     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
+//     and the rows past a sequence's end are the next sequence's (or zeros past the total).
+//   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
+//     and per key tile g issue S_g = Q·K_gᵀ and then O += P_{g-1}·V_{g-1}, wait for S_g only, run
+//     the softmax of S_g while P_{g-1}·V_{g-1} runs, rescale O, pack P_g. g counts the CTA's key
+//     tiles across units: a unit's last P·V is issued with the next unit's first S; the finished
+//     unit (its normalisation 1/l and lse kept in 4 registers per thread, `Done`) is stored right
+//     after that product completes, and O cleared.
+//     Ping-pong (ATTNKIT_FLASH_FWD_WS_PINGPONG, default on, a kernel argument, not a template):
+//     two named barriers pass a turn so the warpgroups alternate issuing products (FA3's scheme,
+//     as in the GDPA kernel: warpgroup 1 starts by arriving on warpgroup 0's barrier; each takes
+//     one turn per key tile and one for the very last P·V; warpgroup 0 takes one more at the end).
+//
+// Units whose rows see no key (n_tiles == 0) are handed to the consumers like the others but
+// with no loads (a plain arrive on the Q stage): the consumers store output 0 / lse -inf for
+// their rows and release the Q stage. The walk's end is a unit with n_tiles = -1.
+//
+// Barriers as the GDPA kernel: full_* complete when the expected bytes landed, empty_* when all
+// 8 consumer warps released the stage (lane 0 of each warp arrives: K after S_g, V after the
+// delayed P·V, Q after the unit's last S). Completion k of a barrier has parity k & 1. Each
+// unit goes to the consumers through `units[qs]`, written before the Q stage's arrive.
+//
+// Keys past `hi` (the tile's last visible key) in the last key tile are either the next
+// sequence's (varlen: maybe inf / NaN), zeros past the map's extent, or real keys no row of the
+// tile sees: their scores are masked to -inf, and the V rows past `hi` are zeroed in shared
+// memory before that tile's P·V (0 · NaN is NaN), by each consumer warpgroup for itself (whole
+// 128-byte rows, so the swizzle does not matter; the other warpgroup writes the same zeros).
+// Query rows past the sequence's end are computed and never stored.
+//
+// Units in order: query tiles of an item fastest (the last tile of a sequence first: under a
+// causal mask it sees the most keys), then heads, then sequences; an item strides over the tiles
+// of a sequence longer than the grid hint. The grid is persistent by default (one CTA per SM;
+// ATTNKIT_FLASH_FWD_WS_PERSISTENT=0 launches one CTA per item; ATTNKIT_FLASH_FWD_WS_CTAS=n caps
+// it at n CTAs, for tests).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/portability.h"
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/tma.cuh"
+#include "kernels/common/wgmma.cuh"
+#include "kernels/flash/fast_math.cuh"
+#include "kernels/flash/params.h"
+
+#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
+#include <cuda.h>
+#if CUDA_VERSION >= 12000
+#define ATTNKIT_HAS_FWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
+#endif
+#endif
+#ifndef ATTNKIT_HAS_FWD_WS
+#define ATTNKIT_HAS_FWD_WS 0
+#endif
+
+#if ATTNKIT_HAS_FWD_WS
+
+namespace attnkit {
+namespace flash {
+namespace ws {
+
+template <int kD>
+struct FwdWsTraits {
+  static_assert(kD == 64 || kD == 128, "warp-specialised forward: head dim 64 or 128");
+  static constexpr int kConsumerWarpGroups = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
+  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
+  static constexpr int kBM = 64 * kConsumerWarpGroups, kBN = 128;
+  static constexpr int kBoxRows = 128, kBoxCols = 64;        // 128 bytes: one sw128 column block
+  static constexpr int kBoxes = kD / kBoxCols;               // boxes per tile
+  static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // what one copy counts off its barrier
+  static constexpr int kTileBytes = kBoxes * kBoxBytes;      // a 128 x D Q, K or V tile
+  // Q: 2 stages (the next unit's Q lands while the current one runs). D = 128 as GDPA (K 2, V 3,
+  // 225 KB); D = 64 tiles are half the size, so 4 + 4 (161 KB) give more lead to the loads.
+  static constexpr int kQStages = 2;
+  static constexpr int kKStages = kD == 64 ? 4 : 2;
+  static constexpr int kVStages = kD == 64 ? 4 : 3;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
+  // Named barriers (0 is __syncthreads): one turn per consumer warpgroup, then one per consumer
+  // warpgroup for its zero fill of a V tail.
+  static constexpr int kTurnBar = 1;
+  static constexpr int kZeroBar = 3;
+  // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
+  static constexpr int kSmemBytes = 1024 + kTileBytes * (kQStages + kKStages + kVStages);
+  static_assert(kBM == kBoxRows && kBN == kBoxRows, "one box shape");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// Tensor maps of q, k, v as {D, heads, rows, batches} (innermost first), boxes {64, 1, 128, 1}
+// with the 128-byte swizzle; built by the launcher's caller (csrc/cuda/flash.cu, tma_map.h).
+struct FwdWsMaps {
+  CUtensorMap q, k, v;
+};
+
+// One unit of a CTA's work, as the Q loader hands it to the consumers. Row counts and offsets
+// are int32: the launcher's caller takes this kernel only for q and k with fewer than 2^31 - 1024
+// rows (the tensor map's coordinates are int32 as well), which keeps the producer's 24 registers
+// enough (its walk spills a little; the consumers spill nothing).
+struct WsUnit {
+  int n_tiles;  // key tiles (>= 1); 0: no row of the tile sees a key (no loads); -1: the end
+  int b, h;
+  int i0;              // the tile's first query row, in the sequence
+  int q0, lq, k0, lk;  // the sequence (seq_range)
+  int lo, hi;          // the keys the tile's rows see, lo of its first row to hi of its last
+};
+
+#if defined(__CUDACC__)
+// Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
+// fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
+// tile. Both loading threads run the walk; the consumers get its units through shared memory.
+struct WsCursor {
+  int64_t item;
+  int k = 0, seq_tiles = 0;
+  bool in_item = false;
+  WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
+
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const Params& p, int64_t q_tiles, int64_t items) {
+    constexpr int BM = 128, BN = 128;
+    while (item < items) {
+      if (!in_item) {
+        const int64_t bh = item / q_tiles;
+        k = static_cast<int>(item - bh * q_tiles);
+        u.b = static_cast<int>(bh / p.H);
+        u.h = static_cast<int>(bh - int64_t(u.b) * p.H);
+        const SeqRange s = seq_range(p, u.b);
+        u.q0 = static_cast<int>(s.q0), u.lq = static_cast<int>(s.lq);
+        u.k0 = static_cast<int>(s.k0), u.lk = static_cast<int>(s.lk);
+        seq_tiles = (u.lq + BM - 1) / BM;
+        in_item = true;
+      } else {
+        k += static_cast<int>(q_tiles);
+      }
+      if (k >= seq_tiles) {
+        in_item = false;
+        item += gridDim.x;
+        continue;
+      }
+      u.i0 = (seq_tiles - 1 - k) * BM;
+      const int rows = u.lq - u.i0 < BM ? u.lq - u.i0 : BM;
+      const KeyRange first = key_range(p, u.i0, u.lq, u.lk);
+      const KeyRange last = key_range(p, u.i0 + rows - 1, u.lq, u.lk);
+      u.lo = static_cast<int>(first.lo);
+      u.hi = static_cast<int>(last.hi);
+      u.n_tiles = first.lo <= last.hi ? (u.hi - u.lo + BN) / BN : 0;
+      return true;
+    }
+    return false;
+  }
+};
+#endif
+
+// kSoftcap as wgmma_fwd.cuh: a compile-time switch (the plain path carries no tanh). Requires
+// scale > 0 (the launcher checks). `ping_pong` is uniform over the CTA (a kernel argument, so
+// the A/B variant costs no instantiation).
+template <typename T, int kD, bool kSoftcap>
+__global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
+    fwd_ws_kernel(const Params p, T* __restrict__ o, float* __restrict__ lse, const int64_t q_tiles,
+                  const bool ping_pong, const __grid_constant__ CUtensorMap map_q,
+                  const __grid_constant__ CUtensorMap map_k,
+                  const __grid_constant__ CUtensorMap map_v) {
+#if ATTNKIT_HAS_WGMMA
+  using Tr = FwdWsTraits<kD>;
+  using MmaS = wgmma::Wgmma<T, Tr::kBN>;  // S = Q·Kᵀ: N = key tile
+  using MmaO = wgmma::Wgmma<T, kD>;       // O += P·V: N = head dim
+  constexpr int BM = Tr::kBM, BN = Tr::kBN, KS = Tr::kKStages, VS = Tr::kVStages,
+                QS = Tr::kQStages, kNT = BN / 8, kDT = kD / 8;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (::attnkit::mma::smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sq = smem;                       // [QS] Q tiles
+  unsigned char* sk = sq + QS * Tr::kTileBytes;   // [KS] K tiles
+  unsigned char* sv = sk + KS * Tr::kTileBytes;   // [VS] V tiles
+
+  __shared__ uint64_t bars[2 * (QS + KS + VS)];
+  // The unit each Q stage holds, written by the Q loader before the stage's arrive (release) and
+  // read by the consumers after their wait (acquire).
+  __shared__ WsUnit units[QS];
+  uint64_t* full_q = bars;
+  uint64_t* empty_q = full_q + QS;
+  uint64_t* full_k = empty_q + QS;
+  uint64_t* empty_k = full_k + KS;
+  uint64_t* full_v = empty_k + KS;
+  uint64_t* empty_v = full_v + VS;
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < QS; ++s) {
+      bulk::init(full_q + s, 1);
+      bulk::init(empty_q + s, Tr::kConsumerWarps);
+    }
+    for (int s = 0; s < KS; ++s) {
+      bulk::init(full_k + s, 1);
+      bulk::init(empty_k + s, Tr::kConsumerWarps);
+    }
+    for (int s = 0; s < VS; ++s) {
+      bulk::init(full_v + s, 1);
+      bulk::init(empty_v + s, Tr::kConsumerWarps);
+    }
+    bulk::fence_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
+
+  if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V
+    wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
+    const int64_t items = q_tiles * p.H * p.B;
+    const bool loads_qk = tid == 0, loads_v = tid == 32;
+    if (!loads_qk && !loads_v) return;
+    tma::prefetch_map(loads_qk ? &map_q : &map_v);
+    if (loads_qk) tma::prefetch_map(&map_k);
+    WsCursor cursor{int64_t(blockIdx.x)};
+    const WsUnit& u = cursor.u;
+    uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
+    while (cursor.next(p, q_tiles, items)) {
+      const int hk = static_cast<int>(u.h / (p.H / p.Hkv));
+      const int bc = p.cu_q != nullptr ? 0 : u.b;  // the map's batch coordinate (varlen: one)
+      if (loads_qk) {
+        const uint32_t qs = qn % QS;
+        if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+        units[qs] = u;
+        if (u.n_tiles > 0) {
+          unsigned char* q_dst = sq + qs * Tr::kTileBytes;
+          const int row = u.q0 + u.i0;
+          bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
+#pragma unroll
+          for (int c = 0; c < Tr::kBoxes; ++c) {
+            tma::load_4d(q_dst + c * Tr::kBoxBytes, &map_q, c * Tr::kBoxCols, u.h, row, bc,
+                         full_q + qs);
+          }
+        } else {
+          bulk::arrive(full_q + qs);  // rows that see no key: nothing to load
+        }
+      }
+      ++qn;
+      for (int t = 0; t < u.n_tiles; ++t, ++g) {
+        const int row = u.k0 + u.lo + t * BN;
+        if (loads_qk) {
+          const uint32_t stage = g % KS, reuse = g / KS;  // reuse > 0: the stage held tile g - KS
+          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
+          if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
+          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
+#pragma unroll
+          for (int c = 0; c < Tr::kBoxes; ++c) {
+            tma::load_4d(k_dst + c * Tr::kBoxBytes, &map_k, c * Tr::kBoxCols, hk, row, bc,
+                         full_k + stage);
+          }
+        }
+        if (loads_v) {
+          const uint32_t stage = g % VS, reuse = g / VS;
+          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
+          if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
+          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
+#pragma unroll
+          for (int c = 0; c < Tr::kBoxes; ++c) {
+            tma::load_4d(v_dst + c * Tr::kBoxBytes, &map_v, c * Tr::kBoxCols, hk, row, bc,
+                         full_v + stage);
+          }
+        }
+      }
+    }
+    if (loads_qk) {  // the end of the walk, in the next Q stage
+      const uint32_t qs = qn % QS;
+      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+      units[qs].n_tiles = -1;
+      bulk::arrive(full_q + qs);
+    }
+    return;
+  }
+
+  // Consumer warpgroups.
+  wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128, wg = ctid / 128, wtid = ctid & 127, lane = tid & 31,
+            gr = lane / 4, t4 = lane % 4;
+  const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
+  const uint32_t sq_addr = ::attnkit::mma::smem_addr(sq), sk_addr = ::attnkit::mma::smem_addr(sk),
+                 sv_addr = ::attnkit::mma::smem_addr(sv);
+  constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
+  const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
+  // y = the score in "max units": raw (scaled by factor later) or the capped log2 value.
+  const float factor = kSoftcap ? 1.f : scale * kLog2e;
+  const float scale_over_cap = kSoftcap ? scale / cap : 0.f, cap_log2 = cap * kLog2e;
+
+  auto take_turn = [&] {
+    if (ping_pong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kConsumerThreads);
+  };
+  auto pass_turn = [&] {
+    if (ping_pong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg ^ 1), kConsumerThreads);
+  };
+  if (ping_pong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
+
+  // A unit whose products are all issued but whose last P·V may not be: where its output goes,
+  // how many of its rows are inside the sequence, how many V rows of its last key tile are
+  // visible keys (fewer than BN: zero_v_tail), and per thread row 1/l and the lse.
+  struct Done {
+    int64_t o_off, l_off;
+    int rows_valid, v_rows;
+    float inv[2], lse[2];
+  };
+  auto zero_v_tail = [&](uint32_t stage, int v_rows) {
+    if (v_rows >= BN) return;
+    unsigned char* v = sv + stage * Tr::kTileBytes;
+    const int chunks = (BN - v_rows) * Tr::kBoxes * 8;  // 16-byte chunks
+    for (int c = wtid; c < chunks; c += 128) {
+      const int row = v_rows + c / (8 * Tr::kBoxes), blk = (c / 8) % Tr::kBoxes, chunk = c & 7;
+      *reinterpret_cast<uint4*>(v + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+    bulk::fence_proxy_async();
+    wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+  };
+  auto store_unit = [&](const Done& w, const float(&acc)[kDT][4]) {
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int row = warp_row0 + gr + 8 * rh;
+      if (row >= w.rows_valid) continue;
+      T* orow = o + w.o_off + int64_t(row) * p.o.row;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) = ::attnkit::mma::pack2<T>(
+            acc[dt][rh * 2] * w.inv[rh], acc[dt][rh * 2 + 1] * w.inv[rh]);
+      }
+      if (t4 == 0) lse[w.l_off + int64_t(row) * p.lse.row] = w.lse[rh];
+    }
+  };
+  // Rows that see no key (a unit with n_tiles == 0): output 0, lse -inf (DESIGN §3.3).
+  auto store_empty = [&](int64_t o_off, int64_t l_off, int rows_valid) {
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int row = warp_row0 + gr + 8 * rh;
+      if (row >= rows_valid) continue;
+      T* orow = o + o_off + int64_t(row) * p.o.row;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) = 0u;
+      if (t4 == 0) lse[l_off + int64_t(row) * p.lse.row] = -INFINITY;
+    }
+  };
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+  uint32_t pa[BN / 16][4];  // P_{g-1}, the A operand of the delayed P·V
+  Done prev{};              // the unit whose last P·V is still to be issued (when g > 0)
+  uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
+  while (true) {
+    const uint32_t qs = qn % QS;
+    bulk::wait(full_q + qs, (qn / QS) & 1);
+    const WsUnit u = units[qs];
+    if (u.n_tiles < 0) break;
+    const int64_t o_off = u.b * p.o.batch + int64_t(u.q0 + u.i0) * p.o.row + u.h * p.o.head;
+    const int64_t l_off = u.b * p.lse.batch + u.h * p.lse.head + int64_t(u.q0 + u.i0) * p.lse.row;
+    const int rows_valid = u.lq - u.i0 < BM ? u.lq - u.i0 : BM;
+    if (u.n_tiles == 0) {
+      store_empty(o_off, l_off, rows_valid);
+      __syncwarp();  // every lane has read units[qs] before lane 0 frees the stage
+      if (lane == 0) bulk::arrive(empty_q + qs);
+      ++qn;
+      continue;
+    }
+    const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
+    // Each row's visible keys relative to lo, as int32 (clipped to [lo, hi]; rows past the
+    // sequence's end are never stored), and the tiles that need no element mask.
+    int kr_lo[2], kr_hi[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const KeyRange kr = key_range(p, u.i0 + warp_row0 + gr + 8 * rh, u.lq, u.lk);
+      kr_lo[rh] = kr.lo > u.hi ? u.n_tiles * BN : int(kr.lo < u.lo ? 0 : kr.lo - u.lo);
+      kr_hi[rh] = kr.hi < u.lo ? -1 : int((kr.hi > u.hi ? int64_t(u.hi) : kr.hi) - u.lo);
+    }
+    // Key tile j (relative start j0) needs no element mask iff full_lo <= j0, j0 + BN - 1 <= full_hi.
+    int full_lo, full_hi;
+    {
+      const int64_t lo_last = key_range(p, u.i0 + rows_valid - 1, u.lq, u.lk).lo;
+      const int64_t hi_first = key_range(p, u.i0, u.lq, u.lk).hi;
+      full_lo = lo_last > u.hi ? u.n_tiles * BN : int(lo_last - u.lo);
+      full_hi = hi_first < u.lo ? -1 : int(hi_first - u.lo);
+    }
+    // V rows of the unit's last key tile that are visible keys (the rest: zero_v_tail).
+    const int v_rows = u.hi - (u.lo + (u.n_tiles - 1) * BN) + 1;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    for (int j = 0; j < u.n_tiles; ++j, ++g) {
+      const int j0 = j * BN;
+      const uint32_t stage = g % KS, pstage = (g - 1) % VS;  // K_g's stage, V_{g-1}'s
+      bulk::wait(full_k + stage, (g / KS) & 1);
+      if (g > 0) {
+        bulk::wait(full_v + pstage, ((g - 1) / VS) & 1);
+        if (j == 0) zero_v_tail(pstage, prev.v_rows);
+      }
+
+      float sc[kNT][4];
+      take_turn();
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        MmaS::template ss<0>(sc, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                             wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
+                             kk > 0);
+      }
+      wgmma::commit();
+      if (g > 0) {
+        const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+        }
+        wgmma::commit();
+        pass_turn();
+        wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
+      } else {
+        pass_turn();
+        wgmma::wait<0>();
+      }
+      wgmma::fence_regs(sc);
+      if (lane == 0) {
+        bulk::arrive(empty_k + stage);                       // K_g has been read
+        if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
+      }
+
+      const bool full = j0 >= full_lo && j0 + BN - 1 <= full_hi;
+      float corr[2];
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = sc[nt][rh * 2 + e];
+            if constexpr (kSoftcap) x = cap_log2 * tanh_fast(x * scale_over_cap);
+            if (!full) {
+              const int jj = j0 + nt * 8 + 2 * t4 + e;
+              if (jj < kr_lo[rh] || jj > kr_hi[rh]) x = -INFINITY;
+            }
+            sc[nt][rh * 2 + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // m in the log2 domain; a row with nothing visible so far keeps base 0: 2^(-inf - 0) = 0.
+        const float m_new = fmaxf(m[rh], mx == -INFINITY ? -INFINITY : mx * factor);
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        corr[rh] = ex2_approx(m[rh] - base);
+        m[rh] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = ex2_approx(fmaf(sc[nt][rh * 2 + e], factor, -base));
+            sc[nt][rh * 2 + e] = pv;
+            sum += pv;
+          }
+        }
+        l[rh] = l[rh] * corr[rh] + sum;
+      }
+      if (g > 0) {
+        wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: O may be rescaled / stored, pa overwritten
+        wgmma::fence_regs(acc);
+        if (lane == 0) bulk::arrive(empty_v + pstage);
+        if (j == 0) {  // that was the previous unit's last product: its output is complete
+          store_unit(prev, acc);
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+        } else {  // O of this unit: rescale by the running-max correction
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            acc[dt][0] *= corr[0], acc[dt][1] *= corr[0];
+            acc[dt][2] *= corr[1], acc[dt][3] *= corr[1];
+          }
+        }
+      }  // g == 0: O is still 0, nothing to rescale
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {  // P rounded to the value type (DESIGN §3.1)
+        pa[kk][0] = ::attnkit::mma::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[kk][1] = ::attnkit::mma::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[kk][2] = ::attnkit::mma::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = ::attnkit::mma::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+      }
+    }
+    // The unit's statistics are final (its last P·V changes O only): quad-reduce l, keep 1/l and
+    // the lse for the store after that product. A row that sees no key: output 0, lse -inf.
+    prev.o_off = o_off;
+    prev.l_off = l_off;
+    prev.rows_valid = rows_valid;
+    prev.v_rows = v_rows;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      float lr = l[rh];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      prev.inv[rh] = lr > 0.f ? 1.f / lr : 0.f;
+      prev.lse[rh] = lr > 0.f ? m[rh] * kLn2 + logf(lr) : -INFINITY;
+    }
+    ++qn;
+  }
+  if (g > 0) {  // the last unit's last P·V
+    const uint32_t pstage = (g - 1) % VS;
+    bulk::wait(full_v + pstage, ((g - 1) / VS) & 1);
+    zero_v_tail(pstage, prev.v_rows);
+    take_turn();
+    wgmma::fence();
+    const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+    }
+    wgmma::commit();
+    pass_turn();
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc);
+    store_unit(prev, acc);
+  }
+  // Ping-pong: warpgroup 1's last hand-over (or its first, when there was no work) is still
+  // pending on warpgroup 0's barrier; take it so that no barrier is left half-arrived at exit.
+  if (ping_pong && wg == 0) take_turn();
+#endif  // ATTNKIT_HAS_WGMMA
+}
+
+// The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
+// hint); the kernel's items stride over the rest. max_ctas > 0 caps the grid (a test knob: a few
+// CTAs walk many units, so the rings' phases wrap and units follow each other in one CTA).
+// Returns the launch's error (no sync).
+template <typename T>
+cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
+                          int64_t grid_rows, bool ping_pong, bool persistent, int max_ctas,
+                          cudaStream_t stream) {
+  int64_t q_tiles = (grid_rows + 127) / 128;
+  q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));
+  const int64_t items = q_tiles * p.H * p.B;
+  int64_t grid = std::min<int64_t>(items, (int64_t(1) << 31) - 1);
+  cudaError_t err;
+  if (persistent) {  // one CTA per SM (the shared memory allows no second one)
+    int dev = 0, sms = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return err;
+    grid = std::min<int64_t>(grid, sms > 0 ? sms : 1);
+  }
+  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
+  auto run = [&](auto kernel, int smem, int threads) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, o, lse, q_tiles, ping_pong,
+                                                                   maps.q, maps.k, maps.v);
+    return cudaGetLastError();
+  };
+  const bool cap = p.softcap > 0.0;
+  if (p.D == 64) {
+    using Tr = FwdWsTraits<64>;
+    return cap ? run(fwd_ws_kernel<T, 64, true>, Tr::kSmemBytes, Tr::kThreads)
+               : run(fwd_ws_kernel<T, 64, false>, Tr::kSmemBytes, Tr::kThreads);
+  }
+  using Tr = FwdWsTraits<128>;
+  return cap ? run(fwd_ws_kernel<T, 128, true>, Tr::kSmemBytes, Tr::kThreads)
+             : run(fwd_ws_kernel<T, 128, false>, Tr::kSmemBytes, Tr::kThreads);
+}
+
+}  // namespace ws
+}  // namespace flash
+}  // namespace attnkit
+
+#endif  // ATTNKIT_HAS_FWD_WS
