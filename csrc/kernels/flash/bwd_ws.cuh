@@ -369,18 +369,14 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       wgmma::fence_async_smem();
       // dS^T complete; both warpgroups finished step slot - 1's dQ (buffer (slot + 1) % 2 free).
       wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
-      wgmma::wait<0>();  // dV, dK done: the stage's last readers
-      wgmma::fence_regs(dva);
-      wgmma::fence_regs(dka);
-      __syncwarp();
-      if (lane == 0) bulk::arrive(empty + st);
 
-      // dQ = dS K, as wgmma_bwd.cuh.
+      // dQ = dS K, as wgmma_bwd.cuh, but issued before waiting for dV / dK (it queues behind
+      // them instead of starting after the wait).
       const bool dq_here = kD == 128 || wg == int(slot & 1);
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
       const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
+      float dqa[8][4];
       if (dq_here) {
-        float dqa[8][4];
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -388,7 +384,13 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
                                    wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
         }
         wgmma::commit();
-        wgmma::wait<0>();
+      }
+      wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
+      wgmma::fence_regs(dva);
+      wgmma::fence_regs(dka);
+      __syncwarp();
+      if (lane == 0) bulk::arrive(empty + st);
+      if (dq_here) {
         wgmma::fence_regs(dqa);
         const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
 #pragma unroll
