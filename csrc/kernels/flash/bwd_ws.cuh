@@ -17,7 +17,8 @@
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240) and run wgmma_bwd.cuh's
 //     step: warpgroup w owns keys w*64 .. +63 with dK / dV in registers; S^T, dP^T ss; P^T, dS^T
 //     elementwise; dV += P^T dO, dK += dS^T Q rs; dS^T through shared memory (double-buffered,
-//     named barrier 1 over the 256 consumer threads); dQ = dS K ss, reduced into dq_accum.
+//     named barrier 1 over the 256 consumer threads); dQ = dS K ss, issued right after that
+//     barrier (queued behind dV / dK: one wait for all three), reduced into dq_accum.
 //
 // Barriers (mbarriers of kernels/common/bulk_copy.cuh; completion k has parity k & 1):
 //   full_kv: 1 arrival (thread 0) + the K and V bytes;  empty_kv: the 8 consumer warps, after a
