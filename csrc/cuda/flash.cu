@@ -133,7 +133,8 @@ int env_int(const char* name) {
 // or not a multiple of 16 bytes, rows beyond int32 coordinates: the caller keeps wgmma_fwd.cuh).
 // A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
 // may report any stride there, and varlen's batch stride is 0).
-// One such map, boxes of 64 columns x box_rows rows (the forward 128, the backward 64).
+// encode_rows_map builds one such map with boxes of 64 columns x box_rows rows (the forward's
+// 128, the backward's 64); fwd_ws_maps the forward's three.
 bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, const void* base,
                      int64_t rows, int64_t heads, const Strides& st, uint32_t box_rows) {
   if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernels' int32 row arithmetic
