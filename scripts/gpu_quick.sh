@@ -18,6 +18,11 @@
 # wrong barrier phase hangs; flash_ws_sanitize is memcheck over garbage offsets and poisoned
 # varlen; flash_ws_bench times the forward at D 64 and 128, causal and not, with the default
 # kernel and with ATTNKIT_FLASH_FWD_WS=require).
+# And the opt-in warp-specialised flash backward (flash/bwd_ws.cuh),
+#   QUICK="flash_ws_bwd_tests flash_ws_bwd_sanitize flash_ws_bwd_bench" bash scripts/gpu_quick.sh
+# (flash_ws_bwd_tests: its gated tests, ATTNKIT_TEST_EXPERIMENTAL=1, 150 s timeout;
+# flash_ws_bwd_sanitize: memcheck over garbage offsets and poisoned varlen; flash_ws_bwd_bench
+# times the backward at D 64 and 128, causal and not, default kernel vs ATTNKIT_FLASH_BWD_WS=require).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -93,6 +98,20 @@ for s in $QUICK; do
         F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
         step "bench_ws_default_$tag" 45 $F
         step "bench_ws_$tag" 45 env ATTNKIT_FLASH_FWD_WS=require $F
+      done ;;
+    flash_ws_bwd_tests)
+      step flash_ws_bwd_tests 150 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py \
+        -q -n 16 -rfE -k "backward_warp_specialised" ;;
+    flash_ws_bwd_sanitize)
+      step flash_ws_bwd_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+        -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bf16 and i32))" ;;
+    flash_ws_bwd_bench)  # backward only: the default kernel, then the warp-specialised one
+      for a in "64" "64 --causal" "128" "128 --causal"; do
+        tag=d$(echo "$a" | tr -d ' -')
+        F="$PY benchmarks/bench_attention.py --passes bwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
+        step "bench_wsbwd_default_$tag" 45 $F
+        step "bench_wsbwd_$tag" 45 env ATTNKIT_FLASH_BWD_WS=require $F
       done ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac

@@ -820,6 +820,263 @@ def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# the opt-in warp-specialised Hopper backward (bwd_ws.cuh, ATTNKIT_FLASH_BWD_WS)
+# ---------------------------------------------------------------------------------------------
+# Gated like the forward's (WS_READY: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1; a
+# wrong barrier phase hangs). Every gated test sets ATTNKIT_FLASH_BWD_WS=require, so a silent
+# fallback to wgmma_bwd.cuh cannot pass; the forward runs the default kernels.
+WS_BWD_WHY = "the opt-in warp-specialised backward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
+
+
+def ws_bwd_schedule(monkeypatch, schedule):
+    """"grid": one CTA per 128-key tile; "few": ATTNKIT_FLASH_BWD_WS_TILES=1, each CTA walks
+    all key tiles of its (kv head, sequence), so the K / V barrier and the step ring wrap."""
+    monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
+    monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
+    monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS_TILES", "1" if schedule == "few" else "0")
+
+
+def ws_bwd_grads(q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None, mq=None, mk=None):
+    """dq, dk, dv of the CUDA backward (forward by the default kernels)."""
+    args = (None, causal, *window, softcap, cu_q, cu_k, mq, mk)
+    out, lse = FWD(q, k, v, *args)
+    poison_allocator("cuda")
+    return BWD(dout, q, k, v, out, lse, *args)
+
+
+def ws_bwd_ref(q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None):
+    """The reference's autograd gradients (fp32) of the same call."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = flash_attn_ref(*leaves, None, causal, *window, softcap, cu_q, cu_k)[0]
+    return torch.autograd.grad(ref, leaves, dout.float(), allow_unused=True)
+
+
+def check_bwd(q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu_k=None,
+              mq=None, mk=None, rows_q=None, rows_k=None):
+    """Gradients against the reference; rows_q / rows_k (boolean masks) restrict the comparison
+    to the rows of real sequences (poisoned neighbours have NaN gradients in both)."""
+    grads = ws_bwd_grads(q, k, v, dout, causal, window, softcap, cu_q, cu_k, mq, mk)
+    ref = ws_bwd_ref(q, k, v, dout, causal, window, softcap, cu_q, cu_k)
+    for name, a, b, rows in zip("qkv", grads, ref, (rows_q, rows_k, rows_k)):
+        b = torch.zeros_like(a, dtype=torch.float32) if b is None else b
+        if rows is not None:
+            a, b = a[rows], b[rows]
+        assert torch.isfinite(a).all(), f"{what}: d{name} not finite"
+        check_close(a, b, dtype, f"{what}: d{name}")
+    return grads
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_backward_warp_specialised_is_opt_in(monkeypatch):
+    """Without ATTNKIT_FLASH_BWD_WS (or with it "" / "0") the warp-specialised backward never
+    runs (the kernels launched are read from the profiler); runs everywhere."""
+    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse = FWD(q, q, q, None, True, -1, -1)
+
+    def kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            BWD(torch.randn_like(out), q, q, q, out, lse, None, True, -1, -1)
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages()]
+
+    for value in (None, "", "0"):
+        if value is None:
+            monkeypatch.delenv("ATTNKIT_FLASH_BWD_WS", raising=False)
+        else:
+            monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", value)
+        names = kernels()
+        assert not any("bwd_ws_kernel" in n for n in names), names
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("schedule", ["grid", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_backward_warp_specialised(schedule, D, dtype, monkeypatch):
+    """The opt-in warp-specialised Hopper backward, batched: every window of WS_WINDOWS, causal
+    through causal=True, softcap on and off, GQA 1 and 4, Sq != Sk both ways, a one-row query,
+    several 128-key tiles and 64-row steps with ragged ends; dq, dk, dv against the reference's
+    autograd on NaN-poisoned allocations."""
+    ws_bwd_schedule(monkeypatch, schedule)
+    seed_everything()
+    for sq, sk in [(700, 515), (515, 700), (129, 129), (1, 300)]:
+        for hkv in (4, 1):
+            q = rand(2, sq, 4, D, device="cuda", dtype=dtype)
+            k = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            v = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            g = rand(2, sq, 4, D, device="cuda", dtype=dtype)
+            for window in WS_WINDOWS:
+                for softcap in (0.0, 5.0):
+                    check_bwd(q, k, v, g, False, window, softcap, dtype,
+                              f"{sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
+            check_bwd(q, k, v, g, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
+            check_bwd(q, k, v, g, True, (64, -1), 5.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_backward_warp_specialised_views(D, dtype, monkeypatch):
+    """Batched views the 4-D maps address: q as [B, H, S, D] transposed, k and v column slices of
+    wider rows, a permuted batch, dout transposed, and B = 1 / H = 1."""
+    ws_bwd_schedule(monkeypatch, "grid")
+    seed_everything()
+    B, H, S = 3, 4, 300
+    q = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
+    k = rand(B, S, 2, D + 64, device="cuda", dtype=dtype)[..., :D]
+    v = rand(S, B, 2, D + 32, device="cuda", dtype=dtype)[..., 16:16 + D].transpose(0, 1)
+    g = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    for causal in (False, True):
+        check_bwd(q, k, v, g, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
+    check_bwd(q, k, v, g, False, (100, 3), 0.0, dtype, "views window")
+    check_bwd(q[:1], k[:1], v[:1], g[:1], True, (-1, -1), 0.0, dtype, "B = 1")
+    check_bwd(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], False, (-1, -1), 0.0, dtype,
+              "H = 1")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("schedule", ["grid", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_backward_warp_specialised_rows_without_keys(schedule, D, monkeypatch):
+    """Rows that see no key (lse -inf) and key tiles no query sees (no steps: dK = dV = 0 with
+    no loads; with "few" such tiles sit between tiles with steps): exact zeros there."""
+    ws_bwd_schedule(monkeypatch, schedule)
+    seed_everything()
+    dtype = torch.bfloat16
+    q = rand(2, 600, 4, D, device="cuda", dtype=dtype)
+    k = rand(2, 150, 2, D, device="cuda", dtype=dtype)
+    v = rand(2, 150, 2, D, device="cuda", dtype=dtype)
+    g = rand(2, 600, 4, D, device="cuda", dtype=dtype)
+    # Causal with Sq > Sk: rows i < 450 see no key.
+    for causal, window in [(True, (-1, -1)), (False, (0, 0)), (False, (-1, 0)), (False, (3, -1))]:
+        dq, _, _ = check_bwd(q, k, v, g, causal, window, 0.0, dtype, f"no keys {causal} {window}")
+        if window != (3, -1):
+            assert (dq[:, :450] == 0).all(), "rows without keys must have dq 0"
+    # Sq < Sk, causal, left window 0: the keys before Sk - Sq and the tiles of them see no query.
+    q2, g2 = q[:, :100], g[:, :100]
+    k2 = rand(2, 700, 2, D, device="cuda", dtype=dtype)
+    v2 = rand(2, 700, 2, D, device="cuda", dtype=dtype)
+    for window in [(0, 0), (10, 0)]:
+        _, dk, dv = check_bwd(q2, k2, v2, g2, False, window, 0.0, dtype, f"keys without rows {window}")
+        assert (dk[:, :590] == 0).all() and (dv[:, :590] == 0).all(), "keys without queries"
+
+
+def poisoned_varlen_bwd(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch.int32):
+    """Packed sequences each followed by a filler sequence of `gap` NaN q / dout rows and `gap`
+    NaN k / v rows (its own gradients are NaN; every box of the real sequence before it reads
+    into it), and `gap` NaN q / dout rows past the last offset. Returns the tensors, offsets,
+    hints and the boolean masks of the real rows."""
+    ql, kl, real_q, real_k = [], [], [], []
+    for lq, lk in zip(lens_q, lens_k):
+        ql += [lq, gap]
+        kl += [lk, gap]
+        real_q += [True] * lq + [False] * gap
+        real_k += [True] * lk + [False] * gap
+    real_q += [False] * gap
+    q = rand(sum(ql) + gap, H, D, device="cuda", dtype=dtype)
+    g = rand(sum(ql) + gap, H, D, device="cuda", dtype=dtype)
+    k = rand(sum(kl), Hkv, D, device="cuda", dtype=dtype)
+    v = rand(sum(kl), Hkv, D, device="cuda", dtype=dtype)
+    rq = torch.tensor(real_q, device="cuda")
+    rk = torch.tensor(real_k, device="cuda")
+    for t in (q, g):
+        t[~rq] = float("nan")
+    for t in (k, v):
+        t[~rk] = float("nan")
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(index_dtype).cuda()
+    return q, k, v, g, cu(ql), cu(kl), max(ql), max(kl), rq, rk
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("schedule", ["grid", "few"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_cuda_backward_warp_specialised_varlen(schedule, D, dtype, index_dtype, monkeypatch):
+    """Varlen with zero-length and one-row sequences, query and key lengths that differ, GQA 4,
+    NaN-poisoned neighbours (q, k, v, dout), windows and softcap: the real rows' gradients match
+    the reference and are finite; rows past the last offset get 0; hints below the lengths give
+    the same result."""
+    ws_bwd_schedule(monkeypatch, schedule)
+    seed_everything()
+    lens_q = [0, 1, 77, 128, 129, 300, 1000, 5, 0, 64]
+    lens_k = [5, 1, 129, 1000, 0, 77, 300, 1, 0, 64]
+    q, k, v, g, cu_q, cu_k, mq, mk, rq, rk = poisoned_varlen_bwd(dtype, lens_q, lens_k, 4, 1, D,
+                                                                 index_dtype=index_dtype)
+    end = int(cu_q[-1])
+    for causal, window, softcap in [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
+                                    (False, (0, 0), 0.0), (False, (200, 0), 5.0),
+                                    (False, (130, 70), 0.0), (False, (0, -1), 5.0)]:
+        what = f"varlen causal={causal} window={window} softcap={softcap}"
+        dq, dk, dv = check_bwd(q, k, v, g, causal, window, softcap, dtype, what, cu_q, cu_k, mq, mk,
+                               rq, rk)
+        assert (dq[end:] == 0).all(), f"{what}: rows past the last sequence must have dq 0"
+        small = ws_bwd_grads(q, k, v, g, causal, window, softcap, cu_q, cu_k, 1, 1)
+        for a, b, rows in zip((dq, dk, dv), small, (rq, rk, rk)):
+            # dq adds over key tiles with reductions in any order: equal up to rounding.
+            check_close(b[rows], a[rows], dtype, f"{what}: hints changed the result")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_backward_warp_specialised_garbage_offsets(D, monkeypatch):
+    """Garbage cu_seqlens are clamped: the warp-specialised backward stays in bounds (the maps
+    bound the copies too) and gives finite gradients (compute-sanitizer runs this test)."""
+    ws_bwd_schedule(monkeypatch, "grid")
+    T = 300
+    q = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
+    for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30],
+                [5, 2, 80]):
+        for index_dtype in (torch.int32, torch.int64):
+            cu = torch.tensor(bad, dtype=index_dtype, device="cuda")
+            for causal in (False, True):
+                out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
+                grads = BWD(g, q, kv, kv, out, lse, None, causal, -1, -1, 0.0, cu, cu, T, T)
+                torch.cuda.synchronize()
+                for x in grads:
+                    assert torch.isfinite(x).all(), bad
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+def test_cuda_backward_warp_specialised_falls_back(monkeypatch):
+    """Where the warp-specialised backward cannot run (a kv head stride of 0 that a tensor map
+    cannot express; head dim 96; deterministic mode) ATTNKIT_FLASH_BWD_WS=1 keeps the other
+    kernels with the same results, and "require" raises a RuntimeError naming the variable."""
+    seed_everything()
+    monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
+    for D in (128, 64, 96):
+        q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
+        k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
+        v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
+        g = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
+        if D != 96:
+            k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
+        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "1")
+        check_bwd(q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
+        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
+        out, lse = FWD(q, k, v, None, True, -1, -1)
+        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_BWD_WS=require"):
+            BWD(g, q, k, v, out, lse, None, True, -1, -1)
+    # Deterministic mode keeps its own dQ kernel pair.
+    q = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
+    g = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse = FWD(q, q, q, None, True, -1, -1)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "1")
+        BWD(g, q, q, q, out, lse, None, True, -1, -1)
+        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
+        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_BWD_WS=require"):
+            BWD(g, q, q, q, out, lse, None, True, -1, -1)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+# ---------------------------------------------------------------------------------------------
 # env-gated suites (DESIGN §4)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not REPRO, reason="set ATTNKIT_RUN_REPRO_SHAPES=1")

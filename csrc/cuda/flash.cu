@@ -18,6 +18,7 @@
 #include "kernels/flash/wgmma_bwd.cuh"
 #include "kernels/flash/wgmma_fwd.cuh"
 #include "kernels/flash/fwd_ws.cuh"
+#include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
 #include "tma_map.h"
 
@@ -100,13 +101,15 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // or 128, a positive scale, tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus
 // the maps) and falls back to wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail,
 // so tests and benchmarks know which kernel ran. Read at every call.
+// The warp-specialised backward (bwd_ws.cuh) reads ATTNKIT_FLASH_BWD_WS the same way.
 enum class FwdWsMode { kOff, kOn, kRequire };
 
-FwdWsMode fwd_ws_mode() {
-  const char* e = std::getenv("ATTNKIT_FLASH_FWD_WS");
+FwdWsMode ws_mode(const char* name) {
+  const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0' || std::strcmp(e, "0") == 0) return FwdWsMode::kOff;
   return std::strcmp(e, "require") == 0 ? FwdWsMode::kRequire : FwdWsMode::kOn;
 }
+FwdWsMode fwd_ws_mode() { return ws_mode("ATTNKIT_FLASH_FWD_WS"); }
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
@@ -130,23 +133,38 @@ int env_int(const char* name) {
 // or not a multiple of 16 bytes, rows beyond int32 coordinates: the caller keeps wgmma_fwd.cuh).
 // A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
 // may report any stride there, and varlen's batch stride is 0).
+// encode_rows_map builds one such map with boxes of 64 columns x box_rows rows (the forward's
+// 128, the backward's 64); fwd_ws_maps the forward's three.
+bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, const void* base,
+                     int64_t rows, int64_t heads, const Strides& st, uint32_t box_rows) {
+  if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernels' int32 row arithmetic
+  const uint32_t box[4] = {64, 1, box_rows, 1};
+  const uint64_t dims[4] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows),
+                            uint64_t(varlen ? 1 : p.B)};
+  const int64_t el[3] = {st.head, st.row, st.batch};
+  uint64_t strides[3];
+  for (int i = 0; i < 3; ++i) {
+    strides[i] = dims[i + 1] == 1 ? uint64_t(p.D) * 2 : (el[i] < 0 ? 0 : uint64_t(el[i]) * 2);
+  }
+  return tma::encode_4d_sw128(map, bf16, base, dims, strides, box);
+}
+
 bool fwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
                  const void* v, ws::FwdWsMaps* m) {
-  const uint32_t box[4] = {64, 1, 128, 1};
-  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
-                    const Strides& st) {
-    if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernel's int32 row arithmetic
-    const uint64_t dims[4] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows),
-                              uint64_t(varlen ? 1 : p.B)};
-    const int64_t el[3] = {st.head, st.row, st.batch};
-    uint64_t strides[3];
-    for (int i = 0; i < 3; ++i) {
-      strides[i] = dims[i + 1] == 1 ? uint64_t(p.D) * 2 : (el[i] < 0 ? 0 : uint64_t(el[i]) * 2);
-    }
-    return tma::encode_4d_sw128(map, bf16, base, dims, strides, box);
-  };
-  return encode(&m->q, q, p.seqlen_q, p.H, p.q) && encode(&m->k, k, p.seqlen_k, p.Hkv, p.k) &&
-         encode(&m->v, v, p.seqlen_k, p.Hkv, p.v);
+  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, 128) &&
+         encode_rows_map(&m->k, p, varlen, bf16, k, p.seqlen_k, p.Hkv, p.k, 128) &&
+         encode_rows_map(&m->v, p, varlen, bf16, v, p.seqlen_k, p.Hkv, p.v, 128);
+}
+#endif
+
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
+// The backward's maps: q, k, v and dout in 64-row boxes (p.dout set).
+bool bwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
+                 const void* v, const void* dout, ws::BwdWsMaps* m) {
+  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, 64) &&
+         encode_rows_map(&m->k, p, varlen, bf16, k, p.seqlen_k, p.Hkv, p.k, 64) &&
+         encode_rows_map(&m->v, p, varlen, bf16, v, p.seqlen_k, p.Hkv, p.v, 64) &&
+         encode_rows_map(&m->dout, p, varlen, bf16, dout, p.seqlen_q, p.H, p.dout, 64);
 }
 #endif
 
@@ -283,6 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
   // run); torch.use_deterministic_algorithms(True) selects its separate dQ kernel instead.
   const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // ATTNKIT_FLASH_BWD_WS: the opt-in warp-specialised backward (bwd_ws.cuh), as the forward's
+  // switch; read at every call.
+  const FwdWsMode bws_mode = ws_mode("ATTNKIT_FLASH_BWD_WS");
+  bool bws_ran = false;
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
@@ -303,6 +325,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
           // The Hopper backward (atomic dQ only): same inputs, its own shared-memory need.
           if (!deterministic && use_wgmma(q, "ATTNKIT_FLASH_WGMMA_BWD") &&
               smem_optin(q) >= wg::bwd_smem_bytes(p.D)) {
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
+            ws::BwdWsMaps maps;
+            if (bws_mode != FwdWsMode::kOff && smem_optin(q) >= ws::bwd_ws_smem_bytes(p.D) &&
+                bwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
+                            k.const_data_ptr(), v.const_data_ptr(), dout.const_data_ptr(),
+                            &maps)) {
+              bws_ran = true;
+              C10_CUDA_CHECK(ws::launch_bwd_ws<scalar_t>(
+                  p, maps, cptr<float>(lse), cptr<float>(delta), mptr<float>(dq_accum),
+                  mptr<scalar_t>(dk), mptr<scalar_t>(dv), rows_k,
+                  env_int("ATTNKIT_FLASH_BWD_WS_TILES"), stream));
+              dq.copy_(dq_accum);
+              return;
+            }
+#endif
             wg::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
                                      cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
                                      mptr<float>(dq_accum), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
@@ -333,6 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  ATTNKIT_CHECK(bws_mode != FwdWsMode::kRequire || bws_ran,
+                "ATTNKIT_FLASH_BWD_WS=require: the warp-specialised backward cannot take this call "
+                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, "
+                "non-deterministic mode, k with at least one row, and q, k, v, dout with 16-byte "
+                "aligned data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
+                q.scalar_type(), ", head dim ", p.D);
   return {dq, dk, dv};
 }
 

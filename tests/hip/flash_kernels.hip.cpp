@@ -1,6 +1,7 @@
 // HIP compile check of the flash kernel layer (scripts/hip_check.sh): the portable (SIMT) kernels
 // csrc/cuda/flash.cu launches, and the tensor-core launchers (empty kernel bodies under HIP;
 // mma::fwd_supported() is false there, so the launcher never takes them).
+#include "kernels/flash/bwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
 #include "kernels/flash/fwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"

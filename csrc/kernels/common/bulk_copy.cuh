@@ -57,6 +57,14 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void arrive_expect_tx(uint64_t* bar, uint32_t byte
                : "memory");
 }
 
+// Announces `bytes` more to land in the current phase without arriving (the thread arrives later,
+// e.g. after ordinary stores into the same stage that its arrival releases).
+ATTNKIT_DEVICE ATTNKIT_INLINE void expect_tx(uint64_t* bar, uint32_t bytes) {
+  ATTNKIT_BULK_ASM("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(mma::smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
 // A plain arrival (e.g. a consumer warp releasing a stage it has finished reading).
 ATTNKIT_DEVICE ATTNKIT_INLINE void arrive(uint64_t* bar) {
   ATTNKIT_BULK_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mma::smem_addr(bar)) : "memory");

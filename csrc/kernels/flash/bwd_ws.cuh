@@ -1,0 +1,467 @@
+// Flash attention backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
+// OPT-IN (ATTNKIT_FLASH_BWD_WS, csrc/cuda/flash.cu) and not yet validated on a GPU; wgmma_bwd.cuh
+// stays the default. Same math as wgmma_bwd.cuh (its step order, window bounds, masks, products
+// and dS^T exchange; dQ added with paired fp32 reductions into the zero-filled workspace); what
+// changes is who moves the data, as in the warp-specialised forwards (flash/fwd_ws.cuh,
+// gdpa/fwd_ws.cuh):
+//
+// CTA = (kv head, sequence, 128-key tile; the tiles stride over gridDim.z), 384 threads:
+//   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24).
+//     Thread 0 loads K and V of each key tile (once per tile, counted off full_kv) and the Q tile
+//     of every step into the step ring; warp 1 (all 32 lanes) writes the step's lse and delta
+//     rows into the ring with plain loads / stores (64 fp32 each: the rows are not 16-byte aligned
+//     in general, so no bulk copy) and its lane 0 loads the dO tile. Every tile is a tensor-map
+//     copy of 64-row x 64-column sw128 boxes of a 4-D map {D, H, S, B} (kernels/common/tma.cuh):
+//     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
+//     and rows past a sequence's end are the next sequence's (or zeros past the total).
+//   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240) and run wgmma_bwd.cuh's
+//     step: warpgroup w owns keys w*64 .. +63 with dK / dV in registers; S^T, dP^T ss; P^T, dS^T
+//     elementwise; dV += P^T dO, dK += dS^T Q rs; dS^T through shared memory (double-buffered,
+//     named barrier 1 over the 256 consumer threads); dQ = dS K ss, issued right after that
+//     barrier (queued behind dV / dK: one wait for all three), reduced into dq_accum.
+//
+// Barriers (mbarriers of kernels/common/bulk_copy.cuh; completion k has parity k & 1):
+//   full_kv: 1 arrival (thread 0) + the K and V bytes;  empty_kv: the 8 consumer warps, after a
+//     tile's last dQ (its last reader of K);
+//   full[s]: 33 arrivals (thread 0 with the Q bytes, the 32 lanes of warp 1 after their lse /
+//     delta stores; its lane 0 announced the dO bytes with expect_tx before issuing them);  empty[s]: the 8 consumer warps, once dV and dK of
+//     the step are complete (the last readers of Q, dO, lse, delta).
+// Every role walks the same (tile, step) sequence from the kernel's arguments, so no work units
+// are handed over; a tile whose keys no query sees (no steps) loads nothing and stores dK = dV = 0.
+//
+// Rows of another sequence (varlen only: batched boxes read zeros there) must not reach the
+// products: Q / dO rows past the sequence's end and K / V rows past it may be inf / NaN, and the
+// elementwise masks select P^T = 0 but dS^T = P^T (dP^T - delta) and the products P^T dO,
+// dS^T Q, dS K multiply them. So the consumers zero those rows in shared memory before use (each
+// warpgroup all of them, whole 128-byte rows, as the flash forward zeroes V tails: the other
+// warpgroup writes the same zeros), and lse / delta of rows past the step's last query are 0.
+#pragma once
+
+#include <cstdint>
+
+#include "common/portability.h"
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/tma.cuh"
+#include "kernels/common/wgmma.cuh"
+#include "kernels/flash/fast_math.cuh"
+#include "kernels/flash/mma_bwd.cuh"
+#include "kernels/flash/params.h"
+#include "kernels/flash/wgmma_bwd.cuh"
+
+#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
+#include <cuda.h>
+#if CUDA_VERSION >= 12000
+#define ATTNKIT_HAS_BWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
+#endif
+#endif
+#ifndef ATTNKIT_HAS_BWD_WS
+#define ATTNKIT_HAS_BWD_WS 0
+#endif
+
+#if ATTNKIT_HAS_BWD_WS
+
+namespace attnkit {
+namespace flash {
+namespace ws {
+
+template <int kD>
+struct BwdWsTraits {
+  static_assert(kD == 64 || kD == 128, "warp-specialised backward: head dim 64 or 128");
+  static constexpr int kThreads = 384;         // producer + 2 consumer warpgroups
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kBN = 128;  // keys per CTA (64 per consumer warpgroup)
+  static constexpr int kBM = 64;   // query rows per step
+  static constexpr int kStages = kD == 64 ? 4 : 3;  // Q / dO / lse / delta ring
+  static constexpr int kBoxRows = 64, kBoxCols = 64;
+  static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // 8 KB, one sw128 column block
+  static constexpr int kKVBytes = kBN * kD * 2;              // K or V
+  static constexpr int kQBytes = kBM * kD * 2;               // Q or dO, one stage
+  static constexpr int kDsBytes = kBN * kBM * 2;             // dS^T, one buffer
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
+  static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
+  static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes + kStages * 2 * kBM * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// Tensor maps of q, k, v, dout as {D, heads, rows, batches} (innermost first), boxes
+// {64, 1, 64, 1} with the 128-byte swizzle; built by csrc/cuda/flash.cu (tma_map.h).
+struct BwdWsMaps {
+  CUtensorMap q, k, v, dout;
+};
+
+// kSoftcap as wgmma_bwd.cuh (a separate instantiation). Row indices are int32: the caller takes
+// this kernel only for q and k with fewer than 2^31 - 1024 rows (the maps' coordinates are int32).
+template <typename T, int kD, bool kSoftcap>
+__global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
+    bwd_ws_kernel(const Params p, const float* __restrict__ lse, const float* __restrict__ delta,
+                  float* __restrict__ dq_accum, T* __restrict__ dk, T* __restrict__ dv,
+                  const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                  const __grid_constant__ CUtensorMap map_v,
+                  const __grid_constant__ CUtensorMap map_do) {
+#if ATTNKIT_HAS_WGMMA
+  namespace cm = ::attnkit::mma;
+  using Tr = BwdWsTraits<kD>;
+  using Mma64 = wgmma::Wgmma<T, 64>;  // S^T, dP^T (N = 64 queries); dQ (N = 64 columns)
+  using MmaD = wgmma::Wgmma<T, kD>;   // dV, dK (N = head dim)
+  constexpr int BM = Tr::kBM, BN = Tr::kBN, S = Tr::kStages, kNT = BM / 8, kDT = kD / 8;
+  constexpr int kBoxes = kD / 64;  // column blocks of a tile
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (cm::smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sk = smem;                          // [BN][kD] sw128 (column blocks of BN rows)
+  unsigned char* sv = sk + Tr::kKVBytes;             // [BN][kD]
+  unsigned char* sq = sv + Tr::kKVBytes;             // [S][BM][kD]
+  unsigned char* sdo = sq + S * Tr::kQBytes;         // [S][BM][kD]
+  unsigned char* sds = sdo + S * Tr::kQBytes;        // [2][BN keys][BM queries]
+  float* lse_s = reinterpret_cast<float*>(sds + 2 * Tr::kDsBytes);  // [S][BM]
+  float* delta_s = lse_s + S * BM;                                  // [S][BM]
+
+  __shared__ uint64_t bars[2 + 2 * S];
+  uint64_t* full_kv = bars;
+  uint64_t* empty_kv = bars + 1;
+  uint64_t* full = bars + 2;
+  uint64_t* empty = full + S;
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    bulk::init(full_kv, 1);
+    bulk::init(empty_kv, Tr::kConsumerWarps);
+    for (int s = 0; s < S; ++s) {
+      bulk::init(full + s, 1 + 32);
+      bulk::init(empty + s, Tr::kConsumerWarps);
+    }
+    bulk::fence_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier
+
+  // The walk every role takes (wgmma_bwd.cuh's): key tiles tt = blockIdx.z, + gridDim.z, ...;
+  // per tile the query tiles [qlo, qhi] its keys see, for each query head of the GQA group.
+  const int hk = blockIdx.x, b = blockIdx.y, G = static_cast<int>(p.H / p.Hkv);
+  const SeqRange s = seq_range(p, b);
+  const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+  const int q0 = static_cast<int>(s.q0), k0 = static_cast<int>(s.k0);
+  const int rel_lo = p.window_left < 0
+                         ? -lq
+                         : static_cast<int>(mma::max_i64(
+                               lk - lq - mma::min_i64(p.window_left, lk + lq), -lq));
+  const int rel_hi = p.window_right < 0
+                         ? lk
+                         : static_cast<int>(mma::min_i64(
+                               lk - lq + mma::min_i64(p.window_right, lk + lq), lk));
+  const int ntiles = (lk + BN - 1) / BN;
+  const bool varlen = p.cu_q != nullptr;
+  const int bc = varlen ? 0 : b;  // the maps' batch coordinate
+
+  if (tid < 128) {  // producer warpgroup
+    wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
+    const bool loads_q = tid == 0, loads_do = tid >= 32 && tid < 64;
+    if (!loads_q && !loads_do) return;
+    const int lane = tid & 31;
+    if (loads_q) {
+      tma::prefetch_map(&map_q);
+      tma::prefetch_map(&map_k);
+      tma::prefetch_map(&map_v);
+    } else if (lane == 0) {
+      tma::prefetch_map(&map_do);
+    }
+    const int64_t lse_seq = b * p.lse.batch + s.q0 * p.lse.row;  // delta shares lse's layout
+    uint32_t slot = 0, kv_n = 0;  // steps / K-V tiles this CTA has loaded so far
+    for (int tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+      const int j0 = tt * BN;
+      const int krows = min(lk - j0, BN);
+      const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
+      const int nq = qhi >= qlo ? (qhi - qlo) / BM + 1 : 0;
+      const int nsteps = nq * G;
+      if (nsteps == 0) continue;
+      if (loads_q) {
+        if (kv_n > 0) bulk::wait(empty_kv, (kv_n - 1) & 1);
+        bulk::arrive_expect_tx(full_kv, 2 * Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kBoxes; ++c) {
+#pragma unroll
+          for (int r = 0; r < BN / 64; ++r) {
+            const int off = c * BN * 128 + r * 64 * 128;
+            tma::load_4d(sk + off, &map_k, c * 64, hk, k0 + j0 + r * 64, bc, full_kv);
+            tma::load_4d(sv + off, &map_v, c * 64, hk, k0 + j0 + r * 64, bc, full_kv);
+          }
+        }
+      }
+      ++kv_n;
+      for (int n = 0; n < nsteps; ++n, ++slot) {
+        const int st = slot % S;
+        const int h = hk * G + n / nq;
+        const int i0 = qlo + (n % nq) * BM;
+        if (slot >= S) bulk::wait(empty + st, (slot / S - 1) & 1);
+        if (loads_q) {
+          bulk::arrive_expect_tx(full + st, Tr::kQBytes);
+#pragma unroll
+          for (int c = 0; c < kBoxes; ++c) {
+            tma::load_4d(sq + st * Tr::kQBytes + c * Tr::kBoxBytes, &map_q, c * 64, h, q0 + i0, bc,
+                         full + st);
+          }
+        } else {
+          // dO first (lane 0 announces its bytes without arriving), then lse / delta of the step's
+          // rows; rows past qhi (no key of the tile visible, or past the sequence) get 0, masked
+          // by the consumers' selects. Each lane's arrival releases its own stores.
+          if (lane == 0) {
+            bulk::expect_tx(full + st, Tr::kQBytes);
+#pragma unroll
+            for (int c = 0; c < kBoxes; ++c) {
+              tma::load_4d(sdo + st * Tr::kQBytes + c * Tr::kBoxBytes, &map_do, c * 64, h, q0 + i0,
+                           bc, full + st);
+            }
+          }
+          const int rows = min(qhi - i0 + 1, BM);
+          for (int r = lane; r < BM; r += 32) {
+            float l = 0.f, d = 0.f;
+            if (r < rows) {
+              const int64_t li = lse_seq + h * p.lse.head + int64_t(i0 + r) * p.lse.row;
+              l = lse[li];
+              d = delta[li];
+            }
+            lse_s[st * BM + r] = l;
+            delta_s[st * BM + r] = d;
+          }
+          bulk::arrive(full + st);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumer warpgroups.
+  wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128, wg = ctid / 128, wtid = ctid & 127, warp4 = (ctid / 32) & 3,
+            lane = tid & 31;
+  const int g = lane / 4, t4 = lane % 4;
+  const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
+  const uint32_t sk_addr = cm::smem_addr(sk), sv_addr = cm::smem_addr(sv),
+                 sq_addr = cm::smem_addr(sq), sdo_addr = cm::smem_addr(sdo),
+                 sds_addr = cm::smem_addr(sds);
+  float* dq_seq = dq_accum + b * p.dq.batch + s.q0 * p.dq.row;
+
+  // Rows [from, ROWS) of a sw128 tile of ROWS rows (kBoxes column blocks) -> 0, then visible to
+  // this warpgroup's tensor cores (and, after its next release, to the copy engine).
+  auto zero_rows = [&](unsigned char* tile, int rows_total, int from) {
+    const int chunks = (rows_total - from) * kBoxes * 8;  // 16-byte chunks
+    for (int c = wtid; c < chunks; c += 128) {
+      const int row = from + c / (8 * kBoxes), blk = (c / 8) % kBoxes, chunk = c & 7;
+      *reinterpret_cast<uint4*>(tile + blk * rows_total * 128 + row * 128 + chunk * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  uint32_t slot = 0, kv_n = 0;
+  for (int tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+    const int j0 = tt * BN;
+    const int krows = min(lk - j0, BN);
+    const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
+    const int nq = qhi >= qlo ? (qhi - qlo) / BM + 1 : 0;
+    const int nsteps = nq * G;
+
+    float dka[kDT][4], dva[kDT][4];
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dka[dt][e] = dva[dt][e] = 0.f;
+
+    if (nsteps > 0) {
+      bulk::wait(full_kv, kv_n & 1);
+      if (varlen && krows < BN) {  // the next sequence's keys: zeros (see the header)
+        zero_rows(sk, BN, krows);
+        zero_rows(sv, BN, krows);
+        bulk::fence_proxy_async();
+        wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+      }
+    }
+
+    for (int n = 0; n < nsteps; ++n, ++slot) {
+      const int st = slot % S;
+      const int h = hk * G + n / nq;
+      const int i0 = qlo + (n % nq) * BM, rows = min(qhi - i0 + 1, BM);
+      bulk::wait(full + st, (slot / S) & 1);
+      if (varlen && lq - i0 < BM) {  // Q / dO rows of the next sequence: zeros
+        zero_rows(sq + st * Tr::kQBytes, BM, lq - i0);
+        zero_rows(sdo + st * Tr::kQBytes, BM, lq - i0);
+        bulk::fence_proxy_async();
+        wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+      }
+      const uint32_t q_addr = sq_addr + st * Tr::kQBytes, do_addr = sdo_addr + st * Tr::kQBytes;
+
+      // Masks as wgmma_bwd.cuh.
+      const int rlo = min(max(rel_lo - (j0 - i0), -BM), BN);
+      const int rhi = min(max(rel_hi - (j0 - i0), -BM), BN);
+      const bool is_full = rows == BM && krows == BN && rlo <= -(BM - 1) && rhi >= BN - 1;
+      int col_lo[2], col_hi[2];
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const int kj = wg * 64 + warp4 * 16 + g + rh * 8;
+        col_lo[rh] = kj - rhi - 2 * t4;
+        col_hi[rh] = (kj < krows ? min(rows - 1, kj - rlo) : -1) - 2 * t4;
+      }
+      const float* lse_t = lse_s + st * BM;
+      const float* delta_t = delta_s + st * BM;
+
+      float sc[kNT][4], dp[kNT][4];
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        Mma64::template ss<0>(sc, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
+                              wgmma::desc_k_major<BM>(q_addr, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        Mma64::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
+                              wgmma::desc_k_major<BM>(do_addr, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+
+      uint32_t pa[BM / 16][4], da[BM / 16][4];
+      if constexpr (kSoftcap) {
+        wgmma::wait<0>();
+        wgmma::fence_regs(sc);
+        wgmma::fence_regs(dp);
+        mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, is_full, scale, cap);
+        wg::pack_frags<T>(pa, sc);
+        wg::pack_frags<T>(da, dp);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          MmaD::template rs<1>(dva, pa[kk], wgmma::desc_n_major<BM>(do_addr, kk), 1);
+        }
+      } else {
+        wgmma::wait<1>();
+        wgmma::fence_regs(sc);
+        wg::probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);
+        wg::pack_frags<T>(pa, sc);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          MmaD::template rs<1>(dva, pa[kk], wgmma::desc_n_major<BM>(do_addr, kk), 1);
+        }
+        wgmma::commit();
+        wgmma::wait<1>();
+        wgmma::fence_regs(dp);
+        wg::grads_t(dp, sc, delta_t, scale);
+        wg::pack_frags<T>(da, dp);
+        wgmma::fence();
+      }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        MmaD::template rs<1>(dka, da[kk], wgmma::desc_n_major<BM>(q_addr, kk), 1);
+      }
+      wgmma::commit();
+
+      // dS^T -> shared [key][query] (buffer slot % 2), as wgmma_bwd.cuh.
+      unsigned char* ds_buf = sds + (slot & 1) * Tr::kDsBytes;
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = wg * 64 + warp4 * 16 + g + (r % 2) * 8, col = kk * 16 + (r / 2) * 8;
+          *reinterpret_cast<uint32_t*>(ds_buf + wgmma::sw128_offset<BN>(row, col) + 4 * t4) =
+              da[kk][r];
+        }
+      }
+      wgmma::fence_async_smem();
+      // dS^T complete; both warpgroups finished step slot - 1's dQ (buffer (slot + 1) % 2 free).
+      wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+
+      // dQ = dS K, as wgmma_bwd.cuh, but issued before waiting for dV / dK (it queues behind
+      // them instead of starting after the wait).
+      const bool dq_here = kD == 128 || wg == int(slot & 1);
+      const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
+      const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
+      float dqa[8][4];
+      if (dq_here) {
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
+                                   wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
+        }
+        wgmma::commit();
+      }
+      wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
+      wgmma::fence_regs(dva);
+      wgmma::fence_regs(dka);
+      __syncwarp();
+      if (lane == 0) bulk::arrive(empty + st);
+      if (dq_here) {
+        wgmma::fence_regs(dqa);
+        const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+          const int r = warp4 * 16 + g + rh * 8;
+          if (r >= rows) continue;
+          float* dst = dq_seq + int64_t(i0 + r) * p.dq.row + h * p.dq.head + c0;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) cm::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
+        }
+      }
+    }
+    if (nsteps > 0) {  // every dQ of the tile is complete: K (and V) go back to the producer
+      __syncwarp();
+      if (lane == 0) bulk::arrive(empty_kv);
+      ++kv_n;
+    }
+
+    // Epilogue: dK (scale folded into dS) and dV of the warpgroup's 64 keys.
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = wg * 64 + warp4 * 16 + g + rh * 8;
+      if (r >= krows) continue;
+      T* krow = dk + b * p.dk.batch + (s.k0 + j0 + r) * p.dk.row + hk * p.dk.head + 2 * t4;
+      T* vrow = dv + b * p.dv.batch + (s.k0 + j0 + r) * p.dv.row + hk * p.dv.head + 2 * t4;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(krow + dt * 8) = cm::pack2<T>(dka[dt][rh * 2], dka[dt][rh * 2 + 1]);
+        *reinterpret_cast<uint32_t*>(vrow + dt * 8) = cm::pack2<T>(dva[dt][rh * 2], dva[dt][rh * 2 + 1]);
+      }
+    }
+  }
+#endif  // ATTNKIT_HAS_WGMMA
+}
+
+// Host side: the shared memory of one instantiation (the caller checks the device's opt-in).
+inline int64_t bwd_ws_smem_bytes(int64_t d) {
+  return d == 64 ? BwdWsTraits<64>::kSmemBytes : BwdWsTraits<128>::kSmemBytes;
+}
+
+// dq_accum: zero-filled fp32 workspace with p.dq's strides; the caller converts it to dq.
+// max_tiles > 0 caps the grid's key-tile dimension (a test knob: one CTA walks several key tiles,
+// so the K / V barrier and the step ring wrap). Returns the launch's error (no sync).
+template <typename T>
+cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* lse,
+                          const float* delta, float* dq_accum, T* dk, T* dv, int64_t rows_k,
+                          int max_tiles, cudaStream_t stream) {
+  int64_t tiles = (rows_k + 127) / 128;
+  tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
+  if (max_tiles > 0 && tiles > max_tiles) tiles = max_tiles;
+  const dim3 grid(static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B),
+                  static_cast<unsigned>(tiles));
+  auto run = [&](auto kernel, int smem) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, 384, smem, stream>>>(p, lse, delta, dq_accum, dk, dv, maps.q, maps.k, maps.v,
+                                        maps.dout);
+    return cudaGetLastError();
+  };
+  const bool cap = p.softcap > 0.0;
+  if (p.D == 64) {
+    constexpr int kSmem = BwdWsTraits<64>::kSmemBytes;
+    return cap ? run(bwd_ws_kernel<T, 64, true>, kSmem) : run(bwd_ws_kernel<T, 64, false>, kSmem);
+  }
+  constexpr int kSmem = BwdWsTraits<128>::kSmemBytes;
+  return cap ? run(bwd_ws_kernel<T, 128, true>, kSmem) : run(bwd_ws_kernel<T, 128, false>, kSmem);
+}
+
+}  // namespace ws
+}  // namespace flash
+}  // namespace attnkit
+
+#endif  // ATTNKIT_HAS_BWD_WS
