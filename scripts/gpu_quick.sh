@@ -47,6 +47,17 @@ step() {  # name, timeout seconds, command...
 }
 
 STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
+ws_ab_bench() {  # pass, env switch, log tag: bench_attention at D 64/128, causal and not, the
+  # default kernel then the warp-specialised one (=require)
+  local pass=$1 env=$2 tag=$3 a d F
+  for a in "64" "64 --causal" "128" "128 --causal"; do
+    d=d$(echo "$a" | tr -d ' -')
+    F="$PY benchmarks/bench_attention.py --passes $pass --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
+    step "bench_${tag}_default_$d" 45 $F
+    step "bench_${tag}_$d" 45 env "$env=require" $F
+  done
+}
+
 for s in $QUICK; do
   case $s in
     flash_tests) step flash_tests 110 $PY -m pytest tests/test_flash.py -q -n 16 -k cuda -rfE ;;
@@ -87,18 +98,12 @@ for s in $QUICK; do
       step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
     flash_ws_tests)
       step flash_ws_tests 120 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py -q \
-        -n 16 -rfE -k warp_specialised ;;
+        -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
         --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
-        -k "warp_specialised and (garbage_offsets or (varlen and pingpong and bf16 and i32))" ;;
-    flash_ws_bench)  # forward only: the default kernel, then the warp-specialised one
-      for a in "64" "64 --causal" "128" "128 --causal"; do
-        tag=d$(echo "$a" | tr -d ' -')
-        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
-        step "bench_ws_default_$tag" 45 $F
-        step "bench_ws_$tag" 45 env ATTNKIT_FLASH_FWD_WS=require $F
-      done ;;
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and pingpong and bf16 and i32))" ;;
+    flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;  # the default kernel, then the ws one
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py \
         -q -n 16 -rfE -k "backward_warp_specialised" ;;
@@ -106,13 +111,7 @@ for s in $QUICK; do
       step flash_ws_bwd_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
         --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
         -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bf16 and i32))" ;;
-    flash_ws_bwd_bench)  # backward only: the default kernel, then the warp-specialised one
-      for a in "64" "64 --causal" "128" "128 --causal"; do
-        tag=d$(echo "$a" | tr -d ' -')
-        F="$PY benchmarks/bench_attention.py --passes bwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
-        step "bench_wsbwd_default_$tag" 45 $F
-        step "bench_wsbwd_$tag" 45 env ATTNKIT_FLASH_BWD_WS=require $F
-      done ;;
+    flash_ws_bwd_bench) ws_ab_bench bwd ATTNKIT_FLASH_BWD_WS wsbwd ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

@@ -639,26 +639,28 @@ def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=Non
     return out, lse
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_forward_warp_specialised_is_opt_in(monkeypatch):
-    """Without ATTNKIT_FLASH_FWD_WS (or with it "0") the warp-specialised kernel never runs (the
-    kernels launched are read from the profiler); runs everywhere, since it launches only the
-    default kernels."""
-    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-
-    def kernels():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            FWD(q, q, q, None, True, -1, -1)
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages()]
-
+def assert_kernel_not_launched(monkeypatch, env, kernel, run):
+    """With `env` unset, empty or "0", `run()` launches no kernel whose name contains `kernel`
+    (read from the profiler)."""
     for value in (None, "", "0"):
         if value is None:
-            monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
+            monkeypatch.delenv(env, raising=False)
         else:
-            monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", value)
-        names = kernels()
-        assert not any("fwd_ws_kernel" in n for n in names), names
+            monkeypatch.setenv(env, value)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        assert not any(kernel in n for n in names), f"{env}={value!r}: {names}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_forward_warp_specialised_is_opt_in(monkeypatch):
+    """Without ATTNKIT_FLASH_FWD_WS (or with it "" / "0") the warp-specialised kernel never runs;
+    runs everywhere, since it launches only the default kernels."""
+    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert_kernel_not_launched(monkeypatch, "ATTNKIT_FLASH_FWD_WS", "fwd_ws_kernel",
+                               lambda: FWD(q, q, q, None, True, -1, -1))
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
@@ -869,23 +871,12 @@ def check_bwd(q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_backward_warp_specialised_is_opt_in(monkeypatch):
     """Without ATTNKIT_FLASH_BWD_WS (or with it "" / "0") the warp-specialised backward never
-    runs (the kernels launched are read from the profiler); runs everywhere."""
+    runs; runs everywhere."""
     q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
     out, lse = FWD(q, q, q, None, True, -1, -1)
-
-    def kernels():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            BWD(torch.randn_like(out), q, q, q, out, lse, None, True, -1, -1)
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages()]
-
-    for value in (None, "", "0"):
-        if value is None:
-            monkeypatch.delenv("ATTNKIT_FLASH_BWD_WS", raising=False)
-        else:
-            monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", value)
-        names = kernels()
-        assert not any("bwd_ws_kernel" in n for n in names), names
+    dout = torch.randn_like(out)
+    assert_kernel_not_launched(monkeypatch, "ATTNKIT_FLASH_BWD_WS", "bwd_ws_kernel",
+                               lambda: BWD(dout, q, q, q, out, lse, None, True, -1, -1))
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
