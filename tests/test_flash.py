@@ -782,13 +782,10 @@ def test_cuda_forward_warp_specialised_varlen(schedule, D, dtype, index_dtype, m
         assert torch.equal(out, small) and torch.equal(lse, small_lse), "hints changed the result"
 
 
-@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("D", [64, 128])
-def test_cuda_forward_warp_specialised_garbage_offsets(D, monkeypatch):
-    """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
-    maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
-    ws_schedule(monkeypatch, "pingpong")
-    T = 300
+def garbage_cu_seqlens_cases(D, T=300):
+    """(offsets, q, kv, cu_seqlens, causal) for the warp-specialised kernels' garbage-offset tests:
+    bf16 q [T, 4, D] and kv [T, 2, D], offsets out of range, negative or decreasing, as int32 and
+    int64, causal and not (the kernels clamp them; compute-sanitizer runs these tests)."""
     q = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16)
     for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30],
@@ -796,10 +793,20 @@ def test_cuda_forward_warp_specialised_garbage_offsets(D, monkeypatch):
         for index_dtype in (torch.int32, torch.int64):
             cu = torch.tensor(bad, dtype=index_dtype, device="cuda")
             for causal in (False, True):
-                out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
-                torch.cuda.synchronize()
-                assert torch.isfinite(out).all(), bad
-                assert not torch.isnan(lse).any(), bad
+                yield bad, q, kv, cu, causal
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_forward_warp_specialised_garbage_offsets(D, monkeypatch):
+    """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
+    maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
+    ws_schedule(monkeypatch, "pingpong")
+    for bad, q, kv, cu, causal in garbage_cu_seqlens_cases(D):
+        out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, q.shape[0], q.shape[0])
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), bad
+        assert not torch.isnan(lse).any(), bad
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
@@ -1015,20 +1022,13 @@ def test_cuda_backward_warp_specialised_garbage_offsets(D, monkeypatch):
     """Garbage cu_seqlens are clamped: the warp-specialised backward stays in bounds (the maps
     bound the copies too) and gives finite gradients (compute-sanitizer runs this test)."""
     ws_bwd_schedule(monkeypatch, "grid")
-    T = 300
-    q = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(T, 4, D, device="cuda", dtype=torch.bfloat16)
-    for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30],
-                [5, 2, 80]):
-        for index_dtype in (torch.int32, torch.int64):
-            cu = torch.tensor(bad, dtype=index_dtype, device="cuda")
-            for causal in (False, True):
-                out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
-                grads = BWD(g, q, kv, kv, out, lse, None, causal, -1, -1, 0.0, cu, cu, T, T)
-                torch.cuda.synchronize()
-                for x in grads:
-                    assert torch.isfinite(x).all(), bad
+    for bad, q, kv, cu, causal in garbage_cu_seqlens_cases(D):
+        T = q.shape[0]
+        out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
+        grads = BWD(torch.randn_like(q), q, kv, kv, out, lse, None, causal, -1, -1, 0.0, cu, cu, T, T)
+        torch.cuda.synchronize()
+        for x in grads:
+            assert torch.isfinite(x).all(), bad
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)

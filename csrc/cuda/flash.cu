@@ -20,6 +20,7 @@
 #include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
+#include "env_switch.h"
 #include "tma_map.h"
 
 namespace attnkit {
@@ -96,37 +97,17 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 }
 
 // The warp-specialised Hopper forward (fwd_ws.cuh) is OPT-IN until validated on a GPU:
-// ATTNKIT_FLASH_FWD_WS unset, empty or "0" keeps the cp.async wgmma kernel (the default,
-// unchanged); "1" (any other value) runs it where it can (sm_90a build, 9.0 device, bf16/fp16, head dim 64
-// or 128, a positive scale, tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus
-// the maps) and falls back to wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail,
-// so tests and benchmarks know which kernel ran. Read at every call.
-// The warp-specialised backward (bwd_ws.cuh) reads ATTNKIT_FLASH_BWD_WS the same way.
-enum class FwdWsMode { kOff, kOn, kRequire };
-
-FwdWsMode ws_mode(const char* name) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "0") == 0) return FwdWsMode::kOff;
-  return std::strcmp(e, "require") == 0 ? FwdWsMode::kRequire : FwdWsMode::kOn;
-}
-FwdWsMode fwd_ws_mode() { return ws_mode("ATTNKIT_FLASH_FWD_WS"); }
+// ATTNKIT_FLASH_FWD_WS (env_switch.h's kernel_switch, off by default) "1" runs it where it can
+// (sm_90a build, 9.0 device, bf16/fp16, head dim 64 or 128, a positive scale,
+// tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus the maps) and falls back to
+// wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail. Read at every call. The
+// warp-specialised backward (bwd_ws.cuh) reads ATTNKIT_FLASH_BWD_WS the same way.
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
 // work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0), at most n CTAs (a test
-// knob: one CTA walks many units).
-bool env_flag(const char* name, bool fallback) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0') return fallback;
-  return std::strcmp(e, "0") != 0;
-}
-int env_int(const char* name) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0') return 0;
-  const long v = std::strtol(e, nullptr, 10);
-  return v > 0 && v < (1L << 30) ? static_cast<int>(v) : 0;
-}
+// knob: one CTA walks many units). All through env_switch.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
 // kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
@@ -214,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  const FwdWsMode ws_mode = fwd_ws_mode();
+  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", false);
   bool ws_ran = false;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
@@ -223,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
         if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           ws::FwdWsMaps maps;
-          if (ws_mode != FwdWsMode::kOff &&
+          if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
                           k.const_data_ptr(), v.const_data_ptr(), &maps)) {
             ws_ran = true;
@@ -253,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  ATTNKIT_CHECK(ws_mode != FwdWsMode::kRequire || ws_ran,
+  ATTNKIT_CHECK(ws_mode != KernelSwitch::kRequire || ws_ran,
                 "ATTNKIT_FLASH_FWD_WS=require: the warp-specialised forward cannot take this call "
                 "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, a "
                 "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
@@ -303,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   // ATTNKIT_FLASH_BWD_WS: the opt-in warp-specialised backward (bwd_ws.cuh), as the forward's
   // switch; read at every call.
-  const FwdWsMode bws_mode = ws_mode("ATTNKIT_FLASH_BWD_WS");
+  const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", false);
   bool bws_ran = false;
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
@@ -327,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
               smem_optin(q) >= wg::bwd_smem_bytes(p.D)) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
             ws::BwdWsMaps maps;
-            if (bws_mode != FwdWsMode::kOff && smem_optin(q) >= ws::bwd_ws_smem_bytes(p.D) &&
+            if (bws_mode != KernelSwitch::kOff && smem_optin(q) >= ws::bwd_ws_smem_bytes(p.D) &&
                 bwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
                             k.const_data_ptr(), v.const_data_ptr(), dout.const_data_ptr(),
                             &maps)) {
@@ -370,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  ATTNKIT_CHECK(bws_mode != FwdWsMode::kRequire || bws_ran,
+  ATTNKIT_CHECK(bws_mode != KernelSwitch::kRequire || bws_ran,
                 "ATTNKIT_FLASH_BWD_WS=require: the warp-specialised backward cannot take this call "
                 "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, "
                 "non-deterministic mode, k with at least one row, and q, k, v, dout with 16-byte "

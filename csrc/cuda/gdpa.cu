@@ -18,6 +18,7 @@
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
+#include "env_switch.h"
 #include "tma_map.h"
 
 namespace attnkit {
@@ -55,27 +56,13 @@ bool use_wgmma(int64_t D) {
 // build, 9.0 device, head dim 65..128, tensor-map-addressable q/k/v). ATTNKIT_GDPA_FWD_WS=0 keeps
 // the cp.async wgmma kernel (fwd_wgmma.cuh); "require" makes the call fail when the
 // warp-specialised kernel cannot take it, so tests and benchmarks know which kernel ran. Read at
-// every call.
-enum class FwdWsMode { kOff, kOn, kRequire };
-
-FwdWsMode fwd_ws_mode() {
-  const char* e = std::getenv("ATTNKIT_GDPA_FWD_WS");
-  if (e == nullptr || *e == '\0') return FwdWsMode::kOn;
-  if (std::strcmp(e, "require") == 0) return FwdWsMode::kRequire;
-  return std::strcmp(e, "0") == 0 ? FwdWsMode::kOff : FwdWsMode::kOn;
-}
-
+// every call (env_switch.h's kernel_switch, on by default).
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=0, the
 // consumer warpgroups do not take turns issuing products (FA3's ping-pong, on by default: 2-5%
 // faster on H200); ATTNKIT_GDPA_FWD_WS_SPLIT=0, one thread loads Q, K and V (by default V has a
 // thread and a third stage of its own); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one CTA per work item
-// instead of one per SM.
-bool env_flag(const char* name, bool fallback) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0') return fallback;
-  return std::strcmp(e, "0") != 0;
-}
+// instead of one per SM. Read through env_switch.h's env_flag.
 
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
 // address them (misaligned base or strides: the caller keeps the cp.async kernel).
@@ -183,7 +170,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const FwdWsMode ws_mode = fwd_ws_mode();
+  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_GDPA_FWD_WS", true);
   bool ws_ran = false;
 
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
@@ -195,7 +182,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
       // Where the wgmma forward would run, for padded head dim 128, when the maps can be built.
       FwdWsMaps maps;
-      if (ws_mode != FwdWsMode::kOff && p.D > 64 && use_wgmma(p.D) &&
+      if (ws_mode != KernelSwitch::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
         return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", true),
@@ -211,7 +198,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
     }
   });
   C10_CUDA_CHECK(err);
-  ATTNKIT_CHECK(ws_mode != FwdWsMode::kRequire || ws_ran,
+  ATTNKIT_CHECK(ws_mode != KernelSwitch::kRequire || ws_ran,
                 "ATTNKIT_GDPA_FWD_WS=require: the warp-specialised forward cannot take this call "
                 "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and q, k, v "
                 "with 16-byte aligned data and head/row strides); dtype ", q.scalar_type(),
