@@ -12,17 +12,14 @@
 # then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
 # ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
 # gdpa_bench is the whole bench_gdpa table (forward and backward, sparsity 1.0 and 0.5).
-# Also not in the default list: the opt-in warp-specialised flash forward (flash/fwd_ws.cuh),
-#   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench" bash scripts/gpu_quick.sh
-# (flash_ws_tests runs its gated tests with ATTNKIT_TEST_EXPERIMENTAL=1 under a 120 s timeout, a
-# wrong barrier phase hangs; flash_ws_sanitize is memcheck over garbage offsets and poisoned
-# varlen; flash_ws_bench times the forward at D 64 and 128, causal and not, with the default
-# kernel and with ATTNKIT_FLASH_FWD_WS=require).
-# And the opt-in warp-specialised flash backward (flash/bwd_ws.cuh),
-#   QUICK="flash_ws_bwd_tests flash_ws_bwd_sanitize flash_ws_bwd_bench" bash scripts/gpu_quick.sh
-# (flash_ws_bwd_tests: its gated tests, ATTNKIT_TEST_EXPERIMENTAL=1, 150 s timeout;
-# flash_ws_bwd_sanitize: memcheck over garbage offsets and poisoned varlen; flash_ws_bwd_bench
-# times the backward at D 64 and 128, causal and not, default kernel vs ATTNKIT_FLASH_BWD_WS=require).
+# The warp-specialised flash kernels (flash/fwd_ws.cuh, the default forward at head dim 128;
+# flash/bwd_ws.cuh, the default backward) have their own steps:
+#   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
+# (flash_ws_tests / flash_ws_bwd_tests: their tests alone; *_sanitize: memcheck over garbage
+# offsets and poisoned varlen; flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and
+# not, with the cp.async wgmma kernel (ATTNKIT_FLASH_FWD_WS=0 / _BWD_WS=0) then the ws kernel
+# (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
+# warpgroups, ws with 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -48,19 +45,19 @@ step() {  # name, timeout seconds, command...
 
 STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
 ws_ab_bench() {  # pass, env switch, log tag: bench_attention at D 64/128, causal and not, the
-  # default kernel then the warp-specialised one (=require)
+  # cp.async wgmma kernel (=0) then the warp-specialised one (=require)
   local pass=$1 env=$2 tag=$3 a d F
   for a in "64" "64 --causal" "128" "128 --causal"; do
     d=d$(echo "$a" | tr -d ' -')
     F="$PY benchmarks/bench_attention.py --passes $pass --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
-    step "bench_${tag}_default_$d" 45 $F
+    step "bench_${tag}_cp_async_$d" 45 env "$env=0" $F
     step "bench_${tag}_$d" 45 env "$env=require" $F
   done
 }
 
 for s in $QUICK; do
   case $s in
-    flash_tests) step flash_tests 110 $PY -m pytest tests/test_flash.py -q -n 16 -k cuda -rfE ;;
+    flash_tests) step flash_tests 180 $PY -m pytest tests/test_flash.py -q -n 16 -k cuda -rfE ;;
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash.py -q -p no:xdist -k "backward_paths_multi_tile and default and dtype0" ;;
@@ -97,21 +94,26 @@ for s in $QUICK; do
       step bench_gdpa_ws_1loader 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SPLIT=0 $G
       step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
     flash_ws_tests)
-      step flash_ws_tests 120 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py -q \
-        -n 16 -rfE -k forward_warp_specialised ;;
+      step flash_ws_tests 120 $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
-      step flash_ws_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and pingpong and bf16 and i32))" ;;
-    flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;  # the default kernel, then the ws one
+      step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg2) and bf16 and i32))" ;;
+    flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
-      step flash_ws_bwd_tests 150 env ATTNKIT_TEST_EXPERIMENTAL=1 $PY -m pytest tests/test_flash.py \
-        -q -n 16 -rfE -k "backward_warp_specialised" ;;
+      step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash.py -q -n 16 -rfE \
+        -k "backward_warp_specialised" ;;
     flash_ws_bwd_sanitize)
-      step flash_ws_bwd_sanitize 90 env ATTNKIT_TEST_EXPERIMENTAL=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+      step flash_ws_bwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
         -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bf16 and i32))" ;;
     flash_ws_bwd_bench) ws_ab_bench bwd ATTNKIT_FLASH_BWD_WS wsbwd ;;
+    flash_d64_bench)
+      for a in "64" "64 --causal"; do
+        d=d$(echo "$a" | tr -d ' -')
+        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
+        step "bench_d64_cp_async_$d" 45 env ATTNKIT_FLASH_FWD_WS=0 $F
+        step "bench_d64_wg3_$d" 45 env ATTNKIT_FLASH_FWD_WS=require ATTNKIT_FLASH_FWD_WS_WG3=1 $F
+        step "bench_d64_wg2_$d" 45 env ATTNKIT_FLASH_FWD_WS=require ATTNKIT_FLASH_FWD_WS_WG3=0 $F
+      done ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

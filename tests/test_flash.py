@@ -303,17 +303,20 @@ def test_multi_tile_fwd_bwd(device, dtype, window, head_dim):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", ["default", "mma_sync"])
+@pytest.mark.parametrize("path", ["default", "cp_async", "mma_sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70), (0, 0)])
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_cuda_forward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
-    """Both CUDA tensor-core forwards (the sm_90a wgmma kernel where the device has it, and the
-    mma.sync kernel forced by ATTNKIT_FLASH_WGMMA=0) over several 128-row / 128-key tiles, Sq != Sk
-    both ways, and varlen with empty and one-row sequences."""
+    """The CUDA tensor-core forwards (on sm_90a: the default, i.e. the warp-specialised kernel at
+    head dim 128, and the cp.async wgmma kernel, ATTNKIT_FLASH_FWD_WS=0; the mma.sync kernel forced
+    by ATTNKIT_FLASH_WGMMA=0) over several 128-row / 128-key tiles, Sq != Sk both ways, and varlen
+    with empty and one-row sequences."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_FLASH_WGMMA", "0")
+    if path == "cp_async":
+        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "0")
     seed_everything()
     for sq, sk in [(700, 515), (515, 700), (129, 129)]:
         q = rand(2, sq, 4, head_dim, device="cuda", dtype=dtype)
@@ -341,19 +344,22 @@ def test_cuda_forward_paths_multi_tile(path, dtype, head_dim, window, softcap, m
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", ["default", "mma_sync"])
+@pytest.mark.parametrize("path", ["default", "cp_async", "mma_sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70)])
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_cuda_backward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
-    """Both CUDA tensor-core backwards (the sm_90a wgmma kernel where the device has it, and the
-    mma.sync kernel forced by ATTNKIT_FLASH_WGMMA_BWD=0) against the reference's autograd: several
+    """The CUDA tensor-core backwards (on sm_90a: the default warp-specialised kernel and the
+    cp.async wgmma kernel, ATTNKIT_FLASH_BWD_WS=0; the mma.sync kernel forced by
+    ATTNKIT_FLASH_WGMMA_BWD=0) against the reference's autograd: several
     128-key tiles and 64-row query steps, ragged ends, Sq != Sk both ways, GQA (1, 2 and 4 query
     heads per kv head), and varlen with empty and one-row sequences (rows no sequence covers get
     zero gradient)."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_FLASH_WGMMA_BWD", "0")
+    if path == "cp_async":
+        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "0")
     seed_everything()
     args = (None, False, *window, softcap)
     for sq, sk, h, hkv in [(300, 300, 4, 1), (1000, 1000, 2, 2), (515, 700, 4, 2), (700, 515, 4, 4)]:
@@ -603,30 +609,30 @@ def test_cuda_bad_offsets_are_clamped(dtype, D, T):
 
 
 # ---------------------------------------------------------------------------------------------
-# the opt-in warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS)
+# the warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS: default at head dim 128)
 # ---------------------------------------------------------------------------------------------
 # It needs an sm_90 device and a build with sm_90a code (setup.py's ATTNKIT_CUDA_ARCHS, default
 # "8.0;9.0a", the same variable at build and test time).
 HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
           and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";")
           .split(";"))
-# Until it has run on a GPU once, its tests run only when asked (ATTNKIT_TEST_EXPERIMENTAL=1, as
-# `QUICK=flash_ws_tests bash scripts/gpu_quick.sh` does, under a timeout): a wrong barrier phase
-# hangs rather than fails, and must not stall the whole suite. Remove the gate once they pass.
-EXPERIMENTAL = os.environ.get("ATTNKIT_TEST_EXPERIMENTAL", "0") == "1"
-WS_READY = HOPPER and EXPERIMENTAL
-WS_WHY = "the opt-in warp-specialised forward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
+# Every test of it sets ATTNKIT_FLASH_FWD_WS=require, so a silent fallback to wgmma_fwd.cuh
+# cannot pass.
+WS_READY = HOPPER
+WS_WHY = "the warp-specialised forward: sm_90 device + sm_90a build"
 WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
 def ws_schedule(monkeypatch, schedule):
     """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches:
     "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
-    CTAs: each walks many units, so the rings' phases wrap and units follow each other)."""
+    CTAs: each walks many units, so the rings' phases wrap and units follow each other), "wg2"
+    (head dim 64 with 2 consumer warpgroups instead of 3; at 128 the same as "pingpong")."""
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule == "few" else "0")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "0" if schedule == "wg2" else "1")
 
 
 def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
@@ -639,36 +645,39 @@ def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=Non
     return out, lse
 
 
-def assert_kernel_not_launched(monkeypatch, env, kernel, run):
-    """With `env` unset, empty or "0", `run()` launches no kernel whose name contains `kernel`
-    (read from the profiler)."""
-    for value in (None, "", "0"):
-        if value is None:
-            monkeypatch.delenv(env, raising=False)
-        else:
-            monkeypatch.setenv(env, value)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
-        names = [e.key for e in prof.key_averages()]
-        assert not any(kernel in n for n in names), f"{env}={value!r}: {names}"
+def ws_kernel_launched(monkeypatch, env, value, kernel, run):
+    """Whether `run()`, with `env` set to `value` (None: unset), launches a kernel whose name
+    contains `kernel` (read from the profiler)."""
+    if value is None:
+        monkeypatch.delenv(env, raising=False)
+    else:
+        monkeypatch.setenv(env, value)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return any(kernel in e.key for e in prof.key_averages())
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_forward_warp_specialised_is_opt_in(monkeypatch):
-    """Without ATTNKIT_FLASH_FWD_WS (or with it "" / "0") the warp-specialised kernel never runs;
-    runs everywhere, since it launches only the default kernels."""
-    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert_kernel_not_launched(monkeypatch, "ATTNKIT_FLASH_FWD_WS", "fwd_ws_kernel",
-                               lambda: FWD(q, q, q, None, True, -1, -1))
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_forward_warp_specialised_switch(D, monkeypatch):
+    """ATTNKIT_FLASH_FWD_WS "0" never runs the warp-specialised forward; unset or "" runs it
+    exactly where it is the default (head dim 128, sm_90 + sm_90a build), "1" at both head dims
+    there. Runs on every device (elsewhere it must never launch)."""
+    q = rand(1, 256, 2, D, device="cuda", dtype=torch.bfloat16)
+    run = lambda: FWD(q, q, q, None, True, -1, -1)
+    for value, on in [("0", False), (None, D == 128), ("", D == 128), ("1", True)]:
+        launched = ws_kernel_launched(monkeypatch, "ATTNKIT_FLASH_FWD_WS", value, "fwd_ws_kernel",
+                                      run)
+        assert launched == (on and WS_READY), f"ATTNKIT_FLASH_FWD_WS={value!r}, D={D}"
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg2"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
-    """The opt-in warp-specialised Hopper forward, batched: every window of WS_WINDOWS (causal,
+    """The warp-specialised Hopper forward, batched: every window of WS_WINDOWS (causal,
     window_left = 0, window_right = 0, both, wide and narrow windows), also through causal=True,
     softcap on and off, GQA 1 and 4, Sq != Sk both ways and a one-row query, against the
     reference (out and lse) on a NaN-poisoned output allocation."""
@@ -709,7 +718,7 @@ def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "few", "wg2"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
@@ -756,7 +765,7 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg2"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
@@ -797,11 +806,11 @@ def garbage_cu_seqlens_cases(D, T=300):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("D", [64, 128])
-def test_cuda_forward_warp_specialised_garbage_offsets(D, monkeypatch):
+@pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg2"), (128, "pingpong")])
+def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule, monkeypatch):
     """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
     maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
-    ws_schedule(monkeypatch, "pingpong")
+    ws_schedule(monkeypatch, schedule)
     for bad, q, kv, cu, causal in garbage_cu_seqlens_cases(D):
         out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, q.shape[0], q.shape[0])
         torch.cuda.synchronize()
@@ -829,12 +838,11 @@ def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the opt-in warp-specialised Hopper backward (bwd_ws.cuh, ATTNKIT_FLASH_BWD_WS)
+# the warp-specialised Hopper backward (bwd_ws.cuh, ATTNKIT_FLASH_BWD_WS: the default)
 # ---------------------------------------------------------------------------------------------
-# Gated like the forward's (WS_READY: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1; a
-# wrong barrier phase hangs). Every gated test sets ATTNKIT_FLASH_BWD_WS=require, so a silent
-# fallback to wgmma_bwd.cuh cannot pass; the forward runs the default kernels.
-WS_BWD_WHY = "the opt-in warp-specialised backward: sm_90 + sm_90a build + ATTNKIT_TEST_EXPERIMENTAL=1"
+# Every test of it sets ATTNKIT_FLASH_BWD_WS=require, so a silent fallback to wgmma_bwd.cuh
+# cannot pass; the forward runs the default kernels.
+WS_BWD_WHY = "the warp-specialised backward: sm_90 device + sm_90a build"
 
 
 def ws_bwd_schedule(monkeypatch, schedule):
@@ -876,14 +884,18 @@ def check_bwd(q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_backward_warp_specialised_is_opt_in(monkeypatch):
-    """Without ATTNKIT_FLASH_BWD_WS (or with it "" / "0") the warp-specialised backward never
-    runs; runs everywhere."""
+@pytest.mark.skipif(os.environ.get("ATTNKIT_FLASH_SIMT") == "1", reason="portable kernels forced")
+def test_cuda_backward_warp_specialised_switch(monkeypatch):
+    """ATTNKIT_FLASH_BWD_WS "0" never runs the warp-specialised backward; unset, "" or "1" run it
+    exactly where it can (sm_90 + sm_90a build). Runs on every device."""
     q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
     out, lse = FWD(q, q, q, None, True, -1, -1)
     dout = torch.randn_like(out)
-    assert_kernel_not_launched(monkeypatch, "ATTNKIT_FLASH_BWD_WS", "bwd_ws_kernel",
-                               lambda: BWD(dout, q, q, q, out, lse, None, True, -1, -1))
+    run = lambda: BWD(dout, q, q, q, out, lse, None, True, -1, -1)
+    for value, on in [("0", False), (None, True), ("", True), ("1", True)]:
+        launched = ws_kernel_launched(monkeypatch, "ATTNKIT_FLASH_BWD_WS", value, "bwd_ws_kernel",
+                                      run)
+        assert launched == (on and WS_READY), f"ATTNKIT_FLASH_BWD_WS={value!r}"
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
@@ -891,7 +903,7 @@ def test_cuda_backward_warp_specialised_is_opt_in(monkeypatch):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_backward_warp_specialised(schedule, D, dtype, monkeypatch):
-    """The opt-in warp-specialised Hopper backward, batched: every window of WS_WINDOWS, causal
+    """The warp-specialised Hopper backward, batched: every window of WS_WINDOWS, causal
     through causal=True, softcap on and off, GQA 1 and 4, Sq != Sk both ways, a one-row query,
     several 128-key tiles and 64-row steps with ragged ends; dq, dk, dv against the reference's
     autograd on NaN-poisoned allocations."""

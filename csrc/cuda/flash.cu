@@ -96,18 +96,21 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
   return prop->major == 9 && prop->minor == 0;
 }
 
-// The warp-specialised Hopper forward (fwd_ws.cuh) is OPT-IN until validated on a GPU:
-// ATTNKIT_FLASH_FWD_WS (env_switch.h's kernel_switch, off by default) "1" runs it where it can
-// (sm_90a build, 9.0 device, bf16/fp16, head dim 64 or 128, a positive scale,
-// tensor-map-addressable q/k/v: the same calls as wgmma_fwd.cuh plus the maps) and falls back to
-// wgmma_fwd.cuh elsewhere; "require" makes a call it cannot take fail. Read at every call. The
-// warp-specialised backward (bwd_ws.cuh) reads ATTNKIT_FLASH_BWD_WS the same way.
+// The warp-specialised Hopper kernels (fwd_ws.cuh, bwd_ws.cuh) need an sm_90a build, a 9.0
+// device, bf16/fp16, head dim 64 or 128, a positive scale and tensor-map-addressable q/k/v (and
+// dout): the same calls as wgmma_fwd.cuh / wgmma_bwd.cuh plus the maps; elsewhere those kernels
+// run. Their switches (env_switch.h's kernel_switch, read at every call):
+// ATTNKIT_FLASH_FWD_WS, on by default at head dim 128 and off at 64, where it is not faster than
+// wgmma_fwd.cuh (docs/performance.md); ATTNKIT_FLASH_BWD_WS, on by default. "0" keeps the
+// cp.async wgmma kernels, "1" takes the ws kernel where it can, "require" makes a call it cannot
+// take fail (tests and benchmarks know which kernel ran).
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// Its A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
+// The forward's A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
-// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0), at most n CTAs (a test
-// knob: one CTA walks many units). All through env_switch.h.
+// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=0, head dim 64 with 2 consumer
+// warpgroups (128-row query tiles) instead of 3 (192 rows); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
+// at most n CTAs (a test knob: one CTA walks many units). All through env_switch.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
 // kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
@@ -115,7 +118,7 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
 // may report any stride there, and varlen's batch stride is 0).
 // encode_rows_map builds one such map with boxes of 64 columns x box_rows rows (the forward's
-// 128, the backward's 64); fwd_ws_maps the forward's three.
+// q: its query tile, k / v: 128; the backward's 64); fwd_ws_maps the forward's three.
 bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, const void* base,
                      int64_t rows, int64_t heads, const Strides& st, uint32_t box_rows) {
   if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernels' int32 row arithmetic
@@ -131,8 +134,9 @@ bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, 
 }
 
 bool fwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
-                 const void* v, ws::FwdWsMaps* m) {
-  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, 128) &&
+                 const void* v, bool three_wg, ws::FwdWsMaps* m) {
+  const uint32_t q_rows = static_cast<uint32_t>(ws::fwd_ws_block_rows(int(p.D), three_wg));
+  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, q_rows) &&
          encode_rows_map(&m->k, p, varlen, bf16, k, p.seqlen_k, p.Hkv, p.k, 128) &&
          encode_rows_map(&m->v, p, varlen, bf16, v, p.seqlen_k, p.Hkv, p.v, 128);
 }
@@ -195,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", false);
+  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", p.D == 128);
   bool ws_ran = false;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
@@ -204,14 +208,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
         if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           ws::FwdWsMaps maps;
+          const bool three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", true);
           if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
-                          k.const_data_ptr(), v.const_data_ptr(), &maps)) {
+                          k.const_data_ptr(), v.const_data_ptr(), three_wg, &maps)) {
             ws_ran = true;
             C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(
                 p, maps, mptr<scalar_t>(out), mptr<float>(lse), rows,
                 env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true),
-                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true),
+                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true), three_wg,
                 env_int("ATTNKIT_FLASH_FWD_WS_CTAS"), stream));
             return;
           }
@@ -282,9 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
   // run); torch.use_deterministic_algorithms(True) selects its separate dQ kernel instead.
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  // ATTNKIT_FLASH_BWD_WS: the opt-in warp-specialised backward (bwd_ws.cuh), as the forward's
-  // switch; read at every call.
-  const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", false);
+  // ATTNKIT_FLASH_BWD_WS: the warp-specialised backward (bwd_ws.cuh), on by default.
+  const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", true);
   bool bws_ran = false;
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {

@@ -72,36 +72,42 @@ namespace attnkit {
 namespace flash {
 namespace ws {
 
-template <int kD>
+template <int kD, int kWG = 2>
 struct FwdWsTraits {
   static_assert(kD == 64 || kD == 128, "warp-specialised forward: head dim 64 or 128");
-  static constexpr int kConsumerWarpGroups = 2;
+  static_assert(kWG == 2 || (kWG == 3 && kD == 64), "2 consumer warpgroups, or 3 at head dim 64");
+  static constexpr int kConsumerWarpGroups = kWG;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kBM = 64 * kConsumerWarpGroups, kBN = 128;
   static constexpr int kBoxRows = 128, kBoxCols = 64;        // 128 bytes: one sw128 column block
   static constexpr int kBoxes = kD / kBoxCols;               // boxes per tile
-  static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // what one copy counts off its barrier
-  static constexpr int kTileBytes = kBoxes * kBoxBytes;      // a 128 x D Q, K or V tile
+  static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // one K / V copy
+  static constexpr int kTileBytes = kBoxes * kBoxBytes;      // a 128 x D K or V tile
+  static constexpr int kQBoxBytes = kBM * kBoxCols * 2;      // one Q copy: kBM rows
+  static constexpr int kQTileBytes = kBoxes * kQBoxBytes;    // a kBM x D Q tile
   // Q: 2 stages (the next unit's Q lands while the current one runs). D = 128 as GDPA (K 2, V 3,
-  // 225 KB); D = 64 tiles are half the size, so 4 + 4 (161 KB) give more lead to the loads.
+  // 225 KB); D = 64 tiles are half the size, so 4 + 4 (161 KB; 177 KB with 3 warpgroups' 192-row
+  // Q tiles) give more lead to the loads.
   static constexpr int kQStages = 2;
   static constexpr int kKStages = kD == 64 ? 4 : 2;
   static constexpr int kVStages = kD == 64 ? 4 : 3;
+  // 128·24 + 256·240 and 128·24 + 384·160 both fit the 64K registers of an SM.
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
+  static constexpr int kConsumerRegs = kWG == 3 ? 160 : 240;
   // Named barriers (0 is __syncthreads): one turn per consumer warpgroup, then one per consumer
   // warpgroup for its zero fill of a V tail.
   static constexpr int kTurnBar = 1;
-  static constexpr int kZeroBar = 3;
+  static constexpr int kZeroBar = 1 + kWG;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
-  static constexpr int kSmemBytes = 1024 + kTileBytes * (kQStages + kKStages + kVStages);
-  static_assert(kBM == kBoxRows && kBN == kBoxRows, "one box shape");
+  static constexpr int kSmemBytes =
+      1024 + kQTileBytes * kQStages + kTileBytes * (kKStages + kVStages);
+  static_assert(kBN == kBoxRows, "one K / V box per column block");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// Tensor maps of q, k, v as {D, heads, rows, batches} (innermost first), boxes {64, 1, 128, 1}
-// with the 128-byte swizzle; built by the launcher's caller (csrc/cuda/flash.cu, tma_map.h).
+// Tensor maps of q, k, v as {D, heads, rows, batches} (innermost first), boxes {64, 1, rows, 1}
+// with the 128-byte swizzle (q: the traits' kBM rows, k and v: 128); built by the launcher's caller (csrc/cuda/flash.cu, tma_map.h).
 struct FwdWsMaps {
   CUtensorMap q, k, v;
 };
@@ -122,6 +128,7 @@ struct WsUnit {
 // Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
 // fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
 // tile. Both loading threads run the walk; the consumers get its units through shared memory.
+template <int BM, int BN>
 struct WsCursor {
   int64_t item;
   int k = 0, seq_tiles = 0;
@@ -129,7 +136,6 @@ struct WsCursor {
   WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
 
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const Params& p, int64_t q_tiles, int64_t items) {
-    constexpr int BM = 128, BN = 128;
     while (item < items) {
       if (!in_item) {
         const int64_t bh = item / q_tiles;
@@ -166,14 +172,14 @@ struct WsCursor {
 // kSoftcap as wgmma_fwd.cuh: a compile-time switch (the plain path carries no tanh). Requires
 // scale > 0 (the launcher checks). `ping_pong` is uniform over the CTA (a kernel argument, so
 // the A/B variant costs no instantiation).
-template <typename T, int kD, bool kSoftcap>
-__global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
+template <typename T, int kD, int kWG, bool kSoftcap>
+__global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     fwd_ws_kernel(const Params p, T* __restrict__ o, float* __restrict__ lse, const int64_t q_tiles,
                   const bool ping_pong, const __grid_constant__ CUtensorMap map_q,
                   const __grid_constant__ CUtensorMap map_k,
                   const __grid_constant__ CUtensorMap map_v) {
 #if ATTNKIT_HAS_WGMMA
-  using Tr = FwdWsTraits<kD>;
+  using Tr = FwdWsTraits<kD, kWG>;
   using MmaS = wgmma::Wgmma<T, Tr::kBN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, kD>;       // O += P·V: N = head dim
   constexpr int BM = Tr::kBM, BN = Tr::kBN, KS = Tr::kKStages, VS = Tr::kVStages,
@@ -182,7 +188,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (::attnkit::mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;                       // [QS] Q tiles
-  unsigned char* sk = sq + QS * Tr::kTileBytes;   // [KS] K tiles
+  unsigned char* sk = sq + QS * Tr::kQTileBytes;  // [KS] K tiles
   unsigned char* sv = sk + KS * Tr::kTileBytes;   // [VS] V tiles
 
   __shared__ uint64_t bars[2 * (QS + KS + VS)];
@@ -221,7 +227,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
     if (!loads_qk && !loads_v) return;
     tma::prefetch_map(loads_qk ? &map_q : &map_v);
     if (loads_qk) tma::prefetch_map(&map_k);
-    WsCursor cursor{int64_t(blockIdx.x)};
+    WsCursor<BM, BN> cursor{int64_t(blockIdx.x)};
     const WsUnit& u = cursor.u;
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.next(p, q_tiles, items)) {
@@ -232,12 +238,12 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
         if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
         units[qs] = u;
         if (u.n_tiles > 0) {
-          unsigned char* q_dst = sq + qs * Tr::kTileBytes;
+          unsigned char* q_dst = sq + qs * Tr::kQTileBytes;
           const int row = u.q0 + u.i0;
-          bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
+          bulk::arrive_expect_tx(full_q + qs, Tr::kQTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kBoxes; ++c) {
-            tma::load_4d(q_dst + c * Tr::kBoxBytes, &map_q, c * Tr::kBoxCols, u.h, row, bc,
+            tma::load_4d(q_dst + c * Tr::kQBoxBytes, &map_q, c * Tr::kBoxCols, u.h, row, bc,
                          full_q + qs);
           }
         } else {
@@ -287,19 +293,20 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
   const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t sq_addr = ::attnkit::mma::smem_addr(sq), sk_addr = ::attnkit::mma::smem_addr(sk),
                  sv_addr = ::attnkit::mma::smem_addr(sv);
-  constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
+  // A turn barrier counts its warpgroup (sync) and the one before it in the ring (arrive).
+  constexpr int kTurnThreads = 256;
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
   // y = the score in "max units": raw (scaled by factor later) or the capped log2 value.
   const float factor = kSoftcap ? 1.f : scale * kLog2e;
   const float scale_over_cap = kSoftcap ? scale / cap : 0.f, cap_log2 = cap * kLog2e;
 
   auto take_turn = [&] {
-    if (ping_pong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kConsumerThreads);
+    if (ping_pong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kTurnThreads);
   };
   auto pass_turn = [&] {
-    if (ping_pong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg ^ 1), kConsumerThreads);
+    if (ping_pong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg + 1) % kWG, kTurnThreads);
   };
-  if (ping_pong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
+  if (ping_pong && wg == kWG - 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kTurnThreads);  // 0 first
 
   // A unit whose products are all issued but whose last P·V may not be: where its output goes,
   // how many of its rows are inside the sequence, how many V rows of its last key tile are
@@ -369,7 +376,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
       ++qn;
       continue;
     }
-    const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
+    const uint32_t sq_u = sq_addr + qs * Tr::kQTileBytes;
     // Each row's visible keys relative to lo, as int32 (clipped to [lo, hi]; rows past the
     // sequence's end are never stored), and the tiles that need no element mask.
     int kr_lo[2], kr_hi[2];
@@ -530,15 +537,20 @@ __global__ void __launch_bounds__(FwdWsTraits<kD>::kThreads, 1)
 #endif  // ATTNKIT_HAS_WGMMA
 }
 
+// The query tile of the launch: 64 rows per consumer warpgroup (the q map's box rows).
+inline int fwd_ws_block_rows(int D, bool three_wg) { return D == 64 && three_wg ? 192 : 128; }
+
 // The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
-// hint); the kernel's items stride over the rest. max_ctas > 0 caps the grid (a test knob: a few
-// CTAs walk many units, so the rings' phases wrap and units follow each other in one CTA).
-// Returns the launch's error (no sync).
+// hint); the kernel's items stride over the rest. three_wg (head dim 64 only): 3 consumer
+// warpgroups and 192-row query tiles (the q map's boxes must have fwd_ws_block_rows rows).
+// max_ctas > 0 caps the grid (a test knob: a few CTAs walk many units, so the rings' phases
+// wrap and units follow each other in one CTA). Returns the launch's error (no sync).
 template <typename T>
 cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
-                          int64_t grid_rows, bool ping_pong, bool persistent, int max_ctas,
-                          cudaStream_t stream) {
-  int64_t q_tiles = (grid_rows + 127) / 128;
+                          int64_t grid_rows, bool ping_pong, bool persistent, bool three_wg,
+                          int max_ctas, cudaStream_t stream) {
+  const int bm = fwd_ws_block_rows(static_cast<int>(p.D), three_wg);
+  int64_t q_tiles = (grid_rows + bm - 1) / bm;
   q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));
   const int64_t items = q_tiles * p.H * p.B;
   int64_t grid = std::min<int64_t>(items, (int64_t(1) << 31) - 1);
@@ -551,22 +563,24 @@ cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* l
     grid = std::min<int64_t>(grid, sms > 0 ? sms : 1);
   }
   if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
-  auto run = [&](auto kernel, int smem, int threads) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  auto run = [&](auto traits, auto plain, auto capped) {
+    using Tr = decltype(traits);
+    const auto kernel = p.softcap > 0.0 ? capped : plain;
+    cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (e != cudaSuccess) return e;
-    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, o, lse, q_tiles, ping_pong,
-                                                                   maps.q, maps.k, maps.v);
+    kernel<<<static_cast<unsigned>(grid), Tr::kThreads, Tr::kSmemBytes, stream>>>(
+        p, o, lse, q_tiles, ping_pong, maps.q, maps.k, maps.v);
     return cudaGetLastError();
   };
-  const bool cap = p.softcap > 0.0;
-  if (p.D == 64) {
-    using Tr = FwdWsTraits<64>;
-    return cap ? run(fwd_ws_kernel<T, 64, true>, Tr::kSmemBytes, Tr::kThreads)
-               : run(fwd_ws_kernel<T, 64, false>, Tr::kSmemBytes, Tr::kThreads);
+  if (p.D == 64 && three_wg) {
+    return run(FwdWsTraits<64, 3>{}, fwd_ws_kernel<T, 64, 3, false>, fwd_ws_kernel<T, 64, 3, true>);
   }
-  using Tr = FwdWsTraits<128>;
-  return cap ? run(fwd_ws_kernel<T, 128, true>, Tr::kSmemBytes, Tr::kThreads)
-             : run(fwd_ws_kernel<T, 128, false>, Tr::kSmemBytes, Tr::kThreads);
+  if (p.D == 64) {
+    return run(FwdWsTraits<64, 2>{}, fwd_ws_kernel<T, 64, 2, false>, fwd_ws_kernel<T, 64, 2, true>);
+  }
+  return run(FwdWsTraits<128, 2>{}, fwd_ws_kernel<T, 128, 2, false>,
+             fwd_ws_kernel<T, 128, 2, true>);
 }
 
 }  // namespace ws
