@@ -53,7 +53,7 @@
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
-#include "kernels/flash/fast_math.cuh"
+#include "kernels/flash/online_softmax.cuh"
 #include "kernels/flash/params.h"
 
 #if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
@@ -436,44 +436,10 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
         if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
       }
 
-      const bool full = j0 >= full_lo && j0 + BN - 1 <= full_hi;
       float corr[2];
-#pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float x = sc[nt][rh * 2 + e];
-            if constexpr (kSoftcap) x = cap_log2 * tanh_fast(x * scale_over_cap);
-            if (!full) {
-              const int jj = j0 + nt * 8 + 2 * t4 + e;
-              if (jj < kr_lo[rh] || jj > kr_hi[rh]) x = -INFINITY;
-            }
-            sc[nt][rh * 2 + e] = x;
-            mx = fmaxf(mx, x);
-          }
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // m in the log2 domain; a row with nothing visible so far keeps base 0: 2^(-inf - 0) = 0.
-        const float m_new = fmaxf(m[rh], mx == -INFINITY ? -INFINITY : mx * factor);
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        corr[rh] = ex2_approx(m[rh] - base);
-        m[rh] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pv = ex2_approx(fmaf(sc[nt][rh * 2 + e], factor, -base));
-            sc[nt][rh * 2 + e] = pv;
-            sum += pv;
-          }
-        }
-        l[rh] = l[rh] * corr[rh] + sum;
-      }
+      const SoftmaxArgs sa{factor, scale_over_cap, cap_log2, j0, {kr_lo[0], kr_lo[1]},
+                           {kr_hi[0], kr_hi[1]}};
+      online_softmax<kSoftcap>(sc, m, l, corr, sa, !(j0 >= full_lo && j0 + BN - 1 <= full_hi));
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: O may be rescaled / stored, pa overwritten
         wgmma::fence_regs(acc);

@@ -208,13 +208,16 @@ __global__ void __launch_bounds__(kThreads)
 #if ATTNKIT_HAS_MMA_SM80
 // P^T and dS^T in place of a warp's S^T (sc) and dP^T (dp) accumulators: 16 keys x kNT * 8
 // queries whose lse (natural log) and delta sit in lse_t / delta_t. Elements outside
-// [col_lo, col_hi] of their key row (columns less the lane's 2 * t4) are 0 unless `full`.
+// [col_lo, col_hi] of their key row (columns less the lane's 2 * t4) are 0 when kMasked.
 // kCap: soft-capped scores, a separate instantiation so that the plain one carries no tanh.
-template <bool kCap, int kNT>
-ATTNKIT_DEVICE ATTNKIT_INLINE void probs_and_grads(float (&sc)[kNT][4], float (&dp)[kNT][4],
-                                                   const float* lse_t, const float* delta_t,
-                                                   const int (&col_lo)[2], const int (&col_hi)[2],
-                                                   bool full, float scale, float cap) {
+// kMasked is one too: a per-element `if (!full)` in one loop is if-converted by ptxas into
+// predicated compares and selects on every tile.
+template <bool kCap, bool kMasked, int kNT>
+ATTNKIT_DEVICE ATTNKIT_INLINE void probs_and_grads_tile(float (&sc)[kNT][4], float (&dp)[kNT][4],
+                                                        const float* lse_t, const float* delta_t,
+                                                        const int (&col_lo)[2],
+                                                        const int (&col_hi)[2], float scale,
+                                                        float cap) {
   constexpr float kLog2e = 1.4426950408889634f;
   const int t4 = threadIdx.x % 4;
   const float scale_over_cap = kCap ? scale / cap : 0.f;
@@ -237,10 +240,23 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void probs_and_grads(float (&sc)[kNT][4], float (&
       }
       float pv = ex2_approx(lx - (e % 2 ? lse2.y : lse2.x) * kLog2e);
       // A select, not a product: a row that sees nothing has lse -inf (pv would be +inf).
-      if (!full && (qc < col_lo[e / 2] || qc > col_hi[e / 2])) pv = 0.f;
+      if (kMasked && (qc < col_lo[e / 2] || qc > col_hi[e / 2])) pv = 0.f;
       sc[nt][e] = pv;
       dp[nt][e] = pv * (dp[nt][e] - (e % 2 ? dlt.y : dlt.x)) * dx;
     }
+  }
+}
+
+// The branch between the masked and unmasked copies (`full` is uniform over the warp).
+template <bool kCap, int kNT>
+ATTNKIT_DEVICE ATTNKIT_INLINE void probs_and_grads(float (&sc)[kNT][4], float (&dp)[kNT][4],
+                                                   const float* lse_t, const float* delta_t,
+                                                   const int (&col_lo)[2], const int (&col_hi)[2],
+                                                   bool full, float scale, float cap) {
+  if (full) {
+    probs_and_grads_tile<kCap, false>(sc, dp, lse_t, delta_t, col_lo, col_hi, scale, cap);
+  } else {
+    probs_and_grads_tile<kCap, true>(sc, dp, lse_t, delta_t, col_lo, col_hi, scale, cap);
   }
 }
 #endif

@@ -72,10 +72,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_rows_sw128(unsigned char* tile, const T*
 }
 
 // P^T in place of S^T (a warp's 16 keys x kNT * 8 queries, the m16n8 accumulator layout), no
-// softcap: mma::probs_and_grads<false>'s first half.
-template <int kNT>
-ATTNKIT_DEVICE ATTNKIT_INLINE void probs_t(float (&sc)[kNT][4], const float* lse_t, const int (&col_lo)[2],
-                                           const int (&col_hi)[2], bool full, float scale) {
+// softcap: mma::probs_and_grads<false>'s first half. kMasked: the element mask, in its own
+// instantiation (mma_bwd.cuh's probs_and_grads says why).
+template <int kNT, bool kMasked>
+ATTNKIT_DEVICE ATTNKIT_INLINE void probs_t_tile(float (&sc)[kNT][4], const float* lse_t,
+                                                const int (&col_lo)[2], const int (&col_hi)[2],
+                                                float scale) {
   constexpr float kLog2e = 1.4426950408889634f;
   const int t4 = threadIdx.x % 4;
 #pragma unroll
@@ -86,9 +88,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void probs_t(float (&sc)[kNT][4], const float* lse
       const int qc = nt * 8 + (e % 2);  // the query column, less 2 * t4
       float pv = ex2_approx(sc[nt][e] * (scale * kLog2e) - (e % 2 ? lse2.y : lse2.x) * kLog2e);
       // A select, not a product: a row that sees nothing has lse -inf (pv would be +inf).
-      if (!full && (qc < col_lo[e / 2] || qc > col_hi[e / 2])) pv = 0.f;
+      if (kMasked && (qc < col_lo[e / 2] || qc > col_hi[e / 2])) pv = 0.f;
       sc[nt][e] = pv;
     }
+  }
+}
+
+template <int kNT>
+ATTNKIT_DEVICE ATTNKIT_INLINE void probs_t(float (&sc)[kNT][4], const float* lse_t, const int (&col_lo)[2],
+                                           const int (&col_hi)[2], bool full, float scale) {
+  if (full) {
+    probs_t_tile<kNT, false>(sc, lse_t, col_lo, col_hi, scale);
+  } else {
+    probs_t_tile<kNT, true>(sc, lse_t, col_lo, col_hi, scale);
   }
 }
 
