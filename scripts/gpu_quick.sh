@@ -19,7 +19,7 @@
 # offsets and poisoned varlen; flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and
 # not, with the cp.async wgmma kernel (ATTNKIT_FLASH_FWD_WS=0 / _BWD_WS=0) then the ws kernel
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
-# warpgroups, ws with 2).
+# warpgroups, ws with 2, the default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -97,7 +97,7 @@ for s in $QUICK; do
       step flash_ws_tests 120 $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg2) and bf16 and i32))" ;;
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3) and bf16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash.py -q -n 16 -rfE \

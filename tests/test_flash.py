@@ -309,8 +309,8 @@ def test_multi_tile_fwd_bwd(device, dtype, window, head_dim):
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70), (0, 0)])
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_cuda_forward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
-    """The CUDA tensor-core forwards (on sm_90a: the default, i.e. the warp-specialised kernel at
-    head dim 128, and the cp.async wgmma kernel, ATTNKIT_FLASH_FWD_WS=0; the mma.sync kernel forced
+    """The CUDA tensor-core forwards (on sm_90a: the default warp-specialised kernel and the
+    cp.async wgmma kernel, ATTNKIT_FLASH_FWD_WS=0; the mma.sync kernel forced
     by ATTNKIT_FLASH_WGMMA=0) over several 128-row / 128-key tiles, Sq != Sk both ways, and varlen
     with empty and one-row sequences."""
     if path == "mma_sync":
@@ -609,7 +609,7 @@ def test_cuda_bad_offsets_are_clamped(dtype, D, T):
 
 
 # ---------------------------------------------------------------------------------------------
-# the warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS: default at head dim 128)
+# the warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS: the default)
 # ---------------------------------------------------------------------------------------------
 # It needs an sm_90 device and a build with sm_90a code (setup.py's ATTNKIT_CUDA_ARCHS, default
 # "8.0;9.0a", the same variable at build and test time).
@@ -626,13 +626,13 @@ WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 def ws_schedule(monkeypatch, schedule):
     """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches:
     "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
-    CTAs: each walks many units, so the rings' phases wrap and units follow each other), "wg2"
-    (head dim 64 with 2 consumer warpgroups instead of 3; at 128 the same as "pingpong")."""
+    CTAs: each walks many units, so the rings' phases wrap and units follow each other), "wg3"
+    (head dim 64 with 3 consumer warpgroups instead of 2; at 128 the same as "pingpong")."""
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule == "few" else "0")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "0" if schedule == "wg2" else "1")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "1" if schedule == "wg3" else "0")
 
 
 def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
@@ -661,19 +661,19 @@ def ws_kernel_launched(monkeypatch, env, value, kernel, run):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_forward_warp_specialised_switch(D, monkeypatch):
-    """ATTNKIT_FLASH_FWD_WS "0" never runs the warp-specialised forward; unset or "" runs it
-    exactly where it is the default (head dim 128, sm_90 + sm_90a build), "1" at both head dims
-    there. Runs on every device (elsewhere it must never launch)."""
+    """ATTNKIT_FLASH_FWD_WS "0" never runs the warp-specialised forward; unset, "" or "1" run it
+    exactly where it can (sm_90 + sm_90a build). Runs on every device (elsewhere it must never
+    launch)."""
     q = rand(1, 256, 2, D, device="cuda", dtype=torch.bfloat16)
     run = lambda: FWD(q, q, q, None, True, -1, -1)
-    for value, on in [("0", False), (None, D == 128), ("", D == 128), ("1", True)]:
+    for value, on in [("0", False), (None, True), ("", True), ("1", True)]:
         launched = ws_kernel_launched(monkeypatch, "ATTNKIT_FLASH_FWD_WS", value, "fwd_ws_kernel",
                                       run)
         assert launched == (on and WS_READY), f"ATTNKIT_FLASH_FWD_WS={value!r}, D={D}"
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg2"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
@@ -718,7 +718,7 @@ def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "few", "wg2"])
+@pytest.mark.parametrize("schedule", ["pingpong", "few", "wg3"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
@@ -765,7 +765,7 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg2"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
@@ -806,7 +806,7 @@ def garbage_cu_seqlens_cases(D, T=300):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg2"), (128, "pingpong")])
+@pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg3"), (128, "pingpong")])
 def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule, monkeypatch):
     """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
     maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""

@@ -100,16 +100,17 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // device, bf16/fp16, head dim 64 or 128, a positive scale and tensor-map-addressable q/k/v (and
 // dout): the same calls as wgmma_fwd.cuh / wgmma_bwd.cuh plus the maps; elsewhere those kernels
 // run. Their switches (env_switch.h's kernel_switch, read at every call):
-// ATTNKIT_FLASH_FWD_WS, on by default at head dim 128 and off at 64, where it is not faster than
-// wgmma_fwd.cuh (docs/performance.md); ATTNKIT_FLASH_BWD_WS, on by default. "0" keeps the
+// ATTNKIT_FLASH_FWD_WS and ATTNKIT_FLASH_BWD_WS, both on by default (faster than the cp.async
+// kernels at every measured shape, docs/performance.md). "0" keeps the
 // cp.async wgmma kernels, "1" takes the ws kernel where it can, "require" makes a call it cannot
 // take fail (tests and benchmarks know which kernel ran).
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // The forward's A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
-// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=0, head dim 64 with 2 consumer
-// warpgroups (128-row query tiles) instead of 3 (192 rows); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
+// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=1, head dim 64 with 3 consumer
+// warpgroups (192-row query tiles) instead of 2 (faster at 16k non-causal, slower at 4k causal:
+// docs/performance.md); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
 // at most n CTAs (a test knob: one CTA walks many units). All through env_switch.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
@@ -199,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", p.D == 128);
+  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", true);
   bool ws_ran = false;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
@@ -208,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
         if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           ws::FwdWsMaps maps;
-          const bool three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", true);
+          const bool three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", false);
           if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
                           k.const_data_ptr(), v.const_data_ptr(), three_wg, &maps)) {

@@ -1,6 +1,6 @@
 // Flash attention backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// OPT-IN (ATTNKIT_FLASH_BWD_WS, csrc/cuda/flash.cu) and not yet validated on a GPU; wgmma_bwd.cuh
-// stays the default. Same math as wgmma_bwd.cuh (its step order, window bounds, masks, products
+// The default backward where the inputs are tensor-map addressable (ATTNKIT_FLASH_BWD_WS,
+// csrc/cuda/flash.cu; wgmma_bwd.cuh elsewhere, and in deterministic mode). Same math as wgmma_bwd.cuh (its step order, window bounds, masks, products
 // and dS^T exchange; dQ added with paired fp32 reductions into the zero-filled workspace); what
 // changes is who moves the data, as in the warp-specialised forwards (flash/fwd_ws.cuh,
 // gdpa/fwd_ws.cuh):

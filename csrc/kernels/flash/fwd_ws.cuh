@@ -1,11 +1,13 @@
 // Flash attention forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// OPT-IN (ATTNKIT_FLASH_FWD_WS, csrc/cuda/flash.cu) and not yet validated on a GPU; wgmma_fwd.cuh
-// stays the default. Same math as wgmma_fwd.cuh (online softmax in the log2 domain, the delayed
-// P·V, element masks only on tiles that cross a window edge or the end); what changes is who
-// moves the data, modeled on the GDPA forward (kernels/gdpa/fwd_ws.cuh, validated on H200).
+// The default forward where the inputs are tensor-map addressable (ATTNKIT_FLASH_FWD_WS,
+// csrc/cuda/flash.cu; wgmma_fwd.cuh elsewhere). Same math as wgmma_fwd.cuh (online softmax in
+// the log2 domain, the delayed P·V, element masks only on tiles that cross a window edge or the
+// end: online_softmax.cuh); what changes is who moves the data, modeled on the GDPA forward
+// (kernels/gdpa/fwd_ws.cuh).
 //
 // A unit is (sequence b, head h, 128-row query tile); the CTA strides over units. 384 threads =
-// 3 warpgroups:
+// 3 warpgroups (ATTNKIT_FLASH_FWD_WS_WG3=1 at head dim 64: 512 threads, 3 consumer warpgroups at
+// 160 registers, 192-row query tiles, the turn passed round a ring of 3):
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 loads Q (one
 //     box per 64 head-dim columns, into a 2-stage ring) and K_j per key tile, thread 32 loads V_j,
 //     each into rings of their own (D = 128: 2 K / 3 V stages, 32 KB tiles; D = 64: 4 / 4, 16 KB

@@ -14,7 +14,7 @@
 
 #include "common/portability.h"
 #include "kernels/common/wgmma.cuh"
-#include "kernels/flash/online_softmax.cuh"
+#include "kernels/flash/fast_math.cuh"
 #include "kernels/flash/params.h"
 
 namespace attnkit {
@@ -178,10 +178,45 @@ __global__ void __launch_bounds__(256, 1)
       }
       wgmma::fence_regs(sc);
 
+      const bool full = j0 >= lo_last && j0 + BN - 1 <= hi_first;
       float corr[2];
-      const SoftmaxArgs sa{factor, scale_over_cap, cap_log2, j * BN, {kr_lo[0], kr_lo[1]},
-                           {kr_hi[0], kr_hi[1]}};
-      online_softmax<kSoftcap>(sc, m, l, corr, sa, !(j0 >= lo_last && j0 + BN - 1 <= hi_first));
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = sc[nt][rh * 2 + e];
+            if constexpr (kSoftcap) x = cap_log2 * tanh_fast(x * scale_over_cap);
+            if (!full) {
+              const int jj = j * BN + nt * 8 + 2 * t4 + e;
+              if (jj < kr_lo[rh] || jj > kr_hi[rh]) x = -INFINITY;
+            }
+            sc[nt][rh * 2 + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // m is kept in the log2 domain; a row with nothing visible so far keeps base 0:
+        // 2^(-inf - 0) = 0, never NaN.
+        const float m_new = fmaxf(m[rh], mx == -INFINITY ? -INFINITY : mx * factor);
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        corr[rh] = ex2_approx(m[rh] - base);
+        m[rh] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = ex2_approx(fmaf(sc[nt][rh * 2 + e], factor, -base));
+            sc[nt][rh * 2 + e] = pv;
+            sum += pv;
+          }
+        }
+        l[rh] = l[rh] * corr[rh] + sum;
+      }
       wgmma::wait<0>();  // P_{j-1}·V_{j-1} done: O may be rescaled, pa overwritten
       wgmma::fence_regs(acc);
       if (j > 0) ring.consumer_release(slot - 1);
