@@ -17,8 +17,10 @@ from attnkit.testing import max_abs, rel_err, time_ms  # noqa: E402,F401  (re-ex
 
 
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--iters", type=int, default=50, help="timed repetitions (median reported)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed repetitions first")
+    p.add_argument("--iters", type=int, default=50,
+                   help="timed repetitions, median reported (GPU with Triton: milliseconds of runs)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed repetitions first (GPU with Triton: milliseconds of runs)")
     p.add_argument("--skip-eager", action="store_true", help="leave out the eager reference")
     p.add_argument("--csv", default=None, help="write the table to this CSV path")
     p.add_argument("--plot", default=None, help="write a PNG plot to this path")
