@@ -19,7 +19,8 @@
 # offsets and poisoned varlen; flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and
 # not, with the cp.async wgmma kernel (ATTNKIT_FLASH_FWD_WS=0 / _BWD_WS=0) then the ws kernel
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
-# warpgroups, ws with 2, the default).
+# warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
+# compute-sanitizer memcheck (up to 8 minutes; K=<pytest -k expression> narrows it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -80,6 +81,10 @@ for s in $QUICK; do
     gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
       step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
+    flash_memcheck_all)  # the whole flash CUDA suite under memcheck (xdist workers are followed:
+      # compute-sanitizer's --target-processes defaults to all); K narrows it, e.g. K=forward
+      step flash_memcheck_all 480 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k "cuda and ${K:-cuda}" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash.py -q -p no:xdist -k "bad_offsets and cuda" ;;
