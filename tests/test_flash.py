@@ -635,6 +635,17 @@ def ws_schedule(monkeypatch, schedule):
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "1" if schedule == "wg3" else "0")
 
 
+def ws_batched_inputs(D, dtype):
+    """(sq, sk, hkv, q, k, v) of the warp-specialised kernels' batched tests: B = 2, 4 query heads,
+    Sq != Sk both ways, one tile plus a row, a one-row query; GQA 1 and 4."""
+    for sq, sk in [(700, 515), (515, 700), (129, 129), (1, 300)]:
+        for hkv in (4, 1):
+            q = rand(2, sq, 4, D, device="cuda", dtype=dtype)
+            k = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            v = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
+            yield sq, sk, hkv, q, k, v
+
+
 def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
               mk=None):
     poison_allocator("cuda")
@@ -683,17 +694,13 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
     reference (out and lse) on a NaN-poisoned output allocation."""
     ws_schedule(monkeypatch, schedule)
     seed_everything()
-    for sq, sk in [(700, 515), (515, 700), (129, 129), (1, 300)]:
-        for hkv in (4, 1):
-            q = rand(2, sq, 4, D, device="cuda", dtype=dtype)
-            k = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
-            v = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
-            for window in WS_WINDOWS:
-                for softcap in (0.0, 5.0):
-                    check_fwd(q, k, v, False, window, softcap, dtype,
-                              f"out {sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
-            check_fwd(q, k, v, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
-            check_fwd(q, k, v, True, (64, -1), 0.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+    for sq, sk, hkv, q, k, v in ws_batched_inputs(D, dtype):
+        for window in WS_WINDOWS:
+            for softcap in (0.0, 5.0):
+                check_fwd(q, k, v, False, window, softcap, dtype,
+                          f"out {sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
+        check_fwd(q, k, v, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
+        check_fwd(q, k, v, True, (64, -1), 0.0, dtype, f"causal=True, left 64, {sq}x{sk}")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
@@ -909,18 +916,14 @@ def test_cuda_backward_warp_specialised(schedule, D, dtype, monkeypatch):
     autograd on NaN-poisoned allocations."""
     ws_bwd_schedule(monkeypatch, schedule)
     seed_everything()
-    for sq, sk in [(700, 515), (515, 700), (129, 129), (1, 300)]:
-        for hkv in (4, 1):
-            q = rand(2, sq, 4, D, device="cuda", dtype=dtype)
-            k = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
-            v = rand(2, sk, hkv, D, device="cuda", dtype=dtype)
-            g = rand(2, sq, 4, D, device="cuda", dtype=dtype)
-            for window in WS_WINDOWS:
-                for softcap in (0.0, 5.0):
-                    check_bwd(q, k, v, g, False, window, softcap, dtype,
-                              f"{sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
-            check_bwd(q, k, v, g, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
-            check_bwd(q, k, v, g, True, (64, -1), 5.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+    for sq, sk, hkv, q, k, v in ws_batched_inputs(D, dtype):
+        g = rand(2, sq, 4, D, device="cuda", dtype=dtype)
+        for window in WS_WINDOWS:
+            for softcap in (0.0, 5.0):
+                check_bwd(q, k, v, g, False, window, softcap, dtype,
+                          f"{sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
+        check_bwd(q, k, v, g, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
+        check_bwd(q, k, v, g, True, (64, -1), 5.0, dtype, f"causal=True, left 64, {sq}x{sk}")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)

@@ -505,8 +505,11 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 #endif  // ATTNKIT_HAS_WGMMA
 }
 
-// The query tile of the launch: 64 rows per consumer warpgroup (the q map's box rows).
-inline int fwd_ws_block_rows(int D, bool three_wg) { return D == 64 && three_wg ? 192 : 128; }
+// The query tile of the launch (the q map's box rows): the traits' kBM of the instantiation
+// launch_fwd_ws picks.
+inline int fwd_ws_block_rows(int D, bool three_wg) {
+  return D == 64 && three_wg ? FwdWsTraits<64, 3>::kBM : FwdWsTraits<128, 2>::kBM;
+}
 
 // The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
 // hint); the kernel's items stride over the rest. three_wg (head dim 64 only): 3 consumer
