@@ -106,7 +106,7 @@ for s in $QUICK; do
       step flash_ws_tests 120 $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3) and bf16 and i32))" ;;
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or pairs) and bf16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash.py -q -n 16 -rfE \
@@ -123,10 +123,25 @@ for s in $QUICK; do
         step "bench_d64_wg3_$d" 45 env ATTNKIT_FLASH_FWD_WS=require ATTNKIT_FLASH_FWD_WS_WG3=1 $F
         step "bench_d64_wg2_$d" 45 env ATTNKIT_FLASH_FWD_WS=require ATTNKIT_FLASH_FWD_WS_WG3=0 $F
       done ;;
+    flash_pairs_bench)  # the forward's work items of one query tile (default) against pairs
+      # (ATTNKIT_FLASH_FWD_WS_PAIRS=1), also with 3 consumer warpgroups at D=64, and the window case
+      for a in "64 --causal" "128 --causal" "64"; do
+        d=d$(echo "$a" | tr -d ' -')
+        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
+        [ "$a" != "64" ] && step "bench_single_$d" 45 env ATTNKIT_FLASH_FWD_WS_PAIRS=0 $F
+        [ "$a" != "64" ] && step "bench_pairs_$d" 45 env ATTNKIT_FLASH_FWD_WS_PAIRS=1 $F
+        [ "${a% *}" = "64" ] && step "bench_pairs_wg3_$d" 45 env ATTNKIT_FLASH_FWD_WS_PAIRS=1 ATTNKIT_FLASH_FWD_WS_WG3=1 $F
+      done
+      W="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 16384 --batch 1 --head-dim 128 --causal --window 4096 $BENCH"
+      step window_single 30 env ATTNKIT_FLASH_FWD_WS_PAIRS=0 $W
+      step window_pairs 30 env ATTNKIT_FLASH_FWD_WS_PAIRS=1 $W ;;
+    flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
+      step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
+        tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
-for f in "$L"/bench_*.log "$L"/window.log; do  # the TFLOP/s tables (attention, GDPA), compactly
+for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done
 grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12

@@ -110,7 +110,8 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
 // work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=1, head dim 64 with 3 consumer
 // warpgroups (192-row query tiles) instead of 2 (faster at 16k non-causal, slower at 4k causal:
-// docs/performance.md); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
+// docs/performance.md); ATTNKIT_FLASH_FWD_WS_PAIRS=1, work items of two query tiles, a long and a
+// short one (fwd_ws.cuh's WsCursor; not yet run on a GPU); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
 // at most n CTAs (a test knob: one CTA walks many units). All through env_switch.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
@@ -209,16 +210,18 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
         if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           ws::FwdWsMaps maps;
-          const bool three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", false);
+          ws::FwdWsOptions ws_opt;
+          ws_opt.ping_pong = env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true);
+          ws_opt.persistent = env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true);
+          ws_opt.three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", false);
+          ws_opt.paired = env_flag("ATTNKIT_FLASH_FWD_WS_PAIRS", false);
+          ws_opt.max_ctas = env_int("ATTNKIT_FLASH_FWD_WS_CTAS");
           if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
-                          k.const_data_ptr(), v.const_data_ptr(), three_wg, &maps)) {
+                          k.const_data_ptr(), v.const_data_ptr(), ws_opt.three_wg, &maps)) {
             ws_ran = true;
-            C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(
-                p, maps, mptr<scalar_t>(out), mptr<float>(lse), rows,
-                env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true),
-                env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true), three_wg,
-                env_int("ATTNKIT_FLASH_FWD_WS_CTAS"), stream));
+            C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(p, maps, mptr<scalar_t>(out),
+                                                       mptr<float>(lse), rows, ws_opt, stream));
             return;
           }
 #endif

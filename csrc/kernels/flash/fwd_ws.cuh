@@ -126,32 +126,51 @@ struct WsUnit {
   int lo, hi;          // the keys the tile's rows see, lo of its first row to hi of its last
 };
 
+// Work items per head and sequence: one per query tile, or (paired) one per pair of tiles.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles, bool paired) {
+  return paired ? (q_tiles + 1) / 2 : q_tiles;
+}
+
 #if defined(__CUDACC__)
 // Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
 // fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
-// tile. Both loading threads run the walk; the consumers get its units through shared memory.
+// tile. Paired (ATTNKIT_FLASH_FWD_WS_PAIRS=1): an item is a pair of tiles, k and q_tiles - 1 - k
+// (then q_tiles + k, 2 q_tiles - 1 - k, ...), so that under a causal mask every item of an
+// equal-length batch costs about the same: with one tile per item a CTA's tiles are
+// k, k + grid, ... mod q_tiles, all alike when the grid is a multiple of q_tiles (132 SMs and
+// 22 or 6 tiles of 192 rows), and the CTAs of the longest tiles set the time. Both loading threads
+// run the walk; the consumers get its units through shared memory.
 template <int BM, int BN>
 struct WsCursor {
   int64_t item;
-  int k = 0, seq_tiles = 0;
+  int r = 0, k0 = 0, seq_tiles = 0;  // the tile's ordinal in the item, the item's first tile
   bool in_item = false;
   WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
 
-  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const Params& p, int64_t q_tiles, int64_t items) {
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const Params& p, int64_t q_tiles, bool paired,
+                                          int64_t items) {
+    const int64_t per = fwd_ws_items_per_head(q_tiles, paired);
+    const int q = static_cast<int>(q_tiles);
     while (item < items) {
       if (!in_item) {
-        const int64_t bh = item / q_tiles;
-        k = static_cast<int>(item - bh * q_tiles);
+        const int64_t bh = item / per;
+        k0 = static_cast<int>(item - bh * per);
         u.b = static_cast<int>(bh / p.H);
         u.h = static_cast<int>(bh - int64_t(u.b) * p.H);
         const SeqRange s = seq_range(p, u.b);
         u.q0 = static_cast<int>(s.q0), u.lq = static_cast<int>(s.lq);
         u.k0 = static_cast<int>(s.k0), u.lk = static_cast<int>(s.lk);
         seq_tiles = (u.lq + BM - 1) / BM;
+        r = 0;
         in_item = true;
       } else {
-        k += static_cast<int>(q_tiles);
+        // A pair whose two tiles coincide (the middle one of an odd q_tiles) has no second.
+        r += paired && (r & 1) == 0 && q - 1 - k0 == k0 ? 2 : 1;
       }
+      // The tile counted from the sequence's last: k0, k0 + q, ... or, paired, k0, q - 1 - k0,
+      // q + k0, 2q - 1 - k0, ...: increasing (k0 <= q - 1 - k0), so the first past the sequence
+      // ends the item.
+      const int k = paired ? (r >> 1) * q + ((r & 1) ? q - 1 - k0 : k0) : r * q + k0;
       if (k >= seq_tiles) {
         in_item = false;
         item += gridDim.x;
@@ -177,7 +196,7 @@ struct WsCursor {
 template <typename T, int kD, int kWG, bool kSoftcap>
 __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     fwd_ws_kernel(const Params p, T* __restrict__ o, float* __restrict__ lse, const int64_t q_tiles,
-                  const bool ping_pong, const __grid_constant__ CUtensorMap map_q,
+                  const bool ping_pong, const bool paired, const __grid_constant__ CUtensorMap map_q,
                   const __grid_constant__ CUtensorMap map_k,
                   const __grid_constant__ CUtensorMap map_v) {
 #if ATTNKIT_HAS_WGMMA
@@ -224,7 +243,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 
   if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    const int64_t items = q_tiles * p.H * p.B;
+    const int64_t items = fwd_ws_items_per_head(q_tiles, paired) * p.H * p.B;
     const bool loads_qk = tid == 0, loads_v = tid == 32;
     if (!loads_qk && !loads_v) return;
     tma::prefetch_map(loads_qk ? &map_q : &map_v);
@@ -232,7 +251,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     WsCursor<BM, BN> cursor{int64_t(blockIdx.x)};
     const WsUnit& u = cursor.u;
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
-    while (cursor.next(p, q_tiles, items)) {
+    while (cursor.next(p, q_tiles, paired, items)) {
       const int hk = static_cast<int>(u.h / (p.H / p.Hkv));
       const int bc = p.cu_q != nullptr ? 0 : u.b;  // the map's batch coordinate (varlen: one)
       if (loads_qk) {
@@ -511,29 +530,35 @@ inline int fwd_ws_block_rows(int D, bool three_wg) {
   return D == 64 && three_wg ? FwdWsTraits<64, 3>::kBM : FwdWsTraits<128, 2>::kBM;
 }
 
+// The A/B variants of a launch (csrc/cuda/flash.cu reads them from the environment).
+struct FwdWsOptions {
+  bool ping_pong = true;    // the consumer warpgroups take turns issuing products
+  bool persistent = true;   // one CTA per SM (else one per item)
+  bool three_wg = false;    // head dim 64: 3 consumer warpgroups, 192-row query tiles
+  bool paired = false;      // items of two tiles, k and q_tiles - 1 - k (WsCursor)
+  int max_ctas = 0;         // > 0: at most this many CTAs (a test knob: the rings wrap)
+};
+
 // The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
-// hint); the kernel's items stride over the rest. three_wg (head dim 64 only): 3 consumer
-// warpgroups and 192-row query tiles (the q map's boxes must have fwd_ws_block_rows rows).
-// max_ctas > 0 caps the grid (a test knob: a few CTAs walk many units, so the rings' phases
-// wrap and units follow each other in one CTA). Returns the launch's error (no sync).
+// hint); the kernel's items stride over the rest. With three_wg the q map's boxes must have
+// fwd_ws_block_rows rows. Returns the launch's error (no sync).
 template <typename T>
 cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
-                          int64_t grid_rows, bool ping_pong, bool persistent, bool three_wg,
-                          int max_ctas, cudaStream_t stream) {
-  const int bm = fwd_ws_block_rows(static_cast<int>(p.D), three_wg);
+                          int64_t grid_rows, const FwdWsOptions& opt, cudaStream_t stream) {
+  const int bm = fwd_ws_block_rows(static_cast<int>(p.D), opt.three_wg);
   int64_t q_tiles = (grid_rows + bm - 1) / bm;
   q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));
-  const int64_t items = q_tiles * p.H * p.B;
+  const int64_t items = fwd_ws_items_per_head(q_tiles, opt.paired) * p.H * p.B;
   int64_t grid = std::min<int64_t>(items, (int64_t(1) << 31) - 1);
   cudaError_t err;
-  if (persistent) {  // one CTA per SM (the shared memory allows no second one)
+  if (opt.persistent) {  // one CTA per SM (the shared memory allows no second one)
     int dev = 0, sms = 0;
     if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
     if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
       return err;
     grid = std::min<int64_t>(grid, sms > 0 ? sms : 1);
   }
-  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
+  if (opt.max_ctas > 0) grid = std::min<int64_t>(grid, opt.max_ctas);
   auto run = [&](auto traits, auto plain, auto capped) {
     using Tr = decltype(traits);
     const auto kernel = p.softcap > 0.0 ? capped : plain;
@@ -541,10 +566,10 @@ cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* l
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (e != cudaSuccess) return e;
     kernel<<<static_cast<unsigned>(grid), Tr::kThreads, Tr::kSmemBytes, stream>>>(
-        p, o, lse, q_tiles, ping_pong, maps.q, maps.k, maps.v);
+        p, o, lse, q_tiles, opt.ping_pong, opt.paired, maps.q, maps.k, maps.v);
     return cudaGetLastError();
   };
-  if (p.D == 64 && three_wg) {
+  if (p.D == 64 && opt.three_wg) {
     return run(FwdWsTraits<64, 3>{}, fwd_ws_kernel<T, 64, 3, false>, fwd_ws_kernel<T, 64, 3, true>);
   }
   if (p.D == 64) {
