@@ -20,7 +20,8 @@
 # not, with the cp.async wgmma kernel (ATTNKIT_FLASH_FWD_WS=0 / _BWD_WS=0) then the ws kernel
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
 # warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
-# compute-sanitizer memcheck (up to 8 minutes; K=<pytest -k expression> narrows it).
+# compute-sanitizer memcheck in 16 parallel shards (MC_LIMIT seconds each, default 240;
+# K=<pytest -k expression> narrows it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -81,10 +82,10 @@ for s in $QUICK; do
     gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
       step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
-    flash_memcheck_all)  # the whole flash CUDA suite under memcheck (xdist workers are followed:
-      # compute-sanitizer's --target-processes defaults to all); K narrows it, e.g. K=forward
-      step flash_memcheck_all 480 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k "cuda and ${K:-cuda}" ;;
+    flash_memcheck_all)  # the whole flash CUDA suite under memcheck, 16 single-process shards
+      # (scripts/memcheck_shards.sh says why not xdist); K narrows it, e.g. K=forward
+      step flash_memcheck_all $((${MC_LIMIT:-240} + 40)) env SHARDS=16 LIMIT=${MC_LIMIT:-240} PY=$PY \
+        bash scripts/memcheck_shards.sh tests/test_flash.py "cuda and ${K:-cuda}" "$L/memcheck" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash.py -q -p no:xdist -k "bad_offsets and cuda" ;;
@@ -106,7 +107,7 @@ for s in $QUICK; do
       step flash_ws_tests 120 $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or pairs) and bf16 and i32))" ;;
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or single) and bf16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash.py -q -n 16 -rfE \

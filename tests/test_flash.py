@@ -628,13 +628,14 @@ def ws_schedule(monkeypatch, schedule):
     "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
     CTAs: each walks many units, so the rings' phases wrap and units follow each other), "wg3"
     (head dim 64 with 3 consumer warpgroups instead of 2; at 128 the same as "pingpong"),
-    "pairs" / "pairs_few" (items of two query tiles, ATTNKIT_FLASH_FWD_WS_PAIRS=1; with 3 CTAs)."""
+    "single" / "single_few" (work items of one query tile instead of the default pair,
+    ATTNKIT_FLASH_FWD_WS_PAIRS=0; with 3 CTAs)."""
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule.endswith("few") else "0")
     monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "1" if schedule == "wg3" else "0")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PAIRS", "1" if schedule.startswith("pairs") else "0")
+    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PAIRS", "0" if schedule.startswith("single") else "1")
 
 
 def ws_batched_inputs(D, dtype):
@@ -686,7 +687,7 @@ def test_cuda_forward_warp_specialised_switch(D, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "pairs", "pairs_few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
@@ -727,7 +728,7 @@ def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "few", "wg3", "pairs_few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "few", "wg3", "single_few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
@@ -774,7 +775,7 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "pairs", "pairs_few"])
+@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
@@ -815,7 +816,7 @@ def garbage_cu_seqlens_cases(D, T=300):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg3"), (128, "pingpong"), (128, "pairs_few")])
+@pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg3"), (128, "pingpong"), (128, "single_few")])
 def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule, monkeypatch):
     """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
     maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""

@@ -110,8 +110,9 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
 // work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=1, head dim 64 with 3 consumer
 // warpgroups (192-row query tiles) instead of 2 (faster at 16k non-causal, slower at 4k causal:
-// docs/performance.md); ATTNKIT_FLASH_FWD_WS_PAIRS=1, work items of two query tiles, a long and a
-// short one (fwd_ws.cuh's WsCursor; not yet run on a GPU); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
+// docs/performance.md); ATTNKIT_FLASH_FWD_WS_PAIRS=0, work items of one query tile instead of a
+// pair of a long and a short one (fwd_ws.cuh's WsCursor; pairs keep a causal walk balanced:
+// docs/performance.md); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
 // at most n CTAs (a test knob: one CTA walks many units). All through env_switch.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
           ws_opt.ping_pong = env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true);
           ws_opt.persistent = env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true);
           ws_opt.three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", false);
-          ws_opt.paired = env_flag("ATTNKIT_FLASH_FWD_WS_PAIRS", false);
+          ws_opt.paired = env_flag("ATTNKIT_FLASH_FWD_WS_PAIRS", true);
           ws_opt.max_ctas = env_int("ATTNKIT_FLASH_FWD_WS_CTAS");
           if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),

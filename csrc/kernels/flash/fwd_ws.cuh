@@ -134,12 +134,12 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles
 #if defined(__CUDACC__)
 // Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
 // fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
-// tile. Paired (ATTNKIT_FLASH_FWD_WS_PAIRS=1): an item is a pair of tiles, k and q_tiles - 1 - k
-// (then q_tiles + k, 2 q_tiles - 1 - k, ...), so that under a causal mask every item of an
-// equal-length batch costs about the same: with one tile per item a CTA's tiles are
-// k, k + grid, ... mod q_tiles, all alike when the grid is a multiple of q_tiles (132 SMs and
-// 22 or 6 tiles of 192 rows), and the CTAs of the longest tiles set the time. Both loading threads
-// run the walk; the consumers get its units through shared memory.
+// tile. Paired (the default; ATTNKIT_FLASH_FWD_WS_PAIRS=0 turns it off): an item is a pair of
+// tiles, k and q_tiles - 1 - k (then q_tiles + k, 2 q_tiles - 1 - k, ...), so that under a causal
+// mask every item of an equal-length batch costs about the same: with one tile per item a CTA's
+// tiles are k, k + grid, ... mod q_tiles, all alike when the grid is a multiple of q_tiles (132 SMs
+// and 22 or 6 tiles of 192 rows), and the CTAs of the longest tiles set the time. Both loading
+// threads run the walk; the consumers get its units through shared memory.
 template <int BM, int BN>
 struct WsCursor {
   int64_t item;
@@ -535,7 +535,7 @@ struct FwdWsOptions {
   bool ping_pong = true;    // the consumer warpgroups take turns issuing products
   bool persistent = true;   // one CTA per SM (else one per item)
   bool three_wg = false;    // head dim 64: 3 consumer warpgroups, 192-row query tiles
-  bool paired = false;      // items of two tiles, k and q_tiles - 1 - k (WsCursor)
+  bool paired = true;       // items of two tiles, k and q_tiles - 1 - k (WsCursor)
   int max_ctas = 0;         // > 0: at most this many CTAs (a test knob: the rings wrap)
 };
 

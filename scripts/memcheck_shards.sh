@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck over a whole test file, in parallel shards of single-process pytest
+# runs. Why not xdist: on the H200 (2026-11-30) `compute-sanitizer ... pytest -n 16` printed no
+# test result in 480 s; one sanitized process per shard is what the selections that pass use.
+#
+#   SHARDS=16 LIMIT=240 bash scripts/memcheck_shards.sh tests/test_flash.py "cuda" LOGDIR
+#
+# Collects the ids that match the -k expression, deals them round-robin to SHARDS files, runs one
+# `compute-sanitizer --tool memcheck pytest <ids>` per shard (each capped at LIMIT seconds), and
+# prints per shard: rc, the pytest summary and the sanitizer's ERROR SUMMARY. Exit 0 only when
+# every shard finished with 0 errors and no failed test.
+set -uo pipefail
+FILE=$1 EXPR=$2 LOG=${3:-/tmp/memcheck_shards}
+SHARDS=${SHARDS:-16} LIMIT=${LIMIT:-240} PY=${PY:-python3}
+mkdir -p "$LOG"
+$PY -m pytest "$FILE" -q --collect-only -p no:xdist -k "$EXPR" 2>/dev/null | grep "::" > "$LOG/ids.txt"
+n=$(wc -l < "$LOG/ids.txt")
+echo "memcheck_shards: $n tests matching '$EXPR' in $FILE, $SHARDS shards, ${LIMIT}s each"
+awk -v s="$SHARDS" -v d="$LOG" '{ print > (d "/shard" (NR - 1) % s ".txt") }' "$LOG/ids.txt"
+for f in "$LOG"/shard*.txt; do
+  (mapfile -t ids < "$f"
+   timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+     $PY -m pytest -q -p no:xdist -p no:cacheprovider -rfE "${ids[@]}" > "${f%.txt}.log" 2>&1
+   echo $? > "${f%.txt}.rc") &
+done
+wait
+status=0
+for f in "$LOG"/shard*.txt; do
+  b=${f%.txt} rc=$(cat "$b.rc")
+  printf '%s rc=%s %s | %s\n' "$(basename "$b")" "$rc" \
+    "$(grep -E "passed|failed" "$b.log" | tail -n 1 | cut -c1-70)" \
+    "$(grep "ERROR SUMMARY" "$b.log" | tail -n 1)"
+  [ "$rc" = 0 ] || status=1
+done
+echo "memcheck_shards: $([ $status = 0 ] && echo clean || echo NOT clean or not finished)"
+exit $status
