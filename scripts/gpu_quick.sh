@@ -20,8 +20,10 @@
 # not, with the cp.async wgmma kernel (ATTNKIT_FLASH_FWD_WS=0 / _BWD_WS=0) then the ws kernel
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
 # warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
-# compute-sanitizer memcheck in 10 parallel shards (MC_LIMIT seconds each, default 240;
-# K=<pytest -k expression> narrows it).
+# compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
+# (default 480; K=<pytest -k expression> narrows it). flash_pairs_bench: the forward's work items
+# of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
+# host against kernel time of the 1k calls (benchmarks/profile_call.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -82,10 +84,10 @@ for s in $QUICK; do
     gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
       step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
-    flash_memcheck_all)  # the whole flash CUDA suite under memcheck, 10 single-process shards
+    flash_memcheck_all)  # the whole flash CUDA suite under memcheck, MC_SHARDS single-process shards
       # (scripts/memcheck_shards.sh says why); K narrows it, e.g. K=forward. The switch tests are
       # left out: they ask the profiler which kernel ran, and it sees none under the sanitizer.
-      step flash_memcheck_all $((${MC_LIMIT:-240} + 40)) env LIMIT=${MC_LIMIT:-240} PY=$PY \
+      step flash_memcheck_all $((${MC_LIMIT:-480} + 40)) env SHARDS=${MC_SHARDS:-4} LIMIT=${MC_LIMIT:-480} PY=$PY \
         bash scripts/memcheck_shards.sh tests/test_flash.py "cuda and not switch and ${K:-cuda}" "$L/memcheck" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
@@ -137,12 +139,17 @@ for s in $QUICK; do
       W="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 16384 --batch 1 --head-dim 128 --causal --window 4096 $BENCH"
       step window_single 30 env ATTNKIT_FLASH_FWD_WS_PAIRS=0 $W
       step window_pairs 30 env ATTNKIT_FLASH_FWD_WS_PAIRS=1 $W ;;
+    call_profile)  # the 1k rows: host launch time against kernel time (benchmarks/profile_call.py)
+      for a in "64 --causal" "64" "128 --causal"; do
+        step "call_profile_d$(echo "$a" | tr -d ' -')" 60 $PY benchmarks/profile_call.py --seq-len 1024 --head-dim $a
+      done ;;
     flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
         tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
+for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 6 "$f" | cut -c1-160; done
 for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done
