@@ -142,7 +142,10 @@ for s in $QUICK; do
     call_profile)  # the 1k rows: host launch time against kernel time (benchmarks/profile_call.py)
       for a in "64 --causal" "64" "128 --causal"; do
         step "call_profile_d$(echo "$a" | tr -d ' -')" 60 $PY benchmarks/profile_call.py --seq-len 1024 --head-dim $a
-      done ;;
+      done
+      # the cp.async backward (wgmma_bwd.cuh) on the same D=64 causal call, for comparison
+      step call_profile_d64causal_cp_async 60 env ATTNKIT_FLASH_BWD_WS=0 $PY benchmarks/profile_call.py \
+        --seq-len 1024 --head-dim 64 --causal ;;
     flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
         tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
