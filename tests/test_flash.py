@@ -620,6 +620,8 @@ HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 # cannot pass.
 WS_READY = HOPPER
 WS_WHY = "the warp-specialised forward: sm_90 device + sm_90a build"
+# Every forward schedule of ws_schedule (the batched and varlen tests run them all).
+WS_SCHEDULES = ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"]
 WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
@@ -687,7 +689,7 @@ def test_cuda_forward_warp_specialised_switch(D, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"])
+@pytest.mark.parametrize("schedule", WS_SCHEDULES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
@@ -775,7 +777,7 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-@pytest.mark.parametrize("schedule", ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"])
+@pytest.mark.parametrize("schedule", WS_SCHEDULES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
