@@ -7,6 +7,10 @@ reference (max difference printed) before anything is timed; TFLOP/s table, CSV,
       --iters 20 --csv attn.csv --plot attn.png
   python benchmarks/bench_attention.py --seq-lengths 16384 --causal --window 4096   # window vs full
 
+--cuda-graph times replays of a CUDA graph of each call instead of do_bench: kernel time alone.
+At short sequences a backward through the autograd engine takes longer to issue on the host than
+to run (benchmarks/profile_call.py shows it), so do_bench times the host there, for every peer.
+
 FLOPs: 4 * B * H * D * (visible query-key pairs) forward (so causal about halves them, a window
 counts only its band); backward 2.5x the forward.
 """
@@ -86,6 +90,19 @@ def make_impls(args, causal, window):
     return impls
 
 
+def timed(args, name, pass_, fn):
+    """Median ms of fn (harness.time_ms); under --cuda-graph a peer whose call cannot be captured
+    is reported and left out of the table instead of ending the run."""
+    if not args.cuda_graph:
+        return time_ms(fn, args.device, args.warmup, args.iters)
+    try:
+        return time_ms(fn, args.device, args.warmup, args.iters, cuda_graph=True)
+    except Exception as e:
+        print(f"  {name} {pass_}: not timed, graph capture failed "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return None
+
+
 def run_one(args, S, causal, window, dtype):
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     dev = args.device
@@ -128,15 +145,16 @@ def run_one(args, S, causal, window, dtype):
             print(f"  {name}: FAILED verification, not timed")
             continue
         if "fwd" in args.passes:
-            ms = time_ms(lambda: fn(q, k, v), dev, args.warmup, args.iters)
-            rows["fwd"][name] = flops / ms / 1e9
-            rows["fwd"][name + "_ms"] = ms
+            ms = timed(args, name, "fwd", lambda: fn(q, k, v))
+            if ms is not None:
+                rows["fwd"][name] = flops / ms / 1e9
+                rows["fwd"][name + "_ms"] = ms
         if "bwd" in args.passes and grads is not None:
             out = fn(q, k, v)
-            ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), dev,
-                         args.warmup, args.iters)
-            rows["bwd"][name] = 2.5 * flops / ms / 1e9
-            rows["bwd"][name + "_ms"] = ms
+            ms = timed(args, name, "bwd", lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))
+            if ms is not None:
+                rows["bwd"][name] = 2.5 * flops / ms / 1e9
+                rows["bwd"][name + "_ms"] = ms
         del out, grads
     for r in rows.values():
         if isinstance(r.get("attnkit"), float) and isinstance(r.get("sdpa_flash"), float):
@@ -167,7 +185,12 @@ def main(argv=None):
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--eager-budget-gb", type=float, default=4.0,
                    help="largest score matrix the eager reference may materialise")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of a CUDA graph of each call (kernel time without the host's "
+                        "launch cost; --iters is then a count of replays) instead of do_bench")
     args = p.parse_args(argv)
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph needs --device cuda")
     args.kv_heads = args.kv_heads or args.heads
     args.passes = [x for x in args.passes.split(",") if x]
     dtype = DTYPES[args.dtype]
@@ -176,6 +199,9 @@ def main(argv=None):
     print(f"attention benchmark on {dev_name}, torch {torch.__version__}, B={args.batch} "
           f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} causal={args.causal} "
           f"window={args.window} {args.dtype}")
+    print(f"timer: {'CUDA graph replays (kernel time)' if args.cuda_graph else 'do_bench'}")
+    if args.cuda_graph:  # capture needs a side stream, and the backward's forward on the same one
+        torch.cuda.set_stream(torch.cuda.Stream())
     rows = []
     for S in [int(s) for s in args.seq_lengths.split(",")]:
         win = run_one(args, S, args.causal, args.window, dtype)

@@ -23,7 +23,8 @@
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
 # (default 480; K=<pytest -k expression> narrows it). flash_pairs_bench: the forward's work items
 # of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
-# host against kernel time of the 1k calls (benchmarks/profile_call.py).
+# host against kernel time of the 1k calls (benchmarks/profile_call.py); flash_bench_graph: the
+# flash_bench tables timed as CUDA graph replays (kernel time alone); full_tests: the whole suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -74,6 +75,13 @@ for s in $QUICK; do
         tag=d$(echo "$a" | tr -d ' -')
         step "bench_$tag" 45 $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 $BENCH --head-dim $a
       done ;;
+    flash_bench_graph)  # the same tables timed as CUDA graph replays: kernel time, no host cost
+      for a in "128" "128 --causal" "64" "64 --causal"; do
+        tag=d$(echo "$a" | tr -d ' -')
+        step "bench_graph_$tag" 60 $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 \
+          --iters 50 --skip-eager --skip-compile --cuda-graph --head-dim $a
+      done ;;
+    full_tests) step full_tests 420 $PY -m pytest tests -q -n 16 -rfE ;;
     window)
       step window 30 $PY benchmarks/bench_attention.py --seq-lengths 16384 --batch 1 --head-dim 128 \
         --causal --window 4096 $BENCH ;;

@@ -490,6 +490,28 @@ def test_double_backward_is_a_clear_error():
         gq.sum().backward()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_calls_record_nothing(device):
+    # The Autograd kernels skip the node when nothing needs a gradient (inference, frozen inputs,
+    # and the engine's own call of flash_attn_bwd): same values, no graph.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 4, 16, device=device) for _ in range(3))
+    with torch.no_grad():
+        out_ng, lse_ng = FWD(q, k, v, None, True, -1, 0, 0.0)
+    out_frozen = FWD(q, k, v, None, True, -1, 0, 0.0)[0]
+    qg = q.clone().requires_grad_()
+    out, lse = FWD(qg, k, v, None, True, -1, 0, 0.0)
+    assert out_ng.grad_fn is None and out_frozen.grad_fn is None and out.grad_fn is not None
+    assert torch.equal(out_ng, out.detach()) and torch.equal(out_frozen, out.detach())
+    assert torch.equal(lse_ng, lse)
+    g = torch.randn_like(out)
+    with torch.no_grad():
+        dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(g, q, k, v, out_ng, lse_ng, None, True, -1, 0,
+                                                      0.0, None, None, None, None)
+    assert dq.grad_fn is None
+    (dq_ref,) = torch.autograd.grad(out, qg, g)
+    assert torch.equal(dq, dq_ref)
+
 # ---------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<double> scale,
     bool causal, int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
     OptSymInt mq, OptSymInt mk) {
+  if (!at::GradMode::is_enabled() ||
+      !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    // Nothing to record (inference, or no input needs a gradient): skip the node and its saved
+    // tensors, straight to the backend kernel.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fwd(q, k, v, Opts{scale, causal, wl, wr, softcap, mq, mk}, cq, ck);
+  }
   auto r = FlashFunction::apply(q, k, v, scale, causal, wl, wr, softcap, cq, ck, mq, mk);
   return {r[0], r[1]};
 }
@@ -139,6 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale, bool causal,
     int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
     OptSymInt mq, OptSymInt mk) {
+  if (!at::GradMode::is_enabled()) {
+    // The autograd engine runs FlashFunction::backward with grad mode off (unless
+    // create_graph=True): no node to record, so no FlashBackwardFunction; this is on the host
+    // path of every training step's backward.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_bwd(dout, q, k, v, out, lse, Opts{scale, causal, wl, wr, softcap, mq, mk}, cq, ck);
+  }
   auto r = FlashBackwardFunction::apply(dout, q, k, v, out, lse, scale, causal, wl, wr, softcap,
                                         cq, ck, mq, mk);
   return {r[0], r[1], r[2]};

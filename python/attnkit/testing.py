@@ -25,12 +25,15 @@ def max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (o - r).abs().max().item()
 
 
-def time_ms(fn, device, warmup=10, iters=50) -> float:
+def time_ms(fn, device, warmup=10, iters=50, cuda_graph=False) -> float:
     """Median milliseconds of one call of ``fn``.
 
     GPU: ``triton.testing.do_bench`` (median, L2 flushed between runs), else CUDA events with an
-    L2 flush before each run. CPU: ``torch.utils.benchmark`` blocked autorange.
+    L2 flush before each run; with ``cuda_graph``, :func:`time_ms_graph`. CPU:
+    ``torch.utils.benchmark`` blocked autorange.
     """
+    if cuda_graph and str(device).startswith("cuda"):
+        return time_ms_graph(fn, iters=max(20, iters))
     if str(device).startswith("cuda"):
         try:
             import triton.testing
@@ -57,3 +60,39 @@ def time_ms(fn, device, warmup=10, iters=50) -> float:
     for _ in range(max(1, warmup // 5)):
         fn()
     return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+
+
+def time_ms_graph(fn, iters=50, warmup=3) -> float:
+    """Median milliseconds of one replay of a CUDA graph holding one call of ``fn``, L2 flushed
+    before each replay: the call's GPU time without the host's cost of issuing it.
+
+    For calls whose host issue time exceeds their kernel time (a backward through the autograd
+    engine at short sequences), ``do_bench`` times the host; this times the kernels. The graph is
+    captured on the current stream, which must not be the default one: a backward's kernels run
+    on the stream its forward ran on, so build the forward on that same stream (bench_attention.py
+    runs everything on a side stream under ``--cuda-graph``). ``fn`` must be capturable (no host
+    synchronisation); a peer that is not raises, and the caller reports it untimed.
+    """
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        raise RuntimeError("time_ms_graph: run on a side stream (torch.cuda.stream(...))")
+    for _ in range(warmup):  # lazy initialisation, autotuning, allocator pools, before capture
+        fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=stream.device)
+    for _ in range(warmup):
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        graph.replay()
+        e.record()
+    stream.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    del graph
+    return times[len(times) // 2]
