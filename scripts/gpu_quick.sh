@@ -81,7 +81,7 @@ for s in $QUICK; do
         step "bench_graph_$tag" 60 $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 \
           --iters 50 --skip-eager --skip-compile --cuda-graph --head-dim $a
       done ;;
-    full_tests) step full_tests 420 $PY -m pytest tests -q -n 16 -rfE ;;
+    full_tests) step full_tests 420 $PY -m pytest tests -q -n 16 -rfEs ;;
     window)
       step window 30 $PY benchmarks/bench_attention.py --seq-lengths 16384 --batch 1 --head-dim 128 \
         --causal --window 4096 $BENCH ;;
@@ -95,7 +95,8 @@ for s in $QUICK; do
     flash_memcheck_all)  # the whole flash CUDA suite under memcheck, MC_SHARDS single-process shards
       # (scripts/memcheck_shards.sh says why); K narrows it, e.g. K=forward. The switch tests are
       # left out: they ask the profiler which kernel ran, and it sees none under the sanitizer.
-      step flash_memcheck_all $((${MC_LIMIT:-480} + 40)) env SHARDS=${MC_SHARDS:-4} LIMIT=${MC_LIMIT:-480} PY=$PY \
+      step flash_memcheck_all $((${MC_LIMIT:-480} + 40)) env SHARDS=${MC_SHARDS:-4} LIMIT=${MC_LIMIT:-480} \
+        CACHING=${MC_CACHING:-0} PY=$PY \
         bash scripts/memcheck_shards.sh tests/test_flash.py "cuda and not switch and ${K:-cuda}" "$L/memcheck" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \

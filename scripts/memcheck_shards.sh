@@ -5,8 +5,13 @@
 # 16 shards, then 10, ran the H200 out of memory (each sanitized process held 7-10 GiB, and the
 # sanitizer itself failed to allocate for some launches of the warp-specialised kernels), hence 4;
 # the caching allocator is off so that an out-of-bounds access cannot land in a cached block.
+# CACHING=1 keeps it on. This trades that guarantee for speed. On the H200 the warp-specialised
+# flash tests ran about 60 s each with the allocator off (5 shards, 4 tests each in 240 s, on
+# 2026-11-30). With it on, `gpu_quick.sh flash_ws_sanitize` took 1.3 s per test (one process,
+# 12 tests). The two runs differ in sharding too, so the allocator is the likely cause, not a
+# measured one.
 #
-#   SHARDS=4 LIMIT=480 bash scripts/memcheck_shards.sh tests/test_flash.py "cuda" LOGDIR
+#   SHARDS=4 LIMIT=480 [CACHING=1] bash scripts/memcheck_shards.sh tests/test_flash.py "cuda" LOGDIR
 #
 # Collects the ids that match the -k expression, deals them round-robin to SHARDS files, runs one
 # `compute-sanitizer --tool memcheck pytest <ids>` per shard (each capped at LIMIT seconds), and
@@ -22,7 +27,9 @@ echo "memcheck_shards: $n tests matching '$EXPR' in $FILE, $SHARDS shards, ${LIM
 awk -v s="$SHARDS" -v d="$LOG" '{ print > (d "/shard" (NR - 1) % s ".txt") }' "$LOG/ids.txt"
 for f in "$LOG"/shard*.txt; do
   (mapfile -t ids < "$f"
-   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+   # CACHING=1 leaves the variable unset, not 0: older torch versions turn caching off for any value
+   [ "${CACHING:-0}" = 1 ] || export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+   timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
      $PY -m pytest -q -p no:xdist -p no:cacheprovider -rfE "${ids[@]}" > "${f%.txt}.log" 2>&1
    echo $? > "${f%.txt}.rc") &
 done
