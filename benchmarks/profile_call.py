@@ -11,7 +11,9 @@ ways:
 - ``loop``: N calls back to back between two CUDA events, divided by N (the GPU stays busy
   whenever issuing a call takes less time than running it);
 - ``host``: CPU seconds to issue one call, with no synchronisation inside the N calls;
-- ``gpu``: the sum of the call's CUDA kernel times from torch.profiler (device time only).
+- ``gpu``: the sum of the call's CUDA kernel times from torch.profiler (device time only);
+  a second line lists the call's host events with the most self CPU time (ops, autograd nodes,
+  CUDA runtime calls), to say where the host time goes.
 
 If ``do_bench`` is close to ``host`` and well above ``gpu``, the row measures launch overhead,
 not kernels; if it is close to ``gpu``, the kernels set it.
@@ -43,21 +45,26 @@ def loop_and_host_ms(fn, n):
 
 
 def gpu_ms(fn, n):
-    """Sum of the CUDA kernel times of one call (mean over n calls), from torch.profiler."""
+    """(sum of the CUDA kernel times of one call, its top kernels, its top host events), means
+    over n calls, from torch.profiler. Host events are ranked by self CPU time: the ops, the
+    autograd nodes and the CUDA runtime calls (launches, cudaFuncSetAttribute, ...) of one call."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    per_name = {}
-    for e in prof.events():  # device-side events only: kernels, memsets, copies
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+    per_name, host = {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, memsets, copies
             per_name[e.name] = per_name.get(e.name, 0.0) + e.device_time_total
+        else:
+            host[e.name] = host.get(e.name, 0.0) + e.self_cpu_time_total
     total_us = sum(per_name.values())
     kernels = sorted(((t / n, k) for k, t in per_name.items()), reverse=True)[:6]
-    return total_us / 1e3 / n, kernels
+    host_top = sorted(((t / n, k) for k, t in host.items()), reverse=True)[:8]
+    return total_us / 1e3 / n, kernels, host_top
 
 
 def main(argv=None):
@@ -96,9 +103,12 @@ def main(argv=None):
                 fn()
             bench = time_ms(fn, "cuda", args.warmup, args.iters)
             loop, host = loop_and_host_ms(fn, args.n)
-            gpu, kernels = gpu_ms(fn, args.n)
+            gpu, kernels, host_top = gpu_ms(fn, args.n)
             top = ", ".join(f"{k[:28]} {t / 1e3:.4f}" for t, k in kernels)
             print(f"{name:<11} {pas:<4} {bench:9.4f} {loop:8.4f} {host:8.4f} {gpu:8.4f}  {top}")
+            # the profiler's own overhead inflates these; compare them with each other, not with
+            # the host column
+            print(f"{'':<16} host, self ms: " + ", ".join(f"{k[:32]} {t / 1e3:.4f}" for t, k in host_top))
     return 0
 
 

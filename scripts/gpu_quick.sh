@@ -161,7 +161,7 @@ for s in $QUICK; do
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
-for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 6 "$f" | cut -c1-160; done
+for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 10 "$f" | cut -c1-200; done
 for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done
