@@ -44,17 +44,7 @@ def time_ms(fn, device, warmup=10, iters=50, cuda_graph=False) -> float:
             pass
         for _ in range(warmup):
             fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
-        for s, e in zip(starts, ends):
-            flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-        return times[len(times) // 2]
+        return _flushed_median_ms(fn, iters, device)
     import torch.utils.benchmark as tb
 
     for _ in range(max(1, warmup // 5)):
@@ -82,17 +72,21 @@ def time_ms_graph(fn, iters=50, warmup=3) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         fn()
-    flush = torch.empty(256 << 20, dtype=torch.int8, device=stream.device)
     for _ in range(warmup):
         graph.replay()
+    return _flushed_median_ms(graph.replay, iters, stream.device)
+
+
+def _flushed_median_ms(run, iters, device) -> float:
+    """Median CUDA-event milliseconds of ``run()``, iters times, L2 flushed (256 MB) before each."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
     for s, e in zip(starts, ends):
         flush.zero_()
         s.record()
-        graph.replay()
+        run()
         e.record()
-    stream.synchronize()
+    torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    del graph
     return times[len(times) // 2]
