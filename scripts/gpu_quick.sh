@@ -158,12 +158,23 @@ for s in $QUICK; do
     flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
         tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
+    mem_trace)  # CUDA memory PyTorch holds after each test (tests/conftest.py), one process; MT_K
+      # narrows it; mem_trace_sanitized does the same under memcheck (does the sanitizer leak?)
+      step mem_trace 120 env ATTNKIT_TRACE_CUDA_MEMORY=1 $PY -m pytest tests/test_flash.py -q -s \
+        -p no:xdist -k "cuda and not switch and ${MT_K:-warp_specialised}" ;;
+    mem_trace_sanitized)
+      step mem_trace_sanitized 90 env ATTNKIT_TRACE_CUDA_MEMORY=1 compute-sanitizer --tool memcheck \
+        --print-limit 10 $PY -m pytest tests/test_flash.py -q -s -p no:xdist \
+        -k "cuda and backward_warp_specialised_varlen and i32" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
 for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 10 "$f" | cut -c1-200; done
 for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
+done
+for f in "$L"/mem_trace*.log; do  # allocated MiB after each test, first and last few
+  [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep "^\[cuda-memory\]" "$f" | awk '{print $3, $5, $7}' | sed -n '1,2p;$p'; grep "^\[cuda-memory\]" "$f" | sort -t= -k2 -n | tail -n 1 | cut -c1-160; }
 done
 grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
 tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"

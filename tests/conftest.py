@@ -26,3 +26,17 @@ def poison_allocator(device, nbytes=64 << 20):
     a kernel forgets to write shows up as NaN instead of a lucky zero."""
     junk = torch.full((nbytes // 4,), float("nan"), device=device)
     del junk
+
+
+if os.environ.get("ATTNKIT_TRACE_CUDA_MEMORY") == "1" and torch.cuda.is_available():
+    # Debug aid: after each test, the CUDA memory PyTorch still has allocated (live tensors) and
+    # reserved, on stderr. A number that grows from test to test is a leak.
+    @pytest.fixture(autouse=True)
+    def _trace_cuda_memory(request):
+        yield
+        torch.cuda.synchronize()
+        print(f"\n[cuda-memory] {request.node.nodeid} allocated="
+              f"{torch.cuda.memory_allocated() >> 20} MiB reserved="
+              f"{torch.cuda.memory_reserved() >> 20} MiB peak="
+              f"{torch.cuda.max_memory_allocated() >> 20} MiB", file=sys.stderr)
+        torch.cuda.reset_peak_memory_stats()
