@@ -21,7 +21,7 @@
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
 # warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
-# (default 480; K=<pytest -k expression> narrows it). flash_pairs_bench: the forward's work items
+# (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process). flash_pairs_bench: the forward's work items
 # of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
 # host against kernel time of the 1k calls (benchmarks/profile_call.py); flash_bench_graph: the
 # flash_bench tables timed as CUDA graph replays (kernel time alone); full_tests: the whole suite.
@@ -96,7 +96,7 @@ for s in $QUICK; do
       # (scripts/memcheck_shards.sh says why); K narrows it, e.g. K=forward. The switch tests are
       # left out: they ask the profiler which kernel ran, and it sees none under the sanitizer.
       step flash_memcheck_all $((${MC_LIMIT:-480} + 40)) env SHARDS=${MC_SHARDS:-4} LIMIT=${MC_LIMIT:-480} \
-        CACHING=${MC_CACHING:-0} PY=$PY \
+        CACHING=${MC_CACHING:-0} CHUNK=${MC_CHUNK:-1000000} PY=$PY \
         bash scripts/memcheck_shards.sh tests/test_flash.py "cuda and not switch and ${K:-cuda}" "$L/memcheck" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \

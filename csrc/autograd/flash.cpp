@@ -89,6 +89,10 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
     ctx->save_for_backward({q, k, v, out, lse, cq.value_or(at::Tensor()), ck.value_or(at::Tensor())});
     save_opts(ctx, o);
     ctx->mark_non_differentiable({lse});
+    // lse has no gradient and backward() handles an undefined grad of out: without this the
+    // engine would allocate and zero-fill a gradient for lse on every backward (a fill kernel
+    // and its host set-up on the 1k calls' host-bound path).
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
 
