@@ -67,6 +67,10 @@ class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
     auto [permuted, offsets, row_map] = call_permute(x, ids, num_experts);
     ctx->save_for_backward({row_map});
     ctx->mark_non_differentiable({offsets, row_map});
+    // offsets and row_map have no gradient, and backward() handles an undefined one for
+    // permuted: without this the engine allocates and zero-fills both index tensors' "gradients"
+    // on every backward.
+    ctx->set_materialize_grads(false);
     return {permuted, offsets, row_map};
   }
 
