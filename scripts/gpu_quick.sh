@@ -21,8 +21,8 @@
 # (=require); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3 consumer
 # warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
-# (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process). flash_pairs_bench: the forward's work items
-# of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
+# (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process).
+# flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
 # host against kernel time of the 1k calls (benchmarks/profile_call.py); flash_bench_graph: the
 # flash_bench tables timed as CUDA graph replays (kernel time alone); full_tests: the whole suite.
 set -uo pipefail
@@ -159,7 +159,8 @@ for s in $QUICK; do
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
         tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
     mem_trace)  # CUDA memory PyTorch holds after each test (tests/conftest.py), one process; MT_K
-      # narrows it; mem_trace_sanitized does the same under memcheck (does the sanitizer leak?)
+      # narrows it; mem_trace_sanitized does the same under memcheck (on the H200 it grew 0.5-1 GiB
+      # per warp-specialised test there, and stayed at 32-64 MiB without the sanitizer)
       step mem_trace 120 env ATTNKIT_TRACE_CUDA_MEMORY=1 $PY -m pytest tests/test_flash.py -q -s \
         -p no:xdist -k "cuda and not switch and ${MT_K:-warp_specialised}" ;;
     mem_trace_sanitized)

@@ -13,8 +13,9 @@
 #
 #   SHARDS=4 LIMIT=480 [CACHING=1] [CHUNK=8] bash scripts/memcheck_shards.sh tests/test_flash.py "cuda" LOGDIR
 #
-# Collects the ids that match the -k expression, deals them round-robin to SHARDS files, runs one
-# `compute-sanitizer --tool memcheck pytest <ids>` per shard (each capped at LIMIT seconds), and
+# Collects the ids that match the -k expression, deals them round-robin to SHARDS files, runs
+# `compute-sanitizer --tool memcheck pytest <ids>` per shard, CHUNK ids per process (all by
+# default), one process after another (each shard capped at LIMIT seconds), and
 # prints per shard: rc, the pytest summary and the sanitizer's ERROR SUMMARY. Exit 0 only when
 # every shard finished with 0 errors and no failed test.
 set -uo pipefail
