@@ -22,9 +22,11 @@
 # warpgroups, ws with 2, the default). flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
 # (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process).
-# flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated repro / stress flash tests; call_profile:
-# host against kernel time of the 1k calls (benchmarks/profile_call.py); flash_bench_graph: the
-# flash_bench tables timed as CUDA graph replays (kernel time alone); full_tests: the whole suite.
+# flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated
+# repro / stress flash tests; call_profile: host against kernel time of the 1k calls
+# (benchmarks/profile_call.py); flash_bench_graph: the flash_bench tables timed as CUDA graph
+# replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
+# CUDA memory held after each test, without and under memcheck.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
