@@ -512,6 +512,22 @@ def test_no_grad_calls_record_nothing(device):
     (dq_ref,) = torch.autograd.grad(out, qg, g)
     assert torch.equal(dq, dq_ref)
 
+
+def test_backward_fills_no_lse_gradient():
+    # lse has no gradient: the node must not have the engine build a zero-filled one for it on
+    # every backward (set_materialize_grads(false); a fill on the short calls' host-bound path).
+    # The profiler records each zero / fill with its tensor's shape: none may have lse's.
+    q, k, v = (torch.randn(1, 7, 2, 16, requires_grad=True) for _ in range(3))
+    out, lse = FWD(q, k, v, None, False, -1, -1, 0.0)
+    g = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        torch.autograd.grad(out, (q, k, v), g)
+    fills = [e.input_shapes[0] for e in prof.events()
+             if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes]
+    assert fills, "the profiler recorded no zero_ / fill_ at all: the test would not see one"
+    assert list(lse.shape) not in fills, f"zero-filled gradient for lse: {fills}"
+
 # ---------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 # ---------------------------------------------------------------------------------------------

@@ -277,6 +277,22 @@ def test_expert_load_balance_ties(device):
 
 
 # ---- autograd ----------------------------------------------------------------------------------
+def test_permute_backward_fills_no_index_gradients():
+    # offsets and row_map have no gradient: the node must not have the engine build zero-filled
+    # ones on every backward (set_materialize_grads(false)). The profiler records each zero_ with
+    # its tensor's shape; none may have theirs (the backward's own ones() is a fill_, not a zero_).
+    _seed()
+    T, E, k, H = 5, 3, 2, 8
+    x = torch.randn(T, H, requires_grad=True)
+    ids = _rand_ids(T, E, k, torch.int64, "cpu")
+    p, off, rm = attnkit.moe_permute(x, ids, E)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        torch.autograd.grad(p, x, torch.randn_like(p))
+    zeroed = [e.input_shapes[0] for e in prof.events() if e.name == "aten::zero_" and e.input_shapes]
+    assert list(off.shape) not in zeroed and list(rm.shape) not in zeroed, zeroed
+
+
 def test_gradcheck_fp64():
     _seed()
     T, E, k, H = 6, 4, 3, 5
