@@ -28,6 +28,15 @@ def poison_allocator(device, nbytes=64 << 20):
     del junk
 
 
+def op_input_shapes(fn, op_names):
+    """The shape of the first input of every call of an op in ``op_names`` (e.g. "aten::zero_")
+    while ``fn()`` runs on the CPU, from the profiler: which tensors a backward zero-fills."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes[0] for e in prof.events() if e.name in op_names and e.input_shapes]
+
+
 if os.environ.get("ATTNKIT_TRACE_CUDA_MEMORY") == "1" and torch.cuda.is_available():
     # Debug aid: after each test, the CUDA memory PyTorch still has allocated (live tensors) and
     # reserved, on stderr. A number that grows from test to test is a leak.

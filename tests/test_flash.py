@@ -12,6 +12,7 @@ import attnkit
 from attnkit import flash_attn_func, flash_attn_varlen_func
 from attnkit.reference import flash_attn_ref, flash_window_mask
 from attnkit.testing import TOLERANCE, rel_err
+from conftest import op_input_shapes
 
 # The flash family's own CUDA kernels (attnkit.built_with_cuda() looks at another family).
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -520,11 +521,8 @@ def test_backward_fills_no_lse_gradient():
     q, k, v = (torch.randn(1, 7, 2, 16, requires_grad=True) for _ in range(3))
     out, lse = FWD(q, k, v, None, False, -1, -1, 0.0)
     g = torch.randn_like(out)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=True) as prof:
-        torch.autograd.grad(out, (q, k, v), g)
-    fills = [e.input_shapes[0] for e in prof.events()
-             if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes]
+    fills = op_input_shapes(lambda: torch.autograd.grad(out, (q, k, v), g),
+                            ("aten::zero_", "aten::fill_"))
     assert fills, "the profiler recorded no zero_ / fill_ at all: the test would not see one"
     assert list(lse.shape) not in fills, f"zero-filled gradient for lse: {fills}"
 
