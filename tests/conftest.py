@@ -1,5 +1,6 @@
+"""Owns what every test file shares: the import path, the seed of every test, output poisoning and
+the device list."""
 import os
-import random
 import sys
 
 import pytest
@@ -8,24 +9,46 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import attnkit  # noqa: E402,F401  registers torch.ops.attnkit
+from attnkit.testing import seed_all  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def seed(request):
-    """A fresh seed per test, printed so a failure can be replayed (ATTNKIT_SEED fixes it)."""
-    s = int(os.environ.get("ATTNKIT_SEED", random.randrange(1 << 30)))
-    torch.manual_seed(s)
-    print(f"[seed {s}] {request.node.name}")
+    """Every test starts from one seed for torch, ``random`` and numpy, printed so a failure can be
+    replayed: ``ATTNKIT_SEED=<seed> pytest <test id>``."""
+    s = seed_all()
+    print(f"[seed {s}] {request.node.nodeid}")
     return s
 
 
+@pytest.fixture(autouse=True)
+def _restore_poisoning():
+    """Undoes what poison_allocator switched on for the CPU, after each test."""
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    yield
+    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    torch.utils.deterministic.fill_uninitialized_memory = was[2]
+
+
 def poison_allocator(device, nbytes=64 << 20):
-    """Leaves NaN bytes in memory the next allocations are likely to reuse, so an output element
-    a kernel forgets to write shows up as NaN instead of a lucky zero."""
-    junk = torch.full((nbytes // 4,), float("nan"), device=device)
-    del junk
+    """Makes every output element an op forgets to write show up as NaN instead of a lucky zero.
+
+    CUDA: leaves NaN bytes in the caching allocator's free blocks, which the next allocations
+    reuse. CPU (whose allocator returns large blocks to the system, which hands back zero pages):
+    from here to the end of the test every uninitialised tensor, the ones ops allocate inside
+    with at::empty included, is filled with NaN (integers with their maximum) through PyTorch's
+    deterministic-mode fill, warn-only so no op refuses to run; the CPU kernels read no
+    deterministic switch, so they run as they would without it.
+    """
+    if str(device).startswith("cuda"):
+        torch.full((nbytes // 4,), float("nan"), device=device)
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def op_input_shapes(fn, op_names):
@@ -34,7 +57,9 @@ def op_input_shapes(fn, op_names):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 record_shapes=True) as prof:
         fn()
-    return [e.input_shapes[0] for e in prof.events() if e.name in op_names and e.input_shapes]
+    shapes = [e.input_shapes[0] for e in prof.events() if e.name in op_names and e.input_shapes]
+    assert prof.events(), "the profiler recorded no event: the check would be vacuous"
+    return shapes
 
 
 if os.environ.get("ATTNKIT_TRACE_CUDA_MEMORY") == "1" and torch.cuda.is_available():

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -27,14 +28,19 @@ void expect_close(const char* what, const at::Tensor& got, const at::Tensor& wan
   const float* gp = g.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   double worst = 0;
+  int64_t non_finite = 0;  // counted apart: a NaN compared with `worst` would be forgotten later
   for (int64_t i = 0; i < g.numel(); ++i) {
     if (std::isinf(wp[i]) && gp[i] == wp[i]) continue;
     const double e = std::abs(double(gp[i]) - double(wp[i])) / (1.0 + std::abs(double(wp[i])));
-    if (!(e <= worst)) worst = e;  // NaN propagates as a failure
+    if (!std::isfinite(e)) {
+      ++non_finite;
+      continue;
+    }
+    worst = std::max(worst, e);
   }
-  const bool ok = worst <= tol;
-  std::printf("%s %s: max rel err %.3e (tol %.0e, %lld elements)\n", ok ? "ok  " : "FAIL", what, worst,
-              tol, static_cast<long long>(g.numel()));
+  const bool ok = non_finite == 0 && worst <= tol;
+  std::printf("%s %s: max rel err %.3e (tol %.0e, %lld elements, %lld NaN/inf)\n", ok ? "ok  " : "FAIL",
+              what, worst, tol, static_cast<long long>(g.numel()), static_cast<long long>(non_finite));
   if (!ok) ++g_failures;
 }
 
@@ -180,13 +186,33 @@ void check_moe() {
   expect_close("moe_permute permuted rows", permuted, want_perm, 0.0);
 }
 
+// The comparison must fail on one NaN wherever it stands (first, middle or last element), also
+// after larger errors: the pre-filled NaN outputs above rely on it.
+void check_checker() {
+  const int before = g_failures;
+  int caught = 0;
+  for (int64_t at_index : {int64_t(0), int64_t(3), int64_t(7)}) {
+    auto want = at::arange(8, at::kFloat);
+    auto got = want.clone();
+    got[1] = 100.0f;  // a finite error before and after the NaN
+    got[at_index] = std::numeric_limits<float>::quiet_NaN();
+    const int f = g_failures;
+    expect_close("  (NaN planted, must FAIL)", got, want, 1e9);
+    caught += g_failures > f;
+  }
+  g_failures = before + (caught == 3 ? 0 : 1);
+  std::printf("%s expect_close catches a NaN at every position (%d of 3)\n", caught == 3 ? "ok  " : "FAIL",
+              caught);
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
   const std::vector<std::pair<const char*, void (*)()>> checks{
       {"gdpa_fwd", check_gdpa}, {"paged_attention_v1", check_paged},
-      {"flash_attn_fwd", check_flash}, {"moe_permute", check_moe}};
+      {"flash_attn_fwd", check_flash}, {"moe_permute", check_moe},
+      {"expect_close itself", check_checker}};
   for (const auto& c : checks) {
     try {
       c.second();

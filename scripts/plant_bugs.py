@@ -1,0 +1,205 @@
+"""Plants known bugs, one at a time, into a copy of the eager reference and runs the CPU tests
+against the copy: every planted bug must make at least one test fail on every seed.
+
+The kernels are left as they are, so a test that compares a kernel with the mutated reference
+fails exactly when it can tell the planted bug from the truth. A bug that survives a seed marks a
+test suite too weak at that spot (issue "A test suite that catches planted bugs"). The bugs named
+"16-bit" run only the bf16 / fp16 tests (`-k "bfloat16 or float16"`): the tensor-core kernels
+get no other tests on the GPU, so those must catch them alone.
+
+    python scripts/plant_bugs.py                 # every bug, 3 seeds
+    python scripts/plant_bugs.py --seeds 5 --only window
+    python scripts/plant_bugs.py --list
+
+Needs a built attnkit (scripts/setup.sh); runs on the CPU whatever the machine has. Exit status 1
+when a bug survives any seed, or when a selection fails before any bug is planted (baseline).
+"""
+import argparse
+import glob
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIXTEEN_BIT = "bfloat16 or float16"
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    old: str          # text of python/attnkit/reference.py, found exactly once
+    new: str          # what replaces it
+    tests: tuple      # globs under tests/
+    select: str = ""  # pytest -k expression ("" = every test of those files)
+
+
+FLASH = ("test_flash*.py",)
+PAGED = ("test_paged*.py", "test_pa_merged.py")
+GDPA = ("test_gdpa*.py",)
+
+BUGS = [
+    # flash attention (reference.flash_window_mask / _flash_dense / flash_attn_ref)
+    Bug("flash window_left +1 (16-bit)", "mask &= j >= diag - window_left",
+        "mask &= j >= diag - window_left - 1", FLASH, SIXTEEN_BIT),
+    Bug("flash window_left -1 (16-bit)", "mask &= j >= diag - window_left",
+        "mask &= j >= diag - window_left + 1", FLASH, SIXTEEN_BIT),
+    Bug("flash window_right +1 (16-bit)", "mask &= j <= diag + window_right",
+        "mask &= j <= diag + window_right + 1", FLASH, SIXTEEN_BIT),
+    Bug("flash window_right -1 (16-bit)", "mask &= j <= diag + window_right",
+        "mask &= j <= diag + window_right - 1", FLASH, SIXTEEN_BIT),
+    Bug("flash causal +1 (16-bit)", "if causal:\n        window_right = 0",
+        "if causal:\n        window_right = 1", FLASH, SIXTEEN_BIT),
+    Bug("flash causal -1 (16-bit)", "mask &= j <= diag + window_right",
+        "mask &= j <= diag + window_right - int(causal)", FLASH, SIXTEEN_BIT),
+    Bug("flash lse off 0.5% (16-bit)",
+        "lse = torch.logsumexp(s.detach().masked_fill(~mask, float(\"-inf\")), dim=-1)",
+        "lse = 1.005 * torch.logsumexp(s.detach().masked_fill(~mask, float(\"-inf\")), dim=-1)",
+        FLASH, SIXTEEN_BIT),
+    Bug("flash GQA head mapping (16-bit)",
+        "out, lse = _flash_dense(qc.transpose(1, 2), kc.transpose(1, 2).repeat_interleave(G, 1),\n"
+        "                                vc.transpose(1, 2).repeat_interleave(G, 1),",
+        "out, lse = _flash_dense(qc.transpose(1, 2), kc.transpose(1, 2).repeat(1, G, 1, 1),\n"
+        "                                vc.transpose(1, 2).repeat(1, G, 1, 1),",
+        FLASH, SIXTEEN_BIT),
+    # paged decode (reference._decode_rows, shared by paged_attention_v1 and pa_fwd)
+    Bug("paged window +1 (16-bit)", "visible &= pos[None, :] > qpos[:, None] - window",
+        "visible &= pos[None, :] >= qpos[:, None] - window", PAGED, SIXTEEN_BIT),
+    Bug("paged window -1 (16-bit)", "visible &= pos[None, :] > qpos[:, None] - window",
+        "visible &= pos[None, :] > qpos[:, None] - window + 1", PAGED, SIXTEEN_BIT),
+    Bug("paged causal +1 (16-bit)", "visible = pos[None, :] <= qpos[:, None]",
+        "visible = pos[None, :] <= qpos[:, None] + 1", PAGED, SIXTEEN_BIT),
+    Bug("paged causal -1 (16-bit)", "visible = pos[None, :] <= qpos[:, None]",
+        "visible = pos[None, :] < qpos[:, None]", PAGED, SIXTEEN_BIT),
+    Bug("paged ALiBi sign (16-bit)", "s = s + slopes.float()", "s = s - slopes.float()",
+        PAGED, SIXTEEN_BIT),
+    Bug("paged GQA head mapping (16-bit)",
+        "k = k.repeat_interleave(G, 1).transpose(0, 1)                     # [Hq, L, D]\n"
+        "    v = v.repeat_interleave(G, 1).transpose(0, 1)",
+        "k = k.repeat(1, G, 1).transpose(0, 1)\n    v = v.repeat(1, G, 1).transpose(0, 1)",
+        PAGED, SIXTEEN_BIT),
+    # GDPA (reference.gdpa_ref)
+    Bug("gdpa P not rounded to v.dtype (16-bit)", "p = _RoundTo.apply(p, v.dtype)", "p = p",
+        GDPA, SIXTEEN_BIT),
+    Bug("gdpa causal +1 (16-bit)",
+        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()",
+        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(1)", GDPA, SIXTEEN_BIT),
+    Bug("gdpa causal -1 (16-bit)",
+        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()",
+        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(-1)", GDPA, SIXTEEN_BIT),
+    Bug("gdpa GQA head mapping (16-bit)",
+        "kb = k[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)\n"
+        "        vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)",
+        "kb = k[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat(G, 1, 1)\n"
+        "        vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat(G, 1, 1)",
+        GDPA, SIXTEEN_BIT),
+]
+
+
+def make_copy(dest):
+    """python/ and tests/ copied under ``dest`` (the op library linked, not copied): tests/conftest.py
+    puts ``../python`` first on sys.path, so the copy's tests import the copy's reference."""
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dest, "tests"),
+                    ignore=shutil.ignore_patterns("__pycache__", "hip"))
+    src_pkg, dst_pkg = os.path.join(ROOT, "python", "attnkit"), os.path.join(dest, "python", "attnkit")
+    shutil.copytree(src_pkg, dst_pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    libs = glob.glob(os.path.join(src_pkg, "_C*.so"))
+    if not libs:
+        sys.exit("plant_bugs: no built op library in python/attnkit (run scripts/setup.sh first)")
+    for lib in libs:
+        os.symlink(lib, os.path.join(dst_pkg, os.path.basename(lib)))
+    return os.path.join(dst_pkg, "reference.py")
+
+
+def pytest_cmd(copy, bug, workers, stop_first):
+    files = sorted({f for g in bug.tests for f in glob.glob(os.path.join(copy, "tests", g))})
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-rf", "-p", "no:cacheprovider",
+           "-n", str(workers)]
+    if bug.select:
+        cmd += ["-k", bug.select]
+    if stop_first:
+        cmd += ["-x"]
+    return cmd, files
+
+
+def run(cmd, seed, copy):
+    # The CPU tests only, whatever the machine: CUDA_VISIBLE_DEVICES="" hides any GPU.
+    env = dict(os.environ, ATTNKIT_SEED=str(seed), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^FAILED (\S+)", p.stdout, flags=re.M)
+    return p.returncode, failed, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per bug (fresh random ones)")
+    ap.add_argument("--seed-list", type=str, default="", help="comma-separated seeds instead")
+    ap.add_argument("--only", type=str, default="", help="bugs whose name contains this")
+    ap.add_argument("--workers", type=int, default=2, help="pytest-xdist workers")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the run of each selection before any bug is planted")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    bugs = [b for b in BUGS if args.only.lower() in b.name.lower()]
+    if args.list:
+        for b in bugs:
+            print(f"{b.name:45s} tests {','.join(b.tests)} -k {b.select!r}")
+        return 0
+    seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list
+             else [random.SystemRandom().randrange(1 << 30) for _ in range(args.seeds)])
+    print(f"plant_bugs: {len(bugs)} bugs x seeds {seeds}", flush=True)
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="attnkit-plant-") as copy:
+        ref_path = make_copy(copy)
+        clean = open(ref_path).read()
+        for b in bugs:
+            n = clean.count(b.old)
+            if n != 1:
+                print(f"plant_bugs: {b.name}: the text to mutate occurs {n} times in reference.py")
+                return 1
+        if not args.no_baseline:
+            for sel in sorted({(b.tests, b.select) for b in bugs}):
+                bug = next(b for b in bugs if (b.tests, b.select) == sel)
+                cmd, files = pytest_cmd(copy, bug, args.workers, stop_first=False)
+                t = time.time()
+                rc, failed, tail = run(cmd, seeds[0], copy)
+                status = "passes" if rc == 0 else f"FAILS (rc {rc}) before any bug is planted"
+                print(f"baseline {','.join(sel[0])} -k {sel[1]!r}: {status} "
+                      f"({len(files)} files, {time.time() - t:.0f} s)", flush=True)
+                if rc != 0:
+                    print(tail)
+                    return 1
+        rows = []
+        for b in bugs:
+            open(ref_path, "w").write(clean.replace(b.old, b.new))
+            results = []
+            for s in seeds:
+                cmd, _ = pytest_cmd(copy, b, args.workers, stop_first=True)
+                t = time.time()
+                rc, failed, tail = run(cmd, s, copy)
+                caught = rc == 1 and failed
+                if rc not in (0, 1):
+                    print(tail)
+                results.append((s, caught, failed[0].split("/tests/")[-1] if failed else "", rc))
+                print(f"  {b.name}: seed {s}: "
+                      f"{'caught by ' + results[-1][2] if caught else 'SURVIVED (rc %d)' % rc} "
+                      f"({time.time() - t:.0f} s)", flush=True)
+            rows.append((b, results))
+            ok &= all(r[1] for r in results)
+        open(ref_path, "w").write(clean)
+    print("\n| planted bug | caught on seeds | first failing test (first seed) |")
+    print("|---|---|---|")
+    for b, results in rows:
+        n = sum(1 for r in results if r[1])
+        print(f"| {b.name} | {n}/{len(results)} | {results[0][2] or '-'} |")
+    print(f"\nplant_bugs: {'every bug caught on every seed' if ok else 'SOME BUGS SURVIVED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
