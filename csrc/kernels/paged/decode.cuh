@@ -301,8 +301,9 @@ __global__ void __launch_bounds__(kThreads)
             float vf[VC];
 #pragma unroll
             for (int j = 0; j < VC; ++j) {
-              // Tokens past the length may hold anything (even NaN): never multiply them in.
-              vf[j] = tl + j < tn ? CT::to_f(e[j]) : 0.0f;
+              // Tokens past the length, and tokens before every row's window (the first chunk
+              // may start there), may hold anything (even NaN): never multiply them in.
+              vf[j] = tl + j < tn && t0 + tl + j >= kmin ? CT::to_f(e[j]) : 0.0f;
               if (p.per_token_scale) vf[j] *= vs_s[tl + j];
             }
 #pragma unroll

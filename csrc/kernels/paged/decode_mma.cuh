@@ -280,6 +280,18 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     const bool blk_ok = ok_ring[warp][n % NST] != 0;
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
+    if constexpr (!kBulk) {
+      if (blk_ok && ts < lo) {
+        // A V chunk of 8 tokens is read whole once it reaches the window, so the tokens before
+        // lo in the window's first chunk came in too (they may hold anything, NaN included):
+        // zero them, since their zero probabilities must not meet them.
+        for (int i = lane; i < 8 * D; i += 32) {
+          const int t = i % 8 + int((lo - ts) / 8) * 8, d = i / 8;
+          if (t < TILE && ts + t < lo) vs[mmadec::vswz(d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+        }
+        __syncwarp();
+      }
+    }
     if constexpr (kBulk) {
       if (!blk_ok) continue;  // nothing was copied; every score would be masked
       if (ts < lo || ts + TILE > hi) {
