@@ -186,9 +186,9 @@ def main():
                 if rc not in (0, 1):
                     print(tail)
                 results.append((s, caught, failed[0].split("/tests/")[-1] if failed else "", rc))
-                print(f"  {b.name}: seed {s}: "
-                      f"{'caught by ' + results[-1][2] if caught else 'SURVIVED (rc %d)' % rc} "
-                      f"({time.time() - t:.0f} s)", flush=True)
+                verdict = ("caught by " + results[-1][2] if caught else
+                           "NO TEST SELECTED (rc 5)" if rc == 5 else f"SURVIVED (rc {rc})")
+                print(f"  {b.name}: seed {s}: {verdict} ({time.time() - t:.0f} s)", flush=True)
             rows.append((b, results))
             ok &= all(r[1] for r in results)
         open(ref_path, "w").write(clean)
