@@ -26,7 +26,9 @@
 # repro / stress flash tests; call_profile: host against kernel time of the 1k calls
 # (benchmarks/profile_call.py); flash_bench_graph: the flash_bench tables timed as CUDA graph
 # replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
-# CUDA memory held after each test, without and under memcheck.
+# CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
+# writer and merge_attn_states, then memcheck; moe_route_tests: the routing kernels, memcheck and
+# racecheck.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -68,10 +70,10 @@ ws_ab_bench() {  # pass, env switch, log tag: bench_attention at D 64/128, causa
 
 for s in $QUICK; do
   case $s in
-    flash_tests) step flash_tests 180 $PY -m pytest tests/test_flash.py -q -n 16 -k cuda -rfE ;;
+    flash_tests) step flash_tests 180 $PY -m pytest tests/test_flash_*.py -q -n 16 -k cuda -rfE ;;
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_flash.py -q -p no:xdist -k "backward_paths_multi_tile and default and dtype0" ;;
+        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and default and dtype0" ;;
     flash_bench)
       for a in "128" "128 --causal" "64" "64 --causal"; do
         tag=d$(echo "$a" | tr -d ' -')
@@ -90,25 +92,25 @@ for s in $QUICK; do
     paged_env)
       step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
     main) step main 25 $PY -m attnkit ;;
-    gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE --durations=12 ;;
+    gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE --durations=12 ;;
     gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
-      step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
+      step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
     flash_memcheck_all)  # the whole flash CUDA suite under memcheck, MC_SHARDS single-process shards
       # (scripts/memcheck_shards.sh says why); K narrows it, e.g. K=forward. The switch tests are
       # left out: they ask the profiler which kernel ran, and it sees none under the sanitizer.
       step flash_memcheck_all $((${MC_LIMIT:-480} + 40)) env SHARDS=${MC_SHARDS:-4} LIMIT=${MC_LIMIT:-480} \
         CACHING=${MC_CACHING:-0} CHUNK=${MC_CHUNK:-1000000} PY=$PY \
-        bash scripts/memcheck_shards.sh tests/test_flash.py "cuda and not switch and ${K:-cuda}" "$L/memcheck" ;;
+        bash scripts/memcheck_shards.sh "tests/test_flash_*.py" "cuda and not switch and ${K:-cuda}" "$L/memcheck" ;;
     flash_badoff_sanitize)
       step flash_badoff_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_flash.py -q -p no:xdist -k "bad_offsets and cuda" ;;
+        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "bad_offsets and cuda" ;;
     gdpa_ws_tests)
-      step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa.py -q -n 16 -rfE \
+      step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE \
         -k "warp_specialised or (forward_paths and default)" ;;
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        --print-limit 10 $PY -m pytest tests/test_gdpa.py -q -p no:xdist \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
         -k "(forward_warp_specialised and dtype0 and 128 and False and not grid) or garbage_offsets" ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
@@ -118,16 +120,16 @@ for s in $QUICK; do
       step bench_gdpa_ws_1loader 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SPLIT=0 $G
       step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
     flash_ws_tests)
-      step flash_ws_tests 120 $PY -m pytest tests/test_flash.py -q -n 16 -rfE -k forward_warp_specialised ;;
+      step flash_ws_tests 120 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
-      step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+      step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
         -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or single) and bf16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
-      step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash.py -q -n 16 -rfE \
+      step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE \
         -k "backward_warp_specialised" ;;
     flash_ws_bwd_sanitize)
-      step flash_ws_bwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash.py -q -p no:xdist \
+      step flash_ws_bwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
         -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bf16 and i32))" ;;
     flash_ws_bwd_bench) ws_ab_bench bwd ATTNKIT_FLASH_BWD_WS wsbwd ;;
     flash_d64_bench)
@@ -159,16 +161,27 @@ for s in $QUICK; do
         --seq-len 1024 --head-dim 64 --causal ;;
     flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
-        tests/test_flash.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
+        tests/test_flash_*.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;
     mem_trace)  # CUDA memory PyTorch holds after each test (tests/conftest.py), one process; MT_K
       # narrows it; mem_trace_sanitized does the same under memcheck (on the H200 it grew 0.5-1 GiB
       # per warp-specialised test there, and stayed at 32-64 MiB without the sanitizer)
-      step mem_trace 120 env ATTNKIT_TRACE_CUDA_MEMORY=1 $PY -m pytest tests/test_flash.py -q -s \
+      step mem_trace 120 env ATTNKIT_TRACE_CUDA_MEMORY=1 $PY -m pytest tests/test_flash_*.py -q -s \
         -p no:xdist -k "cuda and not switch and ${MT_K:-warp_specialised}" ;;
     mem_trace_sanitized)
       step mem_trace_sanitized 90 env ATTNKIT_TRACE_CUDA_MEMORY=1 compute-sanitizer --tool memcheck \
-        --print-limit 10 $PY -m pytest tests/test_flash.py -q -s -p no:xdist \
+        --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -s -p no:xdist \
         -k "cuda and backward_warp_specialised_varlen and i32" ;;
+    serving_tests)  # the NHD cache writer and merge_attn_states, then under memcheck (garbage slots)
+      step serving_tests 90 $PY -m pytest tests/test_serving_ops.py -q -n 16 -rfE
+      step serving_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_serving_ops.py -q -p no:xdist -k "cuda and not compile and not opcheck" ;;
+    moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
+      step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
+      step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_route.py -q -p no:xdist \
+        -k "cuda and (deepseek_v3 or k_eq_E or zero_tokens or backward or deterministic)"
+      step moe_route_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_route.py -q -p no:xdist -k "cuda and deepseek_v3 and fp32" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
@@ -179,6 +192,6 @@ done
 for f in "$L"/mem_trace*.log; do  # allocated MiB after each test, first and last few
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep "^\[cuda-memory\]" "$f" | awk '{print $3, $5, $7}' | sed -n '1,2p;$p'; grep "^\[cuda-memory\]" "$f" | sort -t= -k2 -n | tail -n 1 | cut -c1-160; }
 done
-grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log 2>/dev/null | tail -n 12
+grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log "$L"/serving_*.log "$L"/moe_route_*.log "$L"/full_tests.log 2>/dev/null | tail -n 16
 tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"
 printf '%s\n' "${SUMMARY[@]}"

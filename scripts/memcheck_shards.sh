@@ -11,7 +11,7 @@
 # 12 tests). The two runs differ in sharding too, so the allocator is the likely cause, not a
 # measured one.
 #
-#   SHARDS=4 LIMIT=480 [CACHING=1] [CHUNK=8] bash scripts/memcheck_shards.sh tests/test_flash.py "cuda" LOGDIR
+#   SHARDS=4 LIMIT=480 [CACHING=1] [CHUNK=8] bash scripts/memcheck_shards.sh "tests/test_flash_*.py" "cuda" LOGDIR
 #
 # Collects the ids that match the -k expression, deals them round-robin to SHARDS files, runs
 # `compute-sanitizer --tool memcheck pytest <ids>` per shard, CHUNK ids per process (all by
@@ -19,10 +19,10 @@
 # prints per shard: rc, the pytest summary and the sanitizer's ERROR SUMMARY. Exit 0 only when
 # every shard finished with 0 errors and no failed test.
 set -uo pipefail
-FILE=$1 EXPR=$2 LOG=${3:-/tmp/memcheck_shards}
+FILE=$1 EXPR=$2 LOG=${3:-/tmp/memcheck_shards}  # FILE may be a glob (quoted), e.g. "tests/test_flash_*.py"
 SHARDS=${SHARDS:-4} LIMIT=${LIMIT:-240} PY=${PY:-python3}
 mkdir -p "$LOG"
-$PY -m pytest "$FILE" -q --collect-only -p no:xdist -k "$EXPR" 2>/dev/null | grep "::" > "$LOG/ids.txt"
+$PY -m pytest $FILE -q --collect-only -p no:xdist -k "$EXPR" 2>/dev/null | grep "::" > "$LOG/ids.txt"
 n=$(wc -l < "$LOG/ids.txt")
 echo "memcheck_shards: $n tests matching '$EXPR' in $FILE, $SHARDS shards, ${LIMIT}s each"
 awk -v s="$SHARDS" -v d="$LOG" '{ print > (d "/shard" (NR - 1) % s ".txt") }' "$LOG/ids.txt"
