@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                 # everything
 #   STEPS="build tests" bash scripts/gpu_check.sh
-#   TESTS="tests/test_gdpa.py" BENCHES="gdpa" bash scripts/gpu_check.sh
+#   TESTS="tests/test_gdpa_*.py" BENCHES="gdpa" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -18,11 +18,12 @@ PY=${PY:-python3}
 export CC=${ATTNKIT_CC:-gcc} CXX=${ATTNKIT_CXX:-g++}
 STEPS=${STEPS:-"build tests sanitizer main bench"}
 TESTS=${TESTS:-tests}
-# compute-sanitizer selections, ';'-separated, each "FILE -k EXPRESSION".
-SANITIZE=${SANITIZE:-"tests/test_gdpa.py -k cuda and (garbage or head_dims or cross or rows_outside or forward_paths or (backward_paths and fast_gelu and dtype0));\
-tests/test_paged.py -k (cuda and (out_of_range or graph or strided or pertoken or matches)) or gqa_paths_bad_block_ids or gqa_paths_strided or pa_fwd_gqa;\
-tests/test_flash.py -k cuda and (multi_tile or backward_paths or varlen or bad_offsets or unaligned or rows_without_keys or empty or forward_paths or deterministic);\
-tests/test_moe.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance) and not compile and not trains and not stress and not opcheck"}
+# compute-sanitizer selections, ';'-separated, each "FILES -k EXPRESSION" (FILES may be a glob).
+SANITIZE=${SANITIZE:-"tests/test_gdpa_*.py -k cuda and (garbage or head_dims or cross or rows_outside or forward_paths or (backward_paths and fast_gelu and float32));\
+tests/test_paged_*.py -k cuda and (out_of_range or graph or strided or pertoken or matches or gqa_paths_bad_block_ids or pa_fwd_gqa or window_ignores);\
+tests/test_flash_*.py -k cuda and (multi_tile or backward_paths or varlen or bad_offsets or unaligned or rows_without_keys or empty or forward_paths or deterministic);\
+tests/test_moe_*.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance or route) and not compile and not trains and not stress and not opcheck;\
+tests/test_serving_ops.py -k cuda and not compile and not opcheck"}
 BENCHES=${BENCHES:-"gdpa paged attention moe"}
 BENCH_ARGS=${BENCH_ARGS:-"--iters 30 --warmup 5"}
 declare -a SUMMARY
@@ -48,9 +49,9 @@ for step in $STEPS; do
       IFS=';' read -ra specs <<< "$SANITIZE"
       for spec in "${specs[@]}"; do
         file=$(echo "${spec%% -k *}" | xargs); expr=${spec#* -k }
-        name=$(basename "$file" .py)
+        name=$(basename "$file" .py | tr -d '*' | sed 's/_$//')
         run_step "memcheck $name" "sanitizer_$name.log" compute-sanitizer --tool memcheck \
-          --error-exitcode 1 --print-limit 20 $PY -m pytest "$file" -k "$expr" -q -p no:xdist
+          --error-exitcode 1 --print-limit 20 $PY -m pytest $file -k "$expr" -q -p no:xdist
       done ;;
     main) run_step "python -m attnkit" main.log $PY -m attnkit ;;
     bench)
