@@ -73,7 +73,7 @@ for s in $QUICK; do
     flash_tests) step flash_tests 180 $PY -m pytest tests/test_flash_*.py -q -n 16 -k cuda -rfE ;;
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and default and dtype0" ;;
+        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and default and bfloat16" ;;
     flash_bench)
       for a in "128" "128 --causal" "64" "64 --causal"; do
         tag=d$(echo "$a" | tr -d ' -')
@@ -111,7 +111,7 @@ for s in $QUICK; do
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
-        -k "(forward_warp_specialised and dtype0 and 128 and False and not grid) or garbage_offsets" ;;
+        -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets" ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
       step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G
@@ -123,14 +123,14 @@ for s in $QUICK; do
       step flash_ws_tests 120 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or single) and bf16 and i32))" ;;
+        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or single) and bfloat16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ATTNKIT_FLASH_FWD_WS ws ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE \
         -k "backward_warp_specialised" ;;
     flash_ws_bwd_sanitize)
       step flash_ws_bwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
-        -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bf16 and i32))" ;;
+        -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bfloat16 and i32))" ;;
     flash_ws_bwd_bench) ws_ab_bench bwd ATTNKIT_FLASH_BWD_WS wsbwd ;;
     flash_d64_bench)
       for a in "64" "64 --causal"; do

@@ -182,8 +182,9 @@ def main():
                 cmd, _ = pytest_cmd(copy, b, args.workers, stop_first=True)
                 t = time.time()
                 rc, failed, tail = run(cmd, s, copy)
-                caught = rc == 1 and failed
-                if rc not in (0, 1):
+                # pytest exits 1 on failures; under xdist, -x ends the session early with 2.
+                caught = rc in (1, 2) and bool(failed)
+                if rc not in (0, 1, 2) or (rc == 2 and not failed):
                     print(tail)
                 results.append((s, caught, failed[0].split("/tests/")[-1] if failed else "", rc))
                 verdict = ("caught by " + results[-1][2] if caught else
