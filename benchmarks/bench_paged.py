@@ -18,9 +18,10 @@ from harness import add_common_args, print_table, time_ms, verify, write_csv, pl
 
 import attnkit
 from attnkit import reference as ref
+from attnkit.testing import BENCH_TOLERANCE
 
 D, BS = 128, 16
-TOL = 1e-2  # bf16
+TOL = BENCH_TOLERANCE[torch.bfloat16]
 
 
 def parse_shapes(text):

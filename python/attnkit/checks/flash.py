@@ -4,9 +4,8 @@ import torch
 
 from ..flash import flash_attn_func, flash_attn_varlen_func
 from ..reference import flash_attn_ref
+from ..testing import TOLERANCE
 from . import Case
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def cases(device):
@@ -26,7 +25,7 @@ def cases(device):
                 f"flash_attn_fwd {str(dtype)[6:]}{label}",
                 run=lambda q=q, k=k, v=v, kw=kw: flash_attn_func(q, k, v, **kw),
                 reference=lambda q=q, k=k, v=v, r=ref_kw: flash_attn_ref(q, k, v, **r)[0],
-                tol=TOL[dtype], timed=(dtype == dtypes[0] and label in ("", " causal")),
+                tol=TOLERANCE[dtype], timed=(dtype == dtypes[0] and label in ("", " causal")),
             ))
         lens = [S // 2, 0, 1, S, 77]
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).to(device)
@@ -36,7 +35,7 @@ def cases(device):
             f"flash_attn_varlen {str(dtype)[6:]} causal",
             run=lambda q=qv, k=kv, v=vv, cu=cu: flash_attn_varlen_func(q, k, v, cu, cu, S, S, causal=True),
             reference=lambda q=qv, k=kv, v=vv, cu=cu: flash_attn_ref(q, k, v, None, True, -1, -1, 0.0, cu, cu)[0],
-            tol=TOL[dtype],
+            tol=TOLERANCE[dtype],
         ))
         q = torch.randn(B, S // 2, H, D, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(B, S // 2, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -50,6 +49,6 @@ def cases(device):
             f"flash_attn_bwd {str(dtype)[6:]} causal",
             run=lambda b=bwd: b(lambda q, k, v: flash_attn_func(q, k, v, causal=True)),
             reference=lambda b=bwd: b(lambda q, k, v: flash_attn_ref(q, k, v, causal=True)[0]),
-            tol=TOL[dtype], timed=dtype == dtypes[0],
+            tol=TOLERANCE[dtype], timed=dtype == dtypes[0],
         ))
     return out

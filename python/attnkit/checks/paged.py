@@ -6,9 +6,8 @@ import torch
 
 from ..paged import pa_fwd, paged_attention_v1, reshape_and_cache
 from ..reference import pa_fwd_ref, paged_attention_ref, reshape_and_cache_ref
+from ..testing import TOLERANCE
 from . import Case
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _inputs(device, dtype, lengths, hq, hkv, layout, d=128, bs=16, kv="auto"):
@@ -46,7 +45,7 @@ def cases(device):
                 return a[0]
             out.append(Case(f"paged_attention_v1 bf16 {layout} {hq}/{hkv}", run=run,
                             reference=lambda a=a: paged_attention_ref(a[1], a[2], a[3], a[6], a[7], a[5]),
-                            tol=TOL[dtype], timed=(layout == "asm" and hq == 32)))
+                            tol=TOLERANCE[dtype], timed=(layout == "asm" and hq == 32)))
     q, kc, vc, bt, lens = _inputs(device, dtype, lengths, 32, 8, "vllm", kv="fp8")
     o = torch.empty_like(q)
     a = (o, q, kc, vc, 8, 0.1, bt, lens, 16, max(lengths), None, "fp8", 0.5, 2.0)
@@ -54,16 +53,17 @@ def cases(device):
                     reference=lambda a=a: paged_attention_ref(a[1], a[2], a[3], a[6], a[7], 0.1,
                                                               kv_cache_dtype="fp8", k_scale=0.5,
                                                               v_scale=2.0),
-                    tol=TOL[dtype]))
+                    tol=TOLERANCE[dtype]))
     q, kc, vc, bt, lens = _inputs(device, dtype, lengths, 32, 8, "asm")
     out.append(Case("pa_fwd bf16 32/8", run=lambda: pa_fwd(q, kc, vc, bt, lens, bt.stride(0)),
-                    reference=lambda: pa_fwd_ref(q, kc, vc, bt, lens), tol=TOL[dtype], timed=True))
+                    reference=lambda: pa_fwd_ref(q, kc, vc, bt, lens), tol=TOLERANCE[dtype], timed=True))
     qi, ki, vi, bti, lensi = _inputs(device, dtype, lengths, 32, 8, "asm", kv="int8")
     ks = torch.rand(ki.shape[0], 8, 16, device=device) * 0.01
     vs = torch.rand(ki.shape[0], 8, 16, device=device) * 0.01
     out.append(Case("pa_fwd bf16 int8 per-token kv",
                     run=lambda: pa_fwd(qi, ki, vi, bti, lensi, bti.stride(0), 1, ks, vs),
-                    reference=lambda: pa_fwd_ref(qi, ki, vi, bti, lensi, 1, ks, vs), tol=TOL[dtype]))
+                    reference=lambda: pa_fwd_ref(qi, ki, vi, bti, lensi, 1, ks, vs),
+                    tol=TOLERANCE[dtype]))
     key = torch.randn(64, 8, 128, device=device, dtype=dtype)
     slots = torch.randperm(kc.shape[0] * 16)[:64].to(device)
 

@@ -1,0 +1,349 @@
+"""Sample inputs of the paged decode family (DESIGN §3.2): KV caches in both value layouts, block
+tables, lengths, and Samples of paged_attention_v1, pa_fwd and the cache writers in the ops'
+argument order, with their references; plus the planted dominant keys of the edge tests.
+
+Cache layouts (x = 16 bytes / element size of the cache dtype: 8 for 16-bit, 16 for 8-bit):
+    key_cache    [num_blocks, Hkv, D/x, block_size, x]
+    value_cache  [num_blocks, Hkv, D, block_size]          (vLLM)
+             or  [num_blocks, Hkv, block_size/x, D, x]     (ASM: token t, dim d at [.., t // x, d, t % x])
+"""
+import collections
+import math
+import random
+
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from samples import Sample
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+LAYOUTS = ["vllm", "asm"]
+HEADS = [(4, 4), (8, 2), (16, 2), (16, 1)]   # (Hq, Hkv): GQA ratios 1, 4, 8, 16
+FP8_KINDS = ["fp8", "fp8_e4m3", "fp8_e5m2"]
+F8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+# CUDA kernel paths of paged_attention_v1 / pa_fwd, chosen by environment switches: 16-bit query,
+# 'auto' cache, head size 64/128, block size 16/32, G = Hq/Hkv in [2, 16] and one query token take
+# the mma.sync kernel (decode_mma.cuh); ATTNKIT_PAGED_SIMT=1 forces the CUDA-core one ("simt").
+# On sm_90 the tensor-core kernel loads contiguous caches with bulk copies ("bulk"; whole tiles, the
+# tokens outside the window zeroed in shared memory afterwards); ATTNKIT_PAGED_BULK=0 keeps its
+# per-lane cp.async loads ("mma"). Elsewhere "bulk" runs the same kernel as "mma".
+PATHS = ["bulk", "mma", "simt"]
+
+
+def set_kernel_path(monkeypatch, path):
+    monkeypatch.setenv("ATTNKIT_PAGED_SIMT", "1" if path == "simt" else "0")
+    monkeypatch.setenv("ATTNKIT_PAGED_BULK", "0" if path == "mma" else "1")
+
+
+def dtype_id(dtype):
+    """A dtype's test id ("bfloat16", "float16", "float32"): `-k bfloat16` selects by it."""
+    return str(dtype).replace("torch.", "")
+
+
+def heads_id(heads):
+    return f"hq{heads[0]}-hkv{heads[1]}"
+
+
+def cache_x(cache_dtype):
+    return 16 // torch.empty((), dtype=cache_dtype).element_size()
+
+
+def make_caches(num_blocks, hkv, d, bs, dtype, layout, device, kv="auto", storage=torch.uint8):
+    """Random caches (never all zeros). fp8 caches hold valid fp8 codes (no NaN), as bytes
+    (``storage`` uint8) or torch float8; int8 caches (kv='int8') hold integers in [-127, 127]."""
+    def rnd(shape):
+        if kv == "auto":
+            return torch.randn(shape, device=device).mul_(0.5).to(dtype)
+        if kv == "int8":
+            return torch.randint(-127, 128, shape, device=device, dtype=torch.int8)
+        f = torch.randn(shape, device=device).mul_(2.0).to(F8[kv])
+        return f.view(torch.uint8) if storage == torch.uint8 else f
+    cdt = dtype if kv == "auto" else (torch.int8 if kv == "int8" else storage)
+    x = cache_x(cdt)
+    kc = rnd((num_blocks, hkv, d // x, bs, x))
+    vc = rnd((num_blocks, hkv, d, bs)) if layout == "vllm" else rnd((num_blocks, hkv, bs // x, d, x))
+    return kc, vc
+
+
+def make_tables(lengths, bs, num_blocks, device, extra_cols=1):
+    """Shuffled block tables with spare columns; sequences share no block when the cache is
+    large enough (so cache writes through them never collide)."""
+    max_blocks = max([(L + bs - 1) // bs for L in lengths] + [1]) + extra_cols
+    n = len(lengths) * max_blocks
+    if n <= num_blocks:
+        bt = torch.randperm(num_blocks)[:n].view(len(lengths), max_blocks)
+    else:
+        bt = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in lengths])
+    return bt.to(torch.int32).to(device), torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+def blocks_for(lengths, bs, extra_cols=1):
+    """Cache blocks enough for disjoint tables of ``make_tables``."""
+    return len(lengths) * (max([(L + bs - 1) // bs for L in lengths] + [1]) + extra_cols)
+
+
+def token_slot(block_tables, b, pos, bs):
+    """(block id, offset in that block) of token ``pos`` of sequence ``b``."""
+    return int(block_tables[b, pos // bs]), pos % bs
+
+
+def set_token(key_cache, value_cache, blk, t, k=None, v=None):
+    """Overwrites the key and/or value of the token at offset ``t`` of block ``blk`` (``[Hkv, D]``
+    tensors or a scalar for every element), in either value layout."""
+    x = key_cache.shape[4]
+    if k is not None:
+        key_cache[blk, :, :, t, :] = k if not torch.is_tensor(k) else k.reshape(key_cache.shape[1], -1, x)
+    if v is not None:
+        if value_cache.dim() == 4:
+            value_cache[blk, :, :, t] = v
+        else:
+            value_cache[blk, :, t // x, :, t % x] = v
+
+
+# ---- planted dominant keys ------------------------------------------------------------------------
+PLANT_MARGIN = 16.0   # a planted key's score exceeds every other key's by about this (e^16 ~ 9e6)
+
+
+def plant_dominant_keys(query, key_cache, value_cache, block_tables, positions, scale):
+    """Makes the keys at ``positions`` (``{sequence: [token positions]}``) dominate the softmax of
+    every query row (every head) that sees them.
+
+    Each planted key is B·e0 (B a power of two >= PLANT_MARGIN / scale, exact in every dtype) and
+    every query row's component 0 becomes |q0| + 1 >= 1, so a planted score is >= PLANT_MARGIN
+    while the others stay O(1). All planted keys of a row score the same and their values stay
+    random (distinct per token and kv head), so the output of a row is about the mean of the
+    values of the planted keys it sees: showing or hiding one more moves it by a large fraction
+    of its norm, far beyond the 16-bit tolerances. That is how a window or causal edge off by
+    one key fails on every seed. Modifies ``query`` and the caches in place."""
+    bs, hkv = key_cache.shape[3], key_cache.shape[1]
+    d = key_cache.shape[2] * key_cache.shape[4]
+    big = 2.0 ** math.ceil(math.log2(PLANT_MARGIN / scale))
+    query[..., 0] = query[..., 0].abs() + 1
+    k = torch.zeros(hkv, d, device=key_cache.device, dtype=key_cache.dtype)
+    k[:, 0] = big
+    for b, poss in positions.items():
+        for pos in poss:
+            blk, t = token_slot(block_tables, b, pos, bs)
+            set_token(key_cache, value_cache, blk, t, k=k)
+
+
+# ---- paged_attention_v1 -----------------------------------------------------------------------------
+def v1_args(query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens, *,
+            alibi_slopes=None, kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0, logits_soft_cap=0.0,
+            sliding_window=-1, max_seq_len=None, out=None, name="paged_attention_v1"):
+    """A paged_attention_v1 Sample in the op's argument order; ``out`` NaN-filled (every element
+    must be written), scales as fp32 tensors, block size from the key cache."""
+    dev = query.device
+    if out is None:
+        out = torch.full_like(query, float("nan"))
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
+    ks = k_scale if torch.is_tensor(k_scale) else torch.full((1,), float(k_scale), device=dev)
+    vs = v_scale if torch.is_tensor(v_scale) else torch.full((1,), float(v_scale), device=dev)
+    args = (out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+            key_cache.shape[3], max_seq_len, alibi_slopes, kv_cache_dtype, ks, vs)
+    return Sample(name, args, dict(logits_soft_cap=logits_soft_cap, sliding_window=sliding_window))
+
+
+def run_v1(s):
+    attnkit.paged_attention_v1(*s.args, **s.kwargs)
+    return s.args[0]
+
+
+def v1_reference(s, key_cache=None, value_cache=None):
+    """The fp32 reference of a paged_attention_v1 Sample (optionally on other, e.g. clean, caches)."""
+    _, q, kc, vc, _, scale, bt, lens, _, _, slopes, kv, ks, vs = s.args
+    return ref.paged_attention_ref(q, kc if key_cache is None else key_cache,
+                                   vc if value_cache is None else value_cache, bt, lens, scale,
+                                   slopes, kv, float(ks), float(vs), **s.kwargs)
+
+
+def v1_sample(device, dtype, *, heads=(8, 2), head_size=64, block_size=16, layout="vllm",
+              lengths=(0, 1, 53, 37), kv="auto", storage=torch.uint8, scale=None, alibi=None,
+              softcap=0.0, window=-1, k_scale=1.0, v_scale=1.0, num_blocks=None, query_std=1.0,
+              strided=False, name="paged_attention_v1"):
+    """Random caches (disjoint block tables unless ``num_blocks`` is smaller), query and a Sample.
+    ``alibi`` (lo, hi): slopes uniform in it; ``strided``: query and out every other element of
+    wider tensors (the rows outside ``out`` stay NaN)."""
+    hq, hkv = heads
+    lengths = list(lengths)
+    nb = num_blocks or max(16, blocks_for(lengths, block_size))
+    kc, vc = make_caches(nb, hkv, head_size, block_size, dtype, layout, device, kv=kv, storage=storage)
+    bt, lens = make_tables(lengths, block_size, nb, device)
+    out = None
+    if strided:
+        query = torch.randn(len(lengths), hq, 2 * head_size, device=device, dtype=dtype)[:, :, ::2]
+        out = torch.full((len(lengths), 2 * hq, head_size), float("nan"), device=device, dtype=dtype)[:, ::2]
+    else:
+        query = torch.randn(len(lengths), hq, head_size, device=device, dtype=dtype)
+    if query_std != 1.0:
+        query.mul_(query_std)
+    slopes = None
+    if alibi is not None:
+        slopes = alibi[0] + (alibi[1] - alibi[0]) * torch.rand(hq, device=device)
+    return v1_args(query, kc, vc, hkv, scale or 1.0 / math.sqrt(head_size), bt, lens,
+                   alibi_slopes=slopes, kv_cache_dtype=kv, k_scale=k_scale, v_scale=v_scale,
+                   logits_soft_cap=softcap, sliding_window=window, out=out, name=name)
+
+
+# ---- pa_fwd -------------------------------------------------------------------------------------------
+def pa_fwd_args(Q, K, V, block_tables, context_lens, max_qlen=1, K_QScale=None, V_QScale=None,
+                out=None, qo_indptr=None, name="pa_fwd"):
+    """A pa_fwd Sample in the op's argument order (``out`` None: the op allocates it)."""
+    return Sample(name, (Q, K, V, block_tables, context_lens, block_tables.stride(0), max_qlen,
+                         K_QScale, V_QScale, out, qo_indptr))
+
+
+def run_pa_fwd(s):
+    return attnkit.pa_fwd(*s.args)
+
+
+def pa_fwd_reference(s):
+    Q, K, V, bt, lens, _, max_qlen, ksc, vsc, _, qo = s.args
+    return ref.pa_fwd_ref(Q, K, V, bt, lens, max_qlen, ksc, vsc, qo)
+
+
+def query_rows(lengths, max_qlen, qlens=None):
+    """Query tokens per sequence (at most its length): ``qlens`` or random in [0, max_qlen],
+    except that the first sequence long enough always gets all max_qlen (a full multi-token
+    sequence in every draw)."""
+    if qlens is None:
+        qlens = [min(L, random.randint(0, max_qlen)) for L in lengths]
+        full = next(i for i, L in enumerate(lengths) if L >= max_qlen)
+        qlens[full] = max_qlen
+    assert all(0 <= n <= min(L, max_qlen) for n, L in zip(qlens, lengths))
+    return list(qlens)
+
+
+def pa_fwd_sample(device, dtype, *, heads=(8, 2), lengths=(17, 0, 64, 5), kv="auto", max_qlen=1,
+                  qlens=None, num_blocks=None, with_out=False, name="pa_fwd"):
+    """Random ASM caches (head size 128, block size 16; int8 / fp8 with per-token scales), tables
+    and query. ``max_qlen > 1``: several query tokens per sequence (``query_rows``) through
+    qo_indptr, plus two query rows outside every sequence (defined as 0)."""
+    hq, hkv = heads
+    d, bs = 128, 16
+    lengths = list(lengths)
+    nb = num_blocks or max(64, blocks_for(lengths, bs) + 8)
+    kc, vc = make_caches(nb, hkv, d, bs, dtype, "asm", device, kv=kv,
+                         storage=torch.float8_e4m3fn if kv == "fp8" else torch.uint8)
+    bt, lens = make_tables(lengths, bs, nb, device)
+    ksc = vsc = None
+    if kv != "auto":
+        ksc = torch.rand(nb, hkv, bs, device=device) * 0.02 + 0.001
+        vsc = torch.rand(nb, hkv, bs, device=device) * 0.02 + 0.001
+    qo = None
+    if max_qlen > 1:
+        rows = query_rows(lengths, max_qlen, qlens)
+        qo = torch.tensor([0] + rows, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+        tq = int(qo[-1]) + 2
+    else:
+        tq = len(lengths)
+    q = torch.randn(tq, hq, d, device=device, dtype=dtype)
+    out = torch.full_like(q, float("nan")) if with_out else None
+    return pa_fwd_args(q, kc, vc, bt, lens, max_qlen, ksc, vsc, out, qo, name=name)
+
+
+# ---- cache writers -----------------------------------------------------------------------------------
+def writer_slots(num_blocks, bs, device):
+    """Slots that fill one whole block and part of another (both chosen at random, offsets in a
+    random order), one -1 (skipped) among them, and three more slots anywhere else. Returns
+    ``(slots, full_block, partial_block, partial_len)``."""
+    blocks = torch.randperm(num_blocks)[:2].tolist()
+    part = bs // 2 + 1
+    own = [blocks[0] * bs + o for o in range(bs)] + [blocks[1] * bs + o for o in range(part)]
+    others = [s for s in torch.randperm(num_blocks * bs).tolist() if s // bs not in blocks][:3]
+    slots = own + others + [-1]
+    random.shuffle(slots)
+    return torch.tensor(slots, device=device), blocks[0], blocks[1], part
+
+
+def written_sequence(slots, bs):
+    """The sequence ``writer_slots`` filled: its block-table row (the whole block, then the one
+    written from offset 0 on), its length, and which token was written at each position."""
+    sl = slots.tolist()
+    per_block = collections.Counter(s // bs for s in sl if s >= 0)
+    part = bs // 2 + 1
+    row = [next(b for b, n in per_block.items() if n == bs),
+           next(b for b, n in per_block.items() if n == part)]
+    index = {slot: t for t, slot in enumerate(sl)}
+    order = [index[row[0] * bs + o] for o in range(bs)] + [index[row[1] * bs + o] for o in range(part)]
+    return row, len(order), order
+
+
+def reshape_and_cache_sample(device, dtype, *, kv="auto", layout="vllm", block_size=16, hkv=2,
+                             head_size=64, num_blocks=16, name="reshape_and_cache"):
+    """Random caches, new keys/values (std 3: fp8 saturation reachable) and ``writer_slots``;
+    k_scale / v_scale 0.5 / 2.0 for fp8 caches, 1 otherwise."""
+    kc, vc = make_caches(num_blocks, hkv, head_size, block_size, dtype, layout, device, kv=kv)
+    slots, *_ = writer_slots(num_blocks, block_size, device)
+    T = slots.numel()
+    key = torch.randn(T, hkv, head_size, device=device, dtype=dtype) * 3
+    value = torch.randn(T, hkv, head_size, device=device, dtype=dtype) * 3
+    ks, vs = (0.5, 2.0) if kv != "auto" else (1.0, 1.0)
+    one = lambda s: torch.full((1,), s, device=device)  # noqa: E731
+    return Sample(name, (key, value, kc, vc, slots, kv, one(ks), one(vs)))
+
+
+def reshape_and_cache_reference(s):
+    key, value, kc, vc, slots, kv, ks, vs = s.args
+    return ref.reshape_and_cache_ref(key, value, kc, vc, slots, kv, float(ks), float(vs))
+
+
+def pertoken_sample(device, dtype, qdtype, *, layout="asm", hkv=4, head_size=128, block_size=16,
+                    num_blocks=8, tokens=40, name="reshape_and_cache_with_pertoken_quant"):
+    """Zeroed int8 / fp8 caches and scales, new keys/values with one all-zero key token (scale 0,
+    values 0) and one slot -1."""
+    d, bs, nb = head_size, block_size, num_blocks
+    x = cache_x(qdtype)
+    kc = torch.zeros(nb, hkv, d // x, bs, x, device=device, dtype=qdtype)
+    vc = torch.zeros((nb, hkv, d, bs) if layout == "vllm" else (nb, hkv, bs // x, d, x),
+                     device=device, dtype=qdtype)
+    ksc = torch.zeros(nb, hkv, bs, device=device)
+    vsc = torch.zeros(nb, hkv, bs, device=device)
+    key = torch.randn(tokens, hkv, d, device=device, dtype=dtype)
+    value = torch.randn(tokens, hkv, d, device=device, dtype=dtype)
+    key[7] = 0
+    slots = torch.randperm(nb * bs)[:tokens].to(device)
+    slots[2] = -1
+    return Sample(name, (key, value, kc, vc, ksc, vsc, slots))
+
+
+# ---- the generator ------------------------------------------------------------------------------------
+def sample_inputs(device, op, dtype=torch.bfloat16):
+    """Fresh random Samples of one op of the family: ragged, empty and length-1 sequences, GQA
+    1 / 4 / 8, both value layouts, odd head dims, non-contiguous query/out, the logit features and
+    fp8 / int8 caches. They feed the sample tests (kernel vs reference) and opcheck."""
+    if op == "paged_attention_v1":
+        yield v1_sample(device, dtype, heads=(4, 4), layout="vllm", lengths=(0, 1, 40, 17),
+                        name="v1 vllm gqa1")
+        yield v1_sample(device, dtype, heads=(8, 2), head_size=80, layout="asm",
+                        lengths=(33, 0, 16, 1), name="v1 asm gqa4 d80")
+        yield v1_sample(device, dtype, heads=(16, 2), head_size=112, block_size=32,
+                        lengths=(70, 1), name="v1 gqa8 d112 bs32")
+        yield v1_sample(device, dtype, heads=(8, 2), lengths=(20, 3), alibi=(0.0, 0.1),
+                        softcap=2.0, window=8, name="v1 alibi softcap window")
+        yield v1_sample(device, dtype, heads=(8, 2), head_size=128, layout="asm", lengths=(5, 50),
+                        strided=True, name="v1 strided query/out")
+        yield v1_sample(device, dtype, heads=(8, 2), lengths=(30, 0, 9), kv="fp8_e5m2",
+                        k_scale=0.4, v_scale=1.5, name="v1 fp8_e5m2 kv")
+    elif op == "pa_fwd":
+        yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(20, 3, 0), name="pa_fwd gqa4")
+        yield pa_fwd_sample(device, dtype, heads=(8, 8), lengths=(20, 3), with_out=True,
+                            name="pa_fwd gqa1 out=")
+        yield pa_fwd_sample(device, dtype, heads=(16, 2), lengths=(20, 3, 1), max_qlen=2,
+                            name="pa_fwd gqa8 qo_indptr")
+        yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(40, 7), kv="int8",
+                            name="pa_fwd int8 kv")
+    elif op == "reshape_and_cache":
+        yield reshape_and_cache_sample(device, dtype, layout="asm", name="reshape_and_cache asm")
+        yield reshape_and_cache_sample(device, dtype, kv="fp8", layout="vllm",
+                                       name="reshape_and_cache fp8 vllm")
+    elif op == "reshape_and_cache_with_pertoken_quant":
+        yield pertoken_sample(device, dtype, torch.int8, name="pertoken int8 asm")
+    else:
+        raise ValueError(f"no samples for {op}")

@@ -1,0 +1,114 @@
+"""Flash attention as a PyTorch op (DESIGN §3.3, §4): torch.library.opcheck of the forward and
+the backward on every sample, torch.compile of a module calling flash_attn_func, and the bad
+input matrix (each a RuntimeError naming the argument; out-of-range offsets clamped on CUDA)."""
+import os
+
+import pytest
+import torch
+
+from attnkit import flash_attn_func
+from samples.flash import BWD, DEVICES, FWD, HAS_CUDA, sample_inputs
+
+LOG_MORE = os.environ.get("ATTNKIT_LOG_MORE") == "1"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for s in sample_inputs(device, requires_grad=True):
+        torch.library.opcheck(FWD, s.args, s.kwargs)
+        out, lse = FWD(*s.args, **s.kwargs)
+        bwd_args = ((torch.randn_like(out),) + tuple(a.detach() for a in s.args)
+                    + (out.detach(), lse))
+        torch.library.opcheck(BWD, bwd_args, s.kwargs)
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, dim=64, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.hd)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.hd)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        return flash_attn_func(q, k, v, causal=True, window_size=(8, -1)).flatten(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    torch._dynamo.reset()
+    m = TinyAttention().to(device)
+    x = torch.randn(2, 24, 64, device=device, requires_grad=True)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    (gx,) = torch.autograd.grad(compiled.sum(), x)
+    (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+def bad_cases(device):
+    f32 = dict(device=device, dtype=torch.float32)
+    q, k = torch.randn(1, 8, 4, 32, **f32), torch.randn(1, 8, 2, 32, **f32)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=device)
+    qv, kv_ = torch.randn(8, 4, 32, **f32), torch.randn(8, 2, 32, **f32)
+    yield "q", lambda: FWD(q.to(torch.int32), k, k)
+    yield "k", lambda: FWD(q, k.double(), k)
+    yield "k", lambda: FWD(q, torch.randn(1, 8, 3, 32, **f32), torch.randn(1, 8, 3, 32, **f32))
+    yield "q", lambda: FWD(q[0], k, k)
+    yield "k", lambda: FWD(q, k[0], k)
+    yield "v", lambda: FWD(q, k, torch.randn(1, 9, 2, 32, **f32))
+    yield "k", lambda: FWD(q, torch.randn(1, 8, 2, 16, **f32), torch.randn(1, 8, 2, 16, **f32))
+    yield "k", lambda: FWD(q, torch.randn(2, 8, 2, 32, **f32), torch.randn(2, 8, 2, 32, **f32))
+    yield "q", lambda: FWD(torch.randn(1, 8, 4, 300, **f32), torch.randn(1, 8, 2, 300, **f32),
+                           torch.randn(1, 8, 2, 300, **f32))
+    yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, -1.0)
+    yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu)
+    yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
+    yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])
+    yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.view(1, 3), cu_seqlens_k=cu)
+    yield "dropout_p", lambda: flash_attn_func(q, k, k, dropout_p=0.1)
+    yield "grad_out", lambda: BWD(q[:, :4], q, k, k, q, torch.zeros(1, 4, 8, **f32))
+    yield "lse", lambda: BWD(q, q, k, k, q, torch.zeros(1, 4, 9, **f32))
+    yield "lse", lambda: BWD(q, q, k, k, q, torch.zeros(1, 4, 8, device=device, dtype=torch.float64))
+    if device == "cpu":
+        # Offsets' values are validated on the CPU; CUDA clamps them (no host sync).
+        bad = torch.tensor([0, 6, 4], dtype=torch.int32)
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=bad, cu_seqlens_k=cu)
+        big = torch.tensor([0, 4, 9], dtype=torch.int32)
+        yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=big)
+        neg = torch.tensor([-1, 4, 8], dtype=torch.int32)
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=neg, cu_seqlens_k=cu)
+    if HAS_CUDA:
+        other = "cpu" if device == "cuda" else "cuda"
+        yield "k", lambda: FWD(q, k.to(other), k.to(other))
+        yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.to(other), cu_seqlens_k=cu)
+    if device == "cuda":
+        yield "q", lambda: FWD(q.double(), k.double(), k.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    for i, (name, call) in enumerate(bad_cases(device)):
+        with pytest.raises(RuntimeError, match=name) as e:
+            call()
+        if LOG_MORE:
+            print(i, e.value)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA clamping of bad offsets needs a GPU")
+@pytest.mark.parametrize("dtype,D,T", [(torch.float32, 32, 8), (torch.bfloat16, 64, 300),
+                                       (torch.bfloat16, 128, 300)],
+                         ids=["float32-D32", "bfloat16-D64", "bfloat16-D128"])
+def test_cuda_bad_offsets_are_clamped(dtype, D, T):
+    """Offsets out of range on CUDA cannot be checked without a host sync: they are clamped, so
+    the call must not fault (compute-sanitizer checks the accesses). The 16-bit cases take the
+    tensor-core kernels (the wgmma forward and backward on sm_90a) over several tiles."""
+    qv = torch.randn(T, 4, D, device="cuda", dtype=dtype)
+    kv_ = torch.randn(T, 2, D, device="cuda", dtype=dtype)
+    for bad in ([0, 100 * T, 4], [-5, 4, 1 << 30], [T - 1, 3, T], [0, T + 200, -1 << 30]):
+        cu = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        out, lse = FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T)
+        BWD(torch.randn_like(out), qv, kv_, kv_, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.cuda.synchronize()

@@ -1,0 +1,132 @@
+"""The paged family's op contracts (DESIGN §3.2, §4): torch.library.opcheck on the sample inputs,
+the bad-input matrices (each a clear RuntimeError naming the argument), device mixes and block ids
+outside the caches on the CPU."""
+import pytest
+import torch
+
+from samples.paged import (CUDA, DEVICES, make_caches, make_tables, pa_fwd_sample, run_v1,
+                           sample_inputs, v1_args, v1_sample)
+
+# opcheck (schema, fake tensor, autograd registration, aot dispatch) takes ~0.5 s a call on the
+# CPU: the samples that reach every argument of each op (the 2-core CI budget).
+OPCHECK_SAMPLES = {
+    "paged_attention_v1": ["v1 alibi softcap window"],
+    "pa_fwd": ["pa_fwd gqa4", "pa_fwd gqa1 out=", "pa_fwd gqa8 qo_indptr"],
+    "reshape_and_cache": ["reshape_and_cache asm"],
+    "reshape_and_cache_with_pertoken_quant": ["pertoken int8 asm"],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(OPCHECK_SAMPLES))
+def test_opcheck(device, op):
+    samples = [s for s in sample_inputs(device, op, torch.float16) if s.name in OPCHECK_SAMPLES[op]]
+    assert len(samples) == len(OPCHECK_SAMPLES[op]), "a sample named in OPCHECK_SAMPLES is gone"
+    for s in samples:
+        torch.library.opcheck(getattr(torch.ops.attnkit, op).default, s.args, s.kwargs)
+
+
+def test_out_of_range_block_ids_cpu_raise():
+    kc, vc = make_caches(8, 2, 64, 16, torch.float32, "vllm", "cpu")
+    bt, lens = make_tables([40], 16, 8, "cpu")
+    q = torch.randn(1, 4, 64)
+    for bad in (8, -1, 1 << 30):
+        bt[0, 1] = bad
+        with pytest.raises(RuntimeError, match="block_tables"):
+            run_v1(v1_args(q, kc, vc, 2, 0.1, bt, lens))
+
+
+V1_NAMES = ["out", "query", "key_cache", "value_cache", "num_kv_heads", "scale", "block_tables",
+            "seq_lens", "block_size", "max_seq_len", "alibi_slopes", "kv_cache_dtype", "k_scale",
+            "v_scale"]
+
+
+def v1_bad_args(device):
+    s = v1_sample(device, torch.float32, heads=(8, 2), head_size=64, lengths=(20, 3), num_blocks=16)
+    return dict(zip(V1_NAMES, s.args))
+
+
+V1_BAD = [
+    ("query", lambda a: a.update(query=a["query"].double(), out=a["out"].double())),
+    ("out", lambda a: a.update(out=a["out"].half())),
+    ("query", lambda a: a.update(query=a["query"][0], out=a["out"][0])),
+    ("num_kv_heads", lambda a: a.update(num_kv_heads=3)),
+    ("key_cache", lambda a: a.update(key_cache=a["key_cache"][:, :1])),
+    ("value_cache", lambda a: a.update(value_cache=a["value_cache"][..., :8])),
+    ("key_cache", lambda a: a.update(key_cache=a["key_cache"].half())),
+    ("block_tables", lambda a: a.update(block_tables=a["block_tables"].long())),
+    ("seq_lens", lambda a: a.update(seq_lens=a["seq_lens"][:1])),
+    ("block_size", lambda a: a.update(block_size=12)),
+    ("max_seq_len", lambda a: a.update(max_seq_len=-1)),
+    ("kv_cache_dtype", lambda a: a.update(kv_cache_dtype="int4")),
+    ("alibi_slopes", lambda a: a.update(alibi_slopes=torch.ones(3, device=a["query"].device))),
+    ("k_scale", lambda a: a.update(k_scale=a["k_scale"].double())),
+    ("seq_lens", lambda a: a["seq_lens"].fill_(-3) if a["query"].is_cpu else a.update(seq_lens=a["seq_lens"].long())),
+    ("block_tables", lambda a: a["block_tables"].fill_(99) if a["query"].is_cpu else a.update(block_tables=a["block_tables"][0])),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate", V1_BAD, ids=[f"{n}{i}" for i, (n, _) in enumerate(V1_BAD)])
+def test_paged_attention_v1_bad_inputs(device, name, mutate):
+    a = v1_bad_args(device)
+    mutate(a)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.attnkit.paged_attention_v1(*a.values())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_paged_attention_v1_device_mix():
+    a = v1_bad_args("cuda")
+    a["block_tables"] = a["block_tables"].cpu()
+    with pytest.raises(RuntimeError, match="block_tables"):
+        torch.ops.attnkit.paged_attention_v1(*a.values())
+
+
+PA_NAMES = ["Q", "K", "V", "block_tables", "context_lens", "block_tables_stride0", "max_qlen",
+            "K_QScale", "V_QScale", "out", "qo_indptr"]
+
+PA_BAD = [
+    ("Q", lambda a: a.update(Q=a["Q"].float())),
+    ("Q", lambda a: a.update(Q=a["Q"][..., :64])),
+    ("GQA ratio", lambda a: a.update(Q=torch.randn(2, 64, 128, device=a["Q"].device, dtype=a["Q"].dtype))),
+    ("K", lambda a: a.update(K=a["K"][:, :, :, :8])),
+    ("K_QScale", lambda a: a.update(K=a["K"].to(torch.int8), V=a["V"].to(torch.int8))),
+    ("block_tables_stride0", lambda a: a.update(block_tables_stride0=999)),
+    ("qo_indptr", lambda a: a.update(max_qlen=2)),
+    ("max_qlen", lambda a: a.update(max_qlen=0)),
+    ("context_lens", lambda a: a.update(context_lens=a["context_lens"].float())),
+    ("out", lambda a: a.update(out=torch.empty(1, device=a["Q"].device, dtype=a["Q"].dtype))),
+    ("context_lens", lambda a: a["context_lens"].fill_(10**6) if a["Q"].is_cpu else a.update(context_lens=a["context_lens"][:1])),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate", PA_BAD, ids=[f"{n}{i}" for i, (n, _) in enumerate(PA_BAD)])
+def test_pa_fwd_bad_inputs(device, name, mutate):
+    a = dict(zip(PA_NAMES, pa_fwd_sample(device, torch.bfloat16, heads=(8, 2), lengths=(20, 3)).args))
+    mutate(a)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.attnkit.pa_fwd(*a.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_bad_inputs(device):
+    kc, vc = make_caches(4, 2, 64, 16, torch.float16, "vllm", device)
+    key = torch.randn(3, 2, 64, device=device, dtype=torch.float16)
+    slots = torch.tensor([0, 1, 2], device=device)
+    cases = [
+        ("key", dict(key=key.float())),
+        ("value", dict(value=key[:2])),
+        ("slot_mapping", dict(slots=slots.float())),
+        ("slot_mapping", dict(slots=slots[:2])),
+        ("key_cache", dict(kc=kc[:, :1])),
+        ("kv_cache_dtype", dict(kv="bogus")),
+    ]
+    if device == "cpu":
+        cases.append(("slot_mapping", dict(slots=torch.tensor([0, 64, 1]))))
+    for name, kw in cases:
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.attnkit.reshape_and_cache(kw.get("key", key), kw.get("value", key), kw.get("kc", kc), vc,
+                                                kw.get("slots", slots), kw.get("kv", "auto"),
+                                                torch.ones(1, device=device), torch.ones(1, device=device))

@@ -1,0 +1,112 @@
+"""The paged cache writers (DESIGN §3.2): reshape_and_cache into both value layouts, plain or fp8,
+and the per-token quantising writer, byte for byte against the reference; what they write read
+back by the decode ops; calls with nothing to do."""
+import math
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from attnkit.testing import assert_close
+from conftest import poison_allocator
+from samples.paged import (DEVICES, DTYPES, FP8_KINDS, HALF_DTYPES, LAYOUTS, cache_x, dtype_id,
+                           make_caches, pa_fwd_args, pa_fwd_reference, pertoken_sample,
+                           reshape_and_cache_reference, reshape_and_cache_sample, run_pa_fwd,
+                           run_v1, v1_args, written_sequence)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kv", ["auto"] + FP8_KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_reshape_and_cache(device, dtype, kv, layout, block_size):
+    """Bytes equal to the reference's; then a round trip: the sequence made of the block written
+    whole and the one written in part, read back by paged_attention_v1, gives the attention over
+    the written tokens computed densely from key / value as the cache stores them (rounded to its
+    dtype, or quantised to fp8 and scaled back)."""
+    if layout == "asm" and block_size % cache_x(dtype if kv == "auto" else torch.uint8):
+        pytest.skip("ASM layout needs block_size % x == 0")
+    s = reshape_and_cache_sample(device, dtype, kv=kv, layout=layout, block_size=block_size)
+    key, value, kc, vc, slots, _, ks, vs = s.args
+    ek, ev = reshape_and_cache_reference(s)
+    attnkit.reshape_and_cache(*s.args)
+    assert torch.equal(kc.view(torch.uint8), ek.view(torch.uint8)), "key cache bytes"
+    assert torch.equal(vc.view(torch.uint8), ev.view(torch.uint8)), "value cache bytes"
+
+    row, length, order = written_sequence(slots, block_size)
+    hkv, d = key.shape[1:]
+    bt = torch.tensor([row], dtype=torch.int32, device=device)
+    lens = torch.tensor([length], dtype=torch.int32, device=device)
+    q = torch.randn(1, hkv, d, device=device, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    out = run_v1(v1_args(q, kc, vc, hkv, scale, bt, lens, kv_cache_dtype=kv, k_scale=ks, v_scale=vs))
+
+    def stored(x, sc):
+        if kv == "auto":
+            return x.float()
+        codes = ref.quantize_to_cache(x.float(), torch.uint8, 1.0 / float(sc), kv)
+        return ref.paged_cache_values(codes, kv) * float(sc)
+    k, v = stored(key[order], ks), stored(value[order], vs)           # [L, Hkv, D] in position order
+    p = torch.softmax(scale * torch.einsum("hd,lhd->hl", q[0].float(), k), dim=-1)
+    assert_close(out, torch.einsum("hl,lhd->hd", p, v)[None], dtype, "read back")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pertoken_quant_writer(device, dtype, qdtype, layout):
+    s = pertoken_sample(device, dtype, qdtype, layout=layout)
+    key, value, kc, vc, ksc, vsc, slots = s.args
+    expect = ref.reshape_and_cache_pertoken_ref(*s.args)
+    attnkit.reshape_and_cache_with_pertoken_quant(*s.args, asm_layout=layout == "asm")
+    for got, exp in zip((kc, vc, ksc, vsc), expect):
+        assert torch.equal(got.view(torch.uint8), exp.view(torch.uint8))
+    if layout == "asm":  # pa_fwd reads what the writer wrote (every block as one sequence)
+        nb, bs = kc.shape[0], kc.shape[3]
+        bt = torch.arange(nb, dtype=torch.int32, device=device)[None]
+        lens = torch.full((1,), nb * bs, dtype=torch.int32, device=device)
+        q = torch.randn(1, key.shape[1] * 4, key.shape[2], device=device, dtype=dtype)
+        r = pa_fwd_args(q, kc, vc, bt, lens, 1, ksc, vsc)
+        poison_allocator(device)
+        assert_close(run_pa_fwd(r), pa_fwd_reference(r), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    """No sequence, no token, no query row: outputs of the right (empty) shape; sequences of
+    length 0 and rows outside every sequence are zeros (written, not left NaN); nothing is
+    written to any cache."""
+    dtype, hq, hkv, d, bs = torch.float16, 4, 2, 128, 16
+    kc, vc = make_caches(4, hkv, d, bs, dtype, "asm", device)
+    k8 = torch.randint(-127, 128, (4, hkv, d // 16, bs, 16), dtype=torch.int8, device=device)
+    v8 = torch.randint(-127, 128, (4, hkv, bs // 16, d, 16), dtype=torch.int8, device=device)
+    ks8, vs8 = torch.rand(4, hkv, bs, device=device), torch.rand(4, hkv, bs, device=device)
+    before = [t.clone() for t in (kc, vc, k8, v8, ks8, vs8)]
+    i32 = dict(dtype=torch.int32, device=device)
+
+    q0 = torch.randn(0, hq, d, device=device, dtype=dtype)
+    bt0, lens0 = torch.zeros(0, 2, **i32), torch.zeros(0, **i32)
+    assert run_v1(v1_args(q0, kc, vc, hkv, 0.1, bt0, lens0)).shape == (0, hq, d)
+    poison_allocator(device)
+    res = attnkit.pa_fwd(q0, kc, vc, bt0, lens0, bt0.stride(0))
+    assert res.shape == (0, hq, d) and res.dtype == dtype
+
+    q = torch.randn(3, hq, d, device=device, dtype=dtype)
+    bt, lens = torch.zeros(3, 2, **i32), torch.zeros(3, **i32)
+    assert (run_v1(v1_args(q, kc, vc, hkv, 0.1, bt, lens)) == 0).all(), "length 0: zeros"
+    poison_allocator(device)
+    assert (attnkit.pa_fwd(q, kc, vc, bt, lens, bt.stride(0)) == 0).all(), "length 0: zeros"
+    qo = torch.zeros(4, **i32)                  # three sequences of length 8, no query token
+    lens8 = torch.full((3,), 8, **i32)
+    out = attnkit.pa_fwd(q, kc, vc, bt, lens8, bt.stride(0), 2, qo_indptr=qo)
+    assert out.shape == q.shape and (out == 0).all(), "rows outside every sequence: zeros"
+
+    key0 = torch.randn(0, hkv, d, device=device, dtype=dtype)
+    attnkit.reshape_and_cache(key0, key0, kc, vc, torch.zeros(0, dtype=torch.long, device=device))
+    attnkit.reshape_and_cache_with_pertoken_quant(key0, key0, k8, v8, ks8, vs8,
+                                                  torch.zeros(0, dtype=torch.long, device=device))
+    for got, was in zip((kc, vc, k8, v8, ks8, vs8), before):
+        assert torch.equal(got, was), "a call with no token wrote to a cache"

@@ -1,0 +1,237 @@
+"""CUDA-only paged decode tests (DESIGN §3.2, §7): the tensor-core GQA decode path against the
+reference and the CUDA-core kernel (every test runs each kernel path of samples.paged.PATHS on the
+same inputs), forced split counts, block ids outside the caches (masked, never dereferenced:
+compute-sanitizer runs these), and a decode step captured in a CUDA graph."""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from attnkit.testing import assert_close
+from conftest import poison_allocator
+from samples.paged import (CUDA, HALF_DTYPES, LAYOUTS, PATHS, dtype_id, make_caches, make_tables,
+                           pa_fwd_args, pa_fwd_reference, pa_fwd_sample, run_pa_fwd, run_v1,
+                           set_kernel_path, set_token, token_slot, v1_args, v1_reference,
+                           v1_sample)
+
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+MMA_GQA = [1, 2, 4, 8, 16]   # 1: the tensor-core path only with bulk loads
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_paths(monkeypatch, path, gqa, head_size, block_size, layout):
+    set_kernel_path(monkeypatch, path)
+    dtype, hkv = torch.bfloat16, 2
+    lengths = [0, 1, 2, 15, 16, 17, block_size * 7 + 3, 301, 1000, 5000]   # 5000: 20 splits
+    nb = 4096   # room for disjoint tables: the poisoned tails below belong to one sequence only
+    s = v1_sample("cuda", dtype, heads=(gqa * hkv, hkv), head_size=head_size, block_size=block_size,
+                  layout=layout, lengths=lengths, num_blocks=nb)
+    _, _, kc, vc, _, _, bt, *_ = s.args
+    # Poison the tokens past each length in their last block: they must never be multiplied in.
+    for b, L in enumerate(lengths):
+        for pos in range(L, -(-L // block_size) * block_size):
+            blk, t = token_slot(bt, b, pos, block_size)
+            set_token(kc, vc, blk, t, k=float("nan"), v=float("nan"))
+    out = run_v1(s)
+    assert_close(out, v1_reference(s), dtype)
+    assert (out[0] == 0).all(), "a zero-length sequence must give zeros"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("feature", ["alibi", "softcap", "window", "all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_paths_features(monkeypatch, path, dtype, gqa, feature, layout):
+    set_kernel_path(monkeypatch, path)
+    hkv = 2
+    s = v1_sample("cuda", dtype, heads=(gqa * hkv, hkv), head_size=128, layout=layout,
+                  lengths=[50, 1, 0, 129, 2000, 777, 4099], num_blocks=1024, scale=0.3,
+                  query_std=2.0, alibi=(0.0, 0.1) if feature in ("alibi", "all") else None,
+                  softcap=3.0 if feature in ("softcap", "all") else 0.0,
+                  window={"window": 40, "all": 333}.get(feature, -1))
+    assert_close(run_v1(s), v1_reference(s), dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_gqa_paths_bad_block_ids(monkeypatch, path, gqa, layout, block_size):
+    """Block ids outside [0, num_blocks) mask their tokens and are never read (sanitizer)."""
+    set_kernel_path(monkeypatch, path)
+    dtype, hkv, d, nb = torch.bfloat16, 2, 128, 16
+    L = 3 * block_size
+    kc, vc = make_caches(nb, hkv, d, block_size, dtype, layout, "cuda")
+    bt, lens = make_tables([L, L, L], block_size, nb, "cuda", extra_cols=0)
+    good = bt.clone()
+    bt[0, 1] = nb
+    bt[1, 1] = -7
+    bt[2, 1] = 2**31 - 1
+    q = torch.randn(3, gqa * hkv, d, device="cuda", dtype=dtype)
+    out = run_v1(v1_args(q, kc, vc, hkv, 0.1, bt, lens))
+    # Attention is order-free without ALiBi/window: the masked block is simply absent.
+    kept = torch.stack([good[:, 0], good[:, 2]], 1).contiguous()
+    assert_close(out, v1_reference(v1_args(q, kc, vc, hkv, 0.1, kept, lens - block_size)), dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paged_gqa_paths_strided_and_aliased(monkeypatch, path):
+    """Block stride 0, strided query/out, a length hint below the real length (splits walk
+    several partitions), a long context, both ops."""
+    set_kernel_path(monkeypatch, path)
+    hq, hkv, d, bs, dtype = 16, 2, 128, 16, torch.bfloat16
+    kb, vb = make_caches(1, hkv, d, bs, dtype, "asm", "cuda")
+    nb = 8192
+    kc = kb.expand(nb, *kb.shape[1:])
+    vc = vb.expand(nb, *vb.shape[1:])
+    lengths = [5, 3000, 32768]
+    bt, lens = make_tables(lengths, bs, nb, "cuda")
+    query = torch.randn(len(lengths), hq, 2 * d, device="cuda", dtype=dtype)[:, :, ::2]
+    out_big = torch.full((len(lengths), 2 * hq, d), float("nan"), device="cuda", dtype=dtype)
+    s = v1_args(query, kc, vc, hkv, 0.1, bt, lens, max_seq_len=256, out=out_big[:, ::2])
+    assert_close(run_v1(s), v1_reference(s), dtype)
+    assert torch.isnan(out_big[:, 1::2]).all(), "rows outside the out view were written"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gqa", MMA_GQA)
+@pytest.mark.parametrize("indptr", [False, True])
+def test_pa_fwd_gqa_paths(monkeypatch, path, dtype, gqa, indptr):
+    set_kernel_path(monkeypatch, path)
+    hkv = 2
+    lengths = [17, 0, 64, 5, 1111, 4097, 1]
+    s = pa_fwd_sample("cuda", dtype, heads=(gqa * hkv, hkv), lengths=lengths)
+    q, kc, vc, bt, lens = s.args[:5]
+    if indptr:   # max_qlen = 1 with qo_indptr: one or zero query rows per sequence
+        qlens = [random.randint(0, 1) for _ in lengths]
+        qo = torch.tensor([0] + qlens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+        q = torch.randn(int(qo[-1]) + 1, gqa * hkv, 128, device="cuda", dtype=dtype)
+        s = pa_fwd_args(q, kc, vc, bt, lens, 1, qo_indptr=qo)
+    poison_allocator("cuda")
+    out = run_pa_fwd(s)
+    assert_close(out, pa_fwd_reference(s), dtype, "pa_fwd")
+    if not indptr:
+        b = run_v1(v1_args(q, kc, vc, hkv, 1.0 / math.sqrt(128), bt, lens))
+        assert_close(out, b.float(), dtype, "pa_fwd vs paged_attention_v1")
+
+
+_FORCED_SPLITS_SCRIPT = """
+import sys, torch
+from attnkit.testing import assert_close
+sys.path.insert(0, {tests!r})
+from samples.paged import (make_caches, make_tables, pa_fwd_args, pa_fwd_reference, run_pa_fwd,
+                           run_v1, v1_args, v1_reference)
+torch.manual_seed({seed})
+hkv, hq, d, bs, dtype = 2, 8, 128, 16, torch.bfloat16
+lengths = [0, 1, 17, 301, 5000, 20000]
+for layout in ("vllm", "asm"):
+    kc, vc = make_caches(4096, hkv, d, bs, dtype, layout, "cuda")
+    bt, lens = make_tables(lengths, bs, 4096, "cuda")
+    q = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype)
+    for window in (-1, 333):
+        s = v1_args(q, kc, vc, hkv, 0.1, bt, lens, sliding_window=window)
+        assert_close(run_v1(s), v1_reference(s), dtype, layout + " window " + str(window))
+    if layout == "asm":
+        s = pa_fwd_args(q, kc, vc, bt, lens)
+        assert_close(run_pa_fwd(s), pa_fwd_reference(s), dtype, "pa_fwd")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("splits", [1, 3, 256])
+def test_paged_gqa_forced_splits(splits, seed):
+    """ATTNKIT_PAGED_SPLITS (read once per process, hence a subprocess) fixes the tensor-core
+    path's split count: one split walking every partition, a few walking many, one per partition."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATTNKIT_PAGED_SPLITS=str(splits), ATTNKIT_PAGED_SIMT="0",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    script = _FORCED_SPLITS_SCRIPT.format(tests=tests, seed=seed)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_of_range_block_ids_cuda_masked(layout):
+    """On CUDA a block id outside [0, num_blocks) masks its tokens and is never dereferenced
+    (compute-sanitizer runs this test)."""
+    dtype, hkv, hq, d, bs, nb = torch.bfloat16, 2, 8, 128, 16, 8
+    kc, vc = make_caches(nb, hkv, d, bs, dtype, layout, "cuda")
+    bt, lens = make_tables([40, 40, 40], bs, nb, "cuda", extra_cols=0)
+    good = bt.clone()
+    bt[0, 1] = nb
+    bt[1, 1] = -7
+    bt[2, 1] = 2**31 - 1
+    q = torch.randn(3, hq, d, device="cuda", dtype=dtype)
+    out = run_v1(v1_args(q, kc, vc, hkv, 0.1, bt, lens))
+    poison_allocator("cuda")
+    pa = run_pa_fwd(pa_fwd_args(q, kc, vc, bt, lens)) if layout == "asm" else None
+    # Attention is order-free without ALiBi/window: the masked block is simply absent.
+    kept = torch.stack([good[:, 0], good[:, 2]], 1).contiguous()
+    assert_close(out, v1_reference(v1_args(q, kc, vc, hkv, 0.1, kept, lens - bs)), dtype)
+    if pa is not None:
+        assert_close(pa, pa_fwd_reference(pa_fwd_args(q, kc, vc, kept, lens - bs)), dtype, "pa_fwd")
+    # Lengths beyond the table's capacity are clamped, slots out of range skipped.
+    lens2 = torch.tensor([10**6, 40, 40], dtype=torch.int32, device="cuda")
+    run_v1(v1_args(q, kc, vc, hkv, 0.1, good, lens2))
+    key = torch.randn(2, hkv, d, device="cuda", dtype=dtype)
+    attnkit.reshape_and_cache(key, key, kc, vc, torch.tensor([nb * bs, -5], device="cuda"))
+    torch.cuda.synchronize()
+
+
+def test_decode_step_in_cuda_graph():
+    """A decode step (cache write + both attention ops) captured once, replayed with new inputs:
+    nothing in it may synchronise with the host."""
+    dtype, hq, hkv, d, bs, nb = torch.bfloat16, 32, 8, 128, 16, 1100
+    lengths = [100, 4000, 1, 777]
+    kc, vc = make_caches(nb, hkv, d, bs, dtype, "asm", "cuda")
+    bt, lens = make_tables(lengths, bs, nb, "cuda", extra_cols=2)
+    q = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype)
+    knew = torch.randn(len(lengths), hkv, d, device="cuda", dtype=dtype)
+    slots = torch.zeros(len(lengths), dtype=torch.long, device="cuda")
+    out_v1 = torch.empty_like(q)
+    out_pa = torch.empty_like(q)
+    max_len = bt.shape[1] * bs
+
+    def step():
+        attnkit.reshape_and_cache(knew, knew, kc, vc, slots)
+        attnkit.paged_attention_v1(out_v1, q, kc, vc, hkv, 1 / math.sqrt(d), bt, lens, bs, max_len)
+        attnkit.pa_fwd(q, kc, vc, bt, lens, bt.stride(0), out_=out_pa)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for trial in range(3):
+        new_lens = [random.randint(0, (bt.shape[1] - 1) * bs) for _ in lengths]
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        knew.copy_(torch.randn_like(knew))
+        bt.copy_(torch.randperm(nb)[:bt.numel()].view(bt.shape).to(torch.int32))
+        slots.copy_(torch.tensor([int(bt[b, L // bs]) * bs + L % bs if L else -1
+                                  for b, L in enumerate(new_lens)], device="cuda"))
+        out_v1.fill_(float("nan"))
+        out_pa.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        # Each step writes one token just past each sequence's end (slot -1 for empty ones).
+        ek, ev = ref.reshape_and_cache_ref(knew, knew, kc, vc, slots)  # idempotent re-write
+        assert torch.equal(ek, kc) and torch.equal(ev, vc)
+        expect = ref.paged_attention_ref(q, kc, vc, bt, lens, 1 / math.sqrt(d))
+        assert_close(out_v1, expect, dtype, "paged_attention_v1")
+        assert_close(out_pa, expect, dtype, "pa_fwd")
