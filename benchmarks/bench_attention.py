@@ -28,7 +28,7 @@ from harness import add_common_args, plot, print_table, time_ms, verify, write_c
 
 import attnkit  # noqa: E402
 from attnkit.reference import attention_eager, flash_attn_ref  # noqa: E402
-from attnkit.testing import TOLERANCE  # noqa: E402
+from attnkit.testing import BENCH_TOLERANCE  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -122,7 +122,7 @@ def run_one(args, S, causal, window, dtype):
         ref_out = ref_fn()[0]
         if "bwd" in args.passes:
             ref_grads = torch.autograd.grad(ref_out, (q, k, v), g.to(ref_out.dtype))
-    tol = max(TOLERANCE[dtype], 2e-2 if dtype == torch.bfloat16 else 5e-3)
+    tol = BENCH_TOLERANCE[dtype]
     print(f"\nS={S} causal={causal} window={window} {str(dtype)[6:]}: verify against "
           f"{'the eager reference' if small else 'SDPA flash'}")
     rows = {p: {"seq_len": S, "pass": p} for p in args.passes}

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import harness
 import attnkit
 from attnkit.reference import gdpa_padded_ref, gdpa_ref
+from attnkit.testing import BENCH_TOLERANCE, TOLERANCE
 
 
 def lengths_for(B, max_len, sparsity, gen):
@@ -75,16 +76,16 @@ def main():
             out = attnkit.gdpa(qs, ks, vs, o_sub, o_sub, max_len, max_len, act, causal=args.causal)
             ref = gdpa_ref(qs, ks, vs, o_sub, o_sub, max_len, max_len, act, causal=args.causal)
             g = torch.randn_like(out)
-            ok &= harness.verify("attnkit fwd", out, ref, 1e-2)
+            ok &= harness.verify("attnkit fwd", out, ref, TOLERANCE[dt])
             for n, a, b in zip("qkv", torch.autograd.grad(out, (qs, ks, vs), g),
                                torch.autograd.grad(ref, (qs, ks, vs), g.float())):
-                ok &= harness.verify(f"attnkit d{n}", a, b, 1e-2)
+                ok &= harness.verify(f"attnkit d{n}", a, b, TOLERANCE[dt])
             dq_, dk_, dv_ = (t[:4].detach() for t in dense)
             sd = F.scaled_dot_product_attention(dq_, dk_, dv_, is_causal=args.causal)
             sref = torch.softmax((dq_.float() @ dk_.float().transpose(-1, -2)) / D ** 0.5 +
                                  (torch.full((max_len, max_len), float("-inf"), device=dev).triu(1)
                                   if args.causal else 0), -1) @ dv_.float()
-            ok &= harness.verify("sdpa (softmax ref)", sd, sref, 1e-2)
+            ok &= harness.verify("sdpa (softmax ref)", sd, sref, BENCH_TOLERANCE[dt])
 
             row = {"max_len": max_len, "sparsity": sparsity}
             fwd = {

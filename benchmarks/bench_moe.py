@@ -16,9 +16,9 @@ from harness import add_common_args, plot, print_table, time_ms, verify, write_c
 
 import attnkit  # noqa: E402
 from attnkit import reference as ref  # noqa: E402
+from attnkit.testing import COMPOSITE_TOLERANCE, TOLERANCE  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _ints(s):
@@ -101,7 +101,7 @@ def main(argv=None):
                 row["permute_vs_copy"] = row["permute_GBs"] / copy_gbs
             if "unpermute" in ops:
                 ok &= verify(f"moe_unpermute E={E} k={k}", attnkit.moe_unpermute(perm, rm, topw),
-                             ref.moe_unpermute_ref(perm, rm, topw), TOL[dtype])
+                             ref.moe_unpermute_ref(perm, rm, topw), TOLERANCE[dtype])
                 t = time_ms(lambda: attnkit.moe_unpermute(perm, rm, topw), dev, **kw)
                 row["unpermute_ms"] = t
                 row["unpermute_GBs"] = (n + T) * H * elem / t / 1e6
@@ -112,7 +112,7 @@ def main(argv=None):
                 flops = 2.0 * n * H * 2 * I
                 ours = attnkit.grouped_gemm(perm, w1, off)
                 ok &= verify(f"grouped_gemm E={E} k={k}", ours, ref.grouped_gemm_ref(perm, w1, off),
-                             TOL[dtype])
+                             TOLERANCE[dtype])
                 t = time_ms(lambda: attnkit.grouped_gemm(perm, w1, off), dev, **kw)
                 row["gemm_TFLOPs"] = flops / t / 1e9
                 on_gpu = dev.startswith("cuda")
@@ -134,7 +134,7 @@ def main(argv=None):
                 w2 = torch.randn(E, I, H, device=dev, dtype=dtype) / I ** 0.5
                 with torch.no_grad():
                     ok &= verify(f"moe block E={E} k={k}", attnkit.moe(x, gate, w1, w2, k),
-                                 ref.moe_ref(x, gate, w1, w2, k), 4 * TOL[dtype])
+                                 ref.moe_ref(x, gate, w1, w2, k), COMPOSITE_TOLERANCE[dtype])
                     t = time_ms(lambda: attnkit.moe(x, gate, w1, w2, k), dev, **kw)
                     row["block_ms"] = t
                     if not args.skip_eager:

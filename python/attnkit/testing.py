@@ -17,11 +17,15 @@ LSE_TOLERANCE = TOLERANCE[torch.float32]
 LSE_TOLERANCE_APPROX_TANH = 1e-3
 
 # Composite paths whose error is several roundings of the input dtype deep (the MoE block: gate,
-# two grouped GEMMs, SiLU-and-mul and a weighted sum, each rounded to bf16): measured 6e-3 (bf16
-# forward) and 2e-2 (bf16 weight gradients) against the fp32 reference; bounds with ~1.5x margin.
-COMPOSITE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 4e-3,
+# two grouped GEMMs, SiLU-and-mul and a weighted sum, each rounded to the input dtype). Measured
+# on the CPU against the fp32 reference over 1000 seeds of test_moe_block's configurations (4000
+# forwards, 14000 gradients per dtype), worst case: bf16 8.5e-3 forward (one token: a 32-element
+# output) and 1.9e-2 gradients (the router's); fp16 1.0e-3 and 2.9e-3, whence fp16's 2e-3 / 5e-3.
+# One token with k > 1 is no test configuration: its router gradient is a difference of
+# near-equal numbers whose 16-bit relative error has no bound (bf16: up to 6.8e-2).
+COMPOSITE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-3,
                        torch.bfloat16: 1e-2}
-COMPOSITE_GRAD_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 1e-2,
+COMPOSITE_GRAD_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 5e-3,
                             torch.bfloat16: 3e-2}
 
 # Benchmarks compare long reductions (16k keys, D = 128) whose rounding grows with the length, and

@@ -3,9 +3,8 @@ import torch
 
 from ..gdpa import GDPA_ACTIVATIONS, gdpa
 from ..reference import gdpa_ref
+from ..testing import TOLERANCE
 from . import Case
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _inputs(device, dtype, lengths, H=4, Hkv=2, D=64, requires_grad=False):
@@ -30,7 +29,7 @@ def cases(device):
                     f"gdpa_fwd {str(dtype)[6:]} {act}{' causal' if causal else ''}",
                     run=lambda a=args, k=kw: gdpa(*a, **k),
                     reference=lambda a=args, k=kw: gdpa_ref(*a, **k),
-                    tol=TOL[dtype], timed=(act == "fast_gelu" and dtype == dtypes[0]),
+                    tol=TOLERANCE[dtype], timed=(act == "fast_gelu" and dtype == dtypes[0]),
                 ))
         q, k, v, off, m = _inputs(device, dtype, lengths, requires_grad=True)
         g = torch.randn_like(q)
@@ -40,6 +39,6 @@ def cases(device):
             return torch.autograd.grad(o, (q, k, v), g.to(o.dtype))
 
         out.append(Case(f"gdpa_bwd {str(dtype)[6:]} fast_gelu", run=lambda b=bwd: b(gdpa),
-                        reference=lambda b=bwd: b(gdpa_ref), tol=TOL[dtype],
+                        reference=lambda b=bwd: b(gdpa_ref), tol=TOLERANCE[dtype],
                         timed=dtype == dtypes[0]))
     return out

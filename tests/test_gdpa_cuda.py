@@ -1,0 +1,261 @@
+"""GDPA's CUDA kernel paths (DESIGN §3.1, §4), each against reference.gdpa_ref: the tensor-core
+forwards and backwards on several tiles, the warp-specialised Hopper forward with its schedules,
+garbage offsets (compute-sanitizer runs these), determinism and CUDA-graph capture."""
+import os
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.reference import gdpa_ref
+from attnkit.testing import assert_close, rel_err
+from conftest import poison_allocator
+from samples.gdpa import (HALF_DTYPES, check_sample, deterministic_algorithms, dtype_id,
+                          gdpa_sample, jagged_inputs, offsets_of, rounding_sensitive_inputs,
+                          sample_inputs)
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# The warp-specialised forward needs an sm_90 device and a build with sm_90a code (setup.py's
+# ATTNKIT_CUDA_ARCHS, default "8.0;9.0a", the same variable at build and test time).
+ARCHS = os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";").split(";")
+HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0) and "9.0a" in ARCHS
+WS_READY = HOPPER
+WS_WHY = "the warp-specialised forward needs an sm_90 device and an sm_90a build"
+
+
+def check(dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, D=16, grads=True, qk_scale=0.5,
+          pre_scale=0.7, deterministic=False):
+    """One CUDA call on fresh jagged inputs (and its gradients) against the reference."""
+    inputs = jagged_inputs("cuda", dtype, q_lens, kv_lens, H, Hkv, D, requires_grad=grads)
+    s = gdpa_sample(f"lens {q_lens}/{kv_lens} H={H}/{Hkv} D={D}", inputs, act, causal,
+                    qk_scale=qk_scale, pre_scale=pre_scale)
+    check_sample(s, grads=grads, deterministic=deterministic)
+
+
+# The CUDA forwards: the default (on an sm_90 device with an sm_90a build, the warp-specialised
+# kernel for head dims 65..128 and the cp.async wgmma kernel below), the cp.async wgmma kernel
+# (ATTNKIT_GDPA_FWD_WS=0) and the mma.sync kernel (ATTNKIT_GDPA_WGMMA=0).
+FWD_PATHS = ["default", "wgmma_cp_async", "mma_sync"]
+
+
+def set_forward_path(monkeypatch, path):
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
+    if path == "wgmma_cp_async":
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "0")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", FWD_PATHS)
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, monkeypatch):
+    """The CUDA tensor-core forwards (FWD_PATHS) on several 128-row and 128-key tiles."""
+    set_forward_path(monkeypatch, path)
+    lens = [300, 129, 0, 1, 640, 127, 1000]
+    check(dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
+    check(dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", FWD_PATHS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+def test_cuda_forward_paths_samples(path, dtype, monkeypatch):
+    """Every forward path on the family's samples (GQA 1 / 4 / 8, cross attention, views, odd head
+    dims, uncovered rows), for a few activations."""
+    set_forward_path(monkeypatch, path)
+    for act in ("fast_gelu", "raw", "relu_square"):
+        for s in sample_inputs("cuda", dtype, act):
+            check_sample(s, grads=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", FWD_PATHS)
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+def test_cuda_forward_paths_round_p(path, D, dtype, monkeypatch):
+    """Every forward path rounds P to v's dtype before P·V, on several tiles: on inputs whose P·V
+    cancels down to that rounding (samples.gdpa.rounding_sensitive_inputs: every product and sum
+    exact in fp32), a kernel that skipped it misses by far more than the 16-bit bound."""
+    set_forward_path(monkeypatch, path)
+    inputs = rounding_sensitive_inputs("cuda", dtype, [300, 1, 0, 129, 513], H=8, Hkv=2, D=D)
+    check_sample(gdpa_sample(f"P rounded D={D}", inputs, "raw", False, qk_scale=0.5,
+                             pre_scale=1.0), grads=False)
+
+
+def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
+    """Jagged inputs whose every real sequence is followed by `gap` NaN key/value rows (a filler
+    sequence with no queries) and whose q has `gap` NaN rows past the last offset: a kernel that
+    lets a neighbour's keys or values reach P·V, or stores a row outside its sequence, gives NaN."""
+    ql, kl, poison_kv = [], [], []
+    for lq, lk in zip(q_lens, kv_lens):
+        ql += [lq, 0]
+        kl += [lk, gap]
+        poison_kv += [False] * lk + [True] * gap
+    mk = lambda T, h: torch.randn(T, h, D, device="cuda", dtype=dtype) * 0.5
+    q, k, v = mk(sum(ql) + gap, H), mk(sum(kl), Hkv), mk(sum(kl), Hkv)
+    bad = torch.tensor(poison_kv, device="cuda")
+    k[bad] = float("nan")
+    v[bad] = float("nan")
+    q[sum(ql):] = float("nan")
+    return q, k, v, offsets_of(ql, "cuda"), offsets_of(kl, "cuda"), max(ql), max(kl)
+
+
+def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_scale=0.7):
+    poison_allocator("cuda")
+    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    ref = gdpa_ref(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    assert out.dtype == q.dtype
+    assert_close(out, ref, q.dtype, f"{what} ({act}, causal={causal})")
+    assert (out[qo[-1]:] == 0).all(), f"{what}: rows past the last sequence must be 0"
+    return out
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("schedule", ["free", "pingpong", "single_loader", "grid"])
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, monkeypatch):
+    """The warp-specialised Hopper forward (fwd_ws.cuh), with its consumer warpgroups unscheduled
+    (ATTNKIT_GDPA_FWD_WS_PINGPONG=0) or taking turns (the default), V loaded by a thread of its own
+    (the default) or by the Q/K thread (ATTNKIT_GDPA_FWD_WS_SPLIT=0), on its
+    persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
+    makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
+    follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
+    last offset); lengths 0, 1, 77, 128, 129, 300, 1000, query and key lengths that differ, GQA 2;
+    D = 80 is the padded head dim (columns past D land as zeros)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_SPLIT", "0" if schedule == "single_loader" else "1")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
+    lens = [0, 1, 77, 128, 129, 300, 1000]
+    for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
+        for act in ["fast_gelu", "raw"]:
+            args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
+            out = check_forward(*args, act, causal, "poisoned jagged")
+            # Hints below the lengths: each work item strides over its sequence's query tiles.
+            small = attnkit.gdpa(*args[:5], 1, 1, act, 0.5, pre_scale=0.7, causal=causal)
+            assert torch.equal(out, small), "hints changed the result"
+    # Non-contiguous views the copy engine can address: q as [H, T, D] transposed, k and v as
+    # column slices of wider rows.
+    T = 700
+    qo = offsets_of([300, 0, 129, 271], "cuda")
+    ko = offsets_of([257, 3, 200, 240], "cuda")
+    q = (torch.randn(4, T, D, device="cuda", dtype=dtype) * 0.5).transpose(0, 1)
+    k = (torch.randn(T, 2, D + 64, device="cuda", dtype=dtype) * 0.5)[:, :, :D]
+    v = (torch.randn(T, 2, D + 32, device="cuda", dtype=dtype) * 0.5)[:, :, 16:16 + D]
+    check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
+    """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
+    bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=128)
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+        o = torch.tensor(off, device="cuda", dtype=torch.int64)
+        out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
+    """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
+    express, head dim 64) the default keeps the cp.async wgmma kernel with the same results, and
+    "require" says so."""
+    for D in (128, 64):
+        q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2,
+                                                D=D)
+        if D == 128:
+            k, v = k[:, :1].expand(-1, 2, -1), v[:, :1].expand(-1, 2, -1)  # head stride 0
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
+        check_forward(q, k, v, qo, ko, mq, mk, "fast_gelu", True, f"fallback D={D}")
+        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+        with pytest.raises(RuntimeError, match="ATTNKIT_GDPA_FWD_WS=require"):
+            attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic"])
+@pytest.mark.parametrize("act", ["fast_gelu", "silu"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backward_paths_multi_tile(path, act, dtype, causal, monkeypatch):
+    """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the sm_90a wgmma
+    kernel with fused atomic dQ (where the device has it), the same with the deterministic mma.sync
+    dQ kernel (torch.use_deterministic_algorithms), and the mma.sync pair forced by
+    ATTNKIT_GDPA_WGMMA_BWD=0. Empty and one-row sequences, query and key lengths that differ,
+    GQA, pre_scale != 1, padded head dims (80 -> 128)."""
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    det = path == "deterministic"
+    check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7,
+          deterministic=det)
+    check(dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000], H=2, Hkv=1, D=128,
+          qk_scale=0.3, pre_scale=1.3, deterministic=det)
+    check(dtype, act, causal, [200, 64], [130, 190], H=2, Hkv=2, D=80, deterministic=det)
+
+
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_garbage_offsets_stay_in_bounds(D):
+    """On CUDA offsets are not checked (that needs a host sync): any values are clamped into the
+    tensors, so garbage gives some finite result and never an out-of-bounds access
+    (compute-sanitizer runs this test). D = 128 takes the wgmma kernels on Hopper."""
+    q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=D)
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1]):
+        o = torch.tensor(off, device="cuda", dtype=torch.int64)
+        out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
+        dq, dk, dv = torch.ops.attnkit.gdpa_bwd(torch.randn_like(out), q, k, v, o, o, 64, 64,
+                                                "gelu", 1.0)
+        torch.cuda.synchronize()
+        for t in (out, dq, dk, dv):
+            assert torch.isfinite(t).all()
+
+
+def _same(a, b, name, deterministic):
+    """Bit-identical, except dQ of the default CUDA backward on Hopper (fp32 atomics over key
+    tiles: the order varies run to run, so a few elements may round to the neighbouring bf16
+    value); use_deterministic_algorithms(True) makes it exact too."""
+    if deterministic or name != "dq":
+        return torch.equal(a, b)
+    return rel_err(a, b) <= 1e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_deterministic_and_graph_capturable(deterministic):
+    with deterministic_algorithms(deterministic):
+        _deterministic_and_graph_capturable(deterministic)
+
+
+def _deterministic_and_graph_capturable(deterministic):
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [100, 7, 300], H=8, Hkv=2,
+                                            D=128)
+    g = torch.randn_like(q)
+    run = lambda: (attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True),
+                   *torch.ops.attnkit.gdpa_bwd(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0,
+                                               causal=True))
+    names = ("out", "dq", "dk", "dv")
+    first, second = run(), run()
+    for a, b, name in zip(first, second, names):
+        assert _same(a, b, name, deterministic), f"two runs differ ({name})"
+    # No host sync on the path: the step can be captured and replayed with new inputs.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b, name in zip(captured, run(), names):
+        assert _same(a, b, name, deterministic), f"graph replay differs from eager ({name})"
