@@ -191,9 +191,12 @@ def test_route_backward_matches_reference(device, name, T, E, k, opts):
     for loss, rloss in (((w * gw).sum(), (rw * gw).sum()), (aux, raux), (z, rz),
                         ((w * gw).sum() + 0.1 * aux + 1e-3 * z,
                          (rw * gw).sum() + 0.1 * raux + 1e-3 * rz)):
-        (g,) = torch.autograd.grad(loss, x)
-        (rg,) = torch.autograd.grad(rloss, xr)
-        assert rel_err(g, rg) <= 1e-5, rel_err(g, rg)
+        (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (rg,) = torch.autograd.grad(rloss, xr, retain_graph=True)
+        # k = E (aux is constant) and k = 1 renormalised (w = 1): the true gradient is 0 and
+        # both sides are rounding noise, so an absolute bound there.
+        err = (g.double() - rg.double()).norm().item()
+        assert rel_err(g, rg) <= 1e-5 or err <= 1e-6, (rel_err(g, rg), err)
 
 
 GRADCHECK_OPTS = [
