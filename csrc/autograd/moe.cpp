@@ -69,18 +69,19 @@ using Route4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 Route4 call_route(const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
                   const OptTensor& bias, int64_t n_group, int64_t topk_group, double scale,
                   bool return_losses) {
-  static auto op = op_handle<Route4(const at::Tensor&, int64_t, c10::string_view, bool,
-                                    const OptTensor&, int64_t, int64_t, double, bool)>(
-      "attnkit::moe_route");
+  static auto op =
+      op_handle<Route4(const at::Tensor&, int64_t, c10::string_view, bool, const OptTensor&,
+                       int64_t, int64_t, double, bool)>("attnkit::moe_route");
   return op.call(logits, k, scoring, renormalize, bias, n_group, topk_group, scale, return_losses);
 }
 
 at::Tensor call_route_bwd(const OptTensor& gw, const OptTensor& ga, const OptTensor& gz,
-                          const at::Tensor& logits, const at::Tensor& ids,
-                          c10::string_view scoring, bool renormalize, double scale) {
-  static auto op = op_handle<at::Tensor(const OptTensor&, const OptTensor&, const OptTensor&,
-                                        const at::Tensor&, const at::Tensor&, c10::string_view,
-                                        bool, double)>("attnkit::_moe_route_bwd");
+                          const at::Tensor& logits, const at::Tensor& ids, c10::string_view scoring,
+                          bool renormalize, double scale) {
+  static auto op =
+      op_handle<at::Tensor(const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                           const at::Tensor&, c10::string_view, bool, double)>(
+          "attnkit::_moe_route_bwd");
   return op.call(gw, ga, gz, logits, ids, scoring, renormalize, scale);
 }
 

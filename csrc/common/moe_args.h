@@ -53,7 +53,8 @@ inline RouteOptions check_route(const at::Tensor& logits, int64_t k, const std::
   ATTNKIT_CHECK(n_group >= 1 && E % n_group == 0, "n_group: expected >= 1 and dividing ",
                 "num_experts (", E, "), got ", n_group);
   ATTNKIT_CHECK(topk_group >= 1 && topk_group <= n_group,
-                "topk_group: expected 1 <= topk_group <= n_group (", n_group, "), got ", topk_group);
+                "topk_group: expected 1 <= topk_group <= n_group (", n_group, "), got ",
+                topk_group);
   ATTNKIT_CHECK(k <= topk_group * (E / n_group), "k: expected k <= topk_group * num_experts / ",
                 "n_group (", topk_group * (E / n_group), " experts in the kept groups), got ", k);
   ATTNKIT_CHECK(std::isfinite(scale), "routed_scaling_factor: expected a finite value, got ",

@@ -24,44 +24,6 @@ namespace {
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Experts ordered by logit (descending), lower expert id first on ties; the softmax is monotone
-// so this is the order of the probabilities, and the CUDA kernel uses the same rule.
-std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
-                                                        bool renormalize) {
-  check_topk_softmax(logits_in, k);
-  const auto logits = logits_in.contiguous().to(at::kFloat);
-  const int64_t T = logits.size(0), E = logits.size(1);
-  auto weights = at::empty({T, k}, logits.options());
-  auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-  const float* lp = logits.data_ptr<float>();
-  float* wp = weights.data_ptr<float>();
-  int32_t* ip = ids.data_ptr<int32_t>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> order(E);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* x = lp + t * E;
-      const float mx = *std::max_element(x, x + E);
-      float sum = 0.f;
-      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-        return x[a] > x[b] || (x[a] == x[b] && a < b);
-      });
-      float sel = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        const float p = std::exp(x[order[j]] - mx) / sum;
-        wp[t * k + j] = p;
-        ip[t * k + j] = order[j];
-        sel += p;
-      }
-      if (renormalize) {
-        for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= sel;
-      }
-    }
-  });
-  return {weights, ids};
-}
-
 // ---- moe_route ---------------------------------------------------------------------------------
 // One token row at a time, in A (fp32, fp64 for fp64 logits). The selection key of expert e is
 // its logit without a bias (the scores are monotone in it) and score + bias with one; NaN keys
@@ -122,8 +84,9 @@ void route_select(const A* bias, int64_t E, int64_t k, const RouteOptions& o, Ro
       r.gscore[g] = nan_to_neg_inf(bias && gs >= 2 ? b1 + b2 : b1);
     }
     std::iota(r.gorder.begin(), r.gorder.end(), 0);
-    std::partial_sort(r.gorder.begin(), r.gorder.begin() + o.topk_group, r.gorder.end(),
-                      [&](int64_t a, int64_t b) { return ranks_before(r.gscore[a], a, r.gscore[b], b); });
+    std::partial_sort(
+        r.gorder.begin(), r.gorder.begin() + o.topk_group, r.gorder.end(),
+        [&](int64_t a, int64_t b) { return ranks_before(r.gscore[a], a, r.gscore[b], b); });
     std::sort(r.gorder.begin(), r.gorder.begin() + o.topk_group);
     for (int64_t j = 0; j < o.topk_group; ++j) {
       for (int64_t e = r.gorder[j] * gs; e < (r.gorder[j] + 1) * gs; ++e) r.cand[n++] = e;
@@ -212,10 +175,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
     const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
     const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
     bool return_losses) {
-  const auto o = check_route(logits, k, std::string(scoring), renormalize, bias, n_group,
-                             topk_group, scale);
-  if (logits.scalar_type() == at::kDouble) return route_cpu<double>(logits, k, bias, o, return_losses);
+  const auto o =
+      check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
+  if (logits.scalar_type() == at::kDouble)
+    return route_cpu<double>(logits, k, bias, o, return_losses);
   return route_cpu<float>(logits, k, bias, o, return_losses);
+}
+
+// vLLM's topk_softmax: moe_route with softmax scoring and no bias or groups, in fp32.
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cpu(const at::Tensor& logits, int64_t k,
+                                                        bool renormalize) {
+  check_topk_softmax(logits, k);
+  RouteOptions o;
+  o.renormalize = renormalize;
+  auto r = route_cpu<float>(logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits, k,
+                            std::nullopt, o, false);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 // The gradient in logits of one row: ds (the gradient in the scores, from the weights and the

@@ -65,40 +65,20 @@ at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits_in, int64_t k,
-                                                         bool renormalize) {
-  check_topk_softmax(logits_in, k);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto logits = logits_in.contiguous();
-  const int64_t T = logits.size(0), E = logits.size(1);
-  ATTNKIT_CHECK(E <= INT32_MAX, "gating_logits: expected at most 2^31-1 experts, got ", E);
-  auto weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
-  auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-  if (T == 0) return {weights, ids};
-  ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "gating_logits", [&] {
-    launch_topk_softmax<scalar_t>(ptr<const scalar_t>(logits), T, int(E), int(k), renormalize,
-                                  ptr<float>(weights), ptr<int32_t>(ids), stream);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {weights, ids};
-}
-
 // Token rows (warps) per block of the routing kernels: as many as fit the default 48 KiB of
 // shared memory, at most kRouteMaxWarps.
 int route_warps(int64_t per_warp_bytes, int64_t E) {
-  ATTNKIT_CHECK(per_warp_bytes <= kRouteSmemBytes, "logits: expected fewer experts on CUDA (",
-                E, " experts need ", per_warp_bytes, " bytes of shared memory per token row, at most ",
+  ATTNKIT_CHECK(per_warp_bytes <= kRouteSmemBytes, "logits: expected fewer experts on CUDA (", E,
+                " experts need ", per_warp_bytes, " bytes of shared memory per token row, at most ",
                 kRouteSmemBytes, ")");
   return int(std::min<int64_t>(kRouteMaxWarps, kRouteSmemBytes / per_warp_bytes));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
-    const at::Tensor& logits_in, int64_t k, c10::string_view scoring, bool renormalize,
-    const std::optional<at::Tensor>& bias_in, int64_t n_group, int64_t topk_group, double scale,
-    bool return_losses) {
-  const auto o = check_route(logits_in, k, std::string(scoring), renormalize, bias_in, n_group,
-                             topk_group, scale);
+// moe_route's forward on checked arguments (also moe_topk_softmax's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_forward_cuda(
+    const at::Tensor& logits_in, int64_t k, const std::optional<at::Tensor>& bias_in,
+    const RouteOptions& o, bool return_losses) {
+  const int64_t n_group = o.n_group;
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto logits = logits_in.contiguous();
@@ -114,16 +94,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   ATTNKIT_CHECK(!return_losses || chunks <= 65535, "logits: expected at most ",
                 int64_t(65535) * kLossTokens, " tokens with return_losses on CUDA, got ", T);
   const auto bias = bias_in.has_value() && bias_in->defined()
-                        ? bias_in->to(acc.dtype()).contiguous() : at::Tensor();
+                        ? bias_in->to(acc.dtype()).contiguous()
+                        : at::Tensor();
   const auto stats = return_losses ? at::empty({T, 2}, acc) : at::Tensor();
   ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "logits", [&] {
     using A = acc_t<scalar_t>;
     const int warps = route_warps(route_smem_per_warp<A>(int(E), int(n_group)), E);
-    launch_route<scalar_t, A>(ptr<const scalar_t>(logits),
-                              bias.defined() ? ptr<const A>(bias) : nullptr, T, int(E), int(k),
-                              o.sigmoid, o.renormalize, int(o.n_group), int(o.topk_group),
-                              A(o.scale), ptr<A>(weights), ptr<int32_t>(ids),
-                              return_losses ? ptr<A>(stats) : nullptr, warps, stream);
+    launch_route<scalar_t, A>(
+        ptr<const scalar_t>(logits), bias.defined() ? ptr<const A>(bias) : nullptr, T, int(E),
+        int(k), o.sigmoid, o.renormalize, int(o.n_group), int(o.topk_group), A(o.scale),
+        ptr<A>(weights), ptr<int32_t>(ids), return_losses ? ptr<A>(stats) : nullptr, warps, stream);
     if (return_losses) {
       auto counts = at::zeros({E}, acc.dtype(at::kInt));
       auto p_part = at::empty({chunks, E}, acc);
@@ -138,13 +118,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   return {weights, ids, aux, z};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
+    const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+    bool return_losses) {
+  const auto o =
+      check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
+  return route_forward_cuda(logits, k, bias, o, return_losses);
+}
+
+// vLLM's topk_softmax: moe_route with softmax scoring and no bias or groups, in fp32.
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits, int64_t k,
+                                                         bool renormalize) {
+  check_topk_softmax(logits, k);
+  RouteOptions o;
+  o.renormalize = renormalize;
+  auto r = route_forward_cuda(logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits,
+                              k, std::nullopt, o, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
 // Gradients of the losses stay on the device (read by the kernel: no host sync); ids outside
 // [0, E) contribute nothing.
 at::Tensor moe_route_bwd_cuda(const std::optional<at::Tensor>& gw_in,
                               const std::optional<at::Tensor>& ga_in,
                               const std::optional<at::Tensor>& gz_in, const at::Tensor& logits_in,
-                              const at::Tensor& ids_in, c10::string_view scoring,
-                              bool renormalize, double scale) {
+                              const at::Tensor& ids_in, c10::string_view scoring, bool renormalize,
+                              double scale) {
   const auto o = check_route_bwd(gw_in, ga_in, gz_in, logits_in, ids_in, std::string(scoring),
                                  renormalize, scale);
   const c10::cuda::CUDAGuard guard(logits_in.device());

@@ -26,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_meta(
     const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
     bool return_losses) {
   check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
-  const auto acc = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble
-                                                                              : at::kFloat);
+  const auto acc =
+      logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const c10::SymInt T = logits.sym_size(0);
   auto loss = [&] { return return_losses ? at::empty({}, acc) : at::empty({0}, acc); };
   return {at::empty_symint({T, c10::SymInt(k)}, acc),

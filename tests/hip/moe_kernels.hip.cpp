@@ -9,8 +9,6 @@
 namespace attnkit {
 namespace moe {
 
-template void launch_topk_softmax<float>(const float*, int64_t, int, int, bool, float*, int32_t*, cudaStream_t);
-template void launch_topk_softmax<bf16_t>(const bf16_t*, int64_t, int, int, bool, float*, int32_t*, cudaStream_t);
 template void launch_route<bf16_t, float>(const bf16_t*, const float*, int64_t, int, int, bool, bool, int, int,
                                           float, float*, int32_t*, float*, int, cudaStream_t);
 template void launch_route<double, double>(const double*, const double*, int64_t, int, int, bool, bool, int, int,

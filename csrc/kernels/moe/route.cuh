@@ -24,9 +24,9 @@
 namespace attnkit {
 namespace moe {
 
-constexpr int kRouteMaxWarps = 4;       // token rows per block (one warp each)
+constexpr int kRouteMaxWarps = 4;          // token rows per block (one warp each)
 constexpr int kRouteSmemBytes = 48 << 10;  // default dynamic shared memory per block
-constexpr int kLossTokens = 256;        // tokens per loss partial
+constexpr int kLossTokens = 256;           // tokens per loss partial
 constexpr int kLossThreads = 256;
 
 template <typename A>
@@ -229,7 +229,8 @@ __global__ void route_loss_partial_kernel(const T* __restrict__ logits, const A*
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   const int e = blockIdx.x * kWarpSize + lane;
-  const int64_t c = blockIdx.y, t1 = (c + 1) * kLossTokens < tokens ? (c + 1) * kLossTokens : tokens;
+  const int64_t c = blockIdx.y,
+                t1 = (c + 1) * kLossTokens < tokens ? (c + 1) * kLossTokens : tokens;
   A acc = A(0), zacc = A(0);
   for (int64_t t = c * kLossTokens + warp; t < t1; t += warps) {
     const A lse = stats[2 * t], ssum = stats[2 * t + 1];
@@ -281,20 +282,22 @@ __global__ void route_loss_final_kernel(const A* __restrict__ p_part, const A* _
   }
 }
 
-inline int64_t route_loss_chunks(int64_t tokens) { return (tokens + kLossTokens - 1) / kLossTokens; }
+inline int64_t route_loss_chunks(int64_t tokens) {
+  return (tokens + kLossTokens - 1) / kLossTokens;
+}
 
 // Workspaces: counts [E] zeroed, p_part [chunks, E], z_part [chunks]; tokens >= 1.
 template <typename T, typename A>
-void launch_route_losses(const T* logits, const A* stats, const int32_t* ids, int64_t tokens,
-                         int E, int k, bool sigmoid, int32_t* counts, A* p_part, A* z_part,
-                         A* aux, A* z, cudaStream_t stream) {
+void launch_route_losses(const T* logits, const A* stats, const int32_t* ids, int64_t tokens, int E,
+                         int k, bool sigmoid, int32_t* counts, A* p_part, A* z_part, A* aux, A* z,
+                         cudaStream_t stream) {
   const int64_t chunks = route_loss_chunks(tokens);
   launch_route_count<int32_t>(ids, tokens * k, E, counts, stream);
   const dim3 grid((E + kWarpSize - 1) / kWarpSize, unsigned(chunks));
-  route_loss_partial_kernel<T, A><<<grid, kLossThreads, 0, stream>>>(logits, stats, tokens, E,
-                                                                      sigmoid, p_part, z_part);
-  route_loss_final_kernel<A><<<1, kLossThreads, 0, stream>>>(p_part, z_part, counts, chunks,
-                                                             tokens, E, k, aux, z);
+  route_loss_partial_kernel<T, A>
+      <<<grid, kLossThreads, 0, stream>>>(logits, stats, tokens, E, sigmoid, p_part, z_part);
+  route_loss_final_kernel<A>
+      <<<1, kLossThreads, 0, stream>>>(p_part, z_part, counts, chunks, tokens, E, k, aux, z);
 }
 
 // ---- backward: one warp per token row ----------------------------------------------------------
@@ -375,9 +378,8 @@ __global__ void route_bwd_kernel(const T* __restrict__ logits, const index_t* __
 // counts [E] must be zero on entry (filled here when grad_aux is given).
 template <typename T, typename A, typename index_t>
 void launch_route_bwd(const T* logits, const index_t* ids, const A* grad_w, const A* grad_aux,
-                      const A* grad_z, int32_t* counts, int64_t tokens, int E, int k,
-                      bool sigmoid, bool renormalize, A scale, T* grad_logits, int warps,
-                      cudaStream_t stream) {
+                      const A* grad_z, int32_t* counts, int64_t tokens, int E, int k, bool sigmoid,
+                      bool renormalize, A scale, T* grad_logits, int warps, cudaStream_t stream) {
   if (grad_aux != nullptr) launch_route_count<index_t>(ids, tokens * k, E, counts, stream);
   const int64_t blocks = (tokens + warps - 1) / warps;
   const size_t smem = size_t(warps) * size_t(E) * sizeof(A);
