@@ -77,7 +77,7 @@ def block_matches_single_process(rank, world, tokens, E, k, dtype, map_kind="def
     x_all = torch.randn(sum(tokens), H, dtype=dtype)
     g_all = torch.randn(sum(tokens), H, dtype=dtype)
     ep = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, process_group=dist.group.WORLD,
-                     expert_map=expert_map, **route).load_experts_from(dense)
+                     expert_map=expert_map, return_losses=True, **route).load_experts_from(dense)
     mine = _split(tokens, rank)
     x = x_all[mine].clone().requires_grad_(True)
     out = ep(x)
@@ -96,6 +96,10 @@ def block_matches_single_process(rank, world, tokens, E, k, dtype, map_kind="def
     gate = ep.gate.grad.clone()
     dist.all_reduce(gate)  # each rank holds its tokens' share of the router's gradient
     assert rel_err(gate, dense.gate.grad) <= tol
+    # The losses of this rank's tokens, as the single-process router computes them.
+    _, _, aux, z = attnkit.moe_route(x.detach() @ dense.gate.detach(), k, bias=bias,
+                                     return_losses=True, **route)
+    assert torch.equal(ep.aux_loss, aux) and torch.equal(ep.z_loss, z)
     if starve_last:
         _, ids = attnkit.moe_route(x_all @ dense.gate, k, bias=bias, **route)
         assert not (torch.tensor(ep.plan.expert_map)[ids.long()] == world - 1).any()

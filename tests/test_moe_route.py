@@ -318,6 +318,21 @@ def test_moe_block_routing_options(device, opts):
         assert rel_err(a, b) <= 1e-10
 
 
+def test_moe_block_returns_losses():
+    _seed()
+    T, H, I, E, k = 20, 16, 24, 8, 2
+    m = attnkit.MoE(H, I, E, k, dtype=torch.float64, scoring="sigmoid", return_losses=True)
+    x = torch.randn(T, H, dtype=torch.float64)
+    out = m(x)
+    _, _, aux, z = ref.moe_route_ref(x @ m.gate, k, scoring="sigmoid", renormalize=True,
+                                     return_losses=True)
+    assert rel_err(m.aux_loss, aux) <= 1e-12 and rel_err(m.z_loss, z) <= 1e-12
+    assert rel_err(out, ref.moe_ref(x, m.gate, m.w1, m.w2, k, scoring="sigmoid")) <= 1e-12
+    (g,) = torch.autograd.grad(m.aux_loss + m.z_loss, m.gate)
+    (rg,) = torch.autograd.grad(aux + z, m.gate)
+    assert rel_err(g, rg) <= 1e-10
+
+
 # ---- bad inputs --------------------------------------------------------------------------------
 def _bad_cases(device):
     f = dict(device=device)

@@ -107,7 +107,7 @@ def expert_load_balance(expert_loads: torch.Tensor, world_size: int) -> torch.Te
 
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, k: int,
-        renormalize: bool = True, **route) -> torch.Tensor:
+        renormalize: bool = True, return_losses: bool = False, **route):
     """MoE feed-forward: ``moe_route`` -> permute -> grouped GEMM -> silu_and_mul -> grouped
     GEMM -> unpermute.
 
@@ -117,15 +117,18 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
         route: :func:`moe_route`'s keyword options (scoring, bias, n_group, topk_group,
             routed_scaling_factor).
 
-    Returns ``[T, H]`` in x's dtype. Differentiable in x, gate_weight, w1 and w2 (the router
-    through moe_route's own backward).
+    Returns ``[T, H]`` in x's dtype, or with return_losses ``(out, aux_loss, z_loss)``
+    (moe_route's load-balancing and z losses). Differentiable in x, gate_weight, w1 and w2 (the
+    router through moe_route's own backward).
     """
     E = w1.shape[0]
-    weights, ids = moe_route(x @ gate_weight, k, renormalize=renormalize, **route)
+    weights, ids, *losses = moe_route(x @ gate_weight, k, renormalize=renormalize,
+                                      return_losses=return_losses, **route)
     permuted, offsets, row_map = moe_permute(x, ids, E)
     h = silu_and_mul(grouped_gemm(permuted, w1, offsets))
     y = grouped_gemm(h, w2, offsets)
-    return moe_unpermute(y, row_map, weights)
+    out = moe_unpermute(y, row_map, weights)
+    return (out, *losses) if return_losses else out
 
 
 class MoE(torch.nn.Module):
@@ -138,16 +141,21 @@ class MoE(torch.nn.Module):
     :func:`moe_combine`. Every rank must call forward (and backward) together. The output equals
     the single-process block with the same weights; the router's gradient is each rank's share
     (all-reduce it, as data parallelism does).
+
+    With ``return_losses=True`` each forward also leaves moe_route's ``aux_loss`` and ``z_loss``
+    (of this rank's tokens) in ``self.aux_loss`` / ``self.z_loss``, to add to the training loss.
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, k: int,
                  renormalize: bool = True, device=None, dtype: Optional[torch.dtype] = None, *,
                  scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
                  routed_scaling_factor: float = 1.0, bias: Optional[torch.Tensor] = None,
-                 process_group=None, expert_map=None):
+                 process_group=None, expert_map=None, return_losses: bool = False):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.k, self.renormalize, self.num_experts = k, renormalize, num_experts
+        self.return_losses = return_losses
+        self.aux_loss = self.z_loss = None
         self.route = dict(scoring=scoring, n_group=n_group, topk_group=topk_group,
                           routed_scaling_factor=routed_scaling_factor)
         self.register_buffer("bias", None if bias is None else bias.to(device))
@@ -183,13 +191,18 @@ class MoE(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.process_group is None:
-            out = moe(x2, self.gate, self.w1, self.w2, self.k, self.renormalize, bias=self.bias,
-                      **self.route)
+            out = moe(x2, self.gate, self.w1, self.w2, self.k, self.renormalize,
+                      return_losses=self.return_losses, bias=self.bias, **self.route)
+            if self.return_losses:
+                out, self.aux_loss, self.z_loss = out
             return out.reshape(shape)
         from .moe_ep import moe_combine, moe_dispatch
 
-        weights, ids = moe_route(x2 @ self.gate, self.k, renormalize=self.renormalize,
-                                 bias=self.bias, **self.route)
+        weights, ids, *losses = moe_route(x2 @ self.gate, self.k, renormalize=self.renormalize,
+                                          bias=self.bias, return_losses=self.return_losses,
+                                          **self.route)
+        if self.return_losses:
+            self.aux_loss, self.z_loss = losses
         tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan)
         y = tokens
         if self.w1.shape[0] > 0:
