@@ -1,12 +1,15 @@
 """Build of attnkit's op library (attnkit._C).
 
 CUDA sources are compiled whenever torch has CUDA and nvcc is found, also on a machine without a
-GPU; ATTNKIT_CUDA_ARCHS picks the targets (default "8.0;9.0a"); ATTNKIT_CPU_ONLY=1 skips CUDA.
+GPU. The targets come from scripts/cuda_archs.py (ATTNKIT_CUDA_ARCHS when set; else the visible
+GPU's architecture, or "9.0a" without a GPU; plus PTX a newer GPU can JIT, "8.0+PTX" next to
+9.0a); ATTNKIT_CPU_ONLY=1 skips CUDA.
 With a ROCm torch (torch.version.hip) the same sources go through torch's hipify and hipcc for
 PYTORCH_ROCM_ARCH / ATTNKIT_ROCM_ARCHS (default "gfx90a;gfx942"); see docs/rocm.md.
 Sources are found by folder (DESIGN §1), so a new family only adds files.
 """
 import glob
+import importlib.util
 import os
 
 import torch
@@ -15,6 +18,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
+
+
+def _cuda_archs_module():
+    # One place decides the default targets; scripts/setup.sh asks the same file (build stamp).
+    spec = importlib.util.spec_from_file_location("attnkit_cuda_archs", os.path.join(ROOT, "scripts", "cuda_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _sources(pattern):
@@ -47,7 +58,6 @@ def _extension():
             "attnkit._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True,
         )
-    archs = os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a")
     if torch.version.hip is not None:
         # ROCm torch: CUDAExtension runs torch's hipify over csrc/cuda/*.cu and the headers they
         # include, then compiles with hipcc for PYTORCH_ROCM_ARCH (docs/rocm.md). An explicit
@@ -59,14 +69,17 @@ def _extension():
     else:
         # torch's build helper reads TORCH_CUDA_ARCH_LIST; without it, on a machine with no GPU it
         # would compile for every architecture torch itself was built for.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
+        targets = _cuda_archs_module()
+        archs = targets.cuda_archs()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        print(f"attnkit: CUDA targets {archs}", flush=True)
         nvcc = [
             "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={os.environ.get('ATTNKIT_NVCC_THREADS', '2')}",
         ]
-        if "9.0a" in archs.replace(",", ";").split(";"):
+        if targets.has_sm90a(archs):
             # Host code may pick the Hopper-only (wgmma) kernels: kernels/common/wgmma.cuh.
             nvcc.append("-DATTNKIT_SM90A_TARGET")
     return CUDAExtension(

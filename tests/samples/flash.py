@@ -20,9 +20,10 @@ HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispa
     "attnkit::flash_attn_fwd", "CUDA")
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # The warp-specialised Hopper kernels need an sm_90 device and a build with sm_90a code
-# (setup.py's ATTNKIT_CUDA_ARCHS, default "8.0;9.0a", the same variable at build and test time).
+# (ATTNKIT_CUDA_ARCHS, the same variable at build and test time; unset, the build on a 9.0 device
+# names 9.0a: scripts/cuda_archs.py).
 HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "8.0;9.0a").replace(",", ";")
+          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "9.0a").replace(",", ";")
           .split(";"))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HALF_DTYPES = [torch.bfloat16, torch.float16]
