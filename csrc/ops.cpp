@@ -49,6 +49,13 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "moe_topk_softmax(Tensor gating_logits, int k, bool renormalize=False) -> "
       "(Tensor weights, Tensor ids)");
+  // Routing as DeepSeek-V3 / vLLM do it: softmax or sigmoid scores, a selection-only bias,
+  // grouped selection, optional fused load-balancing (aux) and z losses (0-dim when asked, shape
+  // [0] when not). weights fp32 (fp64 for fp64 logits), ids int32. Differentiable in logits.
+  m.def(
+      "moe_route(Tensor logits, int k, *, str scoring=\"softmax\", bool renormalize=False, "
+      "Tensor? bias=None, int n_group=1, int topk_group=1, float routed_scaling_factor=1.0, "
+      "bool return_losses=False) -> (Tensor weights, Tensor ids, Tensor aux_loss, Tensor z_loss)");
   m.def(
       "moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> "
       "(Tensor permuted, Tensor expert_offsets, Tensor row_map)");
@@ -56,9 +63,15 @@ TORCH_LIBRARY(attnkit, m) {
   m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
-  // Backward ops of moe_unpermute and grouped_gemm (first-class, with their own kernels).
+  // Backward ops of moe_unpermute, grouped_gemm and moe_route (first-class, own kernels).
   m.def(
       "_moe_unpermute_bwd(Tensor grad_out, Tensor permuted_out, Tensor row_map, "
       "Tensor topk_weights) -> (Tensor grad_permuted, Tensor grad_weights)");
   m.def("_grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor expert_offsets) -> Tensor");
+  // moe_route's backward: the gradient in logits of the returned weights and of the two losses
+  // (each gradient may be absent).
+  m.def(
+      "_moe_route_bwd(Tensor? grad_weights, Tensor? grad_aux_loss, Tensor? grad_z_loss, "
+      "Tensor logits, Tensor ids, str scoring, bool renormalize, float routed_scaling_factor) "
+      "-> Tensor");
 }

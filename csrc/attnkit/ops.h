@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -43,6 +44,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
 // ---- MoE routing (DESIGN §3.4) ----
 std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& gating_logits, int64_t k,
                                                     bool renormalize = false);
+// (weights, ids, aux_loss, z_loss); the losses are [0]-shaped unless return_losses.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    const at::Tensor& logits, int64_t k, const std::string& scoring = "softmax",
+    bool renormalize = false, const std::optional<at::Tensor>& bias = std::nullopt,
+    int64_t n_group = 1, int64_t topk_group = 1, double routed_scaling_factor = 1.0,
+    bool return_losses = false);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x,
                                                            const at::Tensor& topk_ids,
                                                            int64_t num_experts);

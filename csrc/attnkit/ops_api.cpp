@@ -81,6 +81,18 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(CT gating_logits, int64_t k,
   return op.call(gating_logits, k, renormalize);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    CT logits, int64_t k, const std::string& scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
+    double routed_scaling_factor, bool return_losses) {
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using OptT = const std::optional<at::Tensor>&;
+  static auto op = op_handle<R(CT, int64_t, c10::string_view, bool, OptT, int64_t, int64_t, double,
+                               bool)>("attnkit::moe_route");
+  return op.call(logits, k, scoring, renormalize, bias, n_group, topk_group,
+                 routed_scaling_factor, return_losses);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(CT x, CT topk_ids, int64_t num_experts) {
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(CT, CT, int64_t)>(
       "attnkit::moe_permute");

@@ -175,6 +175,68 @@ def moe_topk_softmax_ref(gating_logits, k, renormalize=False):
     return w, ids.to(torch.int32)
 
 
+def _ranked(key, kept=None):
+    """Column order of ``key`` [T, N]: larger first, lower index first on ties; with ``kept``
+    [T, N] bool, every kept column before every other one (two stable sorts)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    if kept is not None:
+        second = torch.sort(kept.gather(1, order).to(torch.int8), dim=-1, descending=True,
+                            stable=True).indices
+        order = order.gather(1, second)
+    return order
+
+
+def moe_route_ref(logits, k, scoring="softmax", renormalize=False, bias=None, n_group=1,
+                  topk_group=1, routed_scaling_factor=1.0, return_losses=False):
+    """moe_route in torch ops, fp32 (fp64 for fp64 logits), differentiable in logits.
+
+    vLLM's ``grouped_topk`` / DeepSeek-V3's ``Gate``: scores = softmax or sigmoid of the logits;
+    the selection key is the logit without a bias (the scores are monotone in it) and score + bias
+    with one (NaN keys rank as -inf); groups are scored by the sum of their two best keys with a
+    bias, their best key without; the topk_group best groups are kept, then the k best experts of
+    the kept groups, ties to the lower id (and the lower group). weights = scores at the ids,
+    divided by their sum when renormalize, times routed_scaling_factor.
+    Losses: aux = E * sum_e f_e P_e with f_e = count_e / (T k) and P_e the mean over tokens of the
+    softmax (sigmoid: scores / their sum over experts); z = mean_t logsumexp(logits_t)^2.
+    Returns (weights, ids int32) or, with return_losses, (weights, ids, aux, z).
+    """
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(cd)
+    T, E = x.shape
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    key = (scores + bias.to(cd)) if bias is not None else x
+    key = key.detach()
+    key = torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
+    kept = None
+    if n_group > 1:
+        g = key.view(T, n_group, E // n_group)
+        if bias is not None:
+            gscore = g.sort(dim=-1, descending=True).values[..., :2].sum(-1)
+        else:
+            gscore = g.max(dim=-1).values
+        gscore = torch.where(torch.isnan(gscore), torch.full_like(gscore, float("-inf")), gscore)
+        top_groups = _ranked(gscore)[:, :topk_group]
+        gkept = torch.zeros(T, n_group, dtype=torch.bool, device=x.device)
+        gkept.scatter_(1, top_groups, True)
+        kept = gkept.repeat_interleave(E // n_group, dim=1)
+    ids = _ranked(key, kept)[:, :k]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    w = w * routed_scaling_factor
+    ids = ids.to(torch.int32)
+    if not return_losses:
+        return w, ids
+    if T == 0:
+        zero = x.sum() * 0
+        return w, ids, zero, zero
+    probs = torch.softmax(x, dim=-1) if scoring == "softmax" else scores / scores.sum(-1, True)
+    f = torch.bincount(ids.flatten().long(), minlength=E).to(cd) / (T * k)
+    aux = E * (f * probs.mean(0)).sum()
+    z = torch.logsumexp(x, dim=-1).pow(2).mean()
+    return w, ids, aux, z
+
+
 def moe_permute_ref(x, topk_ids, num_experts):
     """Stable sort of (token, slot) pairs by (expert, token, slot); ids outside [0, E) dropped
     (row_map -1, zero rows at the end): the CUDA behaviour, the CPU kernel raises instead."""
@@ -237,15 +299,13 @@ def expert_load_balance_ref(expert_loads, world_size):
     return torch.tensor(out, dtype=torch.long, device=expert_loads.device)
 
 
-def moe_ref(x, gate_weight, w1, w2, k, renormalize=True):
-    """The MoE block as an eager loop over experts (torch autograd for gradients)."""
+def moe_ref(x, gate_weight, w1, w2, k, renormalize=True, **route):
+    """The MoE block as an eager loop over experts (torch autograd for gradients); ``route``
+    takes moe_route_ref's keyword options (scoring, bias, n_group, ...)."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = x @ gate_weight
-    probs = torch.softmax(logits.to(cd), dim=-1)
-    ids = torch.sort(logits.detach().float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    w = probs.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+    w, ids = moe_route_ref(x @ gate_weight, k, renormalize=renormalize, **route)
+    ids = ids.long()
+    w = w.to(cd)
     out = torch.zeros(x.shape, dtype=cd, device=x.device)
     for e in range(w1.shape[0]):
         tok, slot = torch.where(ids == e)
