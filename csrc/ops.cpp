@@ -31,6 +31,16 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor(b!) value_cache, Tensor(c!) k_dequant_scales, Tensor(d!) v_dequant_scales, "
       "Tensor slot_mapping) -> ()");
 
+  // ---- serving on NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention), §3.5 ----
+  m.def(
+      "reshape_and_cache_flash(Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, "
+      "Tensor v_scale) -> ()");
+  // Partial results over disjoint key sets, lse [H, T]: output (and output_lse) of their union.
+  m.def(
+      "merge_attn_states(Tensor(a!) output, Tensor prefix_output, Tensor prefix_lse, "
+      "Tensor suffix_output, Tensor suffix_lse, Tensor(b!)? output_lse=None) -> ()");
+
   // ---- flash attention, DESIGN §3.3 ----
   // Batched q [B, Sq, H, D], k/v [B, Sk, Hkv, D]; or varlen [T, H, D] with cu_seqlens [B+1].
   // lse is [B, H, Sq] (varlen [H, Tq]), fp32 (fp64 for fp64 inputs), natural log.

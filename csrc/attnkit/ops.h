@@ -89,4 +89,15 @@ void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tens
                                            at::Tensor& v_dequant_scales,
                                            const at::Tensor& slot_mapping);
 
+// Serving on NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention).
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                             at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                             const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale);
+
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse,
+                       const c10::optional<at::Tensor>& output_lse = c10::nullopt);
+
 }  // namespace attnkit

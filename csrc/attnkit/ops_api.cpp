@@ -176,4 +176,23 @@ void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tens
   op.call(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping);
 }
 
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                             at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                             const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale) {
+  static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                  const at::Tensor&, c10::string_view, const at::Tensor&,
+                                  const at::Tensor&)>("attnkit::reshape_and_cache_flash");
+  op.call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale);
+}
+
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  static auto op = op_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&,
+                                  const c10::optional<at::Tensor>&)>("attnkit::merge_attn_states");
+  op.call(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
+}
+
 }  // namespace attnkit

@@ -16,6 +16,7 @@
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
+#include "kernels/paged/merge_states.cuh"
 
 namespace attnkit {
 namespace paged {
@@ -343,6 +344,45 @@ void reshape_and_cache_with_pertoken_quant_cuda(const at::Tensor& key, const at:
   launch_write(p, key.scalar_type(), c.kind, true);
 }
 
+// Slots outside the cache are skipped on the GPU (checking them would need a host sync); the CPU
+// kernel raises for them.
+void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value,
+                                  at::Tensor& key_cache, at::Tensor& value_cache,
+                                  const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype,
+                                  const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  const auto c = check_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                               kv_cache_dtype, k_scale, v_scale);
+  if (c.T == 0 || c.Hkv == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto slots = slot_mapping.contiguous();
+  auto p = make_cache_write_params(key, value, key_cache, value_cache, slots, c);
+  p.cs = nhd_cache_strides(key_cache, value_cache);
+  if (c.kind != CacheKind::kSame) {
+    p.k_scale = k_scale.data_ptr<float>();
+    p.v_scale = v_scale.data_ptr<float>();
+  }
+  launch_write(p, key.scalar_type(), c.kind, false);
+}
+
+void merge_attn_states_cuda(at::Tensor& output, const at::Tensor& prefix_output,
+                            const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                            const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  check_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
+  const int64_t rows = output.size(0) * output.size(1);
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(output.device());
+  const auto p = make_merge_params(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                   output_lse);
+  constexpr int64_t kRowsPerBlock = kMergeThreads / kWarpSize;
+  const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(output.scalar_type(), "output", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    merge_attn_states_kernel<scalar_t><<<blocks, kMergeThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
@@ -350,6 +390,8 @@ TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("pa_fwd", &pa_fwd_cuda);
   m.impl("reshape_and_cache", &reshape_and_cache_cuda);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cuda);
+  m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_cuda);
+  m.impl("merge_attn_states", &merge_attn_states_cuda);
 }
 
 }  // namespace paged

@@ -12,8 +12,8 @@ from .flash import flash_attn_func, flash_attn_varlen_func
 from .moe import (MoE, expert_load_balance, grouped_gemm, moe, moe_permute, moe_route,
                   moe_topk_softmax, moe_unpermute, silu_and_mul)
 from .moe_ep import moe_combine, moe_dispatch
-from .paged import (pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
-                    reshape_and_cache_with_pertoken_quant)
+from .paged import (merge_attn_states, pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
+                    reshape_and_cache_flash, reshape_and_cache_with_pertoken_quant)
 
 __all__ = [
     "built_with_cuda",
@@ -27,6 +27,8 @@ __all__ = [
     # paged decode attention
     "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",
+    # serving on NHD caches
+    "reshape_and_cache_flash", "merge_attn_states",
 ]
 
 

@@ -475,3 +475,49 @@ def reshape_and_cache_pertoken_ref(key, value, key_cache, value_cache, k_scales,
         qs.append(quantize_to_cache(x, key_cache.dtype, inv[..., None]))
     _write_cache(key_cache, value_cache, qs[0], qs[1], blk, off)
     return key_cache, value_cache, k_scales, v_scales
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving on NHD caches (DESIGN §3.5)
+# ---------------------------------------------------------------------------------------------
+def reshape_and_cache_flash_ref(key, value, key_cache, value_cache, slot_mapping,
+                                kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0):
+    """Writes into (and returns) clones of NHD caches ``[num_blocks, block_size, Hkv, D]``; slots
+    < 0 are skipped; fp8 caches store fp8(x / scale)."""
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    bs = key_cache.shape[1]
+    blk, off = slots // bs, slots % bs
+    fp8 = kv_cache_dtype != "auto"
+    kinv = torch.tensor(1.0 / float(k_scale) if fp8 else 1.0, dtype=torch.float32)
+    vinv = torch.tensor(1.0 / float(v_scale) if fp8 else 1.0, dtype=torch.float32)
+    key_cache[blk, off] = quantize_to_cache(key[keep].float(), key_cache.dtype,
+                                            kinv.to(key.device), kv_cache_dtype)
+    value_cache[blk, off] = quantize_to_cache(value[keep].float(), value_cache.dtype,
+                                              vinv.to(key.device), kv_cache_dtype)
+    return key_cache, value_cache
+
+
+def merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse):
+    """``(output [T, H, D] fp32, output_lse [H, T])`` of two partial results over disjoint key
+    sets. An lse of ±inf marks an empty part: it contributes nothing (its output is never
+    multiplied in, so NaN there stays out); both empty gives 0 and -inf."""
+    ninf = float("-inf")
+    p = prefix_lse.float().t()
+    s = suffix_lse.float().t()                                        # [T, H]
+    p = torch.where(torch.isinf(p), torch.full_like(p, ninf), p)
+    s = torch.where(torch.isinf(s), torch.full_like(s, ninf), s)
+    m = torch.maximum(p, s)
+    empty = m == ninf
+    m0 = torch.where(empty, torch.zeros_like(m), m)
+    pe, se = torch.exp(p - m0), torch.exp(s - m0)
+    total = pe + se
+    safe = torch.where(empty, torch.ones_like(total), total)
+    out = torch.zeros(prefix_output.shape, dtype=torch.float32, device=prefix_output.device)
+    for part, e, lse in ((prefix_output, pe, p), (suffix_output, se, s)):
+        w = (e / safe).unsqueeze(-1)
+        out = out + torch.where((lse != ninf).unsqueeze(-1), w * part.float(), torch.zeros_like(out))
+    lse = torch.where(empty, torch.full_like(m, ninf), torch.log(safe) + m0)
+    return out, lse.t()
+
