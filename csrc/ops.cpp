@@ -4,14 +4,19 @@
 
 TORCH_LIBRARY(attnkit, m) {
   // ---- GDPA: generalized dot-product attention (jagged, non-softmax), DESIGN §3.1 ----
+  // window_size >= 0: query i sees key j only when |i - j| <= window_size (local indices).
+  // broadcast_q: q is ONE query sequence (q_offsets [0, Lq]) attended against each kv sequence;
+  // the output is [B*Lq, H, D], dq the sum over the B copies.
   m.def(
       "gdpa_fwd(Tensor q, Tensor k, Tensor v, Tensor q_offsets, Tensor kv_offsets, "
       "SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation=\"fast_gelu\", "
-      "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False) -> Tensor");
+      "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False) -> Tensor");
   m.def(
       "gdpa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor q_offsets, "
       "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "
-      "float qk_scale, *, float pre_scale=1.0, bool causal=False) -> (Tensor, Tensor, Tensor)");
+      "float qk_scale, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False) -> (Tensor, Tensor, Tensor)");
 
   // ---- paged decode attention, DESIGN §3.2 ----
   m.def(
@@ -44,16 +49,23 @@ TORCH_LIBRARY(attnkit, m) {
   // ---- flash attention, DESIGN §3.3 ----
   // Batched q [B, Sq, H, D], k/v [B, Sk, Hkv, D]; or varlen [T, H, D] with cu_seqlens [B+1].
   // lse is [B, H, Sq] (varlen [H, Tq]), fp32 (fp64 for fp64 inputs), natural log.
+  // Serving (docs/serving.md): seqused_k [B] int32 trims each sequence's keys; block_table
+  // [B, max_blocks] int32 makes k/v NHD paged caches [num_blocks, block_size, Hkv, D] (bf16/fp16
+  // or float8_e4m3fn with k_descale/v_descale [B, Hkv]); s_aux [H] is a per-head sink logit in
+  // each row's softmax denominator. deterministic: the backward's dQ without atomics.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
       "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
-      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) "
+      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, "
+      "Tensor? seqused_k=None, Tensor? block_table=None, Tensor? s_aux=None, "
+      "Tensor? k_descale=None, Tensor? v_descale=None, bool deterministic=False) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "flash_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float? softmax_scale=None, bool causal=False, int window_left=-1, int window_right=-1, "
       "float softcap=0.0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-      "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) -> (Tensor, Tensor, Tensor)");
+      "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, "
+      "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
 
   // ---- MoE routing, DESIGN §3.4 ----
   m.def(

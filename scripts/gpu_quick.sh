@@ -27,7 +27,8 @@
 # (benchmarks/profile_call.py); flash_bench_graph: the flash_bench tables timed as CUDA graph
 # replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
 # CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
-# writer and merge_attn_states, then memcheck; moe_route_tests: the routing kernels, memcheck and
+# writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
+# moe_route_tests: the routing kernels, memcheck and
 # racecheck.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -171,10 +172,12 @@ for s in $QUICK; do
       step mem_trace_sanitized 90 env ATTNKIT_TRACE_CUDA_MEMORY=1 compute-sanitizer --tool memcheck \
         --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -s -p no:xdist \
         -k "cuda and backward_warp_specialised_varlen and i32" ;;
-    serving_tests)  # the NHD cache writer and merge_attn_states, then under memcheck (garbage slots)
-      step serving_tests 90 $PY -m pytest tests/test_serving_ops.py -q -n 16 -rfE
-      step serving_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_serving_ops.py -q -p no:xdist -k "cuda and not compile and not opcheck" ;;
+    serving_tests)  # the NHD cache writer, merge_attn_states and the paged varlen call, then under
+      # memcheck (garbage slots, block ids and seqused_k; the CUDA-graph step)
+      step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
+      step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache)" ;;
     moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
       step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
       step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \

@@ -14,15 +14,23 @@ at::Tensor gdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                     int64_t max_seq_len_q, int64_t max_seq_len_kv,
                     const std::string& activation = "fast_gelu", double qk_scale = 1.0,
-                    double pre_scale = 1.0, bool causal = false);
+                    double pre_scale = 1.0, bool causal = false, int64_t window_size = -1,
+                    bool broadcast_q = false);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, int64_t max_seq_len_q,
     int64_t max_seq_len_kv, const std::string& activation, double qk_scale,
-    double pre_scale = 1.0, bool causal = false);
+    double pre_scale = 1.0, bool causal = false, int64_t window_size = -1,
+    bool broadcast_q = false);
 
 // Flash attention (DESIGN §3.3). Batched q [B, Sq, H, D] or varlen [T, H, D] with cu_seqlens.
+// The serving arguments (docs/serving.md): paged NHD caches, key lengths, sinks, fp8 descales.
+struct FlashServing {
+  std::optional<at::Tensor> seqused_k, block_table, s_aux, k_descale, v_descale;
+  bool deterministic = false;  // the backward's dQ without atomics
+};
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale = std::nullopt, bool causal = false,
@@ -30,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
     const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
     const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
     std::optional<int64_t> max_seqlen_q = std::nullopt,
-    std::optional<int64_t> max_seqlen_k = std::nullopt);
+    std::optional<int64_t> max_seqlen_k = std::nullopt, const FlashServing& serving = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -40,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
     const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
     std::optional<int64_t> max_seqlen_q = std::nullopt,
-    std::optional<int64_t> max_seqlen_k = std::nullopt);
+    std::optional<int64_t> max_seqlen_k = std::nullopt,
+    const std::optional<at::Tensor>& seqused_k = std::nullopt, bool deterministic = false);
 // ---- MoE routing (DESIGN §3.4) ----
 std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& gating_logits, int64_t k,
                                                     bool renormalize = false);

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "common/flash_args.h"
+#include "common/flash_serving.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/wgmma_bwd.cuh"
@@ -177,27 +178,38 @@ dim3 grid_of(int64_t rows, int64_t rows_per_cta, int64_t heads, int64_t batch) {
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>) {
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
-  check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   const c10::cuda::CUDAGuard guard(q_in.device());
+  // Paged caches are gathered here, block ids clamped (flash_serving.h): no value is read.
+  const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
+                                  k_descale, v_descale, /*cpu=*/false);
+  const auto& cu_k = r.cu_k;
+  const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
+  check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+  if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
+             v = last_dim_contiguous(r.v);
   const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
   // Varlen rows outside every sequence are never visited, so they are filled here.
   auto out = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
   const auto lse_opts = q.options().dtype(at::kFloat);
   auto lse = varlen ? at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(), lse_opts)
                     : at::empty({q.size(0), q.size(2), q.size(1)}, lse_opts);
-  if (out.numel() == 0) return {out, lse};
+  if (out.numel() == 0) {
+    if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
+    return {out, lse};
+  }
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
-  const Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (r.seqused_k) p.seqused_k = r.seqused_k->data_ptr<int32_t>();
   if (p.B == 0) return {out, lse};
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
@@ -250,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
                 "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
                 "data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
                 q.scalar_type(), ", head dim ", p.D);
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};
 }
 
@@ -258,11 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k) {
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic_arg) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
+  const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
@@ -271,9 +287,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   // delta shares lse's (contiguous) layout and index arithmetic.
   const auto lse = lse_in.contiguous();
   const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
+  // Key rows past seqused_k are never visited: zero-filled like varlen rows outside sequences.
+  const bool fill = varlen || used.has_value();
   auto dq = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
-  auto dk = varlen ? at::zeros(k.sizes(), contig) : at::empty(k.sizes(), contig);
-  auto dv = varlen ? at::zeros(v.sizes(), contig) : at::empty(v.sizes(), contig);
+  auto dk = fill ? at::zeros(k.sizes(), contig) : at::empty(k.sizes(), contig);
+  auto dv = fill ? at::zeros(v.sizes(), contig) : at::empty(v.sizes(), contig);
   if (q.numel() == 0) {
     // No query rows: nothing reads k or v.
     return {dq, dk.zero_(), dv.zero_()};
@@ -281,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (used) p.seqused_k = used->data_ptr<int32_t>();
   if (p.B == 0) return {dq, dk, dv};
   p.dout = strides_of(dout, varlen);
   p.dq = strides_of(dq, varlen);
@@ -290,8 +309,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const int64_t rows_q = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   const int64_t rows_k = grid_rows(varlen, p.seqlen_k, max_seqlen_k);
   // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
-  // run); torch.use_deterministic_algorithms(True) selects its separate dQ kernel instead.
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // run); deterministic=True or torch.use_deterministic_algorithms(True) selects its separate
+  // dQ kernel instead.
+  const bool deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
   // ATTNKIT_FLASH_BWD_WS: the warp-specialised backward (bwd_ws.cuh), on by default.
   const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", true);
   bool bws_ran = false;

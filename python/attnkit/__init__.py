@@ -8,7 +8,7 @@ import torch  # noqa: F401  (the op library links against torch's libraries)
 from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
 from .gdpa import GDPA_ACTIVATIONS, gdpa
-from .flash import flash_attn_func, flash_attn_varlen_func
+from .flash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .moe import (MoE, expert_load_balance, grouped_gemm, moe, moe_permute, moe_route,
                   moe_topk_softmax, moe_unpermute, silu_and_mul)
 from .moe_ep import moe_combine, moe_dispatch
@@ -20,7 +20,7 @@ __all__ = [
     # GDPA
     "gdpa", "GDPA_ACTIVATIONS",
     # flash attention
-    "flash_attn_func", "flash_attn_varlen_func",
+    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
     # MoE routing
     "moe", "MoE", "moe_route", "moe_topk_softmax", "moe_permute", "moe_unpermute",
     "grouped_gemm", "silu_and_mul", "expert_load_balance", "moe_dispatch", "moe_combine",

@@ -49,16 +49,25 @@ class _RoundTo(torch.autograd.Function):
 
 def gdpa_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q=None, max_seq_len_kv=None,
              activation="fast_gelu", qk_scale=1.0, *, pre_scale=1.0, causal=False,
-             compute_dtype=None):
+             window_size=-1, broadcast_q=False, compute_dtype=None):
     """Per-sequence GDPA in ``compute_dtype`` (fp32 by default, fp64 for fp64 inputs).
 
+    ``window_size >= 0``: query i sees key j only when ``|i - j| <= window_size`` (local).
+    ``broadcast_q``: q is one query sequence (all its rows) attended against every kv sequence;
+    the output is ``[B * Lq, H, D]``, block b for kv sequence b.
     Differentiable: gradients flow to q, k, v through torch autograd. The hints are ignored.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     H, Hkv = q.shape[1], k.shape[1]
     G = H // Hkv
-    qo, ko = q_offsets.tolist(), kv_offsets.tolist()
+    ko = kv_offsets.tolist()
+    if broadcast_q:
+        Lq = q.shape[0]
+        qo = [b * Lq for b in range(len(ko))]
+        q = q.repeat(len(ko) - 1, 1, 1)
+    else:
+        qo = q_offsets.tolist()
     rows = []
     for b in range(len(qo) - 1):
         qb = q[qo[b]:qo[b + 1]].to(compute_dtype).transpose(0, 1)            # [H, Lq, D]
@@ -66,10 +75,15 @@ def gdpa_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q=None, max_seq_len_kv=
         vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)
         s = pre_scale * (qb @ kb.transpose(1, 2))                              # [H, Lq, Lk]
         p = gdpa_activation(s, activation)
+        lq, lk = s.shape[1], s.shape[2]
+        i = torch.arange(lq, device=q.device).unsqueeze(1)
+        j = torch.arange(lk, device=q.device).unsqueeze(0)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
-            lq, lk = s.shape[1], s.shape[2]
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-            p = p * mask
+            mask &= j <= i
+        if window_size >= 0:
+            mask &= (j - i).abs() <= window_size
+        p = p * mask
         p = _RoundTo.apply(p, v.dtype)
         rows.append((qk_scale * (p @ vb)).transpose(0, 1))                    # [Lq, H, D]
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
@@ -151,6 +165,94 @@ def flash_attn_ref(q, k, v, softmax_scale=None, causal=False, window_left=-1, wi
         idx = torch.arange(cq[b], cq[b + 1], device=q.device)
         out = out.index_put((idx,), ob.transpose(0, 1))
         lse[:, cq[b]:cq[b + 1]] = lb
+    return out, lse
+
+
+def _serving_keys(cache, b, L, block_table, descale, compute_dtype):
+    """Keys (or values) 0..L-1 of sequence b from an NHD paged cache, key j at
+    ``cache[block_table[b, j // bs], j % bs]``, dequantised with ``descale[b]`` [Hkv]."""
+    bs = cache.shape[1]
+    j = torch.arange(L, device=cache.device)
+    rows = cache[block_table[b].long()[j // bs], j % bs].to(compute_dtype)  # [L, Hkv, D]
+    if descale is not None:
+        rows = rows * descale[b].to(compute_dtype).view(1, -1, 1)
+    return rows
+
+
+def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                      block_table=None, softmax_scale=None, causal=False, window_left=-1,
+                      window_right=-1, softcap=0.0, s_aux=None, k_descale=None, v_descale=None,
+                      compute_dtype=None):
+    """The serving call of flash_attn_fwd (docs/serving.md), one sequence at a time.
+
+    q batched ``[B, Sq, H, D]`` or varlen ``[T, H, D]`` (cu_seqlens_q). k/v: batched, varlen
+    (cu_seqlens_k) or NHD paged caches with ``block_table``. Sequence b uses its first
+    ``seqused_k[b]`` keys (else all it has). ``s_aux`` [H]: a sink column with a zero value vector
+    in every row's softmax. Returns ``(out, lse)`` in the compute dtype (differentiable in q, k,
+    v, s_aux); rows without keys and sink give 0 / -inf, with a sink 0 / s_aux.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    varlen = cu_seqlens_q is not None
+    D, H = q.shape[-1], q.shape[-2]
+    Hkv = k.shape[-2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if varlen:
+        cq = cu_seqlens_q.tolist()
+        B = len(cq) - 1
+    else:
+        B = q.shape[0]
+    used = seqused_k.tolist() if seqused_k is not None else None
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    lse = torch.full((H, q.shape[0]) if varlen else (B, H, q.shape[1]), float("-inf"),
+                     dtype=compute_dtype, device=q.device)
+    for b in range(B):
+        qb = q[cq[b]:cq[b + 1]] if varlen else q[b]  # [Lq, H, D]
+        if block_table is not None:
+            if used is not None:
+                L = used[b]
+            elif cu_seqlens_k is not None:
+                L = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
+            else:
+                L = block_table.shape[1] * k.shape[1]
+            kb = _serving_keys(k, b, L, block_table, k_descale, compute_dtype)
+            vb = _serving_keys(v, b, L, block_table, v_descale, compute_dtype)
+        else:
+            if varlen:
+                k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+                kb, vb = k[k0:k1], v[k0:k1]
+            else:
+                kb, vb = k[b], v[b]
+            if used is not None:
+                kb, vb = kb[:used[b]], vb[:used[b]]
+            kb, vb = kb.to(compute_dtype), vb.to(compute_dtype)
+        Lq, L = qb.shape[0], kb.shape[0]
+        if Lq == 0:
+            continue
+        qh = qb.to(compute_dtype).transpose(0, 1)  # [H, Lq, D]
+        kh = kb.transpose(0, 1).repeat_interleave(G, 0)
+        vh = vb.transpose(0, 1).repeat_interleave(G, 0)
+        sc = scale * (qh @ kh.transpose(-1, -2))
+        if softcap > 0:
+            sc = softcap * torch.tanh(sc / softcap)
+        mask = flash_window_mask(Lq, L, causal, window_left, window_right, q.device)
+        sc = sc.masked_fill(~mask, float("-inf"))
+        if s_aux is not None:
+            sink = s_aux.to(compute_dtype).view(H, 1, 1).expand(H, Lq, 1)
+            full = torch.cat((sc, sink), dim=-1)
+        else:
+            full = sc
+        lb = torch.logsumexp(full, dim=-1)  # [H, Lq]
+        finite = torch.isfinite(lb).unsqueeze(-1)
+        p = torch.where(finite, torch.exp(sc - torch.where(finite, lb.unsqueeze(-1), 0.0)), 0.0)
+        ob = (p @ vh).transpose(0, 1)  # [Lq, H, D]
+        if varlen:
+            out = out.index_put((torch.arange(cq[b], cq[b + 1], device=q.device),), ob)
+            lse[:, cq[b]:cq[b + 1]] = lb.detach()
+        else:
+            out = out.index_put((torch.tensor([b], device=q.device),), ob.unsqueeze(0))
+            lse[b] = lb.detach()
     return out, lse
 
 
