@@ -28,8 +28,8 @@
 # replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
 # CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
-# moe_route_tests: the routing kernels, memcheck and
-# racecheck.
+# moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
+# and broadcast_q, then memcheck; serving_bench: benchmarks/bench_serving.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -185,6 +185,13 @@ for s in $QUICK; do
         -k "cuda and (deepseek_v3 or k_eq_E or zero_tokens or backward or deterministic)"
       step moe_route_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_route.py -q -p no:xdist -k "cuda and deepseek_v3 and fp32" ;;
+    gdpa_features)  # window_size and broadcast_q (issue #19), then memcheck
+      step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
+      step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_gdpa_features.py -q -p no:xdist -k "cuda and not opcheck and (bfloat16 or neighbours)" ;;
+    serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
+      step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
+        --csv "$L/bench_serving.csv" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done

@@ -14,13 +14,14 @@ using torch::autograd::variable_list;
 at::Tensor call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& qo, const at::Tensor& ko, const c10::SymInt& mq,
                     const c10::SymInt& mk, c10::string_view act, double qk_scale,
-                    double pre_scale, bool causal) {
+                    double pre_scale, bool causal, int64_t window, bool bq) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attnkit::gdpa_fwd", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                         c10::SymInt, c10::string_view, double, double, bool)>();
-  return op.call(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal);
+                                         c10::SymInt, c10::string_view, double, double, bool,
+                                         int64_t, bool)>();
+  return op.call(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal, window, bq);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(

@@ -154,8 +154,8 @@ void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Te
       const int64_t hk = h / G;
       load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int32_t w = static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
-      const Span kv = key_span(causal, w, i0, i0 + bm - 1, s.lk);
+      const Span kv = key_span(causal, static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)),
+                               i0, i0 + bm - 1, s.lk);
       for (int64_t j0 = kv.lo; j0 < kv.hi; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, kv.hi - j0);
         load_rows(kt.data(), kp, s.k0 + j0, bn, bn, Hkv, hk, D);
