@@ -185,14 +185,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  // Paged caches are gathered here, block ids clamped (flash_serving.h): no value is read.
+  // Paged caches are gathered here, block ids clamped (flash_serving.h): no value is read. Every
+  // check (devices included) comes before the device guard, which needs q on a CUDA device.
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
                                   k_descale, v_descale, /*cpu=*/false);
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
+  const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
              v = last_dim_contiguous(r.v);
