@@ -29,7 +29,8 @@
 # CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
 # moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
-# and broadcast_q, then memcheck; serving_bench: benchmarks/bench_serving.py.
+# and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
+# serving_bench: benchmarks/bench_serving.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -177,7 +178,7 @@ for s in $QUICK; do
       step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache)" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_path)" ;;
     moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
       step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
       step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
@@ -189,6 +190,9 @@ for s in $QUICK; do
       step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
       step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_features.py -q -p no:xdist -k "cuda and not opcheck and (bfloat16 or neighbours)" ;;
+    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross, broadcast_q, window 128
+      step bench_gdpa_features 150 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
+        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ;;
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;

@@ -52,6 +52,7 @@ def test_paged_varlen(device, dtype, block_size, gqa, mix):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
 @pytest.mark.parametrize("opts", [
     dict(causal=True, window_size=(24, 0)),
     dict(causal=False, window_size=(9, 5)),
@@ -59,9 +60,9 @@ def test_paged_varlen(device, dtype, block_size, gqa, mix):
     dict(causal=True, sinks=True),
     dict(causal=False, sinks=True, window_size=(30, -1), softcap=20.0),
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_paged_varlen_options(device, dtype, D, opts):
+def test_paged_varlen_options(device, dtype, D, mix, opts):
     opts = dict(opts)
-    q_lens, k_lens = MIXES["mixed"]
+    q_lens, k_lens = MIXES[mix]
     H, Hkv = 8, 2
     b = paged_batch(q_lens, k_lens, H, Hkv, D, 16, dtype, device)
     wl, wr = opts.pop("window_size", (-1, -1))
@@ -334,16 +335,35 @@ def test_paged_no_backward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_garbage_block_ids_cuda():
-    """No host sync on CUDA: out-of-range block ids and seqused_k are clamped, never read
-    outside the cache (compute-sanitizer runs this), and the result is finite."""
-    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("mix", ["mixed", "decode_ragged"])
+def test_garbage_block_ids_cuda(mix):
+    """No host sync on CUDA: out-of-range block ids, seqused_k and (decode path) query offsets
+    are clamped, never read outside the cache (compute-sanitizer runs this); finite result."""
+    b = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, "cuda")
     b.block_table = torch.randint(-(1 << 30), 1 << 30, b.block_table.shape, dtype=torch.int32,
                                   device="cuda")
     b.seqused_k = torch.tensor([5, -3, 1 << 30, 64, 0, 2], dtype=torch.int32, device="cuda")
+    if mix == "decode_ragged":
+        b.cu_seqlens_q = torch.tensor([0, 3, 2, 9, -4, 6, 1], dtype=torch.int32, device="cuda")
     out, lse = _call(b, causal=True)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mix", ["decode", "decode_ragged"])
+def test_decode_path_reads_pages_cuda(mix):
+    """A decode batch (as many query rows as sequences) runs the paged family's tensor-core
+    decode kernel on the NHD pages (no gather), and matches the reference."""
+    b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, lse = _call(b, causal=True)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("paged_decode_mma_kernel" in n for n in names), sorted(set(names))
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
 
 
 # ---- the vLLM V1 call site, opcheck, compile, CUDA graphs ----------------------------------------
@@ -397,10 +417,11 @@ def test_compile_decode_module(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_mixed_step():
-    """A mixed prefill + decode step captured once and replayed with new queries, caches,
-    lengths and tables (no host sync inside the call)."""
-    b = paged_batch(*MIXES["mixed"], 8, 2, 128, 16, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_cuda_graph_mixed_step(mix):
+    """A mixed prefill + decode step (and a decode step) captured once and replayed with new
+    queries, caches, lengths and tables (no host sync inside the call)."""
+    b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
     static_out = torch.empty_like(b.q)
 
     def step():
@@ -418,7 +439,7 @@ def test_cuda_graph_mixed_step():
     with torch.cuda.graph(graph):
         step()
     for _ in range(2):
-        n = paged_batch(*MIXES["mixed"], 8, 2, 128, 16, torch.bfloat16, "cuda")
+        n = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
         n.seqused_k = torch.clamp(n.seqused_k - torch.randint(0, 3, n.seqused_k.shape, device="cuda",
                                                               dtype=torch.int32), min=0)
         for name in ("q", "k_cache", "v_cache", "seqused_k"):

@@ -17,6 +17,7 @@
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
 #include "kernels/paged/merge_states.cuh"
+#include "paged_nhd_decode.h"
 
 namespace attnkit {
 namespace paged {
@@ -240,6 +241,55 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
     }
   });
 }
+
+}  // namespace
+
+void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
+                       const at::Tensor& like) {
+  // One grid row per query token: the split heuristic prices Tq rows.
+  DecodeParams sizing = p;
+  sizing.S = p.Tq;
+  const int32_t splits = p.D == 64 ? mma_splits<64>(sizing, len_bound) : mma_splits<128>(sizing, len_bound);
+  at::Tensor ws;
+  if (splits > 1) {
+    const int64_t n = int64_t(p.Tq) * p.Hq * splits;
+    ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
+    p.ws_out = ws.data_ptr<float>();
+    p.ws_ml = p.ws_out + n * p.D;
+  }
+  p.splits = splits;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t gx = int64_t(p.Tq) * p.Hkv;
+  ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
+  dispatch_float(qtype, "q", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      auto launch = [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
+        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
+        static std::atomic<uint64_t> done_mask{0};
+        const int dev = c10::cuda::current_device();
+        const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+        if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+          done_mask.fetch_or(bit, std::memory_order_release);
+        }
+        kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (p.D == 64) launch(std::integral_constant<int, 64>{});
+      else launch(std::integral_constant<int, 128>{});
+      if (splits > 1) {
+        paged_combine_kernel<scalar_t>
+            <<<dim3(unsigned(p.Tq), unsigned(p.Hq)), kThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+}
+
+namespace {
 
 void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, int64_t num_kv_heads, double scale,

@@ -60,4 +60,6 @@ MIXES = {
     "decode": ([1] * 5, [1, 17, 48, 200, 16]),
     "prefill": ([53, 16], [53, 90]),
     "short_k": ([12, 3], [5, 0]),
+    # As many query rows as sequences (the CUDA decode path's condition) but not one each.
+    "decode_ragged": ([0, 2, 1, 1, 0, 2], [9, 40, 1, 77, 5, 16]),
 }
