@@ -204,7 +204,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   const int64_t Hkv = k.size(2), G = H / Hkv;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
   if (given(s_aux)) check_sinks(*s_aux, q, H);
-  static const KernelSwitch mode = kernel_switch("ATTNKIT_SERVING_DECODE", true);
+  const KernelSwitch mode = kernel_switch("ATTNKIT_SERVING_DECODE", true);
   if (mode == KernelSwitch::kOff || !opt.causal || T != B || B < 1 ||
       !(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) ||
       k.scalar_type() != q.scalar_type() || !paged::nhd_decode_shape_ok(D, G) || sm_major(q) < 8 ||
