@@ -4,14 +4,19 @@
 
 TORCH_LIBRARY(attnkit, m) {
   // ---- GDPA: generalized dot-product attention (jagged, non-softmax), DESIGN §3.1 ----
+  // window_size >= 0: query i sees key j only when |i - j| <= window_size (local indices).
+  // broadcast_q: q is ONE query sequence (q_offsets [0, Lq]) attended against each kv sequence;
+  // the output is [B*Lq, H, D], dq the sum over the B copies.
   m.def(
       "gdpa_fwd(Tensor q, Tensor k, Tensor v, Tensor q_offsets, Tensor kv_offsets, "
       "SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation=\"fast_gelu\", "
-      "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False) -> Tensor");
+      "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False) -> Tensor");
   m.def(
       "gdpa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor q_offsets, "
       "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "
-      "float qk_scale, *, float pre_scale=1.0, bool causal=False) -> (Tensor, Tensor, Tensor)");
+      "float qk_scale, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False) -> (Tensor, Tensor, Tensor)");
 
   // ---- paged decode attention, DESIGN §3.2 ----
   m.def(
@@ -31,24 +36,48 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor(b!) value_cache, Tensor(c!) k_dequant_scales, Tensor(d!) v_dequant_scales, "
       "Tensor slot_mapping) -> ()");
 
+  // ---- serving on NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention), §3.5 ----
+  m.def(
+      "reshape_and_cache_flash(Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, "
+      "Tensor v_scale) -> ()");
+  // Partial results over disjoint key sets, lse [H, T]: output (and output_lse) of their union.
+  m.def(
+      "merge_attn_states(Tensor(a!) output, Tensor prefix_output, Tensor prefix_lse, "
+      "Tensor suffix_output, Tensor suffix_lse, Tensor(b!)? output_lse=None) -> ()");
+
   // ---- flash attention, DESIGN §3.3 ----
   // Batched q [B, Sq, H, D], k/v [B, Sk, Hkv, D]; or varlen [T, H, D] with cu_seqlens [B+1].
   // lse is [B, H, Sq] (varlen [H, Tq]), fp32 (fp64 for fp64 inputs), natural log.
+  // Serving (docs/serving.md): seqused_k [B] int32 trims each sequence's keys; block_table
+  // [B, max_blocks] int32 makes k/v NHD paged caches [num_blocks, block_size, Hkv, D] (bf16/fp16
+  // or float8_e4m3fn with k_descale/v_descale [B, Hkv]); s_aux [H] is a per-head sink logit in
+  // each row's softmax denominator. deterministic: the backward's dQ without atomics.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
       "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
-      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) "
+      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, "
+      "Tensor? seqused_k=None, Tensor? block_table=None, Tensor? s_aux=None, "
+      "Tensor? k_descale=None, Tensor? v_descale=None, bool deterministic=False) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "flash_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float? softmax_scale=None, bool causal=False, int window_left=-1, int window_right=-1, "
       "float softcap=0.0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-      "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None) -> (Tensor, Tensor, Tensor)");
+      "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, "
+      "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
 
   // ---- MoE routing, DESIGN §3.4 ----
   m.def(
       "moe_topk_softmax(Tensor gating_logits, int k, bool renormalize=False) -> "
       "(Tensor weights, Tensor ids)");
+  // Routing as DeepSeek-V3 / vLLM do it: softmax or sigmoid scores, a selection-only bias,
+  // grouped selection, optional fused load-balancing (aux) and z losses (0-dim when asked, shape
+  // [0] when not). weights fp32 (fp64 for fp64 logits), ids int32. Differentiable in logits.
+  m.def(
+      "moe_route(Tensor logits, int k, *, str scoring=\"softmax\", bool renormalize=False, "
+      "Tensor? bias=None, int n_group=1, int topk_group=1, float routed_scaling_factor=1.0, "
+      "bool return_losses=False) -> (Tensor weights, Tensor ids, Tensor aux_loss, Tensor z_loss)");
   m.def(
       "moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> "
       "(Tensor permuted, Tensor expert_offsets, Tensor row_map)");
@@ -56,9 +85,15 @@ TORCH_LIBRARY(attnkit, m) {
   m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
-  // Backward ops of moe_unpermute and grouped_gemm (first-class, with their own kernels).
+  // Backward ops of moe_unpermute, grouped_gemm and moe_route (first-class, own kernels).
   m.def(
       "_moe_unpermute_bwd(Tensor grad_out, Tensor permuted_out, Tensor row_map, "
       "Tensor topk_weights) -> (Tensor grad_permuted, Tensor grad_weights)");
   m.def("_grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor expert_offsets) -> Tensor");
+  // moe_route's backward: the gradient in logits of the returned weights and of the two losses
+  // (each gradient may be absent).
+  m.def(
+      "_moe_route_bwd(Tensor? grad_weights, Tensor? grad_aux_loss, Tensor? grad_z_loss, "
+      "Tensor logits, Tensor ids, str scoring, bool renormalize, float routed_scaling_factor) "
+      "-> Tensor");
 }

@@ -22,7 +22,8 @@ TESTS=${TESTS:-tests}
 SANITIZE=${SANITIZE:-"tests/test_gdpa_*.py -k cuda and (garbage or head_dims or cross or rows_outside or forward_paths or (backward_paths and fast_gelu and bfloat16));\
 tests/test_paged_*.py -k cuda and (out_of_range or graph or strided or pertoken or matches or gqa_paths_bad_block_ids or pa_fwd_gqa or window_ignores);\
 tests/test_flash_*.py -k cuda and (multi_tile or backward_paths or varlen or bad_offsets or unaligned or rows_without_keys or empty or forward_paths or deterministic);\
-tests/test_moe_*.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance) and not compile and not trains and not stress and not opcheck"}
+tests/test_moe_*.py -k cuda and (permute or unpermute or grouped_gemm or topk or silu or balance or route) and not compile and not trains and not stress and not opcheck;\
+tests/test_serving_*.py -k cuda and not compile and not opcheck"}
 BENCHES=${BENCHES:-"gdpa paged attention moe"}
 BENCH_ARGS=${BENCH_ARGS:-"--iters 30 --warmup 5"}
 declare -a SUMMARY

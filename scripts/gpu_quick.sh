@@ -26,7 +26,11 @@
 # repro / stress flash tests; call_profile: host against kernel time of the 1k calls
 # (benchmarks/profile_call.py); flash_bench_graph: the flash_bench tables timed as CUDA graph
 # replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
-# CUDA memory held after each test, without and under memcheck.
+# CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
+# writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
+# moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
+# and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
+# serving_bench: benchmarks/bench_serving.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -169,6 +173,29 @@ for s in $QUICK; do
       step mem_trace_sanitized 90 env ATTNKIT_TRACE_CUDA_MEMORY=1 compute-sanitizer --tool memcheck \
         --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -s -p no:xdist \
         -k "cuda and backward_warp_specialised_varlen and i32" ;;
+    serving_tests)  # the NHD cache writer, merge_attn_states and the paged varlen call, then under
+      # memcheck (garbage slots, block ids and seqused_k; the CUDA-graph step)
+      step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
+      step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
+    moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
+      step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
+      step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_route.py -q -p no:xdist \
+        -k "cuda and (deepseek_v3 or k_eq_E or zero_tokens or backward or deterministic)"
+      step moe_route_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_route.py -q -p no:xdist -k "cuda and deepseek_v3 and fp32" ;;
+    gdpa_features)  # window_size and broadcast_q (issue #19), then memcheck
+      step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
+      step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_gdpa_features.py -q -p no:xdist -k "cuda and not opcheck and (bfloat16 or neighbours)" ;;
+    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross, broadcast_q, window 128
+      step bench_gdpa_features 150 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
+        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ;;
+    serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
+      step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
+        --csv "$L/bench_serving.csv" ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
@@ -179,6 +206,6 @@ done
 for f in "$L"/mem_trace*.log; do  # allocated MiB after each test, first and last few
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep "^\[cuda-memory\]" "$f" | awk '{print $3, $5, $7}' | sed -n '1,2p;$p'; grep "^\[cuda-memory\]" "$f" | sort -t= -k2 -n | tail -n 1 | cut -c1-160; }
 done
-grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log "$L"/full_tests.log 2>/dev/null | tail -n 16
+grep -hE "passed|failed|avg_us|winner|PASS|FAIL|ERROR SUMMARY" "$L"/flash_*.log "$L"/gdpa_ws_*.log "$L"/paged_env.log "$L"/main.log "$L"/serving_*.log "$L"/moe_route_*.log "$L"/full_tests.log 2>/dev/null | tail -n 16
 tar czf "$OUT/quick.tgz" -C "$OUT" quick && rm -rf "$L"
 printf '%s\n' "${SUMMARY[@]}"

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -13,15 +14,23 @@ at::Tensor gdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                     int64_t max_seq_len_q, int64_t max_seq_len_kv,
                     const std::string& activation = "fast_gelu", double qk_scale = 1.0,
-                    double pre_scale = 1.0, bool causal = false);
+                    double pre_scale = 1.0, bool causal = false, int64_t window_size = -1,
+                    bool broadcast_q = false);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, int64_t max_seq_len_q,
     int64_t max_seq_len_kv, const std::string& activation, double qk_scale,
-    double pre_scale = 1.0, bool causal = false);
+    double pre_scale = 1.0, bool causal = false, int64_t window_size = -1,
+    bool broadcast_q = false);
 
 // Flash attention (DESIGN §3.3). Batched q [B, Sq, H, D] or varlen [T, H, D] with cu_seqlens.
+// The serving arguments (docs/serving.md): paged NHD caches, key lengths, sinks, fp8 descales.
+struct FlashServing {
+  std::optional<at::Tensor> seqused_k, block_table, s_aux, k_descale, v_descale;
+  bool deterministic = false;  // the backward's dQ without atomics
+};
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale = std::nullopt, bool causal = false,
@@ -29,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
     const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
     const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
     std::optional<int64_t> max_seqlen_q = std::nullopt,
-    std::optional<int64_t> max_seqlen_k = std::nullopt);
+    std::optional<int64_t> max_seqlen_k = std::nullopt, const FlashServing& serving = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -39,10 +48,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
     const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
     std::optional<int64_t> max_seqlen_q = std::nullopt,
-    std::optional<int64_t> max_seqlen_k = std::nullopt);
+    std::optional<int64_t> max_seqlen_k = std::nullopt,
+    const std::optional<at::Tensor>& seqused_k = std::nullopt, bool deterministic = false);
 // ---- MoE routing (DESIGN §3.4) ----
 std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& gating_logits, int64_t k,
                                                     bool renormalize = false);
+// (weights, ids, aux_loss, z_loss); the losses are [0]-shaped unless return_losses.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    const at::Tensor& logits, int64_t k, const std::string& scoring = "softmax",
+    bool renormalize = false, const std::optional<at::Tensor>& bias = std::nullopt,
+    int64_t n_group = 1, int64_t topk_group = 1, double routed_scaling_factor = 1.0,
+    bool return_losses = false);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x,
                                                            const at::Tensor& topk_ids,
                                                            int64_t num_experts);
@@ -81,5 +97,16 @@ void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tens
                                            at::Tensor& k_dequant_scales,
                                            at::Tensor& v_dequant_scales,
                                            const at::Tensor& slot_mapping);
+
+// Serving on NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention).
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                             at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                             const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale);
+
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse,
+                       const c10::optional<at::Tensor>& output_lse = c10::nullopt);
 
 }  // namespace attnkit

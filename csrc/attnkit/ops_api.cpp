@@ -14,26 +14,27 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 at::Tensor gdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                     int64_t max_seq_len_q, int64_t max_seq_len_kv, const std::string& activation,
-                    double qk_scale, double pre_scale, bool causal) {
+                    double qk_scale, double pre_scale, bool causal, int64_t window_size,
+                    bool broadcast_q) {
   static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                        c10::SymInt, c10::string_view, double, double, bool)>(
-      "attnkit::gdpa_fwd");
+                                        c10::SymInt, c10::string_view, double, double, bool,
+                                        int64_t, bool)>("attnkit::gdpa_fwd");
   return op.call(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation,
-                 qk_scale, pre_scale, causal);
+                 qk_scale, pre_scale, causal, window_size, broadcast_q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, int64_t max_seq_len_q,
     int64_t max_seq_len_kv, const std::string& activation, double qk_scale, double pre_scale,
-    bool causal) {
+    bool causal, int64_t window_size, bool broadcast_q) {
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, c10::string_view, double,
-      double, bool)>("attnkit::gdpa_bwd");
+      double, bool, int64_t, bool)>("attnkit::gdpa_bwd");
   return op.call(grad_out, q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
-                 activation, qk_scale, pre_scale, causal);
+                 activation, qk_scale, pre_scale, causal, window_size, broadcast_q);
 }
 
 namespace {
@@ -49,13 +50,17 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
+    const FlashServing& serving) {
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, bool,
-      int64_t, int64_t, double, const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>(
-      "attnkit::flash_attn_fwd");
+      int64_t, int64_t, double, const OptTensor&, const OptTensor&, OptSymInt, OptSymInt,
+      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+      bool)>("attnkit::flash_attn_fwd");
   return op.call(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
-                 cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+                 cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k),
+                 serving.seqused_k, serving.block_table, serving.s_aux, serving.k_descale,
+                 serving.v_descale, serving.deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
@@ -63,13 +68,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic) {
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, std::optional<double>, bool, int64_t, int64_t, double,
-      const OptTensor&, const OptTensor&, OptSymInt, OptSymInt)>("attnkit::flash_attn_bwd");
+      const OptTensor&, const OptTensor&, OptSymInt, OptSymInt, const OptTensor&, bool)>(
+      "attnkit::flash_attn_bwd");
   return op.call(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
-                 softcap, cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k));
+                 softcap, cu_seqlens_q, cu_seqlens_k, sym_of(max_seqlen_q), sym_of(max_seqlen_k),
+                 seqused_k, deterministic);
 }
 
 // ---- MoE routing (DESIGN §3.4) ----
@@ -79,6 +87,18 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(CT gating_logits, int64_t k,
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(CT, int64_t, bool)>(
       "attnkit::moe_topk_softmax");
   return op.call(gating_logits, k, renormalize);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    CT logits, int64_t k, const std::string& scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
+    double routed_scaling_factor, bool return_losses) {
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using OptT = const std::optional<at::Tensor>&;
+  static auto op = op_handle<R(CT, int64_t, c10::string_view, bool, OptT, int64_t, int64_t, double,
+                               bool)>("attnkit::moe_route");
+  return op.call(logits, k, scoring, renormalize, bias, n_group, topk_group,
+                 routed_scaling_factor, return_losses);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(CT x, CT topk_ids, int64_t num_experts) {
@@ -162,6 +182,25 @@ void reshape_and_cache_with_pertoken_quant(const at::Tensor& key, const at::Tens
                                   at::Tensor&, at::Tensor&, const at::Tensor&)>(
       "attnkit::reshape_and_cache_with_pertoken_quant");
   op.call(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping);
+}
+
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                             at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                             const std::string& kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale) {
+  static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                  const at::Tensor&, c10::string_view, const at::Tensor&,
+                                  const at::Tensor&)>("attnkit::reshape_and_cache_flash");
+  op.call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale);
+}
+
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  static auto op = op_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&,
+                                  const c10::optional<at::Tensor>&)>("attnkit::merge_attn_states");
+  op.call(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
 }
 
 }  // namespace attnkit

@@ -5,23 +5,24 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common/flash_serving.h"
+
 namespace attnkit {
 namespace flash {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 using OptSymInt = std::optional<c10::SymInt>;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, std::optional<double>, bool,
-                                                  int64_t, int64_t, double, const OptTensor&,
-                                                  const OptTensor&, OptSymInt, OptSymInt);
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, bool, int64_t,
+    int64_t, double, const OptTensor&, const OptTensor&, OptSymInt, OptSymInt, const OptTensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, std::optional<double>, bool, int64_t, int64_t, double, const OptTensor&,
-    const OptTensor&, OptSymInt, OptSymInt);
+    const OptTensor&, OptSymInt, OptSymInt, const OptTensor&, bool);
 
 // The options every flash op takes after its tensors, saved once and replayed into the backward.
 struct Opts {
@@ -30,24 +31,33 @@ struct Opts {
   int64_t wl, wr;
   double softcap;
   OptSymInt mq, mk;
+  bool deterministic = false;
+};
+
+// The serving tensors of the forward (flash_serving.h); the backward needs seqused_k and s_aux.
+struct Serving {
+  OptTensor seqused_k, block_table, s_aux, k_descale, v_descale;
 };
 
 std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v, const Opts& o,
-                                            const OptTensor& cq, const OptTensor& ck) {
+                                            const OptTensor& cq, const OptTensor& ck,
+                                            const Serving& sv) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("attnkit::flash_attn_fwd", "").typed<FwdSig>();
-  return op.call(q, k, v, o.scale, o.causal, o.wl, o.wr, o.softcap, cq, ck, o.mq, o.mk);
+  return op.call(q, k, v, o.scale, o.causal, o.wl, o.wr, o.softcap, cq, ck, o.mq, o.mk,
+                 sv.seqused_k, sv.block_table, sv.s_aux, sv.k_descale, sv.v_descale,
+                 o.deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const Opts& o, const OptTensor& cq,
-    const OptTensor& ck) {
+    const OptTensor& ck, const OptTensor& seqused_k) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("attnkit::flash_attn_bwd", "").typed<BwdSig>();
   return op.call(dout, q, k, v, out, lse, o.scale, o.causal, o.wl, o.wr, o.softcap, cq, ck, o.mq,
-                 o.mk);
+                 o.mk, seqused_k, o.deterministic);
 }
 
 void save_opts(AutogradContext* ctx, const Opts& o) {
@@ -59,6 +69,7 @@ void save_opts(AutogradContext* ctx, const Opts& o) {
   ctx->saved_data["softcap"] = o.softcap;
   ctx->saved_data["mq"] = o.mq.has_value() ? c10::IValue(*o.mq) : c10::IValue();
   ctx->saved_data["mk"] = o.mk.has_value() ? c10::IValue(*o.mk) : c10::IValue();
+  ctx->saved_data["deterministic"] = o.deterministic;
 }
 
 Opts load_opts(AutogradContext* ctx) {
@@ -71,22 +82,31 @@ Opts load_opts(AutogradContext* ctx) {
   o.softcap = d.at("softcap").toDouble();
   if (!d.at("mq").isNone()) o.mq = d.at("mq").toSymInt();
   if (!d.at("mk").isNone()) o.mk = d.at("mk").toSymInt();
+  o.deterministic = d.at("deterministic").toBool();
   return o;
 }
 
 // Undefined optionals cannot be saved as variables; an undefined tensor stands for None.
 OptTensor opt_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+constexpr int kFwdInputs = 18;  // flash_attn_fwd's arguments
+constexpr int kSinkInput = 14;  // s_aux's position among them
+
 class FlashFunction : public torch::autograd::Function<FlashFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, std::optional<double> scale, bool causal,
                                int64_t wl, int64_t wr, double softcap, const OptTensor& cq,
-                               const OptTensor& ck, OptSymInt mq, OptSymInt mk) {
+                               const OptTensor& ck, OptSymInt mq, OptSymInt mk,
+                               const OptTensor& seqused_k, const OptTensor& block_table,
+                               const OptTensor& s_aux, const OptTensor& k_descale,
+                               const OptTensor& v_descale, bool deterministic) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const Opts o{scale, causal, wl, wr, softcap, mq, mk};
-    auto [out, lse] = call_fwd(q, k, v, o, cq, ck);
-    ctx->save_for_backward({q, k, v, out, lse, cq.value_or(at::Tensor()), ck.value_or(at::Tensor())});
+    const Opts o{scale, causal, wl, wr, softcap, mq, mk, deterministic};
+    auto [out, lse] =
+        call_fwd(q, k, v, o, cq, ck, Serving{seqused_k, block_table, s_aux, k_descale, v_descale});
+    ctx->save_for_backward({q, k, v, out, lse, cq.value_or(at::Tensor()), ck.value_or(at::Tensor()),
+                            seqused_k.value_or(at::Tensor()), s_aux.value_or(at::Tensor())});
     save_opts(ctx, o);
     ctx->mark_non_differentiable({lse});
     // lse has no gradient and backward() handles an undefined grad of out: without this the
@@ -98,15 +118,20 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    variable_list none(12);
+    variable_list none(kFwdInputs);
     if (!grads[0].defined()) return none;
     // Through the dispatcher (not below autograd), so a create_graph=True backward reaches
-    // FlashBackwardFunction and its clear double-backward error.
-    auto [dq, dk, dv] = call_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], load_opts(ctx),
-                                 opt_of(s[5]), opt_of(s[6]));
+    // FlashBackwardFunction and its clear double-backward error. With a sink, out and lse are
+    // the sink-adjusted ones, for which this is the exact backward (flash_serving.h).
+    const Opts o = load_opts(ctx);
+    auto [dq, dk, dv] = call_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], o, opt_of(s[5]),
+                                 opt_of(s[6]), opt_of(s[7]));
     none[0] = dq;
     none[1] = dk;
     none[2] = dv;
+    if (s[8].defined() && s[8].requires_grad()) {
+      none[kSinkInput] = sink_grad(grads[0], s[3], s[4], s[8], opt_of(s[5]).has_value());
+    }
     return none;
   }
 };
@@ -117,10 +142,12 @@ class FlashBackwardFunction : public torch::autograd::Function<FlashBackwardFunc
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse, std::optional<double> scale, bool causal,
                                int64_t wl, int64_t wr, double softcap, const OptTensor& cq,
-                               const OptTensor& ck, OptSymInt mq, OptSymInt mk) {
+                               const OptTensor& ck, OptSymInt mq, OptSymInt mk,
+                               const OptTensor& seqused_k, bool deterministic) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] =
-        call_bwd(dout, q, k, v, out, lse, Opts{scale, causal, wl, wr, softcap, mq, mk}, cq, ck);
+    auto [dq, dk, dv] = call_bwd(dout, q, k, v, out, lse,
+                                 Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq,
+                                 ck, seqused_k);
     return {dq, dk, dv};
   }
 
@@ -130,18 +157,29 @@ class FlashBackwardFunction : public torch::autograd::Function<FlashBackwardFunc
   }
 };
 
+bool needs_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<double> scale,
     bool causal, int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
-    OptSymInt mq, OptSymInt mk) {
-  if (!at::GradMode::is_enabled() ||
-      !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, const OptTensor& block_table,
+    const OptTensor& s_aux, const OptTensor& k_descale, const OptTensor& v_descale,
+    bool deterministic) {
+  const Serving sv{seqused_k, block_table, s_aux, k_descale, v_descale};
+  const Opts o{scale, causal, wl, wr, softcap, mq, mk, deterministic};
+  const bool wants = q.requires_grad() || k.requires_grad() || v.requires_grad() || needs_grad(s_aux);
+  if (!at::GradMode::is_enabled() || !wants) {
     // Nothing to record (inference, or no input needs a gradient): skip the node and its saved
     // tensors, straight to the backend kernel.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_fwd(q, k, v, Opts{scale, causal, wl, wr, softcap, mq, mk}, cq, ck);
+    return call_fwd(q, k, v, o, cq, ck, sv);
   }
-  auto r = FlashFunction::apply(q, k, v, scale, causal, wl, wr, softcap, cq, ck, mq, mk);
+  TORCH_CHECK(!(block_table.has_value() && block_table->defined()),
+              "attnkit: block_table: the backward through a paged KV cache is not supported "
+              "(q, k_cache, v_cache or s_aux requires grad); call it under torch.no_grad() or "
+              "pass contiguous / varlen k and v");
+  auto r = FlashFunction::apply(q, k, v, scale, causal, wl, wr, softcap, cq, ck, mq, mk, seqused_k,
+                                block_table, s_aux, k_descale, v_descale, deterministic);
   return {r[0], r[1]};
 }
 
@@ -149,16 +187,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale, bool causal,
     int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
-    OptSymInt mq, OptSymInt mk) {
+    OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, bool deterministic) {
   if (!at::GradMode::is_enabled()) {
     // The autograd engine runs FlashFunction::backward with grad mode off (unless
     // create_graph=True): no node to record, so no FlashBackwardFunction; this is on the host
     // path of every training step's backward.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_bwd(dout, q, k, v, out, lse, Opts{scale, causal, wl, wr, softcap, mq, mk}, cq, ck);
+    return call_bwd(dout, q, k, v, out, lse,
+                    Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq, ck, seqused_k);
   }
   auto r = FlashBackwardFunction::apply(dout, q, k, v, out, lse, scale, causal, wl, wr, softcap,
-                                        cq, ck, mq, mk);
+                                        cq, ck, mq, mk, seqused_k, deterministic);
   return {r[0], r[1], r[2]};
 }
 

@@ -14,31 +14,36 @@ using torch::autograd::variable_list;
 at::Tensor call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& qo, const at::Tensor& ko, const c10::SymInt& mq,
                     const c10::SymInt& mk, c10::string_view act, double qk_scale,
-                    double pre_scale, bool causal) {
+                    double pre_scale, bool causal, int64_t window, bool bq) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attnkit::gdpa_fwd", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                         c10::SymInt, c10::string_view, double, double, bool)>();
-  return op.call(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal);
+                                         c10::SymInt, c10::string_view, double, double, bool,
+                                         int64_t, bool)>();
+  return op.call(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal, window, bq);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& qo, const at::Tensor& ko, const c10::SymInt& mq, const c10::SymInt& mk,
-    c10::string_view act, double qk_scale, double pre_scale, bool causal) {
+    c10::string_view act, double qk_scale, double pre_scale, bool causal, int64_t window,
+    bool bq) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("attnkit::gdpa_bwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, c10::string_view,
-              double, double, bool)>();
-  return op.call(dout, q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal);
+              double, double, bool, int64_t, bool)>();
+  return op.call(dout, q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale, causal, window, bq);
 }
 
 void save_options(AutogradContext* ctx, const c10::SymInt& mq, const c10::SymInt& mk,
-                  c10::string_view act, double qk_scale, double pre_scale, bool causal) {
+                  c10::string_view act, double qk_scale, double pre_scale, bool causal,
+                  int64_t window, bool bq) {
+  ctx->saved_data["window_size"] = window;
+  ctx->saved_data["broadcast_q"] = bq;
   ctx->saved_data["max_seq_len_q"] = mq;
   ctx->saved_data["max_seq_len_kv"] = mk;
   ctx->saved_data["activation"] = std::string(act);
@@ -53,26 +58,31 @@ class GdpaFunction : public torch::autograd::Function<GdpaFunction> {
                             const at::Tensor& v, const at::Tensor& q_offsets,
                             const at::Tensor& kv_offsets, const c10::SymInt& mq,
                             const c10::SymInt& mk, c10::string_view act, double qk_scale,
-                            double pre_scale, bool causal) {
+                            double pre_scale, bool causal, int64_t window, bool bq) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = call_fwd(q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale, pre_scale, causal);
+    auto out = call_fwd(q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale, pre_scale, causal,
+                        window, bq);
     ctx->save_for_backward({q, k, v, q_offsets, kv_offsets});
-    save_options(ctx, mq, mk, act, qk_scale, pre_scale, causal);
+    save_options(ctx, mq, mk, act, qk_scale, pre_scale, causal, window, bq);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const auto& d = ctx->saved_data;
-    if (!grads[0].defined()) return variable_list(11);
+    if (!grads[0].defined()) return variable_list(13);
     // Through the dispatcher (not below autograd), so a create_graph=True backward reaches
     // GdpaBackwardFunction and its clear double-backward error.
     auto [dq, dk, dv] = call_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], d.at("max_seq_len_q").toSymInt(),
                                  d.at("max_seq_len_kv").toSymInt(), d.at("activation").toStringRef(),
                                  d.at("qk_scale").toDouble(), d.at("pre_scale").toDouble(),
-                                 d.at("causal").toBool());
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                                 d.at("causal").toBool(), d.at("window_size").toInt(),
+                                 d.at("broadcast_q").toBool());
+    variable_list grads_in(13);
+    grads_in[0] = dq;
+    grads_in[1] = dk;
+    grads_in[2] = dv;
+    return grads_in;
   }
 };
 
@@ -82,10 +92,11 @@ class GdpaBackwardFunction : public torch::autograd::Function<GdpaBackwardFuncti
                                const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                                const c10::SymInt& mq, const c10::SymInt& mk, c10::string_view act,
-                               double qk_scale, double pre_scale, bool causal) {
+                               double qk_scale, double pre_scale, bool causal, int64_t window,
+                               bool bq) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] =
-        call_bwd(dout, q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale, pre_scale, causal);
+    auto [dq, dk, dv] = call_bwd(dout, q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale,
+                                 pre_scale, causal, window, bq);
     return {dq, dk, dv};
   }
 
@@ -97,17 +108,19 @@ class GdpaBackwardFunction : public torch::autograd::Function<GdpaBackwardFuncti
 at::Tensor gdpa_fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                              c10::SymInt mq, c10::SymInt mk, c10::string_view act,
-                             double qk_scale, double pre_scale, bool causal) {
+                             double qk_scale, double pre_scale, bool causal, int64_t window,
+                             bool bq) {
   return GdpaFunction::apply(q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale, pre_scale,
-                             causal);
+                             causal, window, bq);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_autograd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt mq, c10::SymInt mk,
-    c10::string_view act, double qk_scale, double pre_scale, bool causal) {
+    c10::string_view act, double qk_scale, double pre_scale, bool causal, int64_t window,
+    bool bq) {
   auto r = GdpaBackwardFunction::apply(dout, q, k, v, q_offsets, kv_offsets, mq, mk, act,
-                                       qk_scale, pre_scale, causal);
+                                       qk_scale, pre_scale, causal, window, bq);
   return {r[0], r[1], r[2]};
 }
 

@@ -1,4 +1,5 @@
-// MoE routing autograd (torchvision's pattern, as for GDPA). moe_permute's backward is
+// MoE routing autograd (torchvision's pattern, as for GDPA). moe_route's backward is its own op
+// (_moe_route_bwd) with CPU and CUDA kernels; moe_permute's backward is
 // moe_unpermute with unit weights (a gather, so no atomics); moe_unpermute's and grouped_gemm's
 // backwards are first-class ops with their own kernels; silu_and_mul's backward is a few
 // elementwise ATen ops. Every backward goes through the dispatcher so it runs on any device and
@@ -7,6 +8,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <string>
 
 namespace attnkit {
 namespace moe {
@@ -58,6 +62,81 @@ at::Tensor call_silu_and_mul(const at::Tensor& x) {
   static auto op = op_handle<at::Tensor(const at::Tensor&)>("attnkit::silu_and_mul");
   return op.call(x);
 }
+
+using OptTensor = std::optional<at::Tensor>;
+using Route4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Route4 call_route(const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
+                  const OptTensor& bias, int64_t n_group, int64_t topk_group, double scale,
+                  bool return_losses) {
+  static auto op =
+      op_handle<Route4(const at::Tensor&, int64_t, c10::string_view, bool, const OptTensor&,
+                       int64_t, int64_t, double, bool)>("attnkit::moe_route");
+  return op.call(logits, k, scoring, renormalize, bias, n_group, topk_group, scale, return_losses);
+}
+
+at::Tensor call_route_bwd(const OptTensor& gw, const OptTensor& ga, const OptTensor& gz,
+                          const at::Tensor& logits, const at::Tensor& ids, c10::string_view scoring,
+                          bool renormalize, double scale) {
+  static auto op =
+      op_handle<at::Tensor(const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                           const at::Tensor&, c10::string_view, bool, double)>(
+          "attnkit::_moe_route_bwd");
+  return op.call(gw, ga, gz, logits, ids, scoring, renormalize, scale);
+}
+
+// An undefined tensor stands for an absent gradient.
+OptTensor opt_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// moe_route: the weights and the two losses are differentiable in logits; ids are not, and the
+// bias (which only shifts the selection) gets no gradient. The backward recomputes the scores
+// from the saved logits (one pass over a row) instead of saving [T, E] probabilities.
+class RouteFunction : public torch::autograd::Function<RouteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k,
+                               c10::string_view scoring, bool renormalize, const OptTensor& bias,
+                               int64_t n_group, int64_t topk_group, double scale,
+                               bool return_losses) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [w, ids, aux, z] = call_route(logits, k, scoring, renormalize, bias, n_group, topk_group,
+                                       scale, return_losses);
+    ctx->save_for_backward({logits, ids});
+    ctx->saved_data["scoring"] = std::string(scoring);
+    ctx->saved_data["renormalize"] = renormalize;
+    ctx->saved_data["scale"] = scale;
+    if (return_losses) {
+      ctx->mark_non_differentiable({ids});
+    } else {
+      ctx->mark_non_differentiable({ids, aux, z});  // [0]-shaped placeholders
+    }
+    ctx->set_materialize_grads(false);  // absent gradients stay absent (no zero-filled [T, k])
+    return {w, ids, aux, z};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(9);
+    if (!grads[0].defined() && !grads[2].defined() && !grads[3].defined()) return none;
+    const auto s = ctx->get_saved_variables();
+    const auto scoring = ctx->saved_data["scoring"].toStringRef();
+    none[0] = call_route_bwd(opt_of(grads[0]), opt_of(grads[2]), opt_of(grads[3]), s[0], s[1],
+                             scoring, ctx->saved_data["renormalize"].toBool(),
+                             ctx->saved_data["scale"].toDouble());
+    return none;
+  }
+};
+
+class RouteBwdFunction : public torch::autograd::Function<RouteBwdFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const OptTensor& gw, const OptTensor& ga,
+                            const OptTensor& gz, const at::Tensor& logits, const at::Tensor& ids,
+                            c10::string_view scoring, bool renormalize, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_route_bwd(gw, ga, gz, logits, ids, scoring, renormalize, scale);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "attnkit: double backward of moe_route is not supported");
+  }
+};
 
 class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
  public:
@@ -171,6 +250,29 @@ class WgradFunction : public torch::autograd::Function<WgradFunction> {
   }
 };
 
+Route4 moe_route_autograd(const at::Tensor& logits, int64_t k, c10::string_view scoring,
+                          bool renormalize, const OptTensor& bias, int64_t n_group,
+                          int64_t topk_group, double scale, bool return_losses) {
+  if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_route(logits, k, scoring, renormalize, bias, n_group, topk_group, scale,
+                      return_losses);
+  }
+  auto r = RouteFunction::apply(logits, k, scoring, renormalize, bias, n_group, topk_group, scale,
+                                return_losses);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+at::Tensor moe_route_bwd_autograd(const OptTensor& gw, const OptTensor& ga, const OptTensor& gz,
+                                  const at::Tensor& logits, const at::Tensor& ids,
+                                  c10::string_view scoring, bool renormalize, double scale) {
+  if (!at::GradMode::is_enabled()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_route_bwd(gw, ga, gz, logits, ids, scoring, renormalize, scale);
+  }
+  return RouteBwdFunction::apply(gw, ga, gz, logits, ids, scoring, renormalize, scale);
+}
+
 Perm3 moe_permute_autograd(const at::Tensor& x, const at::Tensor& ids, int64_t E) {
   auto r = PermuteFunction::apply(x, ids, E);
   return {r[0], r[1], r[2]};
@@ -199,6 +301,8 @@ at::Tensor silu_and_mul_autograd(const at::Tensor& x) { return SiluAndMulFunctio
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
+  m.impl("moe_route", &moe_route_autograd);
+  m.impl("_moe_route_bwd", &moe_route_bwd_autograd);
   m.impl("moe_permute", &moe_permute_autograd);
   m.impl("moe_unpermute", &moe_unpermute_autograd);
   m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_autograd);

@@ -60,6 +60,46 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   ATTNKIT_CHECK(max_seq_len_kv >= 0, "max_seq_len_kv: expected >= 0, got ", max_seq_len_kv);
 }
 
+inline void check_window(int64_t window_size) {
+  ATTNKIT_CHECK(window_size >= -1, "window_size: expected -1 (no window) or >= 0, got ", window_size);
+}
+
+// broadcast_q: q holds ONE query sequence (all of its rows; q_offsets = [0, Lq]) attended against
+// each of the B kv sequences. The kernels see it expanded to B copies ([B·Lq, H, D], offsets
+// b·Lq); the output rows b·Lq .. (b+1)·Lq - 1 belong to kv sequence b and dq is the sum over b.
+struct BroadcastQ {
+  at::Tensor q, q_offsets;
+  c10::SymInt lq;
+};
+
+inline void check_broadcast_q(const at::Tensor& q, const at::Tensor& q_offsets,
+                              const at::Tensor& kv_offsets) {
+  check_dim(q, "q", 3);
+  check_offsets_tensor(q_offsets, "q_offsets", q, "q");
+  check_offsets_tensor(kv_offsets, "kv_offsets", q, "q");
+  ATTNKIT_CHECK(q_offsets.sym_size(0) == 2, "broadcast_q: expected q_offsets with 2 entries "
+                "([0, Lq]: one query sequence for every kv sequence), got ", q_offsets.sym_size(0));
+}
+
+inline BroadcastQ expand_broadcast_q(const at::Tensor& q, const at::Tensor& q_offsets,
+                                     const at::Tensor& kv_offsets) {
+  check_broadcast_q(q, q_offsets, kv_offsets);
+  const int64_t B = kv_offsets.size(0) - 1, Lq = q.size(0);
+  BroadcastQ r;
+  r.q = q.unsqueeze(0).expand({B, Lq, q.size(1), q.size(2)}).reshape({B * Lq, q.size(1), q.size(2)});
+  r.q_offsets = at::arange(B + 1, q_offsets.options().dtype(at::kLong)).mul_(Lq).to(q_offsets.scalar_type());
+  r.lq = c10::SymInt(Lq);
+  return r;
+}
+
+// dq of the expanded query rows summed over the B copies, in fp32, in a fixed order.
+inline at::Tensor reduce_broadcast_dq(const at::Tensor& dq_expanded, const at::Tensor& q) {
+  const int64_t Lq = q.size(0);
+  if (Lq == 0) return at::zeros_like(q);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return dq_expanded.to(acc).view({-1, Lq, q.size(1), q.size(2)}).sum(0).to(q.scalar_type());
+}
+
 inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
   check_dim(grad_out, "grad_out", 3);
   check_same_dtype(q, "q", grad_out, "grad_out");

@@ -6,7 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
+#include <optional>
+#include <string>
 
 #include "common/check.h"
 
@@ -22,6 +25,86 @@ inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
   check_float(logits, "gating_logits");
   ATTNKIT_CHECK(k >= 1 && logits.sym_size(1) >= k, "k: expected 1 <= k <= num_experts (",
                 logits.sym_size(1), "), got ", k);
+}
+
+// moe_route's options, checked once and passed to the kernels as plain values.
+struct RouteOptions {
+  bool sigmoid = false;  // scoring: softmax (false) or sigmoid (true)
+  bool renormalize = false;
+  int64_t n_group = 1, topk_group = 1;
+  double scale = 1.0;  // routed_scaling_factor
+};
+
+inline bool parse_scoring(const std::string& scoring) {
+  ATTNKIT_CHECK(scoring == "softmax" || scoring == "sigmoid",
+                "scoring: expected \"softmax\" or \"sigmoid\", got \"", scoring, "\"");
+  return scoring == "sigmoid";
+}
+
+inline RouteOptions check_route(const at::Tensor& logits, int64_t k, const std::string& scoring,
+                                bool renormalize, const std::optional<at::Tensor>& bias,
+                                int64_t n_group, int64_t topk_group, double scale) {
+  check_dim(logits, "logits", 2);
+  check_float(logits, "logits");
+  const c10::SymInt E = logits.sym_size(1);
+  RouteOptions o;
+  o.sigmoid = parse_scoring(scoring);
+  ATTNKIT_CHECK(k >= 1 && E >= k, "k: expected 1 <= k <= num_experts (", E, "), got ", k);
+  ATTNKIT_CHECK(n_group >= 1 && E % n_group == 0, "n_group: expected >= 1 and dividing ",
+                "num_experts (", E, "), got ", n_group);
+  ATTNKIT_CHECK(topk_group >= 1 && topk_group <= n_group,
+                "topk_group: expected 1 <= topk_group <= n_group (", n_group, "), got ",
+                topk_group);
+  ATTNKIT_CHECK(k <= topk_group * (E / n_group), "k: expected k <= topk_group * num_experts / ",
+                "n_group (", topk_group * (E / n_group), " experts in the kept groups), got ", k);
+  ATTNKIT_CHECK(std::isfinite(scale), "routed_scaling_factor: expected a finite value, got ",
+                scale);
+  if (bias.has_value() && bias->defined()) {
+    check_dim(*bias, "bias", 1);
+    check_float(*bias, "bias");
+    check_same_device(logits, "logits", *bias, "bias");
+    ATTNKIT_CHECK(bias->sym_size(0) == E, "bias: expected shape [", E, "] (num_experts), got ",
+                  bias->sym_sizes());
+  }
+  o.renormalize = renormalize;
+  o.n_group = n_group;
+  o.topk_group = topk_group;
+  o.scale = scale;
+  return o;
+}
+
+inline RouteOptions check_route_bwd(const std::optional<at::Tensor>& grad_w,
+                                    const std::optional<at::Tensor>& grad_aux,
+                                    const std::optional<at::Tensor>& grad_z,
+                                    const at::Tensor& logits, const at::Tensor& ids,
+                                    const std::string& scoring, bool renormalize, double scale) {
+  check_dim(logits, "logits", 2);
+  check_float(logits, "logits");
+  check_dim(ids, "ids", 2);
+  check_dtype(ids, "ids", {at::kInt, at::kLong});
+  check_same_device(logits, "logits", ids, "ids");
+  ATTNKIT_CHECK(ids.sym_size(0) == logits.sym_size(0) && ids.sym_size(1) >= 1,
+                "ids: expected shape [", logits.sym_size(0), ", k >= 1], got ", ids.sym_sizes());
+  if (grad_w.has_value() && grad_w->defined()) {
+    check_float(*grad_w, "grad_weights");
+    check_same_device(logits, "logits", *grad_w, "grad_weights");
+    ATTNKIT_CHECK(grad_w->sym_sizes() == ids.sym_sizes(), "grad_weights: expected shape ",
+                  ids.sym_sizes(), " (same as ids), got ", grad_w->sym_sizes());
+  }
+  for (const auto* g : {&grad_aux, &grad_z}) {
+    const char* name = g == &grad_aux ? "grad_aux_loss" : "grad_z_loss";
+    if (g->has_value() && (*g)->defined()) {
+      check_float(**g, name);
+      check_same_device(logits, "logits", **g, name);
+      ATTNKIT_CHECK((*g)->sym_numel() == 1, name, ": expected one element, got shape ",
+                    (*g)->sym_sizes());
+    }
+  }
+  RouteOptions o;
+  o.sigmoid = parse_scoring(scoring);
+  o.renormalize = renormalize;
+  o.scale = scale;
+  return o;
 }
 
 // row_map and expert_offsets are int32 (what at::_grouped_mm takes), so T·k must fit.

@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "common/check.h"
+#include "kernels/paged/merge_states.h"
 #include "kernels/paged/params.h"
 
 namespace attnkit {
@@ -249,11 +250,9 @@ struct CacheWriteConfig {
   int64_t T, Hkv, D, bs;
 };
 
-// key/value [T, Hkv, D] and the slot mapping [T]; the caches' shapes follow from them.
-inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tensor& value,
-                                          const at::Tensor& key_cache,
-                                          const at::Tensor& value_cache,
-                                          const at::Tensor& slot_mapping) {
+// key/value [T, Hkv, D] and the slot mapping [T], whatever the cache layout.
+inline CacheWriteConfig check_new_tokens(const at::Tensor& key, const at::Tensor& value,
+                                         const at::Tensor& slot_mapping) {
   CacheWriteConfig c;
   check_dim(key, "key", 3);
   check_dim(value, "value", 3);
@@ -267,14 +266,24 @@ inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tenso
   c.T = key.size(0);
   c.Hkv = key.size(1);
   c.D = key.size(2);
-  check_dim(key_cache, "key_cache", 5);
-  c.bs = key_cache.size(3);
-  check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
   check_dim(slot_mapping, "slot_mapping", 1);
   check_dtype(slot_mapping, "slot_mapping", {at::kInt, at::kLong});
   check_same_device(key, "key", slot_mapping, "slot_mapping");
   ATTNKIT_CHECK(slot_mapping.sym_size(0) == c.T, "slot_mapping: expected ", c.T,
                 " entries (one per token of key), got ", slot_mapping.sym_size(0));
+  return c;
+}
+
+// The same, with the caches in the x-split key layout (vLLM V0 / AITER); their shapes follow
+// from key's.
+inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tensor& value,
+                                          const at::Tensor& key_cache,
+                                          const at::Tensor& value_cache,
+                                          const at::Tensor& slot_mapping) {
+  auto c = check_new_tokens(key, value, slot_mapping);
+  check_dim(key_cache, "key_cache", 5);
+  c.bs = key_cache.size(3);
+  check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
   return c;
 }
 
@@ -291,6 +300,40 @@ inline CacheWriteConfig check_reshape_and_cache(const at::Tensor& key, const at:
   check_cache_dtype(key_cache, "key_cache", kind, key.scalar_type());
   auto c = check_cache_write(key, value, key_cache, value_cache, slot_mapping);
   c.kind = kind;
+  check_scale_tensor(k_scale, "k_scale", key);
+  check_scale_tensor(v_scale, "v_scale", key);
+  return c;
+}
+
+// reshape_and_cache_flash: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention),
+// any strides but a contiguous head dim, so K and V may be the two halves of one
+// [2, num_blocks, block_size, Hkv, D] allocation.
+inline CacheWriteConfig check_reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
+                                                      const at::Tensor& key_cache,
+                                                      const at::Tensor& value_cache,
+                                                      const at::Tensor& slot_mapping,
+                                                      std::string_view kv_cache_dtype,
+                                                      const at::Tensor& k_scale,
+                                                      const at::Tensor& v_scale) {
+  const CacheKind kind = parse_kv_cache_dtype(kv_cache_dtype);
+  check_defined(key, "key");
+  auto c = check_new_tokens(key, value, slot_mapping);
+  c.kind = kind;
+  for (auto [t, name] : {std::pair{&key_cache, "key_cache"}, std::pair{&value_cache, "value_cache"}}) {
+    check_dim(*t, name, 4);
+    check_cache_dtype(*t, name, kind, key.scalar_type());
+    check_same_device(key, "key", *t, name);
+    check_last_dim_contiguous(*t, name);
+    ATTNKIT_CHECK(t->sym_size(2) == c.Hkv && t->sym_size(3) == c.D, name,
+                  ": expected shape [num_blocks, block_size, ", c.Hkv, ", ", c.D,
+                  "] (NHD: the kv heads and head dim of key), got ", t->sym_sizes());
+  }
+  ATTNKIT_CHECK(value_cache.sym_size(0) == key_cache.sym_size(0) &&
+                    value_cache.sym_size(1) == key_cache.sym_size(1),
+                "value_cache: expected shape ", key_cache.sym_sizes(), " (same as key_cache), got ",
+                value_cache.sym_sizes());
+  c.bs = key_cache.size(1);
+  ATTNKIT_CHECK(c.bs >= 1, "key_cache: expected block_size >= 1, got shape ", key_cache.sym_sizes());
   check_scale_tensor(k_scale, "k_scale", key);
   check_scale_tensor(v_scale, "v_scale", key);
   return c;
@@ -341,6 +384,79 @@ inline CacheStrides cache_strides(const at::Tensor& key_cache, const at::Tensor&
     s.v_stc = value_cache.stride(2);
     s.v_sd = value_cache.stride(3);
   }
+  return s;
+}
+
+// merge_attn_states: output / prefix_output / suffix_output [T, H, D] (one float dtype, head dim
+// contiguous), lse tensors [H, T] fp32 (vLLM's layout), any strides.
+inline void check_merge_attn_states(const at::Tensor& output, const at::Tensor& prefix_output,
+                                    const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                                    const at::Tensor& suffix_lse,
+                                    const c10::optional<at::Tensor>& output_lse) {
+  check_dim(output, "output", 3);
+  check_dtype(output, "output", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_last_dim_contiguous(output, "output");
+  for (auto [t, name] : {std::pair{&prefix_output, "prefix_output"},
+                         std::pair{&suffix_output, "suffix_output"}}) {
+    check_dim(*t, name, 3);
+    check_same_dtype(output, "output", *t, name);
+    check_same_device(output, "output", *t, name);
+    check_last_dim_contiguous(*t, name);
+    ATTNKIT_CHECK(t->sym_sizes() == output.sym_sizes(), name, ": expected shape ",
+                  output.sym_sizes(), " (same as output), got ", t->sym_sizes());
+  }
+  const auto T = output.sym_size(0), H = output.sym_size(1);
+  auto check_lse = [&](const at::Tensor& l, const char* name) {
+    check_dim(l, name, 2);
+    check_dtype(l, name, {at::kFloat});
+    check_same_device(output, "output", l, name);
+    ATTNKIT_CHECK(l.sym_size(0) == H && l.sym_size(1) == T, name, ": expected shape [", H, ", ",
+                  T, "] ([num_heads, num_tokens]), got ", l.sym_sizes());
+  };
+  check_lse(prefix_lse, "prefix_lse");
+  check_lse(suffix_lse, "suffix_lse");
+  if (output_lse.has_value()) check_lse(*output_lse, "output_lse");
+}
+
+inline MergeParams make_merge_params(const at::Tensor& output, const at::Tensor& prefix_output,
+                                     const at::Tensor& prefix_lse,
+                                     const at::Tensor& suffix_output,
+                                     const at::Tensor& suffix_lse,
+                                     const c10::optional<at::Tensor>& output_lse) {
+  MergeParams p{};
+  p.out = output.data_ptr();
+  p.prefix = prefix_output.data_ptr();
+  p.suffix = suffix_output.data_ptr();
+  p.o_st = output.stride(0), p.o_sh = output.stride(1);
+  p.p_st = prefix_output.stride(0), p.p_sh = prefix_output.stride(1);
+  p.s_st = suffix_output.stride(0), p.s_sh = suffix_output.stride(1);
+  p.prefix_lse = prefix_lse.data_ptr<float>();
+  p.suffix_lse = suffix_lse.data_ptr<float>();
+  p.pl_sh = prefix_lse.stride(0), p.pl_st = prefix_lse.stride(1);
+  p.sl_sh = suffix_lse.stride(0), p.sl_st = suffix_lse.stride(1);
+  p.out_lse = output_lse.has_value() ? output_lse->data_ptr<float>() : nullptr;
+  if (output_lse.has_value()) p.ol_sh = output_lse->stride(0), p.ol_st = output_lse->stride(1);
+  p.T = static_cast<int32_t>(output.size(0));
+  p.H = static_cast<int32_t>(output.size(1));
+  p.D = static_cast<int32_t>(output.size(2));
+  return p;
+}
+
+// Strides of NHD caches [num_blocks, block_size, Hkv, D] in the same form: a key "chunk" of x = D
+// elements (one whole head row) and value token chunks of one token, so key_offset / value_offset
+// address both layouts.
+inline CacheStrides nhd_cache_strides(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  CacheStrides s;
+  s.x = static_cast<int32_t>(key_cache.size(3));
+  s.k_sb = key_cache.stride(0);
+  s.k_st = key_cache.stride(1);
+  s.k_sh = key_cache.stride(2);
+  s.k_sdc = 0;
+  s.v_sb = value_cache.stride(0);
+  s.v_stc = value_cache.stride(1);
+  s.v_sh = value_cache.stride(2);
+  s.v_sd = 1;
+  s.v_tx = 1;
   return s;
 }
 

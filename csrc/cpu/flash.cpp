@@ -17,6 +17,7 @@
 
 #include "common/dispatch.h"
 #include "common/flash_args.h"
+#include "common/flash_serving.h"
 #include "cpu/tile_gemm.h"
 
 namespace attnkit {
@@ -411,15 +412,21 @@ void check_cu_values(const std::optional<at::Tensor>& cu_q, const std::optional<
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
+    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
+    const OptTensor& v_descale, bool /*deterministic: the CPU backward always is*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
-  if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in);
+  const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
+                                  k_descale, v_descale, /*cpu=*/true);
+  const auto& cu_k = r.cu_k;
+  const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
+  if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
+  if (varlen) check_cu_values(cu_q, cu_k, q_in, r.k);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
+             v = last_dim_contiguous(r.v);
   // Batched, the kernel writes every row; varlen rows outside every sequence are never visited
   // and keep these fill values.
   const auto out_opt = q.options().memory_format(at::MemoryFormat::Contiguous);
@@ -430,11 +437,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (r.seqused_k) p.seqused_k = r.seqused_k->data_ptr<int32_t>();
   if (out.numel() == 0 || p.B == 0) return {out, lse};
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_fwd_cpu", [&] {
     fwd_impl<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                        out.data_ptr<scalar_t>(), lse.data_ptr<acc_type_t<scalar_t>>());
   });
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};
 }
 
@@ -443,11 +452,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
+    bool /*deterministic: always*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out_in, q_in, out_in, lse, varlen);
   if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
+  const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), out = last_dim_contiguous(out_in),
              dout = last_dim_contiguous(grad_out_in);
@@ -457,6 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (used) p.seqused_k = used->data_ptr<int32_t>();
   p.dout = strides_of(dout, varlen);
   p.dq = strides_of(dq, varlen);
   p.dk = strides_of(dk, varlen);

@@ -6,11 +6,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <vector>
 
 #include "common/dispatch.h"
 #include "common/gdpa_args.h"
 #include "cpu/tile_gemm.h"
+#include "kernels/gdpa/params.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -91,15 +93,21 @@ inline at::Tensor act_bwd_tensor(Activation a, const at::Tensor& x) {
 template <typename acc_t>
 inline void scores_tile(Activation act, acc_t* p, acc_t* dphi, const acc_t* q, const acc_t* k,
                         int64_t bm, int64_t bn, int64_t D, acc_t pre_scale, bool causal,
-                        int64_t i0, int64_t j0) {
+                        int64_t window, int64_t i0, int64_t j0) {
   gemm_nt(p, bn, q, D, k, D, bm, bn, D);
   auto s = wrap(p, bm, bn, bn);
   s.mul_(pre_scale);
   if (dphi) wrap(dphi, bm, bn, bn).copy_(act_bwd_tensor(act, s));
   if (act != Activation::kRaw) s.copy_(act_fwd_tensor(act, s));
-  if (causal && j0 + bn - 1 > i0) {  // the tile crosses the diagonal: key j visible iff j <= i
+  // Masked only where the tile crosses the diagonal (causal) or a window edge.
+  const bool crosses_diag = causal && j0 + bn - 1 > i0;
+  const bool crosses_window =
+      window >= 0 && (j0 < i0 + bm - 1 - window || j0 + bn - 1 > i0 + window);
+  if (crosses_diag || crosses_window) {
+    const int32_t w = static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
     for (int64_t i = 0; i < bm; ++i) {
-      for (int64_t j = std::max<int64_t>(0, i0 + i - j0 + 1); j < bn; ++j) {
+      for (int64_t j = 0; j < bn; ++j) {
+        if (visible(causal, w, i0 + i, j0 + j)) continue;
         p[i * bn + j] = acc_t(0);
         if (dphi) dphi[i * bn + j] = acc_t(0);
       }
@@ -119,7 +127,7 @@ inline void round_tile(acc_t* p, int64_t n) {
 template <typename scalar_t, typename index_t>
 void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const index_t* qo, const index_t* ko, int64_t B, double qk_scale, double pre_scale,
-              bool causal) {
+              bool causal, int64_t window) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2), G = H / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -146,13 +154,14 @@ void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Te
       const int64_t hk = h / G;
       load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int64_t kv_end = causal ? std::min(s.lk, i0 + bm) : s.lk;
-      for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockN) {
-        const int64_t bn = std::min(kBlockN, kv_end - j0);
+      const Span kv = key_span(causal, static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)),
+                               i0, i0 + bm - 1, s.lk);
+      for (int64_t j0 = kv.lo; j0 < kv.hi; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, kv.hi - j0);
         load_rows(kt.data(), kp, s.k0 + j0, bn, bn, Hkv, hk, D);
         load_rows(vt.data(), vp, s.k0 + j0, bn, bn, Hkv, hk, D);
         scores_tile(act, pt.data(), static_cast<acc_t*>(nullptr), qt.data(), kt.data(), bm, bn, D,
-                    acc_t(pre_scale), causal, i0, j0);
+                    acc_t(pre_scale), causal, window, i0, j0);
         round_tile<scalar_t>(pt.data(), bm * bn);
         gemm_nn(acc.data(), D, pt.data(), bn, vt.data(), D, bm, D, bn);
       }
@@ -167,7 +176,8 @@ void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Te
 template <typename scalar_t, typename index_t>
 void bwd_impl(Activation act, at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv32, const at::Tensor& dout,
               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* qo,
-              const index_t* ko, int64_t B, double qk_scale, double pre_scale, bool causal) {
+              const index_t* ko, int64_t B, double qk_scale, double pre_scale, bool causal,
+              int64_t window) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2), G = H / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -192,13 +202,15 @@ void bwd_impl(Activation act, at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv
         acc_t* dk = dkp + ((s.k0 + j0) * Hkv + hk) * D;
         acc_t* dv = dvp + ((s.k0 + j0) * Hkv + hk) * D;
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-          // Causal: query i sees key j iff j <= i, so queries before j0 see nothing of this tile.
-          for (int64_t i0 = causal ? (j0 / kBlockM) * kBlockM : 0; i0 < s.lq; i0 += kBlockM) {
-            const int64_t bm = std::min(kBlockM, s.lq - i0);
+          // Only the queries that see some key of this tile (causal: none before j0).
+          const Span qr = query_span(causal, static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)),
+                                     j0, j0 + bn - 1, s.lq);
+          for (int64_t i0 = qr.lo; i0 < qr.hi; i0 += kBlockM) {
+            const int64_t bm = std::min(kBlockM, qr.hi - i0);
             load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
             load_rows(dot.data(), dop, s.q0 + i0, bm, bm, H, h, D);
             scores_tile(act, pt.data(), dphi.data(), qt.data(), kt.data(), bm, bn, D,
-                        acc_t(pre_scale), causal, i0, j0);
+                        acc_t(pre_scale), causal, window, i0, j0);
             round_tile<scalar_t>(pt.data(), bm * bn);
             // dS = qk_scale·pre_scale·φ′(S)⊙(dO·Vᵀ); dV += qk_scale·round(P)ᵀ·dO.
             gemm_nt(ds.data(), bn, dot.data(), D, vt.data(), D, bm, bn, D);
@@ -224,11 +236,28 @@ void check_offsets_values(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_offsets_values_cpu(kv_offsets, k.size(0), "kv_offsets");
 }
 
+// broadcast_q on the CPU: q_offsets must be [0, q rows] (one query sequence: all of q).
+void check_broadcast_q_values(const at::Tensor& q, const at::Tensor& q_offsets,
+                              const at::Tensor& kv_offsets) {
+  check_broadcast_q(q, q_offsets, kv_offsets);
+  const auto qo = q_offsets.to(at::kLong);
+  const int64_t a = qo[0].item<int64_t>(), e = qo[1].item<int64_t>();
+  ATTNKIT_CHECK(a == 0 && e == q.size(0), "broadcast_q: expected q_offsets = [0, ", q.size(0),
+                "] (q holds one query sequence, all of its rows), got [", a, ", ", e, "]");
+}
+
 at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                         c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
                         c10::string_view activation, double qk_scale, double pre_scale,
-                        bool causal) {
+                        bool causal, int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
+  if (broadcast_q) {
+    check_broadcast_q_values(q_in, q_offsets, kv_offsets);
+    const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
+    return gdpa_fwd_cpu(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv, activation,
+                        qk_scale, pre_scale, causal, window_size, false);
+  }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   const Activation act = parse_activation(activation);
   check_offsets_values(q_in, k_in, q_offsets, kv_offsets);
@@ -241,7 +270,8 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_fwd_cpu", [&] {
     ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
       fwd_impl<scalar_t, index_t>(act, out, q, k, v, qo.data_ptr<index_t>(),
-                                  ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal);
+                                  ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal,
+                                  window_size);
     });
   });
   return out;
@@ -251,7 +281,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
     c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
-    double qk_scale, double pre_scale, bool causal) {
+    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
+  if (broadcast_q) {
+    check_broadcast_q_values(q_in, q_offsets, kv_offsets);
+    const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
+    auto [dq, dk, dv] = gdpa_bwd_cpu(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
+                                     max_seq_len_kv, activation, qk_scale, pre_scale, causal,
+                                     window_size, false);
+    return {reduce_broadcast_dq(dq, q_in), dk, dv};
+  }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   check_grad_out(grad_out, q_in);
   const Activation act = parse_activation(activation);
@@ -268,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
     ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_bwd_cpu", [&] {
       ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
         bwd_impl<scalar_t, index_t>(act, dq, dk, dv, dout, q, k, v, qo.data_ptr<index_t>(),
-                                    ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal);
+                                    ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal,
+                                    window_size);
       });
     });
   }

@@ -8,6 +8,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
 #include <numeric>
 #include <vector>
 
@@ -21,42 +24,265 @@ namespace {
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Experts ordered by logit (descending), lower expert id first on ties; the softmax is monotone
-// so this is the order of the probabilities, and the CUDA kernel uses the same rule.
-std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
-                                                        bool renormalize) {
-  check_topk_softmax(logits_in, k);
-  const auto logits = logits_in.contiguous().to(at::kFloat);
-  const int64_t T = logits.size(0), E = logits.size(1);
-  auto weights = at::empty({T, k}, logits.options());
-  auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-  const float* lp = logits.data_ptr<float>();
-  float* wp = weights.data_ptr<float>();
-  int32_t* ip = ids.data_ptr<int32_t>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> order(E);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* x = lp + t * E;
-      const float mx = *std::max_element(x, x + E);
-      float sum = 0.f;
-      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-        return x[a] > x[b] || (x[a] == x[b] && a < b);
-      });
-      float sel = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        const float p = std::exp(x[order[j]] - mx) / sum;
-        wp[t * k + j] = p;
-        ip[t * k + j] = order[j];
-        sel += p;
+// ---- moe_route ---------------------------------------------------------------------------------
+// One token row at a time, in A (fp32, fp64 for fp64 logits). The selection key of expert e is
+// its logit without a bias (the scores are monotone in it) and score + bias with one; NaN keys
+// rank as -inf so the order stays total and ids stay in [0, E). Ties go to the lower id (and the
+// lower group id among groups), as in the CUDA kernel.
+template <typename A>
+bool ranks_before(A v, int64_t i, A bv, int64_t bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+template <typename A>
+A nan_to_neg_inf(A v) {
+  return std::isnan(v) ? -std::numeric_limits<A>::infinity() : v;
+}
+
+// Scores of one row and its log-sum-exp (the z-loss's; the softmax's normaliser).
+template <typename A>
+A route_scores(const A* x, int64_t E, bool sigmoid, A* s) {
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t e = 0; e < E; ++e) mx = x[e] > mx ? x[e] : mx;
+  A sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = sigmoid ? A(1) / (A(1) + std::exp(-x[e])) : std::exp(x[e] - mx) / sum;
+  }
+  return mx + std::log(sum);
+}
+
+// Per-thread scratch of route_row.
+template <typename A>
+struct RouteScratch {
+  std::vector<A> x, s, key, gscore;
+  std::vector<int64_t> cand, gorder;
+  RouteScratch(int64_t E, int64_t G) : x(E), s(E), key(E), gscore(G), cand(E), gorder(G) {}
+};
+
+// Selects the k experts of one row (x and s filled); writes ids and weights.
+template <typename A>
+void route_select(const A* bias, int64_t E, int64_t k, const RouteOptions& o, RouteScratch<A>& r,
+                  A* w, int32_t* ids) {
+  for (int64_t e = 0; e < E; ++e) r.key[e] = nan_to_neg_inf(bias ? r.s[e] + bias[e] : r.x[e]);
+  int64_t n = 0;
+  if (o.n_group > 1) {
+    // Groups by score: with a bias the sum of its two best keys (DeepSeek-V3), without one its
+    // best key (DeepSeek-V2); keep the topk_group best groups.
+    const int64_t G = o.n_group, gs = E / G;
+    for (int64_t g = 0; g < G; ++g) {
+      A b1 = -std::numeric_limits<A>::infinity(), b2 = b1;
+      for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
+        const A v = r.key[e];
+        if (v > b1) {
+          b2 = b1;
+          b1 = v;
+        } else if (v > b2) {
+          b2 = v;
+        }
       }
-      if (renormalize) {
-        for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= sel;
-      }
+      r.gscore[g] = nan_to_neg_inf(bias && gs >= 2 ? b1 + b2 : b1);
     }
+    std::iota(r.gorder.begin(), r.gorder.end(), 0);
+    std::partial_sort(
+        r.gorder.begin(), r.gorder.begin() + o.topk_group, r.gorder.end(),
+        [&](int64_t a, int64_t b) { return ranks_before(r.gscore[a], a, r.gscore[b], b); });
+    std::sort(r.gorder.begin(), r.gorder.begin() + o.topk_group);
+    for (int64_t j = 0; j < o.topk_group; ++j) {
+      for (int64_t e = r.gorder[j] * gs; e < (r.gorder[j] + 1) * gs; ++e) r.cand[n++] = e;
+    }
+  } else {
+    std::iota(r.cand.begin(), r.cand.end(), 0);
+    n = E;
+  }
+  std::partial_sort(r.cand.begin(), r.cand.begin() + k, r.cand.begin() + n,
+                    [&](int64_t a, int64_t b) { return ranks_before(r.key[a], a, r.key[b], b); });
+  A sel = 0;
+  for (int64_t j = 0; j < k; ++j) sel += r.s[r.cand[j]];
+  const A mul = o.renormalize ? A(o.scale) / sel : A(o.scale);
+  for (int64_t j = 0; j < k; ++j) {
+    ids[j] = int32_t(r.cand[j]);
+    w[j] = r.s[r.cand[j]] * mul;
+  }
+}
+
+constexpr int64_t kRouteChunk = 64;  // tokens per loss partial: a fixed order, any thread count
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& logits_in, int64_t k, const std::optional<at::Tensor>& bias_in,
+    const RouteOptions& o, bool losses) {
+  constexpr auto kAcc = c10::CppTypeToScalarType<A>::value;
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const at::TensorOptions opts = logits.options().dtype(kAcc);
+  at::Tensor weights = at::empty({T, k}, opts);
+  at::Tensor ids = at::empty({T, k}, opts.dtype(at::kInt));
+  at::Tensor aux = losses ? at::zeros({}, opts) : at::empty({0}, opts);
+  at::Tensor z = losses ? at::zeros({}, opts) : at::empty({0}, opts);
+  if (T == 0) return {weights, ids, aux, z};
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(kAcc).contiguous();
+  const A* bp = bias.defined() ? bias.data_ptr<A>() : nullptr;
+  const int64_t chunks = (T + kRouteChunk - 1) / kRouteChunk;
+  at::Tensor p_part = losses ? at::zeros({chunks, E}, opts) : at::Tensor();
+  at::Tensor z_part = losses ? at::zeros({chunks}, opts) : at::Tensor();
+  A* wp = weights.data_ptr<A>();
+  int32_t* ip = ids.data_ptr<int32_t>();
+  ATTNKIT_DISPATCH_CPU_FLOAT(logits.scalar_type(), "moe_route_cpu", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      RouteScratch<A> r(E, o.n_group);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t t = c * kRouteChunk; t < std::min(T, (c + 1) * kRouteChunk); ++t) {
+          for (int64_t e = 0; e < E; ++e) r.x[e] = A(lp[t * E + e]);
+          const A lse = route_scores(r.x.data(), E, o.sigmoid, r.s.data());
+          route_select(bp, E, k, o, r, wp + t * k, ip + t * k);
+          if (!losses) continue;
+          // The router probability of the aux loss: the softmax, or the sigmoid scores
+          // normalised over the experts (DeepSeek-V3's sequence-wise balance loss).
+          A* pp = p_part.data_ptr<A>() + c * E;
+          A norm = 1;
+          if (o.sigmoid) {
+            A ssum = 0;
+            for (int64_t e = 0; e < E; ++e) ssum += r.s[e];
+            norm = A(1) / ssum;
+          }
+          for (int64_t e = 0; e < E; ++e) pp[e] += r.s[e] * norm;
+          z_part.data_ptr<A>()[c] += lse * lse;
+        }
+      }
+    });
   });
-  return {weights, ids};
+  if (losses) {
+    std::vector<int64_t> counts(E, 0);
+    for (int64_t i = 0; i < T * k; ++i) ++counts[ip[i]];
+    const A* pp = p_part.data_ptr<A>();
+    A sum_fp = 0, zs = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      A pe = 0;
+      for (int64_t c = 0; c < chunks; ++c) pe += pp[c * E + e];
+      sum_fp += A(counts[e]) / A(T * k) * (pe / A(T));
+    }
+    for (int64_t c = 0; c < chunks; ++c) zs += z_part.data_ptr<A>()[c];
+    aux.fill_(A(E) * sum_fp);
+    z.fill_(zs / A(T));
+  }
+  return {weights, ids, aux, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
+    const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+    bool return_losses) {
+  const auto o =
+      check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
+  if (logits.scalar_type() == at::kDouble)
+    return route_cpu<double>(logits, k, bias, o, return_losses);
+  return route_cpu<float>(logits, k, bias, o, return_losses);
+}
+
+// vLLM's topk_softmax: moe_route with softmax scoring and no bias or groups, in fp32.
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cpu(const at::Tensor& logits, int64_t k,
+                                                        bool renormalize) {
+  check_topk_softmax(logits, k);
+  RouteOptions o;
+  o.renormalize = renormalize;
+  auto r = route_cpu<float>(logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits, k,
+                            std::nullopt, o, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+// The gradient in logits of one row: ds (the gradient in the scores, from the weights and the
+// aux loss) through the scoring function, plus the z-loss's term.
+template <typename A>
+at::Tensor route_bwd_cpu(const std::optional<at::Tensor>& gw_in,
+                         const std::optional<at::Tensor>& ga_in,
+                         const std::optional<at::Tensor>& gz_in, const at::Tensor& logits_in,
+                         const at::Tensor& ids_in, const RouteOptions& o) {
+  constexpr auto kAcc = c10::CppTypeToScalarType<A>::value;
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (grad.numel() == 0) return grad;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i) {
+    ATTNKIT_CHECK(idp[i] >= 0 && idp[i] < E, "ids: expected expert ids in [0, ", E, "), got ",
+                  idp[i], " at token ", i / k, " slot ", i % k);
+  }
+  const bool has_w = gw_in.has_value() && gw_in->defined();
+  const at::Tensor gw = has_w ? gw_in->to(kAcc).contiguous() : at::Tensor();
+  const A g_aux = ga_in.has_value() && ga_in->defined() ? ga_in->item<double>() : 0.0;
+  const A g_z = gz_in.has_value() && gz_in->defined() ? gz_in->item<double>() : 0.0;
+  // d aux / d p[t, e] = E * f_e / T with f_e = count_e / (T k): the fraction routed to e.
+  std::vector<A> a_coef(E, A(0));
+  if (g_aux != A(0)) {
+    std::vector<int64_t> counts(E, 0);
+    for (int64_t i = 0; i < T * k; ++i) ++counts[idp[i]];
+    for (int64_t e = 0; e < E; ++e) a_coef[e] = g_aux * A(E) * A(counts[e]) / A(T * k) / A(T);
+  }
+  ATTNKIT_DISPATCH_CPU_FLOAT(logits.scalar_type(), "moe_route_bwd_cpu", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    const A* gwp = has_w ? gw.data_ptr<A>() : nullptr;
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<A> x(E), s(E), ds(E);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t e = 0; e < E; ++e) x[e] = A(lp[t * E + e]);
+        const A lse = route_scores(x.data(), E, o.sigmoid, s.data());
+        std::fill(ds.begin(), ds.end(), A(0));
+        if (gwp) {
+          const int64_t* id = idp + t * k;
+          const A* g = gwp + t * k;
+          if (o.renormalize) {
+            // w_j = c s_j / S: dS_j = c / S (g_j - sum_m g_m s_m / S).
+            A S = 0, gs = 0;
+            for (int64_t j = 0; j < k; ++j) S += s[id[j]];
+            for (int64_t j = 0; j < k; ++j) gs += g[j] * s[id[j]];
+            for (int64_t j = 0; j < k; ++j) ds[id[j]] += A(o.scale) / S * (g[j] - gs / S);
+          } else {
+            for (int64_t j = 0; j < k; ++j) ds[id[j]] += A(o.scale) * g[j];
+          }
+        }
+        if (g_aux != A(0)) {
+          if (o.sigmoid) {  // p = s / sum(s): dp_e/ds_m = (delta_em - p_e) / sum(s)
+            A ssum = 0, ap = 0;
+            for (int64_t e = 0; e < E; ++e) ssum += s[e];
+            for (int64_t e = 0; e < E; ++e) ap += a_coef[e] * s[e];
+            ap /= ssum;
+            for (int64_t e = 0; e < E; ++e) ds[e] += (a_coef[e] - ap) / ssum;
+          } else {
+            for (int64_t e = 0; e < E; ++e) ds[e] += a_coef[e];
+          }
+        }
+        A dot = 0;
+        if (!o.sigmoid) {
+          for (int64_t e = 0; e < E; ++e) dot += ds[e] * s[e];
+        }
+        const A zc = g_z * A(2) * lse / A(T);
+        for (int64_t e = 0; e < E; ++e) {
+          A d = o.sigmoid ? ds[e] * s[e] * (A(1) - s[e]) : s[e] * (ds[e] - dot);
+          if (g_z != A(0)) d += zc * std::exp(x[e] - lse);
+          gp[t * E + e] = scalar_t(d);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+at::Tensor moe_route_bwd_cpu(const std::optional<at::Tensor>& grad_w,
+                             const std::optional<at::Tensor>& grad_aux,
+                             const std::optional<at::Tensor>& grad_z, const at::Tensor& logits,
+                             const at::Tensor& ids, c10::string_view scoring, bool renormalize,
+                             double scale) {
+  const auto o = check_route_bwd(grad_w, grad_aux, grad_z, logits, ids, std::string(scoring),
+                                 renormalize, scale);
+  if (logits.scalar_type() == at::kDouble) {
+    return route_bwd_cpu<double>(grad_w, grad_aux, grad_z, logits, ids, o);
+  }
+  return route_bwd_cpu<float>(grad_w, grad_aux, grad_z, logits, ids, o);
 }
 
 template <typename index_t>
@@ -276,6 +502,8 @@ at::Tensor expert_load_balance_cpu(const at::Tensor& loads_in, int64_t world_siz
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("moe_topk_softmax", &moe_topk_softmax_cpu);
+  m.impl("moe_route", &moe_route_cpu);
+  m.impl("_moe_route_bwd", &moe_route_bwd_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);
   m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_cpu);

@@ -284,6 +284,57 @@ void reshape_and_cache_with_pertoken_quant_cpu(const at::Tensor& key, const at::
   run_write(p, key.scalar_type(), c.kind);
 }
 
+void reshape_and_cache_flash_cpu(const at::Tensor& key, const at::Tensor& value,
+                                 at::Tensor& key_cache, at::Tensor& value_cache,
+                                 const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype,
+                                 const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  const auto c = check_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                               kv_cache_dtype, k_scale, v_scale);
+  if (c.T == 0 || c.Hkv == 0) return;
+  const auto slots = slot_mapping.contiguous();
+  auto p = make_cache_write_params(key, value, key_cache, value_cache, slots, c);
+  p.cs = nhd_cache_strides(key_cache, value_cache);
+  if (c.kind != CacheKind::kSame) {
+    p.k_scale = k_scale.data_ptr<float>();
+    p.v_scale = v_scale.data_ptr<float>();
+  }
+  check_slots(p);
+  run_write(p, key.scalar_type(), c.kind);
+}
+
+// ---- merge of partial attention results --------------------------------------------------------
+template <typename scalar_t>
+void merge_impl(const MergeParams& p) {
+  at::parallel_for(0, int64_t(p.T) * p.H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row / p.H, h = row % p.H;
+      const MergeWeights w = merge_weights(p.prefix_lse[h * p.pl_sh + t * p.pl_st],
+                                           p.suffix_lse[h * p.sl_sh + t * p.sl_st]);
+      const scalar_t* pr = static_cast<const scalar_t*>(p.prefix) + t * p.p_st + h * p.p_sh;
+      const scalar_t* sr = static_cast<const scalar_t*>(p.suffix) + t * p.s_st + h * p.s_sh;
+      scalar_t* o = static_cast<scalar_t*>(p.out) + t * p.o_st + h * p.o_sh;
+      for (int64_t d = 0; d < p.D; ++d) {
+        float acc = 0.0f;
+        if (w.use_prefix) acc += w.prefix * static_cast<float>(pr[d]);
+        if (w.use_suffix) acc += w.suffix * static_cast<float>(sr[d]);
+        o[d] = static_cast<scalar_t>(acc);
+      }
+      if (p.out_lse != nullptr) p.out_lse[h * p.ol_sh + t * p.ol_st] = w.lse;
+    }
+  });
+}
+
+void merge_attn_states_cpu(at::Tensor& output, const at::Tensor& prefix_output,
+                           const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                           const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  check_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
+  if (output.numel() == 0 && (!output_lse.has_value() || output_lse->numel() == 0)) return;
+  const auto p = make_merge_params(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                   output_lse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(),
+                                  "merge_attn_states_cpu", [&] { merge_impl<scalar_t>(p); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
@@ -291,6 +342,8 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("pa_fwd", &pa_fwd_cpu);
   m.impl("reshape_and_cache", &reshape_and_cache_cpu);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cpu);
+  m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_cpu);
+  m.impl("merge_attn_states", &merge_attn_states_cpu);
 }
 
 }  // namespace paged

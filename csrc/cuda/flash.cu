@@ -7,12 +7,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "common/flash_args.h"
+#include "common/flash_serving.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/wgmma_bwd.cuh"
@@ -21,6 +25,7 @@
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
 #include "env_switch.h"
+#include "paged_nhd_decode.h"
 #include "tma_map.h"
 
 namespace attnkit {
@@ -176,28 +181,127 @@ dim3 grid_of(int64_t rows, int64_t rows_per_cta, int64_t heads, int64_t batch) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
 }
 
+bool aligned16(const at::Tensor& t) {
+  const int64_t e = t.element_size();
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(-1) == 1 &&
+         (t.stride(0) * e) % 16 == 0 && (t.stride(1) * e) % 16 == 0 && (t.stride(2) * e) % 16 == 0;
+}
+
+// The serving call's decode path (docs/serving.md): a paged call whose every sequence has one
+// query row on average (Tq == B: pure decode, as vLLM's decode steps are; any offsets stay
+// correct, since the kernel finds each token's sequence itself) reads the NHD pages with the
+// paged family's tensor-core decode kernel instead of gathering them. Conditions: causal, 16-bit
+// query and cache of one dtype, head size 64/128, GQA ratio <= 16, sm_80+, 16-byte aligned cache
+// rows. ATTNKIT_SERVING_DECODE=0 turns it off (A/B runs and tests of the gather path).
+std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Options& opt,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale) {
+  check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);
+  check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
+  const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(2), G = H / Hkv;
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
+  if (given(s_aux)) check_sinks(*s_aux, q, H);
+  const KernelSwitch mode = kernel_switch("ATTNKIT_SERVING_DECODE", true);
+  if (mode == KernelSwitch::kOff || !opt.causal || T != B || B < 1 ||
+      !(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) ||
+      k.scalar_type() != q.scalar_type() || !paged::nhd_decode_shape_ok(D, G) || sm_major(q) < 8 ||
+      !aligned16(k) || !aligned16(v) || opt.window_left >= INT32_MAX) {
+    return std::nullopt;
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t M = block_table.size(1), bs = k.size(1);
+  at::Tensor used;
+  if (given(seqused_k)) {
+    used = seqused_k->contiguous();
+  } else if (given(cu_k)) {
+    check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+    ATTNKIT_CHECK(cu_k->size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
+                  cu_k->size(0));
+    used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, B)).to(at::kInt).contiguous();
+  } else {
+    used = at::full({B}, M * bs, q.options().dtype(at::kInt));
+  }
+  const auto bt = block_table.size(1) <= 1 || block_table.stride(1) == 1 ? block_table
+                                                                          : block_table.contiguous();
+  const auto qo = cu_q->to(at::kInt).contiguous();
+  auto out = at::zeros({T, H, D}, q.options());
+  auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  paged::DecodeParams p{};
+  p.q = q.const_data_ptr();
+  p.q_st = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
+  p.out = out.data_ptr();
+  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  p.k_cache = k.const_data_ptr();
+  p.v_cache = v.const_data_ptr();
+  // NHD as the x-split description with x = 8: key chunk c of token t at t * k_st + 8c; values
+  // token-major (v_tx = 1, token stride v_stc, dims contiguous).
+  p.cs.k_sb = k.stride(0), p.cs.k_st = k.stride(1), p.cs.k_sh = k.stride(2), p.cs.k_sdc = 8;
+  p.cs.v_sb = v.stride(0), p.cs.v_stc = v.stride(1), p.cs.v_sh = v.stride(2), p.cs.v_sd = 1;
+  p.cs.x = 8;
+  p.cs.v_tx = 1;
+  p.block_tables = bt.const_data_ptr<int32_t>();
+  p.bt_stride = bt.stride(0);
+  p.seq_lens = used.const_data_ptr<int32_t>();
+  p.qo_indptr = qo.const_data_ptr<int32_t>();
+  p.scale = static_cast<float>(opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D))));
+  p.softcap = static_cast<float>(opt.softcap);
+  // Causal: keys [qpos - window_left, qpos], i.e. the last window_left + 1 keys.
+  p.window = opt.window_left >= 0 ? static_cast<int32_t>(opt.window_left + 1) : 0;
+  p.S = static_cast<int32_t>(B), p.Hq = static_cast<int32_t>(H), p.Hkv = static_cast<int32_t>(Hkv);
+  p.D = static_cast<int32_t>(D), p.block_size = static_cast<int32_t>(bs);
+  p.num_blocks = static_cast<int32_t>(k.size(0)), p.max_blocks = static_cast<int32_t>(M);
+  p.max_qlen = static_cast<int32_t>(T), p.Tq = static_cast<int32_t>(T);
+  p.token_grid = true;
+  p.lse = lse.data_ptr<float>();
+  p.lse_sh = lse.stride(0), p.lse_st = lse.stride(1);
+  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q);
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
+  return std::make_tuple(out, lse);
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>) {
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
+  if (given(block_table) && given(cu_q) && q_in.dim() == 3) {
+    if (auto r = try_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k,
+                                *block_table, s_aux, k_descale, v_descale)) {
+      return *r;
+    }
+  }
+  // Paged caches are gathered here, block ids clamped (flash_serving.h): no value is read. Every
+  // check (devices included) comes before the device guard, which needs q on a CUDA device.
+  const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
+                                  k_descale, v_descale, /*cpu=*/false);
+  const auto& cu_k = r.cu_k;
+  const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+  if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
+             v = last_dim_contiguous(r.v);
   const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
   // Varlen rows outside every sequence are never visited, so they are filled here.
   auto out = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
   const auto lse_opts = q.options().dtype(at::kFloat);
   auto lse = varlen ? at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(), lse_opts)
                     : at::empty({q.size(0), q.size(2), q.size(1)}, lse_opts);
-  if (out.numel() == 0) return {out, lse};
+  if (out.numel() == 0) {
+    if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
+    return {out, lse};
+  }
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
-  const Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (r.seqused_k) p.seqused_k = r.seqused_k->data_ptr<int32_t>();
   if (p.B == 0) return {out, lse};
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
@@ -250,6 +354,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
                 "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
                 "data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
                 q.scalar_type(), ", head dim ", p.D);
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};
 }
 
@@ -258,11 +363,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k) {
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic_arg) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
+  const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
@@ -271,9 +379,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   // delta shares lse's (contiguous) layout and index arithmetic.
   const auto lse = lse_in.contiguous();
   const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
+  // Key rows past seqused_k are never visited: zero-filled like varlen rows outside sequences.
+  const bool fill = varlen || used.has_value();
   auto dq = varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
-  auto dk = varlen ? at::zeros(k.sizes(), contig) : at::empty(k.sizes(), contig);
-  auto dv = varlen ? at::zeros(v.sizes(), contig) : at::empty(v.sizes(), contig);
+  auto dk = fill ? at::zeros(k.sizes(), contig) : at::empty(k.sizes(), contig);
+  auto dv = fill ? at::zeros(v.sizes(), contig) : at::empty(v.sizes(), contig);
   if (q.numel() == 0) {
     // No query rows: nothing reads k or v.
     return {dq, dk.zero_(), dv.zero_()};
@@ -281,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  if (used) p.seqused_k = used->data_ptr<int32_t>();
   if (p.B == 0) return {dq, dk, dv};
   p.dout = strides_of(dout, varlen);
   p.dq = strides_of(dq, varlen);
@@ -290,8 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const int64_t rows_q = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   const int64_t rows_k = grid_rows(varlen, p.seqlen_k, max_seqlen_k);
   // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
-  // run); torch.use_deterministic_algorithms(True) selects its separate dQ kernel instead.
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // run); deterministic=True or torch.use_deterministic_algorithms(True) selects its separate
+  // dQ kernel instead.
+  const bool deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
   // ATTNKIT_FLASH_BWD_WS: the warp-specialised backward (bwd_ws.cuh), on by default.
   const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", true);
   bool bws_ran = false;

@@ -104,7 +104,7 @@ cudaError_t with_dtype(at::ScalarType dtype, F&& f) {
 
 void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& qo, const at::Tensor& ko,
-              Activation act, double qk_scale, double pre_scale, bool causal) {
+              Activation act, double qk_scale, double pre_scale, bool causal, int64_t window) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -125,6 +125,7 @@ void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.qk_scale = static_cast<float>(qk_scale);
   p.act = act;
   p.causal = causal;
+  p.window = static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
 }
 
 // Calls f.template operator()<D>() with the padded head dim as a compile-time constant.
@@ -145,11 +146,23 @@ void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
   ATTNKIT_CHECK(B < INT32_MAX, "q_offsets: at most 2^31-2 sequences, got ", B);
 }
 
+// Kernel choice for a call: windowed calls take the portable kernels (simple.cuh), the only
+// GPU kernels with the window mask so far (docs/ops.md, GDPA "window_size").
+bool tensor_core_path(const at::Tensor& q, int64_t window) {
+  return window < 0 && use_tensor_cores(q);
+}
+
 at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                          c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
                          c10::string_view activation, double qk_scale, double pre_scale,
-                         bool causal) {
+                         bool causal, int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
+  if (broadcast_q) {
+    const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
+    return gdpa_fwd_cuda(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv,
+                         activation, qk_scale, pre_scale, causal, window_size, false);
+  }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   check_cuda(q_in);
   const Activation act = parse_activation(activation);
@@ -160,14 +173,14 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   auto out = at::zeros(q_in.sizes(), q_in.options());
   if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return out;
 
-  const bool tc = use_tensor_cores(q_in);
+  const bool tc = tensor_core_path(q_in, window_size);
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
   auto o = q.size(2) == D ? out : at::zeros(q.sizes(), q.options());
   const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
   FwdParams p{};
-  fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal);
+  fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const KernelSwitch ws_mode = kernel_switch("ATTNKIT_GDPA_FWD_WS", true);
@@ -211,7 +224,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
     c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
-    double qk_scale, double pre_scale, bool causal) {
+    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
+  if (broadcast_q) {
+    const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
+    auto [dq, dk, dv] = gdpa_bwd_cuda(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
+                                      max_seq_len_kv, activation, qk_scale, pre_scale, causal,
+                                      window_size, false);
+    return {reduce_broadcast_dq(dq, q_in), dk, dv};
+  }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   check_grad_out(grad_out, q_in);
   check_cuda(q_in);
@@ -224,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   auto dv = at::zeros(v_in.sizes(), v_in.options());
   if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return {dq, dk, dv};
 
-  const bool tc = use_tensor_cores(q_in);
+  const bool tc = tensor_core_path(q_in, window_size);
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
@@ -235,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
   const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
   BwdParams p{};
-  fill_fwd(p, q, k, v, dq_k, qo, ko, act, qk_scale, pre_scale, causal);
+  fill_fwd(p, q, k, v, dq_k, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   p.dout = dout.data_ptr();
   p.do_row_stride = dout.stride(0), p.do_head_stride = dout.stride(1);
   p.dq = dq_k.data_ptr();

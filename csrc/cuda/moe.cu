@@ -12,13 +12,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <initializer_list>
+#include <optional>
+#include <string>
 #include <type_traits>
 
 #include "common/dispatch.h"
 #include "common/moe_args.h"
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
+#include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
 
 // at:: dtypes -> the kernels' device types (fp64 included: gradient checks and exact tests).
@@ -61,23 +65,116 @@ at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits_in, int64_t k,
-                                                         bool renormalize) {
-  check_topk_softmax(logits_in, k);
+// Token rows (warps) per block of the routing kernels: as many as fit the default 48 KiB of
+// shared memory, at most kRouteMaxWarps.
+int route_warps(int64_t per_warp_bytes, int64_t E) {
+  ATTNKIT_CHECK(per_warp_bytes <= kRouteSmemBytes, "logits: expected fewer experts on CUDA (", E,
+                " experts need ", per_warp_bytes, " bytes of shared memory per token row, at most ",
+                kRouteSmemBytes, ")");
+  return int(std::min<int64_t>(kRouteMaxWarps, kRouteSmemBytes / per_warp_bytes));
+}
+
+// moe_route's forward on checked arguments (also moe_topk_softmax's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_forward_cuda(
+    const at::Tensor& logits_in, int64_t k, const std::optional<at::Tensor>& bias_in,
+    const RouteOptions& o, bool return_losses) {
+  const int64_t n_group = o.n_group;
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  ATTNKIT_CHECK(E <= INT32_MAX, "gating_logits: expected at most 2^31-1 experts, got ", E);
-  auto weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
-  auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-  if (T == 0) return {weights, ids};
-  ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "gating_logits", [&] {
-    launch_topk_softmax<scalar_t>(ptr<const scalar_t>(logits), T, int(E), int(k), renormalize,
-                                  ptr<float>(weights), ptr<int32_t>(ids), stream);
+  ATTNKIT_CHECK(E <= INT32_MAX, "logits: expected at most 2^31-1 experts, got ", E);
+  const auto acc = logits.options().dtype(acc_dtype(logits));
+  auto weights = at::empty({T, k}, acc);
+  auto ids = at::empty({T, k}, acc.dtype(at::kInt));
+  auto aux = return_losses ? at::zeros({}, acc) : at::empty({0}, acc);
+  auto z = return_losses ? at::zeros({}, acc) : at::empty({0}, acc);
+  if (T == 0) return {weights, ids, aux, z};
+  const int64_t chunks = route_loss_chunks(T);
+  ATTNKIT_CHECK(!return_losses || chunks <= 65535, "logits: expected at most ",
+                int64_t(65535) * kLossTokens, " tokens with return_losses on CUDA, got ", T);
+  const auto bias = bias_in.has_value() && bias_in->defined()
+                        ? bias_in->to(acc.dtype()).contiguous()
+                        : at::Tensor();
+  const auto stats = return_losses ? at::empty({T, 2}, acc) : at::Tensor();
+  ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "logits", [&] {
+    using A = acc_t<scalar_t>;
+    const int warps = route_warps(route_smem_per_warp<A>(int(E), int(n_group)), E);
+    launch_route<scalar_t, A>(
+        ptr<const scalar_t>(logits), bias.defined() ? ptr<const A>(bias) : nullptr, T, int(E),
+        int(k), o.sigmoid, o.renormalize, int(o.n_group), int(o.topk_group), A(o.scale),
+        ptr<A>(weights), ptr<int32_t>(ids), return_losses ? ptr<A>(stats) : nullptr, warps, stream);
+    if (return_losses) {
+      auto counts = at::zeros({E}, acc.dtype(at::kInt));
+      auto p_part = at::empty({chunks, E}, acc);
+      auto z_part = at::empty({chunks}, acc);
+      launch_route_losses<scalar_t, A>(ptr<const scalar_t>(logits), ptr<const A>(stats),
+                                       ptr<const int32_t>(ids), T, int(E), int(k), o.sigmoid,
+                                       ptr<int32_t>(counts), ptr<A>(p_part), ptr<A>(z_part),
+                                       ptr<A>(aux), ptr<A>(z), stream);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {weights, ids};
+  return {weights, ids, aux, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
+    const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+    bool return_losses) {
+  const auto o =
+      check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
+  return route_forward_cuda(logits, k, bias, o, return_losses);
+}
+
+// vLLM's topk_softmax: moe_route with softmax scoring and no bias or groups, in fp32.
+std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits, int64_t k,
+                                                         bool renormalize) {
+  check_topk_softmax(logits, k);
+  RouteOptions o;
+  o.renormalize = renormalize;
+  auto r = route_forward_cuda(logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits,
+                              k, std::nullopt, o, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+// Gradients of the losses stay on the device (read by the kernel: no host sync); ids outside
+// [0, E) contribute nothing.
+at::Tensor moe_route_bwd_cuda(const std::optional<at::Tensor>& gw_in,
+                              const std::optional<at::Tensor>& ga_in,
+                              const std::optional<at::Tensor>& gz_in, const at::Tensor& logits_in,
+                              const at::Tensor& ids_in, c10::string_view scoring, bool renormalize,
+                              double scale) {
+  const auto o = check_route_bwd(gw_in, ga_in, gz_in, logits_in, ids_in, std::string(scoring),
+                                 renormalize, scale);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto logits = logits_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  ATTNKIT_CHECK(E <= INT32_MAX, "logits: expected at most 2^31-1 experts, got ", E);
+  auto grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (grad.numel() == 0) return grad;
+  const auto acc = logits.options().dtype(acc_dtype(logits));
+  auto as_acc = [&](const std::optional<at::Tensor>& g, bool flat) {
+    if (!g.has_value() || !g->defined()) return at::Tensor();
+    return (flat ? g->reshape({1}) : *g).to(acc.dtype()).contiguous();
+  };
+  const auto gw = as_acc(gw_in, false), ga = as_acc(ga_in, true), gz = as_acc(gz_in, true);
+  const auto counts = ga.defined() ? at::zeros({E}, acc.dtype(at::kInt)) : at::Tensor();
+  ATTNKIT_DISPATCH_INDEX(ids.scalar_type(), "ids", [&] {
+    ATTNKIT_DISPATCH_MOE_CUDA(logits.scalar_type(), "logits", [&] {
+      using A = acc_t<scalar_t>;
+      auto opt = [](const at::Tensor& t) { return t.defined() ? ptr<const A>(t) : nullptr; };
+      const int warps = route_warps(E * int64_t(sizeof(A)), E);
+      launch_route_bwd<scalar_t, A, index_t>(
+          ptr<const scalar_t>(logits), ptr<const index_t>(ids), opt(gw), opt(ga), opt(gz),
+          counts.defined() ? ptr<int32_t>(counts) : nullptr, T, int(E), int(k), o.sigmoid,
+          o.renormalize, A(o.scale), ptr<scalar_t>(grad), warps, stream);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& x_in,
@@ -334,6 +431,8 @@ at::Tensor expert_load_balance_cuda(const at::Tensor& loads_in, int64_t world_si
 
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("moe_topk_softmax", &moe_topk_softmax_cuda);
+  m.impl("moe_route", &moe_route_cuda);
+  m.impl("_moe_route_bwd", &moe_route_bwd_cuda);
   m.impl("moe_permute", &moe_permute_cuda);
   m.impl("moe_unpermute", &moe_unpermute_cuda);
   m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_cuda);

@@ -16,6 +16,8 @@
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
+#include "kernels/paged/merge_states.cuh"
+#include "paged_nhd_decode.h"
 
 namespace attnkit {
 namespace paged {
@@ -240,6 +242,55 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
   });
 }
 
+}  // namespace
+
+void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
+                       const at::Tensor& like) {
+  // One grid row per query token: the split heuristic prices Tq rows.
+  DecodeParams sizing = p;
+  sizing.S = p.Tq;
+  const int32_t splits = p.D == 64 ? mma_splits<64>(sizing, len_bound) : mma_splits<128>(sizing, len_bound);
+  at::Tensor ws;
+  if (splits > 1) {
+    const int64_t n = int64_t(p.Tq) * p.Hq * splits;
+    ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
+    p.ws_out = ws.data_ptr<float>();
+    p.ws_ml = p.ws_out + n * p.D;
+  }
+  p.splits = splits;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t gx = int64_t(p.Tq) * p.Hkv;
+  ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
+  dispatch_float(qtype, "q", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      auto launch = [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
+        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
+        static std::atomic<uint64_t> done_mask{0};
+        const int dev = c10::cuda::current_device();
+        const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+        if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+          done_mask.fetch_or(bit, std::memory_order_release);
+        }
+        kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (p.D == 64) launch(std::integral_constant<int, 64>{});
+      else launch(std::integral_constant<int, 128>{});
+      if (splits > 1) {
+        paged_combine_kernel<scalar_t>
+            <<<dim3(unsigned(p.Tq), unsigned(p.Hq)), kThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+}
+
+namespace {
+
 void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -343,6 +394,45 @@ void reshape_and_cache_with_pertoken_quant_cuda(const at::Tensor& key, const at:
   launch_write(p, key.scalar_type(), c.kind, true);
 }
 
+// Slots outside the cache are skipped on the GPU (checking them would need a host sync); the CPU
+// kernel raises for them.
+void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value,
+                                  at::Tensor& key_cache, at::Tensor& value_cache,
+                                  const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype,
+                                  const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  const auto c = check_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                               kv_cache_dtype, k_scale, v_scale);
+  if (c.T == 0 || c.Hkv == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto slots = slot_mapping.contiguous();
+  auto p = make_cache_write_params(key, value, key_cache, value_cache, slots, c);
+  p.cs = nhd_cache_strides(key_cache, value_cache);
+  if (c.kind != CacheKind::kSame) {
+    p.k_scale = k_scale.data_ptr<float>();
+    p.v_scale = v_scale.data_ptr<float>();
+  }
+  launch_write(p, key.scalar_type(), c.kind, false);
+}
+
+void merge_attn_states_cuda(at::Tensor& output, const at::Tensor& prefix_output,
+                            const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                            const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  check_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
+  const int64_t rows = output.size(0) * output.size(1);
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(output.device());
+  const auto p = make_merge_params(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                   output_lse);
+  constexpr int64_t kRowsPerBlock = kMergeThreads / kWarpSize;
+  const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(output.scalar_type(), "output", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    merge_attn_states_kernel<scalar_t><<<blocks, kMergeThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
@@ -350,6 +440,8 @@ TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("pa_fwd", &pa_fwd_cuda);
   m.impl("reshape_and_cache", &reshape_and_cache_cuda);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cuda);
+  m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_cuda);
+  m.impl("merge_attn_states", &merge_attn_states_cuda);
 }
 
 }  // namespace paged

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common/flash_args.h"
+#include "common/flash_serving.h"
 
 namespace attnkit {
 namespace flash {
@@ -13,9 +14,22 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
+    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
+    const OptTensor& v_descale, bool) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  const bool varlen = check_inputs(q, k, v, opt, cu_q, cu_k);
+  bool varlen;
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));
+  if (given(block_table)) {
+    // The same checks as the real kernels without the gather: k / v are paged caches.
+    check_paged(q, k, v, *block_table, cu_q, k_descale, v_descale);
+    varlen = given(cu_q);
+  } else {
+    ATTNKIT_CHECK(!given(k_descale) && !given(v_descale),
+                  "k_descale: expected None without block_table (descales apply to fp8 paged caches)");
+    varlen = check_inputs(q, k, v, opt, cu_q, cu_k);
+  }
+  if (given(s_aux)) check_sinks(*s_aux, q, q.sym_size(-2));
   return {at::empty_symint(q.sym_sizes(), q.options()),
           at::empty_symint(lse_shape(q, varlen), q.options().dtype(lse_dtype(q)))};
 }
@@ -25,10 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_meta(
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>) {
+    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k, bool) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const bool varlen = check_inputs(q, k, v, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out, q, out, lse, varlen);
+  if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
 }

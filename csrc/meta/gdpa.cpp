@@ -12,19 +12,34 @@ namespace {
 at::Tensor gdpa_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                          c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
-                         c10::string_view activation, double, double, bool) {
-  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+                         c10::string_view activation, double, double, bool,
+                         int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
   parse_activation(activation);
+  if (broadcast_q) {
+    check_broadcast_q(q, q_offsets, kv_offsets);
+    return at::empty_symint({(kv_offsets.sym_size(0) - 1) * q.sym_size(0), q.sym_size(1), q.sym_size(2)},
+                            q.options());
+  }
+  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   return at::empty_symint(q.sym_sizes(), q.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
-    c10::SymInt max_seq_len_kv, c10::string_view activation, double, double, bool) {
-  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
-  check_grad_out(grad_out, q);
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double, double, bool,
+    int64_t window_size, bool broadcast_q) {
+  check_window(window_size);
   parse_activation(activation);
+  if (broadcast_q) {
+    check_broadcast_q(q, q_offsets, kv_offsets);
+    ATTNKIT_CHECK(grad_out.dim() == 3 && grad_out.sym_size(0) == (kv_offsets.sym_size(0) - 1) * q.sym_size(0),
+                  "grad_out: expected [B*Lq, H, D] rows with broadcast_q, got shape ", grad_out.sym_sizes());
+  } else {
+    check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+    check_grad_out(grad_out, q);
+  }
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
 }

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
+
 #include "common/moe_args.h"
 
 namespace attnkit {
@@ -16,6 +19,28 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_meta(const at::Tensor& logit
   const c10::SymInt T = logits.sym_size(0);
   return {at::empty_symint({T, c10::SymInt(k)}, logits.options().dtype(at::kFloat)),
           at::empty_symint({T, c10::SymInt(k)}, logits.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_meta(
+    const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+    bool return_losses) {
+  check_route(logits, k, std::string(scoring), renormalize, bias, n_group, topk_group, scale);
+  const auto acc =
+      logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const c10::SymInt T = logits.sym_size(0);
+  auto loss = [&] { return return_losses ? at::empty({}, acc) : at::empty({0}, acc); };
+  return {at::empty_symint({T, c10::SymInt(k)}, acc),
+          at::empty_symint({T, c10::SymInt(k)}, acc.dtype(at::kInt)), loss(), loss()};
+}
+
+at::Tensor moe_route_bwd_meta(const std::optional<at::Tensor>& grad_w,
+                              const std::optional<at::Tensor>& grad_aux,
+                              const std::optional<at::Tensor>& grad_z, const at::Tensor& logits,
+                              const at::Tensor& ids, c10::string_view scoring, bool renormalize,
+                              double scale) {
+  check_route_bwd(grad_w, grad_aux, grad_z, logits, ids, std::string(scoring), renormalize, scale);
+  return at::empty_symint(logits.sym_sizes(), logits.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_meta(const at::Tensor& x,
@@ -69,6 +94,8 @@ at::Tensor expert_load_balance_meta(const at::Tensor& loads, int64_t world_size)
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("moe_topk_softmax", &moe_topk_softmax_meta);
+  m.impl("moe_route", &moe_route_meta);
+  m.impl("_moe_route_bwd", &moe_route_bwd_meta);
   m.impl("moe_permute", &moe_permute_meta);
   m.impl("moe_unpermute", &moe_unpermute_meta);
   m.impl("_moe_unpermute_bwd", &moe_unpermute_bwd_meta);

@@ -51,6 +51,20 @@ void reshape_and_cache_with_pertoken_quant_meta(const at::Tensor& key, const at:
                        slot_mapping);
 }
 
+void reshape_and_cache_flash_meta(const at::Tensor& key, const at::Tensor& value,
+                                  at::Tensor& key_cache, at::Tensor& value_cache,
+                                  const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype,
+                                  const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  check_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                k_scale, v_scale);
+}
+
+void merge_attn_states_meta(at::Tensor& output, const at::Tensor& prefix_output,
+                            const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                            const at::Tensor& suffix_lse, const c10::optional<at::Tensor>& output_lse) {
+  check_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
@@ -58,6 +72,8 @@ TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("pa_fwd", &pa_fwd_meta);
   m.impl("reshape_and_cache", &reshape_and_cache_meta);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_meta);
+  m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_meta);
+  m.impl("merge_attn_states", &merge_attn_states_meta);
 }
 
 }  // namespace paged

@@ -1,15 +1,55 @@
 """Flash attention (DESIGN §3.3) with the flash-attn package's Python signatures, so a call site
-switches by changing the import."""
-from typing import Optional, Tuple
+switches by changing the import; the serving keywords of vLLM V1's and FlashAttention 3's calls
+(paged NHD caches, ``seqused_k``, sinks, fp8 descales, ``out=``) are described in
+docs/serving.md."""
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 
-def _check_unsupported(dropout_p, alibi_slopes):
+def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1):
     if dropout_p != 0.0:
         raise RuntimeError(f"attnkit: dropout_p: expected 0.0 (dropout is not supported), got {dropout_p}")
     if alibi_slopes is not None:
         raise RuntimeError("attnkit: alibi_slopes: expected None (ALiBi is not supported here), got a tensor")
+    if q_v is not None:
+        raise RuntimeError("attnkit: q_v: expected None (MLA's q_v is not supported), got a tensor")
+    if cp_world_size != 1:
+        raise RuntimeError(f"attnkit: cp_world_size: expected 1 (context parallelism is not supported), "
+                           f"got {cp_world_size}")
+
+
+def _window(window_size) -> Tuple[int, int]:
+    # vLLM passes None or a list for "no window".
+    if window_size is None:
+        return -1, -1
+    if len(window_size) != 2:
+        raise RuntimeError(f"attnkit: window_size: expected (left, right), got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _sinks(s_aux, learnable_sink):
+    if s_aux is not None and learnable_sink is not None:
+        raise RuntimeError("attnkit: s_aux: pass the sinks as s_aux or learnable_sink, not both")
+    return s_aux if s_aux is not None else learnable_sink
+
+
+def _check_q_descale(q, q_descale):
+    # FlashAttention 3 applies q_descale only to fp8 queries; attnkit takes bf16 / fp16 queries,
+    # where FA3 ignores it too (vLLM passes it with fp8 caches whatever the query dtype).
+    if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise RuntimeError(f"attnkit: q: expected bfloat16, float16 or float32 (fp8 queries are not "
+                           f"supported), got {q.dtype}")
+
+
+def _into(out, result):
+    if out is None:
+        return result
+    if out.shape != result.shape or out.dtype != result.dtype or out.device != result.device:
+        raise RuntimeError(f"attnkit: out: expected a {result.dtype} tensor of shape {tuple(result.shape)} "
+                           f"on {result.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out.copy_(result)
+    return out
 
 
 def flash_attn_func(
@@ -19,11 +59,17 @@ def flash_attn_func(
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1),
+    window_size: Optional[Sequence[int]] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    return_softmax_lse: bool = False,
 ):
     """Softmax attention on batched ``[B, S, H, D]`` tensors.
 
@@ -32,16 +78,25 @@ def flash_attn_func(
     ``Hkv`` heads dividing ``H`` (GQA/MQA). ``softcap > 0`` applies ``softcap · tanh(s / softcap)``
     to the scaled scores. Rows that see no key output 0. Any strided views are accepted.
 
-    Returns ``out`` ``[B, Sq, H, D]``; with ``return_attn_probs`` ``(out, lse, None)`` where lse is
-    ``[B, H, Sq]`` fp32 (natural log). ``deterministic`` is accepted for compatibility but does
-    not reach the backward: on CUDA (fp16/bf16, D 64 or 128) dQ is summed with atomics, so its last
-    bits can vary run to run, unless ``torch.use_deterministic_algorithms(True)`` is set. Dropout
-    and ALiBi are not supported (clear error).
+    ``s_aux`` (or ``learnable_sink``) ``[H]``: attention sinks, a per-head logit added to every
+    row's softmax denominator with a zero value vector (gpt-oss); differentiable.
+    ``seqused_k`` ``[B]`` int32: sequence b uses its first ``seqused_k[b]`` keys (``Sk`` in the
+    window arithmetic becomes that length). ``deterministic=True`` makes the backward's dQ
+    reproducible bit for bit (no atomics), as ``torch.use_deterministic_algorithms(True)`` does.
+
+    Returns ``out`` ``[B, Sq, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
+    ``return_softmax_lse`` ``(out, lse)``, lse ``[B, H, Sq]`` fp32 (natural log). Dropout and ALiBi
+    are not supported (clear error).
     """
     _check_unsupported(dropout_p, alibi_slopes)
-    out, lse = torch.ops.attnkit.flash_attn_fwd(
-        q, k, v, softmax_scale, causal, window_size[0], window_size[1], softcap)
-    return (out, lse, None) if return_attn_probs else out
+    wl, wr = _window(window_size)
+    res, lse = torch.ops.attnkit.flash_attn_fwd(
+        q, k, v, softmax_scale, causal, wl, wr, softcap, seqused_k=seqused_k,
+        s_aux=_sinks(s_aux, learnable_sink), deterministic=deterministic)
+    res = _into(out, res)
+    if return_attn_probs:
+        return res, lse, None
+    return (res, lse) if return_softmax_lse else res
 
 
 def flash_attn_varlen_func(
@@ -49,28 +104,205 @@ def flash_attn_varlen_func(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1),
+    window_size: Optional[Sequence[int]] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    *,
+    seqused_k: Optional[torch.Tensor] = None,
+    return_softmax_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    scheduler_metadata=None,
+    num_splits: int = 0,
+    fa_version: Optional[int] = None,
+    q_v: Optional[torch.Tensor] = None,
+    cp_world_size: int = 1,
+    cp_rank: int = 0,
+    cp_tot_seqused_k: Optional[torch.Tensor] = None,
 ):
     """Softmax attention on packed ``[T, H, D]`` sequences: sequence b is rows
     ``[cu_seqlens[b], cu_seqlens[b+1])`` of q (resp. k, v); q and k lengths are independent.
 
     ``max_seqlen_*`` are sizing hints for the GPU grid; a longer sequence is still computed in
-    full. The window applies per sequence with local indices (see ``flash_attn_func``). Rows not
-    covered by any sequence output 0. Returns ``out`` ``[T, H, D]``; with ``return_attn_probs``
-    ``(out, lse, None)``, lse ``[H, T]`` fp32.
+    full. The window applies per sequence with local indices (see ``flash_attn_func``), causal
+    aligned bottom-right (query i sees keys up to ``i + Lk - Lq``). Rows not covered by any
+    sequence output 0.
+
+    Serving (vLLM V1 / SGLang / FlashAttention 3 keywords, docs/serving.md):
+      - ``block_table`` ``[B, max_blocks]`` int32: k and v are NHD paged caches
+        ``[num_blocks, block_size, Hkv, D]`` (block_size a multiple of 16 up to 256); key j of
+        sequence b is ``k[block_table[b, j // block_size], j % block_size]``. No backward.
+      - ``seqused_k`` ``[B]`` int32: the key length of each sequence (``cu_seqlens_k`` may then be
+        None with a block table).
+      - ``k_descale`` / ``v_descale`` ``[B, Hkv]`` fp32 with ``float8_e4m3fn`` caches.
+      - ``s_aux`` / ``learnable_sink`` ``[H]``: attention sinks (differentiable without a block table).
+      - ``out``: written in place and returned; ``return_softmax_lse``: ``(out, lse)``.
+      - ``scheduler_metadata``, ``num_splits``, ``fa_version`` are scheduling hints of FA3 / vLLM:
+        accepted and ignored (attnkit schedules itself); ``q_descale`` applies to fp8 queries only,
+        which attnkit does not take, so it is ignored as FA3 ignores it for 16-bit queries.
+
+    Returns ``out`` ``[T, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
+    ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
-    _check_unsupported(dropout_p, alibi_slopes)
-    out, lse = torch.ops.attnkit.flash_attn_fwd(
-        q, k, v, softmax_scale, causal, window_size[0], window_size[1], softcap,
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return (out, lse, None) if return_attn_probs else out
+    _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size)
+    _check_q_descale(q, q_descale)
+    wl, wr = _window(window_size)
+    res, lse = torch.ops.attnkit.flash_attn_fwd(
+        q, k, v, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, seqused_k=seqused_k, block_table=block_table,
+        s_aux=_sinks(s_aux, learnable_sink), k_descale=k_descale, v_descale=v_descale,
+        deterministic=deterministic)
+    res = _into(out, res)
+    if return_attn_probs:
+        return res, lse, None
+    return (res, lse) if return_softmax_lse else res
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of x ``[B, S, H, D]`` with cos/sin
+    ``[B, S, rd/2]`` already taken at each token's position (fp32 math, x's dtype out)."""
+    rd = 2 * cos.shape[-1]
+    xr, rest = x[..., :rd].float(), x[..., rd:]
+    c, s = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+    if interleaved:  # pairs (0, 1), (2, 3), ...
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:  # GPT-NeoX halves
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), rest), dim=-1)
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Sequence[int]] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+):
+    """FlashAttention 2's decode / append call: q ``[B, Sq, H, D]`` against a KV cache, dense
+    ``[B_cache, S_cache, Hkv, D]`` (rows picked by ``cache_batch_idx``, default ``arange(B)``) or
+    paged NHD ``[num_blocks, block_size, Hkv, D]`` with ``block_table`` ``[B, max_blocks]``.
+
+    When ``k``/``v`` ``[B, S_new, Hkv, D]`` are given they are first written into the cache in
+    place at positions ``cache_seqlens[b] .. + S_new`` (positions past the cache are dropped),
+    rotated first when ``rotary_cos``/``rotary_sin`` ``[seqlen_ro, rotary_dim / 2]`` are given
+    (interleaved pairs or GPT-NeoX halves); q is rotated at positions ``cache_seqlens[b] + i``
+    when causal or windowed, else at ``cache_seqlens[b]``. Sequence b then attends its first
+    ``cache_seqlens[b] + S_new`` keys (causal aligned bottom-right). ``cache_seqlens`` None means
+    the whole cache. ``num_splits`` is a scheduling hint (ignored). Returns ``out``, or
+    ``(out, lse)`` with ``return_softmax_lse`` (lse ``[B, H, Sq]``).
+    """
+    _check_unsupported(0.0, alibi_slopes)
+    if cache_leftpad is not None:
+        raise RuntimeError("attnkit: cache_leftpad: expected None (left-padded caches are not supported)")
+    if q.dim() != 4:
+        raise RuntimeError(f"attnkit: q: expected [B, Sq, H, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise RuntimeError(f"attnkit: k_cache: expected 4-D k_cache and v_cache of one shape, got "
+                           f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if (k is None) != (v is None):
+        raise RuntimeError("attnkit: v: expected k and v to be both given or both None")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
+    B, Sq = q.shape[0], q.shape[1]
+    dev = q.device
+    paged = block_table is not None
+    if paged and cache_batch_idx is not None:
+        raise RuntimeError("attnkit: cache_batch_idx: expected None with block_table")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if cache_seqlens is None:
+        seqlens = torch.full((B,), capacity, dtype=torch.int32, device=dev)
+    elif isinstance(cache_seqlens, int):
+        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=dev)
+    else:
+        if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B or cache_seqlens.dtype != torch.int32:
+            raise RuntimeError(f"attnkit: cache_seqlens: expected an int or int32 [{B}], got "
+                               f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        seqlens = cache_seqlens
+    if not paged:
+        if cache_batch_idx is not None:
+            if cache_batch_idx.dim() != 1 or cache_batch_idx.shape[0] != B:
+                raise RuntimeError(f"attnkit: cache_batch_idx: expected [{B}], got {tuple(cache_batch_idx.shape)}")
+            rows = cache_batch_idx.to(torch.int64)
+        else:
+            if k_cache.shape[0] != B:
+                raise RuntimeError(f"attnkit: k_cache: expected batch {B} (that of q) without cache_batch_idx, "
+                                   f"got shape {tuple(k_cache.shape)}")
+            rows = torch.arange(B, device=dev)
+    s_new = 0
+    if k is not None:
+        s_new = k.shape[1]
+        if k.dim() != 4 or k.shape[0] != B or v.shape != k.shape or k.shape[2:] != k_cache.shape[2:]:
+            raise RuntimeError(f"attnkit: k: expected k and v [{B}, S_new, {k_cache.shape[2]}, "
+                               f"{k_cache.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        pos = seqlens.to(torch.int64).unsqueeze(1) + torch.arange(s_new, device=dev)  # [B, S_new]
+        if rotary_cos is not None:
+            ro = rotary_cos.shape[0]
+            k = _rotate(k, rotary_cos[pos.clamp(max=ro - 1)], rotary_sin[pos.clamp(max=ro - 1)],
+                        rotary_interleaved)
+        # Slots of the new tokens (-1: past the cache, skipped by the writer).
+        if paged:
+            bs = k_cache.shape[1]
+            blk = torch.gather(block_table.to(torch.int64), 1,
+                               (pos // bs).clamp(max=max(block_table.shape[1] - 1, 0)))
+            slots = blk * bs + pos % bs
+        else:
+            slots = rows.unsqueeze(1) * k_cache.shape[1] + pos
+        slots = torch.where(pos < capacity, slots, torch.full_like(slots, -1))
+        torch.ops.attnkit.reshape_and_cache_flash(
+            k.reshape(B * s_new, *k.shape[2:]), v.reshape(B * s_new, *v.shape[2:]), k_cache, v_cache,
+            slots.reshape(-1), "auto", torch.ones(1, device=dev), torch.ones(1, device=dev))
+    elif rotary_cos is not None:
+        raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")
+    if rotary_cos is not None:
+        ro = rotary_cos.shape[0]
+        wl, wr = _window(window_size)
+        local = causal or wl >= 0 or wr >= 0
+        qpos = seqlens.to(torch.int64).unsqueeze(1) + (torch.arange(Sq, device=dev) if local else
+                                                        torch.zeros(Sq, dtype=torch.int64, device=dev))
+        qpos = qpos.clamp(max=ro - 1)
+        q = _rotate(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
+    used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
+    wl, wr = _window(window_size)
+    sinks = _sinks(s_aux, learnable_sink)
+    if paged:
+        res, lse = torch.ops.attnkit.flash_attn_fwd(
+            q, k_cache, v_cache, softmax_scale, causal, wl, wr, softcap, seqused_k=used,
+            block_table=block_table, s_aux=sinks)
+    else:
+        kc = k_cache if cache_batch_idx is None else k_cache.index_select(0, rows)
+        vc = v_cache if cache_batch_idx is None else v_cache.index_select(0, rows)
+        res, lse = torch.ops.attnkit.flash_attn_fwd(
+            q, kc, vc, softmax_scale, causal, wl, wr, softcap, seqused_k=used, s_aux=sinks)
+    return (res, lse) if return_softmax_lse else res

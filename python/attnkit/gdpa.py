@@ -22,6 +22,8 @@ def gdpa(
     *,
     pre_scale: float = 1.0,
     causal: bool = False,
+    window_size: int = -1,
+    broadcast_q: bool = False,
 ) -> torch.Tensor:
     """Jagged attention with an elementwise activation instead of softmax.
 
@@ -29,7 +31,7 @@ def gdpa(
     ``h // (H // Hkv)``)::
 
         S = pre_scale * Q_b @ K_b^T            # fp32 accumulation
-        P = activation(S)                      # 0 where masked (causal: key j <= query i)
+        P = activation(S)                      # 0 where masked (see causal, window_size)
         O_b = qk_scale * P.to(v.dtype) @ V_b   # no max, no normalisation
 
     Args:
@@ -41,11 +43,19 @@ def gdpa(
         activation: one of ``GDPA_ACTIVATIONS``.
         qk_scale: scale of the output; pre_scale: scale of the scores before the activation.
         causal: mask keys after the query (local indices).
+        window_size: -1 (none) or >= 0: query i sees key j only when ``|i - j| <= window_size``
+            (local indices; with causal, ``i - window_size <= j <= i``); cost grows with the
+            window, not the sequence.
+        broadcast_q: q holds ONE query sequence (``q_offsets = [0, Lq]``, all rows of q)
+            attended against each of the B kv sequences of ``kv_offsets``; the output is
+            ``[B * Lq, H, D]`` (rows ``b*Lq .. (b+1)*Lq - 1`` for kv sequence b) and dq is the sum
+            over the batch (fixed order: reproducible).
 
-    Returns ``[Tq, H, D]`` in q's dtype; rows outside every sequence are 0. Differentiable in
-    q, k and v (backward is ``torch.ops.attnkit.gdpa_bwd``); works under ``torch.compile``.
+    Returns ``[Tq, H, D]`` (``[B * Lq, H, D]`` with broadcast_q) in q's dtype; rows outside every
+    sequence are 0. Differentiable in q, k and v (backward is ``torch.ops.attnkit.gdpa_bwd``);
+    works under ``torch.compile``.
     """
     return torch.ops.attnkit.gdpa_fwd(
         q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation, qk_scale,
-        pre_scale=pre_scale, causal=causal,
+        pre_scale=pre_scale, causal=causal, window_size=window_size, broadcast_q=broadcast_q,
     )

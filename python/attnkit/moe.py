@@ -1,5 +1,6 @@
-"""MoE routing: top-k gating, permute / unpermute, grouped GEMM, SiLU-and-mul, expert load
-balance, and a drop-in MoE feed-forward block built from them (DESIGN §3.4)."""
+"""MoE routing: top-k gating (moe_route), permute / unpermute, grouped GEMM, SiLU-and-mul,
+expert load balance, and a drop-in MoE feed-forward block built from them, also expert-parallel
+over a process group (moe_ep.py) (DESIGN §3.4)."""
 from typing import Optional, Tuple
 
 import torch
@@ -14,10 +15,42 @@ def moe_topk_softmax(gating_logits: torch.Tensor, k: int,
         renormalize: divide the k weights of a token by their sum.
 
     Returns ``(weights [T, k] fp32, ids [T, k] int32)``, experts in descending probability;
-    equal logits go to the lower expert id first. Not differentiable (the MoE block recomputes
-    the selected probabilities with torch ops so the router trains).
+    equal logits go to the lower expert id first. vLLM's name and signature; not differentiable
+    (:func:`moe_route` is the differentiable, general form).
     """
     return torch.ops.attnkit.moe_topk_softmax(gating_logits, k, renormalize)
+
+
+def moe_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax",
+              renormalize: bool = False, bias: Optional[torch.Tensor] = None, n_group: int = 1,
+              topk_group: int = 1, routed_scaling_factor: float = 1.0,
+              return_losses: bool = False):
+    """Top-k routing as vLLM's ``grouped_topk`` / DeepSeek-V3's ``Gate`` do it, in one op.
+
+    Args:
+        logits: ``[T, E]`` router logits, bf16 / fp16 / fp32 / fp64.
+        k: experts per token, ``1 <= k <= topk_group * E / n_group``.
+        scoring: ``"softmax"`` (over the experts) or ``"sigmoid"`` (per expert).
+        renormalize: divide the k weights of a token by their sum.
+        bias: ``[E]`` score correction (DeepSeek-V3's ``e_score_correction_bias``): added to the
+            scores for the selection only, never to the weights; gets no gradient.
+        n_group, topk_group: keep the ``topk_group`` best of ``n_group`` equal groups of experts
+            before the top-k (a group scores the sum of its two best biased scores with a bias,
+            its best score without one).
+        routed_scaling_factor: multiplies the weights (after renormalize).
+        return_losses: also return the load-balancing loss ``E * sum_e f_e P_e`` and the router
+            z-loss ``mean_t logsumexp(logits_t)^2`` (0-dim tensors, differentiable in logits).
+
+    Returns ``(weights [T, k], ids [T, k] int32)`` or, with return_losses,
+    ``(weights, ids, aux_loss, z_loss)``; weights (and losses) are fp32 (fp64 for fp64 logits),
+    experts in selection order (best first), ties to the lower expert id. Differentiable in
+    logits (weights and losses).
+    """
+    w, ids, aux, z = torch.ops.attnkit.moe_route(
+        logits, k, scoring=scoring, renormalize=renormalize, bias=bias, n_group=n_group,
+        topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+        return_losses=return_losses)
+    return (w, ids, aux, z) if return_losses else (w, ids)
 
 
 def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
@@ -74,47 +107,105 @@ def expert_load_balance(expert_loads: torch.Tensor, world_size: int) -> torch.Te
 
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, k: int,
-        renormalize: bool = True) -> torch.Tensor:
-    """MoE feed-forward: gating -> permute -> grouped GEMM -> silu_and_mul -> grouped GEMM ->
-    unpermute.
+        renormalize: bool = True, return_losses: bool = False, **route):
+    """MoE feed-forward: ``moe_route`` -> permute -> grouped GEMM -> silu_and_mul -> grouped
+    GEMM -> unpermute.
 
     Args:
         x: ``[T, H]``; gate_weight: ``[H, E]`` router; w1: ``[E, H, 2I]`` (gate and up
             projections, gate first); w2: ``[E, I, H]``; k: experts per token.
+        route: :func:`moe_route`'s keyword options (scoring, bias, n_group, topk_group,
+            routed_scaling_factor).
 
-    Returns ``[T, H]`` in x's dtype. Differentiable in x, gate_weight, w1 and w2: the expert
-    choice comes from ``moe_topk_softmax``; the weights of the chosen experts are recomputed with
-    torch ops so that the router receives gradients.
+    Returns ``[T, H]`` in x's dtype, or with return_losses ``(out, aux_loss, z_loss)``
+    (moe_route's load-balancing and z losses). Differentiable in x, gate_weight, w1 and w2 (the
+    router through moe_route's own backward).
     """
     E = w1.shape[0]
-    logits = x @ gate_weight
-    _, ids = moe_topk_softmax(logits.detach(), k, renormalize)
-    probs = torch.softmax(logits.to(torch.float64 if x.dtype == torch.float64 else torch.float32),
-                          dim=-1)
-    weights = probs.gather(1, ids.long())
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights, ids, *losses = moe_route(x @ gate_weight, k, renormalize=renormalize,
+                                      return_losses=return_losses, **route)
     permuted, offsets, row_map = moe_permute(x, ids, E)
     h = silu_and_mul(grouped_gemm(permuted, w1, offsets))
     y = grouped_gemm(h, w2, offsets)
-    return moe_unpermute(y, row_map, weights)
+    out = moe_unpermute(y, row_map, weights)
+    return (out, *losses) if return_losses else out
 
 
 class MoE(torch.nn.Module):
-    """Drop-in MoE feed-forward block with SwiGLU experts (see :func:`moe`)."""
+    """Drop-in MoE feed-forward block with SwiGLU experts (see :func:`moe`).
+
+    With ``process_group``, experts are spread over its ranks (expert parallelism): expert e
+    lives on rank ``expert_map[e]`` (default: :func:`expert_load_balance` of uniform loads, i.e.
+    e % world_size), each rank holds only its experts' ``w1`` / ``w2`` (``local_experts`` lists
+    them, ascending) and a full copy of the router; tokens travel by :func:`moe_dispatch` /
+    :func:`moe_combine`. Every rank must call forward (and backward) together. The output equals
+    the single-process block with the same weights; the router's gradient is each rank's share
+    (all-reduce it, as data parallelism does).
+
+    With ``return_losses=True`` each forward also leaves moe_route's ``aux_loss`` and ``z_loss``
+    (of this rank's tokens) in ``self.aux_loss`` / ``self.z_loss``, to add to the training loss.
+    """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, k: int,
-                 renormalize: bool = True, device=None, dtype: Optional[torch.dtype] = None):
+                 renormalize: bool = True, device=None, dtype: Optional[torch.dtype] = None, *,
+                 scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0, bias: Optional[torch.Tensor] = None,
+                 process_group=None, expert_map=None, return_losses: bool = False):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.k, self.renormalize = k, renormalize
+        self.k, self.renormalize, self.num_experts = k, renormalize, num_experts
+        self.return_losses = return_losses
+        self.aux_loss = self.z_loss = None
+        self.route = dict(scoring=scoring, n_group=n_group, topk_group=topk_group,
+                          routed_scaling_factor=routed_scaling_factor)
+        self.register_buffer("bias", None if bias is None else bias.to(device))
+        self.process_group = process_group
+        self.plan = None
+        local = num_experts
+        if process_group is not None:
+            from .moe_ep import ExpertPlan
+
+            self.plan = ExpertPlan.create(expert_map, num_experts, process_group)
+            local = len(self.plan.local_experts)
         self.gate = torch.nn.Parameter(torch.randn(hidden, num_experts, **kw) * hidden ** -0.5)
-        self.w1 = torch.nn.Parameter(torch.randn(num_experts, hidden, 2 * intermediate, **kw)
+        self.w1 = torch.nn.Parameter(torch.randn(local, hidden, 2 * intermediate, **kw)
                                      * hidden ** -0.5)
-        self.w2 = torch.nn.Parameter(torch.randn(num_experts, intermediate, hidden, **kw)
+        self.w2 = torch.nn.Parameter(torch.randn(local, intermediate, hidden, **kw)
                                      * intermediate ** -0.5)
+
+    @property
+    def local_experts(self):
+        """Global ids of the experts whose weights this module holds (ascending)."""
+        return self.plan.local_experts if self.plan is not None else list(range(self.num_experts))
+
+    @torch.no_grad()
+    def load_experts_from(self, dense: "MoE") -> "MoE":
+        """Copies the router and this rank's experts from a single-process block."""
+        self.gate.copy_(dense.gate)
+        idx = torch.tensor(self.local_experts, dtype=torch.long, device=dense.w1.device)
+        self.w1.copy_(dense.w1.index_select(0, idx))
+        self.w2.copy_(dense.w2.index_select(0, idx))
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = moe(x.reshape(-1, shape[-1]), self.gate, self.w1, self.w2, self.k, self.renormalize)
-        return out.reshape(shape)
+        x2 = x.reshape(-1, shape[-1])
+        if self.process_group is None:
+            out = moe(x2, self.gate, self.w1, self.w2, self.k, self.renormalize,
+                      return_losses=self.return_losses, bias=self.bias, **self.route)
+            if self.return_losses:
+                out, self.aux_loss, self.z_loss = out
+            return out.reshape(shape)
+        from .moe_ep import moe_combine, moe_dispatch
+
+        weights, ids, *losses = moe_route(x2 @ self.gate, self.k, renormalize=self.renormalize,
+                                          bias=self.bias, return_losses=self.return_losses,
+                                          **self.route)
+        if self.return_losses:
+            self.aux_loss, self.z_loss = losses
+        tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan)
+        y = tokens
+        if self.w1.shape[0] > 0:
+            h = silu_and_mul(grouped_gemm(tokens, self.w1, offsets))
+            y = grouped_gemm(h, self.w2, offsets)
+        return moe_combine(y, weights, handle).reshape(shape)

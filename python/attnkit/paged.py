@@ -153,3 +153,44 @@ def reshape_and_cache_with_pertoken_quant(
         raise ValueError(f"attnkit: asm_layout={asm_layout} but value_cache is {value_cache.dim()}-D")
     torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(
         key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping)
+
+
+# ---- serving on NHD caches (vLLM V1, FlashAttention, SGLang) -------------------------------------
+def reshape_and_cache_flash(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: ScaleLike = 1.0,
+    v_scale: ScaleLike = 1.0,
+) -> None:
+    """vLLM's ``reshape_and_cache_flash``: writes key/value ``[T, Hkv, D]`` into NHD caches
+    ``[num_blocks, block_size, Hkv, D]`` at ``slot_mapping[t]`` (= block * block_size + offset;
+    -1 = skip). Any cache strides with a contiguous head dim, so ``key_cache, value_cache =
+    kv_cache.unbind(0)`` of one ``[2, num_blocks, block_size, Hkv, D]`` allocation works. With an
+    fp8 ``kv_cache_dtype`` (uint8 or float8 caches) the values are stored as fp8(x / scale),
+    saturated. A slot outside the cache is an error on the CPU and skipped on CUDA (checking it
+    there would need a host sync)."""
+    torch.ops.attnkit.reshape_and_cache_flash(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+        _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
+
+
+def merge_attn_states(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_lse: Optional[torch.Tensor] = None,
+) -> None:
+    """vLLM's ``merge_attn_states``: ``output`` ``[T, H, D]`` (and ``output_lse`` ``[H, T]`` when
+    given) becomes the attention over the union of two disjoint key sets, from each set's result
+    ``[T, H, D]`` and fp32 log-sum-exp ``[H, T]``. A part whose lse is -inf (no key; +inf is read
+    the same, as FlashAttention 2 marks empty rows) contributes nothing, whatever its output
+    holds; a row where both are empty gets 0 and lse -inf (vLLM copies prefix_output there)."""
+    torch.ops.attnkit.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
+                                        suffix_lse, output_lse)
+

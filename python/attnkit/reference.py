@@ -49,16 +49,25 @@ class _RoundTo(torch.autograd.Function):
 
 def gdpa_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q=None, max_seq_len_kv=None,
              activation="fast_gelu", qk_scale=1.0, *, pre_scale=1.0, causal=False,
-             compute_dtype=None):
+             window_size=-1, broadcast_q=False, compute_dtype=None):
     """Per-sequence GDPA in ``compute_dtype`` (fp32 by default, fp64 for fp64 inputs).
 
+    ``window_size >= 0``: query i sees key j only when ``|i - j| <= window_size`` (local).
+    ``broadcast_q``: q is one query sequence (all its rows) attended against every kv sequence;
+    the output is ``[B * Lq, H, D]``, block b for kv sequence b.
     Differentiable: gradients flow to q, k, v through torch autograd. The hints are ignored.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     H, Hkv = q.shape[1], k.shape[1]
     G = H // Hkv
-    qo, ko = q_offsets.tolist(), kv_offsets.tolist()
+    ko = kv_offsets.tolist()
+    if broadcast_q:
+        Lq = q.shape[0]
+        qo = [b * Lq for b in range(len(ko))]
+        q = q.repeat(len(ko) - 1, 1, 1)
+    else:
+        qo = q_offsets.tolist()
     rows = []
     for b in range(len(qo) - 1):
         qb = q[qo[b]:qo[b + 1]].to(compute_dtype).transpose(0, 1)            # [H, Lq, D]
@@ -66,10 +75,15 @@ def gdpa_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q=None, max_seq_len_kv=
         vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)
         s = pre_scale * (qb @ kb.transpose(1, 2))                              # [H, Lq, Lk]
         p = gdpa_activation(s, activation)
+        lq, lk = s.shape[1], s.shape[2]
+        i = torch.arange(lq, device=q.device).unsqueeze(1)
+        j = torch.arange(lk, device=q.device).unsqueeze(0)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
-            lq, lk = s.shape[1], s.shape[2]
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-            p = p * mask
+            mask &= j <= i
+        if window_size >= 0:
+            mask &= (j - i).abs() <= window_size
+        p = p * mask
         p = _RoundTo.apply(p, v.dtype)
         rows.append((qk_scale * (p @ vb)).transpose(0, 1))                    # [Lq, H, D]
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
@@ -154,6 +168,94 @@ def flash_attn_ref(q, k, v, softmax_scale=None, causal=False, window_left=-1, wi
     return out, lse
 
 
+def _serving_keys(cache, b, L, block_table, descale, compute_dtype):
+    """Keys (or values) 0..L-1 of sequence b from an NHD paged cache, key j at
+    ``cache[block_table[b, j // bs], j % bs]``, dequantised with ``descale[b]`` [Hkv]."""
+    bs = cache.shape[1]
+    j = torch.arange(L, device=cache.device)
+    rows = cache[block_table[b].long()[j // bs], j % bs].to(compute_dtype)  # [L, Hkv, D]
+    if descale is not None:
+        rows = rows * descale[b].to(compute_dtype).view(1, -1, 1)
+    return rows
+
+
+def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                      block_table=None, softmax_scale=None, causal=False, window_left=-1,
+                      window_right=-1, softcap=0.0, s_aux=None, k_descale=None, v_descale=None,
+                      compute_dtype=None):
+    """The serving call of flash_attn_fwd (docs/serving.md), one sequence at a time.
+
+    q batched ``[B, Sq, H, D]`` or varlen ``[T, H, D]`` (cu_seqlens_q). k/v: batched, varlen
+    (cu_seqlens_k) or NHD paged caches with ``block_table``. Sequence b uses its first
+    ``seqused_k[b]`` keys (else all it has). ``s_aux`` [H]: a sink column with a zero value vector
+    in every row's softmax. Returns ``(out, lse)`` in the compute dtype (differentiable in q, k,
+    v, s_aux); rows without keys and sink give 0 / -inf, with a sink 0 / s_aux.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    varlen = cu_seqlens_q is not None
+    D, H = q.shape[-1], q.shape[-2]
+    Hkv = k.shape[-2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if varlen:
+        cq = cu_seqlens_q.tolist()
+        B = len(cq) - 1
+    else:
+        B = q.shape[0]
+    used = seqused_k.tolist() if seqused_k is not None else None
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    lse = torch.full((H, q.shape[0]) if varlen else (B, H, q.shape[1]), float("-inf"),
+                     dtype=compute_dtype, device=q.device)
+    for b in range(B):
+        qb = q[cq[b]:cq[b + 1]] if varlen else q[b]  # [Lq, H, D]
+        if block_table is not None:
+            if used is not None:
+                L = used[b]
+            elif cu_seqlens_k is not None:
+                L = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
+            else:
+                L = block_table.shape[1] * k.shape[1]
+            kb = _serving_keys(k, b, L, block_table, k_descale, compute_dtype)
+            vb = _serving_keys(v, b, L, block_table, v_descale, compute_dtype)
+        else:
+            if varlen:
+                k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+                kb, vb = k[k0:k1], v[k0:k1]
+            else:
+                kb, vb = k[b], v[b]
+            if used is not None:
+                kb, vb = kb[:used[b]], vb[:used[b]]
+            kb, vb = kb.to(compute_dtype), vb.to(compute_dtype)
+        Lq, L = qb.shape[0], kb.shape[0]
+        if Lq == 0:
+            continue
+        qh = qb.to(compute_dtype).transpose(0, 1)  # [H, Lq, D]
+        kh = kb.transpose(0, 1).repeat_interleave(G, 0)
+        vh = vb.transpose(0, 1).repeat_interleave(G, 0)
+        sc = scale * (qh @ kh.transpose(-1, -2))
+        if softcap > 0:
+            sc = softcap * torch.tanh(sc / softcap)
+        mask = flash_window_mask(Lq, L, causal, window_left, window_right, q.device)
+        sc = sc.masked_fill(~mask, float("-inf"))
+        if s_aux is not None:
+            sink = s_aux.to(compute_dtype).view(H, 1, 1).expand(H, Lq, 1)
+            full = torch.cat((sc, sink), dim=-1)
+        else:
+            full = sc
+        lb = torch.logsumexp(full, dim=-1)  # [H, Lq]
+        finite = torch.isfinite(lb).unsqueeze(-1)
+        p = torch.where(finite, torch.exp(sc - torch.where(finite, lb.unsqueeze(-1), 0.0)), 0.0)
+        ob = (p @ vh).transpose(0, 1)  # [Lq, H, D]
+        if varlen:
+            out = out.index_put((torch.arange(cq[b], cq[b + 1], device=q.device),), ob)
+            lse[:, cq[b]:cq[b + 1]] = lb.detach()
+        else:
+            out = out.index_put((torch.tensor([b], device=q.device),), ob.unsqueeze(0))
+            lse[b] = lb.detach()
+    return out, lse
+
+
 def attention_eager(q, k, v, causal=False, softmax_scale=None):
     """The benchmark's eager peer on ``[B, H, S, D]``: materialised scores, softmax in fp32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -173,6 +275,68 @@ def moe_topk_softmax_ref(gating_logits, k, renormalize=False):
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     return w, ids.to(torch.int32)
+
+
+def _ranked(key, kept=None):
+    """Column order of ``key`` [T, N]: larger first, lower index first on ties; with ``kept``
+    [T, N] bool, every kept column before every other one (two stable sorts)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    if kept is not None:
+        second = torch.sort(kept.gather(1, order).to(torch.int8), dim=-1, descending=True,
+                            stable=True).indices
+        order = order.gather(1, second)
+    return order
+
+
+def moe_route_ref(logits, k, scoring="softmax", renormalize=False, bias=None, n_group=1,
+                  topk_group=1, routed_scaling_factor=1.0, return_losses=False):
+    """moe_route in torch ops, fp32 (fp64 for fp64 logits), differentiable in logits.
+
+    vLLM's ``grouped_topk`` / DeepSeek-V3's ``Gate``: scores = softmax or sigmoid of the logits;
+    the selection key is the logit without a bias (the scores are monotone in it) and score + bias
+    with one (NaN keys rank as -inf); groups are scored by the sum of their two best keys with a
+    bias, their best key without; the topk_group best groups are kept, then the k best experts of
+    the kept groups, ties to the lower id (and the lower group). weights = scores at the ids,
+    divided by their sum when renormalize, times routed_scaling_factor.
+    Losses: aux = E * sum_e f_e P_e with f_e = count_e / (T k) and P_e the mean over tokens of the
+    softmax (sigmoid: scores / their sum over experts); z = mean_t logsumexp(logits_t)^2.
+    Returns (weights, ids int32) or, with return_losses, (weights, ids, aux, z).
+    """
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(cd)
+    T, E = x.shape
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    key = (scores + bias.to(cd)) if bias is not None else x
+    key = key.detach()
+    key = torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
+    kept = None
+    if n_group > 1:
+        g = key.view(T, n_group, E // n_group)
+        if bias is not None:
+            gscore = g.sort(dim=-1, descending=True).values[..., :2].sum(-1)
+        else:
+            gscore = g.max(dim=-1).values
+        gscore = torch.where(torch.isnan(gscore), torch.full_like(gscore, float("-inf")), gscore)
+        top_groups = _ranked(gscore)[:, :topk_group]
+        gkept = torch.zeros(T, n_group, dtype=torch.bool, device=x.device)
+        gkept.scatter_(1, top_groups, True)
+        kept = gkept.repeat_interleave(E // n_group, dim=1)
+    ids = _ranked(key, kept)[:, :k]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    w = w * routed_scaling_factor
+    ids = ids.to(torch.int32)
+    if not return_losses:
+        return w, ids
+    if T == 0:
+        zero = x.sum() * 0
+        return w, ids, zero, zero
+    probs = torch.softmax(x, dim=-1) if scoring == "softmax" else scores / scores.sum(-1, True)
+    f = torch.bincount(ids.flatten().long(), minlength=E).to(cd) / (T * k)
+    aux = E * (f * probs.mean(0)).sum()
+    z = torch.logsumexp(x, dim=-1).pow(2).mean()
+    return w, ids, aux, z
 
 
 def moe_permute_ref(x, topk_ids, num_experts):
@@ -237,15 +401,13 @@ def expert_load_balance_ref(expert_loads, world_size):
     return torch.tensor(out, dtype=torch.long, device=expert_loads.device)
 
 
-def moe_ref(x, gate_weight, w1, w2, k, renormalize=True):
-    """The MoE block as an eager loop over experts (torch autograd for gradients)."""
+def moe_ref(x, gate_weight, w1, w2, k, renormalize=True, **route):
+    """The MoE block as an eager loop over experts (torch autograd for gradients); ``route``
+    takes moe_route_ref's keyword options (scoring, bias, n_group, ...)."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = x @ gate_weight
-    probs = torch.softmax(logits.to(cd), dim=-1)
-    ids = torch.sort(logits.detach().float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    w = probs.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+    w, ids = moe_route_ref(x @ gate_weight, k, renormalize=renormalize, **route)
+    ids = ids.long()
+    w = w.to(cd)
     out = torch.zeros(x.shape, dtype=cd, device=x.device)
     for e in range(w1.shape[0]):
         tok, slot = torch.where(ids == e)
@@ -415,3 +577,49 @@ def reshape_and_cache_pertoken_ref(key, value, key_cache, value_cache, k_scales,
         qs.append(quantize_to_cache(x, key_cache.dtype, inv[..., None]))
     _write_cache(key_cache, value_cache, qs[0], qs[1], blk, off)
     return key_cache, value_cache, k_scales, v_scales
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving on NHD caches (DESIGN §3.5)
+# ---------------------------------------------------------------------------------------------
+def reshape_and_cache_flash_ref(key, value, key_cache, value_cache, slot_mapping,
+                                kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0):
+    """Writes into (and returns) clones of NHD caches ``[num_blocks, block_size, Hkv, D]``; slots
+    < 0 are skipped; fp8 caches store fp8(x / scale)."""
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    bs = key_cache.shape[1]
+    blk, off = slots // bs, slots % bs
+    fp8 = kv_cache_dtype != "auto"
+    kinv = torch.tensor(1.0 / float(k_scale) if fp8 else 1.0, dtype=torch.float32)
+    vinv = torch.tensor(1.0 / float(v_scale) if fp8 else 1.0, dtype=torch.float32)
+    key_cache[blk, off] = quantize_to_cache(key[keep].float(), key_cache.dtype,
+                                            kinv.to(key.device), kv_cache_dtype)
+    value_cache[blk, off] = quantize_to_cache(value[keep].float(), value_cache.dtype,
+                                              vinv.to(key.device), kv_cache_dtype)
+    return key_cache, value_cache
+
+
+def merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse):
+    """``(output [T, H, D] fp32, output_lse [H, T])`` of two partial results over disjoint key
+    sets. An lse of ±inf marks an empty part: it contributes nothing (its output is never
+    multiplied in, so NaN there stays out); both empty gives 0 and -inf."""
+    ninf = float("-inf")
+    p = prefix_lse.float().t()
+    s = suffix_lse.float().t()                                        # [T, H]
+    p = torch.where(torch.isinf(p), torch.full_like(p, ninf), p)
+    s = torch.where(torch.isinf(s), torch.full_like(s, ninf), s)
+    m = torch.maximum(p, s)
+    empty = m == ninf
+    m0 = torch.where(empty, torch.zeros_like(m), m)
+    pe, se = torch.exp(p - m0), torch.exp(s - m0)
+    total = pe + se
+    safe = torch.where(empty, torch.ones_like(total), total)
+    out = torch.zeros(prefix_output.shape, dtype=torch.float32, device=prefix_output.device)
+    for part, e, lse in ((prefix_output, pe, p), (suffix_output, se, s)):
+        w = (e / safe).unsqueeze(-1)
+        out = out + torch.where((lse != ninf).unsqueeze(-1), w * part.float(), torch.zeros_like(out))
+    lse = torch.where(empty, torch.full_like(m, ninf), torch.log(safe) + m0)
+    return out, lse.t()
+

@@ -15,6 +15,10 @@ TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-3, torc
 # (relative error ~2^-11), which reaches the lse.
 LSE_TOLERANCE = TOLERANCE[torch.float32]
 LSE_TOLERANCE_APPROX_TANH = 1e-3
+# fp8 caches (the serving call's k_descale / v_descale): keys and values are dequantised to the
+# query dtype before the products (fp8 x descale, rounded once, docs/serving.md), so scores and
+# lse carry one 16-bit rounding of K against the exact fp8 x descale reference.
+LSE_TOLERANCE_DEQUANT = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
 
 # Composite paths whose error is several roundings of the input dtype deep (the MoE block: gate,
 # two grouped GEMMs, SiLU-and-mul and a weighted sum, each rounded to the input dtype). Measured
@@ -65,7 +69,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
 
 
 def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor, what: str = "lse",
-                     approx_tanh: bool = False) -> None:
+                     approx_tanh: bool = False, tol: float = None) -> None:
     """fp32 log-sum-exp: −inf exactly where the reference is −inf (rows with no key), never NaN,
     and within the fp32 bound elsewhere, whatever the input dtype."""
     assert lse.dtype == torch.float32, f"{what}: dtype {lse.dtype}, expected torch.float32"
@@ -75,7 +79,8 @@ def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor, what: str = "lse"
     if inf_ref.any():
         assert (lse[inf_ref] < 0).all(), f"{what}: +inf where the reference has -inf"
     if (~inf_ref).any():
-        tol = LSE_TOLERANCE_APPROX_TANH if approx_tanh else LSE_TOLERANCE
+        if tol is None:
+            tol = LSE_TOLERANCE_APPROX_TANH if approx_tanh else LSE_TOLERANCE
         e = rel_err(lse[~inf_ref], ref_lse[~inf_ref])
         assert e <= tol, f"{what}: rel_err {e:.3e} > {tol:.0e}"
 

@@ -3,13 +3,24 @@
 // (ATTNKIT_HAS_MMA_SM80) compiles to an empty kernel under HIP.
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
+#include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
 
 namespace attnkit {
 namespace moe {
 
-template void launch_topk_softmax<float>(const float*, int64_t, int, int, bool, float*, int32_t*, cudaStream_t);
-template void launch_topk_softmax<bf16_t>(const bf16_t*, int64_t, int, int, bool, float*, int32_t*, cudaStream_t);
+template void launch_route<bf16_t, float>(const bf16_t*, const float*, int64_t, int, int, bool, bool, int, int,
+                                          float, float*, int32_t*, float*, int, cudaStream_t);
+template void launch_route<double, double>(const double*, const double*, int64_t, int, int, bool, bool, int, int,
+                                           double, double*, int32_t*, double*, int, cudaStream_t);
+template void launch_route_losses<fp16_t, float>(const fp16_t*, const float*, const int32_t*, int64_t, int, int,
+                                                 bool, int32_t*, float*, float*, float*, float*, cudaStream_t);
+template void launch_route_bwd<bf16_t, float, int64_t>(const bf16_t*, const int64_t*, const float*, const float*,
+                                                       const float*, int32_t*, int64_t, int, int, bool, bool, float,
+                                                       bf16_t*, int, cudaStream_t);
+template void launch_route_bwd<float, float, int32_t>(const float*, const int32_t*, const float*, const float*,
+                                                      const float*, int32_t*, int64_t, int, int, bool, bool, float,
+                                                      float*, int, cudaStream_t);
 template void launch_permute<uint4, int64_t>(const uint4*, const int64_t*, int64_t, int, int, int64_t, uint4*,
                                              int32_t*, int32_t*, int32_t*, int32_t*, int32_t*, int32_t*,
                                              cudaStream_t);

@@ -1,9 +1,10 @@
-// HIP compile check of the paged kernel layer (scripts/hip_check.sh): the decode, combine and
-// cache-write kernels csrc/cuda/paged.cu launches, for a bounded set of query dtypes, cache kinds
-// and row counts.
+// HIP compile check of the paged kernel layer (scripts/hip_check.sh): the decode, combine,
+// cache-write and merge kernels csrc/cuda/paged.cu launches, for a bounded set of query dtypes,
+// cache kinds and row counts.
 #include "kernels/paged/cache_write.cuh"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"  // tensor-core GQA decode: compiled out under HIP (sm_80 guard)
+#include "kernels/paged/merge_states.cuh"
 
 namespace attnkit {
 namespace paged {
@@ -19,6 +20,8 @@ template __global__ void paged_combine_kernel<bf16_t>(const DecodeParams);
 template __global__ void reshape_and_cache_kernel<bf16_t, C::kSame>(const CacheWriteParams);
 template __global__ void reshape_and_cache_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
 template __global__ void pertoken_quant_kernel<bf16_t, C::kInt8>(const CacheWriteParams);
+template __global__ void merge_attn_states_kernel<bf16_t>(const MergeParams);
+template __global__ void merge_attn_states_kernel<float>(const MergeParams);
 template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false>(const DecodeParams);  // empty under HIP
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true>(const DecodeParams);   // bulk loads: too

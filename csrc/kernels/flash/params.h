@@ -22,6 +22,9 @@ struct Params {
   const void* cu_q = nullptr;
   const void* cu_k = nullptr;
   bool cu_int64 = false;
+  // [B] int32 or null: sequence b uses only its first seqused_k[b] keys (FlashAttention 3 /
+  // vLLM V1); clamped to [0, the length cu_seqlens_k or Sk gives], so any value is safe.
+  const int32_t* seqused_k = nullptr;
   Strides q, k, v, o, dout, dq, dk, dv;
   Strides lse;  // batched lse [B, H, Sq]; varlen [H, Tq] (batch stride 0)
   // Double so the CPU's fp64 path (gradcheck) is exact; the GPU kernels convert once to float.
@@ -43,8 +46,16 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t clamp_offset(const index_t* cu, int64
 
 // Offsets are clamped into [0, total] and made non-decreasing, so whatever cu_seqlens holds a
 // CUDA kernel never reads or writes outside its tensors (the CPU validates them first).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE SeqRange clamp_used_k(const Params& p, int64_t b, SeqRange s) {
+  if (p.seqused_k != nullptr) {
+    const int64_t used = static_cast<int64_t>(p.seqused_k[b]);
+    s.lk = used < 0 ? 0 : (used < s.lk ? used : s.lk);
+  }
+  return s;
+}
+
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE SeqRange seq_range(const Params& p, int64_t b) {
-  if (p.cu_q == nullptr) return {0, p.seqlen_q, 0, p.seqlen_k};
+  if (p.cu_q == nullptr) return clamp_used_k(p, b, {0, p.seqlen_q, 0, p.seqlen_k});
   int64_t q0, q1, k0, k1;
   if (p.cu_int64) {
     const auto* cq = static_cast<const int64_t*>(p.cu_q);
@@ -57,7 +68,7 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE SeqRange seq_range(const Params& p, int64_t b
     q0 = clamp_offset(cq, b, p.seqlen_q), q1 = clamp_offset(cq, b + 1, p.seqlen_q);
     k0 = clamp_offset(ck, b, p.seqlen_k), k1 = clamp_offset(ck, b + 1, p.seqlen_k);
   }
-  return {q0, q1 > q0 ? q1 - q0 : 0, k0, k1 > k0 ? k1 - k0 : 0};
+  return clamp_used_k(p, b, {q0, q1 > q0 ? q1 - q0 : 0, k0, k1 > k0 ? k1 - k0 : 0});
 }
 
 // FlashAttention-2 window, local indices: query i sees keys j with

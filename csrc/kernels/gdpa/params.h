@@ -24,6 +24,7 @@ struct FwdParams {
   float pre_scale, qk_scale;
   Activation act;
   bool causal;
+  int32_t window;  // < 0: none; else query i sees key j only when |i - j| <= window (local)
 };
 
 struct BwdParams : FwdParams {
@@ -47,6 +48,38 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE SeqRange seq_range(const int32_t* off, int32_
   lo = lo < 0 ? 0 : (lo > total ? total : lo);
   hi = hi < lo ? lo : (hi > total ? total : hi);
   return {lo, hi - lo};
+}
+
+// ---- the mask: causal (key j visible to query i iff j <= i, local indices) and window
+// (|i - j| <= window), shared by the CPU and GPU kernels ----
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool visible(bool causal, int32_t window, int64_t i, int64_t j) {
+  if (causal && j > i) return false;
+  return window < 0 || (j >= i - window && j <= i + window);
+}
+
+// A half-open index range [lo, hi) (empty when hi <= lo).
+struct Span {
+  int64_t lo, hi;
+};
+
+// The keys that queries [i_first, i_last] may see, within [0, lk).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE Span key_span(bool causal, int32_t window, int64_t i_first,
+                                                 int64_t i_last, int64_t lk) {
+  int64_t lo = window < 0 ? 0 : i_first - window;
+  int64_t hi = causal ? i_last + 1 : (window < 0 ? lk : i_last + window + 1);
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > lk ? lk : hi;
+  return {lo, hi};
+}
+
+// The queries that see any of keys [j_first, j_last], within [0, lq).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE Span query_span(bool causal, int32_t window, int64_t j_first,
+                                                   int64_t j_last, int64_t lq) {
+  int64_t lo = causal ? j_first : (window < 0 ? 0 : j_first - window);
+  int64_t hi = window < 0 ? lq : j_last + window + 1;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > lq ? lq : hi;
+  return {lo, hi};
 }
 
 // A CTA's work item. The 1-D grid enumerates (tile, z, sequence) with the tile fastest, then z

@@ -96,9 +96,9 @@ __global__ void __launch_bounds__(kSimpleThreads) gdpa_simple_q_kernel(const Bwd
       const T* dout = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride + h * p.do_head_stride;
       simple_load(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, rows, D);
     }
-    const int kv_end = p.causal ? min(ks.len, i0 + rows) : ks.len;
-    for (int j0 = 0; j0 < kv_end; j0 += kSimpleRows) {
-      const int cols = min(kSimpleRows, kv_end - j0);
+    const Span kv = key_span(p.causal, p.window, i0, i0 + rows - 1, ks.len);
+    for (int j0 = static_cast<int>(kv.lo); j0 < kv.hi; j0 += kSimpleRows) {
+      const int cols = min(kSimpleRows, static_cast<int>(kv.hi) - j0);
       __syncthreads();
       simple_load(sk, k + j0 * p.k_row_stride, p.k_row_stride, cols, D);
       simple_load(sv, v + j0 * p.v_row_stride, p.v_row_stride, cols, D);
@@ -109,13 +109,13 @@ __global__ void __launch_bounds__(kSimpleThreads) gdpa_simple_q_kernel(const Bwd
 #pragma unroll
       for (int m = 0; m < 8; ++m) {
         const int j = j0t + 4 * m;
-        const bool visible = j < cols && !(p.causal && j0 + j > i0 + i);
+        const bool vis = j < cols && visible(p.causal, p.window, i0 + i, j0 + j);
         const float x = s[m] * p.pre_scale;
         float w;
         if (kDq) {
-          w = visible ? p.qk_scale * p.pre_scale * act_bwd_exact(p.act, x) * dp[m] : 0.f;
+          w = vis ? p.qk_scale * p.pre_scale * act_bwd_exact(p.act, x) * dp[m] : 0.f;
         } else {  // P rounded to the value type before P·V (DESIGN §3.1)
-          w = visible ? to_float(from_float<T>(act_fwd_exact(p.act, x))) : 0.f;
+          w = vis ? to_float(from_float<T>(act_fwd_exact(p.act, x))) : 0.f;
         }
         sw[i * (kSimpleRows + 1) + j] = w;
       }
@@ -161,8 +161,9 @@ __global__ void __launch_bounds__(kSimpleThreads) gdpa_simple_dkdv_kernel(const 
     for (int h = hk * G; h < (hk + 1) * G; ++h) {
       const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
       const T* dout = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride + h * p.do_head_stride;
-      for (int i0 = p.causal ? (j0 / kSimpleRows) * kSimpleRows : 0; i0 < qs.len; i0 += kSimpleRows) {
-        const int cols = min(kSimpleRows, qs.len - i0);
+      const Span qr = query_span(p.causal, p.window, j0, j0 + rows - 1, qs.len);
+      for (int i0 = static_cast<int>(qr.lo); i0 < qr.hi; i0 += kSimpleRows) {
+        const int cols = min(kSimpleRows, static_cast<int>(qr.hi) - i0);
         __syncthreads();
         simple_load(sq, q + i0 * p.q_row_stride, p.q_row_stride, cols, D);
         simple_load(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, cols, D);
@@ -173,12 +174,12 @@ __global__ void __launch_bounds__(kSimpleThreads) gdpa_simple_dkdv_kernel(const 
 #pragma unroll
         for (int m = 0; m < 8; ++m) {
           const int i = i0t + 4 * m;
-          const bool visible = i < cols && !(p.causal && j0 + jr > i0 + i);
+          const bool vis = i < cols && jr < rows && visible(p.causal, p.window, i0 + i, j0 + jr);
           const float x = s[m] * p.pre_scale;
           sp[jr * (kSimpleRows + 1) + i] =
-              visible ? p.qk_scale * to_float(from_float<T>(act_fwd_exact(p.act, x))) : 0.f;
+              vis ? p.qk_scale * to_float(from_float<T>(act_fwd_exact(p.act, x))) : 0.f;
           sds[jr * (kSimpleRows + 1) + i] =
-              visible ? p.qk_scale * p.pre_scale * act_bwd_exact(p.act, x) * dp[m] : 0.f;
+              vis ? p.qk_scale * p.pre_scale * act_bwd_exact(p.act, x) * dp[m] : 0.f;
         }
         __syncthreads();
         simple_accumulate(adv, sp, sdo, D);

@@ -40,6 +40,16 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_vec(T* p, const Vec<T, VEC>& v) {
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// Orders shared-memory accesses among the lanes of one warp (an AMD wavefront runs in lockstep,
+// so there only the compiler must not move accesses across it).
+ATTNKIT_DEVICE ATTNKIT_INLINE void warp_sync() {
+#if defined(__HIPCC__)
+  __builtin_amdgcn_wave_barrier();
+#else
+  __syncwarp();
+#endif
+}
+
 // Exclusive scan of one int32 per thread over the block (Hillis-Steele in shared memory, a fixed
 // order: deterministic). `smem` holds blockDim.x ints. Returns the thread's exclusive prefix and
 // the block total in `*total`. Every thread of the block must call it.

@@ -1,6 +1,6 @@
-// MoE routing kernels (torch-free): top-k softmax, the deterministic permutation, unpermute and
-// its backward, silu_and_mul and the expert load balance. Launch helpers take raw pointers,
-// sizes and a stream; the caller checks the launch.
+// MoE routing kernels (torch-free): the deterministic permutation, unpermute and its backward,
+// silu_and_mul and the expert load balance (top-k routing is route.cuh). Launch helpers take raw
+// pointers, sizes and a stream; the caller checks the launch.
 //
 // The permutation is a stable counting sort of the N = T·k (token, slot) pairs by bucket, where
 // bucket e < E is expert e and bucket E collects ids outside [0, E) (dropped pairs, which take
@@ -23,79 +23,6 @@ namespace moe {
 constexpr int kChunk = 256;  // pairs per rank block (= its threads)
 constexpr int kScanThreads = 256;
 constexpr int kRowThreads = 128;
-
-// ---- top-k softmax: one warp per token ---------------------------------------------------------
-constexpr int kTopkWarps = 4;
-
-// Order of experts: larger logit first, lower id first among equal logits.
-ATTNKIT_DEVICE ATTNKIT_INLINE bool ranks_before(float v, int i, float bv, int bi) {
-  return v > bv || (v == bv && i < bi);
-}
-
-template <typename T>
-__global__ void topk_softmax_kernel(const T* __restrict__ logits, int64_t tokens, int E, int k,
-                                    bool renormalize, float* __restrict__ weights,
-                                    int32_t* __restrict__ ids) {
-  const int64_t t = int64_t(blockIdx.x) * kTopkWarps + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (t >= tokens) return;
-  const T* x = logits + t * E;
-  float mx = -INFINITY;
-  for (int e = lane; e < E; e += kWarpSize) mx = fmaxf(mx, to_float(x[e]));
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) mx = fmaxf(mx, shfl_xor(mx, o));
-  float sum = 0.f;
-  for (int e = lane; e < E; e += kWarpSize) sum += expf(to_float(x[e]) - mx);
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) sum += shfl_xor(sum, o);
-  // Selection j takes the best expert that ranks after selection j-1: no "taken" set needed.
-  float prev_v = INFINITY;
-  int prev_i = -1;
-  bool first = true;
-  float selected = 0.f;
-  for (int j = 0; j < k; ++j) {
-    // -inf start with id "infinity": a -inf logit (a masked expert) can still be chosen, as on
-    // the CPU; only NaN never is.
-    float bv = -INFINITY;
-    int bi = INT32_MAX;
-    for (int e = lane; e < E; e += kWarpSize) {
-      const float v = to_float(x[e]);
-      const bool after = first || ranks_before(prev_v, prev_i, v, e);
-      if (after && ranks_before(v, e, bv, bi)) {
-        bv = v;
-        bi = e;
-      }
-    }
-    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-      const float ov = shfl_xor(bv, o);
-      const int oi = shfl_xor(bi, o);
-      if (ranks_before(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
-    // NaN logits match nothing: the slot gets id -1 (dropped by moe_permute on CUDA), weight 0.
-    const bool found = bi < E;
-    const float p = found ? expf(bv - mx) / sum : 0.f;
-    if (lane == 0) {
-      weights[t * k + j] = p;
-      ids[t * k + j] = found ? bi : -1;
-    }
-    selected += p;
-    prev_v = bv;
-    prev_i = bi;
-    first = false;
-  }
-  if (renormalize && lane == 0 && selected > 0.f) {
-    for (int j = 0; j < k; ++j) weights[t * k + j] /= selected;
-  }
-}
-
-template <typename T>
-void launch_topk_softmax(const T* logits, int64_t tokens, int E, int k, bool renormalize,
-                         float* weights, int32_t* ids, cudaStream_t stream) {
-  const int64_t blocks = (tokens + kTopkWarps - 1) / kTopkWarps;
-  topk_softmax_kernel<T><<<blocks, kTopkWarps * kWarpSize, 0, stream>>>(
-      logits, tokens, E, k, renormalize, weights, ids);
-}
 
 // ---- permutation -------------------------------------------------------------------------------
 template <typename index_t>

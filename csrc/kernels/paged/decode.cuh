@@ -105,6 +105,23 @@ ATTNKIT_DEVICE ATTNKIT_INLINE SeqQuery seq_query(const DecodeParams& p, int64_t 
   return s;
 }
 
+// The sequence holding query token t (token_grid), or -1 when none does (offsets that leave t
+// uncovered). Pure decode (token t is sequence t) costs two loads; otherwise a binary search for
+// the last sequence starting at or before t, then a check that t lies inside it.
+ATTNKIT_DEVICE ATTNKIT_INLINE int64_t seq_of_token(const DecodeParams& p, int64_t t) {
+  const int32_t* c = p.qo_indptr;
+  if (t < p.S && c[t] == t && c[t + 1] == t + 1) return t;
+  int64_t lo = 0, hi = int64_t(p.S) - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (c[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  if (p.S <= 0) return -1;
+  const SeqQuery sq = seq_query(p, lo);
+  return (t >= sq.q0 && t < sq.q0 + sq.qlen) ? lo : -1;
+}
+
 // grid: x = S * Hkv * row_chunks, y = splits. ROWS = query rows per block (<= kMaxRows).
 template <typename scalar_t, CacheKind K, int ROWS>
 __global__ void __launch_bounds__(kThreads)
@@ -378,10 +395,16 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
   __shared__ float w_s[kMaxSplits];
   __shared__ float inv_s;
   __shared__ __align__(16) float part_s[4 * kThreads];  // [split group][D] partial sums
-  const int64_t b = blockIdx.x / p.max_qlen, i = blockIdx.x % p.max_qlen, h = blockIdx.y;
-  const SeqQuery sq = seq_query(p, b);
-  if (i >= sq.qlen) return;
-  const int64_t tok = sq.q0 + i;
+  const int64_t h = blockIdx.y;
+  int64_t tok;
+  if (p.token_grid) {
+    tok = blockIdx.x;  // every token's splits were written (uncovered ones with m = -inf)
+  } else {
+    const int64_t b = blockIdx.x / p.max_qlen, i = blockIdx.x % p.max_qlen;
+    const SeqQuery sq = seq_query(p, b);
+    if (i >= sq.qlen) return;
+    tok = sq.q0 + i;
+  }
   const int splits = p.splits;
   const int64_t row0 = (tok * p.Hq + h) * splits;
   if (threadIdx.x < kWarpSize) {
@@ -396,7 +419,10 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
       den += w * l;
     }
     den = warp_sum(den);
-    if (threadIdx.x == 0) inv_s = den > 0.0f ? 1.0f / den : 0.0f;
+    if (threadIdx.x == 0) {
+      inv_s = den > 0.0f ? 1.0f / den : 0.0f;
+      if (p.lse) p.lse[h * p.lse_sh + tok * p.lse_st] = den > 0.0f ? mx + logf(den) : -INFINITY;
+    }
   }
   __syncthreads();
 

@@ -101,15 +101,20 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int vbulk(bool chunk_major, int row, int chunk) {
 }  // namespace mmadec
 #endif
 
-// grid: x = S * Hkv, y = splits; block: 128 threads; dynamic smem MmaDecodeTraits<D>::kSmemBytes.
-template <typename T, int D, int BS, bool kBulk>
+// grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
+// MmaDecodeTraits<D>::kSmemBytes. BS = 0: the block size is read at run time (any multiple of 16).
+// kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
+// token-major like K and fed to the P·V product with ldmatrix.trans; no bulk loads.
+template <typename T, int D, int BS, bool kBulk, bool kNhd = false>
 __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     paged_decode_mma_kernel(const DecodeParams p) {
 #if ATTNKIT_HAS_MMA_SM80
   using Tr = MmaDecodeTraits<D>;
   constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
   constexpr float kLog2e = 1.4426950408889634f;
-  static_assert(BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
+  static_assert(BS == 0 || BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
+  static_assert(!(kNhd && kBulk), "NHD caches take the cp.async loads");
+  const int bsz = BS > 0 ? BS : p.block_size;  // a multiple of 16 (TILE) when run-time
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* pipe = q_s + Tr::kQElems;
@@ -117,13 +122,14 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.Hq / p.Hkv;
   const int64_t hk = blockIdx.x % p.Hkv;
-  const int64_t b = blockIdx.x / p.Hkv;
+  const int64_t row = blockIdx.x / p.Hkv;  // the sequence, or with token_grid the query token
+  const int64_t b = p.token_grid ? seq_of_token(p, row) : row;  // -1: no sequence holds the token
   const int split = blockIdx.y, splits = gridDim.y;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const T* kh = kc + hk * p.cs.k_sh;
   const T* vh = vc + hk * p.cs.v_sh;
-  const int32_t* bt = p.block_tables + b * p.bt_stride;
+  const int32_t* bt = p.block_tables + (b < 0 ? 0 : b) * p.bt_stride;
   T* my_pipe = pipe + warp * NST * Tr::kStageElems;
 
   // The warp's n-th tile starts at token tile_start(part0, n); tiles are increasing in n.
@@ -136,7 +142,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   // -1 = invisible. Entries past the table's row are never read; those past the length are read
   // (they are in the row) but their tokens are masked.
   auto fetch_ids = [&](int64_t part0, int n0) -> int32_t {
-    const int64_t blk = tile_start(part0, n0 + lane) / BS;
+    const int64_t blk = tile_start(part0, n0 + lane) / bsz;
     if (blk >= p.max_blocks) return -1;
     const int32_t id = bt[blk];
     return (id >= 0 && id < p.num_blocks) ? id : -1;
@@ -146,9 +152,20 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   int32_t ids = p.window > 0 ? -1 : fetch_ids(split, 0);
   int32_t ids_next = p.window > 0 ? -1 : fetch_ids(split, 32);
 
-  const SeqQuery sq = seq_query(p, b);
-  if (sq.qlen <= 0) return;  // no query row (pa_fwd with an empty qo_indptr range)
-  const RowWindow w = row_window(sq.L, 1, 0, p.window);
+  const SeqQuery sq = b >= 0 ? seq_query(p, b) : SeqQuery{0, 0, 0};
+  if (sq.qlen <= 0) {
+    // No query row (pa_fwd with an empty qo_indptr range), or a token no sequence holds: the
+    // output row stays as the launcher filled it (0, lse -inf); its split rows say "empty".
+    if (p.token_grid && p.splits > 1 && threadIdx.x < G) {
+      p.ws_ml[((row * p.Hq + hk * G + threadIdx.x) * p.splits + blockIdx.y) * 2] = -INFINITY;
+      p.ws_ml[((row * p.Hq + hk * G + threadIdx.x) * p.splits + blockIdx.y) * 2 + 1] = 0.0f;
+    }
+    return;
+  }
+  // The query token and its row window: token_grid rows may be any row i of their sequence.
+  const int64_t qtok = p.token_grid ? row : sq.q0;
+  const RowWindow w = row_window(sq.L, p.token_grid ? sq.qlen : 1, p.token_grid ? row - sq.q0 : 0,
+                                 p.window);
   const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
   const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
   if (p.window > 0) ids = fetch_ids(part0, 0), ids_next = fetch_ids(part0, 32);
@@ -177,6 +194,18 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
       const bool ok = id >= 0 && tok >= lo && tok < hi;
       const T* src = ok ? kb + c * p.cs.k_sdc + (in_off + t) * p.cs.k_st : kc;
       mma::cp_async_16(ks + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
+    }
+    if constexpr (kNhd) {
+      // V like K: token t's dims 8c..8c+7 (16 contiguous bytes); invisible tokens zero-filled.
+#pragma unroll
+      for (int i = 0; i < TILE * D / 8 / 32; ++i) {
+        const int idx = i * 32 + lane, t = idx % TILE, c = idx / TILE;
+        const int64_t tok = ts + t;
+        const bool ok = id >= 0 && tok >= lo && tok < hi;
+        const T* src = ok ? vb + (in_off + t) * p.cs.v_stc + c * 8 : vc;
+        mma::cp_async_16(vs + mmadec::kswz<D>(t, c * 8), src, ok ? 16 : 0);
+      }
+      return;
     }
     // V token chunk c (tile tokens 8c..8c+7): its offset inside the block and how many of its
     // tokens may be read (only tokens < hi; none for an invalid block or a chunk before lo).
@@ -207,7 +236,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     if ((n & 31) == 0 && n > 0) ids = ids_next, ids_next = fetch_ids(part0, n + 32);
     const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
     if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
-    const int in_off = int(ts % BS);
+    const int in_off = int(ts % bsz);
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
     const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
@@ -243,7 +272,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
 
   // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
   {
-    const T* q = static_cast<const T*>(p.q) + sq.q0 * p.q_st + hk * G * p.q_sh;
+    const T* q = static_cast<const T*>(p.q) + qtok * p.q_st + hk * G * p.q_sh;
     for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
       const int r = idx / D, d = idx % D;
       q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
@@ -280,7 +309,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     const bool blk_ok = ok_ring[warp][n % NST] != 0;
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
-    if constexpr (!kBulk) {
+    if constexpr (!kBulk && !kNhd) {
       if (blk_ok && ts < lo) {
         // A V chunk of 8 tokens is read whole once it reaches the window, so the tokens before
         // lo in the window's first chunk came in too (they may hold anything, NaN included):
@@ -367,9 +396,16 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t bf[4];
-      const int vrow = np * 16 + (lane & 7) + (lane >> 4) * 8, vchunk = (lane >> 3) & 1;
-      mma::ldmatrix_x4(bf, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
-                                       : mmadec::vswz(vrow, vchunk)));
+      if constexpr (kNhd) {
+        // V [16 tokens][D] token-major: the transposed 8x8 loads are the B fragments
+        // (matrices: tokens 0-7 / 8-15 of dims np*16 + 0..7, then of dims + 8..15).
+        const int vtok = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = np * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4_trans(bf, vs + mmadec::kswz<D>(vtok, vcol));
+      } else {
+        const int vrow = np * 16 + (lane & 7) + (lane >> 4) * 8, vchunk = (lane >> 3) & 1;
+        mma::ldmatrix_x4(bf, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
+                                         : mmadec::vswz(vrow, vchunk)));
+      }
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma::mma_16816<T>(o[2 * np], pa, b0);
       mma::mma_16816<T>(o[2 * np + 1], pa, b1);
@@ -402,7 +438,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
   __syncthreads();
 
   T* out = static_cast<T*>(p.out);
-  const int64_t tok = sq.q0;
+  const int64_t tok = qtok;
   for (int idx = tid; idx < G * D; idx += Tr::kThreads) {
     const int r = idx / D, d = idx % D;
     float M = -INFINITY;
@@ -419,6 +455,9 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     const int64_t h = hk * G + r;
     if (splits == 1) {
       out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
+      if (d == 0 && p.lse) {  // natural log: M is in the log2 domain
+        p.lse[h * p.lse_sh + tok * p.lse_st] = l > 0.0f ? M * (1.0f / kLog2e) + logf(l) : -INFINITY;
+      }
     } else {
       const int64_t ws_row = (tok * p.Hq + h) * splits + split;
       p.ws_out[ws_row * D + d] = acc;

@@ -134,6 +134,12 @@ struct DecodeParams {
   float* ws_out;
   float* ws_ml;
   int32_t splits;
+  // The serving call's decode path (flash_attn_varlen_func over NHD caches, docs/serving.md):
+  // grid rows are query tokens (x = Tq * Hkv), each token's sequence found in qo_indptr, and the
+  // natural-log lse [Hq, Tq] is written (lse_sh, lse_st: its strides) when lse is not null.
+  bool token_grid;
+  float* lse;
+  int64_t lse_sh, lse_st;
 };
 
 struct RowWindow {

@@ -1,0 +1,235 @@
+// The serving arguments of flash_attn_fwd (vLLM V1 / FlashAttention 3 call sites, docs/serving.md):
+// paged NHD caches (block_table), seqused_k, fp8 caches with [B, Hkv] descales, attention sinks
+// (s_aux). Shared by the CPU, CUDA and Meta kernels; ATen ops only (no kernel of their own).
+//
+//  - seqused_k reaches every kernel through Params::seqused_k (seq_range clamps the key length).
+//  - block_table: the kernels address contiguous or varlen K/V, so the pages of each sequence
+//    are gathered once into a padded [B, max_blocks * block_size, Hkv, D] K/V (and dequantised
+//    with the descales when the cache is fp8) that seqused_k trims. This is the correct,
+//    slow step: paged addressing inside the mainloop replaces it (docs/serving.md, "Next").
+//  - s_aux: a per-head logit in every row's softmax denominator with a zero value vector. With
+//    lse0 the kernel's log-sum-exp, lse = logaddexp(lse0, s_aux) and out = out0 * exp(lse0 - lse)
+//    exactly, so the sink is an epilogue on (out, lse); the backward of (out, lse) is then the
+//    ordinary flash backward, and d s_aux = -sum_rows exp(s_aux - lse) * rowsum(dout * out).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "common/check.h"
+#include "common/flash_args.h"
+
+namespace attnkit {
+namespace flash {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The key / value tensors and offsets the kernels see after the serving arguments are resolved.
+struct ResolvedKV {
+  at::Tensor k, v;
+  OptTensor cu_k;
+  OptTensor seqused_k;  // int32 [B], contiguous, or none
+};
+
+inline void check_seqused_k(const at::Tensor& s, const at::Tensor& q, const c10::SymInt& batch) {
+  check_dim(s, "seqused_k", 1);
+  check_dtype(s, "seqused_k", {at::kInt});
+  check_same_device(q, "q", s, "seqused_k");
+  ATTNKIT_CHECK(s.sym_size(0) == batch, "seqused_k: expected ", batch,
+                " entries (one per sequence), got ", s.sym_size(0));
+}
+
+inline void check_sinks(const at::Tensor& s, const at::Tensor& q, const c10::SymInt& heads) {
+  check_dim(s, "s_aux", 1);
+  check_dtype(s, "s_aux", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  check_same_device(q, "q", s, "s_aux");
+  ATTNKIT_CHECK(s.sym_size(0) == heads, "s_aux: expected ", heads,
+                " entries (one sink logit per query head), got shape ", s.sym_sizes());
+}
+
+// Batch size of the call: varlen B = cu_seqlens_q entries - 1, batched q.size(0).
+inline c10::SymInt batch_of(const at::Tensor& q, const OptTensor& cu_q) {
+  return given(cu_q) ? cu_q->sym_size(0) - 1 : q.sym_size(0);
+}
+
+// Shape / dtype checks of the paged cache arguments (no tensor value is read).
+inline void check_paged(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& block_table, const OptTensor& cu_q,
+                        const OptTensor& k_descale, const OptTensor& v_descale) {
+  const bool varlen = given(cu_q);
+  check_dim(q, "q", varlen ? 3 : 4);
+  check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
+  check_dim(k, "k", 4);
+  check_dim(v, "v", 4);
+  check_dim(block_table, "block_table", 2);
+  check_dtype(block_table, "block_table", {at::kInt});
+  check_same_device(q, "q", block_table, "block_table");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", v, "v");
+  const auto B = batch_of(q, cu_q);
+  ATTNKIT_CHECK(block_table.sym_size(0) == B, "block_table: expected ", B,
+                " rows (one per sequence), got shape ", block_table.sym_sizes());
+  ATTNKIT_CHECK(k.sym_sizes() == v.sym_sizes(), "v: expected shape ", k.sym_sizes(),
+                " (same as k), got ", v.sym_sizes());
+  const auto bs = k.sym_size(1);
+  ATTNKIT_CHECK(bs >= 16 && bs <= 256 && bs % 16 == 0,
+                "k: expected a paged cache [num_blocks, block_size, Hkv, D] with block_size a "
+                "multiple of 16 in [16, 256], got shape ", k.sym_sizes());
+  const auto D = q.sym_size(-1);
+  ATTNKIT_CHECK(k.sym_size(3) == D, "k: expected head dim ", D, " (same as q), got shape ",
+                k.sym_sizes());
+  ATTNKIT_CHECK(k.sym_size(2) >= 1 && q.sym_size(-2) % k.sym_size(2) == 0,
+                "k: expected the number of kv heads (dim 2) to divide the ", q.sym_size(-2),
+                " query heads, got shape ", k.sym_sizes());
+  ATTNKIT_CHECK(k.scalar_type() == v.scalar_type(), "v: expected dtype ", k.scalar_type(),
+                " (same as k), got ", v.scalar_type());
+  const bool fp8 = k.scalar_type() == at::kFloat8_e4m3fn;
+  ATTNKIT_CHECK(fp8 || k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
+                " (the query dtype) or float8_e4m3fn (an fp8 cache), got ", k.scalar_type());
+  ATTNKIT_CHECK(!fp8 || q.scalar_type() != at::kFloat, "q: expected bfloat16 or float16 with an "
+                "fp8 cache, got float32");
+  const auto check_descale = [&](const OptTensor& d, const char* name) {
+    if (!given(d)) return;
+    ATTNKIT_CHECK(fp8, name, ": expected None unless the cache is float8_e4m3fn (it is ",
+                  k.scalar_type(), ")");
+    check_dtype(*d, name, {at::kFloat});
+    check_same_device(q, "q", *d, name);
+    ATTNKIT_CHECK(d->dim() == 2 && d->sym_size(0) == B && d->sym_size(1) == k.sym_size(2), name,
+                  ": expected shape [", B, ", ", k.sym_size(2), "] (sequences, kv heads), got ",
+                  d->sym_sizes());
+  };
+  check_descale(k_descale, "k_descale");
+  check_descale(v_descale, "v_descale");
+}
+
+// Every block id of the rows a sequence uses must name a block of the cache (CPU only: the values
+// are read here; CUDA clamps the ids instead, so no id can make a kernel read outside the cache).
+inline void check_block_ids_cpu(const at::Tensor& block_table, const at::Tensor& used,
+                                int64_t num_blocks, int64_t block_size) {
+  const auto bt = block_table.contiguous();
+  const auto u = used.contiguous();
+  const int32_t* ids = bt.data_ptr<int32_t>();
+  const int32_t* len = u.data_ptr<int32_t>();
+  const int64_t B = bt.size(0), M = bt.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    ATTNKIT_CHECK(len[b] >= 0 && len[b] <= M * block_size, "seqused_k: expected lengths in [0, ",
+                  M * block_size, "] (the block table's capacity), got seqused_k[", b, "]=", len[b]);
+    const int64_t nb = (len[b] + block_size - 1) / block_size;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int32_t id = ids[b * M + j];
+      ATTNKIT_CHECK(id >= 0 && id < num_blocks, "block_table: expected block ids in [0, ",
+                    num_blocks, "), got block_table[", b, ", ", j, "]=", id);
+    }
+  }
+}
+
+// Gathers the pages into a padded K or V [B, cap, Hkv, D] in q's dtype (fp8 dequantised with the
+// per-(sequence, kv head) descale).
+inline at::Tensor gather_pages(const at::Tensor& cache, const at::Tensor& ids,
+                               const OptTensor& descale, at::ScalarType dtype, int64_t B) {
+  const int64_t M = ids.size(1), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
+  at::Tensor g;
+  if (cache.scalar_type() == at::kFloat8_e4m3fn) {
+    // Gathered as bytes: index_select has no float8 kernel on every backend.
+    g = cache.view(at::kByte).index_select(0, ids.reshape({-1})).view(at::kFloat8_e4m3fn);
+  } else {
+    g = cache.index_select(0, ids.reshape({-1}));
+  }
+  g = g.view({B, M * bs, Hkv, D});
+  if (cache.scalar_type() == dtype) return g;
+  g = g.to(at::kFloat);
+  if (given(descale)) g = g * descale->view({B, 1, Hkv, 1});
+  return g.to(dtype);
+}
+
+// Resolves k / v (paged or not), cu_seqlens_k and seqused_k into what the kernels address.
+// `cpu`: validate tensor values (block ids, lengths) and raise; otherwise ids are clamped.
+inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const OptTensor& cu_q, const OptTensor& cu_k,
+                             const OptTensor& seqused_k, const OptTensor& block_table,
+                             const OptTensor& k_descale, const OptTensor& v_descale, bool cpu) {
+  ResolvedKV r{k, v, cu_k, std::nullopt};
+  const auto B = batch_of(q, cu_q);
+  if (given(seqused_k)) {
+    check_seqused_k(*seqused_k, q, B);
+    r.seqused_k = seqused_k->contiguous();
+  }
+  if (!given(block_table)) {
+    ATTNKIT_CHECK(!given(k_descale) && !given(v_descale),
+                  "k_descale: expected None without block_table (descales apply to fp8 paged caches)");
+    return r;
+  }
+  check_paged(q, k, v, *block_table, cu_q, k_descale, v_descale);
+  const bool varlen = given(cu_q);
+  const int64_t b = B.expect_int(), M = block_table->size(1), bs = k.size(1);
+  // Key lengths: seqused_k, else cu_seqlens_k's differences (FlashAttention 2's paged call), else
+  // the whole table.
+  at::Tensor used;
+  if (given(seqused_k)) {
+    used = *r.seqused_k;
+  } else if (given(cu_k)) {
+    check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+    ATTNKIT_CHECK(cu_k->sym_size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
+                  cu_k->sym_size(0));
+    used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, b)).to(at::kInt);
+  } else {
+    used = at::full({b}, M * bs, q.options().dtype(at::kInt));
+  }
+  at::Tensor ids = *block_table;
+  if (cpu) {
+    if (k.numel() > 0 || M > 0) check_block_ids_cpu(ids, used, k.size(0), bs);
+    ids = ids.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));  // ids past the used length
+  } else {
+    ids = ids.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
+  }
+  if (k.size(0) == 0) {  // an empty cache: every sequence has no key
+    used = at::zeros({b}, q.options().dtype(at::kInt));
+    ids = at::zeros({b, 0}, ids.options());
+  }
+  r.seqused_k = used.contiguous();
+  const auto dtype = q.scalar_type();
+  r.k = gather_pages(k, ids, k_descale, dtype, b);
+  r.v = gather_pages(v, ids, v_descale, dtype, b);
+  const int64_t cap = r.k.size(1);
+  if (varlen) {
+    r.k = r.k.view({b * cap, k.size(2), k.size(3)});
+    r.v = r.v.view({b * cap, k.size(2), k.size(3)});
+    r.cu_k = (at::arange(b + 1, q.options().dtype(at::kLong)) * cap).to(cu_q->scalar_type());
+  } else {
+    r.cu_k = std::nullopt;
+  }
+  return r;
+}
+
+// The sink epilogue (see the top of this file): out and lse are updated in place.
+inline void apply_sinks(at::Tensor& out, at::Tensor& lse, const at::Tensor& s_aux, bool varlen) {
+  const auto H = lse.size(varlen ? 0 : 1);
+  const auto s = s_aux.to(lse.scalar_type());
+  const auto sink = varlen ? s.view({H, 1}) : s.view({1, H, 1});
+  const auto lse1 = at::logaddexp(lse, sink);
+  // exp(lse0 - lse1): 0 for a row without keys (lse0 = -inf), whatever the sink.
+  auto factor = at::exp(lse - lse1);
+  factor = varlen ? factor.t().unsqueeze(-1) : factor.transpose(1, 2).unsqueeze(-1);
+  out.copy_((out.to(factor.scalar_type()) * factor).to(out.scalar_type()));
+  lse.copy_(lse1);
+}
+
+// d s_aux = -sum over rows of exp(s_aux - lse) * rowsum(dout * out), per head.
+inline at::Tensor sink_grad(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                            const at::Tensor& s_aux, bool varlen) {
+  const auto acc = lse.scalar_type();
+  auto delta = (dout.to(acc) * out.to(acc)).sum(-1);  // varlen [T, H], batched [B, Sq, H]
+  delta = varlen ? delta.t() : delta.transpose(1, 2);  // lse's layout
+  const auto H = lse.size(varlen ? 0 : 1);
+  const auto s = s_aux.to(acc);
+  const auto p_sink = at::exp((varlen ? s.view({H, 1}) : s.view({1, H, 1})) - lse);
+  auto g = -(p_sink * delta);
+  g = varlen ? g.sum(1) : g.sum(std::vector<int64_t>{0, 2});
+  return g.to(s_aux.scalar_type());
+}
+
+}  // namespace flash
+}  // namespace attnkit

@@ -1,0 +1,227 @@
+"""Expert parallelism over a ``torch.distributed`` process group (DESIGN §3.4): tokens go to
+the rank of their expert by ``all_to_all_single`` and come back the same way.
+
+Per call, every rank of the group runs two exchanges forward (and their reverses backward):
+
+1. counts: each rank sends every rank the same ``[E + 2]`` int64 row: its (token, slot) count per
+   expert, an error code and a checksum of its expert map. Equal splits, so it cannot hang on a
+   bad map; its result is read on the host (the one host sync: the data exchange's split sizes
+   must be Python ints). A nonzero code or a checksum that differs raises on every rank before
+   any data moves.
+2. data: the token rows, grouped per destination rank by ``moe_permute`` (experts ordered by
+   (rank, expert id)), by ``all_to_all_single`` with uneven splits. The receiver regroups them by
+   local expert with a second ``moe_permute`` (stable: (local expert, source rank, token, slot)).
+
+``moe_combine`` runs the reverse: ``moe_unpermute`` back to arrival order, the reverse
+all-to-all, then ``moe_unpermute`` with the routing weights. All of it is differentiable; the
+backward of an all-to-all is the all-to-all with the splits swapped.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .moe import expert_load_balance, moe_permute, moe_unpermute
+
+__all__ = ["ExpertPlan", "DispatchHandle", "moe_dispatch", "moe_combine"]
+
+# Error codes of the counts exchange; a rank's own message carries the details.
+_ERRORS = {
+    1: "topk_ids: expected expert ids in [0, num_experts)",
+    2: "expert_map: expected num_experts entries, each a rank of the group",
+    3: "x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on x's device",
+    4: "unexpected error",
+}
+
+
+class ExpertPlan:
+    """Where each expert lives: ``expert_map[e]`` = its rank. Built on the host once (the map is
+    configuration): the experts of each rank, their order in the send buffer ((rank, expert id))
+    and a checksum the ranks compare in the counts exchange."""
+
+    def __init__(self, expert_map: Sequence[int], num_experts: int, world_size: int, rank: int):
+        self.expert_map = [int(r) for r in expert_map]
+        self.num_experts, self.world_size, self.rank = num_experts, world_size, rank
+        self.error = ""
+        if len(self.expert_map) != num_experts:
+            self.error = (f"expert_map: expected {num_experts} entries (num_experts), got "
+                          f"{len(self.expert_map)}")
+        elif any(r < 0 or r >= world_size for r in self.expert_map):
+            bad = next(e for e, r in enumerate(self.expert_map) if r < 0 or r >= world_size)
+            self.error = (f"expert_map: expected ranks in [0, {world_size}) (the group's world "
+                          f"size), got {self.expert_map[bad]} for expert {bad}")
+        emap = self.expert_map if not self.error else [0] * num_experts
+        self.experts_of = [[e for e in range(num_experts) if emap[e] == r]
+                           for r in range(world_size)]
+        self.local_experts = self.experts_of[rank]
+        order = [e for r in range(world_size) for e in self.experts_of[r]]
+        self.position = [0] * num_experts  # expert -> its place in (rank, expert id) order
+        for p, e in enumerate(order):
+            self.position[e] = p
+        self.start = [0] * (world_size + 1)  # rank r's experts: positions [start[r], start[r+1])
+        for r in range(world_size):
+            self.start[r + 1] = self.start[r] + len(self.experts_of[r])
+        self.checksum = sum((e + 1) * 1000003 + (r + 1) * (e % 9973 + 1) * 7919
+                            for e, r in enumerate(self.expert_map)) % (1 << 61)
+        self._position_t = {}
+
+    @classmethod
+    def create(cls, expert_map, num_experts: int, group=None) -> "ExpertPlan":
+        """From a map (tensor or sequence; None = :func:`expert_load_balance` of uniform loads,
+        i.e. e % world_size). Raises on this rank for a bad map: call it on every rank."""
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if isinstance(expert_map, ExpertPlan):
+            return expert_map
+        if expert_map is None:
+            expert_map = expert_load_balance(torch.ones(num_experts), world)
+        if isinstance(expert_map, torch.Tensor):
+            expert_map = expert_map.tolist()
+        plan = cls(expert_map, num_experts, world, rank)
+        if plan.error:
+            raise RuntimeError(f"attnkit: {plan.error}")
+        return plan
+
+    def position_on(self, device) -> torch.Tensor:
+        if device not in self._position_t:
+            self._position_t[device] = torch.tensor(self.position, dtype=torch.long, device=device)
+        return self._position_t[device]
+
+
+@dataclass
+class DispatchHandle:
+    """What moe_combine needs to send expert outputs back (from moe_dispatch)."""
+    row_map: torch.Tensor            # [T, k] row of each (token, slot) in the send order
+    local_row_map: Optional[torch.Tensor]  # [R, 1] grouped row of each received row
+    send_splits: List[int]           # rows sent to each rank
+    recv_splits: List[int]           # rows received from each rank
+    num_pairs: int                   # T * k
+    group: object
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven first-dimension splits; the backward swaps them."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        gx = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(gx, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return gx, None, None, None
+
+
+def _local_error(x, topk_ids, num_experts, plan) -> Tuple[int, str]:
+    if plan.error:
+        return 2, plan.error
+    if (x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]
+            or topk_ids.dtype not in (torch.int32, torch.int64) or topk_ids.device != x.device):
+        return 3, (f"x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on one "
+                   f"device, got x {tuple(x.shape)} on {x.device}, topk_ids "
+                   f"{tuple(topk_ids.shape)} {topk_ids.dtype} on {topk_ids.device}")
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            bad = lo if lo < 0 else hi
+            t, s = [int(v) for v in (topk_ids == bad).nonzero()[0]]
+            return 1, (f"topk_ids: expected expert ids in [0, {num_experts}), got {bad} at "
+                       f"token {t} slot {s}")
+    return 0, ""
+
+
+def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                 expert_map: Union[ExpertPlan, torch.Tensor, Sequence[int], None] = None,
+                 group=None):
+    """Sends each (token, slot) row of ``x`` to the rank of its expert.
+
+    Args:
+        x: ``[T, H]`` this rank's tokens; topk_ids: ``[T, k]`` their experts (from moe_route).
+        expert_map: expert -> rank (an :class:`ExpertPlan`, a tensor or a list; None: e % W).
+            Every rank must pass the same map (checked).
+        group: the process group (None: the default group).
+
+    Returns ``(tokens [R, H], expert_offsets [n_local + 1] int32, handle)``: the rows this rank
+    received, grouped by its local experts (ascending global id) as ``grouped_gemm`` takes them;
+    the handle is for :func:`moe_combine`. Errors (ids outside [0, E) on the CPU, a bad map, maps
+    that differ) raise on every rank together, before any token moves. On CUDA, ids outside
+    [0, E) are dropped (as moe_permute does), not checked: checking would need a host sync.
+    """
+    plan = expert_map if isinstance(expert_map, ExpertPlan) else None
+    code, message = 0, ""
+    if plan is None:
+        try:
+            plan = ExpertPlan.create(expert_map, num_experts, group)
+        except Exception as e:  # a bad map: agreed on below, never raised alone
+            plan = ExpertPlan([0] * num_experts, num_experts, dist.get_world_size(group),
+                              dist.get_rank(group))
+            plan.error = str(e).replace("attnkit: ", "")
+    W, rank, E = plan.world_size, plan.rank, num_experts
+    device = x.device
+    try:
+        code, message = _local_error(x, topk_ids, E, plan)
+        if code == 0:
+            ids = topk_ids.long()
+            valid = (ids >= 0) & (ids < E)
+            # Experts renumbered in (rank, expert id) order, so moe_permute groups the rows per
+            # destination rank; ids outside [0, E) become E and are dropped (CUDA only).
+            sorted_ids = torch.where(valid, plan.position_on(device)[ids.clamp(0, E - 1)],
+                                     torch.full_like(ids, E))
+            permuted, offsets, row_map = moe_permute(x, sorted_ids, E)
+            counts = offsets.diff().long()
+    except Exception as e:  # noqa: BLE001  reported to every rank by the exchange below
+        code, message = 4, f"{type(e).__name__}: {e}"
+    if code != 0:
+        counts = torch.zeros(E, dtype=torch.long, device=device)
+    row = torch.cat([counts, torch.tensor([code, plan.checksum], dtype=torch.long, device=device)])
+    send = row.unsqueeze(0).expand(W, E + 2).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    info = recv.cpu()  # the host sync: split sizes for the data exchange
+    codes = info[:, E].tolist()
+    if any(codes):
+        lines = [f"rank {r}: " + (message if r == rank else _ERRORS.get(c, _ERRORS[4]))
+                 for r, c in enumerate(codes) if c]
+        raise RuntimeError("attnkit: moe_dispatch failed on " + "; ".join(lines))
+    sums = info[:, E + 1].tolist()
+    if any(c != plan.checksum for c in sums):
+        raise RuntimeError("attnkit: moe_dispatch: expert_map: expected the same map on every "
+                           f"rank, the map checksums differ: {sums}")
+    lo, hi = plan.start[rank], plan.start[rank + 1]
+    send_splits = [int(info[rank, plan.start[r]:plan.start[r + 1]].sum()) for r in range(W)]
+    recv_splits = [int(info[r, lo:hi].sum()) for r in range(W)]
+    tokens = _AllToAll.apply(permuted[:sum(send_splits)], recv_splits, send_splits, group)
+    n_local = hi - lo
+    local_row_map = None
+    if n_local == 0:  # no experts here, so nothing was sent here
+        local_offsets = torch.zeros(1, dtype=torch.int32, device=device)
+    else:
+        # Arrival order is (source rank, local expert, token, slot): the local expert of each
+        # row from the exchanged counts, on the device (output_size known: no sync).
+        per_src = recv[:, lo:hi].reshape(-1)
+        local_ids = torch.repeat_interleave(
+            torch.arange(n_local, device=device).repeat(W), per_src, output_size=sum(recv_splits))
+        tokens, local_offsets, local_row_map = moe_permute(tokens, local_ids.view(-1, 1), n_local)
+    handle = DispatchHandle(row_map, local_row_map, send_splits, recv_splits, topk_ids.numel(),
+                            group)
+    return tokens, local_offsets, handle
+
+
+def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
+                handle: DispatchHandle) -> torch.Tensor:
+    """Sends expert outputs ``[R, N]`` (rows as moe_dispatch returned them) back to their tokens'
+    ranks and sums each token's k rows weighted by ``topk_weights [T, k]``: ``[T, N]``."""
+    y = expert_out
+    if handle.local_row_map is not None:  # back to arrival order (a gather)
+        ones = torch.ones(handle.local_row_map.shape, dtype=torch.float32, device=y.device)
+        y = moe_unpermute(y, handle.local_row_map, ones)
+    back = _AllToAll.apply(y, handle.send_splits, handle.recv_splits, handle.group)
+    missing = handle.num_pairs - back.shape[0]  # dropped pairs (CUDA): row_map -1, never read
+    if missing:
+        back = torch.cat([back, back.new_zeros((missing,) + tuple(back.shape[1:]))])
+    return moe_unpermute(back, handle.row_map, topk_weights)

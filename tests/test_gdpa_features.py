@@ -1,0 +1,136 @@
+"""GDPA for production (issue #19): window_size and broadcast_q, forward and backward against
+reference.gdpa_ref (CPU always, CUDA when present), batch-order independence of a sequence's
+forward, reproducible backward, opcheck / torch.compile and the bad-input errors."""
+import pytest
+import torch
+
+import attnkit
+from attnkit.reference import gdpa_ref
+from attnkit.testing import TOLERANCE, assert_close
+from conftest import DEVICES, poison_allocator
+from samples.gdpa import HALF_DTYPES, dtype_id, jagged_inputs, offsets_of
+
+FWD = torch.ops.attnkit.gdpa_fwd
+DTYPES = [torch.float32] + HALF_DTYPES
+
+
+def _check(device, dtype, inputs, **kw):
+    q, k, v, qo, ko, mq, mk = inputs
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, **kw)
+    ref = gdpa_ref(q, k, v, qo, ko, activation="fast_gelu", qk_scale=0.5, pre_scale=0.7, **kw)
+    assert_close(out.float(), ref, dtype)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out.float(), (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, e in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a.float(), e.float(), dtype, what=name, tol=2 * TOLERANCE[dtype])
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("window", [0, 3, 16, 100])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(device, dtype, window, causal):
+    poison_allocator(device)
+    inputs = jagged_inputs(device, dtype, [40, 0, 130, 7], [40, 5, 130, 19], H=4, Hkv=2, D=64)
+    _check(device, dtype, inputs, causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [-1, 9])
+def test_broadcast_q(device, dtype, causal, window):
+    poison_allocator(device)
+    Lq, kv_lens, H, Hkv, D = 24, [30, 0, 64, 5, 17], 4, 2, 64
+    q = torch.randn(Lq, H, D, device=device, dtype=dtype) * 0.5
+    _, k, v, _, ko, _, mk = jagged_inputs(device, dtype, kv_lens, kv_lens, H=H, Hkv=Hkv, D=D)
+    qo = torch.tensor([0, Lq], device=device, dtype=ko.dtype)
+    out = _check(device, dtype, (q, k, v, qo, ko, Lq, mk), causal=causal, window_size=window,
+                 broadcast_q=True)
+    assert out.shape == (len(kv_lens) * Lq, H, D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_broadcast_q_dq_reproducible(device):
+    """dq is the batch sum in a fixed order: bitwise equal run to run (deterministic mode)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = (torch.randn(64, 4, 128, device=device, dtype=dtype) * 0.5).requires_grad_()
+    _, k, v, _, ko, _, mk = jagged_inputs(device, dtype, [100, 37, 256, 1] * 8, H=4, Hkv=4, D=128)
+    qo = torch.tensor([0, 64], device=device, dtype=ko.dtype)
+    g = torch.randn(ko.numel() - 1, 64, 4, 128, device=device, dtype=dtype).flatten(0, 1)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(attnkit.gdpa(q, k, v, qo, ko, 64, mk, broadcast_q=True), q, g)[0]
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [-1, 12])
+def test_forward_independent_of_neighbours(device, window):
+    """A sequence's forward result does not depend on its batch neighbours or their order."""
+    dtype = torch.bfloat16
+    lens = [70, 3, 200, 0, 129, 45]
+    q, k, v, qo, ko, mq, mk = jagged_inputs(device, dtype, lens, H=4, Hkv=2, D=128)
+    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, causal=True, window_size=window)
+    perm = [4, 2, 0, 5, 3, 1]
+    qs = [q[qo[b]:qo[b + 1]] for b in range(len(lens))]
+    ks = [k[ko[b]:ko[b + 1]] for b in range(len(lens))]
+    vs = [v[ko[b]:ko[b + 1]] for b in range(len(lens))]
+    plens = [lens[b] for b in perm]
+    po = offsets_of(plens, device)
+    pout = attnkit.gdpa(torch.cat([qs[b] for b in perm]), torch.cat([ks[b] for b in perm]),
+                        torch.cat([vs[b] for b in perm]), po, po, mq, mk, causal=True,
+                        window_size=window)
+    for i, b in enumerate(perm):
+        assert torch.equal(pout[po[i]:po[i + 1]], out[qo[b]:qo[b + 1]])
+        alone = attnkit.gdpa(qs[b], ks[b], vs[b], offsets_of([lens[b]], device),
+                             offsets_of([lens[b]], device), lens[b], lens[b], causal=True,
+                             window_size=window)
+        assert torch.equal(alone, out[qo[b]:qo[b + 1]])
+
+
+def test_gradcheck_fp64_cpu():
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cpu", torch.float64, [6, 0, 9], [7, 2, 9], H=2, Hkv=1,
+                                            D=8, requires_grad=True)
+    fn = lambda q, k, v: attnkit.gdpa(q, k, v, qo, ko, mq, mk, "gelu", window_size=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    q1 = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    qo1 = torch.tensor([0, 5])
+    fn = lambda q, k, v: attnkit.gdpa(q, k, v, qo1, ko, 5, mk, "gelu", broadcast_q=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q1, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    q, k, v, qo, ko, mq, mk = jagged_inputs(device, torch.float32, [9, 4], H=2, Hkv=1, D=16,
+                                            requires_grad=True)
+    torch.library.opcheck(FWD, (q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0),
+                          dict(window_size=3, causal=True))
+    q1 = torch.randn(6, 2, 16, device=device, requires_grad=True)
+    qo1 = torch.tensor([0, 6], device=device)
+    torch.library.opcheck(FWD, (q1, k, v, qo1, ko, 6, mk, "fast_gelu", 1.0), dict(broadcast_q=True))
+    fn = torch.compile(lambda q, k, v: attnkit.gdpa(q, k, v, qo1, ko, 6, mk, broadcast_q=True,
+                                                     window_size=2), fullgraph=True,
+                       backend="aot_eager")
+    assert torch.equal(fn(q1, k, v), attnkit.gdpa(q1, k, v, qo1, ko, 6, mk, broadcast_q=True,
+                                                  window_size=2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    q, k, v, qo, ko, mq, mk = jagged_inputs(device, torch.float32, [9, 4], H=2, Hkv=1, D=16)
+    with pytest.raises(RuntimeError, match="window_size"):
+        attnkit.gdpa(q, k, v, qo, ko, mq, mk, window_size=-2)
+    with pytest.raises(RuntimeError, match="broadcast_q"):  # two query sequences
+        attnkit.gdpa(q, k, v, qo, ko, mq, mk, broadcast_q=True)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="broadcast_q"):  # not all of q's rows
+            attnkit.gdpa(q, k, v, torch.tensor([0, 5]), ko, mq, mk, broadcast_q=True)

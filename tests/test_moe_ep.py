@@ -1,0 +1,197 @@
+"""Expert parallelism (DESIGN §3.4): moe_dispatch / moe_combine and attnkit.MoE(process_group=)
+with the gloo backend on the CPU, 2 and 4 processes (torch.multiprocessing spawn, a free port on
+127.0.0.1, a bounded wait). Each worker builds the single-process block from the same seed and
+checks its part of the forward and of every gradient against it; bad inputs must raise on every
+rank (never hang)."""
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnkit
+from attnkit.testing import rel_err
+
+H, I = 16, 24
+DEADLINE_S = 150  # the whole spawn; each collective also times out after 60 s
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, scenarios):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=world,
+                            rank=rank, timeout=timedelta(seconds=60))
+    try:
+        for name, kwargs in scenarios:
+            globals()[name](rank, world, **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, scenarios):
+    ctx = mp.spawn(_worker, args=(world, _free_port(), scenarios), nprocs=world, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1):  # re-raises a worker's exception (and ends the others)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"expert-parallel workers still running after {DEADLINE_S} s (a hang)")
+
+
+# ---- scenarios (run inside each worker) --------------------------------------------------------
+def _split(total_counts, rank):
+    lo = sum(total_counts[:rank])
+    return slice(lo, lo + total_counts[rank])
+
+
+def block_matches_single_process(rank, world, tokens, E, k, dtype, map_kind="default",
+                                 starve_last=False, route=None):
+    """Forward and backward of MoE(process_group=) against the single-process block."""
+    route = dict(route or {})
+    torch.manual_seed(1234)  # the same weights and data on every rank
+    bias = None
+    if starve_last or route.pop("bias", False):
+        bias = torch.randn(E, dtype=torch.float32) * 0.1
+    if map_kind == "balanced":  # uneven expert counts per rank, from random loads
+        expert_map = attnkit.expert_load_balance(torch.randint(1, 100, (E,)), world)
+    elif map_kind == "blocks":
+        expert_map = torch.arange(E) * world // E
+    else:
+        expert_map = None
+    if starve_last:
+        # Rank world-1's experts can never be chosen (a bias shifts the selection only): it
+        # receives no tokens.
+        owner = (expert_map if expert_map is not None else torch.arange(E) % world)
+        bias[owner == world - 1] = -10.0
+        route.setdefault("scoring", "sigmoid")
+    dense = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, **route)
+    x_all = torch.randn(sum(tokens), H, dtype=dtype)
+    g_all = torch.randn(sum(tokens), H, dtype=dtype)
+    ep = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, process_group=dist.group.WORLD,
+                     expert_map=expert_map, return_losses=True, **route).load_experts_from(dense)
+    mine = _split(tokens, rank)
+    x = x_all[mine].clone().requires_grad_(True)
+    out = ep(x)
+    (out * g_all[mine]).sum().backward()
+    xd = x_all.clone().requires_grad_(True)
+    outd = dense(xd)
+    (outd * g_all).sum().backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.shape == (tokens[rank], H)
+    assert rel_err(out, outd[mine]) <= tol, rel_err(out, outd[mine])
+    assert rel_err(x.grad, xd.grad[mine]) <= tol
+    local = torch.tensor(ep.local_experts, dtype=torch.long)
+    if len(local):
+        assert rel_err(ep.w1.grad, dense.w1.grad[local]) <= tol
+        assert rel_err(ep.w2.grad, dense.w2.grad[local]) <= tol
+    gate = ep.gate.grad.clone()
+    dist.all_reduce(gate)  # each rank holds its tokens' share of the router's gradient
+    assert rel_err(gate, dense.gate.grad) <= tol
+    # The losses of this rank's tokens, as the single-process router computes them.
+    _, _, aux, z = attnkit.moe_route(x.detach() @ dense.gate.detach(), k, bias=bias,
+                                     return_losses=True, **route)
+    assert torch.equal(ep.aux_loss, aux) and torch.equal(ep.z_loss, z)
+    if starve_last:
+        _, ids = attnkit.moe_route(x_all @ dense.gate, k, bias=bias, **route)
+        assert not (torch.tensor(ep.plan.expert_map)[ids.long()] == world - 1).any()
+
+
+def dispatch_combine_identity(rank, world, E=6, k=3):
+    """moe_dispatch then moe_combine with identity experts: out[t] = sum_s w[t, s] x[t]; the
+    received rows are grouped by local expert."""
+    torch.manual_seed(100 + rank)
+    T = 4 + 3 * rank
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    w, ids = attnkit.moe_route(torch.randn(T, E, dtype=torch.float64), k)
+    expert_map = [(e * 7 + 1) % world for e in range(E)]
+    tokens, offsets, handle = attnkit.moe_dispatch(x, ids, E, expert_map)
+    local = [e for e in range(E) if expert_map[e] == rank]
+    assert offsets.shape == (len(local) + 1,) and int(offsets[-1]) == tokens.shape[0]
+    out = attnkit.moe_combine(tokens, w, handle)
+    assert rel_err(out, x * w.sum(1, keepdim=True)) <= 1e-12
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert rel_err(gx, w.sum(1, keepdim=True).expand(T, H)) <= 1e-12
+
+
+def _raises_everywhere(fn, *patterns):
+    try:
+        fn()
+    except RuntimeError as e:
+        for p in patterns:
+            assert p in str(e), (p, str(e))
+        return
+    raise AssertionError(f"no error (expected {patterns})")
+
+
+def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
+    torch.manual_seed(7)
+    x = torch.randn(5, H)
+    _, ids = attnkit.moe_route(torch.randn(5, E), k)
+    # An expert id >= E on one rank only: every rank raises, naming it.
+    bad = ids.clone()
+    if rank == world - 1:
+        bad[3, 1] = E
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, bad, E),
+                       f"rank {world - 1}", "topk_ids")
+    # A negative id on rank 0 and a wrong shape on rank 1 at once.
+    bad = ids.clone()
+    if rank == 0:
+        bad[0, 0] = -1
+    y = x[:4] if rank == 1 else x
+    _raises_everywhere(lambda: attnkit.moe_dispatch(y, bad, E), "rank 0", "rank 1")
+    # A map that names a rank outside the group (map and world size disagree), on every rank.
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, [world] * E), "expert_map")
+    # A map of the wrong length.
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, [0] * (E - 1)), "expert_map")
+    # Valid maps that differ between ranks.
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, [(e + rank) % world
+                                                               for e in range(E)]),
+                       "same map")
+    # MoE with a map built for another world size: a clear error at construction.
+    with pytest.raises(RuntimeError, match="expert_map"):
+        attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)
+    # The group is still usable after all of that.
+    dispatch_combine_identity(rank, world)
+
+
+def _scenarios(world):
+    uneven = [5, 0, 9, 3][:world] if world == 4 else [7, 0]
+    return [
+        ("dispatch_combine_identity", {}),
+        ("block_matches_single_process",
+         dict(tokens=uneven, E=8, k=2, dtype=torch.float64)),
+        ("block_matches_single_process",
+         dict(tokens=[6] * world, E=12, k=3, dtype=torch.float64, map_kind="balanced",
+              starve_last=True, route=dict(n_group=4, topk_group=2, renormalize=True,
+                                           routed_scaling_factor=2.5))),
+        ("block_matches_single_process",
+         dict(tokens=[9, 4, 1, 6][:world], E=world + 1, k=2, dtype=torch.float32,
+              map_kind="blocks", route=dict(scoring="sigmoid", bias=True))),
+        ("block_matches_single_process",  # fewer experts than ranks: some ranks hold none
+         dict(tokens=[3] * world, E=max(1, world - 1), k=1, dtype=torch.float64)),
+        ("bad_inputs_raise_on_every_rank", {}),
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_gloo(world):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    _spawn(world, _scenarios(world))
+
+
+def test_dispatch_without_process_group_is_a_clear_error():
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    x, ids = torch.randn(3, H), torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises((RuntimeError, ValueError)):
+        attnkit.moe_dispatch(x, ids, 2)

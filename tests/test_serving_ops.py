@@ -1,0 +1,285 @@
+"""Serving ops on NHD caches (DESIGN §3.5): reshape_and_cache_flash (vLLM V1's cache writer) and
+merge_attn_states (vLLM's merge of partial attention results), against python/attnkit/reference.py
+and, for the merge, against attention over the union of the key sets; CPU always, CUDA when a GPU
+is present."""
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from attnkit.testing import LSE_TOLERANCE, TOLERANCE, assert_close, assert_lse_close
+from conftest import DEVICES, poison_allocator
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FP8_KINDS = ["fp8", "fp8_e4m3", "fp8_e5m2"]
+_F8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+ids = str  # test ids carry dtype names, so -k bfloat16 selects the 16-bit cases
+
+
+def nhd_caches(nb, bs, hkv, d, cache_dtype, device):
+    """K and V interleaved per block in one [nb, 2, bs, Hkv, D] allocation (FlashInfer's layout;
+    vLLM's [2, nb, ...] halves are contiguous): block strides twice a block, random values."""
+    kv = torch.randn(nb, 2, bs, hkv, d, device=device).mul_(0.5)
+    if cache_dtype in (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2):
+        kv = kv.to(torch.float8_e4m3fn).view(torch.uint8)
+        if cache_dtype != torch.uint8:
+            kv = kv.view(cache_dtype)
+    else:
+        kv = kv.to(cache_dtype)
+    return kv.unbind(1)
+
+
+# ---- reshape_and_cache_flash ---------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("kv", ["auto"] + FP8_KINDS)
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+def test_reshape_and_cache_flash(device, dtype, kv, block_size):
+    hkv, d, nb, T = 2, 64, 6, 40
+    cache_dtype = dtype if kv == "auto" else torch.uint8
+    kc, vc = nhd_caches(nb, block_size, hkv, d, cache_dtype, device)
+    assert not kc.is_contiguous()  # every other block of one allocation
+    key = torch.randn(T, hkv, d, device=device, dtype=dtype) * 3
+    value = torch.randn(T, hkv, d, device=device, dtype=dtype) * 3
+    # Block 1 from its start (whole when block_size <= T / 2), then a run that starts mid-block,
+    # in shuffled token order, with skips.
+    first = torch.arange(block_size, 2 * block_size)[:T // 2]
+    rest = torch.arange(2 * block_size + 3, 2 * block_size + 3 + T - len(first))
+    slots = torch.cat([first, rest])[torch.randperm(T)].to(device)
+    slots[3] = -1
+    slots[T - 1] = -1
+    ks, vs = (0.5, 2.0) if kv != "auto" else (1.0, 1.0)
+    ek, ev = ref.reshape_and_cache_flash_ref(key, value, kc, vc, slots, kv, ks, vs)
+    attnkit.reshape_and_cache_flash(key, value, kc, vc, slots, kv, ks, vs)
+    assert torch.equal(kc.contiguous().view(torch.uint8), ek.contiguous().view(torch.uint8))
+    assert torch.equal(vc.contiguous().view(torch.uint8), ev.contiguous().view(torch.uint8))
+    if kv == "auto":  # the written rows read back as the new tokens
+        written = slots >= 0
+        s = slots[written].long()
+        assert torch.equal(kc[s // block_size, s % block_size], key[written])
+        assert torch.equal(vc[s // block_size, s % block_size], value[written])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_flash_float8_storage(device):
+    """Caches typed float8_e4m3fn (not uint8) take the same bytes."""
+    hkv, d, nb, bs, T = 2, 128, 4, 16, 9
+    key = torch.randn(T, hkv, d, device=device, dtype=torch.bfloat16)
+    slots = torch.randperm(nb * bs)[:T].to(device)
+    kc, vc = nhd_caches(nb, bs, hkv, d, torch.float8_e4m3fn, device)
+    ek, ev = ref.reshape_and_cache_flash_ref(key, key, kc, vc, slots, "fp8", 0.25, 0.25)
+    attnkit.reshape_and_cache_flash(key, key, kc, vc, slots, "fp8", 0.25, 0.25)
+    assert torch.equal(kc.contiguous().view(torch.uint8), ek.contiguous().view(torch.uint8))
+    assert torch.equal(vc.contiguous().view(torch.uint8), ev.contiguous().view(torch.uint8))
+
+
+def test_reshape_and_cache_flash_bad_slots_cpu_raise():
+    kc, vc = nhd_caches(2, 16, 1, 64, torch.float32, "cpu")
+    key = torch.randn(2, 1, 64)
+    for bad in (32, -2, 1 << 40):
+        slots = torch.tensor([0, bad])
+        with pytest.raises(RuntimeError, match="slot_mapping"):
+            attnkit.reshape_and_cache_flash(key, key, kc, vc, slots)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reshape_and_cache_flash_bad_slots_cuda_skipped():
+    """No host sync on CUDA: slots outside the cache are skipped, never written."""
+    kc, vc = nhd_caches(2, 16, 1, 64, torch.float32, "cuda")
+    before_k, before_v = kc.clone(), vc.clone()
+    key = torch.randn(4, 1, 64, device="cuda")
+    slots = torch.tensor([32, -2, 1 << 40, 5], device="cuda")
+    attnkit.reshape_and_cache_flash(key, key, kc, vc, slots)
+    torch.cuda.synchronize()
+    before_k[0, 5], before_v[0, 5] = key[3], key[3]
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+def _flash_args(device):
+    kc, vc = nhd_caches(4, 16, 2, 64, torch.bfloat16, device)
+    key = torch.randn(3, 2, 64, device=device, dtype=torch.bfloat16)
+    return [key, key.clone(), kc, vc, torch.tensor([1, -1, 17], device=device), "auto",
+            torch.ones(1, device=device), torch.ones(1, device=device)]
+
+
+def _set(i, v):
+    def f(a):
+        a[i] = v(a) if callable(v) else v
+    return f
+
+
+CACHE_BAD = [
+    ("key_cache", _set(2, lambda a: a[2].unsqueeze(0))),                     # 5-D
+    ("key_cache", _set(2, lambda a: torch.zeros(4, 16, 1, 64, device=a[0].device, dtype=a[0].dtype))),
+    ("key_cache", _set(2, lambda a: torch.zeros(4, 16, 2, 32, device=a[0].device, dtype=a[0].dtype))),
+    ("key_cache", _set(2, lambda a: a[2].float())),                           # dtype, 'auto'
+    ("key_cache", _set(2, lambda a: a[2].transpose(2, 3).contiguous().transpose(2, 3))),
+    ("value_cache", _set(3, lambda a: torch.zeros(5, 16, 2, 64, device=a[0].device, dtype=a[0].dtype))),
+    ("value", _set(1, lambda a: a[1][:2])),
+    ("slot_mapping", _set(4, lambda a: a[4][:2])),
+    ("slot_mapping", _set(4, lambda a: a[4].float())),
+    ("kv_cache_dtype", _set(5, "int4")),
+    ("key_cache", _set(5, "fp8")),                                            # bf16 cache for fp8
+    ("k_scale", _set(6, lambda a: a[6].double())),
+    ("key", _set(0, lambda a: a[0].int())),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate", CACHE_BAD, ids=[f"{n}{i}" for i, (n, _) in enumerate(CACHE_BAD)])
+def test_reshape_and_cache_flash_bad_inputs(device, name, mutate):
+    args = _flash_args(device)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.attnkit.reshape_and_cache_flash(*args)
+
+
+# ---- merge_attn_states -----------------------------------------------------------------------------
+def _partials(device, dtype, T, H, D, n_prefix, n_suffix):
+    """Attention of T queries over n_prefix + n_suffix keys, computed per part by the reference
+    (the parts' results rounded to dtype, as a kernel would store them) and over the union."""
+    q = torch.randn(1, T, H, D, device=device, dtype=dtype)
+    k = torch.randn(1, n_prefix + n_suffix, H, D, device=device, dtype=dtype)
+    v = torch.randn(1, n_prefix + n_suffix, H, D, device=device, dtype=dtype)
+    parts = []
+    for sl in (slice(0, n_prefix), slice(n_prefix, None)):
+        o, lse = ref.flash_attn_ref(q, k[:, sl], v[:, sl], 0.2)
+        parts += [o[0].to(dtype), lse[0].float().contiguous()]
+    full, full_lse = ref.flash_attn_ref(q, k, v, 0.2)
+    return parts, full[0], full_lse[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("shape", [(37, 4, 64), (1, 8, 128), (5, 2, 80)])
+def test_merge_equals_attention_over_union(device, dtype, shape):
+    T, H, D = shape
+    (po, pl, so, sl), full, full_lse = _partials(device, dtype, T, H, D, 23, 41)
+    poison_allocator(device)
+    out = torch.full((T, H, D), float("nan"), device=device, dtype=dtype)
+    out_lse = torch.full((H, T), float("nan"), device=device)
+    attnkit.merge_attn_states(out, po, pl, so, sl, out_lse)
+    assert_close(out, full, dtype, "output")
+    assert_lse_close(out_lse, full_lse, "output_lse")
+    expect, expect_lse = ref.merge_attn_states_ref(po, pl, so, sl)
+    assert_close(out, expect, dtype, "output vs merge reference")
+    assert_lse_close(out_lse, expect_lse)
+    out2 = torch.empty_like(out)
+    attnkit.merge_attn_states(out2, po, pl, so, sl)  # output_lse omitted: same output
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_merge_empty_parts(device, dtype):
+    """-inf (or +inf) marks an empty part: its output, NaN here, must not reach the result."""
+    T, H, D = 6, 3, 32
+    po, so = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(2))
+    pl, sl = (torch.randn(H, T, device=device) for _ in range(2))
+    pl[0, 0], pl[1, 1], sl[2, 2] = float("-inf"), float("inf"), float("-inf")
+    pl[0, 3] = sl[0, 3] = float("-inf")                  # both empty
+    po[0, 0], po[1, 1], so[2, 2], po[3, 0], so[3, 0] = (float("nan"),) * 5
+    out = torch.full_like(po, float("nan"))
+    out_lse = torch.full_like(pl, float("nan"))
+    attnkit.merge_attn_states(out, po, pl, so, sl, out_lse)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, 0], so[0, 0]) and torch.equal(out[1, 1], so[1, 1])
+    assert torch.equal(out[2, 2], po[2, 2])
+    assert (out[3, 0] == 0).all() and out_lse[0, 3] == float("-inf")
+    assert out_lse[0, 0] == sl[0, 0] and out_lse[2, 2] == pl[2, 2]
+    expect, expect_lse = ref.merge_attn_states_ref(po, pl, so, sl)
+    assert_close(out, expect, dtype)
+    assert_lse_close(out_lse, expect_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_strided_views(device):
+    """Outputs as every other head of a wider tensor, lse as transposed [T, H] storage."""
+    T, H, D, dtype = 9, 4, 64, torch.bfloat16
+    (po, pl, so, sl), full, full_lse = _partials(device, dtype, T, H, D, 10, 30)
+    wide = lambda x: torch.stack([x, torch.full_like(x, float("nan"))], 2).flatten(1, 2)[:, ::2]
+    po_s, so_s = wide(po), wide(so)
+    pl_s, sl_s = pl.t().contiguous().t(), sl.t().contiguous().t()
+    assert not po_s.is_contiguous() and pl_s.stride() == (1, H)
+    out_store = torch.full((T, 2 * H, D), 7.0, device=device, dtype=dtype)
+    out = out_store[:, ::2]
+    lse_store = torch.full((T, H), 7.0, device=device)
+    attnkit.merge_attn_states(out, po_s, pl_s, so_s, sl_s, lse_store.t())
+    assert_close(out, full, dtype)
+    assert_lse_close(lse_store.t(), full_lse)
+    assert (out_store[:, 1::2] == 7.0).all()  # the other heads are untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_empty_batch(device):
+    z = torch.empty(0, 4, 64, device=device)
+    zl = torch.empty(4, 0, device=device)
+    attnkit.merge_attn_states(z, z, zl, z, zl, zl.clone())
+
+
+def _merge_args(device):
+    o = torch.randn(5, 2, 16, device=device)
+    l = torch.randn(2, 5, device=device)
+    return [o, o.clone(), l, o.clone(), l.clone(), l.clone()]
+
+
+MERGE_BAD = [
+    ("prefix_output", _set(1, lambda a: a[1].half())),
+    ("suffix_output", _set(3, lambda a: a[3][:4])),
+    ("prefix_lse", _set(2, lambda a: a[2].t().contiguous())),           # [T, H] instead of [H, T]
+    ("suffix_lse", _set(4, lambda a: a[4].half())),
+    ("output_lse", _set(5, lambda a: a[5][:1])),
+    ("output", _set(0, lambda a: a[0][0])),
+    ("output", _set(0, lambda a: a[0].int())),
+    ("prefix_output", _set(1, lambda a: a[1].transpose(1, 2).contiguous().transpose(1, 2))),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate", MERGE_BAD, ids=[f"{n}{i}" for i, (n, _) in enumerate(MERGE_BAD)])
+def test_merge_bad_inputs(device, name, mutate):
+    args = _merge_args(device)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.attnkit.merge_attn_states(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mix():
+    args = _merge_args("cuda")
+    args[2] = args[2].cpu()
+    with pytest.raises(RuntimeError, match="prefix_lse"):
+        torch.ops.attnkit.merge_attn_states(*args)
+    fa = _flash_args("cuda")
+    fa[4] = fa[4].cpu()
+    with pytest.raises(RuntimeError, match="slot_mapping"):
+        torch.ops.attnkit.reshape_and_cache_flash(*fa)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    torch.library.opcheck(torch.ops.attnkit.merge_attn_states.default, _merge_args(device))
+    a = _merge_args(device)
+    torch.library.opcheck(torch.ops.attnkit.merge_attn_states.default, a[:5])
+    torch.library.opcheck(torch.ops.attnkit.reshape_and_cache_flash.default, _flash_args(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_decode_step(device):
+    """A decode step (append the new token, then merge a prefix part and a suffix part) under
+    torch.compile(fullgraph=True): both ops trace through their Meta kernels."""
+    def step(key, value, kc, vc, slots, po, pl, so, sl, out):
+        attnkit.reshape_and_cache_flash(key, value, kc, vc, slots)
+        attnkit.merge_attn_states(out, po, pl, so, sl)
+        return out
+
+    kc, vc = nhd_caches(4, 16, 2, 64, torch.float32, device)
+    key = torch.randn(2, 2, 64, device=device)
+    slots = torch.tensor([3, 20], device=device)
+    po, pl, so, sl = _merge_args(device)[1:5]
+    out = torch.empty_like(po)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(key, key, kc, vc, slots, po, pl, so, sl, out)
+    expect, _ = ref.merge_attn_states_ref(po, pl, so, sl)
+    assert_close(out, expect, torch.float32)
+    assert torch.equal(kc[0, 3], key[0]) and torch.equal(vc[1, 4], key[1])

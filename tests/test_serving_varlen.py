@@ -1,0 +1,452 @@
+"""The serving call of flash attention (docs/serving.md): flash_attn_varlen_func over NHD paged
+caches with seqused_k, fp8 caches with descales, attention sinks (forward and gradients),
+out= / return_softmax_lse, flash_attn_with_kvcache (append, rotary), deterministic backward, the
+bad-input matrix, opcheck, torch.compile and a vLLM-V1-style call site. Against
+reference.flash_serving_ref; CPU always, CUDA when a GPU is present."""
+import math
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from attnkit.testing import LSE_TOLERANCE_DEQUANT, TOLERANCE, assert_close, assert_lse_close
+from conftest import DEVICES, poison_allocator
+from samples.serving import MIXES, paged_batch
+
+FWD = torch.ops.attnkit.flash_attn_fwd
+DTYPES = [torch.float16, torch.bfloat16]
+ids = str
+
+
+def _ref(b, **kw):
+    return ref.flash_serving_ref(b.q, b.k_cache, b.v_cache, cu_seqlens_q=b.cu_seqlens_q,
+                                 seqused_k=b.seqused_k, block_table=b.block_table,
+                                 k_descale=b.k_descale, v_descale=b.v_descale, **kw)
+
+
+def _call(b, **kw):
+    return attnkit.flash_attn_varlen_func(
+        b.q, b.k_cache, b.v_cache, cu_seqlens_q=b.cu_seqlens_q, max_seqlen_q=b.max_seqlen_q,
+        seqused_k=b.seqused_k, max_seqlen_k=b.max_seqlen_k, block_table=b.block_table,
+        k_descale=b.k_descale, v_descale=b.v_descale, return_softmax_lse=True, **kw)
+
+
+# ---- paged varlen forward ---------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("block_size", [16, 32, 64, 256])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_paged_varlen(device, dtype, block_size, gqa, mix):
+    poison_allocator(device)
+    q_lens, k_lens = MIXES[mix]
+    b = paged_batch(q_lens, k_lens, H=gqa * 2, Hkv=2, D=64, block_size=block_size, dtype=dtype,
+                    device=device)
+    out, lse = _call(b, causal=True)
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+@pytest.mark.parametrize("opts", [
+    dict(causal=True, window_size=(24, 0)),
+    dict(causal=False, window_size=(9, 5)),
+    dict(causal=True, softcap=15.0),
+    dict(causal=True, sinks=True),
+    dict(causal=False, sinks=True, window_size=(30, -1), softcap=20.0),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_paged_varlen_options(device, dtype, D, mix, opts):
+    opts = dict(opts)
+    q_lens, k_lens = MIXES[mix]
+    H, Hkv = 8, 2
+    b = paged_batch(q_lens, k_lens, H, Hkv, D, 16, dtype, device)
+    wl, wr = opts.pop("window_size", (-1, -1))
+    kw = dict(causal=opts.pop("causal"), softcap=opts.pop("softcap", 0.0))
+    s_aux = torch.randn(H, device=device) * 2 if opts.pop("sinks", False) else None
+    out, lse = _call(b, window_size=(wl, wr), s_aux=s_aux, **kw)
+    eo, el = _ref(b, window_left=wl, window_right=wr, s_aux=s_aux, **kw)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el, approx_tanh=kw["softcap"] > 0 and device == "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_paged_varlen_fp8_descale(device, dtype):
+    q_lens, k_lens = MIXES["mixed"]
+    b = paged_batch(q_lens, k_lens, 8, 2, 128, 32, dtype, device, fp8=True)
+    assert b.k_cache.dtype == torch.float8_e4m3fn
+    out, lse = _call(b, causal=True)
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el, tol=LSE_TOLERANCE_DEQUANT[dtype])
+    # The descales are used: without them the result differs.
+    b.k_descale = b.v_descale = None
+    out2, _ = _call(b, causal=True)
+    assert (out2.float() - out.float()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_varlen_out_and_lse_forms(device):
+    """out= is written in place and returned; return_attn_probs gives (out, lse, None); the
+    FlashAttention 2 form (cu_seqlens_k with a block table) equals the seqused_k form."""
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, device)
+    out = torch.full_like(b.q, float("nan"))
+    res = attnkit.flash_attn_varlen_func(
+        b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None, b.max_seqlen_q, b.max_seqlen_k,
+        causal=True, block_table=b.block_table, seqused_k=b.seqused_k, out=out)
+    assert res is out
+    eo, _ = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    cu_k = torch.cat([b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0, dtype=torch.int32)])
+    o2, lse2, none = attnkit.flash_attn_varlen_func(
+        b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, cu_k, b.max_seqlen_q, b.max_seqlen_k,
+        causal=True, block_table=b.block_table, return_attn_probs=True)
+    assert none is None and torch.equal(o2, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_seqused_k_dense(device, dtype):
+    """seqused_k without a block table: batched and varlen k trimmed per sequence."""
+    B, Sq, Sk, H, D = 3, 7, 40, 4, 64
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, Sk, 2, D, device=device, dtype=dtype)
+    v = torch.randn(B, Sk, 2, D, device=device, dtype=dtype)
+    used = torch.tensor([40, 9, 0], dtype=torch.int32, device=device)
+    out, lse = attnkit.flash_attn_func(q, k, v, causal=True, seqused_k=used, return_softmax_lse=True)
+    eo, el = ref.flash_serving_ref(q, k, v, seqused_k=used, causal=True)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el)
+    # varlen, with key rows past seqused_k holding NaN: never read
+    kv_lens = [40, 30, 5]
+    cu_k = torch.tensor([0, 40, 70, 75], dtype=torch.int32, device=device)
+    cu_q = torch.tensor([0, 7, 14, 21], dtype=torch.int32, device=device)
+    kk = torch.randn(75, 2, D, device=device, dtype=dtype)
+    vv = torch.randn(75, 2, D, device=device, dtype=dtype)
+    used = torch.tensor([33, 30, 2], dtype=torch.int32, device=device)
+    for b0, n in zip([33, 70 - 0], [7, 0]):
+        kk[b0:b0 + n] = float("nan")
+        vv[b0:b0 + n] = float("nan")
+    qv = q.reshape(21, H, D)
+    out, lse = attnkit.flash_attn_varlen_func(qv, kk, vv, cu_q, cu_k, 7, 40, causal=True,
+                                              seqused_k=used, return_softmax_lse=True)
+    eo, el = ref.flash_serving_ref(qv, kk, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   seqused_k=used, causal=True)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el)
+    del kv_lens
+
+
+# ---- sinks: forward and gradients on the training path ------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32] + DTYPES, ids=ids)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_sinks_grad(device, dtype, varlen):
+    H, Hkv, D = 4, 2, 64
+    s_aux = (torch.randn(H, device=device) * 2).requires_grad_()
+    if varlen:
+        cu_q = torch.tensor([0, 5, 5, 30], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 9, 20, 45], dtype=torch.int32, device=device)
+        q = torch.randn(30, H, D, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(45, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(45, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+        out = attnkit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 25, 25, causal=True, s_aux=s_aux)
+        eo, _ = ref.flash_serving_ref(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
+                                      s_aux=s_aux)
+    else:
+        q = torch.randn(2, 19, H, D, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 23, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 23, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+        out = attnkit.flash_attn_func(q, k, v, causal=True, window_size=(11, 0), learnable_sink=s_aux)
+        eo, _ = ref.flash_serving_ref(q, k, v, causal=True, window_left=11, window_right=0,
+                                      s_aux=s_aux)
+    assert_close(out.float(), eo, dtype)
+    g = torch.randn_like(eo)
+    got = torch.autograd.grad(out.float(), (q, k, v, s_aux), g)
+    want = torch.autograd.grad(eo, (q, k, v, s_aux), g)
+    for name, a, e in zip(("dq", "dk", "dv", "ds_aux"), got, want):
+        assert_close(a.float(), e.float(), dtype, what=name, tol=2 * TOLERANCE[dtype])
+
+
+def test_sinks_gradcheck_cpu():
+    H, D = 2, 8
+    q = torch.randn(1, 5, H, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 1, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 6, 1, D, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(H, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v, s: attnkit.flash_attn_func(q, k, v, causal=True, s_aux=s)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, s))
+
+
+# ---- deterministic reaches the backward ---------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward(device):
+    """deterministic=True gives the dQ of torch.use_deterministic_algorithms(True), bit for bit,
+    and is reproducible."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(2, 300, 4, 128, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 300, 4, 128, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 300, 4, 128, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 300, 4, 128, device=device, dtype=dtype)
+
+    def grads(**kw):
+        out = attnkit.flash_attn_func(q, k, v, causal=True, **kw)
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    a, b = grads(deterministic=True), grads(deterministic=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        c = grads()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+# ---- flash_attn_with_kvcache ---------------------------------------------------------------------
+def _rotary_ref(x, cos, sin, pos, interleaved):
+    """x [S, H, D] rotated at positions pos [S] (independent of attnkit.flash._rotate)."""
+    rd = 2 * cos.shape[1]
+    out = x.float().clone()
+    for t in range(x.shape[0]):
+        c, s = cos[pos[t]].float(), sin[pos[t]].float()
+        for i in range(rd // 2):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + rd // 2)
+            xa, xb = out[t, :, a].clone(), out[t, :, b].clone()
+            out[t, :, a] = xa * c[i] - xb * s[i]
+            out[t, :, b] = xa * s[i] + xb * c[i]
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("rotary", [None, "interleaved", "halves"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_with_kvcache(device, paged, rotary, causal):
+    dtype = torch.bfloat16
+    B, Sq, H, Hkv, D, S_new = 3, 2, 4, 2, 64, 2
+    bs, S_cache = 16, 64
+    if paged:
+        nb = 14
+        k_cache = torch.randn(nb, bs, Hkv, D, device=device, dtype=dtype)
+        v_cache = torch.randn(nb, bs, Hkv, D, device=device, dtype=dtype)
+        table = torch.randperm(nb)[:B * 4].view(B, 4).to(torch.int32).to(device)
+        batch_idx = None
+    else:
+        k_cache = torch.randn(4, S_cache, Hkv, D, device=device, dtype=dtype)
+        v_cache = torch.randn(4, S_cache, Hkv, D, device=device, dtype=dtype)
+        table = None
+        batch_idx = torch.tensor([2, 0, 3], device=device)
+    seqlens = torch.tensor([5, 17, 40], dtype=torch.int32, device=device)
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, S_new, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, S_new, Hkv, D, device=device, dtype=dtype)
+    cos = sin = None
+    if rotary:
+        ang = torch.rand(128, 16, device=device) * 6.28
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    out, lse = attnkit.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+        cache_batch_idx=batch_idx, block_table=table, causal=causal,
+        rotary_interleaved=rotary == "interleaved", return_softmax_lse=True)
+    # Reference: write the (rotated) tokens, rotate q, attend the first seqlens + S_new keys.
+    exp_k, exp_v = kc0.clone(), vc0.clone()
+    q_ref = q.clone()
+    for b in range(B):
+        L0 = int(seqlens[b])
+        pos = torch.arange(L0, L0 + S_new)
+        kb = _rotary_ref(k[b], cos, sin, pos, rotary == "interleaved") if rotary else k[b]
+        for t in range(S_new):
+            p = L0 + t
+            if paged:
+                exp_k[table[b, p // bs], p % bs] = kb[t]
+                exp_v[table[b, p // bs], p % bs] = v[b, t]
+            else:
+                exp_k[batch_idx[b], p] = kb[t]
+                exp_v[batch_idx[b], p] = v[b, t]
+        if rotary:
+            qpos = torch.arange(L0, L0 + Sq) if causal else torch.full((Sq,), L0)
+            q_ref[b] = _rotary_ref(q[b], cos, sin, qpos, rotary == "interleaved")
+    assert torch.equal(k_cache, exp_k) and torch.equal(v_cache, exp_v)
+    used = seqlens + S_new
+    if paged:
+        eo, el = ref.flash_serving_ref(q_ref, exp_k, exp_v, seqused_k=used, block_table=table,
+                                       causal=causal)
+    else:
+        eo, el = ref.flash_serving_ref(q_ref, exp_k[batch_idx], exp_v[batch_idx], seqused_k=used,
+                                       causal=causal)
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+def _bad_cases(device):
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, device)
+    base = dict(q=b.q, k=b.k_cache, v=b.v_cache, cu_seqlens_q=b.cu_seqlens_q,
+                max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k, max_seqlen_k=b.max_seqlen_k,
+                block_table=b.block_table, causal=True)
+    nb = b.k_cache.shape[0]
+    cases = {
+        "block_table": dict(block_table=b.block_table.long()),
+        "k": dict(k=b.k_cache[:, :8], v=b.v_cache[:, :8]),                  # block size 8
+        "head dim": dict(k=b.k_cache[..., :32], v=b.v_cache[..., :32]),     # D mismatch
+        "k_descale": dict(k=b.k_cache.to(torch.float8_e4m3fn), v=b.v_cache.to(torch.float8_e4m3fn),
+                          k_descale=torch.ones(3, 2, device=device)),
+        "k_descale ": dict(k_descale=torch.ones(6, 2, device=device)),      # not an fp8 cache
+        "s_aux": dict(s_aux=torch.zeros(3, device=device)),
+        "seqused_k": dict(seqused_k=b.seqused_k[:4]),
+        "q": dict(q=b.q.float()),
+        "cp_world_size": dict(cp_world_size=2),
+        "q_v": dict(q_v=b.q),
+        "window_size": dict(window_size=(1, 2, 3)),
+    }
+    if device == "cpu":  # values are read on the CPU only
+        long = b.seqused_k.clone()
+        long[1] = b.block_table.shape[1] * 16 + 1
+        cases["seqused_k "] = dict(seqused_k=long)
+        bad = b.block_table.clone()
+        bad[1, 0] = nb
+        cases["block_table "] = dict(block_table=bad)
+    return base, cases, nb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    base, cases, _ = _bad_cases(device)
+    for name, change in cases.items():
+        kw = dict(base, **change)
+        with pytest.raises(RuntimeError, match=name.strip().split()[0]):
+            attnkit.flash_attn_varlen_func(**kw)
+
+
+def test_paged_no_backward():
+    b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.float32, "cpu")
+    q = b.q.requires_grad_()
+    with pytest.raises(RuntimeError, match="block_table"):
+        attnkit.flash_attn_varlen_func(q, b.k_cache, b.v_cache, b.cu_seqlens_q, None, 1, 200,
+                                       block_table=b.block_table, seqused_k=b.seqused_k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mix", ["mixed", "decode_ragged"])
+def test_garbage_block_ids_cuda(mix):
+    """No host sync on CUDA: out-of-range block ids, seqused_k and (decode path) query offsets
+    are clamped, never read outside the cache (compute-sanitizer runs this); finite result."""
+    b = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    b.block_table = torch.randint(-(1 << 30), 1 << 30, b.block_table.shape, dtype=torch.int32,
+                                  device="cuda")
+    b.seqused_k = torch.tensor([5, -3, 1 << 30, 64, 0, 2], dtype=torch.int32, device="cuda")
+    if mix == "decode_ragged":
+        b.cu_seqlens_q = torch.tensor([0, 3, 2, 9, -4, 6, 1], dtype=torch.int32, device="cuda")
+    out, lse = _call(b, causal=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mix", ["decode", "decode_ragged"])
+def test_decode_path_reads_pages_cuda(mix):
+    """A decode batch (as many query rows as sequences) runs the paged family's tensor-core
+    decode kernel on the NHD pages (no gather), and matches the reference. (The profiler cannot
+    run under compute-sanitizer; the sanitizer runs the other decode-mix tests.)"""
+    b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, lse = _call(b, causal=True)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("paged_decode_mma_kernel" in n for n in names), sorted(set(names))
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+
+
+# ---- the vLLM V1 call site, opcheck, compile, CUDA graphs ----------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_vllm_v1_call_site(device):
+    """Written as vLLM V1's FlashAttention backend writes it (keyword names and all)."""
+    from attnkit import flash_attn_varlen_func
+    b = paged_batch(*MIXES["mixed"], 8, 2, 128, 16, torch.bfloat16, device)
+    output = torch.empty_like(b.q)
+    s_aux = torch.randn(8, device=device)
+    descale_shape = (b.cu_seqlens_q.shape[0] - 1, 2)
+    flash_attn_varlen_func(
+        q=b.q, k=b.k_cache, v=b.v_cache, out=output, cu_seqlens_q=b.cu_seqlens_q,
+        max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k, max_seqlen_k=b.max_seqlen_k,
+        softmax_scale=1.0 / math.sqrt(128), causal=True, alibi_slopes=None, window_size=[-1, -1],
+        block_table=b.block_table, softcap=0, scheduler_metadata=None, fa_version=3,
+        q_descale=torch.ones(descale_shape, device=device).expand(descale_shape),
+        k_descale=None, v_descale=None, num_splits=0, s_aux=s_aux)
+    eo, _ = _ref(b, causal=True, softmax_scale=1.0 / math.sqrt(128), s_aux=s_aux)
+    assert_close(output.float(), eo, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, device)
+    s_aux = torch.randn(4, device=device)
+    torch.library.opcheck(FWD, (b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0,
+                                b.cu_seqlens_q, None, b.max_seqlen_q, b.max_seqlen_k),
+                          dict(seqused_k=b.seqused_k, block_table=b.block_table, s_aux=s_aux),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    q = torch.randn(2, 9, 4, 64, device=device, requires_grad=True)
+    k = torch.randn(2, 11, 2, 64, device=device, requires_grad=True)
+    torch.library.opcheck(FWD, (q, k, k.detach().clone().requires_grad_(), None, True),
+                          dict(s_aux=torch.randn(4, device=device, requires_grad=True),
+                               seqused_k=torch.tensor([11, 4], dtype=torch.int32, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_decode_module(device):
+    class Decode(torch.nn.Module):
+        def forward(self, q, kc, vc, cu, used, table, sinks):
+            return attnkit.flash_attn_varlen_func(q, kc, vc, cu, None, 1, 256, causal=True,
+                                                  block_table=table, seqused_k=used, s_aux=sinks)
+
+    b = paged_batch(*MIXES["decode"], 8, 2, 64, 16, torch.bfloat16, device)
+    sinks = torch.randn(8, device=device)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seqused_k, b.block_table, sinks)
+    eager = Decode()(*args)
+    compiled = torch.compile(Decode(), fullgraph=True, backend="aot_eager")(*args)
+    assert torch.equal(eager, compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_cuda_graph_mixed_step(mix):
+    """A mixed prefill + decode step (and a decode step) captured once and replayed with new
+    queries, caches, lengths and tables (no host sync inside the call)."""
+    b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
+    static_out = torch.empty_like(b.q)
+
+    def step():
+        attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None,
+                                       b.max_seqlen_q, b.max_seqlen_k, causal=True,
+                                       block_table=b.block_table, seqused_k=b.seqused_k,
+                                       out=static_out)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        n = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
+        n.seqused_k = torch.clamp(n.seqused_k - torch.randint(0, 3, n.seqused_k.shape, device="cuda",
+                                                              dtype=torch.int32), min=0)
+        for name in ("q", "k_cache", "v_cache", "seqused_k"):
+            getattr(b, name).copy_(getattr(n, name))
+        b.block_table.copy_(n.block_table)
+        graph.replay()
+        torch.cuda.synchronize()
+        eo, _ = _ref(n, causal=True)
+        assert_close(static_out.float(), eo, torch.bfloat16)
