@@ -42,6 +42,7 @@ class Bug:
 FLASH = ("test_flash*.py",)
 PAGED = ("test_paged*.py", "test_pa_merged.py")
 GDPA = ("test_gdpa*.py",)
+SERVING = ("test_serving_varlen.py",)
 
 BUGS = [
     # flash attention (reference.flash_window_mask / _flash_dense / flash_attn_ref)
@@ -86,18 +87,27 @@ BUGS = [
     # GDPA (reference.gdpa_ref)
     Bug("gdpa P not rounded to v.dtype (16-bit)", "p = _RoundTo.apply(p, v.dtype)", "p = p",
         GDPA, SIXTEEN_BIT),
-    Bug("gdpa causal +1 (16-bit)",
-        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()",
-        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(1)", GDPA, SIXTEEN_BIT),
-    Bug("gdpa causal -1 (16-bit)",
-        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()",
-        "mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(-1)", GDPA, SIXTEEN_BIT),
+    Bug("gdpa causal +1 (16-bit)", "mask &= j <= i\n", "mask &= j <= i + 1\n", GDPA, SIXTEEN_BIT),
+    Bug("gdpa causal -1 (16-bit)", "mask &= j <= i\n", "mask &= j <= i - 1\n", GDPA, SIXTEEN_BIT),
+    Bug("gdpa window +1 (16-bit)", "mask &= (j - i).abs() <= window_size",
+        "mask &= (j - i).abs() <= window_size + 1", GDPA, SIXTEEN_BIT),
+    Bug("gdpa window -1 (16-bit)", "mask &= (j - i).abs() <= window_size",
+        "mask &= (j - i).abs() < window_size", GDPA, SIXTEEN_BIT),
     Bug("gdpa GQA head mapping (16-bit)",
         "kb = k[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)\n"
         "        vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat_interleave(G, 0)",
         "kb = k[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat(G, 1, 1)\n"
         "        vb = v[ko[b]:ko[b + 1]].to(compute_dtype).transpose(0, 1).repeat(G, 1, 1)",
         GDPA, SIXTEEN_BIT),
+    # the serving call (reference.flash_serving_ref / _serving_keys)
+    Bug("serving sink sign (16-bit)", "sink = s_aux.to(compute_dtype)", "sink = -s_aux.to(compute_dtype)",
+        SERVING, SIXTEEN_BIT),
+    Bug("serving seqused_k -1 (16-bit)", "kb, vb = kb[:used[b]], vb[:used[b]]",
+        "kb, vb = kb[:max(used[b] - 1, 0)], vb[:max(used[b] - 1, 0)]", SERVING, SIXTEEN_BIT),
+    Bug("serving page offset (16-bit)", "rows = cache[block_table[b].long()[j // bs], j % bs]",
+        "rows = cache[block_table[b].long()[j // bs], (j + 1) % bs]", SERVING, SIXTEEN_BIT),
+    Bug("serving descale ignored (16-bit)", "rows = rows * descale[b].to(compute_dtype).view(1, -1, 1)",
+        "rows = rows", SERVING, SIXTEEN_BIT),
 ]
 
 
