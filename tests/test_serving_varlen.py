@@ -304,6 +304,8 @@ def _bad_cases(device):
         "seqused_k": dict(seqused_k=b.seqused_k[:4]),
         "q": dict(q=b.q.float()),
         "cp_world_size": dict(cp_world_size=2),
+        "cp_world_size ": dict(cp_rank=1),
+        "cp_world_size  ": dict(cp_tot_seqused_k=b.seqused_k),
         "q_v": dict(q_v=b.q),
         "window_size": dict(window_size=(1, 2, 3)),
     }

@@ -7,16 +7,18 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 
-def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1):
+def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1, cp_rank=0,
+                       cp_tot_seqused_k=None):
     if dropout_p != 0.0:
         raise RuntimeError(f"attnkit: dropout_p: expected 0.0 (dropout is not supported), got {dropout_p}")
     if alibi_slopes is not None:
         raise RuntimeError("attnkit: alibi_slopes: expected None (ALiBi is not supported here), got a tensor")
     if q_v is not None:
         raise RuntimeError("attnkit: q_v: expected None (MLA's q_v is not supported), got a tensor")
-    if cp_world_size != 1:
-        raise RuntimeError(f"attnkit: cp_world_size: expected 1 (context parallelism is not supported), "
-                           f"got {cp_world_size}")
+    if cp_world_size != 1 or cp_rank != 0 or cp_tot_seqused_k is not None:
+        raise RuntimeError(f"attnkit: cp_world_size: expected 1, cp_rank 0 and cp_tot_seqused_k None "
+                           f"(context parallelism is not supported), got {cp_world_size}, {cp_rank} and "
+                           f"{'a tensor' if cp_tot_seqused_k is not None else None}")
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -157,7 +159,7 @@ def flash_attn_varlen_func(
     Returns ``out`` ``[T, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
     ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
-    _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size)
+    _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_q_descale(q, q_descale)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
