@@ -158,6 +158,43 @@ void check_flash() {
   expect_close("flash_attn_fwd lse", lse, ref_lse);
 }
 
+// ---- the serving call (docs/serving.md): varlen q over an NHD paged cache with seqused_k and
+// sinks, against the contiguous varlen call on the same keys with the sink applied by hand -------
+void check_flash_serving() {
+  const int64_t H = 2, Hkv = 1, D = 32, bs = 16, nb = 5;
+  const std::vector<int64_t> q_lens{1, 3}, k_lens{20, 9};
+  const std::vector<std::vector<int32_t>> table{{3, 0}, {4, 1}};
+  const auto q = at::randn({4, H, D});
+  const auto kc = at::randn({nb, bs, Hkv, D}), vc = at::randn({nb, bs, Hkv, D});
+  const auto cu_q = at::tensor(std::vector<int32_t>{0, 1, 4}, at::kInt);
+  const auto bt = at::tensor(std::vector<int32_t>{3, 0, 4, 1}, at::kInt).view({2, 2});
+  const auto used = at::tensor(std::vector<int32_t>{20, 9}, at::kInt);
+  const auto sinks = at::randn({H});
+  attnkit::FlashServing serving;
+  serving.seqused_k = used;
+  serving.block_table = bt;
+  serving.s_aux = sinks;
+  const auto res = attnkit::flash_attn_fwd(q, kc, vc, c10::nullopt, /*causal=*/true, -1, -1, 0.0,
+                                           cu_q, c10::nullopt, 3, 20, serving);
+
+  // The same keys gathered by hand into contiguous varlen k / v, then the plain varlen call.
+  std::vector<at::Tensor> ks, vs;
+  for (size_t b = 0; b < k_lens.size(); ++b)
+    for (int64_t j = 0; j < k_lens[b]; ++j) {
+      ks.push_back(kc[table[b][j / bs]][j % bs]);
+      vs.push_back(vc[table[b][j / bs]][j % bs]);
+    }
+  const auto cu_k = at::tensor(std::vector<int32_t>{0, 20, 29}, at::kInt);
+  const auto plain = attnkit::flash_attn_fwd(q, at::stack(ks), at::stack(vs), c10::nullopt, true, -1,
+                                             -1, 0.0, cu_q, cu_k, 3, 20);
+  // Sink: lse = logaddexp(lse0, s_h), out = out0 * exp(lse0 - lse).
+  const auto& lse0 = std::get<1>(plain);                       // [H, T]
+  const auto lse = at::logaddexp(lse0, sinks.view({H, 1}));
+  const auto ref = std::get<0>(plain) * at::exp(lse0 - lse).t().unsqueeze(-1);
+  expect_close("flash_attn_fwd serving out (paged, seqused_k, sinks)", std::get<0>(res), ref);
+  expect_close("flash_attn_fwd serving lse", std::get<1>(res), lse);
+}
+
 // ---- moe_permute (DESIGN §3.4): stable by (expert, token, slot) ------------------------------
 void check_moe() {
   const int64_t T = 6, k = 2, E = 4, Hd = 8;
@@ -211,7 +248,8 @@ int main() {
   at::manual_seed(0);
   const std::vector<std::pair<const char*, void (*)()>> checks{
       {"gdpa_fwd", check_gdpa}, {"paged_attention_v1", check_paged},
-      {"flash_attn_fwd", check_flash}, {"moe_permute", check_moe},
+      {"flash_attn_fwd", check_flash}, {"flash_attn_fwd serving", check_flash_serving},
+      {"moe_permute", check_moe},
       {"expect_close itself", check_checker}};
   for (const auto& c : checks) {
     try {
