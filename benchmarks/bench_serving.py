@@ -183,6 +183,20 @@ class Batch:
                                           softmax_scale=scale, causal=True)
         return idx_t, expect
 
+    def checks(self, scale, seqs):
+        """The checks of every column: against the reference on ``seqs`` (reference_slice), and in
+        full against attnkit's dense varlen forward (except for that column itself)."""
+        idx, expect = self.reference_slice(scale, seqs)
+        dense_out = self.dense(scale)()
+
+        def checks(name, out):
+            c = [("ref", out[idx], expect)]
+            if name != "dense":
+                c.append(("vs dense", out, dense_out))
+            return c
+
+        return checks
+
 
 class Runner:
     """Checks and times the implementations of one table row; records failures."""
@@ -278,16 +292,7 @@ def section_decode(args, runner, shapes, copy, triton_fns):
             impls["triton"] = lambda: paged_decode(q, bt_.k_cache, bt_.v_cache, bt_.block_table,
                                                    bt_.lens, scale, max_seq_len=ctx)
         seqs = range(min(B, args.verify_seqs))
-        idx, expect = bt_.reference_slice(scale, seqs)
-        dense_out = bt_.dense(scale)()
-
-        def checks(name, out):
-            c = [("ref", out[idx], expect)]
-            if name != "dense":
-                c.append(("vs dense", out, dense_out))
-            return c
-
-        res = runner.run(label, impls, checks)
+        res = runner.run(label, impls, bt_.checks(scale, seqs))
         row = {"section": "decode", "case": f"{B}x{ctx}", "seqs": B, "context": ctx, "q_per_seq": 1,
                "heads": f"{hq}/{hkv}", "kv_MB": 2 * B * ctx * hkv * D * 2 / 1e6, "copy_GBps": copy}
         if paged_decode is not None:
@@ -298,7 +303,7 @@ def section_decode(args, runner, shapes, copy, triton_fns):
         fill(row, res, flops=4.0 * D * hq * B * ctx, nbytes=2 * B * ctx * hkv * D * 2, copy=copy)
         ratio(row, "paged", "dense")
         rows.append(row)
-        del bt_, kx, vv, ks, vs, out_v1, impls, dense_out
+        del bt_, kx, vv, ks, vs, out_v1, impls
         _free(dev)
     return rows
 
@@ -327,16 +332,7 @@ def section_mixed(args, runner, groups, copy):
     }
     per = max(1, args.verify_seqs // len(groups))
     seqs = [b for s in spans for b in list(s)[:per]]
-    idx, expect = bt_.reference_slice(scale, seqs)
-    dense_out = bt_.dense(scale)()
-
-    def checks(name, out):
-        c = [("ref", out[idx], expect)]
-        if name != "dense":
-            c.append(("vs dense", out, dense_out))
-        return c
-
-    res = runner.run(label, impls, checks)
+    res = runner.run(label, impls, bt_.checks(scale, seqs))
     pairs = sum(visible_pairs(lq, lk) * n for n, lq, lk in groups)
     kv_bytes = 2 * sum(k_lens) * hkv * D * 2
     row = {"section": "mixed", "case": case, "seqs": len(q_lens), "q_tokens": sum(q_lens),
@@ -345,7 +341,7 @@ def section_mixed(args, runner, groups, copy):
     fill(row, res, flops=4.0 * D * hq * pairs, nbytes=kv_bytes, copy=copy)
     ratio(row, "paged", "dense")
     ratio(row, "paged", "paged_per_group")
-    del bt_, impls, per_group, dense_out
+    del bt_, impls, per_group
     _free(dev)
     return [row]
 
@@ -374,16 +370,7 @@ def section_spec(args, runner, shapes, copy):
                                              qo_indptr=bt_.cu_q),
         }
         seqs = range(min(B, args.verify_seqs))
-        idx, expect = bt_.reference_slice(scale, seqs)
-        dense_out = bt_.dense(scale)()
-
-        def checks(name, out):
-            c = [("ref", out[idx], expect)]
-            if name != "dense":
-                c.append(("vs dense", out, dense_out))
-            return c
-
-        res = runner.run(label, impls, checks)
+        res = runner.run(label, impls, bt_.checks(scale, seqs))
         pairs = B * visible_pairs(lq, lk)
         kv_bytes = 2 * B * lk * hkv * D * 2
         row = {"section": "spec", "case": f"{B}x{lq}x{lk}", "seqs": B, "context": lk, "q_per_seq": lq,
@@ -392,7 +379,7 @@ def section_spec(args, runner, shapes, copy):
         fill(row, res, flops=4.0 * D * hq * pairs, nbytes=kv_bytes, copy=copy)
         ratio(row, "paged", "dense")
         rows.append(row)
-        del bt_, kx, va, impls, dense_out
+        del bt_, kx, va, impls
         _free(dev)
     return rows
 
