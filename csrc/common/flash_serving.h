@@ -178,13 +178,9 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   } else {
     used = at::full({b}, M * bs, q.options().dtype(at::kInt));
   }
-  at::Tensor ids = *block_table;
-  if (cpu) {
-    if (k.numel() > 0 || M > 0) check_block_ids_cpu(ids, used, k.size(0), bs);
-    ids = ids.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));  // ids past the used length
-  } else {
-    ids = ids.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
-  }
+  if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(*block_table, used, k.size(0), bs);
+  // CPU: only ids past a sequence's used length are left out of range; CUDA: any id may be.
+  at::Tensor ids = block_table->clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
   if (k.size(0) == 0) {  // an empty cache: every sequence has no key
     used = at::zeros({b}, q.options().dtype(at::kInt));
     ids = at::zeros({b, 0}, ids.options());

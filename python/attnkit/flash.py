@@ -6,6 +6,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .paged import reshape_and_cache_flash
+
 
 def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1, cp_rank=0,
                        cp_tot_seqused_k=None):
@@ -239,6 +241,8 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
     B, Sq = q.shape[0], q.shape[1]
     dev = q.device
+    wl, wr = _window(window_size)
+    ro = rotary_cos.shape[0] if rotary_cos is not None else 0
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
         raise RuntimeError("attnkit: cache_batch_idx: expected None with block_table")
@@ -270,7 +274,6 @@ def flash_attn_with_kvcache(
                                f"{k_cache.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
         pos = seqlens.to(torch.int64).unsqueeze(1) + torch.arange(s_new, device=dev)  # [B, S_new]
         if rotary_cos is not None:
-            ro = rotary_cos.shape[0]
             k = _rotate(k, rotary_cos[pos.clamp(max=ro - 1)], rotary_sin[pos.clamp(max=ro - 1)],
                         rotary_interleaved)
         # Slots of the new tokens (-1: past the cache, skipped by the writer).
@@ -282,21 +285,17 @@ def flash_attn_with_kvcache(
         else:
             slots = rows.unsqueeze(1) * k_cache.shape[1] + pos
         slots = torch.where(pos < capacity, slots, torch.full_like(slots, -1))
-        torch.ops.attnkit.reshape_and_cache_flash(
-            k.reshape(B * s_new, *k.shape[2:]), v.reshape(B * s_new, *v.shape[2:]), k_cache, v_cache,
-            slots.reshape(-1), "auto", torch.ones(1, device=dev), torch.ones(1, device=dev))
+        reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]), v.reshape(B * s_new, *v.shape[2:]),
+                                k_cache, v_cache, slots.reshape(-1))
     elif rotary_cos is not None:
         raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")
     if rotary_cos is not None:
-        ro = rotary_cos.shape[0]
-        wl, wr = _window(window_size)
         local = causal or wl >= 0 or wr >= 0
         qpos = seqlens.to(torch.int64).unsqueeze(1) + (torch.arange(Sq, device=dev) if local else
                                                         torch.zeros(Sq, dtype=torch.int64, device=dev))
         qpos = qpos.clamp(max=ro - 1)
         q = _rotate(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
-    wl, wr = _window(window_size)
     sinks = _sinks(s_aux, learnable_sink)
     if paged:
         res, lse = torch.ops.attnkit.flash_attn_fwd(
