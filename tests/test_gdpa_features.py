@@ -33,9 +33,12 @@ def _check(device, dtype, inputs, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("window", [0, 3, 16, 100])
 @pytest.mark.parametrize("causal", [False, True])
-def test_window(device, dtype, window, causal):
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_window(device, dtype, window, causal, D):
+    """On CUDA: fp32 takes the portable kernels, 16-bit the mma.sync ones (every head dim);
+    sequences longer than a 128-row tile, cross lengths, an empty one."""
     poison_allocator(device)
-    inputs = jagged_inputs(device, dtype, [40, 0, 130, 7], [40, 5, 130, 19], H=4, Hkv=2, D=64)
+    inputs = jagged_inputs(device, dtype, [40, 0, 300, 7], [40, 5, 290, 19], H=4, Hkv=2, D=D)
     _check(device, dtype, inputs, causal=causal, window_size=window)
 
 

@@ -61,7 +61,11 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
 
   for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
-    const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
+    const Span kv = key_span(p.causal, p.window, i0, min(i0 + BM, qs.len) - 1, ks.len);
+    const int kv_lo = static_cast<int>(kv.lo);
+    const int kv_end = kv.hi > kv.lo ? static_cast<int>(kv.hi - kv.lo) : 0;
+    const T* kt = k + int64_t(kv_lo) * p.k_row_stride;
+    const T* vt = v + int64_t(kv_lo) * p.v_row_stride;
     const int n_tiles = (kv_end + BN - 1) / BN;
     float acc[MT][D / 8][4];
 #pragma unroll
@@ -71,9 +75,9 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
 
     load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
     load_tile<BM, D, NT>(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, qs.len - i0, p.D, fallback);
-    load_tile<BN, D, NT>(sk, k, p.k_row_stride, kv_end, p.D, fallback);
+    load_tile<BN, D, NT>(sk, kt, p.k_row_stride, kv_end, p.D, fallback);
     mma::cp_async_commit();
-    load_tile<BN, D, NT>(sv, v, p.v_row_stride, kv_end, p.D, fallback);
+    load_tile<BN, D, NT>(sv, vt, p.v_row_stride, kv_end, p.D, fallback);
     mma::cp_async_commit();
 
     for (int j = 0; j < n_tiles; ++j) {
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
           for (int e = 0; e < 4; ++e) s[m][i][e] = dp[m][i][e] = 0.f;
       warp_gemm_nt<T, MT, BN, D>(s, sq, warp_row0, skj, p.D);
       if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, k + (j0 + BN) * p.k_row_stride,
+        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, kt + (j0 + BN) * p.k_row_stride,
                              p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
       }
       mma::cp_async_commit();
@@ -103,12 +107,15 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
       for (int m = 0; m < MT; ++m) {
         act_bwd_tile<BN / 8>(s[m], dp[m], p.act, p.pre_scale, ds_scale);  // dp <- dS
         const int r0 = i0 + warp_row0 + m * 16;
-        if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(dp[m], r0, j0);
+        const int c0 = kv_lo + j0;
+        if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, c0, c0 + BN - 1)) {
+          window_mask<false>(dp[m], r0, c0, p.causal, p.window);
+        }
         pack_a<T, BN>(dsa[m], dp[m]);
       }
       warp_gemm_rn<T, MT, BN, D, D>(acc, dsa, skj, 0, p.D);
       if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, v + (j0 + BN) * p.v_row_stride,
+        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, vt + (j0 + BN) * p.v_row_stride,
                              p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
       }
       mma::cp_async_commit();
@@ -155,9 +162,10 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
 
   for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
     const int j0 = tile * BN;
-    // Causal: queries before j0 see no key of this tile.
-    const int q_start = p.causal ? (j0 / BM) * BM : 0;
-    const int nq = qs.len > q_start ? (qs.len - q_start + BM - 1) / BM : 0;
+    // The queries that see some key of this tile (causal: none before j0; window: |i - j| <= w).
+    const Span qr = query_span(p.causal, p.window, j0, min(j0 + BN, ks.len) - 1, qs.len);
+    const int q_start = static_cast<int>(qr.lo);
+    const int nq = qr.hi > qr.lo ? (static_cast<int>(qr.hi) - q_start + BM - 1) / BM : 0;
     const int steps = G * nq;
     float acc_dk[1][DS / 8][4], acc_dv[1][DS / 8][4];
 #pragma unroll
@@ -195,9 +203,10 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
       warp_gemm_nt<T, 1, BM, D>(s, sk, warp * 16, sqs, p.D);    // Sᵀ: rows keys, cols queries
       warp_gemm_nt<T, 1, BM, D>(dp, sv, warp * 16, sdos, p.D);  // dPᵀ
       act_bwd_tile<BM / 8>(s[0], dp[0], p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ
-      if (p.causal && j0 + warp * 16 + 15 > i0) {
-        causal_mask<true>(s[0], j0 + warp * 16, i0);
-        causal_mask<true>(dp[0], j0 + warp * 16, i0);
+      const int kr0 = j0 + warp * 16;
+      if (!tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, kr0, kr0 + 15)) {
+        window_mask<true>(s[0], kr0, i0, p.causal, p.window);
+        window_mask<true>(dp[0], kr0, i0, p.causal, p.window);
       }
       uint32_t pa[1][BM / 16][4], dsa[1][BM / 16][4];
       pack_a<T, BM>(pa[0], s[0]);  // P rounded to the value type, as in the forward

@@ -57,6 +57,14 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool visible(bool causal, int32_t window, int
   return window < 0 || (j >= i - window && j <= i + window);
 }
 
+// Whether every (query, key) of queries [q_lo, q_hi] x keys [k_lo, k_hi] is visible: a tile
+// that is needs no mask.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool tile_fully_visible(bool causal, int32_t window, int64_t q_lo,
+                                                           int64_t q_hi, int64_t k_lo, int64_t k_hi) {
+  if (causal && k_hi > q_lo) return false;
+  return window < 0 || (k_lo >= q_hi - window && k_hi <= q_lo + window);
+}
+
 // A half-open index range [lo, hi) (empty when hi <= lo).
 struct Span {
   int64_t lo, hi;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "kernels/common/mma.cuh"
+#include "kernels/gdpa/params.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -118,6 +119,23 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0)
       const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
       const bool masked = kRowIsKey ? row > col : col > row;
       if (masked) c[nt][e] = 0.f;
+    }
+}
+
+// Zeroes accumulator entries whose (query, key) the causal / window mask rejects (params.h
+// `visible`): rows are queries r0 + row and columns keys c0 + col, or the transpose when
+// kRowIsKey.
+template <bool kRowIsKey, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void window_mask(float (&c)[N][4], int r0, int c0, bool causal,
+                                               int window) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + (e >> 1) * 8;
+      const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+      if (!visible(causal, window, kRowIsKey ? col : row, kRowIsKey ? row : col)) c[nt][e] = 0.f;
     }
 }
 
