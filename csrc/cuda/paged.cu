@@ -264,10 +264,11 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      auto launch = [&](auto d) {
+      auto launch = [&](auto d, auto bulk) {
         constexpr int D = decltype(d)::value;
-        constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
+        constexpr bool B = decltype(bulk)::value;
+        constexpr int kSmem = MmaDecodeTraits<D, B>::kSmemBytes;
+        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, B, true>;
         static std::atomic<uint64_t> done_mask{0};
         const int dev = c10::cuda::current_device();
         const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
@@ -278,8 +279,18 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
         kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (p.D == 64) launch(std::integral_constant<int, 64>{});
-      else launch(std::integral_constant<int, 128>{});
+      // Bulk row copies on sm_90 (the 16-byte alignment of every row was checked by the caller),
+      // per-lane cp.async elsewhere; ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
+      const char* e = std::getenv("ATTNKIT_PAGED_BULK");
+      const bool bulk = !(e != nullptr && std::strcmp(e, "0") == 0) && wgmma::kBuilt &&
+                        at::cuda::getCurrentDeviceProperties()->major == 9;
+      if (p.D == 64) {
+        if (bulk) launch(std::integral_constant<int, 64>{}, std::true_type{});
+        else launch(std::integral_constant<int, 64>{}, std::false_type{});
+      } else {
+        if (bulk) launch(std::integral_constant<int, 128>{}, std::true_type{});
+        else launch(std::integral_constant<int, 128>{}, std::false_type{});
+      }
       if (splits > 1) {
         paged_combine_kernel<scalar_t>
             <<<dim3(unsigned(p.Tq), unsigned(p.Hq)), kThreads, 0, stream>>>(p);

@@ -56,7 +56,10 @@
 namespace attnkit {
 namespace paged {
 
-template <int D>
+// kRowPad: NHD tiles filled by bulk copies, one token row per copy, staged [16][D + 8] (the
+// 16-byte pad per row keeps the 8 rows of an ldmatrix on distinct bank groups, as the swizzle
+// does for the cp.async layout).
+template <int D, bool kRowPad = false>
 struct MmaDecodeTraits {
   static_assert(D == 64 || D == 128, "tensor-core decode: head size 64 or 128");
   static constexpr int kWarps = 4;
@@ -64,7 +67,8 @@ struct MmaDecodeTraits {
   static constexpr int kTile = 16;                              // tokens per tile
   static constexpr int kTilesPerPart = kPartition / kTile;      // 16
   static constexpr int kStages = D == 64 ? 4 : 3;               // per-warp cp.async ring depth
-  static constexpr int kTileElems = kTile * D;                  // K tile = V tile elements
+  static constexpr int kRowElems = kRowPad ? D + 8 : D;         // NHD bulk stage row stride
+  static constexpr int kTileElems = kTile * kRowElems;          // K tile = V tile elements
   static constexpr int kStageElems = 2 * kTileElems;            // K + V
   static constexpr int kQElems = 16 * D;
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
@@ -104,16 +108,18 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int vbulk(bool chunk_major, int row, int chunk) {
 // grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
 // MmaDecodeTraits<D>::kSmemBytes. BS = 0: the block size is read at run time (any multiple of 16).
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
-// token-major like K and fed to the P·V product with ldmatrix.trans; no bulk loads.
+// token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) each of
+// the warp's 32 lanes copies one token row (lanes 0-15 K, 16-31 V) with cp.async.bulk into a
+// row-padded stage.
 template <typename T, int D, int BS, bool kBulk, bool kNhd = false>
-__global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
+__global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
     paged_decode_mma_kernel(const DecodeParams p) {
 #if ATTNKIT_HAS_MMA_SM80
-  using Tr = MmaDecodeTraits<D>;
+  using Tr = MmaDecodeTraits<D, kNhd && kBulk>;
+  constexpr int RE = Tr::kRowElems;  // NHD bulk stage row stride (elements)
   constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(BS == 0 || BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
-  static_assert(!(kNhd && kBulk), "NHD caches take the cp.async loads");
   const int bsz = BS > 0 ? BS : p.block_size;  // a multiple of 16 (TILE) when run-time
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
@@ -241,7 +247,18 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     T* vs = ks + Tr::kTileElems;
     const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
     const T* vb = vh + int64_t(id < 0 ? 0 : id) * p.cs.v_sb;
-    if constexpr (kBulk) {
+    if constexpr (kBulk && kNhd) {
+      // The whole tile (its 16 rows lie in one valid block: block sizes are multiples of 16);
+      // rows outside [lo, hi) are zeroed after landing, as below.
+      uint64_t* bar = &full[warp][n % NST];
+      if (lane == 0) bulk::arrive_expect_tx(bar, id >= 0 ? 2u * TILE * D * sizeof(T) : 0u);
+      __syncwarp();
+      if (id >= 0) {
+        const int t = lane & 15;
+        const T* src = lane < 16 ? kb + int64_t(in_off + t) * p.cs.k_st : vb + int64_t(in_off + t) * p.cs.v_stc;
+        bulk::copy((lane < 16 ? ks : vs) + t * RE, src, D * sizeof(T), bar);
+      }
+    } else if constexpr (kBulk) {
       if (lane == 0) {
         uint64_t* bar = &full[warp][n % NST];
         bulk::arrive_expect_tx(bar, id >= 0 ? 2u * Tr::kTileElems * sizeof(T) : 0u);
@@ -329,7 +346,11 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
         for (int i = lane; i < TILE * D; i += 32) {
           const int t = i % TILE, d = i / TILE;
           if (ts + t < lo || ts + t >= hi) {
-            vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+            if constexpr (kNhd) {
+              vs[t * RE + d] = from_float<T>(0.0f);
+            } else {
+              vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+            }
           }
         }
         bulk::fence_proxy_async();  // these writes precede the copy engine's next refill
@@ -344,7 +365,8 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t bf[4];
       const int krow = (lane & 7) + (lane >> 4) * 8, kcol = kk * 16 + ((lane >> 3) & 1) * 8;
-      mma::ldmatrix_x4(bf, ks + (kBulk ? mmadec::kbulk(krow, kcol) : mmadec::kswz<D>(krow, kcol)));
+      mma::ldmatrix_x4(bf, ks + (kBulk ? (kNhd ? krow * RE + kcol : mmadec::kbulk(krow, kcol))
+                                       : mmadec::kswz<D>(krow, kcol)));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma::mma_16816<T>(sacc[0], qf[kk], b0);
       mma::mma_16816<T>(sacc[1], qf[kk], b1);
@@ -400,7 +422,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
         // V [16 tokens][D] token-major: the transposed 8x8 loads are the B fragments
         // (matrices: tokens 0-7 / 8-15 of dims np*16 + 0..7, then of dims + 8..15).
         const int vtok = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = np * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(bf, vs + mmadec::kswz<D>(vtok, vcol));
+        mma::ldmatrix_x4_trans(bf, vs + (kBulk ? vtok * RE + vcol : mmadec::kswz<D>(vtok, vcol)));
       } else {
         const int vrow = np * 16 + (lane & 7) + (lane >> 4) * 8, vchunk = (lane >> 3) & 1;
         mma::ldmatrix_x4(bf, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
