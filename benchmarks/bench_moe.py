@@ -1,6 +1,9 @@
 """MoE routing benchmark (issue 5, DESIGN §5/§6): permute / unpermute GB/s (unique bytes: rows
-read once plus rows written) against the device copy bandwidth measured in the same run, grouped_gemm TFLOP/s against torch._grouped_mm and a
-per-expert loop, and the whole MoE block against an eager loop over experts.
+read once plus rows written) against the device copy bandwidth measured in the same run,
+grouped_gemm TFLOP/s against torch._grouped_mm and a per-expert loop, and the whole MoE block
+against an eager loop over experts. A second table (``--ops route``) times moe_route against the
+same routing written in torch ops (softmax / sigmoid, vLLM's grouped top-k with DeepSeek-V3's
+bias, with and without the fused load-balancing and z losses).
 
 Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
 Small CPU run:  python benchmarks/bench_moe.py --tokens 512 --hidden 256 --inter 128 --experts 8
@@ -52,6 +55,78 @@ def eager_moe(x, gate, w1, w2, k):
     return out
 
 
+def torch_route(logits, k, scoring, renormalize, bias, n_group, topk_group, scale, losses):
+    """The routing as model code writes it in torch ops (vLLM's ``grouped_topk`` /
+    ``fused_topk`` torch paths, DeepSeek-V3's ``Gate``): the peer moe_route replaces."""
+    x = logits.float()
+    T, E = x.shape
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    key = scores + bias if bias is not None else scores
+    if n_group > 1:
+        g = key.view(T, n_group, E // n_group)
+        gscore = g.topk(2, dim=-1)[0].sum(-1) if bias is not None else g.max(dim=-1).values
+        gidx = gscore.topk(topk_group, dim=-1, sorted=False)[1]
+        gmask = torch.zeros_like(gscore).scatter_(1, gidx, 1.0)
+        keep = gmask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        key = key.masked_fill(keep == 0, float("-inf"))
+    ids = key.topk(k, dim=-1)[1]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    w = w * scale
+    if not losses:
+        return w, ids.to(torch.int32)
+    probs = torch.softmax(x, dim=-1) if scoring == "softmax" else scores / scores.sum(-1, True)
+    f = torch.bincount(ids.flatten(), minlength=E).float() / (T * k)
+    aux = E * (f * probs.mean(0)).sum()
+    z = torch.logsumexp(x, dim=-1).pow(2).mean()
+    return w, ids.to(torch.int32), aux, z
+
+
+# (name, E, k, options): Mixtral / Qwen-MoE softmax top-k, DeepSeek-V3 sigmoid grouped top-k.
+ROUTES = [
+    ("softmax E=64 k=8 renorm", 64, 8, dict(scoring="softmax", renormalize=True)),
+    ("softmax E=256 k=8 renorm", 256, 8, dict(scoring="softmax", renormalize=True)),
+    ("sigmoid E=256 k=8 DSv3 groups+bias", 256, 8,
+     dict(scoring="sigmoid", renormalize=True, n_group=8, topk_group=4, bias=True,
+          routed_scaling_factor=2.5)),
+]
+
+
+def bench_route(args, dev, kw):
+    """moe_route against torch_route at --tokens tokens, forward only, with and without losses."""
+    T = args.tokens
+    rows, ok = [], True
+    for name, E, k, o in ROUTES:
+        logits = torch.randn(T, E, device=dev, dtype=torch.float32)
+        bias = torch.randn(E, device=dev) * 0.1 if o.get("bias") else None
+        opts = dict(scoring=o["scoring"], renormalize=o.get("renormalize", False), bias=bias,
+                    n_group=o.get("n_group", 1), topk_group=o.get("topk_group", 1),
+                    routed_scaling_factor=o.get("routed_scaling_factor", 1.0))
+        peer_args = (o["scoring"], opts["renormalize"], bias, opts["n_group"], opts["topk_group"],
+                     opts["routed_scaling_factor"])
+        for losses in (False, True):
+            ours = attnkit.moe_route(logits, k, return_losses=losses, **opts)
+            peer = torch_route(logits, k, *peer_args, losses)
+            same_ids = bool((ours[1] == peer[1]).all())  # random fp32 logits: no ties
+            good = same_ids and torch.allclose(ours[0], peer[0], rtol=1e-5, atol=1e-6)
+            if losses:
+                good &= torch.allclose(ours[2], peer[2], rtol=1e-4) and torch.allclose(
+                    ours[3], peer[3], rtol=1e-4)
+            print(f"  verify moe_route {name} losses={losses}: {'ok' if good else 'FAIL'}")
+            ok &= good
+            t_ours = time_ms(lambda: attnkit.moe_route(logits, k, return_losses=losses, **opts),
+                             dev, **kw)
+            t_peer = time_ms(lambda: torch_route(logits, k, *peer_args, losses), dev, **kw)
+            rows.append(dict(route=name, T=T, losses=int(losses), attnkit_us=t_ours * 1e3,
+                             torch_us=t_peer * 1e3, speedup=t_peer / t_ours))
+    cols = ["route", "T", "losses", "attnkit_us", "torch_us", "speedup"]
+    print_table(rows, cols, title=f"MoE routing ops (moe_route vs torch ops), fp32 logits, T={T}")
+    if args.csv:
+        write_csv(rows, cols, args.csv.replace(".csv", "_route.csv"))
+    return ok
+
+
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__))
     p.add_argument("--tokens", type=int, default=16384)
@@ -60,7 +135,7 @@ def main(argv=None):
     p.add_argument("--experts", default="8,64,128")
     p.add_argument("--topk", default="2,8")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--ops", default="permute,unpermute,gemm,block")
+    p.add_argument("--ops", default="route,permute,unpermute,gemm,block")
     args = p.parse_args(argv)
     dev, dtype = args.device, DTYPES[args.dtype]
     ops = set(args.ops.split(","))
@@ -70,8 +145,13 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
     print(f"bench_moe on {name}, torch {torch.__version__}, {args.dtype}, T={T} H={H} I={I}")
 
-    x = torch.randn(T, H, device=dev, dtype=dtype)
     rows, ok = [], True
+    if "route" in ops:
+        ok &= bench_route(args, dev, kw)
+    if not ops & {"permute", "unpermute", "gemm", "block"}:
+        print("verification: " + ("all ok" if ok else "FAILURES above"))
+        return 0 if ok else 1
+    x = torch.randn(T, H, device=dev, dtype=dtype)
     copy_cache = {}
     for E in _ints(args.experts):
         for k in _ints(args.topk):

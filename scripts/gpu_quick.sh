@@ -30,7 +30,8 @@
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
 # moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
-# serving_bench: benchmarks/bench_serving.py.
+# serving_bench: benchmarks/bench_serving.py; moe_bench: benchmarks/bench_moe.py (routing ops,
+# permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -196,6 +197,10 @@ for s in $QUICK; do
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
+    moe_bench)
+      step bench_moe 150 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
+        --skip-eager --csv "$L/bench_moe.csv" ;;
+    moe_profile) step moe_profile 60 $PY benchmarks/profile_moe.py ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
