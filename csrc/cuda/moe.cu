@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                 " with tokens*k=", n);
   const auto i32 = ids.options().dtype(at::kInt);
   auto rank = at::empty({n}, i32);
-  auto counts = at::zeros({chunks * (E + 1)}, i32);
+  auto counts = at::zeros({chunks * (E + 1) + 1}, i32);  // + the scan's ticket
   auto totals = at::empty({E + 1}, i32);
   auto starts = at::empty({E + 1}, i32);
   const int64_t row_bytes = H * x.element_size();

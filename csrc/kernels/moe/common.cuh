@@ -50,6 +50,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void warp_sync() {
 #endif
 }
 
+// A load that bypasses this SM's L1 (volatile): for values other blocks wrote during this launch,
+// after the fence / ticket that ordered them.
+ATTNKIT_DEVICE ATTNKIT_INLINE int32_t load_cg(const int32_t* p) {
+  return *static_cast<const volatile int32_t*>(p);
+}
+
 // Exclusive scan of one int32 per thread over the block (Hillis-Steele in shared memory, a fixed
 // order: deterministic). `smem` holds blockDim.x ints. Returns the thread's exclusive prefix and
 // the block total in `*total`. Every thread of the block must call it.

@@ -4,12 +4,16 @@
 //
 // The permutation is a stable counting sort of the N = T·k (token, slot) pairs by bucket, where
 // bucket e < E is expert e and bucket E collects ids outside [0, E) (dropped pairs, which take
-// the last rows and are zero-filled). Four launches, no atomics, no host sync:
+// the last rows and are zero-filled). Three launches after the workspace memset, no host sync:
 //   1. rank:    per chunk of kChunk pairs, each pair's rank among the earlier pairs of its bucket
 //               in the chunk, and the chunk's count per bucket;
-//   2. scan:    per bucket, an exclusive scan of its counts over the chunks;
-//   3. offsets: an exclusive scan of the bucket totals -> bucket starts (expert_offsets);
-//   4. scatter: row = start[bucket] + chunk prefix + rank; copy (or zero) the row.
+//   2. scan:    per bucket, an exclusive scan of its counts over the chunks; the last block to
+//               finish (one atomic ticket: a sync point, not a sum, so the result is fixed) then
+//               scans the bucket totals -> bucket starts (expert_offsets);
+//   3. scatter: per token, row = start[bucket] + chunk prefix + rank for each of its k pairs;
+//               the token row is read once and written to its k rows (zeros for a dropped pair).
+// The whole op is bandwidth-bound (T rows read, T·k written): every launch on its critical path
+// before the scatter is pure latency, hence the fused offsets and the token-major scatter.
 #pragma once
 
 #include <cfloat>
@@ -49,10 +53,34 @@ __global__ void permute_rank_kernel(const index_t* __restrict__ ids, int64_t n, 
   if (last) counts[int64_t(blockIdx.x) * (E + 1) + b] = r + 1;
 }
 
-// One block per bucket: counts[:, bucket] becomes its exclusive prefix over chunks.
+// The exclusive scan of the E + 1 bucket totals by one block: starts (and expert_offsets, whose
+// entry E is the number of kept rows). `totals` is read with ld.global.cg: other blocks wrote it.
+ATTNKIT_DEVICE ATTNKIT_INLINE void scan_bucket_totals(const int32_t* totals, int E, int32_t* smem,
+                                                      int32_t* __restrict__ starts,
+                                                      int32_t* __restrict__ expert_offsets) {
+  const int B = E + 1;
+  const int per = (B + kScanThreads - 1) / kScanThreads;
+  const int b0 = threadIdx.x * per, b1 = b0 + per < B ? b0 + per : B;
+  int32_t local = 0;
+  for (int b = b0; b < b1; ++b) local += load_cg(totals + b);
+  int32_t total;
+  int32_t run = block_exclusive_scan(local, smem, &total);
+  for (int b = b0; b < b1; ++b) {
+    starts[b] = run;
+    expert_offsets[b] = run;  // bucket E's start is expert_offsets[E]: the kept rows
+    run += load_cg(totals + b);
+  }
+}
+
+// One block per bucket: counts[:, bucket] becomes its exclusive prefix over chunks and
+// totals[bucket] its sum. `ticket` (zero on entry) counts finished blocks; the last one scans the
+// totals into starts / expert_offsets, so the scatter needs no launch in between.
 __global__ void permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int E,
-                                    int32_t* __restrict__ totals) {
+                                    int32_t* __restrict__ totals, int32_t* __restrict__ ticket,
+                                    int32_t* __restrict__ starts,
+                                    int32_t* __restrict__ expert_offsets) {
   __shared__ int32_t smem[kScanThreads];
+  __shared__ bool last;
   const int64_t B = E + 1, b = blockIdx.x;
   const int64_t per = (chunks + kScanThreads - 1) / kScanThreads;
   const int64_t c0 = threadIdx.x * per, c1 = c0 + per < chunks ? c0 + per : chunks;
@@ -65,68 +93,85 @@ __global__ void permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks
     counts[c * B + b] = run;
     run += v;
   }
-  if (threadIdx.x == 0) totals[b] = total;
-}
-
-// One block: starts[b] = sum of totals before bucket b; expert_offsets = starts[0..E].
-__global__ void permute_offsets_kernel(const int32_t* __restrict__ totals, int E,
-                                       int32_t* __restrict__ starts,
-                                       int32_t* __restrict__ expert_offsets) {
-  __shared__ int32_t smem[kScanThreads];
-  const int B = E + 1;
-  const int per = (B + kScanThreads - 1) / kScanThreads;
-  const int b0 = threadIdx.x * per, b1 = b0 + per < B ? b0 + per : B;
-  int32_t local = 0;
-  for (int b = b0; b < b1; ++b) local += totals[b];
-  int32_t total;
-  int32_t run = block_exclusive_scan(local, smem, &total);
-  for (int b = b0; b < b1; ++b) {
-    starts[b] = run;
-    expert_offsets[b] = run;  // bucket E's start is expert_offsets[E]: the kept rows
-    run += totals[b];
+  if (threadIdx.x == 0) {
+    totals[b] = total;
+    __threadfence();  // totals[b] is visible before the ticket says this block is done
+    last = atomicAdd(ticket, 1) == int(gridDim.x) - 1;
   }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  scan_bucket_totals(totals, E, smem, starts, expert_offsets);
 }
 
-// One block per pair: its row in `permuted`, then a copy of the token row (or zeros for a
-// dropped pair). Rows are a bijection onto [0, n), so every output row is written exactly once.
-// A permutation moves bits, so rows are copied as `words` words of type Word (uint4 = 16-byte
-// loads/stores when the row size and pointers allow it): one instantiation per word size, not
-// per dtype.
+// One block per token: the rows of its k pairs (threads 0..k-1, kRowThreads pairs at a time),
+// then the token row read once, in batches of kUnroll words per thread so several loads are in
+// flight, and stored to each pair's row (zeros for a dropped pair). Rows are a bijection onto
+// [0, n), so every output row is written exactly once. A permutation moves bits: rows are copied
+// as `words` words of type Word (uint4 = 16-byte accesses when the row size and pointers allow),
+// one instantiation per word size, not per dtype.
 template <typename Word, typename index_t>
-__global__ void permute_scatter_kernel(const Word* __restrict__ x, const index_t* __restrict__ ids,
-                                       const int32_t* __restrict__ rank,
-                                       const int32_t* __restrict__ chunk_prefix,
-                                       const int32_t* __restrict__ starts, int64_t n, int k,
-                                       int E, int64_t words, Word* __restrict__ permuted,
-                                       int32_t* __restrict__ row_map) {
-  const int64_t i = blockIdx.x;
-  const int b = bucket_of(ids[i], E);
-  const int64_t row = int64_t(starts[b]) + chunk_prefix[(i / kChunk) * (E + 1) + b] + rank[i];
-  if (row < 0 || row >= n) return;  // cannot happen by construction; never write outside
-  if (threadIdx.x == 0) row_map[i] = b < E ? int32_t(row) : -1;
-  Word* dst = permuted + row * words;
-  if (b < E) {
-    const Word* src = x + (i / k) * words;
-#pragma unroll 4
-    for (int64_t v = threadIdx.x; v < words; v += blockDim.x) dst[v] = src[v];
-  } else {
-    for (int64_t v = threadIdx.x; v < words; v += blockDim.x) dst[v] = Word{};
+__global__ void __launch_bounds__(kRowThreads)
+    permute_scatter_kernel(const Word* __restrict__ x, const index_t* __restrict__ ids,
+                           const int32_t* __restrict__ rank,
+                           const int32_t* __restrict__ chunk_prefix,
+                           const int32_t* __restrict__ starts, int64_t n, int k, int E,
+                           int64_t words, Word* __restrict__ permuted,
+                           int32_t* __restrict__ row_map) {
+  constexpr int kUnroll = 4;
+  // Each pair's destination: row + 1 for a kept pair, -(row + 1) for a dropped one (zero-filled),
+  // 0 for none (cannot happen by construction; never write outside `permuted`).
+  __shared__ int64_t dest_s[kRowThreads];
+  const int64_t t = blockIdx.x;
+  const Word* src = x + t * words;
+  for (int s0 = 0; s0 < k; s0 += kRowThreads) {
+    const int m = k - s0 < kRowThreads ? k - s0 : kRowThreads;
+    if (int(threadIdx.x) < m) {
+      const int64_t i = t * k + s0 + threadIdx.x;
+      const int b = bucket_of(ids[i], E);
+      const int64_t row = int64_t(starts[b]) + chunk_prefix[(i / kChunk) * (E + 1) + b] + rank[i];
+      const bool inside = row >= 0 && row < n;
+      dest_s[threadIdx.x] = !inside ? 0 : b < E ? row + 1 : -(row + 1);
+      row_map[i] = inside && b < E ? int32_t(row) : -1;
+    }
+    __syncthreads();
+    for (int64_t v0 = threadIdx.x; v0 < words; v0 += int64_t(kUnroll) * kRowThreads) {
+      Word w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * kRowThreads;
+        w[u] = v < words ? src[v] : Word{};
+      }
+      for (int j = 0; j < m; ++j) {
+        const int64_t d = dest_s[j];
+        if (d == 0) continue;
+        Word* dst = permuted + ((d > 0 ? d : -d) - 1) * words;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = v0 + int64_t(u) * kRowThreads;
+          if (v < words) dst[v] = d > 0 ? w[u] : Word{};
+        }
+      }
+    }
+    __syncthreads();  // dest_s is rewritten by the next batch of pairs
   }
 }
 
 inline int64_t permute_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-// Workspaces: rank [n], counts [chunks*(E+1)] zeroed, totals [E+1], starts [E+1].
+// Workspaces: rank [n], counts [chunks*(E+1) + 1] zeroed (the last entry is the scan's ticket),
+// totals [E+1], starts [E+1].
 template <typename Word, typename index_t>
 void launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, int E,
                     int64_t words, Word* permuted, int32_t* expert_offsets, int32_t* row_map,
                     int32_t* rank, int32_t* counts, int32_t* totals, int32_t* starts,
                     cudaStream_t stream) {
   const int64_t n = tokens * k, chunks = permute_chunks(n);
+  int32_t* ticket = counts + chunks * (E + 1);
   permute_rank_kernel<index_t><<<chunks, kChunk, 0, stream>>>(ids, n, E, rank, counts);
-  permute_scan_kernel<<<E + 1, kScanThreads, 0, stream>>>(counts, chunks, E, totals);
-  permute_offsets_kernel<<<1, kScanThreads, 0, stream>>>(totals, E, starts, expert_offsets);
-  permute_scatter_kernel<Word, index_t><<<n, kRowThreads, 0, stream>>>(
+  permute_scan_kernel<<<E + 1, kScanThreads, 0, stream>>>(counts, chunks, E, totals, ticket,
+                                                           starts, expert_offsets);
+  permute_scatter_kernel<Word, index_t><<<tokens, kRowThreads, 0, stream>>>(
       x, ids, rank, counts, starts, n, k, E, words, permuted, row_map);
 }
 
