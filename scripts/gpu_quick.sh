@@ -31,7 +31,8 @@
 # moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py; moe_bench: benchmarks/bench_moe.py (routing ops,
-# permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch.
+# permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch;
+# serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -203,6 +204,10 @@ for s in $QUICK; do
       step bench_moe 150 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --csv "$L/bench_moe.csv" ;;
     moe_profile) step moe_profile 60 $PY benchmarks/profile_moe.py ;;
+    serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
+      step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats $PY benchmarks/profile_serving.py --seqs 64 --context 4096 ;;
     *) echo "gpu_quick: unknown step $s" ;;
   esac
 done
