@@ -356,7 +356,7 @@ def test_garbage_block_ids_cuda(mix):
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_path_bulk_equals_cp_async_cuda(monkeypatch, block_size, D):
-    """On sm_90 the decode path copies NHD rows with cp.async.bulk; per-lane cp.async
+    """On sm_90 the decode path copies NHD tiles through tensor maps; per-lane cp.async
     (ATTNKIT_PAGED_BULK=0) stages the same values: bit-identical results, windows included."""
     b = paged_batch(*MIXES["decode_ragged"], 8, 2, D, block_size, torch.bfloat16, "cuda")
     out, lse = _call(b, causal=True, window_size=(20, 0))
@@ -365,6 +365,31 @@ def test_decode_path_bulk_equals_cp_async_cuda(monkeypatch, block_size, D):
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     eo, el = _ref(b, causal=True, window_left=20, window_right=0)
     assert_close(out.float(), eo, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["kv_per_block", "padded_heads"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_strided_caches(device, layout, D):
+    """Caches that are views with their own strides, as serving stacks allocate them: K and V
+    as the two halves of each block ([nb, 2, bs, Hkv, D]: block stride twice the block), or
+    heads padded in memory (head stride D + 8). The decode path (sm_90: the tensor maps carry
+    these strides) must read exactly the reference's values."""
+    b = paged_batch(*MIXES["decode"], 8, 2, D, 16, torch.bfloat16, device)
+    nb, bs, hkv = b.k_cache.shape[:3]
+    if layout == "kv_per_block":
+        store = torch.randn(nb, 2, bs, hkv, D, device=device, dtype=torch.bfloat16)
+        store[:, 0], store[:, 1] = b.k_cache, b.v_cache
+        b.k_cache, b.v_cache = store[:, 0], store[:, 1]
+    else:
+        kp = torch.randn(nb, bs, hkv, D + 8, device=device, dtype=torch.bfloat16)
+        vp = torch.randn(nb, bs, hkv, D + 8, device=device, dtype=torch.bfloat16)
+        kp[..., :D], vp[..., :D] = b.k_cache, b.v_cache
+        b.k_cache, b.v_cache = kp[..., :D], vp[..., :D]
+    out, lse = _call(b, causal=True)
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -378,7 +403,9 @@ def test_decode_path_reads_pages_cuda(mix):
         out, lse = _call(b, causal=True)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    assert any("paged_decode_mma_kernel" in n for n in names), sorted(set(names))
+    assert any("paged_decode_mma" in n for n in names), sorted(set(names))
+    if torch.cuda.get_device_capability() == (9, 0):  # sm_90: the tensor-map copies
+        assert any("paged_decode_mma_nhd_tma_kernel" in n for n in names), sorted(set(names))
     eo, el = _ref(b, causal=True)
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)

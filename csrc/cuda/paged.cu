@@ -18,6 +18,7 @@
 #include "kernels/paged/decode_mma.cuh"
 #include "kernels/paged/merge_states.cuh"
 #include "paged_nhd_decode.h"
+#include "tma_map.h"
 
 namespace attnkit {
 namespace paged {
@@ -264,32 +265,66 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      auto launch = [&](auto d, auto bulk) {
-        constexpr int D = decltype(d)::value;
-        constexpr bool B = decltype(bulk)::value;
-        constexpr int kSmem = MmaDecodeTraits<D, B>::kSmemBytes;
-        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, B, true>;
-        static std::atomic<uint64_t> done_mask{0};
+      // Once per device and kernel, so a decode step captured in a CUDA graph (after a warm-up
+      // call, as graph capture requires anyway) makes no attribute call inside the capture.
+      auto set_smem = [](auto kernel, int bytes, std::atomic<uint64_t>& done_mask) {
         const int dev = c10::cuda::current_device();
         const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
         if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
           done_mask.fetch_or(bit, std::memory_order_release);
         }
-        kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+      };
+      const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+      auto launch = [&](auto d) {  // per-lane cp.async (sm_80+, any 16-byte aligned rows)
+        constexpr int D = decltype(d)::value;
+        constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
+        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
+        static std::atomic<uint64_t> done_mask{0};
+        set_smem(kernel, kSmem, done_mask);
+        kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      // Bulk row copies on sm_90 (the 16-byte alignment of every row was checked by the caller),
-      // per-lane cp.async elsewhere; ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
+      // Tensor-map tile copies on sm_90 when both caches can be mapped ({D, Hkv, block_size,
+      // num_blocks}, 16-byte multiple strides); ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
       const char* e = std::getenv("ATTNKIT_PAGED_BULK");
-      const bool bulk = !(e != nullptr && std::strcmp(e, "0") == 0) && wgmma::kBuilt &&
-                        at::cuda::getCurrentDeviceProperties()->major == 9;
-      if (p.D == 64) {
-        if (bulk) launch(std::integral_constant<int, 64>{}, std::true_type{});
-        else launch(std::integral_constant<int, 64>{}, std::false_type{});
-      } else {
-        if (bulk) launch(std::integral_constant<int, 128>{}, std::true_type{});
-        else launch(std::integral_constant<int, 128>{}, std::false_type{});
+      bool tma_ok = !(e != nullptr && std::strcmp(e, "0") == 0) && wgmma::kBuilt &&
+                    at::cuda::getCurrentDeviceProperties()->major == 9;
+#if ATTNKIT_HAS_NHD_TMA && ATTNKIT_HAS_TMA_MAP
+      CUtensorMap map_k, map_v;
+      if (tma_ok) {
+        constexpr int64_t es = 2;  // 16-bit caches only (the caller's condition)
+        const bool bf16 = std::is_same_v<scalar_t, __nv_bfloat16>;
+        const uint32_t box[4] = {64, 1, 16, 1};
+        // With one kv head its stride is never stepped: any valid value will do.
+        auto head_stride = [&](int64_t sh) { return p.Hkv == 1 ? uint64_t(p.D) * es : uint64_t(sh) * es; };
+        const uint64_t dims[4] = {uint64_t(p.D), uint64_t(p.Hkv), uint64_t(p.block_size),
+                                  uint64_t(p.num_blocks)};
+        const uint64_t ks[3] = {head_stride(p.cs.k_sh), uint64_t(p.cs.k_st) * es, uint64_t(p.cs.k_sb) * es};
+        const uint64_t vs[3] = {head_stride(p.cs.v_sh), uint64_t(p.cs.v_stc) * es, uint64_t(p.cs.v_sb) * es};
+        tma_ok = p.cs.k_st > 0 && p.cs.v_stc > 0 && p.cs.k_sb > 0 && p.cs.v_sb > 0 &&
+                 tma::encode_4d_sw128(&map_k, bf16, p.k_cache, dims, ks, box) &&
+                 tma::encode_4d_sw128(&map_v, bf16, p.v_cache, dims, vs, box);
+      }
+      if (tma_ok) {
+        auto launch_tma = [&](auto d) {
+          constexpr int D = decltype(d)::value;
+          constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
+          auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D>;
+          static std::atomic<uint64_t> done_mask{0};
+          set_smem(kernel, kSmem, done_mask);
+          kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (p.D == 64) launch_tma(std::integral_constant<int, 64>{});
+        else launch_tma(std::integral_constant<int, 128>{});
+      }
+#else
+      tma_ok = false;
+#endif
+      if (!tma_ok) {
+        if (p.D == 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
       }
       if (splits > 1) {
         paged_combine_kernel<scalar_t>

@@ -40,6 +40,14 @@
 // a partial tile's invisible V rows are zeroed in shared memory after it lands, and a tile of an
 // invalid block id is not copied and not computed.
 //
+// NHD caches on sm_90 (paged_decode_mma_nhd_tma_kernel): a tile's 16 token rows of one kv head are
+// D·2 bytes each at a token stride of Hkv·D·2, so neither one bulk copy nor per-lane cp.async
+// suits them (one 256-byte bulk copy per row kept the copy engine, and per-lane cp.async the load
+// unit, as busy as above, both at 46-68% of DRAM bandwidth on the H200). A 4-D tensor map of the
+// cache ({D, Hkv, block_size, num_blocks}, boxes of 64 columns x 16 rows) moves a K or V tile in
+// D/64 copies, landed with the 128-byte swizzle ([D/64][16][64], 16-byte chunk ^ row % 8, which
+// keeps the ldmatrix rows on distinct bank groups).
+//
 // Start-up: the block ids of a warp's first tiles do not depend on the sequence length (without
 // a sliding window), so they are read together with seq_lens, and the first tiles are in flight
 // before the query is staged in shared memory.
@@ -50,16 +58,26 @@
 #include "common/portability.h"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/mma.cuh"
+#include "kernels/common/tma.cuh"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/params.h"
 
 namespace attnkit {
 namespace paged {
 
-// kRowPad: NHD tiles filled by bulk copies, one token row per copy, staged [16][D + 8] (the
-// 16-byte pad per row keeps the 8 rows of an ldmatrix on distinct bank groups, as the swizzle
-// does for the cp.async layout).
-template <int D, bool kRowPad = false>
+#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
+#include <cuda.h>
+#if CUDA_VERSION >= 12000
+#define ATTNKIT_HAS_NHD_TMA 1  // CUtensorMap exists: the NHD tensor-map kernel is declared
+#endif
+#endif
+#ifndef ATTNKIT_HAS_NHD_TMA
+#define ATTNKIT_HAS_NHD_TMA 0
+#endif
+
+// kSw128: NHD tiles landed by tensor-map copies in the 128-byte swizzle, whose pattern needs
+// 1024-byte aligned stages (the extra 1 KB lets the kernel align the ring whatever the base).
+template <int D, bool kSw128 = false>
 struct MmaDecodeTraits {
   static_assert(D == 64 || D == 128, "tensor-core decode: head size 64 or 128");
   static constexpr int kWarps = 4;
@@ -67,15 +85,14 @@ struct MmaDecodeTraits {
   static constexpr int kTile = 16;                              // tokens per tile
   static constexpr int kTilesPerPart = kPartition / kTile;      // 16
   static constexpr int kStages = D == 64 ? 4 : 3;               // per-warp cp.async ring depth
-  static constexpr int kRowElems = kRowPad ? D + 8 : D;         // NHD bulk stage row stride
-  static constexpr int kTileElems = kTile * kRowElems;          // K tile = V tile elements
+  static constexpr int kTileElems = kTile * D;                 // K tile = V tile elements
   static constexpr int kStageElems = 2 * kTileElems;            // K + V
   static constexpr int kQElems = 16 * D;
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
   // The final merge reuses the pipeline buffers: O [4][16][D] floats + (m, l) [4][16][2].
   static constexpr int kMergeBytes = (kWarps * 16 * D + kWarps * 16 * 2) * 4;
   static constexpr int kSmemBytes =
-      kQElems * 2 + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
+      kQElems * 2 + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes) + (kSw128 ? 1024 : 0);
 };
 
 #if ATTNKIT_HAS_MMA_SM80
@@ -101,6 +118,12 @@ template <int D>
 ATTNKIT_DEVICE ATTNKIT_INLINE int vbulk(bool chunk_major, int row, int chunk) {
   return chunk_major ? chunk * D * 8 + row * 8 : row * 16 + chunk * 8;
 }
+// Element offset of (row, col) in a tensor-map tile [D/64 boxes][16 rows][64 cols] with the 128-byte
+// swizzle: the 16-byte chunk index (col / 8) % 8 is XORed with row % 8 (the box base is
+// 1024-byte aligned, so the hardware's address bits give exactly that).
+ATTNKIT_DEVICE ATTNKIT_INLINE int sw128(int row, int col) {
+  return (col >> 6) * (16 * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
 
 }  // namespace mmadec
 #endif
@@ -108,22 +131,24 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int vbulk(bool chunk_major, int row, int chunk) {
 // grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
 // MmaDecodeTraits<D>::kSmemBytes. BS = 0: the block size is read at run time (any multiple of 16).
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
-// token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) each of
-// the warp's 32 lanes copies one token row (lanes 0-15 K, 16-31 V) with cp.async.bulk into a
-// row-padded stage.
-template <typename T, int D, int BS, bool kBulk, bool kNhd = false>
-__global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
-    paged_decode_mma_kernel(const DecodeParams p) {
+// token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) lane 0
+// copies each tile through the tensor maps map_k / map_v (the header's NHD paragraph); the
+// kernels below are this body with and without maps.
+template <typename T, int D, int BS, bool kBulk, bool kNhd>
+ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const void* map_k,
+                                                   const void* map_v) {
 #if ATTNKIT_HAS_MMA_SM80
-  using Tr = MmaDecodeTraits<D, kNhd && kBulk>;
-  constexpr int RE = Tr::kRowElems;  // NHD bulk stage row stride (elements)
+  constexpr bool kSw128 = kNhd && kBulk;
+  using Tr = MmaDecodeTraits<D, kSw128>;
   constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(BS == 0 || BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
   const int bsz = BS > 0 ? BS : p.block_size;  // a multiple of 16 (TILE) when run-time
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
-  T* pipe = q_s + Tr::kQElems;
+  unsigned char* pipe_raw = smem_raw + Tr::kQElems * sizeof(T);
+  if constexpr (kSw128) pipe_raw += (1024u - (mma::smem_addr(pipe_raw) & 1023u)) & 1023u;
+  T* pipe = reinterpret_cast<T*>(pipe_raw);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.Hq / p.Hkv;
@@ -247,17 +272,22 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
     T* vs = ks + Tr::kTileElems;
     const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
     const T* vb = vh + int64_t(id < 0 ? 0 : id) * p.cs.v_sb;
-    if constexpr (kBulk && kNhd) {
+    if constexpr (kSw128) {
+#if ATTNKIT_HAS_NHD_TMA
       // The whole tile (its 16 rows lie in one valid block: block sizes are multiples of 16);
       // rows outside [lo, hi) are zeroed after landing, as below.
-      uint64_t* bar = &full[warp][n % NST];
-      if (lane == 0) bulk::arrive_expect_tx(bar, id >= 0 ? 2u * TILE * D * sizeof(T) : 0u);
-      __syncwarp();
-      if (id >= 0) {
-        const int t = lane & 15;
-        const T* src = lane < 16 ? kb + int64_t(in_off + t) * p.cs.k_st : vb + int64_t(in_off + t) * p.cs.v_stc;
-        bulk::copy((lane < 16 ? ks : vs) + t * RE, src, D * sizeof(T), bar);
+      if (lane == 0) {
+        uint64_t* bar = &full[warp][n % NST];
+        bulk::arrive_expect_tx(bar, id >= 0 ? 2u * TILE * D * sizeof(T) : 0u);
+        if (id >= 0) {
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c) {
+            tma::load_4d(ks + c * TILE * 64, map_k, c * 64, int(hk), in_off, id, bar);
+            tma::load_4d(vs + c * TILE * 64, map_v, c * 64, int(hk), in_off, id, bar);
+          }
+        }
       }
+#endif
     } else if constexpr (kBulk) {
       if (lane == 0) {
         uint64_t* bar = &full[warp][n % NST];
@@ -347,7 +377,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
           const int t = i % TILE, d = i / TILE;
           if (ts + t < lo || ts + t >= hi) {
             if constexpr (kNhd) {
-              vs[t * RE + d] = from_float<T>(0.0f);
+              vs[mmadec::sw128(t, d)] = from_float<T>(0.0f);
             } else {
               vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
             }
@@ -365,7 +395,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t bf[4];
       const int krow = (lane & 7) + (lane >> 4) * 8, kcol = kk * 16 + ((lane >> 3) & 1) * 8;
-      mma::ldmatrix_x4(bf, ks + (kBulk ? (kNhd ? krow * RE + kcol : mmadec::kbulk(krow, kcol))
+      mma::ldmatrix_x4(bf, ks + (kBulk ? (kNhd ? mmadec::sw128(krow, kcol) : mmadec::kbulk(krow, kcol))
                                        : mmadec::kswz<D>(krow, kcol)));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma::mma_16816<T>(sacc[0], qf[kk], b0);
@@ -422,7 +452,7 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
         // V [16 tokens][D] token-major: the transposed 8x8 loads are the B fragments
         // (matrices: tokens 0-7 / 8-15 of dims np*16 + 0..7, then of dims + 8..15).
         const int vtok = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = np * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(bf, vs + (kBulk ? vtok * RE + vcol : mmadec::kswz<D>(vtok, vcol)));
+        mma::ldmatrix_x4_trans(bf, vs + (kBulk ? mmadec::sw128(vtok, vcol) : mmadec::kswz<D>(vtok, vcol)));
       } else {
         const int vrow = np * 16 + (lane & 7) + (lane >> 4) * 8, vchunk = (lane >> 3) & 1;
         mma::ldmatrix_x4(bf, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
@@ -491,6 +521,24 @@ __global__ void __launch_bounds__(MmaDecodeTraits<D, kNhd && kBulk>::kThreads)
   }
 #endif  // ATTNKIT_HAS_MMA_SM80
 }
+
+template <typename T, int D, int BS, bool kBulk, bool kNhd = false>
+__global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
+    paged_decode_mma_kernel(const DecodeParams p) {
+  static_assert(!(kBulk && kNhd), "NHD bulk tiles take the tensor-map kernel");
+  decode_mma_body<T, D, BS, kBulk, kNhd>(p, nullptr, nullptr);
+}
+
+#if ATTNKIT_HAS_NHD_TMA
+// NHD caches through tensor maps (sm_90): maps over {D, Hkv, block_size, num_blocks}, boxes
+// {64, 1, 16, 1}, 128-byte swizzle (built by the launcher; csrc/cuda/tma_map.h).
+template <typename T, int D>
+__global__ void __launch_bounds__(MmaDecodeTraits<D, true>::kThreads)
+    paged_decode_mma_nhd_tma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap map_k,
+                                    const __grid_constant__ CUtensorMap map_v) {
+  decode_mma_body<T, D, 0, true, true>(p, &map_k, &map_v);
+}
+#endif
 
 }  // namespace paged
 }  // namespace attnkit
