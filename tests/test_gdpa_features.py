@@ -35,11 +35,36 @@ def _check(device, dtype, inputs, **kw):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_window(device, dtype, window, causal, D):
-    """On CUDA: fp32 takes the portable kernels, 16-bit the mma.sync ones (every head dim);
-    sequences longer than a 128-row tile, cross lengths, an empty one."""
+    """On CUDA: fp32 takes the portable kernels, 16-bit the mma.sync ones (head dim 128 forward
+    on sm_90: the warp-specialised kernel); sequences longer than a 128-row tile, cross lengths,
+    an empty one."""
     poison_allocator(device)
     inputs = jagged_inputs(device, dtype, [40, 0, 300, 7], [40, 5, 290, 19], H=4, Hkv=2, D=D)
     _check(device, dtype, inputs, causal=causal, window_size=window)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised forward runs on 9.0 devices")
+@pytest.mark.parametrize("window", [0, 5, 127, 128, 200])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_hopper_cuda(monkeypatch, window, causal):
+    """ATTNKIT_GDPA_FWD_WS=require: the windowed forward runs the warp-specialised kernel (a
+    fallback fails the call); the backward at head dim 128 runs bwd_wgmma. Key tiles (backward:
+    query tiles) then start at the first key (query) a tile sees, so windows that start
+    mid-tile, end on a tile edge (127, 128) and cross several tiles, on sequences whose rows run
+    into the next sequence's (jagged), must match the reference, gradients included."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    dtype = torch.bfloat16
+    poison_allocator("cuda")
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", dtype, [300, 0, 513, 7, 129],
+                                            [300, 5, 500, 19, 129], H=4, Hkv=2, D=128)
+    out = FWD(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, causal=causal,
+              window_size=window)
+    expect = gdpa_ref(q, k, v, qo, ko, activation="fast_gelu", qk_scale=0.5, pre_scale=0.7,
+                      causal=causal, window_size=window)
+    assert_close(out.float(), expect, dtype)
+    monkeypatch.delenv("ATTNKIT_GDPA_FWD_WS")
+    _check("cuda", dtype, (q, k, v, qo, ko, mq, mk), causal=causal, window_size=window)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -147,9 +147,9 @@ void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
 }
 
 // The window mask (params.h `visible`, `key_span`, `query_span`) is in the portable kernels
-// (simple.cuh) and the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh), not yet in the Hopper ones
-// (fwd_wgmma, fwd_ws, bwd_wgmma): a windowed call takes the mma.sync kernels on every sm_80+
-// device (docs/ops.md, GDPA "window_size").
+// (simple.cuh), the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh) and the warp-specialised forward
+// (fwd_ws.cuh) and the Hopper backward (bwd_wgmma.cuh), not in fwd_wgmma: a windowed forward
+// the ws kernel cannot take runs the mma.sync kernel (docs/ops.md, GDPA "window_size").
 
 at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
@@ -194,7 +194,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
       // Where the wgmma forward would run, for padded head dim 128, when the maps can be built.
       FwdWsMaps maps;
-      if (ws_mode != KernelSwitch::kOff && p.D > 64 && p.window < 0 && use_wgmma(p.D) &&
+      if (ws_mode != KernelSwitch::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
         return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", true),
@@ -212,7 +212,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   C10_CUDA_CHECK(err);
   ATTNKIT_CHECK(ws_mode != KernelSwitch::kRequire || ws_ran,
                 "ATTNKIT_GDPA_FWD_WS=require: the warp-specialised forward cannot take this call "
-                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, no window, and "
+                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and "
                 "q, k, v with 16-byte aligned data and head/row strides); dtype ", q.scalar_type(),
                 ", head dim ", D);
   if (o.size(2) != D) out.copy_(o.narrow(2, 0, D));
@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
 
   // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
   // torch.use_deterministic_algorithms(True) keeps the mma.sync dQ kernel (no atomics) instead.
-  const bool wgmma_bwd = tc && use_wgmma_bwd(p.D) && p.window < 0;
+  const bool wgmma_bwd = tc && use_wgmma_bwd(p.D);
   const bool fused_dq = wgmma_bwd && !at::globalContext().deterministicAlgorithms();
   // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
   at::Tensor dq_accum;

@@ -3,11 +3,11 @@
 // One kernel computes dK and dV and, fused, dQ:
 // CTA = (sequence, 128-key tile, kv head) with two warpgroups; warpgroup w owns keys w*64 .. +64.
 // K and V stay in shared memory (sw128); the 64-row query tiles of the G query heads of the kv head
-// (causal: only those at or after the key tile) stream through a two-stage cp.async ring
+// (causal / window: only those that see the key tile) stream through a two-stage cp.async ring
 // (Q and dO per stage, wgmma::CpAsyncRing). Per query tile each warpgroup issues, back to back,
 //   Sᵀ[64 keys x 64 q]  = K_w·Qᵀ            wgmma ss (A = K rows, B = Q, both K-major)
 //   dPᵀ[64 keys x 64 q] = V_w·dOᵀ           wgmma ss
-// then Pᵀ = φ(pre·Sᵀ) and dSᵀ = qk·pre·φ′(pre·Sᵀ) ⊙ dPᵀ in registers (causal entries zeroed,
+// then Pᵀ = φ(pre·Sᵀ) and dSᵀ = qk·pre·φ′(pre·Sᵀ) ⊙ dPᵀ in registers (causal / window entries zeroed,
 // both rounded to the value type as in bwd_mma.cuh), and
 //   dV_w[64 x D] += Pᵀ·dO                   wgmma rs (A = Pᵀ from registers, B = dO N-major)
 //   dK_w[64 x D] += dSᵀ·Q                   wgmma rs (B = Q N-major)
@@ -100,9 +100,11 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
   // Hints only size the grid: a longer sequence is covered by striding over its key tiles.
   for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
     const int j0 = tile * BN;
-    // Causal: queries before j0 see no key of this tile (j0 is a multiple of BM).
-    const int q_start = p.causal ? j0 : 0;
-    const int nq = qs.len > q_start ? (qs.len - q_start + BM - 1) / BM : 0;
+    // The queries that see some key of this tile (causal: none before j0; window: |i - j| <= w);
+    // query tiles start at the first of them, any row.
+    const Span qr = query_span(p.causal, p.window, j0, min(j0 + BN, ks.len) - 1, qs.len);
+    const int q_start = static_cast<int>(qr.lo);
+    const int nq = qr.hi > qr.lo ? (static_cast<int>(qr.hi) - q_start + BM - 1) / BM : 0;
     const int steps = G * nq;
 
     // Step st (head hk*G + st / nq, query tile st % nq) -> ring slot g + st; K and V ride with
@@ -167,9 +169,9 @@ __global__ void __launch_bounds__(BwdWgmmaTraits::kThreads, 1)
       // s <- Pᵀ, dp <- dSᵀ
       act_bwd_tile<BM / 8>(s, dp, p.act, p.pre_scale, p.qk_scale * p.pre_scale);
       const int key0 = j0 + warp_row0;
-      if (p.causal && key0 + 15 > i0) {
-        causal_mask<true>(s, key0, i0);
-        causal_mask<true>(dp, key0, i0);
+      if (!tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15)) {
+        window_mask<true>(s, key0, i0, p.causal, p.window);  // causal and / or window
+        window_mask<true>(dp, key0, i0, p.causal, p.window);
       }
       uint32_t pa[BM / 16][4], dsa[BM / 16][4];
       pack_a<T, BM>(pa, s);  // P rounded to the value type, as in the forward

@@ -38,7 +38,8 @@
 // the last key tile P is zeroed for those columns after the activation, and the V rows are
 // zeroed in shared memory before the last P·V, since 0 · NaN would still be NaN. Padded head
 // dims (D < 128) are the map's extent: columns past D land as zeros. Causal masking as
-// fwd_wgmma.cuh.
+// fwd_wgmma.cuh; with a window a unit's key tiles start at the first key its rows see (a box can
+// start at any row) and only tiles the window cuts are masked (tile_fully_visible).
 //
 // Work items are fwd_wgmma.cuh's, in its order (cta_item: query tiles fastest, then heads, then
 // sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
@@ -110,9 +111,11 @@ struct FwdWsMaps {
   CUtensorMap q, k, v;
 };
 
-// One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile.
+// One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
+// key tiles start at local key kv_lo (the first key any row of the tile sees: 0 unless a window
+// cuts the front) and n_tiles of them cover the keys the tile sees (params.h key_span).
 struct WsUnit {
-  int h, i0, n_tiles;
+  int h, i0, kv_lo, n_tiles;
   SeqRange qs, ks;
 };
 
@@ -146,10 +149,12 @@ struct WsCursor {
         continue;
       }
       const int i0 = tile * BM;
-      const int kv_end = p.causal ? min(ks.len, i0 + BM) : ks.len;
-      const int n_tiles = (kv_end + BN - 1) / BN;
+      const Span kv = key_span(p.causal, p.window, i0, min(i0 + BM, qs.len) - 1, ks.len);
+      const int kv_lo = static_cast<int>(kv.lo);
+      const int kv_len = kv.hi > kv.lo ? static_cast<int>(kv.hi - kv.lo) : 0;
+      const int n_tiles = (kv_len + BN - 1) / BN;
       if (n_tiles == 0) continue;  // no keys: the launcher zero-filled these output rows
-      u = {it.z, i0, n_tiles, qs, ks};
+      u = {it.z, i0, kv_lo, n_tiles, qs, ks};
       return true;
     }
     return false;
@@ -232,7 +237,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
-        const int row = u.ks.begin + t * BN;
+        const int row = u.ks.begin + u.kv_lo + t * BN;
         if (loads_qk) {
           const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
           unsigned char* k_dst = sk + stage * Tr::kTileBytes;
@@ -320,7 +325,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     const WsUnit u = units[qs];
     if (u.n_tiles == 0) break;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
-      const int j0 = j * BN;
+      const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
       if (g > 0) {
@@ -359,7 +364,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
       act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
       const int r0 = u.i0 + warp_row0;
-      if (p.causal && j0 + BN - 1 > r0) causal_mask<false>(s, r0, j0);
+      if (p.window >= 0) {
+        if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
+          window_mask<false>(s, r0, j0, p.causal, p.window);
+        }
+      } else if (p.causal && j0 + BN - 1 > r0) {
+        causal_mask<false>(s, r0, j0);
+      }
       if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
@@ -374,7 +385,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
-            u.qs.len - u.i0, u.ks.len - (u.n_tiles - 1) * BN};
+            u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
     ++qn;
   }
   if (g > 0) {  // the last unit's last P·V
