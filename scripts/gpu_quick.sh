@@ -28,11 +28,11 @@
 # replays (kernel time alone); full_tests: the whole suite; mem_trace / mem_trace_sanitized: the
 # CUDA memory held after each test, without and under memcheck; serving_tests: the NHD cache
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
-# moe_route_tests: the routing kernels, memcheck and racecheck; gdpa_features: GDPA window_size
+# moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py; moe_bench: benchmarks/bench_moe.py (routing ops,
 # permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch;
-# serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# paged_tests: the paged family's CUDA tests, then bench_paged; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -189,7 +189,9 @@ for s in $QUICK; do
         $PY -m pytest tests/test_moe_route.py -q -p no:xdist \
         -k "cuda and (deepseek_v3 or k_eq_E or zero_tokens or backward or deterministic)"
       step moe_route_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_moe_route.py -q -p no:xdist -k "cuda and deepseek_v3 and fp32" ;;
+        $PY -m pytest tests/test_moe_route.py -q -p no:xdist -k "cuda and deepseek_v3 and fp32"
+      step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;
     gdpa_features)  # window_size and broadcast_q (issue #19), then memcheck
       step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
       step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
@@ -204,6 +206,9 @@ for s in $QUICK; do
       step bench_moe 150 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --csv "$L/bench_moe.csv" ;;
     moe_profile) step moe_profile 60 $PY benchmarks/profile_moe.py ;;
+    paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
+      step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
+      step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \

@@ -88,6 +88,21 @@ def test_permute(device, id_dtype, dtype, T, E, k, H):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,k", [(300, 16, 4), (5, 300, 130), (2, 129, 129)])
+@pytest.mark.parametrize("H", [8, 1032])
+def test_permute_many_pairs(device, T, E, k, H):
+    """Shapes the sample grid does not reach: pairs over several rank chunks (T*k > 256), more
+    buckets than scan threads (E + 1 > 256), more slots per token than the CUDA scatter's block
+    handles at once (k > 128), rows longer than one pass of its loads (H = 1032 bf16)."""
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    ids = rand_ids(T, E, k, torch.int32, device)
+    poison_allocator(device)
+    p, off, rm = attnkit.moe_permute(x, ids, E)
+    rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
+    assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 @pytest.mark.parametrize("T,E,k", ROUTING)
 @pytest.mark.parametrize("H", HIDDEN)
