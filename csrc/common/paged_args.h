@@ -500,6 +500,48 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
   return p;
 }
 
+// DecodeParams of the serving call's decode path (cuda/flash.cu try_nhd_decode): NHD caches as the
+// x-split description with x = 8 (key chunk c of token t at t * k_st + 8c; values token-major:
+// v_tx = 1, token stride v_stc, dims contiguous), one grid row per query token (token_grid), the
+// lse written. `window_left` < 0: none; else causal keys [qpos - window_left, qpos]. Index
+// tensors must be the contiguous int32 ones the caller keeps alive for the launch; the split
+// fields are the launcher's.
+inline DecodeParams make_nhd_decode_params(const at::Tensor& out, const at::Tensor& lse,
+                                           const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& block_table,
+                                           const at::Tensor& seq_lens, const at::Tensor& qo_indptr,
+                                           double scale, double softcap, int64_t window_left) {
+  DecodeParams p{};
+  p.q = q.const_data_ptr();
+  p.q_st = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
+  p.out = out.data_ptr();
+  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  p.k_cache = k.const_data_ptr();
+  p.v_cache = v.const_data_ptr();
+  p.cs.k_sb = k.stride(0), p.cs.k_st = k.stride(1), p.cs.k_sh = k.stride(2), p.cs.k_sdc = 8;
+  p.cs.v_sb = v.stride(0), p.cs.v_stc = v.stride(1), p.cs.v_sh = v.stride(2), p.cs.v_sd = 1;
+  p.cs.x = 8;
+  p.cs.v_tx = 1;
+  p.block_tables = block_table.const_data_ptr<int32_t>();
+  p.bt_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.const_data_ptr<int32_t>();
+  p.qo_indptr = qo_indptr.const_data_ptr<int32_t>();
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window = window_left >= 0 ? static_cast<int32_t>(window_left + 1) : 0;
+  const int64_t T = q.size(0);
+  p.S = static_cast<int32_t>(qo_indptr.size(0) - 1);
+  p.Hq = static_cast<int32_t>(q.size(1)), p.Hkv = static_cast<int32_t>(k.size(2));
+  p.D = static_cast<int32_t>(q.size(2)), p.block_size = static_cast<int32_t>(k.size(1));
+  p.num_blocks = static_cast<int32_t>(k.size(0));
+  p.max_blocks = static_cast<int32_t>(block_table.size(1));
+  p.max_qlen = static_cast<int32_t>(T), p.Tq = static_cast<int32_t>(T);
+  p.token_grid = true;
+  p.lse = lse.data_ptr<float>();
+  p.lse_sh = lse.stride(0), p.lse_st = lse.stride(1);
+  return p;
+}
+
 inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& Q,
                                        const at::Tensor& K, const at::Tensor& V,
                                        const PaFwdConfig& c, const at::Tensor& block_tables,

@@ -17,6 +17,7 @@
 
 #include "common/flash_args.h"
 #include "common/flash_serving.h"
+#include "common/paged_args.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/wgmma_bwd.cuh"
@@ -229,34 +230,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   const auto qo = cu_q->to(at::kInt).contiguous();
   auto out = at::zeros({T, H, D}, q.options());
   auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
-  paged::DecodeParams p{};
-  p.q = q.const_data_ptr();
-  p.q_st = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
-  p.out = out.data_ptr();
-  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
-  p.k_cache = k.const_data_ptr();
-  p.v_cache = v.const_data_ptr();
-  // NHD as the x-split description with x = 8: key chunk c of token t at t * k_st + 8c; values
-  // token-major (v_tx = 1, token stride v_stc, dims contiguous).
-  p.cs.k_sb = k.stride(0), p.cs.k_st = k.stride(1), p.cs.k_sh = k.stride(2), p.cs.k_sdc = 8;
-  p.cs.v_sb = v.stride(0), p.cs.v_stc = v.stride(1), p.cs.v_sh = v.stride(2), p.cs.v_sd = 1;
-  p.cs.x = 8;
-  p.cs.v_tx = 1;
-  p.block_tables = bt.const_data_ptr<int32_t>();
-  p.bt_stride = bt.stride(0);
-  p.seq_lens = used.const_data_ptr<int32_t>();
-  p.qo_indptr = qo.const_data_ptr<int32_t>();
-  p.scale = static_cast<float>(opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D))));
-  p.softcap = static_cast<float>(opt.softcap);
-  // Causal: keys [qpos - window_left, qpos], i.e. the last window_left + 1 keys.
-  p.window = opt.window_left >= 0 ? static_cast<int32_t>(opt.window_left + 1) : 0;
-  p.S = static_cast<int32_t>(B), p.Hq = static_cast<int32_t>(H), p.Hkv = static_cast<int32_t>(Hkv);
-  p.D = static_cast<int32_t>(D), p.block_size = static_cast<int32_t>(bs);
-  p.num_blocks = static_cast<int32_t>(k.size(0)), p.max_blocks = static_cast<int32_t>(M);
-  p.max_qlen = static_cast<int32_t>(T), p.Tq = static_cast<int32_t>(T);
-  p.token_grid = true;
-  p.lse = lse.data_ptr<float>();
-  p.lse_sh = lse.stride(0), p.lse_st = lse.stride(1);
+  const double scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, bt, used, qo, scale,
+                                                        opt.softcap, opt.window_left);
   paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
   return std::make_tuple(out, lse);

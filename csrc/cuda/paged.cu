@@ -172,19 +172,39 @@ int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
   return static_cast<int32_t>(best);
 }
 
+// Raises `kernel`'s dynamic shared memory limit to `bytes` once per device (`done_mask`: one
+// static per kernel instantiation at the call site), so a decode step captured in a CUDA graph
+// (after a warm-up call, as graph capture requires anyway) makes no attribute call inside the
+// capture.
+template <typename Kernel>
+void set_max_smem_once(Kernel kernel, int bytes, std::atomic<uint64_t>& done_mask) {
+  const int dev = c10::cuda::current_device();
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done_mask.fetch_or(bit, std::memory_order_release);
+  }
+}
+
+// Sets p.splits; with more than one split, allocates the split-K workspace (partial outputs
+// [Tq·Hq·splits, D], then their (max, sum) pairs) and points p at it. The caller keeps the
+// returned tensor alive until the kernels are queued.
+at::Tensor split_workspace(DecodeParams& p, int32_t splits, const at::Tensor& like) {
+  p.splits = splits;
+  if (splits <= 1) return at::Tensor();
+  const int64_t n = int64_t(p.Tq) * p.Hq * splits;
+  at::Tensor ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
+  p.ws_out = ws.data_ptr<float>();
+  p.ws_ml = p.ws_out + n * p.D;
+  return ws;
+}
+
 template <typename T, int D, int BS, bool kBulk>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
   auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk>;
-  // Once per device and instantiation, so a decode step captured in a CUDA graph (after a warm-up
-  // call, as graph capture requires anyway) makes no attribute call inside the capture.
   static std::atomic<uint64_t> done_mask{0};
-  const int dev = c10::cuda::current_device();
-  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
-  if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    done_mask.fetch_or(bit, std::memory_order_release);
-  }
+  set_max_smem_once(kernel, kSmem, done_mask);
   const int64_t gx = int64_t(p.S) * p.Hkv;
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
   kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
@@ -198,14 +218,7 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
   const int32_t splits = !mma_path ? num_splits(len_bound)
                          : p.D == 64 ? mma_splits<64>(p, len_bound)
                                      : mma_splits<128>(p, len_bound);
-  at::Tensor ws;
-  if (splits > 1) {
-    const int64_t n = int64_t(p.Tq) * p.Hq * splits;
-    ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
-    p.ws_out = ws.data_ptr<float>();
-    p.ws_ml = p.ws_out + n * p.D;
-  }
-  p.splits = splits;
+  const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(qtype, "query", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -251,37 +264,20 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   DecodeParams sizing = p;
   sizing.S = p.Tq;
   const int32_t splits = p.D == 64 ? mma_splits<64>(sizing, len_bound) : mma_splits<128>(sizing, len_bound);
-  at::Tensor ws;
-  if (splits > 1) {
-    const int64_t n = int64_t(p.Tq) * p.Hq * splits;
-    ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
-    p.ws_out = ws.data_ptr<float>();
-    p.ws_ml = p.ws_out + n * p.D;
-  }
-  p.splits = splits;
+  const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t gx = int64_t(p.Tq) * p.Hkv;
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      // Once per device and kernel, so a decode step captured in a CUDA graph (after a warm-up
-      // call, as graph capture requires anyway) makes no attribute call inside the capture.
-      auto set_smem = [](auto kernel, int bytes, std::atomic<uint64_t>& done_mask) {
-        const int dev = c10::cuda::current_device();
-        const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
-        if (bit == 0 || !(done_mask.load(std::memory_order_acquire) & bit)) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-          done_mask.fetch_or(bit, std::memory_order_release);
-        }
-      };
       const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
       auto launch = [&](auto d) {  // per-lane cp.async (sm_80+, any 16-byte aligned rows)
         constexpr int D = decltype(d)::value;
         constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
         auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
         static std::atomic<uint64_t> done_mask{0};
-        set_smem(kernel, kSmem, done_mask);
+        set_max_smem_once(kernel, kSmem, done_mask);
         kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -312,7 +308,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
           auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D>;
           static std::atomic<uint64_t> done_mask{0};
-          set_smem(kernel, kSmem, done_mask);
+          set_max_smem_once(kernel, kSmem, done_mask);
           kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };

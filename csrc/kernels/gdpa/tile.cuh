@@ -106,10 +106,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void pack_a(uint32_t (&a)[N / 16][4], const float 
   }
 }
 
-// Zeroes accumulator entries whose (row, col) is masked: row index `r0 + row`, column `c0 + col`,
-// masked when col_index > row_index ("key after query"), or the transpose when kRowIsKey.
-template <bool kRowIsKey, int N>
-ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0) {
+// Zeroes the accumulator entries (m16n8 fragment layout, N column blocks of 8) at whose tile
+// position (r0 + row, c0 + col) `masked(row_index, col_index)` holds: the one walk over the
+// fragment that the masks below share.
+template <int N, typename Masked>
+ATTNKIT_DEVICE ATTNKIT_INLINE void zero_masked(float (&c)[N][4], int r0, int c0, Masked masked) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int nt = 0; nt < N; ++nt)
@@ -117,9 +118,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0)
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + (e >> 1) * 8;
       const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-      const bool masked = kRowIsKey ? row > col : col > row;
-      if (masked) c[nt][e] = 0.f;
+      if (masked(row, col)) c[nt][e] = 0.f;
     }
+}
+
+// Zeroes accumulator entries whose (row, col) is masked: row index `r0 + row`, column `c0 + col`,
+// masked when col_index > row_index ("key after query"), or the transpose when kRowIsKey.
+template <bool kRowIsKey, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0) {
+  zero_masked(c, r0, c0, [](int row, int col) { return kRowIsKey ? row > col : col > row; });
 }
 
 // Zeroes accumulator entries whose (query, key) the causal / window mask rejects (params.h
@@ -128,28 +135,16 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void causal_mask(float (&c)[N][4], int r0, int c0)
 template <bool kRowIsKey, int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void window_mask(float (&c)[N][4], int r0, int c0, bool causal,
                                                int window) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = r0 + (lane >> 2) + (e >> 1) * 8;
-      const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-      if (!visible(causal, window, kRowIsKey ? col : row, kRowIsKey ? row : col)) c[nt][e] = 0.f;
-    }
+  zero_masked(c, r0, c0, [=](int row, int col) {
+    return !visible(causal, window, kRowIsKey ? col : row, kRowIsKey ? row : col);
+  });
 }
 
 // Zeroes accumulator entries of columns >= col_end (local column index of the tile), e.g. keys
 // past the sequence that a tensor-map copy brought in from the next one (possibly inf / NaN).
 template <int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void mask_cols_from(float (&c)[N][4], int col_end) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (nt * 8 + (lane & 3) * 2 + (e & 1) >= col_end) c[nt][e] = 0.f;
-    }
+  zero_masked(c, 0, 0, [=](int, int col) { return col >= col_end; });
 }
 
 // Stores a warp's 16 x DN accumulator tile (times `scale`) to rows [row0, row0 + 16) of a
