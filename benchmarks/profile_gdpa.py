@@ -17,10 +17,17 @@ p.add_argument("--heads", type=int, default=4)
 p.add_argument("--head-dim", type=int, default=128)
 p.add_argument("--max-len", type=int, default=1024)
 p.add_argument("--activation", default="fast_gelu")
+p.add_argument("--sparsity", type=float, default=1.0, help="as bench_gdpa: lengths uniform in "
+               "[(2s-1)·max_len, max_len]")
+p.add_argument("--forward-only", action="store_true")
 a = p.parse_args()
-T = a.batch * a.max_len
+lo = max(0, int(round((2 * a.sparsity - 1) * a.max_len)))
+lens = torch.randint(lo, a.max_len + 1, (a.batch,), generator=torch.Generator().manual_seed(0))
+off = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).cuda()
+T = int(lens.sum())
 q, k, v = (torch.randn(T, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-off = torch.arange(0, T + 1, a.max_len, device="cuda")
 o = attnkit.gdpa(q, k, v, off, off, a.max_len, a.max_len, a.activation)
-torch.ops.attnkit.gdpa_bwd(torch.randn_like(o), q, k, v, off, off, a.max_len, a.max_len, a.activation, 1.0)
+if not a.forward_only:
+    torch.ops.attnkit.gdpa_bwd(torch.randn_like(o), q, k, v, off, off, a.max_len, a.max_len,
+                               a.activation, 1.0)
 torch.cuda.synchronize()
