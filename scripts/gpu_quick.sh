@@ -194,6 +194,16 @@ for s in $QUICK; do
           --section SchedulerStats $PY benchmarks/profile_gdpa.py --max-len ${GDPA_NCU_LEN:-256} \
           --sparsity $sp --forward-only
       done ;;
+    gdpa_ncu_full)  # the GDPA forward, ncu --set full (stall sampling per SASS line) at max length
+      # GDPA_NCU_LEN (512), dense then jagged: reports, raw stall metrics and the SASS page (csv)
+      for sp in 1.0 0.5; do
+        step "gdpa_ncu_full_$sp" 120 ncu --set full --import-source yes --kernel-name regex:gdpa_fwd \
+          --launch-count 1 -f -o "$L/gdpa_fwd_$sp" $PY benchmarks/profile_gdpa.py \
+          --max-len ${GDPA_NCU_LEN:-512} --sparsity $sp --forward-only
+        ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page raw --csv > "$L/gdpa_fwd_raw_$sp.csv" 2>&1
+        ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page details --print-details all > "$L/gdpa_fwd_details_$sp.txt" 2>&1
+        ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_fwd_sass_$sp.csv" 2>&1
+      done ;;
     moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
       step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
       step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
