@@ -25,7 +25,7 @@
 #include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
-#include "env_switch.h"
+#include "env_table.h"
 #include "paged_nhd_decode.h"
 #include "tma_map.h"
 
@@ -83,10 +83,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ATTNKIT_FLASH_SIMT=1 forces the portable kernels everywhere: an A/B switch for debugging the
 // tensor-core paths on a GPU machine (read once).
 bool force_simt() {
-  static const bool v = [] {
-    const char* e = std::getenv("ATTNKIT_FLASH_SIMT");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
+  static const bool v = env_flag(Env::kFlashSimt);
   return v;
 }
 
@@ -94,10 +91,9 @@ bool force_simt() {
 // device is 9.0, on the same inputs as the mma.sync kernels. `env` set to "0"
 // (ATTNKIT_FLASH_WGMMA for the forward, ATTNKIT_FLASH_WGMMA_BWD for the backward) forces the
 // mma.sync kernel; read at every call, so tests can switch it per case.
-bool use_wgmma(const at::Tensor& q, const char* env) {
+bool use_wgmma(const at::Tensor& q, Env env) {
   if (!wgmma::kBuilt) return false;
-  const char* e = std::getenv(env);
-  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  if (!env_flag(env)) return false;
   const auto* prop = at::cuda::getDeviceProperties(q.device().index());
   return prop->major == 9 && prop->minor == 0;
 }
@@ -105,7 +101,7 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // The warp-specialised Hopper kernels (fwd_ws.cuh, bwd_ws.cuh) need an sm_90a build, a 9.0
 // device, bf16/fp16, head dim 64 or 128, a positive scale and tensor-map-addressable q/k/v (and
 // dout): the same calls as wgmma_fwd.cuh / wgmma_bwd.cuh plus the maps; elsewhere those kernels
-// run. Their switches (env_switch.h's kernel_switch, read at every call):
+// run. Their switches (env_table.h's kernel_switch, read at every call):
 // ATTNKIT_FLASH_FWD_WS and ATTNKIT_FLASH_BWD_WS, both on by default (faster than the cp.async
 // kernels at every measured shape, docs/performance.md). "0" keeps the
 // cp.async wgmma kernels, "1" takes the ws kernel where it can, "require" makes a call it cannot
@@ -119,7 +115,7 @@ bool use_wgmma(const at::Tensor& q, const char* env) {
 // docs/performance.md); ATTNKIT_FLASH_FWD_WS_PAIRS=0, work items of one query tile instead of a
 // pair of a long and a short one (fwd_ws.cuh's WsCursor; pairs keep a causal walk balanced:
 // docs/performance.md); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
-// at most n CTAs (a test knob: one CTA walks many units). All through env_switch.h.
+// at most n CTAs (a test knob: one CTA walks many units). All through env_table.h.
 
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
 // kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
@@ -205,7 +201,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   const int64_t Hkv = k.size(2), G = H / Hkv;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
   if (given(s_aux)) check_sinks(*s_aux, q, H);
-  const KernelSwitch mode = kernel_switch("ATTNKIT_SERVING_DECODE", true);
+  const KernelSwitch mode = kernel_switch(Env::kServingDecode);
   if (mode == KernelSwitch::kOff || !opt.causal || T != B || B < 1 ||
       !(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) ||
       k.scalar_type() != q.scalar_type() || !paged::nhd_decode_shape_ok(D, G) || sm_major(q) < 8 ||
@@ -282,21 +278,21 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_FLASH_FWD_WS", true);
+  const KernelSwitch ws_mode = kernel_switch(Env::kFlashFwdWs);
   bool ws_ran = false;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                              out.const_data_ptr(), sm_major(q))) {
-        if (use_wgmma(q, "ATTNKIT_FLASH_WGMMA") && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
+        if (use_wgmma(q, Env::kFlashWgmma) && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           ws::FwdWsMaps maps;
           ws::FwdWsOptions ws_opt;
-          ws_opt.ping_pong = env_flag("ATTNKIT_FLASH_FWD_WS_PINGPONG", true);
-          ws_opt.persistent = env_flag("ATTNKIT_FLASH_FWD_WS_PERSISTENT", true);
-          ws_opt.three_wg = env_flag("ATTNKIT_FLASH_FWD_WS_WG3", false);
-          ws_opt.paired = env_flag("ATTNKIT_FLASH_FWD_WS_PAIRS", true);
-          ws_opt.max_ctas = env_int("ATTNKIT_FLASH_FWD_WS_CTAS");
+          ws_opt.ping_pong = env_flag(Env::kFlashFwdWsPingPong);
+          ws_opt.persistent = env_flag(Env::kFlashFwdWsPersistent);
+          ws_opt.three_wg = env_flag(Env::kFlashFwdWsWg3);
+          ws_opt.paired = env_flag(Env::kFlashFwdWsPairs);
+          ws_opt.max_ctas = env_int(Env::kFlashFwdWsCtas);
           if (ws_mode != KernelSwitch::kOff &&
               fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
                           k.const_data_ptr(), v.const_data_ptr(), ws_opt.three_wg, &maps)) {
@@ -381,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   // dQ kernel instead.
   const bool deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
   // ATTNKIT_FLASH_BWD_WS: the warp-specialised backward (bwd_ws.cuh), on by default.
-  const KernelSwitch bws_mode = kernel_switch("ATTNKIT_FLASH_BWD_WS", true);
+  const KernelSwitch bws_mode = kernel_switch(Env::kFlashBwdWs);
   bool bws_ran = false;
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
@@ -401,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
           at::Tensor dq_accum;
           if (!deterministic) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
           // The Hopper backward (atomic dQ only): same inputs, its own shared-memory need.
-          if (!deterministic && use_wgmma(q, "ATTNKIT_FLASH_WGMMA_BWD") &&
+          if (!deterministic && use_wgmma(q, Env::kFlashWgmmaBwd) &&
               smem_optin(q) >= wg::bwd_smem_bytes(p.D)) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
             ws::BwdWsMaps maps;
@@ -413,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
               C10_CUDA_CHECK(ws::launch_bwd_ws<scalar_t>(
                   p, maps, cptr<float>(lse), cptr<float>(delta), mptr<float>(dq_accum),
                   mptr<scalar_t>(dk), mptr<scalar_t>(dv), rows_k,
-                  env_int("ATTNKIT_FLASH_BWD_WS_TILES"), stream));
+                  env_int(Env::kFlashBwdWsTiles), stream));
               dq.copy_(dq_accum);
               return;
             }

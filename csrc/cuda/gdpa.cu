@@ -18,7 +18,7 @@
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
-#include "env_switch.h"
+#include "env_table.h"
 #include "tma_map.h"
 
 namespace attnkit {
@@ -46,8 +46,7 @@ void check_cuda(const at::Tensor& q) {
 // ATTNKIT_GDPA_WGMMA=0 forces the mma.sync kernel (A/B comparisons, tests of both paths).
 bool use_wgmma(int64_t D) {
   if (!wgmma::kBuilt || D > 128) return false;
-  const char* e = std::getenv("ATTNKIT_GDPA_WGMMA");
-  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  if (!env_flag(Env::kGdpaWgmma)) return false;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;
 }
@@ -56,13 +55,13 @@ bool use_wgmma(int64_t D) {
 // build, 9.0 device, head dim 65..128, tensor-map-addressable q/k/v). ATTNKIT_GDPA_FWD_WS=0 keeps
 // the cp.async wgmma kernel (fwd_wgmma.cuh); "require" makes the call fail when the
 // warp-specialised kernel cannot take it, so tests and benchmarks know which kernel ran. Read at
-// every call (env_switch.h's kernel_switch, on by default).
+// every call (env_table.h's kernel_switch, on by default).
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=0, the
 // consumer warpgroups do not take turns issuing products (FA3's ping-pong, on by default: 2-5%
 // faster on H200); ATTNKIT_GDPA_FWD_WS_SPLIT=0, one thread loads Q, K and V (by default V has a
 // thread and a third stage of its own); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one CTA per work item
-// instead of one per SM. Read through env_switch.h's env_flag.
+// instead of one per SM. Read through env_table.h's env_flag.
 
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
 // address them (misaligned base or strides: the caller keeps the cp.async kernel).
@@ -85,8 +84,7 @@ bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
 // ATTNKIT_GDPA_WGMMA_BWD=0 (or ATTNKIT_GDPA_WGMMA=0) forces the mma.sync kernels.
 bool use_wgmma_bwd(int64_t D) {
   if (D <= 64 || !use_wgmma(D)) return false;
-  const char* e = std::getenv("ATTNKIT_GDPA_WGMMA_BWD");
-  return e == nullptr || std::strcmp(e, "0") != 0;
+  return env_flag(Env::kGdpaWgmmaBwd);
 }
 
 bool use_tensor_cores(const at::Tensor& q) {
@@ -182,7 +180,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const KernelSwitch ws_mode = kernel_switch("ATTNKIT_GDPA_FWD_WS", true);
+  const KernelSwitch ws_mode = kernel_switch(Env::kGdpaFwdWs);
   bool ws_ran = false;
 
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
@@ -197,9 +195,9 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       if (ws_mode != KernelSwitch::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
-        return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag("ATTNKIT_GDPA_FWD_WS_PINGPONG", true),
-                                     env_flag("ATTNKIT_GDPA_FWD_WS_SPLIT", true),
-                                     env_flag("ATTNKIT_GDPA_FWD_WS_PERSISTENT", true), stream);
+        return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag(Env::kGdpaFwdWsPingPong),
+                                     env_flag(Env::kGdpaFwdWsSplit),
+                                     env_flag(Env::kGdpaFwdWsPersistent), stream);
       }
 #endif
       if (use_wgmma(p.D) && p.window < 0) {

@@ -24,6 +24,7 @@
 #include "kernels/moe/grouped_gemm_mma.cuh"
 #include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
+#include "env_table.h"
 
 // at:: dtypes -> the kernels' device types (fp64 included: gradient checks and exact tests).
 #define ATTNKIT_DISPATCH_MOE_CUDA(TYPE, NAME, ...)                                             \
@@ -293,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad
 // column-major per expert. ATTNKIT_MOE_GROUPED_MM=0 forces attnkit's own kernel (tests use it).
 bool grouped_mm_applies(const at::Tensor& a, const at::Tensor& w, int64_t M, int64_t K,
                         int64_t N) {
-  const char* env = std::getenv("ATTNKIT_MOE_GROUPED_MM");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!env_flag(Env::kMoeGroupedMm)) return false;
   if (a.scalar_type() != at::kBFloat16 || M == 0 || K == 0 || N == 0) return false;
   if (K % 8 != 0 || N % 8 != 0) return false;
   if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;

@@ -17,6 +17,7 @@
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
 #include "kernels/paged/merge_states.cuh"
+#include "env_table.h"
 #include "paged_nhd_decode.h"
 #include "tma_map.h"
 
@@ -79,10 +80,7 @@ void check_vector_alignment(const at::Tensor& key_cache, const at::Tensor& value
 }
 
 // ATTNKIT_PAGED_SIMT=1 forces the CUDA-core kernel everywhere (A/B comparisons, bisecting).
-bool force_simt() {
-  const char* e = std::getenv("ATTNKIT_PAGED_SIMT");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
+bool force_simt() { return env_flag(Env::kPagedSimt); }
 
 // Bulk (1-D TMA) tile loads in the tensor-core path (decode_mma.cuh): an sm_90 device, a build
 // with sm_90a code, and a cache whose 16-token tiles are contiguous runs: keys with token stride
@@ -91,8 +89,7 @@ bool force_simt() {
 // rows. The alignment of every stride to 16 bytes was checked with the inputs.
 // ATTNKIT_PAGED_BULK=0 keeps the per-lane cp.async loads everywhere (A/B runs, tests).
 bool bulk_eligible(const DecodeParams& p) {
-  const char* e = std::getenv("ATTNKIT_PAGED_BULK");
-  if ((e != nullptr && std::strcmp(e, "0") == 0) || !wgmma::kBuilt ||
+  if (!env_flag(Env::kPagedBulk) || !wgmma::kBuilt ||
       at::cuda::getCurrentDeviceProperties()->major != 9) {
     return false;
   }
@@ -120,9 +117,8 @@ bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
 // tensor-core path, capped at the partition count, for A/B runs of the heuristic below.
 int32_t forced_mma_splits() {
   static const int32_t forced = [] {
-    const char* e = std::getenv("ATTNKIT_PAGED_SPLITS");
-    const long n = e != nullptr ? std::strtol(e, nullptr, 10) : 0;
-    return n > 0 ? static_cast<int32_t>(std::min<long>(n, kMaxSplits)) : int32_t(0);
+    const int n = env_int(Env::kPagedSplits);
+    return n > 0 ? static_cast<int32_t>(std::min<int>(n, kMaxSplits)) : int32_t(0);
   }();
   return forced;
 }
@@ -283,8 +279,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
       };
       // Tensor-map tile copies on sm_90 when both caches can be mapped ({D, Hkv, block_size,
       // num_blocks}, 16-byte multiple strides); ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
-      const char* e = std::getenv("ATTNKIT_PAGED_BULK");
-      bool tma_ok = !(e != nullptr && std::strcmp(e, "0") == 0) && wgmma::kBuilt &&
+      bool tma_ok = env_flag(Env::kPagedBulk) && wgmma::kBuilt &&
                     at::cuda::getCurrentDeviceProperties()->major == 9;
 #if ATTNKIT_HAS_NHD_TMA && ATTNKIT_HAS_TMA_MAP
       CUtensorMap map_k, map_v;

@@ -1,0 +1,113 @@
+// Every environment variable the C++ side reads, in one table (issue #16). The launchers ask for
+// an entry by id; nothing else in csrc/ calls getenv (tests/test_env_table.py checks that, and
+// that docs/env.md lists exactly these names). All are A/B and test knobs: results never depend
+// on them, only which kernel computes them. Host only, torch-free.
+//
+// One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
+// -> on / true, and for kernel switches "require" -> on, and a call the kernel cannot take fails
+// (so a test knows which kernel ran). Integers: a positive value below 2^30, else 0 (= unset).
+// Read at every call (tests flip them per case) unless the call site keeps the first value.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace attnkit {
+
+enum class Env : int {
+  kFlashFwdWs,
+  kFlashFwdWsPingPong,
+  kFlashFwdWsPersistent,
+  kFlashFwdWsWg3,
+  kFlashFwdWsPairs,
+  kFlashFwdWsCtas,
+  kFlashBwdWs,
+  kFlashBwdWsTiles,
+  kFlashWgmma,
+  kFlashWgmmaBwd,
+  kFlashSimt,
+  kServingDecode,
+  kGdpaFwdWs,
+  kGdpaFwdWsPingPong,
+  kGdpaFwdWsSplit,
+  kGdpaFwdWsPersistent,
+  kGdpaWgmma,
+  kGdpaWgmmaBwd,
+  kPagedSimt,
+  kPagedBulk,
+  kPagedSplits,
+  kMoeGroupedMm,
+  kCount
+};
+
+struct EnvEntry {
+  Env id;
+  const char* name;
+  bool on_by_default;  // flags and switches; integers default to 0
+};
+
+inline constexpr EnvEntry kEnvTable[] = {
+    {Env::kFlashFwdWs, "ATTNKIT_FLASH_FWD_WS", true},
+    {Env::kFlashFwdWsPingPong, "ATTNKIT_FLASH_FWD_WS_PINGPONG", true},
+    {Env::kFlashFwdWsPersistent, "ATTNKIT_FLASH_FWD_WS_PERSISTENT", true},
+    {Env::kFlashFwdWsWg3, "ATTNKIT_FLASH_FWD_WS_WG3", false},
+    {Env::kFlashFwdWsPairs, "ATTNKIT_FLASH_FWD_WS_PAIRS", true},
+    {Env::kFlashFwdWsCtas, "ATTNKIT_FLASH_FWD_WS_CTAS", false},
+    {Env::kFlashBwdWs, "ATTNKIT_FLASH_BWD_WS", true},
+    {Env::kFlashBwdWsTiles, "ATTNKIT_FLASH_BWD_WS_TILES", false},
+    {Env::kFlashWgmma, "ATTNKIT_FLASH_WGMMA", true},
+    {Env::kFlashWgmmaBwd, "ATTNKIT_FLASH_WGMMA_BWD", true},
+    {Env::kFlashSimt, "ATTNKIT_FLASH_SIMT", false},
+    {Env::kServingDecode, "ATTNKIT_SERVING_DECODE", true},
+    {Env::kGdpaFwdWs, "ATTNKIT_GDPA_FWD_WS", true},
+    {Env::kGdpaFwdWsPingPong, "ATTNKIT_GDPA_FWD_WS_PINGPONG", true},
+    {Env::kGdpaFwdWsSplit, "ATTNKIT_GDPA_FWD_WS_SPLIT", true},
+    {Env::kGdpaFwdWsPersistent, "ATTNKIT_GDPA_FWD_WS_PERSISTENT", true},
+    {Env::kGdpaWgmma, "ATTNKIT_GDPA_WGMMA", true},
+    {Env::kGdpaWgmmaBwd, "ATTNKIT_GDPA_WGMMA_BWD", true},
+    {Env::kPagedSimt, "ATTNKIT_PAGED_SIMT", false},
+    {Env::kPagedBulk, "ATTNKIT_PAGED_BULK", true},
+    {Env::kPagedSplits, "ATTNKIT_PAGED_SPLITS", false},
+    {Env::kMoeGroupedMm, "ATTNKIT_MOE_GROUPED_MM", true},
+};
+
+constexpr bool env_table_in_order() {
+  for (int i = 0; i < static_cast<int>(Env::kCount); ++i) {
+    if (static_cast<int>(kEnvTable[i].id) != i) return false;
+  }
+  return sizeof(kEnvTable) / sizeof(kEnvTable[0]) == static_cast<size_t>(Env::kCount);
+}
+static_assert(env_table_in_order(), "kEnvTable: one entry per Env, in enum order");
+
+inline const EnvEntry& env_entry(Env v) { return kEnvTable[static_cast<int>(v)]; }
+
+// The raw value, or nullptr when unset or empty.
+inline const char* env_value(Env v) {
+  const char* e = std::getenv(env_entry(v).name);
+  return (e == nullptr || *e == '\0') ? nullptr : e;
+}
+
+inline bool env_flag(Env v) {
+  const char* e = env_value(v);
+  return e == nullptr ? env_entry(v).on_by_default : std::strcmp(e, "0") != 0;
+}
+
+inline int env_int(Env v) {
+  const char* e = env_value(v);
+  if (e == nullptr) return 0;
+  const long n = std::strtol(e, nullptr, 10);
+  return n > 0 && n < (1L << 30) ? static_cast<int>(n) : 0;
+}
+
+// The switch of a kernel that may decline a call (e.g. a warp-specialised kernel that needs
+// tensor maps): off, on where it can run, or required.
+enum class KernelSwitch { kOff, kOn, kRequire };
+
+inline KernelSwitch kernel_switch(Env v) {
+  const char* e = env_value(v);
+  if (e == nullptr) return env_entry(v).on_by_default ? KernelSwitch::kOn : KernelSwitch::kOff;
+  if (std::strcmp(e, "require") == 0) return KernelSwitch::kRequire;
+  return std::strcmp(e, "0") == 0 ? KernelSwitch::kOff : KernelSwitch::kOn;
+}
+
+}  // namespace attnkit
