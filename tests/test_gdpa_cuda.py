@@ -114,6 +114,40 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
     return out
 
 
+@needs_cuda
+@pytest.mark.parametrize("path", FWD_PATHS)
+@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("window", [-1, 0, 40])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_writes_keyless_rows(path, D, window, causal, monkeypatch):
+    """The tensor-core forwards allocate their output uninitialised and zero first only the rows
+    no kernel writes (kernels/gdpa/zero_rows.cuh): rows before the first and from the last offset,
+    sequences with no keys, and with a window the rows i >= Lk + window. The allocator is poisoned
+    with NaN, so a row left out shows; query lengths far above their key lengths make windowed
+    query tiles with no key at all (skipped by the kernels)."""
+    set_forward_path(monkeypatch, path)
+    dtype = torch.bfloat16
+    q_lens, kv_lens = [300, 200, 0, 450, 77, 1, 129], [100, 0, 5, 10, 300, 0, 1]
+    before, after = 37, 50
+    T = before + sum(q_lens) + after
+    q = torch.randn(T, 4, D, device="cuda", dtype=dtype) * 0.5
+    k, v = (torch.randn(sum(kv_lens), 2, D, device="cuda", dtype=dtype) * 0.5 for _ in range(2))
+    qo, ko = offsets_of(q_lens, "cuda") + before, offsets_of(kv_lens, "cuda")
+    poison_allocator("cuda")
+    out = attnkit.gdpa(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5,
+                       pre_scale=0.7, causal=causal, window_size=window)
+    ref = gdpa_ref(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, pre_scale=0.7,
+                   causal=causal, window_size=window)
+    assert_close(out, ref, dtype, f"keyless rows ({path}, D={D}, window={window})")
+    assert (out[:before] == 0).all() and (out[T - after:] == 0).all(), "rows outside sequences"
+    # Garbage (decreasing) offsets: every row still written, finite.
+    poison_allocator("cuda")
+    bad = torch.tensor([before, 900, 20, 800, 810, 805, 1500, 1200], device="cuda")
+    out = attnkit.gdpa(q, k, v, bad, ko, 64, 64, "fast_gelu", 0.5, causal=causal,
+                       window_size=window)
+    assert torch.isfinite(out).all(), "garbage offsets left rows unwritten"
+
+
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("schedule", ["free", "pingpong", "single_loader", "grid"])
 @pytest.mark.parametrize("D", [128, 80])

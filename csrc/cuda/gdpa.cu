@@ -18,6 +18,7 @@
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
+#include "kernels/gdpa/zero_rows.cuh"
 #include "env_table.h"
 #include "tma_map.h"
 
@@ -166,20 +167,31 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int64_t B = q_offsets.size(0) - 1, D = q_in.size(2);
   check_sizes_fit(q_in, k_in, B);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  // Rows outside every sequence are defined as 0, so the output starts zeroed.
-  auto out = at::zeros(q_in.sizes(), q_in.options());
-  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return out;
+  // Rows outside every sequence and rows that see no key are defined as 0.
+  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return at::zeros(q_in.sizes(), q_in.options());
 
   const bool tc = use_tensor_cores(q_in);
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
+  // The tensor-core kernels' output is left uninitialised and only the rows no kernel writes are
+  // zeroed first (zero_rows.cuh); the portable kernels and a padded head dim keep a zero fill.
+  const bool zero_keyless = tc && q.scalar_type() != at::kFloat && q.size(2) == D;
+  auto out = zero_keyless ? at::empty(q_in.sizes(), q_in.options())
+                          : at::zeros(q_in.sizes(), q_in.options());
   auto o = q.size(2) == D ? out : at::zeros(q.sizes(), q.options());
   const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
   FwdParams p{};
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (zero_keyless) {
+    C10_CUDA_CHECK(with_dtype(q.scalar_type(), [&](auto t) {
+      using T = decltype(t);
+      return launch_gdpa_zero_keyless_rows<T>(static_cast<T*>(p.out), int64_t(p.H) * D, p.q_offsets,
+                                              p.kv_offsets, p.B, p.Tq, p.Tk, p.window, stream);
+    }));
+  }
   const KernelSwitch ws_mode = kernel_switch(Env::kGdpaFwdWs);
   bool ws_ran = false;
 

@@ -8,6 +8,7 @@
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
 #include "kernels/gdpa/simple.cuh"
+#include "kernels/gdpa/zero_rows.cuh"
 
 #if ATTNKIT_HAS_FWD_WS
 #error "fwd_ws.cuh must compile to nothing under HIP"
@@ -25,6 +26,12 @@ template cudaError_t launch_gdpa_fwd_mma<bf16_t, 64>(const FwdParams&, int, cuda
 template cudaError_t launch_gdpa_fwd_mma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_mma<bf16_t, 128>(const BwdParams&, int, int, cudaStream_t);
 template cudaError_t launch_gdpa_fwd_wgmma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
+template cudaError_t launch_gdpa_zero_keyless_rows<float>(float*, int64_t, const int32_t*,
+                                                          const int32_t*, int32_t, int32_t, int32_t,
+                                                          int32_t, cudaStream_t);
+template cudaError_t launch_gdpa_zero_keyless_rows<bf16_t>(bf16_t*, int64_t, const int32_t*,
+                                                           const int32_t*, int32_t, int32_t, int32_t,
+                                                           int32_t, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_wgmma<bf16_t>(const BwdWgmmaParams&, int, int, cudaStream_t);
 
 }  // namespace gdpa

@@ -372,17 +372,22 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         causal_mask<false>(s, r0, j0);
       }
       if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
+      // P rounded to the value type (DESIGN §3.1). The output store comes after it, so s is dead
+      // by then, and stays nested under the wait: ptxas serialises every wgmma of the kernel
+      // (C7514) when it cannot prove a read of acc_o follows a wait.
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
         if (lane == 0) bulk::arrive(empty_v + pstage);
+        pack_a<T, BN>(pa, s);
         if (j == 0) {  // that was the previous unit's last product: its output is complete
           store_unit(prev, acc_o);
 #pragma unroll
           for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
         }
+      } else {
+        pack_a<T, BN>(pa, s);
       }
-      pack_a<T, BN>(pa, s);  // P rounded to the value type (DESIGN §3.1)
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
