@@ -88,12 +88,20 @@ def test_permute(device, id_dtype, dtype, T, E, k, H):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T,E,k", [(300, 16, 4), (5, 300, 130), (2, 129, 129)])
+@pytest.mark.parametrize("T,E,k", [(300, 16, 4), (5, 300, 130), (2, 129, 129), (40, 5000, 8)])
 @pytest.mark.parametrize("H", [8, 1032])
-def test_permute_many_pairs(device, T, E, k, H):
+@pytest.mark.parametrize("kernels", ["default", "rank_walk", "no_pdl"])
+def test_permute_many_pairs(device, T, E, k, H, kernels, monkeypatch):
     """Shapes the sample grid does not reach: pairs over several rank chunks (T*k > 256), more
     buckets than scan threads (E + 1 > 256), more slots per token than the CUDA scatter's block
-    handles at once (k > 128), rows longer than one pass of its loads (H = 1032 bf16)."""
+    handles at once (k > 128), rows longer than one pass of its loads (H = 1032 bf16), more
+    buckets than the CUDA rank kernel's shared-memory histogram (E + 1 > 4096: the walk). On CUDA
+    also with the walk rank kernel everywhere and without programmatic dependent launch."""
+    if kernels != "default":
+        if device != "cuda":
+            pytest.skip("a CUDA kernel switch")
+        monkeypatch.setenv("ATTNKIT_MOE_RANK_HIST" if kernels == "rank_walk" else "ATTNKIT_MOE_PDL",
+                           "0")
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
     ids = rand_ids(T, E, k, torch.int32, device)
     poison_allocator(device)
@@ -155,6 +163,28 @@ def test_out_of_range_ids(device, id_dtype):
     assert int(off[-1]) == T * k - 3 and (p[T * k - 3:] == 0).all()
     w = torch.rand(T, k, device=device)
     assert_close(attnkit.moe_unpermute(p, rm, w), ref.moe_unpermute_ref(p, rm, w), FP32)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
+@pytest.mark.parametrize("T,E,k", [(700, 64, 8), (90, 5000, 3)])
+@pytest.mark.parametrize("kernels", ["default", "rank_walk", "no_pdl"])
+def test_out_of_range_ids_many_chunks(device, T, E, k, kernels, monkeypatch):
+    # Dropped pairs spread over several rank chunks and warps (CUDA only: the CPU rejects them),
+    # through each rank kernel (E + 1 > 4096 takes the walk) and with / without PDL.
+    if kernels != "default":
+        monkeypatch.setenv("ATTNKIT_MOE_RANK_HIST" if kernels == "rank_walk" else "ATTNKIT_MOE_PDL",
+                           "0")
+    g = torch.Generator(device="cpu").manual_seed(T + E + k)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int64)
+    bad = torch.rand(T, k, generator=g) < 0.1
+    wild = torch.tensor([E, -1, 1 << 20, -(1 << 40)])[torch.randint(0, 4, (T, k), generator=g)]
+    ids = torch.where(bad, wild, ids).to(device)
+    x = torch.randn(T, 40, device=device, dtype=torch.bfloat16)
+    poison_allocator(device)
+    p, off, rm = attnkit.moe_permute(x, ids, E)
+    rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
+    assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp)
+    assert int(off[-1]) == T * k - int(bad.sum())
 
 
 @pytest.mark.parametrize("device", DEVICES)

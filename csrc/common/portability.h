@@ -41,6 +41,9 @@
 #ifndef cudaGetLastError
 #define cudaGetLastError hipGetLastError
 #endif
+#ifndef cudaMemsetAsync
+#define cudaMemsetAsync hipMemsetAsync
+#endif
 #ifndef cudaFuncAttributeMaxDynamicSharedMemorySize
 #define cudaFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
 #endif

@@ -37,6 +37,8 @@ enum class Env : int {
   kPagedBulk,
   kPagedSplits,
   kMoeGroupedMm,
+  kMoeRankHist,
+  kMoePdl,
   kCount
 };
 
@@ -69,6 +71,8 @@ inline constexpr EnvEntry kEnvTable[] = {
     {Env::kPagedBulk, "ATTNKIT_PAGED_BULK", true},
     {Env::kPagedSplits, "ATTNKIT_PAGED_SPLITS", false},
     {Env::kMoeGroupedMm, "ATTNKIT_MOE_GROUPED_MM", true},
+    {Env::kMoeRankHist, "ATTNKIT_MOE_RANK_HIST", true},
+    {Env::kMoePdl, "ATTNKIT_MOE_PDL", true},
 };
 
 constexpr bool env_table_in_order() {

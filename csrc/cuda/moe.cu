@@ -199,8 +199,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                 kChunk, ") * (num_experts+1) <= 2^28 (CUDA workspace), got num_experts=", E,
                 " with tokens*k=", n);
   const auto i32 = ids.options().dtype(at::kInt);
+  // A/B and test switches, read at every call: the histogram rank kernel (else the walk, which
+  // launch_permute also takes for E + 1 > kRankMaxBuckets) and programmatic dependent launch.
+  const bool hist = env_flag(Env::kMoeRankHist);
+  const bool pdl = env_flag(Env::kMoePdl);
   auto rank = at::empty({n}, i32);
-  auto counts = at::zeros({chunks * (E + 1) + 1}, i32);  // + the scan's ticket
+  auto counts = at::empty({chunks * (E + 1) + 1}, i32);  // + the scan's ticket; set by the kernels
   auto totals = at::empty({E + 1}, i32);
   auto starts = at::empty({E + 1}, i32);
   const int64_t row_bytes = H * x.element_size();
@@ -211,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                                     row_bytes / int64_t(sizeof(Word)), ptr<Word>(permuted),
                                     ptr<int32_t>(offsets), ptr<int32_t>(row_map),
                                     ptr<int32_t>(rank), ptr<int32_t>(counts),
-                                    ptr<int32_t>(totals), ptr<int32_t>(starts), stream);
+                                    ptr<int32_t>(totals), ptr<int32_t>(starts), hist, pdl,
+                                    stream);
     };
     if (row_bytes % 16 == 0 && aligned16({x.data_ptr(), permuted.data_ptr()})) {
       run(uint4{});

@@ -50,6 +50,48 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void warp_sync() {
 #endif
 }
 
+// ---- lane masks of one warp (32 lanes on NVIDIA, 64 under HIP) --------------------------------
+#if defined(__HIPCC__)
+using lane_mask_t = unsigned long long;
+#else
+using lane_mask_t = unsigned;
+#endif
+
+// The lanes below `lane` (lane < kWarpSize, so the shift stays inside the mask's width).
+ATTNKIT_DEVICE ATTNKIT_INLINE lane_mask_t lanes_below(int lane) {
+  return (lane_mask_t(1) << lane) - 1;
+}
+
+ATTNKIT_DEVICE ATTNKIT_INLINE int popc(lane_mask_t m) {
+#if defined(__HIPCC__)
+  return __popcll(m);
+#else
+  return __popc(m);
+#endif
+}
+
+// The lowest lane of a non-empty mask.
+ATTNKIT_DEVICE ATTNKIT_INLINE int lowest_lane(lane_mask_t m) {
+#if defined(__HIPCC__)
+  return __ffsll(static_cast<unsigned long long>(m)) - 1;
+#else
+  return __ffs(static_cast<int>(m)) - 1;
+#endif
+}
+
+// The lanes of this warp whose `v` equals this lane's (this lane included). Every lane of the warp
+// must call it (full warps only). CUDA: __match_any_sync (sm_70+); HIP has no match instruction:
+// one broadcast per lane, the same mask.
+ATTNKIT_DEVICE ATTNKIT_INLINE lane_mask_t match_any(int v) {
+#if defined(__HIPCC__)
+  lane_mask_t m = 0;
+  for (int j = 0; j < kWarpSize; ++j) m |= lane_mask_t(shfl(v, j) == v) << j;
+  return m;
+#else
+  return __match_any_sync(0xffffffffu, v);
+#endif
+}
+
 // A load that bypasses this SM's L1 (volatile): for values other blocks wrote during this launch,
 // after the fence / ticket that ordered them.
 ATTNKIT_DEVICE ATTNKIT_INLINE int32_t load_cg(const int32_t* p) {

@@ -4,21 +4,29 @@
 //
 // The permutation is a stable counting sort of the N = T·k (token, slot) pairs by bucket, where
 // bucket e < E is expert e and bucket E collects ids outside [0, E) (dropped pairs, which take
-// the last rows and are zero-filled). Three launches after the workspace memset, no host sync:
-//   1. rank:    per chunk of kChunk pairs, each pair's rank among the earlier pairs of its bucket
-//               in the chunk, and the chunk's count per bucket;
+// the last rows and are zero-filled). Three launches, no host sync:
+//   1. rank:    per chunk c of kChunk pairs, each pair's rank among the earlier pairs of its bucket
+//               in the chunk, and the chunk's count per bucket, counts[bucket][c] (bucket-major,
+//               so the scan reads each bucket's counts contiguously). Up to kRankMaxBuckets
+//               buckets: warp-level ranks (match_any) and a per-chunk histogram in shared memory,
+//               every count written (zeros too: no memset). More buckets: the per-pair walk over
+//               the chunk, after a memset of `counts`;
 //   2. scan:    per bucket, an exclusive scan of its counts over the chunks; the last block to
 //               finish (one atomic ticket: a sync point, not a sum, so the result is fixed) then
 //               scans the bucket totals -> bucket starts (expert_offsets);
 //   3. scatter: per token, row = start[bucket] + chunk prefix + rank for each of its k pairs;
 //               the token row is read once and written to its k rows (zeros for a dropped pair).
 // The whole op is bandwidth-bound (T rows read, T·k written): every launch on its critical path
-// before the scatter is pure latency, hence the fused offsets and the token-major scatter.
+// before the scatter is pure latency, hence the fused offsets, the token-major scatter, and, on
+// sm_90+, programmatic dependent launch (kernels/common/pdl.cuh): the scan is scheduled while the
+// rank kernel runs and the scatter while the scan runs; the scatter loads its token row's first
+// words (an input no kernel of the op writes) before it waits for the prologue's results.
 #pragma once
 
 #include <cfloat>
 #include <cstdint>
 
+#include "kernels/common/pdl.cuh"
 #include "kernels/moe/common.cuh"
 
 namespace attnkit {
@@ -27,6 +35,9 @@ namespace moe {
 constexpr int kChunk = 256;  // pairs per rank block (= its threads)
 constexpr int kScanThreads = 256;
 constexpr int kRowThreads = 128;
+// Buckets (E + 1) up to which the rank kernel keeps a histogram of its chunk in shared memory
+// (16 KiB, under the default 48 KiB of dynamic shared memory).
+constexpr int kRankMaxBuckets = 4096;
 
 // ---- permutation -------------------------------------------------------------------------------
 template <typename index_t>
@@ -34,15 +45,64 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int bucket_of(index_t id, int E) {
   return (id >= 0 && id < index_t(E)) ? int(id) : E;
 }
 
-// counts [chunks, E+1] must be zero on entry.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t permute_chunks(int64_t n) {
+  return (n + kChunk - 1) / kChunk;
+}
+
+// Whether the rank kernel takes the histogram path (else the walk, which needs zeroed counts).
+inline bool permute_rank_hist(int E, bool want) { return want && E + 1 <= kRankMaxBuckets; }
+
+// Rank of chunk c (block c), E + 1 <= kRankMaxBuckets. Pair i's rank is the number of pairs
+// j < i of the chunk in its bucket: the pairs of its own warp below it (popc of the match_any
+// mask under its lane) plus those of the warps before it, which a shared-memory histogram of the
+// chunk holds when the warps add their counts one after another (one leader per bucket and warp:
+// the lowest lane of its mask; warp order, so the result is fixed). The final histogram is the
+// chunk's count per bucket: every bucket's count is written, zeros included, so `counts` needs no
+// memset. Block 0 also zeroes the scan's ticket. Lanes past n take bucket -1 (no histogram entry).
 template <typename index_t>
-__global__ void permute_rank_kernel(const index_t* __restrict__ ids, int64_t n, int E,
-                                    int32_t* __restrict__ rank, int32_t* __restrict__ counts) {
+__global__ void __launch_bounds__(kChunk)
+    permute_rank_kernel(const index_t* __restrict__ ids, int64_t n, int E,
+                        int32_t* __restrict__ rank, int32_t* __restrict__ counts,
+                        int32_t* __restrict__ ticket) {
+  extern __shared__ int32_t hist[];  // [E + 1]
+  pdl_launch_dependents();           // the scan may be scheduled; it waits for this grid's end
+  constexpr int kWarps = kChunk / kWarpSize;
+  const int B = E + 1, tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64_t chunks = permute_chunks(n), c = blockIdx.x, i = c * kChunk + tid;
+  const int b = i < n ? bucket_of(ids[i], E) : -1;
+  for (int e = tid; e < B; e += kChunk) hist[e] = 0;
+  if (c == 0 && tid == 0) *ticket = 0;
+  const lane_mask_t peers = match_any(b);  // the whole warp: blocks are kChunk = full warps
+  const lane_mask_t below = peers & lanes_below(lane);
+  int32_t base = 0;  // set in the bucket's leader lane: its pairs in the warps before this one
+  __syncthreads();   // the histogram is zeroed
+  for (int w = 0; w < kWarps; ++w) {
+    if (warp == w && b >= 0 && below == 0) {
+      base = hist[b];
+      hist[b] = base + popc(peers);
+    }
+    __syncthreads();
+  }
+  base = shfl(base, lowest_lane(peers));
+  if (i < n) rank[i] = base + popc(below);
+  for (int e = tid; e < B; e += kChunk) counts[int64_t(e) * chunks + c] = hist[e];
+}
+
+// Rank of chunk c for any number of buckets (E + 1 > kRankMaxBuckets): each pair walks the
+// chunk's buckets in shared memory (O(kChunk) per pair), and the last pair of each bucket in the
+// chunk writes its count. counts must be zero on entry (absent buckets are not written).
+template <typename index_t>
+__global__ void __launch_bounds__(kChunk)
+    permute_rank_walk_kernel(const index_t* __restrict__ ids, int64_t n, int E,
+                             int32_t* __restrict__ rank, int32_t* __restrict__ counts,
+                             int32_t* __restrict__ ticket) {
   __shared__ int32_t bucket_s[kChunk];
+  pdl_launch_dependents();
   const int tid = threadIdx.x;
-  const int64_t i = int64_t(blockIdx.x) * kChunk + tid;
+  const int64_t chunks = permute_chunks(n), c = blockIdx.x, i = c * kChunk + tid;
   const int b = i < n ? bucket_of(ids[i], E) : -1;
   bucket_s[tid] = b;
+  if (c == 0 && tid == 0) *ticket = 0;
   __syncthreads();
   if (i >= n) return;
   int32_t r = 0;
@@ -50,7 +110,7 @@ __global__ void permute_rank_kernel(const index_t* __restrict__ ids, int64_t n, 
   bool last = true;
   for (int j = tid + 1; j < kChunk && last; ++j) last = bucket_s[j] != b;
   rank[i] = r;
-  if (last) counts[int64_t(blockIdx.x) * (E + 1) + b] = r + 1;
+  if (last) counts[int64_t(b) * chunks + c] = r + 1;
 }
 
 // The exclusive scan of the E + 1 bucket totals by one block: starts (and expert_offsets, whose
@@ -72,25 +132,30 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void scan_bucket_totals(const int32_t* totals, int
   }
 }
 
-// One block per bucket: counts[:, bucket] becomes its exclusive prefix over chunks and
-// totals[bucket] its sum. `ticket` (zero on entry) counts finished blocks; the last one scans the
-// totals into starts / expert_offsets, so the scatter needs no launch in between.
-__global__ void permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int E,
-                                    int32_t* __restrict__ totals, int32_t* __restrict__ ticket,
-                                    int32_t* __restrict__ starts,
-                                    int32_t* __restrict__ expert_offsets) {
+// One block per bucket: its row of counts (bucket-major, `chunks` contiguous ints, each thread a
+// contiguous run of them) becomes its exclusive prefix over chunks and totals[bucket] its sum.
+// `ticket` (zeroed by the rank kernel) counts finished blocks; the last one scans the totals into
+// starts / expert_offsets, so the scatter needs no launch in between. Under PDL this grid may
+// start while the rank kernel runs: nothing is read or written before pdl_wait().
+__global__ void __launch_bounds__(kScanThreads)
+    permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int E,
+                        int32_t* __restrict__ totals, int32_t* __restrict__ ticket,
+                        int32_t* __restrict__ starts, int32_t* __restrict__ expert_offsets) {
   __shared__ int32_t smem[kScanThreads];
   __shared__ bool last;
-  const int64_t B = E + 1, b = blockIdx.x;
+  pdl_launch_dependents();  // the scatter may be scheduled and load its token rows
+  pdl_wait();               // the rank kernel's counts and ticket
+  const int64_t b = blockIdx.x;
+  int32_t* col = counts + b * chunks;
   const int64_t per = (chunks + kScanThreads - 1) / kScanThreads;
   const int64_t c0 = threadIdx.x * per, c1 = c0 + per < chunks ? c0 + per : chunks;
   int32_t local = 0;
-  for (int64_t c = c0; c < c1; ++c) local += counts[c * B + b];
+  for (int64_t c = c0; c < c1; ++c) local += col[c];
   int32_t total;
   int32_t run = block_exclusive_scan(local, smem, &total);
   for (int64_t c = c0; c < c1; ++c) {
-    const int32_t v = counts[c * B + b];
-    counts[c * B + b] = run;
+    const int32_t v = col[c];
+    col[c] = run;
     run += v;
   }
   if (threadIdx.x == 0) {
@@ -104,44 +169,71 @@ __global__ void permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks
   scan_bucket_totals(totals, E, smem, starts, expert_offsets);
 }
 
+// Words v0 + u·kRowThreads (u < U) of a row, zeros past its end. kCoherent: through ld.global.ca
+// instead of the read-only path the compiler picks for a const __restrict__ row: ptxas may sink
+// read-only (.nc) loads below griddepcontrol.wait (it did for sm_90a, CUDA 13.0), which would
+// undo the scatter's prefetch, and keeps coherent ones ahead of it. HIP: plain loads.
+template <bool kCoherent, int U, typename Word>
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_row_words(const Word* src, int64_t words, int64_t v0,
+                                                  Word (&w)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t v = v0 + int64_t(u) * kRowThreads;
+#if defined(__CUDA_ARCH__) && !defined(__HIPCC__)
+    if (kCoherent) {
+      w[u] = v < words ? __ldca(src + v) : Word{};
+      continue;
+    }
+#endif
+    w[u] = v < words ? src[v] : Word{};
+  }
+}
+
 // One block per token: the rows of its k pairs (threads 0..k-1, kRowThreads pairs at a time),
 // then the token row read once, in batches of kUnroll words per thread so several loads are in
 // flight, and stored to each pair's row (zeros for a dropped pair). Rows are a bijection onto
 // [0, n), so every output row is written exactly once. A permutation moves bits: rows are copied
 // as `words` words of type Word (uint4 = 16-byte accesses when the row size and pointers allow),
 // one instantiation per word size, not per dtype.
+// Under PDL this grid may start while the scan (and the rank kernel) still run: before pdl_wait()
+// it reads only x and ids (inputs the op never writes): the first batch of row words and the first
+// pairs' buckets. rank / chunk_prefix / starts are read after it with coherent loads (load_cg, not
+// the read-only path: they are written while this grid is resident).
 template <typename Word, typename index_t>
 __global__ void __launch_bounds__(kRowThreads)
     permute_scatter_kernel(const Word* __restrict__ x, const index_t* __restrict__ ids,
-                           const int32_t* __restrict__ rank,
-                           const int32_t* __restrict__ chunk_prefix,
-                           const int32_t* __restrict__ starts, int64_t n, int k, int E,
-                           int64_t words, Word* __restrict__ permuted,
-                           int32_t* __restrict__ row_map) {
+                           const int32_t* rank, const int32_t* chunk_prefix,
+                           const int32_t* starts, int64_t n, int k, int E, int64_t words,
+                           Word* __restrict__ permuted, int32_t* __restrict__ row_map) {
   constexpr int kUnroll = 4;
+  constexpr int64_t kStep = int64_t(kUnroll) * kRowThreads;
   // Each pair's destination: row + 1 for a kept pair, -(row + 1) for a dropped one (zero-filled),
   // 0 for none (cannot happen by construction; never write outside `permuted`).
   __shared__ int64_t dest_s[kRowThreads];
-  const int64_t t = blockIdx.x;
+  const int64_t t = blockIdx.x, chunks = permute_chunks(n);
   const Word* src = x + t * words;
+  Word w[kUnroll];
+  load_row_words<true>(src, words, threadIdx.x, w);  // the words at v0 = threadIdx.x
+  // The bucket of pair s = threadIdx.x (the first batch of pairs).
+  int b = int(threadIdx.x) < k ? bucket_of(ids[t * k + threadIdx.x], E) : E;
+  pdl_wait();  // the prologue's rank, chunk prefixes and starts
+  bool loaded = true;  // w holds the first batch
   for (int s0 = 0; s0 < k; s0 += kRowThreads) {
     const int m = k - s0 < kRowThreads ? k - s0 : kRowThreads;
     if (int(threadIdx.x) < m) {
       const int64_t i = t * k + s0 + threadIdx.x;
-      const int b = bucket_of(ids[i], E);
-      const int64_t row = int64_t(starts[b]) + chunk_prefix[(i / kChunk) * (E + 1) + b] + rank[i];
+      if (s0 > 0) b = bucket_of(ids[i], E);
+      const int64_t row = int64_t(load_cg(starts + b)) +
+                          load_cg(chunk_prefix + int64_t(b) * chunks + i / kChunk) +
+                          load_cg(rank + i);
       const bool inside = row >= 0 && row < n;
       dest_s[threadIdx.x] = !inside ? 0 : b < E ? row + 1 : -(row + 1);
       row_map[i] = inside && b < E ? int32_t(row) : -1;
     }
     __syncthreads();
-    for (int64_t v0 = threadIdx.x; v0 < words; v0 += int64_t(kUnroll) * kRowThreads) {
-      Word w[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * kRowThreads;
-        w[u] = v < words ? src[v] : Word{};
-      }
+    for (int64_t v0 = threadIdx.x; v0 < words; v0 += kStep) {
+      if (!loaded) load_row_words<false>(src, words, v0, w);
+      loaded = false;
       for (int j = 0; j < m; ++j) {
         const int64_t d = dest_s[j];
         if (d == 0) continue;
@@ -157,22 +249,31 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-inline int64_t permute_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
-
-// Workspaces: rank [n], counts [chunks*(E+1) + 1] zeroed (the last entry is the scan's ticket),
-// totals [E+1], starts [E+1].
+// Workspaces: rank [n], counts [chunks*(E+1) + 1] (the last entry is the scan's ticket; nothing
+// needs zeroing: the rank kernel writes every count on the histogram path and is preceded by a
+// memset of the counts on the walk path), totals [E+1], starts [E+1]. `hist`: the histogram rank
+// kernel where E + 1 <= kRankMaxBuckets (false: the walk everywhere, an A/B and test switch);
+// `pdl`: the scan and scatter with programmatic dependent launch where the running code has it.
+// The rank kernel is always an ordinary launch: it reads ids, which an earlier kernel may write.
 template <typename Word, typename index_t>
 void launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, int E,
                     int64_t words, Word* permuted, int32_t* expert_offsets, int32_t* row_map,
-                    int32_t* rank, int32_t* counts, int32_t* totals, int32_t* starts,
-                    cudaStream_t stream) {
+                    int32_t* rank, int32_t* counts, int32_t* totals, int32_t* starts, bool hist,
+                    bool pdl, cudaStream_t stream) {
   const int64_t n = tokens * k, chunks = permute_chunks(n);
   int32_t* ticket = counts + chunks * (E + 1);
-  permute_rank_kernel<index_t><<<chunks, kChunk, 0, stream>>>(ids, n, E, rank, counts);
-  permute_scan_kernel<<<E + 1, kScanThreads, 0, stream>>>(counts, chunks, E, totals, ticket,
-                                                           starts, expert_offsets);
-  permute_scatter_kernel<Word, index_t><<<tokens, kRowThreads, 0, stream>>>(
-      x, ids, rank, counts, starts, n, k, E, words, permuted, row_map);
+  if (permute_rank_hist(E, hist)) {
+    permute_rank_kernel<index_t><<<chunks, kChunk, size_t(E + 1) * sizeof(int32_t), stream>>>(
+        ids, n, E, rank, counts, ticket);
+  } else {
+    (void)cudaMemsetAsync(counts, 0, size_t(chunks) * (E + 1) * sizeof(int32_t), stream);
+    permute_rank_walk_kernel<index_t><<<chunks, kChunk, 0, stream>>>(ids, n, E, rank, counts,
+                                                                     ticket);
+  }
+  launch_kernel(permute_scan_kernel, pdl, dim3(E + 1), dim3(kScanThreads), 0, stream, counts,
+                chunks, E, totals, ticket, starts, expert_offsets);
+  launch_kernel(permute_scatter_kernel<Word, index_t>, pdl, dim3(tokens), dim3(kRowThreads), 0,
+                stream, x, ids, rank, counts, starts, n, k, E, words, permuted, row_map);
 }
 
 // ---- unpermute and its backward: one block per token ------------------------------------------
