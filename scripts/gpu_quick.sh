@@ -204,6 +204,15 @@ for s in $QUICK; do
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page details --print-details all > "$L/gdpa_fwd_details_$sp.txt" 2>&1
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_fwd_sass_$sp.csv" 2>&1
       done ;;
+    moe_permute_bench)  # bench_moe's routing and permutation rows alone (the #20 bars)
+      step bench_moe_permute 120 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
+        --skip-eager --ops route,permute,unpermute --csv "$L/bench_moe_permute.csv" ;;
+    moe_permute_sanitize_only)  # memcheck on the permutation (moe_route_tests' last step alone)
+      step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;
+    gdpa_keyless_sanitize)  # memcheck on the GDPA forward's keyless-row zeroing and garbage offsets
+      step gdpa_keyless_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist -k "keyless or garbage" ;;
     moe_route_tests)  # moe_route / moe_topk_softmax kernels, then memcheck and racecheck
       step moe_route_tests 150 $PY -m pytest tests/test_moe_route.py tests/test_moe*.py -q -n 16 -rfE
       step moe_route_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \

@@ -317,6 +317,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
   uint32_t pa[BN / 16][4];  // P_{g-1}, the A operand of the delayed P·V
   Done prev{};              // the unit whose last P·V is still to be issued (when g > 0)
+  // Whether key tile g - 1 is the first of its unit: its P·V then starts acc_o afresh (the
+  // accumulate flag off) instead of adding to a cleared one. No instruction but a wgmma ever writes
+  // acc_o inside the loop: a zero fill there made ptxas serialise every wgmma (C7514).
+  bool pv_first = false;
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
   while (true) {
     const uint32_t qs = qn % QS;
@@ -347,7 +351,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
+          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk),
+                               kk > 0 || !pv_first);
         }
         wgmma::commit();
         pass_turn();
@@ -372,22 +377,20 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         causal_mask<false>(s, r0, j0);
       }
       if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
-      // P rounded to the value type (DESIGN §3.1). The output store comes after it, so s is dead
-      // by then, and stays nested under the wait: ptxas serialises every wgmma of the kernel
-      // (C7514) when it cannot prove a read of acc_o follows a wait.
+      // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
+      // then), nested under the wait.
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
         if (lane == 0) bulk::arrive(empty_v + pstage);
         pack_a<T, BN>(pa, s);
-        if (j == 0) {  // that was the previous unit's last product: its output is complete
-          store_unit(prev, acc_o);
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-        }
+        // That was the previous unit's last product: its output is complete. (The next unit's
+        // first P·V overwrites acc_o: pv_first.)
+        if (j == 0) store_unit(prev, acc_o);
       } else {
         pack_a<T, BN>(pa, s);
       }
+      pv_first = j == 0;
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
@@ -402,7 +405,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+      MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), kk > 0 || !pv_first);
     }
     wgmma::commit();
     pass_turn();
