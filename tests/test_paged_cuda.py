@@ -47,6 +47,39 @@ def test_paged_gqa_paths(monkeypatch, path, gqa, head_size, block_size, layout):
     assert (out[0] == 0).all(), "a zero-length sequence must give zeros"
 
 
+@pytest.mark.parametrize("path", ["bulk", "mma"])
+@pytest.mark.parametrize("gqa", [3, 5, 7, 9, 12, 15])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_partial_head_blocks(monkeypatch, path, gqa, layout):
+    """G not a multiple of 8: the tensor-core kernel carries the query heads in column blocks of
+    8 (two above 8); columns past G hold zero queries, are computed and must never be stored."""
+    set_kernel_path(monkeypatch, path)
+    s = v1_sample("cuda", torch.bfloat16, heads=(gqa, 1), head_size=128, layout=layout,
+                  lengths=[1, 300, 2049, 0, 17], num_blocks=512)
+    assert_close(run_v1(s), v1_reference(s), torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", ["bulk", "mma"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_gqa_rising_scores(monkeypatch, path, layout):
+    """Scores that keep rising along the sequence, and one late token far above all others: the
+    tensor-core kernel moves its running max only in steps of more than 2^8 (the probabilities
+    in between stay below 256), so every rescale path runs; the result must not show it."""
+    set_kernel_path(monkeypatch, path)
+    lengths = [4000, 700, 33]
+    s = v1_sample("cuda", torch.bfloat16, heads=(8, 2), head_size=128, layout=layout,
+                  lengths=lengths, num_blocks=512)
+    q, _, kc, vc, _, _, bt, *_ = s.args
+    q.abs_()   # a key of equal elements c then scores c * sum|q| * scale: rising with c
+    for b, L in enumerate(lengths):
+        for pos in range(0, L, 29):
+            blk, t = token_slot(bt, b, pos, 16)
+            set_token(kc, vc, blk, t, k=0.015 * pos / 29, v=float(pos % 7) - 3.0)
+    blk, t = token_slot(bt, 0, 3001, 16)
+    set_token(kc, vc, blk, t, k=4.0, v=5.0)   # ~30 nats above the rest
+    assert_close(run_v1(s), v1_reference(s), torch.bfloat16)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("gqa", MMA_GQA)

@@ -195,10 +195,17 @@ at::Tensor split_workspace(DecodeParams& p, int32_t splits, const at::Tensor& li
   return ws;
 }
 
-template <typename T, int D, int BS, bool kBulk>
+// Column blocks of 8 query heads the tensor-core decode kernel carries (G <= 16).
+template <typename F>
+void dispatch_head_blocks(int64_t G, F&& f) {
+  if (G <= 8) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
+template <typename T, int D, int BS, bool kBulk, int NB>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-  auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk>;
+  auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk, false, NB>;
   static std::atomic<uint64_t> done_mask{0};
   set_max_smem_once(kernel, kSmem, done_mask);
   const int64_t gx = int64_t(p.S) * p.Hkv;
@@ -223,10 +230,13 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
         const bool d64 = p.D == 64, b16 = p.block_size == 16;
         auto launch = [&](auto bulk) {
           constexpr bool B = decltype(bulk)::value;
-          if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B>(p, splits, stream);
-          else if (d64) launch_decode_mma<scalar_t, 64, 32, B>(p, splits, stream);
-          else if (b16) launch_decode_mma<scalar_t, 128, 16, B>(p, splits, stream);
-          else launch_decode_mma<scalar_t, 128, 32, B>(p, splits, stream);
+          dispatch_head_blocks(G, [&](auto nb) {
+            constexpr int NB = decltype(nb)::value;
+            if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B, NB>(p, splits, stream);
+            else if (d64) launch_decode_mma<scalar_t, 64, 32, B, NB>(p, splits, stream);
+            else if (b16) launch_decode_mma<scalar_t, 128, 16, B, NB>(p, splits, stream);
+            else launch_decode_mma<scalar_t, 128, 32, B, NB>(p, splits, stream);
+          });
         };
         if (bulk_eligible(p)) launch(std::true_type{});
         else launch(std::false_type{});
@@ -268,14 +278,17 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+      const int64_t G = p.Hq / p.Hkv;
       auto launch = [&](auto d) {  // per-lane cp.async (sm_80+, any 16-byte aligned rows)
         constexpr int D = decltype(d)::value;
         constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-        auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true>;
-        static std::atomic<uint64_t> done_mask{0};
-        set_max_smem_once(kernel, kSmem, done_mask);
-        kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_head_blocks(G, [&](auto nb) {
+          auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true, decltype(nb)::value>;
+          static std::atomic<uint64_t> done_mask{0};
+          set_max_smem_once(kernel, kSmem, done_mask);
+          kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       };
       // Tensor-map tile copies on sm_90 when both caches can be mapped ({D, Hkv, block_size,
       // num_blocks}, 16-byte multiple strides); ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
@@ -301,11 +314,13 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
         auto launch_tma = [&](auto d) {
           constexpr int D = decltype(d)::value;
           constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
-          auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D>;
-          static std::atomic<uint64_t> done_mask{0};
-          set_max_smem_once(kernel, kSmem, done_mask);
-          kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dispatch_head_blocks(G, [&](auto nb) {
+            auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value>;
+            static std::atomic<uint64_t> done_mask{0};
+            set_max_smem_once(kernel, kSmem, done_mask);
+            kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         };
         if (p.D == 64) launch_tma(std::integral_constant<int, 64>{});
         else launch_tma(std::integral_constant<int, 128>{});

@@ -80,6 +80,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void ldmatrix_x4_trans(uint32_t (&r)[4], const voi
                : "r"(smem_addr(p)));
 }
 
+// Transposes one 8x8 b16 matrix held as a fragment (lane l: row l / 4, cols 2(l % 4)..+1) into the
+// same fragment of its transpose. It turns the C tile of one mma (scores) into the B operand of
+// the next when the two products disagree on which side the tokens are.
+ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // 16-byte global -> shared copy that bypasses registers; src_bytes < 16 zero-fills the rest
 // (src_bytes = 0 reads nothing, so out-of-range rows can pass any valid address).
 ATTNKIT_DEVICE ATTNKIT_INLINE void cp_async_16(void* smem, const void* gmem, int src_bytes) {

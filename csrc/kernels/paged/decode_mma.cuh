@@ -1,10 +1,18 @@
 // Tensor-core paged decode for grouped-query attention (sm_80+, torch-free).
 //
 // With G = Hq / Hkv >= 2 query heads per kv head, the CUDA-core kernel (decode.cuh) spends G fp32
-// FMAs per K and V element and becomes issue bound. Here the G query rows of a kv head are padded
-// to one m16 tile (rows >= G hold zeros and are never stored) and both products run on mma.sync:
-//   S[16 x 16 tokens] = Q·Kᵀ      A = Q fragments (registers), B = K tile [16 tok][D] (ldmatrix)
-//   O[16 x D]        += P·V       A = P (the S accumulators, packed), B = V tile [D][16 tok]
+// FMAs per K and V element and becomes issue bound. Here both products run on mma.sync with the
+// tokens on the 16-row side and the G query heads in n8 column blocks (NB = ceil(G / 8); columns
+// >= G hold zero queries and are never stored):
+//   Sᵀ[16 tok x 8 heads]  = K·Qᵀ     A = K tile [16 tok][D] (ldmatrix), B = Qᵀ (registers)
+//   Oᵀ[D x 8 heads]      += Vᵀ·Pᵀ    A = Vᵀ (ldmatrix, .trans for token-major V), B = Pᵀ
+// Pᵀ comes from Sᵀ's accumulators by one movmatrix per 8x8 (the C tile has tokens as rows, the B
+// operand wants them as k). With heads on the n side a 16-token tile costs D/16 mma per product
+// and 4 scores per thread, half of what the heads-as-rows orientation (an m16 tile of which G
+// rows are real) spends: decode is bound by each warp's instruction stream, not by the tensor
+// cores, so fewer instructions per tile is the speed. Likewise the running max is moved (and O
+// rescaled) only when a tile's scores exceed it by more than 2^8, and tiles wholly inside the
+// window without soft-cap or ALiBi take a one-multiply logit path.
 // Served: 16-bit query with the cache in the query dtype, head size 64 or 128, block size 16 or
 // 32, one query token per sequence (paged_attention_v1, pa_fwd with max_qlen = 1), both value
 // layouts, any cache strides (block stride 0 included).
@@ -89,8 +97,10 @@ struct MmaDecodeTraits {
   static constexpr int kStageElems = 2 * kTileElems;            // K + V
   static constexpr int kQElems = 16 * D;
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
-  // The final merge reuses the pipeline buffers: O [4][16][D] floats + (m, l) [4][16][2].
-  static constexpr int kMergeBytes = (kWarps * 16 * D + kWarps * 16 * 2) * 4;
+  // The final merge reuses the pipeline buffers: O [4][16][kRedStride] floats + (m, l) [4][16][2].
+  // The 4-float pad puts the 4 head rows one store instruction writes on distinct banks.
+  static constexpr int kRedStride = D + 4;
+  static constexpr int kMergeBytes = (kWarps * 16 * kRedStride + kWarps * 16 * 2) * 4;
   static constexpr int kSmemBytes =
       kQElems * 2 + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes) + (kSw128 ? 1024 : 0);
 };
@@ -129,12 +139,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int sw128(int row, int col) {
 #endif
 
 // grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
-// MmaDecodeTraits<D>::kSmemBytes. BS = 0: the block size is read at run time (any multiple of 16).
+// MmaDecodeTraits<D>::kSmemBytes. NB = ceil(G / 8): column blocks of 8 query heads. BS = 0: the block size is read at run time (any multiple of 16).
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
 // token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) lane 0
 // copies each tile through the tensor maps map_k / map_v (the header's NHD paragraph); the
 // kernels below are this body with and without maps.
-template <typename T, int D, int BS, bool kBulk, bool kNhd>
+template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB>
 ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const void* map_k,
                                                    const void* map_v) {
 #if ATTNKIT_HAS_MMA_SM80
@@ -142,8 +152,16 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   using Tr = MmaDecodeTraits<D, kSw128>;
   constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
   constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kRescaleSlack = 8.0f;  // log2 units; see the running max below
+  static_assert(NB == 1 || NB == 2, "tensor-core decode: up to 16 query heads per kv head");
   static_assert(BS == 0 || BS == 16 || BS == 32, "tensor-core decode: block size 16 or 32");
   const int bsz = BS > 0 ? BS : p.block_size;  // a multiple of 16 (TILE) when run-time
+  // Block sizes are powers of two in practice: a mask and a shift instead of 64-bit divisions.
+  const int bs_shift = (bsz & (bsz - 1)) == 0 ? __ffs(bsz) - 1 : -1;
+  auto block_of = [&](int64_t tok) -> int64_t { return bs_shift >= 0 ? tok >> bs_shift : tok / bsz; };
+  auto offset_in_block = [&](int64_t tok) -> int {
+    return bs_shift >= 0 ? int(tok & (bsz - 1)) : int(tok % bsz);
+  };
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   unsigned char* pipe_raw = smem_raw + Tr::kQElems * sizeof(T);
@@ -173,7 +191,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // -1 = invisible. Entries past the table's row are never read; those past the length are read
   // (they are in the row) but their tokens are masked.
   auto fetch_ids = [&](int64_t part0, int n0) -> int32_t {
-    const int64_t blk = tile_start(part0, n0 + lane) / bsz;
+    const int64_t blk = block_of(tile_start(part0, n0 + lane));
     if (blk >= p.max_blocks) return -1;
     const int32_t id = bt[blk];
     return (id >= 0 && id < p.num_blocks) ? id : -1;
@@ -267,7 +285,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     if ((n & 31) == 0 && n > 0) ids = ids_next, ids_next = fetch_ids(part0, n + 32);
     const int32_t id = __shfl_sync(0xffffffffu, ids, n & 31);
     if (lane == 0) ok_ring[warp][n % NST] = id >= 0;
-    const int in_off = int(ts % bsz);
+    const int in_off = offset_in_block(ts);
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
     const T* kb = kh + int64_t(id < 0 ? 0 : id) * p.cs.k_sb;
@@ -326,23 +344,47 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     }
   }
   __syncthreads();
-  uint32_t qf[D / 16][4];
+  // Qᵀ as the B operand of Sᵀ = K·Qᵀ: head block nb (heads 8nb..8nb+7) and k step kk hold
+  // Q[head 8nb + g][dims 16kk + 2t, +1] and [.. + 8, + 9]. One ldmatrix_x4 covers two k steps.
+  const int g = lane >> 2, t4 = lane & 3;
+  uint32_t qf[NB][D / 16][2];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    mma::ldmatrix_x4(qf[kk], q_s + mmadec::kswz<D>((lane & 7) + ((lane >> 3) & 1) * 8,
-                                                  kk * 16 + (lane >> 4) * 8));
-
-  // The two rows this thread's accumulators sit on: g and g + 8.
-  const int r0 = lane >> 2, r1 = r0 + 8;
-  const float slope0 = (p.alibi && r0 < G) ? p.alibi[hk * G + r0] : 0.0f;
-  const float slope1 = (p.alibi && r1 < G) ? p.alibi[hk * G + r1] : 0.0f;
-
-  float o[D / 8][4];
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // log2 domain
+    for (int kk = 0; kk < D / 16; kk += 2) {
+      uint32_t r[4];
+      mma::ldmatrix_x4(r, q_s + mmadec::kswz<D>(nb * 8 + (lane & 7), kk * 16 + (lane >> 3) * 8));
+      qf[nb][kk][0] = r[0], qf[nb][kk][1] = r[1], qf[nb][kk + 1][0] = r[2], qf[nb][kk + 1][1] = r[3];
+    }
 
-  for (int n = 0; hi > lo && tile_start(part0, n) < hi; ++n) {
+  // This thread's heads (the C columns): 8nb + 2·t4 + j, j = 0, 1.
+  float slope[NB][2];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int r = nb * 8 + 2 * t4 + j;
+      slope[nb][j] = (p.alibi && r < G) ? p.alibi[hk * G + r] : 0.0f;
+    }
+  // Tiles wholly inside the window with neither soft-cap nor ALiBi take the short logit path.
+  const bool plain_logits = !(p.softcap > 0.0f) && p.alibi == nullptr;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Oᵀ [D][heads]: o[mt][nb] is the C tile of dims 16mt..16mt+15 x heads 8nb..8nb+7.
+  float o[D / 16][NB][4];
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) o[mt][nb][0] = o[mt][nb][1] = o[mt][nb][2] = o[mt][nb][3] = 0.0f;
+  // Running max (log2 domain) and this thread's partial sum per head; m is the same on the 8
+  // lanes sharing a head, so the partial sums are summed across lanes only at the end.
+  float m[NB][2], l[NB][2];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) m[nb][0] = m[nb][1] = -INFINITY, l[nb][0] = l[nb][1] = 0.0f;
+
+  for (int n = 0; hi > lo; ++n) {
+    const int64_t ts = tile_start(part0, n);
+    if (ts >= hi) break;
     issue(n + NST - 1);
     if constexpr (kBulk) {
       bulk::wait(&full[warp][n % NST], uint32_t(n / NST) & 1u);
@@ -352,7 +394,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       __syncwarp();
     }
 
-    const int64_t ts = tile_start(part0, n);
     const bool blk_ok = ok_ring[warp][n % NST] != 0;
     T* ks = my_pipe + (n % NST) * Tr::kStageElems;
     T* vs = ks + Tr::kTileElems;
@@ -362,8 +403,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
         // lo in the window's first chunk came in too (they may hold anything, NaN included):
         // zero them, since their zero probabilities must not meet them.
         for (int i = lane; i < 8 * D; i += 32) {
-          const int t = i % 8 + int((lo - ts) / 8) * 8, d = i / 8;
-          if (t < TILE && ts + t < lo) vs[mmadec::vswz(d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+          const int tk = i % 8 + int((lo - ts) / 8) * 8, d = i / 8;
+          if (tk < TILE && ts + tk < lo) vs[mmadec::vswz(d, tk >> 3) + (tk & 7)] = from_float<T>(0.0f);
         }
         __syncwarp();
       }
@@ -374,12 +415,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
         // Whole tiles were copied: zero the V rows of tokens outside [lo, hi) (they may hold
         // anything, NaN included, and their zero probabilities must not meet them).
         for (int i = lane; i < TILE * D; i += 32) {
-          const int t = i % TILE, d = i / TILE;
-          if (ts + t < lo || ts + t >= hi) {
+          const int tk = i % TILE, d = i / TILE;
+          if (ts + tk < lo || ts + tk >= hi) {
             if constexpr (kNhd) {
-              vs[mmadec::sw128(t, d)] = from_float<T>(0.0f);
+              vs[mmadec::sw128(tk, d)] = from_float<T>(0.0f);
             } else {
-              vs[mmadec::vbulk<D>(v_chunk_major, d, t >> 3) + (t & 7)] = from_float<T>(0.0f);
+              vs[mmadec::vbulk<D>(v_chunk_major, d, tk >> 3) + (tk & 7)] = from_float<T>(0.0f);
             }
           }
         }
@@ -388,103 +429,141 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       }
     }
 
-    float sacc[2][4];
+    // Sᵀ [16 tokens][heads] = K·Qᵀ: A = the K tile (tokens are the rows), B = Qᵀ. With G <= 8
+    // query heads one n8 column block holds them all, so a 16-token tile costs D/16 mma.
+    float sacc[NB][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.0f;
+    for (int nb = 0; nb < NB; ++nb) sacc[nb][0] = sacc[nb][1] = sacc[nb][2] = sacc[nb][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t bf[4];
-      const int krow = (lane & 7) + (lane >> 4) * 8, kcol = kk * 16 + ((lane >> 3) & 1) * 8;
-      mma::ldmatrix_x4(bf, ks + (kBulk ? (kNhd ? mmadec::sw128(krow, kcol) : mmadec::kbulk(krow, kcol))
+      uint32_t af[4];
+      const int krow = (lane & 7) + ((lane >> 3) & 1) * 8, kcol = kk * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4(af, ks + (kBulk ? (kNhd ? mmadec::sw128(krow, kcol) : mmadec::kbulk(krow, kcol))
                                        : mmadec::kswz<D>(krow, kcol)));
-      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma::mma_16816<T>(sacc[0], qf[kk], b0);
-      mma::mma_16816<T>(sacc[1], qf[kk], b1);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mma::mma_16816<T>(sacc[nb], af, qf[nb][kk]);
     }
 
-    // Logits (scale, soft-cap, ALiBi, masks) in the C layout, then the running softmax.
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    // Logits in the log2 domain. sacc[nb][e] is token g + 8(e / 2), head 8nb + 2·t4 + e % 2.
+    if (plain_logits && blk_ok && ts >= lo && ts + TILE <= hi) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t tok = ts + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const bool vis = blk_ok && tok >= lo && tok < hi;
-        const float sl = e < 2 ? slope0 : slope1;
-        const float s = vis ? finish_logit(sacc[nt][e], p.scale, p.softcap, sl, tok, qpos) * kLog2e
+        for (int e = 0; e < 4; ++e) sacc[nb][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t tok = ts + g + 8 * (e >> 1);
+          const bool vis = blk_ok && tok >= lo && tok < hi;
+          sacc[nb][e] = vis ? finish_logit(sacc[nb][e], p.scale, p.softcap, slope[nb][e & 1], tok, qpos) * kLog2e
                             : -INFINITY;
-        sacc[nt][e] = s;
-        if (e < 2) mx0 = fmaxf(mx0, s);
-        else mx1 = fmaxf(mx1, s);
-      }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-    const float f0 = exp2f(m0 - base0), f1 = exp2f(m1 - base1);  // m = -inf -> 0
-    m0 = mn0, m1 = mn1;
-    float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      sacc[nt][0] = exp2f(sacc[nt][0] - base0);
-      sacc[nt][1] = exp2f(sacc[nt][1] - base0);
-      sacc[nt][2] = exp2f(sacc[nt][2] - base1);
-      sacc[nt][3] = exp2f(sacc[nt][3] - base1);
-      ps0 += sacc[nt][0] + sacc[nt][1];
-      ps1 += sacc[nt][2] + sacc[nt][3];
+        }
     }
-    l0 = l0 * f0 + ps0;
-    l1 = l1 * f1 + ps1;
+    // Per-head max over the tile's 16 tokens: 2 per thread, then the 8 lanes of a column.
+    float mx[NB][2];
+    bool grow = false;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] *= f0, o[i][1] *= f0, o[i][2] *= f1, o[i][3] *= f1;
-
-    uint32_t pa[4];
-    pa[0] = mma::pack2<T>(sacc[0][0], sacc[0][1]);
-    pa[1] = mma::pack2<T>(sacc[0][2], sacc[0][3]);
-    pa[2] = mma::pack2<T>(sacc[1][0], sacc[1][1]);
-    pa[3] = mma::pack2<T>(sacc[1][2], sacc[1][3]);
+    for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-    for (int np = 0; np < D / 16; ++np) {
-      uint32_t bf[4];
+      for (int j = 0; j < 2; ++j) {
+        float v = fmaxf(sacc[nb][j], sacc[nb][j + 2]);
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+        mx[nb][j] = v;
+        grow |= v > m[nb][j] + kRescaleSlack;
+      }
+    // The running max moves (and O, l are rescaled) only when some head's new scores exceed it by
+    // more than kRescaleSlack (log2 units): otherwise probabilities stay below 2^kRescaleSlack,
+    // harmless in fp32 sums and 16-bit P. Decided per warp, so the branch never diverges.
+    if (__any_sync(0xffffffffu, grow)) {
+      float f[NB][2];
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float mn = fmaxf(m[nb][j], mx[nb][j]);
+          f[nb][j] = exp2f(m[nb][j] - (mn == -INFINITY ? 0.0f : mn));  // m = -inf -> 0
+          m[nb][j] = mn;
+          l[nb][j] *= f[nb][j];
+        }
+#pragma unroll
+      for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          o[mt][nb][0] *= f[nb][0], o[mt][nb][1] *= f[nb][1];
+          o[mt][nb][2] *= f[nb][0], o[mt][nb][3] *= f[nb][1];
+        }
+    }
+    // Pᵀ = exp2(s - m), packed to 16 bits; movmatrix turns the C tile (tokens as rows) into the
+    // B operand of Oᵀ += Vᵀ·Pᵀ (tokens as k).
+    uint32_t pb[NB][2];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const float b0 = m[nb][0] == -INFINITY ? 0.0f : m[nb][0];
+      const float b1 = m[nb][1] == -INFINITY ? 0.0f : m[nb][1];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[nb][e] = exp2f(sacc[nb][e] - ((e & 1) ? b1 : b0));
+      l[nb][0] += sacc[nb][0] + sacc[nb][2];
+      l[nb][1] += sacc[nb][1] + sacc[nb][3];
+      pb[nb][0] = mma::movmatrix_trans(mma::pack2<T>(sacc[nb][0], sacc[nb][1]));
+      pb[nb][1] = mma::movmatrix_trans(mma::pack2<T>(sacc[nb][2], sacc[nb][3]));
+    }
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      // Vᵀ [16 dims][16 tokens] as the A operand: matrices (dims 0-7 | 8-15) x (tokens 0-7 | 8-15).
+      uint32_t af[4];
       if constexpr (kNhd) {
-        // V [16 tokens][D] token-major: the transposed 8x8 loads are the B fragments
-        // (matrices: tokens 0-7 / 8-15 of dims np*16 + 0..7, then of dims + 8..15).
-        const int vtok = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = np * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(bf, vs + (kBulk ? mmadec::sw128(vtok, vcol) : mmadec::kswz<D>(vtok, vcol)));
+        // V [16 tokens][D] token-major: transposed 8x8 loads.
+        const int vtok = (lane & 7) + (lane >> 4) * 8, vcol = mt * 16 + ((lane >> 3) & 1) * 8;
+        mma::ldmatrix_x4_trans(af, vs + (kBulk ? mmadec::sw128(vtok, vcol) : mmadec::kswz<D>(vtok, vcol)));
       } else {
-        const int vrow = np * 16 + (lane & 7) + (lane >> 4) * 8, vchunk = (lane >> 3) & 1;
-        mma::ldmatrix_x4(bf, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
+        const int vrow = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, vchunk = lane >> 4;
+        mma::ldmatrix_x4(af, vs + (kBulk ? mmadec::vbulk<D>(v_chunk_major, vrow, vchunk)
                                          : mmadec::vswz(vrow, vchunk)));
       }
-      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma::mma_16816<T>(o[2 * np], pa, b0);
-      mma::mma_16816<T>(o[2 * np + 1], pa, b1);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mma::mma_16816<T>(o[mt][nb], af, pb[nb]);
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   if constexpr (!kBulk) mma::cp_async_wait<0>();
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      l[nb][j] += __shfl_xor_sync(0xffffffffu, l[nb][j], 4);
+      l[nb][j] += __shfl_xor_sync(0xffffffffu, l[nb][j], 8);
+      l[nb][j] += __shfl_xor_sync(0xffffffffu, l[nb][j], 16);
+    }
   __syncthreads();  // every warp is out of its ring: the buffers become the merge area
 
-  float* red_o = reinterpret_cast<float*>(pipe);        // [4][16][D]
-  float* red_ml = red_o + Tr::kWarps * 16 * D;          // [4][16][2]
+  constexpr int RS = Tr::kRedStride;
+  float* red_o = reinterpret_cast<float*>(pipe);        // [4][16][RS]
+  float* red_ml = red_o + Tr::kWarps * 16 * RS;         // [4][16][2]
   {
-    float* ow = red_o + warp * 16 * D;
+    float* ow = red_o + warp * 16 * RS;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = i * 8 + (lane & 3) * 2;
-      *reinterpret_cast<float2*>(ow + r0 * D + col) = make_float2(o[i][0], o[i][1]);
-      *reinterpret_cast<float2*>(ow + r1 * D + col) = make_float2(o[i][2], o[i][3]);
-    }
-    if ((lane & 3) == 0) {
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const int h0 = nb * 8 + 2 * t4, d0 = mt * 16 + g;
+        ow[h0 * RS + d0] = o[mt][nb][0];
+        ow[(h0 + 1) * RS + d0] = o[mt][nb][1];
+        ow[h0 * RS + d0 + 8] = o[mt][nb][2];
+        ow[(h0 + 1) * RS + d0 + 8] = o[mt][nb][3];
+      }
+    if (g == 0) {
       float* mlw = red_ml + warp * 32;
-      mlw[r0 * 2] = m0, mlw[r0 * 2 + 1] = l0;
-      mlw[r1 * 2] = m1, mlw[r1 * 2 + 1] = l1;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int h = nb * 8 + 2 * t4 + j;
+          mlw[h * 2] = m[nb][j], mlw[h * 2 + 1] = l[nb][j];
+        }
     }
   }
   __syncthreads();
@@ -496,47 +575,47 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     float M = -INFINITY;
 #pragma unroll
     for (int wi = 0; wi < Tr::kWarps; ++wi) M = fmaxf(M, red_ml[wi * 32 + r * 2]);
-    float l = 0.0f, acc = 0.0f;
+    float lsum = 0.0f, acc = 0.0f;
 #pragma unroll
     for (int wi = 0; wi < Tr::kWarps; ++wi) {
       const float mw = red_ml[wi * 32 + r * 2];
       const float f = mw == -INFINITY ? 0.0f : exp2f(mw - M);
-      l += f * red_ml[wi * 32 + r * 2 + 1];
-      acc += f * red_o[(wi * 16 + r) * D + d];
+      lsum += f * red_ml[wi * 32 + r * 2 + 1];
+      acc += f * red_o[(wi * 16 + r) * RS + d];
     }
     const int64_t h = hk * G + r;
     if (splits == 1) {
-      out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
+      out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(lsum > 0.0f ? acc / lsum : 0.0f);
       if (d == 0 && p.lse) {  // natural log: M is in the log2 domain
-        p.lse[h * p.lse_sh + tok * p.lse_st] = l > 0.0f ? M * (1.0f / kLog2e) + logf(l) : -INFINITY;
+        p.lse[h * p.lse_sh + tok * p.lse_st] = lsum > 0.0f ? M * (1.0f / kLog2e) + logf(lsum) : -INFINITY;
       }
     } else {
       const int64_t ws_row = (tok * p.Hq + h) * splits + split;
       p.ws_out[ws_row * D + d] = acc;
       if (d == 0) {
         p.ws_ml[ws_row * 2] = M == -INFINITY ? -INFINITY : M * (1.0f / kLog2e);  // natural log
-        p.ws_ml[ws_row * 2 + 1] = l;
+        p.ws_ml[ws_row * 2 + 1] = lsum;
       }
     }
   }
 #endif  // ATTNKIT_HAS_MMA_SM80
 }
 
-template <typename T, int D, int BS, bool kBulk, bool kNhd = false>
+template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB>
 __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(!(kBulk && kNhd), "NHD bulk tiles take the tensor-map kernel");
-  decode_mma_body<T, D, BS, kBulk, kNhd>(p, nullptr, nullptr);
+  decode_mma_body<T, D, BS, kBulk, kNhd, NB>(p, nullptr, nullptr);
 }
 
 #if ATTNKIT_HAS_NHD_TMA
 // NHD caches through tensor maps (sm_90): maps over {D, Hkv, block_size, num_blocks}, boxes
 // {64, 1, 16, 1}, 128-byte swizzle (built by the launcher; csrc/cuda/tma_map.h).
-template <typename T, int D>
+template <typename T, int D, int NB>
 __global__ void __launch_bounds__(MmaDecodeTraits<D, true>::kThreads)
     paged_decode_mma_nhd_tma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap map_k,
                                     const __grid_constant__ CUtensorMap map_v) {
-  decode_mma_body<T, D, 0, true, true>(p, &map_k, &map_v);
+  decode_mma_body<T, D, 0, true, true, NB>(p, &map_k, &map_v);
 }
 #endif
 
