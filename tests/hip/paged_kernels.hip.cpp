@@ -23,8 +23,8 @@ template __global__ void pertoken_quant_kernel<bf16_t, C::kInt8>(const CacheWrit
 template __global__ void merge_attn_states_kernel<bf16_t>(const MergeParams);
 template __global__ void merge_attn_states_kernel<float>(const MergeParams);
 template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
-template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false>(const DecodeParams);  // empty under HIP
-template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true>(const DecodeParams);   // bulk loads: too
+template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false, false, 1>(const DecodeParams);  // empty under HIP
+template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true, false, 2>(const DecodeParams);   // bulk loads: too
 
 }  // namespace paged
 }  // namespace attnkit
