@@ -218,7 +218,8 @@ def bench_swiglu(args, dev, dtype, kw):
             "peer_us", "torch_silu_us", "speedup", "bound_speedup", "speedup_vs_bound", "extra_us",
             "fused_peak_MB", "peer_peak_MB"]
     peer_name = "_grouped_mm" if has_mm else "grouped_gemm"
-    print_table(rows, cols, title=f"grouped_gemm_swiglu vs {peer_name} + silu_and_mul, {dtype}, T={T}")
+    print_table(rows, cols,
+                title=f"grouped_gemm_swiglu vs {peer_name} + silu_and_mul, {dtype}, T={T}")
     if args.csv:
         write_csv(rows, cols, args.csv.replace(".csv", "_swiglu.csv"))
     return ok

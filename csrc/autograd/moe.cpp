@@ -3,8 +3,9 @@
 // moe_unpermute with unit weights (a gather, so no atomics); moe_unpermute's and grouped_gemm's
 // backwards are first-class ops with their own kernels; silu_and_mul's backward is a few
 // elementwise ATen ops; grouped_gemm_swiglu's backward recomputes the [M, 2I] product (the forward
-// never stores it) and reuses grouped_gemm, the SwiGLU derivative and _grouped_gemm_wgrad. Every backward goes through the dispatcher so it runs on any device and
-// under FakeTensor. The two backward-only ops refuse double backward clearly.
+// never stores it) and reuses grouped_gemm, the SwiGLU derivative and _grouped_gemm_wgrad. Every
+// backward goes through the dispatcher so it runs on any device and under FakeTensor. The two
+// backward-only ops refuse double backward clearly.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
