@@ -64,6 +64,25 @@ def test_swiglu_large(device, dtype, E, H, I, M):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
+def test_swiglu_fallback_shapes(device, dtype):
+    """What the fused kernel leaves to grouped_gemm + silu_and_mul on CUDA: a column-major W, more
+    than 1024 experts, H not a multiple of 8."""
+    a, w, off = swiglu_inputs([9, 0, 70, 4], 48, 32, dtype, device, 1, 2)
+    wt = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major per expert
+    poison_allocator(device)
+    assert_close(attnkit.grouped_gemm_swiglu(a, wt, off), ref.grouped_gemm_swiglu_ref(a, w, off),
+                 dtype, "column-major w")
+    sizes = torch.randint(0, 3, (1100,)).tolist()
+    a, w, off = swiglu_inputs(sizes, 16, 8, dtype, device, 0, 1)
+    assert_close(attnkit.grouped_gemm_swiglu(a, w, off), ref.grouped_gemm_swiglu_ref(a, w, off),
+                 dtype, "1100 experts")
+    a, w, off = swiglu_inputs([33, 0, 140], 100, 64, dtype, device, 0, 0)
+    assert_close(attnkit.grouped_gemm_swiglu(a, w, off), ref.grouped_gemm_swiglu_ref(a, w, off),
+                 dtype, "H = 100")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 def test_swiglu_no_rows(device, dtype):
     a, w, off = swiglu_inputs([], 16, 8, dtype, device, 0, 0)
     w = torch.randn(3, 16, 16, device=device, dtype=dtype)
