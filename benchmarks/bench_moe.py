@@ -3,7 +3,10 @@ read once plus rows written) against the device copy bandwidth measured in the s
 grouped_gemm TFLOP/s against torch._grouped_mm and a per-expert loop, and the whole MoE block
 against an eager loop over experts. A second table (``--ops route``) times moe_route against the
 same routing written in torch ops (softmax / sigmoid, vLLM's grouped top-k with DeepSeek-V3's
-bias, with and without the fused load-balancing and z losses).
+bias, with and without the fused load-balancing and z losses). A third (``--ops swiglu``, not in
+the default list: its DeepSeek shape holds 15 GB of weights) times grouped_gemm_swiglu against
+torch._grouped_mm + attnkit.silu_and_mul and + F.silu(g) * u at Mixtral / DeepSeek shapes with
+routed loads, with each one's peak memory and the bound of docs/performance.md.
 
 Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
 Small CPU run:  python benchmarks/bench_moe.py --tokens 512 --hidden 256 --inter 128 --experts 8
@@ -127,6 +130,101 @@ def bench_route(args, dev, kw):
     return ok
 
 
+# (name, H, I, E, k): Mixtral 8x7B, DeepSeek-V3 (256 routed experts, 8 per token) and the same
+# with 64 experts (a quarter of the weights).
+SWIGLU_SHAPES = {
+    "mixtral": (4096, 14336, 8, 2),
+    "deepseek": (7168, 2048, 256, 8),
+    "deepseek-e64": (7168, 2048, 64, 8),
+}
+
+
+def peak_bytes(fn, dev):
+    """Peak allocation of one call above what was allocated before it (CUDA), else 0."""
+    if not dev.startswith("cuda"):
+        fn()
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_swiglu(args, dev, dtype, kw):
+    """grouped_gemm_swiglu against the unfused peers at --tokens tokens with routed (top-k of
+    random logits) expert loads. bound_speedup = t(peer) / t(_grouped_mm alone): what the fused
+    op gains if it ran the GEMM at _grouped_mm's speed and its epilogue cost nothing (the GEMM
+    alone still writes [M, 2I], so this is a slight underestimate); docs/performance.md derives
+    it from the intermediate's bytes (extra_us)."""
+    T = args.tokens
+    rows, ok = [], True
+    on_gpu = dev.startswith("cuda")
+    has_mm = on_gpu and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
+    for name in args.swiglu_shapes.split(","):
+        H, I, E, k = SWIGLU_SHAPES[name]
+        if not on_gpu:  # a CPU smoke run at the --hidden / --inter / first --experts sizes
+            H, I, E = args.hidden, args.inter, _ints(args.experts)[0]
+            k = min(k, E)
+        n = T * k
+        ids = torch.randn(T, E, device=dev).topk(k, dim=-1)[1]
+        counts = torch.bincount(ids.flatten(), minlength=E)
+        off = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        a = torch.randn(n, H, device=dev, dtype=dtype)
+        w = torch.randn(E, H, 2 * I, device=dev, dtype=dtype) / H ** 0.5
+        ours = attnkit.grouped_gemm_swiglu(a, w, off)
+        ok &= verify(f"grouped_gemm_swiglu {name}", ours, ref.grouped_gemm_swiglu_ref(a, w, off),
+                     TOLERANCE[dtype])
+        del ours
+        flops = 2.0 * n * H * 2 * I
+        row = dict(shape=name, H=H, I=I, E=E, k=k, M=n)
+        fused = lambda: attnkit.grouped_gemm_swiglu(a, w, off)
+        t = time_ms(fused, dev, **kw)
+        row.update(fused_us=t * 1e3, fused_TFLOPs=flops / t / 1e9,
+                   fused_peak_MB=peak_bytes(fused, dev) / 2**20)
+        gemm = (lambda: torch._grouped_mm(a, w, ends)) if has_mm else (
+            lambda: attnkit.grouped_gemm(a, w, off))
+        ends = off[1:].contiguous()
+        peer = lambda: attnkit.silu_and_mul(gemm())
+        ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
+                     TOLERANCE[dtype])
+        tg = time_ms(gemm, dev, **kw)
+        tp = time_ms(peer, dev, **kw)
+        row.update(gemm_us=tg * 1e3, gemm_TFLOPs=flops / tg / 1e9, peer_us=tp * 1e3,
+                   peer_peak_MB=peak_bytes(peer, dev) / 2**20, speedup=tp / t,
+                   bound_speedup=tp / tg)
+        row["speedup_vs_bound"] = row["speedup"] / row["bound_speedup"]
+
+        def torch_swiglu():
+            h = gemm()
+            return torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+
+        row["torch_silu_us"] = time_ms(torch_swiglu, dev, **kw) * 1e3
+        # The intermediate's traffic at the copy bandwidth: [M, 2I] written by the GEMM and read
+        # by silu_and_mul (the fused kernel writes only the [M, I] output).
+        elem = a.element_size()
+        src = torch.empty(n, I, device=dev, dtype=dtype)
+        dst = torch.empty_like(src)
+        tc = time_ms(lambda: dst.copy_(src), dev, **kw)
+        copy_bps = 2 * src.numel() * elem / (tc * 1e-3)
+        del src, dst
+        row["extra_us"] = 2 * n * 2 * I * elem / copy_bps * 1e6
+        rows.append(row)
+        del a, w
+        if on_gpu:
+            torch.cuda.empty_cache()
+    cols = ["shape", "H", "I", "E", "k", "M", "fused_us", "fused_TFLOPs", "gemm_us", "gemm_TFLOPs",
+            "peer_us", "torch_silu_us", "speedup", "bound_speedup", "speedup_vs_bound", "extra_us",
+            "fused_peak_MB", "peer_peak_MB"]
+    peer_name = "_grouped_mm" if has_mm else "grouped_gemm"
+    print_table(rows, cols,
+                title=f"grouped_gemm_swiglu vs {peer_name} + silu_and_mul, {dtype}, T={T}")
+    if args.csv:
+        write_csv(rows, cols, args.csv.replace(".csv", "_swiglu.csv"))
+    return ok
+
+
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__))
     p.add_argument("--tokens", type=int, default=16384)
@@ -135,7 +233,10 @@ def main(argv=None):
     p.add_argument("--experts", default="8,64,128")
     p.add_argument("--topk", default="2,8")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--ops", default="route,permute,unpermute,gemm,block")
+    p.add_argument("--ops", default="route,permute,unpermute,gemm,block",
+                   help="comma list of route, permute, unpermute, gemm, block, swiglu")
+    p.add_argument("--swiglu-shapes", default="mixtral,deepseek-e64,deepseek",
+                   help=f"comma list of {', '.join(SWIGLU_SHAPES)} (--ops swiglu)")
     args = p.parse_args(argv)
     dev, dtype = args.device, DTYPES[args.dtype]
     ops = set(args.ops.split(","))
@@ -148,6 +249,8 @@ def main(argv=None):
     rows, ok = [], True
     if "route" in ops:
         ok &= bench_route(args, dev, kw)
+    if "swiglu" in ops:
+        ok &= bench_swiglu(args, dev, dtype, kw)
     if not ops & {"permute", "unpermute", "gemm", "block"}:
         print("verification: " + ("all ok" if ok else "FAILURES above"))
         return 0 if ok else 1

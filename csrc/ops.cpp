@@ -84,6 +84,8 @@ TORCH_LIBRARY(attnkit, m) {
   m.def("moe_unpermute(Tensor permuted_out, Tensor row_map, Tensor topk_weights) -> Tensor");
   m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  // silu_and_mul(grouped_gemm(a, w, expert_offsets)) with the [M, 2I] product never stored.
+  m.def("grouped_gemm_swiglu(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
   // Backward ops of moe_unpermute, grouped_gemm and moe_route (first-class, own kernels).
   m.def(

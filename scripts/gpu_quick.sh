@@ -30,7 +30,9 @@
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
 # moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
-# serving_bench: benchmarks/bench_serving.py; moe_bench: benchmarks/bench_moe.py (routing ops,
+# serving_bench: benchmarks/bench_serving.py; swiglu: grouped_gemm_swiglu's tests, memcheck on
+# them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I);
+# moe_bench: benchmarks/bench_moe.py (routing ops,
 # permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch;
 # paged_tests: the paged family's CUDA tests, then bench_paged; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
@@ -207,6 +209,13 @@ for s in $QUICK; do
     moe_permute_bench)  # bench_moe's routing and permutation rows alone (the #20 bars)
       step bench_moe_permute 120 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops route,permute,unpermute --csv "$L/bench_moe_permute.csv" ;;
+    swiglu)  # grouped_gemm_swiglu (#20.3): its tests, memcheck on the fused kernel, the bench rows
+      step swiglu_tests 150 $PY -m pytest tests/test_moe_swiglu.py -q -n 8 -rfE
+      step swiglu_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large"
+      step swiglu_bench 200 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
+        --skip-eager --ops swiglu,gemm --experts 8 --topk 2 --inter 14336 \
+        --csv "$L/bench_moe_swiglu.csv" ;;
     moe_permute_sanitize_only)  # memcheck on the permutation (moe_route_tests' last step alone)
       step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;

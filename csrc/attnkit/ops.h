@@ -66,6 +66,8 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_out, const at::Tensor& row_m
                          const at::Tensor& topk_weights);
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& expert_offsets);
 at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor grouped_gemm_swiglu(const at::Tensor& a, const at::Tensor& w,
+                               const at::Tensor& expert_offsets);
 at::Tensor expert_load_balance(const at::Tensor& expert_loads, int64_t world_size);
 // ---- paged decode attention (DESIGN §3.2) ----
 void paged_attention_v1(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,

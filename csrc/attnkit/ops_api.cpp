@@ -122,6 +122,11 @@ at::Tensor silu_and_mul(CT x) {
   return op.call(x);
 }
 
+at::Tensor grouped_gemm_swiglu(CT a, CT w, CT expert_offsets) {
+  static auto op = op_handle<at::Tensor(CT, CT, CT)>("attnkit::grouped_gemm_swiglu");
+  return op.call(a, w, expert_offsets);
+}
+
 at::Tensor expert_load_balance(CT expert_loads, int64_t world_size) {
   static auto op = op_handle<at::Tensor(CT, int64_t)>("attnkit::expert_load_balance");
   return op.call(expert_loads, world_size);

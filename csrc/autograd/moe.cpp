@@ -2,8 +2,10 @@
 // (_moe_route_bwd) with CPU and CUDA kernels; moe_permute's backward is
 // moe_unpermute with unit weights (a gather, so no atomics); moe_unpermute's and grouped_gemm's
 // backwards are first-class ops with their own kernels; silu_and_mul's backward is a few
-// elementwise ATen ops. Every backward goes through the dispatcher so it runs on any device and
-// under FakeTensor. The two backward-only ops refuse double backward clearly.
+// elementwise ATen ops; grouped_gemm_swiglu's backward recomputes the [M, 2I] product (the forward
+// never stores it) and reuses grouped_gemm, the SwiGLU derivative and _grouped_gemm_wgrad. Every
+// backward goes through the dispatcher so it runs on any device and under FakeTensor. The two
+// backward-only ops refuse double backward clearly.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -61,6 +63,28 @@ at::Tensor call_wgrad(const at::Tensor& a, const at::Tensor& g, const at::Tensor
 at::Tensor call_silu_and_mul(const at::Tensor& x) {
   static auto op = op_handle<at::Tensor(const at::Tensor&)>("attnkit::silu_and_mul");
   return op.call(x);
+}
+
+at::Tensor call_grouped_gemm_swiglu(const at::Tensor& a, const at::Tensor& w,
+                                    const at::Tensor& off) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "attnkit::grouped_gemm_swiglu");
+  return op.call(a, w, off);
+}
+
+// The gradient in h = [gate | up] of silu(gate) * up, in the accumulation dtype, returned in h's
+// dtype: d silu(a)/da = σ(a)(1 + a(1 − σ(a))).
+at::Tensor swiglu_grad(const at::Tensor& h, const at::Tensor& grad) {
+  const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto hf = h.to(acc);
+  const auto g = grad.to(acc);
+  auto halves = hf.chunk(2, -1);
+  const auto& a = halves[0];
+  const auto& b = halves[1];
+  const auto sig = at::sigmoid(a);
+  auto da = g * b * sig * (1 + a * (1 - sig));
+  auto db = g * a * sig;
+  return at::cat({da, db}, -1).to(h.scalar_type());
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -209,18 +233,28 @@ class SiluAndMulFunction : public torch::autograd::Function<SiluAndMulFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return {at::Tensor()};
-    const auto x = ctx->get_saved_variables()[0];
-    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const auto xf = x.to(acc);
-    const auto g = grads[0].to(acc);
-    auto halves = xf.chunk(2, -1);
-    const auto& a = halves[0];
-    const auto& b = halves[1];
-    const auto sig = at::sigmoid(a);
-    // d silu(a)/da = σ(a)(1 + a(1 − σ(a))).
-    auto da = g * b * sig * (1 + a * (1 - sig));
-    auto db = g * a * sig;
-    return {at::cat({da, db}, -1).to(x.scalar_type())};
+    return {swiglu_grad(ctx->get_saved_variables()[0], grads[0])};
+  }
+};
+
+class GroupedGemmSwigluFunction : public torch::autograd::Function<GroupedGemmSwigluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& w,
+                            const at::Tensor& off) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({a, w, off});
+    return call_grouped_gemm_swiglu(a, w, off);
+  }
+
+  // h = a·W[e] [M, 2I] exists only here (rows outside every expert are 0, so is their dh);
+  // dA = dh·W[e]ᵀ, dW[e] = A_eᵀ dh_e.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    auto dh = swiglu_grad(call_grouped_gemm(s[0], s[1], s[2]), grads[0]).contiguous();
+    auto grad_a = call_grouped_gemm(dh, s[1].transpose(1, 2), s[2]);
+    auto grad_w = call_wgrad(s[0], dh, s[2]);
+    return {grad_a, grad_w, at::Tensor()};
   }
 };
 
@@ -298,6 +332,11 @@ at::Tensor wgrad_autograd(const at::Tensor& a, const at::Tensor& g, const at::Te
 
 at::Tensor silu_and_mul_autograd(const at::Tensor& x) { return SiluAndMulFunction::apply(x); }
 
+at::Tensor grouped_gemm_swiglu_autograd(const at::Tensor& a, const at::Tensor& w,
+                                        const at::Tensor& off) {
+  return GroupedGemmSwigluFunction::apply(a, w, off);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
@@ -309,6 +348,7 @@ TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
   m.impl("grouped_gemm", &grouped_gemm_autograd);
   m.impl("_grouped_gemm_wgrad", &wgrad_autograd);
   m.impl("silu_and_mul", &silu_and_mul_autograd);
+  m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_autograd);
 }
 
 }  // namespace moe

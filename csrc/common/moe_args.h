@@ -171,6 +171,14 @@ inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& w, const a
                 w.sym_size(0) + 1, " entries (E+1, E from w), got ", off.sym_size(0));
 }
 
+// grouped_gemm's checks, and W's columns must split into a gate half and an up half.
+inline void check_grouped_gemm_swiglu(const at::Tensor& a, const at::Tensor& w,
+                                      const at::Tensor& off) {
+  check_grouped_gemm(a, w, off);
+  ATTNKIT_CHECK(w.sym_size(2) % 2 == 0, "w: expected shape [E, ", a.sym_size(1),
+                ", 2*I] (an even number of columns: gate, then up), got ", w.sym_sizes());
+}
+
 inline void check_grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& g,
                                      const at::Tensor& off) {
   check_dim(a, "a", 2);

@@ -473,6 +473,29 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   return at::silu(xf.narrow(-1, 0, I)).mul_(xf.narrow(-1, I, I)).to(x.scalar_type()).contiguous();
 }
 
+// Per expert and per block of rows, in the accumulation dtype: the product's [rows, 2I] block
+// lives only as long as its SwiGLU (one rounding at the end, as the fused CUDA kernel).
+at::Tensor grouped_gemm_swiglu_cpu(const at::Tensor& a, const at::Tensor& w,
+                                   const at::Tensor& off) {
+  check_grouped_gemm_swiglu(a, w, off);
+  const int64_t M = a.size(0), I = w.size(2) / 2;
+  const auto o = offsets_on_host(off, M);
+  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::zeros({M, I}, a.options());  // rows outside every expert stay 0
+  if (I == 0) return out;
+  constexpr int64_t kRows = 1024;
+  for (int64_t e = 0; e + 1 < int64_t(o.size()); ++e) {
+    if (o[e + 1] <= o[e]) continue;
+    const auto we = w[e].to(acc);
+    for (int64_t lo = o[e]; lo < o[e + 1]; lo += kRows) {
+      const int64_t n = std::min(kRows, o[e + 1] - lo);
+      const auto h = at::mm(a.narrow(0, lo, n).to(acc), we);
+      out.narrow(0, lo, n).copy_(at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)));
+    }
+  }
+  return out;
+}
+
 // Greedy longest-processing-time first: experts by load descending (lower expert id first on
 // ties), each to the rank with the smallest load so far (lower rank first on ties).
 at::Tensor expert_load_balance_cpu(const at::Tensor& loads_in, int64_t world_size) {
@@ -510,6 +533,7 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("_grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
   m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_cpu);
   m.impl("expert_load_balance", &expert_load_balance_cpu);
 }
 

@@ -39,6 +39,7 @@ enum class Env : int {
   kMoeGroupedMm,
   kMoeRankHist,
   kMoePdl,
+  kMoeSwigluFused,
   kCount
 };
 
@@ -73,6 +74,7 @@ inline constexpr EnvEntry kEnvTable[] = {
     {Env::kMoeGroupedMm, "ATTNKIT_MOE_GROUPED_MM", true},
     {Env::kMoeRankHist, "ATTNKIT_MOE_RANK_HIST", true},
     {Env::kMoePdl, "ATTNKIT_MOE_PDL", true},
+    {Env::kMoeSwigluFused, "ATTNKIT_MOE_SWIGLU_FUSED", true},
 };
 
 constexpr bool env_table_in_order() {

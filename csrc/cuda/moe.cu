@@ -22,9 +22,11 @@
 #include "common/moe_args.h"
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
+#include "kernels/moe/grouped_gemm_swiglu.cuh"
 #include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
 #include "env_table.h"
+#include "tma_map.h"
 
 // at:: dtypes -> the kernels' device types (fp64 included: gradient checks and exact tests).
 #define ATTNKIT_DISPATCH_MOE_CUDA(TYPE, NAME, ...)                                             \
@@ -414,6 +416,70 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x_in) {
   return out;
 }
 
+#if ATTNKIT_HAS_SWIGLU_GEMM && ATTNKIT_HAS_TMA_MAP
+// The fused sm_90a kernel (kernels/moe/grouped_gemm_swiglu.cuh) with its tensor maps, when the
+// build, the device and the operands allow it; false (nothing launched) otherwise.
+bool grouped_gemm_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                               at::Tensor& out, cudaStream_t stream) {
+  using Tr = SwigluGemmTraits;
+  const int64_t M = a.size(0), H = a.size(1), E = w.size(0), I = w.size(2) / 2;
+  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (!wgmma::kBuilt || !env_flag(Env::kMoeSwigluFused) || !half) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;
+  // 16-byte rows and stores (TMA strides, the epilogue's uint4), row-major W, int32 coordinates.
+  if (H == 0 || H % 8 != 0 || I % 8 != 0 || !w.is_contiguous()) return false;
+  if (E > Tr::kMaxExperts || M > INT32_MAX || 2 * I > INT32_MAX || H > INT32_MAX) return false;
+  if (!aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()})) return false;
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  CUtensorMap map_a, map_w;
+  const uint64_t es = 2;
+  if (!tma::encode_sw128<3>(&map_a, bf16, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
+                            {uint64_t(H) * es, uint64_t(H) * uint64_t(M) * es},
+                            {uint32_t(Tr::kBlockK), uint32_t(Tr::kBlockM), 1}) ||
+      !tma::encode_sw128<3>(&map_w, bf16, w.data_ptr(), {uint64_t(2 * I), uint64_t(H), uint64_t(E)},
+                            {uint64_t(2 * I) * es, uint64_t(H) * uint64_t(2 * I) * es},
+                            {64, uint32_t(Tr::kBlockK), 1})) {
+    return false;
+  }
+  SwigluGemmParams p{};
+  p.offsets = off.data_ptr();
+  p.out = out.data_ptr();
+  p.M = M;
+  p.H = int(H);
+  p.I = int(I);
+  p.E = int(E);
+  p.n_tiles = int((I + Tr::kBlockN - 1) / Tr::kBlockN);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  cudaError_t err = cudaSuccess;
+  ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
+    if (bf16) {
+      err = launch_grouped_gemm_swiglu<bf16_t, index_t>(p, map_a, map_w, sms, stream);
+    } else {
+      err = launch_grouped_gemm_swiglu<fp16_t, index_t>(p, map_a, map_w, sms, stream);
+    }
+  });
+  C10_CUDA_CHECK(err);
+  return true;
+}
+#endif
+
+// The fused kernel where it applies; grouped_gemm + silu_and_mul (the [M, 2I] product stored)
+// everywhere else: other archs and dtypes, H or I not multiples of 8, a non-row-major W.
+at::Tensor grouped_gemm_swiglu_cuda(const at::Tensor& a_in, const at::Tensor& w,
+                                    const at::Tensor& off_in) {
+  check_grouped_gemm_swiglu(a_in, w, off_in);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const auto a = a_in.contiguous();
+  const auto off = off_in.contiguous();
+  const int64_t M = a.size(0), I = w.size(2) / 2;
+  auto out = at::empty({M, I}, a.options());
+  if (out.numel() == 0) return out;
+#if ATTNKIT_HAS_SWIGLU_GEMM && ATTNKIT_HAS_TMA_MAP
+  if (grouped_gemm_swiglu_fused(a, w, off, out, at::cuda::getCurrentCUDAStream())) return out;
+#endif
+  return silu_and_mul_cuda(grouped_gemm_cuda(a, w, off));
+}
+
 at::Tensor expert_load_balance_cuda(const at::Tensor& loads_in, int64_t world_size) {
   check_load_balance(loads_in, world_size);
   ATTNKIT_CHECK(world_size <= 4096, "world_size: expected <= 4096 on CUDA, got ", world_size);
@@ -444,6 +510,7 @@ TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("grouped_gemm", &grouped_gemm_cuda);
   m.impl("_grouped_gemm_wgrad", &grouped_gemm_wgrad_cuda);
   m.impl("silu_and_mul", &silu_and_mul_cuda);
+  m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_cuda);
   m.impl("expert_load_balance", &expert_load_balance_cuda);
 }
 

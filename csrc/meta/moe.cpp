@@ -85,6 +85,12 @@ at::Tensor silu_and_mul_meta(const at::Tensor& x) {
   return at::empty_symint(sizes, x.options());
 }
 
+at::Tensor grouped_gemm_swiglu_meta(const at::Tensor& a, const at::Tensor& w,
+                                    const at::Tensor& off) {
+  check_grouped_gemm_swiglu(a, w, off);
+  return at::empty_symint({a.sym_size(0), w.sym_size(2) / 2}, a.options());
+}
+
 at::Tensor expert_load_balance_meta(const at::Tensor& loads, int64_t world_size) {
   check_load_balance(loads, world_size);
   return at::empty_symint(loads.sym_sizes(), loads.options().dtype(at::kLong));
@@ -102,6 +108,7 @@ TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("grouped_gemm", &grouped_gemm_meta);
   m.impl("_grouped_gemm_wgrad", &grouped_gemm_wgrad_meta);
   m.impl("silu_and_mul", &silu_and_mul_meta);
+  m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_meta);
   m.impl("expert_load_balance", &expert_load_balance_meta);
 }
 

@@ -9,8 +9,8 @@ from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
 from .gdpa import GDPA_ACTIVATIONS, gdpa
 from .flash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from .moe import (MoE, expert_load_balance, grouped_gemm, moe, moe_permute, moe_route,
-                  moe_topk_softmax, moe_unpermute, silu_and_mul)
+from .moe import (MoE, expert_load_balance, grouped_gemm, grouped_gemm_swiglu, moe, moe_permute,
+                  moe_route, moe_topk_softmax, moe_unpermute, silu_and_mul)
 from .moe_ep import moe_combine, moe_dispatch
 from .paged import (merge_attn_states, pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
                     reshape_and_cache_flash, reshape_and_cache_with_pertoken_quant)
@@ -23,7 +23,8 @@ __all__ = [
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
     # MoE routing
     "moe", "MoE", "moe_route", "moe_topk_softmax", "moe_permute", "moe_unpermute",
-    "grouped_gemm", "silu_and_mul", "expert_load_balance", "moe_dispatch", "moe_combine",
+    "grouped_gemm", "grouped_gemm_swiglu", "silu_and_mul", "expert_load_balance", "moe_dispatch",
+    "moe_combine",
     # paged decode attention
     "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",

@@ -96,6 +96,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.attnkit.silu_and_mul(x)
 
 
+def grouped_gemm_swiglu(a: torch.Tensor, w: torch.Tensor,
+                        expert_offsets: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul(grouped_gemm(a, w, expert_offsets))`` without storing the ``[M, 2I]``
+    product: ``out[r] = silu(h[:I]) * h[I:]`` with ``h = a[r] @ w[e]`` in fp32.
+
+    Args:
+        a: ``[M, H]``; w: ``[E, H, 2I]`` same dtype (columns ``[0, I)`` the gate, ``[I, 2I)`` the
+            up projection, as ``silu_and_mul`` splits them); expert_offsets: ``[E+1]``
+            int32/int64, non-decreasing, within ``[0, M]``.
+
+    Returns ``[M, I]`` in a's dtype (one rounding, after the SwiGLU); rows outside every expert
+    are 0. On sm90 with bf16 / fp16 it runs a fused kernel; elsewhere ``grouped_gemm`` followed by
+    ``silu_and_mul``. Differentiable in a and w (the backward recomputes the product).
+    """
+    return torch.ops.attnkit.grouped_gemm_swiglu(a, w, expert_offsets)
+
+
 def expert_load_balance(expert_loads: torch.Tensor, world_size: int) -> torch.Tensor:
     """Assigns experts to ``world_size`` ranks, greedy longest-processing-time first.
 

@@ -387,6 +387,11 @@ def silu_and_mul_ref(x):
     return F.silu(a) * b
 
 
+def grouped_gemm_swiglu_ref(a, w, expert_offsets):
+    """silu_and_mul of the grouped GEMM, in fp32 (fp64 for fp64), unrounded in between."""
+    return silu_and_mul_ref(grouped_gemm_ref(a, w, expert_offsets))
+
+
 def expert_load_balance_ref(expert_loads, world_size):
     """Greedy LPT in plain Python: largest load first (lower id on ties) to the least-loaded rank
     (lower rank on ties)."""

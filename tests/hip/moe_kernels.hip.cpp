@@ -3,6 +3,7 @@
 // (ATTNKIT_HAS_MMA_SM80) compiles to an empty kernel under HIP.
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
+#include "kernels/moe/grouped_gemm_swiglu.cuh"  // sm_90a only: compiles to nothing here
 #include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
 

@@ -23,7 +23,15 @@ GEMM = [  # (expert sizes, K, N)
     ([128, 3], 136, 264),
 ]
 OPS = ["moe_topk_softmax", "moe_permute", "moe_unpermute", "_moe_unpermute_bwd", "grouped_gemm",
-       "_grouped_gemm_wgrad", "silu_and_mul", "expert_load_balance"]
+       "_grouped_gemm_wgrad", "silu_and_mul", "grouped_gemm_swiglu", "expert_load_balance"]
+SWIGLU = [  # (expert sizes, H, I): experts with no rows, ragged sizes, H and I off the tiles
+    ([5, 0, 17, 3], 32, 24),
+    ([0, 0, 0], 16, 8),
+    ([1], 8, 40),
+    ([130, 0, 1, 129, 7], 72, 136),
+    ([257, 3], 200, 64),
+    ([64, 1, 0, 30, 7, 2, 0, 9], 136, 12),
+]
 
 
 def type_id(v):
@@ -43,6 +51,11 @@ def gemm_inputs(sizes, K, N, dtype, device, lead=0, tail=0, id_dtype=torch.int32
     w = torch.randn(len(sizes), K, N, device=device, dtype=dtype) / K ** 0.5
     off = torch.tensor([0] + sizes).cumsum(0) + lead
     return a, w, off.to(id_dtype).to(device)
+
+
+def swiglu_inputs(sizes, H, I, dtype, device, lead=0, tail=0, id_dtype=torch.int32):
+    """a [lead + Σ sizes + tail, H], w [E, H, 2I] (gate columns, then up), expert_offsets."""
+    return gemm_inputs(sizes, H, 2 * I, dtype, device, lead, tail, id_dtype)
 
 
 def op_of(s):
@@ -87,6 +100,11 @@ def sample_inputs(device, dtype=torch.float32, requires_grad=False):
         x = x.transpose(0, 1) if view else x
         yield Sample(f"silu_and_mul shape={tuple(x.shape)}{' transposed' if view else ''}",
                      (rg(x),))
+    for sizes, H, I, lead, tail in [([5, 0, 17, 3], 32, 24, 0, 0), ([0, 0], 16, 8, 2, 1),
+                                    ([130, 1, 0, 9], 72, 136, 1, 2)]:
+        a, w, off = swiglu_inputs(sizes, H, I, dtype, device, lead, tail)
+        yield Sample(f"grouped_gemm_swiglu sizes={sizes} H={H} I={I} rows outside={lead + tail}",
+                     (rg(a), rg(w), off))
     for E, W, load_dtype in [(0, 3, torch.int64), (1, 1, torch.int32), (8, 2, torch.float32),
                              (64, 8, torch.int64)]:
         loads = torch.randint(0, 50, (E,)).to(load_dtype).to(device)  # small ints: many ties
@@ -126,6 +144,8 @@ def reference(s):
         return _grads(ref.grouped_gemm_ref, (x, w, off), (1,), g)[0]
     if name == "silu_and_mul":
         return ref.silu_and_mul_ref(*a)
+    if name == "grouped_gemm_swiglu":
+        return ref.grouped_gemm_swiglu_ref(*a)
     if name == "expert_load_balance":
         loads, W = a
         return ref.expert_load_balance_ref(loads.cpu(), W).to(loads.device)

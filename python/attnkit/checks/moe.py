@@ -1,10 +1,11 @@
 """MoE routing self-check cases: fresh random routing, every op against its eager reference."""
 import torch
 
-from ..moe import (expert_load_balance, grouped_gemm, moe, moe_permute, moe_topk_softmax,
-                   moe_unpermute, silu_and_mul)
-from ..reference import (expert_load_balance_ref, grouped_gemm_ref, moe_permute_ref, moe_ref,
-                         moe_topk_softmax_ref, moe_unpermute_ref, silu_and_mul_ref)
+from ..moe import (expert_load_balance, grouped_gemm, grouped_gemm_swiglu, moe, moe_permute,
+                   moe_topk_softmax, moe_unpermute, silu_and_mul)
+from ..reference import (expert_load_balance_ref, grouped_gemm_ref, grouped_gemm_swiglu_ref,
+                         moe_permute_ref, moe_ref, moe_topk_softmax_ref, moe_unpermute_ref,
+                         silu_and_mul_ref)
 from ..testing import COMPOSITE_TOLERANCE, TOLERANCE
 from . import Case
 
@@ -38,6 +39,10 @@ def cases(device):
         w1 = torch.randn(E, H, 2 * I, device=device, dtype=dtype) / H ** 0.5
         out.append(Case(f"grouped_gemm {tag}", run=lambda p=p, w=w1, o=off: grouped_gemm(p, w, o),
                         reference=lambda p=p, w=w1, o=off: grouped_gemm_ref(p, w, o),
+                        tol=TOLERANCE[dtype], timed=timed))
+        out.append(Case(f"grouped_gemm_swiglu {tag}",
+                        run=lambda p=p, w=w1, o=off: grouped_gemm_swiglu(p, w, o),
+                        reference=lambda p=p, w=w1, o=off: grouped_gemm_swiglu_ref(p, w, o),
                         tol=TOLERANCE[dtype], timed=timed))
         h = torch.randn(T * k, 2 * I, device=device, dtype=dtype)
         out.append(Case(f"silu_and_mul {tag}", run=lambda h=h: silu_and_mul(h),
