@@ -6,10 +6,16 @@ same routing written in torch ops (softmax / sigmoid, vLLM's grouped top-k with 
 bias, with and without the fused load-balancing and z losses). A third (``--ops swiglu``, not in
 the default list: its DeepSeek shape holds 15 GB of weights) times grouped_gemm_swiglu against
 torch._grouped_mm + attnkit.silu_and_mul and + F.silu(g) * u at Mixtral / DeepSeek shapes with
-routed loads, with each one's peak memory and the bound of docs/performance.md.
+routed loads, with each one's peak memory and the bound of docs/performance.md. The
+expert-parallel section (``--ops ep``, benchmarks/bench_moe_ep.py) runs when more than one GPU is
+visible: moe_dispatch + moe_combine tokens/s and all-to-all GB/s per rank against
+all_to_all_single alone on the same splits, and the MoE(process_group=) block; one line says why
+when it is skipped.
 
 Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
 Small CPU run:  python benchmarks/bench_moe.py --tokens 512 --hidden 256 --inter 128 --experts 8
+EP dry run (CPU, gloo):  python benchmarks/bench_moe.py --ops ep --ep-backend gloo --ep-world 2 \
+    --ep-tokens 256 --ep-hidden 64
 """
 import argparse
 import os
@@ -21,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import add_common_args, plot, print_table, time_ms, verify, write_csv  # noqa: E402
 
 import attnkit  # noqa: E402
+import bench_moe_ep  # noqa: E402
 from attnkit import reference as ref  # noqa: E402
 from attnkit.testing import COMPOSITE_TOLERANCE, TOLERANCE  # noqa: E402
 
@@ -233,10 +240,11 @@ def main(argv=None):
     p.add_argument("--experts", default="8,64,128")
     p.add_argument("--topk", default="2,8")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--ops", default="route,permute,unpermute,gemm,block",
-                   help="comma list of route, permute, unpermute, gemm, block, swiglu")
+    p.add_argument("--ops", default="route,permute,unpermute,gemm,block,ep",
+                   help="comma list of route, permute, unpermute, gemm, block, swiglu, ep")
     p.add_argument("--swiglu-shapes", default="mixtral,deepseek-e64,deepseek",
                    help=f"comma list of {', '.join(SWIGLU_SHAPES)} (--ops swiglu)")
+    bench_moe_ep.add_args(p)
     args = p.parse_args(argv)
     dev, dtype = args.device, DTYPES[args.dtype]
     ops = set(args.ops.split(","))
@@ -249,6 +257,8 @@ def main(argv=None):
     rows, ok = [], True
     if "route" in ops:
         ok &= bench_route(args, dev, kw)
+    if "ep" in ops:  # its own processes, one per GPU; before this process fills its GPU
+        ok &= bench_moe_ep.run(args)
     if "swiglu" in ops:
         ok &= bench_swiglu(args, dev, dtype, kw)
     if not ops & {"permute", "unpermute", "gemm", "block"}:

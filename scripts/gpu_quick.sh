@@ -32,8 +32,9 @@
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py; swiglu: grouped_gemm_swiglu's tests, memcheck on
 # them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I);
-# moe_bench: benchmarks/bench_moe.py (routing ops,
-# permute / unpermute, grouped GEMM, block); moe_profile: moe_permute's time per launch;
+# moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
+# the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
+# machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
 # paged_tests: the paged family's CUDA tests, then bench_paged; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -245,6 +246,10 @@ for s in $QUICK; do
       step bench_moe 150 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --csv "$L/bench_moe.csv" ;;
     moe_profile) step moe_profile 60 $PY benchmarks/profile_moe.py ;;
+    moe_ep_bench)  # bench_moe's expert-parallel section alone (benchmarks/bench_moe_ep.py): NCCL,
+      # one rank per visible GPU; with fewer than 2 GPUs it prints one "skipped" line and exits 0
+      step bench_moe_ep 240 $PY benchmarks/bench_moe.py --ops ep --ep-iters ${EP_ITERS:-20} \
+        --ep-warmup ${EP_WARMUP:-5} --ep-timeout 220 --csv "$L/bench_moe.csv" ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;

@@ -460,6 +460,15 @@ inline CacheStrides nhd_cache_strides(const at::Tensor& key_cache, const at::Ten
   return s;
 }
 
+// The query and output pointers and strides, filled the same way by every DecodeParams builder
+// below (q is only read: const_data_ptr, so a copy-on-write tensor is not materialised).
+inline void fill_q_out(DecodeParams& p, const at::Tensor& q, const at::Tensor& out) {
+  p.q = q.const_data_ptr();
+  p.q_st = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
+  p.out = out.data_ptr();
+  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+}
+
 // DecodeParams of paged_attention_v1. Index tensors must be the contiguous ones the caller keeps
 // alive for the duration of the launch.
 inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& query,
@@ -470,10 +479,7 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
                                    const at::Tensor& v_scale, double scale, double softcap,
                                    int64_t window) {
   DecodeParams p{};
-  p.q = query.data_ptr();
-  p.q_st = query.stride(0), p.q_sh = query.stride(1), p.q_sd = query.stride(2);
-  p.out = out.data_ptr();
-  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  fill_q_out(p, query, out);
   p.k_cache = key_cache.data_ptr();
   p.v_cache = value_cache.data_ptr();
   p.cs = cache_strides(key_cache, value_cache);
@@ -512,10 +518,7 @@ inline DecodeParams make_nhd_decode_params(const at::Tensor& out, const at::Tens
                                            const at::Tensor& seq_lens, const at::Tensor& qo_indptr,
                                            double scale, double softcap, int64_t window_left) {
   DecodeParams p{};
-  p.q = q.const_data_ptr();
-  p.q_st = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
-  p.out = out.data_ptr();
-  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  fill_q_out(p, q, out);
   p.k_cache = k.const_data_ptr();
   p.v_cache = v.const_data_ptr();
   p.cs.k_sb = k.stride(0), p.cs.k_st = k.stride(1), p.cs.k_sh = k.stride(2), p.cs.k_sdc = 8;
@@ -551,10 +554,7 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
                                        const c10::optional<at::Tensor>& V_QScale,
                                        int64_t max_qlen) {
   DecodeParams p{};
-  p.q = Q.data_ptr();
-  p.q_st = Q.stride(0), p.q_sh = Q.stride(1), p.q_sd = Q.stride(2);
-  p.out = out.data_ptr();
-  p.o_st = out.stride(0), p.o_sh = out.stride(1), p.o_sd = out.stride(2);
+  fill_q_out(p, Q, out);
   p.k_cache = K.data_ptr();
   p.v_cache = V.data_ptr();
   p.cs = cache_strides(K, V);

@@ -213,12 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
   ATTNKIT_DISPATCH_INDEX(ids.scalar_type(), "topk_ids", [&] {
     auto run = [&](auto word) {
       using Word = decltype(word);
-      launch_permute<Word, index_t>(ptr<const Word>(x), ptr<const index_t>(ids), T, int(k), int(E),
-                                    row_bytes / int64_t(sizeof(Word)), ptr<Word>(permuted),
-                                    ptr<int32_t>(offsets), ptr<int32_t>(row_map),
-                                    ptr<int32_t>(rank), ptr<int32_t>(counts),
-                                    ptr<int32_t>(totals), ptr<int32_t>(starts), hist, pdl,
-                                    stream);
+      const cudaError_t err = launch_permute<Word, index_t>(
+          ptr<const Word>(x), ptr<const index_t>(ids), T, int(k), int(E),
+          row_bytes / int64_t(sizeof(Word)), ptr<Word>(permuted), ptr<int32_t>(offsets),
+          ptr<int32_t>(row_map), ptr<int32_t>(rank), ptr<int32_t>(counts), ptr<int32_t>(totals),
+          ptr<int32_t>(starts), hist, pdl, stream);
+      C10_CUDA_CHECK(err);
     };
     if (row_bytes % 16 == 0 && aligned16({x.data_ptr(), permuted.data_ptr()})) {
       run(uint4{});
@@ -230,7 +230,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
       run(uint16_t{});
     }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {permuted, offsets, row_map};
 }
 

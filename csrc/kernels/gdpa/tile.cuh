@@ -157,7 +157,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void quad_transpose(uint32_t (&v)[4], int q) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       if (i & m) continue;  // the pair (i, i + m)
-      const uint32_t recv = __shfl_xor_sync(0xffffffffu, hi ? v[i] : v[i + m], m);
+      const uint32_t recv = shfl_xor(hi ? v[i] : v[i + m], m);
       if (hi) {
         v[i] = recv;
       } else {

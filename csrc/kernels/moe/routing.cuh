@@ -255,8 +255,10 @@ __global__ void __launch_bounds__(kRowThreads)
 // kernel where E + 1 <= kRankMaxBuckets (false: the walk everywhere, an A/B and test switch);
 // `pdl`: the scan and scatter with programmatic dependent launch where the running code has it.
 // The rank kernel is always an ordinary launch: it reads ids, which an earlier kernel may write.
+// Returns the walk path's memset error (nothing launched after it), else cudaGetLastError() after
+// the launches, for the caller's C10_CUDA_CHECK.
 template <typename Word, typename index_t>
-void launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, int E,
+cudaError_t launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, int E,
                     int64_t words, Word* permuted, int32_t* expert_offsets, int32_t* row_map,
                     int32_t* rank, int32_t* counts, int32_t* totals, int32_t* starts, bool hist,
                     bool pdl, cudaStream_t stream) {
@@ -266,7 +268,9 @@ void launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, in
     permute_rank_kernel<index_t><<<chunks, kChunk, size_t(E + 1) * sizeof(int32_t), stream>>>(
         ids, n, E, rank, counts, ticket);
   } else {
-    (void)cudaMemsetAsync(counts, 0, size_t(chunks) * (E + 1) * sizeof(int32_t), stream);
+    const cudaError_t err =
+        cudaMemsetAsync(counts, 0, size_t(chunks) * (E + 1) * sizeof(int32_t), stream);
+    if (err != cudaSuccess) return err;
     permute_rank_walk_kernel<index_t><<<chunks, kChunk, 0, stream>>>(ids, n, E, rank, counts,
                                                                      ticket);
   }
@@ -274,6 +278,7 @@ void launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, in
                 chunks, E, totals, ticket, starts, expert_offsets);
   launch_kernel(permute_scatter_kernel<Word, index_t>, pdl, dim3(tokens), dim3(kRowThreads), 0,
                 stream, x, ids, rank, counts, starts, n, k, E, words, permuted, row_map);
+  return cudaGetLastError();
 }
 
 // ---- unpermute and its backward: one block per token ------------------------------------------
