@@ -255,8 +255,9 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
       });
     });
     if (splits > 1) {
-      paged_combine_kernel<scalar_t>
-          <<<dim3(unsigned(int64_t(p.S) * p.max_qlen), unsigned(p.Hq)), kThreads, 0, stream>>>(p);
+      launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true,
+                    dim3(unsigned(int64_t(p.S) * p.max_qlen), unsigned(p.Hq)), dim3(kThreads), 0,
+                    stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -333,8 +334,8 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
         else launch(std::integral_constant<int, 128>{});
       }
       if (splits > 1) {
-        paged_combine_kernel<scalar_t>
-            <<<dim3(unsigned(p.Tq), unsigned(p.Hq)), kThreads, 0, stream>>>(p);
+        launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true, dim3(unsigned(p.Tq), unsigned(p.Hq)),
+                      dim3(kThreads), 0, stream, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common/portability.h"
+#include "kernels/common/pdl.cuh"
 #include "kernels/paged/params.h"
 
 namespace attnkit {
@@ -395,6 +396,9 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
   __shared__ float w_s[kMaxSplits];
   __shared__ float inv_s;
   __shared__ __align__(16) float part_s[4 * kThreads];  // [split group][D] partial sums
+  // Launched with PDL after the decode kernel (which lets it be scheduled from its start): wait
+  // for the splits' rows. A no-op when launched without PDL.
+  pdl_wait();
   const int64_t h = blockIdx.y;
   int64_t tok;
   if (p.token_grid) {

@@ -148,6 +148,9 @@ template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB>
 ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const void* map_k,
                                                    const void* map_v) {
 #if ATTNKIT_HAS_MMA_SM80
+  // The split combine (launched with PDL) may be scheduled now: it waits for this grid's writes
+  // before reading them, and its launch then overlaps this kernel instead of following it.
+  pdl_launch_dependents();
   constexpr bool kSw128 = kNhd && kBulk;
   using Tr = MmaDecodeTraits<D, kSw128>;
   constexpr int NST = Tr::kStages, TILE = Tr::kTile, TPP = Tr::kTilesPerPart;
