@@ -1,0 +1,478 @@
+"""The Triton peer of the GDPA benchmarks: a jagged GDPA forward and backward written here for the
+comparison (issue #19: the public reference is a Triton jagged GDPA; this is ours, with
+attnkit's semantics, DESIGN §3.1).
+
+    q [Tq, H, D], k / v [Tk, Hkv, D] (H % Hkv == 0), q_offsets / kv_offsets [B+1]
+    S = pre_scale · Q_b K_bᵀ (fp32);  P = φ(S);  O_b = qk_scale · P.to(v.dtype) V_b
+
+No softmax, no normalisation (reference.gdpa_ref). φ: fast_gelu (tanh form; on the GPU the
+hardware ``tanh.approx.f32``, as attnkit's CUDA kernel may use), gelu_approx (the same with an
+exact tanh), gelu (erf), raw. Non-causal, no window, no broadcast_q: the benchmark shapes.
+
+Kernels (all plain writes, no atomics, so autotuning may rerun them):
+
+- ``_gdpa_fwd``: one program per (query block, head, sequence). A program loads its BLOCK_M query
+  rows once and walks the sequence's keys BLOCK_N at a time: full tiles unmasked, the last
+  partial tile masked; keys past the sequence's length are never touched. Padded rows and keys
+  load as zeros, and φ(0) = 0 for every activation here, so no score mask is needed.
+- ``_gdpa_bwd_dkdv``: one program per (key block, kv head, sequence): dK and dV summed over the
+  G query heads of the kv head and every query block, in registers (deterministic).
+- ``_gdpa_bwd_dq``: one program per (query block, head, sequence), walking the keys again.
+
+Scheduling: the sequence axis of the grid goes through ``order``, the sequences sorted by work
+(Lq·Lk, longest first), so the longest programs start first and short ones fill the tail; the
+query-block axis is sized by the real maximum length and a program past its sequence's end
+returns at once. The order and the maxima come from ``plan()`` (one host sync: call it outside
+the timed region). Block sizes, warps and stages are picked by ``triton.autotune`` per
+(power-of-two bucket of the max lengths, D, activation).
+
+    p = plan(q_offsets, kv_offsets)
+    out = triton_gdpa(q, k, v, q_offsets, kv_offsets, p, "fast_gelu")   # differentiable
+
+Assumes q_offsets[-1] == Tq (rows after the last sequence are left unwritten). Importing needs
+Triton. ``TRITON_INTERPRET=1 python benchmarks/triton_gdpa.py --selftest`` checks forward and
+backward against reference.gdpa_ref on small random jagged CPU inputs (empty and length-1
+sequences, cross lengths, GQA, several block configs) and exits 1 on a mismatch; without the
+interpreter the same check runs on the GPU.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ACTIVATIONS = {"raw": 0, "fast_gelu": 1, "gelu_approx": 2, "gelu": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(u, APPROX: tl.constexpr):
+    if APPROX:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    return t
+
+
+@triton.jit
+def _act(s, ACT: tl.constexpr, APPROX: tl.constexpr):
+    """φ(s)."""
+    if ACT == 0:
+        p = s
+    elif ACT == 3:
+        p = 0.5 * s * (1.0 + tl.erf(s * 0.7071067811865476))
+    else:
+        t = _tanh(0.7978845608 * s * (1.0 + 0.044715 * s * s), APPROX)
+        p = 0.5 * s * (1.0 + t)
+    return p
+
+
+@triton.jit
+def _act_and_grad(s, ACT: tl.constexpr, APPROX: tl.constexpr):
+    """(φ(s), φ′(s)) sharing the transcendental."""
+    if ACT == 0:
+        p = s
+        g = s * 0.0 + 1.0
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476))
+        p = s * cdf
+        g = cdf + s * 0.3989422804014327 * tl.exp(-0.5 * s * s)
+    else:
+        s2 = s * s
+        t = _tanh(0.7978845608 * s * (1.0 + 0.044715 * s2), APPROX)
+        p = 0.5 * s * (1.0 + t)
+        g = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * (0.7978845608 + 0.1070322243 * s2)
+    return p, g
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """tl.dot, fp32 accumulation. F32: widen the (already rounded) operands first: Triton 3.6's
+    interpreter multiplies bf16 operands wrongly (set for bf16 under TRITON_INTERPRET only)."""
+    if F32:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+def _configs(pairs):
+    if INTERPRET:  # no benchmarking without a GPU: one config (the selftest passes its own)
+        pairs = pairs[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in pairs]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). D = 128 bf16: a 128x128 K and V tile pair is 64 KB a stage,
+# so 128x128 stays at 2 stages (3 would pass the 227 KB of shared memory).
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3),
+               (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2),
+               (64, 32, 4, 3)]
+# Backward: BLOCK_M is the inner (query) tile of dK/dV and the outer tile of dQ; BLOCK_N the
+# reverse. Two [BLOCK, D] fp32 accumulators in dK/dV keep the tiles at 64 or below 128x64.
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+               (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 2)]
+KEY = ["KEY_Q", "KEY_K", "D", "ACT"]
+
+
+@triton.jit
+def _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d, pre_scale,
+              MASKED: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr):
+    cols = start + offs_n
+    k_ptrs = k_ptr + cols[:, None] * sk_t + offs_d[None, :]
+    v_ptrs = v_ptr + cols[:, None] * sv_t + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=cols[:, None] < lk, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < lk, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, tl.trans(k), F32) * pre_scale
+    p = _act(s, ACT, APPROX)
+    return acc + _dot(p.to(v.dtype), v, F32)
+
+
+@triton.autotune(configs=_configs(FWD_CONFIGS), key=KEY)
+@triton.jit
+def _gdpa_fwd(Q, K, V, O, QOFF, KOFF, ORDER,
+              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+              G, pre_scale, qk_scale, KEY_Q, KEY_K,
+              D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
+    q0 = tl.load(QOFF + b).to(tl.int64)
+    lq = (tl.load(QOFF + b + 1).to(tl.int64) - q0).to(tl.int32)
+    if pid_m * BLOCK_M >= lq:
+        return
+    k0 = tl.load(KOFF + b).to(tl.int64)
+    lk = (tl.load(KOFF + b + 1).to(tl.int64) - k0).to(tl.int32)
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (q0 + rows)[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                mask=rows[:, None] < lq, other=0.0)
+    k_ptr = K + k0 * sk_t + hk * sk_h
+    v_ptr = V + k0 * sv_t + hk * sv_h
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    n_full = (lk // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d, pre_scale,
+                        False, ACT, APPROX, F32)
+    if n_full < lk:
+        acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, n_full, lk, offs_n, offs_d, pre_scale,
+                        True, ACT, APPROX, F32)
+    tl.store(O + (q0 + rows)[:, None] * so_t + h * so_h + offs_d[None, :],
+             (acc * qk_scale).to(O.dtype.element_ty), mask=rows[:, None] < lq)
+
+
+@triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
+@triton.jit
+def _gdpa_bwd_dkdv(Q, K, V, DO, DK, DV, QOFF, KOFF, ORDER,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+                   G, pre_scale, qk_scale, KEY_Q, KEY_K,
+                   D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
+    k0 = tl.load(KOFF + b).to(tl.int64)
+    lk = (tl.load(KOFF + b + 1).to(tl.int64) - k0).to(tl.int32)
+    if pid_n * BLOCK_N >= lk:
+        return
+    q0 = tl.load(QOFF + b).to(tl.int64)
+    lq = (tl.load(QOFF + b + 1).to(tl.int64) - q0).to(tl.int32)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    kmask = cols[:, None] < lk
+    k = tl.load(K + (k0 + cols)[:, None] * sk_t + hk * sk_h + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + (k0 + cols)[:, None] * sv_t + hk * sv_h + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_ptr = Q + q0 * sq_t + h * sq_h
+        do_ptr = DO + q0 * sdo_t + h * sdo_h
+        for start in range(0, lq, BLOCK_M):
+            rows = start + offs_m
+            qmask = rows[:, None] < lq
+            q = tl.load(q_ptr + rows[:, None] * sq_t + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(do_ptr + rows[:, None] * sdo_t + offs_d[None, :], mask=qmask, other=0.0)
+            st = _dot(k, tl.trans(q), F32) * pre_scale                      # [BLOCK_N, BLOCK_M]
+            pt, gt = _act_and_grad(st, ACT, APPROX)
+            dv += _dot(pt.to(do.dtype), do, F32)
+            dpt = _dot(v, tl.trans(do), F32)
+            dk += _dot((gt * dpt).to(q.dtype), q, F32)
+    tl.store(DK + (k0 + cols)[:, None] * sdk_t + hk * sdk_h + offs_d[None, :],
+             (dk * (qk_scale * pre_scale)).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + (k0 + cols)[:, None] * sdv_t + hk * sdv_h + offs_d[None, :],
+             (dv * qk_scale).to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
+@triton.jit
+def _gdpa_bwd_dq(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
+                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+                 G, pre_scale, qk_scale, KEY_Q, KEY_K,
+                 D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
+    q0 = tl.load(QOFF + b).to(tl.int64)
+    lq = (tl.load(QOFF + b + 1).to(tl.int64) - q0).to(tl.int32)
+    if pid_m * BLOCK_M >= lq:
+        return
+    k0 = tl.load(KOFF + b).to(tl.int64)
+    lk = (tl.load(KOFF + b + 1).to(tl.int64) - k0).to(tl.int32)
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    qmask = rows[:, None] < lq
+    q = tl.load(Q + (q0 + rows)[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + (q0 + rows)[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=qmask,
+                 other=0.0)
+    k_ptr = K + k0 * sk_t + hk * sk_h
+    v_ptr = V + k0 * sv_t + hk * sv_h
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(0, lk, BLOCK_N):
+        cols = start + offs_n
+        kmask = cols[:, None] < lk
+        k = tl.load(k_ptr + cols[:, None] * sk_t + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * sv_t + offs_d[None, :], mask=kmask, other=0.0)
+        s = _dot(q, tl.trans(k), F32) * pre_scale
+        _, gs = _act_and_grad(s, ACT, APPROX)
+        dp = _dot(do, tl.trans(v), F32)
+        dq += _dot((gs * dp).to(k.dtype), k, F32)
+    tl.store(DQ + (q0 + rows)[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
+             (dq * (qk_scale * pre_scale)).to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+class Plan:
+    """The host-side schedule of one jagged batch: ``order`` (int32, on the offsets' device, the
+    sequences by Lq·Lk descending, then by Lq), the exact max lengths, and the autotune buckets."""
+
+    def __init__(self, q_offsets, kv_offsets):
+        qo, ko = q_offsets.detach().long().cpu(), kv_offsets.detach().long().cpu()
+        lq, lk = qo[1:] - qo[:-1], ko[1:] - ko[:-1]
+        assert len(lq) == len(lk), "q_offsets and kv_offsets must have the same length"
+        self.batch = len(lq)
+        self.max_q = int(lq.max()) if len(lq) else 0
+        self.max_k = int(lk.max()) if len(lk) else 0
+        work = lq * lk * (self.max_q + 1) + lq   # ties (and empty kv): longer queries first
+        self.order = torch.argsort(work, descending=True, stable=True).to(
+            device=q_offsets.device, dtype=torch.int32)
+        self.key_q = triton.next_power_of_2(max(self.max_q, 1))
+        self.key_k = triton.next_power_of_2(max(self.max_k, 1))
+
+
+def plan(q_offsets, kv_offsets):
+    return Plan(q_offsets, kv_offsets)
+
+
+def _launch(kernel, grid_len, block_key, p, args, consts, config):
+    """Launches an autotuned kernel, or its plain jit function with ``config`` =
+    (BLOCK_M, BLOCK_N, warps, stages) pinned."""
+    if config is None:
+        grid = lambda meta: (triton.cdiv(max(grid_len, 1), meta[block_key]),) + args[0]
+        kernel[grid](*args[1], **consts)
+    else:
+        m, n, w, s = config
+        blk = {"BLOCK_M": m, "BLOCK_N": n}
+        grid = (triton.cdiv(max(grid_len, 1), blk[block_key]),) + args[0]
+        kernel.fn[grid](*args[1], **consts, **blk, num_warps=w, num_stages=s)
+
+
+def _check(q, k, v, q_offsets, kv_offsets, activation):
+    assert activation in ACTIVATIONS, f"activation {activation!r} not in {sorted(ACTIVATIONS)}"
+    assert q.dim() == 3 and k.dim() == 3 and v.shape == k.shape and q.shape[2] == k.shape[2]
+    assert q.shape[1] % k.shape[1] == 0, "H must be a multiple of Hkv"
+    assert q.dtype == k.dtype == v.dtype
+    D = q.shape[2]
+    assert D >= 16 and D & (D - 1) == 0, "head dim: a power of two >= 16 (tl.dot, tl.arange)"
+    for t in (q, k, v):
+        assert t.stride(2) == 1, "the head dim must be contiguous"
+
+
+def _consts(D, activation, dtype):
+    return dict(D=D, ACT=ACTIVATIONS[activation],
+                APPROX=(activation == "fast_gelu" and not INTERPRET),
+                F32=(INTERPRET and dtype == torch.bfloat16))
+
+
+def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
+             pre_scale=1.0, config=None):
+    _check(q, k, v, q_offsets, kv_offsets, activation)
+    H, D, G = q.shape[1], q.shape[2], q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    if p.batch == 0 or q.shape[0] == 0:
+        return out
+    args = ((H, p.batch), (q, k, v, out, q_offsets, kv_offsets, p.order,
+                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                           v.stride(1), out.stride(0), out.stride(1),
+                           G, float(pre_scale), float(qk_scale), p.key_q, p.key_k))
+    _launch(_gdpa_fwd, p.max_q, "BLOCK_M", p, args, _consts(D, activation, q.dtype), config)
+    return out
+
+
+def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
+             pre_scale=1.0, config=None):
+    do = do if do.stride(2) == 1 else do.contiguous()
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if p.batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    consts = _consts(D, activation, q.dtype)
+    common = (H // Hkv, float(pre_scale), float(qk_scale), p.key_q, p.key_k)
+    if k.shape[0]:
+        args = ((Hkv, p.batch), (q, k, v, do, dk, dv, q_offsets, kv_offsets, p.order,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                 v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
+                                 dk.stride(1), dv.stride(0), dv.stride(1)) + common)
+        _launch(_gdpa_bwd_dkdv, p.max_k, "BLOCK_N", p, args, consts, config)
+    if q.shape[0]:
+        args = ((H, p.batch), (q, k, v, do, dq, q_offsets, kv_offsets, p.order,
+                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
+                               dq.stride(1)) + common)
+        _launch(_gdpa_bwd_dq, p.max_q, "BLOCK_M", p, args, consts, config)
+    return dq, dk, dv
+
+
+class _TritonGdpa(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale, config):
+        ctx.save_for_backward(q, k, v, q_offsets, kv_offsets)
+        ctx.args = (p, activation, qk_scale, pre_scale, config)
+        return gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale, config)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, qo, ko = ctx.saved_tensors
+        dq, dk, dv = gdpa_bwd(do, q, k, v, qo, ko, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def triton_gdpa(q, k, v, q_offsets, kv_offsets, p=None, activation="fast_gelu", qk_scale=1.0,
+                pre_scale=1.0, config=None):
+    """attnkit.gdpa's semantics (non-causal) in Triton; differentiable in q, k, v.
+    ``p``: ``plan(q_offsets, kv_offsets)`` (computed here, with a host sync, when None)."""
+    p = plan(q_offsets, kv_offsets) if p is None else p
+    return _TritonGdpa.apply(q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale,
+                             config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-test
+# ---------------------------------------------------------------------------------------------
+def _load_reference():
+    """attnkit.reference by path: the self-test runs without the compiled op library."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "..", "python", "attnkit", "reference.py")
+    spec = importlib.util.spec_from_file_location("attnkit_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _patch_interpreter_index():
+    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns a loop bound into a
+    Python int with ``int(array)``, which NumPy >= 2.4 refuses for arrays of rank > 0; read the
+    element instead. Interpreter only, for the self-test."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _rel_err(out, ref):
+    o, r = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return float((o - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def selftest(device, seed):
+    ref_mod = _load_reference()
+    if INTERPRET:
+        _patch_interpreter_index()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+    # Under the interpreter bf16 conversions truncate (the GPU rounds to nearest): bf16 errors
+    # there are ~6e-3, still inside the bound; fp16 is exact-rounding in both.
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if INTERPRET else [torch.bfloat16,
+                                                                                torch.float16]
+    print(f"triton_gdpa selftest: device={device} seed={seed} interpret={INTERPRET}")
+    gen = torch.Generator().manual_seed(seed)
+    cases = [  # (q lengths, kv lengths, H, Hkv, D, activation, pre_scale, qk_scale)
+        ([0, 1, 7, 33, 70, 0, 129], [3, 0, 1, 40, 65, 0, 129], 2, 2, 32, "fast_gelu", 0.5, 1.0),
+        ([64, 1, 0, 100], [64, 17, 5, 0], 4, 2, 64, "fast_gelu", 0.125, 0.7),
+        ([16, 50, 2], [16, 50, 2], 2, 1, 16, "gelu", 0.3, 1.3),
+        ([3, 0, 0], [0, 5, 0], 2, 2, 16, "gelu_approx", 1.0, 1.0),   # no keys / no queries
+    ]
+    configs = [None, (64, 32, 4, 2), (128, 128, 4, 1), (32, 64, 4, 1)]
+    ok = True
+    for ci, (lq, lk, H, Hkv, D, act, pre, qks) in enumerate(cases):
+        qo = torch.tensor([0] + lq).cumsum(0).to(device)
+        ko = torch.tensor([0] + lk).cumsum(0).to(device)
+        for dt in dtypes:
+            mk = lambda T, h: (torch.randn(T, h, D, generator=gen) * 0.5).to(dtype=dt, device=device)
+            q, k, v = mk(sum(lq), H), mk(sum(lk), Hkv), mk(sum(lk), Hkv)
+            do = mk(sum(lq), H)
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            ref = ref_mod.gdpa_ref(*leaves, qo, ko, None, None, act, qks, pre_scale=pre)
+            grads_ref = torch.autograd.grad(ref, leaves, do.float()) if ref.numel() else None
+            p = plan(qo, ko)
+            for cfg in configs:
+                leaves_t = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                out = triton_gdpa(*leaves_t, qo, ko, p, act, qks, pre, config=cfg)
+                errs = [_rel_err(out, ref) if ref.numel() else 0.0]
+                if ref.numel():
+                    grads = torch.autograd.grad(out, leaves_t, do)
+                    errs += [_rel_err(a, b) if b.numel() else 0.0 for a, b in zip(grads, grads_ref)]
+                good = all(e <= tol[dt] for e in errs)
+                ok &= good
+                print(f"  case {ci} {str(dt):<15} {act:<11} config={cfg}: rel_err out/dq/dk/dv "
+                      + " ".join(f"{e:.1e}" for e in errs) + f" tol={tol[dt]:.0e} "
+                      + ("ok" if good else "FAIL"))
+    print(f"selftest: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--selftest", action="store_true",
+                    help="check against reference.gdpa_ref (CPU with TRITON_INTERPRET=1, else GPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not args.selftest:
+        ap.print_help()
+        return 0
+    device = "cpu" if INTERPRET else "cuda"
+    return 0 if selftest(device, args.seed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
