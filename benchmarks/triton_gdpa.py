@@ -395,7 +395,7 @@ def _load_reference():
 def _patch_interpreter_index():
     """Triton 3.6's interpreter holds scalars as 1-element arrays and turns a loop bound into a
     Python int with ``int(array)``, which NumPy >= 2.4 refuses for arrays of rank > 0; read the
-    element instead. Interpreter only, for the self-test."""
+    element instead. Applied on import under TRITON_INTERPRET=1 only."""
     from triton.runtime import interpreter
 
     patch = interpreter._patch_lang_tensor
@@ -407,6 +407,10 @@ def _patch_interpreter_index():
     interpreter._patch_lang_tensor = patched
 
 
+if INTERPRET:
+    _patch_interpreter_index()
+
+
 def _rel_err(out, ref):
     o, r = out.detach().double(), ref.detach().double()
     if not torch.isfinite(o).all():
@@ -416,8 +420,6 @@ def _rel_err(out, ref):
 
 def selftest(device, seed):
     ref_mod = _load_reference()
-    if INTERPRET:
-        _patch_interpreter_index()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
     # Under the interpreter bf16 conversions truncate (the GPU rounds to nearest): bf16 errors
     # there are ~6e-3, still inside the bound; fp16 is exact-rounding in both.
