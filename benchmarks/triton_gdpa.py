@@ -96,21 +96,24 @@ def _act_and_grad(s, ACT: tl.constexpr, APPROX: tl.constexpr):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    """tl.dot, fp32 accumulation. F32: widen the (already rounded) operands first: Triton 3.6's
-    interpreter multiplies bf16 operands wrongly (set for bf16 under TRITON_INTERPRET only)."""
+def _dot(a, b, acc, F32: tl.constexpr):
+    """acc + a·b, fp32 accumulation (acc None: a·b). F32: widen the (already rounded) operands
+    first: Triton 3.6's interpreter multiplies bf16 operands wrongly (set for bf16 under
+    TRITON_INTERPRET only)."""
     if F32:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        c = tl.dot(a, b)
+        c = tl.dot(a, b, acc)
     return c
 
 
-def _configs(pairs):
+def _configs(tuples, tma=False):
+    """triton.Config list from (BLOCK_M, BLOCK_N, warps, stages) tuples."""
     if INTERPRET:  # no benchmarking without a GPU: one config (the selftest passes its own)
-        pairs = pairs[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in pairs]
+        tuples = tuples[:1]
+    extra = {"TMA": True} if tma else {}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s)
+            for m, n, w, s in tuples]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages). D = 128 bf16: a 128x128 K and V tile pair is 64 KB a stage,
@@ -118,6 +121,10 @@ def _configs(pairs):
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3),
                (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2),
                (64, 32, 4, 3)]
+# The same kernel reading Q, K, V and writing O through TMA tensor descriptors made per program
+# (sm_90+): the descriptor's row bound is the sequence's end, so the tail tile needs no mask.
+FWD_TMA_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
+                   (64, 64, 4, 3), (64, 128, 4, 2)]
 # Backward: BLOCK_M is the inner (query) tile of dK/dV and the outer tile of dQ; BLOCK_N the
 # reverse. Two [BLOCK, D] fp32 accumulators in dK/dV keep the tiles at 64 or below 128x64.
 BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
@@ -137,18 +144,17 @@ def _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d, pre_s
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = _dot(q, tl.trans(k), F32) * pre_scale
+    s = _dot(q, tl.trans(k), None, F32) * pre_scale
     p = _act(s, ACT, APPROX)
-    return acc + _dot(p.to(v.dtype), v, F32)
+    return _dot(p.to(v.dtype), v, acc, F32)
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS), key=KEY)
 @triton.jit
-def _gdpa_fwd(Q, K, V, O, QOFF, KOFF, ORDER,
-              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-              G, pre_scale, qk_scale, KEY_Q, KEY_K,
-              D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gdpa_fwd_kernel(Q, K, V, O, QOFF, KOFF, ORDER,
+                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+                     G, pre_scale, qk_scale, KEY_Q, KEY_K,
+                     D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
@@ -159,23 +165,54 @@ def _gdpa_fwd(Q, K, V, O, QOFF, KOFF, ORDER,
     k0 = tl.load(KOFF + b).to(tl.int64)
     lk = (tl.load(KOFF + b + 1).to(tl.int64) - k0).to(tl.int32)
     hk = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (q0 + rows)[:, None] * sq_t + h * sq_h + offs_d[None, :],
-                mask=rows[:, None] < lq, other=0.0)
-    k_ptr = K + k0 * sk_t + hk * sk_h
-    v_ptr = V + k0 * sv_t + hk * sv_h
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    n_full = (lk // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d, pre_scale,
-                        False, ACT, APPROX, F32)
-    if n_full < lk:
-        acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, n_full, lk, offs_n, offs_d, pre_scale,
-                        True, ACT, APPROX, F32)
-    tl.store(O + (q0 + rows)[:, None] * so_t + h * so_h + offs_d[None, :],
-             (acc * qk_scale).to(O.dtype.element_ty), mask=rows[:, None] < lq)
+    if TMA:
+        # Rows are [H*D] wide (sq_h == D, checked on the host); rows at or past the sequence's
+        # end read as zeros and are not written.
+        row = (q0 + pid_m * BLOCK_M).to(tl.int32)
+        q_end = (q0 + lq).to(tl.int32)
+        k_end = (k0 + lk).to(tl.int32)
+        desc_q = tl.make_tensor_descriptor(Q, shape=[q_end, sq_t], strides=[sq_t, 1],
+                                           block_shape=[BLOCK_M, D])
+        desc_k = tl.make_tensor_descriptor(K, shape=[k_end, sk_t], strides=[sk_t, 1],
+                                           block_shape=[BLOCK_N, D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[k_end, sv_t], strides=[sv_t, 1],
+                                           block_shape=[BLOCK_N, D])
+        q = desc_q.load([row, h * D])
+        k_row = k0.to(tl.int32)
+        for start in range(0, lk, BLOCK_N):
+            k = desc_k.load([k_row + start, hk * D])
+            s = _dot(q, tl.trans(k), None, F32) * pre_scale
+            p = _act(s, ACT, APPROX)
+            v = desc_v.load([k_row + start, hk * D])
+            acc = _dot(p.to(v.dtype), v, acc, F32)
+        desc_o = tl.make_tensor_descriptor(O, shape=[q_end, so_t], strides=[so_t, 1],
+                                           block_shape=[BLOCK_M, D])
+        desc_o.store([row, h * D], (acc * qk_scale).to(O.dtype.element_ty))
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + (q0 + rows)[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                    mask=rows[:, None] < lq, other=0.0)
+        k_ptr = K + k0 * sk_t + hk * sk_h
+        v_ptr = V + k0 * sv_t + hk * sv_h
+        n_full = (lk // BLOCK_N) * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d,
+                            pre_scale, False, ACT, APPROX, F32)
+        if n_full < lk:
+            acc = _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, n_full, lk, offs_n, offs_d,
+                            pre_scale, True, ACT, APPROX, F32)
+        tl.store(O + (q0 + rows)[:, None] * so_t + h * so_h + offs_d[None, :],
+                 (acc * qk_scale).to(O.dtype.element_ty), mask=rows[:, None] < lq)
+
+
+# Pointer loads only, and pointer loads or TMA (the autotuner picks among both).
+_gdpa_fwd = triton.autotune(configs=_configs(FWD_CONFIGS), key=KEY)(_gdpa_fwd_kernel)
+_gdpa_fwd_tma = triton.autotune(
+    configs=(_configs(FWD_TMA_CONFIGS, tma=True) + _configs(FWD_CONFIGS))[:1 if INTERPRET else None],
+    key=KEY)(_gdpa_fwd_kernel)
 
 
 @triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
@@ -211,11 +248,11 @@ def _gdpa_bwd_dkdv(Q, K, V, DO, DK, DV, QOFF, KOFF, ORDER,
             qmask = rows[:, None] < lq
             q = tl.load(q_ptr + rows[:, None] * sq_t + offs_d[None, :], mask=qmask, other=0.0)
             do = tl.load(do_ptr + rows[:, None] * sdo_t + offs_d[None, :], mask=qmask, other=0.0)
-            st = _dot(k, tl.trans(q), F32) * pre_scale                      # [BLOCK_N, BLOCK_M]
+            st = _dot(k, tl.trans(q), None, F32) * pre_scale                      # [BLOCK_N, BLOCK_M]
             pt, gt = _act_and_grad(st, ACT, APPROX)
-            dv += _dot(pt.to(do.dtype), do, F32)
-            dpt = _dot(v, tl.trans(do), F32)
-            dk += _dot((gt * dpt).to(q.dtype), q, F32)
+            dv = _dot(pt.to(do.dtype), do, dv, F32)
+            dpt = _dot(v, tl.trans(do), None, F32)
+            dk = _dot((gt * dpt).to(q.dtype), q, dk, F32)
     tl.store(DK + (k0 + cols)[:, None] * sdk_t + hk * sdk_h + offs_d[None, :],
              (dk * (qk_scale * pre_scale)).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + (k0 + cols)[:, None] * sdv_t + hk * sdv_h + offs_d[None, :],
@@ -254,10 +291,10 @@ def _gdpa_bwd_dq(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
         kmask = cols[:, None] < lk
         k = tl.load(k_ptr + cols[:, None] * sk_t + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(v_ptr + cols[:, None] * sv_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), F32) * pre_scale
+        s = _dot(q, tl.trans(k), None, F32) * pre_scale
         _, gs = _act_and_grad(s, ACT, APPROX)
-        dp = _dot(do, tl.trans(v), F32)
-        dq += _dot((gs * dp).to(k.dtype), k, F32)
+        dp = _dot(do, tl.trans(v), None, F32)
+        dq = _dot((gs * dp).to(k.dtype), k, dq, F32)
     tl.store(DQ + (q0 + rows)[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
              (dq * (qk_scale * pre_scale)).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -287,17 +324,37 @@ def plan(q_offsets, kv_offsets):
     return Plan(q_offsets, kv_offsets)
 
 
-def _launch(kernel, grid_len, block_key, p, args, consts, config):
+def _launch(kernel, grid_len, block_key, args, consts, config):
     """Launches an autotuned kernel, or its plain jit function with ``config`` =
-    (BLOCK_M, BLOCK_N, warps, stages) pinned."""
+    (BLOCK_M, BLOCK_N, warps, stages[, TMA]) pinned."""
     if config is None:
         grid = lambda meta: (triton.cdiv(max(grid_len, 1), meta[block_key]),) + args[0]
         kernel[grid](*args[1], **consts)
     else:
-        m, n, w, s = config
+        m, n, w, s = config[:4]
         blk = {"BLOCK_M": m, "BLOCK_N": n}
+        if len(config) > 4 and config[4]:
+            blk["TMA"] = True
         grid = (triton.cdiv(max(grid_len, 1), blk[block_key]),) + args[0]
         kernel.fn[grid](*args[1], **consts, **blk, num_warps=w, num_stages=s)
+
+
+_TMA_STATE = {"allocator": False, "failed": None}
+
+
+def _tma_usable(*tensors):
+    """TMA descriptors need sm_90+, rows of [H*D] contiguous elements and 16-byte alignment."""
+    if _TMA_STATE["failed"]:
+        return False
+    if not INTERPRET:
+        if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            return False
+        if not _TMA_STATE["allocator"]:  # device-side descriptors need a global scratch buffer
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                         device="cuda"))
+            _TMA_STATE["allocator"] = True
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
 
 
 def _check(q, k, v, q_offsets, kv_offsets, activation):
@@ -328,13 +385,22 @@ def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                            v.stride(1), out.stride(0), out.stride(1),
                            G, float(pre_scale), float(qk_scale), p.key_q, p.key_k))
-    _launch(_gdpa_fwd, p.max_q, "BLOCK_M", p, args, _consts(D, activation, q.dtype), config)
+    consts = _consts(D, activation, q.dtype)
+    if config is None and _tma_usable(q, k, v, out):
+        try:
+            _launch(_gdpa_fwd_tma, p.max_q, "BLOCK_M", args, consts, None)
+            return out
+        except Exception as e:  # a Triton build without device-side TMA descriptors
+            _TMA_STATE["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            print(f"triton_gdpa: TMA forward unavailable, pointer loads only ({_TMA_STATE['failed']})")
+    _launch(_gdpa_fwd, p.max_q, "BLOCK_M", args, consts, config)
     return out
 
 
 def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
              pre_scale=1.0, config=None):
     do = do if do.stride(2) == 1 else do.contiguous()
+    config = None if config is None else tuple(config[:4])  # no TMA flag in the backward
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if p.batch == 0:
@@ -346,13 +412,13 @@ def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_s
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                  v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
                                  dk.stride(1), dv.stride(0), dv.stride(1)) + common)
-        _launch(_gdpa_bwd_dkdv, p.max_k, "BLOCK_N", p, args, consts, config)
+        _launch(_gdpa_bwd_dkdv, p.max_k, "BLOCK_N", args, consts, config)
     if q.shape[0]:
         args = ((H, p.batch), (q, k, v, do, dq, q_offsets, kv_offsets, p.order,
                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
                                dq.stride(1)) + common)
-        _launch(_gdpa_bwd_dq, p.max_q, "BLOCK_M", p, args, consts, config)
+        _launch(_gdpa_bwd_dq, p.max_q, "BLOCK_M", args, consts, config)
     return dq, dk, dv
 
 
@@ -433,7 +499,10 @@ def selftest(device, seed):
         ([16, 50, 2], [16, 50, 2], 2, 1, 16, "gelu", 0.3, 1.3),
         ([3, 0, 0], [0, 5, 0], 2, 2, 16, "gelu_approx", 1.0, 1.0),   # no keys / no queries
     ]
-    configs = [None, (64, 32, 4, 2), (128, 128, 4, 1), (32, 64, 4, 1)]
+    # None: the autotuned path (under the interpreter: the first TMA config); the forward-only
+    # TMA flag (5th entry) is ignored by the backward kernels.
+    configs = [None, (64, 32, 4, 2), (128, 128, 4, 1), (32, 64, 4, 1), (64, 32, 4, 2, True),
+               (128, 128, 4, 1, True)]
     ok = True
     for ci, (lq, lk, H, Hkv, D, act, pre, qks) in enumerate(cases):
         qo = torch.tensor([0] + lq).cumsum(0).to(device)
