@@ -200,6 +200,8 @@ def main():
                         print(f"  {name} {pas} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                         ok &= name != "attnkit"
                     torch.cuda.empty_cache() if dev == "cuda" else None
+            if "triton" in impls:
+                print(f"  triton configs: {triton_gdpa.chosen_configs()}")
             for d in PASSES:
                 for peer in ("sdpa_cudnn", "triton"):
                     if row.get(f"{peer}_{d}") and row.get(f"attnkit_{d}"):

@@ -56,8 +56,10 @@ def _tanh(u, APPROX: tl.constexpr):
     if APPROX:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
                                       is_pure=True, pack=1)
-    else:
-        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    else:  # exact tanh from exp(-2|u|) (no overflow)
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0, -t, t)
     return t
 
 
@@ -107,11 +109,11 @@ def _dot(a, b, acc, F32: tl.constexpr):
     return c
 
 
-def _configs(tuples, tma=False):
-    """triton.Config list from (BLOCK_M, BLOCK_N, warps, stages) tuples."""
+def _configs(tuples, **extra):
+    """triton.Config list from (BLOCK_M, BLOCK_N, warps, stages) tuples, ``extra`` constexprs
+    (TMA, DQ_ATOMIC) added to each."""
     if INTERPRET:  # no benchmarking without a GPU: one config (the selftest passes its own)
         tuples = tuples[:1]
-    extra = {"TMA": True} if tma else {}
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s)
             for m, n, w, s in tuples]
 
@@ -119,17 +121,18 @@ def _configs(tuples, tma=False):
 # (BLOCK_M, BLOCK_N, warps, stages). D = 128 bf16: a 128x128 K and V tile pair is 64 KB a stage,
 # so 128x128 stays at 2 stages (3 would pass the 227 KB of shared memory).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3),
-               (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2),
-               (64, 32, 4, 3)]
+               (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3)]
 # The same kernel reading Q, K, V and writing O through TMA tensor descriptors made per program
 # (sm_90+): the descriptor's row bound is the sequence's end, so the tail tile needs no mask.
 FWD_TMA_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
                    (64, 64, 4, 3), (64, 128, 4, 2)]
 # Backward: BLOCK_M is the inner (query) tile of dK/dV and the outer tile of dQ; BLOCK_N the
 # reverse. Two [BLOCK, D] fp32 accumulators in dK/dV keep the tiles at 64 or below 128x64.
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-               (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 2)]
-KEY = ["KEY_Q", "KEY_K", "D", "ACT"]
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
+               (64, 32, 4, 3)]
+# Autotune key: power-of-two buckets of the max lengths and of the batch (a 16-sequence
+# verification batch must not pick the configs of the full one), head dim, activation.
+KEY = ["KEY_Q", "KEY_K", "KEY_B", "D", "ACT"]
 
 
 @triton.jit
@@ -152,7 +155,7 @@ def _fwd_tile(acc, q, k_ptr, v_ptr, sk_t, sv_t, start, lk, offs_n, offs_d, pre_s
 @triton.jit
 def _gdpa_fwd_kernel(Q, K, V, O, QOFF, KOFF, ORDER,
                      sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-                     G, pre_scale, qk_scale, KEY_Q, KEY_K,
+                     G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
                      D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
@@ -211,17 +214,20 @@ def _gdpa_fwd_kernel(Q, K, V, O, QOFF, KOFF, ORDER,
 # Pointer loads only, and pointer loads or TMA (the autotuner picks among both).
 _gdpa_fwd = triton.autotune(configs=_configs(FWD_CONFIGS), key=KEY)(_gdpa_fwd_kernel)
 _gdpa_fwd_tma = triton.autotune(
-    configs=(_configs(FWD_TMA_CONFIGS, tma=True) + _configs(FWD_CONFIGS))[:1 if INTERPRET else None],
+    configs=(_configs(FWD_TMA_CONFIGS, TMA=True) + _configs(FWD_CONFIGS))[:1 if INTERPRET else None],
     key=KEY)(_gdpa_fwd_kernel)
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
 @triton.jit
-def _gdpa_bwd_dkdv(Q, K, V, DO, DK, DV, QOFF, KOFF, ORDER,
-                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
-                   G, pre_scale, qk_scale, KEY_Q, KEY_K,
-                   D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gdpa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, QOFF, KOFF, ORDER,
+                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t,
+                          sdv_h, sdqa_t, sdqa_h,
+                          G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
+                          D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr,
+                          F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DQ_ATOMIC: tl.constexpr = False):
+    """dK, dV of one key block; with DQ_ATOMIC also dQ, added in fp32 to DQA (zeroed) with
+    atomics (no second pass over the scores, at the cost of contended adds)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
@@ -243,27 +249,39 @@ def _gdpa_bwd_dkdv(Q, K, V, DO, DK, DV, QOFF, KOFF, ORDER,
         h = hk * G + g
         q_ptr = Q + q0 * sq_t + h * sq_h
         do_ptr = DO + q0 * sdo_t + h * sdo_h
+        dqa_ptr = DQA + q0 * sdqa_t + h * sdqa_h
         for start in range(0, lq, BLOCK_M):
             rows = start + offs_m
             qmask = rows[:, None] < lq
             q = tl.load(q_ptr + rows[:, None] * sq_t + offs_d[None, :], mask=qmask, other=0.0)
             do = tl.load(do_ptr + rows[:, None] * sdo_t + offs_d[None, :], mask=qmask, other=0.0)
-            st = _dot(k, tl.trans(q), None, F32) * pre_scale                      # [BLOCK_N, BLOCK_M]
+            st = _dot(k, tl.trans(q), None, F32) * pre_scale                 # [BLOCK_N, BLOCK_M]
             pt, gt = _act_and_grad(st, ACT, APPROX)
             dv = _dot(pt.to(do.dtype), do, dv, F32)
             dpt = _dot(v, tl.trans(do), None, F32)
-            dk = _dot((gt * dpt).to(q.dtype), q, dk, F32)
+            dst = (gt * dpt).to(q.dtype)
+            dk = _dot(dst, q, dk, F32)
+            if DQ_ATOMIC:
+                dq = _dot(tl.trans(dst), k, None, F32) * (qk_scale * pre_scale)  # [BLOCK_M, D]
+                tl.atomic_add(dqa_ptr + rows[:, None] * sdqa_t + offs_d[None, :], dq, mask=qmask,
+                              sem="relaxed")
     tl.store(DK + (k0 + cols)[:, None] * sdk_t + hk * sdk_h + offs_d[None, :],
              (dk * (qk_scale * pre_scale)).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + (k0 + cols)[:, None] * sdv_t + hk * sdv_h + offs_d[None, :],
              (dv * qk_scale).to(DV.dtype.element_ty), mask=kmask)
 
 
+_gdpa_bwd_dkdv = triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)(_gdpa_bwd_dkdv_kernel)
+# dQ by atomics: the fp32 buffer is zeroed before each autotuning trial.
+_gdpa_bwd_dkdv_dq = triton.autotune(configs=_configs(BWD_CONFIGS, DQ_ATOMIC=True), key=KEY,
+                                    reset_to_zero=["DQA"])(_gdpa_bwd_dkdv_kernel)
+
+
 @triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
 @triton.jit
 def _gdpa_bwd_dq(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
-                 G, pre_scale, qk_scale, KEY_Q, KEY_K,
+                 G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
                  D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -318,13 +336,14 @@ class Plan:
             device=q_offsets.device, dtype=torch.int32)
         self.key_q = triton.next_power_of_2(max(self.max_q, 1))
         self.key_k = triton.next_power_of_2(max(self.max_k, 1))
+        self.key_b = triton.next_power_of_2(max(self.batch, 1))
 
 
 def plan(q_offsets, kv_offsets):
     return Plan(q_offsets, kv_offsets)
 
 
-def _launch(kernel, grid_len, block_key, args, consts, config):
+def _launch(kernel, grid_len, block_key, args, consts, config, extra=None):
     """Launches an autotuned kernel, or its plain jit function with ``config`` =
     (BLOCK_M, BLOCK_N, warps, stages[, TMA]) pinned."""
     if config is None:
@@ -335,11 +354,12 @@ def _launch(kernel, grid_len, block_key, args, consts, config):
         blk = {"BLOCK_M": m, "BLOCK_N": n}
         if len(config) > 4 and config[4]:
             blk["TMA"] = True
+        blk.update(extra or {})
         grid = (triton.cdiv(max(grid_len, 1), blk[block_key]),) + args[0]
         kernel.fn[grid](*args[1], **consts, **blk, num_warps=w, num_stages=s)
 
 
-_TMA_STATE = {"allocator": False, "failed": None}
+_TMA_STATE = {"allocator": False, "failed": None, "used": False}
 
 
 def _tma_usable(*tensors):
@@ -374,6 +394,19 @@ def _consts(D, activation, dtype):
                 F32=(INTERPRET and dtype == torch.bfloat16))
 
 
+def chosen_configs():
+    """The configs the autotuners picked at their latest key (a line for the benchmark logs)."""
+    def fmt(c):
+        if c is None:
+            return "-"
+        kw = c.kwargs
+        return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                + (" tma" if kw.get("TMA") else ""))
+    tuners = {"fwd": _gdpa_fwd_tma if _TMA_STATE["used"] and not _TMA_STATE["failed"] else _gdpa_fwd,
+              "dkdv": _gdpa_bwd_dkdv, "dq": _gdpa_bwd_dq}
+    return ", ".join(f"{n} {fmt(getattr(t, 'best_config', None))}" for n, t in tuners.items())
+
+
 def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
              pre_scale=1.0, config=None):
     _check(q, k, v, q_offsets, kv_offsets, activation)
@@ -384,11 +417,12 @@ def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale
     args = ((H, p.batch), (q, k, v, out, q_offsets, kv_offsets, p.order,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                            v.stride(1), out.stride(0), out.stride(1),
-                           G, float(pre_scale), float(qk_scale), p.key_q, p.key_k))
+                           G, float(pre_scale), float(qk_scale), p.key_q, p.key_k, p.key_b))
     consts = _consts(D, activation, q.dtype)
     if config is None and _tma_usable(q, k, v, out):
         try:
             _launch(_gdpa_fwd_tma, p.max_q, "BLOCK_M", args, consts, None)
+            _TMA_STATE["used"] = True
             return out
         except Exception as e:  # a Triton build without device-side TMA descriptors
             _TMA_STATE["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -397,22 +431,25 @@ def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale
     return out
 
 
-def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
-             pre_scale=1.0, config=None):
-    do = do if do.stride(2) == 1 else do.contiguous()
-    config = None if config is None else tuple(config[:4])  # no TMA flag in the backward
-    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if p.batch == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    consts = _consts(D, activation, q.dtype)
-    common = (H // Hkv, float(pre_scale), float(qk_scale), p.key_q, p.key_k)
+BWD_MODES = ("split", "atomic")
+_BWD_CHOICE = {}  # (buckets, shape, dtype, activation) -> the faster mode, timed at first use
+
+
+def _bwd(mode, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config):
+    H, Hkv = q.shape[1], k.shape[1]
+    atomic = mode == "atomic"
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
     if k.shape[0]:
-        args = ((Hkv, p.batch), (q, k, v, do, dk, dv, q_offsets, kv_offsets, p.order,
+        args = ((Hkv, p.batch), (q, k, v, do, dk, dv, dq, q_offsets, kv_offsets, p.order,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                  v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
-                                 dk.stride(1), dv.stride(0), dv.stride(1)) + common)
-        _launch(_gdpa_bwd_dkdv, p.max_k, "BLOCK_N", args, consts, config)
+                                 dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
+                                 dq.stride(1)) + common)
+        _launch(_gdpa_bwd_dkdv_dq if atomic else _gdpa_bwd_dkdv, p.max_k, "BLOCK_N", args, consts,
+                config, {"DQ_ATOMIC": True} if atomic else {})
+    if atomic:
+        return dq.to(q.dtype), dk, dv
     if q.shape[0]:
         args = ((H, p.batch), (q, k, v, do, dq, q_offsets, kv_offsets, p.order,
                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -422,27 +459,60 @@ def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_s
     return dq, dk, dv
 
 
+def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
+             pre_scale=1.0, config=None, mode=None):
+    """(dq, dk, dv). ``mode``: "split" (a dK/dV kernel, then a dQ kernel that recomputes the
+    scores), "atomic" (dQ added by the dK/dV kernel with fp32 atomics), or None: both are timed
+    on the first call of each (length, batch) bucket and the faster is kept (the interpreter
+    takes "split")."""
+    do = do if do.stride(2) == 1 else do.contiguous()
+    config = None if config is None else tuple(config[:4])  # no TMA flag in the backward
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    if p.batch == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    consts = _consts(D, activation, q.dtype)
+    common = (H // Hkv, float(pre_scale), float(qk_scale), p.key_q, p.key_k, p.key_b)
+    run = lambda m: _bwd(m, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config)
+    if mode is None:
+        key = (p.key_q, p.key_k, p.key_b, H, Hkv, D, activation, q.dtype, config)
+        mode = _BWD_CHOICE.get(key)
+        if mode is None:
+            if INTERPRET:
+                mode = "split"
+            else:
+                from triton.testing import do_bench
+                ms = {m: do_bench(lambda m=m: run(m), warmup=5, rep=25) for m in BWD_MODES}
+                mode = min(ms, key=ms.get)
+                print(f"triton_gdpa: backward {mode} ("
+                      + ", ".join(f"{m} {t:.3f} ms" for m, t in ms.items()) + ")")
+            _BWD_CHOICE[key] = mode
+    return run(mode)
+
+
 class _TritonGdpa(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale, config):
+    def forward(ctx, q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale, config,
+                bwd_mode):
         ctx.save_for_backward(q, k, v, q_offsets, kv_offsets)
-        ctx.args = (p, activation, qk_scale, pre_scale, config)
+        ctx.args = (p, activation, qk_scale, pre_scale, config, bwd_mode)
         return gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale, config)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, qo, ko = ctx.saved_tensors
         dq, dk, dv = gdpa_bwd(do, q, k, v, qo, ko, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def triton_gdpa(q, k, v, q_offsets, kv_offsets, p=None, activation="fast_gelu", qk_scale=1.0,
-                pre_scale=1.0, config=None):
+                pre_scale=1.0, config=None, bwd_mode=None):
     """attnkit.gdpa's semantics (non-causal) in Triton; differentiable in q, k, v.
-    ``p``: ``plan(q_offsets, kv_offsets)`` (computed here, with a host sync, when None)."""
+    ``p``: ``plan(q_offsets, kv_offsets)`` (computed here, with a host sync, when None);
+    ``config``: pinned (BLOCK_M, BLOCK_N, warps, stages[, TMA]) instead of autotuning;
+    ``bwd_mode``: see gdpa_bwd."""
     p = plan(q_offsets, kv_offsets) if p is None else p
     return _TritonGdpa.apply(q, k, v, q_offsets, kv_offsets, p, activation, qk_scale, pre_scale,
-                             config)
+                             config, bwd_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +569,12 @@ def selftest(device, seed):
         ([16, 50, 2], [16, 50, 2], 2, 1, 16, "gelu", 0.3, 1.3),
         ([3, 0, 0], [0, 5, 0], 2, 2, 16, "gelu_approx", 1.0, 1.0),   # no keys / no queries
     ]
-    # None: the autotuned path (under the interpreter: the first TMA config); the forward-only
-    # TMA flag (5th entry) is ignored by the backward kernels.
-    configs = [None, (64, 32, 4, 2), (128, 128, 4, 1), (32, 64, 4, 1), (64, 32, 4, 2, True),
-               (128, 128, 4, 1, True)]
+    # (config, backward mode). None: the autotuned path (under the interpreter: the first TMA
+    # forward config and the split backward; on the GPU the backward mode is timed); the
+    # forward-only TMA flag (5th entry) is ignored by the backward kernels.
+    configs = [(None, None), ((64, 32, 4, 2), "split"), ((128, 128, 4, 1), "atomic"),
+               ((32, 64, 4, 1), "atomic"), ((64, 32, 4, 2, True), "split"),
+               ((128, 128, 4, 1, True), "atomic")]
     ok = True
     for ci, (lq, lk, H, Hkv, D, act, pre, qks) in enumerate(cases):
         qo = torch.tensor([0] + lq).cumsum(0).to(device)
@@ -515,16 +587,16 @@ def selftest(device, seed):
             ref = ref_mod.gdpa_ref(*leaves, qo, ko, None, None, act, qks, pre_scale=pre)
             grads_ref = torch.autograd.grad(ref, leaves, do.float()) if ref.numel() else None
             p = plan(qo, ko)
-            for cfg in configs:
+            for cfg, mode in configs:
                 leaves_t = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                out = triton_gdpa(*leaves_t, qo, ko, p, act, qks, pre, config=cfg)
+                out = triton_gdpa(*leaves_t, qo, ko, p, act, qks, pre, config=cfg, bwd_mode=mode)
                 errs = [_rel_err(out, ref) if ref.numel() else 0.0]
                 if ref.numel():
                     grads = torch.autograd.grad(out, leaves_t, do)
                     errs += [_rel_err(a, b) if b.numel() else 0.0 for a, b in zip(grads, grads_ref)]
                 good = all(e <= tol[dt] for e in errs)
                 ok &= good
-                print(f"  case {ci} {str(dt):<15} {act:<11} config={cfg}: rel_err out/dq/dk/dv "
+                print(f"  case {ci} {str(dt):<15} {act:<11} config={cfg} bwd={mode}: rel_err out/dq/dk/dv "
                       + " ".join(f"{e:.1e}" for e in errs) + f" tol={tol[dt]:.0e} "
                       + ("ok" if good else "FAIL"))
     print(f"selftest: {'ok' if ok else 'FAILED'}")
