@@ -103,7 +103,7 @@ for s in $QUICK; do
       # autotuned on its first call of each length: ~26 configs compiled once), cuDNN and flash;
       # fwd, bwd, fwd+bwd. Sized for ~240 s on an H200 with the default ITERS=10 WARMUP=100
       # (milliseconds of runs); GDPA_BENCH_ARGS adds options (e.g. --no-triton, --shapes 2048).
-      step bench_gdpa 240 $PY benchmarks/bench_gdpa.py $BENCH ${GDPA_BENCH_ARGS:-} ;;
+      step bench_gdpa 240 $PY benchmarks/bench_gdpa.py $BENCH --csv "$L/bench_gdpa.csv" ${GDPA_BENCH_ARGS:-} ;;
     gdpa_triton_selftest)  # the Triton peer against reference.gdpa_ref on the GPU (bf16, fp16)
       step gdpa_triton_selftest 120 $PY benchmarks/triton_gdpa.py --selftest ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
@@ -234,9 +234,11 @@ for s in $QUICK; do
       step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
       step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_features.py -q -p no:xdist -k "cuda and not opcheck and (bfloat16 or neighbours)" ;;
-    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross, broadcast_q, window 128
-      step bench_gdpa_features 150 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
-        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ;;
+    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross (with the Triton GDPA peer, autotuned
+      # at its first call of each Q: hence 210 s, was 150), broadcast_q, window 128;
+      # GDPA_FEATURES_ARGS adds options (e.g. --no-triton)
+      step bench_gdpa_features 210 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
+        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ${GDPA_FEATURES_ARGS:-} ;;
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
