@@ -9,31 +9,42 @@ No softmax, no normalisation (reference.gdpa_ref). φ: fast_gelu (tanh form; on 
 hardware ``tanh.approx.f32``, as attnkit's CUDA kernel may use), gelu_approx (the same with an
 exact tanh), gelu (erf), raw. Non-causal, no window, no broadcast_q: the benchmark shapes.
 
-Kernels (all plain writes, no atomics, so autotuning may rerun them):
+Kernels:
 
-- ``_gdpa_fwd``: one program per (query block, head, sequence). A program loads its BLOCK_M query
-  rows once and walks the sequence's keys BLOCK_N at a time: full tiles unmasked, the last
-  partial tile masked; keys past the sequence's length are never touched. Padded rows and keys
-  load as zeros, and φ(0) = 0 for every activation here, so no score mask is needed.
-- ``_gdpa_bwd_dkdv``: one program per (key block, kv head, sequence): dK and dV summed over the
-  G query heads of the kv head and every query block, in registers (deterministic).
-- ``_gdpa_bwd_dq``: one program per (query block, head, sequence), walking the keys again.
+- ``_gdpa_fwd_kernel``: one program per (query block, head, sequence). A program loads its
+  BLOCK_M query rows once and walks the sequence's keys BLOCK_N at a time; keys past the
+  sequence's length are never touched. Two ways to load, both in the autotuning on sm_90+:
+  pointer loads (full tiles unmasked, the last partial tile masked) or TMA through tensor
+  descriptors made per program, whose row bound is the sequence's end (the tail tile reads
+  zeros, the output store is clipped). Padded rows and keys read as zeros, and φ(0) = 0 for
+  every activation here, so no score mask is needed.
+- ``_gdpa_bwd_dkdv_kernel``: one program per (key block, kv head, sequence): dK and dV summed
+  over the G query heads of the kv head and every query block, in registers. Backward "split":
+  then ``_gdpa_bwd_dq``, one program per (query block, head, sequence) recomputing the scores
+  (deterministic, 7 GEMMs' work); backward "atomic": the dK/dV kernel also adds dQ into an fp32
+  buffer with atomics (5 GEMMs' work, contended adds, then a cast). The first backward of each
+  bucket times both and keeps the faster.
 
 Scheduling: the sequence axis of the grid goes through ``order``, the sequences sorted by work
 (Lq·Lk, longest first), so the longest programs start first and short ones fill the tail; the
 query-block axis is sized by the real maximum length and a program past its sequence's end
 returns at once. The order and the maxima come from ``plan()`` (one host sync: call it outside
-the timed region). Block sizes, warps and stages are picked by ``triton.autotune`` per
-(power-of-two bucket of the max lengths, D, activation).
+the timed region). Block sizes, warps, stages (and TMA or not) are picked by ``triton.autotune``
+per power-of-two bucket of the max lengths and of the batch, head dim and activation: a batch
+with other lengths but the same buckets (sparsity 0.5 after 1.0) reuses the choice.
+
+Not here (upstream Triton 3.6 lacks them or they are not needed by the benchmark): warp
+specialisation (Meta's kernel uses a Triton fork's ``tl.async_task``), a persistent tile loop,
+causal / window / broadcast_q.
 
     p = plan(q_offsets, kv_offsets)
     out = triton_gdpa(q, k, v, q_offsets, kv_offsets, p, "fast_gelu")   # differentiable
 
-Assumes q_offsets[-1] == Tq (rows after the last sequence are left unwritten). Importing needs
-Triton. ``TRITON_INTERPRET=1 python benchmarks/triton_gdpa.py --selftest`` checks forward and
+Assumes q_offsets[-1] == Tq and kv_offsets[-1] == Tk (rows after the last sequence are left
+unwritten). Importing needs Triton. ``TRITON_INTERPRET=1 python benchmarks/triton_gdpa.py --selftest`` checks forward and
 backward against reference.gdpa_ref on small random jagged CPU inputs (empty and length-1
-sequences, cross lengths, GQA, several block configs) and exits 1 on a mismatch; without the
-interpreter the same check runs on the GPU.
+sequences, cross lengths, GQA, block configs with and without TMA, both backward modes) and
+exits 1 on a mismatch; without the interpreter the same check runs on the GPU (bf16, fp16).
 """
 import argparse
 import importlib.util
@@ -174,7 +185,7 @@ def _gdpa_fwd_kernel(Q, K, V, O, QOFF, KOFF, ORDER,
         # end read as zeros and are not written.
         row = (q0 + pid_m * BLOCK_M).to(tl.int32)
         q_end = (q0 + lq).to(tl.int32)
-        k_end = (k0 + lk).to(tl.int32)
+        k_end = tl.maximum(k0 + lk, 1).to(tl.int32)   # no zero-row descriptor (lk = 0: no loads)
         desc_q = tl.make_tensor_descriptor(Q, shape=[q_end, sq_t], strides=[sq_t, 1],
                                            block_shape=[BLOCK_M, D])
         desc_k = tl.make_tensor_descriptor(K, shape=[k_end, sk_t], strides=[sk_t, 1],
@@ -373,8 +384,8 @@ def _tma_usable(*tensors):
             triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
                                                                          device="cuda"))
             _TMA_STATE["allocator"] = True
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-               for t in tensors)
+    return all(t.numel() and t.is_contiguous() and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def _check(q, k, v, q_offsets, kv_offsets, activation):
