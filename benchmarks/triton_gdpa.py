@@ -123,8 +123,6 @@ def _dot(a, b, acc, F32: tl.constexpr):
 def _configs(tuples, **extra):
     """triton.Config list from (BLOCK_M, BLOCK_N, warps, stages) tuples, ``extra`` constexprs
     (TMA, DQ_ATOMIC) added to each."""
-    if INTERPRET:  # no benchmarking without a GPU: one config (the selftest passes its own)
-        tuples = tuples[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s)
             for m, n, w, s in tuples]
 
@@ -139,10 +137,10 @@ FWD_TMA_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32,
                    (64, 64, 4, 3), (64, 128, 4, 2)]
 # Backward: BLOCK_M is the inner (query) tile of dK/dV and the outer tile of dQ; BLOCK_N the
 # reverse. Two [BLOCK, D] fp32 accumulators in dK/dV keep the tiles at 64 or below 128x64.
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
-               (64, 32, 4, 3)]
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
 # Autotune key: power-of-two buckets of the max lengths and of the batch (a 16-sequence
 # verification batch must not pick the configs of the full one), head dim, activation.
+BWD_TMA_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
 KEY = ["KEY_Q", "KEY_K", "KEY_B", "D", "ACT"]
 
 
@@ -222,11 +220,21 @@ def _gdpa_fwd_kernel(Q, K, V, O, QOFF, KOFF, ORDER,
                  (acc * qk_scale).to(O.dtype.element_ty), mask=rows[:, None] < lq)
 
 
-# Pointer loads only, and pointer loads or TMA (the autotuner picks among both).
-_gdpa_fwd = triton.autotune(configs=_configs(FWD_CONFIGS), key=KEY)(_gdpa_fwd_kernel)
-_gdpa_fwd_tma = triton.autotune(
-    configs=(_configs(FWD_TMA_CONFIGS, TMA=True) + _configs(FWD_CONFIGS))[:1 if INTERPRET else None],
-    key=KEY)(_gdpa_fwd_kernel)
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, rows, lq, dqa_ptr, sdqa_t, offs_d, pre_scale, qk_scale,
+               ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr):
+    st = _dot(k, tl.trans(q), None, F32) * pre_scale                       # [BLOCK_N, BLOCK_M]
+    pt, gt = _act_and_grad(st, ACT, APPROX)
+    dv = _dot(pt.to(do.dtype), do, dv, F32)
+    dpt = _dot(v, tl.trans(do), None, F32)
+    dst = (gt * dpt).to(q.dtype)
+    dk = _dot(dst, q, dk, F32)
+    if DQ_ATOMIC:
+        dq = _dot(tl.trans(dst), k, None, F32) * (qk_scale * pre_scale)    # [BLOCK_M, D]
+        tl.atomic_add(dqa_ptr + rows[:, None] * sdqa_t + offs_d[None, :], dq,
+                      mask=rows[:, None] < lq, sem="relaxed")
+    return dk, dv
 
 
 @triton.jit
@@ -236,9 +244,10 @@ def _gdpa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, QOFF, KOFF, ORDER,
                           G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
                           D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr,
                           F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DQ_ATOMIC: tl.constexpr = False):
+                          DQ_ATOMIC: tl.constexpr = False, TMA: tl.constexpr = False):
     """dK, dV of one key block; with DQ_ATOMIC also dQ, added in fp32 to DQA (zeroed) with
-    atomics (no second pass over the scores, at the cost of contended adds)."""
+    atomics (no second pass over the scores, at the cost of contended adds). TMA: Q and dO
+    (the streamed operands) through descriptors bounded at the sequence's end."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
@@ -258,43 +267,53 @@ def _gdpa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, QOFF, KOFF, ORDER,
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for g in range(0, G):
         h = hk * G + g
-        q_ptr = Q + q0 * sq_t + h * sq_h
-        do_ptr = DO + q0 * sdo_t + h * sdo_h
         dqa_ptr = DQA + q0 * sdqa_t + h * sdqa_h
-        for start in range(0, lq, BLOCK_M):
-            rows = start + offs_m
-            qmask = rows[:, None] < lq
-            q = tl.load(q_ptr + rows[:, None] * sq_t + offs_d[None, :], mask=qmask, other=0.0)
-            do = tl.load(do_ptr + rows[:, None] * sdo_t + offs_d[None, :], mask=qmask, other=0.0)
-            st = _dot(k, tl.trans(q), None, F32) * pre_scale                 # [BLOCK_N, BLOCK_M]
-            pt, gt = _act_and_grad(st, ACT, APPROX)
-            dv = _dot(pt.to(do.dtype), do, dv, F32)
-            dpt = _dot(v, tl.trans(do), None, F32)
-            dst = (gt * dpt).to(q.dtype)
-            dk = _dot(dst, q, dk, F32)
-            if DQ_ATOMIC:
-                dq = _dot(tl.trans(dst), k, None, F32) * (qk_scale * pre_scale)  # [BLOCK_M, D]
-                tl.atomic_add(dqa_ptr + rows[:, None] * sdqa_t + offs_d[None, :], dq, mask=qmask,
-                              sem="relaxed")
+        if TMA:
+            q_end = tl.maximum(q0 + lq, 1).to(tl.int32)   # no zero-row descriptor (lq = 0)
+            desc_q = tl.make_tensor_descriptor(Q, shape=[q_end, sq_t], strides=[sq_t, 1],
+                                               block_shape=[BLOCK_M, D])
+            desc_do = tl.make_tensor_descriptor(DO, shape=[q_end, sdo_t], strides=[sdo_t, 1],
+                                                block_shape=[BLOCK_M, D])
+            q_row = q0.to(tl.int32)
+            for start in range(0, lq, BLOCK_M):
+                q = desc_q.load([q_row + start, h * D])
+                do = desc_do.load([q_row + start, h * D])
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, start + offs_m, lq, dqa_ptr, sdqa_t,
+                                    offs_d, pre_scale, qk_scale, ACT, APPROX, F32, DQ_ATOMIC)
+        else:
+            q_ptr = Q + q0 * sq_t + h * sq_h
+            do_ptr = DO + q0 * sdo_t + h * sdo_h
+            for start in range(0, lq, BLOCK_M):
+                rows = start + offs_m
+                qmask = rows[:, None] < lq
+                q = tl.load(q_ptr + rows[:, None] * sq_t + offs_d[None, :], mask=qmask, other=0.0)
+                do = tl.load(do_ptr + rows[:, None] * sdo_t + offs_d[None, :], mask=qmask,
+                             other=0.0)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, rows, lq, dqa_ptr, sdqa_t, offs_d,
+                                    pre_scale, qk_scale, ACT, APPROX, F32, DQ_ATOMIC)
     tl.store(DK + (k0 + cols)[:, None] * sdk_t + hk * sdk_h + offs_d[None, :],
              (dk * (qk_scale * pre_scale)).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + (k0 + cols)[:, None] * sdv_t + hk * sdv_h + offs_d[None, :],
              (dv * qk_scale).to(DV.dtype.element_ty), mask=kmask)
 
 
-_gdpa_bwd_dkdv = triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)(_gdpa_bwd_dkdv_kernel)
-# dQ by atomics: the fp32 buffer is zeroed before each autotuning trial.
-_gdpa_bwd_dkdv_dq = triton.autotune(configs=_configs(BWD_CONFIGS, DQ_ATOMIC=True), key=KEY,
-                                    reset_to_zero=["DQA"])(_gdpa_bwd_dkdv_kernel)
-
-
-@triton.autotune(configs=_configs(BWD_CONFIGS), key=KEY)
 @triton.jit
-def _gdpa_bwd_dq(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
-                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
-                 G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
-                 D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr, F32: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_step(dq, q, do, k, v, pre_scale, ACT: tl.constexpr, APPROX: tl.constexpr,
+             F32: tl.constexpr):
+    s = _dot(q, tl.trans(k), None, F32) * pre_scale
+    _, gs = _act_and_grad(s, ACT, APPROX)
+    dp = _dot(do, tl.trans(v), None, F32)
+    return _dot((gs * dp).to(k.dtype), k, dq, F32)
+
+
+@triton.jit
+def _gdpa_bwd_dq_kernel(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
+                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+                        G, pre_scale, qk_scale, KEY_Q, KEY_K, KEY_B,
+                        D: tl.constexpr, ACT: tl.constexpr, APPROX: tl.constexpr,
+                        F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        TMA: tl.constexpr = False):
+    """dQ of one query block, the scores recomputed; TMA: K and V through descriptors."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.load(ORDER + tl.program_id(2)).to(tl.int64)
@@ -312,20 +331,51 @@ def _gdpa_bwd_dq(Q, K, V, DO, DQ, QOFF, KOFF, ORDER,
     q = tl.load(Q + (q0 + rows)[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + (q0 + rows)[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=qmask,
                  other=0.0)
-    k_ptr = K + k0 * sk_t + hk * sk_h
-    v_ptr = V + k0 * sv_t + hk * sv_h
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for start in range(0, lk, BLOCK_N):
-        cols = start + offs_n
-        kmask = cols[:, None] < lk
-        k = tl.load(k_ptr + cols[:, None] * sk_t + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * sv_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), None, F32) * pre_scale
-        _, gs = _act_and_grad(s, ACT, APPROX)
-        dp = _dot(do, tl.trans(v), None, F32)
-        dq = _dot((gs * dp).to(k.dtype), k, dq, F32)
+    if TMA:
+        k_end = tl.maximum(k0 + lk, 1).to(tl.int32)
+        desc_k = tl.make_tensor_descriptor(K, shape=[k_end, sk_t], strides=[sk_t, 1],
+                                           block_shape=[BLOCK_N, D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[k_end, sv_t], strides=[sv_t, 1],
+                                           block_shape=[BLOCK_N, D])
+        k_row = k0.to(tl.int32)
+        for start in range(0, lk, BLOCK_N):
+            k = desc_k.load([k_row + start, hk * D])
+            v = desc_v.load([k_row + start, hk * D])
+            dq = _dq_step(dq, q, do, k, v, pre_scale, ACT, APPROX, F32)
+    else:
+        k_ptr = K + k0 * sk_t + hk * sk_h
+        v_ptr = V + k0 * sv_t + hk * sv_h
+        for start in range(0, lk, BLOCK_N):
+            cols = start + offs_n
+            kmask = cols[:, None] < lk
+            k = tl.load(k_ptr + cols[:, None] * sk_t + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(v_ptr + cols[:, None] * sv_t + offs_d[None, :], mask=kmask, other=0.0)
+            dq = _dq_step(dq, q, do, k, v, pre_scale, ACT, APPROX, F32)
     tl.store(DQ + (q0 + rows)[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
              (dq * (qk_scale * pre_scale)).to(DQ.dtype.element_ty), mask=qmask)
+
+
+def _autotuned(kernel, tuples, tma_tuples=(), **extra):
+    """triton.autotune of ``kernel`` over ``tuples`` (and ``tma_tuples`` with TMA=True), with the
+    constexprs ``extra``; under the interpreter only the first config (nothing to time)."""
+    configs = _configs(tma_tuples, TMA=True, **extra) + _configs(tuples, **extra)
+    # dQ by atomics accumulates into DQA: zeroed before each autotuning trial and the final run.
+    reset = ["DQA"] if extra.get("DQ_ATOMIC") else None
+    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=KEY,
+                           reset_to_zero=reset)(kernel)
+
+
+# Each kernel twice: pointer loads only, and pointer loads or TMA (sm_90+; the autotuner picks).
+_gdpa_fwd = _autotuned(_gdpa_fwd_kernel, FWD_CONFIGS)
+_gdpa_fwd_tma = _autotuned(_gdpa_fwd_kernel, FWD_CONFIGS, FWD_TMA_CONFIGS)
+_gdpa_bwd_dkdv = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS)
+_gdpa_bwd_dkdv_tma = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS)
+_gdpa_bwd_dkdv_dq = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, DQ_ATOMIC=True)
+_gdpa_bwd_dkdv_dq_tma = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS,
+                                   DQ_ATOMIC=True)
+_gdpa_bwd_dq = _autotuned(_gdpa_bwd_dq_kernel, BWD_CONFIGS)
+_gdpa_bwd_dq_tma = _autotuned(_gdpa_bwd_dq_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,19 +423,41 @@ def _launch(kernel, grid_len, block_key, args, consts, config, extra=None):
 _TMA_STATE = {"allocator": False, "failed": None, "used": False}
 
 
+def _ensure_allocator(t):
+    """Device-side TMA descriptors need a global scratch allocator (set once, CUDA only)."""
+    if not INTERPRET and t.is_cuda and not _TMA_STATE["allocator"]:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
+        _TMA_STATE["allocator"] = True
+
+
 def _tma_usable(*tensors):
     """TMA descriptors need sm_90+, rows of [H*D] contiguous elements and 16-byte alignment."""
     if _TMA_STATE["failed"]:
         return False
-    if not INTERPRET:
-        if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-            return False
-        if not _TMA_STATE["allocator"]:  # device-side descriptors need a global scratch buffer
-            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
-                                                                         device="cuda"))
-            _TMA_STATE["allocator"] = True
+    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
     return all(t.numel() and t.is_contiguous() and t.data_ptr() % 16 == 0
                and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _launch_tuned(tuners, use_tma, grid_len, block_key, args, consts, config, extra=None,
+                  reset=None):
+    """Launches tuners = (pointer-load autotuner, pointer-load + TMA autotuner): the second when
+    ``use_tma`` and no config is pinned; if it raises (a Triton without device-side
+    descriptors), TMA is turned off for the session and the first runs (after ``reset``)."""
+    plain, both = tuners
+    if config is None and use_tma and not _TMA_STATE["failed"]:
+        try:
+            _launch(both, grid_len, block_key, args, consts, None)
+            _TMA_STATE["used"] = True
+            return
+        except Exception as e:
+            _TMA_STATE["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            print(f"triton_gdpa: TMA unavailable, pointer loads only ({_TMA_STATE['failed']})")
+            if reset is not None:
+                reset()
+    _launch(plain, grid_len, block_key, args, consts, config, extra)
 
 
 def _check(q, k, v, q_offsets, kv_offsets, activation):
@@ -413,9 +485,12 @@ def chosen_configs():
         kw = c.kwargs
         return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                 + (" tma" if kw.get("TMA") else ""))
-    tuners = {"fwd": _gdpa_fwd_tma if _TMA_STATE["used"] and not _TMA_STATE["failed"] else _gdpa_fwd,
-              "dkdv": _gdpa_bwd_dkdv, "dq": _gdpa_bwd_dq}
-    return ", ".join(f"{n} {fmt(getattr(t, 'best_config', None))}" for n, t in tuners.items())
+    tma = _TMA_STATE["used"] and not _TMA_STATE["failed"]
+    tuners = {"fwd": (_gdpa_fwd, _gdpa_fwd_tma), "dkdv": (_gdpa_bwd_dkdv, _gdpa_bwd_dkdv_tma),
+              "dkdv+dq": (_gdpa_bwd_dkdv_dq, _gdpa_bwd_dkdv_dq_tma),
+              "dq": (_gdpa_bwd_dq, _gdpa_bwd_dq_tma)}
+    return ", ".join(f"{n} {fmt(getattr(t[1 if tma else 0], 'best_config', None))}"
+                     for n, t in tuners.items())
 
 
 def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale=1.0,
@@ -430,15 +505,9 @@ def gdpa_fwd(q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_scale
                            v.stride(1), out.stride(0), out.stride(1),
                            G, float(pre_scale), float(qk_scale), p.key_q, p.key_k, p.key_b))
     consts = _consts(D, activation, q.dtype)
-    if config is None and _tma_usable(q, k, v, out):
-        try:
-            _launch(_gdpa_fwd_tma, p.max_q, "BLOCK_M", args, consts, None)
-            _TMA_STATE["used"] = True
-            return out
-        except Exception as e:  # a Triton build without device-side TMA descriptors
-            _TMA_STATE["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            print(f"triton_gdpa: TMA forward unavailable, pointer loads only ({_TMA_STATE['failed']})")
-    _launch(_gdpa_fwd, p.max_q, "BLOCK_M", args, consts, config)
+    _ensure_allocator(q)
+    _launch_tuned((_gdpa_fwd, _gdpa_fwd_tma), _tma_usable(q, k, v, out), p.max_q, "BLOCK_M", args,
+                  consts, config)
     return out
 
 
@@ -449,6 +518,7 @@ _BWD_CHOICE = {}  # (buckets, shape, dtype, activation) -> the faster mode, time
 def _bwd(mode, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config):
     H, Hkv = q.shape[1], k.shape[1]
     atomic = mode == "atomic"
+    tma = _tma_usable(q, k, v, do)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
     if k.shape[0]:
@@ -457,8 +527,10 @@ def _bwd(mode, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config):
                                  v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
                                  dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
                                  dq.stride(1)) + common)
-        _launch(_gdpa_bwd_dkdv_dq if atomic else _gdpa_bwd_dkdv, p.max_k, "BLOCK_N", args, consts,
-                config, {"DQ_ATOMIC": True} if atomic else {})
+        tuners = ((_gdpa_bwd_dkdv_dq, _gdpa_bwd_dkdv_dq_tma) if atomic
+                  else (_gdpa_bwd_dkdv, _gdpa_bwd_dkdv_tma))
+        _launch_tuned(tuners, tma, p.max_k, "BLOCK_N", args, consts, config,
+                      {"DQ_ATOMIC": True} if atomic else None, dq.zero_ if atomic else None)
     if atomic:
         return dq.to(q.dtype), dk, dv
     if q.shape[0]:
@@ -466,7 +538,8 @@ def _bwd(mode, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config):
                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
                                dq.stride(1)) + common)
-        _launch(_gdpa_bwd_dq, p.max_q, "BLOCK_M", args, consts, config)
+        _launch_tuned((_gdpa_bwd_dq, _gdpa_bwd_dq_tma), tma, p.max_q, "BLOCK_M", args, consts,
+                      config)
     return dq, dk, dv
 
 
@@ -476,12 +549,12 @@ def gdpa_bwd(do, q, k, v, q_offsets, kv_offsets, p, activation="fast_gelu", qk_s
     scores), "atomic" (dQ added by the dK/dV kernel with fp32 atomics), or None: both are timed
     on the first call of each (length, batch) bucket and the faster is kept (the interpreter
     takes "split")."""
-    do = do if do.stride(2) == 1 else do.contiguous()
-    config = None if config is None else tuple(config[:4])  # no TMA flag in the backward
+    do = do.contiguous()  # autograd's gradient may be a broadcast or strided view
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
     if p.batch == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     consts = _consts(D, activation, q.dtype)
+    _ensure_allocator(q)
     common = (H // Hkv, float(pre_scale), float(qk_scale), p.key_q, p.key_k, p.key_b)
     run = lambda m: _bwd(m, do, q, k, v, q_offsets, kv_offsets, p, consts, common, config)
     if mode is None:
@@ -581,8 +654,7 @@ def selftest(device, seed):
         ([3, 0, 0], [0, 5, 0], 2, 2, 16, "gelu_approx", 1.0, 1.0),   # no keys / no queries
     ]
     # (config, backward mode). None: the autotuned path (under the interpreter: the first TMA
-    # forward config and the split backward; on the GPU the backward mode is timed); the
-    # forward-only TMA flag (5th entry) is ignored by the backward kernels.
+    # config of each kernel and the split backward; on the GPU the backward mode is timed).
     configs = [(None, None), ((64, 32, 4, 2), "split"), ((128, 128, 4, 1), "atomic"),
                ((32, 64, 4, 1), "atomic"), ((64, 32, 4, 2, True), "split"),
                ((128, 128, 4, 1, True), "atomic")]
