@@ -363,7 +363,15 @@ def _autotuned(kernel, tuples, tma_tuples=(), **extra):
     # dQ by atomics accumulates into DQA: zeroed before each autotuning trial and the final run.
     reset = ["DQA"] if extra.get("DQ_ATOMIC") else None
     return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=KEY,
-                           reset_to_zero=reset)(kernel)
+                           reset_to_zero=reset, do_bench=_autotune_bench)(kernel)
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """A trial of one config: 10 ms warm-up, 40 ms of runs (Triton's default is 25 / 100; ~40
+    configs over eight shapes must fit the benchmark's time budget)."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
 
 
 # Each kernel twice: pointer loads only, and pointer loads or TMA (sm_90+; the autotuner picks).
