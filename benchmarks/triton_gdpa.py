@@ -33,9 +33,9 @@ the timed region). Block sizes, warps, stages (and TMA or not) are picked by ``t
 per power-of-two bucket of the max lengths and of the batch, head dim and activation: a batch
 with other lengths but the same buckets (sparsity 0.5 after 1.0) reuses the choice.
 
-Not here (upstream Triton 3.6 lacks them or they are not needed by the benchmark): warp
-specialisation (Meta's kernel uses a Triton fork's ``tl.async_task``), a persistent tile loop,
-causal / window / broadcast_q.
+Not here: warp specialisation (Meta's kernel uses a Triton fork's ``tl.async_task``; upstream
+Triton 3.6 documents ``tl.range(warp_specialize=True)`` for Blackwell only), a persistent tile
+loop, causal / window / broadcast_q (not in the benchmark's shapes).
 
     p = plan(q_offsets, kv_offsets)
     out = triton_gdpa(q, k, v, q_offsets, kv_offsets, p, "fast_gelu")   # differentiable
