@@ -105,7 +105,7 @@ for s in $QUICK; do
       # (milliseconds of runs); GDPA_BENCH_ARGS adds options (e.g. --no-triton, --shapes 2048).
       step bench_gdpa 240 $PY benchmarks/bench_gdpa.py $BENCH --csv "$L/bench_gdpa.csv" ${GDPA_BENCH_ARGS:-} ;;
     gdpa_triton_selftest)  # the Triton peer against reference.gdpa_ref on the GPU (bf16, fp16)
-      step gdpa_triton_selftest 120 $PY benchmarks/triton_gdpa.py --selftest ;;
+      step gdpa_triton_selftest 180 $PY benchmarks/triton_gdpa.py --selftest ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
       step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
     flash_memcheck_all)  # the whole flash CUDA suite under memcheck, MC_SHARDS single-process shards
