@@ -127,19 +127,24 @@ def _configs(tuples, **extra):
             for m, n, w, s in tuples]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages). D = 128 bf16: a 128x128 K and V tile pair is 64 KB a stage,
-# so 128x128 stays at 2 stages (3 would pass the 227 KB of shared memory). Every config is one
-# compile (~1-3 s) at the first call: ~30 configs over the four kernels.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-               (64, 128, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages), picked with an sm_90a compile of each kernel at D = 128 bf16
+# (ptxas -v, Triton 3.6): configs that spill registers or pass the 227 KB of shared memory are
+# left out. Every config is one compile (~1 s) at the first call: 34 over the four kernels.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
 # The same kernel reading Q, K, V and writing O through TMA tensor descriptors made per program
 # (sm_90+): the descriptor's row bound is the sequence's end, so the tail tile needs no mask.
-FWD_TMA_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
-                   (64, 64, 4, 3)]
-# Backward: BLOCK_M is the inner (query) tile of dK/dV and the outer tile of dQ; BLOCK_N the
-# reverse. Two [BLOCK, D] fp32 accumulators in dK/dV keep the tiles at 64 or below 128x64.
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
-BWD_TMA_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
+FWD_TMA_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+                   (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)]
+# Backward, dK/dV: BLOCK_N is the program's key tile, BLOCK_M the streamed query tile; its two
+# [BLOCK_N, D] fp32 accumulators want 8 warps at 64 x 64 (4 warps spill).
+DKDV_CONFIGS = [(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
+DKDV_TMA_CONFIGS = [(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)]
+# The same with dQ by atomics (one more [BLOCK_M, D] product per step).
+DKDV_DQ_CONFIGS = [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3)]
+DKDV_DQ_TMA_CONFIGS = [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)]
+# dQ: BLOCK_M is the program's query tile, BLOCK_N the streamed key tile.
+DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3)]
+DQ_TMA_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)]
 KEY = ["KEY_Q", "KEY_K", "KEY_B", "D", "ACT"]
 
 
@@ -376,13 +381,13 @@ def _autotune_bench(kernel_call, quantiles):
 # Each kernel twice: pointer loads only, and pointer loads or TMA (sm_90+; the autotuner picks).
 _gdpa_fwd = _autotuned(_gdpa_fwd_kernel, FWD_CONFIGS)
 _gdpa_fwd_tma = _autotuned(_gdpa_fwd_kernel, FWD_CONFIGS, FWD_TMA_CONFIGS)
-_gdpa_bwd_dkdv = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS)
-_gdpa_bwd_dkdv_tma = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS)
-_gdpa_bwd_dkdv_dq = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, DQ_ATOMIC=True)
-_gdpa_bwd_dkdv_dq_tma = _autotuned(_gdpa_bwd_dkdv_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS,
+_gdpa_bwd_dkdv = _autotuned(_gdpa_bwd_dkdv_kernel, DKDV_CONFIGS)
+_gdpa_bwd_dkdv_tma = _autotuned(_gdpa_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_TMA_CONFIGS)
+_gdpa_bwd_dkdv_dq = _autotuned(_gdpa_bwd_dkdv_kernel, DKDV_DQ_CONFIGS, DQ_ATOMIC=True)
+_gdpa_bwd_dkdv_dq_tma = _autotuned(_gdpa_bwd_dkdv_kernel, DKDV_DQ_CONFIGS, DKDV_DQ_TMA_CONFIGS,
                                    DQ_ATOMIC=True)
-_gdpa_bwd_dq = _autotuned(_gdpa_bwd_dq_kernel, BWD_CONFIGS)
-_gdpa_bwd_dq_tma = _autotuned(_gdpa_bwd_dq_kernel, BWD_CONFIGS, BWD_TMA_CONFIGS)
+_gdpa_bwd_dq = _autotuned(_gdpa_bwd_dq_kernel, DQ_CONFIGS)
+_gdpa_bwd_dq_tma = _autotuned(_gdpa_bwd_dq_kernel, DQ_CONFIGS, DQ_TMA_CONFIGS)
 _AUTOTUNERS = (_gdpa_fwd, _gdpa_fwd_tma, _gdpa_bwd_dkdv, _gdpa_bwd_dkdv_tma, _gdpa_bwd_dkdv_dq,
                _gdpa_bwd_dkdv_dq_tma, _gdpa_bwd_dq, _gdpa_bwd_dq_tma)
 
