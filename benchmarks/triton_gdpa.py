@@ -45,6 +45,8 @@ unwritten). Importing needs Triton. ``TRITON_INTERPRET=1 python benchmarks/trito
 backward against reference.gdpa_ref on small random jagged CPU inputs (empty and length-1
 sequences, cross lengths, GQA, block configs with and without TMA, both backward modes) and
 exits 1 on a mismatch; without the interpreter the same check runs on the GPU (bf16, fp16).
+``python benchmarks/triton_gdpa.py --compile-check`` compiles every autotuning config for sm_90a
+on a machine without a GPU (ptxas of the Triton wheel) and prints registers and spills.
 """
 import argparse
 import importlib.util
@@ -708,13 +710,75 @@ def selftest(device, seed):
     return ok
 
 
+def compile_check(arch, D):
+    """Compiles every autotuning config of the four kernels for sm_<arch> without a GPU (bf16,
+    fast_gelu, head dim D, the specialisations of a benchmark launch: 16-divisible pointers and
+    strides, G = 1) and prints shared memory, registers and spill stores (ptxas -v). Returns the
+    number of configs that failed to compile."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    pointers = {"QOFF": "*i64", "KOFF": "*i64", "ORDER": "*i32", "DQA": "*fp32"}
+    for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+        pointers[name] = "*bf16"
+    floats = ("pre_scale", "qk_scale")
+    smem_max = 232448 if arch >= 90 else 166912
+    failed = 0
+    for tuner in (_gdpa_fwd_tma, _gdpa_bwd_dkdv_tma, _gdpa_bwd_dkdv_dq_tma, _gdpa_bwd_dq_tma):
+        fn = tuner.fn
+        for c in tuner.configs:
+            consts = dict(_consts(D, "fast_gelu", torch.bfloat16), G=1, **c.kwargs)
+            consts["APPROX"] = True
+            sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32")
+                   for n in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                     if sig[n] not in ("constexpr", "fp32") and not n.startswith("KEY_")}
+            label = f"{fn.__name__:<22} {c}"
+            try:
+                k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                                   options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            except Exception as e:
+                failed += 1
+                print(f"  FAIL {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            info = ""
+            if os.path.exists(ptxas):
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                    f.write(k.asm["ptx"])
+                r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
+                                    f.name, "-o", os.devnull], capture_output=True, text=True)
+                os.unlink(f.name)
+                regs = re.search(r"Used (\d+) registers", r.stderr)
+                spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+                info = (f" regs={regs.group(1) if regs else '?'}"
+                        f" spill_stores={spill.group(1) if spill else '?'}")
+            over = " (over the shared memory limit: skipped by the autotuner)" \
+                if k.metadata.shared > smem_max else ""
+            print(f"  ok   {label}: smem={k.metadata.shared}{info}{over}")
+    print(f"compile check sm_{arch} D={D}: {'ok' if not failed else f'{failed} FAILED'}")
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--selftest", action="store_true",
                     help="check against reference.gdpa_ref (CPU with TRITON_INTERPRET=1, else GPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-check", action="store_true",
+                    help="compile every autotuning config for --arch without a GPU (needs no "
+                         "TRITON_INTERPRET) and print shared memory, registers and spills")
+    ap.add_argument("--arch", type=int, default=90, help="--compile-check: compute capability x 10")
+    ap.add_argument("--head-dim", type=int, default=128, help="--compile-check: head dim")
     args = ap.parse_args()
+    if args.compile_check:
+        return 1 if compile_check(args.arch, args.head_dim) else 0
     if not args.selftest:
         ap.print_help()
         return 0
