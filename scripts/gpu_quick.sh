@@ -100,7 +100,7 @@ for s in $QUICK; do
     main) step main 25 $PY -m attnkit ;;
     gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE --durations=12 ;;
     gdpa_bench)  # max len 256-2048 x sparsity 1.0 / 0.5; attnkit, the Triton peer (triton_gdpa.py,
-      # autotuned on its first call of each length: ~26 configs compiled once), cuDNN and flash;
+      # autotuned on its first call of each length: 34 configs compiled once), cuDNN and flash;
       # fwd, bwd, fwd+bwd. Sized for ~240 s on an H200 with the default ITERS=10 WARMUP=100
       # (milliseconds of runs); GDPA_BENCH_ARGS adds options (e.g. --no-triton, --shapes 2048).
       step bench_gdpa 240 $PY benchmarks/bench_gdpa.py $BENCH --csv "$L/bench_gdpa.csv" ${GDPA_BENCH_ARGS:-} ;;
