@@ -8,7 +8,9 @@ section reports attnkit's forward, backward and forward+backward TFLOP/s:
                padded dense shape [B, H, Q, D] x [B, H, 256, D] (softmax attention: a speed
                reference only, FLOPs counted the same; cuDNN backend if it runs, else flash, else
                efficient, else math: the sdpa_backend column says which ran). vs_sdpa_* is
-               attnkit / SDPA TFLOP/s (> 1: attnkit faster).
+               attnkit / SDPA TFLOP/s (> 1: attnkit faster). The Triton jagged GDPA peer
+               (benchmarks/triton_gdpa.py, same semantics and batch) runs beside it unless
+               --no-triton: triton_*, vs_triton_* = attnkit / triton.
   broadcast_q  Lq = 64 learned queries (broadcast_q=True) against B jagged KV sequences with
                lengths uniform in [1, 1024]; next to the same work without broadcast_q (the
                queries repeated for every sequence: repq_*). vs_repq_* is attnkit / repq TFLOP/s.
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_gdpa import lengths_for  # noqa: E402
+from bench_gdpa import lengths_for, triton_gdpa  # noqa: E402  (triton_gdpa: None without Triton)
 
 import attnkit  # noqa: E402
 from attnkit.reference import gdpa_ref  # noqa: E402
@@ -90,8 +92,9 @@ def _err(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
-def verify_gdpa(label, q, k, v, qo, ko, mq, mk_, n, act, **kw):
-    """attnkit.gdpa against gdpa_ref on the first n sequences: output, dq, dk, dv."""
+def verify_gdpa(label, q, k, v, qo, ko, mq, mk_, n, act, impl=None, **kw):
+    """attnkit.gdpa (or ``impl``, called like it without the keywords) against gdpa_ref on the
+    first n sequences: output, dq, dk, dv."""
     tol = TOLERANCE[torch.bfloat16]
     try:
         ko_s = ko[: n + 1]
@@ -101,7 +104,7 @@ def verify_gdpa(label, q, k, v, qo, ko, mq, mk_, n, act, **kw):
             qo_s = qo[: n + 1]
             qs = q[: int(qo_s[-1])].detach().clone().requires_grad_()
         ks, vs = (t[: int(ko_s[-1])].detach().clone().requires_grad_() for t in (k, v))
-        out = attnkit.gdpa(qs, ks, vs, qo_s, ko_s, mq, mk_, act, **kw)
+        out = (impl or attnkit.gdpa)(qs, ks, vs, qo_s, ko_s, mq, mk_, act, **kw)
         ref = gdpa_ref(qs, ks, vs, qo_s, ko_s, mq, mk_, act, **kw)
         ok = harness.verify(f"{label} fwd", out, ref, tol)
         g = torch.randn_like(out)
@@ -204,6 +207,15 @@ def section_cross(args, dev, dt, passes, gen):
             ok &= time_passes(row, "attnkit", call, (q, k, v), flops, passes, dev, args, True)
         else:
             ok = False
+        if args.triton:  # the Triton peer: its schedule (a host sort) is made outside the timing
+            peer = lambda q_, k_, v_, qo_, ko_, mq, mk_, a: triton_gdpa.triton_gdpa(q_, k_, v_, qo_, ko_, None, a)
+            if verify_gdpa("triton cross", q, k, v, qo, ko, Q, KV, args.verify_seqs, act, impl=peer):
+                plan = triton_gdpa.plan(qo, ko)
+                call_t = lambda: [triton_gdpa.triton_gdpa(q, k, v, qo, ko, plan, act)]
+                time_passes(row, "triton", call_t, (q, k, v), flops, passes, dev, args, False)
+                add_ratios(row, "attnkit", "triton", "vs_triton", ("fwd", "bwd", "fwdbwd"))
+            else:
+                ok = False
         del q, k, v, call
         free(dev)
 
@@ -298,7 +310,9 @@ def section_window(args, dev, dt, passes, gen):
 
 TABLES = {
     "cross": ["Lq", "Lkv", "attnkit_fwd", "attnkit_bwd", "attnkit_fwdbwd", "sdpa_backend",
-              "sdpa_fwd", "sdpa_bwd", "sdpa_fwdbwd", "vs_sdpa_fwd", "vs_sdpa_bwd", "vs_sdpa_fwdbwd"],
+              "sdpa_fwd", "sdpa_bwd", "sdpa_fwdbwd", "vs_sdpa_fwd", "vs_sdpa_bwd", "vs_sdpa_fwdbwd",
+              "triton_fwd", "triton_bwd", "triton_fwdbwd", "vs_triton_fwd", "vs_triton_bwd",
+              "vs_triton_fwdbwd"],
     "broadcast_q": ["Lq", "Lkv", "T_kv", "attnkit_fwd", "attnkit_bwd", "attnkit_fwdbwd",
                     "repq_fwd", "repq_bwd", "repq_fwdbwd", "vs_repq_fwd", "vs_repq_bwd",
                     "vs_repq_fwdbwd"],
@@ -307,7 +321,7 @@ TABLES = {
                "cost_fwdbwd"],
 }
 TITLES = {
-    "cross": "short-KV cross attention, TFLOP/s (vs_sdpa = attnkit / SDPA)",
+    "cross": "short-KV cross attention, TFLOP/s (vs_sdpa = attnkit / SDPA, vs_triton = attnkit / Triton GDPA)",
     "broadcast_q": "broadcast_q, TFLOP/s (repq = queries repeated per sequence; vs_repq = attnkit / repq)",
     "window": "window_size, TFLOP/s on visible pairs (full = no window; cost = window time / full time)",
 }
@@ -336,7 +350,14 @@ def main():
     p.add_argument("--chunk", type=int, default=0,
                    help="batch chunk of the dense SDPA peer (0: whole batch unless it does not fit)")
     p.add_argument("--verify-seqs", type=int, default=4, help="sequences checked against gdpa_ref")
+    p.add_argument("--no-triton", action="store_true",
+                   help="cross: leave out the Triton peer (benchmarks/triton_gdpa.py)")
     args = p.parse_args()
+    # The Triton peer runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (a dry run).
+    args.triton = not args.no_triton and triton_gdpa is not None and (
+        str(args.device).startswith("cuda") or triton_gdpa.INTERPRET)
+    if not args.no_triton and triton_gdpa is None:
+        print("triton peer unavailable (Triton did not import)")
     dev, dt = args.device, torch.bfloat16
     profile = PROFILES["full" if not args.quick else
                        ("cpu_quick" if not str(dev).startswith("cuda") else "quick")]
@@ -367,13 +388,14 @@ def main():
         harness.print_table([r for r in rows if r["section"] == s], TABLES[s], title=TITLES[s])
     cols = ["section", "Lq", "Lkv", "sparsity", "window", "T_q", "T_kv", "gflop_fwd", "pair_frac",
             "sdpa_backend"]
-    for prefix in ("attnkit", "sdpa", "repq", "full"):
+    for prefix in ("attnkit", "sdpa", "triton", "repq", "full"):
         cols += [f"{prefix}_{p_}" for p_ in ("fwd", "bwd", "fwdbwd")]
         cols += [f"{prefix}_{p_}_ms" for p_ in ("fwd", "bwd", "fwdbwd")]
-    for prefix in ("vs_sdpa", "vs_repq", "cost"):
+    for prefix in ("vs_sdpa", "vs_triton", "vs_repq", "cost"):
         cols += [f"{prefix}_{p_}" for p_ in ("fwd", "bwd", "fwdbwd")]
     harness.write_csv(rows, cols, args.csv)
-    ys = [f"{a}_{p_}" for a in ("attnkit", "sdpa", "repq", "full") for p_ in ("fwd", "bwd", "fwdbwd")]
+    ys = [f"{a}_{p_}" for a in ("attnkit", "sdpa", "triton", "repq", "full")
+          for p_ in ("fwd", "bwd", "fwdbwd")]
     # One subplot per section; x is cross: Lq, broadcast_q: max kv length, window: sparsity.
     harness.plot(rows, "x", ys, args.plot, "TFLOP/s", "GDPA", group="section")
     print(f"verification: {'ok' if ok else 'FAILED'}")

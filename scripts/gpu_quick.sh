@@ -11,7 +11,9 @@
 # (gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
 # then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
 # ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
-# gdpa_bench is the whole bench_gdpa table (forward and backward, sparsity 1.0 and 0.5).
+# gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
+# max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
+# peer (benchmarks/triton_gdpa.py --selftest) on the GPU.
 # The warp-specialised flash kernels (flash/fwd_ws.cuh, the default forward at head dim 128;
 # flash/bwd_ws.cuh, the default backward) have their own steps:
 #   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
@@ -100,7 +102,13 @@ for s in $QUICK; do
       step paged_env 30 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest -q -s tests/test_pa_merged.py ;;
     main) step main 25 $PY -m attnkit ;;
     gdpa_tests) step gdpa_tests 300 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE --durations=12 ;;
-    gdpa_bench) step bench_gdpa 90 $PY benchmarks/bench_gdpa.py $BENCH ;;
+    gdpa_bench)  # max len 256-2048 x sparsity 1.0 / 0.5; attnkit, the Triton peer (triton_gdpa.py,
+      # autotuned on its first call of each length: 34 configs compiled once), cuDNN and flash;
+      # fwd, bwd, fwd+bwd. Sized for ~240 s on an H200 with the default ITERS=10 WARMUP=100
+      # (milliseconds of runs); GDPA_BENCH_ARGS adds options (e.g. --no-triton, --shapes 2048).
+      step bench_gdpa 240 $PY benchmarks/bench_gdpa.py $BENCH --csv "$L/bench_gdpa.csv" ${GDPA_BENCH_ARGS:-} ;;
+    gdpa_triton_selftest)  # the Triton peer against reference.gdpa_ref on the GPU (bf16, fp16)
+      step gdpa_triton_selftest 180 $PY benchmarks/triton_gdpa.py --selftest ;;
     gdpa_cuda_tests)  # the CUDA half of the GDPA suite, without its slow opcheck / compile cases
       step gdpa_cuda_tests 150 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE -k "cuda and not opcheck and not compile" ;;
     flash_memcheck_all)  # the whole flash CUDA suite under memcheck, MC_SHARDS single-process shards
@@ -236,9 +244,11 @@ for s in $QUICK; do
       step gdpa_features 90 $PY -m pytest tests/test_gdpa_features.py -q -n 16 -rfE
       step gdpa_features_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_features.py -q -p no:xdist -k "cuda and not opcheck and (bfloat16 or neighbours)" ;;
-    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross, broadcast_q, window 128
-      step bench_gdpa_features 150 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
-        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ;;
+    gdpa_features_bench)  # bench_gdpa_features.py: short-KV cross (with the Triton GDPA peer, autotuned
+      # at its first call of each Q: hence 210 s, was 150), broadcast_q, window 128;
+      # GDPA_FEATURES_ARGS adds options (e.g. --no-triton)
+      step bench_gdpa_features 210 $PY benchmarks/bench_gdpa_features.py --iters ${ITERS:-10} \
+        --warmup ${WARMUP:-50} --csv "$L/bench_gdpa_features.csv" ${GDPA_FEATURES_ARGS:-} ;;
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
