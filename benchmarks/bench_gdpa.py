@@ -213,6 +213,9 @@ def main():
                     if row.get(f"{peer}_{d}") and row.get(f"attnkit_{d}"):
                         row[f"ratio_{d}_vs_{peer.replace('sdpa_', '')}"] = row[f"attnkit_{d}"] / row[f"{peer}_{d}"]
             rows.append(row)
+            # One line per cell as it finishes, so a run cut short by a time limit still reports.
+            print("  TFLOP/s " + "  ".join(f"{c}={v:.3g}" for c, v in row.items()
+                                           if c not in ("max_len", "sparsity")), flush=True)
             del q, k, v, dense, impls, call_triton
             torch.cuda.empty_cache() if dev == "cuda" else None
 

@@ -225,6 +225,13 @@ for s in $QUICK; do
       step swiglu_bench 200 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops swiglu,gemm --experts 8 --topk 2 --inter 14336 \
         --csv "$L/bench_moe_swiglu.csv" ;;
+    swiglu_sanitize_only)  # the swiglu step's memcheck alone (after full_tests ran its tests)
+      step swiglu_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large" ;;
+    swiglu_bench_all)  # every bench_moe swiglu shape (Mixtral, DeepSeek-V3 at E 64 and 256), longer timing
+      step swiglu_bench_all 180 $PY benchmarks/bench_moe.py --iters ${ITERS:-300} --warmup ${WARMUP:-100} \
+        --skip-eager --ops swiglu --swiglu-shapes deepseek-e64,deepseek,mixtral \
+        --csv "$L/bench_moe_swiglu_all.csv" ;;
     moe_permute_sanitize_only)  # memcheck on the permutation (moe_route_tests' last step alone)
       step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;
