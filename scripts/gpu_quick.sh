@@ -260,8 +260,10 @@ for s in $QUICK; do
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
     moe_bench)
+      # MOE_BENCH_ARGS adds options, e.g. --ops route,permute,unpermute,gemm,block,swiglu,ep: every
+      # #20 row in one run.
       step bench_moe 150 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
-        --skip-eager --csv "$L/bench_moe.csv" ;;
+        --skip-eager --csv "$L/bench_moe.csv" ${MOE_BENCH_ARGS:-} ;;
     moe_profile) step moe_profile 60 $PY benchmarks/profile_moe.py ;;
     moe_ep_bench)  # bench_moe's expert-parallel section alone (benchmarks/bench_moe_ep.py): NCCL,
       # one rank per visible GPU; with fewer than 2 GPUs it prints one "skipped" line and exits 0
