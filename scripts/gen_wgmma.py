@@ -7,7 +7,7 @@ operands of its instruction, which is why it is generated rather than written by
 import pathlib
 
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
-NS = (64, 128)
+NS = (64, 128, 256)
 
 
 def method(form, ptx, n):

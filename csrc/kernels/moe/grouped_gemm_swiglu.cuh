@@ -10,10 +10,14 @@
 //     64-wide K block: the A box [128 rows][64] and four W boxes [64][64]: gate columns n0,
 //     n0 + 64 and up columns I + n0, I + n0 + 64, i.e. a 128 x 256 GEMM tile per stage.
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc), 64 rows each, and per K block
-//     issue 2 x 4 wgmma m64n128k16 (gate and up accumulators, 128 fp32 registers), keep one
-//     K block in flight and release the previous stage. The epilogue computes silu(g) * u in fp32
-//     straight from the accumulators (no non-wgmma write of them: ptxas would serialise the
-//     wgmmas, C7514), rounds once, and stores 16 bytes per lane after a quad transpose.
+//     issue 4 wgmma m64n256k16, one per 16-deep k step: the four W boxes are consecutive 8 KB
+//     column blocks of one N-major operand (the descriptor's leading offset steps from box to
+//     box), so one instruction covers gate and up (accumulator columns [0, 128) gate, [128, 256)
+//     up; 128 fp32 registers) and reads the warpgroup's A rows from shared memory once per k step
+//     instead of twice. They keep one K block in flight and release the previous stage. The
+//     epilogue computes silu(g) * u in fp32 straight from the accumulators (no non-wgmma write of
+//     them: ptxas would serialise the wgmmas, C7514), rounds once, and stores 16 bytes per lane
+//     after a quad transpose.
 //
 // Work: tiles ordered (expert, column band, row tile) with row tiles fastest, so the CTAs running
 // together share a band of W and the expert's rows in L2. The order is found on the device: at
@@ -26,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
@@ -146,8 +151,20 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void swiglu_schedule(const index_t* off, int E, in
 }
 #endif  // __CUDACC__
 
+// silu(g) * u in fp32. fp16 output: g / (1 + e^-g), two MUFU ops (ex2, rcp); g -> -inf: 0 (the
+// quotient flushes), not NaN. bf16 output: silu(g) = h + h tanh(h) with h = g / 2, one MUFU op
+// (tanh.approx, max relative error about 2^-11, a quarter of bf16's rounding step): the epilogue
+// is MUFU-bound (64 elements a thread per tile, while the tensor cores wait) and this halves it.
+// Large negative g: tanh = -1 exactly and the fma gives 0; +inf: inf; NaN stays NaN.
+template <typename T>
 ATTNKIT_DEVICE ATTNKIT_INLINE float swiglu(float g, float u) {
-  return __fdividef(g, 1.f + __expf(-g)) * u;  // g -> -inf: 0 (the quotient flushes), not NaN
+#if ATTNKIT_HAS_MMA_SM80
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const float h = 0.5f * g;
+    return fmaf(h, mma::tanh_approx(h), h) * u;
+  }
+#endif
+  return __fdividef(g, 1.f + __expf(-g)) * u;
 }
 
 template <typename T, typename index_t>
@@ -156,7 +173,7 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
                                const __grid_constant__ CUtensorMap map_w) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = SwigluGemmTraits;
-  using Mma = wgmma::Wgmma<T, Tr::kBlockN>;
+  using Mma = wgmma::Wgmma<T, 2 * Tr::kBlockN>;  // gate and up columns in one instruction
   constexpr int BM = Tr::kBlockM, BK = Tr::kBlockK, S = Tr::kStages;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
@@ -215,11 +232,13 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
   T* out = static_cast<T*>(p.out);
   uint32_t g = 0;  // K blocks consumed so far
 
-  float acc_g[Tr::kBlockN / 8][4], acc_u[Tr::kBlockN / 8][4];
+  // acc[i] holds GEMM columns 8i .. 8i + 7 of the tile: i < kGroups the gate, from kGroups the up.
+  constexpr int kGroups = Tr::kBlockN / 8;
+  float acc[2 * kGroups][4];
 #pragma unroll
-  for (int i = 0; i < Tr::kBlockN / 8; ++i) {  // once: every tile's first product overwrites
+  for (int i = 0; i < 2 * kGroups; ++i) {  // once: every tile's first product overwrites
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc_g[i][j] = acc_u[i][j] = 0.f;
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const SwigluTile u = swiglu_tile_at(t, tile_start, row_start, p.E, p.n_tiles);
@@ -232,17 +251,14 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
       for (int kk = 0; kk < BK / 16; ++kk) {
         const uint64_t da = wgmma::desc_k_major<BM>(sa, wg * 64, kk);
         const int accumulate = kb > 0 || kk > 0;  // a tile's first product overwrites
-        Mma::template ss<1>(acc_g, da, wgmma::desc_n_major<BK>(sw, kk), accumulate);
-        Mma::template ss<1>(acc_u, da, wgmma::desc_n_major<BK>(sw + Tr::kHalfBytes, kk),
-                            accumulate);
+        Mma::template ss<1>(acc, da, wgmma::desc_n_major<BK>(sw, kk), accumulate);
       }
       wgmma::commit();
       wgmma::wait<1>();  // K block g - 1's products are done: its stage may be refilled
       if (kb > 0 && lane == 0) bulk::arrive(empty + (g - 1) % S);
     }
     wgmma::wait<0>();
-    wgmma::fence_regs(acc_g);
-    wgmma::fence_regs(acc_u);
+    wgmma::fence_regs(acc);
     if (k_blocks > 0 && lane == 0) bulk::arrive(empty + (g - 1) % S);
 
     // Epilogue: lane q of a quad ends up with 8 consecutive columns of one row (quad_transpose).
@@ -252,12 +268,14 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
       const int r = warp_row0 + (lane >> 2) + half * 8;
       T* dst = out + (int64_t(u.row0) + r) * p.I + u.n0 + q * 8;
 #pragma unroll
-      for (int c0 = 0; c0 < Tr::kBlockN / 8; c0 += 4) {
+      for (int c0 = 0; c0 < kGroups; c0 += 4) {
         uint32_t v[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          v[i] = mma::pack2<T>(swiglu(acc_g[c0 + i][2 * half], acc_u[c0 + i][2 * half]),
-                               swiglu(acc_g[c0 + i][2 * half + 1], acc_u[c0 + i][2 * half + 1]));
+          const float(&gate)[4] = acc[c0 + i];
+          const float(&up)[4] = acc[kGroups + c0 + i];
+          v[i] = mma::pack2<T>(swiglu<T>(gate[2 * half], up[2 * half]),
+                               swiglu<T>(gate[2 * half + 1], up[2 * half + 1]));
         }
         gdpa::quad_transpose(v, q);
         if (r < u.rows && u.n0 + (c0 + q) * 8 < p.I) {
