@@ -173,6 +173,22 @@ def interleaved_ms(fns, dev, rounds, kw):
     return times
 
 
+def with_env(name, value, fn):
+    """fn with the environment variable ``name`` set to ``value`` for each call (the C++ side reads
+    its switches at every call, csrc/cuda/env_table.h), restored after it."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
 def _median(v):
     v = sorted(v)
     m = len(v) // 2
@@ -223,8 +239,12 @@ def bench_swiglu(args, dev, dtype, kw):
 
         ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
                      TOLERANCE[dtype])
-        t = interleaved_ms(dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu), dev,
-                           args.rounds, kw)
+        cols_fns = dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu)
+        if on_gpu:  # the kernel's ping-pong variant, timed in the same rounds (an A/B)
+            cols_fns["pingpong"] = with_env("ATTNKIT_MOE_SWIGLU_FUSED", "pingpong", fused)
+            ok &= verify(f"grouped_gemm_swiglu pingpong {name}", cols_fns["pingpong"](),
+                         ref.grouped_gemm_swiglu_ref(a, w, off), TOLERANCE[dtype])
+        t = interleaved_ms(cols_fns, dev, args.rounds, kw)
         med = {c: _median(v) for c, v in t.items()}
         ratio = lambda num, den: _median([x / y for x, y in zip(t[num], t[den])])
         row.update(fused_us=med["fused"] * 1e3, fused_TFLOPs=flops / med["fused"] / 1e9,
@@ -234,6 +254,10 @@ def bench_swiglu(args, dev, dtype, kw):
                    bound_speedup=ratio("peer", "gemm"),
                    speedup_spread=max(p / f for p, f in zip(t["peer"], t["fused"]))
                    - min(p / f for p, f in zip(t["peer"], t["fused"])))
+        if "pingpong" in t:
+            row.update(pingpong_us=med["pingpong"] * 1e3,
+                       speedup_pingpong=ratio("peer", "pingpong"),
+                       gemm_vs_pingpong=ratio("gemm", "pingpong"))
         row["speedup_vs_bound"] = row["speedup"] / row["bound_speedup"]
         row["target_speedup"] = 1 + 0.9 * (row["bound_speedup"] - 1)
         row["fused_peak_MB"] = peak_bytes(fused, dev) / 2**20
@@ -251,12 +275,15 @@ def bench_swiglu(args, dev, dtype, kw):
         print(f"  {name}: fused {row['fused_us']:.0f} us, gemm {row['gemm_us']:.0f}, peer "
               f"{row['peer_us']:.0f}; speedup {row['speedup']:.3f} (target "
               f"{row['target_speedup']:.3f}), gemm/fused {row['gemm_vs_fused']:.3f}, per-round "
-              f"peer/fused {' '.join(f'{p / f:.3f}' for p, f in zip(t['peer'], t['fused']))}")
+              f"peer/fused {' '.join(f'{p / f:.3f}' for p, f in zip(t['peer'], t['fused']))}"
+              + (f"; pingpong {row['pingpong_us']:.0f} us, speedup {row['speedup_pingpong']:.3f}"
+                 if "pingpong" in t else ""))
         del a, w
         if on_gpu:
             torch.cuda.empty_cache()
     cols = ["shape", "H", "I", "E", "k", "M", "fused_us", "fused_TFLOPs", "gemm_us", "gemm_TFLOPs",
             "peer_us", "torch_silu_us", "speedup", "speedup_spread", "gemm_vs_fused",
+            "pingpong_us", "speedup_pingpong", "gemm_vs_pingpong",
             "bound_speedup", "target_speedup", "speedup_vs_bound", "extra_us", "fused_peak_MB",
             "peer_peak_MB"]
     peer_name = "_grouped_mm" if has_mm else "grouped_gemm"

@@ -18,12 +18,26 @@ def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+# The fused sm_90a kernel's variants (kernels/moe/grouped_gemm_swiglu.cuh): the default
+# (cooperative, 128-row tiles) and ATTNKIT_MOE_SWIGLU_FUSED=pingpong (64-row tile per warpgroup).
+VARIANTS = ["cooperative", "pingpong"]
+
+
+def _use_variant(variant, device, monkeypatch):
+    if variant == "pingpong":
+        if device != "cuda":
+            pytest.skip("the ping-pong variant is a CUDA kernel")
+        monkeypatch.setenv("ATTNKIT_MOE_SWIGLU_FUSED", "pingpong")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 @pytest.mark.parametrize("sizes,H,I", SWIGLU)
 @pytest.mark.parametrize("lead,tail", [(0, 0), (3, 5)])
 @pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=type_id)
-def test_swiglu(device, dtype, sizes, H, I, lead, tail, id_dtype):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swiglu(device, dtype, sizes, H, I, lead, tail, id_dtype, variant, monkeypatch):
+    _use_variant(variant, device, monkeypatch)
     a, w, off = swiglu_inputs(sizes, H, I, dtype, device, lead, tail, id_dtype)
     poison_allocator(device)
     out = attnkit.grouped_gemm_swiglu(a, w, off)
@@ -51,7 +65,9 @@ LARGE = [(8, 512, 384, 2000), (64, 264, 200, 3000), (3, 1024, 128, 129), (16, 12
 @pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
 @pytest.mark.parametrize("E,H,I,M", LARGE)
-def test_swiglu_large(device, dtype, E, H, I, M):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swiglu_large(device, dtype, E, H, I, M, variant, monkeypatch):
+    _use_variant(variant, device, monkeypatch)
     loads = torch.distributions.Dirichlet(torch.full((E,), 0.3)).sample()
     sizes = torch.distributions.Multinomial(M, loads).sample().long().tolist()
     sizes[0] = 0  # at least one empty expert
@@ -107,7 +123,9 @@ def _sanitized(off, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
 @pytest.mark.parametrize("offsets", [[0, 300, 100, 500], [-50, 10, 700, 9999], [5, 5, -1, 2**30],
                                      [2**31 - 1, 0, 0, 0]])
-def test_swiglu_garbage_offsets(device, dtype, offsets):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swiglu_garbage_offsets(device, dtype, offsets, variant, monkeypatch):
+    _use_variant(variant, device, monkeypatch)
     # CUDA never reads offsets on the host: they are sanitised on the device (non-decreasing,
     # clamped to [0, M]) and never make a kernel touch memory outside its tensors.
     M, H, I = 400, 128, 136

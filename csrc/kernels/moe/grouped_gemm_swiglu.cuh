@@ -4,7 +4,8 @@
 // is N-major: wgmma's transpose flag), out [M, I] row-major. Columns [0, I) of W are the gate,
 // [I, 2I) the up projection (silu_and_mul's halves).
 //
-// CTA = 384 threads, persistent (one per SM), walking output tiles of 128 rows x 128 columns:
+// CTA = 384 threads, persistent (one per SM), walking output tiles of 128 rows x 128 columns
+// (the cooperative variant; the ping-pong one below):
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec) and one thread issues every
 //     load as a tensor-map copy (kernels/common/tma.cuh) into a kStages ring; a stage holds one
 //     64-wide K block: the A box [128 rows][64] and four W boxes [64][64]: gate columns n0,
@@ -18,6 +19,14 @@
 //     epilogue computes silu(g) * u in fp32 straight from the accumulators (no non-wgmma write of
 //     them: ptxas would serialise the wgmmas, C7514), rounds once, and stores 16 bytes per lane
 //     after a quad transpose.
+//
+// Ping-pong variant (kPingPong, ATTNKIT_MOE_SWIGLU_FUSED=pingpong): tiles of 64 rows, each
+// consumer warpgroup owning every other tile of the CTA (the same m64n256k16 steps over the
+// whole tile); the producer still loads the CTA's tiles in order into a 5-stage ring of 40 KB
+// stages. A warpgroup starts on its tile once the other has seen its own tile's last K block
+// land (named barriers), so the two take turns on the tensor cores and each one's epilogue runs
+// while the other multiplies. It reads W once per 64 rows instead of 128 (more L2 traffic): which
+// variant wins is for the GPU to say.
 //
 // Work: tiles ordered (expert, column band, row tile) with row tiles fastest, so the CTAs running
 // together share a band of W and the expert's rows in L2. The order is found on the device: at
@@ -53,19 +62,26 @@
 namespace attnkit {
 namespace moe {
 
+// kPingPong = false, "cooperative": both consumer warpgroups work on one 128-row tile (64 rows
+// each) and read every stage. kPingPong = true: each warpgroup has its own 64-row tile (the
+// CTA's tiles alternate between them) and a stage belongs to one tile; the warpgroups take turns
+// on the tensor cores (named barriers kTurnBarrier + 0/1), so one's epilogue overlaps the other's
+// mainloop. Smaller stages (40 KB) buy a fifth one.
+template <bool kPingPong>
 struct SwigluGemmTraits {
   static constexpr int kConsumerWarpGroups = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpGroups;
-  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
-  static constexpr int kBlockM = 64 * kConsumerWarpGroups;  // output rows per tile
+  static constexpr int kStageReaders = kPingPong ? 4 : 4 * kConsumerWarpGroups;  // warps
+  static constexpr int kBlockM = kPingPong ? 64 : 64 * kConsumerWarpGroups;  // rows per tile
   static constexpr int kBlockN = 128;                       // output columns (x2 GEMM columns)
   static constexpr int kBlockK = 64;                        // one sw128 column block
-  static constexpr int kStages = 4;
+  static constexpr int kStages = kPingPong ? 5 : 4;
   static constexpr int kABytes = kBlockM * kBlockK * 2;     // one A box
   static constexpr int kWBoxBytes = kBlockK * 64 * 2;       // one W box [64 K][64 columns]
   static constexpr int kHalfBytes = 2 * kWBoxBytes;         // gate (or up) [64 K][128 columns]
-  static constexpr int kStageBytes = kABytes + 2 * kHalfBytes;  // 48 KB
+  static constexpr int kStageBytes = kABytes + 2 * kHalfBytes;  // 48 KB (ping-pong: 40 KB)
+  static constexpr int kTurnBarrier = 1;     // named barriers 1 and 2 (ping-pong)
   static constexpr int kProducerRegs = 40;   // the tile walk's binary search and int64 sums
   static constexpr int kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
   static constexpr int kMaxExperts = 1024;   // the tile prefix lives in shared memory
@@ -81,16 +97,16 @@ struct SwigluGemmParams {
   int n_tiles;  // column bands: ceil(I / kBlockN)
 };
 
-// One output tile: expert e, its rows [row0, row0 + rows) (rows <= kBlockM), columns from n0.
+// One output tile: expert e, its rows [row0, row0 + rows) (rows <= BM), columns from n0.
 struct SwigluTile {
   int e, row0, rows, n0;
 };
 
 #if defined(__CUDACC__)
 // Tile t of the walk (see the file comment): the expert by binary search in the prefix.
+template <int BM>
 ATTNKIT_DEVICE ATTNKIT_INLINE SwigluTile swiglu_tile_at(int64_t t, const int64_t* tile_start,
                                                         const int* row_start, int E, int n_tiles) {
-  constexpr int BM = SwigluGemmTraits::kBlockM;
   int lo = 0, hi = E;  // the last e with tile_start[e] <= t (t < tile_start[E])
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
@@ -106,15 +122,14 @@ ATTNKIT_DEVICE ATTNKIT_INLINE SwigluTile swiglu_tile_at(int64_t t, const int64_t
   const int64_t local = t - tile_start[e];
   const int nt = int(local / m_tiles), mt = int(local % m_tiles);
   const int row0 = row_start[e] + mt * BM;
-  return {e, row0, min(BM, row_start[e + 1] - row0), nt * SwigluGemmTraits::kBlockN};
+  return {e, row0, min(BM, row_start[e + 1] - row0), nt * SwigluGemmTraits<false>::kBlockN};
 }
 
 // Warp 0: row_start[e] = S(e) for e in [0, E], tile_start[e] = the tiles of experts < e.
-template <typename index_t>
+template <int BM, typename index_t>
 ATTNKIT_DEVICE ATTNKIT_INLINE void swiglu_schedule(const index_t* off, int E, int64_t M,
                                                    int n_tiles, int* row_start,
                                                    int64_t* tile_start) {
-  constexpr int BM = SwigluGemmTraits::kBlockM;
   const int lane = threadIdx.x & 31;
   const int per = (E + 1 + 31) / 32, begin = lane * per, end = min(E + 1, begin + per);
   // Running max of the clamped offsets over the lane's chunk, then across lanes.
@@ -167,12 +182,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE float swiglu(float g, float u) {
   return __fdividef(g, 1.f + __expf(-g)) * u;
 }
 
-template <typename T, typename index_t>
-__global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
+template <typename T, typename index_t, bool kPingPong>
+__global__ void __launch_bounds__(SwigluGemmTraits<kPingPong>::kThreads, 1)
     grouped_gemm_swiglu_kernel(const SwigluGemmParams p, const __grid_constant__ CUtensorMap map_a,
                                const __grid_constant__ CUtensorMap map_w) {
 #if ATTNKIT_HAS_WGMMA
-  using Tr = SwigluGemmTraits;
+  using Tr = SwigluGemmTraits<kPingPong>;
   using Mma = wgmma::Wgmma<T, 2 * Tr::kBlockN>;  // gate and up columns in one instruction
   constexpr int BM = Tr::kBlockM, BK = Tr::kBlockK, S = Tr::kStages;
   extern __shared__ unsigned char smem_raw[];
@@ -185,13 +200,13 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       bulk::init(full + s, 1);
-      bulk::init(empty + s, Tr::kConsumerWarps);
+      bulk::init(empty + s, Tr::kStageReaders);
     }
     bulk::fence_init();
   }
   if (tid < 32) {
-    swiglu_schedule(static_cast<const index_t*>(p.offsets), p.E, p.M, p.n_tiles, row_start,
-                    tile_start);
+    swiglu_schedule<BM>(static_cast<const index_t*>(p.offsets), p.E, p.M, p.n_tiles, row_start,
+                        tile_start);
   }
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
@@ -205,7 +220,7 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
     tma::prefetch_map(&map_w);
     uint32_t g = 0;  // K blocks this CTA has loaded so far
     for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const SwigluTile u = swiglu_tile_at(t, tile_start, row_start, p.E, p.n_tiles);
+      const SwigluTile u = swiglu_tile_at<BM>(t, tile_start, row_start, p.E, p.n_tiles);
       for (int kb = 0; kb < k_blocks; ++kb, ++g) {
         const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held K block g - S
         if (reuse > 0) bulk::wait(empty + stage, (reuse - 1) & 1);
@@ -227,10 +242,11 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
 
   wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
   const int ctid = tid - 128, wg = ctid / 128, lane = tid & 31, q = lane & 3;
-  const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
+  // The warpgroup's first row in the tile (ping-pong: the tile is the warpgroup's alone).
+  const int wg_row0 = kPingPong ? 0 : wg * 64;
+  const int warp_row0 = wg_row0 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t smem_base = mma::smem_addr(smem);
   T* out = static_cast<T*>(p.out);
-  uint32_t g = 0;  // K blocks consumed so far
 
   // acc[i] holds GEMM columns 8i .. 8i + 7 of the tile: i < kGroups the gate, from kGroups the up.
   constexpr int kGroups = Tr::kBlockN / 8;
@@ -240,16 +256,30 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const SwigluTile u = swiglu_tile_at(t, tile_start, row_start, p.E, p.n_tiles);
+  // j: the tile's place among the CTA's tiles (t = blockIdx.x + j * gridDim.x); every tile has
+  // k_blocks K blocks, so the ring's count g of the tile's first one is j * k_blocks. Ping-pong:
+  // warpgroup wg takes the tiles j = wg, wg + 2, ...
+  const int first = kPingPong ? wg : 0, step = kPingPong ? 2 : 1;
+  int64_t j = first;
+  for (int64_t t = blockIdx.x + first * int64_t(gridDim.x); t < tiles;
+       t += step * int64_t(gridDim.x), j += step) {
+    const SwigluTile u = swiglu_tile_at<BM>(t, tile_start, row_start, p.E, p.n_tiles);
+    uint32_t g = uint32_t(j) * uint32_t(k_blocks);
+    // Ping-pong: wait for the turn, i.e. until the other warpgroup has seen every K block of
+    // tile j - 1 land. Besides ordering the tensor-core turns, this keeps the parity waits below
+    // unambiguous: a stage's barrier is then never two phases behind the block awaited.
+    if (kPingPong && j > 0) wgmma::named_barrier_sync(Tr::kTurnBarrier + int(j & 1), 256);
     for (int kb = 0; kb < k_blocks; ++kb, ++g) {
       const uint32_t stage = g % S;
       bulk::wait(full + stage, (g / S) & 1);
+      if (kPingPong && kb == k_blocks - 1 && t + gridDim.x < tiles) {
+        wgmma::named_barrier_arrive(Tr::kTurnBarrier + int((j + 1) & 1), 256);  // tile j + 1's turn
+      }
       const uint32_t sa = smem_base + stage * Tr::kStageBytes, sw = sa + Tr::kABytes;
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        const uint64_t da = wgmma::desc_k_major<BM>(sa, wg * 64, kk);
+        const uint64_t da = wgmma::desc_k_major<BM>(sa, wg_row0, kk);
         const int accumulate = kb > 0 || kk > 0;  // a tile's first product overwrites
         Mma::template ss<1>(acc, da, wgmma::desc_n_major<BK>(sw, kk), accumulate);
       }
@@ -299,12 +329,12 @@ __global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
 
 // Launches the persistent grid: one CTA per SM (the shared memory allows no second), at most one
 // per tile of the upper bound ceil(M / kBlockM) + E row tiles. `map_a`: a as {H, M, 1} with boxes
-// {64, 128, 1}; `map_w`: W as {2I, H, E} with boxes {64, 64, 1}; both sw128 (tma_map.h).
-template <typename T, typename index_t>
+// {64, kBlockM, 1}; `map_w`: W as {2I, H, E} with boxes {64, 64, 1}; both sw128 (tma_map.h).
+template <typename T, typename index_t, bool kPingPong>
 cudaError_t launch_grouped_gemm_swiglu(const SwigluGemmParams& p, const CUtensorMap& map_a,
                                        const CUtensorMap& map_w, int sms, cudaStream_t stream) {
-  using Tr = SwigluGemmTraits;
-  auto kernel = grouped_gemm_swiglu_kernel<T, index_t>;
+  using Tr = SwigluGemmTraits<kPingPong>;
+  auto kernel = grouped_gemm_swiglu_kernel<T, index_t, kPingPong>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
