@@ -33,7 +33,8 @@
 # moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py; swiglu: grouped_gemm_swiglu's tests, memcheck on
-# them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I);
+# them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I); swiglu_v2: the same
+# tests (both kernel variants), memcheck, and the interleaved bench of all three shapes (<300 s);
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
@@ -225,6 +226,15 @@ for s in $QUICK; do
       step swiglu_bench 200 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops swiglu,gemm --experts 8 --topk 2 --inter 14336 \
         --csv "$L/bench_moe_swiglu.csv" ;;
+    swiglu_v2)  # the fused kernel's m64n256 / ping-pong rework: its tests (both variants), memcheck
+      # on their CUDA cases, and the interleaved bench of every shape (fused, ping-pong variant,
+      # _grouped_mm alone, + silu_and_mul, + F.silu * u; SWIGLU_ROUNDS rotating rounds, medians)
+      step swiglu_v2_tests 60 $PY -m pytest tests/test_moe_swiglu.py -q -n 8 -rfE
+      step swiglu_v2_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large"
+      step swiglu_v2_bench 110 $PY benchmarks/bench_moe.py --iters ${ITERS:-100} --warmup ${WARMUP:-25} \
+        --rounds ${SWIGLU_ROUNDS:-9} --skip-eager --ops swiglu --swiglu-shapes mixtral,deepseek-e64,deepseek \
+        --csv "$L/bench_moe_swiglu_v2.csv" ;;
     swiglu_sanitize_only)  # the swiglu step's memcheck alone (after full_tests ran its tests)
       step swiglu_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large" ;;
@@ -283,6 +293,7 @@ for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 10 "$f" | cut -c1-20
 for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done
+[ -f "$L/swiglu_v2_bench.log" ] && grep -E "^  (mixtral|deepseek)|verify" "$L/swiglu_v2_bench.log" | cut -c1-300
 for f in "$L"/mem_trace*.log; do  # allocated MiB after each test, first and last few
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep "^\[cuda-memory\]" "$f" | awk '{print $3, $5, $7}' | sed -n '1,2p;$p'; grep "^\[cuda-memory\]" "$f" | sort -t= -k2 -n | tail -n 1 | cut -c1-160; }
 done
