@@ -159,6 +159,10 @@ def peak_bytes(fn, dev):
     return torch.cuda.max_memory_allocated() - base
 
 
+# grouped_gemm_swiglu's kernel variants besides the default (ATTNKIT_MOE_SWIGLU_FUSED values).
+VARIANTS = ("pingpong", "cluster")
+
+
 def interleaved_ms(fns, dev, rounds, kw):
     """Times every callable of ``fns`` (name -> fn) once per round for ``rounds`` rounds, the
     order rotating by one each round (round r starts at column r), so a slow drift of the clocks
@@ -240,9 +244,9 @@ def bench_swiglu(args, dev, dtype, kw):
         ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
                      TOLERANCE[dtype])
         cols_fns = dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu)
-        if on_gpu:  # the kernel's ping-pong variant, timed in the same rounds (an A/B)
-            cols_fns["pingpong"] = with_env("ATTNKIT_MOE_SWIGLU_FUSED", "pingpong", fused)
-            ok &= verify(f"grouped_gemm_swiglu pingpong {name}", cols_fns["pingpong"](),
+        for variant in VARIANTS if on_gpu else ():  # the kernel's other variants, same rounds
+            cols_fns[variant] = with_env("ATTNKIT_MOE_SWIGLU_FUSED", variant, fused)
+            ok &= verify(f"grouped_gemm_swiglu {variant} {name}", cols_fns[variant](),
                          ref.grouped_gemm_swiglu_ref(a, w, off), TOLERANCE[dtype])
         t = interleaved_ms(cols_fns, dev, args.rounds, kw)
         med = {c: _median(v) for c, v in t.items()}
@@ -254,10 +258,11 @@ def bench_swiglu(args, dev, dtype, kw):
                    bound_speedup=ratio("peer", "gemm"),
                    speedup_spread=max(p / f for p, f in zip(t["peer"], t["fused"]))
                    - min(p / f for p, f in zip(t["peer"], t["fused"])))
-        if "pingpong" in t:
-            row.update(pingpong_us=med["pingpong"] * 1e3,
-                       speedup_pingpong=ratio("peer", "pingpong"),
-                       gemm_vs_pingpong=ratio("gemm", "pingpong"))
+        for variant in VARIANTS:
+            if variant in t:
+                row[f"{variant}_us"] = med[variant] * 1e3
+                row[f"speedup_{variant}"] = ratio("peer", variant)
+                row[f"gemm_vs_{variant}"] = ratio("gemm", variant)
         row["speedup_vs_bound"] = row["speedup"] / row["bound_speedup"]
         row["target_speedup"] = 1 + 0.9 * (row["bound_speedup"] - 1)
         row["fused_peak_MB"] = peak_bytes(fused, dev) / 2**20
@@ -276,14 +281,14 @@ def bench_swiglu(args, dev, dtype, kw):
               f"{row['peer_us']:.0f}; speedup {row['speedup']:.3f} (target "
               f"{row['target_speedup']:.3f}), gemm/fused {row['gemm_vs_fused']:.3f}, per-round "
               f"peer/fused {' '.join(f'{p / f:.3f}' for p, f in zip(t['peer'], t['fused']))}"
-              + (f"; pingpong {row['pingpong_us']:.0f} us, speedup {row['speedup_pingpong']:.3f}"
-                 if "pingpong" in t else ""))
+              + "".join(f"; {v} {row[v + '_us']:.0f} us, speedup {row['speedup_' + v]:.3f}"
+                        for v in VARIANTS if v in t))
         del a, w
         if on_gpu:
             torch.cuda.empty_cache()
     cols = ["shape", "H", "I", "E", "k", "M", "fused_us", "fused_TFLOPs", "gemm_us", "gemm_TFLOPs",
             "peer_us", "torch_silu_us", "speedup", "speedup_spread", "gemm_vs_fused",
-            "pingpong_us", "speedup_pingpong", "gemm_vs_pingpong",
+            *[c for v in VARIANTS for c in (f"{v}_us", f"speedup_{v}", f"gemm_vs_{v}")],
             "bound_speedup", "target_speedup", "speedup_vs_bound", "extra_us", "fused_peak_MB",
             "peer_peak_MB"]
     peer_name = "_grouped_mm" if has_mm else "grouped_gemm"
