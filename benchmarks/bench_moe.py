@@ -225,10 +225,9 @@ def bench_swiglu(args, dev, dtype, kw):
         off = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         a = torch.randn(n, H, device=dev, dtype=dtype)
         w = torch.randn(E, H, 2 * I, device=dev, dtype=dtype) / H ** 0.5
-        ours = attnkit.grouped_gemm_swiglu(a, w, off)
-        ok &= verify(f"grouped_gemm_swiglu {name}", ours, ref.grouped_gemm_swiglu_ref(a, w, off),
+        expect = ref.grouped_gemm_swiglu_ref(a, w, off)
+        ok &= verify(f"grouped_gemm_swiglu {name}", attnkit.grouped_gemm_swiglu(a, w, off), expect,
                      TOLERANCE[dtype])
-        del ours
         flops = 2.0 * n * H * 2 * I
         row = dict(shape=name, H=H, I=I, E=E, k=k, M=n)
         ends = off[1:].contiguous()
@@ -244,10 +243,12 @@ def bench_swiglu(args, dev, dtype, kw):
         ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
                      TOLERANCE[dtype])
         cols_fns = dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu)
-        for variant in VARIANTS if on_gpu else ():  # the kernel's other variants, same rounds
+        variants = [v for v in args.swiglu_variants.split(",") if v] if on_gpu else []
+        for variant in variants:  # the kernel's other variants, timed in the same rounds
             cols_fns[variant] = with_env("ATTNKIT_MOE_SWIGLU_FUSED", variant, fused)
-            ok &= verify(f"grouped_gemm_swiglu {variant} {name}", cols_fns[variant](),
-                         ref.grouped_gemm_swiglu_ref(a, w, off), TOLERANCE[dtype])
+            ok &= verify(f"grouped_gemm_swiglu {variant} {name}", cols_fns[variant](), expect,
+                         TOLERANCE[dtype])
+        del expect
         t = interleaved_ms(cols_fns, dev, args.rounds, kw)
         med = {c: _median(v) for c, v in t.items()}
         ratio = lambda num, den: _median([x / y for x, y in zip(t[num], t[den])])
@@ -312,6 +313,9 @@ def main(argv=None):
                    help="comma list of route, permute, unpermute, gemm, block, swiglu, ep")
     p.add_argument("--swiglu-shapes", default="mixtral,deepseek-e64,deepseek",
                    help=f"comma list of {', '.join(SWIGLU_SHAPES)} (--ops swiglu)")
+    p.add_argument("--swiglu-variants", default=",".join(VARIANTS),
+                   help="--ops swiglu on CUDA: the fused kernel's other variants to time beside "
+                        "the default (ATTNKIT_MOE_SWIGLU_FUSED values; empty: none)")
     p.add_argument("--rounds", type=int, default=7,
                    help="--ops swiglu: interleaved rounds, each timing every column once")
     bench_moe_ep.add_args(p)

@@ -226,14 +226,16 @@ for s in $QUICK; do
       step swiglu_bench 200 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops swiglu,gemm --experts 8 --topk 2 --inter 14336 \
         --csv "$L/bench_moe_swiglu.csv" ;;
-    swiglu_v2)  # the fused kernel's m64n256 / ping-pong rework: its tests (both variants), memcheck
-      # on their CUDA cases, and the interleaved bench of every shape (fused, ping-pong variant,
-      # _grouped_mm alone, + silu_and_mul, + F.silu * u; SWIGLU_ROUNDS rotating rounds, medians)
-      step swiglu_v2_tests 60 $PY -m pytest tests/test_moe_swiglu.py -q -n 8 -rfE
-      step swiglu_v2_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+    swiglu_v2)  # the fused kernel's m64n256 rework: its tests (all three variants), memcheck
+      # on their CUDA cases, and the interleaved bench of every shape (fused, ping-pong and cluster,
+      # _grouped_mm alone, + silu_and_mul, + F.silu * u; SWIGLU_ROUNDS rotating rounds, medians;
+      # SWIGLU_VARIANTS= (empty) times the default kernel alone, e.g. if a variant hangs)
+      step swiglu_v2_tests 50 $PY -m pytest tests/test_moe_swiglu.py -q -n 8 -rfE
+      step swiglu_v2_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large"
-      step swiglu_v2_bench 110 $PY benchmarks/bench_moe.py --iters ${ITERS:-100} --warmup ${WARMUP:-25} \
-        --rounds ${SWIGLU_ROUNDS:-9} --skip-eager --ops swiglu --swiglu-shapes mixtral,deepseek-e64,deepseek \
+      step swiglu_v2_bench 100 $PY benchmarks/bench_moe.py --iters ${ITERS:-100} --warmup ${WARMUP:-25} \
+        --rounds ${SWIGLU_ROUNDS:-9} --swiglu-variants "${SWIGLU_VARIANTS-pingpong,cluster}" \
+        --skip-eager --ops swiglu --swiglu-shapes mixtral,deepseek-e64,deepseek \
         --csv "$L/bench_moe_swiglu_v2.csv" ;;
     swiglu_sanitize_only)  # the swiglu step's memcheck alone (after full_tests ran its tests)
       step swiglu_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
