@@ -101,6 +101,20 @@ def test_swiglu_fallback_shapes(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swiglu_large_magnitudes(device, dtype, variant, monkeypatch):
+    """Gate values in the hundreds: silu saturates (g -> -inf gives 0, the bf16 epilogue's tanh
+    form included, never NaN; g -> +inf gives g)."""
+    _use_variant(variant, device, monkeypatch, dtype)
+    a, w, off = swiglu_inputs([70, 0, 131, 9], 64, 136, dtype, device, 1, 2)
+    a = a * 30  # |h| up to a few hundred: far into both saturated ends, finite in fp16
+    poison_allocator(device)
+    out = attnkit.grouped_gemm_swiglu(a, w, off)
+    assert_close(out, ref.grouped_gemm_swiglu_ref(a, w, off), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 def test_swiglu_no_rows(device, dtype):
     a, w, off = swiglu_inputs([], 16, 8, dtype, device, 0, 0)
