@@ -90,10 +90,10 @@ bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
 // the offsets valid, lengths <= max that sum to B · max are all max). A dense batch keeps the
 // in-order kernel, exactly as before; garbage offsets that fool the test only change which of
 // the two correct schedules runs. ATTNKIT_GDPA_FWD_WS_SORTED=0 keeps the in-order one for every
-// batch (A/B); so does a list above 2^26 items (its workspace would pass 512 MB).
+// batch (A/B); so does a list above 2^22 items (32 bytes each: its workspace would pass 128 MB).
 bool fwd_ws_jagged(const FwdParams& p, int64_t mq, int64_t mk, int64_t items) {
   const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-  return !dense && items <= (int64_t(1) << 26) && env_flag(Env::kGdpaFwdWsSorted);
+  return !dense && items <= (int64_t(1) << 22) && env_flag(Env::kGdpaFwdWsSorted);
 }
 #endif
 

@@ -49,6 +49,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
@@ -136,8 +137,7 @@ struct WsUnit {
 // The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
 // the device from the offsets by one small kernel launched before the forward (no host sync, so
 // the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
-// head h of sequence b, striding over the sequence's later tiles by q_tiles), entry {b, h·q_tiles
-// + tile}. An item is listed when its first tile has rows and its sequence has keys (clamped by
+// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed when its first tile has rows and its sequence has keys (clamped by
 // seq_range: garbage offsets give empty or clamped sequences, never an index outside the tensors);
 // a window may still leave an item's tiles without keys, which the cursor skips as before.
 // Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
@@ -146,7 +146,9 @@ struct WsUnit {
 // then head: the CTAs that read one K/V run together, as in cta_item order); the order of the
 // sequences in a bucket follows shared-memory atomics and may vary run to run, which changes
 // which CTA computes an item but never what it computes (each row's math is the same anywhere).
-// ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` int2 entries.
+// ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
+// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, 0}. The producer
+// reads an item with two independent 16-byte loads (one round trip; no offsets read after).
 template <int BM>
 __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
     gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ ws) {
@@ -197,15 +199,20 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   __syncthreads();
   cursor[tid] = warp_total[warp] + incl - mine;
   __syncthreads();
-  int2* list = reinterpret_cast<int2*>(ws + FwdWsTraits::kSchedHeader);
+  int4* list = reinterpret_cast<int4*>(ws + FwdWsTraits::kSchedHeader);
   for (int b = tid; b < p.B; b += NT) {
     int bucket = 0;
     const int n = items_of(b, bucket);
     if (n <= 0) continue;
-    int slot = atomicAdd(&cursor[bucket], n);
+    int64_t slot = atomicAdd(&cursor[bucket], n);
     const int tiles = n / p.H;
+    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
+    const int4 ranges = make_int4(qs.begin, qs.len, ks.begin, ks.len);
     for (int h = 0; h < p.H; ++h)
-      for (int t = 0; t < tiles; ++t) list[slot++] = make_int2(b, h * q_tiles + t);
+      for (int t = 0; t < tiles; ++t, ++slot) {
+        list[2 * slot] = ranges;
+        list[2 * slot + 1] = make_int4(h, t, b, 0);
+      }
   }
 }
 
@@ -218,33 +225,38 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
 // get its units through shared memory, in the same order.
 template <bool kList>
 struct WsCursor {
-  int64_t item;
-  int64_t round = 0;
+  // The list holds at most 2^22 items (csrc/cuda/gdpa.cu), so its walk counts in int: the
+  // producer runs on 24 registers.
+  using Index = std::conditional_t<kList, int, int64_t>;
+  Index item;
+  Index round = 0;
   int tile = 0;
   bool in_item = false;
   CtaItem it{};
   SeqRange qs{}, ks{};
 
 #if defined(__CUDACC__)
-  ATTNKIT_DEVICE ATTNKIT_INLINE static int64_t snake(int64_t r) {
-    const int64_t g = gridDim.x, c = blockIdx.x;
+  ATTNKIT_DEVICE ATTNKIT_INLINE static Index snake(Index r) {
+    const Index g = Index(gridDim.x), c = Index(blockIdx.x);
     return r * g + ((r & 1) ? g - 1 - c : c);
   }
-  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? snake(0) : int64_t(blockIdx.x)) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? snake(0) : Index(blockIdx.x)) {}
 
-  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, int64_t items,
-                                          const int2* list, WsUnit& u) {
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
+                                          const int4* list, WsUnit& u) {
     constexpr int BM = FwdWsTraits::kBlockM, BN = FwdWsTraits::kBlockN;
     while (item < items) {
       if (!in_item) {
         if constexpr (kList) {
-          const int2 e = list[item];
-          it = {e.y % q_tiles, e.y / q_tiles, e.x, q_tiles};
+          const int4 r = list[2 * item], e = list[2 * item + 1];
+          it = {e.y, e.x, e.z, q_tiles};
+          qs = {r.x, r.y};
+          ks = {r.z, r.w};
         } else {
           it = cta_item_at(item, q_tiles, p.H);
+          qs = seq_range(p.q_offsets, it.b, p.Tq);
+          ks = seq_range(p.kv_offsets, it.b, p.Tk);
         }
-        qs = seq_range(p.q_offsets, it.b, p.Tq);
-        ks = seq_range(p.kv_offsets, it.b, p.Tk);
         tile = it.tile;
         in_item = true;
       } else {
@@ -350,12 +362,14 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     if (loads_qk) tma::prefetch_map(&map_k);
     if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
     // The list's length, clamped to its capacity (the schedule kernel never writes more).
-    int64_t items = int64_t(q_tiles) * p.H * p.B;
-    const int2* list = nullptr;
+    typename WsCursor<kJagged>::Index items;
+    const int4* list = nullptr;
     if constexpr (kJagged) {
       const int64_t n = sched[0];
-      items = n < 0 ? 0 : (n > capacity ? capacity : n);
-      list = reinterpret_cast<const int2*>(sched + Tr::kSchedHeader);
+      items = static_cast<int>(n < 0 ? 0 : (n > capacity ? capacity : n));
+      list = reinterpret_cast<const int4*>(sched + Tr::kSchedHeader);
+    } else {
+      items = int64_t(q_tiles) * p.H * p.B;
     }
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.next(p, q_tiles, items, list, u)) {
@@ -492,8 +506,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // A narrow tile (jagged instance, <= 64 keys left): S over its 64 key rows with N = 64 into
-      // s's first 8 column blocks; the other 8 are zeroed after the product (their keys are past
-      // the sequence, so the column mask below would zero them anyway).
+      // s_lo, copied into s's first 8 column blocks after the product and the other 8 zeroed
+      // (their keys are past the sequence: the column mask below would zero them anyway). With
+      // s_lo an alias of s's first half instead, ptxas serialised the wgmmas (C7511).
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
@@ -503,7 +518,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
 
       float s[BN / 8][4];
-      float(&s_lo)[Tr::kNarrowN / 8][4] = *reinterpret_cast<float(*)[Tr::kNarrowN / 8][4]>(&s[0][0]);
+      float s_lo[Tr::kNarrowN / 8][4];
       take_turn();
       wgmma::fence();
       if (narrow) {
@@ -534,7 +549,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       if (narrow) {
         wgmma::fence_regs(s_lo);
 #pragma unroll
-        for (int i = Tr::kNarrowN / 8; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[i][e] = i < Tr::kNarrowN / 8 ? s_lo[i][e] : 0.f;
       } else {
         wgmma::fence_regs(s);
       }
@@ -543,8 +560,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
       }
 
-      if (narrow) {
-        act_fwd_tile<Tr::kNarrowN / 8>(s_lo, p.act, p.pre_scale);  // φ(0) need not be 0
+      if (narrow) {  // φ on the product's 64 columns only; the rest stay 0 (φ(0) need not be 0)
+        act_fwd_tile<Tr::kNarrowN / 8>(*reinterpret_cast<float(*)[Tr::kNarrowN / 8][4]>(&s[0][0]),
+                                       p.act, p.pre_scale);
       } else {
         act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
       }
@@ -599,7 +617,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 // The jagged schedule's workspace for `items` work items (int32 elements): the header and one
 // int2 entry per item. The launcher's caller allocates it (stream-ordered, capturable) for a
 // jagged batch and passes nullptr for a dense one.
-inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 2 * items; }
+inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 8 * items; }
 
 // The work items the launcher enumerates for a max query length hint: q_tiles per (head,
 // sequence), clamped like cta_grid.
