@@ -505,10 +505,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     if (u.n_tiles == 0) break;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
-      // A narrow tile (jagged instance, <= 64 keys left): S over its 64 key rows with N = 64 into
-      // s_lo, copied into s's first 8 column blocks after the product and the other 8 zeroed
-      // (their keys are past the sequence: the column mask below would zero them anyway). With
-      // s_lo an alias of s's first half instead, ptxas serialised the wgmmas (C7511).
+      // The jagged instance computes S in two N = 64 halves, s_lo (keys 0..63 of the tile) and
+      // s_hi (64..127); a narrow tile (<= 64 keys left) issues s_lo only, and zeroes s_hi before
+      // the products so that every accumulator is defined on both paths (an N = 64 / N = 128
+      // branch, an alias of s's halves, or a copy of s_lo into s after the product each made
+      // ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide tile's s: consumer
+      // spills). Each half is activated, masked and packed into its 4 k-steps of pa on its own.
+      // The other instances keep the one N = 128 product into s, unchanged.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
@@ -517,16 +520,30 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
       }
 
-      float s[BN / 8][4];
-      float s_lo[Tr::kNarrowN / 8][4];
+      constexpr int NH = Tr::kNarrowN / 8;  // n8 column blocks of a half
+      float s[BN / 8][4];                   // the other instances' S
+      float s_lo[NH][4], s_hi[NH][4];       // the jagged instance's halves
+      if constexpr (kJagged) {
+        if (narrow) {
+#pragma unroll
+          for (int i = 0; i < NH; ++i) s_hi[i][0] = s_hi[i][1] = s_hi[i][2] = s_hi[i][3] = 0.f;
+        }
+      }
       take_turn();
       wgmma::fence();
-      if (narrow) {
+      if constexpr (kJagged) {
+        const uint32_t sk_s = sk_addr + stage * Tr::kTileBytes;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           Mma64::template ss<0>(s_lo, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                                wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
-                                kk > 0);
+                                wgmma::desc_k_major<BN>(sk_s, 0, kk), kk > 0);
+        }
+        if (!narrow) {
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            Mma64::template ss<0>(s_hi, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                                  wgmma::desc_k_major<BN>(sk_s, Tr::kNarrowN, kk), kk > 0);
+          }
         }
       } else {
 #pragma unroll
@@ -546,12 +563,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         pass_turn();
         wgmma::wait<0>();
       }
-      if (narrow) {
+      if constexpr (kJagged) {
         wgmma::fence_regs(s_lo);
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[i][e] = i < Tr::kNarrowN / 8 ? s_lo[i][e] : 0.f;
+        wgmma::fence_regs(s_hi);
       } else {
         wgmma::fence_regs(s);
       }
@@ -560,33 +574,49 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
       }
 
-      if (narrow) {  // φ on the product's 64 columns only; the rest stay 0 (φ(0) need not be 0)
-        act_fwd_tile<Tr::kNarrowN / 8>(*reinterpret_cast<float(*)[Tr::kNarrowN / 8][4]>(&s[0][0]),
-                                       p.act, p.pre_scale);
-      } else {
-        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
-      }
-      const int r0 = u.i0 + warp_row0;
-      if (p.window >= 0) {
-        if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
-          window_mask<false>(s, r0, j0, p.causal, p.window);
+      // φ, then the masks, on NB n8 column blocks from key j0 on (s, or a half of the jagged
+      // instance: per element the same operations either way).
+      auto activate = [&](auto& sx, int j0) {
+        constexpr int NB = sizeof(sx) / sizeof(sx[0]), TN = NB * 8;
+        act_fwd_tile<NB>(sx, p.act, p.pre_scale);
+        const int r0 = u.i0 + warp_row0;
+        if (p.window >= 0) {
+          if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + TN - 1)) {
+            window_mask<false>(sx, r0, j0, p.causal, p.window);
+          }
+        } else if (p.causal && j0 + TN - 1 > r0) {
+          causal_mask<false>(sx, r0, j0);
         }
-      } else if (p.causal && j0 + BN - 1 > r0) {
-        causal_mask<false>(s, r0, j0);
+        if (j0 + TN > u.ks.len) mask_cols_from(sx, u.ks.len - j0);  // keys of the next sequence
+      };
+      // P into pa (a narrow tile: its first 4 k-steps, all that the narrow P·V reads).
+      using PaHalf = uint32_t[Tr::kNarrowN / 16][4];
+      auto pack = [&] {
+        if constexpr (kJagged) {
+          pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[0][0]), s_lo);
+          if (!narrow) pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[NH / 2][0]), s_hi);
+        } else {
+          pack_a<T, BN>(pa, s);
+        }
+      };
+      if constexpr (kJagged) {
+        activate(s_lo, j0);
+        if (!narrow) activate(s_hi, j0 + Tr::kNarrowN);
+      } else {
+        activate(s, j0);
       }
-      if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
       // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
       // then), nested under the wait.
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
         if (lane == 0) bulk::arrive(empty_v + pstage);
-        pack_a<T, BN>(pa, s);
+        pack();
         // That was the previous unit's last product: its output is complete. (The next unit's
         // first P·V overwrites acc_o: pv_first.)
         if (j == 0) store_unit(prev, acc_o);
       } else {
-        pack_a<T, BN>(pa, s);
+        pack();
       }
       pv_first = j == 0;
       pv_narrow = narrow;
