@@ -496,6 +496,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   // acc_o inside the loop: a zero fill there made ptxas serialise every wgmma (C7514).
   bool pv_first = false;
   bool pv_narrow = false;   // whether key tile g - 1 is narrow (kJagged)
+  bool pv_idle = false;     // whether this warpgroup skipped key tile g - 1 (idle below)
+  // wg through a shuffle: ptxas then knows it is warp-uniform (branches on wg around a wgmma
+  // serialised them otherwise, C7520).
+  const int wg_u = __shfl_sync(0xffffffffu, wg, 0);
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
   while (true) {
     const uint32_t qs = qn % QS;
@@ -503,11 +507,20 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     bulk::wait(full_q + qs, (qn / QS) & 1);
     const WsUnit u = units[qs];
     if (u.n_tiles == 0) break;
+    // Jagged instance: a unit with <= 64 query rows (a short sequence, or the last half-tile of
+    // a longer one) has none in warpgroup 1's half. That warpgroup then issues no product for it
+    // (S and P·V; it still takes its turns, releases the stages and runs its activation on zeros,
+    // whose P no product reads: skipping that too made the consumers spill), so the tensor cores
+    // spend on the unit what one 64-row query tile needs. With narrow key tiles that is 64 x 64
+    // granularity in both dims (docs/performance.md, the tile-waste count). Its store writes no
+    // row (all of its rows are past the sequence), and its stale acc_o is overwritten by the
+    // first P·V of its next unit (pv_first).
+    const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // The jagged instance computes S in two N = 64 halves, s_lo (keys 0..63 of the tile) and
       // s_hi (64..127); a narrow tile (<= 64 keys left) issues s_lo only, and zeroes s_hi before
-      // the products so that every accumulator is defined on both paths (an N = 64 / N = 128
+      // the products (an idle warpgroup both) so that every accumulator is defined on each path (an N = 64 / N = 128
       // branch, an alias of s's halves, or a copy of s_lo into s after the product each made
       // ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide tile's s: consumer
       // spills). Each half is activated, masked and packed into its 4 k-steps of pa on its own.
@@ -524,7 +537,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       float s[BN / 8][4];                   // the other instances' S
       float s_lo[NH][4], s_hi[NH][4];       // the jagged instance's halves
       if constexpr (kJagged) {
-        if (narrow) {
+        if (idle) {
+#pragma unroll
+          for (int i = 0; i < NH; ++i) s_lo[i][0] = s_lo[i][1] = s_lo[i][2] = s_lo[i][3] = 0.f;
+        }
+        if (narrow || idle) {
 #pragma unroll
           for (int i = 0; i < NH; ++i) s_hi[i][0] = s_hi[i][1] = s_hi[i][2] = s_hi[i][3] = 0.f;
         }
@@ -533,12 +550,14 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       wgmma::fence();
       if constexpr (kJagged) {
         const uint32_t sk_s = sk_addr + stage * Tr::kTileBytes;
+        if (!idle) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          Mma64::template ss<0>(s_lo, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                                wgmma::desc_k_major<BN>(sk_s, 0, kk), kk > 0);
+          for (int kk = 0; kk < D / 16; ++kk) {
+            Mma64::template ss<0>(s_lo, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                                  wgmma::desc_k_major<BN>(sk_s, 0, kk), kk > 0);
+          }
         }
-        if (!narrow) {
+        if (!narrow && !idle) {
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk) {
             Mma64::template ss<0>(s_hi, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
@@ -555,7 +574,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
       wgmma::commit();
       if (g > 0) {
-        issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         wgmma::commit();
         pass_turn();
         wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
@@ -620,6 +639,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
       pv_first = j == 0;
       pv_narrow = narrow;
+      pv_idle = idle;
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
@@ -631,7 +651,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
     take_turn();
     wgmma::fence();
-    issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+    if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
     wgmma::commit();
     pass_turn();
     wgmma::wait<0>();
