@@ -46,6 +46,15 @@
 // read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
 // striding over the items with step gridDim.x; ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 launches one CTA
 // per item instead).
+//
+// Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
+// dense batches keep everything above unchanged): the kJagged instance takes its items from a
+// list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
+// walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
+// boxes, S with N = 64, P·V with K = 64), and lets warpgroup 1 issue no product for a unit whose
+// <= 64 query rows all lie in warpgroup 0's half: 64 x 64 tile granularity (docs/performance.md
+// has the tile-waste count). Each choice depends on the sequence's own lengths only and changes no
+// element's operations, so a sequence's output is bitwise the same in any batch.
 #pragma once
 
 #include <algorithm>
