@@ -134,7 +134,7 @@ for s in $QUICK; do
       # with the schedule and (sparsity 0.5) with ATTNKIT_GDPA_FWD_WS_SORTED=0 (in-order, full tiles):
       # before and after in one run. ~200 s after the build on an H200 (not yet timed).
       step gdpa_jagged_tests 90 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
-        -k "jagged_schedule or warp_specialised or garbage or graph_capturable"
+        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and default)"
       step gdpa_jagged_sanitize 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
         -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and (random or all_le)))"

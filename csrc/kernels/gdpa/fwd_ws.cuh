@@ -172,9 +172,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   auto items_of = [&](int b, int& bucket) {
     const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
     if (qs.len <= 0 || ks.len <= 0) return 0;
-    const int tiles = (qs.len + BM - 1) / BM;  // >= 1
-    const int per_item = (tiles + q_tiles - 1) / q_tiles;
-    const int64_t cost = int64_t((ks.len + kHalf - 1) / kHalf) * per_item;
+    const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
+    const int per_item = static_cast<int>((int64_t(tiles) + q_tiles - 1) / q_tiles);
+    const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
     bucket = NB - int(cost < NB ? cost : NB);
     return (tiles < q_tiles ? tiles : q_tiles) * p.H;
   };
