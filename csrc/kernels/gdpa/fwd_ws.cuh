@@ -518,10 +518,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     if (u.n_tiles == 0) break;
     // Jagged instance: a unit with <= 64 query rows (a short sequence, or the last half-tile of
     // a longer one) has none in warpgroup 1's half. That warpgroup then issues no product for it
-    // (S and P·V; it still takes its turns, releases the stages and runs its activation on zeros,
-    // whose P no product reads: skipping that too made the consumers spill), so the tensor cores
-    // spend on the unit what one 64-row query tile needs. With narrow key tiles that is 64 x 64
-    // granularity in both dims (docs/performance.md, the tile-waste count). Its store writes no
+    // (S and P·V) and computes no activation (it still takes its turns, releases the stages and
+    // packs a P of zeros that no product reads: skipping that too made the consumers spill), so
+    // the tensor cores spend on the unit what one 64-row query tile needs. With narrow key tiles
+    // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its store writes no
     // row (all of its rows are past the sequence), and its stale acc_o is overwritten by the
     // first P·V of its next unit (pv_first).
     const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
@@ -628,8 +628,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         }
       };
       if constexpr (kJagged) {
-        activate(s_lo, j0);
-        if (!narrow) activate(s_hi, j0 + Tr::kNarrowN);
+        if (!idle) {  // an idle warpgroup packs its zeros (a skipped pack made the consumers spill)
+          activate(s_lo, j0);
+          if (!narrow) activate(s_hi, j0 + Tr::kNarrowN);
+        }
       } else {
         activate(s, j0);
       }
