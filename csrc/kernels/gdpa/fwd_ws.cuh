@@ -146,9 +146,10 @@ struct WsUnit {
 // The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
 // the device from the offsets by one small kernel launched before the forward (no host sync, so
 // the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
-// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed when its first tile has rows and its sequence has keys (clamped by
-// seq_range: garbage offsets give empty or clamped sequences, never an index outside the tensors);
-// a window may still leave an item's tiles without keys, which the cursor skips as before.
+// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed
+// when its first tile has rows and its sequence has keys (clamped by seq_range: garbage offsets
+// give empty or clamped sequences, never an index outside the tensors); a window may still leave
+// an item's tiles without keys, which the cursor skips as before.
 // Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
 // strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
 // the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
@@ -521,19 +522,19 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // (S and P·V) and computes no activation (it still takes its turns, releases the stages and
     // packs a P of zeros that no product reads: skipping that too made the consumers spill), so
     // the tensor cores spend on the unit what one 64-row query tile needs. With narrow key tiles
-    // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its store writes no
-    // row (all of its rows are past the sequence), and its stale acc_o is overwritten by the
-    // first P·V of its next unit (pv_first).
+    // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its
+    // store writes no row (all of its rows are past the sequence), and its stale acc_o is
+    // overwritten by the first P·V of its next unit (pv_first).
     const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // The jagged instance computes S in two N = 64 halves, s_lo (keys 0..63 of the tile) and
       // s_hi (64..127); a narrow tile (<= 64 keys left) issues s_lo only, and zeroes s_hi before
-      // the products (an idle warpgroup both) so that every accumulator is defined on each path (an N = 64 / N = 128
-      // branch, an alias of s's halves, or a copy of s_lo into s after the product each made
-      // ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide tile's s: consumer
-      // spills). Each half is activated, masked and packed into its 4 k-steps of pa on its own.
-      // The other instances keep the one N = 128 product into s, unchanged.
+      // the products (an idle warpgroup both) so that every accumulator is defined on each path
+      // (an N = 64 / N = 128 branch, an alias of s's halves, or a copy of s_lo into s after the
+      // product each made ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide
+      // tile's s: consumer spills). Each half is activated, masked and packed into its 4 k-steps
+      // of pa on its own. The other instances keep the one N = 128 product into s, unchanged.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
@@ -710,7 +711,8 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
   if (jagged) {
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM><<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
+    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
+        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   unsigned grid = items;
