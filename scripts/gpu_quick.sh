@@ -137,7 +137,7 @@ for s in $QUICK; do
         -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and default)"
       step gdpa_jagged_sanitize 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
-        -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and (random or all_le)))"
+        -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and random))"
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
       step bench_gdpa_jagged 70 env ATTNKIT_GDPA_FWD_WS=require $G --csv "$L/bench_gdpa_jagged.csv"
       step bench_gdpa_in_order 50 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SORTED=0 $G --sparsity 0.5 ;;
