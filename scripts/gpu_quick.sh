@@ -8,7 +8,8 @@
 #
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
-# (gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
+# (gdpa_jagged: issue #19's jagged schedule, its tests, memcheck and bench_gdpa before / after;
+# gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
 # then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
 # ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
@@ -128,6 +129,19 @@ for s in $QUICK; do
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
         -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets" ;;
+    gdpa_jagged)  # issue #19, the forward's jagged schedule (fwd_ws.cuh: device-built longest-first
+      # list, narrow 64-key tiles): its tests with the other warp-specialised forward tests, the new
+      # ones under memcheck, then the forward at max len 256-2048 (sparsity 1.0 and 0.5, no Triton)
+      # with the schedule and (sparsity 0.5) with ATTNKIT_GDPA_FWD_WS_SORTED=0 (in-order, full tiles):
+      # before and after in one run. ~200 s after the build on an H200 (not yet timed).
+      step gdpa_jagged_tests 90 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
+        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and default)"
+      step gdpa_jagged_sanitize 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and random))"
+      G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
+      step bench_gdpa_jagged 70 env ATTNKIT_GDPA_FWD_WS=require $G --csv "$L/bench_gdpa_jagged.csv"
+      step bench_gdpa_in_order 50 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SORTED=0 $G --sparsity 0.5 ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
       step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G

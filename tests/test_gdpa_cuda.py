@@ -294,3 +294,129 @@ def _deterministic_and_graph_capturable(deterministic):
     torch.cuda.synchronize()
     for a, b, name in zip(captured, run(), names):
         assert _same(a, b, name, deterministic), f"graph replay differs from eager ({name})"
+
+
+# ---- issue #19: the jagged schedule of the warp-specialised forward (fwd_ws.cuh) ----
+# A batch that is not dense (T != B · max) builds a longest-first list of its non-empty work items
+# on the device (gdpa_fwd_ws_schedule_kernel) and runs key tiles with <= 64 keys narrow (N = 64);
+# ATTNKIT_GDPA_FWD_WS_SORTED=0 keeps the in-order walk with full tiles (dense batches always do).
+
+def _short_lens(gen, n, hi, lo=0):
+    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+
+JAGGED_CASES = {  # name -> (q lengths, kv lengths); seeded, so every run sees the same batch
+    "random_0_300": lambda g: (_short_lens(g, 96, 300),) * 2,
+    "all_le_64": lambda g: (_short_lens(g, 120, 64),) * 2,
+    "all_65_128": lambda g: (_short_lens(g, 80, 128, 65),) * 2,
+    "cross": lambda g: (_short_lens(g, 64, 300), _short_lens(g, 64, 200)),
+}
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("case", list(JAGGED_CASES))
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_jagged_schedule(case, D, dtype, causal, monkeypatch):
+    """Many short sequences on the jagged schedule against the reference, with every sequence
+    followed by NaN keys / values (a narrow tile's 64-row boxes and a full tile's 128-row ones both
+    read past the end) and NaN query rows past the last offset; then bitwise equal to the in-order
+    schedule with full tiles (ATTNKIT_GDPA_FWD_WS_SORTED=0): the narrow products add the same
+    k-steps minus exact zeros, so the schedule changes where a row is computed, never its value."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    q_lens, kv_lens = JAGGED_CASES[case](torch.Generator().manual_seed(19))
+    args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
+    out = check_forward(*args, "fast_gelu", causal, f"jagged schedule {case}")
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_SORTED", "0")
+    in_order = attnkit.gdpa(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal)
+    assert torch.equal(out, in_order), "the jagged schedule changed the result"
+
+
+def _cat_rows(parts, like):
+    return torch.cat(parts) if parts else like[:0]
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_jagged_schedule_bitwise_independent(dtype, causal, monkeypatch):
+    """Issue #19 item 6: a sequence's output does not depend on its batch neighbours or their
+    order. The batch (lengths 0..300) against (a) the same sequences in reverse order, (b) each
+    sequence alone with its own length as the hint (a dense batch of one: the in-order kernel, full
+    tiles) and (c) alone with the batch's hint (the jagged schedule on a batch of one); all
+    bitwise equal."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    gen = torch.Generator().manual_seed(6)
+    lens = _short_lens(gen, 48, 300) + [0, 1, 63, 64, 65, 127, 128, 129, 192, 193]
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", dtype, lens, H=4, Hkv=2, D=128)
+    run = lambda q_, k_, v_, o_, m: attnkit.gdpa(q_, k_, v_, o_, o_, m, m, "fast_gelu", 0.5,
+                                                 pre_scale=0.7, causal=causal)
+    out = run(q, k, v, qo, mq)
+    seq = lambda t, i: t[int(qo[i]):int(qo[i + 1])]
+    n = len(lens)
+    rev = [n - 1 - i for i in range(n)]
+    r_out = run(_cat_rows([seq(q, i) for i in rev], q), _cat_rows([seq(k, i) for i in rev], k),
+                _cat_rows([seq(v, i) for i in rev], v),
+                offsets_of([lens[i] for i in rev], "cuda"), mq)
+    r_off = offsets_of([lens[i] for i in rev], "cuda")
+    for j, i in enumerate(rev):
+        assert torch.equal(r_out[int(r_off[j]):int(r_off[j + 1])], seq(out, i)), \
+            f"sequence {i} (length {lens[i]}) changed with the batch order"
+    for i, L in enumerate(lens):
+        if L == 0:
+            continue
+        one = offsets_of([L], "cuda")
+        for hint in (L, mq):
+            alone = run(seq(q, i), seq(k, i), seq(v, i), one, hint)
+            assert torch.equal(alone, seq(out, i)), \
+                f"sequence {i} (length {L}) alone (hint {hint}) differs from the batch"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_forward_jagged_schedule_garbage_offsets(monkeypatch):
+    """The schedule kernel reads the offsets on the device: random garbage (negative, past T,
+    decreasing, overlapping) must keep every kernel inside its tensors (compute-sanitizer runs this
+    test) and leave every row finite (zero_rows.cuh's semantics: rows of clamped sequences are
+    computed, the rest zeroed)."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, _short_lens(gen, 40, 200), H=4, Hkv=2,
+                                D=128)
+    T = q.shape[0]
+    for trial in range(6):
+        off = torch.randint(-300, T + 300, (41,), generator=gen)
+        if trial % 2:
+            off = off.sort().values  # increasing but reaching outside [0, T]
+        for hint in (1, 64, 300):
+            o = off.to("cuda")
+            poison_allocator("cuda")
+            out = attnkit.gdpa(q, k, v, o, o.flip(0), hint, hint, "gelu", causal=trial >= 3)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), f"garbage offsets {off.tolist()} (hint {hint})"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_forward_jagged_schedule_graph_replay_new_lengths(monkeypatch):
+    """The schedule is built on the device at every call: a captured forward replayed with new
+    offsets (same B and T, other lengths) gives the eager result for the new lengths."""
+    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    gen = torch.Generator().manual_seed(8)
+    lens_a = _short_lens(gen, 64, 300)
+    lens_b = torch.tensor(lens_a)[torch.randperm(64, generator=gen)]  # same total, other order
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, lens_a, H=4, Hkv=2, D=128)
+    run = lambda: attnkit.gdpa(q, k, v, qo, qo, 300, 300, "fast_gelu", 0.5)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    qo.copy_(offsets_of(lens_b.tolist(), "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, run()), "graph replay with new offsets differs from eager"
+    ref = gdpa_ref(q, k, v, qo, qo, 300, 300, "fast_gelu", 0.5)
+    assert_close(captured, ref, torch.bfloat16, "graph replay with new offsets")

@@ -66,18 +66,34 @@ bool use_wgmma(int64_t D) {
 
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
 // address them (misaligned base or strides: the caller keeps the cp.async kernel).
+// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
 bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
   using Tr = FwdWsTraits;
-  const uint32_t box[3] = {Tr::kBoxCols, 1, Tr::kBoxRows};
   auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
-                    int64_t row_stride, int64_t head_stride) {
+                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
+    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
     const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
     const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
     return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
   };
-  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride) &&
-         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride) &&
-         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride);
+  constexpr uint32_t full = Tr::kBoxRows, narrow = Tr::kNarrowBoxRows;
+  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, full) &&
+         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, full) &&
+         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, full) &&
+         encode(&m->k64, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, narrow) &&
+         encode(&m->v64, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, narrow);
+}
+
+// The jagged schedule (fwd_ws.cuh: a device-built, longest-first list of the non-empty work
+// items, and narrow key tiles) for a batch that is not dense. Dense = every sequence as long as
+// the hints, which the host can tell without reading the offsets: T == B · max for q and k (with
+// the offsets valid, lengths <= max that sum to B · max are all max). A dense batch keeps the
+// in-order kernel, exactly as before; garbage offsets that fool the test only change which of
+// the two correct schedules runs. ATTNKIT_GDPA_FWD_WS_SORTED=0 keeps the in-order one for every
+// batch (A/B); so does a list above 2^22 items (32 bytes each: its workspace would pass 128 MB).
+bool fwd_ws_jagged(const FwdParams& p, int64_t mq, int64_t mk, int64_t items) {
+  const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+  return !dense && items <= (int64_t(1) << 22) && env_flag(Env::kGdpaFwdWsSorted);
 }
 #endif
 
@@ -184,6 +200,7 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   FwdParams p{};
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
+  const int64_t mk = max_seq_len_kv.expect_int();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (zero_keyless) {
     C10_CUDA_CHECK(with_dtype(q.scalar_type(), [&](auto t) {
@@ -207,9 +224,15 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
       if (ws_mode != KernelSwitch::kOff && p.D > 64 && use_wgmma(p.D) &&
           fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
         ws_ran = true;
+        const int64_t items = fwd_ws_items(p, mq);
+        at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
+        if (fwd_ws_jagged(p, mq, mk, items)) {
+          sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
+        }
         return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag(Env::kGdpaFwdWsPingPong),
                                      env_flag(Env::kGdpaFwdWsSplit),
-                                     env_flag(Env::kGdpaFwdWsPersistent), stream);
+                                     env_flag(Env::kGdpaFwdWsPersistent),
+                                     sched.defined() ? sched.data_ptr<int32_t>() : nullptr, stream);
       }
 #endif
       if (use_wgmma(p.D) && p.window < 0) {

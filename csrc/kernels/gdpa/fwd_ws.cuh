@@ -46,9 +46,19 @@
 // read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
 // striding over the items with step gridDim.x; ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 launches one CTA
 // per item instead).
+//
+// Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
+// dense batches keep everything above unchanged): the kJagged instance takes its items from a
+// list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
+// walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
+// boxes, S with N = 64, P·V with K = 64), and lets warpgroup 1 issue no product for a unit whose
+// <= 64 query rows all lie in warpgroup 0's half: 64 x 64 tile granularity (docs/performance.md
+// has the tile-waste count). Each choice depends on the sequence's own lengths only and changes no
+// element's operations, so a sequence's output is bitwise the same in any batch.
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
@@ -103,12 +113,26 @@ struct FwdWsTraits {
     return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads));
   }
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
+  // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
+  // loaded as two [64 rows][64 cols] boxes (half the bytes) into rows 0..63 of its stage and
+  // multiplied with N = 64 (S) and K = 64 (P·V): half the products of a full tile.
+  static constexpr int kNarrowN = 64;
+  static constexpr int kNarrowBoxRows = 64;
+  static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
+  // The device-built work list (gdpa_fwd_ws_schedule_kernel): one CTA of kSchedThreads threads,
+  // kSchedBuckets length buckets of kNarrowN keys (longer units share the last bucket), a header
+  // of kSchedHeader int32 (the unit count first) before the int2 entries.
+  static constexpr int kSchedThreads = 1024;
+  static constexpr int kSchedBuckets = 1024;
+  static constexpr int kSchedHeader = 4;
+  static_assert(kSchedBuckets == kSchedThreads, "one bucket per thread in the scan");
 };
 
 // The tensor maps of q, k, v viewed as [T rows][heads][D] (innermost first {D, heads, T}), boxes
 // {64, 1, 128} with the 128-byte swizzle; built by the launcher's caller (csrc/cuda/tma_map.h).
 struct FwdWsMaps {
   CUtensorMap q, k, v;
+  CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
 };
 
 // One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
@@ -119,25 +143,130 @@ struct WsUnit {
   SeqRange qs, ks;
 };
 
-// Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (cta_item_at order), and in each item
-// its query tiles (strided by `tiles` when the sequence is longer than the hint). The loading
-// threads run the walk; the consumers get its units through shared memory, in the same order.
+// The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
+// the device from the offsets by one small kernel launched before the forward (no host sync, so
+// the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
+// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed
+// when its first tile has rows and its sequence has keys (clamped by seq_range: garbage offsets
+// give empty or clamped sequences, never an index outside the tensors); a window may still leave
+// an item's tiles without keys, which the cursor skips as before.
+// Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
+// strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
+// the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
+// then head: the CTAs that read one K/V run together, as in cta_item order); the order of the
+// sequences in a bucket follows shared-memory atomics and may vary run to run, which changes
+// which CTA computes an item but never what it computes (each row's math is the same anywhere).
+// ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
+// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, 0}. The producer
+// reads an item with two independent 16-byte loads (one round trip; no offsets read after).
+template <int BM>
+__global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
+    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ ws) {
+  constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
+  constexpr int kHalf = FwdWsTraits::kNarrowN;
+  __shared__ int cursor[NB];
+  __shared__ int warp_total[NT / 32];
+  const int tid = threadIdx.x;
+  cursor[tid] = 0;
+  __syncthreads();
+  // The items of sequence b (0 when none) and its bucket.
+  auto items_of = [&](int b, int& bucket) {
+    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
+    if (qs.len <= 0 || ks.len <= 0) return 0;
+    const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
+    const int per_item = static_cast<int>((int64_t(tiles) + q_tiles - 1) / q_tiles);
+    const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
+    bucket = NB - int(cost < NB ? cost : NB);
+    return (tiles < q_tiles ? tiles : q_tiles) * p.H;
+  };
+  for (int b = tid; b < p.B; b += NT) {
+    int bucket = 0;
+    const int n = items_of(b, bucket);
+    if (n > 0) atomicAdd(&cursor[bucket], n);
+  }
+  __syncthreads();
+  // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
+  const int lane = tid & 31, warp = tid >> 5;
+  const int mine = cursor[tid];
+  int incl = mine;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane == 31) warp_total[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int t = warp_total[lane], ti = t;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, ti, d);
+      if (lane >= d) ti += v;
+    }
+    warp_total[lane] = ti - t;  // exclusive
+    if (lane == 31) ws[0] = ti;   // the item count
+  }
+  __syncthreads();
+  cursor[tid] = warp_total[warp] + incl - mine;
+  __syncthreads();
+  int4* list = reinterpret_cast<int4*>(ws + FwdWsTraits::kSchedHeader);
+  for (int b = tid; b < p.B; b += NT) {
+    int bucket = 0;
+    const int n = items_of(b, bucket);
+    if (n <= 0) continue;
+    int64_t slot = atomicAdd(&cursor[bucket], n);
+    const int tiles = n / p.H;
+    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
+    const int4 ranges = make_int4(qs.begin, qs.len, ks.begin, ks.len);
+    for (int h = 0; h < p.H; ++h)
+      for (int t = 0; t < tiles; ++t, ++slot) {
+        list[2 * slot] = ranges;
+        list[2 * slot + 1] = make_int4(h, t, b, 0);
+      }
+  }
+}
+
+// Walks a CTA's units. In order (kList = false): items blockIdx.x, + gridDim.x, ... (cta_item_at
+// order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
+// entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
+// ones): with the list longest first, each CTA's total stays within about one item of the
+// others'. In each item, its query tiles (strided by `tiles` when the sequence is longer than the
+// hint). The loading threads run the walk (each its own copy, in the same order); the consumers
+// get its units through shared memory, in the same order.
+template <bool kList>
 struct WsCursor {
-  int64_t item;
+  // The list holds at most 2^22 items (csrc/cuda/gdpa.cu), so its walk counts in int: the
+  // producer runs on 24 registers.
+  using Index = std::conditional_t<kList, int, int64_t>;
+  Index item;
+  Index round = 0;
   int tile = 0;
   bool in_item = false;
   CtaItem it{};
   SeqRange qs{}, ks{};
 
 #if defined(__CUDACC__)
-  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, int64_t items,
-                                          WsUnit& u) {
+  ATTNKIT_DEVICE ATTNKIT_INLINE static Index snake(Index r) {
+    const Index g = Index(gridDim.x), c = Index(blockIdx.x);
+    return r * g + ((r & 1) ? g - 1 - c : c);
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? snake(0) : Index(blockIdx.x)) {}
+
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
+                                          const int4* list, WsUnit& u) {
     constexpr int BM = FwdWsTraits::kBlockM, BN = FwdWsTraits::kBlockN;
     while (item < items) {
       if (!in_item) {
-        it = cta_item_at(item, q_tiles, p.H);
-        qs = seq_range(p.q_offsets, it.b, p.Tq);
-        ks = seq_range(p.kv_offsets, it.b, p.Tk);
+        if constexpr (kList) {
+          const int4 r = list[2 * item], e = list[2 * item + 1];
+          it = {e.y, e.x, e.z, q_tiles};
+          qs = {r.x, r.y};
+          ks = {r.z, r.w};
+        } else {
+          it = cta_item_at(item, q_tiles, p.H);
+          qs = seq_range(p.q_offsets, it.b, p.Tq);
+          ks = seq_range(p.kv_offsets, it.b, p.Tk);
+        }
         tile = it.tile;
         in_item = true;
       } else {
@@ -145,7 +274,11 @@ struct WsCursor {
       }
       if (tile * BM >= qs.len) {
         in_item = false;
-        item += gridDim.x;
+        if constexpr (kList) {
+          item = snake(++round);
+        } else {
+          item += gridDim.x;
+        }
         continue;
       }
       const int i0 = tile * BM;
@@ -162,16 +295,32 @@ struct WsCursor {
 #endif
 };
 
-template <typename T, bool kPingPong, bool kSplitLoads>
+// Whether key tile j0 (its first key, local) of a unit of sequence keys ks is narrow: it holds at
+// most kNarrowN of the sequence's keys. Only the jagged instance uses narrow tiles; the producer
+// and the consumers decide alike from the unit.
+template <bool kJagged>
+ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_tile(const WsUnit& u, int j0) {
+  return kJagged && u.ks.len - j0 <= FwdWsTraits::kNarrowN;
+}
+
+// kJagged: the units come from the device-built list `sched` (gdpa_fwd_ws_schedule_kernel, at
+// most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
+// (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
+// 64-row maps are unused.
+template <typename T, bool kPingPong, bool kSplitLoads, bool kJagged>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
-    gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles,
+    gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles, const int32_t* __restrict__ sched,
+                       const int64_t capacity,
                        const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
-                       const __grid_constant__ CUtensorMap map_v) {
+                       const __grid_constant__ CUtensorMap map_v,
+                       const __grid_constant__ CUtensorMap map_k64,
+                       const __grid_constant__ CUtensorMap map_v64) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
+  using Mma64 = wgmma::Wgmma<T, Tr::kNarrowN>;  // S of a narrow key tile (kJagged)
   constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
                 SV = Tr::stages_v(kSplitLoads), QS = Tr::kQStages;
   extern __shared__ unsigned char smem_raw[];
@@ -211,19 +360,29 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   }
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
-  const int64_t items = int64_t(q_tiles) * p.H * p.B;
   const int group = p.H / p.Hkv;
 
   if (tid < 128) {  // producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    WsCursor cursor{int64_t(blockIdx.x)};
+    WsCursor<kJagged> cursor;
     WsUnit u;
     const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
     if (!loads_qk && !loads_v) return;
     tma::prefetch_map(loads_qk ? &map_q : &map_v);
     if (loads_qk) tma::prefetch_map(&map_k);
+    if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+    // The list's length, clamped to its capacity (the schedule kernel never writes more).
+    typename WsCursor<kJagged>::Index items;
+    const int4* list = nullptr;
+    if constexpr (kJagged) {
+      const int64_t n = sched[0];
+      items = static_cast<int>(n < 0 ? 0 : (n > capacity ? capacity : n));
+      list = reinterpret_cast<const int4*>(sched + Tr::kSchedHeader);
+    } else {
+      items = int64_t(q_tiles) * p.H * p.B;
+    }
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
-    while (cursor.next(p, q_tiles, items, u)) {
+    while (cursor.next(p, q_tiles, items, list, u)) {
       const int hk = u.h / group;
       if (loads_qk) {
         const uint32_t qs = qn % QS;
@@ -237,22 +396,28 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
-        const int row = u.ks.begin + u.kv_lo + t * BN;
+        const int j0 = u.kv_lo + t * BN, row = u.ks.begin + j0;
+        // A narrow tile: two 64-row boxes into rows 0..63 of both column blocks (the stage keeps
+        // its 128-row layout, so the consumers' descriptors do not change).
+        const bool narrow = narrow_tile<kJagged>(u, j0);
+        const CUtensorMap* mk = narrow ? &map_k64 : &map_k;
+        const CUtensorMap* mv = narrow ? &map_v64 : &map_v;
+        const uint32_t bytes = narrow ? Tr::kNarrowTileBytes : Tr::kTileBytes;
         if (loads_qk) {
           const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
           unsigned char* k_dst = sk + stage * Tr::kTileBytes;
           if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
-          tma::load_3d(k_dst, &map_k, 0, hk, row, full_k + stage);
-          tma::load_3d(k_dst + Tr::kBoxBytes, &map_k, Tr::kBoxCols, hk, row, full_k + stage);
+          bulk::arrive_expect_tx(full_k + stage, bytes);
+          tma::load_3d(k_dst, mk, 0, hk, row, full_k + stage);
+          tma::load_3d(k_dst + Tr::kBoxBytes, mk, Tr::kBoxCols, hk, row, full_k + stage);
         }
         if (loads_v) {
           const uint32_t stage = g % SV, reuse = g / SV;
           unsigned char* v_dst = sv + stage * Tr::kTileBytes;
           if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
-          tma::load_3d(v_dst, &map_v, 0, hk, row, full_v + stage);
-          tma::load_3d(v_dst + Tr::kBoxBytes, &map_v, Tr::kBoxCols, hk, row, full_v + stage);
+          bulk::arrive_expect_tx(full_v + stage, bytes);
+          tma::load_3d(v_dst, mv, 0, hk, row, full_v + stage);
+          tma::load_3d(v_dst + Tr::kBoxBytes, mv, Tr::kBoxCols, hk, row, full_v + stage);
         }
       }
     }
@@ -295,10 +460,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     int64_t out_off;
     int rows_valid, v_rows;
   };
-  auto zero_v_tail = [&](uint32_t stage, int v_rows) {
-    if (v_rows >= BN) return;
+  // rows_end: BN, or kNarrowN for a narrow tile (its P·V reads rows 0..63 only).
+  auto zero_v_tail = [&](uint32_t stage, int v_rows, int rows_end) {
+    if (v_rows >= rows_end) return;
     unsigned char* v = sv + stage * Tr::kTileBytes;
-    const int chunks = (BN - v_rows) * 2 * 8;  // 16-byte chunks
+    const int chunks = (rows_end - v_rows) * 2 * 8;  // 16-byte chunks
     for (int c = wtid; c < chunks; c += 128) {
       const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
       *reinterpret_cast<uint4*>(v + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
@@ -311,6 +477,24 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0, w.rows_valid,
                      0, p.D, acc, p.qk_scale);
   };
+  // O += P·V of a key tile whose V is at sv_tile: K = 128, or K = 64 for a narrow tile (P's
+  // columns 64..127 are zero there and V's rows 64..127 were never loaded). The accumulate flag is
+  // off for the first k-step of a unit's first tile only. Per output element the narrow product
+  // adds the same k-steps in the same order, minus exact zeros.
+  auto issue_pv = [&](float(&acc)[D / 8][4], const uint32_t(&a)[BN / 16][4], uint32_t sv_tile,
+                      bool narrow_pv, bool first) {
+    if (narrow_pv) {
+#pragma unroll
+      for (int kk = 0; kk < Tr::kNarrowN / 16; ++kk) {
+        MmaO::template rs<1>(acc, a[kk], wgmma::desc_n_major<BN>(sv_tile, kk), kk > 0 || !first);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        MmaO::template rs<1>(acc, a[kk], wgmma::desc_n_major<BN>(sv_tile, kk), kk > 0 || !first);
+      }
+    }
+  };
 
   float acc_o[D / 8][4];
 #pragma unroll
@@ -321,6 +505,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   // accumulate flag off) instead of adding to a cleared one. No instruction but a wgmma ever writes
   // acc_o inside the loop: a zero fill there made ptxas serialise every wgmma (C7514).
   bool pv_first = false;
+  bool pv_narrow = false;   // whether key tile g - 1 is narrow (kJagged)
+  bool pv_idle = false;     // whether this warpgroup skipped key tile g - 1 (idle below)
+  // wg through a shuffle: ptxas then knows it is warp-uniform (branches on wg around a wgmma
+  // serialised them otherwise, C7520).
+  const int wg_u = __shfl_sync(0xffffffffu, wg, 0);
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
   while (true) {
     const uint32_t qs = qn % QS;
@@ -328,32 +517,74 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     bulk::wait(full_q + qs, (qn / QS) & 1);
     const WsUnit u = units[qs];
     if (u.n_tiles == 0) break;
+    // Jagged instance: a unit with <= 64 query rows (a short sequence, or the last half-tile of
+    // a longer one) has none in warpgroup 1's half. That warpgroup then issues no product for it
+    // (S and P·V) and computes no activation (it still takes its turns, releases the stages and
+    // packs a P of zeros that no product reads: skipping that too made the consumers spill), so
+    // the tensor cores spend on the unit what one 64-row query tile needs. With narrow key tiles
+    // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its
+    // store writes no row (all of its rows are past the sequence), and its stale acc_o is
+    // overwritten by the first P·V of its next unit (pv_first).
+    const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
+      // The jagged instance computes S in two N = 64 halves, s_lo (keys 0..63 of the tile) and
+      // s_hi (64..127); a narrow tile (<= 64 keys left) issues s_lo only, and zeroes s_hi before
+      // the products (an idle warpgroup both) so that every accumulator is defined on each path
+      // (an N = 64 / N = 128 branch, an alias of s's halves, or a copy of s_lo into s after the
+      // product each made ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide
+      // tile's s: consumer spills). Each half is activated, masked and packed into its 4 k-steps
+      // of pa on its own. The other instances keep the one N = 128 product into s, unchanged.
+      const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
       bulk::wait(full_k + stage, (g / S) & 1);
       if (g > 0) {
         bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
-        if (j == 0) zero_v_tail(pstage, prev.v_rows);
+        if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
       }
 
-      float s[BN / 8][4];
+      constexpr int NH = Tr::kNarrowN / 8;  // n8 column blocks of a half
+      float s[BN / 8][4];                   // the other instances' S
+      float s_lo[NH][4], s_hi[NH][4];       // the jagged instance's halves
+      if constexpr (kJagged) {
+        if (idle) {
+#pragma unroll
+          for (int i = 0; i < NH; ++i) s_lo[i][0] = s_lo[i][1] = s_lo[i][2] = s_lo[i][3] = 0.f;
+        }
+        if (narrow || idle) {
+#pragma unroll
+          for (int i = 0; i < NH; ++i) s_hi[i][0] = s_hi[i][1] = s_hi[i][2] = s_hi[i][3] = 0.f;
+        }
+      }
       take_turn();
       wgmma::fence();
+      if constexpr (kJagged) {
+        const uint32_t sk_s = sk_addr + stage * Tr::kTileBytes;
+        if (!idle) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                            wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
-                            kk > 0);
+          for (int kk = 0; kk < D / 16; ++kk) {
+            Mma64::template ss<0>(s_lo, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                                  wgmma::desc_k_major<BN>(sk_s, 0, kk), kk > 0);
+          }
+        }
+        if (!narrow && !idle) {
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            Mma64::template ss<0>(s_hi, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                                  wgmma::desc_k_major<BN>(sk_s, Tr::kNarrowN, kk), kk > 0);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
+                              wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
+                              kk > 0);
+        }
       }
       wgmma::commit();
       if (g > 0) {
-        const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk),
-                               kk > 0 || !pv_first);
-        }
+        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         wgmma::commit();
         pass_turn();
         wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
@@ -361,36 +592,66 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         pass_turn();
         wgmma::wait<0>();
       }
-      wgmma::fence_regs(s);
+      if constexpr (kJagged) {
+        wgmma::fence_regs(s_lo);
+        wgmma::fence_regs(s_hi);
+      } else {
+        wgmma::fence_regs(s);
+      }
       if (lane == 0) {
         bulk::arrive(empty_k + stage);                       // K_g has been read
         if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
       }
 
-      act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
-      const int r0 = u.i0 + warp_row0;
-      if (p.window >= 0) {
-        if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
-          window_mask<false>(s, r0, j0, p.causal, p.window);
+      // φ, then the masks, on NB n8 column blocks from key j0 on (s, or a half of the jagged
+      // instance: per element the same operations either way).
+      auto activate = [&](auto& sx, int j0) {
+        constexpr int NB = sizeof(sx) / sizeof(sx[0]), TN = NB * 8;
+        act_fwd_tile<NB>(sx, p.act, p.pre_scale);
+        const int r0 = u.i0 + warp_row0;
+        if (p.window >= 0) {
+          if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + TN - 1)) {
+            window_mask<false>(sx, r0, j0, p.causal, p.window);
+          }
+        } else if (p.causal && j0 + TN - 1 > r0) {
+          causal_mask<false>(sx, r0, j0);
         }
-      } else if (p.causal && j0 + BN - 1 > r0) {
-        causal_mask<false>(s, r0, j0);
+        if (j0 + TN > u.ks.len) mask_cols_from(sx, u.ks.len - j0);  // keys of the next sequence
+      };
+      // P into pa (a narrow tile: its first 4 k-steps, all that the narrow P·V reads).
+      using PaHalf = uint32_t[Tr::kNarrowN / 16][4];
+      auto pack = [&] {
+        if constexpr (kJagged) {
+          pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[0][0]), s_lo);
+          if (!narrow) pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[NH / 2][0]), s_hi);
+        } else {
+          pack_a<T, BN>(pa, s);
+        }
+      };
+      if constexpr (kJagged) {
+        if (!idle) {  // an idle warpgroup packs its zeros (a skipped pack made the consumers spill)
+          activate(s_lo, j0);
+          if (!narrow) activate(s_hi, j0 + Tr::kNarrowN);
+        }
+      } else {
+        activate(s, j0);
       }
-      if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
       // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
       // then), nested under the wait.
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
         if (lane == 0) bulk::arrive(empty_v + pstage);
-        pack_a<T, BN>(pa, s);
+        pack();
         // That was the previous unit's last product: its output is complete. (The next unit's
         // first P·V overwrites acc_o: pv_first.)
         if (j == 0) store_unit(prev, acc_o);
       } else {
-        pack_a<T, BN>(pa, s);
+        pack();
       }
       pv_first = j == 0;
+      pv_narrow = narrow;
+      pv_idle = idle;
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
@@ -399,14 +660,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   if (g > 0) {  // the last unit's last P·V
     const uint32_t pstage = (g - 1) % SV;
     bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
-    zero_v_tail(pstage, prev.v_rows);
+    zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
     take_turn();
     wgmma::fence();
-    const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      MmaO::template rs<1>(acc_o, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), kk > 0 || !pv_first);
-    }
+    if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
     wgmma::commit();
     pass_turn();
     wgmma::wait<0>();
@@ -419,21 +676,45 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 #endif
 }
 
+// The jagged schedule's workspace for `items` work items (int32 elements): the header and one
+// int2 entry per item. The launcher's caller allocates it (stream-ordered, capturable) for a
+// jagged batch and passes nullptr for a dense one.
+inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 8 * items; }
+
+// The work items the launcher enumerates for a max query length hint: q_tiles per (head,
+// sequence), clamped like cta_grid.
+inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
+  return cta_grid((int64_t(max_seq_len_q) + FwdWsTraits::kBlockM - 1) / FwdWsTraits::kBlockM, p.H,
+                  p.B);
+}
+
+// sched: nullptr runs the in-order walk with full tiles (dense batches: every sequence as long as
+// the hint, so no item is empty and no tile narrow); else a workspace of
+// fwd_ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
+// it first (one small kernel on the same stream) for the default variant (ping-pong, split
+// loaders); the A/B variants keep the in-order walk.
 template <typename T>
 cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int max_seq_len_q,
-                               bool ping_pong, bool split_loads, bool persistent,
+                               bool ping_pong, bool split_loads, bool persistent, int32_t* sched,
                                cudaStream_t stream) {
   using Tr = FwdWsTraits;
-  // Unscheduled consumers (an A/B variant) run with the single loader only: three instances.
+  // Unscheduled consumers (an A/B variant) run with the single loader only.
   split_loads = split_loads && ping_pong;
-  auto kernel = !ping_pong    ? gdpa_fwd_ws_kernel<T, false, false>
-                : split_loads ? gdpa_fwd_ws_kernel<T, true, true>
-                              : gdpa_fwd_ws_kernel<T, true, false>;
+  const bool jagged = sched != nullptr && ping_pong && split_loads;
+  auto kernel = jagged        ? gdpa_fwd_ws_kernel<T, true, true, true>
+                : !ping_pong  ? gdpa_fwd_ws_kernel<T, false, false, false>
+                : split_loads ? gdpa_fwd_ws_kernel<T, true, true, false>
+                              : gdpa_fwd_ws_kernel<T, true, false, false>;
   const int smem = Tr::smem_bytes(split_loads);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const unsigned items = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
+  const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
+  if (jagged) {
+    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
+        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   unsigned grid = items;
   if (persistent) {  // one CTA per SM (the shared memory allows no second one)
     int dev = 0, sms = 0;
@@ -442,7 +723,9 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
       return err;
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, maps.q, maps.k, maps.v);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
+                                               int64_t(items), maps.q, maps.k, maps.v, maps.k64,
+                                               maps.v64);
   return cudaGetLastError();
 }
 
