@@ -14,6 +14,7 @@
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/bwd_wgmma.cuh"
+#include "kernels/gdpa/bwd_ws.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
@@ -87,6 +88,39 @@ bool use_wgmma_bwd(int64_t D) {
   if (D <= 64 || !use_wgmma(D)) return false;
   return env_flag(Env::kGdpaWgmmaBwd);
 }
+
+// The warp-specialised Hopper backward (bwd_ws.cuh), opt-in until measured on a GPU: where the
+// wgmma backward runs, ATTNKIT_GDPA_WGMMA_BWD=ws takes it when the tensor maps can be built (else
+// the cp.async wgmma kernel); =ws_require makes such a call fail instead, so tests and benchmarks
+// know which kernel ran.
+enum class BwdWs { kOff, kOn, kRequire };
+BwdWs bwd_ws_mode() {
+  const char* e = env_value(Env::kGdpaWgmmaBwd);
+  if (e == nullptr) return BwdWs::kOff;
+  if (std::strcmp(e, "ws") == 0) return BwdWs::kOn;
+  return std::strcmp(e, "ws_require") == 0 ? BwdWs::kRequire : BwdWs::kOff;
+}
+
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+// Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes) as [T][heads][D]; false when
+// the copy engine cannot address them or a row coordinate could pass int32.
+bool bwd_ws_maps(const BwdParams& p, bool bf16, BwdWsMaps* m) {
+  using Tr = BwdWsTraits;
+  constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1024;
+  if (p.Tq >= kMaxRows || p.Tk >= kMaxRows) return false;
+  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
+                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
+    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
+    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
+    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
+    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
+  };
+  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, Tr::kQBoxRows) &&
+         encode(&m->dout, p.dout, p.Tq, p.H, p.do_row_stride, p.do_head_stride, Tr::kQBoxRows) &&
+         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, Tr::kKVBoxRows) &&
+         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, Tr::kKVBoxRows);
+}
+#endif
 
 bool use_tensor_cores(const at::Tensor& q) {
   return mma::kTensorCoreKernels && q.scalar_type() != at::kFloat &&
@@ -285,6 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   at::Tensor dq_accum;
   if (fused_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
 
+  const BwdWs ws_mode = bwd_ws_mode();
+  bool ws_ran = false;
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float>) {
@@ -298,12 +334,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
           pw.dq_accum = dq_accum.data_ptr<float>();
           pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
         }
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+        BwdWsMaps maps;
+        if (ws_mode != BwdWs::kOff && bwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
+          ws_ran = true;
+          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
+        }
+#endif
         return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
       }
       return with_head_dim(p.D, [&](auto d) { return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream); });
     }
   });
   C10_CUDA_CHECK(err);
+  ATTNKIT_CHECK(ws_mode != BwdWs::kRequire || ws_ran,
+                "ATTNKIT_GDPA_WGMMA_BWD=ws_require: the warp-specialised backward cannot take this "
+                "call (it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and "
+                "q, k, v, grad_out with 16-byte aligned data and head/row strides); dtype ",
+                q.scalar_type(), ", head dim ", D);
   if (fused_dq) dq_k.copy_(dq_accum);
   if (padded) {
     dq.copy_(dq_k.narrow(2, 0, D));
