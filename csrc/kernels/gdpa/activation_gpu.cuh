@@ -106,8 +106,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&p
         const int i = 2 * kk + h;
         const float x = s[i][e] * pre;
         const bool m = masked(r0 + (lane >> 2) + (e >> 1) * 8, c0 + i * 8 + (lane & 3) * 2 + (e & 1));
-        p[h][e] = m ? 0.f : act_fwd_gpu<A>(x);
-        s[i][e] = m ? 0.f : ds_scale * act_bwd_gpu<A>(x);
+        float pv, dv;
+        if constexpr (A == Activation::kFastGelu) {
+          // One hardware tanh per score for both (act_fwd_gpu / act_bwd_gpu each took one, and
+          // the compiler did not merge them): t = tanh(√(2/π)·x·(1 + c·x²)), h = x / 2,
+          // φ = h + h·t, φ′ = (1 + t) / 2 + h·(1 − t²)·(√(2/π) + c′·x²).
+          const float x2 = x * x;
+          const float t = mma::tanh_approx(kSqrt2OverPi * x * fmaf(kGeluCubic, x2, 1.f));
+          const float hx = 0.5f * x;
+          pv = fmaf(hx, t, hx);
+          dv = fmaf(hx * fmaf(-t, t, 1.f), fmaf(kGeluCubicD, x2, kSqrt2OverPi), fmaf(0.5f, t, 0.5f));
+        } else {
+          pv = act_fwd_gpu<A>(x);
+          dv = act_bwd_gpu<A>(x);
+        }
+        p[h][e] = m ? 0.f : pv;
+        s[i][e] = m ? 0.f : ds_scale * dv;
       }
     pa[kk][0] = mma::pack2<T>(p[0][0], p[0][1]);
     pa[kk][1] = mma::pack2<T>(p[0][2], p[0][3]);

@@ -178,6 +178,13 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
                  sq_addr = mma::smem_addr(sq), sdo_addr = mma::smem_addr(sdo),
                  sds_addr = mma::smem_addr(sds);
   const float ds_scale = p.qk_scale * p.pre_scale;
+  // The shared-memory base of a product's operands, made opaque where it is used: otherwise ptxas
+  // hoists the 24 loop-invariant K / V descriptors out of the step loop and, at the 240-register
+  // cap of the activation phase, keeps them in local memory (a first build spilled 136 bytes).
+  auto here = [](uint32_t a) {
+    asm volatile("" : "+r"(a));
+    return a;
+  };
   // Zeroes rows [from, rows) of a tile in shared memory for this warpgroup's tensor cores.
   auto zero_tail = [&](unsigned char* a, unsigned char* b2, int rows, int from) {
     wsbwd::zero_rows<kBoxes>(a, rows, from, wtid);
@@ -213,16 +220,17 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       const uint32_t sq_s = sq_addr + stage * Tr::kQBytes, sdo_s = sdo_addr + stage * Tr::kQBytes;
 
       float s[BM / 8][4], dp[BM / 8][4];
+      const uint32_t k_now = here(sk_addr), v_now = here(sv_addr);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        MmaS::template ss<0>(s, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
+        MmaS::template ss<0>(s, wgmma::desc_k_major<BN>(k_now, wg * 64, kk),
                              wgmma::desc_k_major<BM>(sq_s, 0, kk), kk > 0);
       }
       wgmma::commit();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
+        MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(v_now, wg * 64, kk),
                              wgmma::desc_k_major<BM>(sdo_s, 0, kk), kk > 0);
       }
       wgmma::commit();
@@ -278,11 +286,12 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
         // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
         // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
         wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+        const uint32_t kcol = here(sk_addr) + wg * (BN * 128);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaQ::template ss<1>(dq, wgmma::desc_k_major<BM>(sds_s, 0, kk),
-                               wgmma::desc_n_major<BN>(sk_addr + wg * (BN * 128), kk), kk > 0);
+                               wgmma::desc_n_major<BN>(kcol, kk), kk > 0);
         }
         wgmma::commit();
       }
