@@ -88,14 +88,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N]
 // The backward's two activation outputs from S alone, so that P·dO can be issued before dP is
 // complete (gdpa/bwd_ws.cuh): pa <- φ(pre · s) rounded to T and packed as the A operand of the
 // next product (tile.cuh pack_a's layout), s <- ds_scale · φ′(pre · s), the factor dS = s ⊙ dP
-// takes once dP is there. Entries where masked(row, col) holds (m16n8 positions r0 + row,
-// c0 + col, as tile.cuh zero_masked) get P = 0 and factor 0.
-template <typename T, Activation A, int N, typename Masked>
+// takes once dP is there. Masks are the caller's: every activation has φ(0) = 0, so scores zeroed
+// before give P = 0, and the factor is zeroed after (φ′(0) need not be 0).
+template <typename T, Activation A, int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&pa)[N / 2][4],
-                                                  float pre, float ds_scale, int r0, int c0,
-                                                  Masked masked) {
+                                                  float pre, float ds_scale) {
 #if ATTNKIT_HAS_MMA_SM80
-  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < N / 2; ++kk) {
     float p[2][4];
@@ -105,7 +103,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&p
       for (int e = 0; e < 4; ++e) {
         const int i = 2 * kk + h;
         const float x = s[i][e] * pre;
-        const bool m = masked(r0 + (lane >> 2) + (e >> 1) * 8, c0 + i * 8 + (lane & 3) * 2 + (e & 1));
         float pv, dv;
         if constexpr (A == Activation::kFastGelu) {
           // One hardware tanh per score for both (act_fwd_gpu / act_bwd_gpu each took one, and
@@ -120,13 +117,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&p
           pv = act_fwd_gpu<A>(x);
           dv = act_bwd_gpu<A>(x);
         }
-        p[h][e] = m ? 0.f : pv;
-        s[i][e] = m ? 0.f : ds_scale * dv;
+        p[h][e] = pv;
+        s[i][e] = ds_scale * dv;
       }
     pa[kk][0] = mma::pack2<T>(p[0][0], p[0][1]);
     pa[kk][1] = mma::pack2<T>(p[0][2], p[0][3]);
     pa[kk][2] = mma::pack2<T>(p[1][0], p[1][1]);
     pa[kk][3] = mma::pack2<T>(p[1][2], p[1][3]);
+    // The next 8 scores start after these are packed: the caller runs this at the register cap
+    // (dP's accumulators in flight), and interleaving all 32 chains made ptxas spill.
+    if (kk + 1 < N / 2) {
+      asm volatile(""
+                   : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3]),
+                     "+f"(s[2 * kk + 2][0]), "+f"(s[2 * kk + 2][1]), "+f"(s[2 * kk + 2][2]),
+                     "+f"(s[2 * kk + 2][3]), "+f"(s[2 * kk + 3][0]), "+f"(s[2 * kk + 3][1]),
+                     "+f"(s[2 * kk + 3][2]), "+f"(s[2 * kk + 3][3]));
+    }
   }
 #endif
 }
@@ -180,11 +186,10 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N]
 #undef ATTNKIT_CALL
 }
 
-template <typename T, int N, typename Masked>
+template <typename T, int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&pa)[N / 2][4],
-                                                  Activation a, float pre, float ds_scale, int r0,
-                                                  int c0, Masked masked) {
-#define ATTNKIT_CALL(A) act_bwd_p_tile<T, A, N>(s, pa, pre, ds_scale, r0, c0, masked)
+                                                  Activation a, float pre, float ds_scale) {
+#define ATTNKIT_CALL(A) act_bwd_p_tile<T, A, N>(s, pa, pre, ds_scale)
   ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
 #undef ATTNKIT_CALL
 }

@@ -185,6 +185,13 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     asm volatile("" : "+r"(a));
     return a;
   };
+  // The thread's index read again where a per-thread offset is needed after the activation phase
+  // (the dQ columns, the epilogue's rows): kept live across it, such offsets were spilled.
+  auto thread_now = [] {
+    uint32_t t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return static_cast<int>(t);
+  };
   // Zeroes rows [from, rows) of a tile in shared memory for this warpgroup's tensor cores.
   auto zero_tail = [&](unsigned char* a, unsigned char* b2, int rows, int from) {
     wsbwd::zero_rows<kBoxes>(a, rows, from, wtid);
@@ -240,15 +247,11 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       wgmma::fence_regs(s);
       uint32_t pa[BM / 16][4], dsa[BM / 16][4];
       const int key0 = j0 + warp_row0;
-      if (tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15)) {
-        act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale, 0, 0,
-                                  [](int, int) { return false; });
-      } else {
-        const bool causal = p.causal;
-        const int window = p.window;
-        act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale, key0, i0,
-                                  [=](int key, int q) { return !visible(causal, window, q, key); });
-      }
+      // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
+      const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
+      if (cut) window_mask<true>(s, key0, i0, p.causal, p.window);
+      act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale);
+      if (cut) window_mask<true>(s, key0, i0, p.causal, p.window);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
@@ -301,10 +304,11 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       ring.consumer_step_release(slot, lane);
       if constexpr (kFusedDq) {
         wgmma::fence_regs(dq);
+        const int t_now = thread_now() - 128, wg_now = t_now / 128, lane_now = t_now & 31;
         float* dq_rows = p.dq_accum + (int64_t(qs.begin) + i0) * p.dqa_row_stride +
-                         int64_t(h) * p.dqa_head_stride + wg * 64 + 2 * (lane & 3);
+                         int64_t(h) * p.dqa_head_stride + wg_now * 64 + 2 * (lane_now & 3);
         // Columns past D (the workspace's width) are skipped.
-        wsbwd::dq_reduce(dq, warp4, lane, qs.len - i0, p.D - wg * 64,
+        wsbwd::dq_reduce(dq, (t_now / 32) & 3, lane_now, qs.len - i0, p.D - wg_now * 64,
                          [&](int row) { return dq_rows + int64_t(row) * p.dqa_row_stride; });
       }
     }
@@ -316,8 +320,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     const int64_t kv_row = int64_t(ks.begin) + j0;
     T* dk = static_cast<T*>(p.dk) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
     T* dv = static_cast<T*>(p.dv) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
-    store_rows<T, D>(dk, p.dkv_row_stride, warp_row0, krows, 0, p.D, acc_dk, 1.f);
-    store_rows<T, D>(dv, p.dkv_row_stride, warp_row0, krows, 0, p.D, acc_dv, p.qk_scale);
+    const int t_now = thread_now() - 128, row0_now = (t_now / 128) * 64 + ((t_now / 32) & 3) * 16;
+    store_rows<T, D>(dk, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dk, 1.f);
+    store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
   }
 #endif  // ATTNKIT_HAS_WGMMA
 }
