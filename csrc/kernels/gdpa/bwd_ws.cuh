@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 
   // Consumer warpgroups.
   wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
-  const int ctid = tid - 128, wg = ctid / 128, wtid = ctid & 127, warp4 = (ctid / 32) & 3,
+  const int ctid = tid - 128, wg = ctid / 128, warp4 = (ctid / 32) & 3,
             lane = tid & 31;
   const int warp_row0 = wg * 64 + warp4 * 16;  // the warp's first key row in the tile
   const uint32_t sk_addr = mma::smem_addr(sk), sv_addr = mma::smem_addr(sv),
@@ -192,12 +192,14 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
     return static_cast<int>(t);
   };
-  // Zeroes rows [from, rows) of a tile in shared memory for this warpgroup's tensor cores.
+  // Zeroes rows [from, rows) of two tiles in shared memory for this warpgroup's tensor cores
+  // (the thread's index read again: a rare branch, whose offsets were otherwise spilled).
   auto zero_tail = [&](unsigned char* a, unsigned char* b2, int rows, int from) {
-    wsbwd::zero_rows<kBoxes>(a, rows, from, wtid);
-    wsbwd::zero_rows<kBoxes>(b2, rows, from, wtid);
+    const int t_now = thread_now() - 128;
+    wsbwd::zero_rows<kBoxes>(a, rows, from, t_now & 127);
+    wsbwd::zero_rows<kBoxes>(b2, rows, from, t_now & 127);
     bulk::fence_proxy_async();
-    wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+    wgmma::named_barrier_sync(Tr::kZeroBar + t_now / 128, 128);
   };
 
   uint32_t slot = 0, kv_n = 0;
@@ -249,9 +251,10 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       const int key0 = j0 + warp_row0;
       // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
       const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
-      if (cut) window_mask<true>(s, key0, i0, p.causal, p.window);
+      const uint32_t cut_bits = cut ? window_mask_bits<true, BM / 8>(key0, i0, p.causal, p.window) : 0u;
+      if (cut) zero_bits(s, cut_bits);
       act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale);
-      if (cut) window_mask<true>(s, key0, i0, p.causal, p.window);
+      if (cut) zero_bits(s, cut_bits);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
