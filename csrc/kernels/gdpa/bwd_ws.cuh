@@ -171,9 +171,8 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 
   // Consumer warpgroups.
   wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
-  const int ctid = tid - 128, wg = ctid / 128, warp4 = (ctid / 32) & 3,
+  const int ctid = tid - 128, wg = ctid / 128,
             lane = tid & 31;
-  const int warp_row0 = wg * 64 + warp4 * 16;  // the warp's first key row in the tile
   const uint32_t sk_addr = mma::smem_addr(sk), sv_addr = mma::smem_addr(sv),
                  sq_addr = mma::smem_addr(sq), sdo_addr = mma::smem_addr(sdo),
                  sds_addr = mma::smem_addr(sds);
@@ -248,7 +247,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       wgmma::wait<1>();
       wgmma::fence_regs(s);
       uint32_t pa[BM / 16][4], dsa[BM / 16][4];
-      const int key0 = j0 + warp_row0;
+      // The warp's first key row, from the thread's index read again (kept live, it was spilled).
+      const int t_row = thread_now() - 128, row0 = (t_row / 128) * 64 + ((t_row / 32) & 3) * 16;
+      const int key0 = j0 + row0;
       // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
       const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
       const uint32_t cut_bits = cut ? window_mask_bits<true, BM / 8>(key0, i0, p.causal, p.window) : 0u;
@@ -281,11 +282,12 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
       if constexpr (kFusedDq) {
         // dS[q][key] from dsa as bwd_wgmma.cuh: lane 8i + r addresses query row r of matrix i.
-        const int mi = lane >> 3, r = lane & 7;
+        const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
+        const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
           stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
-                                                            warp_row0 + (mi & 1) * 8),
+                                                            row0_ds + (mi & 1) * 8),
                             dsa[kk]);
         }
         wgmma::fence_async_smem();
