@@ -301,11 +301,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   // The kernels write the gradient rows of every sequence; rows outside them must read 0, so the
   // tensors the kernels write are zero-filled. A tensor that is written whole by a copy (the fused
   // dQ's conversion of its workspace, the narrowing of padded head dims) needs no fill: at
-  // B = 1152, L = 256 each fill is ~0.3 GB of HBM writes (~3% of the backward's time).
+  // B = 1152, L = 256 each fill is ~0.3 GB of HBM writes (~3% of the backward's time). The Hopper
+  // backwards (bwd_wgmma.cuh, bwd_ws.cuh) also write every key row of every clamped sequence
+  // (a key tile no query sees stores zeros), so their dk / dv get only the rows before the first
+  // and from the last kv offset zeroed (zero_rows.cuh; with decreasing garbage offsets every
+  // other row still lies in some clamped sequence).
+  const bool kv_rows_written = wgmma_bwd && !padded;
   auto dq = fused_dq || padded ? at::empty(q_in.sizes(), q_in.options())
                                : at::zeros(q_in.sizes(), q_in.options());
-  auto dk = padded ? at::empty(k_in.sizes(), k_in.options()) : at::zeros(k_in.sizes(), k_in.options());
-  auto dv = padded ? at::empty(v_in.sizes(), v_in.options()) : at::zeros(v_in.sizes(), v_in.options());
+  auto dk = padded || kv_rows_written ? at::empty(k_in.sizes(), k_in.options())
+                                      : at::zeros(k_in.sizes(), k_in.options());
+  auto dv = padded || kv_rows_written ? at::empty(v_in.sizes(), v_in.options())
+                                      : at::zeros(v_in.sizes(), v_in.options());
   auto dq_k = !padded ? dq : fused_dq ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   auto dk_k = padded ? at::zeros(k.sizes(), k.options()) : dk;
   auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
@@ -336,6 +343,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
     } else {
       if (!tc) return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
       if (wgmma_bwd) {
+        if (kv_rows_written) {  // rows outside [first, last kv offset): q and kv offsets both ko
+          const int64_t row_elems = int64_t(p.Hkv) * p.D;
+          for (void* t : {p.dk, p.dv}) {
+            const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
+                static_cast<T*>(t), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1,
+                stream);
+            if (e != cudaSuccess) return e;
+          }
+        }
         BwdWgmmaParams pw{};
         static_cast<BwdParams&>(pw) = p;
         if (fused_dq) {
