@@ -289,6 +289,39 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monke
         assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
 
 
+@needs_cuda
+@pytest.mark.parametrize("path", ["default", "deterministic", "ws", "mma_sync"])
+@pytest.mark.parametrize("D", [128, 80])
+def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
+    """The tensor-core backwards on offsets that start after row 0 and end before T, on a
+    NaN-poisoned allocator: the Hopper backwards allocate dk / dv uninitialised and zero only the
+    rows outside the kv offsets (dq too, with fused dQ, is written whole by its conversion), so
+    every row outside a sequence must still read exactly 0 and the rest match the reference."""
+    if path == "ws":
+        if not WS_READY:
+            pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    mk = lambda T, h: (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
+    q, k, v = mk(400, 4), mk(350, 2), mk(350, 2)
+    qo = torch.tensor([4, 140, 141, 390], device="cuda")
+    ko = torch.tensor([2, 200, 200, 301], device="cuda")
+    args = (q, k, v, qo, ko, 249, 198, "fast_gelu", 0.5)
+    ref = gdpa_ref(*args, pre_scale=0.7, causal=True)
+    g = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = torch.autograd.grad(ref, (q, k, v), g.to(ref.dtype))
+    poison_allocator("cuda")
+    with deterministic_algorithms(path == "deterministic"):
+        out = attnkit.gdpa(*args, pre_scale=0.7, causal=True)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, torch.bfloat16, f"{path} D={D}: {name}")
+    assert (got[0][:4] == 0).all() and (got[0][390:] == 0).all(), "dq rows outside"
+    for t in got[1:]:
+        assert (t[:2] == 0).all() and (t[301:] == 0).all(), "dk / dv rows outside"
+
+
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 def test_cuda_backward_warp_specialised_garbage_offsets(monkeypatch):
     """Garbage offsets are clamped: the warp-specialised backward stays in bounds (the tensor maps
