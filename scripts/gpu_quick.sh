@@ -14,7 +14,8 @@
 # ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
 # max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
-# peer (benchmarks/triton_gdpa.py --selftest) on the GPU.
+# peer (benchmarks/triton_gdpa.py --selftest) on the GPU. gdpa_bwd_ws: the warp-specialised GDPA
+# backward (ATTNKIT_GDPA_WGMMA_BWD=ws): its tests, memcheck, bench_gdpa's backward rows old / new.
 # The warp-specialised flash kernels (flash/fwd_ws.cuh, the default forward at head dim 128;
 # flash/bwd_ws.cuh, the default backward) have their own steps:
 #   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
@@ -142,6 +143,24 @@ for s in $QUICK; do
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
       step bench_gdpa_jagged 70 env ATTNKIT_GDPA_FWD_WS=require $G --csv "$L/bench_gdpa_jagged.csv"
       step bench_gdpa_in_order 50 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SORTED=0 $G --sparsity 0.5 ;;
+    gdpa_bwd_ws)  # the warp-specialised GDPA backward (gdpa/bwd_ws.cuh, ATTNKIT_GDPA_WGMMA_BWD=ws),
+      # ~300 s: the GDPA CUDA tests as they are (the default backward, with this branch's dk / dv
+      # allocation, and the ws tests that force it with ws_require), the feature / numerics tests
+      # with the ws backward wherever it can run, memcheck on its garbage-offset and poisoned-row
+      # tests, then bench_gdpa's backward rows with the default (cp.async) backward and with it.
+      step gdpa_bwd_ws_tests 90 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE \
+        -k "cuda and not opcheck and not compile"
+      step gdpa_bwd_ws_env 50 env ATTNKIT_GDPA_WGMMA_BWD=ws $PY -m pytest tests/test_gdpa_features.py \
+        tests/test_gdpa_numerics.py -q -n 16 -rfE -k "cuda and not opcheck and not compile"
+      step gdpa_bwd_ws_sanitize 40 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "backward_warp_specialised_garbage or (backward_warp_specialised_poisoned and False-False-80)"
+      for sp in 1.0 0.5; do
+        G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity $sp $BENCH"
+        lim=$([ "$sp" = 1.0 ] && echo 35 || echo 25)
+        step "bench_gdpa_bwd_cp_async_$sp" $lim $G
+        step "bench_gdpa_bwd_ws_$sp" $lim env ATTNKIT_GDPA_WGMMA_BWD=ws_require $G
+      done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
       step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G

@@ -216,19 +216,25 @@ def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic"])
+@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic", "ws", "ws_deterministic"])
 @pytest.mark.parametrize("act", ["fast_gelu", "silu"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_backward_paths_multi_tile(path, act, dtype, causal, monkeypatch):
     """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the sm_90a wgmma
     kernel with fused atomic dQ (where the device has it), the same with the deterministic mma.sync
-    dQ kernel (torch.use_deterministic_algorithms), and the mma.sync pair forced by
-    ATTNKIT_GDPA_WGMMA_BWD=0. Empty and one-row sequences, query and key lengths that differ,
-    GQA, pre_scale != 1, padded head dims (80 -> 128)."""
+    dQ kernel (torch.use_deterministic_algorithms), the mma.sync pair forced by
+    ATTNKIT_GDPA_WGMMA_BWD=0, and the warp-specialised backward (gdpa/bwd_ws.cuh,
+    ATTNKIT_GDPA_WGMMA_BWD=ws_require: the call fails if it did not run), with and without
+    deterministic dQ. Empty and one-row sequences, query and key lengths that differ, GQA,
+    pre_scale != 1, padded head dims (80 -> 128)."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
-    det = path == "deterministic"
+    if path.startswith("ws"):
+        if not WS_READY:
+            pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
+    det = path in ("deterministic", "ws_deterministic")
     check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7,
           deterministic=det)
     check(dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000], H=2, Hkv=1, D=128,
@@ -251,6 +257,87 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
         torch.cuda.synchronize()
         for t in (out, dq, dk, dv):
             assert torch.isfinite(t).all()
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monkeypatch):
+    """The warp-specialised backward (bwd_ws.cuh) reads tensor-map boxes that run past a
+    sequence's end into the next one's rows: here NaN keys / values after every sequence and NaN
+    query / grad rows past the last offset (poisoned_jagged). Its gradients of the real rows must
+    match the cp.async wgmma backward's on the same inputs with the poison zeroed, and the rows
+    outside every sequence stay 0."""
+    lens = [0, 1, 77, 128, 129, 300, 1000]
+    for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
+        q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=D)
+        g = torch.randn_like(q) * 0.5
+        g[qo[-1]:] = float("nan")
+        args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
+        with deterministic_algorithms(deterministic):
+            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
+            got = torch.ops.attnkit.gdpa_bwd(g, *args, pre_scale=0.7, causal=causal)
+            monkeypatch.delenv("ATTNKIT_GDPA_WGMMA_BWD")
+            clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+            want = torch.ops.attnkit.gdpa_bwd(*clean, *args[3:], pre_scale=0.7, causal=causal)
+        nq = int(qo[-1])
+        # dk / dv whole: the filler sequences (NaN keys, no queries) get 0 from both kernels.
+        for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
+                           ("dv", got[2], want[2])):
+            assert_close(a, w, torch.bfloat16, f"poisoned D={D} causal={causal}: {name}", tol=1e-2)
+        assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["default", "deterministic", "ws", "mma_sync"])
+@pytest.mark.parametrize("D", [128, 80])
+def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
+    """The tensor-core backwards on offsets that start after row 0 and end before T, on a
+    NaN-poisoned allocator: the Hopper backwards allocate dk / dv uninitialised and zero only the
+    rows outside the kv offsets (dq too, with fused dQ, is written whole by its conversion), so
+    every row outside a sequence must still read exactly 0 and the rest match the reference."""
+    if path == "ws":
+        if not WS_READY:
+            pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
+    if path == "mma_sync":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    mk = lambda T, h: (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
+    q, k, v = mk(400, 4), mk(350, 2), mk(350, 2)
+    qo = torch.tensor([4, 140, 141, 390], device="cuda")
+    ko = torch.tensor([2, 200, 200, 301], device="cuda")
+    args = (q, k, v, qo, ko, 249, 198, "fast_gelu", 0.5)
+    ref = gdpa_ref(*args, pre_scale=0.7, causal=True)
+    g = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = torch.autograd.grad(ref, (q, k, v), g.to(ref.dtype))
+    poison_allocator("cuda")
+    with deterministic_algorithms(path == "deterministic"):
+        out = attnkit.gdpa(*args, pre_scale=0.7, causal=True)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, torch.bfloat16, f"{path} D={D}: {name}")
+    assert (got[0][:4] == 0).all() and (got[0][390:] == 0).all(), "dq rows outside"
+    for t in got[1:]:
+        assert (t[:2] == 0).all() and (t[301:] == 0).all(), "dk / dv rows outside"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_backward_warp_specialised_garbage_offsets(monkeypatch):
+    """Garbage offsets are clamped: the warp-specialised backward stays in bounds (the tensor maps
+    bound the copies, the clamped lengths the gradient rows) and gives finite gradients
+    (compute-sanitizer runs this test)."""
+    q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=128)
+    for det in (False, True):
+        for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+            o = torch.tensor(off, device="cuda", dtype=torch.int64)
+            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
+            with deterministic_algorithms(det):
+                grads = torch.ops.attnkit.gdpa_bwd(torch.randn_like(q), q, k, v, o, o, 64, 64,
+                                                   "gelu", 1.0, causal=True)
+            torch.cuda.synchronize()
+            for t in grads:
+                assert torch.isfinite(t).all()
 
 
 def _same(a, b, name, deterministic):

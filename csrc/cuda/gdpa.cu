@@ -14,6 +14,7 @@
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/bwd_wgmma.cuh"
+#include "kernels/gdpa/bwd_ws.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
@@ -103,6 +104,39 @@ bool use_wgmma_bwd(int64_t D) {
   if (D <= 64 || !use_wgmma(D)) return false;
   return env_flag(Env::kGdpaWgmmaBwd);
 }
+
+// The warp-specialised Hopper backward (bwd_ws.cuh), opt-in until measured on a GPU: where the
+// wgmma backward runs, ATTNKIT_GDPA_WGMMA_BWD=ws takes it when the tensor maps can be built (else
+// the cp.async wgmma kernel); =ws_require makes such a call fail instead, so tests and benchmarks
+// know which kernel ran.
+enum class BwdWs { kOff, kOn, kRequire };
+BwdWs bwd_ws_mode() {
+  const char* e = env_value(Env::kGdpaWgmmaBwd);
+  if (e == nullptr) return BwdWs::kOff;
+  if (std::strcmp(e, "ws") == 0) return BwdWs::kOn;
+  return std::strcmp(e, "ws_require") == 0 ? BwdWs::kRequire : BwdWs::kOff;
+}
+
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+// Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes) as [T][heads][D]; false when
+// the copy engine cannot address them or a row coordinate could pass int32.
+bool bwd_ws_maps(const BwdParams& p, bool bf16, BwdWsMaps* m) {
+  using Tr = BwdWsTraits;
+  constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1024;
+  if (p.Tq >= kMaxRows || p.Tk >= kMaxRows) return false;
+  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
+                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
+    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
+    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
+    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
+    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
+  };
+  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, Tr::kQBoxRows) &&
+         encode(&m->dout, p.dout, p.Tq, p.H, p.do_row_stride, p.do_head_stride, Tr::kQBoxRows) &&
+         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, Tr::kKVBoxRows) &&
+         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, Tr::kKVBoxRows);
+}
+#endif
 
 bool use_tensor_cores(const at::Tensor& q) {
   return mma::kTensorCoreKernels && q.scalar_type() != at::kFloat &&
@@ -272,10 +306,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   const int64_t B = q_offsets.size(0) - 1, D = q_in.size(2);
   check_sizes_fit(q_in, k_in, B);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  auto dq = at::zeros(q_in.sizes(), q_in.options());
-  auto dk = at::zeros(k_in.sizes(), k_in.options());
-  auto dv = at::zeros(v_in.sizes(), v_in.options());
-  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return {dq, dk, dv};
+  if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) {
+    return {at::zeros(q_in.sizes(), q_in.options()), at::zeros(k_in.sizes(), k_in.options()),
+            at::zeros(v_in.sizes(), v_in.options())};
+  }
 
   const bool tc = use_tensor_cores(q_in);
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
@@ -283,7 +317,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
   auto dout = tc ? kernel_layout(grad_out) : grad_out.contiguous();
   const bool padded = q.size(2) != D;
-  auto dq_k = padded ? at::zeros(q.sizes(), q.options()) : dq;
+  // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
+  // torch.use_deterministic_algorithms(True) keeps the mma.sync dQ kernel (no atomics) instead.
+  const bool wgmma_bwd = tc && use_wgmma_bwd(q.size(2));
+  const bool fused_dq = wgmma_bwd && !at::globalContext().deterministicAlgorithms();
+  // The kernels write the gradient rows of every sequence; rows outside them must read 0, so the
+  // tensors the kernels write are zero-filled. A tensor that is written whole by a copy (the fused
+  // dQ's conversion of its workspace, the narrowing of padded head dims) needs no fill: at
+  // B = 1152, L = 256 each fill is ~0.3 GB of HBM writes (~3% of the backward's time). The Hopper
+  // backwards (bwd_wgmma.cuh, bwd_ws.cuh) also write every key row of every clamped sequence
+  // (a key tile no query sees stores zeros), so their dk / dv get only the rows before the first
+  // and from the last kv offset zeroed (zero_rows.cuh; with decreasing garbage offsets every
+  // other row still lies in some clamped sequence).
+  const bool kv_rows_written = wgmma_bwd && !padded;
+  auto dq = fused_dq || padded ? at::empty(q_in.sizes(), q_in.options())
+                               : at::zeros(q_in.sizes(), q_in.options());
+  auto dk = padded || kv_rows_written ? at::empty(k_in.sizes(), k_in.options())
+                                      : at::zeros(k_in.sizes(), k_in.options());
+  auto dv = padded || kv_rows_written ? at::empty(v_in.sizes(), v_in.options())
+                                      : at::zeros(v_in.sizes(), v_in.options());
+  auto dq_k = !padded ? dq : fused_dq ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   auto dk_k = padded ? at::zeros(k.sizes(), k.options()) : dk;
   auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
   const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
@@ -300,14 +353,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
-  // torch.use_deterministic_algorithms(True) keeps the mma.sync dQ kernel (no atomics) instead.
-  const bool wgmma_bwd = tc && use_wgmma_bwd(p.D);
-  const bool fused_dq = wgmma_bwd && !at::globalContext().deterministicAlgorithms();
   // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
   at::Tensor dq_accum;
   if (fused_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
 
+  const BwdWs ws_mode = bwd_ws_mode();
+  bool ws_ran = false;
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float>) {
@@ -315,18 +366,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
     } else {
       if (!tc) return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
       if (wgmma_bwd) {
+        if (kv_rows_written) {  // rows outside [first, last kv offset): q and kv offsets both ko
+          const int64_t row_elems = int64_t(p.Hkv) * p.D;
+          for (void* t : {p.dk, p.dv}) {
+            const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
+                static_cast<T*>(t), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1,
+                stream);
+            if (e != cudaSuccess) return e;
+          }
+        }
         BwdWgmmaParams pw{};
         static_cast<BwdParams&>(pw) = p;
         if (fused_dq) {
           pw.dq_accum = dq_accum.data_ptr<float>();
           pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
         }
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+        BwdWsMaps maps;
+        if (ws_mode != BwdWs::kOff && bwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
+          ws_ran = true;
+          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
+        }
+#endif
         return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
       }
       return with_head_dim(p.D, [&](auto d) { return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream); });
     }
   });
   C10_CUDA_CHECK(err);
+  ATTNKIT_CHECK(ws_mode != BwdWs::kRequire || ws_ran,
+                "ATTNKIT_GDPA_WGMMA_BWD=ws_require: the warp-specialised backward cannot take this "
+                "call (it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and "
+                "q, k, v, grad_out with 16-byte aligned data and head/row strides); dtype ",
+                q.scalar_type(), ", head dim ", D);
   if (fused_dq) dq_k.copy_(dq_accum);
   if (padded) {
     dq.copy_(dq_k.narrow(2, 0, D));

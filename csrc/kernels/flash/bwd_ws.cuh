@@ -20,7 +20,8 @@
 //     named barrier 1 over the 256 consumer threads); dQ = dS K ss, issued right after that
 //     barrier (queued behind dV / dK: one wait for all three), reduced into dq_accum.
 //
-// Barriers (mbarriers of kernels/common/bulk_copy.cuh; completion k has parity k & 1):
+// Barriers (kernels/common/ws_bwd.cuh's Ring, the skeleton shared with gdpa/bwd_ws.cuh; mbarriers
+// of kernels/common/bulk_copy.cuh, completion k has parity k & 1):
 //   full_kv: 1 arrival (thread 0) + the K and V bytes;  empty_kv: the 8 consumer warps, after a
 //     tile's last dQ (its last reader of K);
 //   full[s]: 33 arrivals (thread 0 with the Q bytes, the 32 lanes of warp 1 after their lse /
@@ -43,6 +44,7 @@
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
+#include "kernels/common/ws_bwd.cuh"
 #include "kernels/flash/fast_math.cuh"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/params.h"
@@ -119,22 +121,13 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   float* lse_s = reinterpret_cast<float*>(sds + 2 * Tr::kDsBytes);  // [S][BM]
   float* delta_s = lse_s + S * BM;                                  // [S][BM]
 
-  __shared__ uint64_t bars[2 + 2 * S];
-  uint64_t* full_kv = bars;
-  uint64_t* empty_kv = bars + 1;
-  uint64_t* full = bars + 2;
-  uint64_t* empty = full + S;
+  __shared__ uint64_t bars[wsbwd::Ring<S, Tr::kConsumerWarps>::kBars];
+  const wsbwd::Ring<S, Tr::kConsumerWarps> ring{bars};
+  uint64_t* full_kv = ring.full_kv();
+  uint64_t* full = ring.full(0);
 
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    bulk::init(full_kv, 1);
-    bulk::init(empty_kv, Tr::kConsumerWarps);
-    for (int s = 0; s < S; ++s) {
-      bulk::init(full + s, 1 + 32);
-      bulk::init(empty + s, Tr::kConsumerWarps);
-    }
-    bulk::fence_init();
-  }
+  if (tid == 0) ring.init(1 + 32);
   __syncthreads();  // the last CTA-wide barrier
 
   // The walk every role takes (wgmma_bwd.cuh's): key tiles tt = blockIdx.z, + gridDim.z, ...;
@@ -177,7 +170,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       const int nsteps = nq * G;
       if (nsteps == 0) continue;
       if (loads_q) {
-        if (kv_n > 0) bulk::wait(empty_kv, (kv_n - 1) & 1);
+        ring.producer_kv_acquire(kv_n);
         bulk::arrive_expect_tx(full_kv, 2 * Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kBoxes; ++c) {
@@ -194,7 +187,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         const int st = slot % S;
         const int h = hk * G + n / nq;
         const int i0 = qlo + (n % nq) * BM;
-        if (slot >= S) bulk::wait(empty + st, (slot / S - 1) & 1);
+        ring.producer_step_acquire(slot);
         if (loads_q) {
           bulk::arrive_expect_tx(full + st, Tr::kQBytes);
 #pragma unroll
@@ -246,12 +239,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   // Rows [from, ROWS) of a sw128 tile of ROWS rows (kBoxes column blocks) -> 0, then visible to
   // this warpgroup's tensor cores (and, after its next release, to the copy engine).
   auto zero_rows = [&](unsigned char* tile, int rows_total, int from) {
-    const int chunks = (rows_total - from) * kBoxes * 8;  // 16-byte chunks
-    for (int c = wtid; c < chunks; c += 128) {
-      const int row = from + c / (8 * kBoxes), blk = (c / 8) % kBoxes, chunk = c & 7;
-      *reinterpret_cast<uint4*>(tile + blk * rows_total * 128 + row * 128 + chunk * 16) =
-          make_uint4(0, 0, 0, 0);
-    }
+    wsbwd::zero_rows<kBoxes>(tile, rows_total, from, wtid);
   };
 
   uint32_t slot = 0, kv_n = 0;
@@ -269,7 +257,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       for (int e = 0; e < 4; ++e) dka[dt][e] = dva[dt][e] = 0.f;
 
     if (nsteps > 0) {
-      bulk::wait(full_kv, kv_n & 1);
+      ring.consumer_kv_wait(kv_n);
       if (varlen && krows < BN) {  // the next sequence's keys: zeros (see the header)
         zero_rows(sk, BN, krows);
         zero_rows(sv, BN, krows);
@@ -282,7 +270,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       const int st = slot % S;
       const int h = hk * G + n / nq;
       const int i0 = qlo + (n % nq) * BM, rows = min(qhi - i0 + 1, BM);
-      bulk::wait(full + st, (slot / S) & 1);
+      ring.consumer_step_wait(slot);
       if (varlen && lq - i0 < BM) {  // Q / dO rows of the next sequence: zeros
         zero_rows(sq + st * Tr::kQBytes, BM, lq - i0);
         zero_rows(sdo + st * Tr::kQBytes, BM, lq - i0);
@@ -389,24 +377,17 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(dva);
       wgmma::fence_regs(dka);
-      __syncwarp();
-      if (lane == 0) bulk::arrive(empty + st);
+      ring.consumer_step_release(slot, lane);
       if (dq_here) {
         wgmma::fence_regs(dqa);
         const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
-#pragma unroll
-        for (int rh = 0; rh < 2; ++rh) {
-          const int r = warp4 * 16 + g + rh * 8;
-          if (r >= rows) continue;
-          float* dst = dq_seq + int64_t(i0 + r) * p.dq.row + h * p.dq.head + c0;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) cm::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
-        }
+        wsbwd::dq_reduce(dqa, warp4, lane, rows, 64, [&](int r) {
+          return dq_seq + int64_t(i0 + r) * p.dq.row + h * p.dq.head + c0;
+        });
       }
     }
     if (nsteps > 0) {  // every dQ of the tile is complete: K (and V) go back to the producer
-      __syncwarp();
-      if (lane == 0) bulk::arrive(empty_kv);
+      ring.consumer_kv_release(lane);
       ++kv_n;
     }
 

@@ -85,6 +85,58 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N]
     }
 }
 
+// The backward's two activation outputs from S alone, so that P·dO can be issued before dP is
+// complete (gdpa/bwd_ws.cuh): pa <- φ(pre · s) rounded to T and packed as the A operand of the
+// next product (tile.cuh pack_a's layout), s <- ds_scale · φ′(pre · s), the factor dS = s ⊙ dP
+// takes once dP is there. Masks are the caller's: every activation has φ(0) = 0, so scores zeroed
+// before give P = 0, and the factor is zeroed after (φ′(0) need not be 0).
+template <typename T, Activation A, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&pa)[N / 2][4],
+                                                  float pre, float ds_scale) {
+#if ATTNKIT_HAS_MMA_SM80
+#pragma unroll
+  for (int kk = 0; kk < N / 2; ++kk) {
+    float p[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 2 * kk + h;
+        const float x = s[i][e] * pre;
+        float pv, dv;
+        if constexpr (A == Activation::kFastGelu) {
+          // One hardware tanh per score for both (act_fwd_gpu / act_bwd_gpu each took one, and
+          // the compiler did not merge them): t = tanh(√(2/π)·x·(1 + c·x²)), h = x / 2,
+          // φ = h + h·t, φ′ = (1 + t) / 2 + h·(1 − t²)·(√(2/π) + c′·x²).
+          const float x2 = x * x;
+          const float t = mma::tanh_approx(kSqrt2OverPi * x * fmaf(kGeluCubic, x2, 1.f));
+          const float hx = 0.5f * x;
+          pv = fmaf(hx, t, hx);
+          dv = fmaf(hx * fmaf(-t, t, 1.f), fmaf(kGeluCubicD, x2, kSqrt2OverPi), fmaf(0.5f, t, 0.5f));
+        } else {
+          pv = act_fwd_gpu<A>(x);
+          dv = act_bwd_gpu<A>(x);
+        }
+        p[h][e] = pv;
+        s[i][e] = ds_scale * dv;
+      }
+    pa[kk][0] = mma::pack2<T>(p[0][0], p[0][1]);
+    pa[kk][1] = mma::pack2<T>(p[0][2], p[0][3]);
+    pa[kk][2] = mma::pack2<T>(p[1][0], p[1][1]);
+    pa[kk][3] = mma::pack2<T>(p[1][2], p[1][3]);
+    // The next 8 scores start after these are packed: the caller runs this at the register cap
+    // (dP's accumulators in flight), and interleaving all 32 chains made ptxas spill.
+    if (kk + 1 < N / 2) {
+      asm volatile(""
+                   : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3]),
+                     "+f"(s[2 * kk + 2][0]), "+f"(s[2 * kk + 2][1]), "+f"(s[2 * kk + 2][2]),
+                     "+f"(s[2 * kk + 2][3]), "+f"(s[2 * kk + 3][0]), "+f"(s[2 * kk + 3][1]),
+                     "+f"(s[2 * kk + 3][2]), "+f"(s[2 * kk + 3][3]));
+    }
+  }
+#endif
+}
+
 #define ATTNKIT_GDPA_ACT_CASES(CALL)        \
   switch (a) {                              \
     case Activation::kRaw:                  \
@@ -130,6 +182,14 @@ template <int N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_tile(float (&s)[N][4], float (&dp)[N][4], Activation a,
                                                 float pre, float ds_scale) {
 #define ATTNKIT_CALL(A) act_bwd_tile<A, N>(s, dp, pre, ds_scale)
+  ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
+#undef ATTNKIT_CALL
+}
+
+template <typename T, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&pa)[N / 2][4],
+                                                  Activation a, float pre, float ds_scale) {
+#define ATTNKIT_CALL(A) act_bwd_p_tile<T, A, N>(s, pa, pre, ds_scale)
   ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
 #undef ATTNKIT_CALL
 }

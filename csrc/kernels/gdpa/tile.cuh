@@ -140,6 +140,37 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void window_mask(float (&c)[N][4], int r0, int c0,
   });
 }
 
+// window_mask's choice for an [N <= 8][4] tile as one bit per entry (bit 4·nt + e: masked), for a
+// caller that zeroes the same entries twice (bwd_ws.cuh: the scores, then the dS factor) without
+// keeping 32 predicates live through the work between.
+template <bool kRowIsKey, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t window_mask_bits(int r0, int c0, bool causal, int window) {
+  static_assert(N * 4 <= 32, "one bit per entry");
+  const int lane = threadIdx.x & 31;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + (e >> 1) * 8;
+      const int col = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+      if (!visible(causal, window, kRowIsKey ? col : row, kRowIsKey ? row : col)) {
+        bits |= 1u << (4 * nt + e);
+      }
+    }
+  return bits;
+}
+
+template <int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void zero_bits(float (&c)[N][4], uint32_t bits) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (bits & (1u << (4 * nt + e))) c[nt][e] = 0.f;
+    }
+}
+
 // Zeroes accumulator entries of columns >= col_end (local column index of the tile), e.g. keys
 // past the sequence that a tensor-map copy brought in from the next one (possibly inf / NaN).
 template <int N>

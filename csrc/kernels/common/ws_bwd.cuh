@@ -1,0 +1,112 @@
+// The skeleton the warp-specialised attention backwards share (flash/bwd_ws.cuh,
+// gdpa/bwd_ws.cuh): one producer warpgroup that loads K and V once per 128-key tile and the
+// (Q, dO) tile of every query step into a ring, two consumer warpgroups that own 64 keys each
+// with dK / dV in registers. Torch-free, sm_90a device code.
+//
+// Barriers (mbarriers of kernels/common/bulk_copy.cuh; completion k has parity k & 1):
+//   full_kv: the producer's arrival + the K and V bytes;  empty_kv: the 8 consumer warps, after a
+//     tile's last reader of K (its last dQ product);
+//   full[s]: `full_arrivals` arrivals (the kernel says who arrives, and who announces the bytes);
+//   empty[s]: the 8 consumer warps, once the step's last products that read the stage are done.
+// Every role walks the same (tile, step) sequence, so no work units are handed over: `kv_n`
+// counts the key tiles with at least one step that a role has seen, `slot` the steps.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/wgmma.cuh"
+
+namespace attnkit {
+namespace wsbwd {
+
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+
+template <int kStages, int kConsumerWarps = 8>
+struct Ring {
+  uint64_t* bars;  // [2 + 2 * kStages]: full_kv, empty_kv, full[kStages], empty[kStages]
+
+  static constexpr int kBars = 2 + 2 * kStages;
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full_kv() const { return bars; }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* empty_kv() const { return bars + 1; }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full(uint32_t slot) const {
+    return bars + 2 + slot % kStages;
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* empty(uint32_t slot) const {
+    return bars + 2 + kStages + slot % kStages;
+  }
+
+  // One thread, then a CTA-wide barrier (the last one: the roles never meet all together again).
+  ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t full_arrivals) const {
+    bulk::init(full_kv(), 1);
+    bulk::init(empty_kv(), kConsumerWarps);
+    for (int s = 0; s < kStages; ++s) {
+      bulk::init(full(s), full_arrivals);
+      bulk::init(empty(s), kConsumerWarps);
+    }
+    bulk::fence_init();
+  }
+
+  // Producer: K / V of tile kv_n may overwrite tile kv_n - 1's; step `slot` may refill its stage.
+  ATTNKIT_DEVICE ATTNKIT_INLINE void producer_kv_acquire(uint32_t kv_n) const {
+    if (kv_n > 0) bulk::wait(empty_kv(), (kv_n - 1) & 1);
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE void producer_step_acquire(uint32_t slot) const {
+    if (slot >= kStages) bulk::wait(empty(slot), (slot / kStages - 1) & 1);
+  }
+
+  // Consumers: wait for the data; release it (every lane of the warp calls, lane 0 arrives).
+  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_kv_wait(uint32_t kv_n) const {
+    bulk::wait(full_kv(), kv_n & 1);
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_step_wait(uint32_t slot) const {
+    bulk::wait(full(slot), (slot / kStages) & 1);
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_step_release(uint32_t slot, int lane) const {
+    __syncwarp();
+    if (lane == 0) bulk::arrive(empty(slot));
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_kv_release(int lane) const {
+    __syncwarp();
+    if (lane == 0) bulk::arrive(empty_kv());
+  }
+};
+
+// Rows [from, rows_total) of a sw128 tile of rows_total rows and kBoxes 64-column blocks -> 0, by
+// the 128 threads of one warpgroup (wtid = thread index in it): whole 128-byte rows, so the
+// swizzle does not matter. The caller then fences (bulk::fence_proxy_async) and syncs the
+// warpgroup before its tensor cores read the tile.
+template <int kBoxes>
+ATTNKIT_DEVICE ATTNKIT_INLINE void zero_rows(unsigned char* tile, int rows_total, int from,
+                                             int wtid) {
+  const int chunks = (rows_total - from) * kBoxes * 8;  // 16-byte chunks
+  for (int c = wtid; c < chunks; c += 128) {
+    const int row = from + c / (8 * kBoxes), blk = (c / 8) % kBoxes, chunk = c & 7;
+    *reinterpret_cast<uint4*>(tile + blk * rows_total * 128 + row * 128 + chunk * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
+// A warp's 16 x 64 dQ accumulator (m64n64 wgmma layout: rows warp4 * 16 + lane / 4 (+ 8),
+// columns 8i + 2 (lane % 4)) added into an fp32 workspace with paired reductions: `row_ptr(r)`
+// is the address of column c0 + 2 (lane % 4) of local row r; rows >= rows and 8-column groups at
+// or past `cols` (relative to c0: padded head dims) are skipped.
+template <typename RowPtr>
+ATTNKIT_DEVICE ATTNKIT_INLINE void dq_reduce(const float (&dqa)[8][4], int warp4, int lane,
+                                             int rows, int cols, RowPtr row_ptr) {
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int r = warp4 * 16 + lane / 4 + rh * 8;
+    if (r >= rows) continue;
+    float* dst = row_ptr(r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i * 8 < cols) mma::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
+    }
+  }
+}
+
+#endif  // __CUDACC__ && !__HIPCC__
+
+}  // namespace wsbwd
+}  // namespace attnkit

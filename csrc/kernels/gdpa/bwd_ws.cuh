@@ -1,0 +1,360 @@
+// GDPA backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128). Opt-in
+// (ATTNKIT_GDPA_WGMMA_BWD=ws, csrc/cuda/gdpa.cu) until measured on a GPU; bwd_wgmma.cuh stays the
+// default. Same math, step order, masks and roundings as bwd_wgmma.cuh; what changes is who
+// moves the data and how the products overlap the activation (docs/performance.md, "why the GDPA
+// backward trails"). The skeleton (barriers, zero fills, dQ reductions) is kernels/common/ws_bwd.cuh,
+// shared with flash/bwd_ws.cuh.
+//
+// CTA = (sequence, 128-key tile, kv head) work items of bwd_wgmma.cuh (cta_item: a sequence
+// longer than the grid's hint is covered by striding over its key tiles), 384 threads:
+//   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 issues every
+//     load as a tensor-map copy (kernels/common/tma.cuh): K and V once per key tile (two
+//     [128 rows][1 head][64 cols] boxes each), then per step the [64][1][64] boxes of Q and dO
+//     into a 3-stage ring. No consumer thread computes a load address.
+//   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240); warpgroup w owns keys
+//     w*64 .. +63 with dK / dV in registers. Per step (query head of the GQA group, 64-query tile):
+//       Sᵀ = K_w·Qᵀ, dPᵀ = V_w·dOᵀ             ss, two commit groups
+//       wait for Sᵀ only: Pᵀ = φ(pre·Sᵀ) packed, F = qk·pre·φ′(pre·Sᵀ)   (under dPᵀ's product)
+//       dV += Pᵀ·dO                             rs, issued at once
+//       wait for dPᵀ only: dSᵀ = F ⊙ dPᵀ packed    (under dV's product)
+//       dK += dSᵀ·Q                             rs
+//       dS -> shared (stmatrix .trans, double-buffered), one barrier of the 256 consumer threads,
+//       dQ[64 q][w*64 .. +63] = dS·K[:, w*64 ..]   ss, queued behind dV / dK: one wait for all
+//     then the stage is released and dQ is added into the zero-filled fp32 workspace (paired
+//     reductions, as bwd_wgmma.cuh and flash/bwd_ws.cuh). kFusedDq = false (deterministic mode)
+//     skips dS and dQ; the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
+//
+// Jagged rows: a box starts at the sequence's row, so rows past its end are the next sequence's
+// (maybe inf / NaN; past T the copy engine writes zeros). φ(0) = 0 and the masks zero P and dS
+// entries, but the products still multiply those rows (0 · NaN = NaN), so the consumers zero Q /
+// dO rows past the sequence's end and K / V rows past it in shared memory before use (each
+// warpgroup all of them, whole 128-byte rows, synchronising only itself: the other writes the
+// same zeros). Padded head dims (D < 128) are the maps' extent: columns past D land as zeros.
+// Garbage offsets: seq_range clamps them into [0, T]; copies are bounded by the maps, gradient
+// rows by the clamped lengths.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/tma.cuh"
+#include "kernels/common/wgmma.cuh"
+#include "kernels/common/ws_bwd.cuh"
+#include "kernels/gdpa/activation_gpu.cuh"
+#include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/bwd_wgmma.cuh"
+#include "kernels/gdpa/params.h"
+#include "kernels/gdpa/tile.cuh"
+
+#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
+#include <cuda.h>
+#if CUDA_VERSION >= 12000
+#define ATTNKIT_HAS_GDPA_BWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
+#endif
+#endif
+#ifndef ATTNKIT_HAS_GDPA_BWD_WS
+#define ATTNKIT_HAS_GDPA_BWD_WS 0
+#endif
+
+#if ATTNKIT_HAS_GDPA_BWD_WS
+
+namespace attnkit {
+namespace gdpa {
+
+struct BwdWsTraits {
+  static constexpr int kD = 128;
+  static constexpr int kThreads = 384;  // producer + 2 consumer warpgroups
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kBlockN = 128;  // keys per CTA (64 per consumer warpgroup)
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kStages = 3;    // Q / dO ring
+  static constexpr int kBoxCols = 64;  // 128 bytes: one sw128 column block
+  static constexpr int kKVBoxRows = kBlockN, kQBoxRows = kBlockM;
+  static constexpr int kKVBytes = kBlockN * kD * 2;  // K or V
+  static constexpr int kQBytes = kBlockM * kD * 2;   // Q or dO, one stage
+  static constexpr int kDsBytes = kBlockM * kBlockN * 2;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
+  static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
+  static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
+  // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
+  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// Tensor maps of q, dout ([T][H][D], boxes {64, 1, 64}) and k, v ([T][Hkv][D], boxes
+// {64, 1, 128}), innermost first, 128-byte swizzle; built by csrc/cuda/gdpa.cu (tma_map.h).
+struct BwdWsMaps {
+  CUtensorMap q, k, v, dout;
+};
+
+template <typename T, bool kFusedDq>
+__global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
+    gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const __grid_constant__ CUtensorMap map_q,
+                       const __grid_constant__ CUtensorMap map_k,
+                       const __grid_constant__ CUtensorMap map_v,
+                       const __grid_constant__ CUtensorMap map_do) {
+#if ATTNKIT_HAS_WGMMA
+  using Tr = BwdWsTraits;
+  using MmaS = wgmma::Wgmma<T, Tr::kBlockM>;  // Sᵀ, dPᵀ: N = queries of the step
+  using MmaD = wgmma::Wgmma<T, Tr::kD>;       // dK, dV: N = head dim
+  using MmaQ = wgmma::Wgmma<T, 64>;           // dQ: N = the warpgroup's 64 head-dim columns
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kD, S = Tr::kStages;
+  constexpr int kBoxes = D / Tr::kBoxCols;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sk = smem;                   // [BN][D] sw128 (column blocks of BN rows)
+  unsigned char* sv = sk + Tr::kKVBytes;      // [BN][D]
+  unsigned char* sq = sv + Tr::kKVBytes;      // [S][BM][D]
+  unsigned char* sdo = sq + S * Tr::kQBytes;  // [S][BM][D]
+  unsigned char* sds = sdo + S * Tr::kQBytes;  // [2] dS tiles [BM queries][BN keys]
+
+  __shared__ uint64_t bars[wsbwd::Ring<S>::kBars];
+  const wsbwd::Ring<S> ring{bars};
+  const int tid = threadIdx.x;
+  if (tid == 0) ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
+  __syncthreads();             // the last CTA-wide barrier
+
+  // The walk every role takes (bwd_wgmma.cuh's): key tiles it.tile, + it.tiles, ... of the
+  // item's sequence; per tile the query tiles its keys are seen by, for each head of the group.
+  const CtaItem it = cta_item(p.Hkv, p.B);
+  const int b = it.b, hk = it.z, G = p.H / p.Hkv;
+  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
+  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  struct Tile {
+    int q_start, nq, steps;
+  };
+  auto tile_steps = [&](int j0) {
+    const Span qr = query_span(p.causal, p.window, j0, min(j0 + BN, ks.len) - 1, qs.len);
+    const int q_start = static_cast<int>(qr.lo);
+    const int nq = qr.hi > qr.lo ? (static_cast<int>(qr.hi) - q_start + BM - 1) / BM : 0;
+    return Tile{q_start, nq, G * nq};
+  };
+
+  if (tid < 128) {  // producer warpgroup: thread 0 loads everything
+    wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
+    if (tid != 0) return;
+    tma::prefetch_map(&map_q);
+    tma::prefetch_map(&map_k);
+    tma::prefetch_map(&map_v);
+    tma::prefetch_map(&map_do);
+    uint32_t slot = 0, kv_n = 0;  // steps / K-V tiles this CTA has loaded so far
+    for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
+      const int j0 = tile * BN;
+      const Tile t = tile_steps(j0);
+      if (t.steps == 0) continue;
+      ring.producer_kv_acquire(kv_n);
+      bulk::arrive_expect_tx(ring.full_kv(), 2 * Tr::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kBoxes; ++c) {
+        const int off = c * BN * 128;
+        tma::load_3d(sk + off, &map_k, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
+        tma::load_3d(sv + off, &map_v, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
+      }
+      ++kv_n;
+      for (int st = 0; st < t.steps; ++st, ++slot) {
+        const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
+        const uint32_t stage = slot % S;
+        ring.producer_step_acquire(slot);
+        bulk::arrive_expect_tx(ring.full(slot), 2 * Tr::kQBytes);
+#pragma unroll
+        for (int c = 0; c < kBoxes; ++c) {
+          const int off = stage * Tr::kQBytes + c * BM * 128;
+          tma::load_3d(sq + off, &map_q, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
+          tma::load_3d(sdo + off, &map_do, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumer warpgroups.
+  wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128, wg = ctid / 128,
+            lane = tid & 31;
+  const uint32_t sk_addr = mma::smem_addr(sk), sv_addr = mma::smem_addr(sv),
+                 sq_addr = mma::smem_addr(sq), sdo_addr = mma::smem_addr(sdo),
+                 sds_addr = mma::smem_addr(sds);
+  const float ds_scale = p.qk_scale * p.pre_scale;
+  // The shared-memory base of a product's operands, made opaque where it is used: otherwise ptxas
+  // hoists the 24 loop-invariant K / V descriptors out of the step loop and, at the 240-register
+  // cap of the activation phase, keeps them in local memory (a first build spilled 136 bytes).
+  auto here = [](uint32_t a) {
+    asm volatile("" : "+r"(a));
+    return a;
+  };
+  // The thread's index read again where a per-thread offset is needed after the activation phase
+  // (the dQ columns, the epilogue's rows): kept live across it, such offsets were spilled.
+  auto thread_now = [] {
+    uint32_t t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return static_cast<int>(t);
+  };
+  // Zeroes rows [from, rows) of two tiles in shared memory for this warpgroup's tensor cores
+  // (the thread's index read again: a rare branch, whose offsets were otherwise spilled).
+  auto zero_tail = [&](unsigned char* a, unsigned char* b2, int rows, int from) {
+    const int t_now = thread_now() - 128;
+    wsbwd::zero_rows<kBoxes>(a, rows, from, t_now & 127);
+    wsbwd::zero_rows<kBoxes>(b2, rows, from, t_now & 127);
+    bulk::fence_proxy_async();
+    wgmma::named_barrier_sync(Tr::kZeroBar + t_now / 128, 128);
+  };
+
+  uint32_t slot = 0, kv_n = 0;
+  for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
+    const int j0 = tile * BN;
+    const Tile t = tile_steps(j0);
+    const int krows = min(ks.len - j0, BN);
+
+    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+    if (t.steps > 0) {
+      ring.consumer_kv_wait(kv_n);
+      if (krows < BN) zero_tail(sk, sv, BN, krows);  // the next sequence's keys
+    }
+
+    for (int st = 0; st < t.steps; ++st, ++slot) {
+      const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
+      const uint32_t stage = slot % S;
+      ring.consumer_step_wait(slot);
+      if (qs.len - i0 < BM) {  // the next sequence's queries
+        zero_tail(sq + stage * Tr::kQBytes, sdo + stage * Tr::kQBytes, BM, qs.len - i0);
+      }
+      const uint32_t sq_s = sq_addr + stage * Tr::kQBytes, sdo_s = sdo_addr + stage * Tr::kQBytes;
+
+      float s[BM / 8][4], dp[BM / 8][4];
+      const uint32_t k_now = here(sk_addr), v_now = here(sv_addr);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        MmaS::template ss<0>(s, wgmma::desc_k_major<BN>(k_now, wg * 64, kk),
+                             wgmma::desc_k_major<BM>(sq_s, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(v_now, wg * 64, kk),
+                             wgmma::desc_k_major<BM>(sdo_s, 0, kk), kk > 0);
+      }
+      wgmma::commit();
+
+      // Sᵀ done (dPᵀ may still run): Pᵀ packed, s <- the dS factor (masked entries 0 in both).
+      wgmma::wait<1>();
+      wgmma::fence_regs(s);
+      uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+      // The warp's first key row, from the thread's index read again (kept live, it was spilled).
+      const int t_row = thread_now() - 128, row0 = (t_row / 128) * 64 + ((t_row / 32) & 3) * 16;
+      const int key0 = j0 + row0;
+      // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
+      const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
+      const uint32_t cut_bits = cut ? window_mask_bits<true, BM / 8>(key0, i0, p.causal, p.window) : 0u;
+      if (cut) zero_bits(s, cut_bits);
+      act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale);
+      if (cut) zero_bits(s, cut_bits);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        MmaD::template rs<1>(acc_dv, pa[kk], wgmma::desc_n_major<BM>(sdo_s, kk), 1);
+      }
+      wgmma::commit();
+
+      // dPᵀ done (dV may still run): dSᵀ = F ⊙ dPᵀ, rounded to the value type.
+      wgmma::wait<1>();
+      wgmma::fence_regs(dp);
+#pragma unroll
+      for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[i][e] *= s[i][e];
+      pack_a<T, BM>(dsa, dp);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        MmaD::template rs<1>(acc_dk, dsa[kk], wgmma::desc_n_major<BM>(sq_s, kk), 1);
+      }
+      wgmma::commit();
+
+      float dq[8][4];
+      const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
+      if constexpr (kFusedDq) {
+        // dS[q][key] from dsa as bwd_wgmma.cuh: lane 8i + r addresses query row r of matrix i.
+        const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
+        const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
+                                                            row0_ds + (mi & 1) * 8),
+                            dsa[kk]);
+        }
+        wgmma::fence_async_smem();
+        // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
+        // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
+        wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+        const uint32_t kcol = here(sk_addr) + wg * (BN * 128);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          MmaQ::template ss<1>(dq, wgmma::desc_k_major<BM>(sds_s, 0, kk),
+                               wgmma::desc_n_major<BN>(kcol, kk), kk > 0);
+        }
+        wgmma::commit();
+      }
+      wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
+      wgmma::fence_regs(acc_dv);
+      wgmma::fence_regs(acc_dk);
+      ring.consumer_step_release(slot, lane);
+      if constexpr (kFusedDq) {
+        wgmma::fence_regs(dq);
+        const int t_now = thread_now() - 128, wg_now = t_now / 128, lane_now = t_now & 31;
+        float* dq_rows = p.dq_accum + (int64_t(qs.begin) + i0) * p.dqa_row_stride +
+                         int64_t(h) * p.dqa_head_stride + wg_now * 64 + 2 * (lane_now & 3);
+        // Columns past D (the workspace's width) are skipped.
+        wsbwd::dq_reduce(dq, (t_now / 32) & 3, lane_now, qs.len - i0, p.D - wg_now * 64,
+                         [&](int row) { return dq_rows + int64_t(row) * p.dqa_row_stride; });
+      }
+    }
+    if (t.steps > 0) {  // every dQ of the tile is complete: K and V go back to the producer
+      ring.consumer_kv_release(lane);
+      ++kv_n;
+    }
+
+    const int64_t kv_row = int64_t(ks.begin) + j0;
+    T* dk = static_cast<T*>(p.dk) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+    T* dv = static_cast<T*>(p.dv) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+    const int t_now = thread_now() - 128, row0_now = (t_now / 128) * 64 + ((t_now / 32) & 3) * 16;
+    store_rows<T, D>(dk, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dk, 1.f);
+    store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
+  }
+#endif  // ATTNKIT_HAS_WGMMA
+}
+
+// p.dq_accum != null: dK, dV and (added into that zero-filled fp32 workspace) dQ; the caller
+// converts the workspace. Null: dK and dV here, dQ by the mma.sync dQ kernel of bwd_mma.cuh (no
+// atomics: bit-identical run to run). The caller takes this kernel only for q and k with fewer
+// than 2^31 - 1024 rows (the maps' coordinates are int32).
+template <typename T>
+cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, int max_seq_len_q,
+                               int max_seq_len_kv, cudaStream_t stream) {
+  using Tr = BwdWsTraits;
+  const bool fused = p.dq_accum != nullptr;
+  if (!fused) {
+    const cudaError_t err = launch_gdpa_bwd_dq_mma<T, Tr::kD>(p, max_seq_len_q, stream);
+    if (err != cudaSuccess) return err;
+  }
+  auto kernel = fused ? gdpa_bwd_ws_kernel<T, true> : gdpa_bwd_ws_kernel<T, false>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = cta_grid((max_seq_len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v, maps.dout);
+  return cudaGetLastError();
+}
+
+}  // namespace gdpa
+}  // namespace attnkit
+
+#endif  // ATTNKIT_HAS_GDPA_BWD_WS
