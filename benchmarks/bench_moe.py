@@ -159,10 +159,6 @@ def peak_bytes(fn, dev):
     return torch.cuda.max_memory_allocated() - base
 
 
-# grouped_gemm_swiglu's kernel variants besides the default (ATTNKIT_MOE_SWIGLU_FUSED values).
-VARIANTS = ("pingpong", "cluster")
-
-
 def interleaved_ms(fns, dev, rounds, kw):
     """Times every callable of ``fns`` (name -> fn) once per round for ``rounds`` rounds, the
     order rotating by one each round (round r starts at column r), so a slow drift of the clocks
@@ -175,22 +171,6 @@ def interleaved_ms(fns, dev, rounds, kw):
             n = names[(r + i) % len(names)]
             times[n].append(time_ms(fns[n], dev, **kw))
     return times
-
-
-def with_env(name, value, fn):
-    """fn with the environment variable ``name`` set to ``value`` for each call (the C++ side reads
-    its switches at every call, csrc/cuda/env_table.h), restored after it."""
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return run
 
 
 def _median(v):
@@ -243,11 +223,6 @@ def bench_swiglu(args, dev, dtype, kw):
         ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
                      TOLERANCE[dtype])
         cols_fns = dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu)
-        variants = [v for v in args.swiglu_variants.split(",") if v] if on_gpu else []
-        for variant in variants:  # the kernel's other variants, timed in the same rounds
-            cols_fns[variant] = with_env("ATTNKIT_MOE_SWIGLU_FUSED", variant, fused)
-            ok &= verify(f"grouped_gemm_swiglu {variant} {name}", cols_fns[variant](), expect,
-                         TOLERANCE[dtype])
         del expect
         t = interleaved_ms(cols_fns, dev, args.rounds, kw)
         med = {c: _median(v) for c, v in t.items()}
@@ -259,11 +234,6 @@ def bench_swiglu(args, dev, dtype, kw):
                    bound_speedup=ratio("peer", "gemm"),
                    speedup_spread=max(p / f for p, f in zip(t["peer"], t["fused"]))
                    - min(p / f for p, f in zip(t["peer"], t["fused"])))
-        for variant in VARIANTS:
-            if variant in t:
-                row[f"{variant}_us"] = med[variant] * 1e3
-                row[f"speedup_{variant}"] = ratio("peer", variant)
-                row[f"gemm_vs_{variant}"] = ratio("gemm", variant)
         row["speedup_vs_bound"] = row["speedup"] / row["bound_speedup"]
         row["target_speedup"] = 1 + 0.9 * (row["bound_speedup"] - 1)
         row["fused_peak_MB"] = peak_bytes(fused, dev) / 2**20
@@ -281,15 +251,12 @@ def bench_swiglu(args, dev, dtype, kw):
         print(f"  {name}: fused {row['fused_us']:.0f} us, gemm {row['gemm_us']:.0f}, peer "
               f"{row['peer_us']:.0f}; speedup {row['speedup']:.3f} (target "
               f"{row['target_speedup']:.3f}), gemm/fused {row['gemm_vs_fused']:.3f}, per-round "
-              f"peer/fused {' '.join(f'{p / f:.3f}' for p, f in zip(t['peer'], t['fused']))}"
-              + "".join(f"; {v} {row[v + '_us']:.0f} us, speedup {row['speedup_' + v]:.3f}"
-                        for v in VARIANTS if v in t))
+              f"peer/fused {' '.join(f'{p / f:.3f}' for p, f in zip(t['peer'], t['fused']))}")
         del a, w
         if on_gpu:
             torch.cuda.empty_cache()
     cols = ["shape", "H", "I", "E", "k", "M", "fused_us", "fused_TFLOPs", "gemm_us", "gemm_TFLOPs",
             "peer_us", "torch_silu_us", "speedup", "speedup_spread", "gemm_vs_fused",
-            *[c for v in VARIANTS for c in (f"{v}_us", f"speedup_{v}", f"gemm_vs_{v}")],
             "bound_speedup", "target_speedup", "speedup_vs_bound", "extra_us", "fused_peak_MB",
             "peer_peak_MB"]
     peer_name = "_grouped_mm" if has_mm else "grouped_gemm"
@@ -313,9 +280,6 @@ def main(argv=None):
                    help="comma list of route, permute, unpermute, gemm, block, swiglu, ep")
     p.add_argument("--swiglu-shapes", default="mixtral,deepseek-e64,deepseek",
                    help=f"comma list of {', '.join(SWIGLU_SHAPES)} (--ops swiglu)")
-    p.add_argument("--swiglu-variants", default=",".join(VARIANTS),
-                   help="--ops swiglu on CUDA: the fused kernel's other variants to time beside "
-                        "the default (ATTNKIT_MOE_SWIGLU_FUSED values; empty: none)")
     p.add_argument("--rounds", type=int, default=7,
                    help="--ops swiglu: interleaved rounds, each timing every column once")
     bench_moe_ep.add_args(p)

@@ -15,7 +15,7 @@
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
 # max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
 # peer (benchmarks/triton_gdpa.py --selftest) on the GPU. gdpa_bwd_ws: the warp-specialised GDPA
-# backward (ATTNKIT_GDPA_WGMMA_BWD=ws): its tests, memcheck, bench_gdpa's backward rows old / new.
+# backward (the default; ATTNKIT_GDPA_WGMMA_BWD=cp_async the old one): tests, memcheck, bench old / new.
 # The warp-specialised flash kernels (flash/fwd_ws.cuh, the default forward at head dim 128;
 # flash/bwd_ws.cuh, the default backward) have their own steps:
 #   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
@@ -36,7 +36,7 @@
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py; swiglu: grouped_gemm_swiglu's tests, memcheck on
 # them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I); swiglu_v2: the same
-# tests (both kernel variants), memcheck, and the interleaved bench of all three shapes (<300 s);
+# tests, memcheck, and the interleaved bench of all three shapes (<300 s);
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
@@ -146,14 +146,14 @@ for s in $QUICK; do
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
       step bench_gdpa_jagged 70 env ATTNKIT_GDPA_FWD_WS=require $G --csv "$L/bench_gdpa_jagged.csv"
       step bench_gdpa_in_order 50 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SORTED=0 $G --sparsity 0.5 ;;
-    gdpa_bwd_ws)  # the warp-specialised GDPA backward (gdpa/bwd_ws.cuh, ATTNKIT_GDPA_WGMMA_BWD=ws),
-      # ~300 s: the GDPA CUDA tests as they are (the default backward, with this branch's dk / dv
-      # allocation, and the ws tests that force it with ws_require), the feature / numerics tests
-      # with the ws backward wherever it can run, memcheck on its garbage-offset and poisoned-row
-      # tests, then bench_gdpa's backward rows with the default (cp.async) backward and with it.
+    gdpa_bwd_ws)  # the warp-specialised GDPA backward (gdpa/bwd_ws.cuh, the default on sm_90a),
+      # ~150 s: the GDPA CUDA tests (every backward path), the feature / numerics tests with the
+      # cp.async wgmma backward (=cp_async: the default runs them with ws), memcheck on the ws
+      # garbage-offset and poisoned-row tests, then bench_gdpa's backward rows with the cp.async
+      # kernel and the ws one.
       step gdpa_bwd_ws_tests 150 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE \
         -k "cuda and not opcheck and not compile"
-      step gdpa_bwd_ws_env 50 env ATTNKIT_GDPA_WGMMA_BWD=ws $PY -m pytest tests/test_gdpa_features.py \
+      step gdpa_bwd_cp_async_env 50 env ATTNKIT_GDPA_WGMMA_BWD=cp_async $PY -m pytest tests/test_gdpa_features.py \
         tests/test_gdpa_numerics.py -q -n 16 -rfE -k "cuda and not opcheck and not compile"
       step gdpa_bwd_ws_sanitize 40 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
@@ -161,7 +161,7 @@ for s in $QUICK; do
       for sp in 1.0 0.5; do
         G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity $sp $BENCH"
         lim=$([ "$sp" = 1.0 ] && echo 35 || echo 25)
-        step "bench_gdpa_bwd_cp_async_$sp" $lim $G
+        step "bench_gdpa_bwd_cp_async_$sp" $lim env ATTNKIT_GDPA_WGMMA_BWD=cp_async $G
         step "bench_gdpa_bwd_ws_$sp" $lim env ATTNKIT_GDPA_WGMMA_BWD=ws_require $G
       done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
@@ -262,16 +262,14 @@ for s in $QUICK; do
       step swiglu_bench 200 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops swiglu,gemm --experts 8 --topk 2 --inter 14336 \
         --csv "$L/bench_moe_swiglu.csv" ;;
-    swiglu_v2)  # the fused kernel's m64n256 rework: its tests (all three variants), memcheck
-      # on their CUDA cases, and the interleaved bench of every shape (fused, ping-pong and cluster,
-      # _grouped_mm alone, + silu_and_mul, + F.silu * u; SWIGLU_ROUNDS rotating rounds, medians;
-      # SWIGLU_VARIANTS= (empty) times the default kernel alone, e.g. if a variant hangs)
+    swiglu_v2)  # grouped_gemm_swiglu's tests, memcheck on their CUDA cases, and the interleaved
+      # bench of every shape (fused, _grouped_mm alone, + silu_and_mul, + F.silu * u;
+      # SWIGLU_ROUNDS rotating rounds, medians)
       step swiglu_v2_tests 50 $PY -m pytest tests/test_moe_swiglu.py -q -n 8 -rfE
       step swiglu_v2_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_swiglu.py -q -p no:xdist -k "cuda and not opcheck and not large"
       step swiglu_v2_bench 100 $PY benchmarks/bench_moe.py --iters ${ITERS:-100} --warmup ${WARMUP:-25} \
-        --rounds ${SWIGLU_ROUNDS:-9} --swiglu-variants "${SWIGLU_VARIANTS-pingpong,cluster}" \
-        --skip-eager --ops swiglu --swiglu-shapes mixtral,deepseek-e64,deepseek \
+        --rounds ${SWIGLU_ROUNDS:-9} --skip-eager --ops swiglu --swiglu-shapes mixtral,deepseek-e64,deepseek \
         --csv "$L/bench_moe_swiglu_v2.csv" ;;
     swiglu_sanitize_only)  # the swiglu step's memcheck alone (after full_tests ran its tests)
       step swiglu_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \

@@ -216,25 +216,28 @@ def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic", "ws", "ws_deterministic"])
+@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic", "cp_async",
+                                  "cp_async_deterministic", "ws", "ws_deterministic"])
 @pytest.mark.parametrize("act", ["fast_gelu", "silu"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_backward_paths_multi_tile(path, act, dtype, causal, monkeypatch):
-    """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the sm_90a wgmma
-    kernel with fused atomic dQ (where the device has it), the same with the deterministic mma.sync
-    dQ kernel (torch.use_deterministic_algorithms), the mma.sync pair forced by
-    ATTNKIT_GDPA_WGMMA_BWD=0, and the warp-specialised backward (gdpa/bwd_ws.cuh,
-    ATTNKIT_GDPA_WGMMA_BWD=ws_require: the call fails if it did not run), with and without
-    deterministic dQ. Empty and one-row sequences, query and key lengths that differ, GQA,
+    """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the default (on an
+    sm_90a build and a 9.0 device the warp-specialised backward, gdpa/bwd_ws.cuh), the
+    warp-specialised one required (ATTNKIT_GDPA_WGMMA_BWD=ws_require: the call fails if it did
+    not run), the cp.async wgmma kernel (=cp_async), each with fused atomic dQ and with
+    deterministic dQ (torch.use_deterministic_algorithms), and the mma.sync pair forced by
+    ATTNKIT_GDPA_WGMMA_BWD=0. Empty and one-row sequences, query and key lengths that differ, GQA,
     pre_scale != 1, padded head dims (80 -> 128)."""
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    if path.startswith("cp_async"):
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
     if path.startswith("ws"):
         if not WS_READY:
             pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
-    det = path in ("deterministic", "ws_deterministic")
+    det = path.endswith("deterministic")
     check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7,
           deterministic=det)
     check(dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000], H=2, Hkv=1, D=128,
@@ -278,7 +281,7 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monke
         with deterministic_algorithms(deterministic):
             monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
             got = torch.ops.attnkit.gdpa_bwd(g, *args, pre_scale=0.7, causal=causal)
-            monkeypatch.delenv("ATTNKIT_GDPA_WGMMA_BWD")
+            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
             clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
             want = torch.ops.attnkit.gdpa_bwd(*clean, *args[3:], pre_scale=0.7, causal=causal)
         nq = int(qo[-1])
@@ -290,7 +293,7 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monke
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["default", "deterministic", "ws", "mma_sync"])
+@pytest.mark.parametrize("path", ["default", "deterministic", "ws", "cp_async", "mma_sync"])
 @pytest.mark.parametrize("D", [128, 80])
 def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
     """The tensor-core backwards on offsets that start after row 0 and end before T, on a
@@ -303,6 +306,8 @@ def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
     if path == "mma_sync":
         monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
+    if path == "cp_async":
+        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
     mk = lambda T, h: (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
     q, k, v = mk(400, 4), mk(350, 2), mk(350, 2)
     qo = torch.tensor([4, 140, 141, 390], device="cuda")

@@ -18,29 +18,12 @@ def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-# The fused sm_90a kernel's variants (kernels/moe/grouped_gemm_swiglu.cuh): the default
-# (cooperative, 128-row tiles), ATTNKIT_MOE_SWIGLU_FUSED=pingpong (a 64-row tile per warpgroup)
-# and =cluster (2-CTA clusters sharing the A rows by multicast).
-VARIANTS = ["cooperative", "pingpong", "cluster"]
-
-
-def _use_variant(variant, device, monkeypatch, dtype=torch.bfloat16):
-    if variant != "cooperative":
-        if device != "cuda" or dtype == torch.float32:
-            pytest.skip(f"the {variant} variant is a CUDA kernel for 16-bit types")
-        monkeypatch.setenv("ATTNKIT_MOE_SWIGLU_FUSED", variant)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 @pytest.mark.parametrize("sizes,H,I", SWIGLU)
 @pytest.mark.parametrize("lead,tail", [(0, 0), (3, 5)])
 @pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=type_id)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_swiglu(device, dtype, sizes, H, I, lead, tail, id_dtype, variant, monkeypatch):
-    if variant != "cooperative" and id_dtype == torch.int64:
-        pytest.skip("the variants share the offsets' handling: int32 is enough")
-    _use_variant(variant, device, monkeypatch, dtype)
+def test_swiglu(device, dtype, sizes, H, I, lead, tail, id_dtype):
     a, w, off = swiglu_inputs(sizes, H, I, dtype, device, lead, tail, id_dtype)
     poison_allocator(device)
     out = attnkit.grouped_gemm_swiglu(a, w, off)
@@ -68,9 +51,7 @@ LARGE = [(8, 512, 384, 2000), (64, 264, 200, 3000), (3, 1024, 128, 129), (16, 12
 @pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
 @pytest.mark.parametrize("E,H,I,M", LARGE)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_swiglu_large(device, dtype, E, H, I, M, variant, monkeypatch):
-    _use_variant(variant, device, monkeypatch)
+def test_swiglu_large(device, dtype, E, H, I, M):
     loads = torch.distributions.Dirichlet(torch.full((E,), 0.3)).sample()
     sizes = torch.distributions.Multinomial(M, loads).sample().long().tolist()
     sizes[0] = 0  # at least one empty expert
@@ -102,11 +83,9 @@ def test_swiglu_fallback_shapes(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_swiglu_large_magnitudes(device, dtype, variant, monkeypatch):
+def test_swiglu_large_magnitudes(device, dtype):
     """Gate values in the hundreds: silu saturates (g -> -inf gives 0, the bf16 epilogue's tanh
     form included, never NaN; g -> +inf gives g)."""
-    _use_variant(variant, device, monkeypatch, dtype)
     a, w, off = swiglu_inputs([70, 0, 131, 9], 64, 136, dtype, device, 1, 2)
     a = a * 30  # |h| up to a few hundred: far into both saturated ends, finite in fp16
     poison_allocator(device)
@@ -140,9 +119,7 @@ def _sanitized(off, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
 @pytest.mark.parametrize("offsets", [[0, 300, 100, 500], [-50, 10, 700, 9999], [5, 5, -1, 2**30],
                                      [2**31 - 1, 0, 0, 0]])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_swiglu_garbage_offsets(device, dtype, offsets, variant, monkeypatch):
-    _use_variant(variant, device, monkeypatch)
+def test_swiglu_garbage_offsets(device, dtype, offsets):
     # CUDA never reads offsets on the host: they are sanitised on the device (non-decreasing,
     # clamped to [0, M]) and never make a kernel touch memory outside its tensors.
     M, H, I = 400, 128, 136

@@ -105,16 +105,17 @@ bool use_wgmma_bwd(int64_t D) {
   return env_flag(Env::kGdpaWgmmaBwd);
 }
 
-// The warp-specialised Hopper backward (bwd_ws.cuh), opt-in until measured on a GPU: where the
-// wgmma backward runs, ATTNKIT_GDPA_WGMMA_BWD=ws takes it when the tensor maps can be built (else
-// the cp.async wgmma kernel); =ws_require makes such a call fail instead, so tests and benchmarks
-// know which kernel ran.
+// The warp-specialised Hopper backward (bwd_ws.cuh), the default where the wgmma backward runs
+// and the tensor maps can be built (1.17-1.23x the cp.async wgmma kernel on bench_gdpa's shapes,
+// docs/performance.md 2026-12-04); elsewhere the cp.async wgmma kernel (bwd_wgmma.cuh).
+// ATTNKIT_GDPA_WGMMA_BWD=cp_async keeps the cp.async kernel everywhere (A/B runs); =ws_require
+// makes a call the ws kernel cannot take fail, so tests and benchmarks know which kernel ran.
 enum class BwdWs { kOff, kOn, kRequire };
 BwdWs bwd_ws_mode() {
   const char* e = env_value(Env::kGdpaWgmmaBwd);
-  if (e == nullptr) return BwdWs::kOff;
-  if (std::strcmp(e, "ws") == 0) return BwdWs::kOn;
-  return std::strcmp(e, "ws_require") == 0 ? BwdWs::kRequire : BwdWs::kOff;
+  if (e == nullptr) return BwdWs::kOn;
+  if (std::strcmp(e, "cp_async") == 0) return BwdWs::kOff;
+  return std::strcmp(e, "ws_require") == 0 ? BwdWs::kRequire : BwdWs::kOn;
 }
 
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP

@@ -420,7 +420,7 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x_in) {
 // build, the device and the operands allow it; false (nothing launched) otherwise.
 bool grouped_gemm_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
                                at::Tensor& out, cudaStream_t stream) {
-  using Tr = SwigluGemmTraits<SwigluVariant::kCooperative>;  // the sizes every variant shares
+  using Tr = SwigluGemmTraits;
   const int64_t M = a.size(0), H = a.size(1), E = w.size(0), I = w.size(2) / 2;
   const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
   if (!wgmma::kBuilt || !env_flag(Env::kMoeSwigluFused) || !half) return false;
@@ -430,23 +430,11 @@ bool grouped_gemm_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const a
   if (E > Tr::kMaxExperts || M > INT32_MAX || 2 * I > INT32_MAX || H > INT32_MAX) return false;
   if (!aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()})) return false;
   const bool bf16 = a.scalar_type() == at::kBFloat16;
-  // ATTNKIT_MOE_SWIGLU_FUSED=pingpong / =cluster: the kernel's other variants, for A/B runs (see
-  // kernels/moe/grouped_gemm_swiglu.cuh); any other "on" value: the cooperative one.
-  const char* mode = env_value(Env::kMoeSwigluFused);
-  SwigluVariant variant = SwigluVariant::kCooperative;
-  if (mode != nullptr && std::strcmp(mode, "pingpong") == 0) variant = SwigluVariant::kPingPong;
-  if (mode != nullptr && std::strcmp(mode, "cluster") == 0) variant = SwigluVariant::kCluster;
-  const uint32_t block_m =
-      variant == SwigluVariant::kPingPong
-          ? uint32_t(SwigluGemmTraits<SwigluVariant::kPingPong>::kALoadRows)
-          : variant == SwigluVariant::kCluster
-                ? uint32_t(SwigluGemmTraits<SwigluVariant::kCluster>::kALoadRows)
-                : uint32_t(Tr::kALoadRows);
   CUtensorMap map_a, map_w;
   const uint64_t es = 2;
   if (!tma::encode_sw128<3>(&map_a, bf16, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
                             {uint64_t(H) * es, uint64_t(H) * uint64_t(M) * es},
-                            {uint32_t(Tr::kBlockK), block_m, 1}) ||
+                            {uint32_t(Tr::kBlockK), uint32_t(Tr::kBlockM), 1}) ||
       !tma::encode_sw128<3>(&map_w, bf16, w.data_ptr(), {uint64_t(2 * I), uint64_t(H), uint64_t(E)},
                             {uint64_t(2 * I) * es, uint64_t(H) * uint64_t(2 * I) * es},
                             {64, uint32_t(Tr::kBlockK), 1})) {
@@ -463,23 +451,10 @@ bool grouped_gemm_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const a
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   cudaError_t err = cudaSuccess;
   ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
-    auto launch = [&](auto v) {
-      constexpr SwigluVariant kV = decltype(v)::value;
-      if (bf16) {
-        err = launch_grouped_gemm_swiglu<bf16_t, index_t, kV>(p, map_a, map_w, sms, stream);
-      } else {
-        err = launch_grouped_gemm_swiglu<fp16_t, index_t, kV>(p, map_a, map_w, sms, stream);
-      }
-    };
-    switch (variant) {
-      case SwigluVariant::kPingPong:
-        launch(std::integral_constant<SwigluVariant, SwigluVariant::kPingPong>{});
-        break;
-      case SwigluVariant::kCluster:
-        launch(std::integral_constant<SwigluVariant, SwigluVariant::kCluster>{});
-        break;
-      default:
-        launch(std::integral_constant<SwigluVariant, SwigluVariant::kCooperative>{});
+    if (bf16) {
+      err = launch_grouped_gemm_swiglu<bf16_t, index_t>(p, map_a, map_w, sms, stream);
+    } else {
+      err = launch_grouped_gemm_swiglu<fp16_t, index_t>(p, map_a, map_w, sms, stream);
     }
   });
   C10_CUDA_CHECK(err);

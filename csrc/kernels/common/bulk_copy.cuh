@@ -70,41 +70,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void arrive(uint64_t* bar) {
   ATTNKIT_BULK_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mma::smem_addr(bar)) : "memory");
 }
 
-// A plain arrival on the barrier at `bar`'s offset in the shared memory of CTA `cta_rank` of this
-// thread's cluster (this CTA's own rank included), e.g. a consumer releasing a stage that a peer
-// CTA's producer refills by multicast (release at cluster scope: the reads before it are done).
-ATTNKIT_DEVICE ATTNKIT_INLINE void arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
-  ATTNKIT_BULK_ASM(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(
-          mma::smem_addr(bar)),
-      "r"(cta_rank)
-      : "memory");
-}
-
-// Every thread of every CTA of the cluster (need not be converged within a warp); orders shared
-// memory accesses and barrier initialisations across the cluster.
-ATTNKIT_DEVICE ATTNKIT_INLINE void cluster_sync() {
-  ATTNKIT_BULK_ASM("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
-// This CTA's rank in its cluster, the cluster's index in the grid and the number of clusters (x).
-ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t cluster_rank() {
-  uint32_t r = 0;
-  ATTNKIT_BULK_ASM("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t cluster_id_x() {
-  uint32_t r = 0;
-  ATTNKIT_BULK_ASM("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
-  return r;
-}
-ATTNKIT_DEVICE ATTNKIT_INLINE uint32_t cluster_count_x() {
-  uint32_t r = 0;
-  ATTNKIT_BULK_ASM("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
-  return r;
-}
-
 // Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) into shared memory, counted
 // off `bar`.
 ATTNKIT_DEVICE ATTNKIT_INLINE void copy(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar) {

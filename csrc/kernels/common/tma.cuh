@@ -43,18 +43,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_3d(void* smem, const void* map, int c0, 
       : "memory");
 }
 
-// load_3d into the same shared-memory offset of every CTA of the cluster named in `cta_mask` (bit
-// i: rank i), each copy's bytes counted off the barrier at `bar`'s offset in that CTA.
-ATTNKIT_DEVICE ATTNKIT_INLINE void load_3d_multicast(void* smem, const void* map, int c0, int c1,
-                                                     int c2, uint64_t* bar, uint16_t cta_mask) {
-  ATTNKIT_TMA_ASM(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      ".multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(mma::smem_addr(smem)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(mma::smem_addr(bar)),
-      "h"(cta_mask)
-      : "memory");
-}
-
 // One box of a 4-D tiled map (e.g. batched [B][S][H][D]: {D, H, S, B}), as load_3d.
 ATTNKIT_DEVICE ATTNKIT_INLINE void load_4d(void* smem, const void* map, int c0, int c1, int c2,
                                            int c3, uint64_t* bar) {

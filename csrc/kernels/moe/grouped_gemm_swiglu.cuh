@@ -4,8 +4,7 @@
 // is N-major: wgmma's transpose flag), out [M, I] row-major. Columns [0, I) of W are the gate,
 // [I, 2I) the up projection (silu_and_mul's halves).
 //
-// CTA = 384 threads, persistent (one per SM), walking output tiles of 128 rows x 128 columns
-// (the cooperative variant; the ping-pong one below):
+// CTA = 384 threads, persistent (one per SM), walking output tiles of 128 rows x 128 columns:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec) and one thread issues every
 //     load as a tensor-map copy (kernels/common/tma.cuh) into a kStages ring; a stage holds one
 //     64-wide K block: the A box [128 rows][64] and four W boxes [64][64]: gate columns n0,
@@ -19,17 +18,6 @@
 //     epilogue computes silu(g) * u in fp32 straight from the accumulators (no non-wgmma write of
 //     them: ptxas would serialise the wgmmas, C7514), rounds once, and stores 16 bytes per lane
 //     after a quad transpose.
-//
-// Ping-pong variant (kPingPong, ATTNKIT_MOE_SWIGLU_FUSED=pingpong): tiles of 64 rows, each
-// consumer warpgroup owning every other tile of the CTA (the same m64n256k16 steps over the
-// whole tile); the producer still loads the CTA's tiles in order into a 5-stage ring of 40 KB
-// stages. A warpgroup starts on its tile once the other has seen its own tile's last K block
-// land (named barriers), so the two take turns on the tensor cores and each one's epilogue runs
-// while the other multiplies. It reads W once per 64 rows instead of 128 (more L2 traffic).
-// Cluster variant (kCluster, =cluster): the cooperative kernel in 2-CTA clusters; the two CTAs
-// take neighbouring column bands of the same 128 rows and each loads half of the A box with a
-// multicast copy into both (a sixth less L2 -> shared traffic). Which variant wins is for the GPU
-// to say; the cooperative one stays the default until it does.
 //
 // Work: tiles ordered (expert, column band, row tile) with row tiles fastest, so the CTAs running
 // together share a band of W and the expert's rows in L2. The order is found on the device: at
@@ -65,38 +53,19 @@
 namespace attnkit {
 namespace moe {
 
-// The kernel's variants (one template, chosen by the launcher):
-//   kCooperative: both consumer warpgroups work on one 128-row tile (64 rows each) and read every
-//     stage.
-//   kPingPong: each warpgroup has its own 64-row tile (the CTA's tiles alternate between them)
-//     and a stage belongs to one tile; the warpgroups take turns on the tensor cores (named
-//     barriers kTurnBarrier + 0/1), so one's epilogue overlaps the other's mainloop. Smaller
-//     stages (40 KB) buy a fifth one.
-//   kCluster: as kCooperative, in clusters of 2 CTAs working on the same 128 rows and
-//     neighbouring column bands (2u, 2u + 1): each CTA loads half of the A box (64 rows) and
-//     multicasts it into both, so a CTA reads 40 KB a K block from L2 instead of 48. A stage is
-//     then written by both CTAs' producers, so it is released to both (16 warps arrive).
-enum class SwigluVariant : int { kCooperative, kPingPong, kCluster };
-
-template <SwigluVariant V>
 struct SwigluGemmTraits {
-  static constexpr bool kPingPong = V == SwigluVariant::kPingPong;
-  static constexpr int kClusterSize = V == SwigluVariant::kCluster ? 2 : 1;
   static constexpr int kConsumerWarpGroups = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpGroups;
-  // Warps that release a stage: one warpgroup (ping-pong), or both, in every CTA of the cluster.
-  static constexpr int kStageReaders = kPingPong ? 4 : 4 * kConsumerWarpGroups * kClusterSize;
-  static constexpr int kBlockM = kPingPong ? 64 : 64 * kConsumerWarpGroups;  // rows per tile
-  static constexpr int kALoadRows = kBlockM / kClusterSize;  // rows of one A copy (map_a's box)
+  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
+  static constexpr int kBlockM = 64 * kConsumerWarpGroups;  // output rows per tile
   static constexpr int kBlockN = 128;                       // output columns (x2 GEMM columns)
   static constexpr int kBlockK = 64;                        // one sw128 column block
-  static constexpr int kStages = kPingPong ? 5 : 4;
-  static constexpr int kABytes = kBlockM * kBlockK * 2;     // the tile's A rows
+  static constexpr int kStages = 4;
+  static constexpr int kABytes = kBlockM * kBlockK * 2;     // one A box
   static constexpr int kWBoxBytes = kBlockK * 64 * 2;       // one W box [64 K][64 columns]
   static constexpr int kHalfBytes = 2 * kWBoxBytes;         // gate (or up) [64 K][128 columns]
-  static constexpr int kStageBytes = kABytes + 2 * kHalfBytes;  // 48 KB (ping-pong: 40 KB)
-  static constexpr int kTurnBarrier = 1;     // named barriers 1 and 2 (ping-pong)
+  static constexpr int kStageBytes = kABytes + 2 * kHalfBytes;  // 48 KB
   static constexpr int kProducerRegs = 40;   // the tile walk's binary search and int64 sums
   static constexpr int kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
   static constexpr int kMaxExperts = 1024;   // the tile prefix lives in shared memory
@@ -112,19 +81,16 @@ struct SwigluGemmParams {
   int n_tiles;  // column bands: ceil(I / kBlockN)
 };
 
-// One output tile: expert e, its rows [row0, row0 + rows) (rows <= BM), columns from n0.
+// One output tile: expert e, its rows [row0, row0 + rows) (rows <= kBlockM), columns from n0.
 struct SwigluTile {
   int e, row0, rows, n0;
 };
 
 #if defined(__CUDACC__)
 // Tile t of the walk (see the file comment): the expert by binary search in the prefix.
-// n_units: the column units per row tile (bands, or band pairs of a cluster); the tile's band is
-// unit * kClusterSize + rank.
-template <int BM, int kClusterSize>
 ATTNKIT_DEVICE ATTNKIT_INLINE SwigluTile swiglu_tile_at(int64_t t, const int64_t* tile_start,
-                                                        const int* row_start, int E, int n_units,
-                                                        int rank) {
+                                                        const int* row_start, int E, int n_tiles) {
+  constexpr int BM = SwigluGemmTraits::kBlockM;
   int lo = 0, hi = E;  // the last e with tile_start[e] <= t (t < tile_start[E])
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
@@ -140,15 +106,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE SwigluTile swiglu_tile_at(int64_t t, const int64_t
   const int64_t local = t - tile_start[e];
   const int nt = int(local / m_tiles), mt = int(local % m_tiles);
   const int row0 = row_start[e] + mt * BM;
-  constexpr int BN = SwigluGemmTraits<SwigluVariant::kCooperative>::kBlockN;
-  return {e, row0, min(BM, row_start[e + 1] - row0), (nt * kClusterSize + rank) * BN};
+  return {e, row0, min(BM, row_start[e + 1] - row0), nt * SwigluGemmTraits::kBlockN};
 }
 
 // Warp 0: row_start[e] = S(e) for e in [0, E], tile_start[e] = the tiles of experts < e.
-template <int BM, typename index_t>
+template <typename index_t>
 ATTNKIT_DEVICE ATTNKIT_INLINE void swiglu_schedule(const index_t* off, int E, int64_t M,
                                                    int n_tiles, int* row_start,
                                                    int64_t* tile_start) {
+  constexpr int BM = SwigluGemmTraits::kBlockM;
   const int lane = threadIdx.x & 31;
   const int per = (E + 1 + 31) / 32, begin = lane * per, end = min(E + 1, begin + per);
   // Running max of the clamped offsets over the lane's chunk, then across lanes.
@@ -201,15 +167,13 @@ ATTNKIT_DEVICE ATTNKIT_INLINE float swiglu(float g, float u) {
   return __fdividef(g, 1.f + __expf(-g)) * u;
 }
 
-template <typename T, typename index_t, SwigluVariant V>
-__global__ void __launch_bounds__(SwigluGemmTraits<V>::kThreads, 1)
+template <typename T, typename index_t>
+__global__ void __launch_bounds__(SwigluGemmTraits::kThreads, 1)
     grouped_gemm_swiglu_kernel(const SwigluGemmParams p, const __grid_constant__ CUtensorMap map_a,
                                const __grid_constant__ CUtensorMap map_w) {
 #if ATTNKIT_HAS_WGMMA
-  using Tr = SwigluGemmTraits<V>;
+  using Tr = SwigluGemmTraits;
   using Mma = wgmma::Wgmma<T, 2 * Tr::kBlockN>;  // gate and up columns in one instruction
-  constexpr bool kPingPong = Tr::kPingPong;
-  constexpr int CS = Tr::kClusterSize;
   constexpr int BM = Tr::kBlockM, BK = Tr::kBlockK, S = Tr::kStages;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
@@ -217,215 +181,137 @@ __global__ void __launch_bounds__(SwigluGemmTraits<V>::kThreads, 1)
   __shared__ int row_start[Tr::kMaxExperts + 1];
   __shared__ int64_t tile_start[Tr::kMaxExperts + 1];
 
-  // Work units: tiles (a cluster: the pair of tiles of its two CTAs), walked by the CTA (cluster)
-  // `walker` of `walkers` with stride `walkers`; n_units column units per row tile.
-  const int rank = CS > 1 ? int(bulk::cluster_rank()) : 0;
-  const int64_t walker = CS > 1 ? int64_t(bulk::cluster_id_x()) : int64_t(blockIdx.x);
-  const int64_t walkers = CS > 1 ? int64_t(bulk::cluster_count_x()) : int64_t(gridDim.x);
-  const int n_units = (p.n_tiles + CS - 1) / CS;
-
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       bulk::init(full + s, 1);
-      bulk::init(empty + s, Tr::kStageReaders);
+      bulk::init(empty + s, Tr::kConsumerWarps);
     }
     bulk::fence_init();
   }
   if (tid < 32) {
-    swiglu_schedule<BM>(static_cast<const index_t*>(p.offsets), p.E, p.M, n_units, row_start,
-                        tile_start);
+    swiglu_schedule(static_cast<const index_t*>(p.offsets), p.E, p.M, p.n_tiles, row_start,
+                    tile_start);
   }
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
-  if constexpr (CS > 1) bulk::cluster_sync();  // the peer's barriers are initialised
 
-  const int64_t tiles = tile_start[p.E];  // units
+  const int64_t tiles = tile_start[p.E];
   const int k_blocks = (p.H + BK - 1) / BK;
 
   if (tid < 128) {  // producer warpgroup: one thread issues every copy
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    if (tid == 0) {
-      tma::prefetch_map(&map_a);
-      tma::prefetch_map(&map_w);
-      uint32_t g = 0;  // K blocks this CTA has loaded so far
-      for (int64_t t = walker; t < tiles; t += walkers) {
-        const SwigluTile u =
-            swiglu_tile_at<BM, CS>(t, tile_start, row_start, p.E, n_units, rank);
-        for (int kb = 0; kb < k_blocks; ++kb, ++g) {
-          const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held block g - S
-          if (reuse > 0) bulk::wait(empty + stage, (reuse - 1) & 1);
-          unsigned char* dst = smem + stage * Tr::kStageBytes;
-          uint64_t* bar = full + stage;
-          const int k0 = kb * BK;
-          bulk::arrive_expect_tx(bar, Tr::kStageBytes);
-          if constexpr (CS > 1) {  // this CTA's rows of the shared A box, into both CTAs
-            const int r0 = rank * Tr::kALoadRows;
-            tma::load_3d_multicast(dst + r0 * BK * 2, &map_a, k0, u.row0 + r0, 0, bar,
-                                   uint16_t((1u << CS) - 1));
-          } else {
-            tma::load_3d(dst, &map_a, k0, u.row0, 0, bar);
-          }
-          unsigned char* w_dst = dst + Tr::kABytes;
-          tma::load_3d(w_dst, &map_w, u.n0, k0, u.e, bar);
-          tma::load_3d(w_dst + Tr::kWBoxBytes, &map_w, u.n0 + 64, k0, u.e, bar);
-          tma::load_3d(w_dst + Tr::kHalfBytes, &map_w, p.I + u.n0, k0, u.e, bar);
-          tma::load_3d(w_dst + Tr::kHalfBytes + Tr::kWBoxBytes, &map_w, p.I + u.n0 + 64, k0,
-                       u.e, bar);
-        }
-      }
-      // Cluster: the CTA must not leave while the peer's consumers may still arrive on its
-      // barriers. Wait until every reader of both CTAs has released the last stages filled
-      // (the peer's multicast copies into this CTA all land before its own consumers finish).
-      // (A cluster barrier at the end instead makes ptxas spill the producer's 40 registers.)
-      if constexpr (CS > 1) {
-        for (uint32_t b = g > uint32_t(S) ? g - S : 0; b < g; ++b) {
-          bulk::wait(empty + b % S, (b / S) & 1);
-        }
-      }
-    }
-  } else {
-    wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
-    const int ctid = tid - 128, wg = ctid / 128, lane = tid & 31, q = lane & 3;
-    // The warpgroup's first row in the tile (ping-pong: the tile is the warpgroup's alone).
-    const int wg_row0 = kPingPong ? 0 : wg * 64;
-    const int warp_row0 = wg_row0 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
-    const uint32_t smem_base = mma::smem_addr(smem);
-    T* out = static_cast<T*>(p.out);
-    // A stage is free once its readers are done with it: in every CTA of the cluster, whose
-    // producers all write into it.
-    auto release = [&](uint32_t stage) {
-      if (lane != 0) return;
-      if constexpr (CS > 1) {
-#pragma unroll
-        for (int r = 0; r < CS; ++r) bulk::arrive_cluster(empty + stage, uint32_t(r));
-      } else {
-        bulk::arrive(empty + stage);
-      }
-    };
-
-    // acc[i] holds GEMM columns 8i .. 8i + 7 of the tile: i < kGroups the gate, from kGroups the
-    // up.
-    constexpr int kGroups = Tr::kBlockN / 8;
-    float acc[2 * kGroups][4];
-#pragma unroll
-    for (int i = 0; i < 2 * kGroups; ++i) {  // once: every tile's first product overwrites
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-    }
-    // j: the tile's place among the CTA's tiles (t = walker + j * walkers); every tile has
-    // k_blocks K blocks, so the ring's count g of the tile's first one is j * k_blocks.
-    // Ping-pong: warpgroup wg takes the tiles j = wg, wg + 2, ...
-    const int first = kPingPong ? wg : 0, step = kPingPong ? 2 : 1;
-    int64_t j = first;
-    for (int64_t t = walker + first * walkers; t < tiles; t += step * walkers, j += step) {
-      const SwigluTile u = swiglu_tile_at<BM, CS>(t, tile_start, row_start, p.E, n_units, rank);
-      uint32_t g = uint32_t(j) * uint32_t(k_blocks);
-      // Ping-pong: wait for the turn, i.e. until the other warpgroup has seen every K block of
-      // tile j - 1 land. Besides ordering the tensor-core turns, this keeps the parity waits
-      // below unambiguous: a stage's barrier is then never two phases behind the block awaited.
-      if (kPingPong && j > 0) wgmma::named_barrier_sync(Tr::kTurnBarrier + int(j & 1), 256);
+    if (tid != 0) return;
+    tma::prefetch_map(&map_a);
+    tma::prefetch_map(&map_w);
+    uint32_t g = 0;  // K blocks this CTA has loaded so far
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const SwigluTile u = swiglu_tile_at(t, tile_start, row_start, p.E, p.n_tiles);
       for (int kb = 0; kb < k_blocks; ++kb, ++g) {
-        const uint32_t stage = g % S;
-        bulk::wait(full + stage, (g / S) & 1);
-        if (kPingPong && kb == k_blocks - 1 && t + walkers < tiles) {  // tile j + 1's turn
-          wgmma::named_barrier_arrive(Tr::kTurnBarrier + int((j + 1) & 1), 256);
-        }
-        const uint32_t sa = smem_base + stage * Tr::kStageBytes, sw = sa + Tr::kABytes;
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          const uint64_t da = wgmma::desc_k_major<BM>(sa, wg_row0, kk);
-          const int accumulate = kb > 0 || kk > 0;  // a tile's first product overwrites
-          Mma::template ss<1>(acc, da, wgmma::desc_n_major<BK>(sw, kk), accumulate);
-        }
-        wgmma::commit();
-        wgmma::wait<1>();  // K block g - 1's products are done: its stage may be refilled
-        if (kb > 0) release((g - 1) % S);
+        const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held K block g - S
+        if (reuse > 0) bulk::wait(empty + stage, (reuse - 1) & 1);
+        unsigned char* dst = smem + stage * Tr::kStageBytes;
+        uint64_t* bar = full + stage;
+        const int k0 = kb * BK;
+        bulk::arrive_expect_tx(bar, Tr::kStageBytes);
+        tma::load_3d(dst, &map_a, k0, u.row0, 0, bar);
+        unsigned char* w_dst = dst + Tr::kABytes;
+        tma::load_3d(w_dst, &map_w, u.n0, k0, u.e, bar);
+        tma::load_3d(w_dst + Tr::kWBoxBytes, &map_w, u.n0 + 64, k0, u.e, bar);
+        tma::load_3d(w_dst + Tr::kHalfBytes, &map_w, p.I + u.n0, k0, u.e, bar);
+        tma::load_3d(w_dst + Tr::kHalfBytes + Tr::kWBoxBytes, &map_w, p.I + u.n0 + 64, k0, u.e,
+                     bar);
       }
-      wgmma::wait<0>();
-      wgmma::fence_regs(acc);
-      if (k_blocks > 0) release((g - 1) % S);
+    }
+    return;
+  }
 
-      // Epilogue: lane q of a quad ends up with 8 consecutive columns of one row
-      // (quad_transpose). Columns come in whole 8-column groups (the launcher requires I % 8 == 0).
+  wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128, wg = ctid / 128, lane = tid & 31, q = lane & 3;
+  const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
+  const uint32_t smem_base = mma::smem_addr(smem);
+  T* out = static_cast<T*>(p.out);
+  uint32_t g = 0;  // K blocks consumed so far
+
+  // acc[i] holds GEMM columns 8i .. 8i + 7 of the tile: i < kGroups the gate, from kGroups the up.
+  constexpr int kGroups = Tr::kBlockN / 8;
+  float acc[2 * kGroups][4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp_row0 + (lane >> 2) + half * 8;
-        T* dst = out + (int64_t(u.row0) + r) * p.I + u.n0 + q * 8;
+  for (int i = 0; i < 2 * kGroups; ++i) {  // once: every tile's first product overwrites
 #pragma unroll
-        for (int c0 = 0; c0 < kGroups; c0 += 4) {
-          uint32_t v[4];
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const SwigluTile u = swiglu_tile_at(t, tile_start, row_start, p.E, p.n_tiles);
+    for (int kb = 0; kb < k_blocks; ++kb, ++g) {
+      const uint32_t stage = g % S;
+      bulk::wait(full + stage, (g / S) & 1);
+      const uint32_t sa = smem_base + stage * Tr::kStageBytes, sw = sa + Tr::kABytes;
+      wgmma::fence();
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float(&gate)[4] = acc[c0 + i];
-            const float(&up)[4] = acc[kGroups + c0 + i];
-            v[i] = mma::pack2<T>(swiglu<T>(gate[2 * half], up[2 * half]),
-                                 swiglu<T>(gate[2 * half + 1], up[2 * half + 1]));
-          }
-          gdpa::quad_transpose(v, q);
-          if (r < u.rows && u.n0 + (c0 + q) * 8 < p.I) {
-            *reinterpret_cast<uint4*>(dst + c0 * 8) = make_uint4(v[0], v[1], v[2], v[3]);
-          }
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t da = wgmma::desc_k_major<BM>(sa, wg * 64, kk);
+        const int accumulate = kb > 0 || kk > 0;  // a tile's first product overwrites
+        Mma::template ss<1>(acc, da, wgmma::desc_n_major<BK>(sw, kk), accumulate);
+      }
+      wgmma::commit();
+      wgmma::wait<1>();  // K block g - 1's products are done: its stage may be refilled
+      if (kb > 0 && lane == 0) bulk::arrive(empty + (g - 1) % S);
+    }
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc);
+    if (k_blocks > 0 && lane == 0) bulk::arrive(empty + (g - 1) % S);
+
+    // Epilogue: lane q of a quad ends up with 8 consecutive columns of one row (quad_transpose).
+    // Columns come in whole 8-column groups (the launcher requires I % 8 == 0).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = warp_row0 + (lane >> 2) + half * 8;
+      T* dst = out + (int64_t(u.row0) + r) * p.I + u.n0 + q * 8;
+#pragma unroll
+      for (int c0 = 0; c0 < kGroups; c0 += 4) {
+        uint32_t v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float(&gate)[4] = acc[c0 + i];
+          const float(&up)[4] = acc[kGroups + c0 + i];
+          v[i] = mma::pack2<T>(swiglu<T>(gate[2 * half], up[2 * half]),
+                               swiglu<T>(gate[2 * half + 1], up[2 * half + 1]));
+        }
+        gdpa::quad_transpose(v, q);
+        if (r < u.rows && u.n0 + (c0 + q) * 8 < p.I) {
+          *reinterpret_cast<uint4*>(dst + c0 * 8) = make_uint4(v[0], v[1], v[2], v[3]);
         }
       }
     }
+  }
 
-    // Rows before S(0) and from S(E) on belong to no expert: zeros, spread over the grid.
-    const int64_t lo = row_start[0], hi = row_start[p.E];
-    const int64_t chunks_per_row = p.I / 8;
-    const int64_t outside = (lo + (p.M - hi)) * chunks_per_row;
-    for (int64_t c = int64_t(blockIdx.x) * Tr::kConsumerThreads + ctid; c < outside;
-         c += int64_t(gridDim.x) * Tr::kConsumerThreads) {
-      const int64_t rr = c / chunks_per_row, row = rr < lo ? rr : hi + (rr - lo);
-      *reinterpret_cast<uint4*>(out + row * p.I + (c % chunks_per_row) * 8) =
-          make_uint4(0, 0, 0, 0);
-    }
+  // Rows before S(0) and from S(E) on belong to no expert: zeros, spread over the grid.
+  const int64_t lo = row_start[0], hi = row_start[p.E];
+  const int64_t chunks_per_row = p.I / 8;
+  const int64_t outside = (lo + (p.M - hi)) * chunks_per_row;
+  for (int64_t c = int64_t(blockIdx.x) * Tr::kConsumerThreads + ctid; c < outside;
+       c += int64_t(gridDim.x) * Tr::kConsumerThreads) {
+    const int64_t rr = c / chunks_per_row, row = rr < lo ? rr : hi + (rr - lo);
+    *reinterpret_cast<uint4*>(out + row * p.I + (c % chunks_per_row) * 8) = make_uint4(0, 0, 0, 0);
   }
 #endif
 }
 
 // Launches the persistent grid: one CTA per SM (the shared memory allows no second), at most one
-// per tile of the upper bound ceil(M / kBlockM) + E row tiles; kCluster: clusters of 2, as many
-// as can be resident at once (cudaOccupancyMaxActiveClusters), at most one per tile pair.
-// `map_a`: a as {H, M, 1} with boxes {64, kALoadRows, 1}; `map_w`: W as {2I, H, E} with boxes
-// {64, 64, 1}; both sw128 (tma_map.h).
-template <typename T, typename index_t, SwigluVariant V>
+// per tile of the upper bound ceil(M / kBlockM) + E row tiles. `map_a`: a as {H, M, 1} with boxes
+// {64, 128, 1}; `map_w`: W as {2I, H, E} with boxes {64, 64, 1}; both sw128 (tma_map.h).
+template <typename T, typename index_t>
 cudaError_t launch_grouped_gemm_swiglu(const SwigluGemmParams& p, const CUtensorMap& map_a,
                                        const CUtensorMap& map_w, int sms, cudaStream_t stream) {
-  using Tr = SwigluGemmTraits<V>;
-  constexpr int CS = Tr::kClusterSize;
-  auto kernel = grouped_gemm_swiglu_kernel<T, index_t, V>;
+  using Tr = SwigluGemmTraits;
+  auto kernel = grouped_gemm_swiglu_kernel<T, index_t>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t units = (p.n_tiles + CS - 1) / CS;
-  const int64_t bound = ((p.M + Tr::kBlockM - 1) / Tr::kBlockM + p.E) * units;
-  if constexpr (CS == 1) {
-    const int64_t grid = bound < sms ? bound : sms;
-    kernel<<<unsigned(grid > 0 ? grid : 1), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, map_a,
-                                                                                     map_w);
-    return cudaGetLastError();
-  } else {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = CS;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(sms / CS * CS));
-    config.blockDim = dim3(Tr::kThreads);
-    config.dynamicSmemBytes = Tr::kSmemBytes;
-    config.stream = stream;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-    if (err != cudaSuccess) return err;
-    if (clusters < 1) return cudaErrorInvalidConfiguration;
-    const int64_t n = bound < clusters ? (bound > 0 ? bound : 1) : clusters;
-    config.gridDim = dim3(unsigned(n * CS));
-    return cudaLaunchKernelEx(&config, kernel, p, map_a, map_w);
-  }
+  const int64_t bound = ((p.M + Tr::kBlockM - 1) / Tr::kBlockM + p.E) * int64_t(p.n_tiles);
+  const int64_t grid = bound < sms ? bound : sms;
+  kernel<<<unsigned(grid > 0 ? grid : 1), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, map_a, map_w);
+  return cudaGetLastError();
 }
 
 }  // namespace moe
