@@ -66,6 +66,37 @@ TORCH_LIBRARY(attnkit, m) {
       "float softcap=0.0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
       "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, "
       "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+  // Private (docs/ops.md, "Kernel choice"): the same calls on a named kernel with the launch
+  // options of the warp-specialised kernels (kernels/flash/choose.h, launch_options.h), so tests
+  // and benchmarks pick kernels and schedules without environment variables. kernel: auto |
+  // portable | sm80 | sm90 (the best sm90 kernel that can take the call) | sm90_cp_async |
+  // sm90_ws; a named kernel that cannot take the call raises. "auto" is the launcher's own choice
+  // (the public ops: ATTNKIT_FLASH_KERNEL, else auto) and the defaults are the public ops'.
+  m.def(
+      "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
+      "bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, "
+      "SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, Tensor? block_table=None, "
+      "Tensor? s_aux=None, Tensor? k_descale=None, Tensor? v_descale=None, "
+      "bool deterministic=False, str kernel=\"auto\", int max_ctas=0, bool ping_pong=True, "
+      "bool persistent=True, bool three_wg=False, bool paired=True) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_flash_attn_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, "
+      "Tensor? seqused_k=None, bool deterministic=False, str kernel=\"auto\", int max_tiles=0) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
+  // the kernel that would run, or a RuntimeError with the reason a named kernel cannot take such a
+  // call. Takes no tensor, so every build answers it on the CPU. The defaults describe a bf16 call
+  // at head dim 128 that every kernel can take, on a 9.0 device of an sm_90a build.
+  m.def(
+      "_flash_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
+      "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "
+      "bool scale_positive=True, bool mma_ok=True, bool maps_ok=True, bool k_has_rows=True, "
+      "bool deterministic=False, bool smem_sm80=True, bool smem_sm90=True, "
+      "bool smem_sm90ws=True) -> str");
 
   // ---- MoE routing, DESIGN §3.4 ----
   m.def(

@@ -1,139 +1,114 @@
-"""Flash attention's CUDA tensor-core paths (docs/ops.md, "CUDA paths"), chosen by environment
-switches: the family's samples forward and backward on every path, several 128-row / 128-key
-tiles forward and backward, and which backward kernel each switch launches (read from the
-profiler). The warp-specialised kernels' own tests are in test_flash_cuda_ws.py."""
-import os
-
+"""Flash attention's CUDA kernels (docs/ops.md, "CUDA paths" and "Kernel choice"), each pinned
+through the private ops (_flash_attn_fwd_with / _flash_attn_bwd_with with kernel=): the family's
+samples forward and backward on every kernel (a named tensor-core kernel refuses, with the
+reason, the samples whose head dim it is not built for), and several 128-row / 128-key tiles
+forward and backward. A kernel this device or build lacks is skipped. Which kernel auto picks
+is tests/test_flash_choose.py's; the warp-specialised kernels' schedules are
+test_flash_cuda_ws.py's."""
 import pytest
 import torch
 
-from attnkit import flash_attn_varlen_func
 from attnkit.reference import flash_attn_ref
 from attnkit.testing import assert_close
 from conftest import poison_allocator
-from samples.flash import (CUDA_PATHS, FWD, HALF_DTYPES, HAS_CUDA, HOPPER, POISON_BYTES,
-                           check_forward, dtype_id, rand, ref_kwargs, sample_inputs,
-                           set_kernel_path, varlen_inputs)
+from samples.flash import (FWD_WITH, HALF_DTYPES, HAS_CUDA, POISON_BYTES, check_forward, dtype_id,
+                           grads_with, kernel_params, rand, ref_kwargs, sample_inputs,
+                           varlen_inputs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 
-@pytest.mark.parametrize("path", CUDA_PATHS)
+def ref_grads(q, k, v, g, **kwargs):
+    """The reference's autograd gradients (fp32) of flash_attn_ref(q, k, v, **kwargs)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = flash_attn_ref(*leaves, **kwargs)[0]
+    grads = torch.autograd.grad(ref, leaves, g.float(), allow_unused=True)
+    return [torch.zeros_like(t, dtype=torch.float32) if d is None else d
+            for t, d in zip(leaves, grads)]
+
+
+@pytest.mark.parametrize("kernel", ["auto"] + kernel_params())
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-def test_cuda_paths_samples(path, dtype, monkeypatch):
+def test_cuda_paths_samples(kernel, dtype):
     """Every sample (views, varlen, GQA 1-8, windows, softcap, head dims 24-128) forward (out, lse)
-    and backward (dq, dk, dv) on each path, against the reference."""
-    set_kernel_path(monkeypatch, path)
-    for s in sample_inputs("cuda", dtype, requires_grad=True):
-        out, _ = check_forward(*s.args, what=f"{path} {s.name}", **s.kwargs)
+    and backward (dq, dk, dv) on each kernel, against the reference; a tensor-core kernel named
+    for a head dim other than 64 / 128 raises, naming itself and the reason."""
+    for s in sample_inputs("cuda", dtype):
+        q, k, v = s.args
+        if kernel not in ("auto", "portable") and q.shape[-1] not in (64, 128):
+            with pytest.raises(RuntimeError, match=f"kernel {kernel} .*cannot take this call: "
+                                                   "it needs head dim 64 or 128"):
+                FWD_WITH(q, k, v, kernel=kernel, **s.kwargs)
+            continue
+        out, lse = check_forward(q, k, v, what=f"{kernel} {s.name}", kernel=kernel, **s.kwargs)
         g = torch.randn_like(out)
         poison_allocator("cuda", POISON_BYTES)
-        grads = torch.autograd.grad(out, s.args, g)
-        ref = flash_attn_ref(*s.args, **ref_kwargs(s.kwargs))[0]
-        ref_grads = torch.autograd.grad(ref, s.args, g.float(), allow_unused=True)
-        for name, a, b in zip("qkv", grads, ref_grads):
-            b = torch.zeros_like(a, dtype=torch.float32) if b is None else b
-            assert_close(a, b, dtype, f"{path} {s.name} d{name}")
+        grads = grads_with(kernel, g, q, k, v, out, lse, **s.kwargs)
+        for name, a, b in zip("qkv", grads, ref_grads(q, k, v, g, **ref_kwargs(s.kwargs))):
+            assert_close(a, b, dtype, f"{kernel} {s.name} d{name}")
 
 
-@pytest.mark.parametrize("path", ["default", "cp_async", "mma_sync"])
+@pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70), (0, 0)], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_cuda_forward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
-    """The CUDA tensor-core forwards (on sm_90a: the default warp-specialised kernel and the
-    cp.async wgmma kernel, ATTNKIT_FLASH_FWD_WS=0; the mma.sync kernel forced
-    by ATTNKIT_FLASH_WGMMA=0) over several 128-row / 128-key tiles, Sq != Sk both ways, and varlen
+def test_cuda_forward_paths_multi_tile(kernel, dtype, head_dim, window, softcap):
+    """Each CUDA forward over several 128-row / 128-key tiles, Sq != Sk both ways, and varlen
     with empty and one-row sequences."""
-    if path == "mma_sync":
-        monkeypatch.setenv("ATTNKIT_FLASH_WGMMA", "0")
-    if path == "cp_async":
-        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "0")
     for sq, sk in [(700, 515), (515, 700), (129, 129)]:
         q = rand(2, sq, 4, head_dim, device="cuda", dtype=dtype)
         k = rand(2, sk, 2, head_dim, device="cuda", dtype=dtype)
         v = rand(2, sk, 2, head_dim, device="cuda", dtype=dtype)
-        check_forward(q, k, v, f"{sq}x{sk}", window_left=window[0], window_right=window[1],
-                      softcap=softcap)
+        check_forward(q, k, v, f"{kernel} {sq}x{sk}", kernel=kernel, window_left=window[0],
+                      window_right=window[1], softcap=softcap)
     lens = [300, 0, 1, 257, 128]
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
     q = rand(sum(lens), 4, head_dim, device="cuda", dtype=dtype)
     k = rand(sum(lens), 1, head_dim, device="cuda", dtype=dtype)
     v = rand(sum(lens), 1, head_dim, device="cuda", dtype=dtype)
-    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=window == (-1, 0),
-                                 softcap=softcap)
+    causal = window == (-1, 0)
+    out, _ = FWD_WITH(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
+                      max_seqlen_k=max(lens), causal=causal, softcap=softcap, kernel=kernel)
     for i, n in enumerate(lens):
         a, b = int(cu[i]), int(cu[i + 1])
         if n == 0:
             continue
-        ref, _ = flash_attn_ref(q[None, a:b], k[None, a:b], v[None, a:b], None, window == (-1, 0),
-                                -1, -1, softcap)
-        assert_close(out[a:b], ref[0], dtype, f"varlen out, sequence {i}")
+        ref, _ = flash_attn_ref(q[None, a:b], k[None, a:b], v[None, a:b], None, causal, -1, -1,
+                                softcap)
+        assert_close(out[a:b], ref[0], dtype, f"{kernel} varlen out, sequence {i}")
 
 
-@pytest.mark.parametrize("path", ["default", "cp_async", "mma_sync"])
+@pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0), (130, 70)], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_cuda_backward_paths_multi_tile(path, dtype, head_dim, window, softcap, monkeypatch):
-    """The CUDA tensor-core backwards (on sm_90a: the default warp-specialised kernel and the
-    cp.async wgmma kernel, ATTNKIT_FLASH_BWD_WS=0; the mma.sync kernel forced by
-    ATTNKIT_FLASH_WGMMA_BWD=0) against the reference's autograd: several
-    128-key tiles and 64-row query steps, ragged ends, Sq != Sk both ways, GQA (1, 2 and 4 query
-    heads per kv head), and varlen with empty and one-row sequences (rows no sequence covers get
-    zero gradient)."""
-    if path == "mma_sync":
-        monkeypatch.setenv("ATTNKIT_FLASH_WGMMA_BWD", "0")
-    if path == "cp_async":
-        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "0")
-    args = (None, False, *window, softcap)
-    for sq, sk, h, hkv in [(300, 300, 4, 1), (1000, 1000, 2, 2), (515, 700, 4, 2), (700, 515, 4, 4)]:
-        q = rand(2, sq, h, head_dim, device="cuda", dtype=dtype).requires_grad_()
-        k = rand(2, sk, hkv, head_dim, device="cuda", dtype=dtype).requires_grad_()
-        v = rand(2, sk, hkv, head_dim, device="cuda", dtype=dtype).requires_grad_()
+def test_cuda_backward_paths_multi_tile(kernel, dtype, head_dim, window, softcap):
+    """Each CUDA backward (its forward on the same kernel) against the reference's autograd:
+    several 128-key tiles and 64-row query steps, ragged ends, Sq != Sk both ways, GQA (1, 2 and
+    4 query heads per kv head), and varlen with empty and one-row sequences (rows no sequence
+    covers get zero gradient)."""
+    kw = dict(window_left=window[0], window_right=window[1], softcap=softcap)
+    shapes = [(300, 300, 4, 1), (1000, 1000, 2, 2), (515, 700, 4, 2), (700, 515, 4, 4)]
+    for sq, sk, h, hkv in shapes:
+        q = rand(2, sq, h, head_dim, device="cuda", dtype=dtype)
+        k = rand(2, sk, hkv, head_dim, device="cuda", dtype=dtype)
+        v = rand(2, sk, hkv, head_dim, device="cuda", dtype=dtype)
         g = rand(2, sq, h, head_dim, device="cuda", dtype=dtype)
+        out, lse = FWD_WITH(q, k, v, kernel=kernel, **kw)
         poison_allocator("cuda", POISON_BYTES)
-        grads = torch.autograd.grad(FWD(q, k, v, *args)[0], (q, k, v), g)
-        ref_grads = torch.autograd.grad(flash_attn_ref(q, k, v, *args)[0], (q, k, v), g.float())
-        for name, a, b in zip("qkv", grads, ref_grads):
+        grads = grads_with(kernel, g, q, k, v, out, lse, **kw)
+        for name, a, b in zip("qkv", grads, ref_grads(q, k, v, g, **kw)):
             assert torch.isfinite(a).all(), f"d{name} {sq}x{sk}: not finite"
-            assert_close(a, b, dtype, f"d{name} {sq}x{sk} H={h} Hkv={hkv}")
+            assert_close(a, b, dtype, f"{kernel} d{name} {sq}x{sk} H={h} Hkv={hkv}")
     q, k, v, cu_q, cu_k = varlen_inputs("cuda", dtype, [300, 0, 1, 257, 128], [300, 0, 1, 200, 400],
-                                        H=4, Hkv=1, D=head_dim, requires_grad=True)
+                                        H=4, Hkv=1, D=head_dim)
+    vkw = dict(kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     g = torch.randn_like(q)
+    out, lse = FWD_WITH(q, k, v, kernel=kernel, max_seqlen_q=300, max_seqlen_k=400, **vkw)
     poison_allocator("cuda", POISON_BYTES)
-    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 400, window_size=window, softcap=softcap)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    ref = flash_attn_ref(q, k, v, *args, cu_q, cu_k)[0]
-    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
-    for name, a, b in zip("qkv", grads, ref_grads):
-        assert_close(a, b, dtype, f"varlen d{name}")
+    grads = grads_with(kernel, g, q, k, v, out, lse, max_seqlen_q=300, max_seqlen_k=400, **vkw)
+    for name, a, b in zip("qkv", grads, ref_grads(q, k, v, g, **vkw)):
+        assert_close(a, b, dtype, f"{kernel} varlen d{name}")
     assert all((a[-3:] == 0).all() for a in grads), "rows outside every sequence"
-
-
-@pytest.mark.skipif(os.environ.get("ATTNKIT_FLASH_SIMT") == "1", reason="portable kernels forced")
-def test_cuda_backward_path_switch(monkeypatch):
-    """ATTNKIT_FLASH_WGMMA_BWD=0 keeps both Hopper backward kernels off (the kernels launched are
-    read from the profiler); by default an sm_90 device of an sm_90a build runs the
-    warp-specialised one (HOPPER: the build's targets come from ATTNKIT_CUDA_ARCHS)."""
-    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    k = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    v = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    g = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-
-    def kernels():  # bwd_kernel (mma::, wg::) and bwd_ws_kernel (ws::)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            torch.autograd.grad(FWD(q, k, v, None, False, -1, -1)[0], (q, k, v), g)
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages() if "bwd_kernel" in e.key or "bwd_ws_kernel" in e.key]
-
-    default = kernels()
-    assert default, "the profiler reported no backward kernel"
-    if HOPPER:
-        assert any("bwd_ws_kernel" in n for n in default), default
-    monkeypatch.setenv("ATTNKIT_FLASH_WGMMA_BWD", "0")
-    off = kernels()
-    assert any("mma::bwd_kernel" in n for n in off), off
-    assert not any("wg::bwd_kernel" in n or "bwd_ws_kernel" in n for n in off), off

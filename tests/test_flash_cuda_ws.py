@@ -1,9 +1,10 @@
-"""Flash attention's warp-specialised Hopper kernels (docs/ops.md): the forward (fwd_ws.cuh,
-ATTNKIT_FLASH_FWD_WS) and the backward (bwd_ws.cuh, ATTNKIT_FLASH_BWD_WS), the defaults on an
-sm_90 device of an sm_90a build: every schedule, window, softcap, GQA 1 / 4, Sq != Sk, views,
-rows without keys, varlen with NaN-poisoned neighbours, garbage offsets, fallbacks, and the
-switches (kernels launched, read from the profiler)."""
-import os
+"""Flash attention's warp-specialised Hopper kernels (kernels/flash/fwd_ws.cuh, bwd_ws.cuh: the
+kernel sm90_ws, the default on an sm_90 device of an sm_90a build), pinned through the private
+ops with kernel="sm90_ws", so a silent fallback to another kernel cannot pass: every schedule of
+the launch options, window, softcap, GQA 1 / 4, Sq != Sk, views, rows without keys, varlen with
+NaN-poisoned neighbours, garbage offsets; where sm90_ws cannot run, the refusal and the "sm90"
+request's fallback to sm90_cp_async. Which kernel auto picks is tests/test_flash_choose.py's."""
+import functools
 
 import pytest
 import torch
@@ -11,34 +12,29 @@ import torch
 from attnkit.reference import flash_attn_ref
 from attnkit.testing import assert_close, assert_lse_close
 from conftest import poison_allocator
-from samples.flash import BWD, FWD, HAS_CUDA, HOPPER, POISON_BYTES, approx_tanh, dtype_id, rand
+from samples.flash import (BWD_WITH, FWD, FWD_WITH, HOPPER, POISON_BYTES, approx_tanh, dtype_id,
+                           rand)
 
 # ---------------------------------------------------------------------------------------------
-# the warp-specialised Hopper forward (fwd_ws.cuh, ATTNKIT_FLASH_FWD_WS: the default)
+# the warp-specialised Hopper forward (fwd_ws.cuh)
 # ---------------------------------------------------------------------------------------------
 # It needs an sm_90 device and a build with sm_90a code (samples.flash.HOPPER).
-# Every test of it sets ATTNKIT_FLASH_FWD_WS=require, so a silent fallback to wgmma_fwd.cuh
-# cannot pass.
 WS_READY = HOPPER
-WS_WHY = "the warp-specialised forward: sm_90 device + sm_90a build"
-# Every forward schedule of ws_schedule (the batched and varlen tests run them all).
-WS_SCHEDULES = ["pingpong", "free", "grid", "few", "wg3", "single", "single_few"]
+WS_WHY = "the warp-specialised kernels: sm_90 device + sm_90a build"
+# The forward's schedules, as launch options of _flash_attn_fwd_with: "pingpong" (the defaults),
+# "free" (the consumers take no turns), "grid" (one CTA per item), "few" (at most 3 CTAs: each
+# walks many units, so the rings' phases wrap and units follow each other), "wg3" (head dim 64
+# with 3 consumer warpgroups instead of 2; at 128 the same as "pingpong"), "single" /
+# "single_few" (work items of one query tile instead of the default pair; with 3 CTAs).
+WS_SCHEDULES = {"pingpong": {}, "free": dict(ping_pong=False), "grid": dict(persistent=False),
+                "few": dict(max_ctas=3), "wg3": dict(three_wg=True), "single": dict(paired=False),
+                "single_few": dict(paired=False, max_ctas=3)}
 WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
-def ws_schedule(monkeypatch, schedule):
-    """ATTNKIT_FLASH_FWD_WS=require (a silent fallback cannot pass) and the variant's switches:
-    "pingpong" (the default), "free" (no turns), "grid" (one CTA per item), "few" (at most 3
-    CTAs: each walks many units, so the rings' phases wrap and units follow each other), "wg3"
-    (head dim 64 with 3 consumer warpgroups instead of 2; at 128 the same as "pingpong"),
-    "single" / "single_few" (work items of one query tile instead of the default pair,
-    ATTNKIT_FLASH_FWD_WS_PAIRS=0; with 3 CTAs)."""
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_CTAS", "3" if schedule.endswith("few") else "0")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_WG3", "1" if schedule == "wg3" else "0")
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS_PAIRS", "0" if schedule.startswith("single") else "1")
+def ws_fwd(schedule):
+    """flash_attn_fwd on sm90_ws with `schedule`'s launch options (positional arguments as FWD)."""
+    return functools.partial(FWD_WITH, kernel="sm90_ws", **WS_SCHEDULES[schedule])
 
 
 def ws_batched_inputs(D, dtype):
@@ -52,105 +48,83 @@ def ws_batched_inputs(D, dtype):
             yield sq, sk, hkv, q, k, v
 
 
-def check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
+def check_fwd(fwd, q, k, v, causal, window, softcap, dtype, what, cu_q=None, cu_k=None, mq=None,
               mk=None):
+    """fwd (a flash_attn_fwd-like op) against the reference, out and lse, on a NaN-poisoned
+    allocator."""
     poison_allocator("cuda", POISON_BYTES)
-    out, lse = FWD(q, k, v, None, causal, *window, softcap, cu_q, cu_k, mq, mk)
+    out, lse = fwd(q, k, v, None, causal, *window, softcap, cu_q, cu_k, mq, mk)
     ref, ref_lse = flash_attn_ref(q, k, v, None, causal, *window, softcap, cu_q, cu_k)
     assert_close(out, ref, dtype, what)
     assert_lse_close(lse, ref_lse, f"{what} lse", approx_tanh=approx_tanh("cuda", softcap))
     return out, lse
 
 
-def ws_kernel_launched(monkeypatch, env, value, kernel, run):
-    """Whether `run()`, with `env` set to `value` (None: unset), launches a kernel whose name
-    contains `kernel` (read from the profiler)."""
-    if value is None:
-        monkeypatch.delenv(env, raising=False)
-    else:
-        monkeypatch.setenv(env, value)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return any(kernel in e.key for e in prof.key_averages())
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("D", [64, 128])
-def test_cuda_forward_warp_specialised_switch(D, monkeypatch):
-    """ATTNKIT_FLASH_FWD_WS "0" never runs the warp-specialised forward; unset, "" or "1" run it
-    exactly where it can (sm_90 + sm_90a build). Runs on every device (elsewhere it must never
-    launch)."""
-    q = rand(1, 256, 2, D, device="cuda", dtype=torch.bfloat16)
-    run = lambda: FWD(q, q, q, None, True, -1, -1)
-    for value, on in [("0", False), (None, True), ("", True), ("1", True)]:
-        launched = ws_kernel_launched(monkeypatch, "ATTNKIT_FLASH_FWD_WS", value, "fwd_ws_kernel",
-                                      run)
-        assert launched == (on and WS_READY), f"ATTNKIT_FLASH_FWD_WS={value!r}, D={D}"
-
-
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("schedule", WS_SCHEDULES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_forward_warp_specialised(schedule, D, dtype, monkeypatch):
+def test_cuda_forward_warp_specialised(schedule, D, dtype):
     """The warp-specialised Hopper forward, batched: every window of WS_WINDOWS (causal,
     window_left = 0, window_right = 0, both, wide and narrow windows), also through causal=True,
     softcap on and off, GQA 1 and 4, Sq != Sk both ways and a one-row query, against the
     reference (out and lse) on a NaN-poisoned output allocation."""
-    ws_schedule(monkeypatch, schedule)
+    fwd = ws_fwd(schedule)
     for sq, sk, hkv, q, k, v in ws_batched_inputs(D, dtype):
         for window in WS_WINDOWS:
             for softcap in (0.0, 5.0):
-                check_fwd(q, k, v, False, window, softcap, dtype,
+                check_fwd(fwd, q, k, v, False, window, softcap, dtype,
                           f"out {sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
-        check_fwd(q, k, v, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
-        check_fwd(q, k, v, True, (64, -1), 0.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+        check_fwd(fwd, q, k, v, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
+        check_fwd(fwd, q, k, v, True, (64, -1), 0.0, dtype, f"causal=True, left 64, {sq}x{sk}")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_forward_warp_specialised_views(D, dtype, monkeypatch):
+def test_cuda_forward_warp_specialised_views(D, dtype):
     """Batched views the copy engine can address (the 4-D maps take every stride): q as
     [B, H, S, D] transposed (head stride above the row stride), k and v as column slices of wider
     rows, a permuted batch, and B = 1 / H = 1 (extent-1 dims with any stride)."""
-    ws_schedule(monkeypatch, "pingpong")
+    fwd = ws_fwd("pingpong")
     B, H, S = 3, 4, 300
     q = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
     k = rand(B, S, 2, D + 64, device="cuda", dtype=dtype)[..., :D]
     v = rand(S, B, 2, D + 32, device="cuda", dtype=dtype)[..., 16:16 + D].transpose(0, 1)
     assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
     for causal in (False, True):
-        check_fwd(q, k, v, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
-        check_fwd(q, k, v, False, (100, 3), 0.0, dtype, "views window")
-    check_fwd(q[:1], k[:1], v[:1], True, (-1, -1), 0.0, dtype, "B = 1")
-    check_fwd(q[:, :, :1], k[:, :, :1], v[:, :, :1], False, (-1, -1), 0.0, dtype, "H = 1")
+        check_fwd(fwd, q, k, v, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
+        check_fwd(fwd, q, k, v, False, (100, 3), 0.0, dtype, "views window")
+    check_fwd(fwd, q[:1], k[:1], v[:1], True, (-1, -1), 0.0, dtype, "B = 1")
+    check_fwd(fwd, q[:, :, :1], k[:, :, :1], v[:, :, :1], False, (-1, -1), 0.0, dtype, "H = 1")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("schedule", ["pingpong", "few", "wg3", "single_few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype, monkeypatch):
+def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype):
     """Rows that see no key: whole query tiles (units with no key tile: no loads, the consumers
     store 0 / -inf; with "few" CTAs such units sit between units with key tiles, whose last P·V
     is still pending) and single rows inside tiles that see keys; output exactly 0, lse -inf."""
-    ws_schedule(monkeypatch, schedule)
+    fwd = ws_fwd(schedule)
     q = rand(2, 600, 4, D, device="cuda", dtype=dtype)
     k = rand(2, 150, 2, D, device="cuda", dtype=dtype)
     v = rand(2, 150, 2, D, device="cuda", dtype=dtype)
     # Causal with Sq > Sk: rows i < 450 see no key (tiles 0-2 entirely, tile 3 in part).
     for causal, window in [(True, (-1, -1)), (False, (0, 0)), (False, (-1, 0)), (False, (3, -1))]:
-        out, lse = check_fwd(q, k, v, causal, window, 0.0, dtype, f"no keys {causal} {window}")
+        out, lse = check_fwd(fwd, q, k, v, causal, window, 0.0, dtype,
+                             f"no keys {causal} {window}")
         if window != (3, -1):
             assert (out[:, :450] == 0).all(), "rows without keys must be 0"
             assert torch.isinf(lse[:, :, :450]).all() and (lse[:, :, :450] < 0).all()
-    # Sk = 0 (no rows for a map: ATTNKIT_FLASH_FWD_WS=1 falls back); varlen sequences without
-    # keys (whole sequences of key-less units) are in test_cuda_forward_warp_specialised_varlen.
+    # Sk = 0 (no rows for a map): sm90_ws refuses, "sm90" falls back to sm90_cp_async; varlen
+    # sequences without keys (whole sequences of key-less units) are in
+    # test_cuda_forward_warp_specialised_varlen.
     k0, v0 = k[:, :0], v[:, :0]
-    monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "1")
-    out, lse = FWD(q, k0, v0, None, False, -1, -1)
+    with pytest.raises(RuntimeError, match="kernel sm90_ws .*cannot take this call: .*one row"):
+        fwd(q, k0, v0, None, False, -1, -1)
+    out, lse = FWD_WITH(q, k0, v0, None, False, -1, -1, kernel="sm90")
     assert (out == 0).all() and torch.isinf(lse).all()
 
 
@@ -179,11 +153,11 @@ def poisoned_varlen(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=torch
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
-def test_cuda_forward_warp_specialised_varlen(schedule, D, dtype, index_dtype, monkeypatch):
+def test_cuda_forward_warp_specialised_varlen(schedule, D, dtype, index_dtype):
     """Varlen with zero-length and one-row sequences, query and key lengths that differ, GQA 4,
     NaN-poisoned neighbours (the boxes read past every sequence's end), windows and softcap;
     rows past the last offset stay 0 / -inf; hints below the lengths give the same result."""
-    ws_schedule(monkeypatch, schedule)
+    fwd = ws_fwd(schedule)
     lens_q = [0, 1, 77, 128, 129, 300, 1000, 5, 0]
     lens_k = [5, 1, 129, 1000, 0, 77, 300, 1, 0]
     q, k, v, cu_q, cu_k, mq, mk = poisoned_varlen(dtype, lens_q, lens_k, 4, 1, D,
@@ -192,11 +166,12 @@ def test_cuda_forward_warp_specialised_varlen(schedule, D, dtype, index_dtype, m
                                     (False, (0, 0), 0.0), (False, (200, 0), 5.0),
                                     (False, (130, 70), 0.0), (False, (0, -1), 5.0)]:
         what = f"varlen causal={causal} window={window} softcap={softcap}"
-        out, lse = check_fwd(q, k, v, causal, window, softcap, dtype, what, cu_q, cu_k, mq, mk)
+        out, lse = check_fwd(fwd, q, k, v, causal, window, softcap, dtype, what, cu_q, cu_k, mq,
+                             mk)
         end = int(cu_q[-1])
         assert (out[end:] == 0).all(), f"{what}: rows past the last sequence must be 0"
         assert torch.isinf(lse[:, end:]).all(), f"{what}: lse past the last sequence must be -inf"
-        small, small_lse = FWD(q, k, v, None, causal, *window, softcap, cu_q, cu_k, 1, 1)
+        small, small_lse = fwd(q, k, v, None, causal, *window, softcap, cu_q, cu_k, 1, 1)
         assert torch.equal(out, small) and torch.equal(lse, small_lse), "hints changed the result"
 
 
@@ -216,57 +191,61 @@ def garbage_cu_seqlens_cases(D, T=300):
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("D,schedule", [(64, "pingpong"), (64, "wg3"), (128, "pingpong"), (128, "single_few")])
-def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule, monkeypatch):
+def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule):
     """Garbage cu_seqlens are clamped: the warp-specialised forward stays in bounds (the tensor
     maps bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
-    ws_schedule(monkeypatch, schedule)
+    fwd = ws_fwd(schedule)
     for bad, q, kv, cu, causal in garbage_cu_seqlens_cases(D):
-        out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, q.shape[0], q.shape[0])
+        out, lse = fwd(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, q.shape[0], q.shape[0])
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), bad
         assert not torch.isnan(lse).any(), bad
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
+def test_cuda_forward_warp_specialised_falls_back():
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
-    express; head dim 96) ATTNKIT_FLASH_FWD_WS=1 keeps the other kernels with the same results,
-    and "require" raises a RuntimeError that names the variable."""
+    express; head dim 96) "sm90_ws" raises a RuntimeError naming the kernel and the reason, "sm90"
+    takes sm90_cp_async where that can run (stride 0) and raises where it cannot (head dim 96),
+    and auto keeps the other kernels with the same results."""
     for D in (128, 64, 96):
         q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
         k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         if D != 96:
             k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
-        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "1")
-        check_fwd(q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
-        monkeypatch.setenv("ATTNKIT_FLASH_FWD_WS", "require")
-        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_FWD_WS=require"):
-            FWD(q, k, v, None, True, -1, -1)
+        check_fwd(FWD, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
+        why = "tensor map" if D != 96 else "head dim 64 or 128"
+        with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
+            FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90_ws")
+        if D != 96:
+            fwd = functools.partial(FWD_WITH, kernel="sm90")
+            check_fwd(fwd, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"sm90 fallback D={D}")
+        else:
+            with pytest.raises(RuntimeError, match="kernel sm90 .*head dim 64 or 128"):
+                FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90")
 
 
 # ---------------------------------------------------------------------------------------------
-# the warp-specialised Hopper backward (bwd_ws.cuh, ATTNKIT_FLASH_BWD_WS: the default)
+# the warp-specialised Hopper backward (bwd_ws.cuh)
 # ---------------------------------------------------------------------------------------------
-# Every test of it sets ATTNKIT_FLASH_BWD_WS=require, so a silent fallback to wgmma_bwd.cuh
-# cannot pass; the forward runs the default kernels.
+# Every test of it runs _flash_attn_bwd_with(kernel="sm90_ws"); the forward is auto's.
 WS_BWD_WHY = "the warp-specialised backward: sm_90 device + sm_90a build"
 
 
-def ws_bwd_schedule(monkeypatch, schedule):
-    """"grid": one CTA per 128-key tile; "few": ATTNKIT_FLASH_BWD_WS_TILES=1, each CTA walks
-    all key tiles of its (kv head, sequence), so the K / V barrier and the step ring wrap."""
-    monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
-    monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
-    monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS_TILES", "1" if schedule == "few" else "0")
+def ws_bwd(schedule):
+    """flash_attn_bwd on sm90_ws: "grid", one CTA per 128-key tile; "few", max_tiles=1, each CTA
+    walks all key tiles of its (kv head, sequence), so the K / V barrier and the step ring wrap."""
+    return functools.partial(BWD_WITH, kernel="sm90_ws", max_tiles=1 if schedule == "few" else 0)
 
 
-def ws_bwd_grads(q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None, mq=None, mk=None):
-    """dq, dk, dv of the CUDA backward (forward by the default kernels)."""
+def ws_bwd_grads(bwd, q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None, mq=None,
+                 mk=None):
+    """dq, dk, dv of `bwd` (a flash_attn_bwd-like op; the forward by auto's kernels)."""
     args = (None, causal, *window, softcap, cu_q, cu_k, mq, mk)
-    out, lse = FWD(q, k, v, *args)
+    out, lse = FWD_WITH(q, k, v, *args)
     poison_allocator("cuda", POISON_BYTES)
-    return BWD(dout, q, k, v, out, lse, *args)
+    return bwd(dout, q, k, v, out, lse, *args)
 
 
 def ws_bwd_ref(q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None):
@@ -276,11 +255,11 @@ def ws_bwd_ref(q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None):
     return torch.autograd.grad(ref, leaves, dout.float(), allow_unused=True)
 
 
-def check_bwd(q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu_k=None,
+def check_bwd(bwd, q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu_k=None,
               mq=None, mk=None, rows_q=None, rows_k=None):
-    """Gradients against the reference; rows_q / rows_k (boolean masks) restrict the comparison
-    to the rows of real sequences (poisoned neighbours have NaN gradients in both)."""
-    grads = ws_bwd_grads(q, k, v, dout, causal, window, softcap, cu_q, cu_k, mq, mk)
+    """Gradients of `bwd` against the reference; rows_q / rows_k (boolean masks) restrict the
+    comparison to the rows of real sequences (poisoned neighbours have NaN gradients in both)."""
+    grads = ws_bwd_grads(bwd, q, k, v, dout, causal, window, softcap, cu_q, cu_k, mq, mk)
     ref = ws_bwd_ref(q, k, v, dout, causal, window, softcap, cu_q, cu_k)
     for name, a, b, rows in zip("qkv", grads, ref, (rows_q, rows_k, rows_k)):
         b = torch.zeros_like(a, dtype=torch.float32) if b is None else b
@@ -291,48 +270,35 @@ def check_bwd(q, k, v, dout, causal, window, softcap, dtype, what, cu_q=None, cu
     return grads
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.skipif(os.environ.get("ATTNKIT_FLASH_SIMT") == "1", reason="portable kernels forced")
-def test_cuda_backward_warp_specialised_switch(monkeypatch):
-    """ATTNKIT_FLASH_BWD_WS "0" never runs the warp-specialised backward; unset, "" or "1" run it
-    exactly where it can (sm_90 + sm_90a build). Runs on every device."""
-    q = rand(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-    out, lse = FWD(q, q, q, None, True, -1, -1)
-    dout = torch.randn_like(out)
-    run = lambda: BWD(dout, q, q, q, out, lse, None, True, -1, -1)
-    for value, on in [("0", False), (None, True), ("", True), ("1", True)]:
-        launched = ws_kernel_launched(monkeypatch, "ATTNKIT_FLASH_BWD_WS", value, "bwd_ws_kernel",
-                                      run)
-        assert launched == (on and WS_READY), f"ATTNKIT_FLASH_BWD_WS={value!r}"
-
-
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
 @pytest.mark.parametrize("schedule", ["grid", "few"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_backward_warp_specialised(schedule, D, dtype, monkeypatch):
+def test_cuda_backward_warp_specialised(schedule, D, dtype):
     """The warp-specialised Hopper backward, batched: every window of WS_WINDOWS, causal
     through causal=True, softcap on and off, GQA 1 and 4, Sq != Sk both ways, a one-row query,
     several 128-key tiles and 64-row steps with ragged ends; dq, dk, dv against the reference's
     autograd on NaN-poisoned allocations."""
-    ws_bwd_schedule(monkeypatch, schedule)
+    bwd = ws_bwd(schedule)
     for sq, sk, hkv, q, k, v in ws_batched_inputs(D, dtype):
         g = rand(2, sq, 4, D, device="cuda", dtype=dtype)
         for window in WS_WINDOWS:
             for softcap in (0.0, 5.0):
-                check_bwd(q, k, v, g, False, window, softcap, dtype,
+                check_bwd(bwd, q, k, v, g, False, window, softcap, dtype,
                           f"{sq}x{sk} Hkv={hkv} window={window} softcap={softcap}")
-        check_bwd(q, k, v, g, True, (-1, -1), 0.0, dtype, f"causal=True {sq}x{sk} Hkv={hkv}")
-        check_bwd(q, k, v, g, True, (64, -1), 5.0, dtype, f"causal=True, left 64, {sq}x{sk}")
+        check_bwd(bwd, q, k, v, g, True, (-1, -1), 0.0, dtype,
+                  f"causal=True {sq}x{sk} Hkv={hkv}")
+        check_bwd(bwd, q, k, v, g, True, (64, -1), 5.0, dtype,
+                  f"causal=True, left 64, {sq}x{sk}")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_backward_warp_specialised_views(D, dtype, monkeypatch):
+def test_cuda_backward_warp_specialised_views(D, dtype):
     """Batched views the 4-D maps address: q as [B, H, S, D] transposed, k and v column slices of
     wider rows, a permuted batch, dout transposed, and B = 1 / H = 1."""
-    ws_bwd_schedule(monkeypatch, "grid")
+    bwd = ws_bwd("grid")
     B, H, S = 3, 4, 300
     q = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
     k = rand(B, S, 2, D + 64, device="cuda", dtype=dtype)[..., :D]
@@ -340,20 +306,20 @@ def test_cuda_backward_warp_specialised_views(D, dtype, monkeypatch):
     g = rand(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2)
     assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
     for causal in (False, True):
-        check_bwd(q, k, v, g, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
-    check_bwd(q, k, v, g, False, (100, 3), 0.0, dtype, "views window")
-    check_bwd(q[:1], k[:1], v[:1], g[:1], True, (-1, -1), 0.0, dtype, "B = 1")
-    check_bwd(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], False, (-1, -1), 0.0, dtype,
-              "H = 1")
+        check_bwd(bwd, q, k, v, g, causal, (-1, -1), 0.0, dtype, f"views causal={causal}")
+    check_bwd(bwd, q, k, v, g, False, (100, 3), 0.0, dtype, "views window")
+    check_bwd(bwd, q[:1], k[:1], v[:1], g[:1], True, (-1, -1), 0.0, dtype, "B = 1")
+    check_bwd(bwd, q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], False, (-1, -1), 0.0,
+              dtype, "H = 1")
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
 @pytest.mark.parametrize("schedule", ["grid", "few"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_cuda_backward_warp_specialised_rows_without_keys(schedule, D, monkeypatch):
+def test_cuda_backward_warp_specialised_rows_without_keys(schedule, D):
     """Rows that see no key (lse -inf) and key tiles no query sees (no steps: dK = dV = 0 with
     no loads; with "few" such tiles sit between tiles with steps): exact zeros there."""
-    ws_bwd_schedule(monkeypatch, schedule)
+    bwd = ws_bwd(schedule)
     dtype = torch.bfloat16
     q = rand(2, 600, 4, D, device="cuda", dtype=dtype)
     k = rand(2, 150, 2, D, device="cuda", dtype=dtype)
@@ -361,7 +327,8 @@ def test_cuda_backward_warp_specialised_rows_without_keys(schedule, D, monkeypat
     g = rand(2, 600, 4, D, device="cuda", dtype=dtype)
     # Causal with Sq > Sk: rows i < 450 see no key.
     for causal, window in [(True, (-1, -1)), (False, (0, 0)), (False, (-1, 0)), (False, (3, -1))]:
-        dq, _, _ = check_bwd(q, k, v, g, causal, window, 0.0, dtype, f"no keys {causal} {window}")
+        dq, _, _ = check_bwd(bwd, q, k, v, g, causal, window, 0.0, dtype,
+                             f"no keys {causal} {window}")
         if window != (3, -1):
             assert (dq[:, :450] == 0).all(), "rows without keys must have dq 0"
     # Sq < Sk, causal, left window 0: the keys before Sk - Sq and the tiles of them see no query.
@@ -369,7 +336,8 @@ def test_cuda_backward_warp_specialised_rows_without_keys(schedule, D, monkeypat
     k2 = rand(2, 700, 2, D, device="cuda", dtype=dtype)
     v2 = rand(2, 700, 2, D, device="cuda", dtype=dtype)
     for window in [(0, 0), (10, 0)]:
-        _, dk, dv = check_bwd(q2, k2, v2, g2, False, window, 0.0, dtype, f"keys without rows {window}")
+        _, dk, dv = check_bwd(bwd, q2, k2, v2, g2, False, window, 0.0, dtype,
+                              f"keys without rows {window}")
         assert (dk[:, :590] == 0).all() and (dv[:, :590] == 0).all(), "keys without queries"
 
 
@@ -404,12 +372,12 @@ def poisoned_varlen_bwd(dtype, lens_q, lens_k, H, Hkv, D, gap=150, index_dtype=t
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
-def test_cuda_backward_warp_specialised_varlen(schedule, D, dtype, index_dtype, monkeypatch):
+def test_cuda_backward_warp_specialised_varlen(schedule, D, dtype, index_dtype):
     """Varlen with zero-length and one-row sequences, query and key lengths that differ, GQA 4,
     NaN-poisoned neighbours (q, k, v, dout), windows and softcap: the real rows' gradients match
     the reference and are finite; rows past the last offset get 0; hints below the lengths give
     the same result."""
-    ws_bwd_schedule(monkeypatch, schedule)
+    bwd = ws_bwd(schedule)
     lens_q = [0, 1, 77, 128, 129, 300, 1000, 5, 0, 64]
     lens_k = [5, 1, 129, 1000, 0, 77, 300, 1, 0, 64]
     q, k, v, g, cu_q, cu_k, mq, mk, rq, rk = poisoned_varlen_bwd(dtype, lens_q, lens_k, 4, 1, D,
@@ -419,10 +387,10 @@ def test_cuda_backward_warp_specialised_varlen(schedule, D, dtype, index_dtype, 
                                     (False, (0, 0), 0.0), (False, (200, 0), 5.0),
                                     (False, (130, 70), 0.0), (False, (0, -1), 5.0)]:
         what = f"varlen causal={causal} window={window} softcap={softcap}"
-        dq, dk, dv = check_bwd(q, k, v, g, causal, window, softcap, dtype, what, cu_q, cu_k, mq, mk,
-                               rq, rk)
+        dq, dk, dv = check_bwd(bwd, q, k, v, g, causal, window, softcap, dtype, what, cu_q, cu_k,
+                               mq, mk, rq, rk)
         assert (dq[end:] == 0).all(), f"{what}: rows past the last sequence must have dq 0"
-        small = ws_bwd_grads(q, k, v, g, causal, window, softcap, cu_q, cu_k, 1, 1)
+        small = ws_bwd_grads(bwd, q, k, v, g, causal, window, softcap, cu_q, cu_k, 1, 1)
         for a, b, rows in zip((dq, dk, dv), small, (rq, rk, rk)):
             # dq adds over key tiles with reductions in any order: equal up to rounding.
             assert_close(b[rows], a[rows], dtype, f"{what}: hints changed the result")
@@ -430,25 +398,28 @@ def test_cuda_backward_warp_specialised_varlen(schedule, D, dtype, index_dtype, 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
 @pytest.mark.parametrize("D", [64, 128])
-def test_cuda_backward_warp_specialised_garbage_offsets(D, monkeypatch):
+def test_cuda_backward_warp_specialised_garbage_offsets(D):
     """Garbage cu_seqlens are clamped: the warp-specialised backward stays in bounds (the maps
     bound the copies too) and gives finite gradients (compute-sanitizer runs this test)."""
-    ws_bwd_schedule(monkeypatch, "grid")
+    bwd = ws_bwd("grid")
     for bad, q, kv, cu, causal in garbage_cu_seqlens_cases(D):
         T = q.shape[0]
-        out, lse = FWD(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
-        grads = BWD(torch.randn_like(q), q, kv, kv, out, lse, None, causal, -1, -1, 0.0, cu, cu, T, T)
+        out, lse = FWD_WITH(q, kv, kv, None, causal, -1, -1, 0.0, cu, cu, T, T)
+        grads = bwd(torch.randn_like(q), q, kv, kv, out, lse, None, causal, -1, -1, 0.0, cu, cu,
+                    T, T)
         torch.cuda.synchronize()
         for x in grads:
             assert torch.isfinite(x).all(), bad
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
-def test_cuda_backward_warp_specialised_falls_back(monkeypatch):
+def test_cuda_backward_warp_specialised_falls_back():
     """Where the warp-specialised backward cannot run (a kv head stride of 0 that a tensor map
-    cannot express; head dim 96; deterministic mode) ATTNKIT_FLASH_BWD_WS=1 keeps the other
-    kernels with the same results, and "require" raises a RuntimeError naming the variable."""
-    monkeypatch.delenv("ATTNKIT_FLASH_FWD_WS", raising=False)
+    cannot express; head dim 96; deterministic mode) "sm90_ws" raises a RuntimeError naming the
+    kernel and the reason, "sm90" takes sm90_cp_async where that can run (stride 0), and auto
+    keeps the other kernels, with the same results. Deterministic mode (the argument or torch's
+    switch) keeps sm80's pair with its own dQ kernel: reproducible bit for bit."""
+    sm90 = functools.partial(BWD_WITH, kernel="sm90")
     for D in (128, 64, 96):
         q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
         k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
@@ -456,25 +427,31 @@ def test_cuda_backward_warp_specialised_falls_back(monkeypatch):
         g = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
         if D != 96:
             k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
-        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "1")
-        check_bwd(q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
-        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
-        out, lse = FWD(q, k, v, None, True, -1, -1)
-        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_BWD_WS=require"):
-            BWD(g, q, k, v, out, lse, None, True, -1, -1)
-    # Deterministic mode keeps its own dQ kernel pair.
+            check_bwd(sm90, q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"sm90 D={D}")
+        check_bwd(BWD_WITH, q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"auto D={D}")
+        out, lse = FWD_WITH(q, k, v, None, True, -1, -1)
+        why = "tensor map" if D != 96 else "head dim 64 or 128"
+        with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
+            BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1, kernel="sm90_ws")
     q = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
     g = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
-    out, lse = FWD(q, q, q, None, True, -1, -1)
+    args = (None, True, -1, -1)
+    out, lse = FWD_WITH(q, q, q, *args)
+    ref = ws_bwd_ref(q, q, q, g, True, (-1, -1), 0.0)
+    for kernel in ("auto", "sm80"):
+        grads = BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
+        again = BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
+        for name, a, b, c in zip("qkv", grads, again, ref):
+            assert torch.equal(a, b), f"deterministic {kernel}: d{name} differs run to run"
+            assert_close(a, c, torch.bfloat16, f"deterministic {kernel}: d{name}")
+    for kernel in ("sm90", "sm90_cp_async", "sm90_ws"):
+        with pytest.raises(RuntimeError, match=f"kernel {kernel} .*deterministic"):
+            BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "1")
-        BWD(g, q, q, q, out, lse, None, True, -1, -1)
-        monkeypatch.setenv("ATTNKIT_FLASH_BWD_WS", "require")
-        with pytest.raises(RuntimeError, match="ATTNKIT_FLASH_BWD_WS=require"):
-            BWD(g, q, q, q, out, lse, None, True, -1, -1)
+        BWD_WITH(g, q, q, q, out, lse, *args)
+        with pytest.raises(RuntimeError, match="kernel sm90_ws .*deterministic"):
+            BWD_WITH(g, q, q, q, out, lse, *args, kernel="sm90_ws")
     finally:
         torch.use_deterministic_algorithms(was)
-
-

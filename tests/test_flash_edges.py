@@ -4,15 +4,15 @@ diagonal (samples.flash.edge_inputs), batched with GQA 2 over 2 kv heads and var
 per sequence and empty sequences. A kernel or reference with an edge off by one, or the wrong kv
 head for a query head, misses by 0.2-1 relative in every narrow-window case (measured), far beyond
 the 16-bit bounds; lse is checked at the fp32 bound. Forward, and the backward's dv; on CUDA on
-every tensor-core path."""
+every kernel, pinned through the private ops."""
 import pytest
 import torch
 
 from attnkit.reference import flash_attn_ref
 from attnkit.testing import assert_close
 from conftest import poison_allocator
-from samples.flash import (CUDA_PATHS, DEVICES, DTYPES, FWD, HALF_DTYPES, HAS_CUDA, POISON_BYTES,
-                           check_forward, dtype_id, edge_inputs, rand, set_kernel_path)
+from samples.flash import (DEVICES, DTYPES, FWD, FWD_WITH, HALF_DTYPES, HAS_CUDA, POISON_BYTES,
+                           check_forward, dtype_id, edge_inputs, grads_with, kernel_params, rand)
 
 EDGE_CASES = [  # (Sq, Sk), causal, window_left, window_right
     ((48, 48), False, 3, 2),
@@ -35,16 +35,22 @@ def case_id(case):
     return f"{sq}x{sk}-causal={causal}-window=({wl},{wr})"
 
 
-def check_dv(q, k, v, what, **kwargs):
+def check_dv(q, k, v, what, kernel=None, **kwargs):
     """dv of the kernel's backward against the reference's autograd, at the input dtype's bound.
     A planted key's dv is the sum of dO over the rows that see it, so it moves with every edge.
     (dq and dk are left to the random-input gradient tests: rows whose softmax one planted key
     saturates have dS ~ P(dP - delta) ~ 0, which the kernel's delta from the rounded output turns
-    into relative noise above the 16-bit bounds.)"""
+    into relative noise above the 16-bit bounds.) With `kernel`, forward and backward run on it
+    (the private ops); else through autograd."""
     v = v.detach().requires_grad_()
     g = rand(*q.shape, device=q.device, dtype=q.dtype)
-    poison_allocator(q.device, POISON_BYTES)
-    (dv,) = torch.autograd.grad(FWD(q, k, v, **kwargs)[0], (v,), g)
+    if kernel is None:
+        poison_allocator(q.device, POISON_BYTES)
+        (dv,) = torch.autograd.grad(FWD(q, k, v, **kwargs)[0], (v,), g)
+    else:
+        out, lse = FWD_WITH(q, k, v.detach(), kernel=kernel, **kwargs)
+        poison_allocator(q.device, POISON_BYTES)
+        dv = grads_with(kernel, g, q, k, v, out, lse, **kwargs)[2]
     ref = flash_attn_ref(q, k, v, **kwargs)[0]
     (ref_dv,) = torch.autograd.grad(ref, (v,), g.float(), allow_unused=True)
     ref_dv = torch.zeros_like(dv, dtype=torch.float32) if ref_dv is None else ref_dv
@@ -80,25 +86,24 @@ def test_planted_edges_varlen(device, dtype, causal, wl, wr):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("path", kernel_params())
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_planted_edges_paths(path, dtype, head_dim, monkeypatch):
-    """The planted edges, batched and varlen, on every tensor-core path (samples.flash.CUDA_PATHS)
+def test_cuda_planted_edges_paths(path, dtype, head_dim):
+    """The planted edges, batched and varlen, on every CUDA kernel (samples.flash.CUDA_KERNELS)
     at both tensor-core head dims."""
-    set_kernel_path(monkeypatch, path)
     for case in EDGE_CASES:
         seqlens, causal, wl, wr = case
         q, k, v, _, _ = edge_inputs("cuda", dtype, causal, wl, wr, seqlens=seqlens, D=head_dim)
         kw = dict(causal=causal, window_left=wl, window_right=wr)
-        check_forward(q, k, v, f"{path} {case_id(case)}", **kw)
-        check_dv(q, k, v, f"{path} {case_id(case)}", **kw)
+        check_forward(q, k, v, f"{path} {case_id(case)}", kernel=path, **kw)
+        check_dv(q, k, v, f"{path} {case_id(case)}", kernel=path, **kw)
     for causal, wl, wr in VARLEN_WINDOWS:
         q, k, v, cu_q, cu_k = edge_inputs("cuda", dtype, causal, wl, wr, lens=VARLEN_LENS,
                                           D=head_dim)
         kw = dict(causal=causal, window_left=wl, window_right=wr, cu_seqlens_q=cu_q,
                   cu_seqlens_k=cu_k)
         what = f"{path} varlen causal={causal} window=({wl},{wr})"
-        check_forward(q, k, v, what, max_seqlen_q=max(VARLEN_LENS[0]),
+        check_forward(q, k, v, what, kernel=path, max_seqlen_q=max(VARLEN_LENS[0]),
                       max_seqlen_k=max(VARLEN_LENS[1]), **kw)
-        check_dv(q, k, v, what, **kw)
+        check_dv(q, k, v, what, kernel=path, **kw)

@@ -6,9 +6,13 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
+#include <string>
 
 #include "common/check.h"
+#include "kernels/flash/choose.h"
+#include "kernels/flash/launch_options.h"
 #include "kernels/flash/params.h"
 
 namespace attnkit {
@@ -150,6 +154,52 @@ inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.window_left = o.window_left < 0 ? -1 : o.window_left;
   p.window_right = o.causal ? 0 : (o.window_right < 0 ? -1 : o.window_right);
   return p;
+}
+
+// A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_FLASH_KERNEL (`arg` = its
+// name, classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
+inline FlashRequest check_kernel_request(c10::string_view name, const char* arg,
+                                         bool classes_only = false) {
+  FlashRequest r = FlashRequest::kAuto;
+  const std::string s(name);
+  if (parse_flash_request(s.c_str(), &r, classes_only)) return r;
+  std::string list;
+  for (const auto& e : kFlashRequests) {
+    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
+  }
+  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
+  return r;
+}
+
+// A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
+// came from (`source`: the kernel argument or ATTNKIT_FLASH_KERNEL) and why; `context` adds the
+// call's facts (dtype, head dim, device).
+inline void check_choice(const FlashChoice& c, const char* op, FlashRequest req, const char* source,
+                         const std::string& context = "") {
+  ATTNKIT_CHECK(c.ok(), op, ": kernel ", flash_request_name(req), " (", source,
+                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+}
+
+// The private ops' launch options (launch_options.h), checked the same way on every backend.
+inline FwdLaunchOptions make_fwd_launch_options(int64_t max_ctas, bool ping_pong, bool persistent,
+                                                bool three_wg, bool paired) {
+  ATTNKIT_CHECK(max_ctas >= 0 && max_ctas < (int64_t(1) << 31),
+                "max_ctas: expected 0 (no cap) or a positive count below 2^31, got ", max_ctas);
+  FwdLaunchOptions o;
+  o.max_ctas = static_cast<int>(max_ctas);
+  o.ping_pong = ping_pong;
+  o.persistent = persistent;
+  o.three_wg = three_wg;
+  o.paired = paired;
+  return o;
+}
+
+inline BwdLaunchOptions make_bwd_launch_options(int64_t max_tiles) {
+  ATTNKIT_CHECK(max_tiles >= 0 && max_tiles < (int64_t(1) << 31),
+                "max_tiles: expected 0 (no cap) or a positive count below 2^31, got ", max_tiles);
+  BwdLaunchOptions o;
+  o.max_tiles = static_cast<int>(max_tiles);
+  return o;
 }
 
 }  // namespace flash

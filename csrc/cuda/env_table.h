@@ -6,7 +6,9 @@
 // One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
 // -> on / true, and for kernel switches "require" -> on, and a call the kernel cannot take fails
 // (so a test knows which kernel ran). Integers: a positive value below 2^30, else 0 (= unset).
-// Read at every call (tests flip them per case) unless the call site keeps the first value.
+// A kernel override (a family's kernel name, e.g. ATTNKIT_FLASH_KERNEL) is read raw with
+// env_value and parsed by its family; an unknown name fails the call.
+// Read at every call (A/B runs flip them per case) unless the call site keeps the first value.
 #pragma once
 
 #include <cstdlib>
@@ -15,17 +17,7 @@
 namespace attnkit {
 
 enum class Env : int {
-  kFlashFwdWs,
-  kFlashFwdWsPingPong,
-  kFlashFwdWsPersistent,
-  kFlashFwdWsWg3,
-  kFlashFwdWsPairs,
-  kFlashFwdWsCtas,
-  kFlashBwdWs,
-  kFlashBwdWsTiles,
-  kFlashWgmma,
-  kFlashWgmmaBwd,
-  kFlashSimt,
+  kFlashKernel,
   kServingDecode,
   kGdpaFwdWs,
   kGdpaFwdWsPingPong,
@@ -47,21 +39,14 @@ enum class Env : int {
 struct EnvEntry {
   Env id;
   const char* name;
-  bool on_by_default;  // flags and switches; integers default to 0
+  bool on_by_default;  // flags and switches; integers default to 0; names (a kernel override,
+                       // read with env_value and parsed by its family) ignore it
 };
 
 inline constexpr EnvEntry kEnvTable[] = {
-    {Env::kFlashFwdWs, "ATTNKIT_FLASH_FWD_WS", true},
-    {Env::kFlashFwdWsPingPong, "ATTNKIT_FLASH_FWD_WS_PINGPONG", true},
-    {Env::kFlashFwdWsPersistent, "ATTNKIT_FLASH_FWD_WS_PERSISTENT", true},
-    {Env::kFlashFwdWsWg3, "ATTNKIT_FLASH_FWD_WS_WG3", false},
-    {Env::kFlashFwdWsPairs, "ATTNKIT_FLASH_FWD_WS_PAIRS", true},
-    {Env::kFlashFwdWsCtas, "ATTNKIT_FLASH_FWD_WS_CTAS", false},
-    {Env::kFlashBwdWs, "ATTNKIT_FLASH_BWD_WS", true},
-    {Env::kFlashBwdWsTiles, "ATTNKIT_FLASH_BWD_WS_TILES", false},
-    {Env::kFlashWgmma, "ATTNKIT_FLASH_WGMMA", true},
-    {Env::kFlashWgmmaBwd, "ATTNKIT_FLASH_WGMMA_BWD", true},
-    {Env::kFlashSimt, "ATTNKIT_FLASH_SIMT", false},
+    // The flash family's one kernel override: auto | portable | sm80 | sm90
+    // (kernels/flash/choose.h; the call fails when the named kernel cannot take it).
+    {Env::kFlashKernel, "ATTNKIT_FLASH_KERNEL", false},
     {Env::kServingDecode, "ATTNKIT_SERVING_DECODE", true},
     {Env::kGdpaFwdWs, "ATTNKIT_GDPA_FWD_WS", true},
     {Env::kGdpaFwdWsPingPong, "ATTNKIT_GDPA_FWD_WS_PINGPONG", true},

@@ -13,11 +13,16 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <type_traits>
 
 #include "common/flash_args.h"
 #include "common/flash_serving.h"
 #include "common/paged_args.h"
+#include "kernels/common/mma.cuh"
+#include "kernels/flash/choose.h"
+#include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/wgmma_bwd.cuh"
@@ -32,20 +37,6 @@
 namespace attnkit {
 namespace flash {
 namespace {
-
-// at::Half / at::BFloat16 -> the kernels' 16-bit types; float stays float.
-template <typename T>
-struct KernelType {
-  using type = T;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = fp16_t;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = bf16_t;
-};
 
 #define ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(TYPE, ...)                                            \
   [&] {                                                                                          \
@@ -80,50 +71,15 @@ T* mptr(at::Tensor& t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ATTNKIT_FLASH_SIMT=1 forces the portable kernels everywhere: an A/B switch for debugging the
-// tensor-core paths on a GPU machine (read once).
-bool force_simt() {
-  static const bool v = env_flag(Env::kFlashSimt);
-  return v;
-}
-
-// The Hopper kernels (wgmma_fwd.cuh, wgmma_bwd.cuh) where the build has sm_90a code and the
-// device is 9.0, on the same inputs as the mma.sync kernels. `env` set to "0"
-// (ATTNKIT_FLASH_WGMMA for the forward, ATTNKIT_FLASH_WGMMA_BWD for the backward) forces the
-// mma.sync kernel; read at every call, so tests can switch it per case.
-bool use_wgmma(const at::Tensor& q, Env env) {
-  if (!wgmma::kBuilt) return false;
-  if (!env_flag(env)) return false;
-  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
-  return prop->major == 9 && prop->minor == 0;
-}
-
-// The warp-specialised Hopper kernels (fwd_ws.cuh, bwd_ws.cuh) need an sm_90a build, a 9.0
-// device, bf16/fp16, head dim 64 or 128, a positive scale and tensor-map-addressable q/k/v (and
-// dout): the same calls as wgmma_fwd.cuh / wgmma_bwd.cuh plus the maps; elsewhere those kernels
-// run. Their switches (env_table.h's kernel_switch, read at every call):
-// ATTNKIT_FLASH_FWD_WS and ATTNKIT_FLASH_BWD_WS, both on by default (faster than the cp.async
-// kernels at every measured shape, docs/performance.md). "0" keeps the
-// cp.async wgmma kernels, "1" takes the ws kernel where it can, "require" makes a call it cannot
-// take fail (tests and benchmarks know which kernel ran).
-
+// ---- tensor maps of the warp-specialised kernels (sm90_ws) ----
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// The forward's A/B variants (read at every call): ATTNKIT_FLASH_FWD_WS_PINGPONG=0, the consumer
-// warpgroups do not take turns issuing products; ATTNKIT_FLASH_FWD_WS_PERSISTENT=0, one CTA per
-// work item instead of one per SM; ATTNKIT_FLASH_FWD_WS_WG3=1, head dim 64 with 3 consumer
-// warpgroups (192-row query tiles) instead of 2 (faster at 16k non-causal, slower at 4k causal:
-// docs/performance.md); ATTNKIT_FLASH_FWD_WS_PAIRS=0, work items of one query tile instead of a
-// pair of a long and a short one (fwd_ws.cuh's WsCursor; pairs keep a causal walk balanced:
-// docs/performance.md); ATTNKIT_FLASH_FWD_WS_CTAS=n (n > 0),
-// at most n CTAs (a test knob: one CTA walks many units). All through env_table.h.
-
 // Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
 // kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
-// or not a multiple of 16 bytes, rows beyond int32 coordinates: the caller keeps wgmma_fwd.cuh).
+// or not a multiple of 16 bytes, rows beyond int32 coordinates: choose.h's maps_ok).
 // A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
 // may report any stride there, and varlen's batch stride is 0).
 // encode_rows_map builds one such map with boxes of 64 columns x box_rows rows (the forward's
-// q: its query tile, k / v: 128; the backward's 64); fwd_ws_maps the forward's three.
+// q: its query tile, k / v: 128; the backward's 64).
 bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, const void* base,
                      int64_t rows, int64_t heads, const Strides& st, uint32_t box_rows) {
   if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernels' int32 row arithmetic
@@ -138,30 +94,87 @@ bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, 
   return tma::encode_4d_sw128(map, bf16, base, dims, strides, box);
 }
 
-bool fwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
-                 const void* v, bool three_wg, ws::FwdWsMaps* m) {
+using FwdMaps = ws::FwdWsMaps;
+
+// The forward's three maps; the q map's boxes are the launch's query tile (three_wg: 192 rows).
+bool encode_fwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, bool three_wg, FwdMaps* m) {
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
   const uint32_t q_rows = static_cast<uint32_t>(ws::fwd_ws_block_rows(int(p.D), three_wg));
-  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, q_rows) &&
-         encode_rows_map(&m->k, p, varlen, bf16, k, p.seqlen_k, p.Hkv, p.k, 128) &&
-         encode_rows_map(&m->v, p, varlen, bf16, v, p.seqlen_k, p.Hkv, p.v, 128);
+  return encode_rows_map(&m->q, p, varlen, bf16, q.const_data_ptr(), p.seqlen_q, p.H, p.q,
+                         q_rows) &&
+         encode_rows_map(&m->k, p, varlen, bf16, k.const_data_ptr(), p.seqlen_k, p.Hkv, p.k, 128) &&
+         encode_rows_map(&m->v, p, varlen, bf16, v.const_data_ptr(), p.seqlen_k, p.Hkv, p.v, 128);
+}
+#else
+struct FwdMaps {};  // no tensor maps in this build (HIP, CUDA < 12): maps_ok stays false
+bool encode_fwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     bool, FwdMaps*) {
+  return false;
 }
 #endif
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
+using BwdMaps = ws::BwdWsMaps;
+
 // The backward's maps: q, k, v and dout in 64-row boxes (p.dout set).
-bool bwd_ws_maps(const Params& p, bool varlen, bool bf16, const void* q, const void* k,
-                 const void* v, const void* dout, ws::BwdWsMaps* m) {
-  return encode_rows_map(&m->q, p, varlen, bf16, q, p.seqlen_q, p.H, p.q, 64) &&
-         encode_rows_map(&m->k, p, varlen, bf16, k, p.seqlen_k, p.Hkv, p.k, 64) &&
-         encode_rows_map(&m->v, p, varlen, bf16, v, p.seqlen_k, p.Hkv, p.v, 64) &&
-         encode_rows_map(&m->dout, p, varlen, bf16, dout, p.seqlen_q, p.H, p.dout, 64);
+bool encode_bwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& dout, BwdMaps* m) {
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  return encode_rows_map(&m->q, p, varlen, bf16, q.const_data_ptr(), p.seqlen_q, p.H, p.q, 64) &&
+         encode_rows_map(&m->k, p, varlen, bf16, k.const_data_ptr(), p.seqlen_k, p.Hkv, p.k, 64) &&
+         encode_rows_map(&m->v, p, varlen, bf16, v.const_data_ptr(), p.seqlen_k, p.Hkv, p.v, 64) &&
+         encode_rows_map(&m->dout, p, varlen, bf16, dout.const_data_ptr(), p.seqlen_q, p.H,
+                         p.dout, 64);
 }
+int64_t bwd_ws_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
+#else
+struct BwdMaps {};
+bool encode_bwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, BwdMaps*) {
+  return false;
+}
+int64_t bwd_ws_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
 #endif
 
 // A cached host-side property query (no device synchronisation).
 int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
-int64_t smem_optin(const at::Tensor& t) {
-  return static_cast<int64_t>(at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin);
+
+// ---- kernel choice (kernels/flash/choose.h) ----
+// Which kernel a call asked for and where the name came from (for the refusal's message).
+struct Request {
+  FlashRequest kernel;
+  const char* source;
+};
+
+// The public ops' request: ATTNKIT_FLASH_KERNEL (env_table.h; read at every call), auto when unset.
+Request env_request() {
+  const char* name = env_entry(Env::kFlashKernel).name;
+  const char* e = env_value(Env::kFlashKernel);
+  if (e == nullptr) return {FlashRequest::kAuto, name};
+  return {check_kernel_request(e, name, /*classes_only=*/true), name};
+}
+
+// The facts of the device and the build, and those every direction shares.
+FlashFacts device_facts(const at::Tensor& q, const Params& p) {
+  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
+  FlashFacts f;
+  f.half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  f.head_dim = static_cast<int>(p.D);  // <= 256 (check_inputs)
+  f.sm_major = prop->major;
+  f.sm_minor = prop->minor;
+  f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  f.scale_positive = p.scale > 0.0;
+  return f;
+}
+
+// For a refusal's message.
+std::string call_context(const at::Tensor& q, const FlashFacts& f) {
+  std::ostringstream os;
+  os << "dtype " << q.scalar_type() << ", head dim " << f.head_dim << ", device " << f.sm_major
+     << "." << f.sm_minor;
+  return os.str();
 }
 
 // Rows the grid is sized for: the batched length, or the varlen hint clamped to [1, total].
@@ -234,15 +247,70 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   return std::make_tuple(out, lse);
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
+// ---- forward ----
+// The portable kernels (simt.cuh), instantiated per head-dim chunk count.
+template <typename T>
+void launch_portable_fwd(const Params& p, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t rows,
+                         cudaStream_t stream) {
+  ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
+    const dim3 grid = grid_of(rows, simt::kRows, p.H, p.B);
+    simt::fwd_kernel<T, kChunks><<<grid, simt::kThreads, 0, stream>>>(
+        p, cptr<T>(q), cptr<T>(k), cptr<T>(v), mptr<T>(out), mptr<float>(lse));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The one switch: the chosen kernel, launched. choose_fwd gives fp32 to the portable kernel only.
+template <typename T>
+void launch_fwd(FlashKernel kernel, const Params& p, const at::Tensor& q, const at::Tensor& k,
+                const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t rows,
+                const FwdMaps& maps, const FwdLaunchOptions& lo, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    ATTNKIT_CHECK(kernel == FlashKernel::kPortable, "flash_attn_fwd: kernel ",
+                  flash_kernel_name(kernel), " has no fp32 instantiation");
+    launch_portable_fwd<T>(p, q, k, v, out, lse, rows, stream);
+  } else {
+    switch (kernel) {
+      case FlashKernel::kPortable:
+        launch_portable_fwd<T>(p, q, k, v, out, lse, rows, stream);
+        return;
+      case FlashKernel::kSm80:
+        mma::launch_fwd<T>(p, cptr<T>(q), cptr<T>(k), cptr<T>(v), mptr<T>(out), mptr<float>(lse),
+                           rows, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      case FlashKernel::kSm90CpAsync:
+        wg::launch_fwd<T>(p, cptr<T>(q), cptr<T>(k), cptr<T>(v), mptr<T>(out), mptr<float>(lse),
+                          rows, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      case FlashKernel::kSm90Ws:
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+        C10_CUDA_CHECK(ws::launch_fwd_ws<T>(p, maps, mptr<T>(out), mptr<float>(lse), rows, lo,
+                                            stream));
+        return;
+#else
+        break;  // never chosen: without tensor maps maps_ok is false
+#endif
+    }
+    ATTNKIT_CHECK(false, "flash_attn_fwd: kernel ", flash_kernel_name(kernel),
+                  " is not in this build");
+  }
+}
+
+// flash_attn_fwd on the requested kernel with the given launch options: the public op (the
+// request from ATTNKIT_FLASH_KERNEL, default options) and _flash_attn_fwd_with share it.
+std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
-    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
-    const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
+    const std::optional<c10::SymInt>& max_seqlen_q, const OptTensor& seqused_k,
+    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
+    const OptTensor& v_descale, Request req, const FwdLaunchOptions& lo) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  if (given(block_table) && given(cu_q) && q_in.dim() == 3) {
+  // A named kernel computes the call itself, so only auto takes the serving decode path.
+  if (req.kernel == FlashRequest::kAuto && given(block_table) && given(cu_q) && q_in.dim() == 3) {
     if (auto r = try_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k,
                                 *block_table, s_aux, k_descale, v_descale)) {
       return *r;
@@ -278,65 +346,108 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  const KernelSwitch ws_mode = kernel_switch(Env::kFlashFwdWs);
-  bool ws_ran = false;
+  // Facts -> choice -> one switch. The tensor maps are encoded (driver calls) only when the
+  // choice could be the warp-specialised kernel, and launched with.
+  FlashFacts f = device_facts(q, p);
+  f.mma_ok = mma::fwd_layout_ok(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+                                out.const_data_ptr());
+  f.k_has_rows = k.numel() > 0;
+  FwdMaps maps;
+  f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/false) &&
+              encode_fwd_maps(p, varlen, q, k, v, lo.three_wg, &maps);
+  const FlashChoice c = choose_fwd(f, req.kernel);
+  check_choice(c, "flash_attn_fwd", req.kernel, req.source, call_context(q, f));
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (!force_simt() && mma::fwd_supported(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
-                             out.const_data_ptr(), sm_major(q))) {
-        if (use_wgmma(q, Env::kFlashWgmma) && p.scale > 0.0) {  // wgmma_fwd.cuh folds a positive scale
-#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-          ws::FwdWsMaps maps;
-          ws::FwdWsOptions ws_opt;
-          ws_opt.ping_pong = env_flag(Env::kFlashFwdWsPingPong);
-          ws_opt.persistent = env_flag(Env::kFlashFwdWsPersistent);
-          ws_opt.three_wg = env_flag(Env::kFlashFwdWsWg3);
-          ws_opt.paired = env_flag(Env::kFlashFwdWsPairs);
-          ws_opt.max_ctas = env_int(Env::kFlashFwdWsCtas);
-          if (ws_mode != KernelSwitch::kOff &&
-              fwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
-                          k.const_data_ptr(), v.const_data_ptr(), ws_opt.three_wg, &maps)) {
-            ws_ran = true;
-            C10_CUDA_CHECK(ws::launch_fwd_ws<scalar_t>(p, maps, mptr<scalar_t>(out),
-                                                       mptr<float>(lse), rows, ws_opt, stream));
-            return;
-          }
-#endif
-          wg::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
-                                   mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
-        } else {
-          mma::launch_fwd<scalar_t>(p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
-                                    mptr<scalar_t>(out), mptr<float>(lse), rows, stream);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-    }
-    ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
-      const dim3 grid = grid_of(rows, simt::kRows, p.H, p.B);
-      simt::fwd_kernel<scalar_t, kChunks><<<grid, simt::kThreads, 0, stream>>>(
-          p, cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v), mptr<scalar_t>(out),
-          mptr<float>(lse));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
-  ATTNKIT_CHECK(ws_mode != KernelSwitch::kRequire || ws_ran,
-                "ATTNKIT_FLASH_FWD_WS=require: the warp-specialised forward cannot take this call "
-                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, a "
-                "positive softmax scale, k with at least one row, and q, k, v with 16-byte aligned "
-                "data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
-                q.scalar_type(), ", head dim ", p.D);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
+  return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
+                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale,
+                   env_request(), FwdLaunchOptions{});
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/,
+    c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
+    bool paired) {
+  const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
+  const FwdLaunchOptions lo = make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg,
+                                                      paired);
+  return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
+                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale, req, lo);
+}
+
+// ---- backward ----
+// The tensor-core kernels. Their dQ goes through a zero-filled fp32 workspace (key tiles add into
+// it; varlen rows outside every sequence stay 0; p.dq's strides index it), except the sm80
+// kernel's deterministic pair, which writes dq with its own dQ kernel.
+template <typename T>
+void launch_tensor_core_bwd(FlashKernel kernel, bool deterministic, const Params& p,
+                            const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                            at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t rows_q,
+                            int64_t rows_k, const BwdMaps& maps, const BwdLaunchOptions& lo,
+                            cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    ATTNKIT_CHECK(false, "flash_attn_bwd: kernel ", flash_kernel_name(kernel),
+                  " has no fp32 instantiation");
+  } else {
+    at::Tensor dq_accum;
+    const bool atomic_dq = !(kernel == FlashKernel::kSm80 && deterministic);
+    if (atomic_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    switch (kernel) {
+      case FlashKernel::kSm80:
+        mma::launch_bwd<T>(p, cptr<T>(dout), cptr<T>(q), cptr<T>(k), cptr<T>(v), cptr<float>(lse),
+                           cptr<float>(delta), mptr<T>(dq),
+                           atomic_dq ? mptr<float>(dq_accum) : nullptr, mptr<T>(dk), mptr<T>(dv),
+                           rows_q, rows_k, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      case FlashKernel::kSm90CpAsync:
+        wg::launch_bwd<T>(p, cptr<T>(dout), cptr<T>(q), cptr<T>(k), cptr<T>(v), cptr<float>(lse),
+                          cptr<float>(delta), mptr<float>(dq_accum), mptr<T>(dk), mptr<T>(dv),
+                          rows_k, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      case FlashKernel::kSm90Ws:
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
+        C10_CUDA_CHECK(ws::launch_bwd_ws<T>(p, maps, cptr<float>(lse), cptr<float>(delta),
+                                            mptr<float>(dq_accum), mptr<T>(dk), mptr<T>(dv),
+                                            rows_k, lo, stream));
+        break;
+#endif
+      case FlashKernel::kPortable:  // launched by the caller
+        ATTNKIT_CHECK(false, "flash_attn_bwd: kernel ", flash_kernel_name(kernel),
+                      " is not a tensor-core kernel of this build");
+    }
+    if (atomic_dq) dq.copy_(dq_accum);
+  }
+}
+
+// flash_attn_bwd on the requested kernel with the given launch options (as flash_fwd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic_arg) {
+    const std::optional<c10::SymInt>& max_seqlen_q, const std::optional<c10::SymInt>& max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic_arg, Request req,
+    const BwdLaunchOptions& lo) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
@@ -372,13 +483,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   auto delta = at::empty_like(lse);
   const int64_t rows_q = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   const int64_t rows_k = grid_rows(varlen, p.seqlen_k, max_seqlen_k);
-  // The tensor-core backward adds dQ over key tiles with fp32 atomics (last bits vary run to
-  // run); deterministic=True or torch.use_deterministic_algorithms(True) selects its separate
-  // dQ kernel instead.
-  const bool deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
-  // ATTNKIT_FLASH_BWD_WS: the warp-specialised backward (bwd_ws.cuh), on by default.
-  const KernelSwitch bws_mode = kernel_switch(Env::kFlashBwdWs);
-  bool bws_ran = false;
+
+  // Facts -> choice -> one switch, as the forward. The tensor-core backwards add dQ over key
+  // tiles with fp32 atomics (last bits vary run to run); deterministic=True or
+  // torch.use_deterministic_algorithms(True) leaves sm80's pair with its separate dQ kernel.
+  FlashFacts f = device_facts(q, p);
+  f.mma_ok = mma::bwd_layout_ok(p, dout.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(),
+                                v.const_data_ptr(), out.const_data_ptr(), dq.const_data_ptr(),
+                                dk.const_data_ptr(), dv.const_data_ptr());
+  f.k_has_rows = k.numel() > 0;
+  f.deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
+  const int64_t optin = static_cast<int64_t>(
+      at::cuda::getDeviceProperties(q.device().index())->sharedMemPerBlockOptin);
+  f.smem_sm80 = optin >= mma::bwd_smem_bytes(p.D);
+  f.smem_sm90 = optin >= wg::bwd_smem_bytes(p.D);
+  f.smem_sm90ws = optin >= bwd_ws_smem_bytes(p.D);
+  BwdMaps maps;
+  f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/true) &&
+              encode_bwd_maps(p, varlen, q, k, v, dout, &maps);
+  const FlashChoice c = choose_bwd(f, req.kernel);
+  check_choice(c, "flash_attn_bwd", req.kernel, req.source, call_context(q, f));
 
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     ATTNKIT_DISPATCH_FLASH_CHUNKS(p.D, [&] {
@@ -386,51 +510,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
       simt::bwd_delta_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
           p, cptr<scalar_t>(dout), cptr<scalar_t>(out), mptr<float>(delta));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if constexpr (!std::is_same_v<scalar_t, float>) {
-        if (!force_simt() && k.numel() > 0 &&
-            mma::bwd_supported(p, dout.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(),
-                               v.const_data_ptr(), out.const_data_ptr(), dq.const_data_ptr(),
-                               dk.const_data_ptr(), dv.const_data_ptr(), sm_major(q),
-                               smem_optin(q))) {
-          // Zero-filled: key tiles add into it, and varlen rows outside every sequence stay 0.
-          // Same shape and (contiguous) layout as dq, so p.dq's strides index it.
-          at::Tensor dq_accum;
-          if (!deterministic) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-          // The Hopper backward (atomic dQ only): same inputs, its own shared-memory need.
-          if (!deterministic && use_wgmma(q, Env::kFlashWgmmaBwd) &&
-              smem_optin(q) >= wg::bwd_smem_bytes(p.D)) {
-#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
-            ws::BwdWsMaps maps;
-            if (bws_mode != KernelSwitch::kOff && smem_optin(q) >= ws::bwd_ws_smem_bytes(p.D) &&
-                bwd_ws_maps(p, varlen, std::is_same_v<scalar_t, bf16_t>, q.const_data_ptr(),
-                            k.const_data_ptr(), v.const_data_ptr(), dout.const_data_ptr(),
-                            &maps)) {
-              bws_ran = true;
-              C10_CUDA_CHECK(ws::launch_bwd_ws<scalar_t>(
-                  p, maps, cptr<float>(lse), cptr<float>(delta), mptr<float>(dq_accum),
-                  mptr<scalar_t>(dk), mptr<scalar_t>(dv), rows_k,
-                  env_int(Env::kFlashBwdWsTiles), stream));
-              dq.copy_(dq_accum);
-              return;
-            }
-#endif
-            wg::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
-                                     cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
-                                     mptr<float>(dq_accum), mptr<scalar_t>(dk), mptr<scalar_t>(dv),
-                                     rows_k, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            dq.copy_(dq_accum);
-            return;
-          }
-          mma::launch_bwd<scalar_t>(p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k),
-                                    cptr<scalar_t>(v), cptr<float>(lse), cptr<float>(delta),
-                                    mptr<scalar_t>(dq),
-                                    deterministic ? nullptr : mptr<float>(dq_accum),
-                                    mptr<scalar_t>(dk), mptr<scalar_t>(dv), rows_q, rows_k, stream);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (!deterministic) dq.copy_(dq_accum);
-          return;
-        }
+      if (c.kernel != FlashKernel::kPortable) {
+        launch_tensor_core_bwd<scalar_t>(c.kernel, f.deterministic, p, dout, q, k, v, lse, delta,
+                                         dq, dk, dv, rows_q, rows_k, maps, lo, stream);
+        return;
       }
       simt::bwd_dq_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
           p, cptr<scalar_t>(dout), cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v),
@@ -444,13 +527,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  ATTNKIT_CHECK(bws_mode != KernelSwitch::kRequire || bws_ran,
-                "ATTNKIT_FLASH_BWD_WS=require: the warp-specialised backward cannot take this call "
-                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 64 or 128, "
-                "non-deterministic mode, k with at least one row, and q, k, v, dout with 16-byte "
-                "aligned data and nonzero head/row/batch strides in multiples of 16 bytes); dtype ",
-                q.scalar_type(), ", head dim ", p.D);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic) {
+  return flash_bwd(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
+                   softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic,
+                   env_request(), BwdLaunchOptions{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles) {
+  const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
+  return flash_bwd(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
+                   softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic, req,
+                   make_bwd_launch_options(max_tiles));
 }
 
 }  // namespace
@@ -458,6 +560,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_cuda);
   m.impl("flash_attn_bwd", &flash_attn_bwd_cuda);
+  m.impl("_flash_attn_fwd_with", &flash_attn_fwd_with_cuda);
+  m.impl("_flash_attn_bwd_with", &flash_attn_bwd_with_cuda);
 }
 
 }  // namespace flash

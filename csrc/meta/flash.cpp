@@ -48,11 +48,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_meta(
           at::empty_symint(v.sym_sizes(), v.options())};
 }
 
+// The private ops: the kernel name and launch options checked as on CUDA (which kernel can take
+// the call depends on the device, unknown here), then the public ops' shapes.
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool deterministic,
+    c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
+    bool paired) {
+  check_kernel_request(kernel, "kernel");
+  make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired);
+  return flash_attn_fwd_meta(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                             cu_q, cu_k, std::move(max_seqlen_q), std::move(max_seqlen_k),
+                             seqused_k, block_table, s_aux, k_descale, v_descale, deterministic);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles) {
+  check_kernel_request(kernel, "kernel");
+  make_bwd_launch_options(max_tiles);
+  return flash_attn_bwd_meta(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left,
+                             window_right, softcap, cu_q, cu_k, std::move(max_seqlen_q),
+                             std::move(max_seqlen_k), seqused_k, deterministic);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_meta);
   m.impl("flash_attn_bwd", &flash_attn_bwd_meta);
+  m.impl("_flash_attn_fwd_with", &flash_attn_fwd_with_meta);
+  m.impl("_flash_attn_bwd_with", &flash_attn_bwd_with_meta);
 }
 
 }  // namespace flash

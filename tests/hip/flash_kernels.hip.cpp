@@ -1,8 +1,12 @@
 // HIP compile check of the flash kernel layer (scripts/hip_check.sh): the portable (SIMT) kernels
-// csrc/cuda/flash.cu launches, and the tensor-core launchers (empty kernel bodies under HIP;
-// mma::fwd_supported() is false there, so the launcher never takes them).
+// csrc/cuda/flash.cu launches, the tensor-core launchers (empty kernel bodies under HIP; the
+// launcher's facts say sm80_built = false there, so choose.h never picks them), and the kernel
+// choice with the launch options (host code the HIP build compiles too).
+#include "kernels/common/mma.cuh"
 #include "kernels/flash/bwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
+#include "kernels/flash/choose.h"
 #include "kernels/flash/fwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
+#include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
@@ -11,6 +15,24 @@
 
 namespace attnkit {
 namespace flash {
+
+// What the HIP launcher asks: a half-precision call on a device reporting 9.0 (gfx90a does) with
+// the build's facts runs the portable kernels, forward and backward.
+FlashKernel hip_choice(bool backward) {
+  FlashFacts f;
+  f.half = true;
+  f.head_dim = 128;
+  f.sm_major = 9;
+  f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  f.scale_positive = f.mma_ok = f.maps_ok = f.k_has_rows = true;
+  f.smem_sm80 = f.smem_sm90 = f.smem_sm90ws = true;
+  const FlashRequest a = FlashRequest::kAuto;
+  return (backward ? choose_bwd(f, a) : choose_fwd(f, a)).kernel;
+}
+FwdLaunchOptions hip_fwd_options() { return {}; }
+BwdLaunchOptions hip_bwd_options() { return {}; }
+
 namespace simt {
 
 #define ATTNKIT_FLASH_SIMT(T, C)                                                                    \

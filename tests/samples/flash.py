@@ -8,6 +8,7 @@ Samples are calls of ``torch.ops.attnkit.flash_attn_fwd``: ``FWD(*s.args, **s.kw
 import os
 import random
 
+import pytest
 import torch
 
 from attnkit.reference import flash_attn_ref
@@ -19,37 +20,61 @@ from samples import Sample
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "attnkit::flash_attn_fwd", "CUDA")
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-# The warp-specialised Hopper kernels need an sm_90 device and a build with sm_90a code
-# (ATTNKIT_CUDA_ARCHS, the same variable at build and test time; unset, the build on a 9.0 device
-# names 9.0a: scripts/cuda_archs.py).
-HOPPER = (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-          and "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "9.0a").replace(",", ";")
-          .split(";"))
+# Whether the build has sm_90a code (ATTNKIT_CUDA_ARCHS, the same variable at build and test
+# time; unset, the build on a 9.0 device names 9.0a: scripts/cuda_archs.py). The warp-specialised
+# Hopper kernels need it and an sm_90 device.
+SM90A_BUILT = "9.0a" in os.environ.get("ATTNKIT_CUDA_ARCHS", "9.0a").replace(",", ";").split(";")
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and SM90A_BUILT
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 FWD = torch.ops.attnkit.flash_attn_fwd
 BWD = torch.ops.attnkit.flash_attn_bwd
 POISON_BYTES = 256 << 20  # NaN left in the CUDA caching allocator before each checked call
 
+# ---------------------------------------------------------------------------------------------
+# kernels pinned through the private ops (docs/ops.md, "Kernel choice")
+# ---------------------------------------------------------------------------------------------
+# FWD_WITH / BWD_WITH take flash_attn_fwd's / flash_attn_bwd's arguments plus kernel= and the
+# launch options (max_ctas, ping_pong, persistent, three_wg, paired; max_tiles); a named kernel
+# that cannot take a call raises, so a test of it cannot pass on another kernel. CHOOSE is the
+# kernel choice alone, from facts given as keywords (kernels/flash/choose.h).
+FWD_WITH = torch.ops.attnkit._flash_attn_fwd_with
+BWD_WITH = torch.ops.attnkit._flash_attn_bwd_with
+CHOOSE = torch.ops.attnkit._flash_choose_kernel
+CUDA_KERNELS = ["portable", "sm80", "sm90_cp_async", "sm90_ws"]
 
-# CUDA kernel paths for fp16 / bf16 at head dim 64 / 128 (DESIGN §3.3, docs/ops.md), chosen by
-# switches read at every call: "default" (on sm_90a the warp-specialised kernels), "cp_async" (the
-# cp.async wgmma kernels: ATTNKIT_FLASH_FWD_WS=0, ATTNKIT_FLASH_BWD_WS=0) and "mma_sync"
-# (ATTNKIT_FLASH_WGMMA=0, ATTNKIT_FLASH_WGMMA_BWD=0). Off sm_90a all three run mma.sync.
-CUDA_PATHS = ["default", "cp_async", "mma_sync"]
+
+def device_facts():
+    """CHOOSE's facts of this device and build; the other facts keep CHOOSE's defaults (a bf16
+    call at head dim 128 that every kernel's layout and shared-memory needs allow)."""
+    major, minor = torch.cuda.get_device_capability()
+    return dict(sm_major=major, sm_minor=minor, sm80_built=torch.version.hip is None,
+                sm90a_built=SM90A_BUILT)
 
 
-def set_kernel_path(monkeypatch, path):
-    """Forward and backward on `path` (CUDA_PATHS) for the rest of the test."""
-    switches = {"default": {},
-                "cp_async": {"ATTNKIT_FLASH_FWD_WS": "0", "ATTNKIT_FLASH_BWD_WS": "0"},
-                "mma_sync": {"ATTNKIT_FLASH_WGMMA": "0", "ATTNKIT_FLASH_WGMMA_BWD": "0"}}[path]
-    for name in ("ATTNKIT_FLASH_FWD_WS", "ATTNKIT_FLASH_BWD_WS", "ATTNKIT_FLASH_WGMMA",
-                 "ATTNKIT_FLASH_WGMMA_BWD"):
-        if name in switches:
-            monkeypatch.setenv(name, switches[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+def kernel_on_device(kernel):
+    """Whether this device and build run `kernel` for such a call, forward and backward."""
+    if not HAS_CUDA:
+        return False
+    try:
+        CHOOSE("fwd", kernel, **device_facts())
+        CHOOSE("bwd", kernel, **device_facts())
+        return True
+    except RuntimeError:
+        return False
+
+
+def kernel_params(kernels=CUDA_KERNELS):
+    """pytest params of `kernels`, each skipped where this device or build lacks it."""
+    return [pytest.param(k, marks=pytest.mark.skipif(not kernel_on_device(k),
+                                                     reason=f"{k}: not on this device / build"))
+            for k in kernels]
+
+
+def grads_with(kernel, g, q, k, v, out, lse, **kwargs):
+    """dq, dk, dv of flash_attn_bwd on `kernel` (kwargs: flash_attn_fwd's options, the forward-only
+    serving ones excluded)."""
+    return BWD_WITH(g, q.detach(), k.detach(), v.detach(), out, lse, kernel=kernel, **kwargs)
 
 
 def dtype_id(dtype):
@@ -71,12 +96,15 @@ def ref_kwargs(kwargs):
     return {n: x for n, x in kwargs.items() if n not in ("max_seqlen_q", "max_seqlen_k")}
 
 
-def check_forward(q, k, v, what="", **kwargs):
+def check_forward(q, k, v, what="", kernel=None, **kwargs):
     """flash_attn_fwd(q, k, v, **kwargs) on a NaN-poisoned allocator against flash_attn_ref: out
     at the input dtype's bound with every element written, lse at the fp32 bound whatever the
-    input dtype. Returns (out, lse)."""
+    input dtype. With `kernel`, the call runs on that kernel (FWD_WITH). Returns (out, lse)."""
     poison_allocator(q.device, POISON_BYTES)
-    out, lse = FWD(q, k, v, **kwargs)
+    if kernel is None:
+        out, lse = FWD(q, k, v, **kwargs)
+    else:
+        out, lse = FWD_WITH(q.detach(), k.detach(), v.detach(), kernel=kernel, **kwargs)
     ref, ref_lse = flash_attn_ref(q, k, v, **ref_kwargs(kwargs))
     assert_close(out, ref, q.dtype, f"{what} out")
     assert_lse_close(lse, ref_lse, f"{what} lse",

@@ -1,9 +1,9 @@
 // Flash attention backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// The default backward where the inputs are tensor-map addressable (ATTNKIT_FLASH_BWD_WS,
-// csrc/cuda/flash.cu; wgmma_bwd.cuh elsewhere, and in deterministic mode). Same math as wgmma_bwd.cuh (its step order, window bounds, masks, products
-// and dS^T exchange; dQ added with paired fp32 reductions into the zero-filled workspace); what
-// changes is who moves the data, as in the warp-specialised forwards (flash/fwd_ws.cuh,
-// gdpa/fwd_ws.cuh):
+// The sm90_ws kernel of choose.h: the default backward where the inputs are tensor-map
+// addressable (wgmma_bwd.cuh elsewhere; the sm80 pair in deterministic mode). Same math as
+// wgmma_bwd.cuh (its step order, window bounds, masks, products and dS^T exchange; dQ added
+// with paired fp32 reductions into the zero-filled workspace); what changes is who moves the
+// data, as in the warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh):
 //
 // CTA = (kv head, sequence, 128-key tile; the tiles stride over gridDim.z), 384 threads:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24).
@@ -46,6 +46,7 @@
 #include "kernels/common/wgmma.cuh"
 #include "kernels/common/ws_bwd.cuh"
 #include "kernels/flash/fast_math.cuh"
+#include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/params.h"
 #include "kernels/flash/wgmma_bwd.cuh"
@@ -414,15 +415,15 @@ inline int64_t bwd_ws_smem_bytes(int64_t d) {
 }
 
 // dq_accum: zero-filled fp32 workspace with p.dq's strides; the caller converts it to dq.
-// max_tiles > 0 caps the grid's key-tile dimension (a test knob: one CTA walks several key tiles,
-// so the K / V barrier and the step ring wrap). Returns the launch's error (no sync).
+// opt.max_tiles (launch_options.h) caps the grid's key-tile dimension. Returns the launch's
+// error (no sync).
 template <typename T>
 cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* lse,
                           const float* delta, float* dq_accum, T* dk, T* dv, int64_t rows_k,
-                          int max_tiles, cudaStream_t stream) {
+                          const BwdLaunchOptions& opt, cudaStream_t stream) {
   int64_t tiles = (rows_k + 127) / 128;
   tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
-  if (max_tiles > 0 && tiles > max_tiles) tiles = max_tiles;
+  if (opt.max_tiles > 0 && tiles > opt.max_tiles) tiles = opt.max_tiles;
   const dim3 grid(static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B),
                   static_cast<unsigned>(tiles));
   auto run = [&](auto kernel, int smem) {

@@ -1,12 +1,12 @@
 // Flash attention forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// The default forward where the inputs are tensor-map addressable (ATTNKIT_FLASH_FWD_WS,
-// csrc/cuda/flash.cu; wgmma_fwd.cuh elsewhere). Same math as wgmma_fwd.cuh (online softmax in
+// The sm90_ws kernel of choose.h: the default forward where the inputs are tensor-map
+// addressable (wgmma_fwd.cuh elsewhere). Same math as wgmma_fwd.cuh (online softmax in
 // the log2 domain, the delayed P·V, element masks only on tiles that cross a window edge or the
 // end: online_softmax.cuh); what changes is who moves the data, modeled on the GDPA forward
 // (kernels/gdpa/fwd_ws.cuh).
 //
 // A unit is (sequence b, head h, 128-row query tile); the CTA strides over units. 384 threads =
-// 3 warpgroups (ATTNKIT_FLASH_FWD_WS_WG3=1 at head dim 64: 512 threads, 3 consumer warpgroups at
+// 3 warpgroups (launch_options.h's three_wg at head dim 64: 512 threads, 3 consumer warpgroups at
 // 160 registers, 192-row query tiles, the turn passed round a ring of 3):
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 loads Q (one
 //     box per 64 head-dim columns, into a 2-stage ring) and K_j per key tile, thread 32 loads V_j,
@@ -20,7 +20,7 @@
 //     tiles across units: a unit's last P·V is issued with the next unit's first S; the finished
 //     unit (its normalisation 1/l and lse kept in 4 registers per thread, `Done`) is stored right
 //     after that product completes, and O cleared.
-//     Ping-pong (ATTNKIT_FLASH_FWD_WS_PINGPONG, default on, a kernel argument, not a template):
+//     Ping-pong (launch option ping_pong, default on, a kernel argument, not a template):
 //     two named barriers pass a turn so the warpgroups alternate issuing products (FA3's scheme,
 //     as in the GDPA kernel: warpgroup 1 starts by arriving on warpgroup 0's barrier; each takes
 //     one turn per key tile and one for the very last P·V; warpgroup 0 takes one more at the end).
@@ -44,8 +44,8 @@
 // Units in order: query tiles of an item fastest (the last tile of a sequence first: under a
 // causal mask it sees the most keys), then heads, then sequences; an item strides over the tiles
 // of a sequence longer than the grid hint. The grid is persistent by default (one CTA per SM;
-// ATTNKIT_FLASH_FWD_WS_PERSISTENT=0 launches one CTA per item; ATTNKIT_FLASH_FWD_WS_CTAS=n caps
-// it at n CTAs, for tests).
+// launch option persistent = false launches one CTA per item; max_ctas = n caps it at n CTAs,
+// for tests).
 #pragma once
 
 #include <algorithm>
@@ -55,6 +55,7 @@
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
+#include "kernels/flash/launch_options.h"
 #include "kernels/flash/online_softmax.cuh"
 #include "kernels/flash/params.h"
 
@@ -134,7 +135,7 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles
 #if defined(__CUDACC__)
 // Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
 // fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
-// tile. Paired (the default; ATTNKIT_FLASH_FWD_WS_PAIRS=0 turns it off): an item is a pair of
+// tile. Paired (the default; launch option paired = false turns it off): an item is a pair of
 // tiles, k and q_tiles - 1 - k (then q_tiles + k, 2 q_tiles - 1 - k, ...), so that under a causal
 // mask every item of an equal-length batch costs about the same: with one tile per item a CTA's
 // tiles are k, k + grid, ... mod q_tiles, all alike when the grid is a multiple of q_tiles (132 SMs
@@ -530,21 +531,12 @@ inline int fwd_ws_block_rows(int D, bool three_wg) {
   return D == 64 && three_wg ? FwdWsTraits<64, 3>::kBM : FwdWsTraits<128, 2>::kBM;
 }
 
-// The A/B variants of a launch (csrc/cuda/flash.cu reads them from the environment).
-struct FwdWsOptions {
-  bool ping_pong = true;    // the consumer warpgroups take turns issuing products
-  bool persistent = true;   // one CTA per SM (else one per item)
-  bool three_wg = false;    // head dim 64: 3 consumer warpgroups, 192-row query tiles
-  bool paired = true;       // items of two tiles, k and q_tiles - 1 - k (WsCursor)
-  int max_ctas = 0;         // > 0: at most this many CTAs (a test knob: the rings wrap)
-};
-
 // The launcher: grid_rows sizes the query tiles per item (the batched length or the varlen
 // hint); the kernel's items stride over the rest. With three_wg the q map's boxes must have
 // fwd_ws_block_rows rows. Returns the launch's error (no sync).
 template <typename T>
 cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
-                          int64_t grid_rows, const FwdWsOptions& opt, cudaStream_t stream) {
+                          int64_t grid_rows, const FwdLaunchOptions& opt, cudaStream_t stream) {
   const int bm = fwd_ws_block_rows(static_cast<int>(p.D), opt.three_wg);
   int64_t q_tiles = (grid_rows + bm - 1) / bm;
   q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));

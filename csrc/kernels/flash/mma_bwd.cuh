@@ -497,16 +497,18 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads, 1)
 #endif  // ATTNKIT_HAS_MMA_SM80
 }
 
-// Host side: like fwd_supported, plus the gradient tensors' alignment and room for the main
-// kernel's shared memory (opt-in limit of the device: 227 KiB on sm90, 163 KiB on sm80, 99 KiB on
-// sm86 / sm89, where the portable kernels take over).
-inline bool bwd_supported(const Params& p, const void* dout, const void* q, const void* k,
+// Host side: like fwd_layout_ok, plus dout and the gradient tensors (choose.h's mma_ok).
+inline bool bwd_layout_ok(const Params& p, const void* dout, const void* q, const void* k,
                           const void* v, const void* o, const void* dq, const void* dk,
-                          const void* dv, int sm_major, int64_t smem_optin) {
-  const int64_t need = p.D == 64 ? BwdTraits<64>::smem_bytes<true>() : BwdTraits<128>::smem_bytes<true>();
-  return fwd_supported(p, q, k, v, o, sm_major) && aligned16(dout) && aligned16(dq) &&
-         aligned16(dk) && aligned16(dv) && strides8(p.dout) && strides8(p.dq) &&
-         strides8(p.dk) && strides8(p.dv) && smem_optin >= need;
+                          const void* dv) {
+  return fwd_layout_ok(p, q, k, v, o) && aligned16(dout) && aligned16(dq) && aligned16(dk) &&
+         aligned16(dv) && strides8(p.dout) && strides8(p.dq) && strides8(p.dk) && strides8(p.dv);
+}
+
+// The main kernel's shared memory; the launcher compares it with the device's opt-in limit
+// (227 KiB on sm90, 163 KiB on sm80, 99 KiB on sm86 / sm89, where the portable kernels take over).
+inline int64_t bwd_smem_bytes(int64_t d) {
+  return d == 64 ? BwdTraits<64>::smem_bytes<true>() : BwdTraits<128>::smem_bytes<true>();
 }
 
 // dq_accum != null: dQ is added into that zero-filled fp32 workspace (strides p.dq) by the main

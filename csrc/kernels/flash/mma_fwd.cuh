@@ -217,17 +217,12 @@ __global__ void __launch_bounds__(kThreads)
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 inline bool strides8(const Strides& s) { return s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0; }
 
-// Host side: the tensor-core path needs sm80+, D 64 or 128, and 16-byte aligned rows (cp.async
-// and the 4-byte paired stores); anything else takes the portable kernels.
-inline bool fwd_supported(const Params& p, const void* q, const void* k, const void* v,
-                          const void* o, int sm_major) {
-#if defined(__HIPCC__)
-  return false;
-#else
-  return sm_major >= 8 && (p.D == 64 || p.D == 128) && aligned16(q) && aligned16(k) &&
-         aligned16(v) && aligned16(o) && strides8(p.q) && strides8(p.k) && strides8(p.v) &&
-         strides8(p.o);
-#endif
+// Host side: the layout every tensor-core kernel needs, 16-byte aligned rows (cp.async and the
+// 4-byte paired stores); choose.h's mma_ok. The device, dtype and head dim are choose.h's too.
+inline bool fwd_layout_ok(const Params& p, const void* q, const void* k, const void* v,
+                          const void* o) {
+  return aligned16(q) && aligned16(k) && aligned16(v) && aligned16(o) && strides8(p.q) &&
+         strides8(p.k) && strides8(p.v) && strides8(p.o);
 }
 
 template <typename T>
