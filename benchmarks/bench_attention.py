@@ -7,6 +7,14 @@ reference (max difference printed) before anything is timed; TFLOP/s table, CSV,
       --iters 20 --csv attn.csv --plot attn.png
   python benchmarks/bench_attention.py --seq-lengths 16384 --causal --window 4096   # window vs full
 
+--kernel pins attnkit's flash kernels (auto | portable | sm80 | sm90 | sm90_cp_async | sm90_ws),
+--ws-options sets the warp-specialised forward's launch options (e.g. three_wg=1,paired=0;
+ping_pong, persistent, three_wg, paired, max_ctas) and --bwd-max-tiles the backward's: they go
+through the private ops _flash_attn_fwd_with / _flash_attn_bwd_with (docs/ops.md, "Kernel
+choice") behind a Python autograd Function, whose host time differs from the public op's, so
+compare such rows with each other. Without them attnkit is attnkit.flash_attn_func (which
+ATTNKIT_FLASH_KERNEL=auto|portable|sm80|sm90 also steers).
+
 --cuda-graph times replays of a CUDA graph of each call instead of do_bench: kernel time alone.
 At short sequences a backward through the autograd engine takes longer to issue on the host than
 to run (benchmarks/profile_call.py shows it), so do_bench times the host there, for every peer.
@@ -84,10 +92,47 @@ def make_impls(args, causal, window):
         "compile": torch.compile(eager) if not args.skip_compile else None,
         "triton": (lambda q, k, v: bhsd(triton_attention(bhsd(q), bhsd(k), bhsd(v), causal)))
         if triton_attention is not None and args.device == "cuda" and window < 0 else None,
-        "attnkit": lambda q, k, v: attnkit.flash_attn_func(q, k, v, causal=causal,
-                                                           window_size=(window, 0 if causal else -1)),
+        "attnkit": attnkit_impl(args, causal, window),
     }
     return impls
+
+
+def parse_ws_options(text):
+    """"three_wg=1,paired=0" -> {"three_wg": True, "paired": False} (max_ctas an integer)."""
+    opts = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in ("ping_pong", "persistent", "three_wg", "paired", "max_ctas"):
+            raise SystemExit(f"--ws-options: unknown option {name!r}")
+        opts[name] = int(value) if name == "max_ctas" else value not in ("0", "false", "False")
+    return opts
+
+
+def attnkit_impl(args, causal, window):
+    """attnkit.flash_attn_func, or, with --kernel / --ws-options / --bwd-max-tiles, the same call
+    pinned through the private ops (forward and backward on that kernel with those options)."""
+    wl, wr = window, 0 if causal else -1
+    kernel = getattr(args, "kernel", "auto")
+    fwd_opts = parse_ws_options(getattr(args, "ws_options", ""))
+    max_tiles = getattr(args, "bwd_max_tiles", 0)
+    if kernel == "auto" and not fwd_opts and not max_tiles:
+        return lambda q, k, v: attnkit.flash_attn_func(q, k, v, causal=causal, window_size=(wl, wr))
+
+    class Pinned(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = torch.ops.attnkit._flash_attn_fwd_with(q, k, v, None, causal, wl, wr,
+                                                              kernel=kernel, **fwd_opts)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            q, k, v, out, lse = ctx.saved_tensors
+            return torch.ops.attnkit._flash_attn_bwd_with(g, q, k, v, out, lse, None, causal, wl,
+                                                          wr, kernel=kernel, max_tiles=max_tiles)
+
+    return Pinned.apply
 
 
 def timed(args, name, pass_, fn):
@@ -185,6 +230,13 @@ def main(argv=None):
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--eager-budget-gb", type=float, default=4.0,
                    help="largest score matrix the eager reference may materialise")
+    p.add_argument("--kernel", default="auto",
+                   help="attnkit's flash kernel (private ops): auto, portable, sm80, sm90, "
+                        "sm90_cp_async, sm90_ws")
+    p.add_argument("--ws-options", default="",
+                   help="the warp-specialised forward's launch options, e.g. three_wg=1,paired=0")
+    p.add_argument("--bwd-max-tiles", type=int, default=0,
+                   help="the warp-specialised backward's key-tile cap (0: none)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time replays of a CUDA graph of each call (kernel time without the host's "
                         "launch cost; --iters is then a count of replays) instead of do_bench")
@@ -198,7 +250,9 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"attention benchmark on {dev_name}, torch {torch.__version__}, B={args.batch} "
           f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} causal={args.causal} "
-          f"window={args.window} {args.dtype}")
+          f"window={args.window} {args.dtype}"
+          + (f" attnkit kernel={args.kernel} {args.ws_options} max_tiles={args.bwd_max_tiles}"
+             if (args.kernel, args.ws_options, args.bwd_max_tiles) != ("auto", "", 0) else ""))
     print(f"timer: {'CUDA graph replays (kernel time)' if args.cuda_graph else 'do_bench'}")
     if args.cuda_graph:  # capture needs a side stream, and the backward's forward on the same one
         torch.cuda.set_stream(torch.cuda.Stream())

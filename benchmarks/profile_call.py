@@ -77,6 +77,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="calls per loop / profile")
     p.add_argument("--warmup", type=int, default=100, help="do_bench warm-up (ms of runs)")
     p.add_argument("--iters", type=int, default=30, help="do_bench repetitions (ms of runs)")
+    p.add_argument("--kernel", default="auto",
+                   help="attnkit's flash kernel, as bench_attention.py --kernel (a named kernel "
+                        "goes through a Python autograd Function: more host time)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_call: needs a CUDA device")
@@ -84,7 +87,8 @@ def main(argv=None):
     import attnkit  # noqa: F401  (loads the ops)
 
     B, S, H, D = args.batch, args.seq_len, args.heads, args.head_dim
-    ns = argparse.Namespace(heads=H, kv_heads=H, skip_eager=True, skip_compile=True, device="cuda")
+    ns = argparse.Namespace(heads=H, kv_heads=H, skip_eager=True, skip_compile=True, device="cuda",
+                            kernel=args.kernel)
     impls = make_impls(ns, args.causal, -1)
     mk = lambda: torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     q, k, v = mk(), mk(), mk()

@@ -6,7 +6,7 @@
 #   AB="gdpa flash paged_splits ncu_gdpa ncu_flash" bash scripts/gpu_ab.sh
 #
 #   gdpa          bench_gdpa forward+backward, wgmma forward vs ATTNKIT_GDPA_WGMMA=0 (mma.sync)
-#   flash         bench_attention D 64/128 (causal and not) at 1k/4k/16k, wgmma vs mma.sync forward
+#   flash         bench_attention D 64/128 (causal and not) at 1k/4k/16k, ATTNKIT_FLASH_KERNEL auto vs sm80
 #   paged_splits  bench_paged at 1 x 32k and 64 x 4k for ATTNKIT_PAGED_SPLITS in $SPLITS
 #   ncu_gdpa      ncu stall reasons and issue statistics of the GDPA forward (1024, B=264: 2 waves)
 #   ncu_flash     the same for the flash forward (D=128, 4k)
@@ -33,11 +33,11 @@ for part in $AB; do
         table "$OUT/ab_gdpa_$w.log"
       done ;;
     flash)
-      for w in 1 0; do
+      for w in auto sm80; do
         for a in "--head-dim 128" "--head-dim 128 --causal" "--head-dim 64" "--head-dim 64 --causal"; do
           tag=$(echo "$a" | tr -d ' -')
-          echo "== flash $a, ATTNKIT_FLASH_WGMMA=$w"
-          ATTNKIT_FLASH_WGMMA=$w $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 $ARGS \
+          echo "== flash $a, ATTNKIT_FLASH_KERNEL=$w"
+          ATTNKIT_FLASH_KERNEL=$w $PY benchmarks/bench_attention.py --seq-lengths 1024,4096,16384 $ARGS \
             --skip-compile $a > "$OUT/ab_flash_${tag}_$w.log" 2>&1
           table "$OUT/ab_flash_${tag}_$w.log"
         done

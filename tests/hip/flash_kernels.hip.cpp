@@ -35,18 +35,18 @@ BwdLaunchOptions hip_bwd_options() { return {}; }
 
 namespace simt {
 
-#define ATTNKIT_FLASH_SIMT(T, C)                                                                    \
-  template __global__ void fwd_kernel<T, C>(Params, const T*, const T*, const T*, T*, float*);    \
-  template __global__ void bwd_delta_kernel<T, C>(Params, const T*, const T*, float*);            \
-  template __global__ void bwd_dq_kernel<T, C>(Params, const T*, const T*, const T*, const T*,    \
-                                               const float*, const float*, T*);                   \
-  template __global__ void bwd_dkdv_kernel<T, C>(Params, const T*, const T*, const T*, const T*,  \
+#define ATTNKIT_INSTANTIATE_FLASH_SIMT(T, C)                                                       \
+  template __global__ void fwd_kernel<T, C>(Params, const T*, const T*, const T*, T*, float*);     \
+  template __global__ void bwd_delta_kernel<T, C>(Params, const T*, const T*, float*);             \
+  template __global__ void bwd_dq_kernel<T, C>(Params, const T*, const T*, const T*, const T*,     \
+                                               const float*, const float*, T*);                    \
+  template __global__ void bwd_dkdv_kernel<T, C>(Params, const T*, const T*, const T*, const T*,   \
                                                  const float*, const float*, T*, T*);
 // kChunks as csrc/cuda/flash.cu picks it: head dims <= 64, <= 128, <= 256.
-ATTNKIT_FLASH_SIMT(float, 64 / kWarpSize)
-ATTNKIT_FLASH_SIMT(fp16_t, 128 / kWarpSize)
-ATTNKIT_FLASH_SIMT(bf16_t, 256 / kWarpSize)
-#undef ATTNKIT_FLASH_SIMT
+ATTNKIT_INSTANTIATE_FLASH_SIMT(float, 64 / kWarpSize)
+ATTNKIT_INSTANTIATE_FLASH_SIMT(fp16_t, 128 / kWarpSize)
+ATTNKIT_INSTANTIATE_FLASH_SIMT(bf16_t, 256 / kWarpSize)
+#undef ATTNKIT_INSTANTIATE_FLASH_SIMT
 
 }  // namespace simt
 
