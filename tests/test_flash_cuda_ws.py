@@ -12,8 +12,7 @@ import torch
 from attnkit.reference import flash_attn_ref
 from attnkit.testing import assert_close, assert_lse_close
 from conftest import poison_allocator
-from samples.flash import (BWD_WITH, FWD, FWD_WITH, HOPPER, POISON_BYTES, approx_tanh, dtype_id,
-                           rand)
+from samples.flash import BWD_WITH, FWD_WITH, HOPPER, POISON_BYTES, approx_tanh, dtype_id, rand
 
 # ---------------------------------------------------------------------------------------------
 # the warp-specialised Hopper forward (fwd_ws.cuh)
@@ -33,7 +32,7 @@ WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
 def ws_fwd(schedule):
-    """flash_attn_fwd on sm90_ws with `schedule`'s launch options (positional arguments as FWD)."""
+    """flash_attn_fwd on sm90_ws with `schedule`'s launch options (positional arguments as flash_attn_fwd)."""
     return functools.partial(FWD_WITH, kernel="sm90_ws", **WS_SCHEDULES[schedule])
 
 
@@ -214,7 +213,7 @@ def test_cuda_forward_warp_specialised_falls_back():
         v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         if D != 96:
             k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
-        check_fwd(FWD, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"fallback D={D}")
+        check_fwd(FWD_WITH, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"auto D={D}")
         why = "tensor map" if D != 96 else "head dim 64 or 128"
         with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
             FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90_ws")

@@ -1,7 +1,10 @@
 // Flash attention CUDA launchers (DESIGN §3.3): checks -> device guard -> current stream ->
-// dispatch -> launch. No host synchronisation: cu_seqlens are clamped inside the kernels, and
-// the varlen grid is sized from max_seqlen_* (or the total row count when not given); kernels
-// loop over query tiles, so a hint below a real length still computes that sequence in full.
+// facts -> kernel choice (kernels/flash/choose.h) -> one switch that launches. The public ops
+// take the request from ATTNKIT_FLASH_KERNEL (auto when unset) and the default launch options;
+// the private _flash_attn_*_with ops take both as arguments. No host synchronisation:
+// cu_seqlens are clamped inside the kernels, and the varlen grid is sized from max_seqlen_* (or
+// the total row count when not given); kernels loop over query tiles, so a hint below a real
+// length still computes that sequence in full.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -127,14 +130,14 @@ bool encode_bwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at
          encode_rows_map(&m->dout, p, varlen, bf16, dout.const_data_ptr(), p.seqlen_q, p.H,
                          p.dout, 64);
 }
-int64_t bwd_ws_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
+int64_t sm90ws_bwd_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
 #else
 struct BwdMaps {};
 bool encode_bwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, BwdMaps*) {
   return false;
 }
-int64_t bwd_ws_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
+int64_t sm90ws_bwd_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
 #endif
 
 // A cached host-side property query (no device synchronisation).
@@ -497,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
       at::cuda::getDeviceProperties(q.device().index())->sharedMemPerBlockOptin);
   f.smem_sm80 = optin >= mma::bwd_smem_bytes(p.D);
   f.smem_sm90 = optin >= wg::bwd_smem_bytes(p.D);
-  f.smem_sm90ws = optin >= bwd_ws_smem_bytes(p.D);
+  f.smem_sm90ws = optin >= sm90ws_bwd_smem_bytes(p.D);
   BwdMaps maps;
   f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/true) &&
               encode_bwd_maps(p, varlen, q, k, v, dout, &maps);
