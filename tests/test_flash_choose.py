@@ -32,7 +32,6 @@ AUTO = {  # what auto picks for a bf16 / fp16 call at head dim 64 or 128, forwar
     "t4_sm75": "portable",
     "mi250_hip": "portable",
 }
-NAMED = ["portable", "sm80", "sm90", "sm90_cp_async", "sm90_ws"]
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
