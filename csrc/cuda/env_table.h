@@ -6,7 +6,9 @@
 // One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
 // -> on / true, and for kernel switches "require" -> on, and a call the kernel cannot take fails
 // (so a test knows which kernel ran). Integers: a positive value below 2^30, else 0 (= unset).
-// Read at every call (tests flip them per case) unless the call site keeps the first value.
+// A kernel override (a family's kernel name, e.g. ATTNKIT_GDPA_KERNEL) is read raw with
+// env_value and parsed by its family; an unknown name fails the call.
+// Read at every call (A/B runs flip them per case) unless the call site keeps the first value.
 #pragma once
 
 #include <cstdlib>
@@ -27,13 +29,7 @@ enum class Env : int {
   kFlashWgmmaBwd,
   kFlashSimt,
   kServingDecode,
-  kGdpaFwdWs,
-  kGdpaFwdWsPingPong,
-  kGdpaFwdWsSplit,
-  kGdpaFwdWsPersistent,
-  kGdpaFwdWsSorted,
-  kGdpaWgmma,
-  kGdpaWgmmaBwd,
+  kGdpaKernel,
   kPagedSimt,
   kPagedBulk,
   kPagedSplits,
@@ -47,7 +43,8 @@ enum class Env : int {
 struct EnvEntry {
   Env id;
   const char* name;
-  bool on_by_default;  // flags and switches; integers default to 0
+  bool on_by_default;  // flags and switches; integers default to 0; names (a kernel override,
+                       // read with env_value and parsed by its family) ignore it
 };
 
 inline constexpr EnvEntry kEnvTable[] = {
@@ -63,13 +60,9 @@ inline constexpr EnvEntry kEnvTable[] = {
     {Env::kFlashWgmmaBwd, "ATTNKIT_FLASH_WGMMA_BWD", true},
     {Env::kFlashSimt, "ATTNKIT_FLASH_SIMT", false},
     {Env::kServingDecode, "ATTNKIT_SERVING_DECODE", true},
-    {Env::kGdpaFwdWs, "ATTNKIT_GDPA_FWD_WS", true},
-    {Env::kGdpaFwdWsPingPong, "ATTNKIT_GDPA_FWD_WS_PINGPONG", true},
-    {Env::kGdpaFwdWsSplit, "ATTNKIT_GDPA_FWD_WS_SPLIT", true},
-    {Env::kGdpaFwdWsPersistent, "ATTNKIT_GDPA_FWD_WS_PERSISTENT", true},
-    {Env::kGdpaFwdWsSorted, "ATTNKIT_GDPA_FWD_WS_SORTED", true},
-    {Env::kGdpaWgmma, "ATTNKIT_GDPA_WGMMA", true},
-    {Env::kGdpaWgmmaBwd, "ATTNKIT_GDPA_WGMMA_BWD", true},
+    // The GDPA family's one kernel override: auto | portable | sm80 | sm90
+    // (kernels/gdpa/choose.h; the call fails when the named kernel cannot take it).
+    {Env::kGdpaKernel, "ATTNKIT_GDPA_KERNEL", false},
     {Env::kPagedSimt, "ATTNKIT_PAGED_SIMT", false},
     {Env::kPagedBulk, "ATTNKIT_PAGED_BULK", true},
     {Env::kPagedSplits, "ATTNKIT_PAGED_SPLITS", false},
