@@ -12,9 +12,9 @@ from attnkit.reference import gdpa_ref
 from attnkit.testing import assert_close, rel_err
 from conftest import poison_allocator
 from attnkit.gdpa import _gdpa_with
-from samples.gdpa import (BWD_WITH, FWD_WITH, HALF_DTYPES, HOPPER, check_sample, deterministic_algorithms,
-                          dtype_id, gdpa_sample, jagged_inputs, offsets_of,
-                          rounding_sensitive_inputs, sample_inputs)
+from samples.gdpa import (BWD_WITH, FWD_WITH, HALF_DTYPES, HOPPER, check_sample,
+                          deterministic_algorithms, dtype_id, gdpa_sample, jagged_inputs,
+                          offsets_of, rounding_sensitive_inputs, sample_inputs)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -24,12 +24,13 @@ SM80 = CUDA and torch.cuda.get_device_capability()[0] >= 8 and torch.version.hip
 
 
 def need_kernel(kernel):
-    """Skips a test of `kernel` on a device (or build) that cannot run it; "auto" runs anywhere."""
+    """Skips a test of `kernel` on a device (or build) that cannot run it; "auto" runs anywhere
+    and is returned as None: check_sample then calls the public op (its automatic choice)."""
     if kernel.startswith("sm90") and not HOPPER:
         pytest.skip("the sm90 kernels need an sm_90 device and an sm_90a build")
     if kernel == "sm80" and not SM80:
         pytest.skip("the sm80 kernels need an sm_80+ CUDA device")
-    return kernel
+    return None if kernel == "auto" else kernel
 
 
 def check(dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, D=16, grads=True, qk_scale=0.5,
@@ -55,11 +56,11 @@ FWD_PATHS = ["auto", "sm90_cp_async", "sm80"]
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_forward_paths_multi_tile(path, D, dtype, causal):
     """The CUDA tensor-core forwards (FWD_PATHS) on several 128-row and 128-key tiles."""
-    need_kernel(path)
+    kernel = need_kernel(path)
     lens = [300, 129, 0, 1, 640, 127, 1000]
-    check(dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False, fwd_kernel=path)
+    check(dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False, fwd_kernel=kernel)
     check(dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False,
-          fwd_kernel=path)
+          fwd_kernel=kernel)
 
 
 @needs_cuda
@@ -68,10 +69,10 @@ def test_cuda_forward_paths_multi_tile(path, D, dtype, causal):
 def test_cuda_forward_paths_samples(path, dtype):
     """Every forward path on the family's samples (GQA 1 / 4 / 8, cross attention, views, odd head
     dims, uncovered rows), for a few activations."""
-    need_kernel(path)
+    kernel = need_kernel(path)
     for act in ("fast_gelu", "raw", "relu_square"):
         for s in sample_inputs("cuda", dtype, act):
-            check_sample(s, grads=False, fwd_kernel=path)
+            check_sample(s, grads=False, fwd_kernel=kernel)
 
 
 @needs_cuda
@@ -82,10 +83,10 @@ def test_cuda_forward_paths_round_p(path, D, dtype):
     """Every forward path rounds P to v's dtype before P·V, on several tiles: on inputs whose P·V
     cancels down to that rounding (samples.gdpa.rounding_sensitive_inputs: every product and sum
     exact in fp32), a kernel that skipped it misses by far more than the 16-bit bound."""
-    need_kernel(path)
+    kernel = need_kernel(path)
     inputs = rounding_sensitive_inputs("cuda", dtype, [300, 1, 0, 129, 513], H=8, Hkv=2, D=D)
     check_sample(gdpa_sample(f"P rounded D={D}", inputs, "raw", False, qk_scale=0.5,
-                             pre_scale=1.0), grads=False, fwd_kernel=path)
+                             pre_scale=1.0), grads=False, fwd_kernel=kernel)
 
 
 def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
@@ -132,7 +133,7 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal):
     with NaN, so a row left out shows; query lengths far above their key lengths make windowed
     query tiles with no key at all (skipped by the kernels). The cp.async wgmma kernel has no
     window mask: a windowed call names it in vain (auto takes sm90_ws or sm80 there)."""
-    need_kernel(path)
+    kernel = need_kernel(path)
     dtype = torch.bfloat16
     q_lens, kv_lens = [300, 200, 0, 450, 77, 1, 129], [100, 0, 5, 10, 300, 0, 1]
     before, after = 37, 50
@@ -140,7 +141,7 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal):
     q = torch.randn(T, 4, D, device="cuda", dtype=dtype) * 0.5
     k, v = (torch.randn(sum(kv_lens), 2, D, device="cuda", dtype=dtype) * 0.5 for _ in range(2))
     qo, ko = offsets_of(q_lens, "cuda") + before, offsets_of(kv_lens, "cuda")
-    fwd = lambda *a, **kw: FWD_WITH(*a, **kw, kernel=path)
+    fwd = attnkit.gdpa if kernel is None else (lambda *a, **kw: FWD_WITH(*a, **kw, kernel=kernel))
     if path == "sm90_cp_async" and window >= 0:
         with pytest.raises(RuntimeError, match="kernel sm90_cp_async .*cannot take this call: "
                                                "it has no window mask"):

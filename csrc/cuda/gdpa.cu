@@ -289,7 +289,9 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
-          const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+          // Dense: every sequence as long as the hints (choose.h fwd_ws_jagged).
+          const bool dense =
+              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
           at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
           if (fwd_ws_jagged(dense, items, lo.sorted)) {
             sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
@@ -330,7 +332,8 @@ at::Tensor gdpa_fwd_with_cuda(const at::Tensor& q, const at::Tensor& k, const at
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   return gdpa_fwd(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                   std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
-                  broadcast_q, req, make_fwd_launch_options(ping_pong, split_loaders, persistent, sorted));
+                  broadcast_q, req,
+                  make_fwd_launch_options(ping_pong, split_loaders, persistent, sorted));
 }
 
 // gdpa_bwd on the requested kernel: the public op (ATTNKIT_GDPA_KERNEL, default options) and

@@ -40,7 +40,8 @@ template cudaError_t launch_gdpa_bwd_wgmma<bf16_t>(const BwdWgmmaParams&, int, i
 GdpaKernel hip_check_choice(const GdpaFacts& f) {
   const FwdLaunchOptions lo;
   const GdpaChoice c = choose_fwd(f, GdpaRequest::kAuto);
-  return fwd_ws_jagged(false, 1, lo.sorted) && c.ok() ? c.kernel : choose_bwd(f, GdpaRequest::kSm90).kernel;
+  if (fwd_ws_jagged(false, 1, lo.sorted) && c.ok()) return c.kernel;
+  return choose_bwd(f, GdpaRequest::kSm90).kernel;
 }
 
 }  // namespace gdpa

@@ -1,8 +1,8 @@
 // How the GDPA kernels are launched, beside which kernel runs (choose.h): the warp-specialised
 // forward's schedules and the backward's dQ. The public ops launch with these defaults; the
-// private ops attnkit::_gdpa_fwd_with / _gdpa_bwd_with set them, so tests and benchmarks reach every schedule without
-// environment variables. Kernels without such options ignore them. Torch-free plain structs (the
-// HIP build and the CPU-only build see them too).
+// private ops attnkit::_gdpa_fwd_with / _gdpa_bwd_with set them, so tests and benchmarks reach
+// every schedule without environment variables. Kernels without such options ignore them.
+// Torch-free plain structs (the HIP build and the CPU-only build see them too).
 #pragma once
 
 namespace attnkit {
