@@ -11,6 +11,11 @@ Columns:
   compile      torch.compile of the same padded reference, in batch chunks
   sdpa_cudnn   SDPA's cuDNN backend on the dense [B, H, max, D] shape (softmax attention)
   sdpa_flash   SDPA's flash backend on the same dense shape
+Kernels: attnkit runs the public op (its automatic choice, or ATTNKIT_GDPA_KERNEL) unless
+--kernel / --bwd-kernel / --fwd-options name kernels and launch options, which run the private
+ops (attnkit.gdpa._gdpa_with; docs/ops.md, GDPA "Kernel choice"): e.g. `--kernel sm90_cp_async`,
+`--kernel sm90_ws --fwd-options ping_pong=0`, `--bwd-kernel sm90_ws --bwd-deterministic`. A named
+kernel that cannot take a cell's call fails its verification.
 Passes: fwd, bwd (the backward alone, from a saved forward graph) and fwdbwd (forward then
 backward). FLOPs: forward 4·H·D·Σ Lq·Lk (halved for causal), backward 2.5x that, fwd+bwd 3.5x.
 Dense peers count the padded shape, so their TFLOP/s are comparable rates; the ratios are
@@ -28,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import harness
 import attnkit
+from attnkit.gdpa import _gdpa_with
 from attnkit.reference import gdpa_padded_ref, gdpa_ref
 from attnkit.testing import BENCH_TOLERANCE, TOLERANCE
 
@@ -68,6 +74,30 @@ def dense_fits(B, H, L, D, dev, chunk):
     return True, ""
 
 
+FWD_OPTIONS = ("ping_pong", "split_loaders", "persistent", "sorted")
+
+
+def parse_fwd_options(text):
+    """"ping_pong=0,sorted=0" -> {"ping_pong": False, "sorted": False} (the private op's options)."""
+    opts = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in FWD_OPTIONS or value not in ("0", "1"):
+            raise SystemExit(f"--fwd-options: expected NAME=0|1 with NAME in {FWD_OPTIONS}, got {item!r}")
+        opts[name] = value == "1"
+    return opts
+
+
+def gdpa_fn(args):
+    """attnkit's call: the public op, or the private ops on the kernels and options asked for."""
+    opts = parse_fwd_options(args.fwd_options)
+    if args.kernel is None and args.bwd_kernel is None and not opts and not args.bwd_deterministic:
+        return attnkit.gdpa
+    return lambda *a, **kw: _gdpa_with(*a, **kw, fwd_kernel=args.kernel or "auto",
+                                       bwd_kernel=args.bwd_kernel or "auto",
+                                       deterministic=args.bwd_deterministic, **opts)
+
+
 def main():
     p = harness.add_common_args(argparse.ArgumentParser(description=__doc__))
     p.add_argument("--shapes", default="256,512,1024,2048", help="max sequence lengths")
@@ -81,9 +111,16 @@ def main():
     p.add_argument("--chunk", type=int, default=128, help="batch chunk of the padded peers")
     p.add_argument("--passes", default="fwd,bwd,fwdbwd",
                    help="which passes to time: any of fwd, bwd, fwdbwd")
+    p.add_argument("--kernel", default=None,
+                   help="forward kernel of the private op: auto|portable|sm80|sm90|sm90_cp_async|sm90_ws")
+    p.add_argument("--bwd-kernel", default=None, help="backward kernel of the private op (same names)")
+    p.add_argument("--fwd-options", default="",
+                   help="forward launch options, e.g. ping_pong=0,split_loaders=0,persistent=0,sorted=0")
+    p.add_argument("--bwd-deterministic", action="store_true", help="the backward's dQ without atomics")
     p.add_argument("--no-triton", action="store_true",
                    help="leave out the Triton peer (benchmarks/triton_gdpa.py)")
     args = p.parse_args()
+    gdpa = gdpa_fn(args)
     # The peer is non-causal; on the CPU it runs only under TRITON_INTERPRET=1 (a dry run).
     use_triton = not args.no_triton and not args.causal and (
         str(args.device).startswith("cuda") or (triton_gdpa is not None and triton_gdpa.INTERPRET))
@@ -124,8 +161,8 @@ def main():
             ref = gdpa_ref(qs, ks, vs, o_sub, o_sub, max_len, max_len, act, causal=args.causal)
             g = torch.randn_like(ref).to(dt)
             ref_grads = torch.autograd.grad(ref, (qs, ks, vs), g.float())
-            subject = {"attnkit": lambda: attnkit.gdpa(qs, ks, vs, o_sub, o_sub, max_len, max_len, act,
-                                                       causal=args.causal)}
+            subject = {"attnkit": lambda: gdpa(qs, ks, vs, o_sub, o_sub, max_len, max_len, act,
+                                               causal=args.causal)}
             if use_triton:
                 plan_sub = triton_gdpa.plan(o_sub, o_sub)
                 subject["triton"] = lambda: triton_gdpa.triton_gdpa(qs, ks, vs, o_sub, o_sub, plan_sub, act)
@@ -144,7 +181,7 @@ def main():
                 call_triton = lambda: triton_gdpa.triton_gdpa(q, k, v, off, off, plan, act)
                 try:  # the whole batch against attnkit (every 8th row); autotunes the forward
                     with torch.no_grad():
-                        a_out = attnkit.gdpa(q, k, v, off, off, max_len, max_len, act)
+                        a_out = gdpa(q, k, v, off, off, max_len, max_len, act)
                         t_out = call_triton()
                         good = harness.verify("triton vs attnkit (full batch)", t_out[::8],
                                               a_out[::8], BENCH_TOLERANCE[dt])
@@ -166,7 +203,7 @@ def main():
                 del sd, sref
 
             # name -> (forward call, its differentiable inputs, FLOPs of the forward)
-            impls = {"attnkit": (lambda: attnkit.gdpa(q, k, v, off, off, max_len, max_len, act, causal=args.causal),
+            impls = {"attnkit": (lambda: gdpa(q, k, v, off, off, max_len, max_len, act, causal=args.causal),
                                  (q, k, v), flops_j)}
             if call_triton is not None:
                 impls["triton"] = (call_triton, (q, k, v), flops_j)
@@ -224,9 +261,12 @@ def main():
         cols += [f"attnkit_{d}", f"triton_{d}"] + (["eager_fwd", "compile_fwd"] if d == "fwd" else [])
         cols += [f"sdpa_cudnn_{d}"] + ([f"sdpa_flash_{d}"] if d != "fwdbwd" else [])
         cols += [f"ratio_{d}_vs_cudnn", f"ratio_{d}_vs_triton"]
+    kernels = "" if gdpa is attnkit.gdpa else (
+        f", kernels fwd={args.kernel or 'auto'} {args.fwd_options} bwd={args.bwd_kernel or 'auto'}"
+        f"{' deterministic' if args.bwd_deterministic else ''}")
     harness.print_table(rows, cols, title=f"GDPA TFLOP/s ({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}, "
                                           f"torch {torch.__version__}, bf16, D={D}, H={H}, B={B}, {act}"
-                                          f"{', causal' if args.causal else ''})")
+                                          f"{', causal' if args.causal else ''}{kernels})")
     harness.write_csv(rows, cols, args.csv)
     harness.plot(rows, "max_len", [c for c in cols if not c.startswith("ratio") and c.endswith(tuple(PASSES))],
                  args.plot, "TFLOP/s", "GDPA", group="sparsity")

@@ -17,6 +17,38 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "
       "float qk_scale, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
       "bool broadcast_q=False) -> (Tensor, Tensor, Tensor)");
+  // Private (docs/ops.md, GDPA "Kernel choice"): the same calls on a named kernel with launch
+  // options (kernels/gdpa/choose.h, launch_options.h), so tests and benchmarks pick kernels and
+  // schedules without environment variables. kernel: auto | portable | sm80 | sm90 (the best sm90
+  // kernel that can take the call) | sm90_cp_async | sm90_ws; a named kernel that cannot take the
+  // call raises. "auto" is the choice of the public ops without ATTNKIT_GDPA_KERNEL (which the
+  // private ops do not read), and the options' defaults are the public ops'. Forward options: the
+  // warp-specialised kernel's consumer ping-pong, split K / V loaders, persistent grid, jagged
+  // schedule for non-dense batches; backward: deterministic dQ (also on under
+  // torch.use_deterministic_algorithms). Not differentiable.
+  m.def(
+      "_gdpa_fwd_with(Tensor q, Tensor k, Tensor v, Tensor q_offsets, Tensor kv_offsets, "
+      "SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation=\"fast_gelu\", "
+      "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False, str kernel=\"auto\", bool ping_pong=True, "
+      "bool split_loaders=True, bool persistent=True, bool sorted=True) -> Tensor");
+  m.def(
+      "_gdpa_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor q_offsets, "
+      "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "
+      "float qk_scale, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
+      "bool broadcast_q=False, str kernel=\"auto\", bool deterministic=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
+  // the kernel that would run ("sm90_ws+jagged": the warp-specialised forward on its jagged
+  // schedule, for a batch that is not dense), or a RuntimeError with the reason a named kernel
+  // cannot take such a call. Takes no tensor, so every build answers it on the CPU. The defaults
+  // describe a dense bf16 call at head dim 128 that every kernel can take, on a 9.0 device of an
+  // sm_90a build.
+  m.def(
+      "_gdpa_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
+      "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "
+      "bool maps_ok=True, bool windowed=False, bool deterministic=False, bool dense=True, "
+      "int items=1) -> str");
 
   // ---- paged decode attention, DESIGN §3.2 ----
   m.def(

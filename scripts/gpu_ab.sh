@@ -5,7 +5,8 @@
 #
 #   AB="gdpa flash paged_splits ncu_gdpa ncu_flash" bash scripts/gpu_ab.sh
 #
-#   gdpa          bench_gdpa forward+backward, wgmma forward vs ATTNKIT_GDPA_WGMMA=0 (mma.sync)
+#   gdpa          bench_gdpa forward+backward, the sm90 kernels vs the sm80 (mma.sync) ones
+#                 (ATTNKIT_GDPA_KERNEL=sm90 / sm80)
 #   flash         bench_attention D 64/128 (causal and not) at 1k/4k/16k, ATTNKIT_FLASH_KERNEL auto vs sm80
 #   paged_splits  bench_paged at 1 x 32k and 64 x 4k for ATTNKIT_PAGED_SPLITS in $SPLITS
 #   ncu_gdpa      ncu stall reasons and issue statistics of the GDPA forward (1024, B=264: 2 waves)
@@ -27,9 +28,9 @@ table() { grep -A12 "TFLOP/s\|^max_len\|^case" "$1" | grep -v "^--$" | head -n 1
 for part in $AB; do
   case $part in
     gdpa)
-      for w in 1 0; do
-        echo "== gdpa, ATTNKIT_GDPA_WGMMA=$w"
-        ATTNKIT_GDPA_WGMMA=$w $PY benchmarks/bench_gdpa.py $ARGS --skip-compile > "$OUT/ab_gdpa_$w.log" 2>&1
+      for w in sm90 sm80; do
+        echo "== gdpa, ATTNKIT_GDPA_KERNEL=$w"
+        ATTNKIT_GDPA_KERNEL=$w $PY benchmarks/bench_gdpa.py $ARGS --skip-compile > "$OUT/ab_gdpa_$w.log" 2>&1
         table "$OUT/ab_gdpa_$w.log"
       done ;;
     flash)

@@ -9,13 +9,13 @@
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_jagged: issue #19's jagged schedule, its tests, memcheck and bench_gdpa before / after;
-# gdpa_ws_bench times the forward four ways: the cp.async wgmma kernel, ATTNKIT_GDPA_FWD_WS=0,
-# then the default, then ATTNKIT_GDPA_FWD_WS_PINGPONG=0, ATTNKIT_GDPA_FWD_WS_SPLIT=0 and
-# ATTNKIT_GDPA_FWD_WS_PERSISTENT=0),
+# gdpa_ws_bench times the forward five ways through bench_gdpa's --kernel / --fwd-options (the
+# private op): the cp.async wgmma kernel, then sm90_ws with its default schedule, then with
+# ping_pong=0, split_loaders=0 and persistent=0),
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
 # max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
 # peer (benchmarks/triton_gdpa.py --selftest) on the GPU. gdpa_bwd_ws: the warp-specialised GDPA
-# backward (the default; ATTNKIT_GDPA_WGMMA_BWD=cp_async the old one): tests, memcheck, bench old / new.
+# backward (the default; --bwd-kernel sm90_cp_async the old one): tests, memcheck, bench old / new.
 # The warp-specialised flash kernels (flash/fwd_ws.cuh, the default forward at head dim 128;
 # flash/bwd_ws.cuh, the default backward) have their own steps:
 #   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
@@ -128,7 +128,7 @@ for s in $QUICK; do
         $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "bad_offsets and cuda" ;;
     gdpa_ws_tests)
       step gdpa_ws_tests 120 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE \
-        -k "warp_specialised or (forward_paths and default)" ;;
+        -k "warp_specialised or (forward_paths and auto) or choose" ;;
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
@@ -136,41 +136,39 @@ for s in $QUICK; do
     gdpa_jagged)  # issue #19, the forward's jagged schedule (fwd_ws.cuh: device-built longest-first
       # list, narrow 64-key tiles): its tests with the other warp-specialised forward tests, the new
       # ones under memcheck, then the forward at max len 256-2048 (sparsity 1.0 and 0.5, no Triton)
-      # with the schedule and (sparsity 0.5) with ATTNKIT_GDPA_FWD_WS_SORTED=0 (in-order, full tiles):
+      # with the schedule and (sparsity 0.5) with --fwd-options sorted=0 (in-order, full tiles):
       # before and after in one run. ~200 s after the build on an H200 (not yet timed).
       step gdpa_jagged_tests 90 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
-        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and default)"
+        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and auto)"
       step gdpa_jagged_sanitize 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
         -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and random))"
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
-      step bench_gdpa_jagged 70 env ATTNKIT_GDPA_FWD_WS=require $G --csv "$L/bench_gdpa_jagged.csv"
-      step bench_gdpa_in_order 50 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SORTED=0 $G --sparsity 0.5 ;;
+      step bench_gdpa_jagged 70 $G --kernel sm90_ws --csv "$L/bench_gdpa_jagged.csv"
+      step bench_gdpa_in_order 50 $G --kernel sm90_ws --fwd-options sorted=0 --sparsity 0.5 ;;
     gdpa_bwd_ws)  # the warp-specialised GDPA backward (gdpa/bwd_ws.cuh, the default on sm_90a),
-      # ~150 s: the GDPA CUDA tests (every backward path), the feature / numerics tests with the
-      # cp.async wgmma backward (=cp_async: the default runs them with ws), memcheck on the ws
-      # garbage-offset and poisoned-row tests, then bench_gdpa's backward rows with the cp.async
+      # ~130 s: the GDPA CUDA tests (every backward path, named through the private op; the
+      # windowed cp.async backward is test_window_hopper_cuda[...sm90_cp_async]), memcheck on the
+      # ws garbage-offset and poisoned-row tests, then bench_gdpa's backward rows with the cp.async
       # kernel and the ws one.
       step gdpa_bwd_ws_tests 150 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE \
         -k "cuda and not opcheck and not compile"
-      step gdpa_bwd_cp_async_env 50 env ATTNKIT_GDPA_WGMMA_BWD=cp_async $PY -m pytest tests/test_gdpa_features.py \
-        tests/test_gdpa_numerics.py -q -n 16 -rfE -k "cuda and not opcheck and not compile"
       step gdpa_bwd_ws_sanitize 40 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
         -k "backward_warp_specialised_garbage or (backward_warp_specialised_poisoned and False-False-80)"
       for sp in 1.0 0.5; do
         G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity $sp $BENCH"
         lim=$([ "$sp" = 1.0 ] && echo 35 || echo 25)
-        step "bench_gdpa_bwd_cp_async_$sp" $lim env ATTNKIT_GDPA_WGMMA_BWD=cp_async $G
-        step "bench_gdpa_bwd_ws_$sp" $lim env ATTNKIT_GDPA_WGMMA_BWD=ws_require $G
+        step "bench_gdpa_bwd_cp_async_$sp" $lim $G --bwd-kernel sm90_cp_async
+        step "bench_gdpa_bwd_ws_$sp" $lim $G --bwd-kernel sm90_ws
       done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
-      step bench_gdpa_cp_async 60 env ATTNKIT_GDPA_FWD_WS=0 $G
-      step bench_gdpa_ws 60 env ATTNKIT_GDPA_FWD_WS=require $G
-      step bench_gdpa_ws_free 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PINGPONG=0 $G
-      step bench_gdpa_ws_1loader 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_SPLIT=0 $G
-      step bench_gdpa_ws_grid 60 env ATTNKIT_GDPA_FWD_WS=require ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 $G ;;
+      step bench_gdpa_cp_async 60 $G --kernel sm90_cp_async
+      step bench_gdpa_ws 60 $G --kernel sm90_ws
+      step bench_gdpa_ws_free 60 $G --kernel sm90_ws --fwd-options ping_pong=0
+      step bench_gdpa_ws_1loader 60 $G --kernel sm90_ws --fwd-options split_loaders=0
+      step bench_gdpa_ws_grid 60 $G --kernel sm90_ws --fwd-options persistent=0 ;;
     flash_ws_tests)
       step flash_ws_tests 120 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)

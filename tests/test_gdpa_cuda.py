@@ -1,8 +1,9 @@
 """GDPA's CUDA kernel paths (DESIGN §3.1, §4), each against reference.gdpa_ref: the tensor-core
 forwards and backwards on several tiles, the warp-specialised Hopper forward with its schedules,
-garbage offsets (compute-sanitizer runs these), determinism and CUDA-graph capture."""
-import os
-
+garbage offsets (compute-sanitizer runs these), determinism and CUDA-graph capture. A test picks
+its kernel and schedule through the private ops (FWD_WITH / BWD_WITH, attnkit.gdpa._gdpa_with:
+docs/ops.md, GDPA "Kernel choice"); a named kernel that cannot take the call raises, so no test
+passes on a silent fallback."""
 import pytest
 import torch
 
@@ -10,41 +11,42 @@ import attnkit
 from attnkit.reference import gdpa_ref
 from attnkit.testing import assert_close, rel_err
 from conftest import poison_allocator
-from samples.gdpa import (HALF_DTYPES, check_sample, deterministic_algorithms, dtype_id,
-                          gdpa_sample, jagged_inputs, offsets_of, rounding_sensitive_inputs,
-                          sample_inputs)
+from attnkit.gdpa import _gdpa_with
+from samples.gdpa import (BWD_WITH, FWD_WITH, HALF_DTYPES, HOPPER, check_sample,
+                          deterministic_algorithms, dtype_id, gdpa_sample, jagged_inputs,
+                          offsets_of, rounding_sensitive_inputs, sample_inputs)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-# The warp-specialised forward needs an sm_90 device and a build with sm_90a code (setup.py's
-# ATTNKIT_CUDA_ARCHS, the same variable at build and test time; unset, the build on a 9.0 device
-# names 9.0a: scripts/cuda_archs.py).
-ARCHS = os.environ.get("ATTNKIT_CUDA_ARCHS", "9.0a").replace(",", ";").split(";")
-HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0) and "9.0a" in ARCHS
 WS_READY = HOPPER
-WS_WHY = "the warp-specialised forward needs an sm_90 device and an sm_90a build"
+WS_WHY = "the warp-specialised kernels need an sm_90 device and an sm_90a build"
+SM80 = CUDA and torch.cuda.get_device_capability()[0] >= 8 and torch.version.hip is None
+
+
+def need_kernel(kernel):
+    """Skips a test of `kernel` on a device (or build) that cannot run it; "auto" runs anywhere
+    and is returned as None: check_sample then calls the public op (its automatic choice)."""
+    if kernel.startswith("sm90") and not HOPPER:
+        pytest.skip("the sm90 kernels need an sm_90 device and an sm_90a build")
+    if kernel == "sm80" and not SM80:
+        pytest.skip("the sm80 kernels need an sm_80+ CUDA device")
+    return None if kernel == "auto" else kernel
 
 
 def check(dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, D=16, grads=True, qk_scale=0.5,
-          pre_scale=0.7, deterministic=False):
-    """One CUDA call on fresh jagged inputs (and its gradients) against the reference."""
+          pre_scale=0.7, deterministic=False, **kernels):
+    """One CUDA call on fresh jagged inputs (and its gradients) against the reference; `kernels`
+    (fwd_kernel, bwd_kernel, launch options) go to check_sample."""
     inputs = jagged_inputs("cuda", dtype, q_lens, kv_lens, H, Hkv, D, requires_grad=grads)
     s = gdpa_sample(f"lens {q_lens}/{kv_lens} H={H}/{Hkv} D={D}", inputs, act, causal,
                     qk_scale=qk_scale, pre_scale=pre_scale)
-    check_sample(s, grads=grads, deterministic=deterministic)
+    check_sample(s, grads=grads, deterministic=deterministic, **kernels)
 
 
-# The CUDA forwards: the default (on an sm_90 device with an sm_90a build, the warp-specialised
-# kernel for head dims 65..128 and the cp.async wgmma kernel below), the cp.async wgmma kernel
-# (ATTNKIT_GDPA_FWD_WS=0) and the mma.sync kernel (ATTNKIT_GDPA_WGMMA=0).
-FWD_PATHS = ["default", "wgmma_cp_async", "mma_sync"]
-
-
-def set_forward_path(monkeypatch, path):
-    if path == "mma_sync":
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA", "0")
-    if path == "wgmma_cp_async":
-        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "0")
+# The CUDA forwards: auto (the public op's choice: on an sm_90 device with an sm_90a build the
+# warp-specialised kernel for head dims 65..128, the cp.async wgmma kernel below), the cp.async
+# wgmma kernel and the mma.sync kernel, named through the private op.
+FWD_PATHS = ["auto", "sm90_cp_async", "sm80"]
 
 
 @needs_cuda
@@ -52,38 +54,39 @@ def set_forward_path(monkeypatch, path):
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_paths_multi_tile(path, D, dtype, causal, monkeypatch):
+def test_cuda_forward_paths_multi_tile(path, D, dtype, causal):
     """The CUDA tensor-core forwards (FWD_PATHS) on several 128-row and 128-key tiles."""
-    set_forward_path(monkeypatch, path)
+    kernel = need_kernel(path)
     lens = [300, 129, 0, 1, 640, 127, 1000]
-    check(dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False)
-    check(dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False)
+    check(dtype, "fast_gelu", causal, lens, H=4, Hkv=2, D=D, grads=False, fwd_kernel=kernel)
+    check(dtype, "raw", causal, [257, 383], [511, 90], H=2, Hkv=1, D=D, grads=False,
+          fwd_kernel=kernel)
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", FWD_PATHS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-def test_cuda_forward_paths_samples(path, dtype, monkeypatch):
+def test_cuda_forward_paths_samples(path, dtype):
     """Every forward path on the family's samples (GQA 1 / 4 / 8, cross attention, views, odd head
     dims, uncovered rows), for a few activations."""
-    set_forward_path(monkeypatch, path)
+    kernel = need_kernel(path)
     for act in ("fast_gelu", "raw", "relu_square"):
         for s in sample_inputs("cuda", dtype, act):
-            check_sample(s, grads=False)
+            check_sample(s, grads=False, fwd_kernel=kernel)
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", FWD_PATHS)
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-def test_cuda_forward_paths_round_p(path, D, dtype, monkeypatch):
+def test_cuda_forward_paths_round_p(path, D, dtype):
     """Every forward path rounds P to v's dtype before P·V, on several tiles: on inputs whose P·V
     cancels down to that rounding (samples.gdpa.rounding_sensitive_inputs: every product and sum
     exact in fp32), a kernel that skipped it misses by far more than the 16-bit bound."""
-    set_forward_path(monkeypatch, path)
+    kernel = need_kernel(path)
     inputs = rounding_sensitive_inputs("cuda", dtype, [300, 1, 0, 129, 513], H=8, Hkv=2, D=D)
     check_sample(gdpa_sample(f"P rounded D={D}", inputs, "raw", False, qk_scale=0.5,
-                             pre_scale=1.0), grads=False)
+                             pre_scale=1.0), grads=False, fwd_kernel=kernel)
 
 
 def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
@@ -104,9 +107,13 @@ def poisoned_jagged(dtype, q_lens, kv_lens, H, Hkv, D, gap=128):
     return q, k, v, offsets_of(ql, "cuda"), offsets_of(kl, "cuda"), max(ql), max(kl)
 
 
-def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_scale=0.7):
+def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_scale=0.7,
+                  **with_):
+    """The forward (the public op; with `with_`, kernel= and launch options, the private one) on
+    a NaN-poisoned allocator against the reference, rows past the last sequence 0."""
     poison_allocator("cuda")
-    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
+    fwd = (lambda *a, **kw: FWD_WITH(*a, **kw, **with_)) if with_ else attnkit.gdpa
+    out = fwd(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
     ref = gdpa_ref(q, k, v, qo, ko, mq, mk, act, qk_scale, pre_scale=pre_scale, causal=causal)
     assert out.dtype == q.dtype
     assert_close(out, ref, q.dtype, f"{what} ({act}, causal={causal})")
@@ -119,13 +126,14 @@ def check_forward(q, k, v, qo, ko, mq, mk, act, causal, what, qk_scale=0.5, pre_
 @pytest.mark.parametrize("D", [128, 64])
 @pytest.mark.parametrize("window", [-1, 0, 40])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_writes_keyless_rows(path, D, window, causal, monkeypatch):
+def test_cuda_forward_writes_keyless_rows(path, D, window, causal):
     """The tensor-core forwards allocate their output uninitialised and zero first only the rows
     no kernel writes (kernels/gdpa/zero_rows.cuh): rows before the first and from the last offset,
     sequences with no keys, and with a window the rows i >= Lk + window. The allocator is poisoned
     with NaN, so a row left out shows; query lengths far above their key lengths make windowed
-    query tiles with no key at all (skipped by the kernels)."""
-    set_forward_path(monkeypatch, path)
+    query tiles with no key at all (skipped by the kernels). The cp.async wgmma kernel has no
+    window mask: a windowed call names it in vain (auto takes sm90_ws or sm80 there)."""
+    kernel = need_kernel(path)
     dtype = torch.bfloat16
     q_lens, kv_lens = [300, 200, 0, 450, 77, 1, 129], [100, 0, 5, 10, 300, 0, 1]
     before, after = 37, 50
@@ -133,9 +141,15 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal, monkeypatch):
     q = torch.randn(T, 4, D, device="cuda", dtype=dtype) * 0.5
     k, v = (torch.randn(sum(kv_lens), 2, D, device="cuda", dtype=dtype) * 0.5 for _ in range(2))
     qo, ko = offsets_of(q_lens, "cuda") + before, offsets_of(kv_lens, "cuda")
+    fwd = attnkit.gdpa if kernel is None else (lambda *a, **kw: FWD_WITH(*a, **kw, kernel=kernel))
+    if path == "sm90_cp_async" and window >= 0:
+        with pytest.raises(RuntimeError, match="kernel sm90_cp_async .*cannot take this call: "
+                                               "it has no window mask"):
+            fwd(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, window_size=window)
+        return
     poison_allocator("cuda")
-    out = attnkit.gdpa(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5,
-                       pre_scale=0.7, causal=causal, window_size=window)
+    out = fwd(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, pre_scale=0.7,
+              causal=causal, window_size=window)
     ref = gdpa_ref(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, pre_scale=0.7,
                    causal=causal, window_size=window)
     assert_close(out, ref, dtype, f"keyless rows ({path}, D={D}, window={window})")
@@ -143,8 +157,7 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal, monkeypatch):
     # Garbage (decreasing) offsets: every row still written, finite.
     poison_allocator("cuda")
     bad = torch.tensor([before, 900, 20, 800, 810, 805, 1500, 1200], device="cuda")
-    out = attnkit.gdpa(q, k, v, bad, ko, 64, 64, "fast_gelu", 0.5, causal=causal,
-                       window_size=window)
+    out = fwd(q, k, v, bad, ko, 64, 64, "fast_gelu", 0.5, causal=causal, window_size=window)
     assert torch.isfinite(out).all(), "garbage offsets left rows unwritten"
 
 
@@ -153,26 +166,24 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal, monkeypatch):
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, monkeypatch):
-    """The warp-specialised Hopper forward (fwd_ws.cuh), with its consumer warpgroups unscheduled
-    (ATTNKIT_GDPA_FWD_WS_PINGPONG=0) or taking turns (the default), V loaded by a thread of its own
-    (the default) or by the Q/K thread (ATTNKIT_GDPA_FWD_WS_SPLIT=0), on its
-    persistent grid or with one CTA per work item (ATTNKIT_GDPA_FWD_WS_PERSISTENT=0). "require"
-    makes the call fail if that kernel did not run, so a silent fallback cannot pass. NaN rows
+def test_cuda_forward_warp_specialised(schedule, D, dtype, causal):
+    """The warp-specialised Hopper forward (fwd_ws.cuh, kernel="sm90_ws"), with its consumer
+    warpgroups unscheduled (ping_pong=False) or taking turns (the default), V loaded by a thread of
+    its own (the default) or by the Q/K thread (split_loaders=False), on its persistent grid or
+    with one CTA per work item (persistent=False). Naming the kernel makes the call fail if it
+    cannot run it, so a silent fallback cannot pass. NaN rows
     follow every sequence in k and v (the tensor-map boxes read past the end) and q (rows past the
     last offset); lengths 0, 1, 77, 128, 129, 300, 1000, query and key lengths that differ, GQA 2;
     D = 80 is the padded head dim (columns past D land as zeros)."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PINGPONG", "0" if schedule == "free" else "1")
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_SPLIT", "0" if schedule == "single_loader" else "1")
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_PERSISTENT", "0" if schedule == "grid" else "1")
+    ws = dict(kernel="sm90_ws", ping_pong=schedule != "free",
+              split_loaders=schedule != "single_loader", persistent=schedule != "grid")
     lens = [0, 1, 77, 128, 129, 300, 1000]
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
         for act in ["fast_gelu", "raw"]:
             args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
-            out = check_forward(*args, act, causal, "poisoned jagged")
+            out = check_forward(*args, act, causal, "poisoned jagged", **ws)
             # Hints below the lengths: each work item strides over its sequence's query tiles.
-            small = attnkit.gdpa(*args[:5], 1, 1, act, 0.5, pre_scale=0.7, causal=causal)
+            small = FWD_WITH(*args[:5], 1, 1, act, 0.5, pre_scale=0.7, causal=causal, **ws)
             assert torch.equal(out, small), "hints changed the result"
     # Non-contiguous views the copy engine can address: q as [H, T, D] transposed, k and v as
     # column slices of wider rows.
@@ -182,67 +193,87 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, causal, monkeypatch):
     q = (torch.randn(4, T, D, device="cuda", dtype=dtype) * 0.5).transpose(0, 1)
     k = (torch.randn(T, 2, D + 64, device="cuda", dtype=dtype) * 0.5)[:, :, :D]
     v = (torch.randn(T, 2, D + 32, device="cuda", dtype=dtype) * 0.5)[:, :, 16:16 + D]
-    check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views")
+    check_forward(q, k, v, qo, ko, 300, 257, "fast_gelu", causal, "strided views", **ws)
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_warp_specialised_garbage_offsets(monkeypatch):
+def test_cuda_forward_warp_specialised_garbage_offsets():
     """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
     bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
     q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=128)
     for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
         o = torch.tensor(off, device="cuda", dtype=torch.int64)
-        out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
+        out = FWD_WITH(q, k, v, o, o, 64, 64, "gelu", causal=True, kernel="sm90_ws")
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_warp_specialised_falls_back(monkeypatch):
+def test_cuda_forward_warp_specialised_falls_back():
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
-    express, head dim 64) the default keeps the cp.async wgmma kernel with the same results, and
-    "require" says so."""
-    for D in (128, 64):
+    express, head dim 64) auto and "sm90" keep the cp.async wgmma kernel with the same results,
+    and naming sm90_ws raises with the reason (the backward alike: a head stride of 0)."""
+    for D, why in ((128, "tensor map"), (64, "head dim 65..128")):
         q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2,
                                                 D=D)
         if D == 128:
             k, v = k[:, :1].expand(-1, 2, -1), v[:, :1].expand(-1, 2, -1)  # head stride 0
-        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "1")
-        check_forward(q, k, v, qo, ko, mq, mk, "fast_gelu", True, f"fallback D={D}")
-        monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
-        with pytest.raises(RuntimeError, match="ATTNKIT_GDPA_FWD_WS=require"):
-            attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True)
+        ref = check_forward(q, k, v, qo, ko, mq, mk, "fast_gelu", True, f"fallback D={D}")
+        for kernel in ("sm90", "sm90_cp_async"):
+            out = FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, causal=True,
+                           kernel=kernel)
+            assert torch.equal(out, ref), f"D={D}: {kernel} differs from auto"
+        with pytest.raises(RuntimeError, match=f"gdpa_fwd: kernel sm90_ws \\(kernel argument\\) "
+                                               f"cannot take this call: .*{why}"):
+            FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True, kernel="sm90_ws")
+        g = torch.randn_like(q)
+        if D == 128:
+            got = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True, kernel="sm90")
+            want = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True,
+                            kernel="sm90_cp_async", deterministic=True)
+            for a, b in zip(got, want):
+                assert_close(a, b, torch.bfloat16, "backward fallback")
+        with pytest.raises(RuntimeError, match=f"gdpa_bwd: kernel sm90_ws .*{why}"):
+            BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True, kernel="sm90_ws")
+
+
+# The CUDA backwards: auto through the public op (on an sm_90a build and a 9.0 device the
+# warp-specialised backward, gdpa/bwd_ws.cuh), with fused atomic dQ or with deterministic dQ
+# (torch.use_deterministic_algorithms); and each kernel named through the private op, the sm90
+# ones with fused dQ or with their deterministic option. path -> (kernel, deterministic).
+BWD_PATHS = {
+    "auto": (None, False),
+    "auto_deterministic": (None, True),
+    "sm80": ("sm80", False),
+    "sm90_cp_async": ("sm90_cp_async", False),
+    "sm90_cp_async_deterministic": ("sm90_cp_async", True),
+    "sm90_ws": ("sm90_ws", False),
+    "sm90_ws_deterministic": ("sm90_ws", True),
+}
+
+
+def bwd_path(path):
+    kernel, det = BWD_PATHS[path]
+    if kernel is not None:
+        need_kernel(kernel)
+    return kernel, det
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["default", "mma_sync", "deterministic", "cp_async",
-                                  "cp_async_deterministic", "ws", "ws_deterministic"])
+@pytest.mark.parametrize("path", list(BWD_PATHS))
 @pytest.mark.parametrize("act", ["fast_gelu", "silu"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_backward_paths_multi_tile(path, act, dtype, causal, monkeypatch):
-    """The CUDA tensor-core backwards on several 128-key and 64-query tiles: the default (on an
-    sm_90a build and a 9.0 device the warp-specialised backward, gdpa/bwd_ws.cuh), the
-    warp-specialised one required (ATTNKIT_GDPA_WGMMA_BWD=ws_require: the call fails if it did
-    not run), the cp.async wgmma kernel (=cp_async), each with fused atomic dQ and with
-    deterministic dQ (torch.use_deterministic_algorithms), and the mma.sync pair forced by
-    ATTNKIT_GDPA_WGMMA_BWD=0. Empty and one-row sequences, query and key lengths that differ, GQA,
-    pre_scale != 1, padded head dims (80 -> 128)."""
-    if path == "mma_sync":
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
-    if path.startswith("cp_async"):
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
-    if path.startswith("ws"):
-        if not WS_READY:
-            pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
-    det = path.endswith("deterministic")
-    check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7,
-          deterministic=det)
+def test_cuda_backward_paths_multi_tile(path, act, dtype, causal):
+    """The CUDA tensor-core backwards (BWD_PATHS) on several 128-key and 64-query tiles. Empty and
+    one-row sequences, query and key lengths that differ, GQA, pre_scale != 1, padded head dims
+    (80 -> 128)."""
+    kernel, det = bwd_path(path)
+    kw = dict(deterministic=det) if kernel is None else dict(deterministic=det, bwd_kernel=kernel)
+    check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7, **kw)
     check(dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000], H=2, Hkv=1, D=128,
-          qk_scale=0.3, pre_scale=1.3, deterministic=det)
-    check(dtype, act, causal, [200, 64], [130, 190], H=2, Hkv=2, D=80, deterministic=det)
+          qk_scale=0.3, pre_scale=1.3, **kw)
+    check(dtype, act, causal, [200, 64], [130, 190], H=2, Hkv=2, D=80, **kw)
 
 
 @needs_cuda
@@ -266,7 +297,7 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monkeypatch):
+def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
     """The warp-specialised backward (bwd_ws.cuh) reads tensor-map boxes that run past a
     sequence's end into the next one's rows: here NaN keys / values after every sequence and NaN
     query / grad rows past the last offset (poisoned_jagged). Its gradients of the real rows must
@@ -278,12 +309,10 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monke
         g = torch.randn_like(q) * 0.5
         g[qo[-1]:] = float("nan")
         args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
-        with deterministic_algorithms(deterministic):
-            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
-            got = torch.ops.attnkit.gdpa_bwd(g, *args, pre_scale=0.7, causal=causal)
-            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
-            clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
-            want = torch.ops.attnkit.gdpa_bwd(*clean, *args[3:], pre_scale=0.7, causal=causal)
+        kw = dict(pre_scale=0.7, causal=causal, deterministic=deterministic)
+        got = BWD_WITH(g, *args, **kw, kernel="sm90_ws")
+        clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+        want = BWD_WITH(*clean, *args[3:], **kw, kernel="sm90_cp_async")
         nq = int(qo[-1])
         # dk / dv whole: the filler sequences (NaN keys, no queries) get 0 from both kernels.
         for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
@@ -293,21 +322,15 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic, monke
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["default", "deterministic", "ws", "cp_async", "mma_sync"])
+@pytest.mark.parametrize("path", ["auto", "auto_deterministic", "sm90_ws", "sm90_cp_async",
+                                  "sm80"])
 @pytest.mark.parametrize("D", [128, 80])
-def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
+def test_cuda_backward_rows_outside_sequences_are_zero(path, D):
     """The tensor-core backwards on offsets that start after row 0 and end before T, on a
     NaN-poisoned allocator: the Hopper backwards allocate dk / dv uninitialised and zero only the
     rows outside the kv offsets (dq too, with fused dQ, is written whole by its conversion), so
     every row outside a sequence must still read exactly 0 and the rest match the reference."""
-    if path == "ws":
-        if not WS_READY:
-            pytest.skip("the warp-specialised backward needs an sm_90 device and an sm_90a build")
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
-    if path == "mma_sync":
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "0")
-    if path == "cp_async":
-        monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "cp_async")
+    kernel, det = bwd_path(path)
     mk = lambda T, h: (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
     q, k, v = mk(400, 4), mk(350, 2), mk(350, 2)
     qo = torch.tensor([4, 140, 141, 390], device="cuda")
@@ -317,8 +340,12 @@ def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
     g = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
     want = torch.autograd.grad(ref, (q, k, v), g.to(ref.dtype))
     poison_allocator("cuda")
-    with deterministic_algorithms(path == "deterministic"):
-        out = attnkit.gdpa(*args, pre_scale=0.7, causal=True)
+    if kernel is None:
+        with deterministic_algorithms(det):
+            out = attnkit.gdpa(*args, pre_scale=0.7, causal=True)
+            got = torch.autograd.grad(out, (q, k, v), g)
+    else:
+        out = _gdpa_with(*args, pre_scale=0.7, causal=True, bwd_kernel=kernel)
         got = torch.autograd.grad(out, (q, k, v), g)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert_close(a, b, torch.bfloat16, f"{path} D={D}: {name}")
@@ -328,7 +355,7 @@ def test_cuda_backward_rows_outside_sequences_are_zero(path, D, monkeypatch):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_backward_warp_specialised_garbage_offsets(monkeypatch):
+def test_cuda_backward_warp_specialised_garbage_offsets():
     """Garbage offsets are clamped: the warp-specialised backward stays in bounds (the tensor maps
     bound the copies, the clamped lengths the gradient rows) and gives finite gradients
     (compute-sanitizer runs this test)."""
@@ -336,10 +363,8 @@ def test_cuda_backward_warp_specialised_garbage_offsets(monkeypatch):
     for det in (False, True):
         for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
             o = torch.tensor(off, device="cuda", dtype=torch.int64)
-            monkeypatch.setenv("ATTNKIT_GDPA_WGMMA_BWD", "ws_require")
-            with deterministic_algorithms(det):
-                grads = torch.ops.attnkit.gdpa_bwd(torch.randn_like(q), q, k, v, o, o, 64, 64,
-                                                   "gelu", 1.0, causal=True)
+            grads = BWD_WITH(torch.randn_like(q), q, k, v, o, o, 64, 64, "gelu", 1.0,
+                             causal=True, kernel="sm90_ws", deterministic=det)
             torch.cuda.synchronize()
             for t in grads:
                 assert torch.isfinite(t).all()
@@ -391,7 +416,8 @@ def _deterministic_and_graph_capturable(deterministic):
 # ---- issue #19: the jagged schedule of the warp-specialised forward (fwd_ws.cuh) ----
 # A batch that is not dense (T != B · max) builds a longest-first list of its non-empty work items
 # on the device (gdpa_fwd_ws_schedule_kernel) and runs key tiles with <= 64 keys narrow (N = 64);
-# ATTNKIT_GDPA_FWD_WS_SORTED=0 keeps the in-order walk with full tiles (dense batches always do).
+# the launch option sorted=False keeps the in-order walk with full tiles (dense batches always do).
+WS = dict(kernel="sm90_ws")
 
 def _short_lens(gen, n, hi, lo=0):
     return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
@@ -410,18 +436,16 @@ JAGGED_CASES = {  # name -> (q lengths, kv lengths); seeded, so every run sees t
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_jagged_schedule(case, D, dtype, causal, monkeypatch):
+def test_cuda_forward_jagged_schedule(case, D, dtype, causal):
     """Many short sequences on the jagged schedule against the reference, with every sequence
     followed by NaN keys / values (a narrow tile's 64-row boxes and a full tile's 128-row ones both
     read past the end) and NaN query rows past the last offset; then bitwise equal to the in-order
-    schedule with full tiles (ATTNKIT_GDPA_FWD_WS_SORTED=0): the narrow products add the same
-    k-steps minus exact zeros, so the schedule changes where a row is computed, never its value."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+    schedule with full tiles (sorted=False): the narrow products add the same k-steps minus exact
+    zeros, so the schedule changes where a row is computed, never its value."""
     q_lens, kv_lens = JAGGED_CASES[case](torch.Generator().manual_seed(19))
     args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
-    out = check_forward(*args, "fast_gelu", causal, f"jagged schedule {case}")
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS_SORTED", "0")
-    in_order = attnkit.gdpa(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal)
+    out = check_forward(*args, "fast_gelu", causal, f"jagged schedule {case}", **WS)
+    in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
 
 
@@ -432,18 +456,17 @@ def _cat_rows(parts, like):
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_jagged_schedule_bitwise_independent(dtype, causal, monkeypatch):
+def test_cuda_forward_jagged_schedule_bitwise_independent(dtype, causal):
     """Issue #19 item 6: a sequence's output does not depend on its batch neighbours or their
     order. The batch (lengths 0..300) against (a) the same sequences in reverse order, (b) each
     sequence alone with its own length as the hint (a dense batch of one: the in-order kernel, full
     tiles) and (c) alone with the batch's hint (the jagged schedule on a batch of one); all
     bitwise equal."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
     gen = torch.Generator().manual_seed(6)
     lens = _short_lens(gen, 48, 300) + [0, 1, 63, 64, 65, 127, 128, 129, 192, 193]
     q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", dtype, lens, H=4, Hkv=2, D=128)
-    run = lambda q_, k_, v_, o_, m: attnkit.gdpa(q_, k_, v_, o_, o_, m, m, "fast_gelu", 0.5,
-                                                 pre_scale=0.7, causal=causal)
+    run = lambda q_, k_, v_, o_, m: FWD_WITH(q_, k_, v_, o_, o_, m, m, "fast_gelu", 0.5,
+                                             pre_scale=0.7, causal=causal, **WS)
     out = run(q, k, v, qo, mq)
     seq = lambda t, i: t[int(qo[i]):int(qo[i + 1])]
     n = len(lens)
@@ -466,12 +489,11 @@ def test_cuda_forward_jagged_schedule_bitwise_independent(dtype, causal, monkeyp
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_jagged_schedule_garbage_offsets(monkeypatch):
+def test_cuda_forward_jagged_schedule_garbage_offsets():
     """The schedule kernel reads the offsets on the device: random garbage (negative, past T,
     decreasing, overlapping) must keep every kernel inside its tensors (compute-sanitizer runs this
     test) and leave every row finite (zero_rows.cuh's semantics: rows of clamped sequences are
     computed, the rest zeroed)."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
     gen = torch.Generator().manual_seed(7)
     q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, _short_lens(gen, 40, 200), H=4, Hkv=2,
                                 D=128)
@@ -483,21 +505,20 @@ def test_cuda_forward_jagged_schedule_garbage_offsets(monkeypatch):
         for hint in (1, 64, 300):
             o = off.to("cuda")
             poison_allocator("cuda")
-            out = attnkit.gdpa(q, k, v, o, o.flip(0), hint, hint, "gelu", causal=trial >= 3)
+            out = FWD_WITH(q, k, v, o, o.flip(0), hint, hint, "gelu", causal=trial >= 3, **WS)
             torch.cuda.synchronize()
             assert torch.isfinite(out).all(), f"garbage offsets {off.tolist()} (hint {hint})"
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_jagged_schedule_graph_replay_new_lengths(monkeypatch):
+def test_cuda_forward_jagged_schedule_graph_replay_new_lengths():
     """The schedule is built on the device at every call: a captured forward replayed with new
     offsets (same B and T, other lengths) gives the eager result for the new lengths."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
     gen = torch.Generator().manual_seed(8)
     lens_a = _short_lens(gen, 64, 300)
     lens_b = torch.tensor(lens_a)[torch.randperm(64, generator=gen)]  # same total, other order
     q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, lens_a, H=4, Hkv=2, D=128)
-    run = lambda: attnkit.gdpa(q, k, v, qo, qo, 300, 300, "fast_gelu", 0.5)
+    run = lambda: FWD_WITH(q, k, v, qo, qo, 300, 300, "fast_gelu", 0.5, **WS)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -1,24 +1,30 @@
 """GDPA for production (issue #19): window_size and broadcast_q, forward and backward against
 reference.gdpa_ref (CPU always, CUDA when present), batch-order independence of a sequence's
 forward, reproducible backward, opcheck / torch.compile and the bad-input errors."""
+from functools import partial
+
 import pytest
 import torch
 
 import attnkit
+from attnkit.gdpa import _gdpa_with
 from attnkit.reference import gdpa_ref
 from attnkit.testing import TOLERANCE, assert_close
 from conftest import DEVICES, poison_allocator
-from samples.gdpa import HALF_DTYPES, dtype_id, jagged_inputs, offsets_of
+from samples.gdpa import FWD_WITH, HALF_DTYPES, HOPPER, dtype_id, jagged_inputs, offsets_of
 
 FWD = torch.ops.attnkit.gdpa_fwd
 DTYPES = [torch.float32] + HALF_DTYPES
 
 
-def _check(device, dtype, inputs, **kw):
+def _check(device, dtype, inputs, bwd_kernel=None, **kw):
+    """The public op (with `bwd_kernel`, the private ops: auto forward, that backward) and its
+    gradients against the reference."""
     q, k, v, qo, ko, mq, mk = inputs
     for t in (q, k, v):
         t.requires_grad_()
-    out = attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, **kw)
+    gdpa = attnkit.gdpa if bwd_kernel is None else partial(_gdpa_with, bwd_kernel=bwd_kernel)
+    out = gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, **kw)
     ref = gdpa_ref(q, k, v, qo, ko, activation="fast_gelu", qk_scale=0.5, pre_scale=0.7, **kw)
     assert_close(out.float(), ref, dtype)
     g = torch.randn_like(ref)
@@ -43,28 +49,29 @@ def test_window(device, dtype, window, causal, D):
     _check(device, dtype, inputs, causal=causal, window_size=window)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised forward runs on 9.0 devices")
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialised forward needs a 9.0 device and an "
+                    "sm_90a build")
+@pytest.mark.parametrize("bwd", ["auto", "sm90_cp_async"])
 @pytest.mark.parametrize("window", [0, 5, 127, 128, 200])
 @pytest.mark.parametrize("causal", [False, True])
-def test_window_hopper_cuda(monkeypatch, window, causal):
-    """ATTNKIT_GDPA_FWD_WS=require: the windowed forward runs the warp-specialised kernel (a
-    fallback fails the call); the backward at head dim 128 runs bwd_wgmma. Key tiles (backward:
-    query tiles) then start at the first key (query) a tile sees, so windows that start
-    mid-tile, end on a tile edge (127, 128) and cross several tiles, on sequences whose rows run
-    into the next sequence's (jagged), must match the reference, gradients included."""
-    monkeypatch.setenv("ATTNKIT_GDPA_FWD_WS", "require")
+def test_window_hopper_cuda(window, causal, bwd):
+    """kernel="sm90_ws": the windowed forward runs the warp-specialised kernel (a fallback fails
+    the call); then auto through the public op, whose backward at head dim 128 runs sm90_ws, or
+    the private ops with the cp.async wgmma backward (kernel sm90_cp_async). Key tiles (backward:
+    query tiles) then start at the first key (query) a tile sees, so windows that start mid-tile,
+    end on a tile edge (127, 128) and cross several tiles, on sequences whose rows run into the
+    next sequence's (jagged), must match the reference, gradients included."""
     dtype = torch.bfloat16
     poison_allocator("cuda")
     q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", dtype, [300, 0, 513, 7, 129],
                                             [300, 5, 500, 19, 129], H=4, Hkv=2, D=128)
-    out = FWD(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, causal=causal,
-              window_size=window)
+    out = FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, causal=causal,
+                   window_size=window, kernel="sm90_ws")
     expect = gdpa_ref(q, k, v, qo, ko, activation="fast_gelu", qk_scale=0.5, pre_scale=0.7,
                       causal=causal, window_size=window)
     assert_close(out.float(), expect, dtype)
-    monkeypatch.delenv("ATTNKIT_GDPA_FWD_WS")
-    _check("cuda", dtype, (q, k, v, qo, ko, mq, mk), causal=causal, window_size=window)
+    _check("cuda", dtype, (q, k, v, qo, ko, mq, mk), causal=causal, window_size=window,
+           bwd_kernel=None if bwd == "auto" else bwd)
 
 
 @pytest.mark.parametrize("device", DEVICES)

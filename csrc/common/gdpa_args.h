@@ -3,10 +3,13 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <string_view>
 
 #include "common/check.h"
 #include "kernels/gdpa/activation.h"
+#include "kernels/gdpa/choose.h"
+#include "kernels/gdpa/launch_options.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -106,6 +109,49 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
   check_same_device(q, "q", grad_out, "grad_out");
   ATTNKIT_CHECK(grad_out.sym_sizes() == q.sym_sizes(), "grad_out: expected shape ",
                 q.sym_sizes(), " (same as q), got ", grad_out.sym_sizes());
+}
+
+// A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_GDPA_KERNEL (`arg` = its
+// name, classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
+inline GdpaRequest check_kernel_request(std::string_view name, const char* arg,
+                                        bool classes_only = false) {
+  GdpaRequest r = GdpaRequest::kAuto;
+  const std::string s(name);
+  if (parse_gdpa_request(s.c_str(), &r, classes_only)) return r;
+  std::string list;
+  for (const auto& e : kGdpaRequests) {
+    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
+  }
+  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
+  return r;
+}
+
+// A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
+// came from (`source`: the kernel argument or ATTNKIT_GDPA_KERNEL) and why; `context` adds the
+// call's facts (dtype, head dim, device).
+inline void check_choice(const GdpaChoice& c, const char* op, GdpaRequest req, const char* source,
+                         const std::string& context = "") {
+  ATTNKIT_CHECK(c.ok(), op, ": kernel ", gdpa_request_name(req), " (", source,
+                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+}
+
+// The private ops' launch options (launch_options.h), the same on every backend.
+inline FwdLaunchOptions make_fwd_launch_options(bool ping_pong, bool split_loaders,
+                                                bool persistent, bool sorted) {
+  FwdLaunchOptions o;
+  o.ping_pong = ping_pong;
+  o.split_loaders = split_loaders;
+  o.persistent = persistent;
+  o.sorted = sorted;
+  return o;
+}
+
+// The CPU has one kernel, which "auto" and "portable" name; a CUDA kernel's name is an error.
+inline void check_cpu_kernel(std::string_view kernel) {
+  const GdpaRequest r = check_kernel_request(kernel, "kernel");
+  ATTNKIT_CHECK(r == GdpaRequest::kAuto || r == GdpaRequest::kPortable,
+                "kernel: expected 'auto' or 'portable' on the CPU (its one kernel), got '",
+                std::string(kernel), "', a CUDA kernel");
 }
 
 }  // namespace gdpa

@@ -315,11 +315,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
+// The private ops (docs/ops.md, GDPA "Kernel choice"): the CPU has one kernel, which "auto" and
+// "portable" name; a CUDA kernel's name is an error. The launch options change nothing here.
+at::Tensor gdpa_fwd_with_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                             c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                             c10::string_view activation, double qk_scale, double pre_scale,
+                             bool causal, int64_t window_size, bool broadcast_q,
+                             c10::string_view kernel, bool, bool, bool, bool) {
+  check_cpu_kernel(kernel);
+  return gdpa_fwd_cpu(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                      std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,
+                      window_size, broadcast_q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
+    bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel,
+    bool /*deterministic: the CPU kernel always is*/) {
+  check_cpu_kernel(kernel);
+  return gdpa_bwd_cpu(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                      std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,
+                      window_size, broadcast_q);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("gdpa_fwd", &gdpa_fwd_cpu);
   m.impl("gdpa_bwd", &gdpa_bwd_cpu);
+  m.impl("_gdpa_fwd_with", &gdpa_fwd_with_cpu);
+  m.impl("_gdpa_bwd_with", &gdpa_bwd_with_cpu);
 }
 
 }  // namespace gdpa

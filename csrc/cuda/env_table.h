@@ -6,8 +6,8 @@
 // One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
 // -> on / true, and for kernel switches "require" -> on, and a call the kernel cannot take fails
 // (so a test knows which kernel ran). Integers: a positive value below 2^30, else 0 (= unset).
-// A kernel override (a family's kernel name, e.g. ATTNKIT_FLASH_KERNEL) is read raw with
-// env_value and parsed by its family; an unknown name fails the call.
+// A kernel override (a family's kernel name: ATTNKIT_FLASH_KERNEL, ATTNKIT_GDPA_KERNEL) is read
+// raw with env_value and parsed by its family; an unknown name fails the call.
 // Read at every call (A/B runs flip them per case) unless the call site keeps the first value.
 #pragma once
 
@@ -19,13 +19,7 @@ namespace attnkit {
 enum class Env : int {
   kFlashKernel,
   kServingDecode,
-  kGdpaFwdWs,
-  kGdpaFwdWsPingPong,
-  kGdpaFwdWsSplit,
-  kGdpaFwdWsPersistent,
-  kGdpaFwdWsSorted,
-  kGdpaWgmma,
-  kGdpaWgmmaBwd,
+  kGdpaKernel,
   kPagedSimt,
   kPagedBulk,
   kPagedSplits,
@@ -48,13 +42,9 @@ inline constexpr EnvEntry kEnvTable[] = {
     // (kernels/flash/choose.h; the call fails when the named kernel cannot take it).
     {Env::kFlashKernel, "ATTNKIT_FLASH_KERNEL", false},
     {Env::kServingDecode, "ATTNKIT_SERVING_DECODE", true},
-    {Env::kGdpaFwdWs, "ATTNKIT_GDPA_FWD_WS", true},
-    {Env::kGdpaFwdWsPingPong, "ATTNKIT_GDPA_FWD_WS_PINGPONG", true},
-    {Env::kGdpaFwdWsSplit, "ATTNKIT_GDPA_FWD_WS_SPLIT", true},
-    {Env::kGdpaFwdWsPersistent, "ATTNKIT_GDPA_FWD_WS_PERSISTENT", true},
-    {Env::kGdpaFwdWsSorted, "ATTNKIT_GDPA_FWD_WS_SORTED", true},
-    {Env::kGdpaWgmma, "ATTNKIT_GDPA_WGMMA", true},
-    {Env::kGdpaWgmmaBwd, "ATTNKIT_GDPA_WGMMA_BWD", true},
+    // The GDPA family's one kernel override: auto | portable | sm80 | sm90
+    // (kernels/gdpa/choose.h; the call fails when the named kernel cannot take it).
+    {Env::kGdpaKernel, "ATTNKIT_GDPA_KERNEL", false},
     {Env::kPagedSimt, "ATTNKIT_PAGED_SIMT", false},
     {Env::kPagedBulk, "ATTNKIT_PAGED_BULK", true},
     {Env::kPagedSplits, "ATTNKIT_PAGED_SPLITS", false},

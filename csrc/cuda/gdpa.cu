@@ -1,15 +1,17 @@
-// GDPA CUDA launchers: checks -> device guard -> current stream -> dispatch -> launch.
-// bf16/fp16 run on tensor cores (kernels/gdpa/{fwd,bwd}_mma.cuh, on Hopper {fwd,bwd}_wgmma.cuh)
-// with the head dim padded up to 64, 128 or 256 inside the kernel; fp32 runs the portable
-// CUDA-core kernels (simple.cuh).
+// GDPA CUDA launchers: checks -> device guard -> facts -> kernel choice (kernels/gdpa/choose.h)
+// -> one switch that launches, on the current stream. bf16/fp16 run on tensor cores
+// (kernels/gdpa/{fwd,bwd}_mma.cuh; on Hopper {fwd,bwd}_ws.cuh, else {fwd,bwd}_wgmma.cuh) with the
+// head dim padded up to 64, 128 or 256 inside the kernel; fp32 runs the portable CUDA-core
+// kernels (simple.cuh). ATTNKIT_GDPA_KERNEL (env_table.h) overrides the choice of the public ops;
+// the private ops _gdpa_fwd_with / _gdpa_bwd_with name a kernel and launch options.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
+#include <sstream>
+#include <string>
 
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
@@ -44,29 +46,9 @@ void check_cuda(const at::Tensor& q) {
   check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
 }
 
-// The Hopper forward (fwd_wgmma.cuh): built for sm_90a, run on a 9.0 device, head dim <= 128.
-// ATTNKIT_GDPA_WGMMA=0 forces the mma.sync kernel (A/B comparisons, tests of both paths).
-bool use_wgmma(int64_t D) {
-  if (!wgmma::kBuilt || D > 128) return false;
-  if (!env_flag(Env::kGdpaWgmma)) return false;
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->major == 9 && prop->minor == 0;
-}
-
-// The warp-specialised Hopper forward (fwd_ws.cuh) is the default wherever it can run (sm_90a
-// build, 9.0 device, head dim 65..128, tensor-map-addressable q/k/v). ATTNKIT_GDPA_FWD_WS=0 keeps
-// the cp.async wgmma kernel (fwd_wgmma.cuh); "require" makes the call fail when the
-// warp-specialised kernel cannot take it, so tests and benchmarks know which kernel ran. Read at
-// every call (env_table.h's kernel_switch, on by default).
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// Its variants, for A/B runs on the GPU (read at every call): ATTNKIT_GDPA_FWD_WS_PINGPONG=0, the
-// consumer warpgroups do not take turns issuing products (FA3's ping-pong, on by default: 2-5%
-// faster on H200); ATTNKIT_GDPA_FWD_WS_SPLIT=0, one thread loads Q, K and V (by default V has a
-// thread and a third stage of its own); ATTNKIT_GDPA_FWD_WS_PERSISTENT=0, one CTA per work item
-// instead of one per SM. Read through env_table.h's env_flag.
-
 // Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
-// address them (misaligned base or strides: the caller keeps the cp.async kernel).
+// address them (misaligned base or strides: choose.h's maps_ok).
 // k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
 bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
   using Tr = FwdWsTraits;
@@ -84,39 +66,9 @@ bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
          encode(&m->k64, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, narrow) &&
          encode(&m->v64, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, narrow);
 }
-
-// The jagged schedule (fwd_ws.cuh: a device-built, longest-first list of the non-empty work
-// items, and narrow key tiles) for a batch that is not dense. Dense = every sequence as long as
-// the hints, which the host can tell without reading the offsets: T == B · max for q and k (with
-// the offsets valid, lengths <= max that sum to B · max are all max). A dense batch keeps the
-// in-order kernel, exactly as before; garbage offsets that fool the test only change which of
-// the two correct schedules runs. ATTNKIT_GDPA_FWD_WS_SORTED=0 keeps the in-order one for every
-// batch (A/B); so does a list above 2^22 items (32 bytes each: its workspace would pass 128 MB).
-bool fwd_ws_jagged(const FwdParams& p, int64_t mq, int64_t mk, int64_t items) {
-  const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-  return !dense && items <= (int64_t(1) << 22) && env_flag(Env::kGdpaFwdWsSorted);
-}
+#else
+struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false
 #endif
-
-// The Hopper backward (bwd_wgmma.cuh): where the wgmma forward runs, for padded head dim 128.
-// ATTNKIT_GDPA_WGMMA_BWD=0 (or ATTNKIT_GDPA_WGMMA=0) forces the mma.sync kernels.
-bool use_wgmma_bwd(int64_t D) {
-  if (D <= 64 || !use_wgmma(D)) return false;
-  return env_flag(Env::kGdpaWgmmaBwd);
-}
-
-// The warp-specialised Hopper backward (bwd_ws.cuh), the default where the wgmma backward runs
-// and the tensor maps can be built (1.17-1.23x the cp.async wgmma kernel on bench_gdpa's shapes,
-// docs/performance.md 2026-12-04); elsewhere the cp.async wgmma kernel (bwd_wgmma.cuh).
-// ATTNKIT_GDPA_WGMMA_BWD=cp_async keeps the cp.async kernel everywhere (A/B runs); =ws_require
-// makes a call the ws kernel cannot take fail, so tests and benchmarks know which kernel ran.
-enum class BwdWs { kOff, kOn, kRequire };
-BwdWs bwd_ws_mode() {
-  const char* e = env_value(Env::kGdpaWgmmaBwd);
-  if (e == nullptr) return BwdWs::kOn;
-  if (std::strcmp(e, "cp_async") == 0) return BwdWs::kOff;
-  return std::strcmp(e, "ws_require") == 0 ? BwdWs::kRequire : BwdWs::kOn;
-}
 
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
 // Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes) as [T][heads][D]; false when
@@ -137,11 +89,66 @@ bool bwd_ws_maps(const BwdParams& p, bool bf16, BwdWsMaps* m) {
          encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, Tr::kKVBoxRows) &&
          encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, Tr::kKVBoxRows);
 }
+#else
+struct BwdWsMaps {};
 #endif
 
-bool use_tensor_cores(const at::Tensor& q) {
-  return mma::kTensorCoreKernels && q.scalar_type() != at::kFloat &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+// ---- kernel choice (kernels/gdpa/choose.h) ----
+// Which kernel a call asked for and where the name came from (for the refusal's message).
+struct Request {
+  GdpaRequest kernel;
+  const char* source;
+};
+
+// The public ops' request: ATTNKIT_GDPA_KERNEL (env_table.h; read at every call), auto when unset.
+Request env_request() {
+  const char* name = env_entry(Env::kGdpaKernel).name;
+  const char* e = env_value(Env::kGdpaKernel);
+  if (e == nullptr) return {GdpaRequest::kAuto, name};
+  return {check_kernel_request(e, name, /*classes_only=*/true), name};
+}
+
+// The facts of the device, the build and the call but the tensor maps (the launcher encodes them
+// when the choice could use them).
+GdpaFacts call_facts(const at::Tensor& q, int64_t window_size, bool deterministic) {
+  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
+  GdpaFacts f;
+  f.half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  f.head_dim = static_cast<int>(q.size(2));  // <= 256 (check_inputs)
+  f.sm_major = prop->major;
+  f.sm_minor = prop->minor;
+  f.sm80_built = mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  f.windowed = window_size >= 0;
+  f.deterministic = deterministic;
+  return f;
+}
+
+// For a refusal's message.
+std::string call_context(const at::Tensor& q, const GdpaFacts& f) {
+  std::ostringstream os;
+  os << "dtype " << q.scalar_type() << ", head dim " << f.head_dim << ", device " << f.sm_major
+     << "." << f.sm_minor << (f.windowed ? ", windowed" : "");
+  return os.str();
+}
+
+// The choice made before the tensor maps are encoded, as if they could be: it decides the layout
+// (tensor-core kernels or not) and whether to encode them, and fails early on a refusal that does
+// not depend on them. The sm90 request's fallback and the refusals of sm90_ws that do depend on
+// them come from the second choice, after encoding.
+GdpaChoice provisional_choice(GdpaFacts f, const Request& req, bool backward, const at::Tensor& q) {
+  f.maps_ok = true;
+  const GdpaChoice c = backward ? choose_bwd(f, req.kernel) : choose_fwd(f, req.kernel);
+  check_choice(c, backward ? "gdpa_bwd" : "gdpa_fwd", req.kernel, req.source, call_context(q, f));
+  return c;
+}
+
+// A kernel the choice never gives for this dtype or build (choose.h: tensor-core kernels take
+// 16-bit inputs, the warp-specialised ones need tensor maps).
+cudaError_t not_instantiated(const char* op, GdpaKernel k) {
+  ATTNKIT_CHECK(false, op, ": kernel ", gdpa_kernel_name(k),
+                " has no instantiation for this dtype or is not in this build");
+  return cudaErrorInvalidValue;
 }
 
 // Runs f(T{}) with T the kernel element type of `dtype`.
@@ -197,20 +204,23 @@ void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
 }
 
 // The window mask (params.h `visible`, `key_span`, `query_span`) is in the portable kernels
-// (simple.cuh), the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh) and the warp-specialised forward
-// (fwd_ws.cuh) and the Hopper backward (bwd_wgmma.cuh), not in fwd_wgmma: a windowed forward
-// the ws kernel cannot take runs the mma.sync kernel (docs/ops.md, GDPA "window_size").
+// (simple.cuh), the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh), the warp-specialised forward
+// (fwd_ws.cuh) and the Hopper backwards (bwd_wgmma.cuh, bwd_ws.cuh), not in fwd_wgmma: choose.h
+// refuses it a windowed forward (docs/ops.md, GDPA "window_size").
 
-at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
-                         c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
-                         c10::string_view activation, double qk_scale, double pre_scale,
-                         bool causal, int64_t window_size, bool broadcast_q) {
+// gdpa_fwd on the requested kernel with the given launch options: the public op (the request from
+// ATTNKIT_GDPA_KERNEL, default options) and _gdpa_fwd_with share it.
+at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                    const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                    c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                    c10::string_view activation, double qk_scale, double pre_scale, bool causal,
+                    int64_t window_size, bool broadcast_q, const Request& req,
+                    const FwdLaunchOptions& lo) {
   check_window(window_size);
   if (broadcast_q) {
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
-    return gdpa_fwd_cuda(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv,
-                         activation, qk_scale, pre_scale, causal, window_size, false);
+    return gdpa_fwd(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv, activation,
+                    qk_scale, pre_scale, causal, window_size, false, req, lo);
   }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   check_cuda(q_in);
@@ -221,13 +231,15 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   // Rows outside every sequence and rows that see no key are defined as 0.
   if (B <= 0 || q_in.numel() == 0 || k_in.numel() == 0) return at::zeros(q_in.sizes(), q_in.options());
 
-  const bool tc = use_tensor_cores(q_in);
+  GdpaFacts f = call_facts(q_in, window_size, /*deterministic=*/false);
+  const GdpaChoice pre = provisional_choice(f, req, /*backward=*/false, q_in);
+  const bool tc = pre.kernel != GdpaKernel::kPortable;
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
   // The tensor-core kernels' output is left uninitialised and only the rows no kernel writes are
   // zeroed first (zero_rows.cuh); the portable kernels and a padded head dim keep a zero fill.
-  const bool zero_keyless = tc && q.scalar_type() != at::kFloat && q.size(2) == D;
+  const bool zero_keyless = tc && q.size(2) == D;
   auto out = zero_keyless ? at::empty(q_in.sizes(), q_in.options())
                           : at::zeros(q_in.sizes(), q_in.options());
   auto o = q.size(2) == D ? out : at::zeros(q.sizes(), q.options());
@@ -237,6 +249,19 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
   const int64_t mk = max_seq_len_kv.expect_int();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Facts -> choice -> one switch. The tensor maps are encoded (driver calls) only when the
+  // choice could be the warp-specialised kernel, and launched with.
+  FwdWsMaps maps;
+  f.maps_ok = false;
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+  if (pre.kernel == GdpaKernel::kSm90Ws) {
+    f.maps_ok = fwd_ws_maps(p, q.scalar_type() == at::kBFloat16, &maps);
+  }
+#endif
+  const GdpaChoice c = choose_fwd(f, req.kernel);
+  check_choice(c, "gdpa_fwd", req.kernel, req.source, call_context(q_in, f));
+
   if (zero_keyless) {
     C10_CUDA_CHECK(with_dtype(q.scalar_type(), [&](auto t) {
       using T = decltype(t);
@@ -244,60 +269,87 @@ at::Tensor gdpa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const a
                                               p.kv_offsets, p.B, p.Tq, p.Tk, p.window, stream);
     }));
   }
-  const KernelSwitch ws_mode = kernel_switch(Env::kGdpaFwdWs);
-  bool ws_ran = false;
-
-  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
+  // The one switch: the chosen kernel, launched.
+  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) -> cudaError_t {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float>) {
+      if (c.kernel != GdpaKernel::kPortable) return not_instantiated("gdpa_fwd", c.kernel);
       return launch_gdpa_fwd_simple<T>(p, mq, stream);
     } else {
-      if (!tc) return launch_gdpa_fwd_simple<T>(p, mq, stream);
+      switch (c.kernel) {
+        case GdpaKernel::kPortable:
+          return launch_gdpa_fwd_simple<T>(p, mq, stream);
+        case GdpaKernel::kSm80:
+          return with_head_dim(p.D, [&](auto d) {
+            return launch_gdpa_fwd_mma<T, decltype(d)::value>(p, mq, stream);
+          });
+        case GdpaKernel::kSm90CpAsync:
+          if (p.D <= 64) return launch_gdpa_fwd_wgmma<T, 64>(p, mq, stream);
+          return launch_gdpa_fwd_wgmma<T, 128>(p, mq, stream);
+        case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-      // Where the wgmma forward would run, for padded head dim 128, when the maps can be built.
-      FwdWsMaps maps;
-      if (ws_mode != KernelSwitch::kOff && p.D > 64 && use_wgmma(p.D) &&
-          fwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
-        ws_ran = true;
-        const int64_t items = fwd_ws_items(p, mq);
-        at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
-        if (fwd_ws_jagged(p, mq, mk, items)) {
-          sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
-        }
-        return launch_gdpa_fwd_ws<T>(p, maps, mq, env_flag(Env::kGdpaFwdWsPingPong),
-                                     env_flag(Env::kGdpaFwdWsSplit),
-                                     env_flag(Env::kGdpaFwdWsPersistent),
-                                     sched.defined() ? sched.data_ptr<int32_t>() : nullptr, stream);
-      }
+          const int64_t items = fwd_ws_items(p, mq);
+          // Dense: every sequence as long as the hints (choose.h fwd_ws_jagged).
+          const bool dense =
+              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+          at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
+          if (fwd_ws_jagged(dense, items, lo.sorted)) {
+            sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
+          }
+          return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
+                                       sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
+                                       stream);
+#else
+          return not_instantiated("gdpa_fwd", c.kernel);
 #endif
-      if (use_wgmma(p.D) && p.window < 0) {
-        if (p.D <= 64) return launch_gdpa_fwd_wgmma<T, 64>(p, mq, stream);
-        return launch_gdpa_fwd_wgmma<T, 128>(p, mq, stream);
+        }
       }
-      return with_head_dim(p.D, [&](auto d) { return launch_gdpa_fwd_mma<T, decltype(d)::value>(p, mq, stream); });
+      return not_instantiated("gdpa_fwd", c.kernel);
     }
   });
   C10_CUDA_CHECK(err);
-  ATTNKIT_CHECK(ws_mode != KernelSwitch::kRequire || ws_ran,
-                "ATTNKIT_GDPA_FWD_WS=require: the warp-specialised forward cannot take this call "
-                "(it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and "
-                "q, k, v with 16-byte aligned data and head/row strides); dtype ", q.scalar_type(),
-                ", head dim ", D);
   if (o.size(2) != D) out.copy_(o.narrow(2, 0, D));
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
+at::Tensor gdpa_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                         c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                         c10::string_view activation, double qk_scale, double pre_scale,
+                         bool causal, int64_t window_size, bool broadcast_q) {
+  return gdpa_fwd(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                  std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
+                  broadcast_q, env_request(), FwdLaunchOptions{});
+}
+
+at::Tensor gdpa_fwd_with_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                              c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                              c10::string_view activation, double qk_scale, double pre_scale,
+                              bool causal, int64_t window_size, bool broadcast_q,
+                              c10::string_view kernel, bool ping_pong, bool split_loaders,
+                              bool persistent, bool sorted) {
+  const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
+  return gdpa_fwd(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                  std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
+                  broadcast_q, req,
+                  make_fwd_launch_options(ping_pong, split_loaders, persistent, sorted));
+}
+
+// gdpa_bwd on the requested kernel: the public op (ATTNKIT_GDPA_KERNEL, default options) and
+// _gdpa_bwd_with share it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
     c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
-    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q) {
+    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q,
+    const Request& req, const BwdLaunchOptions& lo) {
   check_window(window_size);
   if (broadcast_q) {
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
-    auto [dq, dk, dv] = gdpa_bwd_cuda(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
-                                      max_seq_len_kv, activation, qk_scale, pre_scale, causal,
-                                      window_size, false);
+    auto [dq, dk, dv] = gdpa_bwd(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
+                                 max_seq_len_kv, activation, qk_scale, pre_scale, causal,
+                                 window_size, false, req, lo);
     return {reduce_broadcast_dq(dq, q_in), dk, dv};
   }
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
@@ -312,16 +364,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
             at::zeros(v_in.sizes(), v_in.options())};
   }
 
-  const bool tc = use_tensor_cores(q_in);
+  // The Hopper backwards add dQ over key tiles with fp32 atomics (last bits vary run to run);
+  // torch.use_deterministic_algorithms(True) (or the private op's deterministic option) runs
+  // their separate dQ pass (no atomics) instead. It changes no kernel choice.
+  const bool deterministic = lo.deterministic || at::globalContext().deterministicAlgorithms();
+  GdpaFacts f = call_facts(q_in, window_size, deterministic);
+  const GdpaChoice pre = provisional_choice(f, req, /*backward=*/true, q_in);
+  const bool tc = pre.kernel != GdpaKernel::kPortable;
   auto q = tc ? kernel_layout(q_in) : q_in.contiguous();
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
   auto dout = tc ? kernel_layout(grad_out) : grad_out.contiguous();
   const bool padded = q.size(2) != D;
-  // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
-  // torch.use_deterministic_algorithms(True) keeps the mma.sync dQ kernel (no atomics) instead.
-  const bool wgmma_bwd = tc && use_wgmma_bwd(q.size(2));
-  const bool fused_dq = wgmma_bwd && !at::globalContext().deterministicAlgorithms();
+  // The sm90 kernels (the final choice is sm90 exactly when this one is: only the tensor maps
+  // can still turn sm90_ws into sm90_cp_async, or into a refusal).
+  const bool wgmma_bwd =
+      pre.kernel == GdpaKernel::kSm90CpAsync || pre.kernel == GdpaKernel::kSm90Ws;
+  const bool fused_dq = wgmma_bwd && !deterministic;
   // The kernels write the gradient rows of every sequence; rows outside them must read 0, so the
   // tensors the kernels write are zero-filled. A tensor that is written whole by a copy (the fused
   // dQ's conversion of its workspace, the narrowing of padded head dims) needs no fill: at
@@ -354,52 +413,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  BwdWsMaps maps;
+  f.maps_ok = false;
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+  if (pre.kernel == GdpaKernel::kSm90Ws) {
+    f.maps_ok = bwd_ws_maps(p, q.scalar_type() == at::kBFloat16, &maps);
+  }
+#endif
+  const GdpaChoice c = choose_bwd(f, req.kernel);
+  check_choice(c, "gdpa_bwd", req.kernel, req.source, call_context(q_in, f));
+
   // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
   at::Tensor dq_accum;
   if (fused_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
 
-  const BwdWs ws_mode = bwd_ws_mode();
-  bool ws_ran = false;
-  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) {
+  // The sm90 kernels' common part: dk / dv rows outside [first, last kv offset) zeroed (q and kv
+  // offsets both ko), the fused dQ's workspace.
+  auto sm90_params = [&](auto t, BwdWgmmaParams* pw) -> cudaError_t {
+    using T = decltype(t);
+    if (kv_rows_written) {
+      const int64_t row_elems = int64_t(p.Hkv) * p.D;
+      for (void* d : {p.dk, p.dv}) {
+        const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
+            static_cast<T*>(d), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1, stream);
+        if (e != cudaSuccess) return e;
+      }
+    }
+    static_cast<BwdParams&>(*pw) = p;
+    if (fused_dq) {
+      pw->dq_accum = dq_accum.data_ptr<float>();
+      pw->dqa_row_stride = dq_accum.stride(0), pw->dqa_head_stride = dq_accum.stride(1);
+    }
+    return cudaSuccess;
+  };
+  // The one switch: the chosen kernel, launched.
+  const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) -> cudaError_t {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float>) {
+      if (c.kernel != GdpaKernel::kPortable) return not_instantiated("gdpa_bwd", c.kernel);
       return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
     } else {
-      if (!tc) return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
-      if (wgmma_bwd) {
-        if (kv_rows_written) {  // rows outside [first, last kv offset): q and kv offsets both ko
-          const int64_t row_elems = int64_t(p.Hkv) * p.D;
-          for (void* t : {p.dk, p.dv}) {
-            const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
-                static_cast<T*>(t), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1,
-                stream);
-            if (e != cudaSuccess) return e;
-          }
+      switch (c.kernel) {
+        case GdpaKernel::kPortable:
+          return launch_gdpa_bwd_simple<T>(p, mq, mk, stream);
+        case GdpaKernel::kSm80:
+          return with_head_dim(p.D, [&](auto d) {
+            return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream);
+          });
+        case GdpaKernel::kSm90CpAsync: {
+          BwdWgmmaParams pw{};
+          const cudaError_t e = sm90_params(t, &pw);
+          if (e != cudaSuccess) return e;
+          return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
         }
-        BwdWgmmaParams pw{};
-        static_cast<BwdParams&>(pw) = p;
-        if (fused_dq) {
-          pw.dq_accum = dq_accum.data_ptr<float>();
-          pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
-        }
+        case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-        BwdWsMaps maps;
-        if (ws_mode != BwdWs::kOff && bwd_ws_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) {
-          ws_ran = true;
+          BwdWgmmaParams pw{};
+          const cudaError_t e = sm90_params(t, &pw);
+          if (e != cudaSuccess) return e;
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
-        }
+#else
+          return not_instantiated("gdpa_bwd", c.kernel);
 #endif
-        return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
+        }
       }
-      return with_head_dim(p.D, [&](auto d) { return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream); });
+      return not_instantiated("gdpa_bwd", c.kernel);
     }
   });
   C10_CUDA_CHECK(err);
-  ATTNKIT_CHECK(ws_mode != BwdWs::kRequire || ws_ran,
-                "ATTNKIT_GDPA_WGMMA_BWD=ws_require: the warp-specialised backward cannot take this "
-                "call (it needs an sm_90a build on a 9.0 device, bf16/fp16, head dim 65..128, and "
-                "q, k, v, grad_out with 16-byte aligned data and head/row strides); dtype ",
-                q.scalar_type(), ", head dim ", D);
   if (fused_dq) dq_k.copy_(dq_accum);
   if (padded) {
     dq.copy_(dq_k.narrow(2, 0, D));
@@ -409,11 +490,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
+    bool causal, int64_t window_size, bool broadcast_q) {
+  return gdpa_bwd(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                  std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
+                  broadcast_q, env_request(), BwdLaunchOptions{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
+    bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel,
+    bool deterministic) {
+  const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
+  BwdLaunchOptions lo;
+  lo.deterministic = deterministic;
+  return gdpa_bwd(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                  std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
+                  broadcast_q, req, lo);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("gdpa_fwd", &gdpa_fwd_cuda);
   m.impl("gdpa_bwd", &gdpa_bwd_cuda);
+  m.impl("_gdpa_fwd_with", &gdpa_fwd_with_cuda);
+  m.impl("_gdpa_bwd_with", &gdpa_bwd_with_cuda);
 }
 
 }  // namespace gdpa

@@ -44,11 +44,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
           at::empty_symint(v.sym_sizes(), v.options())};
 }
 
+// The private ops: the kernel name checked as on CUDA (which kernel can take the call depends on
+// the device, unknown here), then the public ops' shapes.
+at::Tensor gdpa_fwd_with_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                              c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
+                              c10::string_view activation, double qk_scale, double pre_scale,
+                              bool causal, int64_t window_size, bool broadcast_q,
+                              c10::string_view kernel, bool, bool, bool, bool) {
+  check_kernel_request(kernel, "kernel");
+  return gdpa_fwd_meta(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                       std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,
+                       window_size, broadcast_q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
+    bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel, bool) {
+  check_kernel_request(kernel, "kernel");
+  return gdpa_bwd_meta(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
+                       std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,
+                       window_size, broadcast_q);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("gdpa_fwd", &gdpa_fwd_meta);
   m.impl("gdpa_bwd", &gdpa_bwd_meta);
+  m.impl("_gdpa_fwd_with", &gdpa_fwd_with_meta);
+  m.impl("_gdpa_bwd_with", &gdpa_bwd_with_meta);
 }
 
 }  // namespace gdpa

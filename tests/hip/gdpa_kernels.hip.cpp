@@ -3,6 +3,8 @@
 // tensor-core kernels (ATTNKIT_HAS_MMA_SM80) compile to empty bodies under HIP, and the launcher
 // in csrc/cuda/gdpa.cu takes the portable kernels there.
 #include "kernels/gdpa/bwd_mma.cuh"
+#include "kernels/gdpa/choose.h"  // host-only kernel choice: the HIP launcher asks it too
+#include "kernels/gdpa/launch_options.h"
 #include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
@@ -33,6 +35,14 @@ template cudaError_t launch_gdpa_zero_keyless_rows<bf16_t>(bf16_t*, int64_t, con
                                                            const int32_t*, int32_t, int32_t, int32_t,
                                                            int32_t, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_wgmma<bf16_t>(const BwdWgmmaParams&, int, int, cudaStream_t);
+
+// The choice as the HIP build sees it: no tensor-core kernels, so auto is portable.
+GdpaKernel hip_check_choice(const GdpaFacts& f) {
+  const FwdLaunchOptions lo;
+  const GdpaChoice c = choose_fwd(f, GdpaRequest::kAuto);
+  if (fwd_ws_jagged(false, 1, lo.sorted) && c.ok()) return c.kernel;
+  return choose_bwd(f, GdpaRequest::kSm90).kernel;
+}
 
 }  // namespace gdpa
 }  // namespace attnkit

@@ -4,13 +4,18 @@ fresh random gdpa_fwd calls that the forward/backward, opcheck and CUDA kernel-p
 ``rounding_sensitive_inputs``, whose result moves far when P is not rounded to v's dtype.
 
 A Sample is a call of ``torch.ops.attnkit.gdpa_fwd``: ``FWD(*s.args, **s.kwargs)``; the same
-arguments call ``reference.gdpa_ref`` (which ignores the hints).
+arguments call ``reference.gdpa_ref`` (which ignores the hints). FWD_WITH / BWD_WITH take the
+same arguments plus ``kernel=`` and launch options (docs/ops.md, GDPA "Kernel choice"): tests pick
+a kernel with them, and a named kernel that cannot take a call raises, so a test of it cannot pass
+on another kernel. CHOOSE is the choice alone, from facts (tests/test_gdpa_choose.py).
 """
 import contextlib
+import os
 
 import torch
 
 import attnkit
+from attnkit.gdpa import _gdpa_with
 from attnkit.reference import gdpa_ref
 from attnkit.testing import assert_close
 from conftest import poison_allocator
@@ -18,6 +23,15 @@ from samples import Sample
 
 FWD = torch.ops.attnkit.gdpa_fwd
 BWD = torch.ops.attnkit.gdpa_bwd
+FWD_WITH = torch.ops.attnkit._gdpa_fwd_with
+BWD_WITH = torch.ops.attnkit._gdpa_bwd_with
+CHOOSE = torch.ops.attnkit._gdpa_choose_kernel
+# The sm90 kernels need a 9.0 device and a build with sm_90a code (setup.py's ATTNKIT_CUDA_ARCHS,
+# the same variable at build and test time; unset, the build on a 9.0 device names 9.0a:
+# scripts/cuda_archs.py).
+_ARCHS = os.environ.get("ATTNKIT_CUDA_ARCHS", "9.0a").replace(",", ";").split(";")
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+          and "9.0a" in _ARCHS)
 ACTIVATIONS = list(attnkit.GDPA_ACTIVATIONS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HALF_DTYPES = [torch.bfloat16, torch.float16]
@@ -104,16 +118,27 @@ def deterministic_algorithms(enabled):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
-def check_sample(s, grads=True, deterministic=False):
+def check_sample(s, grads=True, deterministic=False, fwd_kernel=None, bwd_kernel=None,
+                 **fwd_options):
     """gdpa_fwd on a NaN-poisoned allocator against gdpa_ref, at the input dtype's bound with every
     element written; with ``grads`` (q, k, v must require grad) dq, dk, dv likewise, through
-    autograd (gdpa_bwd). ``deterministic``: under torch.use_deterministic_algorithms(True)."""
+    autograd (gdpa_bwd). Without kernels: the public op, and ``deterministic`` runs it under
+    torch.use_deterministic_algorithms(True). With ``fwd_kernel`` / ``bwd_kernel`` (None: "auto")
+    or launch options: the private ops on those kernels (attnkit.gdpa._gdpa_with), and
+    ``deterministic`` is the backward's launch option."""
     q, k, v = s.args[:3]
     dtype, device = q.dtype, q.device
-    det = (lambda: deterministic_algorithms(True)) if deterministic else contextlib.nullcontext
+    private = fwd_kernel is not None or bwd_kernel is not None or fwd_options
+    det = (lambda: deterministic_algorithms(True)) if deterministic and not private \
+        else contextlib.nullcontext
     poison_allocator(device)
     with det():
-        out = attnkit.gdpa(*s.args, **s.kwargs)
+        if private:
+            out = _gdpa_with(*s.args, **s.kwargs, fwd_kernel=fwd_kernel or "auto",
+                             bwd_kernel=bwd_kernel or "auto", deterministic=deterministic,
+                             **fwd_options)
+        else:
+            out = attnkit.gdpa(*s.args, **s.kwargs)
     ref = gdpa_ref(*s.args, **s.kwargs)
     assert out.dtype == dtype, s.name
     assert_close(out, ref, dtype, f"{s.name}: out")

@@ -1,9 +1,9 @@
-// GDPA backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128). Opt-in
-// (ATTNKIT_GDPA_WGMMA_BWD=ws, csrc/cuda/gdpa.cu) until measured on a GPU; bwd_wgmma.cuh stays the
-// default. Same math, step order, masks and roundings as bwd_wgmma.cuh; what changes is who
-// moves the data and how the products overlap the activation (docs/performance.md, "why the GDPA
-// backward trails"). The skeleton (barriers, zero fills, dQ reductions) is kernels/common/ws_bwd.cuh,
-// shared with flash/bwd_ws.cuh.
+// GDPA backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128): kernel
+// sm90_ws of kernels/gdpa/choose.h, auto's choice where its tensor maps encode; bwd_wgmma.cuh
+// (sm90_cp_async) serves the other inputs. Same math, step order, masks and roundings as
+// bwd_wgmma.cuh; what changes is who moves the data and how the products overlap the activation
+// (docs/performance.md, "why the GDPA backward trails"). The skeleton (barriers, zero fills, dQ
+// reductions) is kernels/common/ws_bwd.cuh, shared with flash/bwd_ws.cuh.
 //
 // CTA = (sequence, 128-key tile, kv head) work items of bwd_wgmma.cuh (cta_item: a sequence
 // longer than the grid's hint is covered by striding over its key tiles), 384 threads:

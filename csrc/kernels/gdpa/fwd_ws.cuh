@@ -1,6 +1,7 @@
-// GDPA forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128). Opt-in
-// (ATTNKIT_GDPA_FWD_WS, csrc/cuda/gdpa.cu) until validated on a GPU; fwd_wgmma.cuh stays the
-// default. Same math as fwd_wgmma.cuh; what changes is who moves the data.
+// GDPA forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128): kernel
+// sm90_ws of kernels/gdpa/choose.h, auto's choice for head dims 65..128 where its tensor maps
+// encode; fwd_wgmma.cuh (sm90_cp_async) serves the other inputs. Same math as fwd_wgmma.cuh;
+// what changes is who moves the data.
 //
 // CTA = (sequence, 128-row query tile, head) units, 384 threads = 3 warpgroups:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24) and one thread issues
@@ -16,7 +17,7 @@
 //     the tensor cores between them.
 //     kPingPong = false: the two consumer warpgroups are never synchronised with each other; they
 //     drift apart and their activations overlap the other's products on their own.
-//     kPingPong = true (ATTNKIT_GDPA_FWD_WS_PINGPONG=1): FA3's scheme, two named barriers
+//     kPingPong = true (the default; launch option ping_pong): FA3's scheme, two named barriers
 //     (kTurnBar + warpgroup) pass a turn: a warpgroup issues its products for a key tile only
 //     after the other one has issued its own (bar.sync on its barrier, then bar.arrive on the
 //     other's), so the tensor cores alternate between the warpgroups while the one that just
@@ -44,8 +45,8 @@
 // Work items are fwd_wgmma.cuh's, in its order (cta_item: query tiles fastest, then heads, then
 // sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
 // read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
-// striding over the items with step gridDim.x; ATTNKIT_GDPA_FWD_WS_PERSISTENT=0 launches one CTA
-// per item instead).
+// striding over the items with step gridDim.x; the launch option persistent = false launches one
+// CTA per item instead: kernels/gdpa/launch_options.h).
 //
 // Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a

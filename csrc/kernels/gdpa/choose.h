@@ -1,0 +1,210 @@
+// GDPA's kernel choice (issue #16): which kernel runs a call, as a pure function of facts about
+// the call, the build and the device, one per direction. csrc/cuda/gdpa.cu gathers the facts,
+// asks choose_fwd / choose_bwd and launches the answer in one switch; the tests ask the same
+// functions on the CPU through attnkit::_gdpa_choose_kernel (tests/test_gdpa_choose.py).
+// Host only and torch-free: the CPU-only build and hipcc compile it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace attnkit {
+namespace gdpa {
+
+// The kernels of each direction (the names are flash's, kernels/flash/choose.h).
+// sm90_cp_async (wgmma fed by cp.async) stays beside sm90_ws for the inputs a tensor map cannot
+// address and, in the forward, for head dims up to 64, where no warp-specialised kernel exists.
+enum class GdpaKernel {
+  kPortable,     // simple.cuh: CUDA cores, any dtype and head dim, any device (HIP included)
+  kSm80,         // fwd_mma.cuh / bwd_mma.cuh: mma.sync on sm_80 and newer, head dim padded to
+                 // 64, 128 or 256
+  kSm90CpAsync,  // fwd_wgmma.cuh / bwd_wgmma.cuh: a 9.0 device of an sm_90a build
+  kSm90Ws,       // fwd_ws.cuh / bwd_ws.cuh: warp-specialised, tensor-map copies
+};
+
+// What a caller asks for: auto (the choice below), an architecture class (sm90: the best sm90
+// kernel that can take the call), or one kernel. ATTNKIT_GDPA_KERNEL takes the classes; the
+// private ops also take the single sm90 kernels (tests and benchmarks pin one).
+enum class GdpaRequest { kAuto, kPortable, kSm80, kSm90, kSm90CpAsync, kSm90Ws };
+
+struct GdpaRequestName {
+  GdpaRequest request;
+  const char* name;
+  bool is_class;  // accepted by ATTNKIT_GDPA_KERNEL
+};
+
+inline constexpr GdpaRequestName kGdpaRequests[] = {
+    {GdpaRequest::kAuto, "auto", true},
+    {GdpaRequest::kPortable, "portable", true},
+    {GdpaRequest::kSm80, "sm80", true},
+    {GdpaRequest::kSm90, "sm90", true},
+    {GdpaRequest::kSm90CpAsync, "sm90_cp_async", false},
+    {GdpaRequest::kSm90Ws, "sm90_ws", false},
+};
+
+// A kernel's name is also the request that pins it.
+inline const char* gdpa_kernel_name(GdpaKernel k) {
+  switch (k) {
+    case GdpaKernel::kPortable: return "portable";
+    case GdpaKernel::kSm80: return "sm80";
+    case GdpaKernel::kSm90CpAsync: return "sm90_cp_async";
+    case GdpaKernel::kSm90Ws: return "sm90_ws";
+  }
+  return "unknown";
+}
+
+// False for a name not in kGdpaRequests (or, with classes_only, not a class).
+inline bool parse_gdpa_request(const char* name, GdpaRequest* out, bool classes_only = false) {
+  for (const auto& r : kGdpaRequests) {
+    if (std::strcmp(name, r.name) == 0 && (r.is_class || !classes_only)) {
+      *out = r.request;
+      return true;
+    }
+  }
+  return false;
+}
+
+inline const char* gdpa_request_name(GdpaRequest req) {
+  for (const auto& r : kGdpaRequests) {
+    if (r.request == req) return r.name;
+  }
+  return "unknown";
+}
+
+// What the choice depends on; the launcher fills every field. The head dim is the call's: the
+// tensor-core kernels pad it to a multiple of 8 (then to their tile's 64 / 128 / 256), and every
+// bound below (64, 128) is a multiple of 8, so the padded and the given head dim compare alike.
+struct GdpaFacts {
+  bool half = false;           // bf16 or fp16: the tensor-core kernels' dtypes
+  int head_dim = 0;            // 1..256
+  int sm_major = 0, sm_minor = 0;
+  bool sm80_built = false;     // the build has the tensor-core kernels (mma::kTensorCoreKernels;
+                               // not HIP, where an AMD device's "major" says nothing of mma.sync)
+  bool sm90a_built = false;    // and sm_90a code (wgmma::kBuilt)
+  bool maps_ok = false;        // the warp-specialised kernel's tensor maps encode (a CUDA 12+
+                               // build; 16-byte aligned data, head / row strides in multiples of
+                               // 16 bytes, none 0; the backward: fewer than 2^31 - 1024 rows)
+  bool windowed = false;       // window_size >= 0: fwd_wgmma.cuh has no window mask
+  bool deterministic = false;  // backward: dQ without atomics. Changes no choice (every GDPA
+                               // backward has a deterministic dQ); the launch follows it
+};
+
+struct GdpaChoice {
+  GdpaKernel kernel;              // runs the call, unless refusal is set
+  const char* refusal = nullptr;  // the requested kernel cannot take the call: why
+  bool ok() const { return refusal == nullptr; }
+};
+
+namespace choose_detail {
+
+inline const char* tensor_core_refusal(const GdpaFacts& f) {
+  if (!f.half) return "it needs bf16 or fp16 inputs";
+  if (!f.sm80_built) return "this build has no tensor-core kernels (HIP)";
+  if (f.sm_major < 8) return "it needs a device of compute capability 8.0 or newer";
+  return nullptr;
+}
+
+inline const char* sm90_refusal(const GdpaFacts& f) {
+  if (!f.sm90a_built) return "it needs a build with sm_90a code (ATTNKIT_CUDA_ARCHS naming 9.0a)";
+  if (f.sm_major != 9 || f.sm_minor != 0) return "it needs a device of compute capability 9.0";
+  if (f.head_dim > 128) return "it needs head dim <= 128";
+  return nullptr;
+}
+
+constexpr const char* kMapsRefusal =
+    "it needs inputs a tensor map can address: 16-byte aligned data, nonzero head / row strides "
+    "in multiples of 16 bytes, fewer than 2^31 - 1024 rows (and a CUDA 12+ build)";
+
+// Auto takes the first kernel of this list that can take the call. Each kernel's conditions
+// include sm80's, so auto is: the warp-specialised kernel where it can run, else the cp.async
+// wgmma kernel, else mma.sync on sm_80+, else the portable kernel.
+constexpr GdpaKernel kPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm90CpAsync,
+                                      GdpaKernel::kSm80, GdpaKernel::kPortable};
+
+template <typename Refusal>
+GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal) {
+  switch (req) {
+    case GdpaRequest::kAuto:
+      for (GdpaKernel k : kPreference) {
+        if (refusal(k, f) == nullptr) return {k};
+      }
+      return {GdpaKernel::kPortable};
+    case GdpaRequest::kPortable: return {GdpaKernel::kPortable};
+    case GdpaRequest::kSm80: return {GdpaKernel::kSm80, refusal(GdpaKernel::kSm80, f)};
+    case GdpaRequest::kSm90:
+      if (refusal(GdpaKernel::kSm90Ws, f) == nullptr) return {GdpaKernel::kSm90Ws};
+      return {GdpaKernel::kSm90CpAsync, refusal(GdpaKernel::kSm90CpAsync, f)};
+    case GdpaRequest::kSm90CpAsync:
+      return {GdpaKernel::kSm90CpAsync, refusal(GdpaKernel::kSm90CpAsync, f)};
+    case GdpaRequest::kSm90Ws: return {GdpaKernel::kSm90Ws, refusal(GdpaKernel::kSm90Ws, f)};
+  }
+  return {GdpaKernel::kPortable, "unknown request"};
+}
+
+}  // namespace choose_detail
+
+// Why kernel `k` cannot run this forward, or nullptr when it can. sm80 takes any head dim (padded
+// to 64, 128 or 256) and the window; the cp.async wgmma kernel head dims up to 128 without a
+// window; the warp-specialised one head dims 65..128 (its tiles are 128 columns wide), windows
+// included, where its tensor maps encode.
+inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
+  using namespace choose_detail;
+  if (k == GdpaKernel::kPortable) return nullptr;
+  if (const char* r = tensor_core_refusal(f)) return r;
+  if (k == GdpaKernel::kSm80) return nullptr;
+  if (const char* r = sm90_refusal(f)) return r;
+  if (k == GdpaKernel::kSm90CpAsync) {
+    return f.windowed ? "it has no window mask (window_size >= 0)" : nullptr;
+  }
+  if (f.head_dim <= 64) return "it needs head dim 65..128";
+  if (!f.maps_ok) return kMapsRefusal;
+  return nullptr;
+}
+
+// Why kernel `k` cannot run this backward, or nullptr when it can: both sm90 kernels need head
+// dim 65..128 (padded to 128), the warp-specialised one its tensor maps. Windows and the
+// deterministic mode are no reason: every backward has both.
+inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
+  using namespace choose_detail;
+  if (k == GdpaKernel::kPortable) return nullptr;
+  if (const char* r = tensor_core_refusal(f)) return r;
+  if (k == GdpaKernel::kSm80) return nullptr;
+  if (const char* r = sm90_refusal(f)) return r;
+  if (f.head_dim <= 64) return "it needs head dim 65..128";
+  if (k == GdpaKernel::kSm90CpAsync) return nullptr;
+  if (!f.maps_ok) return kMapsRefusal;
+  return nullptr;
+}
+
+inline GdpaChoice choose_fwd(const GdpaFacts& f, GdpaRequest req) {
+  return choose_detail::choose(f, req, fwd_refusal);
+}
+
+inline GdpaChoice choose_bwd(const GdpaFacts& f, GdpaRequest req) {
+  return choose_detail::choose(f, req, bwd_refusal);
+}
+
+// Whether the choice would be the warp-specialised kernel if its tensor maps encoded: the
+// launcher encodes them (driver calls) only then.
+inline bool wants_tensor_maps(GdpaFacts f, GdpaRequest req, bool backward) {
+  f.maps_ok = true;
+  const GdpaChoice c = backward ? choose_bwd(f, req) : choose_fwd(f, req);
+  return c.ok() && c.kernel == GdpaKernel::kSm90Ws;
+}
+
+// The warp-specialised forward's schedule (fwd_ws.cuh): the jagged one (a device-built,
+// longest-first list of the non-empty work items, narrow key tiles) for a batch that is not
+// dense, the in-order walk with full tiles otherwise. Dense = every sequence as long as the hints,
+// which the host tells without reading the offsets: Tq == B · max_q and Tk == B · max_kv (with
+// valid offsets, lengths <= max that sum to B · max are all max); garbage offsets that fool the
+// test only change which of the two correct schedules runs. A list above 2^22 items (32 bytes
+// each: a workspace past 128 MB) keeps the in-order walk too, and so does `sorted` = false (the
+// launch option of the A/B runs and the tests).
+constexpr int64_t kFwdWsMaxJaggedItems = int64_t(1) << 22;
+
+inline bool fwd_ws_jagged(bool dense, int64_t items, bool sorted) {
+  return sorted && !dense && items <= kFwdWsMaxJaggedItems;
+}
+
+}  // namespace gdpa
+}  // namespace attnkit
