@@ -432,25 +432,26 @@ def test_cuda_backward_warp_specialised_falls_back():
         why = "tensor map" if D != 96 else "head dim 64 or 128"
         with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
             BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1, kernel="sm90_ws")
-    q = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
-    g = rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
+    # Distinct q, k, v: with k = q under a causal mask each row's own key dominates its softmax,
+    # so dQ is a near-cancelling sum whose bf16 error is not the kernel's.
+    q, k, v, g = (rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     args = (None, True, -1, -1)
-    out, lse = FWD_WITH(q, q, q, *args)
-    ref = ws_bwd_ref(q, q, q, g, True, (-1, -1), 0.0)
+    out, lse = FWD_WITH(q, k, v, *args)
+    ref = ws_bwd_ref(q, k, v, g, True, (-1, -1), 0.0)
     for kernel in ("auto", "sm80"):
-        grads = BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
-        again = BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
+        grads = BWD_WITH(g, q, k, v, out, lse, *args, deterministic=True, kernel=kernel)
+        again = BWD_WITH(g, q, k, v, out, lse, *args, deterministic=True, kernel=kernel)
         for name, a, b, c in zip("qkv", grads, again, ref):
             assert torch.equal(a, b), f"deterministic {kernel}: d{name} differs run to run"
             assert_close(a, c, torch.bfloat16, f"deterministic {kernel}: d{name}")
     for kernel in ("sm90", "sm90_cp_async", "sm90_ws"):
         with pytest.raises(RuntimeError, match=f"kernel {kernel} .*deterministic"):
-            BWD_WITH(g, q, q, q, out, lse, *args, deterministic=True, kernel=kernel)
+            BWD_WITH(g, q, k, v, out, lse, *args, deterministic=True, kernel=kernel)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        BWD_WITH(g, q, q, q, out, lse, *args)
+        BWD_WITH(g, q, k, v, out, lse, *args)
         with pytest.raises(RuntimeError, match="kernel sm90_ws .*deterministic"):
-            BWD_WITH(g, q, q, q, out, lse, *args, kernel="sm90_ws")
+            BWD_WITH(g, q, k, v, out, lse, *args, kernel="sm90_ws")
     finally:
         torch.use_deterministic_algorithms(was)
