@@ -7,7 +7,7 @@ reference (max difference printed) before anything is timed; TFLOP/s table, CSV,
       --iters 20 --csv attn.csv --plot attn.png
   python benchmarks/bench_attention.py --seq-lengths 16384 --causal --window 4096   # window vs full
 
---kernel pins attnkit's flash kernels (auto | portable | sm80 | sm90 | sm90_cp_async | sm90_ws),
+--kernel pins attnkit's flash kernels (auto | portable | sm80 | sm90),
 --ws-options sets the warp-specialised forward's launch options (e.g. three_wg=1,paired=0;
 ping_pong, persistent, three_wg, paired, max_ctas) and --bwd-max-tiles the backward's: they go
 through the private ops _flash_attn_fwd_with / _flash_attn_bwd_with (docs/ops.md, "Kernel
@@ -231,8 +231,7 @@ def main(argv=None):
     p.add_argument("--eager-budget-gb", type=float, default=4.0,
                    help="largest score matrix the eager reference may materialise")
     p.add_argument("--kernel", default="auto",
-                   help="attnkit's flash kernel (private ops): auto, portable, sm80, sm90, "
-                        "sm90_cp_async, sm90_ws")
+                   help="attnkit's flash kernel (private ops): auto, portable, sm80, sm90")
     p.add_argument("--ws-options", default="",
                    help="the warp-specialised forward's launch options, e.g. three_wg=1,paired=0")
     p.add_argument("--bwd-max-tiles", type=int, default=0,

@@ -101,8 +101,8 @@ TORCH_LIBRARY(attnkit, m) {
   // Private (docs/ops.md, "Kernel choice"): the same calls on a named kernel with the launch
   // options of the warp-specialised kernels (kernels/flash/choose.h, launch_options.h), so tests
   // and benchmarks pick kernels and schedules without environment variables. kernel: auto |
-  // portable | sm80 | sm90 (the best sm90 kernel that can take the call) | sm90_cp_async |
-  // sm90_ws; a named kernel that cannot take the call raises. "auto" is the launcher's own choice
+  // portable | sm80 | sm90; a named kernel that cannot take the call raises. "auto" is the
+  // launcher's own choice
   // (the public ops: ATTNKIT_FLASH_KERNEL, else auto) and the defaults are the public ops'.
   m.def(
       "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
@@ -127,8 +127,7 @@ TORCH_LIBRARY(attnkit, m) {
       "_flash_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
       "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "
       "bool scale_positive=True, bool mma_ok=True, bool maps_ok=True, bool k_has_rows=True, "
-      "bool deterministic=False, bool smem_sm80=True, bool smem_sm90=True, "
-      "bool smem_sm90ws=True) -> str");
+      "bool deterministic=False, bool smem_sm80=True, bool smem_sm90=True) -> str");
 
   // ---- MoE routing, DESIGN §3.4 ----
   m.def(

@@ -20,10 +20,11 @@
 # flash/bwd_ws.cuh, the default backward) have their own steps:
 #   QUICK="flash_ws_tests flash_ws_sanitize flash_ws_bench flash_ws_bwd_tests" bash scripts/gpu_quick.sh
 # (flash_ws_tests / flash_ws_bwd_tests: their tests alone; *_sanitize: memcheck over garbage
-# offsets and poisoned varlen; flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and
-# not, with the cp.async wgmma kernel (bench_attention --kernel sm90_cp_async) then the ws kernel
-# (--kernel sm90_ws); flash_d64_bench: the head-dim-64 forward three ways: cp.async, ws with 3
-# consumer warpgroups (--ws-options three_wg=1), ws with 2). flash_memcheck_all: the whole flash CUDA suite under
+# offsets, poisoned varlen and inputs the tensor maps cannot address (copied by the launcher);
+# flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and not, with the sm80 kernel
+# (bench_attention --kernel sm80) then the sm90 one (--kernel sm90); flash_d64_bench: the
+# head-dim-64 forward with 3 consumer warpgroups (--ws-options three_wg=1) and with 2).
+# flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
 # (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process).
 # flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated
@@ -72,14 +73,14 @@ step() {  # name, timeout seconds, command...
 }
 
 STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
-ws_ab_bench() {  # pass, log tag: bench_attention at D 64/128, causal and not, the cp.async wgmma
-  # kernel then the warp-specialised one, both pinned through the private ops (--kernel)
+ws_ab_bench() {  # pass, log tag: bench_attention at D 64/128, causal and not, the sm80 kernel
+  # then the sm90 (warp-specialised) one, both pinned through the private ops (--kernel)
   local pass=$1 tag=$2 a d F
   for a in "64" "64 --causal" "128" "128 --causal"; do
     d=d$(echo "$a" | tr -d ' -')
     F="$PY benchmarks/bench_attention.py --passes $pass --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
-    step "bench_${tag}_cp_async_$d" 45 $F --kernel sm90_cp_async
-    step "bench_${tag}_$d" 45 $F --kernel sm90_ws
+    step "bench_${tag}_sm80_$d" 45 $F --kernel sm80
+    step "bench_${tag}_$d" 45 $F --kernel sm90
   done
 }
 
@@ -88,7 +89,7 @@ for s in $QUICK; do
     flash_tests) step flash_tests 180 $PY -m pytest tests/test_flash_*.py -q -n 16 -k cuda -rfE ;;
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
-        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and sm90_ws and bfloat16" ;;
+        $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and sm90 and bfloat16" ;;
     flash_bench)
       for a in "128" "128 --causal" "64" "64 --causal"; do
         tag=d$(echo "$a" | tr -d ' -')
@@ -173,42 +174,38 @@ for s in $QUICK; do
       step flash_ws_tests 120 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE -k forward_warp_specialised ;;
     flash_ws_sanitize)
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
-        -k "forward_warp_specialised and (garbage_offsets or (varlen and (pingpong or wg3 or single) and bfloat16 and i32))" ;;
+        -k "forward_warp_specialised and (garbage_offsets or copies_unaddressable or (varlen and (pingpong or wg3 or single) and bfloat16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ws ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE \
         -k "backward_warp_specialised" ;;
     flash_ws_bwd_sanitize)
       step flash_ws_bwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
-        -k "backward_warp_specialised and (garbage_offsets or (varlen and grid and bfloat16 and i32))" ;;
+        -k "backward_warp_specialised and (garbage_offsets or copies_unaddressable or (varlen and grid and bfloat16 and i32))" ;;
     flash_ws_bwd_bench) ws_ab_bench bwd wsbwd ;;
     flash_d64_bench)
       for a in "64" "64 --causal"; do
         d=d$(echo "$a" | tr -d ' -')
         F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a"
-        step "bench_d64_cp_async_$d" 45 $F --kernel sm90_cp_async
-        step "bench_d64_wg3_$d" 45 $F --kernel sm90_ws --ws-options three_wg=1
-        step "bench_d64_wg2_$d" 45 $F --kernel sm90_ws --ws-options three_wg=0
+        step "bench_d64_wg3_$d" 45 $F --kernel sm90 --ws-options three_wg=1
+        step "bench_d64_wg2_$d" 45 $F --kernel sm90 --ws-options three_wg=0
       done ;;
     flash_pairs_bench)  # the forward's work items of one query tile against pairs (the default;
       # --ws-options paired=0|1), also with 3 consumer warpgroups at D=64, and the window case
       for a in "64 --causal" "128 --causal" "64"; do
         d=d$(echo "$a" | tr -d ' -')
-        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a --kernel sm90_ws"
+        F="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 1024,4096,16384 $BENCH --head-dim $a --kernel sm90"
         [ "$a" != "64" ] && step "bench_single_$d" 45 $F --ws-options paired=0
         [ "$a" != "64" ] && step "bench_pairs_$d" 45 $F --ws-options paired=1
         [ "${a% *}" = "64" ] && step "bench_pairs_wg3_$d" 45 $F --ws-options paired=1,three_wg=1
       done
-      W="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 16384 --batch 1 --head-dim 128 --causal --window 4096 $BENCH --kernel sm90_ws"
+      W="$PY benchmarks/bench_attention.py --passes fwd --seq-lengths 16384 --batch 1 --head-dim 128 --causal --window 4096 $BENCH --kernel sm90"
       step window_single 30 $W --ws-options paired=0
       step window_pairs 30 $W --ws-options paired=1 ;;
     call_profile)  # the 1k rows: host launch time against kernel time (benchmarks/profile_call.py)
       for a in "64 --causal" "64" "128 --causal"; do
         step "call_profile_d$(echo "$a" | tr -d ' -')" 60 $PY benchmarks/profile_call.py --seq-len 1024 --head-dim $a
-      done
-      # the cp.async backward (wgmma_bwd.cuh) on the same D=64 causal call, for comparison
-      step call_profile_d64causal_cp_async 60 $PY benchmarks/profile_call.py \
-        --seq-len 1024 --head-dim 64 --causal --kernel sm90_cp_async ;;
+      done ;;
     flash_env)  # the env-gated repro shapes and stress cases of the flash suite, on CUDA
       step flash_env 150 env ATTNKIT_RUN_REPRO_SHAPES=1 ATTNKIT_RUN_STRESS=1 $PY -m pytest \
         tests/test_flash_*.py -q -n 16 -rfE -k "cuda and (repro or stress)" ;;

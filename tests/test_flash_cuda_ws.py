@@ -1,9 +1,9 @@
 """Flash attention's warp-specialised Hopper kernels (kernels/flash/fwd_ws.cuh, bwd_ws.cuh: the
-kernel sm90_ws, the default on an sm_90 device of an sm_90a build), pinned through the private
-ops with kernel="sm90_ws", so a silent fallback to another kernel cannot pass: every schedule of
-the launch options, window, softcap, GQA 1 / 4, Sq != Sk, views, rows without keys, varlen with
-NaN-poisoned neighbours, garbage offsets; where sm90_ws cannot run, the refusal and the "sm90"
-request's fallback to sm90_cp_async. Which kernel auto picks is tests/test_flash_choose.py's."""
+kernel sm90, the default on an sm_90 device of an sm_90a build), pinned through the private ops
+with kernel="sm90", so a silent fallback to another kernel cannot pass: every schedule of the
+launch options, window, softcap, GQA 1 / 4, Sq != Sk, views, rows without keys, varlen with
+NaN-poisoned neighbours, garbage offsets; inputs its tensor maps cannot address (copied by the
+launcher); where it cannot run, the refusal. Which kernel auto picks is test_flash_choose.py's."""
 import functools
 
 import pytest
@@ -32,8 +32,9 @@ WS_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (200, 0), (130, 70), (5, 300)]
 
 
 def ws_fwd(schedule):
-    """flash_attn_fwd on sm90_ws with `schedule`'s launch options (positional arguments as flash_attn_fwd)."""
-    return functools.partial(FWD_WITH, kernel="sm90_ws", **WS_SCHEDULES[schedule])
+    """flash_attn_fwd on sm90 with `schedule`'s launch options (positional arguments as
+    flash_attn_fwd)."""
+    return functools.partial(FWD_WITH, kernel="sm90", **WS_SCHEDULES[schedule])
 
 
 def ws_batched_inputs(D, dtype):
@@ -117,13 +118,12 @@ def test_cuda_forward_warp_specialised_rows_without_keys(schedule, D, dtype):
         if window != (3, -1):
             assert (out[:, :450] == 0).all(), "rows without keys must be 0"
             assert torch.isinf(lse[:, :, :450]).all() and (lse[:, :, :450] < 0).all()
-    # Sk = 0 (no rows for a map): sm90_ws refuses, "sm90" falls back to sm90_cp_async; varlen
-    # sequences without keys (whole sequences of key-less units) are in
-    # test_cuda_forward_warp_specialised_varlen.
+    # Sk = 0 (no rows for a map): sm90 refuses, auto takes sm80; varlen sequences without keys
+    # (whole sequences of key-less units) are in test_cuda_forward_warp_specialised_varlen.
     k0, v0 = k[:, :0], v[:, :0]
-    with pytest.raises(RuntimeError, match="kernel sm90_ws .*cannot take this call: .*one row"):
+    with pytest.raises(RuntimeError, match="kernel sm90 .*cannot take this call: .*one row"):
         fwd(q, k0, v0, None, False, -1, -1)
-    out, lse = FWD_WITH(q, k0, v0, None, False, -1, -1, kernel="sm90")
+    out, lse = FWD_WITH(q, k0, v0, None, False, -1, -1)
     assert (out == 0).all() and torch.isinf(lse).all()
 
 
@@ -201,41 +201,61 @@ def test_cuda_forward_warp_specialised_garbage_offsets(D, schedule):
         assert not torch.isnan(lse).any(), bad
 
 
+def unaddressable(x, how):
+    """x's values in a layout a tensor map cannot address: "expand" (k / v of one kv head expanded
+    over two: a head stride of 0), "slice" (the first D columns of rows of D + 4: strides not in
+    multiples of 16 bytes, nor of 8 elements, so sm80 could not read it either), "offset" (a view
+    8 bytes past an aligned base)."""
+    if how == "expand":
+        return x[:, :, :1].expand(-1, -1, x.shape[2], -1)
+    if how == "slice":
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 4, device=x.device, dtype=x.dtype)
+        wide[..., :x.shape[-1]] = x
+        return wide[..., :x.shape[-1]]
+    flat = torch.zeros(x.numel() + 4, device=x.device, dtype=x.dtype)
+    view = flat[4:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+UNADDRESSABLE = ["expand", "slice", "offset"]
+
+
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
-def test_cuda_forward_warp_specialised_falls_back():
-    """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
-    express; head dim 96) "sm90_ws" raises a RuntimeError naming the kernel and the reason, "sm90"
-    takes sm90_cp_async where that can run (stride 0) and raises where it cannot (head dim 96),
-    and auto keeps the other kernels with the same results."""
+@pytest.mark.parametrize("how", UNADDRESSABLE)
+def test_cuda_forward_warp_specialised_copies_unaddressable_inputs(how):
+    """Inputs the tensor maps cannot address run on sm90 all the same (the launcher copies them:
+    issue #16, one sm90 kernel): pinned with kernel="sm90", against the reference, at both head
+    dims and under auto. Head dim 96 (no tensor-core kernel) is refused by name and taken by the
+    portable kernel under auto."""
     for D in (128, 64, 96):
         q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
         k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
-        if D != 96:
-            k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
-        check_fwd(FWD_WITH, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"auto D={D}")
-        why = "tensor map" if D != 96 else "head dim 64 or 128"
-        with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
-            FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90_ws")
-        if D != 96:
-            fwd = functools.partial(FWD_WITH, kernel="sm90")
-            check_fwd(fwd, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"sm90 fallback D={D}")
-        else:
+        k, v = unaddressable(k, how), unaddressable(v, how)
+        if how != "expand":
+            q = unaddressable(q, how)
+        check_fwd(FWD_WITH, q, k, v, True, (-1, -1), 0.0, torch.bfloat16, f"auto {how} D={D}")
+        if D == 96:
             with pytest.raises(RuntimeError, match="kernel sm90 .*head dim 64 or 128"):
                 FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90")
+            continue
+        for schedule in ("pingpong", "few"):
+            check_fwd(ws_fwd(schedule), q, k, v, True, (-1, -1), 0.0, torch.bfloat16,
+                      f"sm90 {schedule} {how} D={D}")
 
 
 # ---------------------------------------------------------------------------------------------
 # the warp-specialised Hopper backward (bwd_ws.cuh)
 # ---------------------------------------------------------------------------------------------
-# Every test of it runs _flash_attn_bwd_with(kernel="sm90_ws"); the forward is auto's.
+# Every test of it runs _flash_attn_bwd_with(kernel="sm90"); the forward is auto's.
 WS_BWD_WHY = "the warp-specialised backward: sm_90 device + sm_90a build"
 
 
 def ws_bwd(schedule):
-    """flash_attn_bwd on sm90_ws: "grid", one CTA per 128-key tile; "few", max_tiles=1, each CTA
+    """flash_attn_bwd on sm90: "grid", one CTA per 128-key tile; "few", max_tiles=1, each CTA
     walks all key tiles of its (kv head, sequence), so the K / V barrier and the step ring wrap."""
-    return functools.partial(BWD_WITH, kernel="sm90_ws", max_tiles=1 if schedule == "few" else 0)
+    return functools.partial(BWD_WITH, kernel="sm90", max_tiles=1 if schedule == "few" else 0)
 
 
 def ws_bwd_grads(bwd, q, k, v, dout, causal, window, softcap, cu_q=None, cu_k=None, mq=None,
@@ -412,26 +432,33 @@ def test_cuda_backward_warp_specialised_garbage_offsets(D):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
-def test_cuda_backward_warp_specialised_falls_back():
-    """Where the warp-specialised backward cannot run (a kv head stride of 0 that a tensor map
-    cannot express; head dim 96; deterministic mode) "sm90_ws" raises a RuntimeError naming the
-    kernel and the reason, "sm90" takes sm90_cp_async where that can run (stride 0), and auto
-    keeps the other kernels, with the same results. Deterministic mode (the argument or torch's
-    switch) keeps sm80's pair with its own dQ kernel: reproducible bit for bit."""
-    sm90 = functools.partial(BWD_WITH, kernel="sm90")
+@pytest.mark.parametrize("how", UNADDRESSABLE)
+def test_cuda_backward_warp_specialised_copies_unaddressable_inputs(how):
+    """As the forward's: q, k, v and dout a tensor map cannot address run on sm90 (copied by the
+    launcher), pinned and under auto; head dim 96 is refused by name."""
     for D in (128, 64, 96):
         q = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
         k = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         v = rand(2, 200, 2, D, device="cuda", dtype=torch.bfloat16)
         g = rand(2, 300, 4, D, device="cuda", dtype=torch.bfloat16)
-        if D != 96:
-            k, v = k[:, :, :1].expand(-1, -1, 2, -1), v[:, :, :1].expand(-1, -1, 2, -1)
-            check_bwd(sm90, q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"sm90 D={D}")
-        check_bwd(BWD_WITH, q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"auto D={D}")
-        out, lse = FWD_WITH(q, k, v, None, True, -1, -1)
-        why = "tensor map" if D != 96 else "head dim 64 or 128"
-        with pytest.raises(RuntimeError, match=f"kernel sm90_ws .*cannot take this call: .*{why}"):
-            BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1, kernel="sm90_ws")
+        k, v = unaddressable(k, how), unaddressable(v, how)
+        if how != "expand":
+            q, g = unaddressable(q, how), unaddressable(g, how)
+        check_bwd(BWD_WITH, q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16, f"auto {how} D={D}")
+        if D == 96:
+            out, lse = FWD_WITH(q, k, v, None, True, -1, -1)
+            with pytest.raises(RuntimeError, match="kernel sm90 .*head dim 64 or 128"):
+                BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1, kernel="sm90")
+            continue
+        for schedule in ("grid", "few"):
+            check_bwd(ws_bwd(schedule), q, k, v, g, True, (-1, -1), 0.0, torch.bfloat16,
+                      f"sm90 {schedule} {how} D={D}")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+def test_cuda_backward_deterministic_takes_sm80():
+    """Deterministic mode (the argument or torch's switch) keeps sm80's pair with its own dQ
+    kernel: reproducible bit for bit; sm90 (atomic dQ) refuses it by name."""
     # Distinct q, k, v: with k = q under a causal mask each row's own key dominates its softmax,
     # so dQ is a near-cancelling sum whose bf16 error is not the kernel's.
     q, k, v, g = (rand(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -444,14 +471,13 @@ def test_cuda_backward_warp_specialised_falls_back():
         for name, a, b, c in zip("qkv", grads, again, ref):
             assert torch.equal(a, b), f"deterministic {kernel}: d{name} differs run to run"
             assert_close(a, c, torch.bfloat16, f"deterministic {kernel}: d{name}")
-    for kernel in ("sm90", "sm90_cp_async", "sm90_ws"):
-        with pytest.raises(RuntimeError, match=f"kernel {kernel} .*deterministic"):
-            BWD_WITH(g, q, k, v, out, lse, *args, deterministic=True, kernel=kernel)
+    with pytest.raises(RuntimeError, match="kernel sm90 .*deterministic"):
+        BWD_WITH(g, q, k, v, out, lse, *args, deterministic=True, kernel="sm90")
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         BWD_WITH(g, q, k, v, out, lse, *args)
-        with pytest.raises(RuntimeError, match="kernel sm90_ws .*deterministic"):
-            BWD_WITH(g, q, k, v, out, lse, *args, kernel="sm90_ws")
+        with pytest.raises(RuntimeError, match="kernel sm90 .*deterministic"):
+            BWD_WITH(g, q, k, v, out, lse, *args, kernel="sm90")
     finally:
         torch.use_deterministic_algorithms(was)

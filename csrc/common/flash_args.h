@@ -157,16 +157,13 @@ inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 // A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_FLASH_KERNEL (`arg` = its
-// name, classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
-inline FlashRequest check_kernel_request(c10::string_view name, const char* arg,
-                                         bool classes_only = false) {
+// name): choose.h's names.
+inline FlashRequest check_kernel_request(c10::string_view name, const char* arg) {
   FlashRequest r = FlashRequest::kAuto;
   const std::string s(name);
-  if (parse_flash_request(s.c_str(), &r, classes_only)) return r;
+  if (parse_flash_request(s.c_str(), &r)) return r;
   std::string list;
-  for (const auto& e : kFlashRequests) {
-    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
-  }
+  for (const auto& e : kFlashRequests) list += std::string(list.empty() ? "" : ", ") + e.name;
   ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
   return r;
 }

@@ -18,7 +18,7 @@ std::string flash_choose_kernel(c10::string_view direction, c10::string_view req
                                 int64_t head_dim, bool half, int64_t sm_major, int64_t sm_minor,
                                 bool sm80_built, bool sm90a_built, bool scale_positive,
                                 bool mma_ok, bool maps_ok, bool k_has_rows, bool deterministic,
-                                bool smem_sm80, bool smem_sm90, bool smem_sm90ws) {
+                                bool smem_sm80, bool smem_sm90) {
   const std::string dir(direction);
   ATTNKIT_CHECK(dir == "fwd" || dir == "bwd", "direction: expected 'fwd' or 'bwd', got '", dir,
                 "'");
@@ -41,7 +41,6 @@ std::string flash_choose_kernel(c10::string_view direction, c10::string_view req
   f.deterministic = deterministic;
   f.smem_sm80 = smem_sm80;
   f.smem_sm90 = smem_sm90;
-  f.smem_sm90ws = smem_sm90ws;
   const bool bwd = dir == "bwd";
   const FlashChoice c = bwd ? choose_bwd(f, req) : choose_fwd(f, req);
   check_choice(c, bwd ? "flash_attn_bwd" : "flash_attn_fwd", req, "request argument");

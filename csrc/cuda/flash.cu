@@ -19,6 +19,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common/flash_args.h"
 #include "common/flash_serving.h"
@@ -28,8 +29,6 @@
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
-#include "kernels/flash/wgmma_bwd.cuh"
-#include "kernels/flash/wgmma_fwd.cuh"
 #include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
@@ -74,18 +73,23 @@ T* mptr(at::Tensor& t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---- tensor maps of the warp-specialised kernels (sm90_ws) ----
+// ---- tensor maps of the sm90 kernels (fwd_ws.cuh, bwd_ws.cuh) ----
+// Copies of inputs the maps could not address, alive until the launch that reads them.
+using Copies = std::vector<at::Tensor>;
+
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// Tensor maps of q, k, v as {D, heads, rows, batches} (varlen: one batch of all rows) in the
-// kernel's boxes; false when the copy engine cannot address them (misaligned base, a stride of 0
-// or not a multiple of 16 bytes, rows beyond int32 coordinates: choose.h's maps_ok).
-// A dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
-// may report any stride there, and varlen's batch stride is 0).
-// encode_rows_map builds one such map with boxes of 64 columns x box_rows rows (the forward's
-// q: its query tile, k / v: 128; the backward's 64).
-bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, const void* base,
-                     int64_t rows, int64_t heads, const Strides& st, uint32_t box_rows) {
-  if (rows >= (int64_t(1) << 31) - 1024) return false;  // the kernels' int32 row arithmetic
+// The maps' row coordinates (and the kernels' row arithmetic) are int32.
+bool rows_addressable(int64_t rows) { return rows < (int64_t(1) << 31) - 1024; }
+
+// A tensor map of t ([B, S, heads, D], varlen [rows, heads, D]) as {D, heads, rows, batches}
+// (varlen: one batch of all rows) with boxes of 64 columns x box_rows rows (the forward's q: its
+// query tile, k / v: 128; the backward's 64); false when the copy engine cannot address it
+// (misaligned base, a stride of 0 or not a multiple of 16 bytes). A dimension of extent 1 is
+// never stepped over, so its stride is replaced by a valid one (torch may report any stride
+// there, and varlen's batch stride is 0).
+bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, const at::Tensor& t,
+                     int64_t rows, int64_t heads, uint32_t box_rows) {
+  const Strides st = strides_of(t, varlen);
   const uint32_t box[4] = {64, 1, box_rows, 1};
   const uint64_t dims[4] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows),
                             uint64_t(varlen ? 1 : p.B)};
@@ -94,25 +98,37 @@ bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, bool bf16, 
   for (int i = 0; i < 3; ++i) {
     strides[i] = dims[i + 1] == 1 ? uint64_t(p.D) * 2 : (el[i] < 0 ? 0 : uint64_t(el[i]) * 2);
   }
-  return tma::encode_4d_sw128(map, bf16, base, dims, strides, box);
+  return tma::encode_4d_sw128(map, t.scalar_type() == at::kBFloat16, t.const_data_ptr(), dims,
+                              strides, box);
+}
+
+// The map of t, or of a contiguous copy of t where t's own layout cannot be addressed (issue
+// #16: one sm90 kernel per direction, inputs made addressable rather than served by a second
+// kernel). A k / v expanded over heads or batches (stride 0), a slice with strides that are not
+// multiples of 16 bytes, a misaligned view: one copy, then the fast kernel. False only for rows
+// beyond the int32 coordinates, which no copy fixes (choose.h then takes sm80).
+bool encode_or_copy(CUtensorMap* map, const Params& p, bool varlen, const at::Tensor& t,
+                    int64_t rows, int64_t heads, uint32_t box_rows, Copies* copies) {
+  if (!rows_addressable(rows)) return false;
+  if (encode_rows_map(map, p, varlen, t, rows, heads, box_rows)) return true;
+  copies->push_back(t.clone(at::MemoryFormat::Contiguous));
+  return encode_rows_map(map, p, varlen, copies->back(), rows, heads, box_rows);
 }
 
 using FwdMaps = ws::FwdWsMaps;
 
 // The forward's three maps; the q map's boxes are the launch's query tile (three_wg: 192 rows).
 bool encode_fwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, bool three_wg, FwdMaps* m) {
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
+                     const at::Tensor& v, bool three_wg, FwdMaps* m, Copies* copies) {
   const uint32_t q_rows = static_cast<uint32_t>(ws::fwd_ws_block_rows(int(p.D), three_wg));
-  return encode_rows_map(&m->q, p, varlen, bf16, q.const_data_ptr(), p.seqlen_q, p.H, p.q,
-                         q_rows) &&
-         encode_rows_map(&m->k, p, varlen, bf16, k.const_data_ptr(), p.seqlen_k, p.Hkv, p.k, 128) &&
-         encode_rows_map(&m->v, p, varlen, bf16, v.const_data_ptr(), p.seqlen_k, p.Hkv, p.v, 128);
+  return encode_or_copy(&m->q, p, varlen, q, p.seqlen_q, p.H, q_rows, copies) &&
+         encode_or_copy(&m->k, p, varlen, k, p.seqlen_k, p.Hkv, 128, copies) &&
+         encode_or_copy(&m->v, p, varlen, v, p.seqlen_k, p.Hkv, 128, copies);
 }
 #else
 struct FwdMaps {};  // no tensor maps in this build (HIP, CUDA < 12): maps_ok stays false
 bool encode_fwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     bool, FwdMaps*) {
+                     bool, FwdMaps*, Copies*) {
   return false;
 }
 #endif
@@ -120,24 +136,22 @@ bool encode_fwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
 using BwdMaps = ws::BwdWsMaps;
 
-// The backward's maps: q, k, v and dout in 64-row boxes (p.dout set).
+// The backward's maps: q, k, v and dout in 64-row boxes.
 bool encode_bwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& dout, BwdMaps* m) {
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  return encode_rows_map(&m->q, p, varlen, bf16, q.const_data_ptr(), p.seqlen_q, p.H, p.q, 64) &&
-         encode_rows_map(&m->k, p, varlen, bf16, k.const_data_ptr(), p.seqlen_k, p.Hkv, p.k, 64) &&
-         encode_rows_map(&m->v, p, varlen, bf16, v.const_data_ptr(), p.seqlen_k, p.Hkv, p.v, 64) &&
-         encode_rows_map(&m->dout, p, varlen, bf16, dout.const_data_ptr(), p.seqlen_q, p.H,
-                         p.dout, 64);
+                     const at::Tensor& v, const at::Tensor& dout, BwdMaps* m, Copies* copies) {
+  return encode_or_copy(&m->q, p, varlen, q, p.seqlen_q, p.H, 64, copies) &&
+         encode_or_copy(&m->k, p, varlen, k, p.seqlen_k, p.Hkv, 64, copies) &&
+         encode_or_copy(&m->v, p, varlen, v, p.seqlen_k, p.Hkv, 64, copies) &&
+         encode_or_copy(&m->dout, p, varlen, dout, p.seqlen_q, p.H, 64, copies);
 }
-int64_t sm90ws_bwd_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
+int64_t sm90_bwd_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
 #else
 struct BwdMaps {};
 bool encode_bwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const at::Tensor&, BwdMaps*) {
+                     const at::Tensor&, BwdMaps*, Copies*) {
   return false;
 }
-int64_t sm90ws_bwd_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
+int64_t sm90_bwd_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
 #endif
 
 // A cached host-side property query (no device synchronisation).
@@ -155,7 +169,7 @@ Request env_request() {
   const char* name = env_entry(Env::kFlashKernel).name;
   const char* e = env_value(Env::kFlashKernel);
   if (e == nullptr) return {FlashRequest::kAuto, name};
-  return {check_kernel_request(e, name, /*classes_only=*/true), name};
+  return {check_kernel_request(e, name), name};
 }
 
 // The facts of the device and the build, and those every direction shares.
@@ -283,12 +297,7 @@ void launch_fwd(FlashKernel kernel, const Params& p, const at::Tensor& q, const 
                            rows, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
-      case FlashKernel::kSm90CpAsync:
-        wg::launch_fwd<T>(p, cptr<T>(q), cptr<T>(k), cptr<T>(v), mptr<T>(out), mptr<float>(lse),
-                          rows, stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      case FlashKernel::kSm90Ws:
+      case FlashKernel::kSm90:
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
         C10_CUDA_CHECK(ws::launch_fwd_ws<T>(p, maps, mptr<T>(out), mptr<float>(lse), rows, lo,
                                             stream));
@@ -349,15 +358,16 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
 
-  // Facts -> choice -> one switch. The tensor maps are encoded (driver calls) only when the
-  // choice could be the warp-specialised kernel, and launched with.
+  // Facts -> choice -> one switch. The tensor maps are encoded (driver calls; a copy of an input
+  // they cannot address) only when the choice could be sm90, and launched with.
   FlashFacts f = device_facts(q, p);
   f.mma_ok = mma::fwd_layout_ok(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                 out.const_data_ptr());
   f.k_has_rows = k.numel() > 0;
   FwdMaps maps;
+  Copies copies;
   f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/false) &&
-              encode_fwd_maps(p, varlen, q, k, v, lo.three_wg, &maps);
+              encode_fwd_maps(p, varlen, q, k, v, lo.three_wg, &maps, &copies);
   const FlashChoice c = choose_fwd(f, req.kernel);
   check_choice(c, "flash_attn_fwd", req.kernel, req.source, call_context(q, f));
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
@@ -421,13 +431,7 @@ void launch_tensor_core_bwd(FlashKernel kernel, bool deterministic, const Params
                            rows_q, rows_k, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         break;
-      case FlashKernel::kSm90CpAsync:
-        wg::launch_bwd<T>(p, cptr<T>(dout), cptr<T>(q), cptr<T>(k), cptr<T>(v), cptr<float>(lse),
-                          cptr<float>(delta), mptr<float>(dq_accum), mptr<T>(dk), mptr<T>(dv),
-                          rows_k, stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        break;
-      case FlashKernel::kSm90Ws:
+      case FlashKernel::kSm90:
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
         C10_CUDA_CHECK(ws::launch_bwd_ws<T>(p, maps, cptr<float>(lse), cptr<float>(delta),
                                             mptr<float>(dq_accum), mptr<T>(dk), mptr<T>(dv),
@@ -499,11 +503,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
   const int64_t optin = static_cast<int64_t>(
       at::cuda::getDeviceProperties(q.device().index())->sharedMemPerBlockOptin);
   f.smem_sm80 = optin >= mma::bwd_smem_bytes(p.D);
-  f.smem_sm90 = optin >= wg::bwd_smem_bytes(p.D);
-  f.smem_sm90ws = optin >= sm90ws_bwd_smem_bytes(p.D);
+  f.smem_sm90 = optin >= sm90_bwd_smem_bytes(p.D);
   BwdMaps maps;
+  Copies copies;
   f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/true) &&
-              encode_bwd_maps(p, varlen, q, k, v, dout, &maps);
+              encode_bwd_maps(p, varlen, q, k, v, dout, &maps, &copies);
   const FlashChoice c = choose_bwd(f, req.kernel);
   check_choice(c, "flash_attn_bwd", req.kernel, req.source, call_context(q, f));
 

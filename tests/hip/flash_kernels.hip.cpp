@@ -10,8 +10,6 @@
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/flash/simt.cuh"
-#include "kernels/flash/wgmma_bwd.cuh"
-#include "kernels/flash/wgmma_fwd.cuh"
 
 namespace attnkit {
 namespace flash {
@@ -26,7 +24,7 @@ FlashKernel hip_choice(bool backward) {
   f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
   f.sm90a_built = wgmma::kBuilt;
   f.scale_positive = f.mma_ok = f.maps_ok = f.k_has_rows = true;
-  f.smem_sm80 = f.smem_sm90 = f.smem_sm90ws = true;
+  f.smem_sm80 = f.smem_sm90 = true;
   const FlashRequest a = FlashRequest::kAuto;
   return (backward ? choose_bwd(f, a) : choose_fwd(f, a)).kernel;
 }
@@ -57,14 +55,6 @@ template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, co
                                  const fp16_t*, const float*, const float*, fp16_t*, float*, fp16_t*,
                                  fp16_t*, int64_t, int64_t, cudaStream_t);
 }  // namespace mma
-
-namespace wg {  // Hopper-only: empty bodies under HIP (wgmma::kBuilt is false there)
-template void launch_fwd<bf16_t>(const Params&, const bf16_t*, const bf16_t*, const bf16_t*, bf16_t*,
-                                 float*, int64_t, cudaStream_t);
-template void launch_bwd<fp16_t>(const Params&, const fp16_t*, const fp16_t*, const fp16_t*,
-                                 const fp16_t*, const float*, const float*, float*, fp16_t*, fp16_t*,
-                                 int64_t, cudaStream_t);
-}  // namespace wg
 
 }  // namespace flash
 }  // namespace attnkit

@@ -41,7 +41,7 @@ POISON_BYTES = 256 << 20  # NaN left in the CUDA caching allocator before each c
 FWD_WITH = torch.ops.attnkit._flash_attn_fwd_with
 BWD_WITH = torch.ops.attnkit._flash_attn_bwd_with
 CHOOSE = torch.ops.attnkit._flash_choose_kernel
-CUDA_KERNELS = ["portable", "sm80", "sm90_cp_async", "sm90_ws"]
+CUDA_KERNELS = ["portable", "sm80", "sm90"]
 
 
 def device_facts():

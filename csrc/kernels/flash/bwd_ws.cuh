@@ -1,9 +1,9 @@
 // Flash attention backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// The sm90_ws kernel of choose.h: the default backward where the inputs are tensor-map
-// addressable (wgmma_bwd.cuh elsewhere; the sm80 pair in deterministic mode). Same math as
-// wgmma_bwd.cuh (its step order, window bounds, masks, products and dS^T exchange; dQ added
-// with paired fp32 reductions into the zero-filled workspace); what changes is who moves the
-// data, as in the warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh):
+// The sm90 kernel of choose.h: the backward on a 9.0 device of an sm_90a build (the launcher
+// copies an input its tensor maps cannot address; the sm80 pair in deterministic mode). The
+// atomic-dQ organisation of mma_bwd.cuh (FlashAttention-2 / -3: its step order, window bounds
+// and masks) with wgmma products, the data moved by a producer warpgroup as in the
+// warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh):
 //
 // CTA = (kv head, sequence, 128-key tile; the tiles stride over gridDim.z), 384 threads:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24).
@@ -14,11 +14,24 @@
 //     copy of 64-row x 64-column sw128 boxes of a 4-D map {D, H, S, B} (kernels/common/tma.cuh):
 //     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
 //     and rows past a sequence's end are the next sequence's (or zeros past the total).
-//   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240) and run wgmma_bwd.cuh's
-//     step: warpgroup w owns keys w*64 .. +63 with dK / dV in registers; S^T, dP^T ss; P^T, dS^T
-//     elementwise; dV += P^T dO, dK += dS^T Q rs; dS^T through shared memory (double-buffered,
-//     named barrier 1 over the 256 consumer threads); dQ = dS K ss, issued right after that
-//     barrier (queued behind dV / dK: one wait for all three), reduced into dq_accum.
+//   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240) and run the step:
+//     warpgroup w owns keys w*64 .. +63 with dK / dV (64 x D fp32 each) in registers;
+//       S^T  = K_w Q^T,  dP^T = V_w dO^T   ss, M = 64 keys, N = 64 queries, K = head dim
+//       P^T, dS^T elementwise               (bwd_scores.cuh: masks, scale and softcap's
+//                                           derivative folded in; without softcap P^T is
+//                                           computed while dP^T runs and dS^T while dV runs)
+//       dV += P^T dO,  dK += dS^T Q         rs: P^T / dS^T packed from the accumulators into A
+//                                           fragments, B = dO / Q read N-major
+//       dS^T -> shared [128 keys][64 queries] (double-buffered, named barrier 1 over the 256
+//                                           consumer threads)
+//       dQ[64 q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
+//                                           N-major; D = 128: warpgroup w takes columns
+//                                           w*64 .. +63; D = 64: one warpgroup per step,
+//                                           alternating; issued right after that barrier
+//                                           (queued behind dV / dK: one wait for all three)
+//     and reduce dQ into the zero-filled fp32 workspace dq_accum with paired fp32 reductions
+//     (order varies run to run, like mma_bwd's atomic dQ; deterministic mode keeps the sm80
+//     pair).
 //
 // Barriers (kernels/common/ws_bwd.cuh's Ring, the skeleton shared with gdpa/bwd_ws.cuh; mbarriers
 // of kernels/common/bulk_copy.cuh, completion k has parity k & 1):
@@ -49,7 +62,7 @@
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/params.h"
-#include "kernels/flash/wgmma_bwd.cuh"
+#include "kernels/flash/bwd_scores.cuh"
 
 #if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
 #include <cuda.h>
@@ -96,7 +109,8 @@ struct BwdWsMaps {
   CUtensorMap q, k, v, dout;
 };
 
-// kSoftcap as wgmma_bwd.cuh (a separate instantiation). Row indices are int32: the caller takes
+// kSoftcap: scores go through cap·tanh(·/cap), a separate instantiation (so that the plain one
+// carries neither the tanh nor its registers). Row indices are int32: the caller takes
 // this kernel only for q and k with fewer than 2^31 - 1024 rows (the maps' coordinates are int32).
 template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
@@ -131,7 +145,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   if (tid == 0) ring.init(1 + 32);
   __syncthreads();  // the last CTA-wide barrier
 
-  // The walk every role takes (wgmma_bwd.cuh's): key tiles tt = blockIdx.z, + gridDim.z, ...;
+  // The walk every role takes (mma_bwd.cuh's): key tiles tt = blockIdx.z, + gridDim.z, ...;
   // per tile the query tiles [qlo, qhi] its keys see, for each query head of the GQA group.
   const int hk = blockIdx.x, b = blockIdx.y, G = static_cast<int>(p.H / p.Hkv);
   const SeqRange s = seq_range(p, b);
@@ -280,7 +294,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
       const uint32_t q_addr = sq_addr + st * Tr::kQBytes, do_addr = sdo_addr + st * Tr::kQBytes;
 
-      // Masks as wgmma_bwd.cuh.
+      // Masks: the step's key and query rows against the window bounds (mma_bwd.cuh's).
       const int rlo = min(max(rel_lo - (j0 - i0), -BM), BN);
       const int rhi = min(max(rel_hi - (j0 - i0), -BM), BN);
       const bool is_full = rows == BM && krows == BN && rlo <= -(BM - 1) && rhi >= BN - 1;
@@ -315,8 +329,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         wgmma::fence_regs(sc);
         wgmma::fence_regs(dp);
         mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, is_full, scale, cap);
-        wg::pack_frags<T>(pa, sc);
-        wg::pack_frags<T>(da, dp);
+        pack_frags<T>(pa, sc);
+        pack_frags<T>(da, dp);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
@@ -325,8 +339,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       } else {
         wgmma::wait<1>();
         wgmma::fence_regs(sc);
-        wg::probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);
-        wg::pack_frags<T>(pa, sc);
+        probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);
+        pack_frags<T>(pa, sc);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
@@ -335,8 +349,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         wgmma::commit();
         wgmma::wait<1>();
         wgmma::fence_regs(dp);
-        wg::grads_t(dp, sc, delta_t, scale);
-        wg::pack_frags<T>(da, dp);
+        grads_t(dp, sc, delta_t, scale);
+        pack_frags<T>(da, dp);
         wgmma::fence();
       }
 #pragma unroll
@@ -345,7 +359,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
       wgmma::commit();
 
-      // dS^T -> shared [key][query] (buffer slot % 2), as wgmma_bwd.cuh.
+      // dS^T -> shared [key][query] (buffer slot % 2).
       unsigned char* ds_buf = sds + (slot & 1) * Tr::kDsBytes;
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
@@ -360,8 +374,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       // dS^T complete; both warpgroups finished step slot - 1's dQ (buffer (slot + 1) % 2 free).
       wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
 
-      // dQ = dS K, as wgmma_bwd.cuh, but issued before waiting for dV / dK (it queues behind
-      // them instead of starting after the wait).
+      // dQ = dS K, issued before waiting for dV / dK (it queues behind them instead of starting
+      // after the wait).
       const bool dq_here = kD == 128 || wg == int(slot & 1);
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
       const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;

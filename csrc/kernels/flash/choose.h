@@ -10,33 +10,30 @@
 namespace attnkit {
 namespace flash {
 
-// The kernels of each direction. sm90_cp_async (wgmma fed by cp.async) stays beside sm90_ws for
-// the inputs a tensor map cannot address (a zero stride, strides not in multiples of 16 bytes).
+// One kernel per architecture class and direction (issue #16). The sm90 kernels read their tiles
+// through tensor maps; an input a map cannot address (a zero stride, strides not in multiples of
+// 16 bytes, a misaligned base) is copied once by the launcher rather than served by a second
+// sm90 kernel (the cp.async wgmma kernels that did so are gone: docs/architecture.md).
 enum class FlashKernel {
-  kPortable,     // simt.cuh: any dtype, head dim <= 256, any device (HIP included)
-  kSm80,         // mma_fwd.cuh / mma_bwd.cuh: mma.sync on sm_80 and newer
-  kSm90CpAsync,  // wgmma_fwd.cuh / wgmma_bwd.cuh: a 9.0 device of an sm_90a build
-  kSm90Ws,       // fwd_ws.cuh / bwd_ws.cuh: warp-specialised, tensor-map copies
+  kPortable,  // simt.cuh: any dtype, head dim <= 256, any device (HIP included)
+  kSm80,      // mma_fwd.cuh / mma_bwd.cuh: mma.sync on sm_80 and newer
+  kSm90,      // fwd_ws.cuh / bwd_ws.cuh: warp-specialised, tensor-map copies, sm_90a
 };
 
-// What a caller asks for: auto (the choice below), an architecture class (sm90: the best sm90
-// kernel that can take the call), or one kernel. ATTNKIT_FLASH_KERNEL takes the classes; the
-// private ops also take the single sm90 kernels (tests and benchmarks pin one).
-enum class FlashRequest { kAuto, kPortable, kSm80, kSm90, kSm90CpAsync, kSm90Ws };
+// What a caller asks for: auto (the choice below) or one kernel. ATTNKIT_FLASH_KERNEL and the
+// private ops' `kernel` take the same names.
+enum class FlashRequest { kAuto, kPortable, kSm80, kSm90 };
 
 struct FlashRequestName {
   FlashRequest request;
   const char* name;
-  bool is_class;  // accepted by ATTNKIT_FLASH_KERNEL
 };
 
 inline constexpr FlashRequestName kFlashRequests[] = {
-    {FlashRequest::kAuto, "auto", true},
-    {FlashRequest::kPortable, "portable", true},
-    {FlashRequest::kSm80, "sm80", true},
-    {FlashRequest::kSm90, "sm90", true},
-    {FlashRequest::kSm90CpAsync, "sm90_cp_async", false},
-    {FlashRequest::kSm90Ws, "sm90_ws", false},
+    {FlashRequest::kAuto, "auto"},
+    {FlashRequest::kPortable, "portable"},
+    {FlashRequest::kSm80, "sm80"},
+    {FlashRequest::kSm90, "sm90"},
 };
 
 // A kernel's name is also the request that pins it.
@@ -44,16 +41,15 @@ inline const char* flash_kernel_name(FlashKernel k) {
   switch (k) {
     case FlashKernel::kPortable: return "portable";
     case FlashKernel::kSm80: return "sm80";
-    case FlashKernel::kSm90CpAsync: return "sm90_cp_async";
-    case FlashKernel::kSm90Ws: return "sm90_ws";
+    case FlashKernel::kSm90: return "sm90";
   }
   return "unknown";
 }
 
-// False for a name not in kFlashRequests (or, with classes_only, not a class).
-inline bool parse_flash_request(const char* name, FlashRequest* out, bool classes_only = false) {
+// False for a name not in kFlashRequests.
+inline bool parse_flash_request(const char* name, FlashRequest* out) {
   for (const auto& r : kFlashRequests) {
-    if (std::strcmp(name, r.name) == 0 && (r.is_class || !classes_only)) {
+    if (std::strcmp(name, r.name) == 0) {
       *out = r.request;
       return true;
     }
@@ -77,16 +73,18 @@ struct FlashFacts {
   bool sm80_built = false;      // the build has the tensor-core kernels (CUDA; not HIP, where an
                                 // AMD device's "major" says nothing about mma.sync)
   bool sm90a_built = false;     // and sm_90a code (wgmma::kBuilt)
-  bool scale_positive = false;  // the sm90 forwards fold the scale into one FFMA per score
-  bool mma_ok = false;          // rows 16-byte aligned, strides multiples of 8 elements (the
-                                // backward: of the gradients and dout too)
-  bool maps_ok = false;         // tensor maps of q, k, v (the backward: and dout) encode
+  bool scale_positive = false;  // the sm90 forward folds the scale into one FFMA per score
+  bool mma_ok = false;          // sm80's layout: rows 16-byte aligned, strides multiples of 8
+                                // elements (the backward: of the gradients and dout too)
+  bool maps_ok = false;         // tensor maps of q, k, v (the backward: and dout) encode, after
+                                // the launcher's copy of an input they cannot address: false
+                                // only for rows beyond the maps' int32 coordinates (or a build
+                                // without tensor maps)
   bool k_has_rows = false;      // a tensor map has no empty dimension; the backward's
                                 // tensor-core kernels walk key tiles
   bool deterministic = false;   // backward: dQ without atomics (only sm80 and portable have it)
   bool smem_sm80 = false;       // backward: the device's shared-memory opt-in fits mma_bwd.cuh,
-  bool smem_sm90 = false;       //   wgmma_bwd.cuh,
-  bool smem_sm90ws = false;     //   bwd_ws.cuh
+  bool smem_sm90 = false;       //   bwd_ws.cuh
 };
 
 struct FlashChoice {
@@ -97,13 +95,15 @@ struct FlashChoice {
 
 namespace choose_detail {
 
-// Shared by every tensor-core kernel (sm80 and both sm90 ones).
-inline const char* tensor_core_refusal(const FlashFacts& f) {
+// Shared by every tensor-core kernel (sm80 and sm90). sm80 reads its tiles with 16-byte cp.async
+// from the inputs' own layout (mma_layout); sm90 reads them through tensor maps, of a copy where
+// the layout does not allow one, so it takes any layout.
+inline const char* tensor_core_refusal(const FlashFacts& f, bool mma_layout) {
   if (!f.half) return "it needs bf16 or fp16 inputs";
   if (!f.sm80_built) return "this build has no tensor-core kernels (HIP)";
   if (f.sm_major < 8) return "it needs a device of compute capability 8.0 or newer";
   if (f.head_dim != 64 && f.head_dim != 128) return "it needs head dim 64 or 128";
-  if (!f.mma_ok) {
+  if (mma_layout && !f.mma_ok) {
     return "it needs 16-byte aligned rows and batch / row / head strides in multiples of 8 "
            "elements";
   }
@@ -117,17 +117,15 @@ inline const char* sm90_refusal(const FlashFacts& f) {
 }
 
 constexpr const char* kMapsRefusal =
-    "it needs inputs a tensor map can address: 16-byte aligned data, nonzero batch / row / head "
-    "strides in multiples of 16 bytes, fewer than 2^31 - 1024 rows";
+    "it needs fewer than 2^31 - 1024 rows of q and of k (its tensor maps' int32 coordinates)";
 constexpr const char* kSmemRefusal =
     "it needs more shared memory than the device's opt-in limit";
 
-// Auto takes the first kernel of this list that can take the call. Each kernel's conditions
-// include those of the kernels after it but portable, so auto is: the sm90 kernels on a 9.0
-// device of an sm_90a build (the warp-specialised one where its tensor maps encode), sm80 on
-// other sm_80+ devices, portable for the rest.
-constexpr FlashKernel kPreference[] = {FlashKernel::kSm90Ws, FlashKernel::kSm90CpAsync,
-                                       FlashKernel::kSm80, FlashKernel::kPortable};
+// Auto takes the first kernel of this list that can take the call: sm90 on a 9.0 device of an
+// sm_90a build, sm80 on other sm_80+ devices (and where sm90 cannot take the call: a zero
+// softmax scale, k without rows, deterministic mode, rows beyond int32), portable for the rest.
+constexpr FlashKernel kPreference[] = {FlashKernel::kSm90, FlashKernel::kSm80,
+                                       FlashKernel::kPortable};
 
 template <typename Refusal>
 FlashChoice choose(const FlashFacts& f, FlashRequest req, Refusal refusal) {
@@ -139,12 +137,7 @@ FlashChoice choose(const FlashFacts& f, FlashRequest req, Refusal refusal) {
       return {FlashKernel::kPortable};
     case FlashRequest::kPortable: return {FlashKernel::kPortable};
     case FlashRequest::kSm80: return {FlashKernel::kSm80, refusal(FlashKernel::kSm80, f)};
-    case FlashRequest::kSm90:
-      if (refusal(FlashKernel::kSm90Ws, f) == nullptr) return {FlashKernel::kSm90Ws};
-      return {FlashKernel::kSm90CpAsync, refusal(FlashKernel::kSm90CpAsync, f)};
-    case FlashRequest::kSm90CpAsync:
-      return {FlashKernel::kSm90CpAsync, refusal(FlashKernel::kSm90CpAsync, f)};
-    case FlashRequest::kSm90Ws: return {FlashKernel::kSm90Ws, refusal(FlashKernel::kSm90Ws, f)};
+    case FlashRequest::kSm90: return {FlashKernel::kSm90, refusal(FlashKernel::kSm90, f)};
   }
   return {FlashKernel::kPortable, "unknown request"};
 }
@@ -155,11 +148,10 @@ FlashChoice choose(const FlashFacts& f, FlashRequest req, Refusal refusal) {
 inline const char* fwd_refusal(FlashKernel k, const FlashFacts& f) {
   using namespace choose_detail;
   if (k == FlashKernel::kPortable) return nullptr;
-  if (const char* r = tensor_core_refusal(f)) return r;
+  if (const char* r = tensor_core_refusal(f, k == FlashKernel::kSm80)) return r;
   if (k == FlashKernel::kSm80) return nullptr;
   if (const char* r = sm90_refusal(f)) return r;
   if (!f.scale_positive) return "it needs a positive softmax scale";
-  if (k == FlashKernel::kSm90CpAsync) return nullptr;
   if (!f.k_has_rows) return "it needs k with at least one row";
   if (!f.maps_ok) return kMapsRefusal;
   return nullptr;
@@ -169,15 +161,12 @@ inline const char* fwd_refusal(FlashKernel k, const FlashFacts& f) {
 inline const char* bwd_refusal(FlashKernel k, const FlashFacts& f) {
   using namespace choose_detail;
   if (k == FlashKernel::kPortable) return nullptr;
-  if (const char* r = tensor_core_refusal(f)) return r;
+  if (const char* r = tensor_core_refusal(f, k == FlashKernel::kSm80)) return r;
   if (!f.k_has_rows) return "it needs k with at least one row";
-  if (!f.smem_sm80) return kSmemRefusal;
-  if (k == FlashKernel::kSm80) return nullptr;
+  if (k == FlashKernel::kSm80) return f.smem_sm80 ? nullptr : kSmemRefusal;
   if (const char* r = sm90_refusal(f)) return r;
   if (f.deterministic) return "it adds dQ with atomics: not in deterministic mode";
   if (!f.smem_sm90) return kSmemRefusal;
-  if (k == FlashKernel::kSm90CpAsync) return nullptr;
-  if (!f.smem_sm90ws) return kSmemRefusal;
   if (!f.maps_ok) return kMapsRefusal;
   return nullptr;
 }
@@ -190,12 +179,12 @@ inline FlashChoice choose_bwd(const FlashFacts& f, FlashRequest req) {
   return choose_detail::choose(f, req, bwd_refusal);
 }
 
-// Whether the choice would be the warp-specialised kernel if its tensor maps encoded: the
-// launcher encodes them (driver calls) only then.
+// Whether the choice would be sm90 if its tensor maps encoded: the launcher encodes them (driver
+// calls, and the copy of an input they cannot address) only then.
 inline bool wants_tensor_maps(FlashFacts f, FlashRequest req, bool backward) {
   f.maps_ok = true;
   const FlashChoice c = backward ? choose_bwd(f, req) : choose_fwd(f, req);
-  return c.ok() && c.kernel == FlashKernel::kSm90Ws;
+  return c.ok() && c.kernel == FlashKernel::kSm90;
 }
 
 }  // namespace flash

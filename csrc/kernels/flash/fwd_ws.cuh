@@ -1,9 +1,11 @@
 // Flash attention forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, head dim 64 or 128).
-// The sm90_ws kernel of choose.h: the default forward where the inputs are tensor-map
-// addressable (wgmma_fwd.cuh elsewhere). Same math as wgmma_fwd.cuh (online softmax in
-// the log2 domain, the delayed P·V, element masks only on tiles that cross a window edge or the
-// end: online_softmax.cuh); what changes is who moves the data, modeled on the GDPA forward
-// (kernels/gdpa/fwd_ws.cuh).
+// The sm90 kernel of choose.h: the forward on a 9.0 device of an sm_90a build (the launcher
+// copies an input its tensor maps cannot address). Online softmax in the log2 domain, the
+// delayed P·V (S_j = Q·K_jᵀ issued before O += P_{j-1}·V_{j-1}, the softmax of S_j run while
+// the tensor cores finish the product), element masks only on tiles that cross a window edge or
+// the end (online_softmax.cuh); key tiles start at the first key any row of the query tile sees
+// and stop at the last one (a sliding window costs its width). The data is moved by a producer
+// warpgroup, modeled on the GDPA forward (kernels/gdpa/fwd_ws.cuh).
 //
 // A unit is (sequence b, head h, 128-row query tile); the CTA strides over units. 384 threads =
 // 3 warpgroups (launch_options.h's three_wg at head dim 64: 512 threads, 3 consumer warpgroups at
@@ -191,7 +193,7 @@ struct WsCursor {
 };
 #endif
 
-// kSoftcap as wgmma_fwd.cuh: a compile-time switch (the plain path carries no tanh). Requires
+// kSoftcap: a compile-time switch (the plain path carries no tanh). Requires
 // scale > 0 (the launcher checks). `ping_pong` is uniform over the CTA (a kernel argument, so
 // the A/B variant costs no instantiation).
 template <typename T, int kD, int kWG, bool kSoftcap>

@@ -8,7 +8,7 @@
 namespace attnkit {
 namespace flash {
 
-struct FwdLaunchOptions {  // sm90_ws (fwd_ws.cuh)
+struct FwdLaunchOptions {  // sm90 (fwd_ws.cuh)
   bool ping_pong = true;   // the consumer warpgroups take turns issuing products
   bool persistent = true;  // one CTA per SM (else one per work item)
   bool three_wg = false;   // head dim 64: 3 consumer warpgroups, 192-row query tiles
@@ -16,7 +16,7 @@ struct FwdLaunchOptions {  // sm90_ws (fwd_ws.cuh)
   int max_ctas = 0;        // > 0: at most this many CTAs (a test knob: the rings wrap)
 };
 
-struct BwdLaunchOptions {  // sm90_ws (bwd_ws.cuh)
+struct BwdLaunchOptions {  // sm90 (bwd_ws.cuh)
   int max_tiles = 0;       // > 0: caps the grid's key-tile dimension (a test knob: one CTA walks
                            // several key tiles, so the K / V barrier and the step ring wrap)
 };

@@ -1,8 +1,8 @@
 // One key tile of the forward's online softmax on a wgmma / mma.sync accumulator (a thread's two
 // rows, gr and gr + 8 of its warp's 16, by kNT n-tiles of 8 keys), for fwd_ws.cuh. Torch-free.
-// wgmma_fwd.cuh keeps its own copy with one masked loop: the two-copy branch below cost it ~50
-// registers at head dim 64 and 12% of its forward speed on the H200 (the ws consumers have the
-// registers to spare and gained 30-60%).
+// Two copies of the loop, masked and unmasked: the branch costs ~50 registers at head dim 64,
+// which the ws consumers have to spare (it gained them 30-60%; the cp.async wgmma kernel that
+// lacked the registers kept one masked loop, and lost 12% with two).
 #pragma once
 
 #include <type_traits>
