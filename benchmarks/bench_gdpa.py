@@ -113,7 +113,10 @@ def main():
                    help="which passes to time: any of fwd, bwd, fwdbwd")
     p.add_argument("--kernel", default=None,
                    help="forward kernel of the private op: auto|portable|sm80|sm90|sm90_cp_async|sm90_ws")
-    p.add_argument("--bwd-kernel", default=None, help="backward kernel of the private op (same names)")
+    p.add_argument("--bwd-kernel", default=None,
+                   choices=["auto", "portable", "sm80", "sm90", "sm90_ws"],
+                   help="backward kernel of the private op (sm90 = sm90_ws, the one sm90 backward; "
+                        "sm90_cp_async is forward-only)")
     p.add_argument("--fwd-options", default="",
                    help="forward launch options, e.g. ping_pong=0,split_loaders=0,persistent=0,sorted=0")
     p.add_argument("--bwd-deterministic", action="store_true", help="the backward's dQ without atomics")

@@ -42,8 +42,8 @@ TORCH_LIBRARY(attnkit, m) {
   // the kernel that would run ("sm90_ws+jagged": the warp-specialised forward on its jagged
   // schedule, for a batch that is not dense), or a RuntimeError with the reason a named kernel
   // cannot take such a call. Takes no tensor, so every build answers it on the CPU. The defaults
-  // describe a dense bf16 call at head dim 128 that every kernel can take, on a 9.0 device of an
-  // sm_90a build.
+  // describe a dense bf16 call at head dim 128 that every kernel of the direction can take, on a
+  // 9.0 device of an sm_90a build (maps_ok: the backward's after the launcher's copy).
   m.def(
       "_gdpa_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
       "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "

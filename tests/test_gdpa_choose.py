@@ -2,7 +2,8 @@
 through attnkit::_gdpa_choose_kernel: auto on every architecture class, every named request and
 each refusal, the warp-specialised forward's schedule, and auto against a transcription of the
 choice csrc/cuda/gdpa.cu made before the choice became a function (nested ifs and environment
-switches) over every combination of facts. Then the private ops on the CPU (_gdpa_fwd_with /
+switches; the backward's since its cp.async kernel was folded into the warp-specialised one) over
+every combination of facts. Then the private ops on the CPU (_gdpa_fwd_with /
 _gdpa_bwd_with: the CPU kernel under "auto" and "portable", a clear error for any other kernel,
 opcheck), and on a GPU what auto picks on this device and the ATTNKIT_GDPA_KERNEL override."""
 import itertools
@@ -81,19 +82,24 @@ def test_named_requests_per_architecture(arch, direction):
         assert CHOOSE(direction, "sm80", **dict(facts, head_dim=256)) == "sm80"
     else:
         refused(direction, "sm80", "HIP" if arch == "mi250_hip" else "8.0 or newer", **facts)
+    if direction == "bwd":  # forward-only, whatever the device
+        refused(direction, "sm90_cp_async", "no such backward kernel .*forward-only", **facts)
     if sm90:
         assert CHOOSE(direction, "sm90", **facts) == "sm90_ws"
         assert CHOOSE(direction, "sm90_ws", **facts) == "sm90_ws"
-        assert CHOOSE(direction, "sm90_cp_async", **facts) == "sm90_cp_async"
+        if direction == "fwd":
+            assert CHOOSE(direction, "sm90_cp_async", **facts) == "sm90_cp_async"
     else:
         why = {"h100_build_without_sm90a": "sm_90a code", "mi250_hip": "HIP",
                "t4_sm75": "8.0 or newer"}.get(arch, "compute capability 9.0")
-        for request in ("sm90", "sm90_ws", "sm90_cp_async"):
+        for request in ("sm90", "sm90_ws") + (("sm90_cp_async",) if direction == "fwd" else ()):
             refused(direction, request, why, **facts)
 
 
-@pytest.mark.parametrize("direction", ["fwd", "bwd"])
-@pytest.mark.parametrize("request_", ["sm80", "sm90", "sm90_cp_async", "sm90_ws"])
+# (The backward refuses sm90_cp_async before any of these: test_backward_refusals_and_fallbacks.)
+@pytest.mark.parametrize("direction,request_", [
+    (d, r) for d in ("fwd", "bwd") for r in ("sm80", "sm90", "sm90_cp_async", "sm90_ws")
+    if (d, r) != ("bwd", "sm90_cp_async")])
 def test_tensor_core_refusals(request_, direction):
     """What every tensor-core kernel needs: 16-bit inputs; the sm90 ones head dim <= 128."""
     refused(direction, request_, "bf16 or fp16", half=False)
@@ -124,21 +130,28 @@ def test_forward_refusals_and_fallbacks():
 
 
 def test_backward_refusals_and_fallbacks():
-    """Both sm90 backwards need head dim 65..128, the warp-specialised one its tensor maps.
-    Windows and the deterministic mode change no choice: every backward has both (the sm90 ones
-    a separate dQ pass without atomics)."""
+    """The one sm90 backward, sm90_ws, needs head dim 65..128 and its tensor maps (maps_ok: after
+    the launcher's copy of the inputs they cannot address, so only rows past int32 coordinates or
+    a build / driver without tensor maps fail); "sm90" is sm90_ws, and auto takes sm80 where it
+    cannot run. sm90_cp_async is forward-only: refused with that reason on any call. Windows and
+    the deterministic mode change no choice: every backward has both (sm90_ws a separate dQ pass
+    without atomics)."""
     for d in (8, 64):
-        for request in ("sm90", "sm90_ws", "sm90_cp_async"):
+        for request in ("sm90", "sm90_ws"):
             refused("bwd", request, "head dim 65..128", head_dim=d)
         assert CHOOSE("bwd", "auto", head_dim=d) == "sm80"
-    refused("bwd", "sm90_ws", "tensor map", maps_ok=False)
-    assert CHOOSE("bwd", "sm90", maps_ok=False) == "sm90_cp_async"
-    assert CHOOSE("bwd", "auto", maps_ok=False) == "sm90_cp_async"
+    for request in ("sm90", "sm90_ws"):
+        refused("bwd", request, "tensor maps of the inputs .*2\\^31 - 1024 rows", maps_ok=False)
+    assert CHOOSE("bwd", "auto", maps_ok=False) == "sm80"
+    for facts in (dict(), dict(head_dim=64), dict(half=False), dict(sm_major=8),
+                  dict(maps_ok=False)):
+        refused("bwd", "sm90_cp_async", "no such backward kernel any more: sm90_cp_async is "
+                "forward-only", **facts)
     for facts in (dict(windowed=True), dict(deterministic=True),
                   dict(windowed=True, deterministic=True)):
         assert CHOOSE("bwd", "auto", **facts) == "sm90_ws"
-        assert CHOOSE("bwd", "sm90_cp_async", **facts) == "sm90_cp_async"
-        assert CHOOSE("bwd", "auto", maps_ok=False, **facts) == "sm90_cp_async"
+        assert CHOOSE("bwd", "sm90", **facts) == "sm90_ws"
+        assert CHOOSE("bwd", "auto", maps_ok=False, **facts) == "sm80"
 
 
 def test_forward_schedule():
@@ -187,11 +200,13 @@ def legacy_fwd(f):
 
 def legacy_bwd(f):
     """The backward: use_tensor_cores, then use_wgmma_bwd (head dim > 64 and use_wgmma), the ws
-    kernel where its maps encode; deterministic mode only turned the fused dQ off."""
+    kernel where its maps encode; deterministic mode only turned the fused dQ off. Since issue #16
+    the cp.async wgmma backward is gone: maps_ok means the maps encode after the launcher's copy,
+    and where they do not, sm80 runs instead."""
     if not (f["sm80_built"] and f["half"] and f["sm_major"] >= 8):
         return "portable"
-    if f["head_dim"] > 64 and _legacy_wgmma(f):
-        return "sm90_ws" if f["maps_ok"] else "sm90_cp_async"
+    if f["head_dim"] > 64 and _legacy_wgmma(f) and f["maps_ok"]:
+        return "sm90_ws"
     return "sm80"
 
 

@@ -212,7 +212,8 @@ def test_cuda_forward_warp_specialised_garbage_offsets():
 def test_cuda_forward_warp_specialised_falls_back():
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
     express, head dim 64) auto and "sm90" keep the cp.async wgmma kernel with the same results,
-    and naming sm90_ws raises with the reason (the backward alike: a head stride of 0)."""
+    and naming sm90_ws raises with the reason. The backward's sm90_ws refuses head dim 64 too; a
+    head stride of 0 it copies (test_cuda_backward_warp_specialised_copies_unaddressable)."""
     for D, why in ((128, "tensor map"), (64, "head dim 65..128")):
         q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2,
                                                 D=D)
@@ -226,27 +227,21 @@ def test_cuda_forward_warp_specialised_falls_back():
         with pytest.raises(RuntimeError, match=f"gdpa_fwd: kernel sm90_ws \\(kernel argument\\) "
                                                f"cannot take this call: .*{why}"):
             FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True, kernel="sm90_ws")
-        g = torch.randn_like(q)
-        if D == 128:
-            got = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True, kernel="sm90")
-            want = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True,
-                            kernel="sm90_cp_async", deterministic=True)
-            for a, b in zip(got, want):
-                assert_close(a, b, torch.bfloat16, "backward fallback")
-        with pytest.raises(RuntimeError, match=f"gdpa_bwd: kernel sm90_ws .*{why}"):
-            BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0, causal=True, kernel="sm90_ws")
+        if D == 64:
+            with pytest.raises(RuntimeError, match=f"gdpa_bwd: kernel sm90_ws .*{why}"):
+                BWD_WITH(torch.randn_like(q), q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0,
+                         causal=True, kernel="sm90_ws")
 
 
 # The CUDA backwards: auto through the public op (on an sm_90a build and a 9.0 device the
 # warp-specialised backward, gdpa/bwd_ws.cuh), with fused atomic dQ or with deterministic dQ
-# (torch.use_deterministic_algorithms); and each kernel named through the private op, the sm90
-# ones with fused dQ or with their deterministic option. path -> (kernel, deterministic).
+# (torch.use_deterministic_algorithms); and each kernel named through the private op, sm90_ws
+# (the one sm90 backward) with fused dQ or with its deterministic option.
+# path -> (kernel, deterministic).
 BWD_PATHS = {
     "auto": (None, False),
     "auto_deterministic": (None, True),
     "sm80": ("sm80", False),
-    "sm90_cp_async": ("sm90_cp_async", False),
-    "sm90_cp_async_deterministic": ("sm90_cp_async", True),
     "sm90_ws": ("sm90_ws", False),
     "sm90_ws_deterministic": ("sm90_ws", True),
 }
@@ -301,8 +296,8 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
     """The warp-specialised backward (bwd_ws.cuh) reads tensor-map boxes that run past a
     sequence's end into the next one's rows: here NaN keys / values after every sequence and NaN
     query / grad rows past the last offset (poisoned_jagged). Its gradients of the real rows must
-    match the cp.async wgmma backward's on the same inputs with the poison zeroed, and the rows
-    outside every sequence stay 0."""
+    match the reference's on the same inputs with the poison zeroed, and the rows outside every
+    sequence stay 0."""
     lens = [0, 1, 77, 128, 129, 300, 1000]
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
         q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=D)
@@ -311,10 +306,12 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
         args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
         kw = dict(pre_scale=0.7, causal=causal, deterministic=deterministic)
         got = BWD_WITH(g, *args, **kw, kernel="sm90_ws")
-        clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
-        want = BWD_WITH(*clean, *args[3:], **kw, kernel="sm90_cp_async")
+        g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+        clean = [t.requires_grad_() for t in clean]
+        ref = gdpa_ref(*clean, *args[3:], pre_scale=0.7, causal=causal)
+        want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
         nq = int(qo[-1])
-        # dk / dv whole: the filler sequences (NaN keys, no queries) get 0 from both kernels.
+        # dk / dv whole: the filler sequences (NaN keys, no queries) get 0 (no query sees them).
         for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
                            ("dv", got[2], want[2])):
             assert_close(a, w, torch.bfloat16, f"poisoned D={D} causal={causal}: {name}", tol=1e-2)
@@ -322,13 +319,12 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["auto", "auto_deterministic", "sm90_ws", "sm90_cp_async",
-                                  "sm80"])
+@pytest.mark.parametrize("path", ["auto", "auto_deterministic", "sm90_ws", "sm80"])
 @pytest.mark.parametrize("D", [128, 80])
 def test_cuda_backward_rows_outside_sequences_are_zero(path, D):
     """The tensor-core backwards on offsets that start after row 0 and end before T, on a
-    NaN-poisoned allocator: the Hopper backwards allocate dk / dv uninitialised and zero only the
-    rows outside the kv offsets (dq too, with fused dQ, is written whole by its conversion), so
+    NaN-poisoned allocator: the Hopper backward allocates dk / dv uninitialised and zeroes only
+    the rows outside the kv offsets (dq too, with fused dQ, is written whole by its conversion), so
     every row outside a sequence must still read exactly 0 and the rest match the reference."""
     kernel, det = bwd_path(path)
     mk = lambda T, h: (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
@@ -368,6 +364,57 @@ def test_cuda_backward_warp_specialised_garbage_offsets():
             torch.cuda.synchronize()
             for t in grads:
                 assert torch.isfinite(t).all()
+
+
+def _unaddressable_inputs():
+    """(what, q, k, v, grad_out) at head dim 128 whose strides the warp-specialised backward's
+    tensor maps cannot take as given: zero strides (expanded tensors), a head stride of 5 elements
+    (10 bytes) on a size-1 head dim, which kernel_layout keeps (the tensor counts as contiguous),
+    and a column slice with a 264-byte head stride, which kernel_layout already copies."""
+    T, H, Hkv, D = 700, 4, 2, 128
+    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.5
+    yield "k, v head stride 0", r(T, H, D), r(T, 1, D).expand(-1, Hkv, -1), \
+        r(T, 1, D).expand(-1, Hkv, -1), r(T, H, D)
+    yield "q, grad_out head stride 0", r(T, 1, D).expand(-1, H, -1), r(T, Hkv, D), r(T, Hkv, D), \
+        r(T, 1, D).expand(-1, H, -1)
+    yield "k, v row stride 0", r(T, H, D), r(1, Hkv, D).expand(T, -1, -1), \
+        r(1, Hkv, D).expand(T, -1, -1), r(T, H, D)
+    yield "size-1 head dim, head stride 10 bytes", r(T, H, D), \
+        r(T, D).as_strided((T, 1, D), (D, 5, 1)), r(T, D).as_strided((T, 1, D), (D, 5, 1)), \
+        r(T, H, D)
+    yield "v column slice, head stride 264 bytes", r(T, H, D), r(T, Hkv, D), \
+        r(T, Hkv, D + 4)[:, :, 4:], r(T, H, D)
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_backward_warp_specialised_copies_unaddressable(deterministic):
+    """sm90_ws is the one sm90 backward (issue #16): inputs its tensor maps cannot address as given
+    are copied once by the launcher instead of going to another kernel. Naming sm90_ws (which
+    refused them before) runs on them and matches the reference; auto takes it too, bit for bit
+    in deterministic mode; the inputs are left as they were. sm90_cp_async is forward-only."""
+    qo = offsets_of([300, 0, 129, 271], "cuda")
+    ko = offsets_of([257, 3, 200, 240], "cuda")
+    for what, q, k, v, g in _unaddressable_inputs():
+        args = (qo, ko, 300, 257, "fast_gelu", 0.5)
+        kw = dict(pre_scale=0.7, causal=True, deterministic=deterministic)
+        before = [t.clone() for t in (q, k, v, g)]
+        got = BWD_WITH(g, q, k, v, *args, **kw, kernel="sm90_ws")
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ref = gdpa_ref(*leaves, *args, pre_scale=0.7, causal=True)
+        want = torch.autograd.grad(ref, leaves, g.to(ref.dtype))
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert a.shape == b.shape, f"{what}: {name}"
+            assert_close(a, b, torch.bfloat16, f"{what}: {name}")
+        for t, b in zip((q, k, v, g), before):
+            assert torch.equal(t, b), f"{what}: an input changed"
+        if deterministic:
+            auto = BWD_WITH(g, q, k, v, *args, **kw, kernel="auto")
+            for name, a, b in zip(("dq", "dk", "dv"), auto, got):
+                assert torch.equal(a, b), f"{what}: auto differs from sm90_ws ({name})"
+    with pytest.raises(RuntimeError, match="gdpa_bwd: kernel sm90_cp_async \\(kernel argument\\) "
+                                           "cannot take this call: .*forward-only"):
+        BWD_WITH(g, q, k, v, *args, kernel="sm90_cp_async")
 
 
 def _same(a, b, name, deterministic):

@@ -51,16 +51,14 @@ def test_window(device, dtype, window, causal, D):
 
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised forward needs a 9.0 device and an "
                     "sm_90a build")
-@pytest.mark.parametrize("bwd", ["auto", "sm90_cp_async"])
 @pytest.mark.parametrize("window", [0, 5, 127, 128, 200])
 @pytest.mark.parametrize("causal", [False, True])
-def test_window_hopper_cuda(window, causal, bwd):
-    """kernel="sm90_ws": the windowed forward runs the warp-specialised kernel (a fallback fails
-    the call); then auto through the public op, whose backward at head dim 128 runs sm90_ws, or
-    the private ops with the cp.async wgmma backward (kernel sm90_cp_async). Key tiles (backward:
-    query tiles) then start at the first key (query) a tile sees, so windows that start mid-tile,
-    end on a tile edge (127, 128) and cross several tiles, on sequences whose rows run into the
-    next sequence's (jagged), must match the reference, gradients included."""
+def test_window_hopper_cuda(window, causal):
+    """kernel="sm90_ws" in both directions: the windowed forward and backward run the
+    warp-specialised kernels (a fallback fails the call; the public op's auto is test_window).
+    Key tiles (backward: query tiles) then start at the first key (query) a tile sees, so windows
+    that start mid-tile, end on a tile edge (127, 128) and cross several tiles, on sequences whose
+    rows run into the next sequence's (jagged), must match the reference, gradients included."""
     dtype = torch.bfloat16
     poison_allocator("cuda")
     q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", dtype, [300, 0, 513, 7, 129],
@@ -71,7 +69,7 @@ def test_window_hopper_cuda(window, causal, bwd):
                       causal=causal, window_size=window)
     assert_close(out.float(), expect, dtype)
     _check("cuda", dtype, (q, k, v, qo, ko, mq, mk), causal=causal, window_size=window,
-           bwd_kernel=None if bwd == "auto" else bwd)
+           bwd_kernel="sm90_ws")
 
 
 @pytest.mark.parametrize("device", DEVICES)

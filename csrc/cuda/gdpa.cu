@@ -1,9 +1,10 @@
 // GDPA CUDA launchers: checks -> device guard -> facts -> kernel choice (kernels/gdpa/choose.h)
 // -> one switch that launches, on the current stream. bf16/fp16 run on tensor cores
-// (kernels/gdpa/{fwd,bwd}_mma.cuh; on Hopper {fwd,bwd}_ws.cuh, else {fwd,bwd}_wgmma.cuh) with the
-// head dim padded up to 64, 128 or 256 inside the kernel; fp32 runs the portable CUDA-core
-// kernels (simple.cuh). ATTNKIT_GDPA_KERNEL (env_table.h) overrides the choice of the public ops;
-// the private ops _gdpa_fwd_with / _gdpa_bwd_with name a kernel and launch options.
+// (kernels/gdpa/{fwd,bwd}_mma.cuh; on Hopper {fwd,bwd}_ws.cuh, and fwd_wgmma.cuh for the forwards
+// fwd_ws.cuh cannot take) with the head dim padded up to 64, 128 or 256 inside the kernel; fp32
+// runs the portable CUDA-core kernels (simple.cuh). ATTNKIT_GDPA_KERNEL (env_table.h) overrides
+// the choice of the public ops; the private ops _gdpa_fwd_with / _gdpa_bwd_with name a kernel and
+// launch options.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,7 +16,6 @@
 
 #include "common/gdpa_args.h"
 #include "kernels/gdpa/bwd_mma.cuh"
-#include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/bwd_ws.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
@@ -71,23 +71,38 @@ struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false
 #endif
 
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-// Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes) as [T][heads][D]; false when
-// the copy engine cannot address them or a row coordinate could pass int32.
-bool bwd_ws_maps(const BwdParams& p, bool bf16, BwdWsMaps* m) {
+// The map of one backward input `t` ([T][heads][D] in the kernels' layout) in boxes of `box_rows`
+// rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
+// the stride of a size-1 dim) is replaced by one copy with row-major strides, which it can
+// address (kernel_layout gave D % 8 == 0): sm90_ws is the backward's one sm90 kernel (issue #16).
+// Only a failed encode copies, so the fast path is unchanged.
+bool bwd_ws_map(at::Tensor& t, uint32_t box_rows, CUtensorMap* map) {
+  auto encode = [&] {
+    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
+    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
+    const uint32_t box[3] = {BwdWsTraits::kBoxCols, 1, box_rows};
+    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
+                                strides, box);
+  };
+  if (encode()) return true;
+  const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
+                         t.stride(0) == t.size(1) * t.size(2);
+  if (row_major) return false;
+  t = t.clone(at::MemoryFormat::Contiguous);
+  return encode();
+}
+
+// Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes), copying the inputs they cannot
+// address; false when a copy cannot help: a row coordinate could pass int32 (bwd_ws.cuh), or the
+// driver has no tensor maps.
+bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, BwdWsMaps* m) {
   using Tr = BwdWsTraits;
   constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1024;
-  if (p.Tq >= kMaxRows || p.Tk >= kMaxRows) return false;
-  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
-                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
-    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
-    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
-    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
-    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
-  };
-  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, Tr::kQBoxRows) &&
-         encode(&m->dout, p.dout, p.Tq, p.H, p.do_row_stride, p.do_head_stride, Tr::kQBoxRows) &&
-         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, Tr::kKVBoxRows) &&
-         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, Tr::kKVBoxRows);
+  if (q.size(0) >= kMaxRows || k.size(0) >= kMaxRows || tma::encode_tiled_fn() == nullptr) {
+    return false;
+  }
+  return bwd_ws_map(q, Tr::kQBoxRows, &m->q) && bwd_ws_map(dout, Tr::kQBoxRows, &m->dout) &&
+         bwd_ws_map(k, Tr::kKVBoxRows, &m->k) && bwd_ws_map(v, Tr::kKVBoxRows, &m->v);
 }
 #else
 struct BwdWsMaps {};
@@ -205,7 +220,7 @@ void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
 
 // The window mask (params.h `visible`, `key_span`, `query_span`) is in the portable kernels
 // (simple.cuh), the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh), the warp-specialised forward
-// (fwd_ws.cuh) and the Hopper backwards (bwd_wgmma.cuh, bwd_ws.cuh), not in fwd_wgmma: choose.h
+// (fwd_ws.cuh) and the Hopper backward (bwd_ws.cuh), not in fwd_wgmma: choose.h
 // refuses it a windowed forward (docs/ops.md, GDPA "window_size").
 
 // gdpa_fwd on the requested kernel with the given launch options: the public op (the request from
@@ -364,9 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             at::zeros(v_in.sizes(), v_in.options())};
   }
 
-  // The Hopper backwards add dQ over key tiles with fp32 atomics (last bits vary run to run);
+  // The Hopper backward adds dQ over key tiles with fp32 atomics (last bits vary run to run);
   // torch.use_deterministic_algorithms(True) (or the private op's deterministic option) runs
-  // their separate dQ pass (no atomics) instead. It changes no kernel choice.
+  // its separate dQ pass (no atomics) instead. It changes no kernel choice.
   const bool deterministic = lo.deterministic || at::globalContext().deterministicAlgorithms();
   GdpaFacts f = call_facts(q_in, window_size, deterministic);
   const GdpaChoice pre = provisional_choice(f, req, /*backward=*/true, q_in);
@@ -375,21 +390,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   auto k = tc ? kernel_layout(k_in) : k_in.contiguous();
   auto v = tc ? kernel_layout(v_in) : v_in.contiguous();
   auto dout = tc ? kernel_layout(grad_out) : grad_out.contiguous();
+
+  // Facts -> choice before anything is allocated: the outputs' fills depend on the kernel. The
+  // tensor maps are encoded (driver calls; inputs they cannot address copied once) only when the
+  // choice could be the warp-specialised kernel. Where a copy cannot help (choose.h maps_ok) auto
+  // takes sm80 and the sm90 requests refuse.
+  BwdWsMaps maps;
+  f.maps_ok = false;
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+  if (pre.kernel == GdpaKernel::kSm90Ws) f.maps_ok = bwd_ws_maps(q, k, v, dout, &maps);
+#endif
+  const GdpaChoice c = choose_bwd(f, req.kernel);
+  check_choice(c, "gdpa_bwd", req.kernel, req.source, call_context(q_in, f));
+
   const bool padded = q.size(2) != D;
-  // The sm90 kernels (the final choice is sm90 exactly when this one is: only the tensor maps
-  // can still turn sm90_ws into sm90_cp_async, or into a refusal).
-  const bool wgmma_bwd =
-      pre.kernel == GdpaKernel::kSm90CpAsync || pre.kernel == GdpaKernel::kSm90Ws;
-  const bool fused_dq = wgmma_bwd && !deterministic;
+  const bool ws = c.kernel == GdpaKernel::kSm90Ws;
+  const bool fused_dq = ws && !deterministic;
   // The kernels write the gradient rows of every sequence; rows outside them must read 0, so the
   // tensors the kernels write are zero-filled. A tensor that is written whole by a copy (the fused
   // dQ's conversion of its workspace, the narrowing of padded head dims) needs no fill: at
   // B = 1152, L = 256 each fill is ~0.3 GB of HBM writes (~3% of the backward's time). The Hopper
-  // backwards (bwd_wgmma.cuh, bwd_ws.cuh) also write every key row of every clamped sequence
-  // (a key tile no query sees stores zeros), so their dk / dv get only the rows before the first
-  // and from the last kv offset zeroed (zero_rows.cuh; with decreasing garbage offsets every
-  // other row still lies in some clamped sequence).
-  const bool kv_rows_written = wgmma_bwd && !padded;
+  // backward (bwd_ws.cuh) also writes every key row of every clamped sequence (a key tile no
+  // query sees stores zeros), so its dk / dv get only the rows before the first and from the last
+  // kv offset zeroed (zero_rows.cuh; with decreasing garbage offsets every other row still lies
+  // in some clamped sequence).
+  const bool kv_rows_written = ws && !padded;
   auto dq = fused_dq || padded ? at::empty(q_in.sizes(), q_in.options())
                                : at::zeros(q_in.sizes(), q_in.options());
   auto dk = padded || kv_rows_written ? at::empty(k_in.sizes(), k_in.options())
@@ -413,39 +438,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  BwdWsMaps maps;
-  f.maps_ok = false;
-#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-  if (pre.kernel == GdpaKernel::kSm90Ws) {
-    f.maps_ok = bwd_ws_maps(p, q.scalar_type() == at::kBFloat16, &maps);
-  }
-#endif
-  const GdpaChoice c = choose_bwd(f, req.kernel);
-  check_choice(c, "gdpa_bwd", req.kernel, req.source, call_context(q_in, f));
-
   // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
   at::Tensor dq_accum;
   if (fused_dq) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
 
-  // The sm90 kernels' common part: dk / dv rows outside [first, last kv offset) zeroed (q and kv
-  // offsets both ko), the fused dQ's workspace.
-  auto sm90_params = [&](auto t, BwdWgmmaParams* pw) -> cudaError_t {
-    using T = decltype(t);
-    if (kv_rows_written) {
-      const int64_t row_elems = int64_t(p.Hkv) * p.D;
-      for (void* d : {p.dk, p.dv}) {
-        const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
-            static_cast<T*>(d), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1, stream);
-        if (e != cudaSuccess) return e;
-      }
-    }
-    static_cast<BwdParams&>(*pw) = p;
-    if (fused_dq) {
-      pw->dq_accum = dq_accum.data_ptr<float>();
-      pw->dqa_row_stride = dq_accum.stride(0), pw->dqa_head_stride = dq_accum.stride(1);
-    }
-    return cudaSuccess;
-  };
   // The one switch: the chosen kernel, launched.
   const cudaError_t err = with_dtype(q.scalar_type(), [&](auto t) -> cudaError_t {
     using T = decltype(t);
@@ -460,17 +456,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
           return with_head_dim(p.D, [&](auto d) {
             return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream);
           });
-        case GdpaKernel::kSm90CpAsync: {
-          BwdWgmmaParams pw{};
-          const cudaError_t e = sm90_params(t, &pw);
-          if (e != cudaSuccess) return e;
-          return launch_gdpa_bwd_wgmma<T>(pw, mq, mk, stream);
-        }
+        case GdpaKernel::kSm90CpAsync:  // forward only: choose_bwd refuses it
+          return not_instantiated("gdpa_bwd", c.kernel);
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+          // dk / dv rows outside [first, last kv offset) zeroed (q and kv offsets both ko).
+          if (kv_rows_written) {
+            const int64_t row_elems = int64_t(p.Hkv) * p.D;
+            for (void* d : {p.dk, p.dv}) {
+              const cudaError_t e = launch_gdpa_zero_keyless_rows<T>(
+                  static_cast<T*>(d), row_elems, p.kv_offsets, p.kv_offsets, p.B, p.Tk, p.Tk, -1,
+                  stream);
+              if (e != cudaSuccess) return e;
+            }
+          }
           BwdWgmmaParams pw{};
-          const cudaError_t e = sm90_params(t, &pw);
-          if (e != cudaSuccess) return e;
+          static_cast<BwdParams&>(pw) = p;
+          if (fused_dq) {
+            pw.dq_accum = dq_accum.data_ptr<float>();
+            pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
+          }
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
 #else
           return not_instantiated("gdpa_bwd", c.kernel);

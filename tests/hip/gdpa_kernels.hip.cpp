@@ -5,15 +5,15 @@
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/choose.h"  // host-only kernel choice: the HIP launcher asks it too
 #include "kernels/gdpa/launch_options.h"
-#include "kernels/gdpa/bwd_wgmma.cuh"
+#include "kernels/gdpa/bwd_ws.cuh"  // CUDA-only (tensor maps), as fwd_ws.cuh: nothing under HIP
 #include "kernels/gdpa/fwd_mma.cuh"
 #include "kernels/gdpa/fwd_wgmma.cuh"
-#include "kernels/gdpa/fwd_ws.cuh"  // CUDA-only (tensor maps): declares nothing under HIP
+#include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
 #include "kernels/gdpa/zero_rows.cuh"
 
-#if ATTNKIT_HAS_FWD_WS
-#error "fwd_ws.cuh must compile to nothing under HIP"
+#if ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS
+#error "fwd_ws.cuh and bwd_ws.cuh must compile to nothing under HIP"
 #endif
 
 namespace attnkit {
@@ -34,7 +34,6 @@ template cudaError_t launch_gdpa_zero_keyless_rows<float>(float*, int64_t, const
 template cudaError_t launch_gdpa_zero_keyless_rows<bf16_t>(bf16_t*, int64_t, const int32_t*,
                                                            const int32_t*, int32_t, int32_t, int32_t,
                                                            int32_t, cudaStream_t);
-template cudaError_t launch_gdpa_bwd_wgmma<bf16_t>(const BwdWgmmaParams&, int, int, cudaStream_t);
 
 // The choice as the HIP build sees it: no tensor-core kernels, so auto is portable.
 GdpaKernel hip_check_choice(const GdpaFacts& f) {

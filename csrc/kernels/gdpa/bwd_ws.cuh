@@ -1,12 +1,13 @@
 // GDPA backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128): kernel
-// sm90_ws of kernels/gdpa/choose.h, auto's choice where its tensor maps encode; bwd_wgmma.cuh
-// (sm90_cp_async) serves the other inputs. Same math, step order, masks and roundings as
-// bwd_wgmma.cuh; what changes is who moves the data and how the products overlap the activation
-// (docs/performance.md, "why the GDPA backward trails"). The skeleton (barriers, zero fills, dQ
-// reductions) is kernels/common/ws_bwd.cuh, shared with flash/bwd_ws.cuh.
+// sm90_ws of kernels/gdpa/choose.h, the backward's one sm90 kernel and auto's choice for head dims
+// 65..128 on a 9.0 device. Inputs its tensor maps cannot address as given are copied once by the
+// launcher (csrc/cuda/gdpa.cu bwd_ws_maps), so no second sm90 backward serves them (issue #16
+// removed the cp.async one, bwd_wgmma.cuh). P and dS are rounded to the value type as in
+// bwd_mma.cuh. The skeleton (barriers, zero fills, dQ reductions) is kernels/common/ws_bwd.cuh,
+// shared with flash/bwd_ws.cuh.
 //
-// CTA = (sequence, 128-key tile, kv head) work items of bwd_wgmma.cuh (cta_item: a sequence
-// longer than the grid's hint is covered by striding over its key tiles), 384 threads:
+// CTA = (sequence, 128-key tile, kv head) work items (cta_item: a sequence longer than the
+// grid's hint is covered by striding over its key tiles), 384 threads:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 issues every
 //     load as a tensor-map copy (kernels/common/tma.cuh): K and V once per key tile (two
 //     [128 rows][1 head][64 cols] boxes each), then per step the [64][1][64] boxes of Q and dO
@@ -21,8 +22,8 @@
 //       dS -> shared (stmatrix .trans, double-buffered), one barrier of the 256 consumer threads,
 //       dQ[64 q][w*64 .. +63] = dS·K[:, w*64 ..]   ss, queued behind dV / dK: one wait for all
 //     then the stage is released and dQ is added into the zero-filled fp32 workspace (paired
-//     reductions, as bwd_wgmma.cuh and flash/bwd_ws.cuh). kFusedDq = false (deterministic mode)
-//     skips dS and dQ; the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
+//     reductions, as flash/bwd_ws.cuh). kFusedDq = false (deterministic mode) skips dS and dQ;
+//     the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
 //
 // Jagged rows: a box starts at the sequence's row, so rows past its end are the next sequence's
 // (maybe inf / NaN; past T the copy engine writes zeros). φ(0) = 0 and the masks zero P and dS
@@ -42,7 +43,6 @@
 #include "kernels/common/ws_bwd.cuh"
 #include "kernels/gdpa/activation_gpu.cuh"
 #include "kernels/gdpa/bwd_mma.cuh"
-#include "kernels/gdpa/bwd_wgmma.cuh"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
 
@@ -89,6 +89,18 @@ struct BwdWsMaps {
   CUtensorMap q, k, v, dout;
 };
 
+#if ATTNKIT_HAS_WGMMA
+// Four 8x8 16-bit matrices (registers in the m16n8k16 fragment layout: lane holds row lane/4,
+// columns 2*(lane%4) + {0,1}) stored transposed: lane 8i + r gives the address of stored row r of
+// matrix i, which receives column r of the fragment (its 8 rows, contiguous). dS goes to shared
+// memory this way for dQ = dS·K.
+ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+#endif
+
 template <typename T, bool kFusedDq>
 __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const __grid_constant__ CUtensorMap map_q,
@@ -116,8 +128,8 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   if (tid == 0) ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
   __syncthreads();             // the last CTA-wide barrier
 
-  // The walk every role takes (bwd_wgmma.cuh's): key tiles it.tile, + it.tiles, ... of the
-  // item's sequence; per tile the query tiles its keys are seen by, for each head of the group.
+  // The walk every role takes: key tiles it.tile, + it.tiles, ... of the item's sequence; per
+  // tile the query tiles its keys are seen by, for each head of the group.
   const CtaItem it = cta_item(p.Hkv, p.B);
   const int b = it.b, hk = it.z, G = p.H / p.Hkv;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
@@ -281,7 +293,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       float dq[8][4];
       const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
       if constexpr (kFusedDq) {
-        // dS[q][key] from dsa as bwd_wgmma.cuh: lane 8i + r addresses query row r of matrix i.
+        // dS[q][key] from dsa: lane 8i + r addresses query row r of matrix i.
         const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
         const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
 #pragma unroll

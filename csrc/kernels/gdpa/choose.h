@@ -5,26 +5,29 @@
 // Host only and torch-free: the CPU-only build and hipcc compile it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
 namespace attnkit {
 namespace gdpa {
 
-// The kernels of each direction (the names are flash's, kernels/flash/choose.h).
-// sm90_cp_async (wgmma fed by cp.async) stays beside sm90_ws for the inputs a tensor map cannot
-// address and, in the forward, for head dims up to 64, where no warp-specialised kernel exists.
+// The kernels (the names are flash's, kernels/flash/choose.h). The backward has one sm90 kernel,
+// sm90_ws: the launcher copies inputs its tensor maps cannot address (issue #16). The forward
+// keeps sm90_cp_async (wgmma fed by cp.async) beside sm90_ws for head dims up to 64, where no
+// warp-specialised forward exists, and for the inputs a tensor map cannot address.
 enum class GdpaKernel {
   kPortable,     // simple.cuh: CUDA cores, any dtype and head dim, any device (HIP included)
   kSm80,         // fwd_mma.cuh / bwd_mma.cuh: mma.sync on sm_80 and newer, head dim padded to
                  // 64, 128 or 256
-  kSm90CpAsync,  // fwd_wgmma.cuh / bwd_wgmma.cuh: a 9.0 device of an sm_90a build
+  kSm90CpAsync,  // fwd_wgmma.cuh, forward only: a 9.0 device of an sm_90a build
   kSm90Ws,       // fwd_ws.cuh / bwd_ws.cuh: warp-specialised, tensor-map copies
 };
 
 // What a caller asks for: auto (the choice below), an architecture class (sm90: the best sm90
-// kernel that can take the call), or one kernel. ATTNKIT_GDPA_KERNEL takes the classes; the
-// private ops also take the single sm90 kernels (tests and benchmarks pin one).
+// kernel of the direction that can take the call), or one kernel. ATTNKIT_GDPA_KERNEL takes the
+// classes; the private ops also take the single sm90 kernels (tests and benchmarks pin one). The
+// names are shared by both directions: the backward refuses sm90_cp_async with the reason.
 enum class GdpaRequest { kAuto, kPortable, kSm80, kSm90, kSm90CpAsync, kSm90Ws };
 
 struct GdpaRequestName {
@@ -83,7 +86,10 @@ struct GdpaFacts {
   bool sm90a_built = false;    // and sm_90a code (wgmma::kBuilt)
   bool maps_ok = false;        // the warp-specialised kernel's tensor maps encode (a CUDA 12+
                                // build; 16-byte aligned data, head / row strides in multiples of
-                               // 16 bytes, none 0; the backward: fewer than 2^31 - 1024 rows)
+                               // 16 bytes, none 0). The forward: the inputs as given. The
+                               // backward: after the launcher's copy of the inputs the maps
+                               // cannot address, so only fewer than 2^31 - 1024 rows (int32 map
+                               // coordinates) and the build / driver remain
   bool windowed = false;       // window_size >= 0: fwd_wgmma.cuh has no window mask
   bool deterministic = false;  // backward: dQ without atomics. Changes no choice (every GDPA
                                // backward has a deterministic dQ); the launch follows it
@@ -114,26 +120,44 @@ inline const char* sm90_refusal(const GdpaFacts& f) {
 constexpr const char* kMapsRefusal =
     "it needs inputs a tensor map can address: 16-byte aligned data, nonzero head / row strides "
     "in multiples of 16 bytes, fewer than 2^31 - 1024 rows (and a CUDA 12+ build)";
+// The backward's: its launcher copies inputs with other strides or bases, so only these remain.
+constexpr const char* kBwdMapsRefusal =
+    "it needs tensor maps of the inputs (copied where their strides need it): fewer than "
+    "2^31 - 1024 rows, a CUDA 12+ build and a driver with cuTensorMapEncodeTiled";
 
-// Auto takes the first kernel of this list that can take the call. Each kernel's conditions
-// include sm80's, so auto is: the warp-specialised kernel where it can run, else the cp.async
-// wgmma kernel, else mma.sync on sm_80+, else the portable kernel.
-constexpr GdpaKernel kPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm90CpAsync,
-                                      GdpaKernel::kSm80, GdpaKernel::kPortable};
+// Each direction's preference, best first; auto takes the first kernel that can take the call,
+// the sm90 request the first sm90 one (else the last with its refusal). Each kernel's conditions
+// include sm80's, so auto is: an sm90 kernel where one can run, else mma.sync on sm_80+, else
+// the portable kernel.
+constexpr GdpaKernel kFwdPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm90CpAsync,
+                                         GdpaKernel::kSm80, GdpaKernel::kPortable};
+constexpr GdpaKernel kBwdPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm80,
+                                         GdpaKernel::kPortable};
 
-template <typename Refusal>
-GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal) {
+inline bool is_sm90(GdpaKernel k) {
+  return k == GdpaKernel::kSm90CpAsync || k == GdpaKernel::kSm90Ws;
+}
+
+template <typename Refusal, std::size_t N>
+GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal,
+                  const GdpaKernel (&preference)[N]) {
   switch (req) {
     case GdpaRequest::kAuto:
-      for (GdpaKernel k : kPreference) {
+      for (GdpaKernel k : preference) {
         if (refusal(k, f) == nullptr) return {k};
       }
       return {GdpaKernel::kPortable};
     case GdpaRequest::kPortable: return {GdpaKernel::kPortable};
     case GdpaRequest::kSm80: return {GdpaKernel::kSm80, refusal(GdpaKernel::kSm80, f)};
-    case GdpaRequest::kSm90:
-      if (refusal(GdpaKernel::kSm90Ws, f) == nullptr) return {GdpaKernel::kSm90Ws};
-      return {GdpaKernel::kSm90CpAsync, refusal(GdpaKernel::kSm90CpAsync, f)};
+    case GdpaRequest::kSm90: {
+      GdpaChoice last{GdpaKernel::kSm90Ws, "no sm90 kernel"};
+      for (GdpaKernel k : preference) {
+        if (!is_sm90(k)) continue;
+        last = {k, refusal(k, f)};
+        if (last.ok()) break;
+      }
+      return last;
+    }
     case GdpaRequest::kSm90CpAsync:
       return {GdpaKernel::kSm90CpAsync, refusal(GdpaKernel::kSm90CpAsync, f)};
     case GdpaRequest::kSm90Ws: return {GdpaKernel::kSm90Ws, refusal(GdpaKernel::kSm90Ws, f)};
@@ -161,27 +185,31 @@ inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   return nullptr;
 }
 
-// Why kernel `k` cannot run this backward, or nullptr when it can: both sm90 kernels need head
-// dim 65..128 (padded to 128), the warp-specialised one its tensor maps. Windows and the
-// deterministic mode are no reason: every backward has both.
+// Why kernel `k` cannot run this backward, or nullptr when it can. The one sm90 backward, the
+// warp-specialised kernel, needs head dim 65..128 (padded to 128) and its tensor maps (maps_ok:
+// after the launcher's copy). Windows and the deterministic mode are no reason: every backward
+// has both.
 inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   using namespace choose_detail;
+  if (k == GdpaKernel::kSm90CpAsync) {
+    return "there is no such backward kernel any more: sm90_cp_async is forward-only (the sm90 "
+           "backward is sm90_ws, which copies the inputs its tensor maps cannot address)";
+  }
   if (k == GdpaKernel::kPortable) return nullptr;
   if (const char* r = tensor_core_refusal(f)) return r;
   if (k == GdpaKernel::kSm80) return nullptr;
   if (const char* r = sm90_refusal(f)) return r;
   if (f.head_dim <= 64) return "it needs head dim 65..128";
-  if (k == GdpaKernel::kSm90CpAsync) return nullptr;
-  if (!f.maps_ok) return kMapsRefusal;
+  if (!f.maps_ok) return kBwdMapsRefusal;
   return nullptr;
 }
 
 inline GdpaChoice choose_fwd(const GdpaFacts& f, GdpaRequest req) {
-  return choose_detail::choose(f, req, fwd_refusal);
+  return choose_detail::choose(f, req, fwd_refusal, choose_detail::kFwdPreference);
 }
 
 inline GdpaChoice choose_bwd(const GdpaFacts& f, GdpaRequest req) {
-  return choose_detail::choose(f, req, bwd_refusal);
+  return choose_detail::choose(f, req, bwd_refusal, choose_detail::kBwdPreference);
 }
 
 // Whether the choice would be the warp-specialised kernel if its tensor maps encoded: the
