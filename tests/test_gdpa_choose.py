@@ -30,10 +30,10 @@ ARCHS = {
     "t4_sm75": dict(sm_major=7, sm_minor=5),
     "mi250_hip": dict(sm_major=9, sm_minor=0, sm80_built=False, sm90a_built=False),
 }
-# What auto picks for a bf16 / fp16 call, by head dim: 65..128 (both directions), <= 64 (the
-# forward: sm90_cp_async on Hopper; the backward: sm90_ws, padded to 128) and > 128.
+# What auto picks for a bf16 / fp16 call, by head dim: 65..128 (both directions), <= 64 (both
+# directions: sm90_ws on Hopper, padded to 128) and > 128.
 AUTO = {
-    "h100_sm90a_build": ("sm90_ws", "sm90_cp_async", "sm90_ws", "sm80"),
+    "h100_sm90a_build": ("sm90_ws", "sm90_ws", "sm90_ws", "sm80"),
     "h100_build_without_sm90a": ("sm80",) * 4,
     "a100": ("sm80",) * 4,
     "l40_sm89": ("sm80",) * 4,
@@ -108,19 +108,19 @@ def test_tensor_core_refusals(request_, direction):
 
 
 def test_forward_refusals_and_fallbacks():
-    """The cp.async wgmma forward has no window mask; the warp-specialised one needs head dim
-    65..128 and its tensor maps; "sm90" falls back to sm90_cp_async where sm90_ws cannot run, and
-    auto further to sm80 where neither can."""
+    """The cp.async wgmma forward has no window mask; the warp-specialised one takes head dims up
+    to 128 (padded) and needs its tensor maps (after the launcher's copy: only rows past int32
+    coordinates or a build / driver without tensor maps fail); "sm90" falls back to sm90_cp_async
+    where sm90_ws cannot run, and auto further to sm80 where neither can."""
     refused("fwd", "sm90_cp_async", "no window mask", windowed=True)
     assert CHOOSE("fwd", "sm90_ws", windowed=True) == "sm90_ws"
     assert CHOOSE("fwd", "auto", windowed=True) == "sm90_ws"
     for d in (8, 64):
-        refused("fwd", "sm90_ws", "head dim 65..128", head_dim=d)
-        assert CHOOSE("fwd", "sm90", head_dim=d) == "sm90_cp_async"
+        for request in ("sm90", "sm90_ws", "auto"):
+            assert CHOOSE("fwd", request, head_dim=d) == "sm90_ws", (request, d)
+            assert CHOOSE("fwd", request, head_dim=d, windowed=True) == "sm90_ws", (request, d)
         assert CHOOSE("fwd", "sm90_cp_async", head_dim=d) == "sm90_cp_async"
-        refused("fwd", "sm90", "no window mask", head_dim=d, windowed=True)
-        assert CHOOSE("fwd", "auto", head_dim=d, windowed=True) == "sm80"
-    refused("fwd", "sm90_ws", "tensor map", maps_ok=False)
+    refused("fwd", "sm90_ws", "tensor maps of the inputs .*2\\^31 - 1024 rows", maps_ok=False)
     assert CHOOSE("fwd", "sm90", maps_ok=False) == "sm90_cp_async"
     assert CHOOSE("fwd", "auto", maps_ok=False) == "sm90_cp_async"
     refused("fwd", "sm90", "no window mask", maps_ok=False, windowed=True)
@@ -163,7 +163,8 @@ def test_forward_schedule():
     assert CHOOSE("fwd", "sm90_ws", dense=False, items=1 << 22) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "auto", dense=False, items=(1 << 22) + 1) == "sm90_ws"
     assert CHOOSE("fwd", "auto", dense=True, items=4608) == "sm90_ws"
-    assert CHOOSE("fwd", "auto", dense=False, items=4608, head_dim=64) == "sm90_cp_async"
+    assert CHOOSE("fwd", "auto", dense=False, items=4608, head_dim=64) == "sm90_ws+jagged"
+    assert CHOOSE("fwd", "sm90_cp_async", dense=False, items=4608) == "sm90_cp_async"
     assert CHOOSE("fwd", "sm80", dense=False, items=4608) == "sm80"
     assert CHOOSE("bwd", "auto", dense=False, items=4608) == "sm90_ws"
 
@@ -189,10 +190,12 @@ def _legacy_wgmma(f):
 
 def legacy_fwd(f):
     """csrc/cuda/gdpa.cu's forward before issue #16, switches at defaults: use_tensor_cores, then
-    the ws kernel for head dim > 64 where its maps encode, then fwd_wgmma without a window."""
+    the ws kernel for head dim > 64 where its maps encode, then fwd_wgmma without a window. Since
+    issue #16 the ws kernel takes head dims <= 64 too (padded to 128) and maps_ok means the maps
+    encode after the launcher's copy, as in the backward."""
     if not (f["sm80_built"] and f["half"] and f["sm_major"] >= 8):
         return "portable"
-    if f["head_dim"] > 64 and _legacy_wgmma(f) and f["maps_ok"]:
+    if _legacy_wgmma(f) and f["maps_ok"]:
         return "sm90_ws"
     if _legacy_wgmma(f) and not f["windowed"]:
         return "sm90_cp_async"

@@ -46,63 +46,66 @@ void check_cuda(const at::Tensor& q) {
   check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
 }
 
-#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
-// address them (misaligned base or strides: choose.h's maps_ok).
-// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
-bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
-  using Tr = FwdWsTraits;
-  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
-                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
-    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
-    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
-    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
-    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
+#if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
+// Row coordinates of the warp-specialised kernels' maps are int32 (a box may start up to one box
+// past the last row): tensors with more rows cannot be mapped, copied or not.
+constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
+
+// The map of one input `t` ([T][heads][D] in the kernels' layout, D % 8 == 0 from kernel_layout)
+// in boxes of 64 columns (128 bytes, the sw128 width of both directions' kernels) x `box_rows`
+// rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
+// the stride of a size-1 dim, a misaligned base of a view) is replaced by one row-major copy,
+// which it can address: the sm90 kernel of each direction is the warp-specialised one (issue
+// #16), so no second sm90 kernel serves such inputs. Only a failed encode copies, so the fast
+// path is unchanged. False only where a copy cannot help (no tensor maps in the driver).
+bool ws_map_or_copy(at::Tensor& t, uint32_t box_rows, CUtensorMap* map) {
+  auto encode = [&] {
+    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
+    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
+    const uint32_t box[3] = {64, 1, box_rows};
+    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
+                                strides, box);
   };
+  if (encode()) return true;
+  const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
+                         t.stride(0) == t.size(1) * t.size(2) &&
+                         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (row_major) return false;
+  t = t.clone(at::MemoryFormat::Contiguous);
+  return encode();
+}
+
+bool ws_rows_fit(const at::Tensor& q, const at::Tensor& k) {
+  return q.size(0) < kMaxMapRows && k.size(0) < kMaxMapRows && tma::encode_tiled_fn() != nullptr;
+}
+#endif
+
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+// Tensor maps of q, k, v in FwdWsTraits' boxes, copying the inputs they cannot address (the
+// caller refills FwdParams from the tensors afterwards); false where a copy cannot help.
+// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
+bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m) {
+  using Tr = FwdWsTraits;
+  static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
   constexpr uint32_t full = Tr::kBoxRows, narrow = Tr::kNarrowBoxRows;
-  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, full) &&
-         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, full) &&
-         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, full) &&
-         encode(&m->k64, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, narrow) &&
-         encode(&m->v64, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, narrow);
+  return ws_rows_fit(q, k) && ws_map_or_copy(q, full, &m->q) &&
+         ws_map_or_copy(k, full, &m->k) && ws_map_or_copy(v, full, &m->v) &&
+         ws_map_or_copy(k, narrow, &m->k64) && ws_map_or_copy(v, narrow, &m->v64);
 }
 #else
 struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false
 #endif
 
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-// The map of one backward input `t` ([T][heads][D] in the kernels' layout) in boxes of `box_rows`
-// rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
-// the stride of a size-1 dim) is replaced by one copy with row-major strides, which it can
-// address (kernel_layout gave D % 8 == 0): sm90_ws is the backward's one sm90 kernel (issue #16).
-// Only a failed encode copies, so the fast path is unchanged.
-bool bwd_ws_map(at::Tensor& t, uint32_t box_rows, CUtensorMap* map) {
-  auto encode = [&] {
-    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
-    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
-    const uint32_t box[3] = {BwdWsTraits::kBoxCols, 1, box_rows};
-    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
-                                strides, box);
-  };
-  if (encode()) return true;
-  const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
-                         t.stride(0) == t.size(1) * t.size(2);
-  if (row_major) return false;
-  t = t.clone(at::MemoryFormat::Contiguous);
-  return encode();
-}
-
 // Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes), copying the inputs they cannot
-// address; false when a copy cannot help: a row coordinate could pass int32 (bwd_ws.cuh), or the
-// driver has no tensor maps.
+// address; false where a copy cannot help: a row coordinate could pass int32, or the driver has
+// no tensor maps.
 bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, BwdWsMaps* m) {
   using Tr = BwdWsTraits;
-  constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1024;
-  if (q.size(0) >= kMaxRows || k.size(0) >= kMaxRows || tma::encode_tiled_fn() == nullptr) {
-    return false;
-  }
-  return bwd_ws_map(q, Tr::kQBoxRows, &m->q) && bwd_ws_map(dout, Tr::kQBoxRows, &m->dout) &&
-         bwd_ws_map(k, Tr::kKVBoxRows, &m->k) && bwd_ws_map(v, Tr::kKVBoxRows, &m->v);
+  static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
+  return ws_rows_fit(q, k) && ws_map_or_copy(q, Tr::kQBoxRows, &m->q) &&
+         ws_map_or_copy(dout, Tr::kQBoxRows, &m->dout) &&
+         ws_map_or_copy(k, Tr::kKVBoxRows, &m->k) && ws_map_or_copy(v, Tr::kKVBoxRows, &m->v);
 }
 #else
 struct BwdWsMaps {};
@@ -271,7 +274,9 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   f.maps_ok = false;
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   if (pre.kernel == GdpaKernel::kSm90Ws) {
-    f.maps_ok = fwd_ws_maps(p, q.scalar_type() == at::kBFloat16, &maps);
+    f.maps_ok = fwd_ws_maps(q, k, v, &maps);
+    // A copied input has new addresses and strides.
+    fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   }
 #endif
   const GdpaChoice c = choose_fwd(f, req.kernel);

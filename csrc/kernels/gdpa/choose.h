@@ -12,10 +12,11 @@
 namespace attnkit {
 namespace gdpa {
 
-// The kernels (the names are flash's, kernels/flash/choose.h). The backward has one sm90 kernel,
-// sm90_ws: the launcher copies inputs its tensor maps cannot address (issue #16). The forward
-// keeps sm90_cp_async (wgmma fed by cp.async) beside sm90_ws for head dims up to 64, where no
-// warp-specialised forward exists, and for the inputs a tensor map cannot address.
+// The kernels (the names are flash's, kernels/flash/choose.h). Each direction's sm90 kernel is
+// sm90_ws, at every head dim up to 128 (smaller ones are its maps' extent, padded to 128): the
+// launcher copies inputs its tensor maps cannot address (issue #16). The forward still has
+// sm90_cp_async (wgmma fed by cp.async, native 64-column tiles), reachable by name only, until
+// its rate at head dims <= 64 is measured against sm90_ws's (docs/architecture.md).
 enum class GdpaKernel {
   kPortable,     // simple.cuh: CUDA cores, any dtype and head dim, any device (HIP included)
   kSm80,         // fwd_mma.cuh / bwd_mma.cuh: mma.sync on sm_80 and newer, head dim padded to
@@ -84,12 +85,10 @@ struct GdpaFacts {
   bool sm80_built = false;     // the build has the tensor-core kernels (mma::kTensorCoreKernels;
                                // not HIP, where an AMD device's "major" says nothing of mma.sync)
   bool sm90a_built = false;    // and sm_90a code (wgmma::kBuilt)
-  bool maps_ok = false;        // the warp-specialised kernel's tensor maps encode (a CUDA 12+
-                               // build; 16-byte aligned data, head / row strides in multiples of
-                               // 16 bytes, none 0). The forward: the inputs as given. The
-                               // backward: after the launcher's copy of the inputs the maps
-                               // cannot address, so only fewer than 2^31 - 1024 rows (int32 map
-                               // coordinates) and the build / driver remain
+  bool maps_ok = false;        // the warp-specialised kernels' tensor maps encode after the
+                               // launcher's copy of the inputs they cannot address as given, so
+                               // only fewer than 2^31 - 1024 rows (int32 map coordinates), a
+                               // CUDA 12+ build and the driver remain
   bool windowed = false;       // window_size >= 0: fwd_wgmma.cuh has no window mask
   bool deterministic = false;  // backward: dQ without atomics. Changes no choice (every GDPA
                                // backward has a deterministic dQ); the launch follows it
@@ -117,11 +116,8 @@ inline const char* sm90_refusal(const GdpaFacts& f) {
   return nullptr;
 }
 
+// Both directions' launchers copy inputs with other strides or bases, so only these remain.
 constexpr const char* kMapsRefusal =
-    "it needs inputs a tensor map can address: 16-byte aligned data, nonzero head / row strides "
-    "in multiples of 16 bytes, fewer than 2^31 - 1024 rows (and a CUDA 12+ build)";
-// The backward's: its launcher copies inputs with other strides or bases, so only these remain.
-constexpr const char* kBwdMapsRefusal =
     "it needs tensor maps of the inputs (copied where their strides need it): fewer than "
     "2^31 - 1024 rows, a CUDA 12+ build and a driver with cuTensorMapEncodeTiled";
 
@@ -169,8 +165,9 @@ GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal,
 
 // Why kernel `k` cannot run this forward, or nullptr when it can. sm80 takes any head dim (padded
 // to 64, 128 or 256) and the window; the cp.async wgmma kernel head dims up to 128 without a
-// window; the warp-specialised one head dims 65..128 (its tiles are 128 columns wide), windows
-// included, where its tensor maps encode.
+// window; the warp-specialised one head dims up to 128 (its tiles are 128 columns wide: a smaller
+// head dim is the maps' extent, as in the backward), windows included, where its tensor maps
+// encode (after the launcher's copy).
 inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   using namespace choose_detail;
   if (k == GdpaKernel::kPortable) return nullptr;
@@ -180,7 +177,6 @@ inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   if (k == GdpaKernel::kSm90CpAsync) {
     return f.windowed ? "it has no window mask (window_size >= 0)" : nullptr;
   }
-  if (f.head_dim <= 64) return "it needs head dim 65..128";
   if (!f.maps_ok) return kMapsRefusal;
   return nullptr;
 }
@@ -201,7 +197,7 @@ inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   if (const char* r = tensor_core_refusal(f)) return r;
   if (k == GdpaKernel::kSm80) return nullptr;
   if (const char* r = sm90_refusal(f)) return r;
-  if (!f.maps_ok) return kBwdMapsRefusal;
+  if (!f.maps_ok) return kMapsRefusal;
   return nullptr;
 }
 
