@@ -73,15 +73,7 @@
 namespace attnkit {
 namespace paged {
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_NHD_TMA 1  // CUtensorMap exists: the NHD tensor-map kernel is declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_NHD_TMA
-#define ATTNKIT_HAS_NHD_TMA 0
-#endif
+#define ATTNKIT_HAS_NHD_TMA ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 // kSw128: NHD tiles landed by tensor-map copies in the 128-byte swizzle, whose pattern needs
 // 1024-byte aligned stages (the extra 1 KB lets the kernel align the ring whatever the base).
