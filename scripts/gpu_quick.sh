@@ -41,7 +41,7 @@
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
-# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; gdpa_fwd_small_d: the forward there, sm90_cp_async against sm90_ws; before_after: scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -167,6 +167,13 @@ for s in $QUICK; do
         G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity 1.0 --shapes 512,2048 --head-dim $d $BENCH"
         step "bench_gdpa_bwd_d${d}_sm80" 40 $G --bwd-kernel sm80
         step "bench_gdpa_bwd_d${d}_ws" 40 $G --bwd-kernel sm90_ws
+      done ;;
+    gdpa_fwd_small_d)  # the GDPA forward at head dims <= 64: sm90_cp_async (fwd_wgmma.cuh, native
+      # 64-column tiles) against sm90_ws (padded to 128), dense max lengths 512 / 2048, D 64 then 32
+      for d in 64 32; do
+        G="$PY benchmarks/bench_gdpa.py --no-triton --passes fwd --sparsity 1.0 --shapes 512,2048 --head-dim $d $BENCH"
+        step "bench_gdpa_fwd_d${d}_cp_async" 40 $G --kernel sm90_cp_async
+        step "bench_gdpa_fwd_d${d}_ws" 40 $G --kernel sm90_ws
       done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
@@ -315,6 +322,9 @@ for s in $QUICK; do
       # one rank per visible GPU; with fewer than 2 GPUs it prints one "skipped" line and exits 0
       step bench_moe_ep 240 $PY benchmarks/bench_moe.py --ops ep --ep-iters ${EP_ITERS:-20} \
         --ep-warmup ${EP_WARMUP:-5} --ep-timeout 220 --csv "$L/bench_moe.csv" ;;
+    before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
+      # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
+      step before_after 300 bash scripts/before_after.sh ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
