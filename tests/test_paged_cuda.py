@@ -30,7 +30,6 @@ TC_PATHS = kernel_params(["sm90", "sm80"])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_paged_gqa_paths(path, gqa, head_size, block_size, layout):
-    set_kernel_path(path)
     dtype, hkv = torch.bfloat16, 2
     lengths = [0, 1, 2, 15, 16, 17, block_size * 7 + 3, 301, 1000, 5000]   # 5000: 20 splits
     nb = 4096   # room for disjoint tables: the poisoned tails below belong to one sequence only
@@ -55,7 +54,6 @@ def test_paged_gqa_paths(path, gqa, head_size, block_size, layout):
 def test_paged_gqa_partial_head_blocks(path, gqa, layout):
     """G not a multiple of 8: the tensor-core kernel carries the query heads in column blocks of
     8 (two above 8); columns past G hold zero queries, are computed and must never be stored."""
-    set_kernel_path(path)
     s = v1_sample("cuda", torch.bfloat16, heads=(gqa, 1), head_size=128, layout=layout,
                   lengths=[1, 300, 2049, 0, 17], num_blocks=512)
     if expect_kernel(s, path):
@@ -68,7 +66,6 @@ def test_paged_gqa_rising_scores(path, layout):
     """Scores that keep rising along the sequence, and one late token far above all others: the
     tensor-core kernel moves its running max only in steps of more than 2^8 (the probabilities
     in between stay below 256), so every rescale path runs; the result must not show it."""
-    set_kernel_path(path)
     lengths = [4000, 700, 33]
     s = v1_sample("cuda", torch.bfloat16, heads=(8, 2), head_size=128, layout=layout,
                   lengths=lengths, num_blocks=512)
@@ -90,7 +87,6 @@ def test_paged_gqa_rising_scores(path, layout):
 @pytest.mark.parametrize("feature", ["alibi", "softcap", "window", "all"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_paged_gqa_paths_features(path, dtype, gqa, feature, layout):
-    set_kernel_path(path)
     hkv = 2
     s = v1_sample("cuda", dtype, heads=(gqa * hkv, hkv), head_size=128, layout=layout,
                   lengths=[50, 1, 0, 129, 2000, 777, 4099], num_blocks=1024, scale=0.3,
@@ -107,7 +103,6 @@ def test_paged_gqa_paths_features(path, dtype, gqa, feature, layout):
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_paged_gqa_paths_bad_block_ids(path, gqa, layout, block_size):
     """Block ids outside [0, num_blocks) mask their tokens and are never read (sanitizer)."""
-    set_kernel_path(path)
     dtype, hkv, d, nb = torch.bfloat16, 2, 128, 16
     L = 3 * block_size
     kc, vc = make_caches(nb, hkv, d, block_size, dtype, layout, "cuda")
@@ -130,7 +125,6 @@ def test_paged_gqa_paths_bad_block_ids(path, gqa, layout, block_size):
 def test_paged_gqa_paths_strided_and_aliased(path):
     """Block stride 0, strided query/out, a length hint below the real length (splits walk
     several partitions), a long context, both ops."""
-    set_kernel_path(path)
     hq, hkv, d, bs, dtype = 16, 2, 128, 16, torch.bfloat16
     kb, vb = make_caches(1, hkv, d, bs, dtype, "asm", "cuda")
     nb = 8192
@@ -152,7 +146,6 @@ def test_paged_gqa_paths_strided_and_aliased(path):
 @pytest.mark.parametrize("gqa", MMA_GQA)
 @pytest.mark.parametrize("indptr", [False, True])
 def test_pa_fwd_gqa_paths(path, dtype, gqa, indptr):
-    set_kernel_path(path)
     hkv = 2
     lengths = [17, 0, 64, 5, 1111, 4097, 1]
     s = pa_fwd_sample("cuda", dtype, heads=(gqa * hkv, hkv), lengths=lengths)
