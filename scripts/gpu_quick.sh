@@ -41,7 +41,7 @@
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
-# paged_tests: the paged family's CUDA tests, then bench_paged; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -160,6 +160,13 @@ for s in $QUICK; do
       for sp in 1.0 0.5; do
         G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity $sp $BENCH"
         step "bench_gdpa_bwd_ws_$sp" $([ "$sp" = 1.0 ] && echo 35 || echo 25) $G --bwd-kernel sm90_ws
+      done ;;
+    gdpa_bwd_small_d)  # the GDPA backward at head dims <= 64: sm80 (mma.sync) against sm90_ws
+      # (padded to 128), dense max lengths 512 / 2048, D 64 then 32 (~80 s)
+      for d in 64 32; do
+        G="$PY benchmarks/bench_gdpa.py --no-triton --passes bwd --sparsity 1.0 --shapes 512,2048 --head-dim $d $BENCH"
+        step "bench_gdpa_bwd_d${d}_sm80" 40 $G --bwd-kernel sm80
+        step "bench_gdpa_bwd_d${d}_ws" 40 $G --bwd-kernel sm90_ws
       done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"

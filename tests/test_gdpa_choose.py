@@ -31,9 +31,9 @@ ARCHS = {
     "mi250_hip": dict(sm_major=9, sm_minor=0, sm80_built=False, sm90a_built=False),
 }
 # What auto picks for a bf16 / fp16 call, by head dim: 65..128 (both directions), <= 64 (the
-# forward: sm90_cp_async on Hopper; the backward: sm80) and > 128.
+# forward: sm90_cp_async on Hopper; the backward: sm90_ws, padded to 128) and > 128.
 AUTO = {
-    "h100_sm90a_build": ("sm90_ws", "sm90_cp_async", "sm80", "sm80"),
+    "h100_sm90a_build": ("sm90_ws", "sm90_cp_async", "sm90_ws", "sm80"),
     "h100_build_without_sm90a": ("sm80",) * 4,
     "a100": ("sm80",) * 4,
     "l40_sm89": ("sm80",) * 4,
@@ -130,16 +130,17 @@ def test_forward_refusals_and_fallbacks():
 
 
 def test_backward_refusals_and_fallbacks():
-    """The one sm90 backward, sm90_ws, needs head dim 65..128 and its tensor maps (maps_ok: after
+    """The one sm90 backward, sm90_ws, takes head dims up to 128 and needs its tensor maps (maps_ok: after
     the launcher's copy of the inputs they cannot address, so only rows past int32 coordinates or
     a build / driver without tensor maps fail); "sm90" is sm90_ws, and auto takes sm80 where it
     cannot run. sm90_cp_async is forward-only: refused with that reason on any call. Windows and
     the deterministic mode change no choice: every backward has both (sm90_ws a separate dQ pass
     without atomics)."""
     for d in (8, 64):
-        for request in ("sm90", "sm90_ws"):
-            refused("bwd", request, "head dim 65..128", head_dim=d)
-        assert CHOOSE("bwd", "auto", head_dim=d) == "sm80"
+        for request in ("sm90", "sm90_ws", "auto"):
+            assert CHOOSE("bwd", request, head_dim=d) == "sm90_ws", (request, d)
+    for request in ("sm90", "sm90_ws"):
+        refused("bwd", request, "head dim <= 128", head_dim=136)
     for request in ("sm90", "sm90_ws"):
         refused("bwd", request, "tensor maps of the inputs .*2\\^31 - 1024 rows", maps_ok=False)
     assert CHOOSE("bwd", "auto", maps_ok=False) == "sm80"
@@ -202,10 +203,11 @@ def legacy_bwd(f):
     """The backward: use_tensor_cores, then use_wgmma_bwd (head dim > 64 and use_wgmma), the ws
     kernel where its maps encode; deterministic mode only turned the fused dQ off. Since issue #16
     the cp.async wgmma backward is gone: maps_ok means the maps encode after the launcher's copy,
-    and where they do not, sm80 runs instead."""
+    and where they do not, sm80 runs instead; and the ws backward takes head dims <= 64 too
+    (padded to 128), which went to sm80 before."""
     if not (f["sm80_built"] and f["half"] and f["sm_major"] >= 8):
         return "portable"
-    if f["head_dim"] > 64 and _legacy_wgmma(f) and f["maps_ok"]:
+    if _legacy_wgmma(f) and f["maps_ok"]:
         return "sm90_ws"
     return "sm80"
 

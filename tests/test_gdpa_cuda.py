@@ -212,8 +212,9 @@ def test_cuda_forward_warp_specialised_garbage_offsets():
 def test_cuda_forward_warp_specialised_falls_back():
     """Where the warp-specialised forward cannot run (a head stride of 0 that a tensor map cannot
     express, head dim 64) auto and "sm90" keep the cp.async wgmma kernel with the same results,
-    and naming sm90_ws raises with the reason. The backward's sm90_ws refuses head dim 64 too; a
-    head stride of 0 it copies (test_cuda_backward_warp_specialised_copies_unaddressable)."""
+    and naming sm90_ws raises with the reason. The backward's sm90_ws takes head dim 64
+    (test_cuda_backward_paths_multi_tile) and copies a head stride of 0
+    (test_cuda_backward_warp_specialised_copies_unaddressable)."""
     for D, why in ((128, "tensor map"), (64, "head dim 65..128")):
         q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [300, 1, 129], H=4, Hkv=2,
                                                 D=D)
@@ -227,10 +228,6 @@ def test_cuda_forward_warp_specialised_falls_back():
         with pytest.raises(RuntimeError, match=f"gdpa_fwd: kernel sm90_ws \\(kernel argument\\) "
                                                f"cannot take this call: .*{why}"):
             FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", causal=True, kernel="sm90_ws")
-        if D == 64:
-            with pytest.raises(RuntimeError, match=f"gdpa_bwd: kernel sm90_ws .*{why}"):
-                BWD_WITH(torch.randn_like(q), q, k, v, qo, ko, mq, mk, "fast_gelu", 1.0,
-                         causal=True, kernel="sm90_ws")
 
 
 # The CUDA backwards: auto through the public op (on an sm_90a build and a 9.0 device the
@@ -262,13 +259,15 @@ def bwd_path(path):
 def test_cuda_backward_paths_multi_tile(path, act, dtype, causal):
     """The CUDA tensor-core backwards (BWD_PATHS) on several 128-key and 64-query tiles. Empty and
     one-row sequences, query and key lengths that differ, GQA, pre_scale != 1, padded head dims
-    (80 -> 128)."""
+    (80 -> 128; 64, 40 and 8 -> 128 on sm90_ws, -> 64 on sm80)."""
     kernel, det = bwd_path(path)
     kw = dict(deterministic=det) if kernel is None else dict(deterministic=det, bwd_kernel=kernel)
     check(dtype, act, causal, [0, 1, 77, 300, 1000], H=4, Hkv=2, D=128, pre_scale=0.7, **kw)
     check(dtype, act, causal, [257, 383, 0, 5, 129], [511, 90, 7, 0, 1000], H=2, Hkv=1, D=128,
           qk_scale=0.3, pre_scale=1.3, **kw)
     check(dtype, act, causal, [200, 64], [130, 190], H=2, Hkv=2, D=80, **kw)
+    for D in (64, 40, 8):
+        check(dtype, act, causal, [200, 1, 130], [130, 190, 0], H=4, Hkv=2, D=D, **kw)
 
 
 @needs_cuda

@@ -9,12 +9,15 @@
 //   full[s]: `full_arrivals` arrivals (the kernel says who arrives, and who announces the bytes);
 //   empty[s]: the 8 consumer warps, once the step's last products that read the stage are done.
 // Every role walks the same (tile, step) sequence, so no work units are handed over: `kv_n`
-// counts the key tiles with at least one step that a role has seen, `slot` the steps.
+// counts the key tiles with at least one step that a role has seen, `slot` the steps. Both are
+// TmaRings (kernels/common/tma_ring.cuh, its phase arithmetic): (full_kv, empty_kv) a ring of one
+// stage filled per kv_n, (full, empty) one of kStages filled per slot, laid out back to back.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
 
 namespace attnkit {
@@ -26,49 +29,41 @@ template <int kStages, int kConsumerWarps = 8>
 struct Ring {
   uint64_t* bars;  // [2 + 2 * kStages]: full_kv, empty_kv, full[kStages], empty[kStages]
 
-  static constexpr int kBars = 2 + 2 * kStages;
-  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full_kv() const { return bars; }
-  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* empty_kv() const { return bars + 1; }
-  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full(uint32_t slot) const {
-    return bars + 2 + slot % kStages;
+  static constexpr int kBars = TmaRing<1>::kBars + TmaRing<kStages>::kBars;
+  ATTNKIT_DEVICE ATTNKIT_INLINE TmaRing<1> kv() const { return {bars}; }
+  ATTNKIT_DEVICE ATTNKIT_INLINE TmaRing<kStages> steps() const {
+    return {bars + TmaRing<1>::kBars};
   }
-  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* empty(uint32_t slot) const {
-    return bars + 2 + kStages + slot % kStages;
-  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full_kv() const { return kv().full(0); }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* full(uint32_t slot) const { return steps().full(slot); }
 
   // One thread, then a CTA-wide barrier (the last one: the roles never meet all together again).
   ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t full_arrivals) const {
-    bulk::init(full_kv(), 1);
-    bulk::init(empty_kv(), kConsumerWarps);
-    for (int s = 0; s < kStages; ++s) {
-      bulk::init(full(s), full_arrivals);
-      bulk::init(empty(s), kConsumerWarps);
-    }
+    kv().init(1, kConsumerWarps);
+    steps().init(full_arrivals, kConsumerWarps);
     bulk::fence_init();
   }
 
   // Producer: K / V of tile kv_n may overwrite tile kv_n - 1's; step `slot` may refill its stage.
   ATTNKIT_DEVICE ATTNKIT_INLINE void producer_kv_acquire(uint32_t kv_n) const {
-    if (kv_n > 0) bulk::wait(empty_kv(), (kv_n - 1) & 1);
+    kv().producer_acquire(kv_n);
   }
   ATTNKIT_DEVICE ATTNKIT_INLINE void producer_step_acquire(uint32_t slot) const {
-    if (slot >= kStages) bulk::wait(empty(slot), (slot / kStages - 1) & 1);
+    steps().producer_acquire(slot);
   }
 
   // Consumers: wait for the data; release it (every lane of the warp calls, lane 0 arrives).
   ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_kv_wait(uint32_t kv_n) const {
-    bulk::wait(full_kv(), kv_n & 1);
+    kv().consumer_wait(kv_n);
   }
   ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_step_wait(uint32_t slot) const {
-    bulk::wait(full(slot), (slot / kStages) & 1);
+    steps().consumer_wait(slot);
   }
   ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_step_release(uint32_t slot, int lane) const {
-    __syncwarp();
-    if (lane == 0) bulk::arrive(empty(slot));
+    steps().consumer_release_warp(slot, lane);
   }
   ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_kv_release(int lane) const {
-    __syncwarp();
-    if (lane == 0) bulk::arrive(empty_kv());
+    kv().consumer_release_warp(0, lane);
   }
 };
 

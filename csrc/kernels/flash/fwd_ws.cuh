@@ -31,10 +31,12 @@
 // with no loads (a plain arrive on the Q stage): the consumers store output 0 / lse -inf for
 // their rows and release the Q stage. The walk's end is a unit with n_tiles = -1.
 //
-// Barriers as the GDPA kernel: full_* complete when the expected bytes landed, empty_* when all
-// 8 consumer warps released the stage (lane 0 of each warp arrives: K after S_g, V after the
-// delayed P·V, Q after the unit's last S). Completion k of a barrier has parity k & 1. Each
-// unit goes to the consumers through `units[qs]`, written before the Q stage's arrive.
+// Barriers as the GDPA kernel: three rings (kernels/common/tma_ring.cuh, which owns the phase
+// arithmetic: fill n of a ring is unit qn of Q, key tile g of K and V); a stage's full barrier
+// completes when the expected bytes landed, its empty barrier when all the consumer warps
+// released it (lane 0 of each warp arrives: K after S_g, V after the delayed P·V, Q after the
+// unit's last S). Each unit goes to the consumers through `units[qs]`, written before the Q
+// stage's arrive.
 //
 // Keys past `hi` (the tile's last visible key) in the last key tile are either the next
 // sequence's (varlen: maybe inf / NaN), zeros past the map's extent, or real keys no row of the
@@ -56,6 +58,7 @@
 #include "common/portability.h"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
+#include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/online_softmax.cuh"
@@ -215,33 +218,19 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   unsigned char* sk = sq + QS * Tr::kQTileBytes;  // [KS] K tiles
   unsigned char* sv = sk + KS * Tr::kTileBytes;   // [VS] V tiles
 
-  __shared__ uint64_t bars[2 * (QS + KS + VS)];
+  // The Q, K and V rings (kernels/common/tma_ring.cuh): fill qn of ring_q is unit qn, fill g of
+  // ring_k / ring_v key tile g.
+  __shared__ uint64_t bars[QkvRings<QS, KS, VS>::kBars];
   // The unit each Q stage holds, written by the Q loader before the stage's arrive (release) and
   // read by the consumers after their wait (acquire).
   __shared__ WsUnit units[QS];
-  uint64_t* full_q = bars;
-  uint64_t* empty_q = full_q + QS;
-  uint64_t* full_k = empty_q + QS;
-  uint64_t* empty_k = full_k + KS;
-  uint64_t* full_v = empty_k + KS;
-  uint64_t* empty_v = full_v + VS;
+  const QkvRings<QS, KS, VS> rings(bars);
+  const auto& ring_q = rings.q;
+  const auto& ring_k = rings.k;
+  const auto& ring_v = rings.v;
 
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    for (int s = 0; s < QS; ++s) {
-      bulk::init(full_q + s, 1);
-      bulk::init(empty_q + s, Tr::kConsumerWarps);
-    }
-    for (int s = 0; s < KS; ++s) {
-      bulk::init(full_k + s, 1);
-      bulk::init(empty_k + s, Tr::kConsumerWarps);
-    }
-    for (int s = 0; s < VS; ++s) {
-      bulk::init(full_v + s, 1);
-      bulk::init(empty_v + s, Tr::kConsumerWarps);
-    }
-    bulk::fence_init();
-  }
+  if (tid == 0) rings.init(Tr::kConsumerWarps);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
   if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V
@@ -258,54 +247,52 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       const int hk = static_cast<int>(u.h / (p.H / p.Hkv));
       const int bc = p.cu_q != nullptr ? 0 : u.b;  // the map's batch coordinate (varlen: one)
       if (loads_qk) {
-        const uint32_t qs = qn % QS;
-        if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+        const uint32_t qs = ring_q.stage(qn);
+        ring_q.producer_acquire(qn);
         units[qs] = u;
         if (u.n_tiles > 0) {
           unsigned char* q_dst = sq + qs * Tr::kQTileBytes;
           const int row = u.q0 + u.i0;
-          bulk::arrive_expect_tx(full_q + qs, Tr::kQTileBytes);
+          ring_q.producer_arrive_expect_tx(qn, Tr::kQTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kBoxes; ++c) {
             tma::load_4d(q_dst + c * Tr::kQBoxBytes, &map_q, c * Tr::kBoxCols, u.h, row, bc,
-                         full_q + qs);
+                         ring_q.full(qn));
           }
         } else {
-          bulk::arrive(full_q + qs);  // rows that see no key: nothing to load
+          ring_q.producer_arrive(qn);  // rows that see no key: nothing to load
         }
       }
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
         const int row = u.k0 + u.lo + t * BN;
         if (loads_qk) {
-          const uint32_t stage = g % KS, reuse = g / KS;  // reuse > 0: the stage held tile g - KS
-          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
-          if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_k + stage, Tr::kTileBytes);
+          unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
+          ring_k.producer_acquire(g);
+          ring_k.producer_arrive_expect_tx(g, Tr::kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kBoxes; ++c) {
             tma::load_4d(k_dst + c * Tr::kBoxBytes, &map_k, c * Tr::kBoxCols, hk, row, bc,
-                         full_k + stage);
+                         ring_k.full(g));
           }
         }
         if (loads_v) {
-          const uint32_t stage = g % VS, reuse = g / VS;
-          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
-          if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_v + stage, Tr::kTileBytes);
+          unsigned char* v_dst = sv + ring_v.stage(g) * Tr::kTileBytes;
+          ring_v.producer_acquire(g);
+          ring_v.producer_arrive_expect_tx(g, Tr::kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kBoxes; ++c) {
             tma::load_4d(v_dst + c * Tr::kBoxBytes, &map_v, c * Tr::kBoxCols, hk, row, bc,
-                         full_v + stage);
+                         ring_v.full(g));
           }
         }
       }
     }
     if (loads_qk) {  // the end of the walk, in the next Q stage
-      const uint32_t qs = qn % QS;
-      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+      const uint32_t qs = ring_q.stage(qn);
+      ring_q.producer_acquire(qn);
       units[qs].n_tiles = -1;
-      bulk::arrive(full_q + qs);
+      ring_q.producer_arrive(qn);
     }
     return;
   }
@@ -386,8 +373,8 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   Done prev{};              // the unit whose last P·V is still to be issued (when g > 0)
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
   while (true) {
-    const uint32_t qs = qn % QS;
-    bulk::wait(full_q + qs, (qn / QS) & 1);
+    const uint32_t qs = ring_q.stage(qn);
+    ring_q.consumer_wait(qn);
     const WsUnit u = units[qs];
     if (u.n_tiles < 0) break;
     const int64_t o_off = u.b * p.o.batch + int64_t(u.q0 + u.i0) * p.o.row + u.h * p.o.head;
@@ -395,8 +382,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     const int rows_valid = u.lq - u.i0 < BM ? u.lq - u.i0 : BM;
     if (u.n_tiles == 0) {
       store_empty(o_off, l_off, rows_valid);
-      __syncwarp();  // every lane has read units[qs] before lane 0 frees the stage
-      if (lane == 0) bulk::arrive(empty_q + qs);
+      ring_q.consumer_release_warp(qn, lane);  // after every lane has read units[qs]
       ++qn;
       continue;
     }
@@ -424,10 +410,10 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = j * BN;
-      const uint32_t stage = g % KS, pstage = (g - 1) % VS;  // K_g's stage, V_{g-1}'s
-      bulk::wait(full_k + stage, (g / KS) & 1);
+      const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
+      ring_k.consumer_wait(g);
       if (g > 0) {
-        bulk::wait(full_v + pstage, ((g - 1) / VS) & 1);
+        ring_v.consumer_wait(g - 1);
         if (j == 0) zero_v_tail(pstage, prev.v_rows);
       }
 
@@ -456,8 +442,8 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       }
       wgmma::fence_regs(sc);
       if (lane == 0) {
-        bulk::arrive(empty_k + stage);                       // K_g has been read
-        if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
+        ring_k.consumer_release(g);                           // K_g has been read
+        if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
       }
 
       float corr[2];
@@ -467,7 +453,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: O may be rescaled / stored, pa overwritten
         wgmma::fence_regs(acc);
-        if (lane == 0) bulk::arrive(empty_v + pstage);
+        if (lane == 0) ring_v.consumer_release(g - 1);
         if (j == 0) {  // that was the previous unit's last product: its output is complete
           store_unit(prev, acc);
 #pragma unroll
@@ -505,8 +491,8 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     ++qn;
   }
   if (g > 0) {  // the last unit's last P·V
-    const uint32_t pstage = (g - 1) % VS;
-    bulk::wait(full_v + pstage, ((g - 1) / VS) & 1);
+    const uint32_t pstage = ring_v.stage(g - 1);
+    ring_v.consumer_wait(g - 1);
     zero_v_tail(pstage, prev.v_rows);
     take_turn();
     wgmma::fence();

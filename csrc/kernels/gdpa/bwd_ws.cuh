@@ -1,6 +1,6 @@
 // GDPA backward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128): kernel
 // sm90_ws of kernels/gdpa/choose.h, the backward's one sm90 kernel and auto's choice for head dims
-// 65..128 on a 9.0 device. Inputs its tensor maps cannot address as given are copied once by the
+// up to 128 on a 9.0 device (smaller ones are the maps' extent: zero columns, never stored). Inputs its tensor maps cannot address as given are copied once by the
 // launcher (csrc/cuda/gdpa.cu bwd_ws_maps), so no second sm90 backward serves them (issue #16
 // removed the cp.async one, bwd_wgmma.cuh). P and dS are rounded to the value type as in
 // bwd_mma.cuh. The skeleton (barriers, zero fills, dQ reductions) is kernels/common/ws_bwd.cuh,

@@ -186,8 +186,10 @@ inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
 }
 
 // Why kernel `k` cannot run this backward, or nullptr when it can. The one sm90 backward, the
-// warp-specialised kernel, needs head dim 65..128 (padded to 128) and its tensor maps (maps_ok:
-// after the launcher's copy). Windows and the deterministic mode are no reason: every backward
+// warp-specialised kernel, takes head dims up to 128 (its tiles are 128 columns wide: a smaller
+// head dim is the maps' extent, the columns past it land as zeros and are never stored; at 64 and
+// below it still beats sm80's mma.sync backward, docs/performance.md) and needs its tensor maps
+// (maps_ok: after the launcher's copy). Windows and the deterministic mode are no reason: every backward
 // has both.
 inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   using namespace choose_detail;
@@ -199,7 +201,6 @@ inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
   if (const char* r = tensor_core_refusal(f)) return r;
   if (k == GdpaKernel::kSm80) return nullptr;
   if (const char* r = sm90_refusal(f)) return r;
-  if (f.head_dim <= 64) return "it needs head dim 65..128";
   if (!f.maps_ok) return kBwdMapsRefusal;
   return nullptr;
 }

@@ -25,13 +25,11 @@
 //     both take one turn per key tile and one for the very last P·V, so the counts always
 //     match; warpgroup 0 takes one more turn at the end to consume the last hand-over.
 //
-// Barriers (mbarriers, kernels/common/bulk_copy.cuh): full_q[s] / full_k[s] / full_v[s] complete
-// when the producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands);
-// empty_q[s] / empty_k[s] / empty_v[s] complete when all 8 consumer warps released the tile (lane
-// 0 of each warp arrives after its wgmma reads are done: K after S_g, V after the delayed P·V, Q
-// after the unit's last S). Completion k of a barrier has parity k & 1: the consumers wait
-// full[n % stages] with parity (n / stages) & 1; the producer refills a stage for use n >= stages
-// after completion n / stages - 1 of its empty barrier.
+// Barriers: three rings (kernels/common/tma_ring.cuh, which owns the phase arithmetic; fill n of
+// ring_q is unit qn, of ring_k / ring_v key tile g). A stage's full barrier completes when the
+// producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
+// barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
+// wgmma reads are done: K after S_g, V after the delayed P·V, Q after the unit's last S).
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
@@ -63,6 +61,7 @@
 
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
+#include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
 #include "kernels/gdpa/activation_gpu.cuh"
 #include "kernels/gdpa/params.h"
@@ -330,35 +329,19 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   unsigned char* sk = sq + QS * Tr::kTileBytes;  // [kStages] K tiles
   unsigned char* sv = sk + S * Tr::kTileBytes;   // [SV] V tiles
 
-  __shared__ uint64_t bars[2 * (QS + S + SV)];
+  __shared__ uint64_t bars[QkvRings<QS, S, SV>::kBars];
   // The unit each Q stage holds, written by the Q loader before the stage's expect_tx arrive
   // (release) and read by the consumers after their wait (acquire): the consumers never load the
   // offsets themselves, so no dependent global load sits between two units on their path.
   // n_tiles == 0 (with a plain arrive) means there are no more units.
   __shared__ WsUnit units[QS];
-  uint64_t* full_q = bars;
-  uint64_t* empty_q = full_q + QS;
-  uint64_t* full_k = empty_q + QS;
-  uint64_t* empty_k = full_k + S;
-  uint64_t* full_v = empty_k + S;
-  uint64_t* empty_v = full_v + SV;
+  const QkvRings<QS, S, SV> rings(bars);  // kernels/common/tma_ring.cuh
+  const auto& ring_q = rings.q;  // fill qn: unit qn
+  const auto& ring_k = rings.k;  // fill g: key tile g (K, and V below)
+  const auto& ring_v = rings.v;
 
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    for (int s = 0; s < QS; ++s) {
-      bulk::init(full_q + s, 1);
-      bulk::init(empty_q + s, Tr::kConsumerWarps);
-    }
-    for (int s = 0; s < S; ++s) {
-      bulk::init(full_k + s, 1);
-      bulk::init(empty_k + s, Tr::kConsumerWarps);
-    }
-    for (int s = 0; s < SV; ++s) {
-      bulk::init(full_v + s, 1);
-      bulk::init(empty_v + s, Tr::kConsumerWarps);
-    }
-    bulk::fence_init();
-  }
+  if (tid == 0) rings.init(Tr::kConsumerWarps);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
   const int group = p.H / p.Hkv;
@@ -386,14 +369,14 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     while (cursor.next(p, q_tiles, items, list, u)) {
       const int hk = u.h / group;
       if (loads_qk) {
-        const uint32_t qs = qn % QS;
-        if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+        const uint32_t qs = ring_q.stage(qn);
+        ring_q.producer_acquire(qn);
         units[qs] = u;
         unsigned char* q_dst = sq + qs * Tr::kTileBytes;
-        bulk::arrive_expect_tx(full_q + qs, Tr::kTileBytes);
-        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, full_q + qs);
+        ring_q.producer_arrive_expect_tx(qn, Tr::kTileBytes);
+        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
         tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
-                     full_q + qs);
+                     ring_q.full(qn));
       }
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
@@ -405,28 +388,26 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         const CUtensorMap* mv = narrow ? &map_v64 : &map_v;
         const uint32_t bytes = narrow ? Tr::kNarrowTileBytes : Tr::kTileBytes;
         if (loads_qk) {
-          const uint32_t stage = g % S, reuse = g / S;  // reuse > 0: the stage held tile g - S
-          unsigned char* k_dst = sk + stage * Tr::kTileBytes;
-          if (reuse > 0) bulk::wait(empty_k + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_k + stage, bytes);
-          tma::load_3d(k_dst, mk, 0, hk, row, full_k + stage);
-          tma::load_3d(k_dst + Tr::kBoxBytes, mk, Tr::kBoxCols, hk, row, full_k + stage);
+          unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
+          ring_k.producer_acquire(g);
+          ring_k.producer_arrive_expect_tx(g, bytes);
+          tma::load_3d(k_dst, mk, 0, hk, row, ring_k.full(g));
+          tma::load_3d(k_dst + Tr::kBoxBytes, mk, Tr::kBoxCols, hk, row, ring_k.full(g));
         }
         if (loads_v) {
-          const uint32_t stage = g % SV, reuse = g / SV;
-          unsigned char* v_dst = sv + stage * Tr::kTileBytes;
-          if (reuse > 0) bulk::wait(empty_v + stage, (reuse - 1) & 1);
-          bulk::arrive_expect_tx(full_v + stage, bytes);
-          tma::load_3d(v_dst, mv, 0, hk, row, full_v + stage);
-          tma::load_3d(v_dst + Tr::kBoxBytes, mv, Tr::kBoxCols, hk, row, full_v + stage);
+          unsigned char* v_dst = sv + ring_v.stage(g) * Tr::kTileBytes;
+          ring_v.producer_acquire(g);
+          ring_v.producer_arrive_expect_tx(g, bytes);
+          tma::load_3d(v_dst, mv, 0, hk, row, ring_v.full(g));
+          tma::load_3d(v_dst + Tr::kBoxBytes, mv, Tr::kBoxCols, hk, row, ring_v.full(g));
         }
       }
     }
     if (loads_qk) {  // the end of the walk, in the next Q stage
-      const uint32_t qs = qn % QS;
-      if (qn >= QS) bulk::wait(empty_q + qs, (qn / QS - 1) & 1);
+      const uint32_t qs = ring_q.stage(qn);
+      ring_q.producer_acquire(qn);
       units[qs].n_tiles = 0;
-      bulk::arrive(full_q + qs);
+      ring_q.producer_arrive(qn);
     }
     return;
   }
@@ -513,9 +494,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   const int wg_u = __shfl_sync(0xffffffffu, wg, 0);
   uint32_t g = 0, qn = 0;   // key tiles / units consumed so far
   while (true) {
-    const uint32_t qs = qn % QS;
+    const uint32_t qs = ring_q.stage(qn);
     const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
-    bulk::wait(full_q + qs, (qn / QS) & 1);
+    ring_q.consumer_wait(qn);
     const WsUnit u = units[qs];
     if (u.n_tiles == 0) break;
     // Jagged instance: a unit with <= 64 query rows (a short sequence, or the last half-tile of
@@ -537,10 +518,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       // tile's s: consumer spills). Each half is activated, masked and packed into its 4 k-steps
       // of pa on its own. The other instances keep the one N = 128 product into s, unchanged.
       const bool narrow = narrow_tile<kJagged>(u, j0);
-      const uint32_t stage = g % S, pstage = (g - 1) % SV;  // K_g's stage, V_{g-1}'s
-      bulk::wait(full_k + stage, (g / S) & 1);
+      const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
+      ring_k.consumer_wait(g);
       if (g > 0) {
-        bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
+        ring_v.consumer_wait(g - 1);
         if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
       }
 
@@ -600,8 +581,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         wgmma::fence_regs(s);
       }
       if (lane == 0) {
-        bulk::arrive(empty_k + stage);                       // K_g has been read
-        if (j == u.n_tiles - 1) bulk::arrive(empty_q + qs);  // so has Q, by every S of the unit
+        ring_k.consumer_release(g);                           // K_g has been read
+        if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
       }
 
       // φ, then the masks, on NB n8 column blocks from key j0 on (s, or a half of the jagged
@@ -642,7 +623,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
-        if (lane == 0) bulk::arrive(empty_v + pstage);
+        if (lane == 0) ring_v.consumer_release(g - 1);
         pack();
         // That was the previous unit's last product: its output is complete. (The next unit's
         // first P·V overwrites acc_o: pv_first.)
@@ -659,8 +640,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     ++qn;
   }
   if (g > 0) {  // the last unit's last P·V
-    const uint32_t pstage = (g - 1) % SV;
-    bulk::wait(full_v + pstage, ((g - 1) / SV) & 1);
+    const uint32_t pstage = ring_v.stage(g - 1);
+    ring_v.consumer_wait(g - 1);
     zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
     take_turn();
     wgmma::fence();
