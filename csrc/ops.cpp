@@ -60,6 +60,36 @@ TORCH_LIBRARY(attnkit, m) {
       "pa_fwd(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
       "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
       "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1) -> Tensor");
+  // Private (docs/ops.md, paged "Kernel choice"): the same calls on a named kernel with the launch
+  // options (kernels/paged/choose.h, launch_options.h), so tests and benchmarks pick kernels and
+  // split counts without environment variables. kernel: auto | portable (the CUDA-core kernel) |
+  // sm80 (the tensor-core decode, cp.async loads) | sm90 (the same kernel with bulk loads); a
+  // named kernel that cannot take the call raises. "auto" is the launcher's own choice (the
+  // public ops: ATTNKIT_PAGED_KERNEL, else auto). splits: 0 (the launcher's count) or a split-K
+  // count in [1, 256], capped at the partitions of the longest sequence.
+  m.def(
+      "_paged_attention_v1_with(Tensor(a!) out, Tensor query, Tensor key_cache, "
+      "Tensor value_cache, int num_kv_heads, float scale, Tensor block_tables, Tensor seq_lens, "
+      "int block_size, int max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, "
+      "Tensor k_scale, Tensor v_scale, *, float logits_soft_cap=0.0, int sliding_window=-1, "
+      "str kernel=\"auto\", int splits=0) -> ()");
+  m.def(
+      "_pa_fwd_with(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
+      "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
+      "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1, *, "
+      "str kernel=\"auto\", int splits=0) -> Tensor");
+  // The kernel choice alone, from facts given as arguments: call "decode" (paged_attention_v1,
+  // pa_fwd: choose_decode) or "nhd_decode" (the serving call's decode path on NHD pages, once it
+  // applies: choose_nhd_decode; it reads only the device and build facts and maps_ok). Returns
+  // the name of the kernel that would run, or raises with the reason a named kernel (or, for
+  // nhd_decode, any kernel) cannot take such a call. Takes no tensor, so every build answers it
+  // on the CPU. The defaults describe a bf16 call (G = 8, head size 128, block size 16, contiguous
+  // caches) that every kernel can take, on a 9.0 device of an sm_90a build.
+  m.def(
+      "_paged_choose_kernel(str call, str request, *, bool half=True, bool cache_same=True, "
+      "bool one_query=True, int group=8, int head_dim=128, int block_size=16, int sm_major=9, "
+      "int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, bool bulk_layout=True, "
+      "bool maps_ok=True) -> str");
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()");
@@ -104,6 +134,10 @@ TORCH_LIBRARY(attnkit, m) {
   // portable | sm80 | sm90; a named kernel that cannot take the call raises. "auto" is the
   // launcher's own choice
   // (the public ops: ATTNKIT_FLASH_KERNEL, else auto) and the defaults are the public ops'.
+  // decode_kernel: the serving call's decode path (docs/serving.md) on NHD pages: auto (where it
+  // applies, with kernel auto: the public op's behaviour) | none (the gather path) | sm80 | sm90
+  // (the paged family's tensor-core decode with cp.async / tensor-map loads, required: a call it
+  // cannot take raises; excludes a named kernel).
   m.def(
       "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
       "bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
@@ -111,7 +145,8 @@ TORCH_LIBRARY(attnkit, m) {
       "SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, Tensor? block_table=None, "
       "Tensor? s_aux=None, Tensor? k_descale=None, Tensor? v_descale=None, "
       "bool deterministic=False, str kernel=\"auto\", int max_ctas=0, bool ping_pong=True, "
-      "bool persistent=True, bool three_wg=False, bool paired=True) -> (Tensor out, Tensor lse)");
+      "bool persistent=True, bool three_wg=False, bool paired=True, "
+      "str decode_kernel=\"auto\") -> (Tensor out, Tensor lse)");
   m.def(
       "_flash_attn_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "
