@@ -24,7 +24,7 @@
 # flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and not, with the sm80 kernel
 # (bench_attention --kernel sm80) then the sm90 one (--kernel sm90); flash_d64_bench: the
 # head-dim-64 forward with 3 consumer warpgroups (--ws-options three_wg=1) and with 2).
-# flash_memcheck_all: the whole flash CUDA suite under
+# flash_sm80_fwd_sanitize: memcheck on the sm80 forward's multi-tile tests; flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
 # (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process).
 # flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated
@@ -90,6 +90,9 @@ for s in $QUICK; do
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and sm90 and bfloat16" ;;
+    flash_sm80_fwd_sanitize)  # the mma.sync forward (mma_fwd.cuh) under memcheck: every window / softcap case
+      step flash_sm80_fwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash_cuda_paths.py -q -p no:xdist -k "forward_paths_multi_tile and sm80 and bfloat16" ;;
     flash_bench)
       for a in "128" "128 --causal" "64" "64 --causal"; do
         tag=d$(echo "$a" | tr -d ' -')
@@ -133,7 +136,7 @@ for s in $QUICK; do
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
-        -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets" ;;
+        -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets or forward_warp_specialised_copies" ;;
     gdpa_jagged)  # issue #19, the forward's jagged schedule (fwd_ws.cuh: device-built longest-first
       # list, narrow 64-key tiles): its tests with the other warp-specialised forward tests, the new
       # ones under memcheck, then the forward at max len 256-2048 (sparsity 1.0 and 0.5, no Triton)
