@@ -20,7 +20,7 @@ TORCH_LIBRARY(attnkit, m) {
   // Private (docs/ops.md, GDPA "Kernel choice"): the same calls on a named kernel with launch
   // options (kernels/gdpa/choose.h, launch_options.h), so tests and benchmarks pick kernels and
   // schedules without environment variables. kernel: auto | portable | sm80 | sm90 (the best sm90
-  // kernel that can take the call) | sm90_cp_async | sm90_ws; a named kernel that cannot take the
+  // kernel that can take the call: sm90_ws) | sm90_ws; a named kernel that cannot take the
   // call raises. "auto" is the choice of the public ops without ATTNKIT_GDPA_KERNEL (which the
   // private ops do not read), and the options' defaults are the public ops'. Forward options: the
   // warp-specialised kernel's consumer ping-pong, split K / V loaders, persistent grid, jagged

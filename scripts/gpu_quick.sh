@@ -9,9 +9,9 @@
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_jagged: issue #19's jagged schedule, its tests, memcheck and bench_gdpa before / after;
-# gdpa_ws_bench times the forward five ways through bench_gdpa's --kernel / --fwd-options (the
-# private op): the cp.async wgmma kernel, then sm90_ws with its default schedule, then with
-# ping_pong=0, split_loaders=0 and persistent=0),
+# gdpa_ws_bench times the forward four ways through bench_gdpa's --kernel / --fwd-options (the
+# private op): sm90_ws with its default schedule, then with ping_pong=0, split_loaders=0 and
+# persistent=0),
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
 # max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
 # peer (benchmarks/triton_gdpa.py --selftest) on the GPU. gdpa_bwd_ws: the warp-specialised GDPA
@@ -41,7 +41,7 @@
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
-# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; gdpa_fwd_small_d: the forward there, sm90_cp_async against sm90_ws; before_after: scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after: scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -171,16 +171,8 @@ for s in $QUICK; do
         step "bench_gdpa_bwd_d${d}_sm80" 40 $G --bwd-kernel sm80
         step "bench_gdpa_bwd_d${d}_ws" 40 $G --bwd-kernel sm90_ws
       done ;;
-    gdpa_fwd_small_d)  # the GDPA forward at head dims <= 64: sm90_cp_async (fwd_wgmma.cuh, native
-      # 64-column tiles) against sm90_ws (padded to 128), dense max lengths 512 / 2048, D 64 then 32
-      for d in 64 32; do
-        G="$PY benchmarks/bench_gdpa.py --no-triton --passes fwd --sparsity 1.0 --shapes 512,2048 --head-dim $d $BENCH"
-        step "bench_gdpa_fwd_d${d}_cp_async" 40 $G --kernel sm90_cp_async
-        step "bench_gdpa_fwd_d${d}_ws" 40 $G --kernel sm90_ws
-      done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
-      step bench_gdpa_cp_async 60 $G --kernel sm90_cp_async
       step bench_gdpa_ws 60 $G --kernel sm90_ws
       step bench_gdpa_ws_free 60 $G --kernel sm90_ws --fwd-options ping_pong=0
       step bench_gdpa_ws_1loader 60 $G --kernel sm90_ws --fwd-options split_loaders=0

@@ -45,9 +45,8 @@ def check(dtype, act, causal, q_lens, kv_lens=None, H=4, Hkv=2, D=16, grads=True
 
 # The CUDA forwards: auto (the public op's choice: on an sm_90 device with an sm_90a build the
 # warp-specialised kernel, head dims up to 128), and each kernel named through the private op:
-# the warp-specialised one (here at head dims 64 and 80 too, padded to 128), the cp.async wgmma
-# kernel and the mma.sync kernel.
-FWD_PATHS = ["auto", "sm90_ws", "sm90_cp_async", "sm80"]
+# the warp-specialised one (here at head dims 64 and 80 too, padded to 128) and the mma.sync one.
+FWD_PATHS = ["auto", "sm90_ws", "sm80"]
 
 
 @needs_cuda
@@ -132,8 +131,7 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal):
     no kernel writes (kernels/gdpa/zero_rows.cuh): rows before the first and from the last offset,
     sequences with no keys, and with a window the rows i >= Lk + window. The allocator is poisoned
     with NaN, so a row left out shows; query lengths far above their key lengths make windowed
-    query tiles with no key at all (skipped by the kernels). The cp.async wgmma kernel has no
-    window mask: a windowed call names it in vain (auto takes sm90_ws there)."""
+    query tiles with no key at all (skipped by the kernels)."""
     kernel = need_kernel(path)
     dtype = torch.bfloat16
     q_lens, kv_lens = [300, 200, 0, 450, 77, 1, 129], [100, 0, 5, 10, 300, 0, 1]
@@ -143,11 +141,6 @@ def test_cuda_forward_writes_keyless_rows(path, D, window, causal):
     k, v = (torch.randn(sum(kv_lens), 2, D, device="cuda", dtype=dtype) * 0.5 for _ in range(2))
     qo, ko = offsets_of(q_lens, "cuda") + before, offsets_of(kv_lens, "cuda")
     fwd = attnkit.gdpa if kernel is None else (lambda *a, **kw: FWD_WITH(*a, **kw, kernel=kernel))
-    if path == "sm90_cp_async" and window >= 0:
-        with pytest.raises(RuntimeError, match="kernel sm90_cp_async .*cannot take this call: "
-                                               "it has no window mask"):
-            fwd(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, window_size=window)
-        return
     poison_allocator("cuda")
     out = fwd(q, k, v, qo, ko, max(q_lens), max(kv_lens), "fast_gelu", 0.5, pre_scale=0.7,
               causal=causal, window_size=window)
@@ -214,8 +207,8 @@ def test_cuda_forward_warp_specialised_garbage_offsets():
 def test_cuda_forward_warp_specialised_copies_unaddressable():
     """sm90_ws is the forward's sm90 kernel at every head dim up to 128 (issue #16): inputs its
     tensor maps cannot address as given (_unaddressable_inputs: zero strides, a 10-byte head
-    stride, a column slice) are copied once by the launcher instead of going to the cp.async
-    kernel. Naming sm90_ws (which refused them before) runs on them and matches the reference,
+    stride, a column slice) are copied once by the launcher instead of going to a second sm90
+    kernel (the cp.async one that took them is gone). Naming sm90_ws (which refused them before) runs on them and matches the reference,
     auto and "sm90" take it too, bit for bit, and the inputs are left as they were."""
     qo = offsets_of([300, 0, 129, 271], "cuda")
     ko = offsets_of([257, 3, 200, 240], "cuda")
@@ -391,7 +384,7 @@ def test_cuda_backward_warp_specialised_copies_unaddressable(deterministic):
     """sm90_ws is the one sm90 backward (issue #16): inputs its tensor maps cannot address as given
     are copied once by the launcher instead of going to another kernel. Naming sm90_ws (which
     refused them before) runs on them and matches the reference; auto takes it too, bit for bit
-    in deterministic mode; the inputs are left as they were. sm90_cp_async is forward-only."""
+    in deterministic mode; the inputs are left as they were."""
     qo = offsets_of([300, 0, 129, 271], "cuda")
     ko = offsets_of([257, 3, 200, 240], "cuda")
     for what, q, k, v, g in _unaddressable_inputs():
@@ -411,9 +404,6 @@ def test_cuda_backward_warp_specialised_copies_unaddressable(deterministic):
             auto = BWD_WITH(g, q, k, v, *args, **kw, kernel="auto")
             for name, a, b in zip(("dq", "dk", "dv"), auto, got):
                 assert torch.equal(a, b), f"{what}: auto differs from sm90_ws ({name})"
-    with pytest.raises(RuntimeError, match="gdpa_bwd: kernel sm90_cp_async \\(kernel argument\\) "
-                                           "cannot take this call: .*forward-only"):
-        BWD_WITH(g, q, k, v, *args, kernel="sm90_cp_async")
 
 
 def _same(a, b, name, deterministic):
