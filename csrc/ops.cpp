@@ -184,6 +184,34 @@ TORCH_LIBRARY(attnkit, m) {
   // silu_and_mul(grouped_gemm(a, w, expert_offsets)) with the [M, 2I] product never stored.
   m.def("grouped_gemm_swiglu(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
+  // Private (docs/ops.md, MoE "Kernel choice"): the same calls on a named kernel or with launch
+  // options (kernels/moe/choose.h, launch_options.h), so tests and benchmarks pick kernels and
+  // schedules without environment variables. kernel: auto | portable (FMA tiles) | sm80
+  // (mma.sync) | sm90 (the best sm90 kernel that can take the call) | sm90_grouped_mm
+  // (at::_grouped_mm; grouped_gemm_swiglu: then silu_and_mul) | sm90_fused (grouped_gemm_swiglu
+  // only); a named kernel that cannot take the call raises. "auto" is the choice of the public ops
+  // without ATTNKIT_MOE_KERNEL (which the private ops do not read). moe_permute's options: the
+  // histogram rank kernel where it fits (false: the per-pair walk everywhere) and programmatic
+  // dependent launch of the scan and scatter; both change no result. Not differentiable.
+  m.def(
+      "_moe_permute_with(Tensor x, Tensor topk_ids, int num_experts, *, bool rank_hist=True, "
+      "bool pdl=True) -> (Tensor permuted, Tensor expert_offsets, Tensor row_map)");
+  m.def(
+      "_grouped_gemm_with(Tensor a, Tensor w, Tensor expert_offsets, *, str kernel=\"auto\") "
+      "-> Tensor");
+  m.def(
+      "_grouped_gemm_swiglu_with(Tensor a, Tensor w, Tensor expert_offsets, *, "
+      "str kernel=\"auto\") -> Tensor");
+  // The kernel choice alone (choose_gemm / choose_swiglu; moe_permute: its rank kernel, request
+  // "auto" only), from facts given as arguments: the name of the kernel that would run, or a
+  // RuntimeError with the reason a named kernel cannot take such a call. Takes no tensor, so
+  // every build answers it on the CPU. k and n are the GEMM's (grouped_gemm_swiglu: H and 2I).
+  // The defaults describe a bf16 call every kernel can take, on a 9.0 device of an sm_90a build.
+  m.def(
+      "_moe_choose_kernel(str op, str request, *, str dtype=\"bf16\", int rows=4096, "
+      "int k=1024, int n=2048, int experts=64, int sm_major=9, bool sm80_built=True, "
+      "bool sm90a_built=True, bool w_row_major=True, bool w_col_major=False, bool aligned=True, "
+      "bool maps_ok=True, bool grouped_mm_ok=True, bool rank_hist=True) -> str");
   // Backward ops of moe_unpermute, grouped_gemm and moe_route (first-class, own kernels).
   m.def(
       "_moe_unpermute_bwd(Tensor grad_out, Tensor permuted_out, Tensor row_map, "

@@ -41,7 +41,11 @@
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
-# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after: scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
+# grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
+# gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
+# scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
+# decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -278,6 +282,17 @@ for s in $QUICK; do
       step swiglu_bench_all 180 $PY benchmarks/bench_moe.py --iters ${ITERS:-300} --warmup ${WARMUP:-100} \
         --skip-eager --ops swiglu --swiglu-shapes deepseek-e64,deepseek,mixtral \
         --csv "$L/bench_moe_swiglu_all.csv" ;;
+    moe_choose)  # the MoE kernel choice (issue #16): every MoE CUDA test (kernels pinned through
+      # the private ops, the ATTNKIT_MOE_KERNEL override), memcheck on the pinned-kernel ones,
+      # then bench_moe's gemm rows on sm80 and on auto (at::_grouped_mm on sm90 bf16)
+      step moe_choose_tests 200 $PY -m pytest tests/test_moe_*.py -q -n 16 -rfE -k "cuda and not stress"
+      step moe_choose_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_ops.py tests/test_moe_swiglu.py -q -p no:xdist \
+        -k "cuda and (gemm_kernels or swiglu_kernels or many_pairs or many_chunks)"
+      for k in sm80 auto; do
+        step moe_choose_bench_$k 90 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-10} \
+          --skip-eager --ops gemm --experts 8,64 --topk 2 --kernel $k --csv "$L/bench_moe_gemm_$k.csv"
+      done ;;
     moe_permute_sanitize_only)  # memcheck on the permutation (moe_route_tests' last step alone)
       step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;

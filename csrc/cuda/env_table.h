@@ -3,11 +3,12 @@
 // that docs/env.md lists exactly these names). All are A/B and test knobs: results never depend
 // on them, only which kernel computes them. Host only, torch-free.
 //
-// One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
-// -> on / true. A kernel override (a family's kernel name: ATTNKIT_FLASH_KERNEL,
-// ATTNKIT_GDPA_KERNEL, ATTNKIT_PAGED_KERNEL) is read raw with env_value and parsed by its family;
-// an unknown name fails the call, and so does a call the named kernel cannot take (so a test
-// knows which kernel ran). Read at every call (A/B runs flip them per case).
+// Today every entry is a family's one kernel override (ATTNKIT_FLASH_KERNEL, ATTNKIT_GDPA_KERNEL,
+// ATTNKIT_PAGED_KERNEL, ATTNKIT_MOE_KERNEL: a kernel name), read raw with env_value and parsed by
+// its family; an unknown name fails the call, and so does a call the named kernel cannot take
+// (so a test knows which kernel ran). A flag (env_flag) would parse as: unset or empty -> the
+// entry's default; "0" -> off; anything else -> on. Read at every call (A/B runs flip them per
+// case).
 #pragma once
 
 #include <cstdlib>
@@ -19,10 +20,7 @@ enum class Env : int {
   kFlashKernel,
   kGdpaKernel,
   kPagedKernel,
-  kMoeGroupedMm,
-  kMoeRankHist,
-  kMoePdl,
-  kMoeSwigluFused,
+  kMoeKernel,
   kCount
 };
 
@@ -44,10 +42,10 @@ inline constexpr EnvEntry kEnvTable[] = {
     // (kernels/paged/choose.h; paged_attention_v1 and pa_fwd; the call fails when the named
     // kernel cannot take it).
     {Env::kPagedKernel, "ATTNKIT_PAGED_KERNEL", false},
-    {Env::kMoeGroupedMm, "ATTNKIT_MOE_GROUPED_MM", true},
-    {Env::kMoeRankHist, "ATTNKIT_MOE_RANK_HIST", true},
-    {Env::kMoePdl, "ATTNKIT_MOE_PDL", true},
-    {Env::kMoeSwigluFused, "ATTNKIT_MOE_SWIGLU_FUSED", true},
+    // The MoE family's one kernel override: auto | portable | sm80 | sm90 (kernels/moe/choose.h;
+    // grouped_gemm and grouped_gemm_swiglu, forward and backward; the call fails when the named
+    // kernel cannot take it).
+    {Env::kMoeKernel, "ATTNKIT_MOE_KERNEL", false},
 };
 
 constexpr bool env_table_in_order() {
