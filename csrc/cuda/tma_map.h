@@ -17,6 +17,7 @@
 #endif
 
 #if ATTNKIT_HAS_TMA_MAP
+#include <atomic>
 #include <cstdint>
 
 namespace attnkit {
@@ -27,23 +28,27 @@ using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t
                                    const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// The driver's cuTensorMapEncodeTiled, or nullptr when the driver does not provide it.
+// The driver's cuTensorMapEncodeTiled, or nullptr when the driver does not provide it. Only a
+// found entry point is cached: a failed lookup is tried again at the next call, so one failure
+// (say, an error state left by an earlier call in the process) cannot turn every later call of
+// the process away from the tensor-map kernels, which auto would do silently.
 inline EncodeTiledFn encode_tiled_fn() {
-  static const EncodeTiledFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status{};
+  static std::atomic<EncodeTiledFn> cached{nullptr};
+  if (const EncodeTiledFn fn = cached.load(std::memory_order_acquire)) return fn;
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult status{};
 #if CUDART_VERSION >= 12050
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status);
+  const cudaError_t err =
+      cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status);
 #else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
+  const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
 #endif
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // a failed lookup must not surface as a later launch's error
-      return EncodeTiledFn(nullptr);
-    }
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
+  if (err != cudaSuccess || status != cudaDriverEntryPointSuccess || f == nullptr) {
+    (void)cudaGetLastError();  // a failed lookup must not surface as a later launch's error
+    return nullptr;
+  }
+  const auto fn = reinterpret_cast<EncodeTiledFn>(f);
+  cached.store(fn, std::memory_order_release);
   return fn;
 }
 
