@@ -41,8 +41,10 @@ def case_key(c):
 
 
 def graph_ms(torch, fn, iters, target_ms=20.0):
-    """Median ms of one fn() call, from replays of a graph of `reps` calls (reps sized so one
-    replay takes about target_ms)."""
+    """(median ms of one fn() call, method). "graph": replays of a CUDA graph of `reps` calls
+    (reps sized so one replay takes about target_ms): kernel time alone. "events": where a build's
+    call cannot be captured (the older tree's backward touches the legacy stream), `reps` calls
+    back to back between two events, host launch cost included; --compare marks such rows."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up outside capture (allocator, lazy init)
@@ -56,21 +58,31 @@ def graph_ms(torch, fn, iters, target_ms=20.0):
     e1.record()
     torch.cuda.synchronize()
     reps = max(1, min(200, int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        run, method = g.replay, "graph"
+    except Exception as e:  # noqa: BLE001  not capturable: time the calls themselves
+        print(f"    (not capturable: {type(e).__name__}; timed with events)", flush=True)
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(reps):
+                fn()
+        method = "events"
+    run()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         e0.record()
-        g.replay()
+        run()
         e1.record()
         torch.cuda.synchronize()
         times.append(e0.elapsed_time(e1) / reps)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], method
 
 
 def flash_flops(c, pass_):
@@ -87,8 +99,11 @@ def run_flash(torch, attnkit, c, iters):
     dout = torch.randn_like(out)
     fwd = lambda: attnkit.flash_attn_func(q, k, v, causal=c["causal"])
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-    return {p: flash_flops(c, p) / graph_ms(torch, f, iters) / 1e9
-            for p, f in (("fwd", fwd), ("bwd", bwd))}
+    rows = {}
+    for p, f in (("fwd", fwd), ("bwd", bwd)):
+        ms, method = graph_ms(torch, f, iters)
+        rows[p], rows[p + "_method"] = flash_flops(c, p) / ms / 1e9, method
+    return rows
 
 
 def run_gdpa(torch, attnkit, c, iters):
@@ -108,8 +123,11 @@ def run_gdpa(torch, attnkit, c, iters):
     dout = torch.randn_like(out)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     flops = 4.0 * float((lens.double() ** 2).sum()) * c["H"] * c["D"]
-    return {"fwd": flops / graph_ms(torch, call, iters) / 1e9,
-            "bwd": 2.5 * flops / graph_ms(torch, bwd, iters) / 1e9}
+    rows = {}
+    for p, f, scale in (("fwd", call, 1.0), ("bwd", bwd, 2.5)):
+        ms, method = graph_ms(torch, f, iters)
+        rows[p], rows[p + "_method"] = scale * flops / ms / 1e9, method
+    return rows
 
 
 def measure(args):
@@ -123,8 +141,8 @@ def measure(args):
         run = run_flash if c["family"] == "flash" else run_gdpa
         tf = run(torch, attnkit, c, args.iters)
         rows[case_key(c)] = tf
-        print(f"{args.tag:8s} {case_key(c):34s} fwd {tf['fwd']:7.1f}  bwd {tf['bwd']:7.1f} TFLOP/s",
-              flush=True)
+        print(f"{args.tag:8s} {case_key(c):34s} fwd {tf['fwd']:7.1f}  bwd {tf['bwd']:7.1f} TFLOP/s "
+              f"({tf['fwd_method']} / {tf['bwd_method']})", flush=True)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump({"tag": args.tag, "device": torch.cuda.get_device_name(), "rows": rows}, f)
@@ -137,8 +155,10 @@ def compare(args):
             d = json.load(f)
         t = best.setdefault(d["tag"], {})
         for key, tf in d["rows"].items():
-            for p, v in tf.items():
-                t.setdefault(key, {})[p] = max(v, t.get(key, {}).get(p, 0.0))
+            row = t.setdefault(key, {})
+            for p in ("fwd", "bwd"):
+                row[p] = max(tf[p], row.get(p, 0.0))
+                row[p + "_method"] = tf.get(p + "_method", "graph")
     assert set(best) == {"before", "after"}, f"expected tags before and after, got {set(best)}"
     worst, failed = math.inf, []
     print(f"{'case':34s} {'pass':4s} {'before':>8s} {'after':>8s} {'after/before':>12s}")
@@ -147,6 +167,9 @@ def compare(args):
             a, b = best["after"][key][p], best["before"][key][p]
             r = a / b
             mark = ""
+            methods = {best["before"][key][p + "_method"], best["after"][key][p + "_method"]}
+            if methods != {"graph"}:
+                mark += "  (" + " / ".join(best[t][key][p + "_method"] for t in ("before", "after")) + ")"
             if p == "fwd":
                 worst = min(worst, r)
                 if r < 1 - args.tolerance:

@@ -10,7 +10,7 @@ import torch
 import attnkit
 from attnkit.reference import gdpa_ref
 from attnkit.testing import assert_close, rel_err
-from conftest import poison_allocator
+from conftest import on_fresh_thread, poison_allocator
 from attnkit.gdpa import _gdpa_with
 from samples.gdpa import (BWD_WITH, FWD_WITH, HALF_DTYPES, HOPPER, check_sample,
                           deterministic_algorithms, dtype_id, gdpa_sample, jagged_inputs,
@@ -221,6 +221,27 @@ def test_cuda_forward_warp_specialised_copies_unaddressable():
             assert torch.equal(out, got), f"{what}: {kernel} differs from sm90_ws"
         for t, b in zip((q, k, v), before):
             assert torch.equal(t, b), f"{what}: an input changed"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_warp_specialised_on_a_fresh_thread():
+    """The tensor maps are encoded by a driver call, which needs a context bound to the calling
+    thread. A thread whose first CUDA work is this call has none (c10's device guard binds
+    nothing when the device index already matches): seen as an intermittent refusal of a named
+    sm90_ws backward on autograd's thread, and a silent fallback to sm80 under auto. Named, sm90_ws
+    must run there, both directions, with the main thread's results bit for bit."""
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [300, 0, 129], H=4, Hkv=2,
+                                            D=128)
+    args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
+    g = torch.randn_like(q)
+    want_o = FWD_WITH(*args, kernel="sm90_ws")
+    want_g = BWD_WITH(g, *args, kernel="sm90_ws", deterministic=True)
+    torch.cuda.synchronize()
+    got_o = on_fresh_thread(lambda: FWD_WITH(*args, kernel="sm90_ws"))
+    got_g = on_fresh_thread(lambda: BWD_WITH(g, *args, kernel="sm90_ws", deterministic=True))
+    assert torch.equal(got_o, want_o)
+    for name, a, b in zip(("dq", "dk", "dv"), got_g, want_g):
+        assert torch.equal(a, b), name
 
 
 # The CUDA backwards: auto through the public op (on an sm_90a build and a 9.0 device the

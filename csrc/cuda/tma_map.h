@@ -81,10 +81,22 @@ inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
     if (i + 1 < kRank) gstride[i] = strides[i];
   }
   const auto dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult r = encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
+  auto call = [&] {
+    return encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  };
+  if (call() == CUDA_SUCCESS) return true;
+  // The driver call needs a context current on this thread. A thread whose first CUDA work this
+  // is has none: autograd's backward thread, say, where c10's device guard binds nothing when the
+  // device index already matches (seen on the H200, 2026-12-04: the first sm90_ws backward of a
+  // process refused with valid maps). cudaFree(nullptr) binds the device's primary context; then
+  // once more.
+  if (cudaFree(nullptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return call() == CUDA_SUCCESS;
 }
 
 // The 3-D case (GDPA's [T][heads][D] maps).
