@@ -330,6 +330,11 @@ for s in $QUICK; do
       # one rank per visible GPU; with fewer than 2 GPUs it prints one "skipped" line and exits 0
       step bench_moe_ep 240 $PY benchmarks/bench_moe.py --ops ep --ep-iters ${EP_ITERS:-20} \
         --ep-warmup ${EP_WARMUP:-5} --ep-timeout 220 --csv "$L/bench_moe.csv" ;;
+    tma_maps_tests)  # every tensor-map kernel after a change to csrc/cuda/tma_map.h: the fresh-thread
+      # tests, the flash / GDPA ws paths and copies, the fused SwiGLU GEMM, the NHD decode (~60 s)
+      step tma_maps_tests 150 $PY -m pytest tests/test_gdpa_cuda.py tests/test_flash_cuda_ws.py \
+        tests/test_moe_swiglu.py tests/test_serving_varlen.py -q -n 16 -rfE \
+        -k "cuda and not compile and not opcheck and (fresh_thread or backward_paths_multi_tile or warp_specialised or swiglu or decode or varlen)" ;;
     before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
       # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
       step before_after 300 bash scripts/before_after.sh ;;
