@@ -96,7 +96,10 @@ def run_flash(torch, attnkit, c, iters):
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
                .requires_grad_() for _ in range(3))
     out = attnkit.flash_attn_func(q, k, v, causal=c["causal"])
-    dout = torch.randn_like(out)
+    # Every random tensor from the explicit generator: a capture that failed (graph_ms) leaves
+    # the default CUDA generator unusable outside capture ("Offset increment outside graph
+    # capture", H200 2026-12-04).
+    dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
     fwd = lambda: attnkit.flash_attn_func(q, k, v, causal=c["causal"])
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     rows = {}
@@ -120,7 +123,7 @@ def run_gdpa(torch, attnkit, c, iters):
     m = c["max_len"]
     call = lambda: attnkit.gdpa(q, k, v, off, off, m, m, "fast_gelu", 1.0 / m)
     out = call()
-    dout = torch.randn_like(out)
+    dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     flops = 4.0 * float((lens.double() ** 2).sum()) * c["H"] * c["D"]
     rows = {}
