@@ -13,7 +13,7 @@ Columns:
   sdpa_flash   SDPA's flash backend on the same dense shape
 Kernels: attnkit runs the public op (its automatic choice, or ATTNKIT_GDPA_KERNEL) unless
 --kernel / --bwd-kernel / --fwd-options name kernels and launch options, which run the private
-ops (attnkit.gdpa._gdpa_with; docs/ops.md, GDPA "Kernel choice"): e.g. `--kernel sm90_cp_async`,
+ops (attnkit.gdpa._gdpa_with; docs/ops.md, GDPA "Kernel choice"): e.g. `--kernel sm80`,
 `--kernel sm90_ws --fwd-options ping_pong=0`, `--bwd-kernel sm90_ws --bwd-deterministic`. A named
 kernel that cannot take a cell's call fails its verification.
 Passes: fwd, bwd (the backward alone, from a saved forward graph) and fwdbwd (forward then
@@ -112,11 +112,11 @@ def main():
     p.add_argument("--passes", default="fwd,bwd,fwdbwd",
                    help="which passes to time: any of fwd, bwd, fwdbwd")
     p.add_argument("--kernel", default=None,
-                   help="forward kernel of the private op: auto|portable|sm80|sm90|sm90_cp_async|sm90_ws")
+                   choices=["auto", "portable", "sm80", "sm90", "sm90_ws"],
+                   help="forward kernel of the private op (sm90 = sm90_ws)")
     p.add_argument("--bwd-kernel", default=None,
                    choices=["auto", "portable", "sm80", "sm90", "sm90_ws"],
-                   help="backward kernel of the private op (sm90 = sm90_ws, the one sm90 backward; "
-                        "sm90_cp_async is forward-only)")
+                   help="backward kernel of the private op (sm90 = sm90_ws)")
     p.add_argument("--fwd-options", default="",
                    help="forward launch options, e.g. ping_pong=0,split_loaders=0,persistent=0,sorted=0")
     p.add_argument("--bwd-deterministic", action="store_true", help="the backward's dQ without atomics")

@@ -12,6 +12,11 @@ visible: moe_dispatch + moe_combine tokens/s and all-to-all GB/s per rank agains
 all_to_all_single alone on the same splits, and the MoE(process_group=) block; one line says why
 when it is skipped.
 
+``--kernel`` pins the kernel of the timed GEMM op (grouped_gemm in the gemm rows,
+grouped_gemm_swiglu in ``--ops swiglu``, whose peers stay the public ops) through the private ops
+(docs/ops.md MoE "Kernel choice": portable, sm80, sm90, sm90_grouped_mm, sm90_fused) for an A/B
+run; unset, the public ops choose (ATTNKIT_MOE_KERNEL, else auto).
+
 Example (GPU): python benchmarks/bench_moe.py --iters 20 --csv moe.csv --plot moe.png
 Small CPU run:  python benchmarks/bench_moe.py --tokens 512 --hidden 256 --inter 128 --experts 8
 EP dry run (CPU, gloo):  python benchmarks/bench_moe.py --ops ep --ep-backend gloo --ep-world 2 \
@@ -36,6 +41,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _ints(s):
     return [int(v) for v in s.split(",") if v]
+
+
+def gemm_ops(kernel):
+    """grouped_gemm and grouped_gemm_swiglu: the public ops, or on `kernel` (the private ops)."""
+    if kernel is None:
+        return attnkit.grouped_gemm, attnkit.grouped_gemm_swiglu
+    A = torch.ops.attnkit
+    return (lambda a, w, off: A._grouped_gemm_with(a, w, off, kernel=kernel),
+            lambda a, w, off: A._grouped_gemm_swiglu_with(a, w, off, kernel=kernel))
 
 
 def eager_loop_gemm(a, w, offs_host):
@@ -194,6 +208,7 @@ def bench_swiglu(args, dev, dtype, kw):
     rows, ok = [], True
     on_gpu = dev.startswith("cuda")
     has_mm = on_gpu and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
+    grouped_gemm_swiglu = gemm_ops(args.kernel)[1]  # the op under test; its peers: public ops
     for name in args.swiglu_shapes.split(","):
         H, I, E, k = SWIGLU_SHAPES[name]
         if not on_gpu:  # a CPU smoke run at the --hidden / --inter / first --experts sizes
@@ -206,12 +221,12 @@ def bench_swiglu(args, dev, dtype, kw):
         a = torch.randn(n, H, device=dev, dtype=dtype)
         w = torch.randn(E, H, 2 * I, device=dev, dtype=dtype) / H ** 0.5
         expect = ref.grouped_gemm_swiglu_ref(a, w, off)
-        ok &= verify(f"grouped_gemm_swiglu {name}", attnkit.grouped_gemm_swiglu(a, w, off), expect,
+        ok &= verify(f"grouped_gemm_swiglu {name}", grouped_gemm_swiglu(a, w, off), expect,
                      TOLERANCE[dtype])
         flops = 2.0 * n * H * 2 * I
         row = dict(shape=name, H=H, I=I, E=E, k=k, M=n)
         ends = off[1:].contiguous()
-        fused = lambda: attnkit.grouped_gemm_swiglu(a, w, off)
+        fused = lambda: grouped_gemm_swiglu(a, w, off)
         gemm = (lambda: torch._grouped_mm(a, w, ends)) if has_mm else (
             lambda: attnkit.grouped_gemm(a, w, off))
         peer = lambda: attnkit.silu_and_mul(gemm())
@@ -220,7 +235,7 @@ def bench_swiglu(args, dev, dtype, kw):
             h = gemm()
             return torch.nn.functional.silu(h[:, :I]) * h[:, I:]
 
-        ok &= verify(f"unfused peer {name}", peer(), attnkit.grouped_gemm_swiglu(a, w, off),
+        ok &= verify(f"unfused peer {name}", peer(), grouped_gemm_swiglu(a, w, off),
                      TOLERANCE[dtype])
         cols_fns = dict(fused=fused, gemm=gemm, peer=peer, torch_silu=torch_swiglu)
         del expect
@@ -280,6 +295,9 @@ def main(argv=None):
                    help="comma list of route, permute, unpermute, gemm, block, swiglu, ep")
     p.add_argument("--swiglu-shapes", default="mixtral,deepseek-e64,deepseek",
                    help=f"comma list of {', '.join(SWIGLU_SHAPES)} (--ops swiglu)")
+    p.add_argument("--kernel", default=None,
+                   help="grouped_gemm / grouped_gemm_swiglu kernel (private ops; default: the "
+                        "public ops' choice)")
     p.add_argument("--rounds", type=int, default=7,
                    help="--ops swiglu: interleaved rounds, each timing every column once")
     bench_moe_ep.add_args(p)
@@ -341,10 +359,11 @@ def main(argv=None):
                 w1 = torch.randn(E, H, 2 * I, device=dev, dtype=dtype) / H ** 0.5
             if "gemm" in ops:
                 flops = 2.0 * n * H * 2 * I
-                ours = attnkit.grouped_gemm(perm, w1, off)
+                grouped_gemm = gemm_ops(args.kernel)[0]
+                ours = grouped_gemm(perm, w1, off)
                 ok &= verify(f"grouped_gemm E={E} k={k}", ours, ref.grouped_gemm_ref(perm, w1, off),
                              TOLERANCE[dtype])
-                t = time_ms(lambda: attnkit.grouped_gemm(perm, w1, off), dev, **kw)
+                t = time_ms(lambda: grouped_gemm(perm, w1, off), dev, **kw)
                 row["gemm_TFLOPs"] = flops / t / 1e9
                 on_gpu = dev.startswith("cuda")
                 if on_gpu and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:

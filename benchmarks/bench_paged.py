@@ -6,6 +6,11 @@ decode kernel); "% copy" divides by the measured device-to-device copy bandwidth
 written). Every implementation is verified against the eager reference before it is timed.
 
     python benchmarks/bench_paged.py --iters 20 --csv paged.csv --plot paged.png
+
+--kernel (auto | portable | sm80 | sm90) and --splits (0: the launcher's count) run attnkit's
+ops through the private ops _paged_attention_v1_with / _pa_fwd_with (docs/ops.md, paged "Kernel
+choice"): A/B runs of the kernels and of the split-K count, no environment variables. A named
+kernel that cannot take a case (sm90 on the vLLM layout at block size 32, say) fails it.
 """
 import argparse
 import math
@@ -69,7 +74,14 @@ def main(argv=None):
                    default="1x32768,16x16384,64x4096,256x1024", help="SEQSxCONTEXT,...")
     p.add_argument("--heads", default="32/8,64/8,32/32", help="HQ/HKV,...")
     p.add_argument("--verify-seqs", type=int, default=8, help="sequences checked against the reference")
+    p.add_argument("--kernel", default="auto", choices=["auto", "portable", "sm80", "sm90"],
+                   help="the paged decode kernel (the private ops' kernel=)")
+    p.add_argument("--splits", type=int, default=0,
+                   help="split-K count, 0: the launcher's (the private ops' splits=)")
     args = p.parse_args(argv)
+    v1 = torch.ops.attnkit._paged_attention_v1_with
+    pa = torch.ops.attnkit._pa_fwd_with
+    pin = dict(kernel=args.kernel, splits=args.splits)
     dev = args.device
     if not str(dev).startswith("cuda"):
         print("bench_paged: needs a CUDA device (the CPU kernels are covered by the self-check)")
@@ -87,14 +99,15 @@ def main(argv=None):
             print(f"\n{label}")
             q, kc, vc_asm, vc_vllm, bt, lens = make_case(S, ctx, hq, hkv, dev)
             scale = 1.0 / math.sqrt(D)
+            one = torch.ones(1, dtype=torch.float32, device=dev)  # k_scale / v_scale (16-bit: unused)
             kv_bytes = 2 * S * ctx * hkv * D * 2
             outs = {n: torch.empty_like(q) for n in ("v1_vllm", "v1_asm")}
             impls = {
-                "v1_vllm": lambda: attnkit.paged_attention_v1(outs["v1_vllm"], q, kc, vc_vllm, hkv, scale,
-                                                              bt, lens, BS, ctx),
-                "v1_asm": lambda: attnkit.paged_attention_v1(outs["v1_asm"], q, kc, vc_asm, hkv, scale,
-                                                             bt, lens, BS, ctx),
-                "pa_fwd": lambda: attnkit.pa_fwd(q, kc, vc_asm, bt, lens, bt.stride(0)),
+                "v1_vllm": lambda: v1(outs["v1_vllm"], q, kc, vc_vllm, hkv, scale, bt, lens, BS, ctx,
+                                      None, "auto", one, one, **pin),
+                "v1_asm": lambda: v1(outs["v1_asm"], q, kc, vc_asm, hkv, scale, bt, lens, BS, ctx,
+                                     None, "auto", one, one, **pin),
+                "pa_fwd": lambda: pa(q, kc, vc_asm, bt, lens, bt.stride(0), **pin),
             }
             n = min(S, args.verify_seqs)
             expect = ref.paged_attention_ref(q[:n], kc, vc_asm, bt[:n], lens[:n], scale)

@@ -145,6 +145,10 @@ class Batch:
             q, cu = self.q[t0:t1], (self.cu_q[r.start:r.stop + 1] - t0).contiguous()
             lens, bt = self.lens[r], self.block_table[r]
             mq, mk = max(self.q_lens[r]), max(self.k_lens[r])
+        if DECODE_KERNEL != "auto":  # the decode path pinned (or "none": the gather path)
+            return lambda: torch.ops.attnkit._flash_attn_fwd_with(
+                q, self.k_cache, self.v_cache, scale, True, -1, -1, 0.0, cu, None, mq, mk,
+                seqused_k=lens, block_table=bt, decode_kernel=DECODE_KERNEL)[0]
         return lambda: attnkit.flash_attn_varlen_func(
             q, self.k_cache, self.v_cache, cu_seqlens_q=cu, max_seqlen_q=mq, seqused_k=lens,
             max_seqlen_k=mk, causal=True, block_table=bt, softmax_scale=scale)
@@ -425,6 +429,9 @@ def plot_all(path, panels, copy):
     print(f"wrote {path}")
 
 
+DECODE_KERNEL = "auto"  # --decode-kernel
+
+
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -435,9 +442,15 @@ def main(argv=None):
                    help="mixed batch groups NxQLENxKLEN,... (all in one call)")
     p.add_argument("--spec", default=None, help="speculative shapes BATCHxQLENxKLEN,...")
     p.add_argument("--heads", default="32/8", help="HQ/HKV")
+    p.add_argument("--decode-kernel", default="auto", choices=["auto", "none", "sm80", "sm90"],
+                   help="the paged call's decode path through _flash_attn_fwd_with: auto (the "
+                        "public call), none (the gather path), or pinned to sm80 (cp.async) / "
+                        "sm90 (tensor maps); a pinned kernel fails the calls it cannot take")
     p.add_argument("--verify-seqs", type=int, default=8,
                    help="sequences checked against the eager reference per row")
     args = p.parse_args(argv)
+    global DECODE_KERNEL
+    DECODE_KERNEL = args.decode_kernel
     args.heads = tuple(int(v) for v in args.heads.split("/"))
     dev = args.device
     kind = "cuda" if str(dev).startswith("cuda") else "cpu"

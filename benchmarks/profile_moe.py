@@ -4,6 +4,10 @@ bench_moe reports the call's GB/s; this splits it into its launches (rank, scan,
 scatter, the workspace memset), so a change to one of them can be judged on its own.
 
   python benchmarks/profile_moe.py --tokens 16384 --hidden 4096 --cases 8:2,64:2,256:8
+
+--rank-walk and --no-pdl set moe_permute's launch options (the private op _moe_permute_with,
+docs/ops.md MoE "Kernel choice"): the per-pair walk rank kernel everywhere, and ordinary launches
+of the scan and scatter instead of programmatic dependent launch.
 """
 import argparse
 import collections
@@ -23,8 +27,13 @@ def main():
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--cases", default="8:2,64:2,8:8,256:8", help="E:k pairs")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rank-walk", action="store_true", help="the walk rank kernel everywhere")
+    p.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch")
     a = p.parse_args()
     T, H = a.tokens, a.hidden
+    options = dict(rank_hist=not a.rank_walk, pdl=not a.no_pdl)
+    permute = lambda x, ids, E: torch.ops.attnkit._moe_permute_with(x, ids, E, **options)
+    print(f"moe_permute launch options: {options}")
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     for case in a.cases.split(","):
         E, k = (int(v) for v in case.split(":"))
@@ -36,13 +45,13 @@ def main():
         dst = torch.empty_like(src)
         t_copy = time_ms(lambda: dst.copy_(src), "cuda", warmup=50, iters=50)
         copy_gbs = 2 * n * H * 2 / t_copy / 1e6
-        t_call = time_ms(lambda: attnkit.moe_permute(x, ids, E), "cuda", warmup=50, iters=50)
+        t_call = time_ms(lambda: permute(x, ids, E), "cuda", warmup=50, iters=50)
         side = torch.cuda.Stream()
         with torch.cuda.stream(side):
-            t_graph = time_ms_graph(lambda: attnkit.moe_permute(x, ids, E), iters=50)
+            t_graph = time_ms_graph(lambda: permute(x, ids, E), iters=50)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(a.reps):
-                attnkit.moe_permute(x, ids, E)
+                permute(x, ids, E)
             torch.cuda.synchronize()
         per = collections.defaultdict(float)
         for ev in prof.events():

@@ -20,7 +20,7 @@ TORCH_LIBRARY(attnkit, m) {
   // Private (docs/ops.md, GDPA "Kernel choice"): the same calls on a named kernel with launch
   // options (kernels/gdpa/choose.h, launch_options.h), so tests and benchmarks pick kernels and
   // schedules without environment variables. kernel: auto | portable | sm80 | sm90 (the best sm90
-  // kernel that can take the call) | sm90_cp_async | sm90_ws; a named kernel that cannot take the
+  // kernel that can take the call: sm90_ws) | sm90_ws; a named kernel that cannot take the
   // call raises. "auto" is the choice of the public ops without ATTNKIT_GDPA_KERNEL (which the
   // private ops do not read), and the options' defaults are the public ops'. Forward options: the
   // warp-specialised kernel's consumer ping-pong, split K / V loaders, persistent grid, jagged
@@ -60,6 +60,36 @@ TORCH_LIBRARY(attnkit, m) {
       "pa_fwd(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
       "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
       "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1) -> Tensor");
+  // Private (docs/ops.md, paged "Kernel choice"): the same calls on a named kernel with the launch
+  // options (kernels/paged/choose.h, launch_options.h), so tests and benchmarks pick kernels and
+  // split counts without environment variables. kernel: auto | portable (the CUDA-core kernel) |
+  // sm80 (the tensor-core decode, cp.async loads) | sm90 (the same kernel with bulk loads); a
+  // named kernel that cannot take the call raises. "auto" is the launcher's own choice (the
+  // public ops: ATTNKIT_PAGED_KERNEL, else auto). splits: 0 (the launcher's count) or a split-K
+  // count in [1, 256], capped at the partitions of the longest sequence.
+  m.def(
+      "_paged_attention_v1_with(Tensor(a!) out, Tensor query, Tensor key_cache, "
+      "Tensor value_cache, int num_kv_heads, float scale, Tensor block_tables, Tensor seq_lens, "
+      "int block_size, int max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, "
+      "Tensor k_scale, Tensor v_scale, *, float logits_soft_cap=0.0, int sliding_window=-1, "
+      "str kernel=\"auto\", int splits=0) -> ()");
+  m.def(
+      "_pa_fwd_with(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
+      "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
+      "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1, *, "
+      "str kernel=\"auto\", int splits=0) -> Tensor");
+  // The kernel choice alone, from facts given as arguments: call "decode" (paged_attention_v1,
+  // pa_fwd: choose_decode) or "nhd_decode" (the serving call's decode path on NHD pages, once it
+  // applies: choose_nhd_decode; it reads only the device and build facts and maps_ok). Returns
+  // the name of the kernel that would run, or raises with the reason a named kernel (or, for
+  // nhd_decode, any kernel) cannot take such a call. Takes no tensor, so every build answers it
+  // on the CPU. The defaults describe a bf16 call (G = 8, head size 128, block size 16, contiguous
+  // caches) that every kernel can take, on a 9.0 device of an sm_90a build.
+  m.def(
+      "_paged_choose_kernel(str call, str request, *, bool half=True, bool cache_same=True, "
+      "bool one_query=True, int group=8, int head_dim=128, int block_size=16, int sm_major=9, "
+      "int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, bool bulk_layout=True, "
+      "bool maps_ok=True) -> str");
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()");
@@ -104,6 +134,10 @@ TORCH_LIBRARY(attnkit, m) {
   // portable | sm80 | sm90; a named kernel that cannot take the call raises. "auto" is the
   // launcher's own choice
   // (the public ops: ATTNKIT_FLASH_KERNEL, else auto) and the defaults are the public ops'.
+  // decode_kernel: the serving call's decode path (docs/serving.md) on NHD pages: auto (where it
+  // applies, with kernel auto: the public op's behaviour) | none (the gather path) | sm80 | sm90
+  // (the paged family's tensor-core decode with cp.async / tensor-map loads, required: a call it
+  // cannot take raises; excludes a named kernel).
   m.def(
       "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
       "bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
@@ -111,7 +145,8 @@ TORCH_LIBRARY(attnkit, m) {
       "SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, Tensor? block_table=None, "
       "Tensor? s_aux=None, Tensor? k_descale=None, Tensor? v_descale=None, "
       "bool deterministic=False, str kernel=\"auto\", int max_ctas=0, bool ping_pong=True, "
-      "bool persistent=True, bool three_wg=False, bool paired=True) -> (Tensor out, Tensor lse)");
+      "bool persistent=True, bool three_wg=False, bool paired=True, "
+      "str decode_kernel=\"auto\") -> (Tensor out, Tensor lse)");
   m.def(
       "_flash_attn_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "
@@ -149,6 +184,34 @@ TORCH_LIBRARY(attnkit, m) {
   // silu_and_mul(grouped_gemm(a, w, expert_offsets)) with the [M, 2I] product never stored.
   m.def("grouped_gemm_swiglu(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("expert_load_balance(Tensor expert_loads, int world_size) -> Tensor");
+  // Private (docs/ops.md, MoE "Kernel choice"): the same calls on a named kernel or with launch
+  // options (kernels/moe/choose.h, launch_options.h), so tests and benchmarks pick kernels and
+  // schedules without environment variables. kernel: auto | portable (FMA tiles) | sm80
+  // (mma.sync) | sm90 (the best sm90 kernel that can take the call) | sm90_grouped_mm
+  // (at::_grouped_mm; grouped_gemm_swiglu: then silu_and_mul) | sm90_fused (grouped_gemm_swiglu
+  // only); a named kernel that cannot take the call raises. "auto" is the choice of the public ops
+  // without ATTNKIT_MOE_KERNEL (which the private ops do not read). moe_permute's options: the
+  // histogram rank kernel where it fits (false: the per-pair walk everywhere) and programmatic
+  // dependent launch of the scan and scatter; both change no result. Not differentiable.
+  m.def(
+      "_moe_permute_with(Tensor x, Tensor topk_ids, int num_experts, *, bool rank_hist=True, "
+      "bool pdl=True) -> (Tensor permuted, Tensor expert_offsets, Tensor row_map)");
+  m.def(
+      "_grouped_gemm_with(Tensor a, Tensor w, Tensor expert_offsets, *, str kernel=\"auto\") "
+      "-> Tensor");
+  m.def(
+      "_grouped_gemm_swiglu_with(Tensor a, Tensor w, Tensor expert_offsets, *, "
+      "str kernel=\"auto\") -> Tensor");
+  // The kernel choice alone (choose_gemm / choose_swiglu; moe_permute: its rank kernel, request
+  // "auto" only), from facts given as arguments: the name of the kernel that would run, or a
+  // RuntimeError with the reason a named kernel cannot take such a call. Takes no tensor, so
+  // every build answers it on the CPU. k and n are the GEMM's (grouped_gemm_swiglu: H and 2I).
+  // The defaults describe a bf16 call every kernel can take, on a 9.0 device of an sm_90a build.
+  m.def(
+      "_moe_choose_kernel(str op, str request, *, str dtype=\"bf16\", int rows=4096, "
+      "int k=1024, int n=2048, int experts=64, int sm_major=9, bool sm80_built=True, "
+      "bool sm90a_built=True, bool w_row_major=True, bool w_col_major=False, bool aligned=True, "
+      "bool maps_ok=True, bool grouped_mm_ok=True, bool rank_hist=True) -> str");
   // Backward ops of moe_unpermute, grouped_gemm and moe_route (first-class, own kernels).
   m.def(
       "_moe_unpermute_bwd(Tensor grad_out, Tensor permuted_out, Tensor row_map, "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B and profiling runs on the GPU machine, after `STEPS=build bash scripts/gpu_check.sh` in the
-# same call: each switch that is read once per process gets its own process. Short tables on
+# same call: each kernel or option gets its own process. Short tables on
 # stdout, full logs under $OUT. Pick parts with AB (default: all).
 #
 #   AB="gdpa flash paged_splits ncu_gdpa ncu_flash" bash scripts/gpu_ab.sh
@@ -8,7 +8,8 @@
 #   gdpa          bench_gdpa forward+backward, the sm90 kernels vs the sm80 (mma.sync) ones
 #                 (ATTNKIT_GDPA_KERNEL=sm90 / sm80)
 #   flash         bench_attention D 64/128 (causal and not) at 1k/4k/16k, ATTNKIT_FLASH_KERNEL auto vs sm80
-#   paged_splits  bench_paged at 1 x 32k and 64 x 4k for ATTNKIT_PAGED_SPLITS in $SPLITS
+#   paged_splits  bench_paged at 1 x 32k and 64 x 4k for --splits in $SPLITS (the private ops'
+#                 launch option; one process runs them all now, but a log per count is kept)
 #   ncu_gdpa      ncu stall reasons and issue statistics of the GDPA forward (1024, B=264: 2 waves)
 #   ncu_flash     the same for the flash forward (D=128, 4k)
 #   ncu_paged     the same plus memory tables for paged decode, 64 x 4k 32/8, vLLM then ASM layout
@@ -45,13 +46,11 @@ for part in $AB; do
       done ;;
     paged_splits)
       for s in $SPLITS; do
-        echo "== paged, ATTNKIT_PAGED_SPLITS=$s"
-        if [ "$s" = 0 ]; then unset ATTNKIT_PAGED_SPLITS; else export ATTNKIT_PAGED_SPLITS=$s; fi
-        $PY benchmarks/bench_paged.py $ARGS --shapes 1x32768,64x4096 --heads 32/8 \
+        echo "== paged, --splits $s"
+        $PY benchmarks/bench_paged.py $ARGS --shapes 1x32768,64x4096 --heads 32/8 --splits "$s" \
           > "$OUT/ab_paged_$s.log" 2>&1
         table "$OUT/ab_paged_$s.log"
-      done
-      unset ATTNKIT_PAGED_SPLITS ;;
+      done ;;
     ncu_gdpa)
       echo "== ncu gdpa forward"
       ncu --clock-control none --kernel-name regex:gdpa_fwd --launch-count 1 $NCU_SECTIONS \

@@ -9,9 +9,9 @@
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_jagged: issue #19's jagged schedule, its tests, memcheck and bench_gdpa before / after;
-# gdpa_ws_bench times the forward five ways through bench_gdpa's --kernel / --fwd-options (the
-# private op): the cp.async wgmma kernel, then sm90_ws with its default schedule, then with
-# ping_pong=0, split_loaders=0 and persistent=0),
+# gdpa_ws_bench times the forward four ways through bench_gdpa's --kernel / --fwd-options (the
+# private op): sm90_ws with its default schedule, then with ping_pong=0, split_loaders=0 and
+# persistent=0),
 # gdpa_bench is the whole bench_gdpa table (forward, backward and fwd+bwd, sparsity 1.0 and 0.5,
 # max len 256-2048, with the Triton jagged GDPA peer; ~240 s), gdpa_triton_selftest checks that
 # peer (benchmarks/triton_gdpa.py --selftest) on the GPU. gdpa_bwd_ws: the warp-specialised GDPA
@@ -24,7 +24,7 @@
 # flash_ws_bench / flash_ws_bwd_bench time D 64 and 128, causal and not, with the sm80 kernel
 # (bench_attention --kernel sm80) then the sm90 one (--kernel sm90); flash_d64_bench: the
 # head-dim-64 forward with 3 consumer warpgroups (--ws-options three_wg=1) and with 2).
-# flash_memcheck_all: the whole flash CUDA suite under
+# flash_sm80_fwd_sanitize: memcheck on the sm80 forward's multi-tile tests; flash_memcheck_all: the whole flash CUDA suite under
 # compute-sanitizer memcheck in MC_SHARDS (default 4) parallel shards, MC_LIMIT seconds each
 # (default 480; K=<pytest -k expression> narrows it; MC_CHUNK tests per sanitized process).
 # flash_pairs_bench: the forward's work items of one tile against pairs; flash_env: the env-gated
@@ -41,7 +41,11 @@
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
 # the EP section when >= 2 GPUs are visible); moe_ep_bench: that EP section alone (multi-GPU
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
-# paged_tests: the paged family's CUDA tests, then bench_paged; gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; serving_ncu: ncu sections of the NHD decode kernel next to paged_attention_v1's.
+# moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
+# grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
+# gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
+# scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
+# decode kernel next to paged_attention_v1's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -90,6 +94,9 @@ for s in $QUICK; do
     flash_sanitize)
       step flash_sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_flash_*.py -q -p no:xdist -k "backward_paths_multi_tile and sm90 and bfloat16" ;;
+    flash_sm80_fwd_sanitize)  # the mma.sync forward (mma_fwd.cuh) under memcheck: every window / softcap case
+      step flash_sm80_fwd_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash_cuda_paths.py -q -p no:xdist -k "forward_paths_multi_tile and sm80 and bfloat16" ;;
     flash_bench)
       for a in "128" "128 --causal" "64" "64 --causal"; do
         tag=d$(echo "$a" | tr -d ' -')
@@ -133,7 +140,7 @@ for s in $QUICK; do
     gdpa_ws_sanitize)
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
-        -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets" ;;
+        -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets or forward_warp_specialised_copies" ;;
     gdpa_jagged)  # issue #19, the forward's jagged schedule (fwd_ws.cuh: device-built longest-first
       # list, narrow 64-key tiles): its tests with the other warp-specialised forward tests, the new
       # ones under memcheck, then the forward at max len 256-2048 (sparsity 1.0 and 0.5, no Triton)
@@ -170,7 +177,6 @@ for s in $QUICK; do
       done ;;
     gdpa_ws_bench)  # forward only: the variants differ in the forward alone
       G="$PY benchmarks/bench_gdpa.py --sparsity 1.0 --passes fwd $BENCH"
-      step bench_gdpa_cp_async 60 $G --kernel sm90_cp_async
       step bench_gdpa_ws 60 $G --kernel sm90_ws
       step bench_gdpa_ws_free 60 $G --kernel sm90_ws --fwd-options ping_pong=0
       step bench_gdpa_ws_1loader 60 $G --kernel sm90_ws --fwd-options split_loaders=0
@@ -228,13 +234,11 @@ for s in $QUICK; do
       step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and not reads_pages and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
-      # (not reads_pages: that test asks the profiler which kernel ran, and CUPTI has no room for
-      # a second subscriber under compute-sanitizer)
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
     serving_sanitize_only)  # serving_tests' memcheck half alone (after full_tests ran the suite)
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and not reads_pages and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
     gdpa_ncu)  # the GDPA forward at max length 256, dense then jagged (profile_gdpa.py --sparsity)
       for sp in 1.0 0.5; do
         step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:gdpa_fwd --launch-count 1 --section SpeedOfLight \
@@ -278,6 +282,17 @@ for s in $QUICK; do
       step swiglu_bench_all 180 $PY benchmarks/bench_moe.py --iters ${ITERS:-300} --warmup ${WARMUP:-100} \
         --skip-eager --ops swiglu --swiglu-shapes deepseek-e64,deepseek,mixtral \
         --csv "$L/bench_moe_swiglu_all.csv" ;;
+    moe_choose)  # the MoE kernel choice (issue #16): every MoE CUDA test (kernels pinned through
+      # the private ops, the ATTNKIT_MOE_KERNEL override), memcheck on the pinned-kernel ones,
+      # then bench_moe's gemm rows on sm80 and on auto (at::_grouped_mm on sm90 bf16)
+      step moe_choose_tests 200 $PY -m pytest tests/test_moe_*.py -q -n 16 -rfE -k "cuda and not stress"
+      step moe_choose_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_moe_ops.py tests/test_moe_swiglu.py -q -p no:xdist \
+        -k "cuda and (gemm_kernels or swiglu_kernels or many_pairs or many_chunks)"
+      for k in sm80 auto; do
+        step moe_choose_bench_$k 90 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-10} \
+          --skip-eager --ops gemm --experts 8,64 --topk 2 --kernel $k --csv "$L/bench_moe_gemm_$k.csv"
+      done ;;
     moe_permute_sanitize_only)  # memcheck on the permutation (moe_route_tests' last step alone)
       step moe_permute_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_moe_ops.py -q -p no:xdist -k "cuda and (permute or out_of_range) and not compile and not opcheck" ;;
@@ -315,6 +330,14 @@ for s in $QUICK; do
       # one rank per visible GPU; with fewer than 2 GPUs it prints one "skipped" line and exits 0
       step bench_moe_ep 240 $PY benchmarks/bench_moe.py --ops ep --ep-iters ${EP_ITERS:-20} \
         --ep-warmup ${EP_WARMUP:-5} --ep-timeout 220 --csv "$L/bench_moe.csv" ;;
+    tma_maps_tests)  # every tensor-map kernel after a change to csrc/cuda/tma_map.h: the fresh-thread
+      # tests, the flash / GDPA ws paths and copies, the fused SwiGLU GEMM, the NHD decode (~60 s)
+      step tma_maps_tests 150 $PY -m pytest tests/test_gdpa_cuda.py tests/test_flash_cuda_ws.py \
+        tests/test_moe_swiglu.py tests/test_serving_varlen.py -q -n 16 -rfE \
+        -k "cuda and not compile and not opcheck and (fresh_thread or backward_paths_multi_tile or warp_specialised or swiglu or decode or varlen)" ;;
+    before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
+      # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
+      step before_after 300 bash scripts/before_after.sh ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;

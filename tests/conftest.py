@@ -2,6 +2,7 @@
 the device list."""
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -80,3 +81,23 @@ if os.environ.get("ATTNKIT_TRACE_CUDA_MEMORY") == "1" and torch.cuda.is_availabl
               f"{torch.cuda.memory_reserved() >> 20} MiB peak="
               f"{torch.cuda.max_memory_allocated() >> 20} MiB", file=sys.stderr)
         torch.cuda.reset_peak_memory_stats()
+
+
+def on_fresh_thread(fn):
+    """fn() on a new thread, which has no CUDA context bound until some CUDA runtime call binds
+    one (autograd's backward thread and a user's worker threads start that way); its result, or
+    its exception raised here."""
+    box = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001  re-raised on the calling thread
+            box["err"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]

@@ -11,7 +11,7 @@ import torch
 
 from attnkit.reference import flash_attn_ref
 from attnkit.testing import assert_close, assert_lse_close
-from conftest import poison_allocator
+from conftest import on_fresh_thread, poison_allocator
 from samples.flash import BWD_WITH, FWD_WITH, HOPPER, POISON_BYTES, approx_tanh, dtype_id, rand
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +243,26 @@ def test_cuda_forward_warp_specialised_copies_unaddressable_inputs(how):
         for schedule in ("pingpong", "few"):
             check_fwd(ws_fwd(schedule), q, k, v, True, (-1, -1), 0.0, torch.bfloat16,
                       f"sm90 {schedule} {how} D={D}")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+def test_cuda_warp_specialised_on_a_fresh_thread():
+    """sm90, named, on a thread whose first CUDA work is the call (no context bound: the tensor
+    maps' driver call needs one; test_gdpa_cuda has the same test), forward and backward, with the
+    main thread's results (the forward bit for bit)."""
+    q = rand(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = rand(2, 200, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = rand(2, 200, 2, 128, device="cuda", dtype=torch.bfloat16)
+    out, lse = FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90")
+    g = torch.randn_like(out)
+    want = BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1, kernel="sm90")
+    torch.cuda.synchronize()
+    got_o, got_lse = on_fresh_thread(lambda: FWD_WITH(q, k, v, None, True, -1, -1, kernel="sm90"))
+    got = on_fresh_thread(lambda: BWD_WITH(g, q, k, v, out, lse, None, True, -1, -1,
+                                           kernel="sm90"))
+    assert torch.equal(got_o, out) and torch.equal(got_lse, lse)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, torch.bfloat16, name)  # dQ: fp32 atomics, last bits vary run to run
 
 
 # ---------------------------------------------------------------------------------------------

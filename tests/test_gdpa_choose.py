@@ -30,10 +30,10 @@ ARCHS = {
     "t4_sm75": dict(sm_major=7, sm_minor=5),
     "mi250_hip": dict(sm_major=9, sm_minor=0, sm80_built=False, sm90a_built=False),
 }
-# What auto picks for a bf16 / fp16 call, by head dim: 65..128 (both directions), <= 64 (the
-# forward: sm90_cp_async on Hopper; the backward: sm90_ws, padded to 128) and > 128.
+# What auto picks for a bf16 / fp16 call, by head dim: 65..128 (both directions), <= 64 (both
+# directions: sm90_ws on Hopper, padded to 128) and > 128.
 AUTO = {
-    "h100_sm90a_build": ("sm90_ws", "sm90_cp_async", "sm90_ws", "sm80"),
+    "h100_sm90a_build": ("sm90_ws", "sm90_ws", "sm90_ws", "sm80"),
     "h100_build_without_sm90a": ("sm80",) * 4,
     "a100": ("sm80",) * 4,
     "l40_sm89": ("sm80",) * 4,
@@ -82,24 +82,18 @@ def test_named_requests_per_architecture(arch, direction):
         assert CHOOSE(direction, "sm80", **dict(facts, head_dim=256)) == "sm80"
     else:
         refused(direction, "sm80", "HIP" if arch == "mi250_hip" else "8.0 or newer", **facts)
-    if direction == "bwd":  # forward-only, whatever the device
-        refused(direction, "sm90_cp_async", "no such backward kernel .*forward-only", **facts)
     if sm90:
         assert CHOOSE(direction, "sm90", **facts) == "sm90_ws"
         assert CHOOSE(direction, "sm90_ws", **facts) == "sm90_ws"
-        if direction == "fwd":
-            assert CHOOSE(direction, "sm90_cp_async", **facts) == "sm90_cp_async"
     else:
         why = {"h100_build_without_sm90a": "sm_90a code", "mi250_hip": "HIP",
                "t4_sm75": "8.0 or newer"}.get(arch, "compute capability 9.0")
-        for request in ("sm90", "sm90_ws") + (("sm90_cp_async",) if direction == "fwd" else ()):
+        for request in ("sm90", "sm90_ws"):
             refused(direction, request, why, **facts)
 
 
-# (The backward refuses sm90_cp_async before any of these: test_backward_refusals_and_fallbacks.)
 @pytest.mark.parametrize("direction,request_", [
-    (d, r) for d in ("fwd", "bwd") for r in ("sm80", "sm90", "sm90_cp_async", "sm90_ws")
-    if (d, r) != ("bwd", "sm90_cp_async")])
+    (d, r) for d in ("fwd", "bwd") for r in ("sm80", "sm90", "sm90_ws")])
 def test_tensor_core_refusals(request_, direction):
     """What every tensor-core kernel needs: 16-bit inputs; the sm90 ones head dim <= 128."""
     refused(direction, request_, "bf16 or fp16", half=False)
@@ -108,22 +102,17 @@ def test_tensor_core_refusals(request_, direction):
 
 
 def test_forward_refusals_and_fallbacks():
-    """The cp.async wgmma forward has no window mask; the warp-specialised one needs head dim
-    65..128 and its tensor maps; "sm90" falls back to sm90_cp_async where sm90_ws cannot run, and
-    auto further to sm80 where neither can."""
-    refused("fwd", "sm90_cp_async", "no window mask", windowed=True)
-    assert CHOOSE("fwd", "sm90_ws", windowed=True) == "sm90_ws"
-    assert CHOOSE("fwd", "auto", windowed=True) == "sm90_ws"
-    for d in (8, 64):
-        refused("fwd", "sm90_ws", "head dim 65..128", head_dim=d)
-        assert CHOOSE("fwd", "sm90", head_dim=d) == "sm90_cp_async"
-        assert CHOOSE("fwd", "sm90_cp_async", head_dim=d) == "sm90_cp_async"
-        refused("fwd", "sm90", "no window mask", head_dim=d, windowed=True)
-        assert CHOOSE("fwd", "auto", head_dim=d, windowed=True) == "sm80"
-    refused("fwd", "sm90_ws", "tensor map", maps_ok=False)
-    assert CHOOSE("fwd", "sm90", maps_ok=False) == "sm90_cp_async"
-    assert CHOOSE("fwd", "auto", maps_ok=False) == "sm90_cp_async"
-    refused("fwd", "sm90", "no window mask", maps_ok=False, windowed=True)
+    """The forward's one sm90 kernel, sm90_ws, takes head dims up to 128 (padded) and windows,
+    and needs its tensor maps (after the launcher's copy: only rows past int32 coordinates or a
+    build / driver without tensor maps fail); "sm90" is sm90_ws, auto takes sm80 where it cannot
+    run. The cp.async wgmma forward is gone (its name is unknown: test_unknown_names)."""
+    for d in (8, 64, 128):
+        for request in ("sm90", "sm90_ws", "auto"):
+            assert CHOOSE("fwd", request, head_dim=d) == "sm90_ws", (request, d)
+            assert CHOOSE("fwd", request, head_dim=d, windowed=True) == "sm90_ws", (request, d)
+    for request in ("sm90", "sm90_ws"):
+        refused("fwd", request, "tensor maps of the inputs .*2\\^31 - 1024 rows", maps_ok=False)
+    assert CHOOSE("fwd", "auto", maps_ok=False) == "sm80"
     assert CHOOSE("fwd", "auto", maps_ok=False, windowed=True) == "sm80"
     # The forward reads no deterministic fact.
     assert CHOOSE("fwd", "auto", deterministic=True) == "sm90_ws"
@@ -133,7 +122,7 @@ def test_backward_refusals_and_fallbacks():
     """The one sm90 backward, sm90_ws, takes head dims up to 128 and needs its tensor maps (maps_ok: after
     the launcher's copy of the inputs they cannot address, so only rows past int32 coordinates or
     a build / driver without tensor maps fail); "sm90" is sm90_ws, and auto takes sm80 where it
-    cannot run. sm90_cp_async is forward-only: refused with that reason on any call. Windows and
+    cannot run. Windows and
     the deterministic mode change no choice: every backward has both (sm90_ws a separate dQ pass
     without atomics)."""
     for d in (8, 64):
@@ -144,10 +133,6 @@ def test_backward_refusals_and_fallbacks():
     for request in ("sm90", "sm90_ws"):
         refused("bwd", request, "tensor maps of the inputs .*2\\^31 - 1024 rows", maps_ok=False)
     assert CHOOSE("bwd", "auto", maps_ok=False) == "sm80"
-    for facts in (dict(), dict(head_dim=64), dict(half=False), dict(sm_major=8),
-                  dict(maps_ok=False)):
-        refused("bwd", "sm90_cp_async", "no such backward kernel any more: sm90_cp_async is "
-                "forward-only", **facts)
     for facts in (dict(windowed=True), dict(deterministic=True),
                   dict(windowed=True, deterministic=True)):
         assert CHOOSE("bwd", "auto", **facts) == "sm90_ws"
@@ -163,15 +148,17 @@ def test_forward_schedule():
     assert CHOOSE("fwd", "sm90_ws", dense=False, items=1 << 22) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "auto", dense=False, items=(1 << 22) + 1) == "sm90_ws"
     assert CHOOSE("fwd", "auto", dense=True, items=4608) == "sm90_ws"
-    assert CHOOSE("fwd", "auto", dense=False, items=4608, head_dim=64) == "sm90_cp_async"
+    assert CHOOSE("fwd", "auto", dense=False, items=4608, head_dim=64) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "sm80", dense=False, items=4608) == "sm80"
     assert CHOOSE("bwd", "auto", dense=False, items=4608) == "sm90_ws"
 
 
 def test_unknown_names():
-    with pytest.raises(RuntimeError, match=r"request: expected one of \{auto, portable, sm80, "
-                       r"sm90, sm90_cp_async, sm90_ws\}, got 'sm89'"):
-        CHOOSE("fwd", "sm89")
+    for gone in ("sm89", "sm90_cp_async"):  # sm90_cp_async: the cp.async wgmma forward, removed
+        for direction in ("fwd", "bwd"):
+            with pytest.raises(RuntimeError, match=r"request: expected one of \{auto, portable, "
+                               f"sm80, sm90, sm90_ws\\}}, got '{gone}'"):
+                CHOOSE(direction, gone)
     with pytest.raises(RuntimeError, match="direction: expected 'fwd' or 'bwd'"):
         CHOOSE("forward", "auto")
     with pytest.raises(RuntimeError, match="head_dim: expected"):
@@ -189,13 +176,14 @@ def _legacy_wgmma(f):
 
 def legacy_fwd(f):
     """csrc/cuda/gdpa.cu's forward before issue #16, switches at defaults: use_tensor_cores, then
-    the ws kernel for head dim > 64 where its maps encode, then fwd_wgmma without a window."""
+    the ws kernel for head dim > 64 where its maps encode, then fwd_wgmma without a window. Since
+    issue #16 the ws kernel takes head dims <= 64 too (padded to 128), maps_ok means the maps
+    encode after the launcher's copy, as in the backward, and fwd_wgmma is gone: where the maps
+    cannot be made, sm80 runs."""
     if not (f["sm80_built"] and f["half"] and f["sm_major"] >= 8):
         return "portable"
-    if f["head_dim"] > 64 and _legacy_wgmma(f) and f["maps_ok"]:
+    if _legacy_wgmma(f) and f["maps_ok"]:
         return "sm90_ws"
-    if _legacy_wgmma(f) and not f["windowed"]:
-        return "sm90_cp_async"
     return "sm80"
 
 
@@ -251,7 +239,7 @@ def test_cpu_private_ops_run_the_cpu_kernel():
 def test_cpu_private_ops_refuse_cuda_kernels():
     args = (*_cpu_call(), "raw", 1.0)
     g = torch.randn_like(args[0])
-    for kernel in ("sm80", "sm90", "sm90_cp_async", "sm90_ws"):
+    for kernel in ("sm80", "sm90", "sm90_ws"):
         with pytest.raises(RuntimeError, match=f"kernel: expected 'auto' or 'portable' on the CPU"
                                                f".*got '{kernel}'"):
             FWD_WITH(*args, kernel=kernel)

@@ -8,7 +8,8 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import assert_close
 from conftest import DEVICES, poison_allocator
-from samples.moe import (DTYPES, GEMM, HIDDEN, ID_DTYPES, ROUTING, gemm_inputs, op_of, rand_ids,
+from samples.moe import (DTYPES, GEMM, GEMM_KERNELS, GEMM_WITH, HIDDEN, ID_DTYPES, PERMUTE_OPTIONS,
+                         PERMUTE_WITH, ROUTING, gemm_inputs, kernel_takes, op_of, rand_ids,
                          reference, sample_inputs, type_id)
 
 FP32 = torch.float32
@@ -90,22 +91,18 @@ def test_permute(device, id_dtype, dtype, T, E, k, H):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,E,k", [(300, 16, 4), (5, 300, 130), (2, 129, 129), (40, 5000, 8)])
 @pytest.mark.parametrize("H", [8, 1032])
-@pytest.mark.parametrize("kernels", ["default", "rank_walk", "no_pdl"])
-def test_permute_many_pairs(device, T, E, k, H, kernels, monkeypatch):
+@pytest.mark.parametrize("options", list(PERMUTE_OPTIONS))
+def test_permute_many_pairs(device, T, E, k, H, options):
     """Shapes the sample grid does not reach: pairs over several rank chunks (T*k > 256), more
     buckets than scan threads (E + 1 > 256), more slots per token than the CUDA scatter's block
     handles at once (k > 128), rows longer than one pass of its loads (H = 1032 bf16), more
-    buckets than the CUDA rank kernel's shared-memory histogram (E + 1 > 4096: the walk). On CUDA
-    also with the walk rank kernel everywhere and without programmatic dependent launch."""
-    if kernels != "default":
-        if device != "cuda":
-            pytest.skip("a CUDA kernel switch")
-        monkeypatch.setenv("ATTNKIT_MOE_RANK_HIST" if kernels == "rank_walk" else "ATTNKIT_MOE_PDL",
-                           "0")
+    buckets than the CUDA rank kernel's shared-memory histogram (E + 1 > 4096: the walk). Also
+    (the private op's launch options, which change nothing on the CPU) with the walk rank kernel
+    everywhere and without programmatic dependent launch."""
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
     ids = rand_ids(T, E, k, torch.int32, device)
     poison_allocator(device)
-    p, off, rm = attnkit.moe_permute(x, ids, E)
+    p, off, rm = PERMUTE_WITH(x, ids, E, **PERMUTE_OPTIONS[options])
     rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
     assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp)
 
@@ -167,13 +164,10 @@ def test_out_of_range_ids(device, id_dtype):
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
 @pytest.mark.parametrize("T,E,k", [(700, 64, 8), (90, 5000, 3)])
-@pytest.mark.parametrize("kernels", ["default", "rank_walk", "no_pdl"])
-def test_out_of_range_ids_many_chunks(device, T, E, k, kernels, monkeypatch):
+@pytest.mark.parametrize("options", list(PERMUTE_OPTIONS))
+def test_out_of_range_ids_many_chunks(device, T, E, k, options):
     # Dropped pairs spread over several rank chunks and warps (CUDA only: the CPU rejects them),
     # through each rank kernel (E + 1 > 4096 takes the walk) and with / without PDL.
-    if kernels != "default":
-        monkeypatch.setenv("ATTNKIT_MOE_RANK_HIST" if kernels == "rank_walk" else "ATTNKIT_MOE_PDL",
-                           "0")
     g = torch.Generator(device="cpu").manual_seed(T + E + k)
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int64)
     bad = torch.rand(T, k, generator=g) < 0.1
@@ -181,7 +175,7 @@ def test_out_of_range_ids_many_chunks(device, T, E, k, kernels, monkeypatch):
     ids = torch.where(bad, wild, ids).to(device)
     x = torch.randn(T, 40, device=device, dtype=torch.bfloat16)
     poison_allocator(device)
-    p, off, rm = attnkit.moe_permute(x, ids, E)
+    p, off, rm = PERMUTE_WITH(x, ids, E, **PERMUTE_OPTIONS[options])
     rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
     assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp)
     assert int(off[-1]) == T * k - int(bad.sum())
@@ -215,14 +209,21 @@ def test_grouped_gemm(device, dtype, sizes, K, N, lead, tail):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=type_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
 @pytest.mark.parametrize("sizes,K,N", GEMM)
-def test_grouped_gemm_own_kernel(device, dtype, sizes, K, N, monkeypatch):
-    # On sm90 bf16 goes to torch._grouped_mm; this forces attnkit's own kernel for the same cases.
-    monkeypatch.setenv("ATTNKIT_MOE_GROUPED_MM", "0")
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+@pytest.mark.parametrize("w_layout", ["row", "column"])
+def test_grouped_gemm_kernels(device, dtype, sizes, K, N, kernel, w_layout):
+    """Each grouped_gemm kernel by name (the private op) where it takes the call on this device
+    (auto would give at::_grouped_mm on sm90 bf16 and hide the others); elsewhere the op must
+    refuse the name. A column-major W is the backward's wᵀ."""
     a, w, off = gemm_inputs(sizes, K, N, dtype, device, 2, 3)
+    if w_layout == "column":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    if not kernel_takes("grouped_gemm", kernel, a, w, off):
+        return
     poison_allocator(device)
-    assert_close(attnkit.grouped_gemm(a, w, off), ref.grouped_gemm_ref(a, w, off), dtype)
+    assert_close(GEMM_WITH(a, w, off, kernel=kernel), ref.grouped_gemm_ref(a, w, off), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,8 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import assert_close
 from conftest import DEVICES, poison_allocator
-from samples.moe import DTYPES, ID_DTYPES, SWIGLU, swiglu_inputs, type_id
+from samples.moe import (DTYPES, ID_DTYPES, SWIGLU, SWIGLU_KERNELS, SWIGLU_WITH, kernel_takes,
+                         swiglu_inputs, type_id)
 
 CUDA = [d for d in DEVICES if d == "cuda"]
 
@@ -34,11 +35,16 @@ def test_swiglu(device, dtype, sizes, H, I, lead, tail, id_dtype):
 @pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=type_id)
 @pytest.mark.parametrize("sizes,H,I", SWIGLU[:4])
-def test_swiglu_unfused_fallback(device, dtype, sizes, H, I, monkeypatch):
-    monkeypatch.setenv("ATTNKIT_MOE_SWIGLU_FUSED", "0")
+@pytest.mark.parametrize("kernel", SWIGLU_KERNELS)
+def test_swiglu_kernels(device, dtype, sizes, H, I, kernel):
+    """Each kernel by name (the private op) where it takes the call on this device: the fused one
+    and the unfused grouped_gemm + silu_and_mul on each GEMM kernel; elsewhere the op must refuse
+    the name."""
     a, w, off = swiglu_inputs(sizes, H, I, dtype, device, 2, 3)
+    if not kernel_takes("grouped_gemm_swiglu", kernel, a, w, off):
+        return
     poison_allocator(device)
-    assert_close(attnkit.grouped_gemm_swiglu(a, w, off), ref.grouped_gemm_swiglu_ref(a, w, off),
+    assert_close(SWIGLU_WITH(a, w, off, kernel=kernel), ref.grouped_gemm_swiglu_ref(a, w, off),
                  dtype)
 
 

@@ -1,12 +1,10 @@
-"""CUDA-only paged decode tests (DESIGN §3.2, §7): the tensor-core GQA decode path against the
-reference and the CUDA-core kernel (every test runs each kernel path of samples.paged.PATHS on the
-same inputs), forced split counts, block ids outside the caches (masked, never dereferenced:
-compute-sanitizer runs these), and a decode step captured in a CUDA graph."""
+"""CUDA-only paged decode tests (DESIGN §3.2, §7): the tensor-core GQA decode kernels against the
+reference and the CUDA-core kernel (every test runs each kernel of samples.paged.PATHS on the
+same inputs, pinned through the private ops; a kernel that cannot take a call must refuse it),
+forced split counts, block ids outside the caches (masked, never dereferenced: compute-sanitizer
+runs these), and a decode step captured in a CUDA graph."""
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,13 +13,15 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import assert_close
 from conftest import poison_allocator
-from samples.paged import (CUDA, HALF_DTYPES, LAYOUTS, PATHS, dtype_id, make_caches, make_tables,
-                           pa_fwd_args, pa_fwd_reference, pa_fwd_sample, run_pa_fwd, run_v1,
-                           set_kernel_path, set_token, token_slot, v1_args, v1_reference,
+from samples.paged import (CUDA, HALF_DTYPES, LAYOUTS, dtype_id, expect_kernel, kernel_params,
+                           make_caches, make_tables, pa_fwd_args, pa_fwd_reference, pa_fwd_sample,
+                           run_pa_fwd, run_v1, set_token, token_slot, v1_args, v1_reference,
                            v1_sample)
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-MMA_GQA = [1, 2, 4, 8, 16]   # 1: the tensor-core path only with bulk loads
+MMA_GQA = [1, 2, 4, 8, 16]   # 1: auto takes the tensor-core kernel only with bulk loads
+PATHS = kernel_params()
+TC_PATHS = kernel_params(["sm90", "sm80"])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -29,8 +29,7 @@ MMA_GQA = [1, 2, 4, 8, 16]   # 1: the tensor-core path only with bulk loads
 @pytest.mark.parametrize("head_size", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_paged_gqa_paths(monkeypatch, path, gqa, head_size, block_size, layout):
-    set_kernel_path(monkeypatch, path)
+def test_paged_gqa_paths(path, gqa, head_size, block_size, layout):
     dtype, hkv = torch.bfloat16, 2
     lengths = [0, 1, 2, 15, 16, 17, block_size * 7 + 3, 301, 1000, 5000]   # 5000: 20 splits
     nb = 4096   # room for disjoint tables: the poisoned tails below belong to one sequence only
@@ -42,30 +41,31 @@ def test_paged_gqa_paths(monkeypatch, path, gqa, head_size, block_size, layout):
         for pos in range(L, -(-L // block_size) * block_size):
             blk, t = token_slot(bt, b, pos, block_size)
             set_token(kc, vc, blk, t, k=float("nan"), v=float("nan"))
-    out = run_v1(s)
+    if not expect_kernel(s, path):
+        return
+    out = run_v1(s, path)
     assert_close(out, v1_reference(s), dtype)
     assert (out[0] == 0).all(), "a zero-length sequence must give zeros"
 
 
-@pytest.mark.parametrize("path", ["bulk", "mma"])
+@pytest.mark.parametrize("path", TC_PATHS)
 @pytest.mark.parametrize("gqa", [3, 5, 7, 9, 12, 15])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_paged_gqa_partial_head_blocks(monkeypatch, path, gqa, layout):
+def test_paged_gqa_partial_head_blocks(path, gqa, layout):
     """G not a multiple of 8: the tensor-core kernel carries the query heads in column blocks of
     8 (two above 8); columns past G hold zero queries, are computed and must never be stored."""
-    set_kernel_path(monkeypatch, path)
     s = v1_sample("cuda", torch.bfloat16, heads=(gqa, 1), head_size=128, layout=layout,
                   lengths=[1, 300, 2049, 0, 17], num_blocks=512)
-    assert_close(run_v1(s), v1_reference(s), torch.bfloat16)
+    if expect_kernel(s, path):
+        assert_close(run_v1(s, path), v1_reference(s), torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", ["bulk", "mma"])
+@pytest.mark.parametrize("path", TC_PATHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_paged_gqa_rising_scores(monkeypatch, path, layout):
+def test_paged_gqa_rising_scores(path, layout):
     """Scores that keep rising along the sequence, and one late token far above all others: the
     tensor-core kernel moves its running max only in steps of more than 2^8 (the probabilities
     in between stay below 256), so every rescale path runs; the result must not show it."""
-    set_kernel_path(monkeypatch, path)
     lengths = [4000, 700, 33]
     s = v1_sample("cuda", torch.bfloat16, heads=(8, 2), head_size=128, layout=layout,
                   lengths=lengths, num_blocks=512)
@@ -77,7 +77,8 @@ def test_paged_gqa_rising_scores(monkeypatch, path, layout):
             set_token(kc, vc, blk, t, k=0.015 * pos / 29, v=float(pos % 7) - 3.0)
     blk, t = token_slot(bt, 0, 3001, 16)
     set_token(kc, vc, blk, t, k=4.0, v=5.0)   # ~30 nats above the rest
-    assert_close(run_v1(s), v1_reference(s), torch.bfloat16)
+    if expect_kernel(s, path):
+        assert_close(run_v1(s, path), v1_reference(s), torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -85,24 +86,23 @@ def test_paged_gqa_rising_scores(monkeypatch, path, layout):
 @pytest.mark.parametrize("gqa", MMA_GQA)
 @pytest.mark.parametrize("feature", ["alibi", "softcap", "window", "all"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_paged_gqa_paths_features(monkeypatch, path, dtype, gqa, feature, layout):
-    set_kernel_path(monkeypatch, path)
+def test_paged_gqa_paths_features(path, dtype, gqa, feature, layout):
     hkv = 2
     s = v1_sample("cuda", dtype, heads=(gqa * hkv, hkv), head_size=128, layout=layout,
                   lengths=[50, 1, 0, 129, 2000, 777, 4099], num_blocks=1024, scale=0.3,
                   query_std=2.0, alibi=(0.0, 0.1) if feature in ("alibi", "all") else None,
                   softcap=3.0 if feature in ("softcap", "all") else 0.0,
                   window={"window": 40, "all": 333}.get(feature, -1))
-    assert_close(run_v1(s), v1_reference(s), dtype)
+    if expect_kernel(s, path):
+        assert_close(run_v1(s, path), v1_reference(s), dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gqa", MMA_GQA)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_paged_gqa_paths_bad_block_ids(monkeypatch, path, gqa, layout, block_size):
+def test_paged_gqa_paths_bad_block_ids(path, gqa, layout, block_size):
     """Block ids outside [0, num_blocks) mask their tokens and are never read (sanitizer)."""
-    set_kernel_path(monkeypatch, path)
     dtype, hkv, d, nb = torch.bfloat16, 2, 128, 16
     L = 3 * block_size
     kc, vc = make_caches(nb, hkv, d, block_size, dtype, layout, "cuda")
@@ -112,17 +112,19 @@ def test_paged_gqa_paths_bad_block_ids(monkeypatch, path, gqa, layout, block_siz
     bt[1, 1] = -7
     bt[2, 1] = 2**31 - 1
     q = torch.randn(3, gqa * hkv, d, device="cuda", dtype=dtype)
-    out = run_v1(v1_args(q, kc, vc, hkv, 0.1, bt, lens))
+    s = v1_args(q, kc, vc, hkv, 0.1, bt, lens)
+    if not expect_kernel(s, path):
+        return
+    out = run_v1(s, path)
     # Attention is order-free without ALiBi/window: the masked block is simply absent.
     kept = torch.stack([good[:, 0], good[:, 2]], 1).contiguous()
     assert_close(out, v1_reference(v1_args(q, kc, vc, hkv, 0.1, kept, lens - block_size)), dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_paged_gqa_paths_strided_and_aliased(monkeypatch, path):
+def test_paged_gqa_paths_strided_and_aliased(path):
     """Block stride 0, strided query/out, a length hint below the real length (splits walk
     several partitions), a long context, both ops."""
-    set_kernel_path(monkeypatch, path)
     hq, hkv, d, bs, dtype = 16, 2, 128, 16, torch.bfloat16
     kb, vb = make_caches(1, hkv, d, bs, dtype, "asm", "cuda")
     nb = 8192
@@ -133,7 +135,9 @@ def test_paged_gqa_paths_strided_and_aliased(monkeypatch, path):
     query = torch.randn(len(lengths), hq, 2 * d, device="cuda", dtype=dtype)[:, :, ::2]
     out_big = torch.full((len(lengths), 2 * hq, d), float("nan"), device="cuda", dtype=dtype)
     s = v1_args(query, kc, vc, hkv, 0.1, bt, lens, max_seq_len=256, out=out_big[:, ::2])
-    assert_close(run_v1(s), v1_reference(s), dtype)
+    if not expect_kernel(s, path):
+        return
+    assert_close(run_v1(s, path), v1_reference(s), dtype)
     assert torch.isnan(out_big[:, 1::2]).all(), "rows outside the out view were written"
 
 
@@ -141,8 +145,7 @@ def test_paged_gqa_paths_strided_and_aliased(monkeypatch, path):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("gqa", MMA_GQA)
 @pytest.mark.parametrize("indptr", [False, True])
-def test_pa_fwd_gqa_paths(monkeypatch, path, dtype, gqa, indptr):
-    set_kernel_path(monkeypatch, path)
+def test_pa_fwd_gqa_paths(path, dtype, gqa, indptr):
     hkv = 2
     lengths = [17, 0, 64, 5, 1111, 4097, 1]
     s = pa_fwd_sample("cuda", dtype, heads=(gqa * hkv, hkv), lengths=lengths)
@@ -152,47 +155,44 @@ def test_pa_fwd_gqa_paths(monkeypatch, path, dtype, gqa, indptr):
         qo = torch.tensor([0] + qlens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
         q = torch.randn(int(qo[-1]) + 1, gqa * hkv, 128, device="cuda", dtype=dtype)
         s = pa_fwd_args(q, kc, vc, bt, lens, 1, qo_indptr=qo)
+    if not expect_kernel(s, path, "pa_fwd"):
+        return
     poison_allocator("cuda")
-    out = run_pa_fwd(s)
+    out = run_pa_fwd(s, path)
     assert_close(out, pa_fwd_reference(s), dtype, "pa_fwd")
     if not indptr:
-        b = run_v1(v1_args(q, kc, vc, hkv, 1.0 / math.sqrt(128), bt, lens))
+        b = run_v1(v1_args(q, kc, vc, hkv, 1.0 / math.sqrt(128), bt, lens), path)
         assert_close(out, b.float(), dtype, "pa_fwd vs paged_attention_v1")
 
 
-_FORCED_SPLITS_SCRIPT = """
-import sys, torch
-from attnkit.testing import assert_close
-sys.path.insert(0, {tests!r})
-from samples.paged import (make_caches, make_tables, pa_fwd_args, pa_fwd_reference, run_pa_fwd,
-                           run_v1, v1_args, v1_reference)
-torch.manual_seed({seed})
-hkv, hq, d, bs, dtype = 2, 8, 128, 16, torch.bfloat16
-lengths = [0, 1, 17, 301, 5000, 20000]
-for layout in ("vllm", "asm"):
-    kc, vc = make_caches(4096, hkv, d, bs, dtype, layout, "cuda")
-    bt, lens = make_tables(lengths, bs, 4096, "cuda")
-    q = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype)
-    for window in (-1, 333):
-        s = v1_args(q, kc, vc, hkv, 0.1, bt, lens, sliding_window=window)
-        assert_close(run_v1(s), v1_reference(s), dtype, layout + " window " + str(window))
-    if layout == "asm":
-        s = pa_fwd_args(q, kc, vc, bt, lens)
-        assert_close(run_pa_fwd(s), pa_fwd_reference(s), dtype, "pa_fwd")
-print("ok")
-"""
-
-
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("splits", [1, 3, 256])
-def test_paged_gqa_forced_splits(splits, seed):
-    """ATTNKIT_PAGED_SPLITS (read once per process, hence a subprocess) fixes the tensor-core
-    path's split count: one split walking every partition, a few walking many, one per partition."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ATTNKIT_PAGED_SPLITS=str(splits), ATTNKIT_PAGED_SIMT="0",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    script = _FORCED_SPLITS_SCRIPT.format(tests=tests, seed=seed)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+def test_paged_forced_splits(path, splits):
+    """The split-K count as a launch option (splits=): one split walking every partition, a few
+    walking many, one per partition (capped at the partition count), on each kernel, both value
+    layouts, windows, and pa_fwd."""
+    hkv, hq, d, bs, dtype = 2, 8, 128, 16, torch.bfloat16
+    lengths = [0, 1, 17, 301, 5000, 20000]
+    for layout in LAYOUTS:
+        kc, vc = make_caches(4096, hkv, d, bs, dtype, layout, "cuda")
+        bt, lens = make_tables(lengths, bs, 4096, "cuda")
+        q = torch.randn(len(lengths), hq, d, device="cuda", dtype=dtype)
+        for window in (-1, 333):
+            s = v1_args(q, kc, vc, hkv, 0.1, bt, lens, sliding_window=window)
+            if expect_kernel(s, path):
+                assert_close(run_v1(s, path, splits), v1_reference(s), dtype,
+                             f"{layout} window {window}")
+        if layout == "asm":
+            s = pa_fwd_args(q, kc, vc, bt, lens)
+            if expect_kernel(s, path, "pa_fwd"):
+                assert_close(run_pa_fwd(s, path, splits), pa_fwd_reference(s), dtype, "pa_fwd")
+
+
+def test_paged_splits_out_of_range():
+    s = v1_sample("cuda", torch.bfloat16)
+    for bad in (-1, 257):
+        with pytest.raises(RuntimeError, match="splits: expected 0"):
+            run_v1(s, "auto", bad)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

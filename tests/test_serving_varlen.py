@@ -12,9 +12,11 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import LSE_TOLERANCE_DEQUANT, TOLERANCE, assert_close, assert_lse_close
 from conftest import DEVICES, poison_allocator
+from samples.flash import HOPPER
 from samples.serving import MIXES, paged_batch
 
 FWD = torch.ops.attnkit.flash_attn_fwd
+FWD_WITH = torch.ops.attnkit._flash_attn_fwd_with
 DTYPES = [torch.float16, torch.bfloat16]
 ids = str
 
@@ -352,17 +354,29 @@ def test_garbage_block_ids_cuda(mix):
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None):
+    """The serving call through the raw op (FWD) or the private op with decode_kernel= (the
+    decode path pinned to a kernel, or "none": the gather path); causal."""
+    args = (b.q, b.k_cache, b.v_cache, None, True, window_left, window_right, 0.0, b.cu_seqlens_q,
+            None, b.max_seqlen_q, b.max_seqlen_k)
+    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
+    if decode_kernel is None:
+        return FWD(*args, **kw)
+    return FWD_WITH(*args, **kw, decode_kernel=decode_kernel)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("D", [64, 128])
-def test_decode_path_bulk_equals_cp_async_cuda(monkeypatch, block_size, D):
-    """On sm_90 the decode path copies NHD tiles through tensor maps; per-lane cp.async
-    (ATTNKIT_PAGED_BULK=0) stages the same values: bit-identical results, windows included."""
+def test_decode_path_bulk_equals_cp_async_cuda(block_size, D):
+    """On sm_90 the decode path copies NHD tiles through tensor maps (decode_kernel sm90); per-lane
+    cp.async (sm80) stages the same values: bit-identical results, windows included; auto is sm90."""
     b = paged_batch(*MIXES["decode_ragged"], 8, 2, D, block_size, torch.bfloat16, "cuda")
-    out, lse = _call(b, causal=True, window_size=(20, 0))
-    monkeypatch.setenv("ATTNKIT_PAGED_BULK", "0")
-    out2, lse2 = _call(b, causal=True, window_size=(20, 0))
+    out, lse = _call_with(b, "sm90", 20, 0)
+    out2, lse2 = _call_with(b, "sm80", 20, 0)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    out3, lse3 = _call_with(b, None, 20, 0)
+    assert torch.equal(out, out3) and torch.equal(lse, lse3)
     eo, el = _ref(b, causal=True, window_left=20, window_right=0)
     assert_close(out.float(), eo, torch.bfloat16)
 
@@ -392,23 +406,68 @@ def test_decode_strided_caches(device, layout, D):
     assert_lse_close(lse, el)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DECODE_KERNELS = [pytest.param("sm90", marks=pytest.mark.skipif(not HOPPER, reason="needs sm_90")),
+                  pytest.param("sm80", marks=pytest.mark.skipif(
+                      not (torch.cuda.is_available() and torch.version.hip is None
+                           and torch.cuda.get_device_capability()[0] >= 8), reason="needs sm_80+"))]
+
+
+@pytest.mark.parametrize("decode_kernel", DECODE_KERNELS)
 @pytest.mark.parametrize("mix", ["decode", "decode_ragged"])
-def test_decode_path_reads_pages_cuda(mix):
-    """A decode batch (as many query rows as sequences) runs the paged family's tensor-core
-    decode kernel on the NHD pages (no gather), and matches the reference. (The profiler cannot
-    run under compute-sanitizer; the sanitizer runs the other decode-mix tests.)"""
-    b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out, lse = _call(b, causal=True)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    assert any("paged_decode_mma" in n for n in names), sorted(set(names))
-    if torch.cuda.get_device_capability() == (9, 0):  # sm_90: the tensor-map copies
-        assert any("paged_decode_mma_nhd_tma_kernel" in n for n in names), sorted(set(names))
+@pytest.mark.parametrize("gqa", [1, 4, 16])
+def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
+    """A decode batch (as many query rows as sequences) on each kernel of the decode path, the
+    paged family's tensor-core decode reading the NHD pages (no gather), pinned through
+    _flash_attn_fwd_with's decode_kernel: matches the reference and the gather path
+    (decode_kernel "none"); auto (the public op) takes the decode path, bitwise, on this
+    device's best decode kernel."""
+    b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
+    out, lse = _call_with(b, decode_kernel)
     eo, el = _ref(b, causal=True)
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
+    go, gl = _call_with(b, "none")
+    assert_close(out.float(), go.float(), torch.bfloat16, "decode path vs gather path")
+    assert_lse_close(lse, gl)
+    best = "sm90" if HOPPER else "sm80"
+    if decode_kernel == best:
+        ao, al = _call_with(b, None)
+        assert torch.equal(ao, out) and torch.equal(al, lse)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_kernel_refusals_cuda():
+    """A named decode kernel requires the decode path: a call the path does not take raises
+    (no silent gather), and so does a named flash kernel next to it."""
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="kernel sm80 \\(decode_kernel argument\\) cannot take "
+                                           "this call: the decode path needs one query row"):
+        _call_with(b, "sm80")
+    d = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    args = (d.q, d.k_cache, d.v_cache, None, True, -1, -1, 0.0, d.cu_seqlens_q, None,
+            d.max_seqlen_q, d.max_seqlen_k)
+    with pytest.raises(RuntimeError, match="name either kernel"):
+        FWD_WITH(*args, block_table=d.block_table, kernel="portable", decode_kernel="sm80")
+    with pytest.raises(RuntimeError, match="decode_kernel: expected one of \\{auto, none, sm80, "
+                                           "sm90\\}, got 'portable'"):
+        FWD_WITH(*args, block_table=d.block_table, decode_kernel="portable")
+    with pytest.raises(RuntimeError, match="needs a paged varlen call"):
+        FWD_WITH(d.q[None], d.q[None], d.q[None], decode_kernel="sm80")
+    if not HOPPER:
+        with pytest.raises(RuntimeError, match="kernel sm90 \\(decode_kernel argument\\) cannot"):
+            _call_with(d, "sm90")
+
+
+def test_decode_kernel_on_the_cpu():
+    """The CPU has no decode path: decode_kernel "auto" and "none" run its one kernel (the public
+    op's result); a CUDA decode kernel's name is an error there."""
+    b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, "cpu")
+    out, lse = _call_with(b, None)
+    for dk in ("auto", "none"):
+        o, l = _call_with(b, dk)
+        assert torch.equal(o, out) and torch.equal(l, lse)
+    with pytest.raises(RuntimeError, match="decode_kernel: expected 'auto' or 'none' on the CPU"):
+        _call_with(b, "sm90")
 
 
 # ---- the vLLM V1 call site, opcheck, compile, CUDA graphs ----------------------------------------

@@ -14,6 +14,7 @@
 #include "kernels/flash/choose.h"
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/params.h"
+#include "kernels/paged/choose.h"
 
 namespace attnkit {
 namespace flash {
@@ -197,6 +198,28 @@ inline BwdLaunchOptions make_bwd_launch_options(int64_t max_tiles) {
   BwdLaunchOptions o;
   o.max_tiles = static_cast<int>(max_tiles);
   return o;
+}
+
+// The serving call's decode path (docs/serving.md) as _flash_attn_fwd_with's decode_kernel asks
+// for it: "auto" (the path where it applies, on the kernel choose_nhd_decode picks), "none" (the
+// gather path), or one of the paged family's tensor-core kernels, "sm80" / "sm90" (the path
+// required on that kernel: a call it cannot take raises).
+struct DecodeRequest {
+  bool off = false;
+  paged::PagedRequest kernel = paged::PagedRequest::kAuto;
+  bool named() const { return !off && kernel != paged::PagedRequest::kAuto; }
+};
+
+inline DecodeRequest check_decode_request(c10::string_view name) {
+  const std::string s(name);
+  DecodeRequest r;
+  if (s == "none") {
+    r.off = true;
+    return r;
+  }
+  if (s != "portable" && paged::parse_paged_request(s.c_str(), &r.kernel)) return r;
+  ATTNKIT_CHECK(false, "decode_kernel: expected one of {auto, none, sm80, sm90}, got '", s, "'");
+  return r;
 }
 
 }  // namespace flash

@@ -12,6 +12,8 @@
 #include <string>
 
 #include "common/check.h"
+#include "kernels/moe/choose.h"
+#include "kernels/moe/launch_options.h"
 
 namespace attnkit {
 namespace moe {
@@ -203,6 +205,48 @@ inline void check_load_balance(const at::Tensor& loads, int64_t world_size) {
   check_dim(loads, "expert_loads", 1);
   check_dtype(loads, "expert_loads", {at::kInt, at::kLong, at::kFloat, at::kDouble});
   ATTNKIT_CHECK(world_size >= 1, "world_size: expected >= 1, got ", world_size);
+}
+
+// ---- kernel choice (kernels/moe/choose.h, docs/ops.md MoE "Kernel choice") ----
+// A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_MOE_KERNEL (`arg` = its name,
+// classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
+inline MoeRequest check_moe_kernel_request(c10::string_view name, const char* arg,
+                                           bool classes_only = false) {
+  MoeRequest r = MoeRequest::kAuto;
+  const std::string s(name);
+  if (parse_moe_request(s.c_str(), &r, classes_only)) return r;
+  std::string list;
+  for (const auto& e : kMoeRequests) {
+    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
+  }
+  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
+  return r;
+}
+
+// A named kernel that cannot take the call: a RuntimeError naming the op, the kernel, where the
+// name came from (`source`: the kernel argument or ATTNKIT_MOE_KERNEL) and why; `context` adds
+// the call's facts (dtype, sizes, device).
+inline void check_moe_choice(const MoeChoice& c, const char* op, MoeRequest req, const char* source,
+                             const std::string& context = "") {
+  ATTNKIT_CHECK(c.ok(), op, ": kernel ", moe_request_name(req), " (", source,
+                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+}
+
+// The CPU has one kernel per op, which "auto" and "portable" name; a CUDA kernel's name is an
+// error.
+inline void check_cpu_moe_kernel(c10::string_view kernel) {
+  const MoeRequest r = check_moe_kernel_request(kernel, "kernel");
+  ATTNKIT_CHECK(r == MoeRequest::kAuto || r == MoeRequest::kPortable,
+                "kernel: expected 'auto' or 'portable' on the CPU (its one kernel), got '",
+                std::string(kernel), "', a CUDA kernel");
+}
+
+// The private op's launch options (launch_options.h), the same on every backend.
+inline PermuteLaunchOptions make_permute_launch_options(bool rank_hist, bool pdl) {
+  PermuteLaunchOptions o;
+  o.rank_hist = rank_hist;
+  o.pdl = pdl;
+  return o;
 }
 
 }  // namespace moe

@@ -12,6 +12,8 @@
 #include <string_view>
 
 #include "common/check.h"
+#include "kernels/paged/choose.h"
+#include "kernels/paged/launch_options.h"
 #include "kernels/paged/merge_states.h"
 #include "kernels/paged/params.h"
 
@@ -610,6 +612,45 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
 inline int32_t num_splits(int64_t max_len_bound) {
   const int64_t n = (std::max<int64_t>(max_len_bound, 1) + kPartition - 1) / kPartition;
   return static_cast<int32_t>(std::min<int64_t>(n, kMaxSplits));
+}
+
+// ---- kernel choice (kernels/paged/choose.h, docs/ops.md "Kernel choice") ----
+// A request by name (the private ops' `kernel`, ATTNKIT_PAGED_KERNEL); `arg` names its source in
+// the error for an unknown name.
+inline PagedRequest check_paged_kernel_request(c10::string_view name, const char* arg) {
+  PagedRequest r = PagedRequest::kAuto;
+  const std::string s(name);
+  if (parse_paged_request(s.c_str(), &r)) return r;
+  std::string list;
+  for (const auto& e : kPagedRequests) list += std::string(list.empty() ? "" : ", ") + e.name;
+  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
+  return r;
+}
+
+// A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
+// came from (`source`: the kernel argument or ATTNKIT_PAGED_KERNEL) and why; `context` adds the
+// call's facts.
+inline void check_paged_choice(const PagedChoice& c, const char* op, PagedRequest req,
+                               const char* source, const std::string& context = "") {
+  ATTNKIT_CHECK(c.ok(), op, ": kernel ", paged_request_name(req), " (", source,
+                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+}
+
+// The private ops' launch options (launch_options.h), checked the same way on every backend.
+inline DecodeLaunchOptions make_decode_launch_options(int64_t splits) {
+  ATTNKIT_CHECK(splits >= 0 && splits <= kMaxSplits, "splits: expected 0 (the launcher's count) "
+                "or a count in [1, ", kMaxSplits, "], got ", splits);
+  DecodeLaunchOptions o;
+  o.splits = static_cast<int>(splits);
+  return o;
+}
+
+// The CPU has one kernel, which "auto" and "portable" name; a CUDA kernel's name is an error.
+inline void check_cpu_paged_kernel(c10::string_view kernel) {
+  const PagedRequest r = check_paged_kernel_request(kernel, "kernel");
+  ATTNKIT_CHECK(r == PagedRequest::kAuto || r == PagedRequest::kPortable,
+                "kernel: expected 'auto' or 'portable' on the CPU (its one kernel), got '",
+                std::string(kernel), "', a CUDA kernel");
 }
 
 }  // namespace paged

@@ -521,6 +521,29 @@ at::Tensor expert_load_balance_cpu(const at::Tensor& loads_in, int64_t world_siz
   return assign;
 }
 
+// The private ops (docs/ops.md, MoE "Kernel choice"): the CPU has one kernel per op, which
+// "auto" and "portable" name; a CUDA kernel's name is an error. moe_permute's launch options
+// change nothing here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_cpu(const at::Tensor& x,
+                                                                    const at::Tensor& ids,
+                                                                    int64_t num_experts,
+                                                                    bool rank_hist, bool pdl) {
+  make_permute_launch_options(rank_hist, pdl);
+  return moe_permute_cpu(x, ids, num_experts);
+}
+
+at::Tensor grouped_gemm_with_cpu(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                                 c10::string_view kernel) {
+  check_cpu_moe_kernel(kernel);
+  return grouped_gemm_cpu(a, w, off);
+}
+
+at::Tensor grouped_gemm_swiglu_with_cpu(const at::Tensor& a, const at::Tensor& w,
+                                        const at::Tensor& off, c10::string_view kernel) {
+  check_cpu_moe_kernel(kernel);
+  return grouped_gemm_swiglu_cpu(a, w, off);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
@@ -535,6 +558,9 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_cpu);
   m.impl("expert_load_balance", &expert_load_balance_cpu);
+  m.impl("_moe_permute_with", &moe_permute_with_cpu);
+  m.impl("_grouped_gemm_with", &grouped_gemm_with_cpu);
+  m.impl("_grouped_gemm_swiglu_with", &grouped_gemm_swiglu_with_cpu);
 }
 
 }  // namespace moe

@@ -335,11 +335,41 @@ void merge_attn_states_cpu(at::Tensor& output, const at::Tensor& prefix_output,
                                   "merge_attn_states_cpu", [&] { merge_impl<scalar_t>(p); });
 }
 
+// The private ops (docs/ops.md, paged "Kernel choice"): the CPU has one kernel, which "auto" and
+// "portable" name; a CUDA kernel's name is an error. The split count is checked as on CUDA and
+// changes nothing here.
+void paged_attention_v1_with_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+    const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+    int64_t max_seq_len, const c10::optional<at::Tensor>& alibi_slopes,
+    c10::string_view kv_cache_dtype, const at::Tensor& k_scale, const at::Tensor& v_scale,
+    double logits_soft_cap, int64_t sliding_window, c10::string_view kernel, int64_t splits) {
+  check_cpu_paged_kernel(kernel);
+  make_decode_launch_options(splits);
+  paged_attention_v1_cpu(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+                   block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+                   logits_soft_cap, sliding_window);
+}
+
+at::Tensor pa_fwd_with_cpu(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_tables_stride0,
+    int64_t max_qlen, const c10::optional<at::Tensor>& K_QScale,
+    const c10::optional<at::Tensor>& V_QScale, const c10::optional<at::Tensor>& out,
+    const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision, c10::string_view kernel,
+    int64_t splits) {
+  check_cpu_paged_kernel(kernel);
+  make_decode_launch_options(splits);
+  return pa_fwd_cpu(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
+                   V_QScale, out, qo_indptr, high_precision);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("paged_attention_v1", &paged_attention_v1_cpu);
   m.impl("pa_fwd", &pa_fwd_cpu);
+  m.impl("_paged_attention_v1_with", &paged_attention_v1_with_cpu);
+  m.impl("_pa_fwd_with", &pa_fwd_with_cpu);
   m.impl("reshape_and_cache", &reshape_and_cache_cpu);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cpu);
   m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_cpu);

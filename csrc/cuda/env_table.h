@@ -3,12 +3,12 @@
 // that docs/env.md lists exactly these names). All are A/B and test knobs: results never depend
 // on them, only which kernel computes them. Host only, torch-free.
 //
-// One parsing for all: unset or empty -> the entry's default; "0" -> off / false; anything else
-// -> on / true, and for kernel switches "require" -> on, and a call the kernel cannot take fails
-// (so a test knows which kernel ran). Integers: a positive value below 2^30, else 0 (= unset).
-// A kernel override (a family's kernel name: ATTNKIT_FLASH_KERNEL, ATTNKIT_GDPA_KERNEL) is read
-// raw with env_value and parsed by its family; an unknown name fails the call.
-// Read at every call (A/B runs flip them per case) unless the call site keeps the first value.
+// Today every entry is a family's one kernel override (ATTNKIT_FLASH_KERNEL, ATTNKIT_GDPA_KERNEL,
+// ATTNKIT_PAGED_KERNEL, ATTNKIT_MOE_KERNEL: a kernel name), read raw with env_value and parsed by
+// its family; an unknown name fails the call, and so does a call the named kernel cannot take
+// (so a test knows which kernel ran). A flag (env_flag) would parse as: unset or empty -> the
+// entry's default; "0" -> off; anything else -> on. Read at every call (A/B runs flip them per
+// case).
 #pragma once
 
 #include <cstdlib>
@@ -18,40 +18,34 @@ namespace attnkit {
 
 enum class Env : int {
   kFlashKernel,
-  kServingDecode,
   kGdpaKernel,
-  kPagedSimt,
-  kPagedBulk,
-  kPagedSplits,
-  kMoeGroupedMm,
-  kMoeRankHist,
-  kMoePdl,
-  kMoeSwigluFused,
+  kPagedKernel,
+  kMoeKernel,
   kCount
 };
 
 struct EnvEntry {
   Env id;
   const char* name;
-  bool on_by_default;  // flags and switches; integers default to 0; names (a kernel override,
-                       // read with env_value and parsed by its family) ignore it
+  bool on_by_default;  // flags; names (a kernel override, read with env_value and parsed by
+                       // its family) ignore it
 };
 
 inline constexpr EnvEntry kEnvTable[] = {
     // The flash family's one kernel override: auto | portable | sm80 | sm90
     // (kernels/flash/choose.h; the call fails when the named kernel cannot take it).
     {Env::kFlashKernel, "ATTNKIT_FLASH_KERNEL", false},
-    {Env::kServingDecode, "ATTNKIT_SERVING_DECODE", true},
     // The GDPA family's one kernel override: auto | portable | sm80 | sm90
     // (kernels/gdpa/choose.h; the call fails when the named kernel cannot take it).
     {Env::kGdpaKernel, "ATTNKIT_GDPA_KERNEL", false},
-    {Env::kPagedSimt, "ATTNKIT_PAGED_SIMT", false},
-    {Env::kPagedBulk, "ATTNKIT_PAGED_BULK", true},
-    {Env::kPagedSplits, "ATTNKIT_PAGED_SPLITS", false},
-    {Env::kMoeGroupedMm, "ATTNKIT_MOE_GROUPED_MM", true},
-    {Env::kMoeRankHist, "ATTNKIT_MOE_RANK_HIST", true},
-    {Env::kMoePdl, "ATTNKIT_MOE_PDL", true},
-    {Env::kMoeSwigluFused, "ATTNKIT_MOE_SWIGLU_FUSED", true},
+    // The paged decode family's one kernel override: auto | portable | sm80 | sm90
+    // (kernels/paged/choose.h; paged_attention_v1 and pa_fwd; the call fails when the named
+    // kernel cannot take it).
+    {Env::kPagedKernel, "ATTNKIT_PAGED_KERNEL", false},
+    // The MoE family's one kernel override: auto | portable | sm80 | sm90 (kernels/moe/choose.h;
+    // grouped_gemm and grouped_gemm_swiglu, forward and backward; the call fails when the named
+    // kernel cannot take it).
+    {Env::kMoeKernel, "ATTNKIT_MOE_KERNEL", false},
 };
 
 constexpr bool env_table_in_order() {
@@ -73,24 +67,6 @@ inline const char* env_value(Env v) {
 inline bool env_flag(Env v) {
   const char* e = env_value(v);
   return e == nullptr ? env_entry(v).on_by_default : std::strcmp(e, "0") != 0;
-}
-
-inline int env_int(Env v) {
-  const char* e = env_value(v);
-  if (e == nullptr) return 0;
-  const long n = std::strtol(e, nullptr, 10);
-  return n > 0 && n < (1L << 30) ? static_cast<int>(n) : 0;
-}
-
-// The switch of a kernel that may decline a call (e.g. a warp-specialised kernel that needs
-// tensor maps): off, on where it can run, or required.
-enum class KernelSwitch { kOff, kOn, kRequire };
-
-inline KernelSwitch kernel_switch(Env v) {
-  const char* e = env_value(v);
-  if (e == nullptr) return env_entry(v).on_by_default ? KernelSwitch::kOn : KernelSwitch::kOff;
-  if (std::strcmp(e, "require") == 0) return KernelSwitch::kRequire;
-  return std::strcmp(e, "0") == 0 ? KernelSwitch::kOff : KernelSwitch::kOn;
 }
 
 }  // namespace attnkit

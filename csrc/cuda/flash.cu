@@ -154,8 +154,6 @@ bool encode_bwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, 
 int64_t sm90_bwd_smem_bytes(int64_t) { return std::numeric_limits<int64_t>::max(); }
 #endif
 
-// A cached host-side property query (no device synchronisation).
-int sm_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
 
 // ---- kernel choice (kernels/flash/choose.h) ----
 // Which kernel a call asked for and where the name came from (for the refusal's message).
@@ -214,31 +212,54 @@ bool aligned16(const at::Tensor& t) {
          (t.stride(0) * e) % 16 == 0 && (t.stride(1) * e) % 16 == 0 && (t.stride(2) * e) % 16 == 0;
 }
 
+// Why the serving call's decode path does not apply to a paged varlen call, or nullptr when it
+// does (the device and the build are the kernel choice's: kernels/paged/choose.h).
+const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const Options& opt, int64_t T, int64_t B, int64_t D,
+                                    int64_t G) {
+  if (!opt.causal) return "a causal call";
+  if (T != B || B < 1) return "one query row per sequence (a decode batch)";
+  if (!(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16)) {
+    return "a bf16 or fp16 query";
+  }
+  if (k.scalar_type() != q.scalar_type()) return "caches in the query's dtype";
+  if (!paged::nhd_decode_shape_ok(D, G)) return "head size 64 or 128 and G <= 16";
+  if (!aligned16(k) || !aligned16(v)) return "16-byte aligned cache rows";
+  if (opt.window_left >= INT32_MAX) return "a left window below 2^31 - 1";
+  return nullptr;
+}
+
 // The serving call's decode path (docs/serving.md): a paged call whose every sequence has one
 // query row on average (Tq == B: pure decode, as vLLM's decode steps are; any offsets stay
 // correct, since the kernel finds each token's sequence itself) reads the NHD pages with the
-// paged family's tensor-core decode kernel instead of gathering them. Conditions: causal, 16-bit
-// query and cache of one dtype, head size 64/128, GQA ratio <= 16, sm_80+, 16-byte aligned cache
-// rows. ATTNKIT_SERVING_DECODE=0 turns it off (A/B runs and tests of the gather path).
+// paged family's tensor-core decode kernel instead of gathering them. Conditions:
+// nhd_decode_inapplicable, and a tensor-core kernel of the paged family for this device and
+// build (choose_nhd_decode: sm90's tensor-map copies, else sm80's cp.async). `dr` (the private
+// op's decode_kernel) names the kernel, and then a call the path cannot take raises.
 std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Options& opt,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
-    const OptTensor& k_descale, const OptTensor& v_descale) {
+    const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr) {
   check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);
   check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
   const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(2), G = H / Hkv;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
   if (given(s_aux)) check_sinks(*s_aux, q, H);
-  const KernelSwitch mode = kernel_switch(Env::kServingDecode);
-  if (mode == KernelSwitch::kOff || !opt.causal || T != B || B < 1 ||
-      !(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) ||
-      k.scalar_type() != q.scalar_type() || !paged::nhd_decode_shape_ok(D, G) || sm_major(q) < 8 ||
-      !aligned16(k) || !aligned16(v) || opt.window_left >= INT32_MAX) {
+  const char* kSource = "decode_kernel argument";
+  if (const char* why = nhd_decode_inapplicable(q, k, v, opt, T, B, D, G)) {
+    ATTNKIT_CHECK(!dr.named(), "flash_attn_fwd (decode path): kernel ",
+                  paged::paged_request_name(dr.kernel), " (", kSource,
+                  ") cannot take this call: the decode path needs ", why);
     return std::nullopt;
   }
   const c10::cuda::CUDAGuard guard(q.device());
+  if (!dr.named()) {  // auto: the path only where a kernel of it can run here
+    paged::NhdDecodeFacts f = paged::nhd_device_facts();
+    f.maps_ok = true;  // sm80 takes the call where sm90's maps do not encode
+    if (!paged::choose_nhd_decode(f, dr.kernel).ok()) return std::nullopt;
+  }
   const int64_t M = block_table.size(1), bs = k.size(1);
   at::Tensor used;
   if (given(seqused_k)) {
@@ -259,7 +280,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   const double scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
   paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, bt, used, qo, scale,
                                                         opt.softcap, opt.window_left);
-  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q);
+  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q, dr.kernel, kSource,
+                           paged::DecodeLaunchOptions{});
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
   return std::make_tuple(out, lse);
 }
@@ -319,12 +341,23 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
     const std::optional<c10::SymInt>& max_seqlen_q, const OptTensor& seqused_k,
     const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
-    const OptTensor& v_descale, Request req, const FwdLaunchOptions& lo) {
+    const OptTensor& v_descale, Request req, const FwdLaunchOptions& lo,
+    const DecodeRequest& dr) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  // A named kernel computes the call itself, so only auto takes the serving decode path.
-  if (req.kernel == FlashRequest::kAuto && given(block_table) && given(cu_q) && q_in.dim() == 3) {
+  // A named kernel computes the call itself, so only auto takes the serving decode path; a named
+  // decode kernel asks for that path, so it excludes a named flash kernel.
+  const bool paged_varlen = given(block_table) && given(cu_q) && q_in.dim() == 3;
+  if (dr.named()) {
+    ATTNKIT_CHECK(req.kernel == FlashRequest::kAuto, "flash_attn_fwd: name either kernel (got '",
+                  flash_request_name(req.kernel), "') or decode_kernel (got '",
+                  paged::paged_request_name(dr.kernel), "'), not both");
+    ATTNKIT_CHECK(paged_varlen, "flash_attn_fwd (decode path): decode_kernel '",
+                  paged::paged_request_name(dr.kernel),
+                  "' needs a paged varlen call (block_table, cu_seqlens_q, q [T, H, D])");
+  }
+  if (req.kernel == FlashRequest::kAuto && !dr.off && paged_varlen) {
     if (auto r = try_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k,
-                                *block_table, s_aux, k_descale, v_descale)) {
+                                *block_table, s_aux, k_descale, v_descale, dr)) {
       return *r;
     }
   }
@@ -386,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
                    max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale,
-                   env_request(), FwdLaunchOptions{});
+                   env_request(), FwdLaunchOptions{}, DecodeRequest{});
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
@@ -397,12 +430,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired) {
+    bool paired, c10::string_view decode_kernel) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   const FwdLaunchOptions lo = make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg,
                                                       paired);
+  const DecodeRequest dr = check_decode_request(decode_kernel);
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
-                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale, req, lo);
+                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale, req, lo, dr);
 }
 
 // ---- backward ----

@@ -1,7 +1,7 @@
 // GDPA CUDA launchers: checks -> device guard -> facts -> kernel choice (kernels/gdpa/choose.h)
 // -> one switch that launches, on the current stream. bf16/fp16 run on tensor cores
-// (kernels/gdpa/{fwd,bwd}_mma.cuh; on Hopper {fwd,bwd}_ws.cuh, and fwd_wgmma.cuh for the forwards
-// fwd_ws.cuh cannot take) with the head dim padded up to 64, 128 or 256 inside the kernel; fp32
+// (kernels/gdpa/{fwd,bwd}_mma.cuh; on Hopper {fwd,bwd}_ws.cuh) with the head dim padded up to
+// 64, 128 or 256 inside the kernel (128 on Hopper); fp32
 // runs the portable CUDA-core kernels (simple.cuh). ATTNKIT_GDPA_KERNEL (env_table.h) overrides
 // the choice of the public ops; the private ops _gdpa_fwd_with / _gdpa_bwd_with name a kernel and
 // launch options.
@@ -18,7 +18,6 @@
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/bwd_ws.cuh"
 #include "kernels/gdpa/fwd_mma.cuh"
-#include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
 #include "kernels/gdpa/zero_rows.cuh"
@@ -46,63 +45,86 @@ void check_cuda(const at::Tensor& q) {
   check_dtype(q, "q", {at::kBFloat16, at::kHalf, at::kFloat});
 }
 
-#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-// Tensor maps of q, k, v as [T][heads][D] in FwdWsTraits' boxes; false when the copy engine cannot
-// address them (misaligned base or strides: choose.h's maps_ok).
-// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
-bool fwd_ws_maps(const FwdParams& p, bool bf16, FwdWsMaps* m) {
-  using Tr = FwdWsTraits;
-  auto encode = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t heads,
-                    int64_t row_stride, int64_t head_stride, uint32_t box_rows) {
-    const uint32_t box[3] = {Tr::kBoxCols, 1, box_rows};
-    const uint64_t dims[3] = {uint64_t(p.D), uint64_t(heads), uint64_t(rows)};
-    const uint64_t strides[2] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2};
-    return tma::encode_3d_sw128(map, bf16, base, dims, strides, box);
+#if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
+// Row coordinates of the warp-specialised kernels' maps are int32 (a box may start up to one box
+// past the last row): tensors with more rows cannot be mapped, copied or not.
+constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
+
+// The map of one input `t` ([T][heads][D] in the kernels' layout, D % 8 == 0 from kernel_layout)
+// in boxes of 64 columns (128 bytes, the sw128 width of both directions' kernels) x `box_rows`
+// rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
+// the stride of a size-1 dim, a misaligned base of a view) is replaced by one row-major copy,
+// which it can address: the sm90 kernel of each direction is the warp-specialised one (issue
+// #16), so no second sm90 kernel serves such inputs. Only a failed encode copies, so the fast
+// path is unchanged. False only where a copy cannot help (the driver refuses the map): then `why`
+// says which input and how it looked, for the refusal's message.
+bool ws_map_or_copy(at::Tensor& t, const char* name, uint32_t box_rows, CUtensorMap* map,
+                    std::string* why) {
+  auto encode = [&] {
+    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
+    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
+    const uint32_t box[3] = {64, 1, box_rows};
+    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
+                                strides, box);
   };
+  if (encode()) return true;
+  const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
+                         t.stride(0) == t.size(1) * t.size(2) &&
+                         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (!row_major) {
+    t = t.clone(at::MemoryFormat::Contiguous);
+    if (encode()) return true;
+  }
+  std::ostringstream os;
+  os << "; the driver refused the map of " << name << " (sizes " << t.sizes() << ", strides "
+     << t.strides() << ", data_ptr % 16 = " << reinterpret_cast<uintptr_t>(t.data_ptr()) % 16
+     << ", " << box_rows << "-row boxes)";
+  *why = os.str();
+  return false;
+}
+
+bool ws_rows_fit(const at::Tensor& q, const at::Tensor& k, std::string* why) {
+  if (tma::encode_tiled_fn() == nullptr) {
+    *why = "; the driver has no cuTensorMapEncodeTiled";
+    return false;
+  }
+  if (q.size(0) >= kMaxMapRows || k.size(0) >= kMaxMapRows) {
+    *why = "; rows past the maps' int32 coordinates";
+    return false;
+  }
+  return true;
+}
+#endif
+
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+// Tensor maps of q, k, v in FwdWsTraits' boxes, copying the inputs they cannot address (the
+// caller refills FwdParams from the tensors afterwards); false where a copy cannot help.
+// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
+bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m, std::string* why) {
+  using Tr = FwdWsTraits;
+  static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
   constexpr uint32_t full = Tr::kBoxRows, narrow = Tr::kNarrowBoxRows;
-  return encode(&m->q, p.q, p.Tq, p.H, p.q_row_stride, p.q_head_stride, full) &&
-         encode(&m->k, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, full) &&
-         encode(&m->v, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, full) &&
-         encode(&m->k64, p.k, p.Tk, p.Hkv, p.k_row_stride, p.k_head_stride, narrow) &&
-         encode(&m->v64, p.v, p.Tk, p.Hkv, p.v_row_stride, p.v_head_stride, narrow);
+  return ws_rows_fit(q, k, why) && ws_map_or_copy(q, "q", full, &m->q, why) &&
+         ws_map_or_copy(k, "k", full, &m->k, why) && ws_map_or_copy(v, "v", full, &m->v, why) &&
+         ws_map_or_copy(k, "k", narrow, &m->k64, why) &&
+         ws_map_or_copy(v, "v", narrow, &m->v64, why);
 }
 #else
 struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false
 #endif
 
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-// The map of one backward input `t` ([T][heads][D] in the kernels' layout) in boxes of `box_rows`
-// rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
-// the stride of a size-1 dim) is replaced by one copy with row-major strides, which it can
-// address (kernel_layout gave D % 8 == 0): sm90_ws is the backward's one sm90 kernel (issue #16).
-// Only a failed encode copies, so the fast path is unchanged.
-bool bwd_ws_map(at::Tensor& t, uint32_t box_rows, CUtensorMap* map) {
-  auto encode = [&] {
-    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
-    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
-    const uint32_t box[3] = {BwdWsTraits::kBoxCols, 1, box_rows};
-    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
-                                strides, box);
-  };
-  if (encode()) return true;
-  const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
-                         t.stride(0) == t.size(1) * t.size(2);
-  if (row_major) return false;
-  t = t.clone(at::MemoryFormat::Contiguous);
-  return encode();
-}
-
 // Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes), copying the inputs they cannot
-// address; false when a copy cannot help: a row coordinate could pass int32 (bwd_ws.cuh), or the
-// driver has no tensor maps.
-bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, BwdWsMaps* m) {
+// address; false where a copy cannot help: a row coordinate could pass int32, or the driver has
+// no tensor maps.
+bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, BwdWsMaps* m,
+                 std::string* why) {
   using Tr = BwdWsTraits;
-  constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1024;
-  if (q.size(0) >= kMaxRows || k.size(0) >= kMaxRows || tma::encode_tiled_fn() == nullptr) {
-    return false;
-  }
-  return bwd_ws_map(q, Tr::kQBoxRows, &m->q) && bwd_ws_map(dout, Tr::kQBoxRows, &m->dout) &&
-         bwd_ws_map(k, Tr::kKVBoxRows, &m->k) && bwd_ws_map(v, Tr::kKVBoxRows, &m->v);
+  static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
+  return ws_rows_fit(q, k, why) && ws_map_or_copy(q, "q", Tr::kQBoxRows, &m->q, why) &&
+         ws_map_or_copy(dout, "grad_out", Tr::kQBoxRows, &m->dout, why) &&
+         ws_map_or_copy(k, "k", Tr::kKVBoxRows, &m->k, why) &&
+         ws_map_or_copy(v, "v", Tr::kKVBoxRows, &m->v, why);
 }
 #else
 struct BwdWsMaps {};
@@ -218,10 +240,9 @@ void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
   ATTNKIT_CHECK(B < INT32_MAX, "q_offsets: at most 2^31-2 sequences, got ", B);
 }
 
-// The window mask (params.h `visible`, `key_span`, `query_span`) is in the portable kernels
-// (simple.cuh), the mma.sync kernels (fwd_mma.cuh, bwd_mma.cuh), the warp-specialised forward
-// (fwd_ws.cuh) and the Hopper backward (bwd_ws.cuh), not in fwd_wgmma: choose.h
-// refuses it a windowed forward (docs/ops.md, GDPA "window_size").
+// The window mask (params.h `visible`, `key_span`, `query_span`) is in every kernel: the portable
+// ones (simple.cuh), the mma.sync ones (fwd_mma.cuh, bwd_mma.cuh) and the warp-specialised ones
+// (fwd_ws.cuh, bwd_ws.cuh) (docs/ops.md, GDPA "window_size").
 
 // gdpa_fwd on the requested kernel with the given launch options: the public op (the request from
 // ATTNKIT_GDPA_KERNEL, default options) and _gdpa_fwd_with share it.
@@ -268,14 +289,17 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   // Facts -> choice -> one switch. The tensor maps are encoded (driver calls) only when the
   // choice could be the warp-specialised kernel, and launched with.
   FwdWsMaps maps;
+  std::string maps_why;  // why the maps could not be made, for a refusal's message
   f.maps_ok = false;
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   if (pre.kernel == GdpaKernel::kSm90Ws) {
-    f.maps_ok = fwd_ws_maps(p, q.scalar_type() == at::kBFloat16, &maps);
+    f.maps_ok = fwd_ws_maps(q, k, v, &maps, &maps_why);
+    // A copied input has new addresses and strides.
+    fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   }
 #endif
   const GdpaChoice c = choose_fwd(f, req.kernel);
-  check_choice(c, "gdpa_fwd", req.kernel, req.source, call_context(q_in, f));
+  check_choice(c, "gdpa_fwd", req.kernel, req.source, call_context(q_in, f) + maps_why);
 
   if (zero_keyless) {
     C10_CUDA_CHECK(with_dtype(q.scalar_type(), [&](auto t) {
@@ -298,9 +322,6 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
           return with_head_dim(p.D, [&](auto d) {
             return launch_gdpa_fwd_mma<T, decltype(d)::value>(p, mq, stream);
           });
-        case GdpaKernel::kSm90CpAsync:
-          if (p.D <= 64) return launch_gdpa_fwd_wgmma<T, 64>(p, mq, stream);
-          return launch_gdpa_fwd_wgmma<T, 128>(p, mq, stream);
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
@@ -396,12 +417,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   // choice could be the warp-specialised kernel. Where a copy cannot help (choose.h maps_ok) auto
   // takes sm80 and the sm90 requests refuse.
   BwdWsMaps maps;
+  std::string maps_why;  // why the maps could not be made, for a refusal's message
   f.maps_ok = false;
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
-  if (pre.kernel == GdpaKernel::kSm90Ws) f.maps_ok = bwd_ws_maps(q, k, v, dout, &maps);
+  if (pre.kernel == GdpaKernel::kSm90Ws) {
+    f.maps_ok = bwd_ws_maps(q, k, v, dout, &maps, &maps_why);
+  }
 #endif
   const GdpaChoice c = choose_bwd(f, req.kernel);
-  check_choice(c, "gdpa_bwd", req.kernel, req.source, call_context(q_in, f));
+  check_choice(c, "gdpa_bwd", req.kernel, req.source, call_context(q_in, f) + maps_why);
 
   const bool padded = q.size(2) != D;
   const bool ws = c.kernel == GdpaKernel::kSm90Ws;
@@ -456,8 +480,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
           return with_head_dim(p.D, [&](auto d) {
             return launch_gdpa_bwd_mma<T, decltype(d)::value>(p, mq, mk, stream);
           });
-        case GdpaKernel::kSm90CpAsync:  // forward only: choose_bwd refuses it
-          return not_instantiated("gdpa_bwd", c.kernel);
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
           // dk / dv rows outside [first, last kv offset) zeroed (q and kv offsets both ko).

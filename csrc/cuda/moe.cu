@@ -1,8 +1,12 @@
 // MoE routing CUDA launchers (DESIGN §3.4), each: checks -> device guard -> current stream ->
-// dispatch -> launch -> launch check. No host synchronisation: every output size follows from
-// shapes, index values are never read on the host (out-of-range expert ids are dropped by the
-// permutation, row_map entries outside [0, M) contribute nothing, offsets are clamped), and
-// workspaces come from the caching allocator.
+// dispatch -> launch -> launch check; the GEMMs with several kernels (grouped_gemm,
+// grouped_gemm_swiglu) gather facts, ask kernels/moe/choose.h and launch the answer in one switch.
+// ATTNKIT_MOE_KERNEL (env_table.h) overrides the choice of the public ops; the private ops
+// _grouped_gemm_with / _grouped_gemm_swiglu_with name a kernel, _moe_permute_with sets
+// moe_permute's launch options (kernels/moe/launch_options.h). No host synchronisation: every
+// output size follows from shapes, index values are never read on the host (out-of-range expert
+// ids are dropped by the permutation, row_map entries outside [0, M) contribute nothing, offsets
+// are clamped), and workspaces come from the caching allocator.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,11 +19,13 @@
 #include <algorithm>
 #include <initializer_list>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <type_traits>
 
 #include "common/dispatch.h"
 #include "common/moe_args.h"
+#include "kernels/moe/choose.h"
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
 #include "kernels/moe/grouped_gemm_swiglu.cuh"
@@ -180,9 +186,12 @@ at::Tensor moe_route_bwd_cuda(const std::optional<at::Tensor>& gw_in,
   return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& x_in,
-                                                                const at::Tensor& ids_in,
-                                                                int64_t num_experts) {
+// moe_permute with the given launch options: the public op (the defaults) and _moe_permute_with
+// share it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x_in,
+                                                           const at::Tensor& ids_in,
+                                                           int64_t num_experts,
+                                                           const PermuteLaunchOptions& lo) {
   check_permute(x_in, ids_in, num_experts);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -201,10 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                 kChunk, ") * (num_experts+1) <= 2^28 (CUDA workspace), got num_experts=", E,
                 " with tokens*k=", n);
   const auto i32 = ids.options().dtype(at::kInt);
-  // A/B and test switches, read at every call: the histogram rank kernel (else the walk, which
-  // launch_permute also takes for E + 1 > kRankMaxBuckets) and programmatic dependent launch.
-  const bool hist = env_flag(Env::kMoeRankHist);
-  const bool pdl = env_flag(Env::kMoePdl);
+  // The rank kernel (choose.h: the histogram where it fits and the options ask for it, else the
+  // walk) and programmatic dependent launch of the scan and scatter (launch_options.h).
+  const bool hist = permute_rank_hist(E, lo.rank_hist);
+  const bool pdl = lo.pdl;
   auto rank = at::empty({n}, i32);
   auto counts = at::empty({chunks * (E + 1) + 1}, i32);  // + the scan's ticket; set by the kernels
   auto totals = at::empty({E + 1}, i32);
@@ -231,6 +240,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
     }
   });
   return {permuted, offsets, row_map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& x,
+                                                                const at::Tensor& ids,
+                                                                int64_t num_experts) {
+  return moe_permute(x, ids, num_experts, PermuteLaunchOptions{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_cuda(const at::Tensor& x,
+                                                                     const at::Tensor& ids,
+                                                                     int64_t num_experts,
+                                                                     bool rank_hist, bool pdl) {
+  return moe_permute(x, ids, num_experts, make_permute_launch_options(rank_hist, pdl));
 }
 
 at::Tensor moe_unpermute_cuda(const at::Tensor& perm_in, const at::Tensor& row_map_in,
@@ -296,60 +318,111 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad
   return {grad_perm, grad_w.to(w_in.scalar_type())};
 }
 
-// at::_grouped_mm where it applies: sm90, bf16, 16-byte aligned rows and pointers, W row- or
-// column-major per expert. ATTNKIT_MOE_GROUPED_MM=0 forces attnkit's own kernel (tests use it).
-bool grouped_mm_applies(const at::Tensor& a, const at::Tensor& w, int64_t M, int64_t K,
-                        int64_t N) {
-  if (!env_flag(Env::kMoeGroupedMm)) return false;
-  if (a.scalar_type() != at::kBFloat16 || M == 0 || K == 0 || N == 0) return false;
-  if (K % 8 != 0 || N % 8 != 0) return false;
-  if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;
-  if (!(w.is_contiguous() || w.transpose(1, 2).is_contiguous())) return false;
-  return aligned16({a.data_ptr(), w.data_ptr()});
+// ---- kernel choice (kernels/moe/choose.h) ----
+// Which kernel a call asked for and where the name came from (for the refusal's message).
+struct Request {
+  MoeRequest kernel;
+  const char* source;
+};
+
+// The public ops' request: ATTNKIT_MOE_KERNEL (env_table.h; read at every call), auto when unset.
+Request env_request() {
+  const char* name = env_entry(Env::kMoeKernel).name;
+  const char* e = env_value(Env::kMoeKernel);
+  if (e == nullptr) return {MoeRequest::kAuto, name};
+  return {check_moe_kernel_request(e, name, /*classes_only=*/true), name};
 }
 
-at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
-                             const at::Tensor& off_in) {
+// The private ops' request: their `kernel` argument.
+Request arg_request(c10::string_view kernel) {
+  return {check_moe_kernel_request(kernel, "kernel"), "kernel argument"};
+}
+
+// The facts of the device, the build and a [M, K] x [E, K, N] GEMM (grouped_gemm_swiglu: K = H,
+// N = 2I) but the tensor maps (the swiglu launcher encodes them when the choice could use them).
+// `a` is contiguous; w has any strides.
+MoeFacts gemm_facts(const at::Tensor& a, const at::Tensor& w, int64_t n) {
+  MoeFacts f;
+  f.bf16 = a.scalar_type() == at::kBFloat16;
+  f.half = f.bf16 || a.scalar_type() == at::kHalf;
+  f.rows = a.size(0);
+  f.k = a.size(1);
+  f.n = n;
+  f.experts = w.size(0);
+  f.sm_major = at::cuda::getCurrentDeviceProperties()->major;
+  f.sm80_built = mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  f.w_row_major = w.is_contiguous();
+  f.w_col_major = w.transpose(1, 2).is_contiguous();
+  f.aligned = aligned16({a.data_ptr(), w.data_ptr()});
+  return f;
+}
+
+// For a refusal's message.
+std::string call_context(const at::Tensor& a, const at::Tensor& w) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  std::ostringstream os;
+  os << "dtype " << a.scalar_type() << ", a " << a.sizes() << ", w " << w.sizes()
+     << " with strides " << w.strides() << ", device " << prop->major << "." << prop->minor;
+  return os.str();
+}
+
+// at::_grouped_mm with int32 group ends (the first group starts at row 0): the sanitised ends
+// S(1..E), then the rows before S(0) and from S(E) on zeroed. All on the device. Its argument
+// checks run on the host before it launches anything: an undefined tensor and their message in
+// *why when they reject the inputs.
+at::Tensor try_grouped_mm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                          std::string* why, cudaStream_t stream) {
+  const int64_t M = a.size(0), N = w.size(2), E = w.size(0);
+  const auto sanitized =
+      std::get<0>(at::cummax(off.to(at::kLong).clamp(0, M), 0)).to(at::kInt).contiguous();
+  const auto ends = sanitized.narrow(0, 1, E).clone();
+  at::Tensor out;
+  try {
+    out = at::_grouped_mm(a, w, ends).contiguous();
+  } catch (const c10::Error& e) {
+    *why = e.what_without_backtrace();
+    return at::Tensor();
+  }
+  launch_zero_rows_outside<bf16_t>(ptr<const int32_t>(sanitized), int(E), M, N, ptr<bf16_t>(out),
+                                   stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// grouped_gemm on the requested kernel: the public op (ATTNKIT_MOE_KERNEL), _grouped_gemm_with
+// and grouped_gemm_swiglu's unfused kernels share it (`op` names the caller in messages).
+at::Tensor grouped_gemm(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& off_in,
+                        const Request& req, const char* op) {
   check_grouped_gemm(a_in, w, off_in);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto a = a_in.contiguous();
   const auto off = off_in.contiguous();
   const int64_t M = a.size(0), K = a.size(1), N = w.size(2), E = w.size(0);
-  if (grouped_mm_applies(a, w, M, K, N)) {
-    // _grouped_mm takes int32 group ends (the first group starts at row 0): pass the sanitised
-    // ends S(1..E), then zero the rows before S(0) and from S(E) on. All on the device.
-    const auto sanitized =
-        std::get<0>(at::cummax(off.to(at::kLong).clamp(0, M), 0)).to(at::kInt).contiguous();
-    const auto ends = sanitized.narrow(0, 1, E).clone();
-    // _grouped_mm's own argument checks run on the host before it launches anything; should a
-    // torch version reject a layout we accept, fall back to our kernel instead of failing.
-    at::Tensor out;
-    try {
-      out = at::_grouped_mm(a, w, ends).contiguous();
-    } catch (const c10::Error& e) {
-      TORCH_WARN_ONCE("attnkit: grouped_gemm: at::_grouped_mm rejected the inputs (",
-                      e.what_without_backtrace(), "); using attnkit's kernel");
-    }
-    if (out.defined()) {
-      launch_zero_rows_outside<bf16_t>(ptr<const int32_t>(sanitized), int(E), M, N,
-                                       ptr<bf16_t>(out), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return out;
-    }
+  if (M == 0 || N == 0) return at::empty({M, N}, a.options());  // nothing to choose or launch
+
+  // Facts -> choice -> one switch.
+  MoeFacts f = gemm_facts(a, w, N);
+  MoeChoice c = choose_gemm(f, req.kernel);
+  check_moe_choice(c, op, req.kernel, req.source, call_context(a, w));
+  if (c.kernel == MoeKernel::kSm90GroupedMm) {
+    std::string why;
+    const at::Tensor out = try_grouped_mm(a, w, off, &why, stream);
+    if (out.defined()) return out;
+    // Should a torch version reject a layout the facts accept, choose again without it: auto
+    // takes attnkit's kernels, a named sm90 kernel fails with torch's reason.
+    f.grouped_mm_ok = false;
+    c = choose_gemm(f, req.kernel);
+    check_moe_choice(c, op, req.kernel, req.source, why);
+    TORCH_WARN_ONCE("attnkit: grouped_gemm: at::_grouped_mm rejected the inputs (", why,
+                    "); using attnkit's kernel");
   }
   auto out = at::empty({M, N}, a.options());
-  if (out.numel() == 0) return out;
-  // Tensor cores (mma.sync, sm80+) for 16-bit types when rows and pointers allow 16-byte loads
-  // and W is row-major; the FMA kernel for everything else (fp32 / fp64, W transposed, odd K/N).
-  const bool mma_ok = mma::kTensorCoreKernels &&
-                      at::cuda::getCurrentDeviceProperties()->major >= 8 && K % 8 == 0 &&
-                      N % 8 == 0 && w.is_contiguous() &&
-                      aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()});
   ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
     ATTNKIT_DISPATCH_MOE_CUDA(a.scalar_type(), "a", [&] {
       if constexpr (std::is_same_v<scalar_t, bf16_t> || std::is_same_v<scalar_t, fp16_t>) {
-        if (mma_ok) {
+        if (c.kernel == MoeKernel::kSm80) {
           launch_grouped_gemm_mma<scalar_t, index_t>(ptr<const scalar_t>(a),
                                                      ptr<const scalar_t>(w),
                                                      ptr<const index_t>(off), int(E), M, K, N,
@@ -357,6 +430,9 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
           return;
         }
       }
+      // choose.h gives sm80 only for 16-bit inputs and at::_grouped_mm has run above.
+      ATTNKIT_CHECK(c.kernel == MoeKernel::kPortable, op, ": kernel ", moe_kernel_name(c.kernel),
+                    " has no instantiation for this dtype");
       launch_grouped_gemm<scalar_t, index_t>(ptr<const scalar_t>(a), ptr<const scalar_t>(w),
                                              w.stride(0), w.stride(1), w.stride(2),
                                              ptr<const index_t>(off), int(E), M, K, N,
@@ -365,6 +441,15 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& w,
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
+  return grouped_gemm(a, w, off, env_request(), "grouped_gemm");
+}
+
+at::Tensor grouped_gemm_with_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                                  c10::string_view kernel) {
+  return grouped_gemm(a, w, off, arg_request(kernel), "grouped_gemm");
 }
 
 at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
@@ -416,67 +501,111 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x_in) {
 }
 
 #if ATTNKIT_HAS_SWIGLU_GEMM && ATTNKIT_HAS_TMA_MAP
-// The fused sm_90a kernel (kernels/moe/grouped_gemm_swiglu.cuh) with its tensor maps, when the
-// build, the device and the operands allow it; false (nothing launched) otherwise.
-bool grouped_gemm_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
-                               at::Tensor& out, cudaStream_t stream) {
+static_assert(SwigluGemmTraits::kMaxExperts == kSwigluMaxExperts,
+              "kernels/moe/choose.h's expert bound is the fused kernel's");
+
+struct SwigluMaps {
+  CUtensorMap a, w;
+};
+
+// The fused kernel's tensor maps of a [M, H] and w [E, H, 2I] (row-major, 16-bit); false when
+// the driver refuses them.
+bool swiglu_maps(const at::Tensor& a, const at::Tensor& w, SwigluMaps* m) {
   using Tr = SwigluGemmTraits;
   const int64_t M = a.size(0), H = a.size(1), E = w.size(0), I = w.size(2) / 2;
-  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-  if (!wgmma::kBuilt || !env_flag(Env::kMoeSwigluFused) || !half) return false;
-  if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;
-  // 16-byte rows and stores (TMA strides, the epilogue's uint4), row-major W, int32 coordinates.
-  if (H == 0 || H % 8 != 0 || I % 8 != 0 || !w.is_contiguous()) return false;
-  if (E > Tr::kMaxExperts || M > INT32_MAX || 2 * I > INT32_MAX || H > INT32_MAX) return false;
-  if (!aligned16({a.data_ptr(), w.data_ptr(), out.data_ptr()})) return false;
   const bool bf16 = a.scalar_type() == at::kBFloat16;
-  CUtensorMap map_a, map_w;
   const uint64_t es = 2;
-  if (!tma::encode_sw128<3>(&map_a, bf16, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
-                            {uint64_t(H) * es, uint64_t(H) * uint64_t(M) * es},
-                            {uint32_t(Tr::kBlockK), uint32_t(Tr::kBlockM), 1}) ||
-      !tma::encode_sw128<3>(&map_w, bf16, w.data_ptr(), {uint64_t(2 * I), uint64_t(H), uint64_t(E)},
-                            {uint64_t(2 * I) * es, uint64_t(H) * uint64_t(2 * I) * es},
-                            {64, uint32_t(Tr::kBlockK), 1})) {
-    return false;
-  }
+  return tma::encode_sw128<3>(&m->a, bf16, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
+                              {uint64_t(H) * es, uint64_t(H) * uint64_t(M) * es},
+                              {uint32_t(Tr::kBlockK), uint32_t(Tr::kBlockM), 1}) &&
+         tma::encode_sw128<3>(&m->w, bf16, w.data_ptr(),
+                              {uint64_t(2 * I), uint64_t(H), uint64_t(E)},
+                              {uint64_t(2 * I) * es, uint64_t(H) * uint64_t(2 * I) * es},
+                              {64, uint32_t(Tr::kBlockK), 1});
+}
+
+// The fused sm_90a kernel (kernels/moe/grouped_gemm_swiglu.cuh) on a call choose.h gave it.
+cudaError_t launch_swiglu_fused(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                                at::Tensor& out, const SwigluMaps& maps, cudaStream_t stream) {
+  using Tr = SwigluGemmTraits;
   SwigluGemmParams p{};
   p.offsets = off.data_ptr();
   p.out = out.data_ptr();
-  p.M = M;
-  p.H = int(H);
-  p.I = int(I);
-  p.E = int(E);
-  p.n_tiles = int((I + Tr::kBlockN - 1) / Tr::kBlockN);
+  p.M = a.size(0);
+  p.H = int(a.size(1));
+  p.I = int(w.size(2) / 2);
+  p.E = int(w.size(0));
+  p.n_tiles = int((p.I + Tr::kBlockN - 1) / Tr::kBlockN);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
   cudaError_t err = cudaSuccess;
   ATTNKIT_DISPATCH_INDEX(off.scalar_type(), "expert_offsets", [&] {
     if (bf16) {
-      err = launch_grouped_gemm_swiglu<bf16_t, index_t>(p, map_a, map_w, sms, stream);
+      err = launch_grouped_gemm_swiglu<bf16_t, index_t>(p, maps.a, maps.w, sms, stream);
     } else {
-      err = launch_grouped_gemm_swiglu<fp16_t, index_t>(p, map_a, map_w, sms, stream);
+      err = launch_grouped_gemm_swiglu<fp16_t, index_t>(p, maps.a, maps.w, sms, stream);
     }
   });
-  C10_CUDA_CHECK(err);
-  return true;
+  return err;
 }
 #endif
 
-// The fused kernel where it applies; grouped_gemm + silu_and_mul (the [M, 2I] product stored)
-// everywhere else: other archs and dtypes, H or I not multiples of 8, a non-row-major W.
-at::Tensor grouped_gemm_swiglu_cuda(const at::Tensor& a_in, const at::Tensor& w,
-                                    const at::Tensor& off_in) {
+// grouped_gemm_swiglu on the requested kernel: the public op (ATTNKIT_MOE_KERNEL) and
+// _grouped_gemm_swiglu_with share it. The fused kernel where the choice is it; otherwise
+// grouped_gemm on the same request, which chooses the same GEMM kernel (choose.h: the op's other
+// kernels are grouped_gemm's choice for the [M, 2I] product), then silu_and_mul.
+at::Tensor grouped_gemm_swiglu(const at::Tensor& a_in, const at::Tensor& w,
+                               const at::Tensor& off_in, const Request& req) {
+  constexpr const char* kOp = "grouped_gemm_swiglu";
   check_grouped_gemm_swiglu(a_in, w, off_in);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous();
   const auto off = off_in.contiguous();
   const int64_t M = a.size(0), I = w.size(2) / 2;
-  auto out = at::empty({M, I}, a.options());
-  if (out.numel() == 0) return out;
+  if (M == 0 || I == 0) return at::empty({M, I}, a.options());  // nothing to choose or launch
+
+  // The choice as if the tensor maps encoded fails early on a refusal that does not depend on
+  // them and says whether to encode them (driver calls); the second one decides.
+  MoeFacts f = gemm_facts(a, w, 2 * I);
+  f.maps_ok = true;
+  const MoeChoice pre = choose_swiglu(f, req.kernel);
+  check_moe_choice(pre, kOp, req.kernel, req.source, call_context(a, w));
+  f.maps_ok = false;
 #if ATTNKIT_HAS_SWIGLU_GEMM && ATTNKIT_HAS_TMA_MAP
-  if (grouped_gemm_swiglu_fused(a, w, off, out, at::cuda::getCurrentCUDAStream())) return out;
+  SwigluMaps maps;
+  if (pre.kernel == MoeKernel::kSm90Fused) f.maps_ok = swiglu_maps(a, w, &maps);
 #endif
-  return silu_and_mul_cuda(grouped_gemm_cuda(a, w, off));
+  const MoeChoice c = choose_swiglu(f, req.kernel);
+  check_moe_choice(c, kOp, req.kernel, req.source, call_context(a, w));
+
+  // The one switch.
+  switch (c.kernel) {
+    case MoeKernel::kSm90Fused: {
+#if ATTNKIT_HAS_SWIGLU_GEMM && ATTNKIT_HAS_TMA_MAP
+      auto out = at::empty({M, I}, a.options());
+      C10_CUDA_CHECK(launch_swiglu_fused(a, w, off, out, maps, at::cuda::getCurrentCUDAStream()));
+      return out;
+#else
+      break;  // maps_ok is false without tensor maps: never chosen
+#endif
+    }
+    case MoeKernel::kPortable:
+    case MoeKernel::kSm80:
+    case MoeKernel::kSm90GroupedMm:
+      return silu_and_mul_cuda(grouped_gemm(a, w, off, req, kOp));
+  }
+  ATTNKIT_CHECK(false, kOp, ": kernel ", moe_kernel_name(c.kernel), " is not in this build");
+  return at::Tensor();
+}
+
+at::Tensor grouped_gemm_swiglu_cuda(const at::Tensor& a, const at::Tensor& w,
+                                    const at::Tensor& off) {
+  return grouped_gemm_swiglu(a, w, off, env_request());
+}
+
+at::Tensor grouped_gemm_swiglu_with_cuda(const at::Tensor& a, const at::Tensor& w,
+                                         const at::Tensor& off, c10::string_view kernel) {
+  return grouped_gemm_swiglu(a, w, off, arg_request(kernel));
 }
 
 at::Tensor expert_load_balance_cuda(const at::Tensor& loads_in, int64_t world_size) {
@@ -511,6 +640,9 @@ TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("silu_and_mul", &silu_and_mul_cuda);
   m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_cuda);
   m.impl("expert_load_balance", &expert_load_balance_cuda);
+  m.impl("_moe_permute_with", &moe_permute_with_cuda);
+  m.impl("_grouped_gemm_with", &grouped_gemm_with_cuda);
+  m.impl("_grouped_gemm_swiglu_with", &grouped_gemm_swiglu_with_cuda);
 }
 
 }  // namespace moe

@@ -1,5 +1,7 @@
 // Paged decode attention CUDA launchers (DESIGN §3.2): checks -> device guard -> current stream
-// -> dispatch -> launch. No host synchronisation: the split count comes from host-side sizes, the
+// -> facts -> kernel choice (kernels/paged/choose.h) -> one switch that launches. The public ops
+// take the request from ATTNKIT_PAGED_KERNEL (auto when unset) and the default launch options;
+// the private _paged_attention_v1_with / _pa_fwd_with take both as arguments. No host synchronisation: the split count comes from host-side sizes, the
 // split-K workspace from the caching allocator, so a decode step can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -9,11 +11,16 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
+#include <string>
 #include <type_traits>
 
 #include "common/paged_args.h"
+#include "kernels/common/mma.cuh"
 #include "kernels/common/wgmma.cuh"
 #include "kernels/paged/cache_write.cuh"
+#include "kernels/paged/choose.h"
+#include "kernels/paged/launch_options.h"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"
 #include "kernels/paged/merge_states.cuh"
@@ -79,20 +86,12 @@ void check_vector_alignment(const at::Tensor& key_cache, const at::Tensor& value
                 vc, " elements (vector loads), got strides ", value_cache.strides());
 }
 
-// ATTNKIT_PAGED_SIMT=1 forces the CUDA-core kernel everywhere (A/B comparisons, bisecting).
-bool force_simt() { return env_flag(Env::kPagedSimt); }
-
-// Bulk (1-D TMA) tile loads in the tensor-core path (decode_mma.cuh): an sm_90 device, a build
-// with sm_90a code, and a cache whose 16-token tiles are contiguous runs: keys with token stride
-// x = 8 (256-byte runs per 8-dim chunk; one 4 KB run at block size 16), values in the ASM layout
-// with chunks [D][8] back to back, or in the vLLM layout at block size 16 with token-contiguous
-// rows. The alignment of every stride to 16 bytes was checked with the inputs.
-// ATTNKIT_PAGED_BULK=0 keeps the per-lane cp.async loads everywhere (A/B runs, tests).
-bool bulk_eligible(const DecodeParams& p) {
-  if (!env_flag(Env::kPagedBulk) || !wgmma::kBuilt ||
-      at::cuda::getCurrentDeviceProperties()->major != 9) {
-    return false;
-  }
+// Bulk (1-D TMA) tile loads of the tensor-core kernel (decode_mma.cuh, kernel sm90) need a cache
+// whose 16-token tiles are contiguous runs: keys with token stride x = 8 (256-byte runs per 8-dim
+// chunk; one 4 KB run at block size 16), values in the ASM layout with chunks [D][8] back to
+// back, or in the vLLM layout at block size 16 with token-contiguous rows. The alignment of every
+// stride to 16 bytes was checked with the inputs.
+bool bulk_layout(const DecodeParams& p) {
   const CacheStrides& c = p.cs;
   const bool keys = c.x == 8 && c.k_st == 8;
   const bool asm_values = c.v_tx == 8 && c.v_sd == 8 && c.v_stc == int64_t(p.D) * 8;
@@ -100,27 +99,45 @@ bool bulk_eligible(const DecodeParams& p) {
   return keys && (asm_values || vllm_values);
 }
 
-// The tensor-core path (decode_mma.cuh): 16-bit query, cache in the query dtype, one query token
-// per sequence, G <= 16, head size 64/128, block size 16/32, sm_80+. G = 1 (MHA) only with bulk
-// loads: its cost per cached byte is the same at any G, while the CUDA-core kernel, fine for MHA
-// on the H100 (~90% of copy bandwidth), keeps too few bytes in flight for the H200 (~68%).
-bool use_mma_path(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
-  const int64_t G = p.Hq / p.Hkv;
-  return (qtype == at::kHalf || qtype == at::kBFloat16) && kind == CacheKind::kSame &&
-         p.max_qlen == 1 && G >= 1 && G <= 16 && (p.D == 64 || p.D == 128) &&
-         (p.block_size == 16 || p.block_size == 32) &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8 && !force_simt() &&
-         (G >= 2 || bulk_eligible(p));
+// ---- kernel choice (kernels/paged/choose.h) ----
+// Which kernel a call asked for and where the name came from (for the refusal's message).
+struct Request {
+  PagedRequest kernel;
+  const char* source;
+};
+
+// The public ops' request: ATTNKIT_PAGED_KERNEL (env_table.h; read at every call), auto when unset.
+Request env_request() {
+  const char* name = env_entry(Env::kPagedKernel).name;
+  const char* e = env_value(Env::kPagedKernel);
+  if (e == nullptr) return {PagedRequest::kAuto, name};
+  return {check_paged_kernel_request(e, name), name};
 }
 
-// ATTNKIT_PAGED_SPLITS=<n> (n >= 1; read once per process) fixes the split count of the
-// tensor-core path, capped at the partition count, for A/B runs of the heuristic below.
-int32_t forced_mma_splits() {
-  static const int32_t forced = [] {
-    const int n = env_int(Env::kPagedSplits);
-    return n > 0 ? static_cast<int32_t>(std::min<int>(n, kMaxSplits)) : int32_t(0);
-  }();
-  return forced;
+// The facts of a paged_attention_v1 / pa_fwd call, its device and the build.
+PagedFacts decode_facts(const DecodeParams& p, at::ScalarType qtype, CacheKind kind) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  PagedFacts f;
+  f.half = qtype == at::kHalf || qtype == at::kBFloat16;
+  f.cache_same = kind == CacheKind::kSame;
+  f.one_query = p.max_qlen == 1;
+  f.group = p.Hkv > 0 ? static_cast<int>(std::min<int64_t>(p.Hq / p.Hkv, 1 << 20)) : 0;
+  f.head_dim = p.D;
+  f.block_size = p.block_size;
+  f.sm_major = prop->major;
+  f.sm_minor = prop->minor;
+  f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  f.bulk_layout = bulk_layout(p);
+  return f;
+}
+
+// For a refusal's message.
+std::string call_context(at::ScalarType qtype, const PagedFacts& f) {
+  std::ostringstream os;
+  os << "query dtype " << qtype << ", G " << f.group << ", head size " << f.head_dim
+     << ", block size " << f.block_size << ", device " << f.sm_major << "." << f.sm_minor;
+  return os.str();
 }
 
 // CTAs of the tensor-core kernel resident on the device at once; shared memory decides (2 per SM
@@ -155,7 +172,6 @@ template <int D>
 int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
   constexpr int64_t kStartTokens = 64, kMaxSplitTokens = 4096;
   const int64_t parts = num_splits(len_bound);  // partitions of the longest sequence (capped)
-  if (const int32_t forced = forced_mma_splits()) return static_cast<int32_t>(std::min<int64_t>(forced, parts));
   const int64_t slots = resident_mma_ctas<D>();
   const int64_t pairs = std::max<int64_t>(int64_t(p.S) * p.Hkv, 1);
   const int64_t min_splits = (parts * kPartition + kMaxSplitTokens - 1) / kMaxSplitTokens;
@@ -214,46 +230,67 @@ void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t strea
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The split count: the launch option's (capped at the partitions of the longest sequence), else
+// the tensor-core kernels' heuristic or one split per partition for the portable kernel.
+int32_t decode_splits(PagedKernel kernel, const DecodeParams& p, int64_t len_bound,
+                      const DecodeLaunchOptions& lo) {
+  const int32_t parts = num_splits(len_bound);
+  if (lo.splits > 0) return std::min<int32_t>(lo.splits, parts);
+  if (kernel == PagedKernel::kPortable) return parts;
+  return p.D == 64 ? mma_splits<64>(p, len_bound) : mma_splits<128>(p, len_bound);
+}
+
+// paged_attention_v1 / pa_fwd on the requested kernel: facts -> choice -> one switch.
 void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_t len_bound,
-                   const at::Tensor& like) {
+                   const at::Tensor& like, const char* op, Request req,
+                   const DecodeLaunchOptions& lo) {
   const int64_t G = p.Hq / p.Hkv, rows = G * p.max_qlen;
-  const bool mma_path = use_mma_path(p, qtype, kind);
-  const int32_t splits = !mma_path ? num_splits(len_bound)
-                         : p.D == 64 ? mma_splits<64>(p, len_bound)
-                                     : mma_splits<128>(p, len_bound);
+  const PagedFacts f = decode_facts(p, qtype, kind);
+  const PagedChoice c = choose_decode(f, req.kernel);
+  check_paged_choice(c, op, req.kernel, req.source, call_context(qtype, f));
+  const int32_t splits = decode_splits(c.kernel, p, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(qtype, "query", [&](auto tag) {
     using scalar_t = decltype(tag);
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (mma_path) {
-        const bool d64 = p.D == 64, b16 = p.block_size == 16;
-        auto launch = [&](auto bulk) {
-          constexpr bool B = decltype(bulk)::value;
-          dispatch_head_blocks(G, [&](auto nb) {
-            constexpr int NB = decltype(nb)::value;
-            if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B, NB>(p, splits, stream);
-            else if (d64) launch_decode_mma<scalar_t, 64, 32, B, NB>(p, splits, stream);
-            else if (b16) launch_decode_mma<scalar_t, 128, 16, B, NB>(p, splits, stream);
-            else launch_decode_mma<scalar_t, 128, 32, B, NB>(p, splits, stream);
+    switch (c.kernel) {
+      case PagedKernel::kSm80:
+      case PagedKernel::kSm90:
+        // choose_decode gives the tensor-core kernels 16-bit queries only.
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          const bool d64 = p.D == 64, b16 = p.block_size == 16;
+          auto launch = [&](auto bulk) {
+            constexpr bool B = decltype(bulk)::value;
+            dispatch_head_blocks(G, [&](auto nb) {
+              constexpr int NB = decltype(nb)::value;
+              if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B, NB>(p, splits, stream);
+              else if (d64) launch_decode_mma<scalar_t, 64, 32, B, NB>(p, splits, stream);
+              else if (b16) launch_decode_mma<scalar_t, 128, 16, B, NB>(p, splits, stream);
+              else launch_decode_mma<scalar_t, 128, 32, B, NB>(p, splits, stream);
+            });
+          };
+          if (c.kernel == PagedKernel::kSm90) launch(std::true_type{});
+          else launch(std::false_type{});
+        } else {
+          ATTNKIT_CHECK(false, op, ": kernel ", paged_kernel_name(c.kernel),
+                        " has no fp32 instantiation");
+        }
+        break;
+      case PagedKernel::kPortable:
+        dispatch_kind<scalar_t>(kind, [&](auto kc) {
+          constexpr CacheKind K = decltype(kc)::value;
+          dispatch_rows(rows, [&](auto rc) {
+            constexpr int ROWS = decltype(rc)::value;
+            const int64_t row_chunks = (rows + ROWS - 1) / ROWS;
+            const int64_t gx = int64_t(p.S) * p.Hkv * row_chunks;
+            ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
+            paged_decode_kernel<scalar_t, K, ROWS>
+                <<<dim3(unsigned(gx), unsigned(splits)), kThreads, 0, stream>>>(p, int32_t(row_chunks));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
-        };
-        if (bulk_eligible(p)) launch(std::true_type{});
-        else launch(std::false_type{});
-      }
+        });
+        break;
     }
-    if (!mma_path) dispatch_kind<scalar_t>(kind, [&](auto kc) {
-      constexpr CacheKind K = decltype(kc)::value;
-      dispatch_rows(rows, [&](auto rc) {
-        constexpr int ROWS = decltype(rc)::value;
-        const int64_t row_chunks = (rows + ROWS - 1) / ROWS;
-        const int64_t gx = int64_t(p.S) * p.Hkv * row_chunks;
-        ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
-        paged_decode_kernel<scalar_t, K, ROWS>
-            <<<dim3(unsigned(gx), unsigned(splits)), kThreads, 0, stream>>>(p, int32_t(row_chunks));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
     if (splits > 1) {
       launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true,
                     dim3(unsigned(int64_t(p.S) * p.max_qlen), unsigned(p.Hq)), dim3(kThreads), 0,
@@ -265,12 +302,47 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
 
 }  // namespace
 
+NhdDecodeFacts nhd_device_facts() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  NhdDecodeFacts f;
+  f.sm_major = prop->major;
+  f.sm_minor = prop->minor;
+  f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  return f;  // maps_ok: launch_nhd_decode's, when it encodes the maps
+}
+
 void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
-                       const at::Tensor& like) {
+                       const at::Tensor& like, PagedRequest req, const char* source,
+                       const DecodeLaunchOptions& lo) {
+  // Facts -> choice -> one switch. The tensor maps of the caches ({D, Hkv, block_size,
+  // num_blocks}, 16-byte multiple strides) are encoded only when the choice could be sm90.
+  NhdDecodeFacts f = nhd_device_facts();
+#if ATTNKIT_HAS_NHD_TMA && ATTNKIT_HAS_TMA_MAP
+  CUtensorMap map_k, map_v;
+  if (nhd_wants_tensor_maps(f, req)) {
+    constexpr int64_t es = 2;  // 16-bit caches only (the caller's condition)
+    const bool bf16 = qtype == at::kBFloat16;
+    const uint32_t box[4] = {64, 1, 16, 1};
+    // With one kv head its stride is never stepped: any valid value will do.
+    auto head_stride = [&](int64_t sh) { return p.Hkv == 1 ? uint64_t(p.D) * es : uint64_t(sh) * es; };
+    const uint64_t dims[4] = {uint64_t(p.D), uint64_t(p.Hkv), uint64_t(p.block_size),
+                              uint64_t(p.num_blocks)};
+    const uint64_t ks[3] = {head_stride(p.cs.k_sh), uint64_t(p.cs.k_st) * es, uint64_t(p.cs.k_sb) * es};
+    const uint64_t vs[3] = {head_stride(p.cs.v_sh), uint64_t(p.cs.v_stc) * es, uint64_t(p.cs.v_sb) * es};
+    f.maps_ok = p.cs.k_st > 0 && p.cs.v_stc > 0 && p.cs.k_sb > 0 && p.cs.v_sb > 0 &&
+                tma::encode_4d_sw128(&map_k, bf16, p.k_cache, dims, ks, box) &&
+                tma::encode_4d_sw128(&map_v, bf16, p.v_cache, dims, vs, box);
+  }
+#endif
+  const PagedChoice c = choose_nhd_decode(f, req);
+  std::ostringstream context;
+  context << "device " << f.sm_major << "." << f.sm_minor;
+  check_paged_choice(c, "flash_attn_fwd (decode path)", req, source, context.str());
   // One grid row per query token: the split heuristic prices Tq rows.
   DecodeParams sizing = p;
   sizing.S = p.Tq;
-  const int32_t splits = p.D == 64 ? mma_splits<64>(sizing, len_bound) : mma_splits<128>(sizing, len_bound);
+  const int32_t splits = decode_splits(c.kernel, sizing, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t gx = int64_t(p.Tq) * p.Hkv;
@@ -280,7 +352,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
     if constexpr (!std::is_same_v<scalar_t, float>) {
       const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
       const int64_t G = p.Hq / p.Hkv;
-      auto launch = [&](auto d) {  // per-lane cp.async (sm_80+, any 16-byte aligned rows)
+      auto launch = [&](auto d) {  // sm80: per-lane cp.async (sm_80+, any 16-byte aligned rows)
         constexpr int D = decltype(d)::value;
         constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
         dispatch_head_blocks(G, [&](auto nb) {
@@ -291,47 +363,35 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       };
-      // Tensor-map tile copies on sm_90 when both caches can be mapped ({D, Hkv, block_size,
-      // num_blocks}, 16-byte multiple strides); ATTNKIT_PAGED_BULK=0 keeps cp.async (A/B runs).
-      bool tma_ok = env_flag(Env::kPagedBulk) && wgmma::kBuilt &&
-                    at::cuda::getCurrentDeviceProperties()->major == 9;
+      switch (c.kernel) {
+        case PagedKernel::kSm80:
+          if (p.D == 64) launch(std::integral_constant<int, 64>{});
+          else launch(std::integral_constant<int, 128>{});
+          break;
+        case PagedKernel::kSm90: {  // tensor-map tile copies
 #if ATTNKIT_HAS_NHD_TMA && ATTNKIT_HAS_TMA_MAP
-      CUtensorMap map_k, map_v;
-      if (tma_ok) {
-        constexpr int64_t es = 2;  // 16-bit caches only (the caller's condition)
-        const bool bf16 = std::is_same_v<scalar_t, __nv_bfloat16>;
-        const uint32_t box[4] = {64, 1, 16, 1};
-        // With one kv head its stride is never stepped: any valid value will do.
-        auto head_stride = [&](int64_t sh) { return p.Hkv == 1 ? uint64_t(p.D) * es : uint64_t(sh) * es; };
-        const uint64_t dims[4] = {uint64_t(p.D), uint64_t(p.Hkv), uint64_t(p.block_size),
-                                  uint64_t(p.num_blocks)};
-        const uint64_t ks[3] = {head_stride(p.cs.k_sh), uint64_t(p.cs.k_st) * es, uint64_t(p.cs.k_sb) * es};
-        const uint64_t vs[3] = {head_stride(p.cs.v_sh), uint64_t(p.cs.v_stc) * es, uint64_t(p.cs.v_sb) * es};
-        tma_ok = p.cs.k_st > 0 && p.cs.v_stc > 0 && p.cs.k_sb > 0 && p.cs.v_sb > 0 &&
-                 tma::encode_4d_sw128(&map_k, bf16, p.k_cache, dims, ks, box) &&
-                 tma::encode_4d_sw128(&map_v, bf16, p.v_cache, dims, vs, box);
-      }
-      if (tma_ok) {
-        auto launch_tma = [&](auto d) {
-          constexpr int D = decltype(d)::value;
-          constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
-          dispatch_head_blocks(G, [&](auto nb) {
-            auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value>;
-            static std::atomic<uint64_t> done_mask{0};
-            set_max_smem_once(kernel, kSmem, done_mask);
-            kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        };
-        if (p.D == 64) launch_tma(std::integral_constant<int, 64>{});
-        else launch_tma(std::integral_constant<int, 128>{});
-      }
+          auto launch_tma = [&](auto d) {
+            constexpr int D = decltype(d)::value;
+            constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
+            dispatch_head_blocks(G, [&](auto nb) {
+              auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value>;
+              static std::atomic<uint64_t> done_mask{0};
+              set_max_smem_once(kernel, kSmem, done_mask);
+              kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          };
+          if (p.D == 64) launch_tma(std::integral_constant<int, 64>{});
+          else launch_tma(std::integral_constant<int, 128>{});
+          break;
 #else
-      tma_ok = false;
+          ATTNKIT_CHECK(false, "flash_attn_fwd (decode path): kernel sm90 is not in this build");
+          break;  // never chosen: without tensor maps maps_ok is false
 #endif
-      if (!tma_ok) {
-        if (p.D == 64) launch(std::integral_constant<int, 64>{});
-        else launch(std::integral_constant<int, 128>{});
+        }
+        case PagedKernel::kPortable:  // refused by choose_nhd_decode
+          ATTNKIT_CHECK(false, "flash_attn_fwd (decode path): no portable kernel");
+          break;
       }
       if (splits > 1) {
         launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true, dim3(unsigned(p.Tq), unsigned(p.Hq)),
@@ -344,14 +404,16 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
 
 namespace {
 
-void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                             const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
-                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                             int64_t block_size, int64_t max_seq_len,
-                             const c10::optional<at::Tensor>& alibi_slopes,
-                             c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
-                             const at::Tensor& v_scale, double logits_soft_cap,
-                             int64_t sliding_window) {
+// paged_attention_v1 on the requested kernel with the given launch options: the public op (the
+// request from ATTNKIT_PAGED_KERNEL, default options) and _paged_attention_v1_with share it.
+void paged_attention_v1_on(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           int64_t block_size, int64_t max_seq_len,
+                           const c10::optional<at::Tensor>& alibi_slopes,
+                           c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                           const at::Tensor& v_scale, double logits_soft_cap,
+                           int64_t sliding_window, Request req, const DecodeLaunchOptions& lo) {
   const auto c = check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads,
                                           block_tables, seq_lens, block_size, max_seq_len,
                                           alibi_slopes, kv_cache_dtype, k_scale, v_scale,
@@ -366,16 +428,48 @@ void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at:
                           scale, logits_soft_cap, sliding_window);
   // max_seq_len only sizes the split count; longer sequences are still computed in full.
   const int64_t bound = std::min<int64_t>(max_seq_len, int64_t(p.max_blocks) * p.block_size);
-  launch_decode(p, query.scalar_type(), c.kind, bound, query);
+  launch_decode(p, query.scalar_type(), c.kind, bound, query, "paged_attention_v1", req, lo);
 }
 
-at::Tensor pa_fwd_cuda(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-                       const at::Tensor& block_tables, const at::Tensor& context_lens,
-                       int64_t block_tables_stride0, int64_t max_qlen,
-                       const c10::optional<at::Tensor>& K_QScale,
-                       const c10::optional<at::Tensor>& V_QScale,
-                       const c10::optional<at::Tensor>& out_opt,
-                       const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision) {
+void paged_attention_v1_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                             int64_t block_size, int64_t max_seq_len,
+                             const c10::optional<at::Tensor>& alibi_slopes,
+                             c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                             const at::Tensor& v_scale, double logits_soft_cap,
+                             int64_t sliding_window) {
+  paged_attention_v1_on(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                        seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                        v_scale, logits_soft_cap, sliding_window, env_request(),
+                        DecodeLaunchOptions{});
+}
+
+void paged_attention_v1_with_cuda(at::Tensor& out, const at::Tensor& query,
+                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  int64_t num_kv_heads, double scale,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  int64_t block_size, int64_t max_seq_len,
+                                  const c10::optional<at::Tensor>& alibi_slopes,
+                                  c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                                  const at::Tensor& v_scale, double logits_soft_cap,
+                                  int64_t sliding_window, c10::string_view kernel, int64_t splits) {
+  const Request req{check_paged_kernel_request(kernel, "kernel"), "kernel argument"};
+  const DecodeLaunchOptions lo = make_decode_launch_options(splits);
+  paged_attention_v1_on(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                        seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                        v_scale, logits_soft_cap, sliding_window, req, lo);
+}
+
+// pa_fwd on the requested kernel with the given launch options (as paged_attention_v1_on).
+at::Tensor pa_fwd_on(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens,
+                     int64_t block_tables_stride0, int64_t max_qlen,
+                     const c10::optional<at::Tensor>& K_QScale,
+                     const c10::optional<at::Tensor>& V_QScale,
+                     const c10::optional<at::Tensor>& out_opt,
+                     const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision,
+                     Request req, const DecodeLaunchOptions& lo) {
   const auto c = check_pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen,
                               K_QScale, V_QScale, out_opt, qo_indptr, high_precision);
   const c10::cuda::CUDAGuard guard(Q.device());
@@ -389,8 +483,35 @@ at::Tensor pa_fwd_cuda(const at::Tensor& Q, const at::Tensor& K, const at::Tenso
   if (qo_indptr.has_value()) qi = qo_indptr->contiguous();
   const auto lens = context_lens.contiguous();
   auto p = make_pa_fwd_params(out, Q, K, V, c, block_tables, lens, qi, K_QScale, V_QScale, max_qlen);
-  launch_decode(p, Q.scalar_type(), c.kind, int64_t(p.max_blocks) * p.block_size, Q);
+  launch_decode(p, Q.scalar_type(), c.kind, int64_t(p.max_blocks) * p.block_size, Q, "pa_fwd",
+                req, lo);
   return ret;
+}
+
+at::Tensor pa_fwd_cuda(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens,
+                       int64_t block_tables_stride0, int64_t max_qlen,
+                       const c10::optional<at::Tensor>& K_QScale,
+                       const c10::optional<at::Tensor>& V_QScale,
+                       const c10::optional<at::Tensor>& out_opt,
+                       const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision) {
+  return pa_fwd_on(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
+                   V_QScale, out_opt, qo_indptr, high_precision, env_request(),
+                   DecodeLaunchOptions{});
+}
+
+at::Tensor pa_fwd_with_cuda(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens,
+                            int64_t block_tables_stride0, int64_t max_qlen,
+                            const c10::optional<at::Tensor>& K_QScale,
+                            const c10::optional<at::Tensor>& V_QScale,
+                            const c10::optional<at::Tensor>& out_opt,
+                            const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision,
+                            c10::string_view kernel, int64_t splits) {
+  const Request req{check_paged_kernel_request(kernel, "kernel"), "kernel argument"};
+  const DecodeLaunchOptions lo = make_decode_launch_options(splits);
+  return pa_fwd_on(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
+                   V_QScale, out_opt, qo_indptr, high_precision, req, lo);
 }
 
 void launch_write(const CacheWriteParams& p, at::ScalarType dtype, CacheKind kind, bool per_token) {
@@ -491,6 +612,8 @@ void merge_attn_states_cuda(at::Tensor& output, const at::Tensor& prefix_output,
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("paged_attention_v1", &paged_attention_v1_cuda);
   m.impl("pa_fwd", &pa_fwd_cuda);
+  m.impl("_paged_attention_v1_with", &paged_attention_v1_with_cuda);
+  m.impl("_pa_fwd_with", &pa_fwd_with_cuda);
   m.impl("reshape_and_cache", &reshape_and_cache_cuda);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_cuda);
   m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_cuda);

@@ -17,6 +17,7 @@
 #endif
 
 #if ATTNKIT_HAS_TMA_MAP
+#include <atomic>
 #include <cstdint>
 
 namespace attnkit {
@@ -27,23 +28,27 @@ using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t
                                    const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// The driver's cuTensorMapEncodeTiled, or nullptr when the driver does not provide it.
+// The driver's cuTensorMapEncodeTiled, or nullptr when the driver does not provide it. Only a
+// found entry point is cached: a failed lookup is tried again at the next call, so one failure
+// (say, an error state left by an earlier call in the process) cannot turn every later call of
+// the process away from the tensor-map kernels, which auto would do silently.
 inline EncodeTiledFn encode_tiled_fn() {
-  static const EncodeTiledFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status{};
+  static std::atomic<EncodeTiledFn> cached{nullptr};
+  if (const EncodeTiledFn fn = cached.load(std::memory_order_acquire)) return fn;
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult status{};
 #if CUDART_VERSION >= 12050
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status);
+  const cudaError_t err =
+      cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status);
 #else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
+  const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
 #endif
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // a failed lookup must not surface as a later launch's error
-      return EncodeTiledFn(nullptr);
-    }
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
+  if (err != cudaSuccess || status != cudaDriverEntryPointSuccess || f == nullptr) {
+    (void)cudaGetLastError();  // a failed lookup must not surface as a later launch's error
+    return nullptr;
+  }
+  const auto fn = reinterpret_cast<EncodeTiledFn>(f);
+  cached.store(fn, std::memory_order_release);
   return fn;
 }
 
@@ -76,10 +81,22 @@ inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
     if (i + 1 < kRank) gstride[i] = strides[i];
   }
   const auto dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult r = encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
+  auto call = [&] {
+    return encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  };
+  if (call() == CUDA_SUCCESS) return true;
+  // The driver call needs a context current on this thread. A thread whose first CUDA work this
+  // is has none: autograd's backward thread, say, where c10's device guard binds nothing when the
+  // device index already matches (seen on the H200, 2026-12-04: the first sm90_ws backward of a
+  // process refused with valid maps). cudaFree(nullptr) binds the device's primary context; then
+  // once more.
+  if (cudaFree(nullptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return call() == CUDA_SUCCESS;
 }
 
 // The 3-D case (GDPA's [T][heads][D] maps).

@@ -96,6 +96,28 @@ at::Tensor expert_load_balance_meta(const at::Tensor& loads, int64_t world_size)
   return at::empty_symint(loads.sym_sizes(), loads.options().dtype(at::kLong));
 }
 
+// The private ops: the kernel name checked as on CUDA (which kernel can take the call depends on
+// the device, unknown here), then the public ops' checks and shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_meta(const at::Tensor& x,
+                                                                     const at::Tensor& ids,
+                                                                     int64_t num_experts,
+                                                                     bool rank_hist, bool pdl) {
+  make_permute_launch_options(rank_hist, pdl);
+  return moe_permute_meta(x, ids, num_experts);
+}
+
+at::Tensor grouped_gemm_with_meta(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off,
+                                  c10::string_view kernel) {
+  check_moe_kernel_request(kernel, "kernel");
+  return grouped_gemm_meta(a, w, off);
+}
+
+at::Tensor grouped_gemm_swiglu_with_meta(const at::Tensor& a, const at::Tensor& w,
+                                         const at::Tensor& off, c10::string_view kernel) {
+  check_moe_kernel_request(kernel, "kernel");
+  return grouped_gemm_swiglu_meta(a, w, off);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
@@ -110,6 +132,9 @@ TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_meta);
   m.impl("expert_load_balance", &expert_load_balance_meta);
+  m.impl("_moe_permute_with", &moe_permute_with_meta);
+  m.impl("_grouped_gemm_with", &grouped_gemm_with_meta);
+  m.impl("_grouped_gemm_swiglu_with", &grouped_gemm_swiglu_with_meta);
 }
 
 }  // namespace moe

@@ -65,11 +65,40 @@ void merge_attn_states_meta(at::Tensor& output, const at::Tensor& prefix_output,
   check_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse);
 }
 
+// The private ops: the kernel name and the split count checked as on CUDA (which kernel can take
+// the call depends on the device, unknown here), then the public ops' checks and shapes.
+void paged_attention_v1_with_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+    const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+    int64_t max_seq_len, const c10::optional<at::Tensor>& alibi_slopes,
+    c10::string_view kv_cache_dtype, const at::Tensor& k_scale, const at::Tensor& v_scale,
+    double logits_soft_cap, int64_t sliding_window, c10::string_view kernel, int64_t splits) {
+  check_paged_kernel_request(kernel, "kernel");
+  make_decode_launch_options(splits);
+  paged_attention_v1_meta(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+                   block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+                   logits_soft_cap, sliding_window);
+}
+
+at::Tensor pa_fwd_with_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_tables_stride0,
+    int64_t max_qlen, const c10::optional<at::Tensor>& K_QScale,
+    const c10::optional<at::Tensor>& V_QScale, const c10::optional<at::Tensor>& out,
+    const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision, c10::string_view kernel,
+    int64_t splits) {
+  check_paged_kernel_request(kernel, "kernel");
+  make_decode_launch_options(splits);
+  return pa_fwd_meta(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
+                   V_QScale, out, qo_indptr, high_precision);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, Meta, m) {
   m.impl("paged_attention_v1", &paged_attention_v1_meta);
   m.impl("pa_fwd", &pa_fwd_meta);
+  m.impl("_paged_attention_v1_with", &paged_attention_v1_with_meta);
+  m.impl("_pa_fwd_with", &pa_fwd_with_meta);
   m.impl("reshape_and_cache", &reshape_and_cache_meta);
   m.impl("reshape_and_cache_with_pertoken_quant", &reshape_and_cache_with_pertoken_quant_meta);
   m.impl("reshape_and_cache_flash", &reshape_and_cache_flash_meta);

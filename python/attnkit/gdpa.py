@@ -92,8 +92,7 @@ def _gdpa_with(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
     The forward runs ``torch.ops.attnkit._gdpa_fwd_with`` with ``kernel=fwd_kernel`` and the
     warp-specialised forward's launch options (``ping_pong``, ``split_loaders``, ``persistent``,
     ``sorted``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel`` and
-    ``deterministic``. Kernel names: auto | portable | sm80 | sm90 | sm90_cp_async (the forward
-    only) | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel that cannot take the call
+    ``deterministic``. Kernel names: auto | portable | sm80 | sm90 | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel that cannot take the call
     raises. Neither reads ATTNKIT_GDPA_KERNEL. Not for torch.compile (a Python autograd.Function).
     """
     kwargs = dict(pre_scale=pre_scale, causal=causal, window_size=window_size,

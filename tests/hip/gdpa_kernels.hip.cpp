@@ -7,7 +7,6 @@
 #include "kernels/gdpa/launch_options.h"
 #include "kernels/gdpa/bwd_ws.cuh"  // CUDA-only (tensor maps), as fwd_ws.cuh: nothing under HIP
 #include "kernels/gdpa/fwd_mma.cuh"
-#include "kernels/gdpa/fwd_wgmma.cuh"
 #include "kernels/gdpa/fwd_ws.cuh"
 #include "kernels/gdpa/simple.cuh"
 #include "kernels/gdpa/zero_rows.cuh"
@@ -27,7 +26,6 @@ template cudaError_t launch_gdpa_bwd_simple<bf16_t>(const BwdParams&, int, int, 
 template cudaError_t launch_gdpa_fwd_mma<bf16_t, 64>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_fwd_mma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_bwd_mma<bf16_t, 128>(const BwdParams&, int, int, cudaStream_t);
-template cudaError_t launch_gdpa_fwd_wgmma<fp16_t, 128>(const FwdParams&, int, cudaStream_t);
 template cudaError_t launch_gdpa_zero_keyless_rows<float>(float*, int64_t, const int32_t*,
                                                           const int32_t*, int32_t, int32_t, int32_t,
                                                           int32_t, cudaStream_t);

@@ -1,9 +1,11 @@
 // HIP compile check of the moe kernel layer (scripts/hip_check.sh): the launchers csrc/cuda/moe.cu
 // calls, for a bounded set of dtypes, index types and vector widths. The tensor-core grouped GEMM
 // (ATTNKIT_HAS_MMA_SM80) compiles to an empty kernel under HIP.
+#include "kernels/moe/choose.h"  // host-only kernel choice: the HIP launcher asks it too
 #include "kernels/moe/grouped_gemm.cuh"
 #include "kernels/moe/grouped_gemm_mma.cuh"
 #include "kernels/moe/grouped_gemm_swiglu.cuh"  // sm_90a only: compiles to nothing here
+#include "kernels/moe/launch_options.h"
 #include "kernels/moe/route.cuh"
 #include "kernels/moe/routing.cuh"
 
@@ -48,6 +50,16 @@ template void launch_grouped_gemm_mma<bf16_t, int64_t>(const bf16_t*, const bf16
 template void launch_grouped_gemm_wgrad<fp16_t, int32_t>(const fp16_t*, const fp16_t*, const int32_t*, int,
                                                          int64_t, int64_t, int64_t, fp16_t*, cudaStream_t);
 template void launch_zero_rows_outside<bf16_t>(const int32_t*, int, int64_t, int64_t, bf16_t*, cudaStream_t);
+
+// The choice as the HIP build sees it (sm80_built and sm90a_built false): the FMA kernel, or
+// at::_grouped_mm where a gfx9 device reports major 9 and torch takes the call; moe_permute's rank
+// kernel from its launch options.
+MoeKernel hip_check_choice(const MoeFacts& f) {
+  const PermuteLaunchOptions lo;
+  const MoeChoice c = choose_swiglu(f, MoeRequest::kAuto);
+  if (permute_rank_hist(f.experts, lo.rank_hist) && c.ok()) return c.kernel;
+  return choose_gemm(f, MoeRequest::kSm90).kernel;
+}
 
 }  // namespace moe
 }  // namespace attnkit

@@ -1,13 +1,33 @@
 // HIP compile check of the paged kernel layer (scripts/hip_check.sh): the decode, combine,
 // cache-write and merge kernels csrc/cuda/paged.cu launches, for a bounded set of query dtypes,
-// cache kinds and row counts.
+// cache kinds and row counts, and the kernel choice with the launch options (host code the HIP
+// build compiles too).
+#include "kernels/common/mma.cuh"
+#include "kernels/common/wgmma.cuh"
 #include "kernels/paged/cache_write.cuh"
+#include "kernels/paged/choose.h"
+#include "kernels/paged/launch_options.h"
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"  // tensor-core GQA decode: compiled out under HIP (sm_80 guard)
 #include "kernels/paged/merge_states.cuh"
 
 namespace attnkit {
 namespace paged {
+
+// What the HIP launcher asks: a bf16 GQA decode call on a device reporting 9.0 (gfx90a does)
+// with the build's facts runs the portable kernel (sm80_built is false under HIP).
+PagedKernel hip_choice() {
+  PagedFacts f;
+  f.half = f.cache_same = f.one_query = f.bulk_layout = true;
+  f.group = 8;
+  f.head_dim = 128;
+  f.block_size = 16;
+  f.sm_major = 9;
+  f.sm80_built = ::attnkit::mma::kTensorCoreKernels;
+  f.sm90a_built = wgmma::kBuilt;
+  return choose_decode(f, PagedRequest::kAuto).kernel;
+}
+DecodeLaunchOptions hip_decode_options() { return {}; }
 
 using C = CacheKind;
 template __global__ void paged_decode_kernel<float, C::kSame, 1>(const DecodeParams, const int32_t);

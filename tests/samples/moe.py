@@ -5,10 +5,12 @@ parametrised tests use (routing ids, grouped-GEMM operands).
 
 A Sample's name starts with its op's name: ``op_of(s)(*s.args)`` calls it.
 """
+import pytest
 import torch
 
 from attnkit import reference as ref
 from samples import Sample
+from samples.flash import SM90A_BUILT
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ID_DTYPES = [torch.int32, torch.int64]
@@ -32,6 +34,55 @@ SWIGLU = [  # (expert sizes, H, I): experts with no rows, ragged sizes, H and I 
     ([257, 3], 200, 64),
     ([64, 1, 0, 30, 7, 2, 0, 9], 136, 12),
 ]
+
+
+# The private ops (docs/ops.md, MoE "Kernel choice"): the GEMMs on a named kernel, moe_permute with
+# its launch options; CHOOSE is the kernel choice alone, from facts given as keywords.
+GEMM_WITH = torch.ops.attnkit._grouped_gemm_with
+SWIGLU_WITH = torch.ops.attnkit._grouped_gemm_swiglu_with
+PERMUTE_WITH = torch.ops.attnkit._moe_permute_with
+CHOOSE = torch.ops.attnkit._moe_choose_kernel
+GEMM_KERNELS = ["portable", "sm80", "sm90_grouped_mm"]  # grouped_gemm's kernels
+SWIGLU_KERNELS = GEMM_KERNELS + ["sm90_fused"]  # grouped_gemm_swiglu's
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+               torch.float64: "fp64"}
+# moe_permute's launch options: the defaults, the rank walk everywhere, no programmatic launch.
+PERMUTE_OPTIONS = {"default": {}, "rank_walk": dict(rank_hist=False), "no_pdl": dict(pdl=False)}
+
+
+def device_facts():
+    """CHOOSE's facts of this CUDA device and build."""
+    major, _ = torch.cuda.get_device_capability()
+    return dict(sm_major=major, sm80_built=torch.version.hip is None, sm90a_built=SM90A_BUILT)
+
+
+def call_facts(a, w):
+    """CHOOSE's facts of a grouped GEMM call a [M, K] x w [E, K, N] (grouped_gemm_swiglu: N = 2I).
+    The launcher makes a contiguous; the tensor maps and at::_grouped_mm are taken to accept what
+    the other facts allow."""
+    a = a.contiguous()
+    return dict(dtype=DTYPE_NAMES[a.dtype], rows=a.shape[0], k=a.shape[1], n=w.shape[2],
+                experts=w.shape[0], w_row_major=w.is_contiguous(),
+                w_col_major=w.transpose(1, 2).is_contiguous(),
+                aligned=a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def kernel_takes(op, kernel, a, w, off):
+    """Whether `kernel` takes this CUDA call of `op` ("grouped_gemm" or "grouped_gemm_swiglu") on
+    this device, by CHOOSE on its facts. Where it does not, checks that the private op refuses the
+    call (so a test of a kernel cannot pass on another) and returns False: the test ends there."""
+    n = w.shape[2] // 2 if op == "grouped_gemm_swiglu" else w.shape[2]
+    if kernel == "auto" or a.shape[0] == 0 or n == 0:  # an empty output chooses nothing
+        return True
+    try:
+        CHOOSE(op, kernel, **call_facts(a, w), **device_facts())
+        return True
+    except RuntimeError:
+        with_op = GEMM_WITH if op == "grouped_gemm" else SWIGLU_WITH
+        with pytest.raises(RuntimeError, match=f"{op}: kernel {kernel} \\(kernel argument\\) "
+                                               "cannot take this call"):
+            with_op(a, w, off, kernel=kernel)
+        return False
 
 
 def type_id(v):

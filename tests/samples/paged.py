@@ -11,11 +11,13 @@ import collections
 import math
 import random
 
+import pytest
 import torch
 
 import attnkit
 from attnkit import reference as ref
 from samples import Sample
+from samples.flash import SM90A_BUILT
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -26,18 +28,82 @@ HEADS = [(4, 4), (8, 2), (16, 2), (16, 1)]   # (Hq, Hkv): GQA ratios 1, 4, 8, 16
 FP8_KINDS = ["fp8", "fp8_e4m3", "fp8_e5m2"]
 F8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
-# CUDA kernel paths of paged_attention_v1 / pa_fwd, chosen by environment switches: 16-bit query,
-# 'auto' cache, head size 64/128, block size 16/32, G = Hq/Hkv in [2, 16] and one query token take
-# the mma.sync kernel (decode_mma.cuh); ATTNKIT_PAGED_SIMT=1 forces the CUDA-core one ("simt").
-# On sm_90 the tensor-core kernel loads contiguous caches with bulk copies ("bulk"; whole tiles, the
-# tokens outside the window zeroed in shared memory afterwards); ATTNKIT_PAGED_BULK=0 keeps its
-# per-lane cp.async loads ("mma"). Elsewhere "bulk" runs the same kernel as "mma".
-PATHS = ["bulk", "mma", "simt"]
+# CUDA kernels of paged_attention_v1 / pa_fwd (kernels/paged/choose.h, docs/ops.md paged "Kernel
+# choice"), pinned through the private ops V1_WITH / PA_FWD_WITH (the public ops' arguments plus
+# kernel= and splits=): "sm90" the tensor-core decode (decode_mma.cuh) with bulk loads (sm_90,
+# caches whose 16-token tiles are contiguous; whole tiles, the tokens outside the window zeroed
+# in shared memory afterwards), "sm80" the same kernel with per-lane cp.async loads (sm_80+),
+# "portable" the CUDA-core kernel (decode.cuh). The tensor-core kernels take 16-bit queries with
+# the cache in the query dtype, head size 64/128, block size 16/32, G <= 16 and one query token;
+# a named kernel that cannot take a call raises (expect_kernel checks that), so no test passes on
+# another kernel. CHOOSE is the kernel choice alone, from facts given as keywords.
+PATHS = ["sm90", "sm80", "portable"]
+V1_WITH = torch.ops.attnkit._paged_attention_v1_with
+PA_FWD_WITH = torch.ops.attnkit._pa_fwd_with
+CHOOSE = torch.ops.attnkit._paged_choose_kernel
 
 
-def set_kernel_path(monkeypatch, path):
-    monkeypatch.setenv("ATTNKIT_PAGED_SIMT", "1" if path == "simt" else "0")
-    monkeypatch.setenv("ATTNKIT_PAGED_BULK", "0" if path == "mma" else "1")
+def device_facts():
+    """CHOOSE's facts of this device and build."""
+    major, minor = torch.cuda.get_device_capability()
+    return dict(sm_major=major, sm_minor=minor, sm80_built=torch.version.hip is None,
+                sm90a_built=SM90A_BUILT)
+
+
+def kernel_on_device(kernel):
+    """Whether `kernel` runs on this device and build at all (a call every kernel can take)."""
+    try:
+        CHOOSE("decode", kernel, **device_facts())
+        return True
+    except RuntimeError:
+        return False
+
+
+def kernel_params(kernels=PATHS):
+    """PATHS as pytest params, those this device or build lacks skipped."""
+    return [pytest.param(k, marks=pytest.mark.skipif(not (CUDA and kernel_on_device(k)),
+                                                     reason=f"kernel {k} needs another device"))
+            for k in kernels]
+
+
+def bulk_layout(key_cache, value_cache, block_size):
+    """The launcher's bulk_layout fact (cuda/paged.cu) of these caches."""
+    x = 16 // key_cache.element_size()
+    keys = x == 8 and key_cache.stride(3) == 8
+    if value_cache.dim() == 4:   # vLLM [nb, Hkv, D, bs]
+        return keys and value_cache.size(3) == 16 and block_size == 16 and value_cache.stride(2) == 16
+    D = value_cache.size(3)      # ASM [nb, Hkv, bs/x, D, x]
+    return keys and value_cache.stride(3) == 8 and value_cache.stride(2) == D * 8
+
+
+def sample_facts(s, op):
+    """CHOOSE's call facts of a paged_attention_v1 ("v1") or pa_fwd ("pa_fwd") Sample."""
+    if op == "v1":
+        _, q, kc, vc, hkv, _, _, _, bs, _, _, kv, *_ = s.args
+        same, one = kv == "auto", True
+    else:
+        q, kc, vc, _, _, _, max_qlen, *_ = s.args
+        hkv, bs = kc.shape[1], kc.shape[3]
+        same, one = kc.dtype == q.dtype, max_qlen == 1
+    return dict(half=q.dtype in HALF_DTYPES, cache_same=same, one_query=one,
+                group=q.shape[1] // hkv, head_dim=q.shape[2], block_size=bs,
+                bulk_layout=bulk_layout(kc, vc, bs))
+
+
+def expect_kernel(s, kernel, op="v1"):
+    """Whether `kernel` ("auto" always) takes Sample `s` of `op` on this device, by CHOOSE on the
+    Sample's facts. Where it does not, checks that the private op refuses the call (so a test
+    of a kernel cannot pass on another) and returns False: the test ends there."""
+    if kernel in ("auto", "cpu") or s.args[1 if op == "v1" else 0].device.type != "cuda":
+        return True
+    try:
+        CHOOSE("decode", kernel, **sample_facts(s, op), **device_facts())
+        return True
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match=f"kernel {kernel} \\(kernel argument\\) cannot take "
+                                               "this call"):
+            (run_v1 if op == "v1" else run_pa_fwd)(s, kernel)
+        return False
 
 
 def dtype_id(dtype):
@@ -150,9 +216,18 @@ def v1_args(query, key_cache, value_cache, num_kv_heads, scale, block_tables, se
     return Sample(name, args, dict(logits_soft_cap=logits_soft_cap, sliding_window=sliding_window))
 
 
-def run_v1(s):
-    attnkit.paged_attention_v1(*s.args, **s.kwargs)
+def run_v1(s, kernel=None, splits=0):
+    """paged_attention_v1 on Sample s: the public op, or with `kernel` ("cpu": the CPU's "auto")
+    or `splits` the private op V1_WITH. Returns out."""
+    if kernel is None and splits == 0:
+        attnkit.paged_attention_v1(*s.args, **s.kwargs)
+    else:
+        V1_WITH(*s.args, **s.kwargs, kernel=_name(kernel), splits=splits)
     return s.args[0]
+
+
+def _name(kernel):
+    return "auto" if kernel in (None, "cpu") else kernel
 
 
 def v1_reference(s, key_cache=None, value_cache=None):
@@ -199,8 +274,11 @@ def pa_fwd_args(Q, K, V, block_tables, context_lens, max_qlen=1, K_QScale=None, 
                          K_QScale, V_QScale, out, qo_indptr))
 
 
-def run_pa_fwd(s):
-    return attnkit.pa_fwd(*s.args)
+def run_pa_fwd(s, kernel=None, splits=0):
+    """pa_fwd on Sample s: the public op, or with `kernel` / `splits` the private op PA_FWD_WITH."""
+    if kernel is None and splits == 0:
+        return attnkit.pa_fwd(*s.args)
+    return PA_FWD_WITH(*s.args, kernel=_name(kernel), splits=splits)
 
 
 def pa_fwd_reference(s):

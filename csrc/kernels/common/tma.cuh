@@ -16,6 +16,19 @@
 
 #include "kernels/common/bulk_copy.cuh"
 
+// Whether this compile has CUtensorMap (a CUDA 12+ toolkit, not HIP): the tensor-map kernels
+// (every *_ws.cuh, the NHD decode, the fused SwiGLU GEMM) and their launchers are declared only
+// then. The one test of it; each kernel header names it for its own launcher.
+#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
+#include <cuda.h>
+#if CUDA_VERSION >= 12000
+#define ATTNKIT_HAS_TENSOR_MAPS 1
+#endif
+#endif
+#ifndef ATTNKIT_HAS_TENSOR_MAPS
+#define ATTNKIT_HAS_TENSOR_MAPS 0
+#endif
+
 namespace attnkit {
 namespace tma {
 

@@ -116,69 +116,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// A ring of kStages shared-memory stages that every thread of the CTA fills with cp.async and
-// the warpgroups read with wgmma, ordered by two mbarriers per stage (each counting all threads)
-// instead of CTA-wide barriers, so the warpgroups are not held in lockstep: one can run its
-// elementwise phase while the other keeps the tensor cores busy.
-//   producer_acquire(g): stage g % kStages is free (every thread released tile g - kStages);
-//   producer_commit(g):  "full" completes once this thread's cp.async so far have landed;
-//   consumer_wait(g):    tile g landed (all threads' copies) and is visible to the tensor cores;
-//   consumer_release(g): this thread's reads of tile g (its wgmma) are done.
-// g counts the tiles the CTA has produced; completion k of a stage's barrier has parity k & 1.
-template <int kStages>
-struct CpAsyncRing {
-  uint64_t* full;
-  uint64_t* empty;
-
-  ATTNKIT_DEVICE ATTNKIT_INLINE void init(int threads) const {  // one thread, then __syncthreads
-    for (int s = 0; s < kStages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(mma::smem_addr(full + s)), "r"(threads));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(mma::smem_addr(empty + s)), "r"(threads));
-    }
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE static void wait(uint64_t* bar, uint32_t parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT_LOOP:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_LOOP;\n}\n" ::"r"(mma::smem_addr(bar)), "r"(parity) : "memory");
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE void producer_acquire(uint32_t g) const {
-    if (g >= kStages) wait(empty + g % kStages, (g / kStages - 1) & 1);
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE void producer_commit(uint32_t g) const {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(mma::smem_addr(full + g % kStages))
-                 : "memory");
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_wait(uint32_t g) const {
-    wait(full + g % kStages, (g / kStages) & 1);
-    fence_async_smem();  // the copies were generic-proxy writes; wgmma reads through the async proxy
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_release(uint32_t g) const {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
-                     mma::smem_addr(empty + g % kStages))
-                 : "memory");
-  }
-};
-
-// Asynchronously copies rows [0, ROWS) x cols [0, C) of a strided global tile into a sw128 tile;
-// rows >= rows_valid and cols >= cols_valid are zero-filled without reading (cp.async with 0
-// source bytes), so no offset value can make it read outside the tensor.
-template <int ROWS, int C, int THREADS, typename T>
-ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile_sw128(unsigned char* tile, const T* gmem,
-                                                   int64_t row_stride, int rows_valid,
-                                                   int cols_valid, const T* fallback, int tid) {
-  constexpr int kChunksPerRow = C / 8;
-  constexpr int kChunks = ROWS * kChunksPerRow;
-  static_assert(kChunks % THREADS == 0, "whole chunks per thread");
-#pragma unroll
-  for (int c = tid; c < kChunks; c += THREADS) {
-    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const bool ok = row < rows_valid && col < cols_valid;
-    mma::cp_async_16(tile + sw128_offset<ROWS>(row, col), ok ? gmem + row * row_stride + col : fallback,
-                     ok ? 16 : 0);
-  }
-}
-
 #endif  // ATTNKIT_HAS_WGMMA
 
 }  // namespace wgmma

@@ -64,15 +64,7 @@
 #include "kernels/flash/params.h"
 #include "kernels/flash/bwd_scores.cuh"
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_BWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_BWD_WS
-#define ATTNKIT_HAS_BWD_WS 0
-#endif
+#define ATTNKIT_HAS_BWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 #if ATTNKIT_HAS_BWD_WS
 

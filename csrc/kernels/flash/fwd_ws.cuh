@@ -64,15 +64,7 @@
 #include "kernels/flash/online_softmax.cuh"
 #include "kernels/flash/params.h"
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_FWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_FWD_WS
-#define ATTNKIT_HAS_FWD_WS 0
-#endif
+#define ATTNKIT_HAS_FWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 #if ATTNKIT_HAS_FWD_WS
 
@@ -211,7 +203,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   using MmaO = wgmma::Wgmma<T, kD>;       // O += P·V: N = head dim
   constexpr int BM = Tr::kBM, BN = Tr::kBN, KS = Tr::kKStages, VS = Tr::kVStages,
                 QS = Tr::kQStages, kNT = BN / 8, kDT = kD / 8;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (::attnkit::mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;                       // [QS] Q tiles
@@ -480,14 +472,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     prev.l_off = l_off;
     prev.rows_valid = rows_valid;
     prev.v_rows = v_rows;
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      float lr = l[rh];
-      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-      prev.inv[rh] = lr > 0.f ? 1.f / lr : 0.f;
-      prev.lse[rh] = lr > 0.f ? m[rh] * kLn2 + logf(lr) : -INFINITY;
-    }
+    finish_rows(m, l, prev.inv, prev.lse);
     ++qn;
   }
   if (g > 0) {  // the last unit's last P·V

@@ -6,9 +6,9 @@
 // rows stream through shared memory with cp.async: V of tile n loads while S = Q K^T of tile n is
 // computed, K of tile n+1 while O += P V of tile n runs. Rows of 16-byte chunks are XOR-swizzled
 // (chunk ^ row % 8) so that ldmatrix reads of 8 rows hit 8 different bank groups. S stays in
-// registers; the online softmax works in the log2 domain (exp2f, log2e folded into the scale),
-// row statistics are reduced over the 4 lanes of a quad, and P is packed from the S accumulators
-// straight into A fragments. Only key tiles inside the window are visited, and only tiles that
+// registers; the online softmax (online_softmax.cuh, the warp-specialised forward's too) works in
+// the log2 domain, row statistics are reduced over the 4 lanes of a quad, and P is packed from
+// the S accumulators straight into A fragments. Only key tiles inside the window are visited, and only tiles that
 // cross a window edge (or the sequence end) are masked element by element.
 #pragma once
 
@@ -17,6 +17,7 @@
 
 #include "common/portability.h"
 #include "kernels/common/mma.cuh"
+#include "kernels/flash/online_softmax.cuh"
 #include "kernels/flash/params.h"
 
 namespace attnkit {
@@ -53,7 +54,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile_async(T* dst, const T* src, int64_t
 }
 #endif
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads)
     fwd_kernel(Params p, const T* __restrict__ q, const T* __restrict__ k,
                const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse) {
@@ -65,12 +66,15 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kDT = kD / 8;   // n8 tiles of the output
   constexpr int kDK = kD / 16;  // k16 steps over the head dim
   constexpr int kNT = kBN / 8;  // n8 tiles of S
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  // The scores in "max units" (online_softmax.cuh): raw (scaled by factor later) or the capped
+  // log2 value.
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
-  const float scale_log2 = scale * kLog2e;
+  const float factor = kSoftcap ? 1.f : scale * kLog2e;
+  const float scale_over_cap = kSoftcap ? scale / cap : 0.f, cap_log2 = cap * kLog2e;
   const SeqRange s = seq_range(p, b);
   const int64_t ntiles = (s.lq + kBM - 1) / kBM;
 
@@ -126,45 +130,18 @@ __global__ void __launch_bounds__(kThreads)
           mma_16816<T>(sc[2 * np + 1], qf[kk], b1);
         }
       }
-      // Elementwise masks only where the tile crosses a window edge or the sequence end.
-      const bool full = j0 >= lo_last && j0 + kBN - 1 <= hi_first;
+      // The online softmax (online_softmax.cuh, shared with fwd_ws.cuh), element masks only
+      // where the tile crosses a window edge or the sequence end. Key coordinates relative to lo
+      // (the tile's keys and the rows' ranges lie in [0, lk), so they fit an int).
+      float corr[2];
+      const SoftmaxArgs sa{factor, scale_over_cap, cap_log2, static_cast<int>(j0 - lo),
+                           {static_cast<int>(kr[0].lo - lo), static_cast<int>(kr[1].lo - lo)},
+                           {static_cast<int>(kr[0].hi - lo), static_cast<int>(kr[1].hi - lo)}};
+      online_softmax<kSoftcap>(sc, m, l, corr, sa, !(j0 >= lo_last && j0 + kBN - 1 <= hi_first));
 #pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float x = sc[nt][rh * 2 + e];
-            x = cap > 0.f ? cap * tanhf(x * scale / cap) * kLog2e : x * scale_log2;
-            if (!full) {
-              const int64_t j = j0 + nt * 8 + 2 * t4 + e;
-              if (j < kr[rh].lo || j > kr[rh].hi) x = -INFINITY;
-            }
-            sc[nt][rh * 2 + e] = x;
-            mx = fmaxf(mx, x);
-          }
-        }
-        mx = fmaxf(mx, shfl_xor(mx, 1));
-        mx = fmaxf(mx, shfl_xor(mx, 2));
-        const float m_new = fmaxf(m[rh], mx);
-        // A row with nothing visible so far keeps base 0: exp2(-inf - 0) = 0, never NaN.
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = exp2f(m[rh] - base);
-        m[rh] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pv = exp2f(sc[nt][rh * 2 + e] - base);
-            sc[nt][rh * 2 + e] = pv;
-            sum += pv;
-          }
-        }
-        l[rh] = l[rh] * corr + sum;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) acc[dt][rh * 2] *= corr, acc[dt][rh * 2 + 1] *= corr;
+      for (int dt = 0; dt < kDT; ++dt) {
+        acc[dt][0] *= corr[0], acc[dt][1] *= corr[0];
+        acc[dt][2] *= corr[1], acc[dt][3] *= corr[1];
       }
       cp_async_wait<0>();
       __syncthreads();  // V landed; every warp finished reading K
@@ -190,25 +167,20 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    // Epilogue: quad-reduce the row sums, normalise, store rows inside the sequence.
+    // Epilogue: the rows' 1/l and lse (online_softmax.cuh), store rows inside the sequence.
+    float inv[2], row_lse[2];
+    finish_rows(m, l, inv, row_lse);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
-      l[rh] += shfl_xor(l[rh], 1);
-      l[rh] += shfl_xor(l[rh], 2);
       const int64_t i = r_row[rh];
       if (i >= s.lq) continue;
-      // A row that sees no key has l = 0: output 0, lse -inf (DESIGN §3.3).
-      const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
       T* orow = o + b * p.o.batch + (s.q0 + i) * p.o.row + h * p.o.head;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
-            pack2<T>(acc[dt][rh * 2] * inv, acc[dt][rh * 2 + 1] * inv);
+            pack2<T>(acc[dt][rh * 2] * inv[rh], acc[dt][rh * 2 + 1] * inv[rh]);
       }
-      if (t4 == 0) {
-        lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i) * p.lse.row] =
-            l[rh] > 0.f ? m[rh] * kLn2 + logf(l[rh]) : -INFINITY;
-      }
+      if (t4 == 0) lse[b * p.lse.batch + h * p.lse.head + (s.q0 + i) * p.lse.row] = row_lse[rh];
     }
   }
 #endif  // ATTNKIT_HAS_MMA_SM80
@@ -233,12 +205,17 @@ void launch_fwd(const Params& p, const T* q, const T* k, const T* v, T* o, float
   // Tiles fastest: the CTAs reading one (sequence, head)'s K/V run together and share it in L2.
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   // 48 KiB (D = 128) is the default dynamic shared-memory limit; the attribute keeps it explicit.
+  auto run = [&](auto kernel, int smem) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(p, q, k, v, o, lse);
+  };
+  const bool softcap = p.softcap > 0;
   if (p.D == 64) {
-    cudaFuncSetAttribute(fwd_kernel<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_smem_bytes<64>());
-    fwd_kernel<T, 64><<<grid, kThreads, fwd_smem_bytes<64>(), stream>>>(p, q, k, v, o, lse);
+    softcap ? run(fwd_kernel<T, 64, true>, fwd_smem_bytes<64>())
+            : run(fwd_kernel<T, 64, false>, fwd_smem_bytes<64>());
   } else {
-    cudaFuncSetAttribute(fwd_kernel<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_smem_bytes<128>());
-    fwd_kernel<T, 128><<<grid, kThreads, fwd_smem_bytes<128>(), stream>>>(p, q, k, v, o, lse);
+    softcap ? run(fwd_kernel<T, 128, true>, fwd_smem_bytes<128>())
+            : run(fwd_kernel<T, 128, false>, fwd_smem_bytes<128>());
   }
 }
 

@@ -1,5 +1,6 @@
 // One key tile of the forward's online softmax on a wgmma / mma.sync accumulator (a thread's two
-// rows, gr and gr + 8 of its warp's 16, by kNT n-tiles of 8 keys), for fwd_ws.cuh. Torch-free.
+// rows, gr and gr + 8 of its warp's 16, by kNT n-tiles of 8 keys), and the rows' final 1/l and
+// lse: the flash forwards' one softmax (fwd_ws.cuh, mma_fwd.cuh). Torch-free.
 // Two copies of the loop, masked and unmasked: the branch costs ~50 registers at head dim 64,
 // which the ws consumers have to spare (it gained them 30-60%; the cp.async wgmma kernel that
 // lacked the registers kept one masked loop, and lost 12% with two).
@@ -82,6 +83,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void online_softmax(float (&sc)[kNT][4], float (&m
     online_softmax_tile<true, kSoftcap>(sc, m, l, corr, a);
   } else {
     online_softmax_tile<false, kSoftcap>(sc, m, l, corr, a);
+  }
+}
+
+// The end of a row block: l summed over the quad that holds a row's columns, then per row 1/l
+// (what O is scaled by) and the lse (natural log; m is in the log2 domain). A row that saw no key
+// has l = 0: output 0, lse -inf (DESIGN §3.3).
+ATTNKIT_DEVICE ATTNKIT_INLINE void finish_rows(const float (&m)[2], const float (&l)[2],
+                                               float (&inv)[2], float (&lse)[2]) {
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    float lr = l[rh];
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    inv[rh] = lr > 0.f ? 1.f / lr : 0.f;
+    lse[rh] = lr > 0.f ? m[rh] * kLn2 + logf(lr) : -INFINITY;
   }
 }
 #endif

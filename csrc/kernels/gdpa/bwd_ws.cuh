@@ -46,15 +46,7 @@
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_GDPA_BWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_GDPA_BWD_WS
-#define ATTNKIT_HAS_GDPA_BWD_WS 0
-#endif
+#define ATTNKIT_HAS_GDPA_BWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 #if ATTNKIT_HAS_GDPA_BWD_WS
 

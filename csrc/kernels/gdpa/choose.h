@@ -12,23 +12,23 @@
 namespace attnkit {
 namespace gdpa {
 
-// The kernels (the names are flash's, kernels/flash/choose.h). The backward has one sm90 kernel,
-// sm90_ws: the launcher copies inputs its tensor maps cannot address (issue #16). The forward
-// keeps sm90_cp_async (wgmma fed by cp.async) beside sm90_ws for head dims up to 64, where no
-// warp-specialised forward exists, and for the inputs a tensor map cannot address.
+// The kernels (the names are flash's, kernels/flash/choose.h): one per architecture class and
+// direction (issue #16). Each direction's sm90 kernel is sm90_ws, at every head dim up to 128
+// (smaller ones are its maps' extent, padded to 128); the launcher copies inputs its tensor maps
+// cannot address. The cp.async wgmma forward (sm90_cp_async, fwd_wgmma.cuh) is gone: at head dims
+// 64 and 32 the padded sm90_ws outran it (docs/performance.md, fourteenth session).
 enum class GdpaKernel {
   kPortable,     // simple.cuh: CUDA cores, any dtype and head dim, any device (HIP included)
   kSm80,         // fwd_mma.cuh / bwd_mma.cuh: mma.sync on sm_80 and newer, head dim padded to
                  // 64, 128 or 256
-  kSm90CpAsync,  // fwd_wgmma.cuh, forward only: a 9.0 device of an sm_90a build
   kSm90Ws,       // fwd_ws.cuh / bwd_ws.cuh: warp-specialised, tensor-map copies
 };
 
 // What a caller asks for: auto (the choice below), an architecture class (sm90: the best sm90
 // kernel of the direction that can take the call), or one kernel. ATTNKIT_GDPA_KERNEL takes the
 // classes; the private ops also take the single sm90 kernels (tests and benchmarks pin one). The
-// names are shared by both directions: the backward refuses sm90_cp_async with the reason.
-enum class GdpaRequest { kAuto, kPortable, kSm80, kSm90, kSm90CpAsync, kSm90Ws };
+// names are shared by both directions.
+enum class GdpaRequest { kAuto, kPortable, kSm80, kSm90, kSm90Ws };
 
 struct GdpaRequestName {
   GdpaRequest request;
@@ -41,7 +41,6 @@ inline constexpr GdpaRequestName kGdpaRequests[] = {
     {GdpaRequest::kPortable, "portable", true},
     {GdpaRequest::kSm80, "sm80", true},
     {GdpaRequest::kSm90, "sm90", true},
-    {GdpaRequest::kSm90CpAsync, "sm90_cp_async", false},
     {GdpaRequest::kSm90Ws, "sm90_ws", false},
 };
 
@@ -50,7 +49,6 @@ inline const char* gdpa_kernel_name(GdpaKernel k) {
   switch (k) {
     case GdpaKernel::kPortable: return "portable";
     case GdpaKernel::kSm80: return "sm80";
-    case GdpaKernel::kSm90CpAsync: return "sm90_cp_async";
     case GdpaKernel::kSm90Ws: return "sm90_ws";
   }
   return "unknown";
@@ -84,13 +82,12 @@ struct GdpaFacts {
   bool sm80_built = false;     // the build has the tensor-core kernels (mma::kTensorCoreKernels;
                                // not HIP, where an AMD device's "major" says nothing of mma.sync)
   bool sm90a_built = false;    // and sm_90a code (wgmma::kBuilt)
-  bool maps_ok = false;        // the warp-specialised kernel's tensor maps encode (a CUDA 12+
-                               // build; 16-byte aligned data, head / row strides in multiples of
-                               // 16 bytes, none 0). The forward: the inputs as given. The
-                               // backward: after the launcher's copy of the inputs the maps
-                               // cannot address, so only fewer than 2^31 - 1024 rows (int32 map
-                               // coordinates) and the build / driver remain
-  bool windowed = false;       // window_size >= 0: fwd_wgmma.cuh has no window mask
+  bool maps_ok = false;        // the warp-specialised kernels' tensor maps encode after the
+                               // launcher's copy of the inputs they cannot address as given, so
+                               // only fewer than 2^31 - 1024 rows (int32 map coordinates), a
+                               // CUDA 12+ build and the driver remain
+  bool windowed = false;       // window_size >= 0: changes no choice (every kernel masks
+                               // windows), kept for the refusal messages' context
   bool deterministic = false;  // backward: dQ without atomics. Changes no choice (every GDPA
                                // backward has a deterministic dQ); the launch follows it
 };
@@ -117,25 +114,20 @@ inline const char* sm90_refusal(const GdpaFacts& f) {
   return nullptr;
 }
 
+// Both directions' launchers copy inputs with other strides or bases, so only these remain.
 constexpr const char* kMapsRefusal =
-    "it needs inputs a tensor map can address: 16-byte aligned data, nonzero head / row strides "
-    "in multiples of 16 bytes, fewer than 2^31 - 1024 rows (and a CUDA 12+ build)";
-// The backward's: its launcher copies inputs with other strides or bases, so only these remain.
-constexpr const char* kBwdMapsRefusal =
     "it needs tensor maps of the inputs (copied where their strides need it): fewer than "
     "2^31 - 1024 rows, a CUDA 12+ build and a driver with cuTensorMapEncodeTiled";
 
-// Each direction's preference, best first; auto takes the first kernel that can take the call,
+// The preference of both directions, best first; auto takes the first kernel that can take the call,
 // the sm90 request the first sm90 one (else the last with its refusal). Each kernel's conditions
 // include sm80's, so auto is: an sm90 kernel where one can run, else mma.sync on sm_80+, else
 // the portable kernel.
-constexpr GdpaKernel kFwdPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm90CpAsync,
-                                         GdpaKernel::kSm80, GdpaKernel::kPortable};
-constexpr GdpaKernel kBwdPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm80,
-                                         GdpaKernel::kPortable};
+constexpr GdpaKernel kPreference[] = {GdpaKernel::kSm90Ws, GdpaKernel::kSm80,
+                                      GdpaKernel::kPortable};
 
 inline bool is_sm90(GdpaKernel k) {
-  return k == GdpaKernel::kSm90CpAsync || k == GdpaKernel::kSm90Ws;
+  return k == GdpaKernel::kSm90Ws;
 }
 
 template <typename Refusal, std::size_t N>
@@ -158,8 +150,6 @@ GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal,
       }
       return last;
     }
-    case GdpaRequest::kSm90CpAsync:
-      return {GdpaKernel::kSm90CpAsync, refusal(GdpaKernel::kSm90CpAsync, f)};
     case GdpaRequest::kSm90Ws: return {GdpaKernel::kSm90Ws, refusal(GdpaKernel::kSm90Ws, f)};
   }
   return {GdpaKernel::kPortable, "unknown request"};
@@ -167,50 +157,29 @@ GdpaChoice choose(const GdpaFacts& f, GdpaRequest req, Refusal refusal,
 
 }  // namespace choose_detail
 
-// Why kernel `k` cannot run this forward, or nullptr when it can. sm80 takes any head dim (padded
-// to 64, 128 or 256) and the window; the cp.async wgmma kernel head dims up to 128 without a
-// window; the warp-specialised one head dims 65..128 (its tiles are 128 columns wide), windows
-// included, where its tensor maps encode.
-inline const char* fwd_refusal(GdpaKernel k, const GdpaFacts& f) {
+// Why kernel `k` cannot run this call, or nullptr when it can; the same in both directions, since
+// each has one kernel per architecture class. portable takes anything; sm80 any head dim (padded
+// to 64, 128 or 256); sm90_ws head dims up to 128 (its tiles are 128 columns wide: a smaller head
+// dim is the maps' extent, the columns past it land as zeros and are never stored; at 64 and
+// below it still beats the kernels it replaced, docs/performance.md) where its tensor maps encode
+// (maps_ok: after the launcher's copy). Windows and the backward's deterministic mode are no
+// reason: every kernel has both.
+inline const char* refusal(GdpaKernel k, const GdpaFacts& f) {
   using namespace choose_detail;
   if (k == GdpaKernel::kPortable) return nullptr;
   if (const char* r = tensor_core_refusal(f)) return r;
   if (k == GdpaKernel::kSm80) return nullptr;
   if (const char* r = sm90_refusal(f)) return r;
-  if (k == GdpaKernel::kSm90CpAsync) {
-    return f.windowed ? "it has no window mask (window_size >= 0)" : nullptr;
-  }
-  if (f.head_dim <= 64) return "it needs head dim 65..128";
   if (!f.maps_ok) return kMapsRefusal;
   return nullptr;
 }
 
-// Why kernel `k` cannot run this backward, or nullptr when it can. The one sm90 backward, the
-// warp-specialised kernel, takes head dims up to 128 (its tiles are 128 columns wide: a smaller
-// head dim is the maps' extent, the columns past it land as zeros and are never stored; at 64 and
-// below it still beats sm80's mma.sync backward, docs/performance.md) and needs its tensor maps
-// (maps_ok: after the launcher's copy). Windows and the deterministic mode are no reason: every backward
-// has both.
-inline const char* bwd_refusal(GdpaKernel k, const GdpaFacts& f) {
-  using namespace choose_detail;
-  if (k == GdpaKernel::kSm90CpAsync) {
-    return "there is no such backward kernel any more: sm90_cp_async is forward-only (the sm90 "
-           "backward is sm90_ws, which copies the inputs its tensor maps cannot address)";
-  }
-  if (k == GdpaKernel::kPortable) return nullptr;
-  if (const char* r = tensor_core_refusal(f)) return r;
-  if (k == GdpaKernel::kSm80) return nullptr;
-  if (const char* r = sm90_refusal(f)) return r;
-  if (!f.maps_ok) return kBwdMapsRefusal;
-  return nullptr;
-}
-
 inline GdpaChoice choose_fwd(const GdpaFacts& f, GdpaRequest req) {
-  return choose_detail::choose(f, req, fwd_refusal, choose_detail::kFwdPreference);
+  return choose_detail::choose(f, req, refusal, choose_detail::kPreference);
 }
 
 inline GdpaChoice choose_bwd(const GdpaFacts& f, GdpaRequest req) {
-  return choose_detail::choose(f, req, bwd_refusal, choose_detail::kBwdPreference);
+  return choose_detail::choose(f, req, refusal, choose_detail::kPreference);
 }
 
 // Whether the choice would be the warp-specialised kernel if its tensor maps encoded: the

@@ -1,7 +1,7 @@
 // GDPA forward on Hopper, warp-specialised (sm_90a, bf16 / fp16, padded head dim 128): kernel
-// sm90_ws of kernels/gdpa/choose.h, auto's choice for head dims 65..128 where its tensor maps
-// encode; fwd_wgmma.cuh (sm90_cp_async) serves the other inputs. Same math as fwd_wgmma.cuh;
-// what changes is who moves the data.
+// sm90_ws of kernels/gdpa/choose.h, the forward's one sm90 kernel and auto's choice for head dims
+// up to 128 (inputs its tensor maps cannot address are copied once by the launcher,
+// csrc/cuda/gdpa.cu ws_map_or_copy). Same math as fwd_mma.cuh (sm80).
 //
 // CTA = (sequence, 128-row query tile, head) units, 384 threads = 3 warpgroups:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24) and one thread issues
@@ -36,11 +36,12 @@
 // end are computed and never stored (store_rows clamps). Keys past the end may be inf / NaN: on
 // the last key tile P is zeroed for those columns after the activation, and the V rows are
 // zeroed in shared memory before the last P·V, since 0 · NaN would still be NaN. Padded head
-// dims (D < 128) are the map's extent: columns past D land as zeros. Causal masking as
-// fwd_wgmma.cuh; with a window a unit's key tiles start at the first key its rows see (a box can
-// start at any row) and only tiles the window cuts are masked (tile_fully_visible).
+// dims (D < 128) are the map's extent: columns past D land as zeros. Causal: a unit visits the
+// key tiles up to its last row's diagonal; with a window its key tiles start at the first key its
+// rows see (a box can start at any row). Only the tiles the diagonal or the window cut are masked
+// element by element (tile_fully_visible).
 //
-// Work items are fwd_wgmma.cuh's, in its order (cta_item: query tiles fastest, then heads, then
+// Work items are cta_item's (params.h), in its order (query tiles fastest, then heads, then
 // sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
 // read one sequence's K/V run together. The grid is persistent by default (one CTA per SM, each
 // striding over the items with step gridDim.x; the launch option persistent = false launches one
@@ -67,15 +68,7 @@
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_FWD_WS 1  // CUtensorMap exists: the kernel and its launcher are declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_FWD_WS
-#define ATTNKIT_HAS_FWD_WS 0
-#endif
+#define ATTNKIT_HAS_FWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 #if ATTNKIT_HAS_FWD_WS
 

@@ -38,15 +38,7 @@
 #include "kernels/gdpa/tile.cuh"  // quad_transpose
 #include "kernels/moe/grouped_gemm.cuh"  // clamp_offset
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_SWIGLU_GEMM 1  // CUtensorMap exists: the kernel and its launcher are declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_SWIGLU_GEMM
-#define ATTNKIT_HAS_SWIGLU_GEMM 0
-#endif
+#define ATTNKIT_HAS_SWIGLU_GEMM ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 #if ATTNKIT_HAS_SWIGLU_GEMM
 

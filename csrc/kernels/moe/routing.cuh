@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "kernels/common/pdl.cuh"
+#include "kernels/moe/choose.h"  // kRankMaxBuckets, permute_rank_hist
 #include "kernels/moe/common.cuh"
 
 namespace attnkit {
@@ -35,9 +36,6 @@ namespace moe {
 constexpr int kChunk = 256;  // pairs per rank block (= its threads)
 constexpr int kScanThreads = 256;
 constexpr int kRowThreads = 128;
-// Buckets (E + 1) up to which the rank kernel keeps a histogram of its chunk in shared memory
-// (16 KiB, under the default 48 KiB of dynamic shared memory).
-constexpr int kRankMaxBuckets = 4096;
 
 // ---- permutation -------------------------------------------------------------------------------
 template <typename index_t>
@@ -48,9 +46,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int bucket_of(index_t id, int E) {
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t permute_chunks(int64_t n) {
   return (n + kChunk - 1) / kChunk;
 }
-
-// Whether the rank kernel takes the histogram path (else the walk, which needs zeroed counts).
-inline bool permute_rank_hist(int E, bool want) { return want && E + 1 <= kRankMaxBuckets; }
 
 // Rank of chunk c (block c), E + 1 <= kRankMaxBuckets. Pair i's rank is the number of pairs
 // j < i of the chunk in its bucket: the pairs of its own warp below it (popc of the match_any
@@ -252,8 +247,9 @@ __global__ void __launch_bounds__(kRowThreads)
 // Workspaces: rank [n], counts [chunks*(E+1) + 1] (the last entry is the scan's ticket; nothing
 // needs zeroing: the rank kernel writes every count on the histogram path and is preceded by a
 // memset of the counts on the walk path), totals [E+1], starts [E+1]. `hist`: the histogram rank
-// kernel where E + 1 <= kRankMaxBuckets (false: the walk everywhere, an A/B and test switch);
-// `pdl`: the scan and scatter with programmatic dependent launch where the running code has it.
+// kernel, where E + 1 <= kRankMaxBuckets (choose.h permute_rank_hist; the walk for more buckets
+// whatever `hist` says, since the histogram would not fit); `pdl`: the scan and scatter with
+// programmatic dependent launch where the running code has it (launch_options.h).
 // The rank kernel is always an ordinary launch: it reads ids, which an earlier kernel may write.
 // Returns the walk path's memset error (nothing launched after it), else cudaGetLastError() after
 // the launches, for the caller's C10_CUDA_CHECK.

@@ -37,11 +37,11 @@
 // contiguous bytes (with lane pairs per dim, as for vLLM, they would touch two lines half each and
 // double the requests for the same bytes).
 //
-// Bulk loads (kBulk, sm_90 with the cache laid out contiguously per block and head; see
-// bulk_eligible() in the launcher): lane 0 moves each tile with cp.async.bulk ("1-D TMA"): K as
-// one 4 KB copy (block size 16) or D/8 copies of 256 bytes (block size 32), V as one 4 KB copy,
-// completed on the stage's mbarrier. Shared memory then holds the global layout unswizzled, which
-// ldmatrix reads without bank conflicts for K [D/8][16 tok][8] and ASM V [2][D][8 tok] (2-way for
+// Bulk loads (kBulk: kernel sm90 of kernels/paged/choose.h, sm_90 with the cache laid out
+// contiguously per block and head; see bulk_layout() in the launcher): lane 0 moves each tile
+// with cp.async.bulk ("1-D TMA"): K as one 4 KB copy (block size 16) or D/8 copies of 256 bytes
+// (block size 32), V as one 4 KB copy, completed on the stage's mbarrier. Shared memory then
+// holds the global layout unswizzled, which ldmatrix reads without bank conflicts for K [D/8][16 tok][8] and ASM V [2][D][8 tok] (2-way for
 // vLLM V [D][16 tok]). Per-lane cp.async spends one load-unit request per 16 bytes and kept the
 // memory pipeline ~80-90% busy at ~45-60% of DRAM bandwidth (ncu, H200); bulk copies do not.
 // Whole tiles are copied, tokens outside [lo, hi) included (in bounds: the block id is valid), so
@@ -73,15 +73,7 @@
 namespace attnkit {
 namespace paged {
 
-#if defined(__CUDACC__) && !defined(__HIPCC__) && !defined(USE_ROCM)
-#include <cuda.h>
-#if CUDA_VERSION >= 12000
-#define ATTNKIT_HAS_NHD_TMA 1  // CUtensorMap exists: the NHD tensor-map kernel is declared
-#endif
-#endif
-#ifndef ATTNKIT_HAS_NHD_TMA
-#define ATTNKIT_HAS_NHD_TMA 0
-#endif
+#define ATTNKIT_HAS_NHD_TMA ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
 // kSw128: NHD tiles landed by tensor-map copies in the 128-byte swizzle, whose pattern needs
 // 1024-byte aligned stages (the extra 1 KB lets the kernel align the ring whatever the base).
@@ -314,7 +306,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
         uint64_t* bar = &full[warp][n % NST];
         bulk::arrive_expect_tx(bar, id >= 0 ? 2u * Tr::kTileElems * sizeof(T) : 0u);
         if (id >= 0) {
-          const T* k0 = kb + int64_t(in_off) * 8;  // token stride 8 (bulk_eligible)
+          const T* k0 = kb + int64_t(in_off) * 8;  // token stride 8 (bulk_layout)
           if (p.cs.k_sdc == TILE * 8) {
             bulk::copy(ks, k0, Tr::kTileElems * sizeof(T), bar);
           } else {

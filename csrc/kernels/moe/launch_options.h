@@ -1,0 +1,20 @@
+// How moe_permute's kernels are launched, beside which kernel runs (choose.h). The public op
+// launches with these defaults; the private op attnkit::_moe_permute_with sets them, so tests and
+// benchmarks reach both rank kernels and both launch modes without environment variables. Neither
+// option changes a result. Torch-free plain struct (the HIP build and the CPU-only build see it
+// too; the CPU kernel ignores it).
+#pragma once
+
+namespace attnkit {
+namespace moe {
+
+struct PermuteLaunchOptions {
+  bool rank_hist = true;  // the histogram rank kernel where it fits (choose.h permute_rank_hist:
+                          // E + 1 <= kRankMaxBuckets); false: the per-pair walk everywhere
+  bool pdl = true;        // the scan and the scatter with programmatic dependent launch where the
+                          // running code has it (sm_90+ PTX, kernels/common/pdl.cuh); false:
+                          // ordinary stream-ordered launches
+};
+
+}  // namespace moe
+}  // namespace attnkit
