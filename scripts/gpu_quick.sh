@@ -45,7 +45,8 @@
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
-# decode kernel next to paged_attention_v1's.
+# decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
+# 16k; flash_bwd_sm90_bench: its bench rows alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -341,6 +342,19 @@ for s in $QUICK; do
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
+    flash_bwd_ncu)  # the warp-specialised flash backward at 16k, D 128 then 64 (issue #16 point 5):
+      # where its warps stall (benchmarks/profile_flash_bwd.py; ~60 s)
+      for d in 128 64; do
+        step flash_bwd_ncu_d$d 60 ncu --kernel-name regex:bwd_ws_kernel --launch-count 1 \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+          --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis \
+          --section SourceCounters $PY benchmarks/profile_flash_bwd.py --seq-len 16384 --head-dim $d
+      done ;;
+    flash_bwd_sm90_bench)  # the sm90 backward alone at 4k / 16k, D 128 / 64, causal and not
+      for a in "128" "128 --causal" "64" "64 --causal"; do
+        step "bench_bwd_sm90_d$(echo "$a" | tr -d ' -')" 45 $PY benchmarks/bench_attention.py \
+          --passes bwd --seq-lengths 4096,16384 $BENCH --head-dim $a --kernel sm90
+      done ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
