@@ -145,6 +145,19 @@ bool encode_bwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at
          encode_or_copy(&m->dout, p, varlen, dout, p.seqlen_q, p.H, 64, copies);
 }
 int64_t sm90_bwd_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
+
+// The map the sm90 backward adds dQ into: the fp32 workspace (q's sizes, contiguous) as
+// {D, heads, rows, batches} in boxes of 32 columns x 64 rows (wsbwd::DqStage). The workspace is
+// a fresh allocation and q's rows were addressable, so the driver is the only way to fail.
+void encode_dq_accum_map(CUtensorMap* map, const Params& p, bool varlen, const at::Tensor& acc) {
+  const uint64_t D = uint64_t(p.D), H = uint64_t(p.H), rows = uint64_t(p.seqlen_q);
+  const uint64_t dims[4] = {D, H, rows, uint64_t(varlen ? 1 : p.B)};
+  const uint64_t strides[3] = {D * 4, H * D * 4, rows * H * D * 4};
+  const uint32_t box[4] = {32, 1, 64, 1};
+  ATTNKIT_CHECK(tma::encode_4d_sw128_f32(map, acc.const_data_ptr<float>(), dims, strides, box),
+                "flash_attn_bwd: the driver refused the tensor map of the sm90 kernel's dQ "
+                "workspace (", acc.sizes(), ")");
+}
 #else
 struct BwdMaps {};
 bool encode_bwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -467,10 +480,13 @@ void launch_tensor_core_bwd(FlashKernel kernel, bool deterministic, const Params
         break;
       case FlashKernel::kSm90:
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
-        C10_CUDA_CHECK(ws::launch_bwd_ws<T>(p, maps, cptr<float>(lse), cptr<float>(delta),
-                                            mptr<float>(dq_accum), mptr<T>(dk), mptr<T>(dv),
-                                            rows_k, lo, stream));
+      {
+        BwdMaps m = maps;
+        encode_dq_accum_map(&m.dq_accum, p, p.cu_q != nullptr, dq_accum);
+        C10_CUDA_CHECK(ws::launch_bwd_ws<T>(p, m, cptr<float>(lse), cptr<float>(delta),
+                                            mptr<T>(dk), mptr<T>(dv), rows_k, lo, stream));
         break;
+      }
 #endif
       case FlashKernel::kPortable:  // launched by the caller
         ATTNKIT_CHECK(false, "flash_attn_bwd: kernel ", flash_kernel_name(kernel),

@@ -126,6 +126,19 @@ bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, 
          ws_map_or_copy(k, "k", Tr::kKVBoxRows, &m->k, why) &&
          ws_map_or_copy(v, "v", Tr::kKVBoxRows, &m->v, why);
 }
+
+// The map the fused dQ is added through: the fp32 workspace [T, H, D] (contiguous, D a multiple
+// of 8) as {D, H, T, 1} in boxes of 32 columns x 64 rows (wsbwd::DqStage). A fresh allocation of
+// addressable rows: only the driver can refuse it.
+void dq_accum_map(const at::Tensor& acc, CUtensorMap* map) {
+  const uint64_t T = uint64_t(acc.size(0)), H = uint64_t(acc.size(1)), D = uint64_t(acc.size(2));
+  const uint64_t dims[4] = {D, H, T, 1};
+  const uint64_t strides[3] = {D * 4, H * D * 4, T * H * D * 4};
+  const uint32_t box[4] = {32, 1, 64, 1};
+  ATTNKIT_CHECK(tma::encode_4d_sw128_f32(map, acc.const_data_ptr<float>(), dims, strides, box),
+                "gdpa_bwd: the driver refused the tensor map of the sm90_ws kernel's dQ workspace (",
+                acc.sizes(), ")");
+}
 #else
 struct BwdWsMaps {};
 #endif
@@ -496,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
           static_cast<BwdParams&>(pw) = p;
           if (fused_dq) {
             pw.dq_accum = dq_accum.data_ptr<float>();
-            pw.dqa_row_stride = dq_accum.stride(0), pw.dqa_head_stride = dq_accum.stride(1);
+            dq_accum_map(dq_accum, &maps.dq_accum);
           }
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
 #else

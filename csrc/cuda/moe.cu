@@ -515,10 +515,10 @@ bool swiglu_maps(const at::Tensor& a, const at::Tensor& w, SwigluMaps* m) {
   const int64_t M = a.size(0), H = a.size(1), E = w.size(0), I = w.size(2) / 2;
   const bool bf16 = a.scalar_type() == at::kBFloat16;
   const uint64_t es = 2;
-  return tma::encode_sw128<3>(&m->a, bf16, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
+  return tma::encode_sw128<3>(&m->a, tma::half_type(bf16), 2, a.data_ptr(), {uint64_t(H), uint64_t(M), 1},
                               {uint64_t(H) * es, uint64_t(H) * uint64_t(M) * es},
                               {uint32_t(Tr::kBlockK), uint32_t(Tr::kBlockM), 1}) &&
-         tma::encode_sw128<3>(&m->w, bf16, w.data_ptr(),
+         tma::encode_sw128<3>(&m->w, tma::half_type(bf16), 2, w.data_ptr(),
                               {uint64_t(2 * I), uint64_t(H), uint64_t(E)},
                               {uint64_t(2 * I) * es, uint64_t(H) * uint64_t(2 * I) * es},
                               {64, uint32_t(Tr::kBlockK), 1});

@@ -52,18 +52,19 @@ inline EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// A map of the 16-bit tensor at `base` with kRank extents `dims` (innermost first, the innermost
-// contiguous) and byte strides `strides` of dims 1 .. kRank - 1, read in boxes of `box` elements
-// with the 128-byte swizzle (box[0] * 2 must be 128). Returns false, leaving the choice of another
+// A map of the tensor at `base` (elements of `dtype`, `elem_bytes` each) with kRank extents `dims`
+// (innermost first, the innermost contiguous) and byte strides `strides` of dims 1 .. kRank - 1,
+// read in boxes of `box` elements with the 128-byte swizzle (box[0] * elem_bytes must be 128).
+// Returns false, leaving the choice of another
 // kernel to the caller, when the hardware's conditions do not hold (16-byte aligned base, strides
 // positive multiples of 16 below 2^40, extents in [1, 2^32], boxes in [1, 256]) or the driver
 // refuses.
 template <int kRank>
-inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
-                         const uint64_t (&dims)[kRank], const uint64_t (&strides)[kRank - 1],
-                         const uint32_t (&box)[kRank]) {
+inline bool encode_sw128(CUtensorMap* map, CUtensorMapDataType dtype, uint32_t elem_bytes,
+                         const void* base, const uint64_t (&dims)[kRank],
+                         const uint64_t (&strides)[kRank - 1], const uint32_t (&box)[kRank]) {
   static_assert(kRank >= 2 && kRank <= 5, "tiled tensor maps have rank 2..5 here");
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || box[0] * 2 != 128) return false;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || box[0] * elem_bytes != 128) return false;
   for (const uint64_t s : strides) {
     if (s == 0 || s % 16 != 0 || s >= (uint64_t(1) << 40)) return false;
   }
@@ -80,7 +81,6 @@ inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
     estride[i] = 1;
     if (i + 1 < kRank) gstride[i] = strides[i];
   }
-  const auto dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   auto call = [&] {
     return encode(map, dtype, kRank, const_cast<void*>(base), gdim, gstride, gbox, estride,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -99,17 +99,27 @@ inline bool encode_sw128(CUtensorMap* map, bool bf16, const void* base,
   return call() == CUDA_SUCCESS;
 }
 
-// The 3-D case (GDPA's [T][heads][D] maps).
-inline bool encode_3d_sw128(CUtensorMap* map, bool bf16, const void* base, const uint64_t (&dims)[3],
-                            const uint64_t (&strides)[2], const uint32_t (&box)[3]) {
-  return encode_sw128<3>(map, bf16, base, dims, strides, box);
+inline CUtensorMapDataType half_type(bool bf16) {
+  return bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
-// The 4-D case (flash's [B][S][H][D] maps, {D, H, S, B} innermost first).
+// The 3-D case (GDPA's [T][heads][D] maps), bf16 / fp16.
+inline bool encode_3d_sw128(CUtensorMap* map, bool bf16, const void* base, const uint64_t (&dims)[3],
+                            const uint64_t (&strides)[2], const uint32_t (&box)[3]) {
+  return encode_sw128<3>(map, half_type(bf16), 2, base, dims, strides, box);
+}
+
+// The 4-D case (flash's [B][S][H][D] maps, {D, H, S, B} innermost first), bf16 / fp16.
 inline bool encode_4d_sw128(CUtensorMap* map, bool bf16, const void* base,
                             const uint64_t (&dims)[4], const uint64_t (&strides)[3],
                             const uint32_t (&box)[4]) {
-  return encode_sw128<4>(map, bf16, base, dims, strides, box);
+  return encode_sw128<4>(map, half_type(bf16), 2, base, dims, strides, box);
+}
+
+// The 4-D case over fp32 (the backward's dQ workspace, written by tensor reductions).
+inline bool encode_4d_sw128_f32(CUtensorMap* map, const float* base, const uint64_t (&dims)[4],
+                                const uint64_t (&strides)[3], const uint32_t (&box)[4]) {
+  return encode_sw128<4>(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, base, dims, strides, box);
 }
 
 }  // namespace tma

@@ -90,6 +90,23 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// Bulk groups: the copies and reductions from shared to global memory (cp.reduce.async.bulk
+// .tensor of kernels/common/tma.cuh) a thread issued since its last commit form one group. The
+// issuing thread waits for them itself (bulk groups are per thread).
+ATTNKIT_DEVICE ATTNKIT_INLINE void commit_group() {
+  ATTNKIT_BULK_ASM("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Until at most kPending of this thread's groups still read their shared memory (the source may
+// then be overwritten; the global writes may still be in flight).
+template <int kPending>
+ATTNKIT_DEVICE ATTNKIT_INLINE void wait_group_read() {
+  ATTNKIT_BULK_ASM("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Until at most kPending of this thread's groups are incomplete, their global writes included.
+template <int kPending>
+ATTNKIT_DEVICE ATTNKIT_INLINE void wait_group() {
+  ATTNKIT_BULK_ASM("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 #undef ATTNKIT_BULK_ASM
 #endif  // __CUDACC__ && !__HIPCC__
 

@@ -67,6 +67,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_4d(void* smem, const void* map, int c0, 
       : "memory");
 }
 
+// Adds the box at `smem` (the map's box, laid out as a load of it would land) into global memory
+// at the coordinates {c0, c1, c2, c3}, element-wise and atomically per element (the map's type:
+// fp32 here); elements outside the map's extents are dropped. Asynchronous: part of this thread's
+// next bulk group (bulk::commit_group; bulk::wait_group_read before `smem` is written again).
+// Writers of `smem` execute bulk::fence_proxy_async() and synchronise with the issuer first.
+ATTNKIT_DEVICE ATTNKIT_INLINE void reduce_add_4d(const void* map, const void* smem, int c0, int c1,
+                                                 int c2, int c3) {
+  ATTNKIT_TMA_ASM(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(mma::smem_addr(smem))
+      : "memory");
+}
 #undef ATTNKIT_TMA_ASM
 #endif  // __CUDACC__ && !__HIPCC__
 

@@ -53,19 +53,29 @@ ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t descriptor(uint32_t smem_addr, uint32_t l
          (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
+// `desc` with its start address moved `bytes` (a multiple of 16) further. The address field holds
+// address >> 4 in 14 bits and shared addresses stay below 2^18, so adding to the low word cannot
+// carry out of the field: the same descriptor as encoding the moved address, but with the
+// encoding (mask, shift, the other fields) done once for a tile and only a constant added per
+// k-step (the main loops' descriptors are then one integer add each).
+ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // K-major operand, k-step kk (16 elements of the reduction dim) of a sw128 tile with ROWS rows,
 // starting at row `row0` (a multiple of 8): 8-row groups are 1024 bytes apart; within a column
 // block, stepping 16 elements moves the start 32 bytes (the hardware swizzles the rest).
 template <int ROWS>
 ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t desc_k_major(uint32_t tile, int row0, int kk) {
-  return descriptor(tile + (kk >> 2) * ROWS * 128 + row0 * 128 + (kk & 3) * 32, 16, 1024);
+  return desc_plus(descriptor(tile + row0 * 128, 16, 1024), (kk >> 2) * ROWS * 128 + (kk & 3) * 32);
 }
 
 // N-major operand (B = tile rows kk*16 .. +16 as the reduction dim, all columns as N): column
 // blocks of 64 are ROWS * 128 bytes apart (leading offset), 8-row groups 1024 (stride offset).
 template <int ROWS>
 ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t desc_n_major(uint32_t tile, int kk) {
-  return descriptor(tile + kk * 16 * 128, ROWS * 128, 1024);
+  return desc_plus(descriptor(tile, ROWS * 128, 1024), kk * 16 * 128);
 }
 
 ATTNKIT_DEVICE ATTNKIT_INLINE void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }

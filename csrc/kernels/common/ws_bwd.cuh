@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
 
@@ -82,24 +83,54 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void zero_rows(unsigned char* tile, int rows_total
   }
 }
 
-// A warp's 16 x 64 dQ accumulator (m64n64 wgmma layout: rows warp4 * 16 + lane / 4 (+ 8),
-// columns 8i + 2 (lane % 4)) added into an fp32 workspace with paired reductions: `row_ptr(r)`
-// is the address of column c0 + 2 (lane % 4) of local row r; rows >= rows and 8-column groups at
-// or past `cols` (relative to c0: padded head dims) are skipped.
-template <typename RowPtr>
-ATTNKIT_DEVICE ATTNKIT_INLINE void dq_reduce(const float (&dqa)[8][4], int warp4, int lane,
-                                             int rows, int cols, RowPtr row_ptr) {
+// dQ through shared memory (FlashAttention-3's organisation): a warpgroup's 64 x 64 fp32 dQ
+// accumulator goes into a staging buffer of two sw128 boxes (columns 0-31, 32-63; 64 rows x 128
+// bytes each, 1024-byte aligned) and one thread adds both boxes into the fp32 workspace with
+// tensor reductions (tma::reduce_add_4d over a map of boxes {32, 1, 64, 1}). Against paired fp32
+// atomics from every thread (the kernels' earlier form) the copy engine carries the 32 KB of a step, and the consumers go on to the
+// next step's products instead of waiting for their reductions to drain.
+//
+// Rows >= rows get zeros: the box still covers them, and in a varlen batch they are the next
+// sequence's rows (adding +0 leaves them unchanged); rows past the map's extent are dropped.
+struct DqStage {
+  static constexpr int kBoxBytes = 64 * 128;  // 64 rows x 32 fp32
+  static constexpr int kBytes = 2 * kBoxBytes;
+
+  // Before the warpgroup writes the buffer again: its issuer's previous reduction has read it
+  // (the issuer calls this, then the warpgroup synchronises).
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void issuer_wait_free() { bulk::wait_group_read<0>(); }
+
+  // Each thread's fragments (m64n64 layout: rows warp4 * 16 + lane / 4 (+ 8), columns 8i +
+  // 2 (lane % 4)) -> the buffer. Stores of a warp land conflict-free (two 128-byte wavefronts).
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void store(unsigned char* buf, const float (&dqa)[8][4],
+                                                  int warp4, int lane, int rows) {
+    const int t4 = lane & 3;
 #pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    const int r = warp4 * 16 + lane / 4 + rh * 8;
-    if (r >= rows) continue;
-    float* dst = row_ptr(r);
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = warp4 * 16 + lane / 4 + rh * 8;
+      const bool keep = r < rows;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (i * 8 < cols) mma::atomic_add2(dst + i * 8, dqa[i][rh * 2], dqa[i][rh * 2 + 1]);
+      for (int i = 0; i < 8; ++i) {
+        const int chunk = ((i & 3) * 2 + (t4 >> 1)) ^ (r & 7);
+        float2 v = make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
+        *reinterpret_cast<float2*>(buf + (i >> 2) * kBoxBytes + r * 128 + chunk * 16 +
+                                   (t4 & 1) * 8) = v;
+      }
     }
   }
-}
+
+  // One thread, after the warpgroup's stores, fence_proxy_async and a warpgroup barrier: both
+  // boxes added at columns c0 and c0 + 32 of rows row0 .. row0 + 63 of (head, batch).
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void issue(const unsigned char* buf, const void* map, int c0,
+                                                  int head, int row0, int batch) {
+    tma::reduce_add_4d(map, buf, c0, head, row0, batch);
+    tma::reduce_add_4d(map, buf + kBoxBytes, c0 + 32, head, row0, batch);
+    bulk::commit_group();
+  }
+
+  // At the issuer's exit: shared memory must outlive the reductions' reads of it.
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void issuer_drain() { bulk::wait_group<0>(); }
+};
 
 #endif  // __CUDACC__ && !__HIPCC__
 

@@ -20,18 +20,19 @@
 //       P^T, dS^T elementwise               (bwd_scores.cuh: masks, scale and softcap's
 //                                           derivative folded in; without softcap P^T is
 //                                           computed while dP^T runs and dS^T while dV runs)
-//       dV += P^T dO,  dK += dS^T Q         rs: P^T / dS^T packed from the accumulators into A
-//                                           fragments, B = dO / Q read N-major
+//       dV += P^T dO                        rs: P^T packed from the accumulators into A
+//                                           fragments, B = dO read N-major
 //       dS^T -> shared [128 keys][64 queries] (double-buffered, named barrier 1 over the 256
 //                                           consumer threads)
 //       dQ[64 q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
 //                                           N-major; D = 128: warpgroup w takes columns
 //                                           w*64 .. +63; D = 64: one warpgroup per step,
 //                                           alternating; issued right after that barrier
-//                                           (queued behind dV / dK: one wait for all three)
-//     and reduce dQ into the zero-filled fp32 workspace dq_accum with paired fp32 reductions
-//     (order varies run to run, like mma_bwd's atomic dQ; deterministic mode keeps the sm80
-//     pair).
+//       dK += dS^T Q                        rs, issued after dQ (FlashAttention-3's order)
+//     then, while dK runs, dQ goes into the warpgroup's staging buffer and one of its threads adds
+//     it into the zero-filled fp32 workspace with tensor reductions (ws_bwd.cuh's DqStage; the
+//     copy engine carries it, the consumers go on). The order of the additions varies run to
+//     run, like mma_bwd's atomic dQ; deterministic mode keeps the sm80 pair.
 //
 // Barriers (kernels/common/ws_bwd.cuh's Ring, the skeleton shared with gdpa/bwd_ws.cuh; mbarriers
 // of kernels/common/bulk_copy.cuh, completion k has parity k & 1):
@@ -90,15 +91,19 @@ struct BwdWsTraits {
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
-  static constexpr int kSmemBytes =
-      1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes + kStages * 2 * kBM * 4;
+  static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
+  static constexpr int kDqBytes = 2 * wsbwd::DqStage::kBytes;  // one buffer per warpgroup
+  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes +
+                                    kDqBytes + kStages * 2 * kBM * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
 // Tensor maps of q, k, v, dout as {D, heads, rows, batches} (innermost first), boxes
-// {64, 1, 64, 1} with the 128-byte swizzle; built by csrc/cuda/flash.cu (tma_map.h).
+// {64, 1, 64, 1} with the 128-byte swizzle, and of the zero-filled fp32 dQ workspace (the same
+// layout as q, contiguous) in boxes {32, 1, 64, 1}, 128-byte swizzle (wsbwd::DqStage); built by
+// csrc/cuda/flash.cu (tma_map.h).
 struct BwdWsMaps {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq_accum;
 };
 
 // kSoftcap: scores go through cap·tanh(·/cap), a separate instantiation (so that the plain one
@@ -107,10 +112,11 @@ struct BwdWsMaps {
 template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
     bwd_ws_kernel(const Params p, const float* __restrict__ lse, const float* __restrict__ delta,
-                  float* __restrict__ dq_accum, T* __restrict__ dk, T* __restrict__ dv,
+                  T* __restrict__ dk, T* __restrict__ dv,
                   const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                   const __grid_constant__ CUtensorMap map_v,
-                  const __grid_constant__ CUtensorMap map_do) {
+                  const __grid_constant__ CUtensorMap map_do,
+                  const __grid_constant__ CUtensorMap map_dq) {
 #if ATTNKIT_HAS_WGMMA
   namespace cm = ::attnkit::mma;
   using Tr = BwdWsTraits<kD>;
@@ -125,7 +131,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   unsigned char* sq = sv + Tr::kKVBytes;             // [S][BM][kD]
   unsigned char* sdo = sq + S * Tr::kQBytes;         // [S][BM][kD]
   unsigned char* sds = sdo + S * Tr::kQBytes;        // [2][BN keys][BM queries]
-  float* lse_s = reinterpret_cast<float*>(sds + 2 * Tr::kDsBytes);  // [S][BM]
+  unsigned char* sdq = sds + 2 * Tr::kDsBytes;       // [2 warpgroups] DqStage buffers
+  float* lse_s = reinterpret_cast<float*>(sdq + Tr::kDqBytes);  // [S][BM]
   float* delta_s = lse_s + S * BM;                                  // [S][BM]
 
   __shared__ uint64_t bars[wsbwd::Ring<S, Tr::kConsumerWarps>::kBars];
@@ -190,10 +197,11 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         }
       }
       ++kv_n;
-      for (int n = 0; n < nsteps; ++n, ++slot) {
+      // Steps walk the query tiles of each head of the group: (head, tile) by counters, not by
+      // dividing the step index (two integer divisions a step otherwise).
+      for (int n = 0, h = hk * G, i0 = qlo; n < nsteps;
+           ++n, ++slot, i0 = i0 + BM > qhi ? (++h, qlo) : i0 + BM) {
         const int st = slot % S;
-        const int h = hk * G + n / nq;
-        const int i0 = qlo + (n % nq) * BM;
         ring.producer_step_acquire(slot);
         if (loads_q) {
           bulk::arrive_expect_tx(full + st, Tr::kQBytes);
@@ -241,7 +249,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   const uint32_t sk_addr = cm::smem_addr(sk), sv_addr = cm::smem_addr(sv),
                  sq_addr = cm::smem_addr(sq), sdo_addr = cm::smem_addr(sdo),
                  sds_addr = cm::smem_addr(sds);
-  float* dq_seq = dq_accum + b * p.dq.batch + s.q0 * p.dq.row;
+  unsigned char* dq_buf = sdq + wg * wsbwd::DqStage::kBytes;
+  if (wtid == 0) tma::prefetch_map(&map_dq);
 
   // Rows [from, ROWS) of a sw128 tile of ROWS rows (kBoxes column blocks) -> 0, then visible to
   // this warpgroup's tensor cores (and, after its next release, to the copy engine).
@@ -273,10 +282,10 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
     }
 
-    for (int n = 0; n < nsteps; ++n, ++slot) {
+    for (int n = 0, h = hk * G, i0 = qlo; n < nsteps;  // (head, tile) as the producer's
+         ++n, ++slot, i0 = i0 + BM > qhi ? (++h, qlo) : i0 + BM) {
       const int st = slot % S;
-      const int h = hk * G + n / nq;
-      const int i0 = qlo + (n % nq) * BM, rows = min(qhi - i0 + 1, BM);
+      const int rows = min(qhi - i0 + 1, BM);
       ring.consumer_step_wait(slot);
       if (varlen && lq - i0 < BM) {  // Q / dO rows of the next sequence: zeros
         zero_rows(sq + st * Tr::kQBytes, BM, lq - i0);
@@ -345,11 +354,6 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         pack_frags<T>(da, dp);
         wgmma::fence();
       }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        MmaD::template rs<1>(dka, da[kk], wgmma::desc_n_major<BM>(q_addr, kk), 1);
-      }
-      wgmma::commit();
 
       // dS^T -> shared [key][query] (buffer slot % 2).
       unsigned char* ds_buf = sds + (slot & 1) * Tr::kDsBytes;
@@ -363,11 +367,13 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         }
       }
       wgmma::fence_async_smem();
+      // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read it
+      // (issued a step ago: normally long done); the barrier below hands that on.
+      if (wtid == 0) wsbwd::DqStage::issuer_wait_free();
       // dS^T complete; both warpgroups finished step slot - 1's dQ (buffer (slot + 1) % 2 free).
       wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
 
-      // dQ = dS K, issued before waiting for dV / dK (it queues behind them instead of starting
-      // after the wait).
+      // dQ = dS K, issued before dK (FlashAttention-3's order): its write-out below overlaps dK.
       const bool dq_here = kD == 128 || wg == int(slot & 1);
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
       const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
@@ -381,17 +387,25 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         }
         wgmma::commit();
       }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        MmaD::template rs<1>(dka, da[kk], wgmma::desc_n_major<BM>(q_addr, kk), 1);
+      }
+      wgmma::commit();
+      if (dq_here) {
+        wgmma::wait<1>();  // dV and dQ done; dK still running
+        wgmma::fence_regs(dqa);
+        wsbwd::DqStage::store(dq_buf, dqa, warp4, lane, rows);
+        bulk::fence_proxy_async();
+        wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
+        if (wtid == 0) {
+          wsbwd::DqStage::issue(dq_buf, &map_dq, kD == 128 ? wg * 64 : 0, h, q0 + i0, bc);
+        }
+      }
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(dva);
       wgmma::fence_regs(dka);
       ring.consumer_step_release(slot, lane);
-      if (dq_here) {
-        wgmma::fence_regs(dqa);
-        const int c0 = (kD == 128 ? wg * 64 : 0) + 2 * t4;
-        wsbwd::dq_reduce(dqa, warp4, lane, rows, 64, [&](int r) {
-          return dq_seq + int64_t(i0 + r) * p.dq.row + h * p.dq.head + c0;
-        });
-      }
     }
     if (nsteps > 0) {  // every dQ of the tile is complete: K (and V) go back to the producer
       ring.consumer_kv_release(lane);
@@ -412,6 +426,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
     }
   }
+  if (wtid == 0) wsbwd::DqStage::issuer_drain();
 #endif  // ATTNKIT_HAS_WGMMA
 }
 
@@ -420,12 +435,12 @@ inline int64_t bwd_ws_smem_bytes(int64_t d) {
   return d == 64 ? BwdWsTraits<64>::kSmemBytes : BwdWsTraits<128>::kSmemBytes;
 }
 
-// dq_accum: zero-filled fp32 workspace with p.dq's strides; the caller converts it to dq.
+// maps.dq_accum: the zero-filled fp32 workspace dQ is added into; the caller converts it to dq.
 // opt.max_tiles (launch_options.h) caps the grid's key-tile dimension. Returns the launch's
 // error (no sync).
 template <typename T>
 cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* lse,
-                          const float* delta, float* dq_accum, T* dk, T* dv, int64_t rows_k,
+                          const float* delta, T* dk, T* dv, int64_t rows_k,
                           const BwdLaunchOptions& opt, cudaStream_t stream) {
   int64_t tiles = (rows_k + 127) / 128;
   tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
@@ -435,8 +450,8 @@ cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* l
   auto run = [&](auto kernel, int smem) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
-    kernel<<<grid, 384, smem, stream>>>(p, lse, delta, dq_accum, dk, dv, maps.q, maps.k, maps.v,
-                                        maps.dout);
+    kernel<<<grid, 384, smem, stream>>>(p, lse, delta, dk, dv, maps.q, maps.k, maps.v, maps.dout,
+                                        maps.dq_accum);
     return cudaGetLastError();
   };
   const bool cap = p.softcap > 0.0;

@@ -18,12 +18,13 @@
 //       wait for Sᵀ only: Pᵀ = φ(pre·Sᵀ) packed, F = qk·pre·φ′(pre·Sᵀ)   (under dPᵀ's product)
 //       dV += Pᵀ·dO                             rs, issued at once
 //       wait for dPᵀ only: dSᵀ = F ⊙ dPᵀ packed    (under dV's product)
-//       dK += dSᵀ·Q                             rs
 //       dS -> shared (stmatrix .trans, double-buffered), one barrier of the 256 consumer threads,
-//       dQ[64 q][w*64 .. +63] = dS·K[:, w*64 ..]   ss, queued behind dV / dK: one wait for all
-//     then the stage is released and dQ is added into the zero-filled fp32 workspace (paired
-//     reductions, as flash/bwd_ws.cuh). kFusedDq = false (deterministic mode) skips dS and dQ;
-//     the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
+//       dQ[64 q][w*64 .. +63] = dS·K[:, w*64 ..]   ss
+//       dK += dSᵀ·Q                             rs, after dQ (FlashAttention-3's order)
+//     while dK runs, dQ goes into the warpgroup's staging buffer and one of its threads adds it
+//     into the zero-filled fp32 workspace with tensor reductions (ws_bwd.cuh's DqStage, as
+//     flash/bwd_ws.cuh); then the stage is released. kFusedDq = false (deterministic mode) skips
+//     dS and dQ; the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
 //
 // Jagged rows: a box starts at the sequence's row, so rows past its end are the next sequence's
 // (maybe inf / NaN; past T the copy engine writes zeros). φ(0) = 0 and the masks zero P and dS
@@ -70,15 +71,20 @@ struct BwdWsTraits {
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
+  static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
+  static constexpr int kDqBytes = 2 * wsbwd::DqStage::kBytes;  // one buffer per warpgroup
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is.
-  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes;
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes + kDqBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
 // Tensor maps of q, dout ([T][H][D], boxes {64, 1, 64}) and k, v ([T][Hkv][D], boxes
-// {64, 1, 128}), innermost first, 128-byte swizzle; built by csrc/cuda/gdpa.cu (tma_map.h).
+// {64, 1, 128}), innermost first, 128-byte swizzle; built by csrc/cuda/gdpa.cu (tma_map.h). With
+// the fused dQ also the zero-filled fp32 workspace dQ is added into ([T][H][D] as {D, H, T, 1},
+// boxes {32, 1, 64, 1}: wsbwd::DqStage).
 struct BwdWsMaps {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq_accum;
 };
 
 #if ATTNKIT_HAS_WGMMA
@@ -98,7 +104,8 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v,
-                       const __grid_constant__ CUtensorMap map_do) {
+                       const __grid_constant__ CUtensorMap map_do,
+                       const __grid_constant__ CUtensorMap map_dq) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = BwdWsTraits;
   using MmaS = wgmma::Wgmma<T, Tr::kBlockM>;  // Sᵀ, dPᵀ: N = queries of the step
@@ -113,6 +120,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   unsigned char* sq = sv + Tr::kKVBytes;      // [S][BM][D]
   unsigned char* sdo = sq + S * Tr::kQBytes;  // [S][BM][D]
   unsigned char* sds = sdo + S * Tr::kQBytes;  // [2] dS tiles [BM queries][BN keys]
+  unsigned char* sdq = sds + 2 * Tr::kDsBytes;  // [2 warpgroups] DqStage buffers
 
   __shared__ uint64_t bars[wsbwd::Ring<S>::kBars];
   const wsbwd::Ring<S> ring{bars};
@@ -275,12 +283,14 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[i][e] *= s[i][e];
       pack_a<T, BM>(dsa, dp);
-      wgmma::fence();
+      auto issue_dk = [&] {
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        MmaD::template rs<1>(acc_dk, dsa[kk], wgmma::desc_n_major<BM>(sq_s, kk), 1);
-      }
-      wgmma::commit();
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          MmaD::template rs<1>(acc_dk, dsa[kk], wgmma::desc_n_major<BM>(sq_s, kk), 1);
+        }
+        wgmma::commit();
+      };
 
       float dq[8][4];
       const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
@@ -295,6 +305,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
                             dsa[kk]);
         }
         wgmma::fence_async_smem();
+        // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read
+        // it (a step ago: normally long done); the barrier below hands that on.
+        if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_wait_free();
         // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
         // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
         wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
@@ -306,20 +319,25 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
                                wgmma::desc_n_major<BN>(kcol, kk), kk > 0);
         }
         wgmma::commit();
+        issue_dk();  // after dQ (FlashAttention-3's order): dQ's write-out below overlaps dK
+        wgmma::wait<1>();  // dV and dQ done; dK still running
+        wgmma::fence_regs(dq);
+        const int t_now = thread_now() - 128, wg_now = t_now / 128, w_now = t_now & 127;
+        const int c0 = wg_now * 64;
+        if (c0 < p.D) {  // columns past D (the workspace's width): nothing to add
+          unsigned char* buf = sdq + wg_now * wsbwd::DqStage::kBytes;
+          wsbwd::DqStage::store(buf, dq, (w_now / 32) & 3, t_now & 31, qs.len - i0);
+          bulk::fence_proxy_async();
+          wgmma::named_barrier_sync(Tr::kDqBar + wg_now, 128);
+          if (w_now == 0) wsbwd::DqStage::issue(buf, &map_dq, c0, h, qs.begin + i0, 0);
+        }
+      } else {
+        issue_dk();
       }
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(acc_dv);
       wgmma::fence_regs(acc_dk);
       ring.consumer_step_release(slot, lane);
-      if constexpr (kFusedDq) {
-        wgmma::fence_regs(dq);
-        const int t_now = thread_now() - 128, wg_now = t_now / 128, lane_now = t_now & 31;
-        float* dq_rows = p.dq_accum + (int64_t(qs.begin) + i0) * p.dqa_row_stride +
-                         int64_t(h) * p.dqa_head_stride + wg_now * 64 + 2 * (lane_now & 3);
-        // Columns past D (the workspace's width) are skipped.
-        wsbwd::dq_reduce(dq, (t_now / 32) & 3, lane_now, qs.len - i0, p.D - wg_now * 64,
-                         [&](int row) { return dq_rows + int64_t(row) * p.dqa_row_stride; });
-      }
     }
     if (t.steps > 0) {  // every dQ of the tile is complete: K and V go back to the producer
       ring.consumer_kv_release(lane);
@@ -332,6 +350,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     const int t_now = thread_now() - 128, row0_now = (t_now / 128) * 64 + ((t_now / 32) & 3) * 16;
     store_rows<T, D>(dk, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dk, 1.f);
     store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
+  }
+  if constexpr (kFusedDq) {
+    if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_drain();
   }
 #endif  // ATTNKIT_HAS_WGMMA
 }
@@ -354,7 +375,8 @@ cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, i
                                                Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const unsigned grid = cta_grid((max_seq_len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v, maps.dout);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v, maps.dout,
+                                                         maps.dq_accum);
   return cudaGetLastError();
 }
 

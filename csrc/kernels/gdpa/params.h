@@ -37,11 +37,11 @@ struct BwdParams : FwdParams {
   int64_t dkv_row_stride, dkv_head_stride;
 };
 
-// The Hopper backward's (bwd_ws.cuh): BwdParams plus the fused dQ's fp32 workspace ([Tq, H, D]
-// with these strides; null when dQ runs as a separate pass, the deterministic mode).
+// The Hopper backward's (bwd_ws.cuh): BwdParams plus the fused dQ's zero-filled fp32 workspace
+// ([Tq, H, D] contiguous, written through its tensor map BwdWsMaps::dq_accum; null when dQ runs
+// as a separate pass, the deterministic mode).
 struct BwdWgmmaParams : BwdParams {
   float* dq_accum;
-  int64_t dqa_row_stride, dqa_head_stride;
 };
 
 // Rows [begin, begin + len) of sequence b, with the offsets clamped so that no value can make a
