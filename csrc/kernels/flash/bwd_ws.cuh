@@ -5,7 +5,8 @@
 // and masks) with wgmma products, the data moved by a producer warpgroup as in the
 // warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh):
 //
-// CTA = (kv head, sequence, 128-key tile; the tiles stride over gridDim.z), 384 threads:
+// CTA = (128-key tile, kv head, sequence; cta_start's order, the tiles stride over the grid's),
+// 384 threads:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24).
 //     Thread 0 loads K and V of each key tile (once per tile, counted off full_kv) and the Q tile
 //     of every step into the step ring; warp 1 (all 32 lanes) writes the step's lse and delta
@@ -26,8 +27,9 @@
 //                                           consumer threads)
 //       dQ[64 q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
 //                                           N-major; D = 128: warpgroup w takes columns
-//                                           w*64 .. +63; D = 64: one warpgroup per step,
-//                                           alternating; issued right after that barrier
+//                                           w*64 .. +63 over all keys; D = 64: all columns
+//                                           over the warpgroup's own keys (kOwnKeysDq: a
+//                                           barrier of the warpgroup, not of both)
 //       dK += dS^T Q                        rs, issued after dQ (FlashAttention-3's order)
 //     then, while dK runs, dQ goes into the warpgroup's staging buffer and one of its threads adds
 //     it into the zero-filled fp32 workspace with tensor reductions (ws_bwd.cuh's DqStage; the
@@ -52,6 +54,7 @@
 // warpgroup writes the same zeros), and lse / delta of rows past the step's last query are 0.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/portability.h"
@@ -90,8 +93,14 @@ struct BwdWsTraits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
+  // D = 64: each consumer warpgroup adds dQ over its own 64 keys, so the two never wait for each
+  // other within a step (barriers kDsWgBar + warpgroup) and drift apart, one's exp under the
+  // other's products. D = 128 keeps one dQ per step over all keys (its registers: dQ over the
+  // full head dim would not fit beside dK and dV) and the barrier over both.
+  static constexpr bool kOwnKeysDq = kD == 64;
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
   static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
+  static constexpr int kDsWgBar = 6;  // + warpgroup: its dS^T rows are written (kOwnKeysDq)
   static constexpr int kDqBytes = 2 * wsbwd::DqStage::kBytes;  // one buffer per warpgroup
   static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes +
                                     kDqBytes + kStages * 2 * kBM * 4;
@@ -106,6 +115,43 @@ struct BwdWsMaps {
   CUtensorMap q, k, v, dout, dq_accum;
 };
 
+// The (query head, query tile) of each step of a key tile: the nq query tiles [qlo, qhi] of every
+// head of the GQA group. Each head's walk starts at tile `first` and wraps: the CTAs of one head
+// run side by side (key tiles are the grid's fastest dimension), and starting them at different
+// query tiles keeps them from adding into the same dQ rows at the same moment. Counters, no
+// divisions per step; the producer and the consumers walk it identically.
+template <int BM>
+struct StepWalk {
+  int qlo, qhi, first, h, i0;
+  ATTNKIT_DEVICE ATTNKIT_INLINE StepWalk(int qlo_, int qhi_, int nq, int tile, int h0)
+      : qlo(qlo_), qhi(qhi_), first(qlo_ + (nq > 0 ? tile % nq : 0) * BM), h(h0), i0(first) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE void next() {
+    i0 = i0 + BM > qhi ? qlo : i0 + BM;
+    if (i0 == first) ++h;  // back where this head's walk began: all nq tiles done
+  }
+};
+
+// Where a CTA of the 1-D grid (tiles x pairs CTAs, pairs = kv heads x sequences) starts: the
+// pairs go in groups of `group`, and within a group the key tile is the slow index. The launcher
+// sizes a group to about one wave, so the CTAs resident together share a few heads' Q, dO and dQ
+// rows in L2 (with the pair as the slow index, 16k non-causal ran 19% slower: every head at once
+// spills L2), and with a causal mask or a window, whose first key tiles have the most steps,
+// each group starts its longest tiles first (with the tile as the slowest index, 1k causal ran
+// 19% slower: long tiles started in the last wave).
+struct CtaStart {
+  int tile, hk, b;
+};
+ATTNKIT_DEVICE ATTNKIT_INLINE CtaStart cta_start(int64_t cta, int tiles, int pairs, int group,
+                                                 int hkv) {
+  const int64_t per_group = int64_t(group) * tiles;
+  const int64_t gi = cta / per_group;
+  const int within = static_cast<int>(cta - gi * per_group);
+  const int first = static_cast<int>(gi) * group;
+  const int gsize = min(group, pairs - first);
+  const int pair = first + within % gsize;
+  return {within / gsize, pair % hkv, pair / hkv};
+}
+
 // kSoftcap: scores go through cap·tanh(·/cap), a separate instantiation (so that the plain one
 // carries neither the tanh nor its registers). Row indices are int32: the caller takes
 // this kernel only for q and k with fewer than 2^31 - 1024 rows (the maps' coordinates are int32).
@@ -116,7 +162,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
                   const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                   const __grid_constant__ CUtensorMap map_v,
                   const __grid_constant__ CUtensorMap map_do,
-                  const __grid_constant__ CUtensorMap map_dq) {
+                  const __grid_constant__ CUtensorMap map_dq, int tiles, int group) {
 #if ATTNKIT_HAS_WGMMA
   namespace cm = ::attnkit::mma;
   using Tr = BwdWsTraits<kD>;
@@ -144,9 +190,19 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   if (tid == 0) ring.init(1 + 32);
   __syncthreads();  // the last CTA-wide barrier
 
-  // The walk every role takes (mma_bwd.cuh's): key tiles tt = blockIdx.z, + gridDim.z, ...;
-  // per tile the query tiles [qlo, qhi] its keys see, for each query head of the GQA group.
-  const int hk = blockIdx.x, b = blockIdx.y, G = static_cast<int>(p.H / p.Hkv);
+  // The walk every role takes (mma_bwd.cuh's): key tiles tt = start.tile, + tiles, ...; per
+  // tile the query tiles [qlo, qhi] its keys see, for each query head of the GQA group
+  // (StepWalk).
+  const CtaStart start = cta_start(blockIdx.x, tiles, static_cast<int>(p.Hkv * p.B), group,
+                                   static_cast<int>(p.Hkv));
+  // The same, from the block index read again: the consumers need the head and sequence only per
+  // key tile, and kept live across the step loop they were spilled (at 240 registers).
+  auto start_now = [&] {
+    uint32_t cta;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+    return cta_start(cta, tiles, static_cast<int>(p.Hkv * p.B), group, static_cast<int>(p.Hkv));
+  };
+  const int hk = start.hk, b = start.b, G = static_cast<int>(p.H / p.Hkv);
   const SeqRange s = seq_range(p, b);
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
   const int q0 = static_cast<int>(s.q0), k0 = static_cast<int>(s.k0);
@@ -176,7 +232,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
     }
     const int64_t lse_seq = b * p.lse.batch + s.q0 * p.lse.row;  // delta shares lse's layout
     uint32_t slot = 0, kv_n = 0;  // steps / K-V tiles this CTA has loaded so far
-    for (int tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+    for (int tt = start.tile; tt < ntiles; tt += tiles) {
       const int j0 = tt * BN;
       const int krows = min(lk - j0, BN);
       const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
@@ -197,11 +253,9 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         }
       }
       ++kv_n;
-      // Steps walk the query tiles of each head of the group: (head, tile) by counters, not by
-      // dividing the step index (two integer divisions a step otherwise).
-      for (int n = 0, h = hk * G, i0 = qlo; n < nsteps;
-           ++n, ++slot, i0 = i0 + BM > qhi ? (++h, qlo) : i0 + BM) {
-        const int st = slot % S;
+      StepWalk<BM> w(qlo, qhi, nq, tt, hk * G);
+      for (int n = 0; n < nsteps; ++n, ++slot, w.next()) {
+        const int st = slot % S, h = w.h, i0 = w.i0;
         ring.producer_step_acquire(slot);
         if (loads_q) {
           bulk::arrive_expect_tx(full + st, Tr::kQBytes);
@@ -259,7 +313,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   };
 
   uint32_t slot = 0, kv_n = 0;
-  for (int tt = blockIdx.z; tt < ntiles; tt += gridDim.z) {
+  for (int tt = start.tile; tt < ntiles; tt += tiles) {
     const int j0 = tt * BN;
     const int krows = min(lk - j0, BN);
     const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
@@ -282,9 +336,9 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
     }
 
-    for (int n = 0, h = hk * G, i0 = qlo; n < nsteps;  // (head, tile) as the producer's
-         ++n, ++slot, i0 = i0 + BM > qhi ? (++h, qlo) : i0 + BM) {
-      const int st = slot % S;
+    StepWalk<BM> w(qlo, qhi, nq, tt, start_now().hk * G);  // the producer's walk
+    for (int n = 0; n < nsteps; ++n, ++slot, w.next()) {
+      const int st = slot % S, h = w.h, i0 = w.i0;
       const int rows = min(qhi - i0 + 1, BM);
       ring.consumer_step_wait(slot);
       if (varlen && lq - i0 < BM) {  // Q / dO rows of the next sequence: zeros
@@ -370,37 +424,41 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read it
       // (issued a step ago: normally long done); the barrier below hands that on.
       if (wtid == 0) wsbwd::DqStage::issuer_wait_free();
-      // dS^T complete; both warpgroups finished step slot - 1's dQ (buffer (slot + 1) % 2 free).
-      wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+      // dS^T complete. D = 128: both warpgroups' rows are read, and both finished step
+      // slot - 1's dQ (buffer (slot + 1) % 2 free). D = 64: only this warpgroup's rows.
+      if constexpr (Tr::kOwnKeysDq) {
+        wgmma::named_barrier_sync(Tr::kDsWgBar + wg, 128);
+      } else {
+        wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+      }
 
       // dQ = dS K, issued before dK (FlashAttention-3's order): its write-out below overlaps dK.
-      const bool dq_here = kD == 128 || wg == int(slot & 1);
+      // D = 128: warpgroup w's 64 columns over all 128 keys; D = 64: all 64 columns over the
+      // warpgroup's own 64 keys (both partial sums are added into the workspace).
+      constexpr int kDqSteps = Tr::kOwnKeysDq ? 64 / 16 : BN / 16;
+      const int kk0 = Tr::kOwnKeysDq ? wg * kDqSteps : 0;
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
       const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
       float dqa[8][4];
-      if (dq_here) {
-        wgmma::fence();
+      wgmma::fence();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
-                                   wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
-        }
-        wgmma::commit();
+      for (int kk = 0; kk < kDqSteps; ++kk) {
+        Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk0 + kk),
+                                 wgmma::desc_n_major<BN>(kcol_addr, kk0 + kk), kk > 0);
       }
+      wgmma::commit();
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         MmaD::template rs<1>(dka, da[kk], wgmma::desc_n_major<BM>(q_addr, kk), 1);
       }
       wgmma::commit();
-      if (dq_here) {
-        wgmma::wait<1>();  // dV and dQ done; dK still running
-        wgmma::fence_regs(dqa);
-        wsbwd::DqStage::store(dq_buf, dqa, warp4, lane, rows);
-        bulk::fence_proxy_async();
-        wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
-        if (wtid == 0) {
-          wsbwd::DqStage::issue(dq_buf, &map_dq, kD == 128 ? wg * 64 : 0, h, q0 + i0, bc);
-        }
+      wgmma::wait<1>();  // dV and dQ done; dK still running
+      wgmma::fence_regs(dqa);
+      wsbwd::DqStage::store(dq_buf, dqa, warp4, lane, rows);
+      bulk::fence_proxy_async();
+      wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
+      if (wtid == 0) {
+        wsbwd::DqStage::issue(dq_buf, &map_dq, kD == 128 ? wg * 64 : 0, h, q0 + i0, bc);
       }
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(dva);
@@ -413,12 +471,13 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
     }
 
     // Epilogue: dK (scale folded into dS) and dV of the warpgroup's 64 keys.
+    const CtaStart o = start_now();
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       const int r = wg * 64 + warp4 * 16 + g + rh * 8;
       if (r >= krows) continue;
-      T* krow = dk + b * p.dk.batch + (s.k0 + j0 + r) * p.dk.row + hk * p.dk.head + 2 * t4;
-      T* vrow = dv + b * p.dv.batch + (s.k0 + j0 + r) * p.dv.row + hk * p.dv.head + 2 * t4;
+      T* krow = dk + o.b * p.dk.batch + (s.k0 + j0 + r) * p.dk.row + o.hk * p.dk.head + 2 * t4;
+      T* vrow = dv + o.b * p.dv.batch + (s.k0 + j0 + r) * p.dv.row + o.hk * p.dv.head + 2 * t4;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         *reinterpret_cast<uint32_t*>(krow + dt * 8) = cm::pack2<T>(dka[dt][rh * 2], dka[dt][rh * 2 + 1]);
@@ -442,16 +501,24 @@ template <typename T>
 cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* lse,
                           const float* delta, T* dk, T* dv, int64_t rows_k,
                           const BwdLaunchOptions& opt, cudaStream_t stream) {
+  // A 1-D grid of tiles x pairs CTAs in cta_start's order, groups of pairs about one wave.
+  const int64_t pairs = p.Hkv * p.B, max_grid = 0x7FFFFFFF;
+  if (pairs > max_grid) return cudaErrorInvalidConfiguration;
   int64_t tiles = (rows_k + 127) / 128;
-  tiles = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);  // the kernel loops over the rest
+  tiles = std::max<int64_t>(1, std::min(tiles, max_grid / pairs));  // the kernel loops over the rest
   if (opt.max_tiles > 0 && tiles > opt.max_tiles) tiles = opt.max_tiles;
-  const dim3 grid(static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B),
-                  static_cast<unsigned>(tiles));
+  int dev = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  const int64_t group = std::max<int64_t>(1, std::min(pairs, (sms + tiles - 1) / tiles));
+  const dim3 grid(static_cast<unsigned>(tiles * pairs));
   auto run = [&](auto kernel, int smem) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     kernel<<<grid, 384, smem, stream>>>(p, lse, delta, dk, dv, maps.q, maps.k, maps.v, maps.dout,
-                                        maps.dq_accum);
+                                        maps.dq_accum, static_cast<int>(tiles),
+                                        static_cast<int>(group));
     return cudaGetLastError();
   };
   const bool cap = p.softcap > 0.0;
