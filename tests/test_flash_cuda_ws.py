@@ -332,6 +332,31 @@ def test_cuda_backward_warp_specialised(schedule, D, dtype):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_backward_warp_specialised_cta_groups(causal, D):
+    """The backward's CTA order (bwd_ws.cuh cta_start): (kv head, sequence) pairs go in groups of
+    ceil(SMs / key tiles), key tiles slow within a group. Here more pairs than one group holds,
+    the last group smaller (group + 1 pairs over two sequences), 24 key tiles each with query
+    walks that start at a rotated tile and wrap; GQA 2 and a ragged last key tile."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    S = 24 * 128 - 40
+    tiles = -(-S // 128)
+    group = -(-sms // tiles)
+    B, hkv = 2, group // 2 + 1  # group + 1 or + 2 pairs over two sequences
+    if (B * hkv) % group == 0:
+        B, hkv = 1, group + 1
+    assert B * hkv > group and (group == 1 or (B * hkv) % group != 0)
+    dtype = torch.bfloat16
+    q = rand(B, S, 2 * hkv, D, device="cuda", dtype=dtype)
+    k = rand(B, S, hkv, D, device="cuda", dtype=dtype)
+    v = rand(B, S, hkv, D, device="cuda", dtype=dtype)
+    g = rand(B, S, 2 * hkv, D, device="cuda", dtype=dtype)
+    check_bwd(ws_bwd("grid"), q, k, v, g, causal, (-1, -1), 0.0, dtype,
+              f"{tiles} key tiles, {B * hkv} pairs in groups of {group}, causal={causal}")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_cuda_backward_warp_specialised_views(D, dtype):
