@@ -6,13 +6,11 @@
 // Today every entry is a family's one kernel override (ATTNKIT_FLASH_KERNEL, ATTNKIT_GDPA_KERNEL,
 // ATTNKIT_PAGED_KERNEL, ATTNKIT_MOE_KERNEL: a kernel name), read raw with env_value and parsed by
 // its family; an unknown name fails the call, and so does a call the named kernel cannot take
-// (so a test knows which kernel ran). A flag (env_flag) would parse as: unset or empty -> the
-// entry's default; "0" -> off; anything else -> on. Read at every call (A/B runs flip them per
-// case).
+// (so a test knows which kernel ran). Read at every call (A/B runs flip them per case). There
+// are no on / off flags: a knob that is not a kernel choice is a launch option of a private op.
 #pragma once
 
 #include <cstdlib>
-#include <cstring>
 
 namespace attnkit {
 
@@ -27,25 +25,23 @@ enum class Env : int {
 struct EnvEntry {
   Env id;
   const char* name;
-  bool on_by_default;  // flags; names (a kernel override, read with env_value and parsed by
-                       // its family) ignore it
 };
 
 inline constexpr EnvEntry kEnvTable[] = {
     // The flash family's one kernel override: auto | portable | sm80 | sm90
     // (kernels/flash/choose.h; the call fails when the named kernel cannot take it).
-    {Env::kFlashKernel, "ATTNKIT_FLASH_KERNEL", false},
+    {Env::kFlashKernel, "ATTNKIT_FLASH_KERNEL"},
     // The GDPA family's one kernel override: auto | portable | sm80 | sm90
     // (kernels/gdpa/choose.h; the call fails when the named kernel cannot take it).
-    {Env::kGdpaKernel, "ATTNKIT_GDPA_KERNEL", false},
+    {Env::kGdpaKernel, "ATTNKIT_GDPA_KERNEL"},
     // The paged decode family's one kernel override: auto | portable | sm80 | sm90
     // (kernels/paged/choose.h; paged_attention_v1 and pa_fwd; the call fails when the named
     // kernel cannot take it).
-    {Env::kPagedKernel, "ATTNKIT_PAGED_KERNEL", false},
+    {Env::kPagedKernel, "ATTNKIT_PAGED_KERNEL"},
     // The MoE family's one kernel override: auto | portable | sm80 | sm90 (kernels/moe/choose.h;
     // grouped_gemm and grouped_gemm_swiglu, forward and backward; the call fails when the named
     // kernel cannot take it).
-    {Env::kMoeKernel, "ATTNKIT_MOE_KERNEL", false},
+    {Env::kMoeKernel, "ATTNKIT_MOE_KERNEL"},
 };
 
 constexpr bool env_table_in_order() {
@@ -62,11 +58,6 @@ inline const EnvEntry& env_entry(Env v) { return kEnvTable[static_cast<int>(v)];
 inline const char* env_value(Env v) {
   const char* e = std::getenv(env_entry(v).name);
   return (e == nullptr || *e == '\0') ? nullptr : e;
-}
-
-inline bool env_flag(Env v) {
-  const char* e = env_value(v);
-  return e == nullptr ? env_entry(v).on_by_default : std::strcmp(e, "0") != 0;
 }
 
 }  // namespace attnkit
