@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/kernel_request.h"
 #include "kernels/flash/choose.h"
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/params.h"
@@ -160,13 +161,7 @@ inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
 // A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_FLASH_KERNEL (`arg` = its
 // name): choose.h's names.
 inline FlashRequest check_kernel_request(c10::string_view name, const char* arg) {
-  FlashRequest r = FlashRequest::kAuto;
-  const std::string s(name);
-  if (parse_flash_request(s.c_str(), &r)) return r;
-  std::string list;
-  for (const auto& e : kFlashRequests) list += std::string(list.empty() ? "" : ", ") + e.name;
-  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
-  return r;
+  return check_request(kFlashRequests, name, arg);
 }
 
 // A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
@@ -174,8 +169,7 @@ inline FlashRequest check_kernel_request(c10::string_view name, const char* arg)
 // call's facts (dtype, head dim, device).
 inline void check_choice(const FlashChoice& c, const char* op, FlashRequest req, const char* source,
                          const std::string& context = "") {
-  ATTNKIT_CHECK(c.ok(), op, ": kernel ", flash_request_name(req), " (", source,
-                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+  check_named_choice(c, op, flash_request_name(req), source, context);
 }
 
 // The private ops' launch options (launch_options.h), checked the same way on every backend.

@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "common/check.h"
+#include "common/kernel_request.h"
 #include "kernels/gdpa/activation.h"
 #include "kernels/gdpa/choose.h"
 #include "kernels/gdpa/launch_options.h"
@@ -115,15 +116,7 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
 // name, classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
 inline GdpaRequest check_kernel_request(std::string_view name, const char* arg,
                                         bool classes_only = false) {
-  GdpaRequest r = GdpaRequest::kAuto;
-  const std::string s(name);
-  if (parse_gdpa_request(s.c_str(), &r, classes_only)) return r;
-  std::string list;
-  for (const auto& e : kGdpaRequests) {
-    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
-  }
-  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
-  return r;
+  return check_request(kGdpaRequests, name, arg, classes_only);
 }
 
 // A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
@@ -131,8 +124,7 @@ inline GdpaRequest check_kernel_request(std::string_view name, const char* arg,
 // call's facts (dtype, head dim, device).
 inline void check_choice(const GdpaChoice& c, const char* op, GdpaRequest req, const char* source,
                          const std::string& context = "") {
-  ATTNKIT_CHECK(c.ok(), op, ": kernel ", gdpa_request_name(req), " (", source,
-                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+  check_named_choice(c, op, gdpa_request_name(req), source, context);
 }
 
 // The private ops' launch options (launch_options.h), the same on every backend.

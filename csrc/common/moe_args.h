@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/kernel_request.h"
 #include "kernels/moe/choose.h"
 #include "kernels/moe/launch_options.h"
 
@@ -212,15 +213,7 @@ inline void check_load_balance(const at::Tensor& loads, int64_t world_size) {
 // classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
 inline MoeRequest check_moe_kernel_request(c10::string_view name, const char* arg,
                                            bool classes_only = false) {
-  MoeRequest r = MoeRequest::kAuto;
-  const std::string s(name);
-  if (parse_moe_request(s.c_str(), &r, classes_only)) return r;
-  std::string list;
-  for (const auto& e : kMoeRequests) {
-    if (e.is_class || !classes_only) list += std::string(list.empty() ? "" : ", ") + e.name;
-  }
-  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
-  return r;
+  return check_request(kMoeRequests, name, arg, classes_only);
 }
 
 // A named kernel that cannot take the call: a RuntimeError naming the op, the kernel, where the
@@ -228,8 +221,7 @@ inline MoeRequest check_moe_kernel_request(c10::string_view name, const char* ar
 // the call's facts (dtype, sizes, device).
 inline void check_moe_choice(const MoeChoice& c, const char* op, MoeRequest req, const char* source,
                              const std::string& context = "") {
-  ATTNKIT_CHECK(c.ok(), op, ": kernel ", moe_request_name(req), " (", source,
-                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+  check_named_choice(c, op, moe_request_name(req), source, context);
 }
 
 // The CPU has one kernel per op, which "auto" and "portable" name; a CUDA kernel's name is an

@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "common/check.h"
+#include "common/kernel_request.h"
 #include "kernels/paged/choose.h"
 #include "kernels/paged/launch_options.h"
 #include "kernels/paged/merge_states.h"
@@ -618,13 +619,7 @@ inline int32_t num_splits(int64_t max_len_bound) {
 // A request by name (the private ops' `kernel`, ATTNKIT_PAGED_KERNEL); `arg` names its source in
 // the error for an unknown name.
 inline PagedRequest check_paged_kernel_request(c10::string_view name, const char* arg) {
-  PagedRequest r = PagedRequest::kAuto;
-  const std::string s(name);
-  if (parse_paged_request(s.c_str(), &r)) return r;
-  std::string list;
-  for (const auto& e : kPagedRequests) list += std::string(list.empty() ? "" : ", ") + e.name;
-  ATTNKIT_CHECK(false, arg, ": expected one of {", list, "}, got '", s, "'");
-  return r;
+  return check_request(kPagedRequests, name, arg);
 }
 
 // A named kernel that cannot take the call: a RuntimeError naming the kernel, where the name
@@ -632,8 +627,7 @@ inline PagedRequest check_paged_kernel_request(c10::string_view name, const char
 // call's facts.
 inline void check_paged_choice(const PagedChoice& c, const char* op, PagedRequest req,
                                const char* source, const std::string& context = "") {
-  ATTNKIT_CHECK(c.ok(), op, ": kernel ", paged_request_name(req), " (", source,
-                ") cannot take this call: ", c.refusal, context.empty() ? "" : "; ", context);
+  check_named_choice(c, op, paged_request_name(req), source, context);
 }
 
 // The private ops' launch options (launch_options.h), checked the same way on every backend.

@@ -5,7 +5,7 @@
 // Host only and torch-free: the CPU-only build and hipcc compile it.
 #pragma once
 
-#include <cstring>
+#include "kernels/common/request_names.h"
 
 namespace attnkit {
 namespace flash {
@@ -24,12 +24,7 @@ enum class FlashKernel {
 // private ops' `kernel` take the same names.
 enum class FlashRequest { kAuto, kPortable, kSm80, kSm90 };
 
-struct FlashRequestName {
-  FlashRequest request;
-  const char* name;
-};
-
-inline constexpr FlashRequestName kFlashRequests[] = {
+inline constexpr RequestName<FlashRequest> kFlashRequests[] = {
     {FlashRequest::kAuto, "auto"},
     {FlashRequest::kPortable, "portable"},
     {FlashRequest::kSm80, "sm80"},
@@ -46,22 +41,8 @@ inline const char* flash_kernel_name(FlashKernel k) {
   return "unknown";
 }
 
-// False for a name not in kFlashRequests.
-inline bool parse_flash_request(const char* name, FlashRequest* out) {
-  for (const auto& r : kFlashRequests) {
-    if (std::strcmp(name, r.name) == 0) {
-      *out = r.request;
-      return true;
-    }
-  }
-  return false;
-}
-
 inline const char* flash_request_name(FlashRequest req) {
-  for (const auto& r : kFlashRequests) {
-    if (r.request == req) return r.name;
-  }
-  return "unknown";
+  return request_name(kFlashRequests, req);
 }
 
 // What the choice depends on. The launcher fills every field; fields a direction does not use

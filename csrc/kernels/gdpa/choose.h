@@ -7,7 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
+#include "kernels/common/request_names.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -30,13 +30,7 @@ enum class GdpaKernel {
 // names are shared by both directions.
 enum class GdpaRequest { kAuto, kPortable, kSm80, kSm90, kSm90Ws };
 
-struct GdpaRequestName {
-  GdpaRequest request;
-  const char* name;
-  bool is_class;  // accepted by ATTNKIT_GDPA_KERNEL
-};
-
-inline constexpr GdpaRequestName kGdpaRequests[] = {
+inline constexpr RequestName<GdpaRequest> kGdpaRequests[] = {  // is_class: ATTNKIT_GDPA_KERNEL's
     {GdpaRequest::kAuto, "auto", true},
     {GdpaRequest::kPortable, "portable", true},
     {GdpaRequest::kSm80, "sm80", true},
@@ -54,22 +48,8 @@ inline const char* gdpa_kernel_name(GdpaKernel k) {
   return "unknown";
 }
 
-// False for a name not in kGdpaRequests (or, with classes_only, not a class).
-inline bool parse_gdpa_request(const char* name, GdpaRequest* out, bool classes_only = false) {
-  for (const auto& r : kGdpaRequests) {
-    if (std::strcmp(name, r.name) == 0 && (r.is_class || !classes_only)) {
-      *out = r.request;
-      return true;
-    }
-  }
-  return false;
-}
-
 inline const char* gdpa_request_name(GdpaRequest req) {
-  for (const auto& r : kGdpaRequests) {
-    if (r.request == req) return r.name;
-  }
-  return "unknown";
+  return request_name(kGdpaRequests, req);
 }
 
 // What the choice depends on; the launcher fills every field. The head dim is the call's: the

@@ -8,7 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
+#include "kernels/common/request_names.h"
 
 namespace attnkit {
 namespace moe {
@@ -30,13 +30,7 @@ enum class MoeKernel {
 // private ops also take the single sm90 kernels (tests and benchmarks pin one).
 enum class MoeRequest { kAuto, kPortable, kSm80, kSm90, kSm90GroupedMm, kSm90Fused };
 
-struct MoeRequestName {
-  MoeRequest request;
-  const char* name;
-  bool is_class;  // accepted by ATTNKIT_MOE_KERNEL
-};
-
-inline constexpr MoeRequestName kMoeRequests[] = {
+inline constexpr RequestName<MoeRequest> kMoeRequests[] = {  // is_class: ATTNKIT_MOE_KERNEL's
     {MoeRequest::kAuto, "auto", true},
     {MoeRequest::kPortable, "portable", true},
     {MoeRequest::kSm80, "sm80", true},
@@ -56,22 +50,8 @@ inline const char* moe_kernel_name(MoeKernel k) {
   return "unknown";
 }
 
-// False for a name not in kMoeRequests (or, with classes_only, not a class).
-inline bool parse_moe_request(const char* name, MoeRequest* out, bool classes_only = false) {
-  for (const auto& r : kMoeRequests) {
-    if (std::strcmp(name, r.name) == 0 && (r.is_class || !classes_only)) {
-      *out = r.request;
-      return true;
-    }
-  }
-  return false;
-}
-
 inline const char* moe_request_name(MoeRequest req) {
-  for (const auto& r : kMoeRequests) {
-    if (r.request == req) return r.name;
-  }
-  return "unknown";
+  return request_name(kMoeRequests, req);
 }
 
 // What the choice depends on; the launcher fills every field. The GEMM is a [M, K] x [E, K, N]

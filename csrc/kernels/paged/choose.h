@@ -6,7 +6,7 @@
 // Host only and torch-free: the CPU-only build and hipcc compile it.
 #pragma once
 
-#include <cstring>
+#include "kernels/common/request_names.h"
 
 namespace attnkit {
 namespace paged {
@@ -26,12 +26,7 @@ enum class PagedKernel {
 // private ops' `kernel` take the same names.
 enum class PagedRequest { kAuto, kPortable, kSm80, kSm90 };
 
-struct PagedRequestName {
-  PagedRequest request;
-  const char* name;
-};
-
-inline constexpr PagedRequestName kPagedRequests[] = {
+inline constexpr RequestName<PagedRequest> kPagedRequests[] = {
     {PagedRequest::kAuto, "auto"},
     {PagedRequest::kPortable, "portable"},
     {PagedRequest::kSm80, "sm80"},
@@ -50,20 +45,11 @@ inline const char* paged_kernel_name(PagedKernel k) {
 
 // False for a name not in kPagedRequests.
 inline bool parse_paged_request(const char* name, PagedRequest* out) {
-  for (const auto& r : kPagedRequests) {
-    if (std::strcmp(name, r.name) == 0) {
-      *out = r.request;
-      return true;
-    }
-  }
-  return false;
+  return parse_request(kPagedRequests, name, out);
 }
 
 inline const char* paged_request_name(PagedRequest req) {
-  for (const auto& r : kPagedRequests) {
-    if (r.request == req) return r.name;
-  }
-  return "unknown";
+  return request_name(kPagedRequests, req);
 }
 
 // What the choice of paged_attention_v1 / pa_fwd depends on. The launcher fills every field.
