@@ -109,13 +109,15 @@ def parse_ws_options(text):
 
 
 def attnkit_impl(args, causal, window):
-    """attnkit.flash_attn_func, or, with --kernel / --ws-options / --bwd-max-tiles, the same call
+    """attnkit.flash_attn_func, or, with --kernel / --ws-options / --bwd-max-tiles /
+    --bwd-cta-group, the same call
     pinned through the private ops (forward and backward on that kernel with those options)."""
     wl, wr = window, 0 if causal else -1
     kernel = getattr(args, "kernel", "auto")
     fwd_opts = parse_ws_options(getattr(args, "ws_options", ""))
     max_tiles = getattr(args, "bwd_max_tiles", 0)
-    if kernel == "auto" and not fwd_opts and not max_tiles:
+    cta_group = getattr(args, "bwd_cta_group", 0)
+    if kernel == "auto" and not fwd_opts and not max_tiles and not cta_group:
         return lambda q, k, v: attnkit.flash_attn_func(q, k, v, causal=causal, window_size=(wl, wr))
 
     class Pinned(torch.autograd.Function):
@@ -130,7 +132,8 @@ def attnkit_impl(args, causal, window):
         def backward(ctx, g):
             q, k, v, out, lse = ctx.saved_tensors
             return torch.ops.attnkit._flash_attn_bwd_with(g, q, k, v, out, lse, None, causal, wl,
-                                                          wr, kernel=kernel, max_tiles=max_tiles)
+                                                          wr, kernel=kernel, max_tiles=max_tiles,
+                                                          cta_group=cta_group)
 
     return Pinned.apply
 
@@ -236,6 +239,9 @@ def main(argv=None):
                    help="the warp-specialised forward's launch options, e.g. three_wg=1,paired=0")
     p.add_argument("--bwd-max-tiles", type=int, default=0,
                    help="the warp-specialised backward's key-tile cap (0: none)")
+    p.add_argument("--bwd-cta-group", type=int, default=0,
+                   help="the warp-specialised backward's (kv head, sequence) pairs per CTA group "
+                        "(0: the launcher's choice)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time replays of a CUDA graph of each call (kernel time without the host's "
                         "launch cost; --iters is then a count of replays) instead of do_bench")
@@ -251,7 +257,9 @@ def main(argv=None):
           f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} causal={args.causal} "
           f"window={args.window} {args.dtype}"
           + (f" attnkit kernel={args.kernel} {args.ws_options} max_tiles={args.bwd_max_tiles}"
-             if (args.kernel, args.ws_options, args.bwd_max_tiles) != ("auto", "", 0) else ""))
+             f" cta_group={args.bwd_cta_group}"
+             if (args.kernel, args.ws_options, args.bwd_max_tiles, args.bwd_cta_group)
+             != ("auto", "", 0, 0) else ""))
     print(f"timer: {'CUDA graph replays (kernel time)' if args.cuda_graph else 'do_bench'}")
     if args.cuda_graph:  # capture needs a side stream, and the backward's forward on the same one
         torch.cuda.set_stream(torch.cuda.Stream())

@@ -152,8 +152,8 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, "
-      "Tensor? seqused_k=None, bool deterministic=False, str kernel=\"auto\", int max_tiles=0) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? seqused_k=None, bool deterministic=False, str kernel=\"auto\", int max_tiles=0, "
+      "int cta_group=0) -> (Tensor, Tensor, Tensor)");
   // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
   // the kernel that would run, or a RuntimeError with the reason a named kernel cannot take such a
   // call. Takes no tensor, so every build answers it on the CPU. The defaults describe a bf16 call

@@ -355,6 +355,12 @@ for s in $QUICK; do
         step "bench_bwd_sm90_d$(echo "$a" | tr -d ' -')" 45 $PY benchmarks/bench_attention.py \
           --passes bwd --seq-lengths 4096,16384 $BENCH --head-dim $a --kernel sm90
       done ;;
+    flash_bwd_group_sweep)  # the sm90 backward's CTA group size (cta_group launch option) at
+      # 1k / 4k / 16k against SDPA cuDNN, same run (benchmarks/sweep_flash_bwd_group.py)
+      for a in "128 --causal" "64 --causal" "128" "64"; do
+        step "sweep_group_d$(echo "$a" | tr -d ' -')" 90 $PY benchmarks/sweep_flash_bwd_group.py \
+          --seq-lengths 1024,4096,16384 --groups 0,1,2,5,10,32 --head-dim $a
+      done ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
@@ -363,6 +369,9 @@ for s in $QUICK; do
   esac
 done
 for f in "$L"/call_profile_*.log; do [ -f "$f" ] && tail -n 10 "$f" | cut -c1-200; done
+for f in "$L"/sweep_group_*.log; do  # the group sweep's tables, without the verify lines
+  [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -v "verify" "$f" | tail -n 5 | cut -c1-200; }
+done
 for f in "$L"/bench_*.log "$L"/window*.log; do  # the TFLOP/s tables (attention, GDPA), compactly
   [ -f "$f" ] && { echo "== $(basename "$f" .log)"; grep -A9 "^seq_len  pass\|^max_len  sparsity" "$f" | head -n 10 | cut -c1-200; }
 done

@@ -193,7 +193,8 @@ def test_cpu_private_ops_run_the_cpu_kernel():
         o, l = FWD_WITH(q, k, v, None, True, kernel=kernel, max_ctas=3, ping_pong=False,
                         persistent=False, three_wg=True, paired=False)
         assert torch.equal(o, out) and torch.equal(l, lse), kernel
-        for a, b in zip(BWD_WITH(g, q, k, v, out, lse, None, True, kernel=kernel, max_tiles=1),
+        for a, b in zip(BWD_WITH(g, q, k, v, out, lse, None, True, kernel=kernel, max_tiles=1,
+                                 cta_group=2),
                         grads):
             assert torch.equal(a, b), kernel
 
@@ -214,6 +215,8 @@ def test_cpu_private_ops_refuse_cuda_kernels():
         FWD_WITH(q, q, q, max_ctas=-1)
     with pytest.raises(RuntimeError, match="max_tiles: expected 0"):
         BWD_WITH(out, q, q, q, out, lse, max_tiles=-2)
+    with pytest.raises(RuntimeError, match="cta_group: expected 0"):
+        BWD_WITH(out, q, q, q, out, lse, cta_group=-1)
 
 
 def test_private_ops_opcheck_cpu():

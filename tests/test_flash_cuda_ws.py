@@ -332,13 +332,16 @@ def test_cuda_backward_warp_specialised(schedule, D, dtype):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)
+@pytest.mark.parametrize("group_of", ["wave", "one", "auto"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
-def test_cuda_backward_warp_specialised_cta_groups(causal, D):
-    """The backward's CTA order (bwd_ws.cuh cta_start): (kv head, sequence) pairs go in groups of
-    ceil(SMs / key tiles), key tiles slow within a group. Here more pairs than one group holds,
-    the last group smaller (group + 1 pairs over two sequences), 24 key tiles each with query
-    walks that start at a rotated tile and wrap; GQA 2 and a ragged last key tile."""
+def test_cuda_backward_warp_specialised_cta_groups(causal, D, group_of):
+    """The backward's CTA order (bwd_ws.cuh cta_start): (kv head, sequence) pairs go in groups,
+    key tiles slow within a group. Here more pairs than a group of about one wave holds (ceil(SMs
+    / key tiles): "wave"), the last group smaller (group + 1 pairs over two sequences); groups of
+    one pair ("one"); and the launcher's choice ("auto": one group of all pairs under the causal
+    mask, since this grid is a few waves). 24 key tiles each with query walks that start at a
+    rotated tile and wrap; GQA 2 and a ragged last key tile."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     S = 24 * 128 - 40
     tiles = -(-S // 128)
@@ -347,13 +350,21 @@ def test_cuda_backward_warp_specialised_cta_groups(causal, D):
     if (B * hkv) % group == 0:
         B, hkv = 1, group + 1
     assert B * hkv > group and (group == 1 or (B * hkv) % group != 0)
+    cta_group = {"wave": group, "one": 1, "auto": 0}[group_of]
     dtype = torch.bfloat16
     q = rand(B, S, 2 * hkv, D, device="cuda", dtype=dtype)
     k = rand(B, S, hkv, D, device="cuda", dtype=dtype)
     v = rand(B, S, hkv, D, device="cuda", dtype=dtype)
     g = rand(B, S, 2 * hkv, D, device="cuda", dtype=dtype)
-    check_bwd(ws_bwd("grid"), q, k, v, g, causal, (-1, -1), 0.0, dtype,
-              f"{tiles} key tiles, {B * hkv} pairs in groups of {group}, causal={causal}")
+    bwd = functools.partial(BWD_WITH, kernel="sm90", cta_group=cta_group)
+    check_bwd(bwd, q, k, v, g, causal, (-1, -1), 0.0, dtype,
+              f"{tiles} key tiles, {B * hkv} pairs in groups of {cta_group}, causal={causal}")
+    if group_of == "wave":  # dK / dV do not depend on the order (dQ's adds do, in the last bits)
+        out, lse = FWD_WITH(q, k, v, None, causal)
+        grads = [BWD_WITH(g, q, k, v, out, lse, None, causal, kernel="sm90", cta_group=n)
+                 for n in (group, B * hkv)]
+        for a, b, name in zip(grads[0][1:], grads[1][1:], ("dk", "dv")):
+            assert torch.equal(a, b), f"{name} depends on the CTA order"
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_BWD_WHY)

@@ -186,11 +186,15 @@ inline FwdLaunchOptions make_fwd_launch_options(int64_t max_ctas, bool ping_pong
   return o;
 }
 
-inline BwdLaunchOptions make_bwd_launch_options(int64_t max_tiles) {
+inline BwdLaunchOptions make_bwd_launch_options(int64_t max_tiles, int64_t cta_group) {
   ATTNKIT_CHECK(max_tiles >= 0 && max_tiles < (int64_t(1) << 31),
                 "max_tiles: expected 0 (no cap) or a positive count below 2^31, got ", max_tiles);
+  ATTNKIT_CHECK(cta_group >= 0 && cta_group < (int64_t(1) << 31),
+                "cta_group: expected 0 (the launcher's choice) or a positive count below 2^31, got ",
+                cta_group);
   BwdLaunchOptions o;
   o.max_tiles = static_cast<int>(max_tiles);
+  o.cta_group = static_cast<int>(cta_group);
   return o;
 }
 

@@ -605,11 +605,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cuda(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles) {
+    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles,
+    int64_t cta_group) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   return flash_bwd(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
                    softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic, req,
-                   make_bwd_launch_options(max_tiles));
+                   make_bwd_launch_options(max_tiles, cta_group));
 }
 
 }  // namespace

@@ -73,9 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_meta(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles) {
+    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles,
+    int64_t cta_group) {
   check_kernel_request(kernel, "kernel");
-  make_bwd_launch_options(max_tiles);
+  make_bwd_launch_options(max_tiles, cta_group);
   return flash_attn_bwd_meta(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left,
                              window_right, softcap, cu_q, cu_k, std::move(max_seqlen_q),
                              std::move(max_seqlen_k), seqused_k, deterministic);

@@ -133,7 +133,7 @@ struct StepWalk {
 
 // Where a CTA of the 1-D grid (tiles x pairs CTAs, pairs = kv heads x sequences) starts: the
 // pairs go in groups of `group`, and within a group the key tile is the slow index. The launcher
-// sizes a group to about one wave, so the CTAs resident together share a few heads' Q, dO and dQ
+// sizes a group (bwd_ws_cta_group) to about one wave, so the CTAs resident together share a few heads' Q, dO and dQ
 // rows in L2 (with the pair as the slow index, 16k non-causal ran 19% slower: every head at once
 // spills L2), and with a causal mask or a window, whose first key tiles have the most steps,
 // each group starts its longest tiles first (with the tile as the slowest index, 1k causal ran
@@ -494,14 +494,29 @@ inline int64_t bwd_ws_smem_bytes(int64_t d) {
   return d == 64 ? BwdWsTraits<64>::kSmemBytes : BwdWsTraits<128>::kSmemBytes;
 }
 
+// cta_start's group size. Without a mask every key tile has the same steps, and a group of about
+// one wave (ceil(SMs / tiles) pairs) keeps the resident CTAs on a few heads' rows in L2. With a
+// causal mask or a window the tiles differ in length; over a grid of few waves one group of all
+// pairs (the pair fastest: the whole grid's longest tiles first) balances the SMs better than L2
+// locality pays back (fifteenth session: groups of 5 lost 6% at 4k causal, D=128; a
+// list-scheduling model gives 0.99 of the SMs busy for one group against 0.88 for groups of 5).
+// `requested` > 0 (the launch option cta_group) overrides, clamped to the pair count.
+inline int64_t bwd_ws_cta_group(int64_t pairs, int64_t tiles, int64_t sms, bool masked,
+                                int64_t requested) {
+  if (requested > 0) return std::min(pairs, requested);
+  constexpr int64_t kFewWaves = 16;
+  if (masked && tiles * pairs <= kFewWaves * sms) return pairs;
+  return std::max<int64_t>(1, std::min(pairs, (sms + tiles - 1) / tiles));
+}
+
 // maps.dq_accum: the zero-filled fp32 workspace dQ is added into; the caller converts it to dq.
-// opt.max_tiles (launch_options.h) caps the grid's key-tile dimension. Returns the launch's
-// error (no sync).
+// opt.max_tiles (launch_options.h) caps the grid's key-tile dimension; opt.cta_group sets the
+// group size. Returns the launch's error (no sync).
 template <typename T>
 cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* lse,
                           const float* delta, T* dk, T* dv, int64_t rows_k,
                           const BwdLaunchOptions& opt, cudaStream_t stream) {
-  // A 1-D grid of tiles x pairs CTAs in cta_start's order, groups of pairs about one wave.
+  // A 1-D grid of tiles x pairs CTAs in cta_start's order, in groups of bwd_ws_cta_group pairs.
   const int64_t pairs = p.Hkv * p.B, max_grid = 0x7FFFFFFF;
   if (pairs > max_grid) return cudaErrorInvalidConfiguration;
   int64_t tiles = (rows_k + 127) / 128;
@@ -511,7 +526,8 @@ cudaError_t launch_bwd_ws(const Params& p, const BwdWsMaps& maps, const float* l
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  const int64_t group = std::max<int64_t>(1, std::min(pairs, (sms + tiles - 1) / tiles));
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  const int64_t group = bwd_ws_cta_group(pairs, tiles, sms, masked, opt.cta_group);
   const dim3 grid(static_cast<unsigned>(tiles * pairs));
   auto run = [&](auto kernel, int smem) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

@@ -19,6 +19,8 @@ struct FwdLaunchOptions {  // sm90 (fwd_ws.cuh)
 struct BwdLaunchOptions {  // sm90 (bwd_ws.cuh)
   int max_tiles = 0;       // > 0: caps the grid's key-tile dimension (a test knob: one CTA walks
                            // several key tiles, so the K / V barrier and the step ring wrap)
+  int cta_group = 0;       // > 0: (kv head, sequence) pairs per CTA group (bwd_ws.cuh cta_start;
+                           // clamped to the pair count), else the launcher's choice
 };
 
 }  // namespace flash
