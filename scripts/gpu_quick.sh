@@ -359,7 +359,7 @@ for s in $QUICK; do
       # 1k / 4k / 16k against SDPA cuDNN, same run (benchmarks/sweep_flash_bwd_group.py)
       for a in "128 --causal" "64 --causal" "128" "64"; do
         step "sweep_group_d$(echo "$a" | tr -d ' -')" 90 $PY benchmarks/sweep_flash_bwd_group.py \
-          --seq-lengths 1024,4096,16384 --groups 0,1,2,5,10,32 --head-dim $a
+          --seq-lengths 1024,4096,16384 --groups "${GROUPS:-0,1,2,5,10,32}" --head-dim $a
       done ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \

@@ -1,5 +1,5 @@
 // The elementwise half of the sm90 flash backward's step (bwd_ws.cuh), in the wgmma accumulator
-// layout: a consumer warpgroup holds S^T and dP^T of its 64 keys x 64 queries as m64n64 fp32
+// layout: a consumer warpgroup holds S^T and dP^T of its 64 keys x BM queries as m64nBM fp32
 // accumulators (a warp: 16 keys x 8 query columns per n-tile, mma.sync's m16n8 layout), turns
 // them into P^T and dS^T in place, and packs them into the A fragments of the rs products
 // dV += P^T dO and dK += dS^T Q. With softcap the step uses mma_bwd.cuh's probs_and_grads<true>

@@ -16,16 +16,18 @@
 //     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
 //     and rows past a sequence's end are the next sequence's (or zeros past the total).
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240) and run the step:
-//     warpgroup w owns keys w*64 .. +63 with dK / dV (64 x D fp32 each) in registers;
-//       S^T  = K_w Q^T,  dP^T = V_w dO^T   ss, M = 64 keys, N = 64 queries, K = head dim
+//     warpgroup w owns keys w*64 .. +63 with dK / dV (64 x D fp32 each) in registers; a step is
+//     BM queries (64 at D = 128, 128 at D = 64: BwdWsTraits::kBM says why):
+//       S^T  = K_w Q^T,  dP^T = V_w dO^T   ss, M = 64 keys, N = BM queries, K = head dim
 //       P^T, dS^T elementwise               (bwd_scores.cuh: masks, scale and softcap's
-//                                           derivative folded in; without softcap P^T is
-//                                           computed while dP^T runs and dS^T while dV runs)
+//                                           derivative folded in; at D = 128 without softcap
+//                                           P^T is computed while dP^T runs and dS^T while dV
+//                                           runs, else both before dV: kLateDv)
 //       dV += P^T dO                        rs: P^T packed from the accumulators into A
 //                                           fragments, B = dO read N-major
-//       dS^T -> shared [128 keys][64 queries] (double-buffered, named barrier 1 over the 256
-//                                           consumer threads)
-//       dQ[64 q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
+//       dS^T -> shared [128 keys][BM queries] (D = 128: double-buffered, named barrier 1 over
+//                                           the 256 consumer threads; D = 64: one buffer)
+//       dQ[BM q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
 //                                           N-major; D = 128: warpgroup w takes columns
 //                                           w*64 .. +63 over all keys; D = 64: all columns
 //                                           over the warpgroup's own keys (kOwnKeysDq: a
@@ -83,13 +85,17 @@ struct BwdWsTraits {
   static constexpr int kConsumerThreads = 256;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kBN = 128;  // keys per CTA (64 per consumer warpgroup)
-  static constexpr int kBM = 64;   // query rows per step
-  static constexpr int kStages = kD == 64 ? 4 : 3;  // Q / dO / lse / delta ring
+  // Query rows per step. D = 64: 128 (FlashAttention-3's tile). At 64 queries the ss products
+  // S^T, dP^T and dQ read shared memory as fast as it delivers (one m64n64k16 reads 4 KB in the
+  // 32 clocks of its math); at N = 128, S^T and dP^T read 6 KB per 64 clocks (performance.md,
+  // fifteenth session). D = 128 keeps 64: 128 would not fit the registers beside dK / dV.
+  static constexpr int kBM = kD == 64 ? 128 : 64;
+  static constexpr int kStages = kD == 64 ? 2 : 3;  // Q / dO / lse / delta ring
   static constexpr int kBoxRows = 64, kBoxCols = 64;
-  static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // 8 KB, one sw128 column block
   static constexpr int kKVBytes = kBN * kD * 2;              // K or V
   static constexpr int kQBytes = kBM * kD * 2;               // Q or dO, one stage
   static constexpr int kDsBytes = kBN * kBM * 2;             // dS^T, one buffer
+  static constexpr int kQBoxes = kBM / kBoxRows;             // map boxes per column block
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
@@ -98,12 +104,21 @@ struct BwdWsTraits {
   // other's products. D = 128 keeps one dQ per step over all keys (its registers: dQ over the
   // full head dim would not fit beside dK and dV) and the barrier over both.
   static constexpr bool kOwnKeysDq = kD == 64;
+  // dS^T buffers. Both warpgroups read all of dS^T for dQ at D = 128, so one may write step n + 1's
+  // rows while the other still reads step n's: two buffers. With kOwnKeysDq a warpgroup reads only
+  // the rows it wrote, after its own previous dQ finished: one.
+  static constexpr int kDsBuffers = kOwnKeysDq ? 1 : 2;
+  // P^T and dS^T both computed before dV is issued (the softcap order). With 128-query steps
+  // P^T's A fragments beside S^T / dP^T's accumulators, dS^T's and dK / dV would exceed the
+  // registers; then P^T is packed only once dS^T no longer needs it.
+  static constexpr bool kLateDv = kBM == 128;
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
   static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
   static constexpr int kDsWgBar = 6;  // + warpgroup: its dS^T rows are written (kOwnKeysDq)
-  static constexpr int kDqBytes = 2 * wsbwd::DqStage::kBytes;  // one buffer per warpgroup
-  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes + 2 * kDsBytes +
-                                    kDqBytes + kStages * 2 * kBM * 4;
+  static constexpr int kDqHalves = kBM / 64;  // 64-row DqStage buffers per warpgroup
+  static constexpr int kDqBytes = 2 * kDqHalves * wsbwd::DqStage::kBytes;
+  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes +
+                                    kDsBuffers * kDsBytes + kDqBytes + kStages * 2 * kBM * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
@@ -166,8 +181,9 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
 #if ATTNKIT_HAS_WGMMA
   namespace cm = ::attnkit::mma;
   using Tr = BwdWsTraits<kD>;
-  using Mma64 = wgmma::Wgmma<T, 64>;  // S^T, dP^T (N = 64 queries); dQ (N = 64 columns)
-  using MmaD = wgmma::Wgmma<T, kD>;   // dV, dK (N = head dim)
+  using MmaS = wgmma::Wgmma<T, BwdWsTraits<kD>::kBM>;  // S^T, dP^T (N = the step's queries)
+  using Mma64 = wgmma::Wgmma<T, 64>;                    // dQ (N = 64 columns)
+  using MmaD = wgmma::Wgmma<T, kD>;                     // dV, dK (N = head dim)
   constexpr int BM = Tr::kBM, BN = Tr::kBN, S = Tr::kStages, kNT = BM / 8, kDT = kD / 8;
   constexpr int kBoxes = kD / 64;  // column blocks of a tile
   extern __shared__ unsigned char smem_raw[];
@@ -176,8 +192,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   unsigned char* sv = sk + Tr::kKVBytes;             // [BN][kD]
   unsigned char* sq = sv + Tr::kKVBytes;             // [S][BM][kD]
   unsigned char* sdo = sq + S * Tr::kQBytes;         // [S][BM][kD]
-  unsigned char* sds = sdo + S * Tr::kQBytes;        // [2][BN keys][BM queries]
-  unsigned char* sdq = sds + 2 * Tr::kDsBytes;       // [2 warpgroups] DqStage buffers
+  unsigned char* sds = sdo + S * Tr::kQBytes;        // [kDsBuffers][BN keys][BM queries]
+  unsigned char* sdq = sds + Tr::kDsBuffers * Tr::kDsBytes;  // [2 wg][kDqHalves] DqStage buffers
   float* lse_s = reinterpret_cast<float*>(sdq + Tr::kDqBytes);  // [S][BM]
   float* delta_s = lse_s + S * BM;                                  // [S][BM]
 
@@ -261,8 +277,11 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
           bulk::arrive_expect_tx(full + st, Tr::kQBytes);
 #pragma unroll
           for (int c = 0; c < kBoxes; ++c) {
-            tma::load_4d(sq + st * Tr::kQBytes + c * Tr::kBoxBytes, &map_q, c * 64, h, q0 + i0, bc,
-                         full + st);
+#pragma unroll
+            for (int r = 0; r < Tr::kQBoxes; ++r) {
+              tma::load_4d(sq + st * Tr::kQBytes + c * BM * 128 + r * 64 * 128, &map_q, c * 64, h,
+                           q0 + i0 + r * 64, bc, full + st);
+            }
           }
         } else {
           // dO first (lane 0 announces its bytes without arriving), then lse / delta of the step's
@@ -272,8 +291,11 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
             bulk::expect_tx(full + st, Tr::kQBytes);
 #pragma unroll
             for (int c = 0; c < kBoxes; ++c) {
-              tma::load_4d(sdo + st * Tr::kQBytes + c * Tr::kBoxBytes, &map_do, c * 64, h, q0 + i0,
-                           bc, full + st);
+#pragma unroll
+              for (int r = 0; r < Tr::kQBoxes; ++r) {
+                tma::load_4d(sdo + st * Tr::kQBytes + c * BM * 128 + r * 64 * 128, &map_do, c * 64,
+                             h, q0 + i0 + r * 64, bc, full + st);
+              }
             }
           }
           const int rows = min(qhi - i0 + 1, BM);
@@ -303,7 +325,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   const uint32_t sk_addr = cm::smem_addr(sk), sv_addr = cm::smem_addr(sv),
                  sq_addr = cm::smem_addr(sq), sdo_addr = cm::smem_addr(sdo),
                  sds_addr = cm::smem_addr(sds);
-  unsigned char* dq_buf = sdq + wg * wsbwd::DqStage::kBytes;
+  unsigned char* dq_buf = sdq + wg * Tr::kDqHalves * wsbwd::DqStage::kBytes;
   if (wtid == 0) tma::prefetch_map(&map_dq);
 
   // Rows [from, ROWS) of a sw128 tile of ROWS rows (kBoxes column blocks) -> 0, then visible to
@@ -367,23 +389,28 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        Mma64::template ss<0>(sc, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
-                              wgmma::desc_k_major<BM>(q_addr, 0, kk), kk > 0);
+        MmaS::template ss<0>(sc, wgmma::desc_k_major<BN>(sk_addr, wg * 64, kk),
+                             wgmma::desc_k_major<BM>(q_addr, 0, kk), kk > 0);
       }
       wgmma::commit();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        Mma64::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
-                              wgmma::desc_k_major<BM>(do_addr, 0, kk), kk > 0);
+        MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(sv_addr, wg * 64, kk),
+                             wgmma::desc_k_major<BM>(do_addr, 0, kk), kk > 0);
       }
       wgmma::commit();
 
       uint32_t pa[BM / 16][4], da[BM / 16][4];
-      if constexpr (kSoftcap) {
+      if constexpr (kSoftcap || Tr::kLateDv) {
         wgmma::wait<0>();
         wgmma::fence_regs(sc);
         wgmma::fence_regs(dp);
-        mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, is_full, scale, cap);
+        if constexpr (kSoftcap) {
+          mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, is_full, scale, cap);
+        } else {
+          probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);
+          grads_t(dp, sc, delta_t, scale);
+        }
         pack_frags<T>(pa, sc);
         pack_frags<T>(da, dp);
         wgmma::fence();
@@ -409,8 +436,9 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         wgmma::fence();
       }
 
-      // dS^T -> shared [key][query] (buffer slot % 2).
-      unsigned char* ds_buf = sds + (slot & 1) * Tr::kDsBytes;
+      // dS^T -> shared [key][query] (buffer slot % kDsBuffers).
+      const int ds_n = Tr::kDsBuffers == 2 ? static_cast<int>(slot & 1) : 0;
+      unsigned char* ds_buf = sds + ds_n * Tr::kDsBytes;
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
@@ -431,20 +459,29 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       } else {
         wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
       }
+      if constexpr (Tr::kLateDv) {  // dV done (it ran under the dS^T stores): P^T's registers
+        wgmma::wait<0>();           // are free before dQ's accumulators need them
+        wgmma::fence_regs(dva);
+      }
 
       // dQ = dS K, issued before dK (FlashAttention-3's order): its write-out below overlaps dK.
       // D = 128: warpgroup w's 64 columns over all 128 keys; D = 64: all 64 columns over the
-      // warpgroup's own 64 keys (both partial sums are added into the workspace).
+      // warpgroup's own 64 keys (both partial sums are added into the workspace), one m64
+      // product per 64 queries of the step (dS^T's column blocks).
       constexpr int kDqSteps = Tr::kOwnKeysDq ? 64 / 16 : BN / 16;
+      constexpr int kHalves = Tr::kDqHalves;
       const int kk0 = Tr::kOwnKeysDq ? wg * kDqSteps : 0;
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
-      const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes;
-      float dqa[8][4];
+      const uint32_t ds_addr = sds_addr + ds_n * Tr::kDsBytes;
+      float dqa[kHalves][8][4];
       wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kDqSteps; ++kk) {
-        Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk0 + kk),
-                                 wgmma::desc_n_major<BN>(kcol_addr, kk0 + kk), kk > 0);
+      for (int hf = 0; hf < kHalves; ++hf) {
+#pragma unroll
+        for (int kk = 0; kk < kDqSteps; ++kk) {
+          Mma64::template ss<1, 1>(dqa[hf], wgmma::desc_n_major<BN>(ds_addr + hf * BN * 128, kk0 + kk),
+                                   wgmma::desc_n_major<BN>(kcol_addr, kk0 + kk), kk > 0);
+        }
       }
       wgmma::commit();
 #pragma unroll
@@ -453,12 +490,22 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
       wgmma::commit();
       wgmma::wait<1>();  // dV and dQ done; dK still running
-      wgmma::fence_regs(dqa);
-      wsbwd::DqStage::store(dq_buf, dqa, warp4, lane, rows);
+#pragma unroll
+      for (int hf = 0; hf < kHalves; ++hf) {
+        wgmma::fence_regs(dqa[hf]);
+        wsbwd::DqStage::store(dq_buf + hf * wsbwd::DqStage::kBytes, dqa[hf], warp4, lane,
+                              rows - hf * 64);
+      }
       bulk::fence_proxy_async();
       wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
       if (wtid == 0) {
-        wsbwd::DqStage::issue(dq_buf, &map_dq, kD == 128 ? wg * 64 : 0, h, q0 + i0, bc);
+#pragma unroll
+        for (int hf = 0; hf < kHalves; ++hf) {
+          if (rows > hf * 64) {  // a half past the step's last row adds nothing
+            wsbwd::DqStage::issue(dq_buf + hf * wsbwd::DqStage::kBytes, &map_dq,
+                                  kD == 128 ? wg * 64 : 0, h, q0 + i0 + hf * 64, bc);
+          }
+        }
       }
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(dva);
