@@ -108,9 +108,9 @@ struct BwdWsTraits {
   // rows while the other still reads step n's: two buffers. With kOwnKeysDq a warpgroup reads only
   // the rows it wrote, after its own previous dQ finished: one.
   static constexpr int kDsBuffers = kOwnKeysDq ? 1 : 2;
-  // P^T and dS^T both computed before dV is issued (the softcap order). With 128-query steps
-  // P^T's A fragments beside S^T / dP^T's accumulators, dS^T's and dK / dV would exceed the
-  // registers; then P^T is packed only once dS^T no longer needs it.
+  // P^T and dS^T both computed before dV is issued (P^T still under dP^T without softcap). With
+  // 128-query steps P^T's A fragments beside S^T / dP^T's accumulators, dS^T's and dK / dV would
+  // exceed the registers; so P^T is packed only once dS^T no longer needs it.
   static constexpr bool kLateDv = kBM == 128;
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
   static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
@@ -402,13 +402,17 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
 
       uint32_t pa[BM / 16][4], da[BM / 16][4];
       if constexpr (kSoftcap || Tr::kLateDv) {
-        wgmma::wait<0>();
-        wgmma::fence_regs(sc);
-        wgmma::fence_regs(dp);
         if constexpr (kSoftcap) {
+          wgmma::wait<0>();
+          wgmma::fence_regs(sc);
+          wgmma::fence_regs(dp);
           mma::probs_and_grads<true>(sc, dp, lse_t, delta_t, col_lo, col_hi, is_full, scale, cap);
         } else {
-          probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);
+          wgmma::wait<1>();
+          wgmma::fence_regs(sc);
+          probs_t(sc, lse_t, col_lo, col_hi, is_full, scale);  // the exp runs under dP^T
+          wgmma::wait<0>();
+          wgmma::fence_regs(dp);
           grads_t(dp, sc, delta_t, scale);
         }
         pack_frags<T>(pa, sc);
