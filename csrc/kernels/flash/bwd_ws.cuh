@@ -103,7 +103,7 @@ struct BwdWsTraits {
   // other within a step (barriers kDsWgBar + warpgroup) and drift apart, one's exp under the
   // other's products. D = 128 keeps one dQ per step over all keys (its registers: dQ over the
   // full head dim would not fit beside dK and dV) and the barrier over both.
-  static constexpr bool kOwnKeysDq = kD == 64;
+  static constexpr bool kOwnKeysDq = false;
   // dS^T buffers. Both warpgroups read all of dS^T for dQ at D = 128, so one may write step n + 1's
   // rows while the other still reads step n's: two buffers. With kOwnKeysDq a warpgroup reads only
   // the rows it wrote, after its own previous dQ finished: one.
@@ -115,7 +115,7 @@ struct BwdWsTraits {
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
   static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
   static constexpr int kDsWgBar = 6;  // + warpgroup: its dS^T rows are written (kOwnKeysDq)
-  static constexpr int kDqHalves = kBM / 64;  // 64-row DqStage buffers per warpgroup
+  static constexpr int kDqHalves = kOwnKeysDq ? kBM / 64 : 1;  // 64-row DqStage buffers per wg
   static constexpr int kDqBytes = 2 * kDqHalves * wsbwd::DqStage::kBytes;
   static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes +
                                     kDsBuffers * kDsBytes + kDqBytes + kStages * 2 * kBM * 4;
@@ -475,6 +475,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       constexpr int kDqSteps = Tr::kOwnKeysDq ? 64 / 16 : BN / 16;
       constexpr int kHalves = Tr::kDqHalves;
       const int kk0 = Tr::kOwnKeysDq ? wg * kDqSteps : 0;
+      const int row_blk = (!Tr::kOwnKeysDq && BM == 128) ? wg : 0;  // its 64 queries
+      const int col0 = kD == 128 ? wg * 64 : 0;
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
       const uint32_t ds_addr = sds_addr + ds_n * Tr::kDsBytes;
       float dqa[kHalves][8][4];
@@ -483,7 +485,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       for (int hf = 0; hf < kHalves; ++hf) {
 #pragma unroll
         for (int kk = 0; kk < kDqSteps; ++kk) {
-          Mma64::template ss<1, 1>(dqa[hf], wgmma::desc_n_major<BN>(ds_addr + hf * BN * 128, kk0 + kk),
+          Mma64::template ss<1, 1>(dqa[hf], wgmma::desc_n_major<BN>(ds_addr + (row_blk + hf) * BN * 128, kk0 + kk),
                                    wgmma::desc_n_major<BN>(kcol_addr, kk0 + kk), kk > 0);
         }
       }
@@ -498,16 +500,16 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       for (int hf = 0; hf < kHalves; ++hf) {
         wgmma::fence_regs(dqa[hf]);
         wsbwd::DqStage::store(dq_buf + hf * wsbwd::DqStage::kBytes, dqa[hf], warp4, lane,
-                              rows - hf * 64);
+                              rows - (row_blk + hf) * 64);
       }
       bulk::fence_proxy_async();
       wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
       if (wtid == 0) {
 #pragma unroll
         for (int hf = 0; hf < kHalves; ++hf) {
-          if (rows > hf * 64) {  // a half past the step's last row adds nothing
-            wsbwd::DqStage::issue(dq_buf + hf * wsbwd::DqStage::kBytes, &map_dq,
-                                  kD == 128 ? wg * 64 : 0, h, q0 + i0 + hf * 64, bc);
+          if (rows > (row_blk + hf) * 64) {  // a half past the step's last row adds nothing
+            wsbwd::DqStage::issue(dq_buf + hf * wsbwd::DqStage::kBytes, &map_dq, col0, h,
+                                  q0 + i0 + (row_blk + hf) * 64, bc);
           }
         }
       }
