@@ -25,13 +25,12 @@
 //                                           runs, else both before dV: kLateDv)
 //       dV += P^T dO                        rs: P^T packed from the accumulators into A
 //                                           fragments, B = dO read N-major
-//       dS^T -> shared [128 keys][BM queries] (D = 128: double-buffered, named barrier 1 over
-//                                           the 256 consumer threads; D = 64: one buffer)
-//       dQ[BM q, cols] = dS K               ss, A = dS^T read M-major (transposed A), B = K
-//                                           N-major; D = 128: warpgroup w takes columns
-//                                           w*64 .. +63 over all keys; D = 64: all columns
-//                                           over the warpgroup's own keys (kOwnKeysDq: a
-//                                           barrier of the warpgroup, not of both)
+//       dS^T -> shared [128 keys][BM queries] (double-buffered, named barrier 1 over the 256
+//                                           consumer threads)
+//       dQ[64 q, 64 cols] = dS K            ss over all 128 keys, A = dS^T read M-major
+//                                           (transposed A), B = K N-major; warpgroup w takes
+//                                           columns w*64 .. +63 (D = 128) or query rows
+//                                           w*64 .. +63 (D = 64)
 //       dK += dS^T Q                        rs, issued after dQ (FlashAttention-3's order)
 //     then, while dK runs, dQ goes into the warpgroup's staging buffer and one of its threads adds
 //     it into the zero-filled fp32 workspace with tensor reductions (ws_bwd.cuh's DqStage; the
@@ -99,24 +98,20 @@ struct BwdWsTraits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   static constexpr int kDsBar = 1;    // named barrier over the consumers (0 is __syncthreads)
-  // D = 64: each consumer warpgroup adds dQ over its own 64 keys, so the two never wait for each
-  // other within a step (barriers kDsWgBar + warpgroup) and drift apart, one's exp under the
-  // other's products. D = 128 keeps one dQ per step over all keys (its registers: dQ over the
-  // full head dim would not fit beside dK and dV) and the barrier over both.
-  static constexpr bool kOwnKeysDq = false;
-  // dS^T buffers. Both warpgroups read all of dS^T for dQ at D = 128, so one may write step n + 1's
-  // rows while the other still reads step n's: two buffers. With kOwnKeysDq a warpgroup reads only
-  // the rows it wrote, after its own previous dQ finished: one.
-  static constexpr int kDsBuffers = kOwnKeysDq ? 1 : 2;
+  // dQ of a step is 64 x 64 per warpgroup over all 128 keys: the CTA's sum over its keys is
+  // added into the workspace once. (Sixteenth session: at D = 64 each warpgroup adding dQ over
+  // its own 64 keys, which needs no barrier between them, doubled the reduce traffic and ran
+  // 13-15% slower: the L2's reductions, not the products, bounded it.) Both warpgroups read all
+  // of dS^T, so one may write step n + 1's rows while the other still reads step n's: two dS^T
+  // buffers, and a barrier over both per step.
+  static constexpr int kDsBuffers = 2;
   // P^T and dS^T both computed before dV is issued (P^T still under dP^T without softcap). With
   // 128-query steps P^T's A fragments beside S^T / dP^T's accumulators, dS^T's and dK / dV would
   // exceed the registers; so P^T is packed only once dS^T no longer needs it.
   static constexpr bool kLateDv = kBM == 128;
   static constexpr int kZeroBar = 2;  // + warpgroup: one per consumer warpgroup's zero fills
   static constexpr int kDqBar = 4;    // + warpgroup: its dQ staging buffer is written
-  static constexpr int kDsWgBar = 6;  // + warpgroup: its dS^T rows are written (kOwnKeysDq)
-  static constexpr int kDqHalves = kOwnKeysDq ? kBM / 64 : 1;  // 64-row DqStage buffers per wg
-  static constexpr int kDqBytes = 2 * kDqHalves * wsbwd::DqStage::kBytes;
+  static constexpr int kDqBytes = 2 * wsbwd::DqStage::kBytes;  // one buffer per warpgroup
   static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + kStages * 2 * kQBytes +
                                     kDsBuffers * kDsBytes + kDqBytes + kStages * 2 * kBM * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -193,7 +188,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   unsigned char* sq = sv + Tr::kKVBytes;             // [S][BM][kD]
   unsigned char* sdo = sq + S * Tr::kQBytes;         // [S][BM][kD]
   unsigned char* sds = sdo + S * Tr::kQBytes;        // [kDsBuffers][BN keys][BM queries]
-  unsigned char* sdq = sds + Tr::kDsBuffers * Tr::kDsBytes;  // [2 wg][kDqHalves] DqStage buffers
+  unsigned char* sdq = sds + Tr::kDsBuffers * Tr::kDsBytes;  // [2 warpgroups] DqStage buffers
   float* lse_s = reinterpret_cast<float*>(sdq + Tr::kDqBytes);  // [S][BM]
   float* delta_s = lse_s + S * BM;                                  // [S][BM]
 
@@ -325,7 +320,7 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
   const uint32_t sk_addr = cm::smem_addr(sk), sv_addr = cm::smem_addr(sv),
                  sq_addr = cm::smem_addr(sq), sdo_addr = cm::smem_addr(sdo),
                  sds_addr = cm::smem_addr(sds);
-  unsigned char* dq_buf = sdq + wg * Tr::kDqHalves * wsbwd::DqStage::kBytes;
+  unsigned char* dq_buf = sdq + wg * wsbwd::DqStage::kBytes;
   if (wtid == 0) tma::prefetch_map(&map_dq);
 
   // Rows [from, ROWS) of a sw128 tile of ROWS rows (kBoxes column blocks) -> 0, then visible to
@@ -440,9 +435,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
         wgmma::fence();
       }
 
-      // dS^T -> shared [key][query] (buffer slot % kDsBuffers).
-      const int ds_n = Tr::kDsBuffers == 2 ? static_cast<int>(slot & 1) : 0;
-      unsigned char* ds_buf = sds + ds_n * Tr::kDsBytes;
+      // dS^T -> shared [key][query] (buffer slot % 2).
+      unsigned char* ds_buf = sds + (slot & 1) * Tr::kDsBytes;
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
@@ -456,38 +450,27 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read it
       // (issued a step ago: normally long done); the barrier below hands that on.
       if (wtid == 0) wsbwd::DqStage::issuer_wait_free();
-      // dS^T complete. D = 128: both warpgroups' rows are read, and both finished step
-      // slot - 1's dQ (buffer (slot + 1) % 2 free). D = 64: only this warpgroup's rows.
-      if constexpr (Tr::kOwnKeysDq) {
-        wgmma::named_barrier_sync(Tr::kDsWgBar + wg, 128);
-      } else {
-        wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
-      }
+      // dS^T complete (both warpgroups' rows are read), and both finished step slot - 1's dQ
+      // (buffer (slot + 1) % 2 free).
+      wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
       if constexpr (Tr::kLateDv) {  // dV done (it ran under the dS^T stores): P^T's registers
         wgmma::wait<0>();           // are free before dQ's accumulators need them
         wgmma::fence_regs(dva);
       }
 
       // dQ = dS K, issued before dK (FlashAttention-3's order): its write-out below overlaps dK.
-      // D = 128: warpgroup w's 64 columns over all 128 keys; D = 64: all 64 columns over the
-      // warpgroup's own 64 keys (both partial sums are added into the workspace), one m64
-      // product per 64 queries of the step (dS^T's column blocks).
-      constexpr int kDqSteps = Tr::kOwnKeysDq ? 64 / 16 : BN / 16;
-      constexpr int kHalves = Tr::kDqHalves;
-      const int kk0 = Tr::kOwnKeysDq ? wg * kDqSteps : 0;
-      const int row_blk = (!Tr::kOwnKeysDq && BM == 128) ? wg : 0;  // its 64 queries
-      const int col0 = kD == 128 ? wg * 64 : 0;
+      // Over all 128 keys, warpgroup w takes columns w*64 .. +63 of the step's 64 queries
+      // (D = 128) or all 64 columns of queries w*64 .. +63 of its 128 (D = 64: dS^T's column
+      // block w).
+      const int dq_row0 = BM == 128 ? wg * 64 : 0, dq_col0 = kD == 128 ? wg * 64 : 0;
       const uint32_t kcol_addr = sk_addr + (kD == 128 ? wg * BN * 128 : 0);
-      const uint32_t ds_addr = sds_addr + ds_n * Tr::kDsBytes;
-      float dqa[kHalves][8][4];
+      const uint32_t ds_addr = sds_addr + (slot & 1) * Tr::kDsBytes + (dq_row0 / 64) * BN * 128;
+      float dqa[8][4];
       wgmma::fence();
 #pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf) {
-#pragma unroll
-        for (int kk = 0; kk < kDqSteps; ++kk) {
-          Mma64::template ss<1, 1>(dqa[hf], wgmma::desc_n_major<BN>(ds_addr + (row_blk + hf) * BN * 128, kk0 + kk),
-                                   wgmma::desc_n_major<BN>(kcol_addr, kk0 + kk), kk > 0);
-        }
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        Mma64::template ss<1, 1>(dqa, wgmma::desc_n_major<BN>(ds_addr, kk),
+                                 wgmma::desc_n_major<BN>(kcol_addr, kk), kk > 0);
       }
       wgmma::commit();
 #pragma unroll
@@ -496,22 +479,12 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
       }
       wgmma::commit();
       wgmma::wait<1>();  // dV and dQ done; dK still running
-#pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf) {
-        wgmma::fence_regs(dqa[hf]);
-        wsbwd::DqStage::store(dq_buf + hf * wsbwd::DqStage::kBytes, dqa[hf], warp4, lane,
-                              rows - (row_blk + hf) * 64);
-      }
+      wgmma::fence_regs(dqa);
+      wsbwd::DqStage::store(dq_buf, dqa, warp4, lane, rows - dq_row0);
       bulk::fence_proxy_async();
       wgmma::named_barrier_sync(Tr::kDqBar + wg, 128);
-      if (wtid == 0) {
-#pragma unroll
-        for (int hf = 0; hf < kHalves; ++hf) {
-          if (rows > (row_blk + hf) * 64) {  // a half past the step's last row adds nothing
-            wsbwd::DqStage::issue(dq_buf + hf * wsbwd::DqStage::kBytes, &map_dq, col0, h,
-                                  q0 + i0 + (row_blk + hf) * 64, bc);
-          }
-        }
+      if (wtid == 0 && rows > dq_row0) {  // rows past the step's last query add nothing
+        wsbwd::DqStage::issue(dq_buf, &map_dq, dq_col0, h, q0 + i0 + dq_row0, bc);
       }
       wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
       wgmma::fence_regs(dva);
