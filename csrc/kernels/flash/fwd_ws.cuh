@@ -60,6 +60,7 @@
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
+#include "kernels/common/ws_fwd.cuh"
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/online_softmax.cuh"
 #include "kernels/flash/params.h"
@@ -296,20 +297,13 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t sq_addr = ::attnkit::mma::smem_addr(sq), sk_addr = ::attnkit::mma::smem_addr(sk),
                  sv_addr = ::attnkit::mma::smem_addr(sv);
-  // A turn barrier counts its warpgroup (sync) and the one before it in the ring (arrive).
-  constexpr int kTurnThreads = 256;
   const float scale = static_cast<float>(p.scale), cap = static_cast<float>(p.softcap);
   // y = the score in "max units": raw (scaled by factor later) or the capped log2 value.
   const float factor = kSoftcap ? 1.f : scale * kLog2e;
   const float scale_over_cap = kSoftcap ? scale / cap : 0.f, cap_log2 = cap * kLog2e;
 
-  auto take_turn = [&] {
-    if (ping_pong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kTurnThreads);
-  };
-  auto pass_turn = [&] {
-    if (ping_pong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg + 1) % kWG, kTurnThreads);
-  };
-  if (ping_pong && wg == kWG - 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kTurnThreads);  // 0 first
+  const wsfwd::Turns turns{ping_pong, Tr::kTurnBar, wg, kWG};
+  turns.start();
 
   // A unit whose products are all issued but whose last P·V may not be: where its output goes,
   // how many of its rows are inside the sequence, how many V rows of its last key tile are
@@ -410,14 +404,9 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       }
 
       float sc[kNT][4];
-      take_turn();
+      turns.take();
       wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        MmaS::template ss<0>(sc, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                             wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
-                             kk > 0);
-      }
+      wsfwd::issue_qk<MmaS, kD, BM, BN>(sc, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
       wgmma::commit();
       if (g > 0) {
         const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
@@ -426,10 +415,10 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
           MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
         }
         wgmma::commit();
-        pass_turn();
+        turns.pass();
         wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
       } else {
-        pass_turn();
+        turns.pass();
         wgmma::wait<0>();
       }
       wgmma::fence_regs(sc);
@@ -475,26 +464,17 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     finish_rows(m, l, prev.inv, prev.lse);
     ++qn;
   }
-  if (g > 0) {  // the last unit's last P·V
-    const uint32_t pstage = ring_v.stage(g - 1);
-    ring_v.consumer_wait(g - 1);
-    zero_v_tail(pstage, prev.v_rows);
-    take_turn();
-    wgmma::fence();
-    const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
+  wsfwd::drain_last_pv(
+      ring_v, g, turns, acc, [&](uint32_t pstage) { zero_v_tail(pstage, prev.v_rows); },
+      [&](uint32_t pstage) {
+        const uint32_t sv_l = sv_addr + pstage * Tr::kTileBytes;
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
-    }
-    wgmma::commit();
-    pass_turn();
-    wgmma::wait<0>();
-    wgmma::fence_regs(acc);
-    store_unit(prev, acc);
-  }
-  // Ping-pong: warpgroup 1's last hand-over (or its first, when there was no work) is still
-  // pending on warpgroup 0's barrier; take it so that no barrier is left half-arrived at exit.
-  if (ping_pong && wg == 0) take_turn();
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
+        }
+      },
+      [&] { store_unit(prev, acc); });
+  turns.finish();
 #endif  // ATTNKIT_HAS_WGMMA
 }
 

@@ -61,43 +61,25 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
 
   for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
-    const Span kv = key_span(p.causal, p.window, i0, min(i0 + BM, qs.len) - 1, ks.len);
-    const int kv_lo = static_cast<int>(kv.lo);
-    const int kv_end = kv.hi > kv.lo ? static_cast<int>(kv.hi - kv.lo) : 0;
-    const T* kt = k + int64_t(kv_lo) * p.k_row_stride;
-    const T* vt = v + int64_t(kv_lo) * p.v_row_stride;
-    const int n_tiles = (kv_end + BN - 1) / BN;
+    const KvTiles<T, BN, D, NT, BwdParams> kv(p, k, v, i0, min(i0 + BM, qs.len) - 1, ks.len);
     float acc[MT][D / 8][4];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) acc[m][i][0] = acc[m][i][1] = acc[m][i][2] = acc[m][i][3] = 0.f;
+    zero_frags(acc);
 
     load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
     load_tile<BM, D, NT>(sdo, dout + i0 * p.do_row_stride, p.do_row_stride, qs.len - i0, p.D, fallback);
-    load_tile<BN, D, NT>(sk, kt, p.k_row_stride, kv_end, p.D, fallback);
-    mma::cp_async_commit();
-    load_tile<BN, D, NT>(sv, vt, p.v_row_stride, kv_end, p.D, fallback);
-    mma::cp_async_commit();
+    kv.load_first(sk, sv);
 
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = 0; j < kv.n_tiles; ++j) {
       const int j0 = j * BN;
-      const T* skj = sk + (j & 1) * BN * D;
-      const T* svj = sv + (j & 1) * BN * D;
+      const T* skj = kv.buf(sk, j);
+      const T* svj = kv.buf(sv, j);
       mma::cp_async_wait<1>();
       __syncthreads();
       float s[MT][BN / 8][4], dp[MT][BN / 8][4];
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[m][i][e] = dp[m][i][e] = 0.f;
+      zero_frags(s);
+      zero_frags(dp);
       warp_gemm_nt<T, MT, BN, D>(s, sq, warp_row0, skj, p.D);
-      if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, kt + (j0 + BN) * p.k_row_stride,
-                             p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
-      }
+      if (j + 1 < kv.n_tiles) kv.load_k(sk, j + 1);
       mma::cp_async_commit();
       mma::cp_async_wait<1>();
       __syncthreads();
@@ -107,17 +89,14 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
       for (int m = 0; m < MT; ++m) {
         act_bwd_tile<BN / 8>(s[m], dp[m], p.act, p.pre_scale, ds_scale);  // dp <- dS
         const int r0 = i0 + warp_row0 + m * 16;
-        const int c0 = kv_lo + j0;
+        const int c0 = kv.lo + j0;
         if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, c0, c0 + BN - 1)) {
           window_mask<false>(dp[m], r0, c0, p.causal, p.window);
         }
         pack_a<T, BN>(dsa[m], dp[m]);
       }
       warp_gemm_rn<T, MT, BN, D, D>(acc, dsa, skj, 0, p.D);
-      if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, vt + (j0 + BN) * p.v_row_stride,
-                             p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
-      }
+      if (j + 1 < kv.n_tiles) kv.load_v(sv, j + 1);
       mma::cp_async_commit();
     }
     mma::cp_async_wait<0>();
@@ -168,10 +147,8 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
     const int nq = qr.hi > qr.lo ? (static_cast<int>(qr.hi) - q_start + BM - 1) / BM : 0;
     const int steps = G * nq;
     float acc_dk[1][DS / 8][4], acc_dv[1][DS / 8][4];
-#pragma unroll
-    for (int i = 0; i < DS / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[0][i][e] = acc_dv[0][i][e] = 0.f;
+    zero_frags(acc_dk);
+    zero_frags(acc_dv);
 
     auto load_step = [&](int st, int buf) {
       const int h = hk * G + st / nq, i0 = q_start + (st % nq) * BM;
@@ -196,10 +173,8 @@ __global__ void __launch_bounds__(BwdDkdvTraits<D>::kThreads)
       const T* sqs = sq + buf * BM * D;
       const T* sdos = sdo + buf * BM * D;
       float s[1][BM / 8][4], dp[1][BM / 8][4];
-#pragma unroll
-      for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][i][e] = dp[0][i][e] = 0.f;
+      zero_frags(s);
+      zero_frags(dp);
       warp_gemm_nt<T, 1, BM, D>(s, sk, warp * 16, sqs, p.D);    // Sᵀ: rows keys, cols queries
       warp_gemm_nt<T, 1, BM, D>(dp, sv, warp * 16, sdos, p.D);  // dPᵀ
       act_bwd_tile<BM / 8>(s[0], dp[0], p.act, p.pre_scale, ds_scale);  // s <- Pᵀ, dp <- dSᵀ

@@ -50,42 +50,25 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) gdpa_fwd_mma_kernel(co
   // Hints only size the grid: a longer sequence is covered by striding over its tiles.
   for (int tile = it.tile; tile * BM < qs.len; tile += it.tiles) {
     const int i0 = tile * BM;
-    // The keys some row of the tile sees (causal / window), from kv_lo: k, v rebased below.
-    const Span kv = key_span(p.causal, p.window, i0, min(i0 + BM, qs.len) - 1, ks.len);
-    const int kv_lo = static_cast<int>(kv.lo);
-    const int kv_end = kv.hi > kv.lo ? static_cast<int>(kv.hi - kv.lo) : 0;
-    const T* kt = k + int64_t(kv_lo) * p.k_row_stride;
-    const T* vt = v + int64_t(kv_lo) * p.v_row_stride;
-    const int n_tiles = (kv_end + BN - 1) / BN;
+    // The keys some row of the tile sees (causal / window), from kv.lo.
+    const KvTiles<T, BN, D, NT, FwdParams> kv(p, k, v, i0, min(i0 + BM, qs.len) - 1, ks.len);
     float acc_o[MT][D / 8][4];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) acc_o[m][i][0] = acc_o[m][i][1] = acc_o[m][i][2] = acc_o[m][i][3] = 0.f;
+    zero_frags(acc_o);
 
     load_tile<BM, D, NT>(sq, q + i0 * p.q_row_stride, p.q_row_stride, qs.len - i0, p.D, fallback);
-    load_tile<BN, D, NT>(sk, kt, p.k_row_stride, kv_end, p.D, fallback);
-    mma::cp_async_commit();
-    load_tile<BN, D, NT>(sv, vt, p.v_row_stride, kv_end, p.D, fallback);
-    mma::cp_async_commit();
+    kv.load_first(sk, sv);
 
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = 0; j < kv.n_tiles; ++j) {
       const int j0 = j * BN;
-      const T* skj = sk + (j & 1) * BN * D;
-      const T* svj = sv + (j & 1) * BN * D;
+      const T* skj = kv.buf(sk, j);
+      const T* svj = kv.buf(sv, j);
       mma::cp_async_wait<1>();  // K[j] (and Q) landed; V[j] may still be in flight
       __syncthreads();
       float s[MT][BN / 8][4];
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[m][i][0] = s[m][i][1] = s[m][i][2] = s[m][i][3] = 0.f;
+      zero_frags(s);
       warp_gemm_nt<T, MT, BN, D>(s, sq, warp_row0, skj, p.D);
       // Buffer (j+1)&1 held K[j-1], which every warp finished before the barrier above.
-      if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sk + ((j + 1) & 1) * BN * D, kt + (j0 + BN) * p.k_row_stride,
-                             p.k_row_stride, kv_end - j0 - BN, p.D, fallback);
-      }
+      if (j + 1 < kv.n_tiles) kv.load_k(sk, j + 1);
       mma::cp_async_commit();  // possibly empty: keeps the group count uniform for the waits
 
       uint32_t pa[MT][BN / 16][4];
@@ -93,7 +76,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) gdpa_fwd_mma_kernel(co
       for (int m = 0; m < MT; ++m) {
         act_fwd_tile<BN / 8>(s[m], p.act, p.pre_scale);
         const int r0 = i0 + warp_row0 + m * 16;
-        const int c0 = kv_lo + j0;
+        const int c0 = kv.lo + j0;
         if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, c0, c0 + BN - 1)) {
           window_mask<false>(s[m], r0, c0, p.causal, p.window);
         }
@@ -103,10 +86,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) gdpa_fwd_mma_kernel(co
       mma::cp_async_wait<1>();  // V[j] landed
       __syncthreads();
       warp_gemm_rn<T, MT, BN, D, D>(acc_o, pa, svj, 0, p.D);
-      if (j + 1 < n_tiles) {
-        load_tile<BN, D, NT>(sv + ((j + 1) & 1) * BN * D, vt + (j0 + BN) * p.v_row_stride,
-                             p.v_row_stride, kv_end - j0 - BN, p.D, fallback);
-      }
+      if (j + 1 < kv.n_tiles) kv.load_v(sv, j + 1);
       mma::cp_async_commit();
     }
     mma::cp_async_wait<0>();

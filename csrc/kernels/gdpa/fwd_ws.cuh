@@ -64,6 +64,7 @@
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
+#include "kernels/common/ws_fwd.cuh"
 #include "kernels/gdpa/activation_gpu.cuh"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
@@ -414,15 +415,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
   const uint32_t sq_addr = mma::smem_addr(sq), sk_addr = mma::smem_addr(sk),
                  sv_addr = mma::smem_addr(sv);
-  constexpr int kConsumerThreads = 128 * Tr::kConsumerWarpGroups;
   // Ping-pong: wait for this warpgroup's turn to issue products / hand the turn to the other.
-  auto take_turn = [&] {
-    if constexpr (kPingPong) wgmma::named_barrier_sync(Tr::kTurnBar + wg, kConsumerThreads);
-  };
-  auto pass_turn = [&] {
-    if constexpr (kPingPong) wgmma::named_barrier_arrive(Tr::kTurnBar + (wg ^ 1), kConsumerThreads);
-  };
-  if (kPingPong && wg == 1) wgmma::named_barrier_arrive(Tr::kTurnBar, kConsumerThreads);  // 0 first
+  const wsfwd::Turns turns{kPingPong, Tr::kTurnBar, wg, Tr::kConsumerWarpGroups};
+  turns.start();
 
   // Before the P·V of a unit's last key tile (its V in stage `stage`): rows [v_rows, BN) hold the
   // next sequence's values (maybe inf / NaN; past T the copy engine wrote zeros), and 0 · NaN is
@@ -531,40 +526,25 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           for (int i = 0; i < NH; ++i) s_hi[i][0] = s_hi[i][1] = s_hi[i][2] = s_hi[i][3] = 0.f;
         }
       }
-      take_turn();
+      turns.take();
       wgmma::fence();
       if constexpr (kJagged) {
         const uint32_t sk_s = sk_addr + stage * Tr::kTileBytes;
-        if (!idle) {
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) {
-            Mma64::template ss<0>(s_lo, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                                  wgmma::desc_k_major<BN>(sk_s, 0, kk), kk > 0);
-          }
-        }
+        if (!idle) wsfwd::issue_qk<Mma64, D, BM, BN>(s_lo, sq_u, wg, sk_s);
         if (!narrow && !idle) {
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) {
-            Mma64::template ss<0>(s_hi, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                                  wgmma::desc_k_major<BN>(sk_s, Tr::kNarrowN, kk), kk > 0);
-          }
+          wsfwd::issue_qk<Mma64, D, BM, BN>(s_hi, sq_u, wg, sk_s, Tr::kNarrowN);
         }
       } else {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          Mma::template ss<0>(s, wgmma::desc_k_major<BM>(sq_u, wg * 64, kk),
-                              wgmma::desc_k_major<BN>(sk_addr + stage * Tr::kTileBytes, 0, kk),
-                              kk > 0);
-        }
+        wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
       }
       wgmma::commit();
       if (g > 0) {
         if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         wgmma::commit();
-        pass_turn();
+        turns.pass();
         wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
       } else {
-        pass_turn();
+        turns.pass();
         wgmma::wait<0>();
       }
       if constexpr (kJagged) {
@@ -632,22 +612,14 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
     ++qn;
   }
-  if (g > 0) {  // the last unit's last P·V
-    const uint32_t pstage = ring_v.stage(g - 1);
-    ring_v.consumer_wait(g - 1);
-    zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
-    take_turn();
-    wgmma::fence();
-    if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-    wgmma::commit();
-    pass_turn();
-    wgmma::wait<0>();
-    wgmma::fence_regs(acc_o);
-    store_unit(prev, acc_o);
-  }
-  // Ping-pong: warpgroup 1's last hand-over (or its first, when there was no work) is still
-  // pending on warpgroup 0's barrier; take it so that no barrier is left half-arrived at exit.
-  if (kPingPong && wg == 0) take_turn();
+  wsfwd::drain_last_pv(
+      ring_v, g, turns, acc_o,
+      [&](uint32_t pstage) { zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN); },
+      [&](uint32_t pstage) {
+        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+      },
+      [&] { store_unit(prev, acc_o); });
+  turns.finish();
 #endif
 }
 

@@ -37,6 +37,57 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_tile(T* smem, const T* gmem, int64_t row
   }
 }
 
+// The keys a query tile [i_first, i_last] of a sequence sees (params.h key_span: causal / window),
+// walked BN at a time from `lo` through double-buffered shared tiles ([2][BN][D] for K and for V,
+// tile j in buffer j % 2): the kv walk of the sm80 kernels (fwd_mma, bwd_mma's dQ pass). k, v
+// are the sequence's rows of the (kv) head, rebased here to `lo`. Strides, the head dim and the
+// zero-fill address are read from the kernel's parameters where they are used (a copy in
+// registers spilled the D = 64 forward).
+template <typename T, int BN, int D, int NT, class Params>
+struct KvTiles {
+  const Params& p;
+  const T* k;
+  const T* v;
+  int lo, len, n_tiles;
+
+  ATTNKIT_DEVICE ATTNKIT_INLINE KvTiles(const Params& p_, const T* k_seq, const T* v_seq,
+                                        int i_first, int i_last, int lk)
+      : p(p_) {
+    const Span kv = key_span(p.causal, p.window, i_first, i_last, lk);
+    lo = static_cast<int>(kv.lo);
+    len = kv.hi > kv.lo ? static_cast<int>(kv.hi - kv.lo) : 0;
+    n_tiles = (len + BN - 1) / BN;
+    k = k_seq + int64_t(lo) * p.k_row_stride;
+    v = v_seq + int64_t(lo) * p.v_row_stride;
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE static T* buf(T* tiles, int j) { return tiles + (j & 1) * BN * D; }
+  // Tile j of K / V into its buffer (rows past the span zero-filled, cp.async: the caller commits).
+  ATTNKIT_DEVICE ATTNKIT_INLINE void load_k(T* sk, int j) const {
+    load_tile<BN, D, NT>(buf(sk, j), k + (j * BN) * p.k_row_stride, p.k_row_stride, len - j * BN,
+                         p.D, static_cast<const T*>(p.q));
+  }
+  ATTNKIT_DEVICE ATTNKIT_INLINE void load_v(T* sv, int j) const {
+    load_tile<BN, D, NT>(buf(sv, j), v + (j * BN) * p.v_row_stride, p.v_row_stride, len - j * BN,
+                         p.D, static_cast<const T*>(p.q));
+  }
+  // Tile 0 of K, then of V: one cp.async group each (the walks wait for K before V).
+  ATTNKIT_DEVICE ATTNKIT_INLINE void load_first(T* sk, T* sv) const {
+    load_k(sk, 0);
+    mma::cp_async_commit();
+    load_v(sv, 0);
+    mma::cp_async_commit();
+  }
+};
+
+// Every entry of fragment accumulators -> 0.
+template <int M, int N>
+ATTNKIT_DEVICE ATTNKIT_INLINE void zero_frags(float (&c)[M][N][4]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int i = 0; i < N; ++i) c[m][i][0] = c[m][i][1] = c[m][i][2] = c[m][i][3] = 0.f;
+}
+
 // acc[m][N/8][4] += A[a_row0 + 16m + 0..16)[0..D) · B[0..N)[0..D)ᵀ for m < M, with A and B
 // swizzled shared tiles; each B fragment feeds M products. Used for S = Q·Kᵀ, dP = dO·Vᵀ and
 // their transposes.
