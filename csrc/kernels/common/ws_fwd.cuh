@@ -55,6 +55,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void issue_qk(float (&s)[R][4], uint32_t sq, int w
   }
 }
 
+// After a key tile's S = Q Kᵀ is issued and committed: the P·V owed for the tile before it
+// (when `owed`: issue(), in a commit group of its own), then the turn passes, and the wait is for
+// S alone (the P·V may still run under the softmax / activation).
+template <class Issue>
+ATTNKIT_DEVICE ATTNKIT_INLINE void issue_owed_pv(bool owed, const Turns& turns, Issue&& issue) {
+  if (owed) {
+    issue();
+    wgmma::commit();
+    turns.pass();
+    wgmma::wait<1>();
+  } else {
+    turns.pass();
+    wgmma::wait<0>();
+  }
+}
+
 // The last P·V of the CTA's last unit, the V of fill g - 1 of ring_v: wait for it, zero the rows
 // past the sequence's keys (zero_tail(stage)), issue the product in turn (issue(stage), into
 // acc), wait for it and store the unit (store()). Nothing when the CTA had no key tile (g = 0).

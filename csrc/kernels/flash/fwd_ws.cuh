@@ -408,19 +408,13 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       wgmma::fence();
       wsfwd::issue_qk<MmaS, kD, BM, BN>(sc, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
       wgmma::commit();
-      if (g > 0) {
+      wsfwd::issue_owed_pv(g > 0, turns, [&] {  // P_{g-1}·V_{g-1}
         const uint32_t sv_prev = sv_addr + pstage * Tr::kTileBytes;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
         }
-        wgmma::commit();
-        turns.pass();
-        wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
-      } else {
-        turns.pass();
-        wgmma::wait<0>();
-      }
+      });
       wgmma::fence_regs(sc);
       if (lane == 0) {
         ring_k.consumer_release(g);                           // K_g has been read

@@ -538,15 +538,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
       }
       wgmma::commit();
-      if (g > 0) {
+      wsfwd::issue_owed_pv(g > 0, turns, [&] {  // P_{g-1}·V_{g-1}
         if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-        wgmma::commit();
-        turns.pass();
-        wgmma::wait<1>();  // S_g done; P_{g-1}·V_{g-1} may still run
-      } else {
-        turns.pass();
-        wgmma::wait<0>();
-      }
+      });
       if constexpr (kJagged) {
         wgmma::fence_regs(s_lo);
         wgmma::fence_regs(s_hi);
