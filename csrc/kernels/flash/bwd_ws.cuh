@@ -141,6 +141,22 @@ struct StepWalk {
   }
 };
 
+// The query steps of key tile tt, which the producer and the consumers walk alike: its keys
+// j0 .. j0 + krows - 1 see the query rows [qlo, qhi] (rel_lo / rel_hi: the window's bounds on
+// key - query), nq tiles of BM rows per query head, nsteps over the GQA group of G heads.
+struct KeyTileSteps {
+  int j0, krows, qlo, qhi, nq, nsteps;
+};
+template <int BN, int BM>
+ATTNKIT_DEVICE ATTNKIT_INLINE KeyTileSteps key_tile_steps(int tt, int lq, int lk, int rel_lo,
+                                                          int rel_hi, int G) {
+  const int j0 = tt * BN;
+  const int krows = min(lk - j0, BN);
+  const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
+  const int nq = qhi >= qlo ? (qhi - qlo) / BM + 1 : 0;
+  return {j0, krows, qlo, qhi, nq, nq * G};
+}
+
 // Where a CTA of the 1-D grid (tiles x pairs CTAs, pairs = kv heads x sequences) starts: the
 // pairs go in groups of `group`, and within a group the key tile is the slow index. The launcher
 // sizes a group (bwd_ws_cta_group) to about one wave, so the CTAs resident together share a few heads' Q, dO and dQ
@@ -244,11 +260,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
     const int64_t lse_seq = b * p.lse.batch + s.q0 * p.lse.row;  // delta shares lse's layout
     uint32_t slot = 0, kv_n = 0;  // steps / K-V tiles this CTA has loaded so far
     for (int tt = start.tile; tt < ntiles; tt += tiles) {
-      const int j0 = tt * BN;
-      const int krows = min(lk - j0, BN);
-      const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
-      const int nq = qhi >= qlo ? (qhi - qlo) / BM + 1 : 0;
-      const int nsteps = nq * G;
+      const auto [j0, krows, qlo, qhi, nq, nsteps] =
+          key_tile_steps<BN, BM>(tt, lq, lk, rel_lo, rel_hi, G);
       if (nsteps == 0) continue;
       if (loads_q) {
         ring.producer_kv_acquire(kv_n);
@@ -331,11 +344,8 @@ __global__ void __launch_bounds__(BwdWsTraits<kD>::kThreads, 1)
 
   uint32_t slot = 0, kv_n = 0;
   for (int tt = start.tile; tt < ntiles; tt += tiles) {
-    const int j0 = tt * BN;
-    const int krows = min(lk - j0, BN);
-    const int qlo = max(j0 - rel_hi, 0), qhi = min(j0 + krows - 1 - rel_lo, lq - 1);
-    const int nq = qhi >= qlo ? (qhi - qlo) / BM + 1 : 0;
-    const int nsteps = nq * G;
+    const auto [j0, krows, qlo, qhi, nq, nsteps] =
+        key_tile_steps<BN, BM>(tt, lq, lk, rel_lo, rel_hi, G);
 
     float dka[kDT][4], dva[kDT][4];
 #pragma unroll
