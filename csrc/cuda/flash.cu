@@ -150,11 +150,9 @@ int64_t sm90_bwd_smem_bytes(int64_t d) { return ws::bwd_ws_smem_bytes(d); }
 // {D, heads, rows, batches} in boxes of 32 columns x 64 rows (wsbwd::DqStage). The workspace is
 // a fresh allocation and q's rows were addressable, so the driver is the only way to fail.
 void encode_dq_accum_map(CUtensorMap* map, const Params& p, bool varlen, const at::Tensor& acc) {
-  const uint64_t D = uint64_t(p.D), H = uint64_t(p.H), rows = uint64_t(p.seqlen_q);
-  const uint64_t dims[4] = {D, H, rows, uint64_t(varlen ? 1 : p.B)};
-  const uint64_t strides[3] = {D * 4, H * D * 4, rows * H * D * 4};
-  const uint32_t box[4] = {32, 1, 64, 1};
-  ATTNKIT_CHECK(tma::encode_4d_sw128_f32(map, acc.const_data_ptr<float>(), dims, strides, box),
+  ATTNKIT_CHECK(tma::encode_dq_stage_map(map, acc.const_data_ptr<float>(), uint64_t(p.D),
+                                         uint64_t(p.H), uint64_t(p.seqlen_q),
+                                         uint64_t(varlen ? 1 : p.B)),
                 "flash_attn_bwd: the driver refused the tensor map of the sm90 kernel's dQ "
                 "workspace (", acc.sizes(), ")");
 }

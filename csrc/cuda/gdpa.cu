@@ -131,11 +131,8 @@ bool bwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, at::Tensor& dout, 
 // of 8) as {D, H, T, 1} in boxes of 32 columns x 64 rows (wsbwd::DqStage). A fresh allocation of
 // addressable rows: only the driver can refuse it.
 void dq_accum_map(const at::Tensor& acc, CUtensorMap* map) {
-  const uint64_t T = uint64_t(acc.size(0)), H = uint64_t(acc.size(1)), D = uint64_t(acc.size(2));
-  const uint64_t dims[4] = {D, H, T, 1};
-  const uint64_t strides[3] = {D * 4, H * D * 4, T * H * D * 4};
-  const uint32_t box[4] = {32, 1, 64, 1};
-  ATTNKIT_CHECK(tma::encode_4d_sw128_f32(map, acc.const_data_ptr<float>(), dims, strides, box),
+  ATTNKIT_CHECK(tma::encode_dq_stage_map(map, acc.const_data_ptr<float>(), uint64_t(acc.size(2)),
+                                         uint64_t(acc.size(1)), uint64_t(acc.size(0)), 1),
                 "gdpa_bwd: the driver refused the tensor map of the sm90_ws kernel's dQ workspace (",
                 acc.sizes(), ")");
 }

@@ -116,9 +116,14 @@ inline bool encode_4d_sw128(CUtensorMap* map, bool bf16, const void* base,
   return encode_sw128<4>(map, half_type(bf16), 2, base, dims, strides, box);
 }
 
-// The 4-D case over fp32 (the backward's dQ workspace, written by tensor reductions).
-inline bool encode_4d_sw128_f32(CUtensorMap* map, const float* base, const uint64_t (&dims)[4],
-                                const uint64_t (&strides)[3], const uint32_t (&box)[4]) {
+// The fp32 dQ workspace of the warp-specialised backwards (flash and GDPA), contiguous
+// [batches][rows][heads][D], as {D, heads, rows, batches} in boxes of 32 columns x 64 rows: the
+// box wsbwd::DqStage stages and adds with tensor reductions.
+inline bool encode_dq_stage_map(CUtensorMap* map, const float* base, uint64_t D, uint64_t heads,
+                                uint64_t rows, uint64_t batches) {
+  const uint64_t dims[4] = {D, heads, rows, batches};
+  const uint64_t strides[3] = {D * 4, heads * D * 4, rows * heads * D * 4};
+  const uint32_t box[4] = {32, 1, 64, 1};
   return encode_sw128<4>(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, base, dims, strides, box);
 }
 

@@ -86,9 +86,10 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void zero_rows(unsigned char* tile, int rows_total
 // dQ through shared memory (FlashAttention-3's organisation): a warpgroup's 64 x 64 fp32 dQ
 // accumulator goes into a staging buffer of two sw128 boxes (columns 0-31, 32-63; 64 rows x 128
 // bytes each, 1024-byte aligned) and one thread adds both boxes into the fp32 workspace with
-// tensor reductions (tma::reduce_add_4d over a map of boxes {32, 1, 64, 1}). Against paired fp32
-// atomics from every thread (the kernels' earlier form) the copy engine carries the 32 KB of a step, and the consumers go on to the
-// next step's products instead of waiting for their reductions to drain.
+// tensor reductions (tma::reduce_add_4d over a map of boxes {32, 1, 64, 1}: tma_map.h's
+// encode_dq_stage_map). Against paired fp32 atomics from every thread (the kernels' earlier form)
+// the copy engine carries the 32 KB of a step, and the consumers go on to the next step's
+// products instead of waiting for their reductions to drain.
 //
 // Rows >= rows get zeros: the box still covers them, and in a varlen batch they are the next
 // sequence's rows (adding +0 leaves them unchanged); rows past the map's extent are dropped.

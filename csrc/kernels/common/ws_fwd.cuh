@@ -2,8 +2,8 @@
 // their TmaRing data path: the consumer warpgroups' ping-pong turns and the drain of a CTA's last
 // P·V. Torch-free, sm_90 device code.
 //
-// Both forwards issue a key tile's P·V one tile behind its scores (P_{g-1}·V_{g-1} beside S_g), so
-// when a CTA runs out of work one product is still owed; and with ping-pong the consumer
+// Both forwards issue a key tile's P·V one tile behind its scores (P_{g-1}·V_{g-1} beside S_g),
+// so when a CTA runs out of work one product is still owed; and with ping-pong the consumer
 // warpgroups take turns at the tensor cores (FlashAttention-3's inter-warpgroup overlap: one
 // warpgroup's softmax / activation runs under the other's products).
 #pragma once

@@ -90,7 +90,7 @@ struct BwdWsTraits {
   // fifteenth session). D = 128 keeps 64: 128 would not fit the registers beside dK / dV.
   static constexpr int kBM = kD == 64 ? 128 : 64;
   static constexpr int kStages = kD == 64 ? 2 : 3;  // Q / dO / lse / delta ring
-  static constexpr int kBoxRows = 64, kBoxCols = 64;
+  static constexpr int kBoxRows = 64;  // rows of a map box (64 columns: one sw128 block)
   static constexpr int kKVBytes = kBN * kD * 2;              // K or V
   static constexpr int kQBytes = kBM * kD * 2;               // Q or dO, one stage
   static constexpr int kDsBytes = kBN * kBM * 2;             // dS^T, one buffer
