@@ -7,7 +7,9 @@ stacks, ``attnkit.flash_attn_varlen_func(..., seqused_k=, block_table=)`` on NHD
    paged call, attnkit's dense varlen forward on contiguous K/V (what the paged call costs over
    it), ``attnkit.paged_attention_v1`` on the same values in vLLM's x-split layout, SDPA on dense
    ``[B, H, ctx, D]`` K/V (enable_gqa) and the split-K Triton paged decode kernel of
-   triton_paged_decode.py.
+   triton_paged_decode.py; and the read floor of the row (``read_us``: one fp32-accumulated sum
+   over a buffer of the same K+V bytes, launch and ramp included; ``paged_%read``: the paged
+   call's rate as a percentage of it), which bounds what a decode of that size can reach.
 2. mixed batch, one call: chunked-prefill rows (2048 new tokens over 8k-token prefixes) and 128
    decode rows over 4k contexts (causal bottom-right); against the dense varlen forward over the
    same tokens and against one paged call per group of rows (prefill call + decode call).
@@ -262,6 +264,23 @@ def ratio(row, a, b, unit="us"):
         row[f"{b}/{a}"] = y / x  # time ratio: > 1 means a is faster
 
 
+def read_floor(args, row, elems):
+    """The read floor of a row: one fp32-accumulated sum over a buffer of its K + V bytes, what
+    reading those bytes once costs on this device at this size (launch, ramp and tail included,
+    which the copy bandwidth of a 1 GiB buffer leaves out); paged_%read is the paged call's rate
+    as a percentage of it."""
+    buf = torch.randn(elems, device=args.device, dtype=DTYPE)
+    ms = time_ms(lambda: buf.sum(dtype=torch.float32), args.device, warmup=args.warmup,
+                 iters=args.iters)
+    row["read_us"] = ms * 1e3
+    row["read_GBps"] = elems * buf.element_size() / (ms * 1e-3) / 1e9
+    row["read_%copy"] = 100.0 * row["read_GBps"] / row["copy_GBps"]
+    paged = row.get("paged_us")
+    if isinstance(paged, float) and paged > 0:
+        row["paged_%read"] = 100.0 * row["read_us"] / paged
+    del buf
+
+
 # ---- section 1: decode ------------------------------------------------------------------------
 DECODE_IMPLS = ["paged", "dense", "v1", "sdpa", "triton"]
 
@@ -306,6 +325,7 @@ def section_decode(args, runner, shapes, copy, triton_fns):
             row["triton_us"] = "n/a"  # the reason is printed at the start
         fill(row, res, flops=4.0 * D * hq * B * ctx, nbytes=2 * B * ctx * hkv * D * 2, copy=copy)
         ratio(row, "paged", "dense")
+        read_floor(args, row, 2 * B * ctx * hkv * D)
         rows.append(row)
         del bt_, kx, vv, ks, vs, out_v1, impls
         _free(dev)
@@ -482,7 +502,8 @@ def main(argv=None):
 
     if dec:
         print_table(dec, ["case", "kv_MB"] + [f"{n}_us" for n in DECODE_IMPLS]
-                    + [f"{n}_%copy" for n in DECODE_IMPLS] + ["dense/paged", "triton_splits"],
+                    + [f"{n}_%copy" for n in DECODE_IMPLS] + ["read_%copy", "paged_%read",
+                                                               "dense/paged", "triton_splits"],
                     title=f"1. decode: us and % of copy bandwidth (K+V bytes read; copy {copy:.0f} GB/s; "
                           f"dense/paged > 1: paged faster)")
         print_table(dec, ["case"] + [f"{n}_GBps" for n in DECODE_IMPLS],
