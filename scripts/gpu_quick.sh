@@ -43,6 +43,7 @@
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
 # moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
+# paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
@@ -339,6 +340,11 @@ for s in $QUICK; do
     before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
       # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
       step before_after 300 bash scripts/before_after.sh ;;
+    paged_choose_sanitize)  # memcheck on the paged family's kernel choice (every kernel pinned
+      # through the private ops and the environment override), bad block ids and forced splits
+      step paged_choose_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_paged_choose.py tests/test_paged_cuda.py -q \
+        -p no:xdist -k "cuda and (auto_on_this_device or override or bad_block_ids or forced_splits or out_of_range)" ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
