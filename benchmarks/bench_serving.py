@@ -8,8 +8,8 @@ stacks, ``attnkit.flash_attn_varlen_func(..., seqused_k=, block_table=)`` on NHD
    it), ``attnkit.paged_attention_v1`` on the same values in vLLM's x-split layout, SDPA on dense
    ``[B, H, ctx, D]`` K/V (enable_gqa) and the split-K Triton paged decode kernel of
    triton_paged_decode.py; and the read floor of the row (``read_us``: one fp32-accumulated sum
-   over a buffer of the same K+V bytes, launch and ramp included; ``paged_%read``: the paged
-   call's rate as a percentage of it), which bounds what a decode of that size can reach.
+   over a buffer of the same K+V bytes, launch and ramp included; ``read/paged``: the paged
+   call's rate as a fraction of it), which bounds what a decode of that size can reach.
 2. mixed batch, one call: chunked-prefill rows (2048 new tokens over 8k-token prefixes) and 128
    decode rows over 4k contexts (causal bottom-right); against the dense varlen forward over the
    same tokens and against one paged call per group of rows (prefill call + decode call).
@@ -267,17 +267,13 @@ def ratio(row, a, b, unit="us"):
 def read_floor(args, row, elems):
     """The read floor of a row: one fp32-accumulated sum over a buffer of its K + V bytes, what
     reading those bytes once costs on this device at this size (launch, ramp and tail included,
-    which the copy bandwidth of a 1 GiB buffer leaves out); paged_%read is the paged call's rate
-    as a percentage of it."""
+    which the copy bandwidth of a 1 GiB buffer leaves out). read/paged is the paged call's rate
+    as a fraction of it."""
     buf = torch.randn(elems, device=args.device, dtype=DTYPE)
     ms = time_ms(lambda: buf.sum(dtype=torch.float32), args.device, warmup=args.warmup,
                  iters=args.iters)
-    row["read_us"] = ms * 1e3
-    row["read_GBps"] = elems * buf.element_size() / (ms * 1e-3) / 1e9
-    row["read_%copy"] = 100.0 * row["read_GBps"] / row["copy_GBps"]
-    paged = row.get("paged_us")
-    if isinstance(paged, float) and paged > 0:
-        row["paged_%read"] = 100.0 * row["read_us"] / paged
+    fill(row, {"read": ms}, nbytes=elems * buf.element_size(), copy=row["copy_GBps"])
+    ratio(row, "paged", "read")
     del buf
 
 
@@ -502,7 +498,7 @@ def main(argv=None):
 
     if dec:
         print_table(dec, ["case", "kv_MB"] + [f"{n}_us" for n in DECODE_IMPLS]
-                    + [f"{n}_%copy" for n in DECODE_IMPLS] + ["read_%copy", "paged_%read",
+                    + [f"{n}_%copy" for n in DECODE_IMPLS] + ["read_%copy", "read/paged",
                                                                "dense/paged", "triton_splits"],
                     title=f"1. decode: us and % of copy bandwidth (K+V bytes read; copy {copy:.0f} GB/s; "
                           f"dense/paged > 1: paged faster)")
