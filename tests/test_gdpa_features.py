@@ -167,3 +167,63 @@ def test_bad_inputs(device):
     if device == "cpu":
         with pytest.raises(RuntimeError, match="broadcast_q"):  # not all of q's rows
             attnkit.gdpa(q, k, v, torch.tensor([0, 5]), ko, mq, mk, broadcast_q=True)
+    # broadcast_q checks k, v and the length hints as a plain call does (the Meta kernel too).
+    q1, qo1 = q[:5], torch.tensor([0, 5], device=device)
+    for name, kk, vv in (("k", k.double(), v), ("v", k, v[:, :, :8]), ("k", k[:, :, :8], v)):
+        with pytest.raises(RuntimeError, match=name):
+            attnkit.gdpa(q1, kk, vv, qo1, ko, 5, mk, broadcast_q=True)
+    with pytest.raises(RuntimeError, match="max_seq_len_q"):
+        attnkit.gdpa(q1, k, v, qo1, ko, -5, mk, broadcast_q=True)
+
+
+def test_broadcast_q_meta_inputs_checked():
+    """A call whose k / v are on the meta device goes to the Meta kernel, whose broadcast_q path
+    must check them as a plain call does, never return an unwritten tensor."""
+    q, qo = torch.randn(5, 2, 16), torch.tensor([0, 5])
+    k = v = torch.randn(7, 1, 16, device="meta")
+    with pytest.raises(RuntimeError, match="k"):
+        attnkit.gdpa(q, k, v, qo, torch.tensor([0, 3, 7]), 5, 4, broadcast_q=True)
+    qm = torch.randn(5, 2, 16, device="meta")
+    km = torch.randn(7, 3, 16, device="meta")
+    with pytest.raises(RuntimeError, match="kv heads"):
+        torch.ops.attnkit.gdpa_fwd(qm, km, km, qo.to("meta"), torch.tensor([0, 3, 7], device="meta"),
+                                   5, 4, broadcast_q=True)
+
+
+def test_mixed_offset_dtypes_cpu():
+    """int32 q_offsets with int64 kv_offsets (and the reverse) give the same result and
+    gradients as matching dtypes (CUDA converts both; so does the CPU now)."""
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cpu", torch.float32, [9, 0, 4], H=2, Hkv=1, D=16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    want = attnkit.gdpa(q, k, v, qo.long(), ko.long(), mq, mk, causal=True)
+    gw = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in ((qo.int(), ko.long()), (qo.long(), ko.int())):
+        got = attnkit.gdpa(q, k, v, a, b, mq, mk, causal=True)
+        assert torch.equal(got, want)
+        for x, y in zip(torch.autograd.grad(got.sum(), (q, k, v)), gw):
+            assert torch.equal(x, y)
+
+
+def test_broadcast_q_dq_sums_unrounded_copies_cpu():
+    """broadcast_q's dq sums the copies' gradients before the one rounding to q's dtype: copies
+    whose gradients nearly cancel keep one rounding's error, not B of them (the CPU kernel; the
+    CUDA kernels round each copy first, docs/ops.md)."""
+    torch.manual_seed(0)
+    dt, Lq, Lk, D = torch.bfloat16, 4, 8, 64
+    q = torch.randn(Lq, 1, D).to(dt)
+    K = (torch.randn(Lk, 1, D) * 0.3).to(dt)
+    V = torch.randn(Lk, 1, D)
+    k = torch.cat([K, K])
+    v = torch.cat([V, -V + 0.01 * torch.randn(Lk, 1, D)]).to(dt)
+    qo, ko = torch.tensor([0, Lq]), torch.tensor([0, Lk, 2 * Lk])
+    g = torch.randn(Lq, 1, D).to(dt).repeat(2, 1, 1)
+    qq = q.clone().requires_grad_()
+    out = attnkit.gdpa(qq, k, v, qo, ko, Lq, Lk, "raw", broadcast_q=True)
+    (dq,) = torch.autograd.grad(out, qq, g)
+    q64 = q.double().requires_grad_()
+    o64 = torch.cat([(q64[:, 0] @ k[b * Lk:(b + 1) * Lk, 0].double().T)
+                     @ v[b * Lk:(b + 1) * Lk, 0].double() for b in range(2)])[:, None]
+    (dq64,) = torch.autograd.grad(o64, q64, g.double())
+    err = ((dq.double() - dq64).norm() / dq64.norm()).item()
+    assert err < 1e-2, err  # one bf16 rounding: ~2e-3; rounding each copy first: 0.17

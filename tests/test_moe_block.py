@@ -61,6 +61,28 @@ def test_moe_block_matches_eager_loop(device, dtype, T, E, k):
         assert_close(gr, rr, dtype, f"d{name}", tol=COMPOSITE_GRAD_TOLERANCE[dtype])
 
 
+def test_moe_block_argument_checks():
+    """The router, w1 and w2 must agree on the number of experts; expert_map without a process
+    group is refused (it would be ignored); load_experts_from copies the router's bias too."""
+    T, H, I, E, k = 5, 8, 6, 4, 2
+    x = torch.randn(T, H)
+    gate, w1, w2 = torch.randn(H, E), torch.randn(E, H, 2 * I), torch.randn(E, I, H)
+    with pytest.raises(RuntimeError, match="gate_weight"):
+        attnkit.moe(x, torch.randn(H, 2 * E), w1, w2, k)
+    with pytest.raises(RuntimeError, match="gate_weight"):
+        attnkit.moe(x, torch.randn(H, E - 1), w1, w2, k)
+    with pytest.raises(RuntimeError, match="w2"):
+        attnkit.moe(x, gate, w1, torch.randn(E - 1, I, H), k)
+    with pytest.raises(ValueError, match="process_group"):
+        attnkit.MoE(H, I, E, k, expert_map=[0] * E)
+    dense = attnkit.MoE(H, I, E, k, bias=torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    copy = attnkit.MoE(H, I, E, k).load_experts_from(dense)
+    assert torch.equal(copy.bias, dense.bias)
+    assert torch.equal(copy(x), dense(x))
+    assert attnkit.MoE(H, I, E, k, bias=torch.ones(E)).load_experts_from(
+        attnkit.MoE(H, I, E, k)).bias is None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_moe_block_trains(device):
     x, m = _block(device, torch.float32, T=64)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnkit
+import attnkit.moe_ep
 from attnkit.testing import rel_err
 
 H, I = 16, 24
@@ -156,6 +157,35 @@ def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
     _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, [(e + rank) % world
                                                                for e in range(E)]),
                        "same map")
+    # Maps that differ only in a permutation of the same (expert, rank) counts: the ranks
+    # compare the maps themselves, so no checksum can collide.
+    collide = [[1, 0, 0, 0, 1, 1, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]][rank % 2]
+    collide = [r % world for r in collide]
+    if world == 2:
+        _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, collide), "same map",
+                           "expert 0")
+    # num_experts, the hidden size or the dtype that differ between ranks: every rank raises
+    # (these once aborted a process inside gloo, the counts row's length depending on E).
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E + rank), "num_experts")
+    xh = torch.randn(5, H + rank)
+    _raises_everywhere(lambda: attnkit.moe_dispatch(xh, ids, E), "hidden size")
+    xd = x.double() if rank == 0 else x
+    _raises_everywhere(lambda: attnkit.moe_dispatch(xd, ids, E), "dtype")
+    # A float map is refused, never truncated; a plan built for another num_experts too.
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, torch.arange(E) % world + 0.5),
+                       "expert_map", "integer")
+    plan = attnkit.moe_ep.ExpertPlan.create(None, E + 1, dist.group.WORLD)
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, plan), "expert_map", "experts")
+    # moe_combine with a malformed expert_out on one rank: that rank raises, the others finish
+    # (their rows from it read NaN) instead of waiting for the group's timeout.
+    tok, off, handle = attnkit.moe_dispatch(x, ids, E)
+    w = torch.ones(5, k, dtype=torch.float64)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="expert_out"):
+            attnkit.moe_combine(tok.unsqueeze(0), w, handle)
+    else:
+        out = attnkit.moe_combine(tok, w, handle)
+        assert out.shape == (5, H)
     # MoE with a map built for another world size: a clear error at construction.
     with pytest.raises(RuntimeError, match="expert_map"):
         attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)

@@ -329,12 +329,14 @@ def _bad_cases(device):
         ("x", lambda: A.silu_and_mul(torch.ones(4, 8, dtype=torch.int64, **f))),
         ("expert_loads", lambda: A.expert_load_balance(torch.ones(2, 3, **f), 2)),
         ("world_size", lambda: A.expert_load_balance(torch.ones(3, **f), 0)),
+        ("world_size", lambda: A.expert_load_balance(torch.ones(3, **f), 1 << 40)),
         ("expert_loads", lambda: A.expert_load_balance(torch.ones(3, dtype=torch.bool, **f), 2)),
     ] + ([
         ("expert_offsets", lambda: A.grouped_gemm(a, wt, _i32([0, 4, 2, 6]))),  # decreasing
         ("expert_offsets", lambda: A.grouped_gemm(a, wt, _i32([0, 2, 4, 7]))),  # past M
         ("expert_offsets", lambda: A.grouped_gemm(a, wt, _i32([-1, 2, 4, 6]))),  # negative
         ("expert_loads", lambda: A.expert_load_balance(torch.tensor([1.0, -2.0]), 2)),
+        ("expert_loads", lambda: A.expert_load_balance(torch.tensor([1.0, float("inf")]), 2)),
     ] if device == "cpu" else [])
 
 

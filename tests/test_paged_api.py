@@ -4,6 +4,8 @@ outside the caches on the CPU."""
 import pytest
 import torch
 
+import attnkit
+
 from samples.paged import (CUDA, DEVICES, make_caches, make_tables, pa_fwd_sample, run_v1,
                            sample_inputs, v1_args, v1_sample)
 
@@ -92,6 +94,9 @@ PA_BAD = [
     ("GQA ratio", lambda a: a.update(Q=torch.randn(2, 64, 128, device=a["Q"].device, dtype=a["Q"].dtype))),
     ("K", lambda a: a.update(K=a["K"][:, :, :, :8])),
     ("K_QScale", lambda a: a.update(K=a["K"].to(torch.int8), V=a["V"].to(torch.int8))),
+    ("V_QScale", lambda a: a.update(K=a["K"].to(torch.int8), V=a["V"].to(torch.int8),
+                                    K_QScale=torch.ones(a["K"].shape[0], a["K"].shape[1], 16,
+                                                         device=a["Q"].device))),
     ("block_tables_stride0", lambda a: a.update(block_tables_stride0=999)),
     ("qo_indptr", lambda a: a.update(max_qlen=2)),
     ("max_qlen", lambda a: a.update(max_qlen=0)),
@@ -122,6 +127,8 @@ def test_reshape_and_cache_bad_inputs(device):
         ("slot_mapping", dict(slots=slots[:2])),
         ("key_cache", dict(kc=kc[:, :1])),
         ("kv_cache_dtype", dict(kv="bogus")),
+        ("k_scale", dict(ks=torch.ones(2, device=device))),  # one scale per tensor, not per head
+        ("v_scale", dict(vs=torch.ones(1, 1, 2, device=device))),
     ]
     if device == "cpu":
         cases.append(("slot_mapping", dict(slots=torch.tensor([0, 64, 1]))))
@@ -129,4 +136,33 @@ def test_reshape_and_cache_bad_inputs(device):
         with pytest.raises(RuntimeError, match=name):
             torch.ops.attnkit.reshape_and_cache(kw.get("key", key), kw.get("value", key), kw.get("kc", kc), vc,
                                                 kw.get("slots", slots), kw.get("kv", "auto"),
-                                                torch.ones(1, device=device), torch.ones(1, device=device))
+                                                kw.get("ks", torch.ones(1, device=device)),
+                                                kw.get("vs", torch.ones(1, device=device)))
+
+
+def test_pa_fwd_raise_leaves_out_untouched_cpu():
+    """A call that raises on a tensor value (a block id past the cache) writes nothing into out_,
+    even with qo_indptr (whose rows outside every sequence are defined as 0)."""
+    s = pa_fwd_sample("cpu", torch.bfloat16, heads=(8, 2), lengths=(20, 3), max_qlen=2,
+                      with_out=True)
+    a = dict(zip(PA_NAMES, s.args))
+    a["block_tables"][0, 0] = a["K"].shape[0] + 5
+    out = a["out"].fill_(9.0)
+    with pytest.raises(RuntimeError, match="block_tables"):
+        torch.ops.attnkit.pa_fwd(*a.values())
+    assert bool((out == 9.0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pa_fwd_aiter_scale_shape(device):
+    """Per-token scales as AITER's pertoken_quant returns them ([nb, Hkv, bs, 1]) give the same
+    result as [nb, Hkv, bs]; out_ and out together are refused."""
+    s = pa_fwd_sample(device, torch.bfloat16, heads=(8, 2), lengths=(20, 3), kv="int8")
+    a = dict(zip(PA_NAMES, s.args))
+    want = attnkit.pa_fwd(*[a[n] for n in PA_NAMES[:9]])
+    got = attnkit.pa_fwd(*[a[n] for n in PA_NAMES[:7]], a["K_QScale"].unsqueeze(-1),
+                         a["V_QScale"].unsqueeze(-1))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="out_"):
+        attnkit.pa_fwd(*[a[n] for n in PA_NAMES[:9]], torch.empty_like(want),
+                       out=torch.empty_like(want))

@@ -76,10 +76,33 @@ def test_reshape_and_cache_flash_float8_storage(device):
 def test_reshape_and_cache_flash_bad_slots_cpu_raise():
     kc, vc = nhd_caches(2, 16, 1, 64, torch.float32, "cpu")
     key = torch.randn(2, 1, 64)
-    for bad in (32, -2, 1 << 40):
+    for bad in (32, 1 << 40):
         slots = torch.tensor([0, bad])
         with pytest.raises(RuntimeError, match="slot_mapping"):
             attnkit.reshape_and_cache_flash(key, key, kc, vc, slots)
+
+
+@pytest.mark.parametrize("writer", ["flash", "v1"])
+def test_negative_slots_skipped_cpu(writer):
+    """Every negative slot is skipped, as vLLM's writers skip `slot < 0` (not only -1)."""
+    key = torch.randn(4, 1, 64)
+    if writer == "flash":
+        kc, vc = nhd_caches(2, 16, 1, 64, torch.float32, "cpu")
+        write = attnkit.reshape_and_cache_flash
+    else:
+        kc, vc = torch.zeros(2, 1, 16, 16, 4), torch.zeros(2, 1, 64, 16)
+        write = attnkit.reshape_and_cache
+    before_k, before_v = kc.clone(), vc.clone()
+    for dtype in (torch.int64, torch.int32):
+        write(key, key, kc, vc, torch.tensor([-1, -2, -(1 << 30), -7], dtype=dtype))
+        assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+    write(key, key, kc, vc, torch.tensor([-2, 5, -(1 << 40), 17]))
+    expect_k, expect_v = ref.reshape_and_cache_flash_ref(
+        key, key, before_k, before_v, torch.tensor([-2, 5, -(1 << 40), 17]), "auto", 1.0, 1.0) \
+        if writer == "flash" else ref.reshape_and_cache_ref(
+            key, key, before_k, before_v, torch.tensor([-2, 5, -(1 << 40), 17]))
+    assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
+    assert not torch.equal(kc, before_k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

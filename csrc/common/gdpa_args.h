@@ -34,9 +34,12 @@ constexpr int64_t kMaxHeadDim = 256;
 // Shapes, dtypes and devices of q/k/v/offsets. No tensor values are read and sizes are compared
 // as SymInts, so the same checks serve the Meta kernel under torch.compile and CUDA without a
 // host sync. Offsets' values are checked by the CPU kernel; CUDA kernels clamp them.
+// `same_batch` = false: broadcast_q's one query sequence against the B kv sequences (q_offsets
+// then has 2 entries, checked by check_broadcast_q_inputs).
 inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
-                         const c10::SymInt& max_seq_len_q, const c10::SymInt& max_seq_len_kv) {
+                         const c10::SymInt& max_seq_len_q, const c10::SymInt& max_seq_len_kv,
+                         bool same_batch = true) {
   check_dim(q, "q", 3);
   check_dim(k, "k", 3);
   check_dim(v, "v", 3);
@@ -58,8 +61,9 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                 " query heads, got ", k.sym_size(1));
   check_offsets_tensor(q_offsets, "q_offsets", q, "q");
   check_offsets_tensor(kv_offsets, "kv_offsets", q, "q");
-  ATTNKIT_CHECK(q_offsets.sym_size(0) == kv_offsets.sym_size(0), "kv_offsets: expected ",
-                q_offsets.sym_size(0), " entries (same as q_offsets), got ", kv_offsets.sym_size(0));
+  ATTNKIT_CHECK(!same_batch || q_offsets.sym_size(0) == kv_offsets.sym_size(0),
+                "kv_offsets: expected ", q_offsets.sym_size(0), " entries (same as q_offsets), got ",
+                kv_offsets.sym_size(0));
   ATTNKIT_CHECK(max_seq_len_q >= 0, "max_seq_len_q: expected >= 0, got ", max_seq_len_q);
   ATTNKIT_CHECK(max_seq_len_kv >= 0, "max_seq_len_kv: expected >= 0, got ", max_seq_len_kv);
 }
@@ -83,6 +87,17 @@ inline void check_broadcast_q(const at::Tensor& q, const at::Tensor& q_offsets,
   check_offsets_tensor(kv_offsets, "kv_offsets", q, "q");
   ATTNKIT_CHECK(q_offsets.sym_size(0) == 2, "broadcast_q: expected q_offsets with 2 entries "
                 "([0, Lq]: one query sequence for every kv sequence), got ", q_offsets.sym_size(0));
+}
+
+// Every input of a broadcast_q call (the shapes, dtypes and devices check_inputs checks, and the
+// one query sequence), before the expansion: the Meta kernel's and the CPU's check.
+inline void check_broadcast_q_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                                     const c10::SymInt& max_seq_len_q,
+                                     const c10::SymInt& max_seq_len_kv) {
+  check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
+               /*same_batch=*/false);
+  check_broadcast_q(q, q_offsets, kv_offsets);
 }
 
 inline BroadcastQ expand_broadcast_q(const at::Tensor& q, const at::Tensor& q_offsets,

@@ -205,7 +205,9 @@ inline void check_silu_and_mul(const at::Tensor& x) {
 inline void check_load_balance(const at::Tensor& loads, int64_t world_size) {
   check_dim(loads, "expert_loads", 1);
   check_dtype(loads, "expert_loads", {at::kInt, at::kLong, at::kFloat, at::kDouble});
-  ATTNKIT_CHECK(world_size >= 1, "world_size: expected >= 1, got ", world_size);
+  // 4096: the CUDA kernel's bound, the same on every device (a process group is never larger).
+  ATTNKIT_CHECK(world_size >= 1 && world_size <= 4096, "world_size: expected in [1, 4096], got ",
+                world_size);
 }
 
 // ---- kernel choice (kernels/moe/choose.h, docs/ops.md MoE "Kernel choice") ----

@@ -107,7 +107,9 @@ inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::
   check_defined(s, name);
   check_dtype(s, name, {at::kFloat});
   check_same_device(query, "query", s, name);
-  ATTNKIT_CHECK(s.sym_numel() >= 1, name, ": expected a per-tensor scale (>= 1 element), got shape ",
+  // Exactly one element: a longer tensor (per-head scales, say) would have all but its first
+  // element silently ignored.
+  ATTNKIT_CHECK(s.sym_numel() == 1, name, ": expected a per-tensor scale (one element), got shape ",
                 s.sym_sizes());
 }
 
@@ -203,8 +205,11 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
     c.kind = K.scalar_type() == at::kChar ? CacheKind::kInt8 : CacheKind::kFp8E4M3;
   }
   if (quant) {
-    ATTNKIT_CHECK(K_QScale.has_value() && V_QScale.has_value(), "K_QScale: expected per-token scales [",
-                  K.sym_size(0), ", ", c.Hkv, ", ", c.bs, "] for an ", K.scalar_type(), " cache, got None");
+    for (auto [s, name] : {std::pair{&K_QScale, "K_QScale"}, std::pair{&V_QScale, "V_QScale"}}) {
+      ATTNKIT_CHECK(s->has_value(), name, ": expected per-token scales [", K.sym_size(0), ", ",
+                    c.Hkv, ", ", c.bs, "] for a ",
+                    K.scalar_type() == at::kChar ? "int8" : "float8_e4m3fn", " cache, got None");
+    }
   }
   check_caches(K, V, Q, c.Hkv, c.D, c.bs);
   for (auto [s, name] : {std::pair{&K_QScale, "K_QScale"}, std::pair{&V_QScale, "V_QScale"}}) {

@@ -237,13 +237,24 @@ void check_offsets_values(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 // broadcast_q on the CPU: q_offsets must be [0, q rows] (one query sequence: all of q).
-void check_broadcast_q_values(const at::Tensor& q, const at::Tensor& q_offsets,
-                              const at::Tensor& kv_offsets) {
-  check_broadcast_q(q, q_offsets, kv_offsets);
+void check_broadcast_q_values(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                              const c10::SymInt& max_seq_len_q, const c10::SymInt& max_seq_len_kv) {
+  check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   const auto qo = q_offsets.to(at::kLong);
   const int64_t a = qo[0].item<int64_t>(), e = qo[1].item<int64_t>();
   ATTNKIT_CHECK(a == 0 && e == q.size(0), "broadcast_q: expected q_offsets = [0, ", q.size(0),
                 "] (q holds one query sequence, all of its rows), got [", a, ", ", e, "]");
+}
+
+// The offsets as the kernels read them: one index type for both (int64 where their dtypes
+// differ: each of int32 / int64 is accepted for either, as on CUDA).
+std::pair<at::Tensor, at::Tensor> offsets_pair(const at::Tensor& q_offsets,
+                                               const at::Tensor& kv_offsets) {
+  if (q_offsets.scalar_type() == kv_offsets.scalar_type()) {
+    return {q_offsets.contiguous(), kv_offsets.contiguous()};
+  }
+  return {q_offsets.to(at::kLong).contiguous(), kv_offsets.to(at::kLong).contiguous()};
 }
 
 at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -253,7 +264,7 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
                         bool causal, int64_t window_size, bool broadcast_q) {
   check_window(window_size);
   if (broadcast_q) {
-    check_broadcast_q_values(q_in, q_offsets, kv_offsets);
+    check_broadcast_q_values(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
     return gdpa_fwd_cpu(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv, activation,
                         qk_scale, pre_scale, causal, window_size, false);
@@ -264,7 +275,7 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   // Rows outside every sequence (past the last offset) are defined as 0: the output is fully written.
   auto out = at::zeros(q.sizes(), q.options());
-  const auto qo = q_offsets.contiguous(), ko = kv_offsets.contiguous();
+  const auto [qo, ko] = offsets_pair(q_offsets, kv_offsets);
   const int64_t B = qo.size(0) - 1;
   if (B <= 0 || q.numel() == 0) return out;
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_fwd_cpu", [&] {
@@ -277,20 +288,37 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
   return out;
 }
 
+// The backward with dq left in the accumulation type (fp32, fp64 for fp64 inputs) when
+// `dq_acc`: broadcast_q sums its copies' dq before the one rounding to q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+    c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
+    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool dq_acc);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
     c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
     double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q) {
   check_window(window_size);
-  if (broadcast_q) {
-    check_broadcast_q_values(q_in, q_offsets, kv_offsets);
-    const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
-    auto [dq, dk, dv] = gdpa_bwd_cpu(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
-                                     max_seq_len_kv, activation, qk_scale, pre_scale, causal,
-                                     window_size, false);
-    return {reduce_broadcast_dq(dq, q_in), dk, dv};
+  if (!broadcast_q) {
+    return bwd_cpu(grad_out, q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
+                   max_seq_len_kv, activation, qk_scale, pre_scale, causal, window_size, false);
   }
+  check_broadcast_q_values(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
+  auto [dq, dk, dv] = bwd_cpu(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
+                              max_seq_len_kv, activation, qk_scale, pre_scale, causal,
+                              window_size, /*dq_acc=*/true);
+  return {reduce_broadcast_dq(dq, q_in), dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+    c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
+    double qk_scale, double pre_scale, bool causal, int64_t window_size, bool dq_acc) {
   check_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   check_grad_out(grad_out, q_in);
   const Activation act = parse_activation(activation);
@@ -301,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
   auto dq = at::zeros(q.sizes(), q.options().dtype(acc_dtype));
   auto dk = at::zeros(k.sizes(), k.options().dtype(acc_dtype));
   auto dv = at::zeros(v.sizes(), v.options().dtype(acc_dtype));
-  const auto qo = q_offsets.contiguous(), ko = kv_offsets.contiguous();
+  const auto [qo, ko] = offsets_pair(q_offsets, kv_offsets);
   const int64_t B = qo.size(0) - 1;
   if (B > 0 && q.numel() > 0 && k.numel() > 0) {
     ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "gdpa_bwd_cpu", [&] {
@@ -312,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
       });
     });
   }
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {dq_acc ? dq : dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 // The private ops (docs/ops.md, GDPA "Kernel choice"): the CPU has one kernel, which "auto" and

@@ -504,7 +504,8 @@ at::Tensor expert_load_balance_cpu(const at::Tensor& loads_in, int64_t world_siz
   const int64_t E = loads.size(0);
   const double* lp = loads.data_ptr<double>();
   for (int64_t e = 0; e < E; ++e) {
-    ATTNKIT_CHECK(lp[e] >= 0, "expert_loads: expected non-negative finite loads, got ", lp[e],
+    ATTNKIT_CHECK(lp[e] >= 0 && std::isfinite(lp[e]),
+                  "expert_loads: expected non-negative finite loads, got ", lp[e],
                   " for expert ", e);
   }
   std::vector<int64_t> order(E);

@@ -158,15 +158,21 @@ at::Tensor pa_fwd_cpu(const at::Tensor& Q, const at::Tensor& K, const at::Tensor
                               K_QScale, V_QScale, out_opt, qo_indptr, high_precision);
   // Query rows outside every sequence's qo_indptr range are defined as 0.
   at::Tensor out = out_opt.has_value() ? *out_opt : at::empty(Q.sizes(), Q.options());
-  if (qo_indptr.has_value()) out.zero_();
   at::Tensor ret = out_opt.has_value() ? at::empty({0}, Q.options()) : out;
-  if (out.numel() == 0 || context_lens.numel() == 0) return ret;
+  if (out.numel() == 0) return ret;
+  if (context_lens.numel() == 0) {
+    if (qo_indptr.has_value()) out.zero_();
+    return ret;
+  }
   c10::optional<at::Tensor> qi;
   if (qo_indptr.has_value()) qi = qo_indptr->contiguous();
   const auto lens = context_lens.contiguous();
   const auto p = make_pa_fwd_params(out, Q, K, V, c, block_tables, lens, qi, K_QScale, V_QScale,
                                     max_qlen);
+  // Values are checked before anything is written: a call that raises leaves the caller's out_
+  // as it was.
   check_decode_values(p, "context_lens");
+  if (qo_indptr.has_value()) out.zero_();
   run_decode(p, Q.scalar_type(), c.kind);
   return ret;
 }
@@ -181,8 +187,9 @@ void check_slots(const CacheWriteParams& p) {
   const int64_t n = int64_t(p.num_blocks) * p.block_size;
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t s = slot_at(p, t);
-    ATTNKIT_CHECK(s >= -1 && s < n, "slot_mapping: expected slots in [0, ", n,
-                  ") (num_blocks x block_size) or -1 to skip, got ", s, " at index ", t);
+    // Negative slots are skipped, as vLLM's writers skip them (padding tokens carry -1).
+    ATTNKIT_CHECK(s < n, "slot_mapping: expected slots in [0, ", n,
+                  ") (num_blocks x block_size) or negative to skip, got ", s, " at index ", t);
   }
 }
 

@@ -17,7 +17,7 @@ at::Tensor gdpa_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_window(window_size);
   parse_activation(activation);
   if (broadcast_q) {
-    check_broadcast_q(q, q_offsets, kv_offsets);
+    check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
     return at::empty_symint({(kv_offsets.sym_size(0) - 1) * q.sym_size(0), q.sym_size(1), q.sym_size(2)},
                             q.options());
   }
@@ -33,8 +33,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
   check_window(window_size);
   parse_activation(activation);
   if (broadcast_q) {
-    check_broadcast_q(q, q_offsets, kv_offsets);
-    ATTNKIT_CHECK(grad_out.dim() == 3 && grad_out.sym_size(0) == (kv_offsets.sym_size(0) - 1) * q.sym_size(0),
+    check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+    check_same_dtype(q, "q", grad_out, "grad_out");
+    check_same_device(q, "q", grad_out, "grad_out");
+    ATTNKIT_CHECK(grad_out.dim() == 3 &&
+                      grad_out.sym_size(0) == (kv_offsets.sym_size(0) - 1) * q.sym_size(0) &&
+                      grad_out.sym_size(1) == q.sym_size(1) && grad_out.sym_size(2) == q.sym_size(2),
                   "grad_out: expected [B*Lq, H, D] rows with broadcast_q, got shape ", grad_out.sym_sizes());
   } else {
     check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);

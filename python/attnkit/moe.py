@@ -151,6 +151,14 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     router through moe_route's own backward).
     """
     E = w1.shape[0]
+    # The router, w1 and w2 must agree on E: a router over more experts would send tokens to
+    # experts without weights; over fewer, some experts would silently never run.
+    if gate_weight.dim() != 2 or gate_weight.shape[-1] != E:
+        raise RuntimeError(f"attnkit: moe: gate_weight: expected [H, {E}] (one column per expert "
+                           f"of w1 [{E}, H, 2I]), got shape {tuple(gate_weight.shape)}")
+    if w2.dim() != 3 or w2.shape[0] != E:
+        raise RuntimeError(f"attnkit: moe: w2: expected [{E}, I, H] (one matrix per expert of "
+                           f"w1 [{E}, H, 2I]), got shape {tuple(w2.shape)}")
     weights, ids, *losses = moe_route(x @ gate_weight, k, renormalize=renormalize,
                                       return_losses=return_losses, **route)
     permuted, offsets, row_map = moe_permute(x, ids, E)
@@ -191,6 +199,9 @@ class MoE(torch.nn.Module):
         self.process_group = process_group
         self.plan = None
         local = num_experts
+        if expert_map is not None and process_group is None:
+            raise ValueError("MoE: expert_map places experts on the ranks of a process group; "
+                             "pass process_group too (without one every expert is local)")
         if process_group is not None:
             from .moe_ep import ExpertPlan
 
@@ -209,8 +220,10 @@ class MoE(torch.nn.Module):
 
     @torch.no_grad()
     def load_experts_from(self, dense: "MoE") -> "MoE":
-        """Copies the router and this rank's experts from a single-process block."""
+        """Copies the router (gate and selection bias) and this rank's experts from a
+        single-process block."""
         self.gate.copy_(dense.gate)
+        self.bias = None if dense.bias is None else dense.bias.detach().clone().to(self.gate.device)
         idx = torch.tensor(self.local_experts, dtype=torch.long, device=dense.w1.device)
         self.w1.copy_(dense.w1.index_select(0, idx))
         self.w2.copy_(dense.w2.index_select(0, idx))

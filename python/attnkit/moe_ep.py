@@ -1,21 +1,27 @@
 """Expert parallelism over a ``torch.distributed`` process group (DESIGN §3.4): tokens go to
 the rank of their expert by ``all_to_all_single`` and come back the same way.
 
-Per call, every rank of the group runs two exchanges forward (and their reverses backward):
+Per call, every rank of the group runs three exchanges forward (the data one also backward):
 
-1. counts: each rank sends every rank the same ``[E + 2]`` int64 row: its (token, slot) count per
-   expert, an error code and a checksum of its expert map. Equal splits, so it cannot hang on a
-   bad map; its result is read on the host (the one host sync: the data exchange's split sizes
-   must be Python ints). A nonzero code or a checksum that differs raises on every rank before
-   any data moves.
-2. data: the token rows, grouped per destination rank by ``moe_permute`` (experts ordered by
+1. agreement: each rank sends every rank the same fixed ``[4]`` int64 row: an error code, its
+   num_experts, x's hidden size and x's dtype. Equal splits of a fixed size, so it cannot hang or
+   abort whatever the inputs; read on the host. A nonzero code, or values that differ between
+   ranks, raise on every rank before anything else moves (the next exchange's size depends on
+   num_experts, so it must agree first).
+2. counts: the same ``[2E]`` int64 row to every rank: its (token, slot) count per expert and its
+   expert map, compared entry by entry (maps that differ raise on every rank); read on the host
+   (the data exchange's split sizes must be Python ints).
+3. data: the token rows, grouped per destination rank by ``moe_permute`` (experts ordered by
    (rank, expert id)), by ``all_to_all_single`` with uneven splits. The receiver regroups them by
    local expert with a second ``moe_permute`` (stable: (local expert, source rank, token, slot)).
 
 ``moe_combine`` runs the reverse: ``moe_unpermute`` back to arrival order, the reverse
 all-to-all, then ``moe_unpermute`` with the routing weights. All of it is differentiable; the
-backward of an all-to-all is the all-to-all with the splits swapped.
+backward of an all-to-all is the all-to-all with the splits swapped. It has no host sync, so it
+cannot agree on errors first: a rank whose ``expert_out`` is malformed still sends rows of the
+expected count (NaN) and then raises, so no rank waits forever and the rows it owed read NaN.
 """
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -33,18 +39,28 @@ _ERRORS = {
     3: "x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on x's device",
     4: "unexpected error",
 }
+# x's dtype in the agreement row (-1: any other, which moe_permute refuses locally).
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 class ExpertPlan:
     """Where each expert lives: ``expert_map[e]`` = its rank. Built on the host once (the map is
     configuration): the experts of each rank, their order in the send buffer ((rank, expert id))
-    and a checksum the ranks compare in the counts exchange."""
+    that the ranks compare entry by entry in the counts exchange."""
 
     def __init__(self, expert_map: Sequence[int], num_experts: int, world_size: int, rank: int):
-        self.expert_map = [int(r) for r in expert_map]
         self.num_experts, self.world_size, self.rank = num_experts, world_size, rank
         self.error = ""
-        if len(self.expert_map) != num_experts:
+        try:  # integers only: a float map would be truncated into a different placement
+            self.expert_map = [operator.index(r) for r in expert_map]
+        except TypeError:
+            bad = next(r for r in expert_map if not _is_index(r))
+            self.expert_map = []
+            self.error = (f"expert_map: expected integer ranks (an integer tensor or a list of "
+                          f"ints), got {bad!r}")
+        if self.error:
+            pass
+        elif len(self.expert_map) != num_experts:
             self.error = (f"expert_map: expected {num_experts} entries (num_experts), got "
                           f"{len(self.expert_map)}")
         elif any(r < 0 or r >= world_size for r in self.expert_map):
@@ -62,8 +78,6 @@ class ExpertPlan:
         self.start = [0] * (world_size + 1)  # rank r's experts: positions [start[r], start[r+1])
         for r in range(world_size):
             self.start[r + 1] = self.start[r] + len(self.experts_of[r])
-        self.checksum = sum((e + 1) * 1000003 + (r + 1) * (e % 9973 + 1) * 7919
-                            for e, r in enumerate(self.expert_map)) % (1 << 61)
         self._position_t = {}
 
     @classmethod
@@ -82,10 +96,22 @@ class ExpertPlan:
             raise RuntimeError(f"attnkit: {plan.error}")
         return plan
 
+    def map_row(self) -> List[int]:
+        """The map as the counts exchange sends it (all -1 for a bad one)."""
+        return list(self.expert_map) if not self.error else [-1] * self.num_experts
+
     def position_on(self, device) -> torch.Tensor:
         if device not in self._position_t:
             self._position_t[device] = torch.tensor(self.position, dtype=torch.long, device=device)
         return self._position_t[device]
+
+
+def _is_index(r) -> bool:
+    try:
+        operator.index(r)
+        return True
+    except TypeError:
+        return False
 
 
 @dataclass
@@ -97,6 +123,7 @@ class DispatchHandle:
     recv_splits: List[int]           # rows received from each rank
     num_pairs: int                   # T * k
     group: object
+    hidden: int = 0                  # x's H: the width of the rows a failing combine sends
 
 
 class _AllToAll(torch.autograd.Function):
@@ -120,6 +147,9 @@ class _AllToAll(torch.autograd.Function):
 def _local_error(x, topk_ids, num_experts, plan) -> Tuple[int, str]:
     if plan.error:
         return 2, plan.error
+    if plan.num_experts != num_experts:
+        return 2, (f"expert_map: the ExpertPlan is for {plan.num_experts} experts, num_experts "
+                   f"is {num_experts}")
     if (x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]
             or topk_ids.dtype not in (torch.int32, torch.int64) or topk_ids.device != x.device):
         return 3, (f"x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on one "
@@ -142,15 +172,16 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
 
     Args:
         x: ``[T, H]`` this rank's tokens; topk_ids: ``[T, k]`` their experts (from moe_route).
-        expert_map: expert -> rank (an :class:`ExpertPlan`, a tensor or a list; None: e % W).
-            Every rank must pass the same map (checked).
+        expert_map: expert -> rank (an :class:`ExpertPlan`, an integer tensor or a list of
+            ints; None: e % W). Every rank must pass the same map (checked, entry by entry).
         group: the process group (None: the default group).
 
     Returns ``(tokens [R, H], expert_offsets [n_local + 1] int32, handle)``: the rows this rank
     received, grouped by its local experts (ascending global id) as ``grouped_gemm`` takes them;
-    the handle is for :func:`moe_combine`. Errors (ids outside [0, E) on the CPU, a bad map, maps
-    that differ) raise on every rank together, before any token moves. On CUDA, ids outside
-    [0, E) are dropped (as moe_permute does), not checked: checking would need a host sync.
+    the handle is for :func:`moe_combine`. Errors (ids outside [0, E) on the CPU, a bad map, maps,
+    num_experts, hidden sizes or dtypes that differ between ranks) raise on every rank together,
+    before any token moves. On CUDA, ids outside [0, E) are dropped (as moe_permute does), not
+    checked: checking would need a host sync.
     """
     plan = expert_map if isinstance(expert_map, ExpertPlan) else None
     code, message = 0, ""
@@ -176,22 +207,35 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
             counts = offsets.diff().long()
     except Exception as e:  # noqa: BLE001  reported to every rank by the exchange below
         code, message = 4, f"{type(e).__name__}: {e}"
-    if code != 0:
-        counts = torch.zeros(E, dtype=torch.long, device=device)
-    row = torch.cat([counts, torch.tensor([code, plan.checksum], dtype=torch.long, device=device)])
-    send = row.unsqueeze(0).expand(W, E + 2).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    info = recv.cpu()  # the host sync: split sizes for the data exchange
-    codes = info[:, E].tolist()
+    # (1) agreement: fixed size, so it completes whatever each rank holds.
+    hidden = int(x.shape[1]) if x.dim() == 2 else -1
+    dtype_id = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    agreed = _exchange_rows([code, E, hidden, dtype_id], W, device, group)
+    codes = [r[0] for r in agreed]
     if any(codes):
         lines = [f"rank {r}: " + (message if r == rank else _ERRORS.get(c, _ERRORS[4]))
                  for r, c in enumerate(codes) if c]
         raise RuntimeError("attnkit: moe_dispatch failed on " + "; ".join(lines))
-    sums = info[:, E + 1].tolist()
-    if any(c != plan.checksum for c in sums):
-        raise RuntimeError("attnkit: moe_dispatch: expert_map: expected the same map on every "
-                           f"rank, the map checksums differ: {sums}")
+    for col, what in ((1, "num_experts: expected the same number of experts"),
+                      (2, "x: expected the same hidden size"), (3, "x: expected the same dtype")):
+        seen = [r[col] for r in agreed]
+        if len(set(seen)) > 1:
+            if col == 3:
+                seen = [str(_DTYPES[i]) if i >= 0 else "other" for i in seen]
+            raise RuntimeError(f"attnkit: moe_dispatch: {what} on every rank, got {seen} "
+                               "(one entry per rank)")
+    # (2) counts and maps: [2E] per rank, now that E agrees.
+    send = torch.cat([counts, torch.tensor(plan.map_row(), dtype=torch.long, device=device)])
+    recv = _exchange(send, W, group)
+    info = recv.cpu()  # the host sync: split sizes for the data exchange
+    maps = info[:, E:]
+    if not bool((maps == maps[rank]).all()):
+        other = next(r for r in range(W) if not torch.equal(maps[r], maps[rank]))
+        e = int((maps[other] != maps[rank]).nonzero()[0])
+        raise RuntimeError(
+            "attnkit: moe_dispatch: expert_map: expected the same map on every rank, rank "
+            f"{rank} places expert {e} on rank {int(maps[rank, e])}, rank {other} on rank "
+            f"{int(maps[other, e])}")
     lo, hi = plan.start[rank], plan.start[rank + 1]
     send_splits = [int(info[rank, plan.start[r]:plan.start[r + 1]].sum()) for r in range(W)]
     recv_splits = [int(info[r, lo:hi].sum()) for r in range(W)]
@@ -203,24 +247,49 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     else:
         # Arrival order is (source rank, local expert, token, slot): the local expert of each
         # row from the exchanged counts, on the device (output_size known: no sync).
-        per_src = recv[:, lo:hi].reshape(-1)
+        per_src = recv[:, lo:hi].reshape(-1)  # still on the device
         local_ids = torch.repeat_interleave(
             torch.arange(n_local, device=device).repeat(W), per_src, output_size=sum(recv_splits))
         tokens, local_offsets, local_row_map = moe_permute(tokens, local_ids.view(-1, 1), n_local)
     handle = DispatchHandle(row_map, local_row_map, send_splits, recv_splits, topk_ids.numel(),
-                            group)
+                            group, hidden)
     return tokens, local_offsets, handle
+
+
+def _exchange(row: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Every rank sends every rank the same 1-D int64 row; [world, len] (row r from rank r)."""
+    send = row.unsqueeze(0).expand(world, row.shape[0]).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def _exchange_rows(values: List[int], world: int, device, group) -> List[List[int]]:
+    return _exchange(torch.tensor(values, dtype=torch.long, device=device), world, group).tolist()
 
 
 def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
                 handle: DispatchHandle) -> torch.Tensor:
     """Sends expert outputs ``[R, N]`` (rows as moe_dispatch returned them) back to their tokens'
     ranks and sums each token's k rows weighted by ``topk_weights [T, k]``: ``[T, N]``."""
-    y = expert_out
-    if handle.local_row_map is not None:  # back to arrival order (a gather)
-        ones = torch.ones(handle.local_row_map.shape, dtype=torch.float32, device=y.device)
-        y = moe_unpermute(y, handle.local_row_map, ones)
+    rows = sum(handle.recv_splits)
+    error = None
+    try:
+        if expert_out.dim() != 2 or expert_out.shape[0] != rows:
+            raise RuntimeError(f"attnkit: moe_combine: expert_out: expected [{rows}, N] (the rows "
+                               f"moe_dispatch returned), got shape {tuple(expert_out.shape)}")
+        y = expert_out
+        if handle.local_row_map is not None:  # back to arrival order (a gather)
+            ones = torch.ones(handle.local_row_map.shape, dtype=torch.float32, device=y.device)
+            y = moe_unpermute(y, handle.local_row_map, ones)
+    except Exception as e:  # noqa: BLE001  raised after the exchange, which the others wait for
+        error = e
+        width = expert_out.shape[-1] if expert_out.dim() == 2 else handle.hidden
+        dtype = expert_out.dtype if expert_out.is_floating_point() else torch.float32
+        y = torch.full((rows, width), float("nan"), dtype=dtype, device=expert_out.device)
     back = _AllToAll.apply(y, handle.send_splits, handle.recv_splits, handle.group)
+    if error is not None:
+        raise error
     missing = handle.num_pairs - back.shape[0]  # dropped pairs (CUDA): row_map -1, never read
     if missing:
         back = torch.cat([back, back.new_zeros((missing,) + tuple(back.shape[1:]))])

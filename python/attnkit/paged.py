@@ -80,6 +80,11 @@ def paged_attention_v1(
     )
 
 
+def _token_scales(s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # AITER's pertoken_quant keeps a trailing dim of 1 ([num_blocks, Hkv, block_size, 1]).
+    return s.squeeze(-1) if s is not None and s.dim() == 4 and s.size(-1) == 1 else s
+
+
 def pa_fwd(
     Q: torch.Tensor,
     K: torch.Tensor,
@@ -103,13 +108,18 @@ def pa_fwd(
     and ``max_qlen > 1``: the new tokens of a sequence attend causally among themselves); K
     ``[num_blocks, Hkv, 16, 16, 8]``-style 5-D key cache, V the 5-D ASM value cache, block size
     16, Hq / Hkv <= 16. KV in Q's dtype, or int8 / float8_e4m3fn with per-token-per-head fp32
-    scales ``K_QScale``, ``V_QScale`` ``[num_blocks, Hkv, 16]``. Softmax scale 1/sqrt(128).
+    scales ``K_QScale``, ``V_QScale`` ``[num_blocks, Hkv, 16]`` (or ``[num_blocks, Hkv, 16, 1]``,
+    the shape AITER's ``pertoken_quant`` returns). Softmax scale 1/sqrt(128).
     ``block_tables_stride0`` must equal ``block_tables.stride(0)``. ``high_precision`` (0-2) is
     accepted for compatibility; accumulation is always fp32. ``kernelName`` is ignored.
 
-    Returns the output; when ``out_`` (or ``out``) is given it is written and returned.
+    Returns the output; when ``out_`` (or ``out``, its keyword name; not both) is given it is
+    written and returned.
     """
+    if out is not None and out_ is not None:
+        raise ValueError("pa_fwd: give the output as out_ or as out, not both")
     dst = out if out is not None else out_
+    K_QScale, V_QScale = _token_scales(K_QScale), _token_scales(V_QScale)
     res = torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0,
                                    max_qlen, K_QScale, V_QScale, dst, qo_indptr, high_precision)
     return dst if dst is not None else res

@@ -1,7 +1,8 @@
 // Cache writers on the GPU (torch-free): reshape_and_cache (plain or per-tensor fp8) and the
 // per-token-per-head quantising writer that pa_fwd's int8 / fp8 caches come from. One thread
-// block per new token. Slots outside [0, num_blocks * block_size) are skipped (the CPU raises
-// for any slot other than -1 there; a check here would need a host sync).
+// block per new token. Slots outside [0, num_blocks * block_size) are skipped (negative ones
+// everywhere, as vLLM skips them; the CPU raises for a slot past the cache, which a check here
+// could only do with a host sync).
 #pragma once
 
 #include <cstdint>
