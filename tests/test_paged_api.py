@@ -124,7 +124,7 @@ def test_reshape_and_cache_bad_inputs(device):
         ("key", dict(key=key.float())),
         ("value", dict(value=key[:2])),
         ("slot_mapping", dict(slots=slots.float())),
-        ("slot_mapping", dict(slots=slots[:2])),
+        ("slot_mapping", dict(slots=torch.cat([slots, slots]))),  # more slots than key rows
         ("key_cache", dict(kc=kc[:, :1])),
         ("kv_cache_dtype", dict(kv="bogus")),
         ("k_scale", dict(ks=torch.ones(2, device=device))),  # one scale per tensor, not per head

@@ -139,7 +139,7 @@ CACHE_BAD = [
     ("key_cache", _set(2, lambda a: a[2].transpose(2, 3).contiguous().transpose(2, 3))),
     ("value_cache", _set(3, lambda a: torch.zeros(5, 16, 2, 64, device=a[0].device, dtype=a[0].dtype))),
     ("value", _set(1, lambda a: a[1][:2])),
-    ("slot_mapping", _set(4, lambda a: a[4][:2])),
+    ("slot_mapping", _set(4, lambda a: torch.cat([a[4], a[4]]))),  # more slots than key rows
     ("slot_mapping", _set(4, lambda a: a[4].float())),
     ("kv_cache_dtype", _set(5, "int4")),
     ("key_cache", _set(5, "fp8")),                                            # bf16 cache for fp8

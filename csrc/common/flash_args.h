@@ -21,6 +21,7 @@ namespace attnkit {
 namespace flash {
 
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kUnboundedWindow = (int64_t(1) << 31) - 1;
 
 struct Options {
   std::optional<double> softmax_scale;
@@ -153,8 +154,11 @@ inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.o = strides_of(out, varlen);
   p.scale = o.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(p.D)));
   p.softcap = o.softcap;
-  p.window_left = o.window_left < 0 ? -1 : o.window_left;
-  p.window_right = o.causal ? 0 : (o.window_right < 0 ? -1 : o.window_right);
+  // A side of 2^31 - 1 or more sees every key any tensor can hold: unbounded, and kept from
+  // overflowing the kernels' query + window arithmetic (sys.maxsize).
+  auto side = [](int64_t w) { return w < 0 || w >= kUnboundedWindow ? int64_t(-1) : w; };
+  p.window_left = side(o.window_left);
+  p.window_right = o.causal ? 0 : side(o.window_right);
   return p;
 }
 

@@ -200,14 +200,25 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   return r;
 }
 
-// The sink epilogue (see the top of this file): out and lse are updated in place.
-inline void apply_sinks(at::Tensor& out, at::Tensor& lse, const at::Tensor& s_aux, bool varlen) {
+// The sink epilogue (see the top of this file): out and lse are updated in place. `cu_q`
+// (varlen): rows outside every sequence (past cu_q[B]) keep lse = -inf, as without sinks.
+inline void apply_sinks(at::Tensor& out, at::Tensor& lse, const at::Tensor& s_aux, bool varlen,
+                        const OptTensor& cu_q = std::nullopt) {
   const auto H = lse.size(varlen ? 0 : 1);
   const auto s = s_aux.to(lse.scalar_type());
   const auto sink = varlen ? s.view({H, 1}) : s.view({1, H, 1});
-  const auto lse1 = at::logaddexp(lse, sink);
-  // exp(lse0 - lse1): 0 for a row without keys (lse0 = -inf), whatever the sink.
-  auto factor = at::exp(lse - lse1);
+  auto lse1 = at::logaddexp(lse, sink);
+  // exp(lse0 - lse1), and 0 for a row without keys (lse0 = -inf) whatever the sink: a sink of
+  // -inf (no sink on that head) would make it exp(-inf + inf) = NaN.
+  const auto no_keys = at::isneginf(lse);
+  auto factor = at::where(no_keys, at::zeros_like(lse), at::exp(lse - lse1));
+  if (varlen && given(cu_q)) {
+    const auto T = lse.size(1);
+    const auto row = at::arange(T, cu_q->options().dtype(at::kLong));
+    const auto c = cu_q->to(at::kLong);
+    const auto covered = (row >= c.select(0, 0)).logical_and_(row < c.select(0, c.size(0) - 1));
+    lse1 = at::where(covered.view({1, T}), lse1, lse);
+  }
   factor = varlen ? factor.t().unsqueeze(-1) : factor.transpose(1, 2).unsqueeze(-1);
   out.copy_((out.to(factor.scalar_type()) * factor).to(out.scalar_type()));
   lse.copy_(lse1);
@@ -221,7 +232,10 @@ inline at::Tensor sink_grad(const at::Tensor& dout, const at::Tensor& out, const
   delta = varlen ? delta.t() : delta.transpose(1, 2);  // lse's layout
   const auto H = lse.size(varlen ? 0 : 1);
   const auto s = s_aux.to(acc);
-  const auto p_sink = at::exp((varlen ? s.view({H, 1}) : s.view({1, H, 1})) - lse);
+  // 0 where lse = -inf: rows outside every sequence, or without keys under a -inf sink (whose
+  // exp(-inf - -inf) would be NaN, and whose delta is 0 anyway).
+  const auto p_sink = at::where(at::isneginf(lse), at::zeros_like(lse),
+                                at::exp((varlen ? s.view({H, 1}) : s.view({1, H, 1})) - lse));
   auto g = -(p_sink * delta);
   g = varlen ? g.sum(1) : g.sum(std::vector<int64_t>{0, 2});
   return g.to(s_aux.scalar_type());

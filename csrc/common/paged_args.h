@@ -271,14 +271,16 @@ inline CacheWriteConfig check_new_tokens(const at::Tensor& key, const at::Tensor
                 " (same as key), got ", value.sym_sizes());
   check_last_dim_contiguous(key, "key");
   check_last_dim_contiguous(value, "value");
-  c.T = key.size(0);
   c.Hkv = key.size(1);
   c.D = key.size(2);
   check_dim(slot_mapping, "slot_mapping", 1);
   check_dtype(slot_mapping, "slot_mapping", {at::kInt, at::kLong});
   check_same_device(key, "key", slot_mapping, "slot_mapping");
-  ATTNKIT_CHECK(slot_mapping.sym_size(0) == c.T, "slot_mapping: expected ", c.T,
-                " entries (one per token of key), got ", slot_mapping.sym_size(0));
+  // vLLM's writers take the token count from slot_mapping: key / value may carry padding rows
+  // past it (CUDA-graph batch padding), which are not written.
+  c.T = slot_mapping.size(0);
+  ATTNKIT_CHECK(c.T <= key.size(0), "slot_mapping: expected at most ", key.size(0),
+                " entries (one per token of key; key's rows past them are padding), got ", c.T);
   return c;
 }
 

@@ -443,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
     fwd_impl<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                        out.data_ptr<scalar_t>(), lse.data_ptr<acc_type_t<scalar_t>>());
   });
-  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen, cq);
   return {out, lse};
 }
 

@@ -2,6 +2,7 @@
 switches by changing the import; the serving keywords of vLLM V1's and FlashAttention 3's calls
 (paged NHD caches, ``seqused_k``, sinks, fp8 descales, ``out=``) are described in
 docs/serving.md."""
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,13 +24,19 @@ def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1, cp_ra
                            f"{'a tensor' if cp_tot_seqused_k is not None else None}")
 
 
+# A window side this wide sees every key of any sequence a tensor can hold (its bound is reached
+# only past 2^31 - 1 rows): it is the unbounded window, and passing it as -1 keeps the kernels'
+# index arithmetic (query + window) from overflowing on sys.maxsize.
+_UNBOUNDED_WINDOW = (1 << 31) - 1
+
+
 def _window(window_size) -> Tuple[int, int]:
     # vLLM passes None or a list for "no window".
     if window_size is None:
         return -1, -1
-    if len(window_size) != 2:
+    if isinstance(window_size, (int, float)) or len(window_size) != 2:
         raise RuntimeError(f"attnkit: window_size: expected (left, right), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
+    return tuple(-1 if int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 
 
 def _sinks(s_aux, learnable_sink):
@@ -175,6 +182,49 @@ def flash_attn_varlen_func(
     return (res, lse) if return_softmax_lse else res
 
 
+def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, sinks):
+    """What the attention op would refuse, checked before the cache is written: a call that raises
+    leaves the cache as it was (the op's own checks run after the append)."""
+    if q.dtype != k_cache.dtype and k_cache.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise RuntimeError(f"attnkit: k_cache: expected dtype {q.dtype} (that of q) or an fp8 cache, "
+                           f"got {k_cache.dtype}")
+    if q.shape[3] != k_cache.shape[3]:
+        raise RuntimeError(f"attnkit: k_cache: expected head dim {q.shape[3]} (that of q), got shape "
+                           f"{tuple(k_cache.shape)}")
+    if k_cache.shape[2] < 1 or q.shape[2] % k_cache.shape[2]:
+        raise RuntimeError(f"attnkit: k_cache: expected a number of kv heads dividing q's {q.shape[2]} "
+                           f"heads, got shape {tuple(k_cache.shape)}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise RuntimeError(f"attnkit: softmax_scale: expected a finite value, got {softmax_scale}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none), got {softcap}")
+    if wl < -1 or wr < -1:
+        raise RuntimeError(f"attnkit: window_size: expected sides >= -1, got ({wl}, {wr})")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[2]
+                              or sinks.device != q.device or not sinks.is_floating_point()):
+        raise RuntimeError(f"attnkit: s_aux: expected a float [{q.shape[2]}] tensor on {q.device} (one "
+                           f"sink logit per query head), got {sinks.dtype} {tuple(sinks.shape)} on "
+                           f"{sinks.device}")
+
+
+def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
+    """FlashAttention 2's rotary contract: cos / sin [seqlen_ro, rotary_dim / 2], one shape, both
+    covering every cache position, rotary_dim <= the head dim."""
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if t.dim() != 2:
+            raise RuntimeError(f"attnkit: {name}: expected [seqlen_ro, rotary_dim / 2], got shape "
+                               f"{tuple(t.shape)}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise RuntimeError(f"attnkit: rotary_sin: expected shape {tuple(rotary_cos.shape)} (that of "
+                           f"rotary_cos), got {tuple(rotary_sin.shape)}")
+    if 2 * rotary_cos.shape[1] > head_dim:
+        raise RuntimeError(f"attnkit: rotary_cos: expected rotary_dim = 2 * {rotary_cos.shape[1]} <= "
+                           f"the head dim {head_dim}")
+    if rotary_cos.shape[0] < capacity:
+        raise RuntimeError(f"attnkit: rotary_cos: expected at least {capacity} positions (the cache's "
+                           f"length, as FlashAttention 2), got {rotary_cos.shape[0]}")
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of x ``[B, S, H, D]`` with cos/sin
     ``[B, S, rd/2]`` already taken at each token's position (fp32 math, x's dtype out)."""
@@ -224,7 +274,8 @@ def flash_attn_with_kvcache(
     (interleaved pairs or GPT-NeoX halves); q is rotated at positions ``cache_seqlens[b] + i``
     when causal or windowed, else at ``cache_seqlens[b]``. Sequence b then attends its first
     ``cache_seqlens[b] + S_new`` keys (causal aligned bottom-right). ``cache_seqlens`` None means
-    the whole cache. ``num_splits`` is a scheduling hint (ignored). Returns ``out``, or
+    the whole cache (only without new k/v). Arguments are checked before the cache is written
+    (docs/serving.md). ``num_splits`` is a scheduling hint (ignored). Returns ``out``, or
     ``(out, lse)`` with ``return_softmax_lse`` (lse ``[B, H, Sq]``).
     """
     _check_unsupported(0.0, alibi_slopes)
@@ -241,26 +292,58 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
     B, Sq = q.shape[0], q.shape[1]
     dev = q.device
-    wl, wr = _window(window_size)
-    ro = rotary_cos.shape[0] if rotary_cos is not None else 0
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
         raise RuntimeError("attnkit: cache_batch_idx: expected None with block_table")
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    # FlashAttention 2 counts a window side as absent when it reaches the cache's length: both for
+    # the mask and for where q is rotated (below).
+    wl, wr = (-1 if w >= capacity else w for w in _window(window_size))
+    sinks = _sinks(s_aux, learnable_sink)
+    _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, sinks)
+    if k is not None and cache_seqlens is None:
+        raise RuntimeError("attnkit: cache_seqlens: expected the cache's lengths when k and v are "
+                           "given (where to append them; FlashAttention 2 requires it too)")
+    if rotary_cos is not None:
+        _check_rotary(rotary_cos, rotary_sin, q.shape[3], capacity)
+    ro = rotary_cos.shape[0] if rotary_cos is not None else 0
     if cache_seqlens is None:
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=dev)
     elif isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= capacity:
+            raise RuntimeError(f"attnkit: cache_seqlens: expected a length in [0, {capacity}] (the "
+                               f"cache's), got {cache_seqlens}")
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=dev)
     else:
-        if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B or cache_seqlens.dtype != torch.int32:
-            raise RuntimeError(f"attnkit: cache_seqlens: expected an int or int32 [{B}], got "
-                               f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1
+                or cache_seqlens.shape[0] != B or cache_seqlens.dtype != torch.int32):
+            got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}"
+                   if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__)
+            raise RuntimeError(f"attnkit: cache_seqlens: expected an int or an int32 [{B}] tensor, "
+                               f"got {got}")
+        if cache_seqlens.device.type == "cpu" and B and not bool(
+                ((cache_seqlens >= 0) & (cache_seqlens <= capacity)).all()):
+            bad = int(cache_seqlens[(cache_seqlens < 0) | (cache_seqlens > capacity)][0])
+            raise RuntimeError(f"attnkit: cache_seqlens: expected lengths in [0, {capacity}] (the "
+                               f"cache's), got {bad}")
         seqlens = cache_seqlens
+    row_ok = None  # the rows of cache_batch_idx inside the cache (CUDA: not checked, no sync)
     if not paged:
         if cache_batch_idx is not None:
-            if cache_batch_idx.dim() != 1 or cache_batch_idx.shape[0] != B:
-                raise RuntimeError(f"attnkit: cache_batch_idx: expected [{B}], got {tuple(cache_batch_idx.shape)}")
+            if (cache_batch_idx.dim() != 1 or cache_batch_idx.shape[0] != B
+                    or cache_batch_idx.dtype not in (torch.int32, torch.int64)):
+                raise RuntimeError(f"attnkit: cache_batch_idx: expected int32 [{B}], got "
+                                   f"{cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)}")
             rows = cache_batch_idx.to(torch.int64)
+            n_rows = k_cache.shape[0]
+            row_ok = (rows >= 0) & (rows < n_rows)
+            if rows.device.type == "cpu":
+                if B and not bool(row_ok.all()):
+                    raise RuntimeError(f"attnkit: cache_batch_idx: expected rows in [0, {n_rows}) "
+                                       f"(k_cache's batch), got {int(rows[~row_ok][0])}")
+                row_ok = None
+            else:  # clamped for reading, and never written through (slot -1 below)
+                rows = rows.clamp(0, max(n_rows - 1, 0))
         else:
             if k_cache.shape[0] != B:
                 raise RuntimeError(f"attnkit: k_cache: expected batch {B} (that of q) without cache_batch_idx, "
@@ -284,7 +367,10 @@ def flash_attn_with_kvcache(
             slots = blk * bs + pos % bs
         else:
             slots = rows.unsqueeze(1) * k_cache.shape[1] + pos
-        slots = torch.where(pos < capacity, slots, torch.full_like(slots, -1))
+        keep = pos < capacity
+        if row_ok is not None:
+            keep = keep & row_ok.unsqueeze(1)
+        slots = torch.where(keep, slots, torch.full_like(slots, -1))
         reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]), v.reshape(B * s_new, *v.shape[2:]),
                                 k_cache, v_cache, slots.reshape(-1))
     elif rotary_cos is not None:
@@ -296,7 +382,6 @@ def flash_attn_with_kvcache(
         qpos = qpos.clamp(max=ro - 1)
         q = _rotate(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
-    sinks = _sinks(s_aux, learnable_sink)
     if paged:
         res, lse = torch.ops.attnkit.flash_attn_fwd(
             q, k_cache, v_cache, softmax_scale, causal, wl, wr, softcap, seqused_k=used,

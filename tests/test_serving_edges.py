@@ -1,0 +1,167 @@
+"""Edges of the flash / serving calls found by the eighteenth session's audit of the CPU paths:
+sinks of -inf (a head without a sink), rows outside every sequence with sinks, unbounded windows
+given as huge numbers, flash_attn_with_kvcache's argument checks before its cache write and its
+FlashAttention-2 rules (cache_seqlens with new tokens, the window and rotary rules), and
+reshape_and_cache_flash on vLLM's padded key / value. Against the reference where one applies."""
+import sys
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference as ref
+from attnkit.testing import assert_close
+from conftest import DEVICES
+
+
+def _qkv(device, B=2, Sq=5, Sk=3, H=2, Hkv=1, D=32, dtype=torch.float32):
+    return (torch.randn(B, Sq, H, D, device=device, dtype=dtype),
+            torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype),
+            torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype))
+
+
+# ---- sinks -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_sink_of_minus_inf_is_no_sink(device):
+    """s_aux = -inf on a head means no sink there: rows without keys (causal with Sq > Sk) give 0
+    and lse -inf, never NaN, and the sinks' gradient is finite; other rows equal the call
+    without sinks."""
+    q, k, v = _qkv(device)
+    sinks = torch.tensor([float("-inf"), 0.5], device=device, requires_grad=True)
+    qq = q.clone().requires_grad_()
+    out, lse = attnkit.flash_attn_func(qq, k, v, causal=True, s_aux=sinks, return_softmax_lse=True)
+    assert not out.isnan().any() and not lse.isnan().any()
+    plain, plain_lse = attnkit.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
+    assert torch.equal(out[:, :, 0], plain[:, :, 0])  # head 0: the -inf sink changes nothing
+    assert torch.equal(lse[:, 0], plain_lse[:, 0])
+    assert bool((out[:, :2] == 0).all())  # rows 0-1 see no key (Sq - Sk = 2)
+    expect = ref.flash_serving_ref(q, k, v, causal=True, s_aux=sinks.detach())
+    assert_close(out.detach(), expect[0] if isinstance(expect, tuple) else expect, q.dtype)
+    ds, dq = torch.autograd.grad(out.sum(), (sinks, qq))
+    assert torch.isfinite(ds).all() and torch.isfinite(dq).all()
+
+
+def test_rows_outside_every_sequence_keep_lse_minus_inf_with_sinks_cpu():
+    """Varlen rows past cu_seqlens_q[-1] belong to no sequence: lse -inf and output 0 with sinks
+    as without (merge_attn_states reads -inf as an empty part). CPU: CUDA's sink epilogue does
+    not take cu_seqlens_q yet (docs/serving.md)."""
+    H, Hkv, D = 2, 1, 32
+    q = torch.randn(7, H, D)
+    k, v = torch.randn(6, Hkv, D), torch.randn(6, Hkv, D)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+    out, lse = attnkit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 4, causal=True,
+                                              s_aux=torch.tensor([0.3, -1.0]),
+                                              return_softmax_lse=True)
+    assert bool(torch.isneginf(lse[:, 5:]).all()) and bool((out[5:] == 0).all())
+    assert bool(torch.isfinite(lse[:, :5]).all())
+
+
+# ---- windows -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [(-1, sys.maxsize), (sys.maxsize, sys.maxsize), (2**31 - 1, 0)])
+def test_huge_window_is_unbounded(device, window):
+    """A window side of 2^31 - 1 or more (sys.maxsize) sees every key, as -1 does; it used to
+    overflow the query + window arithmetic and mask everything."""
+    q, k, v = _qkv(device, Sq=4, Sk=6)
+    got = attnkit.flash_attn_func(q, k, v, window_size=window)
+    want = attnkit.flash_attn_func(q, k, v, window_size=tuple(-1 if w >= 2**31 - 1 else w
+                                                              for w in window))
+    assert torch.equal(got, want)
+    assert got.abs().sum() > 0
+    got_op, _ = torch.ops.attnkit.flash_attn_fwd(q, k, v, None, False, *window, 0.0)
+    assert torch.equal(got_op, want)
+
+
+# ---- flash_attn_with_kvcache -------------------------------------------------------------------
+def _kvcache_inputs(device, B=2, Sq=1, H=2, Hkv=1, D=32, S_cache=20, S_new=1):
+    q = torch.randn(B, Sq, H, D, device=device)
+    kc, vc = (torch.randn(B, S_cache, Hkv, D, device=device) for _ in range(2))
+    k, v = (torch.randn(B, S_new, Hkv, D, device=device) for _ in range(2))
+    return q, kc, vc, k, v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [dict(softcap=-1.0), dict(softmax_scale=float("nan")),
+                                 dict(s_aux=torch.zeros(3)), dict(window_size=(-2, 0))],
+                         ids=["softcap", "softmax_scale", "s_aux", "window_size"])
+def test_kvcache_raises_before_writing(device, bad):
+    q, kc, vc, k, v = _kvcache_inputs(device)
+    bad = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in bad.items()}
+    before_k, before_v = kc.clone(), vc.clone()
+    with pytest.raises(RuntimeError, match=next(iter(bad))):
+        attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4, **bad)
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_argument_errors(device):
+    q, kc, vc, k, v = _kvcache_inputs(device)
+    call = attnkit.flash_attn_with_kvcache
+    with pytest.raises(RuntimeError, match="cache_seqlens"):  # new tokens need their position
+        call(q, kc, vc, k, v)
+    with pytest.raises(RuntimeError, match="cache_seqlens"):
+        call(q, kc, vc, k, v, cache_seqlens=[4, 4])
+    with pytest.raises(RuntimeError, match="cache_seqlens"):
+        call(q, kc, vc, k, v, cache_seqlens=21)
+    with pytest.raises(RuntimeError, match="cache_batch_idx"):
+        call(q, kc, vc, k, v, cache_seqlens=4,
+             cache_batch_idx=torch.tensor([0.0, 1.0], device=device))
+    ang = torch.rand(20, 8, device=device)
+    for name, cos, sin in (("rotary_cos", ang[:19], ang[:19]),  # shorter than the cache
+                           ("rotary_sin", ang, ang[:, :4]),
+                           ("rotary_cos", ang[:, None], ang[:, None]),
+                           ("rotary_cos", torch.rand(20, 17, device=device),
+                            torch.rand(20, 17, device=device))):  # rotary_dim 34 > D = 32
+        with pytest.raises(RuntimeError, match=name):
+            call(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=4)
+
+
+def test_kvcache_value_errors_cpu():
+    """Values outside the cache are errors naming the argument on the CPU (CUDA clamps them:
+    docs/serving.md), and nothing is written."""
+    q, kc, vc, k, v = _kvcache_inputs("cpu")
+    before = kc.clone()
+    for bad in (torch.tensor([0, 2]), torch.tensor([-1, 0])):
+        with pytest.raises(RuntimeError, match="cache_batch_idx"):
+            attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4, cache_batch_idx=bad)
+        with pytest.raises(RuntimeError, match="cache_batch_idx"):
+            attnkit.flash_attn_with_kvcache(q, kc, vc, cache_batch_idx=bad)
+    with pytest.raises(RuntimeError, match="cache_seqlens"):
+        attnkit.flash_attn_with_kvcache(q, kc, vc, k, v,
+                                        cache_seqlens=torch.tensor([4, 21], dtype=torch.int32))
+    assert torch.equal(kc, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_window_past_the_cache_is_no_window(device):
+    """FlashAttention 2 drops window sides that reach the cache's length before choosing where q
+    is rotated: (1000, 1000) on a 20-slot cache gives the (-1, -1) result."""
+    q, _, _, k, v = _kvcache_inputs(device, B=1, Sq=3, S_new=3)
+    ang = torch.rand(64, 16, device=device) * 6.28
+    outs = []
+    for ws in ((-1, -1), (1000, 1000), (20, 20)):
+        kc, vc = (torch.zeros(1, 20, 1, 32, device=device) for _ in range(2))
+        outs.append(attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=ang.cos(),
+                                                    rotary_sin=ang.sin(), cache_seqlens=4,
+                                                    window_size=ws))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ---- reshape_and_cache_flash -------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_flash_padded_key(device):
+    """vLLM V1 passes key / value padded to the CUDA-graph batch with slot_mapping as long as the
+    real tokens: the count comes from slot_mapping, the padding rows are not written."""
+    nb, bs, Hkv, D, T, pad = 4, 16, 2, 64, 5, 3
+    kc = torch.zeros(nb, bs, Hkv, D, device=device)
+    vc = torch.zeros_like(kc)
+    key = torch.randn(T + pad, Hkv, D, device=device)
+    value = torch.randn(T + pad, Hkv, D, device=device)
+    slots = torch.randperm(nb * bs)[:T].to(device)
+    attnkit.reshape_and_cache_flash(key, value, kc, vc, slots)
+    ek, ev = ref.reshape_and_cache_flash_ref(key[:T], value[:T], torch.zeros_like(kc),
+                                             torch.zeros_like(vc), slots)
+    assert torch.equal(kc, ek) and torch.equal(vc, ev)
+    assert int((kc.abs().sum((-1, -2)) > 0).sum()) == T
+    with pytest.raises(RuntimeError, match="slot_mapping"):  # more slots than key rows
+        attnkit.reshape_and_cache_flash(key[:2], value[:2], kc, vc, slots)
