@@ -165,3 +165,22 @@ def test_reshape_and_cache_flash_padded_key(device):
     assert int((kc.abs().sum((-1, -2)) > 0).sum()) == T
     with pytest.raises(RuntimeError, match="slot_mapping"):  # more slots than key rows
         attnkit.reshape_and_cache_flash(key[:2], value[:2], kc, vc, slots)
+
+
+def test_dense_seqused_k_past_the_keys_is_an_error_cpu():
+    """seqused_k without a block table: a length past its sequence's keys is an error naming it
+    on the CPU (batched: k's rows; varlen: cu_seqlens_k's differences), as the paged call's is;
+    CUDA clamps it (no host sync)."""
+    q, k, v = _qkv("cpu", B=2, Sq=2, Sk=4)
+    for bad in ([5, 1], [2, -1]):
+        with pytest.raises(RuntimeError, match="seqused_k"):
+            attnkit.flash_attn_func(q, k, v, seqused_k=torch.tensor(bad, dtype=torch.int32))
+    qv, kv_, vv = q.reshape(4, 2, 32), k.reshape(8, 1, 32), v.reshape(8, 1, 32)
+    cu_q = torch.tensor([0, 2, 4], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="seqused_k"):
+        attnkit.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 2, 5,
+                                       seqused_k=torch.tensor([4, 5], dtype=torch.int32))
+    out = attnkit.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 2, 5,
+                                         seqused_k=torch.tensor([3, 5], dtype=torch.int32))
+    assert torch.isfinite(out).all()

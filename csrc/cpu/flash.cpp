@@ -411,6 +411,21 @@ void check_cu_values(const std::optional<at::Tensor>& cu_q, const std::optional<
   check_offsets_values_cpu(*cu_k, k.size(0), "cu_seqlens_k");
 }
 
+// seqused_k of a call without block_table: each length within its sequence's keys (k's rows
+// batched, cu_seqlens_k's differences varlen, checked first), as the paged call checks its
+// lengths against its table; CUDA clamps them instead (no host sync).
+void check_seqused_k_values(const at::Tensor& used, const at::Tensor& k,
+                            const std::optional<at::Tensor>& cu_k) {
+  const int32_t* len = used.data_ptr<int32_t>();
+  const auto ck = given(cu_k) ? cu_k->to(at::kLong).contiguous() : at::Tensor();
+  for (int64_t b = 0; b < used.size(0); ++b) {
+    const int64_t keys =
+        given(cu_k) ? ck.data_ptr<int64_t>()[b + 1] - ck.data_ptr<int64_t>()[b] : k.size(1);
+    ATTNKIT_CHECK(len[b] >= 0 && len[b] <= keys, "seqused_k: expected lengths in [0, ", keys,
+                  "] (sequence ", b, "'s keys), got seqused_k[", b, "]=", len[b]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
@@ -425,6 +440,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
   if (varlen) check_cu_values(cu_q, cu_k, q_in, r.k);
+  if (given(seqused_k) && !given(block_table)) check_seqused_k_values(*r.seqused_k, r.k, cu_k);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
              v = last_dim_contiguous(r.v);
   // Batched, the kernel writes every row; varlen rows outside every sequence are never visited
