@@ -184,3 +184,52 @@ def test_dense_seqused_k_past_the_keys_is_an_error_cpu():
     out = attnkit.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 2, 5,
                                          seqused_k=torch.tensor([3, 5], dtype=torch.int32))
     assert torch.isfinite(out).all()
+
+
+# ---- Meta kernels and torch.compile ------------------------------------------------------------
+def test_meta_paged_call_checks_the_options():
+    """The Meta kernel's paged path checks what check_inputs checks on the real one (options,
+    offsets' tensors), so a bad call fails under torch.compile's tracing as it fails eagerly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, kc, vc = torch.randn(3, 4, 64), torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64)
+    cu_q = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    used = torch.tensor([5, 16, 3], dtype=torch.int32)
+    table = torch.tensor([[0], [1], [2]], dtype=torch.int32)
+    cases = [("softcap", dict(softcap=-1.0)), ("softmax_scale", dict(softmax_scale=float("nan"))),
+             ("cu_seqlens_q", dict(cu_seqlens_q=cu_q.float()))]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (q, kc, vc, cu_q, used, table)]
+        for name, bad in cases:
+            kw = dict(cu_seqlens_q=fake[3], seqused_k=fake[4], block_table=fake[5])
+            kw.update({n: (mode.from_tensor(t) if isinstance(t, torch.Tensor) else t)
+                       for n, t in bad.items()})
+            with pytest.raises(RuntimeError, match=name):
+                torch.ops.attnkit.flash_attn_fwd(*fake[:3], **kw)
+
+
+def test_cache_writer_and_merge_compile_once_for_every_token_count():
+    """The serving ops' checks read symbolic sizes: torch.compile(dynamic=True) traces one graph
+    for every token count (a plain size() specialised it: a recompile per count, and
+    fullgraph=True failed at the recompile limit)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def write(key, kc, vc, slots):
+        attnkit.reshape_and_cache_flash(key, key, kc, vc, slots)
+        return kc
+
+    def merge(po, pl, so, sl):
+        out = torch.empty_like(po)
+        attnkit.merge_attn_states(out, po, pl, so, sl)
+        return out
+
+    torch._dynamo.reset()
+    counters.clear()
+    cw = torch.compile(write, fullgraph=True, dynamic=True, backend="aot_eager")
+    cm = torch.compile(merge, fullgraph=True, dynamic=True, backend="aot_eager")
+    kc, vc = torch.zeros(2, 8, 16, 2, 64).unbind(0)
+    for T in range(2, 12):
+        cw(torch.randn(T, 2, 64), kc, vc, torch.arange(T))
+        cm(torch.randn(T, 4, 32), torch.randn(4, T), torch.randn(T, 4, 32), torch.randn(4, T))
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])

@@ -49,8 +49,16 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
                 ", got shape ", t.sym_sizes());
 }
 
+// A dimension a check needs as a number (heads, head dim, block size: fixed per model). Only that
+// dimension is specialised under torch.compile, where Tensor::size(i) on a fake tensor specialises
+// every dimension of it (the token count too: a recompile per count). The checks the Meta kernels
+// share read every other size symbolically.
+inline int64_t static_size(const at::Tensor& t, int64_t dim) {
+  return t.sym_size(dim).guard_int(__FILE__, __LINE__);
+}
+
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  ATTNKIT_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+  ATTNKIT_CHECK(t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1, name,
                 ": expected the last dimension to be contiguous (stride 1), got strides ",
                 t.strides());
 }

@@ -39,6 +39,17 @@ inline bool is_varlen(const std::optional<at::Tensor>& cu_q, const std::optional
   return hq;
 }
 
+// The scalar options (check_inputs, and the Meta kernel's paged path, which has no gathered k / v
+// to run check_inputs on).
+inline void check_options(const Options& o) {
+  if (o.softmax_scale.has_value()) {
+    ATTNKIT_CHECK(std::isfinite(*o.softmax_scale), "softmax_scale: expected a finite value, got ",
+                  *o.softmax_scale);
+  }
+  ATTNKIT_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0,
+                "softcap: expected a finite value >= 0 (0 = off), got ", o.softcap);
+}
+
 // q [B, Sq, H, D] / k, v [B, Sk, Hkv, D], or varlen q [Tq, H, D] / k, v [Tk, Hkv, D].
 inline bool check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const Options& o, const std::optional<at::Tensor>& cu_q,
@@ -75,12 +86,7 @@ inline bool check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
     ATTNKIT_CHECK(cu_q->scalar_type() == cu_k->scalar_type(), "cu_seqlens_k: expected dtype ",
                   cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
   }
-  if (o.softmax_scale.has_value()) {
-    ATTNKIT_CHECK(std::isfinite(*o.softmax_scale), "softmax_scale: expected a finite value, got ",
-                  *o.softmax_scale);
-  }
-  ATTNKIT_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0,
-                "softcap: expected a finite value >= 0 (0 = off), got ", o.softcap);
+  check_options(o);
   return varlen;
 }
 

@@ -98,7 +98,7 @@ inline void check_table_and_lens(const at::Tensor& block_tables, const char* bt_
   ATTNKIT_CHECK(lens.sym_size(0) == block_tables.sym_size(0), lens_name, ": expected ",
                 block_tables.sym_size(0), " entries (one per row of ", bt_name, "), got ",
                 lens.sym_size(0));
-  ATTNKIT_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1, bt_name,
+  ATTNKIT_CHECK(block_tables.sym_size(1) <= 1 || block_tables.sym_stride(1) == 1, bt_name,
                 ": expected contiguous rows (stride 1 in dim 1), got strides ",
                 block_tables.strides());
 }
@@ -133,8 +133,8 @@ inline V1Config check_paged_attention_v1(
   check_same_device(query, "query", out, "out");
   ATTNKIT_CHECK(out.sym_sizes() == query.sym_sizes(), "out: expected shape ", query.sym_sizes(),
                 " (same as query), got ", out.sym_sizes());
-  c.Hq = query.size(1);
-  c.D = query.size(2);
+  c.Hq = static_size(query, 1);
+  c.D = static_size(query, 2);
   c.Hkv = num_kv_heads;
   c.bs = block_size;
   ATTNKIT_CHECK(num_kv_heads >= 1 && c.Hq % num_kv_heads == 0, "num_kv_heads: expected a divisor of the ",
@@ -185,10 +185,10 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
   check_dtype(Q, "Q", {at::kBFloat16, at::kHalf});
   check_dim(K, "K", 5);
   check_dim(V, "V", 5);
-  c.Hq = Q.size(1);
-  c.D = Q.size(2);
-  c.Hkv = K.size(1);
-  c.bs = K.size(3);
+  c.Hq = static_size(Q, 1);
+  c.D = static_size(Q, 2);
+  c.Hkv = static_size(K, 1);
+  c.bs = static_size(K, 3);
   ATTNKIT_CHECK(c.D == kPaFwdHeadDim, "Q: expected head size ", kPaFwdHeadDim, ", got ", c.D);
   ATTNKIT_CHECK(c.bs == kPaFwdBlockSize, "K: expected block size ", kPaFwdBlockSize,
                 " (dim 3), got shape ", K.sym_sizes());
@@ -225,8 +225,8 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
     check_last_dim_contiguous(t, name);
   }
   check_table_and_lens(block_tables, "block_tables", context_lens, "context_lens", Q);
-  ATTNKIT_CHECK(block_tables_stride0 == block_tables.stride(0),
-                "block_tables_stride0: expected block_tables.stride(0) = ", block_tables.stride(0),
+  ATTNKIT_CHECK(block_tables.sym_stride(0) == block_tables_stride0,
+                "block_tables_stride0: expected block_tables.stride(0) = ", block_tables.sym_stride(0),
                 ", got ", block_tables_stride0);
   ATTNKIT_CHECK(max_qlen >= 1, "max_qlen: expected >= 1, got ", max_qlen);
   ATTNKIT_CHECK(high_precision >= 0 && high_precision <= 2,
@@ -271,16 +271,18 @@ inline CacheWriteConfig check_new_tokens(const at::Tensor& key, const at::Tensor
                 " (same as key), got ", value.sym_sizes());
   check_last_dim_contiguous(key, "key");
   check_last_dim_contiguous(value, "value");
-  c.Hkv = key.size(1);
-  c.D = key.size(2);
+  c.Hkv = static_size(key, 1);
+  c.D = static_size(key, 2);
   check_dim(slot_mapping, "slot_mapping", 1);
   check_dtype(slot_mapping, "slot_mapping", {at::kInt, at::kLong});
   check_same_device(key, "key", slot_mapping, "slot_mapping");
   // vLLM's writers take the token count from slot_mapping: key / value may carry padding rows
   // past it (CUDA-graph batch padding), which are not written.
-  c.T = slot_mapping.size(0);
-  ATTNKIT_CHECK(c.T <= key.size(0), "slot_mapping: expected at most ", key.size(0),
-                " entries (one per token of key; key's rows past them are padding), got ", c.T);
+  ATTNKIT_CHECK(slot_mapping.sym_size(0) <= key.sym_size(0), "slot_mapping: expected at most ",
+                key.sym_size(0), " entries (one per token of key; key's rows past them are ",
+                "padding), got ", slot_mapping.sym_size(0));
+  // The launchers' count; a symbolic one (the Meta kernel under torch.compile) is not read.
+  c.T = slot_mapping.sym_size(0).maybe_as_int().value_or(0);
   return c;
 }
 
@@ -292,7 +294,7 @@ inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tenso
                                           const at::Tensor& slot_mapping) {
   auto c = check_new_tokens(key, value, slot_mapping);
   check_dim(key_cache, "key_cache", 5);
-  c.bs = key_cache.size(3);
+  c.bs = static_size(key_cache, 3);
   check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
   return c;
 }
@@ -342,7 +344,7 @@ inline CacheWriteConfig check_reshape_and_cache_flash(const at::Tensor& key, con
                     value_cache.sym_size(1) == key_cache.sym_size(1),
                 "value_cache: expected shape ", key_cache.sym_sizes(), " (same as key_cache), got ",
                 value_cache.sym_sizes());
-  c.bs = key_cache.size(1);
+  c.bs = static_size(key_cache, 1);
   ATTNKIT_CHECK(c.bs >= 1, "key_cache: expected block_size >= 1, got shape ", key_cache.sym_sizes());
   check_scale_tensor(k_scale, "k_scale", key);
   check_scale_tensor(v_scale, "v_scale", key);

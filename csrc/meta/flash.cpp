@@ -21,9 +21,20 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_meta(
   bool varlen;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));
   if (given(block_table)) {
-    // The same checks as the real kernels without the gather: k / v are paged caches.
+    // The same checks as the real kernels without the gather: k / v are paged caches; the
+    // options, the head dim bound and the offsets' tensors as check_inputs checks them there.
     check_paged(q, k, v, *block_table, cu_q, k_descale, v_descale);
     varlen = given(cu_q);
+    check_options(opt);
+    const c10::SymInt D = q.sym_size(-1);
+    ATTNKIT_CHECK(D >= 1 && D <= kMaxHeadDim, "q: expected head dim in [1, ", kMaxHeadDim,
+                  "], got ", D);
+    if (varlen) check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
+    if (varlen && given(cu_k)) {
+      check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+      ATTNKIT_CHECK(cu_q->sym_size(0) == cu_k->sym_size(0), "cu_seqlens_k: expected ",
+                    cu_q->sym_size(0), " entries (same as cu_seqlens_q), got ", cu_k->sym_size(0));
+    }
   } else {
     ATTNKIT_CHECK(!given(k_descale) && !given(v_descale),
                   "k_descale: expected None without block_table (descales apply to fp8 paged caches)");
