@@ -233,3 +233,16 @@ def test_cache_writer_and_merge_compile_once_for_every_token_count():
         cw(torch.randn(T, 2, 64), kc, vc, torch.arange(T))
         cm(torch.randn(T, 4, 32), torch.randn(4, T), torch.randn(T, 4, 32), torch.randn(4, T))
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_double_backward_through_the_sinks_refuses():
+    """The sinks' gradient is not differentiable: differentiating it again (a Hessian in s_aux,
+    or d/dq of dL/ds) raises the clear double-backward error instead of giving wrong numbers."""
+    q, k, v = (torch.randn(1, 3, 2, 4, dtype=torch.float64) for _ in range(3))
+    s = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(attnkit.flash_attn_func(q, k, v, s_aux=s).pow(2).sum(), s,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), s)
+    (g1,) = torch.autograd.grad(attnkit.flash_attn_func(q, k, v, s_aux=s).pow(2).sum(), s)
+    assert torch.equal(g1, g.detach())  # the first derivative itself is unchanged

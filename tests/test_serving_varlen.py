@@ -329,7 +329,6 @@ def _bad_cases(device):
         "head dim": dict(k=b.k_cache[..., :32], v=b.v_cache[..., :32]),     # D mismatch
         "k_descale": dict(k=b.k_cache.to(torch.float8_e4m3fn), v=b.v_cache.to(torch.float8_e4m3fn),
                           k_descale=torch.ones(3, 2, device=device)),
-        "k_descale ": dict(k_descale=torch.ones(6, 2, device=device)),      # not an fp8 cache
         "s_aux": dict(s_aux=torch.zeros(3, device=device)),
         "seqused_k": dict(seqused_k=b.seqused_k[:4]),
         "q": dict(q=b.q.float()),
@@ -340,6 +339,8 @@ def _bad_cases(device):
         "window_size": dict(window_size=(1, 2, 3)),
     }
     if device == "cpu":  # values are read on the CPU only
+        # A 16-bit cache with descales other than 1 (ones are dropped: vLLM's call).
+        cases["k_descale "] = dict(k_descale=torch.full((6, 2), 2.0, device=device))
         long = b.seqused_k.clone()
         long[1] = b.block_table.shape[1] * 16 + 1
         cases["seqused_k "] = dict(seqused_k=long)
@@ -507,13 +508,15 @@ def test_vllm_v1_call_site(device):
     output = torch.empty_like(b.q)
     s_aux = torch.randn(8, device=device)
     descale_shape = (b.cu_seqlens_q.shape[0] - 1, 2)
+    # vLLM passes its layer scales (1.0 for a 16-bit cache) as the descales of every call.
+    _q_scale = _k_scale = _v_scale = torch.tensor(1.0, device=device)
     flash_attn_varlen_func(
         q=b.q, k=b.k_cache, v=b.v_cache, out=output, cu_seqlens_q=b.cu_seqlens_q,
         max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k, max_seqlen_k=b.max_seqlen_k,
         softmax_scale=1.0 / math.sqrt(128), causal=True, alibi_slopes=None, window_size=[-1, -1],
         block_table=b.block_table, softcap=0, scheduler_metadata=None, fa_version=3,
-        q_descale=torch.ones(descale_shape, device=device).expand(descale_shape),
-        k_descale=None, v_descale=None, num_splits=0, s_aux=s_aux)
+        q_descale=_q_scale.expand(descale_shape), k_descale=_k_scale.expand(descale_shape),
+        v_descale=_v_scale.expand(descale_shape), num_splits=0, s_aux=s_aux)
     eo, _ = _ref(b, causal=True, softmax_scale=1.0 / math.sqrt(128), s_aux=s_aux)
     assert_close(output.float(), eo, torch.bfloat16)
 
@@ -581,3 +584,22 @@ def test_cuda_graph_mixed_step(mix):
         torch.cuda.synchronize()
         eo, _ = _ref(n, causal=True)
         assert_close(static_out.float(), eo, torch.bfloat16)
+
+
+def test_descales_with_a_16_bit_cache_cpu():
+    """Descales other than 1 with a 16-bit cache are refused on the CPU (they would be ignored);
+    ones are dropped (vLLM's call); the op itself still refuses any descale there."""
+    b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, "cpu")
+    kw = dict(cu_seqlens_q=b.cu_seqlens_q, max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k,
+              max_seqlen_k=b.max_seqlen_k, block_table=b.block_table, causal=True)
+    ones = torch.ones(b.block_table.shape[0], 2)
+    want = attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, **kw)
+    got = attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, k_descale=ones,
+                                         v_descale=ones, **kw)
+    assert torch.equal(got, want)
+    for name in ("k_descale", "v_descale"):
+        with pytest.raises(RuntimeError, match=name):
+            attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, **{name: ones * 2}, **kw)
+    with pytest.raises(RuntimeError, match="k_descale"):
+        FWD(b.q, b.k_cache, b.v_cache, None, True, cu_seqlens_q=b.cu_seqlens_q,
+            seqused_k=b.seqused_k, block_table=b.block_table, k_descale=ones, v_descale=ones)

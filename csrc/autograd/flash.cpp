@@ -92,6 +92,23 @@ OptTensor opt_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std:
 constexpr int kFwdInputs = 18;  // flash_attn_fwd's arguments
 constexpr int kSinkInput = 14;  // s_aux's position among them
 
+// The sinks' gradient (flash_serving.h sink_grad) as a node of its own whose backward refuses,
+// as FlashBackwardFunction's does: computed by ATen ops on the saved lse, which is
+// non-differentiable, it would otherwise be differentiated silently and wrongly under
+// create_graph=True.
+class SinkGradFunction : public torch::autograd::Function<SinkGradFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const at::Tensor& dout, const at::Tensor& out,
+                            const at::Tensor& lse, const at::Tensor& s_aux, bool varlen) {
+    return sink_grad(dout, out, lse, s_aux, varlen);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "attnkit: double backward of flash attention is not supported (the sinks' "
+                "gradient s_aux is not differentiable)");
+  }
+};
+
 class FlashFunction : public torch::autograd::Function<FlashFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -130,7 +147,8 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
     none[1] = dk;
     none[2] = dv;
     if (s[8].defined() && s[8].requires_grad()) {
-      none[kSinkInput] = sink_grad(grads[0], s[3], s[4], s[8], opt_of(s[5]).has_value());
+      none[kSinkInput] =
+          SinkGradFunction::apply(grads[0], s[3], s[4], s[8], opt_of(s[5]).has_value());
     }
     return none;
   }

@@ -36,7 +36,8 @@ inline void check_cache_dtype(const at::Tensor& c, const char* name, CacheKind k
   switch (kind) {
     case CacheKind::kSame:
       ATTNKIT_CHECK(c.scalar_type() == q_dtype, name, ": expected dtype ", q_dtype,
-                    " (the query dtype, kv_cache_dtype 'auto'), got ", c.scalar_type());
+                    " (kv_cache_dtype 'auto' stores the dtype of the query / the new tokens), got ",
+                    c.scalar_type());
       return;
     case CacheKind::kFp8E4M3:
       check_dtype(c, name, {at::kByte, at::kFloat8_e4m3fn});

@@ -53,6 +53,21 @@ def _check_q_descale(q, q_descale):
                            f"supported), got {q.dtype}")
 
 
+def _cache_descales(k, k_descale, v_descale):
+    """k_descale / v_descale apply to fp8 caches. vLLM V1 passes its layer's scales with every
+    cache (``layer._k_scale.expand(...)``, 1.0 unless the cache is fp8) and FlashAttention 3
+    ignores them for 16-bit ones; attnkit drops them there too, after checking on the CPU that
+    they are 1 (other values would be silently ignored: a RuntimeError naming them instead; CUDA
+    cannot read them without a host sync, docs/serving.md)."""
+    if k.dtype == torch.float8_e4m3fn:
+        return k_descale, v_descale
+    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is not None and d.device.type == "cpu" and d.numel() and not bool((d == 1).all()):
+            raise RuntimeError(f"attnkit: {name}: expected None or ones with a {k.dtype} cache "
+                               "(descales apply to float8_e4m3fn caches), got other values")
+    return None, None
+
+
 def _into(out, result):
     if out is None:
         return result
@@ -158,7 +173,8 @@ def flash_attn_varlen_func(
         sequence b is ``k[block_table[b, j // block_size], j % block_size]``. No backward.
       - ``seqused_k`` ``[B]`` int32: the key length of each sequence (``cu_seqlens_k`` may then be
         None with a block table).
-      - ``k_descale`` / ``v_descale`` ``[B, Hkv]`` fp32 with ``float8_e4m3fn`` caches.
+      - ``k_descale`` / ``v_descale`` ``[B, Hkv]`` fp32 with ``float8_e4m3fn`` caches; with a
+        16-bit cache they must be ones (vLLM passes its layer scales, 1.0) and are dropped.
       - ``s_aux`` / ``learnable_sink`` ``[H]``: attention sinks (differentiable without a block table).
       - ``out``: written in place and returned; ``return_softmax_lse``: ``(out, lse)``.
       - ``scheduler_metadata``, ``num_splits``, ``fa_version`` are scheduling hints of FA3 / vLLM:
@@ -170,6 +186,7 @@ def flash_attn_varlen_func(
     """
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_q_descale(q, q_descale)
+    k_descale, v_descale = _cache_descales(k, k_descale, v_descale)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
         q, k, v, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
