@@ -9,6 +9,8 @@ from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
 from .gdpa import GDPA_ACTIVATIONS, gdpa
 from .flash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .flash_packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                           flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 from .moe import (MoE, expert_load_balance, grouped_gemm, grouped_gemm_swiglu, moe, moe_permute,
                   moe_route, moe_topk_softmax, moe_unpermute, silu_and_mul)
 from .moe_ep import moe_combine, moe_dispatch
@@ -21,6 +23,8 @@ __all__ = [
     "gdpa", "GDPA_ACTIVATIONS",
     # flash attention
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+    "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     # MoE routing
     "moe", "MoE", "moe_route", "moe_topk_softmax", "moe_permute", "moe_unpermute",
     "grouped_gemm", "grouped_gemm_swiglu", "silu_and_mul", "expert_load_balance", "moe_dispatch",
