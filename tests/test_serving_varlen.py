@@ -12,7 +12,7 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import LSE_TOLERANCE_DEQUANT, TOLERANCE, assert_close, assert_lse_close
 from conftest import DEVICES, poison_allocator
-from samples.flash import HOPPER
+from samples.flash import FWD_WITH as FLASH_FWD_WITH, HOPPER, kernel_params
 from samples.serving import MIXES, paged_batch
 
 FWD = torch.ops.attnkit.flash_attn_fwd
@@ -465,13 +465,67 @@ def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decode_kernel", DECODE_KERNELS + [None])
+@pytest.mark.parametrize("mix", ["mixed", "prefill", "short_k"])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("window", [-1, 20])
+def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
+    """A mixed batch (more query rows than sequences): the flash forward computes the multi-row
+    sequences on their gathered pages and the decode kernel (pinned, or auto: None) the one-row
+    ones, into the same output; matches the reference and the gather path ("none"), sequences
+    without a one-row member included (prefill, short_k: the decode kernel then writes
+    nothing)."""
+    b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
+    poison_allocator("cuda")
+    out, lse = _call_with(b, decode_kernel, window, 0)
+    eo, el = _ref(b, causal=True, window_left=window, window_right=0)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+    go, gl = _call_with(b, "none", window, 0)
+    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
+    assert_lse_close(lse, gl)
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("window", [-1, 5])
+def test_keys_past_seqused_k_never_read_cuda(kernel, D, window):
+    """The CUDA gather leaves the padded buffer's rows past each sequence's used length
+    unwritten (NaN under a poisoned allocator), so every flash kernel, pinned, must stop at
+    seqused_k: varlen K / V with NaN past it, partial last key tiles, a sequence without queries
+    and one whose keys are all NaN but the first 5."""
+    H, Hkv, cap = 4, 2, 48
+    q_lens, used = [7, 0, 13, 9], [33, 5, 40, 5]
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                        device="cuda")
+    cu_k = torch.arange(0, cap * (len(q_lens) + 1), cap, dtype=torch.int32, device="cuda")
+    seqused = torch.tensor(used, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16)
+    kk = torch.randn(cap * len(q_lens), Hkv, D, device="cuda", dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    for b, n in enumerate(used):
+        kk[b * cap + n:(b + 1) * cap] = float("nan")
+        vv[b * cap + n:(b + 1) * cap] = float("nan")
+    out, lse = FLASH_FWD_WITH(q, kk, vv, None, True, window, 0, 0.0, cu_q, cu_k, max(q_lens), cap,
+                              seqused_k=seqused, kernel=kernel)
+    eo, el = ref.flash_serving_ref(q, kk, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   seqused_k=seqused, causal=True, window_left=window,
+                                   window_right=0)
+    assert torch.isfinite(out).all()
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_kernel_refusals_cuda():
     """A named decode kernel requires the decode path: a call the path does not take raises
     (no silent gather), and so does a named flash kernel next to it."""
     b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    args = (b.q, b.k_cache, b.v_cache, None, False, -1, -1, 0.0, b.cu_seqlens_q, None,
+            b.max_seqlen_q, b.max_seqlen_k)
     with pytest.raises(RuntimeError, match="kernel sm80 \\(decode_kernel argument\\) cannot take "
-                                           "this call: the decode path needs one query row"):
-        _call_with(b, "sm80")
+                                           "this call: the decode path needs a causal call"):
+        FWD_WITH(*args, seqused_k=b.seqused_k, block_table=b.block_table, decode_kernel="sm80")
     d = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, "cuda")
     args = (d.q, d.k_cache, d.v_cache, None, True, -1, -1, 0.0, d.cu_seqlens_q, None,
             d.max_seqlen_q, d.max_seqlen_k)

@@ -145,12 +145,21 @@ inline at::Tensor gather_pages(const at::Tensor& cache, const at::Tensor& ids,
   return g.to(dtype);
 }
 
+// A backend's own gather of the pages each sequence uses (cache in q's dtype; table [B, M]
+// int32; used [B] int32 contiguous): the padded [B, M * block_size, Hkv, D] buffer with the
+// blocks past each used length left unwritten, or an undefined tensor where it cannot take the
+// call (then gather_pages runs).
+using UsedPageGather = at::Tensor (*)(const at::Tensor& cache, const at::Tensor& table,
+                                      const at::Tensor& used, int64_t B);
+
 // Resolves k / v (paged or not), cu_seqlens_k and seqused_k into what the kernels address.
 // `cpu`: validate tensor values (block ids, lengths) and raise; otherwise ids are clamped.
+// `used_gather`: the backend's gather of used pages for caches in q's dtype (CUDA), if any.
 inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const OptTensor& cu_q, const OptTensor& cu_k,
                              const OptTensor& seqused_k, const OptTensor& block_table,
-                             const OptTensor& k_descale, const OptTensor& v_descale, bool cpu) {
+                             const OptTensor& k_descale, const OptTensor& v_descale, bool cpu,
+                             UsedPageGather used_gather = nullptr) {
   ResolvedKV r{k, v, cu_k, std::nullopt};
   const auto B = batch_of(q, cu_q);
   if (given(seqused_k)) {
@@ -187,8 +196,15 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   }
   r.seqused_k = used.contiguous();
   const auto dtype = q.scalar_type();
-  r.k = gather_pages(k, ids, k_descale, dtype, b);
-  r.v = gather_pages(v, ids, v_descale, dtype, b);
+  auto gather = [&](const at::Tensor& cache, const OptTensor& descale) {
+    if (used_gather != nullptr && cache.scalar_type() == dtype && cache.size(0) > 0) {
+      at::Tensor g = used_gather(cache, *block_table, *r.seqused_k, b);
+      if (g.defined()) return g;
+    }
+    return gather_pages(cache, ids, descale, dtype, b);
+  };
+  r.k = gather(k, k_descale);
+  r.v = gather(v, v_descale);
   const int64_t cap = r.k.size(1);
   if (varlen) {
     r.k = r.k.view({b * cap, k.size(2), k.size(3)});

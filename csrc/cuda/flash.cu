@@ -32,6 +32,7 @@
 #include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
+#include "kernels/paged/page_gather.cuh"
 #include "env_table.h"
 #include "paged_nhd_decode.h"
 #include "tma_map.h"
@@ -223,13 +224,12 @@ bool aligned16(const at::Tensor& t) {
          (t.stride(0) * e) % 16 == 0 && (t.stride(1) * e) % 16 == 0 && (t.stride(2) * e) % 16 == 0;
 }
 
-// Why the serving call's decode path does not apply to a paged varlen call, or nullptr when it
-// does (the device and the build are the kernel choice's: kernels/paged/choose.h).
+// Why the serving call's decode kernel cannot take part in a paged varlen call, or nullptr when
+// it can (the device and the build are the kernel choice's: kernels/paged/choose.h).
 const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const Options& opt, int64_t T, int64_t B, int64_t D,
-                                    int64_t G) {
+                                    const Options& opt, int64_t B, int64_t D, int64_t G) {
   if (!opt.causal) return "a causal call";
-  if (T != B || B < 1) return "one query row per sequence (a decode batch)";
+  if (B < 1) return "at least one sequence";
   if (!(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16)) {
     return "a bf16 or fp16 query";
   }
@@ -240,14 +240,26 @@ const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, co
   return nullptr;
 }
 
-// The serving call's decode path (docs/serving.md): a paged call whose every sequence has one
-// query row on average (Tq == B: pure decode, as vLLM's decode steps are; any offsets stay
-// correct, since the kernel finds each token's sequence itself) reads the NHD pages with the
-// paged family's tensor-core decode kernel instead of gathering them. Conditions:
-// nhd_decode_inapplicable, and a tensor-core kernel of the paged family for this device and
-// build (choose_nhd_decode: sm90's tensor-map copies, else sm80's cp.async). `dr` (the private
-// op's decode_kernel) names the kernel, and then a call the path cannot take raises.
-std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
+// The decode kernel's part of a paged varlen call (docs/serving.md, "decode rows read the
+// pages"): the whole call when it has as many query rows as sequences (Tq == B, vLLM's decode
+// steps: one grid row per query token, each CTA finding its token's sequence, so uneven offsets
+// stay exact), else its one-row sequences (a mixed batch: chunked prefill, prefix-cached prefill
+// and speculative rows beside decode rows), which the host cannot count without a sync: the flash
+// forward then runs on the gathered pages with key length 0 for every one-row sequence (none of
+// their pages is gathered; their rows cost an empty tile and are written 0), and the decode kernel,
+// after it in the stream, computes exactly those sequences (single_row_seqs) into the same out /
+// lse.
+struct NhdDecodePlan {
+  bool whole = false;  // Tq == B: the decode kernel computes the call alone
+  at::Tensor used;     // [B] int32, the key lengths
+  at::Tensor fwd_used; // mixed: the forward's key lengths (0 for one-row sequences)
+  at::Tensor qo;       // cu_seqlens_q, int32 contiguous
+  at::Tensor table;    // block_table with unit column stride
+};
+
+// The plan, or nullopt when the decode kernel takes no part (then the gather path computes the
+// call). `dr` (the private op's decode_kernel) names the kernel: a call it cannot take raises.
+std::optional<NhdDecodePlan> plan_nhd_decode(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Options& opt,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
@@ -258,11 +270,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
   const int64_t Hkv = k.size(2), G = H / Hkv;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
   if (given(s_aux)) check_sinks(*s_aux, q, H);
-  const char* kSource = "decode_kernel argument";
-  if (const char* why = nhd_decode_inapplicable(q, k, v, opt, T, B, D, G)) {
+  if (const char* why = nhd_decode_inapplicable(q, k, v, opt, B, D, G)) {
     ATTNKIT_CHECK(!dr.named(), "flash_attn_fwd (decode path): kernel ",
-                  paged::paged_request_name(dr.kernel), " (", kSource,
-                  ") cannot take this call: the decode path needs ", why);
+                  paged::paged_request_name(dr.kernel),
+                  " (decode_kernel argument) cannot take this call: the decode path needs ", why);
     return std::nullopt;
   }
   const c10::cuda::CUDAGuard guard(q.device());
@@ -271,30 +282,91 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_nhd_decode(
     f.maps_ok = true;  // sm80 takes the call where sm90's maps do not encode
     if (!paged::choose_nhd_decode(f, dr.kernel).ok()) return std::nullopt;
   }
+  NhdDecodePlan plan;
+  plan.whole = T == B;
   const int64_t M = block_table.size(1), bs = k.size(1);
-  at::Tensor used;
   if (given(seqused_k)) {
-    used = seqused_k->contiguous();
+    plan.used = seqused_k->contiguous();
   } else if (given(cu_k)) {
     check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
     ATTNKIT_CHECK(cu_k->size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
                   cu_k->size(0));
-    used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, B)).to(at::kInt).contiguous();
+    plan.used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, B)).to(at::kInt).contiguous();
   } else {
-    used = at::full({B}, M * bs, q.options().dtype(at::kInt));
+    plan.used = at::full({B}, M * bs, q.options().dtype(at::kInt));
   }
-  const auto bt = block_table.size(1) <= 1 || block_table.stride(1) == 1 ? block_table
-                                                                          : block_table.contiguous();
-  const auto qo = cu_q->to(at::kInt).contiguous();
-  auto out = at::zeros({T, H, D}, q.options());
-  auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  plan.table = block_table.size(1) <= 1 || block_table.stride(1) == 1 ? block_table
+                                                                      : block_table.contiguous();
+  plan.qo = cu_q->to(at::kInt).contiguous();
+  if (!plan.whole) {
+    const auto qlen = plan.qo.slice(0, 1) - plan.qo.slice(0, 0, B);
+    plan.fwd_used = at::where(qlen == 1, at::zeros_like(plan.used), plan.used);
+  }
+  return plan;
+}
+
+// Launches the planned decode kernel into out [T, H, D] / lse [H, T] (the whole call, or the
+// mixed call's one-row sequences after the forward).
+void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
+                    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const Options& opt, const DecodeRequest& dr) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t D = q.size(2), M = plan.table.size(1), bs = k.size(1);
   const double scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, bt, used, qo, scale,
-                                                        opt.softcap, opt.window_left);
-  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q, dr.kernel, kSource,
+  paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, plan.table, plan.used,
+                                                        plan.qo, scale, opt.softcap,
+                                                        opt.window_left);
+  if (!plan.whole) {  // grid rows are sequences; max_qlen = Tq keeps each qlen unclamped
+    p.token_grid = false;
+    p.single_row_seqs = true;
+  }
+  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q, dr.kernel, "decode_kernel argument",
                            paged::DecodeLaunchOptions{});
-  if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
-  return std::make_tuple(out, lse);
+}
+
+// The pages each sequence uses, gathered by gather_used_pages_kernel (resolve_kv's UsedPageGather
+// on CUDA); undefined where it does not apply (a dim not contiguous, a block beyond int32 Words,
+// more sequences than a grid's y dimension).
+at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& table_in,
+                                  const at::Tensor& used, int64_t B) {
+  const int64_t nb = cache.size(0), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
+  const int64_t M = table_in.size(1), es = cache.element_size();
+  if (cache.stride(3) != 1 || B < 1 || B > 65535 || M < 1 || M > INT32_MAX || nb > INT32_MAX ||
+      bs * Hkv * D >= (int64_t(1) << 31) || used.scalar_type() != at::kInt || !used.is_contiguous()) {
+    return at::Tensor();
+  }
+  const auto table = table_in.stride(1) == 1 ? table_in : table_in.contiguous();
+  auto out = at::empty({B, M * bs, Hkv, D}, cache.options());
+  const auto addr = reinterpret_cast<uintptr_t>(cache.const_data_ptr());
+  const bool vec = (D * es) % 16 == 0 && addr % 16 == 0 && (cache.stride(0) * es) % 16 == 0 &&
+                   (cache.stride(1) * es) % 16 == 0 && (cache.stride(2) * es) % 16 == 0;
+  const int64_t word = vec ? 16 : es;
+  paged::PageGatherParams p{};
+  p.cache = cache.const_data_ptr();
+  p.table = table.const_data_ptr<int32_t>();
+  p.table_stride = table.stride(0);
+  p.used = used.const_data_ptr<int32_t>();
+  p.B = static_cast<int32_t>(B), p.M = static_cast<int32_t>(M);
+  p.block_size = static_cast<int32_t>(bs), p.Hkv = static_cast<int32_t>(Hkv);
+  p.num_blocks = static_cast<int32_t>(nb);
+  p.row_words = D * es / word;
+  p.s_block = cache.stride(0) * es / word, p.s_token = cache.stride(1) * es / word;
+  p.s_head = cache.stride(2) * es / word;
+  p.out = out.data_ptr();
+  const c10::cuda::CUDAGuard guard(cache.device());
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(B));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (vec) {
+    paged::gather_used_pages_kernel<uint4><<<grid, paged::kGatherThreads, 0, stream>>>(p);
+  } else if (es == 2) {
+    paged::gather_used_pages_kernel<uint16_t><<<grid, paged::kGatherThreads, 0, stream>>>(p);
+  } else if (es == 4) {
+    paged::gather_used_pages_kernel<uint32_t><<<grid, paged::kGatherThreads, 0, stream>>>(p);
+  } else {
+    return at::Tensor();
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 // ---- forward ----
@@ -366,16 +438,27 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
                   paged::paged_request_name(dr.kernel),
                   "' needs a paged varlen call (block_table, cu_seqlens_q, q [T, H, D])");
   }
+  std::optional<NhdDecodePlan> plan;
   if (req.kernel == FlashRequest::kAuto && !dr.off && paged_varlen) {
-    if (auto r = try_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k,
-                                *block_table, s_aux, k_descale, v_descale, dr)) {
-      return *r;
-    }
+    plan = plan_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k, *block_table,
+                           s_aux, k_descale, v_descale, dr);
   }
-  // Paged caches are gathered here, block ids clamped (flash_serving.h): no value is read. Every
-  // check (devices included) comes before the device guard, which needs q on a CUDA device.
-  const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
-                                  k_descale, v_descale, /*cpu=*/false);
+  if (plan && plan->whole) {  // a decode batch: the decode kernel alone, no gather
+    const int64_t T = q_in.size(0), H = q_in.size(1);
+    auto out = at::zeros({T, H, q_in.size(2)}, q_in.options());
+    auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(),
+                        q_in.options().dtype(at::kFloat));
+    run_nhd_decode(*plan, out, lse, q_in, k_cache, v_cache, opt, dr);
+    if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
+    return {out, lse};
+  }
+  // Paged caches are gathered here (the pages each sequence uses; a mixed call's one-row
+  // sequences use none: their key length is 0 for the forward), block ids clamped
+  // (flash_serving.h): no value is read. Every check (devices included) comes before the device
+  // guard, which needs q on a CUDA device.
+  const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in,
+                                  plan ? OptTensor(plan->fwd_used) : seqused_k, block_table,
+                                  k_descale, v_descale, /*cpu=*/false, gather_used_pages_cuda);
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
@@ -417,6 +500,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
+  // A mixed call's one-row sequences: the decode kernel overwrites their (empty-key) rows.
+  if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};
 }

@@ -204,7 +204,7 @@ void set_max_smem_once(Kernel kernel, int bytes, std::atomic<uint64_t>& done_mas
 at::Tensor split_workspace(DecodeParams& p, int32_t splits, const at::Tensor& like) {
   p.splits = splits;
   if (splits <= 1) return at::Tensor();
-  const int64_t n = int64_t(p.Tq) * p.Hq * splits;
+  const int64_t n = decode_split_rows(p) * p.Hq * splits;
   at::Tensor ws = at::empty({n * (p.D + 2)}, like.options().dtype(at::kFloat));
   p.ws_out = ws.data_ptr<float>();
   p.ws_ml = p.ws_out + n * p.D;
@@ -339,13 +339,15 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   std::ostringstream context;
   context << "device " << f.sm_major << "." << f.sm_minor;
   check_paged_choice(c, "flash_attn_fwd (decode path)", req, source, context.str());
-  // One grid row per query token: the split heuristic prices Tq rows.
+  // One grid row per query token (or per sequence: the mixed call's decode half, whose one-row
+  // sequences the host cannot count; all S are priced): the split heuristic prices those rows.
+  const int64_t rows = decode_split_rows(p);
   DecodeParams sizing = p;
-  sizing.S = p.Tq;
+  sizing.S = static_cast<int32_t>(rows);
   const int32_t splits = decode_splits(c.kernel, sizing, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t gx = int64_t(p.Tq) * p.Hkv;
+  const int64_t gx = rows * p.Hkv;
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -394,7 +396,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           break;
       }
       if (splits > 1) {
-        launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true, dim3(unsigned(p.Tq), unsigned(p.Hq)),
+        launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true, dim3(unsigned(rows), unsigned(p.Hq)),
                       dim3(kThreads), 0, stream, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

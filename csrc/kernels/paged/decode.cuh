@@ -400,17 +400,21 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
   // for the splits' rows. A no-op when launched without PDL.
   pdl_wait();
   const int64_t h = blockIdx.y;
-  int64_t tok;
+  int64_t tok, srow;  // the output row, and its rows of split partials (row srow)
   if (p.token_grid) {
-    tok = blockIdx.x;  // every token's splits were written (uncovered ones with m = -inf)
+    tok = srow = blockIdx.x;  // every token's splits were written (uncovered ones with m = -inf)
+  } else if (p.single_row_seqs) {
+    const SeqQuery sq = seq_query(p, blockIdx.x);
+    if (sq.qlen != 1) return;  // not this kernel's sequence: its decode CTAs wrote nothing
+    tok = sq.q0, srow = blockIdx.x;
   } else {
     const int64_t b = blockIdx.x / p.max_qlen, i = blockIdx.x % p.max_qlen;
     const SeqQuery sq = seq_query(p, b);
     if (i >= sq.qlen) return;
-    tok = sq.q0 + i;
+    tok = srow = sq.q0 + i;
   }
   const int splits = p.splits;
-  const int64_t row0 = (tok * p.Hq + h) * splits;
+  const int64_t row0 = (srow * p.Hq + h) * splits;
   if (threadIdx.x < kWarpSize) {
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < splits; j += kWarpSize) mx = fmaxf(mx, p.ws_ml[(row0 + j) * 2]);

@@ -197,6 +197,9 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   int32_t ids_next = p.window > 0 ? -1 : fetch_ids(split, 32);
 
   const SeqQuery sq = b >= 0 ? seq_query(p, b) : SeqQuery{0, 0, 0};
+  // The mixed call's decode half computes one-row sequences only (the flash forward, before it
+  // in the stream, wrote the other rows; the combine skips them too).
+  if (p.single_row_seqs && sq.qlen != 1) return;
   if (sq.qlen <= 0) {
     // No query row (pa_fwd with an empty qo_indptr range), or a token no sequence holds: the
     // output row stays as the launcher filled it (0, lse -inf); its split rows say "empty".
@@ -585,7 +588,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
         p.lse[h * p.lse_sh + tok * p.lse_st] = lsum > 0.0f ? M * (1.0f / kLog2e) + logf(lsum) : -INFINITY;
       }
     } else {
-      const int64_t ws_row = (tok * p.Hq + h) * splits + split;
+      const int64_t ws_row = ((p.single_row_seqs ? b : tok) * p.Hq + h) * splits + split;
       p.ws_out[ws_row * D + d] = acc;
       if (d == 0) {
         p.ws_ml[ws_row * 2] = M == -INFINITY ? -INFINITY : M * (1.0f / kLog2e);  // natural log

@@ -140,7 +140,18 @@ struct DecodeParams {
   bool token_grid;
   float* lse;
   int64_t lse_sh, lse_st;
+  // The decode half of a mixed serving call (token_grid false, max_qlen = Tq so qlen is not
+  // clamped): grid rows are sequences, and only a sequence with exactly one query row is computed;
+  // the others' CTAs (and combine blocks) return without a write, their rows being the flash
+  // forward's. Split rows are indexed by sequence ([S, Hq, splits]). Tensor-core kernels only.
+  bool single_row_seqs;
 };
+
+// Rows of the split workspace and of the combine grid: query tokens, or sequences in the mixed
+// call's decode half.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t decode_split_rows(const DecodeParams& p) {
+  return p.single_row_seqs ? p.S : p.Tq;
+}
 
 struct RowWindow {
   int64_t lo, hi, qpos;
