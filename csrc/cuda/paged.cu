@@ -348,6 +348,9 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t gx = rows * p.Hkv;
+  // The mixed call's decode half follows the flash forward with programmatic dependent launch:
+  // its CTAs may start in the forward's tail and wait for it before writing (decode_mma.cuh).
+  const bool pdl = p.single_row_seqs;
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -361,7 +364,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true, decltype(nb)::value>;
           static std::atomic<uint64_t> done_mask{0};
           set_max_smem_once(kernel, kSmem, done_mask);
-          kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
+          launch_kernel(kernel, pdl, grid, dim3(MmaDecodeTraits<D>::kThreads), kSmem, stream, p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       };
@@ -379,7 +382,8 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
               auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value>;
               static std::atomic<uint64_t> done_mask{0};
               set_max_smem_once(kernel, kSmem, done_mask);
-              kernel<<<grid, MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p, map_k, map_v);
+              launch_kernel(kernel, pdl, grid, dim3(MmaDecodeTraits<D>::kThreads), kSmem, stream,
+                            p, map_k, map_v);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
           };

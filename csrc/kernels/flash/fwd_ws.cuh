@@ -57,6 +57,7 @@
 
 #include "common/portability.h"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/pdl.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
@@ -223,6 +224,11 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   const auto& ring_v = rings.v;
 
   const int tid = threadIdx.x;
+  // A kernel launched after this one with programmatic dependent launch may be scheduled from now
+  // on, on the SMs this persistent grid leaves (its tail): the decode half of a mixed serving
+  // call (cuda/flash.cu run_nhd_decode), which waits for this grid before its first write. Other
+  // launches are stream-ordered as ever.
+  pdl_launch_dependents();
   if (tid == 0) rings.init(Tr::kConsumerWarps);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 

@@ -198,8 +198,14 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 
   const SeqQuery sq = b >= 0 ? seq_query(p, b) : SeqQuery{0, 0, 0};
   // The mixed call's decode half computes one-row sequences only (the flash forward, before it
-  // in the stream, wrote the other rows; the combine skips them too).
-  if (p.single_row_seqs && sq.qlen != 1) return;
+  // in the stream, wrote the other rows; the combine skips them too). It is launched with PDL
+  // after that forward, whose tail it may share: it writes (its out / lse rows, which the forward
+  // also wrote, with zeros) only after pdl_wait(), and every CTA waits, so the grid never
+  // completes before the forward does.
+  if (p.single_row_seqs && sq.qlen != 1) {
+    pdl_wait();
+    return;
+  }
   if (sq.qlen <= 0) {
     // No query row (pa_fwd with an empty qo_indptr range), or a token no sequence holds: the
     // output row stays as the launcher filled it (0, lse -inf); its split rows say "empty".
@@ -566,6 +572,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   }
   __syncthreads();
 
+  if (p.single_row_seqs) pdl_wait();  // the forward has written its zeros to these rows
   T* out = static_cast<T*>(p.out);
   const int64_t tok = qtok;
   for (int idx = tid; idx < G * D; idx += Tr::kThreads) {
