@@ -466,15 +466,16 @@ def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decode_kernel", DECODE_KERNELS + [None])
-@pytest.mark.parametrize("mix", ["mixed", "prefill", "short_k"])
-@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("mix", ["mixed", "spec", "prefill", "short_k"])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("window", [-1, 20])
 def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
-    """A mixed batch (more query rows than sequences): the flash forward computes the multi-row
-    sequences on their gathered pages and the decode kernel (pinned, or auto: None) the one-row
-    ones, into the same output; matches the reference and the gather path ("none"), sequences
-    without a one-row member included (prefill, short_k: the decode kernel then writes
-    nothing)."""
+    """A mixed batch (more query rows than sequences): the flash forward computes the long
+    sequences on their gathered pages and the decode kernel (pinned, or auto: None) the short
+    ones (1 .. 16 / G rows, each sequence's rows in one CTA as (row, head) columns), into the same
+    output; matches the reference and the gather path ("none"), batches whose sequences are all
+    long (prefill) or all short (spec at G = 1, short_k with fewer keys than queries)
+    included."""
     b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
     poison_allocator("cuda")
     out, lse = _call_with(b, decode_kernel, window, 0)

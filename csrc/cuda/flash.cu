@@ -243,16 +243,19 @@ const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, co
 // The decode kernel's part of a paged varlen call (docs/serving.md, "decode rows read the
 // pages"): the whole call when it has as many query rows as sequences (Tq == B, vLLM's decode
 // steps: one grid row per query token, each CTA finding its token's sequence, so uneven offsets
-// stay exact), else its one-row sequences (a mixed batch: chunked prefill, prefix-cached prefill
-// and speculative rows beside decode rows), which the host cannot count without a sync: the flash
-// forward then runs on the gathered pages with key length 0 for every one-row sequence (none of
-// their pages is gathered; their rows cost an empty tile and are written 0), and the decode kernel,
-// after it in the stream, computes exactly those sequences (single_row_seqs) into the same out /
-// lse.
+// stay exact), else its short sequences, those of 1 .. short_rows = 16 / G query rows (decode and
+// speculative rows beside chunked or prefix-cached prefill in a mixed batch), which the host
+// cannot count without a sync: the flash forward then runs on the gathered pages with key length
+// 0 for every short sequence (none of their pages is gathered; their rows cost an empty tile and
+// are written 0), and the decode kernel, after it in the stream, computes exactly those sequences
+// (DecodeParams::short_seq_rows: one CTA per sequence and kv head reads its pages once for all its
+// rows) into the same out / lse.
 struct NhdDecodePlan {
-  bool whole = false;  // Tq == B: the decode kernel computes the call alone
+  bool whole = false;  // Tq == B: the decode kernel computes the call alone (token grid)
+  bool all_short = false;  // max_seqlen_q <= short_rows: every sequence is short, no forward
+  int64_t short_rows = 0;  // mixed: the most query rows of a sequence the decode kernel takes
   at::Tensor used;     // [B] int32, the key lengths
-  at::Tensor fwd_used; // mixed: the forward's key lengths (0 for one-row sequences)
+  at::Tensor fwd_used; // mixed: the forward's key lengths (0 for short sequences)
   at::Tensor qo;       // cu_seqlens_q, int32 contiguous
   at::Tensor table;    // block_table with unit column stride
 };
@@ -263,7 +266,8 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Options& opt,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
-    const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr) {
+    const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr,
+    const std::optional<c10::SymInt>& max_seqlen_q) {
   check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);
   check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
   const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
@@ -298,15 +302,22 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   plan.table = block_table.size(1) <= 1 || block_table.stride(1) == 1 ? block_table
                                                                       : block_table.contiguous();
   plan.qo = cu_q->to(at::kInt).contiguous();
-  if (!plan.whole) {
+  if (!plan.whole) {  // (row, head) columns of the decode kernel's products: at most 16
+    plan.short_rows = 16 / G;
+    // The caller's max_seqlen_q (which also sizes the forward's grid) says every sequence is
+    // short: a speculative-decode step; the decode kernel computes it alone.
+    plan.all_short = max_seqlen_q.has_value() &&
+                     max_seqlen_q->guard_int(__FILE__, __LINE__) <= plan.short_rows;
+    if (plan.all_short) return plan;
     const auto qlen = plan.qo.slice(0, 1) - plan.qo.slice(0, 0, B);
-    plan.fwd_used = at::where(qlen == 1, at::zeros_like(plan.used), plan.used);
+    const auto short_seq = at::logical_and(qlen >= 1, qlen <= plan.short_rows);
+    plan.fwd_used = at::where(short_seq, at::zeros_like(plan.used), plan.used);
   }
   return plan;
 }
 
 // Launches the planned decode kernel into out [T, H, D] / lse [H, T] (the whole call, or the
-// mixed call's one-row sequences after the forward).
+// mixed call's short sequences after the forward).
 void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const Options& opt, const DecodeRequest& dr) {
@@ -316,12 +327,29 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
   paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, plan.table, plan.used,
                                                         plan.qo, scale, opt.softcap,
                                                         opt.window_left);
-  if (!plan.whole) {  // grid rows are sequences; max_qlen = Tq keeps each qlen unclamped
-    p.token_grid = false;
-    p.single_row_seqs = true;
+  auto launch = [&](paged::DecodeParams& lp) {
+    paged::launch_nhd_decode(lp, q.scalar_type(), M * bs, q, dr.kernel, "decode_kernel argument",
+                             paged::DecodeLaunchOptions{});
+  };
+  if (plan.whole) {
+    launch(p);
+    return;
   }
-  paged::launch_nhd_decode(p, q.scalar_type(), M * bs, q, dr.kernel, "decode_kernel argument",
-                           paged::DecodeLaunchOptions{});
+  // Grid rows are sequences; max_qlen = Tq keeps each qlen unclamped. Two launches, so the decode
+  // rows keep the columns of their G heads (the instance pure decode runs) and only speculative
+  // rows pay the (row, head) columns: one-row sequences, then those of 2 .. short_rows rows.
+  p.token_grid = false;
+  p.short_seq_min = p.short_seq_rows = 1;
+  launch(p);
+  if (plan.short_rows >= 2) {
+    paged::DecodeParams pr = paged::make_nhd_decode_params(out, lse, q, k, v, plan.table,
+                                                           plan.used, plan.qo, scale, opt.softcap,
+                                                           opt.window_left);
+    pr.token_grid = false;
+    pr.short_seq_min = 2;
+    pr.short_seq_rows = static_cast<int32_t>(plan.short_rows);
+    launch(pr);
+  }
 }
 
 // The pages each sequence uses, gathered by gather_used_pages_kernel (resolve_kv's UsedPageGather
@@ -441,9 +469,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   std::optional<NhdDecodePlan> plan;
   if (req.kernel == FlashRequest::kAuto && !dr.off && paged_varlen) {
     plan = plan_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k, *block_table,
-                           s_aux, k_descale, v_descale, dr);
+                           s_aux, k_descale, v_descale, dr, max_seqlen_q);
   }
-  if (plan && plan->whole) {  // a decode batch: the decode kernel alone, no gather
+  // A decode batch, or one of short sequences only: the decode kernel alone, no gather.
+  if (plan && (plan->whole || plan->all_short)) {
     const int64_t T = q_in.size(0), H = q_in.size(1);
     auto out = at::zeros({T, H, q_in.size(2)}, q_in.options());
     auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(),
@@ -452,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
     return {out, lse};
   }
-  // Paged caches are gathered here (the pages each sequence uses; a mixed call's one-row
+  // Paged caches are gathered here (the pages each sequence uses; a mixed call's short
   // sequences use none: their key length is 0 for the forward), block ids clamped
   // (flash_serving.h): no value is read. Every check (devices included) comes before the device
   // guard, which needs q on a CUDA device.
@@ -500,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
-  // A mixed call's one-row sequences: the decode kernel overwrites their (empty-key) rows.
+  // A mixed call's short sequences: the decode kernel overwrites their (empty-key) rows.
   if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
   return {out, lse};

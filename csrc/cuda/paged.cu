@@ -339,9 +339,11 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   std::ostringstream context;
   context << "device " << f.sm_major << "." << f.sm_minor;
   check_paged_choice(c, "flash_attn_fwd (decode path)", req, source, context.str());
-  // One grid row per query token (or per sequence: the mixed call's decode half, whose one-row
-  // sequences the host cannot count; all S are priced): the split heuristic prices those rows.
-  const int64_t rows = decode_split_rows(p);
+  // One grid row per query token, or per sequence in the mixed call's decode half (whose short
+  // sequences the host cannot count: all S are priced); the split heuristic prices those rows.
+  // The split rows (and the combine's grid) are tokens, or (sequence, row) pairs.
+  const bool short_seqs = p.short_seq_rows > 0;
+  const int64_t rows = short_seqs ? p.S : p.Tq;
   DecodeParams sizing = p;
   sizing.S = static_cast<int32_t>(rows);
   const int32_t splits = decode_splits(c.kernel, sizing, len_bound, lo);
@@ -350,18 +352,30 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   const int64_t gx = rows * p.Hkv;
   // The mixed call's decode half follows the flash forward with programmatic dependent launch:
   // its CTAs may start in the forward's tail and wait for it before writing (decode_mma.cuh).
-  const bool pdl = p.single_row_seqs;
+  const bool pdl = short_seqs;
+  // Columns of the products: the G heads, or (kRows) the (row, head) pairs of a short sequence.
+  const bool multi_row = p.short_seq_rows > 1;
+  const int64_t columns = (multi_row ? p.short_seq_rows : 1) * int64_t(p.Hq / p.Hkv);
+  ATTNKIT_CHECK(columns <= 16, "flash_attn_fwd (decode path): ", columns,
+                " (row, head) columns, expected at most 16");
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-      const int64_t G = p.Hq / p.Hkv;
+      // The kernel instance: column blocks (dispatch_head_blocks) and kRows.
+      auto dispatch_instance = [&](auto&& f) {
+        dispatch_head_blocks(columns, [&](auto nb) {
+          if (multi_row) f(nb, std::true_type{});
+          else f(nb, std::false_type{});
+        });
+      };
       auto launch = [&](auto d) {  // sm80: per-lane cp.async (sm_80+, any 16-byte aligned rows)
         constexpr int D = decltype(d)::value;
         constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-        dispatch_head_blocks(G, [&](auto nb) {
-          auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true, decltype(nb)::value>;
+        dispatch_instance([&](auto nb, auto rows_tag) {
+          auto kernel = paged_decode_mma_kernel<scalar_t, D, 0, false, true, decltype(nb)::value,
+                                                decltype(rows_tag)::value>;
           static std::atomic<uint64_t> done_mask{0};
           set_max_smem_once(kernel, kSmem, done_mask);
           launch_kernel(kernel, pdl, grid, dim3(MmaDecodeTraits<D>::kThreads), kSmem, stream, p);
@@ -378,8 +392,9 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           auto launch_tma = [&](auto d) {
             constexpr int D = decltype(d)::value;
             constexpr int kSmem = MmaDecodeTraits<D, true>::kSmemBytes;
-            dispatch_head_blocks(G, [&](auto nb) {
-              auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value>;
+            dispatch_instance([&](auto nb, auto rows_tag) {
+              auto kernel = paged_decode_mma_nhd_tma_kernel<scalar_t, D, decltype(nb)::value,
+                                                            decltype(rows_tag)::value>;
               static std::atomic<uint64_t> done_mask{0};
               set_max_smem_once(kernel, kSmem, done_mask);
               launch_kernel(kernel, pdl, grid, dim3(MmaDecodeTraits<D>::kThreads), kSmem, stream,
@@ -400,8 +415,9 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
           break;
       }
       if (splits > 1) {
-        launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true, dim3(unsigned(rows), unsigned(p.Hq)),
-                      dim3(kThreads), 0, stream, p);
+        launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true,
+                      dim3(unsigned(decode_split_rows(p)), unsigned(p.Hq)), dim3(kThreads), 0,
+                      stream, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -403,10 +403,12 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const DecodePar
   int64_t tok, srow;  // the output row, and its rows of split partials (row srow)
   if (p.token_grid) {
     tok = srow = blockIdx.x;  // every token's splits were written (uncovered ones with m = -inf)
-  } else if (p.single_row_seqs) {
-    const SeqQuery sq = seq_query(p, blockIdx.x);
-    if (sq.qlen != 1) return;  // not this kernel's sequence: its decode CTAs wrote nothing
-    tok = sq.q0, srow = blockIdx.x;
+  } else if (p.short_seq_rows > 0) {
+    const int64_t b = blockIdx.x / p.short_seq_rows, i = blockIdx.x % p.short_seq_rows;
+    const SeqQuery sq = seq_query(p, b);
+    // Not this kernel's sequence (its decode CTAs wrote nothing), or no such row.
+    if (!decode_takes_rows(p, sq.qlen) || i >= sq.qlen) return;
+    tok = sq.q0 + i, srow = blockIdx.x;
   } else {
     const int64_t b = blockIdx.x / p.max_qlen, i = blockIdx.x % p.max_qlen;
     const SeqQuery sq = seq_query(p, b);

@@ -132,11 +132,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int sw128(int row, int col) {
 
 // grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
 // MmaDecodeTraits<D>::kSmemBytes. NB = ceil(G / 8): column blocks of 8 query heads. BS = 0: the block size is read at run time (any multiple of 16).
+// kRows (the mixed serving call's short sequences, p.short_seq_rows > 1): a CTA computes all the
+// qlen <= short_seq_rows query rows of its sequence, the products' columns being the (row, head)
+// pairs r = i * G + g (NB = ceil(short_seq_rows * G / 8)), each column masked by its own row's
+// causal limit and window, so the sequence's pages are read once for all its rows.
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
 // token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) lane 0
 // copies each tile through the tensor maps map_k / map_v (the header's NHD paragraph); the
 // kernels below are this body with and without maps.
-template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB>
+template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB, bool kRows = false>
 ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const void* map_k,
                                                    const void* map_v) {
 #if ATTNKIT_HAS_MMA_SM80
@@ -197,12 +201,14 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   int32_t ids_next = p.window > 0 ? -1 : fetch_ids(split, 32);
 
   const SeqQuery sq = b >= 0 ? seq_query(p, b) : SeqQuery{0, 0, 0};
-  // The mixed call's decode half computes one-row sequences only (the flash forward, before it
-  // in the stream, wrote the other rows; the combine skips them too). It is launched with PDL
-  // after that forward, whose tail it may share: it writes (its out / lse rows, which the forward
-  // also wrote, with zeros) only after pdl_wait(), and every CTA waits, so the grid never
-  // completes before the forward does.
-  if (p.single_row_seqs && sq.qlen != 1) {
+  // The mixed call's decode half computes short sequences only (short_seq_min .. short_seq_rows
+  // rows; the flash forward, before it in the stream, wrote the long ones' rows, and the other
+  // decode launch those of the other short ones; the combine skips them too). It is launched with
+  // PDL after the kernel before it, whose tail it may share: it writes (its out / lse rows, which
+  // the forward also wrote, with zeros) only after pdl_wait(), and every CTA waits, so the grid
+  // never completes before the forward does.
+  const bool short_seqs = p.short_seq_rows > 0;
+  if (short_seqs && !decode_takes_rows(p, sq.qlen)) {
     pdl_wait();
     return;
   }
@@ -216,10 +222,13 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     return;
   }
   // The query token and its row window: token_grid rows may be any row i of their sequence.
+  // kRows: the first row's token, and the keys any of the sequence's rows sees (the first row's
+  // window start to the last row's limit); each column's own limits come below.
   const int64_t qtok = p.token_grid ? row : sq.q0;
-  const RowWindow w = row_window(sq.L, p.token_grid ? sq.qlen : 1, p.token_grid ? row - sq.q0 : 0,
-                                 p.window);
-  const int64_t lo = w.lo, hi = w.hi, qpos = w.qpos;
+  const int64_t nrows = kRows ? sq.qlen : 1;
+  const RowWindow w = row_window(sq.L, p.token_grid ? sq.qlen : nrows,
+                                 p.token_grid ? row - sq.q0 : (kRows ? nrows - 1 : 0), p.window);
+  const int64_t lo = kRows ? row_window(sq.L, nrows, 0, p.window).lo : w.lo, hi = w.hi, qpos = w.qpos;
   const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
   if (p.window > 0) ids = fetch_ids(part0, 0), ids_next = fetch_ids(part0, 32);
 
@@ -344,7 +353,13 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     const T* q = static_cast<const T*>(p.q) + qtok * p.q_st + hk * G * p.q_sh;
     for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
       const int r = idx / D, d = idx % D;
-      q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
+      if constexpr (kRows) {  // column r = (row r / G, head r % G)
+        const int i = r / G, h = r % G;
+        q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] =
+            i < nrows ? q[i * p.q_st + h * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
+      } else {
+        q_s[mmadec::kswz<D>(r, d & ~7) + (d & 7)] = r < G ? q[r * p.q_sh + d * p.q_sd] : from_float<T>(0.0f);
+      }
     }
   }
   __syncthreads();
@@ -368,8 +383,28 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int r = nb * 8 + 2 * t4 + j;
-      slope[nb][j] = (p.alibi && r < G) ? p.alibi[hk * G + r] : 0.0f;
+      const bool col = kRows ? r / G < nrows : r < G;
+      slope[nb][j] = (p.alibi && col) ? p.alibi[hk * G + (kRows ? r % G : r)] : 0.0f;
     }
+  // kRows: the keys [clo, chi) each of this thread's columns sees and its query position (a
+  // column past the sequence's rows sees none), and the keys every column sees, [all_lo, all_hi)
+  // (the last row's window start, the first row's limit): tiles inside it take the plain path.
+  int64_t clo[NB][2], chi[NB][2], cpos[NB][2];
+  int64_t all_lo = lo, all_hi = hi;
+  if constexpr (kRows) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int i = (nb * 8 + 2 * t4 + j) / G;
+        const RowWindow wc = row_window(sq.L, nrows, i, p.window);
+        clo[nb][j] = i < nrows ? wc.lo : 0;
+        chi[nb][j] = i < nrows ? wc.hi : 0;
+        cpos[nb][j] = wc.qpos;
+      }
+    all_lo = row_window(sq.L, nrows, nrows - 1, p.window).lo;
+    all_hi = row_window(sq.L, nrows, 0, p.window).hi;
+  }
   // Tiles wholly inside the window with neither soft-cap nor ALiBi take the short logit path.
   const bool plain_logits = !(p.softcap > 0.0f) && p.alibi == nullptr;
   const float scale_log2 = p.scale * kLog2e;
@@ -449,7 +484,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     }
 
     // Logits in the log2 domain. sacc[nb][e] is token g + 8(e / 2), head 8nb + 2·t4 + e % 2.
-    if (plain_logits && blk_ok && ts >= lo && ts + TILE <= hi) {
+    if (plain_logits && blk_ok && ts >= all_lo && ts + TILE <= all_hi) {
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -460,8 +495,10 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int64_t tok = ts + g + 8 * (e >> 1);
-          const bool vis = blk_ok && tok >= lo && tok < hi;
-          sacc[nb][e] = vis ? finish_logit(sacc[nb][e], p.scale, p.softcap, slope[nb][e & 1], tok, qpos) * kLog2e
+          const bool vis = kRows ? blk_ok && tok >= clo[nb][e & 1] && tok < chi[nb][e & 1]
+                                 : blk_ok && tok >= lo && tok < hi;
+          const int64_t qp = kRows ? cpos[nb][e & 1] : qpos;
+          sacc[nb][e] = vis ? finish_logit(sacc[nb][e], p.scale, p.softcap, slope[nb][e & 1], tok, qp) * kLog2e
                             : -INFINITY;
         }
     }
@@ -572,11 +609,14 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   }
   __syncthreads();
 
-  if (p.single_row_seqs) pdl_wait();  // the forward has written its zeros to these rows
+  if (short_seqs) pdl_wait();  // the forward has written its zeros to these rows
   T* out = static_cast<T*>(p.out);
-  const int64_t tok = qtok;
-  for (int idx = tid; idx < G * D; idx += Tr::kThreads) {
+  // The columns stored: the G heads of the token, or kRows the (row, head) pairs of the sequence.
+  const int ncols = kRows ? int(nrows) * G : G;
+  for (int idx = tid; idx < ncols * D; idx += Tr::kThreads) {
     const int r = idx / D, d = idx % D;
+    const int i = kRows ? r / G : 0;  // the column's row of the sequence
+    const int64_t tok = qtok + i;
     float M = -INFINITY;
 #pragma unroll
     for (int wi = 0; wi < Tr::kWarps; ++wi) M = fmaxf(M, red_ml[wi * 32 + r * 2]);
@@ -588,14 +628,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       lsum += f * red_ml[wi * 32 + r * 2 + 1];
       acc += f * red_o[(wi * 16 + r) * RS + d];
     }
-    const int64_t h = hk * G + r;
+    const int64_t h = hk * G + (kRows ? r % G : r);
     if (splits == 1) {
       out[tok * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(lsum > 0.0f ? acc / lsum : 0.0f);
       if (d == 0 && p.lse) {  // natural log: M is in the log2 domain
         p.lse[h * p.lse_sh + tok * p.lse_st] = lsum > 0.0f ? M * (1.0f / kLog2e) + logf(lsum) : -INFINITY;
       }
     } else {
-      const int64_t ws_row = ((p.single_row_seqs ? b : tok) * p.Hq + h) * splits + split;
+      const int64_t srow = short_seqs ? b * p.short_seq_rows + i : tok;
+      const int64_t ws_row = (srow * p.Hq + h) * splits + split;
       p.ws_out[ws_row * D + d] = acc;
       if (d == 0) {
         p.ws_ml[ws_row * 2] = M == -INFINITY ? -INFINITY : M * (1.0f / kLog2e);  // natural log
@@ -606,21 +647,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 #endif  // ATTNKIT_HAS_MMA_SM80
 }
 
-template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB>
+template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB, bool kRows = false>
 __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(!(kBulk && kNhd), "NHD bulk tiles take the tensor-map kernel");
-  decode_mma_body<T, D, BS, kBulk, kNhd, NB>(p, nullptr, nullptr);
+  static_assert(!kRows || kNhd, "short sequences: the serving call's NHD decode only");
+  decode_mma_body<T, D, BS, kBulk, kNhd, NB, kRows>(p, nullptr, nullptr);
 }
 
 #if ATTNKIT_HAS_NHD_TMA
 // NHD caches through tensor maps (sm_90): maps over {D, Hkv, block_size, num_blocks}, boxes
 // {64, 1, 16, 1}, 128-byte swizzle (built by the launcher; csrc/cuda/tma_map.h).
-template <typename T, int D, int NB>
+template <typename T, int D, int NB, bool kRows = false>
 __global__ void __launch_bounds__(MmaDecodeTraits<D, true>::kThreads)
     paged_decode_mma_nhd_tma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap map_k,
                                     const __grid_constant__ CUtensorMap map_v) {
-  decode_mma_body<T, D, 0, true, true, NB>(p, &map_k, &map_v);
+  decode_mma_body<T, D, 0, true, true, NB, kRows>(p, &map_k, &map_v);
 }
 #endif
 

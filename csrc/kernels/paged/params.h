@@ -141,16 +141,24 @@ struct DecodeParams {
   float* lse;
   int64_t lse_sh, lse_st;
   // The decode half of a mixed serving call (token_grid false, max_qlen = Tq so qlen is not
-  // clamped): grid rows are sequences, and only a sequence with exactly one query row is computed;
-  // the others' CTAs (and combine blocks) return without a write, their rows being the flash
-  // forward's. Split rows are indexed by sequence ([S, Hq, splits]). Tensor-core kernels only.
-  bool single_row_seqs;
+  // clamped), when short_seq_rows > 0: grid rows are sequences, and only a sequence with
+  // short_seq_min .. short_seq_rows query rows is computed, all its rows by one CTA (the columns
+  // of the products are its (row, head) pairs: short_seq_rows * G <= 16; the kernel's kRows
+  // instance when short_seq_rows > 1); the others' CTAs (and combine blocks) return without a
+  // write, their rows being the flash forward's or another launch's. Split rows are indexed by
+  // (sequence, row): [S * short_seq_rows, Hq, splits]. Tensor-core kernels only.
+  int32_t short_seq_min, short_seq_rows;
 };
 
-// Rows of the split workspace and of the combine grid: query tokens, or sequences in the mixed
-// call's decode half.
+// Whether the mixed call's decode half computes a sequence of qlen query rows.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool decode_takes_rows(const DecodeParams& p, int64_t qlen) {
+  return qlen >= p.short_seq_min && qlen <= p.short_seq_rows;
+}
+
+// Rows of the split workspace and of the combine grid: query tokens, or (sequence, row) pairs in
+// the mixed call's decode half.
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t decode_split_rows(const DecodeParams& p) {
-  return p.single_row_seqs ? p.S : p.Tq;
+  return p.short_seq_rows > 0 ? int64_t(p.S) * p.short_seq_rows : p.Tq;
 }
 
 struct RowWindow {
