@@ -347,7 +347,27 @@ def _bad_cases(device):
         bad = b.block_table.clone()
         bad[1, 0] = nb
         cases["block_table "] = dict(block_table=bad)
+        # Within the table but past max_seqlen_k (rounded up to whole blocks): the call reads only
+        # the table columns of the first max_seqlen_k keys.
+        cases["seqused_k  "] = dict(max_seqlen_k=16)
     return base, cases, nb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", ["mixed", "decode", "spec"])
+def test_wide_block_table(device, mix):
+    """vLLM's block tables span max_model_len: a table 40 times wider than the batch needs, its
+    extra columns holding out-of-range ids, gives the narrow table's result bit for bit, since the
+    call reads (and the gather path sizes its padded K / V by) only the columns of the first
+    max_seqlen_k keys."""
+    b = paged_batch(*MIXES[mix], 8, 2, 64, 16, torch.bfloat16, device)
+    out, lse = _call(b, causal=True)
+    B, M = b.block_table.shape
+    wide = torch.full((B, 40 * M), b.k_cache.shape[0] + 5, dtype=torch.int32, device=device)
+    wide[:, :M] = b.block_table
+    b.block_table = wide
+    wout, wlse = _call(b, causal=True)
+    assert torch.equal(wout, out) and torch.equal(wlse, lse)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -116,7 +116,8 @@ inline void check_block_ids_cpu(const at::Tensor& block_table, const at::Tensor&
   const int64_t B = bt.size(0), M = bt.size(1);
   for (int64_t b = 0; b < B; ++b) {
     ATTNKIT_CHECK(len[b] >= 0 && len[b] <= M * block_size, "seqused_k: expected lengths in [0, ",
-                  M * block_size, "] (the block table's capacity), got seqused_k[", b, "]=", len[b]);
+                  M * block_size, "] (the block table's capacity, or max_seqlen_k rounded up to ",
+                  "whole blocks where it is given), got seqused_k[", b, "]=", len[b]);
     const int64_t nb = (len[b] + block_size - 1) / block_size;
     for (int64_t j = 0; j < nb; ++j) {
       const int32_t id = ids[b * M + j];
@@ -145,6 +146,18 @@ inline at::Tensor gather_pages(const at::Tensor& cache, const at::Tensor& ids,
   return g.to(dtype);
 }
 
+// The block-table columns a paged call reads: those holding the first max_seqlen_k keys when the
+// caller gives it (FlashAttention's contract: no sequence uses more; the CPU checks it, CUDA
+// clamps each length to them), all of them otherwise. vLLM's tables span max_model_len, so the
+// gather path's padded K / V, [B, columns * block_size] rows, would otherwise be sized by the
+// longest sequence the server allows rather than the longest of the batch.
+inline int64_t read_table_columns(int64_t M, int64_t block_size,
+                                  const std::optional<c10::SymInt>& max_seqlen_k) {
+  if (!max_seqlen_k.has_value()) return M;
+  const int64_t keys = std::max<int64_t>(0, max_seqlen_k->guard_int(__FILE__, __LINE__));
+  return std::min(M, (keys + block_size - 1) / block_size);
+}
+
 // A backend's own gather of the pages each sequence uses (cache in q's dtype; table [B, M]
 // int32; used [B] int32 contiguous): the padded [B, M * block_size, Hkv, D] buffer with the
 // blocks past each used length left unwritten, or an undefined tensor where it cannot take the
@@ -154,11 +167,13 @@ using UsedPageGather = at::Tensor (*)(const at::Tensor& cache, const at::Tensor&
 
 // Resolves k / v (paged or not), cu_seqlens_k and seqused_k into what the kernels address.
 // `cpu`: validate tensor values (block ids, lengths) and raise; otherwise ids are clamped.
-// `used_gather`: the backend's gather of used pages for caches in q's dtype (CUDA), if any.
+// `max_seqlen_k`: bounds the table columns read (read_table_columns). `used_gather`: the
+// backend's gather of used pages for caches in q's dtype (CUDA), if any.
 inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const OptTensor& cu_q, const OptTensor& cu_k,
                              const OptTensor& seqused_k, const OptTensor& block_table,
-                             const OptTensor& k_descale, const OptTensor& v_descale, bool cpu,
+                             const OptTensor& k_descale, const OptTensor& v_descale,
+                             const std::optional<c10::SymInt>& max_seqlen_k, bool cpu,
                              UsedPageGather used_gather = nullptr) {
   ResolvedKV r{k, v, cu_k, std::nullopt};
   const auto B = batch_of(q, cu_q);
@@ -173,7 +188,10 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   }
   check_paged(q, k, v, *block_table, cu_q, k_descale, v_descale);
   const bool varlen = given(cu_q);
-  const int64_t b = B.expect_int(), M = block_table->size(1), bs = k.size(1);
+  const int64_t b = B.expect_int(), bs = k.size(1);
+  const at::Tensor table =
+      block_table->slice(1, 0, read_table_columns(block_table->size(1), bs, max_seqlen_k));
+  const int64_t M = table.size(1);
   // Key lengths: seqused_k, else cu_seqlens_k's differences (FlashAttention 2's paged call), else
   // the whole table.
   at::Tensor used;
@@ -187,9 +205,9 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   } else {
     used = at::full({b}, M * bs, q.options().dtype(at::kInt));
   }
-  if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(*block_table, used, k.size(0), bs);
+  if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(table, used, k.size(0), bs);
   // CPU: only ids past a sequence's used length are left out of range; CUDA: any id may be.
-  at::Tensor ids = block_table->clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
+  at::Tensor ids = table.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
   if (k.size(0) == 0) {  // an empty cache: every sequence has no key
     used = at::zeros({b}, q.options().dtype(at::kInt));
     ids = at::zeros({b, 0}, ids.options());
@@ -198,7 +216,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   const auto dtype = q.scalar_type();
   auto gather = [&](const at::Tensor& cache, const OptTensor& descale) {
     if (used_gather != nullptr && cache.scalar_type() == dtype && cache.size(0) > 0) {
-      at::Tensor g = used_gather(cache, *block_table, *r.seqused_k, b);
+      at::Tensor g = used_gather(cache, table, *r.seqused_k, b);
       if (g.defined()) return g;
     }
     return gather_pages(cache, ids, descale, dtype, b);

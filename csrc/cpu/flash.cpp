@@ -430,12 +430,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
-    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
-    const OptTensor& v_descale, bool /*deterministic: the CPU backward always is*/) {
+    std::optional<c10::SymInt>, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale,
+    bool /*deterministic: the CPU backward always is*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
-                                  k_descale, v_descale, /*cpu=*/true);
+                                  k_descale, v_descale, max_seqlen_k, /*cpu=*/true);
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));

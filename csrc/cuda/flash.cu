@@ -267,7 +267,8 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr,
-    const std::optional<c10::SymInt>& max_seqlen_q) {
+    const std::optional<c10::SymInt>& max_seqlen_q,
+    const std::optional<c10::SymInt>& max_seqlen_k) {
   check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);
   check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
   const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
@@ -288,7 +289,12 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   }
   NhdDecodePlan plan;
   plan.whole = T == B;
-  const int64_t M = block_table.size(1), bs = k.size(1);
+  // The table columns the call reads (read_table_columns: those of the first max_seqlen_k keys),
+  // as the gather path reads them: lengths past them are clamped by the kernel.
+  const int64_t bs = k.size(1);
+  const at::Tensor read_table =
+      block_table.slice(1, 0, read_table_columns(block_table.size(1), bs, max_seqlen_k));
+  const int64_t M = read_table.size(1);
   if (given(seqused_k)) {
     plan.used = seqused_k->contiguous();
   } else if (given(cu_k)) {
@@ -299,8 +305,8 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   } else {
     plan.used = at::full({B}, M * bs, q.options().dtype(at::kInt));
   }
-  plan.table = block_table.size(1) <= 1 || block_table.stride(1) == 1 ? block_table
-                                                                      : block_table.contiguous();
+  plan.table = read_table.size(1) <= 1 || read_table.stride(1) == 1 ? read_table
+                                                                    : read_table.contiguous();
   plan.qo = cu_q->to(at::kInt).contiguous();
   if (!plan.whole) {  // (row, head) columns of the decode kernel's products: at most 16
     plan.short_rows = 16 / G;
@@ -450,10 +456,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
-    const std::optional<c10::SymInt>& max_seqlen_q, const OptTensor& seqused_k,
-    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
-    const OptTensor& v_descale, Request req, const FwdLaunchOptions& lo,
-    const DecodeRequest& dr) {
+    const std::optional<c10::SymInt>& max_seqlen_q, const std::optional<c10::SymInt>& max_seqlen_k,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, Request req,
+    const FwdLaunchOptions& lo, const DecodeRequest& dr) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
@@ -469,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   std::optional<NhdDecodePlan> plan;
   if (req.kernel == FlashRequest::kAuto && !dr.off && paged_varlen) {
     plan = plan_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k, *block_table,
-                           s_aux, k_descale, v_descale, dr, max_seqlen_q);
+                           s_aux, k_descale, v_descale, dr, max_seqlen_q, max_seqlen_k);
   }
   // A decode batch, or one of short sequences only: the decode kernel alone, no gather.
   if (plan && (plan->whole || plan->all_short)) {
@@ -487,7 +493,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // guard, which needs q on a CUDA device.
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in,
                                   plan ? OptTensor(plan->fwd_used) : seqused_k, block_table,
-                                  k_descale, v_descale, /*cpu=*/false, gather_used_pages_cuda);
+                                  k_descale, v_descale, max_seqlen_k, /*cpu=*/false,
+                                  gather_used_pages_cuda);
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
@@ -539,19 +546,19 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/) {
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
-                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale,
-                   env_request(), FwdLaunchOptions{}, DecodeRequest{});
+                   max_seqlen_q, max_seqlen_k, seqused_k, block_table, s_aux, k_descale,
+                   v_descale, env_request(), FwdLaunchOptions{}, DecodeRequest{});
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt>,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
@@ -561,7 +568,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
                                                       paired);
   const DecodeRequest dr = check_decode_request(decode_kernel);
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
-                   max_seqlen_q, seqused_k, block_table, s_aux, k_descale, v_descale, req, lo, dr);
+                   max_seqlen_q, max_seqlen_k, seqused_k, block_table, s_aux, k_descale,
+                   v_descale, req, lo, dr);
 }
 
 // ---- backward ----
