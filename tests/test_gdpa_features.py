@@ -172,9 +172,8 @@ def test_bad_inputs(device):
     for name, kk, vv in (("k", k.double(), v), ("v", k, v[:, :, :8]), ("k", k[:, :, :8], v)):
         with pytest.raises(RuntimeError, match=name):
             attnkit.gdpa(q1, kk, vv, qo1, ko, 5, mk, broadcast_q=True)
-    if device == "cpu":  # CUDA's broadcast_q path does not check the hint yet (pending)
-        with pytest.raises(RuntimeError, match="max_seq_len_q"):
-            attnkit.gdpa(q1, k, v, qo1, ko, -5, mk, broadcast_q=True)
+    with pytest.raises(RuntimeError, match="max_seq_len_q"):
+        attnkit.gdpa(q1, k, v, qo1, ko, -5, mk, broadcast_q=True)
 
 
 def test_broadcast_q_meta_inputs_checked():

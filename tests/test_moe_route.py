@@ -404,3 +404,16 @@ def test_route_cuda_deterministic_and_graph_capturable(device):
     torch.cuda.synchronize()
     for a, b in zip(outs, runs[0][:4]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_z_loss_of_infinite_rows_is_inf(device, scoring):
+    """A row with a +inf logit, or of -inf logits only, has log-sum-exp +-inf (torch.logsumexp)
+    and so an infinite z-loss, never NaN (mx + log(sum) there is inf - inf inside the sum)."""
+    inf = float("inf")
+    for row in ([inf, 1.0, 2.0, 3.0], [-inf] * 4):
+        lg = torch.tensor([row, [0.5, 1.0, -1.0, 2.0]], device=device)
+        z = attnkit.moe_route(lg, 2, scoring=scoring, return_losses=True)[3]
+        want = ref.moe_route_ref(lg.cpu(), 2, scoring=scoring, return_losses=True)[3]
+        assert torch.isinf(want) and torch.isinf(z) and float(z) > 0, (row, z, want)

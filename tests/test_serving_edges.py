@@ -41,16 +41,17 @@ def test_sink_of_minus_inf_is_no_sink(device):
     assert torch.isfinite(ds).all() and torch.isfinite(dq).all()
 
 
-def test_rows_outside_every_sequence_keep_lse_minus_inf_with_sinks_cpu():
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_outside_every_sequence_keep_lse_minus_inf_with_sinks(device):
     """Varlen rows past cu_seqlens_q[-1] belong to no sequence: lse -inf and output 0 with sinks
-    as without (merge_attn_states reads -inf as an empty part). CPU: CUDA's sink epilogue does
-    not take cu_seqlens_q yet (docs/serving.md)."""
+    as without (merge_attn_states reads -inf as an empty part)."""
     H, Hkv, D = 2, 1, 32
-    q = torch.randn(7, H, D)
-    k, v = torch.randn(6, Hkv, D), torch.randn(6, Hkv, D)
-    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+    q = torch.randn(7, H, D, device=device)
+    k, v = torch.randn(6, Hkv, D, device=device), torch.randn(6, Hkv, D, device=device)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 4, 6], dtype=torch.int32, device=device)
     out, lse = attnkit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 4, causal=True,
-                                              s_aux=torch.tensor([0.3, -1.0]),
+                                              s_aux=torch.tensor([0.3, -1.0], device=device),
                                               return_softmax_lse=True)
     assert bool(torch.isneginf(lse[:, 5:]).all()) and bool((out[5:] == 0).all())
     assert bool(torch.isfinite(lse[:, :5]).all())

@@ -306,3 +306,32 @@ def test_compile_decode_step(device):
     expect, _ = ref.merge_attn_states_ref(po, pl, so, sl)
     assert_close(out, expect, torch.float32)
     assert torch.equal(kc[0, 3], key[0]) and torch.equal(vc[1, 4], key[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("writer", ["flash", "v1"])
+@pytest.mark.parametrize("kv", ["fp8_e5m2", "fp8_e4m3"])
+def test_fp8_writers_divide_by_the_scale(device, writer, kv):
+    """Per-tensor fp8 writers store fp8(x / scale), the IEEE quotient, as vLLM's do: x * (1 / s)
+    rounds differently for ~1% of bf16 inputs in e5m2 (3.46875 / 3.7 -> 1.0, not 0.875). -0.0
+    keeps its sign bit (0x80), as torch's conversion does."""
+    f8 = torch.float8_e5m2 if kv == "fp8_e5m2" else torch.float8_e4m3fn
+    x = torch.full((1, 1, 16), 3.46875, dtype=torch.bfloat16, device=device)
+    x[0, 0, 1] = -0.0
+    x[0, 0, 2:] = torch.randn(14, device=device).to(torch.bfloat16) * 4
+    if writer == "flash":
+        kc = torch.zeros(1, 16, 1, 16, dtype=torch.uint8, device=device)
+        vc = torch.zeros_like(kc)
+        attnkit.reshape_and_cache_flash(x, x, kc, vc, torch.tensor([0], device=device), kv, 3.7, 3.7)
+        got = kc[0, 0, 0]
+    else:
+        kc = torch.zeros(1, 1, 1, 16, 16, dtype=torch.uint8, device=device)
+        vc = torch.zeros(1, 1, 16, 16, dtype=torch.uint8, device=device)
+        attnkit.reshape_and_cache(x, x, kc, vc, torch.tensor([0], device=device), kv, 3.7, 3.7)
+        got = kc[0, 0, 0, 0]
+    m = torch.finfo(f8).max
+    want = (x[0, 0].double() / float(torch.tensor(3.7))).float().clamp(-m, m).to(f8).view(torch.uint8)
+    assert torch.equal(got, want), (got, want)
+    if kv == "fp8_e5m2":
+        assert int(got[0]) == int(torch.tensor(1.0).to(f8).view(torch.uint8))
+    assert int(got[1]) == 0x80

@@ -49,7 +49,9 @@ A route_scores(const A* x, int64_t E, bool sigmoid, A* s) {
   for (int64_t e = 0; e < E; ++e) {
     s[e] = sigmoid ? A(1) / (A(1) + std::exp(-x[e])) : std::exp(x[e] - mx) / sum;
   }
-  return mx + std::log(sum);
+  // A +inf logit, or a row of -inf ones: the log-sum-exp is that infinity (torch.logsumexp),
+  // where mx + log(sum) would be inf - inf = NaN inside the sum.
+  return std::isinf(mx) ? mx : mx + std::log(sum);
 }
 
 // Per-thread scratch of route_row.

@@ -193,27 +193,29 @@ void check_slots(const CacheWriteParams& p) {
   }
 }
 
+// `y`: the element already scaled for a quantised kind, x itself for kSame.
 template <typename scalar_t, CacheKind K>
-inline void store_elem(void* base, int64_t off, float x, float inv_scale) {
+inline void store_elem(void* base, int64_t off, float y) {
   if constexpr (K == CacheKind::kSame) {
-    static_cast<scalar_t*>(base)[off] = static_cast<scalar_t>(x);
+    static_cast<scalar_t*>(base)[off] = static_cast<scalar_t>(y);
   } else if constexpr (K == CacheKind::kFp8E4M3) {
-    static_cast<uint8_t*>(base)[off] = float_to_fp8<4, 3>(x * inv_scale);
+    static_cast<uint8_t*>(base)[off] = float_to_fp8<4, 3>(y);
   } else if constexpr (K == CacheKind::kFp8E5M2) {
-    static_cast<uint8_t*>(base)[off] = float_to_fp8<5, 2>(x * inv_scale);
+    static_cast<uint8_t*>(base)[off] = float_to_fp8<5, 2>(y);
   } else {
-    const float r = std::nearbyint(x * inv_scale);
+    const float r = std::nearbyint(y);
     static_cast<int8_t*>(base)[off] = static_cast<int8_t>(std::min(kInt8Max, std::max(-kInt8Max, r)));
   }
 }
 
-// Per-tensor fp8 divides by the scale (vLLM); per-token scales are amax / range per (token, head).
+// Per-tensor fp8 divides by the scale (x / scale, as vLLM); per-token scales are amax / range
+// per (token, head), applied as x * (1 / scale).
 template <typename scalar_t, CacheKind K>
 void write_impl(const CacheWriteParams& p) {
   const bool per_token = p.k_tok_scale != nullptr;
   const float range = K == CacheKind::kInt8 ? kInt8Max : kFp8E4M3Max;
-  const float k_inv = (!per_token && p.k_scale) ? 1.0f / p.k_scale[0] : 1.0f;
-  const float v_inv = (!per_token && p.v_scale) ? 1.0f / p.v_scale[0] : 1.0f;
+  const float k_div = (!per_token && p.k_scale) ? p.k_scale[0] : 1.0f;
+  const float v_div = (!per_token && p.v_scale) ? p.v_scale[0] : 1.0f;
   at::parallel_for(0, p.T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slot_at(p, t);
@@ -222,7 +224,7 @@ void write_impl(const CacheWriteParams& p) {
       for (int64_t h = 0; h < p.Hkv; ++h) {
         const scalar_t* k = static_cast<const scalar_t*>(p.key) + t * p.k_st + h * p.k_sh;
         const scalar_t* v = static_cast<const scalar_t*>(p.value) + t * p.v_st + h * p.v_sh;
-        float ki = k_inv, vi = v_inv;
+        float ki = 1.0f, vi = 1.0f;
         if (per_token) {
           float ka = 0.0f, va = 0.0f;
           for (int64_t d = 0; d < p.D; ++d) {
@@ -236,8 +238,12 @@ void write_impl(const CacheWriteParams& p) {
           vi = vs > 0.0f ? 1.0f / vs : 0.0f;
         }
         for (int64_t d = 0; d < p.D; ++d) {
-          store_elem<scalar_t, K>(p.k_cache, key_offset(p.cs, blk, h, tin, d), static_cast<float>(k[d]), ki);
-          store_elem<scalar_t, K>(p.v_cache, value_offset(p.cs, blk, h, tin, d), static_cast<float>(v[d]), vi);
+          const float kx = static_cast<float>(k[d]), vx = static_cast<float>(v[d]);
+          const bool same = K == CacheKind::kSame;
+          store_elem<scalar_t, K>(p.k_cache, key_offset(p.cs, blk, h, tin, d),
+                                  same ? kx : (per_token ? kx * ki : kx / k_div));
+          store_elem<scalar_t, K>(p.v_cache, value_offset(p.cs, blk, h, tin, d),
+                                  same ? vx : (per_token ? vx * vi : vx / v_div));
         }
       }
     }

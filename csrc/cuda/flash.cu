@@ -484,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(),
                         q_in.options().dtype(at::kFloat));
     run_nhd_decode(*plan, out, lse, q_in, k_cache, v_cache, opt, dr);
-    if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true);
+    if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true, cu_q);
     return {out, lse};
   }
   // Paged caches are gathered here (the pages each sequence uses; a mixed call's short
@@ -510,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   auto lse = varlen ? at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(), lse_opts)
                     : at::empty({q.size(0), q.size(2), q.size(1)}, lse_opts);
   if (out.numel() == 0) {
-    if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
+    if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen, varlen ? cu_q : OptTensor());
     return {out, lse};
   }
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
@@ -538,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   });
   // A mixed call's short sequences: the decode kernel overwrites their (empty-key) rows.
   if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr);
-  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen);
+  if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen, cq);
   return {out, lse};
 }
 

@@ -264,6 +264,8 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
                     const FwdLaunchOptions& lo) {
   check_window(window_size);
   if (broadcast_q) {
+    check_broadcast_q_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
+                             max_seq_len_kv);
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
     return gdpa_fwd(e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq, max_seq_len_kv, activation,
                     qk_scale, pre_scale, causal, window_size, false, req, lo);
@@ -392,6 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     const Request& req, const BwdLaunchOptions& lo) {
   check_window(window_size);
   if (broadcast_q) {
+    check_broadcast_q_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
+                             max_seq_len_kv);
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
     auto [dq, dk, dv] = gdpa_bwd(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
                                  max_seq_len_kv, activation, qk_scale, pre_scale, causal,

@@ -544,6 +544,15 @@ def _write_cache(key_cache, value_cache, kq, vq, blk, off):
         value_cache[blk, :, off // x, :, off % x] = vq
 
 
+def _per_tensor_scaled(x, scale, fp8):
+    """fp32 x / scale, the IEEE quotient (vLLM's per-tensor fp8 writers divide): divided in fp64
+    and rounded once, exact for fp32 operands on every device (torch's CUDA `tensor / scalar`
+    multiplies by the reciprocal)."""
+    if not fp8:
+        return x.float()
+    return (x.double() / float(scale)).float()
+
+
 def reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype="auto",
                           k_scale=1.0, v_scale=1.0):
     """Writes into (and returns) clones of the caches; slots < 0 are skipped."""
@@ -552,12 +561,12 @@ def reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_c
     slots = slot_mapping[keep].long()
     bs = key_cache.shape[3]
     blk, off = slots // bs, slots % bs
-    kinv = torch.tensor(1.0, dtype=torch.float32) / float(k_scale)
-    vinv = torch.tensor(1.0, dtype=torch.float32) / float(v_scale)
-    if kv_cache_dtype == "auto":
-        kinv = vinv = torch.tensor(1.0)
-    kq = quantize_to_cache(key[keep].float(), key_cache.dtype, kinv.to(key.device), kv_cache_dtype)
-    vq = quantize_to_cache(value[keep].float(), value_cache.dtype, vinv.to(key.device), kv_cache_dtype)
+    fp8 = kv_cache_dtype != "auto"
+    one = torch.tensor(1.0, device=key.device)
+    kq = quantize_to_cache(_per_tensor_scaled(key[keep], k_scale, fp8), key_cache.dtype, one,
+                           kv_cache_dtype)
+    vq = quantize_to_cache(_per_tensor_scaled(value[keep], v_scale, fp8), value_cache.dtype, one,
+                           kv_cache_dtype)
     _write_cache(key_cache, value_cache, kq, vq, blk, off)
     return key_cache, value_cache
 
@@ -597,12 +606,11 @@ def reshape_and_cache_flash_ref(key, value, key_cache, value_cache, slot_mapping
     bs = key_cache.shape[1]
     blk, off = slots // bs, slots % bs
     fp8 = kv_cache_dtype != "auto"
-    kinv = torch.tensor(1.0 / float(k_scale) if fp8 else 1.0, dtype=torch.float32)
-    vinv = torch.tensor(1.0 / float(v_scale) if fp8 else 1.0, dtype=torch.float32)
-    key_cache[blk, off] = quantize_to_cache(key[keep].float(), key_cache.dtype,
-                                            kinv.to(key.device), kv_cache_dtype)
-    value_cache[blk, off] = quantize_to_cache(value[keep].float(), value_cache.dtype,
-                                              vinv.to(key.device), kv_cache_dtype)
+    one = torch.tensor(1.0, device=key.device)
+    key_cache[blk, off] = quantize_to_cache(_per_tensor_scaled(key[keep], k_scale, fp8),
+                                            key_cache.dtype, one, kv_cache_dtype)
+    value_cache[blk, off] = quantize_to_cache(_per_tensor_scaled(value[keep], v_scale, fp8),
+                                              value_cache.dtype, one, kv_cache_dtype)
     return key_cache, value_cache
 
 

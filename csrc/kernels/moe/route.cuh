@@ -115,7 +115,7 @@ __global__ void route_kernel(const T* __restrict__ logits, const A* __restrict__
   if (stats != nullptr) {
     ssum = warp_sum(ssum);
     if (lane == 0) {
-      stats[2 * t] = mx + log(sum);
+      stats[2 * t] = isinf(mx) ? mx : mx + log(sum);  // +-inf rows: torch.logsumexp's value
       stats[2 * t + 1] = ssum;
     }
   }

@@ -60,7 +60,9 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE uint8_t float_to_fp8(float x) {
   // Largest finite: e4m3fn 448 (exponent 15, mantissa 6), e5m2 57344 (exponent 30, mantissa 3).
   constexpr float kMax = (E == 4) ? 448.0f : 57344.0f;
   if (x != x) return 0x7f;
-  const uint8_t sign = x < 0.0f ? 0x80 : 0;
+  uint32_t xbits;  // the sign bit itself: -0.0 stores as 0x80, as torch's conversion does
+  memcpy(&xbits, &x, 4);
+  const uint8_t sign = (xbits >> 31) ? 0x80 : 0;
   float a = fabsf(x);
   if (a > kMax) a = kMax;
   const float min_normal = 1.0f / float(1 << (B - 1));
