@@ -9,7 +9,8 @@ from .flash import flash_attn_func, flash_attn_varlen_func
 
 
 def _unpack(t: torch.Tensor, name: str, parts: int, dim: int, layout: str):
-    if t.dim() <= dim or t.shape[dim] != parts:
+    """The views of a packed tensor: its rank (len(layout)) and its `parts` entries in `dim`."""
+    if t.dim() != len(layout.strip("[]").split(", ")) or t.shape[dim] != parts:
         raise RuntimeError(f"attnkit: {name}: expected {layout}, got shape {tuple(t.shape)}")
     return t.unbind(dim)
 
@@ -26,8 +27,6 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``qkv`` ``[B, S, 3, H, D]``; otherwise :func:`flash_attn_func`."""
-    if qkv.dim() != 5:
-        raise RuntimeError(f"attnkit: qkv: expected [B, S, 3, H, D], got shape {tuple(qkv.shape)}")
     q, k, v = _unpack(qkv, "qkv", 3, 2, "[B, S, 3, H, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
@@ -46,8 +45,6 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``q`` ``[B, Sq, H, D]``, ``kv`` ``[B, Sk, 2, Hkv, D]``; otherwise :func:`flash_attn_func`."""
-    if kv.dim() != 5:
-        raise RuntimeError(f"attnkit: kv: expected [B, Sk, 2, Hkv, D], got shape {tuple(kv.shape)}")
     k, v = _unpack(kv, "kv", 2, 2, "[B, Sk, 2, Hkv, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
@@ -68,8 +65,6 @@ def flash_attn_varlen_qkvpacked_func(
 ):
     """``qkv`` ``[T, 3, H, D]`` with one ``cu_seqlens`` for q and k; otherwise
     :func:`flash_attn_varlen_func`."""
-    if qkv.dim() != 4:
-        raise RuntimeError(f"attnkit: qkv: expected [T, 3, H, D], got shape {tuple(qkv.shape)}")
     q, k, v = _unpack(qkv, "qkv", 3, 1, "[T, 3, H, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
@@ -93,8 +88,6 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``q`` ``[Tq, H, D]``, ``kv`` ``[Tk, 2, Hkv, D]``; otherwise :func:`flash_attn_varlen_func`."""
-    if kv.dim() != 4:
-        raise RuntimeError(f"attnkit: kv: expected [Tk, 2, Hkv, D], got shape {tuple(kv.shape)}")
     k, v = _unpack(kv, "kv", 2, 1, "[Tk, 2, Hkv, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
