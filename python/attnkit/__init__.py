@@ -14,6 +14,9 @@ from .flash_packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
 from .moe import (MoE, expert_load_balance, grouped_gemm, grouped_gemm_swiglu, moe, moe_permute,
                   moe_route, moe_topk_softmax, moe_unpermute, silu_and_mul)
 from .moe_ep import moe_combine, moe_dispatch
+from . import moe_compat  # vLLM fused_moe drop-ins; its silu_and_mul is vLLM's out-variant
+from .moe_compat import (fused_topk, grouped_topk, moe_align_block_size,
+                         moe_align_block_size_alloc, moe_sum, topk_softmax)
 from .paged import (merge_attn_states, pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
                     reshape_and_cache_flash, reshape_and_cache_with_pertoken_quant)
 
@@ -29,6 +32,9 @@ __all__ = [
     "moe", "MoE", "moe_route", "moe_topk_softmax", "moe_permute", "moe_unpermute",
     "grouped_gemm", "grouped_gemm_swiglu", "silu_and_mul", "expert_load_balance", "moe_dispatch",
     "moe_combine",
+    # vLLM fused_moe drop-ins (attnkit.moe_compat; moe_compat.silu_and_mul is vLLM's (out, x))
+    "moe_compat", "topk_softmax", "fused_topk", "grouped_topk", "moe_sum", "moe_align_block_size",
+    "moe_align_block_size_alloc",
     # paged decode attention
     "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",
