@@ -7,7 +7,7 @@ import torch  # noqa: F401  (the op library links against torch's libraries)
 
 from . import _C  # noqa: F401  registers torch.ops.attnkit.*
 
-from .gdpa import GDPA_ACTIVATIONS, gdpa
+from .gdpa import GDPA_ACTIVATIONS, gdpa, generalized_dot_product_attention
 from .flash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .flash_packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                            flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
@@ -17,13 +17,14 @@ from .moe_ep import moe_combine, moe_dispatch
 from . import moe_compat  # vLLM fused_moe drop-ins; its silu_and_mul is vLLM's out-variant
 from .moe_compat import (fused_topk, grouped_topk, moe_align_block_size,
                          moe_align_block_size_alloc, moe_sum, topk_softmax)
-from .paged import (merge_attn_states, pa_fwd, pa_fwd_asm, paged_attention_v1, reshape_and_cache,
-                    reshape_and_cache_flash, reshape_and_cache_with_pertoken_quant)
+from .paged import (merge_attn_states, merge_state_v2, pa_fwd, pa_fwd_asm, paged_attention_v1,
+                    reshape_and_cache, reshape_and_cache_flash,
+                    reshape_and_cache_with_pertoken_quant)
 
 __all__ = [
     "built_with_cuda",
     # GDPA
-    "gdpa", "GDPA_ACTIVATIONS",
+    "gdpa", "GDPA_ACTIVATIONS", "generalized_dot_product_attention",
     # flash attention
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
     "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
@@ -39,7 +40,7 @@ __all__ = [
     "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",
     # serving on NHD caches
-    "reshape_and_cache_flash", "merge_attn_states",
+    "reshape_and_cache_flash", "merge_attn_states", "merge_state_v2",
 ]
 
 

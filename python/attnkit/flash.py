@@ -39,10 +39,14 @@ def _window(window_size) -> Tuple[int, int]:
     return tuple(-1 if int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 
 
-def _sinks(s_aux, learnable_sink):
-    if s_aux is not None and learnable_sink is not None:
-        raise RuntimeError("attnkit: s_aux: pass the sinks as s_aux or learnable_sink, not both")
-    return s_aux if s_aux is not None else learnable_sink
+def _sinks(s_aux, learnable_sink, sinks=None):
+    # s_aux: vLLM / transformers; learnable_sink: FA4; sinks: sgl_kernel.
+    given = [(n, t) for n, t in (("s_aux", s_aux), ("learnable_sink", learnable_sink),
+                                 ("sinks", sinks)) if t is not None]
+    if len(given) > 1:
+        raise RuntimeError(f"attnkit: s_aux: pass the sinks under one name (s_aux, learnable_sink "
+                           f"or sinks), got {' and '.join(n for n, _ in given)}")
+    return given[0][1] if given else None
 
 
 def _check_q_descale(q, q_descale):
@@ -205,23 +209,23 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, si
     if q.dtype != k_cache.dtype and k_cache.dtype not in (torch.float8_e4m3fn, torch.uint8):
         raise RuntimeError(f"attnkit: k_cache: expected dtype {q.dtype} (that of q) or an fp8 cache, "
                            f"got {k_cache.dtype}")
-    if q.shape[3] != k_cache.shape[3]:
-        raise RuntimeError(f"attnkit: k_cache: expected head dim {q.shape[3]} (that of q), got shape "
-                           f"{tuple(k_cache.shape)}")
-    if k_cache.shape[2] < 1 or q.shape[2] % k_cache.shape[2]:
-        raise RuntimeError(f"attnkit: k_cache: expected a number of kv heads dividing q's {q.shape[2]} "
-                           f"heads, got shape {tuple(k_cache.shape)}")
+    if q.shape[-1] != k_cache.shape[3]:
+        raise RuntimeError(f"attnkit: k_cache: expected head dim {q.shape[-1]} (that of q), got "
+                           f"shape {tuple(k_cache.shape)}")
+    if k_cache.shape[2] < 1 or q.shape[-2] % k_cache.shape[2]:
+        raise RuntimeError(f"attnkit: k_cache: expected a number of kv heads dividing q's "
+                           f"{q.shape[-2]} heads, got shape {tuple(k_cache.shape)}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise RuntimeError(f"attnkit: softmax_scale: expected a finite value, got {softmax_scale}")
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none), got {softcap}")
     if wl < -1 or wr < -1:
         raise RuntimeError(f"attnkit: window_size: expected sides >= -1, got ({wl}, {wr})")
-    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[2]
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[-2]
                               or sinks.device != q.device or not sinks.is_floating_point()):
-        raise RuntimeError(f"attnkit: s_aux: expected a float [{q.shape[2]}] tensor on {q.device} (one "
-                           f"sink logit per query head), got {sinks.dtype} {tuple(sinks.shape)} on "
-                           f"{sinks.device}")
+        raise RuntimeError(f"attnkit: s_aux: expected a float [{q.shape[-2]}] tensor on {q.device} "
+                           f"(one sink logit per query head), got {sinks.dtype} "
+                           f"{tuple(sinks.shape)} on {sinks.device}")
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
@@ -257,6 +261,65 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     return torch.cat((rot.to(x.dtype), rest), dim=-1)
 
 
+def _check_fa3_unsupported(qv, rotary_seqlens, attention_chunk, score_mod, aux_tensors):
+    """Keywords of FlashAttention 3's / sgl_kernel's flash_attn_with_kvcache whose features attnkit
+    does not have: a RuntimeError naming each, rather than a different result."""
+    for name, t, what in (
+            ("qv", qv, "MLA's absorbed qv term"),
+            ("rotary_seqlens", rotary_seqlens, "rotary positions apart from the cache's"),
+            ("score_mod", score_mod, "FlashAttention 4's score modifier"),
+            ("aux_tensors", aux_tensors, "FlashAttention 4's score-modifier tensors")):
+        if t is not None:
+            raise RuntimeError(f"attnkit: {name}: expected None ({what} is not supported)")
+    if attention_chunk not in (None, 0):
+        raise RuntimeError(f"attnkit: attention_chunk: expected 0 or None (chunked local attention "
+                           f"is not supported), got {attention_chunk}")
+
+
+def _block_table(block_table, page_table):
+    """FlashAttention 3 calls the block table page_table: either name, not both. Returns the table
+    and the name it came under (for error messages)."""
+    if page_table is not None and block_table is not None:
+        raise RuntimeError("attnkit: page_table: pass the table as page_table (FlashAttention 3) "
+                           "or block_table (FlashAttention 2), not both")
+    return (page_table, "page_table") if page_table is not None else (block_table, "block_table")
+
+
+def _paged_op_takes(block_size: int) -> bool:
+    """The block sizes flash_attn_fwd's block table takes (docs/serving.md)."""
+    return block_size % 16 == 0 and 16 <= block_size <= 256
+
+
+def _gather_pages(k_cache, v_cache, table, used, name):
+    """Dense ``[B, max_blocks * block_size, Hkv, D]`` copies of every sequence's keys and values
+    (key j of sequence b at row j), for page sizes the paged op does not take (SGLang's default
+    is 1). Ids past a sequence's used blocks are never read by the attention (seqused_k stops
+    before them) and are clamped into the cache; those of used blocks are checked on the CPU (CUDA
+    clamps them too, as the paged op does: no host sync)."""
+    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    ids = table.long()
+    if ids.device.type == "cpu" and ids.numel():
+        in_use = torch.arange(ids.shape[1]) * bs < used.long().unsqueeze(1)
+        bad = in_use & ((ids < 0) | (ids >= nb))
+        if bool(bad.any()):
+            raise RuntimeError(f"attnkit: {name}: expected the ids of used blocks in [0, {nb}) "
+                               f"(the cache's blocks), got {int(ids[bad][0])}")
+    ids = ids.clamp(0, max(nb - 1, 0))
+    return k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
+
+
+def _dequantized(cache, descale, name, dtype):
+    """A dense fp8 cache ``[B, S, Hkv, D]`` in the query dtype, element x descale[b, kv head],
+    rounded once (the paged op's dequantisation): the dense op takes no descales."""
+    x = cache.float()
+    if descale is not None:
+        if tuple(descale.shape) != (cache.shape[0], cache.shape[2]):
+            raise RuntimeError(f"attnkit: {name}: expected [{cache.shape[0]}, {cache.shape[2]}] "
+                               f"(one per sequence and kv head), got {tuple(descale.shape)}")
+        x = x * descale.float()[:, None, :, None]
+    return x.to(dtype)
+
+
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -280,6 +343,25 @@ def flash_attn_with_kvcache(
     *,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    # FlashAttention 3 / sgl_kernel keywords (docs/serving.md)
+    page_table: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k_new: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    qv: Optional[torch.Tensor] = None,
+    rotary_seqlens: Optional[torch.Tensor] = None,
+    attention_chunk: Optional[int] = None,
+    score_mod=None,
+    aux_tensors=None,
+    scheduler_metadata=None,
+    pack_gqa: Optional[bool] = None,
+    sm_margin: int = 0,
+    ver: Optional[int] = None,
 ):
     """FlashAttention 2's decode / append call: q ``[B, Sq, H, D]`` against a KV cache, dense
     ``[B_cache, S_cache, Hkv, D]`` (rows picked by ``cache_batch_idx``, default ``arange(B)``) or
@@ -294,12 +376,47 @@ def flash_attn_with_kvcache(
     the whole cache (only without new k/v). Arguments are checked before the cache is written
     (docs/serving.md). ``num_splits`` is a scheduling hint (ignored). Returns ``out``, or
     ``(out, lse)`` with ``return_softmax_lse`` (lse ``[B, H, Sq]``).
+
+    FlashAttention 3's / SGLang's keywords (by name; docs/serving.md):
+      - ``page_table``: the block table under FA3's name (not both). Any page size: those the
+        paged op does not take (not a multiple of 16 in [16, 256], e.g. SGLang's 1) are gathered
+        into a dense copy first.
+      - ``cu_seqlens_q`` ``[B+1]`` (+ ``max_seqlen_q``, a sizing hint): q is varlen
+        ``[total_q, H, D]``; sequence b's queries attend its first ``cache_seqlens[b]`` keys,
+        causal aligned bottom-right; lse ``[H, total_q]``. No new k / v then (write them first).
+        ``cu_seqlens_k_new`` only describes new k / v: ignored without them, as in FA3.
+      - ``k_descale`` / ``v_descale`` as ``flash_attn_varlen_func`` takes them; ``q_descale``
+        scales fp8 queries only (attnkit takes none): None or ones (checked on the CPU).
+      - ``sinks``: attention sinks, sgl_kernel's name for ``s_aux``. ``out``: written and returned.
+      - ``scheduler_metadata``, ``pack_gqa``, ``sm_margin``, ``num_splits``, ``ver``: scheduling
+        and backend choices, ignored. ``qv``, ``rotary_seqlens``, ``attention_chunk`` != 0,
+        ``score_mod``, ``aux_tensors``, ``cache_leftpad``: a RuntimeError naming them.
     """
     _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None:
         raise RuntimeError("attnkit: cache_leftpad: expected None (left-padded caches are not supported)")
-    if q.dim() != 4:
-        raise RuntimeError(f"attnkit: q: expected [B, Sq, H, D], got shape {tuple(q.shape)}")
+    _check_fa3_unsupported(qv, rotary_seqlens, attention_chunk, score_mod, aux_tensors)
+    block_table, table_name = _block_table(block_table, page_table)
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        if q.dim() != 3 or cu_seqlens_q.dim() != 1:
+            raise RuntimeError(f"attnkit: q: expected [total_q, H, D] with a [B+1] cu_seqlens_q, "
+                               f"got shapes {tuple(q.shape)} and {tuple(cu_seqlens_q.shape)}")
+        if k is not None:
+            name = "cu_seqlens_k_new" if cu_seqlens_k_new is not None else "k"
+            raise RuntimeError(f"attnkit: {name}: expected no new k / v with cu_seqlens_q "
+                               "(appending is supported for a [B, Sq, H, D] q only): write them "
+                               "into the cache first (reshape_and_cache_flash)")
+        B = cu_seqlens_q.shape[0] - 1
+    else:
+        if q.dim() != 4:
+            raise RuntimeError(f"attnkit: q: expected [B, Sq, H, D] (or [total_q, H, D] with "
+                               f"cu_seqlens_q), got shape {tuple(q.shape)}")
+        if k is not None and cu_seqlens_k_new is not None:
+            raise RuntimeError("attnkit: cu_seqlens_k_new: expected None with new k and v (new "
+                               "keys in a varlen layout are not supported): pass them as "
+                               "[B, S_new, Hkv, D]")
+        B = q.shape[0]
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise RuntimeError(f"attnkit: k_cache: expected 4-D k_cache and v_cache of one shape, got "
                            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -307,22 +424,30 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: v: expected k and v to be both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
-    B, Sq = q.shape[0], q.shape[1]
+    _check_q_descale(q, q_descale)
+    if (q_descale is not None and q_descale.device.type == "cpu" and q_descale.numel()
+            and not bool((q_descale == 1).all())):
+        raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
+                           "scales fp8 queries, which attnkit does not take), got other values")
+    k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale)
     dev = q.device
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
-        raise RuntimeError("attnkit: cache_batch_idx: expected None with block_table")
+        raise RuntimeError(f"attnkit: cache_batch_idx: expected None with {table_name}")
+    if paged and (block_table.dim() != 2 or block_table.shape[0] != B):
+        raise RuntimeError(f"attnkit: {table_name}: expected [{B}, max_blocks] (one row per "
+                           f"sequence), got shape {tuple(block_table.shape)}")
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     # FlashAttention 2 counts a window side as absent when it reaches the cache's length: both for
     # the mask and for where q is rotated (below).
     wl, wr = (-1 if w >= capacity else w for w in _window(window_size))
-    sinks = _sinks(s_aux, learnable_sink)
+    sinks = _sinks(s_aux, learnable_sink, sinks)
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, sinks)
     if k is not None and cache_seqlens is None:
         raise RuntimeError("attnkit: cache_seqlens: expected the cache's lengths when k and v are "
                            "given (where to append them; FlashAttention 2 requires it too)")
     if rotary_cos is not None:
-        _check_rotary(rotary_cos, rotary_sin, q.shape[3], capacity)
+        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], capacity)
     ro = rotary_cos.shape[0] if rotary_cos is not None else 0
     if cache_seqlens is None:
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=dev)
@@ -392,20 +517,38 @@ def flash_attn_with_kvcache(
                                 k_cache, v_cache, slots.reshape(-1))
     elif rotary_cos is not None:
         raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")
-    if rotary_cos is not None:
-        local = causal or wl >= 0 or wr >= 0
+    if rotary_cos is not None:  # q is [B, Sq, H, D] here: new k / v need it
+        local, Sq = causal or wl >= 0 or wr >= 0, q.shape[1]
         qpos = seqlens.to(torch.int64).unsqueeze(1) + (torch.arange(Sq, device=dev) if local else
                                                         torch.zeros(Sq, dtype=torch.int64, device=dev))
         qpos = qpos.clamp(max=ro - 1)
         q = _rotate(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
-    if paged:
+    attn = dict(s_aux=sinks, k_descale=k_descale, v_descale=v_descale)
+    if paged and _paged_op_takes(k_cache.shape[1]):
         res, lse = torch.ops.attnkit.flash_attn_fwd(
-            q, k_cache, v_cache, softmax_scale, causal, wl, wr, softcap, seqused_k=used,
-            block_table=block_table, s_aux=sinks)
+            q, k_cache, v_cache, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, None,
+            max_seqlen_q, None, seqused_k=used, block_table=block_table, **attn)
     else:
-        kc = k_cache if cache_batch_idx is None else k_cache.index_select(0, rows)
-        vc = v_cache if cache_batch_idx is None else v_cache.index_select(0, rows)
-        res, lse = torch.ops.attnkit.flash_attn_fwd(
-            q, kc, vc, softmax_scale, causal, wl, wr, softcap, seqused_k=used, s_aux=sinks)
+        if paged:
+            kc, vc = _gather_pages(k_cache, v_cache, block_table, used, table_name)
+        elif cache_batch_idx is None:
+            kc, vc = k_cache, v_cache
+        else:
+            kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
+        if kc.dtype == torch.float8_e4m3fn:
+            kc = _dequantized(kc, k_descale, "k_descale", q.dtype)
+            vc = _dequantized(vc, v_descale, "v_descale", q.dtype)
+            attn.update(k_descale=None, v_descale=None)
+        if varlen:  # the varlen op takes varlen keys: sequence b is rows [b S, (b+1) S)
+            S = kc.shape[1]
+            cu_k = torch.arange(B + 1, dtype=cu_seqlens_q.dtype, device=dev) * S
+            res, lse = torch.ops.attnkit.flash_attn_fwd(
+                q, kc.reshape(B * S, *kc.shape[2:]), vc.reshape(B * S, *vc.shape[2:]),
+                softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_k, max_seqlen_q, S,
+                seqused_k=used, **attn)
+        else:
+            res, lse = torch.ops.attnkit.flash_attn_fwd(
+                q, kc, vc, softmax_scale, causal, wl, wr, softcap, seqused_k=used, **attn)
+    res = _into(out, res)
     return (res, lse) if return_softmax_lse else res

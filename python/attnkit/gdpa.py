@@ -1,5 +1,5 @@
 """GDPA: generalized dot-product attention over jagged sequences (DESIGN §3.1)."""
-from typing import Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -59,6 +59,142 @@ def gdpa(
         q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation, qk_scale,
         pre_scale=pre_scale, causal=causal, window_size=window_size, broadcast_q=broadcast_q,
     )
+
+
+# ---- Meta's name: ads_model_kernel_library's generalized_dot_product_attention -----------------
+# Activation names of Meta's enum (gdpa/triton/math.py) that attnkit computes under another name.
+# fast_gelu_bf16 is the tanh GELU evaluated in bf16 (Meta's own PyTorch reference for it is
+# GELU(approximate="tanh"), as for fast_gelu): attnkit evaluates it in fp32 and rounds P to v's
+# dtype; the two differ by about one bf16 rounding of P (docs/ops.md, "Meta's name").
+_META_ACTIVATION_ALIASES = {"fast_gelu_bf16": "fast_gelu"}
+
+# Meta's arguments attnkit does not support: each must keep its default (None, False or an empty
+# list), else a RuntimeError names it.
+_META_UNSUPPORTED = {
+    "ad_to_request_offset": "query sequences mapped onto shared kv sequences (Meta's inference "
+                            "path) are not supported",
+    "attn_mask": "attention masks / biases are not supported (Meta's kernel refuses them too)",
+    "output_offset": "output rows at offsets other than query_offset are not supported",
+    "use_start_end_offsets": "[start, end) offset pairs are not supported: pass [B+1] offsets",
+    "total_num_objects": "only with use_start_end_offsets, which is not supported",
+    "ensemble_activation_list": "activation ensembles are not supported",
+    **{name: "additive time / position encodings of the queries are not supported" for name in (
+        "ts_encoding_params", "ts_event_request_even_params", "ts_event_request_log_params",
+        "ts_adjacent_event_log_params", "ts_encoding_bucket_values",
+        "ts_event_request_even_bucket_values", "ts_event_request_log_bucket_values",
+        "ts_adjacent_event_log_bucket_values", "pos_emb_params", "pos_emb_bucket_values")},
+}
+
+
+def _check_meta_seq_index(seq_index, batch: int) -> None:
+    """seq_index only orders Meta's work items (sequence seq_index[i] is computed i-th), so a
+    permutation of the B sequences leaves the result unchanged and attnkit, which schedules
+    itself, ignores it; anything else would leave Meta's output partly unwritten. Its values are
+    checked on the CPU only (no host sync on CUDA)."""
+    if seq_index.dim() != 1 or seq_index.shape[0] != batch or seq_index.is_floating_point():
+        raise RuntimeError(f"attnkit: seq_index: expected an integer [{batch}] tensor (an order of "
+                           f"the sequences), got {seq_index.dtype} {tuple(seq_index.shape)}")
+    if seq_index.device.type == "cpu" and not torch.equal(
+            torch.sort(seq_index.long()).values, torch.arange(batch)):
+        raise RuntimeError(f"attnkit: seq_index: expected a permutation of 0..{batch - 1} (an "
+                           f"order of the sequences), got {seq_index.tolist()}")
+
+
+def generalized_dot_product_attention(
+    query: torch.Tensor,
+    key: Optional[torch.Tensor],
+    value: Optional[torch.Tensor],
+    query_offset: torch.Tensor,
+    key_offset: torch.Tensor,
+    max_seq_len_q: Union[int, torch.SymInt],
+    max_seq_len_kv: Union[int, torch.SymInt],
+    ad_to_request_offset: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    attn_offset: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    qk_scale: Optional[float] = None,
+    seq_index: Optional[torch.Tensor] = None,
+    allow_tf32: bool = True,
+    output_offset: Optional[torch.Tensor] = None,
+    use_start_end_offsets: bool = False,
+    window_size: Optional[int] = None,
+    broadcast_q: bool = False,
+    activation: str = "raw",
+    enable_persistent: bool = False,
+    enable_tma: bool = False,
+    enable_ws: bool = False,
+    use_dq_atomic_add: bool = False,
+    total_num_objects: Optional[int] = None,
+    ts_encoding_params: Optional[torch.Tensor] = None,
+    ts_event_request_even_params: Optional[torch.Tensor] = None,
+    ts_event_request_log_params: Optional[torch.Tensor] = None,
+    ts_adjacent_event_log_params: Optional[torch.Tensor] = None,
+    ts_encoding_bucket_values: Optional[torch.Tensor] = None,
+    ts_event_request_even_bucket_values: Optional[torch.Tensor] = None,
+    ts_event_request_log_bucket_values: Optional[torch.Tensor] = None,
+    ts_adjacent_event_log_bucket_values: Optional[torch.Tensor] = None,
+    pos_emb_params: Optional[torch.Tensor] = None,
+    pos_emb_bucket_values: Optional[torch.Tensor] = None,
+    bwd_opt_tech: str = "base",
+    ensemble_activation_list: Optional[List[int]] = None,
+) -> torch.Tensor:
+    """Meta's ``generalized_dot_product_attention`` (facebookresearch/ads_model_kernel_library,
+    ``gdpa/triton/triton_generalized_dot_product_attention.py``): its argument names, order and
+    defaults, computed by :func:`gdpa`. Differentiable like ``gdpa``.
+
+    Mapped: ``is_causal`` -> ``causal`` (Meta's Triton kernel refuses it; attnkit masks keys after
+    the query, local indices), ``qk_scale`` (None: 1.0; scales the output, after the activation, as
+    Meta's), ``window_size`` (None: no window; ``|i - j| <= window_size``), ``broadcast_q`` and
+    ``activation`` (default ``"raw"``, Meta's, where ``gdpa``'s is ``"fast_gelu"``; Meta's names,
+    ``"fast_gelu_bf16"`` computed as ``"fast_gelu"``). Accepted and ignored: ``attn_offset``
+    (Meta's forward never reads it), ``seq_index`` (an order of the work; a permutation, checked
+    on the CPU), ``allow_tf32`` (attnkit's fp32 path never uses TF32), and the kernel options
+    ``enable_persistent``, ``enable_tma``, ``enable_ws``, ``use_dq_atomic_add``,
+    ``bwd_opt_tech``. Every other argument must keep its default: ``key`` / ``value`` None (fused
+    QKV / KV), ``ad_to_request_offset``, ``attn_mask``, ``output_offset``,
+    ``use_start_end_offsets``, ``total_num_objects``, the ``ts_*`` / ``pos_emb_*`` encodings,
+    ``ensemble_activation_list`` and ``activation="fast_gelu_taylor_approx"`` raise a RuntimeError
+    naming the argument. Unlike Meta's kernel, rows past ``max_seq_len_q`` in a sequence are
+    computed (the hints only size the grid) and rows outside every sequence are 0.
+    """
+    for name, t in (("key", key), ("value", value)):
+        if t is None:
+            raise RuntimeError(f"attnkit: {name}: expected a [Tk, Hkv, D] tensor, got None (fused "
+                               "QKV / KV inputs are not supported: pass key and value)")
+    for name, given in (
+            ("ad_to_request_offset", ad_to_request_offset), ("attn_mask", attn_mask),
+            ("output_offset", output_offset), ("use_start_end_offsets", use_start_end_offsets),
+            ("total_num_objects", total_num_objects),
+            ("ensemble_activation_list", ensemble_activation_list or None),
+            ("ts_encoding_params", ts_encoding_params),
+            ("ts_event_request_even_params", ts_event_request_even_params),
+            ("ts_event_request_log_params", ts_event_request_log_params),
+            ("ts_adjacent_event_log_params", ts_adjacent_event_log_params),
+            ("ts_encoding_bucket_values", ts_encoding_bucket_values),
+            ("ts_event_request_even_bucket_values", ts_event_request_even_bucket_values),
+            ("ts_event_request_log_bucket_values", ts_event_request_log_bucket_values),
+            ("ts_adjacent_event_log_bucket_values", ts_adjacent_event_log_bucket_values),
+            ("pos_emb_params", pos_emb_params), ("pos_emb_bucket_values", pos_emb_bucket_values)):
+        if given is not None and given is not False:
+            shown = "a tensor" if isinstance(given, torch.Tensor) else repr(given)
+            raise RuntimeError(f"attnkit: {name}: expected its default, got {shown} "
+                               f"({_META_UNSUPPORTED[name]})")
+    if activation == "fast_gelu_taylor_approx":
+        raise RuntimeError("attnkit: activation: 'fast_gelu_taylor_approx' is not supported (Meta "
+                           "evaluates part of the columns with a degree-6 Taylor polynomial of "
+                           "GELU, which departs from GELU away from 0; no attnkit activation "
+                           "computes it)")
+    if window_size is not None and window_size < 0:
+        raise RuntimeError(f"attnkit: window_size: expected None or >= 0, got {window_size} "
+                           "(Meta's kernel masks every key for a negative window; None is no "
+                           "window)")
+    if seq_index is not None:
+        batch = (key_offset if broadcast_q else query_offset).shape[0] - 1
+        _check_meta_seq_index(seq_index, batch)
+    return gdpa(query, key, value, query_offset, key_offset, max_seq_len_q, max_seq_len_kv,
+                _META_ACTIVATION_ALIASES.get(activation, activation),
+                1.0 if qk_scale is None else qk_scale, causal=is_causal,
+                window_size=-1 if window_size is None else window_size, broadcast_q=broadcast_q)
 
 
 class _GdpaWith(torch.autograd.Function):

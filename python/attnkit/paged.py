@@ -7,7 +7,7 @@ Cache layouts (x = 16 bytes / element size: 8 for 16-bit caches, 16 for 8-bit on
              or  [num_blocks, Hkv, block_size/x, D, x]     (ASM, 5-D: token t, dim d at
                                                             [blk, h, t // x, d, t % x])
 """
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -203,4 +203,35 @@ def merge_attn_states(
     holds; a row where both are empty gets 0 and lse -inf (vLLM copies prefix_output there)."""
     torch.ops.attnkit.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
                                         suffix_lse, output_lse)
+
+
+def merge_state_v2(
+    v_a: torch.Tensor,
+    s_a: torch.Tensor,
+    v_b: torch.Tensor,
+    s_b: torch.Tensor,
+    v_merged: Optional[torch.Tensor] = None,
+    s_merged: Optional[torch.Tensor] = None,
+    enable_pdl: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SGLang's ``sgl_kernel.merge_state_v2``: :func:`merge_attn_states` with SGLang's layout and
+    return. ``v_a``, ``v_b`` ``[T, H, D]`` and their log-sum-exps ``s_a``, ``s_b`` ``[T, H]``
+    (token-major, where vLLM's are ``[H, T]``; natural log; cast to fp32 as SGLang does) merge
+    into ``v_merged`` ``[T, H, D]`` and ``s_merged`` ``[T, H]`` fp32, allocated when not given,
+    written in place when given; returns ``(v_merged, s_merged)``. An lse of ±inf marks an empty
+    part, as in SGLang; a row where both parts are empty gets 0 and -inf (SGLang's kernel divides
+    0 by 0 there). ``enable_pdl`` (a launch option) is ignored."""
+    s_a, s_b = s_a.to(torch.float32), s_b.to(torch.float32)
+    if v_merged is None:
+        v_merged = torch.empty_like(v_a)
+    if s_merged is None:
+        s_merged = torch.empty_like(s_a)
+    rows = tuple(v_a.shape[:2])
+    for name, lse in (("s_a", s_a), ("s_b", s_b), ("s_merged", s_merged)):
+        if tuple(lse.shape) != rows:  # the op would name its own, transposed arguments
+            raise RuntimeError(f"attnkit: {name}: expected [T, H] = {list(rows)} (SGLang's "
+                               f"token-major layout), got {list(lse.shape)}")
+    # merge_attn_states takes [H, T] lse of any strides: the transposed views, no copy.
+    torch.ops.attnkit.merge_attn_states(v_merged, v_a, s_a.t(), v_b, s_b.t(), s_merged.t())
+    return v_merged, s_merged
 
