@@ -30,6 +30,14 @@ def ref_topk(key, scores, k):
     return scores.gather(1, ids), ids
 
 
+def biased_key(scores, bias):
+    """The selection key score + bias as vLLM forms it: an fp32 sum (fp32 scores plus the fp32
+    bias), as attnkit's fp32 routing does. Summed in double instead, two scores closer than an
+    fp32 rounding at the bias's magnitude (a bias of 28 rounds at 2e-6; small softmax scores of
+    a 64-expert router differ by less) would be ordered where fp32 code sees a tie (lower id)."""
+    return (scores.float() + bias.float()).double()
+
+
 def ref_source_rows(T, k):
     """vLLM's token_expert_indices (its kernel's source_rows): k_idx * num_rows + row."""
     return torch.tensor([[j * T + t for j in range(k)] for t in range(T)],
@@ -40,7 +48,7 @@ def ref_topk_softmax(logits, k, renormalize, bias=None):
     """vLLM's topk_softmax: softmax over the experts, top-k of softmax (+ bias), weights from the
     unbiased softmax, divided by their sum when renormalize."""
     s = torch.softmax(logits.double(), dim=-1)
-    w, ids = ref_topk(s if bias is None else s + bias.double(), s, k)
+    w, ids = ref_topk(s if bias is None else biased_key(s, bias), s, k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     return w, ids, ref_source_rows(*ids.shape)
@@ -52,7 +60,7 @@ def ref_grouped_topk(logits, k, renormalize, G, TG, scoring, scale, bias):
     those; unbiased weights, renormalized, then scaled."""
     T, E = logits.shape
     s = torch.softmax(logits.double(), -1) if scoring == "softmax" else logits.double().sigmoid()
-    key = s if bias is None else s + bias.double()
+    key = s if bias is None else biased_key(s, bias)
     g = key.view(T, G, E // G)
     gscore = g.max(-1).values if bias is None else g.sort(-1, True).values[..., :2].sum(-1)
     kept = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :TG]
