@@ -43,6 +43,7 @@
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
 # moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
+# permute_bound: moe_permute against Triton floors of its traffic;
 # paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
@@ -258,6 +259,9 @@ for s in $QUICK; do
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page details --print-details all > "$L/gdpa_fwd_details_$sp.txt" 2>&1
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_fwd_sass_$sp.csv" 2>&1
       done ;;
+    permute_bound)  # moe_permute against Triton kernels moving its bytes to known destinations
+      # (benchmarks/permute_bound.py: the floor of its traffic, #20's permute bar)
+      step permute_bound 200 $PY benchmarks/permute_bound.py --rounds ${ROUNDS:-5} ;;
     moe_permute_bench)  # bench_moe's routing and permutation rows alone (the #20 bars)
       step bench_moe_permute 120 $PY benchmarks/bench_moe.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --skip-eager --ops route,permute,unpermute --csv "$L/bench_moe_permute.csv" ;;
