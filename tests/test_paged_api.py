@@ -6,8 +6,8 @@ import torch
 
 import attnkit
 
-from samples.paged import (CUDA, DEVICES, make_caches, make_tables, pa_fwd_sample, run_v1,
-                           sample_inputs, v1_args, v1_sample)
+from samples.paged import (CUDA, DEVICES, V1_BAD, make_caches, make_tables, pa_fwd_sample, run_v1,
+                           sample_inputs, v1_args, v1_bad_args)
 
 # opcheck (schema, fake tensor, autograd registration, aot dispatch) takes ~0.5 s a call on the
 # CPU: the samples that reach every argument of each op (the 2-core CI budget).
@@ -36,36 +36,6 @@ def test_out_of_range_block_ids_cpu_raise():
         bt[0, 1] = bad
         with pytest.raises(RuntimeError, match="block_tables"):
             run_v1(v1_args(q, kc, vc, 2, 0.1, bt, lens))
-
-
-V1_NAMES = ["out", "query", "key_cache", "value_cache", "num_kv_heads", "scale", "block_tables",
-            "seq_lens", "block_size", "max_seq_len", "alibi_slopes", "kv_cache_dtype", "k_scale",
-            "v_scale"]
-
-
-def v1_bad_args(device):
-    s = v1_sample(device, torch.float32, heads=(8, 2), head_size=64, lengths=(20, 3), num_blocks=16)
-    return dict(zip(V1_NAMES, s.args))
-
-
-V1_BAD = [
-    ("query", lambda a: a.update(query=a["query"].double(), out=a["out"].double())),
-    ("out", lambda a: a.update(out=a["out"].half())),
-    ("query", lambda a: a.update(query=a["query"][0], out=a["out"][0])),
-    ("num_kv_heads", lambda a: a.update(num_kv_heads=3)),
-    ("key_cache", lambda a: a.update(key_cache=a["key_cache"][:, :1])),
-    ("value_cache", lambda a: a.update(value_cache=a["value_cache"][..., :8])),
-    ("key_cache", lambda a: a.update(key_cache=a["key_cache"].half())),
-    ("block_tables", lambda a: a.update(block_tables=a["block_tables"].long())),
-    ("seq_lens", lambda a: a.update(seq_lens=a["seq_lens"][:1])),
-    ("block_size", lambda a: a.update(block_size=12)),
-    ("max_seq_len", lambda a: a.update(max_seq_len=-1)),
-    ("kv_cache_dtype", lambda a: a.update(kv_cache_dtype="int4")),
-    ("alibi_slopes", lambda a: a.update(alibi_slopes=torch.ones(3, device=a["query"].device))),
-    ("k_scale", lambda a: a.update(k_scale=a["k_scale"].double())),
-    ("seq_lens", lambda a: a["seq_lens"].fill_(-3) if a["query"].is_cpu else a.update(seq_lens=a["seq_lens"].long())),
-    ("block_tables", lambda a: a["block_tables"].fill_(99) if a["query"].is_cpu else a.update(block_tables=a["block_tables"][0])),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,7 +18,7 @@ from . import moe_compat  # vLLM fused_moe drop-ins; its silu_and_mul is vLLM's 
 from .moe_compat import (fused_topk, grouped_topk, moe_align_block_size,
                          moe_align_block_size_alloc, moe_sum, topk_softmax)
 from .paged import (merge_attn_states, merge_state_v2, pa_fwd, pa_fwd_asm, paged_attention_v1,
-                    reshape_and_cache, reshape_and_cache_flash,
+                    paged_attention_v2, reshape_and_cache, reshape_and_cache_flash,
                     reshape_and_cache_with_pertoken_quant)
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "moe_compat", "topk_softmax", "fused_topk", "grouped_topk", "moe_sum", "moe_align_block_size",
     "moe_align_block_size_alloc",
     # paged decode attention
-    "paged_attention_v1", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
+    "paged_attention_v1", "paged_attention_v2", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",
     # serving on NHD caches
     "reshape_and_cache_flash", "merge_attn_states", "merge_state_v2",

@@ -1,5 +1,5 @@
-"""Paged decode attention (DESIGN §3.2): paged_attention_v1 (vLLM), pa_fwd (AITER's pa_fwd_asm)
-and the cache writers.
+"""Paged decode attention (DESIGN §3.2): paged_attention_v1 and paged_attention_v2 (vLLM V0's
+two decode ops, one computation here), pa_fwd (AITER's pa_fwd_asm) and the cache writers.
 
 Cache layouts (x = 16 bytes / element size: 8 for 16-bit caches, 16 for 8-bit ones):
     key_cache    [num_blocks, Hkv, D/x, block_size, x]
@@ -19,6 +19,24 @@ def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
         return s
     # A fill kernel, not a host-to-device copy: stays legal inside CUDA-graph capture.
     return torch.full((1,), 1.0 if s is None else float(s), dtype=torch.float32, device=device)
+
+
+def _refuse_blocksparse(op: str, blocksparse_vert_stride: int) -> None:
+    if blocksparse_vert_stride > 1:
+        raise ValueError(f"attnkit.{op}: block-sparse attention is not supported "
+                         f"(blocksparse_vert_stride={blocksparse_vert_stride})")
+
+
+def _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+            block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+            logits_soft_cap=0.0, sliding_window=-1) -> None:
+    # The one decode call behind both vLLM names: every argument is checked by the op.
+    torch.ops.attnkit.paged_attention_v1(
+        out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+        block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
+        _scale_tensor(k_scale, query.device), _scale_tensor(v_scale, query.device),
+        logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
+    )
 
 
 def paged_attention_v1(
@@ -69,15 +87,87 @@ def paged_attention_v1(
     synchronisation happens (CUDA-graph capturable); block ids outside ``[0, num_blocks)`` mask
     their tokens instead of being read (the CPU raises instead).
     """
-    if blocksparse_vert_stride > 1:
-        raise ValueError("attnkit.paged_attention_v1: block-sparse attention is not supported "
-                         f"(blocksparse_vert_stride={blocksparse_vert_stride})")
-    torch.ops.attnkit.paged_attention_v1(
-        out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
-        block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
-        _scale_tensor(k_scale, query.device), _scale_tensor(v_scale, query.device),
-        logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
-    )
+    _refuse_blocksparse("paged_attention_v1", blocksparse_vert_stride)
+    _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+            block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+            logits_soft_cap, sliding_window)
+
+
+# vLLM's PARTITION_SIZE of paged_attention_v2: it sizes the workspaces vLLM allocates (attnkit's
+# split-K has its own partitions and workspace).
+_V2_PARTITION_SIZE = 512
+
+
+def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) -> None:
+    """The workspaces as vLLM's forward_decode allocates them from the same call's query, out and
+    max_seq_len. Where query is not 3-D there is no shape to hold them to: the op's check of
+    query reports that call."""
+    if not (isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(out, torch.Tensor)):
+        return
+    S, H, D = query.shape
+    P = -(-max_seq_len // _V2_PARTITION_SIZE)
+    sizes = f"[S, Hq, P{{}}] with P = ceil(max_seq_len / {_V2_PARTITION_SIZE}) = {P}"
+    vllm = "as vLLM allocates it"
+    want = (("exp_sum", exp_sum, (S, H, P), sizes.format(""), torch.float32, vllm),
+            ("max_logits", max_logits, (S, H, P), sizes.format(""), torch.float32, vllm),
+            ("tmp_out", tmp_out, (S, H, P, D), sizes.format(", D"), out.dtype, "out's dtype"))
+    for name, t, shape, rule, dtype, dtype_rule in want:
+        where = f"attnkit: {name} (a paged_attention_v2 workspace)"
+        if not isinstance(t, torch.Tensor):
+            raise RuntimeError(f"{where}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise RuntimeError(f"{where}: expected shape {list(shape)} ({rule}, as vLLM "
+                               f"allocates it), got {list(t.shape)}")
+        if t.dtype != dtype:
+            raise RuntimeError(f"{where}: expected dtype {dtype} ({dtype_rule}), got {t.dtype}")
+        if t.device != out.device:
+            raise RuntimeError(f"{where}: expected device {out.device} (out's device), got "
+                               f"{t.device}")
+
+
+def paged_attention_v2(
+    out: torch.Tensor,
+    exp_sum: torch.Tensor,
+    max_logits: torch.Tensor,
+    tmp_out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    num_kv_heads: int,
+    scale: float,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    max_seq_len: int,
+    alibi_slopes: Optional[torch.Tensor],
+    kv_cache_dtype: str,
+    k_scale: ScaleLike,
+    v_scale: ScaleLike,
+    tp_rank: int = 0,
+    blocksparse_local_blocks: int = 0,
+    blocksparse_vert_stride: int = 0,
+    blocksparse_block_size: int = 64,
+    blocksparse_head_sliding_step: int = 0,
+) -> None:
+    """vLLM V0's paged_attention_v2 (its signature: argument order, names, defaults), writing
+    ``out`` in place; vLLM's forward_decode calls it for long contexts or few sequences.
+
+    The computation is :func:`paged_attention_v1`'s, by the same op and kernel: ``out`` is
+    bitwise what paged_attention_v1 writes for the other arguments (attnkit's op splits long
+    contexts itself, into its own workspace). Every argument the two share is checked as
+    paged_attention_v1 checks it, block-sparse attention refused the same way.
+
+    The three workspaces must be what vLLM allocates, on ``out``'s device (any strides):
+    ``exp_sum``, ``max_logits`` ``[S, Hq, P]`` float32 and ``tmp_out`` ``[S, Hq, P, D]`` in
+    ``out``'s dtype, with ``P = ceil(max_seq_len / 512)``; anything else is a RuntimeError naming
+    the argument, raised before ``out`` is written. They are neither read nor written: vLLM's
+    kernel leaves per-partition partial results there that no caller reads, and attnkit has no
+    512-token partitions to report.
+    """
+    _refuse_blocksparse("paged_attention_v2", blocksparse_vert_stride)
+    _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len)
+    _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+            block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale)
 
 
 def _token_scales(s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

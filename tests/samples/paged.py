@@ -266,6 +266,99 @@ def v1_sample(device, dtype, *, heads=(8, 2), head_size=64, block_size=16, layou
                    logits_soft_cap=softcap, sliding_window=window, out=out, name=name)
 
 
+V1_NAMES = ["out", "query", "key_cache", "value_cache", "num_kv_heads", "scale", "block_tables",
+            "seq_lens", "block_size", "max_seq_len", "alibi_slopes", "kv_cache_dtype", "k_scale",
+            "v_scale"]
+
+
+def v1_bad_args(device):
+    """paged_attention_v1's arguments by name, for the bad-input matrix V1_BAD to mutate."""
+    s = v1_sample(device, torch.float32, heads=(8, 2), head_size=64, lengths=(20, 3), num_blocks=16)
+    return dict(zip(V1_NAMES, s.args))
+
+
+# (argument the error must name, mutation of v1_bad_args): one wrong argument each.
+V1_BAD = [
+    ("query", lambda a: a.update(query=a["query"].double(), out=a["out"].double())),
+    ("out", lambda a: a.update(out=a["out"].half())),
+    ("query", lambda a: a.update(query=a["query"][0], out=a["out"][0])),
+    ("num_kv_heads", lambda a: a.update(num_kv_heads=3)),
+    ("key_cache", lambda a: a.update(key_cache=a["key_cache"][:, :1])),
+    ("value_cache", lambda a: a.update(value_cache=a["value_cache"][..., :8])),
+    ("key_cache", lambda a: a.update(key_cache=a["key_cache"].half())),
+    ("block_tables", lambda a: a.update(block_tables=a["block_tables"].long())),
+    ("seq_lens", lambda a: a.update(seq_lens=a["seq_lens"][:1])),
+    ("block_size", lambda a: a.update(block_size=12)),
+    ("max_seq_len", lambda a: a.update(max_seq_len=-1)),
+    ("kv_cache_dtype", lambda a: a.update(kv_cache_dtype="int4")),
+    ("alibi_slopes", lambda a: a.update(alibi_slopes=torch.ones(3, device=a["query"].device))),
+    ("k_scale", lambda a: a.update(k_scale=a["k_scale"].double())),
+    ("seq_lens", lambda a: a["seq_lens"].fill_(-3) if a["query"].is_cpu else a.update(seq_lens=a["seq_lens"].long())),
+    ("block_tables", lambda a: a["block_tables"].fill_(99) if a["query"].is_cpu else a.update(block_tables=a["block_tables"][0])),
+]
+
+
+# ---- paged_attention_v2 (vLLM V0's long-context decode: paged_attention_v1's computation) --------
+VLLM_PARTITION_SIZE = 512       # vLLM's _PARTITION_SIZE: sizes forward_decode's v2 workspaces
+WORKSPACE_FILL = (-3.25, 7.5)   # exp_sum / max_logits and tmp_out sentinels: the op leaves them
+
+
+def v2_workspaces(query, out, max_seq_len):
+    """``(exp_sums, max_logits, tmp_output)`` as vLLM V0's forward_decode allocates them: sizes
+    from query, dtype (tmp_output) and device from out, P = ceil(max_seq_len / 512); filled with
+    WORKSPACE_FILL so a test sees whether the op wrote them."""
+    S, H, D = query.shape
+    P = (max_seq_len + VLLM_PARTITION_SIZE - 1) // VLLM_PARTITION_SIZE
+    exp_sums = torch.full((S, H, P), WORKSPACE_FILL[0], dtype=torch.float32, device=out.device)
+    tmp = torch.full((S, H, P, D), WORKSPACE_FILL[1], dtype=out.dtype, device=out.device)
+    return exp_sums, exp_sums.clone(), tmp
+
+
+def _nan_like_strided(t):
+    t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return t.fill_(float("nan"))
+
+
+def v2_from_v1(s, name=None):
+    """The paged_attention_v2 Sample of a paged_attention_v1 Sample without soft-cap or window
+    (v2 has neither): a fresh NaN out of the same strides, the workspaces after it, the same
+    inputs (shared, not copied)."""
+    softcap, window = s.kwargs.get("logits_soft_cap", 0.0), s.kwargs.get("sliding_window", -1)
+    assert softcap == 0.0 and window == -1, "paged_attention_v2 takes no soft-cap / window"
+    out = _nan_like_strided(s.args[0])
+    return Sample(name or s.name, (out, *v2_workspaces(s.args[1], out, s.args[9]), *s.args[1:]))
+
+
+def v1_from_v2(s):
+    """The paged_attention_v1 Sample of the same call: a fresh NaN out, no workspaces."""
+    return Sample(s.name, (_nan_like_strided(s.args[0]), *s.args[4:]))
+
+
+def run_v2(s):
+    """attnkit.paged_attention_v2 on Sample s (it returns None, as vLLM's op); returns out."""
+    assert attnkit.paged_attention_v2(*s.args) is None
+    return s.args[0]
+
+
+def v2_reference(s):
+    return v1_reference(v1_from_v2(s))
+
+
+def assert_workspaces_untouched(s):
+    """docs/ops.md's decision: exp_sum, max_logits and tmp_out are left as they were."""
+    for name, t, fill in (("exp_sum", s.args[1], WORKSPACE_FILL[0]),
+                          ("max_logits", s.args[2], WORKSPACE_FILL[0]),
+                          ("tmp_out", s.args[3], WORKSPACE_FILL[1])):
+        assert bool((t == fill).all()), f"{s.name}: paged_attention_v2 wrote its workspace {name}"
+
+
+def bits(t):
+    """t's elements as integers of the same width: equal bits, not merely equal values (-0 vs 0,
+    NaN payloads)."""
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(width[t.element_size()])
+
+
 # ---- pa_fwd -------------------------------------------------------------------------------------------
 def pa_fwd_args(Q, K, V, block_tables, context_lens, max_qlen=1, K_QScale=None, V_QScale=None,
                 out=None, qo_indptr=None, name="pa_fwd"):
@@ -394,8 +487,9 @@ def pertoken_sample(device, dtype, qdtype, *, layout="asm", hkv=4, head_size=128
 # ---- the generator ------------------------------------------------------------------------------------
 def sample_inputs(device, op, dtype=torch.bfloat16):
     """Fresh random Samples of one op of the family: ragged, empty and length-1 sequences, GQA
-    1 / 4 / 8, both value layouts, odd head dims, non-contiguous query/out, the logit features and
-    fp8 / int8 caches. They feed the sample tests (kernel vs reference) and opcheck."""
+    1 / 4 / 8, both value layouts, odd head dims, non-contiguous query/out, the logit features,
+    fp8 / int8 caches and (paged_attention_v2) contexts of several 512-token partitions and
+    past 8192. They feed the sample tests (kernel vs reference) and opcheck."""
     if op == "paged_attention_v1":
         yield v1_sample(device, dtype, heads=(4, 4), layout="vllm", lengths=(0, 1, 40, 17),
                         name="v1 vllm gqa1")
@@ -409,6 +503,22 @@ def sample_inputs(device, op, dtype=torch.bfloat16):
                         strided=True, name="v1 strided query/out")
         yield v1_sample(device, dtype, heads=(8, 2), lengths=(30, 0, 9), kv="fp8_e5m2",
                         k_scale=0.4, v_scale=1.5, name="v1 fp8_e5m2 kv")
+    elif op == "paged_attention_v2":
+        # Several of vLLM's 512-token partitions each; soft-cap and window are not v2 arguments.
+        yield v2_from_v1(v1_sample(device, dtype, heads=(4, 4), layout="vllm",
+                                   lengths=(0, 1, 600, 1100)), "v2 vllm gqa1")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(8, 2), head_size=80, layout="asm",
+                                   lengths=(1030, 0, 16, 1)), "v2 asm gqa4 d80")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(16, 2), head_size=112, block_size=32,
+                                   lengths=(700, 1)), "v2 gqa8 d112 bs32")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(8, 2), lengths=(520, 3),
+                                   alibi=(0.0, 0.1)), "v2 alibi")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(8, 2), head_size=128, layout="asm",
+                                   lengths=(5, 1500), strided=True), "v2 strided query/out")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(8, 2), lengths=(900, 0, 9),
+                                   kv="fp8_e5m2", k_scale=0.4, v_scale=1.5), "v2 fp8_e5m2 kv")
+        yield v2_from_v1(v1_sample(device, dtype, heads=(4, 1), block_size=32,
+                                   lengths=(9000, 8193, 2)), "v2 long (> 8192) gqa4")
     elif op == "pa_fwd":
         yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(20, 3, 0), name="pa_fwd gqa4")
         yield pa_fwd_sample(device, dtype, heads=(8, 8), lengths=(20, 3), with_out=True,
