@@ -10,7 +10,8 @@ bytes with no ranking, no scan and no index math beyond one destination load per
 - scatter:   token t's row written to the rows moe_permute's own row_map gives it (the same
              destinations, so the same DRAM write pattern).
 
-and moe_permute itself, with its scatter kernel's own time from the profiler (the rest of the call
+and moe_permute itself (the public op, and the private op with the lean prologue off and on),
+with its scatter kernel's own time from the profiler (the rest of the call
 is its prologue: the rank and scan kernels, which the scatter must wait for, since every
 destination depends on the counts of all pairs). Rounds are interleaved (every variant once per
 round) and medians reported.
@@ -76,7 +77,7 @@ def main():
         _, ids = attnkit.moe_topk_softmax(torch.randn(T, E, device="cuda"), k, True)
         n = T * k
         moved = (T + n) * H * 2  # bytes: each token row read once, each of its k copies written
-        perm, _, row_map = attnkit.moe_permute(x, ids, E)
+        perm, off, row_map = attnkit.moe_permute(x, ids, E)
         src, dst = torch.empty(n, H, device="cuda", dtype=x.dtype), torch.empty_like(perm)
         out = torch.empty_like(perm)
         bcast = torch.arange(n, device="cuda", dtype=torch.int32).view(T, k)
@@ -88,6 +89,11 @@ def main():
                 runs[f"bcast {blk}/{w}"] = (lambda b=blk, w=w: rows_to_dests(x, bcast, out, b, w))
                 runs[f"scatter {blk}/{w}"] = (lambda b=blk, w=w: rows_to_dests(x, row_map, out, b, w))
         runs["moe_permute"] = lambda: attnkit.moe_permute(x, ids, E)
+        for lean in (False, True):  # the lean prologue off / on (_moe_permute_with, launch_options.h)
+            got = torch.ops.attnkit._moe_permute_with(x, ids, E, lean_prologue=lean)
+            assert all(torch.equal(a, b) for a, b in zip(got, (perm, off, row_map))), lean
+            runs[f"lean {int(lean)}"] = lambda lean=lean: torch.ops.attnkit._moe_permute_with(
+                x, ids, E, lean_prologue=lean)
         times = {name: [] for name in runs}
         for _ in range(a.rounds):
             for name, fn in runs.items():

@@ -191,11 +191,13 @@ TORCH_LIBRARY(attnkit, m) {
   // (at::_grouped_mm; grouped_gemm_swiglu: then silu_and_mul) | sm90_fused (grouped_gemm_swiglu
   // only); a named kernel that cannot take the call raises. "auto" is the choice of the public ops
   // without ATTNKIT_MOE_KERNEL (which the private ops do not read). moe_permute's options: the
-  // histogram rank kernel where it fits (false: the per-pair walk everywhere) and programmatic
-  // dependent launch of the scan and scatter; both change no result. Not differentiable.
+  // histogram rank kernel where it fits (false: the per-pair walk everywhere), programmatic
+  // dependent launch of the scan and scatter, and the lean prologue (None: the default); none
+  // changes a result. Not differentiable.
   m.def(
       "_moe_permute_with(Tensor x, Tensor topk_ids, int num_experts, *, bool rank_hist=True, "
-      "bool pdl=True) -> (Tensor permuted, Tensor expert_offsets, Tensor row_map)");
+      "bool pdl=True, bool? lean_prologue=None) -> (Tensor permuted, Tensor expert_offsets, "
+      "Tensor row_map)");
   m.def(
       "_grouped_gemm_with(Tensor a, Tensor w, Tensor expert_offsets, *, str kernel=\"auto\") "
       "-> Tensor");

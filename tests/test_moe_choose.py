@@ -274,6 +274,7 @@ def test_private_ops_opcheck_cpu():
     x = torch.randn(9, 16)
     ids = rand_ids(9, 4, 2, torch.int32, "cpu")
     torch.library.opcheck(PERMUTE_WITH, (x, ids, 4), dict(rank_hist=False, pdl=False))
+    torch.library.opcheck(PERMUTE_WITH, (x, ids, 4), dict(lean_prologue=True))
 
 
 def test_private_ops_meta_check_the_kernel_name():

@@ -163,6 +163,42 @@ def test_out_of_range_ids(device, id_dtype):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
+@pytest.mark.parametrize("options", list(PERMUTE_OPTIONS))
+def test_permute_right_after_its_writers(device, options):
+    """x and ids written by the kernels just before the call (a large x: its writer runs for
+    microseconds) and in a CUDA graph replayed on new values. Under PDL the rank kernel may be
+    scheduled before their writers end, and the scatter reads x before its own wait: a missing
+    wait reads stale rows (fresh allocations hold old values) or stale ids."""
+    T, E, k, H = 2048, 64, 4, 2048
+    g = torch.Generator(device="cpu").manual_seed(7)
+    src_x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
+    src_ids = torch.randint(0, E, (T, k), generator=g).to(device)
+    for step in range(3):
+        x = src_x * (step + 2)
+        ids = (src_ids + step) % E
+        p, off, rm = PERMUTE_WITH(x, ids, E, **PERMUTE_OPTIONS[options])
+        rp, roff, rrm = ref.moe_permute_ref(x, ids, E)
+        assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp), step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        scale, shift = torch.ones((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        run = lambda: PERMUTE_WITH(src_x * scale, (src_ids + shift) % E, E,  # noqa: E731
+                                   **PERMUTE_OPTIONS[options])
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            p, off, rm = run()
+    torch.cuda.current_stream().wait_stream(side)
+    for step in range(3):
+        scale.fill_(step + 2)
+        shift.fill_(step + 1)
+        graph.replay()
+        rp, roff, rrm = ref.moe_permute_ref(src_x * (step + 2), (src_ids + step + 1) % E, E)
+        assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(p, rp), step
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
 @pytest.mark.parametrize("T,E,k", [(700, 64, 8), (90, 5000, 3)])
 @pytest.mark.parametrize("options", list(PERMUTE_OPTIONS))
 def test_out_of_range_ids_many_chunks(device, T, E, k, options):

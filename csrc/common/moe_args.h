@@ -236,10 +236,12 @@ inline void check_cpu_moe_kernel(c10::string_view kernel) {
 }
 
 // The private op's launch options (launch_options.h), the same on every backend.
-inline PermuteLaunchOptions make_permute_launch_options(bool rank_hist, bool pdl) {
+inline PermuteLaunchOptions make_permute_launch_options(bool rank_hist, bool pdl,
+                                                        std::optional<bool> lean_prologue) {
   PermuteLaunchOptions o;
   o.rank_hist = rank_hist;
   o.pdl = pdl;
+  if (lean_prologue.has_value()) o.lean_prologue = *lean_prologue;
   return o;
 }
 

@@ -530,8 +530,9 @@ at::Tensor expert_load_balance_cpu(const at::Tensor& loads_in, int64_t world_siz
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_cpu(const at::Tensor& x,
                                                                     const at::Tensor& ids,
                                                                     int64_t num_experts,
-                                                                    bool rank_hist, bool pdl) {
-  make_permute_launch_options(rank_hist, pdl);
+                                                                    bool rank_hist, bool pdl,
+                                                                    std::optional<bool> lean_prologue) {
+  make_permute_launch_options(rank_hist, pdl, lean_prologue);
   return moe_permute_cpu(x, ids, num_experts);
 }
 

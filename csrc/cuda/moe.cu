@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& x_i
           ptr<const Word>(x), ptr<const index_t>(ids), T, int(k), int(E),
           row_bytes / int64_t(sizeof(Word)), ptr<Word>(permuted), ptr<int32_t>(offsets),
           ptr<int32_t>(row_map), ptr<int32_t>(rank), ptr<int32_t>(counts), ptr<int32_t>(totals),
-          ptr<int32_t>(starts), hist, pdl, stream);
+          ptr<int32_t>(starts), hist, pdl, lo.lean_prologue, stream);
       C10_CUDA_CHECK(err);
     };
     if (row_bytes % 16 == 0 && aligned16({x.data_ptr(), permuted.data_ptr()})) {
@@ -251,8 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_cuda(const at::Tensor& x,
                                                                      const at::Tensor& ids,
                                                                      int64_t num_experts,
-                                                                     bool rank_hist, bool pdl) {
-  return moe_permute(x, ids, num_experts, make_permute_launch_options(rank_hist, pdl));
+                                                                     bool rank_hist, bool pdl,
+                                                                     std::optional<bool> lean_prologue) {
+  return moe_permute(x, ids, num_experts,
+                     make_permute_launch_options(rank_hist, pdl, lean_prologue));
 }
 
 at::Tensor moe_unpermute_cuda(const at::Tensor& perm_in, const at::Tensor& row_map_in,

@@ -101,8 +101,9 @@ at::Tensor expert_load_balance_meta(const at::Tensor& loads, int64_t world_size)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_with_meta(const at::Tensor& x,
                                                                      const at::Tensor& ids,
                                                                      int64_t num_experts,
-                                                                     bool rank_hist, bool pdl) {
-  make_permute_launch_options(rank_hist, pdl);
+                                                                     bool rank_hist, bool pdl,
+                                                                     std::optional<bool> lean_prologue) {
+  make_permute_launch_options(rank_hist, pdl, lean_prologue);
   return moe_permute_meta(x, ids, num_experts);
 }
 

@@ -46,8 +46,12 @@ GEMM_KERNELS = ["portable", "sm80", "sm90_grouped_mm"]  # grouped_gemm's kernels
 SWIGLU_KERNELS = GEMM_KERNELS + ["sm90_fused"]  # grouped_gemm_swiglu's
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.float64: "fp64"}
-# moe_permute's launch options: the defaults, the rank walk everywhere, no programmatic launch.
-PERMUTE_OPTIONS = {"default": {}, "rank_walk": dict(rank_hist=False), "no_pdl": dict(pdl=False)}
+# moe_permute's launch options: the defaults, the rank walk everywhere, no programmatic launch,
+# the lean prologue on and off (with the walk and without PDL too).
+PERMUTE_OPTIONS = {"default": {}, "rank_walk": dict(rank_hist=False), "no_pdl": dict(pdl=False),
+                   "lean": dict(lean_prologue=True), "not_lean": dict(lean_prologue=False),
+                   "lean_walk": dict(lean_prologue=True, rank_hist=False),
+                   "lean_no_pdl": dict(lean_prologue=True, pdl=False)}
 
 
 def device_facts():

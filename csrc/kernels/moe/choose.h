@@ -220,5 +220,14 @@ inline bool permute_rank_hist(int64_t num_experts, bool rank_hist) {
   return rank_hist && num_experts + 1 <= kRankMaxBuckets;
 }
 
+// With the lean prologue (launch_options.h), the scan's blocks add their bucket's total into every
+// later bucket's start with atomics (E (E + 1) / 2 of them; E + 1 on the last start) instead of the
+// last block scanning the totals. Up to kAtomicStartsMaxBuckets buckets; more: the last block.
+constexpr int kAtomicStartsMaxBuckets = 512;
+
+inline bool permute_atomic_starts(int64_t num_experts, bool lean_prologue) {
+  return lean_prologue && num_experts + 1 <= kAtomicStartsMaxBuckets;
+}
+
 }  // namespace moe
 }  // namespace attnkit

@@ -13,14 +13,19 @@
 //               the chunk, after a memset of `counts`;
 //   2. scan:    per bucket, an exclusive scan of its counts over the chunks; the last block to
 //               finish (one atomic ticket: a sync point, not a sum, so the result is fixed) then
-//               scans the bucket totals -> bucket starts (expert_offsets);
+//               scans the bucket totals -> bucket starts (expert_offsets). With the lean prologue
+//               (launch_options.h) and up to kAtomicStartsMaxBuckets buckets, each block instead
+//               adds its total into the starts of every later bucket with atomic adds (integer
+//               sums: the same result in any order), zeroed by the rank kernel, so the chain
+//               ends when the last block's adds land instead of after a second, serial stage;
 //   3. scatter: per token, row = start[bucket] + chunk prefix + rank for each of its k pairs;
 //               the token row is read once and written to its k rows (zeros for a dropped pair).
 // The whole op is bandwidth-bound (T rows read, T·k written): every launch on its critical path
 // before the scatter is pure latency, hence the fused offsets, the token-major scatter, and, on
 // sm_90+, programmatic dependent launch (kernels/common/pdl.cuh): the scan is scheduled while the
-// rank kernel runs and the scatter while the scan runs; the scatter loads its token row's first
-// words (an input no kernel of the op writes) before it waits for the prologue's results.
+// rank kernel runs and the scatter while the scan runs (with the lean prologue, the rank kernel
+// while the kernel before the op ends); the scatter loads its token row's first words (an input
+// no kernel of the op writes) before it waits for the prologue's results.
 #pragma once
 
 #include <cfloat>
@@ -58,15 +63,22 @@ template <typename index_t>
 __global__ void __launch_bounds__(kChunk)
     permute_rank_kernel(const index_t* __restrict__ ids, int64_t n, int E,
                         int32_t* __restrict__ rank, int32_t* __restrict__ counts,
-                        int32_t* __restrict__ ticket) {
+                        int32_t* __restrict__ ticket, int32_t* __restrict__ zero_starts) {
   extern __shared__ int32_t hist[];  // [E + 1]
-  pdl_launch_dependents();           // the scan may be scheduled; it waits for this grid's end
+  // Launched with PDL (the lean prologue), this grid may start before the kernel that wrote ids
+  // ends: it waits first. Only then may the scan and the scatter be scheduled: the scatter reads
+  // x before its own wait, and x too may come from that kernel. (A no-op without PDL.)
+  pdl_wait();
+  pdl_launch_dependents();  // the scan may be scheduled; it waits for this grid's end
   constexpr int kWarps = kChunk / kWarpSize;
   const int B = E + 1, tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t chunks = permute_chunks(n), c = blockIdx.x, i = c * kChunk + tid;
   const int b = i < n ? bucket_of(ids[i], E) : -1;
   for (int e = tid; e < B; e += kChunk) hist[e] = 0;
   if (c == 0 && tid == 0) *ticket = 0;
+  if (c == 0 && zero_starts != nullptr) {  // the scan's atomic starts add into zeros
+    for (int e = tid; e < B; e += kChunk) zero_starts[e] = 0;
+  }
   const lane_mask_t peers = match_any(b);  // the whole warp: blocks are kChunk = full warps
   const lane_mask_t below = peers & lanes_below(lane);
   int32_t base = 0;  // set in the bucket's leader lane: its pairs in the warps before this one
@@ -90,14 +102,18 @@ template <typename index_t>
 __global__ void __launch_bounds__(kChunk)
     permute_rank_walk_kernel(const index_t* __restrict__ ids, int64_t n, int E,
                              int32_t* __restrict__ rank, int32_t* __restrict__ counts,
-                             int32_t* __restrict__ ticket) {
+                             int32_t* __restrict__ ticket, int32_t* __restrict__ zero_starts) {
   __shared__ int32_t bucket_s[kChunk];
+  pdl_wait();  // as in permute_rank_kernel (this one is always an ordinary launch: a no-op)
   pdl_launch_dependents();
   const int tid = threadIdx.x;
   const int64_t chunks = permute_chunks(n), c = blockIdx.x, i = c * kChunk + tid;
   const int b = i < n ? bucket_of(ids[i], E) : -1;
   bucket_s[tid] = b;
   if (c == 0 && tid == 0) *ticket = 0;
+  if (c == 0 && zero_starts != nullptr) {
+    for (int e = tid; e <= E; e += kChunk) zero_starts[e] = 0;
+  }
   __syncthreads();
   if (i >= n) return;
   int32_t r = 0;
@@ -135,7 +151,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void scan_bucket_totals(const int32_t* totals, int
 __global__ void __launch_bounds__(kScanThreads)
     permute_scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int E,
                         int32_t* __restrict__ totals, int32_t* __restrict__ ticket,
-                        int32_t* __restrict__ starts, int32_t* __restrict__ expert_offsets) {
+                        int32_t* __restrict__ starts, int32_t* __restrict__ expert_offsets,
+                        bool atomic_starts) {
   __shared__ int32_t smem[kScanThreads];
   __shared__ bool last;
   pdl_launch_dependents();  // the scatter may be scheduled and load its token rows
@@ -152,6 +169,12 @@ __global__ void __launch_bounds__(kScanThreads)
     const int32_t v = col[c];
     col[c] = run;
     run += v;
+  }
+  if (atomic_starts) {  // expert_offsets (zeroed by the rank kernel) is the starts array here
+    for (int64_t j = b + 1 + threadIdx.x; j <= E; j += kScanThreads) {
+      atomicAdd(expert_offsets + j, total);
+    }
+    return;
   }
   if (threadIdx.x == 0) {
     totals[b] = total;
@@ -249,31 +272,39 @@ __global__ void __launch_bounds__(kRowThreads)
 // memset of the counts on the walk path), totals [E+1], starts [E+1]. `hist`: the histogram rank
 // kernel, where E + 1 <= kRankMaxBuckets (choose.h permute_rank_hist; the walk for more buckets
 // whatever `hist` says, since the histogram would not fit); `pdl`: the scan and scatter with
-// programmatic dependent launch where the running code has it (launch_options.h).
-// The rank kernel is always an ordinary launch: it reads ids, which an earlier kernel may write.
+// programmatic dependent launch where the running code has it (launch_options.h); `lean`: the
+// lean prologue (launch_options.h): the histogram rank kernel with PDL too (it waits before it
+// reads ids, which an earlier kernel may write; the walk, after its memset, stays an ordinary
+// launch), and the starts summed with atomics where E + 1 <= kAtomicStartsMaxBuckets (choose.h
+// permute_atomic_starts): then expert_offsets, zeroed by the rank kernel, is the starts array the
+// scatter reads, and totals / starts are unused.
 // Returns the walk path's memset error (nothing launched after it), else cudaGetLastError() after
 // the launches, for the caller's C10_CUDA_CHECK.
 template <typename Word, typename index_t>
 cudaError_t launch_permute(const Word* x, const index_t* ids, int64_t tokens, int k, int E,
                     int64_t words, Word* permuted, int32_t* expert_offsets, int32_t* row_map,
                     int32_t* rank, int32_t* counts, int32_t* totals, int32_t* starts, bool hist,
-                    bool pdl, cudaStream_t stream) {
+                    bool pdl, bool lean, cudaStream_t stream) {
   const int64_t n = tokens * k, chunks = permute_chunks(n);
   int32_t* ticket = counts + chunks * (E + 1);
+  const bool atomic = permute_atomic_starts(E, lean);
+  int32_t* zero_starts = atomic ? expert_offsets : nullptr;
   if (permute_rank_hist(E, hist)) {
-    permute_rank_kernel<index_t><<<chunks, kChunk, size_t(E + 1) * sizeof(int32_t), stream>>>(
-        ids, n, E, rank, counts, ticket);
+    launch_kernel(permute_rank_kernel<index_t>, pdl && lean, dim3(chunks), dim3(kChunk),
+                  size_t(E + 1) * sizeof(int32_t), stream, ids, n, E, rank, counts, ticket,
+                  zero_starts);
   } else {
     const cudaError_t err =
         cudaMemsetAsync(counts, 0, size_t(chunks) * (E + 1) * sizeof(int32_t), stream);
     if (err != cudaSuccess) return err;
     permute_rank_walk_kernel<index_t><<<chunks, kChunk, 0, stream>>>(ids, n, E, rank, counts,
-                                                                     ticket);
+                                                                     ticket, zero_starts);
   }
   launch_kernel(permute_scan_kernel, pdl, dim3(E + 1), dim3(kScanThreads), 0, stream, counts,
-                chunks, E, totals, ticket, starts, expert_offsets);
+                chunks, E, totals, ticket, starts, expert_offsets, atomic);
   launch_kernel(permute_scatter_kernel<Word, index_t>, pdl, dim3(tokens), dim3(kRowThreads), 0,
-                stream, x, ids, rank, counts, starts, n, k, E, words, permuted, row_map);
+                stream, x, ids, rank, counts, atomic ? expert_offsets : starts, n, k, E, words,
+                permuted, row_map);
   return cudaGetLastError();
 }
 
