@@ -3,7 +3,10 @@ argument names, order and defaults of facebookresearch/ads_model_kernel_library,
 attnkit.gdpa: forward and gradients against reference.gdpa_ref with Meta's defaults (activation
 "raw", qk_scale None), every mapped argument and activation name, the fast_gelu_bf16 alias
 against an independent emulation of Meta's bf16 formula, the arguments accepted and ignored, and
+output_offset (Meta's placement of the output rows, broadcast_q's arange(B+1)*Lq included), and
 every Meta argument attnkit refuses. CPU always, CUDA when a GPU is present."""
+import contextlib
+
 import pytest
 import torch
 
@@ -133,6 +136,107 @@ def test_accepted_and_ignored(device):
     assert torch.equal(out, base)
 
 
+@contextlib.contextmanager
+def _no_host_sync(device):
+    """On CUDA, a host synchronisation inside the block raises (torch's sync debug mode)."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _placed(ref, starts, lens, output_offset):
+    """Meta's output_offset placement, written out: rows [starts[b], + lens[b]) of ref go to rows
+    [output_offset[b], + lens[b]) of a zero tensor of ref's shape."""
+    want = torch.zeros_like(ref)
+    for b, (s, n) in enumerate(zip(starts, lens)):
+        want[output_offset[b]:output_offset[b] + n] = ref[s:s + n]
+    return want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=dtype_id)
+def test_output_offset(device, dtype, index_dtype):
+    """output_offset as Meta's kernel reads it: row i of sequence b at output_offset[b] + i.
+    Meta's broadcast_q callers pass arange(B+1) * Lq (gdpa's broadcast layout) and Meta's default
+    is query_offset (gdpa's layout): both give the call without it, bit for bit. Another layout
+    (sequences reversed, gaps, rows outside every sequence, a [B] tensor) places the rows there,
+    0 elsewhere, and the gradients follow. No host sync on CUDA."""
+    q, k, v, qo, ko, mq, mk = _inputs(device, dtype, requires_grad=True, index_dtype=index_dtype)
+    B, Lq = len(KV_LENS), 6
+    idx = dict(dtype=index_dtype, device=device)
+    qb, qbo, same_qo = q[:Lq], torch.tensor([0, Lq], **idx), qo.clone()
+    broadcast_off = torch.arange(B + 1, **idx) * Lq
+    with _no_host_sync(device):
+        base = GDPA(q, k, v, qo, ko, mq, mk, activation="silu")
+        same = GDPA(q, k, v, qo, ko, mq, mk, activation="silu", output_offset=same_qo)
+        bbase = GDPA(qb, k, v, qbo, ko, Lq, mk, broadcast_q=True, activation="silu")
+        bsame = GDPA(qb, k, v, qbo, ko, Lq, mk, broadcast_q=True, activation="silu",
+                     output_offset=broadcast_off)
+    assert torch.equal(same, base) and torch.equal(bsame, bbase)
+
+    # Sequences in reverse order with gaps, in a q of 70 rows whose sequences cover rows 3..65.
+    lens = Q_LENS
+    q70 = torch.randn(70, *q.shape[1:], device=device, dtype=dtype).requires_grad_()
+    starts = [3 + sum(lens[:b]) for b in range(len(lens))]
+    qo70 = torch.tensor(starts + [3 + sum(lens)], **idx)
+    oo = [64, 61, 44, 42, 1]
+    for entries in (len(lens) + 1, len(lens)):
+        out_off = torch.tensor((oo + [70])[:entries], **idx)
+        with _no_host_sync(device):
+            out = GDPA(q70, k, v, qo70, ko, mq, mk, activation="silu", output_offset=out_off)
+        ref = gdpa_ref(q70, k, v, qo70, ko, activation="silu", qk_scale=1.0)
+        want = _placed(ref, starts, lens, oo)
+        assert out.shape == (70, *q.shape[1:])
+        assert_close(out.float(), want, dtype)
+        assert (out[[0, 41, 43, 69]] == 0).all() and (out[61:64] == 0).all()
+        _check_grads(out, want, (q70, k, v), dtype)
+
+    # broadcast_q: kv sequence b's block of rows at 6 * (B - 1 - b).
+    out_off = torch.tensor([Lq * (B - 1 - b) for b in range(B)] + [B * Lq], **idx)
+    out = GDPA(qb, k, v, qbo, ko, Lq, mk, broadcast_q=True, activation="silu",
+               output_offset=out_off)
+    ref = gdpa_ref(qb, k, v, qbo, ko, activation="silu", qk_scale=1.0, broadcast_q=True)
+    want = _placed(ref, [b * Lq for b in range(B)], [Lq] * B, out_off.tolist())
+    assert_close(out.float(), want, dtype)
+    _check_grads(out, want, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_offset_refused(device):
+    """An output_offset attnkit cannot place rows by is a RuntimeError naming it: not an integer
+    [B+1] (or [B]) tensor on the query's device; on the CPU (its values are read there only), a
+    destination outside the output or two rows on one row."""
+    q, k, v, qo, ko, mq, mk = _inputs(device, torch.float32)
+    cases = [torch.zeros(3, dtype=torch.int64, device=device),            # not [B+1] / [B]
+             qo.float(),                                                 # not integers
+             qo.view(-1, 1)]                                             # not 1-D
+    if device == "cpu":
+        cases += [qo + 1,                              # the last sequence's last row past the end
+                  torch.tensor([0, 5, 5, 22, 10, 63]),  # sequence 4 over sequence 2
+                  qo - 1]                              # sequence 0's first row at -1
+    for out_off in cases:
+        with pytest.raises(RuntimeError, match="attnkit: output_offset: "):
+            GDPA(q, k, v, qo, ko, mq, mk, output_offset=out_off)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unknown_activation(device):
+    """A name outside Meta's enum is a ValueError (Meta's activation_string_to_int raises one)
+    that lists the names this function accepts, fast_gelu_bf16 among them."""
+    q, k, v, qo, ko, mq, mk = _inputs(device, torch.float32)
+    for name in ("swish", "fast_gelu_bf17", "softmax"):
+        with pytest.raises(ValueError, match="attnkit: activation: ") as e:
+            GDPA(q, k, v, qo, ko, mq, mk, activation=name)
+        assert all(a in str(e.value) for a in META_ACTIVATIONS)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_unsupported_arguments(device):
     """Each Meta argument attnkit does not support, given a value other than its default, is a
@@ -144,12 +248,10 @@ def test_unsupported_arguments(device):
         ("value", dict(value=None)),                         # fused KV
         ("ad_to_request_offset", dict(ad_to_request_offset=t.int())),
         ("attn_mask", dict(attn_mask=t)),
-        ("output_offset", dict(output_offset=qo)),
         ("use_start_end_offsets", dict(use_start_end_offsets=True)),
         ("total_num_objects", dict(total_num_objects=63)),
         ("ensemble_activation_list", dict(ensemble_activation_list=[1, 3])),
         ("activation", dict(activation="fast_gelu_taylor_approx")),
-        ("activation", dict(activation="swish")),            # not a Meta name either
         ("window_size", dict(window_size=-1)),
         ("seq_index", dict(seq_index=torch.tensor([0, 1], device=device))),
     ] + [(name, {name: t}) for name in (

@@ -44,10 +44,12 @@ def ref_source_rows(T, k):
                         dtype=torch.int64).reshape(T, k)
 
 
-def ref_topk_softmax(logits, k, renormalize, bias=None):
+def ref_topk_softmax(logits, k, renormalize, bias=None, scoring="softmax"):
     """vLLM's topk_softmax: softmax over the experts, top-k of softmax (+ bias), weights from the
-    unbiased softmax, divided by their sum when renormalize."""
-    s = torch.softmax(logits.double(), dim=-1)
+    unbiased softmax, divided by their sum when renormalize. ``scoring="sigmoid"``: vLLM's
+    topk_sigmoid, the same with each expert's sigmoid in place of the softmax."""
+    x = logits.double()
+    s = torch.softmax(x, dim=-1) if scoring == "softmax" else x.sigmoid()
     w, ids = ref_topk(s if bias is None else biased_key(s, bias), s, k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
@@ -123,10 +125,12 @@ def check_sample(s):
     if name in OUT_ARGS:
         assert out is None, f"{s.name}: an out-variant returns None (vLLM's does)"
         out = tuple(a[i] for i in OUT_ARGS[name])
-    if name in ("topk_softmax", "fused_topk"):
-        logits, k, renorm, bias = ((a[3], a[0].shape[1], a[4], a[5]) if name == "topk_softmax"
+    if name in ("topk_softmax", "topk_sigmoid", "fused_topk"):
+        logits, k, renorm, bias = ((a[3], a[0].shape[1], a[4], a[5]) if name != "fused_topk"
                                    else (a[1], a[2], a[3], None))
-        expect = ref_topk_softmax(logits, k, renorm, bias)
+        scoring = ("sigmoid" if name == "topk_sigmoid" else "softmax" if name == "topk_softmax"
+                   else s.kwargs.get("scoring_func", "softmax"))
+        expect = ref_topk_softmax(logits, k, renorm, bias, scoring)
         check_routing(out[0], out[1], expect, s.name)
         assert out[2].dtype == torch.int32 and torch.equal(out[2].long().cpu(), expect[2])
     elif name == "grouped_topk":
@@ -183,6 +187,25 @@ def test_topk_softmax(device, dtype, T, E, k, renormalize, id_dtype, logits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
+@pytest.mark.parametrize("T,E,k", ROUTING)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("id_dtype", TOPK_ID_DTYPES, ids=type_id)
+@pytest.mark.parametrize("logits", list(LOGITS))
+def test_topk_sigmoid(device, dtype, T, E, k, renormalize, id_dtype, logits):
+    """vLLM's topk_sigmoid (the op vLLM's sigmoid routers reach through fused_topk): each expert
+    scored by its sigmoid, top-k of sigmoid (+ bias), unbiased weights."""
+    x = LOGITS[logits](T, E, dtype, device)
+    bias = integer_bias(E, device) if logits.endswith("bias") else None
+    w, ids, rows = (garbage((T, k), FP32, device), garbage((T, k), id_dtype, device),
+                    garbage((T, k), torch.int32, device))
+    assert ops.topk_sigmoid(w, ids, rows, x, renormalize, bias) is None
+    expect = ref_topk_softmax(x, k, renormalize, bias, scoring="sigmoid")
+    check_routing(w, ids, expect, "topk_sigmoid")
+    assert torch.equal(rows.long().cpu(), expect[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_topk_softmax_ties(device):
     """Equal logits (and equal biased keys) go to the lower expert id first, as vLLM's kernel
     breaks ties."""
@@ -200,14 +223,19 @@ def test_topk_softmax_ties(device):
 @pytest.mark.parametrize("T,E,k", ROUTING)
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("indices_type", [None] + TOPK_ID_DTYPES, ids=str)
-def test_fused_topk(device, dtype, T, E, k, renormalize, indices_type):
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_fused_topk(device, dtype, T, E, k, renormalize, indices_type, scoring_func):
+    """Called as current vLLM's FusedTopKRouter calls it: every argument by keyword,
+    scoring_func included (softmax: topk_softmax; sigmoid: topk_sigmoid)."""
     x = randn_logits(T, E, dtype, device)
     hidden = torch.randn(T, 16, device=device, dtype=dtype)
     poison_allocator(device)
-    w, ids, rows = ops.fused_topk(hidden, x, k, renormalize, indices_type)
+    w, ids, rows = ops.fused_topk(hidden_states=hidden, gating_output=x, topk=k,
+                                  renormalize=renormalize, indices_type=indices_type,
+                                  scoring_func=scoring_func)
     assert ids.dtype == (indices_type or torch.int32) and rows.dtype == torch.int32
     assert w.device == ids.device == rows.device == hidden.device
-    expect = ref_topk_softmax(x, k, renormalize)
+    expect = ref_topk_softmax(x, k, renormalize, scoring=scoring_func)
     check_routing(w, ids, expect, "fused_topk")
     assert torch.equal(rows.long().cpu(), expect[2])
 
@@ -376,6 +404,14 @@ BAD = {  # case: (function, args, exception, the argument its message must name)
     "fused_topk topk > E": ("fused_topk", (_H, _X, 9, True), ValueError, "topk"),
     "fused_topk indices_type": ("fused_topk", (_H, _X, 2, True, torch.float32), ValueError,
                                 "indices_type"),
+    "fused_topk scoring_func": ("fused_topk", (_H, _X, 2, True, None, "relu"), ValueError,
+                                "scoring_func"),
+    "topk_sigmoid weights fp16": ("topk_sigmoid", (*_routing_outs(w=torch.float16), _X),
+                                  RuntimeError, "topk_weights"),
+    "topk_sigmoid k > E": ("topk_sigmoid", (*_routing_outs(k=9), _X), RuntimeError,
+                           "topk_weights"),
+    "topk_sigmoid bias size": ("topk_sigmoid", (*_routing_outs(), _X, False, torch.zeros(7)),
+                               RuntimeError, "e_score_correction_bias"),
     "grouped_topk default groups": ("grouped_topk", (_H, _X, 2, True), ValueError,
                                     "num_expert_group"),
     "grouped_topk groups not dividing": ("grouped_topk", (_H, _X, 2, True, 3, 1), ValueError,

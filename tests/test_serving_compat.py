@@ -112,6 +112,47 @@ def test_varlen_paged_fp8_descale(device, dtype, page_size):
     assert (_sglang_call(b, causal=True).float() - out.float()).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("page_size", [None, 1, 16], ids=lambda p: "dense" if p is None else p)
+@pytest.mark.parametrize("window_left", [-1, 3])
+def test_varlen_window_right_past_capacity(device, dtype, page_size, window_left):
+    """FlashAttention 3's varlen window: query i of a sequence of Lq queries and Lk keys sees keys
+    up to i + Lk - Lq + right. A right side at or past the cache's capacity (where FlashAttention
+    2's rule, right >= capacity, drops it) still hides keys from a sequence with more than
+    capacity + 1 queries: here sequence 0 has 40 queries, 5 keys, a capacity of 6 to 32 and
+    right = capacity + 1, so its first rows see no key (0, lse -inf) and the next ones fewer keys
+    than all. Dense cache, gathered pages (page size 1) and the paged op (16)."""
+    q_lens, k_lens, H, Hkv, D = [40, 3], [5, 0], 4, 2, 32
+    if page_size is None:
+        S = 8
+        kc = torch.randn(2, S, Hkv, D, device=device, dtype=dtype)
+        vc = torch.randn(2, S, Hkv, D, device=device, dtype=dtype)
+        q = torch.randn(sum(q_lens), H, D, device=device, dtype=dtype)
+        cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=device)
+        lens = torch.tensor(k_lens, dtype=torch.int32, device=device)
+        call = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=lens, cu_seqlens_q=cu)
+        capacity = S
+    else:
+        b = paged_batch(q_lens, k_lens, H, Hkv, D, page_size, dtype, device)
+        call = dict(q=b.q, k_cache=b.k_cache, v_cache=b.v_cache, page_table=b.block_table,
+                    cache_seqlens=b.seqused_k, cu_seqlens_q=b.cu_seqlens_q)
+        capacity = b.block_table.shape[1] * page_size
+    wr = capacity + 1
+    assert q_lens[0] - 1 > wr
+    out, lse = attnkit.flash_attn_with_kvcache(**call, max_seqlen_q=max(q_lens), causal=False,
+                                               window_size=(window_left, wr),
+                                               return_softmax_lse=True)
+    win = dict(causal=False, window_left=window_left, window_right=wr)
+    if page_size is None:
+        eo, el = _dense_ref(q, cu, kc, vc, lens, **win)
+    else:
+        eo, el = _paged_ref(b, **win)
+    assert torch.isinf(el[:, 0]).all()  # the case is one: row 0 sees no key
+    assert_close(out.float(), eo, dtype)
+    assert_lse_close(lse, el)
+
+
 # ---- varlen q over dense caches -----------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
@@ -336,6 +377,66 @@ def test_unsupported_and_bad_arguments(device):
         with pytest.raises(RuntimeError, match=name):
             attnkit.flash_attn_with_kvcache(**dict(base, **change))
     assert torch.equal(b.k_cache, kc0) and torch.equal(b.v_cache, vc0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_errors_name_the_argument_passed(device, page_size):
+    """An error names the argument as the caller passed it, the same on both paths (the paged op
+    for page size 16, gathered pages for 1): the table as page_table or block_table (int32 on
+    both paths, as FlashAttention takes it; its used ids checked on the CPU), the sinks as sinks
+    or learnable_sink, a uint8 cache (vLLM's fp8 bytes) as k_cache or v_cache, with or without
+    descales."""
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, page_size, torch.bfloat16, device)
+    f8 = paged_batch(*MIXES["mixed"], 4, 2, 64, page_size, torch.bfloat16, device, fp8=True)
+    base = dict(q=b.q, k_cache=b.k_cache, v_cache=b.v_cache, page_table=b.block_table,
+                cache_seqlens=b.seqused_k, cu_seqlens_q=b.cu_seqlens_q,
+                max_seqlen_q=b.max_seqlen_q, causal=True)
+    as_fa2 = dict(page_table=None, block_table=b.block_table)
+    fp8 = dict(k_cache=f8.k_cache, v_cache=f8.v_cache, page_table=f8.block_table)
+    cases = [
+        ("page_table", dict(page_table=b.block_table.long())),
+        ("block_table", dict(as_fa2, block_table=b.block_table.long())),
+        ("sinks", dict(sinks=torch.zeros(3, device=device))),
+        ("learnable_sink", dict(learnable_sink=torch.zeros(4, 1, device=device))),
+        ("k_cache", dict(fp8, k_cache=f8.k_cache.view(torch.uint8),
+                         v_cache=f8.v_cache.view(torch.uint8))),
+        ("k_cache", dict(fp8, k_cache=f8.k_cache.view(torch.uint8),
+                         v_cache=f8.v_cache.view(torch.uint8), k_descale=f8.k_descale,
+                         v_descale=f8.v_descale)),
+        ("v_cache", dict(fp8, v_cache=f8.v_cache.view(torch.uint8))),
+    ]
+    if device == "cpu":  # ids are read on the CPU only
+        bad = b.block_table.clone()
+        bad[1, 0] = b.k_cache.shape[0]  # the first block of a sequence with keys
+        cases += [("page_table", dict(page_table=bad)),
+                  ("block_table", dict(as_fa2, block_table=bad))]
+    for name, change in cases:
+        with pytest.raises(RuntimeError, match=f"attnkit: {name}: "):
+            attnkit.flash_attn_with_kvcache(**dict(base, **change))
+    q4 = torch.randn(2, 3, 4, 64, device=device, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="attnkit: learnable_sink: "):
+        attnkit.flash_attn_func(q4, q4, q4, learnable_sink=torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_state_v2_error_names(device):
+    """merge_state_v2's errors name SGLang's arguments, each the one that is wrong: a bad
+    v_merged or v_b against v_a (dtype, shape), a bf16 s_merged."""
+    T, H, D = 4, 2, 16
+    v_a, v_b = torch.randn(T, H, D, device=device), torch.randn(T, H, D, device=device)
+    s_a, s_b = torch.randn(T, H, device=device), torch.randn(T, H, device=device)
+    cases = [
+        ("v_merged", dict(v_merged=torch.empty(T, H, D, device=device, dtype=torch.float16))),
+        ("v_merged", dict(v_merged=torch.empty(T, H, 8, device=device))),
+        ("v_b", dict(v_b=torch.randn(T, H, 8, device=device))),
+        ("v_b", dict(v_b=v_b.half())),
+        ("s_merged", dict(s_merged=torch.empty(T, H, device=device, dtype=torch.bfloat16))),
+        ("v_a", dict(v_a=v_a.double(), v_b=v_b.double())),
+    ]
+    for name, change in cases:
+        with pytest.raises(RuntimeError, match=f"attnkit: {name}: "):
+            attnkit.merge_state_v2(**dict(dict(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b), **change))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,7 @@ from .moe import (MoE, expert_load_balance, grouped_gemm, grouped_gemm_swiglu, m
 from .moe_ep import moe_combine, moe_dispatch
 from . import moe_compat  # vLLM fused_moe drop-ins; its silu_and_mul is vLLM's out-variant
 from .moe_compat import (fused_topk, grouped_topk, moe_align_block_size,
-                         moe_align_block_size_alloc, moe_sum, topk_softmax)
+                         moe_align_block_size_alloc, moe_sum, topk_sigmoid, topk_softmax)
 from .paged import (merge_attn_states, merge_state_v2, pa_fwd, pa_fwd_asm, paged_attention_v1,
                     paged_attention_v2, reshape_and_cache, reshape_and_cache_flash,
                     reshape_and_cache_with_pertoken_quant)
@@ -34,8 +34,8 @@ __all__ = [
     "grouped_gemm", "grouped_gemm_swiglu", "silu_and_mul", "expert_load_balance", "moe_dispatch",
     "moe_combine",
     # vLLM fused_moe drop-ins (attnkit.moe_compat; moe_compat.silu_and_mul is vLLM's (out, x))
-    "moe_compat", "topk_softmax", "fused_topk", "grouped_topk", "moe_sum", "moe_align_block_size",
-    "moe_align_block_size_alloc",
+    "moe_compat", "topk_softmax", "topk_sigmoid", "fused_topk", "grouped_topk", "moe_sum",
+    "moe_align_block_size", "moe_align_block_size_alloc",
     # paged decode attention
     "paged_attention_v1", "paged_attention_v2", "pa_fwd", "pa_fwd_asm", "reshape_and_cache",
     "reshape_and_cache_with_pertoken_quant",

@@ -39,14 +39,25 @@ def _window(window_size) -> Tuple[int, int]:
     return tuple(-1 if int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 
 
-def _sinks(s_aux, learnable_sink, sinks=None):
-    # s_aux: vLLM / transformers; learnable_sink: FA4; sinks: sgl_kernel.
+def _sinks(q, s_aux, learnable_sink, sinks=None):
+    """The attention sinks, under whichever name the caller used (s_aux: vLLM / transformers;
+    learnable_sink: FA4; sinks: sgl_kernel), checked here so a bad tensor is reported under that
+    name (the op knows only s_aux)."""
     given = [(n, t) for n, t in (("s_aux", s_aux), ("learnable_sink", learnable_sink),
                                  ("sinks", sinks)) if t is not None]
     if len(given) > 1:
         raise RuntimeError(f"attnkit: s_aux: pass the sinks under one name (s_aux, learnable_sink "
                            f"or sinks), got {' and '.join(n for n, _ in given)}")
-    return given[0][1] if given else None
+    if not given:
+        return None
+    name, t = given[0]
+    heads = q.shape[-2] if q.dim() >= 2 else None
+    if (t.dim() != 1 or t.shape[0] != heads or t.device != q.device
+            or not t.is_floating_point()):
+        raise RuntimeError(f"attnkit: {name}: expected a float [{heads}] tensor on {q.device} "
+                           f"(one sink logit per query head), got {t.dtype} {tuple(t.shape)} "
+                           f"on {t.device}")
+    return t
 
 
 def _check_q_descale(q, q_descale):
@@ -55,6 +66,17 @@ def _check_q_descale(q, q_descale):
     if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise RuntimeError(f"attnkit: q: expected bfloat16, float16 or float32 (fp8 queries are not "
                            f"supported), got {q.dtype}")
+
+
+def _check_not_bytes(caches):
+    """vLLM keeps fp8 caches as uint8 bytes; which fp8 format they hold (e4m3 or e5m2) is not in
+    the tensor, so attnkit asks for the typed view rather than guess it. ``caches``: (name,
+    tensor) pairs."""
+    for name, c in caches:
+        if c.dtype == torch.uint8:
+            raise RuntimeError(f"attnkit: {name}: expected the dtype of q or float8_e4m3fn, got "
+                               "torch.uint8 (fp8 bytes, whose format the dtype does not say: "
+                               f"pass {name}.view(torch.float8_e4m3fn) if they are e4m3)")
 
 
 def _cache_descales(k, k_descale, v_descale):
@@ -122,7 +144,7 @@ def flash_attn_func(
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
         q, k, v, softmax_scale, causal, wl, wr, softcap, seqused_k=seqused_k,
-        s_aux=_sinks(s_aux, learnable_sink), deterministic=deterministic)
+        s_aux=_sinks(q, s_aux, learnable_sink), deterministic=deterministic)
     res = _into(out, res)
     if return_attn_probs:
         return res, lse, None
@@ -190,12 +212,13 @@ def flash_attn_varlen_func(
     """
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_q_descale(q, q_descale)
+    _check_not_bytes((("k", k), ("v", v)))
     k_descale, v_descale = _cache_descales(k, k_descale, v_descale)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
         q, k, v, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, seqused_k=seqused_k, block_table=block_table,
-        s_aux=_sinks(s_aux, learnable_sink), k_descale=k_descale, v_descale=v_descale,
+        s_aux=_sinks(q, s_aux, learnable_sink), k_descale=k_descale, v_descale=v_descale,
         deterministic=deterministic)
     res = _into(out, res)
     if return_attn_probs:
@@ -203,10 +226,10 @@ def flash_attn_varlen_func(
     return (res, lse) if return_softmax_lse else res
 
 
-def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, sinks):
+def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr):
     """What the attention op would refuse, checked before the cache is written: a call that raises
     leaves the cache as it was (the op's own checks run after the append)."""
-    if q.dtype != k_cache.dtype and k_cache.dtype not in (torch.float8_e4m3fn, torch.uint8):
+    if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
         raise RuntimeError(f"attnkit: k_cache: expected dtype {q.dtype} (that of q) or an fp8 cache, "
                            f"got {k_cache.dtype}")
     if q.shape[-1] != k_cache.shape[3]:
@@ -221,11 +244,6 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, si
         raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none), got {softcap}")
     if wl < -1 or wr < -1:
         raise RuntimeError(f"attnkit: window_size: expected sides >= -1, got ({wl}, {wr})")
-    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[-2]
-                              or sinks.device != q.device or not sinks.is_floating_point()):
-        raise RuntimeError(f"attnkit: s_aux: expected a float [{q.shape[-2]}] tensor on {q.device} "
-                           f"(one sink logit per query head), got {sinks.dtype} "
-                           f"{tuple(sinks.shape)} on {sinks.device}")
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
@@ -290,21 +308,41 @@ def _paged_op_takes(block_size: int) -> bool:
     return block_size % 16 == 0 and 16 <= block_size <= 256
 
 
-def _gather_pages(k_cache, v_cache, table, used, name):
+def _check_table(table, name: str, B: int, device) -> None:
+    """The block table's form, under the name it was passed as: FlashAttention 2 and 3 take int32
+    ``[B, max_blocks]`` tables, and so does the paged op, whichever path the page size picks."""
+    if table.dim() != 2 or table.shape[0] != B:
+        raise RuntimeError(f"attnkit: {name}: expected [{B}, max_blocks] (one row per "
+                           f"sequence), got shape {tuple(table.shape)}")
+    if table.dtype != torch.int32 or table.device != device:
+        raise RuntimeError(f"attnkit: {name}: expected an int32 tensor on {device} (as "
+                           f"FlashAttention takes it), got {table.dtype} on {table.device}")
+
+
+def _check_used_block_ids(table, used, num_blocks: int, block_size: int, name: str) -> None:
+    """The ids of the blocks a sequence uses (its first ``ceil(used[b] / block_size)``) must be
+    blocks of the cache. Checked on the CPU only, for both paths, before the cache is written;
+    on CUDA (no host sync) they are clamped, as the paged op clamps them. Ids past the used
+    blocks are never read."""
+    if table.device.type != "cpu" or not table.numel():
+        return
+    ids = table.long()
+    in_use = torch.arange(ids.shape[1]) * block_size < used.long().unsqueeze(1)
+    bad = in_use & ((ids < 0) | (ids >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise RuntimeError(f"attnkit: {name}: expected the ids of used blocks in [0, "
+                           f"{num_blocks}) (the cache's blocks), got {name}[{b}, {j}]="
+                           f"{int(ids[b, j])}")
+
+
+def _gather_pages(k_cache, v_cache, table):
     """Dense ``[B, max_blocks * block_size, Hkv, D]`` copies of every sequence's keys and values
     (key j of sequence b at row j), for page sizes the paged op does not take (SGLang's default
-    is 1). Ids past a sequence's used blocks are never read by the attention (seqused_k stops
-    before them) and are clamped into the cache; those of used blocks are checked on the CPU (CUDA
-    clamps them too, as the paged op does: no host sync)."""
-    nb, bs = k_cache.shape[0], k_cache.shape[1]
-    ids = table.long()
-    if ids.device.type == "cpu" and ids.numel():
-        in_use = torch.arange(ids.shape[1]) * bs < used.long().unsqueeze(1)
-        bad = in_use & ((ids < 0) | (ids >= nb))
-        if bool(bad.any()):
-            raise RuntimeError(f"attnkit: {name}: expected the ids of used blocks in [0, {nb}) "
-                               f"(the cache's blocks), got {int(ids[bad][0])}")
-    ids = ids.clamp(0, max(nb - 1, 0))
+    is 1). Ids are clamped into the cache: those past a sequence's used blocks are never read by
+    the attention (seqused_k stops before them), those of used blocks were checked on the CPU
+    (_check_used_block_ids; CUDA clamps them, as the paged op does)."""
+    ids = table.long().clamp(0, max(k_cache.shape[0] - 1, 0))
     return k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
 
 
@@ -378,12 +416,13 @@ def flash_attn_with_kvcache(
     ``(out, lse)`` with ``return_softmax_lse`` (lse ``[B, H, Sq]``).
 
     FlashAttention 3's / SGLang's keywords (by name; docs/serving.md):
-      - ``page_table``: the block table under FA3's name (not both). Any page size: those the
-        paged op does not take (not a multiple of 16 in [16, 256], e.g. SGLang's 1) are gathered
-        into a dense copy first.
+      - ``page_table``: the block table under FA3's name (not both; int32 under either). Any
+        page size: those the paged op does not take (not a multiple of 16 in [16, 256], e.g.
+        SGLang's 1) are gathered into a dense copy first.
       - ``cu_seqlens_q`` ``[B+1]`` (+ ``max_seqlen_q``, a sizing hint): q is varlen
         ``[total_q, H, D]``; sequence b's queries attend its first ``cache_seqlens[b]`` keys,
-        causal aligned bottom-right; lse ``[H, total_q]``. No new k / v then (write them first).
+        causal aligned bottom-right, the window FA3's (its right side kept past the cache's
+        length); lse ``[H, total_q]``. No new k / v then (write them first).
         ``cu_seqlens_k_new`` only describes new k / v: ignored without them, as in FA3.
       - ``k_descale`` / ``v_descale`` as ``flash_attn_varlen_func`` takes them; ``q_descale``
         scales fp8 queries only (attnkit takes none): None or ones (checked on the CPU).
@@ -429,20 +468,28 @@ def flash_attn_with_kvcache(
             and not bool((q_descale == 1).all())):
         raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
                            "scales fp8 queries, which attnkit does not take), got other values")
+    _check_not_bytes((("k_cache", k_cache), ("v_cache", v_cache)))
     k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale)
     dev = q.device
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
         raise RuntimeError(f"attnkit: cache_batch_idx: expected None with {table_name}")
-    if paged and (block_table.dim() != 2 or block_table.shape[0] != B):
-        raise RuntimeError(f"attnkit: {table_name}: expected [{B}, max_blocks] (one row per "
-                           f"sequence), got shape {tuple(block_table.shape)}")
+    if paged:
+        _check_table(block_table, table_name, B, dev)
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    # FlashAttention 2 counts a window side as absent when it reaches the cache's length: both for
-    # the mask and for where q is rotated (below).
-    wl, wr = (-1 if w >= capacity else w for w in _window(window_size))
-    sinks = _sinks(s_aux, learnable_sink, sinks)
-    _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr, sinks)
+    # A window side is dropped (-1) only where that changes no mask, so the kernels' exact masking
+    # decides everything else. The left side: from any row it reaches key 0 once it reaches the
+    # capacity. The right side: query i of a sequence of Lq queries and Lk keys reaches key
+    # i + Lk - Lq + right, every key once right >= Lq - 1. The [B, Sq, H, D] call keeps
+    # FlashAttention 2's rule (right >= the capacity; also where q is rotated, below), exact for
+    # Sq <= capacity + 1. The varlen call has FlashAttention 3's semantics, whose rule is
+    # right >= max_seqlen_q - 1; max_seqlen_q is only a hint here, so the bound is total_q - 1,
+    # which no sequence's query count exceeds.
+    wl, wr = _window(window_size)
+    wl = -1 if wl >= capacity else wl
+    wr = -1 if wr >= (q.shape[0] - 1 if varlen else capacity) else wr
+    sinks = _sinks(q, s_aux, learnable_sink, sinks)
+    _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr)
     if k is not None and cache_seqlens is None:
         raise RuntimeError("attnkit: cache_seqlens: expected the cache's lengths when k and v are "
                            "given (where to append them; FlashAttention 2 requires it too)")
@@ -493,10 +540,14 @@ def flash_attn_with_kvcache(
             rows = torch.arange(B, device=dev)
     s_new = 0
     if k is not None:
-        s_new = k.shape[1]
         if k.dim() != 4 or k.shape[0] != B or v.shape != k.shape or k.shape[2:] != k_cache.shape[2:]:
             raise RuntimeError(f"attnkit: k: expected k and v [{B}, S_new, {k_cache.shape[2]}, "
                                f"{k_cache.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        s_new = k.shape[1]
+    used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
+    if paged:
+        _check_used_block_ids(block_table, used, k_cache.shape[0], k_cache.shape[1], table_name)
+    if k is not None:
         pos = seqlens.to(torch.int64).unsqueeze(1) + torch.arange(s_new, device=dev)  # [B, S_new]
         if rotary_cos is not None:
             k = _rotate(k, rotary_cos[pos.clamp(max=ro - 1)], rotary_sin[pos.clamp(max=ro - 1)],
@@ -523,7 +574,6 @@ def flash_attn_with_kvcache(
                                                         torch.zeros(Sq, dtype=torch.int64, device=dev))
         qpos = qpos.clamp(max=ro - 1)
         q = _rotate(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
-    used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
     attn = dict(s_aux=sinks, k_descale=k_descale, v_descale=v_descale)
     if paged and _paged_op_takes(k_cache.shape[1]):
         res, lse = torch.ops.attnkit.flash_attn_fwd(
@@ -531,7 +581,7 @@ def flash_attn_with_kvcache(
             max_seqlen_q, None, seqused_k=used, block_table=block_table, **attn)
     else:
         if paged:
-            kc, vc = _gather_pages(k_cache, v_cache, block_table, used, table_name)
+            kc, vc = _gather_pages(k_cache, v_cache, block_table)
         elif cache_batch_idx is None:
             kc, vc = k_cache, v_cache
         else:

@@ -67,6 +67,8 @@ def gdpa(
 # GELU(approximate="tanh"), as for fast_gelu): attnkit evaluates it in fp32 and rounds P to v's
 # dtype; the two differ by about one bf16 rounding of P (docs/ops.md, "Meta's name").
 _META_ACTIVATION_ALIASES = {"fast_gelu_bf16": "fast_gelu"}
+# The names this function accepts: Meta's enum less fast_gelu_taylor_approx (refused below).
+_META_ACTIVATIONS = GDPA_ACTIVATIONS + tuple(_META_ACTIVATION_ALIASES)
 
 # Meta's arguments attnkit does not support: each must keep its default (None, False or an empty
 # list), else a RuntimeError names it.
@@ -74,7 +76,6 @@ _META_UNSUPPORTED = {
     "ad_to_request_offset": "query sequences mapped onto shared kv sequences (Meta's inference "
                             "path) are not supported",
     "attn_mask": "attention masks / biases are not supported (Meta's kernel refuses them too)",
-    "output_offset": "output rows at offsets other than query_offset are not supported",
     "use_start_end_offsets": "[start, end) offset pairs are not supported: pass [B+1] offsets",
     "total_num_objects": "only with use_start_end_offsets, which is not supported",
     "ensemble_activation_list": "activation ensembles are not supported",
@@ -98,6 +99,63 @@ def _check_meta_seq_index(seq_index, batch: int) -> None:
             torch.sort(seq_index.long()).values, torch.arange(batch)):
         raise RuntimeError(f"attnkit: seq_index: expected a permutation of 0..{batch - 1} (an "
                            f"order of the sequences), got {seq_index.tolist()}")
+
+
+def _check_meta_output_offset(output_offset, batch: int, device) -> None:
+    """output_offset's form: an integer [B+1] tensor (or [B]: Meta's kernel reads entries 0..B-1)
+    on the query's device. Its values are checked by _meta_output_rows, on the CPU only."""
+    if (output_offset.dim() != 1 or output_offset.shape[0] not in (batch, batch + 1)
+            or output_offset.is_floating_point() or output_offset.dtype == torch.bool
+            or output_offset.device != device):
+        raise RuntimeError(f"attnkit: output_offset: expected an integer [{batch + 1}] (or "
+                           f"[{batch}]) tensor on {device} (entry b: the output row of sequence "
+                           f"b's first query), got {output_offset.dtype} "
+                           f"{tuple(output_offset.shape)} on {output_offset.device}")
+
+
+def _meta_output_rows(out, query_offset, output_offset, broadcast_q: bool, batch: int):
+    """gdpa's output re-laid out as Meta's kernel writes it: row i of sequence b at
+    ``output_offset[b] + i`` of a tensor shaped as gdpa's output, rows no sequence writes 0.
+
+    Every step is a device op on sizes known on the host (no host sync, no shape from the data):
+    each row r of ``out`` gets its sequence b (``r // Lq`` with broadcast_q, else by a search of
+    query_offset) and its destination; rows outside every sequence, and on CUDA rows whose
+    destination is outside the output, go to one extra row that is cut off. On the CPU the
+    destinations are checked instead (inside the output, one row each): a RuntimeError naming
+    output_offset. Differentiable in out (index_copy)."""
+    n = out.shape[0]
+    if n == 0 or batch == 0:
+        return out
+    dev = out.device
+    r = torch.arange(n, device=dev)
+    if broadcast_q:
+        lq = n // batch
+        seq = torch.div(r, lq, rounding_mode="floor")
+        first = seq * lq
+        inside = torch.ones(n, dtype=torch.bool, device=dev)
+    else:
+        qo = query_offset.to(torch.int64)
+        seq = torch.searchsorted(qo, r, right=True) - 1
+        inside = (seq >= 0) & (seq < batch)
+        seq = seq.clamp(0, batch - 1)
+        first = qo.index_select(0, seq)
+    dest = output_offset.to(torch.int64).index_select(0, seq) + (r - first)
+    fits = (dest >= 0) & (dest < n)
+    if dev.type == "cpu":
+        if not bool((fits | ~inside).all()):
+            at = int((inside & ~fits).nonzero()[0])
+            raise RuntimeError(f"attnkit: output_offset: expected every query row's destination "
+                               f"in [0, {n}) (the output's rows), got output_offset[{int(seq[at])}]"
+                               f" + {int(r[at] - first[at])} = {int(dest[at])}")
+        used = dest[inside].sort().values
+        clash = (used[1:] == used[:-1]).nonzero()
+        if clash.numel():
+            raise RuntimeError(f"attnkit: output_offset: expected each query row at a row of its "
+                               f"own, got two at row {int(used[int(clash[0])])} (overlapping "
+                               "sequences)")
+    dest = torch.where(inside & fits, dest, n)
+    placed = out.new_zeros((n + 1, *out.shape[1:])).index_copy(0, dest, out)
+    return placed[:n]
 
 
 def generalized_dot_product_attention(
@@ -146,16 +204,22 @@ def generalized_dot_product_attention(
     the query, local indices), ``qk_scale`` (None: 1.0; scales the output, after the activation, as
     Meta's), ``window_size`` (None: no window; ``|i - j| <= window_size``), ``broadcast_q`` and
     ``activation`` (default ``"raw"``, Meta's, where ``gdpa``'s is ``"fast_gelu"``; Meta's names,
-    ``"fast_gelu_bf16"`` computed as ``"fast_gelu"``). Accepted and ignored: ``attn_offset``
+    ``"fast_gelu_bf16"`` computed as ``"fast_gelu"``; a name outside Meta's enum is a
+    ValueError, as Meta's), and ``output_offset``: as Meta's kernel, row i of sequence b goes to
+    row ``output_offset[b] + i`` of the output (shaped as without it); None is query_offset
+    (gdpa's layout), and a ``broadcast_q`` caller passes ``arange(B + 1) * Lq`` for gdpa's
+    broadcast layout. Rows no sequence writes are 0; on the CPU a destination outside the output
+    or shared by two rows is a RuntimeError naming output_offset, on CUDA (no host sync) such
+    rows are dropped or race. Accepted and ignored: ``attn_offset``
     (Meta's forward never reads it), ``seq_index`` (an order of the work; a permutation, checked
     on the CPU), ``allow_tf32`` (attnkit's fp32 path never uses TF32), and the kernel options
     ``enable_persistent``, ``enable_tma``, ``enable_ws``, ``use_dq_atomic_add``,
     ``bwd_opt_tech``. Every other argument must keep its default: ``key`` / ``value`` None (fused
-    QKV / KV), ``ad_to_request_offset``, ``attn_mask``, ``output_offset``,
-    ``use_start_end_offsets``, ``total_num_objects``, the ``ts_*`` / ``pos_emb_*`` encodings,
-    ``ensemble_activation_list`` and ``activation="fast_gelu_taylor_approx"`` raise a RuntimeError
-    naming the argument. Unlike Meta's kernel, rows past ``max_seq_len_q`` in a sequence are
-    computed (the hints only size the grid) and rows outside every sequence are 0.
+    QKV / KV), ``ad_to_request_offset``, ``attn_mask``, ``use_start_end_offsets``,
+    ``total_num_objects``, the ``ts_*`` / ``pos_emb_*`` encodings, ``ensemble_activation_list``
+    and ``activation="fast_gelu_taylor_approx"`` raise a RuntimeError naming the argument. Unlike
+    Meta's kernel, rows past ``max_seq_len_q`` in a sequence are computed (the hints only size the
+    grid) and rows outside every sequence are 0.
     """
     for name, t in (("key", key), ("value", value)):
         if t is None:
@@ -163,7 +227,7 @@ def generalized_dot_product_attention(
                                "QKV / KV inputs are not supported: pass key and value)")
     for name, given in (
             ("ad_to_request_offset", ad_to_request_offset), ("attn_mask", attn_mask),
-            ("output_offset", output_offset), ("use_start_end_offsets", use_start_end_offsets),
+            ("use_start_end_offsets", use_start_end_offsets),
             ("total_num_objects", total_num_objects),
             ("ensemble_activation_list", ensemble_activation_list or None),
             ("ts_encoding_params", ts_encoding_params),
@@ -179,6 +243,9 @@ def generalized_dot_product_attention(
             shown = "a tensor" if isinstance(given, torch.Tensor) else repr(given)
             raise RuntimeError(f"attnkit: {name}: expected its default, got {shown} "
                                f"({_META_UNSUPPORTED[name]})")
+    if activation not in _META_ACTIVATIONS + ("fast_gelu_taylor_approx",):
+        raise ValueError(f"attnkit: activation: unknown name {activation!r}; valid names: "
+                         f"{', '.join(_META_ACTIVATIONS)}")
     if activation == "fast_gelu_taylor_approx":
         raise RuntimeError("attnkit: activation: 'fast_gelu_taylor_approx' is not supported (Meta "
                            "evaluates part of the columns with a degree-6 Taylor polynomial of "
@@ -188,13 +255,20 @@ def generalized_dot_product_attention(
         raise RuntimeError(f"attnkit: window_size: expected None or >= 0, got {window_size} "
                            "(Meta's kernel masks every key for a negative window; None is no "
                            "window)")
+    batch = (key_offset if broadcast_q else query_offset).shape[0] - 1
     if seq_index is not None:
-        batch = (key_offset if broadcast_q else query_offset).shape[0] - 1
         _check_meta_seq_index(seq_index, batch)
-    return gdpa(query, key, value, query_offset, key_offset, max_seq_len_q, max_seq_len_kv,
-                _META_ACTIVATION_ALIASES.get(activation, activation),
-                1.0 if qk_scale is None else qk_scale, causal=is_causal,
-                window_size=-1 if window_size is None else window_size, broadcast_q=broadcast_q)
+    # Meta's default output_offset is query_offset: gdpa's own layout, nothing to move.
+    place = output_offset is not None and output_offset is not query_offset
+    if place:
+        _check_meta_output_offset(output_offset, batch, query.device)
+    out = gdpa(query, key, value, query_offset, key_offset, max_seq_len_q, max_seq_len_kv,
+               _META_ACTIVATION_ALIASES.get(activation, activation),
+               1.0 if qk_scale is None else qk_scale, causal=is_causal,
+               window_size=-1 if window_size is None else window_size, broadcast_q=broadcast_q)
+    if place:
+        out = _meta_output_rows(out, query_offset, output_offset, broadcast_q, batch)
+    return out
 
 
 class _GdpaWith(torch.autograd.Function):

@@ -3,8 +3,8 @@ with vLLM's names, argument names, positional orders and return types, on attnki
 plain torch ops.
 
 - ``from attnkit import moe_compat as ops`` stands in for ``from vllm import _custom_ops as ops``
-  at the calls ``ops.topk_softmax``, ``ops.silu_and_mul``, ``ops.moe_sum`` and
-  ``ops.moe_align_block_size`` (out-variants: they write their out tensors and return None).
+  at the calls ``ops.topk_softmax``, ``ops.topk_sigmoid``, ``ops.silu_and_mul``, ``ops.moe_sum``
+  and ``ops.moe_align_block_size`` (out-variants: they write their out tensors and return None).
 - ``fused_topk`` and ``grouped_topk`` are vLLM's Python routing functions (fused_moe.py, now
   ``fused_moe/router/``); ``moe_align_block_size_alloc`` is the allocating
   ``moe_align_block_size`` of ``fused_moe/moe_align_block_size.py`` (vLLM gives both forms the
@@ -24,7 +24,7 @@ import torch
 from .moe import moe_route, moe_topk_softmax
 from .moe import silu_and_mul as _silu_and_mul
 
-__all__ = ["topk_softmax", "fused_topk", "grouped_topk", "silu_and_mul", "moe_sum",
+__all__ = ["topk_softmax", "topk_sigmoid", "fused_topk", "grouped_topk", "silu_and_mul", "moe_sum",
            "moe_align_block_size", "moe_align_block_size_alloc"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,6 +91,39 @@ def _source_rows(T: int, k: int, device) -> torch.Tensor:
 
 
 # ---- routing -----------------------------------------------------------------------------------
+_SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+def _topk_into(fn: str, scoring: str, topk_weights, topk_ids, token_expert_indices,
+               gating_output, renormalize, e_score_correction_bias) -> None:
+    """topk_softmax and topk_sigmoid: the checks and the writes they share, ``scoring`` the
+    function of the logits that ranks the experts and gives the weights."""
+    _check(fn, "gating_output", gating_output, dtypes=_FLOATS, dim=2)
+    T, E = gating_output.shape
+    dev = gating_output.device
+    _check(fn, "topk_weights", topk_weights, dtypes=(torch.float32,), dim=2, device=dev)
+    k = topk_weights.shape[1]
+    _check(fn, "topk_weights", topk_weights, shape=("[num_tokens, topk] = ", (T, k)))
+    if not 1 <= k <= E:
+        raise RuntimeError(f"attnkit: {fn}: topk_weights: its width is the number of experts per "
+                           f"token, expected within [1, {E}] (gating_output's experts), got {k}")
+    for name, t, dtypes in (("topk_ids", topk_ids, _TOPK_ID_DTYPES),
+                            ("token_expert_indices", token_expert_indices, (torch.int32,))):
+        _check(fn, name, t, dtypes=dtypes, shape=("[num_tokens, topk] = ", (T, k)), device=dev)
+    _check_bias(fn, e_score_correction_bias, E, dev)
+    logits = gating_output.detach()
+    bias = None if e_score_correction_bias is None else e_score_correction_bias.detach()
+    if scoring == "softmax" and bias is None:
+        weights, ids = moe_topk_softmax(logits, k, bool(renormalize))
+    else:
+        weights, ids = moe_route(logits, k, scoring=scoring, renormalize=bool(renormalize),
+                                 bias=bias)
+    with torch.no_grad():  # out tensors: never part of an autograd graph (vLLM's are not)
+        topk_weights.copy_(weights)
+        topk_ids.copy_(ids)
+        token_expert_indices.copy_(_source_rows(T, k, dev))
+
+
 def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  token_expert_indices: torch.Tensor, gating_output: torch.Tensor,
                  renormalize: bool = False,
@@ -106,40 +139,32 @@ def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
         gating_output: ``[T, E]`` bf16 / fp16 / fp32 / fp64 router logits; ``1 <= k <= E``.
         e_score_correction_bias: ``[E]``: chooses by softmax + bias; the weights stay unbiased.
     """
-    fn = "topk_softmax"
-    _check(fn, "gating_output", gating_output, dtypes=_FLOATS, dim=2)
-    T, E = gating_output.shape
-    dev = gating_output.device
-    _check(fn, "topk_weights", topk_weights, dtypes=(torch.float32,), dim=2, device=dev)
-    k = topk_weights.shape[1]
-    _check(fn, "topk_weights", topk_weights, shape=("[num_tokens, topk] = ", (T, k)))
-    if not 1 <= k <= E:
-        raise RuntimeError(f"attnkit: {fn}: topk_weights: its width is the number of experts per "
-                           f"token, expected within [1, {E}] (gating_output's experts), got {k}")
-    for name, t, dtypes in (("topk_ids", topk_ids, _TOPK_ID_DTYPES),
-                            ("token_expert_indices", token_expert_indices, (torch.int32,))):
-        _check(fn, name, t, dtypes=dtypes, shape=("[num_tokens, topk] = ", (T, k)), device=dev)
-    _check_bias(fn, e_score_correction_bias, E, dev)
-    logits = gating_output.detach()
-    if e_score_correction_bias is None:
-        weights, ids = moe_topk_softmax(logits, k, bool(renormalize))
-    else:
-        weights, ids = moe_route(logits, k, renormalize=bool(renormalize),
-                                 bias=e_score_correction_bias.detach())
-    with torch.no_grad():  # out tensors: never part of an autograd graph (vLLM's are not)
-        topk_weights.copy_(weights)
-        topk_ids.copy_(ids)
-        token_expert_indices.copy_(_source_rows(T, k, dev))
+    _topk_into("topk_softmax", "softmax", topk_weights, topk_ids, token_expert_indices,
+               gating_output, renormalize, e_score_correction_bias)
+
+
+def topk_sigmoid(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 token_expert_indices: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool = False,
+                 e_score_correction_bias: Optional[torch.Tensor] = None) -> None:
+    """vLLM's ``_custom_ops.topk_sigmoid``: :func:`topk_softmax` with each expert scored by the
+    sigmoid (fp32) of its logit instead of the softmax over the experts; the same out tensors,
+    checks and ties (to the lower expert id). Writes the out tensors, returns None."""
+    _topk_into("topk_sigmoid", "sigmoid", topk_weights, topk_ids, token_expert_indices,
+               gating_output, renormalize, e_score_correction_bias)
 
 
 def fused_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
-               renormalize: bool, indices_type: Optional[torch.dtype] = None
+               renormalize: bool, indices_type: Optional[torch.dtype] = None,
+               scoring_func: str = "softmax"
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """vLLM's ``fused_topk``: softmax top-k routing, allocating.
+    """vLLM's ``fused_topk`` (``fused_moe/router/fused_topk_router.py``): top-k routing,
+    allocating; ``scoring_func`` ``"softmax"`` or ``"sigmoid"`` picks :func:`topk_softmax` or
+    :func:`topk_sigmoid` (anything else: a ValueError naming it, as vLLM raises one).
 
     Returns ``(topk_weights [T, topk] fp32, topk_ids [T, topk] indices_type (int32 when None),
-    token_expert_indices [T, topk] int32)`` on hidden_states' device, as :func:`topk_softmax`
-    writes them. hidden_states ``[T, H]`` gives T and the device only.
+    token_expert_indices [T, topk] int32)`` on hidden_states' device, as those write them.
+    hidden_states ``[T, H]`` gives T and the device only.
     """
     fn = "fused_topk"
     _check(fn, "hidden_states", hidden_states, dim=2)
@@ -153,10 +178,14 @@ def fused_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: i
     if indices_type is not None and indices_type not in _TOPK_ID_DTYPES:
         raise ValueError(f"attnkit: {fn}: indices_type: expected None or "
                          f"{_names(_TOPK_ID_DTYPES)}, got {indices_type!r}")
+    if scoring_func not in _SCORING_FUNCS:
+        raise ValueError(f"attnkit: {fn}: scoring_func: expected 'softmax' or 'sigmoid', got "
+                         f"{scoring_func!r}")
     weights = torch.empty(T, topk, dtype=torch.float32, device=dev)
     ids = torch.empty(T, topk, dtype=indices_type or torch.int32, device=dev)
     rows = torch.empty(T, topk, dtype=torch.int32, device=dev)
-    topk_softmax(weights, ids, rows, gating_output, renormalize)
+    route = topk_softmax if scoring_func == "softmax" else topk_sigmoid
+    route(weights, ids, rows, gating_output, renormalize)
     return weights, ids, rows
 
 
@@ -192,7 +221,7 @@ def grouped_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk:
     _check_int(fn, "topk_group", topk_group, 1, num_expert_group, " (num_expert_group)")
     _check_int(fn, "topk", topk, 1, topk_group * (E // num_expert_group),
                " (the experts of topk_group groups)")
-    if scoring_func not in ("softmax", "sigmoid"):
+    if scoring_func not in _SCORING_FUNCS:
         raise ValueError(f"attnkit: {fn}: scoring_func: expected 'softmax' or 'sigmoid', got "
                          f"{scoring_func!r}")
     if (isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, Real)

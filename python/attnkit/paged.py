@@ -295,6 +295,38 @@ def merge_attn_states(
                                         suffix_lse, output_lse)
 
 
+def _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged) -> None:
+    """Everything merge_attn_states checks, under SGLang's argument names and against v_a (the op
+    names vLLM's arguments and measures its inputs against the output: a wrong v_merged would be
+    reported as v_a)."""
+    if v_a.dim() != 3 or v_a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"attnkit: v_a: expected a [T, H, D] float32 / float16 / bfloat16 "
+                           f"tensor, got {v_a.dtype} {list(v_a.shape)}")
+    for name, v in (("v_a", v_a), ("v_b", v_b), ("v_merged", v_merged)):
+        if v is None:
+            continue
+        if v.dtype != v_a.dtype or v.shape != v_a.shape or v.device != v_a.device:
+            raise RuntimeError(f"attnkit: {name}: expected a {v_a.dtype} {list(v_a.shape)} tensor "
+                               f"on {v_a.device} (as v_a), got {v.dtype} {list(v.shape)} on "
+                               f"{v.device}")
+        if v.numel() and v.stride(-1) != 1:
+            raise RuntimeError(f"attnkit: {name}: expected a contiguous head dim (stride 1), got "
+                               f"strides {list(v.stride())}")
+    rows = list(v_a.shape[:2])
+    for name, lse in (("s_a", s_a), ("s_b", s_b), ("s_merged", s_merged)):
+        if lse is None:
+            continue
+        if list(lse.shape) != rows:  # the op would name its own, transposed arguments
+            raise RuntimeError(f"attnkit: {name}: expected [T, H] = {rows} (SGLang's "
+                               f"token-major layout), got {list(lse.shape)}")
+        if lse.device != v_a.device:
+            raise RuntimeError(f"attnkit: {name}: expected a tensor on {v_a.device} (as v_a), got "
+                               f"one on {lse.device}")
+    if s_merged is not None and s_merged.dtype != torch.float32:
+        raise RuntimeError(f"attnkit: s_merged: expected dtype torch.float32 (the merged lse is "
+                           f"fp32, as SGLang's), got {s_merged.dtype}")
+
+
 def merge_state_v2(
     v_a: torch.Tensor,
     s_a: torch.Tensor,
@@ -311,16 +343,12 @@ def merge_state_v2(
     written in place when given; returns ``(v_merged, s_merged)``. An lse of ±inf marks an empty
     part, as in SGLang; a row where both parts are empty gets 0 and -inf (SGLang's kernel divides
     0 by 0 there). ``enable_pdl`` (a launch option) is ignored."""
+    _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged)
     s_a, s_b = s_a.to(torch.float32), s_b.to(torch.float32)
     if v_merged is None:
         v_merged = torch.empty_like(v_a)
     if s_merged is None:
         s_merged = torch.empty_like(s_a)
-    rows = tuple(v_a.shape[:2])
-    for name, lse in (("s_a", s_a), ("s_b", s_b), ("s_merged", s_merged)):
-        if tuple(lse.shape) != rows:  # the op would name its own, transposed arguments
-            raise RuntimeError(f"attnkit: {name}: expected [T, H] = {list(rows)} (SGLang's "
-                               f"token-major layout), got {list(lse.shape)}")
     # merge_attn_states takes [H, T] lse of any strides: the transposed views, no copy.
     torch.ops.attnkit.merge_attn_states(v_merged, v_a, s_a.t(), v_b, s_b.t(), s_merged.t())
     return v_merged, s_merged

@@ -12,8 +12,8 @@ from samples import Sample
 
 GARBAGE = 12345  # fits int32, int64 and uint32 out tensors
 # Arguments each out-variant writes (the others return their results).
-OUT_ARGS = {"topk_softmax": (0, 1, 2), "silu_and_mul": (0,), "moe_sum": (1,),
-            "moe_align_block_size": (3, 4, 5)}
+OUT_ARGS = {"topk_softmax": (0, 1, 2), "topk_sigmoid": (0, 1, 2), "silu_and_mul": (0,),
+            "moe_sum": (1,), "moe_align_block_size": (3, 4, 5)}
 
 
 def call(s):
@@ -67,9 +67,10 @@ def align_outs(numel, E, bs, device, extra=0):
 
 def sample_inputs(device, dtype=torch.float32):
     """Fresh random calls of every function: zero tokens, one token, k = E, ties, a correction
-    bias, int32 / int64 / uint32 ids, groups, sigmoid scoring, a scale, 3-D and transposed
-    activations, k = 1..5 sums, small and large block sizes, ids outside [0, E) and an expert
-    map. Shapes depend only on the arguments, so two calls pair up sample by sample."""
+    bias, int32 / int64 / uint32 ids, sigmoid routing (topk_sigmoid, fused_topk's scoring_func),
+    groups, sigmoid scoring, a scale, 3-D and transposed activations, k = 1..5 sums, small and
+    large block sizes, ids outside [0, E) and an expert map. Shapes depend only on the
+    arguments, so two calls pair up sample by sample."""
     for T, E, k, renorm, bias, ids in [(0, 4, 2, True, False, torch.int32),
                                        (1, 8, 8, False, False, torch.int64),
                                        (37, 8, 2, True, True, torch.int32),
@@ -78,11 +79,22 @@ def sample_inputs(device, dtype=torch.float32):
                      (garbage((T, k), torch.float32, device), garbage((T, k), ids, device),
                       garbage((T, k), torch.int32, device), grid_logits(T, E, dtype, device),
                       renorm, integer_bias(E, device) if bias else None))
-    for T, E, k, renorm, ids in [(0, 4, 2, False, None), (33, 6, 6, True, torch.int64),
-                                 (20, 16, 4, False, None)]:
-        yield Sample(f"fused_topk T={T} E={E} k={k} renormalize={renorm} indices_type={ids}",
+    for T, E, k, renorm, bias, ids in [(0, 4, 2, True, False, torch.int32),
+                                       (37, 8, 2, True, True, torch.int64),
+                                       (5, 64, 3, False, False, torch.int32)]:
+        yield Sample(f"topk_sigmoid T={T} E={E} k={k} renormalize={renorm} bias={bias}",
+                     (garbage((T, k), torch.float32, device), garbage((T, k), ids, device),
+                      garbage((T, k), torch.int32, device), grid_logits(T, E, dtype, device),
+                      renorm, integer_bias(E, device) if bias else None))
+    for T, E, k, renorm, ids, scoring in [(0, 4, 2, False, None, "softmax"),
+                                          (33, 6, 6, True, torch.int64, "softmax"),
+                                          (20, 16, 4, False, None, "softmax"),
+                                          (20, 16, 4, True, None, "sigmoid")]:
+        yield Sample(f"fused_topk T={T} E={E} k={k} renormalize={renorm} indices_type={ids} "
+                     f"scoring_func={scoring}",
                      (torch.randn(T, 8, device=device, dtype=dtype),
-                      randn_logits(T, E, dtype, device), k, renorm, ids))
+                      randn_logits(T, E, dtype, device), k, renorm, ids),
+                     dict(scoring_func=scoring))
     for T, E, G, TG, k, scoring, bias, scale in [
             (0, 8, 4, 2, 2, "softmax", False, 1.0), (1, 8, 1, 1, 8, "sigmoid", True, 2.5),
             (37, 16, 4, 2, 4, "softmax", True, 1.0), (20, 64, 8, 4, 8, "sigmoid", True, 2.5),
