@@ -71,6 +71,19 @@ def _check_int(fn: str, name: str, v, low: int, high: Optional[int] = None, why:
     return v
 
 
+def _check_router_inputs(fn: str, hidden_states, gating_output):
+    """The router functions' hidden_states [T, H] (it gives T and the device only) and
+    gating_output [T, E] logits on its device; returns (device, T, E)."""
+    _check(fn, "hidden_states", hidden_states, dim=2)
+    dev = hidden_states.device
+    _check(fn, "gating_output", gating_output, dtypes=_FLOATS, dim=2, device=dev)
+    T, E = hidden_states.shape[0], gating_output.shape[1]
+    if gating_output.shape[0] != T:
+        raise RuntimeError(f"attnkit: {fn}: gating_output: expected one row per token of "
+                           f"hidden_states ({T}), got shape {tuple(gating_output.shape)}")
+    return dev, T, E
+
+
 def _check_bias(fn: str, bias, E: int, device):
     if bias is not None:
         _check(fn, "e_score_correction_bias", bias, dtypes=_FLOATS,
@@ -167,13 +180,7 @@ def fused_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: i
     hidden_states ``[T, H]`` gives T and the device only.
     """
     fn = "fused_topk"
-    _check(fn, "hidden_states", hidden_states, dim=2)
-    dev = hidden_states.device
-    _check(fn, "gating_output", gating_output, dtypes=_FLOATS, dim=2, device=dev)
-    T, E = hidden_states.shape[0], gating_output.shape[1]
-    if gating_output.shape[0] != T:
-        raise RuntimeError(f"attnkit: {fn}: gating_output: expected one row per token of "
-                           f"hidden_states ({T}), got shape {tuple(gating_output.shape)}")
+    dev, T, E = _check_router_inputs(fn, hidden_states, gating_output)
     _check_int(fn, "topk", topk, 1, E, " (gating_output's experts)")
     if indices_type is not None and indices_type not in _TOPK_ID_DTYPES:
         raise ValueError(f"attnkit: {fn}: indices_type: expected None or "
@@ -207,13 +214,7 @@ def grouped_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk:
     lower expert (and group) id.
     """
     fn = "grouped_topk"
-    _check(fn, "hidden_states", hidden_states, dim=2)
-    dev = hidden_states.device
-    _check(fn, "gating_output", gating_output, dtypes=_FLOATS, dim=2, device=dev)
-    T, E = hidden_states.shape[0], gating_output.shape[1]
-    if gating_output.shape[0] != T:
-        raise RuntimeError(f"attnkit: {fn}: gating_output: expected one row per token of "
-                           f"hidden_states ({T}), got shape {tuple(gating_output.shape)}")
+    dev, T, E = _check_router_inputs(fn, hidden_states, gating_output)
     _check_int(fn, "num_expert_group", num_expert_group, 1, E, " (gating_output's experts)")
     if E % num_expert_group:
         raise ValueError(f"attnkit: {fn}: num_expert_group: expected a divisor of the "
