@@ -26,10 +26,10 @@ template void launch_route_bwd<float, float, int32_t>(const float*, const int32_
                                                       float*, int, cudaStream_t);
 template cudaError_t launch_permute<uint4, int64_t>(const uint4*, const int64_t*, int64_t, int, int, int64_t, uint4*,
                                                     int32_t*, int32_t*, int32_t*, int32_t*, int32_t*, int32_t*,
-                                                    bool, bool, cudaStream_t);
+                                                    bool, bool, bool, cudaStream_t);
 template cudaError_t launch_permute<uint16_t, int32_t>(const uint16_t*, const int32_t*, int64_t, int, int, int64_t,
                                                        uint16_t*, int32_t*, int32_t*, int32_t*, int32_t*,
-                                                       int32_t*, int32_t*, bool, bool, cudaStream_t);
+                                                       int32_t*, int32_t*, bool, bool, bool, cudaStream_t);
 template void launch_unpermute<bf16_t, 8>(const bf16_t*, const int32_t*, const acc_t<bf16_t>*, int64_t, int64_t,
                                           int, int64_t, bf16_t*, cudaStream_t);
 template void launch_unpermute<float, 1>(const float*, const int32_t*, const acc_t<float>*, int64_t, int64_t,
