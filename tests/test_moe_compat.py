@@ -175,33 +175,19 @@ LOGITS = {"grid": grid_logits, "randn": randn_logits, "grid+bias": grid_logits}
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("id_dtype", TOPK_ID_DTYPES, ids=type_id)
 @pytest.mark.parametrize("logits", list(LOGITS))
-def test_topk_softmax(device, dtype, T, E, k, renormalize, id_dtype, logits):
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_topk_out_variants(device, dtype, T, E, k, renormalize, id_dtype, logits, scoring):
+    """vLLM's topk_softmax and topk_sigmoid (the op vLLM's sigmoid routers reach through
+    fused_topk): each expert scored by its softmax / sigmoid, top-k of the score (+ bias),
+    unbiased weights, written into garbage-filled outs."""
     x = LOGITS[logits](T, E, dtype, device)
     bias = integer_bias(E, device) if logits.endswith("bias") else None
     w, ids, rows = (garbage((T, k), FP32, device), garbage((T, k), id_dtype, device),
                     garbage((T, k), torch.int32, device))
-    assert ops.topk_softmax(w, ids, rows, x, renormalize, bias) is None
-    expect = ref_topk_softmax(x, k, renormalize, bias)
-    check_routing(w, ids, expect, "topk_softmax")
-    assert torch.equal(rows.long().cpu(), expect[2])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=type_id)
-@pytest.mark.parametrize("T,E,k", ROUTING)
-@pytest.mark.parametrize("renormalize", [False, True])
-@pytest.mark.parametrize("id_dtype", TOPK_ID_DTYPES, ids=type_id)
-@pytest.mark.parametrize("logits", list(LOGITS))
-def test_topk_sigmoid(device, dtype, T, E, k, renormalize, id_dtype, logits):
-    """vLLM's topk_sigmoid (the op vLLM's sigmoid routers reach through fused_topk): each expert
-    scored by its sigmoid, top-k of sigmoid (+ bias), unbiased weights."""
-    x = LOGITS[logits](T, E, dtype, device)
-    bias = integer_bias(E, device) if logits.endswith("bias") else None
-    w, ids, rows = (garbage((T, k), FP32, device), garbage((T, k), id_dtype, device),
-                    garbage((T, k), torch.int32, device))
-    assert ops.topk_sigmoid(w, ids, rows, x, renormalize, bias) is None
-    expect = ref_topk_softmax(x, k, renormalize, bias, scoring="sigmoid")
-    check_routing(w, ids, expect, "topk_sigmoid")
+    op = ops.topk_softmax if scoring == "softmax" else ops.topk_sigmoid
+    assert op(w, ids, rows, x, renormalize, bias) is None
+    expect = ref_topk_softmax(x, k, renormalize, bias, scoring=scoring)
+    check_routing(w, ids, expect, f"topk_{scoring}")
     assert torch.equal(rows.long().cpu(), expect[2])
 
 
