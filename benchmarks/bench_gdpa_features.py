@@ -284,7 +284,7 @@ def section_window(args, dev, dt, passes, gen):
                           args.window_max_len)
     rows, ok = [], True
     for sparsity in [float(s) for s in args.window_sparsity.split(",")]:
-        lens = lengths_for(B, M, sparsity, gen)
+        lens = lengths_for(B, M, sparsity)
         off = offsets(lens, dev)
         T = int(lens.sum())
         pw, pf = float(window_pairs(lens, W).sum()), float(window_pairs(lens, -1).sum())

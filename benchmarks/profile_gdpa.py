@@ -9,7 +9,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnkit  # noqa: E402
+from bench_gdpa import lengths_for  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=1152)
@@ -21,8 +23,7 @@ p.add_argument("--sparsity", type=float, default=1.0, help="as bench_gdpa: lengt
                "[(2s-1)·max_len, max_len]")
 p.add_argument("--forward-only", action="store_true")
 a = p.parse_args()
-lo = max(0, int(round((2 * a.sparsity - 1) * a.max_len)))
-lens = torch.randint(lo, a.max_len + 1, (a.batch,), generator=torch.Generator().manual_seed(0))
+lens = lengths_for(a.batch, a.max_len, a.sparsity)  # bench_gdpa's batch of this row
 off = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).cuda()
 T = int(lens.sum())
 q, k, v = (torch.randn(T, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))

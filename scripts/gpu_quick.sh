@@ -43,7 +43,10 @@
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
 # moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
-# permute_bound: moe_permute against Triton floors of its traffic;
+# permute_bound: moe_permute against Triton floors of its traffic; gdpa_narrow: the jagged GDPA
+# forward / ws backward tests on tile edges, memcheck, bench_gdpa fwd + bwd in one run;
+# gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
+# drop-in shims' CUDA tests;
 # paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
@@ -157,6 +160,24 @@ for s in $QUICK; do
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
       step bench_gdpa_jagged 70 $G --kernel sm90_ws --csv "$L/bench_gdpa_jagged.csv"
       step bench_gdpa_in_order 50 $G --kernel sm90_ws --fwd-options sorted=0 --sparsity 0.5 ;;
+    gdpa_narrow)  # issue #19: the jagged forward (narrow key tiles, idle warpgroup) and the ws
+      # backward on key tiles of every width (tile_edges, narrow_key_tiles): the ws tests, memcheck,
+      # then bench_gdpa's forward and backward rows in one run (sparsity 1.0 and 0.5, ws kernels,
+      # no Triton); ~90 s after the build
+      step gdpa_narrow_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
+        -k "jagged_schedule or warp_specialised or garbage or keyless or backward_paths or window"
+      step gdpa_narrow_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(jagged_schedule and tile_edges and 128 and bfloat16) or (narrow_key_tiles and not True) or backward_warp_specialised_garbage"
+      G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 $BENCH"
+      step bench_gdpa_narrow 120 $G --passes fwd,bwd --kernel sm90_ws --bwd-kernel sm90_ws \
+        --csv "$L/bench_gdpa_narrow.csv" ;;
+    gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
+      # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
+      step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;
+    compat_cuda)  # the drop-in shims (moe_compat, serving / GDPA compat) on CUDA
+      step compat_cuda 150 $PY -m pytest tests/test_moe_compat.py tests/test_serving_compat.py \
+        tests/test_gdpa_compat.py -q -n 16 -rfE ;;
     gdpa_bwd_ws)  # the warp-specialised GDPA backward (gdpa/bwd_ws.cuh, the one sm90 backward),
       # ~110 s (not yet timed since issue #16 folded the cp.async backward into it): the GDPA CUDA
       # tests (every backward path, named through the private op; the windowed ws backward is

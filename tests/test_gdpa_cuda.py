@@ -331,6 +331,32 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
         assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
 
 
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_cuda_backward_warp_specialised_narrow_key_tiles(deterministic, mask):
+    """The ws backward on key tiles of every width around 64 and 128 (TILE_EDGE_LENS): a tile with
+    <= 64 keys leaves warpgroup 1 idle and runs dQ with K = 64. NaN rows after every sequence;
+    gradients against the reference, GQA (two query heads per kv head), query and key lengths
+    that differ."""
+    causal, window = mask == "causal", (37 if mask == "window" else -1)
+    for q_lens, kv_lens in [(TILE_EDGE_LENS, TILE_EDGE_LENS), (TILE_EDGE_LENS[::-1], TILE_EDGE_LENS)]:
+        q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=128)
+        g = torch.randn_like(q) * 0.5
+        g[qo[-1]:] = float("nan")
+        args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
+        kw = dict(pre_scale=0.7, causal=causal, window_size=window)
+        got = BWD_WITH(g, *args, **kw, deterministic=deterministic, kernel="sm90_ws")
+        g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+        clean = [t.requires_grad_() for t in clean]
+        ref = gdpa_ref(*clean, *args[3:], **kw)
+        want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
+        nq = int(qo[-1])
+        for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
+                           ("dv", got[2], want[2])):
+            assert_close(a, w, torch.bfloat16, f"narrow key tiles {mask}: {name}", tol=1e-2)
+
+
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "auto_deterministic", "sm90_ws", "sm80"])
 @pytest.mark.parametrize("D", [128, 80])
@@ -480,11 +506,17 @@ def _short_lens(gen, n, hi, lo=0):
     return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
 
 
+TILE_EDGE_LENS = [128 * k + d for k in range(3) for d in (-64, -63, -1, 0, 1, 63, 64, 65)
+                  if 128 * k + d >= 0]
+
 JAGGED_CASES = {  # name -> (q lengths, kv lengths); seeded, so every run sees the same batch
     "random_0_300": lambda g: (_short_lens(g, 96, 300),) * 2,
     "all_le_64": lambda g: (_short_lens(g, 120, 64),) * 2,
     "all_65_128": lambda g: (_short_lens(g, 80, 128, 65),) * 2,
     "cross": lambda g: (_short_lens(g, 64, 300), _short_lens(g, 64, 200)),
+    # every kind of tile in one batch: full, narrow (<= 64 keys left), the last tile one key past
+    # a full one, warpgroup 1 idle (<= 64 query rows left) or not
+    "tile_edges": lambda g: (TILE_EDGE_LENS, TILE_EDGE_LENS[::-1]),
 }
 
 

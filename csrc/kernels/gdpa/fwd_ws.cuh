@@ -51,9 +51,9 @@
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a
 // list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
 // walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
-// boxes, S with N = 64, P·V with K = 64), and lets warpgroup 1 issue no product for a unit whose
-// <= 64 query rows all lie in warpgroup 0's half: 64 x 64 tile granularity (docs/performance.md
-// has the tile-waste count). Each choice depends on the sequence's own lengths only and changes no
+// boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
+// warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
+// (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own lengths only and changes no
 // element's operations, so a sequence's output is bitwise the same in any batch.
 #pragma once
 
@@ -108,8 +108,10 @@ struct FwdWsTraits {
   }
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
   // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
-  // loaded as two [64 rows][64 cols] boxes (half the bytes) into rows 0..63 of its stage and
-  // multiplied with N = 64 (S) and K = 64 (P·V): half the products of a full tile.
+  // loaded as two [64 rows][64 cols] boxes (half the bytes) into rows 0..63 of its stage; its
+  // P·V runs with K = 64 (half a full tile's), its S as a full N = 128 product whose columns
+  // 64..127 are masked (two N = 64 products read Q from shared memory twice: the ss product at
+  // N = 64 runs at the shared-memory limit).
   static constexpr int kNarrowN = 64;
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
@@ -314,7 +316,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
-  using Mma64 = wgmma::Wgmma<T, Tr::kNarrowN>;  // S of a narrow key tile (kJagged)
   constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
                 SV = Tr::stages_v(kSplitLoads), QS = Tr::kQStages;
   extern __shared__ unsigned char smem_raw[];
@@ -498,13 +499,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
-      // The jagged instance computes S in two N = 64 halves, s_lo (keys 0..63 of the tile) and
-      // s_hi (64..127); a narrow tile (<= 64 keys left) issues s_lo only, and zeroes s_hi before
-      // the products (an idle warpgroup both) so that every accumulator is defined on each path
-      // (an N = 64 / N = 128 branch, an alias of s's halves, or a copy of s_lo into s after the
-      // product each made ptxas serialise the wgmmas: C7511 / C7515; a zero fill of the wide
-      // tile's s: consumer spills). Each half is activated, masked and packed into its 4 k-steps
-      // of pa on its own. The other instances keep the one N = 128 product into s, unchanged.
+      // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
+      // N = 64 halves, with a narrow tile issuing one: a jagged key tile then cost ~1.3x a dense
+      // one, docs/performance.md). A narrow tile's K stage holds its <= 64 keys in rows 0..63;
+      // rows 64..127 keep an older fill's bytes (maybe inf / NaN, never this sequence's keys), so
+      // S's columns 64..127 are garbage there and mask_cols_from zeroes them after the
+      // activation (a select: NaN-safe), as it does any column past the sequence's end. Per
+      // element the product adds the same k-steps as an N = 64 one would.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
       ring_k.consumer_wait(g);
@@ -513,80 +514,43 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
       }
 
-      constexpr int NH = Tr::kNarrowN / 8;  // n8 column blocks of a half
-      float s[BN / 8][4];                   // the other instances' S
-      float s_lo[NH][4], s_hi[NH][4];       // the jagged instance's halves
-      if constexpr (kJagged) {
-        if (idle) {
+      // An idle warpgroup issues no S: its s is zeros, so that s is defined on every path (a path
+      // without a definition made ptxas serialise the wgmmas, C7515), and it packs a P of zeros
+      // that no product reads (leaving pa unwritten made the consumers spill).
+      float s[BN / 8][4];
+      if (idle) {
 #pragma unroll
-          for (int i = 0; i < NH; ++i) s_lo[i][0] = s_lo[i][1] = s_lo[i][2] = s_lo[i][3] = 0.f;
-        }
-        if (narrow || idle) {
-#pragma unroll
-          for (int i = 0; i < NH; ++i) s_hi[i][0] = s_hi[i][1] = s_hi[i][2] = s_hi[i][3] = 0.f;
-        }
+        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
       }
       turns.take();
       wgmma::fence();
-      if constexpr (kJagged) {
-        const uint32_t sk_s = sk_addr + stage * Tr::kTileBytes;
-        if (!idle) wsfwd::issue_qk<Mma64, D, BM, BN>(s_lo, sq_u, wg, sk_s);
-        if (!narrow && !idle) {
-          wsfwd::issue_qk<Mma64, D, BM, BN>(s_hi, sq_u, wg, sk_s, Tr::kNarrowN);
-        }
-      } else {
-        wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
-      }
+      if (!idle) wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
       wgmma::commit();
       wsfwd::issue_owed_pv(g > 0, turns, [&] {  // P_{g-1}·V_{g-1}
         if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
       });
-      if constexpr (kJagged) {
-        wgmma::fence_regs(s_lo);
-        wgmma::fence_regs(s_hi);
-      } else {
-        wgmma::fence_regs(s);
-      }
+      wgmma::fence_regs(s);
       if (lane == 0) {
         ring_k.consumer_release(g);                           // K_g has been read
         if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
       }
 
-      // φ, then the masks, on NB n8 column blocks from key j0 on (s, or a half of the jagged
-      // instance: per element the same operations either way).
-      auto activate = [&](auto& sx, int j0) {
-        constexpr int NB = sizeof(sx) / sizeof(sx[0]), TN = NB * 8;
-        act_fwd_tile<NB>(sx, p.act, p.pre_scale);
+      // φ, then the masks (an idle warpgroup skips both: no product reads its P).
+      if (!idle) {
+        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
         const int r0 = u.i0 + warp_row0;
         if (p.window >= 0) {
-          if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + TN - 1)) {
-            window_mask<false>(sx, r0, j0, p.causal, p.window);
+          if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
+            window_mask<false>(s, r0, j0, p.causal, p.window);
           }
-        } else if (p.causal && j0 + TN - 1 > r0) {
-          causal_mask<false>(sx, r0, j0);
+        } else if (p.causal && j0 + BN - 1 > r0) {
+          causal_mask<false>(s, r0, j0);
         }
-        if (j0 + TN > u.ks.len) mask_cols_from(sx, u.ks.len - j0);  // keys of the next sequence
-      };
-      // P into pa (a narrow tile: its first 4 k-steps, all that the narrow P·V reads).
-      using PaHalf = uint32_t[Tr::kNarrowN / 16][4];
-      auto pack = [&] {
-        if constexpr (kJagged) {
-          pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[0][0]), s_lo);
-          if (!narrow) pack_a<T, Tr::kNarrowN>(*reinterpret_cast<PaHalf*>(&pa[NH / 2][0]), s_hi);
-        } else {
-          pack_a<T, BN>(pa, s);
-        }
-      };
-      if constexpr (kJagged) {
-        if (!idle) {  // an idle warpgroup packs its zeros (a skipped pack made the consumers spill)
-          activate(s_lo, j0);
-          if (!narrow) activate(s_hi, j0 + Tr::kNarrowN);
-        }
-      } else {
-        activate(s, j0);
+        if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
       }
       // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
       // then), nested under the wait.
+      auto pack = [&] { pack_a<T, BN>(pa, s); };
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
