@@ -8,7 +8,8 @@
 #
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
-# (gdpa_jagged: issue #19's jagged schedule, its tests, memcheck and bench_gdpa before / after;
+# (gdpa_jagged: issue #19's jagged forward and the ws backward on tile edges: tests, memcheck,
+# bench_gdpa forward + backward in one run, and the forward in batch order;
 # gdpa_ws_bench times the forward four ways through bench_gdpa's --kernel / --fwd-options (the
 # private op): sm90_ws with its default schedule, then with ping_pong=0, split_loaders=0 and
 # persistent=0),
@@ -43,8 +44,7 @@
 # machines only; else one "skipped" line); moe_profile: moe_permute's time per launch;
 # moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
-# permute_bound: moe_permute against Triton floors of its traffic; gdpa_narrow: the jagged GDPA
-# forward / ws backward tests on tile edges, memcheck, bench_gdpa fwd + bwd in one run;
+# permute_bound: moe_permute against Triton floors of its traffic;
 # gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
 # drop-in shims' CUDA tests;
 # paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
@@ -147,31 +147,20 @@ for s in $QUICK; do
       step gdpa_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_*.py -q -p no:xdist \
         -k "(forward_warp_specialised and bfloat16 and 128 and False and not grid) or garbage_offsets or forward_warp_specialised_copies" ;;
-    gdpa_jagged)  # issue #19, the forward's jagged schedule (fwd_ws.cuh: device-built longest-first
-      # list, narrow 64-key tiles): its tests with the other warp-specialised forward tests, the new
-      # ones under memcheck, then the forward at max len 256-2048 (sparsity 1.0 and 0.5, no Triton)
-      # with the schedule and (sparsity 0.5) with --fwd-options sorted=0 (in-order, full tiles):
-      # before and after in one run. ~200 s after the build on an H200 (not yet timed).
-      step gdpa_jagged_tests 90 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
-        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless_rows or (forward_paths and auto)"
-      step gdpa_jagged_sanitize 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    gdpa_jagged)  # issue #19: the jagged forward (device-built longest-first list, narrow key tiles,
+      # idle warpgroup) and the ws backward on key tiles of every width (tile_edges,
+      # narrow_key_tiles): the ws tests, memcheck on them and on garbage offsets, then bench_gdpa's
+      # forward and backward rows in one run (sparsity 1.0 and 0.5, ws kernels, no Triton) and the
+      # forward in batch order with full tiles (--fwd-options sorted=0); ~130 s after the build
+      step gdpa_jagged_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
+        -k "jagged_schedule or warp_specialised or garbage or graph_capturable or keyless or backward_paths or window or (forward_paths and auto)"
+      step gdpa_jagged_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
-        -k "jagged_schedule and (garbage or (bfloat16 and 128 and False and random))"
-      G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 --passes fwd $BENCH"
-      step bench_gdpa_jagged 70 $G --kernel sm90_ws --csv "$L/bench_gdpa_jagged.csv"
-      step bench_gdpa_in_order 50 $G --kernel sm90_ws --fwd-options sorted=0 --sparsity 0.5 ;;
-    gdpa_narrow)  # issue #19: the jagged forward (narrow key tiles, idle warpgroup) and the ws
-      # backward on key tiles of every width (tile_edges, narrow_key_tiles): the ws tests, memcheck,
-      # then bench_gdpa's forward and backward rows in one run (sparsity 1.0 and 0.5, ws kernels,
-      # no Triton); ~90 s after the build
-      step gdpa_narrow_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
-        -k "jagged_schedule or warp_specialised or garbage or keyless or backward_paths or window"
-      step gdpa_narrow_sanitize 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
-        -k "(jagged_schedule and tile_edges and 128 and bfloat16) or (narrow_key_tiles and not True) or backward_warp_specialised_garbage"
+        -k "(jagged_schedule and (garbage or (bfloat16 and 128 and False and (random or tile_edges)))) or (narrow_key_tiles and not True) or backward_warp_specialised_garbage"
       G="$PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 $BENCH"
-      step bench_gdpa_narrow 120 $G --passes fwd,bwd --kernel sm90_ws --bwd-kernel sm90_ws \
-        --csv "$L/bench_gdpa_narrow.csv" ;;
+      step bench_gdpa_jagged 120 $G --passes fwd,bwd --kernel sm90_ws --bwd-kernel sm90_ws \
+        --csv "$L/bench_gdpa_jagged.csv"
+      step bench_gdpa_in_order 50 $G --passes fwd --kernel sm90_ws --fwd-options sorted=0 --sparsity 0.5 ;;
     gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
       # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
       step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;
