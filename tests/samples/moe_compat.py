@@ -71,21 +71,19 @@ def sample_inputs(device, dtype=torch.float32):
     groups, sigmoid scoring, a scale, 3-D and transposed activations, k = 1..5 sums, small and
     large block sizes, ids outside [0, E) and an expert map. Shapes depend only on the
     arguments, so two calls pair up sample by sample."""
-    for T, E, k, renorm, bias, ids in [(0, 4, 2, True, False, torch.int32),
-                                       (1, 8, 8, False, False, torch.int64),
-                                       (37, 8, 2, True, True, torch.int32),
-                                       (5, 64, 3, False, False, torch.uint32)]:
-        yield Sample(f"topk_softmax T={T} E={E} k={k} renormalize={renorm} bias={bias}",
-                     (garbage((T, k), torch.float32, device), garbage((T, k), ids, device),
-                      garbage((T, k), torch.int32, device), grid_logits(T, E, dtype, device),
-                      renorm, integer_bias(E, device) if bias else None))
-    for T, E, k, renorm, bias, ids in [(0, 4, 2, True, False, torch.int32),
-                                       (37, 8, 2, True, True, torch.int64),
-                                       (5, 64, 3, False, False, torch.int32)]:
-        yield Sample(f"topk_sigmoid T={T} E={E} k={k} renormalize={renorm} bias={bias}",
-                     (garbage((T, k), torch.float32, device), garbage((T, k), ids, device),
-                      garbage((T, k), torch.int32, device), grid_logits(T, E, dtype, device),
-                      renorm, integer_bias(E, device) if bias else None))
+    router_cases = {  # the in-place routers: (T, E, k, renormalize, bias, id dtype)
+        "topk_softmax": [(0, 4, 2, True, False, torch.int32), (1, 8, 8, False, False, torch.int64),
+                         (37, 8, 2, True, True, torch.int32),
+                         (5, 64, 3, False, False, torch.uint32)],
+        "topk_sigmoid": [(0, 4, 2, True, False, torch.int32), (37, 8, 2, True, True, torch.int64),
+                         (5, 64, 3, False, False, torch.int32)],
+    }
+    for op, cases in router_cases.items():
+        for T, E, k, renorm, bias, ids in cases:
+            yield Sample(f"{op} T={T} E={E} k={k} renormalize={renorm} bias={bias}",
+                         (garbage((T, k), torch.float32, device), garbage((T, k), ids, device),
+                          garbage((T, k), torch.int32, device), grid_logits(T, E, dtype, device),
+                          renorm, integer_bias(E, device) if bias else None))
     for T, E, k, renorm, ids, scoring in [(0, 4, 2, False, None, "softmax"),
                                           (33, 6, 6, True, torch.int64, "softmax"),
                                           (20, 16, 4, False, None, "softmax"),
