@@ -53,8 +53,9 @@
 // walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
 // boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
-// (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own lengths only and changes no
-// element's operations, so a sequence's output is bitwise the same in any batch.
+// (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own
+// lengths only and changes no element's operations, so a sequence's output is bitwise the same in
+// any batch.
 #pragma once
 
 #include <algorithm>
@@ -550,17 +551,16 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
       // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
       // then), nested under the wait.
-      auto pack = [&] { pack_a<T, BN>(pa, s); };
       if (g > 0) {
         wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
         wgmma::fence_regs(acc_o);
         if (lane == 0) ring_v.consumer_release(g - 1);
-        pack();
+        pack_a<T, BN>(pa, s);
         // That was the previous unit's last product: its output is complete. (The next unit's
         // first P·V overwrites acc_o: pv_first.)
         if (j == 0) store_unit(prev, acc_o);
       } else {
-        pack();
+        pack_a<T, BN>(pa, s);
       }
       pv_first = j == 0;
       pv_narrow = narrow;
