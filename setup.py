@@ -47,6 +47,7 @@ def _extension():
         + _sources("python_module.cpp")
         + _sources("cpu/*.cpp")
         + _sources("autograd/*.cpp")
+        + _sources("autocast/*.cpp")
         + _sources("meta/*.cpp")
         + _sources("attnkit/*.cpp")
     )

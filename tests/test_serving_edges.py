@@ -83,7 +83,7 @@ def _kvcache_inputs(device, B=2, Sq=1, H=2, Hkv=1, D=32, S_cache=20, S_new=1):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [dict(softcap=-1.0), dict(softmax_scale=float("nan")),
-                                 dict(s_aux=torch.zeros(3)), dict(window_size=(-2, 0))],
+                                 dict(s_aux=torch.zeros(3)), dict(window_size=(4, 0, 1))],
                          ids=["softcap", "softmax_scale", "s_aux", "window_size"])
 def test_kvcache_raises_before_writing(device, bad):
     q, kc, vc, k, v = _kvcache_inputs(device)
@@ -115,6 +115,28 @@ def test_kvcache_argument_errors(device):
                             torch.rand(20, 17, device=device))):  # rotary_dim 34 > D = 32
         with pytest.raises(RuntimeError, match=name):
             call(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=4)
+    # What the cache writer refuses, under this function's names, and nothing written.
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match="attnkit: k: expected new keys"):
+        call(q, kc, vc, k.double(), v.double(), cache_seqlens=4)
+    with pytest.raises(RuntimeError, match=r"k_cache: expected dtype torch.bfloat16 \(that of"):
+        call(q, kc, vc, k.bfloat16(), v.bfloat16(), cache_seqlens=4)
+    strided = torch.randn(2, 20, 1, 64, device=device)[..., ::2]
+    with pytest.raises(RuntimeError, match="attnkit: k_cache: expected a contiguous head dim"):
+        call(q, strided, vc, k, v, cache_seqlens=4)
+    assert torch.equal(kc, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_appends_strided_new_keys(device):
+    """New k / v with a strided head dim are appended as contiguous ones."""
+    q, kc, vc, k, v = _kvcache_inputs(device)
+    wide_k = torch.randn(*k.shape[:-1], 64, device=device)
+    wide_k[..., ::2] = k
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4)
+    got = attnkit.flash_attn_with_kvcache(q, kc2, vc2, wide_k[..., ::2], v, cache_seqlens=4)
+    assert torch.equal(got, want) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
 def test_kvcache_value_errors_cpu():
@@ -133,19 +155,48 @@ def test_kvcache_value_errors_cpu():
     assert torch.equal(kc, before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_kvcache_negative_seqlens_clamped_cuda(paged):
+    """CUDA does not check cache_seqlens (no host sync) but clamps it into [0, capacity] before
+    anything uses it: a negative length appends at position 0 of its own row, never into another
+    sequence's (the dense slot of row b, position -1, is row b - 1's last), and a paged table is
+    never indexed at -1. The call equals the one with that length 0, cache and output alike."""
+    dev = "cuda"
+    q = torch.randn(2, 1, 2, 32, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 1, 32, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    if paged:
+        kc0, vc0 = (torch.randn(4, 16, 1, 32, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        extra = dict(block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=dev))
+    else:
+        kc0, vc0 = (torch.randn(2, 20, 1, 32, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        extra = {}
+    results = []
+    for lens in ([3, -1], [3, 0], [3, -(1 << 30)]):
+        kc, vc = kc0.clone(), vc0.clone()
+        out = attnkit.flash_attn_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            causal=True, **extra)
+        results.append((out, kc, vc))
+    for out, kc, vc in results[::2]:
+        assert torch.equal(out, results[1][0])
+        assert torch.equal(kc, results[1][1]) and torch.equal(vc, results[1][2])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_window_past_the_cache_is_no_window(device):
     """FlashAttention 2 drops window sides that reach the cache's length before choosing where q
-    is rotated: (1000, 1000) on a 20-slot cache gives the (-1, -1) result."""
+    is rotated: (1000, 1000) on a 20-slot cache gives the (-1, -1) result; so do negative sides
+    other than -1 (unbounded, as in the op and flash-attn)."""
     q, _, _, k, v = _kvcache_inputs(device, B=1, Sq=3, S_new=3)
     ang = torch.rand(64, 16, device=device) * 6.28
     outs = []
-    for ws in ((-1, -1), (1000, 1000), (20, 20)):
+    for ws in ((-1, -1), (1000, 1000), (20, 20), (-3, -7)):
         kc, vc = (torch.zeros(1, 20, 1, 32, device=device) for _ in range(2))
         outs.append(attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=ang.cos(),
                                                     rotary_sin=ang.sin(), cache_seqlens=4,
                                                     window_size=ws))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 # ---- reshape_and_cache_flash -------------------------------------------------------------------
@@ -247,3 +298,55 @@ def test_double_backward_through_the_sinks_refuses():
         torch.autograd.grad(g.sum(), s)
     (g1,) = torch.autograd.grad(attnkit.flash_attn_func(q, k, v, s_aux=s).pow(2).sum(), s)
     assert torch.equal(g1, g.detach())  # the first derivative itself is unchanged
+
+
+# ---- values past int32 in shapes and lengths ----------------------------------------------------
+def _one_paged_seq(device):
+    """One sequence of 2 query rows over a 4-block cache of 16-slot blocks, table [1, 3]."""
+    q = torch.randn(2, 2, 16, device=device)
+    kc, vc = (torch.randn(4, 16, 2, 16, device=device) for _ in range(2))
+    table = torch.tensor([[1, 3]], dtype=torch.int32, device=device)
+    cu_q = torch.tensor([0, 2], dtype=torch.int64, device=device)
+    return q, kc, vc, table, cu_q
+
+
+def test_paged_cu_seqlens_k_past_int32_raises_cpu():
+    """int64 cu_seqlens_k lengths are checked before they are narrowed: 2^32 + 16 used to wrap
+    to a valid 16 and be computed; a decreasing pair names cu_seqlens_k, not seqused_k."""
+    q, kc, vc, table, cu_q = _one_paged_seq("cpu")
+    op = torch.ops.attnkit.flash_attn_fwd
+    for ck in ([0, 2**32 + 16], [0, 2**31 + 5], [0, 33], [5, 0]):
+        with pytest.raises(RuntimeError, match="cu_seqlens_k: expected sequence lengths"):
+            op(q, kc, vc, None, True, -1, -1, 0.0, cu_q, torch.tensor(ck), block_table=table)
+    out, _ = op(q, kc, vc, None, True, -1, -1, 0.0, cu_q, torch.tensor([0, 32]), block_table=table)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_max_seqlen_k_near_int64_max_is_unbounded(device):
+    """max_seqlen_k bounds the table columns a paged call reads; a hint near INT64_MAX
+    (sys.maxsize for "no bound") used to overflow the rounding to whole blocks and read none."""
+    q, kc, vc, table, cu_q = _one_paged_seq(device)
+    used = torch.tensor([20], dtype=torch.int32, device=device)
+    op = torch.ops.attnkit.flash_attn_fwd
+    want, want_lse = op(q, kc, vc, None, True, -1, -1, 0.0, cu_q, None, 2, None, seqused_k=used,
+                        block_table=table)
+    for mk in (2**40, sys.maxsize - 20, sys.maxsize):
+        out, lse = op(q, kc, vc, None, True, -1, -1, 0.0, cu_q, None, 2, mk, seqused_k=used,
+                      block_table=table)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pa_fwd_max_qlen_past_int32(device):
+    """pa_fwd's max_qlen is a bound on each sequence's rows; one past int32 (2^32 + 1 wrapped to
+    1, 2^31 to a negative grid) gives the result of the exact bound."""
+    Q = torch.randn(3, 8, 128, dtype=torch.bfloat16, device=device)
+    K = torch.randn(4, 1, 16, 16, 8, dtype=torch.bfloat16, device=device)
+    V = torch.randn(4, 1, 2, 128, 8, dtype=torch.bfloat16, device=device)
+    bt = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20], dtype=torch.int32, device=device)
+    qo = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    want = attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), 3, qo_indptr=qo)
+    for mq in (2**31, 2**32 + 1):
+        assert torch.equal(attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), mq, qo_indptr=qo), want)

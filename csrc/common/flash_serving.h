@@ -155,7 +155,8 @@ inline int64_t read_table_columns(int64_t M, int64_t block_size,
                                   const std::optional<c10::SymInt>& max_seqlen_k) {
   if (!max_seqlen_k.has_value()) return M;
   const int64_t keys = std::max<int64_t>(0, max_seqlen_k->guard_int(__FILE__, __LINE__));
-  return std::min(M, (keys + block_size - 1) / block_size);
+  // keys + block_size - 1 would overflow for a hint near INT64_MAX (sys.maxsize as "unbounded").
+  return std::min(M, keys / block_size + (keys % block_size != 0 ? 1 : 0));
 }
 
 // A backend's own gather of the pages each sequence uses (cache in q's dtype; table [B, M]
@@ -201,7 +202,19 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
     ATTNKIT_CHECK(cu_k->sym_size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
                   cu_k->sym_size(0));
-    used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, b)).to(at::kInt);
+    // The differences in int64: a length past int32 would wrap in the cast to a small, valid one.
+    const auto diff = cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, b).to(at::kLong);
+    if (cpu && b > 0) {
+      const auto bad = at::logical_or(diff < 0, diff > M * bs);
+      if (bad.any().item<bool>()) {
+        const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+        ATTNKIT_CHECK(false, "cu_seqlens_k: expected sequence lengths cu_seqlens_k[b + 1] - "
+                      "cu_seqlens_k[b] in [0, ", M * bs, "] (the block table's capacity, or "
+                      "max_seqlen_k rounded up to whole blocks where it is given), got ",
+                      diff[i].item<int64_t>(), " for sequence ", i);
+      }
+    }
+    used = diff.clamp(0, M * bs).to(at::kInt);  // CUDA: clamped, no sync (the CPU checked above)
   } else {
     used = at::full({b}, M * bs, q.options().dtype(at::kInt));
   }

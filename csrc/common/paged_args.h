@@ -591,7 +591,9 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
   p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
   p.num_blocks = static_cast<int32_t>(K.size(0));
   p.max_blocks = static_cast<int32_t>(block_tables.size(1));
-  p.max_qlen = static_cast<int32_t>(max_qlen);
+  // No sequence has more rows than Q: a larger hint changes nothing but would wrap in the cast
+  // (2^32 + 1 -> 1) or size the grid (S * max_qlen) past the rows.
+  p.max_qlen = static_cast<int32_t>(std::min<int64_t>(max_qlen, std::max<int64_t>(Q.size(0), 1)));
   p.Tq = static_cast<int32_t>(Q.size(0));
   return p;
 }

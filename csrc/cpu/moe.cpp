@@ -3,6 +3,7 @@
 // (expert, token, slot) by construction.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -480,6 +481,10 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
 at::Tensor grouped_gemm_swiglu_cpu(const at::Tensor& a, const at::Tensor& w,
                                    const at::Tensor& off) {
   check_grouped_gemm_swiglu(a, w, off);
+  // The product below is this op's, in fp32 (fp64 for fp64 inputs), whatever autocast region the
+  // call is in: at::mm would otherwise be cast to the region's dtype (csrc/autocast/moe.cpp casts
+  // the op's inputs instead, once, outside).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t M = a.size(0), I = w.size(2) / 2;
   const auto o = offsets_on_host(off, M);
   const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

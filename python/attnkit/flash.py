@@ -36,7 +36,8 @@ def _window(window_size) -> Tuple[int, int]:
         return -1, -1
     if isinstance(window_size, (int, float)) or len(window_size) != 2:
         raise RuntimeError(f"attnkit: window_size: expected (left, right), got {window_size!r}")
-    return tuple(-1 if int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
+    # Any negative side is unbounded (flash-attn's rule, and the op's): -1 from here on.
+    return tuple(-1 if int(w) < 0 or int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 
 
 def _sinks(q, s_aux, learnable_sink, sinks=None):
@@ -189,9 +190,12 @@ def flash_attn_varlen_func(
     ``[cu_seqlens[b], cu_seqlens[b+1])`` of q (resp. k, v); q and k lengths are independent.
 
     ``max_seqlen_*`` are sizing hints for the GPU grid; a longer sequence is still computed in
-    full. The window applies per sequence with local indices (see ``flash_attn_func``), causal
-    aligned bottom-right (query i sees keys up to ``i + Lk - Lq``). Rows not covered by any
-    sequence output 0.
+    full. Paged calls (``block_table``) are the exception: there ``max_seqlen_k`` bounds the
+    table columns read, as in FlashAttention (no sequence may use more keys than it, rounded up to
+    whole blocks: an error on the CPU, lengths clamped to it on CUDA; docs/serving.md). The
+    window applies per sequence with local indices (see ``flash_attn_func``), causal aligned
+    bottom-right (query i sees keys up to ``i + Lk - Lq``). Rows not covered by any sequence
+    output 0.
 
     Serving (vLLM V1 / SGLang / FlashAttention 3 keywords, docs/serving.md):
       - ``block_table`` ``[B, max_blocks]`` int32: k and v are NHD paged caches
@@ -226,7 +230,7 @@ def flash_attn_varlen_func(
     return (res, lse) if return_softmax_lse else res
 
 
-def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr):
+def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     """What the attention op would refuse, checked before the cache is written: a call that raises
     leaves the cache as it was (the op's own checks run after the append)."""
     if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
@@ -242,8 +246,6 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr):
         raise RuntimeError(f"attnkit: softmax_scale: expected a finite value, got {softmax_scale}")
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none), got {softcap}")
-    if wl < -1 or wr < -1:
-        raise RuntimeError(f"attnkit: window_size: expected sides >= -1, got ({wl}, {wr})")
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
@@ -489,7 +491,7 @@ def flash_attn_with_kvcache(
     wl = -1 if wl >= capacity else wl
     wr = -1 if wr >= (q.shape[0] - 1 if varlen else capacity) else wr
     sinks = _sinks(q, s_aux, learnable_sink, sinks)
-    _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap, wl, wr)
+    _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
     if k is not None and cache_seqlens is None:
         raise RuntimeError("attnkit: cache_seqlens: expected the cache's lengths when k and v are "
                            "given (where to append them; FlashAttention 2 requires it too)")
@@ -515,13 +517,15 @@ def flash_attn_with_kvcache(
             bad = int(cache_seqlens[(cache_seqlens < 0) | (cache_seqlens > capacity)][0])
             raise RuntimeError(f"attnkit: cache_seqlens: expected lengths in [0, {capacity}] (the "
                                f"cache's), got {bad}")
-        seqlens = cache_seqlens
+        # CUDA (no host sync, so not checked): clamped, so a negative length can neither place a
+        # new token in another sequence's cache row nor index a block table at -1.
+        seqlens = cache_seqlens.clamp(0, capacity)
     row_ok = None  # the rows of cache_batch_idx inside the cache (CUDA: not checked, no sync)
     if not paged:
         if cache_batch_idx is not None:
             if (cache_batch_idx.dim() != 1 or cache_batch_idx.shape[0] != B
                     or cache_batch_idx.dtype not in (torch.int32, torch.int64)):
-                raise RuntimeError(f"attnkit: cache_batch_idx: expected int32 [{B}], got "
+                raise RuntimeError(f"attnkit: cache_batch_idx: expected int32 or int64 [{B}], got "
                                    f"{cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)}")
             rows = cache_batch_idx.to(torch.int64)
             n_rows = k_cache.shape[0]
@@ -543,8 +547,20 @@ def flash_attn_with_kvcache(
         if k.dim() != 4 or k.shape[0] != B or v.shape != k.shape or k.shape[2:] != k_cache.shape[2:]:
             raise RuntimeError(f"attnkit: k: expected k and v [{B}, S_new, {k_cache.shape[2]}, "
                                f"{k_cache.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        # What the cache writer refuses, under this function's names (its own errors would name
+        # key / key_cache), before anything is written.
+        if k.dtype not in (torch.float32, torch.float16, torch.bfloat16) or v.dtype != k.dtype:
+            raise RuntimeError(f"attnkit: k: expected new keys and values in fp32, fp16 or bf16 "
+                               f"(one dtype) to append, got {k.dtype} and {v.dtype}")
+        if k_cache.dtype not in (k.dtype, torch.float8_e4m3fn):
+            raise RuntimeError(f"attnkit: k_cache: expected dtype {k.dtype} (that of the new k) or "
+                               f"float8_e4m3fn to append to, got {k_cache.dtype}")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.stride(-1) != 1:
+                raise RuntimeError(f"attnkit: {name}: expected a contiguous head dim (stride 1) "
+                                   f"to append to, got strides {tuple(c.stride())}")
         s_new = k.shape[1]
-    used = (seqlens + s_new).clamp(max=capacity).to(torch.int32)
+    used = (seqlens.to(torch.int64) + s_new).clamp(max=capacity).to(torch.int32)
     if paged:
         _check_used_block_ids(block_table, used, k_cache.shape[0], k_cache.shape[1], table_name)
     if k is not None:
@@ -564,7 +580,9 @@ def flash_attn_with_kvcache(
         if row_ok is not None:
             keep = keep & row_ok.unsqueeze(1)
         slots = torch.where(keep, slots, torch.full_like(slots, -1))
-        reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]), v.reshape(B * s_new, *v.shape[2:]),
+        # (any strides of the new k / v: the writer takes their rows contiguous in the head dim)
+        reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]).contiguous(),
+                                v.reshape(B * s_new, *v.shape[2:]).contiguous(),
                                 k_cache, v_cache, slots.reshape(-1))
     elif rotary_cos is not None:
         raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")

@@ -159,6 +159,13 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     if w2.dim() != 3 or w2.shape[0] != E:
         raise RuntimeError(f"attnkit: moe: w2: expected [{E}, I, H] (one matrix per expert of "
                            f"w1 [{E}, H, 2I]), got shape {tuple(w2.shape)}")
+    # Under torch.autocast the products take the region's dtype (the router's matmul and the
+    # grouped GEMMs' autocast rule); outside it, one dtype throughout.
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("gate_weight", gate_weight), ("w1", w1), ("w2", w2)):
+            if t.dtype != x.dtype:
+                raise RuntimeError(f"attnkit: moe: {name}: expected dtype {x.dtype} (that of x; "
+                                   f"under torch.autocast they may differ), got {t.dtype}")
     weights, ids, *losses = moe_route(x @ gate_weight, k, renormalize=renormalize,
                                       return_losses=return_losses, **route)
     permuted, offsets, row_map = moe_permute(x, ids, E)

@@ -268,11 +268,11 @@ def reshape_and_cache_flash(
 ) -> None:
     """vLLM's ``reshape_and_cache_flash``: writes key/value ``[T, Hkv, D]`` into NHD caches
     ``[num_blocks, block_size, Hkv, D]`` at ``slot_mapping[t]`` (= block * block_size + offset;
-    -1 = skip). Any cache strides with a contiguous head dim, so ``key_cache, value_cache =
-    kv_cache.unbind(0)`` of one ``[2, num_blocks, block_size, Hkv, D]`` allocation works. With an
-    fp8 ``kv_cache_dtype`` (uint8 or float8 caches) the values are stored as fp8(x / scale),
-    saturated. A slot outside the cache is an error on the CPU and skipped on CUDA (checking it
-    there would need a host sync)."""
+    any negative slot = skip). Any cache strides with a contiguous head dim, so
+    ``key_cache, value_cache = kv_cache.unbind(0)`` of one ``[2, num_blocks, block_size, Hkv, D]``
+    allocation works. With an fp8 ``kv_cache_dtype`` (uint8 or float8 caches) the values are
+    stored as fp8(x / scale), saturated. A slot at or past the cache's end is an error on the CPU and skipped on CUDA
+    (checking it there would need a host sync)."""
     torch.ops.attnkit.reshape_and_cache_flash(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))

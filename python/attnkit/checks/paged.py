@@ -1,11 +1,15 @@
 """Paged decode self-check cases: paged_attention_v1 (both value layouts, GQA, fp8), pa_fwd
-(bf16 and per-token int8) and reshape_and_cache, on fresh random inputs."""
+(bf16 and per-token int8), the cache writers (reshape_and_cache, its per-token quantising form and
+the NHD reshape_and_cache_flash) and merge_attn_states, on fresh random inputs."""
 import math
 
 import torch
 
-from ..paged import pa_fwd, paged_attention_v1, reshape_and_cache
-from ..reference import pa_fwd_ref, paged_attention_ref, reshape_and_cache_ref
+from ..paged import (merge_attn_states, pa_fwd, paged_attention_v1, reshape_and_cache,
+                     reshape_and_cache_flash, reshape_and_cache_with_pertoken_quant)
+from ..reference import (merge_attn_states_ref, pa_fwd_ref, paged_attention_ref,
+                         reshape_and_cache_flash_ref, reshape_and_cache_pertoken_ref,
+                         reshape_and_cache_ref)
 from ..testing import TOLERANCE
 from . import Case
 
@@ -74,4 +78,41 @@ def cases(device):
     out.append(Case("reshape_and_cache bf16 asm", run=write,
                     reference=lambda: tuple(t.float() for t in reshape_and_cache_ref(key, key, kc, vc, slots)),
                     tol=0.0))
+
+    def write_pertoken():
+        k2, v2 = ki.clone(), vi.clone()
+        ks2, vs2 = ks.clone(), vs.clone()
+        reshape_and_cache_with_pertoken_quant(key, key, k2, v2, ks2, vs2, slots)
+        return k2.float(), v2.float(), ks2, vs2
+    out.append(Case("reshape_and_cache_with_pertoken_quant int8", run=write_pertoken,
+                    reference=lambda: tuple(t.float() for t in reshape_and_cache_pertoken_ref(
+                        key, key, ki, vi, ks, vs, slots)), tol=0.0))
+    # NHD caches (vLLM V1 / FlashAttention) as the halves of one [2, num_blocks, ...] allocation,
+    # with vLLM's padding slot -1.
+    kv = torch.randn(2, 12, 16, 8, 128, device=device, dtype=dtype)
+    nslots = torch.randperm(12 * 16)[:64].to(device)
+    nslots[5] = -1
+
+    def write_flash():
+        k2, v2 = kv.clone().unbind(0)
+        reshape_and_cache_flash(key, key * 2, k2, v2, nslots)
+        return k2.float(), v2.float()
+    out.append(Case("reshape_and_cache_flash bf16 NHD", run=write_flash,
+                    reference=lambda: tuple(t.float() for t in reshape_and_cache_flash_ref(
+                        key, key * 2, kv[0], kv[1], nslots)), tol=0.0))
+    # Two partial results over disjoint key sets, some rows with one empty part (lse -inf).
+    T, H = 48, 8
+    parts = [torch.randn(T, H, 128, device=device, dtype=dtype) for _ in range(2)]
+    lses = [torch.randn(H, T, device=device) * 3 for _ in range(2)]
+    lses[0][:, :4] = float("-inf")
+    lses[1][:, 4:8] = float("-inf")  # (no row empty in both: its lse -inf is not a rel_err)
+
+    def merge():
+        o = torch.empty_like(parts[0])
+        o_lse = torch.empty(H, T, device=device)
+        merge_attn_states(o, parts[0], lses[0], parts[1], lses[1], o_lse)
+        return o, o_lse
+    out.append(Case("merge_attn_states bf16", run=merge,
+                    reference=lambda: merge_attn_states_ref(parts[0], lses[0], parts[1], lses[1]),
+                    tol=TOLERANCE[dtype]))
     return out
