@@ -350,3 +350,53 @@ def test_pa_fwd_max_qlen_past_int32(device):
     want = attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), 3, qo_indptr=qo)
     for mq in (2**31, 2**32 + 1):
         assert torch.equal(attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), mq, qo_indptr=qo), want)
+
+
+# ---- outputs that overlap themselves or an input -----------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_overlapping_raise(device):
+    """An output with elements sharing memory (expanded: stride 0) or partly overlapping an input
+    (a view shifted by a row) is refused naming it, as torch's out= ops refuse it; it used to give
+    wrong numbers silently (rows read after they were written, or the last write winning). Exact
+    aliasing stays accepted."""
+    S, Hq, Hkv, D, bs, nb = 4, 4, 2, 64, 16, 8
+    kc = torch.randn(nb, Hkv, D // 4, bs, 4, device=device)
+    vc = torch.randn(nb, Hkv, D, bs, device=device)
+    bt = torch.arange(8, dtype=torch.int32, device=device).view(4, 2)
+    sl = torch.tensor([20, 31, 5, 17], dtype=torch.int32, device=device)
+    query = torch.randn(S, Hq, D, device=device)
+    args = (kc, vc, Hkv, 0.125, bt, sl, bs, 32)
+    with pytest.raises(RuntimeError, match="out: expected a tensor whose elements do not share"):
+        attnkit.paged_attention_v1(torch.zeros(1, Hq, D, device=device).expand(S, Hq, D), query,
+                                   *args)
+    buf = torch.cat([query, torch.zeros(1, Hq, D, device=device)])
+    with pytest.raises(RuntimeError, match="out: expected no partial overlap with query"):
+        attnkit.paged_attention_v1(buf[1:], buf[:-1], *args)
+    want = torch.empty_like(query)
+    attnkit.paged_attention_v1(want, query, *args)
+    same = query.clone()
+    attnkit.paged_attention_v1(same, same, *args)  # exact aliasing: accepted, and exact
+    assert torch.equal(same, want)
+
+    T, H = 6, 4
+    po, so = (torch.randn(T, H, D, device=device) for _ in range(2))
+    pl, slse = (torch.randn(H, T, device=device) for _ in range(2))
+    b3 = torch.cat([po, torch.zeros(1, H, D, device=device)])
+    with pytest.raises(RuntimeError, match="output: expected no partial overlap with prefix_output"):
+        attnkit.merge_attn_states(b3[1:], b3[:-1], pl, so, slse)
+    flat = torch.randn(H * T + 1, device=device)  # prefix_lse, and output_lse one token on
+    with pytest.raises(RuntimeError, match="output_lse: expected no partial overlap with prefix_lse"):
+        attnkit.merge_attn_states(torch.empty(T, H, D, device=device), po, flat[:-1].view(H, T), so,
+                                  slse, flat[1:].view(H, T))
+
+    key = torch.randn(3, Hkv, D, device=device)
+    expanded = torch.zeros(1, bs, Hkv, D, device=device).expand(nb, bs, Hkv, D)
+    for kc_, vc_, name in ((expanded, torch.zeros(nb, bs, Hkv, D, device=device), "key_cache"),
+                           (torch.zeros(nb, bs, Hkv, D, device=device), expanded, "value_cache")):
+        with pytest.raises(RuntimeError, match=f"{name}: expected a tensor whose elements"):
+            attnkit.reshape_and_cache_flash(key, key, kc_, vc_,
+                                            torch.tensor([0, 16, 33], device=device))
+    # vLLM's K / V halves of one allocation are separate memory: accepted.
+    kv = torch.zeros(2, nb, bs, Hkv, D, device=device)
+    attnkit.reshape_and_cache_flash(key, key, *kv.unbind(0), torch.tensor([0, 16, 33], device=device))
+    assert torch.equal(kv[0, 1, 0], key[1]) and torch.equal(kv[1, 2, 1], key[2])

@@ -4,12 +4,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "common/check.h"
 #include "common/kernel_request.h"
@@ -431,11 +433,35 @@ inline void check_merge_attn_states(const at::Tensor& output, const at::Tensor& 
   if (output_lse.has_value()) check_lse(*output_lse, "output_lse");
 }
 
+// A tensor an op writes must not hold elements that share memory (a stride-0 dim, e.g. an
+// expanded tensor: rows or cache blocks written over each other, the last write winning) nor
+// overlap one of the op's inputs partly (a view shifted by a row reads values already written).
+// Exact aliasing (out = query) and layouts whose overlap ATen cannot decide (strided views such
+// as vLLM's K / V halves of one allocation) are accepted. Strides only: no host sync.
+inline void check_written_alone(
+    const at::Tensor& out, const char* out_name,
+    std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
+  ATTNKIT_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
+                ": expected a tensor whose elements do not share memory (a stride-0 dimension has its ",
+                "rows written over each other), got strides ", out.strides());
+  for (const auto& [t, name] : inputs) {
+    ATTNKIT_CHECK(at::get_overlap_status(out, *t) != at::MemOverlapStatus::Partial, out_name,
+                  ": expected no partial overlap with ", name,
+                  " (the same tensor, or separate memory), got overlapping views");
+  }
+}
+
 inline MergeParams make_merge_params(const at::Tensor& output, const at::Tensor& prefix_output,
                                      const at::Tensor& prefix_lse,
                                      const at::Tensor& suffix_output,
                                      const at::Tensor& suffix_lse,
                                      const c10::optional<at::Tensor>& output_lse) {
+  check_written_alone(output, "output", {{&prefix_output, "prefix_output"},
+                                         {&suffix_output, "suffix_output"}});
+  if (output_lse.has_value()) {
+    check_written_alone(*output_lse, "output_lse", {{&prefix_lse, "prefix_lse"},
+                                                    {&suffix_lse, "suffix_lse"}});
+  }
   MergeParams p{};
   p.out = output.data_ptr();
   p.prefix = prefix_output.data_ptr();
@@ -491,6 +517,7 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
                                    const c10::optional<at::Tensor>& alibi, const at::Tensor& k_scale,
                                    const at::Tensor& v_scale, double scale, double softcap,
                                    int64_t window) {
+  check_written_alone(out, "out", {{&query, "query"}});
   DecodeParams p{};
   fill_q_out(p, query, out);
   p.k_cache = key_cache.data_ptr();
@@ -566,6 +593,7 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
                                        const c10::optional<at::Tensor>& K_QScale,
                                        const c10::optional<at::Tensor>& V_QScale,
                                        int64_t max_qlen) {
+  check_written_alone(out, "out", {{&Q, "Q"}});
   DecodeParams p{};
   fill_q_out(p, Q, out);
   p.k_cache = K.data_ptr();
@@ -603,6 +631,8 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
                                                 const at::Tensor& value_cache,
                                                 const at::Tensor& slots,
                                                 const CacheWriteConfig& c) {
+  check_written_alone(key_cache, "key_cache", {{&value_cache, "value_cache"}});
+  check_written_alone(value_cache, "value_cache", {});
   CacheWriteParams p{};
   p.key = key.data_ptr();
   p.value = value.data_ptr();
