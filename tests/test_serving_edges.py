@@ -121,6 +121,8 @@ def test_kvcache_argument_errors(device):
         call(q, kc, vc, k.double(), v.double(), cache_seqlens=4)
     with pytest.raises(RuntimeError, match=r"k_cache: expected dtype torch.bfloat16 \(that of"):
         call(q, kc, vc, k.bfloat16(), v.bfloat16(), cache_seqlens=4)
+    with pytest.raises(RuntimeError, match="appending new k / v to a float8_e4m3fn cache"):
+        call(q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), k, v, cache_seqlens=4)
     strided = torch.randn(2, 20, 1, 64, device=device)[..., ::2]
     with pytest.raises(RuntimeError, match="attnkit: k_cache: expected a contiguous head dim"):
         call(q, strided, vc, k, v, cache_seqlens=4)
@@ -396,6 +398,9 @@ def test_outputs_overlapping_raise(device):
         with pytest.raises(RuntimeError, match=f"{name}: expected a tensor whose elements"):
             attnkit.reshape_and_cache_flash(key, key, kc_, vc_,
                                             torch.tensor([0, 16, 33], device=device))
+    one = torch.zeros(nb, bs, Hkv, D, device=device)
+    with pytest.raises(RuntimeError, match="value_cache: expected a tensor of its own"):
+        attnkit.reshape_and_cache_flash(key, key, one, one, torch.tensor([0, 16, 33], device=device))
     # vLLM's K / V halves of one allocation are separate memory: accepted.
     kv = torch.zeros(2, nb, bs, Hkv, D, device=device)
     attnkit.reshape_and_cache_flash(key, key, *kv.unbind(0), torch.tensor([0, 16, 33], device=device))

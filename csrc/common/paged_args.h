@@ -633,6 +633,9 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
                                                 const CacheWriteConfig& c) {
   check_written_alone(key_cache, "key_cache", {{&value_cache, "value_cache"}});
   check_written_alone(value_cache, "value_cache", {});
+  // One tensor for both caches: every value would overwrite its key.
+  ATTNKIT_CHECK(at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
+                "value_cache: expected a tensor of its own, got the same memory as key_cache");
   CacheWriteParams p{};
   p.key = key.data_ptr();
   p.value = value.data_ptr();

@@ -552,9 +552,14 @@ def flash_attn_with_kvcache(
         if k.dtype not in (torch.float32, torch.float16, torch.bfloat16) or v.dtype != k.dtype:
             raise RuntimeError(f"attnkit: k: expected new keys and values in fp32, fp16 or bf16 "
                                f"(one dtype) to append, got {k.dtype} and {v.dtype}")
-        if k_cache.dtype not in (k.dtype, torch.float8_e4m3fn):
-            raise RuntimeError(f"attnkit: k_cache: expected dtype {k.dtype} (that of the new k) or "
-                               f"float8_e4m3fn to append to, got {k_cache.dtype}")
+        if k_cache.dtype == torch.float8_e4m3fn:
+            raise RuntimeError("attnkit: k_cache: appending new k / v to a float8_e4m3fn cache is "
+                               "not supported here (it needs the cache's scales): write them with "
+                               "reshape_and_cache_flash(..., kv_cache_dtype='fp8', k_scale=, "
+                               "v_scale=) and call without k / v")
+        if k_cache.dtype != k.dtype:
+            raise RuntimeError(f"attnkit: k_cache: expected dtype {k.dtype} (that of the new k) to "
+                               f"append to, got {k_cache.dtype}")
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
             if c.stride(-1) != 1:
                 raise RuntimeError(f"attnkit: {name}: expected a contiguous head dim (stride 1) "

@@ -146,7 +146,8 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
         route: :func:`moe_route`'s keyword options (scoring, bias, n_group, topk_group,
             routed_scaling_factor).
 
-    Returns ``[T, H]`` in x's dtype, or with return_losses ``(out, aux_loss, z_loss)``
+    Returns ``[T, H]`` in x's dtype (inside a ``torch.autocast`` region: the region's dtype, as
+    ``nn.Linear`` layers give), or with return_losses ``(out, aux_loss, z_loss)``
     (moe_route's load-balancing and z losses). Differentiable in x, gate_weight, w1 and w2 (the
     router through moe_route's own backward).
     """
