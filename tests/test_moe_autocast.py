@@ -92,3 +92,19 @@ def test_moe_mixed_dtypes_outside_autocast_raise(device):
         args[name] = args[name].float()
         with pytest.raises(RuntimeError, match=f"moe: {name}: expected dtype torch.bfloat16"):
             attnkit.moe(x, k=2, **args)
+
+
+def test_moe_block_compiled_under_autocast_cpu():
+    """torch.compile(fullgraph=True) traces the autocast rule (its casts, then the op's fake
+    kernel) and gives the eager result bitwise."""
+    torch.manual_seed(0)
+    block = attnkit.MoE(32, 16, 4, 2)
+    x = torch.randn(12, 32)
+
+    def run(x):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return block(x)
+
+    want = run(x)
+    got = torch.compile(run, fullgraph=True)(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
