@@ -43,6 +43,11 @@ FLASH = ("test_flash*.py",)
 PAGED = ("test_paged*.py", "test_pa_merged.py")
 GDPA = ("test_gdpa*.py",)
 SERVING = ("test_serving_varlen.py",)
+MERGE = ("test_serving_ops.py",)
+CACHE = ("test_paged_cache.py", "test_serving_ops.py")
+ROUTE = ("test_moe_route.py",)
+PERMUTE = ("test_moe_ops.py", "test_moe_block.py")
+SWIGLU = ("test_moe_swiglu.py", "test_moe_ops.py")
 
 BUGS = [
     # flash attention (reference.flash_window_mask / _flash_dense / flash_attn_ref)
@@ -108,6 +113,68 @@ BUGS = [
         "rows = cache[block_table[b].long()[j // bs], (j + 1) % bs]", SERVING, SIXTEEN_BIT),
     Bug("serving descale ignored (16-bit)", "rows = rows * descale[b].to(compute_dtype).view(1, -1, 1)",
         "rows = rows", SERVING, SIXTEEN_BIT),
+    Bug("serving sink gradient dropped (16-bit)", "sink = s_aux.to(compute_dtype).view(H, 1, 1)",
+        "sink = (s_aux.detach() + 0 * s_aux).to(compute_dtype).view(H, 1, 1)", SERVING,
+        SIXTEEN_BIT),
+    # flash softcap: the forward kept, its Jacobian (1 - tanh^2) left out of the backward
+    Bug("flash softcap backward Jacobian dropped (16-bit)",
+        "    if softcap > 0:\n        s = softcap * torch.tanh(s / softcap)\n"
+        "    mask = flash_window_mask(",
+        "    if softcap > 0:\n        s = s + (softcap * torch.tanh(s / softcap) - s).detach()\n"
+        "    mask = flash_window_mask(", FLASH, SIXTEEN_BIT),
+    # paged decode: the soft-cap applied after ALiBi instead of before it
+    Bug("paged softcap after ALiBi (16-bit)",
+        "    if softcap > 0:\n        s = softcap * torch.tanh(s / softcap)\n"
+        "    pos = torch.arange(L, device=q.device)\n"
+        "    qpos = L - qlen + torch.arange(qlen, device=q.device)\n"
+        "    if slopes is not None:\n"
+        "        s = s + slopes.float()[:, None, None] * (pos[None, :] - qpos[:, None]).float()\n",
+        "    pos = torch.arange(L, device=q.device)\n"
+        "    qpos = L - qlen + torch.arange(qlen, device=q.device)\n"
+        "    if slopes is not None:\n"
+        "        s = s + slopes.float()[:, None, None] * (pos[None, :] - qpos[:, None]).float()\n"
+        "    if softcap > 0:\n        s = softcap * torch.tanh(s / softcap)\n",
+        PAGED, SIXTEEN_BIT),
+    # GDPA broadcast_q: kv sequence b's block row i from q row (b * Lq + i) // B, not row i
+    Bug("gdpa broadcast_q row mapping (16-bit)", "q = q.repeat(len(ko) - 1, 1, 1)",
+        "q = q.repeat_interleave(len(ko) - 1, 0)", GDPA, SIXTEEN_BIT),
+    Bug("gdpa leaky_relu slope 0.02 (16-bit)", "return torch.where(x >= 0, x, 0.01 * x)",
+        "return torch.where(x >= 0, x, 0.02 * x)", GDPA, SIXTEEN_BIT),
+    # merge_attn_states (reference.merge_attn_states_ref): every dtype, the merge is not a
+    # tensor-core kernel
+    Bug("merge empty part's NaN output leaks",
+        "out = out + torch.where((lse != ninf).unsqueeze(-1), w * part.float(), "
+        "torch.zeros_like(out))", "out = out + w * part.float()", MERGE),
+    Bug("merge lse combined in log2", "torch.log(safe) + m0", "torch.log2(safe) + m0", MERGE),
+    # cache writers (reference._per_tensor_scaled / quantize_to_cache)
+    Bug("cache fp8 per-tensor scale multiplies", "return (x.double() / float(scale)).float()",
+        "return (x.double() * float(scale)).float()", CACHE),
+    Bug("cache fp8 not saturated", "q = (x * inv_scale).clamp(-m, m).to(f8)",
+        "q = (x * inv_scale).to(f8)", CACHE),
+    Bug("cache int8 rounds half away from zero",
+        "return (x * inv_scale).round().clamp(-127, 127).to(torch.int8)",
+        "y = x * inv_scale\n"
+        "        return (y.sign() * (y.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)",
+        CACHE),
+    # MoE routing (reference.moe_route_ref): every dtype
+    Bug("moe_route groups interleaved", "kept = gkept.repeat_interleave(E // n_group, dim=1)",
+        "kept = gkept.repeat(1, E // n_group)", ROUTE),
+    Bug("moe_route scaled before renormalising",
+        "if renormalize:\n        w = w / w.sum(dim=-1, keepdim=True)\n"
+        "    w = w * routed_scaling_factor",
+        "w = w * routed_scaling_factor\n"
+        "    if renormalize:\n        w = w / w.sum(dim=-1, keepdim=True)", ROUTE),
+    # moe_permute / moe_unpermute / grouped_gemm_swiglu references
+    Bug("moe_permute order (expert, slot, token)", "order = torch.sort(key, stable=True).indices",
+        "o = torch.sort(key.view(T, k).t().flatten(), stable=True).indices\n"
+        "    order = (o % max(T, 1)) * k + o // max(T, 1)", PERMUTE),
+    Bug("moe_unpermute weights slot-reversed", "(w.unsqueeze(-1) * rows).sum(1)",
+        "(w.flip(1).unsqueeze(-1) * rows).sum(1)", PERMUTE),
+    Bug("swiglu gate/up halves swapped",
+        "return silu_and_mul_ref(grouped_gemm_ref(a, w, expert_offsets))",
+        "return silu_and_mul_ref(torch.cat(\n"
+        "        grouped_gemm_ref(a, w, expert_offsets).chunk(2, -1)[::-1], -1))",
+        SWIGLU),
 ]
 
 
