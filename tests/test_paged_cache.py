@@ -54,6 +54,32 @@ def test_reshape_and_cache(device, dtype, kv, layout, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kv", FP8_KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reshape_and_cache_fp8_saturates(device, dtype, kv, layout):
+    """x / scale past the fp8 range stores the largest finite code of its sign, never NaN or inf
+    (torch's conversion gives e4m3fn NaN past 464 and e5m2 inf from 61440 on): keys 3.2e4 / 0.5
+    past e5m2's 61440, keys and values 465 to 500 after the scale past e4m3's 464; bytes equal to
+    the reference's and no non-finite code anywhere in the caches."""
+    s = reshape_and_cache_sample(device, dtype, kv=kv, layout=layout, block_size=16)
+    key, value, kc, vc, slots, _, ks, vs = s.args
+    assert (float(ks), float(vs)) == (0.5, 2.0)
+    key[:, 0, :4] = torch.tensor([3.2e4, -3.2e4, 240.0, -236.0], device=device, dtype=dtype)
+    value[:, 1, :3] = torch.tensor([1000.0, -1000.0, 930.0], device=device, dtype=dtype)
+    ek, ev = reshape_and_cache_reference(s)
+    attnkit.reshape_and_cache(*s.args)
+    assert torch.equal(kc.view(torch.uint8), ek.view(torch.uint8)), "key cache bytes"
+    assert torch.equal(vc.view(torch.uint8), ev.view(torch.uint8)), "value cache bytes"
+    for name, c in (("key", kc), ("value", vc)):
+        assert torch.isfinite(ref.paged_cache_values(c, kv)).all(), f"{name} cache: non-finite code"
+    f8 = {"fp8_e5m2": torch.float8_e5m2}.get(kv, torch.float8_e4m3fn)
+    top = torch.tensor(torch.finfo(f8).max).to(f8).view(torch.uint8)
+    codes = kc.view(torch.uint8)
+    assert (codes == top).any() and (codes == (top | 0x80)).any(), "no saturated key code"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS)

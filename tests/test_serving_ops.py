@@ -61,6 +61,36 @@ def test_reshape_and_cache_flash(device, dtype, kv, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("kv", FP8_KINDS)
+def test_reshape_and_cache_flash_fp8_saturates(device, dtype, kv):
+    """x / scale past the fp8 range stores the largest finite code of its sign, never NaN or inf
+    (torch's conversion gives e4m3fn NaN past 464 and e5m2 inf from 61440 on): keys 3.2e4 / 0.5
+    past e5m2's 61440, keys and values 465 to 500 after the scale past e4m3's 464."""
+    hkv, d, nb, bs, T = 2, 64, 4, 16, 12
+    kc, vc = nhd_caches(nb, bs, hkv, d, torch.uint8, device)
+    key = torch.randn(T, hkv, d, device=device, dtype=dtype) * 3
+    value = torch.randn(T, hkv, d, device=device, dtype=dtype) * 3
+    key[:, 0, :4] = torch.tensor([3.2e4, -3.2e4, 240.0, -236.0], device=device, dtype=dtype)
+    value[:, 1, :3] = torch.tensor([1000.0, -1000.0, 930.0], device=device, dtype=dtype)
+    slots = torch.randperm(nb * bs)[:T].to(device)
+    slots[5] = -1
+    ek, ev = ref.reshape_and_cache_flash_ref(key, value, kc, vc, slots, kv, 0.5, 2.0)
+    attnkit.reshape_and_cache_flash(key, value, kc, vc, slots, kv, 0.5, 2.0)
+    assert torch.equal(kc.contiguous(), ek.contiguous()), "key cache bytes"
+    assert torch.equal(vc.contiguous(), ev.contiguous()), "value cache bytes"
+    f8 = _F8[kv]
+    for name, c in (("key", kc), ("value", vc)):
+        finite = torch.isfinite(c.contiguous().view(f8).float())
+        assert finite.all(), f"{name} cache: non-finite code"
+    top = int(torch.tensor(torch.finfo(f8).max).to(f8).view(torch.uint8))
+    sat = torch.tensor([top, top | 0x80] * 2, device=device, dtype=torch.uint8)
+    n = 4 if f8 == torch.float8_e4m3fn else 2  # 480 and -472 lie inside e5m2's range
+    s = slots[slots >= 0].long()
+    assert (kc[s // bs, s % bs, 0, :n] == sat[:n]).all(), "keys not saturated"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_reshape_and_cache_flash_float8_storage(device):
     """Caches typed float8_e4m3fn (not uint8) take the same bytes."""
     hkv, d, nb, bs, T = 2, 128, 4, 16, 9

@@ -448,8 +448,9 @@ def written_sequence(slots, bs):
 
 def reshape_and_cache_sample(device, dtype, *, kv="auto", layout="vllm", block_size=16, hkv=2,
                              head_size=64, num_blocks=16, name="reshape_and_cache"):
-    """Random caches, new keys/values (std 3: fp8 saturation reachable) and ``writer_slots``;
-    k_scale / v_scale 0.5 / 2.0 for fp8 caches, 1 otherwise."""
+    """Random caches, new keys/values (std 3) and ``writer_slots``; k_scale / v_scale 0.5 / 2.0
+    for fp8 caches, 1 otherwise. x / scale stays far inside the fp8 range (|x| / 0.5 < ~30):
+    test_reshape_and_cache_fp8_saturates plants values past it."""
     kc, vc = make_caches(num_blocks, hkv, head_size, block_size, dtype, layout, device, kv=kv)
     slots, *_ = writer_slots(num_blocks, block_size, device)
     T = slots.numel()
