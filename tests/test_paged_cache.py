@@ -81,6 +81,36 @@ def test_reshape_and_cache_fp8_saturates(device, dtype, kv, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pertoken_int8_rounds_half_to_even(device, dtype, layout):
+    """The int8 writer rounds x / scale to nearest, ties to even (rintf / std::nearbyint, as
+    torch.round): rows whose scale is exactly 1 (amax 127) and 1/2 (amax 63.5) put x / scale on
+    .5 ties, where rounding half away from zero differs. Codes read at the token's slot, and
+    every byte against the reference."""
+    s = pertoken_sample(device, dtype, torch.int8, layout=layout)
+    key, value, kc, vc, ksc, vsc, slots = s.args
+    t0, t1 = [t for t in range(key.shape[0]) if int(slots[t]) >= 0 and t != 7][:2]
+    ties = {(t0, 0): ([127.0, 0.5, -0.5, 1.5, -2.5, 2.5, 126.5, -126.5],
+                      [127, 0, 0, 2, -2, 2, 126, -126]),
+            (t1, 1): ([63.5, 0.25, -0.25, 1.25, -1.75, 62.75],
+                      [127, 0, 0, 2, -4, 126])}
+    for (t, h), (x, _) in ties.items():
+        for src in (key, value):
+            src[t, h] = 0
+            src[t, h, :len(x)] = torch.tensor(x, device=device, dtype=dtype)
+    expect = ref.reshape_and_cache_pertoken_ref(*s.args)
+    attnkit.reshape_and_cache_with_pertoken_quant(*s.args, asm_layout=layout == "asm")
+    for got, exp in zip((kc, vc, ksc, vsc), expect):
+        assert torch.equal(got.view(torch.uint8), exp.view(torch.uint8))
+    bs = kc.shape[3]
+    for (t, h), (_, want) in ties.items():
+        slot = int(slots[t])
+        codes = kc[slot // bs, h, :, slot % bs, :].reshape(-1)[:len(want)]
+        assert codes.tolist() == want, (t, h, codes.tolist(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_pertoken_quant_writer(device, dtype, qdtype, layout):
