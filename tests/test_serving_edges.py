@@ -384,10 +384,12 @@ def test_outputs_overlapping_raise(device):
     po, so = (torch.randn(T, H, D, device=device) for _ in range(2))
     pl, slse = (torch.randn(H, T, device=device) for _ in range(2))
     b3 = torch.cat([po, torch.zeros(1, H, D, device=device)])
-    with pytest.raises(RuntimeError, match="output: expected no partial overlap with prefix_output"):
+    with pytest.raises(RuntimeError,
+                       match="output: expected no partial overlap with prefix_output"):
         attnkit.merge_attn_states(b3[1:], b3[:-1], pl, so, slse)
     flat = torch.randn(H * T + 1, device=device)  # prefix_lse, and output_lse one token on
-    with pytest.raises(RuntimeError, match="output_lse: expected no partial overlap with prefix_lse"):
+    with pytest.raises(RuntimeError,
+                       match="output_lse: expected no partial overlap with prefix_lse"):
         attnkit.merge_attn_states(torch.empty(T, H, D, device=device), po, flat[:-1].view(H, T), so,
                                   slse, flat[1:].view(H, T))
 
@@ -400,8 +402,10 @@ def test_outputs_overlapping_raise(device):
                                             torch.tensor([0, 16, 33], device=device))
     one = torch.zeros(nb, bs, Hkv, D, device=device)
     with pytest.raises(RuntimeError, match="value_cache: expected a tensor of its own"):
-        attnkit.reshape_and_cache_flash(key, key, one, one, torch.tensor([0, 16, 33], device=device))
+        attnkit.reshape_and_cache_flash(key, key, one, one,
+                                        torch.tensor([0, 16, 33], device=device))
     # vLLM's K / V halves of one allocation are separate memory: accepted.
     kv = torch.zeros(2, nb, bs, Hkv, D, device=device)
-    attnkit.reshape_and_cache_flash(key, key, *kv.unbind(0), torch.tensor([0, 16, 33], device=device))
+    attnkit.reshape_and_cache_flash(key, key, *kv.unbind(0),
+                                    torch.tensor([0, 16, 33], device=device))
     assert torch.equal(kv[0, 1, 0], key[1]) and torch.equal(kv[1, 2, 1], key[2])

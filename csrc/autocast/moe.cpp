@@ -22,33 +22,28 @@ namespace attnkit {
 namespace moe {
 namespace {
 
-template <c10::DeviceType kDevice>
-at::Tensor grouped_gemm_autocast(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
-  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
-  return ::attnkit::grouped_gemm(at::autocast::cached_cast(dtype, a, kDevice),
-                                 at::autocast::cached_cast(dtype, w, kDevice), off);
-}
+using GemmOp = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
-template <c10::DeviceType kDevice>
-at::Tensor grouped_gemm_swiglu_autocast(const at::Tensor& a, const at::Tensor& w,
-                                        const at::Tensor& off) {
+// The rule of one (a, w, expert_offsets) GEMM op: a and w cast, then Op (the C++ API's dispatcher
+// call) below the autocast key.
+template <c10::DeviceType kDevice, GemmOp Op>
+at::Tensor gemm_autocast(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto dtype = at::autocast::get_autocast_dtype(kDevice);
-  return ::attnkit::grouped_gemm_swiglu(at::autocast::cached_cast(dtype, a, kDevice),
-                                        at::autocast::cached_cast(dtype, w, kDevice), off);
+  return Op(at::autocast::cached_cast(dtype, a, kDevice),
+            at::autocast::cached_cast(dtype, w, kDevice), off);
 }
 
 }  // namespace
 
-// CPU regions only for now: the CUDA rule (the same templates at c10::DeviceType::CUDA) is
+// CPU regions only for now: the CUDA rule (the same template at c10::DeviceType::CUDA) is
 // written and waits for its GPU run; until then a CUDA region leaves these ops to their inputs'
 // dtype, as before.
 TORCH_LIBRARY_IMPL(attnkit, AutocastCPU, m) {
-  m.impl("grouped_gemm", &grouped_gemm_autocast<c10::DeviceType::CPU>);
-  m.impl("grouped_gemm_swiglu", &grouped_gemm_swiglu_autocast<c10::DeviceType::CPU>);
+  m.impl("grouped_gemm", &gemm_autocast<c10::DeviceType::CPU, &::attnkit::grouped_gemm>);
+  m.impl("grouped_gemm_swiglu",
+         &gemm_autocast<c10::DeviceType::CPU, &::attnkit::grouped_gemm_swiglu>);
 }
 
 }  // namespace moe

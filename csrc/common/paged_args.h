@@ -442,8 +442,8 @@ inline void check_written_alone(
     const at::Tensor& out, const char* out_name,
     std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
   ATTNKIT_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
-                ": expected a tensor whose elements do not share memory (a stride-0 dimension has its ",
-                "rows written over each other), got strides ", out.strides());
+                ": expected a tensor whose elements do not share memory (a stride-0 dimension ",
+                "has its rows written over each other), got strides ", out.strides());
   for (const auto& [t, name] : inputs) {
     ATTNKIT_CHECK(at::get_overlap_status(out, *t) != at::MemOverlapStatus::Partial, out_name,
                   ": expected no partial overlap with ", name,

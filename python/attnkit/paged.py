@@ -271,8 +271,8 @@ def reshape_and_cache_flash(
     any negative slot = skip). Any cache strides with a contiguous head dim, so
     ``key_cache, value_cache = kv_cache.unbind(0)`` of one ``[2, num_blocks, block_size, Hkv, D]``
     allocation works. With an fp8 ``kv_cache_dtype`` (uint8 or float8 caches) the values are
-    stored as fp8(x / scale), saturated. A slot at or past the cache's end is an error on the CPU and skipped on CUDA
-    (checking it there would need a host sync)."""
+    stored as fp8(x / scale), saturated. A slot at or past the cache's end is an error on the CPU
+    and skipped on CUDA (checking it there would need a host sync)."""
     torch.ops.attnkit.reshape_and_cache_flash(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
