@@ -398,6 +398,8 @@ def test_garbage_block_ids_cuda(mix):
     b.seqused_k = torch.tensor([5, -3, 1 << 30, 64, 0, 2], dtype=torch.int32, device="cuda")
     if mix == "decode_ragged":
         b.cu_seqlens_q = torch.tensor([0, 3, 2, 9, -4, 6, 1], dtype=torch.int32, device="cuda")
+    else:  # a mixed call splits its sequences by these lengths on the device
+        b.cu_seqlens_q = torch.tensor([0, 40, 3, 62, -4, 61, 70], dtype=torch.int32, device="cuda")
     out, lse = _call(b, causal=True)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
@@ -503,6 +505,32 @@ def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
     go, gl = _call_with(b, "none", window, 0)
+    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
+    assert_lse_close(lse, gl)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_mixed_many_sequences_cuda(gqa):
+    """A mixed batch of 600 sequences whose few long ones (more than 16 / G rows) lie across the
+    device split's 256-sequence chunks (kernels/paged/mixed_split.cuh lists them; the forward
+    walks and the gather copies only those), beside short and empty ones: matches the reference
+    and the gather path."""
+    g = torch.Generator().manual_seed(7)
+    long_at = {0, 17, 255, 256, 257, 511, 512, 599}
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    q_lens = [draw(17, 60) if b in long_at else draw(0, 3) for b in range(600)]
+    k_lens = [q + draw(0, 200) for q in q_lens]
+    b = paged_batch(q_lens, k_lens, 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
+    poison_allocator("cuda")
+    out, lse = _call_with(b, None)
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+    go, gl = _call_with(b, "none")
     assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
     assert_lse_close(lse, gl)
 

@@ -163,19 +163,26 @@ inline int64_t read_table_columns(int64_t M, int64_t block_size,
 // int32; used [B] int32 contiguous): the padded [B, M * block_size, Hkv, D] buffer with the
 // blocks past each used length left unwritten, or an undefined tensor where it cannot take the
 // call (then gather_pages runs).
+// `subset`: the sequences to copy, all of them (both undefined) or the ids list[0 .. count[0])
+// (int32 device tensors: a mixed call's long sequences, whose count the host does not know).
+struct SeqSubset {
+  at::Tensor list, count;
+};
 using UsedPageGather = at::Tensor (*)(const at::Tensor& cache, const at::Tensor& table,
-                                      const at::Tensor& used, int64_t B);
+                                      const at::Tensor& used, int64_t B, const SeqSubset& subset);
 
 // Resolves k / v (paged or not), cu_seqlens_k and seqused_k into what the kernels address.
 // `cpu`: validate tensor values (block ids, lengths) and raise; otherwise ids are clamped.
 // `max_seqlen_k`: bounds the table columns read (read_table_columns). `used_gather`: the
-// backend's gather of used pages for caches in q's dtype (CUDA), if any.
+// backend's gather of used pages for caches in q's dtype (CUDA), if any, and `subset` the
+// sequences it must copy (the others' rows are never read by the kernel after it).
 inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const OptTensor& cu_q, const OptTensor& cu_k,
                              const OptTensor& seqused_k, const OptTensor& block_table,
                              const OptTensor& k_descale, const OptTensor& v_descale,
                              const std::optional<c10::SymInt>& max_seqlen_k, bool cpu,
-                             UsedPageGather used_gather = nullptr) {
+                             UsedPageGather used_gather = nullptr,
+                             const SeqSubset& subset = {}) {
   ResolvedKV r{k, v, cu_k, std::nullopt};
   const auto B = batch_of(q, cu_q);
   if (given(seqused_k)) {
@@ -229,7 +236,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   const auto dtype = q.scalar_type();
   auto gather = [&](const at::Tensor& cache, const OptTensor& descale) {
     if (used_gather != nullptr && cache.scalar_type() == dtype && cache.size(0) > 0) {
-      at::Tensor g = used_gather(cache, table, *r.seqused_k, b);
+      at::Tensor g = used_gather(cache, table, *r.seqused_k, b, subset);
       if (g.defined()) return g;
     }
     return gather_pages(cache, ids, descale, dtype, b);

@@ -32,6 +32,7 @@
 #include "kernels/flash/fwd_ws.cuh"
 #include "kernels/flash/bwd_ws.cuh"
 #include "kernels/flash/simt.cuh"
+#include "kernels/paged/mixed_split.cuh"
 #include "kernels/paged/page_gather.cuh"
 #include "env_table.h"
 #include "paged_nhd_decode.h"
@@ -258,7 +259,25 @@ struct NhdDecodePlan {
   at::Tensor fwd_used; // mixed: the forward's key lengths (0 for short sequences)
   at::Tensor qo;       // cu_seqlens_q, int32 contiguous
   at::Tensor table;    // block_table with unit column stride
+  // mixed: the forward's sequences, the long ones ([B] and [1] int32, listed on the device by
+  // kernels/paged/mixed_split.cuh), so its walk and the gather leave the short ones out.
+  SeqSubset long_seqs;
 };
+
+// The sequences of more than short_rows query rows, listed on the device (no host sync).
+SeqSubset list_long_seqs(const at::Tensor& qo, int64_t B, int64_t T, int64_t short_rows) {
+  SeqSubset s{at::empty({std::max<int64_t>(B, 1)}, qo.options()), at::empty({1}, qo.options())};
+  paged::MixedSplitParams p{};
+  p.cu_q = qo.const_data_ptr<int32_t>();
+  p.B = static_cast<int32_t>(B);
+  p.Tq = T;
+  p.short_rows = static_cast<int32_t>(short_rows);
+  p.list = s.list.data_ptr<int32_t>();
+  p.count = s.count.data_ptr<int32_t>();
+  paged::mixed_split_kernel<<<1, paged::kSplitThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return s;
+}
 
 // The plan, or nullopt when the decode kernel takes no part (then the gather path computes the
 // call). `dr` (the private op's decode_kernel) names the kernel: a call it cannot take raises.
@@ -318,6 +337,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     const auto qlen = plan.qo.slice(0, 1) - plan.qo.slice(0, 0, B);
     const auto short_seq = at::logical_and(qlen >= 1, qlen <= plan.short_rows);
     plan.fwd_used = at::where(short_seq, at::zeros_like(plan.used), plan.used);
+    plan.long_seqs = list_long_seqs(plan.qo, B, T, plan.short_rows);
   }
   return plan;
 }
@@ -362,7 +382,7 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
 // on CUDA); undefined where it does not apply (a dim not contiguous, a block beyond int32 Words,
 // more sequences than a grid's y dimension).
 at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& table_in,
-                                  const at::Tensor& used, int64_t B) {
+                                  const at::Tensor& used, int64_t B, const SeqSubset& subset) {
   const int64_t nb = cache.size(0), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
   const int64_t M = table_in.size(1), es = cache.element_size();
   if (cache.stride(3) != 1 || B < 1 || B > 65535 || M < 1 || M > INT32_MAX || nb > INT32_MAX ||
@@ -387,8 +407,18 @@ at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& tab
   p.s_block = cache.stride(0) * es / word, p.s_token = cache.stride(1) * es / word;
   p.s_head = cache.stride(2) * es / word;
   p.out = out.data_ptr();
+  const bool listed = subset.list.defined();
+  p.seq_list = listed ? subset.list.const_data_ptr<int32_t>() : nullptr;
+  p.seq_count = listed ? subset.count.const_data_ptr<int32_t>() : nullptr;
   const c10::cuda::CUDAGuard guard(cache.device());
-  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(B));
+  // A grid row per sequence, or with a list (most sequences left out, their count unknown here)
+  // enough rows for about 32 blocks per SM, each row walking every Y-th listed sequence.
+  int64_t rows = B;
+  if (listed) {
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    rows = std::min<int64_t>(B, std::max<int64_t>(1, (32 * sms + M - 1) / M));
+  }
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(rows));
   auto stream = at::cuda::getCurrentCUDAStream();
   if (vec) {
     paged::gather_used_pages_kernel<uint4><<<grid, paged::kGatherThreads, 0, stream>>>(p);
@@ -494,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in,
                                   plan ? OptTensor(plan->fwd_used) : seqused_k, block_table,
                                   k_descale, v_descale, max_seqlen_k, /*cpu=*/false,
-                                  gather_used_pages_cuda);
+                                  gather_used_pages_cuda, plan ? plan->long_seqs : SeqSubset{});
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
@@ -517,6 +547,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
   Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
   if (r.seqused_k) p.seqused_k = r.seqused_k->data_ptr<int32_t>();
+  if (plan) {  // a mixed call: the forward's sequences are the long ones
+    p.seq_list = plan->long_seqs.list.const_data_ptr<int32_t>();
+    p.seq_count = plan->long_seqs.count.const_data_ptr<int32_t>();
+  }
   if (p.B == 0) return {out, lse};
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path

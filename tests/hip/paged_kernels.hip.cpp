@@ -10,6 +10,7 @@
 #include "kernels/paged/decode.cuh"
 #include "kernels/paged/decode_mma.cuh"  // tensor-core GQA decode: compiled out under HIP (sm_80 guard)
 #include "kernels/paged/merge_states.cuh"
+#include "kernels/paged/mixed_split.cuh"  // mixed_split_kernel: not a template, compiled here
 #include "kernels/paged/page_gather.cuh"
 
 namespace attnkit {
@@ -47,7 +48,8 @@ template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheW
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false, false, 1>(const DecodeParams);  // empty under HIP
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true, false, 2>(const DecodeParams);   // bulk loads: too
 
-// The serving call's gather of used pages (flash.cu launches it for 16-byte and 2-byte words).
+// The serving call's gather of used pages (flash.cu launches it for 16-byte and 2-byte words) and
+// the mixed call's split of its sequences (mixed_split_kernel, from the include above).
 template __global__ void gather_used_pages_kernel<uint4>(const PageGatherParams);
 template __global__ void gather_used_pages_kernel<uint16_t>(const PageGatherParams);
 

@@ -47,9 +47,10 @@
 //
 // Units in order: query tiles of an item fastest (the last tile of a sequence first: under a
 // causal mask it sees the most keys), then heads, then sequences; an item strides over the tiles
-// of a sequence longer than the grid hint. The grid is persistent by default (one CTA per SM;
-// launch option persistent = false launches one CTA per item; max_ctas = n caps it at n CTAs,
-// for tests).
+// of a sequence longer than the grid hint; with Params::seq_list the sequences are the listed
+// ones, in list order (the mixed serving call's long sequences: the walk then never visits the
+// decode kernel's). The grid is persistent by default (one CTA per SM; launch option
+// persistent = false launches one CTA per item; max_ctas = n caps it at n CTAs, for tests).
 #pragma once
 
 #include <algorithm>
@@ -153,10 +154,10 @@ struct WsCursor {
     const int q = static_cast<int>(q_tiles);
     while (item < items) {
       if (!in_item) {
-        const int64_t bh = item / per;
+        const int64_t bh = item / per, i = bh / p.H;  // i: the walk's i-th sequence
         k0 = static_cast<int>(item - bh * per);
-        u.b = static_cast<int>(bh / p.H);
-        u.h = static_cast<int>(bh - int64_t(u.b) * p.H);
+        u.b = static_cast<int>(walked_seq(p, i));
+        u.h = static_cast<int>(bh - i * p.H);
         const SeqRange s = seq_range(p, u.b);
         u.q0 = static_cast<int>(s.q0), u.lq = static_cast<int>(s.lq);
         u.k0 = static_cast<int>(s.k0), u.lk = static_cast<int>(s.lk);
@@ -234,7 +235,9 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 
   if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    const int64_t items = fwd_ws_items_per_head(q_tiles, paired) * p.H * p.B;
+    // Only the listed sequences when the call lists them (Params::seq_list: a mixed serving
+    // call's long ones), so a CTA does not walk the items of the sequences the decode kernel takes.
+    const int64_t items = fwd_ws_items_per_head(q_tiles, paired) * p.H * walked_seqs(p);
     const bool loads_qk = tid == 0, loads_v = tid == 32;
     if (!loads_qk && !loads_v) return;
     tma::prefetch_map(loads_qk ? &map_q : &map_v);

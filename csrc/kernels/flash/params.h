@@ -31,7 +31,26 @@ struct Params {
   double scale = 1.0;    // softmax scale
   double softcap = 0.0;  // > 0: s = softcap * tanh(scale * q.k / softcap)
   int64_t window_left = -1, window_right = -1;  // < 0: unbounded; causal is folded into right
+  // The sequences a kernel must compute, or null for all B: ids seq_list[0 .. *seq_count), built
+  // on the device (the mixed serving call, csrc/cuda/flash.cu: the decode kernel computes the
+  // others after the forward, into the same rows). The sm90 forward walks only these; the other
+  // kernels compute every sequence, which is as correct (the rows left out are overwritten).
+  const int32_t* seq_list = nullptr;
+  const int32_t* seq_count = nullptr;
 };
+
+// How many sequences a walk visits, and the id of the i-th (both clamped: no value read from
+// seq_list / seq_count makes a kernel leave [0, B)).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t walked_seqs(const Params& p) {
+  if (p.seq_count == nullptr) return p.B;
+  const int64_t n = p.seq_count[0];
+  return n < 0 ? 0 : (n > p.B ? p.B : n);
+}
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t walked_seq(const Params& p, int64_t i) {
+  if (p.seq_list == nullptr) return i;
+  const int64_t b = p.seq_list[i];
+  return b < 0 ? 0 : (b >= p.B ? p.B - 1 : b);
+}
 
 struct SeqRange {
   int64_t q0, lq, k0, lk;  // first row and length of the sequence in q and in k

@@ -30,29 +30,47 @@ struct PageGatherParams {
   int64_t row_words;          // D in Words (a row of one kv head is contiguous)
   int64_t s_block, s_token, s_head;  // cache strides in Words
   void* out;                  // [B, M * block_size, Hkv, row_words] contiguous
+  // The sequences to gather, or null for all B: ids seq_list[0 .. *seq_count) (the mixed call's
+  // long ones, kernels/paged/mixed_split.cuh); the others' slots stay unwritten.
+  const int32_t* seq_list;
+  const int32_t* seq_count;
 };
 
-// grid: (M, B); block: kGatherThreads. Block (j, b) copies block j of sequence b when it holds a
-// used token, one Word per thread and step.
+// grid: (M, Y), Y <= B; block: kGatherThreads. Block (j, y) copies block j of the walk's
+// sequences y, y + Y, ... (all B, or the listed ones) where it holds a used token, one Word per
+// thread and step. Y is the launcher's: enough blocks to fill the GPU, without a grid row per
+// sequence when a list leaves most of them out.
 template <typename Word>
 __global__ void __launch_bounds__(kGatherThreads) gather_used_pages_kernel(const PageGatherParams p) {
-  const int64_t j = blockIdx.x, b = blockIdx.y;
-  int64_t L = p.used[b];
+  const int64_t j = blockIdx.x;
+  int64_t n_seqs = p.B;
+  if (p.seq_count != nullptr) {
+    n_seqs = p.seq_count[0];
+    n_seqs = n_seqs < 0 ? 0 : (n_seqs > p.B ? p.B : n_seqs);
+  }
   const int64_t cap = int64_t(p.M) * p.block_size;
-  L = L < 0 ? 0 : (L > cap ? cap : L);
-  if (j * p.block_size >= L) return;
-  int64_t id = p.table[b * p.table_stride + j];
-  id = id < 0 ? 0 : (id >= p.num_blocks ? p.num_blocks - 1 : id);
-  const Word* src = static_cast<const Word*>(p.cache) + id * p.s_block;
   // One block of the buffer is block_size * Hkv * row_words Words, within int32 (the launcher's
-  // check), so the index arithmetic is 32-bit.
+  // check), so the index arithmetic inside it is 32-bit.
   const int per_token = p.Hkv * int(p.row_words), row_words = int(p.row_words);
-  Word* dst = static_cast<Word*>(p.out) + (b * cap + j * p.block_size) * int64_t(per_token);
   const int n = p.block_size * per_token;
-  for (int i = threadIdx.x; i < n; i += kGatherThreads) {
-    const int t = i / per_token, r = i - t * per_token;
-    const int h = r / row_words, w = r - h * row_words;
-    dst[i] = src[t * p.s_token + h * p.s_head + w];
+  for (int64_t i = blockIdx.y; i < n_seqs; i += gridDim.y) {
+    int64_t b = i;
+    if (p.seq_list != nullptr) {
+      b = p.seq_list[i];
+      b = b < 0 ? 0 : (b >= p.B ? p.B - 1 : b);
+    }
+    int64_t L = p.used[b];
+    L = L < 0 ? 0 : (L > cap ? cap : L);
+    if (j * p.block_size >= L) continue;
+    int64_t id = p.table[b * p.table_stride + j];
+    id = id < 0 ? 0 : (id >= p.num_blocks ? p.num_blocks - 1 : id);
+    const Word* src = static_cast<const Word*>(p.cache) + id * p.s_block;
+    Word* dst = static_cast<Word*>(p.out) + (b * cap + j * p.block_size) * int64_t(per_token);
+    for (int e = threadIdx.x; e < n; e += kGatherThreads) {
+      const int t = e / per_token, r = e - t * per_token;
+      const int h = r / row_words, w = r - h * row_words;
+      dst[e] = src[t * p.s_token + h * p.s_head + w];
+    }
   }
 }
 
