@@ -299,6 +299,12 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
         torch.cuda.synchronize()
         for t in (out, dq, dk, dv):
             assert torch.isfinite(t).all()
+    # int64 offsets past int32 are clamped to the rows before the int32 cast (2^32 + 40 used to
+    # wrap to 40): the result of the offsets clamped by hand.
+    wide = torch.tensor([0, 40, (1 << 32) + 40], device="cuda", dtype=torch.int64)
+    clamped = torch.tensor([0, 40, 80], device="cuda", dtype=torch.int64)
+    want = attnkit.gdpa(q, k, v, clamped, clamped, 64, 64, "gelu", causal=True)
+    assert torch.equal(attnkit.gdpa(q, k, v, wide, wide, 64, 64, "gelu", causal=True), want)
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)

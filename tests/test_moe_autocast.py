@@ -3,15 +3,16 @@ grouped_gemm_swiglu take the region's dtype as at::mm does (csrc/autocast/moe.cp
 block with fp32 parameters runs on the bf16 activations of the Linear layers around it and its
 gradients reach the fp32 parameters; a kernel's own products are never cast by the region; outside
 autocast, the MoE block's tensors must share x's dtype (a clear error naming the one that does
-not). CPU only: the CUDA autocast rule is not registered yet (csrc/autocast/moe.cpp)."""
+not). CPU always, CUDA when a GPU is present."""
 import pytest
 import torch
 
 import attnkit
+from conftest import DEVICES
 from samples.moe import SWIGLU_WITH, gemm_inputs, swiglu_inputs
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["grouped_gemm", "grouped_gemm_swiglu"])
 @pytest.mark.parametrize("region", [torch.bfloat16, torch.float16], ids=str)
 def test_gemm_takes_the_region_dtype(device, op, region):
@@ -31,7 +32,7 @@ def test_gemm_takes_the_region_dtype(device, op, region):
     assert a.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_gemm_fp64_and_matching_inputs_unchanged(device):
     """fp64 inputs are not cast (as at::mm under autocast), nor are inputs already in the
     region's dtype."""
@@ -55,7 +56,7 @@ def test_swiglu_kernel_products_not_cast_cpu():
         assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
 def test_moe_block_fp32_params_under_autocast(device, grad):
     """Standard mixed-precision training: fp32 parameters, an autocast Linear in front; the block
@@ -78,7 +79,7 @@ def test_moe_block_fp32_params_under_autocast(device, grad):
         torch.testing.assert_close(y.float(), y_eval.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_moe_mixed_dtypes_outside_autocast_raise(device):
     """Outside autocast every tensor of the block must be in x's dtype; the error names the one
     that is not (gate_weight used to fail inside a matmul with torch's own message)."""

@@ -37,13 +37,16 @@ at::Tensor gemm_autocast(const at::Tensor& a, const at::Tensor& w, const at::Ten
 
 }  // namespace
 
-// CPU regions only for now: the CUDA rule (the same template at c10::DeviceType::CUDA) is
-// written and waits for its GPU run; until then a CUDA region leaves these ops to their inputs'
-// dtype, as before.
 TORCH_LIBRARY_IMPL(attnkit, AutocastCPU, m) {
   m.impl("grouped_gemm", &gemm_autocast<c10::DeviceType::CPU, &::attnkit::grouped_gemm>);
   m.impl("grouped_gemm_swiglu",
          &gemm_autocast<c10::DeviceType::CPU, &::attnkit::grouped_gemm_swiglu>);
+}
+
+TORCH_LIBRARY_IMPL(attnkit, AutocastCUDA, m) {
+  m.impl("grouped_gemm", &gemm_autocast<c10::DeviceType::CUDA, &::attnkit::grouped_gemm>);
+  m.impl("grouped_gemm_swiglu",
+         &gemm_autocast<c10::DeviceType::CUDA, &::attnkit::grouped_gemm_swiglu>);
 }
 
 }  // namespace moe

@@ -320,13 +320,17 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
     ATTNKIT_CHECK(cu_k->size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
                   cu_k->size(0));
-    plan.used = (cu_k->slice(0, 1) - cu_k->slice(0, 0, B)).to(at::kInt).contiguous();
+    // In int64, clamped before narrowing: a length past int32 must not wrap to a small one.
+    plan.used = (cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, B).to(at::kLong))
+                    .clamp(0, M * bs)
+                    .to(at::kInt)
+                    .contiguous();
   } else {
     plan.used = at::full({B}, M * bs, q.options().dtype(at::kInt));
   }
   plan.table = read_table.size(1) <= 1 || read_table.stride(1) == 1 ? read_table
                                                                     : read_table.contiguous();
-  plan.qo = cu_q->to(at::kInt).contiguous();
+  plan.qo = (cu_q->scalar_type() == at::kInt ? *cu_q : cu_q->clamp(0, T).to(at::kInt)).contiguous();
   if (!plan.whole) {  // (row, head) columns of the decode kernel's products: at most 16
     plan.short_rows = 16 / G;
     // The caller's max_seqlen_q (which also sizes the forward's grid) says every sequence is

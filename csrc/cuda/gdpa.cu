@@ -241,8 +241,12 @@ cudaError_t with_head_dim(int64_t D, F&& f) {
 }
 
 // Offsets as int32 on the device: a no-sync cast. Rows fit in int32 (T·H·D elements would not
-// fit in memory otherwise); the kernels clamp every value into [0, T].
-at::Tensor offsets_i32(const at::Tensor& off) { return off.to(at::kInt).contiguous(); }
+// fit in memory otherwise); int64 values are clamped into [0, rows] first, so one past int32
+// cannot wrap to a small valid offset (the kernels clamp the int32 values into [0, T] again).
+at::Tensor offsets_i32(const at::Tensor& off, int64_t rows) {
+  const at::Tensor o = off.scalar_type() == at::kInt ? off : off.clamp(0, rows).to(at::kInt);
+  return o.contiguous();
+}
 
 void check_sizes_fit(const at::Tensor& q, const at::Tensor& k, int64_t B) {
   ATTNKIT_CHECK(q.size(0) < INT32_MAX && k.size(0) < INT32_MAX, "q: at most 2^31-1 rows supported, got ",
@@ -291,11 +295,11 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   auto out = zero_keyless ? at::empty(q_in.sizes(), q_in.options())
                           : at::zeros(q_in.sizes(), q_in.options());
   auto o = q.size(2) == D ? out : at::zeros(q.sizes(), q.options());
-  const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
+  const auto qo = offsets_i32(q_offsets, q.size(0)), ko = offsets_i32(kv_offsets, k.size(0));
   FwdParams p{};
   fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
-  const int64_t mk = max_seq_len_kv.expect_int();
+  const int64_t mk = std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Facts -> choice -> one switch. The tensor maps are encoded (driver calls) only when the
@@ -462,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   auto dq_k = !padded ? dq : fused_dq ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   auto dk_k = padded ? at::zeros(k.sizes(), k.options()) : dk;
   auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
-  const auto qo = offsets_i32(q_offsets), ko = offsets_i32(kv_offsets);
+  const auto qo = offsets_i32(q_offsets, q.size(0)), ko = offsets_i32(kv_offsets, k.size(0));
   BwdParams p{};
   fill_fwd(p, q, k, v, dq_k, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   p.dout = dout.data_ptr();

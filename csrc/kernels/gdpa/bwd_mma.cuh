@@ -206,7 +206,7 @@ cudaError_t launch_gdpa_bwd_dq_mma(const BwdParams& p, int max_seq_len_q, cudaSt
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Dq::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = cta_grid((max_seq_len_q + Dq::kBlockM - 1) / Dq::kBlockM, p.H, p.B);
+  const unsigned grid = cta_grid((int64_t(max_seq_len_q) + Dq::kBlockM - 1) / Dq::kBlockM, p.H, p.B);
   kernel<<<grid, Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -219,7 +219,7 @@ cudaError_t launch_gdpa_bwd_dkdv_mma(const BwdParams& p, int max_seq_len_kv, cud
                                                Dkv::kSmemBytes);
   if (err != cudaSuccess) return err;
   const unsigned grid =
-      cta_grid((max_seq_len_kv + Dkv::kBlockN - 1) / Dkv::kBlockN, p.Hkv * (D / Dkv::kSliceD), p.B);
+      cta_grid((int64_t(max_seq_len_kv) + Dkv::kBlockN - 1) / Dkv::kBlockN, p.Hkv * (D / Dkv::kSliceD), p.B);
   kernel<<<grid, Dkv::kThreads, Dkv::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

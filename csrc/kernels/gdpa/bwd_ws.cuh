@@ -374,7 +374,7 @@ cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, i
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = cta_grid((max_seq_len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
+  const unsigned grid = cta_grid((int64_t(max_seq_len_kv) + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v, maps.dout,
                                                          maps.dq_accum);
   return cudaGetLastError();

@@ -107,7 +107,7 @@ cudaError_t launch_gdpa_fwd_mma(const FwdParams& p, int max_seq_len_q, cudaStrea
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = cta_grid((max_seq_len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
+  const unsigned grid = cta_grid((int64_t(max_seq_len_q) + Tr::kBlockM - 1) / Tr::kBlockM, p.H, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

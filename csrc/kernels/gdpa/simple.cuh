@@ -193,8 +193,9 @@ __global__ void __launch_bounds__(kSimpleThreads) gdpa_simple_dkdv_kernel(const 
   }
 }
 
-inline int simple_tiles(int max_seq_len) {
-  return max(1, min(65535, (max_seq_len + kSimpleRows - 1) / kSimpleRows));
+inline int simple_tiles(int max_seq_len) {  // in int64: a hint near INT32_MAX must not wrap
+  const int64_t tiles = (int64_t(max_seq_len) + kSimpleRows - 1) / kSimpleRows;
+  return static_cast<int>(tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles));
 }
 
 template <typename T>
