@@ -196,7 +196,7 @@ def test_cuda_forward_warp_specialised_garbage_offsets():
     """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
     bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""
     q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=128)
-    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, (1 << 31) - 1], [0, 80, 80]):
         o = torch.tensor(off, device="cuda", dtype=torch.int64)
         out = FWD_WITH(q, k, v, o, o, 64, 64, "gelu", causal=True, kernel="sm90_ws")
         torch.cuda.synchronize()
@@ -291,7 +291,7 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
     tensors, so garbage gives some finite result and never an out-of-bounds access
     (compute-sanitizer runs this test). D = 128 takes the wgmma kernels on Hopper."""
     q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=D)
-    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1]):
+    for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, (1 << 31) - 1]):
         o = torch.tensor(off, device="cuda", dtype=torch.int64)
         out = attnkit.gdpa(q, k, v, o, o, 64, 64, "gelu", causal=True)
         dq, dk, dv = torch.ops.attnkit.gdpa_bwd(torch.randn_like(out), q, k, v, o, o, 64, 64,
@@ -402,7 +402,7 @@ def test_cuda_backward_warp_specialised_garbage_offsets():
     (compute-sanitizer runs this test)."""
     q, k, v, *_ = jagged_inputs("cuda", torch.bfloat16, [40, 40], D=128)
     for det in (False, True):
-        for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, 1 << 31 - 1], [0, 80, 80]):
+        for off in ([0, 1 << 30, -7], [5, 2, 80], [-100, -50, (1 << 31) - 1], [0, 80, 80]):
             o = torch.tensor(off, device="cuda", dtype=torch.int64)
             grads = BWD_WITH(torch.randn_like(q), q, k, v, o, o, 64, 64, "gelu", 1.0,
                              causal=True, kernel="sm90_ws", deterministic=det)

@@ -535,6 +535,32 @@ def test_mixed_many_sequences_cuda(gqa):
     assert_lse_close(lse, gl)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["no_long", "one_long", "wide_table"])
+def test_mixed_split_edges_cuda(case):
+    """The device split's edges: a mixed call whose max_seqlen_q hint exceeds 16 / G but whose
+    sequences are all short (an empty list: the forward walks nothing), a single long sequence,
+    and a block table far wider than the used pages with no max_seqlen_k (the gather's pairs
+    mostly empty): the reference and the gather path."""
+    lens = {"no_long": ([1, 2, 0, 2], [40, 3, 9, 77]), "one_long": ([30], [50]),
+            "wide_table": ([1, 37, 0, 4, 1, 19], [70, 101, 33, 64, 1, 19])}[case]
+    b = paged_batch(*lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
+    if case == "no_long":
+        b.max_seqlen_q = 40
+    if case == "wide_table":
+        pad = torch.full((b.block_table.shape[0], 200), -1, dtype=torch.int32, device="cuda")
+        b.block_table = torch.cat([b.block_table, pad], 1)
+        b.max_seqlen_k = None
+    poison_allocator("cuda")
+    out, lse = _call_with(b, None)
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+    go, gl = _call_with(b, "none")
+    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
+    assert_lse_close(lse, gl)
+
+
 @pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("window", [-1, 5])
@@ -683,6 +709,40 @@ def test_cuda_graph_mixed_step(mix):
         for name in ("q", "k_cache", "v_cache", "seqused_k"):
             getattr(b, name).copy_(getattr(n, name))
         b.block_table.copy_(n.block_table)
+        graph.replay()
+        torch.cuda.synchronize()
+        eo, _ = _ref(n, causal=True)
+        assert_close(static_out.float(), eo, torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_mixed_step_new_split():
+    """One captured mixed step replayed with its long and short sequences trading places: the
+    device lists the long ones at every replay (mixed_split.cuh), so the forward's walk, the
+    gather and the decode kernel follow the new lengths."""
+    q_lens, k_lens = MIXES["mixed"]
+    b = paged_batch(q_lens, k_lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
+    static_out = torch.empty_like(b.q)
+
+    def step():
+        attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None,
+                                       b.max_seqlen_q, b.max_seqlen_k, causal=True,
+                                       block_table=b.block_table, seqused_k=b.seqused_k,
+                                       out=static_out)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for perm in ([1, 0, 2, 5, 4, 3], [5, 3, 1, 0, 2, 4]):
+        n = paged_batch([q_lens[i] for i in perm], [k_lens[i] for i in perm], 8, 2, 128, 16,
+                        torch.bfloat16, "cuda")
+        for name in ("q", "k_cache", "v_cache", "seqused_k", "cu_seqlens_q", "block_table"):
+            getattr(b, name).copy_(getattr(n, name))
         graph.replay()
         torch.cuda.synchronize()
         eo, _ = _ref(n, causal=True)

@@ -246,9 +246,11 @@ const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, co
 // steps: one grid row per query token, each CTA finding its token's sequence, so uneven offsets
 // stay exact), else its short sequences, those of 1 .. short_rows = 16 / G query rows (decode and
 // speculative rows beside chunked or prefix-cached prefill in a mixed batch), which the host
-// cannot count without a sync: the flash forward then runs on the gathered pages with key length
-// 0 for every short sequence (none of their pages is gathered; their rows cost an empty tile and
-// are written 0), and the decode kernel, after it in the stream, computes exactly those sequences
+// cannot count without a sync: a one-block kernel lists the long ones on the device
+// (kernels/paged/mixed_split.cuh), the gather copies their pages only, the flash forward computes
+// them (the sm90 forward walks the list; the others run every sequence, the short ones with key
+// length 0, writing their rows 0), and the decode kernel, after it in the stream, computes exactly
+// the short sequences
 // (DecodeParams::short_seq_rows: one CTA per sequence and kv head reads its pages once for all its
 // rows) into the same out / lse.
 struct NhdDecodePlan {
@@ -338,9 +340,12 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     plan.all_short = max_seqlen_q.has_value() &&
                      max_seqlen_q->guard_int(__FILE__, __LINE__) <= plan.short_rows;
     if (plan.all_short) return plan;
-    const auto qlen = plan.qo.slice(0, 1) - plan.qo.slice(0, 0, B);
-    const auto short_seq = at::logical_and(qlen >= 1, qlen <= plan.short_rows);
-    plan.fwd_used = at::where(short_seq, at::zeros_like(plan.used), plan.used);
+    // The long sequences' key lengths, 0 for the others, with the query lengths clamped as the
+    // kernels clamp them (mixed_split.cuh), so the forwards that compute every sequence read no
+    // key of a sequence whose pages the gather leaves out.
+    const auto qc = plan.qo.clamp(0, T);
+    const auto qlen = (qc.slice(0, 1) - qc.slice(0, 0, B)).clamp_min(0);
+    plan.fwd_used = at::where(qlen > plan.short_rows, plan.used, at::zeros_like(plan.used));
     plan.long_seqs = list_long_seqs(plan.qo, B, T, plan.short_rows);
   }
   return plan;
@@ -384,12 +389,12 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
 
 // The pages each sequence uses, gathered by gather_used_pages_kernel (resolve_kv's UsedPageGather
 // on CUDA); undefined where it does not apply (a dim not contiguous, a block beyond int32 Words,
-// more sequences than a grid's y dimension).
+// more sequences or columns than int32).
 at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& table_in,
                                   const at::Tensor& used, int64_t B, const SeqSubset& subset) {
   const int64_t nb = cache.size(0), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
   const int64_t M = table_in.size(1), es = cache.element_size();
-  if (cache.stride(3) != 1 || B < 1 || B > 65535 || M < 1 || M > INT32_MAX || nb > INT32_MAX ||
+  if (cache.stride(3) != 1 || B < 1 || B > INT32_MAX || M < 1 || M > INT32_MAX || nb > INT32_MAX ||
       bs * Hkv * D >= (int64_t(1) << 31) || used.scalar_type() != at::kInt || !used.is_contiguous()) {
     return at::Tensor();
   }
@@ -415,14 +420,10 @@ at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& tab
   p.seq_list = listed ? subset.list.const_data_ptr<int32_t>() : nullptr;
   p.seq_count = listed ? subset.count.const_data_ptr<int32_t>() : nullptr;
   const c10::cuda::CUDAGuard guard(cache.device());
-  // A grid row per sequence, or with a list (most sequences left out, their count unknown here)
-  // enough rows for about 32 blocks per SM, each row walking every Y-th listed sequence.
-  int64_t rows = B;
-  if (listed) {
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    rows = std::min<int64_t>(B, std::max<int64_t>(1, (32 * sms + M - 1) / M));
-  }
-  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(rows));
+  // About 32 blocks per SM striding over the (sequence, column) pairs (page_gather.cuh): as many
+  // copies in flight as a block per pair gave, without launching a block per empty pair.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min(B * M, 32 * sms))));
   auto stream = at::cuda::getCurrentCUDAStream();
   if (vec) {
     paged::gather_used_pages_kernel<uint4><<<grid, paged::kGatherThreads, 0, stream>>>(p);
@@ -574,7 +575,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
-  // A mixed call's short sequences: the decode kernel overwrites their (empty-key) rows.
+  // A mixed call's short sequences: the decode kernel writes their rows (over the forward's zeros
+  // where a forward that computes every sequence wrote them).
   if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen, cq);
   return {out, lse};

@@ -204,9 +204,9 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // The mixed call's decode half computes short sequences only (short_seq_min .. short_seq_rows
   // rows; the flash forward, before it in the stream, wrote the long ones' rows, and the other
   // decode launch those of the other short ones; the combine skips them too). It is launched with
-  // PDL after the kernel before it, whose tail it may share: it writes (its out / lse rows, which
-  // the forward also wrote, with zeros) only after pdl_wait(), and every CTA waits, so the grid
-  // never completes before the forward does.
+  // PDL after the kernel before it, whose tail it may share: it writes its out / lse rows (which
+  // a forward that computes every sequence also wrote, with zeros) only after pdl_wait(), and
+  // every CTA waits, so the grid never completes before the forward does.
   const bool short_seqs = p.short_seq_rows > 0;
   if (short_seqs && !decode_takes_rows(p, sq.qlen)) {
     pdl_wait();
@@ -609,7 +609,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   }
   __syncthreads();
 
-  if (short_seqs) pdl_wait();  // the forward has written its zeros to these rows
+  if (short_seqs) pdl_wait();  // a forward that runs every sequence wrote zeros to these rows
   T* out = static_cast<T*>(p.out);
   // The columns stored: the G heads of the token, or kRows the (row, head) pairs of the sequence.
   const int ncols = kRows ? int(nrows) * G : G;

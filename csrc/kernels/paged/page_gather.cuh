@@ -36,24 +36,26 @@ struct PageGatherParams {
   const int32_t* seq_count;
 };
 
-// grid: (M, Y), Y <= B; block: kGatherThreads. Block (j, y) copies block j of the walk's
-// sequences y, y + Y, ... (all B, or the listed ones) where it holds a used token, one Word per
-// thread and step. Y is the launcher's: enough blocks to fill the GPU, without a grid row per
-// sequence when a list leaves most of them out.
+// grid: 1-D, any size (the launcher's: about 32 blocks per SM); block: kGatherThreads. The blocks
+// stride over the (sequence of the walk, table column) pairs, columns fastest: pair w is column
+// w % M of the walk's sequence w / M (all B in order, or the listed ones), copied where the
+// column holds a used token, one Word per thread and step. A pair with nothing to copy costs a
+// loop step, not a block: a listed walk leaves most sequences out, and a table may be far wider
+// than the used pages (max_seqlen_k not given).
 template <typename Word>
 __global__ void __launch_bounds__(kGatherThreads) gather_used_pages_kernel(const PageGatherParams p) {
-  const int64_t j = blockIdx.x;
   int64_t n_seqs = p.B;
   if (p.seq_count != nullptr) {
     n_seqs = p.seq_count[0];
     n_seqs = n_seqs < 0 ? 0 : (n_seqs > p.B ? p.B : n_seqs);
   }
-  const int64_t cap = int64_t(p.M) * p.block_size;
+  const int64_t cap = int64_t(p.M) * p.block_size, pairs = n_seqs * p.M;
   // One block of the buffer is block_size * Hkv * row_words Words, within int32 (the launcher's
   // check), so the index arithmetic inside it is 32-bit.
   const int per_token = p.Hkv * int(p.row_words), row_words = int(p.row_words);
   const int n = p.block_size * per_token;
-  for (int64_t i = blockIdx.y; i < n_seqs; i += gridDim.y) {
+  for (int64_t w = blockIdx.x; w < pairs; w += gridDim.x) {
+    const int64_t i = w / p.M, j = w - i * p.M;
     int64_t b = i;
     if (p.seq_list != nullptr) {
       b = p.seq_list[i];
@@ -68,8 +70,8 @@ __global__ void __launch_bounds__(kGatherThreads) gather_used_pages_kernel(const
     Word* dst = static_cast<Word*>(p.out) + (b * cap + j * p.block_size) * int64_t(per_token);
     for (int e = threadIdx.x; e < n; e += kGatherThreads) {
       const int t = e / per_token, r = e - t * per_token;
-      const int h = r / row_words, w = r - h * row_words;
-      dst[e] = src[t * p.s_token + h * p.s_head + w];
+      const int h = r / row_words, w2 = r - h * row_words;
+      dst[e] = src[t * p.s_token + h * p.s_head + w2];
     }
   }
 }
