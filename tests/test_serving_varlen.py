@@ -680,6 +680,27 @@ def test_compile_decode_module(device):
     assert torch.equal(eager, compiled)
 
 
+def _step_into(b, out):
+    """One serving step of batch b (the paged varlen call, causal) into out."""
+    attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None,
+                                   b.max_seqlen_q, b.max_seqlen_k, causal=True,
+                                   block_table=b.block_table, seqused_k=b.seqused_k, out=out)
+
+
+def _captured(fn):
+    """fn run once on a side stream (allocations and lazy setup out of the capture), then
+    captured in a CUDA graph, which is returned."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mix", ["mixed", "decode"])
 def test_cuda_graph_mixed_step(mix):
@@ -687,21 +708,7 @@ def test_cuda_graph_mixed_step(mix):
     queries, caches, lengths and tables (no host sync inside the call)."""
     b = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
     static_out = torch.empty_like(b.q)
-
-    def step():
-        attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None,
-                                       b.max_seqlen_q, b.max_seqlen_k, causal=True,
-                                       block_table=b.block_table, seqused_k=b.seqused_k,
-                                       out=static_out)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _captured(lambda: _step_into(b, static_out))
     for _ in range(2):
         n = paged_batch(*MIXES[mix], 8, 2, 128, 16, torch.bfloat16, "cuda")
         n.seqused_k = torch.clamp(n.seqused_k - torch.randint(0, 3, n.seqused_k.shape, device="cuda",
@@ -723,21 +730,7 @@ def test_cuda_graph_mixed_step_new_split():
     q_lens, k_lens = MIXES["mixed"]
     b = paged_batch(q_lens, k_lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
     static_out = torch.empty_like(b.q)
-
-    def step():
-        attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, None,
-                                       b.max_seqlen_q, b.max_seqlen_k, causal=True,
-                                       block_table=b.block_table, seqused_k=b.seqused_k,
-                                       out=static_out)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _captured(lambda: _step_into(b, static_out))
     for perm in ([1, 0, 2, 5, 4, 3], [5, 3, 1, 0, 2, 4]):
         n = paged_batch([q_lens[i] for i in perm], [k_lens[i] for i in perm], 8, 2, 128, 16,
                         torch.bfloat16, "cuda")
