@@ -416,6 +416,22 @@ def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None):
     return FWD_WITH(*args, **kw, decode_kernel=decode_kernel)
 
 
+def _check_against_gather_path(b, decode_kernel, window=(-1, -1), poison=True):
+    """The serving call on batch b (causal, window sides `window`) through the decode path with
+    decode_kernel (None: auto, the public op) against the reference and against the gather path
+    (decode_kernel "none"), on a poisoned allocator unless told otherwise; returns (out, lse)."""
+    if poison:
+        poison_allocator("cuda")
+    out, lse = _call_with(b, decode_kernel, *window)
+    eo, el = _ref(b, causal=True, window_left=window[0], window_right=window[1])
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+    go, gl = _call_with(b, "none", *window)
+    assert_close(out.float(), go.float(), torch.bfloat16, "decode path vs gather path")
+    assert_lse_close(lse, gl)
+    return out, lse
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("D", [64, 128])
@@ -473,13 +489,7 @@ def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
     (decode_kernel "none"); auto (the public op) takes the decode path, bitwise, on this
     device's best decode kernel."""
     b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
-    out, lse = _call_with(b, decode_kernel)
-    eo, el = _ref(b, causal=True)
-    assert_close(out.float(), eo, torch.bfloat16)
-    assert_lse_close(lse, el)
-    go, gl = _call_with(b, "none")
-    assert_close(out.float(), go.float(), torch.bfloat16, "decode path vs gather path")
-    assert_lse_close(lse, gl)
+    out, lse = _check_against_gather_path(b, decode_kernel, poison=False)
     best = "sm90" if HOPPER else "sm80"
     if decode_kernel == best:
         ao, al = _call_with(b, None)
@@ -499,14 +509,7 @@ def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
     long (prefill) or all short (spec at G = 1, short_k with fewer keys than queries)
     included."""
     b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
-    poison_allocator("cuda")
-    out, lse = _call_with(b, decode_kernel, window, 0)
-    eo, el = _ref(b, causal=True, window_left=window, window_right=0)
-    assert_close(out.float(), eo, torch.bfloat16)
-    assert_lse_close(lse, el)
-    go, gl = _call_with(b, "none", window, 0)
-    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
-    assert_lse_close(lse, gl)
+    _check_against_gather_path(b, decode_kernel, (window, 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -525,14 +528,7 @@ def test_mixed_many_sequences_cuda(gqa):
     q_lens = [draw(17, 60) if b in long_at else draw(0, 3) for b in range(600)]
     k_lens = [q + draw(0, 200) for q in q_lens]
     b = paged_batch(q_lens, k_lens, 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
-    poison_allocator("cuda")
-    out, lse = _call_with(b, None)
-    eo, el = _ref(b, causal=True)
-    assert_close(out.float(), eo, torch.bfloat16)
-    assert_lse_close(lse, el)
-    go, gl = _call_with(b, "none")
-    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
-    assert_lse_close(lse, gl)
+    _check_against_gather_path(b, None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -551,14 +547,7 @@ def test_mixed_split_edges_cuda(case):
         pad = torch.full((b.block_table.shape[0], 200), -1, dtype=torch.int32, device="cuda")
         b.block_table = torch.cat([b.block_table, pad], 1)
         b.max_seqlen_k = None
-    poison_allocator("cuda")
-    out, lse = _call_with(b, None)
-    eo, el = _ref(b, causal=True)
-    assert_close(out.float(), eo, torch.bfloat16)
-    assert_lse_close(lse, el)
-    go, gl = _call_with(b, "none")
-    assert_close(out.float(), go.float(), torch.bfloat16, "mixed path vs gather path")
-    assert_lse_close(lse, gl)
+    _check_against_gather_path(b, None)
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
