@@ -550,6 +550,21 @@ def test_mixed_split_edges_cuda(case):
     _check_against_gather_path(b, None)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [16, 48])
+@pytest.mark.parametrize("mix", ["mixed", "prefill", "spec", "decode"])
+def test_paged_nan_in_unused_slots(device, block_size, mix):
+    """A serving cache's slots past each sequence's length (in its last page) and its free pages
+    may hold anything, NaN included; every path that reads or copies a page whole (the gather,
+    the decode kernel) must mask what lies past seqused_k."""
+    b = paged_batch(*MIXES[mix], 8, 2, 64, block_size, torch.bfloat16, device, nan_unused=True)
+    out, lse = _call(b, causal=True)
+    assert torch.isfinite(out).all()
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+
+
 @pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("window", [-1, 5])

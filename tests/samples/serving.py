@@ -21,10 +21,14 @@ class PagedBatch:
 
 
 def paged_batch(q_lens: List[int], k_lens: List[int], H: int, Hkv: int, D: int, block_size: int,
-                dtype: torch.dtype, device, fp8: bool = False, spare_blocks: int = 3) -> PagedBatch:
+                dtype: torch.dtype, device, fp8: bool = False, spare_blocks: int = 3,
+                nan_unused: bool = False) -> PagedBatch:
     """Sequence b has q_lens[b] new queries and k_lens[b] keys (its own tokens included). Blocks
     are handed out in a random order from a pool with spare blocks; table entries past a
-    sequence's used blocks hold out-of-range ids (-1 and num_blocks + 7) that must never be read."""
+    sequence's used blocks hold out-of-range ids (-1 and num_blocks + 7) that must never be read.
+    nan_unused: the cache slots no sequence uses (past each one's length in its last block, and
+    the spare blocks) hold NaN, as a serving cache may: a kernel that reads a page whole must
+    mask them."""
     B = len(q_lens)
     need = [(L + block_size - 1) // block_size for L in k_lens]
     max_blocks = max(need + [1]) + 1
@@ -42,6 +46,17 @@ def paged_batch(q_lens: List[int], k_lens: List[int], H: int, Hkv: int, D: int, 
     cache_dtype = torch.float8_e4m3fn if fp8 else dtype
     k_cache = (torch.randn(nb, block_size, Hkv, D, device=device) * (2.0 if fp8 else 1.0)).to(cache_dtype)
     v_cache = (torch.randn(nb, block_size, Hkv, D, device=device) * (2.0 if fp8 else 1.0)).to(cache_dtype)
+    if nan_unused:
+        used_blocks = set()
+        for b, L in enumerate(k_lens):
+            used_blocks.update(int(x) for x in table[b, :need[b]])
+            if L % block_size:
+                last = int(table[b, L // block_size])
+                k_cache[last, L % block_size:] = float("nan")
+                v_cache[last, L % block_size:] = float("nan")
+        for blk in sorted(set(range(nb)) - used_blocks):
+            k_cache[blk] = float("nan")
+            v_cache[blk] = float("nan")
     T = sum(q_lens)
     q = torch.randn(T, H, D, device=device, dtype=dtype)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
