@@ -9,6 +9,9 @@
 #
 # BEFORE_TAR (default _before.tar.gz), BEFORE_DIR (default /tmp/attnkit_before), OUT (logs and
 # JSON under $OUT/quick/ as gpu_quick's), ROUNDS (default 2).
+# BENCH=serving times benchmarks/bench_serving.py instead (each tree its own script and build,
+# alternately, ROUNDS each) and prints every row's paged µs side by side (gpu_quick's
+# serving_before_after step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BEFORE_TAR=${BEFORE_TAR:-_before.tar.gz}
@@ -27,6 +30,35 @@ fi
 for _ in $(seq 1 300); do [ -f "$BEFORE_DIR/.built" ] && break; sleep 1; done
 if ! grep -q "rc=0" "$BEFORE_DIR/.built" 2>/dev/null; then
   echo "the before build failed or did not finish:"; tail -n 20 "$L/before_build.log"; exit 1
+fi
+if [ "${BENCH:-}" = serving ]; then
+  S="benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50}"
+  csvs=()
+  for r in $(seq 1 "${ROUNDS:-2}"); do
+    (cd "$BEFORE_DIR" && PYTHONPATH="$BEFORE_DIR/python" $PY $S --csv "$L/serving_before_$r.csv") \
+      > "$L/serving_before_$r.log" 2>&1 || { tail -n 20 "$L/serving_before_$r.log"; exit 1; }
+    PYTHONPATH="$PWD/python" $PY $S --csv "$L/serving_after_$r.csv" \
+      > "$L/serving_after_$r.log" 2>&1 || { tail -n 20 "$L/serving_after_$r.log"; exit 1; }
+    csvs+=("$L/serving_before_$r.csv" "$L/serving_after_$r.csv")
+  done
+  # One line per (section, case): paged µs of each run in order, then after / before of the means.
+  $PY - "${csvs[@]}" <<'PYEOF'
+import csv, sys
+runs = {}
+for path in sys.argv[1:]:
+    tag = "before" if "serving_before" in path else "after"
+    for row in csv.DictReader(open(path)):
+        if row.get("section") in (None, "section") or not row.get("paged_us"):
+            continue
+        runs.setdefault((row["section"], row["case"]), []).append((tag, float(row["paged_us"])))
+print(f"{'section':<8} {'case':<26} paged us (before, after per round)   after/before")
+for (sec, case), vals in runs.items():
+    b = [v for t, v in vals if t == "before"]
+    a = [v for t, v in vals if t == "after"]
+    ratio = (sum(a) / len(a)) / (sum(b) / len(b)) if a and b else float("nan")
+    print(f"{sec:<8} {case:<26} {' '.join(f'{t[0]}{v:.1f}' for t, v in vals):<40} {ratio:.3f}")
+PYEOF
+  exit 0
 fi
 B="$PY benchmarks/bench_before_after.py"
 files=()

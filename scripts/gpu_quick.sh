@@ -49,7 +49,8 @@
 # drop-in shims' CUDA tests;
 # paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
-# scripts/before_after.sh (issue #16's before / after run); serving_ncu: ncu sections of the NHD
+# scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
+# BENCH=serving mode (bench_serving, each tree's own script and build); serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone.
 set -uo pipefail
@@ -354,6 +355,9 @@ for s in $QUICK; do
     before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
       # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
       step before_after 300 bash scripts/before_after.sh ;;
+    serving_before_after)  # the same older tree's bench_serving against this one's, alternately
+      # (BENCH=serving scripts/before_after.sh; ~40 s a round after the background build)
+      step serving_before_after 200 env BENCH=serving bash scripts/before_after.sh ;;
     paged_choose_sanitize)  # memcheck on the paged family's kernel choice (every kernel pinned
       # through the private ops and the environment override), bad block ids and forced splits
       step paged_choose_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
