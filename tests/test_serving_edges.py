@@ -352,6 +352,9 @@ def test_pa_fwd_max_qlen_past_int32(device):
     want = attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), 3, qo_indptr=qo)
     for mq in (2**31, 2**32 + 1):
         assert torch.equal(attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), mq, qo_indptr=qo), want)
+    with pytest.raises(RuntimeError, match="out: expected no partial overlap with V"):
+        attnkit.pa_fwd(Q, K, V, bt, lens, bt.stride(0), 3, qo_indptr=qo,
+                       out_=V.view(-1)[:Q.numel()].view_as(Q))  # an out inside the value cache
 
 
 # ---- outputs that overlap themselves or an input -----------------------------------------------
@@ -374,6 +377,9 @@ def test_outputs_overlapping_raise(device):
     buf = torch.cat([query, torch.zeros(1, Hq, D, device=device)])
     with pytest.raises(RuntimeError, match="out: expected no partial overlap with query"):
         attnkit.paged_attention_v1(buf[1:], buf[:-1], *args)
+    inside = kc.view(-1)[:query.numel()].view_as(query)  # an out inside the key cache
+    with pytest.raises(RuntimeError, match="out: expected no partial overlap with key_cache"):
+        attnkit.paged_attention_v1(inside, query, *args)
     want = torch.empty_like(query)
     attnkit.paged_attention_v1(want, query, *args)
     same = query.clone()
@@ -400,6 +406,10 @@ def test_outputs_overlapping_raise(device):
         with pytest.raises(RuntimeError, match=f"{name}: expected a tensor whose elements"):
             attnkit.reshape_and_cache_flash(key, key, kc_, vc_,
                                             torch.tensor([0, 16, 33], device=device))
+    kc2, vc2 = torch.zeros(nb, bs, Hkv, D, device=device), torch.zeros(nb, bs, Hkv, D, device=device)
+    with pytest.raises(RuntimeError, match="key_cache: expected no partial overlap with key"):
+        attnkit.reshape_and_cache_flash(kc2.view(-1)[:key.numel()].view_as(key), key, kc2, vc2,
+                                        torch.tensor([0, 16, 33], device=device))
     one = torch.zeros(nb, bs, Hkv, D, device=device)
     with pytest.raises(RuntimeError, match="value_cache: expected a tensor of its own"):
         attnkit.reshape_and_cache_flash(key, key, one, one,

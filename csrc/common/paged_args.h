@@ -517,7 +517,9 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
                                    const c10::optional<at::Tensor>& alibi, const at::Tensor& k_scale,
                                    const at::Tensor& v_scale, double scale, double softcap,
                                    int64_t window) {
-  check_written_alone(out, "out", {{&query, "query"}});
+  // (an out inside a cache would overwrite keys or values other CTAs still read)
+  check_written_alone(out, "out", {{&query, "query"}, {&key_cache, "key_cache"},
+                                   {&value_cache, "value_cache"}});
   DecodeParams p{};
   fill_q_out(p, query, out);
   p.k_cache = key_cache.data_ptr();
@@ -593,7 +595,7 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
                                        const c10::optional<at::Tensor>& K_QScale,
                                        const c10::optional<at::Tensor>& V_QScale,
                                        int64_t max_qlen) {
-  check_written_alone(out, "out", {{&Q, "Q"}});
+  check_written_alone(out, "out", {{&Q, "Q"}, {&K, "K"}, {&V, "V"}});
   DecodeParams p{};
   fill_q_out(p, Q, out);
   p.k_cache = K.data_ptr();
@@ -631,8 +633,10 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
                                                 const at::Tensor& value_cache,
                                                 const at::Tensor& slots,
                                                 const CacheWriteConfig& c) {
-  check_written_alone(key_cache, "key_cache", {{&value_cache, "value_cache"}});
-  check_written_alone(value_cache, "value_cache", {});
+  // (a cache overlapping the key or value rows it copies would overwrite them while they are read)
+  check_written_alone(key_cache, "key_cache",
+                      {{&value_cache, "value_cache"}, {&key, "key"}, {&value, "value"}});
+  check_written_alone(value_cache, "value_cache", {{&key, "key"}, {&value, "value"}});
   // One tensor for both caches: every value would overwrite its key.
   ATTNKIT_CHECK(at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
                 "value_cache: expected a tensor of its own, got the same memory as key_cache");
