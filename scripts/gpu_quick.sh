@@ -36,7 +36,8 @@
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
 # moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
-# serving_bench: benchmarks/bench_serving.py; swiglu: grouped_gemm_swiglu's tests, memcheck on
+# serving_bench: benchmarks/bench_serving.py (serving_bench_g8: its mixed and speculative rows at
+# heads 64 / 8); swiglu: grouped_gemm_swiglu's tests, memcheck on
 # them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I); swiglu_v2: the same
 # tests, memcheck, and the interleaved bench of all three shapes (<300 s);
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
@@ -337,6 +338,11 @@ for s in $QUICK; do
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
+    serving_bench_g8)  # bench_serving's mixed and speculative rows at heads 64 / 8 (Llama-70B's
+      # G = 8: 16 / G = 2 rows fit the decode kernel, so 4- and 8-token speculative rows go to the
+      # forward, which reads K / V once per query head)
+      step bench_serving_g8 90 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} \
+        --warmup ${WARMUP:-50} --heads 64/8 --sections mixed,spec --csv "$L/bench_serving_g8.csv" ;;
     moe_bench)
       # MOE_BENCH_ARGS adds options, e.g. --ops route,permute,unpermute,gemm,block,swiglu,ep: every
       # #20 row in one run.
