@@ -249,11 +249,11 @@ for s in $QUICK; do
       step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80))" ;;
     serving_sanitize_only)  # serving_tests' memcheck half alone (after full_tests ran the suite)
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged)" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80))" ;;
     gdpa_ncu)  # the GDPA forward at max length 256, dense then jagged (profile_gdpa.py --sparsity)
       for sp in 1.0 0.5; do
         step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:gdpa_fwd --launch-count 1 --section SpeedOfLight \
@@ -339,8 +339,8 @@ for s in $QUICK; do
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
     serving_bench_g8)  # bench_serving's mixed and speculative rows at heads 64 / 8 (Llama-70B's
-      # G = 8: 16 / G = 2 rows fit the decode kernel, so 4- and 8-token speculative rows go to the
-      # forward, which reads K / V once per query head)
+      # G = 8: 16 / G = 2 rows fit one decode CTA, so 4- and 8-token speculative rows take 2 and 4
+      # row chunks, each reading K / V once, where the forward reads them once per query head)
       step bench_serving_g8 90 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} \
         --warmup ${WARMUP:-50} --heads 64/8 --sections mixed,spec --csv "$L/bench_serving_g8.csv" ;;
     moe_bench)

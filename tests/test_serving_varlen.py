@@ -504,21 +504,59 @@ def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
 def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
     """A mixed batch (more query rows than sequences): the flash forward computes the long
     sequences on their gathered pages and the decode kernel (pinned, or auto: None) the short
-    ones (1 .. 16 / G rows, each sequence's rows in one CTA as (row, head) columns), into the same
-    output; matches the reference and the gather path ("none"), batches whose sequences are all
-    long (prefill) or all short (spec at G = 1, short_k with fewer keys than queries)
-    included."""
+    ones (1 .. max(8, 16 / G) rows, each chunk of 16 / G rows in one CTA as (row, head)
+    columns), into the same output; matches the reference and the gather path ("none"), batches
+    whose sequences are all long (prefill) or all short (spec, short_k with fewer keys than
+    queries at G = 1) included."""
     b = paged_batch(*MIXES[mix], 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
     _check_against_gather_path(b, decode_kernel, (window, 0))
+
+
+# Speculative rows past 16 / G, which the decode kernel takes in row chunks of 16 / G rows (up to
+# max(8, 16 / G) rows: 3 .. 8 at G = 4 and 8, 5 .. 16 at G = 1), beside decode rows, a row of
+# fewer keys than queries, an empty one and long ones (one just past the decode kernel's rows,
+# 9 or 17, and a prefill row): (q lengths, k lengths) per G.
+SPEC_CHUNK_MIXES = {
+    8: ([3, 1, 8, 5, 40, 2, 7, 4, 6, 0, 9], [90, 7, 260, 5, 120, 33, 64, 48, 3, 11, 70]),
+    4: ([3, 1, 8, 5, 40, 2, 7, 4, 6, 0, 9], [90, 7, 260, 5, 120, 33, 64, 48, 3, 11, 70]),
+    1: ([5, 1, 16, 9, 40, 2, 13, 12, 6, 0, 17], [90, 7, 260, 9, 120, 33, 64, 5, 200, 11, 70]),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decode_kernel", DECODE_KERNELS)
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("window", [-1, 5])
+@pytest.mark.parametrize("block_size", [16, 48], ids=["bs16", "bs48"])
+def test_spec_row_chunks_cuda(decode_kernel, gqa, window, block_size):
+    """Speculative rows of up to max(8, 16 / G) tokens (3 .. 8 at G = 4 and 8, 5 .. 16 at G = 1)
+    on the decode kernel, each sequence's rows in chunks of 16 / G rows (one CTA per chunk, every
+    chunk with its own rows' causal limits and windows, a last chunk partial), beside decode rows
+    and long ones the forward computes, then the same rows without the long ones (every sequence
+    short: no forward), over a cache whose unused slots hold NaN: matches the reference and the
+    gather path ("none") on a poisoned allocator."""
+    q_lens, k_lens = SPEC_CHUNK_MIXES[gqa]
+    b = paged_batch(q_lens, k_lens, 2 * gqa, 2, 128, block_size, torch.bfloat16, "cuda",
+                    nan_unused=True)
+    out, _ = _check_against_gather_path(b, decode_kernel, (window, 0))
+    assert torch.isfinite(out).all()
+    if block_size == 16:
+        rows = max(8, 16 // gqa)
+        short = [i for i, n in enumerate(q_lens) if n <= rows]
+        b = paged_batch([q_lens[i] for i in short], [k_lens[i] for i in short], 2 * gqa, 2, 128,
+                        block_size, torch.bfloat16, "cuda", nan_unused=True)
+        assert b.max_seqlen_q == rows
+        out, _ = _check_against_gather_path(b, decode_kernel, (window, 0))
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("gqa", [1, 4])
 def test_mixed_many_sequences_cuda(gqa):
-    """A mixed batch of 600 sequences whose few long ones (more than 16 / G rows) lie across the
-    device split's 256-sequence chunks (kernels/paged/mixed_split.cuh lists them; the forward
-    walks and the gather copies only those), beside short and empty ones: matches the reference
-    and the gather path."""
+    """A mixed batch of 600 sequences whose few long ones (more than max(8, 16 / G) rows) lie
+    across the device split's 256-sequence chunks (kernels/paged/mixed_split.cuh lists them; the
+    forward walks and the gather copies only those), beside short and empty ones: matches the
+    reference and the gather path."""
     g = torch.Generator().manual_seed(7)
     long_at = {0, 17, 255, 256, 257, 511, 512, 599}
 
@@ -534,10 +572,10 @@ def test_mixed_many_sequences_cuda(gqa):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["no_long", "one_long", "wide_table"])
 def test_mixed_split_edges_cuda(case):
-    """The device split's edges: a mixed call whose max_seqlen_q hint exceeds 16 / G but whose
-    sequences are all short (an empty list: the forward walks nothing), a single long sequence,
-    and a block table far wider than the used pages with no max_seqlen_k (the gather's pairs
-    mostly empty): the reference and the gather path."""
+    """The device split's edges: a mixed call whose max_seqlen_q hint exceeds max(8, 16 / G) but
+    whose sequences are all short (an empty list: the forward walks nothing), a single long
+    sequence, and a block table far wider than the used pages with no max_seqlen_k (the gather's
+    pairs mostly empty): the reference and the gather path."""
     lens = {"no_long": ([1, 2, 0, 2], [40, 3, 9, 77]), "one_long": ([30], [50]),
             "wide_table": ([1, 37, 0, 4, 1, 19], [70, 101, 33, 64, 1, 19])}[case]
     b = paged_batch(*lens, 8, 2, 128, 16, torch.bfloat16, "cuda")

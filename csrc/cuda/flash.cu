@@ -244,15 +244,17 @@ const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, co
 // The decode kernel's part of a paged varlen call (docs/serving.md, "decode rows read the
 // pages"): the whole call when it has as many query rows as sequences (Tq == B, vLLM's decode
 // steps: one grid row per query token, each CTA finding its token's sequence, so uneven offsets
-// stay exact), else its short sequences, those of 1 .. short_rows = 16 / G query rows (decode and
-// speculative rows beside chunked or prefix-cached prefill in a mixed batch), which the host
-// cannot count without a sync: a one-block kernel lists the long ones on the device
+// stay exact), else its short sequences, those of 1 .. short_rows = max(8, 16 / G) query rows
+// (decode and speculative rows beside chunked or prefix-cached prefill in a mixed batch), which
+// the host cannot count without a sync: a one-block kernel lists the long ones on the device
 // (kernels/paged/mixed_split.cuh), the gather copies their pages only, the flash forward computes
 // them (the sm90 forward walks the list; the others run every sequence, the short ones with key
 // length 0, writing their rows 0), and the decode kernel, after it in the stream, computes exactly
 // the short sequences
-// (DecodeParams::short_seq_rows: one CTA per sequence and kv head reads its pages once for all its
-// rows) into the same out / lse.
+// (DecodeParams::short_seq_rows: one CTA per sequence, kv head and row chunk of 16 / G rows reads
+// its pages once for the chunk's rows) into the same out / lse. Chunks let rows past 16 / G stay
+// here: ceil(qlen / (16 / G)) reads of the pages per kv head (8 rows: 4 at G = 8, 2 at G = 4)
+// against G for the forward (one per query head, with 128-row query tiles holding a few rows).
 struct NhdDecodePlan {
   bool whole = false;  // Tq == B: the decode kernel computes the call alone (token grid)
   bool all_short = false;  // max_seqlen_q <= short_rows: every sequence is short, no forward
@@ -333,8 +335,8 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   plan.table = read_table.size(1) <= 1 || read_table.stride(1) == 1 ? read_table
                                                                     : read_table.contiguous();
   plan.qo = (cu_q->scalar_type() == at::kInt ? *cu_q : cu_q->clamp(0, T).to(at::kInt)).contiguous();
-  if (!plan.whole) {  // (row, head) columns of the decode kernel's products: at most 16
-    plan.short_rows = 16 / G;
+  if (!plan.whole) {  // 16 (row, head) columns per CTA, the rows cut in chunks of 16 / G
+    plan.short_rows = std::max<int64_t>(8, 16 / G);
     // The caller's max_seqlen_q (which also sizes the forward's grid) says every sequence is
     // short: a speculative-decode step; the decode kernel computes it alone.
     plan.all_short = max_seqlen_q.has_value() &&
@@ -372,7 +374,8 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
   }
   // Grid rows are sequences; max_qlen = Tq keeps each qlen unclamped. Two launches, so the decode
   // rows keep the columns of their G heads (the instance pure decode runs) and only speculative
-  // rows pay the (row, head) columns: one-row sequences, then those of 2 .. short_rows rows.
+  // rows pay the (row, head) columns: one-row sequences, then those of 2 .. short_rows rows (in
+  // row chunks of 16 / G rows, one CTA each: launch_nhd_decode).
   p.token_grid = false;
   p.short_seq_min = p.short_seq_rows = 1;
   launch(p);

@@ -340,25 +340,30 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   context << "device " << f.sm_major << "." << f.sm_minor;
   check_paged_choice(c, "flash_attn_fwd (decode path)", req, source, context.str());
   // One grid row per query token, or per sequence in the mixed call's decode half (whose short
-  // sequences the host cannot count: all S are priced); the split heuristic prices those rows.
-  // The split rows (and the combine's grid) are tokens, or (sequence, row) pairs.
+  // sequences the host cannot count: all S are priced), times its row chunks in the multi-row
+  // launch (x = (sequence, kv head, chunk): every chunk streams the sequence's pages, so each is
+  // priced as a CTA); the split heuristic prices those rows. The split rows (and the combine's
+  // grid) are tokens, or (sequence, row) pairs.
   const bool short_seqs = p.short_seq_rows > 0;
   const int64_t rows = short_seqs ? p.S : p.Tq;
+  const int64_t chunks = decode_row_chunks(p);
   DecodeParams sizing = p;
-  sizing.S = static_cast<int32_t>(rows);
+  sizing.S = static_cast<int32_t>(std::min<int64_t>(rows * chunks, INT32_MAX));
   const int32_t splits = decode_splits(c.kernel, sizing, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t gx = rows * p.Hkv;
+  const int64_t gx = rows * p.Hkv * chunks;
   // The mixed call's decode half follows the flash forward with programmatic dependent launch:
   // its CTAs may start in the forward's tail and wait for it before writing (decode_mma.cuh).
   const bool pdl = short_seqs;
-  // Columns of the products: the G heads, or (kRows) the (row, head) pairs of a short sequence.
+  // Columns of the products: the G heads, or (kRows) the (row, head) pairs of a row chunk.
   const bool multi_row = p.short_seq_rows > 1;
-  const int64_t columns = (multi_row ? p.short_seq_rows : 1) * int64_t(p.Hq / p.Hkv);
+  const int64_t columns = (multi_row ? decode_chunk_rows(p) : 1) * int64_t(p.Hq / p.Hkv);
   ATTNKIT_CHECK(columns <= 16, "flash_attn_fwd (decode path): ", columns,
                 " (row, head) columns, expected at most 16");
   ATTNKIT_CHECK(gx < (int64_t(1) << 31), "q: too many (token, kv head) pairs: ", gx);
+  ATTNKIT_CHECK(chunks >= 1 && chunks <= 16, "flash_attn_fwd (decode path): ", chunks,
+                " row chunks, expected 1 .. 16");
   dispatch_float(qtype, "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, float>) {

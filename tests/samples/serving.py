@@ -76,7 +76,8 @@ MIXES = {
     "prefill": ([53, 16], [53, 90]),
     "short_k": ([12, 3], [5, 0]),
     # Speculative rows (2-4 queries) beside decode rows, one with fewer keys than queries: on CUDA
-    # the decode kernel computes every sequence of up to 16 / G rows whole (kRows).
+    # the decode kernel computes every sequence of up to max(8, 16 / G) rows (kRows, in row chunks
+    # of 16 / G rows).
     "spec": ([4, 2, 3, 4, 1, 0], [90, 1, 40, 260, 7, 11]),
     # As many query rows as sequences (the CUDA decode path's condition) but not one each.
     "decode_ragged": ([0, 2, 1, 1, 0, 2], [9, 40, 1, 77, 5, 16]),

@@ -130,12 +130,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int sw128(int row, int col) {
 }  // namespace mmadec
 #endif
 
-// grid: x = S * Hkv (token_grid: Tq * Hkv), y = splits; block: 128 threads; dynamic smem
-// MmaDecodeTraits<D>::kSmemBytes. NB = ceil(G / 8): column blocks of 8 query heads. BS = 0: the block size is read at run time (any multiple of 16).
-// kRows (the mixed serving call's short sequences, p.short_seq_rows > 1): a CTA computes all the
-// qlen <= short_seq_rows query rows of its sequence, the products' columns being the (row, head)
-// pairs r = i * G + g (NB = ceil(short_seq_rows * G / 8)), each column masked by its own row's
-// causal limit and window, so the sequence's pages are read once for all its rows.
+// grid: x = S * Hkv (token_grid: Tq * Hkv; kRows: S * Hkv * row chunks, the chunk fastest),
+// y = splits; block: 128 threads; dynamic smem MmaDecodeTraits<D>::kSmemBytes. NB = ceil(G / 8):
+// column blocks of 8 query heads. BS = 0: the block size is read at run time (any multiple of 16).
+// kRows (the mixed serving call's short sequences, p.short_seq_rows > 1): a CTA computes the row
+// chunk c of its sequence, rows [r0, r0 + nrows) with r0 = c * R0, R0 = decode_chunk_rows(p) (as
+// many rows as 16 columns hold) and nrows = min(R0, qlen - r0), the products' columns being the
+// (row, head) pairs r = i * G + g of rows r0 + i (NB = ceil(R0 * G / 8)), each column masked by
+// its own row's causal limit and window (those of row r0 + i of a qlen-row sequence). Each chunk
+// reads the sequence's pages once for its rows: ceil(qlen / R0) reads, against G for the flash
+// forward (one per query head), so sequences of up to short_seq_rows = max(8, 16 / G) rows come
+// here. A chunk past the sequence's rows returns (after pdl_wait, as every CTA with nothing to do).
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
 // token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) lane 0
 // copies each tile through the tensor maps map_k / map_v (the header's NHD paragraph); the
@@ -169,8 +174,15 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.Hq / p.Hkv;
-  const int64_t hk = blockIdx.x % p.Hkv;
-  const int64_t row = blockIdx.x / p.Hkv;  // the sequence, or with token_grid the query token
+  // kRows: x = (sequence, kv head, row chunk), the chunk fastest: the chunks of one (sequence, kv
+  // head) stream the same pages, and launched side by side they stream them at about the same
+  // time, so all but the first read mostly hit L2 (grid z would put a whole grid of (sequence, kv
+  // head) pairs between two reads of one page, each then from DRAM).
+  const unsigned chunks = kRows ? unsigned(decode_row_chunks(p)) : 1u;
+  const int chunk = int(blockIdx.x % chunks);
+  const unsigned pair = blockIdx.x / chunks;  // 32-bit divisions, as x is
+  const int64_t hk = pair % unsigned(p.Hkv);
+  const int64_t row = pair / unsigned(p.Hkv);  // the sequence, or with token_grid the query token
   const int64_t b = p.token_grid ? seq_of_token(p, row) : row;  // -1: no sequence holds the token
   const int split = blockIdx.y, splits = gridDim.y;
   const T* kc = static_cast<const T*>(p.k_cache);
@@ -207,8 +219,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // PDL after the kernel before it, whose tail it may share: it writes its out / lse rows (which
   // a forward that computes every sequence also wrote, with zeros) only after pdl_wait(), and
   // every CTA waits, so the grid never completes before the forward does.
+  // kRows: this CTA's first row of the sequence. A chunk starting at or past qlen (the grid
+  // covers short_seq_rows rows) computes nothing, like another launch's sequence, and waits as
+  // they do.
+  const int64_t r0 = kRows ? int64_t(chunk) * decode_chunk_rows(p) : 0;
   const bool short_seqs = p.short_seq_rows > 0;
-  if (short_seqs && !decode_takes_rows(p, sq.qlen)) {
+  if (short_seqs && (!decode_takes_rows(p, sq.qlen) || r0 >= sq.qlen)) {
     pdl_wait();
     return;
   }
@@ -222,13 +238,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     return;
   }
   // The query token and its row window: token_grid rows may be any row i of their sequence.
-  // kRows: the first row's token, and the keys any of the sequence's rows sees (the first row's
-  // window start to the last row's limit); each column's own limits come below.
-  const int64_t qtok = p.token_grid ? row : sq.q0;
-  const int64_t nrows = kRows ? sq.qlen : 1;
-  const RowWindow w = row_window(sq.L, p.token_grid ? sq.qlen : nrows,
-                                 p.token_grid ? row - sq.q0 : (kRows ? nrows - 1 : 0), p.window);
-  const int64_t lo = kRows ? row_window(sq.L, nrows, 0, p.window).lo : w.lo, hi = w.hi, qpos = w.qpos;
+  // kRows: the chunk's first row's token (row r0), its nrows rows (>= 1: r0 < qlen), and the keys
+  // any of them sees (row r0's window start to row r0 + nrows - 1's limit, rows of a qlen-row
+  // sequence); each column's own limits come below.
+  const int64_t qtok = p.token_grid ? row : sq.q0 + r0;
+  const int64_t chunk_rows = decode_chunk_rows(p);
+  const int64_t nrows = kRows ? (sq.qlen - r0 < chunk_rows ? sq.qlen - r0 : chunk_rows) : 1;
+  const RowWindow w = row_window(sq.L, p.token_grid || kRows ? sq.qlen : 1,
+                                 p.token_grid ? row - sq.q0 : (kRows ? r0 + nrows - 1 : 0),
+                                 p.window);
+  const int64_t lo = kRows ? row_window(sq.L, sq.qlen, r0, p.window).lo : w.lo;
+  const int64_t hi = w.hi, qpos = w.qpos;
   const int64_t part0 = hi > lo ? lo / kPartition + split : 0;
   if (p.window > 0) ids = fetch_ids(part0, 0), ids_next = fetch_ids(part0, 32);
 
@@ -348,7 +368,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     if constexpr (!kBulk) mma::cp_async_commit();
   }
 
-  // Q rows hk*G .. hk*G + G - 1 of token q0 -> q_s (zeros below), any strides.
+  // Q rows hk*G .. hk*G + G - 1 of token qtok -> q_s (zeros below), any strides; kRows: those of
+  // the chunk's tokens qtok + i, i < nrows.
   {
     const T* q = static_cast<const T*>(p.q) + qtok * p.q_st + hk * G * p.q_sh;
     for (int idx = tid; idx < 16 * D; idx += Tr::kThreads) {
@@ -387,8 +408,9 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       slope[nb][j] = (p.alibi && col) ? p.alibi[hk * G + (kRows ? r % G : r)] : 0.0f;
     }
   // kRows: the keys [clo, chi) each of this thread's columns sees and its query position (a
-  // column past the sequence's rows sees none), and the keys every column sees, [all_lo, all_hi)
-  // (the last row's window start, the first row's limit): tiles inside it take the plain path.
+  // column past the chunk's rows sees none), and the keys every column sees, [all_lo, all_hi)
+  // (the chunk's last row's window start, its first row's limit): tiles inside it take the plain
+  // path. Column row i is the sequence's row r0 + i.
   int64_t clo[NB][2], chi[NB][2], cpos[NB][2];
   int64_t all_lo = lo, all_hi = hi;
   if constexpr (kRows) {
@@ -397,13 +419,13 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int i = (nb * 8 + 2 * t4 + j) / G;
-        const RowWindow wc = row_window(sq.L, nrows, i, p.window);
+        const RowWindow wc = row_window(sq.L, sq.qlen, r0 + i, p.window);
         clo[nb][j] = i < nrows ? wc.lo : 0;
         chi[nb][j] = i < nrows ? wc.hi : 0;
         cpos[nb][j] = wc.qpos;
       }
-    all_lo = row_window(sq.L, nrows, nrows - 1, p.window).lo;
-    all_hi = row_window(sq.L, nrows, 0, p.window).hi;
+    all_lo = row_window(sq.L, sq.qlen, r0 + nrows - 1, p.window).lo;
+    all_hi = row_window(sq.L, sq.qlen, r0, p.window).hi;
   }
   // Tiles wholly inside the window with neither soft-cap nor ALiBi take the short logit path.
   const bool plain_logits = !(p.softcap > 0.0f) && p.alibi == nullptr;
@@ -611,11 +633,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
 
   if (short_seqs) pdl_wait();  // a forward that runs every sequence wrote zeros to these rows
   T* out = static_cast<T*>(p.out);
-  // The columns stored: the G heads of the token, or kRows the (row, head) pairs of the sequence.
+  // The columns stored: the G heads of the token, or kRows the (row, head) pairs of the chunk.
   const int ncols = kRows ? int(nrows) * G : G;
   for (int idx = tid; idx < ncols * D; idx += Tr::kThreads) {
     const int r = idx / D, d = idx % D;
-    const int i = kRows ? r / G : 0;  // the column's row of the sequence
+    const int i = kRows ? r / G : 0;  // the column's row of the chunk (the sequence's r0 + i)
     const int64_t tok = qtok + i;
     float M = -INFINITY;
 #pragma unroll
@@ -635,7 +657,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
         p.lse[h * p.lse_sh + tok * p.lse_st] = lsum > 0.0f ? M * (1.0f / kLog2e) + logf(lsum) : -INFINITY;
       }
     } else {
-      const int64_t srow = short_seqs ? b * p.short_seq_rows + i : tok;
+      // Short sequences: split row (sequence, row of the sequence), short_seq_rows per sequence.
+      const int64_t srow = short_seqs ? b * p.short_seq_rows + r0 + i : tok;
       const int64_t ws_row = (srow * p.Hq + h) * splits + split;
       p.ws_out[ws_row * D + d] = acc;
       if (d == 0) {

@@ -144,17 +144,37 @@ struct DecodeParams {
   int64_t lse_sh, lse_st;
   // The decode half of a mixed serving call (token_grid false, max_qlen = Tq so qlen is not
   // clamped), when short_seq_rows > 0: grid rows are sequences, and only a sequence with
-  // short_seq_min .. short_seq_rows query rows is computed, all its rows by one CTA (the columns
-  // of the products are its (row, head) pairs: short_seq_rows * G <= 16; the kernel's kRows
-  // instance when short_seq_rows > 1); the others' CTAs (and combine blocks) return without a
-  // write, their rows being the flash forward's or another launch's. Split rows are indexed by
-  // (sequence, row): [S * short_seq_rows, Hq, splits]. Tensor-core kernels only.
+  // short_seq_min .. short_seq_rows query rows is computed; the others' CTAs (and combine blocks)
+  // return without a write, their rows being the flash forward's or another launch's. With
+  // short_seq_rows > 1 (the kernel's kRows instance) a sequence's rows are cut in row chunks of
+  // decode_chunk_rows (the products' columns are a chunk's (row, head) pairs: at most 16), one
+  // CTA each (decode_row_chunks per sequence and kv head, adjacent in the grid's x), every chunk
+  // reading the sequence's pages. Split rows are indexed by (sequence, row):
+  // [S * short_seq_rows, Hq, splits]. Tensor-core kernels only.
   int32_t short_seq_min, short_seq_rows;
 };
 
 // Whether the mixed call's decode half computes a sequence of qlen query rows.
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool decode_takes_rows(const DecodeParams& p, int64_t qlen) {
   return qlen >= p.short_seq_min && qlen <= p.short_seq_rows;
+}
+
+// Query rows one CTA computes: a row chunk of the mixed call's multi-row launch (as many rows as
+// 16 (row, head) columns hold, at most short_seq_rows), else 1 (one token; the launcher and the
+// kernel both read it here, so the grid and the kernel's row offsets agree).
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int32_t decode_chunk_rows(const DecodeParams& p) {
+  if (p.short_seq_rows <= 1) return 1;
+  const int32_t fit = 16 / (p.Hq / p.Hkv);
+  const int32_t rows = fit < p.short_seq_rows ? fit : p.short_seq_rows;
+  return rows > 1 ? rows : 1;
+}
+
+// Row chunks of a sequence (the decode grid's z): ceil(short_seq_rows / decode_chunk_rows) in
+// the multi-row launch, else 1.
+ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int32_t decode_row_chunks(const DecodeParams& p) {
+  if (p.short_seq_rows <= 1) return 1;
+  const int32_t r0 = decode_chunk_rows(p);
+  return (p.short_seq_rows + r0 - 1) / r0;
 }
 
 // Rows of the split workspace and of the combine grid: query tokens, or (sequence, row) pairs in
