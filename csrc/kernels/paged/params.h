@@ -169,8 +169,8 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int32_t decode_chunk_rows(const DecodeParams&
   return rows > 1 ? rows : 1;
 }
 
-// Row chunks of a sequence (the decode grid's z): ceil(short_seq_rows / decode_chunk_rows) in
-// the multi-row launch, else 1.
+// Row chunks of a sequence (adjacent in the decode grid's x): in the multi-row launch
+// ceil(short_seq_rows / decode_chunk_rows), else 1.
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int32_t decode_row_chunks(const DecodeParams& p) {
   if (p.short_seq_rows <= 1) return 1;
   const int32_t r0 = decode_chunk_rows(p);
