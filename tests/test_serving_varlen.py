@@ -516,20 +516,22 @@ def test_mixed_path_kernels_cuda(decode_kernel, mix, gqa, window):
 # max(8, 16 / G) rows: 3 .. 8 at G = 4 and 8, 5 .. 16 at G = 1), beside decode rows, a row of
 # fewer keys than queries, an empty one and long ones (one just past the decode kernel's rows,
 # 9 or 17, and a prefill row): (q lengths, k lengths) per G.
+_SPEC_ROWS = ([3, 1, 8, 5, 40, 2, 7, 4, 6, 0, 9], [90, 7, 260, 5, 120, 33, 64, 48, 3, 11, 70])
+# G = 3 (chunks of 5 rows: uneven), 4, 6 (2-row chunks, partly filled column blocks), 8, 16 (one
+# row per chunk, 8 chunks: a launch main did not have at G > 8).
 SPEC_CHUNK_MIXES = {
-    8: ([3, 1, 8, 5, 40, 2, 7, 4, 6, 0, 9], [90, 7, 260, 5, 120, 33, 64, 48, 3, 11, 70]),
-    4: ([3, 1, 8, 5, 40, 2, 7, 4, 6, 0, 9], [90, 7, 260, 5, 120, 33, 64, 48, 3, 11, 70]),
+    16: _SPEC_ROWS, 8: _SPEC_ROWS, 6: _SPEC_ROWS, 4: _SPEC_ROWS, 3: _SPEC_ROWS,
     1: ([5, 1, 16, 9, 40, 2, 13, 12, 6, 0, 17], [90, 7, 260, 9, 120, 33, 64, 5, 200, 11, 70]),
 }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decode_kernel", DECODE_KERNELS)
-@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("gqa", [1, 3, 4, 6, 8, 16])
 @pytest.mark.parametrize("window", [-1, 5])
 @pytest.mark.parametrize("block_size", [16, 48], ids=["bs16", "bs48"])
 def test_spec_row_chunks_cuda(decode_kernel, gqa, window, block_size):
-    """Speculative rows of up to max(8, 16 / G) tokens (3 .. 8 at G = 4 and 8, 5 .. 16 at G = 1)
+    """Speculative rows of up to max(8, 16 / G) tokens (3 .. 8 at G = 3 .. 16, 5 .. 16 at G = 1)
     on the decode kernel, each sequence's rows in chunks of 16 / G rows (one CTA per chunk, every
     chunk with its own rows' causal limits and windows, a last chunk partial), beside decode rows
     and long ones the forward computes, then the same rows without the long ones (every sequence

@@ -218,14 +218,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // decode launch those of the other short ones; the combine skips them too). It is launched with
   // PDL after the kernel before it, whose tail it may share: it writes its out / lse rows (which
   // a forward that computes every sequence also wrote, with zeros) only after pdl_wait(), and
-  // every CTA waits, so the grid never completes before the forward does.
+  // every CTA of chunk 0 waits, even one with nothing to do, so the grid never completes before
+  // the forward does.
   // kRows: this CTA's first row of the sequence. A chunk starting at or past qlen (the grid
-  // covers short_seq_rows rows) computes nothing, like another launch's sequence, and waits as
-  // they do.
+  // covers decode_row_chunks x decode_chunk_rows rows) computes nothing, like another launch's
+  // sequence. Idle CTAs of the other chunks leave without waiting: chunk 0 of the same (sequence,
+  // kv head, split) always exists and waits, and an idle CTA parked in pdl_wait would hold one of
+  // the SM's few decode slots through the forward's tail (4x as many of them at G = 8).
   const int64_t r0 = kRows ? int64_t(chunk) * decode_chunk_rows(p) : 0;
   const bool short_seqs = p.short_seq_rows > 0;
   if (short_seqs && (!decode_takes_rows(p, sq.qlen) || r0 >= sq.qlen)) {
-    pdl_wait();
+    if (r0 == 0) pdl_wait();
     return;
   }
   if (sq.qlen <= 0) {
