@@ -249,11 +249,11 @@ for s in $QUICK; do
       step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80))" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80 and bs16))" ;;
     serving_sanitize_only)  # serving_tests' memcheck half alone (after full_tests ran the suite)
       step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80))" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80 and bs16))" ;;
     gdpa_ncu)  # the GDPA forward at max length 256, dense then jagged (profile_gdpa.py --sparsity)
       for sp in 1.0 0.5; do
         step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:gdpa_fwd --launch-count 1 --section SpeedOfLight \
