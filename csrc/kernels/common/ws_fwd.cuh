@@ -1,6 +1,9 @@
 // The pieces the two warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh) share beside
-// their TmaRing data path: the consumer warpgroups' ping-pong turns and the drain of a CTA's last
-// P·V. Torch-free, sm_90 device code.
+// their TmaRing data path: the consumer warpgroups' ping-pong turns (both), the owed P·V and the
+// drain of a CTA's last P·V (flash; gdpa's jagged instance writes those two out itself, since
+// its P·V is issued under a condition: narrow or idle tiles, and a wgmma under a condition inside
+// a commit group makes ptxas close the group with a dummy wgmma, gdpa/fwd_ws.cuh). Torch-free,
+// sm_90 device code.
 //
 // Both forwards issue a key tile's P·V one tile behind its scores (P_{g-1}·V_{g-1} beside S_g),
 // so when a CTA runs out of work one product is still owed; and with ping-pong the consumer

@@ -460,11 +460,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       for (int kk = 0; kk < Tr::kNarrowN / 16; ++kk) {
         MmaO::template rs<1>(acc, a[kk], wgmma::desc_n_major<BN>(sv_tile, kk), kk > 0 || !first);
       }
+      wgmma::commit();
     } else {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         MmaO::template rs<1>(acc, a[kk], wgmma::desc_n_major<BN>(sv_tile, kk), kk > 0 || !first);
       }
+      wgmma::commit();
     }
   };
 
@@ -515,29 +517,32 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
       }
 
-      // An idle warpgroup issues no S: its s is zeros, so that s is defined on every path (a path
-      // without a definition made ptxas serialise the wgmmas, C7515), and it packs a P of zeros
-      // that no product reads (leaving pa unwritten made the consumers spill).
-      float s[BN / 8][4];
-      if (idle) {
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      }
+      // The owed P_{g-1}·V_{g-1} (none when tile g - 1 was skipped: pv_idle). An idle warpgroup
+      // (kJagged) runs a body of its own: no S, no activation, P of zeros. Each body fences,
+      // commits and waits for its own products, and no wgmma sits under a condition inside a
+      // commit group (ptxas otherwise closes the group with a dummy wgmma, so that the wait for
+      // S_g also waits for P_{g-1}·V_{g-1}, and selects s on every path: C7517 / C7519).
+      const bool owed = g > 0 && !pv_idle;
       turns.take();
-      wgmma::fence();
-      if (!idle) wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
-      wgmma::commit();
-      wsfwd::issue_owed_pv(g > 0, turns, [&] {  // P_{g-1}·V_{g-1}
-        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-      });
-      wgmma::fence_regs(s);
-      if (lane == 0) {
-        ring_k.consumer_release(g);                           // K_g has been read
-        if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
-      }
-
-      // φ, then the masks (an idle warpgroup skips both: no product reads its P).
       if (!idle) {
+        float s[BN / 8][4];
+        wgmma::fence();
+        wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
+        wgmma::commit();
+        if (owed) {  // P_{g-1}·V_{g-1}, in a commit group of its own; then wait for S_g alone
+          issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+          turns.pass();
+          wgmma::wait<1>();
+        } else {
+          turns.pass();
+          wgmma::wait<0>();
+        }
+        wgmma::fence_regs(s);
+        if (lane == 0) {
+          ring_k.consumer_release(g);                           // K_g has been read
+          if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
+        }
+        // φ, then the masks.
         act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
         const int r0 = u.i0 + warp_row0;
         if (p.window >= 0) {
@@ -548,19 +553,42 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           causal_mask<false>(s, r0, j0);
         }
         if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
-      }
-      // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
-      // then), nested under the wait.
-      if (g > 0) {
-        wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
-        wgmma::fence_regs(acc_o);
-        if (lane == 0) ring_v.consumer_release(g - 1);
-        pack_a<T, BN>(pa, s);
-        // That was the previous unit's last product: its output is complete. (The next unit's
-        // first P·V overwrites acc_o: pv_first.)
-        if (j == 0) store_unit(prev, acc_o);
+        // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
+        // then), nested under the wait.
+        if (g > 0) {
+          wgmma::wait<0>();  // P_{g-1}·V_{g-1} done: pa may be overwritten, V_{g-1} released
+          wgmma::fence_regs(acc_o);
+          if (lane == 0) ring_v.consumer_release(g - 1);
+          pack_a<T, BN>(pa, s);
+          // That was the previous unit's last product: its output is complete. (The next unit's
+          // first P·V overwrites acc_o: pv_first.)
+          if (j == 0) store_unit(prev, acc_o);
+        } else {
+          pack_a<T, BN>(pa, s);
+        }
       } else {
-        pack_a<T, BN>(pa, s);
+        // Idle: only the owed product; it still takes its turn, releases the stages and writes
+        // a P of zeros that no product reads (leaving pa unwritten made the consumers spill).
+        if (owed) {
+          wgmma::fence();
+          issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+        }
+        turns.pass();
+        if (lane == 0) {
+          ring_k.consumer_release(g);
+          if (j == u.n_tiles - 1) ring_q.consumer_release(qn);
+        }
+        if (g > 0) {
+          wgmma::wait<0>();  // the owed P·V done: pa may be overwritten, V_{g-1} released
+          wgmma::fence_regs(acc_o);
+          if (lane == 0) ring_v.consumer_release(g - 1);
+#pragma unroll
+          for (int i = 0; i < BN / 16; ++i) pa[i][0] = pa[i][1] = pa[i][2] = pa[i][3] = 0u;
+          if (j == 0) store_unit(prev, acc_o);  // the previous unit's (this one has no row)
+        } else {
+#pragma unroll
+          for (int i = 0; i < BN / 16; ++i) pa[i][0] = pa[i][1] = pa[i][2] = pa[i][3] = 0u;
+        }
       }
       pv_first = j == 0;
       pv_narrow = narrow;
@@ -570,13 +598,22 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
     ++qn;
   }
-  wsfwd::drain_last_pv(
-      ring_v, g, turns, acc_o,
-      [&](uint32_t pstage) { zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN); },
-      [&](uint32_t pstage) {
-        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-      },
-      [&] { store_unit(prev, acc_o); });
+  // The CTA's last P·V (wsfwd::drain_last_pv, with issue_pv's own commit): wait for its V, zero
+  // the rows past the sequence, issue it in turn, wait and store the unit.
+  if (g > 0) {
+    const uint32_t pstage = ring_v.stage(g - 1);
+    ring_v.consumer_wait(g - 1);
+    zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
+    turns.take();
+    if (!pv_idle) {
+      wgmma::fence();
+      issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+    }
+    turns.pass();
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc_o);
+    store_unit(prev, acc_o);
+  }
   turns.finish();
 #endif
 }
