@@ -370,7 +370,9 @@ for s in $QUICK; do
         --print-limit 10 $PY -m pytest tests/test_paged_choose.py tests/test_paged_cuda.py -q \
         -p no:xdist -k "cuda and (auto_on_this_device or override or bad_block_ids or forced_splits or out_of_range)" ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
-      step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE -k cuda
+      # ("not cpu": test_paged_edges' GPU cases are named by kernel, not "cuda")
+      step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE \
+        -k "cuda or not cpu"
       step bench_paged 90 $PY benchmarks/bench_paged.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
     flash_bwd_ncu)  # the warp-specialised flash backward at 16k, D 128 then 64 (issue #16 point 5):
       # where its warps stall (benchmarks/profile_flash_bwd.py; ~60 s)
