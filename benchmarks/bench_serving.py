@@ -147,10 +147,12 @@ class Batch:
             q, cu = self.q[t0:t1], (self.cu_q[r.start:r.stop + 1] - t0).contiguous()
             lens, bt = self.lens[r], self.block_table[r]
             mq, mk = max(self.q_lens[r]), max(self.k_lens[r])
-        if DECODE_KERNEL != "auto":  # the decode path pinned (or "none": the gather path)
+        if DECODE_KERNEL != "auto" or FLASH_KERNEL != "auto" or PAGED_READ != "auto":
+            # a path pinned (docs/serving.md)
             return lambda: torch.ops.attnkit._flash_attn_fwd_with(
                 q, self.k_cache, self.v_cache, scale, True, -1, -1, 0.0, cu, None, mq, mk,
-                seqused_k=lens, block_table=bt, decode_kernel=DECODE_KERNEL)[0]
+                seqused_k=lens, block_table=bt, kernel=FLASH_KERNEL, decode_kernel=DECODE_KERNEL,
+                paged_read=PAGED_READ)[0]
         return lambda: attnkit.flash_attn_varlen_func(
             q, self.k_cache, self.v_cache, cu_seqlens_q=cu, max_seqlen_q=mq, seqused_k=lens,
             max_seqlen_k=mk, causal=True, block_table=bt, softmax_scale=scale)
@@ -307,6 +309,8 @@ def section_decode(args, runner, shapes, copy, triton_fns):
             "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, scale=scale,
                                                            enable_gqa=True)[:, :, 0],
         }
+        if BS not in (8, 16, 32):  # vLLM's v1 takes these block sizes only
+            del impls["v1"]
         if paged_decode is not None:
             impls["triton"] = lambda: paged_decode(q, bt_.k_cache, bt_.v_cache, bt_.block_table,
                                                    bt_.lens, scale, max_seq_len=ctx)
@@ -389,6 +393,8 @@ def section_spec(args, runner, shapes, copy):
                                              bt_.block_table.stride(0), max_qlen=lq,
                                              qo_indptr=bt_.cu_q),
         }
+        if BS != 16:  # AITER's pa_fwd takes block 16 only
+            del impls["pa_fwd"]
         seqs = range(min(B, args.verify_seqs))
         res = runner.run(label, impls, bt_.checks(scale, seqs))
         pairs = B * visible_pairs(lq, lk)
@@ -446,9 +452,12 @@ def plot_all(path, panels, copy):
 
 
 DECODE_KERNEL = "auto"  # --decode-kernel
+FLASH_KERNEL = "auto"  # --flash-kernel
+PAGED_READ = "auto"  # --paged-read
 
 
 def main(argv=None):
+    global DECODE_KERNEL, FLASH_KERNEL, PAGED_READ, BS  # set from the arguments
     p = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--quick", action="store_true", help="one shape per section (smoke test)")
@@ -462,11 +471,26 @@ def main(argv=None):
                    help="the paged call's decode path through _flash_attn_fwd_with: auto (the "
                         "public call), none (the gather path), or pinned to sm80 (cp.async) / "
                         "sm90 (tensor maps); a pinned kernel fails the calls it cannot take")
+    p.add_argument("--flash-kernel", default="auto", choices=["auto", "sm80", "sm90"],
+                   help="a flash kernel named for the paged call (_flash_attn_fwd_with's kernel): "
+                        "the whole call through the gather and that kernel (sm90 against auto: "
+                        "the gathered copy against the sm90 forward reading the pages in place)")
+    p.add_argument("--paged-read", default="auto", choices=["auto", "in_place", "gather"],
+                   help="how the paged call's forward takes K / V (_flash_attn_fwd_with's "
+                        "paged_read): auto (prefer_paged_in_place), in_place (the sm90 forward "
+                        "through the caches' tensor maps; fails where it cannot) or gather")
+    p.add_argument("--block-size", type=int, default=BS,
+                   help="the caches' block size (vLLM's default: 16); the sm90 forward reads the "
+                        "pages in place for multiples of 16 up to 256 only (else it gathers)")
     p.add_argument("--verify-seqs", type=int, default=8,
                    help="sequences checked against the eager reference per row")
     args = p.parse_args(argv)
-    global DECODE_KERNEL
-    DECODE_KERNEL = args.decode_kernel
+    DECODE_KERNEL, FLASH_KERNEL, BS = args.decode_kernel, args.flash_kernel, args.block_size
+    PAGED_READ = args.paged_read
+    if DECODE_KERNEL != "auto" and FLASH_KERNEL != "auto":
+        raise SystemExit("--decode-kernel and --flash-kernel: name one of them (the op refuses both)")
+    if BS < 8 or BS % 8:
+        raise SystemExit(f"--block-size: a positive multiple of 8 (the ASM layouts), got {BS}")
     args.heads = tuple(int(v) for v in args.heads.split("/"))
     dev = args.device
     kind = "cuda" if str(dev).startswith("cuda") else "cpu"

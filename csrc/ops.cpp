@@ -137,7 +137,9 @@ TORCH_LIBRARY(attnkit, m) {
   // decode_kernel: the serving call's decode path (docs/serving.md) on NHD pages: auto (where it
   // applies, with kernel auto: the public op's behaviour) | none (the gather path) | sm80 | sm90
   // (the paged family's tensor-core decode with cp.async / tensor-map loads, required: a call it
-  // cannot take raises; excludes a named kernel).
+  // cannot take raises; excludes a named kernel). paged_read: how the forward takes paged K / V:
+  // auto (prefer_paged_in_place) | in_place (the sm90 forward through the caches' tensor maps,
+  // required) | gather (a padded copy first); the CPU gathers (auto | gather).
   m.def(
       "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
       "bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
@@ -146,7 +148,7 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor? s_aux=None, Tensor? k_descale=None, Tensor? v_descale=None, "
       "bool deterministic=False, str kernel=\"auto\", int max_ctas=0, bool ping_pong=True, "
       "bool persistent=True, bool three_wg=False, bool paired=True, "
-      "str decode_kernel=\"auto\") -> (Tensor out, Tensor lse)");
+      "str decode_kernel=\"auto\", str paged_read=\"auto\") -> (Tensor out, Tensor lse)");
   m.def(
       "_flash_attn_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "

@@ -37,7 +37,8 @@
 # moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
 # serving_bench: benchmarks/bench_serving.py (serving_bench_g8: its mixed and speculative rows at
-# heads 64 / 8); swiglu: grouped_gemm_swiglu's tests, memcheck on
+# heads 64 / 8; serving_inplace_ab: the in-place paged forward against the gathered copy per
+# block size); swiglu: grouped_gemm_swiglu's tests, memcheck on
 # them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I); swiglu_v2: the same
 # tests, memcheck, and the interleaved bench of all three shapes (<300 s);
 # moe_bench: benchmarks/bench_moe.py (routing ops, permute / unpermute, grouped GEMM, block, and
@@ -247,13 +248,13 @@ for s in $QUICK; do
     serving_tests)  # the NHD cache writer, merge_attn_states and the paged varlen call, then under
       # memcheck (garbage slots, block ids and seqused_k; the CUDA-graph step)
       step serving_tests 120 $PY -m pytest tests/test_serving_*.py -q -n 16 -rfE
-      step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+      step serving_sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80 and bs16))" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or nan_in_unused or (in_place and 37 and (48 or 256)) or (spec_row_chunks and sm80 and bs16))" ;;
     serving_sanitize_only)  # serving_tests' memcheck half alone (after full_tests ran the suite)
-      step serving_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+      step serving_sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
-        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or (spec_row_chunks and sm80 and bs16))" ;;
+        -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or nan_in_unused or (in_place and 37 and (48 or 256)) or (spec_row_chunks and sm80 and bs16))" ;;
     gdpa_ncu)  # the GDPA forward at max length 256, dense then jagged (profile_gdpa.py --sparsity)
       for sp in 1.0 0.5; do
         step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:gdpa_fwd --launch-count 1 --section SpeedOfLight \
@@ -338,6 +339,18 @@ for s in $QUICK; do
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
+    serving_inplace_ab)  # the sm90 forward reading paged K / V in place against the gathered copy
+      # (--paged-read in_place / gather; auto: prefer_paged_in_place), prefill sequences only
+      # (4 x 2048 new tokens over 8k), at block sizes 16 / 64 / 256 (boxes of 16 / 64 / 128
+      # rows), the arms alternating twice: ~7 s a run
+      for bs in 16 64 256; do
+        i=0
+        for arm in in_place gather in_place gather auto; do
+          i=$((i + 1))
+          step "serving_inplace_${bs}_${i}_$arm" 40 $PY benchmarks/bench_serving.py --sections mixed \
+            --mixed 4x2048x10240 --block-size $bs --paged-read $arm --iters 20 --warmup 20
+        done
+      done ;;
     serving_bench_g8)  # bench_serving's mixed and speculative rows at heads 64 / 8 (Llama-70B's
       # G = 8: 16 / G = 2 rows fit one decode CTA, so 4- and 8-token speculative rows take 2 and 4
       # row chunks, each reading K / V once, where the forward reads them once per query head)

@@ -405,24 +405,27 @@ def test_garbage_block_ids_cuda(mix):
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
 
 
-def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None):
+def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None, paged_read=None):
     """The serving call through the raw op (FWD) or the private op with decode_kernel= (the
-    decode path pinned to a kernel, or "none": the gather path); causal."""
+    decode path pinned to a kernel, or "none": the gather path) and paged_read= (how the forward
+    takes the pages: "in_place" / "gather"); causal."""
     args = (b.q, b.k_cache, b.v_cache, None, True, window_left, window_right, 0.0, b.cu_seqlens_q,
             None, b.max_seqlen_q, b.max_seqlen_k)
     kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
-    if decode_kernel is None:
+    if decode_kernel is None and paged_read is None:
         return FWD(*args, **kw)
-    return FWD_WITH(*args, **kw, decode_kernel=decode_kernel)
+    return FWD_WITH(*args, **kw, decode_kernel=decode_kernel or "auto",
+                    paged_read=paged_read or "auto")
 
 
-def _check_against_gather_path(b, decode_kernel, window=(-1, -1), poison=True):
+def _check_against_gather_path(b, decode_kernel, window=(-1, -1), poison=True, paged_read=None):
     """The serving call on batch b (causal, window sides `window`) through the decode path with
-    decode_kernel (None: auto, the public op) against the reference and against the gather path
-    (decode_kernel "none"), on a poisoned allocator unless told otherwise; returns (out, lse)."""
+    decode_kernel (None: auto, the public op) and paged_read against the reference and against
+    the gather path (decode_kernel "none"), on a poisoned allocator unless told otherwise;
+    returns (out, lse)."""
     if poison:
         poison_allocator("cuda")
-    out, lse = _call_with(b, decode_kernel, *window)
+    out, lse = _call_with(b, decode_kernel, *window, paged_read=paged_read)
     eo, el = _ref(b, causal=True, window_left=window[0], window_right=window[1])
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
@@ -595,14 +598,161 @@ def test_mixed_split_edges_cuda(case):
 @pytest.mark.parametrize("mix", ["mixed", "prefill", "spec", "decode"])
 def test_paged_nan_in_unused_slots(device, block_size, mix):
     """A serving cache's slots past each sequence's length (in its last page) and its free pages
-    may hold anything, NaN included; every path that reads or copies a page whole (the gather,
-    the decode kernel) must mask what lies past seqused_k."""
+    may hold anything, NaN included; every path (gather, decode kernel, pages read in place)
+    reads or copies pages whole, so each must mask what lies past seqused_k."""
     b = paged_batch(*MIXES[mix], 8, 2, 64, block_size, torch.bfloat16, device, nan_unused=True)
     out, lse = _call(b, causal=True)
     assert torch.isfinite(out).all()
     eo, el = _ref(b, causal=True)
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
+
+
+# ---- the sm90 forward reading the pages in place (no gather) ----------------------------------
+def _peak_growth(fn):
+    """Bytes the CUDA allocator's peak grows by while fn runs (its result returned too)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, res
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
+@pytest.mark.parametrize("block_size", [16, 48, 96, 128, 144, 256])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("mix", ["prefill", "mixed", "spec"])
+@pytest.mark.parametrize("window", [-1, 37])
+def test_paged_in_place_cuda(block_size, D, mix, window, monkeypatch):
+    """On sm_90 the forward of a paged call reads the pages through the caches' own tensor maps
+    (boxes of 16 .. 128 rows, the page size's largest power-of-two divisor up to 128; a window's
+    first key rounded down to a box). Page sizes that are not powers of two, windows whose first
+    key is not box-aligned, NaN in every cache slot no sequence uses (a page is read whole), a
+    table far wider than the pages used without max_seqlen_k: the reference, the gather path
+    (decode_kernel "none"), bit for bit where both compute the same tiles (every sequence long, no
+    window), and no padded K / V allocated (so the in-place path did run). paged_read="in_place"
+    pins the read (auto gathers small calls at pages below 64 rows: test_paged_read_auto_cuda)."""
+    monkeypatch.delenv("ATTNKIT_FLASH_KERNEL", raising=False)
+    q_lens, k_lens = {"prefill": ([53, 16, 130], [53, 290, 400]),
+                      "mixed": MIXES["mixed"], "spec": ([8, 5, 9, 1], [90, 300, 9, 40])}[mix]
+    Hkv = 2
+    b = paged_batch(q_lens, k_lens, 4 * Hkv, Hkv, D, block_size, torch.bfloat16, "cuda",
+                    nan_unused=True)
+    cols = (1 << 16) // block_size  # the gather's padded K / V: B x 64k rows
+    pad = torch.full((len(q_lens), cols - b.block_table.shape[1]), -1, dtype=torch.int32,
+                     device="cuda")
+    b.block_table = torch.cat([b.block_table, pad], 1)
+    b.max_seqlen_k = None
+    out, lse = _check_against_gather_path(b, None, (window, 0), paged_read="in_place")
+    assert torch.isfinite(out).all()
+    padded = len(q_lens) * cols * block_size * Hkv * D * 2
+    grown, _ = _peak_growth(lambda: _call_with(b, None, window, 0, paged_read="in_place"))
+    assert grown < padded // 8, (grown, padded)
+    if mix == "prefill" and window < 0:
+        go, gl = _call_with(b, None, paged_read="gather")
+        assert torch.equal(out, go) and torch.equal(lse, gl)
+        go, gl = _call_with(b, "none")
+        assert torch.equal(out, go) and torch.equal(lse, gl)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
+def test_paged_in_place_allocates_no_padded_copy_cuda(monkeypatch):
+    """The gather path copies the used pages into a padded K and V of B x max_seqlen_k rows each
+    (a vLLM batch of 256 sequences at 32k context: 17 GB apiece at Hkv 8, D 128); reading the
+    pages in place allocates neither. Measured on the allocator's peak, against the gather path
+    as the control (which must show the padded buffers, or this test could not fail)."""
+    monkeypatch.delenv("ATTNKIT_FLASH_KERNEL", raising=False)
+    B, bs, long_len = 48, 16, 8192
+    q_lens = [40] + [1] * (B - 1)  # a chunked-prefill row over a long prefix, then decode rows
+    k_lens = [long_len] + [100] * (B - 1)
+    b = paged_batch(q_lens, k_lens, 32, 8, 128, bs, torch.bfloat16, "cuda")
+    padded = B * long_len * 8 * 128 * 2  # bytes of one padded K (or V)
+    gathered, (go, _) = _peak_growth(lambda: _call_with(b, "none"))
+    in_place, (out, _) = _peak_growth(lambda: _call_with(b, None))
+    assert gathered >= 2 * padded, gathered  # the control: the gather path's K and V
+    assert in_place < padded // 8, (in_place, padded)
+    eo, _ = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_close(out.float(), go.float(), torch.bfloat16, "in place vs gather path")
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
+@pytest.mark.parametrize("block_size", [16, 48, 64, 192, 256])
+def test_paged_read_auto_cuda(block_size, monkeypatch):
+    """paged_read "auto" (prefer_paged_in_place, kernels/flash/choose.h): in place at pages whose
+    boxes are 64 rows or more (64, 192: 64; 256: 128), where it is level with the gather; a
+    gather at smaller boxes (16, 48: 16) while the padded copy stays under 1 GiB (above it:
+    test_paged_in_place_allocates_no_padded_copy_cuda). Told apart by the allocator's peak, with
+    both pinned arms as the controls, and all three the same numbers."""
+    monkeypatch.delenv("ATTNKIT_FLASH_KERNEL", raising=False)
+    Hkv, D = 2, 128
+    # prefixes long against the queries, so the padded copy dwarfs the output the call allocates
+    b = paged_batch([53, 16, 130], [2053, 2290, 2400], 4 * Hkv, Hkv, D, block_size,
+                    torch.bfloat16, "cuda")
+    cols = min(b.block_table.shape[1], -(-b.max_seqlen_k // block_size))  # the columns read
+    padded = len(b.seqused_k) * cols * block_size * Hkv * D * 2  # one padded K (or V)
+    grown = {}
+    res = {}
+    for read in ("auto", "in_place", "gather"):
+        grown[read], res[read] = _peak_growth(lambda: _call_with(b, None, paged_read=read))
+    assert grown["gather"] >= 2 * padded, grown  # the control: the gather's K and V
+    assert grown["in_place"] < padded // 2, grown
+    expect = "in_place" if block_size % 64 == 0 else "gather"
+    other = "gather" if expect == "in_place" else "in_place"
+    assert (grown["auto"] >= 2 * padded) == (expect == "gather"), (grown, expect)
+    assert torch.equal(res["auto"][0], res[expect][0]), f"auto differs from {expect}"
+    assert_close(res["auto"][0].float(), res[other][0].float(), torch.bfloat16, "in place vs gather")
+    eo, _ = _ref(b, causal=True)
+    assert_close(res["auto"][0].float(), eo, torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_read_refusals_cuda():
+    """paged_read "in_place" is required: a call the sm90 forward cannot read in place (an fp8
+    cache, which the gather dequantises; a named kernel other than sm90; any device or build but
+    a 9.0 / sm_90a one) raises instead of gathering silently; with decode_kernel "none" it is a
+    contradiction; without block_table both pinned values are meaningless."""
+    b = paged_batch(*MIXES["prefill"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    args = (b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0, b.cu_seqlens_q, None,
+            b.max_seqlen_q, b.max_seqlen_k)
+    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
+    with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
+        FWD_WITH(*args, **kw, kernel="sm80", paged_read="in_place")
+    with pytest.raises(RuntimeError, match="paged_read: 'in_place' and decode_kernel 'none'"):
+        FWD_WITH(*args, **kw, decode_kernel="none", paged_read="in_place")
+    with pytest.raises(RuntimeError, match="paged_read: 'gather' needs a paged call"):
+        FWD_WITH(b.q[None], b.q[None], b.q[None], paged_read="gather")
+    with pytest.raises(RuntimeError, match="paged_read: expected one of \\{auto, in_place, gather\\}"):
+        FWD_WITH(*args, **kw, paged_read="inplace")
+    f8 = paged_batch(*MIXES["prefill"], 4, 2, 64, 16, torch.bfloat16, "cuda", fp8=True)
+    assert f8.k_cache.dtype == torch.float8_e4m3fn
+    with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
+        FWD_WITH(f8.q, f8.k_cache, f8.v_cache, None, True, -1, -1, 0.0, f8.cu_seqlens_q, None,
+                 f8.max_seqlen_q, f8.max_seqlen_k, seqused_k=f8.seqused_k,
+                 block_table=f8.block_table, k_descale=f8.k_descale, v_descale=f8.v_descale,
+                 paged_read="in_place")
+    if not HOPPER:
+        with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
+            FWD_WITH(*args, **kw, paged_read="in_place")
+
+
+def test_paged_read_on_the_cpu():
+    """The CPU gathers the pages: paged_read "auto" and "gather" run its one kernel (the public
+    op's result); "in_place" and an unknown name are errors there, and a pinned value without
+    block_table too."""
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, "cpu")
+    out, lse = _call_with(b, None)
+    for read in ("auto", "gather"):
+        o, l = _call_with(b, None, paged_read=read)
+        assert torch.equal(o, out) and torch.equal(l, lse)
+    with pytest.raises(RuntimeError, match="paged_read: 'in_place' is the sm90 forward's"):
+        _call_with(b, None, paged_read="in_place")
+    with pytest.raises(RuntimeError, match="paged_read: expected one of"):
+        _call_with(b, None, paged_read="sm90")
+    with pytest.raises(RuntimeError, match="paged_read: 'gather' needs a paged call"):
+        FWD_WITH(b.q[None], b.q[None], b.q[None], paged_read="gather")
 
 
 @pytest.mark.parametrize("kernel", kernel_params())

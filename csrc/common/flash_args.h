@@ -230,5 +230,21 @@ inline DecodeRequest check_decode_request(c10::string_view name) {
   return r;
 }
 
+// How the serving call's forward takes paged K / V on CUDA, as _flash_attn_fwd_with's paged_read
+// asks for it: "auto" (prefer_paged_in_place in kernels/flash/choose.h, where the sm90 forward can
+// read them in place), "in_place" (the sm90 forward reads the pages through the caches' tensor
+// maps; a call it cannot take that way raises) or "gather" (the used pages copied into a padded K
+// / V first). The CPU always gathers: "auto" and "gather" there.
+enum class PagedRead { kAuto, kInPlace, kGather };
+
+inline PagedRead check_paged_read(c10::string_view name) {
+  const std::string s(name);
+  if (s == "auto") return PagedRead::kAuto;
+  if (s == "in_place") return PagedRead::kInPlace;
+  if (s == "gather") return PagedRead::kGather;
+  ATTNKIT_CHECK(false, "paged_read: expected one of {auto, in_place, gather}, got '", s, "'");
+  return PagedRead::kAuto;
+}
+
 }  // namespace flash
 }  // namespace attnkit

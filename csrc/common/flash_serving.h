@@ -3,10 +3,11 @@
 // (s_aux). Shared by the CPU, CUDA and Meta kernels; ATen ops only (no kernel of their own).
 //
 //  - seqused_k reaches every kernel through Params::seqused_k (seq_range clamps the key length).
-//  - block_table: the kernels address contiguous or varlen K/V, so the pages of each sequence
-//    are gathered once into a padded [B, max_blocks * block_size, Hkv, D] K/V (and dequantised
-//    with the descales when the cache is fp8) that seqused_k trims. This is the correct,
-//    slow step: paged addressing inside the mainloop replaces it (docs/serving.md, "Next").
+//  - block_table: the sm90 forward reads the pages in place (resolve_kv's in_place: the caches'
+//    own tensor maps, csrc/cuda/flash.cu paged_in_place). The other kernels address contiguous
+//    or varlen K/V, so for them the pages of each sequence are gathered once into a padded
+//    [B, max_blocks * block_size, Hkv, D] K/V (and dequantised with the descales when the cache
+//    is fp8) that seqused_k trims: correct, but a copy and an allocation of B x max_blocks pages.
 //  - s_aux: a per-head logit in every row's softmax denominator with a zero value vector. With
 //    lse0 the kernel's log-sum-exp, lse = logaddexp(lse0, s_aux) and out = out0 * exp(lse0 - lse)
 //    exactly, so the sink is an epilogue on (out, lse); the backward of (out, lse) is then the
@@ -16,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 #include "common/check.h"
 #include "common/flash_args.h"
@@ -32,6 +34,11 @@ struct ResolvedKV {
   at::Tensor k, v;
   OptTensor cu_k;
   OptTensor seqused_k;  // int32 [B], contiguous, or none
+  // Pages read in place (resolve_kv's in_place): the table columns read ([B, M] int32, unit
+  // column stride) and the padded length M * block_size; k / v are then views standing for the
+  // padded K / V (their shape only: every element is one cache row), never read.
+  at::Tensor table;
+  int64_t capacity = 0;
 };
 
 inline void check_seqused_k(const at::Tensor& s, const at::Tensor& q, const c10::SymInt& batch) {
@@ -176,13 +183,16 @@ using UsedPageGather = at::Tensor (*)(const at::Tensor& cache, const at::Tensor&
 // `max_seqlen_k`: bounds the table columns read (read_table_columns). `used_gather`: the
 // backend's gather of used pages for caches in q's dtype (CUDA), if any, and `subset` the
 // sequences it must copy (the others' rows are never read by the kernel after it).
+// `in_place`: the kernel reads the pages itself (the sm90 forward, csrc/cuda/flash.cu): nothing
+// is gathered, and r.table / r.capacity say where the keys are (r.table stays undefined, and the
+// pages are gathered, for an empty cache or table).
 inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const OptTensor& cu_q, const OptTensor& cu_k,
                              const OptTensor& seqused_k, const OptTensor& block_table,
                              const OptTensor& k_descale, const OptTensor& v_descale,
                              const std::optional<c10::SymInt>& max_seqlen_k, bool cpu,
                              UsedPageGather used_gather = nullptr,
-                             const SeqSubset& subset = {}) {
+                             const SeqSubset& subset = {}, bool in_place = false) {
   ResolvedKV r{k, v, cu_k, std::nullopt};
   const auto B = batch_of(q, cu_q);
   if (given(seqused_k)) {
@@ -226,6 +236,29 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     used = at::full({b}, M * bs, q.options().dtype(at::kInt));
   }
   if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(table, used, k.size(0), bs);
+  // Varlen: the sequences' key offsets in the padded layout, b * capacity.
+  auto padded_cu_k = [&](int64_t cap) -> OptTensor {
+    if (!varlen) return std::nullopt;
+    return (at::arange(b + 1, q.options().dtype(at::kLong)) * cap).to(cu_q->scalar_type());
+  };
+  if (in_place && k.size(0) > 0 && M > 0) {  // the kernel clamps the ids itself
+    r.seqused_k = used.contiguous();
+    r.capacity = M * bs;
+    r.table = M <= 1 || table.stride(1) == 1 ? table : table.contiguous();
+    const std::vector<int64_t> padded =
+        varlen ? std::vector<int64_t>{b * r.capacity, k.size(2), k.size(3)}
+               : std::vector<int64_t>{b, r.capacity, k.size(2), k.size(3)};
+    // One cache row expanded to the padded shape: the checks and Params see the shape the gather
+    // would build, and nothing is copied (the kernel reads the pages through r.table).
+    auto stand_in = [&](const at::Tensor& cache) {
+      auto row = cache.select(0, 0).select(0, 0);  // [Hkv, D]
+      return varlen ? row.unsqueeze(0).expand(padded) : row.unsqueeze(0).unsqueeze(0).expand(padded);
+    };
+    r.k = stand_in(k);
+    r.v = stand_in(v);
+    r.cu_k = padded_cu_k(r.capacity);
+    return r;
+  }
   // CPU: only ids past a sequence's used length are left out of range; CUDA: any id may be.
   at::Tensor ids = table.clamp(0, std::max<int64_t>(k.size(0) - 1, 0));
   if (k.size(0) == 0) {  // an empty cache: every sequence has no key
@@ -247,10 +280,8 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   if (varlen) {
     r.k = r.k.view({b * cap, k.size(2), k.size(3)});
     r.v = r.v.view({b * cap, k.size(2), k.size(3)});
-    r.cu_k = (at::arange(b + 1, q.options().dtype(at::kLong)) * cap).to(cu_q->scalar_type());
-  } else {
-    r.cu_k = std::nullopt;
   }
+  r.cu_k = padded_cu_k(cap);
   return r;
 }
 

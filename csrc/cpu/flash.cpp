@@ -519,13 +519,19 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cpu(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool deterministic,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired, c10::string_view decode_kernel) {
+    bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
   check_cpu_kernel(kernel);
   make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired);
   // The CPU has no decode path (its one kernel reads the pages itself): "auto" and "none" only.
   ATTNKIT_CHECK(!check_decode_request(decode_kernel).named(),
                 "decode_kernel: expected 'auto' or 'none' on the CPU, got '",
                 std::string(decode_kernel), "', a CUDA kernel");
+  // The CPU gathers the pages: "auto" and "gather" only.
+  const PagedRead pr = check_paged_read(paged_read);
+  ATTNKIT_CHECK(pr != PagedRead::kInPlace, "paged_read: 'in_place' is the sm90 forward's; the CPU "
+                "gathers the pages ('auto' or 'gather')");
+  ATTNKIT_CHECK(pr == PagedRead::kAuto || given(block_table), "paged_read: 'gather' needs a paged "
+                "call (block_table given); use 'auto'");
   return flash_attn_fwd_cpu(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                             cu_q, cu_k, std::move(max_seqlen_q), std::move(max_seqlen_k),
                             seqused_k, block_table, s_aux, k_descale, v_descale, deterministic);

@@ -85,7 +85,7 @@ bool rows_addressable(int64_t rows) { return rows < (int64_t(1) << 31) - 1024; }
 
 // A tensor map of t ([B, S, heads, D], varlen [rows, heads, D]) as {D, heads, rows, batches}
 // (varlen: one batch of all rows) with boxes of 64 columns x box_rows rows (the forward's q: its
-// query tile, k / v: 128; the backward's 64); false when the copy engine cannot address it
+// query tile, k / v: 128, paged caches: page_box_rows; the backward's 64); false when the copy engine cannot address it
 // (misaligned base, a stride of 0 or not a multiple of 16 bytes). A dimension of extent 1 is
 // never stepped over, so its stride is replaced by a valid one (torch may report any stride
 // there, and varlen's batch stride is 0).
@@ -119,20 +119,47 @@ bool encode_or_copy(CUtensorMap* map, const Params& p, bool varlen, const at::Te
 
 using FwdMaps = ws::FwdWsMaps;
 
-// The forward's three maps; the q map's boxes are the launch's query tile (three_wg: 192 rows).
+// The forward's maps; the q map's boxes are the launch's query tile (three_wg: 192 rows). With
+// paged K / V (p.block_table) only q's: the caches' maps are encode_paged_maps'.
 bool encode_fwd_maps(const Params& p, bool varlen, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, bool three_wg, FwdMaps* m, Copies* copies) {
-  const uint32_t q_rows = static_cast<uint32_t>(ws::fwd_ws_block_rows(int(p.D), three_wg));
-  return encode_or_copy(&m->q, p, varlen, q, p.seqlen_q, p.H, q_rows, copies) &&
-         encode_or_copy(&m->k, p, varlen, k, p.seqlen_k, p.Hkv, 128, copies) &&
+                     const at::Tensor& v, const FwdLaunchOptions& lo, FwdMaps* m, Copies* copies) {
+  const uint32_t q_rows =
+      static_cast<uint32_t>(ws::fwd_ws_block_rows(int(p.D), ws::fwd_ws_three_wg(p, lo)));
+  if (!encode_or_copy(&m->q, p, varlen, q, p.seqlen_q, p.H, q_rows, copies)) return false;
+  if (p.block_table != nullptr) return true;
+  return encode_or_copy(&m->k, p, varlen, k, p.seqlen_k, p.Hkv, 128, copies) &&
          encode_or_copy(&m->v, p, varlen, v, p.seqlen_k, p.Hkv, 128, copies);
+}
+
+// Boxes of the paged loads: the largest power of two up to the forward's 128-row key tile that
+// divides the page size (16 .. 256, a multiple of 16), so no box crosses a page.
+int64_t page_box_rows(int64_t page_size) {
+  int64_t r = 128;
+  while (page_size % r != 0) r /= 2;
+  return r;
+}
+
+// The NHD caches [num_blocks, page_size, Hkv, D] as the forward's paged K / V maps, {D, Hkv,
+// page_size, num_blocks} in boxes of page_box_rows rows: false when the copy engine cannot
+// address them as they are (no copy here: a copy is the gather this path avoids).
+bool encode_paged_maps(const at::Tensor& k_cache, const at::Tensor& v_cache, FwdMaps* m) {
+  Params pp;  // encode_rows_map reads D and the batch count (here the blocks)
+  pp.D = k_cache.size(3);
+  pp.B = k_cache.size(0);
+  const auto rows = static_cast<uint32_t>(page_box_rows(k_cache.size(1)));
+  return encode_rows_map(&m->k, pp, /*varlen=*/false, k_cache, k_cache.size(1), k_cache.size(2),
+                         rows) &&
+         encode_rows_map(&m->v, pp, /*varlen=*/false, v_cache, v_cache.size(1), v_cache.size(2),
+                         rows);
 }
 #else
 struct FwdMaps {};  // no tensor maps in this build (HIP, CUDA < 12): maps_ok stays false
 bool encode_fwd_maps(const Params&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     bool, FwdMaps*, Copies*) {
+                     const FwdLaunchOptions&, FwdMaps*, Copies*) {
   return false;
 }
+int64_t page_box_rows(int64_t) { return 0; }
+bool encode_paged_maps(const at::Tensor&, const at::Tensor&, FwdMaps*) { return false; }
 #endif
 
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_BWD_WS && ATTNKIT_HAS_TMA_MAP
@@ -247,8 +274,9 @@ const char* nhd_decode_inapplicable(const at::Tensor& q, const at::Tensor& k, co
 // stay exact), else its short sequences, those of 1 .. short_rows = max(8, 16 / G) query rows
 // (decode and speculative rows beside chunked or prefix-cached prefill in a mixed batch), which
 // the host cannot count without a sync: a one-block kernel lists the long ones on the device
-// (kernels/paged/mixed_split.cuh), the gather copies their pages only, the flash forward computes
-// them (the sm90 forward walks the list; the others run every sequence, the short ones with key
+// (kernels/paged/mixed_split.cuh), the flash forward computes them (the sm90 forward walks the
+// list and reads their pages in place, paged_in_place; where the gather runs instead it copies
+// their pages only; the other forwards run every sequence, the short ones with key
 // length 0, writing their rows 0), and the decode kernel, after it in the stream, computes exactly
 // the short sequences
 // (DecodeParams::short_seq_rows: one CTA per sequence, kv head and row chunk of 16 / G rows reads
@@ -268,9 +296,12 @@ struct NhdDecodePlan {
   SeqSubset long_seqs;
 };
 
-// The sequences of more than short_rows query rows, listed on the device (no host sync).
-SeqSubset list_long_seqs(const at::Tensor& qo, int64_t B, int64_t T, int64_t short_rows) {
+// The sequences of more than short_rows query rows, listed on the device (no host sync), and
+// into fwd_used ([B] int32) the forward's key lengths: `used` for those, 0 for the others.
+SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tensor& fwd_used,
+                         int64_t B, int64_t T, int64_t short_rows) {
   SeqSubset s{at::empty({std::max<int64_t>(B, 1)}, qo.options()), at::empty({1}, qo.options())};
+  fwd_used = at::empty({B}, used.options());
   paged::MixedSplitParams p{};
   p.cu_q = qo.const_data_ptr<int32_t>();
   p.B = static_cast<int32_t>(B);
@@ -278,9 +309,67 @@ SeqSubset list_long_seqs(const at::Tensor& qo, int64_t B, int64_t T, int64_t sho
   p.short_rows = static_cast<int32_t>(short_rows);
   p.list = s.list.data_ptr<int32_t>();
   p.count = s.count.data_ptr<int32_t>();
+  p.used = used.const_data_ptr<int32_t>();
+  p.fwd_used = fwd_used.data_ptr<int32_t>();
   paged::mixed_split_kernel<<<1, paged::kSplitThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return s;
+}
+
+// Whether the sm90 forward reads this paged call's pages in place (load_paged_tile; no gather),
+// the caches' maps then encoded into `maps`. It can when the choice (auto, or sm90 with paged_read
+// "in_place") is sm90 on this device and build, the caches are in q's dtype (the gather
+// dequantises fp8 caches) and their maps encode as they are, and the padded layout's rows fit
+// the maps' int32 coordinates; it does when paged_read `pr` asks for it, or under "auto" where
+// prefer_paged_in_place (kernels/flash/choose.h) says so. A named kernel under "auto", or
+// decode_kernel "none" (`gather`), keeps the gather: kernel="sm90" is the A/B arm of the forward
+// alone, "none" of the whole call. Only sizes and dtypes are read: inputs the later checks refuse
+// are left to them (false here), for their messages (flash_fwd raises for "in_place" after them).
+bool paged_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& block_table, const OptTensor& cu_q, const Options& opt,
+                    FlashRequest req, bool gather, PagedRead pr,
+                    const std::optional<c10::SymInt>& max_seqlen_k, FwdMaps* maps) {
+#if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+  const bool varlen = given(cu_q);
+  const bool named_ok = req == FlashRequest::kAuto ||
+                        (pr == PagedRead::kInPlace && req == FlashRequest::kSm90);
+  if (!named_ok || gather || pr == PagedRead::kGather) return false;
+  if (!q.is_cuda() || q.dim() != (varlen ? 3 : 4)) return false;
+  if (varlen && cu_q->dim() != 1) return false;
+  if (k.dim() != 4 || v.dim() != 4 || block_table.dim() != 2 || k.sizes() != v.sizes()) return false;
+  if (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type()) return false;
+  if (k.device() != q.device() || v.device() != q.device()) return false;
+  if (k.size(0) < 1 || k.size(0) > INT32_MAX || k.stride(3) != 1 || v.stride(3) != 1) return false;
+  // (check_paged has not run yet: a block size of 0 must not reach the division below)
+  if (k.size(3) != q.size(-1) || k.size(1) < 16 || k.size(1) % 16 != 0 || k.size(1) > 256) {
+    return false;
+  }
+  const int64_t B = varlen ? cu_q->size(0) - 1 : q.size(0), bs = k.size(1);
+  const int64_t M = read_table_columns(block_table.size(1), bs, max_seqlen_k);
+  // The padded layout's B * M * bs rows inside the int32 coordinates, without overflowing int64.
+  const int64_t limit = (int64_t(1) << 31) - 1024;
+  if (B < 1 || M < 1 || M > limit / bs || B > limit / (M * bs) ||
+      !rows_addressable(varlen ? q.size(0) : q.size(1))) {
+    return false;
+  }
+  Params p0;  // device_facts reads the head dim and the scale
+  p0.D = q.size(-1);
+  p0.scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(p0.D)));
+  FlashFacts f = device_facts(q, p0);
+  f.k_has_rows = true;
+  if (!wants_tensor_maps(f, req, /*backward=*/false)) return false;
+  // The gather's padded K and V: B x M x bs rows each, in q's dtype.
+  const int64_t gather_bytes = 2 * B * M * bs * k.size(2) * k.size(3) * k.element_size();
+  if (pr == PagedRead::kAuto && !prefer_paged_in_place(page_box_rows(bs), gather_bytes)) {
+    return false;
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  return encode_paged_maps(k, v, maps);
+#else
+  (void)q, (void)k, (void)v, (void)block_table, (void)cu_q, (void)opt, (void)req, (void)gather,
+      (void)pr, (void)max_seqlen_k, (void)maps;
+  return false;
+#endif
 }
 
 // The plan, or nullopt when the decode kernel takes no part (then the gather path computes the
@@ -345,10 +434,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     // The long sequences' key lengths, 0 for the others, with the query lengths clamped as the
     // kernels clamp them (mixed_split.cuh), so the forwards that compute every sequence read no
     // key of a sequence whose pages the gather leaves out.
-    const auto qc = plan.qo.clamp(0, T);
-    const auto qlen = (qc.slice(0, 1) - qc.slice(0, 0, B)).clamp_min(0);
-    plan.fwd_used = at::where(qlen > plan.short_rows, plan.used, at::zeros_like(plan.used));
-    plan.long_seqs = list_long_seqs(plan.qo, B, T, plan.short_rows);
+    plan.long_seqs = list_long_seqs(plan.qo, plan.used, plan.fwd_used, B, T, plan.short_rows);
   }
   return plan;
 }
@@ -497,8 +583,13 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const std::optional<c10::SymInt>& max_seqlen_q, const std::optional<c10::SymInt>& max_seqlen_k,
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, Request req,
-    const FwdLaunchOptions& lo, const DecodeRequest& dr) {
+    const FwdLaunchOptions& lo, const DecodeRequest& dr, PagedRead pr = PagedRead::kAuto) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  ATTNKIT_CHECK(pr == PagedRead::kAuto || given(block_table), "paged_read: '",
+                pr == PagedRead::kInPlace ? "in_place" : "gather",
+                "' needs a paged call (block_table given); use 'auto'");
+  ATTNKIT_CHECK(pr != PagedRead::kInPlace || !dr.off, "paged_read: 'in_place' and decode_kernel "
+                "'none' (the gather for the whole call) exclude each other");
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
   const bool paged_varlen = given(block_table) && given(cu_q) && q_in.dim() == 3;
@@ -525,18 +616,28 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true, cu_q);
     return {out, lse};
   }
-  // Paged caches are gathered here (the pages each sequence uses; a mixed call's short
-  // sequences use none: their key length is 0 for the forward), block ids clamped
-  // (flash_serving.h): no value is read. Every check (devices included) comes before the device
-  // guard, which needs q on a CUDA device.
+  // Paged caches are read in place by the sm90 forward (paged_in_place), else gathered here (the
+  // pages each sequence uses; a mixed call's short sequences use none: their key length is 0 for
+  // the forward); block ids are clamped either way (flash_serving.h, load_paged_tile): no value
+  // is read. Every check (devices included) comes before the device guard, which needs q on a
+  // CUDA device.
+  FwdMaps paged_maps;
+  const bool in_place = given(block_table) &&
+                        paged_in_place(q_in, k_cache, v_cache, *block_table, cu_q, opt, req.kernel,
+                                       dr.off, pr, max_seqlen_k, &paged_maps);
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in,
                                   plan ? OptTensor(plan->fwd_used) : seqused_k, block_table,
                                   k_descale, v_descale, max_seqlen_k, /*cpu=*/false,
-                                  gather_used_pages_cuda, plan ? plan->long_seqs : SeqSubset{});
+                                  gather_used_pages_cuda, plan ? plan->long_seqs : SeqSubset{},
+                                  in_place);
   const auto& cu_k = r.cu_k;
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
+  ATTNKIT_CHECK(in_place || pr != PagedRead::kInPlace,
+                "paged_read: 'in_place' needs the sm90 forward (kernel auto or sm90, a 9.0 device, "
+                "an sm_90a build, head dim 64 or 128) and caches in q's dtype whose strides the "
+                "copy engine can address; this call can only be gathered (paged_read 'auto')");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),
@@ -559,6 +660,19 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     p.seq_list = plan->long_seqs.list.const_data_ptr<int32_t>();
     p.seq_count = plan->long_seqs.count.const_data_ptr<int32_t>();
   }
+  if (r.table.defined()) {  // the pages in place (k / v are stand-ins, never read)
+    p.block_table = r.table.const_data_ptr<int32_t>();
+    p.table_stride = r.table.stride(0);
+    p.page_size = static_cast<int32_t>(k_cache.size(1));
+    p.num_blocks = static_cast<int32_t>(k_cache.size(0));
+    p.page_box_rows = static_cast<int32_t>(page_box_rows(k_cache.size(1)));
+    // load_paged_tile's contract: boxes of 16 .. 128 rows that tile both the page and the key tile
+    // (fewer rows would issue fewer copies than the bytes it expects: a hang).
+    ATTNKIT_CHECK(p.page_box_rows >= 16 && 128 % p.page_box_rows == 0 &&
+                      p.page_size % p.page_box_rows == 0,
+                  "flash_attn_fwd: internal error: paged boxes of ", p.page_box_rows,
+                  " rows for pages of ", p.page_size);
+  }
   if (p.B == 0) return {out, lse};
   const int64_t rows = grid_rows(varlen, p.seqlen_q, max_seqlen_q);
   grid_of(rows, simt::kRows, p.H, p.B);  // grid limits, checked once for every path
@@ -569,12 +683,15 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   f.mma_ok = mma::fwd_layout_ok(p, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                 out.const_data_ptr());
   f.k_has_rows = k.numel() > 0;
-  FwdMaps maps;
+  FwdMaps maps = paged_maps;  // the caches' maps when the pages are read in place
   Copies copies;
   f.maps_ok = wants_tensor_maps(f, req.kernel, /*backward=*/false) &&
-              encode_fwd_maps(p, varlen, q, k, v, lo.three_wg, &maps, &copies);
+              encode_fwd_maps(p, varlen, q, k, v, lo, &maps, &copies);
   const FlashChoice c = choose_fwd(f, req.kernel);
   check_choice(c, "flash_attn_fwd", req.kernel, req.source, call_context(q, f));
+  ATTNKIT_CHECK(p.block_table == nullptr || c.kernel == FlashKernel::kSm90,
+                "flash_attn_fwd: internal error: the pages were left in place for the sm90 "
+                "forward, but the choice is ", flash_kernel_name(c.kernel));
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
@@ -605,14 +722,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired, c10::string_view decode_kernel) {
+    bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   const FwdLaunchOptions lo = make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg,
                                                       paired);
   const DecodeRequest dr = check_decode_request(decode_kernel);
+  const PagedRead pr = check_paged_read(paged_read);
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,
                    max_seqlen_q, max_seqlen_k, seqused_k, block_table, s_aux, k_descale,
-                   v_descale, req, lo, dr);
+                   v_descale, req, lo, dr, pr);
 }
 
 // ---- backward ----

@@ -5,6 +5,8 @@
 // Host only and torch-free: the CPU-only build and hipcc compile it.
 #pragma once
 
+#include <cstdint>
+
 #include "kernels/common/request_names.h"
 
 namespace attnkit {
@@ -166,6 +168,22 @@ inline bool wants_tensor_maps(FlashFacts f, FlashRequest req, bool backward) {
   f.maps_ok = true;
   const FlashChoice c = backward ? choose_bwd(f, req) : choose_fwd(f, req);
   return c.ok() && c.kernel == FlashKernel::kSm90;
+}
+
+// How the sm90 forward takes a paged call's K / V when both ways are open (issue #18): in place
+// (the caches' own tensor maps, boxes of box_rows rows: the largest power of two up to 128 that
+// divides the page size) or through the gather (the used pages copied into a padded K and V of
+// gather_bytes together). Measured on the H100 (twenty-fourth session, docs/performance.md): at
+// boxes of 64 and 128 rows in place is level with gather + forward (2080 / 2076 us, 2153 / 2131
+// us on a prefill batch over 160 MB of pages); at 16-row boxes it is ~10 % slower (2275 / 2078
+// us: eight copies per key tile's half, issued lane after lane). So in place where it is level,
+// and at smaller pages only where the padded copy would take kGatherCopyLimit or more (a vLLM
+// batch of 256 sequences at 32k context: 17 GB apiece for K and V), where a few percent buy the
+// memory back.
+inline constexpr int64_t kGatherCopyLimit = int64_t(1) << 30;  // bytes of padded K + V
+
+inline bool prefer_paged_in_place(int64_t box_rows, int64_t gather_bytes) {
+  return box_rows >= 64 || gather_bytes >= kGatherCopyLimit;
 }
 
 }  // namespace flash

@@ -13,9 +13,12 @@
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 loads Q (one
 //     box per 64 head-dim columns, into a 2-stage ring) and K_j per key tile, thread 32 loads V_j,
 //     each into rings of their own (D = 128: 2 K / 3 V stages, 32 KB tiles; D = 64: 4 / 4, 16 KB
-//     tiles), every load a tensor-map copy (kernels/common/tma.cuh) of a 4-D map {D, H, S, B}:
+//     tiles; kPaged: warps 0 and 1 whole, a page box per lane, load_paged_tile), every load a tensor-map copy (kernels/common/tma.cuh) of a 4-D map {D, H, S, B}:
 //     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
 //     and the rows past a sequence's end are the next sequence's (or zeros past the total).
+//     kPaged (a paged serving call): the K / V maps are the NHD caches' own, {D, Hkv, page,
+//     blocks}, and a key tile is assembled from boxes of R rows, one per page slice
+//     (load_paged_tile).
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
 //     and per key tile g issue S_g = Q·K_gᵀ and then O += P_{g-1}·V_{g-1}, wait for S_g only, run
 //     the softmax of S_g while P_{g-1}·V_{g-1} runs, rescale O, pack P_g. g counts the CTA's key
@@ -39,10 +42,12 @@
 // stage's arrive.
 //
 // Keys past `hi` (the tile's last visible key) in the last key tile are either the next
-// sequence's (varlen: maybe inf / NaN), zeros past the map's extent, or real keys no row of the
-// tile sees: their scores are masked to -inf, and the V rows past `hi` are zeroed in shared
-// memory before that tile's P·V (0 · NaN is NaN), by each consumer warpgroup for itself (whole
-// 128-byte rows, so the swizzle does not matter; the other warpgroup writes the same zeros).
+// sequence's (varlen: maybe inf / NaN), zeros past the map's extent, real keys no row of the
+// tile sees, or (kPaged) cache slots past the sequence's end in its last page (anything) and
+// shared memory left by an earlier fill (boxes not loaded): their scores are masked to -inf,
+// and the V rows past `hi` are zeroed in shared memory before that tile's P·V (0 · NaN is NaN),
+// by each consumer warpgroup for itself (whole 128-byte rows, so the swizzle does not matter; the
+// other warpgroup writes the same zeros).
 // Query rows past the sequence's end are computed and never stored.
 //
 // Units in order: query tiles of an item fastest (the last tile of a sequence first: under a
@@ -140,7 +145,8 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles
 // mask every item of an equal-length batch costs about the same: with one tile per item a CTA's
 // tiles are k, k + grid, ... mod q_tiles, all alike when the grid is a multiple of q_tiles (132 SMs
 // and 22 or 6 tiles of 192 rows), and the CTAs of the longest tiles set the time. Both loading
-// threads run the walk; the consumers get its units through shared memory.
+// threads (kPaged: every lane of both loading warps) run the walk, alike; the consumers get its
+// units through shared memory.
 template <int BM, int BN>
 struct WsCursor {
   int64_t item;
@@ -148,6 +154,10 @@ struct WsCursor {
   bool in_item = false;
   WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
 
+  // kPaged: the first key of a unit is rounded down to a multiple of Params::page_box_rows, so
+  // the paged loads' boxes never cross a page (the keys added are masked like any key outside a
+  // row's range: the consumers' masks are relative to u.lo).
+  template <bool kPaged = false>
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const Params& p, int64_t q_tiles, bool paired,
                                           int64_t items) {
     const int64_t per = fwd_ws_items_per_head(q_tiles, paired);
@@ -182,6 +192,7 @@ struct WsCursor {
       const KeyRange first = key_range(p, u.i0, u.lq, u.lk);
       const KeyRange last = key_range(p, u.i0 + rows - 1, u.lq, u.lk);
       u.lo = static_cast<int>(first.lo);
+      if constexpr (kPaged) u.lo -= u.lo % p.page_box_rows;
       u.hi = static_cast<int>(last.hi);
       u.n_tiles = first.lo <= last.hi ? (u.hi - u.lo + BN) / BN : 0;
       return true;
@@ -191,10 +202,55 @@ struct WsCursor {
 };
 #endif
 
+#if defined(__CUDACC__)
+// Paged K / V (Params::block_table): key tile t of unit u, keys j = u.lo + t * BN onwards, from
+// the pages that hold them, in boxes of R = page_box_rows rows (R divides the page size and u.lo
+// is a multiple of R, so no box crosses a page). Called by a whole producer warp: lane s loads box
+// s (up to BN / 16 boxes, R >= 16), so the tile's block ids are read side by side, one per lane,
+// before the stage is acquired (they do not depend on it), in one coalesced read; each lane issues
+// its box's copies (a tensor-map copy takes warp-uniform operands, so ptxas issues them lane after
+// lane: the copies themselves are not faster, the id reads and the producer's spills are - 152 B
+// against 566 with one thread reading every id, whose block-16 tiles ran ~1.8x slower than the
+// gathered copy in the twenty-third session). Each id is clamped
+// into the cache, whatever the table holds. Boxes wholly past the unit's last key are not loaded
+// and the bytes expected count only the others: their K columns are masked and their V rows
+// zeroed (zero_v_tail), as rows past a sequence's end are in the other layouts. Every lane waits
+// for fill g of `ring` to be free; lane 0 sets its expected bytes before any lane issues a copy.
+template <class Tr, class Ring>
+ATTNKIT_DEVICE ATTNKIT_INLINE void load_paged_tile(unsigned char* dst, const CUtensorMap* map,
+                                                   const Params& p, const WsUnit& u, int t, int hk,
+                                                   const Ring& ring, uint32_t g, int lane) {
+  static_assert(Tr::kBN / 16 <= 32, "a box per lane");
+  constexpr int kRowBytes = Tr::kBoxCols * 2;
+  const int R = p.page_box_rows, j = u.lo + t * Tr::kBN;
+  const int n = min(Tr::kBN / R, (u.hi - j) / R + 1);  // j <= u.hi: at least one box
+  int key = 0, b = 0;  // lanes >= n load nothing
+  if (lane < n) {
+    key = j + lane * R;
+    b = p.block_table[int64_t(u.b) * p.table_stride + key / p.page_size];
+    b = min(max(b, 0), p.num_blocks - 1);
+  }
+  ring.producer_acquire(g);  // every lane sees the stage free (a wait, not an arrive)
+  if (lane == 0) {
+    ring.producer_arrive_expect_tx(g, static_cast<uint32_t>(n * R * kRowBytes * Tr::kBoxes));
+  }
+  __syncwarp();  // the bytes expected before any copy is issued
+  if (lane < n) {
+#pragma unroll
+    for (int c = 0; c < Tr::kBoxes; ++c) {
+      tma::load_4d(dst + c * Tr::kBoxBytes + lane * R * kRowBytes, map, c * Tr::kBoxCols, hk,
+                   key % p.page_size, b, ring.full(g));
+    }
+  }
+}
+#endif
+
 // kSoftcap: a compile-time switch (the plain path carries no tanh). Requires
 // scale > 0 (the launcher checks). `ping_pong` is uniform over the CTA (a kernel argument, so
 // the A/B variant costs no instantiation).
-template <typename T, int kD, int kWG, bool kSoftcap>
+// kPaged: K and V come from paged caches (Params::block_table; the maps are the caches',
+// load_paged_tile).
+template <typename T, int kD, int kWG, bool kSoftcap, bool kPaged = false>
 __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     fwd_ws_kernel(const Params p, T* __restrict__ o, float* __restrict__ lse, const int64_t q_tiles,
                   const bool ping_pong, const bool paired, const __grid_constant__ CUtensorMap map_q,
@@ -233,22 +289,28 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
   if (tid == 0) rings.init(Tr::kConsumerWarps);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
-  if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V
+  if (tid < 128) {  // producer warpgroup: thread 0 loads Q and K, thread 32 loads V (kPaged:
+    // warps 0 and 1 whole, a page box per lane, load_paged_tile; Q and the rings' bookkeeping
+    // stay with their lane 0)
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
     // Only the listed sequences when the call lists them (Params::seq_list: a mixed serving
     // call's long ones), so a CTA does not walk the items of the sequences the decode kernel takes.
     const int64_t items = fwd_ws_items_per_head(q_tiles, paired) * p.H * walked_seqs(p);
-    const bool loads_qk = tid == 0, loads_v = tid == 32;
+    const int plane = tid & 31;
+    const bool leader = !kPaged || plane == 0;  // non-paged: the one thread is its own leader
+    const bool loads_qk = kPaged ? tid < 32 : tid == 0, loads_v = kPaged ? tid / 32 == 1 : tid == 32;
     if (!loads_qk && !loads_v) return;
-    tma::prefetch_map(loads_qk ? &map_q : &map_v);
-    if (loads_qk) tma::prefetch_map(&map_k);
+    if (leader) {
+      tma::prefetch_map(loads_qk ? &map_q : &map_v);
+      if (loads_qk) tma::prefetch_map(&map_k);
+    }
     WsCursor<BM, BN> cursor{int64_t(blockIdx.x)};
     const WsUnit& u = cursor.u;
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
-    while (cursor.next(p, q_tiles, paired, items)) {
+    while (cursor.template next<kPaged>(p, q_tiles, paired, items)) {
       const int hk = static_cast<int>(u.h / (p.H / p.Hkv));
       const int bc = p.cu_q != nullptr ? 0 : u.b;  // the map's batch coordinate (varlen: one)
-      if (loads_qk) {
+      if (loads_qk && leader) {
         const uint32_t qs = ring_q.stage(qn);
         ring_q.producer_acquire(qn);
         units[qs] = u;
@@ -270,27 +332,35 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
         const int row = u.k0 + u.lo + t * BN;
         if (loads_qk) {
           unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
-          ring_k.producer_acquire(g);
-          ring_k.producer_arrive_expect_tx(g, Tr::kTileBytes);
+          if constexpr (kPaged) {
+            load_paged_tile<Tr>(k_dst, &map_k, p, u, t, hk, ring_k, g, plane);  // acquires
+          } else {
+            ring_k.producer_acquire(g);
+            ring_k.producer_arrive_expect_tx(g, Tr::kTileBytes);
 #pragma unroll
-          for (int c = 0; c < Tr::kBoxes; ++c) {
-            tma::load_4d(k_dst + c * Tr::kBoxBytes, &map_k, c * Tr::kBoxCols, hk, row, bc,
-                         ring_k.full(g));
+            for (int c = 0; c < Tr::kBoxes; ++c) {
+              tma::load_4d(k_dst + c * Tr::kBoxBytes, &map_k, c * Tr::kBoxCols, hk, row, bc,
+                           ring_k.full(g));
+            }
           }
         }
         if (loads_v) {
           unsigned char* v_dst = sv + ring_v.stage(g) * Tr::kTileBytes;
-          ring_v.producer_acquire(g);
-          ring_v.producer_arrive_expect_tx(g, Tr::kTileBytes);
+          if constexpr (kPaged) {
+            load_paged_tile<Tr>(v_dst, &map_v, p, u, t, hk, ring_v, g, plane);  // acquires
+          } else {
+            ring_v.producer_acquire(g);
+            ring_v.producer_arrive_expect_tx(g, Tr::kTileBytes);
 #pragma unroll
-          for (int c = 0; c < Tr::kBoxes; ++c) {
-            tma::load_4d(v_dst + c * Tr::kBoxBytes, &map_v, c * Tr::kBoxCols, hk, row, bc,
-                         ring_v.full(g));
+            for (int c = 0; c < Tr::kBoxes; ++c) {
+              tma::load_4d(v_dst + c * Tr::kBoxBytes, &map_v, c * Tr::kBoxCols, hk, row, bc,
+                           ring_v.full(g));
+            }
           }
         }
       }
     }
-    if (loads_qk) {  // the end of the walk, in the next Q stage
+    if (loads_qk && leader) {  // the end of the walk, in the next Q stage
       const uint32_t qs = ring_q.stage(qn);
       ring_q.producer_acquire(qn);
       units[qs].n_tiles = -1;
@@ -481,6 +551,12 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 #endif  // ATTNKIT_HAS_WGMMA
 }
 
+// Whether the launch runs 3 consumer warpgroups: launch option three_wg at head dim 64, except
+// with paged K / V (that instance is built with 2 only).
+inline bool fwd_ws_three_wg(const Params& p, const FwdLaunchOptions& opt) {
+  return opt.three_wg && p.D == 64 && p.block_table == nullptr;
+}
+
 // The query tile of the launch (the q map's box rows): the traits' kBM of the instantiation
 // launch_fwd_ws picks.
 inline int fwd_ws_block_rows(int D, bool three_wg) {
@@ -493,7 +569,8 @@ inline int fwd_ws_block_rows(int D, bool three_wg) {
 template <typename T>
 cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* lse,
                           int64_t grid_rows, const FwdLaunchOptions& opt, cudaStream_t stream) {
-  const int bm = fwd_ws_block_rows(static_cast<int>(p.D), opt.three_wg);
+  const bool three_wg = fwd_ws_three_wg(p, opt);
+  const int bm = fwd_ws_block_rows(static_cast<int>(p.D), three_wg);
   int64_t q_tiles = (grid_rows + bm - 1) / bm;
   q_tiles = std::max<int64_t>(1, std::min<int64_t>(q_tiles, int64_t(1) << 30));
   const int64_t items = fwd_ws_items_per_head(q_tiles, opt.paired) * p.H * p.B;
@@ -509,7 +586,7 @@ cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* l
   if (opt.max_ctas > 0) grid = std::min<int64_t>(grid, opt.max_ctas);
   auto run = [&](auto traits, auto plain, auto capped) {
     using Tr = decltype(traits);
-    const auto kernel = p.softcap > 0.0 ? capped : plain;
+    const auto kernel = p.softcap > 0.0 ? capped : plain;  // (kernels of one signature)
     cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (e != cudaSuccess) return e;
@@ -517,7 +594,15 @@ cudaError_t launch_fwd_ws(const Params& p, const FwdWsMaps& maps, T* o, float* l
         p, o, lse, q_tiles, opt.ping_pong, opt.paired, maps.q, maps.k, maps.v);
     return cudaGetLastError();
   };
-  if (p.D == 64 && opt.three_wg) {
+  if (p.block_table != nullptr) {  // paged K / V (load_paged_tile)
+    if (p.D == 64) {
+      return run(FwdWsTraits<64, 2>{}, fwd_ws_kernel<T, 64, 2, false, true>,
+                 fwd_ws_kernel<T, 64, 2, true, true>);
+    }
+    return run(FwdWsTraits<128, 2>{}, fwd_ws_kernel<T, 128, 2, false, true>,
+               fwd_ws_kernel<T, 128, 2, true, true>);
+  }
+  if (three_wg) {
     return run(FwdWsTraits<64, 3>{}, fwd_ws_kernel<T, 64, 3, false>, fwd_ws_kernel<T, 64, 3, true>);
   }
   if (p.D == 64) {

@@ -11,7 +11,8 @@ namespace flash {
 struct FwdLaunchOptions {  // sm90 (fwd_ws.cuh)
   bool ping_pong = true;   // the consumer warpgroups take turns issuing products
   bool persistent = true;  // one CTA per SM (else one per work item)
-  bool three_wg = false;   // head dim 64: 3 consumer warpgroups, 192-row query tiles
+  bool three_wg = false;   // head dim 64: 3 consumer warpgroups, 192-row query tiles (not with
+                           // paged K / V read in place: that instance has 2; fwd_ws_three_wg)
   bool paired = true;      // work items of two query tiles, k and q_tiles - 1 - k (WsCursor)
   int max_ctas = 0;        // > 0: at most this many CTAs (a test knob: the rings wrap)
 };

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/portability.h"
+#include "kernels/common/seq_list.h"
 
 namespace attnkit {
 namespace flash {
@@ -37,19 +38,23 @@ struct Params {
   // kernels compute every sequence, which is as correct (the rows left out are overwritten).
   const int32_t* seq_list = nullptr;
   const int32_t* seq_count = nullptr;
+  // Paged K / V read in place (the sm90 forward of a paged serving call; null: k and v are
+  // addressed as above). The sequences' key ranges stay those of the padded layout the gather
+  // would build (k0 = b * capacity), but key j of sequence b is row j % page_size of cache block
+  // block_table[b * table_stride + j / page_size], loaded in boxes of page_box_rows rows (a
+  // power of two dividing page_size); ids are clamped to [0, num_blocks).
+  const int32_t* block_table = nullptr;
+  int64_t table_stride = 0;
+  int32_t page_size = 0, num_blocks = 0, page_box_rows = 0;
 };
 
 // How many sequences a walk visits, and the id of the i-th (both clamped: no value read from
 // seq_list / seq_count makes a kernel leave [0, B)).
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t walked_seqs(const Params& p) {
-  if (p.seq_count == nullptr) return p.B;
-  const int64_t n = p.seq_count[0];
-  return n < 0 ? 0 : (n > p.B ? p.B : n);
+  return listed_count(p.seq_count, p.B);
 }
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t walked_seq(const Params& p, int64_t i) {
-  if (p.seq_list == nullptr) return i;
-  const int64_t b = p.seq_list[i];
-  return b < 0 ? 0 : (b >= p.B ? p.B - 1 : b);
+  return listed_seq(p.seq_list, i, p.B);
 }
 
 struct SeqRange {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common/portability.h"
+#include "kernels/common/block_scan.cuh"
 
 namespace attnkit {
 namespace moe {
@@ -96,26 +97,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE lane_mask_t match_any(int v) {
 // after the fence / ticket that ordered them.
 ATTNKIT_DEVICE ATTNKIT_INLINE int32_t load_cg(const int32_t* p) {
   return *static_cast<const volatile int32_t*>(p);
-}
-
-// Exclusive scan of one int32 per thread over the block (Hillis-Steele in shared memory, a fixed
-// order: deterministic). `smem` holds blockDim.x ints. Returns the thread's exclusive prefix and
-// the block total in `*total`. Every thread of the block must call it.
-ATTNKIT_DEVICE ATTNKIT_INLINE int32_t block_exclusive_scan(int32_t v, int32_t* smem,
-                                                           int32_t* total) {
-  const int tid = threadIdx.x, n = blockDim.x;
-  smem[tid] = v;
-  __syncthreads();
-  for (int d = 1; d < n; d <<= 1) {
-    const int32_t add = tid >= d ? smem[tid - d] : 0;
-    __syncthreads();
-    smem[tid] += add;
-    __syncthreads();
-  }
-  const int32_t inclusive = smem[tid];
-  *total = smem[n - 1];
-  __syncthreads();
-  return inclusive - v;
 }
 
 // Sum of one value per thread over the block, in a fixed tree order; every thread gets it.

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "common/portability.h"
+#include "kernels/common/block_scan.cuh"
 
 namespace attnkit {
 namespace paged {
@@ -31,37 +32,33 @@ struct MixedSplitParams {
   int32_t short_rows;   // the most query rows of a sequence the decode kernel takes
   int32_t* list;        // [B] out: the long sequences' ids, ascending, then unwritten entries
   int32_t* count;       // [1] out: how many
+  const int32_t* used;  // [B] the key lengths
+  int32_t* fwd_used;    // [B] out: the forward's key lengths, used[b] for a long sequence, else 0
 };
 
 // grid: 1 block of kSplitThreads. A chunk of kSplitThreads sequences at a time: each thread flags
-// its sequence, a shared-memory inclusive scan (Hillis-Steele, no warp intrinsics: the same code
-// for 32- and 64-wide warps) gives each long sequence its slot.
+// its sequence (and writes its forward key length: this one launch replaces the six elementwise
+// ATen kernels that computed it), and a block scan (kernels/common/block_scan.cuh) gives each
+// long sequence its slot.
 __global__ void __launch_bounds__(kSplitThreads) mixed_split_kernel(const MixedSplitParams p) {
   __shared__ int32_t scan[kSplitThreads];
-  const int tid = threadIdx.x;
   int32_t base = 0;  // long sequences in the chunks before (the same value in every thread)
   for (int32_t b0 = 0; b0 < p.B; b0 += kSplitThreads) {
-    const int32_t b = b0 + tid;
+    const int32_t b = b0 + int32_t(threadIdx.x);
     int32_t is_long = 0;
     if (b < p.B) {
       int64_t a = p.cu_q[b], e = p.cu_q[b + 1];
       a = a < 0 ? 0 : (a > p.Tq ? p.Tq : a);
       e = e < a ? a : (e > p.Tq ? p.Tq : e);
       is_long = e - a > p.short_rows ? 1 : 0;
+      p.fwd_used[b] = is_long ? p.used[b] : 0;
     }
-    scan[tid] = is_long;
-    __syncthreads();
-    for (int off = 1; off < kSplitThreads; off <<= 1) {
-      const int32_t add = tid >= off ? scan[tid - off] : 0;
-      __syncthreads();
-      scan[tid] += add;
-      __syncthreads();
-    }
-    if (is_long) p.list[base + scan[tid] - 1] = b;
-    base += scan[kSplitThreads - 1];
-    __syncthreads();  // the next chunk overwrites scan
+    int32_t total = 0;
+    const int32_t slot = block_exclusive_scan(is_long, scan, &total);
+    if (is_long) p.list[base + slot] = b;
+    base += total;
   }
-  if (tid == 0) p.count[0] = base;
+  if (threadIdx.x == 0) p.count[0] = base;
 }
 
 }  // namespace paged

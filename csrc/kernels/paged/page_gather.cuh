@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/portability.h"
+#include "kernels/common/seq_list.h"
 
 namespace attnkit {
 namespace paged {
@@ -44,11 +45,7 @@ struct PageGatherParams {
 // than the used pages (max_seqlen_k not given).
 template <typename Word>
 __global__ void __launch_bounds__(kGatherThreads) gather_used_pages_kernel(const PageGatherParams p) {
-  int64_t n_seqs = p.B;
-  if (p.seq_count != nullptr) {
-    n_seqs = p.seq_count[0];
-    n_seqs = n_seqs < 0 ? 0 : (n_seqs > p.B ? p.B : n_seqs);
-  }
+  const int64_t n_seqs = listed_count(p.seq_count, p.B);
   const int64_t cap = int64_t(p.M) * p.block_size, pairs = n_seqs * p.M;
   // One block of the buffer is block_size * Hkv * row_words Words, within int32 (the launcher's
   // check), so the index arithmetic inside it is 32-bit.
@@ -56,11 +53,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_used_pages_kernel(const
   const int n = p.block_size * per_token;
   for (int64_t w = blockIdx.x; w < pairs; w += gridDim.x) {
     const int64_t i = w / p.M, j = w - i * p.M;
-    int64_t b = i;
-    if (p.seq_list != nullptr) {
-      b = p.seq_list[i];
-      b = b < 0 ? 0 : (b >= p.B ? p.B - 1 : b);
-    }
+    const int64_t b = listed_seq(p.seq_list, i, p.B);
     int64_t L = p.used[b];
     L = L < 0 ? 0 : (L > cap ? cap : L);
     if (j * p.block_size >= L) continue;
