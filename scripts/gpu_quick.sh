@@ -50,6 +50,7 @@
 # gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
 # drop-in shims' CUDA tests;
 # paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
+# pa_fwd_rows: pa_fwd's row chunks (max_qlen > 1): tests, memcheck subset, bench_serving spec;
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
 # BENCH=serving mode (bench_serving, each tree's own script and build); serving_ncu: ncu sections of the NHD
@@ -382,6 +383,17 @@ for s in $QUICK; do
       step paged_choose_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_paged_choose.py tests/test_paged_cuda.py -q \
         -p no:xdist -k "cuda and (auto_on_this_device or override or bad_block_ids or forced_splits or out_of_range)" ;;
+    pa_fwd_rows)  # pa_fwd's several query tokens on the tensor-core kernels (row chunks, branch
+      # pa-fwd-rows): its tests and the kernel choice's, memcheck on a subset, then bench_serving's
+      # speculative rows (pa_fwd_us beside the paged varlen call's paged_us)
+      step pa_fwd_rows_tests 150 $PY -m pytest tests/test_paged_cuda.py tests/test_paged_edges.py \
+        tests/test_paged_pa_fwd.py tests/test_paged_choose.py tests/test_paged_api.py -q -n 16 -rfE \
+        -k "pa_fwd or choose or override"
+      step pa_fwd_rows_sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_paged_cuda.py -q -p no:xdist \
+        -k "(pa_fwd_row_chunks and splits3 and (rows3 or rows8)) or row_chunks_garbage"
+      step bench_serving_spec 90 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} \
+        --warmup ${WARMUP:-50} --sections spec --csv "$L/bench_serving_spec.csv" ;;
     paged_tests)  # the paged family's CUDA tests (v1, pa_fwd, caches, merged) and its decode bench
       # ("not cpu": test_paged_edges' GPU cases are named by kernel, not "cuda")
       step paged_tests 150 $PY -m pytest tests/test_paged_*.py tests/test_pa_*.py -q -n 16 -rfE \

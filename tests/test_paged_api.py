@@ -63,6 +63,7 @@ PA_BAD = [
     ("Q", lambda a: a.update(Q=a["Q"][..., :64])),
     ("GQA ratio", lambda a: a.update(Q=torch.randn(2, 64, 128, device=a["Q"].device, dtype=a["Q"].dtype))),
     ("K", lambda a: a.update(K=a["K"][:, :, :, :8])),
+    ("K: expected block size", lambda a: a.update(K=torch.cat([a["K"], a["K"]], 3))),  # 32
     ("K_QScale", lambda a: a.update(K=a["K"].to(torch.int8), V=a["V"].to(torch.int8))),
     ("V_QScale", lambda a: a.update(K=a["K"].to(torch.int8), V=a["V"].to(torch.int8),
                                     K_QScale=torch.ones(a["K"].shape[0], a["K"].shape[1], 16,

@@ -47,9 +47,15 @@ def test_auto_per_architecture(arch, head_dim, group):
         want = "portable"  # MHA: the tensor-core kernel only with bulk loads
     assert CHOOSE("decode", "auto", **facts) == want
     # What the tensor-core kernels are not built for: portable everywhere.
-    for other in (dict(half=False), dict(cache_same=False), dict(one_query=False),
-                  dict(head_dim=96), dict(head_dim=256), dict(block_size=8), dict(group=17)):
+    for other in (dict(half=False), dict(cache_same=False), dict(head_dim=96), dict(head_dim=256),
+                  dict(block_size=8), dict(group=17)):
         assert CHOOSE("decode", "auto", **dict(facts, **other)) == "portable", other
+    # Several query tokens per sequence (pa_fwd's rows): the row-chunk instance, built at head
+    # size 128 / block size 16 (pa_fwd's only shapes); a kv head then serves G x rows columns, so
+    # sm80 takes MHA too.
+    multi = dict(facts, one_query=False)
+    assert CHOOSE("decode", "auto", **multi) == (AUTO[arch] if head_dim == 128 else "portable")
+    assert CHOOSE("decode", "auto", **dict(multi, block_size=32)) == "portable"
 
 
 def refused(call, request, reason, **facts):
@@ -87,7 +93,11 @@ def test_tensor_core_refusals(request_):
     caches whose tiles are contiguous (auto then takes sm80 for G >= 2, portable for MHA)."""
     refused("decode", request_, "bf16 or fp16", half=False)
     refused("decode", request_, "query's dtype", cache_same=False)
-    refused("decode", request_, "one query token", one_query=False)
+    rows = "one query token per sequence, or head size 128 and block size 16 for several"
+    refused("decode", request_, rows, one_query=False, head_dim=64)
+    refused("decode", request_, rows, one_query=False, block_size=32)
+    assert CHOOSE("decode", request_, one_query=False) == request_
+    assert CHOOSE("decode", request_, one_query=False, group=1) == request_
     refused("decode", request_, "1 to 16 query heads", group=17)
     refused("decode", request_, "1 to 16 query heads", group=0)
     refused("decode", request_, "head size 64 or 128", head_dim=256)
@@ -138,7 +148,10 @@ def legacy_decode(f):
     max_qlen 1, 1 <= G <= 16, head size 64/128, block size 16/32, major >= 8, and G >= 2 or
     bulk_eligible), bulk_eligible (wgmma::kBuilt, major == 9, the layout). One fact is new:
     sm80_built, false under HIP, where a device reporting major 9 took the tensor-core path into
-    a kernel compiled empty."""
+    a kernel compiled empty. Calls of several query tokens per sequence (one_query false) are
+    compared only where the choice has not changed since: it did, deliberately (pa-fwd-rows:
+    pa_fwd's max_qlen > 1 takes the row-chunk instance), and test_auto_per_architecture checks
+    the new rule."""
     bulk = f["sm90a_built"] and f["sm_major"] == 9 and f["bulk_layout"]
     mma = (f["half"] and f["cache_same"] and f["one_query"] and 1 <= f["group"] <= 16
            and f["head_dim"] in (64, 128) and f["block_size"] in (16, 32) and f["sm_major"] >= 8
@@ -168,7 +181,8 @@ def test_auto_is_the_legacy_choice(sm):
                                                              (8, 16, 32)):
             f = dict(zip(FLAGS, values), group=group, head_dim=head_dim, block_size=block_size,
                      sm_major=sm[0], sm_minor=sm[1])
-            assert CHOOSE("decode", "auto", **f) == legacy_decode(f), f
+            if f["one_query"] or not (f["head_dim"] == 128 and f["block_size"] == 16):
+                assert CHOOSE("decode", "auto", **f) == legacy_decode(f), f
 
 
 @pytest.mark.parametrize("sm", [(7, 5), (8, 0), (9, 0), (10, 0)], ids=str)
@@ -271,7 +285,7 @@ def test_cuda_kernel_override(monkeypatch):
     with pytest.raises(RuntimeError, match="kernel sm80 \\(ATTNKIT_PAGED_KERNEL\\) cannot take "
                                            "this call: it needs a bf16 or fp16 query"):
         run_v1(s32)
-    p = pa_fwd_sample("cuda", torch.bfloat16, max_qlen=2)
+    p = pa_fwd_sample("cuda", torch.bfloat16, kv="int8")
     with pytest.raises(RuntimeError, match="kernel sm80 \\(ATTNKIT_PAGED_KERNEL\\) cannot take "
-                                           "this call: it needs one query token"):
+                                           "this call: it needs a cache in the query's dtype"):
         run_pa_fwd(p)

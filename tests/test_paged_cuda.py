@@ -13,10 +13,10 @@ import attnkit
 from attnkit import reference as ref
 from attnkit.testing import assert_close
 from conftest import poison_allocator
-from samples.paged import (CUDA, HALF_DTYPES, LAYOUTS, dtype_id, expect_kernel, kernel_params,
-                           make_caches, make_tables, pa_fwd_args, pa_fwd_reference, pa_fwd_sample,
-                           run_pa_fwd, run_v1, set_token, token_slot, v1_args, v1_reference,
-                           v1_sample)
+from samples.paged import (CUDA, HALF_DTYPES, LAYOUTS, PA_FWD_WITH, dtype_id, expect_kernel,
+                           kernel_params, make_caches, make_tables, pa_fwd_args, pa_fwd_reference,
+                           pa_fwd_rows_sample, pa_fwd_sample, run_pa_fwd, run_v1, set_token,
+                           token_slot, v1_args, v1_reference, v1_sample)
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 MMA_GQA = [1, 2, 4, 8, 16]   # 1: auto takes the tensor-core kernel only with bulk loads
@@ -163,6 +163,74 @@ def test_pa_fwd_gqa_paths(path, dtype, gqa, indptr):
     if not indptr:
         b = run_v1(v1_args(q, kc, vc, hkv, 1.0 / math.sqrt(128), bt, lens), path)
         assert_close(out, b.float(), dtype, "pa_fwd vs paged_attention_v1")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", [1, 4, 8], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize("max_qlen", [2, 3, 4, 8], ids=lambda n: f"rows{n}")
+@pytest.mark.parametrize("splits", [0, 1, 3, 256], ids=lambda n: f"splits{n}")
+def test_pa_fwd_row_chunks(path, gqa, max_qlen, splits):
+    """pa_fwd with several query tokens per sequence (ragged row counts through qo_indptr) on
+    each kernel and split count (0: the launcher's). The tensor-core kernels take them in row
+    chunks of 16 / G rows, one CTA each, every column masked by its own row's causal limit: at
+    G = 1 one chunk, at G = 4 one (2-4 rows) or two (8), at G = 8 one (2 rows), two (3, the last
+    partial; 4) or four (8); sequences with fewer rows than a chunk leave columns empty. Against
+    the reference, into a NaN-filled out= (returned empty by the op) and a fresh output on a
+    poisoned allocator; K / V past each length are NaN; rows outside every sequence are 0."""
+    dtype = torch.bfloat16
+    s = pa_fwd_rows_sample("cuda", dtype, gqa=gqa, max_qlen=max_qlen)
+    if not expect_kernel(s, path, "pa_fwd"):
+        return
+    q, kc, vc, bt, lens, _, _, _, _, out, qo = s.args
+    want = pa_fwd_reference(s)
+    assert run_pa_fwd(s, path, splits).numel() == 0, "with out= the op returns an empty tensor"
+    assert_close(out, want, dtype, "out=")
+    tail = out[int(qo[-1]):]
+    assert tail.numel() > 0 and (tail == 0).all(), "rows outside every sequence must be 0"
+    # The op zeroes out= first, so a row the kernel skipped would be 0: every row of a sequence
+    # with keys must hold something (random data: an exact zero row is not a plausible result).
+    for b in range(len(lens)):
+        r0, r1 = int(qo[b]), int(qo[b + 1])
+        if int(lens[b]) > 0 and r1 > r0:
+            assert (out[r0:r1].flatten(1) != 0).any(dim=1).all(), f"sequence {b}: a row not written"
+    poison_allocator("cuda")
+    fresh = PA_FWD_WITH(q, kc, vc, bt, lens, bt.stride(0), max_qlen, None, None, None, qo,
+                        kernel=path, splits=splits)
+    assert torch.equal(fresh, out), "a fresh output must equal out= bit for bit"
+
+
+@pytest.mark.parametrize("path", kernel_params(["sm90", "sm80"]))
+@pytest.mark.parametrize("gqa", [2, 3, 16], ids=lambda g: f"gqa{g}")
+def test_pa_fwd_row_chunks_fp16_uneven(path, gqa):
+    """fp16, and group sizes whose chunks do not fill 16 columns (G = 3: 5 rows, 15 columns;
+    G = 16: one row per chunk, two column blocks), 6 rows per sequence."""
+    s = pa_fwd_rows_sample("cuda", torch.float16, gqa=gqa, max_qlen=6)
+    if expect_kernel(s, path, "pa_fwd"):
+        run_pa_fwd(s, path)
+        assert_close(s.args[9], pa_fwd_reference(s), torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", [1, 8], ids=lambda g: f"gqa{g}")
+def test_pa_fwd_row_chunks_garbage_indices(path, gqa):
+    """Several rows per sequence with qo_indptr out of order, negative and past Q's rows (ranges
+    then overlap or vanish), lengths negative and past the table's capacity, and block ids outside
+    the cache: clamped or masked on the device, never dereferenced (compute-sanitizer runs this),
+    every output row finite."""
+    hkv, bs, nb, max_qlen, dtype = 2, 16, 64, 4, torch.bfloat16
+    kc, vc = make_caches(nb, hkv, 128, bs, dtype, "asm", "cuda")
+    bt, _ = make_tables([40] * 6, bs, nb, "cuda")
+    bt[0, 1], bt[1, 0], bt[2, 2], bt[5, 0] = nb, -3, 2**31 - 1, -(2**31)
+    lens = torch.tensor([40, -7, 10**6, 0, 2**31 - 1, 33], dtype=torch.int32, device="cuda")
+    qo = torch.tensor([0, 3, 2, -4, 2**31 - 1, 6, 7], dtype=torch.int32, device="cuda")
+    q = torch.randn(9, gqa * hkv, 128, device="cuda", dtype=dtype)
+    s = pa_fwd_args(q, kc, vc, bt, lens, max_qlen, qo_indptr=qo)
+    if not expect_kernel(s, path, "pa_fwd"):
+        return
+    for splits in (0, 3):
+        out = run_pa_fwd(s, path, splits)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), splits
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -79,13 +79,15 @@ def test_paged_alibi_sign(path, gqa, dtype, layout, window):
 
 @pytest.mark.parametrize("path,gqa", PATH_GQA, ids=PATH_GQA_IDS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("max_qlen", [1, 3])
+@pytest.mark.parametrize("max_qlen", [1, 3, 8])
 def test_pa_fwd_causal_edges(path, gqa, dtype, max_qlen):
     """Every new token's key is dominant, so query row i of a sequence sees exactly i + 1 of them:
     a causal edge one key late shows the next one, one early hides its own (row 0 then sees none).
-    Full sequences of max_qlen rows, one shorter, one whose every key is new, and an empty one."""
+    Full sequences of max_qlen rows, one shorter, one whose every key is new, and an empty one.
+    The tensor-core kernels take several rows in row chunks of 16 / G rows, each column with its
+    own row's edge (8 rows: one chunk at G = 1, two at G = 4, eight at G = 16)."""
     device = on_path(path)
-    lengths = [max_qlen, 20, 67, 5, 0]
+    lengths = [max_qlen, 20, 67, max(5, max_qlen + 2), 0]
     qlens = [max_qlen, max_qlen, max_qlen, max_qlen - 1, 0] if max_qlen > 1 else None
     s = pa_fwd_sample(device, dtype, heads=(2 * gqa, 2), lengths=lengths, max_qlen=max_qlen,
                       qlens=qlens)

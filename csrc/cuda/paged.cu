@@ -218,14 +218,17 @@ void dispatch_head_blocks(int64_t G, F&& f) {
   else f(std::integral_constant<int, 2>{});
 }
 
-template <typename T, int D, int BS, bool kBulk, int NB>
+// kRows: the row-chunk instance (pa_fwd's several query tokens per sequence; p.short_seq_rows
+// set). Grid x = (sequence, kv head, row chunk), the chunk fastest (one chunk without kRows).
+template <typename T, int D, int BS, bool kBulk, int NB, bool kRows>
 void launch_decode_mma(const DecodeParams& p, int32_t splits, cudaStream_t stream) {
   constexpr int kSmem = MmaDecodeTraits<D>::kSmemBytes;
-  auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk, false, NB>;
+  auto kernel = paged_decode_mma_kernel<T, D, BS, kBulk, false, NB, kRows>;
   static std::atomic<uint64_t> done_mask{0};
   set_max_smem_once(kernel, kSmem, done_mask);
-  const int64_t gx = int64_t(p.S) * p.Hkv;
-  ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head) pairs: ", gx);
+  const int64_t gx = int64_t(p.S) * p.Hkv * decode_row_chunks(p);
+  ATTNKIT_CHECK(gx < (int64_t(1) << 31), "query: too many (sequence, kv head, row chunk) triples: ",
+                gx);
   kernel<<<dim3(unsigned(gx), unsigned(splits)), MmaDecodeTraits<D>::kThreads, kSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -240,6 +243,16 @@ int32_t decode_splits(PagedKernel kernel, const DecodeParams& p, int64_t len_bou
   return p.D == 64 ? mma_splits<64>(p, len_bound) : mma_splits<128>(p, len_bound);
 }
 
+// The split count of a launch whose grid rows (`rows`: sequences or query tokens) each take
+// decode_row_chunks(p) CTAs per kv head: every row chunk streams its sequence's pages, so each is
+// priced as a CTA of its own (one chunk per row outside the multi-row launches).
+int32_t chunked_decode_splits(PagedKernel kernel, const DecodeParams& p, int64_t rows,
+                              int64_t len_bound, const DecodeLaunchOptions& lo) {
+  DecodeParams sizing = p;
+  sizing.S = static_cast<int32_t>(std::min<int64_t>(rows * decode_row_chunks(p), INT32_MAX));
+  return decode_splits(kernel, sizing, len_bound, lo);
+}
+
 // paged_attention_v1 / pa_fwd on the requested kernel: facts -> choice -> one switch.
 void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_t len_bound,
                    const at::Tensor& like, const char* op, Request req,
@@ -248,7 +261,15 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
   const PagedFacts f = decode_facts(p, qtype, kind);
   const PagedChoice c = choose_decode(f, req.kernel);
   check_paged_choice(c, op, req.kernel, req.source, call_context(qtype, f));
-  const int32_t splits = decode_splits(c.kernel, p, len_bound, lo);
+  // Several query tokens per sequence (pa_fwd, max_qlen > 1) on a tensor-core kernel: the kRows
+  // instance, as the serving call's short sequences run (DecodeParams::short_seq_rows): a
+  // sequence's rows in row chunks of 16 / G rows, one CTA each, whose products' columns are the
+  // chunk's (row, head) pairs, each masked by its own row's causal limit; so the pages are read
+  // once per chunk, not once per row or per query head. Every sequence with a row is computed;
+  // split rows are (sequence, row) pairs, S * max_qlen of them as the combine grid's.
+  const bool multi_row = c.kernel != PagedKernel::kPortable && p.max_qlen > 1;
+  if (multi_row) p.short_seq_min = 1, p.short_seq_rows = p.max_qlen;
+  const int32_t splits = chunked_decode_splits(c.kernel, p, p.S, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(qtype, "query", [&](auto tag) {
@@ -259,14 +280,22 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
         // choose_decode gives the tensor-core kernels 16-bit queries only.
         if constexpr (!std::is_same_v<scalar_t, float>) {
           const bool d64 = p.D == 64, b16 = p.block_size == 16;
+          // choose_decode gives several rows per sequence only at head size 128 / block size 16
+          // (pa_fwd's shapes), the one row-chunk instance built.
+          ATTNKIT_CHECK(!multi_row || (!d64 && b16), op, ": no row-chunk instance at head size ",
+                        p.D, ", block size ", p.block_size);
+          // Columns of the products: the G heads, or the (row, head) pairs of a row chunk.
+          const int64_t columns = (multi_row ? decode_chunk_rows(p) : 1) * G;
           auto launch = [&](auto bulk) {
             constexpr bool B = decltype(bulk)::value;
-            dispatch_head_blocks(G, [&](auto nb) {
+            dispatch_head_blocks(columns, [&](auto nb) {
               constexpr int NB = decltype(nb)::value;
-              if (d64 && b16) launch_decode_mma<scalar_t, 64, 16, B, NB>(p, splits, stream);
-              else if (d64) launch_decode_mma<scalar_t, 64, 32, B, NB>(p, splits, stream);
-              else if (b16) launch_decode_mma<scalar_t, 128, 16, B, NB>(p, splits, stream);
-              else launch_decode_mma<scalar_t, 128, 32, B, NB>(p, splits, stream);
+              using T = scalar_t;
+              if (multi_row) launch_decode_mma<T, 128, 16, B, NB, true>(p, splits, stream);
+              else if (d64 && b16) launch_decode_mma<T, 64, 16, B, NB, false>(p, splits, stream);
+              else if (d64) launch_decode_mma<T, 64, 32, B, NB, false>(p, splits, stream);
+              else if (b16) launch_decode_mma<T, 128, 16, B, NB, false>(p, splits, stream);
+              else launch_decode_mma<T, 128, 32, B, NB, false>(p, splits, stream);
             });
           };
           if (c.kernel == PagedKernel::kSm90) launch(std::true_type{});
@@ -291,7 +320,10 @@ void launch_decode(DecodeParams& p, at::ScalarType qtype, CacheKind kind, int64_
         });
         break;
     }
-    if (splits > 1) {
+    if (splits > 1) {  // x = (sequence, row): S * max_qlen (= S * short_seq_rows with row chunks)
+      ATTNKIT_CHECK(int64_t(p.S) * p.max_qlen < (int64_t(1) << 31), op,
+                    ": too many (sequence, query row) pairs to combine: ",
+                    int64_t(p.S) * p.max_qlen);
       launch_kernel(paged_combine_kernel<scalar_t>, /*pdl=*/true,
                     dim3(unsigned(int64_t(p.S) * p.max_qlen), unsigned(p.Hq)), dim3(kThreads), 0,
                     stream, p);
@@ -347,9 +379,7 @@ void launch_nhd_decode(DecodeParams& p, at::ScalarType qtype, int64_t len_bound,
   const bool short_seqs = p.short_seq_rows > 0;
   const int64_t rows = short_seqs ? p.S : p.Tq;
   const int64_t chunks = decode_row_chunks(p);
-  DecodeParams sizing = p;
-  sizing.S = static_cast<int32_t>(std::min<int64_t>(rows * chunks, INT32_MAX));
-  const int32_t splits = decode_splits(c.kernel, sizing, len_bound, lo);
+  const int32_t splits = chunked_decode_splits(c.kernel, p, rows, len_bound, lo);
   const at::Tensor ws = split_workspace(p, splits, like);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t gx = rows * p.Hkv * chunks;

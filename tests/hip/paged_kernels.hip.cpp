@@ -47,6 +47,7 @@ template __global__ void merge_attn_states_kernel<float>(const MergeParams);
 template __global__ void pertoken_quant_kernel<fp16_t, C::kFp8E4M3>(const CacheWriteParams);
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, false, false, 1>(const DecodeParams);  // empty under HIP
 template __global__ void paged_decode_mma_kernel<fp16_t, 128, 16, true, false, 2>(const DecodeParams);   // bulk loads: too
+template __global__ void paged_decode_mma_kernel<bf16_t, 128, 16, true, false, 2, true>(const DecodeParams);  // pa_fwd's row chunks
 
 // The serving call's gather of used pages (flash.cu launches it for 16-byte and 2-byte words) and
 // the mixed call's split of its sequences (mixed_split_kernel, from the include above).

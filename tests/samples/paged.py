@@ -34,9 +34,10 @@ F8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": t
 # caches whose 16-token tiles are contiguous; whole tiles, the tokens outside the window zeroed
 # in shared memory afterwards), "sm80" the same kernel with per-lane cp.async loads (sm_80+),
 # "portable" the CUDA-core kernel (decode.cuh). The tensor-core kernels take 16-bit queries with
-# the cache in the query dtype, head size 64/128, block size 16/32, G <= 16 and one query token;
-# a named kernel that cannot take a call raises (expect_kernel checks that), so no test passes on
-# another kernel. CHOOSE is the kernel choice alone, from facts given as keywords.
+# the cache in the query dtype, head size 64/128, block size 16/32, G <= 16 and one query token,
+# or several (pa_fwd's max_qlen > 1, in row chunks) at head size 128 / block size 16; a named
+# kernel that cannot take a call raises (expect_kernel checks that), so no test passes on another
+# kernel. CHOOSE is the kernel choice alone, from facts given as keywords.
 PATHS = ["sm90", "sm80", "portable"]
 V1_WITH = torch.ops.attnkit._paged_attention_v1_with
 PA_FWD_WITH = torch.ops.attnkit._pa_fwd_with
@@ -419,6 +420,30 @@ def pa_fwd_sample(device, dtype, *, heads=(8, 2), lengths=(17, 0, 64, 5), kv="au
     return pa_fwd_args(q, kc, vc, bt, lens, max_qlen, ksc, vsc, out, qo, name=name)
 
 
+def pa_fwd_rows_sample(device, dtype, *, gqa, max_qlen, hkv=2,
+                       lengths=(0, 1, 2, 17, 64, 301, 1000, 5000, 33), qlens=None,
+                       name="pa_fwd rows"):
+    """A pa_fwd Sample with several query tokens per sequence (what the tensor-core kernels take
+    in row chunks of 16 / G rows): ragged row counts through qo_indptr (by default none for the
+    empty sequence, one, two, max_qlen and max_qlen - 1 for the others, and one drawn at random),
+    two query rows outside every sequence (0), ``out`` NaN-filled (every row must be written) and
+    NaN in K and V past each length in its last block (never to be multiplied in)."""
+    lengths = list(lengths)
+    if qlens is None:
+        fixed = [0, 1, 2, max_qlen, max_qlen - 1, 1, max_qlen, max_qlen]
+        qlens = [min(L, n) for L, n in zip(lengths, fixed)]
+        qlens += [min(L, random.randint(0, max_qlen)) for L in lengths[len(fixed):]]
+    s = pa_fwd_sample(device, dtype, heads=(gqa * hkv, hkv), lengths=lengths, max_qlen=max_qlen,
+                      qlens=qlens, with_out=True, name=name)
+    _, kc, vc, bt, *_ = s.args
+    bs = kc.shape[3]
+    for b, L in enumerate(lengths):
+        for pos in range(L, -(-L // bs) * bs):
+            blk, t = token_slot(bt, b, pos, bs)
+            set_token(kc, vc, blk, t, k=float("nan"), v=float("nan"))
+    return s
+
+
 # ---- cache writers -----------------------------------------------------------------------------------
 def writer_slots(num_blocks, bs, device):
     """Slots that fill one whole block and part of another (both chosen at random, offsets in a
@@ -526,6 +551,14 @@ def sample_inputs(device, op, dtype=torch.bfloat16):
                             name="pa_fwd gqa1 out=")
         yield pa_fwd_sample(device, dtype, heads=(16, 2), lengths=(20, 3, 1), max_qlen=2,
                             name="pa_fwd gqa8 qo_indptr")
+        # Several rows per sequence: on CUDA's tensor-core kernels in row chunks of 16 / G rows
+        # (4 rows at G = 4: one chunk; 8 at G = 1: one; 5 at G = 4: two, the last partial).
+        yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(40, 3, 0, 70), max_qlen=4,
+                            name="pa_fwd gqa4 4 rows")
+        yield pa_fwd_sample(device, dtype, heads=(2, 2), lengths=(20, 9, 300), max_qlen=8,
+                            with_out=True, name="pa_fwd gqa1 8 rows out=")
+        yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(5, 290), max_qlen=5,
+                            qlens=(5, 4), name="pa_fwd gqa4 5 rows")
         yield pa_fwd_sample(device, dtype, heads=(8, 2), lengths=(40, 7), kv="int8",
                             name="pa_fwd int8 kv")
     elif op == "reshape_and_cache":

@@ -56,7 +56,9 @@ inline const char* paged_request_name(PagedRequest req) {
 struct PagedFacts {
   bool half = false;        // bf16 or fp16 query
   bool cache_same = false;  // the cache in the query's dtype (no fp8 / int8 cache)
-  bool one_query = false;   // one query token per sequence (max_qlen == 1)
+  bool one_query = false;   // one query token per sequence (max_qlen == 1); else pa_fwd's rows,
+                            // which the tensor-core kernels take in row chunks (kRows) at the
+                            // head and block size pa_fwd allows (128, 16): the instances built
   int group = 0;            // query heads per kv head, G = Hq / Hkv
   int head_dim = 0;
   int block_size = 0;
@@ -108,10 +110,13 @@ inline const char* decode_refusal(PagedKernel k, const PagedFacts& f) {
   if (k == PagedKernel::kPortable) return nullptr;
   if (!f.half) return "it needs a bf16 or fp16 query";
   if (!f.cache_same) return "it needs a cache in the query's dtype (not fp8 or int8)";
-  if (!f.one_query) return "it needs one query token per sequence";
   if (f.group < 1 || f.group > 16) return "it needs 1 to 16 query heads per kv head";
   if (f.head_dim != 64 && f.head_dim != 128) return "it needs head size 64 or 128";
   if (f.block_size != 16 && f.block_size != 32) return "it needs block size 16 or 32";
+  if (!f.one_query && (f.head_dim != 128 || f.block_size != 16)) {
+    return "it needs one query token per sequence, or head size 128 and block size 16 for several "
+           "(pa_fwd's shapes: the row-chunk instances built)";
+  }
   if (const char* r = tensor_core_build_refusal(f.sm_major, f.sm80_built)) return r;
   if (k == PagedKernel::kSm80) return nullptr;
   if (const char* r = sm90_build_refusal(f.sm_major, f.sm90a_built)) return r;
@@ -122,14 +127,17 @@ inline const char* decode_refusal(PagedKernel k, const PagedFacts& f) {
   return nullptr;
 }
 
-// Auto: sm90 where it can take the call; sm80 where it can and G >= 2 (MHA's cost per cached byte
-// does not fall with G: the CUDA-core kernel, fine for MHA on the H100, keeps too few bytes in
-// flight for the H200, while cp.async tiles gain nothing there; bulk loads do); portable else.
+// Auto: sm90 where it can take the call; sm80 where it can and a kv head serves two or more
+// query rows, G >= 2 or several query tokens (MHA decode's cost per cached byte does not fall
+// with G: the CUDA-core kernel, fine for MHA on the H100, keeps too few bytes in flight for the
+// H200, while cp.async tiles gain nothing there; bulk loads do. pa_fwd's multi-token rows put
+// G x rows columns on the tensor cores, which the CUDA-core kernel pays for in FMAs); portable
+// else.
 inline PagedChoice choose_decode(const PagedFacts& f, PagedRequest req) {
   switch (req) {
     case PagedRequest::kAuto:
       if (decode_refusal(PagedKernel::kSm90, f) == nullptr) return {PagedKernel::kSm90};
-      if (f.group >= 2 && decode_refusal(PagedKernel::kSm80, f) == nullptr) {
+      if ((f.group >= 2 || !f.one_query) && decode_refusal(PagedKernel::kSm80, f) == nullptr) {
         return {PagedKernel::kSm80};
       }
       return {PagedKernel::kPortable};

@@ -15,7 +15,9 @@
 // window without soft-cap or ALiBi take a one-multiply logit path.
 // Served: 16-bit query with the cache in the query dtype, head size 64 or 128, block size 16 or
 // 32, one query token per sequence (paged_attention_v1, pa_fwd with max_qlen = 1), both value
-// layouts, any cache strides (block stride 0 included).
+// layouts, any cache strides (block stride 0 included); and several query tokens per sequence in
+// row chunks (kRows below: pa_fwd with max_qlen > 1 at its head size 128 / block size 16 on the
+// ASM layouts, and the serving call's short sequences on NHD pages).
 //
 // Work split: CTA = (sequence, kv head, split) with 4 warps. A split owns the partitions
 // split, split + splits, ... of kPartition tokens (the same split-K grid and workspace as
@@ -133,14 +135,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int sw128(int row, int col) {
 // grid: x = S * Hkv (token_grid: Tq * Hkv; kRows: S * Hkv * row chunks, the chunk fastest),
 // y = splits; block: 128 threads; dynamic smem MmaDecodeTraits<D>::kSmemBytes. NB = ceil(G / 8):
 // column blocks of 8 query heads. BS = 0: the block size is read at run time (any multiple of 16).
-// kRows (the mixed serving call's short sequences, p.short_seq_rows > 1): a CTA computes the row
-// chunk c of its sequence, rows [r0, r0 + nrows) with r0 = c * R0, R0 = decode_chunk_rows(p) (as
-// many rows as 16 columns hold) and nrows = min(R0, qlen - r0), the products' columns being the
-// (row, head) pairs r = i * G + g of rows r0 + i (NB = ceil(R0 * G / 8)), each column masked by
-// its own row's causal limit and window (those of row r0 + i of a qlen-row sequence). Each chunk
-// reads the sequence's pages once for its rows: ceil(qlen / R0) reads, against G for the flash
-// forward (one per query head), so sequences of up to short_seq_rows = max(8, 16 / G) rows come
-// here. A chunk past the sequence's rows returns (after pdl_wait, as every CTA with nothing to do).
+// kRows (p.short_seq_rows > 1: the serving call's short sequences on NHD pages, or pa_fwd's
+// max_qlen > 1 rows on its ASM-layout caches): a CTA computes the row chunk c of its sequence,
+// rows [r0, r0 + nrows) with r0 = c * R0, R0 = decode_chunk_rows(p) (as many rows as 16 columns
+// hold) and nrows = min(R0, qlen - r0), the products' columns being the (row, head) pairs
+// r = i * G + g of rows r0 + i (NB = ceil(R0 * G / 8)), each column masked by its own row's
+// causal limit and window (those of row r0 + i of a qlen-row sequence). Each chunk reads the
+// sequence's pages once for its rows: ceil(qlen / R0) reads, against G for the flash forward
+// (one per query head), so the serving call's sequences of up to short_seq_rows = max(8, 16 / G)
+// rows come here; and pa_fwd's, against ceil(G * max_qlen / 16) for the CUDA-core kernel (the
+// same count where G divides 16, but both products there on FMAs). Nothing in the row chunks
+// depends on the cache layout: tiles are loaded for the union of the chunk's rows' windows
+// ([lo, hi) below) and each column is masked in the logits. A chunk past the sequence's rows
+// returns (after pdl_wait, as every CTA with nothing to do).
 // kNhd: NHD caches [num_blocks, block_size, Hkv, D] (vLLM V1, FlashAttention): V tiles are staged
 // token-major like K and fed to the P·V product with ldmatrix.trans. With kBulk (sm_90) lane 0
 // copies each tile through the tensor maps map_k / map_v (the header's NHD paragraph); the
@@ -219,7 +226,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // PDL after the kernel before it, whose tail it may share: it writes its out / lse rows (which
   // a forward that computes every sequence also wrote, with zeros) only after pdl_wait(), and
   // every CTA of chunk 0 waits, even one with nothing to do, so the grid never completes before
-  // the forward does.
+  // the forward does. pa_fwd's multi-row launch (short_seq_min 1: every sequence with a row) is
+  // an ordinary stream-ordered launch, where pdl_wait() returns at once.
   // kRows: this CTA's first row of the sequence. A chunk starting at or past qlen (the grid
   // covers decode_row_chunks x decode_chunk_rows rows) computes nothing, like another launch's
   // sequence. Idle CTAs of the other chunks leave without waiting: chunk 0 of the same (sequence,
@@ -677,7 +685,6 @@ template <typename T, int D, int BS, bool kBulk, bool kNhd, int NB, bool kRows =
 __global__ void __launch_bounds__(MmaDecodeTraits<D>::kThreads)
     paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(!(kBulk && kNhd), "NHD bulk tiles take the tensor-map kernel");
-  static_assert(!kRows || kNhd, "short sequences: the serving call's NHD decode only");
   decode_mma_body<T, D, BS, kBulk, kNhd, NB, kRows>(p, nullptr, nullptr);
 }
 

@@ -142,15 +142,17 @@ struct DecodeParams {
   bool token_grid;
   float* lse;
   int64_t lse_sh, lse_st;
-  // The decode half of a mixed serving call (token_grid false, max_qlen = Tq so qlen is not
-  // clamped), when short_seq_rows > 0: grid rows are sequences, and only a sequence with
-  // short_seq_min .. short_seq_rows query rows is computed; the others' CTAs (and combine blocks)
-  // return without a write, their rows being the flash forward's or another launch's. With
-  // short_seq_rows > 1 (the kernel's kRows instance) a sequence's rows are cut in row chunks of
-  // decode_chunk_rows (the products' columns are a chunk's (row, head) pairs: at most 16), one
-  // CTA each (decode_row_chunks per sequence and kv head, adjacent in the grid's x), every chunk
-  // reading the sequence's pages. Split rows are indexed by (sequence, row):
-  // [S * short_seq_rows, Hq, splits]. Tensor-core kernels only.
+  // When short_seq_rows > 0 (token_grid false): grid rows are sequences, and only a sequence
+  // with short_seq_min .. short_seq_rows query rows is computed; the others' CTAs (and combine
+  // blocks) return without a write. Two callers: the decode half of a mixed serving call
+  // (max_qlen = Tq so qlen is not clamped; the other sequences' rows are the flash forward's or
+  // another launch's), and pa_fwd with max_qlen > 1 on the tensor-core kernels (short_seq_min 1,
+  // short_seq_rows = max_qlen: every sequence with a row). With short_seq_rows > 1 (the kernel's
+  // kRows instance) a sequence's rows are cut in row chunks of decode_chunk_rows (the products'
+  // columns are a chunk's (row, head) pairs: at most 16), one CTA each (decode_row_chunks per
+  // sequence and kv head, adjacent in the grid's x), every chunk reading the sequence's pages.
+  // Split rows are indexed by (sequence, row): [S * short_seq_rows, Hq, splits]. Tensor-core
+  // kernels only.
   int32_t short_seq_min, short_seq_rows;
 };
 
@@ -159,9 +161,9 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE bool decode_takes_rows(const DecodeParams& p,
   return qlen >= p.short_seq_min && qlen <= p.short_seq_rows;
 }
 
-// Query rows one CTA computes: a row chunk of the mixed call's multi-row launch (as many rows as
-// 16 (row, head) columns hold, at most short_seq_rows), else 1 (one token; the launcher and the
-// kernel both read it here, so the grid and the kernel's row offsets agree).
+// Query rows one CTA computes: a row chunk of a multi-row launch (as many rows as 16 (row, head)
+// columns hold, at most short_seq_rows), else 1 (one token; the launcher and the kernel both
+// read it here, so the grid and the kernel's row offsets agree).
 ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int32_t decode_chunk_rows(const DecodeParams& p) {
   if (p.short_seq_rows <= 1) return 1;
   const int32_t fit = 16 / (p.Hq / p.Hkv);
