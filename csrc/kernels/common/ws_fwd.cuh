@@ -1,9 +1,10 @@
 // The pieces the two warp-specialised forwards (flash/fwd_ws.cuh, gdpa/fwd_ws.cuh) share beside
-// their TmaRing data path: the consumer warpgroups' ping-pong turns (both), the owed P·V and the
-// drain of a CTA's last P·V (flash; gdpa's jagged instance writes those two out itself, since
-// its P·V is issued under a condition: narrow or idle tiles, and a wgmma under a condition inside
-// a commit group makes ptxas close the group with a dummy wgmma, gdpa/fwd_ws.cuh). Torch-free,
-// sm_90 device code.
+// their TmaRing data path: the consumer warpgroups' ping-pong turns, the owed P·V and the drain of
+// a CTA's last P·V. Torch-free, sm_90 device code.
+//
+// The P·V callbacks commit their own products: a wgmma under a condition (gdpa's narrow or idle
+// tiles) inside a commit group closed after the branch makes ptxas end the group with a dummy
+// wgmma on every path, so a wait meant to leave the P·V running waited for it (gdpa/fwd_ws.cuh).
 //
 // Both forwards issue a key tile's P·V one tile behind its scores (P_{g-1}·V_{g-1} beside S_g),
 // so when a CTA runs out of work one product is still owed; and with ping-pong the consumer
@@ -59,13 +60,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void issue_qk(float (&s)[R][4], uint32_t sq, int w
 }
 
 // After a key tile's S = Q Kᵀ is issued and committed: the P·V owed for the tile before it
-// (when `owed`: issue(), in a commit group of its own), then the turn passes, and the wait is for
-// S alone (the P·V may still run under the softmax / activation).
+// (when `owed`: issue(), which issues and commits it, a group of its own), then the turn passes,
+// and the wait is for S alone (the P·V may still run under the softmax / activation).
 template <class Issue>
 ATTNKIT_DEVICE ATTNKIT_INLINE void issue_owed_pv(bool owed, const Turns& turns, Issue&& issue) {
   if (owed) {
     issue();
-    wgmma::commit();
     turns.pass();
     wgmma::wait<1>();
   } else {
@@ -76,7 +76,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void issue_owed_pv(bool owed, const Turns& turns, 
 
 // The last P·V of the CTA's last unit, the V of fill g - 1 of ring_v: wait for it, zero the rows
 // past the sequence's keys (zero_tail(stage)), issue the product in turn (issue(stage), into
-// acc), wait for it and store the unit (store()). Nothing when the CTA had no key tile (g = 0).
+// acc, committed by it; it may issue nothing), wait for it and store the unit (store()). Nothing
+// when the CTA had no key tile (g = 0).
 template <class RingV, int R, class ZeroTail, class Issue, class Store>
 ATTNKIT_DEVICE ATTNKIT_INLINE void drain_last_pv(const RingV& ring_v, uint32_t g, const Turns& turns,
                                                  float (&acc)[R][4], ZeroTail&& zero_tail,
@@ -88,7 +89,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void drain_last_pv(const RingV& ring_v, uint32_t g
   turns.take();
   wgmma::fence();
   issue(stage);
-  wgmma::commit();
   turns.pass();
   wgmma::wait<0>();
   wgmma::fence_regs(acc);

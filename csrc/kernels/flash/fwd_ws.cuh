@@ -493,6 +493,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_prev, kk), 1);
         }
+        wgmma::commit();
       });
       wgmma::fence_regs(sc);
       if (lane == 0) {
@@ -545,6 +546,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
         for (int kk = 0; kk < BN / 16; ++kk) {
           MmaO::template rs<1>(acc, pa[kk], wgmma::desc_n_major<BN>(sv_l, kk), 1);
         }
+        wgmma::commit();
       },
       [&] { store_unit(prev, acc); });
   turns.finish();

@@ -529,14 +529,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         wgmma::fence();
         wsfwd::issue_qk<Mma, D, BM, BN>(s, sq_u, wg, sk_addr + stage * Tr::kTileBytes);
         wgmma::commit();
-        if (owed) {  // P_{g-1}·V_{g-1}, in a commit group of its own; then wait for S_g alone
+        wsfwd::issue_owed_pv(owed, turns, [&] {  // P_{g-1}·V_{g-1}
           issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-          turns.pass();
-          wgmma::wait<1>();
-        } else {
-          turns.pass();
-          wgmma::wait<0>();
-        }
+        });
         wgmma::fence_regs(s);
         if (lane == 0) {
           ring_k.consumer_release(g);                           // K_g has been read
@@ -598,22 +593,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
             u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
     ++qn;
   }
-  // The CTA's last P·V (wsfwd::drain_last_pv, with issue_pv's own commit): wait for its V, zero
-  // the rows past the sequence, issue it in turn, wait and store the unit.
-  if (g > 0) {
-    const uint32_t pstage = ring_v.stage(g - 1);
-    ring_v.consumer_wait(g - 1);
-    zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
-    turns.take();
-    if (!pv_idle) {
-      wgmma::fence();
-      issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
-    }
-    turns.pass();
-    wgmma::wait<0>();
-    wgmma::fence_regs(acc_o);
-    store_unit(prev, acc_o);
-  }
+  wsfwd::drain_last_pv(
+      ring_v, g, turns, acc_o,
+      [&](uint32_t pstage) { zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN); },
+      [&](uint32_t pstage) {  // issue_pv commits in its branch: nothing issued when idle
+        if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
+      },
+      [&] { store_unit(prev, acc_o); });
   turns.finish();
 #endif
 }
