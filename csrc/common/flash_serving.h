@@ -35,10 +35,9 @@ struct ResolvedKV {
   OptTensor cu_k;
   OptTensor seqused_k;  // int32 [B], contiguous, or none
   // Pages read in place (resolve_kv's in_place): the table columns read ([B, M] int32, unit
-  // column stride) and the padded length M * block_size; k / v are then views standing for the
-  // padded K / V (their shape only: every element is one cache row), never read.
+  // column stride); k / v are then views standing for the padded K / V of M * block_size rows a
+  // sequence (their shape only: every element is one cache row), never read.
   at::Tensor table;
-  int64_t capacity = 0;
 };
 
 inline void check_seqused_k(const at::Tensor& s, const at::Tensor& q, const c10::SymInt& batch) {
@@ -184,8 +183,8 @@ using UsedPageGather = at::Tensor (*)(const at::Tensor& cache, const at::Tensor&
 // backend's gather of used pages for caches in q's dtype (CUDA), if any, and `subset` the
 // sequences it must copy (the others' rows are never read by the kernel after it).
 // `in_place`: the kernel reads the pages itself (the sm90 forward, csrc/cuda/flash.cu): nothing
-// is gathered, and r.table / r.capacity say where the keys are (r.table stays undefined, and the
-// pages are gathered, for an empty cache or table).
+// is gathered, and r.table says where the keys are (it stays undefined, and the pages are
+// gathered, for an empty cache or table).
 inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const OptTensor& cu_q, const OptTensor& cu_k,
                              const OptTensor& seqused_k, const OptTensor& block_table,
@@ -243,11 +242,10 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   };
   if (in_place && k.size(0) > 0 && M > 0) {  // the kernel clamps the ids itself
     r.seqused_k = used.contiguous();
-    r.capacity = M * bs;
     r.table = M <= 1 || table.stride(1) == 1 ? table : table.contiguous();
-    const std::vector<int64_t> padded =
-        varlen ? std::vector<int64_t>{b * r.capacity, k.size(2), k.size(3)}
-               : std::vector<int64_t>{b, r.capacity, k.size(2), k.size(3)};
+    const int64_t cap = M * bs;
+    const std::vector<int64_t> padded = varlen ? std::vector<int64_t>{b * cap, k.size(2), k.size(3)}
+                                               : std::vector<int64_t>{b, cap, k.size(2), k.size(3)};
     // One cache row expanded to the padded shape: the checks and Params see the shape the gather
     // would build, and nothing is copied (the kernel reads the pages through r.table).
     auto stand_in = [&](const at::Tensor& cache) {
@@ -256,7 +254,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     };
     r.k = stand_in(k);
     r.v = stand_in(v);
-    r.cu_k = padded_cu_k(r.capacity);
+    r.cu_k = padded_cu_k(cap);
     return r;
   }
   // CPU: only ids past a sequence's used length are left out of range; CUDA: any id may be.
