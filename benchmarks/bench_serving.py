@@ -148,11 +148,16 @@ class Batch:
             lens, bt = self.lens[r], self.block_table[r]
             mq, mk = max(self.q_lens[r]), max(self.k_lens[r])
         if DECODE_KERNEL != "auto" or FLASH_KERNEL != "auto" or PAGED_READ != "auto":
-            # a path pinned (docs/serving.md)
+            # a path pinned (docs/serving.md). A call the decode kernel computes alone (every
+            # sequence of at most max(8, 16 / G) query rows) runs no forward, and the op refuses a
+            # pinned paged_read there: such calls (decode rows) keep "auto".
+            decode_only = (FLASH_KERNEL == "auto" and DECODE_KERNEL != "none"
+                           and mq <= max(8, 16 // (self.hq // self.hkv)))
+            read = "auto" if decode_only else PAGED_READ
             return lambda: torch.ops.attnkit._flash_attn_fwd_with(
                 q, self.k_cache, self.v_cache, scale, True, -1, -1, 0.0, cu, None, mq, mk,
                 seqused_k=lens, block_table=bt, kernel=FLASH_KERNEL, decode_kernel=DECODE_KERNEL,
-                paged_read=PAGED_READ)[0]
+                paged_read=read)[0]
         return lambda: attnkit.flash_attn_varlen_func(
             q, self.k_cache, self.v_cache, cu_seqlens_q=cu, max_seqlen_q=mq, seqused_k=lens,
             max_seqlen_k=mk, causal=True, block_table=bt, softmax_scale=scale)

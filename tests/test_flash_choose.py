@@ -234,6 +234,17 @@ def test_private_ops_meta_check_the_kernel_name():
     assert out.shape == q.shape and lse.shape == (1, 2, 8)
     with pytest.raises(RuntimeError, match="kernel: expected one of"):
         FWD_WITH(q, q, q, kernel="fastest")
+    # paged_read's argument rules hold on Meta as on CUDA and the CPU (flash_args.h
+    # check_paged_read_args): a pinned read needs block_table; in_place excludes decode "none".
+    with pytest.raises(RuntimeError, match="paged_read: 'gather' needs a paged call"):
+        FWD_WITH(q, q, q, paged_read="gather")
+    qv = torch.empty(6, 8, 64, device="meta")
+    kc = torch.empty(4, 16, 2, 64, device="meta")
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    bt = torch.empty(2, 4, dtype=torch.int32, device="meta")
+    with pytest.raises(RuntimeError, match="paged_read: 'in_place' and decode_kernel 'none'"):
+        FWD_WITH(qv, kc, kc, None, True, -1, -1, 0.0, cu, None, 3, 64, block_table=bt,
+                 decode_kernel="none", paged_read="in_place")
 
 
 # ---------------------------------------------------------------------------------------------

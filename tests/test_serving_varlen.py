@@ -708,17 +708,35 @@ def test_paged_read_auto_cuda(block_size, monkeypatch):
     assert_close(res["auto"][0].float(), eo, torch.bfloat16)
 
 
+def _raises_before_allocating(fn, match, limit):
+    """fn raises a RuntimeError matching `match` while the allocator's peak grows by < limit."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with pytest.raises(RuntimeError, match=match):
+        fn()
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - base
+    assert grown < limit, (grown, limit)
+
+
+REFUSED = "paged_read: 'in_place' cannot take this call: "
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paged_read_refusals_cuda():
     """paged_read "in_place" is required: a call the sm90 forward cannot read in place (an fp8
     cache, which the gather dequantises; a named kernel other than sm90; any device or build but
-    a 9.0 / sm_90a one) raises instead of gathering silently; with decode_kernel "none" it is a
-    contradiction; without block_table both pinned values are meaningless."""
+    a 9.0 / sm_90a one) raises, saying why, before the gather allocates anything; with
+    decode_kernel "none" it is a contradiction; without block_table both pinned values are
+    meaningless; and on a call the decode kernel computes alone (no forward runs) a pinned read
+    would be ignored, so it is refused."""
     b = paged_batch(*MIXES["prefill"], 4, 2, 64, 16, torch.bfloat16, "cuda")
     args = (b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0, b.cu_seqlens_q, None,
             b.max_seqlen_q, b.max_seqlen_k)
     kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
-    with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
+    with pytest.raises(RuntimeError, match=REFUSED + "a named flash kernel other than sm90"):
         FWD_WITH(*args, **kw, kernel="sm80", paged_read="in_place")
     with pytest.raises(RuntimeError, match="paged_read: 'in_place' and decode_kernel 'none'"):
         FWD_WITH(*args, **kw, decode_kernel="none", paged_read="in_place")
@@ -726,16 +744,61 @@ def test_paged_read_refusals_cuda():
         FWD_WITH(b.q[None], b.q[None], b.q[None], paged_read="gather")
     with pytest.raises(RuntimeError, match="paged_read: expected one of \\{auto, in_place, gather\\}"):
         FWD_WITH(*args, **kw, paged_read="inplace")
-    f8 = paged_batch(*MIXES["prefill"], 4, 2, 64, 16, torch.bfloat16, "cuda", fp8=True)
+    # fp8 caches over long prefixes: the refusal comes before the gather's dequantised padded K /
+    # V (3 x 2400 rows x 2 heads x 128 x 2 bytes apiece), which "auto" does allocate (the control).
+    f8 = paged_batch([53, 16, 130], [2053, 2290, 2400], 8, 2, 128, 16, torch.bfloat16, "cuda",
+                     fp8=True)
     assert f8.k_cache.dtype == torch.float8_e4m3fn
-    with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
-        FWD_WITH(f8.q, f8.k_cache, f8.v_cache, None, True, -1, -1, 0.0, f8.cu_seqlens_q, None,
-                 f8.max_seqlen_q, f8.max_seqlen_k, seqused_k=f8.seqused_k,
-                 block_table=f8.block_table, k_descale=f8.k_descale, v_descale=f8.v_descale,
-                 paged_read="in_place")
+    padded = 3 * 2400 * 2 * 128 * 2
+    f8_args = (f8.q, f8.k_cache, f8.v_cache, None, True, -1, -1, 0.0, f8.cu_seqlens_q, None,
+               f8.max_seqlen_q, f8.max_seqlen_k)
+    f8_kw = dict(seqused_k=f8.seqused_k, block_table=f8.block_table, k_descale=f8.k_descale,
+                 v_descale=f8.v_descale)
+    expect = "the caches are fp8" if HOPPER else ""
+    _raises_before_allocating(lambda: FWD_WITH(*f8_args, **f8_kw, paged_read="in_place"),
+                              REFUSED + expect, padded // 4)
+    grown, _ = _peak_growth(lambda: FWD_WITH(*f8_args, **f8_kw))
+    assert grown >= 2 * padded, grown
     if not HOPPER:
-        with pytest.raises(RuntimeError, match="paged_read: 'in_place' needs the sm90 forward"):
+        with pytest.raises(RuntimeError, match=REFUSED):
             FWD_WITH(*args, **kw, paged_read="in_place")
+    # Decode-only calls: one query row per sequence, and every sequence short (spec rows).
+    for mix, why in (("decode", "one query row per sequence"),
+                     ("spec", "every sequence has at most 8 query rows")):
+        d = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, "cuda")
+        d_args = (d.q, d.k_cache, d.v_cache, None, True, -1, -1, 0.0, d.cu_seqlens_q, None,
+                  d.max_seqlen_q, d.max_seqlen_k)
+        d_kw = dict(seqused_k=d.seqused_k, block_table=d.block_table)
+        for read in ("in_place", "gather"):
+            with pytest.raises(RuntimeError, match=f"paged_read: '{read}' pins how the flash "
+                               f"forward reads the pages, but the decode kernel computes this "
+                               f"call alone \\({why}\\)"):
+                FWD_WITH(*d_args, **d_kw, paged_read=read)
+        out, _ = FWD_WITH(*d_args, **d_kw, decode_kernel="none", paged_read="gather")
+        assert_close(out.float(), _ref(d, causal=True)[0], torch.bfloat16)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
+def test_paged_read_three_wg_cuda(monkeypatch):
+    """Launch option three_wg (3 consumer warpgroups at head dim 64) has no in-place instance: a
+    pinned "in_place" with it raises; under "auto" it keeps the gather (block 64, where auto would
+    otherwise read in place: the allocator's peak shows the padded copy) and the right numbers."""
+    monkeypatch.delenv("ATTNKIT_FLASH_KERNEL", raising=False)
+    Hkv, D, bs = 2, 64, 64
+    b = paged_batch([53, 16, 130], [2053, 2290, 2400], 4 * Hkv, Hkv, D, bs, torch.bfloat16, "cuda")
+    args = (b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0, b.cu_seqlens_q, None,
+            b.max_seqlen_q, b.max_seqlen_k)
+    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table, kernel="sm90", three_wg=True)
+    padded = 3 * 2432 * Hkv * D * 2  # one padded K (or V): 38 pages of 64 rows per sequence
+    _raises_before_allocating(lambda: FWD_WITH(*args, **kw, paged_read="in_place"),
+                              REFUSED + "launch option three_wg", padded // 4)
+    grown, (out, lse) = _peak_growth(lambda: FWD_WITH(*args, **dict(kw, kernel="auto")))
+    assert grown >= 2 * padded, grown  # gathered
+    eo, el = _ref(b, causal=True)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+    grown, _ = _peak_growth(lambda: FWD_WITH(*args, **dict(kw, kernel="auto", three_wg=False)))
+    assert grown < padded // 2, grown  # the control: without three_wg, auto reads in place
 
 
 def test_paged_read_on_the_cpu():

@@ -246,5 +246,18 @@ inline PagedRead check_paged_read(c10::string_view name) {
   return PagedRead::kAuto;
 }
 
+inline const char* paged_read_name(PagedRead pr) {
+  return pr == PagedRead::kInPlace ? "in_place" : pr == PagedRead::kGather ? "gather" : "auto";
+}
+
+// The rules paged_read obeys on every backend (CUDA, CPU and Meta alike): a pinned read needs
+// paged caches, and "in_place" excludes decode_kernel "none" (the gather for the whole call).
+inline void check_paged_read_args(PagedRead pr, bool paged, bool decode_off) {
+  ATTNKIT_CHECK(pr == PagedRead::kAuto || paged, "paged_read: '", paged_read_name(pr),
+                "' needs a paged call (block_table given); use 'auto'");
+  ATTNKIT_CHECK(pr != PagedRead::kInPlace || !decode_off, "paged_read: 'in_place' and "
+                "decode_kernel 'none' (the gather for the whole call) exclude each other");
+}
+
 }  // namespace flash
 }  // namespace attnkit

@@ -530,8 +530,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cpu(
   const PagedRead pr = check_paged_read(paged_read);
   ATTNKIT_CHECK(pr != PagedRead::kInPlace, "paged_read: 'in_place' is the sm90 forward's; the CPU "
                 "gathers the pages ('auto' or 'gather')");
-  ATTNKIT_CHECK(pr == PagedRead::kAuto || given(block_table), "paged_read: 'gather' needs a paged "
-                "call (block_table given); use 'auto'");
+  check_paged_read_args(pr, given(block_table), /*decode_off=*/false);
   return flash_attn_fwd_cpu(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                             cu_q, cu_k, std::move(max_seqlen_q), std::move(max_seqlen_k),
                             seqused_k, block_table, s_aux, k_descale, v_descale, deterministic);

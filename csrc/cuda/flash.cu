@@ -316,60 +316,83 @@ SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tenso
   return s;
 }
 
-// Whether the sm90 forward reads this paged call's pages in place (load_paged_tile; no gather),
-// the caches' maps then encoded into `maps`. It can when the choice (auto, or sm90 with paged_read
-// "in_place") is sm90 on this device and build, the caches are in q's dtype (the gather
-// dequantises fp8 caches) and their maps encode as they are, and the padded layout's rows fit
-// the maps' int32 coordinates; it does when paged_read `pr` asks for it, or under "auto" where
-// prefer_paged_in_place (kernels/flash/choose.h) says so. A named kernel under "auto", or
-// decode_kernel "none" (`gather`), keeps the gather: kernel="sm90" is the A/B arm of the forward
-// alone, "none" of the whole call. Only sizes and dtypes are read: inputs the later checks refuse
-// are left to them (false here), for their messages (flash_fwd raises for "in_place" after them).
-bool paged_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& block_table, const OptTensor& cu_q, const Options& opt,
-                    FlashRequest req, bool gather, PagedRead pr,
-                    const std::optional<c10::SymInt>& max_seqlen_k, FwdMaps* maps) {
+// Why the sm90 forward cannot read this paged call's pages in place (load_paged_tile; no gather),
+// or nullptr when it can: the choice (kernel auto, or sm90 with paged_read "in_place") is sm90 on
+// this device and build, the caches are in q's dtype (the gather dequantises fp8 caches), the
+// padded layout's rows fit the maps' int32 coordinates, and launch option three_wg does not ask
+// for the 3-warpgroup instance at head dim 64 (the in-place instance has 2). A named kernel under
+// "auto" keeps the gather: kernel="sm90" is the A/B arm of the forward alone. check_paged has run
+// (shapes, dtypes, devices, block size); only sizes and dtypes are read. `gather_bytes` receives
+// the gather's padded K + V, for prefer_paged_in_place.
+const char* paged_in_place_blocker(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& block_table, const OptTensor& cu_q,
+                                   const Options& opt, FlashRequest req,
+                                   const FwdLaunchOptions& lo, PagedRead pr,
+                                   const std::optional<c10::SymInt>& max_seqlen_k,
+                                   int64_t* gather_bytes) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   const bool varlen = given(cu_q);
-  const bool named_ok = req == FlashRequest::kAuto ||
-                        (pr == PagedRead::kInPlace && req == FlashRequest::kSm90);
-  if (!named_ok || gather || pr == PagedRead::kGather) return false;
-  if (!q.is_cuda() || q.dim() != (varlen ? 3 : 4)) return false;
-  if (varlen && cu_q->dim() != 1) return false;
-  if (k.dim() != 4 || v.dim() != 4 || block_table.dim() != 2 || k.sizes() != v.sizes()) return false;
-  if (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type()) return false;
-  if (k.device() != q.device() || v.device() != q.device()) return false;
-  if (k.size(0) < 1 || k.size(0) > INT32_MAX || k.stride(3) != 1 || v.stride(3) != 1) return false;
-  // (check_paged has not run yet: a block size of 0 must not reach the division below)
-  if (k.size(3) != q.size(-1) || k.size(1) < 16 || k.size(1) % 16 != 0 || k.size(1) > 256) {
-    return false;
+  if (req != FlashRequest::kAuto && !(pr == PagedRead::kInPlace && req == FlashRequest::kSm90)) {
+    return "a named flash kernel other than sm90 reads gathered K / V";
   }
+  if (varlen && cu_q->dim() != 1) return "cu_seqlens_q is not 1-D";
+  if (k.scalar_type() != q.scalar_type()) return "the caches are fp8 (the gather dequantises them)";
+  if (k.size(0) > INT32_MAX) return "the caches have more than 2^31 - 1 blocks";
+  if (k.stride(3) != 1 || v.stride(3) != 1) return "the caches' last dim is not contiguous";
   const int64_t B = varlen ? cu_q->size(0) - 1 : q.size(0), bs = k.size(1);
   const int64_t M = read_table_columns(block_table.size(1), bs, max_seqlen_k);
+  if (B < 1 || M < 1 || k.size(0) < 1) return "the call has no sequence, table column or block";
   // The padded layout's B * M * bs rows inside the int32 coordinates, without overflowing int64.
   const int64_t limit = (int64_t(1) << 31) - 1024;
-  if (B < 1 || M < 1 || M > limit / bs || B > limit / (M * bs) ||
-      !rows_addressable(varlen ? q.size(0) : q.size(1))) {
-    return false;
+  if (M > limit / bs || B > limit / (M * bs) || !rows_addressable(varlen ? q.size(0) : q.size(1))) {
+    return "its padded rows exceed the tensor maps' int32 coordinates";
+  }
+  if (lo.three_wg && q.size(-1) == 64) {
+    return "launch option three_wg asks for 3 consumer warpgroups at head dim 64 (the in-place "
+           "instance has 2)";
   }
   Params p0;  // device_facts reads the head dim and the scale
   p0.D = q.size(-1);
   p0.scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(p0.D)));
   FlashFacts f = device_facts(q, p0);
   f.k_has_rows = true;
-  if (!wants_tensor_maps(f, req, /*backward=*/false)) return false;
-  // The gather's padded K and V: B x M x bs rows each, in q's dtype.
-  const int64_t gather_bytes = 2 * B * M * bs * k.size(2) * k.size(3) * k.element_size();
-  if (pr == PagedRead::kAuto && !prefer_paged_in_place(page_box_rows(bs), gather_bytes)) {
+  if (!wants_tensor_maps(f, req, /*backward=*/false)) {
+    return "the sm90 forward does not take this call here (it needs a 9.0 device, an sm_90a "
+           "build and head dim 64 or 128)";
+  }
+  *gather_bytes = 2 * B * M * bs * k.size(2) * k.size(3) * k.element_size();
+  return nullptr;
+#else
+  (void)q, (void)k, (void)v, (void)block_table, (void)cu_q, (void)opt, (void)req, (void)lo,
+      (void)pr, (void)max_seqlen_k, (void)gather_bytes;
+  return "this build has no sm90 forward (tensor maps)";
+#endif
+}
+
+// Whether the sm90 forward reads the paged call's pages in place, the caches' maps then encoded
+// into `maps`: under "auto" where it can and prefer_paged_in_place (kernels/flash/choose.h) says
+// so; under "in_place" always, or a RuntimeError quoting the blocker, raised before any gather
+// allocates; under "gather", or with decode_kernel "none" (the gather for the whole call), never.
+bool paged_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& block_table, const OptTensor& cu_q, const Options& opt,
+                    FlashRequest req, const FwdLaunchOptions& lo, bool gather, PagedRead pr,
+                    const std::optional<c10::SymInt>& max_seqlen_k, FwdMaps* maps) {
+  if (gather || pr == PagedRead::kGather) return false;
+  int64_t gather_bytes = 0;
+  const char* why = paged_in_place_blocker(q, k, v, block_table, cu_q, opt, req, lo, pr,
+                                           max_seqlen_k, &gather_bytes);
+  if (why == nullptr && pr == PagedRead::kAuto &&
+      !prefer_paged_in_place(page_box_rows(k.size(1)), gather_bytes)) {
     return false;
   }
-  const c10::cuda::CUDAGuard guard(q.device());
-  return encode_paged_maps(k, v, maps);
-#else
-  (void)q, (void)k, (void)v, (void)block_table, (void)cu_q, (void)opt, (void)req, (void)gather,
-      (void)pr, (void)max_seqlen_k, (void)maps;
+  if (why == nullptr) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    if (encode_paged_maps(k, v, maps)) return true;
+    why = "the copy engine cannot address the caches' strides";
+  }
+  ATTNKIT_CHECK(pr != PagedRead::kInPlace, "paged_read: 'in_place' cannot take this call: ", why,
+                "; it can only be gathered (paged_read 'auto' or 'gather')");
   return false;
-#endif
 }
 
 // The plan, or nullopt when the decode kernel takes no part (then the gather path computes the
@@ -585,11 +608,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const OptTensor& k_descale, const OptTensor& v_descale, Request req,
     const FwdLaunchOptions& lo, const DecodeRequest& dr, PagedRead pr = PagedRead::kAuto) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
-  ATTNKIT_CHECK(pr == PagedRead::kAuto || given(block_table), "paged_read: '",
-                pr == PagedRead::kInPlace ? "in_place" : "gather",
-                "' needs a paged call (block_table given); use 'auto'");
-  ATTNKIT_CHECK(pr != PagedRead::kInPlace || !dr.off, "paged_read: 'in_place' and decode_kernel "
-                "'none' (the gather for the whole call) exclude each other");
+  check_paged_read_args(pr, given(block_table), dr.off);
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
   const bool paged_varlen = given(block_table) && given(cu_q) && q_in.dim() == 3;
@@ -608,6 +627,15 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   }
   // A decode batch, or one of short sequences only: the decode kernel alone, no gather.
   if (plan && (plan->whole || plan->all_short)) {
+    // No forward runs, so a pinned read of its pages would be ignored: refused instead.
+    if (pr != PagedRead::kAuto) {
+      const std::string alone = plan->whole ? std::string("one query row per sequence")
+                                            : "every sequence has at most " +
+                                                  std::to_string(plan->short_rows) + " query rows";
+      ATTNKIT_CHECK(false, "paged_read: '", paged_read_name(pr), "' pins how the flash forward "
+                    "reads the pages, but the decode kernel computes this call alone (", alone,
+                    "); use 'auto', or decode_kernel 'none' with 'gather' for the gather path");
+    }
     const int64_t T = q_in.size(0), H = q_in.size(1);
     auto out = at::zeros({T, H, q_in.size(2)}, q_in.options());
     auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(),
@@ -622,9 +650,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // is read. Every check (devices included) comes before the device guard, which needs q on a
   // CUDA device.
   FwdMaps paged_maps;
+  if (given(block_table)) check_paged(q_in, k_cache, v_cache, *block_table, cu_q, k_descale, v_descale);
   const bool in_place = given(block_table) &&
                         paged_in_place(q_in, k_cache, v_cache, *block_table, cu_q, opt, req.kernel,
-                                       dr.off, pr, max_seqlen_k, &paged_maps);
+                                       lo, dr.off, pr, max_seqlen_k, &paged_maps);
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in,
                                   plan ? OptTensor(plan->fwd_used) : seqused_k, block_table,
                                   k_descale, v_descale, max_seqlen_k, /*cpu=*/false,
@@ -634,10 +663,6 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   const bool varlen = check_inputs(q_in, r.k, r.v, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   if (given(s_aux)) check_sinks(*s_aux, q_in, q_in.sym_size(-2));
-  ATTNKIT_CHECK(in_place || pr != PagedRead::kInPlace,
-                "paged_read: 'in_place' needs the sm90 forward (kernel auto or sm90, a 9.0 device, "
-                "an sm_90a build, head dim 64 or 128) and caches in q's dtype whose strides the "
-                "copy engine can address; this call can only be gathered (paged_read 'auto')");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(r.k),

@@ -72,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_meta(
     bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
   check_kernel_request(kernel, "kernel");
   make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired);
-  check_decode_request(decode_kernel);
-  check_paged_read(paged_read);
+  const bool decode_off = check_decode_request(decode_kernel).off;
+  check_paged_read_args(check_paged_read(paged_read), given(block_table), decode_off);
   return flash_attn_fwd_meta(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                              cu_q, cu_k, std::move(max_seqlen_q), std::move(max_seqlen_k),
                              seqused_k, block_table, s_aux, k_descale, v_descale, deterministic);
