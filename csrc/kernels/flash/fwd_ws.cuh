@@ -330,34 +330,25 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       ++qn;
       for (int t = 0; t < u.n_tiles; ++t, ++g) {
         const int row = u.k0 + u.lo + t * BN;
-        if (loads_qk) {
-          unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
+        // Key tile t of the unit into stage g of `ring` (K's or V's, which differ in their stage
+        // counts): through the pages (kPaged; load_paged_tile acquires the stage) or as kBoxes
+        // box copies of the contiguous K / V.
+        auto load_tile = [&](unsigned char* base, const CUtensorMap* map, const auto& ring) {
+          unsigned char* dst = base + ring.stage(g) * Tr::kTileBytes;
           if constexpr (kPaged) {
-            load_paged_tile<Tr>(k_dst, &map_k, p, u, t, hk, ring_k, g, plane);  // acquires
+            load_paged_tile<Tr>(dst, map, p, u, t, hk, ring, g, plane);
           } else {
-            ring_k.producer_acquire(g);
-            ring_k.producer_arrive_expect_tx(g, Tr::kTileBytes);
+            ring.producer_acquire(g);
+            ring.producer_arrive_expect_tx(g, Tr::kTileBytes);
 #pragma unroll
             for (int c = 0; c < Tr::kBoxes; ++c) {
-              tma::load_4d(k_dst + c * Tr::kBoxBytes, &map_k, c * Tr::kBoxCols, hk, row, bc,
-                           ring_k.full(g));
+              tma::load_4d(dst + c * Tr::kBoxBytes, map, c * Tr::kBoxCols, hk, row, bc,
+                           ring.full(g));
             }
           }
-        }
-        if (loads_v) {
-          unsigned char* v_dst = sv + ring_v.stage(g) * Tr::kTileBytes;
-          if constexpr (kPaged) {
-            load_paged_tile<Tr>(v_dst, &map_v, p, u, t, hk, ring_v, g, plane);  // acquires
-          } else {
-            ring_v.producer_acquire(g);
-            ring_v.producer_arrive_expect_tx(g, Tr::kTileBytes);
-#pragma unroll
-            for (int c = 0; c < Tr::kBoxes; ++c) {
-              tma::load_4d(v_dst + c * Tr::kBoxBytes, &map_v, c * Tr::kBoxCols, hk, row, bc,
-                           ring_v.full(g));
-            }
-          }
-        }
+        };
+        if (loads_qk) load_tile(sk, &map_k, ring_k);
+        if (loads_v) load_tile(sv, &map_v, ring_v);
       }
     }
     if (loads_qk && leader) {  // the end of the walk, in the next Q stage
