@@ -8,7 +8,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+# ATTNKIT_PYTHON_DIR: another build's python/ (scripts/before_after.sh's older tree), else this one
+sys.path.insert(0, os.environ.get("ATTNKIT_PYTHON_DIR") or
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnkit  # noqa: E402
 from bench_gdpa import lengths_for  # noqa: E402
@@ -22,13 +24,17 @@ p.add_argument("--activation", default="fast_gelu")
 p.add_argument("--sparsity", type=float, default=1.0, help="as bench_gdpa: lengths uniform in "
                "[(2s-1)·max_len, max_len]")
 p.add_argument("--forward-only", action="store_true")
+p.add_argument("--repeat", type=int, default=1, help="calls of each pass (ncu --launch-skip then "
+               "profiles a warm one)")
 a = p.parse_args()
 lens = lengths_for(a.batch, a.max_len, a.sparsity)  # bench_gdpa's batch of this row
 off = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).cuda()
 T = int(lens.sum())
 q, k, v = (torch.randn(T, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-o = attnkit.gdpa(q, k, v, off, off, a.max_len, a.max_len, a.activation)
+for _ in range(a.repeat):
+    o = attnkit.gdpa(q, k, v, off, off, a.max_len, a.max_len, a.activation)
 if not a.forward_only:
-    torch.ops.attnkit.gdpa_bwd(torch.randn_like(o), q, k, v, off, off, a.max_len, a.max_len,
-                               a.activation, 1.0)
+    g = torch.randn_like(o)
+    for _ in range(a.repeat):
+        torch.ops.attnkit.gdpa_bwd(g, q, k, v, off, off, a.max_len, a.max_len, a.activation, 1.0)
 torch.cuda.synchronize()

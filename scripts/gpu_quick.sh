@@ -55,7 +55,8 @@
 # scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
 # BENCH=serving mode (bench_serving, each tree's own script and build); serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
-# 16k; flash_bwd_sm90_bench: its bench rows alone.
+# 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
+# duration (ncu); serving_ncu_full: the NHD decode kernel's stall reasons per SASS line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -263,6 +264,29 @@ for s in $QUICK; do
           --section SchedulerStats $PY benchmarks/profile_gdpa.py --max-len ${GDPA_NCU_LEN:-256} \
           --sparsity $sp --forward-only
       done ;;
+    gdpa_sched_time)  # the jagged forward's schedule kernel alone (gdpa_fwd_ws_schedule_kernel: one
+      # CTA lists the work longest first) at B 1152, sparsity 0.5: ncu's duration of warm launches
+      # (the 6th to 8th call; caches and clocks left alone), this tree's build and, where
+      # before_after.sh built one, the older tree's (ATTNKIT_PYTHON_DIR) the same way
+      for n in 512 2048; do
+        for tree in after before; do
+          dir=$PWD/python
+          if [ $tree = before ]; then
+            grep -qs "rc=0" /tmp/attnkit_before/.built || continue
+            dir=/tmp/attnkit_before/python
+          fi
+          step "gdpa_sched_time_${n}_$tree" 60 env ATTNKIT_PYTHON_DIR=$dir ncu --cache-control none \
+            --clock-control none --kernel-name regex:schedule --launch-skip 5 --launch-count 3 \
+            --metrics gpu__time_duration.sum $PY benchmarks/profile_gdpa.py --max-len $n \
+            --sparsity 0.5 --forward-only --repeat 8
+        done
+      done ;;
+    serving_ncu_full)  # the NHD decode kernel at 64 x 4k, ncu --set full with source: its stall
+      # reasons per SASS line (raw csv and the SASS page), for the decode rows' latency
+      step serving_ncu_full 120 ncu --set full --import-source yes --kernel-name regex:paged_decode_mma \
+        --launch-count 1 -f -o "$L/decode_mma" $PY benchmarks/profile_serving.py --seqs 64 --context 4096
+      ncu --import "$L/decode_mma.ncu-rep" --page details --print-details all > "$L/decode_mma_details.txt" 2>&1
+      ncu --import "$L/decode_mma.ncu-rep" --page source --csv --print-source sass > "$L/decode_mma_sass.csv" 2>&1 ;;
     gdpa_ncu_full)  # the GDPA forward, ncu --set full (stall sampling per SASS line) at max length
       # GDPA_NCU_LEN (512), dense then jagged: reports, raw stall metrics and the SASS page (csv)
       for sp in 1.0 0.5; do

@@ -544,6 +544,27 @@ def test_cuda_forward_jagged_schedule(case, D, dtype, causal):
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
 
 
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_jagged_schedule_many_sequences(causal):
+    """The schedule kernel's threads take sequences tid, tid + 1024, ... and each warp writes its
+    lanes' items together (shuffles over the whole warp): a batch of 2122 sequences (three rounds,
+    the last ending 10 lanes into a warp; every other one a NaN filler without queries, some real
+    ones without queries or keys) against the reference, then bitwise equal to the in-order
+    schedule (sorted=False)."""
+    gen = torch.Generator().manual_seed(20)
+    q_lens, kv_lens = _short_lens(gen, 1061, 160), _short_lens(gen, 1061, 160)
+    for i in range(0, 1061, 7):
+        q_lens[i] = 0
+    for i in range(3, 1061, 11):
+        kv_lens[i] = 0
+    args = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=128)
+    assert args[3].numel() - 1 == 2122
+    out = check_forward(*args, "fast_gelu", causal, "jagged schedule, 2122 sequences", **WS)
+    in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
+    assert torch.equal(out, in_order), "the jagged schedule changed the result"
+
+
 def _cat_rows(parts, like):
     return torch.cat(parts) if parts else like[:0]
 

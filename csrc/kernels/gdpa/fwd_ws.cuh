@@ -118,7 +118,7 @@ struct FwdWsTraits {
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
   // The device-built work list (gdpa_fwd_ws_schedule_kernel): one CTA of kSchedThreads threads,
   // kSchedBuckets length buckets of kNarrowN keys (longer units share the last bucket), a header
-  // of kSchedHeader int32 (the unit count first) before the int2 entries.
+  // of kSchedHeader int32 (the unit count first) before the entries (two int4 each).
   static constexpr int kSchedThreads = 1024;
   static constexpr int kSchedBuckets = 1024;
   static constexpr int kSchedHeader = 4;
@@ -207,19 +207,49 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   cursor[tid] = warp_total[warp] + incl - mine;
   __syncthreads();
   int4* list = reinterpret_cast<int4*>(ws + FwdWsTraits::kSchedHeader);
-  for (int b = tid; b < p.B; b += NT) {
+  // Written warp by warp, so that a store instruction's 32 lanes write neighbouring entries: a
+  // thread writing its own sequences' entries one after the other (its slots unrelated to its
+  // neighbours') made every warp store touch 32 cache lines. The warp lays its lanes' runs end to
+  // end (a prefix sum of their counts) and walks the concatenation 32 entries at a time, lane k
+  // taking the k-th entry of each step from the lane that owns it; the slots are the ones each
+  // lane's atomicAdd gave, so the list is the same. Thread tid still takes sequences tid, + NT,
+  // ...; the loop runs over the warp's first sequence, so every lane takes every step (lanes past
+  // B count no items) and the full-mask shuffles see the whole warp.
+  for (int b0 = tid - lane; b0 < p.B; b0 += NT) {
+    const int b = b0 + lane;
     int bucket = 0;
-    const int n = items_of(b, bucket);
-    if (n <= 0) continue;
-    int64_t slot = atomicAdd(&cursor[bucket], n);
+    const int n = b < p.B ? items_of(b, bucket) : 0;
+    const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
     const int tiles = n / p.H;
-    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    const int4 ranges = make_int4(qs.begin, qs.len, ks.begin, ks.len);
-    for (int h = 0; h < p.H; ++h)
-      for (int t = 0; t < tiles; ++t, ++slot) {
+    const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
+                   ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
+    int end = n;  // the end of this lane's run in the warp's concatenation (inclusive scan)
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, end, d);
+      if (lane >= d) end += v;
+    }
+    const int total = __shfl_sync(0xffffffffu, end, 31);
+    for (int e0 = 0; e0 < total; e0 += 32) {
+      const int e = e0 + lane;
+      // The owner of entry e: the first lane whose run ends past e (ends never decrease), found by
+      // binary lifting over the lanes (lanes with no items end where they start: never chosen).
+      int o = 0;
+#pragma unroll
+      for (int step = 16; step >= 1; step >>= 1)
+        if (__shfl_sync(0xffffffffu, end, o + step - 1) <= e) o += step;
+      const int o_start = __shfl_sync(0xffffffffu, end - n, o);
+      const int o_base = __shfl_sync(0xffffffffu, base, o);
+      const int o_tiles = __shfl_sync(0xffffffffu, tiles, o);
+      const int4 ranges =
+          make_int4(__shfl_sync(0xffffffffu, qs.begin, o), __shfl_sync(0xffffffffu, qs.len, o),
+                    __shfl_sync(0xffffffffu, ks.begin, o), __shfl_sync(0xffffffffu, ks.len, o));
+      if (e < total) {  // the owner's entry e - o_start: head outer, tile inner, as it was
+        const int local = e - o_start, h = local / o_tiles, slot = o_base + local;
         list[2 * slot] = ranges;
-        list[2 * slot + 1] = make_int4(h, t, b, 0);
+        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, 0);
       }
+    }
   }
 }
 
@@ -605,7 +635,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 }
 
 // The jagged schedule's workspace for `items` work items (int32 elements): the header and one
-// int2 entry per item. The launcher's caller allocates it (stream-ordered, capturable) for a
+// entry of two int4 per item. The launcher's caller allocates it (stream-ordered, capturable) for a
 // jagged batch and passes nullptr for a dense one.
 inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 8 * items; }
 
