@@ -9,9 +9,9 @@
 #include <cstdint>
 
 #include "common/portability.h"
+#include "kernels/common/fast_math.cuh"
 #include "kernels/common/mma.cuh"
 #include "kernels/common/wgmma.cuh"
-#include "kernels/flash/fast_math.cuh"
 
 namespace attnkit {
 namespace flash {

@@ -60,10 +60,10 @@
 
 #include "common/portability.h"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/fast_math.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
 #include "kernels/common/ws_bwd.cuh"
-#include "kernels/flash/fast_math.cuh"
 #include "kernels/flash/launch_options.h"
 #include "kernels/flash/mma_bwd.cuh"
 #include "kernels/flash/params.h"

@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "kernels/flash/fast_math.cuh"
+#include "kernels/common/fast_math.cuh"
 #include "kernels/flash/mma_fwd.cuh"
 #include "kernels/gdpa/tile.cuh"
 

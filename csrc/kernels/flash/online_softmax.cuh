@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "common/portability.h"
-#include "kernels/flash/fast_math.cuh"
+#include "kernels/common/fast_math.cuh"
 
 namespace attnkit {
 namespace flash {

@@ -11,8 +11,9 @@
 // and 4 scores per thread, half of what the heads-as-rows orientation (an m16 tile of which G
 // rows are real) spends: decode is bound by each warp's instruction stream, not by the tensor
 // cores, so fewer instructions per tile is the speed. Likewise the running max is moved (and O
-// rescaled) only when a tile's scores exceed it by more than 2^8, and tiles wholly inside the
-// window without soft-cap or ALiBi take a one-multiply logit path.
+// rescaled, the column max shuffled) only when a tile's scores exceed it by more than 2^8, and
+// tiles wholly inside the window without soft-cap or ALiBi keep raw scores, the scale folded into
+// the one FFMA before each exp2.
 // Served: 16-bit query with the cache in the query dtype, head size 64 or 128, block size 16 or
 // 32, one query token per sequence (paged_attention_v1, pa_fwd with max_qlen = 1), both value
 // layouts, any cache strides (block stride 0 included); and several query tokens per sequence in
@@ -67,6 +68,7 @@
 
 #include "common/portability.h"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/fast_math.cuh"
 #include "kernels/common/mma.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/paged/decode.cuh"
@@ -438,8 +440,13 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     all_lo = row_window(sq.L, sq.qlen, r0 + nrows - 1, p.window).lo;
     all_hi = row_window(sq.L, sq.qlen, r0, p.window).hi;
   }
-  // Tiles wholly inside the window with neither soft-cap nor ALiBi take the short logit path.
-  const bool plain_logits = !(p.softcap > 0.0f) && p.alibi == nullptr;
+  // Tiles wholly inside the window with neither soft-cap nor ALiBi take the short logit path:
+  // their raw scores s stay as they are, the log2-domain logit s·scale_log2 being formed by the
+  // FFMA in front of exp2. That needs scale > 0 (the max of s·scale_log2 is then the max of s
+  // times scale_log2, rounding included); paged_attention_v1 passes the caller's scale unchecked,
+  // so with a zero, negative or NaN one every tile takes the general path (finish_logit, whose
+  // (s·scale)·log2e may round an ulp away from the s·scale_log2 such a scale got before).
+  const bool plain_logits = !(p.softcap > 0.0f) && p.alibi == nullptr && p.scale > 0.0f;
   const float scale_log2 = p.scale * kLog2e;
 
   // Oᵀ [D][heads]: o[mt][nb] is the C tile of dims 16mt..16mt+15 x heads 8nb..8nb+7.
@@ -516,12 +523,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       for (int nb = 0; nb < NB; ++nb) mma::mma_16816<T>(sacc[nb], af, qf[nb][kk]);
     }
 
-    // Logits in the log2 domain. sacc[nb][e] is token g + 8(e / 2), head 8nb + 2·t4 + e % 2.
+    // Logits: sacc[nb][e] (token g + 8(e / 2), head 8nb + 2·t4 + e % 2) times c is the logit in
+    // the log2 domain: c = scale_log2 on the plain path (raw scores), else 1 (finished logits,
+    // -inf where masked).
+    float c = 1.0f;
     if (plain_logits && blk_ok && ts >= all_lo && ts + TILE <= all_hi) {
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sacc[nb][e] *= scale_log2;
+      c = scale_log2;
     } else {
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
@@ -535,31 +542,33 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
                             : -INFINITY;
         }
     }
-    // Per-head max over the tile's 16 tokens: 2 per thread, then the 8 lanes of a column.
+    // The running max moves (and O, l are rescaled) only when some head's new scores exceed it by
+    // more than kRescaleSlack (log2 units): otherwise probabilities stay below 2^kRescaleSlack,
+    // harmless in fp32 sums and 16-bit P. Decided per warp, so the branch never diverges. m is the
+    // same on the 8 lanes of a column, so "some column's max exceeds m + slack" is "some lane's
+    // own 2-score max does": the shuffles for the column max run only when m moves. With c > 0,
+    // max(s)·c rounds to max(s·c), so m is what the max of the scaled scores gives.
     float mx[NB][2];
     bool grow = false;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        float v = fmaxf(sacc[nb][j], sacc[nb][j + 2]);
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-        mx[nb][j] = v;
-        grow |= v > m[nb][j] + kRescaleSlack;
+        mx[nb][j] = fmaxf(sacc[nb][j], sacc[nb][j + 2]);
+        grow |= mx[nb][j] * c > m[nb][j] + kRescaleSlack;
       }
-    // The running max moves (and O, l are rescaled) only when some head's new scores exceed it by
-    // more than kRescaleSlack (log2 units): otherwise probabilities stay below 2^kRescaleSlack,
-    // harmless in fp32 sums and 16-bit P. Decided per warp, so the branch never diverges.
     if (__any_sync(0xffffffffu, grow)) {
       float f[NB][2];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float mn = fmaxf(m[nb][j], mx[nb][j]);
-          f[nb][j] = exp2f(m[nb][j] - (mn == -INFINITY ? 0.0f : mn));  // m = -inf -> 0
+          float v = mx[nb][j];
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+          const float mn = fmaxf(m[nb][j], v * c);
+          f[nb][j] = ex2_approx(m[nb][j] - (mn == -INFINITY ? 0.0f : mn));  // m = -inf -> 0
           m[nb][j] = mn;
           l[nb][j] *= f[nb][j];
         }
@@ -571,15 +580,20 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
           o[mt][nb][2] *= f[nb][0], o[mt][nb][3] *= f[nb][1];
         }
     }
-    // Pᵀ = exp2(s - m), packed to 16 bits; movmatrix turns the C tile (tokens as rows) into the
-    // B operand of Oᵀ += Vᵀ·Pᵀ (tokens as k).
+    // Pᵀ = 2^(s·c - m): one FFMA and one ex2.approx.ftz per score (exp2's input is now rounded
+    // once, not after the product and again after the difference: it may differ from the
+    // unfused form by an ulp; results below 2^-126 flush to 0). A column with nothing visible
+    // yet keeps base 0: 2^(-inf) = 0, never NaN. Packed to 16 bits; movmatrix turns the C tile
+    // (tokens as rows) into the B operand of Oᵀ += Vᵀ·Pᵀ (tokens as k).
     uint32_t pb[NB][2];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
       const float b0 = m[nb][0] == -INFINITY ? 0.0f : m[nb][0];
       const float b1 = m[nb][1] == -INFINITY ? 0.0f : m[nb][1];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sacc[nb][e] = exp2f(sacc[nb][e] - ((e & 1) ? b1 : b0));
+      for (int e = 0; e < 4; ++e) {
+        sacc[nb][e] = ex2_approx(fmaf(sacc[nb][e], c, -((e & 1) ? b1 : b0)));
+      }
       l[nb][0] += sacc[nb][0] + sacc[nb][2];
       l[nb][1] += sacc[nb][1] + sacc[nb][3];
       pb[nb][0] = mma::movmatrix_trans(mma::pack2<T>(sacc[nb][0], sacc[nb][1]));

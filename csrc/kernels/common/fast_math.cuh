@@ -1,15 +1,15 @@
-// Fast scalar math shared by the flash tensor-core kernels (sm_80+), torch-free.
+// Fast scalar math of the tensor-core kernels (sm_80+; the flash kernels and the paged decode),
+// torch-free. Compiled out with them under HIP, where nothing calls it.
 #pragma once
 
 #include "common/portability.h"
 #include "kernels/common/mma.cuh"
 
 namespace attnkit {
-namespace flash {
 
 #if ATTNKIT_HAS_MMA_SM80
 // 2^x in one instruction (results below 2^-126 flush to 0, irrelevant for probabilities): exp2f
-// adds a denormal-range fix-up around it, three instructions per score element.
+// adds a denormal-range fix-up around it, three instructions per score element. 2^-inf = 0.
 ATTNKIT_DEVICE ATTNKIT_INLINE float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -26,5 +26,4 @@ ATTNKIT_DEVICE ATTNKIT_INLINE float tanh_fast(float y) {
 }
 #endif
 
-}  // namespace flash
 }  // namespace attnkit
