@@ -56,7 +56,8 @@
 # BENCH=serving mode (bench_serving, each tree's own script and build); serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
-# duration (ncu); serving_ncu_full: the NHD decode kernel's stall reasons per SASS line.
+# duration (ncu); gdpa_sched_ncu: its stall reasons per SASS line; serving_ncu_full: the NHD
+# decode kernel's stall reasons per SASS line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -281,6 +282,14 @@ for s in $QUICK; do
             --sparsity 0.5 --forward-only --repeat 8
         done
       done ;;
+    gdpa_sched_ncu)  # the schedule kernel's stall reasons per SASS line (ncu --set full, a warm
+      # launch, max len 2048 sparsity 0.5: 53 us on the H100 for ~39K entries, far above its loads
+      # and stores), the details and the SASS page as csv
+      step gdpa_sched_ncu 90 ncu --set full --import-source yes --cache-control none --clock-control none \
+        --kernel-name regex:schedule --launch-skip 5 --launch-count 1 -f -o "$L/gdpa_sched" \
+        $PY benchmarks/profile_gdpa.py --max-len 2048 --sparsity 0.5 --forward-only --repeat 6
+      ncu --import "$L/gdpa_sched.ncu-rep" --page details --print-details all > "$L/gdpa_sched_details.txt" 2>&1
+      ncu --import "$L/gdpa_sched.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_sched_sass.csv" 2>&1 ;;
     serving_ncu_full)  # the NHD decode kernel at 64 x 4k, ncu --set full with source: its stall
       # reasons per SASS line (raw csv and the SASS page), for the decode rows' latency
       step serving_ncu_full 120 ncu --set full --import-source yes --kernel-name regex:paged_decode_mma \
