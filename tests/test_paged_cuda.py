@@ -98,6 +98,26 @@ def test_paged_gqa_paths_features(path, dtype, gqa, feature, layout):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gqa", [1, 8, 16])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-3], ids=lambda x: f"scale{x}")
+def test_paged_gqa_paths_nonpositive_scale(path, gqa, scale):
+    """paged_attention_v1 passes the caller's scale through unchecked. The tensor-core kernel's
+    plain tiles fold a positive scale into exp2's FFMA and take the running max of the raw scores
+    (decode_mma.cuh: max(s)·c = max(s·c) only for c > 0); a zero or negative scale must take the
+    general logit path instead, or the max would be the column's minimum and P overflow. Against
+    the reference on every kernel, long sequences (splits, several rescales) included; 1e-3 is a
+    positive control on the folded path."""
+    hkv = 2
+    s = v1_sample("cuda", torch.bfloat16, heads=(gqa * hkv, hkv), head_size=128,
+                  lengths=[0, 1, 17, 301, 2000, 5000], num_blocks=1024, scale=scale,
+                  query_std=2.0)
+    if expect_kernel(s, path):
+        out = run_v1(s, path)
+        assert torch.isfinite(out).all()
+        assert_close(out, v1_reference(s), torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gqa", MMA_GQA)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", [16, 32])

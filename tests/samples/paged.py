@@ -262,9 +262,10 @@ def v1_sample(device, dtype, *, heads=(8, 2), head_size=64, block_size=16, layou
     slopes = None
     if alibi is not None:
         slopes = alibi[0] + (alibi[1] - alibi[0]) * torch.rand(hq, device=device)
-    return v1_args(query, kc, vc, hkv, scale or 1.0 / math.sqrt(head_size), bt, lens,
-                   alibi_slopes=slopes, kv_cache_dtype=kv, k_scale=k_scale, v_scale=v_scale,
-                   logits_soft_cap=softcap, sliding_window=window, out=out, name=name)
+    scale = 1.0 / math.sqrt(head_size) if scale is None else scale  # 0.0 is a scale too
+    return v1_args(query, kc, vc, hkv, scale, bt, lens, alibi_slopes=slopes, kv_cache_dtype=kv,
+                   k_scale=k_scale, v_scale=v_scale, logits_soft_cap=softcap,
+                   sliding_window=window, out=out, name=name)
 
 
 V1_NAMES = ["out", "query", "key_cache", "value_cache", "num_kv_heads", "scale", "block_tables",
