@@ -1,5 +1,7 @@
-// Block-wide scans shared by the kernel families (torch-free): the MoE routing kernels' counts,
-// the mixed serving call's list of long sequences. CUDA and HIP device code.
+// Block- and warp-wide scans shared by the kernel families (torch-free): the MoE routing kernels'
+// counts, the mixed serving call's list of long sequences, the GDPA jagged schedule, the grouped
+// GEMM's tile starts. The block scan is CUDA and HIP device code; the warp scan is CUDA's (32
+// lanes).
 #pragma once
 
 #include <cstdint>
@@ -27,5 +29,25 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int32_t block_exclusive_scan(int32_t v, int32_t* s
   __syncthreads();
   return inclusive - v;
 }
+
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+// Inclusive scan of one value per lane over the 32 lanes of a full warp (Kogge-Stone over
+// shuffles: log2(32) steps). `op` combines the running value with an earlier lane's (a sum by
+// default; max for running maxima). Every lane of the warp must call it.
+template <typename T, typename Op>
+ATTNKIT_DEVICE ATTNKIT_INLINE T warp_inclusive_scan(T v, int lane, Op op) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const T u = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v = op(v, u);
+  }
+  return v;
+}
+
+template <typename T>
+ATTNKIT_DEVICE ATTNKIT_INLINE T warp_inclusive_sum(T v, int lane) {
+  return warp_inclusive_scan(v, lane, [](T a, T b) { return a + b; });
+}
+#endif
 
 }  // namespace attnkit

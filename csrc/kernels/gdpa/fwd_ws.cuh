@@ -61,6 +61,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kernels/common/block_scan.cuh"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
@@ -185,21 +186,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
   const int lane = tid & 31, warp = tid >> 5;
   const int mine = cursor[tid];
-  int incl = mine;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
+  const int incl = warp_inclusive_sum(mine, lane);
   if (lane == 31) warp_total[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int t = warp_total[lane], ti = t;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, ti, d);
-      if (lane >= d) ti += v;
-    }
+    const int t = warp_total[lane], ti = warp_inclusive_sum(t, lane);
     warp_total[lane] = ti - t;  // exclusive
     if (lane == 31) ws[0] = ti;   // the item count
   }
@@ -223,12 +214,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
     const int tiles = n / p.H;
     const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
                    ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
-    int end = n;  // the end of this lane's run in the warp's concatenation (inclusive scan)
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, end, d);
-      if (lane >= d) end += v;
-    }
+    // The end of this lane's run in the warp's concatenation.
+    const int end = warp_inclusive_sum(n, lane);
     const int total = __shfl_sync(0xffffffffu, end, 31);
     for (int e0 = 0; e0 < total; e0 += 32) {
       const int e = e0 + lane;

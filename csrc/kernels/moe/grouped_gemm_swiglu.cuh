@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/common/block_scan.cuh"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
@@ -115,12 +116,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void swiglu_schedule(const index_t* off, int E, in
     run = max(run, int(clamp_offset(off[j], M)));
     row_start[j] = run;
   }
-  int incl = run;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl = max(incl, v);
-  }
+  const int incl = warp_inclusive_scan(run, lane, [](int a, int b) { return max(a, b); });
   int excl = __shfl_up_sync(0xffffffffu, incl, 1);
   if (lane == 0) excl = 0;
   for (int j = begin; j < end; ++j) row_start[j] = max(row_start[j], excl);
@@ -131,12 +127,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void swiglu_schedule(const index_t* off, int E, in
     if (j > 0) sum += int64_t((row_start[j] - row_start[j - 1] + BM - 1) / BM) * n_tiles;
     tile_start[j] = sum;
   }
-  int64_t isum = sum;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int64_t v = __shfl_up_sync(0xffffffffu, isum, d);
-    if (lane >= d) isum += v;
-  }
+  const int64_t isum = warp_inclusive_sum(sum, lane);
   int64_t esum = __shfl_up_sync(0xffffffffu, isum, 1);
   if (lane == 0) esum = 0;
   for (int j = begin; j < end; ++j) tile_start[j] += esum;
