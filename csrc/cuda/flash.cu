@@ -85,10 +85,10 @@ bool rows_addressable(int64_t rows) { return rows < (int64_t(1) << 31) - 1024; }
 
 // A tensor map of t ([B, S, heads, D], varlen [rows, heads, D]) as {D, heads, rows, batches}
 // (varlen: one batch of all rows) with boxes of 64 columns x box_rows rows (the forward's q: its
-// query tile, k / v: 128, paged caches: page_box_rows; the backward's 64); false when the copy engine cannot address it
-// (misaligned base, a stride of 0 or not a multiple of 16 bytes). A dimension of extent 1 is
-// never stepped over, so its stride is replaced by a valid one (torch may report any stride
-// there, and varlen's batch stride is 0).
+// query tile, k / v: 128, paged caches: page_box_rows; the backward's 64); false when the copy
+// engine cannot address it (misaligned base, a stride of 0 or not a multiple of 16 bytes). A
+// dimension of extent 1 is never stepped over, so its stride is replaced by a valid one (torch
+// may report any stride there, and varlen's batch stride is 0).
 bool encode_rows_map(CUtensorMap* map, const Params& p, bool varlen, const at::Tensor& t,
                      int64_t rows, int64_t heads, uint32_t box_rows) {
   const Strides st = strides_of(t, varlen);
@@ -650,7 +650,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // is read. Every check (devices included) comes before the device guard, which needs q on a
   // CUDA device.
   FwdMaps paged_maps;
-  if (given(block_table)) check_paged(q_in, k_cache, v_cache, *block_table, cu_q, k_descale, v_descale);
+  if (given(block_table)) {
+    check_paged(q_in, k_cache, v_cache, *block_table, cu_q, k_descale, v_descale);
+  }
   const bool in_place = given(block_table) &&
                         paged_in_place(q_in, k_cache, v_cache, *block_table, cu_q, opt, req.kernel,
                                        lo, dr.off, pr, max_seqlen_k, &paged_maps);

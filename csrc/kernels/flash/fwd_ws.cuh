@@ -13,7 +13,8 @@
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 loads Q (one
 //     box per 64 head-dim columns, into a 2-stage ring) and K_j per key tile, thread 32 loads V_j,
 //     each into rings of their own (D = 128: 2 K / 3 V stages, 32 KB tiles; D = 64: 4 / 4, 16 KB
-//     tiles; kPaged: warps 0 and 1 whole, a page box per lane, load_paged_tile), every load a tensor-map copy (kernels/common/tma.cuh) of a 4-D map {D, H, S, B}:
+//     tiles; kPaged: warps 0 and 1 whole, a page box per lane, load_paged_tile), every load a
+//     tensor-map copy (kernels/common/tma.cuh) of a 4-D map {D, H, S, B}:
 //     batched boxes never read across a batch (rows >= S land as zeros); varlen maps have B = 1
 //     and the rows past a sequence's end are the next sequence's (or zeros past the total).
 //     kPaged (a paged serving call): the K / V maps are the NHD caches' own, {D, Hkv, page,
@@ -298,7 +299,8 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     const int64_t items = fwd_ws_items_per_head(q_tiles, paired) * p.H * walked_seqs(p);
     const int plane = tid & 31;
     const bool leader = !kPaged || plane == 0;  // non-paged: the one thread is its own leader
-    const bool loads_qk = kPaged ? tid < 32 : tid == 0, loads_v = kPaged ? tid / 32 == 1 : tid == 32;
+    const bool loads_qk = kPaged ? tid < 32 : tid == 0;
+    const bool loads_v = kPaged ? tid / 32 == 1 : tid == 32;
     if (!loads_qk && !loads_v) return;
     if (leader) {
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
