@@ -778,6 +778,33 @@ def test_paged_read_refusals_cuda():
         assert_close(out.float(), _ref(d, causal=True)[0], torch.bfloat16)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_bad_inputs_keep_their_messages_cuda():
+    """The in-place read's refusal names a limit of the read, never a bad input: those raise
+    their own messages first (a CUDA seqused_k beside CPU caches, which dispatches to the CUDA op
+    with q on the CPU; a NaN scale or a negative softcap on a call the decode kernel computes
+    alone, which runs no forward and so no check_inputs); a non-positive scale is refused in
+    place for what it is."""
+    b = paged_batch(*MIXES["prefill"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
+    cpu = [t.cpu() for t in (b.q, b.k_cache, b.v_cache, b.block_table)]
+    q4 = cpu[0][:16].reshape(2, 8, *cpu[0].shape[1:])  # a batched paged call of 2 sequences
+    with pytest.raises(RuntimeError, match="seqused_k: expected a tensor on cpu \\(same as q\\)"):
+        FWD(q4, cpu[1], cpu[2], None, True, seqused_k=b.seqused_k[:2], block_table=cpu[3][:2])
+    d = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    d_args = (d.q, d.k_cache, d.v_cache)
+    d_kw = dict(cu_seqlens_q=d.cu_seqlens_q, max_seqlen_q=d.max_seqlen_q, seqused_k=d.seqused_k,
+                block_table=d.block_table)
+    with pytest.raises(RuntimeError, match="softmax_scale: expected a finite value"):
+        FWD(*d_args, float("nan"), True, **d_kw)
+    with pytest.raises(RuntimeError, match="softcap: expected a finite value >= 0"):
+        FWD(*d_args, None, True, softcap=-1.0, **d_kw)
+    if HOPPER:
+        with pytest.raises(RuntimeError, match=REFUSED + "it needs a positive softmax scale"):
+            FWD_WITH(b.q, b.k_cache, b.v_cache, -0.5, True, -1, -1, 0.0, b.cu_seqlens_q, None,
+                     b.max_seqlen_q, b.max_seqlen_k, **kw, paged_read="in_place")
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
 def test_paged_read_three_wg_cuda(monkeypatch):
     """Launch option three_wg (3 consumer warpgroups at head dim 64) has no in-place instance: a

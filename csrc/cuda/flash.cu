@@ -332,6 +332,7 @@ const char* paged_in_place_blocker(const at::Tensor& q, const at::Tensor& k, con
                                    int64_t* gather_bytes) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   const bool varlen = given(cu_q);
+  if (!q.is_cuda()) return "q is not on a CUDA device";
   if (req != FlashRequest::kAuto && !(pr == PagedRead::kInPlace && req == FlashRequest::kSm90)) {
     return "a named flash kernel other than sm90 reads gathered K / V";
   }
@@ -357,8 +358,10 @@ const char* paged_in_place_blocker(const at::Tensor& q, const at::Tensor& k, con
   FlashFacts f = device_facts(q, p0);
   f.k_has_rows = true;
   if (!wants_tensor_maps(f, req, /*backward=*/false)) {
-    return "the sm90 forward does not take this call here (it needs a 9.0 device, an sm_90a "
-           "build and head dim 64 or 128)";
+    FlashFacts g = f;  // the choice's own reason (device, build, dtype, head dim, scale)
+    g.maps_ok = true;
+    const char* why = fwd_refusal(FlashKernel::kSm90, g);
+    return why != nullptr ? why : "the sm90 forward does not take this call here";
   }
   *gather_bytes = 2 * B * M * bs * k.size(2) * k.size(3) * k.element_size();
   return nullptr;
@@ -388,7 +391,7 @@ bool paged_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   if (why == nullptr) {
     const c10::cuda::CUDAGuard guard(q.device());
     if (encode_paged_maps(k, v, maps)) return true;
-    why = "the copy engine cannot address the caches' strides";
+    why = "the copy engine cannot address the caches' base or strides";
   }
   ATTNKIT_CHECK(pr != PagedRead::kInPlace, "paged_read: 'in_place' cannot take this call: ", why,
                 "; it can only be gathered (paged_read 'auto' or 'gather')");
@@ -608,6 +611,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const OptTensor& k_descale, const OptTensor& v_descale, Request req,
     const FwdLaunchOptions& lo, const DecodeRequest& dr, PagedRead pr = PagedRead::kAuto) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_options(opt);  // before any path, the decode-only one included (it runs no check_inputs)
   check_paged_read_args(pr, given(block_table), dr.off);
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
@@ -650,8 +654,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // is read. Every check (devices included) comes before the device guard, which needs q on a
   // CUDA device.
   FwdMaps paged_maps;
-  if (given(block_table)) {
+  if (given(block_table)) {  // their own messages first, before paged_in_place's reasons
     check_paged(q_in, k_cache, v_cache, *block_table, cu_q, k_descale, v_descale);
+    if (given(cu_q)) check_offsets_tensor(*cu_q, "cu_seqlens_q", q_in, "q");
   }
   const bool in_place = given(block_table) &&
                         paged_in_place(q_in, k_cache, v_cache, *block_table, cu_q, opt, req.kernel,
