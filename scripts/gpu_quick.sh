@@ -9,7 +9,8 @@
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_jagged: issue #19's jagged forward and the ws backward on tile edges: tests, memcheck,
-# bench_gdpa forward + backward in one run, and the forward in batch order;
+# bench_gdpa forward + backward in one run, and the forward in batch order; gdpa_vtail: the
+# forward's V-tail fix-up warp: tests, memcheck, racecheck, bench_gdpa's forward rows;
 # gdpa_ws_bench times the forward four ways through bench_gdpa's --kernel / --fwd-options (the
 # private op): sm90_ws with its default schedule, then with ping_pong=0, split_loaders=0 and
 # persistent=0),
@@ -167,6 +168,22 @@ for s in $QUICK; do
       step bench_gdpa_jagged 120 $G --passes fwd,bwd --kernel sm90_ws --bwd-kernel sm90_ws \
         --csv "$L/bench_gdpa_jagged.csv"
       step bench_gdpa_in_order 50 $G --passes fwd --kernel sm90_ws --fwd-options sorted=0 --sparsity 0.5 ;;
+    gdpa_vtail)  # the GDPA forward's V-tail zero fill on a producer warp (fwd_ws.cuh's fix-up
+      # warp; ring_v's ready barriers, which the consumers wait for instead of V's full ones): the
+      # ws tests (jagged schedule, every variant, garbage offsets, keyless rows, windows, forward
+      # paths), memcheck on the jagged and ws ones, racecheck on a tile-edge jagged batch and the
+      # A/B variants (ping-pong off, single loader), then bench_gdpa's forward rows (sm90_ws,
+      # sparsity 1.0 and 0.5); ~400 s after the build, racecheck the slowest (not yet timed)
+      step gdpa_vtail_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
+        -k "jagged_schedule or warp_specialised or garbage or keyless or window or forward_paths"
+      step gdpa_vtail_memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(jagged_schedule and (garbage or (bfloat16 and 128 and False and (random or tile_edges)))) or (forward_warp_specialised and bfloat16 and 128 and False and not grid)"
+      step gdpa_vtail_racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(jagged_schedule and bfloat16 and 128 and False and tile_edges) or (forward_warp_specialised and bfloat16 and 128 and False and (free or single_loader))"
+      step bench_gdpa_vtail 60 $PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 \
+        --passes fwd --kernel sm90_ws $BENCH ;;
     gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
       # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
       step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;

@@ -19,6 +19,13 @@
 // thread's arrive_expect_tx, with the bytes counted off by the copies; empty: one per consumer
 // warp, lane 0 arriving once the warp's reads of the stage are done). Stage addresses of the data
 // are the kernel's too (stage(n) * bytes): the ring moves no data.
+//
+// kFixup: one warp mends each fill between its copies and the consumers (gdpa/fwd_ws.cuh zeroes
+// the V rows past a sequence's end there, off the consumers' path). A third barrier per stage,
+// ready, completes on that warp's arrival (fixup_done_warp) after fixup_wait saw the bytes land;
+// consumer_wait then waits for ready instead of full. The fix-up warp never arrives on a barrier
+// it waits on, and fill n + kStages cannot land before the consumers released fill n, which they
+// do only after ready: each of the three barriers is waited on at most one phase behind, as above.
 #pragma once
 
 #include <cstdint>
@@ -29,12 +36,12 @@ namespace attnkit {
 
 #if defined(__CUDACC__) && !defined(__HIPCC__)
 
-template <int kStages>
+template <int kStages, bool kFixup = false>
 struct TmaRing {
   static_assert(kStages >= 1, "a ring has at least one stage");
-  uint64_t* bars;  // [kBars]: full[kStages], empty[kStages]
+  uint64_t* bars;  // [kBars]: full[kStages], empty[kStages] (, ready[kStages] with kFixup)
 
-  static constexpr int kBars = 2 * kStages;
+  static constexpr int kBars = (kFixup ? 3 : 2) * kStages;
   // Fill n's stage. Unsigned, as every caller counts: n % kStages and n / kStages stay shifts /
   // a multiply for any kStages, and the kernels' stage addresses share them.
   ATTNKIT_DEVICE ATTNKIT_INLINE static uint32_t stage(uint32_t n) { return n % kStages; }
@@ -42,13 +49,19 @@ struct TmaRing {
   ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* empty(uint32_t n) const {
     return bars + kStages + n % kStages;
   }
+  ATTNKIT_DEVICE ATTNKIT_INLINE uint64_t* ready(uint32_t n) const {
+    static_assert(kFixup, "only a ring with a fix-up warp has ready barriers");
+    return bars + 2 * kStages + n % kStages;
+  }
 
   // One thread. The caller then runs bulk::fence_init() once for all of its rings and
   // synchronises the roles (__syncthreads).
+  // With kFixup, ready completes on one arrival (lane 0 of the fix-up warp).
   ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t full_arrivals, uint32_t empty_arrivals) const {
     for (int s = 0; s < kStages; ++s) {
       bulk::init(full(s), full_arrivals);
       bulk::init(empty(s), empty_arrivals);
+      if constexpr (kFixup) bulk::init(ready(s), 1);
     }
   }
 
@@ -68,9 +81,29 @@ struct TmaRing {
   // arrival releases).
   ATTNKIT_DEVICE ATTNKIT_INLINE void producer_arrive(uint32_t n) const { bulk::arrive(full(n)); }
 
-  // Consumer: wait for fill n (its bytes, and what was written before the producer's arrival).
+  // Consumer: wait for fill n (its bytes, and what was written before the producer's arrival;
+  // with kFixup, also what the fix-up warp wrote before its arrival: the bytes reach the
+  // consumers through that warp's wait and arrival, as a release / acquire chain).
   ATTNKIT_DEVICE ATTNKIT_INLINE void consumer_wait(uint32_t n) const {
+    if constexpr (kFixup) {
+      bulk::wait(ready(n), (n / kStages) & 1);
+    } else {
+      bulk::wait(full(n), (n / kStages) & 1);
+    }
+  }
+
+  // Fix-up warp (kFixup), every lane: wait for fill n's bytes.
+  ATTNKIT_DEVICE ATTNKIT_INLINE void fixup_wait(uint32_t n) const {
+    static_assert(kFixup, "only a ring with a fix-up warp has a fix-up role");
     bulk::wait(full(n), (n / kStages) & 1);
+  }
+  // Fix-up warp, every lane, once per fill (whether or not it wrote): hands fill n to the
+  // consumers. A lane that wrote the stage with ordinary stores runs bulk::fence_proxy_async()
+  // first (the consumers' wgmma reads through the async proxy, and so does the next copy into the
+  // stage); the __syncwarp orders every lane's stores and fence before lane 0's arrival.
+  ATTNKIT_DEVICE ATTNKIT_INLINE void fixup_done_warp(uint32_t n, int lane) const {
+    __syncwarp();
+    if (lane == 0) bulk::arrive(ready(n));
   }
   // Consumer: this thread's release of fill n (the one thread of its group that arrives, e.g.
   // lane 0 of a warp whose reads are done: wgmma reads, once waited for).
@@ -88,12 +121,14 @@ struct TmaRing {
 // the kernel's units[q.stage(n)] before its arrival), k and v (fill g: the CTA's key tile g).
 // Every full barrier completes on the loading thread's arrival (with the bytes its copies count
 // off), every empty barrier on the releases of the consumer warps.
-template <int kQ, int kK, int kV>
+// kFixupV: v passes a fix-up warp (TmaRing's kFixup) between its copies and the consumers.
+template <int kQ, int kK, int kV, bool kFixupV = false>
 struct QkvRings {
-  static constexpr int kBars = TmaRing<kQ>::kBars + TmaRing<kK>::kBars + TmaRing<kV>::kBars;
+  static constexpr int kBars =
+      TmaRing<kQ>::kBars + TmaRing<kK>::kBars + TmaRing<kV, kFixupV>::kBars;
   TmaRing<kQ> q;
   TmaRing<kK> k;
-  TmaRing<kV> v;
+  TmaRing<kV, kFixupV> v;
 
   ATTNKIT_DEVICE ATTNKIT_INLINE explicit QkvRings(uint64_t* bars)
       : q{bars}, k{bars + TmaRing<kQ>::kBars}, v{bars + TmaRing<kQ>::kBars + TmaRing<kK>::kBars} {}

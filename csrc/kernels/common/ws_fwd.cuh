@@ -75,7 +75,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void issue_owed_pv(bool owed, const Turns& turns, 
 }
 
 // The last P·V of the CTA's last unit, the V of fill g - 1 of ring_v: wait for it, zero the rows
-// past the sequence's keys (zero_tail(stage)), issue the product in turn (issue(stage), into
+// past the sequence's keys (zero_tail(stage); a no-op where another warp zeroed them before the
+// fill reached the consumers: gdpa/fwd_ws.cuh), issue the product in turn (issue(stage), into
 // acc, committed by it; it may issue nothing), wait for it and store the unit (store()). Nothing
 // when the CTA had no key tile (g = 0).
 template <class RingV, int R, class ZeroTail, class Issue, class Store>

@@ -9,6 +9,7 @@
 //     ring, then K_j and V_j per key tile into 2-stage rings of their own. Each 128 x 128 tile is
 //     two boxes of [128 rows][1 head][64 cols] that land in the two 64-column blocks of the sw128
 //     layout (the 128-byte hardware swizzle), so no consumer thread computes a load address.
+//     Warp 2 (kFixupWarp) mends each V tile between its copy and the consumers (below).
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
 //     and per key tile g issue S_g = Q·K_gᵀ (ss) and then O += P_{g-1}·V_{g-1} (rs), wait for
 //     S_g only, compute P_g = φ(pre·S_g) while the tensor cores run P_{g-1}·V_{g-1}, and pack
@@ -29,17 +30,21 @@
 // ring_q is unit qn, of ring_k / ring_v key tile g). A stage's full barrier completes when the
 // producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
 // barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
-// wgmma reads are done: K after S_g, V after the delayed P·V, Q after the unit's last S).
+// wgmma reads are done: K after S_g, V after the delayed P·V, Q after the unit's last S). V has a
+// third barrier per stage, ready: the fix-up warp's hand-over, which the consumers wait for
+// instead of V's full barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
 // end are computed and never stored (store_rows clamps). Keys past the end may be inf / NaN: on
 // the last key tile P is zeroed for those columns after the activation, and the V rows are
-// zeroed in shared memory before the last P·V, since 0 · NaN would still be NaN. Padded head
-// dims (D < 128) are the map's extent: columns past D land as zeros. Causal: a unit visits the
-// key tiles up to its last row's diagonal; with a window its key tiles start at the first key its
-// rows see (a box can start at any row). Only the tiles the diagonal or the window cut are masked
-// element by element (tile_fully_visible).
+// zeroed in shared memory before the last P·V, since 0 · NaN would still be NaN (by the V fix-up
+// warp, off the consumers' path: every V tile goes full -> fix-up warp -> ready -> consumers; the
+// protocol is the comment above the producer's code). Padded head dims (D < 128) are the map's
+// extent: columns past D land as zeros. Causal: a unit visits the key tiles up to its last row's
+// diagonal; with a window its key tiles start at the first key its rows see (a box can start at
+// any row). Only the tiles the diagonal or the window cut are masked element by element
+// (tile_fully_visible).
 //
 // Work items are cta_item's (params.h), in its order (query tiles fastest, then heads, then
 // sequences; an item strides over the tiles of a sequence longer than the hint), so the CTAs that
@@ -100,10 +105,11 @@ struct FwdWsTraits {
   static constexpr int kTileBytes = 2 * kBoxBytes;           // a 128 x 128 Q, K or V tile
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
-  // Named barriers (0 is __syncthreads): one turn per consumer warpgroup (ping-pong), then one
-  // per consumer warpgroup for its zero fill of a V tail.
+  // Named barriers (0 is __syncthreads): one turn per consumer warpgroup (ping-pong).
   static constexpr int kTurnBar = 1;
-  static constexpr int kZeroBar = 3;
+  // The producer warp that zeroes the V rows past a sequence's end (warps 0 and 1 load; 2 and 3
+  // were idle).
+  static constexpr int kFixupWarp = 2;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
   static constexpr int smem_bytes(bool split_loads) {
     return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads));
@@ -342,13 +348,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   unsigned char* sk = sq + QS * Tr::kTileBytes;  // [kStages] K tiles
   unsigned char* sv = sk + S * Tr::kTileBytes;   // [SV] V tiles
 
-  __shared__ uint64_t bars[QkvRings<QS, S, SV>::kBars];
+  __shared__ uint64_t bars[QkvRings<QS, S, SV, true>::kBars];
   // The unit each Q stage holds, written by the Q loader before the stage's expect_tx arrive
   // (release) and read by the consumers after their wait (acquire): the consumers never load the
   // offsets themselves, so no dependent global load sits between two units on their path.
   // n_tiles == 0 (with a plain arrive) means there are no more units.
   __shared__ WsUnit units[QS];
-  const QkvRings<QS, S, SV> rings(bars);  // kernels/common/tma_ring.cuh
+  const QkvRings<QS, S, SV, true> rings(bars);  // kernels/common/tma_ring.cuh
   const auto& ring_q = rings.q;  // fill qn: unit qn
   const auto& ring_k = rings.k;  // fill g: key tile g (K, and V below)
   const auto& ring_v = rings.v;
@@ -359,15 +365,61 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 
   const int group = p.H / p.Hkv;
 
-  if (tid < 128) {  // producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split
+  // Producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split (then lane 0 of warp
+  // 1); warp kFixupWarp mends V; warp 3 exits.
+  //
+  // The V fix-up warp. Before a unit's last P·V, the rows of its last key tile past the sequence's
+  // keys (v_rows on: the next sequence's values, maybe inf / NaN; zeros past T) must be zero, since
+  // P's zero columns would still give 0 · NaN = NaN. The consumers once zeroed them themselves,
+  // both warpgroups, on their path once per unit (a unit is 1-4 key tiles at max length 512, and
+  // on a jagged batch nearly every unit's last tile is partial); this warp does it while the tile
+  // waits in the ring (V lands ~2.5 key tiles ahead of its P·V with split loads). Whole 128-byte
+  // rows of both column blocks, so the swizzle does not matter; a narrow tile's P·V reads rows
+  // 0..63 only (rows_end = kNarrowN).
+  //
+  // Protocol (ring_v is TmaRing<SV, true>, kernels/common/tma_ring.cuh): for every V fill g of the
+  // CTA, in order, the warp waits for full(g) (the V loader's expect_tx arrival and its copies'
+  // bytes), writes the zeros if g is a unit's last tile and partial, fences (fence.proxy.async:
+  // the consumers' wgmma and the next copy into the stage access it through the async proxy) and
+  // arrives on ready(g) (lane 0, after __syncwarp). The consumers wait for ready(g) where they
+  // waited for full(g), and release empty(g) as before, after their P·V. Every fill hops, those
+  // with nothing to mend too: ready's phases then count fills as full's do, and the ring's parity
+  // arithmetic holds for both (were only a unit's last tile to wait on ready, a consumer could
+  // take a phase left from an earlier fill of the stage that the warp had not handed over yet for
+  // the one it waits on, and read the tail unzeroed).
+  // - No deadlock: the warp's only wait, full(g), needs the V loader alone (its arrival for fill
+  //   g, after its acquire of empty(g - SV), which the consumers release after ready(g - SV),
+  //   which the warp gave before it waits for full(g)). It arrives on ready(g) exactly once for
+  //   each fill the loader makes, in the same order: its lanes run the walk in the loaders' loop
+  //   (each thread its own WsCursor over the same items: the same units, key tiles and narrow
+  //   choices; units with no keys skipped alike), and the consumers count the same fills from
+  //   units[]. No end-of-walk sentinel is needed for it: after the walk the warp exits, and the
+  //   consumers wait for no fill past the walk's last (a CTA with no unit: none at all). With a
+  //   single loader (kSplitLoads off: thread 0 loads V after K), or without ping-pong, the loaders'
+  //   and the consumers' waits are the same as with them, but for the hop.
+  // - Parity: fill g + SV cannot land before the consumers released fill g, which they do after
+  //   ready(g), after the warp's wait for full(g): the warp waits on full at most one phase
+  //   behind; the consumers on ready likewise (ready(g + SV) needs full(g + SV)).
+  // - No race: the warp writes stage(g) only between full(g) (the copies are done) and its own
+  //   arrival on ready(g); the consumers read the stage only after ready(g), and the loader
+  //   refills it only after their release of fill g. The same rows are zeroed as before (rows
+  //   [v_rows, BN) of a unit's last tile, [v_rows, kNarrowN) when narrow), so the products and
+  //   the output are the same bit for bit.
+  if (tid < 128) {
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
     WsCursor<kJagged> cursor;
     WsUnit u;
     const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
-    if (!loads_qk && !loads_v) return;
-    tma::prefetch_map(loads_qk ? &map_q : &map_v);
-    if (loads_qk) tma::prefetch_map(&map_k);
-    if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+    // The fix-up warp runs the same walk as the loaders, in this same loop (a loop of its own
+    // made ptxas spill the loaders' walk at 24 registers: 60 -> 374 bytes of spill stores in the
+    // single-loader instances; its block first in the tile loop spills least).
+    const bool fixes_v = tid / 32 == Tr::kFixupWarp;
+    if (!loads_qk && !loads_v && !fixes_v) return;
+    if (!fixes_v) {
+      tma::prefetch_map(loads_qk ? &map_q : &map_v);
+      if (loads_qk) tma::prefetch_map(&map_k);
+      if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+    }
     // The list's length, clamped to its capacity (the schedule kernel never writes more).
     typename WsCursor<kJagged>::Index items;
     const int4* list = nullptr;
@@ -400,6 +452,23 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         const CUtensorMap* mk = narrow ? &map_k64 : &map_k;
         const CUtensorMap* mv = narrow ? &map_v64 : &map_v;
         const uint32_t bytes = narrow ? Tr::kNarrowTileBytes : Tr::kTileBytes;
+        if (fixes_v) {
+          const int lane = tid & 31, v_rows = u.ks.len - j0;
+          const int rows_end = narrow ? Tr::kNarrowN : BN;
+          ring_v.fixup_wait(g);
+          if (t == u.n_tiles - 1 && v_rows < rows_end) {
+            // Bytes [v_rows, rows_end) * 128 of both column blocks: a warp's store covers 512
+            // contiguous bytes (no bank conflict). Not unrolled: fewer registers at 24.
+            unsigned char* v = sv + ring_v.stage(g) * Tr::kTileBytes;
+#pragma unroll 1
+            for (int b = v_rows * 128 + lane * 16; b < rows_end * 128; b += 32 * 16) {
+              *reinterpret_cast<uint4*>(v + b) = make_uint4(0, 0, 0, 0);
+              *reinterpret_cast<uint4*>(v + Tr::kBoxBytes + b) = make_uint4(0, 0, 0, 0);
+            }
+            bulk::fence_proxy_async();
+          }
+          ring_v.fixup_done_warp(g, lane);
+        }
         if (loads_qk) {
           unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
           ring_k.producer_acquire(g);
@@ -430,37 +499,21 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   // unit's first S and activation, and its output is stored (and acc_o cleared) right after, so
   // the tensor cores do not drain between short units (L = 256 is two key tiles per unit).
   wgmma::setmaxnreg_inc<Tr::kConsumerRegs>();
-  const int ctid = tid - 128, wg = ctid / 128, wtid = ctid & 127, lane = tid & 31;
-  const int warp_row0 = wg * 64 + ((ctid / 32) & 3) * 16;  // the warp's first row in the tile
+  const int ctid = tid - 128, wg = ctid / 128, lane = tid & 31;
+  // The warp's first row in the tile; through a shuffle, so ptxas knows it is warp-uniform (a
+  // plain one was spilled once the V fix-up left the consumers, the jagged instance at 240).
+  const int warp_row0 = __shfl_sync(0xffffffffu, wg * 64 + ((ctid / 32) & 3) * 16, 0);
   const uint32_t sq_addr = mma::smem_addr(sq), sk_addr = mma::smem_addr(sk),
                  sv_addr = mma::smem_addr(sv);
   // Ping-pong: wait for this warpgroup's turn to issue products / hand the turn to the other.
   const wsfwd::Turns turns{kPingPong, Tr::kTurnBar, wg, Tr::kConsumerWarpGroups};
   turns.start();
 
-  // Before the P·V of a unit's last key tile (its V in stage `stage`): rows [v_rows, BN) hold the
-  // next sequence's values (maybe inf / NaN; past T the copy engine wrote zeros), and 0 · NaN is
-  // NaN, so they are zeroed: whole 128-byte rows of both column blocks, so the swizzle does not
-  // matter. Each consumer warpgroup zeroes the rows itself and syncs only itself (the other one
-  // writes the same zeros: a same-value overlap), so the warpgroups never wait for each other.
-  // What is left of a unit once its products are issued: where its output goes, and how many V
-  // rows of its last key tile are its own (fewer than BN: zero_v_tail).
+  // What is left of a unit once its products are issued: where its output goes. (The V rows of
+  // its last key tile past the sequence's keys reach the consumers zeroed: the fix-up warp.)
   struct Done {
     int64_t out_off;
-    int rows_valid, v_rows;
-  };
-  // rows_end: BN, or kNarrowN for a narrow tile (its P·V reads rows 0..63 only).
-  auto zero_v_tail = [&](uint32_t stage, int v_rows, int rows_end) {
-    if (v_rows >= rows_end) return;
-    unsigned char* v = sv + stage * Tr::kTileBytes;
-    const int chunks = (rows_end - v_rows) * 2 * 8;  // 16-byte chunks
-    for (int c = wtid; c < chunks; c += 128) {
-      const int row = v_rows + c / 16, blk = (c / 8) & 1, chunk = c & 7;
-      *reinterpret_cast<uint4*>(v + blk * Tr::kBoxBytes + row * 128 + chunk * 16) =
-          make_uint4(0, 0, 0, 0);
-    }
-    bulk::fence_proxy_async();
-    wgmma::named_barrier_sync(Tr::kZeroBar + wg, 128);
+    int rows_valid;
   };
   auto store_unit = [&](const Done& w, const float(&acc)[D / 8][4]) {
     store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0, w.rows_valid,
@@ -529,10 +582,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
       ring_k.consumer_wait(g);
-      if (g > 0) {
-        ring_v.consumer_wait(g - 1);
-        if (j == 0) zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN);
-      }
+      if (g > 0) ring_v.consumer_wait(g - 1);  // after the fix-up warp (ready)
 
       // The owed P_{g-1}·V_{g-1} (none when tile g - 1 was skipped: pv_idle). An idle warpgroup
       // (kJagged) runs a body of its own: no S, no activation, P of zeros. Each body fences,
@@ -607,12 +657,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       pv_idle = idle;
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
-            u.qs.len - u.i0, u.ks.len - u.kv_lo - (u.n_tiles - 1) * BN};
+            u.qs.len - u.i0};
     ++qn;
   }
   wsfwd::drain_last_pv(
-      ring_v, g, turns, acc_o,
-      [&](uint32_t pstage) { zero_v_tail(pstage, prev.v_rows, pv_narrow ? Tr::kNarrowN : BN); },
+      ring_v, g, turns, acc_o, [](uint32_t) {},  // the fix-up warp zeroed V's tail
       [&](uint32_t pstage) {  // issue_pv commits in its branch: nothing issued when idle
         if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
       },
