@@ -140,7 +140,8 @@ def measure(args):
     where = os.path.dirname(attnkit.__file__)
     assert os.path.abspath(where).startswith(os.path.abspath(args.python_dir)), where
     rows = {}
-    for c in list(flash_cases()) + list(gdpa_cases()):
+    families = {"flash": flash_cases, "gdpa": gdpa_cases}
+    for c in [c for name in args.families.split(",") for c in families[name]()]:
         run = run_flash if c["family"] == "flash" else run_gdpa
         tf = run(torch, attnkit, c, args.iters)
         rows[case_key(c)] = tf
@@ -192,6 +193,7 @@ def main():
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--compare", nargs="+", help="JSON files of both tags: print the ratios")
     p.add_argument("--tolerance", type=float, default=0.03)
+    p.add_argument("--families", default="flash,gdpa", help="the tables to time: flash, gdpa or both")
     args = p.parse_args()
     if args.compare:
         sys.exit(compare(args))

@@ -8,7 +8,8 @@
 #   bash scripts/before_after.sh                     # (gpu_quick's before_after step) waits, times
 #
 # BEFORE_TAR (default _before.tar.gz), BEFORE_DIR (default /tmp/attnkit_before), OUT (logs and
-# JSON under $OUT/quick/ as gpu_quick's), ROUNDS (default 2).
+# JSON under $OUT/quick/ as gpu_quick's), ROUNDS (default 2), FAMILIES (bench_before_after's
+# tables: flash,gdpa (default), or one of them).
 # BENCH=serving times benchmarks/bench_serving.py instead (each tree its own script and build,
 # alternately, ROUNDS each) and prints every row's paged µs side by side (gpu_quick's
 # serving_before_after step).
@@ -60,7 +61,7 @@ for (sec, case), vals in runs.items():
 PYEOF
   exit 0
 fi
-B="$PY benchmarks/bench_before_after.py"
+B="$PY benchmarks/bench_before_after.py --families ${FAMILIES:-flash,gdpa}"
 files=()
 for r in $(seq 1 "${ROUNDS:-2}"); do
   $B --python-dir "$BEFORE_DIR/python" --tag before --out "$L/before_$r.json" || exit 1

@@ -468,6 +468,13 @@ for s in $QUICK; do
         step "sweep_group_d$(echo "$a" | tr -d ' -')" 90 $PY benchmarks/sweep_flash_bwd_group.py \
           --seq-lengths 1024,4096,16384 --groups "${GROUPS:-0,1,2,5,10,32}" --head-dim $a
       done ;;
+    decode_split_sweep)  # the tensor-core decode kernel's split count at the bar's rows (64 x 4k,
+      # 256 x 1k, heads 32 / 8): bench_paged with --splits 0 (the launcher's heuristic) .. 4, to
+      # see whether the whole-wave model's choice (1 split: 1.94 / 7.8 waves) leaves a tail
+      for sp in ${SWEEP_SPLITS:-0 1 2 3 4}; do
+        step "decode_splits_$sp" 40 $PY benchmarks/bench_paged.py --shapes 64x4096,256x1024 \
+          --heads 32/8 --splits $sp --iters ${ITERS:-20} --warmup ${WARMUP:-50}
+      done ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
