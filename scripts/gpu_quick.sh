@@ -223,6 +223,11 @@ for s in $QUICK; do
       step flash_ws_sanitize 90 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
         -k "forward_warp_specialised and (garbage_offsets or copies_unaddressable or (varlen and (pingpong or wg3 or single) and bfloat16 and i32))" ;;
     flash_ws_bench) ws_ab_bench fwd ws ;;
+    flash_ws_racecheck)  # racecheck on the flash forward's ring hand-overs (units[] through ring_q:
+      # read by every consumer lane, released by lane 0 after the warp's __syncwarp)
+      step flash_ws_racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
+        -k "forward_warp_specialised and varlen and (pingpong or single) and bfloat16 and i32" ;;
     flash_ws_bwd_tests)
       step flash_ws_bwd_tests 150 $PY -m pytest tests/test_flash_*.py -q -n 16 -rfE \
         -k "backward_warp_specialised" ;;

@@ -489,10 +489,10 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
         wgmma::commit();
       });
       wgmma::fence_regs(sc);
-      if (lane == 0) {
-        ring_k.consumer_release(g);                           // K_g has been read
-        if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
-      }
+      if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
+      // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which the
+      // Q loader rewrites after it (an arrival releases only its own thread's reads).
+      if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);
 
       float corr[2];
       const SoftmaxArgs sa{factor, scale_over_cap, cap_log2, j0, {kr_lo[0], kr_lo[1]},

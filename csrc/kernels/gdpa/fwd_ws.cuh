@@ -600,10 +600,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         });
         wgmma::fence_regs(s);
-        if (lane == 0) {
-          ring_k.consumer_release(g);                           // K_g has been read
-          if (j == u.n_tiles - 1) ring_q.consumer_release(qn);  // so has Q, by every S of the unit
-        }
+        if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
+        // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which
+        // the Q loader rewrites after it (an arrival releases only its own thread's reads).
+        if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);
         // φ, then the masks.
         act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
         const int r0 = u.i0 + warp_row0;
@@ -636,10 +636,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         }
         turns.pass();
-        if (lane == 0) {
-          ring_k.consumer_release(g);
-          if (j == u.n_tiles - 1) ring_q.consumer_release(qn);
-        }
+        if (lane == 0) ring_k.consumer_release(g);
+        if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);  // as above
         if (g > 0) {
           wgmma::wait<0>();  // the owed P·V done: pa may be overwritten, V_{g-1} released
           wgmma::fence_regs(acc_o);
