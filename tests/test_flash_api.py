@@ -68,6 +68,8 @@ def bad_cases(device):
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.view(1, 3), cu_seqlens_k=cu)
+    yield "out", lambda: flash_attn_func(q, k, k, out=torch.empty(1, 1, 1, q.shape[-1], **f32)
+                                         .expand(q.shape))
     yield "dropout_p", lambda: flash_attn_func(q, k, k, dropout_p=0.1)
     yield "grad_out", lambda: BWD(q[:, :4], q, k, k, q, torch.zeros(1, 4, 8, **f32))
     yield "lse", lambda: BWD(q, q, k, k, q, torch.zeros(1, 4, 9, **f32))

@@ -123,6 +123,10 @@ def test_kvcache_argument_errors(device):
         call(q, kc, vc, k.bfloat16(), v.bfloat16(), cache_seqlens=4)
     with pytest.raises(RuntimeError, match="appending new k / v to a float8_e4m3fn cache"):
         call(q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), k, v, cache_seqlens=4)
+    with pytest.raises(RuntimeError, match="attnkit: v_cache: expected dtype"):  # not "v" (new values)
+        call(q, kc, vc.bfloat16(), cache_seqlens=4)
+    with pytest.raises(RuntimeError, match="attnkit: v_cache: expected dtype"):  # not "value_cache"
+        call(q, kc, vc.bfloat16(), k, v, cache_seqlens=4)
     strided = torch.randn(2, 20, 1, 64, device=device)[..., ::2]
     with pytest.raises(RuntimeError, match="attnkit: k_cache: expected a contiguous head dim"):
         call(q, strided, vc, k, v, cache_seqlens=4)

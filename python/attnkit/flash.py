@@ -101,6 +101,10 @@ def _into(out, result):
     if out.shape != result.shape or out.dtype != result.dtype or out.device != result.device:
         raise RuntimeError(f"attnkit: out: expected a {result.dtype} tensor of shape {tuple(result.shape)} "
                            f"on {result.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    # e.g. an expand(): rows would overwrite rows (under torch.compile copy_ refuses it itself)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
+        raise RuntimeError(f"attnkit: out: expected a tensor whose elements do not share memory, got "
+                           f"strides {tuple(out.stride())} for shape {tuple(out.shape)}")
     out.copy_(result)
     return out
 
@@ -461,6 +465,9 @@ def flash_attn_with_kvcache(
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise RuntimeError(f"attnkit: k_cache: expected 4-D k_cache and v_cache of one shape, got "
                            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise RuntimeError(f"attnkit: v_cache: expected dtype {k_cache.dtype} (that of k_cache), "
+                           f"got {v_cache.dtype}")
     if (k is None) != (v is None):
         raise RuntimeError("attnkit: v: expected k and v to be both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
