@@ -11,9 +11,9 @@
 // n - kStages; the first kStages fills wait for nothing). Completion k has parity k & 1, so a
 // waiter may lag by at most one phase, which the full / empty hand-shake guarantees.
 //
-// Layout: `bars` points at 2 * kStages barriers, full[kStages] then empty[kStages]; a kernel
-// with several rings carves them out of one array (kBars each), which keeps its shared-memory
-// layout one block of barriers.
+// Layout: `bars` points at kBars barriers, full[kStages] then empty[kStages] (then ready[kStages]
+// with kFixup, below); a kernel with several rings carves them out of one array (kBars each),
+// which keeps its shared-memory layout one block of barriers.
 //
 // Who arrives is the kernel's: init takes the arrival counts (typically full: 1, the producer
 // thread's arrive_expect_tx, with the bytes counted off by the copies; empty: one per consumer
@@ -98,9 +98,11 @@ struct TmaRing {
     bulk::wait(full(n), (n / kStages) & 1);
   }
   // Fix-up warp, every lane, once per fill (whether or not it wrote): hands fill n to the
-  // consumers. A lane that wrote the stage with ordinary stores runs bulk::fence_proxy_async()
+  // consumers. A lane that wrote the stage with ordinary stores must run bulk::fence_proxy_async()
   // first (the consumers' wgmma reads through the async proxy, and so does the next copy into the
-  // stage); the __syncwarp orders every lane's stores and fence before lane 0's arrival.
+  // stage); a lane that wrote nothing may run it too (gdpa/fwd_ws.cuh fences every lane of a fill
+  // it mends: harmless). The __syncwarp orders every lane's stores and fence before lane 0's
+  // arrival, whose release is cumulative.
   ATTNKIT_DEVICE ATTNKIT_INLINE void fixup_done_warp(uint32_t n, int lane) const {
     __syncwarp();
     if (lane == 0) bulk::arrive(ready(n));

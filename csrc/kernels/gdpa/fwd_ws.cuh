@@ -4,11 +4,13 @@
 // csrc/cuda/gdpa.cu ws_map_or_copy). Same math as fwd_mma.cuh (sm80).
 //
 // CTA = (sequence, 128-row query tile, head) units, 384 threads = 3 warpgroups:
-//   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24) and one thread issues
-//     every load as a tensor-map copy (kernels/common/tma.cuh): Q once per unit into a 2-stage
-//     ring, then K_j and V_j per key tile into 2-stage rings of their own. Each 128 x 128 tile is
-//     two boxes of [128 rows][1 head][64 cols] that land in the two 64-column blocks of the sw128
-//     layout (the 128-byte hardware swizzle), so no consumer thread computes a load address.
+//   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); one thread issues the
+//     Q and K loads and another the V loads (one thread all of them without kSplitLoads), as
+//     tensor-map copies (kernels/common/tma.cuh): Q once per unit into a 2-stage ring, then K_j
+//     and V_j per key tile into rings of their own (2 stages for K, 3 for V when split). Each
+//     128 x 128 tile is two boxes of [128 rows][1 head][64 cols] that land in the two 64-column
+//     blocks of the sw128 layout (the 128-byte hardware swizzle), so no consumer thread computes a
+//     load address.
 //     Warp 2 (kFixupWarp) mends each V tile between its copy and the consumers (below).
 //   warpgroups 1-2, consumers: take the registers (setmaxnreg.inc to 240), 64 query rows each,
 //     and per key tile g issue S_g = Q·K_gᵀ (ss) and then O += P_{g-1}·V_{g-1} (rs), wait for
@@ -30,9 +32,9 @@
 // ring_q is unit qn, of ring_k / ring_v key tile g). A stage's full barrier completes when the
 // producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
 // barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
-// wgmma reads are done: K after S_g, V after the delayed P·V, Q after the unit's last S). V has a
-// third barrier per stage, ready: the fix-up warp's hand-over, which the consumers wait for
-// instead of V's full barrier.
+// wgmma reads are done: K after S_g, V after the delayed P·V; Q after the unit's last S, once
+// every lane's read of units[] is behind a __syncwarp). V has a third barrier per stage, ready:
+// the fix-up warp's hand-over, which the consumers wait for instead of V's full barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
@@ -393,8 +395,12 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   //   each fill the loader makes, in the same order: its lanes run the walk in the loaders' loop
   //   (each thread its own WsCursor over the same items: the same units, key tiles and narrow
   //   choices; units with no keys skipped alike), and the consumers count the same fills from
-  //   units[]. No end-of-walk sentinel is needed for it: after the walk the warp exits, and the
-  //   consumers wait for no fill past the walk's last (a CTA with no unit: none at all). With a
+  //   units[] (so the walk must read only what stays fixed during the kernel: the parameters, the
+  //   offsets and the schedule kernel's list, which runs before this launch in stream order; were
+  //   this launch ever made a programmatic dependent one, every walker, the fix-up warp's lanes
+  //   included, would have to wait on the grid dependency before reading the list). No
+  //   end-of-walk sentinel is needed for it: after the walk the warp exits, and the consumers
+  //   wait for no fill past the walk's last (a CTA with no unit: none at all). With a
   //   single loader (kSplitLoads off: thread 0 loads V after K), or without ping-pong, the loaders'
   //   and the consumers' waits are the same as with them, but for the hop.
   // - Parity: fill g + SV cannot land before the consumers released fill g, which they do after
