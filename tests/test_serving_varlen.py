@@ -337,6 +337,13 @@ def _bad_cases(device):
         "cp_world_size  ": dict(cp_tot_seqused_k=b.seqused_k),
         "q_v": dict(q_v=b.q),
         "window_size": dict(window_size=(1, 2, 3)),
+        # cu_seqlens_q's own shape before the sizes that come from it (seqused_k, block_table)
+        "cu_seqlens_q": dict(cu_seqlens_q=b.cu_seqlens_q.view(1, -1)),
+        # FlashAttention 2's paged call (cu_seqlens_k, no seqused_k): one offsets dtype, as unpaged
+        "cu_seqlens_k": dict(seqused_k=None, cu_seqlens_k=torch.cat(
+            [b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0)]).to(torch.int64)),
+        "max_seqlen_q": dict(max_seqlen_q=-3),
+        "max_seqlen_k": dict(max_seqlen_k=-5),
     }
     if device == "cpu":  # values are read on the CPU only
         # A 16-bit cache with descales other than 1 (ones are dropped: vLLM's call).

@@ -612,6 +612,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const FwdLaunchOptions& lo, const DecodeRequest& dr, PagedRead pr = PagedRead::kAuto) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   check_options(opt);  // before any path, the decode-only one included (it runs no check_inputs)
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   check_paged_read_args(pr, given(block_table), dr.off);
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
@@ -819,6 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
     const OptTensor& seqused_k, bool deterministic_arg, Request req,
     const BwdLaunchOptions& lo) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);
