@@ -386,6 +386,22 @@ def test_bad_inputs(device):
             attnkit.flash_attn_varlen_func(**kw)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_paged_cu_seqlens_k_dtype(device, mix):
+    """FlashAttention 2's paged call (cu_seqlens_k, no seqused_k) takes one offsets dtype, as the
+    unpaged call does, on every path (the CUDA decode-only path checks its own cu_seqlens_k)."""
+    b = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, device)
+    cu_k = torch.cat([b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0)])
+    for other in (torch.int64, torch.int32):
+        if other == b.cu_seqlens_q.dtype:
+            continue
+        with pytest.raises(RuntimeError, match=r"cu_seqlens_k: expected dtype"):
+            attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                           cu_k.to(other), b.max_seqlen_q, b.max_seqlen_k,
+                                           block_table=b.block_table, causal=True)
+
+
 def test_paged_no_backward():
     b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.float32, "cpu")
     q = b.q.requires_grad_()
