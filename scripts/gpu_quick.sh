@@ -276,6 +276,10 @@ for s in $QUICK; do
       step serving_sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
         -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or nan_in_unused or (in_place and 37 and (48 or 256)) or (spec_row_chunks and sm80 and bs16))" ;;
+    host_checks)  # the argument checks shared by the CPU, CUDA and Meta ops (flash_args.h,
+      # flash_serving.h) and the Python wrappers' (flash.py), on CUDA: the bad-input matrices
+      step host_checks 90 $PY -m pytest tests/test_flash_api.py tests/test_serving_edges.py \
+        tests/test_serving_varlen.py tests/test_flash_choose.py -q -n 16 -rfE -k "bad or argument or refus or raises" ;;
     serving_sanitize_only)  # serving_tests' memcheck half alone (after full_tests ran the suite)
       step serving_sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \

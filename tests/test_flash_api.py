@@ -68,6 +68,10 @@ def bad_cases(device):
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.view(1, 3), cu_seqlens_k=cu)
+    yield "max_seqlen_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-3)
+    yield "max_seqlen_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_k=-5)
+    yield "max_seqlen_q", lambda: BWD(qv, qv, kv_, kv_, qv, torch.zeros(4, 8, **f32),
+                                      cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-1)
     yield "out", lambda: flash_attn_func(q, k, k, out=torch.empty(1, 1, 1, q.shape[-1], **f32)
                                          .expand(q.shape))
     yield "dropout_p", lambda: flash_attn_func(q, k, k, dropout_p=0.1)

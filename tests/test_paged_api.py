@@ -109,6 +109,15 @@ def test_reshape_and_cache_bad_inputs(device):
                                                 kw.get("slots", slots), kw.get("kv", "auto"),
                                                 kw.get("ks", torch.ones(1, device=device)),
                                                 kw.get("vs", torch.ones(1, device=device)))
+    # An 8-bit cache at a head size that is a multiple of 8 but not of x = 16: no key cache
+    # [nb, Hkv, D / x, bs, x] holds it, which the message says (it used to ask for D / x rounded
+    # down, the shape of head size 32, and refuse that too).
+    k40 = torch.randn(3, 2, 40, device=device, dtype=torch.float16)
+    kc8 = torch.zeros(4, 2, 40 // 16, 16, 16, dtype=torch.uint8, device=device)
+    vc8 = torch.zeros(4, 2, 40, 16, dtype=torch.uint8, device=device)
+    one = torch.ones(1, device=device)
+    with pytest.raises(RuntimeError, match="key_cache: head size 40 is not a multiple of x = 16"):
+        torch.ops.attnkit.reshape_and_cache(k40, k40, kc8, vc8, slots, "fp8", one, one)
 
 
 def test_pa_fwd_raise_leaves_out_untouched_cpu():

@@ -131,6 +131,37 @@ def test_pertoken_quant_writer(device, dtype, qdtype, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
+def test_pertoken_nan_and_inf_rows(device, dtype, qdtype):
+    """A (token, head) row holding a NaN or an inf: its amax (so its scale) is NaN / inf, not the
+    largest finite element, and the row stores what the reference does (int8 0, fp8 NaN where
+    x * (1 / scale) is NaN), so it dequantises to NaN instead of passing for finite values; the
+    other rows are untouched by it."""
+    s = pertoken_sample(device, dtype, qdtype, layout="asm")
+    key, value, kc, vc, ksc, vsc, slots = s.args
+    t0, t1 = [t for t in range(key.shape[0]) if int(slots[t]) >= 0][:2]
+    key[t0, 0, 3] = float("nan")
+    value[t1, 1, 0] = float("inf")
+    key[t1, 0, 5] = float("-inf")
+    expect = ref.reshape_and_cache_pertoken_ref(*s.args)
+    attnkit.reshape_and_cache_with_pertoken_quant(*s.args, asm_layout=True)
+    for got, exp in zip((ksc, vsc), expect[2:]):
+        assert torch.equal(got.isnan(), exp.isnan()) and torch.equal(got.isinf(), exp.isinf())
+        fin = got.isfinite()
+        assert torch.equal(got[fin], exp[fin])
+    bs = kc.shape[3]
+    assert ksc[int(slots[t0]) // bs, 0, int(slots[t0]) % bs].isnan()
+    assert vsc[int(slots[t1]) // bs, 1, int(slots[t1]) % bs].isinf()
+    for got, exp in zip((kc, vc), expect[:2]):
+        if qdtype == torch.int8:
+            assert torch.equal(got, exp)
+        else:  # NaN codes compared as NaN (the sign of inf * 0's NaN is the hardware's)
+            g, e = got.float(), exp.float()
+            assert torch.equal(g.isnan(), e.isnan()) and torch.equal(g[~g.isnan()], e[~e.isnan()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     """No sequence, no token, no query row: outputs of the right (empty) shape; sequences of
     length 0 and rows outside every sequence are zeros (written, not left NaN); nothing is

@@ -337,6 +337,13 @@ def _bad_cases(device):
         "cp_world_size  ": dict(cp_tot_seqused_k=b.seqused_k),
         "q_v": dict(q_v=b.q),
         "window_size": dict(window_size=(1, 2, 3)),
+        # cu_seqlens_q's own shape before the sizes that come from it (seqused_k, block_table)
+        "cu_seqlens_q": dict(cu_seqlens_q=b.cu_seqlens_q.view(1, -1)),
+        # FlashAttention 2's paged call (cu_seqlens_k, no seqused_k): one offsets dtype, as unpaged
+        "cu_seqlens_k": dict(seqused_k=None, cu_seqlens_k=torch.cat(
+            [b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0)]).to(torch.int64)),
+        "max_seqlen_q": dict(max_seqlen_q=-3),
+        "max_seqlen_k": dict(max_seqlen_k=-5),
     }
     if device == "cpu":  # values are read on the CPU only
         # A 16-bit cache with descales other than 1 (ones are dropped: vLLM's call).
@@ -377,6 +384,22 @@ def test_bad_inputs(device):
         kw = dict(base, **change)
         with pytest.raises(RuntimeError, match=name.strip().split()[0]):
             attnkit.flash_attn_varlen_func(**kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_paged_cu_seqlens_k_dtype(device, mix):
+    """FlashAttention 2's paged call (cu_seqlens_k, no seqused_k) takes one offsets dtype, as the
+    unpaged call does, on every path (the CUDA decode-only path checks its own cu_seqlens_k)."""
+    b = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, device)
+    cu_k = torch.cat([b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0)])
+    for other in (torch.int64, torch.int32):
+        if other == b.cu_seqlens_q.dtype:
+            continue
+        with pytest.raises(RuntimeError, match=r"cu_seqlens_k: expected dtype"):
+            attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                           cu_k.to(other), b.max_seqlen_q, b.max_seqlen_k,
+                                           block_table=b.block_table, causal=True)
 
 
 def test_paged_no_backward():

@@ -50,6 +50,20 @@ inline void check_options(const Options& o) {
                 "softcap: expected a finite value >= 0 (0 = off), got ", o.softcap);
 }
 
+// max_seqlen_q / max_seqlen_k: hints (they size grids, bound the block-table columns a paged call
+// reads and pick the decode path), lengths, so never negative. A symbolic hint (torch.compile)
+// is checked only where it is a plain int: no guard is added.
+inline void check_seqlen_hints(const std::optional<c10::SymInt>& max_seqlen_q,
+                               const std::optional<c10::SymInt>& max_seqlen_k) {
+  const auto check = [](const std::optional<c10::SymInt>& hint, const char* name) {
+    if (!hint.has_value()) return;
+    const std::optional<int64_t> v = hint->maybe_as_int();
+    ATTNKIT_CHECK(!v.has_value() || *v >= 0, name, ": expected >= 0 (a length), got ", *v);
+  };
+  check(max_seqlen_q, "max_seqlen_q");
+  check(max_seqlen_k, "max_seqlen_k");
+}
+
 // q [B, Sq, H, D] / k, v [B, Sk, Hkv, D], or varlen q [Tq, H, D] / k, v [Tk, Hkv, D].
 inline bool check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const Options& o, const std::optional<at::Tensor>& cu_q,

@@ -56,9 +56,13 @@ inline void check_sinks(const at::Tensor& s, const at::Tensor& q, const c10::Sym
                 " entries (one sink logit per query head), got shape ", s.sym_sizes());
 }
 
-// Batch size of the call: varlen B = cu_seqlens_q entries - 1, batched q.size(0).
+// Batch size of the call: varlen B = cu_seqlens_q entries - 1, batched q.size(0). cu_seqlens_q's
+// own checks come first (a 2-D one would otherwise be blamed on seqused_k or block_table, whose
+// expected sizes come from it).
 inline c10::SymInt batch_of(const at::Tensor& q, const OptTensor& cu_q) {
-  return given(cu_q) ? cu_q->sym_size(0) - 1 : q.sym_size(0);
+  if (!given(cu_q)) return q.sym_size(0);
+  check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
+  return cu_q->sym_size(0) - 1;
 }
 
 // Shape / dtype checks of the paged cache arguments (no tensor value is read).
@@ -216,6 +220,8 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     used = *r.seqused_k;
   } else if (given(cu_k)) {
     check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+    ATTNKIT_CHECK(!varlen || cu_k->scalar_type() == cu_q->scalar_type(), "cu_seqlens_k: expected "
+                  "dtype ", cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
     ATTNKIT_CHECK(cu_k->sym_size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
                   cu_k->sym_size(0));
     // The differences in int64: a length past int32 would wrap in the cast to a small, valid one.

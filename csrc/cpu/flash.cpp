@@ -430,11 +430,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k_in,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt> max_seqlen_k,
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale,
     bool /*deterministic: the CPU backward always is*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const ResolvedKV r = resolve_kv(q_in, k_cache, v_cache, cu_q, cu_k_in, seqused_k, block_table,
                                   k_descale, v_descale, max_seqlen_k, /*cpu=*/true);
   const auto& cu_k = r.cu_k;
@@ -469,9 +470,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
-    bool /*deterministic: always*/) {
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool /*deterministic: always*/) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out_in, q_in, out_in, lse, varlen);
   if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);

@@ -203,9 +203,17 @@ inline void store_elem(void* base, int64_t off, float y) {
   } else if constexpr (K == CacheKind::kFp8E5M2) {
     static_cast<uint8_t*>(base)[off] = float_to_fp8<5, 2>(y);
   } else {
-    const float r = std::nearbyint(y);
-    static_cast<int8_t*>(base)[off] = static_cast<int8_t>(std::min(kInt8Max, std::max(-kInt8Max, r)));
+    // NaN stores 0, as the reference's cast (a NaN token's scale is NaN: dequantised it stays NaN)
+    const float r =
+        std::isnan(y) ? 0.0f : std::min(kInt8Max, std::max(-kInt8Max, std::nearbyint(y)));
+    static_cast<int8_t*>(base)[off] = static_cast<int8_t>(r);
   }
+}
+
+// max(a, b) that keeps a NaN (std::max drops one in b): the per-token amax of a row holding a NaN
+// is NaN, so its scale is NaN and the row dequantises to NaN, as the reference's torch.amax gives.
+inline float nan_max(float a, float b) {
+  return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b));
 }
 
 // Per-tensor fp8 divides by the scale (x / scale, as vLLM); per-token scales are amax / range
@@ -228,8 +236,8 @@ void write_impl(const CacheWriteParams& p) {
         if (per_token) {
           float ka = 0.0f, va = 0.0f;
           for (int64_t d = 0; d < p.D; ++d) {
-            ka = std::max(ka, std::abs(static_cast<float>(k[d])));
-            va = std::max(va, std::abs(static_cast<float>(v[d])));
+            ka = nan_max(ka, std::abs(static_cast<float>(k[d])));
+            va = nan_max(va, std::abs(static_cast<float>(v[d])));
           }
           const float ks = ka / range, vs = va / range;
           p.k_tok_scale[blk * p.ks_sb + h * p.ks_sh + tin] = ks;

@@ -322,8 +322,8 @@ SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tenso
 // padded layout's rows fit the maps' int32 coordinates, and launch option three_wg does not ask
 // for the 3-warpgroup instance at head dim 64 (the in-place instance has 2). A named kernel under
 // "auto" keeps the gather: kernel="sm90" is the A/B arm of the forward alone. check_paged has run
-// (shapes, dtypes, devices, block size); only sizes and dtypes are read. `gather_bytes` receives
-// the gather's padded K + V, for prefer_paged_in_place.
+// (shapes, dtypes, devices, block size, cu_seqlens_q's rank); only sizes and dtypes are read.
+// `gather_bytes` receives the gather's padded K + V, for prefer_paged_in_place.
 const char* paged_in_place_blocker(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& block_table, const OptTensor& cu_q,
                                    const Options& opt, FlashRequest req,
@@ -336,7 +336,6 @@ const char* paged_in_place_blocker(const at::Tensor& q, const at::Tensor& k, con
   if (req != FlashRequest::kAuto && !(pr == PagedRead::kInPlace && req == FlashRequest::kSm90)) {
     return "a named flash kernel other than sm90 reads gathered K / V";
   }
-  if (varlen && cu_q->dim() != 1) return "cu_seqlens_q is not 1-D";
   if (k.scalar_type() != q.scalar_type()) return "the caches are fp8 (the gather dequantises them)";
   if (k.size(0) > INT32_MAX) return "the caches have more than 2^31 - 1 blocks";
   if (k.stride(3) != 1 || v.stride(3) != 1) return "the caches' last dim is not contiguous";
@@ -407,8 +406,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr,
     const std::optional<c10::SymInt>& max_seqlen_q,
     const std::optional<c10::SymInt>& max_seqlen_k) {
-  check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);
-  check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
+  check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);  // cu_seqlens_q's too (batch_of)
   const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(2), G = H / Hkv;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, B);
@@ -437,6 +435,8 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     plan.used = seqused_k->contiguous();
   } else if (given(cu_k)) {
     check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
+    ATTNKIT_CHECK(cu_k->scalar_type() == cu_q->scalar_type(), "cu_seqlens_k: expected dtype ",
+                  cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
     ATTNKIT_CHECK(cu_k->size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
                   cu_k->size(0));
     // In int64, clamped before narrowing: a length past int32 must not wrap to a small one.
@@ -612,6 +612,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     const FwdLaunchOptions& lo, const DecodeRequest& dr, PagedRead pr = PagedRead::kAuto) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   check_options(opt);  // before any path, the decode-only one included (it runs no check_inputs)
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   check_paged_read_args(pr, given(block_table), dr.off);
   // A named kernel computes the call itself, so only auto takes the serving decode path; a named
   // decode kernel asks for that path, so it excludes a named flash kernel.
@@ -654,9 +655,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // is read. Every check (devices included) comes before the device guard, which needs q on a
   // CUDA device.
   FwdMaps paged_maps;
-  if (given(block_table)) {  // their own messages first, before paged_in_place's reasons
+  // Their own messages first (cu_seqlens_q's included: batch_of), before paged_in_place's reasons.
+  if (given(block_table)) {
     check_paged(q_in, k_cache, v_cache, *block_table, cu_q, k_descale, v_descale);
-    if (given(cu_q)) check_offsets_tensor(*cu_q, "cu_seqlens_q", q_in, "q");
   }
   const bool in_place = given(block_table) &&
                         paged_in_place(q_in, k_cache, v_cache, *block_table, cu_q, opt, req.kernel,
@@ -819,6 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
     const OptTensor& seqused_k, bool deterministic_arg, Request req,
     const BwdLaunchOptions& lo) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);

@@ -14,10 +14,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k,
-    const OptTensor& block_table, const OptTensor& s_aux, const OptTensor& k_descale,
-    const OptTensor& v_descale, bool) {
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
+    const OptTensor& k_descale, const OptTensor& v_descale, bool) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   bool varlen;
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));
   if (given(block_table)) {
@@ -50,8 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_meta(
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-    std::optional<c10::SymInt>, std::optional<c10::SymInt>, const OptTensor& seqused_k, bool) {
+    std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
+    const OptTensor& seqused_k, bool) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
+  check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q, k, v, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out, q, out, lse, varlen);
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));

@@ -26,9 +26,16 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_cache_elem(void* base, int64_t off, flo
   } else if constexpr (K == CacheKind::kFp8E5M2) {
     static_cast<uint8_t*>(base)[off] = float_to_fp8<5, 2>(y);
   } else {
-    const float r = fminf(kInt8Max, fmaxf(-kInt8Max, rintf(y)));
+    // NaN stores 0, as the reference's cast (a NaN token's scale is NaN: dequantised it stays NaN)
+    const float r = y != y ? 0.0f : fminf(kInt8Max, fmaxf(-kInt8Max, rintf(y)));
     static_cast<int8_t*>(base)[off] = static_cast<int8_t>(r);
   }
+}
+
+// max(a, b) that keeps a NaN (fmaxf drops it): the per-token amax of a row holding a NaN is NaN,
+// so its scale is NaN and the row dequantises to NaN, as the reference's torch.amax gives.
+ATTNKIT_DEVICE ATTNKIT_INLINE float nan_max(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
 ATTNKIT_DEVICE ATTNKIT_INLINE int64_t checked_slot(const CacheWriteParams& p, int64_t t) {
@@ -77,13 +84,13 @@ __global__ void __launch_bounds__(kWriteThreads) pertoken_quant_kernel(const Cac
     const scalar_t* vr = value + t * p.v_st + h * p.v_sh;
     float ka = 0.0f, va = 0.0f;
     for (int d = lane; d < p.D; d += kWarpSize) {
-      ka = fmaxf(ka, fabsf(to_float(kr[d])));
-      va = fmaxf(va, fabsf(to_float(vr[d])));
+      ka = nan_max(ka, fabsf(to_float(kr[d])));
+      va = nan_max(va, fabsf(to_float(vr[d])));
     }
 #pragma unroll
     for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-      ka = fmaxf(ka, shfl_xor(ka, o));
-      va = fmaxf(va, shfl_xor(va, o));
+      ka = nan_max(ka, shfl_xor(ka, o));
+      va = nan_max(va, shfl_xor(va, o));
     }
     const float ks = ka / kRange, vs = va / kRange;
     const float kinv = ks > 0.0f ? 1.0f / ks : 0.0f, vinv = vs > 0.0f ? 1.0f / vs : 0.0f;
