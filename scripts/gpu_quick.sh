@@ -323,9 +323,10 @@ for s in $QUICK; do
       ncu --import "$L/decode_mma.ncu-rep" --page details --print-details all > "$L/decode_mma_details.txt" 2>&1
       ncu --import "$L/decode_mma.ncu-rep" --page source --csv --print-source sass > "$L/decode_mma_sass.csv" 2>&1 ;;
     gdpa_ncu_full)  # the GDPA forward, ncu --set full (stall sampling per SASS line) at max length
-      # GDPA_NCU_LEN (512), dense then jagged: reports, raw stall metrics and the SASS page (csv)
+      # GDPA_NCU_LEN (512), dense then jagged: reports, raw stall metrics and the SASS page (csv);
+      # gdpa_fwd_ws_kernel by name (a plain gdpa_fwd took the jagged row's schedule kernel)
       for sp in 1.0 0.5; do
-        step "gdpa_ncu_full_$sp" 120 ncu --set full --import-source yes --kernel-name regex:gdpa_fwd \
+        step "gdpa_ncu_full_$sp" 120 ncu --set full --import-source yes --kernel-name regex:gdpa_fwd_ws_kernel \
           --launch-count 1 -f -o "$L/gdpa_fwd_$sp" $PY benchmarks/profile_gdpa.py \
           --max-len ${GDPA_NCU_LEN:-512} --sparsity $sp --forward-only
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page raw --csv > "$L/gdpa_fwd_raw_$sp.csv" 2>&1
