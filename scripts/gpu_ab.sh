@@ -53,7 +53,7 @@ for part in $AB; do
       done ;;
     ncu_gdpa)
       echo "== ncu gdpa forward"
-      ncu --clock-control none --kernel-name regex:gdpa_fwd --launch-count 1 $NCU_SECTIONS \
+      ncu --clock-control none --kernel-name regex:"gdpa_fwd_(ws|mma)_kernel" --launch-count 1 $NCU_SECTIONS \
         $PY benchmarks/profile_gdpa.py --batch 264 > "$OUT/ncu_gdpa.log" 2>&1
       grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued|Stall|Issued Warp|Achieved Occupancy|Registers" \
         "$OUT/ncu_gdpa.log" | head -n 30 ;;

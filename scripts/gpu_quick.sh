@@ -286,7 +286,7 @@ for s in $QUICK; do
         -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or nan_in_unused or (in_place and 37 and (48 or 256)) or (spec_row_chunks and sm80 and bs16))" ;;
     gdpa_ncu)  # the GDPA forward at max length 256, dense then jagged (profile_gdpa.py --sparsity)
       for sp in 1.0 0.5; do
-        step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:gdpa_fwd --launch-count 1 --section SpeedOfLight \
+        step "gdpa_ncu_$sp" 60 ncu --kernel-name regex:"gdpa_fwd_(ws|mma)_kernel" --launch-count 1 --section SpeedOfLight \
           --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
           --section SchedulerStats $PY benchmarks/profile_gdpa.py --max-len ${GDPA_NCU_LEN:-256} \
           --sparsity $sp --forward-only
@@ -324,9 +324,9 @@ for s in $QUICK; do
       ncu --import "$L/decode_mma.ncu-rep" --page source --csv --print-source sass > "$L/decode_mma_sass.csv" 2>&1 ;;
     gdpa_ncu_full)  # the GDPA forward, ncu --set full (stall sampling per SASS line) at max length
       # GDPA_NCU_LEN (512), dense then jagged: reports, raw stall metrics and the SASS page (csv);
-      # gdpa_fwd_ws_kernel by name (a plain gdpa_fwd took the jagged row's schedule kernel)
+      # the forward kernels by name (a plain gdpa_fwd took the jagged row's schedule kernel)
       for sp in 1.0 0.5; do
-        step "gdpa_ncu_full_$sp" 120 ncu --set full --import-source yes --kernel-name regex:gdpa_fwd_ws_kernel \
+        step "gdpa_ncu_full_$sp" 120 ncu --set full --import-source yes --kernel-name regex:"gdpa_fwd_(ws|mma)_kernel" \
           --launch-count 1 -f -o "$L/gdpa_fwd_$sp" $PY benchmarks/profile_gdpa.py \
           --max-len ${GDPA_NCU_LEN:-512} --sparsity $sp --forward-only
         ncu --import "$L/gdpa_fwd_$sp.ncu-rep" --page raw --csv > "$L/gdpa_fwd_raw_$sp.csv" 2>&1
