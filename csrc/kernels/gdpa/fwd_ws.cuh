@@ -139,6 +139,7 @@ struct FwdWsTraits {
 struct FwdWsMaps {
   CUtensorMap q, k, v;
   CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
+  CUtensorMap q64;       // q in boxes of 64 rows (narrow query tiles, narrow_q_tile)
 };
 
 // One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
@@ -325,6 +326,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_tile(const WsUnit& u, int j0) {
   return kJagged && u.ks.len - j0 <= FwdWsTraits::kNarrowN;
 }
 
+// Whether a unit's query tile is narrow: it holds at most 64 of the sequence's rows, so consumer
+// warpgroup 1 (rows 64..127) idles on it, and the producer loads rows 0..63 only (two 64-row
+// boxes, as a narrow key tile): the other half holds the next sequence's rows, read from memory
+// for nothing (lengths uniform up to 512 / 256 over-read a quarter / a half of q's bytes in
+// 128-row boxes, half that in 64-row ones). Rows 64..127 of the stage keep an older fill's
+// bytes, which no product reads.
+template <bool kJagged>
+ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_q_tile(const WsUnit& u) {
+  return kJagged && u.qs.len - u.i0 <= 64;
+}
+
 // kJagged: the units come from the device-built list `sched` (gdpa_fwd_ws_schedule_kernel, at
 // most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
 // (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
@@ -337,7 +349,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v,
                        const __grid_constant__ CUtensorMap map_k64,
-                       const __grid_constant__ CUtensorMap map_v64) {
+                       const __grid_constant__ CUtensorMap map_v64,
+                       const __grid_constant__ CUtensorMap map_q64) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
@@ -425,6 +438,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
       if (loads_qk) tma::prefetch_map(&map_k);
       if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+      if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
     }
     // The list's length, clamped to its capacity (the schedule kernel never writes more).
     typename WsCursor<kJagged>::Index items;
@@ -444,9 +458,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         ring_q.producer_acquire(qn);
         units[qs] = u;
         unsigned char* q_dst = sq + qs * Tr::kTileBytes;
-        ring_q.producer_arrive_expect_tx(qn, Tr::kTileBytes);
-        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
-        tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
+        const bool narrow_q = narrow_q_tile<kJagged>(u);
+        const CUtensorMap* mq = narrow_q ? &map_q64 : &map_q;
+        ring_q.producer_arrive_expect_tx(qn, narrow_q ? Tr::kNarrowTileBytes : Tr::kTileBytes);
+        tma::load_3d(q_dst, mq, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
+        tma::load_3d(q_dst + Tr::kBoxBytes, mq, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
                      ring_q.full(qn));
       }
       ++qn;
@@ -575,7 +591,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its
     // store writes no row (all of its rows are past the sequence), and its stale acc_o is
     // overwritten by the first P·V of its next unit (pv_first).
-    const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
+    const bool idle = wg_u == 1 && narrow_q_tile<kJagged>(u);
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
@@ -723,7 +739,7 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
-                                               maps.v64);
+                                               maps.v64, maps.q64);
   return cudaGetLastError();
 }
 
