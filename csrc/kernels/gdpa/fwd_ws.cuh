@@ -151,23 +151,34 @@ struct WsUnit {
 
 // The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
 // the device from the offsets by one small kernel launched before the forward (no host sync, so
-// the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
-// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed
-// when its first tile has rows and its sequence has keys (clamped by seq_range: garbage offsets
-// give empty or clamped sequences, never an index outside the tensors); a window may still leave
-// an item's tiles without keys, which the cursor skips as before.
+// the call stays CUDA-graph capturable). An item is query tile `tile` of head h of sequence b,
+// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, < its
+// sequence's tiles and <= q_tiles) is the number of items of (b, h): the sequence's tiles, capped
+// at q_tiles (a sequence longer than the hint), then shared `chunk` to an item. One CTA runs an
+// item's tiles back to back, so the K / V tiles they all read come from L2 after the first:
+// with one item per query tile (chunk 1), the CTAs of one (sequence, head) started the same
+// round but drifted apart (units of <= 64 rows run faster), and the L2 (~50 MB: a few units of
+// the whole GPU's traffic) had dropped the K / V between them (ncu, H100, max length 512: the
+// jagged forward read 1.48x q + k + v from DRAM, the dense row 1.00x; an L2 model of the walk
+// gives 1.50x with the drift and 1.14x with whole items, the rest being the boxes' rows past a
+// sequence's end). The launcher picks chunk so that the list keeps >= ~16 items per CTA (a
+// small batch of long sequences keeps one item per tile). An item is listed when its first tile
+// has rows and its sequence has keys (clamped by seq_range: garbage offsets give empty or
+// clamped sequences, never an index outside the tensors); a window may still leave an item's
+// tiles without keys, which the cursor skips as before.
 // Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
 // strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
 // the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
-// then head: the CTAs that read one K/V run together, as in cta_item order); the order of the
-// sequences in a bucket follows shared-memory atomics and may vary run to run, which changes
-// which CTA computes an item but never what it computes (each row's math is the same anywhere).
+// then head); the order of the sequences in a bucket follows shared-memory atomics and may vary
+// run to run, which changes which CTA computes an item but never what it computes (each row's
+// math is the same anywhere).
 // ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
-// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, 0}. The producer
+// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. The producer
 // reads an item with two independent 16-byte loads (one round trip; no offsets read after).
 template <int BM>
 __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
-    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ ws) {
+    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, const int chunk,
+                                int32_t* __restrict__ ws) {
   constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
   constexpr int kHalf = FwdWsTraits::kNarrowN;
   __shared__ int cursor[NB];
@@ -175,15 +186,17 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   const int tid = threadIdx.x;
   cursor[tid] = 0;
   __syncthreads();
-  // The items of sequence b (0 when none) and its bucket.
+  // The items of sequence b (0 when none; per head: n = the stride of each) and its bucket.
   auto items_of = [&](int b, int& bucket) {
     const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
     if (qs.len <= 0 || ks.len <= 0) return 0;
     const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
-    const int per_item = static_cast<int>((int64_t(tiles) + q_tiles - 1) / q_tiles);
+    const int spread = tiles < q_tiles ? tiles : q_tiles;                 // >= 1
+    const int n = (spread + chunk - 1) / chunk;                           // 1 .. spread
+    const int per_item = static_cast<int>((int64_t(tiles) + n - 1) / n);
     const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
     bucket = NB - int(cost < NB ? cost : NB);
-    return (tiles < q_tiles ? tiles : q_tiles) * p.H;
+    return n * p.H;
   };
   for (int b = tid; b < p.B; b += NT) {
     int bucket = 0;
@@ -242,7 +255,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
       if (e < total) {  // the owner's entry e - o_start: head outer, tile inner, as it was
         const int local = e - o_start, h = local / o_tiles, slot = o_base + local;
         list[2 * slot] = ranges;
-        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, 0);
+        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, o_tiles);
       }
     }
   }
@@ -281,7 +294,7 @@ struct WsCursor {
       if (!in_item) {
         if constexpr (kList) {
           const int4 r = list[2 * item], e = list[2 * item + 1];
-          it = {e.y, e.x, e.z, q_tiles};
+          it = {e.y, e.x, e.z, e.w};  // e.w: the item's stride, >= 1
           qs = {r.x, r.y};
           ks = {r.z, r.w};
         } else {
@@ -686,6 +699,17 @@ inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
                   p.B);
 }
 
+// The jagged list's query tiles per item (the schedule kernel's `chunk`): as many as keep
+// >= kItemsPerCta items per CTA when every (sequence, head) has q_tiles tiles (the hint's
+// bound, so a batch of shorter sequences lists fewer), 1 .. q_tiles. Whole (sequence, head)
+// items for bench_gdpa's batches (B 1152, H 4: 4608 items at any max length); one item per tile
+// when the batch has few (sequence, head) pairs (then each one's tiles spread over the CTAs).
+inline int fwd_ws_item_chunk(unsigned items, int q_tiles, int sms) {
+  constexpr unsigned kItemsPerCta = 16;
+  const unsigned chunk = items / (kItemsPerCta * unsigned(sms));
+  return chunk < 1 ? 1 : (chunk > unsigned(q_tiles) ? q_tiles : int(chunk));
+}
+
 // sched: nullptr runs the in-order walk with full tiles (dense batches: every sequence as long as
 // the hint, so no item is empty and no tile narrow); else a workspace of
 // fwd_ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
@@ -708,19 +732,20 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   if (err != cudaSuccess) return err;
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
+  int dev = 0, sms = 0;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return err;
+  sms = sms > 0 ? sms : 1;
   if (jagged) {
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
-        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
+    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM><<<1, Tr::kSchedThreads, 0, stream>>>(
+        p, q_tiles, fwd_ws_item_chunk(items, q_tiles, sms), sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   unsigned grid = items;
-  if (persistent) {  // one CTA per SM (the shared memory allows no second one)
-    int dev = 0, sms = 0;
-    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
-    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-      return err;
-    grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
-  }
+  if (persistent) grid = std::min(items, static_cast<unsigned>(sms));  // one CTA per SM (the
+                                                                        // shared memory allows
+                                                                        // no second one)
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
                                                maps.v64);
