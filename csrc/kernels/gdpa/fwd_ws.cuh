@@ -743,9 +743,8 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   unsigned grid = items;
-  if (persistent) grid = std::min(items, static_cast<unsigned>(sms));  // one CTA per SM (the
-                                                                        // shared memory allows
-                                                                        // no second one)
+  // Persistent: one CTA per SM (the shared memory allows no second one).
+  if (persistent) grid = std::min(items, static_cast<unsigned>(sms));
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
                                                maps.v64);
