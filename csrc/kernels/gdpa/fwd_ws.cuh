@@ -131,6 +131,10 @@ struct FwdWsTraits {
   static constexpr int kSchedThreads = 1024;
   static constexpr int kSchedBuckets = 1024;
   static constexpr int kSchedHeader = 4;
+  // The list's items per CTA, at least: an item's work (query tiles x key half-tiles) is capped
+  // at the batch's over kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share
+  // (the longest-first snake balances the rest).
+  static constexpr int kItemsPerCta = 8;
   static_assert(kSchedBuckets == kSchedThreads, "one bucket per thread in the scan");
 };
 
@@ -152,17 +156,18 @@ struct WsUnit {
 // The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
 // the device from the offsets by one small kernel launched before the forward (no host sync, so
 // the call stays CUDA-graph capturable). An item is query tile `tile` of head h of sequence b,
-// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, < its
-// sequence's tiles and <= q_tiles) is the number of items of (b, h): the sequence's tiles, capped
-// at q_tiles (a sequence longer than the hint), then shared `chunk` to an item. One CTA runs an
-// item's tiles back to back, so the K / V tiles they all read come from L2 after the first:
-// with one item per query tile (chunk 1), the CTAs of one (sequence, head) started the same
-// round but drifted apart (units of <= 64 rows run faster), and the L2 (~50 MB: a few units of
-// the whole GPU's traffic) had dropped the K / V between them (ncu, H100, max length 512: the
-// jagged forward read 1.48x q + k + v from DRAM, the dense row 1.00x; an L2 model of the walk
-// gives 1.50x with the drift and 1.14x with whole items, the rest being the boxes' rows past a
-// sequence's end). The launcher picks chunk so that the list keeps >= ~16 items per CTA (a
-// small batch of long sequences keeps one item per tile). An item is listed when its first tile
+// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, <= its
+// sequence's tiles and <= q_tiles) is the number of items of (b, h): the fewest that keep an
+// item's work (query tiles x key half-tiles) within the batch's work over kItemsPerCta items per
+// CTA (summed on the device: the hint bounds lengths, not work, and a cap from it left one long
+// sequence among short ones a few items of many times a CTA's share). One CTA runs an item's
+// tiles back to back, so the K / V tiles they all read come from L2 after the first: with one
+// item per query tile, the CTAs of one (sequence, head) started the same round but drifted apart
+// (units of <= 64 rows run faster), and the L2 (~50 MB: a few units of the whole GPU's traffic)
+// had dropped the K / V between them (ncu, H100, max length 512: the jagged forward read 1.48x
+// q + k + v from DRAM, the dense row 1.00x; an L2 model of the walk, benchmarks/
+// model_gdpa_l2.py, gives 1.50x with the drift and 1.14x with whole items, the rest being the
+// boxes' rows past a sequence's end). An item is listed when its first tile
 // has rows and its sequence has keys (clamped by seq_range: garbage offsets give empty or
 // clamped sequences, never an index outside the tensors); a window may still leave an item's
 // tiles without keys, which the cursor skips as before.
@@ -177,22 +182,43 @@ struct WsUnit {
 // reads an item with two independent 16-byte loads (one round trip; no offsets read after).
 template <int BM>
 __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
-    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, const int chunk,
+    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, const int ctas,
                                 int32_t* __restrict__ ws) {
   constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
   constexpr int kHalf = FwdWsTraits::kNarrowN;
   __shared__ int cursor[NB];
   __shared__ int warp_total[NT / 32];
-  const int tid = threadIdx.x;
+  __shared__ long long warp_work[NT / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   cursor[tid] = 0;
+  // A (sequence, head)'s work: query tiles x key half-tiles (0 without rows or keys).
+  auto work_of = [&](const SeqRange& qs, const SeqRange& ks) -> long long {
+    if (qs.len <= 0 || ks.len <= 0) return 0;
+    return (int64_t(qs.len) + BM - 1) / BM * ((int64_t(ks.len) + kHalf - 1) / kHalf);
+  };
+  // The item cap: the batch's work over kItemsPerCta items per CTA, >= 1.
+  long long w = 0;
+  for (int b = tid; b < p.B; b += NT) {
+    w += work_of(seq_range(p.q_offsets, b, p.Tq), seq_range(p.kv_offsets, b, p.Tk));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+  if (lane == 0) warp_work[warp] = w;
   __syncthreads();
-  // The items of sequence b (0 when none; per head: n = the stride of each) and its bucket.
+  long long total = 0;
+  for (int i = 0; i < NT / 32; ++i) total += warp_work[i];
+  const long long share =
+      total * p.H / (static_cast<long long>(FwdWsTraits::kItemsPerCta) * (ctas > 0 ? ctas : 1));
+  const long long cap = share > 0 ? share : 1;
+  // The items of sequence b (0 when none; per head: n, the stride of each) and its bucket.
   auto items_of = [&](int b, int& bucket) {
     const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    if (qs.len <= 0 || ks.len <= 0) return 0;
+    const long long work = work_of(qs, ks);
+    if (work <= 0) return 0;
     const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
     const int spread = tiles < q_tiles ? tiles : q_tiles;                 // >= 1
-    const int n = (spread + chunk - 1) / chunk;                           // 1 .. spread
+    const long long want = (work + cap - 1) / cap;                        // >= 1
+    const int n = want < spread ? static_cast<int>(want) : spread;        // 1 .. spread
     const int per_item = static_cast<int>((int64_t(tiles) + n - 1) / n);
     const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
     bucket = NB - int(cost < NB ? cost : NB);
@@ -205,7 +231,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   }
   __syncthreads();
   // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
-  const int lane = tid & 31, warp = tid >> 5;
   const int mine = cursor[tid];
   const int incl = warp_inclusive_sum(mine, lane);
   if (lane == 31) warp_total[warp] = incl;
@@ -699,17 +724,6 @@ inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
                   p.B);
 }
 
-// The jagged list's query tiles per item (the schedule kernel's `chunk`): as many as keep
-// >= kItemsPerCta items per CTA when every (sequence, head) has q_tiles tiles (the hint's
-// bound, so a batch of shorter sequences lists fewer), 1 .. q_tiles. Whole (sequence, head)
-// items for bench_gdpa's batches (B 1152, H 4: 4608 items at any max length); one item per tile
-// when the batch has few (sequence, head) pairs (then each one's tiles spread over the CTAs).
-inline int fwd_ws_item_chunk(unsigned items, int q_tiles, int sms) {
-  constexpr unsigned kItemsPerCta = 16;
-  const unsigned chunk = items / (kItemsPerCta * unsigned(sms));
-  return chunk < 1 ? 1 : (chunk > unsigned(q_tiles) ? q_tiles : int(chunk));
-}
-
 // sched: nullptr runs the in-order walk with full tiles (dense batches: every sequence as long as
 // the hint, so no item is empty and no tile narrow); else a workspace of
 // fwd_ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
@@ -732,19 +746,19 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   if (err != cudaSuccess) return err;
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
-  int dev = 0, sms = 0;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return err;
-  sms = sms > 0 ? sms : 1;
-  if (jagged) {
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM><<<1, Tr::kSchedThreads, 0, stream>>>(
-        p, q_tiles, fwd_ws_item_chunk(items, q_tiles, sms), sched);
+  unsigned grid = items;
+  if (persistent) {  // one CTA per SM (the shared memory allows no second one)
+    int dev = 0, sms = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return err;
+    grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
+  }
+  if (jagged) {  // the list's items are sized for `grid` CTAs
+    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
+        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, static_cast<int>(grid), sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  unsigned grid = items;
-  // Persistent: one CTA per SM (the shared memory allows no second one).
-  if (persistent) grid = std::min(items, static_cast<unsigned>(sms));
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
                                                maps.v64);
