@@ -57,7 +57,8 @@
 // Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a
 // list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
-// walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
+// walked in a snake over the persistent CTAs; an item there is several query tiles of one
+// (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow (64-row
 // boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
 // (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own
@@ -257,7 +258,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
     int bucket = 0;
     const int n = b < p.B ? items_of(b, bucket) : 0;
     const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
-    const int tiles = n / p.H;
+    const int tiles = n / p.H;  // the items of each head of b: each one's stride
     const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
                    ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
     // The end of this lane's run in the warp's concatenation.
@@ -290,8 +291,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
 // order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
 // entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
 // ones): with the list longest first, each CTA's total stays within about one item of the
-// others'. In each item, its query tiles (strided by `tiles` when the sequence is longer than the
-// hint). The loading threads run the walk (each its own copy, in the same order); the consumers
+// others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
+// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the walk (each its own copy, in the same order); the consumers
 // get its units through shared memory, in the same order.
 template <bool kList>
 struct WsCursor {
