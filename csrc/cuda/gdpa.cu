@@ -99,7 +99,8 @@ bool ws_rows_fit(const at::Tensor& q, const at::Tensor& k, std::string* why) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Tensor maps of q, k, v in FwdWsTraits' boxes, copying the inputs they cannot address (the
 // caller refills FwdParams from the tensors afterwards); false where a copy cannot help.
-// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
+// k64 / v64 / q64: the same k, v and q in 64-row boxes, for the jagged schedule's narrow key and
+// query tiles.
 bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m, std::string* why) {
   using Tr = FwdWsTraits;
   static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
@@ -107,7 +108,8 @@ bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m, std:
   return ws_rows_fit(q, k, why) && ws_map_or_copy(q, "q", full, &m->q, why) &&
          ws_map_or_copy(k, "k", full, &m->k, why) && ws_map_or_copy(v, "v", full, &m->v, why) &&
          ws_map_or_copy(k, "k", narrow, &m->k64, why) &&
-         ws_map_or_copy(v, "v", narrow, &m->v64, why);
+         ws_map_or_copy(v, "v", narrow, &m->v64, why) &&
+         ws_map_or_copy(q, "q", narrow, &m->q64, why);
 }
 #else
 struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false

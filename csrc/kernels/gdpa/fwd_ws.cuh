@@ -57,7 +57,8 @@
 // Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a
 // list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
-// walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
+// walked in a snake over the persistent CTAs; an item there is several query tiles of one
+// (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow (64-row
 // boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
 // (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own
@@ -131,6 +132,10 @@ struct FwdWsTraits {
   static constexpr int kSchedThreads = 1024;
   static constexpr int kSchedBuckets = 1024;
   static constexpr int kSchedHeader = 4;
+  // The list's items per CTA, at least: an item's work (query tiles x key half-tiles) is capped
+  // at the batch's over kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share
+  // (the longest-first snake balances the rest).
+  static constexpr int kItemsPerCta = 8;
   static_assert(kSchedBuckets == kSchedThreads, "one bucket per thread in the scan");
 };
 
@@ -139,6 +144,7 @@ struct FwdWsTraits {
 struct FwdWsMaps {
   CUtensorMap q, k, v;
   CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
+  CUtensorMap q64;       // q in boxes of 64 rows (narrow query tiles, narrow_q_tile)
 };
 
 // One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
@@ -151,39 +157,74 @@ struct WsUnit {
 
 // The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
 // the device from the offsets by one small kernel launched before the forward (no host sync, so
-// the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
-// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed
-// when its first tile has rows and its sequence has keys (clamped by seq_range: garbage offsets
-// give empty or clamped sequences, never an index outside the tensors); a window may still leave
-// an item's tiles without keys, which the cursor skips as before.
+// the call stays CUDA-graph capturable). An item is query tile `tile` of head h of sequence b,
+// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, <= its
+// sequence's tiles and <= q_tiles) is the number of items of (b, h): the fewest that keep an
+// item's work (query tiles x key half-tiles) within the batch's work over kItemsPerCta items per
+// CTA (summed on the device: the hint bounds lengths, not work, and a cap from it left one long
+// sequence among short ones a few items of many times a CTA's share). One CTA runs an item's
+// tiles back to back, so the K / V tiles they all read come from L2 after the first: with one
+// item per query tile, the CTAs of one (sequence, head) started the same round but drifted apart
+// (units of <= 64 rows run faster), and the L2 (~50 MB: a few units of the whole GPU's traffic)
+// had dropped the K / V between them (ncu, H100, max length 512: the jagged forward read 1.48x
+// q + k + v from DRAM, the dense row 1.00x; an L2 model of the walk, benchmarks/
+// model_gdpa_l2.py, gives 1.50x with the drift and 1.14x with whole items, the rest being the
+// boxes' rows past a sequence's end). An item is listed when its first tile
+// has rows and its sequence has keys (clamped by seq_range: garbage offsets give empty or
+// clamped sequences, never an index outside the tensors); a window may still leave an item's
+// tiles without keys, which the cursor skips as before.
 // Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
 // strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
 // the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
-// then head: the CTAs that read one K/V run together, as in cta_item order); the order of the
-// sequences in a bucket follows shared-memory atomics and may vary run to run, which changes
-// which CTA computes an item but never what it computes (each row's math is the same anywhere).
+// then head); the order of the sequences in a bucket follows shared-memory atomics and may vary
+// run to run, which changes which CTA computes an item but never what it computes (each row's
+// math is the same anywhere).
 // ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
-// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, 0}. The producer
+// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. The producer
 // reads an item with two independent 16-byte loads (one round trip; no offsets read after).
 template <int BM>
 __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
-    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ ws) {
+    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, const int ctas,
+                                int32_t* __restrict__ ws) {
   constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
   constexpr int kHalf = FwdWsTraits::kNarrowN;
   __shared__ int cursor[NB];
   __shared__ int warp_total[NT / 32];
-  const int tid = threadIdx.x;
+  __shared__ long long warp_work[NT / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   cursor[tid] = 0;
+  // A (sequence, head)'s work: query tiles x key half-tiles (0 without rows or keys).
+  auto work_of = [&](const SeqRange& qs, const SeqRange& ks) -> long long {
+    if (qs.len <= 0 || ks.len <= 0) return 0;
+    return (int64_t(qs.len) + BM - 1) / BM * ((int64_t(ks.len) + kHalf - 1) / kHalf);
+  };
+  // The item cap: the batch's work over kItemsPerCta items per CTA, >= 1.
+  long long w = 0;
+  for (int b = tid; b < p.B; b += NT) {
+    w += work_of(seq_range(p.q_offsets, b, p.Tq), seq_range(p.kv_offsets, b, p.Tk));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+  if (lane == 0) warp_work[warp] = w;
   __syncthreads();
-  // The items of sequence b (0 when none) and its bucket.
+  long long total = 0;
+  for (int i = 0; i < NT / 32; ++i) total += warp_work[i];
+  const long long share =
+      total * p.H / (static_cast<long long>(FwdWsTraits::kItemsPerCta) * (ctas > 0 ? ctas : 1));
+  const long long cap = share > 0 ? share : 1;
+  // The items of sequence b (0 when none; per head: n, the stride of each) and its bucket.
   auto items_of = [&](int b, int& bucket) {
     const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    if (qs.len <= 0 || ks.len <= 0) return 0;
+    const long long work = work_of(qs, ks);
+    if (work <= 0) return 0;
     const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
-    const int per_item = static_cast<int>((int64_t(tiles) + q_tiles - 1) / q_tiles);
+    const int spread = tiles < q_tiles ? tiles : q_tiles;                 // >= 1
+    const long long want = (work + cap - 1) / cap;                        // >= 1
+    const int n = want < spread ? static_cast<int>(want) : spread;        // 1 .. spread
+    const int per_item = static_cast<int>((int64_t(tiles) + n - 1) / n);
     const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
     bucket = NB - int(cost < NB ? cost : NB);
-    return (tiles < q_tiles ? tiles : q_tiles) * p.H;
+    return n * p.H;
   };
   for (int b = tid; b < p.B; b += NT) {
     int bucket = 0;
@@ -192,7 +233,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
   }
   __syncthreads();
   // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
-  const int lane = tid & 31, warp = tid >> 5;
   const int mine = cursor[tid];
   const int incl = warp_inclusive_sum(mine, lane);
   if (lane == 31) warp_total[warp] = incl;
@@ -219,7 +259,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
     int bucket = 0;
     const int n = b < p.B ? items_of(b, bucket) : 0;
     const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
-    const int tiles = n / p.H;
+    const int tiles = n / p.H;  // the items of each head of b: each one's stride
     const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
                    ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
     // The end of this lane's run in the warp's concatenation.
@@ -242,7 +282,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
       if (e < total) {  // the owner's entry e - o_start: head outer, tile inner, as it was
         const int local = e - o_start, h = local / o_tiles, slot = o_base + local;
         list[2 * slot] = ranges;
-        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, 0);
+        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, o_tiles);
       }
     }
   }
@@ -252,8 +292,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
 // order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
 // entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
 // ones): with the list longest first, each CTA's total stays within about one item of the
-// others'. In each item, its query tiles (strided by `tiles` when the sequence is longer than the
-// hint). The loading threads run the walk (each its own copy, in the same order); the consumers
+// others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
+// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the walk (each its own copy, in the same order); the consumers
 // get its units through shared memory, in the same order.
 template <bool kList>
 struct WsCursor {
@@ -281,7 +321,7 @@ struct WsCursor {
       if (!in_item) {
         if constexpr (kList) {
           const int4 r = list[2 * item], e = list[2 * item + 1];
-          it = {e.y, e.x, e.z, q_tiles};
+          it = {e.y, e.x, e.z, e.w};  // e.w: the item's stride, >= 1
           qs = {r.x, r.y};
           ks = {r.z, r.w};
         } else {
@@ -325,6 +365,17 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_tile(const WsUnit& u, int j0) {
   return kJagged && u.ks.len - j0 <= FwdWsTraits::kNarrowN;
 }
 
+// Whether a unit's query tile is narrow: it holds at most 64 of the sequence's rows, so consumer
+// warpgroup 1 (rows 64..127) idles on it, and the producer loads rows 0..63 only (two 64-row
+// boxes, as a narrow key tile): the other half holds the next sequence's rows, read from memory
+// for nothing (lengths uniform up to 512 / 256 over-read a quarter / a half of q's bytes in
+// 128-row boxes, half that in 64-row ones). Rows 64..127 of the stage keep an older fill's
+// bytes, which no product reads.
+template <bool kJagged>
+ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_q_tile(const WsUnit& u) {
+  return kJagged && u.qs.len - u.i0 <= 64;
+}
+
 // kJagged: the units come from the device-built list `sched` (gdpa_fwd_ws_schedule_kernel, at
 // most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
 // (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
@@ -337,7 +388,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v,
                        const __grid_constant__ CUtensorMap map_k64,
-                       const __grid_constant__ CUtensorMap map_v64) {
+                       const __grid_constant__ CUtensorMap map_v64,
+                       const __grid_constant__ CUtensorMap map_q64) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
@@ -425,6 +477,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
       if (loads_qk) tma::prefetch_map(&map_k);
       if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+      if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
     }
     // The list's length, clamped to its capacity (the schedule kernel never writes more).
     typename WsCursor<kJagged>::Index items;
@@ -444,9 +497,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         ring_q.producer_acquire(qn);
         units[qs] = u;
         unsigned char* q_dst = sq + qs * Tr::kTileBytes;
-        ring_q.producer_arrive_expect_tx(qn, Tr::kTileBytes);
-        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
-        tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
+        const bool narrow_q = narrow_q_tile<kJagged>(u);
+        const CUtensorMap* mq = narrow_q ? &map_q64 : &map_q;
+        ring_q.producer_arrive_expect_tx(qn, narrow_q ? Tr::kNarrowTileBytes : Tr::kTileBytes);
+        tma::load_3d(q_dst, mq, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
+        tma::load_3d(q_dst + Tr::kBoxBytes, mq, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
                      ring_q.full(qn));
       }
       ++qn;
@@ -575,7 +630,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its
     // store writes no row (all of its rows are past the sequence), and its stale acc_o is
     // overwritten by the first P·V of its next unit (pv_first).
-    const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
+    const bool idle = wg_u == 1 && narrow_q_tile<kJagged>(u);
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
@@ -708,11 +763,6 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   if (err != cudaSuccess) return err;
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
-  if (jagged) {
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
-        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
   unsigned grid = items;
   if (persistent) {  // one CTA per SM (the shared memory allows no second one)
     int dev = 0, sms = 0;
@@ -721,9 +771,14 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
       return err;
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
+  if (jagged) {  // the list's items are sized for `grid` CTAs
+    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
+        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, static_cast<int>(grid), sched);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
-                                               maps.v64);
+                                               maps.v64, maps.q64);
   return cudaGetLastError();
 }
 
