@@ -565,6 +565,22 @@ def test_cuda_forward_jagged_schedule_many_sequences(causal):
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
 
 
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_jagged_schedule_multi_tile_items(causal):
+    """A list item walks several query tiles of one (sequence, head): its entry's stride n is the
+    fewest items that keep each within the batch's work over 8 x the grid. 600 sequences of 3
+    query tiles (work 18 each) make the cap ~50 on a 132-SM card, so each of them is one item of
+    three tiles (n = 1) and each of the four 17-tile sequences (work 578) is split into ~12 items
+    of stride n, 1 < n < 17, walking 1-2 tiles each. Every row against the reference, then bitwise
+    equal to the in-order schedule (sorted=False)."""
+    q_lens = [384] * 300 + [2148, 2148] + [384] * 300 + [2100, 2148]
+    args = poisoned_jagged(torch.bfloat16, q_lens, q_lens, H=4, Hkv=2, D=128)
+    out = check_forward(*args, "fast_gelu", causal, "jagged schedule, multi-tile items", **WS)
+    in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
+    assert torch.equal(out, in_order), "the jagged schedule changed the result"
+
+
 def _cat_rows(parts, like):
     return torch.cat(parts) if parts else like[:0]
 
