@@ -174,11 +174,11 @@ struct WsUnit {
 // clamped sequences, never an index outside the tensors); a window may still leave an item's
 // tiles without keys, which the cursor skips as before.
 // Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
-// strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
-// the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
-// then head); the order of the sequences in a bucket follows shared-memory atomics and may vary
-// run to run, which changes which CTA computes an item but never what it computes (each row's
-// math is the same anywhere).
+// strides over (its cost; exact up to NB / 2, in steps of 8 above): bucket 0 holds the longest,
+// so the persistent CTAs start with the long items and the short ones fill the tail. Within a
+// bucket, a sequence's items are contiguous (tile fastest, then head); the order of the sequences
+// in a bucket follows shared-memory atomics and may vary run to run, which changes which CTA
+// computes an item but never what it computes (each row's math is the same anywhere).
 // ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
 // clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. The producer
 // reads an item with two independent 16-byte loads (one round trip; no offsets read after).
@@ -223,7 +223,12 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
     const int n = want < spread ? static_cast<int>(want) : spread;        // 1 .. spread
     const int per_item = static_cast<int>((int64_t(tiles) + n - 1) / n);
     const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
-    bucket = NB - int(cost < NB ? cost : NB);
+    // Costs below NB / 2 each get a bucket; above, 8 costs share one (up to cost ~4.6k: whole
+    // items of sequences up to ~6.1k rows keep their order; one bucket per cost saturated at
+    // 1024, so every sequence of >= ~2.9k rows shared bucket 0, in the atomics' order).
+    constexpr int64_t kExact = NB / 2;
+    const int64_t key = cost < kExact ? cost : kExact + ((cost - kExact) >> 3);  // >= 1
+    bucket = NB - 1 - int(key < NB - 1 ? key : NB - 1);
     return n * p.H;
   };
   for (int b = tid; b < p.B; b += NT) {
@@ -293,8 +298,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
 // entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
 // ones): with the list longest first, each CTA's total stays within about one item of the
 // others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
-// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the walk (each its own copy, in the same order); the consumers
-// get its units through shared memory, in the same order.
+// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the
+// walk (each its own copy, in the same order); the consumers get its units through shared memory,
+// in the same order.
 template <bool kList>
 struct WsCursor {
   // The list holds at most 2^22 items (csrc/cuda/gdpa.cu), so its walk counts in int: the
