@@ -581,6 +581,50 @@ def test_cuda_forward_jagged_schedule_multi_tile_items(causal):
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
 
 
+# The warp-specialised backward's jagged schedule (bwd_ws.cuh on ws_schedule.cuh's list): items
+# of the key tiles of each (sequence, kv head) with keys, longest first, walked by persistent
+# CTAs; sorted=False keeps one CTA per key tile in order.
+BWD_JAGGED_CASES = {
+    "tile_edges": (TILE_EDGE_LENS, TILE_EDGE_LENS[::-1]),
+    # ~600 items of three key tiles (n = 1) and sequences whose items stride over their tiles
+    # (1000 rows: 8 tiles in ~6 items on a 132-SM card) or take one tile each (~2.1k rows)
+    "multi_tile_items": ([384] * 300 + [1000, 2148] + [384] * 300 + [1000, 2100],) * 2,
+    # queries without keys and keys without queries (their dk / dv rows are zeros)
+    "one_side_empty": ([0, 5, 300, 0, 129, 64], [77, 0, 300, 129, 0, 65]),
+}
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("case", list(BWD_JAGGED_CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backward_jagged_schedule(case, causal):
+    """The ws backward on its jagged schedule against the reference (NaN rows after every
+    sequence and past the last offset, as poisoned_jagged), then, under deterministic dQ, bitwise
+    equal to the in-order launch (sorted=False): the list changes which CTA runs a key tile,
+    never what it computes."""
+    q_lens, kv_lens = BWD_JAGGED_CASES[case]
+    q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=128)
+    g = torch.randn_like(q) * 0.5
+    g[qo[-1]:] = float("nan")
+    args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
+    kw = dict(pre_scale=0.7, causal=causal, kernel="sm90_ws")
+    poison_allocator("cuda")
+    got = BWD_WITH(g, *args, **kw)
+    g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+    clean = [t.requires_grad_() for t in clean]
+    ref = gdpa_ref(*clean, *args[3:], pre_scale=0.7, causal=causal)
+    want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
+    nq = int(qo[-1])
+    for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
+                       ("dv", got[2], want[2])):
+        assert_close(a, w, torch.bfloat16, f"bwd jagged {case} causal={causal}: {name}", tol=1e-2)
+    assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
+    listed = BWD_WITH(g, *args, **kw, deterministic=True)
+    in_order = BWD_WITH(g, *args, **kw, deterministic=True, sorted=False)
+    for name, a, b in zip(("dq", "dk", "dv"), listed, in_order):
+        assert torch.equal(a, b), f"the jagged schedule changed {name} ({case})"
+
+
 def _cat_rows(parts, like):
     return torch.cat(parts) if parts else like[:0]
 

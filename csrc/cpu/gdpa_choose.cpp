@@ -42,8 +42,8 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
   const GdpaChoice c = bwd ? choose_bwd(f, req) : choose_fwd(f, req);
   check_choice(c, bwd ? "gdpa_bwd" : "gdpa_fwd", req, "request argument");
   std::string name = gdpa_kernel_name(c.kernel);
-  // The warp-specialised forward's schedule at the default launch options (sorted = true).
-  if (!bwd && c.kernel == GdpaKernel::kSm90Ws && fwd_ws_jagged(dense, items, /*sorted=*/true)) {
+  // The warp-specialised kernels' schedule at the default launch options (sorted = true).
+  if (c.kernel == GdpaKernel::kSm90Ws && ws_jagged(dense, items, /*sorted=*/true)) {
     name += "+jagged";
   }
   return name;

@@ -343,12 +343,12 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
-          // Dense: every sequence as long as the hints (choose.h fwd_ws_jagged).
+          // Dense: every sequence as long as the hints (choose.h ws_jagged).
           const bool dense =
               int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
           at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
-          if (fwd_ws_jagged(dense, items, lo.sorted)) {
-            sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
+          if (ws_jagged(dense, items, lo.sorted)) {
+            sched = at::empty({ws_sched_elems(items)}, qo.options());
           }
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
@@ -518,7 +518,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             pw.dq_accum = dq_accum.data_ptr<float>();
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
-          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
+          // Dense: every sequence as long as the hints (choose.h ws_jagged).
+          const bool dense =
+              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+          const int64_t items = bwd_ws_items(pw, mk);
+          at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
+          if (ws_jagged(dense, items, lo.sorted)) {
+            sched = at::empty({ws_sched_elems(items)}, qo.options());
+          }
+          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
+                                       sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
+                                       stream);
 #else
           return not_instantiated("gdpa_bwd", c.kernel);
 #endif
@@ -552,10 +562,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_cuda(
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
     c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
     bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel,
-    bool deterministic) {
+    bool deterministic, bool sorted) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   BwdLaunchOptions lo;
   lo.deterministic = deterministic;
+  lo.sorted = sorted;
   return gdpa_bwd(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                   std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
                   broadcast_q, req, lo);

@@ -170,18 +170,20 @@ inline bool wants_tensor_maps(GdpaFacts f, GdpaRequest req, bool backward) {
   return c.ok() && c.kernel == GdpaKernel::kSm90Ws;
 }
 
-// The warp-specialised forward's schedule (fwd_ws.cuh): the jagged one (a device-built,
-// longest-first list of the non-empty work items, narrow key tiles) for a batch that is not
-// dense, the in-order walk with full tiles otherwise. Dense = every sequence as long as the hints,
-// which the host tells without reading the offsets: Tq == B · max_q and Tk == B · max_kv (with
-// valid offsets, lengths <= max that sum to B · max are all max); garbage offsets that fool the
-// test only change which of the two correct schedules runs. A list above 2^22 items (32 bytes
-// each: a workspace past 128 MB) keeps the in-order walk too, and so does `sorted` = false (the
-// launch option of the A/B runs and the tests).
-constexpr int64_t kFwdWsMaxJaggedItems = int64_t(1) << 22;
+// The warp-specialised kernels' schedule (fwd_ws.cuh, bwd_ws.cuh): the jagged one (a
+// device-built, longest-first list of the work items, ws_schedule.cuh, walked by persistent CTAs;
+// the forward also runs narrow key and query tiles) for a batch that is not dense, the in-order
+// walk otherwise. Dense = every sequence as long as the hints, which the host tells without
+// reading the offsets: Tq == B · max_q and Tk == B · max_kv (with valid offsets, lengths <= max
+// that sum to B · max are all max); garbage offsets that fool the test only change which of the
+// two correct schedules runs. A list above 2^22 items (32 bytes each: a workspace past 128 MB)
+// keeps the in-order walk too, and so does `sorted` = false (the launch option of the A/B runs
+// and the tests). items: the forward's query tiles or the backward's key tiles of the hint, per
+// head and sequence.
+constexpr int64_t kWsMaxJaggedItems = int64_t(1) << 22;
 
-inline bool fwd_ws_jagged(bool dense, int64_t items, bool sorted) {
-  return sorted && !dense && items <= kFwdWsMaxJaggedItems;
+inline bool ws_jagged(bool dense, int64_t items, bool sorted) {
+  return sorted && !dense && items <= kWsMaxJaggedItems;
 }
 
 }  // namespace gdpa

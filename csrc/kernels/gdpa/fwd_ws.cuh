@@ -56,7 +56,7 @@
 //
 // Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a
-// list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
+// list built on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first,
 // walked in a snake over the persistent CTAs; an item there is several query tiles of one
 // (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow (64-row
 // boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
@@ -69,7 +69,6 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "kernels/common/block_scan.cuh"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
@@ -78,6 +77,7 @@
 #include "kernels/gdpa/activation_gpu.cuh"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
+#include "kernels/gdpa/ws_schedule.cuh"
 
 #define ATTNKIT_HAS_FWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
@@ -126,17 +126,6 @@ struct FwdWsTraits {
   static constexpr int kNarrowN = 64;
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
-  // The device-built work list (gdpa_fwd_ws_schedule_kernel): one CTA of kSchedThreads threads,
-  // kSchedBuckets length buckets of kNarrowN keys (longer units share the last bucket), a header
-  // of kSchedHeader int32 (the unit count first) before the entries (two int4 each).
-  static constexpr int kSchedThreads = 1024;
-  static constexpr int kSchedBuckets = 1024;
-  static constexpr int kSchedHeader = 4;
-  // The list's items per CTA, at least: an item's work (query tiles x key half-tiles) is capped
-  // at the batch's over kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share
-  // (the longest-first snake balances the rest).
-  static constexpr int kItemsPerCta = 8;
-  static_assert(kSchedBuckets == kSchedThreads, "one bucket per thread in the scan");
 };
 
 // The tensor maps of q, k, v viewed as [T rows][heads][D] (innermost first {D, heads, T}), boxes
@@ -155,143 +144,12 @@ struct WsUnit {
   SeqRange qs, ks;
 };
 
-// The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
-// the device from the offsets by one small kernel launched before the forward (no host sync, so
-// the call stays CUDA-graph capturable). An item is query tile `tile` of head h of sequence b,
-// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, <= its
-// sequence's tiles and <= q_tiles) is the number of items of (b, h): the fewest that keep an
-// item's work (query tiles x key half-tiles) within the batch's work over kItemsPerCta items per
-// CTA (summed on the device: the hint bounds lengths, not work, and a cap from it left one long
-// sequence among short ones a few items of many times a CTA's share). One CTA runs an item's
-// tiles back to back, so the K / V tiles they all read come from L2 after the first: with one
-// item per query tile, the CTAs of one (sequence, head) started the same round but drifted apart
-// (units of <= 64 rows run faster), and the L2 (~50 MB: a few units of the whole GPU's traffic)
-// had dropped the K / V between them (ncu, H100, max length 512: the jagged forward read 1.48x
-// q + k + v from DRAM, the dense row 1.00x; an L2 model of the walk, benchmarks/
-// model_gdpa_l2.py, gives 1.50x with the drift and 1.14x with whole items, the rest being the
-// boxes' rows past a sequence's end). An item is listed when its first tile
-// has rows and its sequence has keys (clamped by seq_range: garbage offsets give empty or
-// clamped sequences, never an index outside the tensors); a window may still leave an item's
-// tiles without keys, which the cursor skips as before.
-// Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
-// strides over (its cost; exact up to NB / 2, in steps of 8 above): bucket 0 holds the longest,
-// so the persistent CTAs start with the long items and the short ones fill the tail. Within a
-// bucket, a sequence's items are contiguous (tile fastest, then head); the order of the sequences
-// in a bucket follows shared-memory atomics and may vary run to run, which changes which CTA
-// computes an item but never what it computes (each row's math is the same anywhere).
-// ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
-// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. The producer
-// reads an item with two independent 16-byte loads (one round trip; no offsets read after).
-template <int BM>
-__global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
-    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, const int ctas,
-                                int32_t* __restrict__ ws) {
-  constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
-  constexpr int kHalf = FwdWsTraits::kNarrowN;
-  __shared__ int cursor[NB];
-  __shared__ int warp_total[NT / 32];
-  __shared__ long long warp_work[NT / 32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  cursor[tid] = 0;
-  // A (sequence, head)'s work: query tiles x key half-tiles (0 without rows or keys).
-  auto work_of = [&](const SeqRange& qs, const SeqRange& ks) -> long long {
-    if (qs.len <= 0 || ks.len <= 0) return 0;
-    return (int64_t(qs.len) + BM - 1) / BM * ((int64_t(ks.len) + kHalf - 1) / kHalf);
-  };
-  // The item cap: the batch's work over kItemsPerCta items per CTA, >= 1.
-  long long w = 0;
-  for (int b = tid; b < p.B; b += NT) {
-    w += work_of(seq_range(p.q_offsets, b, p.Tq), seq_range(p.kv_offsets, b, p.Tk));
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-  if (lane == 0) warp_work[warp] = w;
-  __syncthreads();
-  long long total = 0;
-  for (int i = 0; i < NT / 32; ++i) total += warp_work[i];
-  const long long share =
-      total * p.H / (static_cast<long long>(FwdWsTraits::kItemsPerCta) * (ctas > 0 ? ctas : 1));
-  const long long cap = share > 0 ? share : 1;
-  // The items of sequence b (0 when none; per head: n, the stride of each) and its bucket.
-  auto items_of = [&](int b, int& bucket) {
-    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    const long long work = work_of(qs, ks);
-    if (work <= 0) return 0;
-    const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
-    const int spread = tiles < q_tiles ? tiles : q_tiles;                 // >= 1
-    const long long want = (work + cap - 1) / cap;                        // >= 1
-    const int n = want < spread ? static_cast<int>(want) : spread;        // 1 .. spread
-    const int per_item = static_cast<int>((int64_t(tiles) + n - 1) / n);
-    const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
-    // Costs below NB / 2 each get a bucket; above, 8 costs share one (up to cost ~4.6k: whole
-    // items of sequences up to ~6.1k rows keep their order; one bucket per cost saturated at
-    // 1024, so every sequence of >= ~2.9k rows shared bucket 0, in the atomics' order).
-    constexpr int64_t kExact = NB / 2;
-    const int64_t key = cost < kExact ? cost : kExact + ((cost - kExact) >> 3);  // >= 1
-    bucket = NB - 1 - int(key < NB - 1 ? key : NB - 1);
-    return n * p.H;
-  };
-  for (int b = tid; b < p.B; b += NT) {
-    int bucket = 0;
-    const int n = items_of(b, bucket);
-    if (n > 0) atomicAdd(&cursor[bucket], n);
-  }
-  __syncthreads();
-  // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
-  const int mine = cursor[tid];
-  const int incl = warp_inclusive_sum(mine, lane);
-  if (lane == 31) warp_total[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int t = warp_total[lane], ti = warp_inclusive_sum(t, lane);
-    warp_total[lane] = ti - t;  // exclusive
-    if (lane == 31) ws[0] = ti;   // the item count
-  }
-  __syncthreads();
-  cursor[tid] = warp_total[warp] + incl - mine;
-  __syncthreads();
-  int4* list = reinterpret_cast<int4*>(ws + FwdWsTraits::kSchedHeader);
-  // Written warp by warp, so that a store instruction's 32 lanes write neighbouring entries: a
-  // thread writing its own sequences' entries one after the other (its slots unrelated to its
-  // neighbours') made every warp store touch 32 cache lines. The warp lays its lanes' runs end to
-  // end (a prefix sum of their counts) and walks the concatenation 32 entries at a time, lane k
-  // taking the k-th entry of each step from the lane that owns it; the slots are the ones each
-  // lane's atomicAdd gave, so the list is the same. Thread tid still takes sequences tid, + NT,
-  // ...; the loop runs over the warp's first sequence, so every lane takes every step (lanes past
-  // B count no items) and the full-mask shuffles see the whole warp.
-  for (int b0 = tid - lane; b0 < p.B; b0 += NT) {
-    const int b = b0 + lane;
-    int bucket = 0;
-    const int n = b < p.B ? items_of(b, bucket) : 0;
-    const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
-    const int tiles = n / p.H;  // the items of each head of b: each one's stride
-    const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
-                   ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
-    // The end of this lane's run in the warp's concatenation.
-    const int end = warp_inclusive_sum(n, lane);
-    const int total = __shfl_sync(0xffffffffu, end, 31);
-    for (int e0 = 0; e0 < total; e0 += 32) {
-      const int e = e0 + lane;
-      // The owner of entry e: the first lane whose run ends past e (ends never decrease), found by
-      // binary lifting over the lanes (lanes with no items end where they start: never chosen).
-      int o = 0;
-#pragma unroll
-      for (int step = 16; step >= 1; step >>= 1)
-        if (__shfl_sync(0xffffffffu, end, o + step - 1) <= e) o += step;
-      const int o_start = __shfl_sync(0xffffffffu, end - n, o);
-      const int o_base = __shfl_sync(0xffffffffu, base, o);
-      const int o_tiles = __shfl_sync(0xffffffffu, tiles, o);
-      const int4 ranges =
-          make_int4(__shfl_sync(0xffffffffu, qs.begin, o), __shfl_sync(0xffffffffu, qs.len, o),
-                    __shfl_sync(0xffffffffu, ks.begin, o), __shfl_sync(0xffffffffu, ks.len, o));
-      if (e < total) {  // the owner's entry e - o_start: head outer, tile inner, as it was
-        const int local = e - o_start, h = local / o_tiles, slot = o_base + local;
-        list[2 * slot] = ranges;
-        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, o_tiles);
-      }
-    }
-  }
-}
+// The jagged schedule (issue #19): a list of the non-empty work items (query tiles of one
+// (sequence, head), longest first) built on the device by gdpa_ws_schedule_kernel<false>
+// (ws_schedule.cuh, shared with the backward) before the forward.
+static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
+                  FwdWsTraits::kNarrowN == WsSchedTraits::kStepRows,
+              "the list's tiles are the forward's query tiles, its cost steps the narrow key tiles");
 
 // Walks a CTA's units. In order (kList = false): items blockIdx.x, + gridDim.x, ... (cta_item_at
 // order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
@@ -314,11 +172,7 @@ struct WsCursor {
   SeqRange qs{}, ks{};
 
 #if defined(__CUDACC__)
-  ATTNKIT_DEVICE ATTNKIT_INLINE static Index snake(Index r) {
-    const Index g = Index(gridDim.x), c = Index(blockIdx.x);
-    return r * g + ((r & 1) ? g - 1 - c : c);
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? snake(0) : Index(blockIdx.x)) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? ws_snake(0) : Index(blockIdx.x)) {}
 
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
                                           const int4* list, WsUnit& u) {
@@ -343,7 +197,7 @@ struct WsCursor {
       if (tile * BM >= qs.len) {
         in_item = false;
         if constexpr (kList) {
-          item = snake(++round);
+          item = ws_snake(++round);
         } else {
           item += gridDim.x;
         }
@@ -382,7 +236,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_q_tile(const WsUnit& u) {
   return kJagged && u.qs.len - u.i0 <= 64;
 }
 
-// kJagged: the units come from the device-built list `sched` (gdpa_fwd_ws_schedule_kernel, at
+// kJagged: the units come from the device-built list `sched` (gdpa_ws_schedule_kernel, at
 // most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
 // (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
 // 64-row maps are unused.
@@ -485,13 +339,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
       if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
     }
-    // The list's length, clamped to its capacity (the schedule kernel never writes more).
     typename WsCursor<kJagged>::Index items;
     const int4* list = nullptr;
     if constexpr (kJagged) {
-      const int64_t n = sched[0];
-      items = static_cast<int>(n < 0 ? 0 : (n > capacity ? capacity : n));
-      list = reinterpret_cast<const int4*>(sched + Tr::kSchedHeader);
+      items = ws_list_items(sched, capacity);
+      list = reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader);
     } else {
       items = int64_t(q_tiles) * p.H * p.B;
     }
@@ -735,11 +587,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 #endif
 }
 
-// The jagged schedule's workspace for `items` work items (int32 elements): the header and one
-// entry of two int4 per item. The launcher's caller allocates it (stream-ordered, capturable) for a
-// jagged batch and passes nullptr for a dense one.
-inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 8 * items; }
-
 // The work items the launcher enumerates for a max query length hint: q_tiles per (head,
 // sequence), clamped like cta_grid.
 inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
@@ -749,7 +596,7 @@ inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
 
 // sched: nullptr runs the in-order walk with full tiles (dense batches: every sequence as long as
 // the hint, so no item is empty and no tile narrow); else a workspace of
-// fwd_ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
+// ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
 // it first (one small kernel on the same stream) for the default variant (ping-pong, split
 // loaders); the A/B variants keep the in-order walk.
 template <typename T>
@@ -778,8 +625,8 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
   if (jagged) {  // the list's items are sized for `grid` CTAs
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
-        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, static_cast<int>(grid), sched);
+    gdpa_ws_schedule_kernel<false>
+        <<<1, WsSchedTraits::kThreads, 0, stream>>>(p, q_tiles, static_cast<int>(grid), sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,

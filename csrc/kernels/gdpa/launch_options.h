@@ -15,13 +15,15 @@ struct FwdLaunchOptions {      // sm90_ws (fwd_ws.cuh)
                                // thread loads Q, K and V)
   bool persistent = true;      // one CTA per SM (false: one CTA per work item)
   bool sorted = true;          // the jagged schedule for a batch that is not dense (choose.h
-                               // fwd_ws_jagged; false: the in-order walk with full tiles)
+                               // ws_jagged; false: the in-order walk with full tiles)
 };
 
 struct BwdLaunchOptions {      // every tensor-core backward
   bool deterministic = false;  // dQ without atomics (the sm90 kernels' separate dQ pass) even
                                // outside torch.use_deterministic_algorithms(True), which always
                                // asks for it
+  bool sorted = true;          // sm90_ws (bwd_ws.cuh): the jagged schedule for a batch that is not
+                               // dense (choose.h ws_jagged; false: one CTA per work item in order)
 };
 
 }  // namespace gdpa

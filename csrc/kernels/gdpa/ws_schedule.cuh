@@ -1,0 +1,205 @@
+// The jagged schedule of the warp-specialised GDPA kernels (issue #19), shared by the forward
+// (fwd_ws.cuh: items of 128-row query tiles) and the backward (bwd_ws.cuh: items of 128-key
+// tiles): a list of the work items, longest first, built on the device from the offsets by one
+// small kernel launched before the attention kernel (no host sync, so the call stays CUDA-graph
+// capturable), walked by the persistent CTAs in a snake (ws_snake).
+//
+// An item is tile `tile` of head h of sequence b (the forward's tiles run over the sequence's
+// queries, its heads are the query heads; the backward's over its keys, its heads the kv heads),
+// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, <= the
+// sequence's tiles and <= the hint's tile count) is the number of items of (b, h): the fewest
+// that keep an item's work (its tiles x the other side's 64-row steps, x the GQA group for the
+// backward's query heads) within the batch's work over kItemsPerCta items per CTA (summed on the
+// device: the hint bounds lengths, not work, and a cap from it left one long sequence among short
+// ones a few items of many times a CTA's share). One CTA runs an item's tiles back to back, so
+// the tiles of the other side they all read come from L2 after the first: with one item per tile
+// the CTAs of one (sequence, head) started the same round but drifted apart, and the L2 had
+// dropped those tiles between them (ncu, H100, max length 512: the jagged forward read 1.48x
+// q + k + v from DRAM, the dense row 1.00x; benchmarks/model_gdpa_l2.py models it).
+//
+// Listed: the forward's items whose sequence has queries and keys (its rows without keys are
+// zero-filled by the launcher); every backward item whose sequence has keys, queries or not (the
+// backward writes every key row of every sequence, zeros where no query sees it). Ranges are
+// clamped by seq_range: garbage offsets give empty or clamped sequences, never an index outside
+// the tensors; a window may still leave an item's tiles without work, which the walks skip.
+//
+// Counting sort by the item's cost (its tiles x the other side's 64-row steps; exact up to
+// kBuckets / 2, in steps of 8 above, saturating at ~4.6k): bucket 0 holds the longest, so the
+// persistent CTAs start with the long items and the short ones fill the tail. Within a bucket, a
+// sequence's items are contiguous (tile fastest, then head); the order of the sequences in a
+// bucket follows shared-memory atomics and may vary run to run, which changes which CTA computes
+// an item but never what it computes (each row's math is the same anywhere).
+//
+// ws: [kHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the clamped
+// {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. A walker reads an
+// item with two independent 16-byte loads (one round trip; no offsets read after).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/block_scan.cuh"
+#include "kernels/gdpa/params.h"
+
+namespace attnkit {
+namespace gdpa {
+
+struct WsSchedTraits {
+  static constexpr int kThreads = 1024;
+  static constexpr int kBuckets = 1024;
+  static constexpr int kHeader = 4;
+  static constexpr int kTileRows = 128;  // an item's tiles, on its tiled side
+  static constexpr int kStepRows = 64;   // the cost's unit, on the other side
+  // The list's items per CTA, at least: an item's work is capped at the batch's over
+  // kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share (the longest-first
+  // snake balances the rest).
+  static constexpr int kItemsPerCta = 8;
+  static_assert(kBuckets == kThreads, "one bucket per thread in the scan");
+};
+
+// The workspace for `items` work items (int32 elements): the header and one entry of two int4
+// per item. The launcher's caller allocates it (stream-ordered, capturable) for a jagged batch.
+inline int64_t ws_sched_elems(int64_t items) { return WsSchedTraits::kHeader + 8 * items; }
+
+#if defined(__CUDACC__)
+// kKeyTiles = false: the forward's list (tiles over queries, heads p.H); true: the backward's
+// (tiles over keys, heads p.Hkv, cost x the group p.H / p.Hkv). spread: the hint's tiles per
+// (sequence, head), the most items one of them gets (the list holds at most spread x heads x B
+// entries); ctas: the grid that walks the list.
+template <bool kKeyTiles>
+__global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
+    gdpa_ws_schedule_kernel(const FwdParams p, const int spread, const int ctas,
+                            int32_t* __restrict__ ws) {
+  using Tr = WsSchedTraits;
+  constexpr int NB = Tr::kBuckets, NT = Tr::kThreads, kTile = Tr::kTileRows, kStep = Tr::kStepRows;
+  __shared__ int cursor[NB];
+  __shared__ int warp_total[NT / 32];
+  __shared__ long long warp_work[NT / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int heads = kKeyTiles ? p.Hkv : p.H;
+  const int group = kKeyTiles ? p.H / (p.Hkv > 0 ? p.Hkv : 1) : 1;
+  cursor[tid] = 0;
+  // A (sequence, head)'s tiles (0: not listed) and the cost of one of them: the other side's
+  // steps (>= 1: a backward tile without queries still stores its zero gradients).
+  auto tiles_of = [&](const SeqRange& qs, const SeqRange& ks) -> int {
+    const SeqRange& tiled = kKeyTiles ? ks : qs;
+    if (tiled.len <= 0 || (!kKeyTiles && ks.len <= 0)) return 0;
+    return static_cast<int>((int64_t(tiled.len) + kTile - 1) / kTile);
+  };
+  auto step_cost = [&](const SeqRange& qs, const SeqRange& ks) -> long long {
+    const SeqRange& other = kKeyTiles ? qs : ks;
+    const long long steps = (int64_t(other.len) + kStep - 1) / kStep;
+    return (steps > 0 ? steps : 1) * group;
+  };
+  // The item cap: the batch's work over kItemsPerCta items per CTA, >= 1.
+  long long w = 0;
+  for (int b = tid; b < p.B; b += NT) {
+    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
+    w += tiles_of(qs, ks) * step_cost(qs, ks);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+  if (lane == 0) warp_work[warp] = w;
+  __syncthreads();
+  long long total = 0;
+  for (int i = 0; i < NT / 32; ++i) total += warp_work[i];
+  const long long share =
+      total * heads / (static_cast<long long>(Tr::kItemsPerCta) * (ctas > 0 ? ctas : 1));
+  const long long cap = share > 0 ? share : 1;
+  // The items of sequence b (0 when none; per head: n, the stride of each) and its bucket.
+  auto items_of = [&](int b, int& bucket) {
+    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
+    const int tiles = tiles_of(qs, ks);
+    if (tiles <= 0) return 0;
+    const long long per_tile = step_cost(qs, ks);
+    const int spread_b = tiles < spread ? tiles : (spread > 0 ? spread : 1);  // >= 1
+    const long long want = (tiles * per_tile + cap - 1) / cap;                // >= 1
+    const int n = want < spread_b ? static_cast<int>(want) : spread_b;        // 1 .. spread_b
+    const int per_item = (tiles + n - 1) / n;
+    const long long cost = per_tile * per_item;
+    // Costs below NB / 2 each get a bucket; above, 8 costs share one (up to cost ~4.6k: whole
+    // items of sequences up to ~6.1k rows keep their order; one bucket per cost saturated at
+    // 1024, so every sequence of >= ~2.9k rows shared bucket 0, in the atomics' order).
+    constexpr long long kExact = NB / 2;
+    const long long key = cost < kExact ? cost : kExact + ((cost - kExact) >> 3);  // >= 1
+    bucket = NB - 1 - int(key < NB - 1 ? key : NB - 1);
+    return n * heads;
+  };
+  for (int b = tid; b < p.B; b += NT) {
+    int bucket = 0;
+    const int n = items_of(b, bucket);
+    if (n > 0) atomicAdd(&cursor[bucket], n);
+  }
+  __syncthreads();
+  // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
+  const int mine = cursor[tid];
+  const int incl = warp_inclusive_sum(mine, lane);
+  if (lane == 31) warp_total[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int t = warp_total[lane], ti = warp_inclusive_sum(t, lane);
+    warp_total[lane] = ti - t;  // exclusive
+    if (lane == 31) ws[0] = ti;   // the item count
+  }
+  __syncthreads();
+  cursor[tid] = warp_total[warp] + incl - mine;
+  __syncthreads();
+  int4* list = reinterpret_cast<int4*>(ws + Tr::kHeader);
+  // Written warp by warp, so that a store instruction's 32 lanes write neighbouring entries: a
+  // thread writing its own sequences' entries one after the other (its slots unrelated to its
+  // neighbours') made every warp store touch 32 cache lines. The warp lays its lanes' runs end to
+  // end (a prefix sum of their counts) and walks the concatenation 32 entries at a time, lane k
+  // taking the k-th entry of each step from the lane that owns it; the slots are the ones each
+  // lane's atomicAdd gave, so the list is the same. Thread tid still takes sequences tid, + NT,
+  // ...; the loop runs over the warp's first sequence, so every lane takes every step (lanes past
+  // B count no items) and the full-mask shuffles see the whole warp.
+  for (int b0 = tid - lane; b0 < p.B; b0 += NT) {
+    const int b = b0 + lane;
+    int bucket = 0;
+    const int n = b < p.B ? items_of(b, bucket) : 0;
+    const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
+    const int stride = n / heads;  // the items of each head of b: each one's stride
+    const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
+                   ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
+    // The end of this lane's run in the warp's concatenation.
+    const int end = warp_inclusive_sum(n, lane);
+    const int total_w = __shfl_sync(0xffffffffu, end, 31);
+    for (int e0 = 0; e0 < total_w; e0 += 32) {
+      const int e = e0 + lane;
+      // The owner of entry e: the first lane whose run ends past e (ends never decrease), found by
+      // binary lifting over the lanes (lanes with no items end where they start: never chosen).
+      int o = 0;
+#pragma unroll
+      for (int step = 16; step >= 1; step >>= 1)
+        if (__shfl_sync(0xffffffffu, end, o + step - 1) <= e) o += step;
+      const int o_start = __shfl_sync(0xffffffffu, end - n, o);
+      const int o_base = __shfl_sync(0xffffffffu, base, o);
+      const int o_stride = __shfl_sync(0xffffffffu, stride, o);
+      const int4 ranges =
+          make_int4(__shfl_sync(0xffffffffu, qs.begin, o), __shfl_sync(0xffffffffu, qs.len, o),
+                    __shfl_sync(0xffffffffu, ks.begin, o), __shfl_sync(0xffffffffu, ks.len, o));
+      if (e < total_w) {  // the owner's entry e - o_start: head outer, tile inner
+        const int local = e - o_start, h = local / o_stride, slot = o_base + local;
+        list[2 * slot] = ranges;
+        list[2 * slot + 1] = make_int4(h, local - h * o_stride, b0 + o, o_stride);
+      }
+    }
+  }
+}
+
+// The list entry a CTA takes in round r of the snake: round r covers entries [r·G, (r + 1)·G),
+// CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd ones; with the list longest
+// first, each CTA's total stays within about one item of the others'.
+ATTNKIT_DEVICE ATTNKIT_INLINE int ws_snake(int r) {
+  const int g = int(gridDim.x), c = int(blockIdx.x);
+  return r * g + ((r & 1) ? g - 1 - c : c);
+}
+
+// The list's length, clamped to its capacity (the schedule kernel never writes more).
+ATTNKIT_DEVICE ATTNKIT_INLINE int ws_list_items(const int32_t* sched, int64_t capacity) {
+  const int64_t n = sched[0];
+  return static_cast<int>(n < 0 ? 0 : (n > capacity ? capacity : n));
+}
+#endif  // __CUDACC__
+
+}  // namespace gdpa
+}  // namespace attnkit
