@@ -589,40 +589,47 @@ BWD_JAGGED_CASES = {
     # ~600 items of three key tiles (n = 1) and sequences whose items stride over their tiles
     # (1000 rows: 8 tiles in ~6 items on a 132-SM card) or take one tile each (~2.1k rows)
     "multi_tile_items": ([384] * 300 + [1000, 2148] + [384] * 300 + [1000, 2100],) * 2,
-    # queries without keys and keys without queries (their dk / dv rows are zeros)
-    "one_side_empty": ([0, 5, 300, 0, 129, 64], [77, 0, 300, 129, 0, 65]),
+    # queries without keys and keys without queries (their dk / dv rows are zeros); > 1 MB of
+    # gradients, so they come from the poisoned large pool
+    "one_side_empty": ([0, 5, 300, 0, 129, 64] * 8, [77, 0, 300, 129, 0, 65] * 8),
 }
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("case", list(BWD_JAGGED_CASES))
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_backward_jagged_schedule(case, causal):
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+@pytest.mark.parametrize("hint", ["max", "third"])
+def test_cuda_backward_jagged_schedule(case, mask, hint):
     """The ws backward on its jagged schedule against the reference (NaN rows after every
     sequence and past the last offset, as poisoned_jagged), then, under deterministic dQ, bitwise
     equal to the in-order launch (sorted=False): the list changes which CTA runs a key tile,
-    never what it computes."""
+    never what it computes. hint="third": length hints a third of the longest sequence's, so
+    the list's items stride over more tiles than the hint has; a window of 100 leaves key tiles
+    that no query sees between tiles with work, inside one item."""
     q_lens, kv_lens = BWD_JAGGED_CASES[case]
     q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=128)
+    if hint == "third":
+        mq, mk = max(1, mq // 3), max(1, mk // 3)
     g = torch.randn_like(q) * 0.5
     g[qo[-1]:] = float("nan")
     args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
-    kw = dict(pre_scale=0.7, causal=causal, kernel="sm90_ws")
+    opts = dict(pre_scale=0.7, causal=mask == "causal", window_size=100 if mask == "window" else -1)
+    what = f"bwd jagged {case} {mask} hint={hint}"
     poison_allocator("cuda")
-    got = BWD_WITH(g, *args, **kw)
+    got = BWD_WITH(g, *args, **opts, kernel="sm90_ws")
     g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
     clean = [t.requires_grad_() for t in clean]
-    ref = gdpa_ref(*clean, *args[3:], pre_scale=0.7, causal=causal)
+    ref = gdpa_ref(*clean, *args[3:], **opts)
     want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
     nq = int(qo[-1])
     for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
                        ("dv", got[2], want[2])):
-        assert_close(a, w, torch.bfloat16, f"bwd jagged {case} causal={causal}: {name}", tol=1e-2)
+        assert_close(a, w, torch.bfloat16, f"{what}: {name}", tol=1e-2)
     assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
-    listed = BWD_WITH(g, *args, **kw, deterministic=True)
-    in_order = BWD_WITH(g, *args, **kw, deterministic=True, sorted=False)
+    listed = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True)
+    in_order = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True, sorted=False)
     for name, a, b in zip(("dq", "dk", "dv"), listed, in_order):
-        assert torch.equal(a, b), f"the jagged schedule changed {name} ({case})"
+        assert torch.equal(a, b), f"the jagged schedule changed {name} ({what})"
 
 
 def _cat_rows(parts, like):
