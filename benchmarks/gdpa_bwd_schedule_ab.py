@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnkit  # noqa: E402,F401  (registers torch.ops.attnkit)
+from attnkit.testing import time_ms  # noqa: E402
 from bench_gdpa import lengths_for  # noqa: E402
-from gdpa_instance_ab import time_ms  # noqa: E402
 
 
 def main():
@@ -29,7 +29,8 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=100,
+                   help="milliseconds of runs per timing (attnkit.testing.time_ms: do_bench)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     bwd = torch.ops.attnkit._gdpa_bwd_with
@@ -57,7 +58,8 @@ def main():
             rates = {True: [], False: []}
             for _ in range(args.rounds):
                 for listed in (True, False):
-                    rates[listed].append(flops / time_ms(lambda: run(listed), args.iters) / 1e9)
+                    ms = time_ms(lambda: run(listed), "cuda", iters=args.iters)
+                    rates[listed].append(flops / ms / 1e9)
             lst, ino = statistics.median(rates[True]), statistics.median(rates[False])
             if sp == 1.0:
                 dense_rate[m] = (lst, ino)

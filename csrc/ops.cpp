@@ -41,8 +41,8 @@ TORCH_LIBRARY(attnkit, m) {
       "-> (Tensor, Tensor, Tensor)");
   // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
   // the kernel that would run ("sm90_ws+jagged": the warp-specialised forward or backward on its
-  // jagged schedule, for a batch that is not dense), or a RuntimeError with the reason a named kernel
-  // cannot take such a call. Takes no tensor, so every build answers it on the CPU. The defaults
+  // jagged schedule, for a batch that is not dense), or a RuntimeError with the reason a named
+  // kernel cannot take such a call. Takes no tensor, so every build answers it on the CPU. The defaults
   // describe a dense bf16 call at head dim 128 that every kernel of the direction can take, on a
   // 9.0 device of an sm_90a build (maps_ok: the backward's after the launcher's copy).
   m.def(

@@ -46,6 +46,17 @@ void check_cuda(const at::Tensor& q) {
 }
 
 #if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
+// The warp-specialised kernels' jagged-schedule workspace for a list of `items` (stream-ordered,
+// so the call stays capturable), or an undefined tensor where the batch runs in order: dense
+// (every sequence as long as the hints, told without reading the offsets) or not `sorted`
+// (choose.h ws_jagged). `like`: the offsets, whose options (int32, device) it takes.
+at::Tensor ws_sched_workspace(const FwdParams& p, int64_t mq, int64_t mk, int64_t items,
+                              bool sorted, const at::Tensor& like) {
+  const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+  if (!ws_jagged(dense, items, sorted)) return at::Tensor();
+  return at::empty({ws_sched_elems(items)}, like.options());
+}
+
 // Row coordinates of the warp-specialised kernels' maps are int32 (a box may start up to one box
 // past the last row): tensors with more rows cannot be mapped, copied or not.
 constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
@@ -342,14 +353,8 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
           });
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
-          const int64_t items = fwd_ws_items(p, mq);
-          // Dense: every sequence as long as the hints (choose.h ws_jagged).
-          const bool dense =
-              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-          at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
-          if (ws_jagged(dense, items, lo.sorted)) {
-            sched = at::empty({ws_sched_elems(items)}, qo.options());
-          }
+          const at::Tensor sched =
+              ws_sched_workspace(p, mq, mk, fwd_ws_items(p, mq), lo.sorted, qo);
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
@@ -518,14 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             pw.dq_accum = dq_accum.data_ptr<float>();
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
-          // Dense: every sequence as long as the hints (choose.h ws_jagged).
-          const bool dense =
-              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-          const int64_t items = bwd_ws_items(pw, mk);
-          at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
-          if (ws_jagged(dense, items, lo.sorted)) {
-            sched = at::empty({ws_sched_elems(items)}, qo.options());
-          }
+          const at::Tensor sched =
+              ws_sched_workspace(p, mq, mk, bwd_ws_items(pw, mk), lo.sorted, qo);
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
