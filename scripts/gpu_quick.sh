@@ -188,19 +188,19 @@ for s in $QUICK; do
         --passes fwd --kernel sm90_ws $BENCH ;;
     gdpa_schedule)  # issue #19: both ws GDPA kernels on the jagged schedule (ws_schedule.cuh):
       # the ws tests (forward and backward lists, multi-tile items, garbage offsets, keyless rows,
-      # windows), memcheck on the backward's list and the garbage-offset tests, the backward's list
-      # against its in-order launch in this build (gdpa_bwd_schedule_ab.py), and the jagged
-      # forward's DRAM reads at max length 512 (ncu; the twenty-seventh session: 1.328 GB, 1.48x
-      # q + k + v). ~350 s after the build (not yet timed)
+      # windows), the backward's list against its in-order launch in this build
+      # (gdpa_bwd_schedule_ab.py), the jagged forward's DRAM reads at max length 512 (ncu; the
+      # twenty-seventh session: 1.328 GB, 1.48x q + k + v), then memcheck on the backward's list
+      # and the garbage-offset tests (last: the slowest, and split off first by STEPS_MATCHING). ~350 s after the build (not yet timed)
       step gdpa_schedule_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
         -k "jagged_schedule or warp_specialised or garbage or keyless or window"
-      step gdpa_schedule_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
-        -k "(backward_jagged_schedule and (one_side_empty or tile_edges) and max) or garbage"
       step gdpa_bwd_schedule_ab 120 $PY benchmarks/gdpa_bwd_schedule_ab.py
       step gdpa_fwd_dram 60 ncu --metrics dram__bytes_read.sum,gpu__time_duration.sum \
         --kernel-name regex:"gdpa_fwd_ws_kernel" --launch-count 1 $PY benchmarks/profile_gdpa.py \
-        --max-len 512 --sparsity 0.5 --forward-only ;;
+        --max-len 512 --sparsity 0.5 --forward-only
+      step gdpa_schedule_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(backward_jagged_schedule and (one_side_empty or tile_edges) and max) or garbage" ;;
     gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
       # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
       step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;
