@@ -191,7 +191,7 @@ for s in $QUICK; do
       # windows), the backward's list against its in-order launch in this build
       # (gdpa_bwd_schedule_ab.py), the jagged forward's DRAM reads at max length 512 (ncu; the
       # twenty-seventh session: 1.328 GB, 1.48x q + k + v), then memcheck on the backward's list
-      # and the garbage-offset tests (last: the slowest, and split off first by STEPS_MATCHING). ~350 s after the build (not yet timed)
+      # and the garbage-offset tests (last: the slowest). ~350 s after the build (not yet timed)
       step gdpa_schedule_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 16 -rfE \
         -k "jagged_schedule or warp_specialised or garbage or keyless or window"
       step gdpa_bwd_schedule_ab 120 $PY benchmarks/gdpa_bwd_schedule_ab.py
