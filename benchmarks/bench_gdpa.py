@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import harness
+from gdpa_lengths import lengths_for
 import attnkit
 from attnkit.gdpa import _gdpa_with
 from attnkit.reference import gdpa_padded_ref, gdpa_ref
@@ -43,16 +44,6 @@ except Exception as e:  # Triton missing: the column is left out
     triton_gdpa, TRITON_MISSING = None, f"{type(e).__name__}: {e}"
 
 PASSES = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # FLOPs of a pass / forward FLOPs
-
-
-def lengths_for(B, max_len, sparsity):
-    """B lengths uniform in [(2·sparsity - 1)·max_len, max_len] (Meta's GDPA benchmark), from a
-    generator seeded by the row alone: any subset of rows, in any order, sees the same batches
-    (until 2026-12-05 one generator ran through the rows, so a run of the sparsity-0.5 rows alone
-    timed other batches than the full table)."""
-    gen = torch.Generator().manual_seed(1000 * max_len + round(100 * sparsity))
-    lo = max(0, int(round((2 * sparsity - 1) * max_len)))
-    return torch.randint(lo, max_len + 1, (B,), generator=gen)
 
 
 def chunked(fn, B, chunk):

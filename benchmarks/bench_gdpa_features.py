@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_gdpa import lengths_for, triton_gdpa  # noqa: E402  (triton_gdpa: None without Triton)
+from gdpa_lengths import lengths_for  # noqa: E402
+from bench_gdpa import triton_gdpa  # noqa: E402  (None without Triton)
 
 import attnkit  # noqa: E402
 from attnkit.reference import gdpa_ref  # noqa: E402

@@ -15,12 +15,12 @@ bytes: D 128 bf16). Prints DRAM reads / (q + k + v) and the makespan / mean CTA 
   python3 benchmarks/model_gdpa_l2.py --max-len 512 --short-unit-speed 0.6                # 1.50x
   python3 benchmarks/model_gdpa_l2.py --max-len 512 --short-unit-speed 0.6 --whole-items  # 1.14x
 
-(~3-5 minutes each on one core.) Lengths as bench_gdpa's lengths_for (same seed per row).
+(~3-5 minutes each on one core.) Lengths from gdpa_lengths.lengths_for (bench_gdpa's batches).
 """
 import argparse
 import random
 
-import torch
+from gdpa_lengths import lengths_for  # torch alone, no attnkit build
 
 p = argparse.ArgumentParser()
 p.add_argument("--max-len", type=int, default=512)
@@ -43,9 +43,7 @@ p.add_argument("--short-unit-speed", type=float, default=1.0,
 a = p.parse_args()
 rng = random.Random(a.seed)
 
-gen = torch.Generator().manual_seed(1000 * a.max_len + round(100 * a.sparsity))
-lo = max(0, int(round((2 * a.sparsity - 1) * a.max_len)))
-lens = torch.randint(lo, a.max_len + 1, (a.batch,), generator=gen).tolist()
+lens = lengths_for(a.batch, a.max_len, a.sparsity).tolist()
 off = [0]
 for L in lens:
     off.append(off[-1] + L)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.environ.get("ATTNKIT_PYTHON_DIR") or
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnkit  # noqa: E402
-from bench_gdpa import lengths_for  # noqa: E402
+from gdpa_lengths import lengths_for  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=1152)
