@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnkit  # noqa: E402,F401  (registers torch.ops.attnkit)
 from attnkit.testing import time_ms  # noqa: E402
-from bench_gdpa import lengths_for  # noqa: E402
+from gdpa_lengths import lengths_for  # noqa: E402
 
 
 def main():
