@@ -49,6 +49,24 @@ def test_window(device, dtype, window, causal, D):
     _check(device, dtype, inputs, causal=causal, window_size=window)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [2 ** 31, 2 ** 63 - 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_past_every_length(device, window, causal):
+    """A window wider than any sequence (a caller's "unbounded" sys.maxsize included) is no
+    window, forward and backward (the CPU's tile test added it to a row index in int64 before
+    clamping: signed overflow at INT64_MAX)."""
+    poison_allocator(device)
+    inputs = jagged_inputs(device, torch.float32, [70, 0, 130], [70, 3, 129], H=2, Hkv=1, D=64)
+    out = _check(device, torch.float32, inputs, causal=causal, window_size=window)
+    q, k, v, qo, ko, mq, mk = inputs
+    plain = attnkit.gdpa(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, pre_scale=0.7, causal=causal)
+    if device == "cpu":  # the same tile loops: bitwise
+        assert torch.equal(out, plain)
+    else:
+        assert_close(out.float(), plain.float(), torch.float32)
+
+
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised forward needs a 9.0 device and an "
                     "sm_90a build")
 @pytest.mark.parametrize("window", [0, 5, 127, 128, 200])
@@ -174,6 +192,13 @@ def test_bad_inputs(device):
             attnkit.gdpa(q1, kk, vv, qo1, ko, 5, mk, broadcast_q=True)
     with pytest.raises(RuntimeError, match="max_seq_len_q"):
         attnkit.gdpa(q1, k, v, qo1, ko, -5, mk, broadcast_q=True)
+    # broadcast_q's grad_out is [B*Lq, H, D] (B = 2 kv sequences, Lq = 5): the message names the
+    # caller's shapes, not those of q expanded over the kv sequences ("(same as q)": q is [5, ...]).
+    wording = r" \(\[B\*Lq, H, D\] with broadcast_q" if device == "cpu" else ""
+    for go in (torch.randn(5, 2, 16, device=device), torch.randn(10, 2, 8, device=device)):
+        with pytest.raises(RuntimeError, match=r"grad_out: expected shape \[10, 2, 16\]" + wording):
+            torch.ops.attnkit.gdpa_bwd(go, q1, k, v, qo1, ko, 5, mk, "fast_gelu", 1.0,
+                                       broadcast_q=True)
 
 
 def test_broadcast_q_meta_inputs_checked():
@@ -188,6 +213,11 @@ def test_broadcast_q_meta_inputs_checked():
     with pytest.raises(RuntimeError, match="kv heads"):
         torch.ops.attnkit.gdpa_fwd(qm, km, km, qo.to("meta"), torch.tensor([0, 3, 7], device="meta"),
                                    5, 4, broadcast_q=True)
+    km = torch.randn(7, 1, 16, device="meta")
+    with pytest.raises(RuntimeError, match=r"grad_out: expected shape \[10, 2, 16\] \(\[B\*Lq"):
+        torch.ops.attnkit.gdpa_bwd(qm, qm, km, km, qo.to("meta"),
+                                   torch.tensor([0, 3, 7], device="meta"), 5, 4, "fast_gelu", 1.0,
+                                   broadcast_q=True)
 
 
 def test_mixed_offset_dtypes_cpu():

@@ -62,7 +62,7 @@ def test_moe_block_matches_eager_loop(device, dtype, T, E, k):
 
 
 def test_moe_block_argument_checks():
-    """The router, w1 and w2 must agree on the number of experts; expert_map without a process
+    """The router, w1 and w2 must agree on the number of experts and widths; expert_map without a process
     group is refused (it would be ignored); load_experts_from copies the router's bias too."""
     T, H, I, E, k = 5, 8, 6, 4, 2
     x = torch.randn(T, H)
@@ -73,6 +73,15 @@ def test_moe_block_argument_checks():
         attnkit.moe(x, torch.randn(H, E - 1), w1, w2, k)
     with pytest.raises(RuntimeError, match="w2"):
         attnkit.moe(x, gate, w1, torch.randn(E - 1, I, H), k)
+    # The widths too: w2 back to x's H (another width returned [T, N] silently), w1 from it.
+    for bad in (torch.randn(E, I, H - 1), torch.randn(E, I + 1, H)):
+        with pytest.raises(RuntimeError, match="w2"):
+            attnkit.moe(x, gate, w1, bad, k)
+    for bad in (torch.randn(E, H + 1, 2 * I), torch.randn(E, H, 2 * I + 1)):
+        with pytest.raises(RuntimeError, match="w1"):
+            attnkit.moe(x, gate, bad, w2, k)
+    with pytest.raises(RuntimeError, match="x"):
+        attnkit.moe(x[None], gate, w1, w2, k)
     with pytest.raises(ValueError, match="process_group"):
         attnkit.MoE(H, I, E, k, expert_map=[0] * E)
     dense = attnkit.MoE(H, I, E, k, bias=torch.tensor([0.0, 0.0, 0.0, 10.0]))

@@ -47,6 +47,20 @@ def test_paged_attention_v1_bad_inputs(device, name, mutate):
         torch.ops.attnkit.paged_attention_v1(*a.values())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_paged_attention_v1_non_finite_scales(device, bad):
+    """A NaN or inf scale or soft cap fills out with NaN (inf * tanh(s / inf) for the cap): both
+    are refused by name, as the flash family refuses softmax_scale / softcap."""
+    a = v1_bad_args(device)
+    with pytest.raises(RuntimeError, match="logits_soft_cap: expected a finite"):
+        torch.ops.attnkit.paged_attention_v1(*a.values(), logits_soft_cap=bad)
+    if device == "cpu":  # CUDA's launcher checks the scale from branch next28 on (GPU-validated)
+        a["scale"] = bad
+        with pytest.raises(RuntimeError, match=r"(^|\W)scale: expected a finite"):
+            torch.ops.attnkit.paged_attention_v1(*a.values())
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_paged_attention_v1_device_mix():
     a = v1_bad_args("cuda")

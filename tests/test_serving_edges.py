@@ -227,8 +227,8 @@ def test_reshape_and_cache_flash_padded_key(device):
 
 def test_dense_seqused_k_past_the_keys_is_an_error_cpu():
     """seqused_k without a block table: a length past its sequence's keys is an error naming it
-    on the CPU (batched: k's rows; varlen: cu_seqlens_k's differences), as the paged call's is;
-    CUDA clamps it (no host sync)."""
+    on the CPU (batched: k's rows; varlen: cu_seqlens_k's differences), as the paged call's is,
+    forward and backward; CUDA clamps it (no host sync)."""
     q, k, v = _qkv("cpu", B=2, Sq=2, Sk=4)
     for bad in ([5, 1], [2, -1]):
         with pytest.raises(RuntimeError, match="seqused_k"):
@@ -242,6 +242,12 @@ def test_dense_seqused_k_past_the_keys_is_an_error_cpu():
     out = attnkit.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 2, 5,
                                          seqused_k=torch.tensor([3, 5], dtype=torch.int32))
     assert torch.isfinite(out).all()
+    # The backward op called directly checks them as the forward does (it clamped them silently).
+    good, bad = torch.tensor([4, 0], dtype=torch.int32), torch.tensor([9, -3], dtype=torch.int32)
+    o, lse = torch.ops.attnkit.flash_attn_fwd(q, k, v, None, False, seqused_k=good)
+    with pytest.raises(RuntimeError, match="seqused_k"):
+        torch.ops.attnkit.flash_attn_bwd(torch.randn_like(o), q, k, v, o, lse, None, False,
+                                         seqused_k=bad)
 
 
 # ---- Meta kernels and torch.compile ------------------------------------------------------------

@@ -127,6 +127,21 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
                 q.sym_sizes(), " (same as q), got ", grad_out.sym_sizes());
 }
 
+// broadcast_q's grad_out: one block of Lq rows per kv sequence, [B·Lq, H, D] for q [Lq, H, D]
+// (checked before the backends expand q, so the message names the caller's shapes).
+inline void check_broadcast_grad_out(const at::Tensor& grad_out, const at::Tensor& q,
+                                     const at::Tensor& kv_offsets) {
+  check_dim(grad_out, "grad_out", 3);
+  check_same_dtype(q, "q", grad_out, "grad_out");
+  check_same_device(q, "q", grad_out, "grad_out");
+  const c10::SymInt B = kv_offsets.sym_size(0) - 1, rows = B * q.sym_size(0);
+  ATTNKIT_CHECK(grad_out.sym_size(0) == rows && grad_out.sym_size(1) == q.sym_size(1) &&
+                    grad_out.sym_size(2) == q.sym_size(2),
+                "grad_out: expected shape [", rows, ", ", q.sym_size(1), ", ", q.sym_size(2),
+                "] ([B*Lq, H, D] with broadcast_q: B = ", B, " kv sequences, Lq = ",
+                q.sym_size(0), " queries), got ", grad_out.sym_sizes());
+}
+
 // A kernel name of the private ops (`arg` = "kernel") or of ATTNKIT_GDPA_KERNEL (`arg` = its
 // name, classes_only: the architecture classes, not the single sm90 kernels); choose.h's names.
 inline GdpaRequest check_kernel_request(std::string_view name, const char* arg,

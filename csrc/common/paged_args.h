@@ -119,6 +119,12 @@ inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::
                 s.sym_sizes());
 }
 
+// paged_attention_v1 / v2's softmax scale: a NaN or inf one fills every output with NaN (the
+// flash family refuses a non-finite softmax_scale the same way).
+inline void check_paged_scale(double scale) {
+  ATTNKIT_CHECK(std::isfinite(scale), "scale: expected a finite value, got ", scale);
+}
+
 struct V1Config {
   CacheKind kind;
   int64_t Hq, Hkv, D, bs;
@@ -150,7 +156,9 @@ inline V1Config check_paged_attention_v1(
   ATTNKIT_CHECK(block_size == 8 || block_size == 16 || block_size == 32,
                 "block_size: expected 8, 16 or 32, got ", block_size);
   ATTNKIT_CHECK(max_seq_len >= 0, "max_seq_len: expected >= 0, got ", max_seq_len);
-  ATTNKIT_CHECK(logits_soft_cap >= 0.0, "logits_soft_cap: expected >= 0, got ", logits_soft_cap);
+  // inf would be inf * tanh(s / inf) = NaN in every output (nan fails the comparison too).
+  ATTNKIT_CHECK(std::isfinite(logits_soft_cap) && logits_soft_cap >= 0.0,
+                "logits_soft_cap: expected a finite value >= 0 (0: off), got ", logits_soft_cap);
   check_cache_dtype(key_cache, "key_cache", c.kind, query.scalar_type());
   check_caches(key_cache, value_cache, query, c.Hkv, c.D, c.bs);
   check_table_and_lens(block_tables, "block_tables", seq_lens, "seq_lens", query);

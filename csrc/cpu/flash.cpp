@@ -479,6 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
   if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
   const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
+  if (used) check_seqused_k_values(*used, k_in, cu_k);  // as the forward: a direct call raises
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), out = last_dim_contiguous(out_in),
              dout = last_dim_contiguous(grad_out_in);

@@ -88,12 +88,19 @@ inline at::Tensor act_bwd_tensor(Activation a, const at::Tensor& x) {
   }
 }
 
+// The window as the tile loops use it: one past any length means no window, so it is clamped
+// once to int32 (as the CUDA kernels' p.window), and i0 + window cannot overflow for a caller's
+// "unbounded" INT64_MAX.
+inline int32_t clamped_window(int64_t window) {
+  return static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
+}
+
 // Scores of one tile: p[i][j] = φ(pre_scale · q_i·k_j) with the causal mask applied, and φ′ in
 // `dphi` when it is non-null (backward). q [bm][D] and k [bn][D] are acc_t tiles.
 template <typename acc_t>
 inline void scores_tile(Activation act, acc_t* p, acc_t* dphi, const acc_t* q, const acc_t* k,
                         int64_t bm, int64_t bn, int64_t D, acc_t pre_scale, bool causal,
-                        int64_t window, int64_t i0, int64_t j0) {
+                        int32_t window, int64_t i0, int64_t j0) {
   gemm_nt(p, bn, q, D, k, D, bm, bn, D);
   auto s = wrap(p, bm, bn, bn);
   s.mul_(pre_scale);
@@ -104,10 +111,9 @@ inline void scores_tile(Activation act, acc_t* p, acc_t* dphi, const acc_t* q, c
   const bool crosses_window =
       window >= 0 && (j0 < i0 + bm - 1 - window || j0 + bn - 1 > i0 + window);
   if (crosses_diag || crosses_window) {
-    const int32_t w = static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
     for (int64_t i = 0; i < bm; ++i) {
       for (int64_t j = 0; j < bn; ++j) {
-        if (visible(causal, w, i0 + i, j0 + j)) continue;
+        if (visible(causal, window, i0 + i, j0 + j)) continue;
         p[i * bn + j] = acc_t(0);
         if (dphi) dphi[i * bn + j] = acc_t(0);
       }
@@ -127,7 +133,7 @@ inline void round_tile(acc_t* p, int64_t n) {
 template <typename scalar_t, typename index_t>
 void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const index_t* qo, const index_t* ko, int64_t B, double qk_scale, double pre_scale,
-              bool causal, int64_t window) {
+              bool causal, int32_t window) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2), G = H / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -154,8 +160,7 @@ void fwd_impl(Activation act, at::Tensor& out, const at::Tensor& q, const at::Te
       const int64_t hk = h / G;
       load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const Span kv = key_span(causal, static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)),
-                               i0, i0 + bm - 1, s.lk);
+      const Span kv = key_span(causal, window, i0, i0 + bm - 1, s.lk);
       for (int64_t j0 = kv.lo; j0 < kv.hi; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, kv.hi - j0);
         load_rows(kt.data(), kp, s.k0 + j0, bn, bn, Hkv, hk, D);
@@ -177,7 +182,7 @@ template <typename scalar_t, typename index_t>
 void bwd_impl(Activation act, at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv32, const at::Tensor& dout,
               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* qo,
               const index_t* ko, int64_t B, double qk_scale, double pre_scale, bool causal,
-              int64_t window) {
+              int32_t window) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2), G = H / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -203,8 +208,7 @@ void bwd_impl(Activation act, at::Tensor& dq32, at::Tensor& dk32, at::Tensor& dv
         acc_t* dv = dvp + ((s.k0 + j0) * Hkv + hk) * D;
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           // Only the queries that see some key of this tile (causal: none before j0).
-          const Span qr = query_span(causal, static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)),
-                                     j0, j0 + bn - 1, s.lq);
+          const Span qr = query_span(causal, window, j0, j0 + bn - 1, s.lq);
           for (int64_t i0 = qr.lo; i0 < qr.hi; i0 += kBlockM) {
             const int64_t bm = std::min(kBlockM, qr.hi - i0);
             load_rows(qt.data(), qp, s.q0 + i0, bm, bm, H, h, D);
@@ -282,7 +286,7 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
     ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
       fwd_impl<scalar_t, index_t>(act, out, q, k, v, qo.data_ptr<index_t>(),
                                   ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal,
-                                  window_size);
+                                  clamped_window(window_size));
     });
   });
   return out;
@@ -307,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
                    max_seq_len_kv, activation, qk_scale, pre_scale, causal, window_size, false);
   }
   check_broadcast_q_values(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
+  check_broadcast_grad_out(grad_out, q_in, kv_offsets);
   const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
   auto [dq, dk, dv] = bwd_cpu(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
                               max_seq_len_kv, activation, qk_scale, pre_scale, causal,
@@ -336,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
       ATTNKIT_DISPATCH_INDEX(qo.scalar_type(), "q_offsets", [&] {
         bwd_impl<scalar_t, index_t>(act, dq, dk, dv, dout, q, k, v, qo.data_ptr<index_t>(),
                                     ko.data_ptr<index_t>(), B, qk_scale, pre_scale, causal,
-                                    window_size);
+                                    clamped_window(window_size));
       });
     });
   }

@@ -34,12 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
   parse_activation(activation);
   if (broadcast_q) {
     check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
-    check_same_dtype(q, "q", grad_out, "grad_out");
-    check_same_device(q, "q", grad_out, "grad_out");
-    ATTNKIT_CHECK(grad_out.dim() == 3 &&
-                      grad_out.sym_size(0) == (kv_offsets.sym_size(0) - 1) * q.sym_size(0) &&
-                      grad_out.sym_size(1) == q.sym_size(1) && grad_out.sym_size(2) == q.sym_size(2),
-                  "grad_out: expected [B*Lq, H, D] rows with broadcast_q, got shape ", grad_out.sym_sizes());
+    check_broadcast_grad_out(grad_out, q, kv_offsets);
   } else {
     check_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
     check_grad_out(grad_out, q);

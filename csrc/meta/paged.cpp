@@ -10,7 +10,7 @@ namespace paged {
 namespace {
 
 void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                             const at::Tensor& value_cache, int64_t num_kv_heads, double,
+                             const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
                              int64_t block_size, int64_t max_seq_len,
                              const c10::optional<at::Tensor>& alibi_slopes,
@@ -19,6 +19,7 @@ void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at:
   check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, block_tables,
                            seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
                            k_scale, v_scale, logits_soft_cap);
+  check_paged_scale(scale);
 }
 
 at::Tensor pa_fwd_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,

@@ -151,15 +151,23 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     (moe_route's load-balancing and z losses). Differentiable in x, gate_weight, w1 and w2 (the
     router through moe_route's own backward).
     """
-    E = w1.shape[0]
+    if x.dim() != 2:
+        raise RuntimeError(f"attnkit: moe: x: expected [T, H], got shape {tuple(x.shape)}")
+    H = x.shape[1]
+    if w1.dim() != 3 or w1.shape[1] != H or w1.shape[2] % 2 != 0:
+        raise RuntimeError(f"attnkit: moe: w1: expected [E, {H}, 2I] (H of x [T, {H}]; gate and "
+                           f"up projections), got shape {tuple(w1.shape)}")
+    E, I = w1.shape[0], w1.shape[2] // 2
     # The router, w1 and w2 must agree on E: a router over more experts would send tokens to
     # experts without weights; over fewer, some experts would silently never run.
-    if gate_weight.dim() != 2 or gate_weight.shape[-1] != E:
-        raise RuntimeError(f"attnkit: moe: gate_weight: expected [H, {E}] (one column per expert "
-                           f"of w1 [{E}, H, 2I]), got shape {tuple(gate_weight.shape)}")
-    if w2.dim() != 3 or w2.shape[0] != E:
-        raise RuntimeError(f"attnkit: moe: w2: expected [{E}, I, H] (one matrix per expert of "
-                           f"w1 [{E}, H, 2I]), got shape {tuple(w2.shape)}")
+    if gate_weight.dim() != 2 or gate_weight.shape != (H, E):
+        raise RuntimeError(f"attnkit: moe: gate_weight: expected [{H}, {E}] (one column per "
+                           f"expert of w1 [{E}, {H}, {2 * I}]), got shape "
+                           f"{tuple(gate_weight.shape)}")
+    # w2 maps each expert's I back to x's H: another width would return [T, N] (no product fails).
+    if w2.dim() != 3 or w2.shape != (E, I, H):
+        raise RuntimeError(f"attnkit: moe: w2: expected [{E}, {I}, {H}] (one matrix per expert of "
+                           f"w1 [{E}, {H}, {2 * I}], back to x's H), got shape {tuple(w2.shape)}")
     # Under torch.autocast the products take the region's dtype (the router's matmul and the
     # grouped GEMMs' autocast rule); outside it, one dtype throughout.
     if not torch.is_autocast_enabled(x.device.type):
