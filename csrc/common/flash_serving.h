@@ -65,6 +65,19 @@ inline c10::SymInt batch_of(const at::Tensor& q, const OptTensor& cu_q) {
   return cu_q->sym_size(0) - 1;
 }
 
+// cu_seqlens_k of a paged call (FlashAttention 2's form: key lengths as offsets, no
+// seqused_k): an offsets tensor in cu_seqlens_q's dtype (where given, as unpaged) with B + 1
+// entries. Shared by resolve_kv and the CUDA decode-only path (csrc/cuda/flash.cu
+// plan_nhd_decode), which reads the lengths itself.
+inline void check_paged_cu_seqlens_k(const at::Tensor& cu_k, const OptTensor& cu_q,
+                                     const at::Tensor& q, const c10::SymInt& B) {
+  check_offsets_tensor(cu_k, "cu_seqlens_k", q, "q");
+  ATTNKIT_CHECK(!given(cu_q) || cu_k.scalar_type() == cu_q->scalar_type(), "cu_seqlens_k: expected "
+                "dtype ", cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k.scalar_type());
+  ATTNKIT_CHECK(cu_k.sym_size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
+                cu_k.sym_size(0));
+}
+
 // Shape / dtype checks of the paged cache arguments (no tensor value is read).
 inline void check_paged(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& block_table, const OptTensor& cu_q,
@@ -219,11 +232,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   if (given(seqused_k)) {
     used = *r.seqused_k;
   } else if (given(cu_k)) {
-    check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
-    ATTNKIT_CHECK(!varlen || cu_k->scalar_type() == cu_q->scalar_type(), "cu_seqlens_k: expected "
-                  "dtype ", cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
-    ATTNKIT_CHECK(cu_k->sym_size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
-                  cu_k->sym_size(0));
+    check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
     // The differences in int64: a length past int32 would wrap in the cast to a small, valid one.
     const auto diff = cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, b).to(at::kLong);
     if (cpu && b > 0) {

@@ -434,11 +434,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   if (given(seqused_k)) {
     plan.used = seqused_k->contiguous();
   } else if (given(cu_k)) {
-    check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
-    ATTNKIT_CHECK(cu_k->scalar_type() == cu_q->scalar_type(), "cu_seqlens_k: expected dtype ",
-                  cu_q->scalar_type(), " (same as cu_seqlens_q), got ", cu_k->scalar_type());
-    ATTNKIT_CHECK(cu_k->size(0) == B + 1, "cu_seqlens_k: expected ", B + 1, " entries, got ",
-                  cu_k->size(0));
+    check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
     // In int64, clamped before narrowing: a length past int32 must not wrap to a small one.
     plan.used = (cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, B).to(at::kLong))
                     .clamp(0, M * bs)
