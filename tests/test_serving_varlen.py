@@ -378,6 +378,37 @@ def test_wide_block_table(device, mix):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("max_seqlen_k", [None, 0, 20, 33, 128, 1000])
+def test_paged_whole_table_and_max_seqlen_k(device, block_size, max_seqlen_k):
+    """A paged call with neither seqused_k nor cu_seqlens_k attends the whole table, or its first
+    max_seqlen_k keys where the hint is smaller (FlashAttention's contract): whatever the block
+    size (the hint's whole blocks were read until 2026-12-06: 32 keys for a hint of 20 at block
+    16, 64 at block 64)."""
+    poison_allocator(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(block_size + (max_seqlen_k or 7))
+    B, H, Hkv, D, cols = 3, 4, 2, 64, 128 // block_size
+    nb = B * cols + 2
+    kc, vc = (torch.randn(nb, block_size, Hkv, D, generator=g).to(device, dtype) for _ in "kv")
+    table = torch.randperm(nb, generator=g)[:B * cols].view(B, cols).to(device, torch.int32)
+    q_lens = [1, 3, 2]
+    cu_q = torch.tensor([0, 1, 4, 6], dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), H, D, generator=g).to(device, dtype)
+    out, lse = attnkit.flash_attn_varlen_func(
+        q, kc, vc, cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), cu_seqlens_k=None,
+        max_seqlen_k=max_seqlen_k, block_table=table, return_softmax_lse=True)
+    want, want_lse = ref.flash_serving_ref(q, kc, vc, cu_seqlens_q=cu_q, block_table=table,
+                                           max_seqlen_k=max_seqlen_k)
+    assert_close(out.float(), want, dtype)
+    assert_lse_close(lse, want_lse)
+    if max_seqlen_k is not None and max_seqlen_k < 128:  # the reference's own rule, spelled out
+        used = torch.full((B,), max_seqlen_k, dtype=torch.int32, device=device)
+        assert_close(want, ref.flash_serving_ref(q, kc, vc, cu_seqlens_q=cu_q, seqused_k=used,
+                                                 block_table=table)[0], torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs(device):
     base, cases, _ = _bad_cases(device)
     for name, change in cases.items():

@@ -227,7 +227,9 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
       block_table->slice(1, 0, read_table_columns(block_table->size(1), bs, max_seqlen_k));
   const int64_t M = table.size(1);
   // Key lengths: seqused_k, else cu_seqlens_k's differences (FlashAttention 2's paged call), else
-  // the whole table.
+  // the whole table, or max_seqlen_k keys where it is given (FlashAttention's contract: no
+  // sequence has more; not the columns read, whole blocks, which would make the block size change
+  // the result).
   at::Tensor used;
   if (given(seqused_k)) {
     used = *r.seqused_k;
@@ -247,7 +249,11 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     }
     used = diff.clamp(0, M * bs).to(at::kInt);  // CUDA: clamped, no sync (the CPU checked above)
   } else {
-    used = at::full({b}, M * bs, q.options().dtype(at::kInt));
+    int64_t keys = M * bs;
+    if (max_seqlen_k.has_value()) {
+      keys = std::min(keys, std::max<int64_t>(0, max_seqlen_k->guard_int(__FILE__, __LINE__)));
+    }
+    used = at::full({b}, keys, q.options().dtype(at::kInt));
   }
   if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(table, used, k.size(0), bs);
   // Varlen: the sequences' key offsets in the padded layout, b * capacity.

@@ -119,12 +119,6 @@ inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::
                 s.sym_sizes());
 }
 
-// paged_attention_v1 / v2's softmax scale: a NaN or inf one fills every output with NaN (the
-// flash family refuses a non-finite softmax_scale the same way).
-inline void check_paged_scale(double scale) {
-  ATTNKIT_CHECK(std::isfinite(scale), "scale: expected a finite value, got ", scale);
-}
-
 struct V1Config {
   CacheKind kind;
   int64_t Hq, Hkv, D, bs;
@@ -135,7 +129,7 @@ inline V1Config check_paged_attention_v1(
     const at::Tensor& value_cache, int64_t num_kv_heads, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, int64_t block_size, int64_t max_seq_len,
     const c10::optional<at::Tensor>& alibi_slopes, std::string_view kv_cache_dtype,
-    const at::Tensor& k_scale, const at::Tensor& v_scale, double logits_soft_cap) {
+    const at::Tensor& k_scale, const at::Tensor& v_scale, double scale, double logits_soft_cap) {
   V1Config c;
   c.kind = parse_kv_cache_dtype(kv_cache_dtype);
   check_dim(query, "query", 3);
@@ -156,7 +150,9 @@ inline V1Config check_paged_attention_v1(
   ATTNKIT_CHECK(block_size == 8 || block_size == 16 || block_size == 32,
                 "block_size: expected 8, 16 or 32, got ", block_size);
   ATTNKIT_CHECK(max_seq_len >= 0, "max_seq_len: expected >= 0, got ", max_seq_len);
-  // inf would be inf * tanh(s / inf) = NaN in every output (nan fails the comparison too).
+  // A NaN or inf scale fills every output with NaN (the flash family refuses a non-finite
+  // softmax_scale the same way); so would a cap of inf: inf * tanh(s / inf).
+  ATTNKIT_CHECK(std::isfinite(scale), "scale: expected a finite value, got ", scale);
   ATTNKIT_CHECK(std::isfinite(logits_soft_cap) && logits_soft_cap >= 0.0,
                 "logits_soft_cap: expected a finite value >= 0 (0: off), got ", logits_soft_cap);
   check_cache_dtype(key_cache, "key_cache", c.kind, query.scalar_type());

@@ -400,6 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   if (broadcast_q) {
     check_broadcast_q_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
                              max_seq_len_kv);
+    check_broadcast_grad_out(grad_out, q_in, kv_offsets);
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
     auto [dq, dk, dv] = gdpa_bwd(grad_out, e.q, k_in, v_in, e.q_offsets, kv_offsets, e.lq,
                                  max_seq_len_kv, activation, qk_scale, pre_scale, causal,

@@ -18,8 +18,7 @@ void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& v_scale, double logits_soft_cap, int64_t) {
   check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, block_tables,
                            seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
-                           k_scale, v_scale, logits_soft_cap);
-  check_paged_scale(scale);
+                           k_scale, v_scale, scale, logits_soft_cap);
 }
 
 at::Tensor pa_fwd_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,

@@ -182,12 +182,13 @@ def _serving_keys(cache, b, L, block_table, descale, compute_dtype):
 def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
                       block_table=None, softmax_scale=None, causal=False, window_left=-1,
                       window_right=-1, softcap=0.0, s_aux=None, k_descale=None, v_descale=None,
-                      compute_dtype=None):
+                      compute_dtype=None, max_seqlen_k=None):
     """The serving call of flash_attn_fwd (docs/serving.md), one sequence at a time.
 
     q batched ``[B, Sq, H, D]`` or varlen ``[T, H, D]`` (cu_seqlens_q). k/v: batched, varlen
     (cu_seqlens_k) or NHD paged caches with ``block_table``. Sequence b uses its first
-    ``seqused_k[b]`` keys (else all it has). ``s_aux`` [H]: a sink column with a zero value vector
+    ``seqused_k[b]`` keys (else all it has: with a block table and neither seqused_k nor
+    cu_seqlens_k, the whole table, or ``max_seqlen_k`` keys where that is smaller). ``s_aux`` [H]: a sink column with a zero value vector
     in every row's softmax. Returns ``(out, lse)`` in the compute dtype (differentiable in q, k,
     v, s_aux); rows without keys and sink give 0 / -inf, with a sink 0 / s_aux.
     """
@@ -216,6 +217,8 @@ def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=N
                 L = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
             else:
                 L = block_table.shape[1] * k.shape[1]
+                if max_seqlen_k is not None:
+                    L = min(L, max(0, max_seqlen_k))
             kb = _serving_keys(k, b, L, block_table, k_descale, compute_dtype)
             vb = _serving_keys(v, b, L, block_table, v_descale, compute_dtype)
         else:
