@@ -50,7 +50,8 @@
 # permute_bound: moe_permute against Triton floors of its traffic;
 # gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
 # drop-in shims' CUDA tests;
-# paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
+# audit_checks: the twenty-ninth session's audit fixes on CUDA (bad-input matrices, the paged
+# whole-table length); paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
 # pa_fwd_rows: pa_fwd's row chunks (max_qlen > 1): tests, memcheck subset, bench_serving spec;
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
@@ -276,6 +277,12 @@ for s in $QUICK; do
       step serving_sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_*.py -q -p no:xdist \
         -k "cuda and not compile and not opcheck and (ops or garbage or graph or mixed_many or mixed_split or (paged_varlen and gqa4) or fp8 or kvcache or decode_ragged or nan_in_unused or (in_place and 37 and (48 or 256)) or (spec_row_chunks and sm80 and bs16))" ;;
+    audit_checks)  # the twenty-ninth session's audit fixes on CUDA: the paged whole-table length
+      # under max_seqlen_k, non-finite paged scales, broadcast_q's grad_out message, windows past
+      # every length, moe's widths, the bad-input matrices they joined (~40 s)
+      step audit_checks 120 $PY -m pytest tests/test_paged_api.py tests/test_gdpa_features.py \
+        tests/test_serving_varlen.py tests/test_serving_edges.py tests/test_moe_block.py -q -n 16 \
+        -rfE -k "bad or non_finite or whole_table or past_every_length or past_the_keys or argument or meta_inputs" ;;
     host_checks)  # the argument checks shared by the CPU, CUDA and Meta ops (flash_args.h,
       # flash_serving.h) and the Python wrappers' (flash.py), on CUDA: the bad-input matrices
       step host_checks 90 $PY -m pytest tests/test_flash_api.py tests/test_serving_edges.py \
