@@ -182,6 +182,18 @@ inline int64_t read_table_columns(int64_t M, int64_t block_size,
   return std::min(M, keys / block_size + (keys % block_size != 0 ? 1 : 0));
 }
 
+// The key length of every sequence of a paged call given neither seqused_k nor cu_seqlens_k
+// (M: the table columns read_table_columns keeps): the whole table, or max_seqlen_k keys where
+// that hint is smaller (FlashAttention's contract: no sequence has more). Not the columns' whole
+// blocks, which would make the block size change the result (until 2026-12-06). resolve_kv and
+// the CUDA decode plan both take it.
+inline int64_t whole_table_keys(int64_t M, int64_t block_size,
+                                const std::optional<c10::SymInt>& max_seqlen_k) {
+  const int64_t keys = M * block_size;
+  if (!max_seqlen_k.has_value()) return keys;
+  return std::min(keys, std::max<int64_t>(0, max_seqlen_k->guard_int(__FILE__, __LINE__)));
+}
+
 // A backend's own gather of the pages each sequence uses (cache in q's dtype; table [B, M]
 // int32; used [B] int32 contiguous): the padded [B, M * block_size, Hkv, D] buffer with the
 // blocks past each used length left unwritten, or an undefined tensor where it cannot take the
@@ -227,9 +239,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
       block_table->slice(1, 0, read_table_columns(block_table->size(1), bs, max_seqlen_k));
   const int64_t M = table.size(1);
   // Key lengths: seqused_k, else cu_seqlens_k's differences (FlashAttention 2's paged call), else
-  // the whole table, or max_seqlen_k keys where it is given (FlashAttention's contract: no
-  // sequence has more; not the columns read, whole blocks, which would make the block size change
-  // the result).
+  // whole_table_keys.
   at::Tensor used;
   if (given(seqused_k)) {
     used = *r.seqused_k;
@@ -249,11 +259,7 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
     }
     used = diff.clamp(0, M * bs).to(at::kInt);  // CUDA: clamped, no sync (the CPU checked above)
   } else {
-    int64_t keys = M * bs;
-    if (max_seqlen_k.has_value()) {
-      keys = std::min(keys, std::max<int64_t>(0, max_seqlen_k->guard_int(__FILE__, __LINE__)));
-    }
-    used = at::full({b}, keys, q.options().dtype(at::kInt));
+    used = at::full({b}, whole_table_keys(M, bs, max_seqlen_k), q.options().dtype(at::kInt));
   }
   if (cpu && (k.numel() > 0 || M > 0)) check_block_ids_cpu(table, used, k.size(0), bs);
   // Varlen: the sequences' key offsets in the padded layout, b * capacity.

@@ -441,7 +441,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
                     .to(at::kInt)
                     .contiguous();
   } else {
-    plan.used = at::full({B}, M * bs, q.options().dtype(at::kInt));
+    plan.used = at::full({B}, whole_table_keys(M, bs, max_seqlen_k), q.options().dtype(at::kInt));
   }
   plan.table = read_table.size(1) <= 1 || read_table.stride(1) == 1 ? read_table
                                                                     : read_table.contiguous();
