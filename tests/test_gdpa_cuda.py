@@ -567,15 +567,19 @@ def test_cuda_forward_jagged_schedule_many_sequences(causal):
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_jagged_schedule_multi_tile_items(causal):
-    """A list item walks several query tiles of one (sequence, head): its entry's stride n is the
-    fewest items that keep each within the batch's work over 8 x the grid. 600 sequences of 3
-    query tiles (work 18 each) make the cap ~50 on a 132-SM card, so each of them is one item of
-    three tiles (n = 1) and each of the four 17-tile sequences (work 578) is split into ~12 items
-    of stride n, 1 < n < 17, walking 1-2 tiles each. Every row against the reference, then bitwise
-    equal to the in-order schedule (sorted=False)."""
+@pytest.mark.parametrize("hint", ["max", "third"])
+def test_cuda_forward_jagged_schedule_multi_tile_items(causal, hint):
+    """A list item walks query tiles tile, tile + n, ... of one (sequence, head), n its entry's
+    stride. With WsSchedTraits::kGroupTiles off (since the twenty-ninth session) an item is one
+    tile unless the length hint has fewer tiles than the sequence: hint="third" (a third of the
+    longest) gives the 17-tile sequences items of stride 6 walking 2-3 tiles; "max", one tile per
+    item (with grouping on: 600 sequences of 3 tiles as one item each, the 17-tile ones in ~12
+    items of stride 1 < n < 17). Every row against the reference, then bitwise equal to the
+    in-order schedule (sorted=False)."""
     q_lens = [384] * 300 + [2148, 2148] + [384] * 300 + [2100, 2148]
     args = poisoned_jagged(torch.bfloat16, q_lens, q_lens, H=4, Hkv=2, D=128)
+    if hint == "third":
+        args = (*args[:5], args[5] // 3, args[6] // 3)
     out = check_forward(*args, "fast_gelu", causal, "jagged schedule, multi-tile items", **WS)
     in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
@@ -586,8 +590,9 @@ def test_cuda_forward_jagged_schedule_multi_tile_items(causal):
 # CTAs; sorted=False keeps one CTA per key tile in order.
 BWD_JAGGED_CASES = {
     "tile_edges": (TILE_EDGE_LENS, TILE_EDGE_LENS[::-1]),
-    # ~600 items of three key tiles (n = 1) and sequences whose items stride over their tiles
-    # (1000 rows: 8 tiles in ~6 items on a 132-SM card) or take one tile each (~2.1k rows)
+    # many sequences and a few long ones (with WsSchedTraits::kGroupTiles on: ~600 items of three
+    # key tiles, n = 1, 1000-row sequences' 8 tiles in ~6 strided items; off, one tile per item
+    # unless hint="third")
     "multi_tile_items": ([384] * 300 + [1000, 2148] + [384] * 300 + [1000, 2100],) * 2,
     # queries without keys and keys without queries (their dk / dv rows are zeros); > 1 MB of
     # gradients, so they come from the poisoned large pool

@@ -16,6 +16,9 @@
 // the CTAs of one (sequence, head) started the same round but drifted apart, and the L2 had
 // dropped those tiles between them (ncu, H100, max length 512: the jagged forward read 1.48x
 // q + k + v from DRAM, the dense row 1.00x; benchmarks/model_gdpa_l2.py models it).
+// (WsSchedTraits::kGroupTiles: that grouping is off since the twenty-ninth session's run, which
+// it lost; with it off every item is one tile, unless a hint below the real lengths leaves a
+// (sequence, head) more tiles than the hint's, which its items then stride over.)
 //
 // Listed: the forward's items whose sequence has queries and keys (its rows without keys are
 // zero-filled by the launcher); every backward item whose sequence has keys, queries or not (the
@@ -53,6 +56,17 @@ struct WsSchedTraits {
   // kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share (the longest-first
   // snake balances the rest).
   static constexpr int kItemsPerCta = 8;
+  // Whether items group several tiles of a (sequence, head) at all (the cap above). Off: one item
+  // per tile (up to the hint's tiles), as the forward's list was before 2026-12-05. The
+  // twenty-ninth session measured the grouping on the H100 (bench_before_after and
+  // gdpa_bwd_schedule_ab): at bench_gdpa's B 1152 x H 4 the cap lets a whole (sequence, head) be
+  // one item, one CTA streams its other side tile after tile while 131 others stream other
+  // sequences, and the jagged rows lost (forward 0.79 / 0.71 of main at 1024 / 2048, DRAM read
+  // at 512 1.33 -> 1.64 GB; the backward list 0.82 / 0.70 / 0.66 / 0.63 of its in-order
+  // launch). Off until a run shows otherwise; adjacent items of one (sequence, head) then start
+  // in the same round of the snake and share the other side's tiles in L2, as the in-order
+  // grid's CTAs do.
+  static constexpr bool kGroupTiles = false;
   static_assert(kBuckets == kThreads, "one bucket per thread in the scan");
 };
 
@@ -113,7 +127,7 @@ __global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
     const long long per_tile = step_cost(qs, ks);
     const int spread_b = tiles < spread ? tiles : (spread > 0 ? spread : 1);  // >= 1
     const long long want = (tiles * per_tile + cap - 1) / cap;                // >= 1
-    const int n = want < spread_b ? static_cast<int>(want) : spread_b;        // 1 .. spread_b
+    const int n = Tr::kGroupTiles && want < spread_b ? static_cast<int>(want) : spread_b;
     const int per_item = (tiles + n - 1) / n;
     const long long cost = per_tile * per_item;
     // Costs below NB / 2 each get a bucket; above, 8 costs share one (up to cost ~4.6k: whole
