@@ -193,9 +193,9 @@ for s in $QUICK; do
       # (gdpa_bwd_schedule_ab.py), the jagged forward's DRAM reads at max length 512 (ncu; the
       # twenty-seventh session: 1.328 GB, 1.48x q + k + v), then memcheck on the backward's list
       # and the garbage-offset tests (last: the slowest). ~350 s after the build (not yet timed)
-      # -n 6: the backward list's reference over ~600 sequences holds GBs per worker; 16 workers
-      # ran the H100's 80 GB out of memory (twenty-ninth session)
-      step gdpa_schedule_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 6 -rfE \
+      # -n 8: the twenty-ninth session's run of these tests at -n 16 ran the H100's 80 GB out of
+      # memory (the backward list's case of 600 sequences, since cut to 124)
+      step gdpa_schedule_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 8 -rfE \
         -k "jagged_schedule or warp_specialised or garbage or keyless or window"
       step gdpa_bwd_schedule_ab 120 $PY benchmarks/gdpa_bwd_schedule_ab.py
       step gdpa_fwd_dram 60 ncu --metrics dram__bytes_read.sum,gpu__time_duration.sum \
