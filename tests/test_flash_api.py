@@ -36,6 +36,31 @@ class TinyAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_backward_takes_any_lse_strides(device, varlen):
+    """flash_attn_bwd called directly with the forward's lse in another layout (same values;
+    context-parallel code keeps merged lse transposed) gives the same gradients: the CPU read
+    lse's rows as unit-stride and returned wrong dq / dk / dv."""
+    torch.manual_seed(0)
+    if varlen:
+        T, H, D = 7, 4, 8
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+        q, k, v, g = (torch.randn(T, H, D, device=device) for _ in range(4))
+        extra = (None, False, -1, -1, 0.0, cu, cu, 4, 4)
+    else:
+        q, k, v, g = (torch.randn(2, 5, 4, 8, device=device) for _ in range(4))
+        extra = ()
+    out, lse = FWD(q, k, v, *extra)
+    want = BWD(g, q, k, v, out, lse, *extra)
+    last = lse.dim() - 1
+    for other in (lse.transpose(last - 1, last).contiguous().transpose(last - 1, last),
+                  lse.repeat_interleave(2, dim=last)[..., ::2]):  # transposed, then strided rows
+        assert torch.equal(other, lse) and not other.is_contiguous()
+        for a, b in zip(BWD(g, q, k, v, out, other, *extra), want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile(device):
     torch._dynamo.reset()
     m = TinyAttention().to(device)

@@ -417,3 +417,22 @@ def test_z_loss_of_infinite_rows_is_inf(device, scoring):
         z = attnkit.moe_route(lg, 2, scoring=scoring, return_losses=True)[3]
         want = ref.moe_route_ref(lg.cpu(), 2, scoring=scoring, return_losses=True)[3]
         assert torch.isinf(want) and torch.isinf(z) and float(z) > 0, (row, z, want)
+
+
+def test_not_differentiable_ops_raise_on_backward():
+    """moe_topk_softmax (vLLM's, not differentiable) on logits that require grad: a backward
+    through its weights raises naming the op (it ran and left the router's .grad at None: a
+    router trained through it silently got no gradient). moe_route is the differentiable form.
+    The same fallback covers pa_fwd's returned output; the mutating serving ops' outputs do not
+    require grad."""
+    logits = torch.randn(6, 8, requires_grad=True)
+    weights, ids = torch.ops.attnkit.moe_topk_softmax(logits, 2, False)
+    assert not ids.requires_grad
+    with pytest.raises(RuntimeError, match="attnkit::moe_topk_softmax is not implemented"):
+        weights.sum().backward()
+    with torch.no_grad():  # inference as before
+        w2, _ = torch.ops.attnkit.moe_topk_softmax(logits, 2, False)
+    assert torch.equal(w2, weights.detach())
+    w3, _ = attnkit.moe_route(logits, 2)  # the differentiable form trains the router
+    w3.sum().backward()
+    assert logits.grad is not None

@@ -197,3 +197,22 @@ def test_empty_inputs(device):
                                                   torch.zeros(0, dtype=torch.long, device=device))
     for got, was in zip((kc, vc, k8, v8, ks8, vs8), before):
         assert torch.equal(got, was), "a call with no token wrote to a cache"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pertoken_scales_not_one_tensor(device):
+    """k_dequant_scales and v_dequant_scales are both written: one tensor (or overlapping views)
+    for both would leave the keys with the values' scales, so it is refused by name."""
+    NB, Hkv, D, bs = 2, 2, 32, 16
+    key = torch.randn(3, Hkv, D, device=device, dtype=torch.bfloat16)
+    val = torch.randn(3, Hkv, D, device=device, dtype=torch.bfloat16)
+    slots = torch.tensor([0, 5, 17], device=device)
+    kc = torch.zeros(NB, Hkv, D // 16, bs, 16, dtype=torch.int8, device=device)
+    vc = torch.zeros(NB, Hkv, bs // 16, D, 16, dtype=torch.int8, device=device)
+    both = torch.zeros(2 * NB, Hkv, bs, device=device)
+    for ks, vs in ((both[:NB], both[:NB]), (both[:NB], both[1:NB + 1])):
+        with pytest.raises(RuntimeError, match="v_dequant_scales: expected a tensor of its own"):
+            torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(key, val, kc, vc, ks, vs, slots)
+    torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(key, val, kc, vc, both[:NB],
+                                                            both[NB:], slots)
+    assert both[:NB].abs().sum() > 0 and both[NB:].abs().sum() > 0

@@ -203,6 +203,61 @@ def sink_grad_terms(out, dout, lse, s_aux, varlen):
     return -(p * delta.transpose(1, 2)).sum((0, 2)), (p * mag.transpose(1, 2)).sum((0, 2))
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_sinks_compile_dynamic_length_cpu(varlen):
+    """torch.compile with a dynamic token dim and sinks that require grad: one compile for three
+    lengths, gradients as eager (the sinks' gradient read plain sizes, which pinned every dim of
+    lse: a recompile per length, or a ConstraintViolationError under mark_dynamic)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.backends.debugging import aot_eager
+    dynamo.reset()
+    compiles = []
+
+    def backend(gm, example):
+        compiles.append(1)
+        return aot_eager(gm, example)
+
+    H, Hkv, D = 4, 2, 8
+
+    def f(q, k, v, cu, s):
+        if varlen:
+            return attnkit.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, causal=True, s_aux=s)
+        return attnkit.flash_attn_func(q, k, v, causal=True, s_aux=s)
+
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    for n in (5, 7, 9):
+        shape = (n,) if varlen else (2, n)
+        q, k, v = (torch.randn(*shape, h, D, requires_grad=True) for h in (H, Hkv, Hkv))
+        s = torch.randn(H, requires_grad=True)
+        cu = torch.tensor([0, 2, n], dtype=torch.int32)
+        for t in (q, k, v):
+            dynamo.mark_dynamic(t, 0 if varlen else 1)
+        g = torch.randn(*shape, H, D)
+        got = torch.autograd.grad(cf(q, k, v, cu, s), (q, k, v, s), g)
+        want = torch.autograd.grad(f(q, k, v, cu, s), (q, k, v, s), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert len(compiles) == 1, f"{len(compiles)} compiles for 3 lengths"
+
+
+def test_with_kvcache_compiles_fullgraph_cpu():
+    """flash_attn_with_kvcache with tensor cache_seqlens and cache_batch_idx traces under
+    torch.compile(fullgraph=True) on the CPU, as on CUDA (the wrapper's eager CPU range checks
+    branched on tensor values), with the eager call's result."""
+    B, H, Hkv, D = 2, 4, 2, 8
+    kc, vc = torch.randn(3, 10, Hkv, D), torch.randn(3, 10, Hkv, D)
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    rows = torch.tensor([2, 0], dtype=torch.int32)
+
+    def f(q):
+        return attnkit.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
+                                               cache_batch_idx=rows, causal=True)
+
+    q = torch.randn(B, 1, H, D)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q)
+    torch.testing.assert_close(got, f(q))
+
+
 def test_sinks_gradcheck_cpu():
     H, D = 2, 8
     q = torch.randn(1, 5, H, D, dtype=torch.float64, requires_grad=True)

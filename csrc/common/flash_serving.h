@@ -340,12 +340,15 @@ inline at::Tensor sink_grad(const at::Tensor& dout, const at::Tensor& out, const
   const auto acc = lse.scalar_type();
   auto delta = (dout.to(acc) * out.to(acc)).sum(-1);  // varlen [T, H], batched [B, Sq, H]
   delta = varlen ? delta.t() : delta.transpose(1, 2);  // lse's layout
-  const auto H = lse.size(varlen ? 0 : 1);
+  // Symbolic sizes: traced by torch.compile with a dynamic token dim, a plain size() guarded
+  // every dim of lse to a constant (a recompile per length, or an error under mark_dynamic).
+  const c10::SymInt H = lse.sym_size(varlen ? 0 : 1), one = 1;
   const auto s = s_aux.to(acc);
   // 0 where lse = -inf: rows outside every sequence, or without keys under a -inf sink (whose
   // exp(-inf - -inf) would be NaN, and whose delta is 0 anyway).
-  const auto p_sink = at::where(at::isneginf(lse), at::zeros_like(lse),
-                                at::exp((varlen ? s.view({H, 1}) : s.view({1, H, 1})) - lse));
+  const auto p_sink =
+      at::where(at::isneginf(lse), at::zeros_like(lse),
+                at::exp((varlen ? s.view_symint({H, one}) : s.view_symint({one, H, one})) - lse));
   auto g = -(p_sink * delta);
   g = varlen ? g.sum(1) : g.sum(std::vector<int64_t>{0, 2});
   return g.to(s_aux.scalar_type());

@@ -384,6 +384,19 @@ inline CacheWriteConfig check_pertoken_quant(const at::Tensor& key, const at::Te
                   "], got ", t->sym_sizes());
     check_last_dim_contiguous(*t, name);
   }
+  // Both are written: one tensor (or overlapping views) for both would leave the keys with the
+  // values' scales. (Not under symbolic shapes, whose overlap ATen cannot compute: the Meta
+  // kernel's trace; the real call checks.)
+  const bool symbolic =
+      k_dequant_scales.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      v_dequant_scales.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  const auto scales_overlap = symbolic
+                                  ? at::MemOverlapStatus::TooHard
+                                  : at::get_overlap_status(k_dequant_scales, v_dequant_scales);
+  ATTNKIT_CHECK(scales_overlap != at::MemOverlapStatus::Full &&
+                    scales_overlap != at::MemOverlapStatus::Partial,
+                "v_dequant_scales: expected a tensor of its own, got memory shared with "
+                "k_dequant_scales");
   return c;
 }
 

@@ -488,7 +488,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   auto dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   const auto cq = varlen ? std::optional<at::Tensor>(cu_q->contiguous()) : std::nullopt;
   const auto ck = varlen ? std::optional<at::Tensor>(cu_k->contiguous()) : std::nullopt;
-  Params p = make_params(q, k, v, out, lse, opt, cq, ck, varlen);
+  // make_params takes lse's rows as unit-stride (as the forward writes it); a caller's
+  // transposed or sliced lse (context-parallel code keeps merged ones) is copied, as on CUDA.
+  const auto lse_c = lse.contiguous();
+  Params p = make_params(q, k, v, out, lse_c, opt, cq, ck, varlen);
   if (used) p.seqused_k = used->data_ptr<int32_t>();
   p.dout = strides_of(dout, varlen);
   p.dq = strides_of(dq, varlen);
@@ -498,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_bwd_cpu", [&] {
     bwd_impl<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                       lse.data_ptr<acc_type_t<scalar_t>>(), dq.data_ptr<scalar_t>(),
+                       lse_c.data_ptr<acc_type_t<scalar_t>>(), dq.data_ptr<scalar_t>(),
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};

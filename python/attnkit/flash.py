@@ -10,6 +10,13 @@ import torch
 from .paged import reshape_and_cache_flash
 
 
+def _checks_values(t: torch.Tensor) -> bool:
+    """Whether the wrapper reads a tensor's values to raise on bad ones: on the CPU, eagerly. CUDA
+    would need a host sync; under torch.compile the values are not known while tracing (a branch
+    on them breaks fullgraph=True), so both take the clamped, memory-safe path instead."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_unsupported(dropout_p, alibi_slopes, q_v=None, cp_world_size=1, cp_rank=0,
                        cp_tot_seqused_k=None):
     if dropout_p != 0.0:
@@ -89,7 +96,7 @@ def _cache_descales(k, k_descale, v_descale):
     if k.dtype == torch.float8_e4m3fn:
         return k_descale, v_descale
     for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
-        if d is not None and d.device.type == "cpu" and d.numel() and not bool((d == 1).all()):
+        if d is not None and _checks_values(d) and d.numel() and not bool((d == 1).all()):
             raise RuntimeError(f"attnkit: {name}: expected None or ones with a {k.dtype} cache "
                                "(descales apply to float8_e4m3fn caches), got other values")
     return None, None
@@ -473,7 +480,7 @@ def flash_attn_with_kvcache(
     if (rotary_cos is None) != (rotary_sin is None):
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
     _check_q_descale(q, q_descale)
-    if (q_descale is not None and q_descale.device.type == "cpu" and q_descale.numel()
+    if (q_descale is not None and _checks_values(q_descale) and q_descale.numel()
             and not bool((q_descale == 1).all())):
         raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
                            "scales fp8 queries, which attnkit does not take), got other values")
@@ -519,7 +526,7 @@ def flash_attn_with_kvcache(
                    if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__)
             raise RuntimeError(f"attnkit: cache_seqlens: expected an int or an int32 [{B}] tensor, "
                                f"got {got}")
-        if cache_seqlens.device.type == "cpu" and B and not bool(
+        if _checks_values(cache_seqlens) and B and not bool(
                 ((cache_seqlens >= 0) & (cache_seqlens <= capacity)).all()):
             bad = int(cache_seqlens[(cache_seqlens < 0) | (cache_seqlens > capacity)][0])
             raise RuntimeError(f"attnkit: cache_seqlens: expected lengths in [0, {capacity}] (the "
@@ -537,7 +544,7 @@ def flash_attn_with_kvcache(
             rows = cache_batch_idx.to(torch.int64)
             n_rows = k_cache.shape[0]
             row_ok = (rows >= 0) & (rows < n_rows)
-            if rows.device.type == "cpu":
+            if _checks_values(rows):
                 if B and not bool(row_ok.all()):
                     raise RuntimeError(f"attnkit: cache_batch_idx: expected rows in [0, {n_rows}) "
                                        f"(k_cache's batch), got {int(rows[~row_ok][0])}")
