@@ -2,11 +2,14 @@
 # Issue #16's "before and after in one GPU run": builds an older tree of attnkit next to this one
 # and times both with benchmarks/bench_before_after.py, alternately, twice each, then compares.
 #
-#   git archive 1bb2be4 | gzip > _before.tar.gz     # on the CPU machine; untracked, not committed
+#   git archive 1bb2be4 | gzip > _before.tar.gz     # on the CPU machine; ignored by git: name
+#                                                    #   it in the device call's carry
 #   BUILD_ONLY=1 bash scripts/before_after.sh &      # on the GPU machine: the old build, in the
 #   bash scripts/gpu_quick.sh ...                    #   background while this tree builds
 #   bash scripts/before_after.sh                     # (gpu_quick's before_after step) waits, times
 #
+# BEFORE_SO: a prebuilt library of the older tree (carried; e.g. _before_C.abi3.so, ignored by
+# git), used instead of building it.
 # BEFORE_TAR (default _before.tar.gz), BEFORE_DIR (default /tmp/attnkit_before), OUT (logs and
 # JSON under $OUT/quick/ as gpu_quick's), ROUNDS (default 2), FAMILIES (bench_before_after's
 # tables: flash,gdpa (default), or one of them).
@@ -22,6 +25,12 @@ PY=${PY:-python3}
 mkdir -p "$L"
 if [ -n "${BUILD_ONLY:-}" ]; then
   rm -rf "$BEFORE_DIR" && mkdir -p "$BEFORE_DIR" && tar xzf "$BEFORE_TAR" -C "$BEFORE_DIR" || exit 1
+  if [ -n "${BEFORE_SO:-}" ] && [ -f "$BEFORE_SO" ]; then
+    # The older tree's library built and stripped on the CPU machine (scripts/carry_build.sh in
+    # a checkout of that commit), carried by the call: no build here.
+    cp "$BEFORE_SO" "$BEFORE_DIR/python/attnkit/_C.abi3.so" && echo "rc=0" > "$BEFORE_DIR/.built"
+    exit 0
+  fi
   # The system compiler, as gpu_check.sh builds (the image's default CXX breaks extensions).
   (cd "$BEFORE_DIR" && CC=gcc CXX=g++ ATTNKIT_CUDA_ARCHS=${ATTNKIT_CUDA_ARCHS:-9.0a} \
     MAX_JOBS=${BEFORE_JOBS:-8} $PY setup.py build_ext --inplace) > "$L/before_build.log" 2>&1

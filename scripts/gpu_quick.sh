@@ -6,6 +6,8 @@
 #
 #   QUICK="flash_tests flash_sanitize flash_bench window paged_env main" bash scripts/gpu_quick.sh
 #
+# SKIP_BUILD=1 with a carried python/attnkit/_C.abi3.so (scripts/carry_build.sh) skips the build.
+#
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
 # (gdpa_jagged: issue #19's jagged forward and the ws backward on tile edges: tests, memcheck,
@@ -92,7 +94,13 @@ step() {  # name, timeout seconds, command...
   SUMMARY+=("$(printf '%-16s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$L/$name.log" | cut -c1-80)")")
 }
 
-STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
+if [ -n "${SKIP_BUILD:-}" ] && [ -f python/attnkit/_C.abi3.so ]; then
+  # A library built and stripped on the CPU machine (scripts/carry_build.sh), carried by the call
+  echo "prebuilt library, built at: $(cat python/attnkit/_C.abi3.so.commit 2>/dev/null || echo ?)" \
+    | tee "$L/build.log"
+else
+  STEPS=build bash scripts/gpu_check.sh > "$L/build.log" 2>&1 || { tail -n 30 "$L/build.log"; exit 1; }
+fi
 ws_ab_bench() {  # pass, log tag: bench_attention at D 64/128, causal and not, the sm80 kernel
   # then the sm90 (warp-specialised) one, both pinned through the private ops (--kernel)
   local pass=$1 tag=$2 a d F
