@@ -55,8 +55,17 @@ def _split(total_counts, rank):
 
 
 def block_matches_single_process(rank, world, tokens, E, k, dtype, map_kind="default",
-                                 starve_last=False, route=None):
-    """Forward and backward of MoE(process_group=) against the single-process block."""
+                                 starve_last=False, route=None, pair_groups=False,
+                                 autocast=False):
+    """Forward and backward of MoE(process_group=) against the single-process block.
+    pair_groups: the group is this rank's pair ({0, 1}, {2, 3}, ...), not the world (the module
+    ran its exchanges over the default group). A rank without tokens passes x = empty(0, H)
+    without requires_grad (its backward then left out the dispatch's exchange: a hang).
+    autocast: both blocks under CPU bf16 autocast (a rank without experts sent fp32 rows)."""
+    pg = dist.group.WORLD
+    if pair_groups:
+        groups = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]
+        pg, rank, world = groups[rank // 2], dist.get_rank(groups[rank // 2]), 2
     route = dict(route or {})
     torch.manual_seed(1234)  # the same weights and data on every rank
     bias = None
@@ -77,30 +86,33 @@ def block_matches_single_process(rank, world, tokens, E, k, dtype, map_kind="def
     dense = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, **route)
     x_all = torch.randn(sum(tokens), H, dtype=dtype)
     g_all = torch.randn(sum(tokens), H, dtype=dtype)
-    ep = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, process_group=dist.group.WORLD,
+    ep = attnkit.MoE(H, I, E, k, dtype=dtype, bias=bias, process_group=pg,
                      expert_map=expert_map, return_losses=True, **route).load_experts_from(dense)
     mine = _split(tokens, rank)
-    x = x_all[mine].clone().requires_grad_(True)
-    out = ep(x)
-    (out * g_all[mine]).sum().backward()
+    x = x_all[mine].clone().requires_grad_(tokens[rank] > 0)
     xd = x_all.clone().requires_grad_(True)
-    outd = dense(xd)
-    (outd * g_all).sum().backward()
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert out.shape == (tokens[rank], H)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ep(x)
+        outd = dense(xd)
+    (out.to(dtype) * g_all[mine]).sum().backward()
+    (outd.to(dtype) * g_all).sum().backward()
+    tol = 1e-12 if dtype == torch.float64 else (2e-2 if autocast else 1e-5)
+    assert out.shape == (tokens[rank], H) and out.dtype == outd.dtype
     assert rel_err(out, outd[mine]) <= tol, rel_err(out, outd[mine])
-    assert rel_err(x.grad, xd.grad[mine]) <= tol
+    if tokens[rank]:
+        assert rel_err(x.grad, xd.grad[mine]) <= tol
     local = torch.tensor(ep.local_experts, dtype=torch.long)
     if len(local):
         assert rel_err(ep.w1.grad, dense.w1.grad[local]) <= tol
         assert rel_err(ep.w2.grad, dense.w2.grad[local]) <= tol
     gate = ep.gate.grad.clone()
-    dist.all_reduce(gate)  # each rank holds its tokens' share of the router's gradient
+    dist.all_reduce(gate, group=pg)  # each rank holds its tokens' share of the router's gradient
     assert rel_err(gate, dense.gate.grad) <= tol
     # The losses of this rank's tokens, as the single-process router computes them.
-    _, _, aux, z = attnkit.moe_route(x.detach() @ dense.gate.detach(), k, bias=bias,
-                                     return_losses=True, **route)
-    assert torch.equal(ep.aux_loss, aux) and torch.equal(ep.z_loss, z)
+    if not autocast:
+        _, _, aux, z = attnkit.moe_route(x.detach() @ dense.gate.detach(), k, bias=bias,
+                                         return_losses=True, **route)
+        assert torch.equal(ep.aux_loss, aux) and torch.equal(ep.z_loss, z)
     if starve_last:
         _, ids = attnkit.moe_route(x_all @ dense.gate, k, bias=bias, **route)
         assert not (torch.tensor(ep.plan.expert_map)[ids.long()] == world - 1).any()
@@ -208,8 +220,12 @@ def _scenarios(world):
               map_kind="blocks", route=dict(scoring="sigmoid", bias=True))),
         ("block_matches_single_process",  # fewer experts than ranks: some ranks hold none
          dict(tokens=[3] * world, E=max(1, world - 1), k=1, dtype=torch.float64)),
+        ("block_matches_single_process",  # no experts on the last rank, under bf16 autocast
+         dict(tokens=[4] * world, E=world - 1, k=1, dtype=torch.float32, autocast=True)),
         ("bad_inputs_raise_on_every_rank", {}),
-    ]
+    ] + ([("block_matches_single_process",  # EP groups of two ranks inside the world
+           dict(tokens=[5, 0], E=4, k=2, dtype=torch.float64, pair_groups=True))]
+         if world >= 4 else [])
 
 
 @pytest.mark.parametrize("world", [2, 4])

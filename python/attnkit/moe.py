@@ -261,8 +261,19 @@ class MoE(torch.nn.Module):
                                           **self.route)
         if self.return_losses:
             self.aux_loss, self.z_loss = losses
-        tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan)
+        if torch.is_grad_enabled() and not x2.requires_grad:
+            # The dispatch's all-to-all must be in every rank's backward (each rank's waits for
+            # the others'): x not requiring grad on one rank (a rank with no tokens passing
+            # torch.empty(0, H), say) left it out there, and the other ranks' backward hung.
+            x2 = x2.detach().requires_grad_()
+        tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan,
+                                               group=self.process_group)
+        # A rank without experts sends its rows back as they came, in the dtype the experts'
+        # products give elsewhere (under autocast, the region's): every rank's combine exchange
+        # must carry one dtype (fp32 rows among bf16 ones were read as garbage).
         y = tokens
+        if torch.is_autocast_enabled(tokens.device.type) and tokens.is_floating_point():
+            y = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         if self.w1.shape[0] > 0:
             h = _swiglu_experts(tokens, self.w1, offsets)
             y = grouped_gemm(h, self.w2, offsets)

@@ -185,6 +185,15 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     """
     plan = expert_map if isinstance(expert_map, ExpertPlan) else None
     code, message = 0, ""
+    if plan is not None and (plan.world_size, plan.rank) != (dist.get_world_size(group),
+                                                             dist.get_rank(group)):
+        # A plan made for another group: its sizes would address the exchanges wrongly, so it
+        # is reported (on every rank, below) rather than used.
+        wrong = plan
+        plan = ExpertPlan([0] * num_experts, num_experts, dist.get_world_size(group),
+                          dist.get_rank(group))
+        plan.error = (f"expert_map: an ExpertPlan for rank {wrong.rank} of {wrong.world_size}, "
+                      f"used as rank {plan.rank} of this group's {plan.world_size}")
     if plan is None:
         try:
             plan = ExpertPlan.create(expert_map, num_experts, group)
