@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds attnkit with its CUDA kernels on the CPU machine (it has nvcc) and strips the library
-# to python/attnkit/_C.abi3.so (~36 MB; the device tool carries at most 64 MiB), so a device call
-# needs no build of its own (130-200 s of the session's device time):
+# to python/attnkit/_C.abi3.so (~18 MB for 9.0a, ~36 MB with 8.0 too; the device tool carries at
+# most 64 MiB), so a device call needs no build of its own (130-200 s of the session's device
+# time):
 #
 #   bash scripts/carry_build.sh                        # here, ~7 min on 2 cores (9.0a only)
 #   run(carry=["python/attnkit/_C.abi3.so", "python/attnkit/_C.abi3.so.commit"],

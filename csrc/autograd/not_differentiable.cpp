@@ -13,17 +13,17 @@
 namespace attnkit {
 namespace {
 
-constexpr const char* kReadOnly[] = {"moe_topk_softmax", "expert_load_balance"};
-constexpr const char* kMutating[] = {"pa_fwd",
-                                     "paged_attention_v1",
-                                     "merge_attn_states",
-                                     "reshape_and_cache",
-                                     "reshape_and_cache_flash",
-                                     "reshape_and_cache_with_pertoken_quant"};
+constexpr const char* kOps[] = {"moe_topk_softmax",
+                                "expert_load_balance",
+                                "pa_fwd",
+                                "paged_attention_v1",
+                                "merge_attn_states",
+                                "reshape_and_cache",
+                                "reshape_and_cache_flash",
+                                "reshape_and_cache_with_pertoken_quant"};
 
 TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
-  for (const char* op : kReadOnly) m.impl(op, torch::autograd::autogradNotImplementedFallback());
-  for (const char* op : kMutating) m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  for (const char* op : kOps) m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace

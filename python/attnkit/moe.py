@@ -160,12 +160,12 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     E, I = w1.shape[0], w1.shape[2] // 2
     # The router, w1 and w2 must agree on E: a router over more experts would send tokens to
     # experts without weights; over fewer, some experts would silently never run.
-    if gate_weight.dim() != 2 or gate_weight.shape != (H, E):
+    if gate_weight.shape != (H, E):
         raise RuntimeError(f"attnkit: moe: gate_weight: expected [{H}, {E}] (one column per "
                            f"expert of w1 [{E}, {H}, {2 * I}]), got shape "
                            f"{tuple(gate_weight.shape)}")
     # w2 maps each expert's I back to x's H: another width would return [T, N] (no product fails).
-    if w2.dim() != 3 or w2.shape != (E, I, H):
+    if w2.shape != (E, I, H):
         raise RuntimeError(f"attnkit: moe: w2: expected [{E}, {I}, {H}] (one matrix per expert of "
                            f"w1 [{E}, {H}, {2 * I}], back to x's H), got shape {tuple(w2.shape)}")
     # Under torch.autocast the products take the region's dtype (the router's matmul and the
@@ -268,13 +268,14 @@ class MoE(torch.nn.Module):
             x2 = x2.detach().requires_grad_()
         tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan,
                                                group=self.process_group)
-        # A rank without experts sends its rows back as they came, in the dtype the experts'
-        # products give elsewhere (under autocast, the region's): every rank's combine exchange
-        # must carry one dtype (fp32 rows among bf16 ones were read as garbage).
-        y = tokens
-        if torch.is_autocast_enabled(tokens.device.type) and tokens.is_floating_point():
-            y = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         if self.w1.shape[0] > 0:
             h = _swiglu_experts(tokens, self.w1, offsets)
             y = grouped_gemm(h, self.w2, offsets)
+        else:
+            # A rank without experts sends its rows back as they came, in the dtype the experts'
+            # products give elsewhere (under autocast, the region's): every rank's combine
+            # exchange must carry one dtype (fp32 rows among bf16 ones were read as garbage).
+            y = tokens
+            if torch.is_autocast_enabled(tokens.device.type) and tokens.is_floating_point():
+                y = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         return moe_combine(y, weights, handle).reshape(shape)

@@ -188,9 +188,10 @@ def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=N
     q batched ``[B, Sq, H, D]`` or varlen ``[T, H, D]`` (cu_seqlens_q). k/v: batched, varlen
     (cu_seqlens_k) or NHD paged caches with ``block_table``. Sequence b uses its first
     ``seqused_k[b]`` keys (else all it has: with a block table and neither seqused_k nor
-    cu_seqlens_k, the whole table, or ``max_seqlen_k`` keys where that is smaller). ``s_aux`` [H]: a sink column with a zero value vector
-    in every row's softmax. Returns ``(out, lse)`` in the compute dtype (differentiable in q, k,
-    v, s_aux); rows without keys and sink give 0 / -inf, with a sink 0 / s_aux.
+    cu_seqlens_k, the whole table, or ``max_seqlen_k`` keys where that is smaller). ``s_aux``
+    [H]: a sink column with a zero value vector in every row's softmax. Returns ``(out, lse)``
+    in the compute dtype (differentiable in q, k, v, s_aux); rows without keys and sink give
+    0 / -inf, with a sink 0 / s_aux.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
