@@ -93,7 +93,7 @@ def gdpa_fn(args):
     return lambda *a, **kw: _gdpa_with(*a, **kw, fwd_kernel=args.kernel or "auto",
                                        bwd_kernel=args.bwd_kernel or "auto",
                                        deterministic=args.bwd_deterministic,
-                                       bwd_sorted=not args.bwd_unsorted, **opts)
+                                       bwd_sorted=False if args.bwd_unsorted else None, **opts)
 
 
 def main():

@@ -615,9 +615,9 @@ def test_cuda_backward_jagged_schedule(case, mask, hint):
     opts = dict(pre_scale=0.7, causal=mask == "causal", window_size=100 if mask == "window" else -1)
     what = f"bwd jagged {case} {mask} hint={hint}"
     inputs, _ = check_poisoned_backward(q_lens, kv_lens, 128, opts, what,
-                                        hint_div=3 if hint == "third" else 1)
+                                        hint_div=3 if hint == "third" else 1, sorted=True)
     g, args = inputs[-1], (*inputs[:-1], "fast_gelu", 0.5)
-    listed = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True)
+    listed = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True, sorted=True)
     in_order = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True, sorted=False)
     for name, a, b in zip(("dq", "dk", "dv"), listed, in_order):
         assert torch.equal(a, b), f"the jagged schedule changed {name} ({what})"

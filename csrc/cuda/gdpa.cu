@@ -46,14 +46,18 @@ void check_cuda(const at::Tensor& q) {
 }
 
 #if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
+// Whether every sequence is as long as the hints, told without reading the offsets (choose.h
+// ws_jagged).
+bool ws_dense(const FwdParams& p, int64_t mq, int64_t mk) {
+  return int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+}
+
 // The warp-specialised kernels' jagged-schedule workspace for a list of `items` (stream-ordered,
-// so the call stays capturable), or an undefined tensor where the batch runs in order: dense
-// (every sequence as long as the hints, told without reading the offsets) or not `sorted`
-// (choose.h ws_jagged). `like`: the offsets, whose options (int32, device) it takes.
-at::Tensor ws_sched_workspace(const FwdParams& p, int64_t mq, int64_t mk, int64_t items,
-                              bool sorted, const at::Tensor& like) {
-  const bool dense = int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-  if (!ws_jagged(dense, items, sorted)) return at::Tensor();
+// so the call stays capturable), or an undefined tensor where the batch runs in order (`jagged`
+// false: choose.h ws_jagged / bwd_ws_jagged). `like`: the offsets, whose options (int32, device)
+// it takes.
+at::Tensor ws_sched_workspace(int64_t items, bool jagged, const at::Tensor& like) {
+  if (!jagged) return at::Tensor();
   return at::empty({ws_sched_elems(items)}, like.options());
 }
 
@@ -353,8 +357,9 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
           });
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
+          const int64_t items = fwd_ws_items(p, mq);
           const at::Tensor sched =
-              ws_sched_workspace(p, mq, mk, fwd_ws_items(p, mq), lo.sorted, qo);
+              ws_sched_workspace(items, ws_jagged(ws_dense(p, mq, mk), items, lo.sorted), qo);
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
@@ -524,8 +529,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             pw.dq_accum = dq_accum.data_ptr<float>();
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
-          const at::Tensor sched =
-              ws_sched_workspace(p, mq, mk, bwd_ws_items(pw, mk), lo.sorted, qo);
+          const int64_t items = bwd_ws_items(pw, mk);
+          const at::Tensor sched = ws_sched_workspace(
+              items, bwd_ws_jagged(ws_dense(p, mq, mk), items, lo.sorted, mk), qo);
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
@@ -562,14 +568,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_cuda(
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
     c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
     bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel,
-    bool deterministic, bool sorted) {
+    bool deterministic, std::optional<bool> sorted) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
-  BwdLaunchOptions lo;
-  lo.deterministic = deterministic;
-  lo.sorted = sorted;
   return gdpa_bwd(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                   std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
-                  broadcast_q, req, lo);
+                  broadcast_q, req, make_bwd_launch_options(deterministic, sorted));
 }
 
 }  // namespace

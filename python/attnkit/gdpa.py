@@ -296,13 +296,14 @@ class _GdpaWith(torch.autograd.Function):
 def _gdpa_with(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                activation="fast_gelu", qk_scale=1.0, *, pre_scale=1.0, causal=False,
                window_size=-1, broadcast_q=False, fwd_kernel="auto", bwd_kernel="auto",
-               deterministic=False, bwd_sorted=True, **fwd_options):
+               deterministic=False, bwd_sorted=None, **fwd_options):
     """Private, for tests and benchmarks: ``gdpa`` on named kernels, differentiable.
 
     The forward runs ``torch.ops.attnkit._gdpa_fwd_with`` with ``kernel=fwd_kernel`` and the
     warp-specialised forward's launch options (``ping_pong``, ``split_loaders``, ``persistent``,
     ``sorted``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel``, ``deterministic``
-    and ``sorted=bwd_sorted`` (the warp-specialised backward's jagged schedule). Kernel names:
+    and ``sorted=bwd_sorted`` (the warp-specialised backward's jagged schedule: None where it
+    pays, as the public op, True always, False never). Kernel names:
     auto | portable | sm80 | sm90 | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel
     that cannot take the call raises. Neither reads ATTNKIT_GDPA_KERNEL. Not for torch.compile (a
     Python autograd.Function).

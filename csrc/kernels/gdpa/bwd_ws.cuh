@@ -457,8 +457,7 @@ cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, i
       return err;
     grid = std::min(grid, static_cast<unsigned>(sms > 0 ? sms : 1));
     const int kv_tiles = static_cast<int>(items / (int64_t(p.Hkv) * p.B));
-    gdpa_ws_schedule_kernel<true><<<1, WsSchedTraits::kThreads, 0, stream>>>(
-        p, kv_tiles, static_cast<int>(grid), sched);
+    gdpa_ws_schedule_kernel<true><<<1, WsSchedTraits::kThreads, 0, stream>>>(p, kv_tiles, sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, sched, items, maps.q, maps.k, maps.v,

@@ -624,9 +624,8 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
       return err;
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
-  if (jagged) {  // the list's items are sized for `grid` CTAs
-    gdpa_ws_schedule_kernel<false>
-        <<<1, WsSchedTraits::kThreads, 0, stream>>>(p, q_tiles, static_cast<int>(grid), sched);
+  if (jagged) {
+    gdpa_ws_schedule_kernel<false><<<1, WsSchedTraits::kThreads, 0, stream>>>(p, q_tiles, sched);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,

@@ -6,19 +6,14 @@
 //
 // An item is tile `tile` of head h of sequence b (the forward's tiles run over the sequence's
 // queries, its heads are the query heads; the backward's over its keys, its heads the kv heads),
-// and the sequence's later tiles tile + n, tile + 2n, ..., where n (the item's stride, <= the
-// sequence's tiles and <= the hint's tile count) is the number of items of (b, h): the fewest
-// that keep an item's work (its tiles x the other side's 64-row steps, x the GQA group for the
-// backward's query heads) within the batch's work over kItemsPerCta items per CTA (summed on the
-// device: the hint bounds lengths, not work, and a cap from it left one long sequence among short
-// ones a few items of many times a CTA's share). One CTA runs an item's tiles back to back, so
-// the tiles of the other side they all read come from L2 after the first: with one item per tile
-// the CTAs of one (sequence, head) started the same round but drifted apart, and the L2 had
-// dropped those tiles between them (ncu, H100, max length 512: the jagged forward read 1.48x
-// q + k + v from DRAM, the dense row 1.00x; benchmarks/model_gdpa_l2.py models it).
-// (WsSchedTraits::kGroupTiles: that grouping is off since the twenty-ninth session's run, which
-// it lost; with it off every item is one tile, unless a hint below the real lengths leaves a
-// (sequence, head) more tiles than the hint's, which its items then stride over.)
+// and, where a hint below the real lengths leaves a (sequence, head) more tiles than the hint
+// has, its tiles tile + n, tile + 2n, ... (n, the item's stride: the hint's tile count; every
+// other item is one tile). One item per tile keeps a (sequence, head)'s tiles adjacent in the
+// list, so they start in the same round of the snake and share the other side's tiles in L2, as
+// the in-order grid's CTAs do. (Items of several tiles, one CTA walking a whole (sequence, head),
+// lost on the H100 in the twenty-ninth session: forward 0.79 / 0.71 of one item per tile at max
+// length 1024 / 2048, the DRAM read at 512 1.33 -> 1.64 GB, the backward 0.63-0.82: a CTA
+// re-read the other side per tile while 131 others streamed other sequences through L2.)
 //
 // Listed: the forward's items whose sequence has queries and keys (its rows without keys are
 // zero-filled by the launcher); every backward item whose sequence has keys, queries or not (the
@@ -52,21 +47,6 @@ struct WsSchedTraits {
   static constexpr int kHeader = 4;
   static constexpr int kTileRows = 128;  // an item's tiles, on its tiled side
   static constexpr int kStepRows = 64;   // the cost's unit, on the other side
-  // The list's items per CTA, at least: an item's work is capped at the batch's over
-  // kItemsPerCta x the grid, so no item outweighs an eighth of a CTA's share (the longest-first
-  // snake balances the rest).
-  static constexpr int kItemsPerCta = 8;
-  // Whether items group several tiles of a (sequence, head) at all (the cap above). Off: one item
-  // per tile (up to the hint's tiles), as the forward's list was before 2026-12-05. The
-  // twenty-ninth session measured the grouping on the H100 (bench_before_after and
-  // gdpa_bwd_schedule_ab): at bench_gdpa's B 1152 x H 4 the cap lets a whole (sequence, head) be
-  // one item, one CTA streams its other side tile after tile while 131 others stream other
-  // sequences, and the jagged rows lost (forward 0.79 / 0.71 of main at 1024 / 2048, DRAM read
-  // at 512 1.33 -> 1.64 GB; the backward list 0.82 / 0.70 / 0.66 / 0.63 of its in-order
-  // launch). Off until a run shows otherwise; adjacent items of one (sequence, head) then start
-  // in the same round of the snake and share the other side's tiles in L2, as the in-order
-  // grid's CTAs do.
-  static constexpr bool kGroupTiles = false;
   static_assert(kBuckets == kThreads, "one bucket per thread in the scan");
 };
 
@@ -78,20 +58,19 @@ inline int64_t ws_sched_elems(int64_t items) { return WsSchedTraits::kHeader + 8
 // kKeyTiles = false: the forward's list (tiles over queries, heads p.H); true: the backward's
 // (tiles over keys, heads p.Hkv, cost x the group p.H / p.Hkv). spread: the hint's tiles per
 // (sequence, head), the most items one of them gets (the list holds at most spread x heads x B
-// entries); ctas: the grid that walks the list.
+// entries).
 template <bool kKeyTiles>
 __global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
-    gdpa_ws_schedule_kernel(const FwdParams p, const int spread, const int ctas,
-                            int32_t* __restrict__ ws) {
+    gdpa_ws_schedule_kernel(const FwdParams p, const int spread, int32_t* __restrict__ ws) {
   using Tr = WsSchedTraits;
   constexpr int NB = Tr::kBuckets, NT = Tr::kThreads, kTile = Tr::kTileRows, kStep = Tr::kStepRows;
   __shared__ int cursor[NB];
   __shared__ int warp_total[NT / 32];
-  __shared__ long long warp_work[NT / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int heads = kKeyTiles ? p.Hkv : p.H;
   const int group = kKeyTiles ? p.H / (p.Hkv > 0 ? p.Hkv : 1) : 1;
   cursor[tid] = 0;
+  __syncthreads();  // every bucket zeroed before any thread counts into it
   // A (sequence, head)'s tiles (0: not listed) and the cost of one of them: the other side's
   // steps (>= 1: a backward tile without queries still stores its zero gradients).
   auto tiles_of = [&](const SeqRange& qs, const SeqRange& ks) -> int {
@@ -104,32 +83,14 @@ __global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
     const long long steps = (int64_t(other.len) + kStep - 1) / kStep;
     return (steps > 0 ? steps : 1) * group;
   };
-  // The item cap: the batch's work over kItemsPerCta items per CTA, >= 1.
-  long long w = 0;
-  for (int b = tid; b < p.B; b += NT) {
-    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    w += tiles_of(qs, ks) * step_cost(qs, ks);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-  if (lane == 0) warp_work[warp] = w;
-  __syncthreads();
-  long long total = 0;
-  for (int i = 0; i < NT / 32; ++i) total += warp_work[i];
-  const long long share =
-      total * heads / (static_cast<long long>(Tr::kItemsPerCta) * (ctas > 0 ? ctas : 1));
-  const long long cap = share > 0 ? share : 1;
   // The items of sequence b (0 when none; per head: n, the stride of each) and its bucket.
   auto items_of = [&](int b, int& bucket) {
     const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
     const int tiles = tiles_of(qs, ks);
     if (tiles <= 0) return 0;
-    const long long per_tile = step_cost(qs, ks);
-    const int spread_b = tiles < spread ? tiles : (spread > 0 ? spread : 1);  // >= 1
-    const long long want = (tiles * per_tile + cap - 1) / cap;                // >= 1
-    const int n = Tr::kGroupTiles && want < spread_b ? static_cast<int>(want) : spread_b;
+    const int n = tiles < spread ? tiles : (spread > 0 ? spread : 1);  // >= 1
     const int per_item = (tiles + n - 1) / n;
-    const long long cost = per_tile * per_item;
+    const long long cost = step_cost(qs, ks) * per_item;
     // Costs below NB / 2 each get a bucket; above, 8 costs share one (up to cost ~4.6k: whole
     // items of sequences up to ~6.1k rows keep their order; one bucket per cost saturated at
     // 1024, so every sequence of >= ~2.9k rows shared bucket 0, in the atomics' order).
