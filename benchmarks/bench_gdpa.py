@@ -87,11 +87,13 @@ def parse_fwd_options(text):
 def gdpa_fn(args):
     """attnkit's call: the public op, or the private ops on the kernels and options asked for."""
     opts = parse_fwd_options(args.fwd_options)
-    if args.kernel is None and args.bwd_kernel is None and not opts and not args.bwd_deterministic:
+    if (args.kernel is None and args.bwd_kernel is None and not opts and not args.bwd_deterministic
+            and not args.bwd_unsorted):
         return attnkit.gdpa
     return lambda *a, **kw: _gdpa_with(*a, **kw, fwd_kernel=args.kernel or "auto",
                                        bwd_kernel=args.bwd_kernel or "auto",
-                                       deterministic=args.bwd_deterministic, **opts)
+                                       deterministic=args.bwd_deterministic,
+                                       bwd_sorted=False if args.bwd_unsorted else None, **opts)
 
 
 def main():
@@ -116,6 +118,8 @@ def main():
     p.add_argument("--fwd-options", default="",
                    help="forward launch options, e.g. ping_pong=0,split_loaders=0,persistent=0,sorted=0")
     p.add_argument("--bwd-deterministic", action="store_true", help="the backward's dQ without atomics")
+    p.add_argument("--bwd-unsorted", action="store_true",
+                   help="the ws backward without its jagged schedule (one CTA per key tile, in order)")
     p.add_argument("--no-triton", action="store_true",
                    help="leave out the Triton peer (benchmarks/triton_gdpa.py)")
     args = p.parse_args()

@@ -25,7 +25,8 @@ TORCH_LIBRARY(attnkit, m) {
   // private ops do not read), and the options' defaults are the public ops'. Forward options: the
   // warp-specialised kernel's consumer ping-pong, split K / V loaders, persistent grid, jagged
   // schedule for non-dense batches; backward: deterministic dQ (also on under
-  // torch.use_deterministic_algorithms). Not differentiable.
+  // torch.use_deterministic_algorithms), jagged schedule for non-dense batches (None: where it
+  // pays, choose.h bwd_ws_jagged; True: always; False: never). Not differentiable.
   m.def(
       "_gdpa_fwd_with(Tensor q, Tensor k, Tensor v, Tensor q_offsets, Tensor kv_offsets, "
       "SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation=\"fast_gelu\", "
@@ -36,19 +37,20 @@ TORCH_LIBRARY(attnkit, m) {
       "_gdpa_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor q_offsets, "
       "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "
       "float qk_scale, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
-      "bool broadcast_q=False, str kernel=\"auto\", bool deterministic=False) "
+      "bool broadcast_q=False, str kernel=\"auto\", bool deterministic=False, bool? sorted=None) "
       "-> (Tensor, Tensor, Tensor)");
   // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
-  // the kernel that would run ("sm90_ws+jagged": the warp-specialised forward on its jagged
-  // schedule, for a batch that is not dense), or a RuntimeError with the reason a named kernel
-  // cannot take such a call. Takes no tensor, so every build answers it on the CPU. The defaults
-  // describe a dense bf16 call at head dim 128 that every kernel of the direction can take, on a
-  // 9.0 device of an sm_90a build (maps_ok: the backward's after the launcher's copy).
+  // the kernel that would run ("sm90_ws+jagged": the warp-specialised forward or backward on its
+  // jagged schedule, for a batch that is not dense), or a RuntimeError with the reason a named
+  // kernel cannot take such a call. Takes no tensor, so every build answers it on the CPU. The
+  // defaults describe a dense bf16 call at head dim 128 that every kernel of the direction can
+  // take, on a 9.0 device of an sm_90a build (maps_ok: the backward's after the launcher's copy);
+  // dense, items and max_seq_len_kv decide the schedule (choose.h ws_jagged, bwd_ws_jagged).
   m.def(
       "_gdpa_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
       "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "
       "bool maps_ok=True, bool windowed=False, bool deterministic=False, bool dense=True, "
-      "int items=1) -> str");
+      "int items=1, int max_seq_len_kv=512) -> str");
 
   // ---- paged decode attention, DESIGN §3.2 ----
   m.def(

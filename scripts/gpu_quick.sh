@@ -50,6 +50,8 @@
 # moe_choose: the MoE CUDA tests (kernels pinned through the private ops), memcheck on them, the
 # grouped GEMM on sm80 and auto; paged_tests: the paged family's CUDA tests, then bench_paged;
 # permute_bound: moe_permute against Triton floors of its traffic;
+# gdpa_schedule: both ws GDPA kernels' jagged schedule (tests, memcheck, the backward's list
+# against its in-order launch, the jagged forward's DRAM bytes);
 # gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
 # drop-in shims' CUDA tests;
 # audit_checks: the twenty-ninth session's audit fixes on CUDA (bad-input matrices, the paged
@@ -193,6 +195,23 @@ for s in $QUICK; do
         -k "(jagged_schedule and bfloat16 and 128 and False and tile_edges) or (forward_warp_specialised and bfloat16 and 128 and False and (free or single_loader))"
       step bench_gdpa_vtail 60 $PY benchmarks/bench_gdpa.py --no-triton --shapes 256,512,1024,2048 \
         --passes fwd --kernel sm90_ws $BENCH ;;
+    gdpa_schedule)  # issue #19: both ws GDPA kernels on the jagged schedule (ws_schedule.cuh):
+      # the ws tests (forward and backward lists, multi-tile items, garbage offsets, keyless rows,
+      # windows), the backward's list against its in-order launch in this build
+      # (gdpa_bwd_schedule_ab.py), the jagged forward's DRAM reads at max length 512 (ncu; the
+      # twenty-seventh session: 1.328 GB, 1.48x q + k + v), then memcheck on the backward's list
+      # and the garbage-offset tests (last: the slowest). ~350 s after the build (not yet timed)
+      # -n 8: the twenty-ninth session's run of these tests at -n 16 ran the H100's 80 GB out of
+      # memory (the backward list's case of 600 sequences, since cut to 124)
+      step gdpa_schedule_tests 150 $PY -m pytest tests/test_gdpa_cuda.py -q -n 8 -rfE \
+        -k "jagged_schedule or warp_specialised or garbage or keyless or window"
+      step gdpa_bwd_schedule_ab 120 $PY benchmarks/gdpa_bwd_schedule_ab.py
+      step gdpa_fwd_dram 60 ncu --metrics dram__bytes_read.sum,gpu__time_duration.sum \
+        --kernel-name regex:"gdpa_fwd_ws_kernel" --launch-count 1 $PY benchmarks/profile_gdpa.py \
+        --max-len 512 --sparsity 0.5 --forward-only
+      step gdpa_schedule_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(backward_jagged_schedule and (one_side_empty or tile_edges) and max) or garbage" ;;
     gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
       # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
       step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;

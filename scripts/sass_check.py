@@ -44,7 +44,7 @@ KERNELS = {
         "kernels/gdpa/bwd_ws.cuh",
         "template cudaError_t attnkit::gdpa::launch_gdpa_bwd_ws<__nv_bfloat16>("
         "const attnkit::gdpa::BwdWgmmaParams&, const attnkit::gdpa::BwdWsMaps&, int, int,"
-        " cudaStream_t);"),
+        " int32_t*, cudaStream_t);"),
     "flash_fwd_ws": (
         "kernels/flash/fwd_ws.cuh",
         "template cudaError_t attnkit::flash::ws::launch_fwd_ws<__nv_bfloat16>("

@@ -53,6 +53,11 @@ def poison_allocator(device, nbytes=64 << 20):
     """
     if str(device).startswith("cuda"):
         torch.full((nbytes // 4,), float("nan"), device=device)
+        # Allocations of <= 1 MB come from the allocator's small pool (2 MB segments), which the
+        # block above never reaches: NaN blocks of 1 MB, 256 KB and 64 KB there too (28 MB).
+        small = [torch.full((n // 4,), float("nan"), device=device)
+                 for n in [1 << 20] * 16 + [256 << 10] * 32 + [64 << 10] * 64]
+        del small
         return
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True

@@ -140,17 +140,26 @@ def test_backward_refusals_and_fallbacks():
         assert CHOOSE("bwd", "auto", maps_ok=False, **facts) == "sm80"
 
 
-def test_forward_schedule():
-    """The warp-specialised forward runs its jagged schedule for a batch that is not dense and
-    whose work-item list fits (<= 2^22 items); dense batches, longer lists and the other kernels
-    do not (the backward has no such schedule)."""
+def test_ws_schedule():
+    """The warp-specialised forward and backward run their jagged schedule for a batch that is
+    not dense and whose work-item list fits (<= 2^22 items), the backward only where the hint
+    spans more than two key tiles; dense batches, longer lists and the other kernels do not."""
     assert CHOOSE("fwd", "auto", dense=False, items=4608) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "sm90_ws", dense=False, items=1 << 22) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "auto", dense=False, items=(1 << 22) + 1) == "sm90_ws"
     assert CHOOSE("fwd", "auto", dense=True, items=4608) == "sm90_ws"
     assert CHOOSE("fwd", "auto", dense=False, items=4608, head_dim=64) == "sm90_ws+jagged"
     assert CHOOSE("fwd", "sm80", dense=False, items=4608) == "sm80"
-    assert CHOOSE("bwd", "auto", dense=False, items=4608) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", dense=False, items=4608) == "sm90_ws+jagged"
+    assert CHOOSE("bwd", "sm90_ws", dense=False, items=1 << 22) == "sm90_ws+jagged"
+    assert CHOOSE("bwd", "auto", dense=False, items=(1 << 22) + 1) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", dense=True, items=4608) == "sm90_ws"
+    assert CHOOSE("bwd", "sm80", dense=False, items=4608) == "sm80"
+    # The backward's list only from three key tiles of the hint (choose.h bwd_ws_jagged: at two
+    # it lost to the in-order launch); the forward's at every length.
+    assert CHOOSE("bwd", "auto", dense=False, items=4608, max_seq_len_kv=256) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", dense=False, items=4608, max_seq_len_kv=257) == "sm90_ws+jagged"
+    assert CHOOSE("fwd", "auto", dense=False, items=4608, max_seq_len_kv=64) == "sm90_ws+jagged"
 
 
 def test_unknown_names():

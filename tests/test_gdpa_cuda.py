@@ -307,6 +307,32 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
     assert torch.equal(attnkit.gdpa(q, k, v, wide, wide, 64, 64, "gelu", causal=True), want)
 
 
+def check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=1, **with_):
+    """The ws backward (BWD_WITH, kernel sm90_ws and `with_`'s launch options) on
+    poisoned_jagged inputs (H 4, Hkv 2) with NaN grad rows past the last offset, on a poisoned
+    allocator, against the reference on the same inputs with the poison zeroed: dq of the real
+    rows, dk / dv whole (the filler sequences, NaN keys without queries, get 0), dq rows past the
+    last sequence 0. hint_div: length hints that fraction of the longest sequence's. Returns the
+    inputs (q, k, v, qo, ko, mq, mk, g) and the gradients."""
+    q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=D)
+    mq, mk = max(1, mq // hint_div), max(1, mk // hint_div)
+    g = torch.randn_like(q) * 0.5
+    g[qo[-1]:] = float("nan")
+    args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
+    poison_allocator("cuda")
+    got = BWD_WITH(g, *args, **opts, kernel="sm90_ws", **with_)
+    g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
+    clean = [t.requires_grad_() for t in clean]
+    ref = gdpa_ref(*clean, *args[3:], **opts)
+    want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
+    nq = int(qo[-1])
+    for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
+                       ("dv", got[2], want[2])):
+        assert_close(a, w, torch.bfloat16, f"{what}: {name}", tol=1e-2)
+    assert (got[0][nq:] == 0).all(), f"{what}: dq rows past the last sequence must be 0"
+    return (q, k, v, qo, ko, mq, mk, g), got
+
+
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("D", [128, 80])
 @pytest.mark.parametrize("causal", [False, True])
@@ -319,22 +345,8 @@ def test_cuda_backward_warp_specialised_poisoned(D, causal, deterministic):
     sequence stay 0."""
     lens = [0, 1, 77, 128, 129, 300, 1000]
     for q_lens, kv_lens in [(lens, lens), (lens, [5, 129, 1, 1000, 0, 77, 300])]:
-        q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=D)
-        g = torch.randn_like(q) * 0.5
-        g[qo[-1]:] = float("nan")
-        args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
-        kw = dict(pre_scale=0.7, causal=causal, deterministic=deterministic)
-        got = BWD_WITH(g, *args, **kw, kernel="sm90_ws")
-        g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
-        clean = [t.requires_grad_() for t in clean]
-        ref = gdpa_ref(*clean, *args[3:], pre_scale=0.7, causal=causal)
-        want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
-        nq = int(qo[-1])
-        # dk / dv whole: the filler sequences (NaN keys, no queries) get 0 (no query sees them).
-        for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
-                           ("dv", got[2], want[2])):
-            assert_close(a, w, torch.bfloat16, f"poisoned D={D} causal={causal}: {name}", tol=1e-2)
-        assert (got[0][nq:] == 0).all(), "dq rows past the last sequence must be 0"
+        check_poisoned_backward(q_lens, kv_lens, D, dict(pre_scale=0.7, causal=causal),
+                                f"poisoned D={D} causal={causal}", deterministic=deterministic)
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
@@ -345,22 +357,10 @@ def test_cuda_backward_warp_specialised_narrow_key_tiles(deterministic, mask):
     <= 64 keys leaves warpgroup 1 idle and runs dQ with K = 64. NaN rows after every sequence;
     gradients against the reference, GQA (two query heads per kv head), query and key lengths
     that differ."""
-    causal, window = mask == "causal", (37 if mask == "window" else -1)
+    opts = dict(pre_scale=0.7, causal=mask == "causal", window_size=37 if mask == "window" else -1)
     for q_lens, kv_lens in [(TILE_EDGE_LENS, TILE_EDGE_LENS), (TILE_EDGE_LENS[::-1], TILE_EDGE_LENS)]:
-        q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=128)
-        g = torch.randn_like(q) * 0.5
-        g[qo[-1]:] = float("nan")
-        args = (q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5)
-        kw = dict(pre_scale=0.7, causal=causal, window_size=window)
-        got = BWD_WITH(g, *args, **kw, deterministic=deterministic, kernel="sm90_ws")
-        g0, *clean = [torch.nan_to_num(t, nan=0.0) for t in (g, q, k, v)]
-        clean = [t.requires_grad_() for t in clean]
-        ref = gdpa_ref(*clean, *args[3:], **kw)
-        want = torch.autograd.grad(ref, clean, g0.to(ref.dtype))
-        nq = int(qo[-1])
-        for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
-                           ("dv", got[2], want[2])):
-            assert_close(a, w, torch.bfloat16, f"narrow key tiles {mask}: {name}", tol=1e-2)
+        check_poisoned_backward(q_lens, kv_lens, 128, opts, f"narrow key tiles {mask}",
+                                deterministic=deterministic)
 
 
 @needs_cuda
@@ -563,6 +563,64 @@ def test_cuda_forward_jagged_schedule_many_sequences(causal):
     out = check_forward(*args, "fast_gelu", causal, "jagged schedule, 2122 sequences", **WS)
     in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
     assert torch.equal(out, in_order), "the jagged schedule changed the result"
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hint", ["max", "third"])
+def test_cuda_forward_jagged_schedule_multi_tile_items(causal, hint):
+    """A list item walks query tiles tile, tile + n, ... of one (sequence, head), n its entry's
+    stride. With WsSchedTraits::kGroupTiles off (since the twenty-ninth session) an item is one
+    tile unless the length hint has fewer tiles than the sequence: hint="third" (a third of the
+    longest) gives the 17-tile sequences items of stride 6 walking 2-3 tiles; "max", one tile per
+    item (with grouping on: 600 sequences of 3 tiles as one item each, the 17-tile ones in ~12
+    items of stride 1 < n < 17). Every row against the reference, then bitwise equal to the
+    in-order schedule (sorted=False)."""
+    q_lens = [384] * 300 + [2148, 2148] + [384] * 300 + [2100, 2148]
+    args = poisoned_jagged(torch.bfloat16, q_lens, q_lens, H=4, Hkv=2, D=128)
+    if hint == "third":
+        args = (*args[:5], args[5] // 3, args[6] // 3)
+    out = check_forward(*args, "fast_gelu", causal, "jagged schedule, multi-tile items", **WS)
+    in_order = FWD_WITH(*args, "fast_gelu", 0.5, pre_scale=0.7, causal=causal, **WS, sorted=False)
+    assert torch.equal(out, in_order), "the jagged schedule changed the result"
+
+
+# The warp-specialised backward's jagged schedule (bwd_ws.cuh on ws_schedule.cuh's list): items
+# of the key tiles of each (sequence, kv head) with keys, longest first, walked by persistent
+# CTAs; sorted=False keeps one CTA per key tile in order.
+BWD_JAGGED_CASES = {
+    "tile_edges": (TILE_EDGE_LENS, TILE_EDGE_LENS[::-1]),
+    # many short sequences and a few long ones: one tile per item, or with hint="third" strided
+    # items of 2-3 tiles (WsSchedTraits::kGroupTiles off; 60 + 60 short ones, not 300 + 300: the
+    # reference's autograd over 600 held GBs per xdist worker, and 16 filled an H100)
+    "multi_tile_items": ([384] * 60 + [1000, 2148] + [384] * 60 + [1000, 2100],) * 2,
+    # queries without keys and keys without queries (their dk / dv rows are zeros); > 1 MB of
+    # gradients, so they come from the poisoned large pool
+    "one_side_empty": ([0, 5, 300, 0, 129, 64] * 8, [77, 0, 300, 129, 0, 65] * 8),
+}
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("case", list(BWD_JAGGED_CASES))
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+@pytest.mark.parametrize("hint", ["max", "third"])
+def test_cuda_backward_jagged_schedule(case, mask, hint):
+    """The ws backward on its jagged schedule against the reference (NaN rows after every
+    sequence and past the last offset, as poisoned_jagged), then, under deterministic dQ, bitwise
+    equal to the in-order launch (sorted=False): the list changes which CTA runs a key tile,
+    never what it computes. hint="third": length hints a third of the longest sequence's, so
+    the list's items stride over more tiles than the hint has; a window of 100 leaves key tiles
+    that no query sees between tiles with work, inside one item."""
+    q_lens, kv_lens = BWD_JAGGED_CASES[case]
+    opts = dict(pre_scale=0.7, causal=mask == "causal", window_size=100 if mask == "window" else -1)
+    what = f"bwd jagged {case} {mask} hint={hint}"
+    inputs, _ = check_poisoned_backward(q_lens, kv_lens, 128, opts, what,
+                                        hint_div=3 if hint == "third" else 1, sorted=True)
+    g, args = inputs[-1], (*inputs[:-1], "fast_gelu", 0.5)
+    listed = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True, sorted=True)
+    in_order = BWD_WITH(g, *args, **opts, kernel="sm90_ws", deterministic=True, sorted=False)
+    for name, a, b in zip(("dq", "dk", "dv"), listed, in_order):
+        assert torch.equal(a, b), f"the jagged schedule changed {name} ({what})"
 
 
 def _cat_rows(parts, like):

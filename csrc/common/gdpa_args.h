@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -165,6 +166,13 @@ inline FwdLaunchOptions make_fwd_launch_options(bool ping_pong, bool split_loade
   o.split_loaders = split_loaders;
   o.persistent = persistent;
   o.sorted = sorted;
+  return o;
+}
+
+inline BwdLaunchOptions make_bwd_launch_options(bool deterministic, std::optional<bool> sorted) {
+  BwdLaunchOptions o;
+  o.deterministic = deterministic;
+  o.sorted = !sorted.has_value() ? WsList::kAuto : (*sorted ? WsList::kOn : WsList::kOff);
   return o;
 }
 

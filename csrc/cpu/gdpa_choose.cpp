@@ -17,7 +17,8 @@ namespace {
 std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view request,
                                int64_t head_dim, bool half, int64_t sm_major, int64_t sm_minor,
                                bool sm80_built, bool sm90a_built, bool maps_ok, bool windowed,
-                               bool deterministic, bool dense, int64_t items) {
+                               bool deterministic, bool dense, int64_t items,
+                               int64_t max_seq_len_kv) {
   const std::string dir(direction);
   ATTNKIT_CHECK(dir == "fwd" || dir == "bwd", "direction: expected 'fwd' or 'bwd', got '", dir,
                 "'");
@@ -42,10 +43,10 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
   const GdpaChoice c = bwd ? choose_bwd(f, req) : choose_fwd(f, req);
   check_choice(c, bwd ? "gdpa_bwd" : "gdpa_fwd", req, "request argument");
   std::string name = gdpa_kernel_name(c.kernel);
-  // The warp-specialised forward's schedule at the default launch options (sorted = true).
-  if (!bwd && c.kernel == GdpaKernel::kSm90Ws && fwd_ws_jagged(dense, items, /*sorted=*/true)) {
-    name += "+jagged";
-  }
+  // The warp-specialised kernels' schedule at the public ops' launch options.
+  const bool jagged = bwd ? bwd_ws_jagged(dense, items, BwdLaunchOptions{}.sorted, max_seq_len_kv)
+                          : ws_jagged(dense, items, FwdLaunchOptions{}.sorted);
+  if (c.kernel == GdpaKernel::kSm90Ws && jagged) { name += "+jagged"; }
   return name;
 }
 

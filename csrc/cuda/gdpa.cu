@@ -46,6 +46,21 @@ void check_cuda(const at::Tensor& q) {
 }
 
 #if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
+// Whether every sequence is as long as the hints, told without reading the offsets (choose.h
+// ws_jagged).
+bool ws_dense(const FwdParams& p, int64_t mq, int64_t mk) {
+  return int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+}
+
+// The warp-specialised kernels' jagged-schedule workspace for a list of `items` (stream-ordered,
+// so the call stays capturable), or an undefined tensor where the batch runs in order (`jagged`
+// false: choose.h ws_jagged / bwd_ws_jagged). `like`: the offsets, whose options (int32, device)
+// it takes.
+at::Tensor ws_sched_workspace(int64_t items, bool jagged, const at::Tensor& like) {
+  if (!jagged) return at::Tensor();
+  return at::empty({ws_sched_elems(items)}, like.options());
+}
+
 // Row coordinates of the warp-specialised kernels' maps are int32 (a box may start up to one box
 // past the last row): tensors with more rows cannot be mapped, copied or not.
 constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
@@ -99,7 +114,8 @@ bool ws_rows_fit(const at::Tensor& q, const at::Tensor& k, std::string* why) {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
 // Tensor maps of q, k, v in FwdWsTraits' boxes, copying the inputs they cannot address (the
 // caller refills FwdParams from the tensors afterwards); false where a copy cannot help.
-// k64 / v64: the same k and v in 64-row boxes, for the jagged schedule's narrow key tiles.
+// k64 / v64 / q64: the same k, v and q in 64-row boxes, for the jagged schedule's narrow key and
+// query tiles.
 bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m, std::string* why) {
   using Tr = FwdWsTraits;
   static_assert(Tr::kBoxCols == 64, "ws_map_or_copy's box width");
@@ -107,7 +123,8 @@ bool fwd_ws_maps(at::Tensor& q, at::Tensor& k, at::Tensor& v, FwdWsMaps* m, std:
   return ws_rows_fit(q, k, why) && ws_map_or_copy(q, "q", full, &m->q, why) &&
          ws_map_or_copy(k, "k", full, &m->k, why) && ws_map_or_copy(v, "v", full, &m->v, why) &&
          ws_map_or_copy(k, "k", narrow, &m->k64, why) &&
-         ws_map_or_copy(v, "v", narrow, &m->v64, why);
+         ws_map_or_copy(v, "v", narrow, &m->v64, why) &&
+         ws_map_or_copy(q, "q", narrow, &m->q64, why);
 }
 #else
 struct FwdWsMaps {};  // no tensor maps in this build: maps_ok stays false
@@ -341,13 +358,8 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
-          // Dense: every sequence as long as the hints (choose.h fwd_ws_jagged).
-          const bool dense =
-              int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
-          at::Tensor sched;  // the jagged schedule's workspace (stream-ordered: capturable)
-          if (fwd_ws_jagged(dense, items, lo.sorted)) {
-            sched = at::empty({fwd_ws_sched_elems(items)}, qo.options());
-          }
+          const at::Tensor sched =
+              ws_sched_workspace(items, ws_jagged(ws_dense(p, mq, mk), items, lo.sorted), qo);
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
@@ -517,7 +529,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             pw.dq_accum = dq_accum.data_ptr<float>();
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
-          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk, stream);
+          const int64_t items = bwd_ws_items(pw, mk);
+          const at::Tensor sched = ws_sched_workspace(
+              items, bwd_ws_jagged(ws_dense(p, mq, mk), items, lo.sorted, mk), qo);
+          return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
+                                       sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
+                                       stream);
 #else
           return not_instantiated("gdpa_bwd", c.kernel);
 #endif
@@ -551,13 +568,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_cuda(
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
     c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
     bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel,
-    bool deterministic) {
+    bool deterministic, std::optional<bool> sorted) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
-  BwdLaunchOptions lo;
-  lo.deterministic = deterministic;
   return gdpa_bwd(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                   std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
-                  broadcast_q, req, lo);
+                  broadcast_q, req, make_bwd_launch_options(deterministic, sorted));
 }
 
 }  // namespace

@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_with_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
     c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
-    bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel, bool) {
+    bool causal, int64_t window_size, bool broadcast_q, c10::string_view kernel, bool,
+    std::optional<bool>) {
   check_kernel_request(kernel, "kernel");
   return gdpa_bwd_meta(grad_out, q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                        std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,

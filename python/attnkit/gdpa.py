@@ -276,9 +276,9 @@ class _GdpaWith(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_offsets, kv_offsets, mq, mk, activation, qk_scale, kwargs,
-                fwd_kernel, bwd_kernel, fwd_options, deterministic):
+                fwd_kernel, bwd_kernel, fwd_options, bwd_options):
         ctx.save_for_backward(q, k, v, q_offsets, kv_offsets)
-        ctx.args = (mq, mk, activation, qk_scale, kwargs, bwd_kernel, deterministic)
+        ctx.args = (mq, mk, activation, qk_scale, kwargs, bwd_kernel, bwd_options)
         return torch.ops.attnkit._gdpa_fwd_with(q, k, v, q_offsets, kv_offsets, mq, mk, activation,
                                                 qk_scale, kernel=fwd_kernel, **kwargs,
                                                 **fwd_options)
@@ -287,27 +287,31 @@ class _GdpaWith(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # _gdpa_bwd_with has no derivative
     def backward(ctx, grad_out):
         q, k, v, qo, ko = ctx.saved_tensors
-        mq, mk, activation, qk_scale, kwargs, bwd_kernel, deterministic = ctx.args
+        mq, mk, activation, qk_scale, kwargs, bwd_kernel, bwd_options = ctx.args
         dq, dk, dv = torch.ops.attnkit._gdpa_bwd_with(
             grad_out.contiguous(), q, k, v, qo, ko, mq, mk, activation, qk_scale,
-            kernel=bwd_kernel, deterministic=deterministic, **kwargs)
+            kernel=bwd_kernel, **bwd_options, **kwargs)
         return dq, dk, dv, *([None] * 11)
 
 
 def _gdpa_with(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                activation="fast_gelu", qk_scale=1.0, *, pre_scale=1.0, causal=False,
                window_size=-1, broadcast_q=False, fwd_kernel="auto", bwd_kernel="auto",
-               deterministic=False, **fwd_options):
+               deterministic=False, bwd_sorted=None, **fwd_options):
     """Private, for tests and benchmarks: ``gdpa`` on named kernels, differentiable.
 
     The forward runs ``torch.ops.attnkit._gdpa_fwd_with`` with ``kernel=fwd_kernel`` and the
     warp-specialised forward's launch options (``ping_pong``, ``split_loaders``, ``persistent``,
-    ``sorted``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel`` and
-    ``deterministic``. Kernel names: auto | portable | sm80 | sm90 | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel that cannot take the call
-    raises. Neither reads ATTNKIT_GDPA_KERNEL. Not for torch.compile (a Python autograd.Function).
+    ``sorted``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel``, ``deterministic``
+    and ``sorted=bwd_sorted`` (the warp-specialised backward's jagged schedule: None where it
+    pays, as the public op, True always, False never). Kernel names:
+    auto | portable | sm80 | sm90 | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel
+    that cannot take the call raises. Neither reads ATTNKIT_GDPA_KERNEL. Not for torch.compile (a
+    Python autograd.Function).
     """
     kwargs = dict(pre_scale=pre_scale, causal=causal, window_size=window_size,
                   broadcast_q=broadcast_q)
+    bwd_options = dict(deterministic=deterministic, sorted=bwd_sorted)
     return _GdpaWith.apply(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                            activation, qk_scale, kwargs, fwd_kernel, bwd_kernel, fwd_options,
-                           deterministic)
+                           bwd_options)

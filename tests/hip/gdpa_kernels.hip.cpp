@@ -37,7 +37,9 @@ template cudaError_t launch_gdpa_zero_keyless_rows<bf16_t>(bf16_t*, int64_t, con
 GdpaKernel hip_check_choice(const GdpaFacts& f) {
   const FwdLaunchOptions lo;
   const GdpaChoice c = choose_fwd(f, GdpaRequest::kAuto);
-  if (fwd_ws_jagged(false, 1, lo.sorted) && c.ok()) return c.kernel;
+  if (ws_jagged(false, 1, lo.sorted) && bwd_ws_jagged(false, 1, BwdLaunchOptions{}.sorted, 512) &&
+      c.ok())
+    return c.kernel;
   return choose_bwd(f, GdpaRequest::kSm90).kernel;
 }
 

@@ -7,7 +7,11 @@
 // shared with flash/bwd_ws.cuh.
 //
 // CTA = (sequence, 128-key tile, kv head) work items (cta_item: a sequence longer than the
-// grid's hint is covered by striding over its key tiles), 384 threads:
+// grid's hint is covered by striding over its key tiles); for a batch that is not dense
+// (kList), one CTA per SM walking the jagged schedule's list (ws_schedule.cuh: longest first,
+// the key tiles of each (sequence, kv head) with keys, a long one's split into a few strided
+// items), so no CTA is launched for an empty tile and a CTA's next K / V load overlaps its last
+// tile's dK / dV stores. 384 threads:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); thread 0 issues every
 //     load as a tensor-map copy (kernels/common/tma.cuh): K and V once per key tile (two
 //     [128 rows][1 head][64 cols] boxes each), then per step the [64][1][64] boxes of Q and dO
@@ -36,6 +40,7 @@
 // rows by the clamped lengths.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/common/bulk_copy.cuh"
@@ -46,6 +51,7 @@
 #include "kernels/gdpa/bwd_mma.cuh"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
+#include "kernels/gdpa/ws_schedule.cuh"
 
 #define ATTNKIT_HAS_GDPA_BWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
@@ -99,9 +105,48 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32
 }
 #endif
 
-template <typename T, bool kFusedDq>
+// A CTA's work items. In order (kList = false): item blockIdx.x of cta_item's enumeration, one
+// per CTA. From the jagged list (kList = true, gdpa_ws_schedule_kernel<true>): entries in
+// ws_snake's order over the persistent CTAs. Each item's key tiles are it.tile, + it.tiles, ...
+// (cta_item: the hint's tiles, for a sequence longer than the hint; the list: the entry's stride
+// n). Every role runs its own copy of the walk, in the same order.
+template <bool kList>
+struct BwdWsWalk {
+  const int4* list;
+  int items, round = 0;
+  bool done = false;
+
+#if defined(__CUDACC__)
+  ATTNKIT_DEVICE ATTNKIT_INLINE BwdWsWalk(const int32_t* sched, int64_t capacity)
+      : list(kList ? reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader) : nullptr),
+        items(kList ? ws_list_items(sched, capacity) : 0) {}
+
+  ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const BwdWgmmaParams& p, CtaItem& it, SeqRange& qs,
+                                          SeqRange& ks) {
+    if constexpr (kList) {
+      const int item = ws_snake(round++);
+      if (item >= items) return false;
+      const int4 r = list[2 * item], e = list[2 * item + 1];
+      it = {e.y, e.x, e.z, e.w};  // e.w: the item's stride, >= 1
+      qs = {r.x, r.y};
+      ks = {r.z, r.w};
+      return true;
+    } else {
+      if (done) return false;
+      done = true;
+      it = cta_item(p.Hkv, p.B);
+      qs = seq_range(p.q_offsets, it.b, p.Tq);
+      ks = seq_range(p.kv_offsets, it.b, p.Tk);
+      return true;
+    }
+  }
+#endif
+};
+
+template <typename T, bool kFusedDq, bool kList>
 __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
-    gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const __grid_constant__ CUtensorMap map_q,
+    gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const int32_t* __restrict__ sched,
+                       const int64_t capacity, const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v,
                        const __grid_constant__ CUtensorMap map_do,
@@ -128,12 +173,12 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   if (tid == 0) ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
   __syncthreads();             // the last CTA-wide barrier
 
-  // The walk every role takes: key tiles it.tile, + it.tiles, ... of the item's sequence; per
-  // tile the query tiles its keys are seen by, for each head of the group.
-  const CtaItem it = cta_item(p.Hkv, p.B);
-  const int b = it.b, hk = it.z, G = p.H / p.Hkv;
-  const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
-  const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  // The walk every role takes: its items (BwdWsWalk), in each the key tiles it.tile, + it.tiles,
+  // ... of the item's sequence; per tile the query tiles its keys are seen by, for each head of
+  // the group.
+  const int G = p.H / p.Hkv;
+  CtaItem it{};
+  SeqRange qs{}, ks{};
   struct Tile {
     int q_start, nq, steps;
   };
@@ -152,29 +197,33 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     tma::prefetch_map(&map_v);
     tma::prefetch_map(&map_do);
     uint32_t slot = 0, kv_n = 0;  // steps / K-V tiles this CTA has loaded so far
-    for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
-      const int j0 = tile * BN;
-      const Tile t = tile_steps(j0);
-      if (t.steps == 0) continue;
-      ring.producer_kv_acquire(kv_n);
-      bulk::arrive_expect_tx(ring.full_kv(), 2 * Tr::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kBoxes; ++c) {
-        const int off = c * BN * 128;
-        tma::load_3d(sk + off, &map_k, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
-        tma::load_3d(sv + off, &map_v, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
-      }
-      ++kv_n;
-      for (int st = 0; st < t.steps; ++st, ++slot) {
-        const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
-        const uint32_t stage = slot % S;
-        ring.producer_step_acquire(slot);
-        bulk::arrive_expect_tx(ring.full(slot), 2 * Tr::kQBytes);
+    BwdWsWalk<kList> walk(sched, capacity);
+    while (walk.next(p, it, qs, ks)) {
+      const int hk = it.z;
+      for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
+        const int j0 = tile * BN;
+        const Tile t = tile_steps(j0);
+        if (t.steps == 0) continue;
+        ring.producer_kv_acquire(kv_n);
+        bulk::arrive_expect_tx(ring.full_kv(), 2 * Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kBoxes; ++c) {
-          const int off = stage * Tr::kQBytes + c * BM * 128;
-          tma::load_3d(sq + off, &map_q, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
-          tma::load_3d(sdo + off, &map_do, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
+          const int off = c * BN * 128;
+          tma::load_3d(sk + off, &map_k, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
+          tma::load_3d(sv + off, &map_v, c * Tr::kBoxCols, hk, ks.begin + j0, ring.full_kv());
+        }
+        ++kv_n;
+        for (int st = 0; st < t.steps; ++st, ++slot) {
+          const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
+          const uint32_t stage = slot % S;
+          ring.producer_step_acquire(slot);
+          bulk::arrive_expect_tx(ring.full(slot), 2 * Tr::kQBytes);
+#pragma unroll
+          for (int c = 0; c < kBoxes; ++c) {
+            const int off = stage * Tr::kQBytes + c * BM * 128;
+            tma::load_3d(sq + off, &map_q, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
+            tma::load_3d(sdo + off, &map_do, c * Tr::kBoxCols, h, qs.begin + i0, ring.full(slot));
+          }
         }
       }
     }
@@ -214,142 +263,148 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   };
 
   uint32_t slot = 0, kv_n = 0;
-  for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
-    const int j0 = tile * BN;
-    const Tile t = tile_steps(j0);
-    const int krows = min(ks.len - j0, BN);
+  BwdWsWalk<kList> walk(sched, capacity);
+  while (walk.next(p, it, qs, ks)) {
+    const int hk = it.z;
+    for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
+      const int j0 = tile * BN;
+      const Tile t = tile_steps(j0);
+      const int krows = min(ks.len - j0, BN);
 
-    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+      float acc_dk[D / 8][4], acc_dv[D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+      for (int i = 0; i < D / 8; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
-    if (t.steps > 0) {
-      ring.consumer_kv_wait(kv_n);
-      if (krows < BN) zero_tail(sk, sv, BN, krows);  // the next sequence's keys
-    }
-
-    for (int st = 0; st < t.steps; ++st, ++slot) {
-      const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
-      const uint32_t stage = slot % S;
-      ring.consumer_step_wait(slot);
-      if (qs.len - i0 < BM) {  // the next sequence's queries
-        zero_tail(sq + stage * Tr::kQBytes, sdo + stage * Tr::kQBytes, BM, qs.len - i0);
+      if (t.steps > 0) {
+        ring.consumer_kv_wait(kv_n);
+        if (krows < BN) zero_tail(sk, sv, BN, krows);  // the next sequence's keys
       }
-      const uint32_t sq_s = sq_addr + stage * Tr::kQBytes, sdo_s = sdo_addr + stage * Tr::kQBytes;
 
-      float s[BM / 8][4], dp[BM / 8][4];
-      const uint32_t k_now = here(sk_addr), v_now = here(sv_addr);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        MmaS::template ss<0>(s, wgmma::desc_k_major<BN>(k_now, wg * 64, kk),
-                             wgmma::desc_k_major<BM>(sq_s, 0, kk), kk > 0);
-      }
-      wgmma::commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(v_now, wg * 64, kk),
-                             wgmma::desc_k_major<BM>(sdo_s, 0, kk), kk > 0);
-      }
-      wgmma::commit();
+      for (int st = 0; st < t.steps; ++st, ++slot) {
+        const int h = hk * G + st / t.nq, i0 = t.q_start + (st % t.nq) * BM;
+        const uint32_t stage = slot % S;
+        ring.consumer_step_wait(slot);
+        if (qs.len - i0 < BM) {  // the next sequence's queries
+          zero_tail(sq + stage * Tr::kQBytes, sdo + stage * Tr::kQBytes, BM, qs.len - i0);
+        }
+        const uint32_t sq_s = sq_addr + stage * Tr::kQBytes, sdo_s = sdo_addr + stage * Tr::kQBytes;
 
-      // Sᵀ done (dPᵀ may still run): Pᵀ packed, s <- the dS factor (masked entries 0 in both).
-      wgmma::wait<1>();
-      wgmma::fence_regs(s);
-      uint32_t pa[BM / 16][4], dsa[BM / 16][4];
-      // The warp's first key row, from the thread's index read again (kept live, it was spilled).
-      const int t_row = thread_now() - 128, row0 = (t_row / 128) * 64 + ((t_row / 32) & 3) * 16;
-      const int key0 = j0 + row0;
-      // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
-      const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
-      const uint32_t cut_bits = cut ? window_mask_bits<true, BM / 8>(key0, i0, p.causal, p.window) : 0u;
-      if (cut) zero_bits(s, cut_bits);
-      act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale);
-      if (cut) zero_bits(s, cut_bits);
-      wgmma::fence();
+        float s[BM / 8][4], dp[BM / 8][4];
+        const uint32_t k_now = here(sk_addr), v_now = here(sv_addr);
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        MmaD::template rs<1>(acc_dv, pa[kk], wgmma::desc_n_major<BM>(sdo_s, kk), 1);
-      }
-      wgmma::commit();
+        for (int kk = 0; kk < D / 16; ++kk) {
+          MmaS::template ss<0>(s, wgmma::desc_k_major<BN>(k_now, wg * 64, kk),
+                               wgmma::desc_k_major<BM>(sq_s, 0, kk), kk > 0);
+        }
+        wgmma::commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          MmaS::template ss<0>(dp, wgmma::desc_k_major<BN>(v_now, wg * 64, kk),
+                               wgmma::desc_k_major<BM>(sdo_s, 0, kk), kk > 0);
+        }
+        wgmma::commit();
 
-      // dPᵀ done (dV may still run): dSᵀ = F ⊙ dPᵀ, rounded to the value type.
-      wgmma::wait<1>();
-      wgmma::fence_regs(dp);
-#pragma unroll
-      for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[i][e] *= s[i][e];
-      pack_a<T, BM>(dsa, dp);
-      auto issue_dk = [&] {
+        // Sᵀ done (dPᵀ may still run): Pᵀ packed, s <- the dS factor (masked entries 0 in both).
+        wgmma::wait<1>();
+        wgmma::fence_regs(s);
+        uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+        // The warp's first key row, from the thread's index read again (kept live, it was
+        // spilled).
+        const int t_row = thread_now() - 128, row0 = (t_row / 128) * 64 + ((t_row / 32) & 3) * 16;
+        const int key0 = j0 + row0;
+        // Causal / window: scores zeroed first give P = φ(0) = 0, the dS factor is zeroed after.
+        const bool cut = !tile_fully_visible(p.causal, p.window, i0, i0 + BM - 1, key0, key0 + 15);
+        const uint32_t cut_bits =
+            cut ? window_mask_bits<true, BM / 8>(key0, i0, p.causal, p.window) : 0u;
+        if (cut) zero_bits(s, cut_bits);
+        act_bwd_p_tile<T, BM / 8>(s, pa, p.act, p.pre_scale, ds_scale);
+        if (cut) zero_bits(s, cut_bits);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
-          MmaD::template rs<1>(acc_dk, dsa[kk], wgmma::desc_n_major<BM>(sq_s, kk), 1);
+          MmaD::template rs<1>(acc_dv, pa[kk], wgmma::desc_n_major<BM>(sdo_s, kk), 1);
         }
         wgmma::commit();
-      };
 
-      float dq[8][4];
-      const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
-      if constexpr (kFusedDq) {
-        // dS[q][key] from dsa: lane 8i + r addresses query row r of matrix i.
-        const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
-        const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
+        // dPᵀ done (dV may still run): dSᵀ = F ⊙ dPᵀ, rounded to the value type.
+        wgmma::wait<1>();
+        wgmma::fence_regs(dp);
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-          stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
-                                                            row0_ds + (mi & 1) * 8),
-                            dsa[kk]);
-        }
-        wgmma::fence_async_smem();
-        // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read
-        // it (a step ago: normally long done); the barrier below hands that on.
-        if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_wait_free();
-        // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
-        // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
-        wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
-        const uint32_t kcol = here(sk_addr) + wg * (BN * 128);
-        wgmma::fence();
+        for (int i = 0; i < BM / 8; ++i)
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          MmaQ::template ss<1>(dq, wgmma::desc_k_major<BM>(sds_s, 0, kk),
-                               wgmma::desc_n_major<BN>(kcol, kk), kk > 0);
+          for (int e = 0; e < 4; ++e) dp[i][e] *= s[i][e];
+        pack_a<T, BM>(dsa, dp);
+        auto issue_dk = [&] {
+          wgmma::fence();
+#pragma unroll
+          for (int kk = 0; kk < BM / 16; ++kk) {
+            MmaD::template rs<1>(acc_dk, dsa[kk], wgmma::desc_n_major<BM>(sq_s, kk), 1);
+          }
+          wgmma::commit();
+        };
+
+        float dq[8][4];
+        const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
+        if constexpr (kFusedDq) {
+          // dS[q][key] from dsa: lane 8i + r addresses query row r of matrix i.
+          const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
+          const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
+#pragma unroll
+          for (int kk = 0; kk < BM / 16; ++kk) {
+            stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
+                                                              row0_ds + (mi & 1) * 8),
+                              dsa[kk]);
+          }
+          wgmma::fence_async_smem();
+          // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read
+          // it (a step ago: normally long done); the barrier below hands that on.
+          if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_wait_free();
+          // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
+          // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
+          wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
+          const uint32_t kcol = here(sk_addr) + wg * (BN * 128);
+          wgmma::fence();
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            MmaQ::template ss<1>(dq, wgmma::desc_k_major<BM>(sds_s, 0, kk),
+                                 wgmma::desc_n_major<BN>(kcol, kk), kk > 0);
+          }
+          wgmma::commit();
+          issue_dk();  // after dQ (FlashAttention-3's order): dQ's write-out below overlaps dK
+          wgmma::wait<1>();  // dV and dQ done; dK still running
+          wgmma::fence_regs(dq);
+          const int t_now = thread_now() - 128, wg_now = t_now / 128, w_now = t_now & 127;
+          const int c0 = wg_now * 64;
+          if (c0 < p.D) {  // columns past D (the workspace's width): nothing to add
+            unsigned char* buf = sdq + wg_now * wsbwd::DqStage::kBytes;
+            wsbwd::DqStage::store(buf, dq, (w_now / 32) & 3, t_now & 31, qs.len - i0);
+            bulk::fence_proxy_async();
+            wgmma::named_barrier_sync(Tr::kDqBar + wg_now, 128);
+            if (w_now == 0) wsbwd::DqStage::issue(buf, &map_dq, c0, h, qs.begin + i0, 0);
+          }
+        } else {
+          issue_dk();
         }
-        wgmma::commit();
-        issue_dk();  // after dQ (FlashAttention-3's order): dQ's write-out below overlaps dK
-        wgmma::wait<1>();  // dV and dQ done; dK still running
-        wgmma::fence_regs(dq);
-        const int t_now = thread_now() - 128, wg_now = t_now / 128, w_now = t_now & 127;
-        const int c0 = wg_now * 64;
-        if (c0 < p.D) {  // columns past D (the workspace's width): nothing to add
-          unsigned char* buf = sdq + wg_now * wsbwd::DqStage::kBytes;
-          wsbwd::DqStage::store(buf, dq, (w_now / 32) & 3, t_now & 31, qs.len - i0);
-          bulk::fence_proxy_async();
-          wgmma::named_barrier_sync(Tr::kDqBar + wg_now, 128);
-          if (w_now == 0) wsbwd::DqStage::issue(buf, &map_dq, c0, h, qs.begin + i0, 0);
-        }
-      } else {
-        issue_dk();
+        wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
+        wgmma::fence_regs(acc_dv);
+        wgmma::fence_regs(acc_dk);
+        ring.consumer_step_release(slot, lane);
       }
-      wgmma::wait<0>();  // dV, dK (the stage's last readers) and dQ done
-      wgmma::fence_regs(acc_dv);
-      wgmma::fence_regs(acc_dk);
-      ring.consumer_step_release(slot, lane);
-    }
-    if (t.steps > 0) {  // every dQ of the tile is complete: K and V go back to the producer
-      ring.consumer_kv_release(lane);
-      ++kv_n;
-    }
+      if (t.steps > 0) {  // every dQ of the tile is complete: K and V go back to the producer
+        ring.consumer_kv_release(lane);
+        ++kv_n;
+      }
 
-    const int64_t kv_row = int64_t(ks.begin) + j0;
-    T* dk = static_cast<T*>(p.dk) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
-    T* dv = static_cast<T*>(p.dv) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
-    const int t_now = thread_now() - 128, row0_now = (t_now / 128) * 64 + ((t_now / 32) & 3) * 16;
-    store_rows<T, D>(dk, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dk, 1.f);
-    store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
+      const int64_t kv_row = int64_t(ks.begin) + j0;
+      T* dk = static_cast<T*>(p.dk) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+      T* dv = static_cast<T*>(p.dv) + kv_row * p.dkv_row_stride + hk * p.dkv_head_stride;
+      const int t_now = thread_now() - 128, row0_now = (t_now / 128) * 64 + ((t_now / 32) & 3) * 16;
+      store_rows<T, D>(dk, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dk, 1.f);
+      store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
+    }
   }
   if constexpr (kFusedDq) {
     if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_drain();
@@ -357,26 +412,56 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 #endif  // ATTNKIT_HAS_WGMMA
 }
 
+// The work items the launcher enumerates for a max key length hint: the hint's key tiles per (kv
+// head, sequence), clamped like cta_grid.
+inline int64_t bwd_ws_items(const BwdWgmmaParams& p, int max_seq_len_kv) {
+  return cta_grid((int64_t(max_seq_len_kv) + BwdWsTraits::kBlockN - 1) / BwdWsTraits::kBlockN,
+                  p.Hkv, p.B);
+}
+
 // p.dq_accum != null: dK, dV and (added into that zero-filled fp32 workspace) dQ; the caller
 // converts the workspace. Null: dK and dV here, dQ by the mma.sync dQ kernel of bwd_mma.cuh (no
 // atomics: bit-identical run to run). The caller takes this kernel only for q and k with fewer
 // than 2^31 - 1024 rows (the maps' coordinates are int32).
+// sched: nullptr launches one CTA per work item in cta_item's order (dense batches: every item
+// the same work); else a workspace of ws_sched_elems(bwd_ws_items(p, max_seq_len_kv)) int32,
+// into which the jagged schedule is built first (one small kernel on the same stream), walked by
+// one CTA per SM (the shared memory allows no second one): no CTA of an empty item is launched,
+// the long items run first, and a CTA's next K / V load overlaps its previous tile's dK / dV
+// stores.
 template <typename T>
 cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, int max_seq_len_q,
-                               int max_seq_len_kv, cudaStream_t stream) {
+                               int max_seq_len_kv, int32_t* sched, cudaStream_t stream) {
   using Tr = BwdWsTraits;
+  static_assert(Tr::kBlockN == WsSchedTraits::kTileRows && Tr::kBlockM == WsSchedTraits::kStepRows,
+                "the list's tiles are the backward's key tiles, its cost steps the query steps");
   const bool fused = p.dq_accum != nullptr;
+  cudaError_t err = cudaSuccess;
   if (!fused) {
-    const cudaError_t err = launch_gdpa_bwd_dq_mma<T, Tr::kD>(p, max_seq_len_q, stream);
-    if (err != cudaSuccess) return err;
+    if ((err = launch_gdpa_bwd_dq_mma<T, Tr::kD>(p, max_seq_len_q, stream)) != cudaSuccess)
+      return err;
   }
-  auto kernel = fused ? gdpa_bwd_ws_kernel<T, true> : gdpa_bwd_ws_kernel<T, false>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               Tr::kSmemBytes);
+  const bool list = sched != nullptr;
+  auto kernel = fused  ? (list ? gdpa_bwd_ws_kernel<T, true, true>
+                               : gdpa_bwd_ws_kernel<T, true, false>)
+                : list ? gdpa_bwd_ws_kernel<T, false, true>
+                       : gdpa_bwd_ws_kernel<T, false, false>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = cta_grid((int64_t(max_seq_len_kv) + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps.q, maps.k, maps.v, maps.dout,
-                                                         maps.dq_accum);
+  const int64_t items = bwd_ws_items(p, max_seq_len_kv);
+  unsigned grid = static_cast<unsigned>(items);
+  if (list) {
+    int dev = 0, sms = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return err;
+    grid = std::min(grid, static_cast<unsigned>(sms > 0 ? sms : 1));
+    const int kv_tiles = static_cast<int>(items / (int64_t(p.Hkv) * p.B));
+    gdpa_ws_schedule_kernel<true><<<1, WsSchedTraits::kThreads, 0, stream>>>(p, kv_tiles, sched);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, sched, items, maps.q, maps.k, maps.v,
+                                                         maps.dout, maps.dq_accum);
   return cudaGetLastError();
 }
 

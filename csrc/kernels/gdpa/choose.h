@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include "kernels/common/request_names.h"
+#include "kernels/gdpa/launch_options.h"
 
 namespace attnkit {
 namespace gdpa {
@@ -170,18 +171,35 @@ inline bool wants_tensor_maps(GdpaFacts f, GdpaRequest req, bool backward) {
   return c.ok() && c.kernel == GdpaKernel::kSm90Ws;
 }
 
-// The warp-specialised forward's schedule (fwd_ws.cuh): the jagged one (a device-built,
-// longest-first list of the non-empty work items, narrow key tiles) for a batch that is not
-// dense, the in-order walk with full tiles otherwise. Dense = every sequence as long as the hints,
-// which the host tells without reading the offsets: Tq == B · max_q and Tk == B · max_kv (with
-// valid offsets, lengths <= max that sum to B · max are all max); garbage offsets that fool the
-// test only change which of the two correct schedules runs. A list above 2^22 items (32 bytes
-// each: a workspace past 128 MB) keeps the in-order walk too, and so does `sorted` = false (the
-// launch option of the A/B runs and the tests).
-constexpr int64_t kFwdWsMaxJaggedItems = int64_t(1) << 22;
+// The warp-specialised kernels' schedule (fwd_ws.cuh, bwd_ws.cuh): the jagged one (a
+// device-built, longest-first list of the work items, ws_schedule.cuh, walked by persistent CTAs;
+// the forward also runs narrow key and query tiles) for a batch that is not dense, the in-order
+// walk otherwise. Dense = every sequence as long as the hints, which the host tells without
+// reading the offsets: Tq == B · max_q and Tk == B · max_kv (with valid offsets, lengths <= max
+// that sum to B · max are all max); garbage offsets that fool the test only change which of the
+// two correct schedules runs. A list above 2^22 items (32 bytes each: a workspace past 128 MB)
+// keeps the in-order walk too, and so does `sorted` = false (the launch option of the A/B runs
+// and the tests). items: the forward's query tiles or the backward's key tiles of the hint, per
+// head and sequence.
+constexpr int64_t kWsMaxJaggedItems = int64_t(1) << 22;
 
-inline bool fwd_ws_jagged(bool dense, int64_t items, bool sorted) {
-  return sorted && !dense && items <= kFwdWsMaxJaggedItems;
+inline bool ws_jagged(bool dense, int64_t items, bool sorted) {
+  return sorted && !dense && items <= kWsMaxJaggedItems;
+}
+
+// The backward's list where it pays: where a sequence of the hint's length spans more than
+// kBwdWsListMinTiles - 1 key tiles of 128 rows. Measured on the H100 (thirtieth session,
+// gdpa_bwd_schedule_ab and bench_before_after, bench_gdpa's lengths uniform in [0, max]): list /
+// in-order 0.95 at max length 256 (two key tiles: every item short, the persistent walk's
+// per-item cost shows), 1.00-1.01 at 512, 1.01-1.02 at 1024, 1.03-1.035 at 2048. The forward's
+// list wins at every length, so it has no such bound. `sorted`: the private op's launch option
+// (BwdLaunchOptions::sorted), which forces the list (kOn, the tests) or the in-order launch.
+constexpr int64_t kBwdWsListMinTiles = 3;
+
+inline bool bwd_ws_jagged(bool dense, int64_t items, WsList sorted, int64_t max_seq_len_kv) {
+  const bool pays = (max_seq_len_kv + 127) / 128 >= kBwdWsListMinTiles;
+  const bool on = sorted == WsList::kOn || (sorted == WsList::kAuto && pays);
+  return ws_jagged(dense, items, on);
 }
 
 }  // namespace gdpa

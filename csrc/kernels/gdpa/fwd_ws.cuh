@@ -56,8 +56,9 @@
 //
 // Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
 // dense batches keep everything above unchanged): the kJagged instance takes its items from a
-// list built on the device by gdpa_fwd_ws_schedule_kernel (non-empty items only, longest first,
-// walked in a snake over the persistent CTAs), runs key tiles holding <= 64 keys narrow (64-row
+// list built on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first,
+// walked in a snake over the persistent CTAs; an item there is several query tiles of one
+// (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow (64-row
 // boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
 // (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own
@@ -68,7 +69,6 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "kernels/common/block_scan.cuh"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
@@ -77,6 +77,7 @@
 #include "kernels/gdpa/activation_gpu.cuh"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
+#include "kernels/gdpa/ws_schedule.cuh"
 
 #define ATTNKIT_HAS_FWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
@@ -125,13 +126,6 @@ struct FwdWsTraits {
   static constexpr int kNarrowN = 64;
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
-  // The device-built work list (gdpa_fwd_ws_schedule_kernel): one CTA of kSchedThreads threads,
-  // kSchedBuckets length buckets of kNarrowN keys (longer units share the last bucket), a header
-  // of kSchedHeader int32 (the unit count first) before the entries (two int4 each).
-  static constexpr int kSchedThreads = 1024;
-  static constexpr int kSchedBuckets = 1024;
-  static constexpr int kSchedHeader = 4;
-  static_assert(kSchedBuckets == kSchedThreads, "one bucket per thread in the scan");
 };
 
 // The tensor maps of q, k, v viewed as [T rows][heads][D] (innermost first {D, heads, T}), boxes
@@ -139,6 +133,7 @@ struct FwdWsTraits {
 struct FwdWsMaps {
   CUtensorMap q, k, v;
   CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
+  CUtensorMap q64;       // q in boxes of 64 rows (narrow query tiles, narrow_q_tile)
 };
 
 // One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
@@ -149,112 +144,21 @@ struct WsUnit {
   SeqRange qs, ks;
 };
 
-// The jagged schedule (issue #19): a list of the non-empty work items, longest first, built on
-// the device from the offsets by one small kernel launched before the forward (no host sync, so
-// the call stays CUDA-graph capturable). An item is cta_item's (query tile `tile` < q_tiles of
-// head h of sequence b, striding over the sequence's later tiles by q_tiles). An item is listed
-// when its first tile has rows and its sequence has keys (clamped by seq_range: garbage offsets
-// give empty or clamped sequences, never an index outside the tensors); a window may still leave
-// an item's tiles without keys, which the cursor skips as before.
-// Counting sort by the item's key half-tiles (kNarrowN keys each) times the query tiles it
-// strides over: bucket 0 holds the longest, so the persistent CTAs start with the long items and
-// the short ones fill the tail. Within a bucket, a sequence's items are contiguous (tile fastest,
-// then head: the CTAs that read one K/V run together, as in cta_item order); the order of the
-// sequences in a bucket follows shared-memory atomics and may vary run to run, which changes
-// which CTA computes an item but never what it computes (each row's math is the same anywhere).
-// ws: [kSchedHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the
-// clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, 0}. The producer
-// reads an item with two independent 16-byte loads (one round trip; no offsets read after).
-template <int BM>
-__global__ void __launch_bounds__(FwdWsTraits::kSchedThreads, 1)
-    gdpa_fwd_ws_schedule_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ ws) {
-  constexpr int NB = FwdWsTraits::kSchedBuckets, NT = FwdWsTraits::kSchedThreads;
-  constexpr int kHalf = FwdWsTraits::kNarrowN;
-  __shared__ int cursor[NB];
-  __shared__ int warp_total[NT / 32];
-  const int tid = threadIdx.x;
-  cursor[tid] = 0;
-  __syncthreads();
-  // The items of sequence b (0 when none) and its bucket.
-  auto items_of = [&](int b, int& bucket) {
-    const SeqRange qs = seq_range(p.q_offsets, b, p.Tq), ks = seq_range(p.kv_offsets, b, p.Tk);
-    if (qs.len <= 0 || ks.len <= 0) return 0;
-    const int tiles = static_cast<int>((int64_t(qs.len) + BM - 1) / BM);  // >= 1
-    const int per_item = static_cast<int>((int64_t(tiles) + q_tiles - 1) / q_tiles);
-    const int64_t cost = (int64_t(ks.len) + kHalf - 1) / kHalf * per_item;
-    bucket = NB - int(cost < NB ? cost : NB);
-    return (tiles < q_tiles ? tiles : q_tiles) * p.H;
-  };
-  for (int b = tid; b < p.B; b += NT) {
-    int bucket = 0;
-    const int n = items_of(b, bucket);
-    if (n > 0) atomicAdd(&cursor[bucket], n);
-  }
-  __syncthreads();
-  // Exclusive scan of the bucket counts (one bucket per thread): warp scans, then the warp totals.
-  const int lane = tid & 31, warp = tid >> 5;
-  const int mine = cursor[tid];
-  const int incl = warp_inclusive_sum(mine, lane);
-  if (lane == 31) warp_total[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int t = warp_total[lane], ti = warp_inclusive_sum(t, lane);
-    warp_total[lane] = ti - t;  // exclusive
-    if (lane == 31) ws[0] = ti;   // the item count
-  }
-  __syncthreads();
-  cursor[tid] = warp_total[warp] + incl - mine;
-  __syncthreads();
-  int4* list = reinterpret_cast<int4*>(ws + FwdWsTraits::kSchedHeader);
-  // Written warp by warp, so that a store instruction's 32 lanes write neighbouring entries: a
-  // thread writing its own sequences' entries one after the other (its slots unrelated to its
-  // neighbours') made every warp store touch 32 cache lines. The warp lays its lanes' runs end to
-  // end (a prefix sum of their counts) and walks the concatenation 32 entries at a time, lane k
-  // taking the k-th entry of each step from the lane that owns it; the slots are the ones each
-  // lane's atomicAdd gave, so the list is the same. Thread tid still takes sequences tid, + NT,
-  // ...; the loop runs over the warp's first sequence, so every lane takes every step (lanes past
-  // B count no items) and the full-mask shuffles see the whole warp.
-  for (int b0 = tid - lane; b0 < p.B; b0 += NT) {
-    const int b = b0 + lane;
-    int bucket = 0;
-    const int n = b < p.B ? items_of(b, bucket) : 0;
-    const int base = n > 0 ? atomicAdd(&cursor[bucket], n) : 0;
-    const int tiles = n / p.H;
-    const SeqRange qs = n > 0 ? seq_range(p.q_offsets, b, p.Tq) : SeqRange{},
-                   ks = n > 0 ? seq_range(p.kv_offsets, b, p.Tk) : SeqRange{};
-    // The end of this lane's run in the warp's concatenation.
-    const int end = warp_inclusive_sum(n, lane);
-    const int total = __shfl_sync(0xffffffffu, end, 31);
-    for (int e0 = 0; e0 < total; e0 += 32) {
-      const int e = e0 + lane;
-      // The owner of entry e: the first lane whose run ends past e (ends never decrease), found by
-      // binary lifting over the lanes (lanes with no items end where they start: never chosen).
-      int o = 0;
-#pragma unroll
-      for (int step = 16; step >= 1; step >>= 1)
-        if (__shfl_sync(0xffffffffu, end, o + step - 1) <= e) o += step;
-      const int o_start = __shfl_sync(0xffffffffu, end - n, o);
-      const int o_base = __shfl_sync(0xffffffffu, base, o);
-      const int o_tiles = __shfl_sync(0xffffffffu, tiles, o);
-      const int4 ranges =
-          make_int4(__shfl_sync(0xffffffffu, qs.begin, o), __shfl_sync(0xffffffffu, qs.len, o),
-                    __shfl_sync(0xffffffffu, ks.begin, o), __shfl_sync(0xffffffffu, ks.len, o));
-      if (e < total) {  // the owner's entry e - o_start: head outer, tile inner, as it was
-        const int local = e - o_start, h = local / o_tiles, slot = o_base + local;
-        list[2 * slot] = ranges;
-        list[2 * slot + 1] = make_int4(h, local - h * o_tiles, b0 + o, 0);
-      }
-    }
-  }
-}
+// The jagged schedule (issue #19): a list of the non-empty work items (query tiles of one
+// (sequence, head), longest first) built on the device by gdpa_ws_schedule_kernel<false>
+// (ws_schedule.cuh, shared with the backward) before the forward.
+static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
+                  FwdWsTraits::kNarrowN == WsSchedTraits::kStepRows,
+              "the list's tiles are the forward's query tiles, its cost steps the narrow key tiles");
 
 // Walks a CTA's units. In order (kList = false): items blockIdx.x, + gridDim.x, ... (cta_item_at
 // order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
 // entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
 // ones): with the list longest first, each CTA's total stays within about one item of the
-// others'. In each item, its query tiles (strided by `tiles` when the sequence is longer than the
-// hint). The loading threads run the walk (each its own copy, in the same order); the consumers
-// get its units through shared memory, in the same order.
+// others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
+// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the
+// walk (each its own copy, in the same order); the consumers get its units through shared memory,
+// in the same order.
 template <bool kList>
 struct WsCursor {
   // The list holds at most 2^22 items (csrc/cuda/gdpa.cu), so its walk counts in int: the
@@ -268,11 +172,7 @@ struct WsCursor {
   SeqRange qs{}, ks{};
 
 #if defined(__CUDACC__)
-  ATTNKIT_DEVICE ATTNKIT_INLINE static Index snake(Index r) {
-    const Index g = Index(gridDim.x), c = Index(blockIdx.x);
-    return r * g + ((r & 1) ? g - 1 - c : c);
-  }
-  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? snake(0) : Index(blockIdx.x)) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? ws_snake(0) : Index(blockIdx.x)) {}
 
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
                                           const int4* list, WsUnit& u) {
@@ -281,7 +181,7 @@ struct WsCursor {
       if (!in_item) {
         if constexpr (kList) {
           const int4 r = list[2 * item], e = list[2 * item + 1];
-          it = {e.y, e.x, e.z, q_tiles};
+          it = {e.y, e.x, e.z, e.w};  // e.w: the item's stride, >= 1
           qs = {r.x, r.y};
           ks = {r.z, r.w};
         } else {
@@ -297,7 +197,7 @@ struct WsCursor {
       if (tile * BM >= qs.len) {
         in_item = false;
         if constexpr (kList) {
-          item = snake(++round);
+          item = ws_snake(++round);
         } else {
           item += gridDim.x;
         }
@@ -325,7 +225,18 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_tile(const WsUnit& u, int j0) {
   return kJagged && u.ks.len - j0 <= FwdWsTraits::kNarrowN;
 }
 
-// kJagged: the units come from the device-built list `sched` (gdpa_fwd_ws_schedule_kernel, at
+// Whether a unit's query tile is narrow: it holds at most 64 of the sequence's rows, so consumer
+// warpgroup 1 (rows 64..127) idles on it, and the producer loads rows 0..63 only (two 64-row
+// boxes, as a narrow key tile): the other half holds the next sequence's rows, read from memory
+// for nothing (lengths uniform up to 512 / 256 over-read a quarter / a half of q's bytes in
+// 128-row boxes, half that in 64-row ones). Rows 64..127 of the stage keep an older fill's
+// bytes, which no product reads.
+template <bool kJagged>
+ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_q_tile(const WsUnit& u) {
+  return kJagged && u.qs.len - u.i0 <= 64;
+}
+
+// kJagged: the units come from the device-built list `sched` (gdpa_ws_schedule_kernel, at
 // most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
 // (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
 // 64-row maps are unused.
@@ -337,7 +248,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                        const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v,
                        const __grid_constant__ CUtensorMap map_k64,
-                       const __grid_constant__ CUtensorMap map_v64) {
+                       const __grid_constant__ CUtensorMap map_v64,
+                       const __grid_constant__ CUtensorMap map_q64) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
@@ -425,14 +337,13 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
       if (loads_qk) tma::prefetch_map(&map_k);
       if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
+      if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
     }
-    // The list's length, clamped to its capacity (the schedule kernel never writes more).
     typename WsCursor<kJagged>::Index items;
     const int4* list = nullptr;
     if constexpr (kJagged) {
-      const int64_t n = sched[0];
-      items = static_cast<int>(n < 0 ? 0 : (n > capacity ? capacity : n));
-      list = reinterpret_cast<const int4*>(sched + Tr::kSchedHeader);
+      items = ws_list_items(sched, capacity);
+      list = reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader);
     } else {
       items = int64_t(q_tiles) * p.H * p.B;
     }
@@ -444,9 +355,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         ring_q.producer_acquire(qn);
         units[qs] = u;
         unsigned char* q_dst = sq + qs * Tr::kTileBytes;
-        ring_q.producer_arrive_expect_tx(qn, Tr::kTileBytes);
-        tma::load_3d(q_dst, &map_q, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
-        tma::load_3d(q_dst + Tr::kBoxBytes, &map_q, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
+        const bool narrow_q = narrow_q_tile<kJagged>(u);
+        const CUtensorMap* mq = narrow_q ? &map_q64 : &map_q;
+        ring_q.producer_arrive_expect_tx(qn, narrow_q ? Tr::kNarrowTileBytes : Tr::kTileBytes);
+        tma::load_3d(q_dst, mq, 0, u.h, u.qs.begin + u.i0, ring_q.full(qn));
+        tma::load_3d(q_dst + Tr::kBoxBytes, mq, Tr::kBoxCols, u.h, u.qs.begin + u.i0,
                      ring_q.full(qn));
       }
       ++qn;
@@ -575,7 +488,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // that is 64 x 64 granularity in both dims (docs/performance.md, the tile-waste count). Its
     // store writes no row (all of its rows are past the sequence), and its stale acc_o is
     // overwritten by the first P·V of its next unit (pv_first).
-    const bool idle = kJagged && wg_u == 1 && u.qs.len - u.i0 <= 64;
+    const bool idle = wg_u == 1 && narrow_q_tile<kJagged>(u);
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
@@ -674,11 +587,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
 #endif
 }
 
-// The jagged schedule's workspace for `items` work items (int32 elements): the header and one
-// entry of two int4 per item. The launcher's caller allocates it (stream-ordered, capturable) for a
-// jagged batch and passes nullptr for a dense one.
-inline int64_t fwd_ws_sched_elems(int64_t items) { return FwdWsTraits::kSchedHeader + 8 * items; }
-
 // The work items the launcher enumerates for a max query length hint: q_tiles per (head,
 // sequence), clamped like cta_grid.
 inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
@@ -688,7 +596,7 @@ inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
 
 // sched: nullptr runs the in-order walk with full tiles (dense batches: every sequence as long as
 // the hint, so no item is empty and no tile narrow); else a workspace of
-// fwd_ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
+// ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
 // it first (one small kernel on the same stream) for the default variant (ping-pong, split
 // loaders); the A/B variants keep the in-order walk.
 template <typename T>
@@ -708,11 +616,6 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   if (err != cudaSuccess) return err;
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));
   const int q_tiles = static_cast<int>(items / (unsigned(p.H) * unsigned(p.B)));
-  if (jagged) {
-    gdpa_fwd_ws_schedule_kernel<Tr::kBlockM>
-        <<<1, Tr::kSchedThreads, 0, stream>>>(p, q_tiles, sched);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
   unsigned grid = items;
   if (persistent) {  // one CTA per SM (the shared memory allows no second one)
     int dev = 0, sms = 0;
@@ -721,9 +624,13 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
       return err;
     grid = std::min(items, static_cast<unsigned>(sms > 0 ? sms : 1));
   }
+  if (jagged) {
+    gdpa_ws_schedule_kernel<false><<<1, WsSchedTraits::kThreads, 0, stream>>>(p, q_tiles, sched);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
-                                               maps.v64);
+                                               maps.v64, maps.q64);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,9 @@
 namespace attnkit {
 namespace gdpa {
 
+// The backward's schedule request (the private op's `sorted`: None, True, False).
+enum class WsList { kAuto, kOn, kOff };
+
 struct FwdLaunchOptions {      // sm90_ws (fwd_ws.cuh)
   bool ping_pong = true;       // the consumer warpgroups take turns issuing products (FA3's
                                // ping-pong; false: unscheduled, with one loading thread)
@@ -15,13 +18,16 @@ struct FwdLaunchOptions {      // sm90_ws (fwd_ws.cuh)
                                // thread loads Q, K and V)
   bool persistent = true;      // one CTA per SM (false: one CTA per work item)
   bool sorted = true;          // the jagged schedule for a batch that is not dense (choose.h
-                               // fwd_ws_jagged; false: the in-order walk with full tiles)
+                               // ws_jagged; false: the in-order walk with full tiles)
 };
 
 struct BwdLaunchOptions {      // every tensor-core backward
   bool deterministic = false;  // dQ without atomics (the sm90 kernels' separate dQ pass) even
                                // outside torch.use_deterministic_algorithms(True), which always
                                // asks for it
+  WsList sorted = WsList::kAuto;  // sm90_ws (bwd_ws.cuh): the jagged schedule for a batch that is
+                                  // not dense where it pays (choose.h bwd_ws_jagged), always (kOn)
+                                  // or never (kOff: one CTA per work item, in order)
 };
 
 }  // namespace gdpa
