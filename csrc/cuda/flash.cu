@@ -522,7 +522,7 @@ at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& tab
   p.used = used.const_data_ptr<int32_t>();
   p.B = static_cast<int32_t>(B), p.M = static_cast<int32_t>(M);
   p.block_size = static_cast<int32_t>(bs), p.Hkv = static_cast<int32_t>(Hkv);
-  p.num_blocks = static_cast<int32_t>(nb);
+  p.num_blocks = paged::block_count(nb);
   p.row_words = D * es / word;
   p.s_block = cache.stride(0) * es / word, p.s_token = cache.stride(1) * es / word;
   p.s_head = cache.stride(2) * es / word;
@@ -693,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     p.block_table = r.table.const_data_ptr<int32_t>();
     p.table_stride = r.table.stride(0);
     p.page_size = static_cast<int32_t>(k_cache.size(1));
-    p.num_blocks = static_cast<int32_t>(k_cache.size(0));
+    p.num_blocks = paged::block_count(k_cache.size(0));
     p.page_box_rows = static_cast<int32_t>(page_box_rows(k_cache.size(1)));
     // load_paged_tile's contract: boxes of 16 .. 128 rows that tile both the page and the key tile
     // (fewer rows would issue fewer copies than the bytes it expects: a hang).
