@@ -133,6 +133,13 @@ def _cache_descales(k, k_descale, v_descale):
     return None, None
 
 
+def _fa_softcap(softcap):
+    """FlashAttention 2 / 3: "anything > 0 activates softcapping", so a finite softcap <= 0 is
+    off (0.0 for the op, which takes >= 0). NaN / inf go to the op, which names them."""
+    return 0.0 if isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap <= 0 \
+        else softcap
+
+
 def _into(out, result):
     if out is None:
         return result
@@ -183,6 +190,7 @@ def flash_attn_func(
     ``return_softmax_lse`` ``(out, lse)``, lse ``[B, H, Sq]`` fp32 (natural log). Dropout and ALiBi
     are not supported (clear error).
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
@@ -258,6 +266,7 @@ def flash_attn_varlen_func(
     Returns ``out`` ``[T, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
     ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_not_bytes((("k", k), ("v", v)))
     q = _query_for(q, q_descale, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0, k.dtype)
@@ -477,6 +486,7 @@ def flash_attn_with_kvcache(
         and backend choices, ignored. ``qv``, ``rotary_seqlens``, ``attention_chunk`` != 0,
         ``score_mod``, ``aux_tensors``, ``cache_leftpad``: a RuntimeError naming them.
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None:
         raise RuntimeError("attnkit: cache_leftpad: expected None (left-padded caches are not supported)")
