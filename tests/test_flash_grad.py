@@ -293,5 +293,5 @@ def test_forward_mode_ad_is_a_clear_error():
         torch.func.jvp(lambda q: FWD(q, k, v)[0], (q,), (torch.ones_like(q),))
     logits = torch.randn(6, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="logits carries a forward-mode AD tangent"):
-        torch.func.jvp(lambda x: torch.ops.attnkit.moe_route(x, 2, "softmax", True)[0],
+        torch.func.jvp(lambda x: torch.ops.attnkit.moe_route(x, 2)[0],
                        (logits,), (torch.ones_like(logits),))

@@ -451,7 +451,7 @@ def test_private_ops_raise_on_backward():
         out.sum().backward()
     a = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(2, 8, 4)
-    off = torch.tensor([3, 6])
+    off = torch.tensor([0, 3, 6])
     c = ops._grouped_gemm_with(a, w, off, kernel="auto")
     with pytest.raises(RuntimeError, match="attnkit::_grouped_gemm_with is not implemented"):
         c.sum().backward()
@@ -472,7 +472,7 @@ def test_frozen_expert_weights_skip_the_weight_gradient(swiglu):
     are unchanged."""
     a = torch.randn(40, 16, requires_grad=True)
     w = torch.randn(3, 16, 2 * 12 if swiglu else 12)
-    off = torch.tensor([10, 25, 40])
+    off = torch.tensor([0, 10, 25, 40])
     op = attnkit.grouped_gemm_swiglu if swiglu else attnkit.grouped_gemm
     g = torch.randn_like(op(a, w, off))
     with torch.autograd.profiler.profile() as prof:

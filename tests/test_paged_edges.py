@@ -149,7 +149,6 @@ def test_aliased_cache_past_int32_blocks(device, blocks):
         return out
 
     want = v1(kb, vb, 0)
-    for block_id in (0, 7, 2**31 - 2):
+    for block_id in (i for i in (0, 7, 2**31 - 2) if i < blocks):
         got = v1(kb.expand(blocks, *kb.shape[1:]), vb.expand(blocks, *vb.shape[1:]), block_id)
-        if block_id < blocks:
-            assert torch.equal(got, want), (blocks, block_id)
+        assert torch.equal(got, want), (blocks, block_id)
