@@ -116,7 +116,9 @@ TORCH_LIBRARY(attnkit, m) {
   // Serving (docs/serving.md): seqused_k [B] int32 trims each sequence's keys; block_table
   // [B, max_blocks] int32 makes k/v NHD paged caches [num_blocks, block_size, Hkv, D] (bf16/fp16
   // or float8_e4m3fn with k_descale/v_descale [B, Hkv]); s_aux [H] is a per-head sink logit in
-  // each row's softmax denominator. deterministic: the backward's dQ without atomics.
+  // each row's softmax denominator. deterministic: the backward's dQ without atomics. grad_lse:
+  // the gradient of lse where a loss or a merge of partial results used it (lse is
+  // differentiable: dS = P (dP - (rowsum(dO O) - dlse))).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
       "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
@@ -129,7 +131,7 @@ TORCH_LIBRARY(attnkit, m) {
       "float? softmax_scale=None, bool causal=False, int window_left=-1, int window_right=-1, "
       "float softcap=0.0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
       "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, Tensor? seqused_k=None, "
-      "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+      "bool deterministic=False, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
   // Private (docs/ops.md, "Kernel choice"): the same calls on a named kernel with the launch
   // options of the warp-specialised kernels (kernels/flash/choose.h, launch_options.h), so tests
   // and benchmarks pick kernels and schedules without environment variables. kernel: auto |
@@ -156,8 +158,8 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, *, "
-      "Tensor? seqused_k=None, bool deterministic=False, str kernel=\"auto\", int max_tiles=0, "
-      "int cta_group=0) -> (Tensor, Tensor, Tensor)");
+      "Tensor? seqused_k=None, bool deterministic=False, Tensor? grad_lse=None, "
+      "str kernel=\"auto\", int max_tiles=0, int cta_group=0) -> (Tensor, Tensor, Tensor)");
   // The kernel choice alone (choose_fwd / choose_bwd), from facts given as arguments: the name of
   // the kernel that would run, or a RuntimeError with the reason a named kernel cannot take such a
   // call. Takes no tensor, so every build answers it on the CPU. The defaults describe a bf16 call

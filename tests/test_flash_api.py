@@ -18,7 +18,7 @@ def test_opcheck(device):
         torch.library.opcheck(FWD, s.args, s.kwargs)
         out, lse = FWD(*s.args, **s.kwargs)
         bwd_args = ((torch.randn_like(out),) + tuple(a.detach() for a in s.args)
-                    + (out.detach(), lse))
+                    + (out.detach(), lse.detach()))
         torch.library.opcheck(BWD, bwd_args, s.kwargs)
 
 

@@ -1,7 +1,8 @@
 """Flash attention gradients (DESIGN §3.3, §4): fp64 gradcheck on the CPU, dq / dk / dv against
 the reference's autograd (samples, windows, softcap, GQA, several tiles, rows without keys,
-deterministic mode on CUDA), and the autograd node itself: no double backward, no node without
-a gradient to compute, no zero-filled gradient for lse."""
+deterministic mode on CUDA), lse's gradient (a loss or a merge of partial results that uses
+lse), and the autograd node itself: no double backward, no node without a gradient to compute,
+no zero-filled gradient for an unused lse, no forward-mode AD."""
 import pytest
 import torch
 
@@ -166,8 +167,8 @@ def test_no_grad_calls_record_nothing(device):
 
 
 def test_backward_fills_no_lse_gradient():
-    # lse has no gradient: the node must not have the engine build a zero-filled one for it on
-    # every backward (set_materialize_grads(false); a fill on the short calls' host-bound path).
+    # lse unused: the node must not have the engine build a zero-filled gradient for it on every
+    # backward (set_materialize_grads(false); a fill on the short calls' host-bound path).
     # The profiler records each zero / fill with its tensor's shape: none may have lse's.
     q, k, v = (torch.randn(1, 7, 2, 16, requires_grad=True) for _ in range(3))
     out, lse = FWD(q, k, v, None, False, -1, -1, 0.0)
@@ -176,3 +177,121 @@ def test_backward_fills_no_lse_gradient():
                             ("aten::zero_", "aten::fill_"))
     assert fills, "the profiler recorded no zero_ / fill_ at all: the test would not see one"
     assert list(lse.shape) not in fills, f"zero-filled gradient for lse: {fills}"
+
+
+# ---- lse's gradient: d lse_i / d s_ij = P_ij, so flash_attn_bwd takes it through delta ----
+
+@pytest.mark.parametrize("kw", GRAD_CASES, ids=kw_id)
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_gradcheck_lse_cpu(kw, sinks):
+    """fp64 gradcheck of both outputs, out and lse (every row sees a key: lse finite), with and
+    without sinks (s_aux differentiable too)."""
+    q = torch.randn(1, 5, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 7, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 7, 2, 8, dtype=torch.float64, requires_grad=True)
+    s_aux = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, v, s: FWD(q, k, v, 0.4, **kw, s_aux=s if sinks else None)
+    assert torch.autograd.gradcheck(f, (q, k, v, s_aux))
+
+
+def lse_loss(out, lse, g, glse):
+    """sum(out * g) + sum(lse * glse) over the rows where lse is finite (elsewhere it is -inf and
+    takes no gradient)."""
+    finite = torch.isfinite(lse)
+    return (out.float() * g.float()).sum() + (torch.where(finite, lse, 0.0) * glse).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kw", [dict(causal=False), dict(causal=True, window_left=30),
+                                dict(softcap=3.0)], ids=kw_id)
+def test_lse_gradient_vs_reference(device, dtype, kw):
+    """A loss of out and lse (rows without keys included: Sq > Sk under causal), on the poisoned
+    allocator, against the reference's autograd through both."""
+    q = rand(2, 150, 4, 64, device=device, dtype=dtype).requires_grad_()
+    k = rand(2, 130, 2, 64, device=device, dtype=dtype).requires_grad_()
+    v = rand(2, 130, 2, 64, device=device, dtype=dtype).requires_grad_()
+    g = rand(2, 150, 4, 64, device=device, dtype=dtype)
+    glse = torch.randn(2, 4, 150, device=device)
+    poison_allocator(q.device, POISON_BYTES)
+    grads = torch.autograd.grad(lse_loss(*FWD(q, k, v, 0.3, **kw), g, glse), (q, k, v))
+    ref = lse_loss(*flash_attn_ref(q, k, v, 0.3, **kw), g, glse)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v))):
+        assert_close(a, b, dtype, f"d{name} with lse in the loss")
+    # Only lse used: out's gradient is zero, the kernels still run (grad_out zeros).
+    lse_only = lambda lse: (torch.where(torch.isfinite(lse), lse, 0.0) * glse).sum()
+    (dq,) = torch.autograd.grad(lse_only(FWD(q, k, v, 0.3, **kw)[1]), q)
+    (dq_ref,) = torch.autograd.grad(lse_only(flash_attn_ref(q, k, v, 0.3, **kw)[1]), q)
+    assert_close(dq, dq_ref, dtype, "dq of lse alone")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_lse_gradient_of_a_key_split_merge(device, dtype):
+    """Context-parallel / ring attention: attention over two key halves merged with their lse
+    (out = Σ_i exp(lse_i - lse) out_i, lse = logaddexp) has the full attention's gradients only
+    if lse's gradient reaches the kernels (it was silently dropped: dq off by ~90 %)."""
+    q = rand(2, 70, 4, 64, device=device, dtype=dtype).requires_grad_()
+    k = rand(2, 96, 2, 64, device=device, dtype=dtype).requires_grad_()
+    v = rand(2, 96, 2, 64, device=device, dtype=dtype).requires_grad_()
+    g = rand(2, 70, 4, 64, device=device, dtype=dtype)
+    o1, l1 = FWD(q, k[:, :50], v[:, :50], 0.3)
+    o2, l2 = FWD(q, k[:, 50:], v[:, 50:], 0.3)
+    lse = torch.logaddexp(l1, l2)
+    w = lambda l: torch.exp(l - lse).transpose(1, 2).unsqueeze(-1)  # [B, Sq, H, 1]
+    out = w(l1) * o1.float() + w(l2) * o2.float()
+    grads = torch.autograd.grad((out * g.float()).sum(), (q, k, v))
+    ref = flash_attn_ref(q, k, v, 0.3)[0]
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v), g.float())):
+        assert_close(a, b, dtype, f"d{name} of the merged halves")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_gradient_varlen_sinks(device):
+    """Varlen with an empty sequence and sinks (s_aux's gradient gains Σ dlse · exp(s_aux -
+    lse)), lse in the loss, against the serving reference."""
+    from attnkit.reference import flash_serving_ref
+    cu = torch.tensor([0, 40, 40, 111], device=device, dtype=torch.int32)
+    cuk = torch.tensor([0, 60, 75, 75], device=device, dtype=torch.int32)
+    q = rand(111, 4, 64, device=device, dtype=torch.float32).requires_grad_()
+    k = rand(75, 2, 64, device=device, dtype=torch.float32).requires_grad_()
+    v = rand(75, 2, 64, device=device, dtype=torch.float32).requires_grad_()
+    s_aux = torch.randn(4, device=device).requires_grad_()
+    g = rand(111, 4, 64, device=device, dtype=torch.float32)
+    glse = torch.randn(4, 111, device=device)
+    inputs = (q, k, v, s_aux)
+    got = FWD(q, k, v, 0.3, True, -1, -1, 0.0, cu, cuk, 71, 60, s_aux=s_aux)
+    grads = torch.autograd.grad(lse_loss(*got, g, glse), inputs)
+    ref = flash_serving_ref(q, k, v, cu, cuk, softmax_scale=0.3, causal=True, s_aux=s_aux)
+    for name, a, b in zip(["q", "k", "v", "s_aux"], grads,
+                          torch.autograd.grad(lse_loss(*ref, g, glse), inputs)):
+        assert_close(a, b, torch.float32, f"d{name} (varlen, sinks, lse in the loss)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_lse_argument_checks(device):
+    q, k, v = (torch.randn(1, 6, 2, 16, device=device) for _ in range(3))
+    out, lse = FWD(q, k, v)
+    g = torch.randn_like(out)
+    for bad, match in [(lse[:, :1], "grad_lse: expected shape"),
+                       (lse.double(), "grad_lse: expected dtype|grad_lse.*dtype")]:
+        with pytest.raises(RuntimeError, match=match):
+            BWD(g, q, k, v, out, lse, grad_lse=bad)
+    # A given grad_lse changes the result as the reference says (the op, not only autograd).
+    glse = torch.randn_like(lse)
+    qr = q.clone().requires_grad_()
+    o_ref, l_ref = flash_attn_ref(qr, k, v)
+    (dq_ref,) = torch.autograd.grad((o_ref * g).sum() + (l_ref * glse).sum(), qr)
+    assert_close(BWD(g, q, k, v, out, lse, grad_lse=glse)[0], dq_ref, torch.float32, "dq")
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    """A dual tensor need not require grad: the no-node shortcut dropped its tangent (jvp gave
+    zeros). Now flash_attn_fwd, flash_attn_bwd and moe_route raise, naming the argument."""
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(RuntimeError, match="q carries a forward-mode AD tangent"):
+        torch.func.jvp(lambda q: FWD(q, k, v)[0], (q,), (torch.ones_like(q),))
+    logits = torch.randn(6, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="logits carries a forward-mode AD tangent"):
+        torch.func.jvp(lambda x: torch.ops.attnkit.moe_route(x, 2)[0],
+                       (logits,), (torch.ones_like(logits),))

@@ -100,3 +100,21 @@ def test_empty_inputs(device):
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), allow_unused=True)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
         assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def test_reference_hardswish_derivative_at_the_kinks():
+    """DESIGN §3.1: hardswish' = 1 for x >= 3, 0 for x <= -3 (the reference's clamp gave 1.5 and
+    -0.5 at the kinks, where the kernels follow DESIGN); the kernel's dq at scores of exactly
+    +-3 equals the reference's."""
+    from attnkit.reference import gdpa_activation
+    x = torch.tensor([-4.0, -3.0, 0.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    (d,) = torch.autograd.grad(gdpa_activation(x, "hardswish").sum(), x)
+    assert d.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    off = torch.tensor([0, 1])
+    for s in (3.0, -3.0):
+        q = torch.tensor([[[1.0]]], dtype=torch.float64, requires_grad=True)
+        k = torch.tensor([[[s]]], dtype=torch.float64)
+        v = torch.tensor([[[1.0]]], dtype=torch.float64)
+        (dq,) = torch.autograd.grad(attnkit.gdpa(q, k, v, off, off, 1, 1, "hardswish").sum(), q)
+        (dq_ref,) = torch.autograd.grad(gdpa_ref(q, k, v, off, off, 1, 1, "hardswish").sum(), q)
+        assert dq.item() == dq_ref.item(), (s, dq.item(), dq_ref.item())

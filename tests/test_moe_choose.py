@@ -189,8 +189,10 @@ def legacy_gemm(f):
     grouped_mm_applies (bf16, M, K, N > 0, K and N multiples of 8, major == 9, w row- or
     column-major, a and w 16-byte aligned) with at::_grouped_mm accepting the inputs (else the
     fallback below); then mma_ok (kTensorCoreKernels, major >= 8, K and N multiples of 8, w
-    contiguous, a, w and the output 16-byte aligned) for bf16 / fp16; else the FMA kernel."""
-    if (f["dtype"] == "bf16" and f["rows"] > 0 and f["k"] > 0 and f["n"] > 0 and f["k"] % 8 == 0
+    contiguous, a, w and the output 16-byte aligned) for bf16 / fp16; else the FMA kernel. One
+    change since: at::_grouped_mm takes <= INT32_MAX rows (its int32 group ends wrapped past that,
+    zeroing every output row; the thirtieth session's audit)."""
+    if (f["dtype"] == "bf16" and 0 < f["rows"] <= 2**31 - 1 and f["k"] > 0 and f["n"] > 0 and f["k"] % 8 == 0
             and f["n"] % 8 == 0 and f["sm_major"] == 9 and (f["w_row_major"] or f["w_col_major"])
             and f["aligned"] and f["grouped_mm_ok"]):
         return "sm90_grouped_mm"

@@ -436,3 +436,52 @@ def test_not_differentiable_ops_raise_on_backward():
     w3, _ = attnkit.moe_route(logits, 2)  # the differentiable form trains the router
     w3.sum().backward()
     assert logits.grad is not None
+
+
+def test_private_ops_raise_on_backward():
+    """The private ops of tests and benchmarks (named kernels, launch options) are not
+    differentiable: a backward through their outputs raises naming the op (it left .grad at None
+    with only a warning, or failed with an unrelated error), and _gdpa_with's backward is once
+    differentiable (its double backward returned zeros)."""
+    from attnkit.gdpa import _gdpa_with
+    ops = torch.ops.attnkit
+    q = torch.randn(1, 4, 2, 8, requires_grad=True)
+    out, _ = ops._flash_attn_fwd_with(q, q.detach(), q.detach())
+    with pytest.raises(RuntimeError, match="attnkit::_flash_attn_fwd_with is not implemented"):
+        out.sum().backward()
+    a = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(2, 8, 4)
+    off = torch.tensor([0, 3, 6])
+    c = ops._grouped_gemm_with(a, w, off, kernel="auto")
+    with pytest.raises(RuntimeError, match="attnkit::_grouped_gemm_with is not implemented"):
+        c.sum().backward()
+    dt = torch.float64
+    qg = torch.randn(6, 2, 4, dtype=dt, requires_grad=True)
+    kg, vg = (torch.randn(5, 1, 4, dtype=dt, requires_grad=True) for _ in range(2))
+    qo, ko = torch.tensor([0, 3, 6]), torch.tensor([0, 2, 5])
+    o = _gdpa_with(qg, kg, vg, qo, ko, 3, 3, "gelu", 1.0)
+    (gq,) = torch.autograd.grad((o * o).sum(), qg, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice|not implemented"):
+        gq.sum().backward()
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_frozen_expert_weights_skip_the_weight_gradient(swiglu):
+    """grouped_gemm's backward computes dW only where W requires grad (frozen experts: a GEMM as
+    large as the forward's, thrown away) and dA only where A does; the gradients it does compute
+    are unchanged."""
+    a = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(3, 16, 2 * 12 if swiglu else 12)
+    off = torch.tensor([0, 10, 25, 40])
+    op = attnkit.grouped_gemm_swiglu if swiglu else attnkit.grouped_gemm
+    g = torch.randn_like(op(a, w, off))
+    with torch.autograd.profiler.profile() as prof:
+        (da,) = torch.autograd.grad(op(a, w, off), a, g)
+    names = {e.name for e in prof.function_events}
+    assert not any("wgrad" in n for n in names), sorted(names)
+    w_t = w.clone().requires_grad_()
+    da2, dw = torch.autograd.grad(op(a, w_t, off), (a, w_t), g)
+    assert torch.allclose(da, da2)
+    a_frozen = a.detach()
+    (dw2,) = torch.autograd.grad(op(a_frozen, w_t, off), w_t, g)
+    assert torch.allclose(dw, dw2)

@@ -125,3 +125,30 @@ def test_paged_window_ignores_tokens_before_it(path, gqa, layout, window):
     s = v1_args(query, kc, vc, hkv, 0.2, bt, lens, sliding_window=window)
     if expect_kernel(s, path):
         assert_close(run_v1(s, path), v1_reference(s, clean_k, clean_v), dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("blocks", [1000, 2**31 - 1, 2**31 + 16, 2**32 + 4])
+def test_aliased_cache_past_int32_blocks(device, blocks):
+    """An aliased cache (block stride 0, every block one tensor) may have more blocks than int32
+    counts: the kernels' block count is min(blocks, INT32_MAX) (paged_args.h block_count). A plain
+    cast wrapped 2^31 + 16 to a negative count and 2^32 + 4 to 4, so valid ids raised on the CPU
+    and read as missing blocks (zero output) on CUDA."""
+    Hkv, D, bs, x = 1, 64, 16, 8
+    kb = torch.randn(1, Hkv, D // x, bs, x, dtype=torch.bfloat16, device=device)
+    vb = torch.randn(1, Hkv, D, bs, dtype=torch.bfloat16, device=device)
+    q = torch.randn(1, Hkv, D, dtype=torch.bfloat16, device=device)
+    lens = torch.tensor([bs], dtype=torch.int32, device=device)
+    one = torch.ones(1, device=device)
+
+    def v1(kc, vc, block_id):
+        out = torch.full_like(q, float("nan"))
+        bt = torch.tensor([[block_id]], dtype=torch.int32, device=device)
+        torch.ops.attnkit.paged_attention_v1(out, q, kc, vc, Hkv, D ** -0.5, bt, lens, bs, bs,
+                                             None, "auto", one, one)
+        return out
+
+    want = v1(kb, vb, 0)
+    for block_id in (i for i in (0, 7, 2**31 - 2) if i < blocks):
+        got = v1(kb.expand(blocks, *kb.shape[1:]), vb.expand(blocks, *vb.shape[1:]), block_id)
+        assert torch.equal(got, want), (blocks, block_id)

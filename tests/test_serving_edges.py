@@ -82,7 +82,7 @@ def _kvcache_inputs(device, B=2, Sq=1, H=2, Hkv=1, D=32, S_cache=20, S_new=1):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bad", [dict(softcap=-1.0), dict(softmax_scale=float("nan")),
+@pytest.mark.parametrize("bad", [dict(softcap=float("inf")), dict(softmax_scale=float("nan")),
                                  dict(s_aux=torch.zeros(3)), dict(window_size=(4, 0, 1))],
                          ids=["softcap", "softmax_scale", "s_aux", "window_size"])
 def test_kvcache_raises_before_writing(device, bad):
@@ -429,3 +429,13 @@ def test_outputs_overlapping_raise(device):
     attnkit.reshape_and_cache_flash(key, key, *kv.unbind(0),
                                     torch.tensor([0, 16, 33], device=device))
     assert torch.equal(kv[0, 1, 0], key[1]) and torch.equal(kv[1, 2, 1], key[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drop_in_softcap_at_or_below_zero_is_off(device):
+    """FlashAttention 2 / 3: "anything > 0 activates softcapping", so the drop-in functions take
+    a negative softcap as none (the op itself takes >= 0 and names a negative one)."""
+    q, kc, vc, k, v = _kvcache_inputs(device)
+    for f in (lambda **kw: attnkit.flash_attn_func(q, kc, vc, causal=True, **kw),
+              lambda **kw: attnkit.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, **kw)):
+        assert torch.equal(f(softcap=-1.0), f(softcap=0.0))

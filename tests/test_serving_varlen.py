@@ -1044,6 +1044,45 @@ def test_vllm_v1_call_site(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["varlen", "kvcache"])
+def test_vllm_fp8_query(device, layout):
+    """vLLM with an fp8 KV cache on FlashAttention 3 quantises q to e4m3 too and passes its scale
+    as q_descale [B, Hkv] (an expand of the layer's scalar), writing a bf16 out: the call equals
+    the same call on the dequantised bf16 query, bitwise (e4m3 x a power of two is exact in
+    bf16), on both entry points. A 16-bit q with a q_descale other than ones raises (it would be
+    dropped), e5m2 queries raise."""
+    from attnkit import flash_attn_varlen_func, flash_attn_with_kvcache
+    b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, device, fp8=True)
+    nseq = b.cu_seqlens_q.shape[0] - 1
+    q_scale = torch.tensor(0.25, device=device)
+    q8 = (b.q.float() / q_scale).to(torch.float8_e4m3fn)
+    q16 = (q8.float() * q_scale).to(torch.bfloat16)
+    qd = q_scale.expand(nseq, 2)
+    if layout == "varlen":
+        call = lambda q, **kw: flash_attn_varlen_func(
+            q, b.k_cache, b.v_cache, b.cu_seqlens_q, None, b.max_seqlen_q, b.max_seqlen_k,
+            causal=True, block_table=b.block_table, seqused_k=b.seqused_k,
+            k_descale=b.k_descale, v_descale=b.v_descale, **kw)
+    else:
+        call = lambda q, **kw: flash_attn_with_kvcache(
+            q, b.k_cache, b.v_cache, cache_seqlens=b.seqused_k, page_table=b.block_table,
+            cu_seqlens_q=b.cu_seqlens_q, max_seqlen_q=b.max_seqlen_q, causal=True,
+            k_descale=b.k_descale, v_descale=b.v_descale, **kw)
+    want = call(q16)
+    out = torch.empty_like(q16)
+    got = call(q8, q_descale=qd, out=out)
+    assert got is out and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="q_descale: expected a float32"):
+        call(q8, q_descale=torch.full((nseq + 1, 2), 0.25, device=device))
+    with pytest.raises(RuntimeError, match="q: expected bfloat16"):
+        call(b.q.to(torch.float8_e5m2))
+    if device == "cpu":  # values are read on the CPU only
+        with pytest.raises(RuntimeError, match="q_descale: expected None or ones"):
+            call(q16, q_descale=torch.full((nseq, 2), 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     b = paged_batch(*MIXES["mixed"], 4, 2, 64, 16, torch.bfloat16, device)
     s_aux = torch.randn(4, device=device)

@@ -1,10 +1,12 @@
 // Flash attention autograd (torchvision's pattern): flash_attn_fwd's backward is the first-class
-// op flash_attn_bwd, whose own Autograd kernel fails clearly (no double backward). lse is an
-// output for the backward's use and is not differentiable.
+// op flash_attn_bwd, whose own Autograd kernel fails clearly (no double backward). lse is
+// differentiable: a loss or a merge of partial results over key splits (context-parallel / ring
+// attention) that uses it passes its gradient to flash_attn_bwd's grad_lse.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd/forward_ad.h"
 #include "common/flash_serving.h"
 
 namespace attnkit {
@@ -22,7 +24,7 @@ using FwdSig = std::tuple<at::Tensor, at::Tensor>(
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, std::optional<double>, bool, int64_t, int64_t, double, const OptTensor&,
-    const OptTensor&, OptSymInt, OptSymInt, const OptTensor&, bool);
+    const OptTensor&, OptSymInt, OptSymInt, const OptTensor&, bool, const OptTensor&);
 
 // The options every flash op takes after its tensors, saved once and replayed into the backward.
 struct Opts {
@@ -53,11 +55,11 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const Opts& o, const OptTensor& cq,
-    const OptTensor& ck, const OptTensor& seqused_k) {
+    const OptTensor& ck, const OptTensor& seqused_k, const OptTensor& grad_lse) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("attnkit::flash_attn_bwd", "").typed<BwdSig>();
   return op.call(dout, q, k, v, out, lse, o.scale, o.causal, o.wl, o.wr, o.softcap, cq, ck, o.mq,
-                 o.mk, seqused_k, o.deterministic);
+                 o.mk, seqused_k, o.deterministic, grad_lse);
 }
 
 void save_opts(AutogradContext* ctx, const Opts& o) {
@@ -93,14 +95,14 @@ constexpr int kFwdInputs = 18;  // flash_attn_fwd's arguments
 constexpr int kSinkInput = 14;  // s_aux's position among them
 
 // The sinks' gradient (flash_serving.h sink_grad) as a node of its own whose backward refuses,
-// as FlashBackwardFunction's does: computed by ATen ops on the saved lse, which is
-// non-differentiable, it would otherwise be differentiated silently and wrongly under
-// create_graph=True.
+// as FlashBackwardFunction's does: computed by ATen ops on the saved out and lse, it would
+// otherwise be differentiated silently and wrongly under create_graph=True.
 class SinkGradFunction : public torch::autograd::Function<SinkGradFunction> {
  public:
   static at::Tensor forward(AutogradContext*, const at::Tensor& dout, const at::Tensor& out,
-                            const at::Tensor& lse, const at::Tensor& s_aux, bool varlen) {
-    return sink_grad(dout, out, lse, s_aux, varlen);
+                            const at::Tensor& lse, const at::Tensor& s_aux, bool varlen,
+                            const OptTensor& grad_lse) {
+    return sink_grad(dout, out, lse, s_aux, varlen, grad_lse);
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -125,10 +127,9 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
     ctx->save_for_backward({q, k, v, out, lse, cq.value_or(at::Tensor()), ck.value_or(at::Tensor()),
                             seqused_k.value_or(at::Tensor()), s_aux.value_or(at::Tensor())});
     save_opts(ctx, o);
-    ctx->mark_non_differentiable({lse});
-    // lse has no gradient and backward() handles an undefined grad of out: without this the
-    // engine would allocate and zero-fill a gradient for lse on every backward (a fill kernel
-    // and its host set-up on the 1k calls' host-bound path).
+    // backward() handles an undefined grad of out or lse: without this the engine would allocate
+    // and zero-fill a gradient for lse on every backward that does not use it (a fill kernel and
+    // its host set-up on the 1k calls' host-bound path).
     ctx->set_materialize_grads(false);
     return {out, lse};
   }
@@ -136,19 +137,22 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     variable_list none(kFwdInputs);
-    if (!grads[0].defined()) return none;
+    if (!grads[0].defined() && !grads[1].defined()) return none;
+    // Only lse used: out's gradient is zero.
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
+    const OptTensor grad_lse = opt_of(grads[1]);
     // Through the dispatcher (not below autograd), so a create_graph=True backward reaches
     // FlashBackwardFunction and its clear double-backward error. With a sink, out and lse are
     // the sink-adjusted ones, for which this is the exact backward (flash_serving.h).
     const Opts o = load_opts(ctx);
-    auto [dq, dk, dv] = call_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], o, opt_of(s[5]),
-                                 opt_of(s[6]), opt_of(s[7]));
+    auto [dq, dk, dv] = call_bwd(dout, s[0], s[1], s[2], s[3], s[4], o, opt_of(s[5]),
+                                 opt_of(s[6]), opt_of(s[7]), grad_lse);
     none[0] = dq;
     none[1] = dk;
     none[2] = dv;
     if (s[8].defined() && s[8].requires_grad()) {
       none[kSinkInput] =
-          SinkGradFunction::apply(grads[0], s[3], s[4], s[8], opt_of(s[5]).has_value());
+          SinkGradFunction::apply(dout, s[3], s[4], s[8], opt_of(s[5]).has_value(), grad_lse);
     }
     return none;
   }
@@ -161,11 +165,12 @@ class FlashBackwardFunction : public torch::autograd::Function<FlashBackwardFunc
                                const at::Tensor& lse, std::optional<double> scale, bool causal,
                                int64_t wl, int64_t wr, double softcap, const OptTensor& cq,
                                const OptTensor& ck, OptSymInt mq, OptSymInt mk,
-                               const OptTensor& seqused_k, bool deterministic) {
+                               const OptTensor& seqused_k, bool deterministic,
+                               const OptTensor& grad_lse) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_bwd(dout, q, k, v, out, lse,
                                  Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq,
-                                 ck, seqused_k);
+                                 ck, seqused_k, grad_lse);
     return {dq, dk, dv};
   }
 
@@ -185,6 +190,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_autograd(
     bool deterministic) {
   const Serving sv{seqused_k, block_table, s_aux, k_descale, v_descale};
   const Opts o{scale, causal, wl, wr, softcap, mq, mk, deterministic};
+  check_no_forward_ad("flash_attn_fwd", {{"q", has_forward_grad(q)},
+                                         {"k", has_forward_grad(k)},
+                                         {"v", has_forward_grad(v)},
+                                         {"s_aux", has_forward_grad(s_aux)}});
   const bool wants = q.requires_grad() || k.requires_grad() || v.requires_grad() || needs_grad(s_aux);
   if (!at::GradMode::is_enabled() || !wants) {
     // Nothing to record (inference, or no input needs a gradient): skip the node and its saved
@@ -205,17 +214,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale, bool causal,
     int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
-    OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, bool deterministic) {
+    OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, bool deterministic,
+    const OptTensor& grad_lse) {
+  check_no_forward_ad("flash_attn_bwd", {{"grad_out", has_forward_grad(dout)},
+                                         {"q", has_forward_grad(q)},
+                                         {"k", has_forward_grad(k)},
+                                         {"v", has_forward_grad(v)},
+                                         {"out", has_forward_grad(out)}});
   if (!at::GradMode::is_enabled()) {
     // The autograd engine runs FlashFunction::backward with grad mode off (unless
     // create_graph=True): no node to record, so no FlashBackwardFunction; this is on the host
     // path of every training step's backward.
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_bwd(dout, q, k, v, out, lse,
-                    Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq, ck, seqused_k);
+                    Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq, ck, seqused_k,
+                    grad_lse);
   }
   auto r = FlashBackwardFunction::apply(dout, q, k, v, out, lse, scale, causal, wl, wr, softcap,
-                                        cq, ck, mq, mk, seqused_k, deterministic);
+                                        cq, ck, mq, mk, seqused_k, deterministic, grad_lse);
   return {r[0], r[1], r[2]};
 }
 

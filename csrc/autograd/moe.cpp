@@ -14,6 +14,8 @@
 #include <optional>
 #include <string>
 
+#include "autograd/forward_ad.h"
+
 namespace attnkit {
 namespace moe {
 namespace {
@@ -216,9 +218,12 @@ class GroupedGemmFunction : public torch::autograd::Function<GroupedGemmFunction
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
     const auto g = grads[0].contiguous();
-    // dA = dC · W[e]ᵀ per row block (W transposed as a view, no copy); dW[e] = A_eᵀ dC_e.
-    auto grad_a = call_grouped_gemm(g, s[1].transpose(1, 2), s[2]);
-    auto grad_w = call_wgrad(s[0], g, s[2]);
+    // dA = dC · W[e]ᵀ per row block (W transposed as a view, no copy); dW[e] = A_eᵀ dC_e. Each
+    // only where its input needs it (frozen experts: no weight gradient, a GEMM as large as the
+    // forward's).
+    at::Tensor grad_a, grad_w;
+    if (ctx->needs_input_grad(0)) grad_a = call_grouped_gemm(g, s[1].transpose(1, 2), s[2]);
+    if (ctx->needs_input_grad(1)) grad_w = call_wgrad(s[0], g, s[2]);
     return {grad_a, grad_w, at::Tensor()};
   }
 };
@@ -252,8 +257,9 @@ class GroupedGemmSwigluFunction : public torch::autograd::Function<GroupedGemmSw
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
     auto dh = swiglu_grad(call_grouped_gemm(s[0], s[1], s[2]), grads[0]).contiguous();
-    auto grad_a = call_grouped_gemm(dh, s[1].transpose(1, 2), s[2]);
-    auto grad_w = call_wgrad(s[0], dh, s[2]);
+    at::Tensor grad_a, grad_w;  // each only where its input needs it (as GroupedGemmFunction)
+    if (ctx->needs_input_grad(0)) grad_a = call_grouped_gemm(dh, s[1].transpose(1, 2), s[2]);
+    if (ctx->needs_input_grad(1)) grad_w = call_wgrad(s[0], dh, s[2]);
     return {grad_a, grad_w, at::Tensor()};
   }
 };
@@ -287,6 +293,7 @@ class WgradFunction : public torch::autograd::Function<WgradFunction> {
 Route4 moe_route_autograd(const at::Tensor& logits, int64_t k, c10::string_view scoring,
                           bool renormalize, const OptTensor& bias, int64_t n_group,
                           int64_t topk_group, double scale, bool return_losses) {
+  check_no_forward_ad("moe_route", {{"logits", has_forward_grad(logits)}});
   if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_route(logits, k, scoring, renormalize, bias, n_group, topk_group, scale,

@@ -134,6 +134,16 @@ inline void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& q,
                 c10::SymIntArrayRef(shape), ", got ", lse.sym_sizes());
 }
 
+// The gradient of lse (flash_attn_bwd's grad_lse, from a loss or a merge of partial results that
+// uses lse): lse's shape, dtype and device, or absent.
+inline void check_grad_lse(const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse) {
+  if (!grad_lse.has_value() || !grad_lse->defined()) return;
+  check_same_device(lse, "lse", *grad_lse, "grad_lse");
+  check_dtype(*grad_lse, "grad_lse", {lse.scalar_type()});
+  ATTNKIT_CHECK(grad_lse->sym_sizes() == lse.sym_sizes(), "grad_lse: expected shape ",
+                lse.sym_sizes(), " (same as lse), got ", grad_lse->sym_sizes());
+}
+
 // The head dim must be contiguous for the kernels; any other strides are honoured. A view whose
 // last dim is strided (e.g. a (b, h, d, s) tensor permuted to (b, s, h, d)) is copied once here.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

@@ -334,12 +334,14 @@ inline void apply_sinks(at::Tensor& out, at::Tensor& lse, const at::Tensor& s_au
   lse.copy_(lse1);
 }
 
-// d s_aux = -sum over rows of exp(s_aux - lse) * rowsum(dout * out), per head.
+// d s_aux = -sum over rows of exp(s_aux - lse) * (rowsum(dout * out) - dlse), per head (dlse:
+// lse's gradient where given; the sink is one more key, of value 0, whose score is s_aux).
 inline at::Tensor sink_grad(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                            const at::Tensor& s_aux, bool varlen) {
+                            const at::Tensor& s_aux, bool varlen, const OptTensor& grad_lse) {
   const auto acc = lse.scalar_type();
   auto delta = (dout.to(acc) * out.to(acc)).sum(-1);  // varlen [T, H], batched [B, Sq, H]
   delta = varlen ? delta.t() : delta.transpose(1, 2);  // lse's layout
+  if (given(grad_lse)) delta = delta - *grad_lse;
   // Symbolic sizes: traced by torch.compile with a dynamic token dim, a plain size() guarded
   // every dim of lse to a constant (a recompile per length, or an error under mark_dynamic).
   const c10::SymInt H = lse.sym_size(varlen ? 0 : 1), one = 1;

@@ -23,6 +23,15 @@
 namespace attnkit {
 namespace paged {
 
+// The kernels' block count (int32): a cache's blocks, at most INT32_MAX. Block ids are int32, so
+// that names every block an id can address but id INT32_MAX itself, which only a cache of more
+// than 2^31 - 1 blocks (an aliased, stride-0 one) has. A plain int32 cast of such a count wrapped
+// negative or small, and every block past it read as missing (a helper's audit, thirtieth
+// session).
+inline int32_t block_count(int64_t blocks) {
+  return static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
+}
+
 inline CacheKind parse_kv_cache_dtype(std::string_view s) {
   if (s == "auto") return CacheKind::kSame;
   if (s == "fp8" || s == "fp8_e4m3") return CacheKind::kFp8E4M3;
@@ -561,7 +570,7 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
   p.S = static_cast<int32_t>(query.size(0));
   p.Hq = static_cast<int32_t>(c.Hq), p.Hkv = static_cast<int32_t>(c.Hkv);
   p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
-  p.num_blocks = static_cast<int32_t>(key_cache.size(0));
+  p.num_blocks = block_count(key_cache.size(0));
   p.max_blocks = static_cast<int32_t>(block_tables.size(1));
   p.max_qlen = 1;
   p.Tq = p.S;
@@ -598,7 +607,7 @@ inline DecodeParams make_nhd_decode_params(const at::Tensor& out, const at::Tens
   p.S = static_cast<int32_t>(qo_indptr.size(0) - 1);
   p.Hq = static_cast<int32_t>(q.size(1)), p.Hkv = static_cast<int32_t>(k.size(2));
   p.D = static_cast<int32_t>(q.size(2)), p.block_size = static_cast<int32_t>(k.size(1));
-  p.num_blocks = static_cast<int32_t>(k.size(0));
+  p.num_blocks = block_count(k.size(0));
   p.max_blocks = static_cast<int32_t>(block_table.size(1));
   p.max_qlen = static_cast<int32_t>(T), p.Tq = static_cast<int32_t>(T);
   p.token_grid = true;
@@ -639,7 +648,7 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
   p.S = static_cast<int32_t>(context_lens.size(0));
   p.Hq = static_cast<int32_t>(c.Hq), p.Hkv = static_cast<int32_t>(c.Hkv);
   p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
-  p.num_blocks = static_cast<int32_t>(K.size(0));
+  p.num_blocks = block_count(K.size(0));
   p.max_blocks = static_cast<int32_t>(block_tables.size(1));
   // No sequence has more rows than Q: a larger hint changes nothing but would wrap in the cast
   // (2^32 + 1 -> 1) or size the grid (S * max_qlen) past the rows.
@@ -672,7 +681,7 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
   p.slots_int64 = slots.scalar_type() == at::kLong;
   p.T = static_cast<int32_t>(c.T), p.Hkv = static_cast<int32_t>(c.Hkv);
   p.D = static_cast<int32_t>(c.D), p.block_size = static_cast<int32_t>(c.bs);
-  p.num_blocks = static_cast<int32_t>(key_cache.size(0));
+  p.num_blocks = block_count(key_cache.size(0));
   return p;
 }
 

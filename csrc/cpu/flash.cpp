@@ -271,8 +271,8 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
 
 template <typename scalar_t>
 void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-              const scalar_t* v, const scalar_t* o, const acc_type_t<scalar_t>* lse, scalar_t* dq,
-              scalar_t* dk, scalar_t* dv) {
+              const scalar_t* v, const scalar_t* o, const acc_type_t<scalar_t>* lse,
+              const acc_type_t<scalar_t>* dlse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.D, G = p.H / p.Hkv, BN = kBwdBlockN;
   const int64_t npos = std::max<int64_t>(1, kBwdRows / G), R = npos * G;  // positions, rows
@@ -318,12 +318,13 @@ void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const sc
         load_head_rows(ot, o + b * p.o.batch + row0 * p.o.row + h0 * p.o.head, p.o.row, p.o.head,
                        bm, G, D);
         for (int64_t r = 0; r < rows; ++r) {
-          // D_i = rowsum(dO ⊙ O): the softmax Jacobian's correction term.
-          di[r] = dot(dot_t + r * D, ot + r * D, D);
+          // D_i = rowsum(dO ⊙ O): the softmax Jacobian's correction term, less lse's gradient
+          // where one is given (d lse_i / d s_ij = P_ij).
+          const int64_t li = b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row;
+          di[r] = dot(dot_t + r * D, ot + r * D, D) - (dlse != nullptr ? dlse[li] : acc_t(0));
           // A row that sees no key has lse = -inf; -lse = +inf would give exp(+inf), so it gets
           // -inf, and P = exp(-inf) = 0.
-          const acc_t l =
-              lse[b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row];
+          const acc_t l = lse[li];
           neg_lse[r] = l == -inf ? -inf : -l;
         }
         std::fill(dqa, dqa + rows * D, acc_t(0));
@@ -471,11 +472,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool /*deterministic: always*/) {
+    const OptTensor& seqused_k, bool /*deterministic: always*/, const OptTensor& grad_lse) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out_in, q_in, out_in, lse, varlen);
+  check_grad_lse(grad_lse, lse);
   if (varlen) check_cu_values(cu_q, cu_k, q_in, k_in);
   if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
   const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
@@ -491,6 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   // make_params takes lse's rows as unit-stride (as the forward writes it); a caller's
   // transposed or sliced lse (context-parallel code keeps merged ones) is copied, as on CUDA.
   const auto lse_c = lse.contiguous();
+  const auto dlse = given(grad_lse) ? grad_lse->contiguous() : at::Tensor();  // lse_c's layout
   Params p = make_params(q, k, v, out, lse_c, opt, cq, ck, varlen);
   if (used) p.seqused_k = used->data_ptr<int32_t>();
   p.dout = strides_of(dout, varlen);
@@ -501,8 +504,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_bwd_cpu", [&] {
     bwd_impl<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                       lse_c.data_ptr<acc_type_t<scalar_t>>(), dq.data_ptr<scalar_t>(),
-                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                       lse_c.data_ptr<acc_type_t<scalar_t>>(),
+                       dlse.defined() ? dlse.data_ptr<acc_type_t<scalar_t>>() : nullptr,
+                       dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
@@ -548,13 +552,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cpu(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles,
-    int64_t cta_group) {
+    const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse,
+    c10::string_view kernel, int64_t max_tiles, int64_t cta_group) {
   check_cpu_kernel(kernel);
   make_bwd_launch_options(max_tiles, cta_group);
   return flash_attn_bwd_cpu(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left,
                             window_right, softcap, cu_q, cu_k, std::move(max_seqlen_q),
-                            std::move(max_seqlen_k), seqused_k, deterministic);
+                            std::move(max_seqlen_k), seqused_k, deterministic, grad_lse);
 }
 
 }  // namespace

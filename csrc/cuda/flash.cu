@@ -522,7 +522,7 @@ at::Tensor gather_used_pages_cuda(const at::Tensor& cache, const at::Tensor& tab
   p.used = used.const_data_ptr<int32_t>();
   p.B = static_cast<int32_t>(B), p.M = static_cast<int32_t>(M);
   p.block_size = static_cast<int32_t>(bs), p.Hkv = static_cast<int32_t>(Hkv);
-  p.num_blocks = static_cast<int32_t>(nb);
+  p.num_blocks = paged::block_count(nb);
   p.row_words = D * es / word;
   p.s_block = cache.stride(0) * es / word, p.s_token = cache.stride(1) * es / word;
   p.s_head = cache.stride(2) * es / word;
@@ -693,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
     p.block_table = r.table.const_data_ptr<int32_t>();
     p.table_stride = r.table.stride(0);
     p.page_size = static_cast<int32_t>(k_cache.size(1));
-    p.num_blocks = static_cast<int32_t>(k_cache.size(0));
+    p.num_blocks = paged::block_count(k_cache.size(0));
     p.page_box_rows = static_cast<int32_t>(page_box_rows(k_cache.size(1)));
     // load_paged_tile's contract: boxes of 16 .. 128 rows that tile both the page and the key tile
     // (fewer rows would issue fewer copies than the bytes it expects: a hang).
@@ -813,13 +813,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     const std::optional<c10::SymInt>& max_seqlen_q, const std::optional<c10::SymInt>& max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic_arg, Request req,
+    const OptTensor& seqused_k, bool deterministic_arg, const OptTensor& grad_lse, Request req,
     const BwdLaunchOptions& lo) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q_in, k_in, v_in, opt, cu_q, cu_k);
   check_dtype(q_in, "q", {at::kBFloat16, at::kHalf, at::kFloat});
   check_bwd_inputs(grad_out_in, q_in, out_in, lse_in, varlen);
+  check_grad_lse(grad_lse, lse_in);
   if (given(seqused_k)) check_seqused_k(*seqused_k, q_in, batch_of(q_in, cu_q));
   const auto used = given(seqused_k) ? OptTensor(seqused_k->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -878,6 +879,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(
       simt::bwd_delta_kernel<scalar_t, kChunks><<<grid_q, simt::kThreads, 0, stream>>>(
           p, cptr<scalar_t>(dout), cptr<scalar_t>(out), mptr<float>(delta));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // lse's gradient, where given, enters every kernel through delta (d lse_i / d s_ij = P_ij:
+      // dS = P (dP - (delta - dlse))); one elementwise op on the current stream.
+      if (given(grad_lse)) delta.sub_(*grad_lse);
       if (c.kernel != FlashKernel::kPortable) {
         launch_tensor_core_bwd<scalar_t>(c.kernel, f.deterministic, p, dout, q, k, v, lse, delta,
                                          dq, dk, dv, rows_q, rows_k, maps, lo, stream);
@@ -904,10 +908,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic) {
+    const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse) {
   return flash_bwd(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
                    softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic,
-                   env_request(), BwdLaunchOptions{});
+                   grad_lse, env_request(), BwdLaunchOptions{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cuda(
@@ -916,12 +920,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cuda(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles,
-    int64_t cta_group) {
+    const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse,
+    c10::string_view kernel, int64_t max_tiles, int64_t cta_group) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   return flash_bwd(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
-                   softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic, req,
-                   make_bwd_launch_options(max_tiles, cta_group));
+                   softcap, cu_q, cu_k, max_seqlen_q, max_seqlen_k, seqused_k, deterministic,
+                   grad_lse, req, make_bwd_launch_options(max_tiles, cta_group));
 }
 
 }  // namespace

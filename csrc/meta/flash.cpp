@@ -52,11 +52,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_meta(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool) {
+    const OptTensor& seqused_k, bool, const OptTensor& grad_lse) {
   const Options opt{softmax_scale, causal, window_left, window_right, softcap};
   check_seqlen_hints(max_seqlen_q, max_seqlen_k);
   const bool varlen = check_inputs(q, k, v, opt, cu_q, cu_k);
   check_bwd_inputs(grad_out, q, out, lse, varlen);
+  check_grad_lse(grad_lse, lse);
   if (given(seqused_k)) check_seqused_k(*seqused_k, q, batch_of(q, cu_q));
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
@@ -88,13 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_meta(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
-    const OptTensor& seqused_k, bool deterministic, c10::string_view kernel, int64_t max_tiles,
-    int64_t cta_group) {
+    const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse,
+    c10::string_view kernel, int64_t max_tiles, int64_t cta_group) {
   check_kernel_request(kernel, "kernel");
   make_bwd_launch_options(max_tiles, cta_group);
   return flash_attn_bwd_meta(grad_out, q, k, v, out, lse, softmax_scale, causal, window_left,
                              window_right, softcap, cu_q, cu_k, std::move(max_seqlen_q),
-                             std::move(max_seqlen_k), seqused_k, deterministic);
+                             std::move(max_seqlen_k), seqused_k, deterministic, grad_lse);
 }
 
 }  // namespace

@@ -68,12 +68,43 @@ def _sinks(q, s_aux, learnable_sink, sinks=None):
     return t
 
 
-def _check_q_descale(q, q_descale):
-    # FlashAttention 3 applies q_descale only to fp8 queries; attnkit takes bf16 / fp16 queries,
-    # where FA3 ignores it too (vLLM passes it with fp8 caches whatever the query dtype).
-    if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise RuntimeError(f"attnkit: q: expected bfloat16, float16 or float32 (fp8 queries are not "
-                           f"supported), got {q.dtype}")
+def _query_for(q, q_descale, cu_seqlens_q, kv_heads, cache_dtype):
+    """The query the kernels take. FlashAttention 3's fp8 call (vLLM with an fp8 KV cache
+    quantises q too): an e4m3 q is dequantised with ``q_descale`` ``[B, Hkv]`` (None: 1) to
+    bfloat16 (the cache's dtype where that is 16-bit), so the output is bf16 as FA3's. A 16-bit q
+    takes ``q_descale`` None or ones (checked where values are read; any other value would be
+    silently dropped: FA3 applies it to fp8 queries only)."""
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if (q_descale is not None and _checks_values(q_descale) and q_descale.numel()
+                and not bool((q_descale == 1).all())):
+            raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
+                               "scales fp8 queries), got other values")
+        return q
+    if q.dtype != torch.float8_e4m3fn:
+        raise RuntimeError(f"attnkit: q: expected bfloat16, float16, float32 or float8_e4m3fn "
+                           f"(FlashAttention 3's fp8 format), got {q.dtype}")
+    heads = q.shape[-2]
+    if kv_heads < 1 or heads % kv_heads:
+        raise RuntimeError(f"attnkit: q: expected a number of heads divisible by the {kv_heads} kv "
+                           f"heads, got shape {tuple(q.shape)}")
+    target = cache_dtype if cache_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    x = q.float()
+    if q_descale is not None:
+        B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+        if (q_descale.shape != (B, kv_heads) or q_descale.dtype != torch.float32
+                or q_descale.device != q.device):
+            raise RuntimeError(f"attnkit: q_descale: expected a float32 [{B}, {kv_heads}] tensor "
+                               f"on {q.device} (one scale per sequence and kv head), got "
+                               f"{q_descale.dtype} {tuple(q_descale.shape)} on {q_descale.device}")
+        s = q_descale.repeat_interleave(heads // kv_heads, dim=1)  # [B, H]
+        if cu_seqlens_q is not None:
+            if B > 0:  # each token's sequence, on the device (no host sync)
+                rows = torch.arange(q.shape[0], device=q.device, dtype=cu_seqlens_q.dtype)
+                seq = torch.searchsorted(cu_seqlens_q[1:].contiguous(), rows, right=True)
+                x = x * s[seq.clamp_(max=B - 1)].unsqueeze(-1)
+        else:
+            x = x * s[:, None, :, None]
+    return x.to(target)
 
 
 def _check_not_bytes(caches):
@@ -100,6 +131,13 @@ def _cache_descales(k, k_descale, v_descale):
             raise RuntimeError(f"attnkit: {name}: expected None or ones with a {k.dtype} cache "
                                "(descales apply to float8_e4m3fn caches), got other values")
     return None, None
+
+
+def _fa_softcap(softcap):
+    """FlashAttention 2 / 3: "anything > 0 activates softcapping", so a finite softcap <= 0 is
+    off (0.0 for the op, which takes >= 0). NaN / inf go to the op, which names them."""
+    return 0.0 if isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap <= 0 \
+        else softcap
 
 
 def _into(out, result):
@@ -152,6 +190,7 @@ def flash_attn_func(
     ``return_softmax_lse`` ``(out, lse)``, lse ``[B, H, Sq]`` fp32 (natural log). Dropout and ALiBi
     are not supported (clear error).
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
@@ -219,15 +258,18 @@ def flash_attn_varlen_func(
       - ``s_aux`` / ``learnable_sink`` ``[H]``: attention sinks (differentiable without a block table).
       - ``out``: written in place and returned; ``return_softmax_lse``: ``(out, lse)``.
       - ``scheduler_metadata``, ``num_splits``, ``fa_version`` are scheduling hints of FA3 / vLLM:
-        accepted and ignored (attnkit schedules itself); ``q_descale`` applies to fp8 queries only,
-        which attnkit does not take, so it is ignored as FA3 ignores it for 16-bit queries.
+        accepted and ignored (attnkit schedules itself).
+      - ``q_descale`` ``[B, Hkv]`` fp32: FA3's fp8 query (vLLM quantises q with an fp8 cache): a
+        ``float8_e4m3fn`` q is dequantised with it to bf16 first, and out is bf16; with a 16-bit
+        q it must be None or ones (checked where values are read).
 
     Returns ``out`` ``[T, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
     ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
-    _check_q_descale(q, q_descale)
     _check_not_bytes((("k", k), ("v", v)))
+    q = _query_for(q, q_descale, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0, k.dtype)
     k_descale, v_descale = _cache_descales(k, k_descale, v_descale)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
@@ -437,13 +479,14 @@ def flash_attn_with_kvcache(
         causal aligned bottom-right, the window FA3's (its right side kept past the cache's
         length); lse ``[H, total_q]``. No new k / v then (write them first).
         ``cu_seqlens_k_new`` only describes new k / v: ignored without them, as in FA3.
-      - ``k_descale`` / ``v_descale`` as ``flash_attn_varlen_func`` takes them; ``q_descale``
-        scales fp8 queries only (attnkit takes none): None or ones (checked on the CPU).
+      - ``q_descale`` / ``k_descale`` / ``v_descale`` as ``flash_attn_varlen_func`` takes them (an
+        e4m3 q is dequantised with ``q_descale`` to bf16; with a 16-bit q it is None or ones).
       - ``sinks``: attention sinks, sgl_kernel's name for ``s_aux``. ``out``: written and returned.
       - ``scheduler_metadata``, ``pack_gqa``, ``sm_margin``, ``num_splits``, ``ver``: scheduling
         and backend choices, ignored. ``qv``, ``rotary_seqlens``, ``attention_chunk`` != 0,
         ``score_mod``, ``aux_tensors``, ``cache_leftpad``: a RuntimeError naming them.
     """
+    softcap = _fa_softcap(softcap)
     _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None:
         raise RuntimeError("attnkit: cache_leftpad: expected None (left-padded caches are not supported)")
@@ -479,12 +522,8 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: v: expected k and v to be both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
-    _check_q_descale(q, q_descale)
-    if (q_descale is not None and _checks_values(q_descale) and q_descale.numel()
-            and not bool((q_descale == 1).all())):
-        raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
-                           "scales fp8 queries, which attnkit does not take), got other values")
     _check_not_bytes((("k_cache", k_cache), ("v_cache", v_cache)))
+    q = _query_for(q, q_descale, cu_seqlens_q, k_cache.shape[2], k_cache.dtype)
     k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale)
     dev = q.device
     paged = block_table is not None

@@ -284,6 +284,7 @@ class _GdpaWith(torch.autograd.Function):
                                                 **fwd_options)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # _gdpa_bwd_with has no derivative
     def backward(ctx, grad_out):
         q, k, v, qo, ko = ctx.saved_tensors
         mq, mk, activation, qk_scale, kwargs, bwd_kernel, bwd_options = ctx.args

@@ -29,7 +29,10 @@ def gdpa_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     if name in ("silu", "fast_silu"):
         return x * torch.sigmoid(x)
     if name == "hardswish":
-        return x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+        # Branches, not clamp: clamp passes the gradient at its bounds (φ'(3) = 1.5, φ'(-3) =
+        # -0.5), where DESIGN §3.1 and the kernels take 1 for x >= 3 and 0 for x <= -3.
+        return torch.where(x >= 3.0, x, torch.where(x <= -3.0, torch.zeros_like(x),
+                                                      x * (x + 3.0) / 6.0))
     if name == "relu_square":
         return torch.relu(x) ** 2
     raise ValueError(f"unknown activation {name!r}")
@@ -121,13 +124,21 @@ def flash_window_mask(lq, lk, causal=False, window_left=-1, window_right=-1, dev
     return mask
 
 
+def _masked_lse(s):
+    """logsumexp over the last dim of scores with -inf where masked: -inf for a row without a
+    finite score, whose gradient is 0 (plain logsumexp's is NaN there: exp(-inf - -inf))."""
+    seen = torch.isfinite(s).any(dim=-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(seen, s, torch.zeros_like(s)), dim=-1)
+    return lse.masked_fill(~seen.squeeze(-1), float("-inf"))
+
+
 def _flash_dense(q, k, v, scale, causal, wl, wr, softcap):
     """One sequence: q ``[H, Lq, D]``, k/v ``[H, Lk, D]`` (kv heads already repeated)."""
     s = scale * (q @ k.transpose(-1, -2))
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     mask = flash_window_mask(q.shape[-2], k.shape[-2], causal, wl, wr, q.device)
-    lse = torch.logsumexp(s.detach().masked_fill(~mask, float("-inf")), dim=-1)
+    lse = _masked_lse(s.masked_fill(~mask, float("-inf")))  # differentiable, as the op's
     # A finite fill keeps fully masked rows NaN-free (their p is then zeroed by the mask).
     p = torch.softmax(s.masked_fill(~mask, torch.finfo(s.dtype).min), dim=-1) * mask
     return p @ v, lse
@@ -247,16 +258,16 @@ def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=N
             full = torch.cat((sc, sink), dim=-1)
         else:
             full = sc
-        lb = torch.logsumexp(full, dim=-1)  # [H, Lq]
+        lb = _masked_lse(full)  # [H, Lq]
         finite = torch.isfinite(lb).unsqueeze(-1)
         p = torch.where(finite, torch.exp(sc - torch.where(finite, lb.unsqueeze(-1), 0.0)), 0.0)
         ob = (p @ vh).transpose(0, 1)  # [Lq, H, D]
         if varlen:
             out = out.index_put((torch.arange(cq[b], cq[b + 1], device=q.device),), ob)
-            lse[:, cq[b]:cq[b + 1]] = lb.detach()
+            lse[:, cq[b]:cq[b + 1]] = lb
         else:
             out = out.index_put((torch.tensor([b], device=q.device),), ob.unsqueeze(0))
-            lse[b] = lb.detach()
+            lse[b] = lb
     return out, lse
 
 

@@ -6,6 +6,7 @@
 // Host only and torch-free: the CPU-only build and hipcc compile it.
 #pragma once
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include "kernels/common/request_names.h"
@@ -114,6 +115,8 @@ inline const char* gemm_refusal(MoeKernel k, const MoeFacts& f) {
       }
       if (!f.w_row_major && !f.w_col_major) return "it needs w row- or column-major per expert";
       if (!f.aligned) return "it needs 16-byte aligned a and w";
+      // Its group ends are int32 (moe.cu casts the offsets): more rows would wrap them.
+      if (f.rows > INT32_MAX) return "it needs at most 2^31 - 1 rows (int32 group ends)";
       if (!f.grouped_mm_ok) return "at::_grouped_mm rejected the inputs";
       return nullptr;
     case MoeKernel::kSm90Fused:
