@@ -216,3 +216,24 @@ def test_pertoken_scales_not_one_tensor(device):
     torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(key, val, kc, vc, both[:NB],
                                                             both[NB:], slots)
     assert both[:NB].abs().sum() > 0 and both[NB:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_asm_layout_flag(device, layout):
+    """AITER's asm_layout on both writers: the flag that matches the value cache's rank writes
+    what the call without it writes; the other one is a RuntimeError naming it (before any
+    write), on reshape_and_cache as on the per-token writer."""
+    s = reshape_and_cache_sample(device, torch.bfloat16, kv="auto", layout=layout, block_size=16)
+    _, _, kc, vc, *_ = s.args
+    k0, v0 = kc.clone(), vc.clone()
+    with pytest.raises(RuntimeError, match="asm_layout"):
+        attnkit.reshape_and_cache(*s.args, asm_layout=layout != "asm")
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+    attnkit.reshape_and_cache(*s.args, asm_layout=layout == "asm")
+    ek, ev = reshape_and_cache_reference(s)
+    assert torch.equal(kc.view(torch.uint8), ek.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), ev.view(torch.uint8))
+    p = pertoken_sample(device, torch.bfloat16, torch.int8, layout=layout)
+    with pytest.raises(RuntimeError, match="asm_layout"):
+        attnkit.reshape_and_cache_with_pertoken_quant(*p.args, asm_layout=layout != "asm")

@@ -365,3 +365,51 @@ def test_fp8_writers_divide_by_the_scale(device, writer, kv):
     if kv == "fp8_e5m2":
         assert int(got[0]) == int(torch.tensor(1.0).to(f8).view(torch.uint8))
     assert int(got[1]) == 0x80
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 17, 37, 50])
+def test_merge_prefill_tokens_with_context(device, n):
+    """vLLM's prefill_tokens_with_context: rows from n on take the suffix's output and lse as
+    they are (their prefix, NaN here, is never read); rows before it merge; n past T merges all."""
+    T, H, D = 37, 4, 64
+    (po, pl, so, sl), _, _ = _partials(device, torch.bfloat16, T, H, D, 23, 41)
+    m = min(n, T)
+    po[m:] = float("nan")
+    pl[:, m:] = float("nan")
+    out = torch.full_like(po, float("nan"))
+    out_lse = torch.full_like(pl, float("nan"))
+    attnkit.merge_attn_states(out, po, pl, so, sl, out_lse, prefill_tokens_with_context=n)
+    assert torch.equal(out[m:], so[m:]) and torch.equal(out_lse[:, m:], sl[:, m:])
+    if m:
+        expect, expect_lse = ref.merge_attn_states_ref(po[:m], pl[:, :m], so[:m], sl[:, :m])
+        assert_close(out[:m], expect, torch.bfloat16)
+        assert_lse_close(out_lse[:, :m], expect_lse)
+    with pytest.raises(RuntimeError, match="prefill_tokens_with_context"):
+        attnkit.merge_attn_states(out, po, pl, so, sl, prefill_tokens_with_context=-1)
+    with pytest.raises(RuntimeError, match="suffix_lse: expected shape"):
+        attnkit.merge_attn_states(out, po, pl, so, sl[:, :5], prefill_tokens_with_context=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_fp8_output_scale(device):
+    """vLLM's output_scale: an e4m3 output holding the fp32 merge times 1 / scale, saturated
+    (one rounding); scales that push values past 448 saturate instead of overflowing."""
+    T, H, D = 21, 2, 64
+    (po, pl, so, sl), _, _ = _partials(device, torch.bfloat16, T, H, D, 23, 41)
+    expect, _ = ref.merge_attn_states_ref(po, pl, so, sl)
+    for scale in (0.5, 1e-4):
+        out = torch.empty(T, H, D, device=device, dtype=torch.float8_e4m3fn)
+        s = torch.tensor([scale], device=device)
+        attnkit.merge_attn_states(out, po, pl, so, sl, output_scale=s,
+                                  prefill_tokens_with_context=15)
+        merged = torch.cat([expect[:15], so[15:].float()])
+        want = (merged * (1.0 / s)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        diff = (out.float() - want.float()).abs()
+        # One fp8 step at most (fp32 merge order differs from the reference's in the last bits).
+        assert (diff <= want.float().abs() * 0.125 + 1e-6).all(), scale
+        assert out.float().abs().max() <= 448
+    with pytest.raises(RuntimeError, match="output: expected dtype torch.float8_e4m3fn"):
+        attnkit.merge_attn_states(torch.empty_like(po), po, pl, so, sl, output_scale=s)
+    with pytest.raises(RuntimeError, match="output_scale: expected a one-element float32"):
+        attnkit.merge_attn_states(out, po, pl, so, sl, output_scale=s.double())

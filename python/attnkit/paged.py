@@ -218,6 +218,15 @@ def pa_fwd(
 pa_fwd_asm = pa_fwd
 
 
+def _check_asm_layout(asm_layout, value_cache) -> None:
+    """AITER's asm_layout: True for the ASM value layout ([num_blocks, Hkv, block_size / x, D,
+    x], 5-D), False for vLLM's ([num_blocks, Hkv, D, block_size], 4-D); the cache's rank says
+    which, so a flag that disagrees is an error rather than ignored."""
+    if asm_layout is not None and bool(asm_layout) != (value_cache.dim() == 5):
+        raise RuntimeError(f"attnkit: asm_layout: {asm_layout} does not match the "
+                           f"{value_cache.dim()}-D value_cache (ASM layout: 5-D, vLLM's: 4-D)")
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -227,10 +236,13 @@ def reshape_and_cache(
     kv_cache_dtype: str = "auto",
     k_scale: ScaleLike = 1.0,
     v_scale: ScaleLike = 1.0,
+    asm_layout: Optional[bool] = None,
 ) -> None:
     """Writes key/value ``[T, Hkv, D]`` into the caches at ``slot_mapping[t]`` (= block *
     block_size + offset; negative = skip), into either value layout (told apart by rank).
-    With an fp8 ``kv_cache_dtype`` the values are stored as fp8(x / scale), saturated."""
+    With an fp8 ``kv_cache_dtype`` the values are stored as fp8(x / scale), saturated.
+    ``asm_layout`` (AITER's flag) must agree with the value cache's rank when given."""
+    _check_asm_layout(asm_layout, value_cache)
     torch.ops.attnkit.reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
@@ -249,8 +261,7 @@ def reshape_and_cache_with_pertoken_quant(
     """Per-token-per-head quantising writer for pa_fwd: int8 or float8_e4m3fn caches, scales
     ``[num_blocks, Hkv, block_size]`` fp32 = amax(|x|) / (127 or 448) of each (token, head).
     ``asm_layout`` (AITER's flag) must agree with the value cache's rank when given."""
-    if asm_layout is not None and bool(asm_layout) != (value_cache.dim() == 5):
-        raise ValueError(f"attnkit: asm_layout={asm_layout} but value_cache is {value_cache.dim()}-D")
+    _check_asm_layout(asm_layout, value_cache)
     torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(
         key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping)
 
@@ -285,14 +296,61 @@ def merge_attn_states(
     suffix_output: torch.Tensor,
     suffix_lse: torch.Tensor,
     output_lse: Optional[torch.Tensor] = None,
+    prefill_tokens_with_context: Optional[int] = None,
+    output_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """vLLM's ``merge_attn_states``: ``output`` ``[T, H, D]`` (and ``output_lse`` ``[H, T]`` when
     given) becomes the attention over the union of two disjoint key sets, from each set's result
     ``[T, H, D]`` and fp32 log-sum-exp ``[H, T]``. A part whose lse is -inf (no key; +inf is read
     the same, as FlashAttention 2 marks empty rows) contributes nothing, whatever its output
-    holds; a row where both are empty gets 0 and lse -inf (vLLM copies prefix_output there)."""
-    torch.ops.attnkit.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
-                                        suffix_lse, output_lse)
+    holds; a row where both are empty gets 0 and lse -inf (vLLM copies prefix_output there).
+
+    vLLM's later keywords: ``prefill_tokens_with_context`` (an int, None: T): rows from it on have
+    no prefix (chunked prefill's tokens without context) and take ``suffix_output`` /
+    ``suffix_lse`` as they are, their prefix never read. ``output_scale`` (fp32, one element): an
+    fp8 (``float8_e4m3fn``) ``output`` written as the merge in fp32 times ``1 / output_scale``,
+    saturated to +-448, as vLLM's kernel writes it."""
+    T = output.shape[0] if output.dim() == 3 else 0
+    n = T if prefill_tokens_with_context is None else int(prefill_tokens_with_context)
+    if n < 0:
+        raise RuntimeError(f"attnkit: prefill_tokens_with_context: expected None or >= 0, got {n}")
+    n = min(n, T)
+    target = output
+    if output_scale is not None:
+        if output.dtype != torch.float8_e4m3fn:
+            raise RuntimeError(f"attnkit: output: expected dtype torch.float8_e4m3fn with "
+                               f"output_scale, got {output.dtype}")
+        if (output_scale.numel() != 1 or output_scale.dtype != torch.float32
+                or output_scale.device != output.device):
+            raise RuntimeError(f"attnkit: output_scale: expected a one-element float32 tensor on "
+                               f"{output.device}, got {output_scale.dtype} "
+                               f"{tuple(output_scale.shape)} on {output_scale.device}")
+        # The merge in fp32 (one rounding, to fp8, as vLLM's kernel).
+        prefix_output, suffix_output = prefix_output.float(), suffix_output.float()
+        target = torch.empty(output.shape, dtype=torch.float32, device=output.device)
+    if n == T:
+        torch.ops.attnkit.merge_attn_states(target, prefix_output, prefix_lse, suffix_output,
+                                            suffix_lse, output_lse)
+    else:  # the shapes the op checks, on the whole tensors before they are sliced
+        H = output.shape[1]
+        for name, t in (("prefix_output", prefix_output), ("suffix_output", suffix_output)):
+            if t.shape != output.shape:
+                raise RuntimeError(f"attnkit: {name}: expected shape {list(output.shape)} (same "
+                                   f"as output), got {list(t.shape)}")
+        for name, t in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse),
+                        ("output_lse", output_lse)):
+            if t is not None and list(t.shape) != [H, T]:
+                raise RuntimeError(f"attnkit: {name}: expected shape [{H}, {T}] ([num_heads, "
+                                   f"num_tokens]), got {list(t.shape)}")
+        head = lambda t: None if t is None else t[:, :n]
+        torch.ops.attnkit.merge_attn_states(target[:n], prefix_output[:n], head(prefix_lse),
+                                            suffix_output[:n], head(suffix_lse), head(output_lse))
+        target[n:].copy_(suffix_output[n:])
+        if output_lse is not None:
+            output_lse[:, n:].copy_(suffix_lse[:, n:])
+    if output_scale is not None:
+        fp8_max = torch.finfo(torch.float8_e4m3fn).max
+        output.copy_((target * (1.0 / output_scale)).clamp_(-fp8_max, fp8_max))
 
 
 def _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged) -> None:
