@@ -198,6 +198,14 @@ def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
     else:
         out = attnkit.moe_combine(tok, w, handle)
         assert out.shape == (5, H)
+    # The same with expert_out on another device than the exchange's (a meta tensor here; under
+    # NCCL a CPU or wrong-GPU one): that rank names it, its NaN rows go on the exchange's device.
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="expert_out: expected a tensor on cpu"):
+            attnkit.moe_combine(tok.to("meta"), w, handle)
+    else:
+        out = attnkit.moe_combine(tok, w, handle)
+        assert out.shape == (5, H)
     # MoE with a map built for another world size: a clear error at construction.
     with pytest.raises(RuntimeError, match="expert_map"):
         attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)

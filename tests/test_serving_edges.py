@@ -439,3 +439,23 @@ def test_drop_in_softcap_at_or_below_zero_is_off(device):
     for f in (lambda **kw: attnkit.flash_attn_func(q, kc, vc, causal=True, **kw),
               lambda **kw: attnkit.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, **kw)):
         assert torch.equal(f(softcap=-1.0), f(softcap=0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_tensor_arguments_on_another_device(device):
+    """Every tensor argument of flash_attn_with_kvcache on q's device, or a RuntimeError naming
+    it before the cache is written (a meta tensor stands in for another device)."""
+    q, kc, vc, k, v = _kvcache_inputs(device)
+    before_k = kc.clone()
+    lens = torch.tensor([3, 4], dtype=torch.int32, device=device)
+    cos = torch.randn(21, 8, device=device)
+    cases = [("cache_seqlens", dict(cache_seqlens=lens.to("meta"))),
+             ("cache_batch_idx", dict(cache_batch_idx=torch.arange(2, device="meta",
+                                                                   dtype=torch.int32))),
+             ("rotary_cos", dict(rotary_cos=cos.to("meta"), rotary_sin=cos)),
+             ("k", dict(k=k.to("meta"), v=v))]
+    for name, kw in cases:
+        kw = dict(dict(k=k, v=v, cache_seqlens=lens), **kw)
+        with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on"):
+            attnkit.flash_attn_with_kvcache(q, kc, vc, **kw)
+    assert torch.equal(kc, before_k)

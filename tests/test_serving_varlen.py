@@ -488,6 +488,24 @@ def test_paged_cu_seqlens_k_dtype(device, mix):
                                            block_table=b.block_table, causal=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_paged_cu_seqlens_k_checked_beside_seqused_k(device, mix):
+    """With seqused_k, which sets the key lengths, a cu_seqlens_k is still checked (it was not
+    looked at: one of the wrong length, or on another device, passed silently or failed inside
+    c10's device guard): a RuntimeError naming it, on every path; a valid one changes nothing."""
+    b = paged_batch(*MIXES[mix], 4, 2, 64, 16, torch.bfloat16, device)
+    cu_k = torch.cat([b.seqused_k.new_zeros(1), b.seqused_k.cumsum(0)]).to(b.cu_seqlens_q.dtype)
+    call = lambda ck: attnkit.flash_attn_varlen_func(
+        b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, ck, b.max_seqlen_q, b.max_seqlen_k,
+        block_table=b.block_table, seqused_k=b.seqused_k, causal=True)
+    assert torch.equal(call(cu_k), call(None))
+    with pytest.raises(RuntimeError, match="cu_seqlens_k: expected"):
+        call(cu_k[:-1])
+    with pytest.raises(RuntimeError, match="cu_seqlens_k"):
+        call(cu_k.to("meta"))
+
+
 def test_paged_no_backward():
     b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.float32, "cpu")
     q = b.q.requires_grad_()

@@ -241,10 +241,12 @@ inline ResolvedKV resolve_kv(const at::Tensor& q, const at::Tensor& k, const at:
   // Key lengths: seqused_k, else cu_seqlens_k's differences (FlashAttention 2's paged call), else
   // whole_table_keys.
   at::Tensor used;
+  // Checked wherever given (seqused_k, when given, sets the lengths; cu_seqlens_k of another
+  // device or shape is still a named error).
+  if (given(cu_k)) check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
   if (given(seqused_k)) {
     used = *r.seqused_k;
   } else if (given(cu_k)) {
-    check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
     // The differences in int64: a length past int32 would wrap in the cast to a small, valid one.
     const auto diff = cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, b).to(at::kLong);
     if (cpu && b > 0) {

@@ -431,10 +431,12 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
   const at::Tensor read_table =
       block_table.slice(1, 0, read_table_columns(block_table.size(1), bs, max_seqlen_k));
   const int64_t M = read_table.size(1);
+  // cu_seqlens_k is checked wherever it is given: seqused_k takes precedence over its lengths,
+  // but a tensor of another device or shape is still a named error (it was unchecked here).
+  if (given(cu_k)) check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
   if (given(seqused_k)) {
     plan.used = seqused_k->contiguous();
   } else if (given(cu_k)) {
-    check_paged_cu_seqlens_k(*cu_k, cu_q, q, B);
     // In int64, clamped before narrowing: a length past int32 must not wrap to a small one.
     plan.used = (cu_k->slice(0, 1).to(at::kLong) - cu_k->slice(0, 0, B).to(at::kLong))
                     .clamp(0, M * bs)

@@ -545,6 +545,16 @@ def flash_attn_with_kvcache(
     wr = -1 if wr >= (q.shape[0] - 1 if varlen else capacity) else wr
     sinks = _sinks(q, s_aux, learnable_sink, sinks)
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
+    # Every tensor argument on q's device, named (the ops below would name their own arguments,
+    # e.g. seqused_k or slot_mapping, or fail in ATen). Before the cache is written.
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                    ("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx),
+                    ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                    ("cu_seqlens_q", cu_seqlens_q), ("q_descale", q_descale),
+                    ("k_descale", k_descale), ("v_descale", v_descale)):
+        if isinstance(t, torch.Tensor) and t.device != dev:
+            raise RuntimeError(f"attnkit: {name}: expected a tensor on {dev} (that of q), got "
+                               f"one on {t.device}")
     if k is not None and cache_seqlens is None:
         raise RuntimeError("attnkit: cache_seqlens: expected the cache's lengths when k and v are "
                            "given (where to append them; FlashAttention 2 requires it too)")

@@ -282,8 +282,12 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
     """Sends expert outputs ``[R, N]`` (rows as moe_dispatch returned them) back to their tokens'
     ranks and sums each token's k rows weighted by ``topk_weights [T, k]``: ``[T, N]``."""
     rows = sum(handle.recv_splits)
+    device = handle.row_map.device  # the exchange's: where moe_dispatch put the rows
     error = None
     try:
+        if expert_out.device != device:
+            raise RuntimeError(f"attnkit: moe_combine: expert_out: expected a tensor on {device} "
+                               f"(where moe_dispatch put the rows), got one on {expert_out.device}")
         if expert_out.dim() != 2 or expert_out.shape[0] != rows:
             raise RuntimeError(f"attnkit: moe_combine: expert_out: expected [{rows}, N] (the rows "
                                f"moe_dispatch returned), got shape {tuple(expert_out.shape)}")
@@ -295,7 +299,9 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
         error = e
         width = expert_out.shape[-1] if expert_out.dim() == 2 else handle.hidden
         dtype = expert_out.dtype if expert_out.is_floating_point() else torch.float32
-        y = torch.full((rows, width), float("nan"), dtype=dtype, device=expert_out.device)
+        # On the exchange's device: a buffer on the caller's wrong device would fail (NCCL) or
+        # hang the others inside the exchange instead of raising after it.
+        y = torch.full((rows, width), float("nan"), dtype=dtype, device=device)
     back = _AllToAll.apply(y, handle.send_splits, handle.recv_splits, handle.group)
     if error is not None:
         raise error
