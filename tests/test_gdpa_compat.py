@@ -277,3 +277,18 @@ def test_compile(device):
              activation="fast_gelu_bf16")
     assert_close(out, gdpa_ref(q, k, v, qo, ko, activation="fast_gelu", qk_scale=0.5,
                                causal=True, window_size=2), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_seq_index_and_output_offset(device):
+    """seq_index and output_offset trace under torch.compile(fullgraph=True, dynamic=True) too:
+    their CPU value checks run eagerly only (a branch on values broke fullgraph), and the
+    compiled call equals the eager one."""
+    q, k, v, qo, ko, mq, mk = _inputs(device, torch.float32)
+    batch = qo.shape[0] - 1
+    order = torch.arange(batch - 1, -1, -1, device=device)
+    for extra in (dict(seq_index=order), dict(output_offset=qo[:-1].clone())):
+        call = lambda *a: GDPA(*a, mq, mk, activation="silu", **extra)
+        torch._dynamo.reset()
+        got = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=True)(q, k, v, qo, ko)
+        assert torch.equal(got, call(q, k, v, qo, ko)), list(extra)

@@ -459,3 +459,18 @@ def test_kvcache_tensor_arguments_on_another_device(device):
         with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on"):
             attnkit.flash_attn_with_kvcache(q, kc, vc, **kw)
     assert torch.equal(kc, before_k)
+
+
+def test_kvcache_paged_compiles_on_the_cpu():
+    """A paged flash_attn_with_kvcache traces under torch.compile(fullgraph=True) on CPU
+    tensors: its used-block-id check reads the table eagerly only (it broke fullgraph)."""
+    g = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(12, 16, 2, 16, generator=g) for _ in range(2))
+    bt = torch.randperm(12, generator=g)[:6].view(2, 3).int()
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    lens = torch.tensor([20, 33], dtype=torch.int32)
+    call = lambda q, kc, vc, bt, sl: attnkit.flash_attn_with_kvcache(
+        q, kc, vc, cache_seqlens=sl, block_table=bt, causal=True)
+    torch._dynamo.reset()
+    got = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=True)(q, kc, vc, bt, lens)
+    assert torch.equal(got, call(q, kc, vc, bt, lens))

@@ -376,10 +376,10 @@ def _check_table(table, name: str, B: int, device) -> None:
 
 def _check_used_block_ids(table, used, num_blocks: int, block_size: int, name: str) -> None:
     """The ids of the blocks a sequence uses (its first ``ceil(used[b] / block_size)``) must be
-    blocks of the cache. Checked on the CPU only, for both paths, before the cache is written;
-    on CUDA (no host sync) they are clamped, as the paged op clamps them. Ids past the used
-    blocks are never read."""
-    if table.device.type != "cpu" or not table.numel():
+    blocks of the cache. Checked on the CPU only (eagerly: not while torch.compile traces), for
+    both paths, before the cache is written; on CUDA (no host sync) they are clamped, as the
+    paged op clamps them. Ids past the used blocks are never read."""
+    if not _checks_values(table) or not table.numel():  # CUDA, or tracing under torch.compile
         return
     ids = table.long()
     in_use = torch.arange(ids.shape[1]) * block_size < used.long().unsqueeze(1)
