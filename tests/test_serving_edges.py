@@ -474,3 +474,37 @@ def test_kvcache_paged_compiles_on_the_cpu():
     torch._dynamo.reset()
     got = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=True)(q, kc, vc, bt, lens)
     assert torch.equal(got, call(q, kc, vc, bt, lens))
+
+
+def test_written_tensor_checks_under_fake_tensors():
+    """The paged family's written-tensor checks (stride-0 outputs or caches, one tensor for both
+    caches, an output partly overlapping an input) are part of the shared argument checks, so
+    the Meta kernels (FakeTensor, torch.compile's tracing) refuse what the CPU kernels refuse;
+    they ran inside the real kernels only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+    ops, one = torch.ops.attnkit, torch.ones(1)
+    S, Hq, Hkv, D, bs, nb = 3, 8, 2, 64, 16, 8
+    kc, vc = torch.randn(nb, Hkv, D // 4, bs, 4), torch.randn(nb, Hkv, D, bs)
+    bt = torch.arange(6, dtype=torch.int32).view(3, 2)
+    lens = torch.tensor([5, 17, 30], dtype=torch.int32)
+    cache, slots, buf = torch.zeros(4, 16, 2, 16), torch.arange(4), torch.randn(6, 3, 16)
+    cases = [
+        ("out", ops.paged_attention_v1, (torch.empty(1, Hq, D).expand(S, Hq, D),
+                                         torch.randn(S, Hq, D), kc, vc, Hkv, 0.1, bt, lens, bs,
+                                         30, None, "auto", one, one)),
+        ("value_cache", ops.reshape_and_cache_flash, (torch.randn(4, 2, 16), torch.randn(4, 2, 16),
+                                                      cache, cache, slots, "auto", one, one)),
+        ("key_cache", ops.reshape_and_cache, (torch.randn(4, 2, 64), torch.randn(4, 2, 64),
+                                              torch.zeros(1, 2, 16, 16, 4).expand(4, 2, 16, 16, 4),
+                                              torch.zeros(4, 2, 64, 16), slots, "auto", one, one)),
+        ("output", ops.merge_attn_states, (buf[1:], buf[:5], torch.randn(3, 5),
+                                           torch.randn(5, 3, 16), torch.randn(3, 5), None)),
+    ]
+    for name, op, args in cases:
+        with pytest.raises(RuntimeError, match=name):
+            op(*args)
+        mode = FakeTensorMode()
+        fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+        with mode, pytest.raises(RuntimeError, match=name):
+            op(*fake)

@@ -128,6 +128,48 @@ inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::
                 s.sym_sizes());
 }
 
+// A tensor an op writes must not hold elements that share memory (a stride-0 dim, e.g. an
+// expanded tensor: rows or cache blocks written over each other, the last write winning) nor
+// overlap one of the op's inputs partly (a view shifted by a row reads values already written).
+// Exact aliasing (out = query) and layouts whose overlap ATen cannot decide (strided views such
+// as vLLM's K / V halves of one allocation) are accepted. Strides only: no host sync. Part of the
+// shared checks (check_paged_attention_v1, ...), so the CPU, CUDA and Meta kernels refuse alike.
+inline void check_written_alone(
+    const at::Tensor& out, const char* out_name,
+    std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
+  // Not under symbolic sizes or strides (torch.compile's dynamic trace), whose overlap ATen cannot
+  // compute; the real call checks. Fake tensors of concrete sizes are checked as real ones.
+  auto symbolic = [](const at::Tensor& t) {
+    return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  };
+  if (symbolic(out)) return;
+  for (const auto& [t, name] : inputs) {
+    if (symbolic(*t)) return;
+  }
+  ATTNKIT_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
+                ": expected a tensor whose elements do not share memory (a stride-0 dimension ",
+                "has its rows written over each other), got strides ", out.strides());
+  for (const auto& [t, name] : inputs) {
+    ATTNKIT_CHECK(at::get_overlap_status(out, *t) != at::MemOverlapStatus::Partial, out_name,
+                  ": expected no partial overlap with ", name,
+                  " (the same tensor, or separate memory), got overlapping views");
+  }
+}
+
+// The caches a writer fills: neither overlapping the key / value rows it copies (they would be
+// overwritten while read), nor each other (every value would overwrite its key).
+inline void check_cache_targets(const at::Tensor& key, const at::Tensor& value,
+                                const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  check_written_alone(key_cache, "key_cache",
+                      {{&value_cache, "value_cache"}, {&key, "key"}, {&value, "value"}});
+  check_written_alone(value_cache, "value_cache", {{&key, "key"}, {&value, "value"}});
+  const bool symbolic = key_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        value_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  ATTNKIT_CHECK(symbolic ||
+                    at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
+                "value_cache: expected a tensor of its own, got the same memory as key_cache");
+}
+
 struct V1Config {
   CacheKind kind;
   int64_t Hq, Hkv, D, bs;
@@ -179,6 +221,9 @@ inline V1Config check_paged_attention_v1(
   }
   check_scale_tensor(k_scale, "k_scale", query);
   check_scale_tensor(v_scale, "v_scale", query);
+  // (an out inside a cache would overwrite keys or values other CTAs still read)
+  check_written_alone(out, "out", {{&query, "query"}, {&key_cache, "key_cache"},
+                                   {&value_cache, "value_cache"}});
   return c;
 }
 
@@ -268,6 +313,7 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
     check_same_device(Q, "Q", *out, "out");
     ATTNKIT_CHECK(out->sym_sizes() == Q.sym_sizes(), "out: expected shape ", Q.sym_sizes(),
                   " (same as Q), got ", out->sym_sizes());
+    check_written_alone(*out, "out", {{&Q, "Q"}, {&K, "K"}, {&V, "V"}});
   }
   return c;
 }
@@ -315,6 +361,7 @@ inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tenso
   check_dim(key_cache, "key_cache", 5);
   c.bs = static_size(key_cache, 3);
   check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
+  check_cache_targets(key, value, key_cache, value_cache);
   return c;
 }
 
@@ -367,6 +414,7 @@ inline CacheWriteConfig check_reshape_and_cache_flash(const at::Tensor& key, con
   ATTNKIT_CHECK(c.bs >= 1, "key_cache: expected block_size >= 1, got shape ", key_cache.sym_sizes());
   check_scale_tensor(k_scale, "k_scale", key);
   check_scale_tensor(v_scale, "v_scale", key);
+  check_cache_targets(key, value, key_cache, value_cache);
   return c;
 }
 
@@ -460,37 +508,20 @@ inline void check_merge_attn_states(const at::Tensor& output, const at::Tensor& 
   check_lse(prefix_lse, "prefix_lse");
   check_lse(suffix_lse, "suffix_lse");
   if (output_lse.has_value()) check_lse(*output_lse, "output_lse");
-}
-
-// A tensor an op writes must not hold elements that share memory (a stride-0 dim, e.g. an
-// expanded tensor: rows or cache blocks written over each other, the last write winning) nor
-// overlap one of the op's inputs partly (a view shifted by a row reads values already written).
-// Exact aliasing (out = query) and layouts whose overlap ATen cannot decide (strided views such
-// as vLLM's K / V halves of one allocation) are accepted. Strides only: no host sync.
-inline void check_written_alone(
-    const at::Tensor& out, const char* out_name,
-    std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
-  ATTNKIT_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
-                ": expected a tensor whose elements do not share memory (a stride-0 dimension ",
-                "has its rows written over each other), got strides ", out.strides());
-  for (const auto& [t, name] : inputs) {
-    ATTNKIT_CHECK(at::get_overlap_status(out, *t) != at::MemOverlapStatus::Partial, out_name,
-                  ": expected no partial overlap with ", name,
-                  " (the same tensor, or separate memory), got overlapping views");
-  }
-}
-
-inline MergeParams make_merge_params(const at::Tensor& output, const at::Tensor& prefix_output,
-                                     const at::Tensor& prefix_lse,
-                                     const at::Tensor& suffix_output,
-                                     const at::Tensor& suffix_lse,
-                                     const c10::optional<at::Tensor>& output_lse) {
   check_written_alone(output, "output", {{&prefix_output, "prefix_output"},
                                          {&suffix_output, "suffix_output"}});
   if (output_lse.has_value()) {
     check_written_alone(*output_lse, "output_lse", {{&prefix_lse, "prefix_lse"},
                                                     {&suffix_lse, "suffix_lse"}});
   }
+}
+
+
+inline MergeParams make_merge_params(const at::Tensor& output, const at::Tensor& prefix_output,
+                                     const at::Tensor& prefix_lse,
+                                     const at::Tensor& suffix_output,
+                                     const at::Tensor& suffix_lse,
+                                     const c10::optional<at::Tensor>& output_lse) {
   MergeParams p{};
   p.out = output.data_ptr();
   p.prefix = prefix_output.data_ptr();
@@ -546,9 +577,6 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
                                    const c10::optional<at::Tensor>& alibi, const at::Tensor& k_scale,
                                    const at::Tensor& v_scale, double scale, double softcap,
                                    int64_t window) {
-  // (an out inside a cache would overwrite keys or values other CTAs still read)
-  check_written_alone(out, "out", {{&query, "query"}, {&key_cache, "key_cache"},
-                                   {&value_cache, "value_cache"}});
   DecodeParams p{};
   fill_q_out(p, query, out);
   p.k_cache = key_cache.data_ptr();
@@ -624,7 +652,6 @@ inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& 
                                        const c10::optional<at::Tensor>& K_QScale,
                                        const c10::optional<at::Tensor>& V_QScale,
                                        int64_t max_qlen) {
-  check_written_alone(out, "out", {{&Q, "Q"}, {&K, "K"}, {&V, "V"}});
   DecodeParams p{};
   fill_q_out(p, Q, out);
   p.k_cache = K.data_ptr();
@@ -662,13 +689,6 @@ inline CacheWriteParams make_cache_write_params(const at::Tensor& key, const at:
                                                 const at::Tensor& value_cache,
                                                 const at::Tensor& slots,
                                                 const CacheWriteConfig& c) {
-  // (a cache overlapping the key or value rows it copies would overwrite them while they are read)
-  check_written_alone(key_cache, "key_cache",
-                      {{&value_cache, "value_cache"}, {&key, "key"}, {&value, "value"}});
-  check_written_alone(value_cache, "value_cache", {{&key, "key"}, {&value, "value"}});
-  // One tensor for both caches: every value would overwrite its key.
-  ATTNKIT_CHECK(at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
-                "value_cache: expected a tensor of its own, got the same memory as key_cache");
   CacheWriteParams p{};
   p.key = key.data_ptr();
   p.value = value.data_ptr();

@@ -31,11 +31,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_meta(
     ATTNKIT_CHECK(D >= 1 && D <= kMaxHeadDim, "q: expected head dim in [1, ", kMaxHeadDim,
                   "], got ", D);
     if (varlen) check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");
-    if (varlen && given(cu_k)) {
-      check_offsets_tensor(*cu_k, "cu_seqlens_k", q, "q");
-      ATTNKIT_CHECK(cu_q->sym_size(0) == cu_k->sym_size(0), "cu_seqlens_k: expected ",
-                    cu_q->sym_size(0), " entries (same as cu_seqlens_q), got ", cu_k->sym_size(0));
-    }
+    // As resolve_kv (flash_serving.h): checked wherever given, batched or varlen, seqused_k or not.
+    if (given(cu_k)) check_paged_cu_seqlens_k(*cu_k, cu_q, q, batch_of(q, cu_q));
   } else {
     ATTNKIT_CHECK(!given(k_descale) && !given(v_descale),
                   "k_descale: expected None without block_table (descales apply to fp8 paged caches)");
