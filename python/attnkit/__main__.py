@@ -24,10 +24,11 @@ def main(argv=None) -> int:
     dev = args.device
     seed = int(time.time()) % 100000
     torch.manual_seed(seed)
-    on_cuda = torch.device(dev).type == "cuda"
-    if on_cuda:  # timings record events on the current device: make it the one asked for
-        torch.cuda.set_device(torch.device(dev))
-    name = torch.cuda.get_device_name(torch.device(dev)) if on_cuda else "CPU"
+    d = torch.device(dev)
+    on_cuda = d.type == "cuda"
+    if on_cuda and d.index is not None:  # timings record events on the current device: make it
+        torch.cuda.set_device(d.index)   # the one asked for ("cuda" alone: the current one)
+    name = torch.cuda.get_device_name() if on_cuda else "CPU"
     print(f"attnkit self-check on {name} (torch {torch.__version__}, CUDA kernels built: "
           f"{attnkit.built_with_cuda()}, seed {seed})")
 
