@@ -250,3 +250,16 @@ def test_stress_random_routing(device):
         assert_close(attnkit.moe_unpermute(p, rm, w), ref.moe_unpermute_ref(p, rm, w), dtype)
         wt = torch.randn(E, H, 40, device=device, dtype=dtype) / H ** 0.5
         assert_close(attnkit.grouped_gemm(p, wt, off), ref.grouped_gemm_ref(p, wt, off), dtype)
+
+
+def test_moe_weights_on_another_device():
+    """gate_weight / w1 / w2 on another device than x: a RuntimeError naming it (a meta
+    gate_weight gave x @ gate_weight of uninitialised memory, routed silently)."""
+    T, H, I, E = 6, 16, 8, 4
+    x = torch.randn(T, H)
+    gate, w1, w2 = torch.randn(H, E), torch.randn(E, H, 2 * I), torch.randn(E, I, H)
+    for name in ("gate_weight", "w1", "w2"):
+        args = dict(gate_weight=gate, w1=w1, w2=w2)
+        args[name] = args[name].to("meta")
+        with pytest.raises(RuntimeError, match=f"moe: {name}: expected a tensor on cpu"):
+            attnkit.moe(x, args["gate_weight"], args["w1"], args["w2"], 2)

@@ -206,6 +206,15 @@ def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
     else:
         out = attnkit.moe_combine(tok, w, handle)
         assert out.shape == (5, H)
+    # Not a tensor at all on one rank (None x, a list expert_out): that rank raises naming it,
+    # the others raise with it (dispatch) or finish (combine), instead of waiting for the
+    # group's timeout (an AttributeError was raised before the exchange).
+    _raises_everywhere(lambda: attnkit.moe_dispatch(None if rank == 1 else x, ids, E), "rank 1")
+    if rank == 1:
+        with pytest.raises(RuntimeError, match="expert_out: expected a tensor"):
+            attnkit.moe_combine(tok.tolist(), w, handle)
+    else:
+        assert attnkit.moe_combine(tok, w, handle).shape == (5, H)
     # MoE with a map built for another world size: a clear error at construction.
     with pytest.raises(RuntimeError, match="expert_map"):
         attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)

@@ -59,3 +59,32 @@ def test_pa_fwd_samples(device, dtype):
         if s.args[9] is not None:
             assert out is s.args[9], f"{s.name}: out= must be written and returned"
         assert_close(out, pa_fwd_reference(s), dtype, s.name)
+
+
+def test_out_is_q_with_qo_indptr_is_refused():
+    """pa_fwd zeroes out_'s rows outside every sequence before the kernel when qo_indptr is
+    given: out_ = Q would lose Q first (every row computed from a zero query, silently), so that
+    alias is a RuntimeError naming out there, on the CPU and the Meta kernel alike; without
+    qo_indptr out_ = Q stays accepted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    g = torch.Generator().manual_seed(0)
+    Hq, Hkv, D, bs, nb = 8, 2, 128, 16, 6
+    K = torch.randn(nb, Hkv, D // 8, bs, 8, generator=g).bfloat16()
+    V = torch.randn(nb, Hkv, bs // 8, D, 8, generator=g).bfloat16()
+    bt = torch.tensor([[2, 4, 0], [5, 1, 3]], dtype=torch.int32)
+    lens = torch.tensor([20, 33], dtype=torch.int32)
+    Q = torch.randn(5, Hq, D, generator=g).bfloat16()
+    qo = torch.tensor([0, 2, 5], dtype=torch.int32)
+    args = lambda q, out: (q, K, V, bt, lens, bt.stride(0), 3, None, None, out, qo)
+    with pytest.raises(RuntimeError, match="out: expected a tensor of its own with qo_indptr"):
+        torch.ops.attnkit.pa_fwd(*args(Q, Q), 0)
+    mode = FakeTensorMode()
+    fq = mode.from_tensor(Q)
+    with mode, pytest.raises(RuntimeError, match="out: expected a tensor of its own"):
+        torch.ops.attnkit.pa_fwd(fq, *[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                        for t in args(Q, Q)[1:]][:8], fq,
+                                 mode.from_tensor(qo), 0)
+    Q2 = Q[:2].clone()  # one token per sequence: out_ = Q is accepted as before
+    want = torch.ops.attnkit.pa_fwd(Q2, K, V, bt, lens, bt.stride(0), 1, None, None, None, None, 0)
+    torch.ops.attnkit.pa_fwd(Q2, K, V, bt, lens, bt.stride(0), 1, None, None, Q2, None, 0)
+    assert torch.equal(Q2, want)

@@ -314,6 +314,14 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
     ATTNKIT_CHECK(out->sym_sizes() == Q.sym_sizes(), "out: expected shape ", Q.sym_sizes(),
                   " (same as Q), got ", out->sym_sizes());
     check_written_alone(*out, "out", {{&Q, "Q"}, {&K, "K"}, {&V, "V"}});
+    // With several query tokens the rows outside every sequence are zeroed before the kernel
+    // runs: an out that is Q would lose Q first (every row computed from a zero query, silently).
+    const bool symbolic = out->unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                          Q.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    ATTNKIT_CHECK(!qo_indptr.has_value() || symbolic ||
+                      at::get_overlap_status(*out, Q) != at::MemOverlapStatus::Full,
+                  "out: expected a tensor of its own with qo_indptr (its rows outside every "
+                  "sequence are zeroed before Q is read), got Q itself");
   }
   return c;
 }

@@ -168,6 +168,11 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     if w2.shape != (E, I, H):
         raise RuntimeError(f"attnkit: moe: w2: expected [{E}, {I}, {H}] (one matrix per expert of "
                            f"w1 [{E}, {H}, {2 * I}], back to x's H), got shape {tuple(w2.shape)}")
+    # One device (torch's CPU @ meta product returned garbage for a gate_weight elsewhere).
+    for name, t in (("gate_weight", gate_weight), ("w1", w1), ("w2", w2)):
+        if t.device != x.device:
+            raise RuntimeError(f"attnkit: moe: {name}: expected a tensor on {x.device} (that of "
+                               f"x), got one on {t.device}")
     # Under torch.autocast the products take the region's dtype (the router's matmul and the
     # grouped GEMMs' autocast rule); outside it, one dtype throughout.
     if not torch.is_autocast_enabled(x.device.type):

@@ -202,8 +202,14 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
                               dist.get_rank(group))
             plan.error = str(e).replace("attnkit: ", "")
     W, rank, E = plan.world_size, plan.rank, num_experts
-    device = x.device
+    tensors = isinstance(x, torch.Tensor) and isinstance(topk_ids, torch.Tensor)
+    # A rank whose x is not a tensor still takes part in the agreement (on the CPU, gloo's), so
+    # the others raise with it instead of waiting in the exchange for the group's timeout.
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     try:
+        if not tensors:
+            raise RuntimeError(f"x / topk_ids: expected tensors, got {type(x).__name__} and "
+                               f"{type(topk_ids).__name__}")
         code, message = _local_error(x, topk_ids, E, plan)
         if code == 0:
             ids = topk_ids.long()
@@ -217,8 +223,8 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     except Exception as e:  # noqa: BLE001  reported to every rank by the exchange below
         code, message = 4, f"{type(e).__name__}: {e}"
     # (1) agreement: fixed size, so it completes whatever each rank holds.
-    hidden = int(x.shape[1]) if x.dim() == 2 else -1
-    dtype_id = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    hidden = int(x.shape[1]) if tensors and x.dim() == 2 else -1
+    dtype_id = _DTYPES.index(x.dtype) if tensors and x.dtype in _DTYPES else -1
     agreed = _exchange_rows([code, E, hidden, dtype_id], W, device, group)
     codes = [r[0] for r in agreed]
     if any(codes):
@@ -285,6 +291,9 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
     device = handle.row_map.device  # the exchange's: where moe_dispatch put the rows
     error = None
     try:
+        if not isinstance(expert_out, torch.Tensor):
+            raise RuntimeError(f"attnkit: moe_combine: expert_out: expected a tensor, got "
+                               f"{type(expert_out).__name__}")
         if expert_out.device != device:
             raise RuntimeError(f"attnkit: moe_combine: expert_out: expected a tensor on {device} "
                                f"(where moe_dispatch put the rows), got one on {expert_out.device}")
@@ -297,8 +306,9 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
             y = moe_unpermute(y, handle.local_row_map, ones)
     except Exception as e:  # noqa: BLE001  raised after the exchange, which the others wait for
         error = e
-        width = expert_out.shape[-1] if expert_out.dim() == 2 else handle.hidden
-        dtype = expert_out.dtype if expert_out.is_floating_point() else torch.float32
+        given = isinstance(expert_out, torch.Tensor)
+        width = expert_out.shape[-1] if given and expert_out.dim() == 2 else handle.hidden
+        dtype = expert_out.dtype if given and expert_out.is_floating_point() else torch.float32
         # On the exchange's device: a buffer on the caller's wrong device would fail (NCCL) or
         # hang the others inside the exchange instead of raising after it.
         y = torch.full((rows, width), float("nan"), dtype=dtype, device=device)
