@@ -82,7 +82,7 @@ def test_moe_block_argument_checks():
             attnkit.moe(x, gate, bad, w2, k)
     with pytest.raises(RuntimeError, match="x"):
         attnkit.moe(x[None], gate, w1, w2, k)
-    with pytest.raises(ValueError, match="process_group"):
+    with pytest.raises(RuntimeError, match="process_group"):
         attnkit.MoE(H, I, E, k, expert_map=[0] * E)
     dense = attnkit.MoE(H, I, E, k, bias=torch.tensor([0.0, 0.0, 0.0, 10.0]))
     copy = attnkit.MoE(H, I, E, k).load_experts_from(dense)

@@ -508,3 +508,29 @@ def test_written_tensor_checks_under_fake_tensors():
         fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
         with mode, pytest.raises(RuntimeError, match=name):
             op(*fake)
+
+
+@pytest.mark.parametrize("bad", [(float("nan"), 0), (float("inf"), 0), (None, None), ("a", 0),
+                                 (1.5, 0), "ab", 3])
+def test_window_size_entries_are_named(bad):
+    """A window_size that is not two integers (negative: unbounded) is a RuntimeError naming it
+    (NaN / inf / None / strings raised ValueError, OverflowError or TypeError from int());
+    integral floats and numpy integers are taken as before."""
+    import numpy as np
+    q, k, v = _qkv("cpu", Sq=4, Sk=6)
+    with pytest.raises(RuntimeError, match="window_size"):
+        attnkit.flash_attn_func(q, k, v, window_size=bad)
+    want = attnkit.flash_attn_func(q, k, v, window_size=(2, 0))
+    assert torch.equal(attnkit.flash_attn_func(q, k, v, window_size=(2.0, 0)), want)
+    assert torch.equal(attnkit.flash_attn_func(q, k, v, window_size=(np.int64(2), 0)), want)
+
+
+def test_zero_dim_q_is_named():
+    """A q of rank < 3 is a RuntimeError naming q on every entry (a 0-d q raised IndexError in
+    the key-length resolution, which ran before q's own checks)."""
+    k = torch.randn(1, 4, 1, 8)
+    for q in (torch.tensor(1.0), torch.randn(4, 8)):
+        with pytest.raises(RuntimeError, match="q: expected"):
+            torch.ops.attnkit.flash_attn_fwd(q, k, k, seqused_k=torch.tensor([4], dtype=torch.int32))
+        with pytest.raises(RuntimeError, match="q"):
+            attnkit.flash_attn_func(q, k, k)

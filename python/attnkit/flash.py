@@ -3,6 +3,7 @@ switches by changing the import; the serving keywords of vLLM V1's and FlashAtte
 (paged NHD caches, ``seqused_k``, sinks, fp8 descales, ``out=``) are described in
 docs/serving.md."""
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,8 +42,13 @@ def _window(window_size) -> Tuple[int, int]:
     # vLLM passes None or a list for "no window".
     if window_size is None:
         return -1, -1
-    if isinstance(window_size, (int, float)) or len(window_size) != 2:
-        raise RuntimeError(f"attnkit: window_size: expected (left, right), got {window_size!r}")
+    if (isinstance(window_size, (int, float, str)) or not hasattr(window_size, "__len__")
+            or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral)
+                       or (isinstance(w, float) and math.isfinite(w) and w == int(w))
+                       for w in window_size)):
+        raise RuntimeError(f"attnkit: window_size: expected (left, right) integers (negative: "
+                           f"unbounded), got {window_size!r}")
     # Any negative side is unbounded (flash-attn's rule, and the op's): -1 from here on.
     return tuple(-1 if int(w) < 0 or int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 

@@ -221,8 +221,9 @@ class MoE(torch.nn.Module):
         self.plan = None
         local = num_experts
         if expert_map is not None and process_group is None:
-            raise ValueError("MoE: expert_map places experts on the ranks of a process group; "
-                             "pass process_group too (without one every expert is local)")
+            raise RuntimeError("attnkit: MoE: expert_map: places experts on the ranks of a process "
+                               "group; pass process_group too (without one every expert is "
+                               "local)")
         if process_group is not None:
             from .moe_ep import ExpertPlan
 

@@ -23,8 +23,8 @@ def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
 
 def _refuse_blocksparse(op: str, blocksparse_vert_stride: int) -> None:
     if blocksparse_vert_stride > 1:
-        raise ValueError(f"attnkit.{op}: block-sparse attention is not supported "
-                         f"(blocksparse_vert_stride={blocksparse_vert_stride})")
+        raise RuntimeError(f"attnkit: {op}: blocksparse_vert_stride: block-sparse attention is "
+                           f"not supported (blocksparse_vert_stride={blocksparse_vert_stride})")
 
 
 def _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
@@ -207,7 +207,7 @@ def pa_fwd(
     written and returned.
     """
     if out is not None and out_ is not None:
-        raise ValueError("pa_fwd: give the output as out_ or as out, not both")
+        raise RuntimeError("attnkit: pa_fwd: out: give the output as out_ or as out, not both")
     dst = out if out is not None else out_
     K_QScale, V_QScale = _token_scales(K_QScale), _token_scales(V_QScale)
     res = torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0,
