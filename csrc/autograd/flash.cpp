@@ -145,8 +145,8 @@ class FlashFunction : public torch::autograd::Function<FlashFunction> {
     // FlashBackwardFunction and its clear double-backward error. With a sink, out and lse are
     // the sink-adjusted ones, for which this is the exact backward (flash_serving.h).
     const Opts o = load_opts(ctx);
-    auto [dq, dk, dv] = call_bwd(dout, s[0], s[1], s[2], s[3], s[4], o, opt_of(s[5]),
-                                 opt_of(s[6]), opt_of(s[7]), grad_lse);
+    auto [dq, dk, dv] = call_bwd(dout, s[0], s[1], s[2], s[3], s[4], o, opt_of(s[5]), opt_of(s[6]),
+                                 opt_of(s[7]), grad_lse);
     none[0] = dq;
     none[1] = dk;
     none[2] = dv;
@@ -213,9 +213,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale, bool causal,
-    int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck,
-    OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, bool deterministic,
-    const OptTensor& grad_lse) {
+    int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck, OptSymInt mq,
+    OptSymInt mk, const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse) {
   check_no_forward_ad("flash_attn_bwd", {{"grad_out", has_forward_grad(dout)},
                                          {"q", has_forward_grad(q)},
                                          {"k", has_forward_grad(k)},
@@ -230,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
                     Opts{scale, causal, wl, wr, softcap, mq, mk, deterministic}, cq, ck, seqused_k,
                     grad_lse);
   }
-  auto r = FlashBackwardFunction::apply(dout, q, k, v, out, lse, scale, causal, wl, wr, softcap,
-                                        cq, ck, mq, mk, seqused_k, deterministic, grad_lse);
+  auto r = FlashBackwardFunction::apply(dout, q, k, v, out, lse, scale, causal, wl, wr, softcap, cq,
+                                        ck, mq, mk, seqused_k, deterministic, grad_lse);
   return {r[0], r[1], r[2]};
 }
 

@@ -165,9 +165,9 @@ inline void check_cache_targets(const at::Tensor& key, const at::Tensor& value,
   check_written_alone(value_cache, "value_cache", {{&key, "key"}, {&value, "value"}});
   const bool symbolic = key_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
                         value_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-  ATTNKIT_CHECK(symbolic ||
-                    at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
-                "value_cache: expected a tensor of its own, got the same memory as key_cache");
+  ATTNKIT_CHECK(
+      symbolic || at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
+      "value_cache: expected a tensor of its own, got the same memory as key_cache");
 }
 
 struct V1Config {
@@ -222,8 +222,8 @@ inline V1Config check_paged_attention_v1(
   check_scale_tensor(k_scale, "k_scale", query);
   check_scale_tensor(v_scale, "v_scale", query);
   // (an out inside a cache would overwrite keys or values other CTAs still read)
-  check_written_alone(out, "out", {{&query, "query"}, {&key_cache, "key_cache"},
-                                   {&value_cache, "value_cache"}});
+  check_written_alone(
+      out, "out", {{&query, "query"}, {&key_cache, "key_cache"}, {&value_cache, "value_cache"}});
   return c;
 }
 
@@ -516,18 +516,16 @@ inline void check_merge_attn_states(const at::Tensor& output, const at::Tensor& 
   check_lse(prefix_lse, "prefix_lse");
   check_lse(suffix_lse, "suffix_lse");
   if (output_lse.has_value()) check_lse(*output_lse, "output_lse");
-  check_written_alone(output, "output", {{&prefix_output, "prefix_output"},
-                                         {&suffix_output, "suffix_output"}});
+  check_written_alone(output, "output",
+                      {{&prefix_output, "prefix_output"}, {&suffix_output, "suffix_output"}});
   if (output_lse.has_value()) {
-    check_written_alone(*output_lse, "output_lse", {{&prefix_lse, "prefix_lse"},
-                                                    {&suffix_lse, "suffix_lse"}});
+    check_written_alone(*output_lse, "output_lse",
+                        {{&prefix_lse, "prefix_lse"}, {&suffix_lse, "suffix_lse"}});
   }
 }
 
-
 inline MergeParams make_merge_params(const at::Tensor& output, const at::Tensor& prefix_output,
-                                     const at::Tensor& prefix_lse,
-                                     const at::Tensor& suffix_output,
+                                     const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                                      const at::Tensor& suffix_lse,
                                      const c10::optional<at::Tensor>& output_lse) {
   MergeParams p{};
@@ -582,9 +580,9 @@ inline DecodeParams make_v1_params(const at::Tensor& out, const at::Tensor& quer
                                    const at::Tensor& key_cache, const at::Tensor& value_cache,
                                    const V1Config& c, const at::Tensor& block_tables,
                                    const at::Tensor& seq_lens,
-                                   const c10::optional<at::Tensor>& alibi, const at::Tensor& k_scale,
-                                   const at::Tensor& v_scale, double scale, double softcap,
-                                   int64_t window) {
+                                   const c10::optional<at::Tensor>& alibi,
+                                   const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                   double scale, double softcap, int64_t window) {
   DecodeParams p{};
   fill_q_out(p, query, out);
   p.k_cache = key_cache.data_ptr();
@@ -652,14 +650,11 @@ inline DecodeParams make_nhd_decode_params(const at::Tensor& out, const at::Tens
   return p;
 }
 
-inline DecodeParams make_pa_fwd_params(const at::Tensor& out, const at::Tensor& Q,
-                                       const at::Tensor& K, const at::Tensor& V,
-                                       const PaFwdConfig& c, const at::Tensor& block_tables,
-                                       const at::Tensor& context_lens,
-                                       const c10::optional<at::Tensor>& qo_indptr,
-                                       const c10::optional<at::Tensor>& K_QScale,
-                                       const c10::optional<at::Tensor>& V_QScale,
-                                       int64_t max_qlen) {
+inline DecodeParams make_pa_fwd_params(
+    const at::Tensor& out, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+    const PaFwdConfig& c, const at::Tensor& block_tables, const at::Tensor& context_lens,
+    const c10::optional<at::Tensor>& qo_indptr, const c10::optional<at::Tensor>& K_QScale,
+    const c10::optional<at::Tensor>& V_QScale, int64_t max_qlen) {
   DecodeParams p{};
   fill_q_out(p, Q, out);
   p.k_cache = K.data_ptr();

@@ -268,7 +268,6 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-
 template <typename scalar_t>
 void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
               const scalar_t* v, const scalar_t* o, const acc_type_t<scalar_t>* lse,
@@ -320,7 +319,8 @@ void bwd_impl(const Params& p, const scalar_t* dout, const scalar_t* q, const sc
         for (int64_t r = 0; r < rows; ++r) {
           // D_i = rowsum(dO ⊙ O): the softmax Jacobian's correction term, less lse's gradient
           // where one is given (d lse_i / d s_ij = P_ij).
-          const int64_t li = b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row;
+          const int64_t li =
+              b * p.lse.batch + (h0 + r % G) * p.lse.head + (row0 + r / G) * p.lse.row;
           di[r] = dot(dot_t + r * D, ot + r * D, D) - (dlse != nullptr ? dlse[li] : acc_t(0));
           // A row that sees no key has lse = -inf; -lse = +inf would give exp(+inf), so it gets
           // -inf, and P = exp(-inf) = 0.
@@ -502,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.dv = strides_of(dv, varlen);
   if (q.numel() == 0 || k.numel() == 0 || p.B == 0) return {dq, dk, dv};
   ATTNKIT_DISPATCH_CPU_FLOAT(q.scalar_type(), "flash_attn_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                       k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    bwd_impl<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                       v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                        lse_c.data_ptr<acc_type_t<scalar_t>>(),
                        dlse.defined() ? dlse.data_ptr<acc_type_t<scalar_t>>() : nullptr,
                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
@@ -548,8 +548,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse,

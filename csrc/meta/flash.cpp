@@ -45,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_meta(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, bool, const OptTensor& grad_lse) {
@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_meta(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_with_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
     std::optional<c10::SymInt> max_seqlen_q, std::optional<c10::SymInt> max_seqlen_k,
     const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse,
