@@ -522,3 +522,13 @@ def test_cuda_graph_capture(dtype):
         expect = _outputs(fresh, call(fresh))
         for i, (got, want) in enumerate(zip(captured, expect)):
             assert torch.equal(got, want), f"{s.name}: output {i} differs after replay"
+
+
+def test_moe_align_block_size_alloc_capacity_bound():
+    """A block_size whose padded capacity passes 2^31 is a RuntimeError naming it before any
+    allocation (block_size 2^31 asked for 32 GiB for four ids; 2^62 raised a TypeError from
+    torch.empty)."""
+    ids = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    for bs in (2 ** 31, 2 ** 62):
+        with pytest.raises(RuntimeError, match="block_size: the padded capacity"):
+            ops.moe_align_block_size_alloc(ids, bs, 2)

@@ -389,6 +389,10 @@ def moe_align_block_size_alloc(topk_ids: torch.Tensor, block_size: int, num_expe
     if pad_sorted_ids:
         M = -(-M // block_size) * block_size
     M = min(M, n * block_size)
+    if M > _INT32_MAX:  # before allocating (block_size 2^31 asked for 32 GiB for 4 ids)
+        raise RuntimeError(f"attnkit: {fn}: block_size: the padded capacity M = {M} "
+                           f"(topk_ids.numel() = {n}, num_experts = {num_experts}, block_size = "
+                           f"{block_size}) must be below 2^31 (int32 token ids)")
     sorted_ids = torch.empty(M, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(-(-M // block_size), dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
