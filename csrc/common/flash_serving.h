@@ -62,8 +62,7 @@ inline void check_sinks(const at::Tensor& s, const at::Tensor& q, const c10::Sym
 inline c10::SymInt batch_of(const at::Tensor& q, const OptTensor& cu_q) {
   // (before q's own checks, which the callers run later: a 0-d q raised an IndexError here)
   ATTNKIT_CHECK(q.dim() >= 3,
-                "q: expected [B, Sq, H, D] (or [T, H, D] with cu_seqlens_q), got "
-                "shape ",
+                "q: expected [B, Sq, H, D] (or [T, H, D] with cu_seqlens_q), got shape ",
                 q.sym_sizes());
   if (!given(cu_q)) return q.sym_size(0);
   check_offsets_tensor(*cu_q, "cu_seqlens_q", q, "q");

@@ -134,17 +134,25 @@ inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::
 // Exact aliasing (out = query) and layouts whose overlap ATen cannot decide (strided views such
 // as vLLM's K / V halves of one allocation) are accepted. Strides only: no host sync. Part of the
 // shared checks (check_paged_attention_v1, ...), so the CPU, CUDA and Meta kernels refuse alike.
+// The overlap checks skip tensors of symbolic sizes or strides (torch.compile's dynamic trace),
+// whose overlap ATen cannot compute; the real call checks. Fake tensors of concrete sizes are
+// checked as real ones.
+inline bool symbolic_layout(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+// ATen's overlap status of a and b; TooHard (accepted) where either layout is symbolic.
+inline at::MemOverlapStatus overlap_status(const at::Tensor& a, const at::Tensor& b) {
+  return symbolic_layout(a) || symbolic_layout(b) ? at::MemOverlapStatus::TooHard
+                                                  : at::get_overlap_status(a, b);
+}
+
 inline void check_written_alone(
     const at::Tensor& out, const char* out_name,
     std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
-  // Not under symbolic sizes or strides (torch.compile's dynamic trace), whose overlap ATen cannot
-  // compute; the real call checks. Fake tensors of concrete sizes are checked as real ones.
-  auto symbolic = [](const at::Tensor& t) {
-    return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-  };
-  if (symbolic(out)) return;
+  if (symbolic_layout(out)) return;
   for (const auto& [t, name] : inputs) {
-    if (symbolic(*t)) return;
+    if (symbolic_layout(*t)) return;
   }
   ATTNKIT_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
                 ": expected a tensor whose elements do not share memory (a stride-0 dimension ",
@@ -163,11 +171,8 @@ inline void check_cache_targets(const at::Tensor& key, const at::Tensor& value,
   check_written_alone(key_cache, "key_cache",
                       {{&value_cache, "value_cache"}, {&key, "key"}, {&value, "value"}});
   check_written_alone(value_cache, "value_cache", {{&key, "key"}, {&value, "value"}});
-  const bool symbolic = key_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                        value_cache.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-  ATTNKIT_CHECK(
-      symbolic || at::get_overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
-      "value_cache: expected a tensor of its own, got the same memory as key_cache");
+  ATTNKIT_CHECK(overlap_status(key_cache, value_cache) != at::MemOverlapStatus::Full,
+                "value_cache: expected a tensor of its own, got the same memory as key_cache");
 }
 
 struct V1Config {
@@ -316,10 +321,7 @@ inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const 
     check_written_alone(*out, "out", {{&Q, "Q"}, {&K, "K"}, {&V, "V"}});
     // With several query tokens the rows outside every sequence are zeroed before the kernel
     // runs: an out that is Q would lose Q first (every row computed from a zero query, silently).
-    const bool symbolic = out->unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                          Q.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-    ATTNKIT_CHECK(!qo_indptr.has_value() || symbolic ||
-                      at::get_overlap_status(*out, Q) != at::MemOverlapStatus::Full,
+    ATTNKIT_CHECK(!qo_indptr.has_value() || overlap_status(*out, Q) != at::MemOverlapStatus::Full,
                   "out: expected a tensor of its own with qo_indptr (its rows outside every "
                   "sequence are zeroed before Q is read), got Q itself");
   }
@@ -450,14 +452,8 @@ inline CacheWriteConfig check_pertoken_quant(const at::Tensor& key, const at::Te
     check_last_dim_contiguous(*t, name);
   }
   // Both are written: one tensor (or overlapping views) for both would leave the keys with the
-  // values' scales. (Not under symbolic shapes, whose overlap ATen cannot compute: the Meta
-  // kernel's trace; the real call checks.)
-  const bool symbolic =
-      k_dequant_scales.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-      v_dequant_scales.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-  const auto scales_overlap = symbolic
-                                  ? at::MemOverlapStatus::TooHard
-                                  : at::get_overlap_status(k_dequant_scales, v_dequant_scales);
+  // values' scales.
+  const auto scales_overlap = overlap_status(k_dequant_scales, v_dequant_scales);
   ATTNKIT_CHECK(scales_overlap != at::MemOverlapStatus::Full &&
                     scales_overlap != at::MemOverlapStatus::Partial,
                 "v_dequant_scales: expected a tensor of its own, got memory shared with "

@@ -3,6 +3,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from .flash import _checks_values  # the one rule for eager value checks
+
 GDPA_ACTIVATIONS = (
     "raw", "gelu", "gelu_approx", "fast_gelu", "leaky_relu",
     "relu", "silu", "fast_silu", "hardswish", "relu_square",
@@ -87,12 +89,6 @@ _META_UNSUPPORTED = {
 }
 
 
-def _reads_values(t: torch.Tensor) -> bool:
-    """Whether a value check runs: on the CPU, eagerly (CUDA would need a host sync; while
-    torch.compile traces, the values are unknown and a branch on them breaks fullgraph)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_meta_seq_index(seq_index, batch: int) -> None:
     """seq_index only orders Meta's work items (sequence seq_index[i] is computed i-th), so a
     permutation of the B sequences leaves the result unchanged and attnkit, which schedules
@@ -101,7 +97,7 @@ def _check_meta_seq_index(seq_index, batch: int) -> None:
     if seq_index.dim() != 1 or seq_index.shape[0] != batch or seq_index.is_floating_point():
         raise RuntimeError(f"attnkit: seq_index: expected an integer [{batch}] tensor (an order of "
                            f"the sequences), got {seq_index.dtype} {tuple(seq_index.shape)}")
-    if _reads_values(seq_index) and not torch.equal(
+    if _checks_values(seq_index) and not torch.equal(
             torch.sort(seq_index.long()).values, torch.arange(batch)):
         raise RuntimeError(f"attnkit: seq_index: expected a permutation of 0..{batch - 1} (an "
                            f"order of the sequences), got {seq_index.tolist()}")
@@ -147,7 +143,7 @@ def _meta_output_rows(out, query_offset, output_offset, broadcast_q: bool, batch
         first = qo.index_select(0, seq)
     dest = output_offset.to(torch.int64).index_select(0, seq) + (r - first)
     fits = (dest >= 0) & (dest < n)
-    if dev.type == "cpu" and not torch.compiler.is_compiling():  # values known: raise on bad ones
+    if _checks_values(out):  # values known (CPU, eagerly): raise on bad ones
         if not bool((fits | ~inside).all()):
             at = int((inside & ~fits).nonzero()[0])
             raise RuntimeError(f"attnkit: output_offset: expected every query row's destination "

@@ -9,8 +9,9 @@ from . import Case
 
 
 def cases(device):
-    dtypes = [torch.bfloat16, torch.float32] if torch.device(device).type == "cuda" else [torch.float32, torch.bfloat16]
-    B, S, H, Hkv, D = (2, 1024, 8, 2, 128) if torch.device(device).type == "cuda" else (2, 160, 4, 2, 64)
+    on_cuda = torch.device(device).type == "cuda"
+    dtypes = [torch.bfloat16, torch.float32] if on_cuda else [torch.float32, torch.bfloat16]
+    B, S, H, Hkv, D = (2, 1024, 8, 2, 128) if on_cuda else (2, 160, 4, 2, 64)
     configs = [("", dict()), (" causal", dict(causal=True)),
                (" window", dict(causal=True, window_size=(S // 4, 0))),
                (" softcap", dict(softcap=30.0))]

@@ -16,7 +16,8 @@ def _inputs(device, dtype, lengths, H=4, Hkv=2, D=64, requires_grad=False):
 
 
 def cases(device):
-    dtypes = [torch.bfloat16, torch.float32] if torch.device(device).type == "cuda" else [torch.float32, torch.bfloat16]
+    on_cuda = torch.device(device).type == "cuda"
+    dtypes = [torch.bfloat16, torch.float32] if on_cuda else [torch.float32, torch.bfloat16]
     lengths = [37, 0, 128, 1, 200, 64] if device == "cpu" else [300, 0, 1024, 1, 777, 512] * 8
     out = []
     for dtype in dtypes:

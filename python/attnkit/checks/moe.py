@@ -11,10 +11,11 @@ from . import Case
 
 
 def cases(device):
+    on_cuda = torch.device(device).type == "cuda"
     dtypes = [torch.bfloat16, torch.float32]
     if device == "cpu":
         dtypes.reverse()
-    T, H, I, E, k = (4096, 1024, 512, 16, 2) if torch.device(device).type == "cuda" else (256, 128, 96, 8, 2)
+    T, H, I, E, k = (4096, 1024, 512, 16, 2) if on_cuda else (256, 128, 96, 8, 2)
     out = []
     for dtype in dtypes:
         tag = str(dtype)[6:]
