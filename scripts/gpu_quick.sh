@@ -63,7 +63,8 @@
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
 # duration (ncu); gdpa_sched_ncu: its stall reasons per SASS line; serving_ncu_full: the NHD
-# decode kernel's stall reasons per SASS line.
+# decode kernel's stall reasons per SASS line; gdpa_breakdown: each GDPA pass's device time per
+# kernel (profile_gdpa.py --breakdown) on short-KV, dense and jagged rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/attnkit_out}
@@ -324,6 +325,13 @@ for s in $QUICK; do
           --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
           --section SchedulerStats $PY benchmarks/profile_gdpa.py --max-len ${GDPA_NCU_LEN:-256} \
           --sparsity $sp --forward-only
+      done ;;
+    gdpa_breakdown)  # device time per kernel of one GDPA forward / backward (torch.profiler):
+      # the short-KV rows (KV 256), the dense and jagged rows of set 1 at 512 and 2048
+      for r in "512 1.0 256" "1024 1.0 256" "2048 1.0 256" "512 1.0 0" "2048 1.0 0" "512 0.5 0" "2048 0.5 0"; do
+        set -- $r
+        step "gdpa_breakdown_$1_$2_$3" 60 $PY benchmarks/profile_gdpa.py --breakdown --repeat 5 \
+          --max-len $1 --sparsity $2 --kv-len $3
       done ;;
     gdpa_sched_time)  # the jagged forward's schedule kernel alone (gdpa_fwd_ws_schedule_kernel: one
       # CTA lists the work longest first) at B 1152, sparsity 0.5: ncu's duration of warm launches
