@@ -32,12 +32,15 @@ def gdpa_cases():
     for sparsity in (1.0, 0.5):
         for max_len in (256, 512, 1024, 2048):
             yield dict(family="gdpa", max_len=max_len, sparsity=sparsity, B=1152, H=4, D=128)
+    for max_len in (512, 1024, 2048):  # issue #19's set 2: short-KV cross attention, KV 256
+        yield dict(family="gdpa", max_len=max_len, sparsity=1.0, B=1152, H=4, D=128, kv_len=256)
 
 
 def case_key(c):
     if c["family"] == "flash":
         return f"flash D={c['D']} causal={int(c['causal'])} S={c['S']}"
-    return f"gdpa max_len={c['max_len']} sparsity={c['sparsity']}"
+    kv = f" kv={c['kv_len']}" if c.get("kv_len") else ""
+    return f"gdpa max_len={c['max_len']} sparsity={c['sparsity']}{kv}"
 
 
 def graph_ms(torch, fn, iters, target_ms=20.0):
@@ -118,14 +121,22 @@ def run_gdpa(torch, attnkit, c, iters):
     T = int(off[-1])
     off = off.cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(T, c["H"], c["D"], device="cuda", dtype=torch.bfloat16, generator=g)
-               .mul_(0.5).requires_grad_() for _ in range(3))
+    kv_len = c.get("kv_len")  # short-KV cross attention: every key sequence kv_len long
+    Tk = c["B"] * kv_len if kv_len else T
+    q = (torch.randn(T, c["H"], c["D"], device="cuda", dtype=torch.bfloat16, generator=g)
+         .mul_(0.5).requires_grad_())
+    k, v = (torch.randn(Tk, c["H"], c["D"], device="cuda", dtype=torch.bfloat16, generator=g)
+            .mul_(0.5).requires_grad_() for _ in range(2))
     m = c["max_len"]
-    call = lambda: attnkit.gdpa(q, k, v, off, off, m, m, "fast_gelu", 1.0 / m)
+    ko, mk = off, m
+    if kv_len:
+        ko, mk = torch.arange(c["B"] + 1, device="cuda", dtype=off.dtype) * kv_len, kv_len
+    call = lambda: attnkit.gdpa(q, k, v, off, ko, m, mk, "fast_gelu", 1.0 / m)
     out = call()
     dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-    flops = 4.0 * float((lens.double() ** 2).sum()) * c["H"] * c["D"]
+    pairs = lens.double() * kv_len if kv_len else lens.double() ** 2
+    flops = 4.0 * float(pairs.sum()) * c["H"] * c["D"]
     rows = {}
     for p, f, scale in (("fwd", call, 1.0), ("bwd", bwd, 2.5)):
         ms, method = graph_ms(torch, f, iters)

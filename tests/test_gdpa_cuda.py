@@ -363,6 +363,35 @@ def test_cuda_backward_warp_specialised_narrow_key_tiles(deterministic, mask):
                                 deterministic=deterministic)
 
 
+# The fused dQ's fp32 workspace (every key tile that sees a 64-row block adds into it), on the
+# shapes where its bookkeeping is easiest to get wrong (written for an in-kernel conversion of
+# each block by its last contributor, tried on branch dq-ws and not merged: docs/performance.md,
+# thirty-first session): blocks with one and with many (16) contributors, full and tail blocks,
+# sequences that end on a block edge and one row past it, windows whose query spans start off
+# the 64-row grid, keyless rows inside a block (window), short-KV cross attention (KV 256,
+# Q 2048), head dims of one half (64) and of a partial second half (96).
+DQ_WS_CASES = {
+    "many_contributors": ([2000, 64, 128, 65, 1, 0, 640, 63], [2000, 130, 64, 1, 50, 0, 700, 129]),
+    "short_kv": ([2048, 2048, 1500, 64], [256, 256, 256, 256]),
+    "long_kv_short_q": ([1, 64, 70, 200], [1800, 2048, 129, 1000]),
+}
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("case", list(DQ_WS_CASES))
+@pytest.mark.parametrize("mask", ["none", "causal", "window", "causal_window"])
+@pytest.mark.parametrize("D", [128, 64, 96])
+def test_cuda_backward_fused_dq_blocks(case, mask, D):
+    """The fused dQ (sm90_ws, not deterministic) on a NaN-poisoned allocator against the
+    reference, twice (the adds' order may change between calls; both must match)."""
+    q_lens, kv_lens = DQ_WS_CASES[case]
+    window = {"window": 37, "causal_window": 100}.get(mask, -1)
+    opts = dict(pre_scale=0.7, causal=mask.startswith("causal"), window_size=window)
+    for rep in range(2):
+        check_poisoned_backward(q_lens, kv_lens, D, opts, f"dq workspace {case} {mask} D={D} #{rep}",
+                                deterministic=False)
+
+
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "auto_deterministic", "sm90_ws", "sm80"])
 @pytest.mark.parametrize("D", [128, 80])
