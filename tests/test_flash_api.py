@@ -89,6 +89,10 @@ def bad_cases(device):
     yield "q", lambda: FWD(torch.randn(1, 8, 4, 300, **f32), torch.randn(1, 8, 2, 300, **f32),
                            torch.randn(1, 8, 2, 300, **f32))
     yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, -1.0)
+    # finite doubles past the fp32 range: inf in the kernels, NaN in every output
+    yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, 1e39)
+    yield "softmax_scale", lambda: FWD(q, k, k, -1e39)
+    yield "softmax_scale", lambda: flash_attn_func(q, k, k, softmax_scale=1e39)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu)
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])

@@ -100,6 +100,9 @@ def _bad_inputs(device):
         ("offset counts differ", dict(kv_offsets=ko[:2]), "kv_offsets: expected 3 entries"),
         ("negative hint", dict(max_seq_len_q=-1), "max_seq_len_q: expected >= 0"),
         ("unknown activation", dict(activation="softmax"), "activation: unknown name 'softmax'"),
+        ("NaN pre_scale", dict(pre_scale=float("nan")), "pre_scale: expected a finite value"),
+        ("inf pre_scale", dict(pre_scale=-float("inf")), "pre_scale: expected a finite value"),
+        ("pre_scale past fp32", dict(pre_scale=1e39), "pre_scale: expected a finite value"),
     ]
     if device == "cpu":  # offset values are only checked where that needs no host sync
         cases += [
@@ -131,6 +134,13 @@ def test_bad_inputs_raise_clear_errors(device):
             BWD(g, **dict(args, qk_scale=1.0))
     with pytest.raises(RuntimeError, match="grad_out: expected shape"):
         BWD(base["q"][:2], **dict(base, qk_scale=1.0))
+    # qk_scale (the backward's cases above all pass 1.0): NaN, inf and past the fp32 range
+    g = torch.randn_like(base["q"])
+    for bad in (float("nan"), float("inf"), -3e38 * 10):
+        with pytest.raises(RuntimeError, match="qk_scale: expected a finite value"):
+            FWD(**dict(base, qk_scale=bad))
+        with pytest.raises(RuntimeError, match="qk_scale: expected a finite value"):
+            BWD(g, **dict(base, qk_scale=bad))
 
 
 # --- env-gated suites (DESIGN §4) ---------------------------------------------------------------

@@ -4,13 +4,21 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 
 namespace attnkit {
 
 // ATTNKIT_CHECK(cond, "q", ": expected ...") -> RuntimeError "attnkit: q: expected ..."
 #define ATTNKIT_CHECK(cond, ...) TORCH_CHECK((cond), "attnkit: ", __VA_ARGS__)
+
+// A scalar argument the kernels take as fp32 (scales, caps): finite as a double is not enough,
+// 1e39 is finite there but inf in fp32, and then NaN in every output.
+inline bool finite_f32(double x) {
+  return std::isfinite(x) && std::fabs(x) <= double(std::numeric_limits<float>::max());
+}
 
 inline void check_defined(const at::Tensor& t, const char* name) {
   ATTNKIT_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");

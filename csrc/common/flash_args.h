@@ -43,11 +43,11 @@ inline bool is_varlen(const std::optional<at::Tensor>& cu_q, const std::optional
 // to run check_inputs on).
 inline void check_options(const Options& o) {
   if (o.softmax_scale.has_value()) {
-    ATTNKIT_CHECK(std::isfinite(*o.softmax_scale), "softmax_scale: expected a finite value, got ",
-                  *o.softmax_scale);
+    ATTNKIT_CHECK(finite_f32(*o.softmax_scale),
+                  "softmax_scale: expected a finite value (as fp32), got ", *o.softmax_scale);
   }
-  ATTNKIT_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0,
-                "softcap: expected a finite value >= 0 (0 = off), got ", o.softcap);
+  ATTNKIT_CHECK(finite_f32(o.softcap) && o.softcap >= 0.0,
+                "softcap: expected a finite value >= 0 (0 = off; as fp32), got ", o.softcap);
 }
 
 // max_seqlen_q / max_seqlen_k: hints (they size grids, bound the block-table columns a paged call

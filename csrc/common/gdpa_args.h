@@ -73,6 +73,16 @@ inline void check_window(int64_t window_size) {
   ATTNKIT_CHECK(window_size >= -1, "window_size: expected -1 (no window) or >= 0, got ", window_size);
 }
 
+// The kernels take both scales as fp32; a NaN, an inf or a value past the fp32 range would fill
+// the output (and the gradients) with NaN / inf (any sign and 0 are allowed: they are well
+// defined).
+inline void check_scales(double qk_scale, double pre_scale) {
+  ATTNKIT_CHECK(finite_f32(qk_scale), "qk_scale: expected a finite value (as fp32), got ",
+                qk_scale);
+  ATTNKIT_CHECK(finite_f32(pre_scale), "pre_scale: expected a finite value (as fp32), got ",
+                pre_scale);
+}
+
 // broadcast_q: q holds ONE query sequence (all of its rows; q_offsets = [0, Lq]) attended against
 // each of the B kv sequences. The kernels see it expanded to B copies ([B·Lq, H, D], offsets
 // b·Lq); the output rows b·Lq .. (b+1)·Lq - 1 belong to kv sequence b and dq is the sum over b.

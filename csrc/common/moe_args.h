@@ -60,7 +60,7 @@ inline RouteOptions check_route(const at::Tensor& logits, int64_t k, const std::
                 topk_group);
   ATTNKIT_CHECK(k <= topk_group * (E / n_group), "k: expected k <= topk_group * num_experts / ",
                 "n_group (", topk_group * (E / n_group), " experts in the kept groups), got ", k);
-  ATTNKIT_CHECK(std::isfinite(scale), "routed_scaling_factor: expected a finite value, got ",
+  ATTNKIT_CHECK(finite_f32(scale), "routed_scaling_factor: expected a finite value (as fp32), got ",
                 scale);
   if (bias.has_value() && bias->defined()) {
     check_dim(*bias, "bias", 1);

@@ -208,9 +208,10 @@ inline V1Config check_paged_attention_v1(
   ATTNKIT_CHECK(max_seq_len >= 0, "max_seq_len: expected >= 0, got ", max_seq_len);
   // A NaN or inf scale fills every output with NaN (the flash family refuses a non-finite
   // softmax_scale the same way); so would a cap of inf: inf * tanh(s / inf).
-  ATTNKIT_CHECK(std::isfinite(scale), "scale: expected a finite value, got ", scale);
-  ATTNKIT_CHECK(std::isfinite(logits_soft_cap) && logits_soft_cap >= 0.0,
-                "logits_soft_cap: expected a finite value >= 0 (0: off), got ", logits_soft_cap);
+  ATTNKIT_CHECK(finite_f32(scale), "scale: expected a finite value (as fp32), got ", scale);
+  ATTNKIT_CHECK(finite_f32(logits_soft_cap) && logits_soft_cap >= 0.0,
+                "logits_soft_cap: expected a finite value >= 0 (0: off; as fp32), got ",
+                logits_soft_cap);
   check_cache_dtype(key_cache, "key_cache", c.kind, query.scalar_type());
   check_caches(key_cache, value_cache, query, c.Hkv, c.D, c.bs);
   check_table_and_lens(block_tables, "block_tables", seq_lens, "seq_lens", query);

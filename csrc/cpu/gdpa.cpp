@@ -267,6 +267,7 @@ at::Tensor gdpa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at
                         c10::string_view activation, double qk_scale, double pre_scale,
                         bool causal, int64_t window_size, bool broadcast_q) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   if (broadcast_q) {
     check_broadcast_q_values(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
     const BroadcastQ e = expand_broadcast_q(q_in, q_offsets, kv_offsets);
@@ -306,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_cpu(
     c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv, c10::string_view activation,
     double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   if (!broadcast_q) {
     return bwd_cpu(grad_out, q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
                    max_seq_len_kv, activation, qk_scale, pre_scale, causal, window_size, false);

@@ -284,6 +284,7 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
                     int64_t window_size, bool broadcast_q, const Request& req,
                     const FwdLaunchOptions& lo) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   if (broadcast_q) {
     check_broadcast_q_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
                              max_seq_len_kv);
@@ -409,6 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
     double qk_scale, double pre_scale, bool causal, int64_t window_size, bool broadcast_q,
     const Request& req, const BwdLaunchOptions& lo) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   if (broadcast_q) {
     check_broadcast_q_inputs(q_in, k_in, v_in, q_offsets, kv_offsets, max_seq_len_q,
                              max_seq_len_kv);

@@ -12,9 +12,10 @@ namespace {
 at::Tensor gdpa_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                          c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
-                         c10::string_view activation, double, double, bool,
+                         c10::string_view activation, double qk_scale, double pre_scale, bool,
                          int64_t window_size, bool broadcast_q) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   parse_activation(activation);
   if (broadcast_q) {
     check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
@@ -28,9 +29,10 @@ at::Tensor gdpa_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt max_seq_len_q,
-    c10::SymInt max_seq_len_kv, c10::string_view activation, double, double, bool,
-    int64_t window_size, bool broadcast_q) {
+    c10::SymInt max_seq_len_kv, c10::string_view activation, double qk_scale, double pre_scale,
+    bool, int64_t window_size, bool broadcast_q) {
   check_window(window_size);
+  check_scales(qk_scale, pre_scale);
   parse_activation(activation);
   if (broadcast_q) {
     check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
