@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import attnkit
 from attnkit import flash_attn_func
 from samples.flash import BWD, DEVICES, FWD, HAS_CUDA, sample_inputs
 
@@ -121,6 +122,22 @@ def bad_cases(device):
         yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.to(other), cu_seqlens_k=cu)
     if device == "cuda":
         yield "q", lambda: FWD(q.double(), k.double(), k.double())
+
+
+def test_none_for_a_tensor_names_it():
+    """The wrappers with None for a required tensor: a RuntimeError naming it."""
+    q = torch.randn(1, 8, 2, 32)
+    qv, cu = torch.randn(8, 2, 32), torch.tensor([0, 3, 8], dtype=torch.int32)
+    kc = torch.randn(2, 16, 2, 32)
+    calls = [("q", lambda: attnkit.flash_attn_func(None, q, q)),
+             ("k", lambda: attnkit.flash_attn_func(q, None, q)),
+             ("v", lambda: attnkit.flash_attn_func(q, q, None)),
+             ("k", lambda: attnkit.flash_attn_varlen_func(qv, None, qv, cu, cu, 5, 5)),
+             ("q", lambda: attnkit.flash_attn_with_kvcache(None, kc, kc)),
+             ("v_cache", lambda: attnkit.flash_attn_with_kvcache(q, kc, None))]
+    for name, call in calls:
+        with pytest.raises(RuntimeError, match=f"attnkit: {name}: expected a tensor, got NoneType"):
+            call()
 
 
 @pytest.mark.parametrize("device", DEVICES)

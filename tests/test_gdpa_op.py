@@ -143,6 +143,19 @@ def test_bad_inputs_raise_clear_errors(device):
             BWD(g, **dict(base, qk_scale=bad))
 
 
+def test_none_for_a_tensor_names_it():
+    """attnkit.gdpa with None (or a non-tensor) for a required tensor: a RuntimeError naming the
+    argument (the dispatcher alone says "tensor does not have a device")."""
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cpu", torch.float32, [3, 5], H=2, Hkv=2, D=8)
+    args = dict(q=q, k=k, v=v, q_offsets=qo, kv_offsets=ko)
+    for name in args:
+        for bad in (None, [1, 2]):
+            call = dict(args, **{name: bad})
+            with pytest.raises(RuntimeError, match=f"attnkit: {name}: expected a tensor"):
+                attnkit.gdpa(call["q"], call["k"], call["v"], call["q_offsets"],
+                             call["kv_offsets"], mq, mk, "gelu")
+
+
 # --- env-gated suites (DESIGN §4) ---------------------------------------------------------------
 
 def _log(msg):

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._args import require_tensors
 from .paged import reshape_and_cache_flash
 
 
@@ -196,6 +197,7 @@ def flash_attn_func(
     ``return_softmax_lse`` ``(out, lse)``, lse ``[B, H, Sq]`` fp32 (natural log). Dropout and ALiBi
     are not supported (clear error).
     """
+    require_tensors(q=q, k=k, v=v)
     softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes)
     wl, wr = _window(window_size)
@@ -272,6 +274,7 @@ def flash_attn_varlen_func(
     Returns ``out`` ``[T, H, D]``; with ``return_attn_probs`` ``(out, lse, None)``, with
     ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
+    require_tensors(q=q, k=k, v=v)
     softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_not_bytes((("k", k), ("v", v)))
@@ -499,6 +502,7 @@ def flash_attn_with_kvcache(
         and backend choices, ignored. ``qv``, ``rotary_seqlens``, ``attention_chunk`` != 0,
         ``score_mod``, ``aux_tensors``, ``cache_leftpad``: a RuntimeError naming them.
     """
+    require_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
     softcap = _fa_softcap(softcap)
     _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None:

@@ -3,6 +3,7 @@ from typing import List, Optional, Union
 
 import torch
 
+from ._args import require_tensors
 from .flash import _checks_values  # the one rule for eager value checks
 
 GDPA_ACTIVATIONS = (
@@ -57,6 +58,7 @@ def gdpa(
     sequence are 0. Differentiable in q, k and v (backward is ``torch.ops.attnkit.gdpa_bwd``);
     works under ``torch.compile``.
     """
+    require_tensors(q=q, k=k, v=v, q_offsets=q_offsets, kv_offsets=kv_offsets)
     return torch.ops.attnkit.gdpa_fwd(
         q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation, qk_scale,
         pre_scale=pre_scale, causal=causal, window_size=window_size, broadcast_q=broadcast_q,
