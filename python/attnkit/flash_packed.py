@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._args import require_tensors
 from .flash import flash_attn_func, flash_attn_varlen_func
 
 
@@ -27,6 +28,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``qkv`` ``[B, S, 3, H, D]``; otherwise :func:`flash_attn_func`."""
+    require_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", 3, 2, "[B, S, 3, H, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
@@ -45,6 +47,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``q`` ``[B, Sq, H, D]``, ``kv`` ``[B, Sk, 2, Hkv, D]``; otherwise :func:`flash_attn_func`."""
+    require_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", 2, 2, "[B, Sk, 2, Hkv, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
@@ -65,6 +68,7 @@ def flash_attn_varlen_qkvpacked_func(
 ):
     """``qkv`` ``[T, 3, H, D]`` with one ``cu_seqlens`` for q and k; otherwise
     :func:`flash_attn_varlen_func`."""
+    require_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", 3, 1, "[T, 3, H, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
@@ -88,6 +92,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """``q`` ``[Tq, H, D]``, ``kv`` ``[Tk, 2, Hkv, D]``; otherwise :func:`flash_attn_varlen_func`."""
+    require_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", 2, 1, "[Tk, 2, Hkv, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap,

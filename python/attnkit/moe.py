@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._args import require_tensors
+
 
 def moe_topk_softmax(gating_logits: torch.Tensor, k: int,
                      renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +77,7 @@ def moe_unpermute(permuted_out: torch.Tensor, row_map: torch.Tensor,
     """``out[t] = sum_s topk_weights[t, s] * permuted_out[row_map[t, s]]`` (fp32 accumulation in
     slot order; entries with ``row_map == -1`` contribute nothing). Returns ``[T, H]`` in
     permuted_out's dtype. Differentiable in permuted_out and topk_weights."""
+    require_tensors(permuted_out=permuted_out, row_map=row_map, topk_weights=topk_weights)
     return torch.ops.attnkit.moe_unpermute(permuted_out, row_map, topk_weights)
 
 
@@ -88,11 +91,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     Returns ``[M, N]`` in a's dtype (fp32 accumulation); rows outside every expert are 0.
     On sm90 with bf16 it calls ``torch._grouped_mm``. Differentiable in a and w.
     """
+    require_tensors(a=a, w=w, expert_offsets=expert_offsets)
     return torch.ops.attnkit.grouped_gemm(a, w, expert_offsets)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :I]) * x[..., I:]`` for ``x [..., 2I]``; differentiable."""
+    require_tensors(x=x)
     return torch.ops.attnkit.silu_and_mul(x)
 
 
@@ -110,6 +115,7 @@ def grouped_gemm_swiglu(a: torch.Tensor, w: torch.Tensor,
     are 0. On sm90 with bf16 / fp16 it runs a fused kernel; elsewhere ``grouped_gemm`` followed by
     ``silu_and_mul``. Differentiable in a and w (the backward recomputes the product).
     """
+    require_tensors(a=a, w=w, expert_offsets=expert_offsets)
     return torch.ops.attnkit.grouped_gemm_swiglu(a, w, expert_offsets)
 
 
@@ -151,6 +157,7 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.
     (moe_route's load-balancing and z losses). Differentiable in x, gate_weight, w1 and w2 (the
     router through moe_route's own backward).
     """
+    require_tensors(x=x, gate_weight=gate_weight, w1=w1, w2=w2)
     if x.dim() != 2:
         raise RuntimeError(f"attnkit: moe: x: expected [T, H], got shape {tuple(x.shape)}")
     H = x.shape[1]

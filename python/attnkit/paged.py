@@ -11,6 +11,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._args import require_tensors
+
 ScaleLike = Union[torch.Tensor, float]
 
 
@@ -87,6 +89,8 @@ def paged_attention_v1(
     synchronisation happens (CUDA-graph capturable); block ids outside ``[0, num_blocks)`` mask
     their tokens instead of being read (the CPU raises instead).
     """
+    require_tensors(out=out, query=query, key_cache=key_cache, value_cache=value_cache,
+                    block_tables=block_tables, seq_lens=seq_lens)
     _refuse_blocksparse("paged_attention_v1", blocksparse_vert_stride)
     _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
             block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
@@ -164,6 +168,9 @@ def paged_attention_v2(
     kernel leaves per-partition partial results there that no caller reads, and attnkit has no
     512-token partitions to report.
     """
+    # (the workspaces: _check_v2_workspaces names them with what they are for)
+    require_tensors(out=out, query=query, key_cache=key_cache, value_cache=value_cache,
+                    block_tables=block_tables, seq_lens=seq_lens)
     _refuse_blocksparse("paged_attention_v2", blocksparse_vert_stride)
     _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len)
     _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
@@ -206,6 +213,7 @@ def pa_fwd(
     Returns the output; when ``out_`` (or ``out``, its keyword name; not both) is given it is
     written and returned.
     """
+    require_tensors(Q=Q, K=K, V=V, block_tables=block_tables, context_lens=context_lens)
     if out is not None and out_ is not None:
         raise RuntimeError("attnkit: pa_fwd: out: give the output as out_ or as out, not both")
     dst = out if out is not None else out_
@@ -242,6 +250,8 @@ def reshape_and_cache(
     block_size + offset; negative = skip), into either value layout (told apart by rank).
     With an fp8 ``kv_cache_dtype`` the values are stored as fp8(x / scale), saturated.
     ``asm_layout`` (AITER's flag) must agree with the value cache's rank when given."""
+    require_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
+                    slot_mapping=slot_mapping)
     _check_asm_layout(asm_layout, value_cache)
     torch.ops.attnkit.reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
@@ -261,6 +271,9 @@ def reshape_and_cache_with_pertoken_quant(
     """Per-token-per-head quantising writer for pa_fwd: int8 or float8_e4m3fn caches, scales
     ``[num_blocks, Hkv, block_size]`` fp32 = amax(|x|) / (127 or 448) of each (token, head).
     ``asm_layout`` (AITER's flag) must agree with the value cache's rank when given."""
+    require_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
+                    k_dequant_scales=k_dequant_scales, v_dequant_scales=v_dequant_scales,
+                    slot_mapping=slot_mapping)
     _check_asm_layout(asm_layout, value_cache)
     torch.ops.attnkit.reshape_and_cache_with_pertoken_quant(
         key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales, slot_mapping)
@@ -284,6 +297,8 @@ def reshape_and_cache_flash(
     allocation works. With an fp8 ``kv_cache_dtype`` (uint8 or float8 caches) the values are
     stored as fp8(x / scale), saturated. A slot at or past the cache's end is an error on the CPU
     and skipped on CUDA (checking it there would need a host sync)."""
+    require_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
+                    slot_mapping=slot_mapping)
     torch.ops.attnkit.reshape_and_cache_flash(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
@@ -310,6 +325,8 @@ def merge_attn_states(
     ``suffix_lse`` as they are, their prefix never read. ``output_scale`` (fp32, one element): an
     fp8 (``float8_e4m3fn``) ``output`` written as the merge in fp32 times ``1 / output_scale``,
     saturated to +-448, as vLLM's kernel writes it."""
+    require_tensors(output=output, prefix_output=prefix_output, prefix_lse=prefix_lse,
+                    suffix_output=suffix_output, suffix_lse=suffix_lse)
     T = output.shape[0] if output.dim() == 3 else 0
     n = T if prefill_tokens_with_context is None else int(prefill_tokens_with_context)
     if n < 0:
@@ -401,6 +418,7 @@ def merge_state_v2(
     written in place when given; returns ``(v_merged, s_merged)``. An lse of ±inf marks an empty
     part, as in SGLang; a row where both parts are empty gets 0 and -inf (SGLang's kernel divides
     0 by 0 there). ``enable_pdl`` (a launch option) is ignored."""
+    require_tensors(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
     _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged)
     s_a, s_b = s_a.to(torch.float32), s_b.to(torch.float32)
     if v_merged is None:
