@@ -112,7 +112,10 @@ def test_kvcache_argument_errors(device):
                            ("rotary_sin", ang, ang[:, :4]),
                            ("rotary_cos", ang[:, None], ang[:, None]),
                            ("rotary_cos", torch.rand(20, 17, device=device),
-                            torch.rand(20, 17, device=device))):  # rotary_dim 34 > D = 32
+                            torch.rand(20, 17, device=device)),  # rotary_dim 34 > D = 32
+                           # complex (its imaginary part was dropped) and bool (0 / 1) tables
+                           ("rotary_cos", torch.polar(ang, ang), ang),
+                           ("rotary_sin", ang, ang > 0.5)):
         with pytest.raises(RuntimeError, match=name):
             call(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=4)
     # What the cache writer refuses, under this function's names, and nothing written.

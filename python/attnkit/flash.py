@@ -319,8 +319,12 @@ def _finite_f32(x) -> bool:
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
     """FlashAttention 2's rotary contract: cos / sin [seqlen_ro, rotary_dim / 2], one shape, both
-    covering every cache position, rotary_dim <= the head dim."""
+    covering every cache position, rotary_dim <= the head dim; real floating point (a complex
+    table lost its imaginary part and a bool one became 0 / 1, silently)."""
     for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise RuntimeError(f"attnkit: {name}: expected a real floating-point tensor, got "
+                               f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dim() != 2:
             raise RuntimeError(f"attnkit: {name}: expected [seqlen_ro, rotary_dim / 2], got shape "
                                f"{tuple(t.shape)}")
