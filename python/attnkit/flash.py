@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._args import require_tensors
+from ._args import finite_f32, require_tensors
 from .paged import reshape_and_cache_flash
 
 
@@ -304,17 +304,12 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     if k_cache.shape[2] < 1 or q.shape[-2] % k_cache.shape[2]:
         raise RuntimeError(f"attnkit: k_cache: expected a number of kv heads dividing q's "
                            f"{q.shape[-2]} heads, got shape {tuple(k_cache.shape)}")
-    # As the op's own check (common/check.h finite_f32): the kernels take both as fp32.
-    if softmax_scale is not None and not _finite_f32(softmax_scale):
+    if softmax_scale is not None and not finite_f32(softmax_scale):
         raise RuntimeError(f"attnkit: softmax_scale: expected a finite value (as fp32), got "
                            f"{softmax_scale}")
-    if not (_finite_f32(softcap) and softcap >= 0.0):
+    if not (finite_f32(softcap) and softcap >= 0.0):
         raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none; as fp32), "
                            f"got {softcap}")
-
-
-def _finite_f32(x) -> bool:
-    return math.isfinite(x) and abs(x) <= 3.4028234663852886e38
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
