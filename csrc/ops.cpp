@@ -45,12 +45,13 @@ TORCH_LIBRARY(attnkit, m) {
   // kernel cannot take such a call. Takes no tensor, so every build answers it on the CPU. The
   // defaults describe a dense bf16 call at head dim 128 that every kernel of the direction can
   // take, on a 9.0 device of an sm_90a build (maps_ok: the backward's after the launcher's copy);
-  // dense, items and max_seq_len_kv decide the schedule (choose.h ws_jagged, bwd_ws_jagged).
+  // dense, items and max_seq_len_kv decide the schedule (choose.h ws_jagged, bwd_ws_jagged), and
+  // with causal and max_seq_len_q the backward's direct dQ ("+direct_dq", bwd_ws_direct_dq).
   m.def(
       "_gdpa_choose_kernel(str direction, str request, *, int head_dim=128, bool half=True, "
       "int sm_major=9, int sm_minor=0, bool sm80_built=True, bool sm90a_built=True, "
       "bool maps_ok=True, bool windowed=False, bool deterministic=False, bool dense=True, "
-      "int items=1, int max_seq_len_kv=512) -> str");
+      "int items=1, int max_seq_len_kv=512, bool causal=False, int max_seq_len_q=0) -> str");
 
   // ---- paged decode attention, DESIGN §3.2 ----
   m.def(

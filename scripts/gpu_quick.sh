@@ -63,7 +63,8 @@
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
 # duration (ncu); gdpa_sched_ncu: its stall reasons per SASS line; serving_ncu_full: the NHD
-# decode kernel's stall reasons per SASS line; gdpa_breakdown: each GDPA pass's device time per
+# decode kernel's stall reasons per SASS line; gdpa_direct_dq(_sanitize): the GDPA backward's dQ
+# summed in clusters (tests; memcheck, racecheck); gdpa_breakdown: each GDPA pass's device time per
 # kernel (profile_gdpa.py --breakdown) on short-KV, dense and jagged rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -326,6 +327,18 @@ for s in $QUICK; do
           --section SchedulerStats $PY benchmarks/profile_gdpa.py --max-len ${GDPA_NCU_LEN:-256} \
           --sparsity $sp --forward-only
       done ;;
+    gdpa_direct_dq)  # issue #19: the ws backward's direct dQ (clusters of a sequence's two key
+      # tiles sum dQ in shared memory, no fp32 workspace: bwd_ws.cuh kDqDirect): every GDPA test
+      # (~100 s; gdpa_direct_dq_sanitize: memcheck on the direct ones and on garbage offsets,
+      # racecheck on one)
+      step gdpa_direct_dq_tests 240 $PY -m pytest tests/test_gdpa_*.py -q -n 16 -rfE ;;
+    gdpa_direct_dq_sanitize)  # the direct dQ under memcheck (and garbage offsets) and racecheck
+      step gdpa_direct_dq_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(direct_dq and 128) or backward_warp_specialised_garbage"
+      step gdpa_direct_dq_racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "direct_dq and mixed and 128 and False" ;;
     gdpa_breakdown)  # device time per kernel of one GDPA forward / backward (torch.profiler):
       # the short-KV rows (KV 256), the dense and jagged rows of set 1 at 512 and 2048
       for r in "512 1.0 256" "1024 1.0 256" "2048 1.0 256" "512 1.0 0" "2048 1.0 0" "512 0.5 0" "2048 0.5 0"; do

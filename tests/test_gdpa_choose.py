@@ -162,6 +162,29 @@ def test_ws_schedule():
     assert CHOOSE("fwd", "auto", dense=False, items=4608, max_seq_len_kv=64) == "sm90_ws+jagged"
 
 
+def test_bwd_direct_dq():
+    """The backward's dQ summed in clusters without the fp32 workspace (choose.h
+    bwd_ws_direct_dq): in order, no mask, a key hint of at most two tiles; two-tile clusters only
+    for dense batches or query hints at least twice the key hint; not in the deterministic mode
+    (the mma.sync dQ kernel's bits, whatever the batch); every kernel choice unchanged."""
+    d = "sm90_ws+direct_dq"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=256) == d  # dense
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=256, deterministic=True) == "sm90_ws"
+    assert CHOOSE("bwd", "sm90_ws", max_seq_len_kv=1) == d
+    assert CHOOSE("bwd", "auto", dense=False, items=4608, max_seq_len_kv=128) == d  # one tile
+    assert CHOOSE("bwd", "auto", dense=False, items=4608, max_seq_len_kv=256,
+                  max_seq_len_q=512) == d
+    assert CHOOSE("bwd", "auto", dense=False, items=4608, max_seq_len_kv=256,
+                  max_seq_len_q=511) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=257) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=256, causal=True) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=256, windowed=True) == "sm90_ws"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=0) == "sm90_ws"
+    assert CHOOSE("bwd", "sm80", max_seq_len_kv=256) == "sm80"
+    assert CHOOSE("bwd", "auto", max_seq_len_kv=256, sm_major=8) == "sm80"
+    assert CHOOSE("fwd", "auto", max_seq_len_kv=256) == "sm90_ws"
+
+
 def test_unknown_names():
     for gone in ("sm89", "sm90_cp_async"):  # sm90_cp_async: the cp.async wgmma forward, removed
         for direction in ("fwd", "bwd"):

@@ -12,7 +12,7 @@ from attnkit.reference import gdpa_ref
 from attnkit.testing import assert_close, rel_err
 from conftest import on_fresh_thread, poison_allocator
 from attnkit.gdpa import _gdpa_with
-from samples.gdpa import (BWD_WITH, FWD_WITH, HALF_DTYPES, HOPPER, check_sample,
+from samples.gdpa import (BWD_WITH, CHOOSE, FWD_WITH, HALF_DTYPES, HOPPER, check_sample,
                           deterministic_algorithms, dtype_id, gdpa_sample, jagged_inputs,
                           offsets_of, rounding_sensitive_inputs, sample_inputs)
 
@@ -390,6 +390,73 @@ def test_cuda_backward_fused_dq_blocks(case, mask, D):
     for rep in range(2):
         check_poisoned_backward(q_lens, kv_lens, D, opts, f"dq workspace {case} {mask} D={D} #{rep}",
                                 deterministic=False)
+
+
+# The direct dQ (bwd_ws.cuh kDqDirect: no workspace; choose.h bwd_ws_direct_dq: no mask, key
+# hint <= 256, jagged two-tile batches with a query hint >= twice the key hint): (q lens, kv lens,
+# hint_div). Key lengths 0 (zeros from the keyless-rows kernel), <= 128 (one CTA's dQ alone),
+# 129-256 (summed over the cluster's two CTAs), and, with hints a fraction of the longest length,
+# sequences longer than the clusters' tiles (dQ from the mma.sync kernel) beside ones that fit.
+DQ_DIRECT_CASES = {
+    "pair": ([2048, 300, 64, 1, 129, 700], [256, 200, 129, 256, 255, 130], 1),
+    "mixed": ([300, 0, 64, 65, 1, 129, 200, 600], [256, 0, 1, 127, 128, 129, 0, 200], 1),
+    "solo": ([500, 64, 1, 130, 0], [128, 1, 64, 100, 7], 1),
+    "pair_hint_short": ([1800, 100, 64, 33], [600, 200, 129, 300], 3),
+    "solo_hint_short": ([400, 100, 64, 33], [300, 100, 129, 250], 3),
+}
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("case", list(DQ_DIRECT_CASES))
+@pytest.mark.parametrize("D", [128, 64, 96])
+def test_cuda_backward_direct_dq(case, D):
+    """The direct dQ on a NaN-poisoned allocator (dq uninitialised: every row must be written by
+    the cluster kernel, the long sequences' dQ kernel or the keyless-rows zeroing) against the
+    reference; one sum order, so a second call is bit-identical (the deterministic mode, which
+    takes the mma.sync dQ kernel instead, is checked against the reference here too)."""
+    q_lens, kv_lens, hint_div = DQ_DIRECT_CASES[case]
+    mq, mk = max(1, max(q_lens) // hint_div), max(1, max(kv_lens) // hint_div)
+    assert CHOOSE("bwd", "sm90_ws", dense=False, items=1, max_seq_len_q=mq,
+                  max_seq_len_kv=mk).endswith("+direct_dq"), case  # the case tests what it says
+    opts = dict(pre_scale=0.7)
+    what = f"direct dq {case} D={D}"
+    inputs, got = check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=hint_div,
+                                          deterministic=False)
+    q, k, v, qo, ko, mq, mk, g = inputs
+    again = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, **opts, kernel="sm90_ws",
+                     deterministic=False)
+    for name, a, b in zip(("dq", "dk", "dv"), got, again):
+        assert torch.equal(a, b), f"{what}: {name} differs between two calls"
+    check_poisoned_backward(q_lens, kv_lens, D, opts, what + " deterministic",
+                            hint_div=hint_div, deterministic=True)
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("shape", ["pair", "solo", "causal", "long", "jagged"])
+def test_cuda_backward_direct_dq_is_chosen(shape):
+    """The backward's kernels as launched (torch.profiler): the direct dQ's cluster kernel and no
+    fp32 workspace pass where choose.h bwd_ws_direct_dq says so (no mask, key hint <= 256), the
+    workspace kernel elsewhere; so the tests above test what auto runs."""
+    from torch.profiler import ProfilerActivity, profile
+    kv = {"pair": 256, "solo": 100, "causal": 256, "long": 300, "jagged": 256}[shape]
+    kv2 = 100 if shape == "jagged" else kv  # jagged, query hint < 2x the key hint: the workspace
+    q, k, v, qo, ko, mq, mk = jagged_inputs("cuda", torch.bfloat16, [200, 200], D=128,
+                                            kv_lens=[kv, kv2], index_dtype=torch.int32)
+    g = torch.randn_like(q)
+    BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, causal=shape == "causal",
+             kernel="sm90_ws")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, causal=shape == "causal",
+                 kernel="sm90_ws")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ws = [n for n in names if "gdpa_bwd_ws_kernel" in n]
+    assert len(ws) == 1, names
+    direct = shape in ("pair", "solo")
+    # gdpa_bwd_ws_kernel<T, kFusedDq, kList, kDqDirect>
+    assert ("true,false,true>" in ws[0].replace(" ", "")) == direct, ws[0]
+    assert any("fill" in n.lower() for n in names) != direct, names  # the workspace's zeros
 
 
 @needs_cuda

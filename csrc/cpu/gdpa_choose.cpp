@@ -18,7 +18,7 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
                                int64_t head_dim, bool half, int64_t sm_major, int64_t sm_minor,
                                bool sm80_built, bool sm90a_built, bool maps_ok, bool windowed,
                                bool deterministic, bool dense, int64_t items,
-                               int64_t max_seq_len_kv) {
+                               int64_t max_seq_len_kv, bool causal, int64_t max_seq_len_q) {
   const std::string dir(direction);
   ATTNKIT_CHECK(dir == "fwd" || dir == "bwd", "direction: expected 'fwd' or 'bwd', got '", dir,
                 "'");
@@ -47,6 +47,11 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
   const bool jagged = bwd ? bwd_ws_jagged(dense, items, BwdLaunchOptions{}.sorted, max_seq_len_kv)
                           : ws_jagged(dense, items, FwdLaunchOptions{}.sorted);
   if (c.kernel == GdpaKernel::kSm90Ws && jagged) { name += "+jagged"; }
+  if (bwd && c.kernel == GdpaKernel::kSm90Ws &&
+      bwd_ws_direct_dq(deterministic, causal, windowed ? 0 : -1, jagged, dense, max_seq_len_q,
+                       max_seq_len_kv)) {
+    name += "+direct_dq";
+  }
   return name;
 }
 

@@ -462,7 +462,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
 
   const bool padded = q.size(2) != D;
   const bool ws = c.kernel == GdpaKernel::kSm90Ws;
-  const bool fused_dq = ws && !deterministic;
+  const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
+  const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
+  // The Hopper backward's schedule (choose.h): the jagged list or in order; in order, dQ summed
+  // in clusters without the fp32 workspace where a sequence has at most two key tiles
+  // (bwd_ws_direct_dq); else dQ added into the workspace, or in the deterministic mode the
+  // separate dQ pass.
+  bool ws_list = false, direct_dq = false;
+#if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
+  if (ws) {
+    const bool dense = q.size(0) == B * mq && k.size(0) == B * mk;
+    const int64_t items = cta_grid((int64_t(mk) + BwdWsTraits::kBlockN - 1) / BwdWsTraits::kBlockN,
+                                   k.size(1), B);
+    ws_list = bwd_ws_jagged(dense, items, lo.sorted, mk);
+    direct_dq = bwd_ws_direct_dq(deterministic, causal, window_size, ws_list, dense, mq, mk);
+  }
+#endif
+  const bool fused_dq = ws && !deterministic && !direct_dq;
   // The kernels write the gradient rows of every sequence; rows outside them must read 0, so the
   // tensors the kernels write are zero-filled. A tensor that is written whole by a copy (the fused
   // dQ's conversion of its workspace, the narrowing of padded head dims) needs no fill: at
@@ -472,13 +488,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   // kv offset zeroed (zero_rows.cuh; with decreasing garbage offsets every other row still lies
   // in some clamped sequence).
   const bool kv_rows_written = ws && !padded;
-  auto dq = fused_dq || padded ? at::empty(q_in.sizes(), q_in.options())
-                               : at::zeros(q_in.sizes(), q_in.options());
+  auto dq = fused_dq || direct_dq || padded ? at::empty(q_in.sizes(), q_in.options())
+                                            : at::zeros(q_in.sizes(), q_in.options());
   auto dk = padded || kv_rows_written ? at::empty(k_in.sizes(), k_in.options())
                                       : at::zeros(k_in.sizes(), k_in.options());
   auto dv = padded || kv_rows_written ? at::empty(v_in.sizes(), v_in.options())
                                       : at::zeros(v_in.sizes(), v_in.options());
-  auto dq_k = !padded ? dq : fused_dq ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
+  auto dq_k = !padded                 ? dq
+              : fused_dq || direct_dq ? at::empty(q.sizes(), q.options())
+                                      : at::zeros(q.sizes(), q.options());
   auto dk_k = padded ? at::zeros(k.sizes(), k.options()) : dk;
   auto dv_k = padded ? at::zeros(v.sizes(), v.options()) : dv;
   const auto qo = offsets_i32(q_offsets, q.size(0)), ko = offsets_i32(kv_offsets, k.size(0));
@@ -491,8 +509,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   p.dk = dk_k.data_ptr();
   p.dv = dv_k.data_ptr();
   p.dkv_row_stride = dk_k.stride(0), p.dkv_head_stride = dk_k.stride(1);
-  const int mq = static_cast<int>(std::min<int64_t>(max_seq_len_q.expect_int(), INT32_MAX));
-  const int mk = static_cast<int>(std::min<int64_t>(max_seq_len_kv.expect_int(), INT32_MAX));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Zero-filled: key tiles add into it, and rows outside every sequence stay 0.
@@ -531,9 +547,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             pw.dq_accum = dq_accum.data_ptr<float>();
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
+          pw.dq_direct = direct_dq;
           const int64_t items = bwd_ws_items(pw, mk);
-          const at::Tensor sched = ws_sched_workspace(
-              items, bwd_ws_jagged(ws_dense(p, mq, mk), items, lo.sorted, mk), qo);
+          const at::Tensor sched = ws_sched_workspace(items, ws_list, qo);
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);

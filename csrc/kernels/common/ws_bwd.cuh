@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/cluster.cuh"
 #include "kernels/common/tma.cuh"
 #include "kernels/common/tma_ring.cuh"
 #include "kernels/common/wgmma.cuh"
@@ -102,22 +103,12 @@ struct DqStage {
   ATTNKIT_DEVICE ATTNKIT_INLINE static void issuer_wait_free() { bulk::wait_group_read<0>(); }
 
   // Each thread's fragments (m64n64 layout: rows warp4 * 16 + lane / 4 (+ 8), columns 8i +
-  // 2 (lane % 4)) -> the buffer. Stores of a warp land conflict-free (two 128-byte wavefronts).
+  // 2 (lane % 4)) -> the buffer, both boxes (store_box, below). Stores of a warp land
+  // conflict-free (two 128-byte wavefronts).
   ATTNKIT_DEVICE ATTNKIT_INLINE static void store(unsigned char* buf, const float (&dqa)[8][4],
                                                   int warp4, int lane, int rows) {
-    const int t4 = lane & 3;
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const int r = warp4 * 16 + lane / 4 + rh * 8;
-      const bool keep = r < rows;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int chunk = ((i & 3) * 2 + (t4 >> 1)) ^ (r & 7);
-        float2 v = make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
-        *reinterpret_cast<float2*>(buf + (i >> 2) * kBoxBytes + r * 128 + chunk * 16 +
-                                   (t4 & 1) * 8) = v;
-      }
-    }
+    store_box<0>(buf, dqa, warp4, lane, rows);
+    store_box<1>(buf + kBoxBytes, dqa, warp4, lane, rows);
   }
 
   // One thread, after the warpgroup's stores, fence_proxy_async and a warpgroup barrier: both
@@ -131,6 +122,80 @@ struct DqStage {
 
   // At the issuer's exit: shared memory must outlive the reductions' reads of it.
   ATTNKIT_DEVICE ATTNKIT_INLINE static void issuer_drain() { bulk::wait_group<0>(); }
+
+  // The direct dQ (no workspace: gdpa/bwd_ws.cuh's kDqDirect), between the two CTAs of a cluster
+  // (cluster.cuh): CTA c keeps box c of its partial dQ in its own slot c (store_box) and pushes box
+  // 1 - c into the peer's slot c (push_box: st.async, the bytes completing on the peer's barrier
+  // `bar`); each then sums its slots (finalize_warp) for box c. Slot and box layouts are store's.
+  // Row r, column pair 8j + 2 t4 of a 64 x 32 fp32 slot (j < 4: the box's fragment index).
+  ATTNKIT_DEVICE ATTNKIT_INLINE static uint32_t slot_offset(int r, int t4, int j) {
+    const int chunk = (j * 2 + (t4 >> 1)) ^ (r & 7);
+    return r * 128 + chunk * 16 + (t4 & 1) * 8;
+  }
+
+  // kBox is a template argument: a runtime one indexes the fragments dynamically, which puts them
+  // in local memory.
+  template <int kBox>
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void store_box(unsigned char* slot, const float (&dqa)[8][4],
+                                                      int warp4, int lane, int rows) {
+    const int t4 = lane & 3;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = warp4 * 16 + lane / 4 + rh * 8;
+      const bool keep = r < rows;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = kBox * 4 + j;
+        *reinterpret_cast<float2*>(slot + slot_offset(r, t4, j)) =
+            make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
+      }
+    }
+  }
+
+  template <int kBox>
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void push_box(uint32_t peer_slot, const float (&dqa)[8][4],
+                                                     int warp4, int lane, int rows,
+                                                     uint32_t peer_bar) {
+    const int t4 = lane & 3;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = warp4 * 16 + lane / 4 + rh * 8;
+      const bool keep = r < rows;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = kBox * 4 + j;
+        const float2 v =
+            make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
+        cluster::store_remote(peer_slot + slot_offset(r, t4, j), v, peer_bar);
+      }
+    }
+  }
+
+  // By one warp (the finalizer, gdpa/bwd_ws.cuh kDqDirect): slot a (plus slot b, with `sum`)
+  // rounded to T and stored into rows < rows and columns < cols of dq (its row 0 at the slot's
+  // first column; row_stride in elements; cols a multiple of 4: the next head's columns follow).
+  // Per pass four rows, eight lanes a row, 16 bytes of each slot per lane: a quarter warp reads a
+  // whole 128-byte row (every bank once), a row's bf16 are 64 contiguous bytes.
+  template <typename T>
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void finalize_warp(const unsigned char* a,
+                                                          const unsigned char* b, bool sum,
+                                                          int lane, T* dq, int64_t row_stride,
+                                                          int rows, int cols) {
+    const int k = lane & 7;
+    if (k * 4 >= cols) return;
+    const int r_end = rows < 64 ? rows : 64;
+#pragma unroll 2
+    for (int r = lane >> 3; r < r_end; r += 4) {
+      const uint32_t off = r * 128 + ((k ^ (r & 7)) * 16);
+      float4 x = *reinterpret_cast<const float4*>(a + off);
+      if (sum) {
+        const float4 y = *reinterpret_cast<const float4*>(b + off);
+        x.x += y.x, x.y += y.y, x.z += y.z, x.w += y.w;
+      }
+      *reinterpret_cast<uint2*>(dq + r * row_stride + k * 4) =
+          make_uint2(mma::pack2<T>(x.x, x.y), mma::pack2<T>(x.z, x.w));
+    }
+  }
 };
 
 #endif  // __CUDACC__ && !__HIPCC__

@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) gdpa_bwd_dq_mma_kern
   const int warp_row0 = (threadIdx.x / 32) * 16 * MT;
   const SeqRange qs = seq_range(p.q_offsets, b, p.Tq);
   const SeqRange ks = seq_range(p.kv_offsets, b, p.Tk);
+  if (ks.len <= p.dq_kv_len_above) return;  // its dQ is the Hopper backward's (direct dQ)
   const T* q = static_cast<const T*>(p.q) + qs.begin * p.q_row_stride + h * p.q_head_stride;
   const T* dout = static_cast<const T*>(p.dout) + qs.begin * p.do_row_stride + h * p.do_head_stride;
   const T* k = static_cast<const T*>(p.k) + ks.begin * p.k_row_stride + hk * p.k_head_stride;

@@ -28,7 +28,9 @@
 //     while dK runs, dQ goes into the warpgroup's staging buffer and one of its threads adds it
 //     into the zero-filled fp32 workspace with tensor reductions (ws_bwd.cuh's DqStage, as
 //     flash/bwd_ws.cuh); then the stage is released. kFusedDq = false (deterministic mode) skips
-//     dS and dQ; the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead.
+//     dS and dQ; the launcher runs the mma.sync dQ kernel (bwd_mma.cuh) instead. kDqDirect
+//     (below): no workspace, dQ summed over a cluster of the sequence's two key tiles by
+//     finalizer warps of the producer warpgroup.
 //
 // Jagged rows: a box starts at the sequence's row, so rows past its end are the next sequence's
 // (maybe inf / NaN; past T the copy engine writes zeros). φ(0) = 0 and the masks zero P and dS
@@ -52,6 +54,7 @@
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
 #include "kernels/gdpa/ws_schedule.cuh"
+#include "kernels/gdpa/zero_rows.cuh"
 
 #define ATTNKIT_HAS_GDPA_BWD_WS ATTNKIT_HAS_TENSOR_MAPS  // the kernel and its launcher are declared
 
@@ -143,7 +146,23 @@ struct BwdWsWalk {
 #endif
 };
 
-template <typename T, bool kFusedDq, bool kList>
+// kDqDirect (with kFusedDq, in order): no workspace. The launcher makes clusters of the grid's
+// `tiles` CTAs (1 or 2: the hint's key tiles per (kv head, sequence); cta_item puts them side by
+// side, rank = key tile). A sequence with at most `tiles` key tiles has its dQ finished here; the
+// two tiles walk the same query steps (no causal mask, no window). Per step each consumer
+// warpgroup stages its dQ in its buffer: one tile, both 32-column halves; two, CTA c keeps half c
+// (slot c) and pushes half 1 - c into the peer's slot c (ws_bwd.cuh DqStage::push_box: st.async,
+// the bytes counted on the peer's barrier; no cluster-scope fence: a pull through
+// ld.shared::cluster with release / acquire at cluster scope cost MEMBAR.GPU a step and ran 1.9x
+// slower than this). A finalizer warp of the producer warpgroup (warps 1 and 2, one per consumer
+// warpgroup) sums the slots, rounds and stores dq: off the consumers, whose own sum cost ~25 % of
+// the kernel (docs/performance.md, thirty-second session). A longer sequence (the hint was short)
+// gets dK and dV here and its dQ from the mma.sync dQ kernel (BwdParams dq_kv_len_above); a
+// keyless one zeros from gdpa_zero_keyless_rows. Per consumer warpgroup three mbarriers: staged
+// (its 4 warps' arrivals, one announcing the peer's bytes), slot_free (its finalizer has read the
+// slots) and peer_free (the peer's finalizer has read what this warpgroup pushed: a remote
+// arrival, CTA-scope release, as CUTLASS's multicast pipelines hand stages back).
+template <typename T, bool kFusedDq, bool kList, bool kDqDirect = false>
 __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const int32_t* __restrict__ sched,
                        const int64_t capacity, const __grid_constant__ CUtensorMap map_q,
@@ -167,11 +186,35 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   unsigned char* sds = sdo + S * Tr::kQBytes;  // [2] dS tiles [BM queries][BN keys]
   unsigned char* sdq = sds + 2 * Tr::kDsBytes;  // [2 warpgroups] DqStage buffers
 
+  static_assert(!kDqDirect || (kFusedDq && !kList), "the direct dQ is the in-order fused kernel's");
   __shared__ uint64_t bars[wsbwd::Ring<S>::kBars];
+  // kDqDirect, per consumer warpgroup w: staged[w] (its 4 warps' arrivals, one announcing the
+  // peer's pushed bytes), slot_free[w] (its finalizer warp has read both slots), peer_free[w]
+  // (the peer's finalizer has read what w pushed: a remote arrival).
+  __shared__ uint64_t dq_bars[6];
+  uint64_t* staged = dq_bars;
+  uint64_t* slot_free = dq_bars + 2;
+  uint64_t* peer_free = dq_bars + 4;
   const wsbwd::Ring<S> ring{bars};
   const int tid = threadIdx.x;
-  if (tid == 0) ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
-  __syncthreads();             // the last CTA-wide barrier
+  if (tid == 0) {
+    ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
+    if constexpr (kDqDirect) {
+      for (int w = 0; w < 2; ++w) {
+        bulk::init(&staged[w], 4);
+        bulk::init(&slot_free[w], 1);
+        bulk::init(&peer_free[w], 1);
+      }
+      bulk::fence_init();
+    }
+  }
+  // The last CTA-wide barrier; with the direct dQ also the peer's barriers are initialised after
+  // it.
+  if constexpr (kDqDirect) {
+    cluster::sync_all();
+  } else {
+    __syncthreads();
+  }
 
   // The walk every role takes: its items (BwdWsWalk), in each the key tiles it.tile, + it.tiles,
   // ... of the item's sequence; per tile the query tiles its keys are seen by, for each head of
@@ -188,9 +231,64 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     const int nq = qr.hi > qr.lo ? (static_cast<int>(qr.hi) - q_start + BM - 1) / BM : 0;
     return Tile{q_start, nq, G * nq};
   };
+  // kDqDirect: 0 no dQ here (no keys: the keyless rows' zeros; or a sequence longer than the
+  // cluster's tiles), 1 this CTA's alone, 2 summed with the peer's. The same for both CTAs (one
+  // sequence, the same offsets), and the same for the consumers and the finalizers, which must
+  // agree on every staged step.
+  auto dq_mode_of = [&]() {
+    return !kDqDirect || ks.len == 0 ? 0 : ks.len <= BN ? 1 : ks.len <= BN * it.tiles ? 2 : 0;
+  };
 
   if (tid < 128) {  // producer warpgroup: thread 0 loads everything
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
+    if constexpr (kDqDirect) {
+      // Warps 1 and 2: the finalizers of consumer warpgroups 0 and 1's dQ (off the consumers'
+      // path: summing and storing in the consumer threads cost ~25 % of the kernel's time).
+      const int wgc = tid / 32 - 1;
+      if (wgc == 0 || wgc == 1) {
+        // The in-order walk's one item, its one key tile (the direct dQ runs without causal
+        // mask or window: every query step of the sequence, heads outer, as the consumers).
+        // Written for the producer's 24 registers: the general walk spilled there.
+        it = cta_item(p.Hkv, p.B);
+        qs = seq_range(p.q_offsets, it.b, p.Tq);
+        ks = seq_range(p.kv_offsets, it.b, p.Tk);
+        const int mode = dq_mode_of();
+        if (wgc * 64 >= p.D || mode == 0 || (mode == 1 && it.tile != 0)) return;
+        const int c = static_cast<int>(cluster::rank()), lane_f = tid & 31;
+        const unsigned char* buf = sdq + wgc * wsbwd::DqStage::kBytes;
+        const int cols = ((p.D + 7) / 8) * 8 - wgc * 64;  // dq's width: gdpa.cu kernel_layout
+        T* dq_seq = static_cast<T*>(p.dq) + int64_t(qs.begin) * p.dq_row_stride + wgc * 64;
+        uint32_t n = 0;
+        for (int h = it.z * G; h < (it.z + 1) * G; ++h) {
+          for (int i0 = 0; i0 < qs.len; i0 += BM, ++n) {
+            T* dq_rows = dq_seq + int64_t(i0) * p.dq_row_stride + int64_t(h) * p.dq_head_stride;
+            bulk::wait(&staged[wgc], n & 1);
+            if (mode == 2) {
+              wsbwd::DqStage::finalize_warp<T>(buf + c * wsbwd::DqStage::kBoxBytes,
+                                               buf + (c ^ 1) * wsbwd::DqStage::kBoxBytes, true,
+                                               lane_f, dq_rows + c * 32, p.dq_row_stride,
+                                               qs.len - i0, cols - c * 32);
+            } else {
+              wsbwd::DqStage::finalize_warp<T>(buf, buf, false, lane_f, dq_rows, p.dq_row_stride,
+                                               qs.len - i0, cols);
+              wsbwd::DqStage::finalize_warp<T>(buf + wsbwd::DqStage::kBoxBytes, buf, false,
+                                               lane_f, dq_rows + 32, p.dq_row_stride, qs.len - i0,
+                                               cols - 32);
+            }
+            __syncwarp();
+            if (lane_f == 0) {
+              bulk::arrive(&slot_free[wgc]);
+              if (mode == 2) {
+                cluster::arrive_remote(cluster::map_peer(mma::smem_addr(&peer_free[wgc]), c ^ 1));
+              }
+            }
+          }
+        }
+        // The peer finalizer's last arrival on this CTA's barrier: shared memory must outlive it.
+        if (mode == 2 && n > 0) bulk::wait(&peer_free[wgc], (n - 1) & 1);
+        return;
+      }
+    }
     if (tid != 0) return;
     tma::prefetch_map(&map_q);
     tma::prefetch_map(&map_k);
@@ -263,9 +361,12 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   };
 
   uint32_t slot = 0, kv_n = 0;
+  // kDqDirect: steps this warpgroup staged (and, of them, pushed to the peer).
+  uint32_t dq_steps = 0, dq_pairs = 0;
   BwdWsWalk<kList> walk(sched, capacity);
   while (walk.next(p, it, qs, ks)) {
     const int hk = it.z;
+    const int dq_mode = dq_mode_of();
     for (int tile = it.tile; tile * BN < ks.len; tile += it.tiles) {
       const int j0 = tile * BN;
       const Tile t = tile_steps(j0);
@@ -348,7 +449,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 
         float dq[8][4];
         const uint32_t sds_s = sds_addr + (slot & 1) * Tr::kDsBytes;
-        if constexpr (kFusedDq) {
+        if (kFusedDq && (!kDqDirect || dq_mode != 0)) {
           // dS[q][key] from dsa: lane 8i + r addresses query row r of matrix i.
           const int t_ds = thread_now() - 128, l_ds = t_ds & 31, mi = l_ds >> 3, r = l_ds & 7;
           const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
@@ -360,8 +461,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
           }
           wgmma::fence_async_smem();
           // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read
-          // it (a step ago: normally long done); the barrier below hands that on.
-          if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_wait_free();
+          // it (a step ago: normally long done); the barrier below hands that on. (Direct dQ: the
+          // finalizers' reads are waited for below, slot_free / peer_free.)
+          if (!kDqDirect && (thread_now() & 127) == 0) wsbwd::DqStage::issuer_wait_free();
           // Both halves of dS are written; both warpgroups finished step slot - 1's dQ (they waited
           // for it before arriving here), so buffer (slot + 1) % 2 is free for the next step.
           wgmma::named_barrier_sync(Tr::kDsBar, Tr::kConsumerThreads);
@@ -378,7 +480,43 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
           wgmma::fence_regs(dq);
           const int t_now = thread_now() - 128, wg_now = t_now / 128, w_now = t_now & 127;
           const int c0 = wg_now * 64;
-          if (c0 < p.D) {  // columns past D (the workspace's width): nothing to add
+          if (kDqDirect && c0 < p.D) {
+            // Stage this step's dQ for the finalizer warp (its sum: finalize_warp): alone, both
+            // halves here; with the peer, half c here (slot c) and half 1 - c into the peer's
+            // slot c (st.async, counted on the peer's staged barrier). Slots are reused once the
+            // finalizers (this CTA's; the peer's, for the pushed half) have read the last step's.
+            unsigned char* buf = sdq + wg_now * wsbwd::DqStage::kBytes;
+            const int warp4 = (w_now / 32) & 3, rows = qs.len - i0, l_now = t_now & 31;
+            if (dq_steps > 0) bulk::wait(&slot_free[wg_now], (dq_steps - 1) & 1);
+            if (dq_mode == 1) {
+              wsbwd::DqStage::store(buf, dq, warp4, l_now, rows);
+            } else {
+              const int c = static_cast<int>(cluster::rank());
+              if (dq_pairs > 0) bulk::wait(&peer_free[wg_now], (dq_pairs - 1) & 1);
+              const uint32_t peer = c ^ 1;
+              const uint32_t to = cluster::map_peer(mma::smem_addr(buf), peer) +
+                                  c * wsbwd::DqStage::kBoxBytes,
+                             to_bar = cluster::map_peer(mma::smem_addr(&staged[wg_now]), peer);
+              if (c == 0) {
+                wsbwd::DqStage::push_box<1>(to, dq, warp4, l_now, rows, to_bar);
+                wsbwd::DqStage::store_box<0>(buf, dq, warp4, l_now, rows);
+              } else {
+                wsbwd::DqStage::push_box<0>(to, dq, warp4, l_now, rows, to_bar);
+                wsbwd::DqStage::store_box<1>(buf + wsbwd::DqStage::kBoxBytes, dq, warp4, l_now,
+                                             rows);
+              }
+              ++dq_pairs;
+            }
+            __syncwarp();
+            if (l_now == 0) {
+              if (dq_mode == 2 && warp4 == 0) {
+                bulk::arrive_expect_tx(&staged[wg_now], wsbwd::DqStage::kBoxBytes);
+              } else {
+                bulk::arrive(&staged[wg_now]);
+              }
+            }
+            ++dq_steps;
+          } else if (!kDqDirect && c0 < p.D) {  // columns past D (the workspace's width): none
             unsigned char* buf = sdq + wg_now * wsbwd::DqStage::kBytes;
             wsbwd::DqStage::store(buf, dq, (w_now / 32) & 3, t_now & 31, qs.len - i0);
             bulk::fence_proxy_async();
@@ -406,7 +544,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
       store_rows<T, D>(dv, p.dkv_row_stride, row0_now, krows, 0, p.D, acc_dv, p.qk_scale);
     }
   }
-  if constexpr (kFusedDq) {
+  if constexpr (kFusedDq && !kDqDirect) {
     if ((thread_now() & 127) == 0) wsbwd::DqStage::issuer_drain();
   }
 #endif  // ATTNKIT_HAS_WGMMA
@@ -421,8 +559,9 @@ inline int64_t bwd_ws_items(const BwdWgmmaParams& p, int max_seq_len_kv) {
 
 // p.dq_accum != null: dK, dV and (added into that zero-filled fp32 workspace) dQ; the caller
 // converts the workspace. Null: dK and dV here, dQ by the mma.sync dQ kernel of bwd_mma.cuh (no
-// atomics: bit-identical run to run). The caller takes this kernel only for q and k with fewer
-// than 2^31 - 1024 rows (the maps' coordinates are int32).
+// atomics: bit-identical run to run). p.dq_direct: dQ summed in the clusters and stored into dq
+// (kDqDirect, above; also bit-identical run to run). The caller takes this kernel only for q and k
+// with fewer than 2^31 - 1024 rows (the maps' coordinates are int32).
 // sched: nullptr launches one CTA per work item in cta_item's order (dense batches: every item
 // the same work); else a workspace of ws_sched_elems(bwd_ws_items(p, max_seq_len_kv)) int32,
 // into which the jagged schedule is built first (one small kernel on the same stream), walked by
@@ -437,18 +576,48 @@ cudaError_t launch_gdpa_bwd_ws(const BwdWgmmaParams& p, const BwdWsMaps& maps, i
                 "the list's tiles are the backward's key tiles, its cost steps the query steps");
   const bool fused = p.dq_accum != nullptr;
   cudaError_t err = cudaSuccess;
-  if (!fused) {
+  if (!fused && !p.dq_direct) {
     if ((err = launch_gdpa_bwd_dq_mma<T, Tr::kD>(p, max_seq_len_q, stream)) != cudaSuccess)
       return err;
   }
   const bool list = sched != nullptr;
+  const int64_t items = bwd_ws_items(p, max_seq_len_kv);
+  if (p.dq_direct) {
+    // Clusters of a sequence's key tiles (at most two: choose.h bwd_ws_direct_dq). Rows of no
+    // sequence and of keyless ones: zeros; sequences longer than the clusters' tiles: the mma.sync
+    // dQ kernel, one CTA per (head, sequence), which the others leave at once.
+    const int tiles = static_cast<int>(items / (int64_t(p.Hkv) * p.B));
+    if (list || fused || tiles < 1 || tiles > 2) return cudaErrorInvalidValue;
+    err = launch_gdpa_zero_keyless_rows<T>(static_cast<T*>(p.dq), p.dq_row_stride, p.q_offsets,
+                                           p.kv_offsets, p.B, p.Tq, p.Tk, -1, stream);
+    if (err != cudaSuccess) return err;
+    BwdParams rest = p;
+    rest.dq_kv_len_above = tiles * Tr::kBlockN;
+    if ((err = launch_gdpa_bwd_dq_mma<T, Tr::kD>(rest, 1, stream)) != cudaSuccess) return err;
+    auto kernel = gdpa_bwd_ws_kernel<T, true, false, true>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(items));
+    cfg.blockDim = dim3(Tr::kThreads);
+    cfg.dynamicSmemBytes = Tr::kSmemBytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(tiles);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, p, sched, items, maps.q, maps.k, maps.v, maps.dout,
+                              maps.dq_accum);
+  }
   auto kernel = fused  ? (list ? gdpa_bwd_ws_kernel<T, true, true>
                                : gdpa_bwd_ws_kernel<T, true, false>)
                 : list ? gdpa_bwd_ws_kernel<T, false, true>
                        : gdpa_bwd_ws_kernel<T, false, false>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t items = bwd_ws_items(p, max_seq_len_kv);
   unsigned grid = static_cast<unsigned>(items);
   if (list) {
     int dev = 0, sms = 0;

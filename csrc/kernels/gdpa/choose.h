@@ -202,5 +202,26 @@ inline bool bwd_ws_jagged(bool dense, int64_t items, WsList sorted, int64_t max_
   return ws_jagged(dense, items, on);
 }
 
+// The backward's dQ without its fp32 workspace (bwd_ws.cuh kDqDirect): where a sequence of the
+// hint's length has at most two 128-key tiles, the batch runs in order (not the list) and the two
+// tiles see the same query steps (no causal mask, no window), the two CTAs of a sequence form a
+// cluster and sum their partial dQ in shared memory; the workspace's zero fill and fp32 -> bf16
+// pass (a third of the short-KV backward's time, docs/performance.md, thirty-first session) go.
+// Not in the deterministic mode: its sum has one order too, but its bits differ from the mma.sync
+// dQ kernel's (which serves the hint's longer sequences, the list and every masked call), and
+// deterministic dQ is a sequence's alone, whatever its batch (test_cuda_backward_jagged_schedule
+// compares the list and the in-order launch bitwise). With two tiles the pair is
+// co-scheduled, so in a jagged batch a sequence of at most 128 keys leaves its second SM idle:
+// measured on the H100 (thirty-second session) the jagged max-256 backward ran 0.96x, where the
+// short-KV rows (dense) ran 1.10-1.16x. So two-tile clusters where every sequence is the hint's
+// length (dense) or the query hint is at least twice the key hint (the passes, per query row,
+// outweigh the idle SMs); one-tile launches (hint <= 128) have no pairs to wait for.
+inline bool bwd_ws_direct_dq(bool deterministic, bool causal, int64_t window, bool list, bool dense,
+                             int64_t max_seq_len_q, int64_t max_seq_len_kv) {
+  if (deterministic || causal || window >= 0 || list) return false;
+  if (max_seq_len_kv < 1 || max_seq_len_kv > 256) return false;
+  return max_seq_len_kv <= 128 || dense || max_seq_len_q >= 2 * max_seq_len_kv;
+}
+
 }  // namespace gdpa
 }  // namespace attnkit

@@ -35,13 +35,20 @@ struct BwdParams : FwdParams {
   int64_t do_row_stride, do_head_stride;
   int64_t dq_row_stride, dq_head_stride;
   int64_t dkv_row_stride, dkv_head_stride;
+  // The mma.sync dQ kernel (bwd_mma.cuh) skips sequences with at most this many keys: the Hopper
+  // backward's direct dQ (bwd_ws.cuh kDqDirect) finished theirs. -1: it skips none.
+  int32_t dq_kv_len_above = -1;
 };
 
 // The Hopper backward's (bwd_ws.cuh): BwdParams plus the fused dQ's zero-filled fp32 workspace
 // ([Tq, H, D] contiguous, written through its tensor map BwdWsMaps::dq_accum; null when dQ runs
-// as a separate pass, the deterministic mode).
+// as a separate pass, the deterministic mode, or directly, dq_direct).
 struct BwdWgmmaParams : BwdParams {
   float* dq_accum;
+  // No workspace: dQ summed over a cluster of the two key tiles' CTAs and stored into dq (which
+  // is [Tq][H][Dk] contiguous, Dk = D rounded up to a multiple of 8), bwd_ws.cuh kDqDirect;
+  // choose.h bwd_ws_direct_dq says where.
+  bool dq_direct = false;
 };
 
 // Rows [begin, begin + len) of sequence b, with the offsets clamped so that no value can make a
