@@ -307,14 +307,15 @@ def test_cuda_garbage_offsets_stay_in_bounds(D):
     assert torch.equal(attnkit.gdpa(q, k, v, wide, wide, 64, 64, "gelu", causal=True), want)
 
 
-def check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=1, **with_):
+def check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=1, dtype=torch.bfloat16,
+                            **with_):
     """The ws backward (BWD_WITH, kernel sm90_ws and `with_`'s launch options) on
     poisoned_jagged inputs (H 4, Hkv 2) with NaN grad rows past the last offset, on a poisoned
     allocator, against the reference on the same inputs with the poison zeroed: dq of the real
     rows, dk / dv whole (the filler sequences, NaN keys without queries, get 0), dq rows past the
     last sequence 0. hint_div: length hints that fraction of the longest sequence's. Returns the
     inputs (q, k, v, qo, ko, mq, mk, g) and the gradients."""
-    q, k, v, qo, ko, mq, mk = poisoned_jagged(torch.bfloat16, q_lens, kv_lens, H=4, Hkv=2, D=D)
+    q, k, v, qo, ko, mq, mk = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
     mq, mk = max(1, mq // hint_div), max(1, mk // hint_div)
     g = torch.randn_like(q) * 0.5
     g[qo[-1]:] = float("nan")
@@ -328,7 +329,7 @@ def check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=1, **with_)
     nq = int(qo[-1])
     for name, a, w in (("dq", got[0][:nq], want[0][:nq]), ("dk", got[1], want[1]),
                        ("dv", got[2], want[2])):
-        assert_close(a, w, torch.bfloat16, f"{what}: {name}", tol=1e-2)
+        assert_close(a, w, dtype, f"{what}: {name}", tol=1e-2)
     assert (got[0][nq:] == 0).all(), f"{what}: dq rows past the last sequence must be 0"
     return (q, k, v, qo, ko, mq, mk, g), got
 
@@ -409,7 +410,8 @@ DQ_DIRECT_CASES = {
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 @pytest.mark.parametrize("case", list(DQ_DIRECT_CASES))
 @pytest.mark.parametrize("D", [128, 64, 96])
-def test_cuda_backward_direct_dq(case, D):
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+def test_cuda_backward_direct_dq(case, D, dtype):
     """The direct dQ on a NaN-poisoned allocator (dq uninitialised: every row must be written by
     the cluster kernel, the long sequences' dQ kernel or the keyless-rows zeroing) against the
     reference; one sum order, so a second call is bit-identical (the deterministic mode, which
@@ -419,16 +421,16 @@ def test_cuda_backward_direct_dq(case, D):
     assert CHOOSE("bwd", "sm90_ws", dense=False, items=1, max_seq_len_q=mq,
                   max_seq_len_kv=mk).endswith("+direct_dq"), case  # the case tests what it says
     opts = dict(pre_scale=0.7)
-    what = f"direct dq {case} D={D}"
+    what = f"direct dq {case} D={D} {dtype}"
     inputs, got = check_poisoned_backward(q_lens, kv_lens, D, opts, what, hint_div=hint_div,
-                                          deterministic=False)
+                                          dtype=dtype, deterministic=False)
     q, k, v, qo, ko, mq, mk, g = inputs
     again = BWD_WITH(g, q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, **opts, kernel="sm90_ws",
                      deterministic=False)
     for name, a, b in zip(("dq", "dk", "dv"), got, again):
         assert torch.equal(a, b), f"{what}: {name} differs between two calls"
     check_poisoned_backward(q_lens, kv_lens, D, opts, what + " deterministic",
-                            hint_div=hint_div, deterministic=True)
+                            hint_div=hint_div, dtype=dtype, deterministic=True)
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
