@@ -57,12 +57,13 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "paged_attention_v1(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "int num_kv_heads, float scale, Tensor block_tables, Tensor seq_lens, int block_size, "
-      "int max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, Tensor k_scale, Tensor v_scale, "
-      "*, float logits_soft_cap=0.0, int sliding_window=-1) -> ()");
+      "SymInt max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, Tensor k_scale, "
+      "Tensor v_scale, *, float logits_soft_cap=0.0, int sliding_window=-1) -> ()");
   m.def(
       "pa_fwd(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
-      "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
-      "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1) -> Tensor");
+      "SymInt block_tables_stride0, SymInt max_qlen=1, Tensor? K_QScale=None, "
+      "Tensor? V_QScale=None, Tensor(a!)? out=None, Tensor? qo_indptr=None, "
+      "int high_precision=1) -> Tensor");
   // Private (docs/ops.md, paged "Kernel choice"): the same calls on a named kernel with the launch
   // options (kernels/paged/choose.h, launch_options.h), so tests and benchmarks pick kernels and
   // split counts without environment variables. kernel: auto | portable (the CUDA-core kernel) |
@@ -73,13 +74,14 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "_paged_attention_v1_with(Tensor(a!) out, Tensor query, Tensor key_cache, "
       "Tensor value_cache, int num_kv_heads, float scale, Tensor block_tables, Tensor seq_lens, "
-      "int block_size, int max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, "
+      "int block_size, SymInt max_seq_len, Tensor? alibi_slopes, str kv_cache_dtype, "
       "Tensor k_scale, Tensor v_scale, *, float logits_soft_cap=0.0, int sliding_window=-1, "
       "str kernel=\"auto\", int splits=0) -> ()");
   m.def(
       "_pa_fwd_with(Tensor Q, Tensor K, Tensor V, Tensor block_tables, Tensor context_lens, "
-      "int block_tables_stride0, int max_qlen=1, Tensor? K_QScale=None, Tensor? V_QScale=None, "
-      "Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1, *, "
+      "SymInt block_tables_stride0, SymInt max_qlen=1, Tensor? K_QScale=None, "
+      "Tensor? V_QScale=None, Tensor(a!)? out=None, Tensor? qo_indptr=None, int high_precision=1, "
+      "*, "
       "str kernel=\"auto\", int splits=0) -> Tensor");
   // The kernel choice alone, from facts given as arguments: call "decode" (paged_attention_v1,
   // pa_fwd: choose_decode) or "nhd_decode" (the serving call's decode path on NHD pages, once it

@@ -159,3 +159,60 @@ def test_pa_fwd_aiter_scale_shape(device):
     with pytest.raises(RuntimeError, match="out_"):
         attnkit.pa_fwd(*[a[n] for n in PA_NAMES[:9]], torch.empty_like(want),
                        out=torch.empty_like(want))
+
+
+def test_compile_dynamic_lengths_no_recompile():
+    """Serving calls change max_seq_len (paged_attention_v1) and the block tables' width
+    (pa_fwd's block_tables_stride0) from step to step. Both are SymInt in the schema, so
+    torch.compile(dynamic=True) traces them once: as plain ints the fake kernels specialised on
+    them, and every new length recompiled (5 lengths: 5 frames; past the recompile limit dynamo
+    falls back to eager). Outputs match eager."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 64)
+    kc, vc = make_caches(64, 2, 64, 16, torch.float32, "vllm", "cpu")
+    bt, _ = make_tables([200, 150, 90], 16, 64, "cpu")
+    scales = torch.ones(1), torch.ones(1)
+
+    def v1(out, query, seq_lens, max_seq_len):
+        attnkit.paged_attention_v1(out, query, kc, vc, 2, 0.125, bt, seq_lens, 16, max_seq_len,
+                                   None, "auto", *scales)
+        return out
+
+    cnt = CompileCounter()
+    compiled = torch.compile(v1, backend=cnt, dynamic=True, fullgraph=True)
+    for m in (37, 50, 64, 90, 130, 200):
+        lens = torch.tensor([m, m - 3, m // 2], dtype=torch.int32)
+        got = compiled(torch.full_like(q, float("nan")), q, lens, m)
+        want = v1(torch.full_like(q, float("nan")), q, lens, m)
+        torch.testing.assert_close(got, want)
+    assert cnt.frame_count == 1, f"paged_attention_v1 recompiled: {cnt.frame_count} frames"
+
+    s = pa_fwd_sample("cpu", torch.float16, lengths=(40, 7, 100, 3))
+    Q, K, V, _, lens = s.args[:5]
+
+    def pa(query, block_tables):
+        return attnkit.pa_fwd(query, K, V, block_tables, lens, block_tables.stride(0))
+
+    cnt = CompileCounter()
+    compiled = torch.compile(pa, backend=cnt, dynamic=True, fullgraph=True)
+    for width in (10, 11, 13, 17):  # none equal to another dim (duck sizing would tie them)
+        tables = torch.randint(0, K.shape[0], (4, width), dtype=torch.int32)
+        torch.testing.assert_close(compiled(Q, tables), pa(Q, tables))
+    assert cnt.frame_count == 1, f"pa_fwd recompiled: {cnt.frame_count} frames"
+
+    def pa_rows(query, keys, values, tables, ctx, qo, max_qlen):  # several query tokens
+        return attnkit.pa_fwd(query, keys, values, tables, ctx, tables.stride(0), max_qlen,
+                              qo_indptr=qo)
+
+    cnt = CompileCounter()
+    compiled = torch.compile(pa_rows, backend=cnt, dynamic=True, fullgraph=True)
+    for max_qlen in (3, 5, 6, 9):
+        # Fixed row counts (random ones could equal another dim, which duck sizing ties).
+        s = pa_fwd_sample("cpu", torch.float16, lengths=(40, 7, 100, 30), max_qlen=max_qlen,
+                          qlens=[max_qlen, min(7, max_qlen), max_qlen, 1])
+        Q, K, V, bt, lens, _, _, _, _, _, qo = s.args[:11]
+        args = (Q, K, V, bt, lens, qo, max_qlen)
+        torch.testing.assert_close(compiled(*args), pa_rows(*args), equal_nan=True)
+    assert cnt.frame_count == 1, f"pa_fwd recompiled on max_qlen: {cnt.frame_count} frames"

@@ -183,7 +183,7 @@ struct V1Config {
 inline V1Config check_paged_attention_v1(
     const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
     const at::Tensor& value_cache, int64_t num_kv_heads, const at::Tensor& block_tables,
-    const at::Tensor& seq_lens, int64_t block_size, int64_t max_seq_len,
+    const at::Tensor& seq_lens, int64_t block_size, const c10::SymInt& max_seq_len,
     const c10::optional<at::Tensor>& alibi_slopes, std::string_view kv_cache_dtype,
     const at::Tensor& k_scale, const at::Tensor& v_scale, double scale, double logits_soft_cap) {
   V1Config c;
@@ -242,14 +242,12 @@ struct PaFwdConfig {
   int64_t Hq, Hkv, D, bs;
 };
 
-inline PaFwdConfig check_pa_fwd(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-                                const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                int64_t block_tables_stride0, int64_t max_qlen,
-                                const c10::optional<at::Tensor>& K_QScale,
-                                const c10::optional<at::Tensor>& V_QScale,
-                                const c10::optional<at::Tensor>& out,
-                                const c10::optional<at::Tensor>& qo_indptr,
-                                int64_t high_precision) {
+inline PaFwdConfig check_pa_fwd(
+    const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& block_tables,
+    const at::Tensor& context_lens, const c10::SymInt& block_tables_stride0,
+    const c10::SymInt& max_qlen, const c10::optional<at::Tensor>& K_QScale,
+    const c10::optional<at::Tensor>& V_QScale, const c10::optional<at::Tensor>& out,
+    const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision) {
   PaFwdConfig c;
   check_dim(Q, "Q", 3);
   check_dtype(Q, "Q", {at::kBFloat16, at::kHalf});

@@ -1,5 +1,9 @@
 // Paged decode attention shape-only kernels for FakeTensor / torch.compile: the same checks as
 // the real kernels; pa_fwd returns its output (or an empty tensor when `out` was given).
+// max_seq_len, block_tables_stride0 and max_qlen are SymInt in the schema and here (a serving
+// loop changes them every step: as int, each new value specialised the trace and recompiled); the
+// CPU / CUDA kernels take them as int64_t, which the dispatcher converts (the real calls have
+// concrete values). The checks compare them symbolically (a guard, not a specialisation).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,7 +16,7 @@ namespace {
 void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                             int64_t block_size, int64_t max_seq_len,
+                             int64_t block_size, c10::SymInt max_seq_len,
                              const c10::optional<at::Tensor>& alibi_slopes,
                              c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
                              const at::Tensor& v_scale, double logits_soft_cap, int64_t) {
@@ -23,7 +27,7 @@ void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at:
 
 at::Tensor pa_fwd_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                        const at::Tensor& block_tables, const at::Tensor& context_lens,
-                       int64_t block_tables_stride0, int64_t max_qlen,
+                       c10::SymInt block_tables_stride0, c10::SymInt max_qlen,
                        const c10::optional<at::Tensor>& K_QScale,
                        const c10::optional<at::Tensor>& V_QScale,
                        const c10::optional<at::Tensor>& out,
@@ -67,12 +71,15 @@ void merge_attn_states_meta(at::Tensor& output, const at::Tensor& prefix_output,
 
 // The private ops: the kernel name and the split count checked as on CUDA (which kernel can take
 // the call depends on the device, unknown here), then the public ops' checks and shapes.
-void paged_attention_v1_with_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-    const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
-    const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
-    int64_t max_seq_len, const c10::optional<at::Tensor>& alibi_slopes,
-    c10::string_view kv_cache_dtype, const at::Tensor& k_scale, const at::Tensor& v_scale,
-    double logits_soft_cap, int64_t sliding_window, c10::string_view kernel, int64_t splits) {
+void paged_attention_v1_with_meta(at::Tensor& out, const at::Tensor& query,
+                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  int64_t num_kv_heads, double scale,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  int64_t block_size, c10::SymInt max_seq_len,
+                                  const c10::optional<at::Tensor>& alibi_slopes,
+                                  c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                                  const at::Tensor& v_scale, double logits_soft_cap,
+                                  int64_t sliding_window, c10::string_view kernel, int64_t splits) {
   check_paged_kernel_request(kernel, "kernel");
   make_decode_launch_options(splits);
   paged_attention_v1_meta(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
@@ -81,11 +88,13 @@ void paged_attention_v1_with_meta(at::Tensor& out, const at::Tensor& query, cons
 }
 
 at::Tensor pa_fwd_with_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_tables_stride0,
-    int64_t max_qlen, const c10::optional<at::Tensor>& K_QScale,
-    const c10::optional<at::Tensor>& V_QScale, const c10::optional<at::Tensor>& out,
-    const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision, c10::string_view kernel,
-    int64_t splits) {
+                            const at::Tensor& block_tables, const at::Tensor& context_lens,
+                            c10::SymInt block_tables_stride0, c10::SymInt max_qlen,
+                            const c10::optional<at::Tensor>& K_QScale,
+                            const c10::optional<at::Tensor>& V_QScale,
+                            const c10::optional<at::Tensor>& out,
+                            const c10::optional<at::Tensor>& qo_indptr, int64_t high_precision,
+                            c10::string_view kernel, int64_t splits) {
   check_paged_kernel_request(kernel, "kernel");
   make_decode_launch_options(splits);
   return pa_fwd_meta(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale,
