@@ -133,11 +133,12 @@ struct DqStage {
     return r * 128 + chunk * 16 + (t4 & 1) * 8;
   }
 
+  // put(offset in a slot, value) for the thread's 8 float2 of box kBox (rows >= rows: zeros).
   // kBox is a template argument: a runtime one indexes the fragments dynamically, which puts them
   // in local memory.
-  template <int kBox>
-  ATTNKIT_DEVICE ATTNKIT_INLINE static void store_box(unsigned char* slot, const float (&dqa)[8][4],
-                                                      int warp4, int lane, int rows) {
+  template <int kBox, typename Put>
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void each_pair(const float (&dqa)[8][4], int warp4, int lane,
+                                                      int rows, Put&& put) {
     const int t4 = lane & 3;
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
@@ -146,29 +147,27 @@ struct DqStage {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int i = kBox * 4 + j;
-        *reinterpret_cast<float2*>(slot + slot_offset(r, t4, j)) =
-            make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
+        put(slot_offset(r, t4, j),
+            make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f));
       }
     }
+  }
+
+  template <int kBox>
+  ATTNKIT_DEVICE ATTNKIT_INLINE static void store_box(unsigned char* slot, const float (&dqa)[8][4],
+                                                      int warp4, int lane, int rows) {
+    each_pair<kBox>(dqa, warp4, lane, rows, [&](uint32_t off, float2 v) {
+      *reinterpret_cast<float2*>(slot + off) = v;
+    });
   }
 
   template <int kBox>
   ATTNKIT_DEVICE ATTNKIT_INLINE static void push_box(uint32_t peer_slot, const float (&dqa)[8][4],
                                                      int warp4, int lane, int rows,
                                                      uint32_t peer_bar) {
-    const int t4 = lane & 3;
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const int r = warp4 * 16 + lane / 4 + rh * 8;
-      const bool keep = r < rows;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int i = kBox * 4 + j;
-        const float2 v =
-            make_float2(keep ? dqa[i][rh * 2] : 0.f, keep ? dqa[i][rh * 2 + 1] : 0.f);
-        cluster::store_remote(peer_slot + slot_offset(r, t4, j), v, peer_bar);
-      }
-    }
+    each_pair<kBox>(dqa, warp4, lane, rows, [&](uint32_t off, float2 v) {
+      cluster::store_remote(peer_slot + off, v, peer_bar);
+    });
   }
 
   // By one warp (the finalizer, gdpa/bwd_ws.cuh kDqDirect): slot a (plus slot b, with `sum`)
