@@ -48,7 +48,7 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
                           : ws_jagged(dense, items, FwdLaunchOptions{}.sorted);
   if (c.kernel == GdpaKernel::kSm90Ws && jagged) { name += "+jagged"; }
   if (bwd && c.kernel == GdpaKernel::kSm90Ws &&
-      bwd_ws_direct_dq(deterministic, causal, windowed ? 0 : -1, jagged, dense, max_seq_len_q,
+      bwd_ws_direct_dq(deterministic, causal, windowed, jagged, dense, max_seq_len_q,
                        max_seq_len_kv)) {
     name += "+direct_dq";
   }

@@ -48,8 +48,8 @@ void check_cuda(const at::Tensor& q) {
 #if ATTNKIT_HAS_TMA_MAP && (ATTNKIT_HAS_FWD_WS || ATTNKIT_HAS_GDPA_BWD_WS)
 // Whether every sequence is as long as the hints, told without reading the offsets (choose.h
 // ws_jagged).
-bool ws_dense(const FwdParams& p, int64_t mq, int64_t mk) {
-  return int64_t(p.Tq) == int64_t(p.B) * mq && int64_t(p.Tk) == int64_t(p.B) * mk;
+bool ws_dense(int64_t Tq, int64_t Tk, int64_t B, int64_t mq, int64_t mk) {
+  return Tq == B * mq && Tk == B * mk;
 }
 
 // The warp-specialised kernels' jagged-schedule workspace for a list of `items` (stream-ordered,
@@ -359,8 +359,9 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
         case GdpaKernel::kSm90Ws: {
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
+          const bool dense = ws_dense(p.Tq, p.Tk, p.B, mq, mk);
           const at::Tensor sched =
-              ws_sched_workspace(items, ws_jagged(ws_dense(p, mq, mk), items, lo.sorted), qo);
+              ws_sched_workspace(items, ws_jagged(dense, items, lo.sorted), qo);
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
@@ -469,13 +470,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
   // (bwd_ws_direct_dq); else dQ added into the workspace, or in the deterministic mode the
   // separate dQ pass.
   bool ws_list = false, direct_dq = false;
+  int64_t ws_items = 0;
 #if ATTNKIT_HAS_GDPA_BWD_WS && ATTNKIT_HAS_TMA_MAP
   if (ws) {
-    const bool dense = q.size(0) == B * mq && k.size(0) == B * mk;
-    const int64_t items = cta_grid((int64_t(mk) + BwdWsTraits::kBlockN - 1) / BwdWsTraits::kBlockN,
-                                   k.size(1), B);
-    ws_list = bwd_ws_jagged(dense, items, lo.sorted, mk);
-    direct_dq = bwd_ws_direct_dq(deterministic, causal, window_size, ws_list, dense, mq, mk);
+    const bool dense = ws_dense(q.size(0), k.size(0), B, mq, mk);
+    ws_items = bwd_ws_items(k.size(1), B, mk);
+    ws_list = bwd_ws_jagged(dense, ws_items, lo.sorted, mk);
+    direct_dq = bwd_ws_direct_dq(deterministic, causal, window_size >= 0, ws_list, dense, mq, mk);
   }
 #endif
   const bool fused_dq = ws && !deterministic && !direct_dq;
@@ -548,8 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd(
             dq_accum_map(dq_accum, &maps.dq_accum);
           }
           pw.dq_direct = direct_dq;
-          const int64_t items = bwd_ws_items(pw, mk);
-          const at::Tensor sched = ws_sched_workspace(items, ws_list, qo);
+          const at::Tensor sched = ws_sched_workspace(ws_items, ws_list, qo);
           return launch_gdpa_bwd_ws<T>(pw, maps, mq, mk,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);

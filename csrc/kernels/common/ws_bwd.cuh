@@ -126,7 +126,8 @@ struct DqStage {
   // The direct dQ (no workspace: gdpa/bwd_ws.cuh's kDqDirect), between the two CTAs of a cluster
   // (cluster.cuh): CTA c keeps box c of its partial dQ in its own slot c (store_box) and pushes box
   // 1 - c into the peer's slot c (push_box: st.async, the bytes completing on the peer's barrier
-  // `bar`); each then sums its slots (finalize_warp) for box c. Slot and box layouts are store's.
+  // `peer_bar`); each then sums its slots (finalize_warp) for box c. Slot and box layouts are
+  // store's.
   // Row r, column pair 8j + 2 t4 of a 64 x 32 fp32 slot (j < 4: the box's fragment index).
   ATTNKIT_DEVICE ATTNKIT_INLINE static uint32_t slot_offset(int r, int t4, int j) {
     const int chunk = (j * 2 + (t4 >> 1)) ^ (r & 7);

@@ -153,7 +153,7 @@ struct BwdWsWalk {
 // warpgroup stages its dQ in its buffer: one tile, both 32-column halves; two, CTA c keeps half c
 // (slot c) and pushes half 1 - c into the peer's slot c (ws_bwd.cuh DqStage::push_box: st.async,
 // the bytes counted on the peer's barrier; no cluster-scope fence: a pull through
-// ld.shared::cluster with release / acquire at cluster scope cost MEMBAR.GPU a step and ran 1.9x
+// ld.shared::cluster with release / acquire at cluster scope cost MEMBAR.GPU a step and ran 1.4x
 // slower than this). A finalizer warp of the producer warpgroup (warps 1 and 2, one per consumer
 // warpgroup) sums the slots, rounds and stores dq: off the consumers, whose own sum cost ~25 % of
 // the kernel (docs/performance.md, thirty-second session). A longer sequence (the hint was short)
@@ -552,9 +552,12 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 
 // The work items the launcher enumerates for a max key length hint: the hint's key tiles per (kv
 // head, sequence), clamped like cta_grid.
-inline int64_t bwd_ws_items(const BwdWgmmaParams& p, int max_seq_len_kv) {
+inline int64_t bwd_ws_items(int64_t Hkv, int64_t B, int max_seq_len_kv) {
   return cta_grid((int64_t(max_seq_len_kv) + BwdWsTraits::kBlockN - 1) / BwdWsTraits::kBlockN,
-                  p.Hkv, p.B);
+                  Hkv, B);
+}
+inline int64_t bwd_ws_items(const BwdWgmmaParams& p, int max_seq_len_kv) {
+  return bwd_ws_items(p.Hkv, p.B, max_seq_len_kv);
 }
 
 // p.dq_accum != null: dK, dV and (added into that zero-filled fp32 workspace) dQ; the caller

@@ -216,9 +216,9 @@ inline bool bwd_ws_jagged(bool dense, int64_t items, WsList sorted, int64_t max_
 // short-KV rows (dense) ran 1.10-1.16x. So two-tile clusters where every sequence is the hint's
 // length (dense) or the query hint is at least twice the key hint (the passes, per query row,
 // outweigh the idle SMs); one-tile launches (hint <= 128) have no pairs to wait for.
-inline bool bwd_ws_direct_dq(bool deterministic, bool causal, int64_t window, bool list, bool dense,
+inline bool bwd_ws_direct_dq(bool deterministic, bool causal, bool windowed, bool list, bool dense,
                              int64_t max_seq_len_q, int64_t max_seq_len_kv) {
-  if (deterministic || causal || window >= 0 || list) return false;
+  if (deterministic || causal || windowed || list) return false;
   if (max_seq_len_kv < 1 || max_seq_len_kv > 256) return false;
   return max_seq_len_kv <= 128 || dense || max_seq_len_q >= 2 * max_seq_len_kv;
 }
