@@ -92,6 +92,9 @@ def bad_cases(device):
     yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, -1.0)
     # finite doubles past the fp32 range: inf in the kernels, NaN in every output
     yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, 1e39)
+    # finite in fp32 but not times log2(e), which the kernels compute: NaN in every output
+    yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, 3e38)
+    yield "softcap", lambda: flash_attn_func(q, k, k, softcap=3.4e38)
     yield "softmax_scale", lambda: FWD(q, k, k, -1e39)
     yield "softmax_scale", lambda: flash_attn_func(q, k, k, softmax_scale=1e39)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu)

@@ -360,6 +360,10 @@ def _bad_cases(device):
         ("grad_weights", lambda: torch.ops.attnkit._moe_route_bwd(
             torch.ones(4, 3, **f), None, None, x, torch.zeros(4, 2, dtype=torch.int32, **f),
             "softmax", False, 1.0)),
+        # the backward refuses the factors the forward refuses (it gave NaN gradients)
+        *[("routed_scaling_factor: expected a finite", lambda s=s: torch.ops.attnkit._moe_route_bwd(
+            torch.ones(4, 2, **f), None, None, x, torch.zeros(4, 2, dtype=torch.int32, **f),
+            "softmax", False, s)) for s in (float("nan"), float("inf"), 1e39)],
     ] + ([
         ("ids", lambda: torch.ops.attnkit._moe_route_bwd(
             torch.ones(4, 2, **f), None, None, x, torch.full((4, 2), 8, dtype=torch.int32, **f),

@@ -87,6 +87,15 @@ PA_BAD = [
     ("context_lens", lambda a: a.update(context_lens=a["context_lens"].float())),
     ("out", lambda a: a.update(out=torch.empty(1, device=a["Q"].device, dtype=a["Q"].dtype))),
     ("context_lens", lambda a: a["context_lens"].fill_(10**6) if a["Q"].is_cpu else a.update(context_lens=a["context_lens"][:1])),
+    # the cache checks shared with paged_attention_v1 name pa_fwd's K / V / Q (they named
+    # key_cache / value_cache / query, which pa_fwd does not have)
+    (r"attnkit: V: expected dtype BFloat16 \(same as K\)", lambda a: a.update(V=a["V"].half())),
+    (r"attnkit: V: expected shape", lambda a: a.update(V=a["V"][:-1])),
+    (r"attnkit: K: expected shape \[num_blocks", lambda a: a.update(K=a["K"][:, :, :15])),
+    (r"attnkit: K: expected a tensor on \w+ \(same as Q\), got one on meta",
+     lambda a: a.update(K=a["K"].to("meta"))),
+    (r"attnkit: V: expected a tensor on \w+ \(same as Q\), got one on meta",
+     lambda a: a.update(V=a["V"].to("meta"))),
 ]
 
 
@@ -131,6 +140,12 @@ def test_reshape_and_cache_bad_inputs(device):
     one = torch.ones(1, device=device)
     with pytest.raises(RuntimeError, match="key_cache: head size 40 is not a multiple of x = 16"):
         torch.ops.attnkit.reshape_and_cache(k40, k40, kc8, vc8, slots, "fp8", one, one)
+    # the caches on another device than key: named against key (the shared cache check said
+    # "same as query", an argument the writer does not have)
+    with pytest.raises(RuntimeError, match=r"attnkit: key_cache: expected a tensor on \w+ \(same "
+                                           r"as key\), got one on meta"):
+        torch.ops.attnkit.reshape_and_cache(key, key, kc.to("meta"), vc, slots, "auto",
+                                            torch.ones(1, device=device), torch.ones(1, device=device))
 
 
 def test_pa_fwd_raise_leaves_out_untouched_cpu():

@@ -54,3 +54,64 @@ def test_missing_tensor_is_named(name):
                 args.append(1)
         with pytest.raises(RuntimeError, match=f"attnkit: {missing}: expected a tensor, got NoneType"):
             fn(*args)
+
+
+# ---- the differentiable ops themselves (torch.ops.attnkit.*) ------------------------------------
+def _op_calls():
+    """(op, its required tensor arguments in schema order, a call taking them by name): the ops
+    with an Autograd kernel, whose Function::apply read every input's device and failed on None
+    with "tensor does not have a device" before the backend's named check could run."""
+    t3, t2 = torch.randn(4, 2, 8), torch.randn(3, 4)
+    off = torch.tensor([0, 4])
+    i32 = torch.int32
+    b4 = torch.randn(1, 2, 2, 8)
+    ops = torch.ops.attnkit
+    return [
+        ("gdpa_fwd", dict(q=t3, k=t3, v=t3, q_offsets=off, kv_offsets=off),
+         lambda a: ops.gdpa_fwd(*a.values(), 4, 4)),
+        ("gdpa_bwd", dict(grad_out=t3, q=t3, k=t3, v=t3, q_offsets=off, kv_offsets=off),
+         lambda a: ops.gdpa_bwd(*a.values(), 4, 4, "raw", 1.0)),
+        ("flash_attn_fwd", dict(q=b4, k=b4, v=b4), lambda a: ops.flash_attn_fwd(*a.values())),
+        ("flash_attn_fwd", dict(q=b4, k=b4, v=b4),  # seqused_k's device check ran before q's
+         lambda a: ops.flash_attn_fwd(*a.values(), seqused_k=torch.tensor([2], dtype=i32))),
+        ("flash_attn_bwd", dict(grad_out=b4, q=b4, k=b4, v=b4, out=b4, lse=torch.zeros(1, 2, 2)),
+         lambda a: ops.flash_attn_bwd(*a.values())),
+        ("moe_route", dict(logits=t2), lambda a: ops.moe_route(*a.values(), 2)),
+        ("_moe_route_bwd", dict(logits=t2, ids=torch.zeros(3, 2, dtype=i32)),
+         lambda a: ops._moe_route_bwd(torch.ones(3, 2), None, None, *a.values(), "softmax",
+                                      False, 1.0)),
+        ("moe_permute", dict(x=t2, topk_ids=torch.zeros(3, 1, dtype=i32)),
+         lambda a: ops.moe_permute(*a.values(), 4)),
+        ("moe_unpermute", dict(permuted_out=t2, row_map=torch.arange(3, dtype=i32).view(3, 1),
+                               topk_weights=torch.ones(3, 1)),
+         lambda a: ops.moe_unpermute(*a.values())),
+        ("_moe_unpermute_bwd", dict(grad_out=t2, permuted_out=t2,
+                                    row_map=torch.arange(3, dtype=i32).view(3, 1),
+                                    topk_weights=torch.ones(3, 1)),
+         lambda a: ops._moe_unpermute_bwd(*a.values())),
+        ("grouped_gemm", dict(a=t2, w=torch.randn(1, 4, 6), expert_offsets=torch.tensor([0, 3], dtype=i32)),
+         lambda a: ops.grouped_gemm(*a.values())),
+        ("_grouped_gemm_wgrad", dict(a=t2, grad_out=torch.randn(3, 6),
+                                     expert_offsets=torch.tensor([0, 3], dtype=i32)),
+         lambda a: ops._grouped_gemm_wgrad(*a.values())),
+        ("grouped_gemm_swiglu", dict(a=t2, w=torch.randn(1, 4, 6),
+                                     expert_offsets=torch.tensor([0, 3], dtype=i32)),
+         lambda a: ops.grouped_gemm_swiglu(*a.values())),
+        ("silu_and_mul", dict(x=t2), lambda a: ops.silu_and_mul(*a.values())),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_op_calls())),
+                         ids=[f"{c[0]}{i}" for i, c in enumerate(_op_calls())])
+@pytest.mark.parametrize("grad", [False, True])
+def test_op_missing_tensor_is_named(index, grad):
+    """None for each required tensor of a differentiable op: a RuntimeError naming that argument
+    (with or without an input that requires grad: the Autograd kernel checks before anything)."""
+    op, args, call = _op_calls()[index]
+    for missing in args:
+        a = {n: (None if n == missing else
+                 t.detach().requires_grad_(grad and t.is_floating_point()))
+             for n, t in args.items()}
+        with pytest.raises(RuntimeError,
+                           match=f"^attnkit: {missing}: expected a tensor, got an undefined one"):
+            call(a)

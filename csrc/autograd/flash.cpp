@@ -188,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_autograd(
     OptSymInt mq, OptSymInt mk, const OptTensor& seqused_k, const OptTensor& block_table,
     const OptTensor& s_aux, const OptTensor& k_descale, const OptTensor& v_descale,
     bool deterministic) {
+  check_defined_all({{&q, "q"}, {&k, "k"}, {&v, "v"}});
   const Serving sv{seqused_k, block_table, s_aux, k_descale, v_descale};
   const Opts o{scale, causal, wl, wr, softcap, mq, mk, deterministic};
   check_no_forward_ad("flash_attn_fwd", {{"q", has_forward_grad(q)},
@@ -215,6 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_autograd(
     const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale, bool causal,
     int64_t wl, int64_t wr, double softcap, const OptTensor& cq, const OptTensor& ck, OptSymInt mq,
     OptSymInt mk, const OptTensor& seqused_k, bool deterministic, const OptTensor& grad_lse) {
+  check_defined_all(
+      {{&dout, "grad_out"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
   check_no_forward_ad("flash_attn_bwd", {{"grad_out", has_forward_grad(dout)},
                                          {"q", has_forward_grad(q)},
                                          {"k", has_forward_grad(k)},

@@ -293,6 +293,7 @@ class WgradFunction : public torch::autograd::Function<WgradFunction> {
 Route4 moe_route_autograd(const at::Tensor& logits, int64_t k, c10::string_view scoring,
                           bool renormalize, const OptTensor& bias, int64_t n_group,
                           int64_t topk_group, double scale, bool return_losses) {
+  check_defined_all({{&logits, "logits"}});
   check_no_forward_ad("moe_route", {{"logits", has_forward_grad(logits)}});
   if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -307,6 +308,7 @@ Route4 moe_route_autograd(const at::Tensor& logits, int64_t k, c10::string_view 
 at::Tensor moe_route_bwd_autograd(const OptTensor& gw, const OptTensor& ga, const OptTensor& gz,
                                   const at::Tensor& logits, const at::Tensor& ids,
                                   c10::string_view scoring, bool renormalize, double scale) {
+  check_defined_all({{&logits, "logits"}, {&ids, "ids"}});
   if (!at::GradMode::is_enabled()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_route_bwd(gw, ga, gz, logits, ids, scoring, renormalize, scale);
@@ -315,32 +317,42 @@ at::Tensor moe_route_bwd_autograd(const OptTensor& gw, const OptTensor& ga, cons
 }
 
 Perm3 moe_permute_autograd(const at::Tensor& x, const at::Tensor& ids, int64_t E) {
+  check_defined_all({{&x, "x"}, {&ids, "topk_ids"}});
   auto r = PermuteFunction::apply(x, ids, E);
   return {r[0], r[1], r[2]};
 }
 
 at::Tensor moe_unpermute_autograd(const at::Tensor& p, const at::Tensor& rm, const at::Tensor& w) {
+  check_defined_all({{&p, "permuted_out"}, {&rm, "row_map"}, {&w, "topk_weights"}});
   return UnpermuteFunction::apply(p, rm, w);
 }
 
 Pair moe_unpermute_bwd_autograd(const at::Tensor& g, const at::Tensor& p, const at::Tensor& rm,
                                 const at::Tensor& w) {
+  check_defined_all(
+      {{&g, "grad_out"}, {&p, "permuted_out"}, {&rm, "row_map"}, {&w, "topk_weights"}});
   auto r = UnpermuteBwdFunction::apply(g, p, rm, w);
   return {r[0], r[1]};
 }
 
 at::Tensor grouped_gemm_autograd(const at::Tensor& a, const at::Tensor& w, const at::Tensor& off) {
+  check_defined_all({{&a, "a"}, {&w, "w"}, {&off, "expert_offsets"}});
   return GroupedGemmFunction::apply(a, w, off);
 }
 
 at::Tensor wgrad_autograd(const at::Tensor& a, const at::Tensor& g, const at::Tensor& off) {
+  check_defined_all({{&a, "a"}, {&g, "grad_out"}, {&off, "expert_offsets"}});
   return WgradFunction::apply(a, g, off);
 }
 
-at::Tensor silu_and_mul_autograd(const at::Tensor& x) { return SiluAndMulFunction::apply(x); }
+at::Tensor silu_and_mul_autograd(const at::Tensor& x) {
+  check_defined_all({{&x, "x"}});
+  return SiluAndMulFunction::apply(x);
+}
 
 at::Tensor grouped_gemm_swiglu_autograd(const at::Tensor& a, const at::Tensor& w,
                                         const at::Tensor& off) {
+  check_defined_all({{&a, "a"}, {&w, "w"}, {&off, "expert_offsets"}});
   return GroupedGemmSwigluFunction::apply(a, w, off);
 }
 

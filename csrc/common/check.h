@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace attnkit {
 
@@ -22,6 +23,14 @@ inline bool finite_f32(double x) {
 
 inline void check_defined(const at::Tensor& t, const char* name) {
   ATTNKIT_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+}
+
+// The required tensor arguments of an Autograd kernel, checked before Function::apply: apply reads
+// every input's device and fails on an undefined one (None from Python) with "tensor does not
+// have a device", naming nothing (a helper's audit, thirtieth session, finding 11).
+inline void check_defined_all(
+    std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
+  for (const auto& [t, name] : tensors) check_defined(*t, name);
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {

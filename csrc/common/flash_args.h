@@ -39,6 +39,16 @@ inline bool is_varlen(const std::optional<at::Tensor>& cu_q, const std::optional
   return hq;
 }
 
+// The kernels scale the capped scores to base 2 in fp32, cap · log2(e) (csrc/cpu/flash.cpp,
+// kernels/flash/mma_fwd.cuh, fwd_ws.cuh, mma_bwd.cuh): a cap in (FLT_MAX / log2(e), FLT_MAX],
+// finite as fp32, overflowed there and every output was NaN (a helper's audit, thirty-third
+// session). A cap that large is "no cap" in fp32 anyway (|s| / cap underflows).
+constexpr double kMaxSoftcap = double(std::numeric_limits<float>::max()) / 1.4426950408889634;
+
+inline bool softcap_in_range(double c) {
+  return std::isfinite(c) && c >= 0.0 && c <= kMaxSoftcap;
+}
+
 // The scalar options (check_inputs, and the Meta kernel's paged path, which has no gathered k / v
 // to run check_inputs on).
 inline void check_options(const Options& o) {
@@ -46,8 +56,9 @@ inline void check_options(const Options& o) {
     ATTNKIT_CHECK(finite_f32(*o.softmax_scale),
                   "softmax_scale: expected a finite value (as fp32), got ", *o.softmax_scale);
   }
-  ATTNKIT_CHECK(finite_f32(o.softcap) && o.softcap >= 0.0,
-                "softcap: expected a finite value >= 0 (0 = off; as fp32), got ", o.softcap);
+  ATTNKIT_CHECK(softcap_in_range(o.softcap),
+                "softcap: expected a finite value >= 0 (0 = off; as fp32, at most FLT_MAX / "
+                "log2(e) = ", kMaxSoftcap, "), got ", o.softcap);
 }
 
 // max_seqlen_q / max_seqlen_k: hints (they size grids, bound the block-table columns a paged call

@@ -103,6 +103,9 @@ inline RouteOptions check_route_bwd(const std::optional<at::Tensor>& grad_w,
                     (*g)->sym_sizes());
     }
   }
+  // (the forward refuses the same values: a NaN / inf factor would give NaN gradients silently)
+  ATTNKIT_CHECK(finite_f32(scale), "routed_scaling_factor: expected a finite value (as fp32), got ",
+                scale);
   RouteOptions o;
   o.sigmoid = parse_scoring(scoring);
   o.renormalize = renormalize;

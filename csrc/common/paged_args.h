@@ -63,42 +63,51 @@ inline void check_cache_dtype(const at::Tensor& c, const char* name, CacheKind k
 }
 
 // Shapes of key_cache [nb, Hkv, D/x, bs, x] and value_cache (4D vLLM [nb, Hkv, D, bs] or 5D ASM
-// [nb, Hkv, bs/x, D, x]) against the head counts and sizes the op was given.
+// [nb, Hkv, bs/x, D, x]) against the head counts and sizes the op was given. The names are the
+// calling op's (pa_fwd's K / V / Q, the writers' key as the device reference).
+struct CacheNames {
+  const char* key_cache = "key_cache";
+  const char* value_cache = "value_cache";
+  const char* ref = "query";  // the tensor whose device the caches must share
+};
+
 inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_cache,
-                         const at::Tensor& query, int64_t Hkv, int64_t D, int64_t bs) {
-  check_dim(key_cache, "key_cache", 5);
-  check_defined(value_cache, "value_cache");
-  ATTNKIT_CHECK(value_cache.dim() == 4 || value_cache.dim() == 5,
-                "value_cache: expected a 4-D (vLLM) or 5-D (ASM) tensor, got ", value_cache.dim(),
+                         const at::Tensor& ref, int64_t Hkv, int64_t D, int64_t bs,
+                         const CacheNames& n = {}) {
+  check_dim(key_cache, n.key_cache, 5);
+  check_defined(value_cache, n.value_cache);
+  ATTNKIT_CHECK(value_cache.dim() == 4 || value_cache.dim() == 5, n.value_cache,
+                ": expected a 4-D (vLLM) or 5-D (ASM) tensor, got ", value_cache.dim(),
                 "-D with shape ", value_cache.sym_sizes());
-  check_same_device(query, "query", key_cache, "key_cache");
-  check_same_device(query, "query", value_cache, "value_cache");
-  ATTNKIT_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "value_cache: expected dtype ",
-                key_cache.scalar_type(), " (same as key_cache), got ", value_cache.scalar_type());
+  check_same_device(ref, n.ref, key_cache, n.key_cache);
+  check_same_device(ref, n.ref, value_cache, n.value_cache);
+  ATTNKIT_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), n.value_cache,
+                ": expected dtype ", key_cache.scalar_type(), " (same as ", n.key_cache, "), got ",
+                value_cache.scalar_type());
   const int64_t x = 16 / key_cache.element_size();
-  ATTNKIT_CHECK(D % x == 0, "key_cache: head size ", D, " is not a multiple of x = ", x,
+  ATTNKIT_CHECK(D % x == 0, n.key_cache, ": head size ", D, " is not a multiple of x = ", x,
                 " (16 bytes / the ", key_cache.scalar_type(), " cache's element size), so no key "
                 "cache [num_blocks, Hkv, D / x, block_size, x] holds it");
   const auto nb = key_cache.sym_size(0);
   ATTNKIT_CHECK(key_cache.sym_size(1) == Hkv && key_cache.sym_size(2) * x == D &&
                     key_cache.sym_size(3) == bs && key_cache.sym_size(4) == x,
-                "key_cache: expected shape [num_blocks, ", Hkv, ", ", D / x, ", ", bs, ", ", x,
+                n.key_cache, ": expected shape [num_blocks, ", Hkv, ", ", D / x, ", ", bs, ", ", x,
                 "] (x = 16 bytes / element size), got ", key_cache.sym_sizes());
   if (value_cache.dim() == 4) {
     ATTNKIT_CHECK(value_cache.sym_size(0) == nb && value_cache.sym_size(1) == Hkv &&
                       value_cache.sym_size(2) == D && value_cache.sym_size(3) == bs,
-                  "value_cache: expected shape [", nb, ", ", Hkv, ", ", D, ", ", bs,
+                  n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", D, ", ", bs,
                   "] (vLLM layout), got ", value_cache.sym_sizes());
   } else {
     ATTNKIT_CHECK(bs % x == 0 && value_cache.sym_size(0) == nb &&
                       value_cache.sym_size(1) == Hkv && value_cache.sym_size(2) * x == bs &&
                       value_cache.sym_size(3) == D && value_cache.sym_size(4) == x,
-                  "value_cache: expected shape [", nb, ", ", Hkv, ", ", bs / x, ", ", D, ", ", x,
-                  "] (ASM layout, block_size a multiple of x = ", x, "), got ",
+                  n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", bs / x, ", ", D, ", ",
+                  x, "] (ASM layout, block_size a multiple of x = ", x, "), got ",
                   value_cache.sym_sizes());
   }
-  check_last_dim_contiguous(key_cache, "key_cache");
-  check_last_dim_contiguous(value_cache, "value_cache");
+  check_last_dim_contiguous(key_cache, n.key_cache);
+  check_last_dim_contiguous(value_cache, n.value_cache);
 }
 
 inline void check_table_and_lens(const at::Tensor& block_tables, const char* bt_name,
@@ -279,7 +288,7 @@ inline PaFwdConfig check_pa_fwd(
                     K.scalar_type() == at::kChar ? "int8" : "float8_e4m3fn", " cache, got None");
     }
   }
-  check_caches(K, V, Q, c.Hkv, c.D, c.bs);
+  check_caches(K, V, Q, c.Hkv, c.D, c.bs, {"K", "V", "Q"});
   for (auto [s, name] : {std::pair{&K_QScale, "K_QScale"}, std::pair{&V_QScale, "V_QScale"}}) {
     if (!s->has_value()) continue;
     ATTNKIT_CHECK(quant, name, ": expected None for a cache in the query dtype ", Q.scalar_type());
@@ -369,7 +378,7 @@ inline CacheWriteConfig check_cache_write(const at::Tensor& key, const at::Tenso
   auto c = check_new_tokens(key, value, slot_mapping);
   check_dim(key_cache, "key_cache", 5);
   c.bs = static_size(key_cache, 3);
-  check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs);
+  check_caches(key_cache, value_cache, key, c.Hkv, c.D, c.bs, {"key_cache", "value_cache", "key"});
   check_cache_targets(key, value, key_cache, value_cache);
   return c;
 }
