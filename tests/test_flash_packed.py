@@ -80,3 +80,11 @@ def test_packed_shape_errors_name_the_argument():
                                                  torch.tensor([0, 10], dtype=torch.int32), 10)
     with pytest.raises(RuntimeError, match="dropout_p"):
         attnkit.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 4, 32), 0.1)
+    # the varlen form's one length / offsets under their names (flash_attn_varlen_func's would be
+    # max_seqlen_q, and q "expected a 4-D tensor" for a missing cu_seqlens)
+    qkv, cu = torch.randn(5, 3, 2, 8), torch.tensor([0, 5], dtype=torch.int32)
+    for bad, msg in ((-1, "expected >= 0"), (2.5, "expected an int"), ("5", "expected an int")):
+        with pytest.raises(RuntimeError, match=f"^attnkit: max_seqlen: {msg}"):
+            attnkit.flash_attn_varlen_qkvpacked_func(qkv, cu, bad)
+    with pytest.raises(RuntimeError, match="^attnkit: cu_seqlens: expected a tensor"):
+        attnkit.flash_attn_varlen_qkvpacked_func(qkv, None, 5)

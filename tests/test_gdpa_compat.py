@@ -269,6 +269,46 @@ def test_unsupported_arguments(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_meta_argument_names(device):
+    """A wrong argument is named as Meta's signature names it (gdpa's op would report q / k / v /
+    q_offsets / kv_offsets / causal), and key_offset holds the batch: a query_offset of another
+    length is reported as such (it was blamed on seq_index / output_offset, sized from it).
+    seq_index and output_offset are integer tensors on the query's device (a bool seq_index was
+    read as a permutation, a complex output_offset accepted, a meta seq_index ignored)."""
+    q, k, v, qo, ko, mq, mk = _inputs(device, torch.float32)
+    B = qo.shape[0] - 1
+    perm = torch.arange(B - 1, -1, -1, device=device)
+    cases = [
+        ("query", dict(query=[1.0])),
+        ("key", dict(key=1.5)),
+        ("value", dict(value=1.5)),
+        ("query_offset", dict(query_offset=qo.tolist())),
+        ("key_offset", dict(key_offset=ko.tolist())),
+        ("query_offset", dict(query_offset=qo.float())),
+        ("key_offset", dict(key_offset=ko.view(1, -1))),
+        ("query_offset", dict(query_offset=qo[:-1])),
+        ("query_offset", dict(query_offset=qo[:-1], seq_index=perm)),
+        ("query_offset", dict(query_offset=qo[:-1], output_offset=ko.clone())),
+        ("is_causal", dict(is_causal="yes")),
+        ("broadcast_q", dict(broadcast_q=[True])),
+        ("seq_index", dict(seq_index=perm.bool())),
+        ("seq_index", dict(seq_index=perm.to("meta"))),
+        ("seq_index", dict(seq_index=perm.tolist())),
+        ("output_offset", dict(output_offset=qo.to(torch.complex64))),
+        ("output_offset", dict(output_offset=qo.bool())),
+    ]
+    for name, change in cases:
+        kw = dict(query=q, key=k, value=v, query_offset=qo, key_offset=ko, max_seq_len_q=mq,
+                  max_seq_len_kv=mk)
+        with pytest.raises(RuntimeError, match=f"^attnkit: {name}: "):
+            GDPA(**dict(kw, **change))
+    # the flags take what the op's bool arguments take (ints, numpy bools, one-element tensors)
+    base = GDPA(q, k, v, qo, ko, mq, mk, is_causal=True)
+    for flag in (1, torch.tensor(True, device=device)):
+        assert torch.equal(GDPA(q, k, v, qo, ko, mq, mk, is_causal=flag), base)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compile(device):
     """Under torch.compile(fullgraph=True), as gdpa."""
     q, k, v, qo, ko, mq, mk = _inputs(device, torch.float32)

@@ -6,6 +6,7 @@ as vLLM allocates them and left as they were; v1's argument checks and block-spa
 unchanged; vLLM V0's forward_decode runs on it as vLLM writes it."""
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -272,3 +273,34 @@ def test_paged_attention_v2_partition_size():
         bad[1] = bad[1].new_empty(2, 4, parts + 1)
         with pytest.raises(RuntimeError, match="^attnkit: exp_sum "):
             attnkit.paged_attention_v2(*bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["query heads", "query rows", "max_seq_len -1", "max_seq_len None"])
+def test_paged_attention_v2_query_before_workspaces(device, case):
+    """The workspaces are held to the call's query, out and max_seq_len, so those are checked
+    first: a query that disagrees with out (and with workspaces vLLM allocated for out's shape)
+    gives paged_attention_v1's error for the same call, not a workspace one asking for the bad
+    query's shape; a negative max_seq_len is named as v1 names it (it was reported as a workspace
+    asking for P = ceil(-1 / 512) = 0 partitions); a max_seq_len that is not an int is named."""
+    a = v1_bad_args(device)
+    ws = v2_workspaces(a["query"], a["out"], a["max_seq_len"])
+    if case == "query heads":
+        a["query"] = a["query"][:, :4]
+    elif case == "query rows":
+        a["query"] = a["query"][:1]
+    elif case == "max_seq_len -1":
+        a["max_seq_len"] = -1
+    else:
+        a["max_seq_len"] = None
+    if case == "max_seq_len None":
+        match = "^attnkit: max_seq_len: expected an int, got NoneType"
+    else:
+        with pytest.raises(RuntimeError) as v1_err:
+            attnkit.paged_attention_v1(*a.values())
+        match = "^" + re.escape(str(v1_err.value)) + "$"
+    a["out"].fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=match) as v2_err:
+        attnkit.paged_attention_v2(a["out"], *ws, *[a[n] for n in V1_NAMES[1:]])
+    assert "workspace" not in str(v2_err.value)
+    assert bool(torch.isnan(a["out"]).all()), "out was written by a call that raised"

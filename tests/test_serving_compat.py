@@ -355,6 +355,17 @@ def test_unsupported_and_bad_arguments(device):
         ("q", dict(batched, q=b.q)),                                  # 3-D q without cu_seqlens_q
         ("cu_seqlens_k_new", dict(batched, k=new_kv, v=new_kv,
                                   cu_seqlens_k_new=b.cu_seqlens_q[:3])),
+        # cu_seqlens_q itself (it was blamed on q or page_table, or failed in arange for bool)
+        ("attnkit: cu_seqlens_q: ", dict(cu_seqlens_q=b.cu_seqlens_q[:0])),
+        ("attnkit: cu_seqlens_q: ", dict(cu_seqlens_q=b.cu_seqlens_q.bool())),
+        ("attnkit: cu_seqlens_q: ", dict(cu_seqlens_q=b.cu_seqlens_q.float())),
+        ("attnkit: cu_seqlens_q: ", dict(cu_seqlens_q=b.cu_seqlens_q.view(1, -1))),
+        ("attnkit: cu_seqlens_q: ", dict(cu_seqlens_q=b.cu_seqlens_q.tolist())),
+        # a q_descale with a 16-bit q has the form of one (a bool [7, 9] of ones was accepted)
+        ("attnkit: q_descale: ", dict(q_descale=torch.ones(7, 9, dtype=torch.bool, device=device))),
+        ("attnkit: q_descale: ", dict(q_descale=torch.ones(7, 9, device=device))),
+        ("attnkit: q_descale: ", dict(q_descale=torch.ones(b.cu_seqlens_q.shape[0] - 1, 2,
+                                                           dtype=torch.int32, device=device))),
     ]
     for page_size in (16, 4):  # fp8 caches with a descale of the wrong shape: paged op, gathered
         f8 = paged_batch(*MIXES["mixed"], 4, 2, 64, page_size, torch.bfloat16, device, fp8=True)
@@ -417,6 +428,22 @@ def test_errors_name_the_argument_passed(device, page_size):
     q4 = torch.randn(2, 3, 4, 64, device=device, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="attnkit: learnable_sink: "):
         attnkit.flash_attn_func(q4, q4, q4, learnable_sink=torch.zeros(3, device=device))
+    # a q with no head dim is q's error, not the sinks' (they were asked for [None] heads)
+    q1, k3 = torch.randn(64, device=device), torch.randn(3, 4, 64, device=device)
+    cu = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    sink = torch.zeros(4, device=device)
+    with pytest.raises(RuntimeError, match="^attnkit: q: "):
+        attnkit.flash_attn_func(q1, q4, q4, s_aux=sink)
+    with pytest.raises(RuntimeError, match="^attnkit: q: "):
+        attnkit.flash_attn_varlen_func(q1, k3, k3, cu, cu, 3, 3, learnable_sink=sink)
+    with pytest.raises(RuntimeError, match="^attnkit: s_aux: expected a tensor, got list"):
+        attnkit.flash_attn_func(q4, q4, q4, s_aux=[0.0] * 4)
+    # vLLM's descales for a 16-bit q, [B, Hkv] or one element, are still accepted
+    want = attnkit.flash_attn_varlen_func(k3, k3, k3, cu, cu, 3, 3)
+    for qd in (torch.ones(1, 4, device=device), torch.ones(1, device=device),  # B = 1, Hkv = 4
+               torch.ones(1, 1, device=device).expand(1, 4)):
+        got = attnkit.flash_attn_varlen_func(k3, k3, k3, cu, cu, 3, 3, q_descale=qd)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -433,6 +460,14 @@ def test_merge_state_v2_error_names(device):
         ("v_b", dict(v_b=v_b.half())),
         ("s_merged", dict(s_merged=torch.empty(T, H, device=device, dtype=torch.bfloat16))),
         ("v_a", dict(v_a=v_a.double(), v_b=v_b.double())),
+        # written outputs whose elements share memory (the op named them output / output_lse)
+        ("v_merged", dict(v_merged=torch.empty(1, H, D, device=device).expand(T, H, D))),
+        ("s_merged", dict(s_merged=torch.empty(1, H, device=device).expand(T, H))),
+        ("v_merged", dict(v_merged=[0.0])),
+        # an lse is real floating point (cast to fp32: complex lost its imaginary part, bool 0/1)
+        ("s_a", dict(s_a=s_a.to(torch.complex64))),
+        ("s_b", dict(s_b=s_b > 0)),
+        ("s_b", dict(s_b=s_b.int())),
     ]
     for name, change in cases:
         with pytest.raises(RuntimeError, match=f"attnkit: {name}: "):

@@ -133,6 +133,12 @@ def test_kvcache_argument_errors(device):
     strided = torch.randn(2, 20, 1, 64, device=device)[..., ::2]
     with pytest.raises(RuntimeError, match="attnkit: k_cache: expected a contiguous head dim"):
         call(q, strided, vc, k, v, cache_seqlens=4)
+    # expanded caches (appended rows would land on each other): named as passed, not as the
+    # writer's key_cache / value_cache
+    for name, caches in (("k_cache", (kc[:1].expand_as(kc), vc)), ("v_cache", (kc, vc[:1].expand_as(vc)))):
+        with pytest.raises(RuntimeError, match=f"^attnkit: {name}: expected a tensor whose "
+                                               "elements do not share memory"):
+            call(q, *caches, k, v, cache_seqlens=4)
     assert torch.equal(kc, before)
 
 

@@ -387,6 +387,11 @@ def test_merge_prefill_tokens_with_context(device, n):
         assert_lse_close(out_lse[:, :m], expect_lse)
     with pytest.raises(RuntimeError, match="prefill_tokens_with_context"):
         attnkit.merge_attn_states(out, po, pl, so, sl, prefill_tokens_with_context=-1)
+    # a row count: 1.5 was truncated to 1 by int(), "3" raised a ValueError
+    for bad in (1.5, "3", True):
+        with pytest.raises(RuntimeError, match="attnkit: prefill_tokens_with_context: expected "
+                                               "None or an int"):
+            attnkit.merge_attn_states(out, po, pl, so, sl, prefill_tokens_with_context=bad)
     with pytest.raises(RuntimeError, match="suffix_lse: expected shape"):
         attnkit.merge_attn_states(out, po, pl, so, sl[:, :5], prefill_tokens_with_context=3)
 

@@ -16,7 +16,7 @@ REQUIRED = {
     "flash_attn_with_kvcache": ["q", "k_cache", "v_cache"],
     "flash_attn_qkvpacked_func": ["qkv"],
     "flash_attn_kvpacked_func": ["q", "kv"],
-    "flash_attn_varlen_qkvpacked_func": ["qkv"],
+    "flash_attn_varlen_qkvpacked_func": ["qkv", "cu_seqlens"],
     "flash_attn_varlen_kvpacked_func": ["q", "kv"],
     "moe": ["x", "gate_weight", "w1", "w2"],
     "moe_unpermute": ["permuted_out", "row_map", "topk_weights"],

@@ -66,13 +66,39 @@ def _sinks(q, s_aux, learnable_sink, sinks=None):
     if not given:
         return None
     name, t = given[0]
-    heads = q.shape[-2] if q.dim() >= 2 else None
+    if not isinstance(t, torch.Tensor):
+        raise RuntimeError(f"attnkit: {name}: expected a tensor, got {type(t).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() < 2:
+        return t  # no head count to hold the sinks to: the op's check of q reports the call
+    heads = q.shape[-2]
     if (t.dim() != 1 or t.shape[0] != heads or t.device != q.device
             or not t.is_floating_point()):
         raise RuntimeError(f"attnkit: {name}: expected a float [{heads}] tensor on {q.device} "
                            f"(one sink logit per query head), got {t.dtype} {tuple(t.shape)} "
                            f"on {t.device}")
     return t
+
+
+def _check_unused_descale(d, name, q, cu_seqlens_q, kv_heads):
+    """A descale the call drops (with a 16-bit q, FlashAttention 3 applies q_descale to fp8
+    queries only) still has the form of one: a real floating-point tensor on q's device whose
+    shape broadcasts to [B, Hkv] (vLLM's expand of its layer scale, or one element). A bool,
+    integer or complex tensor, or one of another shape, is a wrong argument rather than ones."""
+    B = (cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() == 1
+         else q.shape[0] if q.dim() >= 1 else 0)
+    want = (B, kv_heads)
+    ok = isinstance(d, torch.Tensor) and d.is_floating_point() and d.device == q.device
+    if ok and kv_heads >= 1:  # (no kv head count where k is malformed: the op reports k)
+        try:
+            ok = torch.broadcast_shapes(d.shape, want) == torch.Size(want)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        got = (f"{d.dtype} {tuple(d.shape)} on {d.device}" if isinstance(d, torch.Tensor)
+               else type(d).__name__)
+        raise RuntimeError(f"attnkit: {name}: expected None or a floating-point tensor on "
+                           f"{q.device} broadcasting to [{B}, {kv_heads}] ([B, Hkv]; ones with a "
+                           f"{q.dtype} q), got {got}")
 
 
 def _query_for(q, q_descale, cu_seqlens_q, kv_heads, cache_dtype):
@@ -82,6 +108,8 @@ def _query_for(q, q_descale, cu_seqlens_q, kv_heads, cache_dtype):
     takes ``q_descale`` None or ones (checked where values are read; any other value would be
     silently dropped: FA3 applies it to fp8 queries only)."""
     if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if q_descale is not None:
+            _check_unused_descale(q_descale, "q_descale", q, cu_seqlens_q, kv_heads)
         if (q_descale is not None and _checks_values(q_descale) and q_descale.numel()
                 and not bool((q_descale == 1).all())):
             raise RuntimeError(f"attnkit: q_descale: expected None or ones with a {q.dtype} q (it "
@@ -292,6 +320,10 @@ def flash_attn_varlen_func(
     return (res, lse) if return_softmax_lse else res
 
 
+# The op's bound (csrc/common/flash_args.h kMaxSoftcap): the kernels compute cap · log2(e) in fp32.
+_MAX_SOFTCAP = torch.finfo(torch.float32).max / 1.4426950408889634
+
+
 def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     """What the attention op would refuse, checked before the cache is written: a call that raises
     leaves the cache as it was (the op's own checks run after the append)."""
@@ -307,9 +339,9 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     if softmax_scale is not None and not finite_f32(softmax_scale):
         raise RuntimeError(f"attnkit: softmax_scale: expected a finite value (as fp32), got "
                            f"{softmax_scale}")
-    if not (finite_f32(softcap) and softcap >= 0.0):
-        raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0: none; as fp32), "
-                           f"got {softcap}")
+    if not (finite_f32(softcap) and 0.0 <= softcap <= _MAX_SOFTCAP):
+        raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0 = off; as fp32, at "
+                           f"most FLT_MAX / log2(e) = {_MAX_SOFTCAP:g}), got {softcap}")
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
@@ -510,9 +542,15 @@ def flash_attn_with_kvcache(
     block_table, table_name = _block_table(block_table, page_table)
     varlen = cu_seqlens_q is not None
     if varlen:
-        if q.dim() != 3 or cu_seqlens_q.dim() != 1:
-            raise RuntimeError(f"attnkit: q: expected [total_q, H, D] with a [B+1] cu_seqlens_q, "
-                               f"got shapes {tuple(q.shape)} and {tuple(cu_seqlens_q.shape)}")
+        if (not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1
+                or cu_seqlens_q.shape[0] < 1 or cu_seqlens_q.dtype not in (torch.int32, torch.int64)):
+            got = (f"{cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+                   if isinstance(cu_seqlens_q, torch.Tensor) else type(cu_seqlens_q).__name__)
+            raise RuntimeError(f"attnkit: cu_seqlens_q: expected a 1-D int32 or int64 tensor of "
+                               f"B + 1 >= 1 entries (sequence offsets of q), got {got}")
+        if q.dim() != 3:
+            raise RuntimeError(f"attnkit: q: expected [total_q, H, D] with cu_seqlens_q, got shape "
+                               f"{tuple(q.shape)}")
         if k is not None:
             name = "cu_seqlens_k_new" if cu_seqlens_k_new is not None else "k"
             raise RuntimeError(f"attnkit: {name}: expected no new k / v with cu_seqlens_q "
@@ -643,6 +681,12 @@ def flash_attn_with_kvcache(
             if c.stride(-1) != 1:
                 raise RuntimeError(f"attnkit: {name}: expected a contiguous head dim (stride 1) "
                                    f"to append to, got strides {tuple(c.stride())}")
+            # (an expand(): appended rows would land on each other; under torch.compile the
+            # writer's own check refuses it, under its names)
+            if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(c) == 1:
+                raise RuntimeError(f"attnkit: {name}: expected a tensor whose elements do not "
+                                   f"share memory to append to (a stride-0 dimension has its rows "
+                                   f"written over each other), got strides {tuple(c.stride())}")
         s_new = k.shape[1]
     used = (seqlens.to(torch.int64) + s_new).clamp(max=capacity).to(torch.int32)
     if paged:

@@ -1,6 +1,7 @@
 """The flash-attn package's packed-input functions (``flash_attn_qkvpacked_func``,
 ``flash_attn_kvpacked_func`` and their varlen forms, FlashAttention 2's signatures): q, k and v are
 views of the packed tensor, so the gradient reaches it through the views, as in flash-attn."""
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,16 @@ def _unpack(t: torch.Tensor, name: str, parts: int, dim: int, layout: str):
     if t.dim() != len(layout.strip("[]").split(", ")) or t.shape[dim] != parts:
         raise RuntimeError(f"attnkit: {name}: expected {layout}, got shape {tuple(t.shape)}")
     return t.unbind(dim)
+
+
+def _check_length(name: str, n) -> None:
+    """A length passed once for q and k (flash_attn_varlen_func would name max_seqlen_q)."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise RuntimeError(f"attnkit: {name}: expected an int, got {type(n).__name__}")
+    if n < 0:
+        raise RuntimeError(f"attnkit: {name}: expected >= 0 (a length), got {n}")
 
 
 def flash_attn_qkvpacked_func(
@@ -68,7 +79,8 @@ def flash_attn_varlen_qkvpacked_func(
 ):
     """``qkv`` ``[T, 3, H, D]`` with one ``cu_seqlens`` for q and k; otherwise
     :func:`flash_attn_varlen_func`."""
-    require_tensors(qkv=qkv)
+    require_tensors(qkv=qkv, cu_seqlens=cu_seqlens)
+    _check_length("max_seqlen", max_seqlen)
     q, k, v = _unpack(qkv, "qkv", 3, 1, "[T, 3, H, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,

@@ -1,4 +1,5 @@
 """GDPA: generalized dot-product attention over jagged sequences (DESIGN §3.1)."""
+import numbers
 from typing import List, Optional, Union
 
 import torch
@@ -91,14 +92,48 @@ _META_UNSUPPORTED = {
 }
 
 
-def _check_meta_seq_index(seq_index, batch: int) -> None:
+def _flag_like(x) -> bool:
+    """What the op's bool arguments take (a number, None, a one-element tensor, a numpy scalar):
+    anything else (a string, a list) the dispatcher refuses under gdpa's name."""
+    if x is None or isinstance(x, numbers.Number):
+        return True
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1
+    return type(x).__module__ == "numpy" and getattr(x, "shape", None) == ()
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_meta_offsets(query_offset, key_offset, broadcast_q: bool) -> int:
+    """query_offset / key_offset under Meta's names (gdpa's op would name them q_offsets /
+    kv_offsets): integer [B+1] tensors. key_offset holds the batch (with broadcast_q the only
+    one), so a query_offset of another length is the one reported; returns B."""
+    for name, t in (("query_offset", query_offset), ("key_offset", key_offset)):
+        if t.dim() != 1 or t.shape[0] < 1 or t.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"attnkit: {name}: expected a 1-D int32 or int64 tensor of B + 1 "
+                               f">= 1 entries (sequence offsets), got {t.dtype} {tuple(t.shape)}")
+    batch = key_offset.shape[0] - 1
+    if not broadcast_q and query_offset.shape[0] != batch + 1:
+        raise RuntimeError(f"attnkit: query_offset: expected {batch + 1} entries (same as "
+                           f"key_offset: one query sequence per key sequence), got "
+                           f"{query_offset.shape[0]}")
+    return batch
+
+
+def _check_meta_seq_index(seq_index, batch: int, device) -> None:
     """seq_index only orders Meta's work items (sequence seq_index[i] is computed i-th), so a
     permutation of the B sequences leaves the result unchanged and attnkit, which schedules
     itself, ignores it; anything else would leave Meta's output partly unwritten. Its values are
     checked on the CPU only (no host sync on CUDA)."""
-    if seq_index.dim() != 1 or seq_index.shape[0] != batch or seq_index.is_floating_point():
-        raise RuntimeError(f"attnkit: seq_index: expected an integer [{batch}] tensor (an order of "
-                           f"the sequences), got {seq_index.dtype} {tuple(seq_index.shape)}")
+    if (not isinstance(seq_index, torch.Tensor) or seq_index.dim() != 1
+            or seq_index.shape[0] != batch or not _is_integer(seq_index)
+            or seq_index.device != device):
+        got = (f"{seq_index.dtype} {tuple(seq_index.shape)} on {seq_index.device}"
+               if isinstance(seq_index, torch.Tensor) else type(seq_index).__name__)
+        raise RuntimeError(f"attnkit: seq_index: expected an integer [{batch}] tensor on {device} "
+                           f"(an order of the sequences), got {got}")
     if _checks_values(seq_index) and not torch.equal(
             torch.sort(seq_index.long()).values, torch.arange(batch)):
         raise RuntimeError(f"attnkit: seq_index: expected a permutation of 0..{batch - 1} (an "
@@ -108,13 +143,14 @@ def _check_meta_seq_index(seq_index, batch: int) -> None:
 def _check_meta_output_offset(output_offset, batch: int, device) -> None:
     """output_offset's form: an integer [B+1] tensor (or [B]: Meta's kernel reads entries 0..B-1)
     on the query's device. Its values are checked by _meta_output_rows, on the CPU only."""
-    if (output_offset.dim() != 1 or output_offset.shape[0] not in (batch, batch + 1)
-            or output_offset.is_floating_point() or output_offset.dtype == torch.bool
+    if (not isinstance(output_offset, torch.Tensor) or output_offset.dim() != 1
+            or output_offset.shape[0] not in (batch, batch + 1) or not _is_integer(output_offset)
             or output_offset.device != device):
+        got = (f"{output_offset.dtype} {tuple(output_offset.shape)} on {output_offset.device}"
+               if isinstance(output_offset, torch.Tensor) else type(output_offset).__name__)
         raise RuntimeError(f"attnkit: output_offset: expected an integer [{batch + 1}] (or "
                            f"[{batch}]) tensor on {device} (entry b: the output row of sequence "
-                           f"b's first query), got {output_offset.dtype} "
-                           f"{tuple(output_offset.shape)} on {output_offset.device}")
+                           f"b's first query), got {got}")
 
 
 def _meta_output_rows(out, query_offset, output_offset, broadcast_q: bool, batch: int):
@@ -229,6 +265,13 @@ def generalized_dot_product_attention(
         if t is None:
             raise RuntimeError(f"attnkit: {name}: expected a [Tk, Hkv, D] tensor, got None (fused "
                                "QKV / KV inputs are not supported: pass key and value)")
+    # Meta's names (gdpa would report q / k / v / q_offsets / kv_offsets / causal).
+    require_tensors(query=query, key=key, value=value, query_offset=query_offset,
+                    key_offset=key_offset)
+    for name, flag in (("is_causal", is_causal), ("broadcast_q", broadcast_q)):
+        if not _flag_like(flag):
+            shown = f"a tensor of shape {tuple(flag.shape)}" if isinstance(flag, torch.Tensor) else repr(flag)
+            raise RuntimeError(f"attnkit: {name}: expected a bool, got {shown}")
     for name, given in (
             ("ad_to_request_offset", ad_to_request_offset), ("attn_mask", attn_mask),
             ("use_start_end_offsets", use_start_end_offsets),
@@ -259,9 +302,9 @@ def generalized_dot_product_attention(
         raise RuntimeError(f"attnkit: window_size: expected None or >= 0, got {window_size} "
                            "(Meta's kernel masks every key for a negative window; None is no "
                            "window)")
-    batch = (key_offset if broadcast_q else query_offset).shape[0] - 1
+    batch = _check_meta_offsets(query_offset, key_offset, broadcast_q)
     if seq_index is not None:
-        _check_meta_seq_index(seq_index, batch)
+        _check_meta_seq_index(seq_index, batch, query.device)
     # Meta's default output_offset is query_offset: gdpa's own layout, nothing to move.
     place = output_offset is not None and output_offset is not query_offset
     if place:

@@ -7,6 +7,7 @@ Cache layouts (x = 16 bytes / element size: 8 for 16-bit caches, 16 for 8-bit on
              or  [num_blocks, Hkv, block_size/x, D, x]     (ASM, 5-D: token t, dim d at
                                                             [blk, h, t // x, d, t % x])
 """
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -104,9 +105,21 @@ _V2_PARTITION_SIZE = 512
 
 def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) -> None:
     """The workspaces as vLLM's forward_decode allocates them from the same call's query, out and
-    max_seq_len. Where query is not 3-D there is no shape to hold them to: the op's check of
-    query reports that call."""
-    if not (isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(out, torch.Tensor)):
+    max_seq_len. Those are checked first: max_seq_len here (its P sizes the workspaces), and
+    where query is not 3-D or out disagrees with it there is no shape to hold the workspaces to:
+    the op's checks of query and out report that call (before out is written), as
+    paged_attention_v1's would."""
+    if isinstance(max_seq_len, torch.Tensor) and max_seq_len.numel() == 1 and not (
+            max_seq_len.is_floating_point() or max_seq_len.is_complex()
+            or max_seq_len.dtype == torch.bool):
+        max_seq_len = int(max_seq_len)  # (the op takes a one-element integer tensor too)
+    if (isinstance(max_seq_len, bool)
+            or not isinstance(max_seq_len, (numbers.Integral, torch.SymInt))):
+        raise RuntimeError(f"attnkit: max_seq_len: expected an int, got {type(max_seq_len).__name__}")
+    if max_seq_len < 0:
+        raise RuntimeError(f"attnkit: max_seq_len: expected >= 0, got {max_seq_len}")
+    if not (isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(out, torch.Tensor)
+            and out.shape == query.shape and out.dtype == query.dtype):
         return
     S, H, D = query.shape
     P = -(-max_seq_len // _V2_PARTITION_SIZE)
@@ -328,6 +341,12 @@ def merge_attn_states(
     require_tensors(output=output, prefix_output=prefix_output, prefix_lse=prefix_lse,
                     suffix_output=suffix_output, suffix_lse=suffix_lse)
     T = output.shape[0] if output.dim() == 3 else 0
+    if prefill_tokens_with_context is not None and (
+            isinstance(prefill_tokens_with_context, bool)
+            or not isinstance(prefill_tokens_with_context, (numbers.Integral, torch.SymInt))):
+        # (int() would truncate 1.5 to 1 silently)
+        raise RuntimeError(f"attnkit: prefill_tokens_with_context: expected None or an int, got "
+                           f"{prefill_tokens_with_context!r}")
     n = T if prefill_tokens_with_context is None else int(prefill_tokens_with_context)
     if n < 0:
         raise RuntimeError(f"attnkit: prefill_tokens_with_context: expected None or >= 0, got {n}")
@@ -391,6 +410,9 @@ def _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged) -> None:
     for name, lse in (("s_a", s_a), ("s_b", s_b), ("s_merged", s_merged)):
         if lse is None:
             continue
+        if not lse.is_floating_point():  # (cast to fp32: complex lost its imaginary part, bool 0 / 1)
+            raise RuntimeError(f"attnkit: {name}: expected a real floating-point tensor (a "
+                               f"log-sum-exp), got {lse.dtype}")
         if list(lse.shape) != rows:  # the op would name its own, transposed arguments
             raise RuntimeError(f"attnkit: {name}: expected [T, H] = {rows} (SGLang's "
                                f"token-major layout), got {list(lse.shape)}")
@@ -400,6 +422,13 @@ def _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged) -> None:
     if s_merged is not None and s_merged.dtype != torch.float32:
         raise RuntimeError(f"attnkit: s_merged: expected dtype torch.float32 (the merged lse is "
                            f"fp32, as SGLang's), got {s_merged.dtype}")
+    # (the op would name these output / output_lse; under torch.compile it refuses them itself)
+    for name, t in (("v_merged", v_merged), ("s_merged", s_merged)):
+        if (t is not None and not torch.compiler.is_compiling()
+                and torch._debug_has_internal_overlap(t) == 1):
+            raise RuntimeError(f"attnkit: {name}: expected a tensor whose elements do not share "
+                               f"memory (a stride-0 dimension has its rows written over each "
+                               f"other), got strides {list(t.stride())}")
 
 
 def merge_state_v2(
@@ -419,6 +448,9 @@ def merge_state_v2(
     part, as in SGLang; a row where both parts are empty gets 0 and -inf (SGLang's kernel divides
     0 by 0 there). ``enable_pdl`` (a launch option) is ignored."""
     require_tensors(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
+    for name, t in (("v_merged", v_merged), ("s_merged", s_merged)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise RuntimeError(f"attnkit: {name}: expected None or a tensor, got {type(t).__name__}")
     _check_merge_state_v2(v_a, s_a, v_b, s_b, v_merged, s_merged)
     s_a, s_b = s_a.to(torch.float32), s_b.to(torch.float32)
     if v_merged is None:
