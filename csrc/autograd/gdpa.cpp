@@ -112,8 +112,8 @@ at::Tensor gdpa_fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at:
                              c10::SymInt mq, c10::SymInt mk, c10::string_view act,
                              double qk_scale, double pre_scale, bool causal, int64_t window,
                              bool bq) {
-  check_defined_all({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&q_offsets, "q_offsets"},
-                     {&kv_offsets, "kv_offsets"}});
+  check_defined_all(
+      {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&q_offsets, "q_offsets"}, {&kv_offsets, "kv_offsets"}});
   return GdpaFunction::apply(q, k, v, q_offsets, kv_offsets, mq, mk, act, qk_scale, pre_scale,
                              causal, window, bq);
 }
@@ -123,8 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdpa_bwd_autograd(
     const at::Tensor& q_offsets, const at::Tensor& kv_offsets, c10::SymInt mq, c10::SymInt mk,
     c10::string_view act, double qk_scale, double pre_scale, bool causal, int64_t window,
     bool bq) {
-  check_defined_all({{&dout, "grad_out"}, {&q, "q"}, {&k, "k"}, {&v, "v"},
-                     {&q_offsets, "q_offsets"}, {&kv_offsets, "kv_offsets"}});
+  check_defined_all({{&dout, "grad_out"},
+                     {&q, "q"},
+                     {&k, "k"},
+                     {&v, "v"},
+                     {&q_offsets, "q_offsets"},
+                     {&kv_offsets, "kv_offsets"}});
   auto r = GdpaBackwardFunction::apply(dout, q, k, v, q_offsets, kv_offsets, mq, mk, act,
                                        qk_scale, pre_scale, causal, window, bq);
   return {r[0], r[1], r[2]};

@@ -45,9 +45,7 @@ inline bool is_varlen(const std::optional<at::Tensor>& cu_q, const std::optional
 // session). A cap that large is "no cap" in fp32 anyway (|s| / cap underflows).
 constexpr double kMaxSoftcap = double(std::numeric_limits<float>::max()) / 1.4426950408889634;
 
-inline bool softcap_in_range(double c) {
-  return std::isfinite(c) && c >= 0.0 && c <= kMaxSoftcap;
-}
+inline bool softcap_in_range(double c) { return std::isfinite(c) && c >= 0.0 && c <= kMaxSoftcap; }
 
 // The scalar options (check_inputs, and the Meta kernel's paged path, which has no gathered k / v
 // to run check_inputs on).
@@ -58,7 +56,8 @@ inline void check_options(const Options& o) {
   }
   ATTNKIT_CHECK(softcap_in_range(o.softcap),
                 "softcap: expected a finite value >= 0 (0 = off; as fp32, at most FLT_MAX / "
-                "log2(e) = ", kMaxSoftcap, "), got ", o.softcap);
+                "log2(e) = ",
+                kMaxSoftcap, "), got ", o.softcap);
 }
 
 // max_seqlen_q / max_seqlen_k: hints (they size grids, bound the block-table columns a paged call

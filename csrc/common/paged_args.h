@@ -86,7 +86,8 @@ inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_ca
                 value_cache.scalar_type());
   const int64_t x = 16 / key_cache.element_size();
   ATTNKIT_CHECK(D % x == 0, n.key_cache, ": head size ", D, " is not a multiple of x = ", x,
-                " (16 bytes / the ", key_cache.scalar_type(), " cache's element size), so no key "
+                " (16 bytes / the ", key_cache.scalar_type(),
+                " cache's element size), so no key "
                 "cache [num_blocks, Hkv, D / x, block_size, x] holds it");
   const auto nb = key_cache.sym_size(0);
   ATTNKIT_CHECK(key_cache.sym_size(1) == Hkv && key_cache.sym_size(2) * x == D &&
@@ -99,9 +100,9 @@ inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_ca
                   n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", D, ", ", bs,
                   "] (vLLM layout), got ", value_cache.sym_sizes());
   } else {
-    ATTNKIT_CHECK(bs % x == 0 && value_cache.sym_size(0) == nb &&
-                      value_cache.sym_size(1) == Hkv && value_cache.sym_size(2) * x == bs &&
-                      value_cache.sym_size(3) == D && value_cache.sym_size(4) == x,
+    ATTNKIT_CHECK(bs % x == 0 && value_cache.sym_size(0) == nb && value_cache.sym_size(1) == Hkv &&
+                      value_cache.sym_size(2) * x == bs && value_cache.sym_size(3) == D &&
+                      value_cache.sym_size(4) == x,
                   n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", bs / x, ", ", D, ", ",
                   x, "] (ASM layout, block_size a multiple of x = ", x, "), got ",
                   value_cache.sym_sizes());
