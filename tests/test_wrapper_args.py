@@ -23,6 +23,8 @@ REQUIRED = {
     "grouped_gemm": ["a", "w", "expert_offsets"],
     "grouped_gemm_swiglu": ["a", "w", "expert_offsets"],
     "silu_and_mul": ["x"],
+    "moe_topk_softmax": ["gating_logits"],
+    "expert_load_balance": ["expert_loads"],
     "paged_attention_v1": ["out", "query", "key_cache", "value_cache", "block_tables", "seq_lens"],
     # (its workspaces exp_sum, max_logits, tmp_out have their own messages: test_paged_v2.py)
     "paged_attention_v2": ["out", "query", "key_cache", "value_cache", "block_tables", "seq_lens"],

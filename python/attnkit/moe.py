@@ -20,6 +20,7 @@ def moe_topk_softmax(gating_logits: torch.Tensor, k: int,
     equal logits go to the lower expert id first. vLLM's name and signature; not differentiable
     (:func:`moe_route` is the differentiable, general form).
     """
+    require_tensors(gating_logits=gating_logits)  # (the op alone: an unnamed NotImplementedError)
     return torch.ops.attnkit.moe_topk_softmax(gating_logits, k, renormalize)
 
 
@@ -126,6 +127,7 @@ def expert_load_balance(expert_loads: torch.Tensor, world_size: int) -> torch.Te
     the rank with the smallest total so far (equal totals: lower rank first). Returns ``[E]``
     int64 rank per expert. No per-rank expert-count limit.
     """
+    require_tensors(expert_loads=expert_loads)
     return torch.ops.attnkit.expert_load_balance(expert_loads, world_size)
 
 
