@@ -87,8 +87,8 @@ inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_ca
   const int64_t x = 16 / key_cache.element_size();
   ATTNKIT_CHECK(D % x == 0, n.key_cache, ": head size ", D, " is not a multiple of x = ", x,
                 " (16 bytes / the ", key_cache.scalar_type(),
-                " cache's element size), so no key "
-                "cache [num_blocks, Hkv, D / x, block_size, x] holds it");
+                " cache's element size), so no key cache [num_blocks, Hkv, D / x, block_size, x] "
+                "holds it");
   const auto nb = key_cache.sym_size(0);
   ATTNKIT_CHECK(key_cache.sym_size(1) == Hkv && key_cache.sym_size(2) * x == D &&
                     key_cache.sym_size(3) == bs && key_cache.sym_size(4) == x,
