@@ -92,9 +92,9 @@ PA_BAD = [
     (r"attnkit: V: expected dtype BFloat16 \(same as K\)", lambda a: a.update(V=a["V"].half())),
     (r"attnkit: V: expected shape", lambda a: a.update(V=a["V"][:-1])),
     (r"attnkit: K: expected shape \[num_blocks", lambda a: a.update(K=a["K"][:, :, :15])),
-    (r"attnkit: K: expected a tensor on \w+ \(same as Q\), got one on meta",
+    (r"attnkit: K: expected a tensor on [\w:]+ \(same as Q\), got one on meta",
      lambda a: a.update(K=a["K"].to("meta"))),
-    (r"attnkit: V: expected a tensor on \w+ \(same as Q\), got one on meta",
+    (r"attnkit: V: expected a tensor on [\w:]+ \(same as Q\), got one on meta",
      lambda a: a.update(V=a["V"].to("meta"))),
 ]
 
@@ -142,7 +142,7 @@ def test_reshape_and_cache_bad_inputs(device):
         torch.ops.attnkit.reshape_and_cache(k40, k40, kc8, vc8, slots, "fp8", one, one)
     # the caches on another device than key: named against key (the shared cache check said
     # "same as query", an argument the writer does not have)
-    with pytest.raises(RuntimeError, match=r"attnkit: key_cache: expected a tensor on \w+ \(same "
+    with pytest.raises(RuntimeError, match=r"attnkit: key_cache: expected a tensor on [\w:]+ \(same "
                                            r"as key\), got one on meta"):
         torch.ops.attnkit.reshape_and_cache(key, key, kc.to("meta"), vc, slots, "auto",
                                             torch.ones(1, device=device), torch.ones(1, device=device))
