@@ -159,9 +159,11 @@ struct BwdWsWalk {
 // the kernel (docs/performance.md, thirty-second session). A longer sequence (the hint was short)
 // gets dK and dV here and its dQ from the mma.sync dQ kernel (BwdParams dq_kv_len_above); a
 // keyless one zeros from gdpa_zero_keyless_rows. Per consumer warpgroup three mbarriers: staged
-// (its 4 warps' arrivals, one announcing the peer's bytes), slot_free (its finalizer has read the
-// slots) and peer_free (the peer's finalizer has read what this warpgroup pushed: a remote
-// arrival, CTA-scope release, as CUTLASS's multicast pipelines hand stages back).
+// (its 128 threads' arrivals, one announcing the peer's bytes), slot_free (its finalizer's 32
+// lanes have read the slots) and peer_free (the peer's finalizer lanes have read what this
+// warpgroup pushed: remote arrivals, CTA-scope release, as CUTLASS's multicast pipelines hand
+// stages back). Every thread that touched a slot arrives (racecheck found the earlier lane-0
+// arrival after __syncwarp unordered: docs/performance.md, thirty-fourth session).
 template <typename T, bool kFusedDq, bool kList, bool kDqDirect = false>
 __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const int32_t* __restrict__ sched,
@@ -188,9 +190,11 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
 
   static_assert(!kDqDirect || (kFusedDq && !kList), "the direct dQ is the in-order fused kernel's");
   __shared__ uint64_t bars[wsbwd::Ring<S>::kBars];
-  // kDqDirect, per consumer warpgroup w: staged[w] (its 4 warps' arrivals, one announcing the
-  // peer's pushed bytes), slot_free[w] (its finalizer warp has read both slots), peer_free[w]
-  // (the peer's finalizer has read what w pushed: a remote arrival).
+  // kDqDirect, per consumer warpgroup w: staged[w] (its 128 threads' arrivals, one announcing the
+  // peer's pushed bytes), slot_free[w] (the 32 lanes of its finalizer warp have read both slots),
+  // peer_free[w] (the peer's finalizer lanes have read what w pushed: remote arrivals). Every
+  // thread that wrote or read a slot arrives itself: an arrival releases that thread's own
+  // accesses only, so one lane's arrival after __syncwarp would leave the others' unordered.
   __shared__ uint64_t dq_bars[6];
   uint64_t* staged = dq_bars;
   uint64_t* slot_free = dq_bars + 2;
@@ -201,9 +205,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     ring.init(1);  // full[s]: thread 0's arrival with the Q and dO bytes
     if constexpr (kDqDirect) {
       for (int w = 0; w < 2; ++w) {
-        bulk::init(&staged[w], 4);
-        bulk::init(&slot_free[w], 1);
-        bulk::init(&peer_free[w], 1);
+        bulk::init(&staged[w], 128);
+        bulk::init(&slot_free[w], 32);
+        bulk::init(&peer_free[w], 32);
       }
       bulk::fence_init();
     }
@@ -275,12 +279,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
                                                lane_f, dq_rows + 32, p.dq_row_stride, qs.len - i0,
                                                cols - 32);
             }
-            __syncwarp();
-            if (lane_f == 0) {
-              bulk::arrive(&slot_free[wgc]);
-              if (mode == 2) {
-                cluster::arrive_remote(cluster::map_peer(mma::smem_addr(&peer_free[wgc]), c ^ 1));
-              }
+            bulk::arrive(&slot_free[wgc]);  // every lane: its own reads
+            if (mode == 2) {
+              cluster::arrive_remote(cluster::map_peer(mma::smem_addr(&peer_free[wgc]), c ^ 1));
             }
           }
         }
@@ -507,13 +508,10 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
               }
               ++dq_pairs;
             }
-            __syncwarp();
-            if (l_now == 0) {
-              if (dq_mode == 2 && warp4 == 0) {
-                bulk::arrive_expect_tx(&staged[wg_now], wsbwd::DqStage::kBoxBytes);
-              } else {
-                bulk::arrive(&staged[wg_now]);
-              }
+            if (dq_mode == 2 && warp4 == 0 && l_now == 0) {  // every thread: its own stores
+              bulk::arrive_expect_tx(&staged[wg_now], wsbwd::DqStage::kBoxBytes);
+            } else {
+              bulk::arrive(&staged[wg_now]);
             }
             ++dq_steps;
           } else if (!kDqDirect && c0 < p.D) {  // columns past D (the workspace's width): none
