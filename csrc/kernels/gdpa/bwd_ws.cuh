@@ -162,8 +162,8 @@ struct BwdWsWalk {
 // (its 128 threads' arrivals, one announcing the peer's bytes), slot_free (its finalizer's 32
 // lanes have read the slots) and peer_free (the peer's finalizer lanes have read what this
 // warpgroup pushed: remote arrivals, CTA-scope release, as CUTLASS's multicast pipelines hand
-// stages back). Every thread that touched a slot arrives (racecheck found the earlier lane-0
-// arrival after __syncwarp unordered: docs/performance.md, thirty-fourth session).
+// stages back). Every thread that touched a slot arrives (with one lane's arrival after
+// __syncwarp racecheck reported 18 hazards: docs/performance.md, thirty-fourth session).
 template <typename T, bool kFusedDq, bool kList, bool kDqDirect = false>
 __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
     gdpa_bwd_ws_kernel(const BwdWgmmaParams p, const int32_t* __restrict__ sched,
@@ -193,8 +193,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
   // kDqDirect, per consumer warpgroup w: staged[w] (its 128 threads' arrivals, one announcing the
   // peer's pushed bytes), slot_free[w] (the 32 lanes of its finalizer warp have read both slots),
   // peer_free[w] (the peer's finalizer lanes have read what w pushed: remote arrivals). Every
-  // thread that wrote or read a slot arrives itself: an arrival releases that thread's own
-  // accesses only, so one lane's arrival after __syncwarp would leave the others' unordered.
+  // thread that wrote or read a slot arrives itself, so each arrival releases its own accesses:
+  // the order then rests on the mbarrier alone (one lane's arrival after __syncwarp leaned on the
+  // warp barrier's ordering too, which racecheck does not follow), at no measured cost.
   __shared__ uint64_t dq_bars[6];
   uint64_t* staged = dq_bars;
   uint64_t* slot_free = dq_bars + 2;
