@@ -88,3 +88,24 @@ def test_packed_shape_errors_name_the_argument():
             attnkit.flash_attn_varlen_qkvpacked_func(qkv, cu, bad)
     with pytest.raises(RuntimeError, match="^attnkit: cu_seqlens: expected a tensor"):
         attnkit.flash_attn_varlen_qkvpacked_func(qkv, None, 5)
+
+
+def test_packed_errors_from_the_op_name_the_packed_arguments():
+    """Errors the unpacked call raises name what the caller passed: the packed tensor (not the q /
+    k / v views) and the one cu_seqlens of the qkvpacked varlen form (not cu_seqlens_q / _k)."""
+    qkv = torch.randn(10, 3, 2, 16)
+    for cu, msg in ((torch.tensor([0, 11, 10], dtype=torch.int32), "expected non-decreasing"),
+                    (torch.tensor([0, 5, 10], dtype=torch.float32), "expected dtype"),
+                    (torch.tensor([0, 5, 11], dtype=torch.int32), "expected the last offset")):
+        with pytest.raises(RuntimeError, match=f"^attnkit: cu_seqlens: {msg}"):
+            attnkit.flash_attn_varlen_qkvpacked_func(qkv, cu, 6)
+    with pytest.raises(RuntimeError, match="^attnkit: qkv: expected dtype"):
+        attnkit.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 2, 16).to(torch.int32))
+    with pytest.raises(RuntimeError, match=r"^attnkit: kv: expected head dim 16 \(same as q\)"):
+        attnkit.flash_attn_kvpacked_func(torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 2, 8))
+    # the kvpacked varlen form keeps flash_attn_varlen_func's two offsets
+    with pytest.raises(RuntimeError, match="^attnkit: cu_seqlens_k: expected the last offset"):
+        attnkit.flash_attn_varlen_kvpacked_func(
+            torch.randn(10, 2, 16), torch.randn(10, 2, 2, 16),
+            torch.tensor([0, 5, 10], dtype=torch.int32),
+            torch.tensor([0, 5, 11], dtype=torch.int32), 5, 5)

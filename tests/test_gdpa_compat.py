@@ -296,12 +296,23 @@ def test_meta_argument_names(device):
         ("seq_index", dict(seq_index=perm.tolist())),
         ("output_offset", dict(output_offset=qo.to(torch.complex64))),
         ("output_offset", dict(output_offset=qo.bool())),
+        # raised by gdpa inside the wrapper, under Meta's names
+        ("key", dict(key=k[..., :8])),
+        ("value", dict(value=v.double())),
+        ("query", dict(query=q[0])),
     ]
+    if device == "cpu":  # offsets' values are checked on the CPU only (no host sync on CUDA)
+        cases += [("key_offset", dict(key_offset=torch.cat([ko[:-1], ko[-1:] + 1]))),
+                  ("query_offset", dict(query_offset=torch.cat([qo[:1], qo[-1:] + 1, qo[2:]])))]
     for name, change in cases:
         kw = dict(query=q, key=k, value=v, query_offset=qo, key_offset=ko, max_seq_len_q=mq,
                   max_seq_len_kv=mk)
         with pytest.raises(RuntimeError, match=f"^attnkit: {name}: "):
             GDPA(**dict(kw, **change))
+    # the argument compared against is named as Meta names it too
+    with pytest.raises(RuntimeError, match=r"^attnkit: key: .*\(same as query\)"):
+        GDPA(**dict(query=q, key=k[..., :8], value=v, query_offset=qo, key_offset=ko,
+                    max_seq_len_q=mq, max_seq_len_kv=mk))
     # the flags take what the op's bool arguments take (ints, numpy bools, one-element tensors)
     base = GDPA(q, k, v, qo, ko, mq, mk, is_causal=True)
     for flag in (1, torch.tensor(True, device=device)):

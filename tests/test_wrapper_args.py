@@ -117,3 +117,30 @@ def test_op_missing_tensor_is_named(index, grad):
         with pytest.raises(RuntimeError,
                            match=f"^attnkit: {missing}: expected a tensor, got an undefined one"):
             call(a)
+
+
+def test_with_caller_names():
+    """attnkit/_args.py with_caller_names: an op's argument error renamed to the caller's names
+    (the leading argument and the one it is compared against), anything else left as raised."""
+    from attnkit._args import with_caller_names
+
+    names = {"q": "query", "k": "key"}
+
+    def raises(exc):
+        def fn():
+            raise exc
+        return fn
+
+    err = RuntimeError("attnkit: k: expected dtype Float (same as q), got q")
+    with pytest.raises(RuntimeError,
+                       match=r"^attnkit: key: expected dtype Float \(same as query\), got q$"):
+        with_caller_names(raises(err), names)
+    # names not in the map, other messages, other exception types: unchanged (the same object)
+    for exc in (RuntimeError("attnkit: window_size: expected >= -1, got -2"),
+                RuntimeError("CUDA error: an illegal memory access (k)"),
+                NotImplementedError("attnkit: q: not implemented"),
+                ValueError("attnkit: q: bad value")):
+        with pytest.raises(type(exc)) as info:
+            with_caller_names(raises(exc), names)
+        assert info.value is exc
+    assert with_caller_names(lambda: 7, names) == 7

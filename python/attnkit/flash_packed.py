@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._args import require_tensors
+from ._args import require_tensors, with_caller_names
 from .flash import flash_attn_func, flash_attn_varlen_func
 
 
@@ -15,6 +15,11 @@ def _unpack(t: torch.Tensor, name: str, parts: int, dim: int, layout: str):
     if t.dim() != len(layout.strip("[]").split(", ")) or t.shape[dim] != parts:
         raise RuntimeError(f"attnkit: {name}: expected {layout}, got shape {tuple(t.shape)}")
     return t.unbind(dim)
+
+
+# The unpacked views' errors name the packed tensor they are views of.
+_QKV = dict(q="qkv", k="qkv", v="qkv")
+_KV = dict(k="kv", v="kv")
 
 
 def _check_length(name: str, n) -> None:
@@ -41,8 +46,9 @@ def flash_attn_qkvpacked_func(
     """``qkv`` ``[B, S, 3, H, D]``; otherwise :func:`flash_attn_func`."""
     require_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", 3, 2, "[B, S, 3, H, D]")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return with_caller_names(
+        lambda: flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                alibi_slopes, deterministic, return_attn_probs), _QKV)
 
 
 def flash_attn_kvpacked_func(
@@ -60,8 +66,9 @@ def flash_attn_kvpacked_func(
     """``q`` ``[B, Sq, H, D]``, ``kv`` ``[B, Sk, 2, Hkv, D]``; otherwise :func:`flash_attn_func`."""
     require_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", 2, 2, "[B, Sk, 2, Hkv, D]")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return with_caller_names(
+        lambda: flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                alibi_slopes, deterministic, return_attn_probs), _KV)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -82,9 +89,12 @@ def flash_attn_varlen_qkvpacked_func(
     require_tensors(qkv=qkv, cu_seqlens=cu_seqlens)
     _check_length("max_seqlen", max_seqlen)
     q, k, v = _unpack(qkv, "qkv", 3, 1, "[T, 3, H, D]")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs)
+    return with_caller_names(
+        lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                       dropout_p, softmax_scale, causal, window_size, softcap,
+                                       alibi_slopes, deterministic, return_attn_probs),
+        dict(_QKV, cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
+             max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -106,6 +116,8 @@ def flash_attn_varlen_kvpacked_func(
     """``q`` ``[Tq, H, D]``, ``kv`` ``[Tk, 2, Hkv, D]``; otherwise :func:`flash_attn_varlen_func`."""
     require_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", 2, 1, "[Tk, 2, Hkv, D]")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs)
+    return with_caller_names(
+        lambda: flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, dropout_p, softmax_scale, causal,
+                                       window_size, softcap, alibi_slopes, deterministic,
+                                       return_attn_probs), _KV)

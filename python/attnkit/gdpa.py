@@ -4,7 +4,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from ._args import require_tensors
+from ._args import require_tensors, with_caller_names
 from .flash import _checks_values  # the one rule for eager value checks
 
 GDPA_ACTIVATIONS = (
@@ -72,6 +72,9 @@ def gdpa(
 # GELU(approximate="tanh"), as for fast_gelu): attnkit evaluates it in fp32 and rounds P to v's
 # dtype; the two differ by about one bf16 rounding of P (docs/ops.md, "Meta's name").
 _META_ACTIVATION_ALIASES = {"fast_gelu_bf16": "fast_gelu"}
+# gdpa's argument names -> Meta's, for the errors gdpa raises inside Meta's wrapper.
+_META_NAMES = dict(q="query", k="key", v="value", q_offsets="query_offset",
+                   kv_offsets="key_offset", causal="is_causal")
 # The names this function accepts: Meta's enum less fast_gelu_taylor_approx (refused below).
 _META_ACTIVATIONS = GDPA_ACTIVATIONS + tuple(_META_ACTIVATION_ALIASES)
 
@@ -309,10 +312,12 @@ def generalized_dot_product_attention(
     place = output_offset is not None and output_offset is not query_offset
     if place:
         _check_meta_output_offset(output_offset, batch, query.device)
-    out = gdpa(query, key, value, query_offset, key_offset, max_seq_len_q, max_seq_len_kv,
-               _META_ACTIVATION_ALIASES.get(activation, activation),
-               1.0 if qk_scale is None else qk_scale, causal=is_causal,
-               window_size=-1 if window_size is None else window_size, broadcast_q=broadcast_q)
+    out = with_caller_names(
+        lambda: gdpa(query, key, value, query_offset, key_offset, max_seq_len_q, max_seq_len_kv,
+                     _META_ACTIVATION_ALIASES.get(activation, activation),
+                     1.0 if qk_scale is None else qk_scale, causal=is_causal,
+                     window_size=-1 if window_size is None else window_size,
+                     broadcast_q=broadcast_q), _META_NAMES)
     if place:
         out = _meta_output_rows(out, query_offset, output_offset, broadcast_q, batch)
     return out
