@@ -1209,3 +1209,32 @@ def test_descales_with_a_16_bit_cache_cpu():
     with pytest.raises(RuntimeError, match="k_descale"):
         FWD(b.q, b.k_cache, b.v_cache, None, True, cu_seqlens_q=b.cu_seqlens_q,
             seqused_k=b.seqused_k, block_table=b.block_table, k_descale=ones, v_descale=ones)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_descale_form_with_a_16_bit_cache(device):
+    """A descale the 16-bit cache drops still has the form of one (as q_descale's with a 16-bit
+    q): floating point, on q's device, broadcasting to [B, Hkv]; vLLM's expand of its layer scale
+    and one element pass. Checked on every device (no values read: no host sync on CUDA)."""
+    b = paged_batch(*MIXES["decode"], 4, 2, 64, 16, torch.bfloat16, device)
+    kw = dict(cu_seqlens_q=b.cu_seqlens_q, max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k,
+              max_seqlen_k=b.max_seqlen_k, block_table=b.block_table, causal=True)
+    B = b.block_table.shape[0]
+    want = attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, **kw)
+    for ok in (torch.ones((), device=device).expand(B, 2), torch.ones(1, device=device),
+               torch.ones(B, 1, device=device)):
+        got = attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, k_descale=ok,
+                                             v_descale=ok, **kw)
+        assert torch.equal(got, want)
+    for name in ("k_descale", "v_descale"):
+        for bad in (torch.ones(B, 3, device=device), torch.ones(B + 1, 2, device=device),
+                    torch.ones(B, 2, dtype=torch.int32, device=device),
+                    torch.ones(B, 2, dtype=torch.bool, device=device),
+                    torch.ones(B, 2, device="meta")):
+            with pytest.raises(RuntimeError, match=f"^attnkit: {name}: expected None or a "
+                                                   "floating-point tensor"):
+                attnkit.flash_attn_varlen_func(b.q, b.k_cache, b.v_cache, **{name: bad}, **kw)
+        with pytest.raises(RuntimeError, match=f"^attnkit: {name}: .*bfloat16 cache"):
+            attnkit.flash_attn_with_kvcache(b.q[:B].unsqueeze(1), b.k_cache, b.v_cache,
+                                            cache_seqlens=b.seqused_k, block_table=b.block_table,
+                                            **{name: torch.ones(B, 3, device=device)})

@@ -79,11 +79,12 @@ def _sinks(q, s_aux, learnable_sink, sinks=None):
     return t
 
 
-def _check_unused_descale(d, name, q, cu_seqlens_q, kv_heads):
-    """A descale the call drops (with a 16-bit q, FlashAttention 3 applies q_descale to fp8
-    queries only) still has the form of one: a real floating-point tensor on q's device whose
-    shape broadcasts to [B, Hkv] (vLLM's expand of its layer scale, or one element). A bool,
-    integer or complex tensor, or one of another shape, is a wrong argument rather than ones."""
+def _check_unused_descale(d, name, q, cu_seqlens_q, kv_heads, ones_with=None):
+    """A descale the call drops (FlashAttention 3 applies q_descale to fp8 queries only, and
+    k_descale / v_descale to fp8 caches only) still has the form of one: a real floating-point
+    tensor on q's device whose shape broadcasts to [B, Hkv] (vLLM's expand of its layer scale, or
+    one element). A bool, integer or complex tensor, or one of another shape, is a wrong argument
+    rather than ones. `ones_with`: what makes it unused, for the message (default: q's dtype)."""
     B = (cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() == 1
          else q.shape[0] if q.dim() >= 1 else 0)
     want = (B, kv_heads)
@@ -96,9 +97,10 @@ def _check_unused_descale(d, name, q, cu_seqlens_q, kv_heads):
     if not ok:
         got = (f"{d.dtype} {tuple(d.shape)} on {d.device}" if isinstance(d, torch.Tensor)
                else type(d).__name__)
+        ones_with = ones_with or f"a {q.dtype} q"
         raise RuntimeError(f"attnkit: {name}: expected None or a floating-point tensor on "
-                           f"{q.device} broadcasting to [{B}, {kv_heads}] ([B, Hkv]; ones with a "
-                           f"{q.dtype} q), got {got}")
+                           f"{q.device} broadcasting to [{B}, {kv_heads}] ([B, Hkv]; ones with "
+                           f"{ones_with}), got {got}")
 
 
 def _query_for(q, q_descale, cu_seqlens_q, kv_heads, cache_dtype):
@@ -153,15 +155,19 @@ def _check_not_bytes(caches):
                                f"pass {name}.view(torch.float8_e4m3fn) if they are e4m3)")
 
 
-def _cache_descales(k, k_descale, v_descale):
+def _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q):
     """k_descale / v_descale apply to fp8 caches. vLLM V1 passes its layer's scales with every
     cache (``layer._k_scale.expand(...)``, 1.0 unless the cache is fp8) and FlashAttention 3
-    ignores them for 16-bit ones; attnkit drops them there too, after checking on the CPU that
-    they are 1 (other values would be silently ignored: a RuntimeError naming them instead; CUDA
-    cannot read them without a host sync, docs/serving.md)."""
+    ignores them for 16-bit ones; attnkit drops them there too, after checking their form (as
+    q_descale's with a 16-bit q: _check_unused_descale) and, on the CPU, that they are 1 (other
+    values would be silently ignored: a RuntimeError naming them instead; CUDA cannot read them
+    without a host sync, docs/serving.md)."""
     if k.dtype == torch.float8_e4m3fn:
         return k_descale, v_descale
     for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is not None:
+            _check_unused_descale(d, name, q, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0,
+                                  ones_with=f"a {k.dtype} cache")
         if d is not None and _checks_values(d) and d.numel() and not bool((d == 1).all()):
             raise RuntimeError(f"attnkit: {name}: expected None or ones with a {k.dtype} cache "
                                "(descales apply to float8_e4m3fn caches), got other values")
@@ -307,7 +313,7 @@ def flash_attn_varlen_func(
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_not_bytes((("k", k), ("v", v)))
     q = _query_for(q, q_descale, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0, k.dtype)
-    k_descale, v_descale = _cache_descales(k, k_descale, v_descale)
+    k_descale, v_descale = _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
         q, k, v, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -578,7 +584,7 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
     _check_not_bytes((("k_cache", k_cache), ("v_cache", v_cache)))
     q = _query_for(q, q_descale, cu_seqlens_q, k_cache.shape[2], k_cache.dtype)
-    k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale)
+    k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale, q, cu_seqlens_q)
     dev = q.device
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
