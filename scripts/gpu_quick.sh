@@ -59,7 +59,9 @@
 # pa_fwd_rows: pa_fwd's row chunks (max_qlen > 1): tests, memcheck subset, bench_serving spec;
 # gdpa_bwd_small_d: the GDPA backward at D 64 / 32, sm80 against sm90_ws; before_after:
 # scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
-# BENCH=serving mode (bench_serving, each tree's own script and build); serving_ncu: ncu sections of the NHD
+# BENCH=serving mode (bench_serving, each tree's own script and build); decode_profile: each
+# decode row's and the mixed batch's device time per kernel (profile_decode_kernels.py);
+# serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
 # duration (ncu); gdpa_sched_ncu: its stall reasons per SASS line; serving_ncu_full: the NHD
@@ -540,6 +542,11 @@ for s in $QUICK; do
         step "decode_splits_$sp" 40 $PY benchmarks/bench_paged.py --shapes 64x4096,256x1024 \
           --heads 32/8 --splits $sp --iters ${ITERS:-20} --warmup ${WARMUP:-50}
       done ;;
+    decode_profile)  # device time per kernel of bench_serving's decode rows (the paged varlen
+      # call, paged_attention_v1, the Triton peer) and of its mixed batch as one call or per group
+      # (benchmarks/profile_decode_kernels.py, torch.profiler; ~20 s)
+      step decode_profile 90 $PY benchmarks/profile_decode_kernels.py \
+        --shapes 1x32768,16x16384,64x1024,64x4096,256x1024 --mixed 4x2048x10240,128x1x4096 ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
