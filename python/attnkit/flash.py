@@ -155,7 +155,7 @@ def _check_not_bytes(caches):
                                f"pass {name}.view(torch.float8_e4m3fn) if they are e4m3)")
 
 
-def _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q):
+def _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q, kv_heads):
     """k_descale / v_descale apply to fp8 caches. vLLM V1 passes its layer's scales with every
     cache (``layer._k_scale.expand(...)``, 1.0 unless the cache is fp8) and FlashAttention 3
     ignores them for 16-bit ones; attnkit drops them there too, after checking their form (as
@@ -166,7 +166,7 @@ def _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q):
         return k_descale, v_descale
     for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
         if d is not None:
-            _check_unused_descale(d, name, q, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0,
+            _check_unused_descale(d, name, q, cu_seqlens_q, kv_heads,
                                   ones_with=f"a {k.dtype} cache")
         if d is not None and _checks_values(d) and d.numel() and not bool((d == 1).all()):
             raise RuntimeError(f"attnkit: {name}: expected None or ones with a {k.dtype} cache "
@@ -312,8 +312,9 @@ def flash_attn_varlen_func(
     softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_not_bytes((("k", k), ("v", v)))
-    q = _query_for(q, q_descale, cu_seqlens_q, k.shape[-2] if k.dim() >= 2 else 0, k.dtype)
-    k_descale, v_descale = _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q)
+    kv_heads = k.shape[-2] if k.dim() >= 2 else 0
+    q = _query_for(q, q_descale, cu_seqlens_q, kv_heads, k.dtype)
+    k_descale, v_descale = _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q, kv_heads)
     wl, wr = _window(window_size)
     res, lse = torch.ops.attnkit.flash_attn_fwd(
         q, k, v, softmax_scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -584,7 +585,8 @@ def flash_attn_with_kvcache(
         raise RuntimeError("attnkit: rotary_sin: expected rotary_cos and rotary_sin to be both given or both None")
     _check_not_bytes((("k_cache", k_cache), ("v_cache", v_cache)))
     q = _query_for(q, q_descale, cu_seqlens_q, k_cache.shape[2], k_cache.dtype)
-    k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale, q, cu_seqlens_q)
+    k_descale, v_descale = _cache_descales(k_cache, k_descale, v_descale, q, cu_seqlens_q,
+                                           k_cache.shape[2])
     dev = q.device
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
