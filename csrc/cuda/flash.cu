@@ -640,9 +640,14 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
                     "); use 'auto', or decode_kernel 'none' with 'gather' for the gather path");
     }
     const int64_t T = q_in.size(0), H = q_in.size(1);
-    auto out = at::zeros({T, H, q_in.size(2)}, q_in.options());
-    auto lse = at::full({H, T}, -std::numeric_limits<float>::infinity(),
-                        q_in.options().dtype(at::kFloat));
+    // One query row per sequence: the token grid covers every row, and the kernel writes the
+    // rows no sequence holds itself (0, lse -inf), so no fill kernel runs first. Short sequences
+    // are a grid of sequences, which leaves rows outside them to these fills.
+    const auto lse_opts = q_in.options().dtype(at::kFloat);
+    auto out = plan->whole ? at::empty({T, H, q_in.size(2)}, q_in.options())
+                           : at::zeros({T, H, q_in.size(2)}, q_in.options());
+    auto lse = plan->whole ? at::empty({H, T}, lse_opts)
+                           : at::full({H, T}, -std::numeric_limits<float>::infinity(), lse_opts);
     run_nhd_decode(*plan, out, lse, q_in, k_cache, v_cache, opt, dr);
     if (given(s_aux)) apply_sinks(out, lse, *s_aux, /*varlen=*/true, cu_q);
     return {out, lse};

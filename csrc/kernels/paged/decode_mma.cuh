@@ -242,8 +242,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
     return;
   }
   if (sq.qlen <= 0) {
-    // No query row (pa_fwd with an empty qo_indptr range), or a token no sequence holds: the
-    // output row stays as the launcher filled it (0, lse -inf); its split rows say "empty".
+    // No query row (pa_fwd with an empty qo_indptr range: nothing to write), or a token no
+    // sequence holds (token_grid): its row is 0 with lse -inf, written here with one split (so
+    // the serving call's decode-only path allocates out / lse without a fill kernel each), by
+    // the combine from split rows that say "empty" with several.
+    if (p.token_grid && splits == 1) {
+      T* out = static_cast<T*>(p.out);
+      for (int idx = threadIdx.x; idx < G * D; idx += Tr::kThreads) {
+        const int64_t h = hk * G + idx / D;
+        const int d = idx % D;
+        out[row * p.o_st + h * p.o_sh + d * p.o_sd] = from_float<T>(0.0f);
+        if (d == 0 && p.lse) p.lse[h * p.lse_sh + row * p.lse_st] = -INFINITY;
+      }
+    }
     if (p.token_grid && p.splits > 1 && threadIdx.x < G) {
       p.ws_ml[((row * p.Hq + hk * G + threadIdx.x) * p.splits + blockIdx.y) * 2] = -INFINITY;
       p.ws_ml[((row * p.Hq + hk * G + threadIdx.x) * p.splits + blockIdx.y) * 2 + 1] = 0.0f;
