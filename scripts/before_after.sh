@@ -15,7 +15,7 @@
 # tables: flash,gdpa (default), or one of them).
 # BENCH=serving times benchmarks/bench_serving.py instead (each tree its own script and build,
 # alternately, ROUNDS each) and prints every row's paged µs side by side (gpu_quick's
-# serving_before_after step).
+# serving_before_after step); SERVING_ARGS adds arguments to both runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BEFORE_TAR=${BEFORE_TAR:-_before.tar.gz}
@@ -42,7 +42,9 @@ if ! grep -q "rc=0" "$BEFORE_DIR/.built" 2>/dev/null; then
   echo "the before build failed or did not finish:"; tail -n 20 "$L/before_build.log"; exit 1
 fi
 if [ "${BENCH:-}" = serving ]; then
-  S="benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50}"
+  # SERVING_ARGS: more bench_serving arguments for both trees (e.g. --sections decode
+  # --cuda-graph; an older tree's script must know them: copy this tree's into $BEFORE_DIR).
+  S="benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} ${SERVING_ARGS:-}"
   csvs=()
   for r in $(seq 1 "${ROUNDS:-2}"); do
     (cd "$BEFORE_DIR" && PYTHONPATH="$BEFORE_DIR/python" $PY $S --csv "$L/serving_before_$r.csv") \

@@ -542,6 +542,25 @@ for s in $QUICK; do
         step "decode_splits_$sp" 40 $PY benchmarks/bench_paged.py --shapes 64x4096,256x1024 \
           --heads 32/8 --splits $sp --iters ${ITERS:-20} --warmup ${WARMUP:-50}
       done ;;
+    decode_nofill)  # the decode-only call without fill kernels (its token grid writes the rows
+      # no sequence holds): the serving tests, then the decode rows before / after with do_bench
+      # and with CUDA-graph replays (this tree's bench_serving copied into the older tree, which
+      # scripts/before_after.sh BUILD_ONLY=1 unpacked first)
+      step decode_nofill_tests 150 $PY -m pytest tests/test_serving_varlen.py tests/test_serving_edges.py \
+        tests/test_paged_api.py -q -n 16 -rfE
+      cp benchmarks/bench_serving.py /tmp/attnkit_before/benchmarks/ 2>/dev/null
+      step decode_nofill_ab 150 env BENCH=serving SERVING_ARGS="--sections decode" bash scripts/before_after.sh
+      step decode_nofill_ab_graph 150 env BENCH=serving SERVING_ARGS="--sections decode --cuda-graph" \
+        bash scripts/before_after.sh ;;
+    ws_q_release)  # the ws forwards' Q stage released by every consumer thread (tma_ring.cuh
+      # release_unit): racecheck on the GDPA and flash selections that reported 25 hazards on
+      # units[] with the warp's lane-0 release (twenty-fifth session)
+      step ws_q_gdpa_racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(jagged_schedule and bfloat16 and 128 and False and tile_edges) or (forward_warp_specialised and bfloat16 and 128 and False and (free or single_loader))"
+      step ws_q_flash_racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_flash_*.py -q -p no:xdist \
+        -k "forward_warp_specialised and varlen and single and bfloat16 and i32" ;;
     decode_profile)  # device time per kernel of bench_serving's decode rows (the paged varlen
       # call, paged_attention_v1, the Triton peer) and of its mixed batch as one call or per group
       # (benchmarks/profile_decode_kernels.py, torch.profiler; ~20 s)
