@@ -86,3 +86,30 @@ def test_paged_attention_v1_strided_and_aliased(device):
 def test_paged_attention_v1_samples(device, dtype):
     for s in sample_inputs(device, "paged_attention_v1", dtype):
         assert_close(run_v1(s), v1_reference(s), dtype, s.name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_scales_made_once(device):
+    """paged_attention_v1 / v2 and the cache writers take k_scale / v_scale as floats (vLLM's
+    defaults 1.0): the default is one tensor per device, made on the first call (a fresh one per
+    call cost a fill kernel each), and any other value a fresh tensor holding it."""
+    from attnkit.paged import _scale_tensor
+
+    one = _scale_tensor(1.0, device)
+    assert _scale_tensor(None, device) is one and _scale_tensor(1.0, device) is one
+    assert one.dtype == torch.float32 and one.shape == (1,) and float(one) == 1.0
+    half = _scale_tensor(0.5, device)
+    assert half is not _scale_tensor(0.5, device) and float(half) == 0.5
+    given = torch.full((1,), 2.0, device=device)
+    assert _scale_tensor(given, device) is given
+    if device == "cuda":  # one made inside a graph capture is not kept: its fill runs on replay
+        from attnkit.paged import _UNIT_SCALES
+
+        _UNIT_SCALES.clear()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            t = _scale_tensor(1.0, device)
+        assert not _UNIT_SCALES
+        graph.replay()
+        torch.cuda.synchronize()
+        assert float(t) == 1.0 and _scale_tensor(1.0, device) is not t
