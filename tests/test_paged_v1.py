@@ -102,9 +102,17 @@ def test_default_scales_made_once(device):
     assert half is not _scale_tensor(0.5, device) and float(half) == 0.5
     given = torch.full((1,), 2.0, device=device)
     assert _scale_tensor(given, device) is given
-    if device == "cuda":  # one made inside a graph capture is not kept: its fill runs on replay
-        from attnkit.paged import _UNIT_SCALES
+    # Under FakeTensorMode the scale is a fake: not kept, or later real calls would run fake.
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from attnkit.paged import _UNIT_SCALES
+
+    _UNIT_SCALES.clear()
+    with FakeTensorMode():
+        fake = _scale_tensor(1.0, device)
+    assert type(fake) is not torch.Tensor and not _UNIT_SCALES
+    assert type(_scale_tensor(1.0, device)) is torch.Tensor
+    if device == "cuda":  # one made inside a graph capture is not kept: its fill runs on replay
         _UNIT_SCALES.clear()
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):

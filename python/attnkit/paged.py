@@ -36,7 +36,10 @@ def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
     # A fill kernel, not a host-to-device copy: stays legal inside CUDA-graph capture. One made
     # during a capture is not kept: its fill runs only when the graph replays.
     t = torch.full((1,), value, dtype=torch.float32, device=device)
-    if cached and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    # Only a plain tensor is kept: under FakeTensorMode (or another tensor subclass's mode) this
+    # is a fake, and every later real call would then run fake, writing nothing.
+    if (cached and type(t) is torch.Tensor
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
         _UNIT_SCALES[device] = t
     return t
 

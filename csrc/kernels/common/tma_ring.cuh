@@ -137,8 +137,6 @@ struct QkvRings {
   ATTNKIT_DEVICE ATTNKIT_INLINE explicit QkvRings(uint64_t* bars)
       : q{bars}, k{bars + TmaRing<kQ>::kBars}, v{bars + TmaRing<kQ>::kBars + TmaRing<kK>::kBars} {}
 
-  // One thread, then a CTA-wide barrier (in the forwards the last one: the roles never meet all
-  // together again).
   // Consumer, every thread of every consumer warp: unit n is done with (its Q read by the last
   // S, its units[] entry by this thread). Each thread's arrival releases its own reads, so the
   // order rests on the mbarrier alone: one lane's arrival after __syncwarp also leaned on the
@@ -146,6 +144,8 @@ struct QkvRings {
   // hazards on units[]: docs/performance.md, thirty-fifth session).
   ATTNKIT_DEVICE ATTNKIT_INLINE void release_unit(uint32_t n) const { q.consumer_release(n); }
 
+  // One thread, then a CTA-wide barrier (in the forwards the last one: the roles never meet all
+  // together again).
   ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t consumer_warps) const {
     q.init(1, consumer_warps * 32);
     k.init(1, consumer_warps);
