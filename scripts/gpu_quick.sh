@@ -552,9 +552,9 @@ for s in $QUICK; do
       step decode_nofill_ab 150 env BENCH=serving SERVING_ARGS="--sections decode" bash scripts/before_after.sh
       step decode_nofill_ab_graph 150 env BENCH=serving SERVING_ARGS="--sections decode --cuda-graph" \
         bash scripts/before_after.sh ;;
-    ws_q_release)  # the ws forwards' Q stage released by every consumer thread (tma_ring.cuh
-      # release_unit): racecheck on the GDPA and flash selections that reported 25 hazards on
-      # units[] with the warp's lane-0 release (twenty-fifth session)
+    ws_q_release)  # racecheck on the ws forwards' Q hand-off (units[]): the GDPA and flash
+      # selections that report 25 hazards with the warp's lane-0 release (main), 0 with every
+      # thread arriving (the thirty-fifth session's variant, reverted: slower on short units)
       step ws_q_gdpa_racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
         --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
         -k "(jagged_schedule and bfloat16 and 128 and False and tile_edges) or (forward_warp_specialised and bfloat16 and 128 and False and (free or single_loader))"

@@ -122,9 +122,7 @@ struct TmaRing {
 // back in one barrier array: q (fill n: the CTA's unit n, whose WsUnit the Q loader writes into
 // the kernel's units[q.stage(n)] before its arrival), k and v (fill g: the CTA's key tile g).
 // Every full barrier completes on the loading thread's arrival (with the bytes its copies count
-// off); k's and v's empty barriers on one release per consumer warp (lane 0, once its wgmma reads
-// are waited for), q's on every consumer thread's own release (release_unit: each lane read the
-// unit from units[]).
+// off), every empty barrier on the releases of the consumer warps.
 // kFixupV: v passes a fix-up warp (TmaRing's kFixup) between its copies and the consumers.
 template <int kQ, int kK, int kV, bool kFixupV = false>
 struct QkvRings {
@@ -137,17 +135,10 @@ struct QkvRings {
   ATTNKIT_DEVICE ATTNKIT_INLINE explicit QkvRings(uint64_t* bars)
       : q{bars}, k{bars + TmaRing<kQ>::kBars}, v{bars + TmaRing<kQ>::kBars + TmaRing<kK>::kBars} {}
 
-  // Consumer, every thread of every consumer warp: unit n is done with (its Q read by the last
-  // S, its units[] entry by this thread). Each thread's arrival releases its own reads, so the
-  // order rests on the mbarrier alone: one lane's arrival after __syncwarp also leaned on the
-  // warp barrier's ordering, which compute-sanitizer's racecheck does not follow (it reported 25
-  // hazards on units[]: docs/performance.md, thirty-fifth session).
-  ATTNKIT_DEVICE ATTNKIT_INLINE void release_unit(uint32_t n) const { q.consumer_release(n); }
-
   // One thread, then a CTA-wide barrier (in the forwards the last one: the roles never meet all
   // together again).
   ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t consumer_warps) const {
-    q.init(1, consumer_warps * 32);
+    q.init(1, consumer_warps);
     k.init(1, consumer_warps);
     v.init(1, consumer_warps);
     bulk::fence_init();

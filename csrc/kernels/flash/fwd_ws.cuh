@@ -38,8 +38,8 @@
 // Barriers as the GDPA kernel: three rings (kernels/common/tma_ring.cuh, which owns the phase
 // arithmetic: fill n of a ring is unit qn of Q, key tile g of K and V); a stage's full barrier
 // completes when the expected bytes landed, its empty barrier when all the consumer warps
-// released it (lane 0 of each warp arrives for K after S_g and V after the delayed P·V; every
-// consumer thread for Q after the unit's last S: release_unit). Each unit goes to the consumers through `units[qs]`, written before the Q
+// released it (lane 0 of each warp arrives: K after S_g, V after the delayed P·V, Q after the
+// unit's last S). Each unit goes to the consumers through `units[qs]`, written before the Q
 // stage's arrive.
 //
 // Keys past `hi` (the tile's last visible key) in the last key tile are either the next
@@ -440,7 +440,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
     const int rows_valid = u.lq - u.i0 < BM ? u.lq - u.i0 : BM;
     if (u.n_tiles == 0) {
       store_empty(o_off, l_off, rows_valid);
-      rings.release_unit(qn);  // after this thread's read of units[qs]
+      ring_q.consumer_release_warp(qn, lane);  // after every lane has read units[qs]
       ++qn;
       continue;
     }
@@ -490,9 +490,9 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       });
       wgmma::fence_regs(sc);
       if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
-      // So has Q, by every S of the unit; and units[qs] by this thread, whose arrival releases
-      // that read before the Q loader rewrites the entry (every thread arrives: release_unit).
-      if (j == u.n_tiles - 1) rings.release_unit(qn);
+      // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which the
+      // Q loader rewrites after it (an arrival releases only its own thread's reads).
+      if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);
 
       float corr[2];
       const SoftmaxArgs sa{factor, scale_over_cap, cap_log2, j0, {kr_lo[0], kr_lo[1]},

@@ -32,8 +32,8 @@
 // ring_q is unit qn, of ring_k / ring_v key tile g). A stage's full barrier completes when the
 // producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
 // barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
-// wgmma reads are done: K after S_g, V after the delayed P·V; Q after the unit's last S, every
-// consumer thread then, each releasing its own read of units[]). V has a third barrier per stage, ready:
+// wgmma reads are done: K after S_g, V after the delayed P·V; Q after the unit's last S, once
+// every lane's read of units[] is behind a __syncwarp). V has a third barrier per stage, ready:
 // the fix-up warp's hand-over, which the consumers wait for instead of V's full barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
@@ -520,9 +520,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         });
         wgmma::fence_regs(s);
         if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
-        // So has Q, by every S of the unit; and units[qs] by this thread, whose arrival releases
-        // that read before the Q loader rewrites the entry (every thread arrives: release_unit).
-        if (j == u.n_tiles - 1) rings.release_unit(qn);
+        // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which
+        // the Q loader rewrites after it (an arrival releases only its own thread's reads).
+        if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);
         // φ, then the masks.
         act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
         const int r0 = u.i0 + warp_row0;
@@ -556,7 +556,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         }
         turns.pass();
         if (lane == 0) ring_k.consumer_release(g);
-        if (j == u.n_tiles - 1) rings.release_unit(qn);  // as above
+        if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);  // as above
         if (g > 0) {
           wgmma::wait<0>();  // the owed P·V done: pa may be overwritten, V_{g-1} released
           wgmma::fence_regs(acc_o);
