@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import add_common_args, plot, print_table, time_ms, verify, write_csv  # noqa: E402
+from harness import add_common_args, plot, print_table, timed, verify, write_csv  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.reference import attention_eager, flash_attn_ref  # noqa: E402
@@ -138,18 +138,6 @@ def attnkit_impl(args, causal, window):
     return Pinned.apply
 
 
-def timed(args, name, pass_, fn):
-    """Median ms of fn (harness.time_ms); under --cuda-graph a peer whose call cannot be captured
-    is reported and left out of the table instead of ending the run."""
-    if not args.cuda_graph:
-        return time_ms(fn, args.device, args.warmup, args.iters)
-    try:
-        return time_ms(fn, args.device, args.warmup, args.iters, cuda_graph=True)
-    except Exception as e:
-        print(f"  {name} {pass_}: not timed, graph capture failed "
-              f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-        return None
-
 
 def run_one(args, S, causal, window, dtype):
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
@@ -193,13 +181,13 @@ def run_one(args, S, causal, window, dtype):
             print(f"  {name}: FAILED verification, not timed")
             continue
         if "fwd" in args.passes:
-            ms = timed(args, name, "fwd", lambda: fn(q, k, v))
+            ms = timed(args, f"{name} fwd", lambda: fn(q, k, v))
             if ms is not None:
                 rows["fwd"][name] = flops / ms / 1e9
                 rows["fwd"][name + "_ms"] = ms
         if "bwd" in args.passes and grads is not None:
             out = fn(q, k, v)
-            ms = timed(args, name, "bwd", lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))
+            ms = timed(args, f"{name} bwd", lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))
             if ms is not None:
                 rows["bwd"][name] = 2.5 * flops / ms / 1e9
                 rows["bwd"][name + "_ms"] = ms

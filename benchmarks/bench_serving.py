@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_common_args, print_table, time_ms, verify, write_csv  # noqa: E402
+from harness import add_common_args, print_table, time_ms, timed, verify, write_csv  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit import reference as ref  # noqa: E402
@@ -239,21 +239,8 @@ class Runner:
                 self.failures.append(f"{label} {name}: verification")
                 continue
             del out
-            res[name] = self.time(label, name, fn)
+            res[name] = timed(self.args, f"{label} {name}", fn)
         return res
-
-    def time(self, label, name, fn):
-        """Median ms of fn (harness.time_ms); under --cuda-graph of graph replays, where a peer
-        whose call cannot be captured is reported and left untimed instead of ending the run."""
-        a = self.args
-        if not a.cuda_graph:
-            return time_ms(fn, a.device, warmup=a.warmup, iters=a.iters)
-        try:
-            return time_ms(fn, a.device, warmup=a.warmup, iters=a.iters, cuda_graph=True)
-        except Exception as e:  # noqa: BLE001 (reported; the row keeps its other columns)
-            print(f"  {label} {name}: not timed, graph capture failed "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-            return None
 
 
 def _flat(out):

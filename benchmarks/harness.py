@@ -28,6 +28,20 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def timed(args, label: str, fn):
+    """Median ms of fn (time_ms with args' device, warmup and iters); under args.cuda_graph of CUDA
+    graph replays, where a call that cannot be captured is reported and left untimed (None, a "-"
+    in the table) instead of ending the run."""
+    if not getattr(args, "cuda_graph", False):
+        return time_ms(fn, args.device, args.warmup, args.iters)
+    try:
+        return time_ms(fn, args.device, args.warmup, args.iters, cuda_graph=True)
+    except Exception as e:  # noqa: BLE001 (reported; the row keeps its other columns)
+        print(f"  {label}: not timed, graph capture failed "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return None
+
+
 def verify(label: str, out, ref, tol: float) -> bool:
     """Prints the max difference against the reference before any timing; returns pass/fail."""
     e, m = rel_err(out, ref), max_abs(out, ref)

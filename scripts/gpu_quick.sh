@@ -548,7 +548,7 @@ for s in $QUICK; do
       # scripts/before_after.sh BUILD_ONLY=1 unpacked first)
       step decode_nofill_tests 150 $PY -m pytest tests/test_serving_varlen.py tests/test_serving_edges.py \
         tests/test_paged_api.py -q -n 16 -rfE
-      cp benchmarks/bench_serving.py /tmp/attnkit_before/benchmarks/ 2>/dev/null
+      cp benchmarks/bench_serving.py "${BEFORE_DIR:-/tmp/attnkit_before}/benchmarks/" 2>/dev/null
       step decode_nofill_ab 150 env BENCH=serving SERVING_ARGS="--sections decode" bash scripts/before_after.sh
       step decode_nofill_ab_graph 150 env BENCH=serving SERVING_ARGS="--sections decode --cuda-graph" \
         bash scripts/before_after.sh ;;

@@ -626,6 +626,7 @@ def test_decode_path_kernels_cuda(decode_kernel, mix, gqa):
         assert torch.equal(ao, out) and torch.equal(al, lse)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decode_kernel", DECODE_KERNELS + [None])
 @pytest.mark.parametrize("k_len", [40, 3000], ids=["one_split", "splits"])
 def test_decode_path_uncovered_rows_cuda(decode_kernel, k_len):
@@ -633,8 +634,6 @@ def test_decode_path_uncovered_rows_cuda(decode_kernel, k_len):
     (cu_seqlens_q starting past row 0, sequences without rows): the decode kernel writes those
     rows itself (0, lse -inf; the combine with several splits), as the op allocates out / lse
     without a fill, so on a poisoned allocator every row must still be exact."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     b = paged_batch([1] * 5, [k_len, 7, k_len, 1, 33], 8, 2, 128, 16, torch.bfloat16, "cuda")
     b.cu_seqlens_q = torch.tensor([1, 2, 3, 3, 3, 3], dtype=torch.int32, device="cuda")
     out, lse = _check_against_gather_path(b, decode_kernel)
