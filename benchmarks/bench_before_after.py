@@ -13,6 +13,10 @@ bench_attention's --cuda-graph does the same), median of --iters replays. --comp
 tag's best over its files (run the builds alternately, twice each, so clock drift touches both)
 and prints after / before per row; it exits 1 when a forward row of the flash table or the GDPA
 table is slower than --tolerance allows.
+
+--gdpa-fwd-options (e.g. resident_kv=0) runs the GDPA rows through the private op with those
+forward launch options (attnkit.gdpa._gdpa_with, auto's kernels otherwise), so one build can be
+timed against itself with an option off (tag before) and on (tag after): gpu_quick's resident_ab.
 """
 import argparse
 import json
@@ -32,7 +36,7 @@ def gdpa_cases():
     for sparsity in (1.0, 0.5):
         for max_len in (256, 512, 1024, 2048):
             yield dict(family="gdpa", max_len=max_len, sparsity=sparsity, B=1152, H=4, D=128)
-    for max_len in (512, 1024, 2048):  # issue #19's set 2: short-KV cross attention, KV 256
+    for max_len in (256, 512, 1024, 2048):  # issue #19's set 2: short-KV cross attention, KV 256
         yield dict(family="gdpa", max_len=max_len, sparsity=1.0, B=1152, H=4, D=128, kv_len=256)
 
 
@@ -112,7 +116,7 @@ def run_flash(torch, attnkit, c, iters):
     return rows
 
 
-def run_gdpa(torch, attnkit, c, iters):
+def run_gdpa(torch, attnkit, c, iters, fwd_options=None):
     gen = torch.Generator().manual_seed(1)  # bench_gdpa.py's lengths: uniform in [(2s-1)max, max]
     lo = max(0, int(round((2 * c["sparsity"] - 1) * c["max_len"])))
     lens = torch.randint(lo, c["max_len"] + 1, (c["B"],), generator=gen)
@@ -131,7 +135,11 @@ def run_gdpa(torch, attnkit, c, iters):
     ko, mk = off, m
     if kv_len:
         ko, mk = torch.arange(c["B"] + 1, device="cuda", dtype=off.dtype) * kv_len, kv_len
-    call = lambda: attnkit.gdpa(q, k, v, off, ko, m, mk, "fast_gelu", 1.0 / m)
+    gdpa = attnkit.gdpa
+    if fwd_options:
+        from attnkit.gdpa import _gdpa_with
+        gdpa = lambda *a: _gdpa_with(*a, **fwd_options)
+    call = lambda: gdpa(q, k, v, off, ko, m, mk, "fast_gelu", 1.0 / m)
     out = call()
     dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
@@ -152,9 +160,17 @@ def measure(args):
     assert os.path.abspath(where).startswith(os.path.abspath(args.python_dir)), where
     rows = {}
     families = {"flash": flash_cases, "gdpa": gdpa_cases}
+    fwd_options = {}
+    for item in filter(None, args.gdpa_fwd_options.split(",")):
+        name, _, value = item.partition("=")
+        if value not in ("0", "1"):
+            raise SystemExit(f"--gdpa-fwd-options: expected NAME=0|1, got {item!r}")
+        fwd_options[name] = value == "1"
     for c in [c for name in args.families.split(",") for c in families[name]()]:
-        run = run_flash if c["family"] == "flash" else run_gdpa
-        tf = run(torch, attnkit, c, args.iters)
+        if c["family"] == "flash":
+            tf = run_flash(torch, attnkit, c, args.iters)
+        else:
+            tf = run_gdpa(torch, attnkit, c, args.iters, fwd_options)
         rows[case_key(c)] = tf
         print(f"{args.tag:8s} {case_key(c):34s} fwd {tf['fwd']:7.1f}  bwd {tf['bwd']:7.1f} TFLOP/s "
               f"({tf['fwd_method']} / {tf['bwd_method']})", flush=True)
@@ -205,6 +221,8 @@ def main():
     p.add_argument("--compare", nargs="+", help="JSON files of both tags: print the ratios")
     p.add_argument("--tolerance", type=float, default=0.03)
     p.add_argument("--families", default="flash,gdpa", help="the tables to time: flash, gdpa or both")
+    p.add_argument("--gdpa-fwd-options", default="",
+                   help="the GDPA forward's launch options, e.g. resident_kv=0 (the private op)")
     args = p.parse_args()
     if args.compare:
         sys.exit(compare(args))

@@ -70,7 +70,7 @@ def dense_fits(B, H, L, D, dev, chunk):
     return True, ""
 
 
-FWD_OPTIONS = ("ping_pong", "split_loaders", "persistent", "sorted")
+FWD_OPTIONS = ("ping_pong", "split_loaders", "persistent", "sorted", "resident_kv")
 
 
 def parse_fwd_options(text):

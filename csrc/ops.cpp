@@ -24,15 +24,17 @@ TORCH_LIBRARY(attnkit, m) {
   // call raises. "auto" is the choice of the public ops without ATTNKIT_GDPA_KERNEL (which the
   // private ops do not read), and the options' defaults are the public ops'. Forward options: the
   // warp-specialised kernel's consumer ping-pong, split K / V loaders, persistent grid, jagged
-  // schedule for non-dense batches; backward: deterministic dQ (also on under
-  // torch.use_deterministic_algorithms), jagged schedule for non-dense batches (None: where it
-  // pays, choose.h bwd_ws_jagged; True: always; False: never). Not differentiable.
+  // schedule for non-dense batches, key tiles kept across a CTA's query tiles; backward:
+  // deterministic dQ (also on under torch.use_deterministic_algorithms), jagged schedule for
+  // non-dense batches (None: where it pays, choose.h bwd_ws_jagged; True: always; False: never).
+  // Not differentiable.
   m.def(
       "_gdpa_fwd_with(Tensor q, Tensor k, Tensor v, Tensor q_offsets, Tensor kv_offsets, "
       "SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation=\"fast_gelu\", "
       "float qk_scale=1.0, *, float pre_scale=1.0, bool causal=False, int window_size=-1, "
       "bool broadcast_q=False, str kernel=\"auto\", bool ping_pong=True, "
-      "bool split_loaders=True, bool persistent=True, bool sorted=True) -> Tensor");
+      "bool split_loaders=True, bool persistent=True, bool sorted=True, "
+      "bool resident_kv=True) -> Tensor");
   m.def(
       "_gdpa_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor q_offsets, "
       "Tensor kv_offsets, SymInt max_seq_len_q, SymInt max_seq_len_kv, str activation, "

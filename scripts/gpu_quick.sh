@@ -492,6 +492,23 @@ for s in $QUICK; do
     before_after)  # issue #16: an older tree (_before.tar.gz, built in the background by
       # BUILD_ONLY=1 scripts/before_after.sh) against this one, bench_before_after.py (~150 s)
       step before_after 300 bash scripts/before_after.sh ;;
+    resident_ab)  # the GDPA forward's kept key tiles (fwd_ws.cuh kResident): bench_before_after's
+      # GDPA table in this build, resident_kv=0 (tag before) against the default (after),
+      # alternately, ROUNDS (2) each, then the comparison (~50 s a round)
+      rm -f "$L"/resident_*.json
+      for r in $(seq 1 "${ROUNDS:-2}"); do
+        step "resident_before_$r" 120 $PY benchmarks/bench_before_after.py --families gdpa \
+          --tag before --gdpa-fwd-options resident_kv=0 --out "$L/resident_before_$r.json"
+        step "resident_after_$r" 120 $PY benchmarks/bench_before_after.py --families gdpa \
+          --tag after --out "$L/resident_after_$r.json"
+      done
+      step resident_compare 20 bash -c "$PY benchmarks/bench_before_after.py --compare $L/resident_*.json" ;;
+    resident_tests)  # the kept key tiles' tests, every GDPA ws forward test, memcheck on them
+      step resident_tests 200 $PY -m pytest tests/test_gdpa_cuda.py tests/test_gdpa_choose.py -q -n 16 -rfE \
+        -k "resident or warp_specialised or short or cross or dense"
+      step resident_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "(resident_kv and bfloat16) or warp_specialised_garbage" ;;
     serving_before_after)  # the same older tree's bench_serving against this one's, alternately
       # (BENCH=serving scripts/before_after.sh; ~40 s a round after the background build)
       step serving_before_after 200 env BENCH=serving bash scripts/before_after.sh ;;

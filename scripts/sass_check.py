@@ -38,7 +38,7 @@ KERNELS = {
     "gdpa_fwd_ws": (
         "kernels/gdpa/fwd_ws.cuh",
         "template cudaError_t attnkit::gdpa::launch_gdpa_fwd_ws<__nv_bfloat16>("
-        "const attnkit::gdpa::FwdParams&, const attnkit::gdpa::FwdWsMaps&, int, bool, bool, bool,"
+        "const attnkit::gdpa::FwdParams&, const attnkit::gdpa::FwdWsMaps&, int, bool, bool, bool, bool,"
         " int32_t*, cudaStream_t);"),
     "gdpa_bwd_ws": (
         "kernels/gdpa/bwd_ws.cuh",

@@ -182,7 +182,24 @@ def test_bwd_direct_dq():
     assert CHOOSE("bwd", "auto", max_seq_len_kv=0) == "sm90_ws"
     assert CHOOSE("bwd", "sm80", max_seq_len_kv=256) == "sm80"
     assert CHOOSE("bwd", "auto", max_seq_len_kv=256, sm_major=8) == "sm80"
-    assert CHOOSE("fwd", "auto", max_seq_len_kv=256) == "sm90_ws"
+    assert CHOOSE("fwd", "auto", max_seq_len_kv=256) == "sm90_ws+resident_kv"
+
+
+def test_fwd_resident_kv():
+    """The forward's in-order walk in runs with its key tiles kept in shared memory (choose.h
+    fwd_ws_resident_kv): key hints of 1-256 (two 128-key tiles, the K ring), in order only (not
+    the jagged list), the sm90_ws kernel only; the backward never."""
+    r = "sm90_ws+resident_kv"
+    for mk in (1, 128, 200, 256):
+        assert CHOOSE("fwd", "auto", max_seq_len_kv=mk) == r, mk
+        assert CHOOSE("fwd", "sm90_ws", max_seq_len_kv=mk, causal=True, windowed=True) == r, mk
+    for mk in (0, 257, 512):
+        assert CHOOSE("fwd", "auto", max_seq_len_kv=mk) == "sm90_ws", mk
+    assert CHOOSE("fwd", "auto", dense=False, items=4608, max_seq_len_kv=256) == "sm90_ws+jagged"
+    assert CHOOSE("fwd", "auto", dense=False, items=(1 << 22) + 1, max_seq_len_kv=256) == r
+    assert CHOOSE("fwd", "sm80", max_seq_len_kv=256) == "sm80"
+    assert CHOOSE("fwd", "auto", max_seq_len_kv=256, sm_major=8) == "sm80"
+    assert "resident" not in CHOOSE("bwd", "auto", max_seq_len_kv=256)
 
 
 def test_unknown_names():

@@ -192,6 +192,47 @@ def test_cuda_forward_warp_specialised(schedule, D, dtype, causal):
 
 
 @pytest.mark.skipif(not WS_READY, reason=WS_WHY)
+@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_cuda_forward_resident_kv(mask, dtype, D):
+    """The in-order walk in runs with a sequence's key tiles kept in their shared-memory stages
+    (fwd_ws.cuh kResident, chosen for key hints <= 256: choose.h fwd_ws_resident_kv) gives the
+    reference's result, bit for bit the one of every unit loading its own tiles
+    (resident_kv=False). Dense short-KV batches (query tiles with one and two key tiles under the
+    masks, a partial last query tile, GQA 4: a run's heads of one kv group share the tiles); a
+    jagged batch in order (sorted=False) with key lengths 0-256 and NaN rows after every sequence
+    (a kept tail must still be zero); key hints below the lengths (runs over up to 1000 keys: the
+    stages are matched by tile, so nothing stale is reused)."""
+    ws = dict(kernel="sm90_ws", sorted=False)
+    window = {"none": -1, "causal": -1, "window": 90}[mask]
+    causal = mask == "causal"
+
+    def both(q, k, v, qo, ko, mq, mk, what):
+        kw = dict(pre_scale=0.7, causal=causal, window_size=window)
+        poison_allocator("cuda")
+        got = FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, **kw, **ws)
+        poison_allocator("cuda")
+        each = FWD_WITH(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, **kw, **ws, resident_kv=False)
+        ref = gdpa_ref(q, k, v, qo, ko, mq, mk, "fast_gelu", 0.5, **kw)
+        assert_close(got, ref, dtype, f"{what} ({mask}, D={D})")
+        assert torch.equal(got, each), f"{what}: kept key tiles changed the result"
+
+    for B, Lq, Lk, H, Hkv in [(6, 700, 256, 8, 2), (40, 128, 200, 4, 4), (3, 1000, 1, 4, 1)]:
+        q = torch.randn(B * Lq, H, D, device="cuda", dtype=dtype) * 0.5
+        k, v = (torch.randn(B * Lk, Hkv, D, device="cuda", dtype=dtype) * 0.5 for _ in range(2))
+        qo, ko = offsets_of([Lq] * B, "cuda"), offsets_of([Lk] * B, "cuda")
+        both(q, k, v, qo, ko, Lq, Lk, f"dense {B} x {Lq} / {Lk}")
+    q_lens = [300, 129, 0, 64, 1, 500, 77, 256]
+    kv_lens = [1, 100, 128, 200, 256, 0, 255, 129]
+    args = poisoned_jagged(dtype, q_lens, kv_lens, H=8, Hkv=2, D=D)
+    both(*args[:5], max(q_lens), 256, "poisoned jagged, in order")
+    q_lens, kv_lens = [700, 3, 260], [1000, 256, 300]
+    args = poisoned_jagged(dtype, q_lens, kv_lens, H=4, Hkv=2, D=D)
+    both(*args[:5], 1, 1, "hints below the lengths")
+
+
+@pytest.mark.skipif(not WS_READY, reason=WS_WHY)
 def test_cuda_forward_warp_specialised_garbage_offsets():
     """Garbage offsets are clamped: the warp-specialised forward stays in bounds (the tensor maps
     bound the copies too) and gives a finite result (compute-sanitizer runs this test)."""

@@ -169,13 +169,14 @@ inline void check_choice(const GdpaChoice& c, const char* op, GdpaRequest req, c
 }
 
 // The private ops' launch options (launch_options.h), the same on every backend.
-inline FwdLaunchOptions make_fwd_launch_options(bool ping_pong, bool split_loaders,
-                                                bool persistent, bool sorted) {
+inline FwdLaunchOptions make_fwd_launch_options(bool ping_pong, bool split_loaders, bool persistent,
+                                                bool sorted, bool resident_kv) {
   FwdLaunchOptions o;
   o.ping_pong = ping_pong;
   o.split_loaders = split_loaders;
   o.persistent = persistent;
   o.sorted = sorted;
+  o.resident_kv = resident_kv;
   return o;
 }
 

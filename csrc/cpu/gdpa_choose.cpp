@@ -52,6 +52,11 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
                        max_seq_len_kv)) {
     name += "+direct_dq";
   }
+  const FwdLaunchOptions lo;
+  if (!bwd && c.kernel == GdpaKernel::kSm90Ws &&
+      fwd_ws_resident_kv(jagged, lo.persistent, max_seq_len_kv, lo.resident_kv)) {
+    name += "+resident_kv";
+  }
   return name;
 }
 

@@ -360,9 +360,11 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
           const int64_t items = fwd_ws_items(p, mq);
           const bool dense = ws_dense(p.Tq, p.Tk, p.B, mq, mk);
-          const at::Tensor sched =
-              ws_sched_workspace(items, ws_jagged(dense, items, lo.sorted), qo);
+          const bool list = ws_jagged(dense, items, lo.sorted);
+          const at::Tensor sched = ws_sched_workspace(items, list, qo);
+          const bool resident = fwd_ws_resident_kv(list, lo.persistent, mk, lo.resident_kv);
           return launch_gdpa_fwd_ws<T>(p, maps, mq, lo.ping_pong, lo.split_loaders, lo.persistent,
+                                       resident,
                                        sched.defined() ? sched.data_ptr<int32_t>() : nullptr,
                                        stream);
 #else
@@ -394,12 +396,13 @@ at::Tensor gdpa_fwd_with_cuda(const at::Tensor& q, const at::Tensor& k, const at
                               c10::string_view activation, double qk_scale, double pre_scale,
                               bool causal, int64_t window_size, bool broadcast_q,
                               c10::string_view kernel, bool ping_pong, bool split_loaders,
-                              bool persistent, bool sorted) {
+                              bool persistent, bool sorted, bool resident_kv) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   return gdpa_fwd(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                   std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal, window_size,
                   broadcast_q, req,
-                  make_fwd_launch_options(ping_pong, split_loaders, persistent, sorted));
+                  make_fwd_launch_options(ping_pong, split_loaders, persistent, sorted,
+                                          resident_kv));
 }
 
 // gdpa_bwd on the requested kernel: the public op (ATTNKIT_GDPA_KERNEL, default options) and

@@ -52,7 +52,7 @@ at::Tensor gdpa_fwd_with_meta(const at::Tensor& q, const at::Tensor& k, const at
                               c10::SymInt max_seq_len_q, c10::SymInt max_seq_len_kv,
                               c10::string_view activation, double qk_scale, double pre_scale,
                               bool causal, int64_t window_size, bool broadcast_q,
-                              c10::string_view kernel, bool, bool, bool, bool) {
+                              c10::string_view kernel, bool, bool, bool, bool, bool) {
   check_kernel_request(kernel, "kernel");
   return gdpa_fwd_meta(q, k, v, q_offsets, kv_offsets, std::move(max_seq_len_q),
                        std::move(max_seq_len_kv), activation, qk_scale, pre_scale, causal,

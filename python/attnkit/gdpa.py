@@ -354,7 +354,7 @@ def _gdpa_with(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
 
     The forward runs ``torch.ops.attnkit._gdpa_fwd_with`` with ``kernel=fwd_kernel`` and the
     warp-specialised forward's launch options (``ping_pong``, ``split_loaders``, ``persistent``,
-    ``sorted``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel``, ``deterministic``
+    ``sorted``, ``resident_kv``); the backward ``_gdpa_bwd_with`` with ``kernel=bwd_kernel``, ``deterministic``
     and ``sorted=bwd_sorted`` (the warp-specialised backward's jagged schedule: None where it
     pays, as the public op, True always, False never). Kernel names:
     auto | portable | sm80 | sm90 | sm90_ws (docs/ops.md, GDPA "Kernel choice"); a named kernel

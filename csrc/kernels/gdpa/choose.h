@@ -187,6 +187,20 @@ inline bool ws_jagged(bool dense, int64_t items, bool sorted) {
   return sorted && !dense && items <= kWsMaxJaggedItems;
 }
 
+// The forward's in-order walk in runs with its key tiles kept in shared memory (fwd_ws.cuh
+// kResident) where a sequence of the key hint's length has at most two 128-key tiles, which is
+// what the K ring holds (FwdWsTraits::kResidentMaxKeys): short-KV cross attention (KV 256) read
+// each unit's K / V from L2 again, 4x its Q's bytes. Not with the list (its items are ordered by
+// length, not by sequence) nor with one CTA per item (nothing to keep); longer keys than the hint
+// stay correct (the stages are matched by tile), only slower. `requested`: the launch option
+// (FwdLaunchOptions::resident_kv; the tests and the A/B runs turn it off).
+constexpr int64_t kFwdResidentMaxKeys = 256;
+
+inline bool fwd_ws_resident_kv(bool list, bool persistent, int64_t max_seq_len_kv, bool requested) {
+  return requested && !list && persistent && max_seq_len_kv >= 1 &&
+         max_seq_len_kv <= kFwdResidentMaxKeys;
+}
+
 // The backward's list where it pays: where a sequence of the hint's length spans more than
 // kBwdWsListMinTiles - 1 key tiles of 128 rows. Measured on the H100 (thirtieth session,
 // gdpa_bwd_schedule_ab and bench_before_after, bench_gdpa's lengths uniform in [0, max]): list /

@@ -75,6 +75,7 @@
 #include "kernels/common/wgmma.cuh"
 #include "kernels/common/ws_fwd.cuh"
 #include "kernels/gdpa/activation_gpu.cuh"
+#include "kernels/gdpa/choose.h"
 #include "kernels/gdpa/params.h"
 #include "kernels/gdpa/tile.cuh"
 #include "kernels/gdpa/ws_schedule.cuh"
@@ -101,7 +102,13 @@ struct FwdWsTraits {
   // (HBM-heavy: ~2 TB/s at 260 TFLOP/s) need to hide the load latency.
   static constexpr int kQStages = 2;
   static constexpr int kStages = 2;  // K
-  static constexpr int stages_v(bool split_loads) { return split_loads ? 3 : 2; }
+  // kResident (below) keeps two V stages: a sequence's <= 2 key tiles then land in the same K and
+  // V stages unit after unit.
+  static constexpr int stages_v(bool split_loads, bool resident = false) {
+    return split_loads && !resident ? 3 : 2;
+  }
+  // kResident: the key hint up to which every unit's key tiles fit the K ring (kStages tiles).
+  static constexpr int kResidentMaxKeys = kStages * kBlockN;
   static constexpr int kBoxRows = 128;
   static constexpr int kBoxCols = 64;                        // 128 bytes: one sw128 column block
   static constexpr int kBoxBytes = kBoxRows * kBoxCols * 2;  // what one copy counts off its barrier
@@ -114,8 +121,8 @@ struct FwdWsTraits {
   // were idle).
   static constexpr int kFixupWarp = 2;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
-  static constexpr int smem_bytes(bool split_loads) {
-    return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads));
+  static constexpr int smem_bytes(bool split_loads, bool resident = false) {
+    return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads, resident));
   }
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
   // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
@@ -127,6 +134,9 @@ struct FwdWsTraits {
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
 };
+
+static_assert(FwdWsTraits::kResidentMaxKeys == kFwdResidentMaxKeys,
+              "choose.h's resident key bound is what the K ring holds");
 
 // The tensor maps of q, k, v viewed as [T rows][heads][D] (innermost first {D, heads, T}), boxes
 // {64, 1, 128} with the 128-byte swizzle; built by the launcher's caller (csrc/cuda/tma_map.h).
@@ -152,15 +162,18 @@ static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
               "the list's tiles are the forward's query tiles, its cost steps the narrow key tiles");
 
 // Walks a CTA's units. In order (kList = false): items blockIdx.x, + gridDim.x, ... (cta_item_at
-// order). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
+// order), or with kRuns a run of consecutive items: CTA c takes [c·per, (c + 1)·per) (the caller
+// passes the run's first item and bounds `items` at its end), so its consecutive units are the
+// query tiles, then the heads, of one sequence (kResident below). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
 // entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
 // ones): with the list longest first, each CTA's total stays within about one item of the
 // others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
 // a sequence longer than the hint; the list: the entry's stride n). The loading threads run the
 // walk (each its own copy, in the same order); the consumers get its units through shared memory,
 // in the same order.
-template <bool kList>
+template <bool kList, bool kRuns = false>
 struct WsCursor {
+  static_assert(!(kList && kRuns), "runs are an order of the in-order walk");
   // The list holds at most 2^22 items (csrc/cuda/gdpa.cu), so its walk counts in int: the
   // producer runs on 24 registers.
   using Index = std::conditional_t<kList, int, int64_t>;
@@ -173,6 +186,7 @@ struct WsCursor {
 
 #if defined(__CUDACC__)
   ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? ws_snake(0) : Index(blockIdx.x)) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE explicit WsCursor(Index first) : item(first) {}  // kRuns
 
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
                                           const int4* list, WsUnit& u) {
@@ -199,7 +213,7 @@ struct WsCursor {
         if constexpr (kList) {
           item = ws_snake(++round);
         } else {
-          item += gridDim.x;
+          item += kRuns ? 1 : gridDim.x;
         }
         continue;
       }
@@ -236,11 +250,40 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool narrow_q_tile(const WsUnit& u) {
   return kJagged && u.qs.len - u.i0 <= 64;
 }
 
+// A K or V stage's last fill, which the loader that fills it records (kResident): the tile's first
+// key row in k / v and its kv head.
+struct HeldTile {
+  int row, hk;
+};
+
+// kResident: whether the stage already holds the tile (row, hk), so that its fill can skip the
+// copies; if not, the caller copies it there and this records it. Each ring's loading thread
+// keeps its own `held` (one entry per stage, in shared memory), so nobody else reads it.
+ATTNKIT_DEVICE ATTNKIT_INLINE bool holds_tile(HeldTile* held, uint32_t stage, int row, int hk) {
+  const HeldTile h = held[stage];
+  if (h.row == row && h.hk == hk) return true;
+  held[stage] = {row, hk};
+  return false;
+}
+
 // kJagged: the units come from the device-built list `sched` (gdpa_ws_schedule_kernel, at
 // most `capacity` entries) and key tiles with <= 64 keys are narrow (narrow_tile); otherwise
 // (dense batches, the A/B variants) the in-order walk and full tiles only, and sched / the
 // 64-row maps are unused.
-template <typename T, bool kPingPong, bool kSplitLoads, bool kJagged>
+//
+// kResident (in-order walk; choose.h fwd_ws_resident_kv: key hints up to kResidentMaxKeys): each
+// CTA walks a run of consecutive items (WsCursor kRuns) instead of striding, so its consecutive
+// units are query tiles (then heads of one kv group) of one sequence, and a sequence's <= 2 key
+// tiles stay in the K and V stages (two each) from unit to unit: a loader whose stage already
+// holds the tile it is to fill (holds_tile) arrives on the full barrier without copying. The
+// consumers and the fix-up warp see the same fills, barriers and bytes either way (a reused V
+// tile's tail is zeroed again, to the zeros it holds: with valid offsets a tile's first row
+// belongs to one sequence, so one (row, hk) always means the same bytes and the same tail). A
+// short-KV unit (Q 2048 / KV 256: two key tiles) read 128 KB of K / V from L2 per 32 KB Q tile,
+// about 4 TB/s at the rate it ran (docs/performance.md); now the K / V of a run's sequence are
+// read once. Longer keys would go back to L2 for every unit, and runs keep fewer sequences' K / V
+// in flight at a time than the strided walk (which shares them in L2 across CTAs): off there.
+template <typename T, bool kPingPong, bool kSplitLoads, bool kJagged, bool kResident = false>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles, const int32_t* __restrict__ sched,
                        const int64_t capacity,
@@ -254,8 +297,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
+  static_assert(!(kResident && kJagged), "resident key tiles are the in-order walk's");
   constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
-                SV = Tr::stages_v(kSplitLoads), QS = Tr::kQStages;
+                SV = Tr::stages_v(kSplitLoads, kResident), QS = Tr::kQStages;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* sq = smem;                     // [kQStages] Q tiles
@@ -268,6 +312,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   // offsets themselves, so no dependent global load sits between two units on their path.
   // n_tiles == 0 (with a plain arrive) means there are no more units.
   __shared__ WsUnit units[QS];
+  // kResident: what each K / V stage holds (holds_tile), the K and V loaders' own.
+  __shared__ HeldTile k_held[kResident ? S : 1], v_held[kResident ? SV : 1];
   const QkvRings<QS, S, SV, true> rings(bars);  // kernels/common/tma_ring.cuh
   const auto& ring_q = rings.q;  // fill qn: unit qn
   const auto& ring_k = rings.k;  // fill g: key tile g (K, and V below)
@@ -325,7 +371,6 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   //   the output are the same bit for bit.
   if (tid < 128) {
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
-    WsCursor<kJagged> cursor;
     WsUnit u;
     const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
     // The fix-up warp runs the same walk as the loaders, in this same loop (a loop of its own
@@ -339,13 +384,26 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
       if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
     }
-    typename WsCursor<kJagged>::Index items;
+    using Cursor = WsCursor<kJagged, kResident>;
+    typename Cursor::Index items;
     const int4* list = nullptr;
+    Cursor cursor;
     if constexpr (kJagged) {
       items = ws_list_items(sched, capacity);
       list = reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader);
     } else {
       items = int64_t(q_tiles) * p.H * p.B;
+    }
+    if constexpr (kResident) {  // this CTA's run: items [first, first + per)
+      const int64_t per = (items + gridDim.x - 1) / gridDim.x, first = per * blockIdx.x;
+      cursor = Cursor(first);
+      items = std::min<int64_t>(items, first + per);
+      if (loads_qk) {
+        for (int s = 0; s < S; ++s) k_held[s] = {-1, -1};
+      }
+      if (loads_v) {
+        for (int s = 0; s < SV; ++s) v_held[s] = {-1, -1};
+      }
     }
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.next(p, q_tiles, items, list, u)) {
@@ -391,16 +449,24 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (loads_qk) {
           unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
           ring_k.producer_acquire(g);
-          ring_k.producer_arrive_expect_tx(g, bytes);
-          tma::load_3d(k_dst, mk, 0, hk, row, ring_k.full(g));
-          tma::load_3d(k_dst + Tr::kBoxBytes, mk, Tr::kBoxCols, hk, row, ring_k.full(g));
+          if (kResident && holds_tile(k_held, ring_k.stage(g), row, hk)) {
+            ring_k.producer_arrive(g);  // the stage holds K_g already
+          } else {
+            ring_k.producer_arrive_expect_tx(g, bytes);
+            tma::load_3d(k_dst, mk, 0, hk, row, ring_k.full(g));
+            tma::load_3d(k_dst + Tr::kBoxBytes, mk, Tr::kBoxCols, hk, row, ring_k.full(g));
+          }
         }
         if (loads_v) {
           unsigned char* v_dst = sv + ring_v.stage(g) * Tr::kTileBytes;
           ring_v.producer_acquire(g);
-          ring_v.producer_arrive_expect_tx(g, bytes);
-          tma::load_3d(v_dst, mv, 0, hk, row, ring_v.full(g));
-          tma::load_3d(v_dst + Tr::kBoxBytes, mv, Tr::kBoxCols, hk, row, ring_v.full(g));
+          if (kResident && holds_tile(v_held, ring_v.stage(g), row, hk)) {
+            ring_v.producer_arrive(g);  // the stage holds V_g already
+          } else {
+            ring_v.producer_arrive_expect_tx(g, bytes);
+            tma::load_3d(v_dst, mv, 0, hk, row, ring_v.full(g));
+            tma::load_3d(v_dst + Tr::kBoxBytes, mv, Tr::kBoxCols, hk, row, ring_v.full(g));
+          }
         }
       }
     }
@@ -598,20 +664,23 @@ inline int64_t fwd_ws_items(const FwdParams& p, int max_seq_len_q) {
 // the hint, so no item is empty and no tile narrow); else a workspace of
 // ws_sched_elems(fwd_ws_items(p, max_seq_len_q)) int32, and the jagged schedule is built into
 // it first (one small kernel on the same stream) for the default variant (ping-pong, split
-// loaders); the A/B variants keep the in-order walk.
+// loaders); the A/B variants keep the in-order walk. resident: the in-order walk of the default
+// variant in runs, key tiles kept in their stages (kResident; choose.h fwd_ws_resident_kv).
 template <typename T>
 cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int max_seq_len_q,
-                               bool ping_pong, bool split_loads, bool persistent, int32_t* sched,
-                               cudaStream_t stream) {
+                               bool ping_pong, bool split_loads, bool persistent, bool resident,
+                               int32_t* sched, cudaStream_t stream) {
   using Tr = FwdWsTraits;
   // Unscheduled consumers (an A/B variant) run with the single loader only.
   split_loads = split_loads && ping_pong;
   const bool jagged = sched != nullptr && ping_pong && split_loads;
+  resident = resident && !jagged && split_loads;
   auto kernel = jagged        ? gdpa_fwd_ws_kernel<T, true, true, true>
+                : resident    ? gdpa_fwd_ws_kernel<T, true, true, false, true>
                 : !ping_pong  ? gdpa_fwd_ws_kernel<T, false, false, false>
                 : split_loads ? gdpa_fwd_ws_kernel<T, true, true, false>
                               : gdpa_fwd_ws_kernel<T, true, false, false>;
-  const int smem = Tr::smem_bytes(split_loads);
+  const int smem = Tr::smem_bytes(split_loads, resident);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned items = static_cast<unsigned>(fwd_ws_items(p, max_seq_len_q));

@@ -19,6 +19,9 @@ struct FwdLaunchOptions {      // sm90_ws (fwd_ws.cuh)
   bool persistent = true;      // one CTA per SM (false: one CTA per work item)
   bool sorted = true;          // the jagged schedule for a batch that is not dense (choose.h
                                // ws_jagged; false: the in-order walk with full tiles)
+  bool resident_kv = true;     // the in-order walk keeps a sequence's key tiles in shared memory
+                               // across a CTA's query tiles where they fit (choose.h
+                               // fwd_ws_resident_kv; false: every unit loads its key tiles)
 };
 
 struct BwdLaunchOptions {      // every tensor-core backward
