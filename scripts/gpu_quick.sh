@@ -503,6 +503,17 @@ for s in $QUICK; do
           --tag after --out "$L/resident_after_$r.json"
       done
       step resident_compare 20 bash -c "$PY benchmarks/bench_before_after.py --compare $L/resident_*.json" ;;
+    gdpa_ncu_shortkv)  # ncu --set full (stall sampling per SASS line) of the GDPA forward on
+      # short-KV cross attention (Q 2048 / KV 256) and on the dense 2048 row it is held against
+      for r in "shortkv 256" "dense 0"; do
+        set -- $r
+        step "gdpa_ncu_$1" 150 ncu --set full --import-source yes --kernel-name regex:"gdpa_fwd_(ws|mma)_kernel" \
+          --launch-count 1 -f -o "$L/gdpa_fwd_$1" $PY benchmarks/profile_gdpa.py \
+          --max-len 2048 --kv-len $2 --forward-only
+        ncu --import "$L/gdpa_fwd_$1.ncu-rep" --page details --print-details all > "$L/gdpa_fwd_details_$1.txt" 2>&1
+        ncu --import "$L/gdpa_fwd_$1.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_fwd_sass_$1.csv" 2>&1
+        rm -f "$L/gdpa_fwd_$1.ncu-rep"
+      done ;;
     resident_tests)  # the kept key tiles' tests, every GDPA ws forward test, memcheck on them
       step resident_tests 200 $PY -m pytest tests/test_gdpa_cuda.py tests/test_gdpa_choose.py -q -n 16 -rfE \
         -k "resident or warp_specialised or short or cross or dense"
