@@ -164,10 +164,10 @@ static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
 // Walks a CTA's units. In order (kList = false): items blockIdx.x, + gridDim.x, ... (cta_item_at
 // order), or with kRuns a run of consecutive items: CTA c takes [c·per, (c + 1)·per) (the caller
 // passes the run's first item and bounds `items` at its end), so its consecutive units are the
-// query tiles, then the heads, of one sequence (kResident below). From the jagged list (kList = true): entries in a snake over the rounds (round r takes
-// entries [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd
-// ones): with the list longest first, each CTA's total stays within about one item of the
-// others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
+// query tiles, then the heads, of one sequence (kResident below). From the jagged list (kList =
+// true): entries in a snake over the rounds (round r takes entries [r·G, (r + 1)·G), CTA c the
+// c-th of them in even rounds and the (G - 1 - c)-th in odd ones): with the list longest first,
+// each CTA's total stays within about one item of the others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
 // a sequence longer than the hint; the list: the entry's stride n). The loading threads run the
 // walk (each its own copy, in the same order); the consumers get its units through shared memory,
 // in the same order.
