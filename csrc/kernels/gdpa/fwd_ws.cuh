@@ -446,6 +446,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
           }
           ring_v.fixup_done_warp(g, lane);
         }
+        // K and V apart, though alike: one lambda for both made ptxas spill more in the default
+        // split-loader instance (46 / 40 -> 54 / 56 bytes, scripts/sass_check.py).
         if (loads_qk) {
           unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
           ring_k.producer_acquire(g);
