@@ -167,10 +167,10 @@ static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
 // query tiles, then the heads, of one sequence (kResident below). From the jagged list (kList =
 // true): entries in a snake over the rounds (round r takes entries [r·G, (r + 1)·G), CTA c the
 // c-th of them in even rounds and the (G - 1 - c)-th in odd ones): with the list longest first,
-// each CTA's total stays within about one item of the others'. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for
-// a sequence longer than the hint; the list: the entry's stride n). The loading threads run the
-// walk (each its own copy, in the same order); the consumers get its units through shared memory,
-// in the same order.
+// each CTA's total stays within about one item of the others'. In each item, its query tiles:
+// strided by the item's `tiles` (cta_item: q_tiles, for a sequence longer than the hint; the list:
+// the entry's stride n). The loading threads run the walk (each its own copy, in the same
+// order); the consumers get its units through shared memory, in the same order.
 template <bool kList, bool kRuns = false>
 struct WsCursor {
   static_assert(!(kList && kRuns), "runs are an order of the in-order walk");
