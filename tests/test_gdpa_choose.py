@@ -212,6 +212,11 @@ def test_unknown_names():
         CHOOSE("forward", "auto")
     with pytest.raises(RuntimeError, match="head_dim: expected"):
         CHOOSE("fwd", "auto", head_dim=0)
+    # Negative sizes are errors naming the argument, not facts of some other call.
+    for arg in ("items", "max_seq_len_kv", "max_seq_len_q"):
+        for direction in ("fwd", "bwd"):
+            with pytest.raises(RuntimeError, match=f"{arg}: expected >= 0, got -5"):
+                CHOOSE(direction, "auto", **{arg: -5})
 
 
 # ---------------------------------------------------------------------------------------------

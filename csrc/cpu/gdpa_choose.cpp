@@ -26,6 +26,9 @@ std::string gdpa_choose_kernel(c10::string_view direction, c10::string_view requ
   ATTNKIT_CHECK(head_dim >= 1 && head_dim <= kMaxHeadDim, "head_dim: expected [1, ", kMaxHeadDim,
                 "], got ", head_dim);
   ATTNKIT_CHECK(items >= 0, "items: expected >= 0, got ", items);
+  // The hints are lengths, as the ops' max_seq_len_q / max_seq_len_kv (0: none given).
+  ATTNKIT_CHECK(max_seq_len_kv >= 0, "max_seq_len_kv: expected >= 0, got ", max_seq_len_kv);
+  ATTNKIT_CHECK(max_seq_len_q >= 0, "max_seq_len_q: expected >= 0, got ", max_seq_len_q);
   const auto narrow = [](int64_t x) {
     return static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(x, 1 << 20)));
   };
