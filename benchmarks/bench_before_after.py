@@ -24,6 +24,8 @@ import math
 import os
 import sys
 
+from gdpa_options import parse_fwd_options  # torch-free: imported before either build
+
 
 def flash_cases():
     for d in (128, 64):
@@ -160,12 +162,7 @@ def measure(args):
     assert os.path.abspath(where).startswith(os.path.abspath(args.python_dir)), where
     rows = {}
     families = {"flash": flash_cases, "gdpa": gdpa_cases}
-    fwd_options = {}
-    for item in filter(None, args.gdpa_fwd_options.split(",")):
-        name, _, value = item.partition("=")
-        if value not in ("0", "1"):
-            raise SystemExit(f"--gdpa-fwd-options: expected NAME=0|1, got {item!r}")
-        fwd_options[name] = value == "1"
+    fwd_options = parse_fwd_options(args.gdpa_fwd_options, "--gdpa-fwd-options")
     for c in [c for name in args.families.split(",") for c in families[name]()]:
         if c["family"] == "flash":
             tf = run_flash(torch, attnkit, c, args.iters)

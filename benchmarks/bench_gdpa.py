@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import harness
 from gdpa_lengths import lengths_for
+from gdpa_options import parse_fwd_options
 import attnkit
 from attnkit.gdpa import _gdpa_with
 from attnkit.reference import gdpa_padded_ref, gdpa_ref
@@ -68,20 +69,6 @@ def dense_fits(B, H, L, D, dev, chunk):
     if need > 0.9 * free:
         return False, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
     return True, ""
-
-
-FWD_OPTIONS = ("ping_pong", "split_loaders", "persistent", "sorted", "resident_kv")
-
-
-def parse_fwd_options(text):
-    """"ping_pong=0,sorted=0" -> {"ping_pong": False, "sorted": False} (the private op's options)."""
-    opts = {}
-    for item in filter(None, (text or "").split(",")):
-        name, _, value = item.partition("=")
-        if name not in FWD_OPTIONS or value not in ("0", "1"):
-            raise SystemExit(f"--fwd-options: expected NAME=0|1 with NAME in {FWD_OPTIONS}, got {item!r}")
-        opts[name] = value == "1"
-    return opts
 
 
 def gdpa_fn(args):
