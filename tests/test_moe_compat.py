@@ -51,8 +51,9 @@ def ref_topk_softmax(logits, k, renormalize, bias=None, scoring="softmax"):
     x = logits.double()
     s = torch.softmax(x, dim=-1) if scoring == "softmax" else x.sigmoid()
     w, ids = ref_topk(s if bias is None else biased_key(s, bias), s, k)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+    if renormalize:  # vLLM's kernel divides only by a positive sum
+        total = w.sum(dim=-1, keepdim=True)
+        w = w / torch.where(total > 0, total, torch.ones_like(total))
     return w, ids, ref_source_rows(*ids.shape)
 
 
@@ -202,6 +203,28 @@ def test_topk_softmax_ties(device):
         ops.topk_softmax(*outs, x, False, None if bias is None else bias.to(device))
         assert ids.tolist() == expect and rows.tolist() == [[0, 2, 4], [1, 3, 5]]
         assert_close(w, torch.softmax(x.double(), -1).gather(1, ids.long()), FP32, "weights")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_renormalize_zero_sum(device):
+    """Chosen scores that are all 0 in fp32 (sigmoids of logits below about -104; a bias that
+    chooses experts whose fp32 softmax is 0) renormalize to weights 0, as vLLM's kernel divides
+    by the chosen sum only where it is > 0 (the division alone would give NaN); the other rows
+    renormalize as ever."""
+    sig = torch.tensor([[-120.0, -110.0, -130.0, -105.0], [1.0, 2.0, 0.0, -1.0]], device=device)
+    soft = torch.tensor([[200.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, -1.0]], device=device)
+    bias = torch.tensor([-10.0, 1.0, 1.0, 1.0], device=device)
+    for op, x, b, ids0 in [(ops.topk_sigmoid, sig, None, [3, 1]),
+                           (ops.topk_softmax, soft, bias, [1, 2])]:
+        w, ids, rows = outs = [garbage((2, 2), t, device) for t in (FP32, torch.int32, torch.int32)]
+        op(*outs, x, True, b)
+        assert ids[0].tolist() == ids0 and w[0].tolist() == [0.0, 0.0], (op.__name__, w, ids)
+        s = (x.double().sigmoid() if b is None else torch.softmax(x.double(), -1))[1:]
+        chosen = s.gather(1, ids[1:].long())
+        assert_close(w[1:], chosen / chosen.sum(-1, keepdim=True), FP32, op.__name__)
+    w, _, _ = ops.fused_topk(torch.zeros(2, 8, device=device), sig, 2, True,
+                             scoring_func="sigmoid")
+    assert w[0].tolist() == [0.0, 0.0] and not w.isnan().any()
 
 
 @pytest.mark.parametrize("device", DEVICES)

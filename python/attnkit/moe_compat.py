@@ -127,10 +127,15 @@ def _topk_into(fn: str, scoring: str, topk_weights, topk_ids, token_expert_indic
     logits = gating_output.detach()
     bias = None if e_score_correction_bias is None else e_score_correction_bias.detach()
     if scoring == "softmax" and bias is None:
+        # The softmax of the best expert is at least 1 / E: the chosen sum is never 0.
         weights, ids = moe_topk_softmax(logits, k, bool(renormalize))
     else:
-        weights, ids = moe_route(logits, k, scoring=scoring, renormalize=bool(renormalize),
-                                 bias=bias)
+        weights, ids = moe_route(logits, k, scoring=scoring, renormalize=False, bias=bias)
+        if renormalize:
+            # vLLM's kernel divides by the chosen sum only where it is > 0 (fp32 sigmoids below
+            # about -104, or a bias choosing experts whose softmax is 0): zero weights, not NaN.
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / torch.where(total > 0, total, torch.ones_like(total))
     with torch.no_grad():  # out tensors: never part of an autograd graph (vLLM's are not)
         topk_weights.copy_(weights)
         topk_ids.copy_(ids)
