@@ -97,6 +97,11 @@ def bad_cases(device):
     yield "softcap", lambda: flash_attn_func(q, k, k, softcap=3.4e38)
     yield "softmax_scale", lambda: FWD(q, k, k, -1e39)
     yield "softmax_scale", lambda: flash_attn_func(q, k, k, softmax_scale=1e39)
+    # finite in fp32, but the kernels' factor (scale * log2(e); scale / cap) is not: NaN outputs
+    yield "softmax_scale", lambda: FWD(q, k, k, 3e38)
+    yield "softmax_scale", lambda: flash_attn_func(q, k, k, softmax_scale=-3e38)
+    yield "softcap", lambda: FWD(q, k, k, None, False, -1, -1, 1e-40)  # default scale / 1e-40
+    yield "softcap", lambda: flash_attn_func(q, k, k, softmax_scale=1e9, softcap=1e-30)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu)
     yield "cu_seqlens_q", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
     yield "cu_seqlens_k", lambda: FWD(qv, kv_, kv_, cu_seqlens_q=cu, cu_seqlens_k=cu[:2])

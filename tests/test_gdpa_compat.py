@@ -300,9 +300,11 @@ def test_meta_argument_names(device):
         ("key", dict(key=k[..., :8])),
         ("value", dict(value=v.double())),
         ("query", dict(query=q[0])),
+        ("query_offset", dict(broadcast_q=True)),  # B + 1 entries: gdpa's q_offsets message
     ]
     if device == "cpu":  # offsets' values are checked on the CPU only (no host sync on CUDA)
         cases += [("key_offset", dict(key_offset=torch.cat([ko[:-1], ko[-1:] + 1]))),
+                  ("query_offset", dict(broadcast_q=True, query_offset=qo[:2])),  # not all rows
                   ("query_offset", dict(query_offset=torch.cat([qo[:1], qo[-1:] + 1, qo[2:]])))]
     for name, change in cases:
         kw = dict(query=q, key=k, value=v, query_offset=qo, key_offset=ko, max_seq_len_q=mq,

@@ -180,10 +180,12 @@ def test_bad_inputs(device):
     q, k, v, qo, ko, mq, mk = jagged_inputs(device, torch.float32, [9, 4], H=2, Hkv=1, D=16)
     with pytest.raises(RuntimeError, match="window_size"):
         attnkit.gdpa(q, k, v, qo, ko, mq, mk, window_size=-2)
-    with pytest.raises(RuntimeError, match="broadcast_q"):  # two query sequences
+    with pytest.raises(RuntimeError, match=r"^attnkit: q_offsets: expected 2 entries with "
+                                           r"broadcast_q"):  # two query sequences
         attnkit.gdpa(q, k, v, qo, ko, mq, mk, broadcast_q=True)
     if device == "cpu":
-        with pytest.raises(RuntimeError, match="broadcast_q"):  # not all of q's rows
+        with pytest.raises(RuntimeError, match=r"^attnkit: q_offsets: expected \[0, 13\] with "
+                                               r"broadcast_q"):  # not all of q's rows
             attnkit.gdpa(q, k, v, torch.tensor([0, 5]), ko, mq, mk, broadcast_q=True)
     # broadcast_q checks k, v and the length hints as a plain call does (the Meta kernel too).
     q1, qo1 = q[:5], torch.tensor([0, 5], device=device)

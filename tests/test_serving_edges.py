@@ -107,6 +107,8 @@ def test_kvcache_argument_errors(device):
     with pytest.raises(RuntimeError, match="cache_batch_idx"):
         call(q, kc, vc, k, v, cache_seqlens=4,
              cache_batch_idx=torch.tensor([0.0, 1.0], device=device))
+    with pytest.raises(RuntimeError, match=r"k_cache: expected at least 2 rows \(q's batch\)"):
+        call(q, kc[:1], vc[:1], k, v, cache_seqlens=4)  # a dense cache of fewer rows than q's batch
     ang = torch.rand(20, 8, device=device)
     for name, cos, sin in (("rotary_cos", ang[:19], ang[:19]),  # shorter than the cache
                            ("rotary_sin", ang, ang[:, :4]),

@@ -187,6 +187,16 @@ def test_reshape_and_cache_flash_bad_inputs(device, name, mutate):
         torch.ops.attnkit.reshape_and_cache_flash(*args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_flash_scale_device_names_key(device):
+    """A scale on another device is compared against key (the op has no query; the message
+    named one)."""
+    args = _flash_args(device)
+    args[6] = torch.ones(1, device="meta")
+    with pytest.raises(RuntimeError, match=r"^attnkit: k_scale: expected a tensor on .*\(same as key\)"):
+        torch.ops.attnkit.reshape_and_cache_flash(*args)
+
+
 # ---- merge_attn_states -----------------------------------------------------------------------------
 def _partials(device, dtype, T, H, D, n_prefix, n_suffix):
     """Attention of T queries over n_prefix + n_suffix keys, computed per part by the reference

@@ -310,10 +310,13 @@ def _rotary_ref(x, cos, sin, pos, interleaved):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("paged", [False, "first_rows", True])
 @pytest.mark.parametrize("rotary", [None, "interleaved", "halves"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_with_kvcache(device, paged, rotary, causal):
+    """paged "first_rows": a dense cache of more rows than q's batch and no cache_batch_idx,
+    FlashAttention 2's preallocated [max_batch, max_seqlen] cache: sequence b reads and appends to
+    row b, the last row stays as it was."""
     dtype = torch.bfloat16
     B, Sq, H, Hkv, D, S_new = 3, 2, 4, 2, 64, 2
     bs, S_cache = 16, 64
@@ -327,7 +330,9 @@ def test_with_kvcache(device, paged, rotary, causal):
         k_cache = torch.randn(4, S_cache, Hkv, D, device=device, dtype=dtype)
         v_cache = torch.randn(4, S_cache, Hkv, D, device=device, dtype=dtype)
         table = None
-        batch_idx = torch.tensor([2, 0, 3], device=device)
+        batch_idx = None if paged == "first_rows" else torch.tensor([2, 0, 3], device=device)
+        paged = False
+    rows = torch.arange(B, device=device) if batch_idx is None else batch_idx
     seqlens = torch.tensor([5, 17, 40], dtype=torch.int32, device=device)
     q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
     k = torch.randn(B, S_new, Hkv, D, device=device, dtype=dtype)
@@ -354,8 +359,8 @@ def test_with_kvcache(device, paged, rotary, causal):
                 exp_k[table[b, p // bs], p % bs] = kb[t]
                 exp_v[table[b, p // bs], p % bs] = v[b, t]
             else:
-                exp_k[batch_idx[b], p] = kb[t]
-                exp_v[batch_idx[b], p] = v[b, t]
+                exp_k[rows[b], p] = kb[t]
+                exp_v[rows[b], p] = v[b, t]
         if rotary:
             qpos = torch.arange(L0, L0 + Sq) if causal else torch.full((Sq,), L0)
             q_ref[b] = _rotary_ref(q[b], cos, sin, qpos, rotary == "interleaved")
@@ -365,7 +370,7 @@ def test_with_kvcache(device, paged, rotary, causal):
         eo, el = ref.flash_serving_ref(q_ref, exp_k, exp_v, seqused_k=used, block_table=table,
                                        causal=causal)
     else:
-        eo, el = ref.flash_serving_ref(q_ref, exp_k[batch_idx], exp_v[batch_idx], seqused_k=used,
+        eo, el = ref.flash_serving_ref(q_ref, exp_k[rows], exp_v[rows], seqused_k=used,
                                        causal=causal)
     assert_close(out.float(), eo, dtype)
     assert_lse_close(lse, el)

@@ -49,6 +49,10 @@ inline bool softcap_in_range(double c) { return std::isfinite(c) && c >= 0.0 && 
 
 // The scalar options (check_inputs, and the Meta kernel's paged path, which has no gathered k / v
 // to run check_inputs on).
+// The kernels fold the scale into one fp32 factor too: scale · log2(e) without a cap, scale / cap
+// with one (the same files). A factor that overflows made every score inf and every output NaN
+// (a helper's audit, thirty-seventh session: softmax_scale 3e38; softcap 1e-40): refused, with
+// the default scale (1 / sqrt(D) <= 1) counted as 1.
 inline void check_options(const Options& o) {
   if (o.softmax_scale.has_value()) {
     ATTNKIT_CHECK(finite_f32(*o.softmax_scale),
@@ -58,6 +62,19 @@ inline void check_options(const Options& o) {
                 "softcap: expected a finite value >= 0 (0 = off; as fp32, at most FLT_MAX / "
                 "log2(e) = ",
                 kMaxSoftcap, "), got ", o.softcap);
+  const double scale = o.softmax_scale.has_value() ? std::fabs(*o.softmax_scale) : 1.0;
+  if (o.softcap > 0.0) {
+    ATTNKIT_CHECK(finite_f32(scale / o.softcap),
+                  "softcap: expected softmax_scale / softcap finite as fp32 (the kernels' factor), "
+                  "got softcap ",
+                  o.softcap, " with softmax_scale ",
+                  o.softmax_scale.has_value() ? *o.softmax_scale : 1.0,
+                  o.softmax_scale.has_value() ? "" : " (the default, at most 1)");
+  } else {
+    ATTNKIT_CHECK(scale <= kMaxSoftcap,
+                  "softmax_scale: expected |softmax_scale| * log2(e) finite as fp32 (at most ",
+                  kMaxSoftcap, "), got ", scale);
+  }
 }
 
 // max_seqlen_q / max_seqlen_k: hints (they size grids, bound the block-table columns a paged call

@@ -96,8 +96,10 @@ inline void check_broadcast_q(const at::Tensor& q, const at::Tensor& q_offsets,
   check_dim(q, "q", 3);
   check_offsets_tensor(q_offsets, "q_offsets", q, "q");
   check_offsets_tensor(kv_offsets, "kv_offsets", q, "q");
-  ATTNKIT_CHECK(q_offsets.sym_size(0) == 2, "broadcast_q: expected q_offsets with 2 entries "
-                "([0, Lq]: one query sequence for every kv sequence), got ", q_offsets.sym_size(0));
+  ATTNKIT_CHECK(q_offsets.sym_size(0) == 2,
+                "q_offsets: expected 2 entries with broadcast_q "
+                "([0, Lq]: one query sequence for every kv sequence), got ",
+                q_offsets.sym_size(0));
 }
 
 // Every input of a broadcast_q call (the shapes, dtypes and devices check_inputs checks, and the

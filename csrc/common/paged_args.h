@@ -128,10 +128,12 @@ inline void check_table_and_lens(const at::Tensor& block_tables, const char* bt_
                 block_tables.strides());
 }
 
-inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::Tensor& query) {
+// `ref` / `ref_name`: the op's tensor whose device the scale must share (query or key).
+inline void check_scale_tensor(const at::Tensor& s, const char* name, const at::Tensor& ref,
+                               const char* ref_name) {
   check_defined(s, name);
   check_dtype(s, name, {at::kFloat});
-  check_same_device(query, "query", s, name);
+  check_same_device(ref, ref_name, s, name);
   // Exactly one element: a longer tensor (per-head scales, say) would have all but its first
   // element silently ignored.
   ATTNKIT_CHECK(s.sym_numel() == 1, name, ": expected a per-tensor scale (one element), got shape ",
@@ -235,8 +237,8 @@ inline V1Config check_paged_attention_v1(
     ATTNKIT_CHECK(a.sym_size(0) == c.Hq, "alibi_slopes: expected ", c.Hq,
                   " slopes (one per query head), got shape ", a.sym_sizes());
   }
-  check_scale_tensor(k_scale, "k_scale", query);
-  check_scale_tensor(v_scale, "v_scale", query);
+  check_scale_tensor(k_scale, "k_scale", query, "query");
+  check_scale_tensor(v_scale, "v_scale", query, "query");
   // (an out inside a cache would overwrite keys or values other CTAs still read)
   check_written_alone(
       out, "out", {{&query, "query"}, {&key_cache, "key_cache"}, {&value_cache, "value_cache"}});
@@ -397,8 +399,8 @@ inline CacheWriteConfig check_reshape_and_cache(const at::Tensor& key, const at:
   check_cache_dtype(key_cache, "key_cache", kind, key.scalar_type());
   auto c = check_cache_write(key, value, key_cache, value_cache, slot_mapping);
   c.kind = kind;
-  check_scale_tensor(k_scale, "k_scale", key);
-  check_scale_tensor(v_scale, "v_scale", key);
+  check_scale_tensor(k_scale, "k_scale", key, "key");
+  check_scale_tensor(v_scale, "v_scale", key, "key");
   return c;
 }
 
@@ -431,8 +433,8 @@ inline CacheWriteConfig check_reshape_and_cache_flash(const at::Tensor& key, con
                 value_cache.sym_sizes());
   c.bs = static_size(key_cache, 1);
   ATTNKIT_CHECK(c.bs >= 1, "key_cache: expected block_size >= 1, got shape ", key_cache.sym_sizes());
-  check_scale_tensor(k_scale, "k_scale", key);
-  check_scale_tensor(v_scale, "v_scale", key);
+  check_scale_tensor(k_scale, "k_scale", key, "key");
+  check_scale_tensor(v_scale, "v_scale", key, "key");
   check_cache_targets(key, value, key_cache, value_cache);
   return c;
 }

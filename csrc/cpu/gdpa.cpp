@@ -247,8 +247,9 @@ void check_broadcast_q_values(const at::Tensor& q, const at::Tensor& k, const at
   check_broadcast_q_inputs(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv);
   const auto qo = q_offsets.to(at::kLong);
   const int64_t a = qo[0].item<int64_t>(), e = qo[1].item<int64_t>();
-  ATTNKIT_CHECK(a == 0 && e == q.size(0), "broadcast_q: expected q_offsets = [0, ", q.size(0),
-                "] (q holds one query sequence, all of its rows), got [", a, ", ", e, "]");
+  ATTNKIT_CHECK(a == 0 && e == q.size(0), "q_offsets: expected [0, ", q.size(0),
+                "] with broadcast_q (q holds one query sequence, all of its rows), got [", a, ", ",
+                e, "]");
 }
 
 // The offsets as the kernels read them: one index type for both (int64 where their dtypes

@@ -663,9 +663,11 @@ def flash_attn_with_kvcache(
             else:  # clamped for reading, and never written through (slot -1 below)
                 rows = rows.clamp(0, max(n_rows - 1, 0))
         else:
-            if k_cache.shape[0] != B:
-                raise RuntimeError(f"attnkit: k_cache: expected batch {B} (that of q) without cache_batch_idx, "
-                                   f"got shape {tuple(k_cache.shape)}")
+            # FlashAttention 2: without cache_batch_idx, sequence b reads and appends to cache
+            # row b; a cache of more rows than q's batch is allowed (its other rows untouched).
+            if k_cache.shape[0] < B:
+                raise RuntimeError(f"attnkit: k_cache: expected at least {B} rows (q's batch) "
+                                   f"without cache_batch_idx, got shape {tuple(k_cache.shape)}")
             rows = torch.arange(B, device=dev)
     s_new = 0
     if k is not None:
@@ -736,8 +738,8 @@ def flash_attn_with_kvcache(
     else:
         if paged:
             kc, vc = _gather_pages(k_cache, v_cache, block_table)
-        elif cache_batch_idx is None:
-            kc, vc = k_cache, v_cache
+        elif cache_batch_idx is None:  # rows 0 .. B - 1 (a view: no copy)
+            kc, vc = k_cache[:B], v_cache[:B]
         else:
             kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
         if kc.dtype == torch.float8_e4m3fn:
