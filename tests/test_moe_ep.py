@@ -215,11 +215,45 @@ def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
             attnkit.moe_combine(tok.tolist(), w, handle)
     else:
         assert attnkit.moe_combine(tok, w, handle).shape == (5, H)
+    # num_experts that is not an int on one rank: that rank names it, the others raise with it
+    # (it failed before the agreement exchange, and the others waited for the group's timeout).
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, float(E) if rank == 1 else E),
+                       "rank 1")
+    # A malformed expert_out whose stand-in rows must match the group's dtype and width (bf16
+    # rows): an int tensor and a 3-D tensor of width 2H, a list (no width: x's H) on rank 0. The
+    # stand-in was fp32 or H wide, and gloo aborted a process on the size mismatch.
+    xb = x.bfloat16()
+    tok, off, handle = attnkit.moe_dispatch(xb, ids, E)
+    wide = torch.cat([tok, tok], 1)
+    for good, bad in ((wide, wide.long()), (wide, wide[None]), (tok, tok.tolist())):
+        if rank == 0:
+            with pytest.raises(RuntimeError, match="expert_out"):
+                attnkit.moe_combine(bad, w, handle)
+        else:
+            assert attnkit.moe_combine(good, w, handle).shape == (5, good.shape[1])
     # MoE with a map built for another world size: a clear error at construction.
     with pytest.raises(RuntimeError, match="expert_map"):
         attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)
     # The group is still usable after all of that.
     dispatch_combine_identity(rank, world)
+
+
+def grad_on_some_ranks_only(rank, world, E=4, k=1):
+    """The raw API with x requiring grad on some ranks only (rank 1 has no tokens this step and
+    passes torch.empty(0, H)), the router and experts trained everywhere: every rank's backward
+    finishes (rank 1's left the exchanges out, and the others waited for the group's timeout)."""
+    torch.manual_seed(3 + rank)
+    gate = torch.randn(H, E, dtype=torch.float64, requires_grad=True)
+    n_local = len([e for e in range(E) if e % world == rank])
+    w = torch.randn(n_local, H, H, dtype=torch.float64, requires_grad=True)
+    x = (torch.empty(0, H, dtype=torch.float64) if rank == 1
+         else torch.randn(3, H, dtype=torch.float64, requires_grad=True))
+    weights, ids = attnkit.moe_route(x @ gate, k)
+    tok, offs, handle = attnkit.moe_dispatch(x, ids, E)
+    expert_out = attnkit.grouped_gemm(tok, w, offs) if n_local else tok
+    out = attnkit.moe_combine(expert_out, weights, handle)
+    gate_grad, w_grad = torch.autograd.grad(out.sum(), [gate, w], allow_unused=True)
+    assert gate_grad is not None and torch.isfinite(gate_grad).all()
 
 
 def _scenarios(world):
@@ -240,6 +274,7 @@ def _scenarios(world):
         ("block_matches_single_process",  # no experts on the last rank, under bf16 autocast
          dict(tokens=[4] * world, E=world - 1, k=1, dtype=torch.float32, autocast=True)),
         ("bad_inputs_raise_on_every_rank", {}),
+        ("grad_on_some_ranks_only", {}),
     ] + ([("block_matches_single_process",  # EP groups of two ranks inside the world
            dict(tokens=[5, 0], E=4, k=2, dtype=torch.float64, pair_groups=True))]
          if world >= 4 else [])

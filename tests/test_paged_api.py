@@ -140,6 +140,14 @@ def test_reshape_and_cache_bad_inputs(device):
     one = torch.ones(1, device=device)
     with pytest.raises(RuntimeError, match="key_cache: head size 40 is not a multiple of x = 16"):
         torch.ops.attnkit.reshape_and_cache(k40, k40, kc8, vc8, slots, "fp8", one, one)
+    # A 5-D (ASM) value cache at a block size that is not a multiple of x (8-bit, x = 16, block
+    # size 8): no such layout, which the message says (it quoted the shape passed, block_size / x
+    # truncated to 0, as the one expected).
+    k64 = torch.randn(3, 2, 64, device=device, dtype=torch.float16)
+    kc8b = torch.zeros(4, 2, 64 // 16, 8, 16, dtype=torch.uint8, device=device)
+    vc8b = torch.zeros(4, 2, 0, 64, 16, dtype=torch.uint8, device=device)
+    with pytest.raises(RuntimeError, match="value_cache: block size 8 is not a multiple of x = 16"):
+        torch.ops.attnkit.reshape_and_cache(k64, k64, kc8b, vc8b, slots, "fp8", one, one)
     # the caches on another device than key: named against key (the shared cache check said
     # "same as query", an argument the writer does not have)
     with pytest.raises(RuntimeError, match=r"attnkit: key_cache: expected a tensor on [\w:]+ \(same "

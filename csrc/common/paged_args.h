@@ -100,7 +100,13 @@ inline void check_caches(const at::Tensor& key_cache, const at::Tensor& value_ca
                   n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", D, ", ", bs,
                   "] (vLLM layout), got ", value_cache.sym_sizes());
   } else {
-    ATTNKIT_CHECK(bs % x == 0 && value_cache.sym_size(0) == nb && value_cache.sym_size(1) == Hkv &&
+    // (block_size / x truncates: a block size that is not a multiple of x has no ASM layout, and
+    // the shape below would quote the one passed as "expected")
+    ATTNKIT_CHECK(bs % x == 0, n.value_cache, ": block size ", bs, " is not a multiple of x = ", x,
+                  " (16 bytes / the ", key_cache.scalar_type(),
+                  " cache's element size), so no value cache [num_blocks, Hkv, block_size / x, D, "
+                  "x] (ASM layout) holds it; use the 4-D layout [num_blocks, Hkv, D, block_size]");
+    ATTNKIT_CHECK(value_cache.sym_size(0) == nb && value_cache.sym_size(1) == Hkv &&
                       value_cache.sym_size(2) * x == bs && value_cache.sym_size(3) == D &&
                       value_cache.sym_size(4) == x,
                   n.value_cache, ": expected shape [", nb, ", ", Hkv, ", ", bs / x, ", ", D, ", ",

@@ -276,11 +276,6 @@ class MoE(torch.nn.Module):
                                           **self.route)
         if self.return_losses:
             self.aux_loss, self.z_loss = losses
-        if torch.is_grad_enabled() and not x2.requires_grad:
-            # The dispatch's all-to-all must be in every rank's backward (each rank's waits for
-            # the others'): x not requiring grad on one rank (a rank with no tokens passing
-            # torch.empty(0, H), say) left it out there, and the other ranks' backward hung.
-            x2 = x2.detach().requires_grad_()
         tokens, offsets, handle = moe_dispatch(x2, ids, self.num_experts, self.plan,
                                                group=self.process_group)
         if self.w1.shape[0] > 0:

@@ -36,6 +36,7 @@ __all__ = ["ExpertPlan", "DispatchHandle", "moe_dispatch", "moe_combine"]
 _ERRORS = {
     1: "topk_ids: expected expert ids in [0, num_experts)",
     2: "expert_map: expected num_experts entries, each a rank of the group",
+    5: "num_experts: expected an int",
     3: "x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on x's device",
     4: "unexpected error",
 }
@@ -123,7 +124,8 @@ class DispatchHandle:
     recv_splits: List[int]           # rows received from each rank
     num_pairs: int                   # T * k
     group: object
-    hidden: int = 0                  # x's H: the width of the rows a failing combine sends
+    hidden: int = 0                  # x's H and dtype: the rows a failing combine sends when
+    dtype: torch.dtype = torch.float32  # its expert_out gives no width / floating dtype
 
 
 class _AllToAll(torch.autograd.Function):
@@ -146,7 +148,7 @@ class _AllToAll(torch.autograd.Function):
 
 def _local_error(x, topk_ids, num_experts, plan) -> Tuple[int, str]:
     if plan.error:
-        return 2, plan.error
+        return (5 if plan.error.startswith("num_experts") else 2), plan.error
     if plan.num_experts != num_experts:
         return 2, (f"expert_map: the ExpertPlan is for {plan.num_experts} experts, num_experts "
                    f"is {num_experts}")
@@ -185,24 +187,39 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     """
     plan = expert_map if isinstance(expert_map, ExpertPlan) else None
     code, message = 0, ""
-    if plan is not None and (plan.world_size, plan.rank) != (dist.get_world_size(group),
-                                                             dist.get_rank(group)):
+    # num_experts as an int (-1 in the agreement row when it is none): a float, None or a string
+    # on one rank failed there before the agreement, and the other ranks waited in it.
+    E = operator.index(num_experts) if _is_index(num_experts) else -1
+
+    def failed_plan(error: str) -> ExpertPlan:  # reported on every rank by the agreement
+        n = max(E, 0)
+        bad = ExpertPlan([0] * n, n, dist.get_world_size(group), dist.get_rank(group))
+        bad.error = error
+        return bad
+
+    if E < 0 and not _is_index(num_experts):
+        plan = failed_plan(f"num_experts: expected an int, got {type(num_experts).__name__} "
+                           f"{num_experts!r}")
+    elif plan is not None and (plan.world_size, plan.rank) != (dist.get_world_size(group),
+                                                               dist.get_rank(group)):
         # A plan made for another group: its sizes would address the exchanges wrongly, so it
         # is reported (on every rank, below) rather than used.
-        wrong = plan
-        plan = ExpertPlan([0] * num_experts, num_experts, dist.get_world_size(group),
-                          dist.get_rank(group))
-        plan.error = (f"expert_map: an ExpertPlan for rank {wrong.rank} of {wrong.world_size}, "
-                      f"used as rank {plan.rank} of this group's {plan.world_size}")
-    if plan is None:
+        plan = failed_plan(f"expert_map: an ExpertPlan for rank {plan.rank} of {plan.world_size}, "
+                           f"used as rank {dist.get_rank(group)} of this group's "
+                           f"{dist.get_world_size(group)}")
+    elif plan is None:
         try:
-            plan = ExpertPlan.create(expert_map, num_experts, group)
+            plan = ExpertPlan.create(expert_map, E, group)
         except Exception as e:  # a bad map: agreed on below, never raised alone
-            plan = ExpertPlan([0] * num_experts, num_experts, dist.get_world_size(group),
-                              dist.get_rank(group))
-            plan.error = str(e).replace("attnkit: ", "")
-    W, rank, E = plan.world_size, plan.rank, num_experts
+            plan = failed_plan(str(e).replace("attnkit: ", ""))
+    W, rank = plan.world_size, plan.rank
     tensors = isinstance(x, torch.Tensor) and isinstance(topk_ids, torch.Tensor)
+    if tensors and torch.is_grad_enabled() and not x.requires_grad:
+        # The exchange's backward must run on every rank (each waits for the others'): x not
+        # requiring grad on one rank (a rank with no tokens passing torch.empty(0, H)) left it
+        # out there, and the other ranks' backward hung. Under grad mode the dispatch is always
+        # in the graph; the gradient of such an x is computed and dropped.
+        x = x.detach().requires_grad_()
     # A rank whose x is not a tensor still takes part in the agreement (on the CPU, gloo's), so
     # the others raise with it instead of waiting in the exchange for the group's timeout.
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -267,7 +284,7 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
             torch.arange(n_local, device=device).repeat(W), per_src, output_size=sum(recv_splits))
         tokens, local_offsets, local_row_map = moe_permute(tokens, local_ids.view(-1, 1), n_local)
     handle = DispatchHandle(row_map, local_row_map, send_splits, recv_splits, topk_ids.numel(),
-                            group, hidden)
+                            group, hidden, x.dtype)
     return tokens, local_offsets, handle
 
 
@@ -300,15 +317,26 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
         if expert_out.dim() != 2 or expert_out.shape[0] != rows:
             raise RuntimeError(f"attnkit: moe_combine: expert_out: expected [{rows}, N] (the rows "
                                f"moe_dispatch returned), got shape {tuple(expert_out.shape)}")
+        if not expert_out.is_floating_point():
+            raise RuntimeError(f"attnkit: moe_combine: expert_out: expected a floating-point "
+                               f"tensor, got {expert_out.dtype}")
         y = expert_out
+        if torch.is_grad_enabled() and not y.requires_grad:
+            # As in moe_dispatch: the exchange's backward on every rank (a rank whose expert_out
+            # does not require grad, e.g. one without experts, left it out and the others hung).
+            y = y.detach().requires_grad_()
         if handle.local_row_map is not None:  # back to arrival order (a gather)
             ones = torch.ones(handle.local_row_map.shape, dtype=torch.float32, device=y.device)
             y = moe_unpermute(y, handle.local_row_map, ones)
     except Exception as e:  # noqa: BLE001  raised after the exchange, which the others wait for
         error = e
+        # The stand-in must carry the bytes the others expect (gloo aborts the process on a size
+        # mismatch): expert_out's last dim and floating dtype where it has them, else x's H and
+        # dtype (a MoE's usual N). A malformed expert_out whose width and dtype both differ
+        # from the other ranks' cannot be told apart from a well-formed one of another N.
         given = isinstance(expert_out, torch.Tensor)
-        width = expert_out.shape[-1] if given and expert_out.dim() == 2 else handle.hidden
-        dtype = expert_out.dtype if given and expert_out.is_floating_point() else torch.float32
+        width = expert_out.shape[-1] if given and expert_out.dim() >= 1 else handle.hidden
+        dtype = expert_out.dtype if given and expert_out.is_floating_point() else handle.dtype
         # On the exchange's device: a buffer on the caller's wrong device would fail (NCCL) or
         # hang the others inside the exchange instead of raising after it.
         y = torch.full((rows, width), float("nan"), dtype=dtype, device=device)
