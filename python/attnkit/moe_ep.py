@@ -36,9 +36,9 @@ __all__ = ["ExpertPlan", "DispatchHandle", "moe_dispatch", "moe_combine"]
 _ERRORS = {
     1: "topk_ids: expected expert ids in [0, num_experts)",
     2: "expert_map: expected num_experts entries, each a rank of the group",
-    5: "num_experts: expected an int",
     3: "x / topk_ids: expected x [T, H] and topk_ids [T, k] int32/int64 on x's device",
     4: "unexpected error",
+    5: "num_experts: expected an int",
 }
 # x's dtype in the agreement row (-1: any other, which moe_permute refuses locally).
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -147,8 +147,11 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _local_error(x, topk_ids, num_experts, plan) -> Tuple[int, str]:
+    if not _is_index(num_experts):
+        return 5, (f"num_experts: expected an int, got {type(num_experts).__name__} "
+                   f"{num_experts!r}")
     if plan.error:
-        return (5 if plan.error.startswith("num_experts") else 2), plan.error
+        return 2, plan.error
     if plan.num_experts != num_experts:
         return 2, (f"expert_map: the ExpertPlan is for {plan.num_experts} experts, num_experts "
                    f"is {num_experts}")
@@ -197,9 +200,8 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
         bad.error = error
         return bad
 
-    if E < 0 and not _is_index(num_experts):
-        plan = failed_plan(f"num_experts: expected an int, got {type(num_experts).__name__} "
-                           f"{num_experts!r}")
+    if not _is_index(num_experts):
+        plan = failed_plan("num_experts")  # _local_error reports it (code 5), by name
     elif plan is not None and (plan.world_size, plan.rank) != (dist.get_world_size(group),
                                                                dist.get_rank(group)):
         # A plan made for another group: its sizes would address the exchanges wrongly, so it
@@ -227,7 +229,7 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
         if not tensors:
             raise RuntimeError(f"x / topk_ids: expected tensors, got {type(x).__name__} and "
                                f"{type(topk_ids).__name__}")
-        code, message = _local_error(x, topk_ids, E, plan)
+        code, message = _local_error(x, topk_ids, num_experts, plan)
         if code == 0:
             ids = topk_ids.long()
             valid = (ids >= 0) & (ids < E)
