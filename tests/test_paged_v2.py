@@ -304,3 +304,21 @@ def test_paged_attention_v2_query_before_workspaces(device, case):
         attnkit.paged_attention_v2(a["out"], *ws, *[a[n] for n in V1_NAMES[1:]])
     assert "workspace" not in str(v2_err.value)
     assert bool(torch.isnan(a["out"]).all()), "out was written by a call that raised"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [True, 32.0, None])
+def test_paged_attention_v1_v2_max_seq_len_type(device, value):
+    """max_seq_len is a sizing hint, but an int: v1 refused a float through the op's schema
+    only and took a bool as 1; both names now refuse either the same way, before out is
+    written."""
+    a = v1_bad_args(device)
+    ws = v2_workspaces(a["query"], a["out"], a["max_seq_len"])
+    a["max_seq_len"] = value
+    match = f"^attnkit: max_seq_len: expected an int, got {type(value).__name__}$"
+    a["out"].fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=match):
+        attnkit.paged_attention_v1(*a.values())
+    with pytest.raises(RuntimeError, match=match):
+        attnkit.paged_attention_v2(a["out"], *ws, *[a[n] for n in V1_NAMES[1:]])
+    assert bool(torch.isnan(a["out"]).all()), "out was written by a call that raised"

@@ -113,6 +113,7 @@ def paged_attention_v1(
     require_tensors(out=out, query=query, key_cache=key_cache, value_cache=value_cache,
                     block_tables=block_tables, seq_lens=seq_lens)
     _refuse_blocksparse("paged_attention_v1", blocksparse_vert_stride)
+    _checked_max_seq_len(max_seq_len)  # (v2's rule: a sizing hint, but not a bool or a float)
     _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
             block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
             logits_soft_cap, sliding_window)
@@ -123,12 +124,9 @@ def paged_attention_v1(
 _V2_PARTITION_SIZE = 512
 
 
-def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) -> None:
-    """The workspaces as vLLM's forward_decode allocates them from the same call's query, out and
-    max_seq_len. Those are checked first: max_seq_len here (its P sizes the workspaces), and
-    where query is not 3-D or out disagrees with it there is no shape to hold the workspaces to:
-    the op's checks of query and out report that call (before out is written), as
-    paged_attention_v1's would."""
+def _checked_max_seq_len(max_seq_len):
+    """max_seq_len as an int >= 0, or a RuntimeError naming it. The op's int argument would take
+    a bool (True as 1) and a one-element integer tensor; vLLM passes a Python int."""
     if isinstance(max_seq_len, torch.Tensor) and max_seq_len.numel() == 1 and not (
             max_seq_len.is_floating_point() or max_seq_len.is_complex()
             or max_seq_len.dtype == torch.bool):
@@ -138,6 +136,16 @@ def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) 
         raise RuntimeError(f"attnkit: max_seq_len: expected an int, got {type(max_seq_len).__name__}")
     if max_seq_len < 0:
         raise RuntimeError(f"attnkit: max_seq_len: expected >= 0, got {max_seq_len}")
+    return max_seq_len
+
+
+def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) -> None:
+    """The workspaces as vLLM's forward_decode allocates them from the same call's query, out and
+    max_seq_len. Those are checked first: max_seq_len here (its P sizes the workspaces), and
+    where query is not 3-D or out disagrees with it there is no shape to hold the workspaces to:
+    the op's checks of query and out report that call (before out is written), as
+    paged_attention_v1's would."""
+    max_seq_len = _checked_max_seq_len(max_seq_len)
     if not (isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(out, torch.Tensor)
             and out.shape == query.shape and out.dtype == query.dtype):
         return
