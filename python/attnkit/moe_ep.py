@@ -146,6 +146,16 @@ class _AllToAll(torch.autograd.Function):
         return gx, None, None, None
 
 
+def _in_every_backward(t: torch.Tensor) -> torch.Tensor:
+    """t, made to require grad under grad mode if it does not. An exchange's backward must run on
+    every rank (each waits for the others'): an input not requiring grad on one rank (a rank with
+    no tokens passing torch.empty(0, H) as x, one without experts passing expert_out) left it out
+    there, and the other ranks' backward hung. The gradient of such a t is computed and dropped."""
+    if torch.is_grad_enabled() and not t.requires_grad:
+        return t.detach().requires_grad_()
+    return t
+
+
 def _local_error(x, topk_ids, num_experts, plan) -> Tuple[int, str]:
     if not _is_index(num_experts):
         return 5, (f"num_experts: expected an int, got {type(num_experts).__name__} "
@@ -216,12 +226,8 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
             plan = failed_plan(str(e).replace("attnkit: ", ""))
     W, rank = plan.world_size, plan.rank
     tensors = isinstance(x, torch.Tensor) and isinstance(topk_ids, torch.Tensor)
-    if tensors and torch.is_grad_enabled() and not x.requires_grad:
-        # The exchange's backward must run on every rank (each waits for the others'): x not
-        # requiring grad on one rank (a rank with no tokens passing torch.empty(0, H)) left it
-        # out there, and the other ranks' backward hung. Under grad mode the dispatch is always
-        # in the graph; the gradient of such an x is computed and dropped.
-        x = x.detach().requires_grad_()
+    if tensors:
+        x = _in_every_backward(x)
     # A rank whose x is not a tensor still takes part in the agreement (on the CPU, gloo's), so
     # the others raise with it instead of waiting in the exchange for the group's timeout.
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -322,11 +328,7 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
         if not expert_out.is_floating_point():
             raise RuntimeError(f"attnkit: moe_combine: expert_out: expected a floating-point "
                                f"tensor, got {expert_out.dtype}")
-        y = expert_out
-        if torch.is_grad_enabled() and not y.requires_grad:
-            # As in moe_dispatch: the exchange's backward on every rank (a rank whose expert_out
-            # does not require grad, e.g. one without experts, left it out and the others hung).
-            y = y.detach().requires_grad_()
+        y = _in_every_backward(expert_out)
         if handle.local_row_map is not None:  # back to arrival order (a gather)
             ones = torch.ones(handle.local_row_map.shape, dtype=torch.float32, device=y.device)
             y = moe_unpermute(y, handle.local_row_map, ones)
