@@ -64,8 +64,8 @@ BUGS = [
     Bug("flash causal -1 (16-bit)", "mask &= j <= diag + window_right",
         "mask &= j <= diag + window_right - int(causal)", FLASH, SIXTEEN_BIT),
     Bug("flash lse off 0.5% (16-bit)",
-        "lse = torch.logsumexp(s.detach().masked_fill(~mask, float(\"-inf\")), dim=-1)",
-        "lse = 1.005 * torch.logsumexp(s.detach().masked_fill(~mask, float(\"-inf\")), dim=-1)",
+        "lse = _masked_lse(s.masked_fill(~mask, float(\"-inf\")))",
+        "lse = 1.005 * _masked_lse(s.masked_fill(~mask, float(\"-inf\")))",
         FLASH, SIXTEEN_BIT),
     Bug("flash GQA head mapping (16-bit)",
         "out, lse = _flash_dense(qc.transpose(1, 2), kc.transpose(1, 2).repeat_interleave(G, 1),\n"
