@@ -138,8 +138,9 @@ class Batch:
         self.v_dense = self.v_cache.view(nb * BS, hkv, D)[slots]
         self.hq, self.hkv, self.B, self.nb = hq, hkv, B, nb
 
-    def paged(self, scale, rows=None):
-        """The paged varlen call (over sequences ``rows``, a range, or all)."""
+    def paged(self, scale, rows=None, decode_sms=None):
+        """The paged varlen call (over sequences ``rows``, a range, or all); ``decode_sms`` pins
+        a mixed call's SMs for its decode kernel beside the forward (_flash_attn_fwd_with)."""
         if rows is None:
             q, cu, lens, bt, mq, mk = self.q, self.cu_q, self.lens, self.block_table, self.max_q, self.max_k
         else:
@@ -148,7 +149,8 @@ class Batch:
             q, cu = self.q[t0:t1], (self.cu_q[r.start:r.stop + 1] - t0).contiguous()
             lens, bt = self.lens[r], self.block_table[r]
             mq, mk = max(self.q_lens[r]), max(self.k_lens[r])
-        if DECODE_KERNEL != "auto" or FLASH_KERNEL != "auto" or PAGED_READ != "auto":
+        if (DECODE_KERNEL != "auto" or FLASH_KERNEL != "auto" or PAGED_READ != "auto"
+                or decode_sms is not None):
             # a path pinned (docs/serving.md). A call the decode kernel computes alone (every
             # sequence of at most max(8, 16 / G) query rows) runs no forward, and the op refuses a
             # pinned paged_read there: such calls (decode rows) keep "auto".
@@ -158,7 +160,7 @@ class Batch:
             return lambda: torch.ops.attnkit._flash_attn_fwd_with(
                 q, self.k_cache, self.v_cache, scale, True, -1, -1, 0.0, cu, None, mq, mk,
                 seqused_k=lens, block_table=bt, kernel=FLASH_KERNEL, decode_kernel=DECODE_KERNEL,
-                paged_read=read)[0]
+                paged_read=read, decode_sms=-1 if decode_sms is None else decode_sms)[0]
         return lambda: attnkit.flash_attn_varlen_func(
             q, self.k_cache, self.v_cache, cu_seqlens_q=cu, max_seqlen_q=mq, seqused_k=lens,
             max_seqlen_k=mk, causal=True, block_table=bt, softmax_scale=scale)
@@ -360,6 +362,8 @@ def section_mixed(args, runner, groups, copy):
         "dense": bt_.dense(scale),
         "paged_per_group": lambda: tuple(f() for f in per_group),
     }
+    for k in args.decode_sms:  # the one call with its decode kernel's SMs pinned
+        impls[f"paged_sms{k}"] = bt_.paged(scale, decode_sms=k)
     per = max(1, args.verify_seqs // len(groups))
     seqs = [b for s in spans for b in list(s)[:per]]
     res = runner.run(label, impls, bt_.checks(scale, seqs))
@@ -371,6 +375,8 @@ def section_mixed(args, runner, groups, copy):
     fill(row, res, flops=4.0 * D * hq * pairs, nbytes=kv_bytes, copy=copy)
     ratio(row, "paged", "dense")
     ratio(row, "paged", "paged_per_group")
+    for k in args.decode_sms:
+        ratio(row, f"paged_sms{k}", "paged_per_group")
     del bt_, impls, per_group
     _free(dev)
     return [row]
@@ -488,6 +494,10 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=BS,
                    help="the caches' block size (vLLM's default: 16); the sm90 forward reads the "
                         "pages in place for multiples of 16 up to 256 only (else it gathers)")
+    p.add_argument("--decode-sms", default="",
+                   help="mixed section: also time the one call with its decode kernel's SMs beside "
+                        "the forward pinned, per value of this comma list (_flash_attn_fwd_with's "
+                        "decode_sms; 0: the forward takes every SM); the paged column is the rule's")
     p.add_argument("--verify-seqs", type=int, default=8,
                    help="sequences checked against the eager reference per row")
     p.add_argument("--cuda-graph", action="store_true",
@@ -503,6 +513,7 @@ def main(argv=None):
     if BS < 8 or BS % 8:
         raise SystemExit(f"--block-size: a positive multiple of 8 (the ASM layouts), got {BS}")
     args.heads = tuple(int(v) for v in args.heads.split("/"))
+    args.decode_sms = [int(v) for v in args.decode_sms.split(",") if v]
     dev = args.device
     kind = "cuda" if str(dev).startswith("cuda") else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
@@ -547,6 +558,13 @@ def main(argv=None):
                     + [f"{n}_TFLOPs" for n in MIXED_IMPLS] + [f"{n}_GBps" for n in MIXED_IMPLS]
                     + ["dense/paged", "paged_per_group/paged"],
                     title="2. mixed chunked-prefill + decode batch, one paged call (TFLOP/s, GB/s of K+V)")
+        if args.decode_sms:
+            pinned = [f"paged_sms{k}" for k in args.decode_sms]
+            print_table(mix, ["case", "paged_us"] + [f"{n}_us" for n in pinned]
+                        + ["paged_per_group_us", "paged_per_group/paged"]
+                        + [f"paged_per_group/{n}" for n in pinned],
+                        title="2. mixed: the decode kernel's SMs beside the forward pinned "
+                              "(paged: the split's rule; > 1: faster than two calls)")
     if spec:
         print_table(spec, ["case", "GFLOP", "kv_MB"] + [f"{n}_us" for n in SPEC_IMPLS]
                     + [f"{n}_TFLOPs" for n in SPEC_IMPLS] + [f"{n}_GBps" for n in SPEC_IMPLS]

@@ -148,7 +148,9 @@ TORCH_LIBRARY(attnkit, m) {
   // (the paged family's tensor-core decode with cp.async / tensor-map loads, required: a call it
   // cannot take raises; excludes a named kernel). paged_read: how the forward takes paged K / V:
   // auto (prefer_paged_in_place) | in_place (the sm90 forward through the caches' tensor maps,
-  // required) | gather (a padded copy first); the CPU gathers (auto | gather).
+  // required) | gather (a padded copy first); the CPU gathers (auto | gather). decode_sms: a
+  // mixed call's SMs for its decode kernel beside the sm90 forward (kernels/paged/mixed_split.cuh):
+  // -1 the split's rule, k >= 0 pinned (checked everywhere, used by that path only).
   m.def(
       "_flash_attn_fwd_with(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
       "bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
@@ -157,7 +159,8 @@ TORCH_LIBRARY(attnkit, m) {
       "Tensor? s_aux=None, Tensor? k_descale=None, Tensor? v_descale=None, "
       "bool deterministic=False, str kernel=\"auto\", int max_ctas=0, bool ping_pong=True, "
       "bool persistent=True, bool three_wg=False, bool paired=True, "
-      "str decode_kernel=\"auto\", str paged_read=\"auto\") -> (Tensor out, Tensor lse)");
+      "str decode_kernel=\"auto\", str paged_read=\"auto\", int decode_sms=-1) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "_flash_attn_bwd_with(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float? softmax_scale=None, bool causal=False, int window_left=-1, "

@@ -39,7 +39,8 @@
 # writer, merge_attn_states and the paged varlen call (tests/test_serving_*.py), then memcheck;
 # moe_route_tests: the routing kernels, memcheck and racecheck, then memcheck on the permutation; gdpa_features: GDPA window_size
 # and broadcast_q, then memcheck; gdpa_features_bench: benchmarks/bench_gdpa_features.py;
-# serving_bench: benchmarks/bench_serving.py (serving_bench_g8: its mixed and speculative rows at
+# mixed_beside: the mixed call's decode half beside the forward (tests, memcheck, the mixed row
+# with the decode kernel's SMs pinned); serving_bench: benchmarks/bench_serving.py (serving_bench_g8: its mixed and speculative rows at
 # heads 64 / 8; serving_inplace_ab: the in-place paged forward against the gathered copy per
 # block size); swiglu: grouped_gemm_swiglu's tests, memcheck on
 # them, bench_moe --ops swiglu (plus the plain gemm rows at Mixtral's I); swiglu_v2: the same
@@ -457,6 +458,17 @@ for s in $QUICK; do
     serving_bench)  # bench_serving.py: decode, mixed batch, speculative decode (one run)
       step bench_serving 150 $PY benchmarks/bench_serving.py --iters ${ITERS:-20} --warmup ${WARMUP:-50} \
         --csv "$L/bench_serving.csv" ;;
+    mixed_beside)  # the mixed call's decode half beside the sm90 forward (docs/serving.md): its
+      # tests, memcheck on them with the CUDA-graph step and the 600-sequence split, then the mixed
+      # row with the decode kernel's SMs pinned beside the rule and two calls, twice (~250 s)
+      step mixed_beside_tests 90 $PY -m pytest tests/test_serving_varlen.py -q -n 16 -rfE -k "beside or mixed"
+      step mixed_beside_sanitize 180 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        $PY -m pytest tests/test_serving_varlen.py -q -p no:xdist \
+        -k "(beside and (rule or seven or all_but_one) and in_place) or cuda_graph_mixed or mixed_many"
+      for r in 1 2; do
+        step "mixed_beside_bench_$r" 40 $PY benchmarks/bench_serving.py --sections mixed \
+          --decode-sms 0,8,12,16 --iters ${ITERS:-20} --warmup ${WARMUP:-50}
+      done ;;
     serving_inplace_ab)  # the sm90 forward reading paged K / V in place against the gathered copy
       # (--paged-read in_place / gather; auto: prefer_paged_in_place), prefill sequences only
       # (4 x 2048 new tokens over 8k), at block sizes 16 / 64 / 256 (boxes of 16 / 64 / 128

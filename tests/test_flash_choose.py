@@ -191,7 +191,7 @@ def test_cpu_private_ops_run_the_cpu_kernel():
     grads = BWD(g, q, k, v, out, lse, None, True)
     for kernel in ("auto", "portable"):
         o, l = FWD_WITH(q, k, v, None, True, kernel=kernel, max_ctas=3, ping_pong=False,
-                        persistent=False, three_wg=True, paired=False)
+                        persistent=False, three_wg=True, paired=False, decode_sms=5)
         assert torch.equal(o, out) and torch.equal(l, lse), kernel
         for a, b in zip(BWD_WITH(g, q, k, v, out, lse, None, True, kernel=kernel, max_tiles=1,
                                  cta_group=2),
@@ -213,6 +213,8 @@ def test_cpu_private_ops_refuse_cuda_kernels():
         FWD_WITH(q, q, q, kernel="x")
     with pytest.raises(RuntimeError, match="max_ctas: expected 0"):
         FWD_WITH(q, q, q, max_ctas=-1)
+    with pytest.raises(RuntimeError, match=r"decode_sms: expected -1 \(the mixed call's rule\)"):
+        FWD_WITH(q, q, q, decode_sms=-2)
     with pytest.raises(RuntimeError, match="max_tiles: expected 0"):
         BWD_WITH(out, q, q, q, out, lse, max_tiles=-2)
     with pytest.raises(RuntimeError, match="cta_group: expected 0"):

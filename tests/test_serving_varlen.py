@@ -537,27 +537,31 @@ def test_garbage_block_ids_cuda(mix):
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
 
 
-def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None, paged_read=None):
+def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None, paged_read=None,
+               decode_sms=None):
     """The serving call through the raw op (FWD) or the private op with decode_kernel= (the
-    decode path pinned to a kernel, or "none": the gather path) and paged_read= (how the forward
-    takes the pages: "in_place" / "gather"); causal."""
+    decode path pinned to a kernel, or "none": the gather path), paged_read= (how the forward
+    takes the pages: "in_place" / "gather") and decode_sms= (a mixed call's SMs for its decode
+    kernel beside the forward, pinned); causal."""
     args = (b.q, b.k_cache, b.v_cache, None, True, window_left, window_right, 0.0, b.cu_seqlens_q,
             None, b.max_seqlen_q, b.max_seqlen_k)
     kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
-    if decode_kernel is None and paged_read is None:
+    if decode_kernel is None and paged_read is None and decode_sms is None:
         return FWD(*args, **kw)
     return FWD_WITH(*args, **kw, decode_kernel=decode_kernel or "auto",
-                    paged_read=paged_read or "auto")
+                    paged_read=paged_read or "auto",
+                    decode_sms=-1 if decode_sms is None else decode_sms)
 
 
-def _check_against_gather_path(b, decode_kernel, window=(-1, -1), poison=True, paged_read=None):
+def _check_against_gather_path(b, decode_kernel, window=(-1, -1), poison=True, paged_read=None,
+                               decode_sms=None):
     """The serving call on batch b (causal, window sides `window`) through the decode path with
-    decode_kernel (None: auto, the public op) and paged_read against the reference and against
-    the gather path (decode_kernel "none"), on a poisoned allocator unless told otherwise;
-    returns (out, lse)."""
+    decode_kernel (None: auto, the public op), paged_read and decode_sms against the reference
+    and against the gather path (decode_kernel "none"), on a poisoned allocator unless told
+    otherwise; returns (out, lse)."""
     if poison:
         poison_allocator("cuda")
-    out, lse = _call_with(b, decode_kernel, *window, paged_read=paged_read)
+    out, lse = _call_with(b, decode_kernel, *window, paged_read=paged_read, decode_sms=decode_sms)
     eo, el = _ref(b, causal=True, window_left=window[0], window_right=window[1])
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
@@ -739,6 +743,33 @@ def test_mixed_split_edges_cuda(case):
         b.block_table = torch.cat([b.block_table, pad], 1)
         b.max_seqlen_k = None
     _check_against_gather_path(b, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decode_sms", [None, 0, 1, 7, 10**6],
+                         ids=["rule", "none", "one", "seven", "all_but_one"])
+@pytest.mark.parametrize("paged_read", ["in_place", "gather"])
+@pytest.mark.parametrize("gqa", [1, 8])
+@pytest.mark.parametrize("window", [-1, 50])
+def test_mixed_decode_beside_forward_cuda(decode_sms, paged_read, gqa, window):
+    """A mixed call whose decode kernel runs beside the sm90 forward (docs/serving.md,
+    kernels/paged/mixed_split.cuh): the forward's CTAs past the split's count leave at once and
+    the decode kernel writes its rows without waiting for the forward. Every count of SMs left to
+    the decode kernel (the split's rule, none, one, seven, more than the device has: a single
+    forward CTA then walks every item) gives the reference's and the gather path's result, on a
+    batch of many one-row sequences and speculative rows beside three long ones, the pages read in
+    place and gathered, on a poisoned allocator.
+    (Off sm_90 the decode kernel follows the forward; the results are the same.)"""
+    if paged_read == "in_place" and not HOPPER:
+        pytest.skip("the pages are read in place by the sm90 forward only")
+    g = torch.Generator().manual_seed(11)
+    q_lens = [300, 1, 3, 260, 1] + [1 + int(torch.randint(0, 3, (1,), generator=g))
+                                     for _ in range(40)] + [129]
+    k_lens = [q + int(torch.randint(0, 900, (1,), generator=g)) for q in q_lens]
+    b = paged_batch(q_lens, k_lens, 2 * gqa, 2, 128, 16, torch.bfloat16, "cuda")
+    out, _ = _check_against_gather_path(b, None, (window, 0), paged_read=paged_read,
+                                        decode_sms=decode_sms)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

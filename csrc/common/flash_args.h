@@ -235,11 +235,17 @@ inline void check_choice(const FlashChoice& c, const char* op, FlashRequest req,
 
 // The private ops' launch options (launch_options.h), checked the same way on every backend.
 inline FwdLaunchOptions make_fwd_launch_options(int64_t max_ctas, bool ping_pong, bool persistent,
-                                                bool three_wg, bool paired) {
+                                                bool three_wg, bool paired,
+                                                int64_t decode_sms = -1) {
   ATTNKIT_CHECK(max_ctas >= 0 && max_ctas < (int64_t(1) << 31),
                 "max_ctas: expected 0 (no cap) or a positive count below 2^31, got ", max_ctas);
+  ATTNKIT_CHECK(decode_sms >= -1 && decode_sms < (int64_t(1) << 31),
+                "decode_sms: expected -1 (the mixed call's rule) or a count of SMs >= 0 below "
+                "2^31, got ",
+                decode_sms);
   FwdLaunchOptions o;
   o.max_ctas = static_cast<int>(max_ctas);
+  o.decode_sms = static_cast<int>(decode_sms);
   o.ping_pong = ping_pong;
   o.persistent = persistent;
   o.three_wg = three_wg;

@@ -529,9 +529,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cpu(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool deterministic,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
+    bool paired, c10::string_view decode_kernel, c10::string_view paged_read, int64_t decode_sms) {
   check_cpu_kernel(kernel);
-  make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired);
+  make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired, decode_sms);
   // The CPU has no decode path (its one kernel reads the pages itself): "auto" and "none" only.
   ATTNKIT_CHECK(!check_decode_request(decode_kernel).named(),
                 "decode_kernel: expected 'auto' or 'none' on the CPU, got '",

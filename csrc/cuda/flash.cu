@@ -296,13 +296,53 @@ struct NhdDecodePlan {
   SeqSubset long_seqs;
 };
 
+// An SM of decode CTAs draws this many times its even share (1 / SMs) of the memory bandwidth
+// (mixed_split.cuh mixed_decode_sms' c). Fitted on the H100 (thirty-ninth session,
+// docs/performance.md): bench_serving's mixed row, x = 0.34, was fastest with 12 SMs pinned
+// (8 and 16 slower, 0 and 24 ~5 % slower), which this value gives.
+constexpr float kDecodeSmBandwidth = 3.5f;
+// The sm90 forward's rate per SM, FLOP/s (~600 TFLOP/s on the H100's 132 SMs, bf16, D 128,
+// pages read in place: docs/performance.md), for the split's cost ratio.
+constexpr double kFwdFlopsPerSm = 4.5e12;
+
+// The decode half's time per key of a short sequence's row chunk over the forward's per visible
+// (query, key) pair of a long one, each on the whole device (MixedSplitParams::key_weight): the
+// decode reads the key's K and V rows of every kv head (2 * Hkv * D * es bytes) at 0.9 of the
+// device's peak memory bandwidth (memory clock x bus width x 2: the copy rate the H100 and H200
+// reach is ~0.9 of it); the forward computes 4 * H * D flops a pair at kFwdFlopsPerSm per SM.
+float mixed_key_weight(int64_t H, int64_t Hkv, int64_t D, int64_t es, int64_t sms) {
+  int dev = 0, clock_khz = 0, bus_bits = 0;
+  double bw = 3.0e12;  // if the device does not say
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev) == cudaSuccess &&
+      clock_khz > 0 && bus_bits > 0) {
+    bw = 0.9 * 2.0 * double(clock_khz) * 1e3 * double(bus_bits) / 8.0;
+  }
+  const double per_key = 2.0 * double(Hkv * D * es) / bw;
+  const double per_pair = 4.0 * double(H * D) / (double(sms) * kFwdFlopsPerSm);
+  return static_cast<float>(per_key / per_pair);
+}
+
 // The sequences of more than short_rows query rows, listed on the device (no host sync), and
-// into fwd_used ([B] int32) the forward's key lengths: `used` for those, 0 for the others.
+// into fwd_used ([B] int32) the forward's key lengths: `used` for those, 0 for the others; and
+// the forward's walking CTAs beside the decode kernel (count[1], mixed_split.cuh): decode_sms
+// pinned (>= 0) or the split's rule from the two halves' costs (-1).
 SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tensor& fwd_used,
-                         int64_t B, int64_t T, int64_t short_rows) {
-  SeqSubset s{at::empty({std::max<int64_t>(B, 1)}, qo.options()), at::empty({1}, qo.options())};
+                         int64_t B, int64_t T, int64_t short_rows, const at::Tensor& q,
+                         const at::Tensor& k_cache, const Options& opt, int64_t decode_sms) {
+  SeqSubset s{at::empty({std::max<int64_t>(B, 1)}, qo.options()), at::empty({2}, qo.options())};
   fwd_used = at::empty({B}, used.options());
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k_cache.size(2), G = H / Hkv;
+  const int64_t sms =
+      std::max<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount, 1);
   paged::MixedSplitParams p{};
+  p.sms = static_cast<int32_t>(sms);
+  p.decode_sms = static_cast<int32_t>(std::min<int64_t>(decode_sms, sms));
+  p.key_weight = mixed_key_weight(H, Hkv, D, k_cache.element_size(), sms);
+  p.sm_bandwidth = kDecodeSmBandwidth;
+  p.chunk_rows = static_cast<int32_t>(std::max<int64_t>(1, std::min(16 / G, short_rows)));
+  p.window_left = opt.window_left;
   p.cu_q = qo.const_data_ptr<int32_t>();
   p.B = static_cast<int32_t>(B);
   p.Tq = T;
@@ -405,7 +445,7 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     const OptTensor& seqused_k, const at::Tensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, const DecodeRequest& dr,
     const std::optional<c10::SymInt>& max_seqlen_q,
-    const std::optional<c10::SymInt>& max_seqlen_k) {
+    const std::optional<c10::SymInt>& max_seqlen_k, const FwdLaunchOptions& lo) {
   check_paged(q, k, v, block_table, cu_q, k_descale, v_descale);  // cu_seqlens_q's too (batch_of)
   const int64_t T = q.size(0), B = cu_q->size(0) - 1, H = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(2), G = H / Hkv;
@@ -458,16 +498,18 @@ std::optional<NhdDecodePlan> plan_nhd_decode(
     // The long sequences' key lengths, 0 for the others, with the query lengths clamped as the
     // kernels clamp them (mixed_split.cuh), so the forwards that compute every sequence read no
     // key of a sequence whose pages the gather leaves out.
-    plan.long_seqs = list_long_seqs(plan.qo, plan.used, plan.fwd_used, B, T, plan.short_rows);
+    plan.long_seqs = list_long_seqs(plan.qo, plan.used, plan.fwd_used, B, T, plan.short_rows, q, k,
+                                    opt, lo.decode_sms);
   }
   return plan;
 }
 
 // Launches the planned decode kernel into out [T, H, D] / lse [H, T] (the whole call, or the
-// mixed call's short sequences after the forward).
+// mixed call's short sequences after the forward; `beside_forward`: that forward computes only
+// the long sequences, so the decode kernel runs beside it: DecodeParams::beside_forward).
 void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const Options& opt, const DecodeRequest& dr) {
+                    const Options& opt, const DecodeRequest& dr, bool beside_forward = false) {
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t D = q.size(2), M = plan.table.size(1), bs = k.size(1);
   const double scale = opt.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
@@ -488,12 +530,14 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
   // row chunks of 16 / G rows, one CTA each: launch_nhd_decode).
   p.token_grid = false;
   p.short_seq_min = p.short_seq_rows = 1;
+  p.beside_forward = beside_forward;
   launch(p);
   if (plan.short_rows >= 2) {
     paged::DecodeParams pr = paged::make_nhd_decode_params(out, lse, q, k, v, plan.table,
                                                            plan.used, plan.qo, scale, opt.softcap,
                                                            opt.window_left);
     pr.token_grid = false;
+    pr.beside_forward = beside_forward;
     pr.short_seq_min = 2;
     pr.short_seq_rows = static_cast<int32_t>(plan.short_rows);
     launch(pr);
@@ -626,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   std::optional<NhdDecodePlan> plan;
   if (req.kernel == FlashRequest::kAuto && !dr.off && paged_varlen) {
     plan = plan_nhd_decode(q_in, k_cache, v_cache, opt, cu_q, cu_k_in, seqused_k, *block_table,
-                           s_aux, k_descale, v_descale, dr, max_seqlen_q, max_seqlen_k);
+                           s_aux, k_descale, v_descale, dr, max_seqlen_q, max_seqlen_k, lo);
   }
   // A decode batch, or one of short sequences only: the decode kernel alone, no gather.
   if (plan && (plan->whole || plan->all_short)) {
@@ -728,12 +772,17 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   ATTNKIT_CHECK(p.block_table == nullptr || c.kernel == FlashKernel::kSm90,
                 "flash_attn_fwd: internal error: the pages were left in place for the sm90 "
                 "forward, but the choice is ", flash_kernel_name(c.kernel));
+  // A mixed call on the sm90 forward, which walks only the long sequences: the decode kernel
+  // computes the short ones beside it, on the SMs the split leaves it (the forward's CTAs past
+  // count[1] leave at once; with one CTA per item, none do).
+  const bool beside = plan.has_value() && c.kernel == FlashKernel::kSm90;
+  if (beside && lo.persistent) p.walk_ctas = plan->long_seqs.count.const_data_ptr<int32_t>() + 1;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
     launch_fwd<scalar_t>(c.kernel, p, q, k, v, out, lse, rows, maps, lo, stream);
   });
   // A mixed call's short sequences: the decode kernel writes their rows (over the forward's zeros
   // where a forward that computes every sequence wrote them).
-  if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr);
+  if (plan) run_nhd_decode(*plan, out, lse, q, k_cache, v_cache, opt, dr, beside);
   if (given(s_aux)) apply_sinks(out, lse, *s_aux, varlen, cq);
   return {out, lse};
 }
@@ -758,10 +807,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_cuda(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool /*deterministic: backward*/,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
+    bool paired, c10::string_view decode_kernel, c10::string_view paged_read,
+    int64_t decode_sms) {
   const Request req{check_kernel_request(kernel, "kernel"), "kernel argument"};
   const FwdLaunchOptions lo = make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg,
-                                                      paired);
+                                                      paired, decode_sms);
   const DecodeRequest dr = check_decode_request(decode_kernel);
   const PagedRead pr = check_paged_read(paged_read);
   return flash_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap, cu_q, cu_k,

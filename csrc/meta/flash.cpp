@@ -70,9 +70,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_with_meta(
     const OptTensor& seqused_k, const OptTensor& block_table, const OptTensor& s_aux,
     const OptTensor& k_descale, const OptTensor& v_descale, bool deterministic,
     c10::string_view kernel, int64_t max_ctas, bool ping_pong, bool persistent, bool three_wg,
-    bool paired, c10::string_view decode_kernel, c10::string_view paged_read) {
+    bool paired, c10::string_view decode_kernel, c10::string_view paged_read, int64_t decode_sms) {
   check_kernel_request(kernel, "kernel");
-  make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired);
+  make_fwd_launch_options(max_ctas, ping_pong, persistent, three_wg, paired, decode_sms);
   const bool decode_off = check_decode_request(decode_kernel).off;
   check_paged_read_args(check_paged_read(paged_read), given(block_table), decode_off);
   return flash_attn_fwd_meta(q, k, v, softmax_scale, causal, window_left, window_right, softcap,

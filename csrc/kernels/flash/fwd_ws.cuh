@@ -139,7 +139,14 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles
 }
 
 #if defined(__CUDACC__)
-// Walks a CTA's units: items blockIdx.x, + gridDim.x, ... (item = (tile, head, sequence), tiles
+// The CTAs of the grid that walk its items (Params::walk_ctas, clamped; all without it).
+ATTNKIT_DEVICE ATTNKIT_INLINE int fwd_ws_walkers(const Params& p) {
+  if (p.walk_ctas == nullptr) return static_cast<int>(gridDim.x);
+  const int n = *p.walk_ctas;
+  return n < 1 ? 1 : (n > static_cast<int>(gridDim.x) ? static_cast<int>(gridDim.x) : n);
+}
+
+// Walks a CTA's units: items blockIdx.x, + walkers, ... (item = (tile, head, sequence), tiles
 // fastest), and in each item the sequence's query tiles k, k + q_tiles, ... counted from its last
 // tile. Paired (the default; launch option paired = false turns it off): an item is a pair of
 // tiles, k and q_tiles - 1 - k (then q_tiles + k, 2 q_tiles - 1 - k, ...), so that under a causal
@@ -151,6 +158,7 @@ ATTNKIT_HOST_DEVICE ATTNKIT_INLINE int64_t fwd_ws_items_per_head(int64_t q_tiles
 template <int BM, int BN>
 struct WsCursor {
   int64_t item;
+  int stride;  // the CTAs that walk (fwd_ws_walkers)
   int r = 0, k0 = 0, seq_tiles = 0;  // the tile's ordinal in the item, the item's first tile
   bool in_item = false;
   WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
@@ -185,7 +193,7 @@ struct WsCursor {
       const int k = paired ? (r >> 1) * q + ((r & 1) ? q - 1 - k0 : k0) : r * q + k0;
       if (k >= seq_tiles) {
         in_item = false;
-        item += gridDim.x;
+        item += stride;
         continue;
       }
       u.i0 = (seq_tiles - 1 - k) * BM;
@@ -283,10 +291,14 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
 
   const int tid = threadIdx.x;
   // A kernel launched after this one with programmatic dependent launch may be scheduled from now
-  // on, on the SMs this persistent grid leaves (its tail): the decode half of a mixed serving
-  // call (cuda/flash.cu run_nhd_decode), which waits for this grid before its first write. Other
-  // launches are stream-ordered as ever.
+  // on, on the SMs this persistent grid leaves: the decode half of a mixed serving call
+  // (cuda/flash.cu run_nhd_decode), which computes the short sequences this grid does not walk.
+  // Other launches are stream-ordered as ever.
   pdl_launch_dependents();
+  // CTAs past the walkers leave before any barrier (a whole CTA at once), so the decode kernel
+  // has their SMs from the start (Params::walk_ctas; the mixed call's split sizes the two).
+  const int walkers = fwd_ws_walkers(p);
+  if (static_cast<int>(blockIdx.x) >= walkers) return;
   if (tid == 0) rings.init(Tr::kConsumerWarps);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
@@ -306,7 +318,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
       if (loads_qk) tma::prefetch_map(&map_k);
     }
-    WsCursor<BM, BN> cursor{int64_t(blockIdx.x)};
+    WsCursor<BM, BN> cursor{int64_t(blockIdx.x), walkers};
     const WsUnit& u = cursor.u;
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.template next<kPaged>(p, q_tiles, paired, items)) {

@@ -15,6 +15,9 @@ struct FwdLaunchOptions {  // sm90 (fwd_ws.cuh)
                            // paged K / V read in place: that instance has 2; fwd_ws_three_wg)
   bool paired = true;      // work items of two query tiles, k and q_tiles - 1 - k (WsCursor)
   int max_ctas = 0;        // > 0: at most this many CTAs (a test knob: the rings wrap)
+  int decode_sms = -1;     // a mixed serving call's SMs for its decode kernel beside the forward
+                           // (kernels/paged/mixed_split.cuh): -1 the split's rule, k >= 0 pinned
+                           // (0: the forward takes every SM, the decode kernel its tail)
 };
 
 struct BwdLaunchOptions {  // sm90 (bwd_ws.cuh)

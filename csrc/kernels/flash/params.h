@@ -38,6 +38,10 @@ struct Params {
   // kernels compute every sequence, which is as correct (the rows left out are overwritten).
   const int32_t* seq_list = nullptr;
   const int32_t* seq_count = nullptr;
+  // How many of the sm90 forward's CTAs walk, or null for all (a device word, read clamped into
+  // [1, gridDim.x]): in the mixed serving call the others leave at once, so that their SMs run the
+  // decode kernel beside the forward (kernels/paged/mixed_split.cuh sets it).
+  const int32_t* walk_ctas = nullptr;
   // Paged K / V read in place (the sm90 forward of a paged serving call; null: k and v are
   // addressed as above). The sequences' key ranges stay those of the padded layout the gather
   // would build (k0 = b * capacity), but key j of sequence b is row j % page_size of cache block

@@ -229,7 +229,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // a forward that computes every sequence also wrote, with zeros) only after pdl_wait(), and
   // every CTA of chunk 0 waits, even one with nothing to do, so the grid never completes before
   // the forward does. pa_fwd's multi-row launch (short_seq_min 1: every sequence with a row) is
-  // an ordinary stream-ordered launch, where pdl_wait() returns at once.
+  // an ordinary stream-ordered launch, where pdl_wait() returns at once. beside_forward (the
+  // forward computes only the long sequences, so these rows are this grid's alone): no CTA waits
+  // before writing, so the grid runs beside the forward on the SMs it leaves, except the grid's
+  // last CTA, which waits after its work (one CTA slot, the last one taken), so the grid never
+  // ends before the forward does.
   // kRows: this CTA's first row of the sequence. A chunk starting at or past qlen (the grid
   // covers decode_row_chunks x decode_chunk_rows rows) computes nothing, like another launch's
   // sequence. Idle CTAs of the other chunks leave without waiting: chunk 0 of the same (sequence,
@@ -237,8 +241,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   // the SM's few decode slots through the forward's tail (4x as many of them at G = 8).
   const int64_t r0 = kRows ? int64_t(chunk) * decode_chunk_rows(p) : 0;
   const bool short_seqs = p.short_seq_rows > 0;
+  const bool wait_to_write = short_seqs && !p.beside_forward;
+  const bool wait_at_end = short_seqs && p.beside_forward && blockIdx.x == gridDim.x - 1 &&
+                           blockIdx.y == gridDim.y - 1;
   if (short_seqs && (!decode_takes_rows(p, sq.qlen) || r0 >= sq.qlen)) {
-    if (r0 == 0) pdl_wait();
+    if ((wait_to_write && r0 == 0) || wait_at_end) pdl_wait();
     return;
   }
   if (sq.qlen <= 0) {
@@ -667,7 +674,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
   }
   __syncthreads();
 
-  if (short_seqs) pdl_wait();  // a forward that runs every sequence wrote zeros to these rows
+  if (wait_to_write) pdl_wait();  // a forward that runs every sequence wrote zeros to these rows
   T* out = static_cast<T*>(p.out);
   // The columns stored: the G heads of the token, or kRows the (row, head) pairs of the chunk.
   const int ncols = kRows ? int(nrows) * G : G;
@@ -703,6 +710,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void decode_mma_body(const DecodeParams& p, const 
       }
     }
   }
+  if (wait_at_end) pdl_wait();  // beside_forward: this grid ends after the forward
 #endif  // ATTNKIT_HAS_MMA_SM80
 }
 

@@ -154,6 +154,12 @@ struct DecodeParams {
   // Split rows are indexed by (sequence, row): [S * short_seq_rows, Hq, splits]. Tensor-core
   // kernels only.
   int32_t short_seq_min, short_seq_rows;
+  // The mixed call's decode half when the forward before it computes only the long sequences
+  // (the sm90 forward's list): this grid's rows are its own, so its CTAs write without waiting
+  // for the forward and run beside it; only the grid's last CTA waits (programmatic dependent
+  // launch), so the grid still ends after the forward. False: every write waits (a forward that
+  // computes every sequence writes these rows too, with zeros).
+  bool beside_forward;
 };
 
 // Whether the mixed call's decode half computes a sequence of qlen query rows.
