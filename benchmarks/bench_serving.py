@@ -367,6 +367,8 @@ def section_mixed(args, runner, groups, copy):
     per = max(1, args.verify_seqs // len(groups))
     seqs = [b for s in spans for b in list(s)[:per]]
     res = runner.run(label, impls, bt_.checks(scale, seqs))
+    if args.mixed_rounds > 1:
+        res = _rounds(args, label, impls, res)
     pairs = sum(visible_pairs(lq, lk) * n for n, lq, lk in groups)
     kv_bytes = 2 * sum(k_lens) * hkv * D * 2
     row = {"section": "mixed", "case": case, "seqs": len(q_lens), "q_tokens": sum(q_lens),
@@ -380,6 +382,25 @@ def section_mixed(args, runner, groups, copy):
     del bt_, impls, per_group
     _free(dev)
     return [row]
+
+
+def _rounds(args, label, impls, first):
+    """--mixed-rounds: time the columns that passed their checks (results `first`, round 1)
+    args.mixed_rounds - 1 more times, each round starting one column later than the one before
+    (columns timed late run a few percent slower than the first: docs/performance.md, thirty-ninth
+    session), and report each column's median over the rounds."""
+    names = [n for n in impls if isinstance(first.get(n), float)]
+    times = {n: [first[n]] for n in names}
+    for r in range(1, args.mixed_rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            ms = timed(args, f"{label} {n} (round {r + 1})", impls[n])
+            if ms is not None:
+                times[n].append(ms)
+    out = dict(first)
+    for n, ts in times.items():
+        out[n] = sorted(ts)[len(ts) // 2]
+        print(f"  {n}: {' '.join(f'{t * 1e3:.0f}' for t in ts)} us -> median {out[n] * 1e3:.0f}")
+    return out
 
 
 # ---- section 3: speculative decode ------------------------------------------------------------
@@ -498,6 +519,10 @@ def main(argv=None):
                    help="mixed section: also time the one call with its decode kernel's SMs beside "
                         "the forward pinned, per value of this comma list (_flash_attn_fwd_with's "
                         "decode_sms; 0: the forward takes every SM); the paged column is the rule's")
+    p.add_argument("--mixed-rounds", type=int, default=1,
+                   help="mixed section: time its columns this many times, each round starting one "
+                        "column later, and report each column's median (the column order costs "
+                        "the later ones a few percent)")
     p.add_argument("--verify-seqs", type=int, default=8,
                    help="sequences checked against the eager reference per row")
     p.add_argument("--cuda-graph", action="store_true",

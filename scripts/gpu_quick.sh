@@ -460,15 +460,14 @@ for s in $QUICK; do
         --csv "$L/bench_serving.csv" ;;
     mixed_beside)  # the mixed call's decode half beside the sm90 forward (docs/serving.md): its
       # tests, memcheck on them with the CUDA-graph step and the 600-sequence split, then the mixed
-      # row with the decode kernel's SMs pinned beside the rule and two calls, twice (~250 s)
+      # row with the decode kernel's SMs pinned beside the rule and two calls, three rounds in
+      # rotated column order, medians (~250 s)
       step mixed_beside_tests 90 $PY -m pytest tests/test_serving_varlen.py -q -n 16 -rfE -k "beside or mixed"
       step mixed_beside_sanitize 180 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_serving_varlen.py -q -p no:xdist \
         -k "(beside and (rule or seven or all_but_one) and in_place) or cuda_graph_mixed or mixed_many"
-      for r in 1 2; do
-        step "mixed_beside_bench_$r" 40 $PY benchmarks/bench_serving.py --sections mixed \
-          --decode-sms 0,8,12,16 --iters ${ITERS:-20} --warmup ${WARMUP:-50}
-      done ;;
+      step mixed_beside_bench 90 $PY benchmarks/bench_serving.py --sections mixed \
+        --decode-sms 0,8,12,16 --mixed-rounds 3 --iters ${ITERS:-20} --warmup ${WARMUP:-50} ;;
     serving_inplace_ab)  # the sm90 forward reading paged K / V in place against the gathered copy
       # (--paged-read in_place / gather; auto: prefer_paged_in_place), prefill sequences only
       # (4 x 2048 new tokens over 8k), at block sizes 16 / 64 / 256 (boxes of 16 / 64 / 128
