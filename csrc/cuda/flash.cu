@@ -318,6 +318,8 @@ float mixed_key_weight(int64_t H, int64_t Hkv, int64_t D, int64_t es, int64_t sm
       cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev) == cudaSuccess &&
       clock_khz > 0 && bus_bits > 0) {
     bw = 0.9 * 2.0 * double(clock_khz) * 1e3 * double(bus_bits) / 8.0;
+  } else {
+    (void)cudaGetLastError();  // a failed query must not surface as the next launch's error
   }
   const double per_key = 2.0 * double(Hkv * D * es) / bw;
   const double per_pair = 4.0 * double(H * D) / (double(sms) * kFwdFlopsPerSm);
@@ -338,7 +340,12 @@ SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tenso
       std::max<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount, 1);
   paged::MixedSplitParams p{};
   p.sms = static_cast<int32_t>(sms);
-  p.decode_sms = static_cast<int32_t>(std::min<int64_t>(decode_sms, sms));
+  // With a window the rule would overprice the decode half (its cost counts a short sequence's
+  // whole key length, while the decode kernel reads only the window's keys), so a windowed call
+  // leaves the forward every SM (k = 0: the decode kernel in its tail, the configuration the
+  // H100 run tested with windows), unless the caller pins k.
+  const int64_t k = decode_sms < 0 && opt.window_left >= 0 ? 0 : decode_sms;
+  p.decode_sms = static_cast<int32_t>(std::min<int64_t>(k, sms));
   p.key_weight = mixed_key_weight(H, Hkv, D, k_cache.element_size(), sms);
   p.sm_bandwidth = kDecodeSmBandwidth;
   p.chunk_rows = static_cast<int32_t>(std::max<int64_t>(1, std::min(16 / G, short_rows)));
@@ -775,6 +782,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(
   // A mixed call on the sm90 forward, which walks only the long sequences: the decode kernel
   // computes the short ones beside it, on the SMs the split leaves it (the forward's CTAs past
   // count[1] leave at once; with one CTA per item, none do).
+  // The decode kernel then writes (its rows, its split workspace) while the forward runs: nothing
+  // the forward reads may be freed before run_nhd_decode allocates, or the caching allocator could
+  // hand that memory to the workspace (every temporary here lives to the end of this function;
+  // later launches wait for the decode grid, which ends after the forward).
   const bool beside = plan.has_value() && c.kernel == FlashKernel::kSm90;
   if (beside && lo.persistent) p.walk_ctas = plan->long_seqs.count.const_data_ptr<int32_t>() + 1;
   ATTNKIT_DISPATCH_FLASH_CUDA_DTYPE(q.scalar_type(), [&] {
