@@ -340,12 +340,7 @@ SeqSubset list_long_seqs(const at::Tensor& qo, const at::Tensor& used, at::Tenso
       std::max<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount, 1);
   paged::MixedSplitParams p{};
   p.sms = static_cast<int32_t>(sms);
-  // With a window the rule would overprice the decode half (its cost counts a short sequence's
-  // whole key length, while the decode kernel reads only the window's keys), so a windowed call
-  // leaves the forward every SM (k = 0: the decode kernel in its tail, the configuration the
-  // H100 run tested with windows), unless the caller pins k.
-  const int64_t k = decode_sms < 0 && opt.window_left >= 0 ? 0 : decode_sms;
-  p.decode_sms = static_cast<int32_t>(std::min<int64_t>(k, sms));
+  p.decode_sms = static_cast<int32_t>(std::min<int64_t>(decode_sms, sms));
   p.key_weight = mixed_key_weight(H, Hkv, D, k_cache.element_size(), sms);
   p.sm_bandwidth = kDecodeSmBandwidth;
   p.chunk_rows = static_cast<int32_t>(std::max<int64_t>(1, std::min(16 / G, short_rows)));

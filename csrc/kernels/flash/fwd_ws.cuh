@@ -158,7 +158,6 @@ ATTNKIT_DEVICE ATTNKIT_INLINE int fwd_ws_walkers(const Params& p) {
 template <int BM, int BN>
 struct WsCursor {
   int64_t item;
-  int stride;  // the CTAs that walk (fwd_ws_walkers)
   int r = 0, k0 = 0, seq_tiles = 0;  // the tile's ordinal in the item, the item's first tile
   bool in_item = false;
   WsUnit u{};  // the item's (b, h, sequence); the rest is filled per tile
@@ -193,7 +192,7 @@ struct WsCursor {
       const int k = paired ? (r >> 1) * q + ((r & 1) ? q - 1 - k0 : k0) : r * q + k0;
       if (k >= seq_tiles) {
         in_item = false;
-        item += stride;
+        item += fwd_ws_walkers(p);  // re-read, not held: a register fewer for the loading warps
         continue;
       }
       u.i0 = (seq_tiles - 1 - k) * BM;
@@ -318,7 +317,7 @@ __global__ void __launch_bounds__(FwdWsTraits<kD, kWG>::kThreads, 1)
       tma::prefetch_map(loads_qk ? &map_q : &map_v);
       if (loads_qk) tma::prefetch_map(&map_k);
     }
-    WsCursor<BM, BN> cursor{int64_t(blockIdx.x), walkers};
+    WsCursor<BM, BN> cursor{int64_t(blockIdx.x)};
     const WsUnit& u = cursor.u;
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
     while (cursor.template next<kPaged>(p, q_tiles, paired, items)) {

@@ -46,7 +46,8 @@ struct MixedSplitParams {
   // key_weight = the decode's time per key of a short sequence's row chunk over the forward's per
   // visible (query, key) pair of a long one, each on the whole device (the host's estimate from
   // the shapes and the device: flash.cu mixed_key_weight); chunk_rows = the decode's rows per
-  // chunk (each chunk reads the pages); window_left as the call's (< 0: none).
+  // chunk (each chunk reads the pages); window_left as the call's (< 0: none), which caps both
+  // halves' costs: a forward row's visible keys, a decode chunk's keys read.
   int32_t sms;
   int32_t decode_sms;
   float key_weight;
@@ -111,8 +112,15 @@ __global__ void __launch_bounds__(kSplitThreads) mixed_split_kernel(const MixedS
       if (is_long) {
         fwd_pairs += causal_pairs(e - a, keys, p.window_left);
       } else if (e > a) {
-        const int64_t chunks = (e - a + p.chunk_rows - 1) / (p.chunk_rows > 0 ? p.chunk_rows : 1);
-        dec_keys += float(keys) * float(chunks);
+        const int64_t rows = p.chunk_rows > 0 ? p.chunk_rows : 1;
+        const int64_t chunks = (e - a + rows - 1) / rows;
+        // With a window a chunk reads only its rows' window: at most window_left + its rows keys.
+        int64_t read = keys;
+        if (p.window_left >= 0) {
+          const int64_t span = p.window_left + (e - a < rows ? e - a : rows);
+          read = read < span ? read : span;
+        }
+        dec_keys += float(read) * float(chunks);
       }
     }
     int32_t total = 0;
