@@ -772,6 +772,29 @@ def test_mixed_decode_beside_forward_cuda(decode_sms, paged_read, gqa, window):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 device and an sm_90a build")
+@pytest.mark.parametrize("decode_sms", [None, 16], ids=["rule", "sixteen"])
+def test_mixed_beside_forward_with_sinks_cuda(decode_sms):
+    """Sinks are applied after the whole call (apply_sinks reads every row's out and lse, the
+    forward's rows included), so a decode grid running beside the forward must not end before the
+    forward: its last CTA waits for it (DecodeParams::beside_forward). A long forward (two
+    sequences of 1024 rows over 8k keys) beside a decode half that is done early (64 one-row
+    sequences over 64 keys; k = 16 SMs pinned, and the rule, which gives this batch few or none)
+    would leave forward rows without their sink were that wait missing."""
+    q_lens = [1024, 1024] + [1] * 64
+    k_lens = [8192, 8192] + [64] * 64
+    b = paged_batch(q_lens, k_lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
+    s_aux = torch.randn(8, device="cuda") * 2
+    poison_allocator("cuda")
+    out, lse = FWD_WITH(b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0, b.cu_seqlens_q, None,
+                        b.max_seqlen_q, b.max_seqlen_k, seqused_k=b.seqused_k,
+                        block_table=b.block_table, s_aux=s_aux,
+                        decode_sms=-1 if decode_sms is None else decode_sms)
+    eo, el = _ref(b, causal=True, s_aux=s_aux)
+    assert_close(out.float(), eo, torch.bfloat16)
+    assert_lse_close(lse, el)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [16, 48])
 @pytest.mark.parametrize("mix", ["mixed", "prefill", "spec", "decode"])
