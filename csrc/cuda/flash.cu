@@ -518,15 +518,9 @@ void run_nhd_decode(const NhdDecodePlan& plan, at::Tensor& out, at::Tensor& lse,
   paged::DecodeParams p = paged::make_nhd_decode_params(out, lse, q, k, v, plan.table, plan.used,
                                                         plan.qo, scale, opt.softcap,
                                                         opt.window_left);
-  // Beside a forward (a mixed call) the decode launches price their splits by waves alone
-  // (split_floor): their grid rows are every sequence and their length bound the table's, both
-  // set by the forward's long sequences too, so the floor's extra splits (and their combine)
-  // would be CTAs with nothing to do. Without a forward the rows are the call's own.
-  paged::DecodeLaunchOptions lo{};
-  lo.split_floor = plan.whole || plan.all_short;
   auto launch = [&](paged::DecodeParams& lp) {
     paged::launch_nhd_decode(lp, q.scalar_type(), M * bs, q, dr.kernel, "decode_kernel argument",
-                             lo);
+                             paged::DecodeLaunchOptions{});
   };
   if (plan.whole) {
     launch(p);

@@ -168,15 +168,13 @@ int64_t resident_mma_ctas() {
 // 128: 1 x 32k with 8 kv heads -> 32 splits (256 CTAs, 1 wave of 4 partitions each); 16 x 16k -> 4
 // (512 CTAs, 2 waves); 64 x 4k and 256 x 1k -> 1 (no combine). Host sizes and the cached device
 // properties only: no sync, capturable.
-// `with_floor` false (DecodeLaunchOptions::split_floor) drops the kMaxSplitTokens floor.
 template <int D>
-int32_t mma_splits(const DecodeParams& p, int64_t len_bound, bool with_floor) {
+int32_t mma_splits(const DecodeParams& p, int64_t len_bound) {
   constexpr int64_t kStartTokens = 64, kMaxSplitTokens = 4096;
   const int64_t parts = num_splits(len_bound);  // partitions of the longest sequence (capped)
   const int64_t slots = resident_mma_ctas<D>();
   const int64_t pairs = std::max<int64_t>(int64_t(p.S) * p.Hkv, 1);
-  const int64_t min_splits =
-      with_floor ? (parts * kPartition + kMaxSplitTokens - 1) / kMaxSplitTokens : 1;
+  const int64_t min_splits = (parts * kPartition + kMaxSplitTokens - 1) / kMaxSplitTokens;
   int64_t best = std::min(min_splits, parts), best_cost = INT64_MAX;
   for (int64_t s = best; s <= parts; ++s) {
     const int64_t waves = (pairs * s + slots - 1) / slots;
@@ -242,8 +240,7 @@ int32_t decode_splits(PagedKernel kernel, const DecodeParams& p, int64_t len_bou
   const int32_t parts = num_splits(len_bound);
   if (lo.splits > 0) return std::min<int32_t>(lo.splits, parts);
   if (kernel == PagedKernel::kPortable) return parts;
-  return p.D == 64 ? mma_splits<64>(p, len_bound, lo.split_floor)
-                   : mma_splits<128>(p, len_bound, lo.split_floor);
+  return p.D == 64 ? mma_splits<64>(p, len_bound) : mma_splits<128>(p, len_bound);
 }
 
 // The split count of a launch whose grid rows (`rows`: sequences or query tokens) each take
