@@ -777,11 +777,12 @@ def test_mixed_decode_beside_forward_cuda(decode_sms, paged_read, gqa, window):
 def test_mixed_beside_forward_with_sinks_cuda(decode_sms):
     """Sinks on a mixed call whose decode grid runs beside the forward: apply_sinks, launched
     after the call's kernels, reads every row's out and lse, the forward's included. A long
-    forward (two sequences of 1024 rows over 8k keys) beside a decode half that is done early (64
-    one-row sequences over 64 keys; k = 16 SMs pinned, and the rule, which gives this batch few
-    SMs or none). (The decode grid's last CTA waits for the forward, DecodeParams::beside_forward;
-    with that wait removed this test still passed 3 of 3 runs on the H100, fortieth session: the
-    stream orders apply_sinks after the forward as it is, so the test does not detect that wait.)"""
+    forward (two sequences of 1024 rows over 8k keys) and 64 one-row sequences over 64 keys, with
+    16 SMs pinned to the decode kernel (beside the forward) and with the rule (which gives this
+    batch k = 0 on a 132-SM H100: the decode kernel in the forward's tail). (The beside decode
+    grid's last CTA waits for the forward, DecodeParams::beside_forward; a library built without
+    that wait still passed this test 3 of 3 times on the H100, fortieth session, so apply_sinks
+    appears to be ordered after the forward without it: this test does not detect that wait.)"""
     q_lens = [1024, 1024] + [1] * 64
     k_lens = [8192, 8192] + [64] * 64
     b = paged_batch(q_lens, k_lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
