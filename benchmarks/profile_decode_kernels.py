@@ -6,9 +6,16 @@ kernel, the split combine, the forward, a copy) that bench_serving's end-to-end 
 
   python3 benchmarks/profile_decode_kernels.py --shapes 1x32768,64x1024 [--heads 32/8]
   python3 benchmarks/profile_decode_kernels.py --shapes "" --mixed 4x2048x10240,128x1x4096
+  python3 benchmarks/profile_decode_kernels.py --shapes "" --mixed 4x2048x10240,128x1x4096 \
+      --timeline --decode-sms 0,12
 
 Kernel times are summed per call; profiled launches run back to back, so PDL overlap between the
 decode kernel and its combine is part of neither number (their sum can exceed the call's time).
+--timeline (with --mixed, CUDA) prints instead each kernel's start and end within one call (the
+middle of three by span; from the first kernel's start), for the one call (the rule and each
+--decode-sms count pinned) and each group alone: what runs beside what, and what runs after the
+forward (the fortieth session's table in docs/performance.md). Gaps before the first attnkit
+kernel are host time, which back-to-back calls and CUDA graphs hide.
 """
 import argparse
 import math
@@ -46,6 +53,27 @@ def kernel_times(fn, calls, dev):
     return {name: us / calls for name, us in per.items()}
 
 
+def timeline(fn, reps=3):
+    """(span µs, [(kernel name, start, end)]) of one call of fn: the middle of `reps` calls by span,
+    times from the call's first kernel's start (CUDA only)."""
+    fn(), fn()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(reps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not evs:
+            raise RuntimeError("the profiler recorded no kernel: the timeline would be empty")
+        t0 = min(e.time_range.start for e in evs)
+        span = max(e.time_range.end for e in evs) - t0
+        runs.append((span, sorted(((e.name, e.time_range.start - t0, e.time_range.end - t0)
+                                   for e in evs), key=lambda x: x[1])))
+    runs.sort(key=lambda r: r[0])
+    return runs[len(runs) // 2]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="1x32768,64x1024,64x4096", help="SEQSxCONTEXT,...")
@@ -53,7 +81,13 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (the ops' CPU times)")
     p.add_argument("--mixed", default="", help="groups COUNTxQLENxKLEN,... of one mixed batch")
+    p.add_argument("--timeline", action="store_true",
+                   help="with --mixed: each kernel's start and end in one call (CUDA)")
+    p.add_argument("--decode-sms", default="",
+                   help="with --timeline: the one call also with these decode SMs pinned, e.g. 0,12")
     a = p.parse_args(argv)
+    if a.timeline and not (a.mixed and str(a.device).startswith("cuda")):
+        p.error("--timeline needs --mixed and a CUDA device")
     dev = a.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         print("profile_decode_kernels: needs a CUDA device (or --device cpu)")
@@ -95,8 +129,19 @@ def main(argv=None):
             k_lens += [lk] * n
         b = Batch(q_lens, k_lens, hq, hkv, dev)
         impls = {"one call": b.paged(scale)}
+        if a.timeline:
+            for k in filter(None, a.decode_sms.split(",")):
+                impls[f"one call, {int(k)} SMs"] = b.paged(scale, decode_sms=int(k))
         for g, s in zip(a.mixed.split(","), spans):
             impls[f"group {g} alone"] = b.paged(scale, rows=s)
+        if a.timeline:
+            print(f"\nmixed {a.mixed} ({hq}/{hkv} heads): kernels of one call, µs from its first")
+            for name, fn in impls.items():
+                span, evs = timeline(fn)
+                print(f"  {name:<28} span {span:8.1f}")
+                for kname, t0, t1 in evs:
+                    print(f"      {t0:8.1f} .. {t1:8.1f}  ({t1 - t0:7.1f})  {kname[:90]}")
+            return 0
         print(f"\nmixed {a.mixed} ({hq}/{hkv} heads), mean device µs per call over {a.calls} calls")
         for name, fn in impls.items():
             times = kernel_times(fn, a.calls, dev)

@@ -62,6 +62,7 @@
 # scripts/before_after.sh (issue #16's before / after run); serving_before_after: its
 # BENCH=serving mode (bench_serving, each tree's own script and build); decode_profile: each
 # decode row's and the mixed batch's device time per kernel (profile_decode_kernels.py);
+# mixed_timeline: the mixed batch's kernels on a timeline (profile_decode_kernels.py --timeline);
 # serving_ncu: ncu sections of the NHD
 # decode kernel next to paged_attention_v1's; flash_bwd_ncu: ncu sections of the flash ws backward at
 # 16k; flash_bwd_sm90_bench: its bench rows alone; gdpa_sched_time: the jagged schedule kernel's
@@ -605,6 +606,11 @@ for s in $QUICK; do
       # (benchmarks/profile_decode_kernels.py, torch.profiler; ~20 s)
       step decode_profile 90 $PY benchmarks/profile_decode_kernels.py \
         --shapes 1x32768,16x16384,64x1024,64x4096,256x1024 --mixed 4x2048x10240,128x1x4096 ;;
+    mixed_timeline)  # each kernel's start and end in one call of bench_serving's mixed batch (the
+      # rule, 0 / 12 / 16 decode SMs pinned) and of each group alone (profile_decode_kernels.py
+      # --timeline, torch.profiler; ~15 s): what runs beside the forward, what after it
+      step mixed_timeline 60 $PY benchmarks/profile_decode_kernels.py --shapes "" \
+        --mixed 4x2048x10240,128x1x4096 --timeline --decode-sms 0,12,16 ;;
     serving_ncu)  # the NHD decode kernel (paged varlen call) against paged_attention_v1, 64 x 4k
       step serving_ncu 90 ncu --kernel-name regex:paged_decode_mma --section SpeedOfLight \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
