@@ -538,14 +538,14 @@ def test_garbage_block_ids_cuda(mix):
 
 
 def _call_with(b, decode_kernel, window_left=-1, window_right=-1, fn=None, paged_read=None,
-               decode_sms=None):
+               decode_sms=None, s_aux=None):
     """The serving call through the raw op (FWD) or the private op with decode_kernel= (the
     decode path pinned to a kernel, or "none": the gather path), paged_read= (how the forward
     takes the pages: "in_place" / "gather") and decode_sms= (a mixed call's SMs for its decode
-    kernel beside the forward, pinned); causal."""
+    kernel beside the forward, pinned); causal, with sinks s_aux if given."""
     args = (b.q, b.k_cache, b.v_cache, None, True, window_left, window_right, 0.0, b.cu_seqlens_q,
             None, b.max_seqlen_q, b.max_seqlen_k)
-    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table)
+    kw = dict(seqused_k=b.seqused_k, block_table=b.block_table, s_aux=s_aux)
     if decode_kernel is None and paged_read is None and decode_sms is None:
         return FWD(*args, **kw)
     return FWD_WITH(*args, **kw, decode_kernel=decode_kernel or "auto",
@@ -788,10 +788,7 @@ def test_mixed_beside_forward_with_sinks_cuda(decode_sms):
     b = paged_batch(q_lens, k_lens, 8, 2, 128, 16, torch.bfloat16, "cuda")
     s_aux = torch.randn(8, device="cuda") * 2
     poison_allocator("cuda")
-    out, lse = FWD_WITH(b.q, b.k_cache, b.v_cache, None, True, -1, -1, 0.0, b.cu_seqlens_q, None,
-                        b.max_seqlen_q, b.max_seqlen_k, seqused_k=b.seqused_k,
-                        block_table=b.block_table, s_aux=s_aux,
-                        decode_sms=-1 if decode_sms is None else decode_sms)
+    out, lse = _call_with(b, None, decode_sms=decode_sms, s_aux=s_aux)
     eo, el = _ref(b, causal=True, s_aux=s_aux)
     assert_close(out.float(), eo, torch.bfloat16)
     assert_lse_close(lse, el)
