@@ -136,9 +136,10 @@ struct QkvRings {
       : q{bars}, k{bars + TmaRing<kQ>::kBars}, v{bars + TmaRing<kQ>::kBars + TmaRing<kK>::kBars} {}
 
   // One thread, then a CTA-wide barrier (in the forwards the last one: the roles never meet all
-  // together again).
-  ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t consumer_warps) const {
-    q.init(1, consumer_warps);
+  // together again). q_readers: arrivals on q's empty barriers besides the consumer warps' (the
+  // jagged GDPA forward's V loader and fix-up warp, which read units[] too).
+  ATTNKIT_DEVICE ATTNKIT_INLINE void init(uint32_t consumer_warps, uint32_t q_readers = 0) const {
+    q.init(1, consumer_warps + q_readers);
     k.init(1, consumer_warps);
     v.init(1, consumer_warps);
     bulk::fence_init();

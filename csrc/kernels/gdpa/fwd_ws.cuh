@@ -54,16 +54,16 @@
 // striding over the items with step gridDim.x; the launch option persistent = false launches one
 // CTA per item instead: kernels/gdpa/launch_options.h).
 //
-// Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and
-// dense batches keep everything above unchanged): the kJagged instance takes its items from a
-// list built on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first,
-// walked in a snake over the persistent CTAs; an item there is several query tiles of one
-// (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow (64-row
-// boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
+// Jagged batches (issue #19; the host calls a batch dense when T == B · max for q and k, and dense
+// batches keep everything above unchanged): the kJagged instance takes its items from a list built
+// on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first, taken in
+// list order from a counter by the persistent CTAs (WsCursor); an item there is several query tiles
+// of one (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow
+// (64-row boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
-// (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own
-// lengths only and changes no element's operations, so a sequence's output is bitwise the same in
-// any batch.
+// (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own lengths
+// only and changes no element's operations, so a sequence's output is bitwise the same in any
+// batch.
 #pragma once
 
 #include <algorithm>
@@ -165,12 +165,12 @@ static_assert(FwdWsTraits::kBlockM == WsSchedTraits::kTileRows &&
 // order), or with kRuns a run of consecutive items: CTA c takes [c·per, (c + 1)·per) (the caller
 // passes the run's first item and bounds `items` at its end), so its consecutive units are the
 // query tiles, then the heads, of one sequence (kResident below). From the jagged list (kList =
-// true): entries in a snake over the rounds (round r takes entries [r·G, (r + 1)·G), CTA c the
-// c-th of them in even rounds and the (G - 1 - c)-th in odd ones): with the list longest first,
-// each CTA's total stays within about one item of the others'. In each item, its query tiles:
-// strided by the item's `tiles` (cta_item: q_tiles, for a sequence longer than the hint; the list:
-// the entry's stride n). The loading threads run the walk (each its own copy, in the same
-// order); the consumers get its units through shared memory, in the same order.
+// true): CTA c's first entry is c, the others come from a counter (start), in list order across the
+// CTAs. In each item, its query tiles: strided by the item's `tiles` (cta_item: q_tiles, for a
+// sequence longer than the hint; the list: the entry's stride n). In order, the loading threads run
+// the walk (each its own copy, in the same order); from the list, the Q loader alone (the counter
+// hands each entry out once) and the other walkers read its units from shared memory. The consumers
+// get the units through shared memory, in the same order.
 template <bool kList, bool kRuns = false>
 struct WsCursor {
   static_assert(!(kList && kRuns), "runs are an order of the in-order walk");
@@ -178,18 +178,33 @@ struct WsCursor {
   // producer runs on 24 registers.
   using Index = std::conditional_t<kList, int, int64_t>;
   Index item;
-  Index round = 0;
+  Index ahead = 0;  // kList: the entry this CTA takes after `item`, taken one item early
   int tile = 0;
   bool in_item = false;
   CtaItem it{};
   SeqRange qs{}, ks{};
 
 #if defined(__CUDACC__)
-  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? ws_snake(0) : Index(blockIdx.x)) {}
+  ATTNKIT_DEVICE ATTNKIT_INLINE WsCursor() : item(kList ? 0 : Index(blockIdx.x)) {}
   ATTNKIT_DEVICE ATTNKIT_INLINE explicit WsCursor(Index first) : item(first) {}  // kRuns
+  // kList: the dynamic walk. CTA c takes entry c first (the first G = gridDim.x entries, one
+  // each, as a static round would: with the list longest first, no CTA starts with two of the
+  // longest), then entries G + n in the order of one counter n (the schedule kernel zeroes it
+  // before this launch), each CTA the next entry whenever it is done with one, so the entries
+  // running at any moment are a window of the list, as in the in-order grid: a (sequence,
+  // head)'s tiles, adjacent in the list, run side by side on neighbouring CTAs and share their
+  // K / V in L2, and the longest-first list balances the CTAs greedily. The next entry's atomic
+  // is issued one item early, so its latency is not on the walk's path. `taken`: the list's
+  // counter (the ws_sched header's kTakenWord), passed to each call rather than held (the
+  // producer runs on 24 registers). Never more than items + 2·G: no overflow below the list's
+  // capacity bound.
+  ATTNKIT_DEVICE ATTNKIT_INLINE void start(int32_t* taken) {
+    item = Index(blockIdx.x);
+    ahead = Index(gridDim.x) + atomicAdd(taken, 1);
+  }
 
   ATTNKIT_DEVICE ATTNKIT_INLINE bool next(const FwdParams& p, int q_tiles, Index items,
-                                          const int4* list, WsUnit& u) {
+                                          const int4* list, WsUnit& u, int32_t* taken = nullptr) {
     constexpr int BM = FwdWsTraits::kBlockM, BN = FwdWsTraits::kBlockN;
     while (item < items) {
       if (!in_item) {
@@ -211,7 +226,8 @@ struct WsCursor {
       if (tile * BM >= qs.len) {
         in_item = false;
         if constexpr (kList) {
-          item = ws_snake(++round);
+          item = ahead;
+          ahead = Index(gridDim.x) + atomicAdd(taken, 1);  // taken: the kernel's, never null
         } else {
           item += kRuns ? 1 : gridDim.x;
         }
@@ -285,7 +301,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE bool holds_tile(HeldTile* held, uint32_t stage, in
 // in flight at a time than the strided walk (which shares them in L2 across CTAs): off there.
 template <typename T, bool kPingPong, bool kSplitLoads, bool kJagged, bool kResident = false>
 __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
-    gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles, const int32_t* __restrict__ sched,
+    gdpa_fwd_ws_kernel(const FwdParams p, const int q_tiles, int32_t* __restrict__ sched,
                        const int64_t capacity,
                        const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
@@ -309,7 +325,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   __shared__ uint64_t bars[QkvRings<QS, S, SV, true>::kBars];
   // The unit each Q stage holds, written by the Q loader before the stage's expect_tx arrive
   // (release) and read by the consumers after their wait (acquire): the consumers never load the
-  // offsets themselves, so no dependent global load sits between two units on their path.
+  // offsets themselves, so no dependent global load sits between two units on their path. In the
+  // jagged instance the V loader and the fix-up warp read it too (next_unit below).
   // n_tiles == 0 (with a plain arrive) means there are no more units.
   __shared__ WsUnit units[QS];
   // kResident: what each K / V stage holds (holds_tile), the K and V loaders' own.
@@ -320,7 +337,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   const auto& ring_v = rings.v;
 
   const int tid = threadIdx.x;
-  if (tid == 0) rings.init(Tr::kConsumerWarps);
+  // The jagged instance's V loader and fix-up warp read units[] and release ring_q's fills too
+  // (below: next_unit); that instance always splits its loaders (launch_gdpa_fwd_ws).
+  static_assert(!kJagged || kSplitLoads, "the jagged walk hands units to a separate V loader");
+  if (tid == 0) rings.init(Tr::kConsumerWarps, kJagged ? 2 : 0);
   __syncthreads();  // the last CTA-wide barrier: the roles below never meet all together again
 
   const int group = p.H / p.Hkv;
@@ -353,14 +373,17 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   //   each fill the loader makes, in the same order: its lanes run the walk in the loaders' loop
   //   (each thread its own WsCursor over the same items: the same units, key tiles and narrow
   //   choices; units with no keys skipped alike), and the consumers count the same fills from
-  //   units[] (so the walk must read only what stays fixed during the kernel: the parameters, the
-  //   offsets and the schedule kernel's list, which runs before this launch in stream order; were
-  //   this launch ever made a programmatic dependent one, every walker, the fix-up warp's lanes
-  //   included, would have to wait on the grid dependency before reading the list). No
+  //   units[] (so the walk must read only what stays fixed during the kernel: the parameters,
+  //   the offsets and the schedule kernel's list, which runs before this launch in stream order;
+  //   were this launch ever made a programmatic dependent one, the Q loader would have to wait on
+  //   the grid dependency before reading the list). In the jagged instance the Q loader alone
+  //   walks the list; the V loader and this warp take each unit from units[] after its Q fill
+  //   completes and release that fill themselves (ring_q counts their arrivals beside the
+  //   consumer warps'), and stop at the end's unit as the consumers do. In the in-order walk no
   //   end-of-walk sentinel is needed for it: after the walk the warp exits, and the consumers
-  //   wait for no fill past the walk's last (a CTA with no unit: none at all). With a
-  //   single loader (kSplitLoads off: thread 0 loads V after K), or without ping-pong, the loaders'
-  //   and the consumers' waits are the same as with them, but for the hop.
+  //   wait for no fill past the walk's last (a CTA with no unit: none at all). With a single
+  //   loader (kSplitLoads off: thread 0 loads V after K), or without ping-pong, the loaders' and
+  //   the consumers' waits are the same as with them, but for the hop.
   // - Parity: fill g + SV cannot land before the consumers released fill g, which they do after
   //   ready(g), after the warp's wait for full(g): the warp waits on full at most one phase
   //   behind; the consumers on ready likewise (ready(g + SV) needs full(g + SV)).
@@ -391,6 +414,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     if constexpr (kJagged) {
       items = ws_list_items(sched, capacity);
       list = reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader);
+      if (loads_qk) cursor.start(sched + WsSchedTraits::kTakenWord);
     } else {
       items = int64_t(q_tiles) * p.H * p.B;
     }
@@ -406,7 +430,32 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       }
     }
     uint32_t g = 0, qn = 0;  // key tiles / units this CTA has loaded so far
-    while (cursor.next(p, q_tiles, items, list, u)) {
+    // The next unit: the walk's, or (kJagged, the V loader and the fix-up warp) the one the Q
+    // loader wrote for fill qn, once that fill completes (its wait orders the read after the
+    // write, as the consumers'). These two walkers then release the fill too (the jagged
+    // instance's ring_q counts their arrivals beside the consumer warps'): the consumers'
+    // release alone does not wait for them (a one-tile unit's release needs only the previous
+    // unit's V), and the Q loader would rewrite the slot two units on. So they never wait more
+    // than one phase behind either. The end's unit (n_tiles 0, a plain arrive, never refilled)
+    // ends their walk as the consumers'.
+    auto next_unit = [&]() -> bool {
+      if constexpr (kJagged) {
+        if (!loads_qk) {
+          bulk::wait(ring_q.full(qn), (qn / QS) & 1);
+          u = units[ring_q.stage(qn)];
+          if (u.n_tiles == 0) return false;
+          if (fixes_v) {
+            ring_q.consumer_release_warp(qn, tid & 31);  // every lane's read, then lane 0
+          } else {
+            ring_q.consumer_release(qn);  // the V loader, a thread of its own
+          }
+          return true;
+        }
+      }
+      return cursor.next(p, q_tiles, items, list, u,
+                         kJagged ? sched + WsSchedTraits::kTakenWord : nullptr);
+    };
+    while (next_unit()) {
       const int hk = u.h / group;
       if (loads_qk) {
         const uint32_t qs = ring_q.stage(qn);

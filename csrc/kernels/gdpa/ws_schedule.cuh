@@ -2,18 +2,20 @@
 // (fwd_ws.cuh: items of 128-row query tiles) and the backward (bwd_ws.cuh: items of 128-key
 // tiles): a list of the work items, longest first, built on the device from the offsets by one
 // small kernel launched before the attention kernel (no host sync, so the call stays CUDA-graph
-// capturable), walked by the persistent CTAs in a snake (ws_snake).
+// capturable). The forward's persistent CTAs take its entries in order from a counter in the
+// header (fwd_ws.cuh WsCursor), the backward's walk it in a snake (ws_snake).
 //
 // An item is tile `tile` of head h of sequence b (the forward's tiles run over the sequence's
 // queries, its heads are the query heads; the backward's over its keys, its heads the kv heads),
-// and, where a hint below the real lengths leaves a (sequence, head) more tiles than the hint
-// has, its tiles tile + n, tile + 2n, ... (n, the item's stride: the hint's tile count; every
-// other item is one tile). One item per tile keeps a (sequence, head)'s tiles adjacent in the
-// list, so they start in the same round of the snake and share the other side's tiles in L2, as
-// the in-order grid's CTAs do. (Items of several tiles, one CTA walking a whole (sequence, head),
-// lost on the H100 in the twenty-ninth session: forward 0.79 / 0.71 of one item per tile at max
-// length 1024 / 2048, the DRAM read at 512 1.33 -> 1.64 GB, the backward 0.63-0.82: a CTA
-// re-read the other side per tile while 131 others streamed other sequences through L2.)
+// and, where a hint below the real lengths leaves a (sequence, head) more tiles than the hint has,
+// its tiles tile + n, tile + 2n, ... (n, the item's stride: the hint's tile count; every other item
+// is one tile). One item per tile keeps a (sequence, head)'s tiles adjacent in the list, so they
+// start together (the forward's counter, or the same round of the backward's snake) and share the
+// other side's tiles in L2, as the in-order grid's CTAs do. (Items of several tiles, one CTA
+// walking a whole (sequence, head), lost on the H100 in the twenty-ninth session: forward 0.79 /
+// 0.71 of one item per tile at max length 1024 / 2048, the DRAM read at 512 1.33 -> 1.64 GB, the
+// backward 0.63-0.82: a CTA re-read the other side per tile while 131 others streamed other
+// sequences through L2.)
 //
 // Listed: the forward's items whose sequence has queries and keys (its rows without keys are
 // zero-filled by the launcher); every backward item whose sequence has keys, queries or not (the
@@ -28,9 +30,10 @@
 // bucket follows shared-memory atomics and may vary run to run, which changes which CTA computes
 // an item but never what it computes (each row's math is the same anywhere).
 //
-// ws: [kHeader] header (ws[0] = the item count) then `capacity` entries of two int4: the clamped
-// {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. A walker reads an
-// item with two independent 16-byte loads (one round trip; no offsets read after).
+// ws: [kHeader] header (ws[0] = the item count, ws[1] = the forward's counter of entries taken past
+// its first round, zeroed here: fwd_ws.cuh WsCursor::start) then `capacity` entries of two int4:
+// the clamped {q begin, q len, kv begin, kv len} of the sequence, then {h, tile, b, n}. A walker
+// reads an item with two independent 16-byte loads (one round trip; no offsets read after).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +48,7 @@ struct WsSchedTraits {
   static constexpr int kThreads = 1024;
   static constexpr int kBuckets = 1024;
   static constexpr int kHeader = 4;
+  static constexpr int kTakenWord = 1;  // ws[1]: the forward's dynamic walk's counter
   static constexpr int kTileRows = 128;  // an item's tiles, on its tiled side
   static constexpr int kStepRows = 64;   // the cost's unit, on the other side
   static_assert(kBuckets == kThreads, "one bucket per thread in the scan");
@@ -70,6 +74,7 @@ __global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
   const int heads = kKeyTiles ? p.Hkv : p.H;
   const int group = kKeyTiles ? p.H / (p.Hkv > 0 ? p.Hkv : 1) : 1;
   cursor[tid] = 0;
+  if (tid == 0) ws[Tr::kTakenWord] = 0;  // the forward's counter: none taken past its first round
   __syncthreads();  // every bucket zeroed before any thread counts into it
   // A (sequence, head)'s tiles (0: not listed) and the cost of one of them: the other side's
   // steps (>= 1: a backward tile without queries still stores its zero gradients).
@@ -161,9 +166,9 @@ __global__ void __launch_bounds__(WsSchedTraits::kThreads, 1)
   }
 }
 
-// The list entry a CTA takes in round r of the snake: round r covers entries [r·G, (r + 1)·G),
-// CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd ones; with the list longest
-// first, each CTA's total stays within about one item of the others'.
+// The backward's walk: the list entry a CTA takes in round r of the snake: round r covers entries
+// [r·G, (r + 1)·G), CTA c the c-th of them in even rounds and the (G - 1 - c)-th in odd ones; with
+// the list longest first, each CTA's total stays within about one item of the others'.
 ATTNKIT_DEVICE ATTNKIT_INLINE int ws_snake(int r) {
   const int g = int(gridDim.x), c = int(blockIdx.x);
   return r * g + ((r & 1) ? g - 1 - c : c);
