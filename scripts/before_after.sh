@@ -9,7 +9,7 @@
 #   bash scripts/before_after.sh                     # (gpu_quick's before_after step) waits, times
 #
 # BEFORE_SO: a prebuilt library of the older tree (carried; e.g. _before_C.abi3.so, ignored by
-# git), used instead of building it.
+# git, or its .xz), used instead of building it.
 # BEFORE_TAR (default _before.tar.gz), BEFORE_DIR (default /tmp/attnkit_before), OUT (logs and
 # JSON under $OUT/quick/ as gpu_quick's), ROUNDS (default 2), FAMILIES (bench_before_after's
 # tables: flash,gdpa (default), or one of them).
@@ -28,7 +28,11 @@ if [ -n "${BUILD_ONLY:-}" ]; then
   if [ -n "${BEFORE_SO:-}" ] && [ -f "$BEFORE_SO" ]; then
     # The older tree's library built and stripped on the CPU machine (scripts/carry_build.sh in
     # a checkout of that commit), carried by the call: no build here.
-    cp "$BEFORE_SO" "$BEFORE_DIR/python/attnkit/_C.abi3.so" && echo "rc=0" > "$BEFORE_DIR/.built"
+    # (.xz: compressed by XZ=1 scripts/carry_build.sh, so more libraries fit one call's carry.)
+    case "$BEFORE_SO" in
+      *.xz) xz -dc "$BEFORE_SO" > "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
+      *) cp "$BEFORE_SO" "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
+    esac && echo "rc=0" > "$BEFORE_DIR/.built"
     exit 0
   fi
   # The system compiler, as gpu_check.sh builds (the image's default CXX breaks extensions).

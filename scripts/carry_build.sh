@@ -12,6 +12,11 @@
 # device's too): the twenty-ninth session ran 7k CUDA tests on the H100 from one built here.
 # Rebuild after any change to csrc/ (a stale library tests old kernels: gpu_quick prints the
 # commit it was built at).
+#
+# XZ=1 also writes python/attnkit/_C.abi3.so.xz (~12 MB for 9.0a, xz -3): carry that instead of
+# the library and gpu_quick (SKIP_BUILD=1) unpacks it; before_after.sh takes a BEFORE_SO ending in
+# .xz as well. Four libraries fit one call's 64 MiB that way (the forty-first session's A/B of
+# main against three candidates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ATTNKIT_CUDA_ARCHS=${ATTNKIT_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-2} \
@@ -21,5 +26,9 @@ git rev-parse HEAD > python/attnkit/_C.abi3.so.commit
 if ! git diff --quiet HEAD -- csrc; then
   echo "carry_build: csrc/ has uncommitted changes: built from the working tree" \
     >> python/attnkit/_C.abi3.so.commit
+fi
+if [ -n "${XZ:-}" ]; then
+  xz -T2 -3 -kf python/attnkit/_C.abi3.so
+  ls -la python/attnkit/_C.abi3.so.xz
 fi
 ls -la python/attnkit/_C.abi3.so

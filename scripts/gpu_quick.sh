@@ -6,7 +6,8 @@
 #
 #   QUICK="flash_tests flash_sanitize flash_bench window paged_env main" bash scripts/gpu_quick.sh
 #
-# SKIP_BUILD=1 with a carried python/attnkit/_C.abi3.so (scripts/carry_build.sh) skips the build.
+# SKIP_BUILD=1 with a carried python/attnkit/_C.abi3.so (scripts/carry_build.sh; or its .xz, which
+# is unpacked first) skips the build.
 #
 # Not in the default list: the GDPA suite and the warp-specialised GDPA forward (fwd_ws.cuh),
 #   QUICK="gdpa_tests gdpa_ws_tests gdpa_ws_sanitize gdpa_ws_bench" bash scripts/gpu_quick.sh
@@ -100,6 +101,9 @@ step() {  # name, timeout seconds, command...
   SUMMARY+=("$(printf '%-16s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$L/$name.log" | cut -c1-80)")")
 }
 
+if [ -n "${SKIP_BUILD:-}" ] && [ ! -f python/attnkit/_C.abi3.so ] && [ -f python/attnkit/_C.abi3.so.xz ]; then
+  xz -dkf python/attnkit/_C.abi3.so.xz  # carried compressed (XZ=1 scripts/carry_build.sh)
+fi
 if [ -n "${SKIP_BUILD:-}" ] && [ -f python/attnkit/_C.abi3.so ]; then
   # A library built and stripped on the CPU machine (scripts/carry_build.sh), carried by the call
   echo "prebuilt library, built at: $(cat python/attnkit/_C.abi3.so.commit 2>/dev/null || echo ?)" \
