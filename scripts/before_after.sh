@@ -29,10 +29,15 @@ if [ -n "${BUILD_ONLY:-}" ]; then
     # The older tree's library built and stripped on the CPU machine (scripts/carry_build.sh in
     # a checkout of that commit), carried by the call: no build here.
     # (.xz: compressed by XZ=1 scripts/carry_build.sh, so more libraries fit one call's carry.)
-    case "$BEFORE_SO" in
-      *.xz) xz -dc "$BEFORE_SO" > "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
-      *) cp "$BEFORE_SO" "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
-    esac && echo "rc=0" > "$BEFORE_DIR/.built"
+    if case "$BEFORE_SO" in
+         *.xz) xz -dc "$BEFORE_SO" > "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
+         *) cp "$BEFORE_SO" "$BEFORE_DIR/python/attnkit/_C.abi3.so" ;;
+       esac; then
+      echo "rc=0" > "$BEFORE_DIR/.built"
+    else  # the timing run then stops at once with this log, instead of waiting for a build
+      echo "unpacking / copying BEFORE_SO=$BEFORE_SO failed" > "$L/before_build.log"
+      echo "rc=1" > "$BEFORE_DIR/.built"
+    fi
     exit 0
   fi
   # The system compiler, as gpu_check.sh builds (the image's default CXX breaks extensions).

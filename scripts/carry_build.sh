@@ -15,8 +15,8 @@
 #
 # XZ=1 also writes python/attnkit/_C.abi3.so.xz (~12 MB for 9.0a, xz -3): carry that instead of
 # the library and gpu_quick (SKIP_BUILD=1) unpacks it; before_after.sh takes a BEFORE_SO ending in
-# .xz as well. Four libraries fit one call's 64 MiB that way (the forty-first session's A/B of
-# main against three candidates).
+# .xz as well (carry _C.abi3.so.commit beside it: git ignores both). Four libraries fit one
+# call's 64 MiB that way (the forty-first session's A/B of main against three candidates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ATTNKIT_CUDA_ARCHS=${ATTNKIT_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-2} \
@@ -27,7 +27,7 @@ if ! git diff --quiet HEAD -- csrc; then
   echo "carry_build: csrc/ has uncommitted changes: built from the working tree" \
     >> python/attnkit/_C.abi3.so.commit
 fi
-if [ -n "${XZ:-}" ]; then
+if [ "${XZ:-0}" = 1 ]; then
   xz -T2 -3 -kf python/attnkit/_C.abi3.so
   ls -la python/attnkit/_C.abi3.so.xz
 fi

@@ -101,8 +101,10 @@ step() {  # name, timeout seconds, command...
   SUMMARY+=("$(printf '%-16s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$L/$name.log" | cut -c1-80)")")
 }
 
-if [ -n "${SKIP_BUILD:-}" ] && [ ! -f python/attnkit/_C.abi3.so ] && [ -f python/attnkit/_C.abi3.so.xz ]; then
-  xz -dkf python/attnkit/_C.abi3.so.xz  # carried compressed (XZ=1 scripts/carry_build.sh)
+# A carried .xz (XZ=1 scripts/carry_build.sh) replaces any library a warm machine kept from an
+# earlier call (ignored build outputs stay there between calls).
+if [ -n "${SKIP_BUILD:-}" ] && [ -f python/attnkit/_C.abi3.so.xz ]; then
+  xz -dkf python/attnkit/_C.abi3.so.xz || { echo "gpu_quick: unpacking _C.abi3.so.xz failed"; exit 1; }
 fi
 if [ -n "${SKIP_BUILD:-}" ] && [ -f python/attnkit/_C.abi3.so ]; then
   # A library built and stripped on the CPU machine (scripts/carry_build.sh), carried by the call

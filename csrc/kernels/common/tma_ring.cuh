@@ -122,7 +122,8 @@ struct TmaRing {
 // back in one barrier array: q (fill n: the CTA's unit n, whose WsUnit the Q loader writes into
 // the kernel's units[q.stage(n)] before its arrival), k and v (fill g: the CTA's key tile g).
 // Every full barrier completes on the loading thread's arrival (with the bytes its copies count
-// off), every empty barrier on the releases of the consumer warps.
+// off), every empty barrier on the releases of the consumer warps (q's, in the jagged GDPA
+// forward, also on its V loader's and fix-up warp's: init's q_readers).
 // kFixupV: v passes a fix-up warp (TmaRing's kFixup) between its copies and the consumers.
 template <int kQ, int kK, int kV, bool kFixupV = false>
 struct QkvRings {

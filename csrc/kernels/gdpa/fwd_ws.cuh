@@ -396,9 +396,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
     WsUnit u;
     const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
-    // The fix-up warp runs the same walk as the loaders, in this same loop (a loop of its own
-    // made ptxas spill the loaders' walk at 24 registers: 60 -> 374 bytes of spill stores in the
-    // single-loader instances; its block first in the tile loop spills least).
+    // The fix-up warp runs in the loaders' loop (the same walk in order; in the jagged instance
+    // the units the Q loader hands over): a loop of its own made ptxas spill the loaders' walk
+    // at 24 registers (60 -> 374 bytes of spill stores in the single-loader instances); its
+    // block first in the tile loop spills least.
     const bool fixes_v = tid / 32 == Tr::kFixupWarp;
     if (!loads_qk && !loads_v && !fixes_v) return;
     if (!fixes_v) {
