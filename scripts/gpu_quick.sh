@@ -538,6 +538,11 @@ for s in $QUICK; do
       step resident_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
         -k "(resident_kv and bfloat16) or warp_specialised_garbage" ;;
+    resident_racecheck)  # racecheck on the kept key tiles' forward: its output stored through the
+      # Q stage (stmatrix, then a tensor-map store, then the stage's release to the Q loader)
+      step resident_racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --print-limit 10 $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
+        -k "resident_kv and bfloat16 and 128 and (none or causal)" ;;
     serving_before_after)  # the same older tree's bench_serving against this one's, alternately
       # (BENCH=serving scripts/before_after.sh; ~40 s a round after the background build)
       step serving_before_after 200 env BENCH=serving bash scripts/before_after.sh ;;

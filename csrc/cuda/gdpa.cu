@@ -65,6 +65,15 @@ at::Tensor ws_sched_workspace(int64_t items, bool jagged, const at::Tensor& like
 // past the last row): tensors with more rows cannot be mapped, copied or not.
 constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
 
+// The map of `t` as it is (no copy): false where the driver refuses it.
+bool ws_map_of(const at::Tensor& t, uint32_t box_rows, CUtensorMap* map) {
+  const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
+  const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
+  const uint32_t box[3] = {64, 1, box_rows};
+  return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims, strides,
+                              box);
+}
+
 // The map of one input `t` ([T][heads][D] in the kernels' layout, D % 8 == 0 from kernel_layout)
 // in boxes of 64 columns (128 bytes, the sw128 width of both directions' kernels) x `box_rows`
 // rows. An input the copy engine cannot address as given (a zero stride of an expanded tensor,
@@ -75,13 +84,7 @@ constexpr int64_t kMaxMapRows = (int64_t(1) << 31) - 1024;
 // says which input and how it looked, for the refusal's message.
 bool ws_map_or_copy(at::Tensor& t, const char* name, uint32_t box_rows, CUtensorMap* map,
                     std::string* why) {
-  auto encode = [&] {
-    const uint64_t dims[3] = {uint64_t(t.size(2)), uint64_t(t.size(1)), uint64_t(t.size(0))};
-    const uint64_t strides[2] = {uint64_t(t.stride(1)) * 2, uint64_t(t.stride(0)) * 2};
-    const uint32_t box[3] = {64, 1, box_rows};
-    return tma::encode_3d_sw128(map, t.scalar_type() == at::kBFloat16, t.data_ptr(), dims,
-                                strides, box);
-  };
+  auto encode = [&] { return ws_map_of(t, box_rows, map); };
   if (encode()) return true;
   const bool row_major = t.stride(2) == 1 && t.stride(1) == t.size(2) &&
                          t.stride(0) == t.size(1) * t.size(2) &&
@@ -328,6 +331,10 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   if (pre.kernel == GdpaKernel::kSm90Ws) {
     f.maps_ok = fwd_ws_maps(q, k, v, &maps, &maps_why);
+    // The output's map (the resident instance stores whole tiles with it): never a copy, which
+    // the kernel's stores would miss; without it every unit takes the register store.
+    maps.o64_ok = f.maps_ok && o.size(0) < kMaxMapRows &&
+                  ws_map_of(o, FwdWsTraits::kNarrowBoxRows, &maps.o64);
     // A copied input has new addresses and strides.
     fill_fwd(p, q, k, v, o, qo, ko, act, qk_scale, pre_scale, causal, window_size);
   }

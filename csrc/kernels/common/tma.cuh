@@ -56,6 +56,21 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void load_3d(void* smem, const void* map, int c0, 
       : "memory");
 }
 
+// The box at `smem` (laid out as a load of the same box would land) -> global memory at the
+// coordinates {c0, c1, c2}; elements outside the map's extents are dropped. Asynchronous: part of
+// this thread's next bulk group (bulk::commit_group; bulk::wait_group_read before `smem` is
+// written again). Writers of `smem` execute bulk::fence_proxy_async() and synchronise with the
+// issuer first.
+ATTNKIT_DEVICE ATTNKIT_INLINE void store_3d(const void* map, const void* smem, int c0, int c1,
+                                            int c2) {
+  ATTNKIT_TMA_ASM(
+      "cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group"
+      " [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(c2), "r"(mma::smem_addr(smem))
+      : "memory");
+}
+
 // One box of a 4-D tiled map (e.g. batched [B][S][H][D]: {D, H, S, B}), as load_3d.
 ATTNKIT_DEVICE ATTNKIT_INLINE void load_4d(void* smem, const void* map, int c0, int c1, int c2,
                                            int c3, uint64_t* bar) {

@@ -126,6 +126,22 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// stmatrix: four 8x8 16-bit matrices from registers in the m16n8k16 fragment layout (lane holds
+// row lane/4, columns 2*(lane%4) + {0,1} of each matrix) to shared memory; lane 8i + r gives the
+// address of stored row r of matrix i. Plain: stored row r receives fragment row r (a 16-byte
+// row of 8 elements, e.g. an output row of the accumulator). Transposed: stored row r receives
+// fragment column r (dS to shared for dQ = dS·K in the GDPA backward).
+ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 #endif  // ATTNKIT_HAS_WGMMA
 
 }  // namespace wgmma

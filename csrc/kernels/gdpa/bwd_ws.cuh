@@ -96,18 +96,6 @@ struct BwdWsMaps {
   CUtensorMap q, k, v, dout, dq_accum;
 };
 
-#if ATTNKIT_HAS_WGMMA
-// Four 8x8 16-bit matrices (registers in the m16n8k16 fragment layout: lane holds row lane/4,
-// columns 2*(lane%4) + {0,1}) stored transposed: lane 8i + r gives the address of stored row r of
-// matrix i, which receives column r of the fragment (its 8 rows, contiguous). dS goes to shared
-// memory this way for dQ = dS·K.
-ATTNKIT_DEVICE ATTNKIT_INLINE void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
-               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-               : "memory");
-}
-#endif
-
 // A CTA's work items. In order (kList = false): item blockIdx.x of cta_item's enumeration, one
 // per CTA. From the jagged list (kList = true, gdpa_ws_schedule_kernel<true>): entries in
 // ws_snake's order over the persistent CTAs. Each item's key tiles are it.tile, + it.tiles, ...
@@ -457,7 +445,7 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
           const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
 #pragma unroll
           for (int kk = 0; kk < BM / 16; ++kk) {
-            stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
+            wgmma::stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
                                                               row0_ds + (mi & 1) * 8),
                               dsa[kk]);
           }

@@ -5,8 +5,10 @@
 //
 // CTA = (sequence, 128-row query tile, head) units, 384 threads = 3 warpgroups:
 //   warpgroup 0, producer: gives its registers back (setmaxnreg.dec to 24); one thread issues the
-//     Q and K loads and another the V loads (one thread all of them without kSplitLoads), as
-//     tensor-map copies (kernels/common/tma.cuh): Q once per unit into a 2-stage ring, then K_j
+//     Q and K loads and another the V loads (one thread all of them without kSplitLoads; in the
+//     kResident instance a third thread loads Q), as
+//     tensor-map copies (kernels/common/tma.cuh): Q once per unit into a 2-stage ring (3 in the
+//     kResident instance), then K_j
 //     and V_j per key tile into rings of their own (2 stages for K, 3 for V when split). Each
 //     128 x 128 tile is two boxes of [128 rows][1 head][64 cols] that land in the two 64-column
 //     blocks of the sw128 layout (the 128-byte hardware swizzle), so no consumer thread computes a
@@ -33,8 +35,10 @@
 // producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
 // barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
 // wgmma reads are done: K after S_g, V after the delayed P·V; Q after the unit's last S, once
-// every lane's read of units[] is behind a __syncwarp). V has a third barrier per stage, ready:
-// the fix-up warp's hand-over, which the consumers wait for instead of V's full barrier.
+// every lane's read of units[] is behind a __syncwarp; in kResident a unit stored through its
+// Q stage releases it after the store, one thread a warpgroup: store_unit). V has a third barrier
+// per stage, ready: the fix-up warp's hand-over, which the consumers wait for instead of V's full
+// barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
@@ -94,14 +98,19 @@ struct FwdWsTraits {
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kBlockM = 64 * kConsumerWarpGroups;
   static constexpr int kBlockN = 128;
-  // Two Q stages, so the next unit's Q lands while the current unit runs; two K stages and two or
-  // three V stages, released apart: K_g as soon as S_g is done, V_g after the delayed P_g·V_g.
+  // Two Q stages (three in kResident: stages_q), so the next unit's Q lands while the current
+  // unit runs; two K stages and two or three V stages, released apart: K_g as soon as S_g is
+  // done, V_g after the delayed P_g·V_g.
   // With one loading thread, K_{g+1} queues behind V_g, which waits for P_{g-2}·V_{g-2}: both
   // land about 1.5 key tiles after their stage frees. kSplitLoads (the default) gives V its own
   // thread and a third stage: K then has ~2 tiles of lead and V ~2.5, which the L = 256 shapes
   // (HBM-heavy: ~2 TB/s at 260 TFLOP/s) need to hide the load latency.
-  static constexpr int kQStages = 2;
   static constexpr int kStages = 2;  // K
+  // kResident (below) keeps a third Q stage, loaded by a thread of its own (kQThread): with the
+  // output map a unit's Q stage is released only after its output was stored through it (about a
+  // key tile after its last S, store_unit), and its units are one or two key tiles, so the third
+  // stage keeps Q about two units ahead (alone it measured level: the forty-second session).
+  static constexpr int stages_q(bool resident = false) { return resident ? 3 : 2; }
   // kResident (below) keeps two V stages: a sequence's <= 2 key tiles then land in the same K and
   // V stages unit after unit.
   static constexpr int stages_v(bool split_loads, bool resident = false) {
@@ -117,12 +126,14 @@ struct FwdWsTraits {
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   // Named barriers (0 is __syncthreads): one turn per consumer warpgroup (ping-pong).
   static constexpr int kTurnBar = 1;
+  // kResident with an output map: each warpgroup's barrier before its store (ids 3, 4).
+  static constexpr int kStoreBar = kTurnBar + kConsumerWarpGroups;
   // The producer warp that zeroes the V rows past a sequence's end (warps 0 and 1 load; 2 and 3
   // were idle).
   static constexpr int kFixupWarp = 2;
   // + 1 KB so the tiles can start 1024-byte aligned whatever the dynamic base is (<= 227 KB).
   static constexpr int smem_bytes(bool split_loads, bool resident = false) {
-    return 1024 + kTileBytes * (kQStages + kStages + stages_v(split_loads, resident));
+    return 1024 + kTileBytes * (stages_q(resident) + kStages + stages_v(split_loads, resident));
   }
   static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows && kD == 2 * kBoxCols, "one box shape");
   // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
@@ -144,6 +155,10 @@ struct FwdWsMaps {
   CUtensorMap q, k, v;
   CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
   CUtensorMap q64;       // q in boxes of 64 rows (narrow query tiles, narrow_q_tile)
+  // The output in boxes of 64 rows (the kResident instance's stores through the Q stage);
+  // o64_ok false: it could not be made without a copy, and the register store serves every unit.
+  CUtensorMap o64;
+  bool o64_ok = false;
 };
 
 // One unit of a CTA's work: a 128-row query tile of one (sequence, head) that sees >= 1 key tile:
@@ -308,17 +323,18 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
                        const __grid_constant__ CUtensorMap map_v,
                        const __grid_constant__ CUtensorMap map_k64,
                        const __grid_constant__ CUtensorMap map_v64,
-                       const __grid_constant__ CUtensorMap map_q64) {
+                       const __grid_constant__ CUtensorMap map_q64,
+                       const __grid_constant__ CUtensorMap map_o64, const bool store_map) {
 #if ATTNKIT_HAS_WGMMA
   using Tr = FwdWsTraits;
   using Mma = wgmma::Wgmma<T, Tr::kBlockN>;  // S = Q·Kᵀ: N = key tile
   using MmaO = wgmma::Wgmma<T, Tr::kD>;      // O += P·V: N = head dim
   static_assert(!(kResident && kJagged), "resident key tiles are the in-order walk's");
   constexpr int D = Tr::kD, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStages,
-                SV = Tr::stages_v(kSplitLoads, kResident), QS = Tr::kQStages;
+                SV = Tr::stages_v(kSplitLoads, kResident), QS = Tr::stages_q(kResident);
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* sq = smem;                     // [kQStages] Q tiles
+  unsigned char* sq = smem;                     // [QS] Q tiles
   unsigned char* sk = sq + QS * Tr::kTileBytes;  // [kStages] K tiles
   unsigned char* sv = sk + S * Tr::kTileBytes;   // [SV] V tiles
 
@@ -346,7 +362,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   const int group = p.H / p.Hkv;
 
   // Producer warpgroup: lane 0 of warp 0 loads Q and K, V too unless split (then lane 0 of warp
-  // 1); warp kFixupWarp mends V; warp 3 exits.
+  // 1); warp kFixupWarp mends V; warp 3 exits (in kResident its lane 0 loads Q).
   //
   // The V fix-up warp. Before a unit's last P·V, the rows of its last key tile past the sequence's
   // keys (v_rows on: the next sequence's values, maybe inf / NaN; zeros past T) must be zero, since
@@ -395,18 +411,24 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   if (tid < 128) {
     wgmma::setmaxnreg_dec<Tr::kProducerRegs>();
     WsUnit u;
-    const bool loads_qk = tid == 0, loads_v = kSplitLoads ? tid == 32 : tid == 0;
+    // kQThread (the resident instance): Q from lane 0 of warp 3 (otherwise idle), so that its
+    // third stage is filled as soon as it frees instead of after the unit's K acquires.
+    constexpr bool kQThread = kResident;
+    const bool loads_k = tid == 0, loads_q = kQThread ? tid == 96 : tid == 0;
+    const bool loads_v = kSplitLoads ? tid == 32 : tid == 0;
     // The fix-up warp runs in the loaders' loop (the same walk in order; in the jagged instance
     // the units the Q loader hands over): a loop of its own made ptxas spill the loaders' walk
     // at 24 registers (60 -> 374 bytes of spill stores in the single-loader instances); its
     // block first in the tile loop spills least.
     const bool fixes_v = tid / 32 == Tr::kFixupWarp;
-    if (!loads_qk && !loads_v && !fixes_v) return;
-    if (!fixes_v) {
-      tma::prefetch_map(loads_qk ? &map_q : &map_v);
-      if (loads_qk) tma::prefetch_map(&map_k);
-      if constexpr (kJagged) tma::prefetch_map(loads_qk ? &map_k64 : &map_v64);
-      if (kJagged && loads_qk) tma::prefetch_map(&map_q64);
+    if (!loads_q && !loads_k && !loads_v && !fixes_v) return;
+    if (loads_q) tma::prefetch_map(&map_q);
+    if (loads_k) tma::prefetch_map(&map_k);
+    if (loads_v) tma::prefetch_map(&map_v);
+    if constexpr (kJagged) {  // (one thread loads Q and K there)
+      if (loads_k) tma::prefetch_map(&map_k64);
+      if (loads_v) tma::prefetch_map(&map_v64);
+      if (loads_q) tma::prefetch_map(&map_q64);
     }
     using Cursor = WsCursor<kJagged, kResident>;
     typename Cursor::Index items;
@@ -415,7 +437,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     if constexpr (kJagged) {
       items = ws_list_items(sched, capacity);
       list = reinterpret_cast<const int4*>(sched + WsSchedTraits::kHeader);
-      if (loads_qk) cursor.start(sched + WsSchedTraits::kTakenWord);
+      if (loads_q) cursor.start(sched + WsSchedTraits::kTakenWord);
     } else {
       items = int64_t(q_tiles) * p.H * p.B;
     }
@@ -423,7 +445,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       const int64_t per = (items + gridDim.x - 1) / gridDim.x, first = per * blockIdx.x;
       cursor = Cursor(first);
       items = std::min<int64_t>(items, first + per);
-      if (loads_qk) {
+      if (loads_k) {
         for (int s = 0; s < S; ++s) k_held[s] = {-1, -1};
       }
       if (loads_v) {
@@ -441,7 +463,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // ends their walk as the consumers'.
     auto next_unit = [&]() -> bool {
       if constexpr (kJagged) {
-        if (!loads_qk) {
+        if (!loads_q) {
           bulk::wait(ring_q.full(qn), (qn / QS) & 1);
           u = units[ring_q.stage(qn)];
           if (u.n_tiles == 0) return false;
@@ -458,7 +480,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     };
     while (next_unit()) {
       const int hk = u.h / group;
-      if (loads_qk) {
+      if (loads_q) {
         const uint32_t qs = ring_q.stage(qn);
         ring_q.producer_acquire(qn);
         units[qs] = u;
@@ -498,7 +520,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         }
         // K and V apart, though alike: one lambda for both made ptxas spill more in the default
         // split-loader instance (46 / 40 -> 54 / 56 bytes, scripts/sass_check.py).
-        if (loads_qk) {
+        if (loads_k) {
           unsigned char* k_dst = sk + ring_k.stage(g) * Tr::kTileBytes;
           ring_k.producer_acquire(g);
           if (kResident && holds_tile(k_held, ring_k.stage(g), row, hk)) {
@@ -522,7 +544,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         }
       }
     }
-    if (loads_qk) {  // the end of the walk, in the next Q stage
+    if (loads_q) {  // the end of the walk, in the next Q stage
       const uint32_t qs = ring_q.stage(qn);
       ring_q.producer_acquire(qn);
       units[qs].n_tiles = 0;
@@ -551,10 +573,52 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   struct Done {
     int64_t out_off;
     int rows_valid;
+    // kResident, a unit of 128 valid rows with the output map: stored through its Q stage.
+    bool map;
+    uint32_t qn;      // its Q fill
+    int row0, h;      // its first row in the output and its head
   };
+  // A unit stored through its Q stage (map_unit): each warpgroup writes its 64 rows of the output
+  // with stmatrix into the rows of the Q stage only its own S products read (their last one is
+  // waited for before any store), so the transpose is the instruction's, not 96 selects and 32
+  // shuffles a thread (store_rows' quad_transpose: docs/performance.md, forty-second session);
+  // one thread of the warpgroup then stores the two 64 x 64 boxes with the output map, waits for
+  // their shared reads and releases the Q stage for its warpgroup's four warps (the consumers do
+  // not release it at the unit's last S then), so the loader refills it only after the store.
   auto store_unit = [&](const Done& w, const float(&acc)[D / 8][4]) {
-    store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0, w.rows_valid,
-                     0, p.D, acc, p.qk_scale);
+    if (kResident && w.map) {
+      const int m = lane >> 3, r = warp_row0 + (m & 1) * 8 + (lane & 7);
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        const float sc = p.qk_scale;
+        const uint32_t v[4] = {mma::pack2<T>(acc[n][0] * sc, acc[n][1] * sc),
+                               mma::pack2<T>(acc[n][2] * sc, acc[n][3] * sc),
+                               mma::pack2<T>(acc[n + 1][0] * sc, acc[n + 1][1] * sc),
+                               mma::pack2<T>(acc[n + 1][2] * sc, acc[n + 1][3] * sc)};
+        // Lane l gives the row address of row l % 8 of matrix l / 8: matrices 0 / 1 are rows
+        // 0-7 / 8-15 of column group n, 2 / 3 those of group n + 1 (the accumulator's order).
+        const int ng = n + (m >> 1);
+        const uint32_t addr = sq_addr + ring_q.stage(w.qn) * Tr::kTileBytes +
+                              (ng >> 3) * Tr::kBoxBytes + r * 128 + (((ng & 7) ^ (r & 7)) << 4);
+        wgmma::stmatrix_x4(addr, v);
+      }
+      bulk::fence_proxy_async();  // the stores, then the copy engine's reads
+      wgmma::named_barrier_sync(Tr::kStoreBar + wg, 128);
+      if ((ctid & 127) == 0) {
+        // This warpgroup's 64 rows of both column blocks: 8 KB into each 16 KB block, a multiple
+        // of the swizzle's 1024-byte period, so each half is laid out as a 64-row box lands.
+        const unsigned char* half = sq + ring_q.stage(w.qn) * Tr::kTileBytes + wg * 64 * 128;
+        tma::store_3d(&map_o64, half, 0, w.h, w.row0 + wg * 64);
+        tma::store_3d(&map_o64, half + Tr::kBoxBytes, Tr::kBoxCols, w.h, w.row0 + wg * 64);
+        bulk::commit_group();
+        bulk::wait_group_read<0>();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ring_q.consumer_release(w.qn);  // the warpgroup's 4 warps
+      }
+    } else {
+      store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0,
+                       w.rows_valid, 0, p.D, acc, p.qk_scale);
+    }
   };
   // O += P·V of a key tile whose V is at sv_tile: K = 128, or K = 64 for a narrow tile (P's
   // columns 64..127 are zero there and V's rows 64..127 were never loaded). The accumulate flag is
@@ -607,6 +671,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // store writes no row (all of its rows are past the sequence), and its stale acc_o is
     // overwritten by the first P·V of its next unit (pv_first).
     const bool idle = wg_u == 1 && narrow_q_tile<kJagged>(u);
+    // kResident with the output map: a unit whose 128 rows are all the sequence's is stored
+    // through its Q stage (store_unit); one that ends inside its tile keeps the register store (a
+    // box would write the next sequence's rows).
+    const bool map_unit = kResident && store_map && u.qs.len - u.i0 >= BM;
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
@@ -639,8 +707,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         wgmma::fence_regs(s);
         if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
         // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which
-        // the Q loader rewrites after it (an arrival releases only its own thread's reads).
-        if (j == u.n_tiles - 1) ring_q.consumer_release_warp(qn, lane);
+        // the Q loader rewrites after it (an arrival releases only its own thread's reads). A unit
+        // stored through its Q stage releases it after the store instead (store_unit).
+        if (j == u.n_tiles - 1 && !map_unit) ring_q.consumer_release_warp(qn, lane);
         // φ, then the masks.
         act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
         const int r0 = u.i0 + warp_row0;
@@ -692,7 +761,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       pv_idle = idle;
     }
     prev = {(int64_t(u.qs.begin) + u.i0) * p.o_row_stride + int64_t(u.h) * p.o_head_stride,
-            u.qs.len - u.i0};
+            u.qs.len - u.i0, map_unit, qn, u.qs.begin + u.i0, u.h};
     ++qn;
   }
   wsfwd::drain_last_pv(
@@ -751,7 +820,8 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   }
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
-                                               maps.v64, maps.q64);
+                                               maps.v64, maps.q64, maps.o64,
+                                               resident && maps.o64_ok);
   return cudaGetLastError();
 }
 
