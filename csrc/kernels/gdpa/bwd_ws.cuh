@@ -445,9 +445,9 @@ __global__ void __launch_bounds__(BwdWsTraits::kThreads, 1)
           const int row0_ds = (t_ds / 128) * 64 + ((t_ds / 32) & 3) * 16;
 #pragma unroll
           for (int kk = 0; kk < BM / 16; ++kk) {
-            wgmma::stmatrix_x4_trans(sds_s + wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r,
-                                                              row0_ds + (mi & 1) * 8),
-                              dsa[kk]);
+            const uint32_t at =
+                wgmma::sw128_offset<BM>(16 * kk + (mi >> 1) * 8 + r, row0_ds + (mi & 1) * 8);
+            wgmma::stmatrix_x4_trans(sds_s + at, dsa[kk]);
           }
           wgmma::fence_async_smem();
           // This warpgroup's dQ staging buffer is free once its issuer's last reduction has read

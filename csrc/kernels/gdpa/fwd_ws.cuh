@@ -598,9 +598,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         // Lane l gives the row address of row l % 8 of matrix l / 8: matrices 0 / 1 are rows
         // 0-7 / 8-15 of column group n, 2 / 3 those of group n + 1 (the accumulator's order).
         const int ng = n + (m >> 1);
-        const uint32_t addr = sq_addr + ring_q.stage(w.qn) * Tr::kTileBytes +
-                              (ng >> 3) * Tr::kBoxBytes + r * 128 + (((ng & 7) ^ (r & 7)) << 4);
-        wgmma::stmatrix_x4(addr, v);
+        wgmma::stmatrix_x4(
+            sq_addr + ring_q.stage(w.qn) * Tr::kTileBytes + wgmma::sw128_offset<BM>(r, ng * 8), v);
       }
       bulk::fence_proxy_async();  // the stores, then the copy engine's reads
       wgmma::named_barrier_sync(Tr::kStoreBar + wg, 128);
