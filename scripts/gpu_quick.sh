@@ -54,7 +54,8 @@
 # permute_bound: moe_permute against Triton floors of its traffic;
 # gdpa_schedule: both ws GDPA kernels' jagged schedule (tests, memcheck, the backward's list
 # against its in-order launch, the jagged forward's DRAM bytes);
-# gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); compat_cuda: the
+# gdpa_instance_ab: the jagged forward instance on dense data (GDPA_AB_ARGS); gdpa_unit_costs: the
+# jagged forward's cost per unit and key tile by kind (UNIT_COST_ARGS); compat_cuda: the
 # drop-in shims' CUDA tests;
 # audit_checks: the twenty-ninth session's audit fixes on CUDA (bad-input matrices, the paged
 # whole-table length); paged_choose_sanitize: memcheck on the paged kernel choice (pinned kernels, the override);
@@ -227,6 +228,9 @@ for s in $QUICK; do
     gdpa_instance_ab)  # issue #19: the jagged instance on a dense batch (hint + 1) against the dense
       # instance, and in batch order; tells instance cost from data cost (benchmarks/gdpa_instance_ab.py)
       step gdpa_instance_ab 150 $PY benchmarks/gdpa_instance_ab.py --profile ${GDPA_AB_ARGS:-} ;;
+    gdpa_unit_costs)  # issue #19: the jagged forward's cost per unit by kind (full / half query
+      # unit, full / narrow key tile) fitted over Lq:Lk batches (benchmarks/gdpa_unit_costs.py; ~60 s)
+      step gdpa_unit_costs 150 $PY benchmarks/gdpa_unit_costs.py ${UNIT_COST_ARGS:-} ;;
     compat_cuda)  # the drop-in shims (moe_compat, serving / GDPA compat) on CUDA
       step compat_cuda 150 $PY -m pytest tests/test_moe_compat.py tests/test_serving_compat.py \
         tests/test_gdpa_compat.py -q -n 16 -rfE ;;
