@@ -289,7 +289,10 @@ def test_forward_mode_ad_is_a_clear_error():
     """A dual tensor need not require grad: the no-node shortcut dropped its tangent (jvp gave
     zeros). Now flash_attn_fwd, flash_attn_bwd and moe_route raise, naming the argument."""
     q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64) for _ in range(3))
-    with pytest.raises(RuntimeError, match="q carries a forward-mode AD tangent"):
+    # Its hint names the reverse mode that works (torch.func.grad / vjp refuse C++ autograd
+    # functions with torch's own error: a helper's audit, forty-fourth session).
+    hint = r"reverse mode is: \.backward\(\) / torch\.autograd\.grad;"
+    with pytest.raises(RuntimeError, match="q carries a forward-mode AD tangent.*" + hint):
         torch.func.jvp(lambda q: FWD(q, k, v)[0], (q,), (torch.ones_like(q),))
     logits = torch.randn(6, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="logits carries a forward-mode AD tangent"):

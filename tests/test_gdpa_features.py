@@ -124,6 +124,21 @@ def test_broadcast_q_dq_reproducible(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,B", [(0, 2), (2, 0)])
+def test_broadcast_q_backward_of_nothing(device, H, B):
+    """No head, or no kv sequence: the forward is empty and dq is zeros (the batch sum's view of
+    0 elements was ambiguous with no head: an unnamed ATen error; a helper's audit, forty-fourth
+    session)."""
+    q = torch.randn(3, H, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(5 * B, max(H, 1), 16, device=device) for _ in range(2))
+    ko = torch.arange(B + 1, device=device) * 5
+    out = attnkit.gdpa(q, k, v, torch.tensor([0, 3], device=device), ko, 3, 5, broadcast_q=True)
+    assert out.shape == (B * 3, H, 16)
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert dq.shape == q.shape and not dq.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [-1, 12])
 def test_forward_independent_of_neighbours(device, window):
     """A sequence's forward result does not depend on its batch neighbours or their order."""

@@ -90,6 +90,12 @@ def test_moe_block_argument_checks():
     assert torch.equal(copy(x), dense(x))
     assert attnkit.MoE(H, I, E, k, bias=torch.ones(E)).load_experts_from(
         attnkit.MoE(H, I, E, k)).bias is None
+    # The block names x, not its own weights, for an input that does not fit them (moe() took
+    # x's width as given and blamed w1: a helper's audit, forty-fourth session).
+    for bad, what in ((torch.randn(3, H + 1), "hidden size"), (x.double(), "dtype"),
+                      (torch.randn(()), "hidden size")):
+        with pytest.raises(RuntimeError, match=f"^attnkit: MoE: x: .*{what}"):
+            dense(bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

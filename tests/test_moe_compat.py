@@ -433,6 +433,9 @@ BAD = {  # case: (function, args, exception, the argument its message must name)
                              "scoring_func"),
     "grouped_topk scale nan": ("grouped_topk", (_H, _X, 2, True, 4, 2, "softmax", float("nan")),
                                ValueError, "routed_scaling_factor"),
+    # finite as a double, inf as the fp32 the kernel takes (was the op's RuntimeError)
+    "grouped_topk scale 1e39": ("grouped_topk", (_H, _X, 2, True, 4, 2, "softmax", 1e39),
+                                ValueError, "routed_scaling_factor"),
     "grouped_topk bias int": ("grouped_topk", (_H, _X, 2, True, 4, 2, "sigmoid", 1.0,
                                                torch.zeros(8).long()), RuntimeError,
                               "e_score_correction_bias"),

@@ -83,8 +83,14 @@ def _kvcache_inputs(device, B=2, Sq=1, H=2, Hkv=1, D=32, S_cache=20, S_new=1):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [dict(softcap=float("inf")), dict(softmax_scale=float("nan")),
-                                 dict(s_aux=torch.zeros(3)), dict(window_size=(4, 0, 1))],
-                         ids=["softcap", "softmax_scale", "s_aux", "window_size"])
+                                 dict(s_aux=torch.zeros(3)), dict(window_size=(4, 0, 1)),
+                                 # what the op refused only after the append (a helper's audit,
+                                 # forty-fourth session): out=, a float8 sink, the scale factor
+                                 dict(out=torch.empty(2, 1, 2, 32, dtype=torch.float64)),
+                                 dict(s_aux=torch.zeros(2).to(torch.float8_e4m3fn)),
+                                 dict(softmax_scale=3e38), dict(softcap=1e-40)],
+                         ids=["softcap", "softmax_scale", "s_aux", "window_size", "out",
+                              "s_aux_fp8", "scale_factor", "softcap_factor"])
 def test_kvcache_raises_before_writing(device, bad):
     q, kc, vc, k, v = _kvcache_inputs(device)
     bad = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in bad.items()}
@@ -92,6 +98,64 @@ def test_kvcache_raises_before_writing(device, bad):
     with pytest.raises(RuntimeError, match=next(iter(bad))):
         attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4, **bad)
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_head_dim_refused_before_writing(device):
+    """A head dim the op refuses (> 256) is refused before the new k / v are appended."""
+    q, kc, vc, k, v = _kvcache_inputs(device, D=320)
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match="^attnkit: q: expected head dim in"):
+        attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4)
+    assert torch.equal(kc, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_named_as_passed(device):
+    """A float8 sink tensor is named under the keyword it came by (the op named it s_aux)."""
+    q, kc, vc, _, _ = _kvcache_inputs(device)
+    fp8 = torch.zeros(2, device=device).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="^attnkit: learnable_sink:"):
+        attnkit.flash_attn_func(q, kc[:, :4], vc[:, :4], learnable_sink=fp8)
+    with pytest.raises(RuntimeError, match="^attnkit: sinks:"):
+        attnkit.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, sinks=fp8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_fp8_descales_are_float32_on_every_path(device):
+    """The dense / gathered fp8 path takes fp32 descales, as the paged op does (a bool one was
+    read as 0 / 1)."""
+    q, kc, vc, _, _ = _kvcache_inputs(device, H=2, Hkv=2)
+    q = q.bfloat16()
+    kc8, vc8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    ones = torch.ones(2, 2, device=device)
+    for bad in (ones.bool(), ones.int(), ones.half()):
+        with pytest.raises(RuntimeError, match="^attnkit: k_descale: expected dtype float32"):
+            attnkit.flash_attn_with_kvcache(q, kc8, vc8, cache_seqlens=4, k_descale=bad,
+                                            v_descale=ones)
+    attnkit.flash_attn_with_kvcache(q, kc8, vc8, cache_seqlens=4, k_descale=ones, v_descale=ones)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_caches_of_no_position(device):
+    """An empty paged cache at a page size the op does not take (gathered) and a dense cache of
+    no position with an append: keyless rows, zeros (an IndexError and the writer's error under
+    its own names before); a paged block size of 0 is refused naming k_cache."""
+    q = torch.randn(1, 1, 4, 8, device=device)
+    empty = torch.randn(0, 8, 2, 8, device=device)
+    out = attnkit.flash_attn_with_kvcache(q, empty, empty.clone(), cache_seqlens=0,
+                                          page_table=torch.zeros(1, 3, dtype=torch.int32,
+                                                                 device=device))
+    assert out.shape == q.shape and not out.any()
+    kc, vc = (torch.randn(1, 0, 2, 8, device=device) for _ in range(2))
+    k, v = (torch.randn(1, 1, 2, 8, device=device) for _ in range(2))
+    out = attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=0)
+    assert out.shape == q.shape and not out.any()
+    zero_block = torch.randn(4, 0, 2, 8, device=device)
+    with pytest.raises(RuntimeError, match="^attnkit: k_cache: expected a block size >= 1"):
+        attnkit.flash_attn_with_kvcache(q, zero_block, zero_block.clone(), cache_seqlens=0,
+                                        block_table=torch.zeros(1, 3, dtype=torch.int32,
+                                                                device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -29,8 +29,9 @@ inline void check_no_forward_ad(const char* op,
   for (const auto& [name, dual] : inputs) {
     ATTNKIT_CHECK(!dual, op, ": ", name,
                   " carries a forward-mode AD tangent (torch.func.jvp / a forward_ad dual "
-                  "tensor); forward-mode AD is not supported (reverse mode is: backward, "
-                  "torch.func.vjp / grad)");
+                  "tensor); forward-mode AD is not supported (reverse mode is: .backward() / "
+                  "torch.autograd.grad; torch.func's transforms do not run C++ autograd "
+                  "functions)");
   }
 }
 

@@ -127,7 +127,9 @@ inline BroadcastQ expand_broadcast_q(const at::Tensor& q, const at::Tensor& q_of
 // dq of the expanded query rows summed over the B copies, in fp32, in a fixed order.
 inline at::Tensor reduce_broadcast_dq(const at::Tensor& dq_expanded, const at::Tensor& q) {
   const int64_t Lq = q.size(0);
-  if (Lq == 0) return at::zeros_like(q);
+  // Nothing to sum (no query row, no kv sequence, or no head: a view of 0 elements as
+  // {-1, Lq, 0, D} is ambiguous, a helper's audit, forty-fourth session): dq is zeros.
+  if (Lq == 0 || dq_expanded.numel() == 0) return at::zeros_like(q);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return dq_expanded.to(acc).view({-1, Lq, q.size(1), q.size(2)}).sum(0).to(q.scalar_type());
 }

@@ -54,6 +54,9 @@ def _window(window_size) -> Tuple[int, int]:
     return tuple(-1 if int(w) < 0 or int(w) >= _UNBOUNDED_WINDOW else int(w) for w in window_size)
 
 
+_SINK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _sinks(q, s_aux, learnable_sink, sinks=None):
     """The attention sinks, under whichever name the caller used (s_aux: vLLM / transformers;
     learnable_sink: FA4; sinks: sgl_kernel), checked here so a bad tensor is reported under that
@@ -71,8 +74,9 @@ def _sinks(q, s_aux, learnable_sink, sinks=None):
     if not isinstance(q, torch.Tensor) or q.dim() < 2:
         return t  # no head count to hold the sinks to: the op's check of q reports the call
     heads = q.shape[-2]
+    # The op's dtypes (a float8 tensor is floating point too, and the op named it s_aux)
     if (t.dim() != 1 or t.shape[0] != heads or t.device != q.device
-            or not t.is_floating_point()):
+            or t.dtype not in _SINK_DTYPES):
         raise RuntimeError(f"attnkit: {name}: expected a float [{heads}] tensor on {q.device} "
                            f"(one sink logit per query head), got {t.dtype} {tuple(t.shape)} "
                            f"on {t.device}")
@@ -181,16 +185,24 @@ def _fa_softcap(softcap):
         else softcap
 
 
-def _into(out, result):
-    if out is None:
-        return result
-    if out.shape != result.shape or out.dtype != result.dtype or out.device != result.device:
-        raise RuntimeError(f"attnkit: out: expected a {result.dtype} tensor of shape {tuple(result.shape)} "
-                           f"on {result.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+def _check_out(out, shape, dtype, device):
+    """out= against the result it is to hold (also called before a cache is written, so a bad
+    out leaves the cache as it was: flash_attn_with_kvcache)."""
+    if not isinstance(out, torch.Tensor):
+        raise RuntimeError(f"attnkit: out: expected a tensor, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype or out.device != device:
+        raise RuntimeError(f"attnkit: out: expected a {dtype} tensor of shape {tuple(shape)} "
+                           f"on {device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     # e.g. an expand(): rows would overwrite rows (under torch.compile copy_ refuses it itself)
     if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
         raise RuntimeError(f"attnkit: out: expected a tensor whose elements do not share memory, got "
                            f"strides {tuple(out.stride())} for shape {tuple(out.shape)}")
+
+
+def _into(out, result):
+    if out is None:
+        return result
+    _check_out(out, result.shape, result.dtype, result.device)
     out.copy_(result)
     return out
 
@@ -329,6 +341,7 @@ def flash_attn_varlen_func(
 
 # The op's bound (csrc/common/flash_args.h kMaxSoftcap): the kernels compute cap · log2(e) in fp32.
 _MAX_SOFTCAP = torch.finfo(torch.float32).max / 1.4426950408889634
+_MAX_HEAD_DIM = 256  # flash_args.h kMaxHeadDim
 
 
 def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
@@ -349,6 +362,18 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     if not (finite_f32(softcap) and 0.0 <= softcap <= _MAX_SOFTCAP):
         raise RuntimeError(f"attnkit: softcap: expected a finite value >= 0 (0 = off; as fp32, at "
                            f"most FLT_MAX / log2(e) = {_MAX_SOFTCAP:g}), got {softcap}")
+    # The kernels' one fp32 factor (flash_args.h check_options), the default scale counted as 1.
+    scale = abs(softmax_scale) if softmax_scale is not None else 1.0
+    if softcap > 0 and not finite_f32(scale / softcap):
+        raise RuntimeError(f"attnkit: softcap: expected softmax_scale / softcap finite as fp32 (the "
+                           f"kernels' factor), got softcap {softcap} with softmax_scale "
+                           f"{softmax_scale if softmax_scale is not None else '1.0 (the default)'}")
+    if softcap == 0 and scale > _MAX_SOFTCAP:
+        raise RuntimeError(f"attnkit: softmax_scale: expected |softmax_scale| * log2(e) finite as "
+                           f"fp32 (at most {_MAX_SOFTCAP:g}), got {softmax_scale}")
+    if not 1 <= q.shape[-1] <= _MAX_HEAD_DIM:
+        raise RuntimeError(f"attnkit: q: expected head dim in [1, {_MAX_HEAD_DIM}], got "
+                           f"{q.shape[-1]}")
 
 
 def _check_rotary(rotary_cos, rotary_sin, head_dim: int, capacity: int):
@@ -451,7 +476,10 @@ def _gather_pages(k_cache, v_cache, table):
     is 1). Ids are clamped into the cache: those past a sequence's used blocks are never read by
     the attention (seqused_k stops before them), those of used blocks were checked on the CPU
     (_check_used_block_ids; CUDA clamps them, as the paged op does)."""
-    ids = table.long().clamp(0, max(k_cache.shape[0] - 1, 0))
+    if k_cache.shape[0] == 0:  # no block to read (no id can be used): zeros, never attended
+        shape = (table.shape[0], table.shape[1] * k_cache.shape[1], *k_cache.shape[2:])
+        return k_cache.new_zeros(shape), v_cache.new_zeros(shape)
+    ids = table.long().clamp(0, k_cache.shape[0] - 1)
     return k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
 
 
@@ -463,6 +491,8 @@ def _dequantized(cache, descale, name, dtype):
         if tuple(descale.shape) != (cache.shape[0], cache.shape[2]):
             raise RuntimeError(f"attnkit: {name}: expected [{cache.shape[0]}, {cache.shape[2]}] "
                                f"(one per sequence and kv head), got {tuple(descale.shape)}")
+        if descale.dtype != torch.float32:  # as the paged op takes them (a bool one was 0 / 1)
+            raise RuntimeError(f"attnkit: {name}: expected dtype float32, got {descale.dtype}")
         x = x * descale.float()[:, None, :, None]
     return x.to(dtype)
 
@@ -593,6 +623,10 @@ def flash_attn_with_kvcache(
         raise RuntimeError(f"attnkit: cache_batch_idx: expected None with {table_name}")
     if paged:
         _check_table(block_table, table_name, B, dev)
+        if k_cache.shape[1] < 1:
+            raise RuntimeError(f"attnkit: k_cache: expected a block size >= 1 (paged k_cache "
+                               f"[num_blocks, block_size, Hkv, D]), got shape "
+                               f"{tuple(k_cache.shape)}")
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     # A window side is dropped (-1) only where that changes no mask, so the kernels' exact masking
     # decides everything else. The left side: from any row it reaches key 0 once it reaches the
@@ -607,6 +641,8 @@ def flash_attn_with_kvcache(
     wr = -1 if wr >= (q.shape[0] - 1 if varlen else capacity) else wr
     sinks = _sinks(q, s_aux, learnable_sink, sinks)
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
+    if out is not None:  # the result is q's shape, dtype and device (q dequantised above)
+        _check_out(out, q.shape, q.dtype, q.device)
     # Every tensor argument on q's device, named (the ops below would name their own arguments,
     # e.g. seqused_k or slot_mapping, or fail in ATen). Before the cache is written.
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
@@ -718,10 +754,12 @@ def flash_attn_with_kvcache(
         if row_ok is not None:
             keep = keep & row_ok.unsqueeze(1)
         slots = torch.where(keep, slots, torch.full_like(slots, -1))
-        # (any strides of the new k / v: the writer takes their rows contiguous in the head dim)
-        reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]).contiguous(),
-                                v.reshape(B * s_new, *v.shape[2:]).contiguous(),
-                                k_cache, v_cache, slots.reshape(-1))
+        # (any strides of the new k / v: the writer takes their rows contiguous in the head dim;
+        # a cache of no position takes none: every slot is -1, and the writer refuses it)
+        if capacity > 0:
+            reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]).contiguous(),
+                                    v.reshape(B * s_new, *v.shape[2:]).contiguous(),
+                                    k_cache, v_cache, slots.reshape(-1))
     elif rotary_cos is not None:
         raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")
     if rotary_cos is not None:  # q is [B, Sq, H, D] here: new k / v need it

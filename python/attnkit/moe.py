@@ -244,6 +244,22 @@ class MoE(torch.nn.Module):
         self.w2 = torch.nn.Parameter(torch.randn(local, intermediate, hidden, **kw)
                                      * intermediate ** -0.5)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """x against the block's own weights, naming x (moe() takes x's H as given and blamed w1
+        for a wrong x; the expert-parallel path reached torch's matmul unchecked)."""
+        require_tensors(x=x)
+        H = self.gate.shape[0]
+        if x.dim() < 1 or x.shape[-1] != H:
+            raise RuntimeError(f"attnkit: MoE: x: expected [..., {H}] (the block's hidden size), "
+                               f"got shape {tuple(x.shape)}")
+        if x.device != self.gate.device:
+            raise RuntimeError(f"attnkit: MoE: x: expected a tensor on {self.gate.device} (that "
+                               f"of the block's weights), got one on {x.device}")
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.gate.dtype:
+            raise RuntimeError(f"attnkit: MoE: x: expected dtype {self.gate.dtype} (that of the "
+                               f"block's weights; under torch.autocast they may differ), got "
+                               f"{x.dtype}")
+
     @property
     def local_experts(self):
         """Global ids of the experts whose weights this module holds (ascending)."""
@@ -261,6 +277,7 @@ class MoE(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.process_group is None:

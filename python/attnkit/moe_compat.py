@@ -15,12 +15,12 @@ data-dependent in a shape, so a call can be captured in a CUDA graph. Arguments 
 the host: a tensor argument that is wrong raises a RuntimeError, a plain-Python one a ValueError,
 each naming the argument.
 """
-import math
 from numbers import Real
 from typing import Optional, Tuple
 
 import torch
 
+from ._args import finite_f32
 from .moe import moe_route, moe_topk_softmax
 from .moe import silu_and_mul as _silu_and_mul
 
@@ -230,10 +230,11 @@ def grouped_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk:
     if scoring_func not in _SCORING_FUNCS:
         raise ValueError(f"attnkit: {fn}: scoring_func: expected 'softmax' or 'sigmoid', got "
                          f"{scoring_func!r}")
+    # Finite as the fp32 the kernels take it in (1e39 is a finite double): _args.finite_f32.
     if (isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, Real)
-            or not math.isfinite(routed_scaling_factor)):
-        raise ValueError(f"attnkit: {fn}: routed_scaling_factor: expected a finite number, got "
-                         f"{routed_scaling_factor!r}")
+            or not finite_f32(routed_scaling_factor)):
+        raise ValueError(f"attnkit: {fn}: routed_scaling_factor: expected a finite number (as "
+                         f"fp32), got {routed_scaling_factor!r}")
     _check_bias(fn, e_score_correction_bias, E, dev)
     bias = None if e_score_correction_bias is None else e_score_correction_bias.detach()
     weights, ids = moe_route(gating_output.detach(), topk, scoring=scoring_func,
