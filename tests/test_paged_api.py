@@ -184,6 +184,21 @@ def test_pa_fwd_aiter_scale_shape(device):
                        out=torch.empty_like(want))
 
 
+def test_pa_fwd_without_out_compiles_with_inductor():
+    """AITER's call shape, out = pa_fwd_asm(Q, K, V, ...) with no out_, under torch.compile's
+    default backend: the op writes an optional out and otherwise returns a new tensor, which
+    inductor refused ("getitem is not an OpOverload"); the wrapper now allocates the output
+    (a helper's audit, forty-fourth session)."""
+    torch._dynamo.reset()
+    s = pa_fwd_sample("cpu", torch.float16, lengths=(40, 7, 100, 3))
+    Q, K, V, bt, lens = s.args[:5]
+
+    def pa(query):
+        return attnkit.pa_fwd_asm(query, K, V, bt, lens, bt.stride(0))
+
+    torch.testing.assert_close(torch.compile(pa, fullgraph=True)(Q), pa(Q))
+
+
 def test_compile_dynamic_lengths_no_recompile():
     """Serving calls change max_seq_len (paged_attention_v1) and the block tables' width
     (pa_fwd's block_tables_stride0) from step to step. Both are SymInt in the schema, so

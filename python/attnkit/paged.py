@@ -258,10 +258,15 @@ def pa_fwd(
     if out is not None and out_ is not None:
         raise RuntimeError("attnkit: pa_fwd: out: give the output as out_ or as out, not both")
     dst = out if out is not None else out_
+    if dst is None:
+        # The op's own allocation (Q's shape and dtype), made here: an op that writes an optional
+        # out and otherwise returns a new tensor did not compile under inductor (an AITER-style
+        # `out = pa_fwd_asm(Q, K, V, ...)`: a helper's audit, forty-fourth session).
+        dst = torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)
     K_QScale, V_QScale = _token_scales(K_QScale), _token_scales(V_QScale)
-    res = torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0,
-                                   max_qlen, K_QScale, V_QScale, dst, qo_indptr, high_precision)
-    return dst if dst is not None else res
+    torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen,
+                             K_QScale, V_QScale, dst, qo_indptr, high_precision)
+    return dst
 
 
 pa_fwd_asm = pa_fwd
