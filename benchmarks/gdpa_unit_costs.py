@@ -14,9 +14,10 @@ shape has its own mix of units and key-tile visits:
   tiles;  256:256 2 full units x 2 full tiles; ...
 
 (with Lq = Lk alone, a half unit and a narrow tile always come together), and two batch sizes per
-shape separate the per-call cost (schedule kernel, launch) from the per-unit ones. A least-squares fit of (kernel time x SMs) over the counts gives the cost of a full-row /
-half-row unit's overhead and of a full / narrow key tile in full and in half units, in µs of one
-CTA and in multiples of a full unit's full tile.
+shape separate the per-call cost (schedule kernel, launch) from the per-unit ones. A
+least-squares fit of (kernel time x SMs) over the counts gives the cost of a full-row / half-row
+unit's overhead and of a full / narrow key tile in full and in half units, in µs of one CTA and
+in multiples of a full unit's full tile.
 
   python benchmarks/gdpa_unit_costs.py                 # GPU (sm90_ws, bf16, fast_gelu)
   python benchmarks/gdpa_unit_costs.py --device cpu    # the bookkeeping and the fit on tiny
@@ -120,7 +121,8 @@ def main():
                     X.append([c[t] for t in TERMS] + [sms])  # the last column: per call
                     y.append(ms * 1e3 * sms)
             if len(outs) == 2 and not torch.equal(outs["jagged"], outs["dense"]):
-                print(f"          {Lq}:{Lk}: the jagged and dense instances' outputs differ bitwise")
+                print(f"          {Lq}:{Lk}: the jagged and dense instances' outputs differ "
+                      "bitwise")
             del q, k, v
     A, b = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     keep = [i for i in range(A.shape[1]) if A[:, i].abs().sum() > 0]  # terms the lengths exercise

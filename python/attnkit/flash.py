@@ -365,8 +365,8 @@ def _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap):
     # The kernels' one fp32 factor (flash_args.h check_options), the default scale counted as 1.
     scale = abs(softmax_scale) if softmax_scale is not None else 1.0
     if softcap > 0 and not finite_f32(scale / softcap):
-        raise RuntimeError(f"attnkit: softcap: expected softmax_scale / softcap finite as fp32 (the "
-                           f"kernels' factor), got softcap {softcap} with softmax_scale "
+        raise RuntimeError(f"attnkit: softcap: expected softmax_scale / softcap finite as fp32 "
+                           f"(the kernels' factor), got softcap {softcap} with softmax_scale "
                            f"{softmax_scale if softmax_scale is not None else '1.0 (the default)'}")
     if softcap == 0 and scale > _MAX_SOFTCAP:
         raise RuntimeError(f"attnkit: softmax_scale: expected |softmax_scale| * log2(e) finite as "
