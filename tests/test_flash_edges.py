@@ -107,3 +107,15 @@ def test_cuda_planted_edges_paths(path, dtype, head_dim):
         check_forward(q, k, v, what, kernel=path, max_seqlen_q=max(VARLEN_LENS[0]),
                       max_seqlen_k=max(VARLEN_LENS[1]), **kw)
         check_dv(q, k, v, what, kernel=path, **kw)
+
+
+def test_attention_eager_peer_is_bottom_right_causal():
+    """The benchmarks' eager peer (reference.attention_eager, [B, H, S, D]) masks causally as
+    every attnkit op does, bottom-right for Lq != Lk (a top-left mask there went unnoticed: only
+    an env-gated CUDA bench used it; a planted bug, forty-fourth session)."""
+    from attnkit.reference import attention_eager
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 3, 16)
+    k, v = (torch.randn(2, 3, 7, 16) for _ in range(2))
+    want = flash_attn_ref(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)[0]
+    assert_close(attention_eager(q, k, v, causal=True), want.transpose(1, 2), torch.float32)

@@ -207,3 +207,19 @@ def test_stress_random_trials():
              f"{act} causal={causal}")
         check_sample(gdpa_sample(f"stress trial {t}", jagged_inputs(
             device, dtype, q_lens, kv_lens, H=H, Hkv=Hkv, D=D, requires_grad=True), act, causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_reference_matches_jagged_reference(causal):
+    """reference.gdpa_padded_ref (the dense [B, H, L, D] peer of bench_gdpa's eager and compiled
+    rows) equals gdpa_ref on a batch of equal lengths (its causal mask off by one went unnoticed:
+    no test called it; a planted bug, forty-fourth session)."""
+    from attnkit.reference import gdpa_padded_ref, gdpa_ref
+    torch.manual_seed(0)
+    B, H, L, D = 2, 2, 9, 16
+    q, k, v = (torch.randn(B * L, H, D) for _ in range(3))
+    off = torch.arange(B + 1) * L
+    want = gdpa_ref(q, k, v, off, off, L, L, "fast_gelu", 0.5, causal=causal)
+    dense = [t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v)]
+    got = gdpa_padded_ref(*dense, "fast_gelu", 0.5, causal=causal).transpose(1, 2).reshape_as(q)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)

@@ -160,6 +160,13 @@ def test_route_masked_and_nan_logits(device):
     logits = torch.tensor([[0.5, float("nan"), 2.0, 1.0]], device=device)
     _, ids = attnkit.moe_route(logits, 4, scoring="sigmoid", n_group=2, topk_group=2)
     assert ids.tolist() == [[2, 3, 0, 1]]
+    # ... and the reference ranks them so too, with and without groups, for k < E (a reference
+    # that ranked NaN first went unnoticed: a planted bug, forty-fourth session).
+    for groups in (dict(), dict(n_group=2, topk_group=2)):
+        for k in (2, 4):
+            _, ids = attnkit.moe_route(logits, k, scoring="sigmoid", **groups)
+            _, rids = ref.moe_route_ref(logits, k, scoring="sigmoid", **groups)
+            assert torch.equal(ids.cpu(), rids.cpu()) and 1 not in ids[0, :2].tolist()
 
 
 def test_topk_softmax_is_route_softmax():

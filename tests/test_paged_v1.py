@@ -64,6 +64,17 @@ def test_paged_attention_v1_fp8(device, dtype, kv, storage, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_paged_attention_v1_scales_ignored_for_auto(device, dtype):
+    """kv_cache_dtype "auto": k_scale / v_scale (vLLM passes its layer's with every cache) scale
+    nothing (a reference that applied them went unnoticed: every scaled test had an fp8 cache;
+    a planted bug, forty-fourth session)."""
+    s = v1_sample(device, dtype, heads=(8, 2), head_size=64, lengths=[33, 0, 100],
+                  num_blocks=64, scale=0.1, k_scale=0.37, v_scale=1.7)
+    assert_close(run_v1(s), v1_reference(s), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_v1_strided_and_aliased(device):
     """Non-contiguous query/out, caches expanded with block stride 0, a length hint below the
     real length (the split-K walk must still cover every token)."""

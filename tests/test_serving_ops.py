@@ -240,14 +240,16 @@ def test_merge_empty_parts(device, dtype):
     po, so = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(2))
     pl, sl = (torch.randn(H, T, device=device) for _ in range(2))
     pl[0, 0], pl[1, 1], sl[2, 2] = float("-inf"), float("inf"), float("-inf")
+    sl[1, 4] = float("inf")                               # +inf in the suffix too
     pl[0, 3] = sl[0, 3] = float("-inf")                  # both empty
     po[0, 0], po[1, 1], so[2, 2], po[3, 0], so[3, 0] = (float("nan"),) * 5
+    so[4, 1] = float("nan")
     out = torch.full_like(po, float("nan"))
     out_lse = torch.full_like(pl, float("nan"))
     attnkit.merge_attn_states(out, po, pl, so, sl, out_lse)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0, 0], so[0, 0]) and torch.equal(out[1, 1], so[1, 1])
-    assert torch.equal(out[2, 2], po[2, 2])
+    assert torch.equal(out[2, 2], po[2, 2]) and torch.equal(out[4, 1], po[4, 1])
     assert (out[3, 0] == 0).all() and out_lse[0, 3] == float("-inf")
     assert out_lse[0, 0] == sl[0, 0] and out_lse[2, 2] == pl[2, 2]
     expect, expect_lse = ref.merge_attn_states_ref(po, pl, so, sl)
