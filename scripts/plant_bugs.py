@@ -175,6 +175,10 @@ BUGS = [
         "return silu_and_mul_ref(torch.cat(\n"
         "        grouped_gemm_ref(a, w, expert_offsets).chunk(2, -1)[::-1], -1))",
         SWIGLU),
+    Bug("rotary turned the other way", "out[t, :, a] = xa * c[i] - xb * s[i]",
+        "out[t, :, a] = xa * c[i] + xb * s[i]", SERVING, "with_kvcache"),
+    Bug("rotary halves paired as interleaved", "if interleaved else (i, i + rd // 2)",
+        "if interleaved else (2 * i, 2 * i + 1)", SERVING, "with_kvcache and halves"),
     # The forty-fourth session's helper: places no bug above mutated (five of these survived
     # until their tests were added the same session).
     Bug("flash varlen GQA head mapping (16-bit)",

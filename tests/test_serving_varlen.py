@@ -295,20 +295,6 @@ def test_deterministic_backward(device):
 
 
 # ---- flash_attn_with_kvcache ---------------------------------------------------------------------
-def _rotary_ref(x, cos, sin, pos, interleaved):
-    """x [S, H, D] rotated at positions pos [S] (independent of attnkit.flash._rotate)."""
-    rd = 2 * cos.shape[1]
-    out = x.float().clone()
-    for t in range(x.shape[0]):
-        c, s = cos[pos[t]].float(), sin[pos[t]].float()
-        for i in range(rd // 2):
-            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + rd // 2)
-            xa, xb = out[t, :, a].clone(), out[t, :, b].clone()
-            out[t, :, a] = xa * c[i] - xb * s[i]
-            out[t, :, b] = xa * s[i] + xb * c[i]
-    return out.to(x.dtype)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("paged", [False, "first_rows", True])
 @pytest.mark.parametrize("rotary", [None, "interleaved", "halves"])
@@ -352,7 +338,7 @@ def test_with_kvcache(device, paged, rotary, causal):
     for b in range(B):
         L0 = int(seqlens[b])
         pos = torch.arange(L0, L0 + S_new)
-        kb = _rotary_ref(k[b], cos, sin, pos, rotary == "interleaved") if rotary else k[b]
+        kb = ref.rotary_ref(k[b], cos, sin, pos, rotary == "interleaved") if rotary else k[b]
         for t in range(S_new):
             p = L0 + t
             if paged:
@@ -363,7 +349,7 @@ def test_with_kvcache(device, paged, rotary, causal):
                 exp_v[rows[b], p] = v[b, t]
         if rotary:
             qpos = torch.arange(L0, L0 + Sq) if causal else torch.full((Sq,), L0)
-            q_ref[b] = _rotary_ref(q[b], cos, sin, qpos, rotary == "interleaved")
+            q_ref[b] = ref.rotary_ref(q[b], cos, sin, qpos, rotary == "interleaved")
     assert torch.equal(k_cache, exp_k) and torch.equal(v_cache, exp_v)
     used = seqlens + S_new
     if paged:

@@ -271,6 +271,24 @@ def flash_serving_ref(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=N
     return out, lse
 
 
+def rotary_ref(x, cos, sin, pos, interleaved):
+    """FlashAttention 2's rotary embedding of x ``[S, H, D]`` at positions pos ``[S]``: its first
+    ``rotary_dim = 2 * cos.shape[1]`` dims rotate as interleaved pairs (2i, 2i + 1) or as GPT-NeoX
+    halves (i, i + rotary_dim / 2) by the angle whose cos / sin are ``cos[pos[t], i]`` /
+    ``sin[pos[t], i]``; the rest pass. fp32, returned in x's dtype. A loop written apart from
+    attnkit.flash._rotate (flash_attn_with_kvcache's)."""
+    rd = 2 * cos.shape[1]
+    out = x.float().clone()
+    for t in range(x.shape[0]):
+        c, s = cos[pos[t]].float(), sin[pos[t]].float()
+        for i in range(rd // 2):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + rd // 2)
+            xa, xb = out[t, :, a].clone(), out[t, :, b].clone()
+            out[t, :, a] = xa * c[i] - xb * s[i]
+            out[t, :, b] = xa * s[i] + xb * c[i]
+    return out.to(x.dtype)
+
+
 def attention_eager(q, k, v, causal=False, softmax_scale=None):
     """The benchmark's eager peer on ``[B, H, S, D]``: materialised scores, softmax in fp32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -279,6 +297,9 @@ def attention_eager(q, k, v, causal=False, softmax_scale=None):
         Lq, Lk = s.shape[-2], s.shape[-1]
         s = s.masked_fill(~flash_window_mask(Lq, Lk, True, device=q.device), float("-inf"))
     return (torch.softmax(s, dim=-1).to(v.dtype) @ v)
+
+
+# ---------------------------------------------------------------------------------------------
 # MoE routing (DESIGN §3.4)
 # ---------------------------------------------------------------------------------------------
 def moe_topk_softmax_ref(gating_logits, k, renormalize=False):
