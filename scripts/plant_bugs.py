@@ -175,6 +175,11 @@ BUGS = [
         "return silu_and_mul_ref(torch.cat(\n"
         "        grouped_gemm_ref(a, w, expert_offsets).chunk(2, -1)[::-1], -1))",
         SWIGLU),
+    Bug("moe_align_block_size pads whole blocks too", "padded = -(-len(pairs) // bs) * bs",
+        "padded = (len(pairs) // bs + 1) * bs", ("test_moe_compat.py",), "align"),
+    Bug("moe_align_block_size ignores the expert map",
+        "e = v if local is None or not 0 <= v < E else local[v]", "e = v",
+        ("test_moe_compat.py",), "align"),
     Bug("rotary turned the other way", "out[t, :, a] = xa * c[i] - xb * s[i]",
         "out[t, :, a] = xa * c[i] + xb * s[i]", SERVING, "with_kvcache"),
     Bug("rotary halves paired as interleaved", "if interleaved else (i, i + rd // 2)",

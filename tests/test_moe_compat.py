@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import moe_compat as ops
+from attnkit.reference import moe_align_block_size_ref
 from attnkit.testing import assert_close
 from conftest import DEVICES, poison_allocator
 from samples.moe import DTYPES, ID_DTYPES, ROUTING, type_id
@@ -80,27 +81,6 @@ def ref_silu_and_mul(x):
     return F.silu(a) * b
 
 
-def ref_align(topk_ids, E, bs, M, local=None):
-    """vLLM's moe_align_block_size, in Python lists: expert e's flat indices (ascending), padded
-    with numel to a multiple of bs, experts in order; the rest of the M entries numel; one expert
-    per block, -1 past the last expert's blocks. With ``local`` (a global -> local list) experts
-    are local ids and pairs mapped to -1 are left out; ids outside [0, E) are always left out."""
-    flat = topk_ids.flatten().tolist()
-    n = len(flat)
-    lists = [[] for _ in range(E)]
-    for i, v in enumerate(flat):
-        e = v if local is None or not 0 <= v < E else local[v]
-        if 0 <= v < E and 0 <= e < E:
-            lists[e].append(i)
-    tokens, blocks = [], []
-    for e, pairs in enumerate(lists):
-        padded = -(-len(pairs) // bs) * bs
-        tokens += pairs + [n] * (padded - len(pairs))
-        blocks += [e] * (padded // bs)
-    total = len(tokens)
-    return tokens + [n] * (M - total), blocks + [-1] * (-(-M // bs) - len(blocks)), total
-
-
 # ---- checks shared by the sample test and the parametrised tests -------------------------------
 def check_routing(w, ids, expect, what):
     rw, rids = expect[:2]
@@ -142,13 +122,13 @@ def check_sample(s):
         expect = ref_silu_and_mul(a[1]) if name == "silu_and_mul" else a[0].double().sum(1)
         assert_close(out[0], expect, out[0].dtype, s.name)
     elif name == "moe_align_block_size":
-        expect = ref_align(a[0], a[1], a[2], a[3].shape[0])
+        expect = moe_align_block_size_ref(a[0], a[1], a[2], a[3].shape[0])
         check_align(*out, expect, s.name)
     elif name == "moe_align_block_size_alloc":
         topk_ids, bs, E, expert_map, pad, ignore = a
         M = align_capacity(topk_ids.numel(), E, bs, pad)
         emap = None if expert_map is None else expert_map.tolist()
-        tokens, blocks, total = ref_align(topk_ids, E, bs, M, emap if ignore else None)
+        tokens, blocks, total = moe_align_block_size_ref(topk_ids, E, bs, M, emap if ignore else None)
         if emap is not None and not ignore:
             blocks = [emap[b] if b >= 0 else -1 for b in blocks]
         assert out[0].shape == (M,) and out[1].shape == (-(-M // bs),), s.name
@@ -330,7 +310,7 @@ def test_moe_align_block_size(device, id_dtype, T, E, k, block_size):
     outs = align_outs(T * k, E, block_size, device, extra=2)
     assert ops.moe_align_block_size(topk_ids, E, block_size, *outs) is None
     M = outs[0].shape[0]
-    check_align(*outs, ref_align(topk_ids, E, block_size, M), "moe_align_block_size")
+    check_align(*outs, moe_align_block_size_ref(topk_ids, E, block_size, M), "moe_align_block_size")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -350,7 +330,7 @@ def test_moe_align_block_size_ids_outside(device, block_size):
     topk_ids = torch.tensor([[0, -1, 3], [4, 2, 9], [-7, 1, 1]], device=device)
     outs = align_outs(9, 4, block_size, device)
     ops.moe_align_block_size(topk_ids, 4, block_size, *outs)
-    expect = ref_align(topk_ids, 4, block_size, outs[0].shape[0])
+    expect = moe_align_block_size_ref(topk_ids, 4, block_size, outs[0].shape[0])
     check_align(*outs, expect, "ids outside")
     assert sorted(t for t in expect[0] if t < 9) == [0, 2, 4, 7, 8]
 
@@ -370,7 +350,7 @@ def test_moe_align_block_size_alloc(device, ignore_invalid_experts, pad_sorted_i
                                          ignore_invalid_experts)
     M = align_capacity(T * k, E, bs, pad_sorted_ids)
     emap = expert_map.tolist()
-    tokens, blocks, total = ref_align(topk_ids, E, bs, M, emap if ignore_invalid_experts else None)
+    tokens, blocks, total = moe_align_block_size_ref(topk_ids, E, bs, M, emap if ignore_invalid_experts else None)
     if not ignore_invalid_experts:
         blocks = [emap[b] if b >= 0 else -1 for b in blocks]
     assert out[0].shape == (M,) and (not pad_sorted_ids or M % bs == 0)

@@ -428,6 +428,29 @@ def grouped_gemm_swiglu_ref(a, w, expert_offsets):
     return silu_and_mul_ref(grouped_gemm_ref(a, w, expert_offsets))
 
 
+def moe_align_block_size_ref(topk_ids, E, bs, M, local=None):
+    """vLLM's moe_align_block_size for topk_ids, E experts, block size bs and M entries of
+    sorted_token_ids, in Python lists: expert e's flat indices (ascending), padded with numel to
+    a multiple of bs, experts in order; the rest of the M entries numel; one expert per block,
+    -1 past the last expert's blocks. With ``local`` (a global -> local list) experts are local
+    ids and pairs mapped to -1 are left out; ids outside [0, E) are always left out. Returns
+    (sorted_token_ids, expert_ids, num_tokens_post_pad)."""
+    flat = topk_ids.flatten().tolist()
+    n = len(flat)
+    lists = [[] for _ in range(E)]
+    for i, v in enumerate(flat):
+        e = v if local is None or not 0 <= v < E else local[v]
+        if 0 <= v < E and 0 <= e < E:
+            lists[e].append(i)
+    tokens, blocks = [], []
+    for e, pairs in enumerate(lists):
+        padded = -(-len(pairs) // bs) * bs
+        tokens += pairs + [n] * (padded - len(pairs))
+        blocks += [e] * (padded // bs)
+    total = len(tokens)
+    return tokens + [n] * (M - total), blocks + [-1] * (-(-M // bs) - len(blocks)), total
+
+
 def expert_load_balance_ref(expert_loads, world_size):
     """Greedy LPT in plain Python: largest load first (lower id on ties) to the least-loaded rank
     (lower rank on ties)."""
