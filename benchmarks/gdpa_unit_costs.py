@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import attnkit  # noqa: E402,F401  (registers torch.ops.attnkit)
+from attnkit.testing import time_ms  # noqa: E402  (the benches' one timer)
 
 BM = BN = 128  # the forward's query and key tiles (fwd_ws.cuh FwdWsTraits)
 NARROW = 64    # a key tile / query unit holding <= 64 of its sequence's keys / rows is narrow
@@ -56,25 +57,6 @@ def counts(Lq, Lk, B, H):
     return {t: v * B * H for t, v in c.items()}
 
 
-def time_ms(fn, iters, device):
-    for _ in range(3):
-        fn()
-    if device == "cpu":
-        import time
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="64:64,128:128,192:192,256:256,256:192,192:256,64:256,"
@@ -84,12 +66,13 @@ def main():
                    help="query units per call at the larger batch (B = units / (H ceil(Lq/128)))")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20,
+                   help="time_ms's iters (GPU with Triton: milliseconds of runs, median)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args()
     dev, H, D = args.device, args.heads, args.head_dim
     if dev == "cpu":  # tiny batches through the portable kernel: checks the script, not the GPU
-        args.units, args.iters = min(args.units, 64), 1
+        args.units = min(args.units, 64)
     kernel = "sm90_ws" if dev == "cuda" else "auto"
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
     fwd = torch.ops.attnkit._gdpa_fwd_with
@@ -114,7 +97,7 @@ def main():
                 call = lambda: fwd(q, k, v, qo, ko, Lq + pad, Lk + pad,  # noqa: E731
                                    "fast_gelu", kernel=kernel)
                 outs[name] = call()
-                ms = time_ms(call, args.iters, dev)
+                ms = time_ms(call, dev, warmup=3, iters=args.iters)
                 print(f"{Lq:4d}:{Lk:<4d} {B:6d} {name:>8} {ms:9.3f} {flops / ms / 1e9:8.1f} "
                       f"{ms * 1e3 * sms / units:12.3f}", flush=True)
                 if name == "jagged":
