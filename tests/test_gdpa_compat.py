@@ -7,6 +7,7 @@ output_offset (Meta's placement of the output rows, broadcast_q's arange(B+1)*Lq
 every Meta argument attnkit refuses. CPU always, CUDA when a GPU is present."""
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,14 @@ def test_unsupported_arguments(device):
                   max_seq_len_kv=mk)
         with pytest.raises(RuntimeError, match=name):
             GDPA(**dict(kw, **change))
+    kw = dict(query=q, key=k, value=v, query_offset=qo, key_offset=ko, max_seq_len_q=mq,
+              max_seq_len_kv=mk)
+    want = GDPA(**kw)
+    for off in (0, np.bool_(False), torch.tensor(False), None):  # False in other forms
+        torch.testing.assert_close(GDPA(**kw, use_start_end_offsets=off), want, rtol=0, atol=0)
+    for on in (1, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(RuntimeError, match="use_start_end_offsets"):
+            GDPA(**kw, use_start_end_offsets=on)
 
 
 @pytest.mark.parametrize("device", DEVICES)

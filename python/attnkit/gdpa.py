@@ -289,6 +289,8 @@ def generalized_dot_product_attention(
             ("ts_event_request_log_bucket_values", ts_event_request_log_bucket_values),
             ("ts_adjacent_event_log_bucket_values", ts_adjacent_event_log_bucket_values),
             ("pos_emb_params", pos_emb_params), ("pos_emb_bucket_values", pos_emb_bucket_values)):
+        if name == "use_start_end_offsets" and _flag_like(given) and not bool(given):
+            continue  # False in any of the forms a bool argument takes (0, numpy False, ...)
         if given is not None and given is not False:
             shown = "a tensor" if isinstance(given, torch.Tensor) else repr(given)
             raise RuntimeError(f"attnkit: {name}: expected its default, got {shown} "
