@@ -640,8 +640,8 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         store_qn = w.qn;
       }
     } else {
-      store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0,
-                       w.rows_valid, 0, p.D, acc, p.qk_scale);
+      store_rows<T, D, 8>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0,
+                          w.rows_valid, 0, p.D, acc, p.qk_scale);
     }
   };
   // O += P·V of a key tile whose V is at sv_tile: K = 128, or K = 64 for a narrow tile (P's
