@@ -707,9 +707,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       // N = 64 halves, with a narrow tile issuing one: a jagged key tile then cost ~1.3x a dense
       // one, docs/performance.md). A narrow tile's K stage holds its <= 64 keys in rows 0..63;
       // rows 64..127 keep an older fill's bytes (maybe inf / NaN, never this sequence's keys), so
-      // S's columns 64..127 are garbage there and mask_cols_from zeroes them after the
-      // activation (a select: NaN-safe), as it does any column past the sequence's end. Per
-      // element the product adds the same k-steps as an N = 64 one would.
+      // S's columns 64..127 are garbage there; the narrow P·V (K = 64) never reads them, so φ and
+      // the masks skip them, and mask_cols_from zeroes the columns in 0..63 past the sequence's
+      // end after the activation (a select: NaN-safe). Per element the product adds the same
+      // k-steps as an N = 64 one would.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
       ring_k.consumer_wait(g);
@@ -737,8 +738,14 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         // the Q loader rewrites after it (an arrival releases only its own thread's reads). A unit
         // stored through its Q stage releases it after the store instead (store_unit).
         if (j == u.n_tiles - 1 && !map_unit) ring_q.consumer_release_warp(qn, lane);
-        // φ, then the masks.
-        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+        // φ, then the masks. A narrow tile's P·V reads P's columns 0..63 alone (issue_pv): φ and
+        // the end-of-sequence mask run on those (half the activation's instructions); columns
+        // 64..127 keep their scores, packed into pa and never read.
+        if (narrow) {
+          act_fwd_tile<BN / 8, Tr::kNarrowN / 8>(s, p.act, p.pre_scale);
+        } else {
+          act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+        }
         const int r0 = u.i0 + warp_row0;
         if (p.window >= 0) {
           if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
@@ -747,7 +754,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         } else if (p.causal && j0 + BN - 1 > r0) {
           causal_mask<false>(s, r0, j0);
         }
-        if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
+        if (narrow) {  // (every narrow tile ends inside its 64 columns or at their end)
+          mask_cols_from<BN / 8, Tr::kNarrowN / 8>(s, u.ks.len - j0);  // the next sequence's keys
+        } else if (j0 + BN > u.ks.len) {
+          mask_cols_from(s, u.ks.len - j0);
+        }
         // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
         // then), nested under the wait.
         if (g > 0) {

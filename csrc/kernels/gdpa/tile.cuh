@@ -160,11 +160,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void pack_a(uint32_t (&a)[N / 16][4], const float 
 // Zeroes the accumulator entries (m16n8 fragment layout, N column blocks of 8) at whose tile
 // position (r0 + row, c0 + col) `masked(row_index, col_index)` holds: the one walk over the
 // fragment that the masks below share.
-template <int N, typename Masked>
+// (Over the first kUsed column groups only when given.)
+template <int N, typename Masked, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void zero_masked(float (&c)[N][4], int r0, int c0, Masked masked) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int nt = 0; nt < N; ++nt)
+  for (int nt = 0; nt < kUsed; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + (e >> 1) * 8;
@@ -224,9 +225,10 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void zero_bits(float (&c)[N][4], uint32_t bits) {
 
 // Zeroes accumulator entries of columns >= col_end (local column index of the tile), e.g. keys
 // past the sequence that a tensor-map copy brought in from the next one (possibly inf / NaN).
-template <int N>
+template <int N, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void mask_cols_from(float (&c)[N][4], int col_end) {
-  zero_masked(c, 0, 0, [=](int, int col) { return col >= col_end; });
+  const auto past_end = [=](int, int col) { return col >= col_end; };
+  zero_masked<N, decltype(past_end), kUsed>(c, 0, 0, past_end);
 }
 
 // One butterfly step of quad_transpose (m = 1 or 2): for each pair of entries (i, i + m), a lane
