@@ -63,7 +63,8 @@
 // on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first, taken in
 // list order from a counter by the persistent CTAs (WsCursor); an item there is several query tiles
 // of one (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow
-// (64-row boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
+// (64-row boxes, P·V with K = 64; S stays one N = 128 product, whose stale columns 64..127 no
+// activation or product reads), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
 // (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own lengths
 // only and changes no element's operations, so a sequence's output is bitwise the same in any
@@ -144,8 +145,8 @@ struct FwdWsTraits {
   // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
   // loaded as two [64 rows][64 cols] boxes (half the bytes) into rows 0..63 of its stage; its
   // P·V runs with K = 64 (half a full tile's), its S as a full N = 128 product whose columns
-  // 64..127 are masked (two N = 64 products read Q from shared memory twice: the ss product at
-  // N = 64 runs at the shared-memory limit).
+  // 64..127 are left as they are, never read (two N = 64 products read Q from shared memory
+  // twice: the ss product at N = 64 runs at the shared-memory limit).
   static constexpr int kNarrowN = 64;
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
@@ -586,8 +587,9 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   };
   // A unit stored through its Q stage (map_unit): each warpgroup writes its 64 rows of the output
   // with stmatrix into the rows of the Q stage only its own S products read (their last one is
-  // waited for before any store), so the transpose is the instruction's, not 96 selects and 32
-  // shuffles a thread (store_rows' quad_transpose: docs/performance.md, forty-second session);
+  // waited for before any store), so the transpose is the instruction's, not 48 selects and 16
+  // shuffles a thread (the register store's butterfly step, store_rows<T, D, 8>; docs/
+  // performance.md, forty-second and forty-fourth sessions);
   // one thread of the warpgroup then stores the two 64 x 64 boxes with the output map and, after
   // their shared reads (flush_store), releases the Q stage for its warpgroup's four warps (the
   // consumers do not release it at the unit's last S then), so the loader refills it only after
@@ -645,9 +647,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     }
   };
   // O += P·V of a key tile whose V is at sv_tile: K = 128, or K = 64 for a narrow tile (P's
-  // columns 64..127 are zero there and V's rows 64..127 were never loaded). The accumulate flag is
-  // off for the first k-step of a unit's first tile only. Per output element the narrow product
-  // adds the same k-steps in the same order, minus exact zeros.
+  // columns 64..127 hold raw scores there, maybe inf / NaN, and V's rows 64..127 were never
+  // loaded: the narrow product must not read them). The accumulate flag is off for the first
+  // k-step of a unit's first tile only. Per output element the narrow product adds the same
+  // k-steps in the same order, minus exact zeros.
   auto issue_pv = [&](float(&acc)[D / 8][4], const uint32_t(&a)[BN / 16][4], uint32_t sv_tile,
                       bool narrow_pv, bool first) {
     if (narrow_pv) {
@@ -708,9 +711,10 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
       // one, docs/performance.md). A narrow tile's K stage holds its <= 64 keys in rows 0..63;
       // rows 64..127 keep an older fill's bytes (maybe inf / NaN, never this sequence's keys), so
       // S's columns 64..127 are garbage there; the narrow P·V (K = 64) never reads them, so φ and
-      // the masks skip them, and mask_cols_from zeroes the columns in 0..63 past the sequence's
-      // end after the activation (a select: NaN-safe). Per element the product adds the same
-      // k-steps as an N = 64 one would.
+      // the end mask skip them (the causal / window masks are selects over all 128: harmless),
+      // and mask_cols_from zeroes the columns in 0..63 past the sequence's end after the
+      // activation (a select: NaN-safe). Per element the product adds the same k-steps as an
+      // N = 64 one would.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
       ring_k.consumer_wait(g);

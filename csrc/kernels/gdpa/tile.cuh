@@ -266,7 +266,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void quad_transpose(uint32_t (&v)[4], int q) {
 // row's 64 bytes from one quad, 4x fewer store instructions (on the H200 the 4-byte stores of the
 // GDPA forward's epilogue took a quarter of its issue samples: per-element register reuse waited
 // on each store). kStoreBytes = 8 stops after the first butterfly step: two 8-byte stores per
-// lane and four groups (each quad's 32 bytes one sector), 7 instructions fewer per group of four
+// lane and four groups (a quad's 32 contiguous bytes), 7 instructions fewer per group of four
 // (the GDPA forward's per-unit epilogue is issue-bound: docs/performance.md, forty-fourth session).
 template <typename T, int DN, int kStoreBytes = 16>
 ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows(T* out, int64_t row_stride, int row0, int rows_valid,
