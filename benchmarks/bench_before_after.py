@@ -40,13 +40,16 @@ def gdpa_cases():
             yield dict(family="gdpa", max_len=max_len, sparsity=sparsity, B=1152, H=4, D=128)
     for max_len in (256, 512, 1024, 2048):  # issue #19's set 2: short-KV cross attention, KV 256
         yield dict(family="gdpa", max_len=max_len, sparsity=1.0, B=1152, H=4, D=128, kv_len=256)
+    for max_len in (512, 2048):  # causal dense rows: units of one key tile follow long ones
+        yield dict(family="gdpa", max_len=max_len, sparsity=1.0, B=1152, H=4, D=128, causal=True)
 
 
 def case_key(c):
     if c["family"] == "flash":
         return f"flash D={c['D']} causal={int(c['causal'])} S={c['S']}"
     kv = f" kv={c['kv_len']}" if c.get("kv_len") else ""
-    return f"gdpa max_len={c['max_len']} sparsity={c['sparsity']}{kv}"
+    causal = " causal" if c.get("causal") else ""
+    return f"gdpa max_len={c['max_len']} sparsity={c['sparsity']}{kv}{causal}"
 
 
 def graph_ms(torch, fn, iters, target_ms=20.0):
@@ -140,12 +143,16 @@ def run_gdpa(torch, attnkit, c, iters, fwd_options=None):
     gdpa = attnkit.gdpa
     if fwd_options:
         from attnkit.gdpa import _gdpa_with
-        gdpa = lambda *a: _gdpa_with(*a, **fwd_options)
-    call = lambda: gdpa(q, k, v, off, ko, m, mk, "fast_gelu", 1.0 / m)
+        gdpa = lambda *a, **kw: _gdpa_with(*a, **kw, **fwd_options)
+    causal = bool(c.get("causal"))  # (a keyword only when set: an older build may predate it)
+    extra = {"causal": True} if causal else {}
+    call = lambda: gdpa(q, k, v, off, ko, m, mk, "fast_gelu", 1.0 / m, **extra)
     out = call()
     dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     pairs = lens.double() * kv_len if kv_len else lens.double() ** 2
+    if causal:  # query i sees keys 0..i
+        pairs = lens.double() * (lens.double() + 1) / 2
     flops = 4.0 * float(pairs.sum()) * c["H"] * c["D"]
     rows = {}
     for p, f, scale in (("fwd", call, 1.0), ("bwd", bwd, 2.5)):
@@ -169,7 +176,7 @@ def measure(args):
         else:
             tf = run_gdpa(torch, attnkit, c, args.iters, fwd_options)
         rows[case_key(c)] = tf
-        print(f"{args.tag:8s} {case_key(c):34s} fwd {tf['fwd']:7.1f}  bwd {tf['bwd']:7.1f} TFLOP/s "
+        print(f"{args.tag:8s} {case_key(c):38s} fwd {tf['fwd']:7.1f}  bwd {tf['bwd']:7.1f} TFLOP/s "
               f"({tf['fwd_method']} / {tf['bwd_method']})", flush=True)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
@@ -189,7 +196,7 @@ def compare(args):
                 row[p + "_method"] = tf.get(p + "_method", "graph")
     assert set(best) == {"before", "after"}, f"expected tags before and after, got {set(best)}"
     worst, failed = math.inf, []
-    print(f"{'case':34s} {'pass':4s} {'before':>8s} {'after':>8s} {'after/before':>12s}")
+    print(f"{'case':38s} {'pass':4s} {'before':>8s} {'after':>8s} {'after/before':>12s}")
     for key in best["before"]:
         for p in ("fwd", "bwd"):
             a, b = best["after"][key][p], best["before"][key][p]
@@ -203,7 +210,7 @@ def compare(args):
                 if r < 1 - args.tolerance:
                     failed.append(f"{key} {p}")
                     mark = "  <- slower"
-            print(f"{key:34s} {p:4s} {b:8.1f} {a:8.1f} {r:12.3f}{mark}")
+            print(f"{key:38s} {p:4s} {b:8.1f} {a:8.1f} {r:12.3f}{mark}")
     print(f"worst forward ratio {worst:.3f}; bar {1 - args.tolerance:.2f}: "
           + ("met" if not failed else "NOT met: " + ", ".join(failed)))
     return 1 if failed else 0

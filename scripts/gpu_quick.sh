@@ -536,12 +536,14 @@ for s in $QUICK; do
         ncu --import "$L/gdpa_fwd_$1.ncu-rep" --page source --csv --print-source sass > "$L/gdpa_fwd_sass_$1.csv" 2>&1
         rm -f "$L/gdpa_fwd_$1.ncu-rep"
       done ;;
-    resident_tests)  # the kept key tiles' tests, every GDPA ws forward test, memcheck on them
+    resident_tests)  # the kept key tiles' tests, every GDPA ws forward test, memcheck on them, on
+      # the in-order schedules' forward (both store whole units through the Q stage) and on the
+      # jagged walk's (its register store: every unit)
       step resident_tests 200 $PY -m pytest tests/test_gdpa_cuda.py tests/test_gdpa_choose.py -q -n 16 -rfE \
-        -k "resident or warp_specialised or short or cross or dense"
-      step resident_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
+        -k "resident or warp_specialised or short or cross or dense or jagged_schedule or keyless or garbage or forward_paths"
+      step resident_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 10 \
         $PY -m pytest tests/test_gdpa_cuda.py -q -p no:xdist \
-        -k "(resident_kv and bfloat16) or warp_specialised_garbage" ;;
+        -k "(resident_kv and bfloat16) or (forward_warp_specialised and bfloat16) or (forward_jagged_schedule and bfloat16 and 128) or garbage" ;;
     resident_racecheck)  # racecheck on the kept key tiles' forward: its output stored through the
       # Q stage (stmatrix, then a tensor-map store, then the stage's release to the Q loader)
       step resident_racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 \

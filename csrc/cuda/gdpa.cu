@@ -331,7 +331,7 @@ at::Tensor gdpa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
 #if ATTNKIT_HAS_FWD_WS && ATTNKIT_HAS_TMA_MAP
   if (pre.kernel == GdpaKernel::kSm90Ws) {
     f.maps_ok = fwd_ws_maps(q, k, v, &maps, &maps_why);
-    // The output's map (the resident instance stores whole tiles with it): never a copy, which
+    // The output's map (the in-order walk stores whole tiles with it): never a copy, which
     // the kernel's stores would miss; without it every unit takes the register store.
     maps.o64_ok = f.maps_ok && o.size(0) < kMaxMapRows &&
                   ws_map_of(o, FwdWsTraits::kNarrowBoxRows, &maps.o64);

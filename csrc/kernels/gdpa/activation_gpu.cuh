@@ -43,9 +43,11 @@ ATTNKIT_DEVICE ATTNKIT_INLINE float act_bwd_gpu(float x) {
   }
 }
 
-// s <- φ(pre · s) over an [N][4] accumulator tile.
-template <Activation A, int N>
+// s <- φ(pre · s) over an [N][4] accumulator tile, or over its first kUsed column groups (8
+// columns each) only, the rest left as they are (a caller whose product reads those alone).
+template <Activation A, int N, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], float pre) {
+  static_assert(kUsed <= N, "the groups used are the tile's");
 #if ATTNKIT_HAS_MMA_SM80
   if (A == Activation::kFastGelu && fabsf(pre) < 1e9f) {  // (pre³ must stay finite)
     // pre folded into the polynomial's constants: with x = pre·s, tanh's argument
@@ -54,7 +56,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], float pre) {
     const float a = kSqrt2OverPi * pre, b = kSqrt2OverPi * kGeluCubic * pre * pre * pre,
                 half_pre = 0.5f * pre;
 #pragma unroll
-    for (int i = 0; i < N; ++i)
+    for (int i = 0; i < kUsed; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = s[i][e];
@@ -66,7 +68,7 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], float pre) {
   }
 #endif
 #pragma unroll
-  for (int i = 0; i < N; ++i)
+  for (int i = 0; i < kUsed; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[i][e] = act_fwd_gpu<A>(s[i][e] * pre);
 }
@@ -171,9 +173,9 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void act_bwd_p_tile(float (&s)[N][4], uint32_t (&p
       break;                                \
   }
 
-template <int N>
+template <int N, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void act_fwd_tile(float (&s)[N][4], Activation a, float pre) {
-#define ATTNKIT_CALL(A) act_fwd_tile<A, N>(s, pre)
+#define ATTNKIT_CALL(A) act_fwd_tile<A, N, kUsed>(s, pre)
   ATTNKIT_GDPA_ACT_CASES(ATTNKIT_CALL)
 #undef ATTNKIT_CALL
 }

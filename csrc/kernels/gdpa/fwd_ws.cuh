@@ -35,10 +35,10 @@
 // producer's expect_tx bytes landed (K and V apart, so S_g can start before V_g lands), its empty
 // barrier when all 8 consumer warps released the tile (lane 0 of each warp arrives after its
 // wgmma reads are done: K after S_g, V after the delayed P·V; Q after the unit's last S, once
-// every lane's read of units[] is behind a __syncwarp; in kResident a unit stored through its
-// Q stage releases it after the store, one thread a warpgroup: store_unit). V has a third barrier
-// per stage, ready: the fix-up warp's hand-over, which the consumers wait for instead of V's full
-// barrier.
+// every lane's read of units[] is behind a __syncwarp; in the in-order walk a unit stored
+// through its Q stage releases it after the store's read, one thread a warpgroup: store_unit).
+// V has a third barrier per stage, ready: the fix-up warp's hand-over, which the consumers wait
+// for instead of V's full barrier.
 //
 // Jagged sequences: a box starts at the sequence's first row of the tile, so rows past the end
 // belong to the next sequence (or are zero-filled past T by the copy engine). Query rows past the
@@ -63,7 +63,8 @@
 // on the device by gdpa_ws_schedule_kernel<false> (non-empty items only, longest first, taken in
 // list order from a counter by the persistent CTAs (WsCursor); an item there is several query tiles
 // of one (sequence, head), run back to back by one CTA), runs key tiles holding <= 64 keys narrow
-// (64-row boxes, P·V with K = 64; S stays one N = 128 product, its stale columns masked), and lets
+// (64-row boxes, P·V with K = 64; S stays one N = 128 product, whose stale columns 64..127 no
+// activation or product reads), and lets
 // warpgroup 1 issue no product for a unit whose <= 64 query rows all lie in warpgroup 0's half
 // (docs/performance.md has the tile-waste count). Each choice depends on the sequence's own lengths
 // only and changes no element's operations, so a sequence's output is bitwise the same in any
@@ -107,9 +108,12 @@ struct FwdWsTraits {
   // (HBM-heavy: ~2 TB/s at 260 TFLOP/s) need to hide the load latency.
   static constexpr int kStages = 2;  // K
   // kResident (below) keeps a third Q stage, loaded by a thread of its own (kQThread): with the
-  // output map a unit's Q stage is released only after its output was stored through it (about a
-  // key tile after its last S, store_unit), and its units are one or two key tiles, so the third
-  // stage keeps Q about two units ahead (alone it measured level: the forty-second session).
+  // output map a unit's Q stage is released only after its output was stored through it (in the
+  // next unit's second key tile, or before the unit after that starts: store_unit), and its units
+  // are one or two key tiles, so the third stage keeps Q ahead (alone it measured level: the
+  // forty-second session). The other in-order instances keep two and store through the Q stage
+  // only units of >= kMapMinTiles key tiles (map_unit): the next Q then waits on the store only
+  // where the unit after such a unit has one key tile (causal or windowed rows).
   static constexpr int stages_q(bool resident = false) { return resident ? 3 : 2; }
   // kResident (below) keeps two V stages: a sequence's <= 2 key tiles then land in the same K and
   // V stages unit after unit.
@@ -126,8 +130,10 @@ struct FwdWsTraits {
   static constexpr int kConsumerRegs = 240;  // 128·24 + 256·240 <= 64K registers
   // Named barriers (0 is __syncthreads): one turn per consumer warpgroup (ping-pong).
   static constexpr int kTurnBar = 1;
-  // kResident with an output map: each warpgroup's barrier before its store (ids 3, 4).
+  // The in-order walk's output map: each warpgroup's barrier before its store (ids 3, 4).
   static constexpr int kStoreBar = kTurnBar + kConsumerWarpGroups;
+  // With two Q stages, the fewest key tiles of a unit stored through its Q stage (map_unit).
+  static constexpr int kMapMinTiles = 3;
   // The producer warp that zeroes the V rows past a sequence's end (warps 0 and 1 load; 2 and 3
   // were idle).
   static constexpr int kFixupWarp = 2;
@@ -139,8 +145,8 @@ struct FwdWsTraits {
   // Jagged batches (kJagged): a key tile that holds at most kNarrowN keys of its sequence is
   // loaded as two [64 rows][64 cols] boxes (half the bytes) into rows 0..63 of its stage; its
   // P·V runs with K = 64 (half a full tile's), its S as a full N = 128 product whose columns
-  // 64..127 are masked (two N = 64 products read Q from shared memory twice: the ss product at
-  // N = 64 runs at the shared-memory limit).
+  // 64..127 are left as they are, never read (two N = 64 products read Q from shared memory
+  // twice: the ss product at N = 64 runs at the shared-memory limit).
   static constexpr int kNarrowN = 64;
   static constexpr int kNarrowBoxRows = 64;
   static constexpr int kNarrowTileBytes = 2 * kNarrowBoxRows * kBoxCols * 2;
@@ -155,7 +161,7 @@ struct FwdWsMaps {
   CUtensorMap q, k, v;
   CUtensorMap k64, v64;  // the same k and v in boxes of 64 rows (narrow key tiles)
   CUtensorMap q64;       // q in boxes of 64 rows (narrow query tiles, narrow_q_tile)
-  // The output in boxes of 64 rows (the kResident instance's stores through the Q stage);
+  // The output in boxes of 64 rows (the in-order walk's stores through the Q stage);
   // o64_ok false: it could not be made without a copy, and the register store serves every unit.
   CUtensorMap o64;
   bool o64_ok = false;
@@ -573,20 +579,42 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   struct Done {
     int64_t out_off;
     int rows_valid;
-    // kResident, a unit of 128 valid rows with the output map: stored through its Q stage.
+    // The in-order walk, a unit of 128 valid rows with the output map: stored through its Q
+    // stage.
     bool map;
     uint32_t qn;      // its Q fill
     int row0, h;      // its first row in the output and its head
   };
   // A unit stored through its Q stage (map_unit): each warpgroup writes its 64 rows of the output
   // with stmatrix into the rows of the Q stage only its own S products read (their last one is
-  // waited for before any store), so the transpose is the instruction's, not 96 selects and 32
-  // shuffles a thread (store_rows' quad_transpose: docs/performance.md, forty-second session);
-  // one thread of the warpgroup then stores the two 64 x 64 boxes with the output map, waits for
-  // their shared reads and releases the Q stage for its warpgroup's four warps (the consumers do
-  // not release it at the unit's last S then), so the loader refills it only after the store.
+  // waited for before any store), so the transpose is the instruction's, not 48 selects and 16
+  // shuffles a thread (the register store's butterfly step, store_rows<T, D, 8>; docs/
+  // performance.md, forty-second and forty-fourth sessions);
+  // one thread of the warpgroup then stores the two 64 x 64 boxes with the output map and, after
+  // their shared reads (flush_store), releases the Q stage for its warpgroup's four warps (the
+  // consumers do not release it at the unit's last S then), so the loader refills it only after
+  // the store. The jagged instance keeps the register store: its Q ring has no third stage and
+  // its units are often one key tile, so the next unit's Q would wait on the store.
+  // A second store before the first one's flush (a one-tile last unit: no key tile between them)
+  // flushes the first one at once.
+  // The store's shared reads, then the Q stage's release for the warpgroup's 4 warps: waited for
+  // by the issuing thread once its warpgroup has issued the products of a later key tile (after
+  // issue_owed_pv), not at once, so that its warp, and with it the warpgroup's next products, do
+  // not wait on the copy engine. With two Q stages the unit after next has that Q stage, so a
+  // store still pending at a unit's start (the unit before had one key tile) is flushed there.
+  bool store_pending = false;  // only ever set in thread 0 of a warpgroup
+  uint32_t store_qn = 0;
+  auto flush_store = [&] {
+    if (store_pending) {
+      bulk::wait_group_read<0>();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ring_q.consumer_release(store_qn);
+      store_pending = false;
+    }
+  };
   auto store_unit = [&](const Done& w, const float(&acc)[D / 8][4]) {
-    if (kResident && w.map) {
+    if (!kJagged && w.map) {
+      flush_store();
       const int m = lane >> 3, r = warp_row0 + (m & 1) * 8 + (lane & 7);
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
@@ -610,19 +638,19 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         tma::store_3d(&map_o64, half, 0, w.h, w.row0 + wg * 64);
         tma::store_3d(&map_o64, half + Tr::kBoxBytes, Tr::kBoxCols, w.h, w.row0 + wg * 64);
         bulk::commit_group();
-        bulk::wait_group_read<0>();
-#pragma unroll
-        for (int i = 0; i < 4; ++i) ring_q.consumer_release(w.qn);  // the warpgroup's 4 warps
+        store_pending = true;  // its read is waited for later: flush_store
+        store_qn = w.qn;
       }
     } else {
-      store_rows<T, D>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0,
-                       w.rows_valid, 0, p.D, acc, p.qk_scale);
+      store_rows<T, D, 8>(static_cast<T*>(p.out) + w.out_off, p.o_row_stride, warp_row0,
+                          w.rows_valid, 0, p.D, acc, p.qk_scale);
     }
   };
   // O += P·V of a key tile whose V is at sv_tile: K = 128, or K = 64 for a narrow tile (P's
-  // columns 64..127 are zero there and V's rows 64..127 were never loaded). The accumulate flag is
-  // off for the first k-step of a unit's first tile only. Per output element the narrow product
-  // adds the same k-steps in the same order, minus exact zeros.
+  // columns 64..127 hold raw scores there, maybe inf / NaN, and V's rows 64..127 were never
+  // loaded: the narrow product must not read them). The accumulate flag is off for the first
+  // k-step of a unit's first tile only. Per output element the narrow product adds the same
+  // k-steps in the same order, minus exact zeros.
   auto issue_pv = [&](float(&acc)[D / 8][4], const uint32_t(&a)[BN / 16][4], uint32_t sv_tile,
                       bool narrow_pv, bool first) {
     if (narrow_pv) {
@@ -658,6 +686,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
   while (true) {
     const uint32_t qs = ring_q.stage(qn);
     const uint32_t sq_u = sq_addr + qs * Tr::kTileBytes;
+    if (QS < 3) flush_store();  // (above)
     ring_q.consumer_wait(qn);
     const WsUnit u = units[qs];
     if (u.n_tiles == 0) break;
@@ -670,19 +699,22 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
     // store writes no row (all of its rows are past the sequence), and its stale acc_o is
     // overwritten by the first P·V of its next unit (pv_first).
     const bool idle = wg_u == 1 && narrow_q_tile<kJagged>(u);
-    // kResident with the output map: a unit whose 128 rows are all the sequence's is stored
+    // The in-order walk with the output map: a unit whose 128 rows are all the sequence's is stored
     // through its Q stage (store_unit); one that ends inside its tile keeps the register store (a
     // box would write the next sequence's rows).
-    const bool map_unit = kResident && store_map && u.qs.len - u.i0 >= BM;
+    const bool map_unit = !kJagged && store_map && u.qs.len - u.i0 >= BM &&
+                          (QS > 2 || u.n_tiles >= Tr::kMapMinTiles);
     for (int j = 0; j < u.n_tiles; ++j, ++g) {
       const int j0 = u.kv_lo + j * BN;  // the tile's first key, local to the sequence
       // Every instance computes S as one N = 128 product (the jagged instance once issued S in two
       // N = 64 halves, with a narrow tile issuing one: a jagged key tile then cost ~1.3x a dense
       // one, docs/performance.md). A narrow tile's K stage holds its <= 64 keys in rows 0..63;
       // rows 64..127 keep an older fill's bytes (maybe inf / NaN, never this sequence's keys), so
-      // S's columns 64..127 are garbage there and mask_cols_from zeroes them after the
-      // activation (a select: NaN-safe), as it does any column past the sequence's end. Per
-      // element the product adds the same k-steps as an N = 64 one would.
+      // S's columns 64..127 are garbage there; the narrow P·V (K = 64) never reads them, so φ and
+      // the end mask skip them (the causal / window masks are selects over all 128: harmless),
+      // and mask_cols_from zeroes the columns in 0..63 past the sequence's end after the
+      // activation (a select: NaN-safe). Per element the product adds the same k-steps as an
+      // N = 64 one would.
       const bool narrow = narrow_tile<kJagged>(u, j0);
       const uint32_t stage = ring_k.stage(g), pstage = ring_v.stage(g - 1);  // K_g's, V_{g-1}'s
       ring_k.consumer_wait(g);
@@ -703,14 +735,21 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         wsfwd::issue_owed_pv(owed, turns, [&] {  // P_{g-1}·V_{g-1}
           issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
         });
+        if constexpr (!kJagged) flush_store();  // the last unit's store (store_unit)
         wgmma::fence_regs(s);
         if (lane == 0) ring_k.consumer_release(g);  // K_g has been read
         // So has Q, by every S of the unit. The warp's release: every lane read units[qs], which
         // the Q loader rewrites after it (an arrival releases only its own thread's reads). A unit
         // stored through its Q stage releases it after the store instead (store_unit).
         if (j == u.n_tiles - 1 && !map_unit) ring_q.consumer_release_warp(qn, lane);
-        // φ, then the masks.
-        act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+        // φ, then the masks. A narrow tile's P·V reads P's columns 0..63 alone (issue_pv): φ and
+        // the end-of-sequence mask run on those (half the activation's instructions); columns
+        // 64..127 keep their scores, packed into pa and never read.
+        if (narrow) {
+          act_fwd_tile<BN / 8, Tr::kNarrowN / 8>(s, p.act, p.pre_scale);
+        } else {
+          act_fwd_tile<BN / 8>(s, p.act, p.pre_scale);
+        }
         const int r0 = u.i0 + warp_row0;
         if (p.window >= 0) {
           if (!tile_fully_visible(p.causal, p.window, r0, r0 + 15, j0, j0 + BN - 1)) {
@@ -719,7 +758,11 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         } else if (p.causal && j0 + BN - 1 > r0) {
           causal_mask<false>(s, r0, j0);
         }
-        if (j0 + BN > u.ks.len) mask_cols_from(s, u.ks.len - j0);  // keys of the next sequence
+        if (narrow) {  // (every narrow tile ends inside its 64 columns or at their end)
+          mask_cols_from<BN / 8, Tr::kNarrowN / 8>(s, u.ks.len - j0);  // the next sequence's keys
+        } else if (j0 + BN > u.ks.len) {
+          mask_cols_from(s, u.ks.len - j0);
+        }
         // P rounded to the value type (DESIGN §3.1). The output store comes after it (s is dead by
         // then), nested under the wait.
         if (g > 0) {
@@ -769,6 +812,7 @@ __global__ void __launch_bounds__(FwdWsTraits::kThreads, 1)
         if (!pv_idle) issue_pv(acc_o, pa, sv_addr + pstage * Tr::kTileBytes, pv_narrow, pv_first);
       },
       [&] { store_unit(prev, acc_o); });
+  flush_store();  // before the shared memory goes with the CTA
   turns.finish();
 #endif
 }
@@ -820,7 +864,7 @@ cudaError_t launch_gdpa_fwd_ws(const FwdParams& p, const FwdWsMaps& maps, int ma
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q_tiles, jagged ? sched : nullptr,
                                                int64_t(items), maps.q, maps.k, maps.v, maps.k64,
                                                maps.v64, maps.q64, maps.o64,
-                                               resident && maps.o64_ok);
+                                               !jagged && maps.o64_ok);
   return cudaGetLastError();
 }
 

@@ -160,11 +160,12 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void pack_a(uint32_t (&a)[N / 16][4], const float 
 // Zeroes the accumulator entries (m16n8 fragment layout, N column blocks of 8) at whose tile
 // position (r0 + row, c0 + col) `masked(row_index, col_index)` holds: the one walk over the
 // fragment that the masks below share.
-template <int N, typename Masked>
+// (Over the first kUsed column groups only when given.)
+template <int N, typename Masked, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void zero_masked(float (&c)[N][4], int r0, int c0, Masked masked) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int nt = 0; nt < N; ++nt)
+  for (int nt = 0; nt < kUsed; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + (e >> 1) * 8;
@@ -224,29 +225,35 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void zero_bits(float (&c)[N][4], uint32_t bits) {
 
 // Zeroes accumulator entries of columns >= col_end (local column index of the tile), e.g. keys
 // past the sequence that a tensor-map copy brought in from the next one (possibly inf / NaN).
-template <int N>
+template <int N, int kUsed = N>
 ATTNKIT_DEVICE ATTNKIT_INLINE void mask_cols_from(float (&c)[N][4], int col_end) {
-  zero_masked(c, 0, 0, [=](int, int col) { return col >= col_end; });
+  const auto past_end = [=](int, int col) { return col >= col_end; };
+  zero_masked<N, decltype(past_end), kUsed>(c, 0, 0, past_end);
+}
+
+// One butterfly step of quad_transpose (m = 1 or 2): for each pair of entries (i, i + m), a lane
+// keeps the one whose bit m agrees with its own and swaps the other with lane q ^ m. After the
+// step m = 1 alone, with c = q & ~1 and k = i + (q & 1), lane q holds v[i] = M[c][k] and
+// v[i + 1] = M[c + 1][k] for i = 0, 2: entries c and c + 1 of column k, in order.
+ATTNKIT_DEVICE ATTNKIT_INLINE void quad_butterfly(uint32_t (&v)[4], int q, int m) {
+  const bool hi = (q & m) != 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (i & m) continue;  // the pair (i, i + m)
+    const uint32_t recv = shfl_xor(hi ? v[i] : v[i + m], m);
+    if (hi) {
+      v[i] = recv;
+    } else {
+      v[i + m] = recv;
+    }
+  }
 }
 
 // Transposes a 4 x 4 block of 32-bit values across the four lanes of a quad (q = lane % 4):
-// lane q holds v[i] = M[q][i] on entry and v[j] = M[j][q] on return. Two butterfly steps; in each
-// a lane keeps the entries whose bit m agrees with its own and swaps the others with lane q ^ m.
+// lane q holds v[i] = M[q][i] on entry and v[j] = M[j][q] on return. Two butterfly steps.
 ATTNKIT_DEVICE ATTNKIT_INLINE void quad_transpose(uint32_t (&v)[4], int q) {
-#pragma unroll
-  for (int m = 1; m <= 2; m <<= 1) {
-    const bool hi = (q & m) != 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (i & m) continue;  // the pair (i, i + m)
-      const uint32_t recv = shfl_xor(hi ? v[i] : v[i + m], m);
-      if (hi) {
-        v[i] = recv;
-      } else {
-        v[i + m] = recv;
-      }
-    }
-  }
+  quad_butterfly(v, q, 1);
+  quad_butterfly(v, q, 2);
 }
 
 // Stores a warp's 16 x DN accumulator tile (times `scale`) to rows [row0, row0 + 16) of a
@@ -258,8 +265,10 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void quad_transpose(uint32_t (&v)[4], int q) {
 // (quad_transpose) so that lane q holds the 8 columns of group q: one 16-byte store per lane, a
 // row's 64 bytes from one quad, 4x fewer store instructions (on the H200 the 4-byte stores of the
 // GDPA forward's epilogue took a quarter of its issue samples: per-element register reuse waited
-// on each store).
-template <typename T, int DN>
+// on each store). kStoreBytes = 8 stops after the first butterfly step: two 8-byte stores per
+// lane and four groups (a quad's 32 contiguous bytes), 7 instructions fewer per group of four
+// (the GDPA forward's per-unit epilogue is issue-bound: docs/performance.md, forty-fourth session).
+template <typename T, int DN, int kStoreBytes = 16>
 ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows(T* out, int64_t row_stride, int row0, int rows_valid,
                                               int d0, int d_valid, const float (&c)[DN / 8][4],
                                               float scale) {
@@ -272,7 +281,8 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows(T* out, int64_t row_stride, int ro
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = row0 + (lane >> 2) + half * 8;
-        T* dst = out + int64_t(row) * row_stride + d0 + q * 8;
+        T* dst = out + int64_t(row) * row_stride + d0 +
+                 (kStoreBytes == 16 ? q * 8 : (q & 1) * 8 + (q & 2) * 2);
 #pragma unroll
         for (int n0 = 0; n0 < DN / 8; n0 += 4) {
           uint32_t v[4];
@@ -280,9 +290,19 @@ ATTNKIT_DEVICE ATTNKIT_INLINE void store_rows(T* out, int64_t row_stride, int ro
           for (int i = 0; i < 4; ++i) {
             v[i] = mma::pack2<T>(c[n0 + i][2 * half] * scale, c[n0 + i][2 * half + 1] * scale);
           }
-          quad_transpose(v, q);
-          if (row < rows_valid) {
-            *reinterpret_cast<uint4*>(dst + n0 * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+          if constexpr (kStoreBytes == 16) {
+            quad_transpose(v, q);
+            if (row < rows_valid) {
+              *reinterpret_cast<uint4*>(dst + n0 * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+            }
+          } else {
+            static_assert(kStoreBytes == 8, "16- or 8-byte stores");
+            // Lane q: columns 2 (q & 2) .. + 3 of groups n0 + (q & 1) and n0 + 2 + (q & 1).
+            quad_butterfly(v, q, 1);
+            if (row < rows_valid) {
+              *reinterpret_cast<uint2*>(dst + n0 * 8) = make_uint2(v[0], v[1]);
+              *reinterpret_cast<uint2*>(dst + n0 * 8 + 16) = make_uint2(v[2], v[3]);
+            }
           }
         }
       }
