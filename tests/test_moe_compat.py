@@ -266,6 +266,26 @@ def test_grouped_topk_group_scores(device):
     assert ids.tolist() == [[2, 3], [1, 0]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_numpy_ints_as_python_ints(device):
+    """Counts from a model config read through numpy (np.int64, np.int32) are ints as vLLM takes
+    them: the same routing and alignment as Python ints. Bools and floats are still refused."""
+    np = pytest.importorskip("numpy")
+    x = grid_logits(5, 8, torch.float32, device)
+    hidden = torch.zeros(5, 4, device=device)
+    want = ops.grouped_topk(hidden, x, 2, True, 4, 2)
+    got = ops.grouped_topk(hidden, x, np.int64(2), True, np.int32(4), np.int64(2))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    w, ids, _ = ops.fused_topk(hidden, x, np.int64(3), True)
+    assert torch.equal(ids, ops.fused_topk(hidden, x, 3, True)[1])
+    a, b = (ops.moe_align_block_size_alloc(ids, n, bs)
+            for n, bs in ((8, 4), (np.int64(8), np.int16(4))))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for bad in (np.bool_(True), True, 2.0):
+        with pytest.raises(ValueError, match="topk_group"):
+            ops.grouped_topk(hidden, x, 2, True, 4, bad)
+
+
 # ---- activations and sums ----------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=type_id)

@@ -15,7 +15,7 @@ data-dependent in a shape, so a call can be captured in a CUDA graph. Arguments 
 the host: a tensor argument that is wrong raises a RuntimeError, a plain-Python one a ValueError,
 each naming the argument.
 """
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional, Tuple
 
 import torch
@@ -62,9 +62,11 @@ def _check(fn: str, name: str, t, *, dtypes=None, dim=None, shape=None, device=N
 
 
 def _check_int(fn: str, name: str, v, low: int, high: Optional[int] = None, why: str = "") -> int:
-    """A Python int (not a bool, not a float) within ``[low, high]``."""
-    if isinstance(v, bool) or not isinstance(v, int):
+    """An int within ``[low, high]``, returned as a Python int: any integral number (numpy's
+    too: model configs loaded through numpy give np.int64), not a bool, not a float."""
+    if isinstance(v, bool) or not isinstance(v, Integral):
         raise ValueError(f"attnkit: {fn}: {name}: expected an int, got {v!r}")
+    v = int(v)
     if v < low or (high is not None and v > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"attnkit: {fn}: {name}: expected an int {bound}{why}, got {v}")
@@ -186,7 +188,7 @@ def fused_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: i
     """
     fn = "fused_topk"
     dev, T, E = _check_router_inputs(fn, hidden_states, gating_output)
-    _check_int(fn, "topk", topk, 1, E, " (gating_output's experts)")
+    topk = _check_int(fn, "topk", topk, 1, E, " (gating_output's experts)")
     if indices_type is not None and indices_type not in _TOPK_ID_DTYPES:
         raise ValueError(f"attnkit: {fn}: indices_type: expected None or "
                          f"{_names(_TOPK_ID_DTYPES)}, got {indices_type!r}")
@@ -220,13 +222,15 @@ def grouped_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk:
     """
     fn = "grouped_topk"
     dev, T, E = _check_router_inputs(fn, hidden_states, gating_output)
-    _check_int(fn, "num_expert_group", num_expert_group, 1, E, " (gating_output's experts)")
+    num_expert_group = _check_int(fn, "num_expert_group", num_expert_group, 1, E,
+                                  " (gating_output's experts)")
     if E % num_expert_group:
         raise ValueError(f"attnkit: {fn}: num_expert_group: expected a divisor of the "
                          f"{E} experts of gating_output, got {num_expert_group}")
-    _check_int(fn, "topk_group", topk_group, 1, num_expert_group, " (num_expert_group)")
-    _check_int(fn, "topk", topk, 1, topk_group * (E // num_expert_group),
-               " (the experts of topk_group groups)")
+    topk_group = _check_int(fn, "topk_group", topk_group, 1, num_expert_group,
+                            " (num_expert_group)")
+    topk = _check_int(fn, "topk", topk, 1, topk_group * (E // num_expert_group),
+                      " (the experts of topk_group groups)")
     if scoring_func not in _SCORING_FUNCS:
         raise ValueError(f"attnkit: {fn}: scoring_func: expected 'softmax' or 'sigmoid', got "
                          f"{scoring_func!r}")
@@ -310,8 +314,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     fn = "moe_align_block_size"
     _check(fn, "topk_ids", topk_ids, dtypes=_INTS, dim=2)
     dev = topk_ids.device
-    _check_int(fn, "num_experts", num_experts, 1)
-    _check_int(fn, "block_size", block_size, 1)
+    num_experts = _check_int(fn, "num_experts", num_experts, 1)
+    block_size = _check_int(fn, "block_size", block_size, 1)
     n = topk_ids.numel()
     need = _padded_capacity(n, num_experts, block_size)
     _check(fn, "sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), dim=1, device=dev)
@@ -386,8 +390,8 @@ def moe_align_block_size_alloc(topk_ids: torch.Tensor, block_size: int, num_expe
     """
     fn = "moe_align_block_size_alloc"
     _check(fn, "topk_ids", topk_ids, dtypes=_INTS, dim=2)
-    _check_int(fn, "block_size", block_size, 1)
-    _check_int(fn, "num_experts", num_experts, 1)
+    block_size = _check_int(fn, "block_size", block_size, 1)
+    num_experts = _check_int(fn, "num_experts", num_experts, 1)
     dev = topk_ids.device
     _check_expert_map(fn, expert_map, num_experts, dev)
     n = topk_ids.numel()
