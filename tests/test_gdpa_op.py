@@ -77,6 +77,34 @@ def test_torch_compile_fullgraph(device):
     assert torch.allclose(gc, ge, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_hints_from_item(device):
+    """Length hints read from a tensor with .item() (unbacked symbols under torch.compile) trace
+    with fullgraph=True: the hint checks compare plain ints only (a guard on an unbacked symbol
+    failed the trace: "Could not guard on data-dependent expression")."""
+    torch._dynamo.reset()
+    F = torch.nn.functional
+
+    def f(q, k, v, q_lens, kv_lens):
+        qo = F.pad(q_lens.cumsum(0), (1, 0)).int()
+        ko = F.pad(kv_lens.cumsum(0), (1, 0)).int()
+        return attnkit.gdpa(q, k, v, qo, ko, q_lens.max().item(), kv_lens.max().item(), "gelu")
+
+    gen = torch.Generator().manual_seed(5)
+    q_lens, kv_lens = torch.tensor([4, 0, 5]), torch.tensor([5, 3, 6])
+    q, k, v = (torch.randn(n, 2, 16, generator=gen).to(device).requires_grad_()
+               for n in (9, 14, 14))
+    lens = (q_lens.to(device), kv_lens.to(device))
+    from torch._dynamo import config as dynamo_config
+    with dynamo_config.patch(capture_scalar_outputs=True):
+        out_c = torch.compile(f, fullgraph=True)(q, k, v, *lens)
+    out_e = f(q, k, v, *lens)
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+    g = torch.randn(out_e.shape, generator=gen).to(device)
+    for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), g), torch.autograd.grad(out_e, (q, k, v), g)):
+        torch.testing.assert_close(gc, ge, rtol=0, atol=0)
+
+
 def _bad_inputs(device):
     """(description, kwargs-overrides, expected message fragment)."""
     q, k, v, qo, ko, mq, mk = jagged_inputs(device, torch.float32, [3, 5], H=4, Hkv=2, D=16)

@@ -199,6 +199,29 @@ def test_pa_fwd_without_out_compiles_with_inductor():
     torch.testing.assert_close(torch.compile(pa, fullgraph=True)(Q), pa(Q))
 
 
+def test_compile_fullgraph_max_seq_len_from_item():
+    """vLLM-style code that reads max_seq_len off seq_lens with .item() (an unbacked symbol under
+    torch.compile) traces with fullgraph=True: neither the wrapper's check nor the op's fake
+    kernel guards on it (both did: "Could not guard on data-dependent expression")."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 64)
+    kc, vc = make_caches(64, 2, 64, 16, torch.float32, "vllm", "cpu")
+    bt, _ = make_tables([200, 150, 90], 16, 64, "cpu")
+    scales = torch.ones(1), torch.ones(1)
+
+    def v1(out, query, seq_lens):
+        attnkit.paged_attention_v1(out, query, kc, vc, 2, 0.125, bt, seq_lens, 16,
+                                   seq_lens.max().item(), None, "auto", *scales)
+        return out
+
+    lens = torch.tensor([90, 87, 45], dtype=torch.int32)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(v1, fullgraph=True, backend="aot_eager")
+        got = compiled(torch.full_like(q, float("nan")), q, lens)
+    torch.testing.assert_close(got, v1(torch.full_like(q, float("nan")), q, lens), rtol=0, atol=0)
+
+
 def test_compile_dynamic_lengths_no_recompile():
     """Serving calls change max_seq_len (paged_attention_v1) and the block tables' width
     (pa_fwd's block_tables_stride0) from step to step. Both are SymInt in the schema, so

@@ -74,6 +74,16 @@ inline int64_t static_size(const at::Tensor& t, int64_t dim) {
   return t.sym_size(dim).guard_int(__FILE__, __LINE__);
 }
 
+// A length hint (max_seq_len_q, max_seqlen_k, max_qlen...): it sizes grids and bounds reads, so a
+// plain int below `least` is refused naming it. A symbolic one (torch.compile; an unbacked one
+// from .item() too) is not compared: a guard there would fail the trace ("data-dependent
+// expression"), and the real kernel checks the number at run time with this same call.
+inline void check_length_hint(const c10::SymInt& hint, const char* name, int64_t least = 0) {
+  const std::optional<int64_t> v = hint.maybe_as_int();
+  ATTNKIT_CHECK(!v.has_value() || *v >= least, name, ": expected >= ", least, ", got ",
+                v.value_or(0));
+}
+
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   ATTNKIT_CHECK(t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1, name,
                 ": expected the last dimension to be contiguous (stride 1), got strides ",

@@ -83,9 +83,7 @@ inline void check_options(const Options& o) {
 inline void check_seqlen_hints(const std::optional<c10::SymInt>& max_seqlen_q,
                                const std::optional<c10::SymInt>& max_seqlen_k) {
   const auto check = [](const std::optional<c10::SymInt>& hint, const char* name) {
-    if (!hint.has_value()) return;
-    const std::optional<int64_t> v = hint->maybe_as_int();
-    ATTNKIT_CHECK(!v.has_value() || *v >= 0, name, ": expected >= 0 (a length), got ", *v);
+    if (hint.has_value()) check_length_hint(*hint, name);
   };
   check(max_seqlen_q, "max_seqlen_q");
   check(max_seqlen_k, "max_seqlen_k");

@@ -65,8 +65,8 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   ATTNKIT_CHECK(!same_batch || q_offsets.sym_size(0) == kv_offsets.sym_size(0),
                 "kv_offsets: expected ", q_offsets.sym_size(0), " entries (same as q_offsets), got ",
                 kv_offsets.sym_size(0));
-  ATTNKIT_CHECK(max_seq_len_q >= 0, "max_seq_len_q: expected >= 0, got ", max_seq_len_q);
-  ATTNKIT_CHECK(max_seq_len_kv >= 0, "max_seq_len_kv: expected >= 0, got ", max_seq_len_kv);
+  check_length_hint(max_seq_len_q, "max_seq_len_q");
+  check_length_hint(max_seq_len_kv, "max_seq_len_kv");
 }
 
 inline void check_window(int64_t window_size) {

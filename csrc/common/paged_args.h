@@ -223,7 +223,7 @@ inline V1Config check_paged_attention_v1(
                 "query: expected head size a multiple of 8 in [32, 256], got ", c.D);
   ATTNKIT_CHECK(block_size == 8 || block_size == 16 || block_size == 32,
                 "block_size: expected 8, 16 or 32, got ", block_size);
-  ATTNKIT_CHECK(max_seq_len >= 0, "max_seq_len: expected >= 0, got ", max_seq_len);
+  check_length_hint(max_seq_len, "max_seq_len");
   // A NaN or inf scale fills every output with NaN (the flash family refuses a non-finite
   // softmax_scale the same way); so would a cap of inf: inf * tanh(s / inf).
   ATTNKIT_CHECK(finite_f32(scale), "scale: expected a finite value (as fp32), got ", scale);
@@ -314,7 +314,7 @@ inline PaFwdConfig check_pa_fwd(
   ATTNKIT_CHECK(block_tables.sym_stride(0) == block_tables_stride0,
                 "block_tables_stride0: expected block_tables.stride(0) = ", block_tables.sym_stride(0),
                 ", got ", block_tables_stride0);
-  ATTNKIT_CHECK(max_qlen >= 1, "max_qlen: expected >= 1, got ", max_qlen);
+  check_length_hint(max_qlen, "max_qlen", 1);
   ATTNKIT_CHECK(high_precision >= 0 && high_precision <= 2,
                 "high_precision: expected 0, 1 or 2, got ", high_precision);
   if (qo_indptr.has_value()) {

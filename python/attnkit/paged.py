@@ -134,7 +134,11 @@ def _checked_max_seq_len(max_seq_len):
     if (isinstance(max_seq_len, bool)
             or not isinstance(max_seq_len, (numbers.Integral, torch.SymInt))):
         raise RuntimeError(f"attnkit: max_seq_len: expected an int, got {type(max_seq_len).__name__}")
-    if max_seq_len < 0:
+    if torch.compiler.is_compiling():
+        # The hint may be unbacked there (from .item()): an `if` would guard on it and fail the
+        # trace; torch._check makes it a run-time assert (a message dynamo can trace: no value).
+        torch._check(max_seq_len >= 0, lambda: "attnkit: max_seq_len: expected >= 0")
+    elif max_seq_len < 0:
         raise RuntimeError(f"attnkit: max_seq_len: expected >= 0, got {max_seq_len}")
     return max_seq_len
 
