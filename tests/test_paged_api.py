@@ -222,6 +222,43 @@ def test_compile_fullgraph_max_seq_len_from_item():
     torch.testing.assert_close(got, v1(torch.full_like(q, float("nan")), q, lens), rtol=0, atol=0)
 
 
+def test_compile_v2_partition_counts_no_recompile():
+    """paged_attention_v2's workspaces are sized by P = ceil(max_seq_len / 512), which grows every
+    512 tokens of a decode loop: one frame traces every P >= 2 (the wrapper formatted P into its
+    messages, which specialised it: a recompile per P, past the limit with fullgraph=True), and a
+    max_seq_len read with .item() traces too. Outputs match eager."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 64)
+    kc, vc = make_caches(160, 2, 64, 16, torch.float32, "vllm", "cpu")
+    bt, _ = make_tables([2500, 1900], 16, 160, "cpu")
+    scales = torch.ones(1), torch.ones(1)
+
+    def v2(query, seq_lens, max_seq_len):
+        P = -(-max_seq_len // 512)
+        out = torch.full_like(query, float("nan"))
+        ws = [torch.empty(2, 8, P), torch.empty(2, 8, P), torch.empty(2, 8, P, 64)]
+        attnkit.paged_attention_v2(out, *ws, query, kc, vc, 2, 0.125, bt, seq_lens, 16,
+                                   max_seq_len, None, "auto", *scales)
+        return out
+
+    cnt = CompileCounter()
+    compiled = torch.compile(v2, backend=cnt, dynamic=True, fullgraph=True)
+    for m in (600, 1100, 1700, 2500):  # P = 2, 3, 4, 5
+        lens = torch.tensor([m, m - 99], dtype=torch.int32)
+        torch.testing.assert_close(compiled(q, lens, m), v2(q, lens, m), rtol=0, atol=0)
+    assert cnt.frame_count == 1, f"paged_attention_v2 recompiled: {cnt.frame_count} frames"
+
+    def v2_item(query, seq_lens):
+        return v2(query, seq_lens, seq_lens.max().item())
+
+    lens = torch.tensor([1300, 700], dtype=torch.int32)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got = torch.compile(v2_item, fullgraph=True, backend="aot_eager")(q, lens)
+    torch.testing.assert_close(got, v2_item(q, lens), rtol=0, atol=0)
+
+
 def test_compile_dynamic_lengths_no_recompile():
     """Serving calls change max_seq_len (paged_attention_v1) and the block tables' width
     (pa_fwd's block_tables_stride0) from step to step. Both are SymInt in the schema, so

@@ -155,17 +155,27 @@ def _check_v2_workspaces(out, exp_sum, max_logits, tmp_out, query, max_seq_len) 
         return
     S, H, D = query.shape
     P = -(-max_seq_len // _V2_PARTITION_SIZE)
-    sizes = f"[S, Hq, P{{}}] with P = ceil(max_seq_len / {_V2_PARTITION_SIZE}) = {P}"
+    # Under torch.compile, S, H, D and P may be symbols: a message is formatted only once a check
+    # has failed (formatting a symbol specialises it: a recompile per partition count), and the
+    # shapes are compared with torch._check (a run-time assert where P is unbacked, from .item()).
+    compiling = torch.compiler.is_compiling()
     vllm = "as vLLM allocates it"
-    want = (("exp_sum", exp_sum, (S, H, P), sizes.format(""), torch.float32, vllm),
-            ("max_logits", max_logits, (S, H, P), sizes.format(""), torch.float32, vllm),
-            ("tmp_out", tmp_out, (S, H, P, D), sizes.format(", D"), out.dtype, "out's dtype"))
+    want = (("exp_sum", exp_sum, (S, H, P), "", torch.float32, vllm),
+            ("max_logits", max_logits, (S, H, P), "", torch.float32, vllm),
+            ("tmp_out", tmp_out, (S, H, P, D), ", D", out.dtype, "out's dtype"))
     for name, t, shape, rule, dtype, dtype_rule in want:
         where = f"attnkit: {name} (a paged_attention_v2 workspace)"
         if not isinstance(t, torch.Tensor):
             raise RuntimeError(f"{where}: expected a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise RuntimeError(f"{where}: expected shape {list(shape)} ({rule}, as vLLM "
+        if compiling and t.dim() == len(shape):
+            for got, expected in zip(t.shape, shape):  # (dynamo takes a constant message only)
+                torch._check(got == expected, lambda: (
+                    "attnkit: paged_attention_v2 workspaces: expected exp_sum / max_logits "
+                    "[S, Hq, P], tmp_out [S, Hq, P, D], P = ceil(max_seq_len / 512), as vLLM "
+                    "allocates them"))
+        elif tuple(t.shape) != shape:
+            raise RuntimeError(f"{where}: expected shape {list(shape)} ([S, Hq, P{rule}] with "
+                               f"P = ceil(max_seq_len / {_V2_PARTITION_SIZE}) = {P}, as vLLM "
                                f"allocates it), got {list(t.shape)}")
         if t.dtype != dtype:
             raise RuntimeError(f"{where}: expected dtype {dtype} ({dtype_rule}), got {t.dtype}")
