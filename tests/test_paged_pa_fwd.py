@@ -61,6 +61,18 @@ def test_pa_fwd_samples(device, dtype):
         assert_close(out, pa_fwd_reference(s), dtype, s.name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_pa_fwd_high_precision_none(device):
+    """AITER annotates high_precision Optional[int] = 1: None is its default, the same result as
+    1 (and as 0 / 2: accumulation is fp32 in every case here)."""
+    s = pa_fwd_sample(device, torch.bfloat16, lengths=(17, 40))
+    q, kc, vc, bt, lens = s.args[:5]
+    want = attnkit.pa_fwd_asm(q, kc, vc, bt, lens, bt.stride(0), 1, None, None, None, None, 1)
+    for hp in (None, 0, 2):
+        got = attnkit.pa_fwd_asm(q, kc, vc, bt, lens, bt.stride(0), 1, None, None, None, None, hp)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_out_is_q_with_qo_indptr_is_refused():
     """pa_fwd zeroes out_'s rows outside every sequence before the kernel when qo_indptr is
     given: out_ = Q would lose Q first (every row computed from a zero query, silently), so that

@@ -249,7 +249,7 @@ def pa_fwd(
     V_QScale: Optional[torch.Tensor] = None,
     out_: Optional[torch.Tensor] = None,
     qo_indptr: Optional[torch.Tensor] = None,
-    high_precision: int = 1,
+    high_precision: Optional[int] = 1,
     kernelName: Optional[str] = None,
     *,
     out: Optional[torch.Tensor] = None,
@@ -262,8 +262,9 @@ def pa_fwd(
     16, Hq / Hkv <= 16. KV in Q's dtype, or int8 / float8_e4m3fn with per-token-per-head fp32
     scales ``K_QScale``, ``V_QScale`` ``[num_blocks, Hkv, 16]`` (or ``[num_blocks, Hkv, 16, 1]``,
     the shape AITER's ``pertoken_quant`` returns). Softmax scale 1/sqrt(128).
-    ``block_tables_stride0`` must equal ``block_tables.stride(0)``. ``high_precision`` (0-2) is
-    accepted for compatibility; accumulation is always fp32. ``kernelName`` is ignored.
+    ``block_tables_stride0`` must equal ``block_tables.stride(0)``. ``high_precision`` (0-2, or
+    None for AITER's default 1, as its ``Optional[int] = 1`` annotation allows) is accepted for
+    compatibility; accumulation is always fp32. ``kernelName`` is ignored.
 
     Returns the output; when ``out_`` (or ``out``, its keyword name; not both) is given it is
     written and returned.
@@ -278,6 +279,8 @@ def pa_fwd(
         # `out = pa_fwd_asm(Q, K, V, ...)`: a helper's audit, forty-fourth session).
         dst = torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)
     K_QScale, V_QScale = _token_scales(K_QScale), _token_scales(V_QScale)
+    if high_precision is None:
+        high_precision = 1
     torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen,
                              K_QScale, V_QScale, dst, qo_indptr, high_precision)
     return dst
