@@ -48,6 +48,22 @@ def test_paged_attention_v1_bad_inputs(device, name, mutate):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_v1_sliding_window_values(device):
+    """-1 and 0 are no window (the same output as the default); a window > 0 changes it; any other
+    negative is refused by name (it was read as no window, silently)."""
+    a = v1_bad_args(device)
+    outs = {}
+    for w in (-1, 0, 4):
+        a["out"] = torch.full_like(a["out"], float("nan"))
+        torch.ops.attnkit.paged_attention_v1(*a.values(), sliding_window=w)
+        outs[w] = a["out"].clone()
+    assert torch.equal(outs[-1], outs[0]) and not torch.equal(outs[-1], outs[4])
+    for w in (-2, -5, -2**40):
+        with pytest.raises(RuntimeError, match="sliding_window: expected -1 or 0"):
+            torch.ops.attnkit.paged_attention_v1(*a.values(), sliding_window=w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_paged_attention_v1_non_finite_scales(device, bad):
     """A NaN or inf scale or soft cap fills out with NaN (inf * tanh(s / inf) for the cap): both

@@ -203,7 +203,8 @@ inline V1Config check_paged_attention_v1(
     const at::Tensor& value_cache, int64_t num_kv_heads, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, int64_t block_size, const c10::SymInt& max_seq_len,
     const c10::optional<at::Tensor>& alibi_slopes, std::string_view kv_cache_dtype,
-    const at::Tensor& k_scale, const at::Tensor& v_scale, double scale, double logits_soft_cap) {
+    const at::Tensor& k_scale, const at::Tensor& v_scale, double scale, double logits_soft_cap,
+    int64_t sliding_window) {
   V1Config c;
   c.kind = parse_kv_cache_dtype(kv_cache_dtype);
   check_dim(query, "query", 3);
@@ -230,6 +231,10 @@ inline V1Config check_paged_attention_v1(
   ATTNKIT_CHECK(finite_f32(logits_soft_cap) && logits_soft_cap >= 0.0,
                 "logits_soft_cap: expected a finite value >= 0 (0: off; as fp32), got ",
                 logits_soft_cap);
+  // -1 and 0 are no window (a value > 0 keeps the last sliding_window keys); any other negative
+  // was read as none too, silently.
+  ATTNKIT_CHECK(sliding_window >= -1, "sliding_window: expected -1 or 0 (no window) or > 0 (the "
+                "last keys visible), got ", sliding_window);
   check_cache_dtype(key_cache, "key_cache", c.kind, query.scalar_type());
   check_caches(key_cache, value_cache, query, c.Hkv, c.D, c.bs);
   check_table_and_lens(block_tables, "block_tables", seq_lens, "seq_lens", query);

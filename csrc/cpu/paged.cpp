@@ -136,7 +136,7 @@ void paged_attention_v1_cpu(at::Tensor& out, const at::Tensor& query, const at::
   const auto c = check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads,
                                           block_tables, seq_lens, block_size, max_seq_len,
                                           alibi_slopes, kv_cache_dtype, k_scale, v_scale,
-                                          scale, logits_soft_cap);
+                                          scale, logits_soft_cap, sliding_window);
   if (out.numel() == 0) return;
   const auto bt = block_tables.contiguous(), lens = seq_lens.contiguous();
   c10::optional<at::Tensor> alibi;

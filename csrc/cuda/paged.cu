@@ -474,7 +474,7 @@ void paged_attention_v1_on(at::Tensor& out, const at::Tensor& query, const at::T
   const auto c = check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads,
                                           block_tables, seq_lens, block_size, max_seq_len,
                                           alibi_slopes, kv_cache_dtype, k_scale, v_scale,
-                                          scale, logits_soft_cap);
+                                          scale, logits_soft_cap, sliding_window);
   if (out.numel() == 0) return;
   check_vector_alignment(key_cache, value_cache);
   const c10::cuda::CUDAGuard guard(query.device());

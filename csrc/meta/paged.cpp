@@ -19,10 +19,11 @@ void paged_attention_v1_meta(at::Tensor& out, const at::Tensor& query, const at:
                              int64_t block_size, c10::SymInt max_seq_len,
                              const c10::optional<at::Tensor>& alibi_slopes,
                              c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
-                             const at::Tensor& v_scale, double logits_soft_cap, int64_t) {
+                             const at::Tensor& v_scale, double logits_soft_cap,
+                             int64_t sliding_window) {
   check_paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, block_tables,
                            seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
-                           k_scale, v_scale, scale, logits_soft_cap);
+                           k_scale, v_scale, scale, logits_soft_cap, sliding_window);
 }
 
 at::Tensor pa_fwd_meta(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
