@@ -215,29 +215,6 @@ def test_pa_fwd_without_out_compiles_with_inductor():
     torch.testing.assert_close(torch.compile(pa, fullgraph=True)(Q), pa(Q))
 
 
-def test_compile_fullgraph_max_seq_len_from_item():
-    """vLLM-style code that reads max_seq_len off seq_lens with .item() (an unbacked symbol under
-    torch.compile) traces with fullgraph=True: neither the wrapper's check nor the op's fake
-    kernel guards on it (both did: "Could not guard on data-dependent expression")."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    q = torch.randn(3, 8, 64)
-    kc, vc = make_caches(64, 2, 64, 16, torch.float32, "vllm", "cpu")
-    bt, _ = make_tables([200, 150, 90], 16, 64, "cpu")
-    scales = torch.ones(1), torch.ones(1)
-
-    def v1(out, query, seq_lens):
-        attnkit.paged_attention_v1(out, query, kc, vc, 2, 0.125, bt, seq_lens, 16,
-                                   seq_lens.max().item(), None, "auto", *scales)
-        return out
-
-    lens = torch.tensor([90, 87, 45], dtype=torch.int32)
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled = torch.compile(v1, fullgraph=True, backend="aot_eager")
-        got = compiled(torch.full_like(q, float("nan")), q, lens)
-    torch.testing.assert_close(got, v1(torch.full_like(q, float("nan")), q, lens), rtol=0, atol=0)
-
-
 def test_compile_v2_partition_counts_no_recompile():
     """paged_attention_v2's workspaces are sized by P = ceil(max_seq_len / 512), which grows every
     512 tokens of a decode loop: one frame traces every P >= 2 (the wrapper formatted P into its
@@ -280,7 +257,9 @@ def test_compile_dynamic_lengths_no_recompile():
     (pa_fwd's block_tables_stride0) from step to step. Both are SymInt in the schema, so
     torch.compile(dynamic=True) traces them once: as plain ints the fake kernels specialised on
     them, and every new length recompiled (5 lengths: 5 frames; past the recompile limit dynamo
-    falls back to eager). Outputs match eager."""
+    falls back to eager). Outputs match eager. A max_seq_len read off seq_lens with .item() (an
+    unbacked symbol) traces with fullgraph=True too: neither the wrapper's check nor the op's fake
+    kernel guards on it (both did: "Could not guard on data-dependent expression")."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -302,6 +281,16 @@ def test_compile_dynamic_lengths_no_recompile():
         want = v1(torch.full_like(q, float("nan")), q, lens, m)
         torch.testing.assert_close(got, want)
     assert cnt.frame_count == 1, f"paged_attention_v1 recompiled: {cnt.frame_count} frames"
+
+    def v1_item(out, query, seq_lens):
+        return v1(out, query, seq_lens, seq_lens.max().item())
+
+    lens = torch.tensor([90, 87, 45], dtype=torch.int32)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(v1_item, fullgraph=True, backend="aot_eager")
+        got = compiled(torch.full_like(q, float("nan")), q, lens)
+    want = v1_item(torch.full_like(q, float("nan")), q, lens)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
     s = pa_fwd_sample("cpu", torch.float16, lengths=(40, 7, 100, 3))
     Q, K, V, _, lens = s.args[:5]
