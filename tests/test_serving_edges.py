@@ -168,6 +168,11 @@ def test_kvcache_argument_errors(device):
         call(q, kc, vc, k, v, cache_seqlens=[4, 4])
     with pytest.raises(RuntimeError, match="cache_seqlens"):
         call(q, kc, vc, k, v, cache_seqlens=21)
+    with pytest.raises(RuntimeError, match="cache_seqlens: expected an int"):
+        call(q, kc, vc, k, v, cache_seqlens=True)  # not a length (it was read as 1)
+    import numpy as np  # a numpy int is the int's length; each call appends into fresh copies
+    outs = [call(q, kc.clone(), vc.clone(), k, v, cache_seqlens=n) for n in (3, np.int32(3))]
+    assert torch.equal(outs[0], outs[1])
     with pytest.raises(RuntimeError, match="cache_batch_idx"):
         call(q, kc, vc, k, v, cache_seqlens=4,
              cache_batch_idx=torch.tensor([0.0, 1.0], device=device))

@@ -661,7 +661,9 @@ def flash_attn_with_kvcache(
     ro = rotary_cos.shape[0] if rotary_cos is not None else 0
     if cache_seqlens is None:
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=dev)
-    elif isinstance(cache_seqlens, int):
+    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        # numpy ints are lengths too; a bool is not (True would read as 1)
+        cache_seqlens = int(cache_seqlens)
         if not 0 <= cache_seqlens <= capacity:
             raise RuntimeError(f"attnkit: cache_seqlens: expected a length in [0, {capacity}] (the "
                                f"cache's), got {cache_seqlens}")
