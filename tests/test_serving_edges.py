@@ -101,6 +101,31 @@ def test_kvcache_raises_before_writing(device, bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("bad", [-1, 2.5, "2", True])
+def test_kvcache_max_seqlen_q_refused_before_writing(device, paged, bad):
+    """max_seqlen_q (a sizing hint) that is not None or an int >= 0 is a RuntimeError naming it
+    before the new k / v are appended, on every path: the paged op refused it only after the
+    append (the cache was written), and the dense 4-D call ignored it."""
+    q, kc, vc, k, v = _kvcache_inputs(device, S_cache=32)
+    table = None
+    if paged:  # the same rows as two 16-token blocks per sequence
+        kc, vc = kc.reshape(4, 16, *kc.shape[2:]), vc.reshape(4, 16, *vc.shape[2:])
+        table = torch.arange(4, dtype=torch.int32, device=device).view(2, 2)
+    before_k, before_v = kc.clone(), vc.clone()
+    with pytest.raises(RuntimeError, match="^attnkit: max_seqlen_q: expected None or an int >= 0"):
+        attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=4, block_table=table,
+                                        max_seqlen_q=bad)
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+    for ok in (None, 0, 1, 7):  # a hint: any value >= 0 gives the same result
+        got = attnkit.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=4,
+                                              block_table=table, max_seqlen_q=ok)
+        want = attnkit.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=4,
+                                               block_table=table)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_head_dim_refused_before_writing(device):
     """A head dim the op refuses (> 256) is refused before the new k / v are appended."""
     q, kc, vc, k, v = _kvcache_inputs(device, D=320)

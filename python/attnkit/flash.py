@@ -641,6 +641,13 @@ def flash_attn_with_kvcache(
     wr = -1 if wr >= (q.shape[0] - 1 if varlen else capacity) else wr
     sinks = _sinks(q, s_aux, learnable_sink, sinks)
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
+    # A sizing hint, but the paged op refuses a negative one (or a float) only after the append,
+    # and the dense 4-D call never saw it: checked here, on every path, before anything is written.
+    if max_seqlen_q is not None and not isinstance(max_seqlen_q, (torch.SymInt, torch.Tensor)) and (
+            isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral)
+            or max_seqlen_q < 0):
+        raise RuntimeError(f"attnkit: max_seqlen_q: expected None or an int >= 0 (a sizing hint), "
+                           f"got {max_seqlen_q!r}")
     if out is not None:  # the result is q's shape, dtype and device (q dequantised above)
         _check_out(out, q.shape, q.dtype, q.device)
     # Every tensor argument on q's device, named (the ops below would name their own arguments,
