@@ -184,6 +184,36 @@ def test_kvcache_caches_of_no_position(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [None, 16, 3])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_kvcache_append_to_caches_of_no_position(device, page_size, rotary):
+    """An append to a cache of no position, a dense [B, 0, Hkv, D] one or a paged one whose
+    table has no column, with rotary tables of as many positions (0: they must cover the
+    cache's length, as FlashAttention 2 checks): the new tokens are dropped, the rows are keyless
+    (zeros) and nothing is written. The paged append failed in the slots' gather (an IndexError-
+    like RuntimeError naming nothing), rotary tables of 0 positions in their indexing."""
+    B, H, Hkv, D = 2, 4, 2, 32
+    q = torch.randn(B, 1, H, D, device=device)
+    k, v = (torch.randn(B, 1, Hkv, D, device=device) for _ in range(2))
+    if page_size is None:
+        kc, vc = (torch.randn(B, 0, Hkv, D, device=device) for _ in range(2))
+        table = None
+    else:
+        kc, vc = (torch.randn(3, page_size, Hkv, D, device=device) for _ in range(2))
+        table = torch.zeros(B, 0, dtype=torch.int32, device=device)
+    rot = {}
+    if rotary:
+        rot = dict(rotary_cos=torch.randn(0, 8, device=device),
+                   rotary_sin=torch.randn(0, 8, device=device))
+    before_k, before_v = kc.clone(), vc.clone()
+    out, lse = attnkit.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=0, block_table=table,
+                                               causal=True, return_softmax_lse=True, **rot)
+    assert out.shape == q.shape and not out.any()
+    assert bool(torch.isneginf(lse).all())
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_argument_errors(device):
     q, kc, vc, k, v = _kvcache_inputs(device)
     call = attnkit.flash_attn_with_kvcache

@@ -746,7 +746,10 @@ def flash_attn_with_kvcache(
     used = (seqlens.to(torch.int64) + s_new).clamp(max=capacity).to(torch.int32)
     if paged:
         _check_used_block_ids(block_table, used, k_cache.shape[0], k_cache.shape[1], table_name)
-    if k is not None:
+    # A cache of no position (a dense one of S_cache 0, or a table of no column) takes no new
+    # token and its rows see no key: nothing to write or rotate (rotary tables may then have no
+    # position to index, and the table no column to gather the new tokens' blocks from).
+    if k is not None and capacity > 0:
         pos = seqlens.to(torch.int64).unsqueeze(1) + torch.arange(s_new, device=dev)  # [B, S_new]
         if rotary_cos is not None:
             k = _rotate(k, rotary_cos[pos.clamp(max=ro - 1)], rotary_sin[pos.clamp(max=ro - 1)],
@@ -755,7 +758,7 @@ def flash_attn_with_kvcache(
         if paged:
             bs = k_cache.shape[1]
             blk = torch.gather(block_table.to(torch.int64), 1,
-                               (pos // bs).clamp(max=max(block_table.shape[1] - 1, 0)))
+                               (pos // bs).clamp(max=block_table.shape[1] - 1))
             slots = blk * bs + pos % bs
         else:
             slots = rows.unsqueeze(1) * k_cache.shape[1] + pos
@@ -763,15 +766,13 @@ def flash_attn_with_kvcache(
         if row_ok is not None:
             keep = keep & row_ok.unsqueeze(1)
         slots = torch.where(keep, slots, torch.full_like(slots, -1))
-        # (any strides of the new k / v: the writer takes their rows contiguous in the head dim;
-        # a cache of no position takes none: every slot is -1, and the writer refuses it)
-        if capacity > 0:
-            reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]).contiguous(),
-                                    v.reshape(B * s_new, *v.shape[2:]).contiguous(),
-                                    k_cache, v_cache, slots.reshape(-1))
-    elif rotary_cos is not None:
+        # (any strides of the new k / v: the writer takes their rows contiguous in the head dim)
+        reshape_and_cache_flash(k.reshape(B * s_new, *k.shape[2:]).contiguous(),
+                                v.reshape(B * s_new, *v.shape[2:]).contiguous(),
+                                k_cache, v_cache, slots.reshape(-1))
+    elif rotary_cos is not None and k is None:
         raise RuntimeError("attnkit: rotary_cos: expected None unless k and v are given (FlashAttention 2)")
-    if rotary_cos is not None:  # q is [B, Sq, H, D] here: new k / v need it
+    if rotary_cos is not None and capacity > 0:  # q is [B, Sq, H, D] here: new k / v need it
         local, Sq = causal or wl >= 0 or wr >= 0, q.shape[1]
         qpos = seqlens.to(torch.int64).unsqueeze(1) + (torch.arange(Sq, device=dev) if local else
                                                         torch.zeros(Sq, dtype=torch.int64, device=dev))
