@@ -254,6 +254,7 @@ def test_unsupported_arguments(device):
         ("ensemble_activation_list", dict(ensemble_activation_list=[1, 3])),
         ("activation", dict(activation="fast_gelu_taylor_approx")),
         ("window_size", dict(window_size=-1)),
+        ("window_size", dict(window_size=True)),             # a flag, not a width (was 1)
         ("seq_index", dict(seq_index=torch.tensor([0, 1], device=device))),
     ] + [(name, {name: t}) for name in (
         "ts_encoding_params", "ts_event_request_even_params", "ts_event_request_log_params",

@@ -195,6 +195,8 @@ def test_bad_inputs(device):
     q, k, v, qo, ko, mq, mk = jagged_inputs(device, torch.float32, [9, 4], H=2, Hkv=1, D=16)
     with pytest.raises(RuntimeError, match="window_size"):
         attnkit.gdpa(q, k, v, qo, ko, mq, mk, window_size=-2)
+    with pytest.raises(RuntimeError, match="window_size: expected an int"):
+        attnkit.gdpa(q, k, v, qo, ko, mq, mk, window_size=True)  # the op's int read it as 1
     with pytest.raises(RuntimeError, match=r"^attnkit: q_offsets: expected 2 entries with "
                                            r"broadcast_q"):  # two query sequences
         attnkit.gdpa(q, k, v, qo, ko, mq, mk, broadcast_q=True)

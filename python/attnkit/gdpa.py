@@ -60,10 +60,19 @@ def gdpa(
     works under ``torch.compile``.
     """
     require_tensors(q=q, k=k, v=v, q_offsets=q_offsets, kv_offsets=kv_offsets)
+    _refuse_bool_window(window_size)
     return torch.ops.attnkit.gdpa_fwd(
         q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation, qk_scale,
         pre_scale=pre_scale, causal=causal, window_size=window_size, broadcast_q=broadcast_q,
     )
+
+
+def _refuse_bool_window(window_size) -> None:
+    # The op's int takes a bool, so window_size=True was a window of 1 (an audit's find): a flag is
+    # not a width.
+    if isinstance(window_size, bool):
+        raise RuntimeError(f"attnkit: window_size: expected an int (a window width; -1 or None: "
+                           f"none), got the bool {window_size}")
 
 
 # ---- Meta's name: ads_model_kernel_library's generalized_dot_product_attention -----------------
@@ -303,6 +312,7 @@ def generalized_dot_product_attention(
                            "evaluates part of the columns with a degree-6 Taylor polynomial of "
                            "GELU, which departs from GELU away from 0; no attnkit activation "
                            "computes it)")
+    _refuse_bool_window(window_size)
     if window_size is not None and window_size < 0:
         raise RuntimeError(f"attnkit: window_size: expected None or >= 0, got {window_size} "
                            "(Meta's kernel masks every key for a negative window; None is no "
