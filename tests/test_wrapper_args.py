@@ -144,3 +144,119 @@ def test_with_caller_names():
             with_caller_names(raises(exc), names)
         assert info.value is exc
     assert with_caller_names(lambda: 7, names) == 7
+
+
+# ---- a bool where an integer is expected (attnkit/_args.py refuse_bool) ---------------------------
+def _bool_cases():
+    """(wrapper, argument, call(v) with v in that argument, a good integral value): the ops'
+    int / SymInt arguments take a bool (True read as 1: a window of 1, one expert, a length of
+    1), so the wrappers refuse one by name. Each case's good value is a numpy integer, which must
+    keep working (model configs loaded through numpy give np.int64)."""
+    import numpy as np
+    from samples.paged import pa_fwd_sample, v1_bad_args, v2_workspaces
+
+    i64 = np.int64
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 7, 2, 16)
+    qv, kv = torch.randn(10, 4, 16), torch.randn(12, 2, 16)
+    cq = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ck = torch.tensor([0, 5, 12], dtype=torch.int32)
+    fa = attnkit
+    g, go = torch.randn(10, 4, 16), torch.tensor([0, 4, 10])
+    logits, x = torch.randn(5, 8), torch.randn(5, 8)
+    w = dict(gate_weight=torch.randn(8, 4), w1=torch.randn(4, 8, 6), w2=torch.randn(4, 3, 8))
+
+    def varlen(**kw):
+        a = dict(max_seqlen_q=6, max_seqlen_k=7)
+        a.update(kw)
+        return fa.flash_attn_varlen_func(qv, kv, kv, cq, ck, **a)
+
+    def gdpa(fn, **kw):
+        a = dict(max_seq_len_q=6, max_seq_len_kv=6)
+        a.update(kw)
+        return fn(g, g, g, go, go, **a)
+
+    def block(name, v):
+        kw = dict(hidden=8, intermediate=3, num_experts=4, k=2, n_group=2, topk_group=2)
+        kw[name] = v
+        h = 8 if name != "hidden" else int(v)
+        return attnkit.MoE(**kw)(torch.randn(3, h)).shape
+
+    def v1(**kw):
+        a = v1_bad_args("cpu")
+        sw = kw.pop("sliding_window", -1)
+        a.update(kw)
+        return attnkit.paged_attention_v1(*a.values(), sliding_window=sw)
+
+    def v2(num_kv_heads):
+        a = v1_bad_args("cpu")
+        a["num_kv_heads"] = num_kv_heads
+        ws = v2_workspaces(a["query"], a["out"], a["max_seq_len"])
+        return attnkit.paged_attention_v2(a["out"], *ws, *list(a.values())[1:])
+
+    def pa(max_qlen):
+        s = pa_fwd_sample("cpu", torch.bfloat16, heads=(8, 2), lengths=(20, 3), max_qlen=2)
+        args = list(s.args)
+        args[6] = max_qlen
+        return attnkit.pa_fwd(*args)
+
+    return [
+        # flash (window_size sides: every flash wrapper reads them through flash._window)
+        ("flash_attn_func", "window_size", lambda v: fa.flash_attn_func(q, k, k, window_size=(v, 0)), i64(2)),
+        ("flash_attn_func", "window_size", lambda v: fa.flash_attn_func(q, k, k, window_size=(-1, v)), i64(0)),
+        ("flash_attn_kvpacked_func", "window_size",
+         lambda v: fa.flash_attn_kvpacked_func(q, torch.stack([k, k], 2), window_size=(v, v)), i64(3)),
+        ("flash_attn_with_kvcache", "window_size",
+         lambda v: fa.flash_attn_with_kvcache(q, k, k, window_size=(v, -1)), i64(1)),
+        ("flash_attn_varlen_func", "max_seqlen_q", lambda v: varlen(max_seqlen_q=v), i64(6)),
+        ("flash_attn_varlen_func", "max_seqlen_k", lambda v: varlen(max_seqlen_k=v), i64(7)),
+        ("flash_attn_varlen_func", "max_seqlen_k",  # a bool tensor too (the op read it as 1)
+         lambda v: varlen(max_seqlen_k=torch.tensor(bool(v)) if isinstance(v, bool) else v), i64(7)),
+        ("flash_attn_varlen_kvpacked_func", "max_seqlen_k",
+         lambda v: fa.flash_attn_varlen_kvpacked_func(qv, torch.stack([kv, kv], 1), cq, ck, 6, v), i64(7)),
+        ("flash_attn_with_kvcache", "max_seqlen_q",  # a bool tensor (a Python bool was refused)
+         lambda v: fa.flash_attn_with_kvcache(
+             qv, k, k, cache_seqlens=7, cu_seqlens_q=cq,
+             max_seqlen_q=torch.tensor(True) if isinstance(v, bool) else v), i64(6)),
+        # GDPA, and Meta's name for it
+        ("gdpa", "max_seq_len_q", lambda v: gdpa(attnkit.gdpa, max_seq_len_q=v), i64(6)),
+        ("gdpa", "max_seq_len_kv", lambda v: gdpa(attnkit.gdpa, max_seq_len_kv=v), i64(6)),
+        ("gdpa", "window_size",  # numpy's bool (Python's: refused already)
+         lambda v: gdpa(attnkit.gdpa, window_size=np.bool_(v) if isinstance(v, bool) else v), i64(2)),
+        ("generalized_dot_product_attention", "max_seq_len_kv",
+         lambda v: gdpa(attnkit.generalized_dot_product_attention, max_seq_len_kv=v), i64(6)),
+        ("generalized_dot_product_attention", "window_size",
+         lambda v: gdpa(attnkit.generalized_dot_product_attention,
+                        window_size=torch.tensor(v) if isinstance(v, bool) else v), i64(2)),
+        # MoE
+        ("moe_topk_softmax", "k", lambda v: attnkit.moe_topk_softmax(logits, v), i64(2)),
+        ("moe_route", "k", lambda v: attnkit.moe_route(logits, v), i64(2)),
+        ("moe_route", "n_group", lambda v: attnkit.moe_route(logits, 2, n_group=v, topk_group=1), i64(2)),
+        ("moe_route", "topk_group", lambda v: attnkit.moe_route(logits, 2, n_group=4, topk_group=v), i64(2)),
+        ("moe_permute", "num_experts",
+         lambda v: attnkit.moe_permute(x, torch.zeros(5, 2, dtype=torch.int32), v), i64(3)),
+        ("expert_load_balance", "world_size", lambda v: attnkit.expert_load_balance(torch.ones(4), v), i64(2)),
+        ("moe", "k", lambda v: attnkit.moe(x, **w, k=v), i64(2)),
+        *[("MoE", f"MoE: {n}", lambda v, n=n: block(n, v), i64(good))
+          for n, good in (("hidden", 8), ("intermediate", 3), ("num_experts", 4), ("k", 2),
+                          ("n_group", 2), ("topk_group", 1))],
+        # paged decode
+        ("paged_attention_v1", "num_kv_heads", lambda v: v1(num_kv_heads=v), i64(2)),
+        ("paged_attention_v1", "sliding_window", lambda v: v1(sliding_window=v), i64(4)),
+        ("paged_attention_v2", "num_kv_heads", v2, i64(2)),
+        ("pa_fwd", "max_qlen", pa, i64(2)),
+    ]
+
+
+_BOOL_IDS = [f"{fn}-{arg.replace('MoE: ', '')}{i}" for i, (fn, arg, _, _) in enumerate(_bool_cases())]
+
+
+@pytest.mark.parametrize("index", range(len(_BOOL_IDS)), ids=_BOOL_IDS)
+def test_bool_for_an_int_is_named(index):
+    """True (and False) where a length, width, count or rank is expected: a RuntimeError naming
+    the argument (the ops read True as 1, silently: a window of 1, one expert, a length of 1, or
+    an error naming another argument); the same value as a numpy integer still runs."""
+    _, arg, call, good = _bool_cases()[index]
+    for flag in (True, False):
+        with pytest.raises(RuntimeError, match=f"^attnkit: {arg}: expected "):
+            call(flag)
+    call(good)

@@ -14,6 +14,28 @@ def require_tensors(**named) -> None:
             raise RuntimeError(f"attnkit: {name}: expected a tensor, got {type(t).__name__}")
 
 
+def is_bool(v) -> bool:
+    """A bool in any form an op's ``int`` / ``SymInt`` argument reads as 0 / 1, silently: Python's,
+    numpy's (``np.True_``) or a bool tensor. Integers (numpy's and SymInts included) are not."""
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, torch.Tensor):
+        return v.dtype == torch.bool
+    if isinstance(v, (int, torch.SymInt)):
+        return False
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")
+
+
+def refuse_bool(name: str, value, expected: str = "an int") -> None:
+    """An integer argument (a length, width, count, rank or index) given a bool: a RuntimeError
+    naming it. The op schemas' ``int`` / ``SymInt`` take a bool, so ``True`` was read as 1 (a
+    window of 1, one expert, a length of 1): a flag is not a number. Only the Python value's type
+    is looked at, so this traces under torch.compile (a SymInt is not a bool)."""
+    if is_bool(value):
+        got = "a bool tensor" if isinstance(value, torch.Tensor) else f"the bool {bool(value)}"
+        raise RuntimeError(f"attnkit: {name}: expected {expected}, got {got}")
+
+
 _F32_MAX = torch.finfo(torch.float32).max
 
 

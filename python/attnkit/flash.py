@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._args import finite_f32, require_tensors
+from ._args import finite_f32, is_bool, refuse_bool, require_tensors
 from .paged import reshape_and_cache_flash
 
 
@@ -45,9 +45,10 @@ def _window(window_size) -> Tuple[int, int]:
         return -1, -1
     if (isinstance(window_size, (int, float, str)) or not hasattr(window_size, "__len__")
             or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral)
+            or not all((isinstance(w, numbers.Integral) and not is_bool(w))
                        or (isinstance(w, float) and math.isfinite(w) and w == int(w))
                        for w in window_size)):
+        # (a bool side is no width: (True, 0) was read as a left window of 1)
         raise RuntimeError(f"attnkit: window_size: expected (left, right) integers (negative: "
                            f"unbounded), got {window_size!r}")
     # Any negative side is unbounded (flash-attn's rule, and the op's): -1 from here on.
@@ -321,6 +322,10 @@ def flash_attn_varlen_func(
     ``return_softmax_lse`` ``(out, lse)``, lse ``[H, T]`` fp32.
     """
     require_tensors(q=q, k=k, v=v)
+    # The op's SymInt? takes a bool as 1: a length of 1, which with a block table bounds the keys
+    # read (FlashAttention's max_seqlen_k), elsewhere a wrong sizing hint.
+    refuse_bool("max_seqlen_q", max_seqlen_q, "None or an int (a length)")
+    refuse_bool("max_seqlen_k", max_seqlen_k, "None or an int (a length)")
     softcap = _fa_softcap(softcap)
     _check_unsupported(dropout_p, alibi_slopes, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
     _check_not_bytes((("k", k), ("v", v)))
@@ -643,6 +648,8 @@ def flash_attn_with_kvcache(
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
     # A sizing hint, but the paged op refuses a negative one (or a float) only after the append,
     # and the dense 4-D call never saw it: checked here, on every path, before anything is written.
+    # (a bool tensor too, which the check below lets through to the op: read as 1)
+    refuse_bool("max_seqlen_q", max_seqlen_q, "None or an int >= 0 (a sizing hint)")
     if max_seqlen_q is not None and not isinstance(max_seqlen_q, (torch.SymInt, torch.Tensor)) and (
             isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral)
             or max_seqlen_q < 0):

@@ -4,7 +4,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from ._args import require_tensors, with_caller_names
+from ._args import refuse_bool, require_tensors, with_caller_names
 from .flash import _checks_values  # the one rule for eager value checks
 
 GDPA_ACTIVATIONS = (
@@ -61,6 +61,7 @@ def gdpa(
     """
     require_tensors(q=q, k=k, v=v, q_offsets=q_offsets, kv_offsets=kv_offsets)
     _refuse_bool_window(window_size)
+    _refuse_bool_lengths(max_seq_len_q, max_seq_len_kv)
     return torch.ops.attnkit.gdpa_fwd(
         q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv, activation, qk_scale,
         pre_scale=pre_scale, causal=causal, window_size=window_size, broadcast_q=broadcast_q,
@@ -69,10 +70,14 @@ def gdpa(
 
 def _refuse_bool_window(window_size) -> None:
     # The op's int takes a bool, so window_size=True was a window of 1 (an audit's find): a flag is
-    # not a width.
-    if isinstance(window_size, bool):
-        raise RuntimeError(f"attnkit: window_size: expected an int (a window width; -1 or None: "
-                           f"none), got the bool {window_size}")
+    # not a width (numpy's np.True_ and a bool tensor neither).
+    refuse_bool("window_size", window_size, "an int (a window width; -1 or None: none)")
+
+
+def _refuse_bool_lengths(max_seq_len_q, max_seq_len_kv) -> None:
+    # The op's SymInts take a bool as a length of 1 (the hints that size the grid): not a length.
+    refuse_bool("max_seq_len_q", max_seq_len_q, "an int (a length: the longest query sequence)")
+    refuse_bool("max_seq_len_kv", max_seq_len_kv, "an int (a length: the longest key sequence)")
 
 
 # ---- Meta's name: ads_model_kernel_library's generalized_dot_product_attention -----------------
@@ -313,6 +318,7 @@ def generalized_dot_product_attention(
                            "GELU, which departs from GELU away from 0; no attnkit activation "
                            "computes it)")
     _refuse_bool_window(window_size)
+    _refuse_bool_lengths(max_seq_len_q, max_seq_len_kv)
     if window_size is not None and window_size < 0:
         raise RuntimeError(f"attnkit: window_size: expected None or >= 0, got {window_size} "
                            "(Meta's kernel masks every key for a negative window; None is no "

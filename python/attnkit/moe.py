@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._args import require_tensors
+from ._args import refuse_bool, require_tensors
 
 
 def moe_topk_softmax(gating_logits: torch.Tensor, k: int,
@@ -21,6 +21,7 @@ def moe_topk_softmax(gating_logits: torch.Tensor, k: int,
     (:func:`moe_route` is the differentiable, general form).
     """
     require_tensors(gating_logits=gating_logits)  # (the op alone: an unnamed NotImplementedError)
+    refuse_bool("k", k, "an int (experts per token)")  # (the op's int read True as k = 1)
     return torch.ops.attnkit.moe_topk_softmax(gating_logits, k, renormalize)
 
 
@@ -49,6 +50,10 @@ def moe_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax",
     experts in selection order (best first), ties to the lower expert id. Differentiable in
     logits (weights and losses).
     """
+    # The op's ints read a bool as 1 (k = 1 expert, one group): counts, not flags.
+    refuse_bool("k", k, "an int (experts per token)")
+    refuse_bool("n_group", n_group, "an int (the number of expert groups)")
+    refuse_bool("topk_group", topk_group, "an int (the number of groups kept)")
     w, ids, aux, z = torch.ops.attnkit.moe_route(
         logits, k, scoring=scoring, renormalize=renormalize, bias=bias, n_group=n_group,
         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
@@ -70,6 +75,7 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
     their pairs are dropped: ``row_map`` is -1 there and they take the zero-filled rows
     ``[expert_offsets[E], T*k)``. Differentiable in x.
     """
+    refuse_bool("num_experts", num_experts, "an int (the number of experts)")  # (True: 1 expert)
     return torch.ops.attnkit.moe_permute(x, topk_ids, num_experts)
 
 
@@ -128,6 +134,7 @@ def expert_load_balance(expert_loads: torch.Tensor, world_size: int) -> torch.Te
     int64 rank per expert. No per-rank expert-count limit.
     """
     require_tensors(expert_loads=expert_loads)
+    refuse_bool("world_size", world_size, "an int (the number of ranks)")  # (True: 1 rank)
     return torch.ops.attnkit.expert_load_balance(expert_loads, world_size)
 
 
@@ -219,6 +226,15 @@ class MoE(torch.nn.Module):
                  routed_scaling_factor: float = 1.0, bias: Optional[torch.Tensor] = None,
                  process_group=None, expert_map=None, return_losses: bool = False):
         super().__init__()
+        # Sizes and counts: a bool was read as 1 (a width-1 block, one expert per token, ...) or
+        # failed inside torch.randn, naming nothing.
+        for name, v, what in (("hidden", hidden, "the hidden size"),
+                              ("intermediate", intermediate, "the experts' intermediate size"),
+                              ("num_experts", num_experts, "the number of experts"),
+                              ("k", k, "experts per token"),
+                              ("n_group", n_group, "the number of expert groups"),
+                              ("topk_group", topk_group, "the number of groups kept")):
+            refuse_bool(f"MoE: {name}", v, f"an int ({what})")
         kw = dict(device=device, dtype=dtype)
         self.k, self.renormalize, self.num_experts = k, renormalize, num_experts
         self.return_losses = return_losses

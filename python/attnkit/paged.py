@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._args import require_tensors
+from ._args import refuse_bool, require_tensors
 
 ScaleLike = Union[torch.Tensor, float]
 
@@ -53,7 +53,11 @@ def _refuse_blocksparse(op: str, blocksparse_vert_stride: int) -> None:
 def _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
             block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
             logits_soft_cap=0.0, sliding_window=-1) -> None:
-    # The one decode call behind both vLLM names: every argument is checked by the op.
+    # The one decode call behind both vLLM names: every argument is checked by the op, but its
+    # ints take a bool as 1: sliding_window=True was a window of one key, and num_kv_heads=True
+    # ran as one kv head (or was reported as a key_cache of the wrong shape).
+    refuse_bool("num_kv_heads", num_kv_heads, "an int (the cache's kv heads)")
+    refuse_bool("sliding_window", sliding_window, "an int (a window of keys; -1 or 0: none)")
     torch.ops.attnkit.paged_attention_v1(
         out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
         block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
@@ -270,6 +274,9 @@ def pa_fwd(
     written and returned.
     """
     require_tensors(Q=Q, K=K, V=V, block_tables=block_tables, context_lens=context_lens)
+    # The op's SymInt takes a bool as 1: one query token per sequence, so with qo_indptr the
+    # sequences of several were reported as a bad qo_indptr.
+    refuse_bool("max_qlen", max_qlen, "an int (the most query tokens of a sequence)")
     if out is not None and out_ is not None:
         raise RuntimeError("attnkit: pa_fwd: out: give the output as out_ or as out, not both")
     dst = out if out is not None else out_
