@@ -231,6 +231,17 @@ def bad_inputs_raise_on_every_rank(rank, world, E=8, k=2):
                 attnkit.moe_combine(bad, w, handle)
         else:
             assert attnkit.moe_combine(good, w, handle).shape == (5, good.shape[1])
+    # A bool where an int is expected (operator.index(True) is 1): num_experts=True on one rank
+    # (one expert) and a bool map (read as ranks 0 / 1, e.g. a mask of local experts), refused
+    # by name on every rank; and MoE given such a map, at construction.
+    _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, True if rank == 1 else E),
+                       "rank 1", "num_experts: expected an int")
+    mask = torch.arange(E) % 2 == 1
+    for bool_map in (mask, mask.tolist()):
+        _raises_everywhere(lambda: attnkit.moe_dispatch(x, ids, E, bool_map), "expert_map",
+                           "expected integer ranks", "got False")
+    with pytest.raises(RuntimeError, match="expert_map: expected integer ranks"):
+        attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=mask)
     # MoE with a map built for another world size: a clear error at construction.
     with pytest.raises(RuntimeError, match="expert_map"):
         attnkit.MoE(H, I, E, k, process_group=dist.group.WORLD, expert_map=[world + 1] * E)

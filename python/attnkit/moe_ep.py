@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ._args import is_bool
 from .moe import expert_load_balance, moe_permute, moe_unpermute
 
 __all__ = ["ExpertPlan", "DispatchHandle", "moe_dispatch", "moe_combine"]
@@ -52,8 +53,9 @@ class ExpertPlan:
     def __init__(self, expert_map: Sequence[int], num_experts: int, world_size: int, rank: int):
         self.num_experts, self.world_size, self.rank = num_experts, world_size, rank
         self.error = ""
-        try:  # integers only: a float map would be truncated into a different placement
-            self.expert_map = [operator.index(r) for r in expert_map]
+        try:  # integers only: a float map would be truncated into a different placement (and a
+            # bool one, e.g. a mask of local experts, read as ranks 0 / 1)
+            self.expert_map = [_index(r) for r in expert_map]
         except TypeError:
             bad = next(r for r in expert_map if not _is_index(r))
             self.expert_map = []
@@ -107,9 +109,17 @@ class ExpertPlan:
         return self._position_t[device]
 
 
+def _index(r) -> int:
+    """operator.index, but not of a bool (operator.index(True) is 1: a flag read as a count or a
+    rank)."""
+    if is_bool(r):
+        raise TypeError(f"a bool ({r!r}) is not an index")
+    return operator.index(r)
+
+
 def _is_index(r) -> bool:
     try:
-        operator.index(r)
+        _index(r)
         return True
     except TypeError:
         return False
@@ -202,7 +212,7 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     code, message = 0, ""
     # num_experts as an int (-1 in the agreement row when it is none): a float, None or a string
     # on one rank failed there before the agreement, and the other ranks waited in it.
-    E = operator.index(num_experts) if _is_index(num_experts) else -1
+    E = _index(num_experts) if _is_index(num_experts) else -1
 
     def failed_plan(error: str) -> ExpertPlan:  # reported on every rank by the agreement
         n = max(E, 0)
