@@ -569,11 +569,15 @@ def test_outputs_overlapping_raise(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_drop_in_softcap_at_or_below_zero_is_off(device):
     """FlashAttention 2 / 3: "anything > 0 activates softcapping", so the drop-in functions take
-    a negative softcap as none (the op itself takes >= 0 and names a negative one)."""
+    a negative softcap as none (the op itself takes >= 0 and names a negative one), numpy's
+    float32 / float16 scalars included (they are not Python floats: np.float32(-1.0) was passed
+    on to the op, which refused it naming softcap)."""
+    import numpy as np
     q, kc, vc, k, v = _kvcache_inputs(device)
     for f in (lambda **kw: attnkit.flash_attn_func(q, kc, vc, causal=True, **kw),
               lambda **kw: attnkit.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, **kw)):
-        assert torch.equal(f(softcap=-1.0), f(softcap=0.0))
+        for off in (-1.0, np.float32(-1.0), np.float16(-2.0), np.float32(0.0)):
+            assert torch.equal(f(softcap=off), f(softcap=0.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -181,9 +181,11 @@ def _cache_descales(k, k_descale, v_descale, q, cu_seqlens_q, kv_heads):
 
 def _fa_softcap(softcap):
     """FlashAttention 2 / 3: "anything > 0 activates softcapping", so a finite softcap <= 0 is
-    off (0.0 for the op, which takes >= 0). NaN / inf go to the op, which names them."""
-    return 0.0 if isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap <= 0 \
-        else softcap
+    off (0.0 for the op, which takes >= 0). NaN / inf go to the op, which names them. Any real
+    scalar counts (numpy's float32 / float16 are not Python floats: np.float32(-1.0) reached the
+    op, which refused it)."""
+    return 0.0 if (isinstance(softcap, numbers.Real) and math.isfinite(softcap)
+                   and softcap <= 0) else softcap
 
 
 def _check_out(out, shape, dtype, device):
