@@ -260,3 +260,21 @@ def test_bool_for_an_int_is_named(index):
         with pytest.raises(RuntimeError, match=f"^attnkit: {arg}: expected "):
             call(flag)
     call(good)
+
+
+# ---- paged decode: per-token scale tensors given as something else ------------------------------
+@pytest.mark.parametrize("arg", ["K_QScale", "V_QScale"])
+@pytest.mark.parametrize("bad", [0.5, [0.5]], ids=["float", "list"])
+def test_pa_fwd_token_scales_not_tensors_are_named(arg, bad):
+    """pa_fwd's K_QScale / V_QScale given a float (paged_attention_v1's per-tensor habit) or a
+    list: a RuntimeError naming the argument (the wrapper's squeeze of AITER's trailing 1 raised
+    AttributeError "'float' object has no attribute 'dim'", naming nothing)."""
+    nb, hkv, d, bs = 4, 1, 128, 16
+    K = torch.zeros(nb, hkv, d // 16, bs, 16, dtype=torch.int8)
+    V = torch.zeros(nb, hkv, bs // 16, d, 16, dtype=torch.int8)
+    bt = torch.arange(2, dtype=torch.int32).view(2, 1)
+    scales = dict(K_QScale=torch.ones(nb, hkv, bs), V_QScale=torch.ones(nb, hkv, bs))
+    scales[arg] = bad
+    with pytest.raises(RuntimeError, match=f"^attnkit: {arg}: expected None or a tensor"):
+        attnkit.pa_fwd(torch.zeros(2, 2, d, dtype=torch.bfloat16), K, V, bt,
+                       torch.tensor([3, 5], dtype=torch.int32), 1, 1, **scales)

@@ -236,7 +236,11 @@ def paged_attention_v2(
             block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale)
 
 
-def _token_scales(s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _token_scales(name: str, s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # (a float, paged_attention_v1's per-tensor habit, failed below with AttributeError on .dim())
+    if s is not None and not isinstance(s, torch.Tensor):
+        raise RuntimeError(f"attnkit: {name}: expected None or a tensor (per-token scales "
+                           f"[num_blocks, Hkv, block_size]), got {type(s).__name__}")
     # AITER's pertoken_quant keeps a trailing dim of 1 ([num_blocks, Hkv, block_size, 1]).
     return s.squeeze(-1) if s is not None and s.dim() == 4 and s.size(-1) == 1 else s
 
@@ -285,7 +289,7 @@ def pa_fwd(
         # out and otherwise returns a new tensor did not compile under inductor (an AITER-style
         # `out = pa_fwd_asm(Q, K, V, ...)`: a helper's audit, forty-fourth session).
         dst = torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)
-    K_QScale, V_QScale = _token_scales(K_QScale), _token_scales(V_QScale)
+    K_QScale, V_QScale = _token_scales("K_QScale", K_QScale), _token_scales("V_QScale", V_QScale)
     if high_precision is None:
         high_precision = 1
     torch.ops.attnkit.pa_fwd(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen,
