@@ -278,3 +278,39 @@ def test_pa_fwd_token_scales_not_tensors_are_named(arg, bad):
     with pytest.raises(RuntimeError, match=f"^attnkit: {arg}: expected None or a tensor"):
         attnkit.pa_fwd(torch.zeros(2, 2, d, dtype=torch.bfloat16), K, V, bt,
                        torch.tensor([3, 5], dtype=torch.int32), 1, 1, **scales)
+
+
+def _per_tensor_scale_calls():
+    """(wrapper, a call taking k_scale / v_scale by name) of the per-tensor fp8 scale takers."""
+    from samples.paged import make_caches
+    kc, vc = make_caches(4, 1, 64, 16, torch.float16, "vllm", "cpu", kv="fp8")
+    nkc = nvc = torch.zeros(4, 16, 1, 64, dtype=torch.uint8)  # (NHD caches; cloned per call)
+    key = torch.randn(3, 1, 64, dtype=torch.float16)
+    slots = torch.arange(3)
+    q = torch.randn(2, 2, 64, dtype=torch.float16)
+    bt = torch.arange(2, dtype=torch.int32).view(2, 1)
+    lens = torch.tensor([3, 16], dtype=torch.int32)
+    return [
+        ("paged_attention_v1", lambda **s: attnkit.paged_attention_v1(
+            torch.empty_like(q), q, kc, vc, 1, 0.1, bt, lens, 16, 16, None, "fp8", **s)),
+        ("reshape_and_cache", lambda **s: attnkit.reshape_and_cache(
+            key, key, kc.clone(), vc.clone(), slots, "fp8", **s)),
+        ("reshape_and_cache_flash", lambda **s: attnkit.reshape_and_cache_flash(
+            key, key, nkc.clone(), nvc.clone(), slots, "fp8", **s)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["paged_attention_v1", "reshape_and_cache",
+                                                 "reshape_and_cache_flash"])
+@pytest.mark.parametrize("arg", ["k_scale", "v_scale"])
+@pytest.mark.parametrize("bad", [[0.5], "0.5", "abc"], ids=["list", "numeric-str", "str"])
+def test_per_tensor_scale_not_a_number_is_named(index, arg, bad):
+    """k_scale / v_scale (a tensor or a float) given a list or a string: a RuntimeError naming the
+    argument (float() raised TypeError / ValueError naming nothing, and parsed "0.5" silently);
+    a float and a numpy float still run."""
+    import numpy as np
+    _, call = _per_tensor_scale_calls()[index]
+    with pytest.raises(RuntimeError, match=f"^attnkit: {arg}: expected a tensor or a float"):
+        call(**{arg: bad})
+    call(**{arg: 0.5})
+    call(**{arg: np.float32(0.5)})

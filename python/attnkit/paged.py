@@ -23,10 +23,18 @@ ScaleLike = Union[torch.Tensor, float]
 _UNIT_SCALES = {}
 
 
-def _scale_tensor(s: Optional[ScaleLike], device) -> torch.Tensor:
+def _scale_tensor(s: Optional[ScaleLike], device, name: str = "k_scale") -> torch.Tensor:
     if isinstance(s, torch.Tensor):
         return s
-    value = 1.0 if s is None else float(s)
+    # A string or a list is not a scale: float() parsed "0.5" silently and raised TypeError /
+    # ValueError naming nothing for the rest.
+    try:
+        if isinstance(s, (str, bytes)):
+            raise TypeError
+        value = 1.0 if s is None else float(s)
+    except (TypeError, ValueError):
+        raise RuntimeError(f"attnkit: {name}: expected a tensor or a float (a per-tensor scale), "
+                           f"got {type(s).__name__}") from None
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -61,7 +69,8 @@ def _decode(out, query, key_cache, value_cache, num_kv_heads, scale, block_table
     torch.ops.attnkit.paged_attention_v1(
         out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
         block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
-        _scale_tensor(k_scale, query.device), _scale_tensor(v_scale, query.device),
+        _scale_tensor(k_scale, query.device, "k_scale"),
+        _scale_tensor(v_scale, query.device, "v_scale"),
         logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
     )
 
@@ -329,7 +338,8 @@ def reshape_and_cache(
     _check_asm_layout(asm_layout, value_cache)
     torch.ops.attnkit.reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-        _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
+        _scale_tensor(k_scale, key.device, "k_scale"),
+        _scale_tensor(v_scale, key.device, "v_scale"))
 
 
 def reshape_and_cache_with_pertoken_quant(
@@ -375,7 +385,8 @@ def reshape_and_cache_flash(
                     slot_mapping=slot_mapping)
     torch.ops.attnkit.reshape_and_cache_flash(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-        _scale_tensor(k_scale, key.device), _scale_tensor(v_scale, key.device))
+        _scale_tensor(k_scale, key.device, "k_scale"),
+        _scale_tensor(v_scale, key.device, "v_scale"))
 
 
 def merge_attn_states(
