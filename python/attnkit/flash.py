@@ -650,11 +650,10 @@ def flash_attn_with_kvcache(
     _check_kvcache_attention_args(q, k_cache, softmax_scale, softcap)
     # A sizing hint, but the paged op refuses a negative one (or a float) only after the append,
     # and the dense 4-D call never saw it: checked here, on every path, before anything is written.
-    # (a bool tensor too, which the check below lets through to the op: read as 1)
+    # (a bool in any form first: the check below lets a bool tensor through to the op, read as 1)
     refuse_bool("max_seqlen_q", max_seqlen_q, "None or an int >= 0 (a sizing hint)")
     if max_seqlen_q is not None and not isinstance(max_seqlen_q, (torch.SymInt, torch.Tensor)) and (
-            isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral)
-            or max_seqlen_q < 0):
+            not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0):
         raise RuntimeError(f"attnkit: max_seqlen_q: expected None or an int >= 0 (a sizing hint), "
                            f"got {max_seqlen_q!r}")
     if out is not None:  # the result is q's shape, dtype and device (q dequantised above)
